@@ -1,0 +1,19 @@
+"""Exception hierarchy shared by every layercode-asgi module.
+
+Every error the library raises on purpose derives from :class:`LayercodeError`, so an
+application can catch the whole family with one ``except`` clause. Errors caused by bad
+*input* (signatures, payloads) also derive from :class:`ValueError`, matching the reference
+SDK, whose callers catch ``ValueError``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigurationError", "LayercodeError"]
+
+
+class LayercodeError(Exception):
+    """Base class of every exception raised on purpose by layercode-asgi."""
+
+
+class ConfigurationError(LayercodeError, ValueError):
+    """A setting is missing or invalid; raised at start-up, never per request."""

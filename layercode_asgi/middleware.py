@@ -1,0 +1,250 @@
+"""``LayercodeSignature``: a pure ASGI middleware that verifies LayerCode webhook signatures.
+
+It works wherever ASGI middleware does::
+
+    app.add_middleware(LayercodeSignature, secret="whsec_…")          # Starlette, FastAPI
+    Litestar(..., middleware=[DefineMiddleware(LayercodeSignature, secret="whsec_…")])
+    app = LayercodeSignature(app, secret="whsec_…")                   # any ASGI app
+
+For each protected HTTP request it reads the body once (refusing more than
+``max_body_size`` bytes with 413 as soon as it knows), verifies the ``layercode-signature``
+header against those exact bytes, and then calls the wrapped app with a ``receive`` that
+replays the same bytes, so handlers use ``await request.body()`` / ``request.json()`` as
+usual. A bad signature gets ``401 {"error": "<reason>"}`` and the wrapped app is not called.
+
+The response path is untouched: the wrapped app gets the server's own ``send``, so a
+Server-Sent Events stream reaches the client event by event. (Starlette's
+``BaseHTTPMiddleware``, which the reference implementation uses, cannot promise that.)
+``lifespan`` and ``websocket`` scopes, and HTTP paths outside ``paths``, pass through.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import msgspec
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ConfigurationError
+from .signature import (
+    DEFAULT_TOLERANCE,
+    SIGNATURE_HEADER,
+    SignatureErrorReason,
+    SignatureVerificationError,
+    verify_signature,
+)
+
+__all__ = ["DEFAULT_MAX_BODY_SIZE", "LayercodeSignature"]
+
+logger = logging.getLogger("layercode_asgi.middleware")
+
+#: Default limit on a webhook body: 1 MiB (a long ``session.end`` transcript is ~100 KiB).
+DEFAULT_MAX_BODY_SIZE = 1024 * 1024
+
+_JSON_HEADERS_BASE = (b"content-type", b"application/json")
+
+
+def _json_error(status: int, message: str) -> tuple[Message, Message]:
+    """Pre-render the two ASGI messages of a small JSON error response."""
+    body = msgspec.json.encode({"error": message})
+    start: Message = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [_JSON_HEADERS_BASE, (b"content-length", str(len(body)).encode())],
+    }
+    return start, {"type": "http.response.body", "body": body, "more_body": False}
+
+
+# Every error body is known in advance; rendering them once keeps the reject path cheap.
+_REJECTIONS = {reason: _json_error(401, reason.value) for reason in SignatureErrorReason}
+_BAD_CONTENT_LENGTH = _json_error(400, "invalid content-length header")
+
+
+class _PathMatcher:
+    """Exact paths, plus prefixes written with a trailing ``*`` (``"/hooks/*"``)."""
+
+    __slots__ = ("exact", "prefixes")
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        for path in paths:
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ConfigurationError(
+                    f"LayercodeSignature paths must be strings starting with '/', got {path!r}"
+                )
+            if path.endswith("*"):
+                prefixes.append(path[:-1])
+            else:
+                exact.add(path)
+        self.exact = frozenset(exact)
+        self.prefixes = tuple(prefixes)
+
+    def __call__(self, path: str) -> bool:
+        return path in self.exact or path.startswith(self.prefixes)
+
+
+class LayercodeSignature:
+    """Verify ``layercode-signature`` on HTTP requests before the wrapped app sees them.
+
+    Args:
+        app: the ASGI app to protect.
+        secret: the webhook secret, or several during a rotation (any may match).
+            Required; an empty or missing secret raises :class:`ConfigurationError`
+            when the middleware is built (at start-up), never per request.
+        tolerance: largest accepted ``|now - t|`` in seconds (default 300, ``>= 0``).
+        paths: request paths to protect, matched against the path below the app's mount
+            point (``root_path`` removed); a trailing ``*`` makes a prefix. ``None``
+            (default) protects every HTTP request.
+        max_body_size: largest accepted body in bytes (default 1 MiB). A larger declared
+            ``Content-Length`` is refused with 413 before any byte is read; a chunked body
+            is refused as soon as it passes the limit.
+        header_name: the header carrying the signature (default ``layercode-signature``).
+    """
+
+    __slots__ = (
+        "_header",
+        "_matches",
+        "_secrets",
+        "_too_large",
+        "app",
+        "max_body_size",
+        "tolerance",
+    )
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        secret: str | Sequence[str] | None = None,
+        tolerance: int = DEFAULT_TOLERANCE,
+        paths: Iterable[str] | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        header_name: str = SIGNATURE_HEADER,
+    ) -> None:
+        self.app = app
+        if secret is None:
+            secret = ()
+        secrets = (secret,) if isinstance(secret, str) else tuple(secret)
+        if not secrets or not all(isinstance(s, str) and s for s in secrets):
+            raise ConfigurationError(
+                "LayercodeSignature needs the webhook secret: pass secret='…' (for example "
+                "from the LAYERCODE_WEBHOOK_SECRET environment variable); every secret must "
+                "be a non-empty string"
+            )
+        self._secrets = secrets
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
+            raise ConfigurationError(
+                f"LayercodeSignature tolerance must be an int >= 0 seconds, got {tolerance!r}"
+            )
+        self.tolerance = tolerance
+        if (
+            isinstance(max_body_size, bool)
+            or not isinstance(max_body_size, int)
+            or (max_body_size <= 0)
+        ):
+            raise ConfigurationError(
+                f"LayercodeSignature max_body_size must be a positive int, got {max_body_size!r}"
+            )
+        self.max_body_size = max_body_size
+        self._too_large = _json_error(413, f"request body exceeds {max_body_size} bytes")
+        self._matches = None if paths is None else _PathMatcher(paths)
+        self._header = header_name.lower().encode("latin-1")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (
+            self._matches is not None and not self._matches(_route_path(scope))
+        ):
+            await self.app(scope, receive, send)
+            return
+
+        signature: str | None = None
+        declared: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == self._header:
+                # Repeated headers combine as HTTP says (comma-joined); two ``t=`` entries
+                # then make the header malformed rather than letting one silently win.
+                text = value.decode("latin-1")
+                signature = text if signature is None else f"{signature},{text}"
+            elif name == b"content-length":
+                declared = value
+
+        if declared is not None:
+            if not (declared.isdigit() and len(declared) <= 18):
+                await _send_pair(send, _BAD_CONTENT_LENGTH)
+                return
+            if int(declared) > self.max_body_size:
+                await _send_pair(send, self._too_large)
+                return
+
+        body = await self._read_body(receive, send)
+        if body is None:
+            return  # the client left, or 413 was already sent
+
+        try:
+            verify_signature(body, signature, self._secrets, self.tolerance)
+        except SignatureVerificationError as exc:
+            logger.warning(
+                "rejected webhook %s %s: %s", scope.get("method"), scope.get("path"), exc
+            )
+            await _send_pair(send, _REJECTIONS[exc.reason])
+            return
+
+        await self.app(scope, _Replay(body, receive), send)
+
+    async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        limit = self.max_body_size
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None  # http.disconnect: nobody is left to answer
+            chunk: bytes = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    await _send_pair(send, self._too_large)
+                    return None
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        if len(chunks) == 1:
+            return chunks[0]
+        return b"".join(chunks)
+
+
+def _route_path(scope: Scope) -> str:
+    """The request path below the mount point, as Starlette's router matches it."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        return path[len(root_path) :] or "/"
+    return path
+
+
+async def _send_pair(send: Send, messages: tuple[Message, Message]) -> None:
+    start, body = messages
+    # Outer middleware may edit the messages in place (CORS adds headers to the list):
+    # hand out copies, never the shared pre-rendered ones.
+    await send({**start, "headers": list(start["headers"])})
+    await send(dict(body))
+
+
+class _Replay:
+    """A ``receive`` that returns the already-read body once, then defers to the server."""
+
+    __slots__ = ("_body", "_receive")
+
+    def __init__(self, body: bytes, receive: Receive) -> None:
+        self._body: bytes | None = body
+        self._receive = receive
+
+    async def __call__(self) -> Message:
+        body = self._body
+        if body is None:
+            # Later calls wait for http.disconnect, exactly as without the middleware.
+            return await self._receive()
+        self._body = None
+        return {"type": "http.request", "body": body, "more_body": False}

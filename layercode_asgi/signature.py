@@ -1,0 +1,223 @@
+"""LayerCode webhook signatures: ``layercode-signature: t=<unix seconds>,v1=<hex>``.
+
+The scheme is Stripe's: ``v1`` is the lowercase hex HMAC-SHA256 of ``f"{t}." + raw_body``
+keyed with the agent's webhook secret (UTF-8). This module signs and verifies it:
+
+* :func:`sign` builds a header value, for tests, tools and users' own test suites.
+* :func:`verify_signature` returns ``True`` or raises :class:`SignatureVerificationError`
+  whose :attr:`~SignatureVerificationError.reason` is one of :class:`SignatureErrorReason`.
+
+Rules, all deliberate:
+
+* Several ``v1=`` entries in one header are accepted; any match wins.
+* Several secrets (rotation) are accepted; any match wins.
+* Unknown keys (``v0=``, a future ``v2=``) are ignored. Empty items (``t=1,,v1=…``) are
+  ignored. An item without ``=`` is malformed.
+* Exactly one ``t=`` entry, ASCII digits only (at most 15), is required.
+* Comparison is constant-time (:func:`hmac.compare_digest`) and exact: ``v1`` must be the
+  lowercase hex digest, byte for byte.
+* ``tolerance`` is the largest accepted ``|now - t|`` in whole seconds. ``0`` accepts only
+  the current second; a negative tolerance accepts nothing (every timestamp is outside it).
+  Nothing turns the timestamp check off: there is no "0 disables" trap.
+* Any input (any string, any bytes, huge or non-ASCII headers, lone surrogates, empty)
+  yields ``True`` or :class:`SignatureVerificationError`, never another exception.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import math
+import time
+from collections.abc import Sequence
+
+from .errors import LayercodeError
+
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "SIGNATURE_HEADER",
+    "SignatureErrorReason",
+    "SignatureVerificationError",
+    "sign",
+    "verify_signature",
+]
+
+#: Name of the HTTP request header that carries the signature (lower case, as in ASGI).
+SIGNATURE_HEADER = "layercode-signature"
+#: Default largest accepted distance, in seconds, between the signed timestamp and now.
+DEFAULT_TOLERANCE = 300
+
+# A unix timestamp in seconds has 10 digits until the year 2286; 15 leaves room and keeps
+# ``int()`` far from Python's 4300-digit conversion limit.
+_MAX_TIMESTAMP_DIGITS = 15
+_SHA256_HEX_LEN = 64
+_ENCODING = "utf-8"
+# Lone surrogates cannot be encoded as strict UTF-8; "surrogatepass" makes every ``str``
+# encodable, and ``sign`` and ``verify_signature`` encode the same way.
+_ERRORS = "surrogatepass"
+_WHITESPACE = " \t"
+
+
+class SignatureErrorReason(enum.StrEnum):
+    """Why a signature was rejected; the value is the text of the 401 JSON ``error``."""
+
+    MISSING_HEADER = "missing signature header"
+    MALFORMED_HEADER = "malformed signature header"
+    TIMESTAMP_OUT_OF_TOLERANCE = "timestamp outside tolerance"
+    NO_MATCHING_SIGNATURE = "no matching signature"
+
+
+class SignatureVerificationError(LayercodeError, ValueError):
+    """A webhook signature was missing, malformed, stale or wrong.
+
+    :attr:`reason` tells the cases apart (a :class:`SignatureErrorReason`, which is a
+    ``str``); ``str(error)`` adds a detail meant for logs. The detail never contains the
+    secret or the expected signature.
+    """
+
+    def __init__(self, reason: SignatureErrorReason, detail: str | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+
+
+def _to_bytes(value: bytes | bytearray | memoryview | str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode(_ENCODING, _ERRORS)
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    raise TypeError(f"expected bytes or str, got {type(value).__name__}")
+
+
+def _secret_keys(secret: str | bytes | Sequence[str | bytes]) -> list[bytes]:
+    if isinstance(secret, str | bytes):
+        return [_to_bytes(secret)]
+    return [_to_bytes(s) for s in secret]
+
+
+def _digest(key: bytes, timestamp: bytes, payload: bytes) -> str:
+    return hmac.digest(key, timestamp + b"." + payload, "sha256").hex()
+
+
+def sign(payload: bytes | str, secret: str, timestamp: int | None = None) -> str:
+    """Return a ``layercode-signature`` header value ``t=<timestamp>,v1=<hex>``.
+
+    ``payload`` is the exact request body (a ``str`` is encoded as UTF-8); ``timestamp``
+    defaults to the current unix time in seconds.
+    """
+    if timestamp is None:
+        timestamp = int(time.time())
+    elif isinstance(timestamp, bool) or not isinstance(timestamp, int):
+        raise TypeError("timestamp must be an int (unix seconds)")
+    t = str(timestamp)
+    return f"t={t},v1={_digest(_to_bytes(secret), t.encode(), _to_bytes(payload))}"
+
+
+def _parse_header(signature: str) -> tuple[str, list[str]]:
+    """Split a header into its timestamp text and ``v1`` candidates, or raise."""
+    timestamp: str | None = None
+    candidates: list[str] = []
+    for item in signature.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip(_WHITESPACE)
+        if not sep:
+            if key:
+                raise SignatureVerificationError(
+                    SignatureErrorReason.MALFORMED_HEADER, "item without '=' in header"
+                )
+            continue  # empty item, e.g. a trailing comma
+        value = value.strip(_WHITESPACE)
+        if key == "t":
+            if timestamp is not None:
+                raise SignatureVerificationError(
+                    SignatureErrorReason.MALFORMED_HEADER, "more than one 't=' entry"
+                )
+            timestamp = value
+        elif key == "v1":
+            candidates.append(value)
+        # Unknown keys are ignored on purpose (forward compatibility).
+    if timestamp is None:
+        raise SignatureVerificationError(SignatureErrorReason.MALFORMED_HEADER, "no 't=' entry")
+    if not (
+        0 < len(timestamp) <= _MAX_TIMESTAMP_DIGITS and timestamp.isascii() and timestamp.isdigit()
+    ):
+        raise SignatureVerificationError(
+            SignatureErrorReason.MALFORMED_HEADER, "'t=' is not a unix timestamp in seconds"
+        )
+    if not candidates:
+        raise SignatureVerificationError(SignatureErrorReason.MALFORMED_HEADER, "no 'v1=' entry")
+    return timestamp, candidates
+
+
+def verify_signature(
+    payload: bytes | str,
+    signature: str | None,
+    secret: str | Sequence[str],
+    tolerance: int = DEFAULT_TOLERANCE,
+    *,
+    now: float | None = None,
+) -> bool:
+    """Verify a ``layercode-signature`` header against the raw request body.
+
+    Args:
+        payload: the exact raw request body (``str`` is encoded as UTF-8).
+        signature: the header value, or ``None`` when the request had none.
+        secret: the webhook secret, or several (rotation): any one may match.
+        tolerance: largest accepted ``|now - t|`` in seconds. ``0`` accepts only the
+            current second; a negative value accepts no timestamp at all.
+        now: the current unix time; defaults to :func:`time.time` (tests pin it).
+
+    Returns:
+        ``True`` when a ``v1`` entry matches a secret within the tolerance.
+
+    Raises:
+        SignatureVerificationError: with a :class:`SignatureErrorReason` as ``reason``.
+    """
+    if signature is None or signature == "":
+        raise SignatureVerificationError(SignatureErrorReason.MISSING_HEADER)
+    if not isinstance(signature, str):
+        # bytes straight from an ASGI header list: decode like HTTP does (latin-1).
+        if isinstance(signature, bytes | bytearray | memoryview):
+            signature = bytes(signature).decode("latin-1")
+        else:
+            raise SignatureVerificationError(
+                SignatureErrorReason.MALFORMED_HEADER, "signature is not a string"
+            )
+    timestamp, candidates = _parse_header(signature)
+
+    current = time.time() if now is None else now
+    # ``now`` may be any float a caller passes (nan, inf); floor only finite values.
+    age = math.floor(current) - int(timestamp) if math.isfinite(current) else math.inf
+    if not abs(age) <= tolerance:
+        raise SignatureVerificationError(
+            SignatureErrorReason.TIMESTAMP_OUT_OF_TOLERANCE,
+            f"timestamp is {age} s from now, tolerance is {tolerance} s",
+        )
+
+    try:
+        body = _to_bytes(payload)
+        keys = _secret_keys(secret)
+    except (TypeError, ValueError) as exc:  # a non-str/bytes payload or secret
+        raise SignatureVerificationError(
+            SignatureErrorReason.NO_MATCHING_SIGNATURE, f"cannot use payload or secret: {exc}"
+        ) from None
+    if not keys:
+        raise SignatureVerificationError(
+            SignatureErrorReason.NO_MATCHING_SIGNATURE, "no webhook secret configured"
+        )
+
+    # Only well-formed candidates can match; comparing the others would need a non-ASCII
+    # ``compare_digest`` (a TypeError) and could never succeed anyway.
+    wanted = [c.encode("ascii") for c in candidates if len(c) == _SHA256_HEX_LEN and c.isascii()]
+    t = timestamp.encode("ascii")
+    matched = False
+    for key in keys:
+        expected = _digest(key, t, body).encode("ascii")
+        for candidate in wanted:
+            # No early exit: the work done does not depend on which entry matched.
+            matched |= hmac.compare_digest(expected, candidate)
+    if matched:
+        return True
+    raise SignatureVerificationError(SignatureErrorReason.NO_MATCHING_SIGNATURE)

@@ -1,0 +1,665 @@
+"""``LayercodeSignature`` mounted in Starlette, FastAPI, Litestar and raw ASGI."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+from fastapi import FastAPI
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from litestar import Litestar, get, post
+from litestar import Request as LRequest
+from litestar.middleware import DefineMiddleware
+from litestar.response import Stream
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocket
+
+from layercode_asgi import ConfigurationError, LayercodeSignature, sign
+
+from .conftest import SECRET, serve, signed_headers
+
+BODY = b'{"type":"message","session_id":"s","conversation_id":"c","turn_id":"t","text":"hi"}'
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+
+# -- one app per stack, each recording whether its handler ran --------------------------------
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.count = 0
+
+
+def starlette_app(calls: Calls, **options: Any) -> Starlette:
+    async def hook(request: Request) -> JSONResponse:
+        calls.count += 1
+        raw = await request.body()
+        return JSONResponse({"raw": raw.decode(), "json": await request.json()})
+
+    async def open_route(request: Request) -> JSONResponse:
+        return JSONResponse({"open": True})
+
+    app = Starlette(routes=[Route("/hook", hook, methods=["POST"]), Route("/open", open_route)])
+    app.add_middleware(LayercodeSignature, secret=SECRET, **options)
+    return app
+
+
+def fastapi_app(calls: Calls, **options: Any) -> Any:
+    app = FastAPI()
+
+    @app.post("/hook")
+    async def hook(request: Request) -> dict[str, Any]:
+        calls.count += 1
+        raw = await request.body()
+        return {"raw": raw.decode(), "json": await request.json()}
+
+    @app.get("/open")
+    async def open_route() -> dict[str, bool]:
+        return {"open": True}
+
+    app.add_middleware(LayercodeSignature, secret=SECRET, **options)
+    return app
+
+
+def litestar_app(calls: Calls, **options: Any) -> Any:
+    @post("/hook", status_code=200)
+    async def hook(request: LRequest[Any, Any, Any]) -> dict[str, Any]:
+        calls.count += 1
+        raw = await request.body()
+        return {"raw": raw.decode(), "json": await request.json()}
+
+    @get("/open")
+    async def open_route() -> dict[str, bool]:
+        return {"open": True}
+
+    return Litestar(
+        route_handlers=[hook, open_route],
+        middleware=[DefineMiddleware(LayercodeSignature, secret=SECRET, **options)],
+    )
+
+
+def raw_asgi_app(calls: Calls, **options: Any) -> Any:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        assert scope["type"] == "http"
+        if scope["path"] == "/open":
+            payload = msgspec.json.encode({"open": True})
+        else:
+            calls.count += 1
+            raw = b""
+            while True:
+                message = await receive()
+                raw += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            payload = msgspec.json.encode({"raw": raw.decode(), "json": msgspec.json.decode(raw)})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+    return LayercodeSignature(app, secret=SECRET, **options)
+
+
+STACKS: dict[str, Callable[..., Any]] = {
+    "starlette": starlette_app,
+    "fastapi": fastapi_app,
+    "litestar": litestar_app,
+    "raw_asgi": raw_asgi_app,
+}
+
+
+@pytest.fixture(params=list(STACKS))
+def stack(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    return STACKS[request.param]
+
+
+async def post_to(
+    app: Any, body: bytes | Any, headers: dict[str, str], path: str = "/hook"
+) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return await client.post(path, content=body, headers=headers)
+
+
+# -- accept / reject / replay, in every stack ----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_valid_signature_reaches_handler_with_same_bytes(stack: Callable[..., Any]) -> None:
+    calls = Calls()
+    response = await post_to(stack(calls), BODY, signed_headers(BODY))
+    assert response.status_code == 200, response.text
+    assert response.json() == {"raw": BODY.decode(), "json": msgspec.json.decode(BODY)}
+    assert calls.count == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ({}, "missing signature header"),
+        ({"layercode-signature": "nonsense"}, "malformed signature header"),
+        (
+            {"layercode-signature": sign(BODY, SECRET, timestamp=1_000_000_000)},
+            "timestamp outside tolerance",
+        ),
+        ({"layercode-signature": sign(BODY, "wrong-secret")}, "no matching signature"),
+        ({"layercode-signature": sign(BODY + b" ", SECRET)}, "no matching signature"),
+    ],
+)
+async def test_bad_signature_is_401_json_and_handler_not_called(
+    stack: Callable[..., Any], headers: dict[str, str], reason: str
+) -> None:
+    calls = Calls()
+    response = await post_to(stack(calls), BODY, headers)
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"error": reason}
+    assert calls.count == 0
+
+
+@pytest.mark.anyio
+async def test_oversized_declared_body_is_413_without_reading(stack: Callable[..., Any]) -> None:
+    calls = Calls()
+    big = b"x" * 2048
+    response = await post_to(stack(calls, max_body_size=1024), big, signed_headers(big))
+    assert response.status_code == 413
+    assert response.json() == {"error": "request body exceeds 1024 bytes"}
+    assert calls.count == 0
+
+
+@pytest.mark.anyio
+async def test_unprotected_paths_pass_through(stack: Callable[..., Any]) -> None:
+    calls = Calls()
+    app = stack(calls, paths=["/hook"])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/open")).json() == {"open": True}
+        assert (await client.post("/hook", content=BODY)).status_code == 401
+    assert calls.count == 0
+
+
+@pytest.mark.anyio
+async def test_default_protects_every_http_request(stack: Callable[..., Any]) -> None:
+    # GET: Litestar answers a wrong method with 405 before any middleware runs.
+    transport = httpx.ASGITransport(app=stack(Calls()))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/open")
+    assert response.status_code == 401
+    assert response.json() == {"error": "missing signature header"}
+
+
+# -- raw ASGI details: chunked bodies, disconnects, content-length ------------------------------
+
+
+class Recorder:
+    """A raw ASGI app recording what it received."""
+
+    def __init__(self) -> None:
+        self.scopes: list[Scope] = []
+        self.bodies: list[bytes] = []
+        self.receive: Any = None
+        self.send: Any = None
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        self.scopes.append(scope)
+        self.receive, self.send = receive, send
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.bodies.append(body)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def call_asgi(
+    app: Any, headers: list[tuple[bytes, bytes]], chunks: list[bytes], path: str = "/hook"
+) -> tuple[list[Message], int]:
+    """Drive ``app`` with a request in ``chunks``; return sent messages and receive() count."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 80),
+    }
+    queue = [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+        for i, c in enumerate(chunks)
+    ]
+    received = 0
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        nonlocal received
+        received += 1
+        if queue:
+            return queue.pop(0)
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(app(scope, receive, send), 5)
+    return sent, received
+
+
+@pytest.mark.anyio
+async def test_chunked_body_is_joined_and_replayed_once() -> None:
+    inner = Recorder()
+    app = LayercodeSignature(inner, secret=SECRET)
+    chunks = [BODY[:10], b"", BODY[10:40], BODY[40:]]
+    header = sign(BODY, SECRET).encode()
+    sent, _ = await call_asgi(app, [(b"layercode-signature", header)], chunks)
+    assert sent[0]["status"] == 204
+    assert inner.bodies == [BODY]
+
+
+@pytest.mark.anyio
+async def test_chunked_oversized_body_stops_reading_at_the_limit() -> None:
+    inner = Recorder()
+    app = LayercodeSignature(inner, secret=SECRET, max_body_size=100)
+    chunks = [b"x" * 60] * 50  # 3000 bytes, no content-length
+    sent, received = await call_asgi(app, [(b"layercode-signature", b"t=1,v1=0")], chunks)
+    assert sent[0]["status"] == 413
+    assert msgspec.json.decode(sent[1]["body"]) == {"error": "request body exceeds 100 bytes"}
+    assert received == 2  # stopped after the chunk that crossed the limit
+    assert inner.scopes == []
+
+
+@pytest.mark.anyio
+async def test_declared_oversized_body_is_refused_before_any_read() -> None:
+    inner = Recorder()
+    app = LayercodeSignature(inner, secret=SECRET, max_body_size=100)
+    sent, received = await call_asgi(app, [(b"content-length", b"101")], [b"x" * 101])
+    assert sent[0]["status"] == 413
+    assert received == 0
+    assert inner.scopes == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("value", [b"abc", b"-1", b"1e3", b" ", b"9" * 40])
+async def test_invalid_content_length_is_400(value: bytes) -> None:
+    inner = Recorder()
+    sent, _ = await call_asgi(
+        LayercodeSignature(inner, secret=SECRET), [(b"content-length", value)], [b""]
+    )
+    assert sent[0]["status"] == 400
+    assert msgspec.json.decode(sent[1]["body"]) == {"error": "invalid content-length header"}
+    assert inner.scopes == []
+
+
+@pytest.mark.anyio
+async def test_client_disconnect_while_reading_calls_nothing() -> None:
+    inner = Recorder()
+    app = LayercodeSignature(inner, secret=SECRET)
+    sent: list[Message] = []
+    messages = [
+        {"type": "http.request", "body": b"{", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> Message:
+        return messages.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/hook", "headers": []}
+    await app(scope, receive, send)
+    assert sent == []
+    assert inner.scopes == []
+
+
+@pytest.mark.anyio
+async def test_after_the_body_receive_defers_to_the_server() -> None:
+    """Once the body is replayed, receive() waits for http.disconnect like the real one."""
+    seen: list[Message] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        seen.append(await receive())
+        seen.append(await receive())
+
+    messages = [{"type": "http.request", "body": BODY}, {"type": "http.disconnect"}]
+
+    async def receive() -> Message:
+        return messages.pop(0)
+
+    async def send(message: Message) -> None:
+        raise AssertionError("nothing should be sent")
+
+    scope = {
+        "type": "http",
+        "path": "/hook",
+        "headers": [(b"layercode-signature", sign(BODY, SECRET).encode())],
+    }
+    await LayercodeSignature(app, secret=SECRET)(scope, receive, send)
+    assert seen == [
+        {"type": "http.request", "body": BODY, "more_body": False},
+        {"type": "http.disconnect"},
+    ]
+
+
+@pytest.mark.anyio
+async def test_error_responses_are_fresh_objects() -> None:
+    """Outer middleware may mutate sent messages; our pre-rendered responses must survive."""
+    app = LayercodeSignature(Recorder(), secret=SECRET)
+    first, _ = await call_asgi(app, [], [b""])
+    first[0]["headers"].append((b"x-mutated", b"1"))
+    second, _ = await call_asgi(app, [], [b""])
+    assert (b"x-mutated", b"1") not in second[0]["headers"]
+
+
+@pytest.mark.anyio
+async def test_repeated_signature_headers_are_combined() -> None:
+    inner = Recorder()
+    app = LayercodeSignature(inner, secret=SECRET)
+    good = sign(BODY, SECRET)
+    t, v1 = good.split(",")
+    sent, _ = await call_asgi(
+        app,
+        [
+            (b"layercode-signature", f"{t},v1={'0' * 64}".encode()),
+            (b"layercode-signature", v1.encode()),
+        ],
+        [BODY],
+    )
+    assert sent[0]["status"] == 204
+    # two different timestamps in two headers are malformed, not "last one wins"
+    sent, _ = await call_asgi(
+        app,
+        [(b"layercode-signature", b"t=1,v1=" + b"0" * 64), (b"layercode-signature", good.encode())],
+        [BODY],
+    )
+    assert sent[0]["status"] == 401
+    assert msgspec.json.decode(sent[1]["body"]) == {"error": "malformed signature header"}
+
+
+@pytest.mark.anyio
+async def test_paths_match_below_the_mount_point_and_prefixes() -> None:
+    inner = Recorder()
+    app = LayercodeSignature(inner, secret=SECRET, paths=["/hooks/*", "/agent"])
+    for path, protected in [
+        ("/agent", True),
+        ("/agent/x", False),
+        ("/hooks/a", True),
+        ("/hooks/", True),
+        ("/other", False),
+    ]:
+        sent, _ = await call_asgi(app, [], [b""], path=path)
+        assert (sent[0]["status"] == 401) is protected, path
+    # mounted under /voice: the route path is what counts
+    scope_sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        scope_sent.append(message)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    await app(
+        {"type": "http", "path": "/voice/agent", "root_path": "/voice", "headers": []},
+        receive,
+        send,
+    )
+    assert scope_sent[0]["status"] == 401
+
+
+# -- lifespan and websocket pass through untouched ----------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("scope_type", ["lifespan", "websocket"])
+async def test_non_http_scopes_pass_through_untouched(scope_type: str) -> None:
+    inner = Recorder()
+    app = LayercodeSignature(inner, secret=SECRET)
+
+    async def receive() -> Message:
+        raise AssertionError("middleware must not read")
+
+    async def send(message: Message) -> None:
+        raise AssertionError("middleware must not send")
+
+    scope = {"type": scope_type, "path": "/hook", "headers": []}
+    await app(scope, receive, send)
+    assert inner.scopes == [scope]
+    assert inner.receive is receive
+    assert inner.send is send
+
+
+def test_lifespan_and_websocket_in_a_real_starlette_app() -> None:
+    started: list[bool] = []
+
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        started.append(True)
+        yield
+
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("hello")
+        await websocket.close()
+
+    from contextlib import asynccontextmanager
+
+    app = Starlette(routes=[WebSocketRoute("/ws", ws)], lifespan=asynccontextmanager(lifespan))
+    app.add_middleware(LayercodeSignature, secret=SECRET)
+    with TestClient(app) as client:
+        assert started == [True]
+        with client.websocket_connect("/ws") as websocket:
+            assert websocket.receive_text() == "hello"
+        assert client.post("/anything").status_code == 401
+
+
+# -- construction errors at start-up -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"secret": None},
+        {"secret": ""},
+        {"secret": []},
+        {"secret": ["ok", ""]},
+        {"secret": "s", "tolerance": -1},
+        {"secret": "s", "tolerance": "300"},
+        {"secret": "s", "max_body_size": 0},
+        {"secret": "s", "paths": ["no-slash"]},
+    ],
+)
+def test_bad_configuration_fails_at_construction(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        LayercodeSignature(Recorder(), **options)
+
+
+def test_missing_secret_fails_at_starlette_startup_not_per_request() -> None:
+    app = Starlette()
+    app.add_middleware(LayercodeSignature, secret="")
+    with pytest.raises(ConfigurationError, match="LAYERCODE_WEBHOOK_SECRET"), TestClient(app):
+        pass
+
+
+def test_secret_rotation_in_middleware() -> None:
+    app = Starlette(routes=[Route("/hook", lambda r: JSONResponse({}), methods=["POST"])])
+    app.add_middleware(LayercodeSignature, secret=["new", "old"])
+    with TestClient(app) as client:
+        for secret in ("new", "old"):
+            assert (
+                client.post("/hook", content=BODY, headers=signed_headers(BODY, secret)).status_code
+                == 200
+            )
+        assert (
+            client.post("/hook", content=BODY, headers=signed_headers(BODY, "x")).status_code == 401
+        )
+
+
+# -- streaming responses are not buffered (real uvicorn, real sockets) ---------------------------
+
+
+@pytest.mark.parametrize("stack_name", ["starlette", "fastapi", "litestar", "raw_asgi"])
+def test_streamed_response_arrives_event_by_event(stack_name: str) -> None:
+    release = threading.Event()
+
+    async def events() -> AsyncIterator[bytes]:
+        yield b"data: one\n\n"
+        # The second event is only produced once the client has seen the first one; a
+        # buffering middleware would hold "one" back for 30 s, past the client's 5 s timeout.
+        deadline = time.monotonic() + 30
+        while not release.is_set() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        yield b"data: two\n\n"
+
+    app = build_streaming_app(stack_name, events)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=5) as client:
+        with client.stream("POST", "/hook", content=BODY, headers=signed_headers(BODY)) as response:
+            assert response.status_code == 200
+            chunks = response.iter_raw()
+            first = next(chunks)
+            assert first == b"data: one\n\n"
+            assert not release.is_set()
+            release.set()
+            rest = b"".join(chunks)
+        assert rest == b"data: two\n\n"
+        unsigned = client.post("/hook", content=BODY)
+        assert unsigned.status_code == 401
+
+
+def build_streaming_app(stack_name: str, events: Callable[[], AsyncIterator[bytes]]) -> Any:
+    if stack_name == "starlette":
+
+        async def hook(request: Request) -> StreamingResponse:
+            await request.body()
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        app = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+        app.add_middleware(LayercodeSignature, secret=SECRET)
+        return app
+    if stack_name == "fastapi":
+        fapp = FastAPI()
+
+        @fapp.post("/hook")
+        async def fhook(request: Request) -> StreamingResponse:
+            await request.body()
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        fapp.add_middleware(LayercodeSignature, secret=SECRET)
+        return fapp
+    if stack_name == "litestar":
+
+        @post("/hook", status_code=200)
+        async def lhook(request: LRequest[Any, Any, Any]) -> Stream:
+            await request.body()
+            return Stream(events(), media_type="text/event-stream")
+
+        return Litestar(
+            route_handlers=[lhook],
+            middleware=[DefineMiddleware(LayercodeSignature, secret=SECRET)],
+        )
+
+    async def raw(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        async for chunk in events():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    return LayercodeSignature(raw, secret=SECRET)
+
+
+# -- never a 500, whatever the headers -----------------------------------------------------------
+
+header_values = st.binary(max_size=300)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    signature=st.one_of(st.none(), header_values),
+    content_length=st.one_of(
+        st.none(), header_values, st.integers(-5, 5000).map(lambda n: str(n).encode())
+    ),
+    extra=st.lists(st.tuples(st.binary(min_size=1, max_size=20), header_values), max_size=5),
+    body=st.binary(max_size=200),
+)
+def test_arbitrary_header_values_never_500_and_never_reach_the_app(
+    signature: bytes | None,
+    content_length: bytes | None,
+    extra: list[tuple[bytes, bytes]],
+    body: bytes,
+) -> None:
+    inner = Recorder()
+    app = LayercodeSignature(inner, secret=SECRET, max_body_size=1000)
+    headers = [(k.lower(), v) for k, v in extra]
+    if signature is not None:
+        headers.append((b"layercode-signature", signature))
+    if content_length is not None:
+        headers.append((b"content-length", content_length))
+    sent, _ = asyncio.run(call_asgi(app, headers, [body]))
+    assert sent[0]["status"] in {400, 401, 413}
+    assert sent[0]["headers"][0] == (b"content-type", b"application/json")
+    assert set(msgspec.json.decode(sent[1]["body"])) == {"error"}
+    assert inner.scopes == []
+
+
+def test_arbitrary_header_values_over_real_http() -> None:
+    calls = Calls()
+    odd_values = [
+        "t=1,v1=" + "é" * 64,
+        "t=" + "9" * 5000 + ",v1=x",
+        "=" * 4000,
+        ",,,,",
+        "t=abc ,  v1 = x",
+        "v1=" + "a" * 64 + ",t=17000000000000000000000",
+    ]
+    with serve(starlette_app(calls)) as url, httpx.Client(base_url=url) as client:
+        for value in odd_values:
+            response = client.post(
+                "/hook",
+                content=BODY,
+                headers={"layercode-signature": value.encode("utf-8")},
+            )
+            assert response.status_code == 401, value
+            assert response.json()["error"] in {
+                "malformed signature header",
+                "timestamp outside tolerance",
+                "no matching signature",
+            }
+        ok = client.post("/hook", content=BODY, headers=signed_headers(BODY))
+        assert ok.status_code == 200
+    assert calls.count == 1
