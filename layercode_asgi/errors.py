@@ -8,7 +8,7 @@ SDK, whose callers catch ``ValueError``.
 
 from __future__ import annotations
 
-__all__ = ["ConfigurationError", "LayercodeError"]
+__all__ = ["ConfigurationError", "LayercodeError", "ResponseError"]
 
 
 class LayercodeError(Exception):
@@ -17,3 +17,16 @@ class LayercodeError(Exception):
 
 class ConfigurationError(LayercodeError, ValueError):
     """A setting is missing or invalid; raised at start-up, never per request."""
+
+
+class ResponseError(LayercodeError):
+    """An error with an HTTP answer: ``status_code`` and a JSON ``{"error": message}``.
+
+    Raised where a request cannot be served (e.g. 503 while the conversation store is
+    down); the response machinery turns it into that JSON answer, never a stack trace.
+    """
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message

@@ -35,7 +35,7 @@ from .signature import (
     verify_signature,
 )
 
-__all__ = ["DEFAULT_MAX_BODY_SIZE", "LayercodeSignature"]
+__all__ = ["DEFAULT_MAX_BODY_SIZE", "BodyTooLarge", "LayercodeSignature", "read_body"]
 
 logger = logging.getLogger("layercode_asgi.middleware")
 
@@ -178,9 +178,13 @@ class LayercodeSignature:
                 await _send_pair(send, self._too_large)
                 return
 
-        body = await self._read_body(receive, send)
+        try:
+            body = await read_body(receive, self.max_body_size)
+        except BodyTooLarge:
+            await _send_pair(send, self._too_large)
+            return
         if body is None:
-            return  # the client left, or 413 was already sent
+            return  # the client left: nobody is there to answer
 
         try:
             verify_signature(body, signature, self._secrets, self.tolerance)
@@ -193,26 +197,33 @@ class LayercodeSignature:
 
         await self.app(scope, _Replay(body, receive), send)
 
-    async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
-        chunks: list[bytes] = []
-        size = 0
-        limit = self.max_body_size
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return None  # http.disconnect: nobody is left to answer
-            chunk: bytes = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > limit:
-                    await _send_pair(send, self._too_large)
-                    return None
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        if len(chunks) == 1:
-            return chunks[0]
-        return b"".join(chunks)
+class BodyTooLarge(Exception):
+    """The request body passed the limit; raised by :func:`read_body`."""
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """Read a whole request body of at most ``limit`` bytes; ``None`` if the client left.
+
+    Raises :class:`BodyTooLarge` as soon as the bytes read pass ``limit`` (the rest is not
+    read). A body that arrives in one message is returned without a copy.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None  # http.disconnect
+        chunk: bytes = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    if len(chunks) == 1:
+        return chunks[0]
+    return b"".join(chunks)
 
 
 def _route_path(scope: Scope) -> str:

@@ -48,3 +48,18 @@ def serve(app: Any, **config: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def event_body(kind: str = "message", **fields: Any) -> bytes:
+    """The JSON body of a LayerCode webhook event of type ``kind``."""
+    import msgspec
+
+    base: dict[str, Any] = {"type": kind, "session_id": "sess-1", "conversation_id": "conv-1"}
+    if kind in ("message", "session.start", "data"):
+        base["turn_id"] = "turn-1"
+    if kind == "message":
+        base["text"] = "hello there"
+    if kind == "data":
+        base["data"] = {"clicked": True}
+    base.update(fields)
+    return msgspec.json.encode(base)

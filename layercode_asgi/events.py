@@ -1,0 +1,446 @@
+"""Typed LayerCode webhook events, decoded with msgspec.
+
+LayerCode POSTs one JSON object per webhook; its ``type`` field names one of five events
+(see PROTOCOL.md §3). This module models each event as an immutable :class:`msgspec.Struct`
+and decodes a raw request body into the right one in a single pass, straight from the
+bytes -- no intermediate :func:`json.loads`, no dict in between::
+
+    payload = parse_webhook_payload(await request.body())
+    if isinstance(payload, MessagePayload):  # or: payload.type == LayercodeEventType.MESSAGE
+        ...
+
+Decoding rules
+--------------
+* Unknown extra fields are ignored: LayerCode adds fields over time.
+* Every optional field may be absent or ``null``; numbers included.
+* ``transcript[].timestamp`` is accepted as unix milliseconds (int or float) or an ISO string,
+  and kept as received.
+* Bad input of any kind raises :class:`InvalidPayloadError` (a :class:`ValueError`) naming
+  the offending field path, e.g. ``$.turn_id`` or ``$.transcript[1].text``. A well-formed
+  JSON object whose ``type`` is a string that this version does not know raises
+  :class:`UnknownEventError`, a subclass, so a server can answer "newer than us"
+  differently from "malformed".
+
+Encoding
+--------
+``msgspec.json.encode(payload)`` gives back JSON that decodes to an equal struct. The
+structs use ``omit_defaults=True``: fields holding their default (``None``) are left out.
+Because an absent field and a ``null`` one decode to the same value, this loses nothing,
+keeps re-encoded payloads (logs, queues, forwarding) compact, and never matters for
+signatures, which are computed over the *original* request bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any, ClassVar, Final, Literal, TypeAlias
+
+import msgspec
+
+from .errors import LayercodeError
+
+__all__ = [
+    "EVENT_TYPES",
+    "TURN_EVENT_TYPES",
+    "DataPayload",
+    "InvalidPayloadError",
+    "LayercodeEventType",
+    "MessagePayload",
+    "SessionEndPayload",
+    "SessionStartPayload",
+    "SessionUpdatePayload",
+    "TranscriptItem",
+    "TurnPayload",
+    "UnknownEventError",
+    "WebhookPayload",
+    "parse_webhook_payload",
+]
+
+
+class LayercodeEventType(StrEnum):
+    """The five webhook event types, as sent in the ``type`` field.
+
+    A :class:`~enum.StrEnum`: members *are* strings, so ``LayercodeEventType.MESSAGE ==
+    "message"``, they hash like the strings, and work anywhere a ``str`` is expected.
+
+    Each payload class's ``type`` attribute is the plain string, typed as a ``Literal``
+    (``MessagePayload.type`` is ``Literal["message"]``), exactly as in the reference SDK,
+    so under mypy ``payload.type == "message"`` narrows the :data:`WebhookPayload` union
+    (``isinstance`` does too). ``payload.type == LayercodeEventType.MESSAGE`` is true at
+    runtime and also type-checks under ``--strict``: ``__eq__`` is spelled out (with
+    ``str`` semantics) because mypy's strict-equality check would otherwise reject
+    comparing an enum member with a string literal.
+    """
+
+    SESSION_START = "session.start"
+    MESSAGE = "message"
+    DATA = "data"
+    SESSION_UPDATE = "session.update"
+    SESSION_END = "session.end"
+
+    def __eq__(self, other: object) -> bool:
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+EVENT_TYPES: Final[frozenset[str]] = frozenset(member.value for member in LayercodeEventType)
+"""Every ``type`` string this version understands."""
+
+TURN_EVENT_TYPES: Final[frozenset[str]] = frozenset({"session.start", "message", "data"})
+"""Event types that carry a ``turn_id`` (``session.start``, ``message``, ``data``)."""
+
+
+# --------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------
+
+
+class InvalidPayloadError(LayercodeError, ValueError):
+    """A webhook body is not a valid LayerCode event.
+
+    Attributes:
+        path: JSON path of the offending value, ``$`` for the document itself
+            (e.g. ``$.turn_id``, ``$.transcript[1].text``).
+        detail: what was wrong, without the path.
+    """
+
+    def __init__(self, detail: str, path: str = "$") -> None:
+        self.detail = detail
+        self.path = path
+        super().__init__(f"invalid webhook payload at `{path}`: {detail}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.detail, self.path))
+
+
+class UnknownEventError(InvalidPayloadError):
+    """A well-formed JSON object whose ``type`` string is not one of the five known events.
+
+    Most likely LayerCode is newer than this library; servers usually acknowledge such
+    events instead of rejecting them.
+
+    Attributes:
+        event_type: the ``type`` value as received (always a ``str``).
+    """
+
+    def __init__(self, event_type: str) -> None:
+        self.event_type = event_type
+        shown = event_type if len(event_type) <= 80 else event_type[:77] + "..."
+        super().__init__(f"unknown event type {shown!r}", "$.type")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.event_type,))
+
+
+# --------------------------------------------------------------------------------------
+# Structs
+# --------------------------------------------------------------------------------------
+
+
+class TranscriptItem(
+    msgspec.Struct,
+    kw_only=True,
+    frozen=True,
+    omit_defaults=True,
+    repr_omit_defaults=True,
+    gc=False,
+):
+    """One utterance of a transcript.
+
+    Not tracked by the garbage collector (``gc=False``): it is frozen and holds only
+    strings and numbers, so it can never be part of a reference cycle, and skipping GC
+    tracking makes decoding a long ``session.end`` transcript about 10% faster. (The event
+    structs keep GC tracking: their dict/list fields are mutable and user code could
+    store a reference back into them.)
+
+    Attributes:
+        role: who spoke, ``"user"`` or ``"assistant"`` (kept as a plain ``str``).
+        text: what was said (required, as in the reference SDK).
+        timestamp: unix milliseconds (``int`` or ``float``) or an ISO-8601 string, as
+            received; ``None`` when absent or null.
+    """
+
+    role: str
+    text: str
+    timestamp: int | float | str | None = None
+
+
+class _WebhookPayloadBase(
+    msgspec.Struct,
+    tag_field="type",
+    forbid_unknown_fields=False,
+    kw_only=True,
+    frozen=True,
+    omit_defaults=True,
+    repr_omit_defaults=True,
+):
+    """Shared configuration of the five event structs; declares no fields.
+
+    Each subclass declares all of its fields itself so that they come out in wire order
+    (``session_id`` first): msgspec would put a keyword-only subclass's fields before its
+    parent's. ``type`` is the tag, not a field; each subclass exposes it as a class
+    attribute, which msgspec ignores when encoding (the tag is written by msgspec).
+    """
+
+
+class SessionStartPayload(_WebhookPayloadBase, tag="session.start", frozen=True):
+    """``session.start``: a new voice session begins (the agent may speak first).
+
+    Answered with an SSE stream. ``turn_id`` identifies the welcome turn.
+    """
+
+    type: ClassVar[Literal["session.start"]] = "session.start"
+
+    session_id: str
+    conversation_id: str
+    turn_id: str
+    text: str | None = None
+    metadata: dict[str, Any] | None = None
+    custom_metadata: dict[str, Any] | None = None
+    from_phone_number: str | None = None
+    to_phone_number: str | None = None
+
+
+class MessagePayload(_WebhookPayloadBase, tag="message", frozen=True):
+    """``message``: the user's speech was transcribed. Answered with an SSE stream.
+
+    ``transcript`` is accepted either as a string (how the reference SDK types it) or as a
+    list of :class:`TranscriptItem` (the shape ``session.end`` uses), whichever arrives.
+    """
+
+    type: ClassVar[Literal["message"]] = "message"
+
+    session_id: str
+    conversation_id: str
+    turn_id: str
+    text: str | None = None
+    recording_url: str | None = None
+    recording_status: str | None = None
+    transcript: str | list[TranscriptItem] | None = None
+    usage: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    custom_metadata: dict[str, Any] | None = None
+    from_phone_number: str | None = None
+    to_phone_number: str | None = None
+
+
+class DataPayload(_WebhookPayloadBase, tag="data", frozen=True):
+    """``data``: the client sent structured JSON with ``client.response.data``.
+
+    ``data`` is required but may be *any* JSON value (typed ``Any``). The protocol
+    describes it as an object, yet it is produced by arbitrary front-end code and relayed
+    as-is; rejecting an array or a string here would turn a client quirk into a failed
+    webhook the application never sees. Check its shape where it is used.
+    """
+
+    type: ClassVar[Literal["data"]] = "data"
+
+    session_id: str
+    conversation_id: str
+    turn_id: str
+    data: Any
+    metadata: dict[str, Any] | None = None
+    custom_metadata: dict[str, Any] | None = None
+    from_phone_number: str | None = None
+    to_phone_number: str | None = None
+
+
+class SessionUpdatePayload(_WebhookPayloadBase, tag="session.update", frozen=True):
+    """``session.update``: asynchronous session data is ready (e.g. a recording).
+
+    Attributes (besides the common ones):
+        recording_status: ``"completed"`` or ``"failed"``.
+        recording_url: where to download the WAV recording.
+        recording_duration: in seconds.
+        error_message: details when the recording failed.
+    """
+
+    type: ClassVar[Literal["session.update"]] = "session.update"
+
+    session_id: str
+    conversation_id: str
+    recording_status: str | None = None
+    recording_url: str | None = None
+    recording_duration: float | None = None
+    error_message: str | None = None
+    metadata: dict[str, Any] | None = None
+    custom_metadata: dict[str, Any] | None = None
+    from_phone_number: str | None = None
+    to_phone_number: str | None = None
+
+
+class SessionEndPayload(_WebhookPayloadBase, tag="session.end", frozen=True):
+    """``session.end``: the session finished; carries metrics and the full transcript.
+
+    Attributes (besides the common ones):
+        started_at, ended_at: ISO-8601 timestamps, as strings.
+        duration: milliseconds; an ``int``, or a ``float`` if one is sent.
+        transcription_duration_seconds, tts_duration_seconds, latency: seconds.
+        recording_status: ``"enabled"`` or ``"disabled"``.
+        transcript: the conversation, oldest first.
+    """
+
+    type: ClassVar[Literal["session.end"]] = "session.end"
+
+    session_id: str
+    conversation_id: str
+    agent_id: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    duration: int | float | None = None
+    transcription_duration_seconds: float | None = None
+    tts_duration_seconds: float | None = None
+    latency: float | None = None
+    ip_address: str | None = None
+    country_code: str | None = None
+    recording_status: str | None = None
+    transcript: list[TranscriptItem] | None = None
+    metadata: dict[str, Any] | None = None
+    custom_metadata: dict[str, Any] | None = None
+    from_phone_number: str | None = None
+    to_phone_number: str | None = None
+
+
+WebhookPayload: TypeAlias = (
+    SessionStartPayload | MessagePayload | DataPayload | SessionUpdatePayload | SessionEndPayload
+)
+"""Any webhook event; a union tagged on ``type``. Works with ``isinstance`` too."""
+
+TurnPayload: TypeAlias = SessionStartPayload | MessagePayload | DataPayload
+"""The events that carry a ``turn_id`` (and expect a reply tied to that turn)."""
+
+
+# --------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------
+
+
+class _TypeProbe(msgspec.Struct, frozen=True):
+    """Used only after an unknown tag: checks the document and reads its ``type``."""
+
+    type: str
+
+
+_JSON_DECODER: Final[msgspec.json.Decoder[WebhookPayload]] = msgspec.json.Decoder(WebhookPayload)
+_PROBE_DECODER: Final[msgspec.json.Decoder[_TypeProbe]] = msgspec.json.Decoder(_TypeProbe)
+_decode_json = _JSON_DECODER.decode
+
+# msgspec's messages look like "Expected `str`, got `int` - at `$.turn_id`", or
+# "... - at `key` in `$.metadata`" for a bad object key, or carry no location at all
+# for the document itself. Field names never contain backticks, so the path does not.
+_LOCATED = re.compile(r"\A(?P<detail>.*) - at (?P<key>`key` in )?`(?P<path>\$[^`]*)`\Z", re.DOTALL)
+_MISSING = re.compile(r"\AObject missing required field `(?P<field>[^`]*)`\Z")
+_BAD_TAG = "Invalid value "
+
+
+def parse_webhook_payload(raw: bytes | str | Mapping[str, Any]) -> WebhookPayload:
+    """Decode a LayerCode webhook body into the event struct matching its ``type``.
+
+    Args:
+        raw: the request body as received (``bytes``; ``bytearray``/``memoryview`` work
+            too), the same JSON as ``str``, or an already-parsed mapping (converted with
+            :func:`msgspec.convert` under the same rules as JSON: strict types, string
+            keys, unknown fields ignored). Values inside free-form fields of a mapping
+            (``data``, ``metadata``...) are taken over as they are, not copied or checked.
+
+    Returns:
+        A :class:`SessionStartPayload`, :class:`MessagePayload`, :class:`DataPayload`,
+        :class:`SessionUpdatePayload` or :class:`SessionEndPayload`.
+
+    Raises:
+        UnknownEventError: well-formed JSON object whose ``type`` is an unknown string.
+        InvalidPayloadError: anything else that is not a valid event (malformed or
+            truncated JSON, invalid UTF-8, too deep nesting, not an object, missing or
+            mistyped field, unsupported input type). Nothing else is raised for any
+            input, except exceptions other than ``ValueError`` raised by the methods of
+            a caller-supplied ``Mapping`` class.
+    """
+    # Hot path first: one C call. Only the decode runs inside ``try`` and no user code
+    # runs during it, so the ``except`` clauses cannot hide anything but decode failures.
+    try:
+        return _decode_json(raw)  # type: ignore[arg-type]  # a Mapping raises TypeError
+    except (ValueError, RecursionError) as exc:  # msgspec errors, UnicodeError, bad buffer
+        raise _translate(exc, raw) from exc
+    except TypeError:
+        pass  # not bytes, str or a buffer; handled outside the except block
+    return _parse_other(raw)
+
+
+def _parse_other(raw: object) -> WebhookPayload:
+    """The inputs msgspec's JSON decoder does not take: mappings, ``str`` subclasses."""
+    if isinstance(raw, Mapping):
+        try:
+            tag = raw.get("type")
+            if isinstance(tag, str) and type(tag) is not str:
+                # msgspec matches tags on exact ``str`` only; accept e.g. a
+                # LayercodeEventType member, as JSON input would.
+                raw = {**raw, "type": str.__str__(tag)}
+            result: WebhookPayload = msgspec.convert(raw, WebhookPayload)
+        except (ValueError, RecursionError) as exc:
+            raise _translate(exc, raw) from exc
+        return result
+    if isinstance(raw, str):  # msgspec takes an exact ``str`` only
+        try:
+            encoded = str.encode(raw)
+        except UnicodeError as exc:  # lone surrogates
+            raise _translate(exc, raw) from exc
+        return parse_webhook_payload(encoded)
+    raise InvalidPayloadError(f"expected bytes, str or a mapping, got {type(raw).__name__}")
+
+
+def _translate(
+    exc: BaseException, raw: object, *, probe_unknown: bool = True
+) -> InvalidPayloadError:
+    """Turn a decode failure into the :class:`InvalidPayloadError` to raise."""
+    if isinstance(exc, msgspec.ValidationError) and probe_unknown:
+        return _unknown_or_invalid(exc, raw)
+    if isinstance(exc, msgspec.DecodeError):  # ValidationError included
+        return _invalid_from_msgspec(exc)
+    if isinstance(exc, UnicodeError):
+        return InvalidPayloadError(f"input is not valid UTF-8 ({exc})")
+    if isinstance(exc, RecursionError):
+        return InvalidPayloadError("JSON is nested too deeply")
+    return InvalidPayloadError(f"unreadable input ({exc})")  # e.g. a released memoryview
+
+
+def _invalid_from_msgspec(exc: msgspec.DecodeError) -> InvalidPayloadError:
+    """Translate a msgspec error into an :class:`InvalidPayloadError` with its path."""
+    message = str(exc)
+    located = _LOCATED.match(message)
+    if located is None:
+        detail, path = message, "$"
+    else:
+        detail, path = located["detail"], located["path"]
+        if located["key"]:
+            detail += " (in an object key)"
+    missing = _MISSING.match(detail)
+    if missing is not None:
+        path = f"{path}.{missing['field']}"
+    return InvalidPayloadError(detail, path)
+
+
+def _unknown_or_invalid(exc: msgspec.ValidationError, raw: object) -> InvalidPayloadError:
+    """Build the error for a failed typed decode of *raw* (bytes, buffer or mapping).
+
+    msgspec reports a ``type`` string that is not one of our tags as an invalid value at
+    ``$.type`` and may stop before reading the rest of the document. Only in that case,
+    the document is checked again in full, with a probe that just reads ``type``: if it is
+    a well-formed object with a string ``type``, the event is *unknown*, otherwise it is
+    invalid for whatever reason the probe finds.
+    """
+    error = _invalid_from_msgspec(exc)
+    if error.path != "$.type" or not error.detail.startswith(_BAD_TAG):
+        return error
+    try:
+        if isinstance(raw, Mapping):
+            probe: _TypeProbe = msgspec.convert(raw, _TypeProbe)
+        else:
+            probe = _PROBE_DECODER.decode(raw)  # type: ignore[arg-type]  # bytes/buffer
+    except (ValueError, RecursionError) as probe_exc:
+        return _translate(probe_exc, raw, probe_unknown=False)
+    if probe.type in EVENT_TYPES:  # duplicate ``type`` keys: the probe saw a later one
+        return error
+    return UnknownEventError(str.__str__(probe.type))

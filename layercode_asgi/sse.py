@@ -1,0 +1,262 @@
+"""Server-Sent Events: message formatting and streaming responses.
+
+* :func:`format_sse_message` renders one message exactly as the SSE specification reads it.
+* :func:`create_sse_response` wraps any async iterable in sse-starlette's
+  ``EventSourceResponse`` (keep-alive pings, disconnect detection), with the headers
+  LayerCode and proxies need.
+* :class:`EventStreamResponse` is the lean response LayerCode turns use: a producer
+  coroutine pushes ready-made SSE bytes through ``emit``; each ``emit`` waits for the
+  server's ``send`` (so a slow client slows the producer, nothing piles up), and a client
+  disconnect cancels the producer at once.
+
+All three responses are Starlette ``Response`` subclasses: return them from Starlette or
+FastAPI handlers, from Litestar handlers annotated ``-> ASGIApp`` (or the class), or call
+them as ASGI apps ``await response(scope, receive, send)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import msgspec
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from .errors import ResponseError
+
+__all__ = [
+    "SSE_HEADERS",
+    "Emit",
+    "EventStreamResponse",
+    "create_sse_response",
+    "format_sse_message",
+]
+
+logger = logging.getLogger("layercode_asgi.sse")
+
+#: Response headers of every event stream: no caching or transformation by proxies, and
+#: no proxy buffering (nginx honours ``X-Accel-Buffering``).
+SSE_HEADERS: Mapping[str, str] = {
+    "content-type": "text/event-stream",
+    "cache-control": "no-cache, no-transform",
+    "x-accel-buffering": "no",
+}
+_encode_json = msgspec.json.Encoder().encode
+_RAW_SSE_HEADERS = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in SSE_HEADERS.items()]
+
+# The SSE specification's line terminators: CRLF, lone LF, lone CR. (``str.splitlines``
+# also splits on \v, \f, \x1c-\x1e, \x85, \u2028 and \u2029, which SSE does not.)
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+#: ``emit(chunk)`` sends one chunk of an event stream and returns once the server took it.
+Emit = Callable[[bytes], Awaitable[None]]
+
+
+def format_sse_message(
+    data: str,
+    event: str | None = None,
+    id: str | None = None,
+    retry: int | None = None,
+) -> str:
+    """Render one SSE message, ending with the blank line that dispatches it.
+
+    A ``data`` with line breaks (``\\n``, ``\\r\\n`` or ``\\r``) becomes several ``data:``
+    lines, which a client joins back with ``\\n``. ``event`` and ``id`` must be single
+    lines (a line break there would let the text inject its own fields or events) and
+    ``id`` must not contain NUL (clients ignore such ids): both raise ``ValueError``.
+    ``retry`` is the reconnection delay in milliseconds, a non-negative int.
+
+    >>> format_sse_message("Hello, world!", event="message", id="msg-123")
+    'event: message\\nid: msg-123\\ndata: Hello, world!\\n\\n'
+    """
+    if not isinstance(data, str):
+        raise TypeError(f"data must be a str, got {type(data).__name__}")
+    parts: list[str] = []
+    if event is not None:
+        if _LINE_BREAK.search(event):
+            raise ValueError("SSE event name must not contain a line break")
+        parts.append(f"event: {event}\n")
+    if id is not None:
+        if _LINE_BREAK.search(id) or "\0" in id:
+            raise ValueError("SSE id must not contain a line break or NUL")
+        parts.append(f"id: {id}\n")
+    if retry is not None:
+        if isinstance(retry, bool) or not isinstance(retry, int) or retry < 0:
+            raise ValueError(f"SSE retry must be a non-negative int (ms), got {retry!r}")
+        parts.append(f"retry: {retry}\n")
+    parts.extend(f"data: {line}\n" for line in _LINE_BREAK.split(data))
+    parts.append("\n")
+    return "".join(parts)
+
+
+def _to_sse(item: Any) -> Any:
+    """What ``create_sse_response`` sends for one item of the user's iterable."""
+    if isinstance(item, str):
+        return format_sse_message(item).encode()
+    if isinstance(item, bytes | ServerSentEvent | dict):
+        return item  # pre-formatted bytes, or sse-starlette's own event types
+    raise TypeError(
+        "create_sse_response items must be str (one data message), bytes (pre-formatted), "
+        f"a ServerSentEvent or a dict of its fields; got {type(item).__name__}"
+    )
+
+
+async def _items(source: AsyncIterable[Any]) -> AsyncIterable[Any]:
+    async for item in source:
+        yield _to_sse(item)
+
+
+def create_sse_response(
+    generator: AsyncIterable[Any],
+    *,
+    status_code: int = 200,
+    headers: Mapping[str, str] | None = None,
+    ping: float | None = None,
+    background: BackgroundTask | None = None,
+    send_timeout: float | None = None,
+) -> EventSourceResponse:
+    """Stream an async iterable as Server-Sent Events (on sse-starlette).
+
+    Each ``str`` item becomes one ``data:`` message (split over several ``data:`` lines
+    where it has line breaks); ``bytes`` are sent as they are (already formatted, e.g. by
+    :func:`format_sse_message`); ``sse_starlette.ServerSentEvent`` objects and dicts of its
+    fields (``data``, ``event``, ``id``, ``retry``, ``comment``) are formatted by
+    sse-starlette. Headers: ``Content-Type: text/event-stream``,
+    ``Cache-Control: no-cache, no-transform``, ``X-Accel-Buffering: no``. ``ping`` is the
+    keep-alive comment interval in seconds (sse-starlette's default 15 s; 0 disables).
+    """
+    merged = dict(SSE_HEADERS)
+    if headers:
+        merged.update({k.lower(): v for k, v in headers.items()})
+    return EventSourceResponse(
+        _items(generator),
+        status_code=status_code,
+        headers=merged,
+        ping=ping,
+        sep="\n",
+        background=background,
+        send_timeout=send_timeout,
+    )
+
+
+class EventStreamResponse(Response):
+    """A lean ``text/event-stream`` response driven by a producer coroutine.
+
+    ``producer(emit)`` pushes ready-made SSE bytes with ``await emit(chunk)``. The status
+    line and headers go out with the first chunk; each chunk is sent as the producer emits
+    it; the body closes when the producer returns. If the producer raises
+    :class:`~layercode_asgi.errors.ResponseError` before its first chunk, the client gets
+    that error as JSON instead (e.g. 503 when the conversation store is down); any other
+    exception is logged and answered with a JSON 500 before the stream starts, or ends the
+    stream quietly after it started (never a second status line).
+
+    While it runs, a watcher waits for ``http.disconnect``; when the client leaves, the
+    producer is cancelled at its current ``await``. A send that fails because the
+    connection is gone (``OSError``) ends it the same way. :attr:`disconnected` tells
+    afterwards whether the client left early.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        producer: Callable[[Emit], Awaitable[None]],
+        *,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        background: BackgroundTask | None = None,
+    ) -> None:
+        self.producer = producer
+        self.status_code = status_code
+        self.background = background
+        self.body = b""
+        self.raw_headers = list(_RAW_SSE_HEADERS)
+        if headers:
+            self.raw_headers.extend(
+                (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+            )
+        self.disconnected = False
+        self.started = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = {
+            "type": "http.response.start",
+            "status": self.status_code,
+            "headers": self.raw_headers,
+        }
+
+        async def emit(chunk: bytes) -> None:
+            try:
+                if not self.started:
+                    self.started = True
+                    await send(start)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except OSError:
+                self.disconnected = True
+                cancel_scope.cancel()
+            # Yield to the event loop once per chunk. A server's send often returns without
+            # suspending (always, once the client is gone), so a producer that awaits
+            # nothing else would otherwise starve the disconnect watcher and never see a
+            # timeout or cancellation.
+            await anyio.lowlevel.checkpoint()
+
+        failure: Exception | None = None
+        async with anyio.create_task_group() as task_group:
+            cancel_scope = task_group.cancel_scope
+            task_group.start_soon(self._watch_disconnect, receive, cancel_scope)
+            try:
+                await self.producer(emit)
+            except Exception as exc:
+                failure = exc
+            finally:
+                cancel_scope.cancel()  # stop the watcher (or confirm the disconnect)
+        if not self.disconnected:
+            try:
+                if failure is not None and not self.started:
+                    await _send_error(send, failure)
+                else:
+                    if failure is not None:
+                        logger.error("event stream producer failed", exc_info=failure)
+                    if not self.started:
+                        self.started = True
+                        await send(start)
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:
+                self.disconnected = True
+        if self.background is not None:
+            await self.background()
+
+    async def _watch_disconnect(self, receive: Receive, cancel_scope: anyio.CancelScope) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+                cancel_scope.cancel()
+                return
+
+
+async def _send_error(send: Send, failure: Exception) -> None:
+    if isinstance(failure, ResponseError):
+        status, message = failure.status_code, failure.message
+    else:
+        logger.error("event stream producer failed before its first event", exc_info=failure)
+        status, message = 500, "internal error"
+    body = _encode_json({"error": message})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,384 @@
+"""One LayerCode turn: an agent's replies become the SSE events of PROTOCOL.md section 4.
+
+:class:`Turn` runs an agent (pull style: the agent yields replies) or a handler (push style,
+like LayerCode's Node SDK: the handler calls ``stream.tts(...)``) and emits, for the turn's
+``turn_id``::
+
+    data: {"type":"response.tts","content":"Hello","turn_id":"t1"}
+    data: {"type":"response.data","content":{...},"turn_id":"t1"}
+    data: {"type":"response.hangup","turn_id":"t1"}
+    data: {"type":"response.error","error":"agent error","turn_id":"t1"}
+    data: {"type":"response.end","turn_id":"t1"}
+
+Guarantees:
+
+* ``response.end`` is emitted exactly once, last, whatever the agent does: yields nothing,
+  raises before or after its first reply (then ``response.error`` precedes the end and the
+  exception is logged with the conversation and turn ids), yields something that is not a
+  reply, or overruns the turn timeout (then the configured spoken fallback, or
+  ``response.error``, precedes the end).
+* Each ``emit`` waits for the server to take the chunk, and the agent is only resumed
+  after that: a slow client slows the agent; nothing is buffered without bound.
+* When the turn is cancelled (the client disconnected), the agent is cancelled at its
+  current ``await`` and closed (its ``finally`` blocks run, bounded to one second); nothing
+  keeps running for the turn. Nothing more is emitted: there is nobody to read it.
+
+:func:`stream_turn` and :func:`stream_response` wrap a turn in an
+:class:`~layercode_asgi.sse.EventStreamResponse` for any framework's route handler.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import anyio
+import msgspec
+
+from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
+from .conversation import HistoryMessage
+from .sse import Emit, EventStreamResponse
+
+__all__ = [
+    "Turn",
+    "TurnStatus",
+    "TurnStream",
+    "stream_response",
+    "stream_turn",
+]
+
+logger = logging.getLogger("layercode_asgi.turns")
+
+#: How long a cancelled or finished agent may take to run its ``finally`` blocks.
+AGENT_CLOSE_TIMEOUT = 1.0
+#: The ``error`` text of ``response.error``. Exception details go to the log, not the wire.
+AGENT_ERROR_MESSAGE = "agent error"
+TIMEOUT_ERROR_MESSAGE = "turn timed out"
+
+_encode = msgspec.json.Encoder().encode
+_TTS = b'data: {"type":"response.tts","content":'
+_DATA = b'data: {"type":"response.data","content":'
+_HANGUP = b'data: {"type":"response.hangup"'
+_HANGUP_CONTENT = b'data: {"type":"response.hangup","content":'
+_ERROR = b'data: {"type":"response.error","error":'
+_END = b'data: {"type":"response.end"'
+
+
+class TurnStatus(enum.StrEnum):
+    """How a turn ended."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    DISCONNECTED = "disconnected"
+
+
+class TurnStream:
+    """The Node-SDK-style handle of a push-style turn: ``await stream.tts("Hi")``.
+
+    Every method waits until the server took the event (back-pressure). :meth:`end` is
+    idempotent; after it, sending raises ``RuntimeError``. If the handler returns without
+    calling :meth:`end`, the turn ends it.
+    """
+
+    __slots__ = ("_turn",)
+
+    def __init__(self, turn: Turn) -> None:
+        self._turn = turn
+
+    @property
+    def event(self) -> TurnEvent:
+        return self._turn.event
+
+    @property
+    def context(self) -> TurnContext:
+        return self._turn.context
+
+    async def tts(self, text: str) -> None:
+        """Speak ``text`` (``response.tts``)."""
+        await self._turn.deliver(Tts(text))
+
+    async def data(self, content: Any) -> None:
+        """Send ``content`` to the browser (``response.data``)."""
+        await self._turn.deliver(Data(content))
+
+    async def hangup(self, content: Any = None) -> None:
+        """End the call (``response.hangup``)."""
+        await self._turn.deliver(Hangup(content))
+
+    async def tts_stream(self, chunks: AsyncIterable[str]) -> str:
+        """Speak every chunk of ``chunks`` as it arrives; return the whole text."""
+        spoken: list[str] = []
+        async for chunk in chunks:
+            spoken.append(chunk)
+            await self._turn.deliver(Tts(chunk))
+        return "".join(spoken)
+
+    async def end(self) -> None:
+        """Send ``response.end`` (once; later calls do nothing)."""
+        await self._turn.end()
+
+    @property
+    def ended(self) -> bool:
+        return self._turn.ended
+
+
+#: A push-style handler: ``async def handler(stream): await stream.tts("Hi")``.
+StreamHandler = Callable[[TurnStream], Awaitable[None]]
+
+
+class Turn:
+    """One turn of one conversation: runs the agent and emits the SSE events.
+
+    Args:
+        event: the ``session.start`` or ``message`` event opening the turn.
+        agent: a pull-style agent (see :mod:`layercode_asgi.agents`); or None with
+        handler: a push-style handler receiving a :class:`TurnStream`.
+        history: the conversation's earlier messages, for ``context.history``.
+        extras: application objects for ``context.extras``.
+        timeout: seconds the whole turn may take (agent and sending); None = no limit.
+        timeout_message: spoken when the timeout hits; without it ``response.error``.
+
+    After :meth:`run`, :attr:`status`, :attr:`spoken` (the ``response.tts`` texts actually
+    emitted) and :attr:`error` describe what happened.
+    """
+
+    __slots__ = (
+        "_call",
+        "_emit",
+        "_handler",
+        "_suffix",
+        "context",
+        "ended",
+        "error",
+        "event",
+        "spoken",
+        "status",
+        "timeout",
+        "timeout_message",
+    )
+
+    def __init__(
+        self,
+        event: TurnEvent,
+        agent: Agent | None = None,
+        *,
+        handler: StreamHandler | None = None,
+        history: Sequence[HistoryMessage] = (),
+        extras: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        timeout_message: str | None = None,
+    ) -> None:
+        if (agent is None) == (handler is None):
+            raise TypeError("Turn needs exactly one of agent= or handler=")
+        self.event = event
+        self._call = bind_agent(agent) if agent is not None else None
+        self._handler = handler
+        self.context = TurnContext(event, history, {} if extras is None else extras)
+        self.timeout = timeout
+        self.timeout_message = timeout_message
+        self._suffix = b',"turn_id":' + _encode(event.turn_id) + b"}\n\n"
+        self._emit: Emit | None = None
+        self.spoken: list[str] = []
+        self.status = TurnStatus.RUNNING
+        self.error: BaseException | None = None
+        self.ended = False
+
+    @property
+    def reply_text(self) -> str:
+        """Everything spoken this turn, concatenated as emitted."""
+        return "".join(self.spoken)
+
+    async def run(self, emit: Emit) -> None:
+        """Run the turn, emitting its events through ``emit``; ``response.end`` comes last."""
+        self._emit = emit
+        try:
+            failure: Exception | None = None
+            deadline = math.inf if self.timeout is None else self.timeout
+            with anyio.move_on_after(deadline) as scope:
+                try:
+                    await self._produce()
+                except Exception as exc:
+                    failure = exc
+            if scope.cancelled_caught:
+                await self._timed_out()
+            elif failure is not None:
+                await self._failed(failure)
+            elif self.status is TurnStatus.RUNNING:
+                self.status = TurnStatus.COMPLETED
+            await self.end()
+        except anyio.get_cancelled_exc_class():
+            self.status = TurnStatus.DISCONNECTED
+            raise
+
+    async def _produce(self) -> None:
+        if self._handler is not None:
+            await self._handler(TurnStream(self))
+            return
+        assert self._call is not None
+        result = self._call(self.event, self.context)
+        if hasattr(result, "__aiter__"):
+            await self._drain(result)
+        elif hasattr(result, "__await__"):
+            value = await result
+            if hasattr(value, "__aiter__"):
+                await self._drain(value)
+            else:
+                for item in _as_replies(value):
+                    await self.deliver(item)
+        else:
+            raise TypeError(
+                "an agent must be an async generator function or a coroutine function, "
+                f"but it returned {type(result).__name__}"
+            )
+
+    async def _drain(self, replies: AsyncIterable[Any]) -> None:
+        iterator = replies.__aiter__()
+        try:
+            async for item in iterator:
+                await self.deliver(item)
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                # Run the agent's own cleanup even while this turn is being cancelled.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(AGENT_CLOSE_TIMEOUT):
+                    try:
+                        await aclose()
+                    except Exception:
+                        logger.exception("agent raised while closing %s", self._ids())
+
+    async def deliver(self, item: Any) -> None:
+        """Emit one reply (``str``, :class:`Tts`, :class:`Data` or :class:`Hangup`)."""
+        if self.ended:
+            raise RuntimeError("this turn already sent response.end")
+        if isinstance(item, str | Tts):
+            text = item if isinstance(item, str) else item.content
+            if not isinstance(text, str):
+                raise TypeError(f"Tts content must be a str, got {type(text).__name__}")
+            if not text:
+                return
+            chunk = _TTS + _encode(text) + self._suffix
+            await self._send(chunk)
+            self.spoken.append(text)
+        elif isinstance(item, Data):
+            await self._send(_DATA + _encode_content(item.content) + self._suffix)
+        elif isinstance(item, Hangup):
+            if item.content is None:
+                await self._send(_HANGUP + self._suffix)
+            else:
+                await self._send(_HANGUP_CONTENT + _encode_content(item.content) + self._suffix)
+        else:
+            raise TypeError(
+                f"an agent yielded {type(item).__name__}; expected str, Tts, Data or Hangup"
+            )
+
+    async def end(self) -> None:
+        """Emit ``response.end`` unless it was already emitted."""
+        if not self.ended:
+            self.ended = True
+            await self._send(_END + self._suffix)
+
+    async def _send(self, chunk: bytes) -> None:
+        assert self._emit is not None, "Turn.run() was not called"
+        await self._emit(chunk)
+
+    async def _failed(self, exc: Exception) -> None:
+        self.status = TurnStatus.FAILED
+        self.error = exc
+        logger.error(
+            "agent failed %s: %s: %s",
+            self._ids(),
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+            extra=self._extra(),
+        )
+        if not self.ended:
+            await self._send(_ERROR + _encode(AGENT_ERROR_MESSAGE) + self._suffix)
+
+    async def _timed_out(self) -> None:
+        self.status = TurnStatus.TIMED_OUT
+        logger.warning(
+            "turn timed out after %ss %s", self.timeout, self._ids(), extra=self._extra()
+        )
+        if self.ended:
+            return
+        if self.timeout_message:
+            await self.deliver(Tts(self.timeout_message))
+        else:
+            await self._send(_ERROR + _encode(TIMEOUT_ERROR_MESSAGE) + self._suffix)
+
+    def _ids(self) -> str:
+        return f"(conversation={self.event.conversation_id} turn={self.event.turn_id})"
+
+    def _extra(self) -> dict[str, str]:
+        return {"conversation_id": self.event.conversation_id, "turn_id": self.event.turn_id}
+
+
+def _encode_content(content: Any) -> bytes:
+    try:
+        return _encode(content)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"reply content is not JSON-serialisable: {exc}") from exc
+
+
+def _as_replies(value: Any) -> Iterable[Any]:
+    """What a coroutine agent returned, as replies: None, one reply, or an iterable."""
+    if value is None:
+        return ()
+    if isinstance(value, str | Tts | Data | Hangup):
+        return (value,)
+    if isinstance(value, list | tuple):
+        return value
+    raise TypeError(
+        f"an agent returned {type(value).__name__}; expected str, a reply, a list of them, "
+        "an async iterable of them, or None"
+    )
+
+
+def stream_turn(
+    event: TurnEvent,
+    agent: Agent,
+    *,
+    history: Sequence[HistoryMessage] = (),
+    extras: Mapping[str, Any] | None = None,
+    timeout: float | None = None,
+    timeout_message: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> EventStreamResponse:
+    """The SSE response answering ``event`` with ``agent``: return it from any route."""
+    turn = Turn(
+        event,
+        agent,
+        history=history,
+        extras=extras,
+        timeout=timeout,
+        timeout_message=timeout_message,
+    )
+    return EventStreamResponse(turn.run, headers=headers)
+
+
+def stream_response(
+    event: TurnEvent,
+    handler: StreamHandler,
+    *,
+    history: Sequence[HistoryMessage] = (),
+    extras: Mapping[str, Any] | None = None,
+    timeout: float | None = None,
+    timeout_message: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> EventStreamResponse:
+    """Node-SDK style: ``handler(stream)`` calls ``stream.tts(...)``, ``stream.end()``."""
+    turn = Turn(
+        event,
+        handler=handler,
+        history=history,
+        extras=extras,
+        timeout=timeout,
+        timeout_message=timeout_message,
+    )
+    return EventStreamResponse(turn.run, headers=headers)

@@ -1,0 +1,171 @@
+"""``format_sse_message`` against the SSE spec, and ``create_sse_response`` in each stack."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from httpx_sse import aconnect_sse
+from hypothesis import given
+from hypothesis import strategies as st
+from litestar import Litestar, post
+from litestar.types import ASGIApp
+from sse_starlette import ServerSentEvent
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from layercode_asgi import create_sse_response, format_sse_message
+
+
+def parse(message: str) -> dict[str, Any]:
+    """A tiny, independent reading of one SSE message per the WHATWG algorithm."""
+    fields: dict[str, Any] = {"data": []}
+    assert message.endswith("\n\n")
+    for line in message[:-1].split("\n")[:-1]:
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            fields["data"].append(value)
+        else:
+            fields[name] = value
+    fields["data"] = "\n".join(fields["data"])
+    return fields
+
+
+def test_seed_example() -> None:
+    assert format_sse_message("Hello, world!", event="message", id="msg-123") == (
+        "event: message\nid: msg-123\ndata: Hello, world!\n\n"
+    )
+
+
+def test_plain_data() -> None:
+    assert format_sse_message("hi") == "data: hi\n\n"
+    assert format_sse_message("") == "data: \n\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "lines"),
+    [
+        ("a\nb", ["a", "b"]),
+        ("a\r\nb", ["a", "b"]),
+        ("a\rb", ["a", "b"]),
+        ("a\n\nb\r\n", ["a", "", "b", ""]),
+        ("\n", ["", ""]),
+    ],
+)
+def test_line_breaks_become_data_lines(data: str, lines: list[str]) -> None:
+    assert format_sse_message(data) == "".join(f"data: {x}\n" for x in lines) + "\n"
+
+
+def test_only_sse_line_breaks_split() -> None:
+    # \u2028, \x0b, \x0c, \x85 are line breaks for str.splitlines but not for SSE
+    text = "a\u2028b\x0bc\x0cd\x85e"
+    assert format_sse_message(text) == f"data: {text}\n\n"
+
+
+@pytest.mark.parametrize("bad", ["a\nb", "a\rb", "a\r\nb", "\n"])
+def test_event_and_id_injection_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        format_sse_message("x", event=bad)
+    with pytest.raises(ValueError):
+        format_sse_message("x", id=bad)
+
+
+def test_id_with_nul_and_retry_validation() -> None:
+    with pytest.raises(ValueError):
+        format_sse_message("x", id="a\0b")
+    assert format_sse_message("x", retry=1500) == "retry: 1500\ndata: x\n\n"
+    for bad in (-1, True, 1.5, "10"):
+        with pytest.raises(ValueError):
+            format_sse_message("x", retry=bad)  # type: ignore[arg-type]
+
+
+@given(
+    data=st.text(),
+    event=st.one_of(st.none(), st.text().filter(lambda s: "\n" not in s and "\r" not in s)),
+    id_=st.one_of(st.none(), st.text().filter(lambda s: not ({"\n", "\r", "\0"} & set(s)))),
+)
+def test_round_trip_through_an_sse_reader(data: str, event: str | None, id_: str | None) -> None:
+    message = format_sse_message(data, event=event, id=id_)
+    fields = parse(message)
+    expected = data.replace("\r\n", "\n").replace("\r", "\n")
+    assert fields["data"] == expected
+    if event is not None:
+        assert fields["event"] == event
+    if id_ is not None:
+        assert fields["id"] == id_
+
+
+# -- create_sse_response mounted in every stack, read with httpx-sse ----------------------------
+
+
+async def numbers() -> AsyncIterator[Any]:
+    yield "one"
+    yield "two\nlines"
+    yield format_sse_message("three", event="custom").encode()
+    yield ServerSentEvent(data="four", event="e4")
+    yield {"data": "five", "id": "5"}
+
+
+def starlette_app() -> Any:
+    async def route(request: Request) -> Response:
+        return create_sse_response(numbers(), ping=0)
+
+    return Starlette(routes=[Route("/sse", route, methods=["POST"])])
+
+
+def fastapi_app() -> Any:
+    app = FastAPI()
+
+    @app.post("/sse")
+    async def route() -> Response:
+        return create_sse_response(numbers(), ping=0)
+
+    return app
+
+
+def litestar_app() -> Any:
+    @post("/sse")
+    async def route() -> ASGIApp:
+        return create_sse_response(numbers(), ping=0)
+
+    return Litestar(route_handlers=[route])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("make", [starlette_app, fastapi_app, litestar_app])
+async def test_create_sse_response_in_every_stack(make: Any) -> None:
+    transport = httpx.ASGITransport(app=make())
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+        aconnect_sse(client, "POST", "/sse") as source,
+    ):
+        response = source.response
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream"
+        assert response.headers["cache-control"] == "no-cache, no-transform"
+        assert response.headers["x-accel-buffering"] == "no"
+        events = [(e.event, e.data, e.id) for e in [s async for s in source.aiter_sse()]]
+    assert events == [
+        ("message", "one", ""),
+        ("message", "two\nlines", ""),
+        ("custom", "three", ""),
+        ("e4", "four", ""),
+        ("message", "five", "5"),
+    ]
+
+
+@pytest.mark.anyio
+async def test_create_sse_response_refuses_unknown_items() -> None:
+    async def bad() -> AsyncIterator[Any]:
+        yield 42
+
+    response = create_sse_response(bad(), ping=0)
+    with pytest.raises(TypeError, match="create_sse_response items"):
+        async for _ in response.body_iterator:
+            pass

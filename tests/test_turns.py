@@ -1,0 +1,645 @@
+"""LayerCode turns: agents as plain async callables, answered as SSE in every stack."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+import pytest
+from fastapi import FastAPI
+from httpx_sse import aconnect_sse, connect_sse
+from litestar import Litestar, post
+from litestar import Request as LRequest
+from litestar.types import ASGIApp
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from layercode_asgi import (
+    Data,
+    Hangup,
+    HistoryMessage,
+    LayercodeSignature,
+    LayercodeWebhook,
+    Tts,
+    TurnContext,
+    TurnStream,
+    parse_webhook_payload,
+    stream_response,
+    stream_turn,
+)
+
+from .conftest import SECRET, event_body, serve, signed_headers
+
+END = {"type": "response.end", "turn_id": "turn-1"}
+
+
+def tts(text: str) -> dict[str, Any]:
+    return {"type": "response.tts", "content": text, "turn_id": "turn-1"}
+
+
+ERROR = {"type": "response.error", "error": "agent error", "turn_id": "turn-1"}
+
+
+async def read_events(app: Any, body: bytes, path: str = "/api/agent") -> list[dict[str, Any]]:
+    """POST ``body`` to ``app`` in-process and parse the reply with httpx-sse."""
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+        aconnect_sse(client, "POST", path, content=body, headers=signed_headers(body)) as source,
+    ):
+        assert source.response.status_code == 200
+        assert source.response.headers["content-type"] == "text/event-stream"
+        assert source.response.headers["cache-control"] == "no-cache, no-transform"
+        assert source.response.headers["x-accel-buffering"] == "no"
+        events = []
+        async for sse in source.aiter_sse():
+            assert sse.event == "message"  # no event: line
+            events.append(msgspec.json.decode(sse.data))
+    return events
+
+
+def webhook_app(agent: Any, **options: Any) -> Any:
+    """The raw ASGI form: LayercodeWebhook behind the signature middleware."""
+    return LayercodeSignature(LayercodeWebhook(agent, **options), secret=SECRET)
+
+
+async def hello(event: Any) -> AsyncIterator[str]:
+    yield "Hello"
+
+
+# -- the smallest agent, in each of the four stacks ----------------------------------------------
+
+
+def starlette_stack(agent: Any) -> Any:
+    async def route(request: Request) -> Response:
+        event = parse_webhook_payload(await request.body())
+        assert event.type in ("message", "session.start")
+        return stream_turn(event, agent)  # type: ignore[arg-type]
+
+    app = Starlette(routes=[Route("/api/agent", route, methods=["POST"])])
+    app.add_middleware(LayercodeSignature, secret=SECRET)
+    return app
+
+
+def fastapi_stack(agent: Any) -> Any:
+    webhook = LayercodeWebhook(agent)
+    app = FastAPI()
+
+    @app.post("/api/agent")
+    async def route(request: Request) -> Response:
+        return await webhook.respond(await request.body())
+
+    app.add_middleware(LayercodeSignature, secret=SECRET)
+    return app
+
+
+def litestar_stack(agent: Any) -> Any:
+    from litestar.middleware import DefineMiddleware
+
+    webhook = LayercodeWebhook(agent)
+
+    @post("/api/agent")
+    async def route(request: LRequest[Any, Any, Any]) -> ASGIApp:
+        return await webhook.respond(await request.body())
+
+    return Litestar(
+        route_handlers=[route], middleware=[DefineMiddleware(LayercodeSignature, secret=SECRET)]
+    )
+
+
+STACKS = {
+    "starlette": starlette_stack,
+    "fastapi": fastapi_stack,
+    "litestar": litestar_stack,
+    "raw_asgi": webhook_app,
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stack", list(STACKS))
+async def test_smallest_agent_in_every_stack(stack: str) -> None:
+    events = await read_events(STACKS[stack](hello), event_body())
+    assert events == [tts("Hello"), END]
+
+
+@pytest.mark.anyio
+async def test_wire_bytes_are_compact_json_with_turn_id() -> None:
+    transport = httpx.ASGITransport(app=webhook_app(hello))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        body = event_body(turn_id="t-9")
+        response = await client.post("/api/agent", content=body, headers=signed_headers(body))
+    assert response.content == (
+        b'data: {"type":"response.tts","content":"Hello","turn_id":"t-9"}\n\n'
+        b'data: {"type":"response.end","turn_id":"t-9"}\n\n'
+    )
+
+
+@pytest.mark.anyio
+async def test_session_start_is_a_turn_too() -> None:
+    async def welcome(event: Any) -> AsyncIterator[str]:
+        assert event.type == "session.start"
+        yield "Welcome!"
+
+    events = await read_events(webhook_app(welcome), event_body("session.start"))
+    assert events == [tts("Welcome!"), END]
+
+
+# -- replies: typed values, coroutines, multi-line and non-ASCII text ------------------------------
+
+
+@pytest.mark.anyio
+async def test_typed_replies() -> None:
+    async def agent(event: Any) -> AsyncIterator[Any]:
+        yield "one"
+        yield Tts("two")
+        yield ""  # nothing to say: skipped
+        yield Data({"score": 3, "items": [1, "x", None]})
+        yield Hangup()
+        yield Hangup({"reason": "done"})
+
+    events = await read_events(webhook_app(agent), event_body())
+    assert events == [
+        tts("one"),
+        tts("two"),
+        {
+            "type": "response.data",
+            "content": {"score": 3, "items": [1, "x", None]},
+            "turn_id": "turn-1",
+        },
+        {"type": "response.hangup", "turn_id": "turn-1"},
+        {"type": "response.hangup", "content": {"reason": "done"}, "turn_id": "turn-1"},
+        END,
+    ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("returned", "expected"),
+    [
+        ("just text", [tts("just text"), END]),
+        (None, [END]),
+        (
+            ["a", Data(1)],
+            [tts("a"), {"type": "response.data", "content": 1, "turn_id": "turn-1"}, END],
+        ),
+        (Hangup(), [{"type": "response.hangup", "turn_id": "turn-1"}, END]),
+    ],
+)
+async def test_coroutine_agents(returned: Any, expected: list[Any]) -> None:
+    async def agent(event: Any) -> Any:
+        return returned
+
+    assert await read_events(webhook_app(agent), event_body()) == expected
+
+
+@pytest.mark.anyio
+async def test_multiline_and_non_ascii_text() -> None:
+    text = "Hola, ¿qué tal?\nLine two\r\nthree 🎙️ 你好 \u2028 end"
+
+    async def agent(event: Any) -> AsyncIterator[str]:
+        yield text
+
+    events = await read_events(webhook_app(agent), event_body(text="¿Sí? 🎤"))
+    assert events == [tts(text), END]
+
+
+@pytest.mark.anyio
+async def test_echo_of_user_text() -> None:
+    async def echo(event: Any) -> AsyncIterator[str]:
+        yield f"You said: {event.text}"
+
+    events = await read_events(webhook_app(echo), event_body(text="héllo\nworld"))
+    assert events == [tts("You said: héllo\nworld"), END]
+
+
+# -- the context: history and ids ----------------------------------------------------------------
+
+
+class FakeHistory:
+    """The smallest conversation backend: a dict and real anyio locks."""
+
+    def __init__(self) -> None:
+        self.messages: dict[str, list[HistoryMessage]] = {}
+        self.locks: dict[str, anyio.Lock] = {}
+
+    def lock(self, conversation_id: str, *, timeout: float | None = None) -> anyio.Lock:
+        return self.locks.setdefault(conversation_id, anyio.Lock())
+
+    async def get_history(self, conversation_id: str) -> list[HistoryMessage]:
+        return list(self.messages.get(conversation_id, []))
+
+    async def add_turn(
+        self,
+        conversation_id: str,
+        user: str | None,
+        reply: str | None,
+        *,
+        turn_id: str | None = None,
+    ) -> None:
+        box = self.messages.setdefault(conversation_id, [])
+        if user:
+            box.append(HistoryMessage(role="user", text=user, turn_id=turn_id))
+        if reply:
+            box.append(HistoryMessage(role="assistant", text=reply, turn_id=turn_id))
+
+    async def clear(self, conversation_id: str) -> None:
+        self.messages.pop(conversation_id, None)
+
+
+@pytest.mark.anyio
+async def test_context_carries_history_oldest_first() -> None:
+    seen: list[list[tuple[str, str]]] = []
+
+    async def agent(event: Any, context: TurnContext) -> AsyncIterator[str]:
+        seen.append([(m.role, m.text) for m in context.history])
+        assert context.conversation_id == "conv-1"
+        assert context.turn_id == event.turn_id
+        yield "Re: "
+        yield str(event.text)
+
+    history = FakeHistory()
+    app = webhook_app(agent, conversations=history)
+    await read_events(app, event_body(text="first", turn_id="turn-1"))
+    await read_events(app, event_body(text="second", turn_id="turn-2"))
+    assert seen == [
+        [],
+        [("user", "first"), ("assistant", "Re: first")],
+    ]
+    # session.end clears it
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        body = event_body("session.end")
+        response = await client.post("/api/agent", content=body, headers=signed_headers(body))
+    assert response.json() == {"status": "ok"}
+    assert history.messages == {}
+
+
+@pytest.mark.anyio
+async def test_keyword_only_context_parameter() -> None:
+    async def agent(event: Any, *, context: TurnContext) -> AsyncIterator[str]:
+        yield f"{context.is_session_start}:{len(context.history)}"
+
+    assert await read_events(webhook_app(agent), event_body()) == [tts("False:0"), END]
+
+
+# -- failures: response.end exactly once, last -------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_agent_raises_before_first_chunk(caplog: pytest.LogCaptureFixture) -> None:
+    async def agent(event: Any) -> AsyncIterator[str]:
+        raise RuntimeError("boom before")
+        yield "never"
+
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        events = await read_events(webhook_app(agent), event_body())
+    assert events == [ERROR, END]
+    record = next(r for r in caplog.records if "boom before" in r.getMessage())
+    assert "conv-1" in record.getMessage() and "turn-1" in record.getMessage()
+    assert record.conversation_id == "conv-1"  # type: ignore[attr-defined]
+    assert record.turn_id == "turn-1"  # type: ignore[attr-defined]
+    assert record.exc_info is not None
+
+
+@pytest.mark.anyio
+async def test_agent_raises_after_first_chunk() -> None:
+    async def agent(event: Any) -> AsyncIterator[str]:
+        yield "partial"
+        raise ValueError("boom after")
+
+    assert await read_events(webhook_app(agent), event_body()) == [tts("partial"), ERROR, END]
+
+
+@pytest.mark.anyio
+async def test_error_text_never_leaks_exception_details() -> None:
+    async def agent(event: Any) -> AsyncIterator[str]:
+        raise RuntimeError("db password is hunter2")
+        yield ""
+
+    events = await read_events(webhook_app(agent), event_body())
+    assert "hunter2" not in msgspec.json.encode(events).decode()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "agent",
+    [
+        pytest.param(lambda event: "not async", id="sync-function"),
+        pytest.param(lambda event, ctx, extra: None, id="wrong-arity"),
+    ],
+)
+async def test_agents_of_the_wrong_shape_fail_cleanly(agent: Callable[..., Any]) -> None:
+    assert await read_events(webhook_app(agent), event_body()) == [ERROR, END]
+
+
+@pytest.mark.anyio
+async def test_unsupported_yield_value() -> None:
+    async def agent(event: Any) -> AsyncIterator[Any]:
+        yield "ok"
+        yield 42
+
+    assert await read_events(webhook_app(agent), event_body()) == [tts("ok"), ERROR, END]
+
+
+@pytest.mark.anyio
+async def test_non_serialisable_data() -> None:
+    async def agent(event: Any) -> AsyncIterator[Any]:
+        yield Data(object())
+
+    assert await read_events(webhook_app(agent), event_body()) == [ERROR, END]
+
+
+@pytest.mark.anyio
+async def test_agent_that_yields_nothing() -> None:
+    async def agent(event: Any) -> AsyncIterator[str]:
+        if False:
+            yield ""
+
+    assert await read_events(webhook_app(agent), event_body()) == [END]
+
+
+@pytest.mark.anyio
+async def test_turn_timeout_without_and_with_fallback() -> None:
+    async def slow(event: Any) -> AsyncIterator[str]:
+        yield "thinking"
+        await anyio.sleep(30)
+        yield "never"
+
+    started = time.monotonic()
+    events = await read_events(webhook_app(slow, turn_timeout=0.3), event_body())
+    assert time.monotonic() - started < 5
+    assert events == [
+        tts("thinking"),
+        {"type": "response.error", "error": "turn timed out", "turn_id": "turn-1"},
+        END,
+    ]
+    events = await read_events(
+        webhook_app(slow, turn_timeout=0.3, timeout_message="Sorry, one moment."),
+        event_body(),
+    )
+    assert events == [tts("thinking"), tts("Sorry, one moment."), END]
+
+
+@pytest.mark.anyio
+async def test_agent_that_never_yields_times_out() -> None:
+    async def silent(event: Any) -> AsyncIterator[str]:
+        await anyio.sleep_forever()
+        yield ""
+
+    events = await read_events(webhook_app(silent, turn_timeout=0.2), event_body())
+    assert events == [
+        {"type": "response.error", "error": "turn timed out", "turn_id": "turn-1"},
+        END,
+    ]
+
+
+# -- Node-SDK style -----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_node_style_stream() -> None:
+    async def chunks() -> AsyncIterator[str]:
+        for word in ("a", "b", "c"):
+            yield word
+
+    spoken: list[str] = []
+
+    async def handler(stream: TurnStream) -> None:
+        await stream.tts("Hi")
+        await stream.data({"k": "v"})
+        spoken.append(await stream.tts_stream(chunks()))
+        await stream.hangup()
+        await stream.end()
+        await stream.end()  # idempotent
+        assert stream.ended
+        with pytest.raises(RuntimeError):
+            await stream.tts("too late")
+
+    async def route(request: Request) -> Response:
+        event = parse_webhook_payload(await request.body())
+        return stream_response(event, handler)  # type: ignore[arg-type]
+
+    app = Starlette(routes=[Route("/api/agent", route, methods=["POST"])])
+    events = await read_events(app, event_body())
+    assert events == [
+        tts("Hi"),
+        {"type": "response.data", "content": {"k": "v"}, "turn_id": "turn-1"},
+        tts("a"),
+        tts("b"),
+        tts("c"),
+        {"type": "response.hangup", "turn_id": "turn-1"},
+        END,
+    ]
+    assert spoken == ["abc"]
+
+
+@pytest.mark.anyio
+async def test_node_style_without_end_and_with_failure() -> None:
+    async def forgets_end(stream: TurnStream) -> None:
+        await stream.tts("x")
+
+    async def fails(stream: TurnStream) -> None:
+        await stream.tts("x")
+        raise KeyError("nope")
+
+    for handler, expected in ((forgets_end, [tts("x"), END]), (fails, [tts("x"), ERROR, END])):
+
+        async def route(request: Request, handler: Any = handler) -> Response:
+            return stream_response(parse_webhook_payload(await request.body()), handler)  # type: ignore[arg-type]
+
+        app = Starlette(routes=[Route("/api/agent", route, methods=["POST"])])
+        assert await read_events(app, event_body()) == expected
+
+
+# -- the JSON events of the webhook handler ------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_json_events_and_errors() -> None:
+    received: list[Any] = []
+
+    async def on_data(event: Any) -> dict[str, Any]:
+        received.append(event)
+        return {"got": event.data}
+
+    def on_update(event: Any) -> None:
+        received.append(event)
+
+    app = webhook_app(hello, on_data=on_data, on_session_update=on_update)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+
+        async def send(body: bytes) -> httpx.Response:
+            return await client.post("/api/agent", content=body, headers=signed_headers(body))
+
+        r = await send(event_body("data", data={"button": "yes"}))
+        assert (r.status_code, r.json()) == (200, {"got": {"button": "yes"}})
+        r = await send(event_body("session.update", recording_status="completed"))
+        assert (r.status_code, r.json()) == (200, {"status": "ok"})
+        r = await send(event_body("session.end"))
+        assert (r.status_code, r.json()) == (200, {"status": "ok"})
+        r = await send(event_body("response.future_event"))
+        assert (r.status_code, r.json()) == (200, {"status": "ignored"})
+        r = await send(b'{"type":"message","session_id":"s","conversation_id":"c"}')
+        assert r.status_code == 400
+        assert r.json()["path"] == "$.turn_id"
+        assert "$.turn_id" in r.json()["error"]
+        r = await send(b"not json")
+        assert r.status_code == 400
+        assert set(r.json()) == {"error", "path"}
+        r = await client.get("/api/agent")
+        assert r.status_code == 401  # the middleware protects every method
+    assert [e.type for e in received] == ["data", "session.update"]
+
+
+@pytest.mark.anyio
+async def test_webhook_as_asgi_app_refuses_other_methods_and_big_bodies() -> None:
+    app = LayercodeWebhook(hello, max_body_size=100)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.get("/")
+        assert (r.status_code, r.json(), r.headers["allow"]) == (
+            405,
+            {"error": "method not allowed; use POST"},
+            "POST",
+        )
+        r = await client.post("/", content=b"x" * 101)
+        assert (r.status_code, r.json()) == (413, {"error": "request body exceeds 100 bytes"})
+
+
+@pytest.mark.anyio
+async def test_conversation_store_down_is_a_503_before_the_stream() -> None:
+    from layercode_asgi import LayercodeError
+
+    class Down(FakeHistory):
+        def lock(self, conversation_id: str, *, timeout: float | None = None) -> Any:
+            raise LayercodeError("redis is down")
+
+    transport = httpx.ASGITransport(app=webhook_app(hello, conversations=Down()))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        body = event_body()
+        r = await client.post("/api/agent", content=body, headers=signed_headers(body))
+    assert r.status_code == 503
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"error": "conversation unavailable: redis is down"}
+
+
+# -- real HTTP: uvicorn on 127.0.0.1 --------------------------------------------------------------
+
+
+def test_exact_sequence_over_real_http() -> None:
+    async def agent(event: Any) -> AsyncIterator[Any]:
+        for word in ("Hello", " wörld", "\nbye"):
+            yield word
+            await anyio.sleep(0.01)
+        yield Data([1, 2])
+
+    with serve(webhook_app(agent)) as url, httpx.Client(base_url=url, timeout=10) as client:
+        body = event_body()
+        with connect_sse(
+            client, "POST", "/api/agent", content=body, headers=signed_headers(body)
+        ) as source:
+            assert source.response.headers["content-type"] == "text/event-stream"
+            events = [msgspec.json.decode(e.data) for e in source.iter_sse()]
+    assert events == [
+        tts("Hello"),
+        tts(" wörld"),
+        tts("\nbye"),
+        {"type": "response.data", "content": [1, 2], "turn_id": "turn-1"},
+        END,
+    ]
+
+
+def test_client_disconnect_cancels_the_agent_promptly() -> None:
+    state: dict[str, float] = {}
+    first_sent = threading.Event()
+
+    async def agent(event: Any) -> AsyncIterator[str]:
+        try:
+            yield "first"
+            first_sent.set()
+            await anyio.sleep(60)
+            yield "never"
+        finally:
+            state["cancelled_at"] = time.monotonic()
+
+    with serve(webhook_app(agent)) as url:
+        body = event_body()
+        with (
+            httpx.Client(base_url=url, timeout=10) as client,
+            client.stream(
+                "POST", "/api/agent", content=body, headers=signed_headers(body)
+            ) as response,
+        ):
+            first = next(response.iter_raw())
+            assert b"first" in first
+            assert first_sent.wait(5)
+        closed_at = time.monotonic()  # leaving the block closed the connection
+        deadline = closed_at + 5
+        while "cancelled_at" not in state and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert "cancelled_at" in state, "agent still running after the client left"
+    lag = state["cancelled_at"] - closed_at
+    assert lag < 1.0, f"agent cancelled {lag:.3f}s after disconnect"
+
+
+def test_slow_client_slows_the_agent() -> None:
+    produced = [0]
+    chunk = "x" * 65536
+
+    async def agent(event: Any) -> AsyncIterator[str]:
+        while True:
+            produced[0] += 1
+            yield chunk
+
+    with serve(webhook_app(agent)) as url:
+        body = event_body()
+        with (
+            httpx.Client(base_url=url, timeout=10) as client,
+            client.stream(
+                "POST", "/api/agent", content=body, headers=signed_headers(body)
+            ) as response,
+        ):
+            chunks = response.iter_raw()  # keep it: dropping the iterator closes the response
+            next(chunks)
+            time.sleep(1.0)  # the client reads nothing for a second
+            stalled_at = produced[0]
+            time.sleep(0.5)
+            after = produced[0]
+        # Without back-pressure the agent would produce ~thousands of 64 KiB chunks a second.
+        # With it, only what fits in the socket buffers (a few MiB) is produced, then it waits.
+        assert stalled_at * len(chunk) < 64 * 1024 * 1024, stalled_at
+        assert after == stalled_at, "the agent kept producing while the client was not reading"
+
+
+def test_disconnect_stops_an_agent_that_never_awaits() -> None:
+    """A producer that only yields (no other await) must still notice the client left."""
+    produced = [0]
+    stopped = threading.Event()
+
+    async def firehose(event: Any) -> AsyncIterator[str]:
+        try:
+            while True:
+                produced[0] += 1
+                yield "x" * 1024
+        finally:
+            stopped.set()
+
+    with serve(webhook_app(firehose)) as url:
+        body = event_body()
+        with (
+            httpx.Client(base_url=url, timeout=10) as client,
+            client.stream(
+                "POST", "/api/agent", content=body, headers=signed_headers(body)
+            ) as response,
+        ):
+            assert b"response.tts" in next(response.iter_raw())
+        assert stopped.wait(2), f"agent still running after {produced[0]} chunks"
