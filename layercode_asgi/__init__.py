@@ -3,8 +3,35 @@
 The public API is re-exported here; each name lives in the module named after its concept.
 """
 
-from .agents import Agent, Data, Hangup, Reply, Tts, TurnContext, TurnEvent
-from .conversation import HistoryMessage
+from ._version import __version__
+from .agents import (
+    AGENTS,
+    Agent,
+    AgentNotFoundError,
+    Data,
+    Hangup,
+    Reply,
+    Tts,
+    TurnContext,
+    TurnEvent,
+    echo_agent,
+    get_agent,
+    list_agents,
+    openai_agent,
+    register_agent,
+)
+from .config import SETTINGS_FIELDS, SettingField, Settings, SettingsError, parse_env_file
+from .conversation import (
+    ConversationLockTimeout,
+    ConversationManager,
+    ConversationStore,
+    HistoryMessage,
+    MemoryConversationStore,
+    RedisConversationStore,
+    Role,
+    StoreError,
+    StoreUnavailableError,
+)
 from .errors import ConfigurationError, LayercodeError, ResponseError
 from .events import (
     EVENT_TYPES,
@@ -22,7 +49,9 @@ from .events import (
     WebhookPayload,
     parse_webhook_payload,
 )
+from .logs import log_webhook, setup_logging
 from .middleware import DEFAULT_MAX_BODY_SIZE, LayercodeSignature
+from .server import create_app
 from .signature import (
     DEFAULT_TOLERANCE,
     SIGNATURE_HEADER,
@@ -35,17 +64,21 @@ from .sse import SSE_HEADERS, EventStreamResponse, create_sse_response, format_s
 from .turns import Turn, TurnStatus, TurnStream, stream_response, stream_turn
 from .webhook import LayercodeWebhook
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "AGENTS",
     "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_TOLERANCE",
     "EVENT_TYPES",
+    "SETTINGS_FIELDS",
     "SIGNATURE_HEADER",
     "SSE_HEADERS",
     "TURN_EVENT_TYPES",
     "Agent",
+    "AgentNotFoundError",
     "ConfigurationError",
+    "ConversationLockTimeout",
+    "ConversationManager",
+    "ConversationStore",
     "Data",
     "DataPayload",
     "EventStreamResponse",
@@ -56,14 +89,22 @@ __all__ = [
     "LayercodeEventType",
     "LayercodeSignature",
     "LayercodeWebhook",
+    "MemoryConversationStore",
     "MessagePayload",
+    "RedisConversationStore",
     "Reply",
     "ResponseError",
+    "Role",
     "SessionEndPayload",
     "SessionStartPayload",
     "SessionUpdatePayload",
+    "SettingField",
+    "Settings",
+    "SettingsError",
     "SignatureErrorReason",
     "SignatureVerificationError",
+    "StoreError",
+    "StoreUnavailableError",
     "TranscriptItem",
     "Tts",
     "Turn",
@@ -75,9 +116,18 @@ __all__ = [
     "UnknownEventError",
     "WebhookPayload",
     "__version__",
+    "create_app",
     "create_sse_response",
+    "echo_agent",
     "format_sse_message",
+    "get_agent",
+    "list_agents",
+    "log_webhook",
+    "openai_agent",
+    "parse_env_file",
     "parse_webhook_payload",
+    "register_agent",
+    "setup_logging",
     "sign",
     "stream_response",
     "stream_turn",

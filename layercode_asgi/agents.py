@@ -19,16 +19,23 @@ iterable of them, or ``None`` works too. No base class and no registration are n
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .conversation import HistoryMessage
+from .errors import ConfigurationError, LayercodeError
 from .events import MessagePayload, SessionStartPayload
 
+if TYPE_CHECKING:
+    from .config import Settings
+
 __all__ = [
+    "AGENTS",
     "Agent",
+    "AgentNotFoundError",
     "Data",
     "Hangup",
     "Reply",
@@ -36,6 +43,11 @@ __all__ = [
     "TurnContext",
     "TurnEvent",
     "bind_agent",
+    "echo_agent",
+    "get_agent",
+    "list_agents",
+    "openai_agent",
+    "register_agent",
 ]
 
 #: The two events that open a turn and are answered with a stream.
@@ -140,3 +152,137 @@ def bind_agent(agent: Agent) -> Callable[[TurnEvent, TurnContext], Any]:
     if positional >= 2:
         return agent
     return lambda event, context: agent(event)
+
+
+# -- built-in agents and the registry ------------------------------------------------------------
+
+ECHO_GREETING = "Hello! I'm the echo agent. Say something and I'll say it back."
+
+
+async def echo_agent(event: TurnEvent, context: TurnContext) -> AsyncIterator[Reply]:
+    """A deterministic agent that needs no key: greets, then repeats what it hears."""
+    if context.is_session_start:
+        yield ECHO_GREETING
+    elif event.text:
+        yield f"You said: {event.text}"
+    else:
+        yield "I didn't catch that."
+
+
+def _echo_factory(settings: Settings | None) -> Agent:
+    return echo_agent
+
+
+def openai_agent(
+    *,
+    api_key: str,
+    model: str = "gpt-5-nano",
+    system_prompt: str = "You are a helpful voice assistant. Answer in short spoken sentences.",
+    base_url: str | None = None,
+) -> Agent:
+    """An agent that streams OpenAI chat completions (extra ``openai``).
+
+    The conversation's history is sent as context; every text delta is spoken as it
+    arrives. Raises :class:`ConfigurationError` at once when the SDK is not installed or
+    the key is empty, so a misconfigured server refuses to start instead of failing turns.
+    """
+    if not api_key:
+        raise ConfigurationError("the openai agent needs OPENAI_API_KEY")
+    try:
+        import openai
+    except ImportError:
+        raise ConfigurationError(
+            "the openai agent needs the OpenAI SDK: pip install 'layercode-asgi[openai]'"
+        ) from None
+    client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url)
+    completions: Any = client.chat.completions  # the SDK's overloads are not worth mirroring
+
+    async def agent(event: TurnEvent, context: TurnContext) -> AsyncIterator[Reply]:
+        messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt}]
+        messages.extend({"role": m.role, "content": m.text} for m in context.history)
+        if event.text:
+            messages.append({"role": "user", "content": event.text})
+        elif context.is_session_start:
+            messages.append({"role": "user", "content": "(The caller joined. Greet them.)"})
+        stream = await completions.create(model=model, messages=messages, stream=True)
+        async for chunk in stream:
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    yield choice.delta.content
+
+    agent.__name__ = agent.__qualname__ = "openai_agent"
+    return agent
+
+
+def _openai_factory(settings: Settings | None) -> Agent:
+    if settings is None:
+        from .config import Settings
+
+        settings = Settings()
+    model = settings.default_model
+    provider, _, name = model.partition(":")
+    if not name:
+        provider, name = "openai", model
+    if provider != "openai":
+        raise ConfigurationError(
+            f"DEFAULT_MODEL {model!r}: the openai agent serves 'openai:<model>' models only"
+        )
+    return openai_agent(api_key=settings.openai_api_key or "", model=name)
+
+
+AgentFactory: TypeAlias = Callable[["Settings | None"], Agent]
+
+#: Agents known by name: ``name -> factory(settings)``. Extend with :func:`register_agent`.
+AGENTS: dict[str, AgentFactory] = {"echo": _echo_factory, "openai": _openai_factory}
+
+
+class AgentNotFoundError(LayercodeError, LookupError):
+    """No agent has that name; the message lists the names there are."""
+
+    def __init__(self, name: str, available: Sequence[str]) -> None:
+        self.name = name
+        self.available = tuple(available)
+        super().__init__(
+            f"no agent named {name!r}; available: {', '.join(self.available)} "
+            "(or a 'package.module:attribute' import path)"
+        )
+
+
+def register_agent(name: str, factory: AgentFactory) -> None:
+    """Make ``get_agent(name)`` build an agent with ``factory(settings)``."""
+    AGENTS[name] = factory
+
+
+def list_agents() -> list[str]:
+    """The names :func:`get_agent` knows, sorted."""
+    return sorted(AGENTS)
+
+
+def get_agent(name: str, settings: Settings | None = None) -> Agent:
+    """Build the agent called ``name`` (``"echo"``, ``"openai"``, …).
+
+    ``name`` may also be an import path ``"package.module:attribute"``: the attribute is
+    the agent itself (an async callable). Unknown names raise :class:`AgentNotFoundError`;
+    an agent that cannot run with these settings (a missing key) raises
+    :class:`ConfigurationError`.
+    """
+    factory = AGENTS.get(name)
+    if factory is not None:
+        return factory(settings)
+    if ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            target: Any = importlib.import_module(module_name)
+            for part in attribute.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError) as exc:
+            raise AgentNotFoundError(name, list_agents()) from exc
+        if not callable(target):
+            raise ConfigurationError(f"{name} is not callable, so it cannot be an agent")
+        return target  # type: ignore[no-any-return]
+    raise AgentNotFoundError(name, list_agents())
+
+
+def agent_name(agent: Agent) -> str:
+    """A readable name for ``agent`` (for /ready and logs)."""
+    return str(getattr(agent, "__name__", None) or type(agent).__name__)

@@ -1,14 +1,65 @@
-"""Conversation history: what was said in a conversation, oldest first."""
+"""Conversation history: what was said in a conversation, oldest first.
+
+:class:`ConversationManager` is the application-facing API (``add_message``, ``add_turn``,
+``get_history``, ``clear``, ``lock``). It delegates storage to a :class:`ConversationStore`:
+
+* :class:`MemoryConversationStore` (default): one process, bounded in messages per
+  conversation and in number of conversations (least recently used dropped first).
+* :class:`RedisConversationStore`: shared by every worker process and machine; history is a
+  Redis list with a TTL, and :meth:`~RedisConversationStore.lock` is a cross-process lock.
+  Needs the ``redis`` extra: ``pip install 'layercode-asgi[redis]'``.
+
+A store that cannot reach its backing service raises :class:`StoreUnavailableError` promptly
+instead of hanging; a lock that cannot be acquired in time raises
+:class:`ConversationLockTimeout`.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import enum
+import logging
+import math
+import secrets
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, runtime_checkable
 
+import anyio
 import msgspec
 
-__all__ = ["HistoryMessage", "Role"]
+from .errors import ConfigurationError, LayercodeError
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+__all__ = [
+    "DEFAULT_LOCK_TIMEOUT",
+    "ConversationLockTimeout",
+    "ConversationManager",
+    "ConversationStore",
+    "HistoryMessage",
+    "MemoryConversationStore",
+    "RedisConversationStore",
+    "Role",
+    "StoreError",
+    "StoreUnavailableError",
+]
+
+logger = logging.getLogger("layercode_asgi.conversation")
 
 Role = Literal["user", "assistant"]
+
+_ROLES: Final = ("user", "assistant")
+
+#: Default wait for a conversation lock, in seconds.
+DEFAULT_LOCK_TIMEOUT: Final = 30.0
+
+#: Longest accepted conversation id (LayerCode's are ~30 characters).
+MAX_CONVERSATION_ID_LENGTH: Final = 512
+
+T = TypeVar("T")
 
 
 class HistoryMessage(msgspec.Struct, frozen=True, kw_only=True):
@@ -17,3 +68,669 @@ class HistoryMessage(msgspec.Struct, frozen=True, kw_only=True):
     role: Role
     text: str
     turn_id: str | None = None
+
+
+class StoreError(LayercodeError):
+    """The conversation store failed (the backing service answered with an error)."""
+
+
+class StoreUnavailableError(StoreError):
+    """The conversation store's backing service (Redis) cannot be reached right now."""
+
+
+class ConversationLockTimeout(LayercodeError, TimeoutError):
+    """A conversation lock could not be acquired within the timeout."""
+
+    def __init__(self, conversation_id: str, timeout: float) -> None:
+        self.conversation_id = conversation_id
+        self.timeout = timeout
+        super().__init__(
+            f"could not lock conversation {conversation_id!r} within {timeout:g} s "
+            "(another turn of this conversation is still running)"
+        )
+
+
+class _DefaultTimeout(enum.Enum):
+    """Sentinel type: "use the store's configured lock timeout"."""
+
+    DEFAULT = "default"
+
+
+# Default of ``lock(timeout=...)``: use the store's configured lock timeout.
+_STORE_DEFAULT: Final = _DefaultTimeout.DEFAULT
+
+LockTimeout = float | _DefaultTimeout | None
+
+
+def _check_timeout(timeout: float | None, name: str = "lock timeout") -> None:
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
+        raise ConfigurationError(f"{name} must be a number >= 0 or None, got {timeout!r}")
+
+
+def _check_positive_int(value: int, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"{name} must be an integer > 0, got {value!r}")
+
+
+@runtime_checkable
+class ConversationStore(Protocol):
+    """Where conversation history lives, plus per-conversation mutual exclusion."""
+
+    async def append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
+        """Append ``messages`` to the conversation atomically (all of them or none)."""
+        ...
+
+    async def get(self, conversation_id: str) -> list[HistoryMessage]:
+        """The conversation's messages, oldest first (``[]`` when unknown)."""
+        ...
+
+    async def clear(self, conversation_id: str) -> None:
+        """Forget the conversation's history."""
+        ...
+
+    def lock(
+        self, conversation_id: str, *, timeout: float | None = ...
+    ) -> AbstractAsyncContextManager[None]:
+        """Hold the conversation exclusively; ``timeout=None`` waits forever.
+
+        Raises :class:`ConversationLockTimeout` when the wait exceeds ``timeout`` seconds.
+        """
+        ...
+
+    async def ping(self) -> None:
+        """Return if the store is usable, else raise :class:`StoreUnavailableError`."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the store's resources (connections)."""
+        ...
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+
+class _LockEntry:
+    """A binary semaphore and the number of tasks holding or waiting for it.
+
+    A semaphore rather than ``anyio.Lock``: like the Redis lock, it is not re-entrant and
+    not tied to a task, so a nested ``lock()`` of the same conversation waits (and times
+    out) instead of raising.
+    """
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = anyio.Semaphore(1)
+        self.users = 0
+
+
+class MemoryConversationStore:
+    """In-process history store, bounded in both dimensions.
+
+    Args:
+        max_conversations: conversations kept; the least recently used (read or written)
+            is dropped when a new one would exceed it.
+        max_messages: messages kept per conversation; the oldest are dropped.
+        lock_timeout: default wait for :meth:`lock`, in seconds (``None`` = forever).
+
+    Locks exist only while some task holds or waits for them, so the lock table never
+    outgrows the number of concurrent turns.
+    """
+
+    def __init__(
+        self,
+        max_conversations: int = 10000,
+        max_messages: int = 200,
+        *,
+        lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+    ) -> None:
+        _check_positive_int(max_conversations, "max_conversations")
+        _check_positive_int(max_messages, "max_messages")
+        _check_timeout(lock_timeout)
+        self.max_conversations = max_conversations
+        self.max_messages = max_messages
+        self.lock_timeout = lock_timeout
+        self._histories: OrderedDict[str, deque[HistoryMessage]] = OrderedDict()
+        self._locks: dict[str, _LockEntry] = {}
+
+    def __len__(self) -> int:
+        """Number of conversations currently stored."""
+        return len(self._histories)
+
+    async def append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
+        """Append ``messages`` (atomic: no ``await`` between the individual appends)."""
+        if not messages:
+            return
+        history = self._histories.get(conversation_id)
+        if history is None:
+            history = self._histories[conversation_id] = deque(maxlen=self.max_messages)
+            while len(self._histories) > self.max_conversations:
+                self._histories.popitem(last=False)
+        else:
+            self._histories.move_to_end(conversation_id)
+        history.extend(messages)
+
+    async def get(self, conversation_id: str) -> list[HistoryMessage]:
+        """The conversation's messages, oldest first; marks it recently used."""
+        history = self._histories.get(conversation_id)
+        if history is None:
+            return []
+        self._histories.move_to_end(conversation_id)
+        return list(history)
+
+    async def clear(self, conversation_id: str) -> None:
+        """Forget the conversation."""
+        self._histories.pop(conversation_id, None)
+
+    @asynccontextmanager
+    async def lock(
+        self,
+        conversation_id: str,
+        *,
+        timeout: float | _DefaultTimeout | None = _STORE_DEFAULT,  # noqa: ASYNC109 - bounds the wait only
+    ) -> AsyncIterator[None]:
+        """Hold the conversation exclusively within this process."""
+        wait = self.lock_timeout if timeout is _STORE_DEFAULT else timeout
+        assert not isinstance(wait, _DefaultTimeout)
+        _check_timeout(wait)
+        entry = self._locks.get(conversation_id)
+        if entry is None:
+            entry = self._locks[conversation_id] = _LockEntry()
+        entry.users += 1
+        try:
+            acquired = False
+            try:
+                entry.lock.acquire_nowait()
+                acquired = True
+            except anyio.WouldBlock:
+                with anyio.move_on_after(math.inf if wait is None else wait):
+                    await entry.lock.acquire()
+                    acquired = True
+            if not acquired:
+                raise ConversationLockTimeout(conversation_id, wait or 0.0)
+            try:
+                yield
+            finally:
+                entry.lock.release()
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[conversation_id]
+
+    async def ping(self) -> None:
+        """Always usable."""
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+
+# -- redis -----------------------------------------------------------------------------------
+
+# KEYS[1] = lock key, ARGV[1] = our token. Delete only if the lock is still ours.
+_RELEASE_LUA: Final = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+# KEYS[1] = lock key, ARGV[1] = our token, ARGV[2] = new TTL in ms. Extend only if ours.
+_EXTEND_LUA: Final = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_HISTORY_ENCODER: Final = msgspec.json.Encoder()
+_HISTORY_DECODER: Final = msgspec.json.Decoder(HistoryMessage)
+
+
+def _import_redis() -> Any:
+    try:
+        import redis.asyncio as redis_asyncio
+    except ImportError as exc:
+        raise ConfigurationError(
+            "RedisConversationStore needs the redis package: pip install 'layercode-asgi[redis]'"
+        ) from exc
+    return redis_asyncio
+
+
+def _describe_url(url: str) -> str:
+    from .config import _mask_url  # avoid a module cycle at import time
+
+    return _mask_url(url)
+
+
+class RedisConversationStore:
+    """History and locks in Redis, shared by every process (``redis.asyncio``).
+
+    Args:
+        url_or_client: a ``redis://``, ``rediss://`` or ``unix://`` URL, or an existing
+            ``redis.asyncio.Redis`` client (then not closed by :meth:`aclose`; give it
+            ``socket_timeout`` / ``socket_connect_timeout`` so it fails fast).
+        ttl: seconds a conversation's history lives after its last append (``None`` or ``0``:
+            forever).
+        max_messages: messages kept per conversation (``LTRIM``).
+        key_prefix: prefix of every key (``<prefix>history:<id>``, ``<prefix>lock:<id>``).
+        lock_timeout: default wait for :meth:`lock`, in seconds (``None`` = forever).
+        lock_ttl: lifetime of a lock key, in seconds; a holder extends it every
+            ``lock_ttl / 3`` so long turns keep the lock, and a crashed holder's lock frees
+            itself after at most ``lock_ttl``.
+        socket_timeout, socket_connect_timeout: for clients created from a URL.
+        operation_timeout: hard limit on any single Redis operation, in seconds.
+
+    Connection failures raise :class:`StoreUnavailableError` within about
+    ``operation_timeout``; once Redis is back, the same store works again.
+    """
+
+    def __init__(
+        self,
+        url_or_client: Any,
+        *,
+        ttl: int | None = 86400,
+        max_messages: int = 200,
+        key_prefix: str = "layercode:",
+        lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+        lock_ttl: float = 10.0,
+        socket_timeout: float = 2.0,
+        socket_connect_timeout: float = 1.0,
+        operation_timeout: float = 5.0,
+    ) -> None:
+        redis_asyncio = _import_redis()
+        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0):
+            raise ConfigurationError(f"ttl must be an integer >= 0 or None, got {ttl!r}")
+        _check_positive_int(max_messages, "max_messages")
+        _check_timeout(lock_timeout)
+        for name, value in (
+            ("lock_ttl", lock_ttl),
+            ("socket_timeout", socket_timeout),
+            ("socket_connect_timeout", socket_connect_timeout),
+            ("operation_timeout", operation_timeout),
+        ):
+            if not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise ConfigurationError(f"{name} must be a number > 0, got {value!r}")
+        self.ttl = ttl or None
+        self.max_messages = max_messages
+        self.key_prefix = key_prefix
+        self.lock_timeout = lock_timeout
+        self.lock_ttl = float(lock_ttl)
+        self.operation_timeout = float(operation_timeout)
+        from redis import exceptions
+
+        if isinstance(url_or_client, str):
+            from redis.asyncio.retry import Retry
+            from redis.backoff import ExponentialBackoff
+
+            try:
+                self._client: Any = redis_asyncio.Redis.from_url(
+                    url_or_client,
+                    socket_timeout=socket_timeout,
+                    socket_connect_timeout=socket_connect_timeout,
+                    # One quick retry on connection errors recovers a pooled connection
+                    # broken by a Redis restart; retrying timeouts (or more often) would
+                    # only delay the failure report.
+                    retry=Retry(
+                        ExponentialBackoff(cap=0.05, base=0.01),
+                        1,
+                        supported_errors=(exceptions.ConnectionError,),
+                    ),
+                )
+            except ValueError as exc:
+                raise ConfigurationError(
+                    f"invalid Redis URL {_describe_url(url_or_client)!r}: {exc}"
+                ) from exc
+            self._owns_client = True
+            self._where = _describe_url(url_or_client)
+        else:
+            self._client = url_or_client
+            self._owns_client = False
+            kwargs = getattr(
+                getattr(url_or_client, "connection_pool", None), "connection_kwargs", {}
+            )
+            if kwargs.get("path"):
+                self._where = f"unix://{kwargs['path']}"
+            else:
+                self._where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+        self._release_script = self._client.register_script(_RELEASE_LUA)
+        self._extend_script = self._client.register_script(_EXTEND_LUA)
+        self._unavailable_errors: tuple[type[BaseException], ...] = (
+            exceptions.ConnectionError,
+            exceptions.TimeoutError,
+            OSError,
+            TimeoutError,
+        )
+        self._redis_error: type[BaseException] = exceptions.RedisError
+
+    def history_key(self, conversation_id: str) -> str:
+        """The Redis key of a conversation's history list."""
+        return f"{self.key_prefix}history:{conversation_id}"
+
+    def lock_key(self, conversation_id: str) -> str:
+        """The Redis key of a conversation's lock."""
+        return f"{self.key_prefix}lock:{conversation_id}"
+
+    async def _call(self, operation: str, awaitable: Awaitable[T]) -> T:
+        """Await one Redis operation under ``operation_timeout``, mapping its failures."""
+        try:
+            with anyio.fail_after(self.operation_timeout):
+                return await awaitable
+        except self._unavailable_errors as exc:
+            raise StoreUnavailableError(
+                f"Redis at {self._where} is unavailable ({operation}): {type(exc).__name__}: {exc}"
+            ) from exc
+        except self._redis_error as exc:
+            raise StoreError(f"Redis at {self._where} failed ({operation}): {exc}") from exc
+
+    async def append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
+        """``RPUSH`` + ``LTRIM`` + ``EXPIRE`` in one ``MULTI`` transaction."""
+        if not messages:
+            return
+        key = self.history_key(conversation_id)
+        payload = [_HISTORY_ENCODER.encode(message) for message in messages]
+
+        async def transaction() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.rpush(key, *payload)
+                pipe.ltrim(key, -self.max_messages, -1)
+                if self.ttl:
+                    pipe.expire(key, self.ttl)
+                await pipe.execute()
+
+        await self._call("append", transaction())
+
+    async def get(self, conversation_id: str) -> list[HistoryMessage]:
+        """The conversation's messages, oldest first; undecodable entries are skipped."""
+        raw: list[bytes | str] = await self._call(
+            "get", self._client.lrange(self.history_key(conversation_id), 0, -1)
+        )
+        messages: list[HistoryMessage] = []
+        for item in raw:
+            try:
+                messages.append(_HISTORY_DECODER.decode(item))
+            except msgspec.DecodeError:
+                logger.warning(
+                    "skipping an undecodable history entry of conversation %r", conversation_id
+                )
+        return messages
+
+    async def clear(self, conversation_id: str) -> None:
+        """Delete the conversation's history key."""
+        await self._call("clear", self._client.delete(self.history_key(conversation_id)))
+
+    @asynccontextmanager
+    async def lock(
+        self,
+        conversation_id: str,
+        *,
+        timeout: float | _DefaultTimeout | None = _STORE_DEFAULT,  # noqa: ASYNC109 - bounds the wait only
+    ) -> AsyncIterator[None]:
+        """Hold the conversation exclusively across every process using this Redis.
+
+        Acquired with ``SET key token NX PX lock_ttl``, polling (2 ms doubling to 50 ms)
+        until ``timeout``; kept alive by a background task while held; released with a
+        compare-and-delete script, even when the holder is cancelled.
+        """
+        wait = self.lock_timeout if timeout is _STORE_DEFAULT else timeout
+        assert not isinstance(wait, _DefaultTimeout)
+        _check_timeout(wait)
+        key = self.lock_key(conversation_id)
+        token = secrets.token_hex(16)
+        ttl_ms = max(1, round(self.lock_ttl * 1000))
+        try:
+            await self._acquire(conversation_id, key, token, ttl_ms, wait)
+        except ConversationLockTimeout:
+            raise
+        except BaseException:
+            # A SET cancelled or timed out in flight may still have succeeded: undo it, but
+            # briefly (Redis is likely down, and the key expires by itself).
+            await self._release(key, token, limit=1.0)
+            raise
+        error: BaseException | None = None
+        try:
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._keep_alive, conversation_id, key, token, ttl_ms)
+                    try:
+                        yield
+                    finally:
+                        tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The keep-alive task never raises, so this is the holder's own exception,
+                # wrapped by the task group: re-raise it unchanged, as if no group existed.
+                if len(group.exceptions) != 1:
+                    raise
+                error = group.exceptions[0]
+            if error is not None:
+                raise error
+        finally:
+            await self._release(key, token)
+
+    async def _acquire(
+        self, conversation_id: str, key: str, token: str, ttl_ms: int, wait: float | None
+    ) -> None:
+        deadline = math.inf if wait is None else anyio.current_time() + wait
+        delay = 0.002
+        while True:
+            if await self._call("lock", self._client.set(key, token, nx=True, px=ttl_ms)):
+                return
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                raise ConversationLockTimeout(conversation_id, wait or 0.0)
+            await anyio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+
+    async def _keep_alive(self, conversation_id: str, key: str, token: str, ttl_ms: int) -> None:
+        """Extend the lock every ``lock_ttl / 3``; never raises (it would cancel the holder)."""
+        interval = self.lock_ttl / 3
+        while True:
+            await anyio.sleep(interval)
+            try:
+                with anyio.fail_after(max(interval, 0.05)):
+                    extended = await self._extend_script(keys=[key], args=[token, ttl_ms])
+            except Exception as exc:  # the holder must not be interrupted
+                logger.warning(
+                    "could not extend the lock of conversation %r: %s: %s",
+                    conversation_id,
+                    type(exc).__name__,
+                    exc,
+                )
+                continue
+            if not extended:
+                logger.warning(
+                    "lost the lock of conversation %r (it expired); another turn may run "
+                    "concurrently; consider a larger lock_ttl",
+                    conversation_id,
+                )
+                return
+
+    async def _release(self, key: str, token: str, *, limit: float = math.inf) -> None:
+        """Compare-and-delete, shielded from cancellation, bounded in time, never raising.
+
+        Never waits longer than ``lock_ttl``: by then the key has expired anyway.
+        """
+        limit = min(self.operation_timeout, self.lock_ttl, limit)
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.fail_after(limit):
+                    await self._release_script(keys=[key], args=[token])
+            except Exception as exc:  # the lock expires by itself anyway
+                logger.warning(
+                    "could not release Redis lock %r (it will expire in %g s): %s: %s",
+                    key,
+                    self.lock_ttl,
+                    type(exc).__name__,
+                    exc,
+                )
+
+    async def ping(self) -> None:
+        """``PING`` Redis; raise :class:`StoreUnavailableError` if it does not answer."""
+        try:
+            await self._call("ping", self._client.ping())
+        except StoreUnavailableError:
+            raise
+        except StoreError as exc:  # answered, but not as a usable Redis
+            raise StoreUnavailableError(str(exc)) from exc.__cause__
+
+    async def aclose(self) -> None:
+        """Close the client (only if this store created it)."""
+        if self._owns_client:
+            await self._client.aclose()
+
+
+# -- manager ---------------------------------------------------------------------------------
+
+
+def _check_conversation_id(conversation_id: str) -> None:
+    if not isinstance(conversation_id, str):
+        raise TypeError(f"conversation_id must be a str, got {type(conversation_id).__name__}")
+    if not conversation_id:
+        raise ValueError("conversation_id must not be empty")
+    if len(conversation_id) > MAX_CONVERSATION_ID_LENGTH:
+        raise ValueError(f"conversation_id is longer than {MAX_CONVERSATION_ID_LENGTH} characters")
+
+
+def _to_message(message: HistoryMessage | Mapping[str, Any]) -> HistoryMessage:
+    role: object
+    text: object
+    turn_id: object
+    if isinstance(message, HistoryMessage):
+        role, text, turn_id = message.role, message.text, message.turn_id
+    elif isinstance(message, Mapping):
+        role, text, turn_id = message.get("role"), message.get("text"), message.get("turn_id")
+    else:
+        raise TypeError(
+            f"message must be a HistoryMessage or a mapping, got {type(message).__name__}"
+        )
+    if role not in _ROLES:
+        raise ValueError(f"message role must be 'user' or 'assistant', got {role!r}")
+    if not isinstance(text, str):
+        raise ValueError(f"message text must be a string, got {type(text).__name__}")
+    if turn_id is not None and not isinstance(turn_id, str):
+        raise ValueError(f"message turn_id must be a string or None, got {turn_id!r}")
+    if isinstance(message, HistoryMessage):
+        return message
+    return HistoryMessage(
+        role="user" if role == "user" else "assistant", text=text, turn_id=turn_id
+    )
+
+
+class ConversationManager:
+    """Conversation history for agents: ``add_message`` / ``add_turn`` / ``get_history``.
+
+    Args:
+        store: where history lives; default a new :class:`MemoryConversationStore`.
+
+    Use it as ``async with ConversationManager(...) as history:`` to close the store at the
+    end, or call :meth:`aclose`.
+    """
+
+    def __init__(self, store: ConversationStore | None = None) -> None:
+        self.store: ConversationStore = MemoryConversationStore() if store is None else store
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConversationManager:
+        """Redis when ``settings.redis_url`` is set, else memory; caps and TTL from settings.
+
+        The lock wait defaults to ``settings.turn_timeout``: the turn holding the lock ends
+        within that time.
+        """
+        store: ConversationStore
+        if settings.redis_url:
+            store = RedisConversationStore(
+                settings.redis_url,
+                ttl=settings.history_ttl or None,
+                max_messages=settings.history_max_messages,
+                lock_timeout=settings.turn_timeout,
+            )
+        else:
+            store = MemoryConversationStore(
+                max_conversations=settings.history_max_conversations,
+                max_messages=settings.history_max_messages,
+                lock_timeout=settings.turn_timeout,
+            )
+        return cls(store)
+
+    async def add_message(
+        self, conversation_id: str, message: HistoryMessage | Mapping[str, Any]
+    ) -> None:
+        """Append one message: a :class:`HistoryMessage` or ``{"role": ..., "text": ...}``.
+
+        Raises:
+            ValueError: when the role is not ``"user"`` / ``"assistant"`` or text is missing.
+        """
+        _check_conversation_id(conversation_id)
+        await self.store.append(conversation_id, [_to_message(message)])
+
+    async def add_messages(
+        self, conversation_id: str, messages: Iterable[HistoryMessage | Mapping[str, Any]]
+    ) -> None:
+        """Append several messages atomically."""
+        _check_conversation_id(conversation_id)
+        converted = [_to_message(message) for message in messages]
+        if converted:
+            await self.store.append(conversation_id, converted)
+
+    async def add_turn(
+        self,
+        conversation_id: str,
+        user_text: str | None,
+        assistant_text: str | None,
+        *,
+        turn_id: str | None = None,
+    ) -> None:
+        """Append a turn's user and assistant messages together, skipping empty ones."""
+        _check_conversation_id(conversation_id)
+        turn: tuple[tuple[Role, str | None], ...] = (
+            ("user", user_text),
+            ("assistant", assistant_text),
+        )
+        messages = [
+            HistoryMessage(role=role, text=text, turn_id=turn_id)
+            for role, text in turn
+            if text is not None and text.strip()
+        ]
+        if messages:
+            await self.store.append(conversation_id, messages)
+
+    async def get_history(self, conversation_id: str) -> list[HistoryMessage]:
+        """The conversation's messages, oldest first (``[]`` for an unknown conversation)."""
+        _check_conversation_id(conversation_id)
+        return await self.store.get(conversation_id)
+
+    async def clear(self, conversation_id: str) -> None:
+        """Forget the conversation's history."""
+        _check_conversation_id(conversation_id)
+        await self.store.clear(conversation_id)
+
+    def lock(
+        self, conversation_id: str, *, timeout: LockTimeout = _STORE_DEFAULT
+    ) -> AbstractAsyncContextManager[None]:
+        """Hold the conversation exclusively (one turn at a time).
+
+        ``timeout`` in seconds (``None`` waits forever; default: the store's). Raises
+        :class:`ConversationLockTimeout` when the wait is exceeded.
+        """
+        _check_conversation_id(conversation_id)
+        if isinstance(timeout, _DefaultTimeout):
+            return self.store.lock(conversation_id)
+        return self.store.lock(conversation_id, timeout=timeout)
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailableError` if the store cannot be used (for ``/ready``)."""
+        await self.store.ping()
+
+    async def aclose(self) -> None:
+        """Close the store."""
+        await self.store.aclose()
+
+    async def __aenter__(self) -> ConversationManager:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

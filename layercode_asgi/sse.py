@@ -220,7 +220,7 @@ class EventStreamResponse(Response):
         if not self.disconnected:
             try:
                 if failure is not None and not self.started:
-                    await _send_error(send, failure)
+                    self.status_code = await _send_error(send, failure)
                 else:
                     if failure is not None:
                         logger.error("event stream producer failed", exc_info=failure)
@@ -242,7 +242,7 @@ class EventStreamResponse(Response):
                 return
 
 
-async def _send_error(send: Send, failure: Exception) -> None:
+async def _send_error(send: Send, failure: Exception) -> int:
     if isinstance(failure, ResponseError):
         status, message = failure.status_code, failure.message
     else:
@@ -260,3 +260,4 @@ async def _send_error(send: Send, failure: Exception) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})
+    return status

@@ -50,6 +50,7 @@ from .events import (
     WebhookPayload,
     parse_webhook_payload,
 )
+from .logs import log_webhook
 from .middleware import DEFAULT_MAX_BODY_SIZE, BodyTooLarge, read_body
 from .sse import EventStreamResponse
 from .turns import Turn
@@ -172,40 +173,54 @@ class LayercodeWebhook:
             else:
                 if body is None:
                     return  # the client left before sending its body
-                response = await self.respond(body)
+                started = time.perf_counter()
+                response, event = await self._respond(body)
+                try:
+                    await response(scope, receive, send)
+                finally:
+                    log_webhook(
+                        None if event is None else str(event.type),
+                        None if event is None else event.conversation_id,
+                        getattr(event, "turn_id", None),
+                        response.status_code,
+                        time.perf_counter() - started,
+                    )
+                return
         await response(scope, receive, send)
 
     # -- framework-neutral entry point -------------------------------------------------------
 
     async def respond(self, body: bytes | str | Mapping[str, Any]) -> Response:
         """Return the response to a webhook whose (verified) body is ``body``."""
-        started = time.perf_counter()
+        response, _ = await self._respond(body)
+        return response
+
+    async def _respond(
+        self, body: bytes | str | Mapping[str, Any]
+    ) -> tuple[Response, WebhookPayload | None]:
         try:
             event = parse_webhook_payload(body)
         except UnknownEventError as exc:
             logger.warning("ignoring webhook of unknown type %r", exc.event_type)
-            return Response(_IGNORED, media_type="application/json")
+            return Response(_IGNORED, media_type="application/json"), None
         except InvalidPayloadError as exc:
             logger.info("rejected malformed webhook: %s", exc)
-            return _json(400, {"error": str(exc), "path": exc.path})
+            return _json(400, {"error": str(exc), "path": exc.path}), None
 
         if isinstance(event, SessionStartPayload | MessagePayload):
-            return self.turn_response(event)
+            return self.turn_response(event), event
         try:
-            return await self._answer_json(event)
+            return await self._answer_json(event), event
+        except ResponseError as exc:
+            return _json(exc.status_code, {"error": exc.message}), event
         except LayercodeError as exc:
-            if isinstance(exc, ResponseError):
-                return _json(exc.status_code, {"error": exc.message})
             logger.error("webhook %s failed: %s", _kind(event), exc)
-            return _json(503, {"error": str(exc)})
+            return _json(503, {"error": str(exc)}), event
         except Exception:
             logger.exception(
-                "webhook hook failed for %s (conversation=%s) after %.1f ms",
-                _kind(event),
-                event.conversation_id,
-                (time.perf_counter() - started) * 1000,
+                "webhook hook failed for %s (conversation=%s)", _kind(event), event.conversation_id
             )
-            return _json(500, {"error": f"{_kind(event)} handler failed"})
+            return _json(500, {"error": f"{_kind(event)} handler failed"}), event
 
     def turn_response(self, event: TurnEvent) -> EventStreamResponse:
         """The SSE response of one turn, with history and the conversation lock if any."""
@@ -217,24 +232,30 @@ class LayercodeWebhook:
 
         async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
             cid = event.conversation_id
+            acquired = False
             try:
-                lock = conversations.lock(cid, timeout=self.lock_timeout)
-                await lock.__aenter__()
+                async with conversations.lock(cid, timeout=self.lock_timeout):
+                    acquired = True
+                    try:
+                        history = await conversations.get_history(cid)
+                    except LayercodeError as exc:
+                        raise ResponseError(
+                            503, f"conversation history unavailable: {exc}"
+                        ) from exc
+                    turn = self._turn(event, history)
+                    try:
+                        await turn.run(emit)
+                    finally:
+                        await self._record(conversations, event, turn)
             except LayercodeError as exc:
+                if acquired or isinstance(exc, ResponseError):
+                    raise
                 raise ResponseError(503, f"conversation unavailable: {exc}") from exc
-            try:
-                try:
-                    history = await conversations.get_history(cid)
-                except LayercodeError as exc:
-                    raise ResponseError(503, f"conversation history unavailable: {exc}") from exc
-                turn = self._turn(event, history)
-                try:
-                    await turn.run(emit)
-                finally:
-                    await self._record(conversations, event, turn)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await lock.__aexit__(None, None, None)
+            except ValueError as exc:
+                if acquired:
+                    raise
+                # an id the store refuses (empty, too long)
+                raise ResponseError(400, f"invalid conversation_id: {exc}") from exc
 
         return EventStreamResponse(produce)
 
@@ -294,7 +315,10 @@ class LayercodeWebhook:
         if self.on_session_end is not None:
             await _maybe_await(self.on_session_end(event))
         if self.conversations is not None and not self.keep_history:
-            await self.conversations.clear(event.conversation_id)
+            try:
+                await self.conversations.clear(event.conversation_id)
+            except ValueError as exc:
+                raise ResponseError(400, f"invalid conversation_id: {exc}") from exc
         return Response(_OK, media_type="application/json")
 
 

@@ -1,0 +1,604 @@
+"""``Settings``: the application's configuration, read from the environment and a ``.env`` file.
+
+::
+
+    settings = Settings()                                  # environment + ./.env
+    settings = Settings(layercode_webhook_secret="whsec")  # keyword arguments win
+    settings = Settings(env_file=None, environ={...})      # fully explicit (tests)
+
+Precedence, highest first: keyword arguments, real environment variables, the ``.env`` file,
+defaults. An empty value (``FOO=``) in the environment or the ``.env`` file means "use the
+default" (``None`` for optional settings). Every setting is described once, in
+:data:`SETTINGS_FIELDS` (attribute name, environment variable, type, default, description);
+that table drives parsing, masking and :func:`settings_table_markdown`.
+
+All problems are collected and reported together in one :class:`SettingsError` (a
+:class:`~layercode_asgi.errors.ConfigurationError`), each line naming the variable::
+
+    LAYERCODE_TURN_TIMEOUT: expected a number > 0, got 'abc'
+
+A ``Settings`` object is immutable; use :meth:`Settings.replace` to derive a modified copy.
+Its ``repr`` never shows secrets.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigurationError
+
+__all__ = [
+    "SETTINGS_FIELDS",
+    "SettingField",
+    "Settings",
+    "SettingsError",
+    "parse_env_file",
+    "settings_table_markdown",
+]
+
+
+class SettingsError(ConfigurationError):
+    """One or more settings are invalid; ``problems`` lists each one (``"VAR: what"``)."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems: tuple[str, ...] = tuple(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            lines = "\n".join(f"  - {problem}" for problem in self.problems)
+            message = f"{len(self.problems)} invalid settings:\n{lines}"
+        super().__init__(message)
+
+
+class _Invalid(Exception):
+    """Raised by a converter: what was expected, and the offending value (if any)."""
+
+    def __init__(self, message: str, value: object = None, *, has_value: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.value = value
+        self.has_value = has_value
+
+    def describe(self, *, secret: bool = False) -> str:
+        """The problem, quoting the value unless it is secret."""
+        if not self.has_value:
+            return self.message
+        return f"{self.message}, got {'<hidden>' if secret else repr(self.value)}"
+
+
+def _fail(expected: str, value: object) -> NoReturn:
+    raise _Invalid(f"expected {expected}", value, has_value=True)
+
+
+# -- converters: each accepts a string (from the environment) or a native value (kwargs) -----
+
+
+def _optional_str(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        _fail("a string", value)
+    value = value.strip()
+    return value or None
+
+
+def _non_empty_str(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        _fail("a non-empty string", value)
+    return value.strip()
+
+
+def _float_gt0(value: object) -> float:
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            _fail("a number > 0", value)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        _fail("a number > 0", value)
+    if not math.isfinite(number) or number <= 0:
+        _fail("a number > 0", value)
+    return number
+
+
+def _int_converter(minimum: int) -> Callable[[object], int]:
+    expected = f"an integer > {minimum - 1}" if minimum > 0 else f"an integer >= {minimum}"
+
+    def convert(value: object) -> int:
+        if isinstance(value, str):
+            text = value.strip()
+            if not re.fullmatch(r"[+-]?[0-9][0-9_]*", text):
+                _fail(expected, value)
+            number = int(text)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            _fail(expected, value)
+        if number < minimum:
+            _fail(expected, value)
+        return number
+
+    return convert
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    _fail("a boolean (1/0, true/false, yes/no, on/off)", value)
+
+
+def _str_list(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items: Iterable[object] = value.split(",")
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = value
+    else:
+        _fail("a comma-separated string or a list of strings", value)
+    result: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            _fail("a list of strings", value)
+        item = item.strip()
+        if item:
+            result.append(item)
+    return tuple(result)
+
+
+def _http_url(value: object) -> str:
+    text = _non_empty_str(value) if isinstance(value, str) else _fail("an http(s) URL", value)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        _fail("an http(s) URL", value)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        _fail("an http(s) URL", value)
+    return text.rstrip("/")
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _redis_url(value: object) -> str | None:
+    text = _optional_str(value)
+    if text is None:
+        return None
+    expected = "a redis://, rediss:// or unix:// URL"
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        _fail(expected, _mask_url(text))
+    scheme = parts.scheme.lower()
+    if scheme not in _REDIS_SCHEMES:
+        _fail(expected, _mask_url(text))
+    if scheme == "unix" and not parts.path:
+        _fail("a unix:// URL with a socket path", _mask_url(text))
+    return text
+
+
+def _origin(item: str) -> str:
+    if item == "*":
+        return item
+    candidate = item[:-1] if item.endswith("/") else item
+    try:
+        parts = urlsplit(candidate)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        _fail("'*' or http(s) origins like 'https://app.example.com'", item)
+    if (
+        parts.scheme.lower() not in ("http", "https")
+        or not parts.hostname
+        or parts.path
+        or parts.query
+        or parts.fragment
+        or parts.username is not None
+    ):
+        _fail("'*' or http(s) origins like 'https://app.example.com' (no path)", item)
+    return candidate
+
+
+def _cors_origins(value: object) -> tuple[str, ...]:
+    origins = tuple(_origin(item) for item in _str_list(value))
+    if "*" in origins and len(origins) > 1:
+        raise _Invalid(f"'*' cannot be combined with other origins, got {origins!r}")
+    return origins
+
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: object) -> str:
+    if isinstance(value, str):
+        text = value.strip().upper()
+        text = {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(text, text)
+        if text in _LEVELS:
+            return text
+    _fail("one of " + ", ".join(_LEVELS), value)
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SettingField:
+    """One setting: attribute ``name``, environment variable ``env``, and how to read it."""
+
+    name: str
+    env: str
+    type: str
+    default: Any
+    doc: str
+    secret: bool = False
+    convert: Callable[[object], Any] = field(default=_optional_str, repr=False, compare=False)
+
+
+_F = SettingField
+
+#: Every setting, in documentation order. This table drives parsing and the README table.
+SETTINGS_FIELDS: tuple[SettingField, ...] = (
+    _F("layercode_api_key", "LAYERCODE_API_KEY", "str | None", None,
+       "LayerCode API key, used by the authorize route and REST calls.", secret=True),
+    _F("layercode_webhook_secret", "LAYERCODE_WEBHOOK_SECRET", "str | None", None,
+       "Webhook signing secret; several comma-separated secrets are accepted for rotation.",
+       secret=True),
+    _F("layercode_api_url", "LAYERCODE_API_URL", "http(s) URL", "https://api.layercode.com/v1",
+       "Base URL of LayerCode's REST API (trailing slash removed).", convert=_http_url),
+    _F("redis_url", "REDIS_URL", "redis://, rediss:// or unix:// URL | None", None,
+       "Redis for conversation history and locks; unset keeps history in memory.",
+       convert=_redis_url),
+    _F("default_model", "DEFAULT_MODEL", "str", "openai:gpt-5-nano",
+       "Model used by the built-in LLM agents.", convert=_non_empty_str),
+    _F("openai_api_key", "OPENAI_API_KEY", "str | None", None, "OpenAI API key.", secret=True),
+    _F("google_generativeai_api_key", "GOOGLE_GENERATIVEAI_API_KEY", "str | None", None,
+       "Google Generative AI API key.", secret=True),
+    _F("logfire_token", "LOGFIRE_TOKEN", "str | None", None,
+       "Logfire token; enables Logfire when the logfire package is installed.", secret=True),
+    _F("cors_origins", "LAYERCODE_CORS_ORIGINS", "comma-separated origins", (),
+       "Browser origins allowed to call the server ('*' alone, or http(s) origins).",
+       convert=_cors_origins),
+    _F("authorize_api_keys", "LAYERCODE_AUTHORIZE_API_KEYS", "comma-separated strings", (),
+       "API keys guarding the authorize route (X-Api-Key or Bearer); empty = unguarded.",
+       secret=True, convert=_str_list),
+    _F("turn_timeout", "LAYERCODE_TURN_TIMEOUT", "float > 0 (seconds)", 30.0,
+       "Maximum duration of one agent turn.", convert=_float_gt0),
+    _F("turn_timeout_message", "LAYERCODE_TURN_TIMEOUT_MESSAGE", "str | None", None,
+       "Text spoken when a turn times out; unset = say nothing."),
+    _F("max_body_size", "LAYERCODE_MAX_BODY_SIZE", "int > 0 (bytes)", 1048576,
+       "Largest accepted webhook body.", convert=_int_converter(1)),
+    _F("signature_tolerance", "LAYERCODE_SIGNATURE_TOLERANCE", "int >= 0 (seconds)", 300,
+       "Accepted clock difference for webhook signature timestamps.",
+       convert=_int_converter(0)),
+    _F("replay_protection", "LAYERCODE_REPLAY_PROTECTION", "bool", False,
+       "Reject a webhook signature seen before (within the tolerance window).", convert=_bool),
+    _F("keep_history", "LAYERCODE_KEEP_HISTORY", "bool", False,
+       "Keep conversation history after session.end.", convert=_bool),
+    _F("history_max_messages", "LAYERCODE_HISTORY_MAX_MESSAGES", "int > 0", 200,
+       "Messages kept per conversation (oldest dropped first).", convert=_int_converter(1)),
+    _F("history_max_conversations", "LAYERCODE_HISTORY_MAX_CONVERSATIONS", "int > 0", 10000,
+       "Conversations kept in memory (least recently used dropped first).",
+       convert=_int_converter(1)),
+    _F("history_ttl", "LAYERCODE_HISTORY_TTL", "int >= 0 (seconds)", 86400,
+       "Expiry of a conversation's history in Redis; 0 = never expire.",
+       convert=_int_converter(0)),
+    _F("agent", "LAYERCODE_AGENT", "str", "echo", "Name of the agent to serve.",
+       convert=_non_empty_str),
+    _F("log_level", "LOG_LEVEL", "DEBUG | INFO | WARNING | ERROR | CRITICAL", "INFO",
+       "Log level of the layercode_asgi loggers.", convert=_log_level),
+)  # fmt: skip
+
+_BY_NAME: dict[str, SettingField] = {f.name: f for f in SETTINGS_FIELDS}
+
+
+def settings_table_markdown() -> str:
+    """Render :data:`SETTINGS_FIELDS` as a Markdown table (for the README)."""
+    rows = [
+        "| Variable | Type | Default | Description |",
+        "|---|---|---|---|",
+    ]
+    for spec in SETTINGS_FIELDS:
+        empty = spec.default is None or spec.default == ()
+        default = "—" if empty else f"`{spec.default}`"
+        cells = (f"`{spec.env}`", spec.type, default, spec.doc)
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+# -- .env parsing ----------------------------------------------------------------------------
+
+_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
+
+
+def _parse_env_line(line: str) -> tuple[str, str] | None:
+    """Parse one line; ``None`` for blank lines and comments; ``_Invalid`` when garbled."""
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    if text.startswith("export") and text[6:7] in (" ", "\t"):
+        text = text[6:].lstrip()
+    key, sep, rest = text.partition("=")
+    key = key.strip()
+    if not sep:
+        raise _Invalid("expected KEY=VALUE")
+    if not _KEY_RE.fullmatch(key):
+        raise _Invalid(f"invalid variable name {key!r}")
+    rest = rest.lstrip()
+    if not rest:
+        return key, ""
+    quote = rest[0]
+    if quote not in ("'", '"'):
+        # Unquoted: an inline comment starts at whitespace followed by '#'.
+        match = re.search(r"\s#", rest)
+        value = rest[: match.start()] if match else rest
+        return key, value.strip()
+    chars: list[str] = []
+    i = 1
+    while i < len(rest):
+        char = rest[i]
+        if char == quote:
+            break
+        if char == "\\" and quote == '"' and i + 1 < len(rest):
+            nxt = rest[i + 1]
+            chars.append(_ESCAPES.get(nxt, "\\" + nxt))
+            i += 2
+            continue
+        chars.append(char)
+        i += 1
+    else:
+        raise _Invalid(f"unterminated {quote} quote")
+    trailing = rest[i + 1 :].strip()
+    if trailing and not trailing.startswith("#"):
+        raise _Invalid(f"unexpected text after the closing quote: {trailing!r}")
+    return key, "".join(chars)
+
+
+def parse_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Read a ``.env`` file into a dict; a missing file gives ``{}``.
+
+    Supports ``KEY=VALUE``, an optional ``export`` prefix, ``#`` comments and blank lines,
+    single quotes (literal) and double quotes (with ``\\n``, ``\\t``, ``\\"``, ``\\\\``
+    escapes), and inline `` #`` comments after unquoted values. Later keys win. Raises
+    :class:`SettingsError` naming the file and line of every garbled line.
+    """
+    file = Path(path)
+    try:
+        content = file.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        return {}
+    except UnicodeDecodeError as exc:
+        raise SettingsError([f"{file}: not valid UTF-8 ({exc.reason})"]) from exc
+    except OSError as exc:
+        raise SettingsError([f"{file}: cannot read the file ({exc.strerror or exc})"]) from exc
+    values: dict[str, str] = {}
+    problems: list[str] = []
+    for number, line in enumerate(content.splitlines(), start=1):
+        try:
+            parsed = _parse_env_line(line)
+        except _Invalid as exc:
+            problems.append(f"{file}, line {number}: {exc.describe()}")
+            continue
+        if parsed is not None:
+            values[parsed[0]] = parsed[1]
+    if problems:
+        raise SettingsError(problems)
+    return values
+
+
+# -- masking ---------------------------------------------------------------------------------
+
+
+def _mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<invalid URL>"
+    if password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _masked(spec: SettingField, value: Any) -> str:
+    if value is None or value == ():
+        return repr(value)
+    if spec.secret:
+        if isinstance(value, tuple):
+            return "(" + ", ".join("'***'" for _ in value) + ("," if len(value) == 1 else "") + ")"
+        return "'***'"
+    if spec.name == "redis_url":
+        return repr(_mask_url(value))
+    return repr(value)
+
+
+# -- Settings --------------------------------------------------------------------------------
+
+_UNSET: Any = object()
+_FROZEN = "Settings is immutable; use settings.replace(...)"
+
+
+def _reject_unknown(names: Iterable[str]) -> None:
+    """Raise naming every unknown setting, with a suggestion for likely typos."""
+    unknown = sorted(set(names) - _BY_NAME.keys())
+    if not unknown:
+        return
+    described = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, _BY_NAME, n=1)
+        described.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    plural = "s" if len(unknown) > 1 else ""
+    raise SettingsError([f"unknown setting{plural}: {', '.join(described)}"])
+
+
+class Settings:
+    """Application settings from keyword arguments, the environment and a ``.env`` file.
+
+    Args:
+        env_file: ``.env`` file to read (relative to the working directory); ``None`` to
+            skip. A missing file is fine.
+        environ: the environment to read (default ``os.environ``).
+        **fields: values for any attribute in :data:`SETTINGS_FIELDS`; strings are parsed
+            the same way as environment values, native values (numbers, lists) are checked.
+
+    Raises:
+        SettingsError: (a ``ConfigurationError``) listing every invalid or unknown setting.
+    """
+
+    layercode_api_key: str | None
+    layercode_webhook_secret: str | None
+    layercode_api_url: str
+    redis_url: str | None
+    default_model: str
+    openai_api_key: str | None
+    google_generativeai_api_key: str | None
+    logfire_token: str | None
+    cors_origins: tuple[str, ...]
+    authorize_api_keys: tuple[str, ...]
+    turn_timeout: float
+    turn_timeout_message: str | None
+    max_body_size: int
+    signature_tolerance: int
+    replay_protection: bool
+    keep_history: bool
+    history_max_messages: int
+    history_max_conversations: int
+    history_ttl: int
+    agent: str
+    log_level: str
+
+    __slots__ = tuple(spec.name for spec in SETTINGS_FIELDS)
+
+    def __init__(
+        self,
+        *,
+        env_file: str | os.PathLike[str] | None = ".env",
+        environ: Mapping[str, str] | None = None,
+        **fields: Any,
+    ) -> None:
+        _reject_unknown(fields)
+        env = os.environ if environ is None else environ
+        dotenv = parse_env_file(env_file) if env_file is not None else {}
+        problems: list[str] = []
+        for spec in SETTINGS_FIELDS:
+            if spec.name in fields:
+                label, raw = spec.name, fields[spec.name]
+            elif spec.env in env:
+                label, raw = spec.env, env[spec.env]
+            elif spec.env in dotenv:
+                label, raw = spec.env, dotenv[spec.env]
+            else:
+                label, raw = spec.env, _UNSET
+            if raw is _UNSET or (isinstance(raw, str) and not raw.strip()):
+                value = spec.default
+            else:
+                try:
+                    value = spec.convert(raw)
+                except _Invalid as exc:
+                    problems.append(f"{label}: {exc.describe(secret=spec.secret)}")
+                    continue
+            object.__setattr__(self, spec.name, value)
+        if problems:
+            raise SettingsError(problems)
+
+    @classmethod
+    def fields(cls) -> tuple[SettingField, ...]:
+        """The table of every setting (same as :data:`SETTINGS_FIELDS`)."""
+        return SETTINGS_FIELDS
+
+    @property
+    def webhook_secrets(self) -> tuple[str, ...]:
+        """The webhook secret(s): ``layercode_webhook_secret`` split on commas, stripped."""
+        return _str_list(self.layercode_webhook_secret or "")
+
+    def require(self, *names: str) -> None:
+        """Raise :class:`SettingsError` unless every named setting has a value.
+
+        ``names`` are attribute names (``"layercode_api_key"``); the error names the
+        environment variables: ``"LAYERCODE_API_KEY is not set"``.
+        """
+        _reject_unknown(names)
+        missing = []
+        for name in names:
+            value = getattr(self, name)
+            if name == "layercode_webhook_secret":
+                value = self.webhook_secrets
+            if value is None or value == () or value == "":
+                missing.append(f"{_BY_NAME[name].env} is not set")
+        if missing:
+            raise SettingsError(missing)
+
+    def require_webhook_secret(self) -> tuple[str, ...]:
+        """Return :attr:`webhook_secrets`, or raise "LAYERCODE_WEBHOOK_SECRET is not set"."""
+        self.require("layercode_webhook_secret")
+        return self.webhook_secrets
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied (validated like constructor keyword arguments)."""
+        current = {spec.name: getattr(self, spec.name) for spec in SETTINGS_FIELDS}
+        current.update(changes)
+        return Settings(env_file=None, environ={}, **current)
+
+    def as_dict(self, *, mask_secrets: bool = True) -> dict[str, Any]:
+        """Every setting by attribute name; secrets replaced by ``"***"`` unless asked."""
+        result: dict[str, Any] = {}
+        for spec in SETTINGS_FIELDS:
+            value = getattr(self, spec.name)
+            if mask_secrets and spec.secret and value:
+                value = tuple("***" for _ in value) if isinstance(value, tuple) else "***"
+            elif mask_secrets and spec.name == "redis_url" and value:
+                value = _mask_url(value)
+            result[spec.name] = value
+        return result
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(_FROZEN)
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(_FROZEN)
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, spec.name) for spec in SETTINGS_FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Settings):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        body = ", ".join(
+            f"{spec.name}={_masked(spec, getattr(self, spec.name))}" for spec in SETTINGS_FIELDS
+        )
+        return f"Settings({body})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, ({spec.name: getattr(self, spec.name) for spec in SETTINGS_FIELDS},))
+
+
+def _rebuild(values: dict[str, Any]) -> Settings:
+    return Settings(env_file=None, environ={}, **values)

@@ -1,0 +1,172 @@
+"""Logging: ``setup_logging`` for the ``layercode_asgi`` loggers, and one line per webhook.
+
+Library modules log through stdlib :mod:`logging` on loggers named ``layercode_asgi.*`` and
+never configure anything themselves. An application (or the bundled server) calls
+:func:`setup_logging` once at start-up::
+
+    setup_logging(verbose=settings.log_level == "DEBUG", logfire_token=settings.logfire_token)
+
+It touches only the ``layercode_asgi`` logger (level and one stderr handler), not the root
+logger, so other libraries' logging is left as the application configured it. Records still
+propagate to the root logger's handlers, if any.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Any, Final
+
+import msgspec
+
+__all__ = ["LOGGER_NAME", "WEBHOOK_LOGGER_NAME", "log_webhook", "setup_logging"]
+
+#: Name of the library's root logger.
+LOGGER_NAME: Final = "layercode_asgi"
+#: Logger of the one-line-per-webhook access log.
+WEBHOOK_LOGGER_NAME: Final = "layercode_asgi.webhook"
+
+LOG_FORMAT: Final = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+DATE_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
+
+# Marks the handlers that setup_logging installed, so a second call reuses them.
+_MARK: Final = "_layercode_asgi_handler"
+
+logger = logging.getLogger(LOGGER_NAME)
+_webhook_logger = logging.getLogger(WEBHOOK_LOGGER_NAME)
+
+
+def _marked(target: logging.Logger, kind: str) -> logging.Handler | None:
+    for handler in target.handlers:
+        if getattr(handler, _MARK, None) == kind:
+            return handler
+    return None
+
+
+def _resolve_level(verbose: bool, level: int | str | None) -> int:
+    if level is None:
+        return logging.DEBUG if verbose else logging.INFO
+    if isinstance(level, int):
+        return level
+    resolved = logging.getLevelName(level.strip().upper())
+    if not isinstance(resolved, int):
+        raise ValueError(f"unknown log level {level!r}")
+    return resolved
+
+
+def setup_logging(
+    verbose: bool = False,
+    logfire_token: str | None = None,
+    *,
+    level: int | str | None = None,
+) -> None:
+    """Configure the ``layercode_asgi`` loggers: one concise line per record on stderr.
+
+    Idempotent: calling it again updates the level but never adds a second handler.
+
+    Args:
+        verbose: log at DEBUG instead of INFO.
+        logfire_token: also send logs to Logfire when the ``logfire`` package is installed
+            (a warning is logged if it is not).
+        level: explicit level (``"WARNING"``, ``logging.ERROR``...), overriding ``verbose``.
+    """
+    target = logging.getLogger(LOGGER_NAME)
+    target.setLevel(_resolve_level(verbose, level))
+    handler = _marked(target, "stream")
+    if handler is None:
+        stream_handler = logging.StreamHandler(sys.stderr)
+        stream_handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
+        setattr(stream_handler, _MARK, "stream")
+        target.addHandler(stream_handler)
+    elif isinstance(handler, logging.StreamHandler):
+        # sys.stderr may have been replaced since the first call (test runners, daemons).
+        handler.setStream(sys.stderr)
+    if logfire_token:
+        _setup_logfire(target, logfire_token)
+
+
+def _setup_logfire(target: logging.Logger, token: str) -> None:
+    try:
+        logfire: Any = importlib.import_module("logfire")
+    except ImportError:
+        target.warning(
+            "a Logfire token is set but the logfire package is not installed; "
+            "logs stay local (pip install logfire to send them)"
+        )
+        return
+    try:
+        logfire.configure(token=token)
+        if _marked(target, "logfire") is None:
+            handler: logging.Handler = logfire.LogfireLoggingHandler()
+            setattr(handler, _MARK, "logfire")
+            target.addHandler(handler)
+    except Exception as exc:  # a telemetry problem must not stop the server
+        target.warning("could not configure Logfire: %s: %s", type(exc).__name__, exc)
+
+
+# -- one line per webhook --------------------------------------------------------------------
+
+# Attributes a LogRecord already has; ``extra=`` must not overwrite them.
+_RESERVED: Final = frozenset(
+    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
+)
+
+
+def _value(value: object) -> str:
+    """A log-safe token: ``-`` for None, bare when simple, else a JSON string (escaped)."""
+    if value is None:
+        return "-"
+    text = value if isinstance(value, str) else str(value)
+    if text and text.isprintable() and not any(c in text for c in ' ="\\'):
+        return text
+    return msgspec.json.encode(text).decode()
+
+
+def _level_for(status: int) -> int:
+    if status >= 500:
+        return logging.ERROR
+    if status >= 400:
+        return logging.WARNING
+    return logging.INFO
+
+
+def log_webhook(
+    event_type: str | None,
+    conversation_id: str | None,
+    turn_id: str | None,
+    status: int,
+    duration_s: float,
+    **extra: Any,
+) -> None:
+    """Log one line for a handled webhook on ``layercode_asgi.webhook``.
+
+    ``webhook type=message conversation=c1 turn=t1 status=200 duration_ms=12.3`` followed
+    by `` key=value`` for each ``extra``. The same fields (``event_type``,
+    ``conversation_id``, ``turn_id``, ``status``, ``duration_ms``, extras) are attached to
+    the record for structured handlers. INFO below 400, WARNING for 4xx, ERROR for 5xx.
+    """
+    level = _level_for(status)
+    if not _webhook_logger.isEnabledFor(level):
+        return
+    duration_ms = round(duration_s * 1000, 1)
+    fields: dict[str, Any] = {
+        "event_type": event_type,
+        "conversation_id": conversation_id,
+        "turn_id": turn_id,
+        "status": status,
+        "duration_ms": duration_ms,
+    }
+    fmt = "webhook type=%s conversation=%s turn=%s status=%d duration_ms=%.1f"
+    args: list[object] = [
+        _value(event_type),
+        _value(conversation_id),
+        _value(turn_id),
+        status,
+        duration_ms,
+    ]
+    for key, value in extra.items():
+        fmt += " " + _value(key).replace("%", "%%") + "=%s"
+        args.append(_value(value))
+        fields[f"extra_{key}" if key in _RESERVED or key in fields else key] = value
+    _webhook_logger.log(level, fmt, *args, extra=fields)

@@ -1,0 +1,323 @@
+"""``create_app``: a ready LayerCode backend as a Starlette app (mountable anywhere).
+
+Routes (paths of the first two are arguments):
+
+===================  ======  ==========================================================
+``/api/agent``       POST    the signed webhook: SSE for turns, JSON for other events
+``/api/authorize``   POST    mints a browser session key at LayerCode (guardable)
+``/health``          GET     ``{"status": "healthy", "timestamp": …, "version": …}``
+``/ready``           GET     ``{"ready": …, "agent": …, "model": …}``; 503 if a store is down
+===================  ======  ==========================================================
+
+Every error is JSON ``{"error": "…"}`` with a fitting status (400, 401, 404, 405, 413,
+502, 503); a caller never sees a stack trace.
+"""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ._version import __version__
+from .agents import Agent, agent_name, get_agent
+from .config import Settings
+from .conversation import ConversationManager
+from .errors import ConfigurationError
+from .middleware import LayercodeSignature
+from .webhook import JSONResponse, LayercodeWebhook
+
+__all__ = ["AuthorizeGuard", "app_from_env", "create_app"]
+
+logger = logging.getLogger("layercode_asgi.server")
+
+#: A custom check for the authorize route: return True to let the request through.
+AuthorizeGuard = Callable[[Request], bool | Awaitable[bool]]
+
+AUTHORIZE_PATH = "/agents/web/authorize_session"
+#: Largest accepted authorize request body (it is a small JSON object).
+AUTHORIZE_MAX_BODY = 64 * 1024
+#: How long /ready waits for the conversation store.
+READY_TIMEOUT = 2.0
+
+_decode = msgspec.json.decode
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return _error(exc.status_code, str(exc.detail).lower(), exc.headers)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error(500, "internal error")
+
+
+def create_app(
+    settings: Settings | None = None,
+    agent: Agent | str | None = None,
+    agent_route: str = "/api/agent",
+    authorize_route: str = "/api/authorize",
+    *,
+    conversations: ConversationManager | None = None,
+    on_data: Callable[[Any], Any] | None = None,
+    on_session_update: Callable[[Any], Any] | None = None,
+    on_session_end: Callable[[Any], Any] | None = None,
+    authorize_guard: AuthorizeGuard | None = None,
+    authorize_timeout: float = 10.0,
+    extras: Mapping[str, Any] | None = None,
+) -> Starlette:
+    """Build the LayerCode backend app.
+
+    Args:
+        settings: configuration; ``None`` reads the environment and ``.env``.
+        agent: the agent callable, or a name for :func:`~layercode_asgi.agents.get_agent`;
+            ``None`` uses ``settings.agent`` (default ``echo``).
+        agent_route / authorize_route: paths of the webhook and the authorize route.
+        conversations: history store; ``None`` builds one from settings (Redis when
+            ``REDIS_URL`` is set, else bounded memory).
+        on_data / on_session_update / on_session_end: optional event hooks.
+        authorize_guard: a custom check for the authorize route (replaces the key check
+            of ``LAYERCODE_AUTHORIZE_API_KEYS``).
+        authorize_timeout: seconds to wait for LayerCode's API.
+        extras: objects handed to agents as ``context.extras``.
+
+    Raises:
+        ConfigurationError: no webhook secret, an unknown agent, an agent that cannot run
+            with these settings. Raised here, at start-up, never per request.
+    """
+    settings = Settings() if settings is None else settings
+    secrets = settings.webhook_secrets
+    if not secrets:
+        raise ConfigurationError(
+            "LAYERCODE_WEBHOOK_SECRET is not set: the webhook route would accept anything. "
+            "Set it to your agent's webhook secret (LayerCode dashboard)."
+        )
+    if isinstance(agent, str) or agent is None:
+        agent = get_agent(agent or settings.agent, settings)
+    conversations = (
+        ConversationManager.from_settings(settings) if conversations is None else conversations
+    )
+
+    webhook = LayercodeWebhook(
+        agent,
+        conversations=conversations,
+        on_data=on_data,
+        on_session_update=on_session_update,
+        on_session_end=on_session_end,
+        turn_timeout=settings.turn_timeout,
+        timeout_message=settings.turn_timeout_message,
+        keep_history=settings.keep_history,
+        extras=extras,
+        max_body_size=settings.max_body_size,
+    )
+    protected = LayercodeSignature(
+        webhook,
+        secret=secrets,
+        tolerance=settings.signature_tolerance,
+        max_body_size=settings.max_body_size,
+    )
+    authorize = _Authorize(settings, authorize_guard, authorize_timeout)
+    name = agent_name(agent)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse(
+            {
+                "status": "healthy",
+                "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "version": __version__,
+            }
+        )
+
+    async def ready(request: Request) -> Response:
+        body: dict[str, Any] = {"ready": True, "agent": name, "model": settings.default_model}
+        problem: str | None = None
+        with anyio.move_on_after(READY_TIMEOUT) as scope:
+            try:
+                await conversations.ping()
+            except Exception as exc:
+                problem = f"conversation store unavailable: {exc}"
+        if scope.cancelled_caught:
+            problem = "conversation store did not answer in time"
+        if problem is None:
+            return JSONResponse(body)
+        body.update(ready=False, error=problem)
+        return JSONResponse(body, status_code=503)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if not settings.authorize_api_keys and authorize_guard is None:
+            logger.warning(
+                "the authorize route %s is not guarded: anyone who can reach it can mint "
+                "LayerCode sessions (set LAYERCODE_AUTHORIZE_API_KEYS or authorize_guard)",
+                authorize_route,
+            )
+        try:
+            yield
+        finally:
+            await authorize.aclose()
+            await conversations.aclose()
+
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["authorization", "content-type", "x-api-key"],
+                max_age=600,
+            )
+        )
+    app = Starlette(
+        routes=[
+            Route(agent_route, protected, methods=["POST"]),
+            Route(authorize_route, authorize, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/ready", ready, methods=["GET"]),
+        ],
+        middleware=middleware,
+        exception_handlers={HTTPException: _http_exception, Exception: _server_error},
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.agent = agent
+    app.state.conversations = conversations
+    app.state.webhook = webhook
+    return app
+
+
+class _Authorize:
+    """The authorize route: guard, validate, relay to LayerCode, map every failure to JSON."""
+
+    def __init__(self, settings: Settings, guard: AuthorizeGuard | None, timeout: float) -> None:
+        self.url = settings.layercode_api_url + AUTHORIZE_PATH
+        self.api_key = settings.layercode_api_key
+        self.keys = tuple(k.encode() for k in settings.authorize_api_keys)
+        self.guard = guard
+        self.timeout = timeout
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        # Created on first use, not in the lifespan: a mounted sub-app gets no lifespan.
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout)
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def allowed(self, request: Request) -> bool:
+        if self.guard is not None:
+            verdict = self.guard(request)
+            if inspect.isawaitable(verdict):
+                verdict = await verdict
+            return bool(verdict)
+        if not self.keys:
+            return True
+        presented = request.headers.get("x-api-key")
+        if presented is None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            presented = token.strip() if scheme.lower() == "bearer" else None
+        if not presented:
+            return False
+        candidate = presented.encode("utf-8", "surrogateescape")
+        matched = False
+        for key in self.keys:
+            matched |= hmac.compare_digest(candidate, key)
+        return matched
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        request = Request(scope, receive)
+        response = await self.respond(request)
+        await response(scope, receive, send)
+
+    async def respond(self, request: Request) -> Response:
+        if not await self.allowed(request):
+            return _error(401, "missing or invalid API key", {"www-authenticate": "Bearer"})
+        if not self.api_key:
+            return _error(503, "authorize route not configured: LAYERCODE_API_KEY is not set")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > AUTHORIZE_MAX_BODY:
+                return _error(413, f"request body exceeds {AUTHORIZE_MAX_BODY} bytes")
+        try:
+            payload = _decode(body)
+        except msgspec.DecodeError:
+            return _error(400, "body must be a JSON object with agent_id")
+        if not isinstance(payload, dict):
+            return _error(400, "body must be a JSON object with agent_id")
+        agent_id = payload.get("agent_id")
+        if not isinstance(agent_id, str) or not agent_id.strip():
+            return _error(400, "agent_id is required (a non-empty string)")
+
+        try:
+            upstream = await self.client.post(
+                self.url,
+                content=body,
+                headers={
+                    "authorization": f"Bearer {self.api_key}",
+                    "content-type": "application/json",
+                },
+            )
+        except httpx.TimeoutException:
+            logger.warning("LayerCode authorize timed out after %ss", self.timeout)
+            return _error(502, "LayerCode API timed out")
+        except httpx.HTTPError as exc:
+            logger.warning("LayerCode authorize unreachable: %s", exc)
+            return _error(502, "LayerCode API unreachable")
+
+        status = upstream.status_code
+        try:
+            answer = _decode(upstream.content) if upstream.content else None
+        except msgspec.DecodeError:
+            answer = None
+        if 200 <= status < 300:
+            if not isinstance(answer, dict):
+                return _error(502, "LayerCode API sent an invalid response")
+            return JSONResponse(answer)
+        if 400 <= status < 500:
+            logger.info("LayerCode authorize refused with %s", status)
+            if isinstance(answer, dict) and "error" in answer:
+                return JSONResponse(answer, status_code=status)
+            content: dict[str, Any] = {"error": f"LayerCode API refused the request ({status})"}
+            if answer is not None:
+                content["detail"] = answer
+            return JSONResponse(content, status_code=status)
+        logger.warning("LayerCode authorize failed upstream with %s", status)
+        return _error(502, f"LayerCode API error ({status})")
+
+
+def app_from_env() -> Starlette:
+    """An app configured from the environment and ``.env``.
+
+    For servers that take a factory: ``uvicorn --factory layercode_asgi.server:app_from_env``.
+    """
+    from .logs import setup_logging
+
+    settings = Settings()
+    setup_logging(verbose=settings.log_level == "DEBUG", logfire_token=settings.logfire_token)
+    return create_app(settings)

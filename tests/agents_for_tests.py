@@ -1,0 +1,18 @@
+"""Agents loaded by import path ("tests.agents_for_tests:…") in server subprocess tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import anyio
+
+from layercode_asgi import TurnContext, TurnEvent
+
+
+async def history_agent(event: TurnEvent, context: TurnContext) -> AsyncIterator[str]:
+    """Reports which worker answered and how much history it saw; 'slow' turns take 1 s."""
+    yield f"pid={os.getpid()} saw={len(context.history)} text={event.text}"
+    if event.text and "slow" in event.text:
+        await anyio.sleep(1.0)
+        yield " (slow done)"

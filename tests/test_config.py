@@ -1,0 +1,407 @@
+"""``Settings``: sources and precedence, every conversion and its error, ``.env`` parsing."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from layercode_asgi.config import (
+    SETTINGS_FIELDS,
+    Settings,
+    SettingsError,
+    parse_env_file,
+    settings_table_markdown,
+)
+from layercode_asgi.errors import ConfigurationError
+
+
+def make(env: dict[str, str] | None = None, **kwargs: Any) -> Settings:
+    return Settings(env_file=None, environ=env or {}, **kwargs)
+
+
+def error_of(env: dict[str, str] | None = None, **kwargs: Any) -> SettingsError:
+    with pytest.raises(SettingsError) as info:
+        make(env, **kwargs)
+    assert isinstance(info.value, ConfigurationError)
+    assert isinstance(info.value, ValueError)
+    return info.value
+
+
+# -- defaults, table --------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    s = make()
+    assert s.layercode_api_key is None
+    assert s.layercode_webhook_secret is None
+    assert s.webhook_secrets == ()
+    assert s.layercode_api_url == "https://api.layercode.com/v1"
+    assert s.redis_url is None
+    assert s.default_model == "openai:gpt-5-nano"
+    assert s.openai_api_key is None
+    assert s.google_generativeai_api_key is None
+    assert s.logfire_token is None
+    assert s.cors_origins == ()
+    assert s.authorize_api_keys == ()
+    assert s.turn_timeout == 30.0
+    assert s.turn_timeout_message is None
+    assert s.max_body_size == 1048576
+    assert s.signature_tolerance == 300
+    assert s.replay_protection is False
+    assert s.keep_history is False
+    assert s.history_max_messages == 200
+    assert s.history_max_conversations == 10000
+    assert s.history_ttl == 86400
+    assert s.agent == "echo"
+    assert s.log_level == "INFO"
+
+
+def test_table_matches_class_attributes() -> None:
+    names = [spec.name for spec in SETTINGS_FIELDS]
+    assert names == list(Settings.__annotations__)
+    assert Settings.fields() is SETTINGS_FIELDS
+    assert len({spec.env for spec in SETTINGS_FIELDS}) == len(SETTINGS_FIELDS)
+    table = settings_table_markdown()
+    for spec in SETTINGS_FIELDS:
+        assert f"`{spec.env}`" in table
+    # one header, one separator, one row per field; "|" inside cells is escaped
+    assert len(table.strip().splitlines()) == len(SETTINGS_FIELDS) + 2
+    assert "str \\| None" in table
+
+
+# -- precedence -------------------------------------------------------------------------------
+
+
+def test_precedence_kwargs_over_env_over_dotenv_over_default(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "LAYERCODE_AGENT=from-dotenv\nDEFAULT_MODEL=dotenv-model\nLOG_LEVEL=warning\n"
+    )
+    environ = {"LAYERCODE_AGENT": "from-env", "DEFAULT_MODEL": "env-model"}
+    s = Settings(env_file=env_file, environ=environ, agent="from-kwargs")
+    assert s.agent == "from-kwargs"  # kwargs > env > .env
+    assert s.default_model == "env-model"  # env > .env
+    assert s.log_level == "WARNING"  # .env > default
+    assert s.turn_timeout == 30.0  # default
+
+
+def test_reads_os_environ_and_cwd_dotenv_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".env").write_text("LAYERCODE_API_KEY=dotenv-key\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LAYERCODE_WEBHOOK_SECRET", "env-secret")
+    monkeypatch.delenv("LAYERCODE_API_KEY", raising=False)
+    s = Settings()
+    assert s.layercode_api_key == "dotenv-key"
+    assert s.layercode_webhook_secret == "env-secret"
+
+
+def test_env_file_none_skips_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".env").write_text("LAYERCODE_AGENT=dotenv\n")
+    monkeypatch.chdir(tmp_path)
+    assert Settings(env_file=None, environ={}).agent == "echo"
+
+
+def test_empty_value_means_default() -> None:
+    s = make({"LAYERCODE_TURN_TIMEOUT": "", "LAYERCODE_API_KEY": "  ", "LAYERCODE_AGENT": ""})
+    assert s.turn_timeout == 30.0
+    assert s.layercode_api_key is None
+    assert s.agent == "echo"
+
+
+def test_values_are_stripped() -> None:
+    s = make({"LAYERCODE_API_KEY": "  key \n", "LAYERCODE_TURN_TIMEOUT": " 2.5 "})
+    assert s.layercode_api_key == "key"
+    assert s.turn_timeout == 2.5
+
+
+# -- conversions ------------------------------------------------------------------------------
+
+
+def test_numbers() -> None:
+    s = make(
+        {
+            "LAYERCODE_TURN_TIMEOUT": "0.5",
+            "LAYERCODE_MAX_BODY_SIZE": "2_048",
+            "LAYERCODE_SIGNATURE_TOLERANCE": "0",
+            "LAYERCODE_HISTORY_MAX_MESSAGES": "3",
+            "LAYERCODE_HISTORY_MAX_CONVERSATIONS": "4",
+            "LAYERCODE_HISTORY_TTL": "0",
+        }
+    )
+    assert (s.turn_timeout, s.max_body_size, s.signature_tolerance) == (0.5, 2048, 0)
+    assert (s.history_max_messages, s.history_max_conversations, s.history_ttl) == (3, 4, 0)
+    assert isinstance(s.turn_timeout, float)
+    # native kwargs
+    assert make(turn_timeout=2, max_body_size=10).turn_timeout == 2.0
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("LAYERCODE_TURN_TIMEOUT", "abc", "expected a number > 0, got 'abc'"),
+        ("LAYERCODE_TURN_TIMEOUT", "0", "expected a number > 0, got '0'"),
+        ("LAYERCODE_TURN_TIMEOUT", "-1", "expected a number > 0"),
+        ("LAYERCODE_TURN_TIMEOUT", "nan", "expected a number > 0"),
+        ("LAYERCODE_TURN_TIMEOUT", "inf", "expected a number > 0"),
+        ("LAYERCODE_MAX_BODY_SIZE", "1.5", "expected an integer > 0, got '1.5'"),
+        ("LAYERCODE_MAX_BODY_SIZE", "0", "expected an integer > 0"),
+        ("LAYERCODE_MAX_BODY_SIZE", "big", "expected an integer > 0"),
+        ("LAYERCODE_SIGNATURE_TOLERANCE", "-1", "expected an integer >= 0, got '-1'"),
+        ("LAYERCODE_HISTORY_MAX_MESSAGES", "0", "expected an integer > 0"),
+        ("LAYERCODE_HISTORY_MAX_CONVERSATIONS", "x", "expected an integer > 0"),
+        ("LAYERCODE_HISTORY_TTL", "-5", "expected an integer >= 0"),
+        ("LAYERCODE_REPLAY_PROTECTION", "maybe", "expected a boolean"),
+        ("LAYERCODE_KEEP_HISTORY", "2", "expected a boolean"),
+        ("LAYERCODE_API_URL", "ftp://x.com", "expected an http(s) URL, got 'ftp://x.com'"),
+        ("LAYERCODE_API_URL", "https://", "expected an http(s) URL"),
+        ("LAYERCODE_API_URL", "https://h:99999", "expected an http(s) URL"),
+        ("REDIS_URL", "http://localhost", "expected a redis://, rediss:// or unix:// URL"),
+        ("REDIS_URL", "localhost:6379", "expected a redis://"),
+        ("REDIS_URL", "unix://", "expected a unix:// URL with a socket path"),
+        ("LAYERCODE_CORS_ORIGINS", "https://a.com/path", "expected '*' or http(s) origins"),
+        ("LAYERCODE_CORS_ORIGINS", "a.com", "expected '*' or http(s) origins"),
+        ("LAYERCODE_CORS_ORIGINS", "*,https://a.com", "'*' cannot be combined"),
+        ("LOG_LEVEL", "loud", "expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'loud'"),
+    ],
+)  # fmt: skip
+def test_invalid_env_values_name_the_variable(var: str, value: str, message: str) -> None:
+    err = error_of({var: value})
+    assert str(err).startswith(f"{var}: {message}")
+    assert err.problems == (str(err),)
+
+
+def test_kwarg_errors_name_the_keyword() -> None:
+    assert str(error_of(turn_timeout="abc")) == "turn_timeout: expected a number > 0, got 'abc'"
+    assert "max_body_size: expected an integer > 0, got True" in str(error_of(max_body_size=True))
+    assert "turn_timeout: expected a number > 0, got None" in str(error_of(turn_timeout=None))
+    assert "replay_protection: expected a boolean" in str(error_of(replay_protection=3))
+    assert "layercode_api_key: expected a string" in str(error_of(layercode_api_key=42))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(t, True) for t in ("1", "true", "TRUE", "Yes", "on", " On ")]
+    + [(f, False) for f in ("0", "false", "False", "NO", "off")],
+)
+def test_booleans(text: str, expected: bool) -> None:
+    s = make({"LAYERCODE_REPLAY_PROTECTION": text, "LAYERCODE_KEEP_HISTORY": text})
+    assert s.replay_protection is expected
+    assert s.keep_history is expected
+
+
+def test_urls() -> None:
+    s = make({"LAYERCODE_API_URL": "http://localhost:8080/v1/", "REDIS_URL": "rediss://h:6380/2"})
+    assert s.layercode_api_url == "http://localhost:8080/v1"
+    assert s.redis_url == "rediss://h:6380/2"
+    assert make({"REDIS_URL": "unix:///tmp/redis.sock"}).redis_url == "unix:///tmp/redis.sock"
+    assert make({"REDIS_URL": "redis://localhost"}).redis_url == "redis://localhost"
+
+
+def test_secrets_not_echoed_in_errors() -> None:
+    err = error_of({"REDIS_URL": "http://user:hunter2@host"})
+    assert "hunter2" not in str(err)
+    assert "http://user:***@host" in str(err)
+    err = error_of(layercode_webhook_secret=["whsec_hunter2"], authorize_api_keys=[b"hunter2"])
+    assert "hunter2" not in str(err)
+    assert "layercode_webhook_secret: expected a string, got <hidden>" in str(err)
+    assert "authorize_api_keys: expected a list of strings, got <hidden>" in str(err)
+
+
+def test_lists() -> None:
+    s = make(
+        {
+            "LAYERCODE_CORS_ORIGINS": " https://a.com, http://localhost:3000/ ,,",
+            "LAYERCODE_AUTHORIZE_API_KEYS": "k1, k2 ,",
+        }
+    )
+    assert s.cors_origins == ("https://a.com", "http://localhost:3000")
+    assert s.authorize_api_keys == ("k1", "k2")
+    assert make({"LAYERCODE_CORS_ORIGINS": "*"}).cors_origins == ("*",)
+    assert make(cors_origins=["https://b.com"]).cors_origins == ("https://b.com",)
+    assert make(authorize_api_keys="x,y").authorize_api_keys == ("x", "y")
+    assert "expected a list of strings" in str(error_of(authorize_api_keys=[1]))
+
+
+def test_webhook_secrets_split() -> None:
+    assert make({"LAYERCODE_WEBHOOK_SECRET": "only"}).webhook_secrets == ("only",)
+    s = make({"LAYERCODE_WEBHOOK_SECRET": " new , old ,, "})
+    assert s.webhook_secrets == ("new", "old")
+    assert make(layercode_webhook_secret="a,b").webhook_secrets == ("a", "b")
+    assert make(layercode_webhook_secret=",").webhook_secrets == ()
+
+
+def test_log_level_normalised() -> None:
+    assert make({"LOG_LEVEL": "debug"}).log_level == "DEBUG"
+    assert make({"LOG_LEVEL": "warn"}).log_level == "WARNING"
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_all_problems_reported_together() -> None:
+    err = error_of(
+        {
+            "LAYERCODE_TURN_TIMEOUT": "abc",
+            "LAYERCODE_MAX_BODY_SIZE": "-1",
+            "REDIS_URL": "http://x",
+        }
+    )
+    text = str(err)
+    assert text.startswith("3 invalid settings:")
+    assert len(err.problems) == 3
+    for var in ("LAYERCODE_TURN_TIMEOUT", "LAYERCODE_MAX_BODY_SIZE", "REDIS_URL"):
+        assert f"{var}: " in text
+
+
+def test_unknown_kwargs_rejected() -> None:
+    assert str(error_of(turn_timout=1)) == (
+        "unknown setting: turn_timout (did you mean turn_timeout?)"
+    )
+    assert str(error_of(zzz=1, a=2)) == "unknown settings: a, zzz"
+    # env_file / environ are parameters, not settings
+    assert make({"ENV_FILE": "x"}).agent == "echo"
+
+
+def test_require_webhook_secret() -> None:
+    with pytest.raises(ConfigurationError, match=r"^LAYERCODE_WEBHOOK_SECRET is not set$"):
+        make().require_webhook_secret()
+    with pytest.raises(ConfigurationError, match="LAYERCODE_WEBHOOK_SECRET is not set"):
+        make(layercode_webhook_secret=" , ").require_webhook_secret()
+    assert make(layercode_webhook_secret="a,b").require_webhook_secret() == ("a", "b")
+    with pytest.raises(ConfigurationError) as info:
+        make().require("layercode_api_key", "openai_api_key")
+    assert "LAYERCODE_API_KEY is not set" in str(info.value)
+    assert "OPENAI_API_KEY is not set" in str(info.value)
+    make(layercode_api_key="k").require("layercode_api_key")
+    with pytest.raises(ConfigurationError, match="unknown setting: nope"):
+        make().require("nope")
+
+
+# -- immutability, repr -----------------------------------------------------------------------
+
+
+def test_frozen_and_replace() -> None:
+    s = make(agent="a")
+    with pytest.raises(AttributeError):
+        s.agent = "b"
+    with pytest.raises(AttributeError):
+        del s.agent
+    with pytest.raises(AttributeError):
+        s.new_attribute = 1
+    t = s.replace(agent="b", turn_timeout="5")
+    assert (s.agent, t.agent, t.turn_timeout) == ("a", "b", 5.0)
+    assert t.replace(agent="a", turn_timeout=30.0) == s
+    assert hash(t.replace(agent="a", turn_timeout=30.0)) == hash(s)
+    with pytest.raises(SettingsError, match="turn_timeout"):
+        s.replace(turn_timeout=-1)
+    assert pickle.loads(pickle.dumps(s)) == s
+
+
+def test_repr_masks_secrets() -> None:
+    s = make(
+        layercode_api_key="sk_live_SECRET1",
+        layercode_webhook_secret="whsec_SECRET2,whsec_SECRET3",
+        openai_api_key="sk-SECRET4",
+        google_generativeai_api_key="SECRET5",
+        logfire_token="SECRET6",
+        authorize_api_keys=["SECRET7", "SECRET8"],
+        redis_url="redis://user:SECRET9@redis.internal:6379/0",
+        agent="visible-agent",
+    )
+    text = repr(s)
+    assert "SECRET" not in text
+    assert "visible-agent" in text
+    assert "redis.internal:6379" in text
+    assert "layercode_api_key='***'" in text
+    assert "authorize_api_keys=('***', '***')" in text
+    assert "SECRET" not in str(s.as_dict())
+    assert s.as_dict(mask_secrets=False)["openai_api_key"] == "sk-SECRET4"
+    # unset secrets show as None, not as a mask
+    assert "logfire_token=None" in repr(make())
+
+
+# -- .env parsing -----------------------------------------------------------------------------
+
+
+def test_env_file_syntax(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text(
+        "\ufeff# a comment\n"
+        "\n"
+        "PLAIN=value\n"
+        "export EXPORTED=yes\n"
+        "SPACED = spaced value  \n"
+        "INLINE=abc # comment\n"
+        "HASH=abc#not-a-comment\n"
+        "SINGLE='literal \\n # kept' # comment\n"
+        'DOUBLE="line1\\nline2\\t\\"q\\" \\\\ # kept" # comment\n'
+        "EMPTY=\n"
+        "EMPTY_QUOTED=''\n"
+        "DUP=first\n"
+        "DUP=second\n"
+        "exporter=not-a-prefix\n"
+        "URL=https://x.com/?a=b\n"
+    )
+    assert parse_env_file(path) == {
+        "PLAIN": "value",
+        "EXPORTED": "yes",
+        "SPACED": "spaced value",
+        "INLINE": "abc",
+        "HASH": "abc#not-a-comment",
+        "SINGLE": "literal \\n # kept",
+        "DOUBLE": 'line1\nline2\t"q" \\ # kept',
+        "EMPTY": "",
+        "EMPTY_QUOTED": "",
+        "DUP": "second",
+        "exporter": "not-a-prefix",
+        "URL": "https://x.com/?a=b",
+    }
+
+
+def test_missing_env_file_is_fine(tmp_path: Path) -> None:
+    assert parse_env_file(tmp_path / "absent.env") == {}
+    assert Settings(env_file=tmp_path / "absent.env", environ={}).agent == "echo"
+
+
+def test_bad_env_lines_name_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.env"
+    lines = [
+        "GOOD=1",
+        "this line has no equals sign",
+        "# fine",
+        'UNTERMINATED="abc',
+        "1BAD=x",
+        "TRAIL='a' junk",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigurationError) as info:
+        parse_env_file(path)
+    text = str(info.value)
+    assert f"{path}, line 2: expected KEY=VALUE" in text
+    assert f'{path}, line 4: unterminated " quote' in text
+    assert f"{path}, line 5: invalid variable name '1BAD'" in text
+    assert f"{path}, line 6: unexpected text after the closing quote" in text
+    assert "line 1:" not in text and "line 3:" not in text
+    with pytest.raises(ConfigurationError, match="line 2"):
+        Settings(env_file=path, environ={})
+
+
+def test_unreadable_env_file(tmp_path: Path) -> None:
+    binary = tmp_path / "binary.env"
+    binary.write_bytes(b"KEY=\xff\xfe\n")
+    with pytest.raises(ConfigurationError, match="not valid UTF-8"):
+        parse_env_file(binary)
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        parse_env_file(tmp_path)  # a directory
+
+
+def test_invalid_value_in_env_file_names_the_variable(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text("LAYERCODE_TURN_TIMEOUT=soon\n")
+    with pytest.raises(ConfigurationError, match="LAYERCODE_TURN_TIMEOUT: expected a number > 0"):
+        Settings(env_file=path, environ={})

@@ -1,0 +1,563 @@
+"""Conversation history: the manager, the bounded memory store, and Redis (a real server)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+import pytest
+
+from layercode_asgi.config import Settings
+from layercode_asgi.conversation import (
+    ConversationLockTimeout,
+    ConversationManager,
+    ConversationStore,
+    HistoryMessage,
+    MemoryConversationStore,
+    RedisConversationStore,
+    StoreUnavailableError,
+)
+from layercode_asgi.errors import ConfigurationError, LayercodeError
+
+from . import redis_fixtures
+from .redis_fixtures import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+redis_server = redis_fixtures.redis_server
+
+U = "user"
+A = "assistant"
+
+
+def msg(role: Any, text: str, turn_id: str | None = None) -> HistoryMessage:
+    return HistoryMessage(role=role, text=text, turn_id=turn_id)
+
+
+class RecordingStore(MemoryConversationStore):
+    """A memory store that records every ``append`` call and whether it was closed."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.appends: list[list[HistoryMessage]] = []
+        self.closed = False
+
+    async def append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
+        self.appends.append(list(messages))
+        await super().append(conversation_id, messages)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+# -- manager ----------------------------------------------------------------------------------
+
+
+async def test_manager_default_store_and_order() -> None:
+    manager = ConversationManager()
+    assert isinstance(manager.store, MemoryConversationStore)
+    assert isinstance(manager.store, ConversationStore)
+    await manager.add_message("c1", {"role": "user", "text": "hi"})
+    await manager.add_message("c1", msg(A, "hello", "t1"))
+    await manager.add_message("c2", {"role": "assistant", "text": "other", "turn_id": "x"})
+    await manager.add_message("c1", {"role": "user", "text": "bye", "extra": "ignored"})
+    assert await manager.get_history("c1") == [msg(U, "hi"), msg(A, "hello", "t1"), msg(U, "bye")]
+    assert await manager.get_history("c2") == [msg(A, "other", "x")]
+    assert await manager.get_history("unknown") == []
+    await manager.clear("c1")
+    assert await manager.get_history("c1") == []
+    assert await manager.get_history("c2") == [msg(A, "other", "x")]
+
+
+async def test_add_turn_is_one_atomic_append_and_skips_empty() -> None:
+    store = RecordingStore()
+    manager = ConversationManager(store)
+    await manager.add_turn("c", "question", "answer", turn_id="t1")
+    assert store.appends == [[msg(U, "question", "t1"), msg(A, "answer", "t1")]]
+    await manager.add_turn("c", None, "welcome", turn_id="t0")
+    await manager.add_turn("c", "  ", None)
+    await manager.add_turn("c", "", "")
+    assert store.appends[1:] == [[msg(A, "welcome", "t0")]]
+    assert await manager.get_history("c") == [
+        msg(U, "question", "t1"),
+        msg(A, "answer", "t1"),
+        msg(A, "welcome", "t0"),
+    ]
+
+
+async def test_concurrent_turns_stay_paired() -> None:
+    manager = ConversationManager()
+
+    async def turn(i: int) -> None:
+        await anyio.lowlevel.checkpoint()
+        await manager.add_turn("c", f"q{i}", f"a{i}", turn_id=str(i))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(50):
+            tg.start_soon(turn, i)
+    history = await manager.get_history("c")
+    assert len(history) == 100
+    for user, assistant in zip(history[::2], history[1::2], strict=True):
+        assert (user.role, assistant.role) == (U, A)
+        assert user.turn_id == assistant.turn_id
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"role": "system", "text": "x"},
+        {"text": "no role"},
+        {"role": "user"},
+        {"role": "user", "text": 5},
+        {"role": "user", "text": "x", "turn_id": 3},
+        msg("system", "struct with a bad role"),
+    ],
+)
+async def test_add_message_validates(bad: Any) -> None:
+    manager = ConversationManager()
+    with pytest.raises(ValueError):
+        await manager.add_message("c", bad)
+    assert await manager.get_history("c") == []
+
+
+async def test_conversation_id_validated() -> None:
+    manager = ConversationManager()
+    with pytest.raises(ValueError):
+        await manager.get_history("")
+    with pytest.raises(ValueError):
+        await manager.add_turn("x" * 513, "a", "b")
+    with pytest.raises(TypeError):
+        await manager.clear(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await manager.add_message("c", ["user", "x"])  # type: ignore[arg-type]
+
+
+async def test_manager_async_context_manager_closes_store() -> None:
+    store = RecordingStore()
+    async with ConversationManager(store) as manager:
+        await manager.ping()
+        assert not store.closed
+    assert store.closed
+
+
+async def test_from_settings_memory() -> None:
+    settings = Settings(
+        env_file=None,
+        environ={},
+        history_max_messages=5,
+        history_max_conversations=7,
+        turn_timeout=4,
+    )
+    manager = ConversationManager.from_settings(settings)
+    store = manager.store
+    assert isinstance(store, MemoryConversationStore)
+    assert (store.max_messages, store.max_conversations, store.lock_timeout) == (5, 7, 4.0)
+
+
+async def test_from_settings_redis_is_lazy() -> None:
+    pytest.importorskip("redis")
+    settings = Settings(
+        env_file=None,
+        environ={"REDIS_URL": "redis://127.0.0.1:1/0", "LAYERCODE_HISTORY_TTL": "0"},
+        history_max_messages=9,
+    )
+    async with ConversationManager.from_settings(settings) as manager:
+        store = manager.store
+        assert isinstance(store, RedisConversationStore)
+        assert (store.max_messages, store.ttl, store.lock_timeout) == (9, None, 30.0)
+
+
+# -- memory store -----------------------------------------------------------------------------
+
+
+async def test_memory_message_cap_drops_oldest() -> None:
+    store = MemoryConversationStore(max_messages=3)
+    for i in range(5):
+        await store.append("c", [msg(U, str(i))])
+    assert [m.text for m in await store.get("c")] == ["2", "3", "4"]
+    await store.append("c", [msg(U, "5"), msg(A, "6")])
+    assert [m.text for m in await store.get("c")] == ["4", "5", "6"]
+
+
+async def test_memory_lru_eviction() -> None:
+    store = MemoryConversationStore(max_conversations=3)
+    for cid in ("a", "b", "c"):
+        await store.append(cid, [msg(U, cid)])
+    await store.get("a")  # a read makes "a" recently used: "b" is now the oldest
+    await store.append("d", [msg(U, "d")])
+    assert len(store) == 3
+    assert await store.get("b") == []
+    assert [m.text for m in await store.get("a")] == ["a"]
+    await store.append("c", [msg(U, "c2")])  # a write counts as use too: "d" is oldest
+    await store.append("e", [msg(U, "e")])
+    assert await store.get("d") == []
+    assert sorted(store._histories) == ["a", "c", "e"]
+    await store.append("x", [])  # an empty append creates nothing
+    assert "x" not in store._histories
+
+
+async def test_memory_bounded_under_many_conversation_ids() -> None:
+    store = MemoryConversationStore(max_conversations=100, max_messages=2)
+    manager = ConversationManager(store)
+    for i in range(5000):
+        await manager.add_turn(f"conv-{i}", "q", "a")
+        await manager.get_history(f"never-stored-{i}")
+    assert len(store) == 100
+    assert len(store._locks) == 0
+
+
+async def test_memory_invalid_caps() -> None:
+    with pytest.raises(ConfigurationError):
+        MemoryConversationStore(max_conversations=0)
+    with pytest.raises(ConfigurationError):
+        MemoryConversationStore(max_messages=-1)
+    with pytest.raises(ConfigurationError):
+        MemoryConversationStore(lock_timeout=-1)
+
+
+async def test_memory_lock_mutual_exclusion() -> None:
+    manager = ConversationManager()
+    events: list[str] = []
+    first_in = anyio.Event()
+
+    async def first() -> None:
+        async with manager.lock("c"):
+            events.append("first-in")
+            first_in.set()
+            await anyio.sleep(0.05)
+            events.append("first-out")
+
+    async def second() -> None:
+        await first_in.wait()
+        async with manager.lock("c"):
+            events.append("second-in")
+
+    async def other_conversation() -> None:
+        await first_in.wait()
+        async with manager.lock("other"):  # not blocked by "c"
+            events.append("other-in")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first)
+        tg.start_soon(second)
+        tg.start_soon(other_conversation)
+    assert events.index("first-out") < events.index("second-in")
+    assert events.index("other-in") < events.index("first-out")
+
+
+async def test_memory_lock_table_does_not_grow() -> None:
+    store = MemoryConversationStore()
+    for i in range(10_000):
+        async with store.lock(f"c{i}"):
+            assert len(store._locks) == 1
+    assert len(store._locks) == 0
+
+
+async def test_memory_lock_released_when_holder_cancelled() -> None:
+    store = MemoryConversationStore()
+    with anyio.move_on_after(0.05) as scope:
+        async with store.lock("c"):
+            await anyio.sleep(10)
+    assert scope.cancelled_caught
+    assert store._locks == {}
+    async with store.lock("c", timeout=0.1):
+        pass
+
+
+async def test_memory_lock_waiter_cancelled_cleans_up() -> None:
+    store = MemoryConversationStore()
+    async with store.lock("c"):
+        with anyio.move_on_after(0.02):
+            async with store.lock("c", timeout=None):
+                pytest.fail("acquired a held lock")
+        assert store._locks["c"].users == 1
+    assert store._locks == {}
+
+
+async def test_memory_lock_timeout() -> None:
+    store = MemoryConversationStore(lock_timeout=0.05)
+    manager = ConversationManager(store)
+    async with manager.lock("c"):
+        start = time.monotonic()
+        with pytest.raises(ConversationLockTimeout) as info:
+            async with manager.lock("c"):
+                pytest.fail("acquired a held lock")
+        assert 0.04 < time.monotonic() - start < 1
+        assert isinstance(info.value, LayercodeError)
+        assert isinstance(info.value, TimeoutError)
+        assert info.value.conversation_id == "c"
+        with pytest.raises(ConversationLockTimeout):
+            async with manager.lock("c", timeout=0):
+                pass
+    assert store._locks == {}
+    async with manager.lock("c", timeout=0):  # timeout=0 still takes a free lock
+        pass
+
+
+# -- redis store (real redis-server) ----------------------------------------------------------
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[Any]:
+    """A plain redis-py client on the test server, to inspect keys behind the store's back."""
+    redis_asyncio: Any = pytest.importorskip("redis.asyncio")
+    client = redis_asyncio.Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_redis_append_get_clear(redis_server: RedisServer, raw: Any) -> None:
+    async with ConversationManager(RedisConversationStore(redis_server.url)) as manager:
+        await manager.ping()
+        await manager.add_turn("c1", "hi", "hello", turn_id="t1")
+        await manager.add_message("c1", {"role": "user", "text": "ünïcode ✓"})
+        await manager.add_message("c2", msg(A, "other"))
+        assert await manager.get_history("c1") == [
+            msg(U, "hi", "t1"),
+            msg(A, "hello", "t1"),
+            msg(U, "ünïcode ✓"),
+        ]
+        assert await manager.get_history("missing") == []
+        assert await raw.llen("layercode:history:c1") == 3
+        await manager.clear("c1")
+        assert await manager.get_history("c1") == []
+        assert await raw.exists("layercode:history:c1") == 0
+        assert await manager.get_history("c2") == [msg(A, "other")]
+
+
+async def test_redis_cap_ttl_and_prefix(redis_server: RedisServer, raw: Any) -> None:
+    store = RedisConversationStore(redis_server.url, max_messages=3, ttl=100, key_prefix="app:")
+    try:
+        for i in range(4):
+            await store.append("c", [msg(U, f"q{i}"), msg(A, f"a{i}")])
+        assert [m.text for m in await store.get("c")] == ["a2", "q3", "a3"]
+        assert await raw.llen("app:history:c") == 3
+        assert 90 < await raw.ttl("app:history:c") <= 100
+    finally:
+        await store.aclose()
+    forever = RedisConversationStore(redis_server.url, ttl=None)
+    try:
+        await forever.append("p", [msg(U, "x")])
+        assert await raw.ttl("layercode:history:p") == -1
+    finally:
+        await forever.aclose()
+
+
+async def test_redis_skips_undecodable_entries(
+    redis_server: RedisServer, raw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = RedisConversationStore(raw)
+    await store.append("c", [msg(U, "ok")])
+    await raw.rpush("layercode:history:c", b"not json", b'{"role":"system","text":"x"}')
+    with caplog.at_level(logging.WARNING, logger="layercode_asgi.conversation"):
+        assert await store.get("c") == [msg(U, "ok")]
+    assert "undecodable" in caplog.text
+    await store.aclose()  # does not close a client it did not create
+    assert await raw.ping() is True
+
+
+async def test_redis_lock_excludes_another_client(redis_server: RedisServer) -> None:
+    a = RedisConversationStore(redis_server.url)
+    b = RedisConversationStore(redis_server.url)
+    events: list[str] = []
+    a_in = anyio.Event()
+
+    async def holder() -> None:
+        async with a.lock("c"):
+            events.append("a-in")
+            a_in.set()
+            await anyio.sleep(0.15)
+            events.append("a-out")
+
+    async def waiter() -> None:
+        await a_in.wait()
+        async with b.lock("c", timeout=5):
+            events.append("b-in")
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            tg.start_soon(waiter)
+        assert events == ["a-in", "a-out", "b-in"]
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_redis_lock_ttl_extended_while_held(redis_server: RedisServer, raw: Any) -> None:
+    a = RedisConversationStore(redis_server.url, lock_ttl=0.3)
+    b = RedisConversationStore(redis_server.url, lock_ttl=0.3)
+    try:
+        async with a.lock("c"):
+            start = time.monotonic()
+            with pytest.raises(ConversationLockTimeout):
+                async with b.lock("c", timeout=1.0):
+                    pytest.fail("acquired a lock held (and extended) by another client")
+            assert time.monotonic() - start >= 0.95  # > 3 lock TTLs
+            assert 0 < await raw.pttl("layercode:lock:c") <= 300
+        assert await raw.exists("layercode:lock:c") == 0
+        async with b.lock("c", timeout=0):
+            pass
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_redis_release_never_deletes_a_foreign_lock(
+    redis_server: RedisServer, raw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = RedisConversationStore(redis_server.url, lock_ttl=0.15)
+    try:
+        with caplog.at_level(logging.WARNING, logger="layercode_asgi.conversation"):
+            async with store.lock("c"):
+                # Our lock "expired" and another process took it.
+                await raw.set("layercode:lock:c", "foreign-token", px=10_000)
+                await anyio.sleep(0.15)  # let the keep-alive notice
+        assert await raw.get("layercode:lock:c") == b"foreign-token"
+        assert 9000 < await raw.pttl("layercode:lock:c") <= 10_000  # not extended by us
+        assert "lost the lock" in caplog.text
+    finally:
+        await store.aclose()
+
+
+async def test_redis_lock_timeout(redis_server: RedisServer, raw: Any) -> None:
+    store = RedisConversationStore(redis_server.url, lock_timeout=0.2)
+    await raw.set("layercode:lock:c", "someone-else")
+    try:
+        start = time.monotonic()
+        with pytest.raises(ConversationLockTimeout) as info:
+            async with store.lock("c"):
+                pytest.fail("acquired a held lock")
+        assert 0.19 < time.monotonic() - start < 2
+        assert "'c'" in str(info.value)
+        assert await raw.get("layercode:lock:c") == b"someone-else"
+    finally:
+        await store.aclose()
+
+
+async def test_redis_lock_released_when_holder_cancelled(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    store = RedisConversationStore(redis_server.url)
+    try:
+        with anyio.move_on_after(0.1) as scope:
+            async with store.lock("c"):
+                assert await raw.exists("layercode:lock:c") == 1
+                await anyio.sleep(10)
+        assert scope.cancelled_caught
+        assert await raw.exists("layercode:lock:c") == 0
+        # The holder's exception comes out as itself (not wrapped in an ExceptionGroup).
+        with pytest.raises(RuntimeError, match="boom") as info:
+            async with store.lock("c"):
+                raise RuntimeError("boom") from KeyError("cause")
+        assert isinstance(info.value.__cause__, KeyError)
+        assert info.value.__context__ is None
+        assert await raw.exists("layercode:lock:c") == 0
+    finally:
+        await store.aclose()
+
+
+async def test_redis_down_fails_fast_then_recovers(redis_server: RedisServer) -> None:
+    store = RedisConversationStore(redis_server.url)
+    manager = ConversationManager(store)
+    await manager.add_turn("c", "before", "outage")
+    redis_server.stop()
+
+    async def lock_once() -> None:
+        async with manager.lock("c", timeout=10):
+            pytest.fail("locked while Redis is down")
+
+    operations: dict[str, Any] = {
+        "ping": manager.ping,
+        "get": lambda: manager.get_history("c"),
+        "append": lambda: manager.add_message("c", {"role": "user", "text": "x"}),
+        "clear": lambda: manager.clear("c"),
+        "lock": lock_once,
+    }
+    for name, operation in operations.items():
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailableError) as info:
+            await operation()
+        assert time.monotonic() - start < 5, f"{name} did not fail fast"
+        assert f"127.0.0.1:{redis_server.port}" in str(info.value)
+        assert isinstance(info.value, LayercodeError)
+
+    redis_server.start()  # same port, empty data (no persistence)
+    await manager.ping()
+    assert await manager.get_history("c") == []
+    await manager.add_turn("c", "after", "restart")
+    assert [m.text for m in await manager.get_history("c")] == ["after", "restart"]
+    async with manager.lock("c", timeout=1):
+        pass
+    await manager.aclose()
+
+
+async def test_redis_unresponsive_times_out_then_recovers(redis_server: RedisServer) -> None:
+    store = RedisConversationStore(redis_server.url, socket_timeout=0.3, lock_ttl=1)
+    try:
+        await store.append("c", [msg(U, "hi")])
+        redis_server.pause()
+        try:
+            for operation in (store.ping, lambda: store.get("c")):
+                start = time.monotonic()
+                with pytest.raises(StoreUnavailableError, match="Timeout"):
+                    await operation()
+                assert time.monotonic() - start < 1.5
+        finally:
+            redis_server.resume()
+        assert await store.get("c") == [msg(U, "hi")]
+    finally:
+        await store.aclose()
+
+
+async def test_redis_ping_of_a_non_redis_server_is_unavailable() -> None:
+    pytest.importorskip("redis")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(5)
+        port = listener.getsockname()[1]
+
+        def answer_http() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        store = RedisConversationStore(f"redis://127.0.0.1:{port}")
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, answer_http)
+                with pytest.raises(StoreUnavailableError):
+                    await store.ping()
+        finally:
+            await store.aclose()
+
+
+async def test_redis_invalid_arguments() -> None:
+    pytest.importorskip("redis")
+    with pytest.raises(ConfigurationError):
+        RedisConversationStore("redis://localhost", max_messages=0)
+    with pytest.raises(ConfigurationError):
+        RedisConversationStore("redis://localhost", lock_ttl=0)
+    with pytest.raises(ConfigurationError):
+        RedisConversationStore("redis://localhost", ttl=-1)
+    with pytest.raises(ConfigurationError, match="invalid Redis URL"):
+        RedisConversationStore("http://user:pw@localhost")
+
+
+async def test_redis_store_without_the_redis_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)
+    with pytest.raises(ConfigurationError, match=r"pip install 'layercode-asgi\[redis\]'"):
+        RedisConversationStore("redis://localhost")
+    ConversationManager()  # the memory store needs nothing

@@ -1,0 +1,159 @@
+"""``setup_logging`` and ``log_webhook``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from layercode_asgi.logs import LOGGER_NAME, log_webhook, setup_logging
+
+
+@pytest.fixture(autouse=True)
+def restore_library_logger() -> Iterator[logging.Logger]:
+    """Undo setup_logging's changes so other tests see the logger as they expect."""
+    target = logging.getLogger(LOGGER_NAME)
+    handlers, level, propagate = list(target.handlers), target.level, target.propagate
+    root_handlers, root_level = list(logging.getLogger().handlers), logging.getLogger().level
+    try:
+        yield target
+    finally:
+        target.handlers[:] = handlers
+        target.setLevel(level)
+        target.propagate = propagate
+        assert logging.getLogger().handlers == root_handlers
+        assert logging.getLogger().level == root_level
+
+
+def ours(target: logging.Logger) -> list[logging.Handler]:
+    return [h for h in target.handlers if getattr(h, "_layercode_asgi_handler", None)]
+
+
+def test_setup_is_idempotent_and_sets_levels(restore_library_logger: logging.Logger) -> None:
+    target = restore_library_logger
+    root_level = logging.getLogger().level
+    setup_logging()
+    assert target.level == logging.INFO
+    assert len(ours(target)) == 1
+    setup_logging(verbose=True)
+    setup_logging(verbose=True)
+    assert len(ours(target)) == 1
+    assert target.level == logging.DEBUG
+    assert logging.getLogger("layercode_asgi.webhook").isEnabledFor(logging.DEBUG)
+    setup_logging(level="warning")
+    assert target.level == logging.WARNING
+    assert logging.getLogger().level == root_level  # the root logger is left alone
+    with pytest.raises(ValueError):
+        setup_logging(level="chatty")
+
+
+def test_stream_handler_format(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging()
+    logging.getLogger("layercode_asgi.test").info("hello %s", "world")
+    logging.getLogger("layercode_asgi.test").debug("hidden at INFO")
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "layercode_asgi.test" in line]
+    assert len(lines) == 1
+    line = lines[0]
+    # "2025-01-01 12:00:00 INFO    layercode_asgi.test: hello world"
+    date, clock, level, name, *message = line.split()
+    assert len(date) == 10 and date[4] == "-" and len(clock) == 8 and clock[2] == ":"
+    assert (level, name, " ".join(message)) == ("INFO", "layercode_asgi.test:", "hello world")
+
+
+def test_log_webhook_line(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="layercode_asgi.webhook"):
+        log_webhook("message", "c1", "t1", 200, 0.0123)
+        log_webhook("session.end", "c2", None, 200, 0.5, agent="echo", chars=12)
+    first, second = caplog.records
+    assert first.getMessage() == (
+        "webhook type=message conversation=c1 turn=t1 status=200 duration_ms=12.3"
+    )
+    assert first.name == "layercode_asgi.webhook"
+    assert first.levelno == logging.INFO
+    fields: Any = first
+    assert (fields.event_type, fields.conversation_id, fields.turn_id) == ("message", "c1", "t1")
+    assert (fields.status, fields.duration_ms) == (200, 12.3)
+    assert second.getMessage() == (
+        "webhook type=session.end conversation=c2 turn=- status=200 duration_ms=500.0"
+        " agent=echo chars=12"
+    )
+    extra: Any = second
+    assert (extra.agent, extra.chars, extra.turn_id) == ("echo", 12, None)
+
+
+def test_log_webhook_levels_and_escaping(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="layercode_asgi.webhook"):
+        log_webhook(None, "bad id\nINJECTED", None, 401, 0.001, reason="bad signature")
+        log_webhook("message", "c", "t", 500, 0.0, name="reserved", msg="100%")
+    first, second = caplog.records
+    assert first.levelno == logging.WARNING
+    assert first.getMessage() == (
+        'webhook type=- conversation="bad id\\nINJECTED" turn=- status=401 duration_ms=1.0'
+        ' reason="bad signature"'
+    )
+    assert "\n" not in first.getMessage()
+    assert second.levelno == logging.ERROR
+    assert second.getMessage().endswith(" name=reserved msg=100%")
+    renamed: Any = second
+    assert renamed.extra_name == "reserved"  # LogRecord attributes are never overwritten
+    assert second.name == "layercode_asgi.webhook"
+
+
+def test_log_webhook_is_cheap_when_disabled(caplog: pytest.LogCaptureFixture) -> None:
+    class Exploding:
+        def __str__(self) -> str:
+            raise AssertionError("formatted although the level is disabled")
+
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi.webhook"):
+        log_webhook("message", "c", "t", 200, 0.1, payload=Exploding())
+    assert caplog.records == []
+
+
+def test_logfire_token_without_logfire_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "logfire", None)  # makes `import logfire` fail
+    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+        setup_logging(logfire_token="lf-token")
+    assert "logfire package is not installed" in caplog.text
+    assert "lf-token" not in caplog.text
+    assert len(ours(logging.getLogger(LOGGER_NAME))) == 1
+
+
+def test_logfire_configured_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, Any]] = []
+
+    class FakeHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            pass
+
+    fake = types.ModuleType("logfire")
+    fake.configure = lambda **kwargs: calls.append(kwargs)  # type: ignore[attr-defined]
+    fake.LogfireLoggingHandler = FakeHandler  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "logfire", fake)
+    target = logging.getLogger(LOGGER_NAME)
+    setup_logging(logfire_token="tok")
+    setup_logging(logfire_token="tok")
+    assert calls == [{"token": "tok"}, {"token": "tok"}]
+    assert sum(isinstance(h, FakeHandler) for h in target.handlers) == 1
+    setup_logging()  # no token: logfire untouched
+    assert len(calls) == 2
+
+
+def test_logfire_failure_does_not_crash(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def configure(**kwargs: Any) -> None:
+        raise RuntimeError("bad token")
+
+    fake = types.ModuleType("logfire")
+    fake.configure = configure  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "logfire", fake)
+    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+        setup_logging(logfire_token="tok")
+    assert "could not configure Logfire: RuntimeError: bad token" in caplog.text

@@ -1,0 +1,523 @@
+"""``create_app``: routes, errors, authorize against a fake LayerCode, history on Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+import pytest
+from httpx_sse import connect_sse
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from layercode_asgi import (
+    AgentNotFoundError,
+    ConfigurationError,
+    ConversationManager,
+    HistoryMessage,
+    RedisConversationStore,
+    Settings,
+    __version__,
+    create_app,
+)
+
+from .conftest import SECRET, event_body, serve, signed_headers
+from .redis_fixtures import RedisServer, redis_server  # noqa: F401 - fixture
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def settings(**overrides: Any) -> Settings:
+    base: dict[str, Any] = {"layercode_webhook_secret": SECRET, "layercode_api_key": "lc_key"}
+    base.update(overrides)
+    return Settings(env_file=None, environ={}, **base)
+
+
+def sse_events(client: httpx.Client, body: bytes, path: str = "/api/agent") -> list[dict[str, Any]]:
+    with connect_sse(client, "POST", path, content=body, headers=signed_headers(body)) as source:
+        assert source.response.status_code == 200, source.response.read()
+        return [msgspec.json.decode(e.data) for e in source.iter_sse()]
+
+
+# -- start-up errors -------------------------------------------------------------------------
+
+
+def test_refuses_to_start_without_a_webhook_secret() -> None:
+    with pytest.raises(ConfigurationError, match="LAYERCODE_WEBHOOK_SECRET"):
+        create_app(Settings(env_file=None, environ={}))
+
+
+def test_unknown_agent_lists_the_available_ones() -> None:
+    with pytest.raises(AgentNotFoundError) as info:
+        create_app(settings(), agent="nope")
+    assert "echo" in str(info.value) and "openai" in str(info.value)
+    assert info.value.available == ("echo", "openai")
+
+
+def test_openai_agent_refuses_without_key() -> None:
+    with pytest.raises(ConfigurationError, match="OPENAI_API_KEY"):
+        create_app(settings(), agent="openai")
+
+
+# -- the echo agent end to end over real HTTP ----------------------------------------------------
+
+
+def test_echo_conversation_over_uvicorn() -> None:
+    app = create_app(settings())
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        start = sse_events(client, event_body("session.start"))
+        assert start == [
+            {
+                "type": "response.tts",
+                "content": "Hello! I'm the echo agent. Say something and I'll say it back.",
+                "turn_id": "turn-1",
+            },
+            {"type": "response.end", "turn_id": "turn-1"},
+        ]
+        reply = sse_events(client, event_body(text="ça va? 🎙️", turn_id="turn-2"))
+        assert reply[0]["content"] == "You said: ça va? 🎙️"
+        history = anyio.run(app.state.conversations.get_history, "conv-1")
+        assert [(m.role, m.text) for m in history] == [
+            ("assistant", "Hello! I'm the echo agent. Say something and I'll say it back."),
+            ("user", "ça va? 🎙️"),
+            ("assistant", "You said: ça va? 🎙️"),
+        ]
+        body = event_body("data", data={"x": 1})
+        r = client.post("/api/agent", content=body, headers=signed_headers(body))
+        assert (r.status_code, r.json()) == (200, {"status": "ok"})
+        body = event_body("session.end")
+        r = client.post("/api/agent", content=body, headers=signed_headers(body))
+        assert (r.status_code, r.json()) == (200, {"status": "ok"})
+        assert anyio.run(app.state.conversations.get_history, "conv-1") == []
+
+
+def test_keep_history_after_session_end() -> None:
+    app = create_app(settings(keep_history=True))
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        sse_events(client, event_body())
+        body = event_body("session.end")
+        client.post("/api/agent", content=body, headers=signed_headers(body))
+        assert len(anyio.run(app.state.conversations.get_history, "conv-1")) == 2
+
+
+def test_health_and_ready() -> None:
+    with serve(create_app(settings())) as url, httpx.Client(base_url=url) as client:
+        health = client.get("/health")
+        assert health.status_code == 200
+        data = health.json()
+        assert set(data) == {"status", "timestamp", "version"}
+        assert data["status"] == "healthy" and data["version"] == __version__
+        assert datetime.fromisoformat(data["timestamp"]).tzinfo is not None
+        ready = client.get("/ready")
+        assert (ready.status_code, ready.json()) == (
+            200,
+            {"ready": True, "agent": "echo_agent", "model": "openai:gpt-5-nano"},
+        )
+
+
+def test_every_error_is_json() -> None:
+    app = create_app(settings(max_body_size=1000))
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        cases = [
+            (client.get("/nowhere"), 404),
+            (client.get("/api/agent"), 405),
+            (client.post("/health"), 405),
+            (client.post("/api/agent", content=event_body()), 401),
+            (
+                client.post("/api/agent", content=b"x" * 2000, headers=signed_headers(b"x" * 2000)),
+                413,
+            ),
+            (client.post("/api/agent", content=b"{}", headers=signed_headers(b"{}")), 400),
+            (client.post("/api/authorize", content=b"[]"), 400),
+        ]
+        for response, status in cases:
+            assert response.status_code == status, (response.request.url, response.text)
+            assert response.headers["content-type"] == "application/json", response.text
+            assert isinstance(response.json()["error"], str)
+            assert "Traceback" not in response.text
+        assert cases[1][0].headers["allow"] == "POST"
+
+
+def test_malformed_webhook_names_the_field() -> None:
+    with serve(create_app(settings())) as url, httpx.Client(base_url=url) as client:
+        body = b'{"type":"message","session_id":"s","conversation_id":"c","turn_id":5}'
+        r = client.post("/api/agent", content=body, headers=signed_headers(body))
+        assert r.status_code == 400
+        assert r.json()["path"] == "$.turn_id"
+        body = event_body("response.brand_new")
+        r = client.post("/api/agent", content=body, headers=signed_headers(body))
+        assert (r.status_code, r.json()) == (200, {"status": "ignored"})
+        body = event_body(conversation_id="")
+        r = client.post("/api/agent", content=body, headers=signed_headers(body))
+        assert r.status_code == 400
+        assert "conversation_id" in r.json()["error"]
+
+
+def test_mounted_inside_another_app() -> None:
+    async def home(request: Request) -> Response:
+        return JSONResponse({"home": True})
+
+    parent = Starlette(routes=[Route("/", home), Mount("/voice", app=create_app(settings()))])
+    with serve(parent) as url, httpx.Client(base_url=url, timeout=10) as client:
+        assert client.get("/").json() == {"home": True}
+        assert client.get("/voice/health").json()["status"] == "healthy"
+        events = sse_events(client, event_body(), path="/voice/api/agent")
+        assert events[-1] == {"type": "response.end", "turn_id": "turn-1"}
+
+
+def test_hooks_are_called() -> None:
+    seen: list[str] = []
+
+    async def on_data(event: Any) -> dict[str, Any]:
+        return {"echo": event.data}
+
+    def on_end(event: Any) -> None:
+        seen.append(event.type)
+
+    app = create_app(settings(), on_data=on_data, on_session_end=on_end)
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        body = event_body("data", data={"k": [1]})
+        assert client.post("/api/agent", content=body, headers=signed_headers(body)).json() == {
+            "echo": {"k": [1]}
+        }
+        body = event_body("session.end")
+        client.post("/api/agent", content=body, headers=signed_headers(body))
+    assert seen == ["session.end"]
+
+
+def test_one_log_line_per_webhook(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="layercode_asgi.webhook"):
+        with serve(create_app(settings())) as url, httpx.Client(base_url=url) as client:
+            sse_events(client, event_body(turn_id="t-77"))
+        lines = [r.getMessage() for r in caplog.records if r.name == "layercode_asgi.webhook"]
+    assert len(lines) == 1, lines
+    assert "type=message" in lines[0] and "conversation=conv-1" in lines[0]
+    assert "turn=t-77" in lines[0] and "status=200" in lines[0] and "duration_ms=" in lines[0]
+
+
+# -- the authorize route against a fake LayerCode API --------------------------------------------
+
+
+class FakeLayercode:
+    """A LayerCode REST API double on 127.0.0.1, scripted per test."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.status = 200
+        self.answer: Any = {
+            "client_session_key": "csk_123",
+            "conversation_id": "conv-9",
+            "config": {"voice": "x"},
+        }
+        self.delay = 0.0
+        self.app = Starlette(
+            routes=[Route("/v1/agents/web/authorize_session", self.authorize, methods=["POST"])]
+        )
+
+    async def authorize(self, request: Request) -> Response:
+        self.requests.append((request.url.path, dict(request.headers), await request.body()))
+        if self.delay:
+            await anyio.sleep(self.delay)
+        if isinstance(self.answer, bytes):
+            return Response(self.answer, status_code=self.status)
+        return JSONResponse(self.answer, status_code=self.status)
+
+
+@pytest.fixture
+def layercode() -> Iterator[tuple[FakeLayercode, str]]:
+    fake = FakeLayercode()
+    with serve(fake.app) as url:
+        yield fake, url + "/v1"
+
+
+def test_authorize_relays_success(layercode: tuple[FakeLayercode, str]) -> None:
+    fake, api = layercode
+    app = create_app(settings(layercode_api_url=api))
+    body = b'{"agent_id":"ag_1","metadata":{"user":"u1"}}'
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        r = client.post("/api/authorize", content=body)
+    assert (r.status_code, r.json()) == (200, fake.answer)
+    path, headers, sent = fake.requests[0]
+    assert path == "/v1/agents/web/authorize_session"
+    assert headers["authorization"] == "Bearer lc_key"
+    assert sent == body
+
+
+@pytest.mark.parametrize(
+    ("status", "answer", "expected_status", "expected"),
+    [
+        (403, {"error": "agent not found"}, 403, {"error": "agent not found"}),
+        (
+            422,
+            {"detail": "bad config"},
+            422,
+            {
+                "error": "LayerCode API refused the request (422)",
+                "detail": {"detail": "bad config"},
+            },
+        ),
+        (400, b"plain text", 400, {"error": "LayerCode API refused the request (400)"}),
+        (500, {"error": "oops"}, 502, {"error": "LayerCode API error (500)"}),
+        (200, b"not json", 502, {"error": "LayerCode API sent an invalid response"}),
+    ],
+)
+def test_authorize_upstream_answers(
+    layercode: tuple[FakeLayercode, str],
+    status: int,
+    answer: Any,
+    expected_status: int,
+    expected: dict[str, Any],
+) -> None:
+    fake, api = layercode
+    fake.status, fake.answer = status, answer
+    with serve(create_app(settings(layercode_api_url=api))) as url, httpx.Client(base_url=url) as c:
+        r = c.post("/api/authorize", json={"agent_id": "ag_1"})
+    assert (r.status_code, r.json()) == (expected_status, expected)
+
+
+def test_authorize_upstream_unreachable_and_timeout(layercode: tuple[FakeLayercode, str]) -> None:
+    fake, api = layercode
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    with (
+        serve(create_app(settings(layercode_api_url=dead))) as url,
+        httpx.Client(base_url=url) as c,
+    ):
+        r = c.post("/api/authorize", json={"agent_id": "ag_1"})
+    assert (r.status_code, r.json()) == (502, {"error": "LayerCode API unreachable"})
+
+    fake.delay = 3
+    app = create_app(settings(layercode_api_url=api), authorize_timeout=0.3)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as c:
+        started = time.monotonic()
+        r = c.post("/api/authorize", json={"agent_id": "ag_1"})
+        assert time.monotonic() - started < 2.5
+    assert (r.status_code, r.json()) == (502, {"error": "LayerCode API timed out"})
+
+
+def test_authorize_validates_input(layercode: tuple[FakeLayercode, str]) -> None:
+    fake, api = layercode
+    with serve(create_app(settings(layercode_api_url=api))) as url, httpx.Client(base_url=url) as c:
+        for body in (b"{}", b'{"agent_id":""}', b'{"agent_id":5}', b"nope", b"[1]", b""):
+            r = c.post("/api/authorize", content=body)
+            assert r.status_code == 400, body
+            assert "agent_id" in r.json()["error"]
+    assert fake.requests == []
+
+
+def test_authorize_without_api_key_is_503(layercode: tuple[FakeLayercode, str]) -> None:
+    _, api = layercode
+    app = create_app(settings(layercode_api_url=api, layercode_api_key=None))
+    with serve(app) as url, httpx.Client(base_url=url) as c:
+        r = c.post("/api/authorize", json={"agent_id": "a"})
+    assert r.status_code == 503
+    assert "LAYERCODE_API_KEY" in r.json()["error"]
+
+
+def test_authorize_guard_keys_and_callable(layercode: tuple[FakeLayercode, str]) -> None:
+    fake, api = layercode
+    app = create_app(settings(layercode_api_url=api, authorize_api_keys="k1,k2"))
+    with serve(app) as url, httpx.Client(base_url=url) as c:
+        for headers in (
+            {},
+            {"x-api-key": "wrong"},
+            {"authorization": "Bearer nope"},
+            {"authorization": "k1"},
+        ):
+            r = c.post("/api/authorize", json={"agent_id": "a"}, headers=headers)
+            assert (r.status_code, r.json()) == (401, {"error": "missing or invalid API key"})
+        assert (
+            c.post(
+                "/api/authorize", json={"agent_id": "a"}, headers={"x-api-key": "k2"}
+            ).status_code
+            == 200
+        )
+        assert (
+            c.post(
+                "/api/authorize", json={"agent_id": "a"}, headers={"authorization": "Bearer k1"}
+            ).status_code
+            == 200
+        )
+    assert len(fake.requests) == 2
+
+    async def guard(request: Request) -> bool:
+        return request.headers.get("x-session") == "ok"
+
+    app = create_app(settings(layercode_api_url=api), authorize_guard=guard)
+    with serve(app) as url, httpx.Client(base_url=url) as c:
+        assert c.post("/api/authorize", json={"agent_id": "a"}).status_code == 401
+        assert (
+            c.post(
+                "/api/authorize", json={"agent_id": "a"}, headers={"x-session": "ok"}
+            ).status_code
+            == 200
+        )
+
+
+def test_cors_for_explicit_origins(layercode: tuple[FakeLayercode, str]) -> None:
+    _, api = layercode
+    app = create_app(settings(layercode_api_url=api, cors_origins="https://app.example.com"))
+    with serve(app) as url, httpx.Client(base_url=url) as c:
+        preflight = {
+            "origin": "https://app.example.com",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type,x-api-key",
+        }
+        r = c.options("/api/authorize", headers=preflight)
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "https://app.example.com"
+        r = c.options("/api/authorize", headers={**preflight, "origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+        r = c.post(
+            "/api/authorize", json={"agent_id": "a"}, headers={"origin": "https://app.example.com"}
+        )
+        assert r.headers["access-control-allow-origin"] == "https://app.example.com"
+
+
+# -- Redis: readiness, and two worker processes sharing history ------------------------------------
+
+
+def test_ready_is_503_when_redis_is_down(redis_server: RedisServer) -> None:  # noqa: F811
+    app = create_app(settings(redis_url=redis_server.url))
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        assert client.get("/ready").status_code == 200
+        redis_server.stop()
+        started = time.monotonic()
+        r = client.get("/ready")
+        assert time.monotonic() - started < 5
+        assert r.status_code == 503
+        assert r.json()["ready"] is False and "error" in r.json()
+        body = event_body()
+        r = client.post("/api/agent", content=body, headers=signed_headers(body))
+        assert r.status_code == 503
+        assert r.headers["content-type"] == "application/json"
+        redis_server.start()
+        assert client.get("/ready").status_code == 200
+        assert sse_events(client, event_body())[-1]["type"] == "response.end"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Worker:
+    """``uvicorn --factory layercode_asgi.server:app_from_env`` as its own process."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "layercode_asgi.server:app_from_env",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    self.process.stdout.read().decode() if self.process.stdout else ""
+                )
+            try:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("worker did not become ready")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def test_two_workers_share_history_and_the_lock(redis_server: RedisServer) -> None:  # noqa: F811
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "LAYERCODE_WEBHOOK_SECRET": SECRET,
+        "REDIS_URL": redis_server.url,
+        "LAYERCODE_AGENT": "tests.agents_for_tests:history_agent",
+    }
+    workers = [Worker(env), Worker(env)]
+    try:
+        for worker in workers:
+            worker.wait_ready()
+        clients = [httpx.Client(base_url=w.url, timeout=20) for w in workers]
+        pids = set()
+        for i in range(8):  # turns alternate between the two processes
+            events = sse_events(clients[i % 2], event_body(text=f"m{i}", turn_id=f"t{i}"))
+            said = events[0]["content"]
+            assert f"saw={2 * i}" in said, said
+            pids.add(said.split()[0])
+        assert len(pids) == 2, "both worker processes answered"
+
+        # A slow turn on worker 0 holds the lock until its stream ends; the next turn,
+        # sent meanwhile to worker 1, waits and then sees the slow turn's full reply.
+        results: dict[str, list[dict[str, Any]]] = {}
+
+        def slow() -> None:
+            results["slow"] = sse_events(clients[0], event_body(text="slow one", turn_id="t8"))
+
+        thread = threading.Thread(target=slow)
+        thread.start()
+        time.sleep(0.3)
+        results["next"] = sse_events(clients[1], event_body(text="after", turn_id="t9"))
+        thread.join(10)
+        assert "saw=16" in results["slow"][0]["content"]
+        assert "saw=18" in results["next"][0]["content"]
+
+        async def stored() -> list[HistoryMessage]:
+            async with ConversationManager(RedisConversationStore(redis_server.url)) as history:
+                return await history.get_history("conv-1")
+
+        history = anyio.run(stored)
+        assert [m.role for m in history] == ["user", "assistant"] * 10
+        assert [m.text for m in history if m.role == "user"] == [f"m{i}" for i in range(8)] + [
+            "slow one",
+            "after",
+        ]
+        assert history[17].text.endswith("(slow done)")
+        assert [m.turn_id for m in history[::2]] == [f"t{i}" for i in range(10)]
+        for client in clients:
+            client.close()
+    finally:
+        for worker in workers:
+            worker.stop()
