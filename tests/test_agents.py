@@ -1,0 +1,170 @@
+"""The agent registry, the echo agent, and the OpenAI agent against a local fake API."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from layercode_asgi import (
+    AgentNotFoundError,
+    ConfigurationError,
+    HistoryMessage,
+    LayercodeSignature,
+    LayercodeWebhook,
+    Settings,
+    echo_agent,
+    get_agent,
+    list_agents,
+    openai_agent,
+    register_agent,
+)
+from layercode_asgi.agents import AGENTS
+
+from .conftest import SECRET, event_body, serve, signed_headers
+from .test_turns import read_events
+
+
+def test_list_and_get_builtin_agents() -> None:
+    assert {"echo", "openai"} <= set(list_agents())
+    assert get_agent("echo") is echo_agent
+
+
+def test_unknown_name_lists_the_names() -> None:
+    with pytest.raises(AgentNotFoundError, match="echo, openai") as info:
+        get_agent("starter")
+    assert isinstance(info.value, LookupError)
+    assert info.value.name == "starter"
+
+
+def test_import_path_agents() -> None:
+    agent = get_agent("tests.agents_for_tests:history_agent")
+    assert agent.__name__ == "history_agent"
+    with pytest.raises(AgentNotFoundError):
+        get_agent("tests.agents_for_tests:missing")
+    with pytest.raises(AgentNotFoundError):
+        get_agent("no_such_module_xyz:agent")
+    with pytest.raises(ConfigurationError, match="not callable"):
+        get_agent("tests.test_agents:SECRET")
+
+
+def test_register_agent() -> None:
+    async def mine(event: Any) -> AsyncIterator[str]:
+        yield "mine"
+
+    register_agent("mine", lambda settings: mine)
+    try:
+        assert get_agent("mine") is mine
+        assert "mine" in list_agents()
+    finally:
+        AGENTS.pop("mine")
+
+
+@pytest.mark.anyio
+async def test_echo_agent_turns() -> None:
+    app = LayercodeSignature(LayercodeWebhook(echo_agent), secret=SECRET)
+    start = await read_events(app, event_body("session.start"))
+    assert start[0]["content"].startswith("Hello! I'm the echo agent")
+    said = await read_events(app, event_body(text="ping"))
+    assert said[0]["content"] == "You said: ping"
+    silent = await read_events(app, event_body(text=None))
+    assert silent[0]["content"] == "I didn't catch that."
+
+
+def test_openai_agent_configuration_errors() -> None:
+    with pytest.raises(ConfigurationError, match="OPENAI_API_KEY"):
+        get_agent("openai", Settings(env_file=None, environ={}))
+    with pytest.raises(ConfigurationError, match="openai:<model>"):
+        get_agent(
+            "openai",
+            Settings(env_file=None, environ={}, openai_api_key="k", default_model="google:gemini"),
+        )
+    agent = get_agent(
+        "openai", Settings(env_file=None, environ={}, openai_api_key="k", default_model="gpt-x")
+    )
+    assert callable(agent)
+
+
+class FakeOpenAI:
+    """The chat-completions streaming endpoint of an OpenAI-compatible API, on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"])])
+
+    async def chat(self, request: Request) -> Response:
+        body = msgspec.json.decode(await request.body())
+        self.requests.append({"body": body, "auth": request.headers.get("authorization")})
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for piece in ("Hel", "lo ", "there."):
+                chunk = {
+                    "id": "c1",
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": body["model"],
+                    "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+                }
+                yield b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[tuple[FakeOpenAI, str]]:
+    fake = FakeOpenAI()
+    with serve(fake.app) as url:
+        yield fake, url + "/v1"
+
+
+def test_openai_agent_streams_deltas_with_history(fake_openai: tuple[FakeOpenAI, str]) -> None:
+    fake, base_url = fake_openai
+    agent = openai_agent(api_key="sk-test", model="gpt-test", base_url=base_url)
+
+    class History:
+        async def get_history(self, conversation_id: str) -> list[HistoryMessage]:
+            return [
+                HistoryMessage(role="user", text="earlier question"),
+                HistoryMessage(role="assistant", text="earlier answer"),
+            ]
+
+        def lock(self, conversation_id: str, *, timeout: float | None = None) -> Any:
+            import anyio
+
+            return anyio.Lock()
+
+        async def add_turn(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+        async def clear(self, conversation_id: str) -> None:
+            return None
+
+    app = LayercodeSignature(LayercodeWebhook(agent, conversations=History()), secret=SECRET)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=20) as client:
+        body = event_body(text="new question")
+        response = client.post("/api/agent", content=body, headers=signed_headers(body))
+    events = [
+        msgspec.json.decode(line[6:])
+        for line in response.text.split("\n")
+        if line.startswith("data: ")
+    ]
+    assert [e.get("content") for e in events] == ["Hel", "lo ", "there.", None]
+    assert events[-1] == {"type": "response.end", "turn_id": "turn-1"}
+    sent = fake.requests[0]
+    assert sent["auth"] == "Bearer sk-test"
+    assert sent["body"]["model"] == "gpt-test"
+    assert sent["body"]["stream"] is True
+    assert [(m["role"], m["content"]) for m in sent["body"]["messages"][1:]] == [
+        ("user", "earlier question"),
+        ("assistant", "earlier answer"),
+        ("user", "new question"),
+    ]
