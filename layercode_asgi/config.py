@@ -289,8 +289,12 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
     _F("signature_tolerance", "LAYERCODE_SIGNATURE_TOLERANCE", "int >= 0 (seconds)", 300,
        "Accepted clock difference for webhook signature timestamps.",
        convert=_int_converter(0)),
+    _F("body_timeout", "LAYERCODE_BODY_TIMEOUT", "float > 0 (seconds)", 10.0,
+       "Longest wait for the rest of a request body (slow senders get 408).",
+       convert=_float_gt0),
     _F("replay_protection", "LAYERCODE_REPLAY_PROTECTION", "bool", False,
-       "Reject a webhook signature seen before (within the tolerance window).", convert=_bool),
+       "Reject a webhook signature seen before (within the tolerance window) with 409; "
+       "shared through Redis when REDIS_URL is set.", convert=_bool),
     _F("keep_history", "LAYERCODE_KEEP_HISTORY", "bool", False,
        "Keep conversation history after session.end.", convert=_bool),
     _F("history_max_messages", "LAYERCODE_HISTORY_MAX_MESSAGES", "int > 0", 200,
@@ -301,6 +305,9 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
     _F("history_ttl", "LAYERCODE_HISTORY_TTL", "int >= 0 (seconds)", 86400,
        "Expiry of a conversation's history in Redis; 0 = never expire.",
        convert=_int_converter(0)),
+    _F("shutdown_grace_period", "LAYERCODE_SHUTDOWN_GRACE_PERIOD", "float > 0 (seconds)",
+       30.0, "On SIGTERM, how long open turns may take to finish (new webhooks get 503).",
+       convert=_float_gt0),
     _F("agent", "LAYERCODE_AGENT", "str", "echo", "Name of the agent to serve.",
        convert=_non_empty_str),
     _F("log_level", "LOG_LEVEL", "DEBUG | INFO | WARNING | ERROR | CRITICAL", "INFO",
@@ -481,11 +488,13 @@ class Settings:
     turn_timeout_message: str | None
     max_body_size: int
     signature_tolerance: int
+    body_timeout: float
     replay_protection: bool
     keep_history: bool
     history_max_messages: int
     history_max_conversations: int
     history_ttl: int
+    shutdown_grace_period: float
     agent: str
     log_level: str
 

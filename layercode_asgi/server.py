@@ -42,7 +42,7 @@ from .errors import ConfigurationError
 from .middleware import LayercodeSignature
 from .webhook import JSONResponse, LayercodeWebhook
 
-__all__ = ["AuthorizeGuard", "app_from_env", "create_app"]
+__all__ = ["AuthorizeGuard", "Lifecycle", "app_from_env", "create_app", "run_server"]
 
 logger = logging.getLogger("layercode_asgi.server")
 
@@ -70,6 +70,62 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 async def _server_error(request: Request, exc: Exception) -> Response:
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _error(500, "internal error")
+
+
+class Lifecycle:
+    """Open webhook requests and the draining flag of one app (``app.state.lifecycle``).
+
+    :func:`run_server` calls :meth:`begin_drain` on SIGTERM: from then on new webhooks get
+    ``503 {"error": "server is shutting down"}`` (with ``Retry-After``), ``/ready`` answers
+    503, and the server waits until :attr:`active` is 0 or the grace period is over. Any
+    other server or process manager can do the same through this object.
+    """
+
+    __slots__ = ("active", "draining")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.draining = False
+
+    def begin_drain(self) -> None:
+        """Refuse new webhooks from now on (idempotent; safe to call from a signal handler)."""
+        self.draining = True
+
+
+_SHUTTING_DOWN = msgspec.json.encode({"error": "server is shutting down"})
+
+
+class _Draining:
+    """Counts the webhook requests in flight; answers 503 once the server is draining."""
+
+    __slots__ = ("app", "lifecycle")
+
+    def __init__(self, app: Any, lifecycle: Lifecycle) -> None:
+        self.app = app
+        self.lifecycle = lifecycle
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        lifecycle = self.lifecycle
+        if lifecycle.draining:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(_SHUTTING_DOWN)).encode()),
+                        (b"retry-after", b"5"),
+                        (b"connection", b"close"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": _SHUTTING_DOWN})
+            return
+        lifecycle.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            lifecycle.active -= 1
 
 
 def create_app(
@@ -138,6 +194,7 @@ def create_app(
     )
     authorize = _Authorize(settings, authorize_guard, authorize_timeout)
     name = agent_name(agent)
+    lifecycle = Lifecycle()
 
     async def health(request: Request) -> Response:
         return JSONResponse(
@@ -151,6 +208,9 @@ def create_app(
     async def ready(request: Request) -> Response:
         body: dict[str, Any] = {"ready": True, "agent": name, "model": settings.default_model}
         problem: str | None = None
+        if lifecycle.draining:
+            body.update(ready=False, error="server is shutting down")
+            return JSONResponse(body, status_code=503)
         with anyio.move_on_after(READY_TIMEOUT) as scope:
             try:
                 await conversations.ping()
@@ -190,7 +250,7 @@ def create_app(
         )
     app = Starlette(
         routes=[
-            Route(agent_route, protected, methods=["POST"]),
+            Route(agent_route, _Draining(protected, lifecycle), methods=["POST"]),
             Route(authorize_route, authorize, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
@@ -203,6 +263,7 @@ def create_app(
     app.state.agent = agent
     app.state.conversations = conversations
     app.state.webhook = webhook
+    app.state.lifecycle = lifecycle
     return app
 
 
@@ -321,3 +382,63 @@ def app_from_env() -> Starlette:
     settings = Settings()
     setup_logging(verbose=settings.log_level == "DEBUG", logfire_token=settings.logfire_token)
     return create_app(settings)
+
+
+def run_server(
+    app: Starlette,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    grace_period: float | None = None,
+    log_level: str = "info",
+    **uvicorn_options: Any,
+) -> None:
+    """Serve ``app`` (from :func:`create_app`) with uvicorn, draining open turns on SIGTERM.
+
+    On the first SIGTERM or SIGINT the app starts draining (new webhooks: 503 JSON,
+    ``/ready``: 503) while open turns finish; once none is left, or after
+    ``grace_period`` seconds (default ``settings.shutdown_grace_period``), uvicorn shuts
+    down as usual and the process exits with status 0. A second signal stops at once.
+    """
+    import signal
+    import time
+
+    import uvicorn
+
+    lifecycle: Lifecycle = app.state.lifecycle
+    grace = app.state.settings.shutdown_grace_period if grace_period is None else grace_period
+
+    class DrainingServer(uvicorn.Server):
+        drain_deadline: float | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.drain_deadline is None and not self.should_exit:
+                # First signal: drain. Not recorded for re-raising: a drained exit is clean.
+                lifecycle.begin_drain()
+                self.drain_deadline = time.monotonic() + grace
+                logger.info(
+                    "received %s: draining %d open webhook(s) for up to %.0f s",
+                    signal.Signals(sig).name,
+                    lifecycle.active,
+                    grace,
+                )
+                return
+            super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            deadline = self.drain_deadline
+            if deadline is not None and not self.should_exit:
+                if lifecycle.active == 0:
+                    logger.info("drained: no open webhooks left, shutting down")
+                    self.should_exit = True
+                elif time.monotonic() >= deadline:
+                    logger.warning(
+                        "grace period over with %d open webhook(s); shutting down",
+                        lifecycle.active,
+                    )
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
+    uvicorn_options.setdefault("timeout_graceful_shutdown", 5)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, **uvicorn_options)
+    DrainingServer(config).run()

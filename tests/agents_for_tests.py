@@ -16,3 +16,24 @@ async def history_agent(event: TurnEvent, context: TurnContext) -> AsyncIterator
     if event.text and "slow" in event.text:
         await anyio.sleep(1.0)
         yield " (slow done)"
+
+
+async def scripted_agent(event: TurnEvent) -> AsyncIterator[str]:
+    """Misbehaves on demand, by what the user said."""
+    text = event.text or ""
+    if text == "raise-before":
+        raise RuntimeError("failing before the first chunk")
+    if text == "raise-after":
+        yield "partial"
+        raise RuntimeError("failing after the first chunk")
+    if text == "hang":
+        await anyio.sleep_forever()
+    if text == "slow":
+        yield "start"
+        await anyio.sleep(float(os.environ.get("SLOW_AGENT_SECONDS", "2")))
+        yield " done"
+        return
+    if text == "disconnect-me":
+        yield "first"
+        await anyio.sleep(60)
+    yield f"fine: {text}"

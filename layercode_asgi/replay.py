@@ -1,0 +1,138 @@
+"""Replay protection: remember verified webhook signatures for as long as they are valid.
+
+A signed webhook stays valid for ``tolerance`` seconds around its timestamp. Whoever
+captures one (a proxy log, a leaked request dump) could send it again inside that window;
+the signature would verify. With replay protection on, the first delivery is remembered
+and a second delivery of the same signed request is refused with 409 — the webhook
+analogue of an idempotency key.
+
+The key of a delivery is ``sha256(t + "." + body)``: it names the signed content, not the
+header text, so adding junk ``v1=`` entries or reordering the header does not make a
+replay look new. It is remembered until the signature expires (``t + tolerance``), so
+memory is bounded by the request rate times the window.
+
+* :class:`MemoryReplayCache`: one process; bounded (``max_entries``, oldest dropped first
+  with a warning — size it above your peak rate * 2 * tolerance).
+* :class:`RedisReplayCache`: every worker sharing one Redis (``SET key 1 NX EX ttl``).
+  When Redis is down it raises :class:`~layercode_asgi.conversation.StoreUnavailableError`;
+  the middleware answers 503 (fail closed: a replay check that cannot run does not pass).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from typing import Any, Protocol
+
+from .conversation import StoreUnavailableError
+from .errors import ConfigurationError
+
+__all__ = ["MemoryReplayCache", "RedisReplayCache", "ReplayCache", "replay_key"]
+
+logger = logging.getLogger("layercode_asgi.replay")
+
+
+def replay_key(timestamp: str, body: bytes) -> str:
+    """The identity of one signed delivery: the hash of what the signature covers."""
+    return hashlib.sha256(timestamp.encode("ascii") + b"." + body).hexdigest()
+
+
+class ReplayCache(Protocol):
+    """Remembers deliveries; ``seen`` is an atomic check-and-remember."""
+
+    async def seen(self, key: str, ttl: float) -> bool:
+        """Remember ``key`` for ``ttl`` seconds; return True if it was already there."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class MemoryReplayCache:
+    """Replay cache of one process, bounded in size and by the signatures' lifetime."""
+
+    def __init__(self, max_entries: int = 1_000_000) -> None:
+        if max_entries <= 0:
+            raise ConfigurationError("MemoryReplayCache max_entries must be > 0")
+        self.max_entries = max_entries
+        # key -> expiry (monotonic seconds). Expiries differ per key, so expired entries are
+        # swept from the oldest end in passing and on insertion.
+        self._entries: OrderedDict[str, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _sweep(self, now: float) -> None:
+        entries = self._entries
+        while entries:
+            key, expiry = next(iter(entries.items()))
+            if expiry > now:
+                break
+            del entries[key]
+
+    async def seen(self, key: str, ttl: float) -> bool:
+        now = time.monotonic()
+        self._sweep(now)
+        expiry = self._entries.get(key)
+        if expiry is not None and expiry > now:
+            return True
+        self._entries[key] = now + max(ttl, 0.0)
+        self._entries.move_to_end(key)
+        if len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+            logger.warning(
+                "replay cache full (%d entries): forgetting the oldest signature early; "
+                "raise max_entries or use Redis",
+                self.max_entries,
+            )
+        return False
+
+    async def aclose(self) -> None:
+        self._entries.clear()
+
+
+class RedisReplayCache:
+    """Replay cache shared by every worker using the same Redis: ``SET NX EX``."""
+
+    def __init__(
+        self,
+        url_or_client: str | Any,
+        *,
+        key_prefix: str = "layercode:replay:",
+        socket_timeout: float = 2.0,
+        socket_connect_timeout: float = 1.0,
+    ) -> None:
+        try:
+            import redis.asyncio as aioredis
+        except ImportError:
+            raise ConfigurationError(
+                "replay protection on Redis needs the redis package: "
+                "pip install 'layercode-asgi[redis]'"
+            ) from None
+        if isinstance(url_or_client, str):
+            self._client = aioredis.Redis.from_url(
+                url_or_client,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_connect_timeout,
+            )
+            self._owned = True
+        else:
+            self._client = url_or_client
+            self._owned = False
+        self.key_prefix = key_prefix
+
+    async def seen(self, key: str, ttl: float) -> bool:
+        import redis.exceptions
+
+        seconds = max(1, math.ceil(ttl))
+        try:
+            created = await self._client.set(self.key_prefix + key, b"1", nx=True, ex=seconds)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            raise StoreUnavailableError(f"replay cache unavailable: {exc}") from exc
+        return not created
+
+    async def aclose(self) -> None:
+        if self._owned:
+            await self._client.aclose()

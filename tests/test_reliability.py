@@ -1,0 +1,267 @@
+"""Faults: agents failing, clients leaving, servers stopping — no hung stream, no held lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+import pytest
+from httpx_sse import connect_sse
+
+from layercode_asgi import (
+    ConversationManager,
+    HistoryMessage,
+    RedisConversationStore,
+    Settings,
+    create_app,
+)
+
+from .agents_for_tests import scripted_agent
+from .conftest import SECRET, event_body, serve, signed_headers
+from .redis_fixtures import running_redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    if request.param == "memory":
+        yield None
+    else:
+        with running_redis() as server:
+            yield server.url
+
+
+def stored_history(app: Any, store_url: str | None) -> list[tuple[str, str]]:
+    """The conversation's history, read without touching the server thread's event loop.
+
+    A Redis client belongs to the loop that opened its connections (the server's, in
+    another thread): using it from this thread's loop is an error, so read through a
+    client of our own. The memory store holds no loop-bound state.
+    """
+
+    async def read() -> list[HistoryMessage]:
+        if store_url is None:
+            return list(await app.state.conversations.get_history("conv-1"))
+        async with ConversationManager(RedisConversationStore(store_url)) as history:
+            return await history.get_history("conv-1")
+
+    return [(m.role, m.text) for m in anyio.run(read)]
+
+
+def turn(client: httpx.Client, text: str, turn_id: str) -> list[dict[str, Any]]:
+    body = event_body(text=text, turn_id=turn_id)
+    with connect_sse(
+        client, "POST", "/api/agent", content=body, headers=signed_headers(body)
+    ) as source:
+        assert source.response.status_code == 200
+        return [msgspec.json.decode(e.data) for e in source.iter_sse()]
+
+
+def test_agent_faults_leave_no_lock_and_a_defined_history(store_url: str | None) -> None:
+    settings = Settings(
+        env_file=None,
+        environ={},
+        layercode_webhook_secret=SECRET,
+        redis_url=store_url,
+        turn_timeout=0.5,
+        turn_timeout_message="Sorry, that took too long.",
+    )
+    app = create_app(settings, scripted_agent)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        script = ["hello", "raise-before", "raise-after", "hang", "bye"]
+        outcomes = []
+        for i, text in enumerate(script):
+            started = time.monotonic()
+            events = turn(client, text, f"t{i}")
+            outcomes.append([e["type"] for e in events])
+            assert events[-1] == {"type": "response.end", "turn_id": f"t{i}"}
+            assert [e["type"] for e in events].count("response.end") == 1
+            assert time.monotonic() - started < 5, f"turn {text!r} hung"
+        assert outcomes == [
+            ["response.tts", "response.end"],
+            ["response.error", "response.end"],
+            ["response.tts", "response.error", "response.end"],
+            ["response.tts", "response.end"],  # the spoken timeout fallback
+            ["response.tts", "response.end"],
+        ]
+        history = stored_history(app, store_url)
+    assert history == [
+        ("user", "hello"),
+        ("assistant", "fine: hello"),
+        ("user", "raise-before"),  # nothing was spoken: only the user's words
+        ("user", "raise-after"),
+        ("assistant", "partial"),  # what was spoken before the failure
+        ("user", "hang"),
+        ("assistant", "Sorry, that took too long."),  # the fallback was spoken
+        ("user", "bye"),
+        ("assistant", "fine: bye"),
+    ]
+
+
+def test_disconnect_releases_the_lock_and_records_what_was_said(store_url: str | None) -> None:
+    settings = Settings(
+        env_file=None, environ={}, layercode_webhook_secret=SECRET, redis_url=store_url
+    )
+    app = create_app(settings, scripted_agent)
+    with serve(app) as url:
+        body = event_body(text="disconnect-me", turn_id="t0")
+        with (
+            httpx.Client(base_url=url, timeout=10) as client,
+            client.stream(
+                "POST", "/api/agent", content=body, headers=signed_headers(body)
+            ) as response,
+        ):
+            assert b"first" in next(response.iter_raw())
+        # The next turn of the same conversation is not stuck behind the abandoned one.
+        started = time.monotonic()
+        with httpx.Client(base_url=url, timeout=10) as client:
+            events = turn(client, "next", "t1")
+        assert time.monotonic() - started < 3
+        assert events[0]["content"] == "fine: next"
+        history = stored_history(app, store_url)
+    assert history == [
+        ("user", "disconnect-me"),
+        ("assistant", "first"),
+        ("user", "next"),
+        ("assistant", "fine: next"),
+    ]
+
+
+def test_paused_redis_answers_503_quickly() -> None:
+    with running_redis() as redis:
+        settings = Settings(
+            env_file=None, environ={}, layercode_webhook_secret=SECRET, redis_url=redis.url
+        )
+        with (
+            serve(create_app(settings, scripted_agent)) as url,
+            httpx.Client(base_url=url, timeout=20) as client,
+        ):
+            assert turn(client, "before", "t0")[0]["content"] == "fine: before"
+            redis.pause()  # SIGSTOP: connections hang instead of failing
+            try:
+                started = time.monotonic()
+                body = event_body(text="during", turn_id="t1")
+                r = client.post("/api/agent", content=body, headers=signed_headers(body))
+                elapsed = time.monotonic() - started
+                assert r.status_code == 503, r.text
+                assert r.headers["content-type"] == "application/json"
+                assert elapsed < 8, f"took {elapsed:.1f}s"
+                assert client.get("/ready").status_code == 503
+            finally:
+                redis.resume()
+            assert client.get("/ready").status_code == 200
+            assert turn(client, "after", "t2")[0]["content"] == "fine: after"
+
+
+# -- graceful shutdown: SIGTERM drains open turns --------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start(grace: float, slow_seconds: float) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.serve_for_tests", str(port), str(grace)],
+        cwd=ROOT,
+        env={**os.environ, "SLOW_AGENT_SECONDS": str(slow_seconds)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(process.stdout.read().decode() if process.stdout else "no output")
+
+
+def test_sigterm_lets_open_turns_finish_and_refuses_new_ones() -> None:
+    process, url = _start(grace=10, slow_seconds=2)
+    try:
+        results: dict[str, Any] = {}
+        first = threading.Event()
+
+        def slow_turn() -> None:
+            body = event_body(text="slow", turn_id="t-slow")
+            with (
+                httpx.Client(base_url=url, timeout=20) as client,
+                connect_sse(
+                    client, "POST", "/api/agent", content=body, headers=signed_headers(body)
+                ) as source,
+            ):
+                events = []
+                for sse in source.iter_sse():
+                    events.append(msgspec.json.decode(sse.data))
+                    first.set()
+                results["events"] = events
+
+        thread = threading.Thread(target=slow_turn)
+        thread.start()
+        assert first.wait(10)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        body = event_body(text="late", turn_id="t-late", conversation_id="conv-2")
+        late = httpx.post(url + "/api/agent", content=body, headers=signed_headers(body))
+        assert late.status_code == 503
+        assert late.json() == {"error": "server is shutting down"}
+        assert late.headers["retry-after"] == "5"
+        assert httpx.get(url + "/ready").status_code == 503
+        thread.join(15)
+        assert [e.get("content") for e in results["events"]] == ["start", " done", None]
+        assert results["events"][-1]["type"] == "response.end"
+        assert process.wait(15) == 0, process.stdout.read().decode() if process.stdout else ""
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_grace_period_bounds_the_wait() -> None:
+    process, url = _start(grace=1, slow_seconds=60)
+    try:
+        started = threading.Event()
+
+        def stuck_turn() -> None:
+            body = event_body(text="slow", turn_id="t-stuck")
+            try:
+                with (
+                    httpx.Client(base_url=url, timeout=30) as client,
+                    client.stream(
+                        "POST", "/api/agent", content=body, headers=signed_headers(body)
+                    ) as response,
+                ):
+                    for _ in response.iter_raw():
+                        started.set()
+            except httpx.HTTPError:
+                pass  # the server cut it after the grace period
+
+        thread = threading.Thread(target=stuck_turn, daemon=True)
+        thread.start()
+        assert started.wait(10)
+        t0 = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+        assert time.monotonic() - t0 < 1 + 5 + 3  # grace + uvicorn's own 5 s + slack
+    finally:
+        if process.poll() is None:
+            process.kill()
