@@ -380,7 +380,7 @@ def app_from_env() -> Starlette:
     from .logs import setup_logging
 
     settings = Settings()
-    setup_logging(verbose=settings.log_level == "DEBUG", logfire_token=settings.logfire_token)
+    setup_logging(level=settings.log_level, logfire_token=settings.logfire_token)
     return create_app(settings)
 
 
