@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .conversation import HistoryMessage
-from .errors import ConfigurationError, LayercodeError
+from .errors import ConfigurationError
 from .events import MessagePayload, SessionStartPayload
 
 if TYPE_CHECKING:
@@ -236,8 +236,11 @@ AgentFactory: TypeAlias = Callable[["Settings | None"], Agent]
 AGENTS: dict[str, AgentFactory] = {"echo": _echo_factory, "openai": _openai_factory}
 
 
-class AgentNotFoundError(LayercodeError, LookupError):
-    """No agent has that name; the message lists the names there are."""
+class AgentNotFoundError(ConfigurationError, LookupError):
+    """No agent has that name; the message lists the names there are.
+
+    A :class:`ConfigurationError` (start-up fails clearly) and a ``LookupError``.
+    """
 
     def __init__(self, name: str, available: Sequence[str]) -> None:
         self.name = name

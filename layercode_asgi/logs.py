@@ -79,9 +79,13 @@ def setup_logging(
         stream_handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
         setattr(stream_handler, _MARK, "stream")
         target.addHandler(stream_handler)
-    elif isinstance(handler, logging.StreamHandler):
+    elif isinstance(handler, logging.StreamHandler) and handler.stream is not sys.stderr:
         # sys.stderr may have been replaced since the first call (test runners, daemons).
-        handler.setStream(sys.stderr)
+        # setStream flushes the old stream first, which fails if it was closed meanwhile.
+        if getattr(handler.stream, "closed", False):
+            handler.stream = sys.stderr
+        else:
+            handler.setStream(sys.stderr)
     if logfire_token:
         _setup_logfire(target, logfire_token)
 

@@ -1,0 +1,38 @@
+"""A LayerCode backend on FastAPI: the signature middleware and a tiny agent.
+
+Run it, then talk to it from another terminal::
+
+    LAYERCODE_WEBHOOK_SECRET=whsec_test python examples/fastapi_app.py
+    layercode-asgi simulate --secret whsec_test "Hello"
+"""
+
+import os
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from layercode_asgi import LayercodeSignature, LayercodeWebhook
+
+SECRET = os.environ.get("LAYERCODE_WEBHOOK_SECRET")
+if not SECRET:
+    raise SystemExit("Set LAYERCODE_WEBHOOK_SECRET to your agent's webhook secret.")
+
+
+async def agent(event):
+    yield f"You said: {event.text}" if event.text else "Hello! Say something."
+
+
+webhook = LayercodeWebhook(agent)  # answers every LayerCode event type
+app = FastAPI()
+app.add_middleware(LayercodeSignature, secret=SECRET, paths=["/api/agent"])
+
+
+@app.post("/api/agent")
+async def agent_route(request: Request) -> Response:
+    return await webhook.respond(await request.body())
+
+
+if __name__ == "__main__":
+    import uvicorn
+
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")))

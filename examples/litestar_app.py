@@ -1,0 +1,40 @@
+"""A LayerCode backend on Litestar: the signature middleware and a tiny agent.
+
+Run it, then talk to it from another terminal::
+
+    LAYERCODE_WEBHOOK_SECRET=whsec_test python examples/litestar_app.py
+    layercode-asgi simulate --secret whsec_test "Hello"
+"""
+
+import os
+from typing import Any
+
+from litestar import Litestar, Request, post
+from litestar.middleware import DefineMiddleware
+from litestar.types import ASGIApp
+
+from layercode_asgi import LayercodeSignature, LayercodeWebhook
+
+SECRET = os.environ.get("LAYERCODE_WEBHOOK_SECRET")
+if not SECRET:
+    raise SystemExit("Set LAYERCODE_WEBHOOK_SECRET to your agent's webhook secret.")
+
+
+async def agent(event):
+    yield f"You said: {event.text}" if event.text else "Hello! Say something."
+
+
+webhook = LayercodeWebhook(agent)  # answers every LayerCode event type
+
+
+@post("/api/agent")
+async def agent_route(request: Request[Any, Any, Any]) -> ASGIApp:  # passed through as is
+    return await webhook.respond(await request.body())
+
+
+app = Litestar([agent_route], middleware=[DefineMiddleware(LayercodeSignature, secret=SECRET)])
+
+if __name__ == "__main__":
+    import uvicorn
+
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")))

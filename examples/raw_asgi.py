@@ -1,0 +1,29 @@
+"""A LayerCode backend as a bare ASGI app: the signature middleware and a tiny agent.
+
+Run it, then talk to it from another terminal::
+
+    LAYERCODE_WEBHOOK_SECRET=whsec_test python examples/raw_asgi.py
+    layercode-asgi simulate --secret whsec_test "Hello"
+
+``LayercodeWebhook`` answers every path; mount it at ``/api/agent`` in a larger app.
+"""
+
+import os
+
+from layercode_asgi import LayercodeSignature, LayercodeWebhook
+
+SECRET = os.environ.get("LAYERCODE_WEBHOOK_SECRET")
+if not SECRET:
+    raise SystemExit("Set LAYERCODE_WEBHOOK_SECRET to your agent's webhook secret.")
+
+
+async def agent(event):
+    yield f"You said: {event.text}" if event.text else "Hello! Say something."
+
+
+app = LayercodeSignature(LayercodeWebhook(agent), secret=SECRET)
+
+if __name__ == "__main__":
+    import uvicorn
+
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")))

@@ -1,0 +1,833 @@
+"""Test kit for LayerCode backends: events, signing, an SSE parser and a protocol-checking client.
+
+For your own test suite (pytest, unittest, anything)::
+
+    from layercode_asgi.testing import LayercodeTestClient
+
+    async def test_my_agent():
+        async with LayercodeTestClient(app=app, secret="whsec_test") as client:
+            turn = await client.message("hello")        # signed, POSTed, stream checked
+            assert turn.text == "You said: hello"
+            assert (await client.session_end()).body == {"status": "ok"}
+
+The client signs each event, POSTs it, and checks the reply against the LayerCode protocol
+(PROTOCOL.md §4): a turn (``session.start``, ``message``) must answer 200
+``text/event-stream`` whose events are JSON objects with a ``type``, all carrying the
+request's ``turn_id``, with exactly one ``response.end``, last. Other events must answer
+2xx JSON. Any breach raises :class:`ProtocolViolation` with a stable :attr:`~ProtocolViolation.name`
+(see :data:`VIOLATIONS`). ``layercode-asgi simulate`` is built on the same functions.
+
+It works against an ASGI app in-process (``app=``; through ``httpx.ASGITransport``, which
+buffers each reply and runs no lifespan) or a running server (``base_url=``, really
+streaming). The stream is parsed by :class:`SSEParser`, an incremental parser following the
+WHATWG specification, so nothing depends on one server's byte layout.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import anyio
+import httpx
+import msgspec
+
+from .signature import SIGNATURE_HEADER, sign
+
+__all__ = [
+    "TURN_TYPES",
+    "VIOLATIONS",
+    "JSONResult",
+    "LayercodeTestClient",
+    "ProtocolViolation",
+    "SSEEvent",
+    "SSEParser",
+    "TurnChecker",
+    "TurnResult",
+    "data_event",
+    "encode_event",
+    "message_event",
+    "send_event",
+    "send_json_event",
+    "send_turn",
+    "session_end_event",
+    "session_start_event",
+    "session_update_event",
+    "signed_headers",
+]
+
+#: Event types answered with an SSE stream (a "turn"); every other type is answered with JSON.
+TURN_TYPES: Final[frozenset[str]] = frozenset({"session.start", "message"})
+
+#: Every :attr:`ProtocolViolation.name`, with what it means. The names are stable.
+VIOLATIONS: Final[Mapping[str, str]] = {
+    "http-error": "the backend answered with an unexpected HTTP status (a turn needs 200, "
+    "other events 2xx)",
+    "connection-error": "the backend could not be reached, or the connection broke",
+    "wrong-content-type": "a turn was not answered with Content-Type text/event-stream",
+    "bad-json": "an SSE event's data, or a JSON reply, is not valid JSON (or not an object)",
+    "missing-type": "an SSE event is a JSON object without a string 'type'",
+    "invalid-event": "a known event is malformed (e.g. response.tts content is not a string)",
+    "missing-end": "the stream closed without a response.end",
+    "repeated-end": "a second response.end in one turn",
+    "event-after-end": "an event after response.end",
+    "wrong-turn-id": "an event without the request's turn_id",
+    "response-error": "the turn contained a response.error (only with strict checking)",
+    "timeout": "no complete reply within the timeout",
+}
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.decode
+#: The SSE line terminators: CRLF, lone LF, lone CR (and nothing else, unlike splitlines).
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+#: How much of an unexpected error body a violation message quotes.
+_BODY_EXCERPT = 200
+
+
+class ProtocolViolation(Exception):
+    """A backend broke the LayerCode protocol (or could not be reached).
+
+    Attributes:
+        name: one of :data:`VIOLATIONS` (``"missing-end"``, ``"wrong-turn-id"``, …).
+        detail: what exactly was wrong.
+        event_type: the type of the webhook event being answered, when known.
+        turn_id: its ``turn_id``, when it has one.
+        status_code: the HTTP status, when a response arrived.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        detail: str,
+        *,
+        event_type: str | None = None,
+        turn_id: str | None = None,
+        status_code: int | None = None,
+    ) -> None:
+        if name not in VIOLATIONS:
+            raise ValueError(f"unknown protocol violation name {name!r}")
+        self.name = name
+        self.detail = detail
+        self.event_type = event_type
+        self.turn_id = turn_id
+        self.status_code = status_code
+        super().__init__(f"{name}: {detail}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_violation, (self.name, self.detail, self.__dict__.copy()))
+
+
+def _rebuild_violation(name: str, detail: str, state: dict[str, Any]) -> ProtocolViolation:
+    violation = ProtocolViolation(name, detail)
+    violation.__dict__.update(state)
+    return violation
+
+
+# -- event factories -------------------------------------------------------------------------
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:16]}"
+
+
+def _event(kind: str, fields: Mapping[str, Any], **base: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {"type": kind}
+    event.update((key, value) for key, value in base.items() if value is not None)
+    event.update(fields)
+    return event
+
+
+def session_start_event(
+    *,
+    session_id: str | None = None,
+    conversation_id: str | None = None,
+    turn_id: str | None = None,
+    text: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A ``session.start`` event; ids default to fresh random ones. Extra fields are added."""
+    return _event(
+        "session.start",
+        fields,
+        session_id=session_id or _new_id("sess"),
+        conversation_id=conversation_id or _new_id("conv"),
+        turn_id=turn_id or _new_id("turn"),
+        text=text,
+    )
+
+
+def message_event(
+    text: str,
+    *,
+    session_id: str | None = None,
+    conversation_id: str | None = None,
+    turn_id: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A ``message`` event: the user said ``text``."""
+    return _event(
+        "message",
+        fields,
+        session_id=session_id or _new_id("sess"),
+        conversation_id=conversation_id or _new_id("conv"),
+        turn_id=turn_id or _new_id("turn"),
+        text=text,
+    )
+
+
+def data_event(
+    data: Any,
+    *,
+    session_id: str | None = None,
+    conversation_id: str | None = None,
+    turn_id: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A ``data`` event carrying ``data`` (what the browser sent with ``response.data``)."""
+    event = _event(
+        "data",
+        fields,
+        session_id=session_id or _new_id("sess"),
+        conversation_id=conversation_id or _new_id("conv"),
+        turn_id=turn_id or _new_id("turn"),
+    )
+    event["data"] = data
+    return event
+
+
+def session_update_event(
+    *,
+    session_id: str | None = None,
+    conversation_id: str | None = None,
+    recording_status: str | None = "completed",
+    **fields: Any,
+) -> dict[str, Any]:
+    """A ``session.update`` event (by default: the recording is ``completed``)."""
+    return _event(
+        "session.update",
+        fields,
+        session_id=session_id or _new_id("sess"),
+        conversation_id=conversation_id or _new_id("conv"),
+        recording_status=recording_status,
+    )
+
+
+TranscriptEntry = Mapping[str, Any] | tuple[str, str]
+
+
+def session_end_event(
+    *,
+    transcript: Sequence[TranscriptEntry] = (),
+    session_id: str | None = None,
+    conversation_id: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A ``session.end`` event with ``transcript`` and plausible metrics.
+
+    ``transcript`` items are ``{"role", "text", "timestamp"}`` mappings or ``(role, text)``
+    pairs (stamped with the current time in unix milliseconds).
+    """
+    now = datetime.now(UTC)
+    now_ms = int(now.timestamp() * 1000)
+    items = [
+        {"role": entry[0], "text": entry[1], "timestamp": now_ms}
+        if isinstance(entry, tuple)
+        else dict(entry)
+        for entry in transcript
+    ]
+    stamp = now.isoformat(timespec="milliseconds")
+    defaults: dict[str, Any] = {
+        "agent_id": "agent_test",
+        "started_at": stamp,
+        "ended_at": stamp,
+        "duration": 0,
+        "transcription_duration_seconds": 0.0,
+        "tts_duration_seconds": 0.0,
+        "latency": 0.0,
+        "ip_address": "127.0.0.1",
+        "country_code": None,
+        "recording_status": "disabled",
+        "transcript": items,
+    }
+    defaults.update(fields)
+    return _event(
+        "session.end",
+        defaults,
+        session_id=session_id or _new_id("sess"),
+        conversation_id=conversation_id or _new_id("conv"),
+    )
+
+
+def encode_event(event: Any) -> bytes:
+    """The compact JSON body of ``event`` (a dict, or a payload struct)."""
+    return _encode(event)
+
+
+def signed_headers(body: bytes | str, secret: str, timestamp: int | None = None) -> dict[str, str]:
+    """Request headers for ``body``: JSON content type and a valid ``layercode-signature``."""
+    return {
+        "content-type": "application/json",
+        SIGNATURE_HEADER: sign(body, secret, timestamp),
+    }
+
+
+# -- Server-Sent Events ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One dispatched SSE message: ``data`` (lines joined with ``\\n``), ``event`` type
+    (``"message"`` when the stream named none), the last event ``id`` and ``retry`` (ms)."""
+
+    data: str
+    event: str = "message"
+    id: str = ""
+    retry: int | None = None
+
+
+class SSEParser:
+    """An incremental Server-Sent Events parser (WHATWG HTML, "event stream interpretation").
+
+    Feed it bytes (or text) in chunks of any size; :meth:`feed` returns the messages
+    completed by that chunk. Lines end with CRLF, LF or CR (a CR at the end of one chunk
+    followed by LF at the start of the next counts once); a leading BOM is skipped; invalid
+    UTF-8 becomes U+FFFD; ``data:`` lines accumulate, joined with ``\\n``; one space after
+    the colon is removed; lines starting with ``:`` are comments; a blank line dispatches,
+    unless no data was given; ``id`` containing NUL and non-numeric ``retry`` are ignored.
+    A message not terminated by a blank line when the stream ends is discarded, as the
+    specification says (:attr:`pending` tells whether there is one).
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._buffer = ""
+        self._started = False
+        self._after_cr = False
+        self._data: list[str] = []
+        self._event = ""
+        self._last_id = ""
+        self._retry: int | None = None
+        self._dirty = False
+
+    @property
+    def pending(self) -> bool:
+        """Whether fields were read that no blank line has dispatched yet."""
+        return self._dirty or bool(self._buffer)
+
+    @property
+    def last_event_id(self) -> str:
+        return self._last_id
+
+    def feed(self, chunk: bytes | str) -> list[SSEEvent]:
+        """Parse ``chunk``; return the messages it completed, in order."""
+        text = self._decoder.decode(chunk) if isinstance(chunk, bytes) else chunk
+        if not text:
+            return []
+        if not self._started:
+            self._started = True
+            if text.startswith("\ufeff"):
+                text = text[1:]
+        if self._after_cr and text.startswith("\n"):
+            text = text[1:]
+        buffer = self._buffer + text
+        events: list[SSEEvent] = []
+        start = 0
+        for match in _LINE_BREAK.finditer(buffer):
+            event = self._line(buffer[start : match.start()])
+            if event is not None:
+                events.append(event)
+            start = match.end()
+        # A CR ending the chunk ended its line; an LF opening the next chunk belongs to it.
+        self._after_cr = buffer.endswith("\r")
+        self._buffer = buffer[start:]
+        return events
+
+    def close(self) -> list[SSEEvent]:
+        """End of stream: flush the decoder. Returns nothing (unterminated data is dropped)."""
+        tail = self._decoder.decode(b"", final=True)
+        if tail:
+            self._buffer += tail
+        return []
+
+    def _line(self, line: str) -> SSEEvent | None:
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            return None
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+            self._dirty = True
+        elif name == "event":
+            self._event = value
+            self._dirty = True
+        elif name == "id":
+            if "\0" not in value:
+                self._last_id = value
+        elif name == "retry" and value.isascii() and value.isdigit():
+            self._retry = int(value)
+        return None
+
+    def _dispatch(self) -> SSEEvent | None:
+        data, event_type, retry = self._data, self._event, self._retry
+        self._data, self._event, self._retry, self._dirty = [], "", None, False
+        if not data:
+            return None
+        return SSEEvent(
+            data="\n".join(data), event=event_type or "message", id=self._last_id, retry=retry
+        )
+
+
+# -- protocol checking -------------------------------------------------------------------------
+
+
+class TurnChecker:
+    """Checks the SSE events of one turn against the protocol, one event at a time.
+
+    :meth:`check` takes each dispatched :class:`SSEEvent` and returns its JSON object, or
+    raises :class:`ProtocolViolation`; :meth:`finish` is called when the stream closed.
+    ``response.error`` events are collected in :attr:`errors`; with ``strict=True`` the
+    first one is a violation (``response-error``). Unknown event types are accepted.
+    """
+
+    def __init__(self, turn_id: str, *, event_type: str = "message", strict: bool = False) -> None:
+        self.turn_id = turn_id
+        self.event_type = event_type
+        self.strict = strict
+        self.events: list[dict[str, Any]] = []
+        self.errors: list[dict[str, Any]] = []
+        self.ended = False
+
+    def violation(self, name: str, detail: str) -> ProtocolViolation:
+        return ProtocolViolation(name, detail, event_type=self.event_type, turn_id=self.turn_id)
+
+    def check(self, sse: SSEEvent) -> dict[str, Any]:
+        position = len(self.events) + 1
+        try:
+            event = _decode(sse.data)
+        except msgspec.DecodeError as exc:
+            raise self.violation(
+                "bad-json", f"SSE event #{position} is not valid JSON ({exc}): {sse.data[:80]!r}"
+            ) from None
+        if not isinstance(event, dict):
+            raise self.violation(
+                "bad-json", f"SSE event #{position} is JSON but not an object: {sse.data[:80]!r}"
+            )
+        kind = event.get("type")
+        if not isinstance(kind, str):
+            raise self.violation(
+                "missing-type", f"SSE event #{position} has no string 'type': {sse.data[:80]!r}"
+            )
+        if self.ended:
+            if kind == "response.end":
+                raise self.violation("repeated-end", f"a second response.end (event #{position})")
+            raise self.violation(
+                "event-after-end", f"{kind} (event #{position}) after response.end"
+            )
+        if event.get("turn_id") != self.turn_id:
+            raise self.violation(
+                "wrong-turn-id",
+                f"{kind} (event #{position}) has turn_id {event.get('turn_id')!r}, "
+                f"expected {self.turn_id!r}",
+            )
+        if kind == "response.tts" and not isinstance(event.get("content"), str):
+            raise self.violation(
+                "invalid-event", f"response.tts (event #{position}) content is not a string"
+            )
+        if kind == "response.end":
+            self.ended = True
+        elif kind == "response.error":
+            self.errors.append(event)
+            if self.strict:
+                raise self.violation("response-error", f"response.error: {event.get('error')!r}")
+        self.events.append(event)
+        return event
+
+    def finish(self, *, pending: bool = False) -> None:
+        if self.ended:
+            return
+        detail = "the stream closed without a response.end"
+        if pending:
+            detail += " (the last event was not terminated by a blank line, so it never counted)"
+        raise self.violation("missing-end", detail)
+
+
+@dataclass(slots=True)
+class TurnResult:
+    """The checked reply to a turn (``session.start`` or ``message``).
+
+    Attributes:
+        turn_id: the request's ``turn_id``.
+        events: every SSE event as a dict, in order, ``response.end`` included.
+        status_code / headers: of the HTTP response.
+        time_to_first_tts: seconds from sending the request to the first ``response.tts``
+            (``None`` when nothing was spoken).
+        duration: seconds from sending the request to the end of the stream.
+        errors: the ``response.error`` events (reported, not violations unless strict).
+    """
+
+    turn_id: str
+    events: list[dict[str, Any]]
+    status_code: int
+    headers: Mapping[str, str]
+    time_to_first_tts: float | None
+    duration: float
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """Everything spoken: the ``response.tts`` contents, concatenated."""
+        return "".join(e["content"] for e in self.events if e["type"] == "response.tts")
+
+    @property
+    def tts(self) -> list[str]:
+        """The ``response.tts`` contents, one per event."""
+        return [e["content"] for e in self.events if e["type"] == "response.tts"]
+
+    @property
+    def data(self) -> list[Any]:
+        """The ``content`` of each ``response.data`` event."""
+        return [e.get("content") for e in self.events if e["type"] == "response.data"]
+
+    @property
+    def hung_up(self) -> bool:
+        return any(e["type"] == "response.hangup" for e in self.events)
+
+
+@dataclass(slots=True)
+class JSONResult:
+    """The checked reply to a non-turn event (``data``, ``session.update``, ``session.end``)."""
+
+    body: Any
+    status_code: int
+    headers: Mapping[str, str]
+    duration: float
+
+
+#: Called with each checked event of a turn as it arrives (``simulate`` prints with it).
+OnEvent = Callable[[dict[str, Any]], None]
+
+
+def _excerpt(content: bytes) -> str:
+    text = content[:_BODY_EXCERPT].decode("utf-8", "replace")
+    return text + ("…" if len(content) > _BODY_EXCERPT else "")
+
+
+def _failure(exc: httpx.HTTPError, timeout: float, **where: Any) -> ProtocolViolation:
+    if isinstance(exc, httpx.TimeoutException):
+        return ProtocolViolation("timeout", f"no answer within {timeout:g} s ({exc!r})", **where)
+    return ProtocolViolation("connection-error", f"{type(exc).__name__}: {exc}", **where)
+
+
+async def send_turn(
+    client: httpx.AsyncClient,
+    url: str,
+    event: Mapping[str, Any],
+    secret: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30.0,  # noqa: ASYNC109 - a protocol bound, reported as a violation
+    strict: bool = False,
+    on_event: OnEvent | None = None,
+) -> TurnResult:
+    """POST a signed turn event to ``url`` and check the SSE reply as it streams.
+
+    ``on_event`` sees each event as soon as it is parsed and checked. Raises
+    :class:`ProtocolViolation`; the whole turn must complete within ``timeout`` seconds.
+    """
+    turn_id = str(event.get("turn_id", ""))
+    kind = str(event.get("type", ""))
+    checker = TurnChecker(turn_id, event_type=kind, strict=strict)
+    parser = SSEParser()
+    body = encode_event(event)
+    request_headers = {**signed_headers(body, secret), **(headers or {})}
+    where: dict[str, Any] = {"event_type": kind, "turn_id": turn_id}
+    first_tts: float | None = None
+    started = time.perf_counter()
+    try:
+        with anyio.fail_after(timeout):
+            async with client.stream("POST", url, content=body, headers=request_headers) as reply:
+                where["status_code"] = status = reply.status_code
+                if status != 200:
+                    content = await reply.aread()
+                    raise ProtocolViolation(
+                        "http-error", f"{kind} answered {status}: {_excerpt(content)}", **where
+                    )
+                content_type = reply.headers.get("content-type", "")
+                if not content_type.strip().lower().startswith("text/event-stream"):
+                    raise ProtocolViolation(
+                        "wrong-content-type",
+                        f"{kind} answered Content-Type {content_type or '(none)'!r}, "
+                        "expected text/event-stream",
+                        **where,
+                    )
+                async for chunk in reply.aiter_bytes():
+                    for sse in parser.feed(chunk):
+                        checked = checker.check(sse)
+                        if first_tts is None and checked["type"] == "response.tts":
+                            first_tts = time.perf_counter() - started
+                        if on_event is not None:
+                            on_event(checked)
+                parser.close()
+                checker.finish(pending=parser.pending)
+    except TimeoutError:
+        state = "after response.end the stream stayed open" if checker.ended else "no response.end"
+        raise ProtocolViolation(
+            "timeout", f"{kind} turn not complete within {timeout:g} s ({state})", **where
+        ) from None
+    except httpx.HTTPError as exc:
+        raise _failure(exc, timeout, **where) from None
+    return TurnResult(
+        turn_id=turn_id,
+        events=checker.events,
+        status_code=status,
+        headers=dict(reply.headers),
+        time_to_first_tts=first_tts,
+        duration=time.perf_counter() - started,
+        errors=checker.errors,
+    )
+
+
+async def send_json_event(
+    client: httpx.AsyncClient,
+    url: str,
+    event: Mapping[str, Any],
+    secret: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30.0,  # noqa: ASYNC109 - a protocol bound, reported as a violation
+) -> JSONResult:
+    """POST a signed non-turn event to ``url``; require a 2xx JSON reply."""
+    kind = str(event.get("type", ""))
+    body = encode_event(event)
+    request_headers = {**signed_headers(body, secret), **(headers or {})}
+    where: dict[str, Any] = {"event_type": kind, "turn_id": event.get("turn_id")}
+    started = time.perf_counter()
+    try:
+        with anyio.fail_after(timeout):
+            reply = await client.post(url, content=body, headers=request_headers)
+    except TimeoutError:
+        raise ProtocolViolation(
+            "timeout", f"{kind} not answered within {timeout:g} s", **where
+        ) from None
+    except httpx.HTTPError as exc:
+        raise _failure(exc, timeout, **where) from None
+    where["status_code"] = reply.status_code
+    if not 200 <= reply.status_code < 300:
+        raise ProtocolViolation(
+            "http-error", f"{kind} answered {reply.status_code}: {_excerpt(reply.content)}", **where
+        )
+    try:
+        answer = _decode(reply.content)
+    except msgspec.DecodeError:
+        raise ProtocolViolation(
+            "bad-json", f"{kind} reply is not JSON: {_excerpt(reply.content)!r}", **where
+        ) from None
+    return JSONResult(
+        body=answer,
+        status_code=reply.status_code,
+        headers=dict(reply.headers),
+        duration=time.perf_counter() - started,
+    )
+
+
+async def send_event(
+    client: httpx.AsyncClient,
+    url: str,
+    event: Mapping[str, Any],
+    secret: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30.0,  # noqa: ASYNC109 - a protocol bound, reported as a violation
+    strict: bool = False,
+    on_event: OnEvent | None = None,
+) -> TurnResult | JSONResult:
+    """:func:`send_turn` for ``session.start`` / ``message``, :func:`send_json_event` else."""
+    if event.get("type") in TURN_TYPES:
+        return await send_turn(
+            client,
+            url,
+            event,
+            secret,
+            headers=headers,
+            timeout=timeout,
+            strict=strict,
+            on_event=on_event,
+        )
+    return await send_json_event(client, url, event, secret, headers=headers, timeout=timeout)
+
+
+# -- the client ----------------------------------------------------------------------------------
+
+
+class LayercodeTestClient:
+    """Send signed LayerCode events to an ASGI app or a server and get checked replies.
+
+    Args:
+        app: an ASGI app, called in-process (replies are buffered; no lifespan is run).
+        base_url: or the URL of a running server (``http://127.0.0.1:8000``).
+        secret: the webhook secret to sign with.
+        path: the webhook path (default ``/api/agent``).
+        headers: extra headers on every request (LayerCode's custom headers).
+        timeout: seconds per request.
+        strict: treat ``response.error`` as a violation.
+        conversation_id / session_id: ids used by the helper methods (random by default).
+
+    Use it as ``async with LayercodeTestClient(...) as client`` (one HTTP client for all
+    requests) or call the methods directly (a client per call). ``send_sync`` is the same
+    as ``send`` for synchronous tests. Every method raises :class:`ProtocolViolation`.
+    """
+
+    def __init__(
+        self,
+        app: Any = None,
+        *,
+        base_url: str | None = None,
+        secret: str,
+        path: str = "/api/agent",
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+        strict: bool = False,
+        conversation_id: str | None = None,
+        session_id: str | None = None,
+    ) -> None:
+        if (app is None) == (base_url is None):
+            raise ValueError("pass exactly one of app= (an ASGI app) or base_url= (a server URL)")
+        if not secret:
+            raise ValueError("secret is required (the webhook secret to sign with)")
+        self.app = app
+        self.base_url = (base_url or "http://testserver").rstrip("/")
+        self.url = self.base_url + "/" + path.lstrip("/")
+        self.secret = secret
+        self.headers = dict(headers or {})
+        self.timeout = timeout
+        self.strict = strict
+        self.conversation_id = conversation_id or _new_id("conv")
+        self.session_id = session_id or _new_id("sess")
+        self._client: httpx.AsyncClient | None = None
+
+    def _new_client(self) -> httpx.AsyncClient:
+        transport = None if self.app is None else httpx.ASGITransport(app=self.app)
+        return httpx.AsyncClient(transport=transport, timeout=self.timeout, follow_redirects=False)
+
+    async def __aenter__(self) -> LayercodeTestClient:
+        self._client = self._new_client()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def _with_client(self, call: Callable[[httpx.AsyncClient], Awaitable[Any]]) -> Any:
+        if self._client is not None:
+            return await call(self._client)
+        async with self._new_client() as client:
+            return await call(client)
+
+    async def send(
+        self, event: Mapping[str, Any], *, on_event: OnEvent | None = None
+    ) -> TurnResult | JSONResult:
+        """Sign and POST ``event``; a :class:`TurnResult` for turns, else :class:`JSONResult`."""
+        if event.get("type") in TURN_TYPES:
+            return await self.send_turn(event, on_event=on_event)
+        return await self.send_json(event)
+
+    async def send_turn(
+        self, event: Mapping[str, Any], *, on_event: OnEvent | None = None
+    ) -> TurnResult:
+        """Send a turn event (whatever its type) and check the SSE reply."""
+
+        async def call(client: httpx.AsyncClient) -> TurnResult:
+            return await send_turn(
+                client,
+                self.url,
+                event,
+                self.secret,
+                headers=self.headers,
+                timeout=self.timeout,
+                strict=self.strict,
+                on_event=on_event,
+            )
+
+        result: TurnResult = await self._with_client(call)
+        return result
+
+    async def send_json(self, event: Mapping[str, Any]) -> JSONResult:
+        """Send a non-turn event (whatever its type) and check the JSON reply."""
+
+        async def call(client: httpx.AsyncClient) -> JSONResult:
+            return await send_json_event(
+                client, self.url, event, self.secret, headers=self.headers, timeout=self.timeout
+            )
+
+        result: JSONResult = await self._with_client(call)
+        return result
+
+    def send_sync(self, event: Mapping[str, Any]) -> TurnResult | JSONResult:
+        """:meth:`send` for synchronous code (runs its own event loop; not inside one)."""
+        if self._client is not None:
+            raise RuntimeError("send_sync cannot be used inside 'async with'; await send()")
+        result: TurnResult | JSONResult = anyio.run(self.send, event)
+        return result
+
+    async def post(
+        self,
+        body: bytes | str | Mapping[str, Any],
+        *,
+        headers: Mapping[str, str] | None = None,
+        signed: bool = True,
+    ) -> httpx.Response:
+        """POST ``body`` (an event or raw bytes) unchecked, for testing error answers.
+
+        Signed with the client's secret unless ``signed=False``; ``headers`` override.
+        """
+        content = body.encode() if isinstance(body, str) else body
+        if not isinstance(content, bytes):
+            content = encode_event(content)
+        request_headers = {"content-type": "application/json"}
+        if signed:
+            request_headers.update(signed_headers(content, self.secret))
+        request_headers.update(self.headers)
+        request_headers.update(headers or {})
+
+        async def call(client: httpx.AsyncClient) -> httpx.Response:
+            return await client.post(self.url, content=content, headers=request_headers)
+
+        response: httpx.Response = await self._with_client(call)
+        return response
+
+    # -- one helper per event, with the client's conversation and session ids --
+
+    def _ids(self, fields: dict[str, Any]) -> dict[str, Any]:
+        fields.setdefault("conversation_id", self.conversation_id)
+        fields.setdefault("session_id", self.session_id)
+        return fields
+
+    async def session_start(self, **fields: Any) -> TurnResult:
+        """Send ``session.start`` (the welcome turn)."""
+        return await self.send_turn(session_start_event(**self._ids(fields)))
+
+    async def message(self, text: str, **fields: Any) -> TurnResult:
+        """Send a ``message`` turn: the user said ``text``."""
+        return await self.send_turn(message_event(text, **self._ids(fields)))
+
+    async def data(self, data: Any, **fields: Any) -> JSONResult:
+        """Send a ``data`` event."""
+        return await self.send_json(data_event(data, **self._ids(fields)))
+
+    async def session_update(self, **fields: Any) -> JSONResult:
+        """Send ``session.update``."""
+        return await self.send_json(session_update_event(**self._ids(fields)))
+
+    async def session_end(self, **fields: Any) -> JSONResult:
+        """Send ``session.end`` (``transcript=[("user", "hi"), …]`` to include one)."""
+        return await self.send_json(session_end_event(**self._ids(fields)))

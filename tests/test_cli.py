@@ -1,0 +1,385 @@
+"""The `layercode-asgi` command line: help, serve, simulate, demo, list-agents, sign."""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from layercode_asgi import verify_signature
+from layercode_asgi.cli import main
+from layercode_asgi.testing import VIOLATIONS, LayercodeTestClient
+
+from .conftest import SECRET, serve
+from .test_servers import free_port
+
+PYTHON = sys.executable
+SCRIPT = Path(sys.executable).parent / "layercode-asgi"
+
+
+def run(*argv: str, environ: dict[str, str] | None = None) -> int:
+    return main(list(argv), environ={} if environ is None else environ)
+
+
+# -- help and usage -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "mentions"),
+    [
+        ([], ["serve", "simulate", "demo", "list-agents", "sign"]),
+        (["serve"], ["--agent", "--host", "--port", "--agent-route", "--authorize-route",
+                     "--env-file", "--workers", "--dev", "--verbose", "LAYERCODE_WEBHOOK_SECRET"]),
+        (["simulate"], ["--url", "--secret", "--file", "--data", "--conversation-id",
+                        "--session-id", "--timeout", "--header", "--json", "--quiet", "--strict",
+                        *VIOLATIONS]),
+        (["demo"], ["--verbose", "MESSAGE"]),
+        (["list-agents"], ["agents"]),
+        (["sign"], ["--secret", "--body", "--file", "--timestamp", "--curl"]),
+    ],
+)  # fmt: skip
+def test_help_of_every_command(
+    command: list[str], mentions: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(*command, "--help") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: layercode-asgi")
+    for word in mentions:
+        assert word in out, word
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run() == 2
+    assert "required: COMMAND" in capsys.readouterr().err
+    assert run("nonsense") == 2
+    assert run("serve", "--port", "eighty") == 2
+    assert run("simulate", "hi") == 2
+    assert "needs the webhook secret" in capsys.readouterr().err
+    assert run("simulate", "--secret", "s", "--data", "{oops", "hi") == 2
+    assert "--data is not valid JSON" in capsys.readouterr().err
+    assert run("simulate", "--secret", "s", "--header", "no-colon", "hi") == 2
+    assert "expected NAME:VALUE" in capsys.readouterr().err
+    assert run("simulate", "--secret", "s", "--timeout", "0", "hi") == 2
+
+
+def test_console_script_is_installed() -> None:
+    done = subprocess.run([str(SCRIPT), "--version"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    assert re.fullmatch(r"layercode-asgi \d+\.\d+\.\d+\S*\n", done.stdout)
+
+
+# -- serve: refusals -------------------------------------------------------------------------------
+
+
+def test_serve_refuses_without_a_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env here
+    assert run("serve") == 2
+    err = capsys.readouterr().err
+    assert "LAYERCODE_WEBHOOK_SECRET" in err and "--dev" in err
+    # Blank counts as unset.
+    assert run("serve", environ={"LAYERCODE_WEBHOOK_SECRET": "  "}) == 2
+
+
+def test_serve_configuration_errors_exit_2_without_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("LAYERCODE_TURN_TIMEOUT=soon\nnot a line\n")
+    assert run("serve", "--dev") == 2
+    err = capsys.readouterr().err
+    assert err == "error: .env, line 2: expected KEY=VALUE\n"
+    (tmp_path / "other.env").write_text("LAYERCODE_TURN_TIMEOUT=soon\n")
+    assert run("serve", "--dev", "--env-file", "other.env") == 2
+    assert "LAYERCODE_TURN_TIMEOUT: expected a number > 0" in capsys.readouterr().err
+
+    environ = {"LAYERCODE_WEBHOOK_SECRET": SECRET}
+    assert run("serve", "--env-file", "", "--agent", "no_such_agent", environ=environ) == 2
+    err = capsys.readouterr().err
+    assert "no agent named 'no_such_agent'" in err and "echo" in err
+    assert "Traceback" not in err
+
+    assert run("serve", "--workers", "2", "--agent-route", "/hook", environ=environ) == 2
+    assert "--workers > 1" in capsys.readouterr().err
+    assert run("serve", "--workers", "0", environ=environ) == 2
+
+
+# -- serve: running ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def cli_server(command: list[str], cwd: Path) -> Iterator[tuple[str, str]]:
+    """Run a `serve --dev` command; yield (the secret it printed, its stdout so far)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "LOG_LEVEL"))}
+    log = cwd / "server.err"
+    with log.open("wb") as errors:
+        process = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=errors, text=True
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def pump() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        try:
+            seen = line = ""
+            secret = None
+            deadline = time.monotonic() + 30
+            while secret is None or not line.startswith("====="):  # the banner's last line
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+                if line is None:
+                    raise AssertionError(f"serve exited:\n{seen}\n{log.read_text()}")
+                seen += line
+                match = re.search(r"LAYERCODE_WEBHOOK_SECRET=(\S+)", line)
+                secret = match.group(1) if match else secret
+            yield secret, seen
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+async def talk(port: int, secret: str, text: str) -> str:
+    """Wait until the server answers, then hold one turn; return what it said."""
+    client = LayercodeTestClient(base_url=f"http://127.0.0.1:{port}", secret=secret, timeout=10)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return (await client.message(text)).text
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+async def test_serve_dev_generates_and_prints_a_secret(tmp_path: Path) -> None:
+    port = free_port()
+    command = [PYTHON, "-m", "layercode_asgi", "serve", "--dev", "--port", str(port), "-v"]
+    with cli_server(command, tmp_path) as (secret, banner):
+        assert len(secret) >= 24
+        assert f"simulate --url http://127.0.0.1:{port}/api/agent --secret {secret}" in banner
+        assert await talk(port, secret, "hi there") == "You said: hi there"
+        # The printed secret really is the only one accepted.
+        wrong = LayercodeTestClient(base_url=f"http://127.0.0.1:{port}", secret="guess")
+        assert (await wrong.post({"type": "message"})).status_code == 401
+    log = (tmp_path / "server.err").read_text()
+    assert "webhook type=message" in log  # -v: the per-webhook log line
+
+
+@pytest.mark.anyio
+async def test_serve_workers_with_an_agent_from_the_working_directory(tmp_path: Path) -> None:
+    (tmp_path / "my_agent.py").write_text(
+        "async def agent(event):\n    yield f'mine: {event.text}'\n"
+    )
+    port = free_port()
+    command = [str(SCRIPT), "serve", "--dev", "--workers", "2", "--port", str(port),
+               "--agent", "my_agent:agent"]  # fmt: skip
+    with cli_server(command, tmp_path) as (secret, banner):
+        assert "serving agent 'my_agent:agent'" in banner
+        assert await talk(port, secret, "hello") == "mine: hello"
+
+
+# -- demo -------------------------------------------------------------------------------------------
+
+
+def test_demo_runs_and_exits_0(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [PYTHON, "-m", "layercode_asgi", "demo"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "agent: Hello! I'm the echo agent." in done.stdout
+    assert "agent: You said: Hello there!\n" in done.stdout
+    assert "agent: You said: Goodbye.\n" in done.stdout
+    assert '> data {"demo":true' in done.stdout
+    assert "no protocol violation" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def test_demo_in_process_with_own_messages(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("demo", "ping", "pong") == 0
+    out = capsys.readouterr().out
+    assert "agent: You said: ping\n" in out and "agent: You said: pong\n" in out
+    assert out.count("first tts after") == 3
+
+
+# -- list-agents and sign ---------------------------------------------------------------------------
+
+
+def test_list_agents(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("list-agents") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["echo", "openai"]
+    assert "repeats" in lines[0] and "OPENAI_API_KEY" in lines[1]
+
+
+def test_sign_matches_the_worked_example(capsys: pytest.CaptureFixture[str]) -> None:
+    body = '{"type":"message"}'
+    args = ("sign", "--secret", "whsec_test", "--body", body, "--timestamp", "1700000000")
+    assert run(*args) == 0
+    header = capsys.readouterr().out.strip()
+    assert header.startswith("t=1700000000,v1=")
+    assert verify_signature(body, header, "whsec_test", now=1700000000)
+
+
+def test_sign_reads_a_file_stdin_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = '{"type":"message","text":"héllo"}\n'.encode()
+    path = tmp_path / "body.json"
+    path.write_bytes(body)
+    assert run("sign", "--secret", SECRET, "--file", str(path)) == 0
+    assert verify_signature(body, capsys.readouterr().out.strip(), SECRET)
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(body)))
+    assert run("sign", environ={"LAYERCODE_WEBHOOK_SECRET": SECRET}) == 0
+    assert verify_signature(body, capsys.readouterr().out.strip(), SECRET)
+
+    assert run("sign", "--body", "x") == 2
+    assert "needs the webhook secret" in capsys.readouterr().err
+
+
+def test_sign_curl_prints_a_working_command(capsys: pytest.CaptureFixture[str]) -> None:
+    body = '{"type":"session.update","session_id":"s","conversation_id":"c"}'
+    url = "http://127.0.0.1:8000/api/agent"
+    assert run("sign", "--secret", SECRET, "--body", body, "--curl", url) == 0
+    words = shlex.split(capsys.readouterr().out)
+    assert words[0] == "curl" and url in words
+    assert words[words.index("--data-binary") + 1] == body
+    headers = [words[i + 1] for i, word in enumerate(words) if word == "-H"]
+    signature = next(h for h in headers if h.startswith("layercode-signature: "))
+    assert verify_signature(body, signature.removeprefix("layercode-signature: "), SECRET)
+    assert "content-type: application/json" in headers
+
+
+# -- simulate: what it sends -----------------------------------------------------------------------
+
+
+def recording_backend(requests: list[dict[str, Any]]) -> Any:
+    """A correct backend that records each request and speaks back the custom header."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        event = msgspec.json.decode(body)
+        requests.append({"headers": headers, "body": body, "event": event})
+        if event["type"] in ("session.start", "message"):
+            tid = event["turn_id"]
+            said = f"{headers.get('x-tenant')}/{event.get('text')}"
+            stream = [
+                {"type": "response.tts", "content": said, "turn_id": tid},
+                {"type": "response.end", "turn_id": tid},
+            ]
+            start = {"type": "http.response.start", "status": 200,
+                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]}  # fmt: skip
+            await send(start)
+            for item in stream:
+                chunk = b"data: " + msgspec.json.encode(item) + b"\n\n"
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        reply = msgspec.json.encode({"seen": event["type"]})
+        headers_out = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers_out})
+        await send({"type": "http.response.body", "body": reply})
+
+    return app
+
+
+def test_simulate_sends_a_signed_conversation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requests: list[dict[str, Any]] = []
+    messages = tmp_path / "messages.txt"
+    messages.write_text("from a file\n\n  second line  \n")
+    with serve(recording_backend(requests)) as base:
+        code = run(
+            "simulate", "--url", f"{base}/hook", "--secret", SECRET, "first",
+            "--file", str(messages), "--data", '{"clicked":true}', "--header", "X-Tenant: acme",
+            "--conversation-id", "conv-9", "--session-id", "sess-9",
+        )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    events = [r["event"] for r in requests]
+    assert [e["type"] for e in events] == [
+        "session.start", "message", "message", "message", "data", "session.update", "session.end",
+    ]  # fmt: skip
+    assert [e.get("text") for e in events[1:4]] == ["first", "from a file", "second line"]
+    assert events[4]["data"] == {"clicked": True}
+    assert all(e["conversation_id"] == "conv-9" and e["session_id"] == "sess-9" for e in events)
+    turn_ids = [e["turn_id"] for e in events[:5]]
+    assert len(set(turn_ids)) == 5
+    for request in requests:
+        assert request["headers"]["x-tenant"] == "acme"
+        assert request["headers"]["content-type"] == "application/json"
+        assert verify_signature(request["body"], request["headers"]["layercode-signature"], SECRET)
+    transcript = events[-1]["transcript"]
+    assert [(t["role"], t["text"]) for t in transcript] == [
+        ("assistant", "acme/None"),
+        ("user", "first"),
+        ("assistant", "acme/first"),
+        ("user", "from a file"),
+        ("assistant", "acme/from a file"),
+        ("user", "second line"),
+        ("assistant", "acme/second line"),
+    ]
+    assert all(isinstance(t["timestamp"], int) for t in transcript)
+    out = captured.out
+    assert "user: first\nagent: acme/first\n" in out
+    assert re.search(r"turn \S+: first tts after [\d.]+ ms, total [\d.]+ ms, 2 events", out)
+    assert 'reply 200: {"seen":"session.end"}' in out
+
+
+def test_simulate_reads_stdin_and_can_be_quiet(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requests: list[dict[str, Any]] = []
+    monkeypatch.setattr(sys, "stdin", io.StringIO("one\ntwo\n"))
+    with serve(recording_backend(requests)) as base:
+        assert run("simulate", "--url", base, "--secret", SECRET, "-q") == 0
+    assert [r["event"].get("text") for r in requests if r["event"]["type"] == "message"] == [
+        "one",
+        "two",
+    ]
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_simulate_json_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    with serve(recording_backend([])) as base:
+        assert run("simulate", "--url", base, "--secret", SECRET, "--json", "-q", "hey") == 0
+    report = msgspec.json.decode(capsys.readouterr().out)
+    assert report["ok"] is True and report["violation"] is None
+    assert [t["text"] for t in report["turns"]] == ["None/None", "None/hey"]
+    assert all(t["time_to_first_tts_ms"] <= t["total_ms"] for t in report["turns"])
+    assert [r["type"] for r in report["replies"]] == ["session.update", "session.end"]

@@ -1,0 +1,133 @@
+"""Every app in examples/ runs and holds a LayerCode conversation (checked by `simulate`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import msgspec
+import pytest
+
+from layercode_asgi.cli import main
+
+from .conftest import SECRET, serve
+from .test_servers import free_port
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = ["starlette_app", "fastapi_app", "litestar_app", "raw_asgi"]
+MESSAGES = ["hello", "how are you?"]
+EXPECTED = ["Hello! Say something.", "You said: hello", "You said: how are you?"]
+
+
+def load_example(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES_DIR / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # frameworks resolve hints through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def simulate_json(url: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    code = main(
+        ["simulate", "--url", url, "--secret", SECRET, *MESSAGES, "--data", '{"n":1}', "--json"],
+        environ={},
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report: dict[str, Any] = msgspec.json.decode(captured.out)
+    return report
+
+
+def test_every_example_is_tested() -> None:
+    assert sorted(p.stem for p in EXAMPLES_DIR.glob("*.py")) == sorted(EXAMPLES)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_holds_a_conversation(
+    name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LAYERCODE_WEBHOOK_SECRET", SECRET)
+    app = load_example(name, monkeypatch).app
+    with serve(app) as base:
+        report = simulate_json(f"{base}/api/agent", capsys)
+        unsigned = main(
+            ["simulate", "--url", f"{base}/api/agent", "--secret", "wrong", "hi"], environ={}
+        )
+    assert [turn["text"] for turn in report["turns"]] == EXPECTED
+    assert [reply["body"] for reply in report["replies"]] == [{"status": "ok"}] * 3
+    assert unsigned == 1
+    assert "PROTOCOL VIOLATION: http-error: session.start answered 401" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_refuses_to_start_without_a_secret(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LAYERCODE_WEBHOOK_SECRET", raising=False)
+    with pytest.raises(SystemExit, match="Set LAYERCODE_WEBHOOK_SECRET"):
+        load_example(name, monkeypatch)
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"example exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"example did not listen within 30 s:\n{log.read_text()}")
+
+
+@pytest.fixture
+def running_examples(tmp_path: Path) -> Iterator[dict[str, int]]:
+    """Each example started as a script (`python examples/x.py`), all at once."""
+    ports: dict[str, int] = {}
+    with ExitStack() as stack:
+        started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+        for name in EXAMPLES:
+            port = ports[name] = free_port()
+            log = tmp_path / f"{name}.log"
+            output = stack.enter_context(log.open("wb"))
+            env = {**os.environ, "LAYERCODE_WEBHOOK_SECRET": SECRET, "PORT": str(port)}
+            process = subprocess.Popen(
+                [sys.executable, str(EXAMPLES_DIR / f"{name}.py")],
+                cwd=tmp_path,
+                env=env,
+                stdout=output,
+                stderr=output,
+            )
+            stack.callback(stop, process)
+            started.append((name, process, log))
+        for name, process, log in started:
+            wait_for_port(ports[name], process, log)
+        yield ports
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+def test_examples_run_as_scripts(
+    running_examples: dict[str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, port in running_examples.items():
+        report = simulate_json(f"http://127.0.0.1:{port}/api/agent", capsys)
+        assert [turn["text"] for turn in report["turns"]] == EXPECTED, name

@@ -1,0 +1,385 @@
+"""layercode_asgi.testing: event factories, signing, the SSE parser, the checker, the client."""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from layercode_asgi import (
+    Data,
+    DataPayload,
+    MessagePayload,
+    SessionEndPayload,
+    SessionStartPayload,
+    SessionUpdatePayload,
+    Settings,
+    create_app,
+    format_sse_message,
+    parse_webhook_payload,
+    verify_signature,
+)
+from layercode_asgi.testing import (
+    VIOLATIONS,
+    JSONResult,
+    LayercodeTestClient,
+    ProtocolViolation,
+    SSEEvent,
+    SSEParser,
+    TurnChecker,
+    TurnResult,
+    data_event,
+    encode_event,
+    message_event,
+    session_end_event,
+    session_start_event,
+    session_update_event,
+    signed_headers,
+)
+
+from .conftest import SECRET, serve
+
+
+def parse_all(*chunks: bytes | str) -> list[SSEEvent]:
+    parser = SSEParser()
+    events = [event for chunk in chunks for event in parser.feed(chunk)]
+    parser.close()
+    return events
+
+
+# -- SSE parser ------------------------------------------------------------------------------
+
+
+def test_parser_line_endings_and_fields() -> None:
+    stream = (
+        b"data: one\r\n\r\n"  # CRLF
+        b"data: two\r\r"  # lone CR
+        b"data: three\n\n"  # LF
+        b": a comment\n"
+        b"event: custom\nid: 7\nretry: 1500\ndata:  four\ndata:five\ndata\n\n"
+    )
+    assert parse_all(stream) == [
+        SSEEvent("one"),
+        SSEEvent("two"),
+        SSEEvent("three"),
+        SSEEvent(" four\nfive\n", event="custom", id="7", retry=1500),
+    ]
+
+
+def test_parser_is_incremental_byte_by_byte() -> None:
+    stream = "\ufeffdata: héllo 👋\r\ndata: x\r\n\r\ndata: y\r\n\r\n".encode()
+    parser = SSEParser()
+    seen: list[SSEEvent] = []
+    for i in range(len(stream)):
+        seen.extend(parser.feed(stream[i : i + 1]))
+    assert seen == [SSEEvent("héllo 👋\nx"), SSEEvent("y")]
+
+
+def test_parser_cr_at_chunk_end_then_lf_counts_once() -> None:
+    # "\r" ends a chunk and "\n" starts the next: one line break, not a blank line.
+    assert parse_all(b"data: a\r", b"\ndata: b\r", b"\n\r", b"\n") == [SSEEvent("a\nb")]
+
+
+def test_parser_ignores_what_the_spec_ignores() -> None:
+    stream = (
+        b"id: bad\x00id\nretry: 10s\nData: wrong case\nunknown: x\ndata: kept\n\n"
+        b"event: empty\n\n"  # no data: nothing dispatched, event type reset
+        b"data: after\n\n"
+    )
+    assert parse_all(stream) == [SSEEvent("kept"), SSEEvent("after")]
+
+
+def test_parser_id_persists_and_unterminated_event_is_pending() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"id: 1\ndata: a\n\ndata: b\n\n") == [
+        SSEEvent("a", id="1"),
+        SSEEvent("b", id="1"),
+    ]
+    assert parser.feed(b"data: never dispatched\n") == []
+    assert parser.pending
+    assert parser.close() == []
+
+
+def test_parser_invalid_utf8_becomes_replacement_character() -> None:
+    assert parse_all(b"data: \xff\xfe ok\n\n") == [SSEEvent("\ufffd\ufffd ok")]
+
+
+@given(
+    st.lists(st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=30), max_size=5),
+    st.data(),
+)
+def test_parser_reads_format_sse_message_back_whatever_the_chunking(
+    messages: list[str], data: st.DataObject
+) -> None:
+    stream = "".join(format_sse_message(m) for m in messages).encode()
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    # A message's line breaks come back as "\n" (any of CRLF, CR, LF was a break).
+    expected = [m.replace("\r\n", "\n").replace("\r", "\n") for m in messages]
+    assert [e.data for e in parse_all(*chunks)] == expected
+
+
+# -- factories and signing ----------------------------------------------------------------------
+
+
+def test_factories_build_valid_events() -> None:
+    cases: list[tuple[dict[str, Any], type]] = [
+        (session_start_event(), SessionStartPayload),
+        (message_event("hi"), MessagePayload),
+        (data_event({"k": [1]}), DataPayload),
+        (session_update_event(), SessionUpdatePayload),
+        (session_end_event(transcript=[("user", "hi"), {"role": "assistant", "text": "yo"}]),
+         SessionEndPayload),
+    ]  # fmt: skip
+    for event, kind in cases:
+        parsed = parse_webhook_payload(encode_event(event))
+        assert isinstance(parsed, kind)
+        assert parsed.conversation_id == event["conversation_id"]
+    end = parse_webhook_payload(encode_event(cases[-1][0]))
+    assert isinstance(end, SessionEndPayload)
+    assert [(t.role, t.text) for t in end.transcript or ()] == [("user", "hi"), ("assistant", "yo")]
+
+
+def test_factories_random_ids_and_overrides() -> None:
+    a, b = message_event("x"), message_event("x")
+    assert a["turn_id"] != b["turn_id"] and a["conversation_id"] != b["conversation_id"]
+    event = message_event(
+        "x", turn_id="t1", conversation_id="c1", session_id="s1", metadata={"m": 1}
+    )
+    assert event == {
+        "type": "message",
+        "session_id": "s1",
+        "conversation_id": "c1",
+        "turn_id": "t1",
+        "text": "x",
+        "metadata": {"m": 1},
+    }
+    assert data_event(None, turn_id="t")["data"] is None
+
+
+def test_signed_headers_verify() -> None:
+    body = encode_event(message_event("hi"))
+    headers = signed_headers(body, SECRET)
+    assert headers["content-type"] == "application/json"
+    assert verify_signature(body, headers["layercode-signature"], SECRET)
+    fixed = signed_headers('{"type":"message"}', "whsec_test", timestamp=1700000000)
+    assert fixed["layercode-signature"].startswith("t=1700000000,v1=")
+    assert verify_signature(
+        '{"type":"message"}', fixed["layercode-signature"], "whsec_test", now=1700000000
+    )
+
+
+# -- the checker --------------------------------------------------------------------------------
+
+
+def check(*events: str, turn_id: str = "t1", strict: bool = False) -> TurnChecker:
+    checker = TurnChecker(turn_id, strict=strict)
+    for data in events:
+        checker.check(SSEEvent(data))
+    checker.finish()
+    return checker
+
+
+TTS = '{"type":"response.tts","content":"hi","turn_id":"t1"}'
+END = '{"type":"response.end","turn_id":"t1"}'
+
+
+@pytest.mark.parametrize(
+    ("events", "name"),
+    [
+        ([TTS], "missing-end"),
+        ([TTS, END, END], "repeated-end"),
+        ([END, TTS], "event-after-end"),
+        (['{"type":"response.tts","content":"hi","turn_id":"t2"}', END], "wrong-turn-id"),
+        (['{"type":"response.tts","content":"hi"}', END], "wrong-turn-id"),
+        (["{nope", END], "bad-json"),
+        (["[1, 2]", END], "bad-json"),
+        (['{"content":"hi","turn_id":"t1"}', END], "missing-type"),
+        (['{"type":"response.tts","content":3,"turn_id":"t1"}', END], "invalid-event"),
+    ],
+)
+def test_checker_names_each_violation(events: list[str], name: str) -> None:
+    with pytest.raises(ProtocolViolation) as caught:
+        check(*events)
+    assert caught.value.name == name
+    assert caught.value.turn_id == "t1"
+    assert name in VIOLATIONS
+
+
+def test_checker_accepts_unknown_types_and_reports_errors() -> None:
+    error = '{"type":"response.error","error":"agent error","turn_id":"t1"}'
+    future = '{"type":"response.future","turn_id":"t1","x":1}'
+    checker = check(TTS, future, error, END)
+    assert [e["type"] for e in checker.events] == [
+        "response.tts",
+        "response.future",
+        "response.error",
+        "response.end",
+    ]
+    assert checker.errors == [{"type": "response.error", "error": "agent error", "turn_id": "t1"}]
+    with pytest.raises(ProtocolViolation) as caught:
+        check(TTS, error, END, strict=True)
+    assert caught.value.name == "response-error"
+
+
+def test_protocol_violation_pickles_and_rejects_unknown_names() -> None:
+    violation = ProtocolViolation("missing-end", "d", turn_id="t", status_code=200)
+    copy = pickle.loads(pickle.dumps(violation))
+    assert (copy.name, copy.detail, copy.turn_id, copy.status_code) == (
+        "missing-end",
+        "d",
+        "t",
+        200,
+    )
+    assert str(copy) == "missing-end: d"
+    with pytest.raises(ValueError, match="unknown protocol violation"):
+        ProtocolViolation("made-up", "x")
+
+
+# -- the client ---------------------------------------------------------------------------------
+
+
+def echo_app() -> Any:
+    async def on_data(event: Any) -> dict[str, Any]:
+        return {"got": event.data}
+
+    settings = Settings(
+        env_file=None, environ={}, layercode_webhook_secret=SECRET, authorize_api_keys="k"
+    )
+    return create_app(settings, "echo", on_data=on_data)
+
+
+@pytest.mark.anyio
+async def test_client_in_process_full_conversation() -> None:
+    async with LayercodeTestClient(echo_app(), secret=SECRET, conversation_id="c-1") as client:
+        start = await client.session_start()
+        assert isinstance(start, TurnResult)
+        assert start.text.startswith("Hello! I'm the echo agent")
+        turn = await client.message("hello", turn_id="t-7")
+        assert turn.turn_id == "t-7"
+        assert turn.events == [
+            {"type": "response.tts", "content": "You said: hello", "turn_id": "t-7"},
+            {"type": "response.end", "turn_id": "t-7"},
+        ]
+        assert turn.tts == ["You said: hello"]
+        assert turn.status_code == 200
+        assert turn.headers["content-type"].startswith("text/event-stream")
+        assert turn.time_to_first_tts is not None
+        assert 0 <= turn.time_to_first_tts <= turn.duration
+        data = await client.data({"x": 1})
+        assert isinstance(data, JSONResult)
+        assert data.body == {"got": {"x": 1}}
+        assert (await client.session_update()).body == {"status": "ok"}
+        assert (await client.session_end(transcript=[("user", "hello")])).body == {"status": "ok"}
+        unsigned = await client.post(message_event("x"), signed=False)
+        assert unsigned.status_code == 401
+        wrong = await client.post(message_event("x"), headers=signed_headers(b"{}", "other-secret"))
+        assert wrong.status_code == 401
+
+
+@pytest.mark.anyio
+async def test_client_against_a_server_streams_and_counts_events() -> None:
+    async def agent(event: Any) -> AsyncIterator[Any]:
+        yield "one "
+        yield Data({"n": 1})
+        yield "two"
+
+    from layercode_asgi import LayercodeSignature, LayercodeWebhook
+
+    app = LayercodeSignature(LayercodeWebhook(agent), secret=SECRET)
+    seen: list[str] = []
+    with serve(app) as base:
+        client = LayercodeTestClient(base_url=base, secret=SECRET, path="api/agent")
+        assert client.url == base + "/api/agent"
+        turn = await client.send(message_event("x"), on_event=lambda e: seen.append(e["type"]))
+    assert isinstance(turn, TurnResult)
+    assert turn.text == "one two"
+    assert turn.data == [{"n": 1}]
+    assert not turn.hung_up
+    assert seen == ["response.tts", "response.data", "response.tts", "response.end"]
+
+
+@pytest.mark.anyio
+async def test_client_sees_each_event_while_the_server_still_streams() -> None:
+    from .test_servers import gated_backend
+
+    gate = threading.Event()
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["type"] == "response.tts":
+            gate.set()  # the backend sends the rest only after we saw the first event
+
+    try:
+        with serve(gated_backend(gate)) as base:
+            client = LayercodeTestClient(base_url=base, secret=SECRET)
+            turn = await client.send(message_event("x"), on_event=on_event)
+    finally:
+        gate.set()
+    assert isinstance(turn, TurnResult)
+    assert turn.text == "first, then second"
+
+
+def test_client_send_sync() -> None:
+    client = LayercodeTestClient(echo_app(), secret=SECRET)
+    result = client.send_sync(message_event("sync"))
+    assert isinstance(result, TurnResult)
+    assert result.text == "You said: sync"
+    update = client.send_sync(session_update_event())
+    assert isinstance(update, JSONResult) and update.body == {"status": "ok"}
+
+
+@pytest.mark.anyio
+async def test_client_raises_named_violations() -> None:
+    async def no_end(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b'data: {"type":"response.tts"',
+                "more_body": True,
+            }
+        )
+        await send({"type": "http.response.body", "body": b',"content":"x","turn_id":"t"}'})
+
+    client = LayercodeTestClient(no_end, secret=SECRET)
+    with pytest.raises(ProtocolViolation) as caught:
+        await client.message("x", turn_id="t")
+    assert caught.value.name == "missing-end"
+    assert "not terminated by a blank line" in caught.value.detail
+
+    with pytest.raises(ProtocolViolation) as caught:
+        await LayercodeTestClient(echo_app(), secret="wrong").message("x")
+    assert (caught.value.name, caught.value.status_code) == ("http-error", 401)
+
+
+def test_client_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        LayercodeTestClient(secret=SECRET)
+    with pytest.raises(ValueError, match="exactly one"):
+        LayercodeTestClient(echo_app(), base_url="http://x", secret=SECRET)
+    with pytest.raises(ValueError, match="secret"):
+        LayercodeTestClient(echo_app(), secret="")
+
+
+@pytest.mark.anyio
+async def test_connection_error_is_named() -> None:
+    with socket.socket() as sock:  # a port nobody listens on any more
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = LayercodeTestClient(base_url=f"http://127.0.0.1:{port}", secret=SECRET, timeout=5)
+    with pytest.raises(ProtocolViolation) as caught:
+        await client.message("x")
+    assert caught.value.name == "connection-error"
