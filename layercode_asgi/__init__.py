@@ -51,7 +51,8 @@ from .events import (
 )
 from .logs import log_webhook, setup_logging
 from .middleware import DEFAULT_MAX_BODY_SIZE, LayercodeSignature
-from .server import create_app
+from .replay import MemoryReplayCache, RedisReplayCache, ReplayCache
+from .server import Lifecycle, create_app, run_server
 from .signature import (
     DEFAULT_TOLERANCE,
     SIGNATURE_HEADER,
@@ -89,9 +90,13 @@ __all__ = [
     "LayercodeEventType",
     "LayercodeSignature",
     "LayercodeWebhook",
+    "Lifecycle",
     "MemoryConversationStore",
+    "MemoryReplayCache",
     "MessagePayload",
     "RedisConversationStore",
+    "RedisReplayCache",
+    "ReplayCache",
     "Reply",
     "ResponseError",
     "Role",
@@ -127,6 +132,7 @@ __all__ = [
     "parse_env_file",
     "parse_webhook_payload",
     "register_agent",
+    "run_server",
     "setup_logging",
     "sign",
     "stream_response",

@@ -21,12 +21,16 @@ Server-Sent Events stream reaches the client event by event. (Starlette's
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Iterable, Sequence
 
+import anyio
 import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, LayercodeError
+from .replay import MemoryReplayCache, ReplayCache, replay_key
 from .signature import (
     DEFAULT_TOLERANCE,
     SIGNATURE_HEADER,
@@ -35,7 +39,13 @@ from .signature import (
     verify_signature,
 )
 
-__all__ = ["DEFAULT_MAX_BODY_SIZE", "BodyTooLarge", "LayercodeSignature", "read_body"]
+__all__ = [
+    "DEFAULT_BODY_TIMEOUT",
+    "DEFAULT_MAX_BODY_SIZE",
+    "BodyTooLarge",
+    "LayercodeSignature",
+    "read_body",
+]
 
 logger = logging.getLogger("layercode_asgi.middleware")
 
@@ -45,20 +55,33 @@ DEFAULT_MAX_BODY_SIZE = 1024 * 1024
 _JSON_HEADERS_BASE = (b"content-type", b"application/json")
 
 
-def _json_error(status: int, message: str) -> tuple[Message, Message]:
+def _json_error(status: int, message: str, *, close: bool = False) -> tuple[Message, Message]:
     """Pre-render the two ASGI messages of a small JSON error response."""
     body = msgspec.json.encode({"error": message})
-    start: Message = {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [_JSON_HEADERS_BASE, (b"content-length", str(len(body)).encode())],
-    }
+    headers = [_JSON_HEADERS_BASE, (b"content-length", str(len(body)).encode())]
+    if close:  # the rest of the request may still be on the wire: do not reuse the connection
+        headers.append((b"connection", b"close"))
+    start: Message = {"type": "http.response.start", "status": status, "headers": headers}
     return start, {"type": "http.response.body", "body": body, "more_body": False}
 
 
 # Every error body is known in advance; rendering them once keeps the reject path cheap.
 _REJECTIONS = {reason: _json_error(401, reason.value) for reason in SignatureErrorReason}
 _BAD_CONTENT_LENGTH = _json_error(400, "invalid content-length header")
+_REPLAYED = _json_error(409, "webhook already received: replayed signature")
+_REPLAY_UNAVAILABLE = _json_error(503, "replay protection unavailable")
+
+#: Default limit on how long a request body may take to arrive, in seconds.
+DEFAULT_BODY_TIMEOUT = 10.0
+
+
+def _timestamp_of(signature: str) -> str:
+    """The ``t=`` value of a header that has just been verified (so it has exactly one)."""
+    for item in signature.split(","):
+        key, _, value = item.partition("=")
+        if key.strip(" \t") == "t":
+            return value.strip(" \t")
+    raise AssertionError("a verified signature has a t= entry")
 
 
 class _PathMatcher:
@@ -101,12 +124,21 @@ class LayercodeSignature:
             ``Content-Length`` is refused with 413 before any byte is read; a chunked body
             is refused as soon as it passes the limit.
         header_name: the header carrying the signature (default ``layercode-signature``).
+        body_timeout: seconds the whole body may take to arrive (default 10); a slower
+            sender gets 408, so a trickling client cannot pin a worker. ``None``: no limit.
+        replay_protection: refuse a verified signature seen before with 409. ``True``
+            remembers signatures in this process (``MemoryReplayCache``); pass a
+            :class:`~layercode_asgi.replay.ReplayCache` (e.g. ``RedisReplayCache``) to
+            share them between workers. If the cache is unreachable: 503.
     """
 
     __slots__ = (
+        "_body_timeout",
         "_header",
         "_matches",
+        "_replay",
         "_secrets",
+        "_timed_out",
         "_too_large",
         "app",
         "max_body_size",
@@ -122,6 +154,8 @@ class LayercodeSignature:
         paths: Iterable[str] | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         header_name: str = SIGNATURE_HEADER,
+        body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
+        replay_protection: bool | ReplayCache = False,
     ) -> None:
         self.app = app
         if secret is None:
@@ -133,7 +167,8 @@ class LayercodeSignature:
                 "from the LAYERCODE_WEBHOOK_SECRET environment variable); every secret must "
                 "be a non-empty string"
             )
-        self._secrets = secrets
+        # One secret is passed as a ``str``: verify_signature's fast path takes exactly that.
+        self._secrets: str | tuple[str, ...] = secrets[0] if len(secrets) == 1 else secrets
         if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
             raise ConfigurationError(
                 f"LayercodeSignature tolerance must be an int >= 0 seconds, got {tolerance!r}"
@@ -151,6 +186,30 @@ class LayercodeSignature:
         self._too_large = _json_error(413, f"request body exceeds {max_body_size} bytes")
         self._matches = None if paths is None else _PathMatcher(paths)
         self._header = header_name.lower().encode("latin-1")
+        if body_timeout is not None and not (
+            isinstance(body_timeout, int | float)
+            and not isinstance(body_timeout, bool)
+            and body_timeout > 0
+        ):
+            raise ConfigurationError(
+                f"LayercodeSignature body_timeout must be > 0 seconds or None, got {body_timeout!r}"
+            )
+        self._body_timeout = math.inf if body_timeout is None else float(body_timeout)
+        self._timed_out = _json_error(
+            408, f"request body not received within {body_timeout} s", close=True
+        )
+        self._replay: ReplayCache | None
+        if replay_protection is True:
+            self._replay = MemoryReplayCache()
+        elif replay_protection is False or replay_protection is None:
+            self._replay = None
+        elif hasattr(replay_protection, "seen"):
+            self._replay = replay_protection
+        else:
+            raise ConfigurationError(
+                "LayercodeSignature replay_protection must be a bool or a ReplayCache, "
+                f"got {type(replay_protection).__name__}"
+            )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or (
@@ -178,13 +237,24 @@ class LayercodeSignature:
                 await _send_pair(send, self._too_large)
                 return
 
-        try:
-            body = await read_body(receive, self.max_body_size)
-        except BodyTooLarge:
-            await _send_pair(send, self._too_large)
+        body: bytes | None = None
+        with anyio.move_on_after(self._body_timeout):
+            try:
+                body = await read_body(receive, self.max_body_size)
+            except BodyTooLarge:
+                await _send_pair(send, self._too_large)
+                return
+            if body is None:
+                return  # the client left: nobody is there to answer
+        if body is None:  # the deadline passed while the body was still arriving
+            logger.warning(
+                "webhook body too slow (> %s s) %s %s",
+                self._body_timeout,
+                scope.get("method"),
+                scope.get("path"),
+            )
+            await _send_pair(send, self._timed_out)
             return
-        if body is None:
-            return  # the client left: nobody is there to answer
 
         try:
             verify_signature(body, signature, self._secrets, self.tolerance)
@@ -195,7 +265,28 @@ class LayercodeSignature:
             await _send_pair(send, _REJECTIONS[exc.reason])
             return
 
+        if self._replay is not None and await self._is_replay(signature, body, send):
+            return
         await self.app(scope, _Replay(body, receive), send)
+
+    async def _is_replay(self, signature: str | None, body: bytes, send: Send) -> bool:
+        """Remember this delivery; answer 409 (or 503) and return True if it must stop."""
+        assert self._replay is not None and signature is not None  # verified just before
+        timestamp = _timestamp_of(signature)
+        # Valid until t + tolerance: remember it that long (and at least a second).
+        ttl = max(1.0, int(timestamp) + self.tolerance - time.time())
+        try:
+            seen = await self._replay.seen(replay_key(timestamp, body), ttl)
+        except LayercodeError as exc:
+            logger.error("replay cache unavailable: %s", exc)
+            await _send_pair(send, _REPLAY_UNAVAILABLE)
+            return True
+        if seen:
+            logger.warning("rejected replayed webhook (t=%s)", timestamp)
+            await _send_pair(send, _REPLAYED)
+            return True
+        return False
+
 
 class BodyTooLarge(Exception):
     """The request body passed the limit; raised by :func:`read_body`."""

@@ -40,6 +40,7 @@ from .config import Settings
 from .conversation import ConversationManager
 from .errors import ConfigurationError
 from .middleware import LayercodeSignature
+from .replay import MemoryReplayCache, RedisReplayCache, ReplayCache
 from .webhook import JSONResponse, LayercodeWebhook
 
 __all__ = ["AuthorizeGuard", "Lifecycle", "app_from_env", "create_app", "run_server"]
@@ -186,11 +187,17 @@ def create_app(
         extras=extras,
         max_body_size=settings.max_body_size,
     )
+    replay: ReplayCache | None = None
+    if settings.replay_protection:
+        # Shared by every worker when they share Redis; else this process's memory.
+        replay = RedisReplayCache(settings.redis_url) if settings.redis_url else MemoryReplayCache()
     protected = LayercodeSignature(
         webhook,
         secret=secrets,
         tolerance=settings.signature_tolerance,
         max_body_size=settings.max_body_size,
+        body_timeout=settings.body_timeout,
+        replay_protection=replay or False,
     )
     authorize = _Authorize(settings, authorize_guard, authorize_timeout)
     name = agent_name(agent)
@@ -236,6 +243,8 @@ def create_app(
         finally:
             await authorize.aclose()
             await conversations.aclose()
+            if replay is not None:
+                await replay.aclose()
 
     middleware = []
     if settings.cors_origins:

@@ -27,6 +27,13 @@ def signed_headers(body: bytes | str, secret: str = SECRET, **extra: str) -> dic
     return {"layercode-signature": sign(body, secret), "content-type": "application/json", **extra}
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for servers run as subprocesses)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @contextmanager
 def serve(app: Any, **config: Any) -> Iterator[str]:
     """Run ``app`` under a real uvicorn on 127.0.0.1 in a thread; yield its base URL."""

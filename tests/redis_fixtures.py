@@ -18,13 +18,11 @@ from contextlib import contextmanager
 
 import pytest
 
+from .conftest import free_port
+
 REDIS_SERVER = shutil.which("redis-server")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:
@@ -32,7 +30,7 @@ class RedisServer:
 
     def __init__(self, binary: str, port: int | None = None) -> None:
         self.binary = binary
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.TemporaryDirectory(prefix="layercode-redis-")
         self._process: subprocess.Popen[bytes] | None = None

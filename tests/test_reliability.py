@@ -27,7 +27,7 @@ from layercode_asgi import (
 )
 
 from .agents_for_tests import scripted_agent
-from .conftest import SECRET, event_body, serve, signed_headers
+from .conftest import SECRET, event_body, free_port, serve, signed_headers
 from .redis_fixtures import running_redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,16 +167,10 @@ def test_paused_redis_answers_503_quickly() -> None:
 # -- graceful shutdown: SIGTERM drains open turns --------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _start(grace: float, slow_seconds: float) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.serve_for_tests", str(port), str(grace)],
         cwd=ROOT,

@@ -35,7 +35,7 @@ from layercode_asgi import (
     create_app,
 )
 
-from .conftest import SECRET, event_body, serve, signed_headers
+from .conftest import SECRET, event_body, free_port, serve, signed_headers
 from .redis_fixtures import RedisServer, redis_server  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -413,17 +413,13 @@ def test_ready_is_503_when_redis_is_down(redis_server: RedisServer) -> None:  # 
         assert sse_events(client, event_body())[-1]["type"] == "response.end"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Worker:
     """``uvicorn --factory layercode_asgi.server:app_from_env`` as its own process."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [

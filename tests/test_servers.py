@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,15 +19,11 @@ import pytest
 
 from layercode_asgi.cli import main
 
-from .conftest import SECRET, serve
+from .conftest import SECRET, free_port, serve
 
 PYTHON = sys.executable
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_health(base: str, process: subprocess.Popen[bytes], log: Path) -> None:

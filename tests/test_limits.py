@@ -1,0 +1,202 @@
+"""Bounded input (slow bodies → 408) and replay protection (→ 409)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+import pytest
+
+from layercode_asgi import (
+    ConfigurationError,
+    LayercodeSignature,
+    MemoryReplayCache,
+    RedisReplayCache,
+    Settings,
+    create_app,
+    sign,
+)
+from layercode_asgi.replay import replay_key
+
+from .agents_for_tests import scripted_agent
+from .conftest import SECRET, event_body, serve, signed_headers
+from .redis_fixtures import running_redis
+from .test_middleware import Recorder
+
+BODY = event_body(text="hello")
+
+
+# -- slow bodies ---------------------------------------------------------------------------------
+
+
+async def trickle(app: Any, chunks: list[bytes], gap: float, headers: list[Any]) -> list[Any]:
+    """Send ``chunks`` with ``gap`` seconds between them; return what the app sent."""
+    pending = list(chunks)
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        if pending:
+            chunk = pending.pop(0)
+            await asyncio.sleep(gap)
+            return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+        await asyncio.sleep(3600)
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": headers}
+    await asyncio.wait_for(app(scope, receive, send), 10)
+    return sent
+
+
+@pytest.mark.anyio
+async def test_a_body_slower_than_the_timeout_gets_408() -> None:
+    inner = Recorder()
+    app = LayercodeSignature(inner, secret=SECRET, body_timeout=0.3)
+    started = time.monotonic()
+    sent = await trickle(app, [b"{", b'"a"', b":1}"], 0.2, [])
+    assert time.monotonic() - started < 1.5
+    assert sent[0]["status"] == 408
+    assert (b"connection", b"close") in sent[0]["headers"]
+    assert msgspec.json.decode(sent[1]["body"]) == {
+        "error": "request body not received within 0.3 s"
+    }
+    assert inner.scopes == []
+
+
+@pytest.mark.anyio
+async def test_a_slow_body_within_the_timeout_is_fine() -> None:
+    inner = Recorder()
+    app = LayercodeSignature(inner, secret=SECRET, body_timeout=2)
+    header = [(b"layercode-signature", sign(BODY, SECRET).encode())]
+    sent = await trickle(app, [BODY[:5], BODY[5:20], BODY[20:]], 0.1, header)
+    assert sent[0]["status"] == 204
+    assert inner.bodies == [BODY]
+
+
+@pytest.mark.parametrize("bad", [0, -1, "10", True])
+def test_body_timeout_must_be_positive(bad: Any) -> None:
+    with pytest.raises(ConfigurationError, match="body_timeout"):
+        LayercodeSignature(Recorder(), secret=SECRET, body_timeout=bad)
+
+
+def test_slowloris_over_a_real_socket_gets_408() -> None:
+    settings = Settings(
+        env_file=None, environ={}, layercode_webhook_secret=SECRET, body_timeout=0.5
+    )
+    with serve(create_app(settings, scripted_agent)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                b"POST /api/agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"type":'
+            )
+            started = time.monotonic()
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+            elapsed = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 408"), reply
+    assert b"request body not received within 0.5 s" in reply
+    assert elapsed < 3
+
+
+# -- replay protection ------------------------------------------------------------------------------
+
+
+async def post(app: Any, body: bytes, headers: dict[str, str]) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        return await client.post("/api/agent", content=body, headers=headers)
+
+
+@pytest.mark.anyio
+async def test_a_replayed_signature_gets_409() -> None:
+    inner = Recorder()
+    app = LayercodeSignature(inner, secret=SECRET, replay_protection=True)
+    headers = signed_headers(BODY)
+    assert (await post(app, BODY, headers)).status_code == 204
+    replay = await post(app, BODY, headers)
+    assert replay.status_code == 409
+    assert replay.json() == {"error": "webhook already received: replayed signature"}
+    # Dressing the header up (a junk v1 entry, spaces) does not make it new.
+    t, v1 = headers["layercode-signature"].split(",")
+    dressed = {"layercode-signature": f"v1={'0' * 64}, {t} ,{v1}"}
+    assert (await post(app, BODY, dressed)).status_code == 409
+    # Another body, or the same body signed at another second, is a new delivery.
+    other = event_body(text="other")
+    assert (await post(app, other, signed_headers(other))).status_code == 204
+    later = {"layercode-signature": sign(BODY, SECRET, timestamp=int(time.time()) - 5)}
+    assert (await post(app, BODY, later)).status_code == 204
+    assert len(inner.bodies) == 3
+
+
+@pytest.mark.anyio
+async def test_replay_protection_off_by_default() -> None:
+    inner = Recorder()
+    app = LayercodeSignature(inner, secret=SECRET)
+    headers = signed_headers(BODY)
+    for _ in range(2):
+        assert (await post(app, BODY, headers)).status_code == 204
+
+
+@pytest.mark.anyio
+async def test_memory_replay_cache_forgets_expired_and_stays_bounded() -> None:
+    cache = MemoryReplayCache(max_entries=3)
+    assert await cache.seen("a", 0.2) is False
+    assert await cache.seen("a", 0.2) is True
+    await anyio.sleep(0.25)
+    assert await cache.seen("a", 10) is False  # expired, so new again
+    for key in "bcd":
+        await cache.seen(key, 10)
+    assert len(cache) == 3
+    assert replay_key("1", b"x") != replay_key("2", b"x") != replay_key("1", b"y")
+
+
+def test_redis_replay_cache_is_shared_between_workers_and_fails_closed() -> None:
+    with running_redis() as redis:
+
+        def app_on_redis() -> Any:
+            return create_app(
+                Settings(
+                    env_file=None,
+                    environ={"LAYERCODE_REPLAY_PROTECTION": "1", "REDIS_URL": redis.url},
+                    layercode_webhook_secret=SECRET,
+                ),
+                scripted_agent,
+            )
+
+        first, second = app_on_redis(), app_on_redis()  # two "workers", one Redis
+        with serve(first) as url1, serve(second) as url2:
+            headers = signed_headers(BODY)
+            ok = httpx.post(url1 + "/api/agent", content=BODY, headers=headers)
+            assert ok.status_code == 200
+            again = httpx.post(url2 + "/api/agent", content=BODY, headers=headers)
+            assert again.status_code == 409
+            redis.stop()
+            other = event_body(text="while redis is down")
+            down = httpx.post(url2 + "/api/agent", content=other, headers=signed_headers(other))
+            assert down.status_code == 503
+            assert down.headers["content-type"] == "application/json"
+
+
+@pytest.mark.anyio
+async def test_redis_replay_cache_ttl() -> None:
+    with running_redis() as redis:
+        cache = RedisReplayCache(redis.url)
+        try:
+            assert await cache.seen("k", 2.2) is False
+            assert await cache.seen("k", 2.2) is True
+            ttl = await cache._client.ttl("layercode:replay:k")
+            assert 1 <= ttl <= 3
+        finally:
+            await cache.aclose()
