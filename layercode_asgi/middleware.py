@@ -38,6 +38,7 @@ from .signature import (
     SignatureVerificationError,
     verify_signature,
 )
+from .sse import _resume
 
 __all__ = [
     "DEFAULT_BODY_TIMEOUT",
@@ -238,14 +239,25 @@ class LayercodeSignature:
                 return
 
         body: bytes | None = None
-        with anyio.move_on_after(self._body_timeout):
+        arrived = False
+        try:
+            # A small body is usually all there when the request starts: take it without
+            # the deadline's cancel scope (the costly part); only a body still arriving
+            # is awaited under the deadline.
+            steps = read_body(receive, self.max_body_size).__await__()
             try:
-                body = await read_body(receive, self.max_body_size)
-            except BodyTooLarge:
-                await _send_pair(send, self._too_large)
-                return
-            if body is None:
-                return  # the client left: nobody is there to answer
+                waiting_for = steps.send(None)
+            except StopIteration as done:
+                body, arrived = done.value, True
+            else:
+                with anyio.move_on_after(self._body_timeout):
+                    body = await _resume(steps, waiting_for)
+                    arrived = True
+        except BodyTooLarge:
+            await _send_pair(send, self._too_large)
+            return
+        if arrived and body is None:
+            return  # the client left: nobody is there to answer
         if body is None:  # the deadline passed while the body was still arriving
             logger.warning(
                 "webhook body too slow (> %s s) %s %s",

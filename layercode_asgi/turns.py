@@ -29,9 +29,11 @@ Guarantees:
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import math
+import types
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -40,7 +42,7 @@ import msgspec
 
 from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
 from .conversation import HistoryMessage
-from .sse import Emit, EventStreamResponse
+from .sse import Emit, EventStreamResponse, asyncio_stream_task, on_asyncio
 
 __all__ = [
     "Turn",
@@ -175,8 +177,44 @@ class Turn:
     ) -> None:
         if (agent is None) == (handler is None):
             raise TypeError("Turn needs exactly one of agent= or handler=")
+        self._setup(
+            event,
+            bind_agent(agent) if agent is not None else None,
+            handler,
+            history,
+            extras,
+            timeout,
+            timeout_message,
+        )
+
+    @classmethod
+    def _bound(
+        cls,
+        event: TurnEvent,
+        call: Callable[[TurnEvent, TurnContext], Any],
+        history: Sequence[HistoryMessage],
+        extras: Mapping[str, Any] | None,
+        timeout: float | None,
+        timeout_message: str | None,
+    ) -> Turn:
+        """A turn for an agent already bound with ``bind_agent`` (once per webhook, not per
+        turn: reading an agent's signature costs more than the rest of a turn's set-up)."""
+        turn = cls.__new__(cls)
+        turn._setup(event, call, None, history, extras, timeout, timeout_message)
+        return turn
+
+    def _setup(
+        self,
+        event: TurnEvent,
+        call: Callable[[TurnEvent, TurnContext], Any] | None,
+        handler: StreamHandler | None,
+        history: Sequence[HistoryMessage],
+        extras: Mapping[str, Any] | None,
+        timeout: float | None,
+        timeout_message: str | None,
+    ) -> None:
         self.event = event
-        self._call = bind_agent(agent) if agent is not None else None
+        self._call = call
         self._handler = handler
         self.context = TurnContext(event, history, {} if extras is None else extras)
         self.timeout = timeout
@@ -198,13 +236,42 @@ class Turn:
         self._emit = emit
         try:
             failure: Exception | None = None
-            deadline = math.inf if self.timeout is None else self.timeout
-            with anyio.move_on_after(deadline) as scope:
+            task = asyncio_stream_task(emit)
+            if task is None and on_asyncio():
+                task = asyncio.current_task()
+            if task is not None:
+                # On asyncio the deadline is a timer that cancels this task (taken back
+                # with ``uncancel``, as ``asyncio.timeout`` does), a fraction of the cost
+                # of an anyio cancel scope; and the timer is only armed once the turn has
+                # run for a loop iteration: most turns answer without ever suspending.
+                timed_out = False
+                baseline = task.cancelling()
+                deadline = None if self.timeout is None else _Deadline(task, self.timeout)
                 try:
                     await self._produce()
                 except Exception as exc:
                     failure = exc
-            if scope.cancelled_caught:
+                except asyncio.CancelledError:
+                    # Ours (the deadline) becomes a timeout; any other cancellation
+                    # propagates.
+                    if deadline is None or not deadline.fired or task.uncancel() > baseline:
+                        raise
+                    timed_out = True
+                else:
+                    if deadline is not None and deadline.fired:
+                        task.uncancel()  # the agent swallowed the deadline's cancellation
+                finally:
+                    if deadline is not None:
+                        deadline.disarm()
+            else:
+                limit = math.inf if self.timeout is None else self.timeout
+                with anyio.move_on_after(limit) as scope:
+                    try:
+                        await self._produce()
+                    except Exception as exc:
+                        failure = exc
+                timed_out = scope.cancelled_caught
+            if timed_out:
                 await self._timed_out()
             elif failure is not None:
                 await self._failed(failure)
@@ -214,6 +281,11 @@ class Turn:
         except anyio.get_cancelled_exc_class():
             self.status = TurnStatus.DISCONNECTED
             raise
+        finally:
+            # Nothing is emitted after the turn (``response.end`` went last, or the client
+            # left); dropping ``emit`` also breaks the response -> producer -> turn -> emit
+            # reference cycle, so a finished turn is freed at once, not by the cyclic GC.
+            self._emit = None
 
     async def _produce(self) -> None:
         if self._handler is not None:
@@ -243,9 +315,13 @@ class Turn:
                 await self.deliver(item)
         finally:
             aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
+            # An async generator that ran to its end has nothing left to close (its
+            # ``ag_frame`` is gone); skip the shielded scope, the common case's cost.
+            if aclose is not None and not (
+                isinstance(iterator, types.AsyncGeneratorType) and iterator.ag_frame is None
+            ):
                 # Run the agent's own cleanup even while this turn is being cancelled.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(AGENT_CLOSE_TIMEOUT):
+                with anyio.move_on_after(AGENT_CLOSE_TIMEOUT, shield=True):
                     try:
                         await aclose()
                     except Exception:
@@ -283,8 +359,10 @@ class Turn:
             await self._send(_END + self._suffix)
 
     async def _send(self, chunk: bytes) -> None:
-        assert self._emit is not None, "Turn.run() was not called"
-        await self._emit(chunk)
+        emit = self._emit
+        if emit is None:
+            raise RuntimeError("this turn is not running (Turn.run() was not called or ended)")
+        await emit(chunk)
 
     async def _failed(self, exc: Exception) -> None:
         self.status = TurnStatus.FAILED
@@ -317,6 +395,37 @@ class Turn:
 
     def _extra(self) -> dict[str, str]:
         return {"conversation_id": self.event.conversation_id, "turn_id": self.event.turn_id}
+
+
+class _Deadline:
+    """A turn's time limit on asyncio: cancels the turn's task once, only while armed.
+
+    The timer is set one loop iteration after the turn starts (``call_soon``), for the
+    original deadline: a turn that finishes without suspending never creates one.
+    """
+
+    __slots__ = ("active", "fired", "handle", "task", "when")
+
+    def __init__(self, task: asyncio.Task[Any], timeout: float) -> None:
+        loop = task.get_loop()
+        self.task = task
+        self.when = loop.time() + timeout
+        self.active = True
+        self.fired = False
+        self.handle: asyncio.Handle = loop.call_soon(self._arm)
+
+    def _arm(self) -> None:
+        if self.active:
+            self.handle = self.task.get_loop().call_at(self.when, self._fire)
+
+    def _fire(self) -> None:
+        if self.active and not self.fired:
+            self.fired = True
+            self.task.cancel()
+
+    def disarm(self) -> None:
+        self.active = False
+        self.handle.cancel()
 
 
 def _encode_content(content: Any) -> bytes:

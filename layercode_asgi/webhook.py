@@ -36,8 +36,8 @@ import msgspec
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .agents import Agent, TurnEvent
-from .conversation import HistoryMessage
+from .agents import Agent, TurnEvent, bind_agent
+from .conversation import ConversationManager, HistoryMessage, MemoryConversationStore
 from .errors import LayercodeError, ResponseError
 from .events import (
     DataPayload,
@@ -141,6 +141,8 @@ class LayercodeWebhook:
         if not callable(agent):
             raise TypeError(f"agent must be an async callable, got {type(agent).__name__}")
         self.agent = agent
+        self._bound_agent: Agent = agent
+        self._call = bind_agent(agent)
         self.conversations = conversations
         self.on_data = on_data
         self.on_session_update = on_session_update
@@ -262,13 +264,12 @@ class LayercodeWebhook:
     # -- internals ---------------------------------------------------------------------------
 
     def _turn(self, event: TurnEvent, history: Sequence[HistoryMessage]) -> Turn:
-        return Turn(
-            event,
-            self.agent,
-            history=history,
-            extras=self.extras,
-            timeout=self.turn_timeout,
-            timeout_message=self.timeout_message,
+        agent = self.agent
+        if agent is not self._bound_agent:  # bound once, again only if ``agent`` changed
+            self._call = bind_agent(agent)
+            self._bound_agent = agent
+        return Turn._bound(
+            event, self._call, history, self.extras, self.turn_timeout, self.timeout_message
         )
 
     async def _record(
@@ -279,7 +280,23 @@ class LayercodeWebhook:
         reply = turn.reply_text or None
         if user_text is None and reply is None:
             return
-        with anyio.CancelScope(shield=True), anyio.move_on_after(RECORD_TIMEOUT) as scope:
+        if type(conversations) is ConversationManager and type(conversations.store) is (
+            MemoryConversationStore
+        ):
+            # The in-memory store never suspends: nothing can cancel or delay it, so the
+            # shielded, time-limited scope below (the costly part) has nothing to do.
+            try:
+                await conversations.add_turn(
+                    event.conversation_id, user_text, reply, turn_id=event.turn_id
+                )
+            except Exception:
+                logger.exception(
+                    "could not record turn (conversation=%s turn=%s)",
+                    event.conversation_id,
+                    event.turn_id,
+                )
+            return
+        with anyio.move_on_after(RECORD_TIMEOUT, shield=True) as scope:
             try:
                 await conversations.add_turn(
                     event.conversation_id, user_text, reply, turn_id=event.turn_id

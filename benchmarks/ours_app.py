@@ -1,0 +1,121 @@
+"""Our servers under test, as uvicorn factories (``--app-dir benchmarks --factory``).
+
+* ``ours``: ``create_app`` exactly as a user gets it (echo agent, signature middleware,
+  in-memory conversation history with its per-conversation lock).
+* ``ours_sleepy``: the same app with an agent that pauses between chunks (concurrency test).
+* ``ours_sse_starlette``: the same pipeline, but every turn is streamed through
+  ``create_sse_response`` (sse-starlette's ``EventSourceResponse``) instead of our lean
+  ``EventStreamResponse``: the numbers behind the choice of the lean response.
+
+The cost ladder (where a request's time goes, rung by rung, all built from ``create_app``):
+
+* ``stack_floor``: ``create_app``'s Starlette stack (error and exception middleware,
+  routing) and ``LayercodeSignature``, with the floor app in place of the webhook.
+* ``ours_no_history``: ``create_app`` with its webhook's conversation store removed (no
+  per-conversation lock, no history read or written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from common import PATH, REPLY, SECRET, env_float, env_int, raise_nofile
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from layercode_asgi import create_app
+from layercode_asgi.agents import TurnContext, TurnEvent, echo_agent
+from layercode_asgi.config import Settings
+from layercode_asgi.conversation import ConversationManager
+from layercode_asgi.middleware import LayercodeSignature
+from layercode_asgi.sse import create_sse_response
+from layercode_asgi.webhook import LayercodeWebhook
+
+SLEEP_INTERVAL = env_float("BENCH_SLEEP_INTERVAL", 0.5)
+SLEEP_CHUNKS = env_int("BENCH_SLEEP_CHUNKS", 10)
+
+raise_nofile()
+
+
+def _settings() -> Settings:
+    return Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+
+
+def ours() -> Any:
+    return create_app(_settings())
+
+
+def stack_floor() -> Any:
+    from floor_app import app as floor
+
+    app = create_app(_settings())
+    for route in app.routes:
+        if getattr(route, "path", None) == PATH:
+            route.app = LayercodeSignature(floor, secret=SECRET)  # type: ignore[attr-defined]
+            return app
+    raise RuntimeError(f"create_app has no {PATH} route")
+
+
+def ours_no_history() -> Any:
+    app = create_app(_settings())
+    app.state.webhook.conversations = None
+    return app
+
+
+async def sleepy(event: TurnEvent, context: TurnContext) -> AsyncIterator[str]:
+    """Speaks ``SLEEP_CHUNKS`` short chunks, ``SLEEP_INTERVAL`` seconds apart."""
+    for index in range(SLEEP_CHUNKS):
+        if index:
+            await asyncio.sleep(SLEEP_INTERVAL)
+        yield REPLY[:24]
+
+
+def ours_sleepy() -> Any:
+    return create_app(_settings(), agent=sleepy)
+
+
+class _SseStarletteWebhook(LayercodeWebhook):
+    """``LayercodeWebhook`` whose turns go out through sse-starlette.
+
+    The turn (history, lock, agent, encoding) is the very producer our lean response would
+    run; only the response around it differs: chunks pass through a queue into the async
+    iterator that ``EventSourceResponse`` consumes (its ping task and disconnect watcher
+    run as usual).
+    """
+
+    def turn_response(self, event: TurnEvent) -> Any:
+        producer = super().turn_response(event).producer
+
+        async def items() -> AsyncIterator[bytes]:
+            queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+            async def run() -> None:
+                try:
+                    await producer(queue.put)
+                finally:
+                    queue.put_nowait(None)
+
+            task = asyncio.ensure_future(run())
+            try:
+                while (chunk := await queue.get()) is not None:
+                    yield chunk
+            finally:
+                if not task.done():
+                    task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+        return create_sse_response(items())
+
+
+def ours_sse_starlette() -> Any:
+    settings = _settings()
+    webhook = _SseStarletteWebhook(
+        echo_agent,
+        conversations=ConversationManager.from_settings(settings),
+        turn_timeout=settings.turn_timeout,
+        max_body_size=settings.max_body_size,
+    )
+    protected = LayercodeSignature(webhook, secret=SECRET, max_body_size=settings.max_body_size)
+    return Starlette(routes=[Route("/api/agent", protected, methods=["POST"])])
