@@ -319,6 +319,8 @@ class RedisConversationStore:
             itself after at most ``lock_ttl``.
         socket_timeout, socket_connect_timeout: for clients created from a URL.
         operation_timeout: hard limit on any single Redis operation, in seconds.
+        max_connections: size of the connection pool (clients created from a URL); when
+            all are busy, an operation waits for one (up to ``operation_timeout``).
 
     Connection failures raise :class:`StoreUnavailableError` within about
     ``operation_timeout``; once Redis is back, the same store works again.
@@ -336,8 +338,10 @@ class RedisConversationStore:
         socket_timeout: float = 2.0,
         socket_connect_timeout: float = 1.0,
         operation_timeout: float = 5.0,
+        max_connections: int = 100,
     ) -> None:
         redis_asyncio = _import_redis()
+        _check_positive_int(max_connections, "max_connections")
         if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0):
             raise ConfigurationError(f"ttl must be an integer >= 0 or None, got {ttl!r}")
         _check_positive_int(max_messages, "max_messages")
@@ -363,8 +367,12 @@ class RedisConversationStore:
             from redis.backoff import ExponentialBackoff
 
             try:
-                self._client: Any = redis_asyncio.Redis.from_url(
+                # A blocking pool: a burst of turns waits (up to the operation timeout) for
+                # a free connection instead of failing with "too many connections".
+                pool = redis_asyncio.BlockingConnectionPool.from_url(
                     url_or_client,
+                    max_connections=max_connections,
+                    timeout=self.operation_timeout,
                     socket_timeout=socket_timeout,
                     socket_connect_timeout=socket_connect_timeout,
                     # One quick retry on connection errors recovers a pooled connection
@@ -376,6 +384,7 @@ class RedisConversationStore:
                         supported_errors=(exceptions.ConnectionError,),
                     ),
                 )
+                self._client: Any = redis_asyncio.Redis(connection_pool=pool)
             except ValueError as exc:
                 raise ConfigurationError(
                     f"invalid Redis URL {_describe_url(url_or_client)!r}: {exc}"

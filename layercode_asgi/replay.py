@@ -103,6 +103,7 @@ class RedisReplayCache:
         key_prefix: str = "layercode:replay:",
         socket_timeout: float = 2.0,
         socket_connect_timeout: float = 1.0,
+        max_connections: int = 100,
     ) -> None:
         try:
             import redis.asyncio as aioredis
@@ -112,11 +113,15 @@ class RedisReplayCache:
                 "pip install 'layercode-asgi[redis]'"
             ) from None
         if isinstance(url_or_client, str):
-            self._client = aioredis.Redis.from_url(
+            # Blocking pool: bursts wait for a free connection rather than failing.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 url_or_client,
+                max_connections=max_connections,
+                timeout=socket_timeout,
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=socket_connect_timeout,
             )
+            self._client = aioredis.Redis(connection_pool=pool)
             self._owned = True
         else:
             self._client = url_or_client

@@ -561,3 +561,24 @@ async def test_redis_store_without_the_redis_package(monkeypatch: pytest.MonkeyP
     with pytest.raises(ConfigurationError, match=r"pip install 'layercode-asgi\[redis\]'"):
         RedisConversationStore("redis://localhost")
     ConversationManager()  # the memory store needs nothing
+
+
+@pytest.mark.anyio
+async def test_redis_burst_larger_than_the_pool_waits_instead_of_failing() -> None:
+    """Found by the soak: 200 conversations at once exhausted redis-py's default pool."""
+    from layercode_asgi.conversation import ConversationManager, RedisConversationStore
+
+    with redis_fixtures.running_redis() as server:
+        store = RedisConversationStore(server.url, max_connections=2)
+        async with ConversationManager(store) as history:
+            results: list[int] = []
+
+            async def one(i: int) -> None:
+                async with history.lock(f"burst-{i}"):
+                    await history.add_turn(f"burst-{i}", f"u{i}", f"a{i}")
+                    results.append(len(await history.get_history(f"burst-{i}")))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(40):
+                    tg.start_soon(one, i)
+    assert results == [2] * 40
