@@ -24,7 +24,16 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Final,
+    Literal,
+    Protocol,
+    TypeVar,
+    runtime_checkable,
+)
 
 import anyio
 import msgspec
@@ -176,6 +185,10 @@ class MemoryConversationStore:
     Locks exist only while some task holds or waits for them, so the lock table never
     outgrows the number of concurrent turns.
     """
+
+    #: Its operations never suspend, so callers need no cancellation shield or deadline
+    #: around them (``LayercodeWebhook`` skips that cost when recording a turn).
+    never_suspends: ClassVar[bool] = True
 
     def __init__(
         self,

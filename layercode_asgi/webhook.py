@@ -24,11 +24,12 @@ What it answers (the body must already be verified — mount the middleware):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, Protocol
 
 import anyio
@@ -37,7 +38,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .agents import Agent, TurnEvent, bind_agent
-from .conversation import ConversationManager, HistoryMessage, MemoryConversationStore
+from .conversation import HistoryMessage
 from .errors import LayercodeError, ResponseError
 from .events import (
     DataPayload,
@@ -280,11 +281,15 @@ class LayercodeWebhook:
         reply = turn.reply_text or None
         if user_text is None and reply is None:
             return
-        if type(conversations) is ConversationManager and type(conversations.store) is (
-            MemoryConversationStore
-        ):
-            # The in-memory store never suspends: nothing can cancel or delay it, so the
-            # shielded, time-limited scope below (the costly part) has nothing to do.
+        # A store that never suspends cannot be cancelled or delayed: skip the shielded,
+        # time-limited scope (the costly part) that any other store needs.
+        never_suspends = getattr(getattr(conversations, "store", None), "never_suspends", False)
+        guard: AbstractContextManager[anyio.CancelScope | None] = (
+            contextlib.nullcontext()
+            if never_suspends
+            else anyio.move_on_after(RECORD_TIMEOUT, shield=True)
+        )
+        with guard as scope:
             try:
                 await conversations.add_turn(
                     event.conversation_id, user_text, reply, turn_id=event.turn_id
@@ -295,19 +300,7 @@ class LayercodeWebhook:
                     event.conversation_id,
                     event.turn_id,
                 )
-            return
-        with anyio.move_on_after(RECORD_TIMEOUT, shield=True) as scope:
-            try:
-                await conversations.add_turn(
-                    event.conversation_id, user_text, reply, turn_id=event.turn_id
-                )
-            except Exception:
-                logger.exception(
-                    "could not record turn (conversation=%s turn=%s)",
-                    event.conversation_id,
-                    event.turn_id,
-                )
-        if scope.cancelled_caught:
+        if scope is not None and scope.cancelled_caught:
             logger.error(
                 "recording turn timed out (conversation=%s turn=%s)",
                 event.conversation_id,
