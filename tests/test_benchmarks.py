@@ -55,3 +55,50 @@ def test_smoke_run_writes_its_outputs(tmp_path: Path) -> None:
         assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the committed results are left alone
     assert "smoke run" not in (ROOT / "benchmarks" / "RESULTS.md").read_text()[:400]
+
+
+REF_EVENTS = ROOT / "benchmarks" / "reference" / "ref_events.py"
+MARKER = "# ---- original file below ----\n"
+
+
+def test_reference_models_are_a_verbatim_copy() -> None:
+    """The decode baseline is the reference implementation's own code, byte for byte."""
+    text = REF_EVENTS.read_text()
+    assert text.count(MARKER) == 1
+    copy = text.split(MARKER, 1)[1]
+    assert (
+        "_WEBHOOK_PAYLOAD_ADAPTER: TypeAdapter[WebhookPayload] = TypeAdapter(WebhookPayload)"
+        in copy
+    )
+    installed = sorted(
+        (ROOT / "benchmarks" / ".ref-venv").glob(
+            "lib/python3*/site-packages/layercode_create_app/sdk/events.py"
+        )
+    )
+    if not installed:
+        pytest.skip("the reference venv (benchmarks/.ref-venv) is not installed here")
+    assert copy == installed[0].read_text()
+
+
+def test_decode_benchmark_compares_like_with_like() -> None:
+    """All three decoders read the same values from every benchmark body."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_decode
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for name, body in bench_decode.BODIES.items():
+        raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        ref = bench_decode.ref_parse(raw)
+        assert type(ref).__module__ == "reference.ref_events", name
+        assert bench_decode._same_meaning(
+            bench_decode.parse_webhook_payload(raw), ref, bench_decode.best_parse(raw)
+        ), name
+    # and the check itself can fail: a changed value is noticed
+    raw = json.dumps(bench_decode.BODIES["message"]).encode()
+    other = json.dumps({**bench_decode.BODIES["message"], "text": "changed"}).encode()
+    assert not bench_decode._same_meaning(
+        bench_decode.parse_webhook_payload(raw),
+        bench_decode.ref_parse(other),
+        bench_decode.best_parse(raw),
+    )
