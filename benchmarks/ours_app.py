@@ -9,8 +9,9 @@
 
 The cost ladder (where a request's time goes, rung by rung, all built from ``create_app``):
 
-* ``stack_floor``: ``create_app``'s Starlette stack (error and exception middleware,
-  routing) and ``LayercodeSignature``, with the floor app in place of the webhook.
+* ``stack_floor``: ``create_app``'s webhook route (its dispatch, the drain check and
+  ``LayercodeSignature``: body read, verification), with the floor's reply in place of the
+  webhook.
 * ``ours_no_history``: ``create_app`` with its webhook's conversation store removed (no
   per-conversation lock, no history read or written).
 """
@@ -47,13 +48,27 @@ def ours() -> Any:
     return create_app(_settings())
 
 
+class _FloorReply:
+    """Stands in for the webhook behind create_app's signature check: the floor's reply."""
+
+    def __init__(self, floor: Any) -> None:
+        self.floor = floor
+
+    async def answer(self, body: bytes, scope: Any, receive: Any, send: Any) -> None:
+        async def replay() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.floor(scope, replay, send)
+
+
 def stack_floor() -> Any:
+    """create_app's webhook route up to and including the signature check, then the floor."""
     from floor_app import app as floor
 
     app = create_app(_settings())
     for route in app.routes:
         if getattr(route, "path", None) == PATH:
-            route.app = LayercodeSignature(floor, secret=SECRET)  # type: ignore[attr-defined]
+            route.app.webhook = _FloorReply(floor)  # type: ignore[attr-defined]
             return app
     raise RuntimeError(f"create_app has no {PATH} route")
 

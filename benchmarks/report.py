@@ -20,7 +20,7 @@ LADDER = (
     ("floor", "bare ASGI app: uvicorn, reading the body, writing the reply"),
     (
         "stack_floor",
-        "+ create_app's Starlette stack (error/exception middleware, routing) and LayercodeSignature (verification)",
+        "+ create_app's webhook route: dispatch, drain check, LayercodeSignature (body read, verification)",
     ),
     (
         "ours_no_history",
@@ -294,9 +294,8 @@ def markdown(results: dict[str, Any]) -> str:
             floor_cpu = ladder[0][2]["cpu_us_per_request"]
             add(
                 f"\nAt 50% of the floor's throughput a request may cost about "
-                f"{2 * floor_cpu:.0f} µs of server CPU; the rungs before ours' own webhook code "
-                f"already take {ladder[1][2]['cpu_us_per_request']:.0f} µs, and the history rung "
-                f"(`conversation.py`) adds {ladder[3][2]['cpu_us_per_request'] - ladder[2][2]['cpu_us_per_request']:.0f} µs.\n"
+                f"{2 * floor_cpu:.0f} µs of server CPU; ours costs "
+                f"{ladder[-1][2]['cpu_us_per_request']:.0f} µs.\n"
             )
         add("How each number is measured:\n")
         add(
@@ -549,32 +548,14 @@ def _missed(results: dict[str, Any]) -> str:
             budget = 2 * cpu["floor"]
             out.append(
                 f"- **{name}** (measured {t['measured']}). At 50% of the floor a request may cost "
-                f"~{budget:.0f} µs of server CPU (2 × {cpu['floor']:.0f} µs). The cost ladder above: "
-                f"create_app's Starlette stack plus the signature middleware already cost "
-                f"{cpu['stack_floor']:.0f} µs with the floor app behind them "
-                f"({cpu['stack_floor'] - cpu['floor']:+.0f} µs); LayercodeWebhook, the Turn and "
-                f"the response add {cpu['ours_no_history'] - cpu['stack_floor']:.0f} µs; the "
-                f"conversation history adds {cpu['ours'] - cpu['ours_no_history']:.0f} µs "
-                f"(total {cpu['ours']:.0f} µs). The profile shows where: the socket writes, "
-                "Starlette's error/exception middleware and router wrapping every `send`, and "
-                "the in-memory store's per-turn lock (an `asynccontextmanager` and a new anyio "
-                "`Semaphore` per turn). What would close it, outside this issue's files: "
-                "`create_app` (server.py) dispatching the webhook path to the signature "
-                "middleware before Starlette's middleware stack (the `stack_floor` rung is the "
-                "bound on what that saves); `MemoryConversationStore.lock` (conversation.py) on "
-                "plain asyncio primitives; and Python ≥ 3.12, whose `asyncio.current_task()` no "
-                "longer makes a `getpid` system call (several per request here, and system calls "
-                "are expensive on this VM). "
-                + (
-                    f"With today's stack the budget leaves {budget - cpu['stack_floor']:.0f} µs "
-                    f"for everything after the signature middleware, where the webhook rung "
-                    f"(this library's turn path) costs {cpu['ours_no_history'] - cpu['stack_floor']:.0f} "
-                    "µs and the history rung the rest: even all three changes together would "
-                    "not make the target without the turn path costing about as much as uvicorn "
-                    "itself.\n"
-                    if cpu["ours_no_history"] - cpu["stack_floor"] > budget - cpu["stack_floor"]
-                    else "\n"
-                )
+                f"~{budget:.0f} µs of server CPU (2 × {cpu['floor']:.0f} µs); ours cost "
+                f"{cpu['ours']:.0f} µs. The cost ladder above: the webhook route and signature "
+                f"check {cpu['stack_floor'] - cpu['floor']:+.0f} µs, the webhook and its turn "
+                f"{cpu['ours_no_history'] - cpu['stack_floor']:+.0f} µs, the conversation history "
+                f"{cpu['ours'] - cpu['ours_no_history']:+.0f} µs. No single step dominates any "
+                "more (see the profile): what is left is the Python work of a turn spread over "
+                "many small steps, plus what the library does not control (see the design "
+                "notes). Python ≥ 3.12 removes the `getpid` system calls.\n"
             )
         elif "time to first byte" in name:
             ours, floor = servers.get("ours"), servers.get("floor")
@@ -598,8 +579,7 @@ def _missed(results: dict[str, Any]) -> str:
                 f"- **{name}** (measured {t['measured']}; per round: {rounds}). Server CPU per "
                 f"request: reference {cpu.get('reference', 0):.0f} µs, ours {cpu.get('ours', 0):.0f} µs "
                 f"({cpu.get('reference', 0) / max(cpu.get('ours', 1), 1):.1f}×). The same fixed costs "
-                "as for the floor target (Starlette stack, the history store) keep ours at "
-                "~10×; see above for what would close it.\n"
+                "as for the floor target keep ours there; see above.\n"
             )
         elif "session.end-50: ref/ours" in name:
             out.append(
@@ -628,10 +608,20 @@ DESIGN_NOTES = """## Design choices and trade-offs
   on any other event loop the original anyio task group runs, unchanged. A turn that finishes
   without waiting (the echo agent, a scripted reply) goes out in one write; once a producer
   waits for anything, every chunk is sent as it is emitted, as before.
-- **What the library does not control.** Starlette's routing and exception middlewares, the
-  in-memory conversation store's per-conversation lock (an anyio `Semaphore` created per
-  turn) and uvicorn itself are in every request of `create_app`; the profile above shows their
-  share.
+- **`create_app` answers its webhook route directly.** A signed `POST` to the webhook path
+  goes from the app straight to the route's endpoint (drain check, `LayercodeSignature`, the
+  webhook), not through Starlette's error middleware, exception middleware and router, which
+  wrapped every `send` and cost more than the signature check itself. The shortcut is taken
+  only while it changes nothing: once middleware is added to the app (or CORS is configured),
+  every request goes through Starlette as before. The signature check hands the verified body
+  straight to the webhook (no second read through a replaying `receive`).
+- **The default store is used without `await`.** The in-memory conversation store never
+  suspends, so the webhook takes its lock, reads the history and records the turn with plain
+  calls (a waiter for a held conversation still queues, first come first served, with its
+  timeout); any other store (Redis, your own) is used through its async interface.
+- **What the library does not control.** uvicorn itself, the agent being an async generator
+  (its first step registers it with the event loop's async-generator hooks) and, on Python
+  3.11, a `getpid` system call inside every `asyncio.current_task()`.
 """
 
 

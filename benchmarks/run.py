@@ -148,7 +148,7 @@ E2E_ORDER = (
 )
 LABELS = {
     "floor": "floor (bare ASGI)",
-    "stack_floor": "ladder: create_app stack + signature, floor app",
+    "stack_floor": "ladder: create_app route + signature, floor reply",
     "ours_no_history": "ladder: create_app without history",
     "ours": "ours (create_app)",
     "ours_sse_starlette": "ours, turns via sse-starlette",

@@ -159,18 +159,44 @@ class ConversationStore(Protocol):
 
 
 class _LockEntry:
-    """A binary semaphore and the number of tasks holding or waiting for it.
+    """A held conversation lock and the tasks waiting for it, first come first served.
 
-    A semaphore rather than ``anyio.Lock``: like the Redis lock, it is not re-entrant and
-    not tied to a task, so a nested ``lock()`` of the same conversation waits (and times
-    out) instead of raising.
+    An entry exists only while its conversation is held. Releasing hands the lock straight
+    to the first waiter (setting its event), so a newcomer cannot overtake a waiter. Like
+    the Redis lock, it is not re-entrant and not tied to a task: a nested ``lock()`` of the
+    same conversation waits (and times out) instead of raising.
     """
 
-    __slots__ = ("lock", "users")
+    __slots__ = ("waiters",)
 
     def __init__(self) -> None:
-        self.lock = anyio.Semaphore(1)
-        self.users = 0
+        self.waiters: deque[anyio.Event] | None = None
+
+
+class _MemoryLock:
+    """``MemoryConversationStore.lock()``: an uncontended acquire never suspends and
+    allocates one small object; only a waiter creates an event and a deadline."""
+
+    __slots__ = ("conversation_id", "store", "wait")
+
+    def __init__(
+        self, store: MemoryConversationStore, conversation_id: str, wait: float | None
+    ) -> None:
+        self.store = store
+        self.conversation_id = conversation_id
+        self.wait = wait
+
+    async def __aenter__(self) -> None:
+        if not self.store.try_lock(self.conversation_id):
+            await self.store.wait_lock(self.conversation_id, self.wait)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.store.unlock(self.conversation_id)
 
 
 class MemoryConversationStore:
@@ -212,6 +238,18 @@ class MemoryConversationStore:
 
     async def append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
         """Append ``messages`` (atomic: no ``await`` between the individual appends)."""
+        self.append_now(conversation_id, messages)
+
+    async def get(self, conversation_id: str) -> list[HistoryMessage]:
+        """The conversation's messages, oldest first; marks it recently used."""
+        return self.get_now(conversation_id)
+
+    # The same operations without ``await`` (this store never suspends): ``LayercodeWebhook``
+    # calls them directly on its hot path, skipping a coroutine per call. No validation
+    # here: callers pass a checked conversation id.
+
+    def append_now(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
+        """:meth:`append`, synchronously."""
         if not messages:
             return
         history = self._histories.get(conversation_id)
@@ -223,8 +261,8 @@ class MemoryConversationStore:
             self._histories.move_to_end(conversation_id)
         history.extend(messages)
 
-    async def get(self, conversation_id: str) -> list[HistoryMessage]:
-        """The conversation's messages, oldest first; marks it recently used."""
+    def get_now(self, conversation_id: str) -> list[HistoryMessage]:
+        """:meth:`get`, synchronously."""
         history = self._histories.get(conversation_id)
         if history is None:
             return []
@@ -235,40 +273,67 @@ class MemoryConversationStore:
         """Forget the conversation."""
         self._histories.pop(conversation_id, None)
 
-    @asynccontextmanager
-    async def lock(
+    def lock(
         self,
         conversation_id: str,
         *,
-        timeout: float | _DefaultTimeout | None = _STORE_DEFAULT,  # noqa: ASYNC109 - bounds the wait only
-    ) -> AsyncIterator[None]:
-        """Hold the conversation exclusively within this process."""
+        timeout: float | _DefaultTimeout | None = _STORE_DEFAULT,
+    ) -> AbstractAsyncContextManager[None]:
+        """Hold the conversation exclusively within this process (waiters queue in order)."""
         wait = self.lock_timeout if timeout is _STORE_DEFAULT else timeout
         assert not isinstance(wait, _DefaultTimeout)
         _check_timeout(wait)
+        return _MemoryLock(self, conversation_id, wait)
+
+    def try_lock(self, conversation_id: str) -> bool:
+        """Take the conversation's lock if it is free, without waiting; True if taken.
+
+        Whoever took it must call :meth:`unlock` exactly once.
+        """
+        locks = self._locks
+        if conversation_id in locks:
+            return False
+        locks[conversation_id] = _LockEntry()
+        return True
+
+    async def wait_lock(self, conversation_id: str, wait: float | None) -> None:
+        """Take the conversation's lock, queueing behind its holder for up to ``wait`` s.
+
+        Raises :class:`ConversationLockTimeout` when the wait is over (the lock is not
+        taken then); cancelled while queueing, it is not taken either.
+        """
         entry = self._locks.get(conversation_id)
-        if entry is None:
-            entry = self._locks[conversation_id] = _LockEntry()
-        entry.users += 1
+        if entry is None:  # freed meanwhile
+            self._locks[conversation_id] = _LockEntry()
+            return
+        event = anyio.Event()
+        if entry.waiters is None:
+            entry.waiters = deque()
+        entry.waiters.append(event)
         try:
-            acquired = False
-            try:
-                entry.lock.acquire_nowait()
-                acquired = True
-            except anyio.WouldBlock:
-                with anyio.move_on_after(math.inf if wait is None else wait):
-                    await entry.lock.acquire()
-                    acquired = True
-            if not acquired:
-                raise ConversationLockTimeout(conversation_id, wait or 0.0)
-            try:
-                yield
-            finally:
-                entry.lock.release()
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                del self._locks[conversation_id]
+            with anyio.move_on_after(math.inf if wait is None else wait):
+                await event.wait()
+        except BaseException:
+            self._give_up(conversation_id, entry, event)
+            raise
+        if not event.is_set():  # the deadline passed first
+            self._give_up(conversation_id, entry, event)
+            raise ConversationLockTimeout(conversation_id, wait or 0.0)
+
+    def _give_up(self, conversation_id: str, entry: _LockEntry, event: anyio.Event) -> None:
+        if event.is_set():
+            self.unlock(conversation_id)  # handed over just as we gave up: pass it on
+        else:
+            assert entry.waiters is not None
+            entry.waiters.remove(event)
+
+    def unlock(self, conversation_id: str) -> None:
+        """Release the conversation's lock: to the first waiter, if any."""
+        entry = self._locks[conversation_id]
+        if entry.waiters:
+            entry.waiters.popleft().set()  # the next waiter holds it now
+        else:
+            del self._locks[conversation_id]
 
     async def ping(self) -> None:
         """Always usable."""
@@ -637,6 +702,18 @@ def _to_message(message: HistoryMessage | Mapping[str, Any]) -> HistoryMessage:
     )
 
 
+def turn_messages(
+    user_text: str | None, assistant_text: str | None, turn_id: str | None
+) -> list[HistoryMessage]:
+    """A turn's history messages, user first, leaving out empty or blank texts."""
+    messages: list[HistoryMessage] = []
+    if user_text is not None and user_text.strip():
+        messages.append(HistoryMessage(role="user", text=user_text, turn_id=turn_id))
+    if assistant_text is not None and assistant_text.strip():
+        messages.append(HistoryMessage(role="assistant", text=assistant_text, turn_id=turn_id))
+    return messages
+
+
 class ConversationManager:
     """Conversation history for agents: ``add_message`` / ``add_turn`` / ``get_history``.
 
@@ -703,15 +780,7 @@ class ConversationManager:
     ) -> None:
         """Append a turn's user and assistant messages together, skipping empty ones."""
         _check_conversation_id(conversation_id)
-        turn: tuple[tuple[Role, str | None], ...] = (
-            ("user", user_text),
-            ("assistant", assistant_text),
-        )
-        messages = [
-            HistoryMessage(role=role, text=text, turn_id=turn_id)
-            for role, text in turn
-            if text is not None and text.strip()
-        ]
+        messages = turn_messages(user_text, assistant_text, turn_id)
         if messages:
             await self.store.append(conversation_id, messages)
 

@@ -127,6 +127,12 @@ def _value(value: object) -> str:
     return msgspec.json.encode(text).decode()
 
 
+def webhook_log_enabled(status: int) -> bool:
+    """Whether :func:`log_webhook` would emit a line for a response with ``status``
+    (lets a hot path skip gathering the fields when it would not)."""
+    return _webhook_logger.isEnabledFor(_level_for(status))
+
+
 def _level_for(status: int) -> int:
     if status >= 500:
         return logging.ERROR

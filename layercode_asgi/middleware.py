@@ -218,7 +218,20 @@ class LayercodeSignature:
         ):
             await self.app(scope, receive, send)
             return
+        body = await self.verified_body(scope, receive, send)
+        if body is not None:
+            await self.app(scope, _Replay(body, receive), send)
 
+    async def verified_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """Read and verify an HTTP request's body; ``None`` once it has been answered.
+
+        Everything the middleware checks happens here: the body's size and arrival
+        deadline, the signature and (if on) replay protection. A request that fails a check
+        is answered (401, 408, 409, 413, 503) and ``None`` returned; so is a client that
+        left before sending its body (nobody is answered then). Otherwise the verified
+        body is returned and nothing has been sent: the caller answers the request.
+        ``receive`` is not used again here, so it can be handed on as it is.
+        """
         signature: str | None = None
         declared: bytes | None = None
         for name, value in scope["headers"]:
@@ -233,10 +246,10 @@ class LayercodeSignature:
         if declared is not None:
             if not (declared.isdigit() and len(declared) <= 18):
                 await _send_pair(send, _BAD_CONTENT_LENGTH)
-                return
+                return None
             if int(declared) > self.max_body_size:
                 await _send_pair(send, self._too_large)
-                return
+                return None
 
         body: bytes | None = None
         arrived = False
@@ -255,9 +268,9 @@ class LayercodeSignature:
                     arrived = True
         except BodyTooLarge:
             await _send_pair(send, self._too_large)
-            return
+            return None
         if arrived and body is None:
-            return  # the client left: nobody is there to answer
+            return None  # the client left: nobody is there to answer
         if body is None:  # the deadline passed while the body was still arriving
             logger.warning(
                 "webhook body too slow (> %s s) %s %s",
@@ -266,7 +279,7 @@ class LayercodeSignature:
                 scope.get("path"),
             )
             await _send_pair(send, self._timed_out)
-            return
+            return None
 
         try:
             verify_signature(body, signature, self._secrets, self.tolerance)
@@ -275,11 +288,11 @@ class LayercodeSignature:
                 "rejected webhook %s %s: %s", scope.get("method"), scope.get("path"), exc
             )
             await _send_pair(send, _REJECTIONS[exc.reason])
-            return
+            return None
 
         if self._replay is not None and await self._is_replay(signature, body, send):
-            return
-        await self.app(scope, _Replay(body, receive), send)
+            return None
+        return body
 
     async def _is_replay(self, signature: str | None, body: bytes, send: Send) -> bool:
         """Remember this delivery; answer 409 (or 503) and return True if it must stop."""

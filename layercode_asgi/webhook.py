@@ -38,7 +38,13 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .agents import Agent, TurnEvent, bind_agent
-from .conversation import HistoryMessage
+from .conversation import (
+    ConversationManager,
+    HistoryMessage,
+    MemoryConversationStore,
+    _check_conversation_id,
+    turn_messages,
+)
 from .errors import LayercodeError, ResponseError
 from .events import (
     DataPayload,
@@ -51,9 +57,9 @@ from .events import (
     WebhookPayload,
     parse_webhook_payload,
 )
-from .logs import log_webhook
+from .logs import log_webhook, webhook_log_enabled
 from .middleware import DEFAULT_MAX_BODY_SIZE, BodyTooLarge, read_body
-from .sse import EventStreamResponse
+from .sse import Emit, EventStreamResponse
 from .turns import Turn
 
 __all__ = ["ConversationBackend", "JSONResponse", "LayercodeWebhook"]
@@ -176,20 +182,30 @@ class LayercodeWebhook:
             else:
                 if body is None:
                     return  # the client left before sending its body
-                started = time.perf_counter()
-                response, event = await self._respond(body)
-                try:
-                    await response(scope, receive, send)
-                finally:
-                    log_webhook(
-                        None if event is None else str(event.type),
-                        None if event is None else event.conversation_id,
-                        getattr(event, "turn_id", None),
-                        response.status_code,
-                        time.perf_counter() - started,
-                    )
+                await self.answer(body, scope, receive, send)
                 return
         await response(scope, receive, send)
+
+    async def answer(self, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer a POST whose whole (verified) body has been read already.
+
+        What the ASGI app does once it has the body, for callers that read it themselves
+        (``create_app``'s webhook route gets it from the signature check): ``receive`` is
+        only used to notice the client leaving, and the request is logged.
+        """
+        started = time.perf_counter()
+        response, event = await self._respond(body)
+        try:
+            await response(scope, receive, send)
+        finally:
+            if webhook_log_enabled(response.status_code):
+                log_webhook(
+                    None if event is None else str(event.type),
+                    None if event is None else event.conversation_id,
+                    getattr(event, "turn_id", None),
+                    response.status_code,
+                    time.perf_counter() - started,
+                )
 
     # -- framework-neutral entry point -------------------------------------------------------
 
@@ -232,6 +248,9 @@ class LayercodeWebhook:
         if conversations is None:
             turn = self._turn(event, ())
             return EventStreamResponse(turn.run)
+        store = getattr(conversations, "store", None)
+        if type(conversations) is ConversationManager and type(store) is MemoryConversationStore:
+            return EventStreamResponse(self._memory_producer(event, store))
 
         async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
             cid = event.conversation_id
@@ -261,6 +280,44 @@ class LayercodeWebhook:
                 raise ResponseError(400, f"invalid conversation_id: {exc}") from exc
 
         return EventStreamResponse(produce)
+
+    def _memory_producer(
+        self, event: TurnEvent, store: MemoryConversationStore
+    ) -> Callable[[Emit], Awaitable[None]]:
+        """The turn's producer for the default store: the same steps and answers as the
+        general one, with the store's synchronous operations (no coroutine per call)."""
+
+        async def produce(emit: Emit) -> None:
+            cid = event.conversation_id
+            try:
+                _check_conversation_id(cid)
+            except ValueError as exc:
+                raise ResponseError(400, f"invalid conversation_id: {exc}") from exc
+            if not store.try_lock(cid):
+                try:
+                    await store.wait_lock(cid, self.lock_timeout)
+                except LayercodeError as exc:
+                    raise ResponseError(503, f"conversation unavailable: {exc}") from exc
+            try:
+                turn = self._turn(event, store.get_now(cid))
+                try:
+                    await turn.run(emit)
+                finally:
+                    user_text = event.text or None
+                    reply = turn.reply_text or None
+                    if user_text is not None or reply is not None:
+                        try:
+                            store.append_now(cid, turn_messages(user_text, reply, event.turn_id))
+                        except Exception:
+                            logger.exception(
+                                "could not record turn (conversation=%s turn=%s)",
+                                cid,
+                                event.turn_id,
+                            )
+            finally:
+                store.unlock(cid)
+
+        return produce
 
     # -- internals ---------------------------------------------------------------------------
 

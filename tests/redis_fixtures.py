@@ -23,8 +23,6 @@ from .conftest import free_port
 REDIS_SERVER = shutil.which("redis-server")
 
 
-
-
 class RedisServer:
     """One ``redis-server`` subprocess on 127.0.0.1; ``stop()`` / ``start()`` keep the port."""
 

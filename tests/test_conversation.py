@@ -277,7 +277,65 @@ async def test_memory_lock_waiter_cancelled_cleans_up() -> None:
         with anyio.move_on_after(0.02):
             async with store.lock("c", timeout=None):
                 pytest.fail("acquired a held lock")
-        assert store._locks["c"].users == 1
+        assert not store._locks["c"].waiters  # the cancelled waiter left the queue
+    assert store._locks == {}
+
+
+async def test_memory_lock_is_first_come_first_served() -> None:
+    store = MemoryConversationStore()
+    order: list[str] = []
+    release = anyio.Event()
+    held = anyio.Event()
+
+    async def holder() -> None:
+        async with store.lock("c"):
+            held.set()
+            await release.wait()
+            order.append("holder-out")
+
+    async def waiter(name: str) -> None:
+        async with store.lock("c", timeout=5):
+            order.append(name)
+            await anyio.sleep(0.001)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            await held.wait()
+            for name in ("w0", "w1", "w2", "w3"):
+                tg.start_soon(waiter, name)
+                await anyio.sleep(0.001)  # each one queues before the next starts
+            assert order == []
+            assert len(store._locks["c"].waiters or ()) == 4
+            release.set()
+            await anyio.lowlevel.checkpoint()
+            # a newcomer arriving now queues behind the four, it does not overtake them
+            tg.start_soon(waiter, "late")
+    assert order == ["holder-out", "w0", "w1", "w2", "w3", "late"]
+    assert store._locks == {}
+
+
+async def test_memory_lock_timed_out_waiter_does_not_block_the_next() -> None:
+    store = MemoryConversationStore()
+    got: list[str] = []
+
+    async def impatient() -> None:
+        with pytest.raises(ConversationLockTimeout):
+            async with store.lock("c", timeout=0.02):
+                got.append("impatient")
+
+    async def patient() -> None:
+        async with store.lock("c", timeout=5):
+            got.append("patient")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg, store.lock("c"):
+            tg.start_soon(impatient)
+            await anyio.sleep(0.001)
+            tg.start_soon(patient)
+            await anyio.sleep(0.05)  # the impatient one has given up by now
+            assert len(store._locks["c"].waiters or ()) == 1
+    assert got == ["patient"]
     assert store._locks == {}
 
 

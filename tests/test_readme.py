@@ -40,7 +40,9 @@ def _stack_snippets() -> list[str]:
 def test_there_is_one_snippet_per_stack() -> None:
     snippets = _stack_snippets()
     assert len(snippets) == 4
-    for framework, snippet in zip(("starlette", "fastapi", "litestar", None), snippets, strict=True):
+    for framework, snippet in zip(
+        ("starlette", "fastapi", "litestar", None), snippets, strict=True
+    ):
         if framework:
             assert f"from {framework}" in snippet
 

@@ -167,8 +167,6 @@ def test_paused_redis_answers_503_quickly() -> None:
 # -- graceful shutdown: SIGTERM drains open turns --------------------------------------------------
 
 
-
-
 def _start(grace: float, slow_seconds: float) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     process = subprocess.Popen(

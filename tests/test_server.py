@@ -413,8 +413,6 @@ def test_ready_is_503_when_redis_is_down(redis_server: RedisServer) -> None:  # 
         assert sse_events(client, event_body())[-1]["type"] == "response.end"
 
 
-
-
 class Worker:
     """``uvicorn --factory layercode_asgi.server:app_from_env`` as its own process."""
 

@@ -24,8 +24,6 @@ from .conftest import SECRET, free_port, serve
 PYTHON = sys.executable
 
 
-
-
 def wait_for_health(base: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
