@@ -71,8 +71,13 @@ MAX_CONVERSATION_ID_LENGTH: Final = 512
 T = TypeVar("T")
 
 
-class HistoryMessage(msgspec.Struct, frozen=True, kw_only=True):
-    """One utterance of a conversation: who said it and what was said."""
+class HistoryMessage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One utterance of a conversation: who said it and what was said.
+
+    Not tracked by the garbage collector (``gc=False``): it is frozen and holds only
+    strings, so it can never be part of a reference cycle, and a store holding many
+    thousands of them adds nothing to the collector's work.
+    """
 
     role: Role
     text: str
@@ -229,7 +234,7 @@ class MemoryConversationStore:
         self.max_conversations = max_conversations
         self.max_messages = max_messages
         self.lock_timeout = lock_timeout
-        self._histories: OrderedDict[str, deque[HistoryMessage]] = OrderedDict()
+        self._histories: OrderedDict[str, list[HistoryMessage]] = OrderedDict()
         self._locks: dict[str, _LockEntry] = {}
 
     def __len__(self) -> int:
@@ -254,12 +259,17 @@ class MemoryConversationStore:
             return
         history = self._histories.get(conversation_id)
         if history is None:
-            history = self._histories[conversation_id] = deque(maxlen=self.max_messages)
+            # A list, not a bounded deque: a deque takes a 64-slot block (over 500 bytes)
+            # even for the two messages of a conversation's first turn.
+            history = self._histories[conversation_id] = list(messages)
             while len(self._histories) > self.max_conversations:
                 self._histories.popitem(last=False)
         else:
             self._histories.move_to_end(conversation_id)
-        history.extend(messages)
+            history.extend(messages)
+        excess = len(history) - self.max_messages
+        if excess > 0:
+            del history[:excess]
 
     def get_now(self, conversation_id: str) -> list[HistoryMessage]:
         """:meth:`get`, synchronously."""

@@ -198,15 +198,14 @@ class EventStreamResponse(Response):
         self.started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        task = _asyncio_task()
-        if task is not None:
-            await self._stream_asyncio(task, receive, send)
-        else:
+        if _other_async_library():
             await self._stream_anyio(receive, send)
+        else:
+            await self._stream_asyncio(receive, send)
         if self.background is not None:
             await self.background()
 
-    async def _stream_asyncio(self, task: asyncio.Task[Any], receive: Receive, send: Send) -> None:
+    async def _stream_asyncio(self, receive: Receive, send: Send) -> None:
         """The stream on asyncio, with native primitives (the hot path of every turn).
 
         Same behaviour as :meth:`_stream_anyio`, at a fraction of the cost:
@@ -217,6 +216,9 @@ class EventStreamResponse(Response):
           waits for anything, what it produced so far goes out at once, and from then on
           every chunk is sent as it is emitted. (More than ``_BUFFER_LIMIT`` bytes are
           never held: past that, chunks are sent right away, with back-pressure.)
+        * The streaming task is only looked up (``asyncio.current_task()``, a system call
+          on Python 3.11) once the producer waits, or a send fails: a producer that
+          finishes in its first step never needs it.
         * The disconnect watcher is a plain task, started only once the producer waits.
         * A disconnect cancels this task once (``Task.cancel``), which the producer sees
           as ``CancelledError`` at its current ``await``; the cancellation is then taken
@@ -227,8 +229,7 @@ class EventStreamResponse(Response):
           never awaits anything else still lets the watcher, timeouts and other requests
           run.
         """
-        baseline = task.cancelling()
-        stream = _AsyncioStream(self, task, receive, send)
+        stream = _AsyncioStream(self, receive, send)
         failure: Exception | None = None
         try:
             steps = self.producer(stream.emit).__await__()
@@ -237,6 +238,11 @@ class EventStreamResponse(Response):
             except StopIteration:
                 pass  # done without waiting: everything is in stream.pending
             else:
+                stream.first_step = False
+                stream.resolve()
+                if stream.on_suspend is not None:
+                    for callback in stream.on_suspend:
+                        callback()  # e.g. a turn's deadline, deferred until now
                 # It waits for something: what it produced so far goes out now.
                 try:
                     await stream.flush()
@@ -253,14 +259,15 @@ class EventStreamResponse(Response):
             failure = exc
         except asyncio.CancelledError:
             # Ours (the client left) is taken back; any other cancellation propagates.
-            if not stream.cancelled or task.uncancel() > baseline:
+            task = stream.task
+            if not stream.cancelled or task is None or task.uncancel() > stream.baseline:
                 raise
             stream.cancelled = False
         finally:
             stream.stop()
-        if stream.cancelled:
+        if stream.cancelled and stream.task is not None:
             # The producer swallowed our CancelledError: still take the cancellation back.
-            task.uncancel()
+            stream.task.uncancel()
         if self.disconnected:
             return
         try:
@@ -357,15 +364,21 @@ class _AsyncioStream:
     ``pending`` holds the chunks emitted during the producer's first step (``None`` once
     streaming). ``armed`` is true while the producer runs; the watcher only runs while the
     streaming task is suspended, so its cancellation always lands inside the producer.
+    ``task`` (the streaming task) and ``baseline`` (its ``cancelling()`` count before any
+    cancellation of ours) are looked up by :meth:`resolve`, only when first needed.
     """
 
     __slots__ = (
         "armed",
+        "baseline",
         "cancelled",
+        "first_step",
         "loop",
+        "on_suspend",
         "pending",
         "pending_size",
         "receive",
+        "resolved",
         "response",
         "send",
         "sent_start",
@@ -374,12 +387,12 @@ class _AsyncioStream:
         "watcher",
     )
 
-    def __init__(
-        self, response: EventStreamResponse, task: asyncio.Task[Any], receive: Receive, send: Send
-    ) -> None:
+    def __init__(self, response: EventStreamResponse, receive: Receive, send: Send) -> None:
         self.response = response
-        self.task = task
-        self.loop = task.get_loop()
+        self.task: asyncio.Task[Any] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.baseline = 0
+        self.resolved = False
         self.receive = receive
         self.send = send
         self.pending: list[bytes] | None = []
@@ -389,6 +402,8 @@ class _AsyncioStream:
         self.cancelled = False
         self.unyielded = 0
         self.watcher: asyncio.Task[None] | None = None
+        self.first_step = True
+        self.on_suspend: list[Callable[[], None]] | None = None
 
     async def emit(self, chunk: bytes) -> None:
         pending = self.pending
@@ -439,14 +454,31 @@ class _AsyncioStream:
             body = b"".join(pending) if pending else b""
             await self.send({"type": "http.response.body", "body": body, "more_body": not last})
 
+    def resolve(self) -> asyncio.Task[Any] | None:
+        """The streaming task (looked up once; None if no asyncio task runs this stream)."""
+        if not self.resolved:
+            self.resolved = True
+            try:
+                task = asyncio.current_task()
+            except RuntimeError:  # driven by something other than an asyncio loop
+                task = None
+            if task is not None:
+                self.task = task
+                self.loop = task.get_loop()
+                self.baseline = task.cancelling()
+        return self.task
+
     def start_watcher(self) -> None:
-        if self.armed and self.watcher is None:
+        if self.armed and self.watcher is None and self.resolve() is not None:
+            assert self.loop is not None
             self.watcher = self.loop.create_task(self.response._watch_asyncio(self.receive, self))
 
     def cancel(self) -> None:
         if self.armed and not self.cancelled:
-            self.cancelled = True
-            self.task.cancel()
+            task = self.resolve()
+            if task is not None:
+                self.cancelled = True
+                task.cancel()
 
     def stop(self) -> None:
         self.armed = False
@@ -487,14 +519,31 @@ def _resume(steps: Generator[Any, None, Any], suspended: Any) -> Generator[Any, 
                 return done.value
 
 
-def asyncio_stream_task(emit: Emit) -> asyncio.Task[Any] | None:
-    """The streaming task when ``emit`` is an asyncio :class:`EventStreamResponse`'s.
+def asyncio_stream(emit: Emit) -> _AsyncioStream | None:
+    """The asyncio :class:`EventStreamResponse` stream that ``emit`` belongs to, or None.
 
     Lets a producer (a :class:`~layercode_asgi.turns.Turn`) know it runs on asyncio, in
-    that task, without asking the event loop again; None for any other ``emit``.
+    that stream's task, without asking the event loop (a system call on Python 3.11).
     """
     owner = getattr(emit, "__self__", None)
-    return owner.task if type(owner) is _AsyncioStream else None
+    return owner if type(owner) is _AsyncioStream else None
+
+
+def defer_until_suspended(stream: _AsyncioStream, callback: Callable[[], None]) -> bool:
+    """Run ``callback`` when the stream's producer first suspends.
+
+    Only while the producer runs its first step (returns False otherwise, and nothing is
+    registered): a producer that finishes without ever waiting never runs ``callback``.
+    Lets a turn arm its deadline only once it actually waits for something, at no cost to
+    a turn that does not. The stream's task is resolved before ``callback`` runs.
+    """
+    if not stream.first_step:
+        return False
+    if stream.on_suspend is None:
+        stream.on_suspend = [callback]
+    else:
+        stream.on_suspend.append(callback)
+    return True
 
 
 @types.coroutine
@@ -503,21 +552,17 @@ def _sleep0() -> Generator[None, None, None]:
     yield
 
 
-def _asyncio_task() -> asyncio.Task[Any] | None:
-    """The current asyncio task when running on asyncio (see :func:`on_asyncio`), else None."""
-    if (
+def _other_async_library() -> bool:
+    """True when sniffio says this code runs under an async library other than asyncio
+    (trio); asyncio is assumed otherwise. No system call: trio marks its threads."""
+    return (
         _sniffio is not None
         and (
             _sniffio.thread_local.name is not None
             or _sniffio.current_async_library_cvar.get() is not None
         )
         and _sniffio.current_async_library() != "asyncio"
-    ):
-        return None
-    try:
-        return asyncio.current_task()
-    except RuntimeError:  # no asyncio loop running in this thread
-        return None
+    )
 
 
 def on_asyncio() -> bool:

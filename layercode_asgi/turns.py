@@ -33,6 +33,7 @@ import asyncio
 import enum
 import logging
 import math
+import time
 import types
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -42,7 +43,14 @@ import msgspec
 
 from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
 from .conversation import HistoryMessage
-from .sse import Emit, EventStreamResponse, asyncio_stream_task, on_asyncio
+from .sse import (
+    Emit,
+    EventStreamResponse,
+    _AsyncioStream,
+    asyncio_stream,
+    defer_until_suspended,
+    on_asyncio,
+)
 
 __all__ = [
     "Turn",
@@ -236,17 +244,17 @@ class Turn:
         self._emit = emit
         try:
             failure: Exception | None = None
-            task = asyncio_stream_task(emit)
-            if task is None and on_asyncio():
+            stream = asyncio_stream(emit)
+            task = None
+            if stream is None and on_asyncio():
                 task = asyncio.current_task()
-            if task is not None:
+            if stream is not None or task is not None:
                 # On asyncio the deadline is a timer that cancels this task (taken back
                 # with ``uncancel``, as ``asyncio.timeout`` does), a fraction of the cost
-                # of an anyio cancel scope; and the timer is only armed once the turn has
-                # run for a loop iteration: most turns answer without ever suspending.
+                # of an anyio cancel scope; and the timer is only armed once the turn
+                # waits for something: most turns answer without ever suspending.
                 timed_out = False
-                baseline = task.cancelling()
-                deadline = None if self.timeout is None else _Deadline(task, self.timeout)
+                deadline = None if self.timeout is None else _Deadline(self.timeout, stream, task)
                 try:
                     await self._produce()
                 except Exception as exc:
@@ -254,12 +262,12 @@ class Turn:
                 except asyncio.CancelledError:
                     # Ours (the deadline) becomes a timeout; any other cancellation
                     # propagates.
-                    if deadline is None or not deadline.fired or task.uncancel() > baseline:
+                    if deadline is None or not deadline.taken_back():
                         raise
                     timed_out = True
                 else:
-                    if deadline is not None and deadline.fired:
-                        task.uncancel()  # the agent swallowed the deadline's cancellation
+                    if deadline is not None:
+                        deadline.taken_back()  # the agent may have swallowed it
                 finally:
                     if deadline is not None:
                         deadline.disarm()
@@ -337,8 +345,10 @@ class Turn:
                 raise TypeError(f"Tts content must be a str, got {type(text).__name__}")
             if not text:
                 return
-            chunk = _TTS + _encode(text) + self._suffix
-            await self._send(chunk)
+            emit = self._emit  # ``_send``, inlined on the path every reply takes
+            if emit is None:
+                raise RuntimeError(_NOT_RUNNING)
+            await emit(_TTS + _encode(text) + self._suffix)
             self.spoken.append(text)
         elif isinstance(item, Data):
             await self._send(_DATA + _encode_content(item.content) + self._suffix)
@@ -356,12 +366,15 @@ class Turn:
         """Emit ``response.end`` unless it was already emitted."""
         if not self.ended:
             self.ended = True
-            await self._send(_END + self._suffix)
+            emit = self._emit
+            if emit is None:
+                raise RuntimeError(_NOT_RUNNING)
+            await emit(_END + self._suffix)
 
     async def _send(self, chunk: bytes) -> None:
         emit = self._emit
         if emit is None:
-            raise RuntimeError("this turn is not running (Turn.run() was not called or ended)")
+            raise RuntimeError(_NOT_RUNNING)
         await emit(chunk)
 
     async def _failed(self, exc: Exception) -> None:
@@ -397,35 +410,73 @@ class Turn:
         return {"conversation_id": self.event.conversation_id, "turn_id": self.event.turn_id}
 
 
+_NOT_RUNNING = "this turn is not running (Turn.run() was not called or ended)"
+
+
 class _Deadline:
     """A turn's time limit on asyncio: cancels the turn's task once, only while armed.
 
-    The timer is set one loop iteration after the turn starts (``call_soon``), for the
-    original deadline: a turn that finishes without suspending never creates one.
+    The timer is only set once the turn has waited for something, for what is left of the
+    limit: when the producer first suspends (if the turn runs in an asyncio
+    :class:`EventStreamResponse`'s first step), else one loop iteration after the turn
+    starts (``call_soon``). A turn that finishes without suspending never sets one, nor
+    looks up its task.
     """
 
-    __slots__ = ("active", "fired", "handle", "task", "when")
+    __slots__ = ("active", "baseline", "fired", "handle", "started", "stream", "task", "timeout")
 
-    def __init__(self, task: asyncio.Task[Any], timeout: float) -> None:
-        loop = task.get_loop()
+    def __init__(
+        self, timeout: float, stream: _AsyncioStream | None, task: asyncio.Task[Any] | None
+    ) -> None:
+        self.timeout = timeout
+        self.started = time.monotonic()
+        self.stream = stream
         self.task = task
-        self.when = loop.time() + timeout
+        self.baseline = 0 if task is None else task.cancelling()
         self.active = True
         self.fired = False
-        self.handle: asyncio.Handle = loop.call_soon(self._arm)
+        self.handle: asyncio.Handle | None = None
+        if stream is not None and stream.first_step:
+            defer_until_suspended(stream, self._arm)
+        else:
+            if task is None:
+                assert stream is not None
+                self.task = task = stream.resolve()
+                if task is None:  # no asyncio task to cancel: no deadline
+                    self.active = False
+                    return
+                self.baseline = task.cancelling()
+            self.handle = task.get_loop().call_soon(self._arm)
 
     def _arm(self) -> None:
-        if self.active:
-            self.handle = self.task.get_loop().call_at(self.when, self._fire)
+        if not self.active:
+            return
+        task = self.task
+        if task is None:  # deferred until the stream's first suspension
+            assert self.stream is not None
+            task = self.task = self.stream.resolve()
+            if task is None:
+                return
+            self.baseline = self.stream.baseline
+        remaining = self.timeout - (time.monotonic() - self.started)
+        self.handle = task.get_loop().call_later(max(remaining, 0.0), self._fire)
 
     def _fire(self) -> None:
-        if self.active and not self.fired:
+        if self.active and not self.fired and self.task is not None:
             self.fired = True
             self.task.cancel()
 
+    def taken_back(self) -> bool:
+        """If the deadline fired, take its cancellation back; True if it was the last one
+        pending (the turn timed out), False if another cancellation is still pending."""
+        if not self.fired or self.task is None:
+            return False
+        return self.task.uncancel() <= self.baseline
+
     def disarm(self) -> None:
         self.active = False
-        self.handle.cancel()
+        if self.handle is not None:
+            self.handle.cancel()
 
 
 def _encode_content(content: Any) -> bytes:

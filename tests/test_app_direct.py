@@ -1,0 +1,263 @@
+"""``LayercodeApp``: ``create_app`` answers its webhook route without Starlette's stack.
+
+The shortcut must change nothing a caller can see: the same answers as through Starlette
+for every kind of request, user middleware still applied once added, a JSON 500 for an
+unexpected error, and the default store's lock still serialising a conversation's turns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Route
+from starlette.testclient import TestClient
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from layercode_asgi import (
+    ConversationManager,
+    LayercodeApp,
+    LayercodeWebhook,
+    MemoryConversationStore,
+    Settings,
+    create_app,
+    sign,
+)
+from layercode_asgi.agents import TurnContext, TurnEvent
+
+from .conftest import SECRET, event_body, signed_headers
+
+
+def settings(**overrides: Any) -> Settings:
+    base: dict[str, Any] = {"layercode_webhook_secret": SECRET}
+    base.update(overrides)
+    return Settings(env_file=None, environ={}, **base)
+
+
+class Recorder:
+    """A pure ASGI middleware that records the paths it saw."""
+
+    def __init__(self, app: ASGIApp, seen: list[str]) -> None:
+        self.app = app
+        self.seen = seen
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.seen.append(scope["path"])
+        await self.app(scope, receive, send)
+
+
+def _events(response: httpx.Response) -> list[dict[str, Any]]:
+    return [
+        msgspec.json.decode(line[len("data: ") :])
+        for line in response.text.splitlines()
+        if line.startswith("data: ")
+    ]
+
+
+def test_create_app_returns_a_starlette_app_answering_the_webhook_directly() -> None:
+    app = create_app(settings())
+    assert isinstance(app, LayercodeApp) and isinstance(app, Starlette)
+    through_starlette: list[str] = []
+    with TestClient(app) as client:
+        # Starlette's stack (built at start-up) records what passes through it from now on.
+        assert app.middleware_stack is not None
+        app.middleware_stack = Recorder(app.middleware_stack, through_starlette)
+        body = event_body(text="hello")
+        response = client.post("/api/agent", content=body, headers=signed_headers(body))
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert [e["type"] for e in _events(response)] == ["response.tts", "response.end"]
+        assert through_starlette == []  # the webhook did not go through it
+        assert client.get("/health").status_code == 200
+        assert client.get("/api/agent").status_code == 405  # nor POST: Starlette's answer
+    assert through_starlette == ["/health", "/api/agent"]
+
+
+def test_added_middleware_sees_webhook_requests() -> None:
+    seen: list[str] = []
+    app = create_app(settings())
+    app.add_middleware(Recorder, seen=seen)
+    with TestClient(app) as client:
+        body = event_body(text="hello")
+        response = client.post("/api/agent", content=body, headers=signed_headers(body))
+        assert response.status_code == 200
+        assert _events(response)[-1]["type"] == "response.end"
+    assert seen == ["/api/agent"]
+
+
+def test_cors_settings_apply_to_the_webhook_route() -> None:
+    app = create_app(settings(cors_origins=("https://app.example",)))
+    with TestClient(app) as client:
+        body = event_body(text="hello")
+        headers = {**signed_headers(body), "origin": "https://app.example"}
+        response = client.post("/api/agent", content=body, headers=headers)
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_a_replaced_route_endpoint_is_respected() -> None:
+    app = create_app(settings())
+
+    async def other(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 202, "headers": []})
+        await send({"type": "http.response.body", "body": b"other"})
+
+    route = app.routes[0]
+    assert isinstance(route, Route) and route.path == "/api/agent"
+    route.app = other
+    with TestClient(app) as client:
+        response = client.post("/api/agent", content=b"{}")
+        assert (response.status_code, response.text) == (202, "other")
+
+
+def test_an_unexpected_error_is_a_json_500_and_reaches_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = create_app(settings())
+
+    async def broken(*args: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(app.state.webhook, "answer", broken)
+    body = event_body(text="hello")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post("/api/agent", content=body, headers=signed_headers(body))
+        assert response.status_code == 500
+        assert response.json() == {"error": "internal error"}
+        assert "boom" not in response.text
+    with TestClient(app) as client, pytest.raises(RuntimeError, match="boom"):
+        client.post("/api/agent", content=body, headers=signed_headers(body))
+
+
+def _requests() -> list[tuple[str, str, bytes, dict[str, str]]]:
+    """(name, method, body, headers) covering every kind of answer of the webhook route."""
+    good = event_body(text="hello")
+    data = event_body("data", data={"x": 1})
+    end = event_body("session.end", transcript=[])
+    unknown = b'{"type":"session.paused","session_id":"s","conversation_id":"c"}'
+    bad_json = b'{"type": "message",'
+    missing = b'{"type":"message","session_id":"s","conversation_id":"c"}'
+    stale = {
+        "layercode-signature": sign(good, SECRET, timestamp=int(time.time()) - 3600),
+        "content-type": "application/json",
+    }
+    return [
+        ("message", "POST", good, signed_headers(good)),
+        ("data", "POST", data, signed_headers(data)),
+        ("session.end", "POST", end, signed_headers(end)),
+        ("unknown type", "POST", unknown, signed_headers(unknown)),
+        ("bad json", "POST", bad_json, signed_headers(bad_json)),
+        ("missing field", "POST", missing, signed_headers(missing)),
+        ("no signature", "POST", good, {"content-type": "application/json"}),
+        ("wrong signature", "POST", good, signed_headers(good, secret="whsec_other")),
+        ("stale signature", "POST", good, stale),
+        ("too large", "POST", b"x" * 2048, signed_headers(b"x" * 2048)),
+        ("bad content-length", "POST", good, {**signed_headers(good), "content-length": "x"}),
+        ("GET", "GET", b"", {}),
+    ]
+
+
+@pytest.mark.parametrize("case", _requests(), ids=lambda case: case[0])
+def test_same_answers_as_through_starlette(case: tuple[str, str, bytes, dict[str, str]]) -> None:
+    name, method, body, headers = case
+    direct = create_app(settings(max_body_size=1024))
+    through = create_app(settings(max_body_size=1024))
+    through.add_middleware(Recorder, seen=[])
+    answers = []
+    for app in (direct, through):
+        with TestClient(app) as client:
+            response = client.request(method, "/api/agent", content=body, headers=headers)
+            answers.append(
+                (response.status_code, response.headers.get("content-type"), response.content)
+            )
+    assert answers[0] == answers[1], name
+    status = answers[0][0]
+    assert status < 500, (name, answers[0])
+    if status >= 400:
+        assert "error" in msgspec.json.decode(answers[0][2]), name
+
+
+# -- the default store's lock, on the webhook's own path ---------------------------------------
+
+
+async def _slow(event: TurnEvent, context: TurnContext) -> AsyncIterator[str]:
+    yield f"heard {event.text} after {len(context.history)} messages"
+    await anyio.sleep(0.3)
+
+
+def _webhook_app(lock_timeout: float) -> tuple[Starlette, ConversationManager]:
+    conversations = ConversationManager(MemoryConversationStore())
+    webhook = LayercodeWebhook(_slow, conversations=conversations, lock_timeout=lock_timeout)
+    return Starlette(routes=[Route("/hook", webhook, methods=["POST"])]), conversations
+
+
+@pytest.mark.anyio
+async def test_turns_of_one_conversation_run_one_after_the_other() -> None:
+    app, conversations = _webhook_app(lock_timeout=5)
+    transport = httpx.ASGITransport(app=app)
+    replies: dict[str, str] = {}
+
+    async def turn(turn_id: str, text: str, delay: float) -> None:
+        await anyio.sleep(delay)
+        body = event_body(turn_id=turn_id, text=text)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            response = await client.post("/hook", content=body)
+        assert response.status_code == 200
+        replies[turn_id] = _events(response)[0]["content"]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(turn, "t1", "one", 0)
+        tg.start_soon(turn, "t2", "two", 0.05)  # arrives while t1 holds the conversation
+    assert replies == {"t1": "heard one after 0 messages", "t2": "heard two after 2 messages"}
+    history = await conversations.get_history("conv-1")
+    assert [(m.role, m.turn_id) for m in history] == [
+        ("user", "t1"),
+        ("assistant", "t1"),
+        ("user", "t2"),
+        ("assistant", "t2"),
+    ]
+    assert conversations.store._locks == {}  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+async def test_a_turn_waiting_too_long_for_its_conversation_gets_503() -> None:
+    app, conversations = _webhook_app(lock_timeout=0.05)
+    transport = httpx.ASGITransport(app=app)
+    statuses: dict[str, tuple[int, Any]] = {}
+
+    async def turn(turn_id: str, delay: float) -> None:
+        await anyio.sleep(delay)
+        body = event_body(turn_id=turn_id, text="hi")
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            response = await client.post("/hook", content=body)
+        content_type = response.headers["content-type"]
+        statuses[turn_id] = (
+            response.status_code,
+            response.json() if content_type == "application/json" else None,
+        )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(turn, "t1", 0)
+        tg.start_soon(turn, "t2", 0.05)
+    assert statuses["t1"] == (200, None)
+    status, answer = statuses["t2"]
+    assert status == 503
+    assert answer["error"].startswith("conversation unavailable:"), answer
+    assert conversations.store._locks == {}  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+async def test_an_invalid_conversation_id_is_a_400() -> None:
+    app, _ = _webhook_app(lock_timeout=1)
+    body = event_body(conversation_id="")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post("/hook", content=body)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("invalid conversation_id")
