@@ -482,8 +482,13 @@ class _AsyncioStream:
 
     def stop(self) -> None:
         self.armed = False
+        # Drop what refers back to this stream, so that it is freed at once, not by the
+        # cyclic GC: the callbacks, and the watcher task (whose cancellation's traceback
+        # holds the watcher's frame, which holds this stream).
+        self.on_suspend = None
         if self.watcher is not None:
             self.watcher.cancel()
+            self.watcher = None
 
 
 async def _throw(steps: Generator[Any, None, Any], exc: BaseException) -> None:

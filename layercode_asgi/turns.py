@@ -475,8 +475,12 @@ class _Deadline:
 
     def disarm(self) -> None:
         self.active = False
+        # Drop the references that close cycles (stream -> on_suspend -> self -> stream;
+        # handle -> self): a finished turn is freed at once, not by the cyclic GC.
+        self.stream = None
         if self.handle is not None:
             self.handle.cancel()
+            self.handle = None
 
 
 def _encode_content(content: Any) -> bytes:

@@ -261,3 +261,77 @@ async def test_an_invalid_conversation_id_is_a_400() -> None:
         response = await c.post("/hook", content=body)
     assert response.status_code == 400
     assert response.json()["error"].startswith("invalid conversation_id")
+
+
+# -- memory: a finished turn is freed by reference counting, not left to the cyclic GC ----------
+
+
+async def _pausing(event: TurnEvent) -> AsyncIterator[str]:
+    yield "one"
+    await anyio.sleep(0.001)  # the producer suspends: watcher, task lookup, deadline timer
+    yield "two"
+
+
+async def _call(app: ASGIApp, body: bytes) -> list[dict[str, Any]]:
+    headers = [(k.encode(), v.encode()) for k, v in signed_headers(body).items()]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/agent",
+        "raw_path": b"/api/agent",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+    messages: list[dict[str, Any]] = []
+    done = anyio.Event()
+    first = True
+
+    async def receive() -> dict[str, Any]:
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            done.set()
+
+    await app(scope, receive, send)
+    return messages
+
+
+@pytest.mark.parametrize("agent", ["echo", _pausing], ids=["one step", "suspending"])
+def test_a_finished_turn_leaves_no_reference_cycle(agent: Any) -> None:
+    import asyncio
+    import gc
+
+    app = create_app(settings(), agent=agent)
+
+    async def turns() -> None:
+        for index in range(20):
+            body = event_body(turn_id=f"t{index}", conversation_id=f"c{index}", text="hi")
+            messages = await _call(app, body)
+            assert messages[0]["status"] == 200
+            assert b"response.end" in b"".join(m.get("body", b"") for m in messages)
+
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        asyncio.run(turns())
+        gc.collect()
+        ours = [obj for obj in gc.garbage if type(obj).__module__.startswith("layercode_asgi")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert ours == []
