@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-gc", action="store_true", help="disable the cyclic GC while timing (timeit default)"
     )
     args = parser.parse_args(argv)
-    sample, rounds = (0.003, 5) if args.smoke else (0.01, 40)
+    sample, rounds = (0.003, 5) if args.smoke else (0.01, 80)
 
     env = {
         "python": platform.python_version(),
