@@ -14,6 +14,9 @@ The cost ladder (where a request's time goes, rung by rung, all built from ``cre
   webhook.
 * ``ours_no_history``: ``create_app`` with its webhook's conversation store removed (no
   per-conversation lock, no history read or written).
+* ``ours_small_history`` (beside the ladder): ``create_app`` retaining the history of at
+  most 100 conversations instead of 10,000: how much of the history rung is the cost of
+  keeping state.
 """
 
 from __future__ import annotations
@@ -71,6 +74,17 @@ def stack_floor() -> Any:
             route.app.webhook = _FloorReply(floor)  # type: ignore[attr-defined]
             return app
     raise RuntimeError(f"create_app has no {PATH} route")
+
+
+def ours_small_history() -> Any:
+    """``create_app`` retaining the history of at most 100 conversations (default 10,000)."""
+    settings = Settings(
+        env_file=None,
+        environ={},
+        layercode_webhook_secret=SECRET,
+        history_max_conversations=100,
+    )
+    return create_app(settings)
 
 
 def ours_no_history() -> Any:

@@ -142,6 +142,7 @@ E2E_ORDER = (
     "floor",
     "stack_floor",
     "ours_no_history",
+    "ours_small_history",
     "ours",
     "ours_sse_starlette",
     "reference",
@@ -150,6 +151,7 @@ LABELS = {
     "floor": "floor (bare ASGI)",
     "stack_floor": "ladder: create_app route + signature, floor reply",
     "ours_no_history": "ladder: create_app without history",
+    "ours_small_history": "ours, history of at most 100 conversations",
     "ours": "ours (create_app)",
     "ours_sse_starlette": "ours, turns via sse-starlette",
     "reference": "reference (layercode-create-app 0.2.0)",
@@ -164,6 +166,9 @@ def e2e_servers(ref_python: str | None) -> dict[str, Server]:
         ),
         "ours_no_history": Server(
             "ours_no_history", VENV_PYTHON, HERE, "ours_app:ours_no_history", factory=True
+        ),
+        "ours_small_history": Server(
+            "ours_small_history", VENV_PYTHON, HERE, "ours_app:ours_small_history", factory=True
         ),
         "ours": Server("ours", VENV_PYTHON, HERE, "ours_app:ours", factory=True),
         "ours_sse_starlette": Server(

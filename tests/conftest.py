@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -20,6 +21,23 @@ SECRET = "whsec_test_secret"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _isolate_library_logging() -> Iterator[None]:
+    """Undo any ``setup_logging`` a test caused (``app_from_env``, the CLI in-process).
+
+    Its handler writes to the ``sys.stderr`` of the test that installed it, which pytest
+    closes afterwards: left in place, later tests' log lines would fail to print.
+    """
+    target = logging.getLogger("layercode_asgi")
+    handlers, level, propagate = list(target.handlers), target.level, target.propagate
+    try:
+        yield
+    finally:
+        target.handlers[:] = handlers
+        target.setLevel(level)
+        target.propagate = propagate
 
 
 def signed_headers(body: bytes | str, secret: str = SECRET, **extra: str) -> dict[str, str]:
