@@ -32,6 +32,7 @@ from layercode_asgi import (
 from layercode_asgi.agents import TurnContext, TurnEvent
 
 from .conftest import SECRET, event_body, signed_headers
+from .test_middleware import call_asgi
 
 
 def settings(**overrides: Any) -> Settings:
@@ -272,43 +273,6 @@ async def _pausing(event: TurnEvent) -> AsyncIterator[str]:
     yield "two"
 
 
-async def _call(app: ASGIApp, body: bytes) -> list[dict[str, Any]]:
-    headers = [(k.encode(), v.encode()) for k, v in signed_headers(body).items()]
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/api/agent",
-        "raw_path": b"/api/agent",
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 2),
-    }
-    messages: list[dict[str, Any]] = []
-    done = anyio.Event()
-    first = True
-
-    async def receive() -> dict[str, Any]:
-        nonlocal first
-        if first:
-            first = False
-            return {"type": "http.request", "body": body, "more_body": False}
-        await done.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        messages.append(message)
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            done.set()
-
-    await app(scope, receive, send)
-    return messages
-
-
 @pytest.mark.parametrize("agent", ["echo", _pausing], ids=["one step", "suspending"])
 def test_a_finished_turn_leaves_no_reference_cycle(agent: Any) -> None:
     import asyncio
@@ -319,7 +283,8 @@ def test_a_finished_turn_leaves_no_reference_cycle(agent: Any) -> None:
     async def turns() -> None:
         for index in range(20):
             body = event_body(turn_id=f"t{index}", conversation_id=f"c{index}", text="hi")
-            messages = await _call(app, body)
+            headers = [(k.encode(), v.encode()) for k, v in signed_headers(body).items()]
+            messages, _ = await call_asgi(app, headers, [body], path="/api/agent")
             assert messages[0]["status"] == 200
             assert b"response.end" in b"".join(m.get("body", b"") for m in messages)
 
