@@ -14,6 +14,8 @@ The cost ladder (where a request's time goes, rung by rung, all built from ``cre
   webhook.
 * ``ours_no_history``: ``create_app`` with its webhook's conversation store removed (no
   per-conversation lock, no history read or written).
+* ``minimal_pipeline`` (beside the ladder, a bound): the same parts fused into one frame,
+  without the turn's guarantees (timeout, disconnect, errors, back-pressure, limits).
 * ``ours_small_history`` (beside the ladder): ``create_app`` retaining the history of at
   most 100 conversations instead of 10,000: how much of the history rung is the cost of
   keeping state.
@@ -32,9 +34,13 @@ from starlette.routing import Route
 from layercode_asgi import create_app
 from layercode_asgi.agents import TurnContext, TurnEvent, echo_agent
 from layercode_asgi.config import Settings
-from layercode_asgi.conversation import ConversationManager
+from layercode_asgi.conversation import ConversationManager, turn_messages
+from layercode_asgi.events import MessagePayload, parse_webhook_payload
 from layercode_asgi.middleware import LayercodeSignature
+from layercode_asgi.signature import verify_signature
+from layercode_asgi.sse import _RAW_SSE_HEADERS as _SSE
 from layercode_asgi.sse import create_sse_response
+from layercode_asgi.turns import _END, _TTS, _encode
 from layercode_asgi.webhook import LayercodeWebhook
 
 SLEEP_INTERVAL = env_float("BENCH_SLEEP_INTERVAL", 0.5)
@@ -148,3 +154,62 @@ def ours_sse_starlette() -> Any:
     )
     protected = LayercodeSignature(webhook, secret=SECRET, max_body_size=settings.max_body_size)
     return Starlette(routes=[Route("/api/agent", protected, methods=["POST"])])
+
+
+class _MinimalPipeline:
+    """A bound, not a product: the same library parts as ``ours`` in a single frame.
+
+    Signature check (``verify_signature``), decode (``parse_webhook_payload``), the memory
+    store's lock, history read and record, the echo agent and the same SSE bytes, written
+    inline with nothing else: no turn timeout, no disconnect watcher, no back-pressure
+    handover to streaming when the agent waits, no ``response.error`` for a failing
+    agent, no body limits, no draining, no logging. What ``ours`` does beyond this is the
+    cost of those guarantees and of the layering that provides them; this server measures
+    how far a fused single-frame path for the default configuration could go.
+    """
+
+    def __init__(self, app: Any) -> None:
+        endpoint = app._direct_endpoint()
+        self.app = app
+        self.secrets = endpoint.signature._secrets
+        self.store = endpoint.webhook.conversations.store
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != PATH:
+            await self.app(scope, receive, send)
+            return
+        header = None
+        for name, value in scope["headers"]:
+            if name == b"layercode-signature":
+                header = value.decode("latin-1")
+        message = await receive()
+        body = message.get("body", b"")
+        try:
+            verify_signature(body, header, self.secrets)
+            event = parse_webhook_payload(body)
+        except ValueError:
+            await send({"type": "http.response.start", "status": 400, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        assert isinstance(event, MessagePayload)
+        store, cid = self.store, event.conversation_id
+        if not store.try_lock(cid):
+            await store.wait_lock(cid, None)
+        try:
+            context = TurnContext(event, store.get_now(cid), {})
+            suffix = b',"turn_id":' + _encode(event.turn_id) + b"}\n\n"
+            chunks, spoken = [], []
+            async for item in echo_agent(event, context):
+                chunks.append(_TTS + _encode(item) + suffix)
+                spoken.append(item)
+            chunks.append(_END + suffix)
+            await send({"type": "http.response.start", "status": 200, "headers": list(_SSE)})
+            await send({"type": "http.response.body", "body": b"".join(chunks)})
+            store.append_now(cid, turn_messages(event.text, "".join(spoken), event.turn_id))
+        finally:
+            store.unlock(cid)
+
+
+def minimal_pipeline() -> Any:
+    """``ours``'s parts fused into one frame, without its guarantees (a bound; see above)."""
+    return _MinimalPipeline(create_app(_settings()))

@@ -143,6 +143,7 @@ E2E_ORDER = (
     "stack_floor",
     "ours_no_history",
     "ours_small_history",
+    "minimal_pipeline",
     "ours",
     "ours_sse_starlette",
     "reference",
@@ -152,6 +153,7 @@ LABELS = {
     "stack_floor": "ladder: create_app route + signature, floor reply",
     "ours_no_history": "ladder: create_app without history",
     "ours_small_history": "ours, history of at most 100 conversations",
+    "minimal_pipeline": "bound: ours's parts in one frame, without its guarantees",
     "ours": "ours (create_app)",
     "ours_sse_starlette": "ours, turns via sse-starlette",
     "reference": "reference (layercode-create-app 0.2.0)",
@@ -169,6 +171,9 @@ def e2e_servers(ref_python: str | None) -> dict[str, Server]:
         ),
         "ours_small_history": Server(
             "ours_small_history", VENV_PYTHON, HERE, "ours_app:ours_small_history", factory=True
+        ),
+        "minimal_pipeline": Server(
+            "minimal_pipeline", VENV_PYTHON, HERE, "ours_app:minimal_pipeline", factory=True
         ),
         "ours": Server("ours", VENV_PYTHON, HERE, "ours_app:ours", factory=True),
         "ours_sse_starlette": Server(
@@ -420,6 +425,78 @@ async def profile_ours(server: Server, cfg: Config, work: Path) -> dict[str, Any
     return summarise_profile(raw.read_text(), loadgen.parse_wrk(output)["rps"])
 
 
+async def native_profile(
+    servers: dict[str, Server], cfg: Config, work: Path
+) -> dict[str, Any] | None:
+    """Where each server's CPU goes natively (``perf``, cpu-clock samples): the kernel,
+    the interpreter, each extension module; as µs per request under the same wrk load."""
+    perf = shutil.which("perf")
+    if perf is None:
+        return None
+    out: dict[str, Any] = {}
+    for name, server in servers.items():
+        log(f"native profile: perf on {name} under load")
+        data = work / f"{name}.perf.data"
+        server.start(work)
+        try:
+            await _warm(server, cfg, work)
+            requests = work / f"requests-perf-{name}.tsv"
+            loadgen.write_signed_requests(
+                requests, f"n{name[:4]:_<4}", cfg.requests_per_thread * cfg.threads
+            )
+            cpu_before = loadgen.cpu_seconds(server.pid)
+            wrk = loadgen.start_wrk(
+                f"http://127.0.0.1:{server.port}{loadgen.PATH}",
+                requests,
+                threads=cfg.threads,
+                connections=cfg.connections,
+                duration=cfg.duration,
+            )
+            await asyncio.sleep(0.5)
+            record = await asyncio.create_subprocess_exec(
+                perf, "record", "-q", "-e", "cpu-clock", "-F", "997", "-p", str(server.pid),
+                "-o", str(data), "--", "sleep", str(max(1.0, cfg.duration - 1.5)),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            await record.wait()
+            await asyncio.to_thread(wrk.wait)
+            wrk_result = loadgen.parse_wrk(wrk.stdout.read() if wrk.stdout else "")
+            cpu = loadgen.cpu_seconds(server.pid) - cpu_before
+        finally:
+            server.stop()
+        if not data.exists() or not wrk_result["requests"]:
+            continue
+        us_per_request = cpu / wrk_result["requests"] * 1e6
+        shares = {key: _perf_shares(perf, data, key) for key in ("dso", "sym")}
+        out[name] = {
+            "cpu_us_per_request": round(us_per_request, 1),
+            "rps": round(wrk_result["rps"], 1),
+            "by_dso": [
+                (dso, share, round(us_per_request * share / 100, 1))
+                for dso, share in shares["dso"][:8]
+            ],
+            "kernel_symbols": [
+                (sym, share, round(us_per_request * share / 100, 1))
+                for sym, share in shares["sym"]
+                if sym.startswith("[k]")
+            ][:4],
+        }
+    return out or None
+
+
+def _perf_shares(perf: str, data: Path, key: str) -> list[tuple[str, float]]:
+    report_run = subprocess.run(
+        [perf, "report", "-i", str(data), "--stdio", "--sort", key, "-g", "none"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    shares = []
+    for line in report_run.stdout.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[0].endswith("%") and not line.startswith("#"):
+            shares.append((parts[1].strip(), float(parts[0].rstrip("%"))))
+    return shares
+
+
 def summarise_profile(raw: str, rps: float) -> dict[str, Any]:
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
@@ -542,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
                         lambda: asyncio.run(profile_ours(e2e_servers(None)["ours"], cfg, work)),
                     )
                 )
+            if not args.no_profile:
+                native = {k: v for k, v in e2e_servers(None).items() if k in ("floor", "ours")}
+                parts.append(("native", lambda: asyncio.run(native_profile(native, cfg, work))))
         parts.append(
             (
                 "concurrency",
@@ -551,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, run in parts:
             try:
                 results[name] = run()
+                if name == "native" and results[name] is None and shutil.which("perf"):
+                    notes.append("native profile skipped: perf recorded no samples here")
             except Exception as exc:
                 traceback.print_exc()
                 failures.append(f"{name}: {type(exc).__name__}: {exc}")

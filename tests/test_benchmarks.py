@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,10 +42,25 @@ def test_smoke_run_writes_its_outputs(tmp_path: Path) -> None:
     assert crowd["streams"] == 20 and crowd["errors"] == 0
     if "e2e" in results:
         servers = results["e2e"]["servers"]
-        for name in ("floor", "ours", "ours_sse_starlette", "stack_floor", "ours_no_history"):
+        for name in (
+            "floor",
+            "ours",
+            "ours_sse_starlette",
+            "stack_floor",
+            "ours_no_history",
+            "minimal_pipeline",
+        ):
             assert servers[name]["rps_median"] > 0, name
             assert servers[name]["errors"] == 0, (name, servers[name])
             assert servers[name]["ttfb_samples"] > 0, name
+        if shutil.which("perf") is not None and not any(
+            "perf" in note for note in results["notes"]
+        ):
+            # where each server's CPU goes, natively, as µs per request
+            for name in ("floor", "ours"):
+                native = results["native"][name]
+                assert native["cpu_us_per_request"] > 0, native
+                assert any("python" in dso for dso, _, _ in native["by_dso"]), native
     else:
         assert any("wrk" in note for note in results["notes"]), results["notes"]
 
