@@ -27,6 +27,8 @@ _START = {"type": "http.response.start", "status": 200, "headers": _HEADERS}
 
 SLEEP_INTERVAL = env_float("BENCH_SLEEP_INTERVAL", 0.5)
 SLEEP_CHUNKS = env_int("BENCH_SLEEP_CHUNKS", 10)
+#: Seconds the agent "thinks" (awaits its LLM) before its first chunk: the paced benchmark.
+THINK = env_float("BENCH_THINK", 0.0)
 _SLEEPY_CHUNK = echo_events(FLOOR_TURN_ID, REPLY[:24])[0]
 
 raise_nofile()
@@ -66,6 +68,8 @@ async def sleepy_app(scope: Any, receive: Any, send: Any) -> None:
         return
     await _read_body(receive)
     await send(_START)
+    if THINK:
+        await asyncio.sleep(THINK)
     for index in range(SLEEP_CHUNKS):
         if index:
             await asyncio.sleep(SLEEP_INTERVAL)

@@ -45,6 +45,8 @@ from layercode_asgi.webhook import LayercodeWebhook
 
 SLEEP_INTERVAL = env_float("BENCH_SLEEP_INTERVAL", 0.5)
 SLEEP_CHUNKS = env_int("BENCH_SLEEP_CHUNKS", 10)
+#: Seconds the agent "thinks" (awaits its LLM) before its first chunk: the paced benchmark.
+THINK = env_float("BENCH_THINK", 0.0)
 
 raise_nofile()
 
@@ -100,7 +102,9 @@ def ours_no_history() -> Any:
 
 
 async def sleepy(event: TurnEvent, context: TurnContext) -> AsyncIterator[str]:
-    """Speaks ``SLEEP_CHUNKS`` short chunks, ``SLEEP_INTERVAL`` seconds apart."""
+    """Thinks ``THINK`` s, then speaks ``SLEEP_CHUNKS`` chunks ``SLEEP_INTERVAL`` s apart."""
+    if THINK:
+        await asyncio.sleep(THINK)
     for index in range(SLEEP_CHUNKS):
         if index:
             await asyncio.sleep(SLEEP_INTERVAL)
@@ -144,16 +148,20 @@ class _SseStarletteWebhook(LayercodeWebhook):
         return create_sse_response(items())
 
 
-def ours_sse_starlette() -> Any:
+def ours_sse_starlette(agent: Any = echo_agent) -> Any:
     settings = _settings()
     webhook = _SseStarletteWebhook(
-        echo_agent,
+        agent,
         conversations=ConversationManager.from_settings(settings),
         turn_timeout=settings.turn_timeout,
         max_body_size=settings.max_body_size,
     )
     protected = LayercodeSignature(webhook, secret=SECRET, max_body_size=settings.max_body_size)
     return Starlette(routes=[Route("/api/agent", protected, methods=["POST"])])
+
+
+def ours_sse_starlette_sleepy() -> Any:
+    return ours_sse_starlette(sleepy)
 
 
 class _MinimalPipeline:

@@ -33,6 +33,8 @@ from layercode_create_app.server.app import create_app
 
 SLEEP_INTERVAL = env_float("BENCH_SLEEP_INTERVAL", 0.5)
 SLEEP_CHUNKS = env_int("BENCH_SLEEP_CHUNKS", 10)
+#: Seconds the agent "thinks" (awaits its LLM) before its first chunk: the paced benchmark.
+THINK = env_float("BENCH_THINK", 0.0)
 
 raise_nofile()
 
@@ -61,6 +63,8 @@ class SleepyAgent(BaseLayercodeAgent):
         stream.end()
 
     async def handle_message(self, payload: Any, stream: Any, history: Any) -> list[Any]:
+        if THINK:
+            await asyncio.sleep(THINK)
         for index in range(SLEEP_CHUNKS):
             if index:
                 await asyncio.sleep(SLEEP_INTERVAL)

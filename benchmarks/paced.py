@@ -1,0 +1,333 @@
+"""Paced streaming: the work real agents do, N clients in a closed loop.
+
+    python benchmarks/paced.py [--levels 200,800,1600] [--duration 8] [--servers ours,floor]
+
+Every agent "thinks" ``--think`` seconds (an LLM's time to first token, default 100 ms), then
+speaks ``--chunks`` chunks ``--interval`` seconds apart (default 10 chunks, 50 ms). Each of N
+clients holds one keep-alive connection and sends its next signed turn as soon as its last
+one ended. Per server and N it reports completed turns, errors, the p50/p99 of the time to
+the first ``response.tts`` minus the think time (the server's overhead before the first
+word), the p50/p99 of the turn's extra duration (its wall time minus the agent's own
+pauses), server CPU per turn, the load generator's CPU share (it must not be the limit:
+kept under 80 %), and the server's RSS growth per open stream.
+
+Servers (one uvicorn worker each, pinned to the first CPU; the load on the others):
+``ours`` (create_app), ``sse-starlette`` (the same turn through sse-starlette's
+``EventSourceResponse``), ``floor`` (a bare ASGI app with the same pacing and bytes) and
+``reference`` (layercode-create-app's own server with the same pacing, in its own venv; see
+``reference/setup_ref.py``). The load generator reads bytes without parsing events: it finds
+``response.tts`` and the chunked terminator in what arrives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import PATH, message_body, raise_nofile, signature  # noqa: E402
+from loadgen import Server, cpu_seconds, pinning, rss_kib  # noqa: E402
+
+_TTS = b"response.tts"
+_END = b"0\r\n\r\n"
+
+
+@dataclass
+class Pacing:
+    think: float = 0.1
+    chunks: int = 10
+    interval: float = 0.05
+
+    @property
+    def speaking(self) -> float:
+        """What the agent itself spends on a turn: thinking plus the pauses between chunks."""
+        return self.think + (self.chunks - 1) * self.interval
+
+    def env(self) -> dict[str, str]:
+        return {
+            "BENCH_THINK": str(self.think),
+            "BENCH_SLEEP_CHUNKS": str(self.chunks),
+            "BENCH_SLEEP_INTERVAL": str(self.interval),
+        }
+
+
+@dataclass
+class Level:
+    """What one N measured on one server."""
+
+    first_tts: list[float] = field(default_factory=list)
+    extra: list[float] = field(default_factory=list)
+    errors: int = 0
+    error_kinds: dict[str, int] = field(default_factory=dict)
+
+    def error(self, kind: str) -> None:
+        self.errors += 1
+        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
+
+
+class _Turns(asyncio.Protocol):
+    """One client connection: sends a turn, times its first tts and its end, repeats."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.client.received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.client.closed()
+
+
+class Client:
+    def __init__(self, run: Run, index: int) -> None:
+        self.run, self.index, self.turn = run, index, 0
+        self.protocol: _Turns | None = None
+        self.sent = self.tts_at = 0.0
+        self.head_checked = False
+        self.tail = b""
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.turn_over: asyncio.Event = asyncio.Event()
+
+    async def connect(self, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        _, self.protocol = await loop.create_connection(
+            lambda: _Turns(self), "127.0.0.1", port
+        )
+
+    def send(self) -> None:
+        assert self.protocol is not None and self.protocol.transport is not None
+        body = message_body(f"p{self.index % 10000:04d}", self.turn)
+        head = (
+            f"POST {PATH} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            f"layercode-signature: {signature(body)}\r\ncontent-length: {len(body)}\r\n\r\n"
+        )
+        self.turn += 1
+        self.sent, self.tts_at, self.head_checked, self.tail = time.monotonic(), 0.0, False, b""
+        self.turn_over.clear()
+        self.protocol.transport.write(head.encode() + body)
+
+    def received(self, data: bytes) -> None:
+        now = time.monotonic()
+        if not self.head_checked:
+            self.head_checked = True
+            if not data.startswith(b"HTTP/1.1 200"):
+                self.finish(now, f"status {data[9:12].decode(errors='replace')}")
+                return
+        seen = self.tail + data
+        if not self.tts_at and _TTS in seen:
+            self.tts_at = now
+        if seen.endswith(_END):
+            self.finish(now, None if self.tts_at else "no tts")
+            return
+        self.tail = seen[-16:]
+
+    def finish(self, now: float, error: str | None) -> None:
+        self.run.record(self, now, error)
+        self.turn_over.set()
+
+    def closed(self) -> None:
+        if not self.turn_over.is_set():
+            self.finish(time.monotonic(), "connection lost")
+
+    async def loop(self, port: int, stop_at: float) -> None:
+        await self.connect(port)
+        try:
+            while time.monotonic() < stop_at:
+                self.send()
+                try:
+                    await asyncio.wait_for(self.turn_over.wait(), self.run.turn_timeout)
+                except TimeoutError:
+                    self.run.level.error("timeout")
+                    return
+                if self.protocol is None or self.protocol.lost.done():
+                    await self.connect(port)
+        finally:
+            if self.protocol is not None and self.protocol.transport is not None:
+                self.protocol.transport.close()
+
+
+class Run:
+    """N clients against one server for ``warmup + duration`` seconds."""
+
+    def __init__(self, pacing: Pacing, warmup: float, duration: float) -> None:
+        self.pacing = pacing
+        self.level = Level()
+        self.measure_from = self.measure_to = 0.0
+        self.turn_timeout = pacing.speaking + 30.0
+        self.warmup, self.duration = warmup, duration
+
+    def record(self, client: Client, now: float, error: str | None) -> None:
+        if not self.measure_from <= client.sent < self.measure_to:
+            return
+        if error is not None:
+            self.level.error(error)
+            return
+        self.level.first_tts.append(client.tts_at - client.sent - self.pacing.think)
+        self.level.extra.append(now - client.sent - self.pacing.speaking)
+
+    async def go(self, server: Server, clients: int) -> dict[str, Any]:
+        start = time.monotonic()
+        self.measure_from = start + self.warmup
+        self.measure_to = self.measure_from + self.duration
+        crowd = [Client(self, index) for index in range(clients)]
+        rss_before = rss_kib(server.pid)
+        tasks = [asyncio.ensure_future(c.loop(server.port, self.measure_to)) for c in crowd]
+        await asyncio.sleep(self.warmup)
+        cpu0, load0, t0 = cpu_seconds(server.pid), time.process_time(), time.monotonic()
+        rss_peak = rss_before
+        while time.monotonic() < self.measure_to:
+            await asyncio.sleep(0.5)
+            rss_peak = max(rss_peak, rss_kib(server.pid))
+        cpu1, load1, t1 = cpu_seconds(server.pid), time.process_time(), time.monotonic()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                self.level.error(type(result).__name__)
+        turns = len(self.level.first_tts)
+        # Open streams at a time: each client spends ~speaking/(speaking + gap) in a turn.
+        return summarise(
+            self.level,
+            clients=clients,
+            seconds=t1 - t0,
+            server_cpu=cpu1 - cpu0,
+            load_cpu=load1 - load0,
+            rss_growth_kib=rss_peak - rss_before,
+            turns=turns,
+        )
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarise(
+    level: Level,
+    *,
+    clients: int,
+    seconds: float,
+    server_cpu: float,
+    load_cpu: float,
+    rss_growth_kib: int,
+    turns: int,
+) -> dict[str, Any]:
+    ms = 1000.0
+    p = {
+        f"{name}_{tag}_ms": (None if (v := _pct(values, q)) is None else round(v * ms, 2))
+        for name, values in (("first_tts", level.first_tts), ("extra", level.extra))
+        for tag, q in (("p50", 0.5), ("p99", 0.99))
+    }
+    return {
+        "clients": clients,
+        "turns": turns,
+        "turns_per_s": round(turns / seconds, 1) if seconds else 0.0,
+        "errors": level.errors,
+        "error_kinds": level.error_kinds,
+        **p,
+        "first_tts_mean_ms": round(statistics.fmean(level.first_tts) * ms, 2)
+        if level.first_tts
+        else None,
+        "server_cpu_us_per_turn": round(server_cpu / turns * 1e6, 1) if turns else None,
+        "server_cpu_share": round(server_cpu / seconds, 3) if seconds else None,
+        "load_cpu_share": round(load_cpu / seconds, 3) if seconds else None,
+        "rss_kib_per_stream": round(rss_growth_kib / clients, 2),
+    }
+
+
+def servers(names: list[str], pacing: Pacing, ref_python: str | None) -> dict[str, Server]:
+    env = pacing.env()
+    python = sys.executable
+    known = {
+        "ours": Server("ours-paced", python, HERE, "ours_app:ours_sleepy", factory=True, env=env),
+        "sse-starlette": Server(
+            "sse-starlette-paced", python, HERE, "ours_app:ours_sse_starlette_sleepy",
+            factory=True, env=env,
+        ),
+        "floor": Server("floor-paced", python, HERE, "floor_app:sleepy_app", env=env),
+    }
+    if ref_python:
+        known["reference"] = Server(
+            "reference-paced",
+            ref_python,
+            HERE / "reference",
+            "ref_app:sleepy",
+            factory=True,
+            env={**env, "LOG_LEVEL": "WARNING", "LOGFIRE_CONSOLE": "false",
+                 "LOGFIRE_SEND_TO_LOGFIRE": "false"},
+        )
+    return {name: known[name] for name in names if name in known}
+
+
+async def measure(
+    chosen: dict[str, Server], levels: list[int], pacing: Pacing, warmup: float, duration: float,
+    work: Path,
+) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, server in chosen.items():
+        server.start(work)
+        try:
+            out[name] = {}
+            for clients in levels:
+                result = await Run(pacing, warmup, duration).go(server, clients)
+                out[name][str(clients)] = result
+                print(f"  {name:14s} N={clients:5d} {json.dumps(result)}", flush=True)
+                await asyncio.sleep(1.0)  # let the last connections close
+        finally:
+            server.stop()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="200,800,1600", help="client counts, comma-separated")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per level")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
+    parser.add_argument("--servers", default="floor,ours,sse-starlette,reference")
+    parser.add_argument("--think", type=float, default=0.1)
+    parser.add_argument("--chunks", type=int, default=10)
+    parser.add_argument("--interval", type=float, default=0.05)
+    parser.add_argument("--ref-python", default=None, help="the reference venv's python")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    raise_nofile()
+    _, load_cpus = pinning()
+    if load_cpus:
+        os.sched_setaffinity(0, load_cpus)
+    pacing = Pacing(args.think, args.chunks, args.interval)
+    ref_python = args.ref_python
+    if ref_python is None and (HERE / ".ref-venv/bin/python").exists():
+        ref_python = str(HERE / ".ref-venv/bin/python")
+    chosen = servers(args.servers.split(","), pacing, ref_python)
+    levels = [int(n) for n in args.levels.split(",")]
+    with tempfile.TemporaryDirectory() as work:
+        results = asyncio.run(
+            measure(chosen, levels, pacing, args.warmup, args.duration, Path(work))
+        )
+    if args.out:
+        args.out.write_text(json.dumps({"pacing": vars(pacing), "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
