@@ -109,9 +109,7 @@ class Client:
 
     async def connect(self, port: int) -> None:
         loop = asyncio.get_running_loop()
-        _, self.protocol = await loop.create_connection(
-            lambda: _Turns(self), "127.0.0.1", port
-        )
+        _, self.protocol = await loop.create_connection(lambda: _Turns(self), "127.0.0.1", port)
 
     def send(self) -> None:
         assert self.protocol is not None and self.protocol.transport is not None
@@ -261,8 +259,12 @@ def servers(names: list[str], pacing: Pacing, ref_python: str | None) -> dict[st
     known = {
         "ours": Server("ours-paced", python, HERE, "ours_app:ours_sleepy", factory=True, env=env),
         "sse-starlette": Server(
-            "sse-starlette-paced", python, HERE, "ours_app:ours_sse_starlette_sleepy",
-            factory=True, env=env,
+            "sse-starlette-paced",
+            python,
+            HERE,
+            "ours_app:ours_sse_starlette_sleepy",
+            factory=True,
+            env=env,
         ),
         "floor": Server("floor-paced", python, HERE, "floor_app:sleepy_app", env=env),
     }
@@ -273,14 +275,22 @@ def servers(names: list[str], pacing: Pacing, ref_python: str | None) -> dict[st
             HERE / "reference",
             "ref_app:sleepy",
             factory=True,
-            env={**env, "LOG_LEVEL": "WARNING", "LOGFIRE_CONSOLE": "false",
-                 "LOGFIRE_SEND_TO_LOGFIRE": "false"},
+            env={
+                **env,
+                "LOG_LEVEL": "WARNING",
+                "LOGFIRE_CONSOLE": "false",
+                "LOGFIRE_SEND_TO_LOGFIRE": "false",
+            },
         )
     return {name: known[name] for name in names if name in known}
 
 
 async def measure(
-    chosen: dict[str, Server], levels: list[int], pacing: Pacing, warmup: float, duration: float,
+    chosen: dict[str, Server],
+    levels: list[int],
+    pacing: Pacing,
+    warmup: float,
+    duration: float,
     work: Path,
 ) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
