@@ -121,3 +121,35 @@ def test_demo_setup_skips_redis(tmp_path: Path) -> None:
 def test_scripts_are_valid_bash() -> None:
     for name in ("bootstrap.sh", "demo", "test"):
         subprocess.run(["bash", "-n", str(ROOT / "scripts" / name)], check=True, timeout=30)
+
+
+def _venv_is_current() -> bool:
+    digest = subprocess.run(
+        ["sha256sum"], input=(ROOT / "pyproject.toml").read_bytes(), capture_output=True, check=True
+    ).stdout.decode()[:16]
+    return (ROOT / ".venv" / f".installed-{digest}").exists()
+
+
+@pytest.mark.skipif(
+    not _venv_is_current(), reason="the set-up would reinstall .venv: run `bash scripts/test`"
+)
+def test_demo_script_runs_and_leaves_no_process_behind() -> None:
+    """`bash scripts/demo`, as the README says, on a set-up machine."""
+    process = subprocess.Popen(
+        ["bash", "scripts/demo"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+            process.wait(10)
+    assert process.returncode == 0, out
+    assert "no protocol violation" in out.lower(), out
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)  # nothing of its process group is left running
