@@ -1103,3 +1103,23 @@ def test_property_one_corrupted_field_names_its_path(
     error = expect_error(msgspec.json.encode(broken))
     assert type(error) is InvalidPayloadError
     assert error.path.startswith(f"$.{field}"), (field, str(error))
+
+
+def test_a_data_event_without_data_is_answered_not_refused() -> None:
+    import anyio
+
+    from layercode_asgi import Settings, create_app
+    from layercode_asgi.testing import LayercodeTestClient
+
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret="whsec_x")
+    seen: list[Any] = []
+
+    async def talk() -> Any:
+        app = create_app(settings, on_data=lambda event: seen.append(event.data))
+        async with LayercodeTestClient(app, secret="whsec_x") as client:
+            event = {"type": "data", "session_id": "s", "conversation_id": "c", "turn_id": "t"}
+            return await client.send(event)
+
+    reply = anyio.run(talk)
+    assert (reply.status_code, reply.body) == (200, {"status": "ok"})
+    assert seen == [{}]
