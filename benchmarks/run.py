@@ -529,7 +529,7 @@ def summarise_profile(raw: str, rps: float) -> dict[str, Any]:
 # -- micro -------------------------------------------------------------------------------------
 
 
-def micro(cfg: Config, work: Path) -> dict[str, Any]:
+def micro(cfg: Config, work: Path, ref_python: str | None) -> dict[str, Any]:
     import micro as micro_bench
 
     log("micro: verify_signature vs bare hmac")
@@ -546,6 +546,8 @@ def micro(cfg: Config, work: Path) -> dict[str, Any]:
     cmd = [VENV_PYTHON, str(HERE / "bench_decode.py"), "--json", str(decode_json)]
     if cfg.smoke:
         cmd.append("--smoke")
+    # the reference's decode is timed in its own venv, against the same untyped baseline
+    cmd += ["--ref-python", ref_python] if ref_python else ["--no-reference"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     print(done.stdout, end="", flush=True)
     if not decode_json.exists():
@@ -605,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="layercode-bench-") as tmp:
         work = Path(tmp)
-        parts: list[tuple[str, Any]] = [("micro", lambda: micro(cfg, work))]
+        parts: list[tuple[str, Any]] = [("micro", lambda: micro(cfg, work, ref_python))]
         if ensure_wrk() is None:
             notes.append("end to end skipped: wrk is not installed and could not be installed")
         else:

@@ -211,6 +211,7 @@ def openai_agent(
                     yield choice.delta.content
 
     agent.__name__ = agent.__qualname__ = "openai_agent"
+    agent.model = f"openai:{model}"  # type: ignore[attr-defined]  # shown by /ready
     return agent
 
 

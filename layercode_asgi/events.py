@@ -11,7 +11,10 @@ bytes -- no intermediate :func:`json.loads`, no dict in between::
 
 Decoding rules
 --------------
-* Unknown extra fields are ignored: LayerCode adds fields over time.
+* Unknown extra fields are ignored: LayerCode adds fields over time. Those of a
+  transcript item are kept, though, in its ``extra`` mapping (the transcript is the
+  record of a conversation, and its items are where LayerCode is likeliest to add data).
+* A ``data`` event without a ``data`` field gets ``{}``, as the reference SDK does.
 * Every optional field may be absent or ``null``; numbers included.
 * ``transcript[].timestamp`` is accepted as unix milliseconds (int or float) or an ISO string,
   and kept as received.
@@ -146,26 +149,31 @@ class TranscriptItem(
     frozen=True,
     omit_defaults=True,
     repr_omit_defaults=True,
+    forbid_unknown_fields=True,
     gc=False,
 ):
     """One utterance of a transcript.
 
-    Not tracked by the garbage collector (``gc=False``): it is frozen and holds only
-    strings and numbers, so it can never be part of a reference cycle, and skipping GC
-    tracking makes decoding a long ``session.end`` transcript about 10% faster. (The event
-    structs keep GC tracking: their dict/list fields are mutable and user code could
-    store a reference back into them.)
+    Not tracked by the garbage collector (``gc=False``): it is frozen, and it can hold a
+    container only in ``extra``, which is built by this module from decoded JSON (plain
+    dicts, lists and scalars, which cannot refer back to the item). Skipping GC tracking
+    makes decoding a long ``session.end`` transcript about 10% faster.
 
     Attributes:
         role: who spoke, ``"user"`` or ``"assistant"`` (kept as a plain ``str``).
         text: what was said (required, as in the reference SDK).
         timestamp: unix milliseconds (``int`` or ``float``) or an ISO-8601 string, as
             received; ``None`` when absent or null.
+        extra: the item's other fields, those this version does not know (LayerCode adds
+            fields over time), as decoded JSON keyed by their names; ``None`` when there
+            are none. Encoding writes them under an ``extra`` key, which decodes back
+            to an equal item.
     """
 
     role: str
     text: str
     timestamp: int | float | str | None = None
+    extra: dict[str, Any] | None = None
 
 
 class _WebhookPayloadBase(
@@ -230,10 +238,11 @@ class MessagePayload(_WebhookPayloadBase, tag="message", frozen=True):
 class DataPayload(_WebhookPayloadBase, tag="data", frozen=True):
     """``data``: the client sent structured JSON with ``client.response.data``.
 
-    ``data`` is required but may be *any* JSON value (typed ``Any``). The protocol
-    describes it as an object, yet it is produced by arbitrary front-end code and relayed
-    as-is; rejecting an array or a string here would turn a client quirk into a failed
-    webhook the application never sees. Check its shape where it is used.
+    ``data`` may be *any* JSON value (typed ``Any``), and is ``{}`` when the field is
+    absent (as in the reference SDK). The protocol describes it as an object, yet it is
+    produced by arbitrary front-end code and relayed as-is; rejecting an array, a string
+    or a missing field here would turn a client quirk into a failed webhook the
+    application never sees. Check its shape where it is used.
     """
 
     type: ClassVar[Literal["data"]] = "data"
@@ -241,7 +250,7 @@ class DataPayload(_WebhookPayloadBase, tag="data", frozen=True):
     session_id: str
     conversation_id: str
     turn_id: str
-    data: Any
+    data: Any = msgspec.field(default_factory=dict)
     metadata: dict[str, Any] | None = None
     custom_metadata: dict[str, Any] | None = None
     from_phone_number: str | None = None
@@ -363,10 +372,11 @@ def parse_webhook_payload(raw: bytes | str | Mapping[str, Any]) -> WebhookPayloa
     try:
         return _decode_json(raw)  # type: ignore[arg-type]  # a Mapping raises TypeError
     except (ValueError, RecursionError) as exc:  # msgspec errors, UnicodeError, bad buffer
-        raise _translate(exc, raw) from exc
+        if not _is_item_extra(exc):
+            raise _translate(exc, raw) from exc
     except TypeError:
-        pass  # not bytes, str or a buffer; handled outside the except block
-    return _parse_other(raw)
+        return _parse_other(raw)  # not bytes, str or a buffer
+    return _parse_keeping_item_extras(raw)  # outside the except block: no chained errors
 
 
 def _parse_other(raw: object) -> WebhookPayload:
@@ -380,7 +390,9 @@ def _parse_other(raw: object) -> WebhookPayload:
                 raw = {**raw, "type": str.__str__(tag)}
             result: WebhookPayload = msgspec.convert(raw, WebhookPayload)
         except (ValueError, RecursionError) as exc:
-            raise _translate(exc, raw) from exc
+            if not _is_item_extra(exc):
+                raise _translate(exc, raw) from exc
+            return _parse_keeping_item_extras(raw)
         return result
     if isinstance(raw, str):  # msgspec takes an exact ``str`` only
         try:
@@ -389,6 +401,51 @@ def _parse_other(raw: object) -> WebhookPayload:
             raise _translate(exc, raw) from exc
         return parse_webhook_payload(encoded)
     raise InvalidPayloadError(f"expected bytes, str or a mapping, got {type(raw).__name__}")
+
+
+# A transcript item with a field this version does not know (TranscriptItem forbids them,
+# so that the one-pass decode stays the common case), or a non-object ``extra`` key.
+_ITEM_EXTRA = re.compile(
+    r"\A(Object contains unknown field `[^`]*` - at `\$\.transcript\[\d+\]`"
+    r"|.* - at `\$\.transcript\[\d+\]\.extra`)\Z",
+    re.DOTALL,
+)
+_ITEM_FIELDS: Final[frozenset[str]] = frozenset({"role", "text", "timestamp"})
+
+
+def _is_item_extra(exc: BaseException) -> bool:
+    return isinstance(exc, msgspec.ValidationError) and _ITEM_EXTRA.match(str(exc)) is not None
+
+
+def _parse_keeping_item_extras(raw: object) -> WebhookPayload:
+    """Second pass, taken only when some transcript item carries fields we do not know.
+
+    The document is read untyped, each transcript item's unknown fields are moved into
+    its ``extra`` mapping, and the result is converted under the same rules as JSON.
+    """
+    document: Any = raw
+    if not isinstance(raw, Mapping):
+        try:
+            document = msgspec.json.decode(raw)  # type: ignore[call-overload]  # bytes/str/buffer
+        except (ValueError, RecursionError) as exc:
+            raise _translate(exc, raw, probe_unknown=False) from exc
+    items = document.get("transcript")
+    if isinstance(items, list):
+        document = {**document, "transcript": [_split_item(item) for item in items]}
+    try:
+        result: WebhookPayload = msgspec.convert(document, WebhookPayload)
+    except (ValueError, RecursionError) as exc:
+        raise _translate(exc, document) from exc
+    return result
+
+
+def _split_item(item: object) -> object:
+    """``{"role", "text", "timestamp", **others}`` -> the same with ``extra=others``."""
+    if not isinstance(item, Mapping):
+        return item  # reported as a type error by the conversion
+    known = {key: value for key, value in item.items() if key in _ITEM_FIELDS}
+    others = {key: value for key, value in item.items() if key not in _ITEM_FIELDS}
+    return {**known, "extra": others} if others else known
 
 
 def _translate(

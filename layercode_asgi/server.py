@@ -6,7 +6,7 @@ Routes (paths of the first two are arguments):
 ``/api/agent``       POST    the signed webhook: SSE for turns, JSON for other events
 ``/api/authorize``   POST    mints a browser session key at LayerCode (guardable)
 ``/health``          GET     ``{"status": "healthy", "timestamp": …, "version": …}``
-``/ready``           GET     ``{"ready": …, "agent": …, "model": …}``; 503 if a store is down
+``/ready``           GET     ``{"ready", "agent"}`` (+ ``"model"``); 503 if a store is down
 ===================  ======  ==========================================================
 
 Every error is JSON ``{"error": "…"}`` with a fitting status (400, 401, 404, 405, 413,
@@ -294,6 +294,9 @@ def create_app(
     )
     authorize = _Authorize(settings, authorize_guard, authorize_timeout)
     name = agent_name(agent)
+    # Only an agent that uses a model says which (the built-in openai agent does).
+    model = getattr(agent, "model", None)
+    model = model if isinstance(model, str) else None
     lifecycle = Lifecycle()
 
     async def health(request: Request) -> Response:
@@ -306,7 +309,9 @@ def create_app(
         )
 
     async def ready(request: Request) -> Response:
-        body: dict[str, Any] = {"ready": True, "agent": name, "model": settings.default_model}
+        body: dict[str, Any] = {"ready": True, "agent": name}
+        if model is not None:
+            body["model"] = model
         problem: str | None = None
         if lifecycle.draining:
             body.update(ready=False, error="server is shutting down")

@@ -33,6 +33,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from .errors import ResponseError
+from .jsonwire import escape_json_text_line_breaks
 
 _sniffio: Any
 try:
@@ -80,13 +81,17 @@ def format_sse_message(
     lines, which a client joins back with ``\\n``. ``event`` and ``id`` must be single
     lines (a line break there would let the text inject its own fields or events) and
     ``id`` must not contain NUL (clients ignore such ids): both raise ``ValueError``.
-    ``retry`` is the reconnection delay in milliseconds, a non-negative int.
+    ``retry`` is the reconnection delay in milliseconds, a non-negative int. A ``data``
+    that is a JSON document has raw U+0085, U+2028 and U+2029 written as ``\\u`` escapes
+    (the same JSON value, which line readers that split on them cannot cut); other text
+    is sent as it is.
 
     >>> format_sse_message("Hello, world!", event="message", id="msg-123")
     'event: message\\nid: msg-123\\ndata: Hello, world!\\n\\n'
     """
     if not isinstance(data, str):
         raise TypeError(f"data must be a str, got {type(data).__name__}")
+    data = escape_json_text_line_breaks(data)  # JSON only: the same value, on one line
     parts: list[str] = []
     if event is not None:
         if _LINE_BREAK.search(event):
@@ -109,6 +114,10 @@ def _to_sse(item: Any) -> Any:
     """What ``create_sse_response`` sends for one item of the user's iterable."""
     if isinstance(item, str):
         return format_sse_message(item).encode()
+    if isinstance(item, dict) and isinstance(item.get("data"), str):
+        return {**item, "data": escape_json_text_line_breaks(item["data"])}
+    if isinstance(item, ServerSentEvent) and isinstance(item.data, str):
+        item.data = escape_json_text_line_breaks(item.data)
     if isinstance(item, bytes | ServerSentEvent | dict):
         return item  # pre-formatted bytes, or sse-starlette's own event types
     raise TypeError(

@@ -39,10 +39,10 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mappin
 from typing import Any
 
 import anyio
-import msgspec
 
 from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
 from .conversation import HistoryMessage
+from .jsonwire import encode_json
 from .sse import (
     Emit,
     EventStreamResponse,
@@ -68,7 +68,7 @@ AGENT_CLOSE_TIMEOUT = 1.0
 AGENT_ERROR_MESSAGE = "agent error"
 TIMEOUT_ERROR_MESSAGE = "turn timed out"
 
-_encode = msgspec.json.Encoder().encode
+_encode = encode_json  # msgspec, with U+2028 & co. escaped: one line per event
 _TTS = b'data: {"type":"response.tts","content":'
 _DATA = b'data: {"type":"response.data","content":'
 _HANGUP = b'data: {"type":"response.hangup"'

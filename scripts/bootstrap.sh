@@ -1,7 +1,9 @@
 # Sourced by scripts/test, scripts/demo and .ci/run: everything a fresh machine needs.
 #  - a virtualenv in .venv with the package and its dev, redis and server extras;
-#  - redis-server (installed with apt-get when missing, started on 127.0.0.1:6379).
-# Idempotent: a second run only checks.
+#  - the redis-server binary (installed with apt-get when missing), for the Redis tests,
+#    which start their own servers on free ports. No daemon is started here.
+# `source scripts/bootstrap.sh --no-redis` skips the binary (the demo does not need it).
+# Idempotent: a second run only checks. Every step says what it does as it starts.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -25,28 +27,31 @@ fi
 
 stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-    echo "==> installing layercode-asgi[dev,redis,server] into .venv"
-    # The pip index here prints a harmless warning per package; keep real errors visible.
-    .venv/bin/python -m pip install -q -e ".[dev,redis,server]" 2> >(grep -v "is ignored: it is neither" >&2)
+    echo "==> installing layercode-asgi[dev,redis,server] into .venv (first time: a minute or two)"
+    # pip shows each package as it goes. The pip index here prints a harmless warning per
+    # package; keep real errors visible.
+    .venv/bin/python -m pip install --disable-pip-version-check -e ".[dev,redis,server]" \
+        2> >(grep -v "is ignored: it is neither" >&2)
     rm -f .venv/.installed-*
     touch "$stamp"
+    echo "==> .venv ready"
 fi
 
-if ! command -v redis-server >/dev/null 2>&1; then
+if [ "${1:-}" != "--no-redis" ] && ! command -v redis-server >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "==> installing redis-server"
+        echo "==> installing redis-server with apt-get (the binary only; no daemon is kept)"
         apt-get update -qq >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            redis-server >/dev/null
+        # Debian's package may start its service; the tests start their own servers on
+        # free ports, so stop it.
+        if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet redis-server; then
+            systemctl stop redis-server || true
+        elif [ -x /etc/init.d/redis-server ]; then
+            /etc/init.d/redis-server stop >/dev/null 2>&1 || true
+        fi
     else
         echo "redis-server is missing; install it (e.g. 'sudo apt-get install redis-server')" >&2
         exit 1
     fi
-fi
-if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
-    echo "==> starting redis-server on 127.0.0.1:6379"
-    redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --save "" --appendonly no >/dev/null
-    for _ in $(seq 50); do
-        redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break
-        sleep 0.1
-    done
 fi

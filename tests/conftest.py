@@ -23,21 +23,48 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+#: Loggers that tests configure as a side effect: ``setup_logging`` (``app_from_env``, the
+#: CLI in-process) and uvicorn (every ``uvicorn.Config`` runs ``logging.config.dictConfig``).
+#: Both bind a handler to the ``sys.stderr`` of the moment: a capturing test's stream, which
+#: pytest closes when the test ends.
+CONFIGURED_LOGGERS = ("layercode_asgi", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+def closed_stream_handlers() -> list[str]:
+    """``logger name: handler`` for every handler left writing to a closed stream."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    return [
+        f"{getattr(logger, 'name', '?')}: {handler!r}"
+        for logger in loggers
+        for handler in getattr(logger, "handlers", ())
+        if getattr(getattr(handler, "stream", None), "closed", False)
+    ]
+
+
 @pytest.fixture(autouse=True)
 def _isolate_library_logging() -> Iterator[None]:
-    """Undo any ``setup_logging`` a test caused (``app_from_env``, the CLI in-process).
+    """Undo the logging configuration a test caused, then check that no logger is left
+    writing to a closed stream.
 
-    Its handler writes to the ``sys.stderr`` of the test that installed it, which pytest
-    closes afterwards: left in place, later tests' log lines would fail to print.
+    Left in place, such a handler makes any later record -- from a later test, or from a
+    server thread still stopping after the session -- print a "Logging error ... I/O
+    operation on closed file" traceback.
     """
-    target = logging.getLogger("layercode_asgi")
-    handlers, level, propagate = list(target.handlers), target.level, target.propagate
+    saved = [
+        (logger, list(logger.handlers), logger.level, logger.propagate, logger.disabled)
+        for logger in map(logging.getLogger, CONFIGURED_LOGGERS)
+    ]
     try:
         yield
     finally:
-        target.handlers[:] = handlers
-        target.setLevel(level)
-        target.propagate = propagate
+        for logger, handlers, level, propagate, disabled in saved:
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
+            logger.disabled = disabled
+    left = closed_stream_handlers()
+    if left:
+        pytest.fail(f"loggers left writing to a closed stream: {left}")
 
 
 def signed_headers(body: bytes | str, secret: str = SECRET, **extra: str) -> dict[str, str]:

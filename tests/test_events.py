@@ -303,8 +303,63 @@ def test_unknown_extra_fields_are_ignored(type_name: str) -> None:
     reordered = {**extra, **{k: v for k, v in body.items() if k != "type"}, "type": type_name}
     assert parse_all_ways({**body, **extra}) == parse_all_ways(body) == parse_all_ways(reordered)
     if "transcript" in body and isinstance(body["transcript"], list):
+        # ...but those of transcript items are kept, readable in ``extra``
         items = [{**item, "confidence": 0.9, "words": []} for item in body["transcript"]]
-        assert parse_all_ways({**body, "transcript": items}) == parse_all_ways(body)
+        with_extras = parse_all_ways({**body, "transcript": items})
+        plain = parse_all_ways(body)
+        assert with_extras.transcript == [  # type: ignore[union-attr]
+            msgspec.structs.replace(item, extra={"confidence": 0.9, "words": []})
+            for item in plain.transcript  # type: ignore[union-attr]
+        ]
+
+
+@pytest.mark.parametrize("type_name", ["message", "session.end"])
+def test_unknown_fields_of_transcript_items_are_kept_in_extra(type_name: str) -> None:
+    base = {k: v for k, v in FULL_BODIES[type_name].items() if k != "transcript"}
+    items = [
+        {"role": "user", "text": "hi", "confidence": 0.93, "words": [{"w": "hi", "t": 10}]},
+        {"role": "assistant", "text": "hello", "timestamp": 5},
+        {"speaker_id": None, "text": "ok", "role": "user", "extra": 7},
+    ]
+    payload = parse_all_ways({**base, "transcript": items})
+    assert payload.transcript == [  # type: ignore[union-attr]
+        TranscriptItem(
+            role="user", text="hi", extra={"confidence": 0.93, "words": [{"w": "hi", "t": 10}]}
+        ),
+        TranscriptItem(role="assistant", text="hello", timestamp=5),
+        TranscriptItem(role="user", text="ok", extra={"speaker_id": None, "extra": 7}),
+    ]
+    assert payload.transcript[1].extra is None  # type: ignore[union-attr, index]
+    # the rest of the event is decoded as usual
+    assert payload == msgspec.structs.replace(
+        parse_all_ways(base), transcript=payload.transcript  # type: ignore[union-attr]
+    )
+    # encoding keeps them (under "extra") and decodes back to an equal event
+    encoded = msgspec.json.encode(payload)
+    assert json.loads(encoded)["transcript"][0]["extra"]["confidence"] == 0.93
+    assert parse_webhook_payload(encoded) == payload
+
+
+def test_transcript_item_extras_do_not_hide_errors() -> None:
+    base = {k: v for k, v in FULL_BODIES["session.end"].items() if k != "transcript"}
+    bad_text = [{"role": "u", "text": "a", "new": 1}, {"role": "u", "text": 7, "new": 2}]
+    assert expect_error(raw({**base, "transcript": bad_text})).path == "$.transcript[1].text"
+    assert expect_error({**base, "transcript": bad_text}).path == "$.transcript[1].text"
+    not_an_item = [{"role": "u", "text": "a", "new": 1}, 3]
+    assert expect_error(raw({**base, "transcript": not_an_item})).path == "$.transcript[1]"
+    bad_id = {**base, "session_id": 5, "transcript": [{"role": "u", "text": "a", "new": 1}]}
+    assert expect_error(raw(bad_id)).path == "$.session_id"
+    truncated = raw({**base, "transcript": [{"role": "u", "text": "a", "new": 1}]})[:-1]
+    error = expect_error(truncated)
+    assert type(error) is InvalidPayloadError and error.path == "$"
+
+
+def test_data_event_without_data_gets_an_empty_object() -> None:
+    body = {k: v for k, v in FULL_BODIES["data"].items() if k != "data"}
+    payload = parse_all_ways(body)
+    assert isinstance(payload, DataPayload)
+    assert payload.data == {}
+    assert parse_all_ways({**body, "data": None}).data is None  # type: ignore[union-attr]
 
 
 def test_phone_numbers_and_custom_metadata_on_every_event() -> None:
@@ -1048,3 +1103,23 @@ def test_property_one_corrupted_field_names_its_path(
     error = expect_error(msgspec.json.encode(broken))
     assert type(error) is InvalidPayloadError
     assert error.path.startswith(f"$.{field}"), (field, str(error))
+
+
+def test_a_data_event_without_data_is_answered_not_refused() -> None:
+    import anyio
+
+    from layercode_asgi import Settings, create_app
+    from layercode_asgi.testing import LayercodeTestClient
+
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret="whsec_x")
+    seen: list[Any] = []
+
+    async def talk() -> Any:
+        app = create_app(settings, on_data=lambda event: seen.append(event.data))
+        async with LayercodeTestClient(app, secret="whsec_x") as client:
+            event = {"type": "data", "session_id": "s", "conversation_id": "c", "turn_id": "t"}
+            return await client.send(event)
+
+    reply = anyio.run(talk)
+    assert (reply.status_code, reply.body) == (200, {"status": "ok"})
+    assert seen == [{}]

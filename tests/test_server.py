@@ -123,10 +123,21 @@ def test_health_and_ready() -> None:
         assert data["status"] == "healthy" and data["version"] == __version__
         assert datetime.fromisoformat(data["timestamp"]).tzinfo is not None
         ready = client.get("/ready")
-        assert (ready.status_code, ready.json()) == (
-            200,
-            {"ready": True, "agent": "echo_agent", "model": "openai:gpt-5-nano"},
-        )
+        assert (ready.status_code, ready.json()) == (200, {"ready": True, "agent": "echo_agent"})
+
+
+def test_ready_reports_a_model_only_for_agents_that_use_one() -> None:
+    async def my_agent(event: Any) -> Any:
+        yield "hi"
+
+    openai = create_app(settings(openai_api_key="sk-test", default_model="openai:gpt-x"), "openai")
+    for app, expected in (
+        (create_app(settings(), my_agent), {"ready": True, "agent": "my_agent"}),
+        (openai, {"ready": True, "agent": "openai_agent", "model": "openai:gpt-x"}),
+    ):
+        with serve(app) as url, httpx.Client(base_url=url) as client:
+            ready = client.get("/ready")
+            assert (ready.status_code, ready.json()) == (200, expected)
 
 
 def test_every_error_is_json() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -23,6 +24,20 @@ REF_PACKAGE = "layercode-create-app==0.2.0"
 #: The reference's own dependencies already bring these; pinned here so that every server
 #: in the benchmark runs under the same uvicorn/uvloop/httptools line-up.
 SERVER_PACKAGES = ("uvicorn[standard]",)
+
+
+def baseline_packages() -> tuple[str, ...]:
+    """msgspec at the version ours runs: bench_decode.py's common baseline in both venvs."""
+    try:
+        return (f"msgspec=={importlib.metadata.version('msgspec')}",)
+    except importlib.metadata.PackageNotFoundError:
+        return ("msgspec",)
+
+
+def _stamp_text() -> str:
+    return " ".join((REF_PACKAGE, *SERVER_PACKAGES, *baseline_packages()))
+
+
 DEFAULT_VENV = Path(__file__).resolve().parent.parent / ".ref-venv"
 _STAMP = ".bench-ref-installed"
 
@@ -77,18 +92,20 @@ def venv_python(venv: Path) -> Path:
 
 def is_ready(venv: Path) -> bool:
     stamp = venv / _STAMP
-    return venv_python(venv).exists() and stamp.exists() and stamp.read_text() == REF_PACKAGE
+    return venv_python(venv).exists() and stamp.exists() and stamp.read_text() == _stamp_text()
 
 
 def setup(venv: Path = DEFAULT_VENV, python: str | None = None, quiet: bool = True) -> Path:
     """Create (or reuse) the venv; return its Python. Raises :class:`SetupError`."""
     if is_ready(venv):
         return venv_python(venv)
-    interpreter = find_python(python)
-    if venv.exists():
-        shutil.rmtree(venv)
-    steps = [
-        [interpreter, "-m", "venv", str(venv)],
+    steps: list[list[str]] = []
+    if not _version_ok(str(venv_python(venv))):  # else: a venv of ours to complete
+        interpreter = find_python(python)
+        if venv.exists():
+            shutil.rmtree(venv)
+        steps.append([interpreter, "-m", "venv", str(venv)])
+    steps.append(
         [
             str(venv_python(venv)),
             "-m",
@@ -98,8 +115,9 @@ def setup(venv: Path = DEFAULT_VENV, python: str | None = None, quiet: bool = Tr
             "--disable-pip-version-check",
             REF_PACKAGE,
             *SERVER_PACKAGES,
-        ],
-    ]
+            *baseline_packages(),
+        ]
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYENV_VERSION"}
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True, env=env)
@@ -112,7 +130,7 @@ def setup(venv: Path = DEFAULT_VENV, python: str | None = None, quiet: bool = Tr
             raise SetupError(
                 f"`{' '.join(step)}` failed ({done.returncode}):\n" + "\n".join(errors[-20:])
             )
-    (venv / _STAMP).write_text(REF_PACKAGE)
+    (venv / _STAMP).write_text(_stamp_text())
     return venv_python(venv)
 
 
