@@ -40,7 +40,8 @@ from .agents import Agent, agent_name, get_agent
 from .config import Settings
 from .conversation import ConversationManager
 from .errors import ConfigurationError
-from .middleware import LayercodeSignature, _route_path
+from .logs import escape_log_value
+from .middleware import LayercodeSignature, route_path
 from .replay import MemoryReplayCache, RedisReplayCache, ReplayCache
 from .webhook import JSONResponse, LayercodeWebhook
 
@@ -61,6 +62,10 @@ AuthorizeGuard = Callable[[Request], bool | Awaitable[bool]]
 AUTHORIZE_PATH = "/agents/web/authorize_session"
 #: Largest accepted authorize request body (it is a small JSON object).
 AUTHORIZE_MAX_BODY = 64 * 1024
+#: Largest accepted answer of LayerCode's authorize API (bigger: 502).
+AUTHORIZE_MAX_UPSTREAM_BODY = 1024 * 1024
+#: Longest upstream ``error`` message relayed to the caller, in characters.
+AUTHORIZE_MAX_ERROR_CHARS = 200
 #: How long /ready waits for the conversation store.
 READY_TIMEOUT = 2.0
 
@@ -77,7 +82,12 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    logger.error(
+        "unhandled error on %s %s",
+        escape_log_value(request.method),
+        escape_log_value(request.url.path),
+        exc_info=exc,
+    )
     return _error(500, "internal error")
 
 
@@ -205,7 +215,7 @@ class LayercodeApp(Starlette):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             direct = self._direct if self._direct_checked else self._direct_endpoint()
-            if direct is not None and _route_path(scope) == self._agent_route:
+            if direct is not None and route_path(scope) == self._agent_route:
                 scope["app"] = self
                 try:
                     await direct(scope, receive, send)
@@ -213,7 +223,11 @@ class LayercodeApp(Starlette):
                     # What Starlette's error middleware does: log, answer 500 JSON if
                     # nothing was sent yet (a server refuses a second start otherwise),
                     # and re-raise for the server.
-                    logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+                    logger.exception(
+                        "unhandled error on %s %s",
+                        escape_log_value(scope["method"]),
+                        escape_log_value(scope["path"]),
+                    )
                     with contextlib.suppress(Exception):
                         await send(dict(_INTERNAL_ERROR_START))
                         await send({"type": "http.response.body", "body": _INTERNAL_ERROR})
@@ -290,7 +304,8 @@ def create_app(
         tolerance=settings.signature_tolerance,
         max_body_size=settings.max_body_size,
         body_timeout=settings.body_timeout,
-        replay_protection=replay or False,
+        # ``is None``, not truthiness: an empty MemoryReplayCache has len() 0.
+        replay_protection=False if replay is None else replay,
     )
     authorize = _Authorize(settings, authorize_guard, authorize_timeout)
     name = agent_name(agent)
@@ -315,7 +330,13 @@ def create_app(
             try:
                 await conversations.ping()
             except Exception as exc:
-                problem = f"conversation store unavailable: {exc}"
+                # The details (host, port, driver text) are for the log, not for the caller.
+                logger.warning(
+                    "not ready: conversation store unavailable: %s: %s",
+                    type(exc).__name__,
+                    escape_log_value(exc),
+                )
+                problem = "conversation store unavailable"
         if scope.cancelled_caught:
             problem = "conversation store did not answer in time"
         if problem is None:
@@ -441,24 +462,30 @@ class _Authorize:
             return _error(400, "agent_id is required (a non-empty string)")
 
         try:
-            upstream = await self.client.post(
-                self.url,
-                content=body,
-                headers={
-                    "authorization": f"Bearer {self.api_key}",
-                    "content-type": "application/json",
-                },
-            )
-        except httpx.TimeoutException:
+            # ``timeout`` bounds the whole call (connect, request, every byte of the answer),
+            # not each socket read: a slowly dripping upstream cannot hold the request.
+            with anyio.fail_after(self.timeout):
+                status, content = await self._call_upstream(body)
+        except (TimeoutError, httpx.TimeoutException):
             logger.warning("LayerCode authorize timed out after %ss", self.timeout)
             return _error(502, "LayerCode API timed out")
+        except _UpstreamTooLarge:
+            logger.warning(
+                "LayerCode authorize answer larger than %d bytes", AUTHORIZE_MAX_UPSTREAM_BODY
+            )
+            return _error(
+                502, f"LayerCode API response too large (over {AUTHORIZE_MAX_UPSTREAM_BODY} bytes)"
+            )
         except httpx.HTTPError as exc:
-            logger.warning("LayerCode authorize unreachable: %s", exc)
+            logger.warning(
+                "LayerCode authorize unreachable: %s: %s",
+                type(exc).__name__,
+                escape_log_value(exc),
+            )
             return _error(502, "LayerCode API unreachable")
 
-        status = upstream.status_code
         try:
-            answer = _decode(upstream.content) if upstream.content else None
+            answer = _decode(content) if content else None
         except msgspec.DecodeError:
             answer = None
         if 200 <= status < 300:
@@ -467,14 +494,52 @@ class _Authorize:
             return JSONResponse(answer)
         if 400 <= status < 500:
             logger.info("LayerCode authorize refused with %s", status)
-            if isinstance(answer, dict) and "error" in answer:
-                return JSONResponse(answer, status_code=status)
-            content: dict[str, Any] = {"error": f"LayerCode API refused the request ({status})"}
-            if answer is not None:
-                content["detail"] = answer
-            return JSONResponse(content, status_code=status)
+            # Only LayerCode's own message is relayed: no headers, no other fields.
+            message = answer.get("error") if isinstance(answer, dict) else None
+            relayed = _printable(message, AUTHORIZE_MAX_ERROR_CHARS)
+            return _error(status, relayed or f"LayerCode API refused the request ({status})")
         logger.warning("LayerCode authorize failed upstream with %s", status)
         return _error(502, f"LayerCode API error ({status})")
+
+    async def _call_upstream(self, body: bytes) -> tuple[int, bytes]:
+        """POST to LayerCode; its status and body (at most AUTHORIZE_MAX_UPSTREAM_BODY)."""
+        async with self.client.stream(
+            "POST",
+            self.url,
+            content=body,
+            headers={
+                "authorization": f"Bearer {self.api_key}",
+                "content-type": "application/json",
+                "accept-encoding": "identity",
+            },
+        ) as upstream:
+            declared = upstream.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > AUTHORIZE_MAX_UPSTREAM_BODY:
+                raise _UpstreamTooLarge
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in upstream.aiter_bytes():
+                size += len(chunk)
+                if size > AUTHORIZE_MAX_UPSTREAM_BODY:
+                    raise _UpstreamTooLarge
+                chunks.append(chunk)
+            return upstream.status_code, b"".join(chunks)
+
+
+class _UpstreamTooLarge(Exception):
+    """LayerCode's answer passed AUTHORIZE_MAX_UPSTREAM_BODY."""
+
+
+def _printable(message: object, limit: int) -> str | None:
+    """``message`` as one printable line of at most ``limit`` characters (control
+    characters dropped, other whitespace made a space), or ``None`` if nothing is left."""
+    if not isinstance(message, str):
+        return None
+    text = "".join(
+        c if c.isprintable() else " " if c.isspace() else "" for c in message[: limit * 4]
+    )
+    text = " ".join(text.split())[:limit]
+    return text or None
 
 
 def app_from_env() -> LayercodeApp:
