@@ -256,13 +256,6 @@ class LayercodeSignature:
             elif name == b"content-length":
                 declared = value
 
-        try:
-            timestamp = check_signature_header(signature, self.tolerance)
-        except SignatureVerificationError as exc:
-            _log_rejected(scope, exc)
-            await _send_pair(send, _EARLY_REJECTIONS[exc.reason])
-            return None
-
         if declared is not None:
             if not (declared.isdigit() and len(declared) <= 18):
                 await _send_pair(send, _BAD_CONTENT_LENGTH)
@@ -270,6 +263,14 @@ class LayercodeSignature:
             if int(declared) > self.max_body_size:
                 await _send_pair(send, self._too_large)
                 return None
+
+        # What the header alone decides is decided before any byte of the body is read.
+        try:
+            timestamp = check_signature_header(signature, self.tolerance)
+        except SignatureVerificationError as exc:
+            _log_rejected(scope, exc)
+            await _send_pair(send, _EARLY_REJECTIONS[exc.reason])
+            return None
 
         body: bytes | None = None
         arrived = False
