@@ -239,10 +239,10 @@ class LayercodeSignature:
         Everything the middleware checks happens here: the signature header (missing,
         malformed or stale: refused before the body is read, and the connection closed),
         the body's size and arrival deadline, the signature and (if on) replay protection.
-        A request that fails a check
-        is answered (401, 408, 409, 413, 503) and ``None`` returned; so is a client that
-        left before sending its body (nobody is answered then). Otherwise the verified
-        body is returned and nothing has been sent: the caller answers the request.
+        A request that fails a check is answered (400, 401, 408, 409, 413, 503) and
+        ``None`` returned; so is a client that left before sending its body (nobody is
+        answered then). Otherwise the verified body is returned and nothing has been sent:
+        the caller answers the request.
         ``receive`` is not used again here, so it can be handed on as it is.
         """
         signature: str | None = None

@@ -13,7 +13,7 @@ check compares whole seconds (``floor(now) - t <= tolerance``), so until
 ``t + tolerance + 1``. Memory is bounded by the request rate times the window.
 
 * :class:`MemoryReplayCache`: one process; bounded (``max_entries``, oldest dropped first
-  with a warning — size it above your peak rate * 2 * tolerance).
+  with a warning — size it above your peak rate * (2 * tolerance + 1)).
 * :class:`RedisReplayCache`: every worker sharing one Redis (``SET key 1 NX EX ttl``).
   When Redis is down or answers with an error (OOM, READONLY, any ``RedisError``) it raises
   :class:`~layercode_asgi.conversation.StoreUnavailableError`; the middleware answers 503
