@@ -129,7 +129,8 @@ class LayercodeSignature:
         replay_protection: refuse a verified signature seen before with 409. ``True``
             remembers signatures in this process (``MemoryReplayCache``); pass a
             :class:`~layercode_asgi.replay.ReplayCache` (e.g. ``RedisReplayCache``) to
-            share them between workers. If the cache is unreachable: 503.
+            share them between workers. If the cache cannot answer (unreachable, or any
+            error from it): 503, fail closed.
     """
 
     __slots__ = (

@@ -199,33 +199,25 @@ def test_unsigned_path_cannot_forge_a_log_line() -> None:
     assert_not_forged(logs.getvalue())
 
 
-@pytest.mark.parametrize("kind", ["agent-failure", "hook-failure", "malformed"])
+@pytest.mark.parametrize("kind", ["agent-failure", "hook-failure", "unknown-type"])
 def test_signed_conversation_id_cannot_forge_a_log_line(kind: str) -> None:
-    cid = f"c\n{FORGED}\r\u2028"
+    hostile = f"c\n{FORGED}\r\u2028"
 
     def failing_hook(event: Any) -> None:
         raise RuntimeError(f"hook failed for {event.conversation_id}")
 
     app = create_app(settings(), agent=scripted_agent, on_data=failing_hook)
     if kind == "agent-failure":
-        body = event_body("message", conversation_id=cid, text="raise-before")
+        body = event_body("message", conversation_id=hostile, text="raise-before")
     elif kind == "hook-failure":
-        body = data_body(conversation_id=cid)
-    else:  # a field of the wrong type, named with a hostile key
-        body = msgspec.json.encode(
-            {"type": "message", "session_id": "s", "conversation_id": cid, "turn_id": 5}
-        )
+        body = data_body(conversation_id=hostile)
+    else:  # an event type from the future, named by the sender
+        body = msgspec.json.encode({"type": hostile, "conversation_id": hostile})
     with captured_logs() as logs, serve(app) as url, httpx.Client(base_url=url) as client:
         r = client.post("/api/agent", content=body, headers=signed_headers(body))
         r.read()
-    text = logs.getvalue()
-    if kind == "malformed":
-        assert r.status_code == 400
-        assert "FORGED" in text or "turn_id" in text
-        for line in text.splitlines():
-            assert not line.startswith("2099-01-01"), text
-    else:
-        assert_not_forged(text)
+    assert r.status_code in (200, 500), r.text
+    assert_not_forged(logs.getvalue())
 
 
 # -- 6. root_path only at a / boundary -------------------------------------------------------------
