@@ -39,6 +39,7 @@ import anyio
 import msgspec
 
 from .errors import ConfigurationError, LayercodeError
+from .logs import escape_log_value
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -547,7 +548,8 @@ class RedisConversationStore:
                 messages.append(_HISTORY_DECODER.decode(item))
             except msgspec.DecodeError:
                 logger.warning(
-                    "skipping an undecodable history entry of conversation %r", conversation_id
+                    "skipping an undecodable history entry of conversation %s",
+                    escape_log_value(conversation_id),
                 )
         return messages
 
@@ -627,17 +629,17 @@ class RedisConversationStore:
                     extended = await self._extend_script(keys=[key], args=[token, ttl_ms])
             except Exception as exc:  # the holder must not be interrupted
                 logger.warning(
-                    "could not extend the lock of conversation %r: %s: %s",
-                    conversation_id,
+                    "could not extend the lock of conversation %s: %s: %s",
+                    escape_log_value(conversation_id),
                     type(exc).__name__,
-                    exc,
+                    escape_log_value(exc),
                 )
                 continue
             if not extended:
                 logger.warning(
-                    "lost the lock of conversation %r (it expired); another turn may run "
+                    "lost the lock of conversation %s (it expired); another turn may run "
                     "concurrently; consider a larger lock_ttl",
-                    conversation_id,
+                    escape_log_value(conversation_id),
                 )
                 return
 
@@ -653,11 +655,11 @@ class RedisConversationStore:
                     await self._release_script(keys=[key], args=[token])
             except Exception as exc:  # the lock expires by itself anyway
                 logger.warning(
-                    "could not release Redis lock %r (it will expire in %g s): %s: %s",
-                    key,
+                    "could not release Redis lock %s (it will expire in %g s): %s: %s",
+                    escape_log_value(key),
                     self.lock_ttl,
                     type(exc).__name__,
-                    exc,
+                    escape_log_value(exc),
                 )
 
     async def ping(self) -> None:

@@ -18,9 +18,13 @@ import logging
 import sys
 from typing import Any, Final
 
-import msgspec
-
-__all__ = ["LOGGER_NAME", "WEBHOOK_LOGGER_NAME", "log_webhook", "setup_logging"]
+__all__ = [
+    "LOGGER_NAME",
+    "WEBHOOK_LOGGER_NAME",
+    "escape_log_value",
+    "log_webhook",
+    "setup_logging",
+]
 
 #: Name of the library's root logger.
 LOGGER_NAME: Final = "layercode_asgi"
@@ -76,7 +80,7 @@ def setup_logging(
     handler = _marked(target, "stream")
     if handler is None:
         stream_handler = logging.StreamHandler(sys.stderr)
-        stream_handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
+        stream_handler.setFormatter(_LineFormatter(LOG_FORMAT, DATE_FORMAT))
         setattr(stream_handler, _MARK, "stream")
         target.addHandler(stream_handler)
     elif isinstance(handler, logging.StreamHandler) and handler.stream is not sys.stderr:
@@ -88,6 +92,26 @@ def setup_logging(
             handler.setStream(sys.stderr)
     if logfire_token:
         _setup_logfire(target, logfire_token)
+
+
+class _LineFormatter(logging.Formatter):
+    """``LOG_FORMAT``, keeping every record recognisable as one: each further line (a
+    traceback, whose exception text an application may have built from request data) is
+    indented and its control characters escaped, so no line of it can pass for a record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if text.isprintable():
+            return text
+        first, *rest = text.splitlines() or [""]
+        return "\n    ".join([_controls_escaped(first), *map(_controls_escaped, rest)])
+
+
+def _controls_escaped(line: str) -> str:
+    """``line`` with its non-printable characters escaped (tabs and backslashes kept)."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() or c == "\t" else escape_log_value(c, None) for c in line)
 
 
 def _setup_logfire(target: logging.Logger, token: str) -> None:
@@ -109,6 +133,72 @@ def _setup_logfire(target: logging.Logger, token: str) -> None:
         target.warning("could not configure Logfire: %s: %s", type(exc).__name__, exc)
 
 
+# -- values from requests ----------------------------------------------------------------------
+
+#: Longest text :func:`escape_log_value` keeps by default, in characters (before escaping).
+LOG_VALUE_MAX_CHARS: Final = 1000
+
+_SHORT_ESCAPES: Final = {
+    "\\": "\\\\",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    "\b": "\\b",
+    "\f": "\\f",
+}
+
+
+def escape_log_value(value: object, max_chars: int | None = LOG_VALUE_MAX_CHARS) -> str:
+    """Make a value that came from a request safe to put in a log line.
+
+    Every value a client controls (a path, a header, a ``conversation_id``, an exception
+    text quoting them) goes through this before it reaches a logger, so that it cannot
+    start a forged line or drive a terminal. The result is one line of printable characters:
+
+    * ``\\`` becomes ``\\\\`` (so the escaping can be read back unambiguously);
+    * line feed, carriage return, tab, backspace and form feed become ``\\n``, ``\\r``,
+      ``\\t``, ``\\b``, ``\\f``;
+    * every other character that is not printable (C0/C1 controls such as ESC and NEL
+      U+0085, the line and paragraph separators U+2028/U+2029, bidi overrides, lone
+      surrogates) becomes ``\\uXXXX`` (a surrogate pair beyond U+FFFF);
+    * the rest, quotes included, is kept as it is: no Python ``repr`` quoting.
+
+    The escapes are JSON's, so the text means the same inside a JSON string once its
+    ``"`` are escaped. ``bytes`` are read as UTF-8 (undecodable bytes come out as
+    ``\\udcXX``); any other object as ``str(value)``. Text longer than ``max_chars`` is cut
+    there and ends with ``…(+N chars)``; ``None`` keeps everything.
+    """
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bytes | bytearray):
+        text = bytes(value).decode("utf-8", "surrogateescape")
+    else:
+        text = str(value)
+    more = 0
+    if max_chars is not None and len(text) > max_chars:
+        more = len(text) - max_chars
+        text = text[:max_chars]
+    if text.isprintable() and "\\" not in text:
+        return f"{text}…(+{more} chars)" if more else text
+    out: list[str] = []
+    for char in text:
+        short = _SHORT_ESCAPES.get(char)
+        if short is not None:
+            out.append(short)
+        elif char.isprintable():
+            out.append(char)
+        else:
+            code = ord(char)
+            if code > 0xFFFF:
+                code -= 0x10000
+                out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+            else:
+                out.append(f"\\u{code:04x}")
+    if more:
+        out.append(f"…(+{more} chars)")
+    return "".join(out)
+
+
 # -- one line per webhook --------------------------------------------------------------------
 
 # Attributes a LogRecord already has; ``extra=`` must not overwrite them.
@@ -121,10 +211,10 @@ def _value(value: object) -> str:
     """A log-safe token: ``-`` for None, bare when simple, else a JSON string (escaped)."""
     if value is None:
         return "-"
-    text = value if isinstance(value, str) else str(value)
-    if text and text.isprintable() and not any(c in text for c in ' ="\\'):
+    text = escape_log_value(value)
+    if text and not any(c in text for c in ' ="\\'):
         return text
-    return msgspec.json.encode(text).decode()
+    return '"' + text.replace('"', '\\"') + '"'
 
 
 def webhook_log_enabled(status: int) -> bool:

@@ -30,12 +30,14 @@ import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ConfigurationError, LayercodeError
+from .logs import escape_log_value
 from .replay import MemoryReplayCache, ReplayCache, replay_key
 from .signature import (
     DEFAULT_TOLERANCE,
     SIGNATURE_HEADER,
     SignatureErrorReason,
     SignatureVerificationError,
+    check_signature_header,
     verify_signature,
 )
 from .sse import _resume
@@ -46,6 +48,7 @@ __all__ = [
     "BodyTooLarge",
     "LayercodeSignature",
     "read_body",
+    "route_path",
 ]
 
 logger = logging.getLogger("layercode_asgi.middleware")
@@ -68,21 +71,16 @@ def _json_error(status: int, message: str, *, close: bool = False) -> tuple[Mess
 
 # Every error body is known in advance; rendering them once keeps the reject path cheap.
 _REJECTIONS = {reason: _json_error(401, reason.value) for reason in SignatureErrorReason}
-_BAD_CONTENT_LENGTH = _json_error(400, "invalid content-length header")
+# Refused on the header alone, before the body was read: the body may still be arriving.
+_EARLY_REJECTIONS = {
+    reason: _json_error(401, reason.value, close=True) for reason in SignatureErrorReason
+}
+_BAD_CONTENT_LENGTH = _json_error(400, "invalid content-length header", close=True)
 _REPLAYED = _json_error(409, "webhook already received: replayed signature")
 _REPLAY_UNAVAILABLE = _json_error(503, "replay protection unavailable")
 
 #: Default limit on how long a request body may take to arrive, in seconds.
 DEFAULT_BODY_TIMEOUT = 10.0
-
-
-def _timestamp_of(signature: str) -> str:
-    """The ``t=`` value of a header that has just been verified (so it has exactly one)."""
-    for item in signature.split(","):
-        key, _, value = item.partition("=")
-        if key.strip(" \t") == "t":
-            return value.strip(" \t")
-    raise AssertionError("a verified signature has a t= entry")
 
 
 class _PathMatcher:
@@ -119,18 +117,20 @@ class LayercodeSignature:
             when the middleware is built (at start-up), never per request.
         tolerance: largest accepted ``|now - t|`` in seconds (default 300, ``>= 0``).
         paths: request paths to protect, matched against the path below the app's mount
-            point (``root_path`` removed); a trailing ``*`` makes a prefix. ``None``
-            (default) protects every HTTP request.
+            point (``root_path`` removed, only where it ends at a ``/``: see
+            :func:`route_path`) and, to fail closed, against the full path too; a trailing
+            ``*`` makes a prefix. ``None`` (default) protects every HTTP request.
         max_body_size: largest accepted body in bytes (default 1 MiB). A larger declared
             ``Content-Length`` is refused with 413 before any byte is read; a chunked body
-            is refused as soon as it passes the limit.
+            is refused as soon as it passes the limit. The 413 closes the connection.
         header_name: the header carrying the signature (default ``layercode-signature``).
         body_timeout: seconds the whole body may take to arrive (default 10); a slower
             sender gets 408, so a trickling client cannot pin a worker. ``None``: no limit.
         replay_protection: refuse a verified signature seen before with 409. ``True``
             remembers signatures in this process (``MemoryReplayCache``); pass a
             :class:`~layercode_asgi.replay.ReplayCache` (e.g. ``RedisReplayCache``) to
-            share them between workers. If the cache is unreachable: 503.
+            share them between workers. If the cache cannot answer (unreachable, or any
+            error from it): 503, fail closed.
     """
 
     __slots__ = (
@@ -184,7 +184,9 @@ class LayercodeSignature:
                 f"LayercodeSignature max_body_size must be a positive int, got {max_body_size!r}"
             )
         self.max_body_size = max_body_size
-        self._too_large = _json_error(413, f"request body exceeds {max_body_size} bytes")
+        self._too_large = _json_error(
+            413, f"request body exceeds {max_body_size} bytes", close=True
+        )
         self._matches = None if paths is None else _PathMatcher(paths)
         self._header = header_name.lower().encode("latin-1")
         if body_timeout is not None and not (
@@ -212,10 +214,20 @@ class LayercodeSignature:
                 f"got {type(replay_protection).__name__}"
             )
 
+    def _protects(self, scope: Scope) -> bool:
+        """Whether an HTTP request needs a signature. When in doubt, it does: a path is
+        protected if its route path or its full path matches."""
+        matches = self._matches
+        if matches is None:
+            return True
+        path: str = scope["path"]
+        if matches(path):
+            return True
+        route = route_path(scope)
+        return route is not path and matches(route)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (
-            self._matches is not None and not self._matches(_route_path(scope))
-        ):
+        if scope["type"] != "http" or not self._protects(scope):
             await self.app(scope, receive, send)
             return
         body = await self.verified_body(scope, receive, send)
@@ -225,11 +237,13 @@ class LayercodeSignature:
     async def verified_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         """Read and verify an HTTP request's body; ``None`` once it has been answered.
 
-        Everything the middleware checks happens here: the body's size and arrival
-        deadline, the signature and (if on) replay protection. A request that fails a check
-        is answered (401, 408, 409, 413, 503) and ``None`` returned; so is a client that
-        left before sending its body (nobody is answered then). Otherwise the verified
-        body is returned and nothing has been sent: the caller answers the request.
+        Everything the middleware checks happens here: the signature header (missing,
+        malformed or stale: refused before the body is read, and the connection closed),
+        the body's size and arrival deadline, the signature and (if on) replay protection.
+        A request that fails a check is answered (400, 401, 408, 409, 413, 503) and
+        ``None`` returned; so is a client that left before sending its body (nobody is
+        answered then). Otherwise the verified body is returned and nothing has been sent:
+        the caller answers the request.
         ``receive`` is not used again here, so it can be handed on as it is.
         """
         signature: str | None = None
@@ -250,6 +264,14 @@ class LayercodeSignature:
             if int(declared) > self.max_body_size:
                 await _send_pair(send, self._too_large)
                 return None
+
+        # What the header alone decides is decided before any byte of the body is read.
+        try:
+            timestamp = check_signature_header(signature, self.tolerance)
+        except SignatureVerificationError as exc:
+            _log_rejected(scope, exc)
+            await _send_pair(send, _EARLY_REJECTIONS[exc.reason])
+            return None
 
         body: bytes | None = None
         arrived = False
@@ -275,8 +297,8 @@ class LayercodeSignature:
             logger.warning(
                 "webhook body too slow (> %s s) %s %s",
                 self._body_timeout,
-                scope.get("method"),
-                scope.get("path"),
+                escape_log_value(scope.get("method")),
+                escape_log_value(scope.get("path")),
             )
             await _send_pair(send, self._timed_out)
             return None
@@ -284,26 +306,29 @@ class LayercodeSignature:
         try:
             verify_signature(body, signature, self._secrets, self.tolerance)
         except SignatureVerificationError as exc:
-            logger.warning(
-                "rejected webhook %s %s: %s", scope.get("method"), scope.get("path"), exc
-            )
+            _log_rejected(scope, exc)
             await _send_pair(send, _REJECTIONS[exc.reason])
             return None
 
-        if self._replay is not None and await self._is_replay(signature, body, send):
+        if self._replay is not None and await self._is_replay(timestamp, body, send):
             return None
         return body
 
-    async def _is_replay(self, signature: str | None, body: bytes, send: Send) -> bool:
+    async def _is_replay(self, timestamp: str, body: bytes, send: Send) -> bool:
         """Remember this delivery; answer 409 (or 503) and return True if it must stop."""
-        assert self._replay is not None and signature is not None  # verified just before
-        timestamp = _timestamp_of(signature)
-        # Valid until t + tolerance: remember it that long (and at least a second).
-        ttl = max(1.0, int(timestamp) + self.tolerance - time.time())
+        assert self._replay is not None
+        # verify_signature accepts while floor(now) - t <= tolerance, i.e. until
+        # t + tolerance + 1 (exclusive): remember the delivery that long (at least 1 s).
+        ttl = max(1.0, int(timestamp) + self.tolerance + 1 - time.time())
         try:
             seen = await self._replay.seen(replay_key(timestamp, body), ttl)
-        except LayercodeError as exc:
-            logger.error("replay cache unavailable: %s", exc)
+        except Exception as exc:  # fail closed: a replay check that cannot run does not pass
+            logger.error(
+                "replay cache unavailable: %s: %s",
+                type(exc).__name__,
+                escape_log_value(exc),
+                exc_info=not isinstance(exc, LayercodeError),
+            )
             await _send_pair(send, _REPLAY_UNAVAILABLE)
             return True
         if seen:
@@ -342,13 +367,32 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _route_path(scope: Scope) -> str:
-    """The request path below the mount point, as Starlette's router matches it."""
+def route_path(scope: Scope) -> str:
+    """The request path below the mount point (``root_path``), as Starlette's router sees it.
+
+    ``root_path`` is removed only where it ends at a ``/`` boundary of the path: with
+    ``root_path`` ``/ap``, ``/ap/agent`` gives ``/agent`` and ``/ap`` gives ``""``, but
+    ``/api/agent`` is not below ``/ap`` and is returned whole. A path that does not start
+    with ``root_path`` is returned whole as well (the same object).
+    """
     path: str = scope["path"]
     root_path: str = scope.get("root_path", "")
-    if root_path and path.startswith(root_path):
-        return path[len(root_path) :] or "/"
+    if not root_path or not path.startswith(root_path):
+        return path
+    if len(path) == len(root_path):
+        return ""
+    if path[len(root_path)] == "/":
+        return path[len(root_path) :]
     return path
+
+
+def _log_rejected(scope: Scope, exc: SignatureVerificationError) -> None:
+    logger.warning(
+        "rejected webhook %s %s: %s",
+        escape_log_value(scope.get("method")),
+        escape_log_value(scope.get("path")),
+        escape_log_value(exc),
+    )
 
 
 async def _send_pair(send: Send, messages: tuple[Message, Message]) -> None:

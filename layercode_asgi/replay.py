@@ -8,14 +8,16 @@ analogue of an idempotency key.
 
 The key of a delivery is ``sha256(t + "." + body)``: it names the signed content, not the
 header text, so adding junk ``v1=`` entries or reordering the header does not make a
-replay look new. It is remembered until the signature expires (``t + tolerance``), so
-memory is bounded by the request rate times the window.
+replay look new. It is remembered for as long as its signature can still verify: the
+check compares whole seconds (``floor(now) - t <= tolerance``), so until
+``t + tolerance + 1``. Memory is bounded by the request rate times the window.
 
 * :class:`MemoryReplayCache`: one process; bounded (``max_entries``, oldest dropped first
-  with a warning — size it above your peak rate * 2 * tolerance).
+  with a warning — size it above your peak rate * (2 * tolerance + 1)).
 * :class:`RedisReplayCache`: every worker sharing one Redis (``SET key 1 NX EX ttl``).
-  When Redis is down it raises :class:`~layercode_asgi.conversation.StoreUnavailableError`;
-  the middleware answers 503 (fail closed: a replay check that cannot run does not pass).
+  When Redis is down or answers with an error (OOM, READONLY, any ``RedisError``) it raises
+  :class:`~layercode_asgi.conversation.StoreUnavailableError`; the middleware answers 503
+  (fail closed: a replay check that cannot run does not pass).
 """
 
 from __future__ import annotations
@@ -134,8 +136,11 @@ class RedisReplayCache:
         seconds = max(1, math.ceil(ttl))
         try:
             created = await self._client.set(self.key_prefix + key, b"1", nx=True, ex=seconds)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            raise StoreUnavailableError(f"replay cache unavailable: {exc}") from exc
+        except (redis.exceptions.RedisError, OSError) as exc:
+            # Down, timed out, or an error reply (OOM, READONLY...): the check cannot run.
+            raise StoreUnavailableError(
+                f"replay cache unavailable: {type(exc).__name__}: {exc}"
+            ) from exc
         return not created
 
     async def aclose(self) -> None:

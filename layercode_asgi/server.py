@@ -16,16 +16,13 @@ Every error is JSON ``{"error": "…"}`` with a fitting status (400, 401, 404, 4
 from __future__ import annotations
 
 import contextlib
-import hmac
-import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
-import httpx
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -37,10 +34,12 @@ from starlette.routing import Route
 
 from ._version import __version__
 from .agents import Agent, agent_name, get_agent
+from .authorize import AuthorizeGuard, AuthorizeRoute
 from .config import Settings
 from .conversation import ConversationManager
 from .errors import ConfigurationError
-from .middleware import LayercodeSignature, _route_path
+from .logs import escape_log_value
+from .middleware import LayercodeSignature, route_path
 from .replay import MemoryReplayCache, RedisReplayCache, ReplayCache
 from .webhook import JSONResponse, LayercodeWebhook
 
@@ -55,12 +54,6 @@ __all__ = [
 
 logger = logging.getLogger("layercode_asgi.server")
 
-#: A custom check for the authorize route: return True to let the request through.
-AuthorizeGuard = Callable[[Request], bool | Awaitable[bool]]
-
-AUTHORIZE_PATH = "/agents/web/authorize_session"
-#: Largest accepted authorize request body (it is a small JSON object).
-AUTHORIZE_MAX_BODY = 64 * 1024
 #: How long /ready waits for the conversation store.
 READY_TIMEOUT = 2.0
 
@@ -77,7 +70,12 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    logger.error(
+        "unhandled error on %s %s",
+        escape_log_value(request.method),
+        escape_log_value(request.url.path),
+        exc_info=exc,
+    )
     return _error(500, "internal error")
 
 
@@ -205,7 +203,7 @@ class LayercodeApp(Starlette):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             direct = self._direct if self._direct_checked else self._direct_endpoint()
-            if direct is not None and _route_path(scope) == self._agent_route:
+            if direct is not None and route_path(scope) == self._agent_route:
                 scope["app"] = self
                 try:
                     await direct(scope, receive, send)
@@ -213,7 +211,11 @@ class LayercodeApp(Starlette):
                     # What Starlette's error middleware does: log, answer 500 JSON if
                     # nothing was sent yet (a server refuses a second start otherwise),
                     # and re-raise for the server.
-                    logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+                    logger.exception(
+                        "unhandled error on %s %s",
+                        escape_log_value(scope["method"]),
+                        escape_log_value(scope["path"]),
+                    )
                     with contextlib.suppress(Exception):
                         await send(dict(_INTERNAL_ERROR_START))
                         await send({"type": "http.response.body", "body": _INTERNAL_ERROR})
@@ -290,9 +292,10 @@ def create_app(
         tolerance=settings.signature_tolerance,
         max_body_size=settings.max_body_size,
         body_timeout=settings.body_timeout,
-        replay_protection=replay or False,
+        # ``is None``, not truthiness: an empty MemoryReplayCache has len() 0.
+        replay_protection=False if replay is None else replay,
     )
-    authorize = _Authorize(settings, authorize_guard, authorize_timeout)
+    authorize = AuthorizeRoute(settings, authorize_guard, authorize_timeout)
     name = agent_name(agent)
     # Only an agent that uses a model says which (the built-in openai agent does).
     model = getattr(agent, "model", None)
@@ -320,7 +323,13 @@ def create_app(
             try:
                 await conversations.ping()
             except Exception as exc:
-                problem = f"conversation store unavailable: {exc}"
+                # The details (host, port, driver text) are for the log, not for the caller.
+                logger.warning(
+                    "not ready: conversation store unavailable: %s: %s",
+                    type(exc).__name__,
+                    escape_log_value(exc),
+                )
+                problem = "conversation store unavailable"
         if scope.cancelled_caught:
             problem = "conversation store did not answer in time"
         if problem is None:
@@ -375,111 +384,6 @@ def create_app(
     app.state.webhook = webhook
     app.state.lifecycle = lifecycle
     return app
-
-
-class _Authorize:
-    """The authorize route: guard, validate, relay to LayerCode, map every failure to JSON."""
-
-    def __init__(self, settings: Settings, guard: AuthorizeGuard | None, timeout: float) -> None:
-        self.url = settings.layercode_api_url + AUTHORIZE_PATH
-        self.api_key = settings.layercode_api_key
-        self.keys = tuple(k.encode() for k in settings.authorize_api_keys)
-        self.guard = guard
-        self.timeout = timeout
-        self._client: httpx.AsyncClient | None = None
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        # Created on first use, not in the lifespan: a mounted sub-app gets no lifespan.
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout)
-        return self._client
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-
-    async def allowed(self, request: Request) -> bool:
-        if self.guard is not None:
-            verdict = self.guard(request)
-            if inspect.isawaitable(verdict):
-                verdict = await verdict
-            return bool(verdict)
-        if not self.keys:
-            return True
-        presented = request.headers.get("x-api-key")
-        if presented is None:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            presented = token.strip() if scheme.lower() == "bearer" else None
-        if not presented:
-            return False
-        candidate = presented.encode("utf-8", "surrogateescape")
-        matched = False
-        for key in self.keys:
-            matched |= hmac.compare_digest(candidate, key)
-        return matched
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        request = Request(scope, receive)
-        response = await self.respond(request)
-        await response(scope, receive, send)
-
-    async def respond(self, request: Request) -> Response:
-        if not await self.allowed(request):
-            return _error(401, "missing or invalid API key", {"www-authenticate": "Bearer"})
-        if not self.api_key:
-            return _error(503, "authorize route not configured: LAYERCODE_API_KEY is not set")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > AUTHORIZE_MAX_BODY:
-                return _error(413, f"request body exceeds {AUTHORIZE_MAX_BODY} bytes")
-        try:
-            payload = _decode(body)
-        except msgspec.DecodeError:
-            return _error(400, "body must be a JSON object with agent_id")
-        if not isinstance(payload, dict):
-            return _error(400, "body must be a JSON object with agent_id")
-        agent_id = payload.get("agent_id")
-        if not isinstance(agent_id, str) or not agent_id.strip():
-            return _error(400, "agent_id is required (a non-empty string)")
-
-        try:
-            upstream = await self.client.post(
-                self.url,
-                content=body,
-                headers={
-                    "authorization": f"Bearer {self.api_key}",
-                    "content-type": "application/json",
-                },
-            )
-        except httpx.TimeoutException:
-            logger.warning("LayerCode authorize timed out after %ss", self.timeout)
-            return _error(502, "LayerCode API timed out")
-        except httpx.HTTPError as exc:
-            logger.warning("LayerCode authorize unreachable: %s", exc)
-            return _error(502, "LayerCode API unreachable")
-
-        status = upstream.status_code
-        try:
-            answer = _decode(upstream.content) if upstream.content else None
-        except msgspec.DecodeError:
-            answer = None
-        if 200 <= status < 300:
-            if not isinstance(answer, dict):
-                return _error(502, "LayerCode API sent an invalid response")
-            return JSONResponse(answer)
-        if 400 <= status < 500:
-            logger.info("LayerCode authorize refused with %s", status)
-            if isinstance(answer, dict) and "error" in answer:
-                return JSONResponse(answer, status_code=status)
-            content: dict[str, Any] = {"error": f"LayerCode API refused the request ({status})"}
-            if answer is not None:
-                content["detail"] = answer
-            return JSONResponse(content, status_code=status)
-        logger.warning("LayerCode authorize failed upstream with %s", status)
-        return _error(502, f"LayerCode API error ({status})")
 
 
 def app_from_env() -> LayercodeApp:

@@ -46,6 +46,7 @@ __all__ = [
     "SIGNATURE_HEADER",
     "SignatureErrorReason",
     "SignatureVerificationError",
+    "check_signature_header",
     "sign",
     "verify_signature",
 ]
@@ -183,6 +184,56 @@ def _parse_header(signature: str) -> tuple[str, list[str]]:
     return timestamp, candidates
 
 
+def _checked_header(
+    signature: str | bytes | None, tolerance: int, now: float | None
+) -> tuple[str, list[str]]:
+    """The header's timestamp text and ``v1`` candidates, once it is present, well formed
+    and within the tolerance; else raise."""
+    if signature is None or signature == "":
+        raise SignatureVerificationError(SignatureErrorReason.MISSING_HEADER)
+    if not isinstance(signature, str):
+        # bytes straight from an ASGI header list: decode like HTTP does (latin-1).
+        if isinstance(signature, bytes | bytearray | memoryview):
+            signature = bytes(signature).decode("latin-1")
+        else:
+            raise SignatureVerificationError(
+                SignatureErrorReason.MALFORMED_HEADER, "signature is not a string"
+            )
+    timestamp, candidates = _parse_header(signature)
+
+    current = time.time() if now is None else now
+    # ``now`` may be any float a caller passes (nan, inf); floor only finite values.
+    age = math.floor(current) - int(timestamp) if math.isfinite(current) else math.inf
+    if not abs(age) <= tolerance:
+        raise SignatureVerificationError(
+            SignatureErrorReason.TIMESTAMP_OUT_OF_TOLERANCE,
+            f"timestamp is {age} s from now, tolerance is {tolerance} s",
+        )
+    return timestamp, candidates
+
+
+def check_signature_header(
+    signature: str | None, tolerance: int = DEFAULT_TOLERANCE, *, now: float | None = None
+) -> str:
+    """Check what can be checked of a ``layercode-signature`` header without the body.
+
+    Raises :class:`SignatureVerificationError` exactly when :func:`verify_signature` would
+    for any body because of the header alone: it is missing, malformed, or its timestamp
+    is outside ``tolerance``. A server calls it before reading the body, so a request that
+    cannot pass is refused at once instead of after its (possibly slow) body. Returns the
+    header's ``t=`` value (the digits, as sent).
+
+    A header that passes still needs :func:`verify_signature` once the body is there.
+    """
+    if type(signature) is str and now is None:
+        shape = _LAYERCODE_SHAPE(signature)
+        if shape is not None:
+            ts = shape.group(1)
+            if abs(int(time.time()) - int(ts)) <= tolerance:
+                return ts
+    return _checked_header(signature, tolerance, now)[0]
+
+
 def verify_signature(
     payload: bytes | str,
     signature: str | None,
@@ -222,26 +273,7 @@ def verify_signature(
                 if hmac.compare_digest(state.hexdigest(), given):
                     return True
 
-    if signature is None or signature == "":
-        raise SignatureVerificationError(SignatureErrorReason.MISSING_HEADER)
-    if not isinstance(signature, str):
-        # bytes straight from an ASGI header list: decode like HTTP does (latin-1).
-        if isinstance(signature, bytes | bytearray | memoryview):
-            signature = bytes(signature).decode("latin-1")
-        else:
-            raise SignatureVerificationError(
-                SignatureErrorReason.MALFORMED_HEADER, "signature is not a string"
-            )
-    timestamp, candidates = _parse_header(signature)
-
-    current = time.time() if now is None else now
-    # ``now`` may be any float a caller passes (nan, inf); floor only finite values.
-    age = math.floor(current) - int(timestamp) if math.isfinite(current) else math.inf
-    if not abs(age) <= tolerance:
-        raise SignatureVerificationError(
-            SignatureErrorReason.TIMESTAMP_OUT_OF_TOLERANCE,
-            f"timestamp is {age} s from now, tolerance is {tolerance} s",
-        )
+    timestamp, candidates = _checked_header(signature, tolerance, now)
 
     try:
         body = _to_bytes(payload)

@@ -43,6 +43,7 @@ import anyio
 from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
 from .conversation import HistoryMessage
 from .jsonwire import encode_json
+from .logs import escape_log_value
 from .sse import (
     Emit,
     EventStreamResponse,
@@ -384,7 +385,7 @@ class Turn:
             "agent failed %s: %s: %s",
             self._ids(),
             type(exc).__name__,
-            exc,
+            escape_log_value(exc),
             exc_info=exc,
             extra=self._extra(),
         )
@@ -404,7 +405,11 @@ class Turn:
             await self._send(_ERROR + _encode(TIMEOUT_ERROR_MESSAGE) + self._suffix)
 
     def _ids(self) -> str:
-        return f"(conversation={self.event.conversation_id} turn={self.event.turn_id})"
+        event = self.event
+        return (
+            f"(conversation={escape_log_value(event.conversation_id)} "
+            f"turn={escape_log_value(event.turn_id)})"
+        )
 
     def _extra(self) -> dict[str, str]:
         return {"conversation_id": self.event.conversation_id, "turn_id": self.event.turn_id}

@@ -39,9 +39,11 @@ from starlette.types import Receive, Scope, Send
 
 from .agents import Agent, TurnEvent, bind_agent
 from .conversation import (
+    ConversationLockTimeout,
     ConversationManager,
     HistoryMessage,
     MemoryConversationStore,
+    StoreError,
     _check_conversation_id,
     turn_messages,
 )
@@ -57,7 +59,7 @@ from .events import (
     WebhookPayload,
     parse_webhook_payload,
 )
-from .logs import log_webhook, webhook_log_enabled
+from .logs import escape_log_value, log_webhook, webhook_log_enabled
 from .middleware import DEFAULT_MAX_BODY_SIZE, BodyTooLarge, read_body
 from .sse import Emit, EventStreamResponse
 from .turns import Turn
@@ -220,10 +222,10 @@ class LayercodeWebhook:
         try:
             event = parse_webhook_payload(body)
         except UnknownEventError as exc:
-            logger.warning("ignoring webhook of unknown type %r", exc.event_type)
+            logger.warning("ignoring webhook of unknown type %s", escape_log_value(exc.event_type))
             return Response(_IGNORED, media_type="application/json"), None
         except InvalidPayloadError as exc:
-            logger.info("rejected malformed webhook: %s", exc)
+            logger.info("rejected malformed webhook: %s", escape_log_value(exc))
             return _json(400, {"error": str(exc), "path": exc.path}), None
 
         if isinstance(event, SessionStartPayload | MessagePayload):
@@ -233,11 +235,13 @@ class LayercodeWebhook:
         except ResponseError as exc:
             return _json(exc.status_code, {"error": exc.message}), event
         except LayercodeError as exc:
-            logger.error("webhook %s failed: %s", _kind(event), exc)
-            return _json(503, {"error": str(exc)}), event
+            failure = _unavailable(exc, f"webhook {_kind(event)} failed")
+            return _json(503, {"error": failure.message}), event
         except Exception:
             logger.exception(
-                "webhook hook failed for %s (conversation=%s)", _kind(event), event.conversation_id
+                "webhook hook failed for %s (conversation=%s)",
+                _kind(event),
+                escape_log_value(event.conversation_id),
             )
             return _json(500, {"error": f"{_kind(event)} handler failed"}), event
 
@@ -261,9 +265,7 @@ class LayercodeWebhook:
                     try:
                         history = await conversations.get_history(cid)
                     except LayercodeError as exc:
-                        raise ResponseError(
-                            503, f"conversation history unavailable: {exc}"
-                        ) from exc
+                        raise _unavailable(exc, "conversation history unavailable") from exc
                     turn = self._turn(event, history)
                     try:
                         await turn.run(emit)
@@ -272,7 +274,7 @@ class LayercodeWebhook:
             except LayercodeError as exc:
                 if acquired or isinstance(exc, ResponseError):
                     raise
-                raise ResponseError(503, f"conversation unavailable: {exc}") from exc
+                raise _unavailable(exc, "conversation unavailable") from exc
             except ValueError as exc:
                 if acquired:
                     raise
@@ -297,7 +299,7 @@ class LayercodeWebhook:
                 try:
                     await store.wait_lock(cid, self.lock_timeout)
                 except LayercodeError as exc:
-                    raise ResponseError(503, f"conversation unavailable: {exc}") from exc
+                    raise _unavailable(exc, "conversation unavailable") from exc
             try:
                 turn = self._turn(event, store.get_now(cid))
                 try:
@@ -311,8 +313,8 @@ class LayercodeWebhook:
                         except Exception:
                             logger.exception(
                                 "could not record turn (conversation=%s turn=%s)",
-                                cid,
-                                event.turn_id,
+                                escape_log_value(cid),
+                                escape_log_value(event.turn_id),
                             )
             finally:
                 store.unlock(cid)
@@ -354,14 +356,14 @@ class LayercodeWebhook:
             except Exception:
                 logger.exception(
                     "could not record turn (conversation=%s turn=%s)",
-                    event.conversation_id,
-                    event.turn_id,
+                    escape_log_value(event.conversation_id),
+                    escape_log_value(event.turn_id),
                 )
         if scope is not None and scope.cancelled_caught:
             logger.error(
                 "recording turn timed out (conversation=%s turn=%s)",
-                event.conversation_id,
-                event.turn_id,
+                escape_log_value(event.conversation_id),
+                escape_log_value(event.turn_id),
             )
 
     async def _answer_json(self, event: WebhookPayload) -> Response:
@@ -397,3 +399,16 @@ async def _maybe_await(value: Any) -> Any:
 
 def _kind(event: WebhookPayload) -> str:
     return str(event.type)
+
+
+def _unavailable(exc: LayercodeError, context: str) -> ResponseError:
+    """The 503 for a conversation store failure: what is wrong in words for the caller,
+    the details (Redis host, port, driver text) only in the log."""
+    logger.warning("%s: %s: %s", context, type(exc).__name__, escape_log_value(exc))
+    if isinstance(exc, StoreError):
+        return ResponseError(503, "conversation store unavailable")
+    if isinstance(exc, ConversationLockTimeout):
+        return ResponseError(
+            503, "conversation unavailable: another turn of this conversation is still running"
+        )
+    return ResponseError(503, "conversation unavailable")

@@ -60,7 +60,8 @@ async def test_a_body_slower_than_the_timeout_gets_408() -> None:
     inner = Recorder()
     app = LayercodeSignature(inner, secret=SECRET, body_timeout=0.3)
     started = time.monotonic()
-    sent = await trickle(app, [b"{", b'"a"', b":1}"], 0.2, [])
+    header = [(b"layercode-signature", sign(b"{}", SECRET).encode())]  # fresh, well formed
+    sent = await trickle(app, [b"{", b'"a"', b":1}"], 0.2, header)
     assert time.monotonic() - started < 1.5
     assert sent[0]["status"] == 408
     assert (b"connection", b"close") in sent[0]["headers"]
@@ -95,6 +96,7 @@ def test_slowloris_over_a_real_socket_gets_408() -> None:
         with socket.create_connection((host, int(port)), timeout=10) as sock:
             sock.sendall(
                 b"POST /api/agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"layercode-signature: " + sign(b"{}", SECRET).encode() + b"\r\n"
                 b'Content-Length: 1000\r\n\r\n{"type":'
             )
             started = time.monotonic()

@@ -289,7 +289,8 @@ async def test_chunked_oversized_body_stops_reading_at_the_limit() -> None:
     inner = Recorder()
     app = LayercodeSignature(inner, secret=SECRET, max_body_size=100)
     chunks = [b"x" * 60] * 50  # 3000 bytes, no content-length
-    sent, received = await call_asgi(app, [(b"layercode-signature", b"t=1,v1=0")], chunks)
+    fresh = sign(b"other", SECRET).encode()  # passes the header check; the body decides
+    sent, received = await call_asgi(app, [(b"layercode-signature", fresh)], chunks)
     assert sent[0]["status"] == 413
     assert msgspec.json.decode(sent[1]["body"]) == {"error": "request body exceeds 100 bytes"}
     assert received == 2  # stopped after the chunk that crossed the limit
@@ -334,7 +335,8 @@ async def test_client_disconnect_while_reading_calls_nothing() -> None:
     async def send(message: Message) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": "/hook", "headers": []}
+    headers = [(b"layercode-signature", sign(b"{}", SECRET).encode())]
+    scope = {"type": "http", "method": "POST", "path": "/hook", "headers": headers}
     await app(scope, receive, send)
     assert sent == []
     assert inner.scopes == []

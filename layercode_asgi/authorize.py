@@ -1,0 +1,204 @@
+"""The authorize route of :func:`~layercode_asgi.server.create_app`: mints a browser session
+key at LayerCode for a caller the guard lets through.
+
+Limits toward LayerCode: ``timeout`` bounds the whole upstream call (connect, request and
+every byte of the answer), an answer larger than :data:`AUTHORIZE_MAX_UPSTREAM_BODY` is a
+502, and of a 4xx answer only LayerCode's ``error`` message is relayed (one printable line
+of at most :data:`AUTHORIZE_MAX_ERROR_CHARS` characters), never its headers or other fields.
+"""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .config import Settings
+from .logs import escape_log_value
+from .webhook import JSONResponse
+
+__all__ = [
+    "AUTHORIZE_MAX_BODY",
+    "AUTHORIZE_MAX_ERROR_CHARS",
+    "AUTHORIZE_MAX_UPSTREAM_BODY",
+    "AUTHORIZE_PATH",
+    "AuthorizeGuard",
+    "AuthorizeRoute",
+]
+
+logger = logging.getLogger("layercode_asgi.server")
+
+#: A custom check for the authorize route: return True to let the request through.
+AuthorizeGuard = Callable[[Request], bool | Awaitable[bool]]
+
+#: LayerCode's endpoint, below ``settings.layercode_api_url``.
+AUTHORIZE_PATH = "/agents/web/authorize_session"
+#: Largest accepted authorize request body (it is a small JSON object).
+AUTHORIZE_MAX_BODY = 64 * 1024
+#: Largest accepted answer of LayerCode's authorize API (bigger: 502).
+AUTHORIZE_MAX_UPSTREAM_BODY = 1024 * 1024
+#: Longest upstream ``error`` message relayed to the caller, in characters.
+AUTHORIZE_MAX_ERROR_CHARS = 200
+
+_decode = msgspec.json.decode
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class AuthorizeRoute:
+    """The authorize route: guard, validate, relay to LayerCode, map every failure to JSON."""
+
+    def __init__(self, settings: Settings, guard: AuthorizeGuard | None, timeout: float) -> None:
+        self.url = settings.layercode_api_url + AUTHORIZE_PATH
+        self.api_key = settings.layercode_api_key
+        self.keys = tuple(k.encode() for k in settings.authorize_api_keys)
+        self.guard = guard
+        self.timeout = timeout
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        # Created on first use, not in the lifespan: a mounted sub-app gets no lifespan.
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout)
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def allowed(self, request: Request) -> bool:
+        if self.guard is not None:
+            verdict = self.guard(request)
+            if inspect.isawaitable(verdict):
+                verdict = await verdict
+            return bool(verdict)
+        if not self.keys:
+            return True
+        presented = request.headers.get("x-api-key")
+        if presented is None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            presented = token.strip() if scheme.lower() == "bearer" else None
+        if not presented:
+            return False
+        candidate = presented.encode("utf-8", "surrogateescape")
+        matched = False
+        for key in self.keys:
+            matched |= hmac.compare_digest(candidate, key)
+        return matched
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        request = Request(scope, receive)
+        response = await self.respond(request)
+        await response(scope, receive, send)
+
+    async def respond(self, request: Request) -> Response:
+        if not await self.allowed(request):
+            return _error(401, "missing or invalid API key", {"www-authenticate": "Bearer"})
+        if not self.api_key:
+            return _error(503, "authorize route not configured: LAYERCODE_API_KEY is not set")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > AUTHORIZE_MAX_BODY:
+                return _error(413, f"request body exceeds {AUTHORIZE_MAX_BODY} bytes")
+        try:
+            payload = _decode(body)
+        except msgspec.DecodeError:
+            return _error(400, "body must be a JSON object with agent_id")
+        if not isinstance(payload, dict):
+            return _error(400, "body must be a JSON object with agent_id")
+        agent_id = payload.get("agent_id")
+        if not isinstance(agent_id, str) or not agent_id.strip():
+            return _error(400, "agent_id is required (a non-empty string)")
+
+        try:
+            # ``timeout`` bounds the whole call (connect, request, every byte of the answer),
+            # not each socket read: a slowly dripping upstream cannot hold the request.
+            with anyio.fail_after(self.timeout):
+                status, content = await self._call_upstream(body)
+        except (TimeoutError, httpx.TimeoutException):
+            logger.warning("LayerCode authorize timed out after %ss", self.timeout)
+            return _error(502, "LayerCode API timed out")
+        except _UpstreamTooLarge:
+            logger.warning(
+                "LayerCode authorize answer larger than %d bytes", AUTHORIZE_MAX_UPSTREAM_BODY
+            )
+            return _error(
+                502, f"LayerCode API response too large (over {AUTHORIZE_MAX_UPSTREAM_BODY} bytes)"
+            )
+        except httpx.HTTPError as exc:
+            logger.warning(
+                "LayerCode authorize unreachable: %s: %s",
+                type(exc).__name__,
+                escape_log_value(exc),
+            )
+            return _error(502, "LayerCode API unreachable")
+
+        try:
+            answer = _decode(content) if content else None
+        except msgspec.DecodeError:
+            answer = None
+        if 200 <= status < 300:
+            if not isinstance(answer, dict):
+                return _error(502, "LayerCode API sent an invalid response")
+            return JSONResponse(answer)
+        if 400 <= status < 500:
+            logger.info("LayerCode authorize refused with %s", status)
+            # Only LayerCode's own message is relayed: no headers, no other fields.
+            message = answer.get("error") if isinstance(answer, dict) else None
+            relayed = _printable(message, AUTHORIZE_MAX_ERROR_CHARS)
+            return _error(status, relayed or f"LayerCode API refused the request ({status})")
+        logger.warning("LayerCode authorize failed upstream with %s", status)
+        return _error(502, f"LayerCode API error ({status})")
+
+    async def _call_upstream(self, body: bytes) -> tuple[int, bytes]:
+        """POST to LayerCode; its status and body (at most AUTHORIZE_MAX_UPSTREAM_BODY)."""
+        async with self.client.stream(
+            "POST",
+            self.url,
+            content=body,
+            headers={
+                "authorization": f"Bearer {self.api_key}",
+                "content-type": "application/json",
+                "accept-encoding": "identity",
+            },
+        ) as upstream:
+            declared = upstream.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > AUTHORIZE_MAX_UPSTREAM_BODY:
+                raise _UpstreamTooLarge
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in upstream.aiter_bytes():
+                size += len(chunk)
+                if size > AUTHORIZE_MAX_UPSTREAM_BODY:
+                    raise _UpstreamTooLarge
+                chunks.append(chunk)
+            return upstream.status_code, b"".join(chunks)
+
+
+class _UpstreamTooLarge(Exception):
+    """LayerCode's answer passed AUTHORIZE_MAX_UPSTREAM_BODY."""
+
+
+def _printable(message: object, limit: int) -> str | None:
+    """``message`` as one printable line of at most ``limit`` characters (control
+    characters dropped, other whitespace made a space), or ``None`` if nothing is left."""
+    if not isinstance(message, str):
+        return None
+    text = "".join(
+        c if c.isprintable() else " " if c.isspace() else "" for c in message[: limit * 4]
+    )
+    text = " ".join(text.split())[:limit]
+    return text or None
