@@ -24,7 +24,9 @@ Guarantees:
   keeps running for the turn. Nothing more is emitted: there is nobody to read it.
 
 :func:`stream_turn` and :func:`stream_response` wrap a turn in an
-:class:`~layercode_asgi.sse.EventStreamResponse` for any framework's route handler.
+:class:`~layercode_asgi.sse.EventStreamResponse` for any framework's route handler; given
+an event that opens no turn (``data``, ``session.update``, ``session.end``), they answer it
+as ``create_app`` does without hooks: 200 ``{"status": "ok"}``.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ from typing import Any
 
 import anyio
 import msgspec
+from starlette.responses import Response
 
 from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
 from .conversation import HistoryMessage
+from .events import MessagePayload, SessionStartPayload
 from .sse import (
     Emit,
     EventStreamResponse,
@@ -85,6 +89,7 @@ class TurnStatus(enum.StrEnum):
     FAILED = "failed"
     TIMED_OUT = "timed_out"
     DISCONNECTED = "disconnected"
+    ABORTED = "aborted"
 
 
 class TurnStream:
@@ -158,9 +163,12 @@ class Turn:
     """
 
     __slots__ = (
+        "_abort",
         "_call",
+        "_deadline",
         "_emit",
         "_handler",
+        "_scope",
         "_suffix",
         "context",
         "ended",
@@ -233,6 +241,21 @@ class Turn:
         self.status = TurnStatus.RUNNING
         self.error: BaseException | None = None
         self.ended = False
+        self._abort: str | None = None
+        self._deadline: _Deadline | None = None
+        self._scope: anyio.CancelScope | None = None
+
+    def abort(self, message: str) -> None:
+        """Stop the running turn now (e.g. the server is shutting down): its agent is
+        cancelled and the stream ends with ``response.error`` (``message``) and
+        ``response.end``. Call it from the turn's event loop; no effect once it ended."""
+        if self.status is not TurnStatus.RUNNING or self._abort is not None:
+            return
+        self._abort = message
+        if self._deadline is not None:
+            self._deadline.fire_now()
+        elif self._scope is not None:
+            self._scope.cancel()
 
     @property
     def reply_text(self) -> str:
@@ -254,7 +277,8 @@ class Turn:
                 # of an anyio cancel scope; and the timer is only armed once the turn
                 # waits for something: most turns answer without ever suspending.
                 timed_out = False
-                deadline = None if self.timeout is None else _Deadline(self.timeout, stream, task)
+                # Also without a timeout: abort() fires it.
+                deadline = self._deadline = _Deadline(self.timeout, stream, task)
                 try:
                     await self._produce()
                 except Exception as exc:
@@ -271,15 +295,20 @@ class Turn:
                 finally:
                     if deadline is not None:
                         deadline.disarm()
+                    self._deadline = None
             else:
                 limit = math.inf if self.timeout is None else self.timeout
                 with anyio.move_on_after(limit) as scope:
+                    self._scope = scope
                     try:
                         await self._produce()
                     except Exception as exc:
                         failure = exc
+                self._scope = None
                 timed_out = scope.cancelled_caught
-            if timed_out:
+            if timed_out and self._abort is not None:
+                await self._aborted(self._abort)
+            elif timed_out:
                 await self._timed_out()
             elif failure is not None:
                 await self._failed(failure)
@@ -403,6 +432,12 @@ class Turn:
         else:
             await self._send(_ERROR + _encode(TIMEOUT_ERROR_MESSAGE) + self._suffix)
 
+    async def _aborted(self, message: str) -> None:
+        self.status = TurnStatus.ABORTED
+        logger.warning("turn aborted (%s) %s", message, self._ids(), extra=self._extra())
+        if not self.ended:
+            await self._send(_ERROR + _encode(message) + self._suffix)
+
     def _ids(self) -> str:
         return f"(conversation={self.event.conversation_id} turn={self.event.turn_id})"
 
@@ -426,7 +461,10 @@ class _Deadline:
     __slots__ = ("active", "baseline", "fired", "handle", "started", "stream", "task", "timeout")
 
     def __init__(
-        self, timeout: float, stream: _AsyncioStream | None, task: asyncio.Task[Any] | None
+        self,
+        timeout: float | None,
+        stream: _AsyncioStream | None,
+        task: asyncio.Task[Any] | None,
     ) -> None:
         self.timeout = timeout
         self.started = time.monotonic()
@@ -436,6 +474,8 @@ class _Deadline:
         self.active = True
         self.fired = False
         self.handle: asyncio.Handle | None = None
+        if timeout is None:  # no timer: only fire_now() (an abort) fires it
+            return
         if stream is not None and stream.first_step:
             defer_until_suspended(stream, self._arm)
         else:
@@ -458,6 +498,7 @@ class _Deadline:
             if task is None:
                 return
             self.baseline = self.stream.baseline
+        assert self.timeout is not None
         remaining = self.timeout - (time.monotonic() - self.started)
         self.handle = task.get_loop().call_later(max(remaining, 0.0), self._fire)
 
@@ -465,6 +506,19 @@ class _Deadline:
         if self.active and not self.fired and self.task is not None:
             self.fired = True
             self.task.cancel()
+
+    def fire_now(self) -> None:
+        """Fire at once (an abort), if still armed."""
+        if not self.active or self.fired:
+            return
+        if self.task is None:
+            stream = self.stream
+            task = None if stream is None else stream.resolve()
+            if stream is None or task is None:
+                return
+            self.task = task
+            self.baseline = stream.baseline
+        self._fire()
 
     def taken_back(self) -> bool:
         """If the deadline fired, take its cancellation back; True if it was the last one
@@ -513,8 +567,13 @@ def stream_turn(
     timeout: float | None = None,
     timeout_message: str | None = None,
     headers: Mapping[str, str] | None = None,
-) -> EventStreamResponse:
-    """The SSE response answering ``event`` with ``agent``: return it from any route."""
+) -> Response:
+    """The SSE response answering ``event`` with ``agent``: return it from any route.
+
+    An event that opens no turn gets 200 ``{"status": "ok"}`` (JSON), as from ``create_app``.
+    """
+    if not isinstance(event, SessionStartPayload | MessagePayload):
+        return _not_a_turn()
     turn = Turn(
         event,
         agent,
@@ -535,8 +594,14 @@ def stream_response(
     timeout: float | None = None,
     timeout_message: str | None = None,
     headers: Mapping[str, str] | None = None,
-) -> EventStreamResponse:
-    """Node-SDK style: ``handler(stream)`` calls ``stream.tts(...)``, ``stream.end()``."""
+) -> Response:
+    """Node-SDK style: ``handler(stream)`` calls ``stream.tts(...)``, ``stream.end()``.
+
+    An event that opens no turn (``data``, ``session.update``, ``session.end``) gets 200
+    ``{"status": "ok"}`` (JSON), as from ``create_app``; ``handler`` is not called.
+    """
+    if not isinstance(event, SessionStartPayload | MessagePayload):
+        return _not_a_turn()
     turn = Turn(
         event,
         handler=handler,
@@ -546,3 +611,7 @@ def stream_response(
         timeout_message=timeout_message,
     )
     return EventStreamResponse(turn.run, headers=headers)
+
+
+def _not_a_turn() -> Response:
+    return Response(b'{"status":"ok"}', media_type="application/json")
