@@ -192,7 +192,13 @@ def _check_positive_int(value: int, name: str) -> None:
 
 @runtime_checkable
 class ConversationStore(Protocol):
-    """Where conversation history lives, plus per-conversation mutual exclusion."""
+    """Where conversation history lives, plus per-conversation mutual exclusion.
+
+    Optional: ``async read_turn(id) -> (messages, generation)`` and ``async
+    record_turn(id, messages, generation) -> bool`` (append only if no :meth:`clear` came
+    since the read), as both built-in stores have; without them a turn still running
+    when its conversation is cleared records all the same.
+    """
 
     async def append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
         """Append ``messages`` to the conversation atomically (all of them or none)."""

@@ -103,7 +103,11 @@ _IGNORED = b'{"status":"ignored"}'
 
 
 class ConversationBackend(Protocol):
-    """What the webhook needs of a conversation store (``ConversationManager`` has it)."""
+    """What the webhook needs of a conversation store (``ConversationManager`` has it).
+
+    With ``read_turn`` / ``record_turn`` as well (``ConversationManager`` has them), a turn
+    still running when its conversation ends does not record; without, it does.
+    """
 
     def lock(
         self, conversation_id: str, *, timeout: float | None = ...
@@ -442,9 +446,12 @@ class LayercodeWebhook:
             try:
                 generation = store.generation_now(cid)
                 turn = self._turn(event, store.get_now(cid))
+                running = self._running
+                running.add(turn)
                 try:
-                    await self._run(turn, emit)
+                    await turn.run(emit)
                 finally:
+                    running.discard(turn)
                     user_text = event.text or None
                     reply = turn.reply_text or None
                     if user_text is not None or reply is not None:
