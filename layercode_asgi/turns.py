@@ -26,7 +26,7 @@ Guarantees:
 :func:`stream_turn` and :func:`stream_response` wrap a turn in an
 :class:`~layercode_asgi.sse.EventStreamResponse` for any framework's route handler; given
 an event that opens no turn (``data``, ``session.update``, ``session.end``), they answer it
-as ``create_app`` does without hooks: 200 ``{"status": "ok"}``.
+as ``create_app`` does without hooks: 200 ``{"status": "ok"}`` (JSON), calling no agent.
 """
 
 from __future__ import annotations
@@ -461,10 +461,7 @@ class _Deadline:
     __slots__ = ("active", "baseline", "fired", "handle", "started", "stream", "task", "timeout")
 
     def __init__(
-        self,
-        timeout: float | None,
-        stream: _AsyncioStream | None,
-        task: asyncio.Task[Any] | None,
+        self, timeout: float | None, stream: _AsyncioStream | None, task: asyncio.Task[Any] | None
     ) -> None:
         self.timeout = timeout
         self.started = time.monotonic()
@@ -509,15 +506,8 @@ class _Deadline:
 
     def fire_now(self) -> None:
         """Fire at once (an abort), if still armed."""
-        if not self.active or self.fired:
-            return
-        if self.task is None:
-            stream = self.stream
-            task = None if stream is None else stream.resolve()
-            if stream is None or task is None:
-                return
-            self.task = task
-            self.baseline = stream.baseline
+        if self.active and not self.fired and self.task is None and self.stream is not None:
+            self.task, self.baseline = self.stream.resolve(), self.stream.baseline
         self._fire()
 
     def taken_back(self) -> bool:
@@ -568,12 +558,9 @@ def stream_turn(
     timeout_message: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    """The SSE response answering ``event`` with ``agent``: return it from any route.
-
-    An event that opens no turn gets 200 ``{"status": "ok"}`` (JSON), as from ``create_app``.
-    """
+    """The SSE response answering ``event`` with ``agent`` (not a turn: JSON, see above)."""
     if not isinstance(event, SessionStartPayload | MessagePayload):
-        return _not_a_turn()
+        return Response(b'{"status":"ok"}', media_type="application/json")
     turn = Turn(
         event,
         agent,
@@ -595,13 +582,9 @@ def stream_response(
     timeout_message: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    """Node-SDK style: ``handler(stream)`` calls ``stream.tts(...)``, ``stream.end()``.
-
-    An event that opens no turn (``data``, ``session.update``, ``session.end``) gets 200
-    ``{"status": "ok"}`` (JSON), as from ``create_app``; ``handler`` is not called.
-    """
+    """Node-SDK style: ``handler(stream)`` calls ``stream.tts(...)`` (not a turn: JSON)."""
     if not isinstance(event, SessionStartPayload | MessagePayload):
-        return _not_a_turn()
+        return Response(b'{"status":"ok"}', media_type="application/json")
     turn = Turn(
         event,
         handler=handler,
@@ -611,7 +594,3 @@ def stream_response(
         timeout_message=timeout_message,
     )
     return EventStreamResponse(turn.run, headers=headers)
-
-
-def _not_a_turn() -> Response:
-    return Response(b'{"status":"ok"}', media_type="application/json")

@@ -286,7 +286,7 @@ class LayercodeWebhook:
             return _json(exc.status_code, {"error": exc.message}), event
         except LayercodeError as exc:
             logger.error("webhook %s failed: %s", _kind(event), exc)
-            return _json(503, {"error": _STORE_UNAVAILABLE}), event
+            return _json(503, {"error": str(exc)}), event
         except Exception:
             logger.exception(
                 "webhook hook failed for %s (conversation=%s)", _kind(event), event.conversation_id
