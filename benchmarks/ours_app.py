@@ -124,8 +124,8 @@ class _SseStarletteWebhook(LayercodeWebhook):
     run as usual).
     """
 
-    def turn_response(self, event: TurnEvent) -> Any:
-        producer = super().turn_response(event).producer
+    def turn_response(self, event: TurnEvent, **options: Any) -> Any:
+        producer = super().turn_response(event, **options).producer
 
         async def items() -> AsyncIterator[bytes]:
             queue: asyncio.Queue[bytes | None] = asyncio.Queue()

@@ -284,6 +284,12 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
        "Maximum duration of one agent turn.", convert=_float_gt0),
     _F("turn_timeout_message", "LAYERCODE_TURN_TIMEOUT_MESSAGE", "str | None", None,
        "Text spoken when a turn times out; unset = say nothing."),
+    _F("lock_wait_grace", "LAYERCODE_LOCK_WAIT_GRACE", "float > 0 (seconds)", 5.0,
+       "A turn waits for the previous turn of its conversation up to the turn timeout plus "
+       "this (its final events and recording); longer: 503.", convert=_float_gt0),
+    _F("max_queued_turns", "LAYERCODE_MAX_QUEUED_TURNS", "int >= 0", 8,
+       "Turns of one conversation waiting behind the running one, per process; more: 503 "
+       "at once.", convert=_int_converter(0)),
     _F("max_body_size", "LAYERCODE_MAX_BODY_SIZE", "int > 0 (bytes)", 1048576,
        "Largest accepted webhook body.", convert=_int_converter(1)),
     _F("signature_tolerance", "LAYERCODE_SIGNATURE_TOLERANCE", "int >= 0 (seconds)", 300,
@@ -302,6 +308,9 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
     _F("history_max_conversations", "LAYERCODE_HISTORY_MAX_CONVERSATIONS", "int > 0", 10000,
        "Conversations kept in memory (least recently used dropped first).",
        convert=_int_converter(1)),
+    _F("history_max_bytes", "LAYERCODE_HISTORY_MAX_BYTES", "int > 0 (bytes)", 262144,
+       "UTF-8 bytes of text kept per conversation (oldest messages dropped first; a longer "
+       "single message is cut to it).", convert=_int_converter(1)),
     _F("history_ttl", "LAYERCODE_HISTORY_TTL", "int >= 0 (seconds)", 86400,
        "Expiry of a conversation's history in Redis; 0 = never expire.",
        convert=_int_converter(0)),
@@ -486,6 +495,8 @@ class Settings:
     authorize_api_keys: tuple[str, ...]
     turn_timeout: float
     turn_timeout_message: str | None
+    lock_wait_grace: float
+    max_queued_turns: int
     max_body_size: int
     signature_tolerance: int
     body_timeout: float
@@ -493,6 +504,7 @@ class Settings:
     keep_history: bool
     history_max_messages: int
     history_max_conversations: int
+    history_max_bytes: int
     history_ttl: int
     shutdown_grace_period: float
     agent: str

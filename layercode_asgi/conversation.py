@@ -3,7 +3,7 @@
 :class:`ConversationManager` is the application-facing API (``add_message``, ``add_turn``,
 ``get_history``, ``clear``, ``lock``). It delegates storage to a :class:`ConversationStore`:
 
-* :class:`MemoryConversationStore` (default): one process, bounded in messages per
+* :class:`MemoryConversationStore` (default): one process, bounded in messages and bytes per
   conversation and in number of conversations (least recently used dropped first).
 * :class:`RedisConversationStore`: shared by every worker process and machine; history is a
   Redis list with a TTL, and :meth:`~RedisConversationStore.lock` is a cross-process lock.
@@ -12,6 +12,16 @@
 A store that cannot reach its backing service raises :class:`StoreUnavailableError` promptly
 instead of hanging; a lock that cannot be acquired in time raises
 :class:`ConversationLockTimeout`.
+
+Ending a conversation (:meth:`~ConversationManager.clear`) advances its *generation*: a turn
+reads the history and the generation together (:meth:`~ConversationManager.read_turn`) and
+records only if the generation is still the same (:meth:`~ConversationManager.record_turn`),
+so a turn still running when its conversation ends cannot write the history back; the
+conversation's next turns start afresh and record as usual.
+
+How long a turn waits for its conversation's lock (:func:`lock_wait_timeout`): as long as
+the turn ahead of it may legitimately hold it, its turn timeout plus a grace for its final
+events and its recording. A turn's own timeout starts once it holds the lock.
 """
 
 from __future__ import annotations
@@ -45,7 +55,9 @@ if TYPE_CHECKING:
     from .config import Settings
 
 __all__ = [
+    "DEFAULT_HISTORY_MAX_BYTES",
     "DEFAULT_LOCK_TIMEOUT",
+    "DEFAULT_LOCK_WAIT_GRACE",
     "ConversationLockTimeout",
     "ConversationManager",
     "ConversationStore",
@@ -55,6 +67,7 @@ __all__ = [
     "Role",
     "StoreError",
     "StoreUnavailableError",
+    "lock_wait_timeout",
 ]
 
 logger = logging.getLogger("layercode_asgi.conversation")
@@ -63,8 +76,13 @@ Role = Literal["user", "assistant"]
 
 _ROLES: Final = ("user", "assistant")
 
-#: Default wait for a conversation lock, in seconds.
+#: Default wait for a conversation lock, in seconds (stores built without settings).
 DEFAULT_LOCK_TIMEOUT: Final = 30.0
+#: What a waiting turn allows the turn ahead beyond its timeout: its final events
+#: (``response.error`` / the spoken fallback, ``response.end``) and its recording.
+DEFAULT_LOCK_WAIT_GRACE: Final = 5.0
+#: Default bound of a conversation's history, in UTF-8 bytes of text.
+DEFAULT_HISTORY_MAX_BYTES: Final = 256 * 1024
 
 #: Longest accepted conversation id (LayerCode's are ~30 characters).
 MAX_CONVERSATION_ID_LENGTH: Final = 512
@@ -117,6 +135,52 @@ _STORE_DEFAULT: Final = _DefaultTimeout.DEFAULT
 LockTimeout = float | _DefaultTimeout | None
 
 
+def lock_wait_timeout(
+    turn_timeout: float | None, grace: float = DEFAULT_LOCK_WAIT_GRACE
+) -> float | None:
+    """How long a turn may wait for its conversation's lock: the one rule of both stores.
+
+    The turn ahead may hold the lock for its whole ``turn_timeout`` (counted from when it
+    got the lock), then send its final events and record its messages: ``grace`` covers
+    those. ``None`` (wait as long as it takes) when turns have no time limit.
+    """
+    if turn_timeout is None:
+        return None
+    return float(turn_timeout) + float(grace)
+
+
+def text_size(text: str) -> int:
+    """The size of ``text`` in UTF-8 bytes (what the history byte bound counts)."""
+    if text.isascii():  # constant time in CPython
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def cut_text(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes, on a character boundary."""
+    if text.isascii():
+        return text[:max_bytes]
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= max_bytes:
+        return text
+    cut = max_bytes
+    while cut > 0 and raw[cut] & 0xC0 == 0x80:  # a continuation byte: back to its start
+        cut -= 1
+    return raw[:cut].decode("utf-8", "surrogatepass")
+
+
+def _fit(messages: Sequence[HistoryMessage], max_bytes: int) -> Sequence[HistoryMessage]:
+    """``messages`` with any single text over ``max_bytes`` cut to it."""
+    if all(text_size(m.text) <= max_bytes for m in messages):
+        return messages
+    return [
+        m
+        if text_size(m.text) <= max_bytes
+        else HistoryMessage(role=m.role, text=cut_text(m.text, max_bytes), turn_id=m.turn_id)
+        for m in messages
+    ]
+
+
 def _check_timeout(timeout: float | None, name: str = "lock timeout") -> None:
     if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
         raise ConfigurationError(f"{name} must be a number >= 0 or None, got {timeout!r}")
@@ -129,7 +193,13 @@ def _check_positive_int(value: int, name: str) -> None:
 
 @runtime_checkable
 class ConversationStore(Protocol):
-    """Where conversation history lives, plus per-conversation mutual exclusion."""
+    """Where conversation history lives, plus per-conversation mutual exclusion.
+
+    Optional: ``async read_turn(id) -> (messages, generation)`` and ``async
+    record_turn(id, messages, generation) -> bool`` (append only if no :meth:`clear` came
+    since the read), as both built-in stores have; without them a turn still running
+    when its conversation is cleared records all the same.
+    """
 
     async def append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
         """Append ``messages`` to the conversation atomically (all of them or none)."""
@@ -170,13 +240,25 @@ class _LockEntry:
     An entry exists only while its conversation is held. Releasing hands the lock straight
     to the first waiter (setting its event), so a newcomer cannot overtake a waiter. Like
     the Redis lock, it is not re-entrant and not tied to a task: a nested ``lock()`` of the
-    same conversation waits (and times out) instead of raising.
+    same conversation waits (and times out) instead of raising. ``generation`` counts the
+    clears while the conversation is held (a turn running then must not record).
     """
 
-    __slots__ = ("waiters",)
+    __slots__ = ("generation", "waiters")
 
     def __init__(self) -> None:
         self.waiters: deque[anyio.Event] | None = None
+        self.generation = 0
+
+
+class _History(list[HistoryMessage]):
+    """A conversation's messages and the UTF-8 bytes of their texts."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, messages: Iterable[HistoryMessage] = ()) -> None:
+        super().__init__(messages)
+        self.size = sum(text_size(m.text) for m in self)
 
 
 class _MemoryLock:
@@ -212,10 +294,14 @@ class MemoryConversationStore:
         max_conversations: conversations kept; the least recently used (read or written)
             is dropped when a new one would exceed it.
         max_messages: messages kept per conversation; the oldest are dropped.
+        max_bytes: UTF-8 bytes of text kept per conversation; the oldest messages are
+            dropped, and a single longer message is cut to it (on a character boundary).
         lock_timeout: default wait for :meth:`lock`, in seconds (``None`` = forever).
 
     Locks exist only while some task holds or waits for them, so the lock table never
-    outgrows the number of concurrent turns.
+    outgrows the number of concurrent turns. At worst the store holds ``max_conversations
+    * max_bytes`` of text (Python keeps a text in 1, 2 or 4 bytes per character, so a text
+    mixing ASCII with characters beyond U+FFFF can take up to 4 times its UTF-8 size).
     """
 
     #: Its operations never suspend, so callers need no cancellation shield or deadline
@@ -227,15 +313,18 @@ class MemoryConversationStore:
         max_conversations: int = 10000,
         max_messages: int = 200,
         *,
+        max_bytes: int = DEFAULT_HISTORY_MAX_BYTES,
         lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
         _check_positive_int(max_conversations, "max_conversations")
         _check_positive_int(max_messages, "max_messages")
+        _check_positive_int(max_bytes, "max_bytes")
         _check_timeout(lock_timeout)
         self.max_conversations = max_conversations
         self.max_messages = max_messages
+        self.max_bytes = max_bytes
         self.lock_timeout = lock_timeout
-        self._histories: OrderedDict[str, list[HistoryMessage]] = OrderedDict()
+        self._histories: OrderedDict[str, _History] = OrderedDict()
         self._locks: dict[str, _LockEntry] = {}
 
     def __len__(self) -> int:
@@ -258,19 +347,68 @@ class MemoryConversationStore:
         """:meth:`append`, synchronously."""
         if not messages:
             return
+        size = 0
+        for message in messages:
+            size += text_size(message.text)
+        if size > self.max_bytes:
+            messages = _fit(messages, self.max_bytes)
+            size = sum(text_size(m.text) for m in messages)
         history = self._histories.get(conversation_id)
         if history is None:
             # A list, not a bounded deque: a deque takes a 64-slot block (over 500 bytes)
             # even for the two messages of a conversation's first turn.
-            history = self._histories[conversation_id] = list(messages)
+            history = self._histories[conversation_id] = _History(messages)
             while len(self._histories) > self.max_conversations:
                 self._histories.popitem(last=False)
         else:
             self._histories.move_to_end(conversation_id)
             history.extend(messages)
+            history.size += size
         excess = len(history) - self.max_messages
-        if excess > 0:
+        if history.size > self.max_bytes:
+            # Oldest first, keeping at least the newest message (cut to the bound above).
+            total, keep_from = history.size, max(excess, 0)
+            for message in history[:keep_from]:
+                total -= text_size(message.text)
+            while total > self.max_bytes and keep_from < len(history) - 1:
+                total -= text_size(history[keep_from].text)
+                keep_from += 1
+            del history[:keep_from]
+            history.size = total
+        elif excess > 0:
+            history.size -= sum(text_size(m.text) for m in history[:excess])
             del history[:excess]
+
+    def generation_now(self, conversation_id: str) -> int:
+        """The conversation's generation: advanced by every :meth:`clear` while it is
+        locked. A turn holding the lock reads it with the history."""
+        entry = self._locks.get(conversation_id)
+        return 0 if entry is None else entry.generation
+
+    def record_now(
+        self, conversation_id: str, messages: Sequence[HistoryMessage], generation: int
+    ) -> bool:
+        """Append ``messages`` if the conversation's generation is still ``generation``
+        (it was not cleared since); True if appended."""
+        if self.generation_now(conversation_id) != generation:
+            return False
+        self.append_now(conversation_id, messages)
+        return True
+
+    async def read_turn(self, conversation_id: str) -> tuple[list[HistoryMessage], int]:
+        """The history and the generation, for a turn holding the conversation's lock."""
+        return self.get_now(conversation_id), self.generation_now(conversation_id)
+
+    async def record_turn(
+        self, conversation_id: str, messages: Sequence[HistoryMessage], generation: int
+    ) -> bool:
+        """:meth:`record_now`, as a coroutine (the store protocol's optional form)."""
+        return self.record_now(conversation_id, messages, generation)
+
+    def waiting(self, conversation_id: str) -> int:
+        """How many tasks wait for the conversation's lock."""
+        entry = self._locks.get(conversation_id)
+        return 0 if entry is None or entry.waiters is None else len(entry.waiters)
 
     def get_now(self, conversation_id: str) -> list[HistoryMessage]:
         """:meth:`get`, synchronously."""
@@ -281,8 +419,11 @@ class MemoryConversationStore:
         return list(history)
 
     async def clear(self, conversation_id: str) -> None:
-        """Forget the conversation."""
+        """Forget the conversation; a turn running meanwhile will not record."""
         self._histories.pop(conversation_id, None)
+        entry = self._locks.get(conversation_id)
+        if entry is not None:
+            entry.generation += 1
 
     def lock(
         self,
@@ -371,6 +512,65 @@ end
 return 0
 """
 
+# KEYS[1] = history, KEYS[2] = generation. ARGV[1] = the generation the turn read ('' =
+# append whatever it is), ARGV[2] = max messages, ARGV[3] = max bytes of text, ARGV[4] =
+# TTL in s (0 = none), ARGV[5..] = the entries. Appends only if the generation is current,
+# then drops the oldest entries beyond either bound (keeping the newest). Returns 1 if it
+# appended, else 0. An entry's JSON is at least as long as its text: the texts are only
+# decoded when the entries' total length is over the bound.
+_RECORD_LUA: Final = """
+if ARGV[1] ~= '' and (redis.call('get', KEYS[2]) or '0') ~= ARGV[1] then
+    return 0
+end
+for i = 5, #ARGV do
+    redis.call('rpush', KEYS[1], ARGV[i])
+end
+redis.call('ltrim', KEYS[1], -tonumber(ARGV[2]), -1)
+local limit = tonumber(ARGV[3])
+local items = redis.call('lrange', KEYS[1], 0, -1)
+local total = 0
+for i = 1, #items do
+    total = total + #items[i]
+end
+if total > limit then
+    local sizes = {}
+    total = 0
+    for i = 1, #items do
+        local ok, message = pcall(cjson.decode, items[i])
+        local size = #items[i]
+        if ok and type(message) == 'table' and type(message.text) == 'string' then
+            size = #message.text
+        end
+        sizes[i] = size
+        total = total + size
+    end
+    local drop = 0
+    while total > limit and drop < #items - 1 do
+        drop = drop + 1
+        total = total - sizes[drop]
+    end
+    if drop > 0 then
+        redis.call('ltrim', KEYS[1], drop, -1)
+    end
+end
+if tonumber(ARGV[4]) > 0 then
+    redis.call('expire', KEYS[1], ARGV[4])
+end
+return 1
+"""
+
+# KEYS[1] = history, KEYS[2] = generation, ARGV[1] = the generation key's TTL in s.
+_CLEAR_LUA: Final = """
+redis.call('del', KEYS[1])
+redis.call('incr', KEYS[2])
+redis.call('expire', KEYS[2], ARGV[1])
+return 1
+"""
+
+#: How long a conversation's generation outlives its last clear in Redis (longer than any
+#: turn can run).
+GENERATION_TTL: Final = 86400
+
 _HISTORY_ENCODER: Final = msgspec.json.Encoder()
 _HISTORY_DECODER: Final = msgspec.json.Decoder(HistoryMessage)
 
@@ -401,7 +601,10 @@ class RedisConversationStore:
         ttl: seconds a conversation's history lives after its last append (``None`` or ``0``:
             forever).
         max_messages: messages kept per conversation (``LTRIM``).
-        key_prefix: prefix of every key (``<prefix>history:<id>``, ``<prefix>lock:<id>``).
+        max_bytes: UTF-8 bytes of text kept per conversation: oldest messages dropped
+            first, a single longer message cut to it.
+        key_prefix: prefix of every key (``<prefix>history:<id>``, ``<prefix>lock:<id>``,
+            ``<prefix>generation:<id>``).
         lock_timeout: default wait for :meth:`lock`, in seconds (``None`` = forever).
         lock_ttl: lifetime of a lock key, in seconds; a holder extends it every
             ``lock_ttl / 3`` so long turns keep the lock, and a crashed holder's lock frees
@@ -423,6 +626,7 @@ class RedisConversationStore:
         max_messages: int = 200,
         key_prefix: str = "layercode:",
         lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+        max_bytes: int = DEFAULT_HISTORY_MAX_BYTES,
         lock_ttl: float = 10.0,
         socket_timeout: float = 2.0,
         socket_connect_timeout: float = 1.0,
@@ -434,6 +638,7 @@ class RedisConversationStore:
         if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0):
             raise ConfigurationError(f"ttl must be an integer >= 0 or None, got {ttl!r}")
         _check_positive_int(max_messages, "max_messages")
+        _check_positive_int(max_bytes, "max_bytes")
         _check_timeout(lock_timeout)
         for name, value in (
             ("lock_ttl", lock_ttl),
@@ -445,6 +650,7 @@ class RedisConversationStore:
                 raise ConfigurationError(f"{name} must be a number > 0, got {value!r}")
         self.ttl = ttl or None
         self.max_messages = max_messages
+        self.max_bytes = max_bytes
         self.key_prefix = key_prefix
         self.lock_timeout = lock_timeout
         self.lock_ttl = float(lock_ttl)
@@ -492,6 +698,8 @@ class RedisConversationStore:
                 self._where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
         self._release_script = self._client.register_script(_RELEASE_LUA)
         self._extend_script = self._client.register_script(_EXTEND_LUA)
+        self._record_script = self._client.register_script(_RECORD_LUA)
+        self._clear_script = self._client.register_script(_CLEAR_LUA)
         self._unavailable_errors: tuple[type[BaseException], ...] = (
             exceptions.ConnectionError,
             exceptions.TimeoutError,
@@ -508,6 +716,10 @@ class RedisConversationStore:
         """The Redis key of a conversation's lock."""
         return f"{self.key_prefix}lock:{conversation_id}"
 
+    def generation_key(self, conversation_id: str) -> str:
+        """The Redis key of a conversation's generation (advanced by :meth:`clear`)."""
+        return f"{self.key_prefix}generation:{conversation_id}"
+
     async def _call(self, operation: str, awaitable: Awaitable[T]) -> T:
         """Await one Redis operation under ``operation_timeout``, mapping its failures."""
         try:
@@ -521,27 +733,57 @@ class RedisConversationStore:
             raise StoreError(f"Redis at {self._where} failed ({operation}): {exc}") from exc
 
     async def append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
-        """``RPUSH`` + ``LTRIM`` + ``EXPIRE`` in one ``MULTI`` transaction."""
+        """``RPUSH`` + trimming (messages, bytes) + ``EXPIRE``, atomically (one script)."""
+        if messages:
+            await self._record(conversation_id, messages, "")
+
+    async def record_turn(
+        self, conversation_id: str, messages: Sequence[HistoryMessage], generation: int
+    ) -> bool:
+        """Append ``messages`` if the conversation's generation is still ``generation``,
+        checked and appended atomically (one script); True if appended."""
         if not messages:
-            return
-        key = self.history_key(conversation_id)
-        payload = [_HISTORY_ENCODER.encode(message) for message in messages]
+            return True
+        return await self._record(conversation_id, messages, str(generation))
 
-        async def transaction() -> None:
+    async def _record(
+        self, conversation_id: str, messages: Sequence[HistoryMessage], generation: str
+    ) -> bool:
+        payload = [_HISTORY_ENCODER.encode(m) for m in _fit(messages, self.max_bytes)]
+        done = await self._call(
+            "append",
+            self._record_script(
+                keys=[self.history_key(conversation_id), self.generation_key(conversation_id)],
+                args=[generation, self.max_messages, self.max_bytes, self.ttl or 0, *payload],
+            ),
+        )
+        return bool(done)
+
+    async def read_turn(self, conversation_id: str) -> tuple[list[HistoryMessage], int]:
+        """The history and the generation, read together (one ``MULTI``)."""
+
+        async def transaction() -> list[Any]:
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.rpush(key, *payload)
-                pipe.ltrim(key, -self.max_messages, -1)
-                if self.ttl:
-                    pipe.expire(key, self.ttl)
-                await pipe.execute()
+                pipe.lrange(self.history_key(conversation_id), 0, -1)
+                pipe.get(self.generation_key(conversation_id))
+                result: list[Any] = await pipe.execute()
+                return result
 
-        await self._call("append", transaction())
+        raw, generation = await self._call("get", transaction())
+        try:
+            number = int(generation or 0)
+        except ValueError:
+            number = -1  # not ours: never equal to what clear writes
+        return self._decode(conversation_id, raw), number
 
     async def get(self, conversation_id: str) -> list[HistoryMessage]:
         """The conversation's messages, oldest first; undecodable entries are skipped."""
         raw: list[bytes | str] = await self._call(
             "get", self._client.lrange(self.history_key(conversation_id), 0, -1)
         )
+        return self._decode(conversation_id, raw)
+
+    def _decode(self, conversation_id: str, raw: list[bytes | str]) -> list[HistoryMessage]:
         messages: list[HistoryMessage] = []
         for item in raw:
             try:
@@ -554,8 +796,15 @@ class RedisConversationStore:
         return messages
 
     async def clear(self, conversation_id: str) -> None:
-        """Delete the conversation's history key."""
-        await self._call("clear", self._client.delete(self.history_key(conversation_id)))
+        """Delete the conversation's history and advance its generation (one script): a
+        turn running meanwhile, in any process, will not record."""
+        await self._call(
+            "clear",
+            self._clear_script(
+                keys=[self.history_key(conversation_id), self.generation_key(conversation_id)],
+                args=[GENERATION_TTL],
+            ),
+        )
 
     @asynccontextmanager
     async def lock(
@@ -743,22 +992,25 @@ class ConversationManager:
     def from_settings(cls, settings: Settings) -> ConversationManager:
         """Redis when ``settings.redis_url`` is set, else memory; caps and TTL from settings.
 
-        The lock wait defaults to ``settings.turn_timeout``: the turn holding the lock ends
-        within that time.
+        The lock wait is :func:`lock_wait_timeout` of ``settings.turn_timeout`` and
+        ``settings.lock_wait_grace`` (what ``LayercodeWebhook`` waits too).
         """
         store: ConversationStore
+        wait = lock_wait_timeout(settings.turn_timeout, settings.lock_wait_grace)
         if settings.redis_url:
             store = RedisConversationStore(
                 settings.redis_url,
                 ttl=settings.history_ttl or None,
                 max_messages=settings.history_max_messages,
-                lock_timeout=settings.turn_timeout,
+                max_bytes=settings.history_max_bytes,
+                lock_timeout=wait,
             )
         else:
             store = MemoryConversationStore(
                 max_conversations=settings.history_max_conversations,
                 max_messages=settings.history_max_messages,
-                lock_timeout=settings.turn_timeout,
+                max_bytes=settings.history_max_bytes,
+                lock_timeout=wait,
             )
         return cls(store)
 
@@ -802,9 +1054,44 @@ class ConversationManager:
         return await self.store.get(conversation_id)
 
     async def clear(self, conversation_id: str) -> None:
-        """Forget the conversation's history."""
+        """Forget the conversation's history; a turn still running will not record (with a
+        store that has generations: both built-in stores)."""
         _check_conversation_id(conversation_id)
         await self.store.clear(conversation_id)
+
+    async def read_turn(self, conversation_id: str) -> tuple[list[HistoryMessage], int | None]:
+        """The history and the conversation's generation, for a turn holding its lock.
+
+        Pass the generation to :meth:`record_turn`. ``None`` for a store without
+        generations (then :meth:`record_turn` always records).
+        """
+        _check_conversation_id(conversation_id)
+        read = getattr(self.store, "read_turn", None)
+        if read is None:
+            return await self.store.get(conversation_id), None
+        history, generation = await read(conversation_id)
+        return history, generation
+
+    async def record_turn(
+        self,
+        conversation_id: str,
+        user_text: str | None,
+        assistant_text: str | None,
+        *,
+        turn_id: str | None = None,
+        generation: int | None = None,
+    ) -> bool:
+        """:meth:`add_turn`, unless the conversation was cleared (ended) since
+        :meth:`read_turn` gave ``generation``; True if recorded (or nothing to record)."""
+        _check_conversation_id(conversation_id)
+        messages = turn_messages(user_text, assistant_text, turn_id)
+        if not messages:
+            return True
+        record = getattr(self.store, "record_turn", None)
+        if generation is None or record is None:
+            await self.store.append(conversation_id, messages)
+            return True
+        return bool(await record(conversation_id, messages, generation))
 
     def lock(
         self, conversation_id: str, *, timeout: LockTimeout = _STORE_DEFAULT

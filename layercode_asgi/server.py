@@ -56,6 +56,8 @@ logger = logging.getLogger("layercode_asgi.server")
 
 #: How long /ready waits for the conversation store.
 READY_TIMEOUT = 2.0
+#: After the shutdown grace period, how long ended turns get to send their last events.
+ABORT_WAIT = 2.0
 
 _decode = msgspec.json.decode
 
@@ -84,19 +86,33 @@ class Lifecycle:
 
     :func:`run_server` calls :meth:`begin_drain` on SIGTERM: from then on new webhooks get
     ``503 {"error": "server is shutting down"}`` (with ``Retry-After``), ``/ready`` answers
-    503, and the server waits until :attr:`active` is 0 or the grace period is over. Any
-    other server or process manager can do the same through this object.
+    503, and the server waits until :attr:`active` is 0 or the grace period is over. Then
+    it calls :meth:`abort`: open turn streams end with ``response.error`` ("server is
+    shutting down") and ``response.end``, turns still waiting for their conversation get
+    503 JSON, instead of the connection being cut. Any other server or process manager
+    can do the same through this object.
     """
 
-    __slots__ = ("active", "draining")
+    __slots__ = ("aborters", "active", "draining")
 
     def __init__(self) -> None:
         self.active = 0
         self.draining = False
+        #: Called by :meth:`abort` (``create_app`` adds its webhook's ``abort_turns``).
+        self.aborters: list[Callable[[], None]] = []
 
     def begin_drain(self) -> None:
         """Refuse new webhooks from now on (idempotent; safe to call from a signal handler)."""
         self.draining = True
+
+    def abort(self) -> None:
+        """End the open webhooks now (from the event loop): see the class docstring."""
+        self.draining = True
+        for aborter in self.aborters:
+            try:
+                aborter()
+            except Exception:
+                logger.exception("aborting open webhooks failed")
 
 
 _SHUTTING_DOWN = msgspec.json.encode({"error": "server is shutting down"})
@@ -279,6 +295,8 @@ def create_app(
         turn_timeout=settings.turn_timeout,
         timeout_message=settings.turn_timeout_message,
         keep_history=settings.keep_history,
+        lock_wait_grace=settings.lock_wait_grace,
+        max_queued_turns=settings.max_queued_turns,
         extras=extras,
         max_body_size=settings.max_body_size,
     )
@@ -301,6 +319,7 @@ def create_app(
     model = getattr(agent, "model", None)
     model = model if isinstance(model, str) else None
     lifecycle = Lifecycle()
+    lifecycle.aborters.append(webhook.abort_turns)
 
     async def health(request: Request) -> Response:
         return JSONResponse(
@@ -412,7 +431,10 @@ def run_server(
     On the first SIGTERM or SIGINT the app starts draining (new webhooks: 503 JSON,
     ``/ready``: 503) while open turns finish; once none is left, or after
     ``grace_period`` seconds (default ``settings.shutdown_grace_period``), uvicorn shuts
-    down as usual and the process exits with status 0. A second signal stops at once.
+    down as usual and the process exits with status 0. Turns still open when the grace
+    period is over are ended properly first (:meth:`Lifecycle.abort`: ``response.error``
+    + ``response.end``, or 503 JSON for a turn not yet streaming), given up to
+    ``ABORT_WAIT`` seconds to send that. A second signal stops at once.
     """
     import signal
     import time
@@ -424,6 +446,7 @@ def run_server(
 
     class DrainingServer(uvicorn.Server):
         drain_deadline: float | None = None
+        abort_deadline: float | None = None
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             if self.drain_deadline is None and not self.should_exit:
@@ -445,12 +468,20 @@ def run_server(
                 if lifecycle.active == 0:
                     logger.info("drained: no open webhooks left, shutting down")
                     self.should_exit = True
+                elif self.abort_deadline is not None:
+                    if time.monotonic() >= self.abort_deadline:
+                        logger.warning(
+                            "%d webhook(s) still open after being ended; shutting down",
+                            lifecycle.active,
+                        )
+                        self.should_exit = True
                 elif time.monotonic() >= deadline:
                     logger.warning(
-                        "grace period over with %d open webhook(s); shutting down",
+                        "grace period over with %d open webhook(s); ending them",
                         lifecycle.active,
                     )
-                    self.should_exit = True
+                    lifecycle.abort()
+                    self.abort_deadline = time.monotonic() + ABORT_WAIT
             return await super().on_tick(counter)
 
     uvicorn_options.setdefault("timeout_graceful_shutdown", 5)

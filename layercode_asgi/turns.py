@@ -24,7 +24,9 @@ Guarantees:
   keeps running for the turn. Nothing more is emitted: there is nobody to read it.
 
 :func:`stream_turn` and :func:`stream_response` wrap a turn in an
-:class:`~layercode_asgi.sse.EventStreamResponse` for any framework's route handler.
+:class:`~layercode_asgi.sse.EventStreamResponse` for any framework's route handler; given
+an event that opens no turn (``data``, ``session.update``, ``session.end``), they answer it
+as ``create_app`` does without hooks: 200 ``{"status": "ok"}`` (JSON), calling no agent.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mappin
 from typing import Any
 
 import anyio
+from starlette.responses import Response
 
 from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
 from .conversation import HistoryMessage
+from .events import MessagePayload, SessionStartPayload
 from .jsonwire import encode_json
 from .logs import escape_log_value
 from .sse import (
@@ -86,6 +90,7 @@ class TurnStatus(enum.StrEnum):
     FAILED = "failed"
     TIMED_OUT = "timed_out"
     DISCONNECTED = "disconnected"
+    ABORTED = "aborted"
 
 
 class TurnStream:
@@ -159,9 +164,12 @@ class Turn:
     """
 
     __slots__ = (
+        "_abort",
         "_call",
+        "_deadline",
         "_emit",
         "_handler",
+        "_scope",
         "_suffix",
         "context",
         "ended",
@@ -234,6 +242,21 @@ class Turn:
         self.status = TurnStatus.RUNNING
         self.error: BaseException | None = None
         self.ended = False
+        self._abort: str | None = None
+        self._deadline: _Deadline | None = None
+        self._scope: anyio.CancelScope | None = None
+
+    def abort(self, message: str) -> None:
+        """Stop the running turn now (e.g. the server is shutting down): its agent is
+        cancelled and the stream ends with ``response.error`` (``message``) and
+        ``response.end``. Call it from the turn's event loop; no effect once it ended."""
+        if self.status is not TurnStatus.RUNNING or self._abort is not None:
+            return
+        self._abort = message
+        if self._deadline is not None:
+            self._deadline.fire_now()
+        elif self._scope is not None:
+            self._scope.cancel()
 
     @property
     def reply_text(self) -> str:
@@ -255,7 +278,8 @@ class Turn:
                 # of an anyio cancel scope; and the timer is only armed once the turn
                 # waits for something: most turns answer without ever suspending.
                 timed_out = False
-                deadline = None if self.timeout is None else _Deadline(self.timeout, stream, task)
+                # Also without a timeout: abort() fires it.
+                deadline = self._deadline = _Deadline(self.timeout, stream, task)
                 try:
                     await self._produce()
                 except Exception as exc:
@@ -272,15 +296,20 @@ class Turn:
                 finally:
                     if deadline is not None:
                         deadline.disarm()
+                    self._deadline = None
             else:
                 limit = math.inf if self.timeout is None else self.timeout
                 with anyio.move_on_after(limit) as scope:
+                    self._scope = scope
                     try:
                         await self._produce()
                     except Exception as exc:
                         failure = exc
+                self._scope = None
                 timed_out = scope.cancelled_caught
-            if timed_out:
+            if timed_out and self._abort is not None:
+                await self._aborted(self._abort)
+            elif timed_out:
                 await self._timed_out()
             elif failure is not None:
                 await self._failed(failure)
@@ -404,6 +433,12 @@ class Turn:
         else:
             await self._send(_ERROR + _encode(TIMEOUT_ERROR_MESSAGE) + self._suffix)
 
+    async def _aborted(self, message: str) -> None:
+        self.status = TurnStatus.ABORTED
+        logger.warning("turn aborted (%s) %s", message, self._ids(), extra=self._extra())
+        if not self.ended:
+            await self._send(_ERROR + _encode(message) + self._suffix)
+
     def _ids(self) -> str:
         event = self.event
         return (
@@ -431,7 +466,7 @@ class _Deadline:
     __slots__ = ("active", "baseline", "fired", "handle", "started", "stream", "task", "timeout")
 
     def __init__(
-        self, timeout: float, stream: _AsyncioStream | None, task: asyncio.Task[Any] | None
+        self, timeout: float | None, stream: _AsyncioStream | None, task: asyncio.Task[Any] | None
     ) -> None:
         self.timeout = timeout
         self.started = time.monotonic()
@@ -441,6 +476,8 @@ class _Deadline:
         self.active = True
         self.fired = False
         self.handle: asyncio.Handle | None = None
+        if timeout is None:  # no timer: only fire_now() (an abort) fires it
+            return
         if stream is not None and stream.first_step:
             defer_until_suspended(stream, self._arm)
         else:
@@ -463,6 +500,7 @@ class _Deadline:
             if task is None:
                 return
             self.baseline = self.stream.baseline
+        assert self.timeout is not None
         remaining = self.timeout - (time.monotonic() - self.started)
         self.handle = task.get_loop().call_later(max(remaining, 0.0), self._fire)
 
@@ -470,6 +508,12 @@ class _Deadline:
         if self.active and not self.fired and self.task is not None:
             self.fired = True
             self.task.cancel()
+
+    def fire_now(self) -> None:
+        """Fire at once (an abort), if still armed."""
+        if self.active and not self.fired and self.task is None and self.stream is not None:
+            self.task, self.baseline = self.stream.resolve(), self.stream.baseline
+        self._fire()
 
     def taken_back(self) -> bool:
         """If the deadline fired, take its cancellation back; True if it was the last one
@@ -518,8 +562,10 @@ def stream_turn(
     timeout: float | None = None,
     timeout_message: str | None = None,
     headers: Mapping[str, str] | None = None,
-) -> EventStreamResponse:
-    """The SSE response answering ``event`` with ``agent``: return it from any route."""
+) -> Response:
+    """The SSE response answering ``event`` with ``agent`` (not a turn: JSON, see above)."""
+    if not isinstance(event, SessionStartPayload | MessagePayload):
+        return Response(b'{"status":"ok"}', media_type="application/json")
     turn = Turn(
         event,
         agent,
@@ -540,8 +586,10 @@ def stream_response(
     timeout: float | None = None,
     timeout_message: str | None = None,
     headers: Mapping[str, str] | None = None,
-) -> EventStreamResponse:
-    """Node-SDK style: ``handler(stream)`` calls ``stream.tts(...)``, ``stream.end()``."""
+) -> Response:
+    """Node-SDK style: ``handler(stream)`` calls ``stream.tts(...)`` (not a turn: JSON)."""
+    if not isinstance(event, SessionStartPayload | MessagePayload):
+        return Response(b'{"status":"ok"}', media_type="application/json")
     turn = Turn(
         event,
         handler=handler,

@@ -13,11 +13,16 @@ any framework::
 What it answers (the body must already be verified — mount the middleware):
 
 * ``session.start`` / ``message``: the agent's SSE reply (:mod:`layercode_asgi.turns`).
-  With a conversation store, the turn holds the conversation's lock from before it reads
-  the history until its stream has finished, then records the user's text and the reply.
+  With a conversation store (by default a bounded in-memory one), the turn holds the
+  conversation's lock from before it reads the history until its stream has finished,
+  then records the user's text and the reply -- unless the conversation ended meanwhile.
+  A turn waits for the previous turn of its conversation at most the turn timeout plus
+  ``lock_wait_grace`` (then 503), and at most ``max_queued_turns`` turns of a conversation
+  wait at a time (more: 503 at once). A waiting turn keeps only its raw body.
 * ``data``: JSON, what ``on_data(event)`` returns, else ``{"status": "ok"}``.
 * ``session.update`` / ``session.end``: ``on_session_update`` / ``on_session_end``, then
-  ``{"status": "ok"}``; ``session.end`` also clears the history unless ``keep_history``.
+  ``{"status": "ok"}``; ``session.end`` also clears the history unless ``keep_history``
+  (at once, without waiting for a turn still running: that turn will not record).
 * a malformed body: 400 ``{"error": …, "path": "$.field"}``; an event type newer than this
   library: 200 ``{"status": "ignored"}`` and a warning in the log.
 """
@@ -30,7 +35,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import anyio
 import msgspec
@@ -39,12 +44,13 @@ from starlette.types import Receive, Scope, Send
 
 from .agents import Agent, TurnEvent, bind_agent
 from .conversation import (
+    DEFAULT_LOCK_WAIT_GRACE,
     ConversationLockTimeout,
     ConversationManager,
     HistoryMessage,
     MemoryConversationStore,
-    StoreError,
     _check_conversation_id,
+    lock_wait_timeout,
     turn_messages,
 )
 from .errors import LayercodeError, ResponseError
@@ -71,6 +77,12 @@ logger = logging.getLogger("layercode_asgi.webhook")
 _encode = msgspec.json.Encoder().encode
 #: How long recording a finished turn may take before it is given up (logged).
 RECORD_TIMEOUT = 5.0
+#: Default bound of the turns waiting for one conversation (per process).
+DEFAULT_MAX_QUEUED_TURNS = 8
+#: What ``abort_turns`` says by default (``run_server`` when its grace period is over).
+SHUTTING_DOWN = "server is shutting down"
+_STORE_UNAVAILABLE = "conversation store unavailable"
+_TOO_MANY_WAITING = "too many turns waiting for this conversation; retry later"
 
 
 class JSONResponse(Response):
@@ -91,7 +103,11 @@ _IGNORED = b'{"status":"ignored"}'
 
 
 class ConversationBackend(Protocol):
-    """What the webhook needs of a conversation store (``ConversationManager`` has it)."""
+    """What the webhook needs of a conversation store (``ConversationManager`` has it).
+
+    With ``read_turn`` / ``record_turn`` as well (``ConversationManager`` has them), a turn
+    still running when its conversation ends does not record; without, it does.
+    """
 
     def lock(
         self, conversation_id: str, *, timeout: float | None = ...
@@ -120,14 +136,22 @@ class LayercodeWebhook:
     Args:
         agent: the agent (a plain async callable, see :mod:`layercode_asgi.agents`).
         conversations: where history lives and turns are serialised (e.g. a
-            ``ConversationManager``); ``None`` keeps no history and takes no lock.
+            ``ConversationManager``). Default ``"memory"``: a new in-memory
+            ``ConversationManager`` (bounded, one process), as ``create_app`` without
+            Redis; ``None`` keeps no history and takes no lock.
         on_data / on_session_update / on_session_end: optional hooks (sync or async),
             called with the typed event. ``on_data``'s return value is the JSON reply.
         turn_timeout: seconds a turn may take; ``None`` = no limit.
         timeout_message: spoken when a turn times out (else ``response.error``).
         keep_history: keep a conversation's history after ``session.end``.
         lock_timeout: seconds a turn waits for the previous turn of its conversation
-            before it is answered with 503.
+            before it is answered with 503. Default ``None``: the rule of both stores,
+            ``turn_timeout + lock_wait_grace`` (the turn ahead may take its whole timeout,
+            then send its final events and record; a turn's own timeout starts once it
+            holds the lock); as long as it takes when ``turn_timeout`` is ``None``.
+        lock_wait_grace: see ``lock_timeout``.
+        max_queued_turns: turns of one conversation that may wait behind the running one
+            (in this process); one more is answered 503 at once.
         extras: objects handed to agents as ``context.extras``.
         max_body_size: body limit when used as an ASGI app without the middleware.
     """
@@ -136,14 +160,16 @@ class LayercodeWebhook:
         self,
         agent: Agent,
         *,
-        conversations: ConversationBackend | None = None,
+        conversations: ConversationBackend | Literal["memory"] | None = "memory",
         on_data: Hook | None = None,
         on_session_update: Hook | None = None,
         on_session_end: Hook | None = None,
         turn_timeout: float | None = 30.0,
         timeout_message: str | None = None,
         keep_history: bool = False,
-        lock_timeout: float = 30.0,
+        lock_timeout: float | None = None,
+        lock_wait_grace: float = DEFAULT_LOCK_WAIT_GRACE,
+        max_queued_turns: int = DEFAULT_MAX_QUEUED_TURNS,
         extras: Mapping[str, Any] | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     ) -> None:
@@ -152,14 +178,32 @@ class LayercodeWebhook:
         self.agent = agent
         self._bound_agent: Agent = agent
         self._call = bind_agent(agent)
-        self.conversations = conversations
+        if isinstance(conversations, str):
+            if conversations != "memory":
+                raise ValueError(
+                    f"conversations must be a store, 'memory' or None, got {conversations!r}"
+                )
+            conversations = ConversationManager()
+        if isinstance(max_queued_turns, bool) or not (
+            isinstance(max_queued_turns, int) and max_queued_turns >= 0
+        ):
+            raise ValueError(f"max_queued_turns must be an integer >= 0, got {max_queued_turns!r}")
+        self.conversations: ConversationBackend | None = conversations
         self.on_data = on_data
         self.on_session_update = on_session_update
         self.on_session_end = on_session_end
         self.turn_timeout = turn_timeout
         self.timeout_message = timeout_message
         self.keep_history = keep_history
+        if lock_timeout is None:
+            lock_timeout = lock_wait_timeout(turn_timeout, lock_wait_grace)
         self.lock_timeout = lock_timeout
+        self.max_queued_turns = max_queued_turns
+        # Turns of each conversation waiting for or holding its lock (generic stores).
+        self._pending: dict[str, int] = {}
+        # What abort_turns() ends: the running turns, and the waits for a lock.
+        self._running: set[Turn] = set()
+        self._waiting: set[anyio.CancelScope] = set()
         self.extras: Mapping[str, Any] = {} if extras is None else extras
         self.max_body_size = max_body_size
 
@@ -197,14 +241,20 @@ class LayercodeWebhook:
         """
         started = time.perf_counter()
         response, event = await self._respond(body)
+        # What the log line needs, not the event: a turn waiting for its conversation keeps
+        # no decoded copy of its body.
+        kind = None if event is None else str(event.type)
+        conversation_id = None if event is None else event.conversation_id
+        turn_id = getattr(event, "turn_id", None)
+        event = None
         try:
             await response(scope, receive, send)
         finally:
             if webhook_log_enabled(response.status_code):
                 log_webhook(
-                    None if event is None else str(event.type),
-                    None if event is None else event.conversation_id,
-                    getattr(event, "turn_id", None),
+                    kind,
+                    conversation_id,
+                    turn_id,
                     response.status_code,
                     time.perf_counter() - started,
                 )
@@ -229,7 +279,7 @@ class LayercodeWebhook:
             return _json(400, {"error": str(exc), "path": exc.path}), None
 
         if isinstance(event, SessionStartPayload | MessagePayload):
-            return self.turn_response(event), event
+            return self.turn_response(event, body=body), event
         try:
             return await self._answer_json(event), event
         except ResponseError as exc:
@@ -245,71 +295,171 @@ class LayercodeWebhook:
             )
             return _json(500, {"error": f"{_kind(event)} handler failed"}), event
 
-    def turn_response(self, event: TurnEvent) -> EventStreamResponse:
-        """The SSE response of one turn, with history and the conversation lock if any."""
+    def turn_response(
+        self, event: TurnEvent, *, body: bytes | str | Mapping[str, Any] | None = None
+    ) -> EventStreamResponse:
+        """The SSE response of one turn, with history and the conversation lock if any.
+
+        ``body``: what ``event`` was decoded from. A turn that has to wait for its
+        conversation then keeps only ``body`` while it waits, and decodes it again once
+        it holds the lock.
+        """
         conversations = self.conversations
 
         if conversations is None:
             turn = self._turn(event, ())
-            return EventStreamResponse(turn.run)
+            return EventStreamResponse(lambda emit: self._run(turn, emit))
         store = getattr(conversations, "store", None)
         if type(conversations) is ConversationManager and type(store) is MemoryConversationStore:
-            return EventStreamResponse(self._memory_producer(event, store))
+            return EventStreamResponse(self._memory_producer([event], body, store))
+        held = [event]  # taken by the producer: no closure keeps the event itself
+        del event
 
         async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
+            event: TurnEvent | None = held.pop()
+            assert event is not None
             cid = event.conversation_id
-            acquired = False
+            pending = self._pending
+            count = pending.get(cid, 0)
+            if count > self.max_queued_turns:  # one holds it, max_queued_turns wait
+                raise ResponseError(503, _TOO_MANY_WAITING)
+            pending[cid] = count + 1
             try:
-                async with conversations.lock(cid, timeout=self.lock_timeout):
-                    acquired = True
-                    try:
-                        history = await conversations.get_history(cid)
-                    except LayercodeError as exc:
-                        raise _unavailable(exc, "conversation history unavailable") from exc
-                    turn = self._turn(event, history)
-                    try:
-                        await turn.run(emit)
-                    finally:
-                        await self._record(conversations, event, turn)
-            except LayercodeError as exc:
-                if acquired or isinstance(exc, ResponseError):
-                    raise
-                raise _unavailable(exc, "conversation unavailable") from exc
-            except ValueError as exc:
-                if acquired:
-                    raise
-                # an id the store refuses (empty, too long)
-                raise ResponseError(400, f"invalid conversation_id: {exc}") from exc
+                if count and body is not None:
+                    event = None  # it waits: keep the raw body only
+                # Abortable while it waits (the scope leaves ``_waiting`` once it holds the
+                # lock: a store's lock may open scopes of its own, so the scope encloses
+                # the whole ``async with``).
+                waiting = anyio.CancelScope()
+                acquired = False
+                self._waiting.add(waiting)
+                try:
+                    with waiting:
+                        async with conversations.lock(cid, timeout=self.lock_timeout):
+                            acquired = True
+                            self._waiting.discard(waiting)
+                            if event is None:
+                                event = _decode_turn(body)
+                            await self._locked_turn(conversations, event, emit)
+                except LayercodeError as exc:
+                    if acquired or isinstance(exc, ResponseError):
+                        raise
+                    raise _lock_failure(exc) from exc
+                except ValueError as exc:
+                    if acquired:
+                        raise
+                    # an id the store refuses (empty, too long)
+                    raise ResponseError(400, f"invalid conversation_id: {exc}") from exc
+                finally:
+                    self._waiting.discard(waiting)
+                if waiting.cancelled_caught and not acquired:
+                    raise ResponseError(503, SHUTTING_DOWN)
+            finally:
+                left = pending[cid] - 1
+                if left:
+                    pending[cid] = left
+                else:
+                    del pending[cid]
 
         return EventStreamResponse(produce)
 
+    async def _wait_memory_lock(self, store: MemoryConversationStore, cid: str) -> None:
+        """Queue for a memory store's lock: abortable (503), a timeout is 503."""
+        waiting = anyio.CancelScope()
+        self._waiting.add(waiting)
+        try:
+            with waiting:
+                await store.wait_lock(cid, self.lock_timeout)
+        except LayercodeError as exc:
+            raise _lock_failure(exc) from exc
+        finally:
+            self._waiting.discard(waiting)
+        if waiting.cancelled_caught:
+            raise ResponseError(503, SHUTTING_DOWN)
+
+    async def _locked_turn(
+        self, conversations: ConversationBackend, event: TurnEvent, emit: Emit
+    ) -> None:
+        """The turn, holding its conversation's lock: read, run, record."""
+        cid = event.conversation_id
+        read = getattr(conversations, "read_turn", None)
+        generation: int | None = None
+        try:
+            if read is not None:
+                history, generation = await read(cid)
+            else:
+                history = await conversations.get_history(cid)
+        except LayercodeError as exc:
+            raise _unavailable(exc, "conversation store failed reading the history") from exc
+        turn = self._turn(event, history)
+        try:
+            await self._run(turn, emit)
+        finally:
+            await self._record(conversations, event, turn, generation)
+
+    async def _run(self, turn: Turn, emit: Emit) -> None:
+        running = self._running
+        running.add(turn)
+        try:
+            await turn.run(emit)
+        finally:
+            running.discard(turn)
+
+    def abort_turns(self, message: str = SHUTTING_DOWN) -> None:
+        """End every open turn now (``run_server`` calls it when its grace period is over).
+
+        A running turn stops its agent and ends its stream with ``response.error``
+        (``message``) and ``response.end``, then records what was spoken; a turn still
+        waiting for its conversation is answered 503 ``{"error": message}``. Call it from
+        the event loop that runs the turns.
+        """
+        for scope in list(self._waiting):
+            scope.cancel()
+        for turn in list(self._running):
+            turn.abort(message)
+
     def _memory_producer(
-        self, event: TurnEvent, store: MemoryConversationStore
+        self,
+        held: list[TurnEvent],
+        body: bytes | str | Mapping[str, Any] | None,
+        store: MemoryConversationStore,
     ) -> Callable[[Emit], Awaitable[None]]:
         """The turn's producer for the default store: the same steps and answers as the
-        general one, with the store's synchronous operations (no coroutine per call)."""
+        general one, with the store's synchronous operations (no coroutine per call).
+        ``held`` is the turn's event, taken by the producer (no closure keeps it)."""
 
         async def produce(emit: Emit) -> None:
+            event: TurnEvent | None = held.pop()
+            assert event is not None
             cid = event.conversation_id
             try:
                 _check_conversation_id(cid)
             except ValueError as exc:
                 raise ResponseError(400, f"invalid conversation_id: {exc}") from exc
             if not store.try_lock(cid):
-                try:
-                    await store.wait_lock(cid, self.lock_timeout)
-                except LayercodeError as exc:
-                    raise _unavailable(exc, "conversation unavailable") from exc
+                if store.waiting(cid) >= self.max_queued_turns:
+                    raise ResponseError(503, _TOO_MANY_WAITING)
+                if body is not None:
+                    event = None  # it waits: keep the raw body only
+                await self._wait_memory_lock(store, cid)
+                if event is None:
+                    event = _decode_turn(body)
             try:
+                generation = store.generation_now(cid)
                 turn = self._turn(event, store.get_now(cid))
+                running = self._running
+                running.add(turn)
                 try:
                     await turn.run(emit)
                 finally:
+                    running.discard(turn)
                     user_text = event.text or None
                     reply = turn.reply_text or None
                     if user_text is not None or reply is not None:
                         try:
-                            store.append_now(cid, turn_messages(user_text, reply, event.turn_id))
+                            messages = turn_messages(user_text, reply, event.turn_id)
+                            if not store.record_now(cid, messages, generation):
+                                _log_not_recorded(event)
                         except Exception:
                             logger.exception(
                                 "could not record turn (conversation=%s turn=%s)",
@@ -333,7 +483,11 @@ class LayercodeWebhook:
         )
 
     async def _record(
-        self, conversations: ConversationBackend, event: TurnEvent, turn: Turn
+        self,
+        conversations: ConversationBackend,
+        event: TurnEvent,
+        turn: Turn,
+        generation: int | None = None,
     ) -> None:
         """Record the user's text and what was actually spoken, whatever the outcome."""
         user_text = event.text or None
@@ -350,9 +504,20 @@ class LayercodeWebhook:
         )
         with guard as scope:
             try:
-                await conversations.add_turn(
-                    event.conversation_id, user_text, reply, turn_id=event.turn_id
-                )
+                record = getattr(conversations, "record_turn", None)
+                if generation is not None and record is not None:
+                    if not await record(
+                        event.conversation_id,
+                        user_text,
+                        reply,
+                        turn_id=event.turn_id,
+                        generation=generation,
+                    ):
+                        _log_not_recorded(event)
+                else:
+                    await conversations.add_turn(
+                        event.conversation_id, user_text, reply, turn_id=event.turn_id
+                    )
             except Exception:
                 logger.exception(
                     "could not record turn (conversation=%s turn=%s)",
@@ -384,10 +549,14 @@ class LayercodeWebhook:
         if self.on_session_end is not None:
             await _maybe_await(self.on_session_end(event))
         if self.conversations is not None and not self.keep_history:
+            # At once, not behind the conversation's lock: a turn still running will not
+            # record (the store's generation moved on).
             try:
                 await self.conversations.clear(event.conversation_id)
             except ValueError as exc:
                 raise ResponseError(400, f"invalid conversation_id: {exc}") from exc
+            except LayercodeError as exc:
+                raise _unavailable(exc, "conversation store failed clearing the history") from exc
         return Response(_OK, media_type="application/json")
 
 
@@ -405,10 +574,28 @@ def _unavailable(exc: LayercodeError, context: str) -> ResponseError:
     """The 503 for a conversation store failure: what is wrong in words for the caller,
     the details (Redis host, port, driver text) only in the log."""
     logger.warning("%s: %s: %s", context, type(exc).__name__, escape_log_value(exc))
-    if isinstance(exc, StoreError):
-        return ResponseError(503, "conversation store unavailable")
     if isinstance(exc, ConversationLockTimeout):
         return ResponseError(
             503, "conversation unavailable: another turn of this conversation is still running"
         )
-    return ResponseError(503, "conversation unavailable")
+    return ResponseError(503, _STORE_UNAVAILABLE)
+
+
+def _decode_turn(body: bytes | str | Mapping[str, Any] | None) -> TurnEvent:
+    """Decode a waiting turn's body again, once it holds its conversation's lock."""
+    event = parse_webhook_payload(body)  # type: ignore[arg-type]  # validated before
+    assert isinstance(event, SessionStartPayload | MessagePayload)
+    return event
+
+
+def _lock_failure(exc: LayercodeError) -> ResponseError:
+    """The 503 of a turn that could not get its conversation's lock."""
+    return _unavailable(exc, "could not lock the conversation")
+
+
+def _log_not_recorded(event: TurnEvent) -> None:
+    logger.info(
+        "conversation ended during the turn: not recorded (conversation=%s turn=%s)",
+        escape_log_value(event.conversation_id),
+        escape_log_value(event.turn_id),
+    )

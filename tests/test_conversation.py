@@ -158,7 +158,8 @@ async def test_from_settings_memory() -> None:
     manager = ConversationManager.from_settings(settings)
     store = manager.store
     assert isinstance(store, MemoryConversationStore)
-    assert (store.max_messages, store.max_conversations, store.lock_timeout) == (5, 7, 4.0)
+    # The lock wait: the turn timeout plus the grace (LAYERCODE_LOCK_WAIT_GRACE, 5 s).
+    assert (store.max_messages, store.max_conversations, store.lock_timeout) == (5, 7, 9.0)
 
 
 async def test_from_settings_redis_is_lazy() -> None:
@@ -171,7 +172,7 @@ async def test_from_settings_redis_is_lazy() -> None:
     async with ConversationManager.from_settings(settings) as manager:
         store = manager.store
         assert isinstance(store, RedisConversationStore)
-        assert (store.max_messages, store.ttl, store.lock_timeout) == (9, None, 30.0)
+        assert (store.max_messages, store.ttl, store.lock_timeout) == (9, None, 35.0)
 
 
 # -- memory store -----------------------------------------------------------------------------

@@ -529,7 +529,8 @@ async def test_conversation_store_down_is_a_503_before_the_stream() -> None:
         r = await client.post("/api/agent", content=body, headers=signed_headers(body))
     assert r.status_code == 503
     assert r.headers["content-type"] == "application/json"
-    assert r.json() == {"error": "conversation unavailable"}  # the detail goes to the log
+    # Said in words; the store's own message goes to the log only.
+    assert r.json() == {"error": "conversation store unavailable"}
 
 
 # -- real HTTP: uvicorn on 127.0.0.1 --------------------------------------------------------------

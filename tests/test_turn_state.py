@@ -1,0 +1,464 @@
+"""Turn state on a real server: session.end mid-turn, the lock wait, the queue bound, the
+history byte bound, store errors, shutdown mid-turn, and the webhook's defaults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from layercode_asgi import (
+    ConversationManager,
+    HistoryMessage,
+    LayercodeSignature,
+    LayercodeWebhook,
+    MemoryConversationStore,
+    RedisConversationStore,
+    Settings,
+    TurnContext,
+    TurnEvent,
+    create_app,
+    parse_webhook_payload,
+    stream_response,
+)
+
+from .conftest import SECRET, event_body, free_port, serve, signed_headers
+from .redis_fixtures import RedisServer, running_redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Set by a test (or a session.end hook) to let a waiting agent go on.
+RELEASE = threading.Event()
+
+
+@pytest.fixture(autouse=True)
+def _reset_release() -> Iterator[None]:
+    RELEASE.clear()
+    yield
+    RELEASE.set()  # never leave an agent waiting
+
+
+async def wait_for_release(limit: float = 20.0) -> None:
+    """Wait (in the server's loop) until the test sets RELEASE; bounded."""
+    for _ in range(int(limit / 0.01)):
+        if RELEASE.is_set():
+            return
+        await anyio.sleep(0.01)
+
+
+async def stateful_agent(event: TurnEvent, context: TurnContext) -> AsyncIterator[str]:
+    """Says how much history it saw; 'wait' turns wait for RELEASE, 'stubborn' turns also
+    ignore their timeout (their cleanup waits for RELEASE), 'hang' turns hang."""
+    yield f"saw={len(context.history)}"
+    text = event.text or ""
+    if text == "wait":
+        await wait_for_release()
+        yield " released"
+    elif text == "stubborn":
+        try:
+            await anyio.sleep(60)
+        finally:
+            await wait_for_release()
+    elif text == "hang":
+        await anyio.sleep(60)
+
+
+def settings(**overrides: Any) -> Settings:
+    return Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET, **overrides)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def redis_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    if request.param == "memory":
+        yield None
+    else:
+        with running_redis() as server:
+            yield server.url
+
+
+def history(app: Any, url: str | None, conversation_id: str = "conv-1") -> list[tuple[str, str]]:
+    """The stored history, read from this thread (a Redis client of our own)."""
+
+    async def read() -> list[HistoryMessage]:
+        if url is None:
+            return list(await app.state.conversations.get_history(conversation_id))
+        async with ConversationManager(RedisConversationStore(url)) as manager:
+            return await manager.get_history(conversation_id)
+
+    return [(m.role, m.text) for m in anyio.run(read)]
+
+
+def events_of(response: httpx.Response) -> list[dict[str, Any]]:
+    return [
+        msgspec.json.decode(line[6:])
+        for line in response.text.split("\n")
+        if line.startswith("data: ")
+    ]
+
+
+def post(client: httpx.Client, body: bytes) -> httpx.Response:
+    return client.post("/api/agent", content=body, headers=signed_headers(body))
+
+
+def turn(client: httpx.Client, text: str, turn_id: str, **fields: Any) -> list[dict[str, Any]]:
+    response = post(client, event_body(text=text, turn_id=turn_id, **fields))
+    assert response.status_code == 200, response.text
+    return events_of(response)
+
+
+# -- session.end during a running turn -----------------------------------------------------------
+
+
+def test_session_end_mid_turn_leaves_the_history_empty(redis_url: str | None) -> None:
+    app = create_app(
+        settings(redis_url=redis_url), stateful_agent, on_session_end=lambda e: RELEASE.set()
+    )
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert turn(client, "hello", "t0")[0]["content"] == "saw=0"
+        body = event_body(text="wait", turn_id="t1")
+        with client.stream(
+            "POST", "/api/agent", content=body, headers=signed_headers(body)
+        ) as running:
+            chunks = running.iter_raw()
+            assert b"saw=2" in next(chunks)
+            # The caller hangs up mid-reply: session.end answers while the turn still runs
+            # (the hook releases the agent, so a session.end waiting for the turn would
+            # never be answered).
+            with httpx.Client(base_url=url, timeout=10) as other:
+                ended = post(other, event_body("session.end"))
+            assert ended.status_code == 200, ended.text
+            assert ended.json() == {"status": "ok"}
+            rest = b"".join(chunks)
+        assert b"released" in rest and b"response.end" in rest
+        # The finished turn did not write the history back.
+        assert history(app, redis_url) == []
+        # The same conversation_id comes back later: it starts afresh and records as usual.
+        assert turn(client, "again", "t2")[0]["content"] == "saw=0"
+        assert history(app, redis_url) == [("user", "again"), ("assistant", "saw=0")]
+
+
+# -- how long a queued turn waits for the lock ---------------------------------------------------
+
+
+def test_the_lock_wait_follows_the_turn_timeout() -> None:
+    assert create_app(settings(turn_timeout=60.0)).state.webhook.lock_timeout > 60.0
+    custom = settings(turn_timeout=1.0, lock_wait_grace=0.5)
+    assert create_app(custom).state.webhook.lock_timeout == 1.5
+    for timeout in (1.0, 60.0):
+        webhook = create_app(settings(turn_timeout=timeout)).state.webhook
+        assert webhook.lock_timeout is not None
+        assert webhook.lock_timeout > timeout  # the turn ahead may take its whole timeout
+        manager = ConversationManager.from_settings(settings(turn_timeout=timeout))
+        assert manager.store.lock_timeout == webhook.lock_timeout  # type: ignore[attr-defined]
+
+
+def test_a_queued_turn_runs_once_a_hanging_turn_timed_out(redis_url: str | None) -> None:
+    app = create_app(settings(redis_url=redis_url, turn_timeout=1.0), stateful_agent)
+    results: dict[str, list[dict[str, Any]]] = {}
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        body = event_body(text="hang", turn_id="t-hang")
+        with client.stream(
+            "POST", "/api/agent", content=body, headers=signed_headers(body)
+        ) as hanging:
+            chunks = hanging.iter_raw()
+            assert b"saw=0" in next(chunks)
+            thread = threading.Thread(
+                target=lambda: results.update(queued=turn(client, "queued", "t-queued"))
+            )
+            thread.start()
+            hung = b"".join(chunks)
+        thread.join(20)
+    assert b'"error":"turn timed out"' in hung and b"response.end" in hung
+    assert [e.get("content") for e in results["queued"]] == ["saw=2", None]
+
+
+def test_a_turn_that_cannot_get_the_lock_in_time_gets_503(redis_url: str | None) -> None:
+    # The turn ahead ignores its 1 s timeout (its cleanup hangs): the queued turn waits the
+    # turn timeout plus the default grace (5 s), then gets 503 -- well before the client's
+    # own timeout.
+    app = create_app(settings(redis_url=redis_url, turn_timeout=1.0), stateful_agent)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=15) as client:
+        body = event_body(text="stubborn", turn_id="t-stubborn")
+        with client.stream(
+            "POST", "/api/agent", content=body, headers=signed_headers(body)
+        ) as holder:
+            chunks = holder.iter_raw()
+            assert b"saw=0" in next(chunks)
+            queued = post(client, event_body(text="queued", turn_id="t-queued"))
+            RELEASE.set()
+            b"".join(chunks)
+    assert queued.status_code == 503
+    assert queued.headers["content-type"] == "application/json"
+    assert queued.json()["error"].startswith("conversation unavailable:")
+
+
+# -- the queue of turns waiting for one conversation ----------------------------------------------
+
+
+def test_turns_queued_beyond_the_bound_get_503_at_once(redis_url: str | None) -> None:
+    bound = 8  # the default of LAYERCODE_MAX_QUEUED_TURNS
+    app = create_app(settings(redis_url=redis_url), stateful_agent)
+    statuses: list[int] = []
+    rejected = threading.Event()
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        body = event_body(text="wait", turn_id="t-holder")
+        with client.stream(
+            "POST", "/api/agent", content=body, headers=signed_headers(body)
+        ) as holder:
+            chunks = holder.iter_raw()
+            assert b"saw=0" in next(chunks)
+
+            def queued(index: int) -> None:
+                with httpx.Client(base_url=url, timeout=30) as own:
+                    response = post(own, event_body(text="queued", turn_id=f"t{index}"))
+                statuses.append(response.status_code)
+                if response.status_code == 503:
+                    assert response.json()["error"].startswith("too many turns waiting")
+                    rejected.set()
+
+            threads = [threading.Thread(target=queued, args=(i,)) for i in range(bound + 1)]
+            for thread in threads:
+                thread.start()
+            # One of them is refused while the holder still holds the conversation.
+            got_503 = rejected.wait(10)
+            RELEASE.set()
+            b"".join(chunks)
+            for thread in threads:
+                thread.join(30)
+    assert got_503
+    assert sorted(statuses) == [200] * bound + [503]
+    assert settings().max_queued_turns == bound
+
+
+# -- the history's size bound ---------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_history_is_bounded_in_bytes(kind: str) -> None:
+    with running_redis() if kind == "redis" else _no_redis() as server:
+        conf = settings(redis_url=None if server is None else server.url, history_max_bytes=1000)
+        async with ConversationManager.from_settings(conf) as manager:
+            for index in range(10):
+                await manager.add_turn("c1", f"q{index} " + "x" * 97, "a" * 100)
+            stored = await manager.get_history("c1")
+            assert sum(len(m.text.encode()) for m in stored) <= 1000
+            assert len(stored) == 10  # the newest ones, oldest dropped first
+            assert stored[-1].text == "a" * 100
+            assert stored[0].text.startswith("q5 ")
+            # One message over the bound is kept, cut to it on a character boundary.
+            await manager.add_message("c1", {"role": "user", "text": "é" * 600})  # 1200 bytes
+            stored = await manager.get_history("c1")
+            assert [m.text for m in stored] == ["é" * 500]
+
+
+@pytest.mark.anyio
+async def test_history_bytes_bound_drops_the_oldest_whole_messages() -> None:
+    store = MemoryConversationStore(max_bytes=10)
+    manager = ConversationManager(store)
+    await manager.add_message("c", {"role": "user", "text": "aaaa"})
+    await manager.add_message("c", {"role": "assistant", "text": "bbbb"})
+    await manager.add_message("c", {"role": "user", "text": "€€"})  # 6 bytes
+    assert [m.text for m in await manager.get_history("c")] == ["bbbb", "€€"]
+    assert settings().history_max_bytes == 256 * 1024
+
+
+class _no_redis:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# -- Redis answering with errors ------------------------------------------------------------------
+
+
+def _redis_command(server: RedisServer, *args: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(server.url)
+    try:
+        client.execute_command(*args)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("fault", ["oom", "readonly"])
+def test_redis_error_replies_are_a_503_json(fault: str) -> None:
+    with running_redis() as server:
+        app = create_app(settings(redis_url=server.url), stateful_agent)
+        with serve(app) as url, httpx.Client(base_url=url, timeout=20) as client:
+            assert turn(client, "before", "t0")[0]["content"] == "saw=0"
+            if fault == "oom":
+                _redis_command(server, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+                _redis_command(server, "CONFIG", "SET", "maxmemory", "1")
+            else:
+                _redis_command(server, "REPLICAOF", "127.0.0.1", str(free_port()))
+            turns = [
+                post(client, event_body(text="during", turn_id="t1")),
+                post(client, event_body("session.start", turn_id="t2")),
+            ]
+            for response in turns:  # taking the lock is a write: refused
+                assert response.status_code == 503, response.text
+            # Clearing may be refused too (READONLY) or not (DEL under OOM): 200 or 503.
+            ended = post(client, event_body("session.end"))
+            assert ended.status_code in (200, 503), ended.text
+            for response in [*turns, ended]:
+                assert response.headers["content-type"] == "application/json"
+                if response.status_code == 503:
+                    message = response.json()["error"]
+                    assert message == "conversation store unavailable"
+            if fault == "oom":
+                _redis_command(server, "CONFIG", "SET", "maxmemory", "0")
+            else:
+                _redis_command(server, "REPLICAOF", "NO", "ONE")
+            assert turn(client, "after", "t3")[0]["content"].startswith("saw=")
+
+
+# -- shutdown while a turn hangs ------------------------------------------------------------------
+
+
+def _start_server(grace: float) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.serve_for_tests", str(port), str(grace)],
+        cwd=ROOT,
+        env={**os.environ, "SLOW_AGENT_SECONDS": "60"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(400):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(process.stdout.read().decode() if process.stdout else "no output")
+
+
+def test_grace_period_over_ends_open_streams_with_error_and_end() -> None:
+    process, url = _start_server(grace=1)
+    results: dict[str, Any] = {}
+    try:
+        opened = threading.Barrier(2, timeout=20)
+
+        def open_turn(name: str, text: str, conversation: str) -> None:
+            body = event_body(text=text, turn_id=name, conversation_id=conversation)
+            # The hanging turn has sent nothing yet: its headers come only with the end.
+            with (
+                httpx.Client(base_url=url, timeout=30) as client,
+                client.stream(
+                    "POST", "/api/agent", content=body, headers=signed_headers(body)
+                ) as response,
+            ):
+                chunks = response.iter_raw()
+                first = next(chunks)
+                if text == "slow":
+                    opened.wait()  # the stream has started
+                results[name] = (
+                    response.status_code,
+                    response.headers.get("content-type"),
+                    first + b"".join(chunks),
+                )
+
+        threads = [
+            threading.Thread(target=open_turn, args=("t-slow", "slow", "c-slow")),
+            threading.Thread(target=open_turn, args=("t-hang", "hang", "c-hang")),
+        ]
+        for thread in threads:
+            thread.start()
+        opened.wait()
+        time.sleep(0.3)  # let the hanging turn reach its agent
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(30)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    for name, spoken in (("t-slow", ["start"]), ("t-hang", [])):
+        status, content_type, raw = results[name]
+        assert (status, content_type) == (200, "text/event-stream"), raw
+        events = [
+            msgspec.json.decode(line[6:])
+            for line in raw.decode().split("\n")
+            if line.startswith("data: ")
+        ]
+        assert [e["content"] for e in events if e["type"] == "response.tts"] == spoken
+        assert events[-2:] == [
+            {"type": "response.error", "error": "server is shutting down", "turn_id": name},
+            {"type": "response.end", "turn_id": name},
+        ]
+
+
+# -- the Node-SDK style answers every event type ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields"),
+    [("session.update", {}), ("session.end", {}), ("data", {})],
+)
+def test_stream_response_answers_non_turn_events_like_create_app(
+    kind: str, fields: dict[str, Any]
+) -> None:
+    async def handler(stream: Any) -> None:
+        await stream.tts("Hi there")
+        await stream.end()
+
+    async def route(request: Request) -> Response:
+        return stream_response(parse_webhook_payload(await request.body()), handler)
+
+    app = Starlette(routes=[Route("/api/agent", route, methods=["POST"])])
+    app.add_middleware(LayercodeSignature, secret=SECRET)
+    reference = create_app(settings())
+    with (
+        serve(app) as url,
+        serve(reference) as reference_url,
+        httpx.Client(base_url=url, timeout=10) as client,
+        httpx.Client(base_url=reference_url, timeout=10) as reference_client,
+    ):
+        body = event_body(kind, **fields)
+        ours, theirs = post(client, body), post(reference_client, body)
+        assert (ours.status_code, ours.json()) == (theirs.status_code, theirs.json())
+        assert ours.headers["content-type"] == "application/json"
+        turn_answer = events_of(post(client, event_body(turn_id="t1")))
+        assert turn_answer == [
+            {"type": "response.tts", "content": "Hi there", "turn_id": "t1"},
+            {"type": "response.end", "turn_id": "t1"},
+        ]
+
+
+# -- LayercodeWebhook keeps history by default -----------------------------------------------------
+
+
+def test_layercode_webhook_keeps_history_by_default() -> None:
+    webhook = LayercodeWebhook(stateful_agent)
+    assert isinstance(webhook.conversations, ConversationManager)
+    app = LayercodeSignature(webhook, secret=SECRET)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        body = event_body(text="one", turn_id="t1")
+        first = client.post("/", content=body, headers=signed_headers(body))
+        body = event_body(text="two", turn_id="t2")
+        second = client.post("/", content=body, headers=signed_headers(body))
+    assert events_of(first)[0]["content"] == "saw=0"
+    assert events_of(second)[0]["content"] == "saw=2"
+    # Opting out is explicit.
+    assert LayercodeWebhook(stateful_agent, conversations=None).conversations is None
