@@ -104,7 +104,7 @@ def test_env_file_errors_never_quote_the_line(tmp_path: Path) -> None:
                 f"{secret}+/abc=",  # a PEM line: looks like KEY=VALUE with a bad name
                 f"{secret}",  # no '='
                 f"TOKEN='{secret}' {secret}",  # text after the closing quote
-                "-----END PRIVATE KEY-----\"",
+                '-----END PRIVATE KEY-----"',
             ]
         )
         + "\n"
