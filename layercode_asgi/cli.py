@@ -24,7 +24,9 @@ import shlex
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, TextIO
@@ -34,7 +36,7 @@ import httpx
 import msgspec
 
 from ._version import __version__
-from .agents import AGENTS, AgentNotFoundError, list_agents
+from .agents import AGENTS, list_agents
 from .config import SETTINGS_FIELDS, Settings, parse_env_file
 from .errors import ConfigurationError
 from .testing import (
@@ -74,6 +76,10 @@ _NO_DATA: Any = object()
 
 class _UsageError(Exception):
     """A bad command line detected after parsing; printed, exit code 2."""
+
+
+class _StartError(Exception):
+    """The server could not start (a port in use, …); printed, exit code 2."""
 
 
 # -- simulate ------------------------------------------------------------------------------------
@@ -419,6 +425,8 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     uvicorn = _uvicorn()
     if args.workers < 1:
         raise _UsageError("--workers must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise _UsageError(f"--port must be between 0 and 65535, got {args.port}")
     routes_changed = (args.agent_route, args.authorize_route) != ("/api/agent", "/api/authorize")
     if args.workers > 1 and routes_changed:
         raise _UsageError(
@@ -450,6 +458,9 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         level="DEBUG" if args.verbose else settings.log_level,
         logfire_token=settings.logfire_token,
     )
+    # Fail on a port in use before printing that we serve (uvicorn would exit after the
+    # banner); the remaining race (someone binds it in between) still fails, exit 2.
+    _check_can_listen(args.host, args.port)
     base = f"http://{_display_host(args.host)}:{args.port}"
     webhook_url = base + args.agent_route
     print(
@@ -463,18 +474,51 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.workers == 1:
         # Drains on SIGTERM: open turns finish (LAYERCODE_SHUTDOWN_GRACE_PERIOD), new
         # webhooks get 503 meanwhile, then a clean exit.
-        run_server(app, host=args.host, port=args.port, log_level=log_level)
+        with _start_failure_exits_2():
+            run_server(app, host=args.host, port=args.port, log_level=log_level)
         return EXIT_OK
     os.environ.update(_worker_environment(args, env, agent, generated))
-    uvicorn.run(
-        "layercode_asgi.server:app_from_env",
-        factory=True,
-        workers=args.workers,
-        host=args.host,
-        port=args.port,
-        log_level=log_level,
-    )
+    with _start_failure_exits_2():
+        uvicorn.run(
+            "layercode_asgi.server:app_from_env",
+            factory=True,
+            workers=args.workers,
+            host=args.host,
+            port=args.port,
+            log_level=log_level,
+        )
     return EXIT_OK
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Raise :class:`_StartError` unless ``host:port`` can be bound now (then release it)."""
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, UnicodeError) as exc:
+        raise _StartError(f"cannot listen on {host}:{port}: {exc}") from None
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise _StartError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+@contextmanager
+def _start_failure_exits_2() -> Iterator[None]:
+    """uvicorn exits with its own status when it cannot start; ours for that is 2."""
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise _StartError(
+                f"the server could not start (uvicorn exit status {exc.code}; see the log)"
+            ) from None
+        raise
 
 
 def _print_dev_banner(webhook_url: str, generated: str | None) -> None:
@@ -845,13 +889,24 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     handler: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.handler
     try:
         return handler(args, env)
-    except _UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+    except (_UsageError, _StartError, ConfigurationError) as exc:
+        _print_error(args, exc)
         return EXIT_USAGE
-    except (ConfigurationError, AgentNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    except SystemExit as exc:  # uvicorn exits on a start-up failure (port in use…)
+    except SystemExit as exc:  # argparse-like exits of a handler
         return _exit_code(exc)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if args.command not in ("serve", "demo"):
+            raise
+        # Whatever else stops serve or demo from starting (an agent factory that raises, …):
+        # one line, or the traceback with -v.
+        _print_error(args, exc, f"cannot start: {type(exc).__name__}: {exc}")
+        return EXIT_USAGE
+
+
+def _print_error(args: argparse.Namespace, exc: BaseException, text: str | None = None) -> None:
+    """``error: …`` on one line; with ``-v``, the traceback (and its causes) first."""
+    if getattr(args, "verbose", False):
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"error: {exc if text is None else text}", file=sys.stderr, flush=True)
