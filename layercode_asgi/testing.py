@@ -472,7 +472,11 @@ class TurnChecker:
             raise self.violation(
                 "event-after-end", f"{kind} (event #{position}) after response.end"
             )
-        node_error = kind == "response.error" and "turn_id" not in event and not self.strict
+        if kind == "response.error" and self.strict:
+            self.errors.append(event)
+            raise self.violation("response-error", f"response.error: {event.get('error')!r}")
+        # The Node SDK's response.error carries no turn_id: accepted (not strict here).
+        node_error = kind == "response.error" and "turn_id" not in event
         if event.get("turn_id") != self.turn_id and not node_error:
             raise self.violation(
                 "wrong-turn-id",
@@ -487,8 +491,6 @@ class TurnChecker:
             self.ended = True
         elif kind == "response.error":
             self.errors.append(event)
-            if self.strict:
-                raise self.violation("response-error", f"response.error: {event.get('error')!r}")
         self.events.append(event)
         return event
 
