@@ -187,6 +187,19 @@ def bind_agent(agent: Agent) -> Callable[[TurnEvent, TurnContext], Any]:
     return call if call is not None else _event_only(agent)
 
 
+def describe_non_reply(value: Any) -> str:
+    """What a turn's log says when an agent returned ``value``, which is not a reply."""
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:79] + "…"
+    return (
+        f"the agent returned {type(value).__name__} {shown}; expected an async iterable of "
+        "replies (an async generator function), or an awaitable (a coroutine function) giving "
+        "None, a reply, a list of replies or an async iterable of them; a reply is a str, "
+        "Tts, Data or Hangup"
+    )
+
+
 def _by_name(agent: Agent, name: str) -> Callable[[TurnEvent, TurnContext], Any]:
     return lambda event, context: agent(event, **{name: context})
 

@@ -439,3 +439,25 @@ def test_sign_curl_refuses_a_nul_byte(tmp_path: Path) -> None:
     )
     assert done.returncode == 2 and b"NUL" in done.stderr
     del tmp_path
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("agent", "shown"),
+    [
+        (lambda event: 42, "the agent returned int 42; expected"),
+        (lambda event: "plain text", "the agent returned str 'plain text'; expected"),
+    ],
+)
+async def test_an_agent_returning_no_reply_is_logged_once(
+    agent: Any, shown: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, agent=agent)
+    with caplog.at_level("ERROR", logger="layercode_asgi"):
+        async with LayercodeTestClient(app=app, secret=SECRET) as client:
+            turn = await client.message("hi")
+    assert turn.errors
+    records = [r for r in caplog.records if shown in r.getMessage()]
+    assert len(records) == 1, [r.getMessage() for r in caplog.records]
+    assert "async iterable" in records[0].getMessage()
