@@ -517,20 +517,38 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     _check_can_listen(args.host, args.port)
     base = f"http://{_display_host(args.host)}:{args.port}"
     webhook_url = base + args.agent_route
-    print(
-        f"layercode-asgi {__version__}: serving agent {agent!r} "
-        f"(webhook {webhook_url}, authorize {base}{args.authorize_route}, health {base}/health)",
-        flush=True,
-    )
-    if args.dev:
-        _print_dev_banner(webhook_url, generated)
+    printed = False
+
+    def banner() -> None:
+        nonlocal printed
+        if printed:
+            return
+        printed = True
+        print(
+            f"layercode-asgi {__version__}: serving agent {agent!r} (webhook {webhook_url}, "
+            f"authorize {base}{args.authorize_route}, health {base}/health)",
+            flush=True,
+        )
+        if args.dev:
+            _print_dev_banner(webhook_url, generated)
+
+    async def when_started() -> None:  # uvicorn's first tick once it listens
+        banner()
+
     log_level = "debug" if args.verbose else "info"
     if args.workers == 1:
         # Drains on SIGTERM: open turns finish (LAYERCODE_SHUTDOWN_GRACE_PERIOD), new
-        # webhooks get 503 meanwhile, then a clean exit.
+        # webhooks get 503 meanwhile, then a clean exit. The banner comes once it listens.
         with _start_failure_exits_2():
-            run_server(app, host=args.host, port=args.port, log_level=log_level)
+            run_server(
+                app,
+                host=args.host,
+                port=args.port,
+                log_level=log_level,
+                callback_notify=when_started,
+            )
         return EXIT_OK
+    banner()
     os.environ.update(_worker_environment(args, env, agent, generated))
     with _start_failure_exits_2():
         uvicorn.run(

@@ -414,6 +414,12 @@ class SSEParser:
 # -- protocol checking -------------------------------------------------------------------------
 
 
+def _brief(value: Any) -> str:
+    """``repr(value)``, at most 80 characters (a backend's value quoted in a violation)."""
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:79] + "…"
+
+
 class TurnChecker:
     """Checks the SSE events of one turn against the protocol, one event at a time.
 
@@ -470,18 +476,18 @@ class TurnChecker:
             if kind == "response.end":
                 raise self.violation("repeated-end", f"a second response.end (event #{position})")
             raise self.violation(
-                "event-after-end", f"{kind} (event #{position}) after response.end"
+                "event-after-end", f"{_brief(kind)} (event #{position}) after response.end"
             )
         if kind == "response.error" and self.strict:
             self.errors.append(event)
-            raise self.violation("response-error", f"response.error: {event.get('error')!r}")
+            raise self.violation("response-error", f"response.error: {_brief(event.get('error'))}")
         # The Node SDK's response.error carries no turn_id: accepted (not strict here).
         node_error = kind == "response.error" and "turn_id" not in event
         if event.get("turn_id") != self.turn_id and not node_error:
             raise self.violation(
                 "wrong-turn-id",
-                f"{kind} (event #{position}) has turn_id {event.get('turn_id')!r}, "
-                f"expected {self.turn_id!r}",
+                f"{_brief(kind)} (event #{position}) has turn_id "
+                f"{_brief(event.get('turn_id'))}, expected {self.turn_id!r}",
             )
         if kind == "response.tts" and not isinstance(event.get("content"), str):
             raise self.violation(
@@ -641,7 +647,7 @@ async def send_turn(
                 if not content_type.strip().lower().startswith("text/event-stream"):
                     raise ProtocolViolation(
                         "wrong-content-type",
-                        f"{kind} answered Content-Type {content_type or '(none)'!r}, "
+                        f"{kind} answered Content-Type {_brief(content_type or '(none)')}, "
                         "expected text/event-stream",
                         **where,
                     )

@@ -104,6 +104,16 @@ def test_a_setting_of_5000_digits_exits_2(tmp_path: Path) -> None:
     assert len(line) < 200
 
 
+@pytest.mark.parametrize("password", ["Zq8/Hk2+pW9", "Zq8#Hk2", "Zq8?Hk2"])
+def test_serve_never_prints_a_redis_password(tmp_path: Path, password: str) -> None:
+    env = {"REDIS_URL": f"redis://default:{password}@cache.example.com:6379/0"}
+    for verbose in ((), ("-v",)):
+        done = cli("serve", "--dev", "--env-file", "", *verbose, cwd=tmp_path, env=env)
+        assert done.returncode == 2
+        assert "Zq8" not in done.stderr + done.stdout and "Hk2" not in done.stderr
+        assert "redis://default:***@cache.example.com:6379/0" in done.stderr.splitlines()[-1]
+
+
 def test_port_in_use_fails_before_the_banner(tmp_path: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
