@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -35,9 +36,11 @@ if TYPE_CHECKING:
 __all__ = [
     "AGENTS",
     "Agent",
+    "AgentImportError",
     "AgentNotFoundError",
     "Data",
     "Hangup",
+    "InvalidAgentError",
     "Reply",
     "Tts",
     "TurnContext",
@@ -127,30 +130,81 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 _CONTEXT_NAMES = frozenset({"context", "ctx"})
 
 
+#: What an agent must look like, quoted by the start-up refusals.
+AGENT_SHAPE = (
+    "an agent is called as agent(event) or agent(event, context) (or with a keyword-only "
+    "'context' / 'ctx' parameter), and is an async generator function, a coroutine "
+    "function, an object with an async __call__, or a callable returning an async iterable"
+)
+
+
+class InvalidAgentError(ConfigurationError, TypeError):
+    """This object cannot be an agent (not callable, or a signature that cannot take an event).
+
+    A :class:`ConfigurationError` (start-up fails clearly) and a ``TypeError``.
+    """
+
+
 def bind_agent(agent: Agent) -> Callable[[TurnEvent, TurnContext], Any]:
     """Return ``call(event, context)`` that invokes ``agent`` the way it was written.
 
     Decided once per agent from its signature: a second positional parameter (or
     ``*args``) receives the context positionally; a keyword-only parameter named
     ``context`` or ``ctx`` receives it by name; otherwise the agent gets the event only.
+    Raises :class:`InvalidAgentError` when ``agent`` is not callable or its signature
+    cannot accept that call (e.g. three required positional parameters).
     """
     if not callable(agent):
-        raise TypeError(f"an agent must be an async callable, got {type(agent).__name__}")
+        raise InvalidAgentError(f"{type(agent).__name__} is not callable; {AGENT_SHAPE}")
     try:
-        parameters = inspect.signature(agent).parameters.values()
+        signature: inspect.Signature | None = inspect.signature(agent)
     except (TypeError, ValueError):  # some builtins and C callables have no signature
-        parameters = None
+        signature = None
+    parameters = signature.parameters.values() if signature is not None else ()
     positional = 0
-    for parameter in parameters or ():
+    call: Callable[[TurnEvent, TurnContext], Any] | None = None
+    arguments: tuple[tuple[Any, ...], dict[str, Any]] = (("event",), {})
+    for parameter in parameters:
         if parameter.kind in _POSITIONAL:
             positional += 1
         elif parameter.kind is inspect.Parameter.VAR_POSITIONAL:
             positional = 2
         elif parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.name in _CONTEXT_NAMES:
             name = parameter.name
-            return lambda event, context: agent(event, **{name: context})
-    if positional >= 2:
-        return agent
+            arguments = (("event",), {name: "context"})
+            call = _by_name(agent, name)
+            break
+    if call is None and positional >= 2:
+        arguments = (("event", "context"), {})
+        call = agent
+    if signature is not None:
+        try:
+            signature.bind(*arguments[0], **arguments[1])
+        except TypeError as exc:
+            raise InvalidAgentError(
+                f"{agent_name(agent)}{signature} cannot be an agent ({exc}); {AGENT_SHAPE}"
+            ) from None
+    return call if call is not None else _event_only(agent)
+
+
+def describe_non_reply(value: Any) -> str:
+    """What a turn's log says when an agent returned ``value``, which is not a reply."""
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:79] + "…"
+    return (
+        f"the agent returned {type(value).__name__} {shown}; expected an async iterable of "
+        "replies (an async generator function), or an awaitable (a coroutine function) giving "
+        "None, a reply, a list of replies or an async iterable of them; a reply is a str, "
+        "Tts, Data or Hangup"
+    )
+
+
+def _by_name(agent: Agent, name: str) -> Callable[[TurnEvent, TurnContext], Any]:
+    return lambda event, context: agent(event, **{name: context})
+
+
+def _event_only(agent: Agent) -> Callable[[TurnEvent, TurnContext], Any]:
     return lambda event, context: agent(event)
 
 
@@ -262,27 +316,53 @@ def list_agents() -> list[str]:
     return sorted(AGENTS)
 
 
+class AgentImportError(ConfigurationError, ImportError):
+    """A ``package.module:attribute`` agent could not be imported: the message gives the cause
+    (the exception raised while importing, or the missing attribute); ``__cause__`` is it."""
+
+
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _import_agent(name: str) -> Any:
+    if not _IMPORT_PATH.fullmatch(name):
+        raise AgentImportError(
+            f"invalid agent import path {name!r}: expected 'package.module:attribute'"
+        )
+    module_name, _, attribute = name.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as exc:  # whatever the module raised while being imported
+        raise AgentImportError(
+            f"cannot import the agent {name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError as exc:
+            raise AgentImportError(
+                f"cannot import the agent {name!r}: {module_name} has no attribute {part!r}"
+            ) from exc
+    return target
+
+
 def get_agent(name: str, settings: Settings | None = None) -> Agent:
     """Build the agent called ``name`` (``"echo"``, ``"openai"``, …).
 
     ``name`` may also be an import path ``"package.module:attribute"``: the attribute is
     the agent itself (an async callable). Unknown names raise :class:`AgentNotFoundError`;
-    an agent that cannot run with these settings (a missing key) raises
-    :class:`ConfigurationError`.
+    an import path that cannot be imported raises :class:`AgentImportError` with the
+    cause; an object that cannot be an agent raises :class:`InvalidAgentError`; an agent
+    that cannot run with these settings (a missing key) raises :class:`ConfigurationError`.
     """
     factory = AGENTS.get(name)
     if factory is not None:
         return factory(settings)
     if ":" in name:
-        module_name, _, attribute = name.partition(":")
-        try:
-            target: Any = importlib.import_module(module_name)
-            for part in attribute.split("."):
-                target = getattr(target, part)
-        except (ImportError, AttributeError) as exc:
-            raise AgentNotFoundError(name, list_agents()) from exc
+        target = _import_agent(name)
         if not callable(target):
-            raise ConfigurationError(f"{name} is not callable, so it cannot be an agent")
+            raise InvalidAgentError(f"{name} is not callable, so it cannot be an agent")
+        bind_agent(target)  # refuses a signature that cannot take an event
         return target  # type: ignore[no-any-return]
     raise AgentNotFoundError(name, list_agents())
 

@@ -11,20 +11,25 @@ Commands:
 * ``demo``: serve the echo agent on a free local port and simulate a conversation with it.
 * ``list-agents``: the registered agents. ``sign``: a ``layercode-signature`` header value.
 
-Exit codes: 0 success, 1 protocol violation (``simulate``, ``demo``), 2 usage or
-configuration error. :func:`main` returns the code instead of exiting, for tests.
+Exit codes: 0 success; 1 a protocol violation, or a turn that ended in ``response.error``
+(``simulate``, ``demo``; ``--allow-errors`` accepts those); 2 a usage or configuration error
+or any failure to start (one ``error:`` line; the traceback only with ``-v``); 130
+interrupted. :func:`main` returns the code instead of exiting, for tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import shlex
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, TextIO
@@ -34,9 +39,10 @@ import httpx
 import msgspec
 
 from ._version import __version__
-from .agents import AGENTS, AgentNotFoundError, list_agents
+from .agents import AGENTS, list_agents
 from .config import SETTINGS_FIELDS, Settings, parse_env_file
 from .errors import ConfigurationError
+from .redaction import escape_terminal
 from .testing import (
     VIOLATIONS,
     JSONResult,
@@ -76,6 +82,10 @@ class _UsageError(Exception):
     """A bad command line detected after parsing; printed, exit code 2."""
 
 
+class _StartError(Exception):
+    """The server could not start (a port in use, …); printed, exit code 2."""
+
+
 # -- simulate ------------------------------------------------------------------------------------
 
 
@@ -90,14 +100,22 @@ class SimulationReport:
     replies: list[dict[str, Any]] = field(default_factory=list)
     violation: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    allow_errors: bool = False
+
+    @property
+    def errored_turns(self) -> int:
+        """How many turns contained a ``response.error``."""
+        return sum(1 for turn in self.turns if turn["errors"])
 
     @property
     def ok(self) -> bool:
-        return self.violation is None
+        """No violation, and no errored turn unless errors were allowed."""
+        return self.violation is None and (self.allow_errors or not self.errored_turns)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
+            "errored_turns": self.errored_turns,
             "url": self.url,
             "conversation_id": self.conversation_id,
             "session_id": self.session_id,
@@ -106,6 +124,14 @@ class SimulationReport:
             "violation": self.violation,
             "warnings": self.warnings,
         }
+
+
+#: How much of a backend's event or reply ``simulate`` prints on one line.
+_SHOWN = 300
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + f"… ({len(text)} characters)"
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -125,7 +151,7 @@ class _Printer:
         if self.quiet:
             return
         self.end_line()
-        print(text, file=self.out, flush=True)
+        print(escape_terminal(text), file=self.out, flush=True)
 
     def end_line(self) -> None:
         if self.mid_line:
@@ -135,7 +161,7 @@ class _Printer:
 
     def problem(self, text: str) -> None:
         self.end_line()
-        print(text, file=self.err, flush=True)
+        print(escape_terminal(text), file=self.err, flush=True)
 
     def on_event(self, event: dict[str, Any]) -> None:
         if self.quiet:
@@ -145,11 +171,15 @@ class _Printer:
             if not self.mid_line:
                 self.out.write("agent: ")
                 self.mid_line = True
-            self.out.write(event["content"])
+            self.out.write(escape_terminal(event["content"]))
             self.out.flush()
         elif kind != "response.end":
             rest = {k: v for k, v in event.items() if k not in ("type", "turn_id")}
-            self.line(f"  [{kind}] {_encode(rest).decode()}" if rest else f"  [{kind}]")
+            self.line(
+                f"  [{_shorten(kind)}] {_shorten(_encode(rest).decode())}"
+                if rest
+                else f"  [{_shorten(kind)}]"
+            )
 
 
 async def run_simulation(
@@ -163,6 +193,7 @@ async def run_simulation(
     timeout: float = 30.0,  # noqa: ASYNC109 - per request, reported as the `timeout` violation
     headers: Mapping[str, str] | None = None,
     strict: bool = False,
+    allow_errors: bool = False,
     quiet: bool = False,
     out: TextIO | None = None,
     err: TextIO | None = None,
@@ -174,7 +205,10 @@ async def run_simulation(
     ``data`` is given, then ``session.update`` and ``session.end`` (with the transcript).
     The spoken reply is written to ``out`` as it streams; problems go to ``err``. The
     first :class:`~layercode_asgi.testing.ProtocolViolation` stops the conversation and
-    is recorded in the report (``report.ok`` is then false).
+    is recorded in the report (``report.ok`` is then false). A turn with a
+    ``response.error`` is counted in ``report.errored_turns`` and makes ``report.ok`` false
+    unless ``allow_errors`` (with ``strict``, it is a violation that stops the run).
+    Everything printed that came from the backend has its control characters escaped.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -184,6 +218,7 @@ async def run_simulation(
         url=url,
         conversation_id=conversation_id or f"conv_sim_{secrets.token_hex(6)}",
         session_id=session_id or f"sess_sim_{secrets.token_hex(6)}",
+        allow_errors=allow_errors,
     )
     ids = {"conversation_id": report.conversation_id, "session_id": report.session_id}
     transcript: list[dict[str, Any]] = []
@@ -211,7 +246,8 @@ async def run_simulation(
             f"turn {result.turn_id}: {spoken}, total {total} ms, {len(result.events)} events"
         )
         for error in result.errors:
-            warning = f"turn {result.turn_id}: response.error: {error.get('error')!r}"
+            shown = _shorten(repr(error.get("error")))
+            warning = f"turn {result.turn_id}: response.error: {shown}"
             report.warnings.append(warning)
             printer.problem(f"warning: {warning}")
         report.turns.append(
@@ -219,6 +255,7 @@ async def run_simulation(
                 "type": event["type"],
                 "turn_id": result.turn_id,
                 "text": result.text,
+                "errors": len(result.errors),
                 "time_to_first_tts_ms": first,
                 "total_ms": total,
                 "events": result.events,
@@ -232,7 +269,7 @@ async def run_simulation(
         result = await send_json_event(
             client, url, event, secret, headers=extra_headers, timeout=timeout
         )
-        printer.line(f"  reply {result.status_code}: {_encode(result.body).decode()}")
+        printer.line(f"  reply {result.status_code}: {_shorten(_encode(result.body).decode())}")
         report.replies.append(
             {
                 "type": event["type"],
@@ -283,10 +320,20 @@ async def run_simulation(
         }
         printer.problem(f"PROTOCOL VIOLATION: {violation.name}: {violation.detail}")
         return report
-    printer.line(
-        f"OK: {len(report.turns)} turns and {len(report.replies)} other events, "
-        "no protocol violation"
-    )
+    counts = f"{len(report.turns)} turns and {len(report.replies)} other events"
+    errored = report.errored_turns
+    if not errored:
+        printer.line(f"OK: {counts}, no protocol violation")
+    elif allow_errors:
+        printer.line(
+            f"OK: {counts}, no protocol violation; {errored} of {len(report.turns)} turns "
+            "ended in response.error (allowed by --allow-errors)"
+        )
+    else:
+        printer.problem(
+            f"FAILED: {errored} of {len(report.turns)} turns ended in response.error "
+            f"({counts}, no protocol violation; --allow-errors accepts them)"
+        )
     return report
 
 
@@ -327,7 +374,9 @@ def _parse_headers(values: Sequence[str]) -> dict[str, str]:
 
 
 def _secret(args: argparse.Namespace, env: Mapping[str, str], command: str) -> str:
-    secret: str | None = args.secret or env.get(_SECRET_ENV)
+    configured: str = args.secret or env.get(_SECRET_ENV) or ""
+    # The rotation form 'whsec_new,whsec_old' (what serve accepts): sign with the newest.
+    secret = next((part.strip() for part in configured.split(",") if part.strip()), "")
     if not secret:
         raise _UsageError(f"{command} needs the webhook secret: --secret S (or {_SECRET_ENV})")
     return secret
@@ -356,14 +405,25 @@ def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             timeout=args.timeout,
             headers=headers,
             strict=args.strict,
+            allow_errors=args.allow_errors,
             quiet=args.quiet,
             out=human,
             err=sys.stderr,
         )
     )
     if args.json:
-        print(_encode(report.as_dict()).decode(), flush=True)
+        print(_json_for_terminal(report.as_dict()), flush=True)
     return EXIT_OK if report.ok else EXIT_VIOLATION
+
+
+#: Characters JSON leaves raw that a terminal may act on (C0 controls are always escaped).
+_RAW_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
+def _json_for_terminal(value: Any) -> str:
+    """Compact JSON with DEL, C1 controls and U+2028/2029 escaped too (still valid JSON)."""
+    text = _encode(value).decode()
+    return _RAW_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 # -- serve and demo ------------------------------------------------------------------------------
@@ -419,6 +479,8 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     uvicorn = _uvicorn()
     if args.workers < 1:
         raise _UsageError("--workers must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise _UsageError(f"--port must be between 0 and 65535, got {args.port}")
     routes_changed = (args.agent_route, args.authorize_route) != ("/api/agent", "/api/authorize")
     if args.workers > 1 and routes_changed:
         raise _UsageError(
@@ -450,31 +512,85 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         level="DEBUG" if args.verbose else settings.log_level,
         logfire_token=settings.logfire_token,
     )
+    # Fail on a port in use before printing that we serve (uvicorn would exit after the
+    # banner); the remaining race (someone binds it in between) still fails, exit 2.
+    _check_can_listen(args.host, args.port)
     base = f"http://{_display_host(args.host)}:{args.port}"
     webhook_url = base + args.agent_route
-    print(
-        f"layercode-asgi {__version__}: serving agent {agent!r} "
-        f"(webhook {webhook_url}, authorize {base}{args.authorize_route}, health {base}/health)",
-        flush=True,
-    )
-    if args.dev:
-        _print_dev_banner(webhook_url, generated)
+    printed = False
+
+    def banner() -> None:
+        nonlocal printed
+        if printed:
+            return
+        printed = True
+        print(
+            f"layercode-asgi {__version__}: serving agent {agent!r} (webhook {webhook_url}, "
+            f"authorize {base}{args.authorize_route}, health {base}/health)",
+            flush=True,
+        )
+        if args.dev:
+            _print_dev_banner(webhook_url, generated)
+
+    async def when_started() -> None:  # uvicorn's first tick once it listens
+        banner()
+
     log_level = "debug" if args.verbose else "info"
     if args.workers == 1:
         # Drains on SIGTERM: open turns finish (LAYERCODE_SHUTDOWN_GRACE_PERIOD), new
-        # webhooks get 503 meanwhile, then a clean exit.
-        run_server(app, host=args.host, port=args.port, log_level=log_level)
+        # webhooks get 503 meanwhile, then a clean exit. The banner comes once it listens.
+        with _start_failure_exits_2():
+            run_server(
+                app,
+                host=args.host,
+                port=args.port,
+                log_level=log_level,
+                callback_notify=when_started,
+            )
         return EXIT_OK
+    banner()
     os.environ.update(_worker_environment(args, env, agent, generated))
-    uvicorn.run(
-        "layercode_asgi.server:app_from_env",
-        factory=True,
-        workers=args.workers,
-        host=args.host,
-        port=args.port,
-        log_level=log_level,
-    )
+    with _start_failure_exits_2():
+        uvicorn.run(
+            "layercode_asgi.server:app_from_env",
+            factory=True,
+            workers=args.workers,
+            host=args.host,
+            port=args.port,
+            log_level=log_level,
+        )
     return EXIT_OK
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Raise :class:`_StartError` unless ``host:port`` can be bound now (then release it)."""
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, UnicodeError) as exc:
+        raise _StartError(f"cannot listen on {host}:{port}: {exc}") from None
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise _StartError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+@contextmanager
+def _start_failure_exits_2() -> Iterator[None]:
+    """uvicorn exits with its own status when it cannot start; ours for that is 2."""
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise _StartError(
+                f"the server could not start (uvicorn exit status {exc.code}; see the log)"
+            ) from None
+        raise
 
 
 def _print_dev_banner(webhook_url: str, generated: str | None) -> None:
@@ -527,7 +643,6 @@ async def _run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
         uvicorn.Config(app, log_level="debug" if args.verbose else "warning", lifespan="on")
     )
     url = f"http://127.0.0.1:{port}/api/agent"
-    print(f"demo: the echo agent is served on {url} (temporary secret {secret})", flush=True)
     stopped = anyio.Event()
 
     async def serve() -> None:
@@ -545,16 +660,23 @@ async def _run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
                     while not server.started and not stopped.is_set():  # noqa: ASYNC110 - uvicorn exposes a bool
                         await anyio.sleep(0.01)
                 if server.started:
+                    print(
+                        f"demo: the echo agent is served on {url} (temporary secret {secret})",
+                        flush=True,
+                    )
                     report = await run_simulation(
-                        url, secret, args.messages or DEMO_MESSAGES, data=DEMO_DATA
+                        url,
+                        secret,
+                        args.messages or DEMO_MESSAGES,
+                        data=DEMO_DATA,
+                        allow_errors=args.allow_errors,
                     )
             finally:
                 server.should_exit = True
     finally:
         sock.close()
     if report is None:
-        print("demo: the server did not start", file=sys.stderr, flush=True)
-        return EXIT_VIOLATION
+        raise _StartError("demo: the server did not start")
     if report.ok:
         print("demo: done. Serve your own agent with: layercode-asgi serve --help", flush=True)
         return EXIT_OK
@@ -610,9 +732,16 @@ def _sign(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(header)
         return EXIT_OK
     if args.file is not None and args.file != "-":
-        data = "@" + args.file
+        # curl reads the file itself, byte for byte (--data-binary does not strip newlines).
+        data_option, data = "--data-binary", "@" + args.file
     else:
-        data = body.decode("utf-8", "surrogateescape")
+        if b"\0" in body:
+            raise _UsageError(
+                "the body contains a NUL byte, which a shell argument cannot hold: "
+                "save it to a file and use --file PATH --curl URL"
+            )
+        # --data-raw sends its argument as is: a body starting with '@' is not a file name.
+        data_option, data = "--data-raw", body.decode("utf-8", "surrogateescape")
     command = [
         "curl",
         "-sSN",
@@ -623,15 +752,22 @@ def _sign(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "content-type: application/json",
         "-H",
         f"{SIGNATURE_HEADER}: {header}",
-        "--data-binary",
+        data_option,
         data,
     ]
-    print(shlex.join(command))
+    # Bytes out: a body that is not UTF-8 is printed (shell-quoted) exactly as it was read.
+    sys.stdout.flush()
+    sys.stdout.buffer.write(shlex.join(command).encode("utf-8", "surrogateescape") + b"\n")
+    sys.stdout.buffer.flush()
     return EXIT_OK
 
 
 # -- the parser ----------------------------------------------------------------------------------
 
+_ALLOW_ERRORS_HELP = (
+    "exit 0 even when turns ended in response.error (for backends that use it on purpose); "
+    "they are still counted"
+)
 _VIOLATION_HELP = "\n".join(f"  {name:<18} {meaning}" for name, meaning in VIOLATIONS.items())
 
 
@@ -724,8 +860,9 @@ def build_parser() -> argparse.ArgumentParser:
             "it is piped), an optional data event, then session.update and session.end. The "
             "spoken reply is printed as it streams, with the time to the first response.tts "
             "and the total per turn. Exit status: 0 when the backend followed the protocol, "
-            "1 on the first violation (printed as 'PROTOCOL VIOLATION: <name>: <detail>'), "
-            "2 on a usage error."
+            "1 on the first violation (printed as 'PROTOCOL VIOLATION: <name>: <detail>') or "
+            "when any turn ended in response.error (counted: 'N of M turns ended in "
+            "response.error'; --allow-errors exits 0), 2 on a usage error."
         ),
         epilog="violations:\n" + _VIOLATION_HELP,
         formatter_class=formatter,
@@ -758,8 +895,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra request header, repeatable (LayerCode's custom headers)",
     )
     simulate.add_argument(
-        "--strict", action="store_true", help="treat response.error events as a violation"
+        "--strict",
+        action="store_true",
+        help="treat a response.error event as a protocol violation that stops the run",
     )
+    simulate.add_argument("--allow-errors", action="store_true", help=_ALLOW_ERRORS_HELP)
     simulate.add_argument(
         "--json",
         action="store_true",
@@ -776,12 +916,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Start the echo agent in-process on 127.0.0.1 (a free port, a temporary secret), "
             "run simulate against it with a few messages and a data event, and stop. "
-            "Exit status 0 when the conversation followed the protocol."
+            "Exit status 0 when the conversation followed the protocol with no errored turn, "
+            "1 otherwise, 2 when the server could not start."
         ),
     )
     demo.add_argument(
         "messages", nargs="*", metavar="MESSAGE", help="what the user says (default: 3 lines)"
     )
+    demo.add_argument("--allow-errors", action="store_true", help=_ALLOW_ERRORS_HELP)
     demo.add_argument("-v", "--verbose", action="store_true", help="server debug logs")
     demo.set_defaults(handler=_demo)
 
@@ -845,13 +987,24 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     handler: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.handler
     try:
         return handler(args, env)
-    except _UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+    except (_UsageError, _StartError, ConfigurationError) as exc:
+        _print_error(args, exc)
         return EXIT_USAGE
-    except (ConfigurationError, AgentNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    except SystemExit as exc:  # uvicorn exits on a start-up failure (port in use…)
+    except SystemExit as exc:  # argparse-like exits of a handler
         return _exit_code(exc)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if args.command not in ("serve", "demo"):
+            raise
+        # Whatever else stops serve or demo from starting (an agent factory that raises, …):
+        # one line, or the traceback with -v.
+        _print_error(args, exc, f"cannot start: {type(exc).__name__}: {exc}")
+        return EXIT_USAGE
+
+
+def _print_error(args: argparse.Namespace, exc: BaseException, text: str | None = None) -> None:
+    """``error: …`` on one line; with ``-v``, the traceback (and its causes) first."""
+    if getattr(args, "verbose", False):
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"error: {exc if text is None else text}", file=sys.stderr, flush=True)

@@ -31,9 +31,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .errors import ConfigurationError
+from .redaction import mask_url
 
 __all__ = [
     "SETTINGS_FIELDS",
@@ -58,6 +59,10 @@ class SettingsError(ConfigurationError):
         super().__init__(message)
 
 
+#: The longest quotation of an invalid (non-secret) value in an error message.
+_MAX_QUOTED = 80
+
+
 class _Invalid(Exception):
     """Raised by a converter: what was expected, and the offending value (if any)."""
 
@@ -71,7 +76,12 @@ class _Invalid(Exception):
         """The problem, quoting the value unless it is secret."""
         if not self.has_value:
             return self.message
-        return f"{self.message}, got {'<hidden>' if secret else repr(self.value)}"
+        if secret:
+            return f"{self.message}, got <hidden>"
+        shown = repr(self.value)
+        if len(shown) > _MAX_QUOTED:
+            shown = shown[: _MAX_QUOTED - 1] + "…"
+        return f"{self.message}, got {shown}"
 
 
 def _fail(expected: str, value: object) -> NoReturn:
@@ -119,7 +129,10 @@ def _int_converter(minimum: int) -> Callable[[object], int]:
             text = value.strip()
             if not re.fullmatch(r"[+-]?[0-9][0-9_]*", text):
                 _fail(expected, value)
-            number = int(text)
+            try:
+                number = int(text)
+            except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+                raise _Invalid(f"expected {expected}, got a number of {len(text)} digits") from None
         elif isinstance(value, int) and not isinstance(value, bool):
             number = value
         else:
@@ -170,9 +183,9 @@ def _http_url(value: object) -> str:
         parts = urlsplit(text)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        _fail("an http(s) URL", value)
+        _fail("an http(s) URL", mask_url(text))
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        _fail("an http(s) URL", value)
+        _fail("an http(s) URL", mask_url(text))
     return text.rstrip("/")
 
 
@@ -188,12 +201,12 @@ def _redis_url(value: object) -> str | None:
         parts = urlsplit(text)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        _fail(expected, _mask_url(text))
+        _fail(expected, mask_url(text))
     scheme = parts.scheme.lower()
     if scheme not in _REDIS_SCHEMES:
-        _fail(expected, _mask_url(text))
+        _fail(expected, mask_url(text))
     if scheme == "unix" and not parts.path:
-        _fail("a unix:// URL with a socket path", _mask_url(text))
+        _fail("a unix:// URL with a socket path", mask_url(text))
     return text
 
 
@@ -358,7 +371,7 @@ def _parse_env_line(line: str) -> tuple[str, str] | None:
     if not sep:
         raise _Invalid("expected KEY=VALUE")
     if not _KEY_RE.fullmatch(key):
-        raise _Invalid(f"invalid variable name {key!r}")
+        raise _Invalid("invalid variable name (letters, digits, '_' and '.' only)")
     rest = rest.lstrip()
     if not rest:
         return key, ""
@@ -382,10 +395,10 @@ def _parse_env_line(line: str) -> tuple[str, str] | None:
         chars.append(char)
         i += 1
     else:
-        raise _Invalid(f"unterminated {quote} quote")
+        raise _Invalid(f"{key}: unterminated {quote} quote (values span one line only)")
     trailing = rest[i + 1 :].strip()
     if trailing and not trailing.startswith("#"):
-        raise _Invalid(f"unexpected text after the closing quote: {trailing!r}")
+        raise _Invalid(f"{key}: unexpected text after the closing quote")
     return key, "".join(chars)
 
 
@@ -424,18 +437,8 @@ def parse_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
 # -- masking ---------------------------------------------------------------------------------
 
 
-def _mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "<invalid URL>"
-    if password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+#: Settings holding a URL, shown with any credentials masked.
+_URL_FIELDS = frozenset({"redis_url", "layercode_api_url"})
 
 
 def _masked(spec: SettingField, value: Any) -> str:
@@ -445,8 +448,8 @@ def _masked(spec: SettingField, value: Any) -> str:
         if isinstance(value, tuple):
             return "(" + ", ".join("'***'" for _ in value) + ("," if len(value) == 1 else "") + ")"
         return "'***'"
-    if spec.name == "redis_url":
-        return repr(_mask_url(value))
+    if spec.name in _URL_FIELDS:
+        return repr(mask_url(value))
     return repr(value)
 
 
@@ -589,8 +592,8 @@ class Settings:
             value = getattr(self, spec.name)
             if mask_secrets and spec.secret and value:
                 value = tuple("***" for _ in value) if isinstance(value, tuple) else "***"
-            elif mask_secrets and spec.name == "redis_url" and value:
-                value = _mask_url(value)
+            elif mask_secrets and spec.name in _URL_FIELDS and value:
+                value = mask_url(value)
             result[spec.name] = value
         return result
 

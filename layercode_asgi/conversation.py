@@ -586,7 +586,7 @@ def _import_redis() -> Any:
 
 
 def _describe_url(url: str) -> str:
-    from .config import _mask_url  # avoid a module cycle at import time
+    from .redaction import mask_url as _mask_url
 
     return _mask_url(url)
 
@@ -680,10 +680,11 @@ class RedisConversationStore:
                     ),
                 )
                 self._client: Any = redis_asyncio.Redis(connection_pool=pool)
-            except ValueError as exc:
+            except ValueError:  # its message may quote part of the password: not shown
                 raise ConfigurationError(
-                    f"invalid Redis URL {_describe_url(url_or_client)!r}: {exc}"
-                ) from exc
+                    f"invalid Redis URL {_describe_url(url_or_client)!r} (percent-encode "
+                    "special characters in the password: / as %2F, # as %23, ? as %3F)"
+                ) from None
             self._owns_client = True
             self._where = _describe_url(url_or_client)
         else:

@@ -25,27 +25,32 @@ WHATWG specification, so nothing depends on one server's byte layout.
 
 from __future__ import annotations
 
-import codecs
-import re
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import anyio
+import anyio.lowlevel
 import httpx
 import msgspec
 
+from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
 from .signature import SIGNATURE_HEADER, sign
+from .sse_parser import SSEEvent, SSEParser
 
 __all__ = [
+    "MAX_REPLY_BYTES",
+    "MAX_TURN_EVENTS",
     "TURN_TYPES",
     "VIOLATIONS",
     "JSONResult",
     "LayercodeTestClient",
     "ProtocolViolation",
+    "ReplyTooLarge",
     "SSEEvent",
     "SSEParser",
     "TurnChecker",
@@ -80,12 +85,18 @@ VIOLATIONS: Final[Mapping[str, str]] = {
     "wrong-turn-id": "an event without the request's turn_id",
     "response-error": "the turn contained a response.error (only with strict checking)",
     "timeout": "no complete reply within the timeout",
+    "too-large": "a reply exceeded the client's bounds (max_bytes decoded bytes, or max_events "
+    "events in one turn)",
+    "bad-encoding": "a reply's Content-Encoding is not one the client asked for (gzip, deflate)",
 }
+
+#: Default bound on the decoded bytes of one reply (a turn's whole stream, or a JSON body).
+MAX_REPLY_BYTES: Final = 64 * 1024 * 1024
+#: Default bound on the events of one turn.
+MAX_TURN_EVENTS: Final = 100_000
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.decode
-#: The SSE line terminators: CRLF, lone LF, lone CR (and nothing else, unlike splitlines).
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 #: How much of an unexpected error body a violation message quotes.
 _BODY_EXCERPT = 200
 
@@ -277,116 +288,13 @@ def signed_headers(body: bytes | str, secret: str, timestamp: int | None = None)
     }
 
 
-# -- Server-Sent Events ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SSEEvent:
-    """One dispatched SSE message: ``data`` (lines joined with ``\\n``), ``event`` type
-    (``"message"`` when the stream named none), the last event ``id`` and ``retry`` (ms)."""
-
-    data: str
-    event: str = "message"
-    id: str = ""
-    retry: int | None = None
-
-
-class SSEParser:
-    """An incremental Server-Sent Events parser (WHATWG HTML, "event stream interpretation").
-
-    Feed it bytes (or text) in chunks of any size; :meth:`feed` returns the messages
-    completed by that chunk. Lines end with CRLF, LF or CR (a CR at the end of one chunk
-    followed by LF at the start of the next counts once); a leading BOM is skipped; invalid
-    UTF-8 becomes U+FFFD; ``data:`` lines accumulate, joined with ``\\n``; one space after
-    the colon is removed; lines starting with ``:`` are comments; a blank line dispatches,
-    unless no data was given; ``id`` containing NUL and non-numeric ``retry`` are ignored.
-    A message not terminated by a blank line when the stream ends is discarded, as the
-    specification says (:attr:`pending` tells whether there is one).
-    """
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._buffer = ""
-        self._started = False
-        self._after_cr = False
-        self._data: list[str] = []
-        self._event = ""
-        self._last_id = ""
-        self._retry: int | None = None
-        self._dirty = False
-
-    @property
-    def pending(self) -> bool:
-        """Whether fields were read that no blank line has dispatched yet."""
-        return self._dirty or bool(self._buffer)
-
-    @property
-    def last_event_id(self) -> str:
-        return self._last_id
-
-    def feed(self, chunk: bytes | str) -> list[SSEEvent]:
-        """Parse ``chunk``; return the messages it completed, in order."""
-        text = self._decoder.decode(chunk) if isinstance(chunk, bytes) else chunk
-        if not text:
-            return []
-        if not self._started:
-            self._started = True
-            if text.startswith("\ufeff"):
-                text = text[1:]
-        if self._after_cr and text.startswith("\n"):
-            text = text[1:]
-        buffer = self._buffer + text
-        events: list[SSEEvent] = []
-        start = 0
-        for match in _LINE_BREAK.finditer(buffer):
-            event = self._line(buffer[start : match.start()])
-            if event is not None:
-                events.append(event)
-            start = match.end()
-        # A CR ending the chunk ended its line; an LF opening the next chunk belongs to it.
-        self._after_cr = buffer.endswith("\r")
-        self._buffer = buffer[start:]
-        return events
-
-    def close(self) -> list[SSEEvent]:
-        """End of stream: flush the decoder. Returns nothing (unterminated data is dropped)."""
-        tail = self._decoder.decode(b"", final=True)
-        if tail:
-            self._buffer += tail
-        return []
-
-    def _line(self, line: str) -> SSEEvent | None:
-        if not line:
-            return self._dispatch()
-        if line.startswith(":"):
-            return None
-        name, colon, value = line.partition(":")
-        if colon and value.startswith(" "):
-            value = value[1:]
-        if name == "data":
-            self._data.append(value)
-            self._dirty = True
-        elif name == "event":
-            self._event = value
-            self._dirty = True
-        elif name == "id":
-            if "\0" not in value:
-                self._last_id = value
-        elif name == "retry" and value.isascii() and value.isdigit():
-            self._retry = int(value)
-        return None
-
-    def _dispatch(self) -> SSEEvent | None:
-        data, event_type, retry = self._data, self._event, self._retry
-        self._data, self._event, self._retry, self._dirty = [], "", None, False
-        if not data:
-            return None
-        return SSEEvent(
-            data="\n".join(data), event=event_type or "message", id=self._last_id, retry=retry
-        )
-
-
 # -- protocol checking -------------------------------------------------------------------------
+
+
+def _brief(value: Any) -> str:
+    """``repr(value)``, at most 80 characters (a backend's value quoted in a violation)."""
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:79] + "…"
 
 
 class TurnChecker:
@@ -395,13 +303,24 @@ class TurnChecker:
     :meth:`check` takes each dispatched :class:`SSEEvent` and returns its JSON object, or
     raises :class:`ProtocolViolation`; :meth:`finish` is called when the stream closed.
     ``response.error`` events are collected in :attr:`errors`; with ``strict=True`` the
-    first one is a violation (``response-error``). Unknown event types are accepted.
+    first one is a violation (``response-error``). Without it, the official Node SDK's error
+    stream is accepted as an errored turn: a ``response.error`` (its ``turn_id`` may be
+    missing) and then the end of the stream without ``response.end`` (PROTOCOL.md §4).
+    Unknown event types are accepted. More than ``max_events`` events is ``too-large``.
     """
 
-    def __init__(self, turn_id: str, *, event_type: str = "message", strict: bool = False) -> None:
+    def __init__(
+        self,
+        turn_id: str,
+        *,
+        event_type: str = "message",
+        strict: bool = False,
+        max_events: int = MAX_TURN_EVENTS,
+    ) -> None:
         self.turn_id = turn_id
         self.event_type = event_type
         self.strict = strict
+        self.max_events = max_events
         self.events: list[dict[str, Any]] = []
         self.errors: list[dict[str, Any]] = []
         self.ended = False
@@ -411,6 +330,10 @@ class TurnChecker:
 
     def check(self, sse: SSEEvent) -> dict[str, Any]:
         position = len(self.events) + 1
+        if position > self.max_events:
+            raise self.violation(
+                "too-large", f"more than {self.max_events} events in one turn (max_events)"
+            )
         try:
             event = _decode(sse.data)
         except msgspec.DecodeError as exc:
@@ -430,13 +353,18 @@ class TurnChecker:
             if kind == "response.end":
                 raise self.violation("repeated-end", f"a second response.end (event #{position})")
             raise self.violation(
-                "event-after-end", f"{kind} (event #{position}) after response.end"
+                "event-after-end", f"{_brief(kind)} (event #{position}) after response.end"
             )
-        if event.get("turn_id") != self.turn_id:
+        if kind == "response.error" and self.strict:
+            self.errors.append(event)
+            raise self.violation("response-error", f"response.error: {_brief(event.get('error'))}")
+        # The Node SDK's response.error carries no turn_id: accepted (not strict here).
+        node_error = kind == "response.error" and "turn_id" not in event
+        if event.get("turn_id") != self.turn_id and not node_error:
             raise self.violation(
                 "wrong-turn-id",
-                f"{kind} (event #{position}) has turn_id {event.get('turn_id')!r}, "
-                f"expected {self.turn_id!r}",
+                f"{_brief(kind)} (event #{position}) has turn_id "
+                f"{_brief(event.get('turn_id'))}, expected {self.turn_id!r}",
             )
         if kind == "response.tts" and not isinstance(event.get("content"), str):
             raise self.violation(
@@ -446,14 +374,12 @@ class TurnChecker:
             self.ended = True
         elif kind == "response.error":
             self.errors.append(event)
-            if self.strict:
-                raise self.violation("response-error", f"response.error: {event.get('error')!r}")
         self.events.append(event)
         return event
 
     def finish(self, *, pending: bool = False) -> None:
-        if self.ended:
-            return
+        if self.ended or (self.errors and not self.strict):
+            return  # ended, or the Node SDK's error stream (response.error, then close)
         detail = "the stream closed without a response.end"
         if pending:
             detail += " (the last event was not terminated by a blank line, so it never counted)"
@@ -516,15 +442,43 @@ class JSONResult:
 OnEvent = Callable[[dict[str, Any]], None]
 
 
-def _excerpt(content: bytes) -> str:
+def _excerpt(content: bytes, more: bool = False) -> str:
     text = content[:_BODY_EXCERPT].decode("utf-8", "replace")
-    return text + ("…" if len(content) > _BODY_EXCERPT else "")
+    return text + ("…" if more or len(content) > _BODY_EXCERPT else "")
+
+
+async def _quoted_body(reply: httpx.Response) -> str:
+    """A bounded excerpt of ``reply``'s body (never more is read or inflated)."""
+    prefix, more = await read_prefix(reply, _BODY_EXCERPT)
+    return _excerpt(prefix, more)
 
 
 def _failure(exc: httpx.HTTPError, timeout: float, **where: Any) -> ProtocolViolation:
     if isinstance(exc, httpx.TimeoutException):
         return ProtocolViolation("timeout", f"no answer within {timeout:g} s ({exc!r})", **where)
     return ProtocolViolation("connection-error", f"{type(exc).__name__}: {exc}", **where)
+
+
+class ReplyTooLarge(Exception):
+    """Raised inside an in-process app when its reply passes the client's byte limit."""
+
+
+def _decoder(reply: httpx.Response, where: dict[str, Any]) -> BodyDecoder:
+    try:
+        return BodyDecoder(reply.headers.get("content-encoding"))
+    except UnsupportedEncoding as exc:
+        raise ProtocolViolation("bad-encoding", str(exc), **where) from None
+
+
+def _too_large(max_bytes: int, where: dict[str, Any]) -> ProtocolViolation:
+    kind = where.get("event_type")
+    return ProtocolViolation(
+        "too-large", f"{kind} reply longer than {max_bytes} bytes (max_bytes)", **where
+    )
+
+
+def _request_headers(body: bytes, secret: str, headers: Mapping[str, str] | None) -> dict[str, str]:
+    return {"accept-encoding": ACCEPT_ENCODING, **signed_headers(body, secret), **(headers or {})}
 
 
 async def send_turn(
@@ -537,39 +491,48 @@ async def send_turn(
     timeout: float = 30.0,  # noqa: ASYNC109 - a protocol bound, reported as a violation
     strict: bool = False,
     on_event: OnEvent | None = None,
+    max_bytes: int = MAX_REPLY_BYTES,
+    max_events: int = MAX_TURN_EVENTS,
 ) -> TurnResult:
     """POST a signed turn event to ``url`` and check the SSE reply as it streams.
 
     ``on_event`` sees each event as soon as it is parsed and checked. Raises
-    :class:`ProtocolViolation`; the whole turn must complete within ``timeout`` seconds.
+    :class:`ProtocolViolation`; the whole turn must complete within ``timeout`` seconds,
+    in at most ``max_bytes`` (decoded) and ``max_events`` events (else ``too-large``).
     """
     turn_id = str(event.get("turn_id", ""))
     kind = str(event.get("type", ""))
-    checker = TurnChecker(turn_id, event_type=kind, strict=strict)
+    checker = TurnChecker(turn_id, event_type=kind, strict=strict, max_events=max_events)
     parser = SSEParser()
     body = encode_event(event)
-    request_headers = {**signed_headers(body, secret), **(headers or {})}
+    request_headers = _request_headers(body, secret, headers)
     where: dict[str, Any] = {"event_type": kind, "turn_id": turn_id}
     first_tts: float | None = None
     started = time.perf_counter()
+    received = 0
     try:
         with anyio.fail_after(timeout):
             async with client.stream("POST", url, content=body, headers=request_headers) as reply:
                 where["status_code"] = status = reply.status_code
                 if status != 200:
-                    content = await reply.aread()
                     raise ProtocolViolation(
-                        "http-error", f"{kind} answered {status}: {_excerpt(content)}", **where
+                        "http-error",
+                        f"{kind} answered {status}: {await _quoted_body(reply)}",
+                        **where,
                     )
                 content_type = reply.headers.get("content-type", "")
                 if not content_type.strip().lower().startswith("text/event-stream"):
                     raise ProtocolViolation(
                         "wrong-content-type",
-                        f"{kind} answered Content-Type {content_type or '(none)'!r}, "
+                        f"{kind} answered Content-Type {_brief(content_type or '(none)')}, "
                         "expected text/event-stream",
                         **where,
                     )
-                async for chunk in reply.aiter_bytes():
+                decoder = _decoder(reply, where)
+                async for chunk in decoder.decode(reply.aiter_raw()):
+                    received += len(chunk)
+                    if received > max_bytes:
+                        raise _too_large(max_bytes, where)
                     for sse in parser.feed(chunk):
                         checked = checker.check(sse)
                         if first_tts is None and checked["type"] == "response.tts":
@@ -582,6 +545,12 @@ async def send_turn(
         state = "after response.end the stream stayed open" if checker.ended else "no response.end"
         raise ProtocolViolation(
             "timeout", f"{kind} turn not complete within {timeout:g} s ({state})", **where
+        ) from None
+    except ReplyTooLarge:
+        raise _too_large(max_bytes, where) from None
+    except zlib.error as exc:
+        raise ProtocolViolation(
+            "bad-encoding", f"the body does not decode: {exc}", **where
         ) from None
     except httpx.HTTPError as exc:
         raise _failure(exc, timeout, **where) from None
@@ -604,32 +573,46 @@ async def send_json_event(
     *,
     headers: Mapping[str, str] | None = None,
     timeout: float = 30.0,  # noqa: ASYNC109 - a protocol bound, reported as a violation
+    max_bytes: int = MAX_REPLY_BYTES,
 ) -> JSONResult:
-    """POST a signed non-turn event to ``url``; require a 2xx JSON reply."""
+    """POST a signed non-turn event to ``url``; require a 2xx JSON reply (``max_bytes`` at most)."""
     kind = str(event.get("type", ""))
     body = encode_event(event)
-    request_headers = {**signed_headers(body, secret), **(headers or {})}
+    request_headers = _request_headers(body, secret, headers)
     where: dict[str, Any] = {"event_type": kind, "turn_id": event.get("turn_id")}
     started = time.perf_counter()
     try:
         with anyio.fail_after(timeout):
-            reply = await client.post(url, content=body, headers=request_headers)
+            async with client.stream("POST", url, content=body, headers=request_headers) as reply:
+                where["status_code"] = reply.status_code
+                if not 200 <= reply.status_code < 300:
+                    raise ProtocolViolation(
+                        "http-error",
+                        f"{kind} answered {reply.status_code}: {await _quoted_body(reply)}",
+                        **where,
+                    )
+                content = bytearray()
+                async for chunk in _decoder(reply, where).decode(reply.aiter_raw()):
+                    content += chunk
+                    if len(content) > max_bytes:
+                        raise _too_large(max_bytes, where)
     except TimeoutError:
         raise ProtocolViolation(
             "timeout", f"{kind} not answered within {timeout:g} s", **where
         ) from None
+    except ReplyTooLarge:
+        raise _too_large(max_bytes, where) from None
+    except zlib.error as exc:
+        raise ProtocolViolation(
+            "bad-encoding", f"the body does not decode: {exc}", **where
+        ) from None
     except httpx.HTTPError as exc:
         raise _failure(exc, timeout, **where) from None
-    where["status_code"] = reply.status_code
-    if not 200 <= reply.status_code < 300:
-        raise ProtocolViolation(
-            "http-error", f"{kind} answered {reply.status_code}: {_excerpt(reply.content)}", **where
-        )
     try:
-        answer = _decode(reply.content)
+        answer = _decode(content)
     except msgspec.DecodeError:
         raise ProtocolViolation(
-            "bad-json", f"{kind} reply is not JSON: {_excerpt(reply.content)!r}", **where
+            "bad-json", f"{kind} reply is not JSON: {_excerpt(bytes(content))!r}", **where
         ) from None
     return JSONResult(
         body=answer,
@@ -649,6 +632,8 @@ async def send_event(
     timeout: float = 30.0,  # noqa: ASYNC109 - a protocol bound, reported as a violation
     strict: bool = False,
     on_event: OnEvent | None = None,
+    max_bytes: int = MAX_REPLY_BYTES,
+    max_events: int = MAX_TURN_EVENTS,
 ) -> TurnResult | JSONResult:
     """:func:`send_turn` for ``session.start`` / ``message``, :func:`send_json_event` else."""
     if event.get("type") in TURN_TYPES:
@@ -661,8 +646,37 @@ async def send_event(
             timeout=timeout,
             strict=strict,
             on_event=on_event,
+            max_bytes=max_bytes,
+            max_events=max_events,
         )
-    return await send_json_event(client, url, event, secret, headers=headers, timeout=timeout)
+    return await send_json_event(
+        client, url, event, secret, headers=headers, timeout=timeout, max_bytes=max_bytes
+    )
+
+
+class _Bounded:
+    """Wraps an in-process ASGI app for ``httpx.ASGITransport``, which keeps a whole reply in
+    memory before returning it: stops the app with :class:`ReplyTooLarge` past ``max_bytes``,
+    and lets each ``send`` be a cancellation point, so the client's timeout can stop an app
+    that streams forever without waiting on anything."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        sent = 0
+
+        async def bounded_send(message: Any) -> None:
+            nonlocal sent
+            await anyio.lowlevel.checkpoint()
+            if message.get("type") == "http.response.body":
+                sent += len(message.get("body", b""))
+                if sent > self.max_bytes:
+                    raise ReplyTooLarge(f"reply longer than {self.max_bytes} bytes")
+            await send(message)
+
+        await self.app(scope, receive, bounded_send)
 
 
 # -- the client ----------------------------------------------------------------------------------
@@ -679,6 +693,8 @@ class LayercodeTestClient:
         headers: extra headers on every request (LayerCode's custom headers).
         timeout: seconds per request.
         strict: treat ``response.error`` as a violation.
+        max_bytes: the most (decoded) bytes one reply may have (else ``too-large``).
+        max_events: the most events one turn may have (else ``too-large``).
         conversation_id / session_id: ids used by the helper methods (random by default).
 
     Use it as ``async with LayercodeTestClient(...) as client`` (one HTTP client for all
@@ -698,6 +714,8 @@ class LayercodeTestClient:
         strict: bool = False,
         conversation_id: str | None = None,
         session_id: str | None = None,
+        max_bytes: int = MAX_REPLY_BYTES,
+        max_events: int = MAX_TURN_EVENTS,
     ) -> None:
         if (app is None) == (base_url is None):
             raise ValueError("pass exactly one of app= (an ASGI app) or base_url= (a server URL)")
@@ -710,12 +728,18 @@ class LayercodeTestClient:
         self.headers = dict(headers or {})
         self.timeout = timeout
         self.strict = strict
+        self.max_bytes = max_bytes
+        self.max_events = max_events
         self.conversation_id = conversation_id or _new_id("conv")
         self.session_id = session_id or _new_id("sess")
         self._client: httpx.AsyncClient | None = None
 
     def _new_client(self) -> httpx.AsyncClient:
-        transport = None if self.app is None else httpx.ASGITransport(app=self.app)
+        transport = (
+            None
+            if self.app is None
+            else httpx.ASGITransport(app=_Bounded(self.app, self.max_bytes))
+        )
         return httpx.AsyncClient(transport=transport, timeout=self.timeout, follow_redirects=False)
 
     async def __aenter__(self) -> LayercodeTestClient:
@@ -756,6 +780,8 @@ class LayercodeTestClient:
                 timeout=self.timeout,
                 strict=self.strict,
                 on_event=on_event,
+                max_bytes=self.max_bytes,
+                max_events=self.max_events,
             )
 
         result: TurnResult = await self._with_client(call)
@@ -766,7 +792,13 @@ class LayercodeTestClient:
 
         async def call(client: httpx.AsyncClient) -> JSONResult:
             return await send_json_event(
-                client, self.url, event, self.secret, headers=self.headers, timeout=self.timeout
+                client,
+                self.url,
+                event,
+                self.secret,
+                headers=self.headers,
+                timeout=self.timeout,
+                max_bytes=self.max_bytes,
             )
 
         result: JSONResult = await self._with_client(call)

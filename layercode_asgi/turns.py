@@ -44,6 +44,7 @@ import anyio
 from starlette.responses import Response
 
 from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
+from .agents import describe_non_reply as _describe_non_reply
 from .conversation import HistoryMessage
 from .events import MessagePayload, SessionStartPayload
 from .jsonwire import encode_json
@@ -341,10 +342,7 @@ class Turn:
                 for item in _as_replies(value):
                     await self.deliver(item)
         else:
-            raise TypeError(
-                "an agent must be an async generator function or a coroutine function, "
-                f"but it returned {type(result).__name__}"
-            )
+            raise TypeError(_describe_non_reply(result))
 
     async def _drain(self, replies: AsyncIterable[Any]) -> None:
         iterator = replies.__aiter__()
@@ -547,10 +545,7 @@ def _as_replies(value: Any) -> Iterable[Any]:
         return (value,)
     if isinstance(value, list | tuple):
         return value
-    raise TypeError(
-        f"an agent returned {type(value).__name__}; expected str, a reply, a list of them, "
-        "an async iterable of them, or None"
-    )
+    raise TypeError(_describe_non_reply(value))
 
 
 def stream_turn(

@@ -27,7 +27,7 @@ from layercode_asgi import (
     openai_agent,
     register_agent,
 )
-from layercode_asgi.agents import AGENTS
+from layercode_asgi.agents import AGENTS, AgentImportError
 
 from .conftest import SECRET, event_body, serve, signed_headers
 from .test_turns import read_events
@@ -48,9 +48,9 @@ def test_unknown_name_lists_the_names() -> None:
 def test_import_path_agents() -> None:
     agent = get_agent("tests.agents_for_tests:history_agent")
     assert agent.__name__ == "history_agent"
-    with pytest.raises(AgentNotFoundError):
+    with pytest.raises(AgentImportError, match="has no attribute 'missing'"):
         get_agent("tests.agents_for_tests:missing")
-    with pytest.raises(AgentNotFoundError):
+    with pytest.raises(AgentImportError, match="No module named 'no_such_module_xyz'"):
         get_agent("no_such_module_xyz:agent")
     with pytest.raises(ConfigurationError, match="not callable"):
         get_agent("tests.test_agents:SECRET")

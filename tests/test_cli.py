@@ -268,7 +268,7 @@ def test_sign_curl_prints_a_working_command(capsys: pytest.CaptureFixture[str]) 
     assert run("sign", "--secret", SECRET, "--body", body, "--curl", url) == 0
     words = shlex.split(capsys.readouterr().out)
     assert words[0] == "curl" and url in words
-    assert words[words.index("--data-binary") + 1] == body
+    assert words[words.index("--data-raw") + 1] == body
     headers = [words[i + 1] for i, word in enumerate(words) if word == "-H"]
     signature = next(h for h in headers if h.startswith("layercode-signature: "))
     assert verify_signature(body, signature.removeprefix("layercode-signature: "), SECRET)

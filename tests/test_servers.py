@@ -199,7 +199,7 @@ def test_simulate_timeout_and_connection_error(capsys: pytest.CaptureFixture[str
     assert "PROTOCOL VIOLATION: connection-error: " in capsys.readouterr().err
 
 
-def test_simulate_reports_response_error_and_fails_only_when_strict(
+def test_simulate_reports_response_error_and_fails_unless_allowed(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     def stream(turn_id: str) -> list[bytes]:
@@ -207,9 +207,11 @@ def test_simulate_reports_response_error_and_fails_only_when_strict(
         return [b"data: " + msgspec.json.encode(error) + b"\n\n", end(turn_id)]
 
     with serve(backend(stream)) as base:
-        assert simulate(base) == 0
+        assert simulate(base) == 1
         captured = capsys.readouterr()
         assert "warning: turn " in captured.err and "response.error: 'agent error'" in captured.err
+        assert "turns ended in response.error" in captured.err
+        assert simulate(base, "--allow-errors") == 0
         assert simulate(base, "--strict") == 1
         assert "PROTOCOL VIOLATION: response-error: " in capsys.readouterr().err
 

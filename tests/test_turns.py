@@ -333,7 +333,6 @@ async def test_error_text_never_leaks_exception_details() -> None:
     "agent",
     [
         pytest.param(lambda event: "not async", id="sync-function"),
-        pytest.param(lambda event, ctx, extra: None, id="wrong-arity"),
     ],
 )
 async def test_agents_of_the_wrong_shape_fail_cleanly(agent: Callable[..., Any]) -> None:

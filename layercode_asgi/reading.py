@@ -1,0 +1,98 @@
+"""Reading an HTTP reply from a party we do not trust, within bounds (for the test kit).
+
+httpx decodes a compressed body whole, or one network chunk at a time without a limit on
+what a chunk inflates to: a 1 MB gzip bomb becomes 1 GiB. :class:`BodyDecoder` inflates the
+raw stream (``response.aiter_raw()``) in pieces of at most :data:`PIECE` bytes, so the
+reader can stop at any byte limit having held at most one piece more. :func:`read_prefix`
+reads a bounded prefix of a body (to quote it in an error) and nothing else.
+
+Only the encodings the client asks for are decoded (:data:`ACCEPT_ENCODING`: gzip and
+deflate); any other raises :class:`UnsupportedEncoding`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Final
+
+import httpx
+
+__all__ = ["ACCEPT_ENCODING", "PIECE", "BodyDecoder", "UnsupportedEncoding", "read_prefix"]
+
+#: The ``Accept-Encoding`` the test kit sends: what :class:`BodyDecoder` decodes.
+ACCEPT_ENCODING: Final = "gzip, deflate"
+#: The most a :class:`BodyDecoder` inflates at once.
+PIECE: Final = 64 * 1024
+
+
+class UnsupportedEncoding(ValueError):
+    """The reply's ``Content-Encoding`` is none the client asked for."""
+
+
+class BodyDecoder:
+    """Decode ``Content-Encoding`` (identity, gzip, deflate) in bounded pieces."""
+
+    def __init__(self, content_encoding: str | None) -> None:
+        names = [n.strip().lower() for n in (content_encoding or "").split(",") if n.strip()]
+        names = [n for n in names if n != "identity"]
+        self._inflate: Any = None  # a zlib decompress object
+        self._deflate = False
+        if not names:
+            return
+        if len(names) > 1 or names[0] not in ("gzip", "x-gzip", "deflate"):
+            raise UnsupportedEncoding(
+                f"Content-Encoding {content_encoding!r} (the client accepts {ACCEPT_ENCODING})"
+            )
+        self._deflate = names[0] == "deflate"
+        # gzip: a gzip header (wbits 16+); deflate: zlib-wrapped, or raw (fixed on error)
+        self._inflate = zlib.decompressobj(zlib.MAX_WBITS | (0 if self._deflate else 16))
+        self._started = False
+
+    def feed(self, raw: bytes) -> Iterator[bytes]:
+        """The decoded bytes of ``raw``, in pieces of at most :data:`PIECE` bytes."""
+        if self._inflate is None:
+            for start in range(0, len(raw), PIECE):
+                yield raw[start : start + PIECE]
+            return
+        data = raw
+        while not self._inflate.eof:  # after the end of the stream, trailing bytes are ignored
+            try:
+                piece = self._inflate.decompress(data, PIECE)
+            except zlib.error:
+                if not (self._deflate and not self._started):
+                    raise
+                self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate
+                self._deflate = False
+                continue
+            self._started = True
+            data = self._inflate.unconsumed_tail
+            if piece:
+                yield piece
+            if not data and len(piece) < PIECE:
+                break
+
+    async def decode(self, raw_chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Decode a raw stream (``response.aiter_raw()``)."""
+        async for raw in raw_chunks:
+            for piece in self.feed(raw):
+                yield piece
+
+
+async def read_prefix(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """Up to ``limit`` decoded bytes of a streamed ``response``; and whether there was more.
+
+    Reads no further than it needs: a large or endless body, or a gzip bomb, costs at most
+    ``limit`` plus one raw chunk and one :data:`PIECE`. An undecodable body gives what was
+    decoded so far.
+    """
+    kept = bytearray()
+    try:
+        decoder = BodyDecoder(response.headers.get("content-encoding"))
+        async for piece in decoder.decode(response.aiter_raw()):
+            kept += piece
+            if len(kept) > limit:
+                return bytes(kept[:limit]), True
+    except (UnsupportedEncoding, zlib.error):
+        return bytes(kept[:limit]), False
+    return bytes(kept), False

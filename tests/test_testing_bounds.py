@@ -1,0 +1,198 @@
+"""The test kit keeps bounded data whatever a backend sends: linear SSE parsing, bounded
+error excerpts (no gzip bomb inflated), bounded event lists and bytes, a timeout for an
+in-process agent that never stops."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pytest
+
+from layercode_asgi import Settings, create_app
+from layercode_asgi.testing import LayercodeTestClient, ProtocolViolation, SSEParser
+
+from .conftest import SECRET, serve
+
+MiB = 1024 * 1024
+
+
+def one_event(size: int) -> bytes:
+    return b"data: " + b"x" * size + b"\n\n"
+
+
+def feed_in_chunks(payload: bytes, chunk: int = 4096) -> list[Any]:
+    parser = SSEParser()
+    events = []
+    for start in range(0, len(payload), chunk):
+        events.extend(parser.feed(payload[start : start + chunk]))
+    return events
+
+
+def test_an_8_mib_event_in_4_kib_chunks_parses() -> None:
+    events = feed_in_chunks(one_event(8 * MiB))
+    assert len(events) == 1 and len(events[0].data) == 8 * MiB
+
+
+def test_sse_parsing_scales_linearly() -> None:
+    """4x the event costs about 4x the work (quadratic parsing: 16x). CPU time, best of 5,
+    with a bound (10x) far from both."""
+
+    def cost(size: int) -> float:
+        payload = one_event(size)
+        best = float("inf")
+        for _ in range(5):
+            started = time.process_time()
+            feed_in_chunks(payload)
+            best = min(best, time.process_time() - started)
+        return best
+
+    small, large = cost(MiB // 2), cost(2 * MiB)
+    assert large < 10 * max(small, 1e-3), (small, large)
+
+
+def test_line_breaks_split_across_chunks() -> None:
+    stream = b'data: {"a":1}\r\n\r\ndata: b\rdata: c\r\n\n: comment\ndata: d\n\n'
+    for size in (1, 2, 3, 7, len(stream)):
+        assert [e.data for e in feed_in_chunks(stream, size)] == ['{"a":1}', "b\nc", "d"]
+
+
+# -- hostile backends ------------------------------------------------------------------------------
+
+
+def gzip_bomb(size: int) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = b"\0" * MiB
+    parts = [compressor.compress(block) for _ in range(size // MiB)]
+    return b"".join(parts) + compressor.flush()
+
+
+def raw_app(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["message", "session.update"])
+async def test_an_error_reply_gzip_bomb_is_not_inflated(kind: str) -> None:
+    bomb = gzip_bomb(256 * MiB)
+    headers = [(b"content-type", b"text/plain"), (b"content-encoding", b"gzip")]
+    with serve(raw_app(500, headers, bomb)) as base:
+        client = LayercodeTestClient(base_url=base, secret=SECRET, timeout=30)
+        tracemalloc.start()
+        try:
+            with pytest.raises(ProtocolViolation) as info:
+                if kind == "message":
+                    await client.message("hi")
+                else:
+                    await client.session_update()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert info.value.name == "http-error"
+    assert info.value.detail.endswith("\0" * 10 + "…")
+    assert peak < 32 * MiB, peak
+
+
+@pytest.mark.anyio
+async def test_a_large_json_reply_stops_at_max_bytes() -> None:
+    body = b'{"pad":"' + b"x" * (2 * MiB) + b'"}'
+    with serve(raw_app(200, [(b"content-type", b"application/json")], body)) as base:
+        client = LayercodeTestClient(base_url=base, secret=SECRET, max_bytes=MiB)
+        with pytest.raises(ProtocolViolation) as info:
+            await client.session_update()
+        assert info.value.name == "too-large" and "max_bytes" in info.value.detail
+        assert (await LayercodeTestClient(base_url=base, secret=SECRET).session_update()).body
+
+
+def endless_events_app() -> Any:
+    """Streams tiny valid events for the turn forever (until the client leaves)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        request = b""
+        while True:
+            message = await receive()
+            request += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        tid = msgspec.json.decode(request)["turn_id"]
+        chunk = b"data: " + msgspec.json.encode({"type": "x", "turn_id": tid}) + b"\n\n"
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for _ in range(10_000_000):  # bounded, and far more than any limit below
+            await send({"type": "http.response.body", "body": chunk * 100, "more_body": True})
+
+    return app
+
+
+@pytest.mark.anyio
+async def test_an_endless_stream_of_tiny_events_stops_at_the_bounds() -> None:
+    with serve(endless_events_app()) as base:
+        by_count = LayercodeTestClient(base_url=base, secret=SECRET, max_events=1000)
+        with pytest.raises(ProtocolViolation) as info:
+            await by_count.message("hi")
+        assert info.value.name == "too-large" and "max_events" in info.value.detail
+        by_size = LayercodeTestClient(base_url=base, secret=SECRET, max_bytes=MiB)
+        with pytest.raises(ProtocolViolation) as info:
+            await by_size.message("hi")
+        assert info.value.name == "too-large" and "max_bytes" in info.value.detail
+
+
+async def endless_agent(event: Any) -> AsyncIterator[str]:
+    while True:
+        yield "x"
+
+
+@pytest.mark.anyio
+async def test_an_in_process_endless_agent_stops_at_max_bytes() -> None:
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, agent=endless_agent)
+    client = LayercodeTestClient(app=app, secret=SECRET, max_bytes=MiB, timeout=60)
+    with pytest.raises(ProtocolViolation) as info:
+        await client.message("hi")
+    assert info.value.name == "too-large"
+
+
+def test_an_in_process_endless_agent_is_a_violation_not_a_memory_error() -> None:
+    """In a child process limited to 1 GiB of address space (unbounded, the reply fills it
+    within the timeout; a regression must fail here, not exhaust the machine), the
+    default bounds stop the turn with a violation: ``too-large``, or ``timeout`` first."""
+    script = textwrap.dedent(
+        """
+        import resource, anyio
+        resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
+        from layercode_asgi import Settings, create_app
+        from layercode_asgi.testing import LayercodeTestClient, ProtocolViolation
+        from tests.test_testing_bounds import endless_agent
+        settings = Settings(
+            env_file=None, environ={}, layercode_webhook_secret="s", turn_timeout=1000
+        )
+        app = create_app(settings, agent=endless_agent)
+        client = LayercodeTestClient(app=app, secret="s", timeout=40)
+        try:
+            anyio.run(client.message, "hi")
+        except ProtocolViolation as exc:
+            print("violation", exc.name)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.strip() in ("violation too-large", "violation timeout"), done.stderr[-2000:]
+    assert "MemoryError" not in done.stderr
