@@ -345,7 +345,7 @@ def starter_agent(
 
 
 def _starter_factory(settings: Settings | None) -> Agent:
-    """a concise voice assistant on pydantic-ai (extra [pydantic-ai]; DEFAULT_MODEL's key)"""
+    """a concise voice assistant on pydantic-ai (extra [pydantic-ai]; needs DEFAULT_MODEL's key)"""
     if settings is None:
         from .config import Settings
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 import msgspec
+import pytest
 
 from .conftest import serve
 
@@ -359,3 +360,12 @@ def fake_openai() -> Iterator[tuple[FakeOpenAI, str]]:
     fake = FakeOpenAI()
     with serve(fake) as url:
         yield fake, url + "/v1"
+
+
+@contextmanager
+def fake_openai_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAI]:
+    """:func:`fake_openai` with ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` pointing at it."""
+    with fake_openai() as (fake, base_url):
+        monkeypatch.setenv("OPENAI_BASE_URL", base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        yield fake

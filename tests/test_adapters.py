@@ -18,7 +18,6 @@ import msgspec
 import pytest
 
 from layercode_asgi import Settings, create_app, get_agent
-from layercode_asgi.agents import STARTER_WELCOME
 from layercode_asgi.adapters import (
     MissingExtraError,
     PhraseChunker,
@@ -29,10 +28,11 @@ from layercode_asgi.adapters import (
     hang_up,
     send_data,
 )
+from layercode_asgi.agents import STARTER_WELCOME
 from layercode_asgi.testing import LayercodeTestClient, TurnResult, message_event
 
 from .conftest import SECRET, event_body, serve, signed_headers
-from .fake_openai import FakeOpenAI, Script, fake_openai
+from .fake_openai import FakeOpenAI, Script, fake_openai_env
 
 MODEL = "gpt-5-nano"
 WELCOME = "Welcome to the shop!"
@@ -129,9 +129,7 @@ WELCOMES["starter"] = WELCOMES["starter-chat"] = STARTER_WELCOME
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAI]:
-    with fake_openai() as (server, base_url):
-        monkeypatch.setenv("OPENAI_BASE_URL", base_url)
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with fake_openai_env(monkeypatch) as server:
         yield server
 
 
@@ -206,9 +204,7 @@ async def test_tool_call_speaks_the_filler_and_sends_data(name: str, fake: FakeO
         async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
             turn = await client.message("Any tents?")
     assert spoken(turn) == ["One moment.", "We have three tents."]
-    assert turn.data == [
-        {"stock": "tent", "conversation": client.conversation_id}
-    ]
+    assert turn.data == [{"stock": "tent", "conversation": client.conversation_id}]
     assert [event["type"] for event in turn.events] == [
         "response.tts",
         "response.data",
@@ -243,7 +239,9 @@ async def test_model_failing_mid_stream(name: str, fake: FakeOpenAI) -> None:
         async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
             turn = await client.message("count")
     assert [event["type"] for event in turn.events][-2:] == ["response.error", "response.end"]
-    assert turn.errors == [{"type": "response.error", "error": "agent error", "turn_id": turn.events[-1]["turn_id"]}]
+    assert turn.errors == [
+        {"type": "response.error", "error": "agent error", "turn_id": turn.events[-1]["turn_id"]}
+    ]
     assert "Three." not in turn.text
 
 
@@ -323,3 +321,39 @@ def test_importing_the_package_needs_no_framework() -> None:
         "from_openai_agents needs the 'agents' package: pip install 'layercode-asgi[openai-agents]'",
     ]
     assert issubclass(MissingExtraError, ImportError)
+
+
+# -- the README's example --------------------------------------------------------------------
+
+
+def readme_adapter_block() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Agents on LLM frameworks") :]
+    section = section[: section.index("\n## ")]
+    return section.split("```python\n")[1].split("```")[0]
+
+
+@pytest.mark.anyio
+async def test_readme_adapter_example(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    import types
+
+    pytest.importorskip("pydantic_ai")
+    monkeypatch.chdir(tmp_path)  # Settings() reads ./.env
+    module = types.ModuleType("readme_adapter_example")
+    code = readme_adapter_block().replace("whsec_…", SECRET)
+    exec(compile(code, "README adapter example", "exec"), module.__dict__)
+    fake.push(
+        Script(text=[], tool_call=("check_stock", '{"item": "tent"}')),
+        Script(text=["We have", " four tents."]),
+    )
+    with serve(module.app) as base:
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            start = await client.session_start()
+            turn = await client.message("Any tents?")
+    assert start.tts == ["Welcome! What are you looking for?"]
+    assert turn.tts == ["Let me check.", "We have four tents."]
+    assert turn.data == [{"item": "tent", "in_stock": 4}]
