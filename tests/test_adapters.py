@@ -75,6 +75,19 @@ def build_langchain_model(tools: bool) -> Any:
     )
 
 
+def build_langchain_chain(tools: bool) -> Any:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    prompts = pytest.importorskip("langchain_core.prompts")
+    parsers = pytest.importorskip("langchain_core.output_parsers")
+    prompt = prompts.ChatPromptTemplate.from_messages(
+        [("system", "Be brief."), prompts.MessagesPlaceholder("conversation")]
+    )
+    chain = prompt | langchain_openai.ChatOpenAI(model=MODEL) | parsers.StrOutputParser()
+    return from_langchain(
+        chain, welcome=WELCOME, make_input=lambda messages: {"conversation": messages}
+    )
+
+
 def build_langgraph(tools: bool) -> Any:
     langchain_openai = pytest.importorskip("langchain_openai")
     agents = pytest.importorskip("langchain.agents")
@@ -115,6 +128,7 @@ BUILDERS: dict[str, Callable[[bool], Any]] = {
     "pydantic-ai-responses": build_pydantic_ai(f"openai:{MODEL}"),
     "pydantic-ai-chat": build_pydantic_ai(f"openai-chat:{MODEL}"),
     "langchain-chat-model": build_langchain_model,
+    "langchain-chain": build_langchain_chain,
     "langgraph-agent": build_langgraph,
     "openai-agents": build_openai_agents,
     "starter": build_named("starter"),
@@ -273,10 +287,10 @@ async def test_disconnect_cancels_the_model_request(name: str, fake: FakeOpenAI)
 
 def test_phrase_chunker() -> None:
     chunker = PhraseChunker()
-    pieces = ["It costs 3", ".5 dollars", ". Want", " one? Sure", "!\nOk"]
+    pieces = ["It costs 3", ".5 dollars", ". Want", " one? Sure", "!\nNote: ok"]
     out = [phrase for piece in pieces for phrase in chunker.feed(piece)]
     assert out == ["It costs 3.5 dollars. ", "Want one? ", "Sure!\n"]
-    assert chunker.flush() == "Ok"
+    assert chunker.flush() == "Note: ok"  # a colon ends only a long phrase
     assert chunker.flush() is None
     long = "This sentence is long enough to be cut at a comma, and it goes on"
     assert list(PhraseChunker().feed(long)) == [long[: long.index(",") + 2]]

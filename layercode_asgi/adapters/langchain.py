@@ -106,8 +106,11 @@ def from_langchain(
                 if isinstance(chunk, str):
                     yield chunk
                     continue
+                if isinstance(chunk, messages.ToolMessage):
+                    yield ""  # a tool finished: what it sent goes out now (never read out)
+                    continue
                 if not isinstance(chunk, messages.AIMessageChunk | messages.AIMessage):
-                    continue  # tool results, the user's own message echoed by a graph
+                    continue  # the user's own message echoed by a graph, …
                 text = _text(chunk.content)
                 if text:
                     yield text

@@ -77,6 +77,8 @@ def from_openai_agents(
                         yield event.data.delta
                 elif event.type == "run_item_stream_event" and event.name == "tool_called":
                     yield ToolCall(_tool_name(event.item))
+                elif event.type == "run_item_stream_event" and event.name == "tool_output":
+                    yield ""  # a tool finished: what it sent goes out now
         finally:
             result.cancel()
 

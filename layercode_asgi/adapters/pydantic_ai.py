@@ -84,6 +84,8 @@ def from_pydantic_ai(
                         async for event in events:
                             if isinstance(event, messages.FunctionToolCallEvent):
                                 yield ToolCall(event.part.tool_name)
+                            elif isinstance(event, messages.FunctionToolResultEvent):
+                                yield ""  # a tool finished: what it sent goes out now
 
     name = getattr(agent, "name", None) or "pydantic_ai_agent"
     return voice_agent(run, name=name, welcome=welcome, chunking=chunking, filler=filler)

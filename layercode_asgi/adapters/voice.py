@@ -4,21 +4,21 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
 :class:`ToolCall` markers) and hands it to :func:`speak`, which makes the spoken replies:
 
 * **Chunking.** ``chunking="phrase"`` (the default) speaks text at phrase boundaries: a
-  sentence end (``.``, ``!``, ``?``, ``;``, ``:`` or a line break) followed by a space, or a
-  comma once the phrase has :data:`MIN_CLAUSE` characters. Each ``response.tts`` is then
-  a phrase a text-to-speech engine can say with natural prosody, and the first one goes
-  out as soon as the model finishes its first phrase, not its whole answer. A decimal
-  point (``3.5``) is not a boundary: it is not followed by a space. ``chunking="delta"``
-  passes the model's deltas through as they come.
+  sentence end (``.``, ``!``, ``?``, ``…`` or a line break) followed by a space, or a
+  comma, semicolon or colon once the phrase has :data:`MIN_CLAUSE` characters. Each
+  ``response.tts`` is then a phrase a text-to-speech engine can say with natural prosody,
+  and the first one goes out as soon as the model finishes its first phrase, not its
+  whole answer. A decimal point (``3.5``) is not a boundary: no space follows it.
+  ``chunking="delta"`` passes the model's deltas through as they come.
 * **Filler.** When the framework calls a tool, the text so far is spoken, then ``filler``
   (default ``"One moment."``) once per turn, so the caller hears something while the tool
   runs. ``filler`` may be a callable ``filler(tool_name) -> str | None`` (``None`` for
   tools that answer at once), or ``None`` for no filler.
 * **Tool actions.** A tool running inside an adapter's turn may call :func:`send_data`
-  (a ``response.data`` to the browser, sent as soon as the adapter sees the framework's
-  next event) or :func:`hang_up` (a ``response.hangup``, sent after the rest of the answer
-  has been spoken, so the model can still say goodbye). :func:`current_turn` gives the
-  turn's :class:`~layercode_asgi.agents.TurnContext` (conversation id, metadata, history).
+  (a ``response.data`` to the browser, sent as soon as the tool has finished) or
+  :func:`hang_up` (a ``response.hangup``, sent after the rest of the answer has been
+  spoken, so the model can still say goodbye). :func:`current_turn` gives the turn's
+  :class:`~layercode_asgi.agents.TurnContext` (conversation id, metadata, history).
 """
 
 from __future__ import annotations
@@ -85,11 +85,12 @@ class ToolCall:
     name: str
 
 
-#: What a framework's run becomes before :func:`speak`: text deltas and tool calls.
+#: What a framework's run becomes before :func:`speak`: text deltas and tool calls. An
+#: adapter yields ``""`` when a tool has finished, so what it sent goes out at once.
 Piece: TypeAlias = str | ToolCall
 
-_SENTENCE_END = re.compile(r"[.!?;:…]+[\"')\]]*\s+|\n+")
-_CLAUSE_END = re.compile(r",\s+")
+_SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s+|\n+")
+_CLAUSE_END = re.compile(r"[,;:]\s+")
 
 
 class PhraseChunker:
