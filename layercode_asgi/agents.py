@@ -267,6 +267,8 @@ STARTER_PROMPT = (
     "If a request is unclear, ask one short question."
 )
 _PYDANTIC_AI_EXTRA = "pip install 'layercode-asgi[pydantic-ai]'"
+_OPENAI_PROVIDERS = ("openai", "openai-responses", "openai-chat")
+_GOOGLE_PROVIDERS = ("google-gla", "google", "gemini")
 
 
 def _pydantic_ai_model(
@@ -277,7 +279,7 @@ def _pydantic_ai_model(
     if not name:
         provider, name = "openai", spec
     try:
-        if provider in ("openai", "openai-responses", "openai-chat"):
+        if provider in _OPENAI_PROVIDERS:
             if not openai_api_key:
                 raise ConfigurationError(f"the starter agent needs OPENAI_API_KEY for {spec!r}")
             from pydantic_ai.models.openai import OpenAIChatModel, OpenAIResponsesModel
@@ -287,7 +289,7 @@ def _pydantic_ai_model(
             return model_class(
                 name, provider=OpenAIProvider(api_key=openai_api_key, base_url=base_url)
             )
-        if provider in ("google-gla", "google", "gemini"):
+        if provider in _GOOGLE_PROVIDERS:
             if not google_api_key:
                 raise ConfigurationError(
                     f"the starter agent needs GOOGLE_GENERATIVEAI_API_KEY for {spec!r}"
@@ -299,15 +301,20 @@ def _pydantic_ai_model(
         from pydantic_ai.models import infer_model
 
         return infer_model(spec)
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"the starter agent needs pydantic-ai with the {provider!r} provider "
-            f"({exc.name or exc}): {_PYDANTIC_AI_EXTRA}"
-        ) from None
     except ConfigurationError:
         raise
+    except ImportError as exc:
+        if provider in _OPENAI_PROVIDERS + _GOOGLE_PROVIDERS:  # in our extra
+            raise ConfigurationError(
+                f"the starter agent needs pydantic-ai's {provider!r} models: {_PYDANTIC_AI_EXTRA}"
+            ) from None
+        raise ConfigurationError(f"DEFAULT_MODEL {spec!r}: {_first_line(exc)}") from None
     except Exception as exc:  # pydantic-ai's UserError: unknown provider, a missing key
-        raise ConfigurationError(f"DEFAULT_MODEL {spec!r}: {exc}") from None
+        raise ConfigurationError(f"DEFAULT_MODEL {spec!r}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def starter_agent(
