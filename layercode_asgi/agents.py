@@ -51,6 +51,7 @@ __all__ = [
     "list_agents",
     "openai_agent",
     "register_agent",
+    "starter_agent",
 ]
 
 #: The two events that open a turn and are answered with a stream.
@@ -282,13 +283,151 @@ def _openai_factory(settings: Settings | None) -> Agent:
         raise ConfigurationError(
             f"DEFAULT_MODEL {model!r}: the openai agent serves 'openai:<model>' models only"
         )
-    return openai_agent(api_key=settings.openai_api_key or "", model=name)
+    prompt = configured_system_prompt(settings)
+    if prompt is None:
+        return openai_agent(api_key=settings.openai_api_key or "", model=name)
+    return openai_agent(api_key=settings.openai_api_key or "", model=name, system_prompt=prompt)
+
+
+def configured_system_prompt(settings: Settings) -> str | None:
+    """The system prompt from ``LAYERCODE_SYSTEM_PROMPT`` or ``LAYERCODE_SYSTEM_PROMPT_FILE``.
+
+    ``None`` when neither is set; :class:`ConfigurationError` when both are, or the file
+    cannot be read or is empty.
+    """
+    path = settings.system_prompt_file
+    if path is None:
+        return settings.system_prompt
+    if settings.system_prompt is not None:
+        raise ConfigurationError(
+            "set LAYERCODE_SYSTEM_PROMPT or LAYERCODE_SYSTEM_PROMPT_FILE, not both"
+        )
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ConfigurationError(
+            f"LAYERCODE_SYSTEM_PROMPT_FILE {path!r}: cannot read it ({reason})"
+        ) from None
+    if not text:
+        raise ConfigurationError(f"LAYERCODE_SYSTEM_PROMPT_FILE {path!r} is empty")
+    return text
+
+
+STARTER_WELCOME = "Hi! I'm your voice assistant. What can I do for you?"
+STARTER_PROMPT = (
+    "You are a friendly, concise voice assistant on a call. Your words are spoken aloud: "
+    "answer in one to three short sentences, with no lists, markdown, emoji or links. "
+    "If a request is unclear, ask one short question."
+)
+_PYDANTIC_AI_EXTRA = "pip install 'layercode-asgi[pydantic-ai]'"
+_OPENAI_PROVIDERS = ("openai", "openai-responses", "openai-chat")
+_GOOGLE_PROVIDERS = ("google-gla", "google", "gemini")
+
+
+def _pydantic_ai_model(
+    spec: str, openai_api_key: str | None, google_api_key: str | None, base_url: str | None
+) -> Any:
+    """The pydantic-ai model for ``provider:model``, with its key passed explicitly."""
+    provider, _, name = spec.partition(":")
+    if not name:
+        provider, name = "openai", spec
+    try:
+        if provider in _OPENAI_PROVIDERS:
+            if not openai_api_key:
+                raise ConfigurationError(f"the starter agent needs OPENAI_API_KEY for {spec!r}")
+            from pydantic_ai.models.openai import OpenAIChatModel, OpenAIResponsesModel
+            from pydantic_ai.providers.openai import OpenAIProvider
+
+            model_class = OpenAIChatModel if provider == "openai-chat" else OpenAIResponsesModel
+            return model_class(
+                name, provider=OpenAIProvider(api_key=openai_api_key, base_url=base_url)
+            )
+        if provider in _GOOGLE_PROVIDERS:
+            if not google_api_key:
+                raise ConfigurationError(
+                    f"the starter agent needs GOOGLE_GENERATIVEAI_API_KEY for {spec!r}"
+                )
+            from pydantic_ai.models.google import GoogleModel
+            from pydantic_ai.providers.google import GoogleProvider
+
+            return GoogleModel(name, provider=GoogleProvider(api_key=google_api_key))
+        from pydantic_ai.models import infer_model
+
+        return infer_model(spec)
+    except ConfigurationError:
+        raise
+    except ImportError as exc:
+        if provider in _OPENAI_PROVIDERS + _GOOGLE_PROVIDERS:  # in our extra
+            raise ConfigurationError(
+                f"the starter agent needs pydantic-ai's {provider!r} models: {_PYDANTIC_AI_EXTRA}"
+            ) from None
+        raise ConfigurationError(f"DEFAULT_MODEL {spec!r}: {_first_line(exc)}") from None
+    except Exception as exc:  # pydantic-ai's UserError: unknown provider, a missing key
+        raise ConfigurationError(f"DEFAULT_MODEL {spec!r}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def starter_agent(
+    *,
+    model: str = "openai:gpt-5-nano",
+    system_prompt: str = STARTER_PROMPT,
+    welcome: str = STARTER_WELCOME,
+    openai_api_key: str | None = None,
+    google_api_key: str | None = None,
+    base_url: str | None = None,
+) -> Agent:
+    """A concise voice assistant on pydantic-ai (extra ``pydantic-ai``).
+
+    Speaks ``welcome`` on ``session.start``, then answers each message briefly with the
+    conversation's history as context, phrase by phrase as the model streams. ``model`` is
+    pydantic-ai's ``provider:model`` (``openai:``, ``openai-chat:``, ``google-gla:``; other
+    providers through pydantic-ai with their own environment keys). ``base_url`` (else
+    ``OPENAI_BASE_URL``) points ``openai`` models at any OpenAI-compatible API. Raises
+    :class:`ConfigurationError` at once when pydantic-ai or the model's key is missing.
+    """
+    try:
+        import pydantic_ai
+    except ImportError:
+        raise ConfigurationError(
+            f"the starter agent needs pydantic-ai: {_PYDANTIC_AI_EXTRA}"
+        ) from None
+    from .adapters import from_pydantic_ai
+
+    llm = _pydantic_ai_model(model, openai_api_key, google_api_key, base_url)
+    agent = from_pydantic_ai(
+        pydantic_ai.Agent(llm, instructions=system_prompt, name="starter"), welcome=welcome
+    )
+    agent.__name__ = agent.__qualname__ = "starter_agent"
+    return agent
+
+
+def _starter_factory(settings: Settings | None) -> Agent:
+    """a concise voice assistant on pydantic-ai (extra [pydantic-ai]; needs DEFAULT_MODEL's key)"""
+    if settings is None:
+        from .config import Settings
+
+        settings = Settings()
+    return starter_agent(
+        model=settings.default_model,
+        system_prompt=configured_system_prompt(settings) or STARTER_PROMPT,
+        openai_api_key=settings.openai_api_key,
+        google_api_key=settings.google_generativeai_api_key,
+    )
 
 
 AgentFactory: TypeAlias = Callable[["Settings | None"], Agent]
 
 #: Agents known by name: ``name -> factory(settings)``. Extend with :func:`register_agent`.
-AGENTS: dict[str, AgentFactory] = {"echo": _echo_factory, "openai": _openai_factory}
+AGENTS: dict[str, AgentFactory] = {
+    "echo": _echo_factory,
+    "openai": _openai_factory,
+    "starter": _starter_factory,
+}
 
 
 class AgentNotFoundError(ConfigurationError, LookupError):

@@ -285,6 +285,10 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
     _F("openai_api_key", "OPENAI_API_KEY", "str | None", None, "OpenAI API key.", secret=True),
     _F("google_generativeai_api_key", "GOOGLE_GENERATIVEAI_API_KEY", "str | None", None,
        "Google Generative AI API key.", secret=True),
+    _F("system_prompt", "LAYERCODE_SYSTEM_PROMPT", "str | None", None,
+       "System prompt of the built-in LLM agents; unset = their own short-answers prompt."),
+    _F("system_prompt_file", "LAYERCODE_SYSTEM_PROMPT_FILE", "path | None", None,
+       "File holding the system prompt (UTF-8), instead of LAYERCODE_SYSTEM_PROMPT."),
     _F("logfire_token", "LOGFIRE_TOKEN", "str | None", None,
        "Logfire token; enables Logfire when the logfire package is installed.", secret=True),
     _F("cors_origins", "LAYERCODE_CORS_ORIGINS", "comma-separated origins", (),
@@ -493,6 +497,8 @@ class Settings:
     default_model: str
     openai_api_key: str | None
     google_generativeai_api_key: str | None
+    system_prompt: str | None
+    system_prompt_file: str | None
     logfire_token: str | None
     cors_origins: tuple[str, ...]
     authorize_api_keys: tuple[str, ...]

@@ -34,15 +34,15 @@ from .test_turns import read_events
 
 
 def test_list_and_get_builtin_agents() -> None:
-    assert {"echo", "openai"} <= set(list_agents())
+    assert {"echo", "openai", "starter"} <= set(list_agents())
     assert get_agent("echo") is echo_agent
 
 
 def test_unknown_name_lists_the_names() -> None:
-    with pytest.raises(AgentNotFoundError, match="echo, openai") as info:
-        get_agent("starter")
+    with pytest.raises(AgentNotFoundError, match="echo, openai, starter") as info:
+        get_agent("nope")
     assert isinstance(info.value, LookupError)
-    assert info.value.name == "starter"
+    assert info.value.name == "nope"
 
 
 def test_import_path_agents() -> None:

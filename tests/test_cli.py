@@ -232,8 +232,9 @@ def test_demo_in_process_with_own_messages(capsys: pytest.CaptureFixture[str]) -
 def test_list_agents(capsys: pytest.CaptureFixture[str]) -> None:
     assert run("list-agents") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["echo", "openai"]
+    assert [line.split()[0] for line in lines] == ["echo", "openai", "starter"]
     assert "repeats" in lines[0] and "OPENAI_API_KEY" in lines[1]
+    assert "voice assistant on pydantic-ai" in lines[2]
 
 
 def test_sign_matches_the_worked_example(capsys: pytest.CaptureFixture[str]) -> None:

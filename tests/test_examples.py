@@ -18,14 +18,22 @@ import msgspec
 import pytest
 
 from layercode_asgi.cli import main
+from layercode_asgi.testing import LayercodeTestClient
 
 from .conftest import SECRET, serve
+from .fake_openai import Script, fake_openai
 from .test_servers import free_port
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLES = ["starlette_app", "fastapi_app", "litestar_app", "raw_asgi"]
 MESSAGES = ["hello", "how are you?"]
 EXPECTED = ["Hello! Say something.", "You said: hello", "You said: how are you?"]
+#: The agents on LLM frameworks (one per adapter) -> the framework they need.
+ADAPTER_EXAMPLES = {
+    "pydantic_ai_shop": "pydantic_ai",
+    "langchain_agent": "langchain.agents",
+    "openai_agents_app": "agents",
+}
 
 
 def load_example(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
@@ -49,7 +57,9 @@ def simulate_json(url: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any
 
 
 def test_every_example_is_tested() -> None:
-    assert sorted(p.stem for p in EXAMPLES_DIR.glob("*.py")) == sorted(EXAMPLES)
+    assert sorted(p.stem for p in EXAMPLES_DIR.glob("*.py")) == sorted(
+        EXAMPLES + list(ADAPTER_EXAMPLES)
+    )
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -131,3 +141,52 @@ def test_examples_run_as_scripts(
     for name, port in running_examples.items():
         report = simulate_json(f"http://127.0.0.1:{port}/api/agent", capsys)
         assert [turn["text"] for turn in report["turns"]] == EXPECTED, name
+
+
+# -- the agents on LLM frameworks, against the fake OpenAI API -------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ADAPTER_EXAMPLES)
+async def test_adapter_example_holds_a_conversation(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pytest.importorskip(ADAPTER_EXAMPLES[name])
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("LAYERCODE_WEBHOOK_SECRET", SECRET)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    shop = name == "pydantic_ai_shop"
+    with fake_openai() as (fake, base_url):
+        monkeypatch.setenv("OPENAI_BASE_URL", base_url)
+        app = load_example(name, monkeypatch).app
+        with serve(app) as base:
+            async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+                start = await client.session_start()
+                if shop:
+                    fake.push(
+                        Script(text=[], tool_call=("check_stock", '{"item": "tent"}')),
+                        Script(text=["We have", " four tents."]),
+                    )
+                turn = await client.message("Do you have tents?")
+    assert len(start.tts) == 1 and start.tts[0].startswith(("Welcome", "Hi!"))
+    if shop:
+        assert turn.tts == ["Let me check.", "We have four tents."]
+        assert turn.data == [{"item": "tent", "in_stock": 4}]
+    else:
+        assert turn.tts == ["Hello there. ", "How can I help you today?"]
+    assert fake.conversation(-1)[-1] == ("user", "Do you have tents?")
+
+
+@pytest.mark.parametrize("name", ADAPTER_EXAMPLES)
+def test_adapter_example_refuses_to_start_without_its_settings(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pytest.importorskip(ADAPTER_EXAMPLES[name])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LAYERCODE_WEBHOOK_SECRET", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(SystemExit, match="Set LAYERCODE_WEBHOOK_SECRET"):
+        load_example(name, monkeypatch)
+    monkeypatch.setenv("LAYERCODE_WEBHOOK_SECRET", SECRET)
+    with pytest.raises(SystemExit, match="Set OPENAI_API_KEY"):
+        load_example(name, monkeypatch)

@@ -65,7 +65,7 @@ def test_unknown_agent_lists_the_available_ones() -> None:
     with pytest.raises(AgentNotFoundError) as info:
         create_app(settings(), agent="nope")
     assert "echo" in str(info.value) and "openai" in str(info.value)
-    assert info.value.available == ("echo", "openai")
+    assert info.value.available == ("echo", "openai", "starter")
 
 
 def test_openai_agent_refuses_without_key() -> None:

@@ -1,0 +1,126 @@
+"""``from_langchain(runnable)``: a LangChain runnable or LangGraph graph as a LayerCode agent.
+
+Extra ``langchain``. A chat model or a chain taking a list of messages is streamed with
+``astream`` (its message chunks, or strings from a chain ending in a string parser); a
+LangGraph graph with a ``messages`` state (``create_agent``, ``create_react_agent``, your
+own) is streamed with ``stream_mode="messages"``, and only the AI's text is spoken: tool
+calls start the filler, tool results are not read out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Any
+
+from ..agents import Agent, TurnContext
+from ..conversation import HistoryMessage
+from .voice import DEFAULT_FILLER, Chunking, Filler, Piece, ToolCall, require_extra, voice_agent
+
+__all__ = ["from_langchain", "langchain_messages"]
+
+_EXTRA = "langchain"
+
+
+def langchain_messages(history: Sequence[HistoryMessage], prompt: str | None = None) -> list[Any]:
+    """Our history (then ``prompt`` as the user's turn) as LangChain messages."""
+    messages = require_extra("langchain_core.messages", _EXTRA, "from_langchain")
+    result: list[Any] = [
+        messages.AIMessage(content=m.text)
+        if m.role == "assistant"
+        else messages.HumanMessage(content=m.text)
+        for m in history
+    ]
+    if prompt is not None:
+        result.append(messages.HumanMessage(content=prompt))
+    return result
+
+
+def _is_graph(runnable: Any) -> bool:
+    try:
+        from langgraph.pregel import Pregel
+    except ImportError:
+        return False
+    return isinstance(runnable, Pregel)
+
+
+def _text(content: Any) -> str:
+    """The text of a message's ``content``: a string, or a list of content blocks."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for block in content:
+            if isinstance(block, str):
+                texts.append(block)
+            elif isinstance(block, dict) and block.get("type") == "text":
+                texts.append(str(block.get("text", "")))
+        return "".join(texts)
+    return ""
+
+
+def from_langchain(
+    runnable: Any,
+    *,
+    welcome: str | None = None,
+    filler: Filler = DEFAULT_FILLER,
+    chunking: Chunking = "phrase",
+    system_prompt: str | None = None,
+    make_input: Callable[[list[Any]], Any] | None = None,
+    config: Callable[[TurnContext], Any] | Any = None,
+) -> Agent:
+    """Our agent (``agent(event, context)``) streaming the LangChain ``runnable``.
+
+    Args:
+        runnable: a chat model, a chain taking messages, or a LangGraph graph whose state
+            has ``messages``.
+        welcome: spoken on ``session.start`` without calling the model; ``None`` asks the
+            model to greet.
+        filler: spoken once per turn when a tool is called (see :mod:`.voice`).
+        chunking: ``"phrase"`` (speak whole phrases) or ``"delta"`` (pass deltas through).
+        system_prompt: put first, as a ``SystemMessage`` (leave it ``None`` when the
+            runnable has its own).
+        make_input: ``make_input(messages)`` builds the runnable's input from the
+            conversation as LangChain messages (default: the list itself, or
+            ``{"messages": [...]}`` for a graph).
+        config: the ``RunnableConfig`` for every turn, or ``config(context)`` making one.
+    """
+    messages = require_extra("langchain_core.messages", _EXTRA, "from_langchain")
+    graph = _is_graph(runnable)
+
+    async def run(prompt: str, context: TurnContext) -> AsyncGenerator[Piece, None]:
+        conversation = langchain_messages(context.history, prompt)
+        if system_prompt is not None:
+            conversation.insert(0, messages.SystemMessage(content=system_prompt))
+        if make_input is not None:
+            value = make_input(conversation)
+        else:
+            value = {"messages": conversation} if graph else conversation
+        run_config = config(context) if callable(config) else config
+        if graph:
+            stream = runnable.astream(value, run_config, stream_mode="messages")
+        else:
+            stream = runnable.astream(value, run_config)
+        try:
+            async for item in stream:
+                chunk = item[0] if graph and isinstance(item, tuple) else item
+                if isinstance(chunk, str):
+                    yield chunk
+                    continue
+                if isinstance(chunk, messages.ToolMessage):
+                    yield ""  # a tool finished: what it sent goes out now (never read out)
+                    continue
+                if not isinstance(chunk, messages.AIMessageChunk | messages.AIMessage):
+                    continue  # the user's own message echoed by a graph, …
+                text = _text(chunk.content)
+                if text:
+                    yield text
+                for call in getattr(chunk, "tool_call_chunks", None) or chunk.tool_calls:
+                    if call.get("name"):
+                        yield ToolCall(str(call["name"]))
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    name = getattr(runnable, "name", None) or type(runnable).__name__
+    return voice_agent(run, name=str(name), welcome=welcome, chunking=chunking, filler=filler)

@@ -1,0 +1,86 @@
+"""``from_openai_agents(agent)``: an OpenAI Agents SDK agent as a LayerCode agent.
+
+Extra ``openai-agents``. Each turn is a ``Runner.run_streamed`` run; the raw Responses
+text deltas are spoken, a ``tool_called`` item starts the filler. The SDK's trace export
+(to OpenAI, by default) is off unless you turn it on (``tracing=True``) or pass your own
+``run_config``. A disconnect cancels the run (the SDK runs it in a task of its own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Any
+
+from ..agents import Agent, TurnContext
+from ..conversation import HistoryMessage
+from .voice import DEFAULT_FILLER, Chunking, Filler, Piece, ToolCall, require_extra, voice_agent
+
+__all__ = ["from_openai_agents", "openai_agents_input"]
+
+_EXTRA = "openai-agents"
+
+
+def openai_agents_input(history: Sequence[HistoryMessage], prompt: str) -> list[dict[str, str]]:
+    """Our history, then ``prompt``, as the SDK's input items (``{"role", "content"}``)."""
+    items = [{"role": m.role, "content": m.text} for m in history]
+    items.append({"role": "user", "content": prompt})
+    return items
+
+
+def _tool_name(item: Any) -> str:
+    raw = getattr(item, "raw_item", None)
+    name = getattr(raw, "name", None)
+    if name is None and isinstance(raw, dict):
+        name = raw.get("name")
+    return str(name or "tool")
+
+
+def from_openai_agents(
+    agent: Any,
+    *,
+    welcome: str | None = None,
+    filler: Filler = DEFAULT_FILLER,
+    chunking: Chunking = "phrase",
+    tracing: bool = False,
+    run_config: Any = None,
+    context: Callable[[TurnContext], Any] | None = None,
+    max_turns: int = 10,
+) -> Agent:
+    """Our agent (``agent(event, context)``) running the Agents SDK ``agent``.
+
+    Args:
+        agent: an ``agents.Agent``.
+        welcome: spoken on ``session.start`` without calling the model; ``None`` asks the
+            model to greet.
+        filler: spoken once per turn when a tool is called (see :mod:`.voice`).
+        chunking: ``"phrase"`` (speak whole phrases) or ``"delta"`` (pass deltas through).
+        tracing: export the SDK's traces (off by default; ignored with ``run_config``).
+        run_config: an ``agents.RunConfig`` for every run (then it decides on tracing).
+        context: ``context(turn_context)`` builds the SDK's run context for each turn.
+        max_turns: the SDK's limit of model calls per run.
+    """
+    sdk = require_extra("agents", _EXTRA, "from_openai_agents")
+    config = run_config if run_config is not None else sdk.RunConfig(tracing_disabled=not tracing)
+
+    async def run(prompt: str, turn: TurnContext) -> AsyncGenerator[Piece, None]:
+        result = sdk.Runner.run_streamed(
+            agent,
+            openai_agents_input(turn.history, prompt),
+            context=None if context is None else context(turn),
+            max_turns=max_turns,
+            run_config=config,
+        )
+        try:
+            async for event in result.stream_events():
+                if event.type == "raw_response_event":
+                    if getattr(event.data, "type", None) == "response.output_text.delta":
+                        yield event.data.delta
+                elif event.type == "run_item_stream_event" and event.name == "tool_called":
+                    yield ToolCall(_tool_name(event.item))
+                elif event.type == "run_item_stream_event" and event.name == "tool_output":
+                    yield ""  # a tool finished: what it sent goes out now
+        finally:
+            result.cancel()
+
+    name = getattr(agent, "name", None) or "openai_agents_agent"
+    return voice_agent(run, name=str(name), welcome=welcome, chunking=chunking, filler=filler)

@@ -1,0 +1,91 @@
+"""``from_pydantic_ai(agent)``: a pydantic-ai ``Agent`` as a LayerCode agent.
+
+Extra ``pydantic-ai``.
+
+The run goes through ``agent.iter`` and streams every node: each model request's text
+deltas are spoken as they arrive, and a run that calls tools goes on to the model's next
+answer (``run_stream`` would stop at the first text it could return as the output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Any
+
+from ..agents import Agent, TurnContext
+from ..conversation import HistoryMessage
+from .voice import DEFAULT_FILLER, Chunking, Filler, Piece, ToolCall, require_extra, voice_agent
+
+__all__ = ["from_pydantic_ai", "pydantic_ai_history"]
+
+_EXTRA = "pydantic-ai"
+
+
+def pydantic_ai_history(history: Sequence[HistoryMessage]) -> list[Any]:
+    """Our history as pydantic-ai messages (``ModelRequest`` / ``ModelResponse``)."""
+    messages = require_extra("pydantic_ai.messages", _EXTRA, "from_pydantic_ai")
+    result: list[Any] = []
+    for message in history:
+        if message.role == "assistant":
+            result.append(messages.ModelResponse(parts=[messages.TextPart(content=message.text)]))
+        else:
+            result.append(
+                messages.ModelRequest(parts=[messages.UserPromptPart(content=message.text)])
+            )
+    return result
+
+
+def from_pydantic_ai(
+    agent: Any,
+    *,
+    welcome: str | None = None,
+    filler: Filler = DEFAULT_FILLER,
+    chunking: Chunking = "phrase",
+    deps: Callable[[TurnContext], Any] | None = None,
+    **run_options: Any,
+) -> Agent:
+    """Our agent (``agent(event, context)``) running the pydantic-ai ``agent``.
+
+    Args:
+        agent: a ``pydantic_ai.Agent`` (its model, instructions and tools as you made it).
+        welcome: spoken on ``session.start`` without calling the model; ``None`` asks the
+            model to greet.
+        filler: spoken once per turn when a tool is called (see :mod:`.voice`).
+        chunking: ``"phrase"`` (speak whole phrases) or ``"delta"`` (pass deltas through).
+        deps: ``deps(context)`` builds the run's ``deps`` for each turn.
+        run_options: passed to ``agent.iter`` (``model=``, ``model_settings=``, …).
+
+    ``context.history`` becomes the run's ``message_history``.
+    """
+    pydantic_ai = require_extra("pydantic_ai", _EXTRA, "from_pydantic_ai")
+    messages = require_extra("pydantic_ai.messages", _EXTRA, "from_pydantic_ai")
+    framework_agent: Any = pydantic_ai.Agent
+
+    async def run(prompt: str, context: TurnContext) -> AsyncGenerator[Piece, None]:
+        options = dict(run_options)
+        if deps is not None:
+            options["deps"] = deps(context)
+        history = pydantic_ai_history(context.history)
+        async with agent.iter(prompt, message_history=history, **options) as agent_run:
+            async for node in agent_run:
+                if framework_agent.is_model_request_node(node):
+                    async with node.stream(agent_run.ctx) as events:
+                        async for event in events:
+                            if isinstance(event, messages.PartStartEvent) and isinstance(
+                                event.part, messages.TextPart
+                            ):
+                                yield event.part.content
+                            elif isinstance(event, messages.PartDeltaEvent) and isinstance(
+                                event.delta, messages.TextPartDelta
+                            ):
+                                yield event.delta.content_delta
+                elif framework_agent.is_call_tools_node(node):
+                    async with node.stream(agent_run.ctx) as events:
+                        async for event in events:
+                            if isinstance(event, messages.FunctionToolCallEvent):
+                                yield ToolCall(event.part.tool_name)
+                            elif isinstance(event, messages.FunctionToolResultEvent):
+                                yield ""  # a tool finished: what it sent goes out now
+
+    name = getattr(agent, "name", None) or "pydantic_ai_agent"
+    return voice_agent(run, name=name, welcome=welcome, chunking=chunking, filler=filler)

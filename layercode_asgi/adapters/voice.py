@@ -1,0 +1,247 @@
+"""What every adapter shares: phrase chunking, the tool filler, tool actions, lazy imports.
+
+An adapter turns a framework's run into a stream of :data:`Piece` values (text deltas and
+:class:`ToolCall` markers) and hands it to :func:`speak`, which makes the spoken replies:
+
+* **Chunking.** ``chunking="phrase"`` (the default) speaks text at phrase boundaries: a
+  sentence end (``.``, ``!``, ``?``, ``…`` or a line break) followed by a space, or a
+  comma, semicolon or colon once the phrase has :data:`MIN_CLAUSE` characters. Each
+  ``response.tts`` is then a phrase a text-to-speech engine can say with natural prosody,
+  and the first one goes out as soon as the model finishes its first phrase, not its
+  whole answer. A decimal point (``3.5``) is not a boundary: no space follows it.
+  ``chunking="delta"`` passes the model's deltas through as they come.
+* **Filler.** When the framework calls a tool, the text so far is spoken, then ``filler``
+  (default ``"One moment."``) once per turn, so the caller hears something while the tool
+  runs. ``filler`` may be a callable ``filler(tool_name) -> str | None`` (``None`` for
+  tools that answer at once), or ``None`` for no filler.
+* **Tool actions.** A tool running inside an adapter's turn may call :func:`send_data`
+  (a ``response.data`` to the browser, sent as soon as the tool has finished) or
+  :func:`hang_up` (a ``response.hangup``, sent after the rest of the answer has been
+  spoken, so the model can still say goodbye). :func:`current_turn` gives the turn's
+  :class:`~layercode_asgi.agents.TurnContext` (conversation id, metadata, history).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from contextlib import aclosing, suppress
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Literal, TypeAlias
+
+from ..agents import Agent, Data, Hangup, Reply, TurnContext, TurnEvent
+from ..errors import ConfigurationError
+
+__all__ = [
+    "DEFAULT_FILLER",
+    "GREETING_PROMPT",
+    "Chunking",
+    "Filler",
+    "MissingExtraError",
+    "PhraseChunker",
+    "ToolCall",
+    "current_turn",
+    "hang_up",
+    "require_extra",
+    "send_data",
+    "speak",
+    "voice_agent",
+]
+
+DEFAULT_FILLER = "One moment."
+#: What the model is told on a silent ``session.start`` when the adapter has no ``welcome``.
+GREETING_PROMPT = "(The caller just joined. Greet them in one short sentence.)"
+#: A comma ends a phrase only once the phrase is at least this long.
+MIN_CLAUSE = 40
+
+Chunking: TypeAlias = Literal["phrase", "delta"]
+#: The filler spoken before a tool runs: text, ``None``, or ``filler(tool_name)``.
+Filler: TypeAlias = str | Callable[[str], str | None] | None
+
+
+class MissingExtraError(ConfigurationError, ImportError):
+    """A framework adapter was asked for without its framework installed."""
+
+
+def require_extra(module: str, extra: str, adapter: str) -> ModuleType:
+    """Import ``module``, or raise :class:`MissingExtraError` naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"{adapter} needs the {module.partition('.')[0]!r} package: "
+            f"pip install 'layercode-asgi[{extra}]'"
+        ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A framework started calling the tool ``name`` (the adapter may speak a filler)."""
+
+    name: str
+
+
+#: What a framework's run becomes before :func:`speak`: text deltas and tool calls. An
+#: adapter yields ``""`` when a tool has finished, so what it sent goes out at once.
+Piece: TypeAlias = str | ToolCall
+
+_SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s+|\n+")
+_CLAUSE_END = re.compile(r"[,;:]\s+")
+
+
+class PhraseChunker:
+    """Collects text deltas and hands out whole phrases (see the module docstring)."""
+
+    __slots__ = ("_buffer", "_mode")
+
+    def __init__(self, mode: Chunking = "phrase") -> None:
+        if mode not in ("phrase", "delta"):
+            raise ValueError(f"chunking must be 'phrase' or 'delta', got {mode!r}")
+        self._mode = mode
+        self._buffer = ""
+
+    def feed(self, text: str) -> Iterator[str]:
+        """Add ``text``; yield every phrase it completes."""
+        if self._mode == "delta":
+            if text:
+                yield text
+            return
+        self._buffer += text
+        while True:
+            cut = self._boundary()
+            if cut is None:
+                return
+            phrase, self._buffer = self._buffer[:cut], self._buffer[cut:]
+            if phrase.strip():
+                yield phrase
+
+    def flush(self) -> str | None:
+        """What is left (the end of the answer, or before a tool call), if anything."""
+        rest, self._buffer = self._buffer, ""
+        return rest if rest.strip() else None
+
+    def _boundary(self) -> int | None:
+        match = _SENTENCE_END.search(self._buffer)
+        if match is not None:
+            return match.end()
+        if len(self._buffer) >= MIN_CLAUSE:
+            for clause in _CLAUSE_END.finditer(self._buffer, MIN_CLAUSE - 1):
+                return clause.end()
+        return None
+
+
+@dataclass(slots=True)
+class _Actions:
+    """What the tools of the running turn asked for."""
+
+    context: TurnContext
+    replies: deque[Reply] = field(default_factory=deque)
+    hangup: Hangup | None = None
+
+
+_ACTIONS: ContextVar[_Actions | None] = ContextVar("layercode_asgi_tool_actions", default=None)
+
+
+def _actions(name: str) -> _Actions:
+    actions = _ACTIONS.get()
+    if actions is None:
+        raise RuntimeError(f"{name}() works only in a tool called during an adapter's turn")
+    return actions
+
+
+def current_turn() -> TurnContext:
+    """The :class:`TurnContext` of the adapter turn this tool runs in."""
+    return _actions("current_turn").context
+
+
+def send_data(content: Any) -> None:
+    """From a tool: send ``content`` (any JSON value) to the browser (``response.data``)."""
+    _actions("send_data").replies.append(Data(content))
+
+
+def hang_up(content: Any = None) -> None:
+    """From a tool: end the call (``response.hangup``) once the answer has been spoken."""
+    _actions("hang_up").hangup = Hangup(content)
+
+
+def _filler_text(filler: Filler, tool: str) -> str | None:
+    return filler(tool) if callable(filler) else filler
+
+
+async def speak(
+    pieces: AsyncGenerator[Piece, None],
+    context: TurnContext,
+    *,
+    chunking: Chunking = "phrase",
+    filler: Filler = DEFAULT_FILLER,
+) -> AsyncGenerator[Reply, None]:
+    """The spoken replies of a framework run: chunked text, filler, tool actions, hangup.
+
+    ``pieces`` is closed when the replies stop early (a disconnect cancels the turn).
+    """
+    chunker = PhraseChunker(chunking)
+    actions = _Actions(context)
+    token = _ACTIONS.set(actions)
+    try:
+        filled = False
+        async with aclosing(pieces):
+            async for piece in pieces:
+                if isinstance(piece, ToolCall):
+                    rest = chunker.flush()
+                    if rest is not None:
+                        yield rest
+                    text = None if filled else _filler_text(filler, piece.name)
+                    if text:
+                        filled = True
+                        yield text
+                else:
+                    for phrase in chunker.feed(piece):
+                        yield phrase
+                while actions.replies:
+                    yield actions.replies.popleft()
+        rest = chunker.flush()
+        if rest is not None:
+            yield rest
+        while actions.replies:
+            yield actions.replies.popleft()
+        if actions.hangup is not None:
+            yield actions.hangup
+    finally:
+        with suppress(ValueError):  # closed from another context (garbage-collected)
+            _ACTIONS.reset(token)
+
+
+def voice_agent(
+    run: Callable[[str, TurnContext], AsyncGenerator[Piece, None]],
+    *,
+    name: str,
+    welcome: str | None,
+    chunking: Chunking,
+    filler: Filler,
+) -> Agent:
+    """Our agent around ``run(prompt, context)``, a framework run as :data:`Piece` values.
+
+    On a silent ``session.start`` it speaks ``welcome`` without calling the model (or, when
+    ``welcome`` is ``None``, asks the model to greet with :data:`GREETING_PROMPT`); a
+    ``message`` without text gets no answer.
+    """
+    PhraseChunker(chunking)  # a bad ``chunking`` fails here, at start-up
+
+    async def agent(event: TurnEvent, context: TurnContext) -> AsyncIterator[Reply]:
+        if context.is_session_start and not context.text and welcome is not None:
+            yield welcome
+            return
+        prompt = context.text or (GREETING_PROMPT if context.is_session_start else None)
+        if prompt is None:
+            return
+        replies = speak(run(prompt, context), context, chunking=chunking, filler=filler)
+        async with aclosing(replies):
+            async for reply in replies:
+                yield reply
+
+    agent.__name__ = agent.__qualname__ = name
+    return agent

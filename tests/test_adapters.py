@@ -1,0 +1,373 @@
+"""Framework agents end to end: create_app on a real uvicorn, the model a fake OpenAI API.
+
+Every kind of agent below (each adapter, the built-in ``starter`` and ``openai`` agents)
+talks to :mod:`tests.fake_openai` through ``OPENAI_BASE_URL`` and holds the same
+conversations: phrases spoken while the model still streams, history on the next turn, a
+tool call with its filler, ``Data`` and ``Hangup`` from tools, a model failing mid-stream,
+a client disconnecting.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from layercode_asgi import Settings, create_app, get_agent
+from layercode_asgi.adapters import (
+    MissingExtraError,
+    PhraseChunker,
+    current_turn,
+    from_langchain,
+    from_openai_agents,
+    from_pydantic_ai,
+    hang_up,
+    send_data,
+)
+from layercode_asgi.agents import STARTER_WELCOME
+from layercode_asgi.testing import LayercodeTestClient, TurnResult, message_event
+
+from .conftest import SECRET, event_body, serve, signed_headers
+from .fake_openai import FakeOpenAI, Script, fake_openai_env
+
+MODEL = "gpt-5-nano"
+WELCOME = "Welcome to the shop!"
+DEFAULT_PHRASES = ["Hello there. ", "How can I help you today?"]
+
+
+# -- the tools every tool-capable framework gets ------------------------------------------
+
+
+def check_stock(item: str) -> str:
+    """Check whether an item is in stock."""
+    send_data({"stock": item, "conversation": current_turn().conversation_id})
+    return f"{item}: 3 in stock"
+
+
+def end_call() -> str:
+    """End the call when the caller says goodbye."""
+    hang_up({"reason": "goodbye"})
+    return "the call will end after your reply"
+
+
+# -- agent builders: name -> build(tools) ----------------------------------------------------
+
+
+def build_pydantic_ai(model: str) -> Callable[[bool], Any]:
+    def build(tools: bool) -> Any:
+        pydantic_ai = pytest.importorskip("pydantic_ai")
+        agent = pydantic_ai.Agent(
+            model, instructions="Answer briefly.", tools=[check_stock, end_call] if tools else []
+        )
+        return from_pydantic_ai(agent, welcome=WELCOME)
+
+    return build
+
+
+def build_langchain_model(tools: bool) -> Any:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    return from_langchain(
+        langchain_openai.ChatOpenAI(model=MODEL), welcome=WELCOME, system_prompt="Be brief."
+    )
+
+
+def build_langchain_chain(tools: bool) -> Any:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    prompts = pytest.importorskip("langchain_core.prompts")
+    parsers = pytest.importorskip("langchain_core.output_parsers")
+    prompt = prompts.ChatPromptTemplate.from_messages(
+        [("system", "Be brief."), prompts.MessagesPlaceholder("conversation")]
+    )
+    chain = prompt | langchain_openai.ChatOpenAI(model=MODEL) | parsers.StrOutputParser()
+    return from_langchain(
+        chain, welcome=WELCOME, make_input=lambda messages: {"conversation": messages}
+    )
+
+
+def build_langgraph(tools: bool) -> Any:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    agents = pytest.importorskip("langchain.agents")
+    graph = agents.create_agent(
+        langchain_openai.ChatOpenAI(model=MODEL),
+        [check_stock, end_call] if tools else [],
+        system_prompt="Answer briefly.",
+    )
+    return from_langchain(graph, welcome=WELCOME)
+
+
+def build_openai_agents(tools: bool) -> Any:
+    sdk = pytest.importorskip("agents")
+    agent = sdk.Agent(
+        name="shop",
+        instructions="Answer briefly.",
+        model=MODEL,
+        tools=[sdk.function_tool(check_stock), sdk.function_tool(end_call)] if tools else [],
+    )
+    return from_openai_agents(agent, welcome=WELCOME)
+
+
+def build_named(name: str, model: str | None = None) -> Callable[[bool], Any]:
+    def build(tools: bool) -> Any:
+        if name == "starter":
+            pytest.importorskip("pydantic_ai")
+        else:
+            pytest.importorskip("openai")
+        fields = {"openai_api_key": "sk-test"}
+        if model is not None:
+            fields["default_model"] = model
+        return get_agent(name, Settings(env_file=None, environ={}, **fields))
+
+    return build
+
+
+BUILDERS: dict[str, Callable[[bool], Any]] = {
+    "pydantic-ai-responses": build_pydantic_ai(f"openai:{MODEL}"),
+    "pydantic-ai-chat": build_pydantic_ai(f"openai-chat:{MODEL}"),
+    "langchain-chat-model": build_langchain_model,
+    "langchain-chain": build_langchain_chain,
+    "langgraph-agent": build_langgraph,
+    "openai-agents": build_openai_agents,
+    "starter": build_named("starter"),
+    "starter-chat": build_named("starter", f"openai-chat:{MODEL}"),
+    "openai": build_named("openai", MODEL),
+}
+WITH_TOOLS = ["pydantic-ai-responses", "pydantic-ai-chat", "langgraph-agent", "openai-agents"]
+#: What each agent says on session.start without calling the model (``openai`` asks it).
+WELCOMES = {name: WELCOME for name in BUILDERS if name != "openai"}
+WELCOMES["starter"] = WELCOMES["starter-chat"] = STARTER_WELCOME
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAI]:
+    with fake_openai_env(monkeypatch) as server:
+        yield server
+
+
+def app_for(name: str, tools: bool = False) -> Any:
+    agent = BUILDERS[name](tools)
+    return create_app(Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET), agent)
+
+
+def spoken(turn: TurnResult) -> list[str]:
+    return list(turn.tts)
+
+
+# -- conversations ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_conversation_with_history(name: str, fake: FakeOpenAI) -> None:
+    with serve(app_for(name)) as base:
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            start = await client.session_start()
+            first = await client.message("Do you sell tents?")
+            fake.push(Script(text=["Yes, we do.", " Anything else?"]))
+            second = await client.message("Great, thanks.")
+    if name in WELCOMES:
+        assert spoken(start) == [WELCOMES[name]]
+    assert "".join(spoken(first)) == "Hello there. How can I help you today?"
+    assert "".join(spoken(second)) == "Yes, we do. Anything else?"
+    if name != "openai":  # the openai agent speaks the deltas as they come
+        assert spoken(first) == DEFAULT_PHRASES
+        assert spoken(second) == ["Yes, we do. ", "Anything else?"]
+    assert first.errors == second.errors == []
+    # The second request carried the first turn (and the welcome) as history.
+    assert fake.conversation(-1)[-3:] == [
+        ("user", "Do you sell tents?"),
+        ("assistant", "Hello there. How can I help you today?"),
+        ("user", "Great, thanks."),
+    ]
+    if name in WELCOMES:
+        assert ("assistant", WELCOMES[name]) in fake.conversation(-1)
+        assert len(fake.requests) == 2  # the welcome cost no model call
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_first_phrase_spoken_before_the_model_finishes(name: str, fake: FakeOpenAI) -> None:
+    fake.push(Script(hold=True))
+    seen_unfinished: list[bool] = []
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["type"] == "response.tts" and not seen_unfinished:
+            seen_unfinished.append(not fake.last_delta_sent.is_set())
+            fake.release()
+
+    with serve(app_for(name)) as base:
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.send(message_event("hi"), on_event=on_event)
+    assert seen_unfinished == [True]  # the first phrase came while the model was held
+    assert fake.last_delta_sent.is_set()
+    assert isinstance(turn, TurnResult)
+    assert "".join(spoken(turn)) == "Hello there. How can I help you today?"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", WITH_TOOLS)
+async def test_tool_call_speaks_the_filler_and_sends_data(name: str, fake: FakeOpenAI) -> None:
+    fake.push(
+        Script(text=[], tool_call=("check_stock", '{"item": "tent"}')),
+        Script(text=["We have", " three tents."]),
+    )
+    with serve(app_for(name, tools=True)) as base:
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("Any tents?")
+    assert spoken(turn) == ["One moment.", "We have three tents."]
+    assert turn.data == [{"stock": "tent", "conversation": client.conversation_id}]
+    assert [event["type"] for event in turn.events] == [
+        "response.tts",
+        "response.data",
+        "response.tts",
+        "response.end",
+    ]
+    assert len(fake.requests) == 2
+    assert any("tent: 3 in stock" in output for output in fake.tool_outputs(-1))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", WITH_TOOLS)
+async def test_a_tool_ends_the_call_after_the_goodbye(name: str, fake: FakeOpenAI) -> None:
+    fake.push(
+        Script(text=["Sure."], tool_call=("end_call", "{}")),
+        Script(text=["Goodbye!"]),
+    )
+    with serve(app_for(name, tools=True)) as base:
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("That's all, bye.")
+    assert spoken(turn) == ["Sure.", "One moment.", "Goodbye!"]
+    assert turn.hung_up
+    assert [event["type"] for event in turn.events][-2:] == ["response.hangup", "response.end"]
+    assert turn.events[-2]["content"] == {"reason": "goodbye"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_model_failing_mid_stream(name: str, fake: FakeOpenAI) -> None:
+    fake.push(Script(text=["One.", " Two.", " Three."], fail_after=2))
+    with serve(app_for(name)) as base:
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("count")
+    assert [event["type"] for event in turn.events][-2:] == ["response.error", "response.end"]
+    assert turn.errors == [
+        {"type": "response.error", "error": "agent error", "turn_id": turn.events[-1]["turn_id"]}
+    ]
+    assert "Three." not in turn.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_disconnect_cancels_the_model_request(name: str, fake: FakeOpenAI) -> None:
+    fake.push(Script(hold=True))
+    body = event_body(text="hi", turn_id="turn-disconnect")
+    with serve(app_for(name)) as base:
+        async with httpx.AsyncClient(timeout=10) as client:
+            request = client.build_request(
+                "POST", f"{base}/api/agent", content=body, headers=signed_headers(body)
+            )
+            response = await client.send(request, stream=True)
+            first = None
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    first = msgspec.json.decode(line[6:])
+                    break
+            assert fake.held.wait(10)  # the model waits before its last delta
+            await response.aclose()  # the caller hangs up while the model still streams
+        assert first is not None and first["type"] == "response.tts"
+        assert fake.closed_early.wait(10), "the model request was not cancelled"
+    assert not fake.last_delta_sent.is_set()
+
+
+# -- the parts, directly -----------------------------------------------------------------------
+
+
+def test_phrase_chunker() -> None:
+    chunker = PhraseChunker()
+    pieces = ["It costs 3", ".5 dollars", ". Want", " one? Sure", "!\nNote: ok"]
+    out = [phrase for piece in pieces for phrase in chunker.feed(piece)]
+    assert out == ["It costs 3.5 dollars. ", "Want one? ", "Sure!\n"]
+    assert chunker.flush() == "Note: ok"  # a colon ends only a long phrase
+    assert chunker.flush() is None
+    long = "This sentence is long enough to be cut at a comma, and it goes on"
+    assert list(PhraseChunker().feed(long)) == [long[: long.index(",") + 2]]
+    assert list(PhraseChunker("delta").feed("a")) == ["a"]
+    with pytest.raises(ValueError, match="chunking"):
+        PhraseChunker("words")  # type: ignore[arg-type]
+
+
+def test_tool_actions_outside_a_turn_raise() -> None:
+    for call in (lambda: send_data({}), hang_up, current_turn):
+        with pytest.raises(RuntimeError, match="only in a tool called during an adapter's turn"):
+            call()
+
+
+def test_importing_the_package_needs_no_framework() -> None:
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "for name in ('pydantic_ai', 'langchain_core', 'langgraph', 'agents'):\n"
+        "    sys.modules[name] = None  # any import of them fails\n"
+        "import layercode_asgi, layercode_asgi.adapters as a\n"
+        "try:\n"
+        "    a.from_pydantic_ai(object())\n"
+        "except a.MissingExtraError as exc:\n"
+        "    print(exc)\n"
+        "try:\n"
+        "    a.from_langchain(object())\n"
+        "except a.MissingExtraError as exc:\n"
+        "    print(exc)\n"
+        "try:\n"
+        "    a.from_openai_agents(object())\n"
+        "except a.MissingExtraError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.splitlines() == [
+        "from_pydantic_ai needs the 'pydantic_ai' package: pip install 'layercode-asgi[pydantic-ai]'",
+        "from_langchain needs the 'langchain_core' package: pip install 'layercode-asgi[langchain]'",
+        "from_openai_agents needs the 'agents' package: pip install 'layercode-asgi[openai-agents]'",
+    ]
+    assert issubclass(MissingExtraError, ImportError)
+
+
+# -- the README's example --------------------------------------------------------------------
+
+
+def readme_adapter_block() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Agents on LLM frameworks") :]
+    section = section[: section.index("\n## ")]
+    return section.split("```python\n")[1].split("```")[0]
+
+
+@pytest.mark.anyio
+async def test_readme_adapter_example(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    import types
+
+    pytest.importorskip("pydantic_ai")
+    monkeypatch.chdir(tmp_path)  # Settings() reads ./.env
+    module = types.ModuleType("readme_adapter_example")
+    code = readme_adapter_block().replace("whsec_…", SECRET)
+    exec(compile(code, "README adapter example", "exec"), module.__dict__)
+    fake.push(
+        Script(text=[], tool_call=("check_stock", '{"item": "tent"}')),
+        Script(text=["We have", " four tents."]),
+    )
+    with serve(module.app) as base:
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            start = await client.session_start()
+            turn = await client.message("Any tents?")
+    assert start.tts == ["Welcome! What are you looking for?"]
+    assert turn.tts == ["Let me check.", "We have four tents."]
+    assert turn.data == [{"item": "tent", "in_stock": 4}]
