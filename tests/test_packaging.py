@@ -17,6 +17,8 @@ import pytest
 
 import layercode_asgi
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -138,6 +138,7 @@ def test_disconnect_releases_the_lock_and_records_what_was_said(store_url: str |
     ]
 
 
+@pytest.mark.slow
 def test_paused_redis_answers_503_quickly() -> None:
     with running_redis() as redis:
         settings = Settings(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anyio
 import msgspec
+import pytest
 
 from layercode_asgi import ConversationManager, HistoryMessage, RedisConversationStore
 
@@ -40,6 +41,7 @@ def test_audit_counts_lost_and_reordered_entries() -> None:
     assert summary.history_entries_out_of_order == 2  # b and c swapped
 
 
+@pytest.mark.slow
 def test_soak_smoke(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     result = subprocess.run(
