@@ -27,7 +27,16 @@ def anyio_backend() -> str:
 #: CLI in-process) and uvicorn (every ``uvicorn.Config`` runs ``logging.config.dictConfig``).
 #: Both bind a handler to the ``sys.stderr`` of the moment: a capturing test's stream, which
 #: pytest closes when the test ends.
-CONFIGURED_LOGGERS = ("layercode_asgi", "uvicorn", "uvicorn.error", "uvicorn.access")
+#: Litestar puts a queue handler on the root logger (and its own): its listener thread
+#: writes records later, to the stream of the test that built the app.
+CONFIGURED_LOGGERS = (
+    "",
+    "layercode_asgi",
+    "uvicorn",
+    "uvicorn.error",
+    "uvicorn.access",
+    "litestar",
+)
 
 
 def closed_stream_handlers() -> list[str]:
@@ -37,7 +46,8 @@ def closed_stream_handlers() -> list[str]:
         f"{getattr(logger, 'name', '?')}: {handler!r}"
         for logger in loggers
         for handler in getattr(logger, "handlers", ())
-        if getattr(getattr(handler, "stream", None), "closed", False)
+        for writer in (handler, *getattr(getattr(handler, "listener", None), "handlers", ()))
+        if getattr(getattr(writer, "stream", None), "closed", False)
     ]
 
 
