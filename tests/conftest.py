@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -49,6 +51,40 @@ def closed_stream_handlers() -> list[str]:
         for writer in (handler, *getattr(getattr(handler, "listener", None), "handlers", ()))
         if getattr(getattr(writer, "stream", None), "closed", False)
     ]
+
+
+def _drain_queue_listeners(limit: int = 10_000) -> None:
+    """Hand every record still queued in a queue handler to its listener's handlers now.
+
+    Litestar logs through a queue handler (on the root logger) whose listener thread
+    writes to the ``sys.stderr`` of the moment its logging was configured: a capturing
+    test's stream, which pytest closes. Records that reached it later printed "Logging
+    error ... I/O operation on closed file". Its writers get the current stream back and
+    what is queued is written now, while the test's capture is still open.
+    """
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            listener = getattr(handler, "listener", None)
+            pending = getattr(handler, "queue", None)
+            if listener is None or not isinstance(pending, queue.Queue):
+                continue
+            for writer in listener.handlers:  # bound to an earlier test's (closed) stream
+                if getattr(getattr(writer, "stream", None), "closed", False):
+                    writer.stream = sys.stderr  # type: ignore[attr-defined]
+            for _ in range(limit):
+                try:
+                    record = pending.get_nowait()
+                except queue.Empty:
+                    break
+                listener.handle(record)
+                pending.task_done()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    yield
+    _drain_queue_listeners()  # before the test's fixtures (capsys, capfd) close their streams
 
 
 @pytest.fixture(autouse=True)
