@@ -40,6 +40,7 @@ EXEMPTIONS: dict[str, int] = {
     "security.md": 0,
     "deploying.md": 3,  # workers on Redis, an nginx configuration, a Kubernetes manifest
     "benchmarks.md": 1,  # the full benchmark run (~10 minutes)
+    "development.md": 1,  # the test suite and its checks themselves
 }
 
 PAGES = sorted(path.relative_to(DOCS).as_posix() for path in DOCS.rglob("*.md"))
@@ -127,6 +128,7 @@ def test_the_settings_page_is_generated_from_settings() -> None:
         assert line in rendered
 
 
+@pytest.mark.slow
 def test_the_site_builds_offline(tmp_path: Path) -> None:
     mkdocs = Path(sys.executable).parent / "mkdocs"
     if not mkdocs.exists():
