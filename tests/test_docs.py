@@ -47,7 +47,9 @@ PAGES = sorted(path.relative_to(DOCS).as_posix() for path in DOCS.rglob("*.md"))
 
 
 def _generated() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("docs_generated", DOCS / "_hooks" / "generated.py")
+    spec = importlib.util.spec_from_file_location(
+        "docs_generated", DOCS / "_hooks" / "generated.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -111,7 +113,11 @@ def test_the_required_column_matches_the_structs() -> None:
     for struct in generated.event_structs():
         section = page.split(f"## `{struct.tag}`")[1].split("\n## ")[0]
         for field in struct.fields:
-            row = next(line for line in section.splitlines() if line.startswith(f"| `{field.encode_name}` |"))
+            row = next(
+                line
+                for line in section.splitlines()
+                if line.startswith(f"| `{field.encode_name}` |")
+            )
             assert ("| required |" in row) == field.required, row
 
 

@@ -35,8 +35,7 @@ MARKERS = {
 #: What each field means, by name (the same field means the same in every event).
 FIELD_DOCS: dict[str, str] = {
     "session_id": "LayerCode's id of the voice session (one call, one browser session).",
-    "conversation_id": "Id of the conversation; kept across reconnects. History is keyed "
-    "by it.",
+    "conversation_id": "Id of the conversation; kept across reconnects. History is keyed by it.",
     "turn_id": "Id of this turn; every event of the reply must carry it.",
     "text": "The user's transcribed speech (`message`); on `session.start`, text LayerCode "
     "may pass along. `null` when nothing was transcribed.",
@@ -202,8 +201,10 @@ def events_reference() -> str:
         decoded = parse_webhook_payload(json.dumps(body))
         if type(decoded) is not struct.cls:
             raise ValueError(f"the {struct.tag} example decodes to {type(decoded).__name__}")
-        parts.append(f"\nA complete `{struct.tag}` body (every field; only the required ones "
-                     "must be present):\n")
+        parts.append(
+            f"\nA complete `{struct.tag}` body (every field; only the required ones "
+            "must be present):\n"
+        )
         parts.append("```json\n" + json.dumps(body, indent=2) + "\n```\n")
     return "\n".join(parts)
 

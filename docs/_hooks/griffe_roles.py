@@ -14,7 +14,9 @@ from typing import Any
 
 import griffe
 
-ROLE = re.compile(r":(?:py:)?(?:class|func|meth|data|mod|attr|exc|obj|const):`(?P<tilde>~?)(?P<name>[^`]+)`")
+ROLE = re.compile(
+    r":(?:py:)?(?:class|func|meth|data|mod|attr|exc|obj|const):`(?P<tilde>~?)(?P<name>[^`]+)`"
+)
 
 
 def _plain(match: re.Match[str]) -> str:
