@@ -93,6 +93,16 @@ def test_the_events_reference_covers_every_event_and_field() -> None:
             assert generated.FIELD_DOCS.get(field.name), f"describe {field.name} in FIELD_DOCS"
 
 
+def test_the_transcript_items_are_described() -> None:
+    generated = _generated()
+    from layercode_asgi import TranscriptItem
+
+    page = generated.events_reference()
+    for field in msgspec.structs.fields(TranscriptItem):
+        assert f"| `{field.encode_name}` |" in page.split("## Transcript items")[1]
+        assert generated.ITEM_DOCS.get(field.name), f"describe {field.name} in ITEM_DOCS"
+
+
 def test_each_events_example_decodes_to_its_event_with_every_field() -> None:
     generated = _generated()
     for struct in generated.event_structs():

@@ -34,13 +34,14 @@ MARKERS = {
 
 #: What each field means, by name (the same field means the same in every event).
 FIELD_DOCS: dict[str, str] = {
-    "session_id": "LayerCode's id of the voice session (one call, one browser session).",
-    "conversation_id": "Id of the conversation; kept across reconnects. History is keyed by it.",
+    "session_id": "Id of the voice session; changes when the client reconnects.",
+    "conversation_id": "Id of the conversation; stable across reconnects. History and the "
+    "per-conversation lock are keyed by it (at most 512 characters).",
     "turn_id": "Id of this turn; every event of the reply must carry it.",
     "text": "The user's transcribed speech (`message`); on `session.start`, text LayerCode "
     "may pass along. `null` when nothing was transcribed.",
-    "metadata": "Free-form JSON object set when the session was authorized.",
-    "custom_metadata": "Free-form JSON object from the session's custom metadata.",
+    "metadata": "Free-form JSON object attached to the session (whatever the client sent).",
+    "custom_metadata": "Free-form JSON object of custom data attached to the session.",
     "from_phone_number": "Caller's number, for phone sessions.",
     "to_phone_number": "Number called, for phone sessions.",
     "recording_url": "Where to download the session's recording (WAV).",
@@ -62,6 +63,15 @@ FIELD_DOCS: dict[str, str] = {
     "latency": "Latency figure reported by LayerCode, in seconds.",
     "ip_address": "The client's IP address.",
     "country_code": "The client's country code.",
+}
+
+#: What each field of a transcript item means.
+ITEM_DOCS: dict[str, str] = {
+    "role": "Who spoke: `user` or `assistant` (kept as any string).",
+    "text": "What was said.",
+    "timestamp": "When: unix milliseconds (a number) or an ISO-8601 string, kept as received.",
+    "extra": "The item's other fields, those this version does not know, by name; `null` "
+    "when there are none. Not a wire field: filled by the decoder.",
 }
 
 #: Example values, by field name, for the complete example of each event.
@@ -189,6 +199,7 @@ def events_reference() -> str:
         parts.append(f"Decoded as `{name}`. {_plain(summary)}\n")
         parts.append("| field | type | required | meaning |")
         parts.append("|---|---|---|---|")
+        parts.append(f'| `type` | `"{struct.tag}"` | required | The event type. |')
         for field in struct.fields:
             cells = (
                 f"`{field.encode_name}`",
@@ -206,7 +217,26 @@ def events_reference() -> str:
             "must be present):\n"
         )
         parts.append("```json\n" + json.dumps(body, indent=2) + "\n```\n")
+    parts.append(transcript_items())
     return "\n".join(parts)
+
+
+def transcript_items() -> str:
+    """The fields of a transcript item (``session.end``'s and ``message``'s ``transcript``)."""
+    from layercode_asgi import TranscriptItem
+
+    info = msgspec.inspect.type_info(TranscriptItem)
+    assert isinstance(info, msgspec.inspect.StructType), info
+    rows = [
+        "## Transcript items\n",
+        "Each item of a `transcript` list is decoded as `TranscriptItem`.\n",
+        "| field | type | required | meaning |",
+        "|---|---|---|---|",
+    ]
+    for field in info.fields:
+        cells = (f"`{field.encode_name}`", type_name(field.type), _default(field))
+        rows.append("| " + " | ".join((*cells, ITEM_DOCS[field.name])) + " |")
+    return "\n".join(rows) + "\n"
 
 
 def _plain(docstring_text: str) -> str:
