@@ -177,3 +177,12 @@ def test_the_site_builds_offline(tmp_path: Path) -> None:
     assert "LAYERCODE_WEBHOOK_SECRET" in settings
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert 'id="layercode_asgi.create_app"' in api
+
+
+def test_the_cli_page_lists_every_protocol_violation() -> None:
+    from layercode_asgi.testing import VIOLATIONS
+
+    page = (DOCS / "cli.md").read_text()
+    table = [line for line in page.splitlines() if line.startswith("| `")]
+    listed = [line.split("`")[1] for line in table]
+    assert sorted(listed) == sorted(VIOLATIONS), "cli.md's violations table != testing.VIOLATIONS"
