@@ -609,7 +609,8 @@ class RedisConversationStore:
         lock_ttl: lifetime of a lock key, in seconds; a holder extends it every
             ``lock_ttl / 3`` so long turns keep the lock, and a crashed holder's lock frees
             itself after at most ``lock_ttl``.
-        socket_timeout, socket_connect_timeout: for clients created from a URL.
+        socket_timeout: seconds per socket operation, for clients created from a URL.
+        socket_connect_timeout: seconds to connect, for clients created from a URL.
         operation_timeout: hard limit on any single Redis operation, in seconds.
         max_connections: size of the connection pool (clients created from a URL); when
             all are busy, an operation waits for one (up to ``operation_timeout``).

@@ -260,10 +260,14 @@ def create_app(
         settings: configuration; ``None`` reads the environment and ``.env``.
         agent: the agent callable, or a name for :func:`~layercode_asgi.agents.get_agent`;
             ``None`` uses ``settings.agent`` (default ``echo``).
-        agent_route / authorize_route: paths of the webhook and the authorize route.
+        agent_route: path of the webhook route.
+        authorize_route: path of the authorize route.
         conversations: history store; ``None`` builds one from settings (Redis when
             ``REDIS_URL`` is set, else bounded memory).
-        on_data / on_session_update / on_session_end: optional event hooks.
+        on_data: optional hook called with each ``data`` event (its return value is the
+            JSON reply).
+        on_session_update: optional hook called with each ``session.update`` event.
+        on_session_end: optional hook called with each ``session.end`` event.
         authorize_guard: a custom check for the authorize route (replaces the key check
             of ``LAYERCODE_AUTHORIZE_API_KEYS``).
         authorize_timeout: seconds to wait for LayerCode's API.

@@ -695,7 +695,9 @@ class LayercodeTestClient:
         strict: treat ``response.error`` as a violation.
         max_bytes: the most (decoded) bytes one reply may have (else ``too-large``).
         max_events: the most events one turn may have (else ``too-large``).
-        conversation_id / session_id: ids used by the helper methods (random by default).
+        conversation_id: the conversation id used by the helper methods (random by
+            default).
+        session_id: the session id used by the helper methods (random by default).
 
     Use it as ``async with LayercodeTestClient(...) as client`` (one HTTP client for all
     requests) or call the methods directly (a client per call). ``send_sync`` is the same

@@ -139,8 +139,12 @@ class LayercodeWebhook:
             ``ConversationManager``). Default ``"memory"``: a new in-memory
             ``ConversationManager`` (bounded, one process), as ``create_app`` without
             Redis; ``None`` keeps no history and takes no lock.
-        on_data / on_session_update / on_session_end: optional hooks (sync or async),
-            called with the typed event. ``on_data``'s return value is the JSON reply.
+        on_data: optional hook (sync or async) called with each ``data`` event; its
+            return value is the JSON reply (else ``{"status": "ok"}``).
+        on_session_update: optional hook (sync or async) called with each
+            ``session.update`` event.
+        on_session_end: optional hook (sync or async) called with each ``session.end``
+            event.
         turn_timeout: seconds a turn may take; ``None`` = no limit.
         timeout_message: spoken when a turn times out (else ``response.error``).
         keep_history: keep a conversation's history after ``session.end``.

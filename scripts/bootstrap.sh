@@ -1,5 +1,5 @@
 # Sourced by scripts/test, scripts/demo and .ci/run: everything a fresh machine needs.
-#  - a virtualenv in .venv with the package and its dev, redis and server extras;
+#  - a virtualenv in .venv with the package and its dev, redis, server and docs extras;
 #  - the redis-server binary (installed with apt-get when missing), for the Redis tests,
 #    which start their own servers on free ports. No daemon is started here.
 # `source scripts/bootstrap.sh --no-redis` skips the binary (the demo does not need it).
@@ -27,10 +27,10 @@ fi
 
 stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-    echo "==> installing layercode-asgi[dev,redis,server] into .venv (first time: a minute or two)"
+    echo "==> installing layercode-asgi[dev,redis,server,docs] into .venv (first time: a minute or two)"
     # pip shows each package as it goes. The pip index here prints a harmless warning per
     # package; keep real errors visible.
-    .venv/bin/python -m pip install --disable-pip-version-check -e ".[dev,redis,server]" \
+    .venv/bin/python -m pip install --disable-pip-version-check -e ".[dev,redis,server,docs]" \
         2> >(grep -v "is ignored: it is neither" >&2)
     rm -f .venv/.installed-*
     touch "$stamp"

@@ -27,7 +27,8 @@ What runs, and how
   test interpreter's directory (``python``, ``layercode-asgi``). Assignments and
   ``export`` lines carry over to the following lines and blocks. A server command
   (``layercode-asgi serve``, ``python examples/...``, ``uvicorn``...) is started in the
-  background; the runner waits until its port (``--port N``, ``PORT=N``, else 8000)
+  background; the runner waits until its port (``--port N``, ``--bind HOST:N``, ``PORT=N``,
+  else 8000)
   accepts connections, holds the same signed conversation with it once the block is done,
   and stops it when the file is done (later blocks may talk to it, as a reader's
   terminal would). ``pip install`` lines run as ``pip install --dry-run --no-deps``:
@@ -340,8 +341,8 @@ class _Runner:
                 break
             name, _, value = word.partition("=")
             inline[name] = value
-        port_flag = re.search(r"--port[ =](\d+)", command)
-        port = int(port_flag[1] if port_flag else inline.get("PORT", "8000"))
+        port_flag = re.search(r"--port[ =](\d+)|--bind[ =]\S*:(\d+)", command)
+        port = int(port_flag[1] or port_flag[2] if port_flag else inline.get("PORT", "8000"))
         if _answers(port):
             raise BlockFailed(f"{block.where}: port {port} is already in use: `{command}`")
         log = self.workdir / f"server-{block.line}-{port}.log"

@@ -1,0 +1,193 @@
+"""The documentation site (mkdocs.yml, docs/) documents what the code does.
+
+* Every code block of every docs/*.md page runs as written (tests/markdown_blocks.py, as
+  for the README), except blocks marked with the visible ``*Not run by the tests: …*``
+  line; the exemptions are counted per page, so a new one is a deliberate change here.
+* The generated parts (docs/_hooks/generated.py, run by ``mkdocs build``) cover every
+  webhook event and every field, and each example decodes to the event it documents.
+* ``mkdocs build --strict`` itself runs in ``.ci/run``; ``test_the_site_builds_offline``
+  runs it here too when the ``docs`` extra is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import msgspec
+import pytest
+
+from layercode_asgi import parse_webhook_payload
+
+from .markdown_blocks import parse_blocks, run_markdown_file
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+
+#: Blocks of each page that cannot run here; each carries its visible reason on the page.
+EXEMPTIONS: dict[str, int] = {
+    "index.md": 1,  # the two set-up commands: the test suite itself and the demo
+    "getting-started.md": 2,  # cloudflared and ngrok tunnels
+    "middleware.md": 1,  # three one-line alternatives, each run in full on stacks.md
+    "history.md": 1,  # a Redis store: needs a Redis server
+    "adapters.md": 1,  # a real model: needs OPENAI_API_KEY
+    "cli.md": 1,  # a list of commands, two of them serving on the same port
+    "security.md": 0,
+    "deploying.md": 3,  # workers on Redis, an nginx configuration, a Kubernetes manifest
+    "benchmarks.md": 1,  # the full benchmark run (~10 minutes)
+    "development.md": 1,  # the test suite and its checks themselves
+}
+
+#: Pages whose blocks import an optional package (the nox ``lowest`` session has none of them).
+NEEDS: dict[str, tuple[str, ...]] = {
+    "adapters.md": ("pydantic_ai",),
+    "deploying.md": ("hypercorn", "granian"),
+    "stacks.md": ("fastapi", "litestar"),
+}
+
+PAGES = sorted(path.relative_to(DOCS).as_posix() for path in DOCS.rglob("*.md"))
+
+
+def _generated() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "docs_generated", DOCS / "_hooks" / "generated.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_page_is_counted() -> None:
+    """A page with exemptions is listed above; a listed page exists."""
+    for page in EXEMPTIONS:
+        assert page in PAGES, f"{page} is listed in EXEMPTIONS but does not exist"
+    for page in PAGES:
+        exempt = sum(1 for block in parse_blocks(DOCS / page) if block.exempt)
+        assert exempt == EXEMPTIONS.get(page, 0), (
+            f"{page} has {exempt} blocks marked as not run; EXEMPTIONS says "
+            f"{EXEMPTIONS.get(page, 0)}: update it if that is deliberate"
+        )
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_code_block_of_the_page_runs(page: str, tmp_path: Path) -> None:
+    for module in NEEDS.get(page, ()):
+        pytest.importorskip(module)
+    report = run_markdown_file(DOCS / page, tmp_path / "work")
+    print(report.summary())  # the exemptions, with their reasons (shown with -s or -rP)
+    assert len(report.exempt) == EXEMPTIONS.get(page, 0), report.summary()
+    assert all(block.exempt and len(block.exempt) > 20 for block in report.exempt)
+
+
+# -- the generated parts --------------------------------------------------------------------
+
+
+def test_the_events_reference_covers_every_event_and_field() -> None:
+    generated = _generated()
+    structs = generated.event_structs()
+    from layercode_asgi import LayercodeEventType
+
+    assert {struct.tag for struct in structs} == {member.value for member in LayercodeEventType}
+    page = generated.events_reference()
+    for struct in structs:
+        assert f"## `{struct.tag}`" in page
+        for field in struct.fields:
+            assert f"| `{field.encode_name}` |" in page
+            assert generated.FIELD_DOCS.get(field.name), f"describe {field.name} in FIELD_DOCS"
+
+
+def test_the_transcript_items_are_described() -> None:
+    generated = _generated()
+    from layercode_asgi import TranscriptItem
+
+    page = generated.events_reference()
+    for field in msgspec.structs.fields(TranscriptItem):
+        assert f"| `{field.encode_name}` |" in page.split("## Transcript items")[1]
+        assert generated.ITEM_DOCS.get(field.name), f"describe {field.name} in ITEM_DOCS"
+
+
+def test_each_events_example_decodes_to_its_event_with_every_field() -> None:
+    generated = _generated()
+    for struct in generated.event_structs():
+        body = generated.example(struct)
+        decoded = parse_webhook_payload(json.dumps(body).encode())
+        assert type(decoded) is struct.cls
+        assert set(body) == {"type"} | {field.encode_name for field in struct.fields}
+        # what the example says is what the struct holds
+        again = msgspec.json.decode(msgspec.json.encode(decoded))
+        for name, value in body.items():
+            if value is not None:
+                assert again[name] == value, name
+
+
+def test_the_required_column_matches_the_structs() -> None:
+    generated = _generated()
+    page = generated.events_reference()
+    for struct in generated.event_structs():
+        section = page.split(f"## `{struct.tag}`")[1].split("\n## ")[0]
+        for field in struct.fields:
+            row = next(
+                line
+                for line in section.splitlines()
+                if line.startswith(f"| `{field.encode_name}` |")
+            )
+            assert ("| required |" in row) == field.required, row
+
+
+def test_the_settings_page_is_generated_from_settings() -> None:
+    from layercode_asgi.config import settings_table_markdown
+
+    generated = _generated()
+    assert generated.settings_table() == settings_table_markdown()
+    page = (DOCS / "settings.md").read_text()
+    assert "<!-- generated: settings-table -->" in page
+    rendered = generated.on_page_markdown(page)
+    assert "<!-- generated" not in rendered
+    for line in settings_table_markdown().splitlines()[2:]:
+        assert line in rendered
+
+
+@pytest.mark.slow
+def test_the_site_builds_offline(tmp_path: Path) -> None:
+    mkdocs = Path(sys.executable).parent / "mkdocs"
+    if not mkdocs.exists():
+        pytest.skip("the docs extra is not installed (pip install -e '.[docs]')")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    # No network: an inventory, a font or a plugin that needs one fails here. As root, the
+    # build runs in a network namespace of its own (no interface up); else through a proxy
+    # that refuses every connection.
+    command = [str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path / "site")]
+    isolated = (
+        shutil.which("unshare") is not None
+        and subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=30).returncode
+        == 0
+    )
+    if isolated:
+        command = ["unshare", "-n", *command]
+    else:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+            env[name] = "http://127.0.0.1:9"
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = (tmp_path / "site" / "events" / "index.html").read_text()
+    assert "session.end" in events and "transcription_duration_seconds" in events
+    settings = (tmp_path / "site" / "settings" / "index.html").read_text()
+    assert "LAYERCODE_WEBHOOK_SECRET" in settings
+    api = (tmp_path / "site" / "api" / "index.html").read_text()
+    assert 'id="layercode_asgi.create_app"' in api
+
+
+def test_the_cli_page_lists_every_protocol_violation() -> None:
+    from layercode_asgi.testing import VIOLATIONS
+
+    page = (DOCS / "cli.md").read_text()
+    table = [line for line in page.splitlines() if line.startswith("| `")]
+    listed = [line.split("`")[1] for line in table]
+    assert sorted(listed) == sorted(VIOLATIONS), "cli.md's violations table != testing.VIOLATIONS"
