@@ -303,7 +303,11 @@ def create_app(
     replay: ReplayCache | None = None
     if settings.replay_protection:
         # Shared by every worker when they share Redis; else this process's memory.
-        replay = RedisReplayCache(settings.redis_url) if settings.redis_url else MemoryReplayCache()
+        replay = (
+            RedisReplayCache(settings.redis_url, cluster=settings.redis_cluster)
+            if settings.redis_url
+            else MemoryReplayCache()
+        )
     protected = LayercodeSignature(
         webhook,
         secret=secrets,

@@ -11,11 +11,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import anyio
 import pytest
 
 from .conftest import free_port
@@ -129,3 +132,78 @@ def redis_server() -> Iterator[RedisServer]:
     """A fresh ``redis-server`` subprocess for one test."""
     with running_redis() as server:
         yield server
+
+
+# -- several uvicorn workers sharing one Redis ---------------------------------------------------
+
+
+async def worker_agent(event: Any, context: Any) -> AsyncIterator[str]:
+    """Says which process answered and how much history it saw; ``sleep:<s> …`` sleeps."""
+    yield f"pid={os.getpid()} saw={len(context.history)} text={event.text}"
+    text = event.text or ""
+    if text.startswith("sleep:"):
+        await anyio.sleep(float(text.split()[0].split(":")[1]))
+        yield " done"
+
+
+def workers_app() -> Any:
+    """``uvicorn --factory tests.redis_fixtures:workers_app``: settings from the environment
+    (no ``.env``), history on ``REDIS_URL`` with the lock TTL of ``TEST_LOCK_TTL``."""
+    from layercode_asgi import ConversationManager, RedisConversationStore, Settings, create_app
+    from layercode_asgi.conversation import lock_wait_timeout
+
+    settings = Settings(env_file=None)
+    assert settings.redis_url
+    store = RedisConversationStore(
+        settings.redis_url,
+        lock_ttl=float(os.environ.get("TEST_LOCK_TTL", "10")),
+        lock_timeout=lock_wait_timeout(settings.turn_timeout, settings.lock_wait_grace),
+        **({"cluster": True} if getattr(settings, "redis_cluster", False) else {}),
+    )
+    return create_app(settings, worker_agent, conversations=ConversationManager(store))
+
+
+@contextmanager
+def uvicorn_workers(
+    redis_url: str, workers: int = 2, lock_ttl: float = 10.0, **environ: str
+) -> Iterator[str]:
+    """``uvicorn --workers N`` serving :func:`workers_app` on 127.0.0.1; yields its URL."""
+    import httpx
+
+    from .conftest import SECRET
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "REDIS_"))}
+    env.update(
+        REDIS_URL=redis_url,
+        LAYERCODE_WEBHOOK_SECRET=SECRET,
+        TEST_LOCK_TTL=str(lock_ttl),
+        **environ,
+    )
+    command = [sys.executable, "-m", "uvicorn", "--factory", "tests.redis_fixtures:workers_app",
+               "--workers", str(workers), "--host", "127.0.0.1", "--port", str(port),
+               "--log-level", "warning"]  # fmt: skip
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while True:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"uvicorn workers did not start: {log.read()!r}")
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)

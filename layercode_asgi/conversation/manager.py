@@ -116,6 +116,7 @@ class ConversationManager:
                 max_messages=settings.history_max_messages,
                 max_bytes=settings.history_max_bytes,
                 lock_timeout=wait,
+                cluster=settings.redis_cluster,
             )
         else:
             store = MemoryConversationStore(

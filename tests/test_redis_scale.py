@@ -1,0 +1,250 @@
+"""Redis at scale: turns of one conversation in arrival order across uvicorn workers, crashed
+workers (holding a lock, waiting for one), many waiters, and round trips per turn."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from layercode_asgi import ConversationManager, RedisConversationStore, Settings, create_app
+from layercode_asgi.testing import LayercodeTestClient
+
+from . import redis_fixtures
+from .conftest import SECRET, serve, signed_headers
+from .conftest import event_body as event
+from .redis_fixtures import RedisServer, uvicorn_workers, worker_agent
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+redis_server = redis_fixtures.redis_server
+
+
+async def turn(url: str, cid: str, text: str) -> str:
+    """One turn on a connection of its own (so turns spread over the workers)."""
+    client = LayercodeTestClient(base_url=url, secret=SECRET, conversation_id=cid, timeout=30)
+    return (await client.message(text)).text
+
+
+async def history_texts(redis_url: str, cid: str) -> list[str]:
+    async with ConversationManager(RedisConversationStore(redis_url)) as manager:
+        return [m.text for m in await manager.get_history(cid) if m.role == "user"]
+
+
+def pid_of(reply: str) -> int:
+    match = re.match(r"pid=(\d+) ", reply)
+    assert match, reply
+    return int(match.group(1))
+
+
+async def test_queued_turns_run_in_arrival_order_across_two_workers(
+    redis_server: RedisServer,
+) -> None:
+    """A slow turn, then five more 50 ms apart, on each of four conversations at once: every
+    conversation records its turns in the order they were sent (before the fair queue they
+    ran in reverse order: polling with a growing back-off favoured the newest waiter)."""
+    conversations = [f"order-{n}" for n in range(4)]
+    replies: dict[str, list[str]] = {cid: [] for cid in conversations}
+    with uvicorn_workers(redis_server.url, workers=2) as url:
+        # One connection per turn, opened beforehand: sending a turn is then one write.
+        clients = {
+            (cid, n): httpx.AsyncClient(base_url=url, timeout=30)
+            for cid in conversations
+            for n in range(6)
+        }
+        try:
+            for client in clients.values():
+                assert (await client.get("/health")).status_code == 200
+
+            async def one(cid: str, n: int, text: str) -> None:
+                body = event("message", conversation_id=cid, text=text, turn_id=f"t{n}")
+                response = await clients[cid, n].post(
+                    "/api/agent", content=body, headers=signed_headers(body)
+                )
+                assert response.status_code == 200, response.text
+                replies[cid].append(response.text)
+
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    for cid in conversations:
+                        tg.start_soon(one, cid, 0, "sleep:1 first")
+                    await anyio.sleep(0.3)  # the slow turns hold their conversations
+                    for n in range(1, 6):
+                        for cid in conversations:
+                            tg.start_soon(one, cid, n, f"queued {n}")
+                        await anyio.sleep(0.05)
+        finally:
+            for client in clients.values():
+                await client.aclose()
+    expected = ["sleep:1 first"] + [f"queued {n}" for n in range(1, 6)]
+    pids = set()
+    for cid in conversations:
+        assert await history_texts(redis_server.url, cid) == expected, cid
+        # each turn saw the history of the turns before it
+        seen = sorted(int(m) for r in replies[cid] for m in re.findall(r"saw=(\d+)", r))
+        assert seen == [0, 2, 4, 6, 8, 10]
+        pids |= {int(m) for r in replies[cid] for m in re.findall(r"pid=(\d+)", r)}
+    assert len(pids) == 2  # both workers served turns
+
+
+async def test_a_worker_killed_while_holding_a_lock(redis_server: RedisServer) -> None:
+    """SIGKILL the worker running a turn: its lock expires (lock TTL 1.5 s), the next turns
+    of the conversation run in order on the workers left, and nothing is lost but the
+    killed turn."""
+    with uvicorn_workers(redis_server.url, workers=2, lock_ttl=1.5) as url:
+        await turn(url, "crash", "before")
+        body = event("message", conversation_id="crash", text="sleep:30 doomed")
+        with anyio.fail_after(60):
+            async with (
+                httpx.AsyncClient(timeout=30) as client,
+                client.stream(
+                    "POST", url + "/api/agent", content=body, headers=signed_headers(body)
+                ) as response,
+            ):
+                assert response.status_code == 200
+                lines = response.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data:") and "pid=" in line:
+                        pid = pid_of(line[line.index("pid=") :])
+                        break
+                os.kill(pid, signal.SIGKILL)
+                with pytest.raises(httpx.HTTPError):
+                    async for _ in lines:
+                        pass
+            results: list[str] = []
+
+            async def one(text: str) -> None:
+                results.append(await turn(url, "crash", text))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(one, "after 1")
+                await anyio.sleep(0.2)
+                tg.start_soon(one, "after 2")
+    assert await history_texts(redis_server.url, "crash") == ["before", "after 1", "after 2"]
+    assert all(pid_of(r) != pid for r in results)
+
+
+WAITER = textwrap.dedent(
+    """
+    import sys, anyio
+    from layercode_asgi import RedisConversationStore
+
+    async def main():
+        store = RedisConversationStore(sys.argv[1], lock_ttl=1.5)
+        print("waiting", flush=True)
+        async with store.lock("abandoned", timeout=60):
+            print("acquired", flush=True)
+            await anyio.sleep(60)
+
+    anyio.run(main)
+    """
+)
+
+
+async def test_a_worker_killed_while_waiting_is_skipped(redis_server: RedisServer) -> None:
+    """A process queued for a conversation is SIGKILLed; the turn queued behind it runs
+    after the running turn, without being handed to the dead waiter's place."""
+    with uvicorn_workers(redis_server.url, workers=2, lock_ttl=1.5) as url:
+        results: dict[str, str] = {}
+
+        async def one(text: str) -> None:
+            results[text] = await turn(url, "abandoned", text)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(one, "sleep:3 running")
+                await anyio.sleep(0.3)
+                waiter = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+                    [sys.executable, "-c", WAITER, redis_server.url],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                assert waiter.stdout is not None
+                assert await anyio.to_thread.run_sync(waiter.stdout.readline) == "waiting\n"
+                await anyio.sleep(0.5)  # queued behind the running turn
+                tg.start_soon(one, "next")
+                await anyio.sleep(0.3)
+                waiter.kill()
+                waiter.wait(10)
+    assert await history_texts(redis_server.url, "abandoned") == ["sleep:3 running", "next"]
+    assert "saw=2" in results["next"]
+
+
+async def test_a_hundred_waiters_on_a_small_pool_run_in_order(redis_server: RedisServer) -> None:
+    """Waiting holds no pooled connection: 100 turns of one conversation queue behind a
+    holder on a pool of 4 connections; the holder releases, and all run, in order."""
+    store = RedisConversationStore(redis_server.url, max_connections=4, lock_ttl=3)
+    order: list[int] = []
+    async with ConversationManager(store) as manager:
+
+        async def waiter(n: int) -> None:
+            async with manager.lock("busy", timeout=60):
+                order.append(n)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg, manager.lock("busy"):
+                for n in range(100):
+                    tg.start_soon(waiter, n)
+                    await anyio.sleep(0.005)
+                await anyio.sleep(1.0)
+    assert order == list(range(100))
+
+
+class CommandLog:
+    """Every command Redis runs, from ``MONITOR``: sent by a client, or run by a script."""
+
+    def __init__(self, redis_url: str) -> None:
+        import redis.asyncio as redis_asyncio
+
+        self.client: Any = redis_asyncio.Redis.from_url(redis_url)
+        self.sent: list[str] = []  # by clients (one round trip each)
+        self.scripted: list[str] = []  # by scripts
+
+    async def record(self, during: Any) -> None:
+        """Log what Redis runs while ``during()`` runs (and until a marker after it)."""
+        marker = "end-of-measure"
+        async with self.client.monitor() as monitor, anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                await during()
+                await self.client.echo(marker)
+
+            tg.start_soon(run)
+            async for command in monitor.listen():
+                text = command["command"]
+                if text == f"ECHO {marker}":
+                    break
+                name = text.split(" ", 1)[0].lower()
+                if name in ("hello", "client", "select", "auth"):
+                    continue  # a connection being set up (ours for the marker, say)
+                (self.scripted if command.get("client_type") == "lua" else self.sent).append(name)
+        await self.client.aclose()
+
+
+async def test_an_uncontended_turn_costs_two_round_trips(redis_server: RedisServer) -> None:
+    """Lock + read in one script, record + release in one: two commands sent to Redis per
+    turn (today: four -- SET, MULTI/LRANGE/GET/EXEC, EVALSHA, EVALSHA), seen by MONITOR."""
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    store = RedisConversationStore(redis_server.url)
+    app = create_app(settings, worker_agent, conversations=ConversationManager(store))
+    turns = 10
+    log = CommandLog(redis_server.url)
+    with serve(app) as url:
+        await turn(url, "warm-up", "hello")  # loads the scripts, opens the connection
+
+        async def turns_in_a_row() -> None:
+            for n in range(turns):
+                await turn(url, f"rt-{n % 5}", f"turn {n}")
+
+        with anyio.fail_after(60):
+            await log.record(turns_in_a_row)
+    assert log.sent == ["evalsha"] * (2 * turns), log.sent
+    assert log.scripted  # the work happened inside the scripts
