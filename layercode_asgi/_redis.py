@@ -76,8 +76,6 @@ def connect(
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=socket_connect_timeout,
                 retry=retry,
-                # A node down: report it after one more try instead of ten.
-                cluster_error_retry_attempts=1,
             )
         pool = redis_asyncio.BlockingConnectionPool.from_url(
             url,

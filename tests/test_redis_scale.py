@@ -45,53 +45,67 @@ def pid_of(reply: str) -> int:
     return int(match.group(1))
 
 
+async def turns_in_arrival_order(url: str, conversations: list[str]) -> set[int]:
+    """A slow turn, then five more 50 ms apart, on each conversation at once; check that
+    each conversation ran (and recorded) them in the order sent. Returns the worker pids."""
+    replies: dict[str, list[str]] = {cid: [] for cid in conversations}
+    # One connection per turn, opened beforehand: sending a turn is then one write.
+    clients = {
+        (cid, n): httpx.AsyncClient(base_url=url, timeout=30)
+        for cid in conversations
+        for n in range(6)
+    }
+    try:
+        for client in clients.values():
+            assert (await client.get("/health")).status_code == 200
+
+        async def one(cid: str, n: int, text: str) -> None:
+            body = event("message", conversation_id=cid, text=text, turn_id=f"t{n}")
+            response = await clients[cid, n].post(
+                "/api/agent", content=body, headers=signed_headers(body)
+            )
+            assert response.status_code == 200, response.text
+            replies[cid].append(response.text)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for cid in conversations:
+                    tg.start_soon(one, cid, 0, "sleep:1 first")
+                await anyio.sleep(0.3)  # the slow turns hold their conversations
+                for n in range(1, 6):
+                    for cid in conversations:
+                        tg.start_soon(one, cid, n, f"queued {n}")
+                    await anyio.sleep(0.05)
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    pids = set()
+    for cid in conversations:
+        # each turn saw the history of the turns before it, in the order they were sent
+        ran = sorted(
+            (int(saw), text)
+            for r in replies[cid]
+            for saw, text in re.findall(r'saw=(\d+) text=([^"]*)', r)
+        )
+        sent = ["sleep:1 first"] + [f"queued {n}" for n in range(1, 6)]
+        assert [text for _, text in ran] == sent, (cid, ran)
+        assert [saw for saw, _ in ran] == [0, 2, 4, 6, 8, 10]
+        pids |= {int(m) for r in replies[cid] for m in re.findall(r"pid=(\d+)", r)}
+    return pids
+
+
 async def test_queued_turns_run_in_arrival_order_across_two_workers(
     redis_server: RedisServer,
 ) -> None:
-    """A slow turn, then five more 50 ms apart, on each of four conversations at once: every
-    conversation records its turns in the order they were sent (before the fair queue they
-    ran in reverse order: polling with a growing back-off favoured the newest waiter)."""
+    """On each of four conversations at once, turns queued 50 ms apart behind a slow one
+    run and record in the order sent (before the fair queue they ran in reverse order:
+    polling with a growing back-off favoured the newest waiter)."""
     conversations = [f"order-{n}" for n in range(4)]
-    replies: dict[str, list[str]] = {cid: [] for cid in conversations}
     with uvicorn_workers(redis_server.url, workers=2) as url:
-        # One connection per turn, opened beforehand: sending a turn is then one write.
-        clients = {
-            (cid, n): httpx.AsyncClient(base_url=url, timeout=30)
-            for cid in conversations
-            for n in range(6)
-        }
-        try:
-            for client in clients.values():
-                assert (await client.get("/health")).status_code == 200
-
-            async def one(cid: str, n: int, text: str) -> None:
-                body = event("message", conversation_id=cid, text=text, turn_id=f"t{n}")
-                response = await clients[cid, n].post(
-                    "/api/agent", content=body, headers=signed_headers(body)
-                )
-                assert response.status_code == 200, response.text
-                replies[cid].append(response.text)
-
-            with anyio.fail_after(60):
-                async with anyio.create_task_group() as tg:
-                    for cid in conversations:
-                        tg.start_soon(one, cid, 0, "sleep:1 first")
-                    await anyio.sleep(0.3)  # the slow turns hold their conversations
-                    for n in range(1, 6):
-                        for cid in conversations:
-                            tg.start_soon(one, cid, n, f"queued {n}")
-                        await anyio.sleep(0.05)
-        finally:
-            for client in clients.values():
-                await client.aclose()
+        pids = await turns_in_arrival_order(url, conversations)
     expected = ["sleep:1 first"] + [f"queued {n}" for n in range(1, 6)]
-    pids = set()
     for cid in conversations:
         assert await history_texts(redis_server.url, cid) == expected, cid
-        # each turn saw the history of the turns before it
-        seen = sorted(int(m) for r in replies[cid] for m in re.findall(r"saw=(\d+)", r))
-        assert seen == [0, 2, 4, 6, 8, 10]
-        pids |= {int(m) for r in replies[cid] for m in re.findall(r"pid=(\d+)", r)}
     assert len(pids) == 2  # both workers served turns
 
 
