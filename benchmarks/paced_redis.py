@@ -10,7 +10,9 @@ duration, the server's CPU per turn (all its worker processes), Redis's CPU per 
 the Redis commands per turn from ``INFO commandstats``: the scripts clients ran (each one
 round trip: ``EVALSHA``) and every command run, inside scripts included.
 
-The server processes and ``redis-server`` share the first CPU, the load generator the rest.
+The server processes run on the first CPU, the load generator on the rest, and
+``redis-server`` with the load (``--redis-cpu load``, default: it stands for a Redis server
+of its own) or with the server (``--redis-cpu server``).
 Writes its JSON (``--out``) and a markdown table (``--markdown``, default
 ``benchmarks/RESULTS-redis.md``).
 """
@@ -80,19 +82,18 @@ def _tree_rss(pid: int) -> int:
 
 
 class Redis:
-    """A ``redis-server`` for the run, pinned with the server, no persistence."""
+    """A ``redis-server`` for the run, no persistence, pinned to ``cpus``."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, cpus: set[int] | None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise SystemExit("redis-server is not installed")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        server_cpus, _ = pinning()
 
         def pin() -> None:
-            if server_cpus:
-                os.sched_setaffinity(0, server_cpus)
+            if cpus:
+                os.sched_setaffinity(0, cpus)
 
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
@@ -195,19 +196,27 @@ async def _level(
     return out
 
 
+#: name: (uvicorn factory, workers, needs Redis, label)
 VARIANTS = {
-    "memory, 1 worker": ("ours_app:ours_sleepy", 1, False),
-    "redis, 1 worker": ("paced_redis:ours_redis_sleepy", 1, True),
-    "redis, 2 workers": ("paced_redis:ours_redis_sleepy", 2, True),
+    "memory-1": ("ours_app:ours_sleepy", 1, False, "memory, 1 worker"),
+    "redis-1": ("paced_redis:ours_redis_sleepy", 1, True, "Redis, 1 worker"),
+    "redis-2": ("paced_redis:ours_redis_sleepy", 2, True, "Redis, 2 workers"),
 }
 
 
 async def measure(
-    levels: list[int], pacing: Pacing, warmup: float, duration: float, work: Path
+    variants: list[str],
+    levels: list[int],
+    pacing: Pacing,
+    warmup: float,
+    duration: float,
+    work: Path,
+    redis_cpus: set[int] | None,
 ) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for name, (spec, workers, needs_redis) in VARIANTS.items():
-        redis = Redis(work) if needs_redis else None
+    for name in variants:
+        spec, workers, needs_redis, _ = VARIANTS[name]
+        redis = Redis(work, redis_cpus) if needs_redis else None
         env = {**pacing.env(), **({"REDIS_URL": redis.url} if redis else {})}
         server = Server(f"paced-{name}", sys.executable, HERE, spec, True, env, workers)
         try:
@@ -217,7 +226,7 @@ async def measure(
             for clients in levels:
                 result = await _level(server, redis, pacing, clients, warmup, duration)
                 out[name][str(clients)] = result
-                print(f"  {name:17s} N={clients:5d} {json.dumps(result)}", flush=True)
+                print(f"  {name:9s} N={clients:5d} {json.dumps(result)}", flush=True)
                 await asyncio.sleep(1.0)
         finally:
             server.stop()
@@ -226,14 +235,21 @@ async def measure(
     return out
 
 
-def markdown(results: dict[str, dict[str, Any]], pacing: Pacing, duration: float) -> str:
+def markdown(
+    results: dict[str, dict[str, Any]], pacing: Pacing, duration: float, redis_cpu: str
+) -> str:
+    where = (
+        "redis-server on the load generator's CPUs (standing for a Redis server of its own)"
+        if redis_cpu == "load"
+        else "redis-server on the server's CPU"
+    )
     lines = [
         "# Paced streaming with history on Redis",
         "",
         f"`python benchmarks/paced_redis.py`: think {pacing.think * 1000:.0f} ms, then "
         f"{pacing.chunks} chunks {pacing.interval * 1000:.0f} ms apart; each turn a new "
-        f"conversation; {duration:g} s measured per level. Server processes and redis-server "
-        "share one CPU. Round trips: commands sent to Redis per turn; commands: every "
+        f"conversation; {duration:g} s measured per level. Server processes on one CPU, "
+        f"{where}. Round trips: commands sent to Redis per turn; commands: every "
         "command Redis ran per turn, inside scripts included (`INFO commandstats`).",
         "",
         "| variant | N | turns/s | errors | first tts p50 / p99 (ms) | extra p50 / p99 (ms) "
@@ -243,7 +259,7 @@ def markdown(results: dict[str, dict[str, Any]], pacing: Pacing, duration: float
     for name, levels in results.items():
         for n, r in levels.items():
             lines.append(
-                f"| {name} | {n} | {r['turns_per_s']} | {r['errors']} "
+                f"| {VARIANTS[name][3]} | {n} | {r['turns_per_s']} | {r['errors']} "
                 f"| {r['first_tts_p50_ms']} / {r['first_tts_p99_ms']} "
                 f"| {r['extra_p50_ms']} / {r['extra_p99_ms']} "
                 f"| {r['server_cpu_us_per_turn']} | {r.get('redis_cpu_us_per_turn', '—')} "
@@ -260,18 +276,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, default=HERE / "RESULTS-redis.md")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of: {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--redis-cpu",
+        choices=("load", "server"),
+        default="load",
+        help="pin redis-server with the load generator (default: Redis stands for a "
+        "server of its own) or with the server under test",
+    )
     args = parser.parse_args(argv)
     raise_nofile()
-    _, load_cpus = pinning()
+    server_cpus, load_cpus = pinning()
+    redis_cpus = load_cpus if args.redis_cpu == "load" else server_cpus
+    variants = [v.strip() for v in args.variants.split(",")]
     if load_cpus:
         os.sched_setaffinity(0, load_cpus)
     pacing = Pacing()
     levels = [int(n) for n in args.levels.split(",")]
     with tempfile.TemporaryDirectory() as work:
-        results = asyncio.run(measure(levels, pacing, args.warmup, args.duration, Path(work)))
+        results = asyncio.run(
+            measure(variants, levels, pacing, args.warmup, args.duration, Path(work), redis_cpus)
+        )
     if args.out:
         args.out.write_text(json.dumps({"pacing": vars(pacing), "results": results}, indent=2))
-    args.markdown.write_text(markdown(results, pacing, args.duration))
+    args.markdown.write_text(markdown(results, pacing, args.duration, args.redis_cpu))
     return 0
 
 
