@@ -214,6 +214,49 @@ async def test_a_hundred_waiters_on_a_small_pool_run_in_order(redis_server: Redi
     assert order == list(range(100))
 
 
+async def test_waiters_that_time_out_or_are_cancelled_leave_the_queue(
+    redis_server: RedisServer,
+) -> None:
+    """Queued behind a holder: one waiter times out, one is cancelled, one waits on. When
+    the holder releases, the lock goes to the one still waiting (within its 2.5 s bound: a
+    hand-off to an abandoned place would hold it up for the 3 s such a place lasts), and it
+    sees the holder's recorded turn."""
+    from layercode_asgi import ConversationLockTimeout
+
+    store = RedisConversationStore(redis_server.url, lock_ttl=60)
+    got: list[str] = []
+    async with ConversationManager(store) as manager:
+
+        async def wait_on(name: str, wait: float) -> None:
+            async with manager.lock("queue", timeout=wait):
+                history, _ = await manager.read_turn("queue")
+                got.append(f"{name} saw {len(history)}")
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg, manager.lock("queue"):
+                _, generation = await manager.read_turn("queue")
+                with pytest.raises(ConversationLockTimeout):
+                    await wait_on("timed out", 0.2)
+                with anyio.CancelScope() as cancelled:
+                    cancelled.cancel()
+                    await wait_on("cancelled", 10)
+                cancel_later = anyio.CancelScope()
+
+                async def cancelled_while_queued() -> None:
+                    with cancel_later:
+                        await wait_on("cancelled later", 10)
+
+                tg.start_soon(cancelled_while_queued)
+                await anyio.sleep(0.2)
+                tg.start_soon(wait_on, "patient", 2.5)
+                await anyio.sleep(0.2)
+                cancel_later.cancel()
+                await anyio.sleep(0.2)
+                # record + release in one: the lock goes to "patient"
+                assert await manager.record_turn("queue", "hi", "hello", generation=generation)
+    assert got == ["patient saw 2"]
+
+
 class CommandLog:
     """Every command Redis runs, from ``MONITOR``: sent by a client, or run by a script."""
 

@@ -414,9 +414,12 @@ class RedisConversationStore:
             self._wakers.pop(token, None)
 
     def _listen(self) -> None:
-        """Start this process's pub/sub listener (once; again if it ended)."""
-        if self._listener is None or self._listener.done():
-            self._listener = asyncio.get_running_loop().create_task(self._receive_wakes())
+        """Start this process's pub/sub listener (once; again if it ended, or for another
+        event loop)."""
+        loop = asyncio.get_running_loop()
+        listener = self._listener
+        if listener is None or listener.done() or listener.get_loop() is not loop:
+            self._listener = loop.create_task(self._receive_wakes())
 
     async def _receive_wakes(self) -> None:
         """Wake the waiters named on our channel; resubscribe (and wake every waiter, to
