@@ -5,9 +5,12 @@
 
 * :class:`MemoryConversationStore` (default): one process, bounded in messages and bytes per
   conversation and in number of conversations (least recently used dropped first).
-* :class:`RedisConversationStore`: shared by every worker process and machine; history is a
-  Redis list with a TTL, and :meth:`~RedisConversationStore.lock` is a cross-process lock.
-  Needs the ``redis`` extra: ``pip install 'layercode-asgi[redis]'``.
+* :class:`RedisConversationStore`: shared by every worker process and machine (one Redis or
+  a Redis Cluster); history is a Redis list with a TTL, and
+  :meth:`~RedisConversationStore.lock` is a fair cross-process queue (turns run in the
+  order they reached Redis). Needs the ``redis`` extra: ``pip install 'layercode-asgi[redis]'``.
+
+Both stores lock fairly: a conversation's turns run one at a time, first come first served.
 
 A store that cannot reach its backing service raises :class:`StoreUnavailableError` promptly
 instead of hanging; a lock that cannot be acquired in time raises
