@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -35,9 +36,18 @@ def _worker(
     sock: socket.socket, host: str, port: int, log_level: str, environ: dict[str, str]
 ) -> None:
     """One worker process: its own process group (a terminal's Ctrl-C reaches the parent
-    only, which forwards one SIGTERM), the app from the environment, a draining server."""
+    only, which forwards one SIGTERM), the app from the environment, a draining server;
+    it drains and exits by itself if the parent dies."""
     os.setpgrp()
     os.environ.update(environ)
+    parent = os.getppid()
+
+    def watch_parent() -> None:  # out of the parent's group: end with it (drain first)
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
     from .server import app_from_env, run_server
 
     try:
