@@ -99,10 +99,10 @@ async def turns_in_arrival_order(url: str, conversations: list[str]) -> set[int]
 async def test_queued_turns_run_in_arrival_order_across_two_workers(
     redis_server: RedisServer,
 ) -> None:
-    """On each of four conversations at once, turns queued 50 ms apart behind a slow one
+    """On each of eight conversations at once, turns queued 50 ms apart behind a slow one
     run and record in the order sent (before the fair queue they ran in reverse order:
     polling with a growing back-off favoured the newest waiter)."""
-    conversations = [f"order-{n}" for n in range(4)]
+    conversations = [f"order-{n}" for n in range(8)]
     with uvicorn_workers(redis_server.url, workers=2) as url:
         pids = await turns_in_arrival_order(url, conversations)
     expected = ["sleep:1 first"] + [f"queued {n}" for n in range(1, 6)]
