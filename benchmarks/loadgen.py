@@ -35,8 +35,6 @@ UVICORN_ARGS = (
     "uvloop",
     "--http",
     "httptools",
-    "--workers",
-    "1",
     "--log-level",
     "warning",
 )
@@ -83,6 +81,7 @@ class Server:
     spec: str
     factory: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    workers: int = 1
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
@@ -101,6 +100,8 @@ class Server:
             "127.0.0.1",
             "--port",
             str(self.port),
+            "--workers",
+            str(self.workers),
             *UVICORN_ARGS,
         ]
         server_cpus, _ = pinning()

@@ -201,10 +201,8 @@ class _MinimalPipeline:
             return
         assert isinstance(event, MessagePayload)
         store, cid = self.store, event.conversation_id
-        if not store.try_lock(cid):
-            await store.wait_lock(cid, None)
-        try:
-            context = TurnContext(event, store.get_now(cid), {})
+        async with store.lock(cid, timeout=None):
+            context = TurnContext(event, await store.get(cid), {})
             suffix = b',"turn_id":' + _encode(event.turn_id) + b"}\n\n"
             chunks, spoken = [], []
             async for item in echo_agent(event, context):
@@ -213,9 +211,7 @@ class _MinimalPipeline:
             chunks.append(_END + suffix)
             await send({"type": "http.response.start", "status": 200, "headers": list(_SSE)})
             await send({"type": "http.response.body", "body": b"".join(chunks)})
-            store.append_now(cid, turn_messages(event.text, "".join(spoken), event.turn_id))
-        finally:
-            store.unlock(cid)
+            await store.append(cid, turn_messages(event.text, "".join(spoken), event.turn_id))
 
 
 def minimal_pipeline() -> Any:

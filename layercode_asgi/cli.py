@@ -476,7 +476,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .logs import setup_logging
     from .server import create_app, run_server
 
-    uvicorn = _uvicorn()
+    _uvicorn()  # a clear message now if uvicorn is missing
     if args.workers < 1:
         raise _UsageError("--workers must be at least 1")
     if not 0 <= args.port <= 65535:
@@ -548,17 +548,30 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 callback_notify=when_started,
             )
         return EXIT_OK
+    from .workers import serve_workers
+
+    if not settings.redis_url:
+        print(
+            f"warning: {args.workers} workers without REDIS_URL: conversation history, the "
+            "conversation locks and the replay cache are per process (a conversation's "
+            "turns may go to different workers); set REDIS_URL to share them",
+            file=sys.stderr,
+            flush=True,
+        )
     banner()
-    os.environ.update(_worker_environment(args, env, agent, generated))
+    environ = _worker_environment(args, env, agent, generated)
+    # The workers read the env file chosen here, and no other (not ./.env behind its back).
+    environ["LAYERCODE_ENV_FILE"] = args.env_file or ""
     with _start_failure_exits_2():
-        uvicorn.run(
-            "layercode_asgi.server:app_from_env",
-            factory=True,
+        status = serve_workers(
             workers=args.workers,
             host=args.host,
             port=args.port,
             log_level=log_level,
+            environ=environ,
         )
+        if status:
+            raise SystemExit(status)
     return EXIT_OK
 
 

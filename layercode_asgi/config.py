@@ -280,6 +280,9 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
     _F("redis_url", "REDIS_URL", "redis://, rediss:// or unix:// URL | None", None,
        "Redis for conversation history and locks; unset keeps history in memory.",
        convert=_redis_url),
+    _F("redis_cluster", "LAYERCODE_REDIS_CLUSTER", "bool", False,
+       "REDIS_URL names a node of a Redis Cluster (history, locks and replay keys spread "
+       "over its nodes).", convert=_bool),
     _F("default_model", "DEFAULT_MODEL", "str", "openai:gpt-5-nano",
        "Model used by the built-in LLM agents.", convert=_non_empty_str),
     _F("openai_api_key", "OPENAI_API_KEY", "str | None", None, "OpenAI API key.", secret=True),
@@ -494,6 +497,7 @@ class Settings:
     layercode_webhook_secret: str | None
     layercode_api_url: str
     redis_url: str | None
+    redis_cluster: bool
     default_model: str
     openai_api_key: str | None
     google_generativeai_api_key: str | None

@@ -29,6 +29,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
+from ._redis import connect, import_redis
 from .conversation import StoreUnavailableError
 from .errors import ConfigurationError
 
@@ -106,37 +107,32 @@ class RedisReplayCache:
         socket_timeout: float = 2.0,
         socket_connect_timeout: float = 1.0,
         max_connections: int = 100,
+        cluster: bool = False,
     ) -> None:
-        try:
-            import redis.asyncio as aioredis
-        except ImportError:
-            raise ConfigurationError(
-                "replay protection on Redis needs the redis package: "
-                "pip install 'layercode-asgi[redis]'"
-            ) from None
         if isinstance(url_or_client, str):
-            # Blocking pool: bursts wait for a free connection rather than failing.
-            pool = aioredis.BlockingConnectionPool.from_url(
+            self._client = connect(
                 url_or_client,
+                what="replay protection on Redis",
+                cluster=cluster,
                 max_connections=max_connections,
-                timeout=socket_timeout,
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=socket_connect_timeout,
+                pool_timeout=socket_timeout,
             )
-            self._client = aioredis.Redis(connection_pool=pool)
             self._owned = True
         else:
+            import_redis("replay protection on Redis")
             self._client = url_or_client
             self._owned = False
         self.key_prefix = key_prefix
 
     async def seen(self, key: str, ttl: float) -> bool:
-        import redis.exceptions
+        from redis.exceptions import RedisError
 
         seconds = max(1, math.ceil(ttl))
         try:
             created = await self._client.set(self.key_prefix + key, b"1", nx=True, ex=seconds)
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except (RedisError, OSError) as exc:
             # Down, timed out, or an error reply (OOM, READONLY...): the check cannot run.
             raise StoreUnavailableError(
                 f"replay cache unavailable: {type(exc).__name__}: {exc}"

@@ -307,7 +307,11 @@ def create_app(
     replay: ReplayCache | None = None
     if settings.replay_protection:
         # Shared by every worker when they share Redis; else this process's memory.
-        replay = RedisReplayCache(settings.redis_url) if settings.redis_url else MemoryReplayCache()
+        replay = (
+            RedisReplayCache(settings.redis_url, cluster=settings.redis_cluster)
+            if settings.redis_url
+            else MemoryReplayCache()
+        )
     protected = LayercodeSignature(
         webhook,
         secret=secrets,
@@ -410,13 +414,17 @@ def create_app(
 
 
 def app_from_env() -> LayercodeApp:
-    """An app configured from the environment and ``.env``.
+    """An app configured from the environment and an env file: the one that
+    ``LAYERCODE_ENV_FILE`` names (empty: none), else ``.env`` in the working directory.
 
     For servers that take a factory: ``uvicorn --factory layercode_asgi.server:app_from_env``.
     """
+    import os
+
     from .logs import setup_logging
 
-    settings = Settings()
+    env_file = os.environ.get("LAYERCODE_ENV_FILE")
+    settings = Settings(env_file=".env" if env_file is None else (env_file or None))
     setup_logging(level=settings.log_level, logfire_token=settings.logfire_token)
     return create_app(settings)
 
@@ -428,9 +436,12 @@ def run_server(
     port: int = 8000,
     grace_period: float | None = None,
     log_level: str = "info",
+    sockets: list[Any] | None = None,
     **uvicorn_options: Any,
 ) -> None:
     """Serve ``app`` (from :func:`create_app`) with uvicorn, draining open turns on SIGTERM.
+
+    ``sockets``: already listening sockets to serve on (as ``serve --workers`` does).
 
     On the first SIGTERM or SIGINT the app starts draining (new webhooks: 503 JSON,
     ``/ready``: 503) while open turns finish; once none is left, or after
@@ -490,4 +501,4 @@ def run_server(
 
     uvicorn_options.setdefault("timeout_graceful_shutdown", 5)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, **uvicorn_options)
-    DrainingServer(config).run()
+    DrainingServer(config).run(sockets=sockets)

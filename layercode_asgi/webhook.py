@@ -48,10 +48,7 @@ from .conversation import (
     ConversationLockTimeout,
     ConversationManager,
     HistoryMessage,
-    MemoryConversationStore,
-    _check_conversation_id,
     lock_wait_timeout,
-    turn_messages,
 )
 from .errors import LayercodeError, ResponseError
 from .events import (
@@ -313,9 +310,6 @@ class LayercodeWebhook:
         if conversations is None:
             turn = self._turn(event, ())
             return EventStreamResponse(lambda emit: self._run(turn, emit))
-        store = getattr(conversations, "store", None)
-        if type(conversations) is ConversationManager and type(store) is MemoryConversationStore:
-            return EventStreamResponse(self._memory_producer([event], body, store))
         held = [event]  # taken by the producer: no closure keeps the event itself
         del event
 
@@ -367,20 +361,6 @@ class LayercodeWebhook:
 
         return EventStreamResponse(produce)
 
-    async def _wait_memory_lock(self, store: MemoryConversationStore, cid: str) -> None:
-        """Queue for a memory store's lock: abortable (503), a timeout is 503."""
-        waiting = anyio.CancelScope()
-        self._waiting.add(waiting)
-        try:
-            with waiting:
-                await store.wait_lock(cid, self.lock_timeout)
-        except LayercodeError as exc:
-            raise _lock_failure(exc) from exc
-        finally:
-            self._waiting.discard(waiting)
-        if waiting.cancelled_caught:
-            raise ResponseError(503, SHUTTING_DOWN)
-
     async def _locked_turn(
         self, conversations: ConversationBackend, event: TurnEvent, emit: Emit
     ) -> None:
@@ -421,59 +401,6 @@ class LayercodeWebhook:
             scope.cancel()
         for turn in list(self._running):
             turn.abort(message)
-
-    def _memory_producer(
-        self,
-        held: list[TurnEvent],
-        body: bytes | str | Mapping[str, Any] | None,
-        store: MemoryConversationStore,
-    ) -> Callable[[Emit], Awaitable[None]]:
-        """The turn's producer for the default store: the same steps and answers as the
-        general one, with the store's synchronous operations (no coroutine per call).
-        ``held`` is the turn's event, taken by the producer (no closure keeps it)."""
-
-        async def produce(emit: Emit) -> None:
-            event: TurnEvent | None = held.pop()
-            assert event is not None
-            cid = event.conversation_id
-            try:
-                _check_conversation_id(cid)
-            except ValueError as exc:
-                raise ResponseError(400, f"invalid conversation_id: {exc}") from exc
-            if not store.try_lock(cid):
-                if store.waiting(cid) >= self.max_queued_turns:
-                    raise ResponseError(503, _TOO_MANY_WAITING)
-                if body is not None:
-                    event = None  # it waits: keep the raw body only
-                await self._wait_memory_lock(store, cid)
-                if event is None:
-                    event = _decode_turn(body)
-            try:
-                generation = store.generation_now(cid)
-                turn = self._turn(event, store.get_now(cid))
-                running = self._running
-                running.add(turn)
-                try:
-                    await turn.run(emit)
-                finally:
-                    running.discard(turn)
-                    user_text = event.text or None
-                    reply = turn.reply_text or None
-                    if user_text is not None or reply is not None:
-                        try:
-                            messages = turn_messages(user_text, reply, event.turn_id)
-                            if not store.record_now(cid, messages, generation):
-                                _log_not_recorded(event)
-                        except Exception:
-                            logger.exception(
-                                "could not record turn (conversation=%s turn=%s)",
-                                escape_log_value(cid),
-                                escape_log_value(event.turn_id),
-                            )
-            finally:
-                store.unlock(cid)
-
-        return produce
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -11,11 +11,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import anyio
 import pytest
 
 from .conftest import free_port
@@ -129,3 +132,207 @@ def redis_server() -> Iterator[RedisServer]:
     """A fresh ``redis-server`` subprocess for one test."""
     with running_redis() as server:
         yield server
+
+
+# -- several uvicorn workers sharing one Redis ---------------------------------------------------
+
+
+async def worker_agent(event: Any, context: Any) -> AsyncIterator[str]:
+    """Says which process answered and how much history it saw; ``sleep:<s> …`` sleeps."""
+    yield f"pid={os.getpid()} saw={len(context.history)} text={event.text}"
+    text = event.text or ""
+    if text.startswith("sleep:"):
+        await anyio.sleep(float(text.split()[0].split(":")[1]))
+        yield " done"
+
+
+def workers_app() -> Any:
+    """``uvicorn --factory tests.redis_fixtures:workers_app``: settings from the environment
+    (no ``.env``), history on ``REDIS_URL`` with the lock TTL of ``TEST_LOCK_TTL``."""
+    from layercode_asgi import ConversationManager, RedisConversationStore, Settings, create_app
+    from layercode_asgi.conversation import lock_wait_timeout
+
+    settings = Settings(env_file=None)
+    assert settings.redis_url
+    store = RedisConversationStore(
+        settings.redis_url,
+        lock_ttl=float(os.environ.get("TEST_LOCK_TTL", "10")),
+        lock_timeout=lock_wait_timeout(settings.turn_timeout, settings.lock_wait_grace),
+        **({"cluster": True} if getattr(settings, "redis_cluster", False) else {}),
+    )
+    return create_app(settings, worker_agent, conversations=ConversationManager(store))
+
+
+@contextmanager
+def uvicorn_workers(
+    redis_url: str, workers: int = 2, lock_ttl: float = 10.0, **environ: str
+) -> Iterator[str]:
+    """``uvicorn --workers N`` serving :func:`workers_app` on 127.0.0.1; yields its URL."""
+    import httpx
+
+    from .conftest import SECRET
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "REDIS_"))}
+    env.update(
+        REDIS_URL=redis_url,
+        LAYERCODE_WEBHOOK_SECRET=SECRET,
+        TEST_LOCK_TTL=str(lock_ttl),
+        **environ,
+    )
+    command = [sys.executable, "-m", "uvicorn", "--factory", "tests.redis_fixtures:workers_app",
+               "--workers", str(workers), "--host", "127.0.0.1", "--port", str(port),
+               "--log-level", "warning"]  # fmt: skip
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while True:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"uvicorn workers did not start: {log.read()!r}")
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+# -- a local Redis Cluster ------------------------------------------------------------------------
+
+REDIS_CLI = shutil.which("redis-cli")
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        try:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisClusterNodes:
+    """Three ``redis-server --cluster-enabled yes --appendonly yes`` on 127.0.0.1, made one
+    cluster by ``redis-cli --cluster create``; a node can be stopped and started again."""
+
+    def __init__(self, binary: str, cli: str, count: int = 3) -> None:
+        self.binary = binary
+        self.cli = cli
+        self.ports = [_cluster_port() for _ in range(count)]
+        self._dir = tempfile.TemporaryDirectory(prefix="layercode-cluster-")
+        self._processes: dict[int, subprocess.Popen[bytes]] = {}
+        self.url = f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start_node(self, port: int, timeout: float = 10.0) -> None:
+        """Start (or restart) one node in its own directory (its AOF and nodes.conf kept)."""
+        directory = os.path.join(self._dir.name, str(port))
+        os.makedirs(directory, exist_ok=True)
+        self._processes[port] = subprocess.Popen(
+            [
+                self.binary,
+                "--port", str(port),
+                "--bind", "127.0.0.1",
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "2000",
+                "--appendonly", "yes",
+                "--save", "",
+                "--dir", directory,
+                "--daemonize", "no",
+                "--loglevel", "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        server = RedisServer(self.binary, port)
+        deadline = time.monotonic() + timeout
+        while not server._pong():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster node {port} did not start")
+            time.sleep(0.02)
+
+    def stop_node(self, port: int) -> None:
+        """Stop one node (SIGTERM: it writes its AOF and exits) and wait for it."""
+        process = self._processes.pop(port)
+        process.terminate()
+        process.wait(10)
+
+    def _cli(self, *args: str, timeout: float = 30.0) -> str:
+        done = subprocess.run(
+            [self.cli, *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        return done.stdout + done.stderr
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every node says ``cluster_state:ok``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = [self._cli("-p", str(p), "cluster", "info") for p in self.ports]
+            if all("cluster_state:ok" in state for state in states):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster not ok: {states}")
+            time.sleep(0.1)
+
+    def port_of(self, key: str) -> int:
+        """The port of the node serving ``key``."""
+        slot = int(self._cli("-p", str(self.ports[0]), "cluster", "keyslot", key).strip())
+        for line in self._cli("-p", str(self.ports[0]), "cluster", "nodes").splitlines():
+            fields = line.split()
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            for span in fields[8:]:
+                low, _, high = span.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    return port
+        raise RuntimeError(f"no node serves slot {slot}")
+
+    def start(self) -> None:
+        for port in self.ports:
+            self.start_node(port)
+        addresses = [f"127.0.0.1:{port}" for port in self.ports]
+        out = self._cli("--cluster", "create", *addresses, "--cluster-replicas", "0",
+                        "--cluster-yes")  # fmt: skip
+        if "[OK]" not in out:
+            raise RuntimeError(f"redis-cli --cluster create failed: {out}")
+        self.wait_ok()
+
+    def close(self) -> None:
+        for port in list(self._processes):
+            process = self._processes.pop(port)
+            process.kill()
+            process.wait(10)
+        self._dir.cleanup()
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator[RedisClusterNodes]:
+    """A fresh three-node Redis Cluster for one test."""
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server / redis-cli not found on PATH in CI")
+        pytest.skip("redis-server and redis-cli are needed for the cluster tests")
+    pytest.importorskip("redis", reason="the redis extra is not installed")
+    cluster = RedisClusterNodes(REDIS_SERVER, REDIS_CLI)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

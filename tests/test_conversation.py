@@ -386,10 +386,10 @@ async def test_redis_append_get_clear(redis_server: RedisServer, raw: Any) -> No
             msg(U, "ünïcode ✓"),
         ]
         assert await manager.get_history("missing") == []
-        assert await raw.llen("layercode:history:c1") == 3
+        assert await raw.llen("layercode:{c1}:history") == 3
         await manager.clear("c1")
         assert await manager.get_history("c1") == []
-        assert await raw.exists("layercode:history:c1") == 0
+        assert await raw.exists("layercode:{c1}:history") == 0
         assert await manager.get_history("c2") == [msg(A, "other")]
 
 
@@ -399,14 +399,14 @@ async def test_redis_cap_ttl_and_prefix(redis_server: RedisServer, raw: Any) -> 
         for i in range(4):
             await store.append("c", [msg(U, f"q{i}"), msg(A, f"a{i}")])
         assert [m.text for m in await store.get("c")] == ["a2", "q3", "a3"]
-        assert await raw.llen("app:history:c") == 3
-        assert 90 < await raw.ttl("app:history:c") <= 100
+        assert await raw.llen("app:{c}:history") == 3
+        assert 90 < await raw.ttl("app:{c}:history") <= 100
     finally:
         await store.aclose()
     forever = RedisConversationStore(redis_server.url, ttl=None)
     try:
         await forever.append("p", [msg(U, "x")])
-        assert await raw.ttl("layercode:history:p") == -1
+        assert await raw.ttl("layercode:{p}:history") == -1
     finally:
         await forever.aclose()
 
@@ -416,7 +416,7 @@ async def test_redis_skips_undecodable_entries(
 ) -> None:
     store = RedisConversationStore(raw)
     await store.append("c", [msg(U, "ok")])
-    await raw.rpush("layercode:history:c", b"not json", b'{"role":"system","text":"x"}')
+    await raw.rpush("layercode:{c}:history", b"not json", b'{"role":"system","text":"x"}')
     with caplog.at_level(logging.WARNING, logger="layercode_asgi.conversation"):
         assert await store.get("c") == [msg(U, "ok")]
     assert "undecodable" in caplog.text
@@ -462,8 +462,8 @@ async def test_redis_lock_ttl_extended_while_held(redis_server: RedisServer, raw
                 async with b.lock("c", timeout=1.0):
                     pytest.fail("acquired a lock held (and extended) by another client")
             assert time.monotonic() - start >= 0.95  # > 3 lock TTLs
-            assert 0 < await raw.pttl("layercode:lock:c") <= 300
-        assert await raw.exists("layercode:lock:c") == 0
+            assert 0 < await raw.pttl("layercode:{c}:lock") <= 300
+        assert await raw.exists("layercode:{c}:lock") == 0
         async with b.lock("c", timeout=0):
             pass
     finally:
@@ -479,10 +479,10 @@ async def test_redis_release_never_deletes_a_foreign_lock(
         with caplog.at_level(logging.WARNING, logger="layercode_asgi.conversation"):
             async with store.lock("c"):
                 # Our lock "expired" and another process took it.
-                await raw.set("layercode:lock:c", "foreign-token", px=10_000)
+                await raw.set("layercode:{c}:lock", "foreign-token", px=10_000)
                 await anyio.sleep(0.15)  # let the keep-alive notice
-        assert await raw.get("layercode:lock:c") == b"foreign-token"
-        assert 9000 < await raw.pttl("layercode:lock:c") <= 10_000  # not extended by us
+        assert await raw.get("layercode:{c}:lock") == b"foreign-token"
+        assert 9000 < await raw.pttl("layercode:{c}:lock") <= 10_000  # not extended by us
         assert "lost the lock" in caplog.text
     finally:
         await store.aclose()
@@ -490,7 +490,7 @@ async def test_redis_release_never_deletes_a_foreign_lock(
 
 async def test_redis_lock_timeout(redis_server: RedisServer, raw: Any) -> None:
     store = RedisConversationStore(redis_server.url, lock_timeout=0.2)
-    await raw.set("layercode:lock:c", "someone-else")
+    await raw.set("layercode:{c}:lock", "someone-else")
     try:
         start = time.monotonic()
         with pytest.raises(ConversationLockTimeout) as info:
@@ -498,7 +498,7 @@ async def test_redis_lock_timeout(redis_server: RedisServer, raw: Any) -> None:
                 pytest.fail("acquired a held lock")
         assert 0.19 < time.monotonic() - start < 2
         assert "'c'" in str(info.value)
-        assert await raw.get("layercode:lock:c") == b"someone-else"
+        assert await raw.get("layercode:{c}:lock") == b"someone-else"
     finally:
         await store.aclose()
 
@@ -510,17 +510,17 @@ async def test_redis_lock_released_when_holder_cancelled(
     try:
         with anyio.move_on_after(0.1) as scope:
             async with store.lock("c"):
-                assert await raw.exists("layercode:lock:c") == 1
+                assert await raw.exists("layercode:{c}:lock") == 1
                 await anyio.sleep(10)
         assert scope.cancelled_caught
-        assert await raw.exists("layercode:lock:c") == 0
+        assert await raw.exists("layercode:{c}:lock") == 0
         # The holder's exception comes out as itself (not wrapped in an ExceptionGroup).
         with pytest.raises(RuntimeError, match="boom") as info:
             async with store.lock("c"):
                 raise RuntimeError("boom") from KeyError("cause")
         assert isinstance(info.value.__cause__, KeyError)
         assert info.value.__context__ is None
-        assert await raw.exists("layercode:lock:c") == 0
+        assert await raw.exists("layercode:{c}:lock") == 0
     finally:
         await store.aclose()
 

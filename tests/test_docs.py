@@ -36,6 +36,7 @@ EXEMPTIONS: dict[str, int] = {
     "getting-started.md": 2,  # cloudflared and ngrok tunnels
     "middleware.md": 1,  # three one-line alternatives, each run in full on stacks.md
     "history.md": 1,  # a Redis store: needs a Redis server
+    "scaling.md": 2,  # several workers on Redis, a Redis Cluster
     "adapters.md": 1,  # a real model: needs OPENAI_API_KEY
     "cli.md": 1,  # a list of commands, two of them serving on the same port
     "security.md": 0,

@@ -1,0 +1,110 @@
+"""The one way this package connects to Redis: a client with a bounded connection pool.
+
+Used by the Redis conversation store and the Redis replay cache. ``cluster=True`` makes the
+URL name one node of a Redis Cluster (``redis.asyncio.cluster.RedisCluster``, which finds the
+others); otherwise the client talks to one server through a *blocking* pool: a burst waits
+(up to ``pool_timeout``) for a free connection instead of failing with "too many
+connections".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ConfigurationError
+from .redaction import mask_url
+
+__all__ = ["connect", "describe_client", "describe_url", "import_redis", "unavailable_errors"]
+
+
+def import_redis(what: str) -> Any:
+    """``redis.asyncio``, or a :class:`ConfigurationError` naming the extra to install."""
+    try:
+        import redis.asyncio as redis_asyncio
+    except ImportError:
+        raise ConfigurationError(
+            f"{what} needs the redis package: pip install 'layercode-asgi[redis]'"
+        ) from None
+    return redis_asyncio
+
+
+def describe_url(url: str) -> str:
+    """The URL with any password masked (for messages and logs)."""
+    return mask_url(url)
+
+
+def describe_client(client: Any) -> str:
+    """Where a client given by the application connects (``host:port`` or ``unix://``)."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}"
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+
+
+def connect(
+    url: str,
+    *,
+    what: str,
+    cluster: bool = False,
+    max_connections: int = 100,
+    socket_timeout: float = 2.0,
+    socket_connect_timeout: float = 1.0,
+    pool_timeout: float = 5.0,
+) -> Any:
+    """A ``redis.asyncio`` client for ``url`` (a cluster client when ``cluster``).
+
+    One quick retry on connection errors recovers a pooled connection broken by a Redis
+    restart; retrying timeouts (or more often) would only delay the failure report.
+    """
+    redis_asyncio = import_redis(what)
+    from redis import exceptions
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+
+    retry = Retry(
+        ExponentialBackoff(cap=0.05, base=0.01),
+        1,
+        supported_errors=(exceptions.ConnectionError,),
+    )
+    try:
+        if cluster:
+            from redis.asyncio.cluster import RedisCluster
+
+            return RedisCluster.from_url(
+                url,
+                max_connections=max_connections,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_connect_timeout,
+                retry=retry,
+            )
+        pool = redis_asyncio.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=pool_timeout,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            retry=retry,
+        )
+        return redis_asyncio.Redis(connection_pool=pool)
+    except ValueError:  # its message may quote part of the password: not shown
+        raise ConfigurationError(
+            f"invalid Redis URL {describe_url(url)!r} (percent-encode special characters "
+            "in the password: / as %2F, # as %23, ? as %3F)"
+        ) from None
+
+
+def unavailable_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "Redis cannot be used right now" (down, slow, cluster
+    failing over), as opposed to an error reply about the request itself."""
+    from redis import exceptions
+
+    return (
+        exceptions.ConnectionError,
+        exceptions.TimeoutError,
+        exceptions.ClusterDownError,
+        exceptions.ClusterError,
+        exceptions.TryAgainError,
+        exceptions.MasterDownError,
+        OSError,
+        TimeoutError,
+    )

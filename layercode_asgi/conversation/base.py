@@ -1,0 +1,156 @@
+"""What every conversation store shares: the message type, errors, bounds and checks."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Final, Literal, Protocol, TypeVar, runtime_checkable
+
+import msgspec
+
+from ..errors import ConfigurationError, LayercodeError
+
+Role = Literal["user", "assistant"]
+
+_ROLES: Final = ("user", "assistant")
+
+#: Default wait for a conversation lock, in seconds (stores built without settings).
+DEFAULT_LOCK_TIMEOUT: Final = 30.0
+#: What a waiting turn allows the turn ahead beyond its timeout: its final events
+#: (``response.error`` / the spoken fallback, ``response.end``) and its recording.
+DEFAULT_LOCK_WAIT_GRACE: Final = 5.0
+#: Default bound of a conversation's history, in UTF-8 bytes of text.
+DEFAULT_HISTORY_MAX_BYTES: Final = 256 * 1024
+
+#: Longest accepted conversation id (LayerCode's are ~30 characters).
+MAX_CONVERSATION_ID_LENGTH: Final = 512
+
+T = TypeVar("T")
+
+
+class HistoryMessage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One utterance of a conversation: who said it and what was said.
+
+    Not tracked by the garbage collector (``gc=False``): it is frozen and holds only
+    strings, so it can never be part of a reference cycle, and a store holding many
+    thousands of them adds nothing to the collector's work.
+    """
+
+    role: Role
+    text: str
+    turn_id: str | None = None
+
+
+class StoreError(LayercodeError):
+    """The conversation store failed (the backing service answered with an error)."""
+
+
+class StoreUnavailableError(StoreError):
+    """The conversation store's backing service (Redis) cannot be reached right now."""
+
+
+class ConversationLockTimeout(LayercodeError, TimeoutError):
+    """A conversation lock could not be acquired within the timeout."""
+
+    def __init__(self, conversation_id: str, timeout: float) -> None:
+        self.conversation_id = conversation_id
+        self.timeout = timeout
+        super().__init__(
+            f"could not lock conversation {conversation_id!r} within {timeout:g} s "
+            "(another turn of this conversation is still running)"
+        )
+
+
+class DefaultTimeout(enum.Enum):
+    """Sentinel type: "use the store's configured lock timeout"."""
+
+    DEFAULT = "default"
+
+
+# Default of ``lock(timeout=...)``: use the store's configured lock timeout.
+STORE_DEFAULT: Final = DefaultTimeout.DEFAULT
+
+LockTimeout = float | DefaultTimeout | None
+
+
+def text_size(text: str) -> int:
+    """The size of ``text`` in UTF-8 bytes (what the history byte bound counts)."""
+    if text.isascii():  # constant time in CPython
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def cut_text(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes, on a character boundary."""
+    if text.isascii():
+        return text[:max_bytes]
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= max_bytes:
+        return text
+    cut = max_bytes
+    while cut > 0 and raw[cut] & 0xC0 == 0x80:  # a continuation byte: back to its start
+        cut -= 1
+    return raw[:cut].decode("utf-8", "surrogatepass")
+
+
+def fit(messages: Sequence[HistoryMessage], max_bytes: int) -> Sequence[HistoryMessage]:
+    """``messages`` with any single text over ``max_bytes`` cut to it."""
+    if all(text_size(m.text) <= max_bytes for m in messages):
+        return messages
+    return [
+        m
+        if text_size(m.text) <= max_bytes
+        else HistoryMessage(role=m.role, text=cut_text(m.text, max_bytes), turn_id=m.turn_id)
+        for m in messages
+    ]
+
+
+def check_timeout(timeout: float | None, name: str = "lock timeout") -> None:
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
+        raise ConfigurationError(f"{name} must be a number >= 0 or None, got {timeout!r}")
+
+
+def check_positive_int(value: int, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"{name} must be an integer > 0, got {value!r}")
+
+
+@runtime_checkable
+class ConversationStore(Protocol):
+    """Where conversation history lives, plus per-conversation mutual exclusion.
+
+    Optional: ``async read_turn(id) -> (messages, generation)`` and ``async
+    record_turn(id, messages, generation) -> bool`` (append only if no :meth:`clear` came
+    since the read), as both built-in stores have; without them a turn still running
+    when its conversation is cleared records all the same.
+    """
+
+    async def append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
+        """Append ``messages`` to the conversation atomically (all of them or none)."""
+        ...
+
+    async def get(self, conversation_id: str) -> list[HistoryMessage]:
+        """The conversation's messages, oldest first (``[]`` when unknown)."""
+        ...
+
+    async def clear(self, conversation_id: str) -> None:
+        """Forget the conversation's history."""
+        ...
+
+    def lock(
+        self, conversation_id: str, *, timeout: float | None = ...
+    ) -> AbstractAsyncContextManager[None]:
+        """Hold the conversation exclusively; ``timeout=None`` waits forever.
+
+        Raises :class:`ConversationLockTimeout` when the wait exceeds ``timeout`` seconds.
+        """
+        ...
+
+    async def ping(self) -> None:
+        """Return if the store is usable, else raise :class:`StoreUnavailableError`."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the store's resources (connections)."""
+        ...

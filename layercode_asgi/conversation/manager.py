@@ -1,0 +1,239 @@
+"""The application-facing conversation API and the one lock-wait rule."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+from .base import (
+    DEFAULT_LOCK_WAIT_GRACE,
+    MAX_CONVERSATION_ID_LENGTH,
+    STORE_DEFAULT,
+    ConversationStore,
+    DefaultTimeout,
+    HistoryMessage,
+    LockTimeout,
+)
+from .memory import MemoryConversationStore
+from .redis import RedisConversationStore
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+__all__ = ["ConversationManager", "check_conversation_id", "lock_wait_timeout", "turn_messages"]
+
+_ROLES: Final = ("user", "assistant")
+
+
+def lock_wait_timeout(
+    turn_timeout: float | None, grace: float = DEFAULT_LOCK_WAIT_GRACE
+) -> float | None:
+    """How long a turn may wait for its conversation's lock: the one rule of both stores.
+
+    The turn ahead may hold the lock for its whole ``turn_timeout`` (counted from when it
+    got the lock), then send its final events and record its messages: ``grace`` covers
+    those. ``None`` (wait as long as it takes) when turns have no time limit.
+    """
+    if turn_timeout is None:
+        return None
+    return float(turn_timeout) + float(grace)
+
+
+def check_conversation_id(conversation_id: str) -> None:
+    if not isinstance(conversation_id, str):
+        raise TypeError(f"conversation_id must be a str, got {type(conversation_id).__name__}")
+    if not conversation_id:
+        raise ValueError("conversation_id must not be empty")
+    if len(conversation_id) > MAX_CONVERSATION_ID_LENGTH:
+        raise ValueError(f"conversation_id is longer than {MAX_CONVERSATION_ID_LENGTH} characters")
+
+
+def _to_message(message: HistoryMessage | Mapping[str, Any]) -> HistoryMessage:
+    role: object
+    text: object
+    turn_id: object
+    if isinstance(message, HistoryMessage):
+        role, text, turn_id = message.role, message.text, message.turn_id
+    elif isinstance(message, Mapping):
+        role, text, turn_id = message.get("role"), message.get("text"), message.get("turn_id")
+    else:
+        raise TypeError(
+            f"message must be a HistoryMessage or a mapping, got {type(message).__name__}"
+        )
+    if role not in _ROLES:
+        raise ValueError(f"message role must be 'user' or 'assistant', got {role!r}")
+    if not isinstance(text, str):
+        raise ValueError(f"message text must be a string, got {type(text).__name__}")
+    if turn_id is not None and not isinstance(turn_id, str):
+        raise ValueError(f"message turn_id must be a string or None, got {turn_id!r}")
+    if isinstance(message, HistoryMessage):
+        return message
+    return HistoryMessage(
+        role="user" if role == "user" else "assistant", text=text, turn_id=turn_id
+    )
+
+
+def turn_messages(
+    user_text: str | None, assistant_text: str | None, turn_id: str | None
+) -> list[HistoryMessage]:
+    """A turn's history messages, user first, leaving out empty or blank texts."""
+    messages: list[HistoryMessage] = []
+    if user_text is not None and user_text.strip():
+        messages.append(HistoryMessage(role="user", text=user_text, turn_id=turn_id))
+    if assistant_text is not None and assistant_text.strip():
+        messages.append(HistoryMessage(role="assistant", text=assistant_text, turn_id=turn_id))
+    return messages
+
+
+class ConversationManager:
+    """Conversation history for agents: ``add_message`` / ``add_turn`` / ``get_history``.
+
+    Args:
+        store: where history lives; default a new :class:`MemoryConversationStore`.
+
+    Use it as ``async with ConversationManager(...) as history:`` to close the store at the
+    end, or call :meth:`aclose`.
+    """
+
+    def __init__(self, store: ConversationStore | None = None) -> None:
+        self.store: ConversationStore = MemoryConversationStore() if store is None else store
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConversationManager:
+        """Redis when ``settings.redis_url`` is set, else memory; caps and TTL from settings.
+
+        The lock wait is :func:`lock_wait_timeout` of ``settings.turn_timeout`` and
+        ``settings.lock_wait_grace`` (what ``LayercodeWebhook`` waits too).
+        """
+        store: ConversationStore
+        wait = lock_wait_timeout(settings.turn_timeout, settings.lock_wait_grace)
+        if settings.redis_url:
+            store = RedisConversationStore(
+                settings.redis_url,
+                ttl=settings.history_ttl or None,
+                max_messages=settings.history_max_messages,
+                max_bytes=settings.history_max_bytes,
+                lock_timeout=wait,
+                cluster=settings.redis_cluster,
+            )
+        else:
+            store = MemoryConversationStore(
+                max_conversations=settings.history_max_conversations,
+                max_messages=settings.history_max_messages,
+                max_bytes=settings.history_max_bytes,
+                lock_timeout=wait,
+            )
+        return cls(store)
+
+    async def add_message(
+        self, conversation_id: str, message: HistoryMessage | Mapping[str, Any]
+    ) -> None:
+        """Append one message: a :class:`HistoryMessage` or ``{"role": ..., "text": ...}``.
+
+        Raises:
+            ValueError: when the role is not ``"user"`` / ``"assistant"`` or text is missing.
+        """
+        check_conversation_id(conversation_id)
+        await self.store.append(conversation_id, [_to_message(message)])
+
+    async def add_messages(
+        self, conversation_id: str, messages: Iterable[HistoryMessage | Mapping[str, Any]]
+    ) -> None:
+        """Append several messages atomically."""
+        check_conversation_id(conversation_id)
+        converted = [_to_message(message) for message in messages]
+        if converted:
+            await self.store.append(conversation_id, converted)
+
+    async def add_turn(
+        self,
+        conversation_id: str,
+        user_text: str | None,
+        assistant_text: str | None,
+        *,
+        turn_id: str | None = None,
+    ) -> None:
+        """Append a turn's user and assistant messages together, skipping empty ones."""
+        check_conversation_id(conversation_id)
+        messages = turn_messages(user_text, assistant_text, turn_id)
+        if messages:
+            await self.store.append(conversation_id, messages)
+
+    async def get_history(self, conversation_id: str) -> list[HistoryMessage]:
+        """The conversation's messages, oldest first (``[]`` for an unknown conversation)."""
+        check_conversation_id(conversation_id)
+        return await self.store.get(conversation_id)
+
+    async def clear(self, conversation_id: str) -> None:
+        """Forget the conversation's history; a turn still running will not record (with a
+        store that has generations: both built-in stores)."""
+        check_conversation_id(conversation_id)
+        await self.store.clear(conversation_id)
+
+    async def read_turn(self, conversation_id: str) -> tuple[list[HistoryMessage], int | None]:
+        """The history and the conversation's generation, for a turn holding its lock.
+
+        Pass the generation to :meth:`record_turn`. ``None`` for a store without
+        generations (then :meth:`record_turn` always records).
+        """
+        check_conversation_id(conversation_id)
+        read = getattr(self.store, "read_turn", None)
+        if read is None:
+            return await self.store.get(conversation_id), None
+        history, generation = await read(conversation_id)
+        return history, generation
+
+    async def record_turn(
+        self,
+        conversation_id: str,
+        user_text: str | None,
+        assistant_text: str | None,
+        *,
+        turn_id: str | None = None,
+        generation: int | None = None,
+    ) -> bool:
+        """:meth:`add_turn`, unless the conversation was cleared (ended) since
+        :meth:`read_turn` gave ``generation``; True if recorded (or nothing to record)."""
+        check_conversation_id(conversation_id)
+        messages = turn_messages(user_text, assistant_text, turn_id)
+        if not messages:
+            return True
+        record = getattr(self.store, "record_turn", None)
+        if generation is None or record is None:
+            await self.store.append(conversation_id, messages)
+            return True
+        return bool(await record(conversation_id, messages, generation))
+
+    def lock(
+        self, conversation_id: str, *, timeout: LockTimeout = STORE_DEFAULT
+    ) -> AbstractAsyncContextManager[None]:
+        """Hold the conversation exclusively (one turn at a time).
+
+        ``timeout`` in seconds (``None`` waits forever; default: the store's). Raises
+        :class:`ConversationLockTimeout` when the wait is exceeded.
+        """
+        check_conversation_id(conversation_id)
+        if isinstance(timeout, DefaultTimeout):
+            return self.store.lock(conversation_id)
+        return self.store.lock(conversation_id, timeout=timeout)
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailableError` if the store cannot be used (for ``/ready``)."""
+        await self.store.ping()
+
+    async def aclose(self) -> None:
+        """Close the store."""
+        await self.store.aclose()
+
+    async def __aenter__(self) -> ConversationManager:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

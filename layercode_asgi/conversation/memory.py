@@ -1,0 +1,258 @@
+"""The in-process conversation store (the default)."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import ClassVar
+
+import anyio
+
+from .base import (
+    DEFAULT_HISTORY_MAX_BYTES,
+    DEFAULT_LOCK_TIMEOUT,
+    STORE_DEFAULT,
+    ConversationLockTimeout,
+    DefaultTimeout,
+    HistoryMessage,
+    check_positive_int,
+    check_timeout,
+    fit,
+    text_size,
+)
+
+__all__ = ["MemoryConversationStore"]
+
+
+class _LockEntry:
+    """A held conversation lock and the tasks waiting for it, first come first served.
+
+    An entry exists only while its conversation is held. Releasing hands the lock straight
+    to the first waiter (setting its event), so a newcomer cannot overtake a waiter. Like
+    the Redis lock, it is not re-entrant and not tied to a task: a nested ``lock()`` of the
+    same conversation waits (and times out) instead of raising. ``generation`` counts the
+    clears while the conversation is held (a turn running then must not record).
+    """
+
+    __slots__ = ("generation", "waiters")
+
+    def __init__(self) -> None:
+        self.waiters: deque[anyio.Event] | None = None
+        self.generation = 0
+
+
+class _History(list[HistoryMessage]):
+    """A conversation's messages and the UTF-8 bytes of their texts."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, messages: Iterable[HistoryMessage] = ()) -> None:
+        super().__init__(messages)
+        self.size = sum(text_size(m.text) for m in self)
+
+
+class _MemoryLock:
+    """``MemoryConversationStore.lock()``: an uncontended acquire never suspends and
+    allocates one small object; only a waiter creates an event and a deadline."""
+
+    __slots__ = ("conversation_id", "store", "wait")
+
+    def __init__(
+        self, store: MemoryConversationStore, conversation_id: str, wait: float | None
+    ) -> None:
+        self.store = store
+        self.conversation_id = conversation_id
+        self.wait = wait
+
+    async def __aenter__(self) -> None:
+        store = self.store
+        if self.conversation_id in store._locks:
+            await store._wait(self.conversation_id, self.wait)
+        else:
+            store._locks[self.conversation_id] = _LockEntry()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.store._unlock(self.conversation_id)
+
+
+class MemoryConversationStore:
+    """In-process history store, bounded in both dimensions.
+
+    Args:
+        max_conversations: conversations kept; the least recently used (read or written)
+            is dropped when a new one would exceed it.
+        max_messages: messages kept per conversation; the oldest are dropped.
+        max_bytes: UTF-8 bytes of text kept per conversation; the oldest messages are
+            dropped, and a single longer message is cut to it (on a character boundary).
+        lock_timeout: default wait for :meth:`lock`, in seconds (``None`` = forever).
+
+    Locks exist only while some task holds or waits for them, so the lock table never
+    outgrows the number of concurrent turns. At worst the store holds ``max_conversations
+    * max_bytes`` of text (Python keeps a text in 1, 2 or 4 bytes per character, so a text
+    mixing ASCII with characters beyond U+FFFF can take up to 4 times its UTF-8 size).
+    """
+
+    #: Its operations never suspend, so callers need no cancellation shield or deadline
+    #: around them (``LayercodeWebhook`` skips that cost when recording a turn).
+    never_suspends: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        max_conversations: int = 10000,
+        max_messages: int = 200,
+        *,
+        max_bytes: int = DEFAULT_HISTORY_MAX_BYTES,
+        lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+    ) -> None:
+        check_positive_int(max_conversations, "max_conversations")
+        check_positive_int(max_messages, "max_messages")
+        check_positive_int(max_bytes, "max_bytes")
+        check_timeout(lock_timeout)
+        self.max_conversations = max_conversations
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.lock_timeout = lock_timeout
+        self._histories: OrderedDict[str, _History] = OrderedDict()
+        self._locks: dict[str, _LockEntry] = {}
+
+    def __len__(self) -> int:
+        """Number of conversations currently stored."""
+        return len(self._histories)
+
+    async def append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
+        """Append ``messages`` (atomic: no ``await`` between the individual appends)."""
+        self._append(conversation_id, messages)
+
+    async def get(self, conversation_id: str) -> list[HistoryMessage]:
+        """The conversation's messages, oldest first; marks it recently used."""
+        history = self._histories.get(conversation_id)
+        if history is None:
+            return []
+        self._histories.move_to_end(conversation_id)
+        return list(history)
+
+    async def read_turn(self, conversation_id: str) -> tuple[list[HistoryMessage], int]:
+        """The history and the generation, for a turn holding the conversation's lock."""
+        return await self.get(conversation_id), self._generation(conversation_id)
+
+    async def record_turn(
+        self, conversation_id: str, messages: Sequence[HistoryMessage], generation: int
+    ) -> bool:
+        """Append ``messages`` if the conversation's generation is still ``generation``
+        (it was not cleared since); True if appended."""
+        if self._generation(conversation_id) != generation:
+            return False
+        self._append(conversation_id, messages)
+        return True
+
+    def _generation(self, conversation_id: str) -> int:
+        """Advanced by every :meth:`clear` while the conversation is locked."""
+        entry = self._locks.get(conversation_id)
+        return 0 if entry is None else entry.generation
+
+    def _append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
+        if not messages:
+            return
+        size = 0
+        for message in messages:
+            size += text_size(message.text)
+        if size > self.max_bytes:
+            messages = fit(messages, self.max_bytes)
+            size = sum(text_size(m.text) for m in messages)
+        history = self._histories.get(conversation_id)
+        if history is None:
+            # A list, not a bounded deque: a deque takes a 64-slot block (over 500 bytes)
+            # even for the two messages of a conversation's first turn.
+            history = self._histories[conversation_id] = _History(messages)
+            while len(self._histories) > self.max_conversations:
+                self._histories.popitem(last=False)
+        else:
+            self._histories.move_to_end(conversation_id)
+            history.extend(messages)
+            history.size += size
+        excess = len(history) - self.max_messages
+        if history.size > self.max_bytes:
+            # Oldest first, keeping at least the newest message (cut to the bound above).
+            total, keep_from = history.size, max(excess, 0)
+            for message in history[:keep_from]:
+                total -= text_size(message.text)
+            while total > self.max_bytes and keep_from < len(history) - 1:
+                total -= text_size(history[keep_from].text)
+                keep_from += 1
+            del history[:keep_from]
+            history.size = total
+        elif excess > 0:
+            history.size -= sum(text_size(m.text) for m in history[:excess])
+            del history[:excess]
+
+    async def clear(self, conversation_id: str) -> None:
+        """Forget the conversation; a turn running meanwhile will not record."""
+        self._histories.pop(conversation_id, None)
+        entry = self._locks.get(conversation_id)
+        if entry is not None:
+            entry.generation += 1
+
+    def lock(
+        self,
+        conversation_id: str,
+        *,
+        timeout: float | DefaultTimeout | None = STORE_DEFAULT,
+    ) -> AbstractAsyncContextManager[None]:
+        """Hold the conversation exclusively within this process (waiters queue in order)."""
+        wait = self.lock_timeout if timeout is STORE_DEFAULT else timeout
+        assert not isinstance(wait, DefaultTimeout)
+        check_timeout(wait)
+        return _MemoryLock(self, conversation_id, wait)
+
+    async def _wait(self, conversation_id: str, wait: float | None) -> None:
+        """Take the conversation's lock, queueing behind its holder for up to ``wait`` s.
+
+        Raises :class:`ConversationLockTimeout` when the wait is over (the lock is not
+        taken then); cancelled while queueing, it is not taken either.
+        """
+        entry = self._locks.get(conversation_id)
+        if entry is None:  # freed meanwhile
+            self._locks[conversation_id] = _LockEntry()
+            return
+        event = anyio.Event()
+        if entry.waiters is None:
+            entry.waiters = deque()
+        entry.waiters.append(event)
+        try:
+            with anyio.move_on_after(math.inf if wait is None else wait):
+                await event.wait()
+        except BaseException:
+            self._give_up(conversation_id, entry, event)
+            raise
+        if not event.is_set():  # the deadline passed first
+            self._give_up(conversation_id, entry, event)
+            raise ConversationLockTimeout(conversation_id, wait or 0.0)
+
+    def _give_up(self, conversation_id: str, entry: _LockEntry, event: anyio.Event) -> None:
+        if event.is_set():
+            self._unlock(conversation_id)  # handed over just as we gave up: pass it on
+        else:
+            assert entry.waiters is not None
+            entry.waiters.remove(event)
+
+    def _unlock(self, conversation_id: str) -> None:
+        """Release the conversation's lock: to the first waiter, if any."""
+        entry = self._locks[conversation_id]
+        if entry.waiters:
+            entry.waiters.popleft().set()  # the next waiter holds it now
+        else:
+            del self._locks[conversation_id]
+
+    async def ping(self) -> None:
+        """Always usable."""
+
+    async def aclose(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,536 @@
+"""The Redis conversation store: history, generations and fair locks shared by processes.
+
+A turn costs two round trips when its conversation is free: :meth:`lock` takes the lock
+and reads the history in one script (:meth:`read_turn` then returns what it read), and
+:meth:`record_turn` by the lock's holder records and releases in one script. Turns of one
+conversation run in the order they reached Redis, whichever process received them (a fair
+queue; see :mod:`.redis_scripts`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager, suppress
+from contextvars import ContextVar
+from typing import Any, Final, TypeVar
+
+import anyio
+import msgspec
+
+from .._redis import connect, describe_client, describe_url, import_redis, unavailable_errors
+from ..errors import ConfigurationError
+from ..logs import escape_log_value
+from . import redis_scripts as scripts
+from .base import (
+    DEFAULT_HISTORY_MAX_BYTES,
+    DEFAULT_LOCK_TIMEOUT,
+    STORE_DEFAULT,
+    ConversationLockTimeout,
+    DefaultTimeout,
+    HistoryMessage,
+    StoreError,
+    StoreUnavailableError,
+    check_positive_int,
+    check_timeout,
+    fit,
+)
+
+__all__ = ["RedisConversationStore"]
+
+logger = logging.getLogger("layercode_asgi.conversation")
+
+T = TypeVar("T")
+
+#: How long a conversation's generation outlives its last clear in Redis (longer than any
+#: turn can run).
+GENERATION_TTL: Final = 86400
+
+_HISTORY_ENCODER: Final = msgspec.json.Encoder()
+_HISTORY_DECODER: Final = msgspec.json.Decoder(HistoryMessage)
+
+
+class _Keys:
+    """The keys of one conversation; one hash tag, so one Redis Cluster slot.
+
+    The tag is the conversation id itself when it has no brace, else ``#`` and a hash of
+    it (a brace would end or restart the tag); then the id follows the tag in full, so
+    two conversations never share keys.
+    """
+
+    __slots__ = ("generation", "history", "lock", "presence", "queue")
+
+    def __init__(self, prefix: str, conversation_id: str) -> None:
+        if "{" in conversation_id or "}" in conversation_id:
+            digest = hashlib.sha256(conversation_id.encode("utf-8", "surrogatepass")).hexdigest()
+            base = f"{prefix}{{#{digest[:32]}}}:{conversation_id}:"
+        else:
+            base = f"{prefix}{{{conversation_id}}}:"
+        self.history = base + "history"
+        self.generation = base + "generation"
+        self.lock = base + "lock"
+        self.queue = base + "queue"
+        self.presence = base + "waiter:"
+
+
+class _Hold:
+    """This task's hold of a conversation's lock (in :data:`_HOLD` while held)."""
+
+    __slots__ = ("conversation_id", "entry", "keys", "read", "released", "store", "token")
+
+    def __init__(self, store: RedisConversationStore, conversation_id: str, keys: _Keys) -> None:
+        self.store = store
+        self.conversation_id = conversation_id
+        self.keys = keys
+        self.token = secrets.token_hex(16)
+        self.entry = f"{self.token} {store._channel}"
+        self.read: list[Any] | None = None  # [history entries, generation] read with the lock
+        self.released = False
+
+
+_HOLD: ContextVar[_Hold | None] = ContextVar("layercode_asgi_redis_hold", default=None)
+
+
+class RedisConversationStore:
+    """History and locks in Redis, shared by every process (``redis.asyncio``).
+
+    Args:
+        url_or_client: a ``redis://``, ``rediss://`` or ``unix://`` URL, or an existing
+            ``redis.asyncio.Redis`` (or ``RedisCluster``) client (then not closed by
+            :meth:`aclose`; give it ``socket_timeout`` / ``socket_connect_timeout`` so it
+            fails fast).
+        ttl: seconds a conversation's history lives after its last append (``None`` or ``0``:
+            forever).
+        max_messages: messages kept per conversation (``LTRIM``).
+        max_bytes: UTF-8 bytes of text kept per conversation: oldest messages dropped
+            first, a single longer message cut to it.
+        key_prefix: prefix of every key: ``<prefix>{<id>}:history``, ``…:lock``,
+            ``…:queue``, ``…:generation`` (no braces in the prefix).
+        lock_timeout: default wait for :meth:`lock`, in seconds (``None`` = forever).
+        lock_ttl: lifetime of a lock key, in seconds; a holder extends it every
+            ``lock_ttl / 3`` so long turns keep the lock, and a crashed holder's lock frees
+            itself after at most ``lock_ttl``.
+        socket_timeout: seconds per socket operation, for clients created from a URL.
+        socket_connect_timeout: seconds to connect, for clients created from a URL.
+        operation_timeout: hard limit on any single Redis operation, in seconds.
+        max_connections: size of the connection pool (clients created from a URL); when
+            all are busy, an operation waits for one (up to ``operation_timeout``).
+        cluster: the URL names a node of a Redis Cluster.
+
+    Connection failures raise :class:`StoreUnavailableError` within about
+    ``operation_timeout``; once Redis is back, the same store works again.
+    """
+
+    def __init__(
+        self,
+        url_or_client: Any,
+        *,
+        ttl: int | None = 86400,
+        max_messages: int = 200,
+        key_prefix: str = "layercode:",
+        lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+        max_bytes: int = DEFAULT_HISTORY_MAX_BYTES,
+        lock_ttl: float = 10.0,
+        socket_timeout: float = 2.0,
+        socket_connect_timeout: float = 1.0,
+        operation_timeout: float = 5.0,
+        max_connections: int = 100,
+        cluster: bool = False,
+    ) -> None:
+        import_redis("RedisConversationStore")
+        check_positive_int(max_connections, "max_connections")
+        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0):
+            raise ConfigurationError(f"ttl must be an integer >= 0 or None, got {ttl!r}")
+        check_positive_int(max_messages, "max_messages")
+        check_positive_int(max_bytes, "max_bytes")
+        check_timeout(lock_timeout)
+        for name, value in (
+            ("lock_ttl", lock_ttl),
+            ("socket_timeout", socket_timeout),
+            ("socket_connect_timeout", socket_connect_timeout),
+            ("operation_timeout", operation_timeout),
+        ):
+            if not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise ConfigurationError(f"{name} must be a number > 0, got {value!r}")
+        if not isinstance(key_prefix, str) or "{" in key_prefix or "}" in key_prefix:
+            raise ConfigurationError(
+                f"key_prefix must be a string without braces, got {key_prefix!r}"
+            )
+        self.ttl = ttl or None
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.key_prefix = key_prefix
+        self.lock_timeout = lock_timeout
+        self.lock_ttl = float(lock_ttl)
+        self.operation_timeout = float(operation_timeout)
+        if isinstance(url_or_client, str):
+            self._client: Any = connect(
+                url_or_client,
+                what="RedisConversationStore",
+                cluster=cluster,
+                max_connections=max_connections,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_connect_timeout,
+                pool_timeout=self.operation_timeout,
+            )
+            self._owns_client = True
+            self._where = describe_url(url_or_client)
+        else:
+            self._client = url_or_client
+            self._owns_client = False
+            self._where = describe_client(url_or_client)
+        register = self._client.register_script
+        self._acquire_script = register(scripts.ACQUIRE_LUA)
+        self._check_script = register(scripts.CHECK_LUA)
+        self._release_script = register(scripts.RELEASE_LUA)
+        self._extend_script = register(scripts.EXTEND_LUA)
+        self._read_script = register(scripts.READ_LUA)
+        self._record_script = register(scripts.RECORD_LUA)
+        self._clear_script = register(scripts.CLEAR_LUA)
+        self._unavailable_errors = unavailable_errors()
+        from redis.exceptions import RedisError
+
+        self._redis_error: type[BaseException] = RedisError
+        # A waiter checks the lock (and shows it is alive) this often while it waits; its
+        # place is skipped once it has not for ``3 * _wait_check`` seconds (its worker died).
+        self._wait_check = min(1.0, self.lock_ttl / 3)
+        self._presence_ms = max(1, round(3000 * self._wait_check))
+        self._lock_ms = max(1, round(self.lock_ttl * 1000))
+        # Hand-offs to this process's waiters arrive on one pub/sub channel (one connection
+        # for all of them, opened at the first wait), naming the waiter's token.
+        self._channel = f"{key_prefix}wake:{secrets.token_hex(8)}"
+        self._wakers: dict[str, anyio.Event] = {}
+        self._listener: asyncio.Task[None] | None = None
+
+    def history_key(self, conversation_id: str) -> str:
+        """The Redis key of a conversation's history list."""
+        return _Keys(self.key_prefix, conversation_id).history
+
+    def lock_key(self, conversation_id: str) -> str:
+        """The Redis key of a conversation's lock."""
+        return _Keys(self.key_prefix, conversation_id).lock
+
+    def generation_key(self, conversation_id: str) -> str:
+        """The Redis key of a conversation's generation (advanced by :meth:`clear`)."""
+        return _Keys(self.key_prefix, conversation_id).generation
+
+    async def _call(self, operation: str, awaitable: Awaitable[T]) -> T:
+        """Await one Redis operation under ``operation_timeout``, mapping its failures."""
+        try:
+            with anyio.fail_after(self.operation_timeout):
+                return await awaitable
+        except self._unavailable_errors as exc:
+            raise StoreUnavailableError(
+                f"Redis at {self._where} is unavailable ({operation}): {type(exc).__name__}: {exc}"
+            ) from exc
+        except self._redis_error as exc:
+            raise StoreError(f"Redis at {self._where} failed ({operation}): {exc}") from exc
+
+    def _held(self, conversation_id: str) -> _Hold | None:
+        """This task's hold of the conversation's lock, if it holds it."""
+        hold = _HOLD.get()
+        if hold is None or hold.store is not self or hold.conversation_id != conversation_id:
+            return None
+        return None if hold.released else hold
+
+    async def append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
+        """``RPUSH`` + trimming (messages, bytes) + ``EXPIRE``, atomically (one script)."""
+        if messages:
+            await self._record(_Keys(self.key_prefix, conversation_id), messages, "", None)
+
+    async def record_turn(
+        self, conversation_id: str, messages: Sequence[HistoryMessage], generation: int
+    ) -> bool:
+        """Append ``messages`` if the conversation's generation is still ``generation``,
+        checked and appended atomically (one script); True if appended.
+
+        Called by the holder of the conversation's :meth:`lock`, it ends the turn: the same
+        script releases the lock (the next turn may start at once; leaving the ``async
+        with`` then has nothing left to release).
+        """
+        hold = self._held(conversation_id)
+        if not messages:
+            return True
+        keys = hold.keys if hold is not None else _Keys(self.key_prefix, conversation_id)
+        return await self._record(keys, messages, str(generation), hold)
+
+    async def _record(
+        self,
+        keys: _Keys,
+        messages: Sequence[HistoryMessage],
+        generation: str,
+        hold: _Hold | None,
+    ) -> bool:
+        payload = [_HISTORY_ENCODER.encode(m) for m in fit(messages, self.max_bytes)]
+        done = await self._call(
+            "append",
+            self._record_script(
+                keys=[keys.history, keys.generation, keys.lock, keys.queue],
+                args=[
+                    generation,
+                    self.max_messages,
+                    self.max_bytes,
+                    self.ttl or 0,
+                    "" if hold is None else hold.token,
+                    keys.presence,
+                    self._presence_ms,
+                    *payload,
+                ],
+            ),
+        )
+        if hold is not None:
+            hold.released = True
+        return bool(done)
+
+    async def read_turn(self, conversation_id: str) -> tuple[list[HistoryMessage], int]:
+        """The history and the generation, read together (one script); for the lock's
+        holder, what :meth:`lock` read when it took the lock (no round trip)."""
+        hold = self._held(conversation_id)
+        if hold is not None and hold.read is not None:
+            raw, generation = hold.read
+            hold.read = None
+        else:
+            keys = _Keys(self.key_prefix, conversation_id)
+            raw, generation = await self._call(
+                "get", self._read_script(keys=[keys.history, keys.generation])
+            )
+        try:
+            number = int(generation or 0)
+        except ValueError:
+            number = -1  # not ours: never equal to what clear writes
+        return self._decode(conversation_id, raw), number
+
+    async def get(self, conversation_id: str) -> list[HistoryMessage]:
+        """The conversation's messages, oldest first; undecodable entries are skipped."""
+        raw: list[bytes | str] = await self._call(
+            "get", self._client.lrange(self.history_key(conversation_id), 0, -1)
+        )
+        return self._decode(conversation_id, raw)
+
+    def _decode(self, conversation_id: str, raw: list[bytes | str]) -> list[HistoryMessage]:
+        messages: list[HistoryMessage] = []
+        for item in raw:
+            try:
+                messages.append(_HISTORY_DECODER.decode(item))
+            except msgspec.DecodeError:
+                logger.warning(
+                    "skipping an undecodable history entry of conversation %s",
+                    escape_log_value(conversation_id),
+                )
+        return messages
+
+    async def clear(self, conversation_id: str) -> None:
+        """Delete the conversation's history and advance its generation (one script): a
+        turn running meanwhile, in any process, will not record."""
+        keys = _Keys(self.key_prefix, conversation_id)
+        await self._call(
+            "clear", self._clear_script(keys=[keys.history, keys.generation], args=[GENERATION_TTL])
+        )
+
+    @asynccontextmanager
+    async def lock(
+        self,
+        conversation_id: str,
+        *,
+        timeout: float | DefaultTimeout | None = STORE_DEFAULT,  # noqa: ASYNC109 - bounds the wait only
+    ) -> AsyncIterator[None]:
+        """Hold the conversation exclusively across every process using this Redis.
+
+        Turns queue in the order they reach Redis; a released lock goes straight to the
+        next waiter still alive (woken by pub/sub, no polling). Taking the lock also reads
+        the history (for :meth:`read_turn`). While held, a background task extends it every
+        ``lock_ttl / 3``; it is released on any exit (shielded from cancellation), or by
+        :meth:`record_turn`. A waiter that times out (:class:`ConversationLockTimeout`) or
+        is cancelled leaves the queue.
+        """
+        wait = self.lock_timeout if timeout is STORE_DEFAULT else timeout
+        assert not isinstance(wait, DefaultTimeout)
+        check_timeout(wait)
+        keys = _Keys(self.key_prefix, conversation_id)
+        hold = _Hold(self, conversation_id, keys)
+        try:
+            hold.read = await self._acquire(hold, wait)
+        except BaseException:
+            # Leave the queue (or undo a lock taken by a call cancelled or timed out in
+            # flight), briefly: Redis is likely down, and the keys expire by themselves.
+            await self._release(hold, limit=1.0)
+            raise
+        outer = _HOLD.get()
+        _HOLD.set(hold)
+        error: BaseException | None = None
+        try:
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._keep_alive, hold)
+                    try:
+                        yield
+                    finally:
+                        tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The keep-alive task never raises, so this is the holder's own exception,
+                # wrapped by the task group: re-raise it unchanged, as if no group existed.
+                if len(group.exceptions) != 1:
+                    raise
+                error = group.exceptions[0]
+            if error is not None:
+                raise error
+        finally:
+            _HOLD.set(outer)
+            if not hold.released:
+                await self._release(hold)
+
+    def _lock_args(self, hold: _Hold) -> dict[str, Any]:
+        keys = hold.keys
+        return {
+            "keys": [keys.lock, keys.queue, keys.history, keys.generation],
+            "args": [hold.token, hold.entry, self._lock_ms, keys.presence, self._presence_ms],
+        }
+
+    async def _acquire(self, hold: _Hold, wait: float | None) -> list[Any]:
+        """Take the lock (queueing for it); returns ``[history entries, generation]``."""
+        deadline = math.inf if wait is None else anyio.current_time() + wait
+        token = hold.token
+        waker = self._wakers[token] = anyio.Event()
+        try:
+            reply = await self._call("lock", self._acquire_script(**self._lock_args(hold)))
+            if reply[0] == 1:
+                return [reply[1], reply[2]]
+            self._listen()
+            while True:
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
+                    raise ConversationLockTimeout(hold.conversation_id, wait or 0.0)
+                with anyio.move_on_after(min(self._wait_check, remaining)):
+                    await waker.wait()
+                # A fresh event before checking: a hand-off published meanwhile sets it.
+                waker = self._wakers[token] = anyio.Event()
+                reply = await self._call("lock", self._check_script(**self._lock_args(hold)))
+                if reply[0] == 1:
+                    return [reply[1], reply[2]]
+        finally:
+            self._wakers.pop(token, None)
+
+    def _listen(self) -> None:
+        """Start this process's pub/sub listener (once; again if it ended, or for another
+        event loop)."""
+        loop = asyncio.get_running_loop()
+        listener = self._listener
+        if listener is None or listener.done() or listener.get_loop() is not loop:
+            self._listener = loop.create_task(self._receive_wakes())
+
+    async def _receive_wakes(self) -> None:
+        """Wake the waiters named on our channel; resubscribe (and wake every waiter, to
+        check) after a lost connection."""
+        delay = 0.05
+        while True:
+            pubsub = self._client.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                delay = 0.05
+                for waker in list(self._wakers.values()):
+                    waker.set()  # a hand-off may have been published before we listened
+                while True:
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=self._wait_check
+                    )
+                    if message is not None and message.get("type") == "message":
+                        data = message.get("data")
+                        token = data.decode() if isinstance(data, bytes) else str(data)
+                        woken = self._wakers.get(token)
+                        if woken is not None:
+                            woken.set()
+            except Exception as exc:  # Redis down: waiters check on their own meanwhile
+                logger.debug("lock hand-off listener: %s: %s", type(exc).__name__, exc)
+            finally:
+                # Closing a broken connection: whatever it raises does not matter.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1.0), suppress(Exception):
+                    await pubsub.aclose()
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _keep_alive(self, hold: _Hold) -> None:
+        """Extend the lock every ``lock_ttl / 3``; never raises (it would cancel the holder)."""
+        interval = self.lock_ttl / 3
+        while True:
+            await anyio.sleep(interval)
+            if hold.released:
+                return
+            try:
+                with anyio.fail_after(max(interval, 0.05)):
+                    extended = await self._extend_script(
+                        keys=[hold.keys.lock], args=[hold.token, self._lock_ms]
+                    )
+            except Exception as exc:  # the holder must not be interrupted
+                logger.warning(
+                    "could not extend the lock of conversation %s: %s: %s",
+                    escape_log_value(hold.conversation_id),
+                    type(exc).__name__,
+                    escape_log_value(exc),
+                )
+                continue
+            if not extended and not hold.released:
+                logger.warning(
+                    "lost the lock of conversation %s (it expired); another turn may run "
+                    "concurrently; consider a larger lock_ttl",
+                    escape_log_value(hold.conversation_id),
+                )
+                return
+
+    async def _release(self, hold: _Hold, *, limit: float = math.inf) -> None:
+        """Release the lock or leave the queue (handing the lock on), shielded from
+        cancellation, bounded in time, never raising.
+
+        Never waits longer than ``lock_ttl``: by then the key has expired anyway.
+        """
+        limit = min(self.operation_timeout, self.lock_ttl, limit)
+        keys = hold.keys
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.fail_after(limit):
+                    await self._release_script(
+                        keys=[keys.lock, keys.queue],
+                        args=[hold.token, hold.entry, keys.presence, self._presence_ms],
+                    )
+                hold.released = True
+            except Exception as exc:  # the lock expires by itself anyway
+                logger.warning(
+                    "could not release Redis lock %s (it will expire in %g s): %s: %s",
+                    escape_log_value(keys.lock),
+                    self.lock_ttl,
+                    type(exc).__name__,
+                    escape_log_value(exc),
+                )
+
+    async def ping(self) -> None:
+        """``PING`` Redis (every primary of a cluster); raise :class:`StoreUnavailableError`
+        if it does not answer."""
+        try:
+            await self._call("ping", self._ping())
+        except StoreUnavailableError:
+            raise
+        except StoreError as exc:  # answered, but not as a usable Redis
+            raise StoreUnavailableError(str(exc)) from exc.__cause__
+
+    async def _ping(self) -> Any:
+        primaries = getattr(self._client, "PRIMARIES", None)
+        if primaries is None:
+            return await self._client.ping()
+        return await self._client.ping(target_nodes=primaries)
+
+    async def aclose(self) -> None:
+        """Stop the hand-off listener; close the client (only if this store created it)."""
+        listener, self._listener = self._listener, None
+        if listener is not None and not listener.done():
+            listener.cancel()
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(2.0),
+                suppress(asyncio.CancelledError),
+            ):
+                await listener
+        if self._owns_client:
+            await self._client.aclose()

@@ -1,0 +1,126 @@
+"""``serve --workers N``: N processes on one listening socket, each draining like one process.
+
+The parent binds the socket, starts the workers (``multiprocessing``'s *spawn*: a fresh
+interpreter each), and forwards SIGTERM / SIGINT to them. Each worker builds its app with
+:func:`~layercode_asgi.server.app_from_env` from the environment it is given (which names
+the env file to read, if any, in ``LAYERCODE_ENV_FILE``) and serves it with
+:func:`~layercode_asgi.server.run_server`: on the first signal it drains (open turns finish
+within the grace period, new webhooks get 503), on a second it stops at once. The parent
+exits once every worker has. A worker that dies on its own is replaced, unless it died while
+starting (then the others are stopped and the parent exits with status 3, as uvicorn).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["serve_workers"]
+
+logger = logging.getLogger("layercode_asgi.workers")
+
+#: A worker that exits this soon after it started failed to start.
+STARTUP_SECONDS = 10.0
+#: Exit status when a worker could not start (uvicorn's).
+STARTUP_FAILURE = 3
+
+
+def _worker(
+    sock: socket.socket, host: str, port: int, log_level: str, environ: dict[str, str]
+) -> None:
+    """One worker process: its own process group (a terminal's Ctrl-C reaches the parent
+    only, which forwards one SIGTERM), the app from the environment, a draining server;
+    it drains and exits by itself if the parent dies."""
+    os.setpgrp()
+    os.environ.update(environ)
+    parent = os.getppid()
+
+    def watch_parent() -> None:  # out of the parent's group: end with it (drain first)
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    from .server import app_from_env, run_server
+
+    try:
+        app = app_from_env()
+    except Exception:
+        logging.getLogger("layercode_asgi.workers").exception("worker could not build the app")
+        raise SystemExit(STARTUP_FAILURE) from None
+    run_server(app, host=host, port=port, log_level=log_level, sockets=[sock])
+
+
+def serve_workers(
+    *,
+    workers: int,
+    host: str,
+    port: int,
+    log_level: str,
+    environ: Mapping[str, str],
+) -> int:
+    """Serve ``app_from_env`` in ``workers`` processes until SIGTERM / SIGINT; return the
+    exit status (0 once every worker has drained and exited)."""
+    import uvicorn
+
+    config = uvicorn.Config("layercode_asgi.server:app_from_env", host=host, port=port)
+    sock = config.bind_socket()
+    context = multiprocessing.get_context("spawn")
+    env = dict(environ)
+    signals: list[int] = []
+
+    def start() -> tuple[Any, float]:
+        process = context.Process(
+            target=_worker, args=(sock, host, port, log_level, env), daemon=False
+        )
+        process.start()
+        return process, time.monotonic()
+
+    previous = {
+        sig: signal.signal(sig, lambda number, frame: signals.append(number))
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    status = 0
+    try:
+        processes = [start() for _ in range(workers)]
+        forwarded = 0
+        while True:
+            if len(signals) > forwarded:
+                forwarded = len(signals)
+                logger.info("forwarding the signal to %d worker(s)", len(processes))
+                for process, _ in processes:
+                    if process.is_alive() and process.pid is not None:
+                        os.kill(process.pid, signal.SIGTERM)
+            if signals:
+                if not any(process.is_alive() for process, _ in processes):
+                    break
+            else:
+                for index, (process, started) in enumerate(processes):
+                    if process.is_alive():
+                        continue
+                    if time.monotonic() - started < STARTUP_SECONDS:
+                        logger.error("worker %s failed to start; stopping", process.pid)
+                        status = STARTUP_FAILURE
+                        signals.append(signal.SIGTERM)
+                        break
+                    logger.warning(
+                        "worker %s exited (status %s); starting another",
+                        process.pid,
+                        process.exitcode,
+                    )
+                    processes[index] = start()
+            time.sleep(0.1)
+        for process, _ in processes:
+            process.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    return status

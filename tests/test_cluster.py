@@ -1,0 +1,127 @@
+"""LAYERCODE_REDIS_CLUSTER: history, locks, queues and the replay cache on a real local Redis
+Cluster (three nodes started by the test), including a node restarted mid-run."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import httpx
+import pytest
+
+from layercode_asgi import ConversationManager, RedisConversationStore, Settings, create_app
+
+from . import redis_fixtures
+from .conftest import SECRET, event_body, serve, signed_headers
+from .redis_fixtures import RedisClusterNodes, uvicorn_workers, worker_agent
+from .test_redis_scale import turns_in_arrival_order
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+redis_cluster = redis_fixtures.redis_cluster
+
+# Braces would end or restart a hash tag: such ids must work all the same.
+IDS = ["plain", "a{b", "}x{", "{", "}", "{tag}rest", "ünï{}"]
+
+
+def cluster_settings(cluster: RedisClusterNodes, **values: object) -> Settings:
+    return Settings(
+        env_file=None,
+        environ={},
+        layercode_webhook_secret=SECRET,
+        redis_url=cluster.url,
+        redis_cluster=True,
+        **values,
+    )
+
+
+async def post_turn(client: httpx.AsyncClient, cid: str, text: str, n: int) -> httpx.Response:
+    body = event_body("message", conversation_id=cid, text=text, turn_id=f"t{n}")
+    return await client.post("/api/agent", content=body, headers=signed_headers(body))
+
+
+async def history(cluster: RedisClusterNodes, cid: str) -> list[str]:
+    store = RedisConversationStore(cluster.url, cluster=True)
+    async with ConversationManager(store) as manager:
+        return [f"{m.role}:{m.text}" for m in await manager.get_history(cid)]
+
+
+async def test_turns_history_replay_and_ready_on_a_cluster(
+    redis_cluster: RedisClusterNodes,
+) -> None:
+    settings = cluster_settings(redis_cluster, replay_protection=True)
+    app = create_app(settings, worker_agent)
+    with serve(app) as url, anyio.fail_after(60):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            assert (await client.get("/ready")).status_code == 200
+            for n in range(3):
+                for cid in IDS:
+                    response = await post_turn(client, cid, f"turn {n}", n)
+                    assert response.status_code == 200, response.text
+                    assert f"saw={2 * n} text=turn {n}" in response.text
+            # the same signed delivery again: refused, on a cluster too
+            body = event_body("message", conversation_id="replayed", text="once")
+            headers = signed_headers(body)
+            first = await client.post("/api/agent", content=body, headers=headers)
+            again = await client.post("/api/agent", content=body, headers=headers)
+            assert first.status_code == 200
+            assert again.status_code == 409
+    for cid in IDS:
+        texts = await history(redis_cluster, cid)
+        assert len(texts) == 6, cid
+        assert texts[0::2] == [f"user:turn {n}" for n in range(3)]
+    # the conversations spread over the nodes
+    store = RedisConversationStore(redis_cluster.url, cluster=True)
+    assert len({redis_cluster.port_of(store.history_key(cid)) for cid in IDS}) > 1
+    await store.aclose()
+
+
+async def test_turns_keep_arrival_order_on_a_cluster_with_two_workers(
+    redis_cluster: RedisClusterNodes,
+) -> None:
+    with uvicorn_workers(redis_cluster.url, workers=2, LAYERCODE_REDIS_CLUSTER="true") as url:
+        await turns_in_arrival_order(url, ["order-a", "order-b{x}", "order-c"])
+
+
+async def test_a_node_restarted_mid_run(redis_cluster: RedisClusterNodes) -> None:
+    """While the node serving a conversation is down its turns get 503 (and /ready 503);
+    once it is back they work again, with every turn recorded before still there."""
+    store = RedisConversationStore(redis_cluster.url, cluster=True)
+    down = redis_cluster.ports[1]
+    cid = next(
+        f"conv-{n}"
+        for n in range(1000)
+        if redis_cluster.port_of(store.history_key(f"conv-{n}")) == down
+    )
+    await store.aclose()
+    app = create_app(cluster_settings(redis_cluster), worker_agent)
+    with serve(app) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            with anyio.fail_after(60):
+                for n in range(3):
+                    assert (await post_turn(client, cid, f"before {n}", n)).status_code == 200
+            redis_cluster.stop_node(down)
+            with anyio.fail_after(60):
+                response = await post_turn(client, cid, "while down", 9)
+                assert response.status_code == 503, response.text
+                assert "unavailable" in response.json()["error"]
+                assert (await client.get("/ready")).status_code == 503
+            redis_cluster.start_node(down)
+            redis_cluster.wait_ok()
+            deadline = time.monotonic() + 60
+            statuses = []
+            while True:  # the client finds the node again
+                response = await post_turn(client, cid, "after", 10)
+                statuses.append(response.status_code)
+                if response.status_code == 200 or time.monotonic() > deadline:
+                    break
+                await anyio.sleep(0.2)
+            assert response.status_code == 200, statuses
+            assert (await client.get("/ready")).status_code == 200
+    texts = await history(redis_cluster, cid)
+    assert [t for t in texts if t.startswith("user:")] == [
+        "user:before 0",
+        "user:before 1",
+        "user:before 2",
+        "user:after",
+    ]

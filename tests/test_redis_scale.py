@@ -1,0 +1,376 @@
+"""Redis at scale: turns of one conversation in arrival order across uvicorn workers, crashed
+workers (holding a lock, waiting for one), many waiters, and round trips per turn."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from layercode_asgi import ConversationManager, RedisConversationStore, Settings, create_app
+from layercode_asgi.testing import LayercodeTestClient
+
+from . import redis_fixtures
+from .conftest import SECRET, serve, signed_headers
+from .conftest import event_body as event
+from .redis_fixtures import RedisServer, uvicorn_workers, worker_agent
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+redis_server = redis_fixtures.redis_server
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+async def turn(url: str, cid: str, text: str) -> str:
+    """One turn on a connection of its own (so turns spread over the workers)."""
+    client = LayercodeTestClient(base_url=url, secret=SECRET, conversation_id=cid, timeout=30)
+    return (await client.message(text)).text
+
+
+async def history_texts(redis_url: str, cid: str) -> list[str]:
+    async with ConversationManager(RedisConversationStore(redis_url)) as manager:
+        return [m.text for m in await manager.get_history(cid) if m.role == "user"]
+
+
+def pid_of(reply: str) -> int:
+    match = re.match(r"pid=(\d+) ", reply)
+    assert match, reply
+    return int(match.group(1))
+
+
+async def turns_in_arrival_order(url: str, conversations: list[str]) -> set[int]:
+    """A slow turn, then five more 50 ms apart, on each conversation at once; check that
+    each conversation ran (and recorded) them in the order sent. Returns the worker pids."""
+    replies: dict[str, list[str]] = {cid: [] for cid in conversations}
+    # One connection per turn, opened beforehand: sending a turn is then one write.
+    clients = {
+        (cid, n): httpx.AsyncClient(base_url=url, timeout=30)
+        for cid in conversations
+        for n in range(6)
+    }
+    try:
+        for client in clients.values():
+            assert (await client.get("/health")).status_code == 200
+
+        async def one(cid: str, n: int, text: str) -> None:
+            body = event("message", conversation_id=cid, text=text, turn_id=f"t{n}")
+            response = await clients[cid, n].post(
+                "/api/agent", content=body, headers=signed_headers(body)
+            )
+            assert response.status_code == 200, response.text
+            replies[cid].append(response.text)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for cid in conversations:
+                    tg.start_soon(one, cid, 0, "sleep:1 first")
+                await anyio.sleep(0.3)  # the slow turns hold their conversations
+                for n in range(1, 6):
+                    for cid in conversations:
+                        tg.start_soon(one, cid, n, f"queued {n}")
+                    await anyio.sleep(0.05)
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    pids = set()
+    for cid in conversations:
+        # each turn saw the history of the turns before it, in the order they were sent
+        ran = sorted(
+            (int(saw), text)
+            for r in replies[cid]
+            for saw, text in re.findall(r'saw=(\d+) text=([^"]*)', r)
+        )
+        sent = ["sleep:1 first"] + [f"queued {n}" for n in range(1, 6)]
+        assert [text for _, text in ran] == sent, (cid, ran)
+        assert [saw for saw, _ in ran] == [0, 2, 4, 6, 8, 10]
+        pids |= {int(m) for r in replies[cid] for m in re.findall(r"pid=(\d+)", r)}
+    return pids
+
+
+async def test_queued_turns_run_in_arrival_order_across_two_workers(
+    redis_server: RedisServer,
+) -> None:
+    """On each of eight conversations at once, turns queued 50 ms apart behind a slow one
+    run and record in the order sent (before the fair queue they ran in reverse order:
+    polling with a growing back-off favoured the newest waiter)."""
+    conversations = [f"order-{n}" for n in range(8)]
+    with uvicorn_workers(redis_server.url, workers=2) as url:
+        pids = await turns_in_arrival_order(url, conversations)
+    expected = ["sleep:1 first"] + [f"queued {n}" for n in range(1, 6)]
+    for cid in conversations:
+        assert await history_texts(redis_server.url, cid) == expected, cid
+    assert len(pids) == 2  # both workers served turns
+
+
+async def test_a_worker_killed_while_holding_a_lock(redis_server: RedisServer) -> None:
+    """SIGKILL the worker running a turn: its lock expires (lock TTL 1.5 s), the next turns
+    of the conversation run in order on the workers left, and nothing is lost but the
+    killed turn."""
+    with uvicorn_workers(redis_server.url, workers=2, lock_ttl=1.5) as url:
+        await turn(url, "crash", "before")
+        body = event("message", conversation_id="crash", text="sleep:30 doomed")
+        with anyio.fail_after(60):
+            async with (
+                httpx.AsyncClient(timeout=30) as client,
+                client.stream(
+                    "POST", url + "/api/agent", content=body, headers=signed_headers(body)
+                ) as response,
+            ):
+                assert response.status_code == 200
+                lines = response.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data:") and "pid=" in line:
+                        pid = pid_of(line[line.index("pid=") :])
+                        break
+                os.kill(pid, signal.SIGKILL)
+                with pytest.raises(httpx.HTTPError):
+                    async for _ in lines:
+                        pass
+            results: list[str] = []
+
+            async def one(text: str) -> None:
+                results.append(await turn(url, "crash", text))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(one, "after 1")
+                await anyio.sleep(0.2)
+                tg.start_soon(one, "after 2")
+    assert await history_texts(redis_server.url, "crash") == ["before", "after 1", "after 2"]
+    assert all(pid_of(r) != pid for r in results)
+
+
+WAITER = textwrap.dedent(
+    """
+    import sys, anyio
+    from layercode_asgi import RedisConversationStore
+
+    async def main():
+        store = RedisConversationStore(sys.argv[1], lock_ttl=1.5)
+        print("waiting", flush=True)
+        async with store.lock("abandoned", timeout=60):
+            print("acquired", flush=True)
+            await anyio.sleep(60)
+
+    anyio.run(main)
+    """
+)
+
+
+async def test_a_worker_killed_while_waiting_is_skipped(redis_server: RedisServer) -> None:
+    """A process queued for a conversation is SIGKILLed; the turn queued behind it runs
+    after the running turn, without being handed to the dead waiter's place."""
+    with uvicorn_workers(redis_server.url, workers=2, lock_ttl=1.5) as url:
+        results: dict[str, str] = {}
+
+        async def one(text: str) -> None:
+            results[text] = await turn(url, "abandoned", text)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(one, "sleep:3 running")
+                await anyio.sleep(0.3)
+                waiter = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+                    [sys.executable, "-c", WAITER, redis_server.url],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                assert waiter.stdout is not None
+                assert await anyio.to_thread.run_sync(waiter.stdout.readline) == "waiting\n"
+                await anyio.sleep(0.5)  # queued behind the running turn
+                tg.start_soon(one, "next")
+                await anyio.sleep(0.3)
+                waiter.kill()
+                waiter.wait(10)
+    assert await history_texts(redis_server.url, "abandoned") == ["sleep:3 running", "next"]
+    assert "saw=2" in results["next"]
+
+
+async def test_a_hundred_waiters_on_a_small_pool_run_in_order(redis_server: RedisServer) -> None:
+    """Waiting holds no pooled connection: 100 turns of one conversation queue behind a
+    holder on a pool of 4 connections; the holder releases, and all run, in order."""
+    store = RedisConversationStore(redis_server.url, max_connections=4, lock_ttl=3)
+    order: list[int] = []
+    async with ConversationManager(store) as manager:
+
+        async def waiter(n: int) -> None:
+            async with manager.lock("busy", timeout=60):
+                order.append(n)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg, manager.lock("busy"):
+                for n in range(100):
+                    tg.start_soon(waiter, n)
+                    await anyio.sleep(0.005)
+                await anyio.sleep(1.0)
+    assert order == list(range(100))
+
+
+async def test_waiters_that_time_out_or_are_cancelled_leave_the_queue(
+    redis_server: RedisServer,
+) -> None:
+    """Queued behind a holder: one waiter times out, one is cancelled, one waits on. When
+    the holder releases, the lock goes to the one still waiting (within its 2.5 s bound: a
+    hand-off to an abandoned place would hold it up for the 3 s such a place lasts), and it
+    sees the holder's recorded turn."""
+    from layercode_asgi import ConversationLockTimeout
+
+    store = RedisConversationStore(redis_server.url, lock_ttl=60)
+    got: list[str] = []
+    async with ConversationManager(store) as manager:
+
+        async def wait_on(name: str, wait: float) -> None:
+            async with manager.lock("queue", timeout=wait):
+                history, _ = await manager.read_turn("queue")
+                got.append(f"{name} saw {len(history)}")
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg, manager.lock("queue"):
+                _, generation = await manager.read_turn("queue")
+                with pytest.raises(ConversationLockTimeout):
+                    await wait_on("timed out", 0.2)
+                with anyio.CancelScope() as cancelled:
+                    cancelled.cancel()
+                    await wait_on("cancelled", 10)
+                cancel_later = anyio.CancelScope()
+
+                async def cancelled_while_queued() -> None:
+                    with cancel_later:
+                        await wait_on("cancelled later", 10)
+
+                tg.start_soon(cancelled_while_queued)
+                await anyio.sleep(0.2)
+                tg.start_soon(wait_on, "patient", 2.5)
+                await anyio.sleep(0.2)
+                cancel_later.cancel()
+                await anyio.sleep(0.2)
+                # record + release in one: the lock goes to "patient"
+                assert await manager.record_turn("queue", "hi", "hello", generation=generation)
+    assert got == ["patient saw 2"]
+
+
+class CommandLog:
+    """Every command Redis runs, from ``MONITOR``: sent by a client, or run by a script."""
+
+    def __init__(self, redis_url: str) -> None:
+        import redis.asyncio as redis_asyncio
+
+        self.client: Any = redis_asyncio.Redis.from_url(redis_url)
+        self.sent: list[str] = []  # by clients (one round trip each)
+        self.scripted: list[str] = []  # by scripts
+
+    async def record(self, during: Any) -> None:
+        """Log what Redis runs while ``during()`` runs (and until a marker after it)."""
+        marker = "end-of-measure"
+        async with self.client.monitor() as monitor, anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                await during()
+                await self.client.echo(marker)
+
+            tg.start_soon(run)
+            async for command in monitor.listen():
+                text = command["command"]
+                if text == f"ECHO {marker}":
+                    break
+                name = text.split(" ", 1)[0].lower()
+                if name in ("hello", "client", "select", "auth"):
+                    continue  # a connection being set up (ours for the marker, say)
+                (self.scripted if command.get("client_type") == "lua" else self.sent).append(name)
+        await self.client.aclose()
+
+
+async def test_an_uncontended_turn_costs_two_round_trips(redis_server: RedisServer) -> None:
+    """Lock + read in one script, record + release in one: two commands sent to Redis per
+    turn (today: four -- SET, MULTI/LRANGE/GET/EXEC, EVALSHA, EVALSHA), seen by MONITOR."""
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    store = RedisConversationStore(redis_server.url)
+    app = create_app(settings, worker_agent, conversations=ConversationManager(store))
+    turns = 10
+    log = CommandLog(redis_server.url)
+    with serve(app) as url:
+        await turn(url, "warm-up", "hello")  # loads the scripts, opens the connection
+
+        async def turns_in_a_row() -> None:
+            for n in range(turns):
+                await turn(url, f"rt-{n % 5}", f"turn {n}")
+
+        with anyio.fail_after(60):
+            await log.record(turns_in_a_row)
+    assert log.sent == ["evalsha"] * (2 * turns), log.sent
+    assert log.scripted  # the work happened inside the scripts
+
+
+# -- serve --workers N ---------------------------------------------------------------------------
+
+
+async def test_serve_workers_drain_on_sigterm_and_read_only_the_chosen_env_file(
+    tmp_path: Any,
+) -> None:
+    """``serve --workers 2 --env-file chosen.env`` in a directory whose ``.env`` is invalid:
+    the workers read only chosen.env; start-up warns that, without REDIS_URL, state is per
+    process; on SIGTERM a running turn finishes while a new webhook gets 503, then exit 0."""
+    from .conftest import free_port
+
+    (tmp_path / ".env").write_text("LAYERCODE_TURN_TIMEOUT=not-a-number\n")
+    (tmp_path / "chosen.env").write_text(f"LAYERCODE_WEBHOOK_SECRET={SECRET}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "REDIS_"))}
+    env["PYTHONPATH"] = ROOT
+    port = free_port()
+    command = [sys.executable, "-m", "layercode_asgi", "serve", "--workers", "2",
+               "--port", str(port), "--env-file", "chosen.env",
+               "--agent", "tests.redis_fixtures:worker_agent"]  # fmt: skip
+    errors = (tmp_path / "serve.err").open("wb")
+    process = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=errors
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with anyio.fail_after(60):
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                while True:
+                    try:
+                        if (await client.get("/ready")).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    assert process.poll() is None, (tmp_path / "serve.err").read_text()
+                    await anyio.sleep(0.1)
+                body = event("message", conversation_id="drain", text="sleep:2 draining")
+                async with client.stream(
+                    "POST", "/api/agent", content=body, headers=signed_headers(body)
+                ) as response:
+                    assert response.status_code == 200
+                    lines = response.aiter_lines()
+                    async for line in lines:
+                        if "pid=" in line:
+                            break
+                    process.send_signal(signal.SIGTERM)
+                    await anyio.sleep(0.5)  # the signal reached the workers
+                    async with httpx.AsyncClient(base_url=url, timeout=30) as other:
+                        late = event("message", conversation_id="late", text="late")
+                        refused = await other.post(
+                            "/api/agent", content=late, headers=signed_headers(late)
+                        )
+                    rest = "".join([line async for line in lines])
+                assert refused.status_code == 503
+                assert " done" in rest
+                assert "response.end" in rest
+            status = await anyio.to_thread.run_sync(process.wait, 30)
+        assert status == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        errors.close()
+    log = (tmp_path / "serve.err").read_text()
+    assert "without REDIS_URL" in log
+    assert "not-a-number" not in log
