@@ -76,6 +76,7 @@ def server_command(server: str, port: int) -> list[str]:
 
 @pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "granian"])
 def test_simulate_cli_against_real_servers(server: str, tmp_path: Path) -> None:
+    pytest.importorskip(server)  # the nox ``lowest`` session installs uvicorn and hypercorn only
     port = free_port()
     with server_process(server_command(server, port), port, tmp_path) as base:
         done = subprocess.run(
