@@ -52,7 +52,7 @@ from .events import (
 from .logs import log_webhook, setup_logging
 from .middleware import DEFAULT_MAX_BODY_SIZE, LayercodeSignature
 from .replay import MemoryReplayCache, RedisReplayCache, ReplayCache
-from .server import LayercodeApp, Lifecycle, create_app, run_server
+from .server import Lifecycle, create_app, run_server
 from .signature import (
     DEFAULT_TOLERANCE,
     SIGNATURE_HEADER,
@@ -86,7 +86,6 @@ __all__ = [
     "Hangup",
     "HistoryMessage",
     "InvalidPayloadError",
-    "LayercodeApp",
     "LayercodeError",
     "LayercodeEventType",
     "LayercodeSignature",

@@ -301,6 +301,9 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
        "Maximum duration of one agent turn.", convert=_float_gt0),
     _F("turn_timeout_message", "LAYERCODE_TURN_TIMEOUT_MESSAGE", "str | None", None,
        "Text spoken when a turn times out; unset = say nothing."),
+    _F("turn_grace", "LAYERCODE_TURN_GRACE", "float > 0 (seconds)", 1.0,
+       "After a turn's timeout, how long its fallback (or response.error) and response.end "
+       "may take to send; then the stream is closed.", convert=_float_gt0),
     _F("lock_wait_grace", "LAYERCODE_LOCK_WAIT_GRACE", "float > 0 (seconds)", 5.0,
        "A turn waits for the previous turn of its conversation up to the turn timeout plus "
        "this (its final events and recording); longer: 503.", convert=_float_gt0),
@@ -504,6 +507,7 @@ class Settings:
     authorize_api_keys: tuple[str, ...]
     turn_timeout: float
     turn_timeout_message: str | None
+    turn_grace: float
     lock_wait_grace: float
     max_queued_turns: int
     max_body_size: int

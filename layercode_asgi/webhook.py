@@ -29,29 +29,25 @@ What it answers (the body must already be verified — mount the middleware):
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
 import anyio
-import msgspec
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from ._asgi import BodyTooLarge, JSONResponse, json_error_response, read_body
 from .agents import Agent, TurnEvent, bind_agent
 from .conversation import (
     DEFAULT_LOCK_WAIT_GRACE,
     ConversationLockTimeout,
     ConversationManager,
     HistoryMessage,
-    MemoryConversationStore,
-    _check_conversation_id,
     lock_wait_timeout,
-    turn_messages,
 )
 from .errors import LayercodeError, ResponseError
 from .events import (
@@ -66,15 +62,14 @@ from .events import (
     parse_webhook_payload,
 )
 from .logs import escape_log_value, log_webhook, webhook_log_enabled
-from .middleware import DEFAULT_MAX_BODY_SIZE, BodyTooLarge, read_body
+from .middleware import DEFAULT_MAX_BODY_SIZE
 from .sse import Emit, EventStreamResponse
-from .turns import Turn
+from .turns import DEFAULT_TURN_GRACE, Turn
 
 __all__ = ["ConversationBackend", "JSONResponse", "LayercodeWebhook"]
 
 logger = logging.getLogger("layercode_asgi.webhook")
 
-_encode = msgspec.json.Encoder().encode
 #: How long recording a finished turn may take before it is given up (logged).
 RECORD_TIMEOUT = 5.0
 #: Default bound of the turns waiting for one conversation (per process).
@@ -83,19 +78,6 @@ DEFAULT_MAX_QUEUED_TURNS = 8
 SHUTTING_DOWN = "server is shutting down"
 _STORE_UNAVAILABLE = "conversation store unavailable"
 _TOO_MANY_WAITING = "too many turns waiting for this conversation; retry later"
-
-
-class JSONResponse(Response):
-    """A JSON response rendered with msgspec (compact, fast)."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return _encode(content)
-
-
-def _json(status: int, content: Any) -> JSONResponse:
-    return JSONResponse(content, status_code=status)
 
 
 _OK = b'{"status":"ok"}'
@@ -143,6 +125,9 @@ class LayercodeWebhook:
             called with the typed event. ``on_data``'s return value is the JSON reply.
         turn_timeout: seconds a turn may take; ``None`` = no limit.
         timeout_message: spoken when a turn times out (else ``response.error``).
+        turn_grace: once a turn's time is up, how long its fallback (or ``response.error``)
+            and ``response.end`` may take to send; then its stream is closed, its lock
+            released (a client that stops reading does not hold its conversation).
         keep_history: keep a conversation's history after ``session.end``.
         lock_timeout: seconds a turn waits for the previous turn of its conversation
             before it is answered with 503. Default ``None``: the rule of both stores,
@@ -166,6 +151,7 @@ class LayercodeWebhook:
         on_session_end: Hook | None = None,
         turn_timeout: float | None = 30.0,
         timeout_message: str | None = None,
+        turn_grace: float = DEFAULT_TURN_GRACE,
         keep_history: bool = False,
         lock_timeout: float | None = None,
         lock_wait_grace: float = DEFAULT_LOCK_WAIT_GRACE,
@@ -194,6 +180,7 @@ class LayercodeWebhook:
         self.on_session_end = on_session_end
         self.turn_timeout = turn_timeout
         self.timeout_message = timeout_message
+        self.turn_grace = turn_grace
         self.keep_history = keep_history
         if lock_timeout is None:
             lock_timeout = lock_wait_timeout(turn_timeout, lock_wait_grace)
@@ -215,15 +202,16 @@ class LayercodeWebhook:
                 await send({"type": "websocket.close", "code": 1008})
             return
         if scope["method"] != "POST":
-            response: Response = _json(405, {"error": "method not allowed; use POST"})
-            response.headers["allow"] = "POST"
+            response: Response = json_error_response(
+                405, "method not allowed; use POST", {"allow": "POST"}
+            )
         else:
             try:
                 body = await read_body(receive, self.max_body_size)
             except BodyTooLarge:
                 body, response = (
                     None,
-                    _json(413, {"error": f"request body exceeds {self.max_body_size} bytes"}),
+                    json_error_response(413, f"request body exceeds {self.max_body_size} bytes"),
                 )
             else:
                 if body is None:
@@ -276,24 +264,24 @@ class LayercodeWebhook:
             return Response(_IGNORED, media_type="application/json"), None
         except InvalidPayloadError as exc:
             logger.info("rejected malformed webhook: %s", escape_log_value(exc))
-            return _json(400, {"error": str(exc), "path": exc.path}), None
+            return JSONResponse({"error": str(exc), "path": exc.path}, status_code=400), None
 
         if isinstance(event, SessionStartPayload | MessagePayload):
             return self.turn_response(event, body=body), event
         try:
             return await self._answer_json(event), event
         except ResponseError as exc:
-            return _json(exc.status_code, {"error": exc.message}), event
+            return json_error_response(exc.status_code, exc.message), event
         except LayercodeError as exc:
             failure = _unavailable(exc, f"webhook {_kind(event)} failed")
-            return _json(503, {"error": failure.message}), event
+            return json_error_response(503, failure.message), event
         except Exception:
             logger.exception(
                 "webhook hook failed for %s (conversation=%s)",
                 _kind(event),
                 escape_log_value(event.conversation_id),
             )
-            return _json(500, {"error": f"{_kind(event)} handler failed"}), event
+            return json_error_response(500, f"{_kind(event)} handler failed"), event
 
     def turn_response(
         self, event: TurnEvent, *, body: bytes | str | Mapping[str, Any] | None = None
@@ -305,17 +293,13 @@ class LayercodeWebhook:
         it holds the lock.
         """
         conversations = self.conversations
-
         if conversations is None:
-            turn = self._turn(event, ())
-            return EventStreamResponse(lambda emit: self._run(turn, emit))
-        store = getattr(conversations, "store", None)
-        if type(conversations) is ConversationManager and type(store) is MemoryConversationStore:
-            return EventStreamResponse(self._memory_producer([event], body, store))
+            turn = self._turn(event, (), anyio_time=None)
+            return self._response(lambda emit: self._run(turn, emit))
         held = [event]  # taken by the producer: no closure keeps the event itself
         del event
 
-        async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
+        async def produce(emit: Emit) -> None:
             event: TurnEvent | None = held.pop()
             assert event is not None
             cid = event.conversation_id
@@ -337,10 +321,11 @@ class LayercodeWebhook:
                     with waiting:
                         async with conversations.lock(cid, timeout=self.lock_timeout):
                             acquired = True
+                            locked_at = anyio.current_time()  # the turn's deadline counts
                             self._waiting.discard(waiting)
                             if event is None:
                                 event = _decode_turn(body)
-                            await self._locked_turn(conversations, event, emit)
+                            await self._locked_turn(conversations, event, emit, locked_at)
                 except LayercodeError as exc:
                     if acquired or isinstance(exc, ResponseError):
                         raise
@@ -361,24 +346,14 @@ class LayercodeWebhook:
                 else:
                     del pending[cid]
 
-        return EventStreamResponse(produce)
+        return self._response(produce)
 
-    async def _wait_memory_lock(self, store: MemoryConversationStore, cid: str) -> None:
-        """Queue for a memory store's lock: abortable (503), a timeout is 503."""
-        waiting = anyio.CancelScope()
-        self._waiting.add(waiting)
-        try:
-            with waiting:
-                await store.wait_lock(cid, self.lock_timeout)
-        except LayercodeError as exc:
-            raise _lock_failure(exc) from exc
-        finally:
-            self._waiting.discard(waiting)
-        if waiting.cancelled_caught:
-            raise ResponseError(503, SHUTTING_DOWN)
+    def _response(self, producer: Callable[[Emit], Awaitable[None]]) -> EventStreamResponse:
+        # A client that stopped reading gets the turn's grace for the final frame too.
+        return EventStreamResponse(producer, close_timeout=self.turn_grace)
 
     async def _locked_turn(
-        self, conversations: ConversationBackend, event: TurnEvent, emit: Emit
+        self, conversations: ConversationBackend, event: TurnEvent, emit: Emit, locked_at: float
     ) -> None:
         """The turn, holding its conversation's lock: read, run, record."""
         cid = event.conversation_id
@@ -391,7 +366,7 @@ class LayercodeWebhook:
                 history = await conversations.get_history(cid)
         except LayercodeError as exc:
             raise _unavailable(exc, "conversation store failed reading the history") from exc
-        turn = self._turn(event, history)
+        turn = self._turn(event, history, anyio_time=locked_at)
         try:
             await self._run(turn, emit)
         finally:
@@ -418,68 +393,24 @@ class LayercodeWebhook:
         for turn in list(self._running):
             turn.abort(message)
 
-    def _memory_producer(
-        self,
-        held: list[TurnEvent],
-        body: bytes | str | Mapping[str, Any] | None,
-        store: MemoryConversationStore,
-    ) -> Callable[[Emit], Awaitable[None]]:
-        """The turn's producer for the default store: the same steps and answers as the
-        general one, with the store's synchronous operations (no coroutine per call).
-        ``held`` is the turn's event, taken by the producer (no closure keeps it)."""
-
-        async def produce(emit: Emit) -> None:
-            event: TurnEvent | None = held.pop()
-            assert event is not None
-            cid = event.conversation_id
-            try:
-                _check_conversation_id(cid)
-            except ValueError as exc:
-                raise ResponseError(400, f"invalid conversation_id: {exc}") from exc
-            if not store.try_lock(cid):
-                if store.waiting(cid) >= self.max_queued_turns:
-                    raise ResponseError(503, _TOO_MANY_WAITING)
-                if body is not None:
-                    event = None  # it waits: keep the raw body only
-                await self._wait_memory_lock(store, cid)
-                if event is None:
-                    event = _decode_turn(body)
-            try:
-                generation = store.generation_now(cid)
-                turn = self._turn(event, store.get_now(cid))
-                running = self._running
-                running.add(turn)
-                try:
-                    await turn.run(emit)
-                finally:
-                    running.discard(turn)
-                    user_text = event.text or None
-                    reply = turn.reply_text or None
-                    if user_text is not None or reply is not None:
-                        try:
-                            messages = turn_messages(user_text, reply, event.turn_id)
-                            if not store.record_now(cid, messages, generation):
-                                _log_not_recorded(event)
-                        except Exception:
-                            logger.exception(
-                                "could not record turn (conversation=%s turn=%s)",
-                                escape_log_value(cid),
-                                escape_log_value(event.turn_id),
-                            )
-            finally:
-                store.unlock(cid)
-
-        return produce
-
     # -- internals ---------------------------------------------------------------------------
 
-    def _turn(self, event: TurnEvent, history: Sequence[HistoryMessage]) -> Turn:
+    def _turn(
+        self, event: TurnEvent, history: Sequence[HistoryMessage], *, anyio_time: float | None
+    ) -> Turn:
         agent = self.agent
         if agent is not self._bound_agent:  # bound once, again only if ``agent`` changed
             self._call = bind_agent(agent)
             self._bound_agent = agent
-        return Turn._bound(
-            event, self._call, history, self.extras, self.turn_timeout, self.timeout_message
+        return Turn(
+            event,
+            bound=self._call,
+            history=history,
+            extras=self.extras,
+            timeout=self.turn_timeout,
+            timeout_message=self.timeout_message,
+            grace=self.turn_grace,
+            started_at=anyio_time,
         )
 
     async def _record(
@@ -494,15 +425,7 @@ class LayercodeWebhook:
         reply = turn.reply_text or None
         if user_text is None and reply is None:
             return
-        # A store that never suspends cannot be cancelled or delayed: skip the shielded,
-        # time-limited scope (the costly part) that any other store needs.
-        never_suspends = getattr(getattr(conversations, "store", None), "never_suspends", False)
-        guard: AbstractContextManager[anyio.CancelScope | None] = (
-            contextlib.nullcontext()
-            if never_suspends
-            else anyio.move_on_after(RECORD_TIMEOUT, shield=True)
-        )
-        with guard as scope:
+        with anyio.move_on_after(RECORD_TIMEOUT, shield=True) as scope:
             try:
                 record = getattr(conversations, "record_turn", None)
                 if generation is not None and record is not None:
@@ -524,7 +447,7 @@ class LayercodeWebhook:
                     escape_log_value(event.conversation_id),
                     escape_log_value(event.turn_id),
                 )
-        if scope is not None and scope.cancelled_caught:
+        if scope.cancelled_caught:
             logger.error(
                 "recording turn timed out (conversation=%s turn=%s)",
                 escape_log_value(event.conversation_id),
@@ -540,7 +463,7 @@ class LayercodeWebhook:
                 return result
             if result is None:
                 return Response(_OK, media_type="application/json")
-            return _json(200, result)
+            return JSONResponse(result)
         if isinstance(event, SessionUpdatePayload):
             if self.on_session_update is not None:
                 await _maybe_await(self.on_session_update(event))

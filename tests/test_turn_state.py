@@ -73,7 +73,8 @@ async def stateful_agent(event: TurnEvent, context: TurnContext) -> AsyncIterato
         try:
             await anyio.sleep(60)
         finally:
-            await wait_for_release()
+            with anyio.CancelScope(shield=True):  # deaf to its own cancellation
+                await wait_for_release()
     elif text == "hang":
         await anyio.sleep(60)
 
