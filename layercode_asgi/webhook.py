@@ -162,8 +162,7 @@ class LayercodeWebhook:
         if not callable(agent):
             raise TypeError(f"agent must be an async callable, got {type(agent).__name__}")
         self.agent = agent
-        self._bound_agent: Agent = agent
-        self._call = bind_agent(agent)
+        bind_agent(agent)  # an agent that cannot be called as one fails here, not per turn
         if isinstance(conversations, str):
             if conversations != "memory":
                 raise ValueError(
@@ -398,13 +397,9 @@ class LayercodeWebhook:
     def _turn(
         self, event: TurnEvent, history: Sequence[HistoryMessage], *, anyio_time: float | None
     ) -> Turn:
-        agent = self.agent
-        if agent is not self._bound_agent:  # bound once, again only if ``agent`` changed
-            self._call = bind_agent(agent)
-            self._bound_agent = agent
         return Turn(
             event,
-            bound=self._call,
+            self.agent,
             history=history,
             extras=self.extras,
             timeout=self.turn_timeout,
