@@ -157,6 +157,10 @@ def create_sse_response(
     )
 
 
+#: ``emit`` yields to the event loop once per this many chunks.
+_YIELD_EVERY = 8
+
+
 class EventStreamResponse(Response):
     """A ``text/event-stream`` response driven by a producer coroutine.
 
@@ -207,10 +211,10 @@ class EventStreamResponse(Response):
             "headers": self.raw_headers,
         }
 
+        unyielded = 0
+
         async def emit(chunk: bytes) -> None:
-            # Cancelled (a timeout, a disconnect) only before the chunk is handed over or
-            # inside the server's send: an ``emit`` that raises did not send its chunk.
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            nonlocal unyielded
             try:
                 if not self.started:
                     self.started = True
@@ -221,9 +225,14 @@ class EventStreamResponse(Response):
                 task_group.cancel_scope.cancel()
                 await anyio.lowlevel.checkpoint()  # the cancellation, here in the producer
             # A server's send often returns without suspending (always, once the client is
-            # gone): yield once per chunk, so that the disconnect watcher, timeouts and
-            # other requests still run while a producer awaits nothing else.
-            await anyio.lowlevel.cancel_shielded_checkpoint()
+            # gone): yield now and then, so that the disconnect watcher, timeouts and other
+            # requests still run while a producer awaits nothing else. Not after every
+            # chunk: a checkpoint per chunk cost 20% more server CPU per turn (paced
+            # benchmark, 10 chunks), and a real agent awaits between chunks anyway.
+            unyielded += 1
+            if unyielded >= _YIELD_EVERY:
+                unyielded = 0
+                await anyio.lowlevel.checkpoint()
 
         failure: Exception | None = None
 
