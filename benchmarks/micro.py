@@ -21,14 +21,14 @@ import timeit
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 from common import SECRET, message_body, signature
 from sse_starlette import ServerSentEvent
 
-from layercode_asgi import turns
 from layercode_asgi.agents import echo_agent
 from layercode_asgi.events import MessagePayload, parse_webhook_payload
 from layercode_asgi.signature import verify_signature
-from layercode_asgi.webhook import LayercodeWebhook
+from layercode_asgi.turns import Turn
 
 
 def _calibrate(timer: timeit.Timer, sample: float) -> int:
@@ -124,7 +124,6 @@ def bench_turn_encoding(*, sample: float, rounds: int) -> dict[str, Any]:
     event = parse_webhook_payload(message_body("micro", 1))
     assert isinstance(event, MessagePayload)
     text = event.text or ""
-    webhook = LayercodeWebhook(echo_agent)  # what the server runs: the agent bound once
     loop = asyncio.new_event_loop()
     collected: list[bytes] = []
 
@@ -133,17 +132,21 @@ def bench_turn_encoding(*, sample: float, rounds: int) -> dict[str, Any]:
 
     def ours() -> list[bytes]:
         collected.clear()
-        coro = webhook._turn(event, ()).run(emit)
+        coro = Turn(event, echo_agent, timeout=30.0).run(emit)
         with contextlib.suppress(StopIteration):
             coro.send(None)  # the echo turn never suspends: one step runs it all
         return collected
 
-    suffix = b',"turn_id":' + turns._encode(event.turn_id) + b"}\n\n"
+    encode = msgspec.json.encode
+    suffix = b',"turn_id":' + encode(event.turn_id) + b"}\n\n"
     reply = f"You said: {text}"
 
     def ours_encoding() -> list[bytes]:
-        # exactly the expressions Turn.deliver / Turn.end use
-        return [turns._TTS + turns._encode(reply) + suffix, turns._END + suffix]
+        # the same expressions as Turn.deliver / Turn.end: prefix + msgspec + suffix
+        return [
+            b'data: {"type":"response.tts","content":' + encode(reply) + suffix,
+            b'data: {"type":"response.end"' + suffix,
+        ]
 
     def reference() -> list[bytes]:
         return _reference_stream_helper_bytes(event.turn_id, text)

@@ -137,6 +137,12 @@ def litestar_app() -> Any:
     return Litestar(route_handlers=[route])
 
 
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """The turn and stream tests run on both of anyio's backends."""
+    return str(request.param)
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("make", [starlette_app, fastapi_app, litestar_app])
 async def test_create_sse_response_in_every_stack(make: Any) -> None:

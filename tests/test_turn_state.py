@@ -3,10 +3,8 @@ history byte bound, store errors, shutdown mid-turn, and the webhook's defaults.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -37,7 +35,7 @@ from layercode_asgi import (
     stream_response,
 )
 
-from .conftest import SECRET, event_body, free_port, serve, signed_headers
+from .conftest import SECRET, event_body, free_port, serve, signed_headers, start_server_process
 from .redis_fixtures import RedisServer, running_redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -336,23 +334,11 @@ def test_redis_error_replies_are_a_503_json(fault: str) -> None:
 
 
 def _start_server(grace: float) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.serve_for_tests", str(port), str(grace)],
-        cwd=ROOT,
-        env={**os.environ, "SLOW_AGENT_SECONDS": "60"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    server = start_server_process(
+        ["-m", "tests.serve_for_tests", "{port}", str(grace)],
+        env={"SLOW_AGENT_SECONDS": "60"},
     )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(400):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(process.stdout.read().decode() if process.stdout else "no output")
+    return server.process, server.url
 
 
 def test_grace_period_over_ends_open_streams_with_error_and_end() -> None:

@@ -123,6 +123,12 @@ STACKS = {
 }
 
 
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """The turn and stream tests run on both of anyio's backends."""
+    return str(request.param)
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("stack", list(STACKS))
 async def test_smallest_agent_in_every_stack(stack: str) -> None:
