@@ -5,8 +5,8 @@ The public API is re-exported here; each name lives in the module named after it
 
 from ._version import __version__
 from .agents import (
-    AGENTS,
     Agent,
+    AgentFactory,
     AgentNotFoundError,
     Data,
     Hangup,
@@ -20,7 +20,7 @@ from .agents import (
     openai_agent,
     register_agent,
 )
-from .config import SETTINGS_FIELDS, SettingField, Settings, SettingsError, parse_env_file
+from .config import Settings, SettingsError
 from .conversation import (
     ConversationLockTimeout,
     ConversationManager,
@@ -35,7 +35,6 @@ from .conversation import (
 from .errors import ConfigurationError, LayercodeError, ResponseError
 from .events import (
     EVENT_TYPES,
-    TURN_EVENT_TYPES,
     DataPayload,
     InvalidPayloadError,
     LayercodeEventType,
@@ -44,15 +43,14 @@ from .events import (
     SessionStartPayload,
     SessionUpdatePayload,
     TranscriptItem,
-    TurnPayload,
     UnknownEventError,
     WebhookPayload,
     parse_webhook_payload,
 )
-from .logs import log_webhook, setup_logging
+from .logs import setup_logging
 from .middleware import DEFAULT_MAX_BODY_SIZE, LayercodeSignature
 from .replay import MemoryReplayCache, RedisReplayCache, ReplayCache
-from .server import Lifecycle, create_app, run_server
+from .server import AuthorizeGuard, Lifecycle, create_app, run_server
 from .signature import (
     DEFAULT_TOLERANCE,
     SIGNATURE_HEADER,
@@ -61,27 +59,28 @@ from .signature import (
     sign,
     verify_signature,
 )
-from .sse import SSE_HEADERS, EventStreamResponse, create_sse_response, format_sse_message
-from .turns import Turn, TurnStatus, TurnStream, stream_response, stream_turn
-from .webhook import LayercodeWebhook
+from .sse import SSE_HEADERS, Emit, EventStreamResponse, create_sse_response, format_sse_message
+from .turns import StreamHandler, Turn, TurnStatus, TurnStream, stream_response, stream_turn
+from .webhook import ConversationBackend, LayercodeWebhook
 
 __all__ = [
-    "AGENTS",
     "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_TOLERANCE",
     "EVENT_TYPES",
-    "SETTINGS_FIELDS",
     "SIGNATURE_HEADER",
     "SSE_HEADERS",
-    "TURN_EVENT_TYPES",
     "Agent",
+    "AgentFactory",
     "AgentNotFoundError",
+    "AuthorizeGuard",
     "ConfigurationError",
+    "ConversationBackend",
     "ConversationLockTimeout",
     "ConversationManager",
     "ConversationStore",
     "Data",
     "DataPayload",
+    "Emit",
     "EventStreamResponse",
     "Hangup",
     "HistoryMessage",
@@ -103,19 +102,18 @@ __all__ = [
     "SessionEndPayload",
     "SessionStartPayload",
     "SessionUpdatePayload",
-    "SettingField",
     "Settings",
     "SettingsError",
     "SignatureErrorReason",
     "SignatureVerificationError",
     "StoreError",
     "StoreUnavailableError",
+    "StreamHandler",
     "TranscriptItem",
     "Tts",
     "Turn",
     "TurnContext",
     "TurnEvent",
-    "TurnPayload",
     "TurnStatus",
     "TurnStream",
     "UnknownEventError",
@@ -127,9 +125,7 @@ __all__ = [
     "format_sse_message",
     "get_agent",
     "list_agents",
-    "log_webhook",
     "openai_agent",
-    "parse_env_file",
     "parse_webhook_payload",
     "register_agent",
     "run_server",

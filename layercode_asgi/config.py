@@ -36,12 +36,11 @@ from urllib.parse import urlsplit
 from .errors import ConfigurationError
 from .redaction import mask_url
 
+# Internal (the CLI's use; not exported): SETTINGS_FIELDS (see Settings.fields()),
+# SettingField, parse_env_file.
 __all__ = [
-    "SETTINGS_FIELDS",
-    "SettingField",
     "Settings",
     "SettingsError",
-    "parse_env_file",
     "settings_table_markdown",
 ]
 

@@ -22,7 +22,7 @@ import logging
 import math
 import re
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 import anyio
 import anyio.lowlevel
@@ -59,7 +59,7 @@ _RAW_SSE_HEADERS = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in SSE_H
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 #: ``emit(chunk)`` sends one chunk of an event stream and returns once the server took it.
-Emit = Callable[[bytes], Awaitable[None]]
+Emit: TypeAlias = Callable[[bytes], Awaitable[None]]
 
 
 def format_sse_message(

@@ -36,7 +36,7 @@ import logging
 import math
 import weakref
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import anyio
 from starlette.responses import Response
@@ -50,6 +50,7 @@ from .logs import escape_log_value
 from .sse import Emit, EventStreamResponse
 
 __all__ = [
+    "StreamHandler",
     "Turn",
     "TurnStatus",
     "TurnStream",
@@ -138,7 +139,7 @@ class TurnStream:
 
 
 #: A push-style handler: ``async def handler(stream): await stream.tts("Hi")``.
-StreamHandler = Callable[[TurnStream], Awaitable[None]]
+StreamHandler: TypeAlias = Callable[[TurnStream], Awaitable[None]]
 
 
 class Turn:
@@ -442,17 +443,7 @@ def stream_turn(
     headers: Mapping[str, str] | None = None,
 ) -> Response:
     """The SSE response answering ``event`` with ``agent`` (not a turn: JSON, see above)."""
-    if not isinstance(event, SessionStartPayload | MessagePayload):
-        return Response(b'{"status":"ok"}', media_type="application/json")
-    turn = Turn(
-        event,
-        agent,
-        history=history,
-        extras=extras,
-        timeout=timeout,
-        timeout_message=timeout_message,
-    )
-    return EventStreamResponse(turn.run, headers=headers)
+    return _stream(event, agent, None, history, extras, timeout, timeout_message, headers)
 
 
 def stream_response(
@@ -466,14 +457,29 @@ def stream_response(
     headers: Mapping[str, str] | None = None,
 ) -> Response:
     """Node-SDK style: ``handler(stream)`` calls ``stream.tts(...)`` (not a turn: JSON)."""
+    return _stream(event, None, handler, history, extras, timeout, timeout_message, headers)
+
+
+def _stream(
+    event: TurnEvent,
+    agent: Agent | None,
+    handler: StreamHandler | None,
+    history: Sequence[HistoryMessage],
+    extras: Mapping[str, Any] | None,
+    timeout: float | None,
+    timeout_message: str | None,
+    headers: Mapping[str, str] | None,
+) -> Response:
+    """What both entry points do: one :class:`Turn` in one :class:`EventStreamResponse`."""
     if not isinstance(event, SessionStartPayload | MessagePayload):
         return Response(b'{"status":"ok"}', media_type="application/json")
     turn = Turn(
         event,
+        agent,
         handler=handler,
         history=history,
         extras=extras,
         timeout=timeout,
         timeout_message=timeout_message,
     )
-    return EventStreamResponse(turn.run, headers=headers)
+    return EventStreamResponse(turn.run, headers=headers, close_timeout=turn.grace)
