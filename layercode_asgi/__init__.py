@@ -1,6 +1,25 @@
 """layercode-asgi: a pure-ASGI toolkit for LayerCode voice-agent backends.
 
 The public API is re-exported here; each name lives in the module named after its concept.
+
+One webhook request, from ``create_app`` to the last byte:
+
+1. ``server.create_app`` builds a plain Starlette app; the webhook route's endpoint is
+   ``server._WebhookEndpoint.__call__``: refuses new webhooks while draining (503), counts
+   the request in ``Lifecycle.active`` for the drain.
+2. ``middleware.LayercodeSignature.verified_body``: the signature header, then the body
+   (``_asgi.read_body``, bounded in size and time), the HMAC (``signature.verify_signature``)
+   and replay protection; a failed check is answered with ``_asgi.send_json_error``.
+3. ``webhook.LayercodeWebhook.answer`` → ``_respond``: ``events.parse_webhook_payload``;
+   ``data`` / ``session.update`` / ``session.end`` get JSON (``_answer_json``); a turn gets
+   ``turn_response``, an ``sse.EventStreamResponse`` whose producer (``produce``) queues for
+   the conversation's lock (``conversations.lock``), then ``_locked_turn``: reads the history,
+   runs the turn, records it.
+4. ``turns.Turn.run``: the deadline (armed when the lock was taken) covers ``_produce`` (the
+   agent's replies, ``deliver`` → ``emit``) and ``end``; past it, the fallback or
+   ``response.error`` and ``response.end`` get the grace.
+5. ``sse.EventStreamResponse.__call__``: runs the producer in a task beside a disconnect
+   watcher; ``emit`` sends each chunk (back-pressure), ``_finish`` the final frame.
 """
 
 from ._version import __version__

@@ -36,8 +36,7 @@ from urllib.parse import urlsplit
 from .errors import ConfigurationError
 from .redaction import mask_url
 
-# Internal (the CLI's use; not exported): SETTINGS_FIELDS (see Settings.fields()),
-# SettingField, parse_env_file.
+# Not exported (the CLI's): SETTINGS_FIELDS (see Settings.fields()), SettingField, parse_env_file.
 __all__ = [
     "Settings",
     "SettingsError",
@@ -301,8 +300,7 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
     _F("turn_timeout_message", "LAYERCODE_TURN_TIMEOUT_MESSAGE", "str | None", None,
        "Text spoken when a turn times out; unset = say nothing."),
     _F("turn_grace", "LAYERCODE_TURN_GRACE", "float > 0 (seconds)", 1.0,
-       "After a turn's timeout, how long its fallback (or response.error) and response.end "
-       "may take to send; then the stream is closed.", convert=_float_gt0),
+       "How long a timed-out turn's last events may take; then it closes.", convert=_float_gt0),
     _F("lock_wait_grace", "LAYERCODE_LOCK_WAIT_GRACE", "float > 0 (seconds)", 5.0,
        "A turn waits for the previous turn of its conversation up to the turn timeout plus "
        "this (its final events and recording); longer: 503.", convert=_float_gt0),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
@@ -182,3 +183,16 @@ def start_server_process(
     process.kill()
     process.wait(10)
     raise RuntimeError(f"{args} did not become ready:\n{server.output()}")
+
+
+#: anyio's backends for the stream and turn tests: asyncio, and trio when it is installed
+#: (the dev extra has it).
+BACKENDS = [
+    "asyncio",
+    pytest.param(
+        "trio",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("trio") is None, reason="trio is not installed"
+        ),
+    ),
+]

@@ -21,6 +21,8 @@ from starlette.routing import Route
 
 from layercode_asgi import create_sse_response, format_sse_message
 
+from .conftest import BACKENDS
+
 
 def parse(message: str) -> dict[str, Any]:
     """A tiny, independent reading of one SSE message per the WHATWG algorithm."""
@@ -138,7 +140,7 @@ def litestar_app() -> Any:
 
 
 
-@pytest.fixture(params=["asyncio", "trio"])
+@pytest.fixture(params=BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """The turn and stream tests run on both of anyio's backends."""
     return str(request.param)

@@ -18,12 +18,12 @@ from layercode_asgi import EventStreamResponse, ResponseError, Turn, parse_webho
 from layercode_asgi.sse import Emit
 
 from .asgi_stub import ASGIStub
-from .conftest import event_body
+from .conftest import BACKENDS, event_body
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["asyncio", "trio"])
+@pytest.fixture(params=BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
