@@ -31,6 +31,7 @@ as ``create_app`` does without hooks: 200 ``{"status": "ok"}`` (JSON), calling n
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import math
@@ -244,7 +245,7 @@ class Turn:
                 self._scope = scope
                 if self._abort is None:
                     try:
-                        await self._produce()
+                        await self._agent()
                     except Exception as exc:
                         await self._failed(exc)
                     await self.end()
@@ -273,6 +274,37 @@ class Turn:
             # response -> producer -> turn -> emit reference cycle.
             self._emit = None
             self._scope = None
+
+    async def _agent(self) -> None:
+        """Run the agent (``_produce``); cancelled, it is cancelled once and may clean up.
+
+        anyio's cancellation is level-triggered: every ``await`` inside a cancelled scope is
+        cancelled again, so an asyncio-native agent (LangGraph) could not await anything in
+        its ``finally`` blocks (closing its model request). On asyncio the agent therefore
+        runs in a task of its own, cancelled once as asyncio does, and given
+        ``AGENT_CLOSE_TIMEOUT`` to finish; on trio (level-triggered by design) it runs here.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio)
+            await self._produce()
+            return
+        task = loop.create_task(self._produce())
+        try:
+            await asyncio.shield(task)
+        except BaseException:
+            if not task.done():
+                task.cancel()
+                with anyio.move_on_after(AGENT_CLOSE_TIMEOUT, shield=True):
+                    await asyncio.wait([task])
+            if not task.done():
+                logger.warning(
+                    "agent still running %ss after it was cancelled; left behind %s",
+                    AGENT_CLOSE_TIMEOUT,
+                    self._ids(),
+                )
+            task.add_done_callback(_retrieve)  # its outcome is this turn's, already handled
+            raise
 
     async def _produce(self) -> None:
         if self._handler is not None:
@@ -412,6 +444,11 @@ def _bound(agent: Agent) -> Callable[[TurnEvent, TurnContext], Any]:
     if call is None:
         call = _BOUND[agent] = bind_agent(agent)
     return call
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _encode_content(content: Any) -> bytes:

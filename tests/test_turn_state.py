@@ -187,10 +187,12 @@ def test_a_queued_turn_runs_once_a_hanging_turn_timed_out(redis_url: str | None)
 
 
 def test_a_turn_that_cannot_get_the_lock_in_time_gets_503(redis_url: str | None) -> None:
-    # The turn ahead ignores its 1 s timeout (its cleanup hangs): the queued turn waits the
-    # turn timeout plus the default grace (5 s), then gets 503 -- well before the client's
-    # own timeout.
-    app = create_app(settings(redis_url=redis_url, turn_timeout=1.0), stateful_agent)
+    # The turn ahead ignores its 1 s timeout (its cleanup hangs; the turn gives it up after
+    # another second): the queued turn waits the turn timeout plus a short lock-wait grace
+    # (0.2 s), then gets 503 -- well before the client's own timeout.
+    app = create_app(
+        settings(redis_url=redis_url, turn_timeout=1.0, lock_wait_grace=0.2), stateful_agent
+    )
     with serve(app) as url, httpx.Client(base_url=url, timeout=15) as client:
         body = event_body(text="stubborn", turn_id="t-stubborn")
         with client.stream(
