@@ -385,7 +385,7 @@ def markdown(results: dict[str, Any]) -> str:
                 ["encoder", "best ns/turn", "median ns/turn", "× ours (best)"],
                 [
                     [
-                        "ours: the whole `Turn` (echo agent, timeout, events), as the webhook runs it",
+                        "ours: the whole `Turn` (echo agent, timeout, events), run to its end on an event loop (`run_until_complete`, included)",
                         r["ours_turn"]["best_ns"],
                         r["ours_turn"]["median_ns"],
                         1.0,
