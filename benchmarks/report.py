@@ -791,9 +791,9 @@ DESIGN_NOTES = """## Design choices and trade-offs
 - **A turn owns its deadline**, from when it holds its conversation's lock to its last
   byte: a client that stops reading cannot hold the conversation (`LAYERCODE_TURN_GRACE`
   bounds the last events once the time is up).
-- **`emit` yields to the event loop once per 8 chunks**, not per chunk: a checkpoint per
-  chunk cost about 20% more of the library's CPU per turn, and a real agent awaits between
-  chunks anyway.
+- **`emit` yields to the event loop once per 8 chunks**, not per chunk: checkpoints per
+  chunk made a 10-chunk turn cost about 50% more of the library's CPU (in-process), and a
+  real agent awaits between chunks anyway.
 """
 
 
