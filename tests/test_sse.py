@@ -139,11 +139,11 @@ def litestar_app() -> Any:
     return Litestar(route_handlers=[route])
 
 
-
 @pytest.fixture(params=BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """The turn and stream tests run on both of anyio's backends."""
     return str(request.param)
+
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("make", [starlette_app, fastapi_app, litestar_app])

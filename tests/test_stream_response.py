@@ -85,7 +85,11 @@ async def test_a_failing_send_ends_the_stream_like_a_disconnect() -> None:
 @pytest.mark.parametrize(
     ("failure", "status", "message"),
     [
-        (ResponseError(503, "conversation store unavailable"), 503, "conversation store unavailable"),
+        (
+            ResponseError(503, "conversation store unavailable"),
+            503,
+            "conversation store unavailable",
+        ),
         (RuntimeError("secret detail"), 500, "internal error"),
     ],
 )

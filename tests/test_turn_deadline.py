@@ -39,11 +39,8 @@ def _raw_request(base: str, body: bytes) -> socket.socket:
     sock.connect((host, int(port)))
     headers = signed_headers(body)
     head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    sock.sendall(
-        f"POST /api/agent HTTP/1.1\r\nhost: {host}\r\ncontent-length: {len(body)}\r\n{head}\r\n"
-        .encode()
-        + body
-    )
+    start = f"POST /api/agent HTTP/1.1\r\nhost: {host}\r\ncontent-length: {len(body)}\r\n"
+    sock.sendall(start.encode() + head.encode() + b"\r\n" + body)
     return sock
 
 

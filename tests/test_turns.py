@@ -123,11 +123,11 @@ STACKS = {
 }
 
 
-
 @pytest.fixture(params=BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """The turn and stream tests run on both of anyio's backends."""
     return str(request.param)
+
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("stack", list(STACKS))
