@@ -165,3 +165,18 @@ async def test_a_turns_deadline_covers_its_writes() -> None:
     await stub.run(EventStreamResponse(turn.run, close_timeout=0.2), limit=5)
     assert turn.status == "timed_out"
     assert not stub.complete
+
+
+async def test_create_app_answers_turns_on_this_backend() -> None:
+    from layercode_asgi import Settings, create_app
+    from layercode_asgi.testing import LayercodeTestClient
+
+    from .conftest import SECRET
+
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, agent="echo")
+    async with LayercodeTestClient(app=app, secret=SECRET) as client:
+        first = await client.message("hello")
+        second = await client.message("again")
+        assert (first.text, second.text) == ("You said: hello", "You said: again")
+        assert (await client.session_end()).body == {"status": "ok"}
