@@ -11,7 +11,6 @@ measured back to back) is reported beside it as a robustness check.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import hashlib
 import hmac
@@ -21,14 +20,14 @@ import timeit
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 from common import SECRET, message_body, signature
 from sse_starlette import ServerSentEvent
 
-from layercode_asgi import turns
 from layercode_asgi.agents import echo_agent
 from layercode_asgi.events import MessagePayload, parse_webhook_payload
 from layercode_asgi.signature import verify_signature
-from layercode_asgi.webhook import LayercodeWebhook
+from layercode_asgi.turns import Turn
 
 
 def _calibrate(timer: timeit.Timer, sample: float) -> int:
@@ -124,7 +123,6 @@ def bench_turn_encoding(*, sample: float, rounds: int) -> dict[str, Any]:
     event = parse_webhook_payload(message_body("micro", 1))
     assert isinstance(event, MessagePayload)
     text = event.text or ""
-    webhook = LayercodeWebhook(echo_agent)  # what the server runs: the agent bound once
     loop = asyncio.new_event_loop()
     collected: list[bytes] = []
 
@@ -132,18 +130,21 @@ def bench_turn_encoding(*, sample: float, rounds: int) -> dict[str, Any]:
         collected.append(chunk)
 
     def ours() -> list[bytes]:
+        # The whole turn, run to its end on the event loop (which the figure includes).
         collected.clear()
-        coro = webhook._turn(event, ()).run(emit)
-        with contextlib.suppress(StopIteration):
-            coro.send(None)  # the echo turn never suspends: one step runs it all
+        loop.run_until_complete(Turn(event, echo_agent, timeout=30.0).run(emit))
         return collected
 
-    suffix = b',"turn_id":' + turns._encode(event.turn_id) + b"}\n\n"
+    encode = msgspec.json.encode
+    suffix = b',"turn_id":' + encode(event.turn_id) + b"}\n\n"
     reply = f"You said: {text}"
 
     def ours_encoding() -> list[bytes]:
-        # exactly the expressions Turn.deliver / Turn.end use
-        return [turns._TTS + turns._encode(reply) + suffix, turns._END + suffix]
+        # the same expressions as Turn.deliver / Turn.end: prefix + msgspec + suffix
+        return [
+            b'data: {"type":"response.tts","content":' + encode(reply) + suffix,
+            b'data: {"type":"response.end"' + suffix,
+        ]
 
     def reference() -> list[bytes]:
         return _reference_stream_helper_bytes(event.turn_id, text)
@@ -169,8 +170,7 @@ def bench_turn_encoding(*, sample: float, rounds: int) -> dict[str, Any]:
             ).encode(),
         ]
 
-    async def timed() -> tuple[list[bytes], dict[str, list[float]]]:
-        # Inside a running loop, as in the server (Turn.run uses asyncio's timeout there).
+    def timed() -> tuple[list[bytes], dict[str, list[float]]]:
         ours_bytes = list(ours())
         # Same events, same bytes (the reference orders turn_id before content).
         assert ours_bytes == sse_starlette() == ours_encoding(), (ours_bytes, sse_starlette())
@@ -188,7 +188,7 @@ def bench_turn_encoding(*, sample: float, rounds: int) -> dict[str, Any]:
         return ours_bytes, samples
 
     try:
-        ours_bytes, samples = loop.run_until_complete(timed())
+        ours_bytes, samples = timed()
     finally:
         loop.close()
     summary = _summary(samples, "ours_turn")

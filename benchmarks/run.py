@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import loadgen  # noqa: E402
+import paced  # noqa: E402
 import report  # noqa: E402
 from common import raise_nofile  # noqa: E402
 from loadgen import Server  # noqa: E402
@@ -60,6 +61,11 @@ class Config:
         self.crowds = (20,) if smoke else (100, 1000)
         self.sleep_interval = 0.05 if smoke else 0.5
         self.sleep_chunks = 4 if smoke else 10
+        # paced streaming (the headline): N clients in a closed loop, agents that think 100 ms
+        # then speak 10 chunks 50 ms apart
+        self.paced_levels = (20,) if smoke else (200, 800, 1600)
+        self.paced_duration = 1.5 if smoke else 8.0
+        self.paced_warmup = 0.5 if smoke else 2.0
 
 
 def log(message: str) -> None:
@@ -140,20 +146,16 @@ def ensure_wrk() -> str | None:
 
 E2E_ORDER = (
     "floor",
-    "stack_floor",
     "ours_no_history",
     "ours_small_history",
-    "minimal_pipeline",
     "ours",
     "ours_sse_starlette",
     "reference",
 )
 LABELS = {
     "floor": "floor (bare ASGI)",
-    "stack_floor": "ladder: create_app route + signature, floor reply",
-    "ours_no_history": "ladder: create_app without history",
+    "ours_no_history": "ours without history (no store, no lock)",
     "ours_small_history": "ours, history of at most 100 conversations",
-    "minimal_pipeline": "bound: ours's parts in one frame, without its guarantees",
     "ours": "ours (create_app)",
     "ours_sse_starlette": "ours, turns via sse-starlette",
     "reference": "reference (layercode-create-app 0.2.0)",
@@ -163,17 +165,11 @@ LABELS = {
 def e2e_servers(ref_python: str | None) -> dict[str, Server]:
     servers = {
         "floor": Server("floor", VENV_PYTHON, HERE, "floor_app:app"),
-        "stack_floor": Server(
-            "stack_floor", VENV_PYTHON, HERE, "ours_app:stack_floor", factory=True
-        ),
         "ours_no_history": Server(
             "ours_no_history", VENV_PYTHON, HERE, "ours_app:ours_no_history", factory=True
         ),
         "ours_small_history": Server(
             "ours_small_history", VENV_PYTHON, HERE, "ours_app:ours_small_history", factory=True
-        ),
-        "minimal_pipeline": Server(
-            "minimal_pipeline", VENV_PYTHON, HERE, "ours_app:minimal_pipeline", factory=True
         ),
         "ours": Server("ours", VENV_PYTHON, HERE, "ours_app:ours", factory=True),
         "ours_sse_starlette": Server(
@@ -289,7 +285,7 @@ async def end_to_end(servers: dict[str, Server], cfg: Config, work: Path) -> dic
             server.start(work)
             try:
                 result, turn_id = await loadgen.one_turn(server.port)
-                constant = name in ("floor", "stack_floor")  # the floor's reply is constant
+                constant = name == "floor"  # the floor's reply is constant
                 problem = loadgen.check_echo_reply(result, None if constant else turn_id)
                 checks[name] = checks.get(name) or problem
                 if problem:
@@ -557,6 +553,27 @@ def micro(cfg: Config, work: Path, ref_python: str | None) -> dict[str, Any]:
     return out
 
 
+# -- paced streaming ----------------------------------------------------------------------------
+
+
+def run_paced(cfg: Config, work: Path, ref_python: str | None) -> dict[str, Any]:
+    """The headline: ``paced.py``'s closed loop, every server at every N, one run."""
+    pacing = paced.Pacing()
+    names = ["floor", "ours", "sse-starlette", "reference"]
+    chosen = paced.servers(names, pacing, ref_python)
+    measured = asyncio.run(
+        paced.measure(
+            chosen, list(cfg.paced_levels), pacing, cfg.paced_warmup, cfg.paced_duration, work
+        )
+    )
+    return {
+        "pacing": vars(pacing),
+        "levels": list(cfg.paced_levels),
+        "duration_s": cfg.paced_duration,
+        "results": measured,
+    }
+
+
 # -- main --------------------------------------------------------------------------------------
 
 
@@ -607,7 +624,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="layercode-bench-") as tmp:
         work = Path(tmp)
-        parts: list[tuple[str, Any]] = [("micro", lambda: micro(cfg, work, ref_python))]
+        parts: list[tuple[str, Any]] = [
+            ("paced", lambda: run_paced(cfg, work, ref_python)),
+            ("micro", lambda: micro(cfg, work, ref_python)),
+        ]
         if ensure_wrk() is None:
             notes.append("end to end skipped: wrk is not installed and could not be installed")
         else:

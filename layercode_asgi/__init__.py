@@ -1,12 +1,31 @@
 """layercode-asgi: a pure-ASGI toolkit for LayerCode voice-agent backends.
 
 The public API is re-exported here; each name lives in the module named after its concept.
+
+One webhook request, from ``create_app`` to the last byte:
+
+1. ``server.create_app`` builds a plain Starlette app; the webhook route's endpoint is
+   ``server._WebhookEndpoint.__call__``: refuses new webhooks while draining (503), counts
+   the request in ``Lifecycle.active`` for the drain.
+2. ``middleware.LayercodeSignature.verified_body``: the signature header, then the body
+   (``_asgi.read_body``, bounded in size and time), the HMAC (``signature.verify_signature``)
+   and replay protection; a failed check is answered with ``_asgi.send_json_error``.
+3. ``webhook.LayercodeWebhook.answer`` → ``_respond``: ``events.parse_webhook_payload``;
+   ``data`` / ``session.update`` / ``session.end`` get JSON (``_answer_json``); a turn gets
+   ``turn_response``, an ``sse.EventStreamResponse`` whose producer (``produce``) queues for
+   the conversation's lock (``conversations.lock``), then ``_locked_turn``: reads the history,
+   runs the turn, records it.
+4. ``turns.Turn.run``: the deadline (armed when the lock was taken) covers ``_produce`` (the
+   agent's replies, ``deliver`` → ``emit``) and ``end``; past it, the fallback or
+   ``response.error`` and ``response.end`` get the grace.
+5. ``sse.EventStreamResponse.__call__``: runs the producer in a task beside a disconnect
+   watcher; ``emit`` sends each chunk (back-pressure), ``_finish`` the final frame.
 """
 
 from ._version import __version__
 from .agents import (
-    AGENTS,
     Agent,
+    AgentFactory,
     AgentNotFoundError,
     Data,
     Hangup,
@@ -20,7 +39,7 @@ from .agents import (
     openai_agent,
     register_agent,
 )
-from .config import SETTINGS_FIELDS, SettingField, Settings, SettingsError, parse_env_file
+from .config import Settings, SettingsError
 from .conversation import (
     ConversationLockTimeout,
     ConversationManager,
@@ -35,7 +54,6 @@ from .conversation import (
 from .errors import ConfigurationError, LayercodeError, ResponseError
 from .events import (
     EVENT_TYPES,
-    TURN_EVENT_TYPES,
     DataPayload,
     InvalidPayloadError,
     LayercodeEventType,
@@ -44,15 +62,14 @@ from .events import (
     SessionStartPayload,
     SessionUpdatePayload,
     TranscriptItem,
-    TurnPayload,
     UnknownEventError,
     WebhookPayload,
     parse_webhook_payload,
 )
-from .logs import log_webhook, setup_logging
+from .logs import setup_logging
 from .middleware import DEFAULT_MAX_BODY_SIZE, LayercodeSignature
 from .replay import MemoryReplayCache, RedisReplayCache, ReplayCache
-from .server import LayercodeApp, Lifecycle, create_app, run_server
+from .server import AuthorizeGuard, Lifecycle, create_app, run_server
 from .signature import (
     DEFAULT_TOLERANCE,
     SIGNATURE_HEADER,
@@ -61,32 +78,32 @@ from .signature import (
     sign,
     verify_signature,
 )
-from .sse import SSE_HEADERS, EventStreamResponse, create_sse_response, format_sse_message
-from .turns import Turn, TurnStatus, TurnStream, stream_response, stream_turn
-from .webhook import LayercodeWebhook
+from .sse import SSE_HEADERS, Emit, EventStreamResponse, create_sse_response, format_sse_message
+from .turns import StreamHandler, Turn, TurnStatus, TurnStream, stream_response, stream_turn
+from .webhook import ConversationBackend, LayercodeWebhook
 
 __all__ = [
-    "AGENTS",
     "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_TOLERANCE",
     "EVENT_TYPES",
-    "SETTINGS_FIELDS",
     "SIGNATURE_HEADER",
     "SSE_HEADERS",
-    "TURN_EVENT_TYPES",
     "Agent",
+    "AgentFactory",
     "AgentNotFoundError",
+    "AuthorizeGuard",
     "ConfigurationError",
+    "ConversationBackend",
     "ConversationLockTimeout",
     "ConversationManager",
     "ConversationStore",
     "Data",
     "DataPayload",
+    "Emit",
     "EventStreamResponse",
     "Hangup",
     "HistoryMessage",
     "InvalidPayloadError",
-    "LayercodeApp",
     "LayercodeError",
     "LayercodeEventType",
     "LayercodeSignature",
@@ -104,19 +121,18 @@ __all__ = [
     "SessionEndPayload",
     "SessionStartPayload",
     "SessionUpdatePayload",
-    "SettingField",
     "Settings",
     "SettingsError",
     "SignatureErrorReason",
     "SignatureVerificationError",
     "StoreError",
     "StoreUnavailableError",
+    "StreamHandler",
     "TranscriptItem",
     "Tts",
     "Turn",
     "TurnContext",
     "TurnEvent",
-    "TurnPayload",
     "TurnStatus",
     "TurnStream",
     "UnknownEventError",
@@ -128,9 +144,7 @@ __all__ = [
     "format_sse_message",
     "get_agent",
     "list_agents",
-    "log_webhook",
     "openai_agent",
-    "parse_env_file",
     "parse_webhook_payload",
     "register_agent",
     "run_server",

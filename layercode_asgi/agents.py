@@ -28,14 +28,16 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .conversation import HistoryMessage
 from .errors import ConfigurationError
-from .events import MessagePayload, SessionStartPayload
+from .events import SessionStartPayload, TurnEvent
 
 if TYPE_CHECKING:
     from .config import Settings
 
+# Not exported: ``AGENTS`` (the registry itself: use register_agent / get_agent /
+# list_agents).
 __all__ = [
-    "AGENTS",
     "Agent",
+    "AgentFactory",
     "AgentImportError",
     "AgentNotFoundError",
     "Data",
@@ -53,9 +55,6 @@ __all__ = [
     "register_agent",
     "starter_agent",
 ]
-
-#: The two events that open a turn and are answered with a stream.
-TurnEvent: TypeAlias = SessionStartPayload | MessagePayload
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -21,9 +21,9 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ._asgi import JSONResponse, json_error_response
 from .config import Settings
 from .logs import escape_log_value
-from .webhook import JSONResponse
 
 __all__ = [
     "AUTHORIZE_MAX_BODY",
@@ -49,10 +49,6 @@ AUTHORIZE_MAX_UPSTREAM_BODY = 1024 * 1024
 AUTHORIZE_MAX_ERROR_CHARS = 200
 
 _decode = msgspec.json.decode
-
-
-def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class AuthorizeRoute:
@@ -105,23 +101,27 @@ class AuthorizeRoute:
 
     async def respond(self, request: Request) -> Response:
         if not await self.allowed(request):
-            return _error(401, "missing or invalid API key", {"www-authenticate": "Bearer"})
+            return json_error_response(
+                401, "missing or invalid API key", {"www-authenticate": "Bearer"}
+            )
         if not self.api_key:
-            return _error(503, "authorize route not configured: LAYERCODE_API_KEY is not set")
+            return json_error_response(
+                503, "authorize route not configured: LAYERCODE_API_KEY is not set"
+            )
         body = b""
         async for chunk in request.stream():
             body += chunk
             if len(body) > AUTHORIZE_MAX_BODY:
-                return _error(413, f"request body exceeds {AUTHORIZE_MAX_BODY} bytes")
+                return json_error_response(413, f"request body exceeds {AUTHORIZE_MAX_BODY} bytes")
         try:
             payload = _decode(body)
         except msgspec.DecodeError:
-            return _error(400, "body must be a JSON object with agent_id")
+            return json_error_response(400, "body must be a JSON object with agent_id")
         if not isinstance(payload, dict):
-            return _error(400, "body must be a JSON object with agent_id")
+            return json_error_response(400, "body must be a JSON object with agent_id")
         agent_id = payload.get("agent_id")
         if not isinstance(agent_id, str) or not agent_id.strip():
-            return _error(400, "agent_id is required (a non-empty string)")
+            return json_error_response(400, "agent_id is required (a non-empty string)")
 
         try:
             # ``timeout`` bounds the whole call (connect, request, every byte of the answer),
@@ -130,12 +130,12 @@ class AuthorizeRoute:
                 status, content = await self._call_upstream(body)
         except (TimeoutError, httpx.TimeoutException):
             logger.warning("LayerCode authorize timed out after %ss", self.timeout)
-            return _error(502, "LayerCode API timed out")
+            return json_error_response(502, "LayerCode API timed out")
         except _UpstreamTooLarge:
             logger.warning(
                 "LayerCode authorize answer larger than %d bytes", AUTHORIZE_MAX_UPSTREAM_BODY
             )
-            return _error(
+            return json_error_response(
                 502, f"LayerCode API response too large (over {AUTHORIZE_MAX_UPSTREAM_BODY} bytes)"
             )
         except httpx.HTTPError as exc:
@@ -144,7 +144,7 @@ class AuthorizeRoute:
                 type(exc).__name__,
                 escape_log_value(exc),
             )
-            return _error(502, "LayerCode API unreachable")
+            return json_error_response(502, "LayerCode API unreachable")
 
         try:
             answer = _decode(content) if content else None
@@ -152,16 +152,18 @@ class AuthorizeRoute:
             answer = None
         if 200 <= status < 300:
             if not isinstance(answer, dict):
-                return _error(502, "LayerCode API sent an invalid response")
+                return json_error_response(502, "LayerCode API sent an invalid response")
             return JSONResponse(answer)
         if 400 <= status < 500:
             logger.info("LayerCode authorize refused with %s", status)
             # Only LayerCode's own message is relayed: no headers, no other fields.
             message = answer.get("error") if isinstance(answer, dict) else None
             relayed = _printable(message, AUTHORIZE_MAX_ERROR_CHARS)
-            return _error(status, relayed or f"LayerCode API refused the request ({status})")
+            return json_error_response(
+                status, relayed or f"LayerCode API refused the request ({status})"
+            )
         logger.warning("LayerCode authorize failed upstream with %s", status)
-        return _error(502, f"LayerCode API error ({status})")
+        return json_error_response(502, f"LayerCode API error ({status})")
 
     async def _call_upstream(self, body: bytes) -> tuple[int, bytes]:
         """POST to LayerCode; its status and body (at most AUTHORIZE_MAX_UPSTREAM_BODY)."""

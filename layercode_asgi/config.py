@@ -36,12 +36,10 @@ from urllib.parse import urlsplit
 from .errors import ConfigurationError
 from .redaction import mask_url
 
+# Not exported (the CLI's): SETTINGS_FIELDS (see Settings.fields()), SettingField, parse_env_file.
 __all__ = [
-    "SETTINGS_FIELDS",
-    "SettingField",
     "Settings",
     "SettingsError",
-    "parse_env_file",
     "settings_table_markdown",
 ]
 
@@ -304,6 +302,8 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
        "Maximum duration of one agent turn.", convert=_float_gt0),
     _F("turn_timeout_message", "LAYERCODE_TURN_TIMEOUT_MESSAGE", "str | None", None,
        "Text spoken when a turn times out; unset = say nothing."),
+    _F("turn_grace", "LAYERCODE_TURN_GRACE", "float > 0 (seconds)", 1.0,
+       "How long a timed-out turn's last events may take; then it closes.", convert=_float_gt0),
     _F("lock_wait_grace", "LAYERCODE_LOCK_WAIT_GRACE", "float > 0 (seconds)", 5.0,
        "A turn waits for the previous turn of its conversation up to the turn timeout plus "
        "this (its final events and recording); longer: 503.", convert=_float_gt0),
@@ -508,6 +508,7 @@ class Settings:
     authorize_api_keys: tuple[str, ...]
     turn_timeout: float
     turn_timeout_message: str | None
+    turn_grace: float
     lock_wait_grace: float
     max_queued_turns: int
     max_body_size: int

@@ -46,7 +46,6 @@ from .errors import LayercodeError
 
 __all__ = [
     "EVENT_TYPES",
-    "TURN_EVENT_TYPES",
     "DataPayload",
     "InvalidPayloadError",
     "LayercodeEventType",
@@ -55,7 +54,7 @@ __all__ = [
     "SessionStartPayload",
     "SessionUpdatePayload",
     "TranscriptItem",
-    "TurnPayload",
+    "TurnEvent",
     "UnknownEventError",
     "WebhookPayload",
     "parse_webhook_payload",
@@ -91,9 +90,6 @@ class LayercodeEventType(StrEnum):
 
 EVENT_TYPES: Final[frozenset[str]] = frozenset(member.value for member in LayercodeEventType)
 """Every ``type`` string this version understands."""
-
-TURN_EVENT_TYPES: Final[frozenset[str]] = frozenset({"session.start", "message", "data"})
-"""Event types that carry a ``turn_id`` (``session.start``, ``message``, ``data``)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -318,8 +314,8 @@ WebhookPayload: TypeAlias = (
 )
 """Any webhook event; a union tagged on ``type``. Works with ``isinstance`` too."""
 
-TurnPayload: TypeAlias = SessionStartPayload | MessagePayload | DataPayload
-"""The events that carry a ``turn_id`` (and expect a reply tied to that turn)."""
+TurnEvent: TypeAlias = SessionStartPayload | MessagePayload
+"""The two events that open a turn and are answered with a stream of events."""
 
 
 # --------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ __all__ = [
     "LOGGER_NAME",
     "WEBHOOK_LOGGER_NAME",
     "escape_log_value",
-    "log_webhook",
     "setup_logging",
 ]
 

@@ -26,9 +26,9 @@ import time
 from collections.abc import Iterable, Sequence
 
 import anyio
-import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._asgi import BodyTooLarge, json_error, read_body, route_path, send_json_error
 from .errors import ConfigurationError, LayercodeError
 from .logs import escape_log_value
 from .replay import MemoryReplayCache, ReplayCache, replay_key
@@ -40,7 +40,6 @@ from .signature import (
     check_signature_header,
     verify_signature,
 )
-from .sse import _resume
 
 __all__ = [
     "DEFAULT_BODY_TIMEOUT",
@@ -56,28 +55,15 @@ logger = logging.getLogger("layercode_asgi.middleware")
 #: Default limit on a webhook body: 1 MiB (a long ``session.end`` transcript is ~100 KiB).
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
 
-_JSON_HEADERS_BASE = (b"content-type", b"application/json")
-
-
-def _json_error(status: int, message: str, *, close: bool = False) -> tuple[Message, Message]:
-    """Pre-render the two ASGI messages of a small JSON error response."""
-    body = msgspec.json.encode({"error": message})
-    headers = [_JSON_HEADERS_BASE, (b"content-length", str(len(body)).encode())]
-    if close:  # the rest of the request may still be on the wire: do not reuse the connection
-        headers.append((b"connection", b"close"))
-    start: Message = {"type": "http.response.start", "status": status, "headers": headers}
-    return start, {"type": "http.response.body", "body": body, "more_body": False}
-
-
 # Every error body is known in advance; rendering them once keeps the reject path cheap.
-_REJECTIONS = {reason: _json_error(401, reason.value) for reason in SignatureErrorReason}
+_REJECTIONS = {reason: json_error(401, reason.value) for reason in SignatureErrorReason}
 # Refused on the header alone, before the body was read: the body may still be arriving.
 _EARLY_REJECTIONS = {
-    reason: _json_error(401, reason.value, close=True) for reason in SignatureErrorReason
+    reason: json_error(401, reason.value, close=True) for reason in SignatureErrorReason
 }
-_BAD_CONTENT_LENGTH = _json_error(400, "invalid content-length header", close=True)
-_REPLAYED = _json_error(409, "webhook already received: replayed signature")
-_REPLAY_UNAVAILABLE = _json_error(503, "replay protection unavailable")
+_BAD_CONTENT_LENGTH = json_error(400, "invalid content-length header", close=True)
+_REPLAYED = json_error(409, "webhook already received: replayed signature")
+_REPLAY_UNAVAILABLE = json_error(503, "replay protection unavailable")
 
 #: Default limit on how long a request body may take to arrive, in seconds.
 DEFAULT_BODY_TIMEOUT = 10.0
@@ -184,9 +170,7 @@ class LayercodeSignature:
                 f"LayercodeSignature max_body_size must be a positive int, got {max_body_size!r}"
             )
         self.max_body_size = max_body_size
-        self._too_large = _json_error(
-            413, f"request body exceeds {max_body_size} bytes", close=True
-        )
+        self._too_large = json_error(413, f"request body exceeds {max_body_size} bytes", close=True)
         self._matches = None if paths is None else _PathMatcher(paths)
         self._header = header_name.lower().encode("latin-1")
         if body_timeout is not None and not (
@@ -198,7 +182,7 @@ class LayercodeSignature:
                 f"LayercodeSignature body_timeout must be > 0 seconds or None, got {body_timeout!r}"
             )
         self._body_timeout = math.inf if body_timeout is None else float(body_timeout)
-        self._timed_out = _json_error(
+        self._timed_out = json_error(
             408, f"request body not received within {body_timeout} s", close=True
         )
         self._replay: ReplayCache | None
@@ -259,10 +243,10 @@ class LayercodeSignature:
 
         if declared is not None:
             if not (declared.isdigit() and len(declared) <= 18):
-                await _send_pair(send, _BAD_CONTENT_LENGTH)
+                await send_json_error(send, _BAD_CONTENT_LENGTH)
                 return None
             if int(declared) > self.max_body_size:
-                await _send_pair(send, self._too_large)
+                await send_json_error(send, self._too_large)
                 return None
 
         # What the header alone decides is decided before any byte of the body is read.
@@ -270,44 +254,32 @@ class LayercodeSignature:
             timestamp = check_signature_header(signature, self.tolerance)
         except SignatureVerificationError as exc:
             _log_rejected(scope, exc)
-            await _send_pair(send, _EARLY_REJECTIONS[exc.reason])
+            await send_json_error(send, _EARLY_REJECTIONS[exc.reason])
             return None
 
-        body: bytes | None = None
-        arrived = False
         try:
-            # A small body is usually all there when the request starts: take it without
-            # the deadline's cancel scope (the costly part); only a body still arriving
-            # is awaited under the deadline.
-            steps = read_body(receive, self.max_body_size).__await__()
-            try:
-                waiting_for = steps.send(None)
-            except StopIteration as done:
-                body, arrived = done.value, True
-            else:
-                with anyio.move_on_after(self._body_timeout):
-                    body = await _resume(steps, waiting_for)
-                    arrived = True
+            with anyio.move_on_after(self._body_timeout) as waited:
+                body = await read_body(receive, self.max_body_size)
         except BodyTooLarge:
-            await _send_pair(send, self._too_large)
+            await send_json_error(send, self._too_large)
             return None
-        if arrived and body is None:
-            return None  # the client left: nobody is there to answer
-        if body is None:  # the deadline passed while the body was still arriving
+        if waited.cancelled_caught:
             logger.warning(
                 "webhook body too slow (> %s s) %s %s",
                 self._body_timeout,
                 escape_log_value(scope.get("method")),
                 escape_log_value(scope.get("path")),
             )
-            await _send_pair(send, self._timed_out)
+            await send_json_error(send, self._timed_out)
             return None
+        if body is None:
+            return None  # the client left: nobody is there to answer
 
         try:
             verify_signature(body, signature, self._secrets, self.tolerance)
         except SignatureVerificationError as exc:
             _log_rejected(scope, exc)
-            await _send_pair(send, _REJECTIONS[exc.reason])
+            await send_json_error(send, _REJECTIONS[exc.reason])
             return None
 
         if self._replay is not None and await self._is_replay(timestamp, body, send):
@@ -329,61 +301,13 @@ class LayercodeSignature:
                 escape_log_value(exc),
                 exc_info=not isinstance(exc, LayercodeError),
             )
-            await _send_pair(send, _REPLAY_UNAVAILABLE)
+            await send_json_error(send, _REPLAY_UNAVAILABLE)
             return True
         if seen:
             logger.warning("rejected replayed webhook (t=%s)", timestamp)
-            await _send_pair(send, _REPLAYED)
+            await send_json_error(send, _REPLAYED)
             return True
         return False
-
-
-class BodyTooLarge(Exception):
-    """The request body passed the limit; raised by :func:`read_body`."""
-
-
-async def read_body(receive: Receive, limit: int) -> bytes | None:
-    """Read a whole request body of at most ``limit`` bytes; ``None`` if the client left.
-
-    Raises :class:`BodyTooLarge` as soon as the bytes read pass ``limit`` (the rest is not
-    read). A body that arrives in one message is returned without a copy.
-    """
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return None  # http.disconnect
-        chunk: bytes = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    if len(chunks) == 1:
-        return chunks[0]
-    return b"".join(chunks)
-
-
-def route_path(scope: Scope) -> str:
-    """The request path below the mount point (``root_path``), as Starlette's router sees it.
-
-    ``root_path`` is removed only where it ends at a ``/`` boundary of the path: with
-    ``root_path`` ``/ap``, ``/ap/agent`` gives ``/agent`` and ``/ap`` gives ``""``, but
-    ``/api/agent`` is not below ``/ap`` and is returned whole. A path that does not start
-    with ``root_path`` is returned whole as well (the same object).
-    """
-    path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
-    if not root_path or not path.startswith(root_path):
-        return path
-    if len(path) == len(root_path):
-        return ""
-    if path[len(root_path)] == "/":
-        return path[len(root_path) :]
-    return path
 
 
 def _log_rejected(scope: Scope, exc: SignatureVerificationError) -> None:
@@ -393,14 +317,6 @@ def _log_rejected(scope: Scope, exc: SignatureVerificationError) -> None:
         escape_log_value(scope.get("path")),
         escape_log_value(exc),
     )
-
-
-async def _send_pair(send: Send, messages: tuple[Message, Message]) -> None:
-    start, body = messages
-    # Outer middleware may edit the messages in place (CORS adds headers to the list):
-    # hand out copies, never the shared pre-rendered ones.
-    await send({**start, "headers": list(start["headers"])})
-    await send(dict(body))
 
 
 class _Replay:

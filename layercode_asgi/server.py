@@ -15,7 +15,6 @@ Every error is JSON ``{"error": "…"}`` with a fitting status (400, 401, 404, 4
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -32,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ._asgi import JSONResponse, json_error, json_error_response, send_json_error
 from ._version import __version__
 from .agents import Agent, agent_name, get_agent
 from .authorize import AuthorizeGuard, AuthorizeRoute
@@ -39,13 +39,12 @@ from .config import Settings
 from .conversation import ConversationManager
 from .errors import ConfigurationError
 from .logs import escape_log_value
-from .middleware import LayercodeSignature, route_path
+from .middleware import LayercodeSignature
 from .replay import MemoryReplayCache, RedisReplayCache, ReplayCache
-from .webhook import JSONResponse, LayercodeWebhook
+from .webhook import LayercodeWebhook
 
 __all__ = [
     "AuthorizeGuard",
-    "LayercodeApp",
     "Lifecycle",
     "app_from_env",
     "create_app",
@@ -62,13 +61,9 @@ ABORT_WAIT = 2.0
 _decode = msgspec.json.decode
 
 
-def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return _error(exc.status_code, str(exc.detail).lower(), exc.headers)
+    return json_error_response(exc.status_code, str(exc.detail).lower(), exc.headers)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -78,7 +73,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
         escape_log_value(request.url.path),
         exc_info=exc,
     )
-    return _error(500, "internal error")
+    return json_error_response(500, "internal error")
 
 
 class Lifecycle:
@@ -115,23 +110,9 @@ class Lifecycle:
                 logger.exception("aborting open webhooks failed")
 
 
-_SHUTTING_DOWN = msgspec.json.encode({"error": "server is shutting down"})
-
-
-async def _refuse_draining(send: Any) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(_SHUTTING_DOWN)).encode()),
-                (b"retry-after", b"5"),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": _SHUTTING_DOWN})
+_SHUTTING_DOWN = json_error(
+    503, "server is shutting down", close=True, headers=[(b"retry-after", b"5")]
+)
 
 
 class _WebhookEndpoint:
@@ -154,7 +135,7 @@ class _WebhookEndpoint:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         lifecycle = self.lifecycle
         if lifecycle.draining:
-            await _refuse_draining(send)
+            await send_json_error(send, _SHUTTING_DOWN)
             return
         lifecycle.active += 1
         try:
@@ -163,81 +144,6 @@ class _WebhookEndpoint:
                 await self.webhook.answer(body, scope, receive, send)
         finally:
             lifecycle.active -= 1
-
-
-_INTERNAL_ERROR = msgspec.json.encode({"error": "internal error"})
-_INTERNAL_ERROR_START = {
-    "type": "http.response.start",
-    "status": 500,
-    "headers": [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(_INTERNAL_ERROR)).encode()),
-    ],
-}
-
-
-class LayercodeApp(Starlette):
-    """What :func:`create_app` returns: a Starlette app that answers its webhook directly.
-
-    A signed ``POST`` to the webhook route goes straight to the route's endpoint (drain
-    check, signature, webhook) instead of through Starlette's error middleware, exception
-    middleware and router: the same answers, at a fraction of the per-request cost. The
-    shortcut is taken only while it changes nothing: if middleware was added
-    (``add_middleware``, or ``cors_origins`` in the settings) or the webhook route is no
-    longer the first route (or no longer holds its endpoint), every request goes through
-    Starlette as usual. Everything
-    else (other routes, other methods, lifespan, mounting) is plain Starlette.
-    """
-
-    _agent_route: str = ""
-    _webhook_route: Route | None = None
-    _direct: _WebhookEndpoint | None = None
-    _direct_checked: bool = False
-
-    def _enable_direct(self, path: str, route: Route, endpoint: _WebhookEndpoint) -> None:
-        self._agent_route = path
-        self._webhook_route = route
-        self._direct = endpoint
-
-    def _direct_endpoint(self) -> _WebhookEndpoint | None:
-        """The endpoint to call directly, decided at the first request (then fixed:
-        Starlette refuses new middleware once it has started)."""
-        if not self._direct_checked:
-            self._direct_checked = True
-            routes = self.router.routes
-            route = self._webhook_route
-            if (
-                self.user_middleware
-                or not routes
-                or routes[0] is not route
-                or route is None
-                or route.app is not self._direct
-            ):
-                self._direct = None
-        return self._direct
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            direct = self._direct if self._direct_checked else self._direct_endpoint()
-            if direct is not None and route_path(scope) == self._agent_route:
-                scope["app"] = self
-                try:
-                    await direct(scope, receive, send)
-                except Exception:
-                    # What Starlette's error middleware does: log, answer 500 JSON if
-                    # nothing was sent yet (a server refuses a second start otherwise),
-                    # and re-raise for the server.
-                    logger.exception(
-                        "unhandled error on %s %s",
-                        escape_log_value(scope["method"]),
-                        escape_log_value(scope["path"]),
-                    )
-                    with contextlib.suppress(Exception):
-                        await send(dict(_INTERNAL_ERROR_START))
-                        await send({"type": "http.response.body", "body": _INTERNAL_ERROR})
-                    raise
-                return
-        await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -253,8 +159,8 @@ def create_app(
     authorize_guard: AuthorizeGuard | None = None,
     authorize_timeout: float = 10.0,
     extras: Mapping[str, Any] | None = None,
-) -> LayercodeApp:
-    """Build the LayerCode backend app (a :class:`LayercodeApp`, a Starlette app).
+) -> Starlette:
+    """Build the LayerCode backend app (a plain Starlette app with four routes).
 
     Args:
         settings: configuration; ``None`` reads the environment and ``.env``.
@@ -298,6 +204,7 @@ def create_app(
         on_session_end=on_session_end,
         turn_timeout=settings.turn_timeout,
         timeout_message=settings.turn_timeout_message,
+        turn_grace=settings.turn_grace,
         keep_history=settings.keep_history,
         lock_wait_grace=settings.lock_wait_grace,
         max_queued_turns=settings.max_queued_turns,
@@ -391,11 +298,9 @@ def create_app(
                 max_age=600,
             )
         )
-    endpoint = _WebhookEndpoint(protected, webhook, lifecycle)
-    webhook_route = Route(agent_route, endpoint, methods=["POST"])
-    app = LayercodeApp(
+    app = Starlette(
         routes=[
-            webhook_route,
+            Route(agent_route, _WebhookEndpoint(protected, webhook, lifecycle), methods=["POST"]),
             Route(authorize_route, authorize, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
@@ -404,7 +309,6 @@ def create_app(
         exception_handlers={HTTPException: _http_exception, Exception: _server_error},
         lifespan=lifespan,
     )
-    app._enable_direct(agent_route, webhook_route, endpoint)
     app.state.settings = settings
     app.state.agent = agent
     app.state.conversations = conversations
@@ -413,7 +317,7 @@ def create_app(
     return app
 
 
-def app_from_env() -> LayercodeApp:
+def app_from_env() -> Starlette:
     """An app configured from the environment and an env file: the one that
     ``LAYERCODE_ENV_FILE`` names (empty: none), else ``.env`` in the working directory.
 

@@ -26,20 +26,14 @@ Rules, all deliberate:
 from __future__ import annotations
 
 import enum
+import hashlib
 import hmac
 import math
 import re
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from .errors import LayercodeError
-
-_hmac_new: Any
-try:
-    from _hashlib import hmac_new as _hmac_new  # OpenSSL's HMAC, which ``hmac.new`` wraps
-except ImportError:  # pragma: no cover - a Python built without OpenSSL
-    _hmac_new = hmac.new
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -113,15 +107,15 @@ def _secret_keys(secret: str | bytes | Sequence[str | bytes]) -> list[bytes]:
 # state is computed once and copied per message (about twice as fast for a webhook body;
 # same bytes). Keyed by the secret as given (``str`` or ``bytes``); a few secrets are
 # normal, so the cache is simply emptied if it ever grows past ``_KEYED_MAX``.
-_KEYED: dict[str | bytes, Any] = {}
+_KEYED: dict[str | bytes, hmac.HMAC] = {}
 _KEYED_MAX = 64
 
 
-def _keyed(secret: str | bytes) -> Any:
+def _keyed(secret: str | bytes) -> hmac.HMAC:
     state = _KEYED.get(secret)
     if state is None:
         key = secret.encode(_ENCODING, _ERRORS) if isinstance(secret, str) else secret
-        state = _hmac_new(key, b"", "sha256")
+        state = hmac.new(key, b"", hashlib.sha256)
         if len(_KEYED) >= _KEYED_MAX:
             _KEYED.clear()
         _KEYED[secret] = state
@@ -131,7 +125,7 @@ def _keyed(secret: str | bytes) -> Any:
 def _digest(key: bytes, timestamp: bytes, payload: bytes) -> str:
     state = _keyed(key).copy()
     state.update(timestamp + b"." + payload)
-    return state.hexdigest()  # type: ignore[no-any-return]
+    return state.hexdigest()
 
 
 def sign(payload: bytes | str, secret: str, timestamp: int | None = None) -> str:

@@ -35,10 +35,8 @@ import asyncio
 import enum
 import logging
 import math
-import time
-import types
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import anyio
 from starlette.responses import Response
@@ -49,16 +47,10 @@ from .conversation import HistoryMessage
 from .events import MessagePayload, SessionStartPayload
 from .jsonwire import encode_json
 from .logs import escape_log_value
-from .sse import (
-    Emit,
-    EventStreamResponse,
-    _AsyncioStream,
-    asyncio_stream,
-    defer_until_suspended,
-    on_asyncio,
-)
+from .sse import Emit, EventStreamResponse
 
 __all__ = [
+    "StreamHandler",
     "Turn",
     "TurnStatus",
     "TurnStream",
@@ -72,6 +64,8 @@ logger = logging.getLogger("layercode_asgi.turns")
 AGENT_CLOSE_TIMEOUT = 1.0
 #: The ``error`` text of ``response.error``. Exception details go to the log, not the wire.
 AGENT_ERROR_MESSAGE = "agent error"
+#: Default ``grace`` of a turn: how long its last events may take once its time is up.
+DEFAULT_TURN_GRACE = 1.0
 TIMEOUT_ERROR_MESSAGE = "turn timed out"
 
 _encode = encode_json  # msgspec, with U+2028 & co. escaped: one line per event
@@ -145,7 +139,7 @@ class TurnStream:
 
 
 #: A push-style handler: ``async def handler(stream): await stream.tts("Hi")``.
-StreamHandler = Callable[[TurnStream], Awaitable[None]]
+StreamHandler: TypeAlias = Callable[[TurnStream], Awaitable[None]]
 
 
 class Turn:
@@ -157,8 +151,13 @@ class Turn:
         handler: a push-style handler receiving a :class:`TurnStream`.
         history: the conversation's earlier messages, for ``context.history``.
         extras: application objects for ``context.extras``.
-        timeout: seconds the whole turn may take (agent and sending); None = no limit.
+        timeout: seconds the whole turn may take (agent, encoding and sending, up to the
+            last byte); None = no limit. It counts from ``started_at`` (an
+            ``anyio.current_time()``; default: when :meth:`run` starts).
         timeout_message: spoken when the timeout hits; without it ``response.error``.
+        grace: once the time is up (or the turn is aborted), how long the fallback or
+            ``response.error`` and ``response.end`` may take to send; then :meth:`run`
+            returns (the client is not reading: the stream is closed).
 
     After :meth:`run`, :attr:`status`, :attr:`spoken` (the ``response.tts`` texts actually
     emitted) and :attr:`error` describe what happened.
@@ -167,7 +166,6 @@ class Turn:
     __slots__ = (
         "_abort",
         "_call",
-        "_deadline",
         "_emit",
         "_handler",
         "_scope",
@@ -176,7 +174,9 @@ class Turn:
         "ended",
         "error",
         "event",
+        "grace",
         "spoken",
+        "started_at",
         "status",
         "timeout",
         "timeout_message",
@@ -192,48 +192,18 @@ class Turn:
         extras: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         timeout_message: str | None = None,
+        grace: float = DEFAULT_TURN_GRACE,
+        started_at: float | None = None,
     ) -> None:
         if (agent is None) == (handler is None):
             raise TypeError("Turn needs exactly one of agent= or handler=")
-        self._setup(
-            event,
-            bind_agent(agent) if agent is not None else None,
-            handler,
-            history,
-            extras,
-            timeout,
-            timeout_message,
-        )
-
-    @classmethod
-    def _bound(
-        cls,
-        event: TurnEvent,
-        call: Callable[[TurnEvent, TurnContext], Any],
-        history: Sequence[HistoryMessage],
-        extras: Mapping[str, Any] | None,
-        timeout: float | None,
-        timeout_message: str | None,
-    ) -> Turn:
-        """A turn for an agent already bound with ``bind_agent`` (once per webhook, not per
-        turn: reading an agent's signature costs more than the rest of a turn's set-up)."""
-        turn = cls.__new__(cls)
-        turn._setup(event, call, None, history, extras, timeout, timeout_message)
-        return turn
-
-    def _setup(
-        self,
-        event: TurnEvent,
-        call: Callable[[TurnEvent, TurnContext], Any] | None,
-        handler: StreamHandler | None,
-        history: Sequence[HistoryMessage],
-        extras: Mapping[str, Any] | None,
-        timeout: float | None,
-        timeout_message: str | None,
-    ) -> None:
         self.event = event
-        self._call = call
+        # Bound per turn: reading the signature is ~4% of the library's CPU of an echo turn
+        # (in-process), under the 10% that would pay for a cache.
+        self._call = bind_agent(agent) if agent is not None else None
         self._handler = handler
+        self.grace = grace
+        self.started_at = started_at
         self.context = TurnContext(event, history, {} if extras is None else extras)
         self.timeout = timeout
         self.timeout_message = timeout_message
@@ -244,7 +214,6 @@ class Turn:
         self.error: BaseException | None = None
         self.ended = False
         self._abort: str | None = None
-        self._deadline: _Deadline | None = None
         self._scope: anyio.CancelScope | None = None
 
     def abort(self, message: str) -> None:
@@ -254,9 +223,7 @@ class Turn:
         if self.status is not TurnStatus.RUNNING or self._abort is not None:
             return
         self._abort = message
-        if self._deadline is not None:
-            self._deadline.fire_now()
-        elif self._scope is not None:
+        if self._scope is not None:
             self._scope.cancel()
 
     @property
@@ -265,66 +232,80 @@ class Turn:
         return "".join(self.spoken)
 
     async def run(self, emit: Emit) -> None:
-        """Run the turn, emitting its events through ``emit``; ``response.end`` comes last."""
+        """Run the turn, emitting its events through ``emit``; ``response.end`` comes last.
+
+        The deadline covers the agent and every send. When it passes (or :meth:`abort`),
+        the agent is cancelled, and the fallback or ``response.error`` and
+        ``response.end`` get :attr:`grace` seconds to go out; then it returns all the same.
+        """
         self._emit = emit
+        started = anyio.current_time() if self.started_at is None else self.started_at
+        deadline = math.inf if self.timeout is None else started + self.timeout
         try:
-            failure: Exception | None = None
-            stream = asyncio_stream(emit)
-            task = None
-            if stream is None and on_asyncio():
-                task = asyncio.current_task()
-            if stream is not None or task is not None:
-                # On asyncio the deadline is a timer that cancels this task (taken back
-                # with ``uncancel``, as ``asyncio.timeout`` does), a fraction of the cost
-                # of an anyio cancel scope; and the timer is only armed once the turn
-                # waits for something: most turns answer without ever suspending.
-                timed_out = False
-                # Also without a timeout: abort() fires it.
-                deadline = self._deadline = _Deadline(self.timeout, stream, task)
-                try:
-                    await self._produce()
-                except Exception as exc:
-                    failure = exc
-                except asyncio.CancelledError:
-                    # Ours (the deadline) becomes a timeout; any other cancellation
-                    # propagates.
-                    if deadline is None or not deadline.taken_back():
-                        raise
-                    timed_out = True
-                else:
-                    if deadline is not None:
-                        deadline.taken_back()  # the agent may have swallowed it
-                finally:
-                    if deadline is not None:
-                        deadline.disarm()
-                    self._deadline = None
-            else:
-                limit = math.inf if self.timeout is None else self.timeout
-                with anyio.move_on_after(limit) as scope:
-                    self._scope = scope
+            with anyio.CancelScope(deadline=deadline) as scope:
+                self._scope = scope
+                if self._abort is None:
                     try:
-                        await self._produce()
+                        await self._agent()
                     except Exception as exc:
-                        failure = exc
-                self._scope = None
-                timed_out = scope.cancelled_caught
-            if timed_out and self._abort is not None:
-                await self._aborted(self._abort)
-            elif timed_out:
-                await self._timed_out()
-            elif failure is not None:
-                await self._failed(failure)
+                        await self._failed(exc)
+                    await self.end()
+            self._scope = None
+            if not self.ended and (scope.cancel_called or self._abort is not None):
+                with anyio.move_on_after(self.grace) as last:
+                    if self._abort is not None:
+                        await self._aborted(self._abort)
+                    else:
+                        await self._timed_out()
+                    await self.end()
+                if last.cancelled_caught:
+                    logger.warning(
+                        "turn's last events not sent within %ss (the client is not reading) %s",
+                        self.grace,
+                        self._ids(),
+                        extra=self._extra(),
+                    )
             elif self.status is TurnStatus.RUNNING:
                 self.status = TurnStatus.COMPLETED
-            await self.end()
         except anyio.get_cancelled_exc_class():
             self.status = TurnStatus.DISCONNECTED
             raise
         finally:
-            # Nothing is emitted after the turn (``response.end`` went last, or the client
-            # left); dropping ``emit`` also breaks the response -> producer -> turn -> emit
-            # reference cycle, so a finished turn is freed at once, not by the cyclic GC.
+            # Nothing is emitted after the turn; dropping ``emit`` also breaks the
+            # response -> producer -> turn -> emit reference cycle.
             self._emit = None
+            self._scope = None
+
+    async def _agent(self) -> None:
+        """Run the agent (``_produce``); cancelled, it is cancelled once and may clean up.
+
+        anyio's cancellation is level-triggered: every ``await`` inside a cancelled scope is
+        cancelled again, so an asyncio-native agent (LangGraph) could not await anything in
+        its ``finally`` blocks (closing its model request). On asyncio the agent therefore
+        runs in a task of its own, cancelled once as asyncio does, and given
+        ``AGENT_CLOSE_TIMEOUT`` to finish; on trio (level-triggered by design) it runs here.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio)
+            await self._produce()
+            return
+        task = loop.create_task(self._produce())
+        try:
+            await asyncio.shield(task)
+        except BaseException:
+            if not task.done():
+                task.cancel()
+                with anyio.move_on_after(AGENT_CLOSE_TIMEOUT, shield=True):
+                    await asyncio.wait([task])
+            if not task.done():
+                logger.warning(
+                    "agent still running %ss after it was cancelled; left behind %s",
+                    AGENT_CLOSE_TIMEOUT,
+                    self._ids(),
+                )
+            task.add_done_callback(_retrieve)  # its outcome is this turn's, already handled
+            raise
 
     async def _produce(self) -> None:
         if self._handler is not None:
@@ -351,11 +332,7 @@ class Turn:
                 await self.deliver(item)
         finally:
             aclose = getattr(iterator, "aclose", None)
-            # An async generator that ran to its end has nothing left to close (its
-            # ``ag_frame`` is gone); skip the shielded scope, the common case's cost.
-            if aclose is not None and not (
-                isinstance(iterator, types.AsyncGeneratorType) and iterator.ag_frame is None
-            ):
+            if aclose is not None:
                 # Run the agent's own cleanup even while this turn is being cancelled.
                 with anyio.move_on_after(AGENT_CLOSE_TIMEOUT, shield=True):
                     try:
@@ -393,10 +370,10 @@ class Turn:
     async def end(self) -> None:
         """Emit ``response.end`` unless it was already emitted."""
         if not self.ended:
-            self.ended = True
             emit = self._emit
             if emit is None:
                 raise RuntimeError(_NOT_RUNNING)
+            self.ended = True
             await emit(_END + self._suffix)
 
     async def _send(self, chunk: bytes) -> None:
@@ -451,83 +428,9 @@ class Turn:
 _NOT_RUNNING = "this turn is not running (Turn.run() was not called or ended)"
 
 
-class _Deadline:
-    """A turn's time limit on asyncio: cancels the turn's task once, only while armed.
-
-    The timer is only set once the turn has waited for something, for what is left of the
-    limit: when the producer first suspends (if the turn runs in an asyncio
-    :class:`EventStreamResponse`'s first step), else one loop iteration after the turn
-    starts (``call_soon``). A turn that finishes without suspending never sets one, nor
-    looks up its task.
-    """
-
-    __slots__ = ("active", "baseline", "fired", "handle", "started", "stream", "task", "timeout")
-
-    def __init__(
-        self, timeout: float | None, stream: _AsyncioStream | None, task: asyncio.Task[Any] | None
-    ) -> None:
-        self.timeout = timeout
-        self.started = time.monotonic()
-        self.stream = stream
-        self.task = task
-        self.baseline = 0 if task is None else task.cancelling()
-        self.active = True
-        self.fired = False
-        self.handle: asyncio.Handle | None = None
-        if timeout is None:  # no timer: only fire_now() (an abort) fires it
-            return
-        if stream is not None and stream.first_step:
-            defer_until_suspended(stream, self._arm)
-        else:
-            if task is None:
-                assert stream is not None
-                self.task = task = stream.resolve()
-                if task is None:  # no asyncio task to cancel: no deadline
-                    self.active = False
-                    return
-                self.baseline = task.cancelling()
-            self.handle = task.get_loop().call_soon(self._arm)
-
-    def _arm(self) -> None:
-        if not self.active:
-            return
-        task = self.task
-        if task is None:  # deferred until the stream's first suspension
-            assert self.stream is not None
-            task = self.task = self.stream.resolve()
-            if task is None:
-                return
-            self.baseline = self.stream.baseline
-        assert self.timeout is not None
-        remaining = self.timeout - (time.monotonic() - self.started)
-        self.handle = task.get_loop().call_later(max(remaining, 0.0), self._fire)
-
-    def _fire(self) -> None:
-        if self.active and not self.fired and self.task is not None:
-            self.fired = True
-            self.task.cancel()
-
-    def fire_now(self) -> None:
-        """Fire at once (an abort), if still armed."""
-        if self.active and not self.fired and self.task is None and self.stream is not None:
-            self.task, self.baseline = self.stream.resolve(), self.stream.baseline
-        self._fire()
-
-    def taken_back(self) -> bool:
-        """If the deadline fired, take its cancellation back; True if it was the last one
-        pending (the turn timed out), False if another cancellation is still pending."""
-        if not self.fired or self.task is None:
-            return False
-        return self.task.uncancel() <= self.baseline
-
-    def disarm(self) -> None:
-        self.active = False
-        # Drop the references that close cycles (stream -> on_suspend -> self -> stream;
-        # handle -> self): a finished turn is freed at once, not by the cyclic GC.
-        self.stream = None
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _encode_content(content: Any) -> bytes:
@@ -559,17 +462,7 @@ def stream_turn(
     headers: Mapping[str, str] | None = None,
 ) -> Response:
     """The SSE response answering ``event`` with ``agent`` (not a turn: JSON, see above)."""
-    if not isinstance(event, SessionStartPayload | MessagePayload):
-        return Response(b'{"status":"ok"}', media_type="application/json")
-    turn = Turn(
-        event,
-        agent,
-        history=history,
-        extras=extras,
-        timeout=timeout,
-        timeout_message=timeout_message,
-    )
-    return EventStreamResponse(turn.run, headers=headers)
+    return _stream(event, agent, None, history, extras, timeout, timeout_message, headers)
 
 
 def stream_response(
@@ -583,14 +476,29 @@ def stream_response(
     headers: Mapping[str, str] | None = None,
 ) -> Response:
     """Node-SDK style: ``handler(stream)`` calls ``stream.tts(...)`` (not a turn: JSON)."""
+    return _stream(event, None, handler, history, extras, timeout, timeout_message, headers)
+
+
+def _stream(
+    event: TurnEvent,
+    agent: Agent | None,
+    handler: StreamHandler | None,
+    history: Sequence[HistoryMessage],
+    extras: Mapping[str, Any] | None,
+    timeout: float | None,
+    timeout_message: str | None,
+    headers: Mapping[str, str] | None,
+) -> Response:
+    """What both entry points do: one :class:`Turn` in one :class:`EventStreamResponse`."""
     if not isinstance(event, SessionStartPayload | MessagePayload):
         return Response(b'{"status":"ok"}', media_type="application/json")
     turn = Turn(
         event,
+        agent,
         handler=handler,
         history=history,
         extras=extras,
         timeout=timeout,
         timeout_message=timeout_message,
     )
-    return EventStreamResponse(turn.run, headers=headers)
+    return EventStreamResponse(turn.run, headers=headers, close_timeout=turn.grace)

@@ -29,19 +29,18 @@ What it answers (the body must already be verified — mount the middleware):
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
 import anyio
-import msgspec
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from ._asgi import BodyTooLarge, JSONResponse, json_error_response, read_body
 from .agents import Agent, TurnEvent, bind_agent
 from .conversation import (
     DEFAULT_LOCK_WAIT_GRACE,
@@ -63,15 +62,14 @@ from .events import (
     parse_webhook_payload,
 )
 from .logs import escape_log_value, log_webhook, webhook_log_enabled
-from .middleware import DEFAULT_MAX_BODY_SIZE, BodyTooLarge, read_body
+from .middleware import DEFAULT_MAX_BODY_SIZE
 from .sse import Emit, EventStreamResponse
-from .turns import Turn
+from .turns import DEFAULT_TURN_GRACE, Turn
 
 __all__ = ["ConversationBackend", "JSONResponse", "LayercodeWebhook"]
 
 logger = logging.getLogger("layercode_asgi.webhook")
 
-_encode = msgspec.json.Encoder().encode
 #: How long recording a finished turn may take before it is given up (logged).
 RECORD_TIMEOUT = 5.0
 #: Default bound of the turns waiting for one conversation (per process).
@@ -80,19 +78,6 @@ DEFAULT_MAX_QUEUED_TURNS = 8
 SHUTTING_DOWN = "server is shutting down"
 _STORE_UNAVAILABLE = "conversation store unavailable"
 _TOO_MANY_WAITING = "too many turns waiting for this conversation; retry later"
-
-
-class JSONResponse(Response):
-    """A JSON response rendered with msgspec (compact, fast)."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return _encode(content)
-
-
-def _json(status: int, content: Any) -> JSONResponse:
-    return JSONResponse(content, status_code=status)
 
 
 _OK = b'{"status":"ok"}'
@@ -144,6 +129,9 @@ class LayercodeWebhook:
             event.
         turn_timeout: seconds a turn may take; ``None`` = no limit.
         timeout_message: spoken when a turn times out (else ``response.error``).
+        turn_grace: once a turn's time is up, how long its fallback (or ``response.error``)
+            and ``response.end`` may take to send; then its stream is closed, its lock
+            released (a client that stops reading does not hold its conversation).
         keep_history: keep a conversation's history after ``session.end``.
         lock_timeout: seconds a turn waits for the previous turn of its conversation
             before it is answered with 503. Default ``None``: the rule of both stores,
@@ -167,6 +155,7 @@ class LayercodeWebhook:
         on_session_end: Hook | None = None,
         turn_timeout: float | None = 30.0,
         timeout_message: str | None = None,
+        turn_grace: float = DEFAULT_TURN_GRACE,
         keep_history: bool = False,
         lock_timeout: float | None = None,
         lock_wait_grace: float = DEFAULT_LOCK_WAIT_GRACE,
@@ -177,8 +166,7 @@ class LayercodeWebhook:
         if not callable(agent):
             raise TypeError(f"agent must be an async callable, got {type(agent).__name__}")
         self.agent = agent
-        self._bound_agent: Agent = agent
-        self._call = bind_agent(agent)
+        bind_agent(agent)  # an agent that cannot be called as one fails here, not per turn
         if isinstance(conversations, str):
             if conversations != "memory":
                 raise ValueError(
@@ -195,6 +183,7 @@ class LayercodeWebhook:
         self.on_session_end = on_session_end
         self.turn_timeout = turn_timeout
         self.timeout_message = timeout_message
+        self.turn_grace = turn_grace
         self.keep_history = keep_history
         if lock_timeout is None:
             lock_timeout = lock_wait_timeout(turn_timeout, lock_wait_grace)
@@ -216,15 +205,16 @@ class LayercodeWebhook:
                 await send({"type": "websocket.close", "code": 1008})
             return
         if scope["method"] != "POST":
-            response: Response = _json(405, {"error": "method not allowed; use POST"})
-            response.headers["allow"] = "POST"
+            response: Response = json_error_response(
+                405, "method not allowed; use POST", {"allow": "POST"}
+            )
         else:
             try:
                 body = await read_body(receive, self.max_body_size)
             except BodyTooLarge:
                 body, response = (
                     None,
-                    _json(413, {"error": f"request body exceeds {self.max_body_size} bytes"}),
+                    json_error_response(413, f"request body exceeds {self.max_body_size} bytes"),
                 )
             else:
                 if body is None:
@@ -277,24 +267,24 @@ class LayercodeWebhook:
             return Response(_IGNORED, media_type="application/json"), None
         except InvalidPayloadError as exc:
             logger.info("rejected malformed webhook: %s", escape_log_value(exc))
-            return _json(400, {"error": str(exc), "path": exc.path}), None
+            return JSONResponse({"error": str(exc), "path": exc.path}, status_code=400), None
 
         if isinstance(event, SessionStartPayload | MessagePayload):
             return self.turn_response(event, body=body), event
         try:
             return await self._answer_json(event), event
         except ResponseError as exc:
-            return _json(exc.status_code, {"error": exc.message}), event
+            return json_error_response(exc.status_code, exc.message), event
         except LayercodeError as exc:
             failure = _unavailable(exc, f"webhook {_kind(event)} failed")
-            return _json(503, {"error": failure.message}), event
+            return json_error_response(503, failure.message), event
         except Exception:
             logger.exception(
                 "webhook hook failed for %s (conversation=%s)",
                 _kind(event),
                 escape_log_value(event.conversation_id),
             )
-            return _json(500, {"error": f"{_kind(event)} handler failed"}), event
+            return json_error_response(500, f"{_kind(event)} handler failed"), event
 
     def turn_response(
         self, event: TurnEvent, *, body: bytes | str | Mapping[str, Any] | None = None
@@ -306,14 +296,13 @@ class LayercodeWebhook:
         it holds the lock.
         """
         conversations = self.conversations
-
         if conversations is None:
-            turn = self._turn(event, ())
-            return EventStreamResponse(lambda emit: self._run(turn, emit))
+            turn = self._turn(event, (), anyio_time=None)
+            return self._response(lambda emit: self._run(turn, emit))
         held = [event]  # taken by the producer: no closure keeps the event itself
         del event
 
-        async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
+        async def produce(emit: Emit) -> None:
             event: TurnEvent | None = held.pop()
             assert event is not None
             cid = event.conversation_id
@@ -335,10 +324,11 @@ class LayercodeWebhook:
                     with waiting:
                         async with conversations.lock(cid, timeout=self.lock_timeout):
                             acquired = True
+                            locked_at = anyio.current_time()  # the turn's deadline counts
                             self._waiting.discard(waiting)
                             if event is None:
                                 event = _decode_turn(body)
-                            await self._locked_turn(conversations, event, emit)
+                            await self._locked_turn(conversations, event, emit, locked_at)
                 except LayercodeError as exc:
                     if acquired or isinstance(exc, ResponseError):
                         raise
@@ -359,10 +349,14 @@ class LayercodeWebhook:
                 else:
                     del pending[cid]
 
-        return EventStreamResponse(produce)
+        return self._response(produce)
+
+    def _response(self, producer: Callable[[Emit], Awaitable[None]]) -> EventStreamResponse:
+        # A client that stopped reading gets the turn's grace for the final frame too.
+        return EventStreamResponse(producer, close_timeout=self.turn_grace)
 
     async def _locked_turn(
-        self, conversations: ConversationBackend, event: TurnEvent, emit: Emit
+        self, conversations: ConversationBackend, event: TurnEvent, emit: Emit, locked_at: float
     ) -> None:
         """The turn, holding its conversation's lock: read, run, record."""
         cid = event.conversation_id
@@ -375,7 +369,7 @@ class LayercodeWebhook:
                 history = await conversations.get_history(cid)
         except LayercodeError as exc:
             raise _unavailable(exc, "conversation store failed reading the history") from exc
-        turn = self._turn(event, history)
+        turn = self._turn(event, history, anyio_time=locked_at)
         try:
             await self._run(turn, emit)
         finally:
@@ -404,13 +398,18 @@ class LayercodeWebhook:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _turn(self, event: TurnEvent, history: Sequence[HistoryMessage]) -> Turn:
-        agent = self.agent
-        if agent is not self._bound_agent:  # bound once, again only if ``agent`` changed
-            self._call = bind_agent(agent)
-            self._bound_agent = agent
-        return Turn._bound(
-            event, self._call, history, self.extras, self.turn_timeout, self.timeout_message
+    def _turn(
+        self, event: TurnEvent, history: Sequence[HistoryMessage], *, anyio_time: float | None
+    ) -> Turn:
+        return Turn(
+            event,
+            self.agent,
+            history=history,
+            extras=self.extras,
+            timeout=self.turn_timeout,
+            timeout_message=self.timeout_message,
+            grace=self.turn_grace,
+            started_at=anyio_time,
         )
 
     async def _record(
@@ -425,15 +424,7 @@ class LayercodeWebhook:
         reply = turn.reply_text or None
         if user_text is None and reply is None:
             return
-        # A store that never suspends cannot be cancelled or delayed: skip the shielded,
-        # time-limited scope (the costly part) that any other store needs.
-        never_suspends = getattr(getattr(conversations, "store", None), "never_suspends", False)
-        guard: AbstractContextManager[anyio.CancelScope | None] = (
-            contextlib.nullcontext()
-            if never_suspends
-            else anyio.move_on_after(RECORD_TIMEOUT, shield=True)
-        )
-        with guard as scope:
+        with anyio.move_on_after(RECORD_TIMEOUT, shield=True) as scope:
             try:
                 record = getattr(conversations, "record_turn", None)
                 if generation is not None and record is not None:
@@ -455,7 +446,7 @@ class LayercodeWebhook:
                     escape_log_value(event.conversation_id),
                     escape_log_value(event.turn_id),
                 )
-        if scope is not None and scope.cancelled_caught:
+        if scope.cancelled_caught:
             logger.error(
                 "recording turn timed out (conversation=%s turn=%s)",
                 escape_log_value(event.conversation_id),
@@ -471,7 +462,7 @@ class LayercodeWebhook:
                 return result
             if result is None:
                 return Response(_OK, media_type="application/json")
-            return _json(200, result)
+            return JSONResponse(result)
         if isinstance(event, SessionUpdatePayload):
             if self.on_session_update is not None:
                 await _maybe_await(self.on_session_update(event))

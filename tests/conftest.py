@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import queue
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 
 from layercode_asgi import sign
 
 SECRET = "whsec_test_secret"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -162,3 +169,75 @@ def event_body(kind: str = "message", **fields: Any) -> bytes:
         base["data"] = {"clicked": True}
     base.update(fields)
     return msgspec.json.encode(base)
+
+
+class ServerProcess:
+    """A server run as its own process on 127.0.0.1 (``python -m ...``), for tests that
+    signal it or need a process of its own. ``url`` is its base URL once :func:`start`
+    returned; the output (stdout and stderr) is kept for failure messages."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
+        self.process = process
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def output(self) -> str:
+        if self.process.poll() is None or self.process.stdout is None:
+            return ""
+        return self.process.stdout.read().decode(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        """Send ``sig`` and wait (then kill); return the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        return self.process.returncode
+
+
+def start_server_process(
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    ready_path: str = "/health",
+    timeout: float = 20,
+    port: int | None = None,
+) -> ServerProcess:
+    """Start ``python ARGS`` (``{port}`` in an argument is replaced by a free port) in the
+    repository root and wait until ``GET ready_path`` answers 200; bounded by ``timeout``."""
+    port = free_port() if port is None else port
+    process = subprocess.Popen(
+        [sys.executable, *(arg.replace("{port}", str(port)) for arg in args)],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    server = ServerProcess(process, port)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(server.url + ready_path, timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    process.kill()
+    process.wait(10)
+    raise RuntimeError(f"{args} did not become ready:\n{server.output()}")
+
+
+#: anyio's backends for the stream and turn tests: asyncio, and trio when it is installed
+#: (the dev extra has it).
+BACKENDS = [
+    "asyncio",
+    pytest.param(
+        "trio",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("trio") is None, reason="trio is not installed"
+        ),
+    ),
+]

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from layercode_asgi.errors import LayercodeError
 from layercode_asgi.events import (
     EVENT_TYPES,
-    TURN_EVENT_TYPES,
     DataPayload,
     InvalidPayloadError,
     LayercodeEventType,
@@ -25,11 +24,14 @@ from layercode_asgi.events import (
     SessionStartPayload,
     SessionUpdatePayload,
     TranscriptItem,
-    TurnPayload,
     UnknownEventError,
     WebhookPayload,
     parse_webhook_payload,
 )
+
+#: The events that carry a ``turn_id`` (the two that open a turn, and ``data``).
+TURN_ID_TYPES = frozenset({"session.start", "message", "data"})
+WithTurnId = SessionStartPayload | MessagePayload | DataPayload
 
 CLASSES: dict[str, type[Any]] = {
     "session.start": SessionStartPayload,
@@ -169,8 +171,7 @@ def test_every_event_class_and_tag() -> None:
         assert cls.__struct_fields__[:2] == ("session_id", "conversation_id")
         for name in COMMON_OPTIONAL:
             assert name in cls.__struct_fields__
-        assert ("turn_id" in cls.__struct_fields__) == (type_name in TURN_EVENT_TYPES)
-    assert {"session.start", "message", "data"} == TURN_EVENT_TYPES
+        assert ("turn_id" in cls.__struct_fields__) == (type_name in TURN_ID_TYPES)
 
 
 @pytest.mark.parametrize("type_name", list(FULL_BODIES))
@@ -490,10 +491,10 @@ def test_seed_usage_idiom_type_comparison() -> None:
         pytest.fail("type comparison did not match")
     assert payload.type == LayercodeEventType.MESSAGE
     assert payload.type != LayercodeEventType.DATA
-    assert payload.type in TURN_EVENT_TYPES
-    assert isinstance(payload, TurnPayload)  # PEP 604 unions work with isinstance
+    assert payload.type in TURN_ID_TYPES
+    assert isinstance(payload, WithTurnId)  # PEP 604 unions work with isinstance
     assert isinstance(payload, WebhookPayload)
-    assert not isinstance(parse_webhook_payload(raw(FULL_BODIES["session.end"])), TurnPayload)
+    assert not isinstance(parse_webhook_payload(raw(FULL_BODIES["session.end"])), WithTurnId)
 
 
 # --------------------------------------------------------------------------------------

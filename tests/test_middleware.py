@@ -27,6 +27,7 @@ from starlette.websockets import WebSocket
 
 from layercode_asgi import ConfigurationError, LayercodeSignature, sign
 
+from .asgi_stub import ASGIStub
 from .conftest import SECRET, serve, signed_headers
 
 BODY = b'{"type":"message","session_id":"s","conversation_id":"c","turn_id":"t","text":"hi"}'
@@ -237,40 +238,9 @@ async def call_asgi(
     app: Any, headers: list[tuple[bytes, bytes]], chunks: list[bytes], path: str = "/hook"
 ) -> tuple[list[Message], int]:
     """Drive ``app`` with a request in ``chunks``; return sent messages and receive() count."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": headers,
-        "client": ("127.0.0.1", 1234),
-        "server": ("127.0.0.1", 80),
-    }
-    queue = [
-        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
-        for i, c in enumerate(chunks)
-    ]
-    received = 0
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        nonlocal received
-        received += 1
-        if queue:
-            return queue.pop(0)
-        await asyncio.sleep(3600)
-        raise AssertionError("unreachable")
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await asyncio.wait_for(app(scope, receive, send), 5)
-    return sent, received
+    stub = ASGIStub(chunks=chunks, path=path, headers=headers)
+    await stub.run(app)
+    return stub.messages, stub.receives
 
 
 @pytest.mark.anyio

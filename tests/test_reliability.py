@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +25,7 @@ from layercode_asgi import (
 )
 
 from .agents_for_tests import scripted_agent
-from .conftest import SECRET, event_body, free_port, serve, signed_headers
+from .conftest import SECRET, event_body, serve, signed_headers, start_server_process
 from .redis_fixtures import running_redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,24 +167,11 @@ def test_paused_redis_answers_503_quickly() -> None:
 
 
 def _start(grace: float, slow_seconds: float) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.serve_for_tests", str(port), str(grace)],
-        cwd=ROOT,
-        env={**os.environ, "SLOW_AGENT_SECONDS": str(slow_seconds)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    server = start_server_process(
+        ["-m", "tests.serve_for_tests", "{port}", str(grace)],
+        env={"SLOW_AGENT_SECONDS": str(slow_seconds)},
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(process.stdout.read().decode() if process.stdout else "no output")
+    return server.process, server.url
 
 
 def test_sigterm_lets_open_turns_finish_and_refuses_new_ones() -> None:

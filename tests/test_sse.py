@@ -21,6 +21,8 @@ from starlette.routing import Route
 
 from layercode_asgi import create_sse_response, format_sse_message
 
+from .conftest import BACKENDS
+
 
 def parse(message: str) -> dict[str, Any]:
     """A tiny, independent reading of one SSE message per the WHATWG algorithm."""
@@ -135,6 +137,12 @@ def litestar_app() -> Any:
         return create_sse_response(numbers(), ping=0)
 
     return Litestar(route_handlers=[route])
+
+
+@pytest.fixture(params=BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """The turn and stream tests run on both of anyio's backends."""
+    return str(request.param)
 
 
 @pytest.mark.anyio

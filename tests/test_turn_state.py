@@ -3,10 +3,8 @@ history byte bound, store errors, shutdown mid-turn, and the webhook's defaults.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -37,7 +35,7 @@ from layercode_asgi import (
     stream_response,
 )
 
-from .conftest import SECRET, event_body, free_port, serve, signed_headers
+from .conftest import SECRET, event_body, free_port, serve, signed_headers, start_server_process
 from .redis_fixtures import RedisServer, running_redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +71,8 @@ async def stateful_agent(event: TurnEvent, context: TurnContext) -> AsyncIterato
         try:
             await anyio.sleep(60)
         finally:
-            await wait_for_release()
+            with anyio.CancelScope(shield=True):  # deaf to its own cancellation
+                await wait_for_release()
     elif text == "hang":
         await anyio.sleep(60)
 
@@ -188,10 +187,12 @@ def test_a_queued_turn_runs_once_a_hanging_turn_timed_out(redis_url: str | None)
 
 
 def test_a_turn_that_cannot_get_the_lock_in_time_gets_503(redis_url: str | None) -> None:
-    # The turn ahead ignores its 1 s timeout (its cleanup hangs): the queued turn waits the
-    # turn timeout plus the default grace (5 s), then gets 503 -- well before the client's
-    # own timeout.
-    app = create_app(settings(redis_url=redis_url, turn_timeout=1.0), stateful_agent)
+    # The turn ahead ignores its 1 s timeout (its cleanup hangs; the turn gives it up after
+    # another second): the queued turn waits the turn timeout plus a short lock-wait grace
+    # (0.2 s), then gets 503 -- well before the client's own timeout.
+    app = create_app(
+        settings(redis_url=redis_url, turn_timeout=1.0, lock_wait_grace=0.2), stateful_agent
+    )
     with serve(app) as url, httpx.Client(base_url=url, timeout=15) as client:
         body = event_body(text="stubborn", turn_id="t-stubborn")
         with client.stream(
@@ -335,23 +336,11 @@ def test_redis_error_replies_are_a_503_json(fault: str) -> None:
 
 
 def _start_server(grace: float) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.serve_for_tests", str(port), str(grace)],
-        cwd=ROOT,
-        env={**os.environ, "SLOW_AGENT_SECONDS": "60"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    server = start_server_process(
+        ["-m", "tests.serve_for_tests", "{port}", str(grace)],
+        env={"SLOW_AGENT_SECONDS": "60"},
     )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(400):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(process.stdout.read().decode() if process.stdout else "no output")
+    return server.process, server.url
 
 
 def test_grace_period_over_ends_open_streams_with_error_and_end() -> None:

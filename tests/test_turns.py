@@ -36,7 +36,7 @@ from layercode_asgi import (
     stream_turn,
 )
 
-from .conftest import SECRET, event_body, serve, signed_headers
+from .conftest import BACKENDS, SECRET, event_body, serve, signed_headers
 
 END = {"type": "response.end", "turn_id": "turn-1"}
 
@@ -121,6 +121,12 @@ STACKS = {
     "litestar": litestar_stack,
     "raw_asgi": webhook_app,
 }
+
+
+@pytest.fixture(params=BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """The turn and stream tests run on both of anyio's backends."""
+    return str(request.param)
 
 
 @pytest.mark.anyio

@@ -1,0 +1,123 @@
+"""ASGI plumbing shared by the middleware, the webhook, the event stream and the server.
+
+* :func:`read_body`: a whole request body, with a size limit.
+* :func:`route_path`: the request path below the mount point (``root_path``).
+* :func:`json_error`: the one way an error is written: ``{"error": "..."}`` as JSON with
+  its status, as the two ASGI messages (:func:`send_json_error` sends them) or as a
+  Starlette response (:func:`json_error_response`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+__all__ = [
+    "BodyTooLarge",
+    "JSONResponse",
+    "json_error",
+    "json_error_response",
+    "read_body",
+    "route_path",
+    "send_json_error",
+]
+
+_encode = msgspec.json.Encoder().encode
+
+
+class BodyTooLarge(Exception):
+    """The request body passed the limit; raised by :func:`read_body`."""
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """Read a whole request body of at most ``limit`` bytes; ``None`` if the client left.
+
+    Raises :class:`BodyTooLarge` as soon as the bytes read pass ``limit`` (the rest is not
+    read). A body that arrives in one message is returned without a copy.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None  # http.disconnect
+        chunk: bytes = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def route_path(scope: Scope) -> str:
+    """The request path below the mount point (``root_path``), as Starlette's router sees it.
+
+    ``root_path`` is removed only where it ends at a ``/`` boundary of the path: with
+    ``root_path`` ``/ap``, ``/ap/agent`` gives ``/agent`` and ``/ap`` gives ``""``, but
+    ``/api/agent`` is not below ``/ap`` and is returned whole. A path that does not start
+    with ``root_path`` is returned whole as well (the same object).
+    """
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if not root_path or not path.startswith(root_path):
+        return path
+    if len(path) == len(root_path):
+        return ""
+    if path[len(root_path)] == "/":
+        return path[len(root_path) :]
+    return path
+
+
+def json_error(
+    status: int,
+    message: str,
+    *,
+    close: bool = False,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> tuple[Message, Message]:
+    """The two ASGI messages of ``{"error": message}`` with ``status``.
+
+    ``close``: the rest of the request may still be on the wire, do not reuse the
+    connection.
+    """
+    body = _encode({"error": message})
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw.extend(headers)
+    if close:
+        raw.append((b"connection", b"close"))
+    start: Message = {"type": "http.response.start", "status": status, "headers": raw}
+    return start, {"type": "http.response.body", "body": body, "more_body": False}
+
+
+async def send_json_error(
+    send: Send, status: int | tuple[Message, Message], message: str = ""
+) -> None:
+    """Send a JSON error: ``(status, message)``, or messages from :func:`json_error`."""
+    start, body = json_error(status, message) if isinstance(status, int) else status
+    # Outer middleware may edit the messages in place (CORS adds headers to the list):
+    # hand out copies, never shared pre-rendered ones.
+    await send({**start, "headers": list(start["headers"])})
+    await send(dict(body))
+
+
+class JSONResponse(Response):
+    """A JSON response rendered with msgspec (compact)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return _encode(content)
+
+
+def json_error_response(
+    status: int, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """``{"error": message}`` with ``status``, as a Starlette response."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)

@@ -1,0 +1,499 @@
+"""The LayerCode protocol as a client checks it: events to send, replies checked.
+
+Builds signed webhook events (``message_event`` …), sends one with an httpx client and
+checks the reply against PROTOCOL.md §4 (:func:`send_turn`, :func:`send_json_event`,
+:func:`send_event`), raising :class:`ProtocolViolation` with a stable name
+(:data:`VIOLATIONS`). :mod:`layercode_asgi.testing` re-exports all of it beside its
+:class:`~layercode_asgi.testing.LayercodeTestClient`; ``layercode-asgi simulate`` is built on
+the same functions.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import anyio
+import anyio.lowlevel
+import httpx
+import msgspec
+
+from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
+from .signature import SIGNATURE_HEADER, sign
+from .sse_parser import SSEEvent, SSEParser
+
+__all__ = [
+    "MAX_REPLY_BYTES",
+    "MAX_TURN_EVENTS",
+    "TURN_TYPES",
+    "VIOLATIONS",
+    "JSONResult",
+    "ProtocolViolation",
+    "ReplyTooLarge",
+    "SSEEvent",
+    "SSEParser",
+    "TurnChecker",
+    "TurnResult",
+    "encode_event",
+    "send_event",
+    "send_json_event",
+    "send_turn",
+    "signed_headers",
+]
+
+#: Event types answered with an SSE stream (a "turn"); every other type is answered with JSON.
+TURN_TYPES: Final[frozenset[str]] = frozenset({"session.start", "message"})
+
+#: Every :attr:`ProtocolViolation.name`, with what it means. The names are stable.
+VIOLATIONS: Final[Mapping[str, str]] = {
+    "http-error": "the backend answered with an unexpected HTTP status (a turn needs 200, "
+    "other events 2xx)",
+    "connection-error": "the backend could not be reached, or the connection broke",
+    "wrong-content-type": "a turn was not answered with Content-Type text/event-stream",
+    "bad-json": "an SSE event's data, or a JSON reply, is not valid JSON (or not an object)",
+    "missing-type": "an SSE event is a JSON object without a string 'type'",
+    "invalid-event": "a known event is malformed (e.g. response.tts content is not a string)",
+    "missing-end": "the stream closed without a response.end",
+    "repeated-end": "a second response.end in one turn",
+    "event-after-end": "an event after response.end",
+    "wrong-turn-id": "an event without the request's turn_id",
+    "response-error": "the turn contained a response.error (only with strict checking)",
+    "timeout": "no complete reply within the timeout",
+    "too-large": "a reply exceeded the client's bounds (max_bytes decoded bytes, or max_events "
+    "events in one turn)",
+    "bad-encoding": "a reply's Content-Encoding is not one the client asked for (gzip, deflate)",
+}
+
+#: Default bound on the decoded bytes of one reply (a turn's whole stream, or a JSON body).
+MAX_REPLY_BYTES: Final = 64 * 1024 * 1024
+#: Default bound on the events of one turn.
+MAX_TURN_EVENTS: Final = 100_000
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.decode
+#: How much of an unexpected error body a violation message quotes.
+_BODY_EXCERPT = 200
+
+
+class ProtocolViolation(Exception):
+    """A backend broke the LayerCode protocol (or could not be reached).
+
+    Attributes:
+        name: one of :data:`VIOLATIONS` (``"missing-end"``, ``"wrong-turn-id"``, …).
+        detail: what exactly was wrong.
+        event_type: the type of the webhook event being answered, when known.
+        turn_id: its ``turn_id``, when it has one.
+        status_code: the HTTP status, when a response arrived.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        detail: str,
+        *,
+        event_type: str | None = None,
+        turn_id: str | None = None,
+        status_code: int | None = None,
+    ) -> None:
+        if name not in VIOLATIONS:
+            raise ValueError(f"unknown protocol violation name {name!r}")
+        self.name = name
+        self.detail = detail
+        self.event_type = event_type
+        self.turn_id = turn_id
+        self.status_code = status_code
+        super().__init__(f"{name}: {detail}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_violation, (self.name, self.detail, self.__dict__.copy()))
+
+
+def _rebuild_violation(name: str, detail: str, state: dict[str, Any]) -> ProtocolViolation:
+    violation = ProtocolViolation(name, detail)
+    violation.__dict__.update(state)
+    return violation
+
+
+# -- event factories -------------------------------------------------------------------------
+
+
+def encode_event(event: Any) -> bytes:
+    """The compact JSON body of ``event`` (a dict, or a payload struct)."""
+    return _encode(event)
+
+
+def signed_headers(body: bytes | str, secret: str, timestamp: int | None = None) -> dict[str, str]:
+    """Request headers for ``body``: JSON content type and a valid ``layercode-signature``."""
+    return {
+        "content-type": "application/json",
+        SIGNATURE_HEADER: sign(body, secret, timestamp),
+    }
+
+
+# -- protocol checking -------------------------------------------------------------------------
+
+
+def _brief(value: Any) -> str:
+    """``repr(value)``, at most 80 characters (a backend's value quoted in a violation)."""
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:79] + "…"
+
+
+class TurnChecker:
+    """Checks the SSE events of one turn against the protocol, one event at a time.
+
+    :meth:`check` takes each dispatched :class:`SSEEvent` and returns its JSON object, or
+    raises :class:`ProtocolViolation`; :meth:`finish` is called when the stream closed.
+    ``response.error`` events are collected in :attr:`errors`; with ``strict=True`` the
+    first one is a violation (``response-error``). Without it, the official Node SDK's error
+    stream is accepted as an errored turn: a ``response.error`` (its ``turn_id`` may be
+    missing) and then the end of the stream without ``response.end`` (PROTOCOL.md §4).
+    Unknown event types are accepted. More than ``max_events`` events is ``too-large``.
+    """
+
+    def __init__(
+        self,
+        turn_id: str,
+        *,
+        event_type: str = "message",
+        strict: bool = False,
+        max_events: int = MAX_TURN_EVENTS,
+    ) -> None:
+        self.turn_id = turn_id
+        self.event_type = event_type
+        self.strict = strict
+        self.max_events = max_events
+        self.events: list[dict[str, Any]] = []
+        self.errors: list[dict[str, Any]] = []
+        self.ended = False
+
+    def violation(self, name: str, detail: str) -> ProtocolViolation:
+        return ProtocolViolation(name, detail, event_type=self.event_type, turn_id=self.turn_id)
+
+    def check(self, sse: SSEEvent) -> dict[str, Any]:
+        position = len(self.events) + 1
+        if position > self.max_events:
+            raise self.violation(
+                "too-large", f"more than {self.max_events} events in one turn (max_events)"
+            )
+        try:
+            event = _decode(sse.data)
+        except msgspec.DecodeError as exc:
+            raise self.violation(
+                "bad-json", f"SSE event #{position} is not valid JSON ({exc}): {sse.data[:80]!r}"
+            ) from None
+        if not isinstance(event, dict):
+            raise self.violation(
+                "bad-json", f"SSE event #{position} is JSON but not an object: {sse.data[:80]!r}"
+            )
+        kind = event.get("type")
+        if not isinstance(kind, str):
+            raise self.violation(
+                "missing-type", f"SSE event #{position} has no string 'type': {sse.data[:80]!r}"
+            )
+        if self.ended:
+            if kind == "response.end":
+                raise self.violation("repeated-end", f"a second response.end (event #{position})")
+            raise self.violation(
+                "event-after-end", f"{_brief(kind)} (event #{position}) after response.end"
+            )
+        if kind == "response.error" and self.strict:
+            self.errors.append(event)
+            raise self.violation("response-error", f"response.error: {_brief(event.get('error'))}")
+        # The Node SDK's response.error carries no turn_id: accepted (not strict here).
+        node_error = kind == "response.error" and "turn_id" not in event
+        if event.get("turn_id") != self.turn_id and not node_error:
+            raise self.violation(
+                "wrong-turn-id",
+                f"{_brief(kind)} (event #{position}) has turn_id "
+                f"{_brief(event.get('turn_id'))}, expected {self.turn_id!r}",
+            )
+        if kind == "response.tts" and not isinstance(event.get("content"), str):
+            raise self.violation(
+                "invalid-event", f"response.tts (event #{position}) content is not a string"
+            )
+        if kind == "response.end":
+            self.ended = True
+        elif kind == "response.error":
+            self.errors.append(event)
+        self.events.append(event)
+        return event
+
+    def finish(self, *, pending: bool = False) -> None:
+        if self.ended or (self.errors and not self.strict):
+            return  # ended, or the Node SDK's error stream (response.error, then close)
+        detail = "the stream closed without a response.end"
+        if pending:
+            detail += " (the last event was not terminated by a blank line, so it never counted)"
+        raise self.violation("missing-end", detail)
+
+
+@dataclass(slots=True)
+class TurnResult:
+    """The checked reply to a turn (``session.start`` or ``message``).
+
+    Attributes:
+        turn_id: the request's ``turn_id``.
+        events: every SSE event as a dict, in order, ``response.end`` included.
+        status_code / headers: of the HTTP response.
+        time_to_first_tts: seconds from sending the request to the first ``response.tts``
+            (``None`` when nothing was spoken).
+        duration: seconds from sending the request to the end of the stream.
+        errors: the ``response.error`` events (reported, not violations unless strict).
+    """
+
+    turn_id: str
+    events: list[dict[str, Any]]
+    status_code: int
+    headers: Mapping[str, str]
+    time_to_first_tts: float | None
+    duration: float
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """Everything spoken: the ``response.tts`` contents, concatenated."""
+        return "".join(e["content"] for e in self.events if e["type"] == "response.tts")
+
+    @property
+    def tts(self) -> list[str]:
+        """The ``response.tts`` contents, one per event."""
+        return [e["content"] for e in self.events if e["type"] == "response.tts"]
+
+    @property
+    def data(self) -> list[Any]:
+        """The ``content`` of each ``response.data`` event."""
+        return [e.get("content") for e in self.events if e["type"] == "response.data"]
+
+    @property
+    def hung_up(self) -> bool:
+        return any(e["type"] == "response.hangup" for e in self.events)
+
+
+@dataclass(slots=True)
+class JSONResult:
+    """The checked reply to a non-turn event (``data``, ``session.update``, ``session.end``)."""
+
+    body: Any
+    status_code: int
+    headers: Mapping[str, str]
+    duration: float
+
+
+#: Called with each checked event of a turn as it arrives (``simulate`` prints with it).
+OnEvent = Callable[[dict[str, Any]], None]
+
+
+def _excerpt(content: bytes, more: bool = False) -> str:
+    text = content[:_BODY_EXCERPT].decode("utf-8", "replace")
+    return text + ("…" if more or len(content) > _BODY_EXCERPT else "")
+
+
+async def _quoted_body(reply: httpx.Response) -> str:
+    """A bounded excerpt of ``reply``'s body (never more is read or inflated)."""
+    prefix, more = await read_prefix(reply, _BODY_EXCERPT)
+    return _excerpt(prefix, more)
+
+
+def _failure(exc: httpx.HTTPError, timeout: float, **where: Any) -> ProtocolViolation:
+    if isinstance(exc, httpx.TimeoutException):
+        return ProtocolViolation("timeout", f"no answer within {timeout:g} s ({exc!r})", **where)
+    return ProtocolViolation("connection-error", f"{type(exc).__name__}: {exc}", **where)
+
+
+class ReplyTooLarge(Exception):
+    """Raised inside an in-process app when its reply passes the client's byte limit."""
+
+
+def _decoder(reply: httpx.Response, where: dict[str, Any]) -> BodyDecoder:
+    try:
+        return BodyDecoder(reply.headers.get("content-encoding"))
+    except UnsupportedEncoding as exc:
+        raise ProtocolViolation("bad-encoding", str(exc), **where) from None
+
+
+def _too_large(max_bytes: int, where: dict[str, Any]) -> ProtocolViolation:
+    kind = where.get("event_type")
+    return ProtocolViolation(
+        "too-large", f"{kind} reply longer than {max_bytes} bytes (max_bytes)", **where
+    )
+
+
+def _request_headers(body: bytes, secret: str, headers: Mapping[str, str] | None) -> dict[str, str]:
+    return {"accept-encoding": ACCEPT_ENCODING, **signed_headers(body, secret), **(headers or {})}
+
+
+async def send_turn(
+    client: httpx.AsyncClient,
+    url: str,
+    event: Mapping[str, Any],
+    secret: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30.0,  # noqa: ASYNC109 - a protocol bound, reported as a violation
+    strict: bool = False,
+    on_event: OnEvent | None = None,
+    max_bytes: int = MAX_REPLY_BYTES,
+    max_events: int = MAX_TURN_EVENTS,
+) -> TurnResult:
+    """POST a signed turn event to ``url`` and check the SSE reply as it streams.
+
+    ``on_event`` sees each event as soon as it is parsed and checked. Raises
+    :class:`ProtocolViolation`; the whole turn must complete within ``timeout`` seconds,
+    in at most ``max_bytes`` (decoded) and ``max_events`` events (else ``too-large``).
+    """
+    turn_id = str(event.get("turn_id", ""))
+    kind = str(event.get("type", ""))
+    checker = TurnChecker(turn_id, event_type=kind, strict=strict, max_events=max_events)
+    parser = SSEParser()
+    body = encode_event(event)
+    request_headers = _request_headers(body, secret, headers)
+    where: dict[str, Any] = {"event_type": kind, "turn_id": turn_id}
+    first_tts: float | None = None
+    started = time.perf_counter()
+    received = 0
+    try:
+        with anyio.fail_after(timeout):
+            async with client.stream("POST", url, content=body, headers=request_headers) as reply:
+                where["status_code"] = status = reply.status_code
+                if status != 200:
+                    raise ProtocolViolation(
+                        "http-error",
+                        f"{kind} answered {status}: {await _quoted_body(reply)}",
+                        **where,
+                    )
+                content_type = reply.headers.get("content-type", "")
+                if not content_type.strip().lower().startswith("text/event-stream"):
+                    raise ProtocolViolation(
+                        "wrong-content-type",
+                        f"{kind} answered Content-Type {_brief(content_type or '(none)')}, "
+                        "expected text/event-stream",
+                        **where,
+                    )
+                decoder = _decoder(reply, where)
+                async for chunk in decoder.decode(reply.aiter_raw()):
+                    received += len(chunk)
+                    if received > max_bytes:
+                        raise _too_large(max_bytes, where)
+                    for sse in parser.feed(chunk):
+                        checked = checker.check(sse)
+                        if first_tts is None and checked["type"] == "response.tts":
+                            first_tts = time.perf_counter() - started
+                        if on_event is not None:
+                            on_event(checked)
+                parser.close()
+                checker.finish(pending=parser.pending)
+    except TimeoutError:
+        state = "after response.end the stream stayed open" if checker.ended else "no response.end"
+        raise ProtocolViolation(
+            "timeout", f"{kind} turn not complete within {timeout:g} s ({state})", **where
+        ) from None
+    except ReplyTooLarge:
+        raise _too_large(max_bytes, where) from None
+    except zlib.error as exc:
+        raise ProtocolViolation(
+            "bad-encoding", f"the body does not decode: {exc}", **where
+        ) from None
+    except httpx.HTTPError as exc:
+        raise _failure(exc, timeout, **where) from None
+    return TurnResult(
+        turn_id=turn_id,
+        events=checker.events,
+        status_code=status,
+        headers=dict(reply.headers),
+        time_to_first_tts=first_tts,
+        duration=time.perf_counter() - started,
+        errors=checker.errors,
+    )
+
+
+async def send_json_event(
+    client: httpx.AsyncClient,
+    url: str,
+    event: Mapping[str, Any],
+    secret: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30.0,  # noqa: ASYNC109 - a protocol bound, reported as a violation
+    max_bytes: int = MAX_REPLY_BYTES,
+) -> JSONResult:
+    """POST a signed non-turn event to ``url``; require a 2xx JSON reply (``max_bytes`` at most)."""
+    kind = str(event.get("type", ""))
+    body = encode_event(event)
+    request_headers = _request_headers(body, secret, headers)
+    where: dict[str, Any] = {"event_type": kind, "turn_id": event.get("turn_id")}
+    started = time.perf_counter()
+    try:
+        with anyio.fail_after(timeout):
+            async with client.stream("POST", url, content=body, headers=request_headers) as reply:
+                where["status_code"] = reply.status_code
+                if not 200 <= reply.status_code < 300:
+                    raise ProtocolViolation(
+                        "http-error",
+                        f"{kind} answered {reply.status_code}: {await _quoted_body(reply)}",
+                        **where,
+                    )
+                content = bytearray()
+                async for chunk in _decoder(reply, where).decode(reply.aiter_raw()):
+                    content += chunk
+                    if len(content) > max_bytes:
+                        raise _too_large(max_bytes, where)
+    except TimeoutError:
+        raise ProtocolViolation(
+            "timeout", f"{kind} not answered within {timeout:g} s", **where
+        ) from None
+    except ReplyTooLarge:
+        raise _too_large(max_bytes, where) from None
+    except zlib.error as exc:
+        raise ProtocolViolation(
+            "bad-encoding", f"the body does not decode: {exc}", **where
+        ) from None
+    except httpx.HTTPError as exc:
+        raise _failure(exc, timeout, **where) from None
+    try:
+        answer = _decode(content)
+    except msgspec.DecodeError:
+        raise ProtocolViolation(
+            "bad-json", f"{kind} reply is not JSON: {_excerpt(bytes(content))!r}", **where
+        ) from None
+    return JSONResult(
+        body=answer,
+        status_code=reply.status_code,
+        headers=dict(reply.headers),
+        duration=time.perf_counter() - started,
+    )
+
+
+async def send_event(
+    client: httpx.AsyncClient,
+    url: str,
+    event: Mapping[str, Any],
+    secret: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30.0,  # noqa: ASYNC109 - a protocol bound, reported as a violation
+    strict: bool = False,
+    on_event: OnEvent | None = None,
+    max_bytes: int = MAX_REPLY_BYTES,
+    max_events: int = MAX_TURN_EVENTS,
+) -> TurnResult | JSONResult:
+    """:func:`send_turn` for ``session.start`` / ``message``, :func:`send_json_event` else."""
+    if event.get("type") in TURN_TYPES:
+        return await send_turn(
+            client,
+            url,
+            event,
+            secret,
+            headers=headers,
+            timeout=timeout,
+            strict=strict,
+            on_event=on_event,
+            max_bytes=max_bytes,
+            max_events=max_events,
+        )
+    return await send_json_event(
+        client, url, event, secret, headers=headers, timeout=timeout, max_bytes=max_bytes
+    )

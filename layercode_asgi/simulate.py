@@ -1,0 +1,463 @@
+"""``simulate``: play a signed LayerCode conversation against a backend and check the protocol.
+
+:func:`run_simulation` is the library form (used by ``demo`` too); :func:`add_simulate_command`
+adds the ``simulate`` command to the ``layercode-asgi`` parser (:mod:`layercode_asgi.cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import secrets
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, TextIO
+
+import anyio
+import httpx
+import msgspec
+
+from .redaction import escape_terminal
+from .testing import (
+    VIOLATIONS,
+    JSONResult,
+    ProtocolViolation,
+    TurnResult,
+    data_event,
+    message_event,
+    send_json_event,
+    send_turn,
+    session_end_event,
+    session_start_event,
+    session_update_event,
+)
+
+__all__ = ["SimulationReport", "add_simulate_command", "run_simulation"]
+
+EXIT_OK: Final = 0
+EXIT_VIOLATION: Final = 1
+DEFAULT_URL: Final = "http://127.0.0.1:8000/api/agent"
+SECRET_ENV: Final = "LAYERCODE_WEBHOOK_SECRET"
+ALLOW_ERRORS_HELP: Final = (
+    "exit 0 even when turns ended in response.error (for backends that use it on purpose); "
+    "they are still counted"
+)
+_VIOLATION_HELP = "\n".join(f"  {name:<18} {meaning}" for name, meaning in VIOLATIONS.items())
+_encode = msgspec.json.encode
+_NO_DATA: Any = object()
+
+
+class UsageError(Exception):
+    """A bad command line detected after parsing; printed, exit code 2."""
+
+
+@dataclass
+class SimulationReport:
+    """What ``simulate`` saw: every turn and JSON reply, and the violation that stopped it."""
+
+    url: str
+    conversation_id: str
+    session_id: str
+    turns: list[dict[str, Any]] = field(default_factory=list)
+    replies: list[dict[str, Any]] = field(default_factory=list)
+    violation: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    allow_errors: bool = False
+
+    @property
+    def errored_turns(self) -> int:
+        """How many turns contained a ``response.error``."""
+        return sum(1 for turn in self.turns if turn["errors"])
+
+    @property
+    def ok(self) -> bool:
+        """No violation, and no errored turn unless errors were allowed."""
+        return self.violation is None and (self.allow_errors or not self.errored_turns)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "errored_turns": self.errored_turns,
+            "url": self.url,
+            "conversation_id": self.conversation_id,
+            "session_id": self.session_id,
+            "turns": self.turns,
+            "replies": self.replies,
+            "violation": self.violation,
+            "warnings": self.warnings,
+        }
+
+
+#: How much of a backend's event or reply ``simulate`` prints on one line.
+_SHOWN = 300
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + f"… ({len(text)} characters)"
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+class _Printer:
+    """Human output of ``simulate``: the reply as it streams, one line per turn."""
+
+    def __init__(self, out: TextIO, err: TextIO, quiet: bool) -> None:
+        self.out = out
+        self.err = err
+        self.quiet = quiet
+        self.mid_line = False
+
+    def line(self, text: str) -> None:
+        if self.quiet:
+            return
+        self.end_line()
+        print(escape_terminal(text), file=self.out, flush=True)
+
+    def end_line(self) -> None:
+        if self.mid_line:
+            self.out.write("\n")
+            self.out.flush()
+            self.mid_line = False
+
+    def problem(self, text: str) -> None:
+        self.end_line()
+        print(escape_terminal(text), file=self.err, flush=True)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        kind = event["type"]
+        if kind == "response.tts":
+            if not self.mid_line:
+                self.out.write("agent: ")
+                self.mid_line = True
+            self.out.write(escape_terminal(event["content"]))
+            self.out.flush()
+        elif kind != "response.end":
+            rest = {k: v for k, v in event.items() if k not in ("type", "turn_id")}
+            self.line(
+                f"  [{_shorten(kind)}] {_shorten(_encode(rest).decode())}"
+                if rest
+                else f"  [{_shorten(kind)}]"
+            )
+
+
+async def run_simulation(
+    url: str,
+    secret: str,
+    messages: Sequence[str] = (),
+    *,
+    data: Any = _NO_DATA,
+    conversation_id: str | None = None,
+    session_id: str | None = None,
+    timeout: float = 30.0,  # noqa: ASYNC109 - per request, reported as the `timeout` violation
+    headers: Mapping[str, str] | None = None,
+    strict: bool = False,
+    allow_errors: bool = False,
+    quiet: bool = False,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> SimulationReport:
+    """Play a signed conversation against the webhook at ``url``; never raises a violation.
+
+    ``session.start``, one ``message`` per item of ``messages``, a ``data`` event when
+    ``data`` is given, then ``session.update`` and ``session.end`` (with the transcript).
+    The spoken reply is written to ``out`` as it streams; problems go to ``err``. The
+    first :class:`~layercode_asgi.testing.ProtocolViolation` stops the conversation and
+    is recorded in the report (``report.ok`` is then false). A turn with a
+    ``response.error`` is counted in ``report.errored_turns`` and makes ``report.ok`` false
+    unless ``allow_errors`` (with ``strict``, it is a violation that stops the run).
+    Everything printed that came from the backend has its control characters escaped.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    printer = _Printer(out, err, quiet)
+    started_at = datetime.now(UTC)
+    report = SimulationReport(
+        url=url,
+        conversation_id=conversation_id or f"conv_sim_{secrets.token_hex(6)}",
+        session_id=session_id or f"sess_sim_{secrets.token_hex(6)}",
+        allow_errors=allow_errors,
+    )
+    ids = {"conversation_id": report.conversation_id, "session_id": report.session_id}
+    transcript: list[dict[str, Any]] = []
+    extra_headers = dict(headers or {})
+
+    def now_ms() -> int:
+        return int(time.time() * 1000)
+
+    async def turn(client: httpx.AsyncClient, event: dict[str, Any]) -> TurnResult:
+        result = await send_turn(
+            client,
+            url,
+            event,
+            secret,
+            headers=extra_headers,
+            timeout=timeout,
+            strict=strict,
+            on_event=printer.on_event,
+        )
+        printer.end_line()
+        first = _ms(result.time_to_first_tts)
+        total = _ms(result.duration)
+        spoken = f"first tts after {first} ms" if first is not None else "nothing spoken"
+        printer.line(
+            f"turn {result.turn_id}: {spoken}, total {total} ms, {len(result.events)} events"
+        )
+        for error in result.errors:
+            shown = _shorten(repr(error.get("error")))
+            warning = f"turn {result.turn_id}: response.error: {shown}"
+            report.warnings.append(warning)
+            printer.problem(f"warning: {warning}")
+        report.turns.append(
+            {
+                "type": event["type"],
+                "turn_id": result.turn_id,
+                "text": result.text,
+                "errors": len(result.errors),
+                "time_to_first_tts_ms": first,
+                "total_ms": total,
+                "events": result.events,
+            }
+        )
+        if result.text:
+            transcript.append({"role": "assistant", "text": result.text, "timestamp": now_ms()})
+        return result
+
+    async def reply(client: httpx.AsyncClient, event: dict[str, Any]) -> JSONResult:
+        result = await send_json_event(
+            client, url, event, secret, headers=extra_headers, timeout=timeout
+        )
+        printer.line(f"  reply {result.status_code}: {_shorten(_encode(result.body).decode())}")
+        report.replies.append(
+            {
+                "type": event["type"],
+                "status": result.status_code,
+                "body": result.body,
+                "total_ms": _ms(result.duration),
+            }
+        )
+        return result
+
+    printer.line(f"simulating a LayerCode conversation with {url}")
+    printer.line(f"conversation {report.conversation_id}, session {report.session_id}")
+    try:
+        async with httpx.AsyncClient(
+            transport=transport, timeout=timeout, follow_redirects=False
+        ) as client:
+            printer.line("> session.start")
+            await turn(client, session_start_event(**ids))
+            for text in messages:
+                printer.line(f"user: {text}")
+                transcript.append({"role": "user", "text": text, "timestamp": now_ms()})
+                await turn(client, message_event(text, **ids))
+            if data is not _NO_DATA:
+                printer.line(f"> data {_encode(data).decode()}")
+                await reply(client, data_event(data, **ids))
+            printer.line("> session.update")
+            await reply(client, session_update_event(**ids))
+            ended_at = datetime.now(UTC)
+            printer.line("> session.end")
+            await reply(
+                client,
+                session_end_event(
+                    transcript=transcript,
+                    agent_id="layercode-asgi-simulate",
+                    started_at=started_at.isoformat(timespec="milliseconds"),
+                    ended_at=ended_at.isoformat(timespec="milliseconds"),
+                    duration=int((ended_at - started_at).total_seconds() * 1000),
+                    **ids,
+                ),
+            )
+    except ProtocolViolation as violation:
+        report.violation = {
+            "name": violation.name,
+            "detail": violation.detail,
+            "event_type": violation.event_type,
+            "turn_id": violation.turn_id,
+            "status_code": violation.status_code,
+        }
+        printer.problem(f"PROTOCOL VIOLATION: {violation.name}: {violation.detail}")
+        return report
+    counts = f"{len(report.turns)} turns and {len(report.replies)} other events"
+    errored = report.errored_turns
+    if not errored:
+        printer.line(f"OK: {counts}, no protocol violation")
+    elif allow_errors:
+        printer.line(
+            f"OK: {counts}, no protocol violation; {errored} of {len(report.turns)} turns "
+            "ended in response.error (allowed by --allow-errors)"
+        )
+    else:
+        printer.problem(
+            f"FAILED: {errored} of {len(report.turns)} turns ended in response.error "
+            f"({counts}, no protocol violation; --allow-errors accepts them)"
+        )
+    return report
+
+
+def _read_lines(stream: TextIO) -> list[str]:
+    return [line.strip() for line in stream.read().splitlines() if line.strip()]
+
+
+def stdin_is_piped() -> bool:
+    try:
+        return sys.stdin is not None and not sys.stdin.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _simulation_messages(args: argparse.Namespace) -> list[str]:
+    messages = list(args.messages)
+    try:
+        if args.file == "-":
+            messages.extend(_read_lines(sys.stdin))
+        elif args.file is not None:
+            with open(args.file, encoding="utf-8") as file:
+                messages.extend(_read_lines(file))
+        elif not messages and stdin_is_piped():
+            messages.extend(_read_lines(sys.stdin))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read messages: {exc}") from None
+    return messages
+
+
+def _parse_headers(values: Sequence[str]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for value in values:
+        name, colon, content = value.partition(":")
+        if not colon or not name.strip():
+            raise UsageError(f"--header {value!r}: expected NAME:VALUE")
+        headers[name.strip()] = content.strip()
+    return headers
+
+
+def read_secret(args: argparse.Namespace, env: Mapping[str, str], command: str) -> str:
+    configured: str = args.secret or env.get(SECRET_ENV) or ""
+    # The rotation form 'whsec_new,whsec_old' (what serve accepts): sign with the newest.
+    secret = next((part.strip() for part in configured.split(",") if part.strip()), "")
+    if not secret:
+        raise UsageError(f"{command} needs the webhook secret: --secret S (or {SECRET_ENV})")
+    return secret
+
+
+def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    secret = read_secret(args, env, "simulate")
+    headers = _parse_headers(args.header)
+    data: Any = _NO_DATA
+    if args.data is not None:
+        try:
+            data = msgspec.json.decode(args.data)
+        except msgspec.DecodeError as exc:
+            raise UsageError(f"--data is not valid JSON: {exc}") from None
+    messages = _simulation_messages(args)
+    # With --json, stdout carries only the JSON summary; the human output goes to stderr.
+    human = sys.stderr if args.json else sys.stdout
+    report = anyio.run(
+        lambda: run_simulation(
+            args.url,
+            secret,
+            messages,
+            data=data,
+            conversation_id=args.conversation_id,
+            session_id=args.session_id,
+            timeout=args.timeout,
+            headers=headers,
+            strict=args.strict,
+            allow_errors=args.allow_errors,
+            quiet=args.quiet,
+            out=human,
+            err=sys.stderr,
+        )
+    )
+    if args.json:
+        print(_json_for_terminal(report.as_dict()), flush=True)
+    return EXIT_OK if report.ok else EXIT_VIOLATION
+
+
+#: Characters JSON leaves raw that a terminal may act on (C0 controls are always escaped).
+_RAW_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
+def _json_for_terminal(value: Any) -> str:
+    """Compact JSON with DEL, C1 controls and U+2028/2029 escaped too (still valid JSON)."""
+    text = _encode(value).decode()
+    return _RAW_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
+
+
+def add_simulate_command(commands: Any, formatter: type[argparse.HelpFormatter]) -> None:
+    """Add ``simulate`` to the sub-command parsers ``commands`` of the CLI."""
+    simulate = commands.add_parser(
+        "simulate",
+        help="play a signed conversation against a backend and check the protocol",
+        description=(
+            "Play a signed LayerCode conversation against any LayerCode-style backend: "
+            "session.start, one message per MESSAGE (or per line of --file, or of stdin when "
+            "it is piped), an optional data event, then session.update and session.end. The "
+            "spoken reply is printed as it streams, with the time to the first response.tts "
+            "and the total per turn. Exit status: 0 when the backend followed the protocol, "
+            "1 on the first violation (printed as 'PROTOCOL VIOLATION: <name>: <detail>') or "
+            "when any turn ended in response.error (counted: 'N of M turns ended in "
+            "response.error'; --allow-errors exits 0), 2 on a usage error."
+        ),
+        epilog="violations:\n" + _VIOLATION_HELP,
+        formatter_class=formatter,
+    )
+    simulate.add_argument("messages", nargs="*", metavar="MESSAGE", help="what the user says")
+    simulate.add_argument(
+        "--url", default=DEFAULT_URL, help="the webhook URL (default %(default)s)"
+    )
+    simulate.add_argument("--secret", help=f"the webhook secret (default: ${SECRET_ENV})")
+    simulate.add_argument(
+        "--file", metavar="PATH", help="read messages from PATH, one per line ('-' = stdin)"
+    )
+    simulate.add_argument(
+        "--data", metavar="JSON", help="send a data event with this JSON after the messages"
+    )
+    simulate.add_argument("--conversation-id", help="conversation_id (default: random)")
+    simulate.add_argument("--session-id", help="session_id (default: random)")
+    simulate.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="limit per request (default %(default)s)",
+    )
+    simulate.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME:VALUE",
+        help="extra request header, repeatable (LayerCode's custom headers)",
+    )
+    simulate.add_argument(
+        "--strict",
+        action="store_true",
+        help="treat a response.error event as a protocol violation that stops the run",
+    )
+    simulate.add_argument("--allow-errors", action="store_true", help=ALLOW_ERRORS_HELP)
+    simulate.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON summary on stdout (the running commentary goes to stderr)",
+    )
+    simulate.add_argument(
+        "-q", "--quiet", action="store_true", help="print only violations and warnings"
+    )
+    simulate.set_defaults(handler=_simulate)

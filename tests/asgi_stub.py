@@ -1,0 +1,115 @@
+"""One fake ASGI server for driving an app directly in tests (asyncio or trio, via anyio).
+
+    stub = ASGIStub(body, disconnect_after=1)
+    await stub.run(app)
+    stub.status, stub.body, stub.complete, stub.disconnected
+
+The request body arrives in ``chunks`` (default: one); afterwards ``receive()`` waits until
+the response is complete (or the client "leaves") and answers ``http.disconnect``.
+``disconnect_after=N``: the client leaves once it got N body messages. ``fail_send_after=N``:
+every ``send`` after N body messages raises ``OSError`` (the connection is gone).
+``block_send_after=N``: the N+1-th body message never completes (a client that stopped
+reading; the server's ``send`` waits for it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+
+class ASGIStub:
+    def __init__(
+        self,
+        body: bytes = b"",
+        *,
+        chunks: Sequence[bytes] | None = None,
+        method: str = "POST",
+        path: str = "/",
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        disconnect_after: int | None = None,
+        fail_send_after: int | None = None,
+        block_send_after: int | None = None,
+    ) -> None:
+        self.scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": list(headers),
+            "client": ("127.0.0.1", 1234),
+            "server": ("127.0.0.1", 80),
+        }
+        pieces = [body] if chunks is None else list(chunks)
+        self._pending = [
+            {"type": "http.request", "body": piece, "more_body": index < len(pieces) - 1}
+            for index, piece in enumerate(pieces)
+        ]
+        self.disconnect_after = disconnect_after
+        self.fail_send_after = fail_send_after
+        self.block_send_after = block_send_after
+        self.messages: list[dict[str, Any]] = []
+        self.bodies = 0
+        self.receives = 0
+        self.disconnected = False
+        self._gone = anyio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        self.receives += 1
+        if self._pending:
+            return self._pending.pop(0)
+        await self._gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            if self.fail_send_after is not None and self.bodies >= self.fail_send_after:
+                raise OSError("connection gone")
+            if self.block_send_after is not None and self.bodies >= self.block_send_after:
+                await anyio.sleep_forever()
+            self.bodies += 1
+        self.messages.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self._gone.set()
+        if self.disconnect_after is not None and self.bodies >= self.disconnect_after:
+            self.disconnected = True
+            self._gone.set()
+
+    async def run(self, app: Any, limit: float = 5) -> None:
+        """Call ``app`` with this request, at most ``limit`` seconds."""
+        with anyio.fail_after(limit):
+            await app(self.scope, self.receive, self.send)
+
+    @property
+    def status(self) -> int | None:
+        starts = [m for m in self.messages if m["type"] == "http.response.start"]
+        assert len(starts) <= 1, f"two response starts: {starts}"
+        return starts[0]["status"] if starts else None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        for message in self.messages:
+            if message["type"] == "http.response.start":
+                return {k.decode(): v.decode() for k, v in message["headers"]}
+        return {}
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(
+            m.get("body", b"") for m in self.messages if m["type"] == "http.response.body"
+        )
+
+    @property
+    def complete(self) -> bool:
+        """The response ended with its final body message (``more_body`` false)."""
+        return any(
+            m["type"] == "http.response.body" and not m.get("more_body", False)
+            for m in self.messages
+        )

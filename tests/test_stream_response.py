@@ -1,0 +1,182 @@
+"""``EventStreamResponse`` driven directly (an ASGI stub), on asyncio and on trio.
+
+A disconnect, a failing send, a producer failing before and after its first event,
+cancellation from outside, a client that stops reading, and a turn's deadline covering
+its writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from layercode_asgi import EventStreamResponse, ResponseError, Turn, parse_webhook_payload
+from layercode_asgi.sse import Emit
+
+from .asgi_stub import ASGIStub
+from .conftest import BACKENDS, event_body
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def test_chunks_go_out_as_emitted_then_the_body_closes() -> None:
+    async def producer(emit: Emit) -> None:
+        for index in range(3):
+            await emit(f"data: {index}\n\n".encode())
+
+    stub = ASGIStub()
+    await stub.run(EventStreamResponse(producer, headers={"x-extra": "1"}))
+    assert stub.status == 200
+    assert stub.headers["content-type"] == "text/event-stream"
+    assert stub.headers["x-extra"] == "1"
+    assert stub.body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+    assert stub.complete
+
+
+async def test_a_disconnect_cancels_the_producer_at_its_await() -> None:
+    seen: list[str] = []
+
+    async def producer(emit: Emit) -> None:
+        await emit(b"data: first\n\n")
+        try:
+            await anyio.sleep(30)
+        except anyio.get_cancelled_exc_class():
+            seen.append("cancelled")
+            raise
+        seen.append("not reached")
+
+    response = EventStreamResponse(producer)
+    stub = ASGIStub(disconnect_after=1)
+    await stub.run(response)
+    assert seen == ["cancelled"]
+    assert response.disconnected
+    assert not stub.complete  # nothing more is sent to a client that left
+
+
+async def test_a_failing_send_ends_the_stream_like_a_disconnect() -> None:
+    seen: list[str] = []
+
+    async def producer(emit: Emit) -> None:
+        await emit(b"data: one\n\n")
+        try:
+            await emit(b"data: two\n\n")  # raises OSError inside: the client is gone
+            await anyio.sleep(30)
+        except anyio.get_cancelled_exc_class():
+            seen.append("cancelled")
+            raise
+
+    response = EventStreamResponse(producer)
+    stub = ASGIStub(fail_send_after=1)
+    await stub.run(response)
+    assert seen == ["cancelled"]
+    assert response.disconnected
+    assert stub.body == b"data: one\n\n"
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "message"),
+    [
+        (
+            ResponseError(503, "conversation store unavailable"),
+            503,
+            "conversation store unavailable",
+        ),
+        (RuntimeError("secret detail"), 500, "internal error"),
+    ],
+)
+async def test_a_producer_failing_before_its_first_event_is_a_json_error(
+    failure: Exception, status: int, message: str
+) -> None:
+    async def producer(emit: Emit) -> None:
+        raise failure
+
+    stub = ASGIStub()
+    await stub.run(EventStreamResponse(producer))
+    assert stub.status == status
+    assert stub.headers["content-type"] == "application/json"
+    assert msgspec.json.decode(stub.body) == {"error": message}
+    assert stub.complete
+
+
+async def test_a_producer_failing_after_its_first_event_ends_the_stream() -> None:
+    async def producer(emit: Emit) -> None:
+        await emit(b"data: one\n\n")
+        raise RuntimeError("boom")
+
+    stub = ASGIStub()
+    await stub.run(EventStreamResponse(producer))
+    assert stub.status == 200  # one status line, never a second one
+    assert stub.body == b"data: one\n\n"
+    assert stub.complete
+
+
+async def test_cancellation_from_outside_reaches_the_producer_and_propagates() -> None:
+    seen: list[str] = []
+    started = anyio.Event()
+
+    async def producer(emit: Emit) -> None:
+        await emit(b"data: one\n\n")
+        started.set()
+        try:
+            await anyio.sleep(30)
+        finally:
+            seen.append("finally")
+
+    stub = ASGIStub()
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(stub.run, EventStreamResponse(producer))
+            await started.wait()
+            scope.cancel()
+    assert scope.cancelled_caught
+    assert seen == ["finally"]
+
+
+async def test_the_final_frame_to_a_client_that_stopped_reading_is_bounded() -> None:
+    async def producer(emit: Emit) -> None:
+        await emit(b"data: one\n\n")
+
+    stub = ASGIStub(block_send_after=1)
+    await stub.run(EventStreamResponse(producer, close_timeout=0.2))
+    assert stub.body == b"data: one\n\n"
+    assert not stub.complete
+
+
+async def _endless(event: Any, context: Any) -> AsyncIterator[str]:
+    while True:
+        yield "x" * 1000
+
+
+async def test_a_turns_deadline_covers_its_writes() -> None:
+    # The client stops reading after 3 events: the agent's writes block. The turn still
+    # ends at its timeout plus its grace, and the stream is closed.
+    event = parse_webhook_payload(event_body(text="hi"))
+    turn = Turn(event, _endless, timeout=0.3, grace=0.2)  # type: ignore[arg-type]
+    stub = ASGIStub(block_send_after=3)
+    await stub.run(EventStreamResponse(turn.run, close_timeout=0.2), limit=5)
+    assert turn.status == "timed_out"
+    assert not stub.complete
+
+
+async def test_create_app_answers_turns_on_this_backend() -> None:
+    from layercode_asgi import Settings, create_app
+    from layercode_asgi.testing import LayercodeTestClient
+
+    from .conftest import SECRET
+
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, agent="echo")
+    async with LayercodeTestClient(app=app, secret=SECRET) as client:
+        first = await client.message("hello")
+        second = await client.message("again")
+        assert (first.text, second.text) == ("You said: hello", "You said: again")
+        assert (await client.session_end()).body == {"status": "ok"}

@@ -1,0 +1,75 @@
+"""A turn owns its deadline: agent, encoding and writes, up to the last byte sent.
+
+A client that stops reading a long reply must not hold its conversation (the lock) past
+the turn timeout plus ``LAYERCODE_TURN_GRACE``: the next turn of that conversation is
+answered. Against a real uvicorn, with a raw socket that never reads.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from layercode_asgi import Settings, create_app
+
+from .conftest import SECRET, event_body, serve, signed_headers
+
+CHUNK = "x" * 4096
+
+
+async def big_talker(event: Any, context: Any) -> AsyncIterator[str]:
+    """4 MB for the first turn of a conversation; one short line afterwards."""
+    if event.text == "big":
+        for _ in range(1024):
+            yield CHUNK
+    else:
+        yield "small"
+
+
+def _raw_request(base: str, body: bytes) -> socket.socket:
+    """Send a signed webhook on a raw socket that will never read its answer."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.settimeout(5)
+    sock.connect((host, int(port)))
+    headers = signed_headers(body)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    start = f"POST /api/agent HTTP/1.1\r\nhost: {host}\r\ncontent-length: {len(body)}\r\n"
+    sock.sendall(start.encode() + head.encode() + b"\r\n" + body)
+    return sock
+
+
+def test_a_client_that_never_reads_does_not_keep_its_conversation() -> None:
+    settings = Settings(
+        env_file=None,
+        environ={},
+        layercode_webhook_secret=SECRET,
+        turn_timeout=1.0,
+        turn_grace=0.5,
+        # Long enough that the next turn waits for the lock rather than giving up: it must
+        # get the lock because the stuck turn let go of it, not because it stopped waiting.
+        lock_wait_grace=8.0,
+    )
+    app = create_app(settings, agent=big_talker)
+    with serve(app) as base:
+        stuck = _raw_request(base, event_body(turn_id="t-big", text="big"))
+        try:
+            body = event_body(turn_id="t-next", text="hello")
+            with httpx.Client(timeout=20) as client:
+                reply = client.post(f"{base}/api/agent", content=body, headers=signed_headers(body))
+            assert reply.status_code == 200, reply.text
+            assert '"content":"small"' in reply.text
+            assert '"type":"response.end"' in reply.text
+            # The drain count lets go of the stuck turn too (bounded wait, not a timing).
+            for _ in range(500):
+                if app.state.lifecycle.active == 0:
+                    break
+                time.sleep(0.01)
+            assert app.state.lifecycle.active == 0
+        finally:
+            stuck.close()
