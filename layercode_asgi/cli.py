@@ -34,7 +34,8 @@ import anyio
 
 from ._version import __version__
 from .agents import AGENTS, list_agents
-from .config import SETTINGS_FIELDS, Settings, parse_env_file
+from .config import SETTINGS_FIELDS, Settings
+from .envfile import parse_env_file
 from .errors import ConfigurationError
 from .simulate import (
     ALLOW_ERRORS_HELP,

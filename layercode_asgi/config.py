@@ -29,11 +29,11 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from .errors import ConfigurationError
+from .envfile import parse_env_file
+from .errors import SettingsError
 from .redaction import mask_url
 
 # Not exported (the CLI's): SETTINGS_FIELDS (see Settings.fields()), SettingField, parse_env_file.
@@ -42,19 +42,6 @@ __all__ = [
     "SettingsError",
     "settings_table_markdown",
 ]
-
-
-class SettingsError(ConfigurationError):
-    """One or more settings are invalid; ``problems`` lists each one (``"VAR: what"``)."""
-
-    def __init__(self, problems: Iterable[str]) -> None:
-        self.problems: tuple[str, ...] = tuple(problems)
-        if len(self.problems) == 1:
-            message = self.problems[0]
-        else:
-            lines = "\n".join(f"  - {problem}" for problem in self.problems)
-            message = f"{len(self.problems)} invalid settings:\n{lines}"
-        super().__init__(message)
 
 
 #: The longest quotation of an invalid (non-secret) value in an error message.
@@ -358,87 +345,6 @@ def settings_table_markdown() -> str:
         cells = (f"`{spec.env}`", spec.type, default, spec.doc)
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(rows) + "\n"
-
-
-# -- .env parsing ----------------------------------------------------------------------------
-
-_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
-
-
-def _parse_env_line(line: str) -> tuple[str, str] | None:
-    """Parse one line; ``None`` for blank lines and comments; ``_Invalid`` when garbled."""
-    text = line.strip()
-    if not text or text.startswith("#"):
-        return None
-    if text.startswith("export") and text[6:7] in (" ", "\t"):
-        text = text[6:].lstrip()
-    key, sep, rest = text.partition("=")
-    key = key.strip()
-    if not sep:
-        raise _Invalid("expected KEY=VALUE")
-    if not _KEY_RE.fullmatch(key):
-        raise _Invalid("invalid variable name (letters, digits, '_' and '.' only)")
-    rest = rest.lstrip()
-    if not rest:
-        return key, ""
-    quote = rest[0]
-    if quote not in ("'", '"'):
-        # Unquoted: an inline comment starts at whitespace followed by '#'.
-        match = re.search(r"\s#", rest)
-        value = rest[: match.start()] if match else rest
-        return key, value.strip()
-    chars: list[str] = []
-    i = 1
-    while i < len(rest):
-        char = rest[i]
-        if char == quote:
-            break
-        if char == "\\" and quote == '"' and i + 1 < len(rest):
-            nxt = rest[i + 1]
-            chars.append(_ESCAPES.get(nxt, "\\" + nxt))
-            i += 2
-            continue
-        chars.append(char)
-        i += 1
-    else:
-        raise _Invalid(f"{key}: unterminated {quote} quote (values span one line only)")
-    trailing = rest[i + 1 :].strip()
-    if trailing and not trailing.startswith("#"):
-        raise _Invalid(f"{key}: unexpected text after the closing quote")
-    return key, "".join(chars)
-
-
-def parse_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
-    """Read a ``.env`` file into a dict; a missing file gives ``{}``.
-
-    Supports ``KEY=VALUE``, an optional ``export`` prefix, ``#`` comments and blank lines,
-    single quotes (literal) and double quotes (with ``\\n``, ``\\t``, ``\\"``, ``\\\\``
-    escapes), and inline `` #`` comments after unquoted values. Later keys win. Raises
-    :class:`SettingsError` naming the file and line of every garbled line.
-    """
-    file = Path(path)
-    try:
-        content = file.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        return {}
-    except UnicodeDecodeError as exc:
-        raise SettingsError([f"{file}: not valid UTF-8 ({exc.reason})"]) from exc
-    except OSError as exc:
-        raise SettingsError([f"{file}: cannot read the file ({exc.strerror or exc})"]) from exc
-    values: dict[str, str] = {}
-    problems: list[str] = []
-    for number, line in enumerate(content.splitlines(), start=1):
-        try:
-            parsed = _parse_env_line(line)
-        except _Invalid as exc:
-            problems.append(f"{file}, line {number}: {exc.describe()}")
-            continue
-        if parsed is not None:
-            values[parsed[0]] = parsed[1]
-    if problems:
-        raise SettingsError(problems)
-    return values
 
 
 # -- masking ---------------------------------------------------------------------------------

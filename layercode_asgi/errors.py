@@ -8,7 +8,9 @@ SDK, whose callers catch ``ValueError``.
 
 from __future__ import annotations
 
-__all__ = ["ConfigurationError", "LayercodeError", "ResponseError"]
+from collections.abc import Iterable
+
+__all__ = ["ConfigurationError", "LayercodeError", "ResponseError", "SettingsError"]
 
 
 class LayercodeError(Exception):
@@ -30,3 +32,16 @@ class ResponseError(LayercodeError):
         super().__init__(message)
         self.status_code = status_code
         self.message = message
+
+
+class SettingsError(ConfigurationError):
+    """One or more settings are invalid; ``problems`` lists each one (``"VAR: what"``)."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems: tuple[str, ...] = tuple(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            lines = "\n".join(f"  - {problem}" for problem in self.problems)
+            message = f"{len(self.problems)} invalid settings:\n{lines}"
+        super().__init__(message)

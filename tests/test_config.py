@@ -12,9 +12,9 @@ from layercode_asgi.config import (
     SETTINGS_FIELDS,
     Settings,
     SettingsError,
-    parse_env_file,
     settings_table_markdown,
 )
+from layercode_asgi.envfile import parse_env_file
 from layercode_asgi.errors import ConfigurationError
 
 
