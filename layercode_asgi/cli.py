@@ -382,7 +382,18 @@ def _secret(args: argparse.Namespace, env: Mapping[str, str], command: str) -> s
     return secret
 
 
+def _check_url(url: str) -> None:
+    """A ``--url`` httpx cannot send to is a usage error (one line, exit 2)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        raise _UsageError(f"--url is not a valid URL: {escape_terminal(str(exc))}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise _UsageError(f"--url must be an http(s) URL, got {escape_terminal(repr(url))}")
+
+
 def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    _check_url(args.url)
     secret = _secret(args, env, "simulate")
     headers = _parse_headers(args.header)
     data: Any = _NO_DATA

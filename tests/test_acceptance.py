@@ -1309,3 +1309,13 @@ def test_17_readme_shows_an_adapter() -> None:
         name in readme for name in ("from_pydantic_ai", "from_langchain", "from_openai_agents")
     )
     assert 'get_agent("starter")' in readme or "--agent starter" in readme
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://x/\n", "http://x:port/"])
+def test_15_7_simulate_malformed_url_is_a_usage_error(url: str) -> None:
+    result = run_cli("simulate", "--url", url, "hi", env=_env(LAYERCODE_WEBHOOK_SECRET=SECRET))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "\n" not in lines[0]
