@@ -1319,3 +1319,253 @@ def test_15_7_simulate_malformed_url_is_a_usage_error(url: str) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert "\n" not in lines[0]
+
+
+# -- second pass -----------------------------------------------------------------------------------
+
+
+def test_13_4_queued_turn_deadline_starts_at_lock(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Turn timeout 2.5 s; each slow turn takes 1.6 s; the second waits ~1.6 s for the lock
+    and must still finish (its deadline counts from the lock, not from its arrival)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("SLOW_AGENT_SECONDS", "1.6")
+    app = _app_from_env(
+        monkeypatch, tmp_path,
+        LAYERCODE_TURN_TIMEOUT="2.5",
+        LAYERCODE_TURN_TIMEOUT_MESSAGE="TIMED-OUT",
+        LAYERCODE_AGENT="tests.agents_for_tests:scripted_agent",
+    )  # fmt: skip
+    replies: list[httpx.Response] = []
+    with serve(app) as base:
+        url = base + "/api/agent"
+
+        def turn() -> None:
+            replies.append(_post(url, event_body("message", text="slow", conversation_id="lk")))
+
+        threads = [threading.Thread(target=turn) for _ in range(2)]
+        threads[0].start()
+        time.sleep(0.3)
+        threads[1].start()
+        for thread in threads:
+            thread.join(30)
+    assert len(replies) == 2
+    for reply in replies:
+        assert "TIMED-OUT" not in reply.text, reply.text
+        assert " done" in reply.text, reply.text
+
+
+def test_13_hardening_shutdown_grace_ends_stream_properly(tmp_path: Path) -> None:
+    import signal
+
+    env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET, LAYERCODE_SHUTDOWN_GRACE_PERIOD="1")
+    with served_cli("--agent", "tests.agents_for_tests:scripted_agent", env=env) as (base, proc):
+        result: dict[str, Any] = {}
+
+        def hanging() -> None:
+            result["reply"] = _post(base + "/api/agent", event_body("message", text="hang"))
+
+        thread = threading.Thread(target=hanging)
+        thread.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        thread.join(30)
+        proc.wait(20)
+    reply = result["reply"]
+    assert reply.status_code == 200
+    types = [e["type"] for e in _sse_events(reply.text)]
+    assert types[-2:] == ["response.error", "response.end"], reply.text
+    assert proc.returncode == 0
+
+
+def test_15_3_in_process_endless_agent_is_a_violation_not_memory_error() -> None:
+    import anyio
+
+    from layercode_asgi import Settings, create_app
+    from layercode_asgi.testing import LayercodeTestClient, ProtocolViolation
+
+    async def endless(event: Any) -> AsyncIterator[str]:
+        while True:
+            yield "x" * 1000
+
+    app = create_app(Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None), endless)
+
+    async def run() -> ProtocolViolation:
+        client = LayercodeTestClient(app, secret=SECRET, timeout=5)
+        with pytest.raises(ProtocolViolation) as info:
+            await client.message("go")
+        return info.value
+
+    violation = anyio.run(run)
+    assert violation.name in ("timeout", "too-large"), violation
+
+
+def test_17_serve_starter_against_fake_model(tmp_path: Path) -> None:
+    from .fake_openai import fake_openai
+
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("PROMPT-FROM-FILE")
+    with fake_openai() as (fake, base_url):
+        env = _env(
+            LAYERCODE_WEBHOOK_SECRET=SECRET,
+            OPENAI_API_KEY="sk-test",
+            OPENAI_BASE_URL=base_url,
+            LAYERCODE_SYSTEM_PROMPT_FILE=str(prompt_file),
+        )
+        with served_cli("--agent", "starter", env=env) as (base, _):
+            url = base + "/api/agent"
+            start = _post(url, event_body("session.start", conversation_id="st"))
+            first = _post(url, event_body("message", text="hello", conversation_id="st"))
+            second = _post(url, event_body("message", text="again", conversation_id="st"))
+            ready = httpx.get(base + "/ready", timeout=10).json()
+        simulate_ok = True
+    assert simulate_ok
+    start_tts = [e for e in _sse_events(start.text) if e["type"] == "response.tts"]
+    assert start_tts, start.text  # a welcome line
+    for reply in (first, second):
+        types = [e["type"] for e in _sse_events(reply.text)]
+        assert "response.tts" in types and types[-1] == "response.end", reply.text
+    text = msgspec.json.encode(fake.requests).decode()
+    assert "PROMPT-FROM-FILE" in text
+    assert "hello" in msgspec.json.encode(fake.requests[-1]).decode()  # history passed on
+    assert ready.get("model") in ("openai:gpt-5-nano", None)
+
+
+def test_14_5_agent_exception_text_cannot_forge_log_lines(tmp_path: Path) -> None:
+    (tmp_path / "forger.py").write_text(
+        "async def agent(event):\n"
+        "    raise RuntimeError('x\\n2099-01-01 CRITICAL root: FORGED\\r\\x1b[2J')\n"
+        "    yield 'never'\n"
+    )
+    env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET)
+    with served_cli("--agent", "forger:agent", env=env, cwd=tmp_path) as (base, process):
+        _post(base + "/api/agent", event_body("message"))
+        process.terminate()
+        out, err = process.communicate(timeout=20)
+    for line in (out + err).splitlines():
+        assert not line.startswith("2099-01-01"), line
+        assert "\x1b" not in line, line
+
+
+def test_13_1_empty_memory_cache_given_to_middleware_is_on() -> None:
+    from layercode_asgi import LayercodeSignature, MemoryReplayCache
+
+    async def ok(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = LayercodeSignature(ok, secret=SECRET, replay_protection=MemoryReplayCache())
+    body = event_body("session.update")
+    headers = signed_headers(body)
+    with serve(app) as base:
+        first = httpx.post(base + "/", content=body, headers=headers, timeout=10)
+        second = httpx.post(base + "/", content=body, headers=headers, timeout=10)
+    assert (first.status_code, second.status_code) == (200, 409)
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")
+def test_15_8_replay_cache_redis_down_is_503() -> None:
+    from layercode_asgi import Settings, create_app
+
+    with running_redis() as redis:
+        settings = Settings(
+            layercode_webhook_secret=SECRET,
+            redis_url=redis.url,
+            replay_protection=True,
+            environ={},
+            env_file=None,
+        )
+        app = create_app(settings, agent="echo")
+        redis.stop()
+        with serve(app) as base:
+            reply = _post(base + "/api/agent", event_body("session.update"))
+    assert reply.status_code == 503
+    assert reply.json() == {"error": "replay protection unavailable"}
+
+
+def test_14_8_stream_turn_and_sse_helpers_escape_line_breaks() -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from layercode_asgi import create_sse_response, parse_webhook_payload, stream_turn
+
+    async def agent(event: Any) -> AsyncIterator[str]:
+        yield LINE_BREAKS
+
+    async def turn_route(request: Any) -> Any:
+        return stream_turn(parse_webhook_payload(await request.body()), agent)
+
+    async def items() -> AsyncIterator[str]:
+        yield msgspec.json.encode({"type": "response.tts", "content": LINE_BREAKS}).decode()
+
+    async def sse_route(request: Any) -> Any:
+        return create_sse_response(items())
+
+    app = Starlette(
+        routes=[Route("/t", turn_route, methods=["POST"]), Route("/s", sse_route, methods=["POST"])]
+    )
+    with serve(app) as base:
+        for path in ("/t", "/s"):
+            reply = httpx.post(base + path, content=event_body("message"), timeout=10)
+            for char in "\u2028\u2029\u0085":
+                assert char not in reply.text, (path, repr(reply.text))
+            assert any(e.get("content") == LINE_BREAKS for e in _sse_events(reply.text)), path
+
+
+def test_14_10_readme_quick_start_agent_on_session_start() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "You said: None" not in readme
+    assert 'pip install "./layercode-asgi[server]"' in readme  # 14.11: the install that works
+
+
+MORE_FORMS = """
+import functools
+
+async def _three(prefix, event, context):
+    yield prefix
+
+partial = functools.partial(_three, "partial")
+
+async def star(*args):
+    yield "star"
+
+async def defaults(event, context=None, extra=1):
+    yield "defaults"
+
+class Holder:
+    async def method(self, event, context):
+        yield "method"
+
+method = Holder().method
+
+def returns_int(event):
+    return 42
+"""
+
+
+@pytest.mark.parametrize("attr", ["partial", "star", "defaults", "method"])
+def test_14_5_more_working_forms_accepted(tmp_path: Path, attr: str) -> None:
+    (tmp_path / "more_forms.py").write_text(MORE_FORMS)
+    env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET)
+    with served_cli("--agent", f"more_forms:{attr}", env=env, cwd=tmp_path) as (base, _):
+        reply = _post(base + "/api/agent", event_body("message"))
+    assert [e for e in _sse_events(reply.text) if e["type"] == "response.tts"], reply.text
+
+
+def test_14_5_non_reply_logged_once_with_what_was_expected(tmp_path: Path) -> None:
+    (tmp_path / "more_forms.py").write_text(MORE_FORMS)
+    env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET)
+    with served_cli("--agent", "more_forms:returns_int", env=env, cwd=tmp_path) as (base, proc):
+        replies = [_post(base + "/api/agent", event_body("message")) for _ in range(3)]
+        proc.terminate()
+        out, err = proc.communicate(timeout=20)
+    for reply in replies:
+        types = [e["type"] for e in _sse_events(reply.text)]
+        assert types[-2:] == ["response.error", "response.end"], reply.text
+    # what it returned and what was expected, once per turn (not once per item or retry)
+    lines = [line for line in (out + err).splitlines() if "ERROR" in line and "int 42" in line]
+    assert len(lines) == 3, out + err
+    assert all("expected" in line for line in lines)
