@@ -1569,3 +1569,137 @@ def test_14_5_non_reply_logged_once_with_what_was_expected(tmp_path: Path) -> No
     lines = [line for line in (out + err).splitlines() if "ERROR" in line and "int 42" in line]
     assert len(lines) == 3, out + err
     assert all("expected" in line for line in lines)
+
+
+LINE_BREAK_AGENT = """
+async def agent(event):
+    yield "a\\u2028b\\u2029c\\u0085d"
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("hypercorn", path=str(Path(sys.executable).parent)) is None, reason="no hypercorn"
+)
+def test_14_8_create_app_under_hypercorn_escapes_line_breaks(tmp_path: Path) -> None:
+    (tmp_path / "lb_agent.py").write_text(LINE_BREAK_AGENT)
+    port = free_port()
+    hypercorn = str(Path(sys.executable).parent / "hypercorn")
+    env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET, LAYERCODE_AGENT="lb_agent:agent")
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{ROOT}"
+    process = subprocess.Popen(
+        [hypercorn, "--bind", f"127.0.0.1:{port}", "layercode_asgi.server:app_from_env()"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", process)
+        reply = _post(f"http://127.0.0.1:{port}/api/agent", event_body("message"))
+    finally:
+        process.terminate()
+        process.wait(15)
+    for char in "\u2028\u2029\u0085":
+        assert char not in reply.text
+    assert any(e.get("content") == LINE_BREAKS for e in _sse_events(reply.text)), reply.text
+
+
+def test_13_6_uvicorn_root_path_not_at_boundary(tmp_path: Path) -> None:
+    port = free_port()
+    env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "layercode_asgi.server:app_from_env",
+         "--host", "127.0.0.1", "--port", str(port), "--root-path", "/ap"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", process)
+        for path in ("/api/agent", "/ap/api/agent", "/ap/agent"):
+            reply = httpx.post(f"http://127.0.0.1:{port}{path}", content=event_body(), timeout=10)
+            assert reply.status_code in (307, 401, 404, 405), (path, reply.status_code)
+            assert "response.tts" not in reply.text
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+@pytest.mark.parametrize("kind", ["escapes-in-type", "escapes-in-error"])
+def test_15_4_escapes_in_event_fields(kind: str) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        event = (
+            {"type": "\x1b[2J\x1b]52;c;ZXZpbA==\x07", "turn_id": "t"}
+            if kind == "escapes-in-type"
+            else {"type": "response.error", "error": "\x1b[2J\rOK fake\x07", "turn_id": "t"}
+        )
+        body = b"data: " + msgspec.json.encode(event) + b"\n\n"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+    with serve(app) as base:
+        for extra in ([], ["--json"], ["--strict"]):
+            result = run_cli("simulate", "--url", base + "/api/agent", *extra, "hi",
+                             env=_env(LAYERCODE_WEBHOOK_SECRET=SECRET))  # fmt: skip
+            out = result.stdout + result.stderr
+            for char in ("\x1b", "\x07", "\r"):
+                assert char not in out, (extra, repr(out))
+            assert result.returncode == 1
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl")
+def test_15_6_sign_curl_file_and_multiline(tmp_path: Path) -> None:
+    received: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        data = b""
+        more = True
+        while more:
+            message = await receive()
+            data += message.get("body", b"")
+            more = message.get("more_body", False)
+        received.append(data)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    weird = tmp_path / "@body with space.json"
+    weird.write_bytes(b"line1\nline2\r\n\xff")
+    with serve(app) as base:
+        for args in (["--file", str(weird)], ["--body", "a\nb\r\n 'q' \"d\" \\"]):
+            printed = subprocess.run(
+                [CLI, "sign", "--secret", SECRET, *args, "--curl", base + "/x"],
+                capture_output=True,
+                env=_env(),
+                timeout=TIMEOUT,
+                check=True,
+            )  # fmt: skip (bytes: no newline translation of the printed command)
+            subprocess.run([b"bash", b"-c", printed.stdout], cwd=tmp_path, timeout=30,
+                           check=True, capture_output=True, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert received == [b"line1\nline2\r\n\xff", b"a\nb\r\n 'q' \"d\" \\"]
+
+
+def test_17_1_starter_google_key_is_enough_to_start() -> None:
+    env = _env(
+        LAYERCODE_WEBHOOK_SECRET=SECRET,
+        DEFAULT_MODEL="google-gla:gemini-2.5-flash",
+        GOOGLE_GENERATIVEAI_API_KEY="g-test",
+    )
+    with served_cli("--agent", "starter", env=env) as (base, _):
+        assert httpx.get(base + "/health", timeout=10).status_code == 200
+
+
+def test_17_4_openai_agent_through_base_url() -> None:
+    from .fake_openai import fake_openai
+
+    with fake_openai() as (fake, base_url):
+        env = _env(
+            LAYERCODE_WEBHOOK_SECRET=SECRET, OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=base_url
+        )
+        with served_cli("--agent", "openai", env=env) as (base, _):
+            reply = _post(base + "/api/agent", event_body("message", text="hi"))
+    types = [e["type"] for e in _sse_events(reply.text)]
+    assert "response.tts" in types and types[-1] == "response.end", reply.text
+    assert fake.requests
