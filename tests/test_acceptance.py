@@ -6,6 +6,7 @@ environment variables, and the README's statements.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
@@ -1703,3 +1704,74 @@ def test_17_4_openai_agent_through_base_url() -> None:
     types = [e["type"] for e in _sse_events(reply.text)]
     assert "response.tts" in types and types[-1] == "response.end", reply.text
     assert fake.requests
+
+
+BYTES_AGENT = """
+async def agent(event, context):
+    texts = [m.text for m in context.history]
+    last = texts[-1][:12].replace(" ", "_") if texts else ""
+    yield f"bytes={sum(len(t.encode()) for t in texts)} n={len(texts)} last={last}"
+"""
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_13_hardening_history_max_bytes_through_serve(store: str, tmp_path: Path) -> None:
+    if store == "redis" and REDIS_SERVER is None:
+        pytest.skip("redis-server not installed")
+    (tmp_path / "bytes_agent.py").write_text(BYTES_AGENT)
+    with contextlib.ExitStack() as stack:
+        extra = {}
+        if store == "redis":
+            extra["REDIS_URL"] = stack.enter_context(running_redis()).url
+        env = _env(
+            LAYERCODE_WEBHOOK_SECRET=SECRET,
+            LAYERCODE_HISTORY_MAX_BYTES="3000",
+            LAYERCODE_MAX_BODY_SIZE="200000",
+            **extra,
+        )
+        with served_cli("--agent", "bytes_agent:agent", env=env, cwd=tmp_path) as (base, _):
+            url = base + "/api/agent"
+            for index in range(6):
+                text = f"msg{index}-" + "y" * 1000
+                _post(url, event_body("message", text=text, conversation_id="big"))
+            big = _post(url, event_body("message", text="count", conversation_id="big"))
+            _post(url, event_body("message", text="H" * 50000, conversation_id="huge"))
+            huge = _post(url, event_body("message", text="count", conversation_id="huge"))
+    spoken = [
+        "".join(e["content"] for e in _sse_events(r.text) if e["type"] == "response.tts")
+        for r in (big, huge)
+    ]
+    fields = [dict(part.split("=", 1) for part in text.split(" ")) for text in spoken]
+    assert 0 < int(fields[0]["bytes"]) <= 3000, spoken
+    assert fields[0]["last"].startswith("bytes="), spoken  # newest kept: the last reply
+    assert 0 < int(fields[1]["bytes"]) <= 3000, spoken  # one oversized message kept truncated
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")
+def test_15_9_queued_turns_bounded_with_redis(tmp_path: Path) -> None:
+    with running_redis() as redis:
+        env = _env(
+            LAYERCODE_WEBHOOK_SECRET=SECRET,
+            LAYERCODE_MAX_QUEUED_TURNS="1",
+            REDIS_URL=redis.url,
+            SLOW_AGENT_SECONDS="3",
+        )
+        statuses: list[int] = []
+        agent = "tests.agents_for_tests:scripted_agent"
+        with served_cli("--agent", agent, env=env) as (base, _):
+            url = base + "/api/agent"
+
+            def turn(text: str) -> None:
+                reply = _post(url, event_body("message", text=text, conversation_id="q"))
+                statuses.append(reply.status_code)
+
+            threads = [threading.Thread(target=turn, args=(text,)) for text in ("slow", "queued")]
+            threads[0].start()
+            time.sleep(0.5)
+            threads[1].start()
+            time.sleep(0.5)
+            third = _post(url, event_body("message", text="third", conversation_id="q"))
+            for thread in threads:
+                thread.join(30)
+    assert third.status_code == 503, third.text
+    assert sorted(statuses) == [200, 200]
