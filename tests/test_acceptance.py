@@ -1775,3 +1775,55 @@ def test_15_9_queued_turns_bounded_with_redis(tmp_path: Path) -> None:
                 thread.join(30)
     assert third.status_code == 503, third.text
     assert sorted(statuses) == [200, 200]
+
+
+def test_13_2_future_dated_signature_replay_memory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A signature dated one tolerance ahead verifies until t + tolerance + 1: a replay
+    shortly before then is still refused."""
+    app = _app_from_env(
+        monkeypatch,
+        tmp_path,
+        LAYERCODE_REPLAY_PROTECTION="true",
+        LAYERCODE_SIGNATURE_TOLERANCE="1",
+    )
+    with serve(app) as base:
+        now = time.time()
+        if now % 1 > 0.7:
+            time.sleep(1 - now % 1 + 0.01)
+        t = int(time.time()) + 1
+        body = event_body("session.update")
+        headers = {"layercode-signature": sign(body, SECRET, t), "content-type": "application/json"}
+        first = httpx.post(base + "/api/agent", content=body, headers=headers, timeout=10)
+        wait = t + 1.3 - time.time()
+        if wait > 0:
+            time.sleep(wait)
+        second = httpx.post(base + "/api/agent", content=body, headers=headers, timeout=10)
+    assert (first.status_code, second.status_code) == (200, 409)
+
+
+def test_17_4_starter_client_disconnect_cancels_model_request() -> None:
+    from .fake_openai import Script, fake_openai
+
+    with fake_openai() as (fake, base_url):
+        fake.push(Script(text=("One moment.", " more", " and the end."), hold=True))
+        env = _env(
+            LAYERCODE_WEBHOOK_SECRET=SECRET, OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=base_url
+        )
+        with served_cli("--agent", "starter", env=env) as (base, _):
+            body = event_body("message", text="hello", conversation_id="dc")
+            with (
+                httpx.Client(timeout=10) as client,
+                client.stream(
+                    "POST", base + "/api/agent", content=body, headers=signed_headers(body)
+                ) as reply,
+            ):
+                assert fake.held.wait(10)
+                for line in reply.iter_lines():
+                    if "response.tts" in line:
+                        break  # the first chunk is spoken before the model finished
+                assert not fake.last_delta_sent.is_set()
+            # the client is gone; the model request must be cancelled
+            assert fake.closed_early.wait(10)
+            fake.release()
