@@ -1827,3 +1827,56 @@ def test_17_4_starter_client_disconnect_cancels_model_request() -> None:
             # the client is gone; the model request must be cancelled
             assert fake.closed_early.wait(10)
             fake.release()
+
+
+def test_readme_security_chunked_413_and_long_conversation_id() -> None:
+    from layercode_asgi import Settings, create_app
+
+    app = create_app(
+        Settings(layercode_webhook_secret=SECRET, max_body_size=1000, environ={}, env_file=None),
+        agent="echo",
+    )
+    big = event_body("message", text="x" * 5000)
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(big), 500):
+            yield big[start : start + 500]
+
+    long_id = event_body("message", conversation_id="c" * 513)
+    with serve(app) as base:
+        chunked = httpx.post(
+            base + "/api/agent", content=chunks(), headers=signed_headers(big), timeout=10
+        )
+        too_long = _post(base + "/api/agent", long_id)
+    assert chunked.status_code == 413
+    assert chunked.headers.get("connection", "").lower() == "close"
+    assert too_long.status_code == 400, too_long.text
+    assert "conversation_id" in too_long.text
+
+
+def test_17_3_shop_example_tool_filler_data_and_hangup_through_serve() -> None:
+    from .fake_openai import Script, fake_openai
+
+    with fake_openai() as (fake, base_url):
+        fake.push(
+            Script(text=("Let me see.",), tool_call=("check_stock", '{"item": "tent"}')),
+            Script(text=("We have four tents.",)),
+            Script(text=("Goodbye!",), tool_call=("end_call", "{}")),
+            Script(text=(" Bye.",)),
+        )
+        env = _env(
+            LAYERCODE_WEBHOOK_SECRET=SECRET, OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=base_url
+        )
+        agent = "examples.pydantic_ai_shop:agent"
+        with served_cli("--agent", agent, env=env) as (base, _):
+            url = base + "/api/agent"
+            stock = _post(url, event_body("message", text="tents?", conversation_id="shop"))
+            bye = _post(url, event_body("message", text="bye", conversation_id="shop"))
+    events = _sse_events(stock.text)
+    spoken = "".join(e["content"] for e in events if e["type"] == "response.tts")
+    assert "Let me check." in spoken, events
+    assert {"item": "tent", "in_stock": 4} in [
+        e.get("content") for e in events if e["type"] == "response.data"
+    ], events
+    types = [e["type"] for e in _sse_events(bye.text)]
+    assert "response.hangup" in types and types[-1] == "response.end", types
