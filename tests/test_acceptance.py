@@ -244,6 +244,7 @@ def _session_end_during_turn(app: Any) -> list[str]:
         time.sleep(0.3)  # the turn holds the conversation's lock now
         end = _post(url, event_body("session.end", conversation_id="c-end"))
         assert end.status_code == 200, end.text
+        assert thread.is_alive()  # session.end did not wait for the running turn
         thread.join(30)
         assert outcome["reply"].status_code == 200
         for text in ("again", "and again"):
@@ -1880,3 +1881,22 @@ def test_17_3_shop_example_tool_filler_data_and_hangup_through_serve() -> None:
     ], events
     types = [e["type"] for e in _sse_events(bye.text)]
     assert "response.hangup" in types and types[-1] == "response.end", types
+
+
+def test_13_1_explicit_empty_stores_are_used() -> None:
+    from layercode_asgi import (
+        ConversationManager,
+        LayercodeSignature,
+        LayercodeWebhook,
+        MemoryConversationStore,
+    )
+
+    from .agents_for_tests import history_agent
+
+    store = MemoryConversationStore()
+    assert len(store) == 0
+    webhook = LayercodeWebhook(history_agent, conversations=ConversationManager(store))
+    with serve(LayercodeSignature(webhook, secret=SECRET)) as base:
+        _post(base + "/", event_body("message", text="one"))
+        second = _post(base + "/", event_body("message", text="two"))
+    assert "saw=2" in second.text, second.text
