@@ -403,6 +403,7 @@ def starter_agent(
         pydantic_ai.Agent(llm, instructions=system_prompt, name="starter"), welcome=welcome
     )
     agent.__name__ = agent.__qualname__ = "starter_agent"
+    agent.model = model if ":" in model else f"openai:{model}"  # type: ignore[attr-defined]  # /ready
     return agent
 
 

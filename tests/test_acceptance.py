@@ -1431,7 +1431,9 @@ def test_17_serve_starter_against_fake_model(tmp_path: Path) -> None:
     text = msgspec.json.encode(fake.requests).decode()
     assert "PROMPT-FROM-FILE" in text
     assert "hello" in msgspec.json.encode(fake.requests[-1]).decode()  # history passed on
-    assert ready.get("model") in ("openai:gpt-5-nano", None)
+    assert ready.get("model") == "openai:gpt-5-nano", (
+        ready
+    )  # 14.9: an agent with a model says which
 
 
 def test_14_5_agent_exception_text_cannot_forge_log_lines(tmp_path: Path) -> None:
