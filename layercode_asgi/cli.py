@@ -374,11 +374,18 @@ def _parse_headers(values: Sequence[str]) -> dict[str, str]:
 
 
 def _secret(args: argparse.Namespace, env: Mapping[str, str], command: str) -> str:
-    configured: str = args.secret or env.get(_SECRET_ENV) or ""
+    # As serve reads it: the environment, else ./.env (where the README puts it, and what
+    # the `serve --dev` banner's "$LAYERCODE_WEBHOOK_SECRET" then falls back to).
+    configured: str = (
+        args.secret or env.get(_SECRET_ENV) or parse_env_file(".env").get(_SECRET_ENV) or ""
+    )
     # The rotation form 'whsec_new,whsec_old' (what serve accepts): sign with the newest.
     secret = next((part.strip() for part in configured.split(",") if part.strip()), "")
     if not secret:
-        raise _UsageError(f"{command} needs the webhook secret: --secret S (or {_SECRET_ENV})")
+        raise _UsageError(
+            f"{command} needs the webhook secret: --secret S (or {_SECRET_ENV}, in the "
+            "environment or ./.env)"
+        )
     return secret
 
 
@@ -882,7 +889,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--url", default=DEFAULT_URL, help="the webhook URL (default %(default)s)"
     )
-    simulate.add_argument("--secret", help=f"the webhook secret (default: ${_SECRET_ENV})")
+    simulate.add_argument(
+        "--secret", help=f"the webhook secret (default: ${_SECRET_ENV}, else from ./.env)"
+    )
     simulate.add_argument(
         "--file", metavar="PATH", help="read messages from PATH, one per line ('-' = stdin)"
     )
@@ -963,7 +972,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=formatter,
     )
-    sign.add_argument("--secret", help=f"the webhook secret (default: ${_SECRET_ENV})")
+    sign.add_argument(
+        "--secret", help=f"the webhook secret (default: ${_SECRET_ENV}, else from ./.env)"
+    )
     source = sign.add_mutually_exclusive_group()
     source.add_argument("--body", metavar="TEXT", help="the exact request body")
     source.add_argument("--file", metavar="PATH", help="read the body from PATH ('-' = stdin)")

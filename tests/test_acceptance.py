@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -1902,3 +1903,31 @@ def test_13_1_explicit_empty_stores_are_used() -> None:
         _post(base + "/", event_body("message", text="one"))
         second = _post(base + "/", event_body("message", text="two"))
     assert "saw=2" in second.text, second.text
+
+
+def test_15_5_dev_banner_command_works_with_the_secret_in_dotenv(tmp_path: Path) -> None:
+    """The documented set-up: the (rotation-form) secret in ./.env, not in the shell."""
+    (tmp_path / ".env").write_text("LAYERCODE_WEBHOOK_SECRET=whsec_new,whsec_old\n")
+    port = free_port()
+    env = _env()
+    process = subprocess.Popen(
+        [CLI, "serve", "--dev", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        command = ""
+        for _ in range(40):
+            line = process.stdout.readline()
+            if "layercode-asgi simulate" in line:
+                command = line.strip()
+                break
+        assert command, "no simulate command in the banner"
+        result = subprocess.run(
+            ["bash", "-c", command.replace("layercode-asgi", shlex.quote(CLI), 1)],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+    finally:
+        process.terminate()
+        process.wait(15)
+    assert result.returncode == 0, result.stdout + result.stderr
