@@ -1931,3 +1931,24 @@ def test_15_5_dev_banner_command_works_with_the_secret_in_dotenv(tmp_path: Path)
         process.terminate()
         process.wait(15)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_15_4_escapes_in_reply_headers_and_status_body() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/\x9b2Jhtml\xc2\x9d")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"<html>\x1b]52;c;ZXZpbA==\x07</html>"})
+
+    with serve(app) as base:
+        for extra in ([], ["--json"]):
+            result = run_cli("simulate", "--url", base + "/api/agent", *extra, "hi",
+                             env=_env(LAYERCODE_WEBHOOK_SECRET=SECRET))  # fmt: skip
+            out = result.stdout + result.stderr
+            for char in ("\x1b", "\x07", "\x9b", "\x9d"):
+                assert char not in out, (extra, repr(out))
+            assert result.returncode == 1
