@@ -517,6 +517,9 @@ def test_13_hardening_history_max_bytes_env(
         ("def agent(:\n", "agent", "SyntaxError"),
         ("async def agent(event):\n    yield 'x'\n", "agnet", "agnet"),
         ("raise RuntimeError('boom at import')\n", "agent", "boom at import"),
+        ("import sys\nsys.exit(3)\n", "agent", "SystemExit"),
+        ("raise SystemExit('Set OPENAI_API_KEY')\n", "agent", "Set OPENAI_API_KEY"),
+        ("raise RuntimeError('first line\\nsecond line')\n", "agent", "first line"),
     ],
 )
 def test_14_1_and_4_serve_agent_import_errors(
