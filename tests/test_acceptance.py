@@ -1955,3 +1955,44 @@ def test_15_4_escapes_in_reply_headers_and_status_body() -> None:
             for char in ("\x1b", "\x07", "\x9b", "\x9d"):
                 assert char not in out, (extra, repr(out))
             assert result.returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("upstream_body", "expected"),
+    [
+        ({"error": "e" * 10_000}, "e" * 200),
+        ({"error": {"secret": "NESTED-SECRET"}}, "LayerCode API refused the request (403)"),
+        ({"message": "OTHER-FIELD"}, "LayerCode API refused the request (403)"),
+        ("not an object NOT-JSON-SECRET", "LayerCode API refused the request (403)"),
+    ],
+)
+def test_13_7_authorize_relays_only_a_bounded_error_message(
+    upstream_body: Any, expected: str
+) -> None:
+    from layercode_asgi import Settings, create_app
+
+    raw = (
+        upstream_body.encode()
+        if isinstance(upstream_body, str)
+        else msgspec.json.encode(upstream_body)
+    )
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 403,
+                    "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": raw})
+
+    with serve(upstream) as upstream_url:
+        settings = Settings(
+            layercode_webhook_secret=SECRET,
+            layercode_api_key="lc_key",
+            layercode_api_url=upstream_url,
+            environ={},
+            env_file=None,
+        )
+        with serve(create_app(settings, agent="echo")) as base:
+            reply = httpx.post(base + "/api/authorize", json={"agent_id": "a"}, timeout=30)
+    assert reply.status_code == 403
+    assert reply.json() == {"error": expected}
