@@ -1996,3 +1996,37 @@ def test_13_7_authorize_relays_only_a_bounded_error_message(
             reply = httpx.post(base + "/api/authorize", json={"agent_id": "a"}, timeout=30)
     assert reply.status_code == 403
     assert reply.json() == {"error": expected}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="README Node-style snippet: parse_webhook_payload raises UnknownEventError / "
+    "WebhookPayloadError before stream_response is called, so an unknown event type or a "
+    "malformed body is a 500 (create_app: 200 ignored / 400); stream_response (turns.py) "
+    "cannot take the raw body",
+)
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"type":"future.event","session_id":"s","conversation_id":"c"}',
+        b'{"type":"message","session_id":"s"}',
+    ],
+)
+def test_14_6_readme_node_style_unknown_or_malformed_event_not_500(body: bytes) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from layercode_asgi import LayercodeSignature, parse_webhook_payload, stream_response
+
+    async def handler(stream: Any) -> None:
+        await stream.tts("Hi there")
+        await stream.end()
+
+    async def route(request: Any) -> Any:  # the README's snippet, as written
+        return stream_response(parse_webhook_payload(await request.body()), handler)
+
+    app = Starlette(routes=[Route("/api/agent", route, methods=["POST"])])
+    app.add_middleware(LayercodeSignature, secret=SECRET, paths=["/api/agent"])
+    with serve(app) as base:
+        reply = _post(base + "/api/agent", body)
+    assert reply.status_code < 500, reply.text
