@@ -2030,3 +2030,35 @@ def test_14_6_readme_node_style_unknown_or_malformed_event_not_500(body: bytes) 
     with serve(app) as base:
         reply = _post(base + "/api/agent", body)
     assert reply.status_code < 500, reply.text
+
+
+@pytest.mark.skipif(
+    shutil.which("hypercorn", path=str(Path(sys.executable).parent)) is None, reason="no hypercorn"
+)
+def test_13_hardening_early_reject_under_hypercorn(tmp_path: Path) -> None:
+    port = free_port()
+    hypercorn = str(Path(sys.executable).parent / "hypercorn")
+    env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET)
+    process = subprocess.Popen(
+        [hypercorn, "--bind", f"127.0.0.1:{port}", "layercode_asgi.server:app_from_env()"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", process)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /api/agent HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"content-length: 100000\r\n\r\n"
+            )
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(4096)  # no byte of the body was sent
+                if not chunk:
+                    break
+                data += chunk
+    finally:
+        process.terminate()
+        process.wait(15)
+    head = data.split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 401"), data
+    assert b"connection: close" in head, data
