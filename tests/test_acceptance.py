@@ -2062,3 +2062,19 @@ def test_13_hardening_early_reject_under_hypercorn(tmp_path: Path) -> None:
     head = data.split(b"\r\n\r\n")[0].lower()
     assert head.startswith(b"http/1.1 401"), data
     assert b"connection: close" in head, data
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"LAYERCODE_SYSTEM_PROMPT": "a", "LAYERCODE_SYSTEM_PROMPT_FILE": "/etc/hostname"},
+        {"LAYERCODE_SYSTEM_PROMPT_FILE": "/nonexistent/prompt.txt"},
+        {"DEFAULT_MODEL": "no-such-provider:model"},
+    ],
+)
+def test_17_1_starter_bad_prompt_or_model_settings_one_line(extra: dict[str, str]) -> None:
+    env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET, OPENAI_API_KEY="sk-test", **extra)
+    result = run_cli(
+        "serve", "--agent", "starter", "--env-file", "", "--port", str(free_port()), env=env
+    )
+    _one_error_line(result)
