@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from .conversation import HistoryMessage
 from .errors import ConfigurationError
 from .events import SessionStartPayload, TurnEvent
+from .redaction import escape_terminal
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -371,6 +372,11 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def _one_line(exc: BaseException) -> str:
+    """``str(exc)`` on one line: line breaks and other control characters escaped."""
+    return escape_terminal(str(exc).strip())
+
+
 def starter_agent(
     *,
     model: str = "openai:gpt-5-nano",
@@ -402,6 +408,7 @@ def starter_agent(
         pydantic_ai.Agent(llm, instructions=system_prompt, name="starter"), welcome=welcome
     )
     agent.__name__ = agent.__qualname__ = "starter_agent"
+    agent.model = model if ":" in model else f"openai:{model}"  # type: ignore[attr-defined]  # /ready
     return agent
 
 
@@ -470,9 +477,10 @@ def _import_agent(name: str) -> Any:
     module_name, _, attribute = name.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
-    except Exception as exc:  # whatever the module raised while being imported
+    except (Exception, SystemExit) as exc:  # whatever the module raised while being imported
+        # (an example's ``raise SystemExit("Set OPENAI_API_KEY")`` is a failure to start too)
         raise AgentImportError(
-            f"cannot import the agent {name!r}: {type(exc).__name__}: {exc}"
+            f"cannot import the agent {name!r}: {type(exc).__name__}: {_one_line(exc)}"
         ) from exc
     for part in attribute.split("."):
         try:

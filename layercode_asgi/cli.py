@@ -537,7 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=formatter,
     )
-    sign.add_argument("--secret", help=f"the webhook secret (default: ${_SECRET_ENV})")
+    sign.add_argument(
+        "--secret", help=f"the webhook secret (default: ${_SECRET_ENV}, else from ./.env)"
+    )
     source = sign.add_mutually_exclusive_group()
     source.add_argument("--body", metavar="TEXT", help="the exact request body")
     source.add_argument("--file", metavar="PATH", help="read the body from PATH ('-' = stdin)")

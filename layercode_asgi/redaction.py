@@ -32,16 +32,42 @@ def mask_url(url: str) -> str:
     """``url`` with its credentials hidden: ``redis://user:***@host:6379/0``.
 
     The user name is kept when a ``:`` separates it from a password; credentials without a
-    ``:`` are hidden whole (some clients read a lone ``secret@host`` as a password). A URL
-    without ``@`` has no credentials and is returned unchanged. Never raises.
+    ``:`` are hidden whole (some clients read a lone ``secret@host`` as a password). Query
+    parameters other than plain options (``db=``, timeouts, …) have their values hidden
+    (redis-py reads ``?password=`` as the password), and so has a fragment. Never raises.
     """
     match = _SCHEME.match(url)
     prefix, rest = (url[: match.end()], url[match.end() :]) if match else ("", url)
     credentials, at, host = rest.rpartition("@")
+    host = _mask_query(host)
     if not at:
-        return url
+        return prefix + host
     user, colon, _ = credentials.partition(":")
     return f"{prefix}{user}:{MASK}@{host}" if colon else f"{prefix}{MASK}@{host}"
+
+
+#: Query parameters shown as they are; every other one (``password=``, which redis-py
+#: reads as the password, and whatever a client may take as a credential) is masked.
+_PLAIN_PARAMETERS = frozenset(
+    {"db", "protocol", "decode_responses", "encoding", "socket_timeout",
+     "socket_connect_timeout", "socket_keepalive", "retry_on_timeout", "health_check_interval",
+     "max_connections", "ssl_cert_reqs", "ssl_check_hostname", "client_name", "timeout"}
+)  # fmt: skip
+
+
+def _mask_query(text: str) -> str:
+    """``host:port/path?query#fragment`` with the values of the query's non-plain parameters
+    and the fragment masked."""
+    text, hash_, _ = text.partition("#")
+    location, question, query = text.partition("?")
+    if question:
+        parameters = []
+        for parameter in query.split("&"):
+            name, equals, _ = parameter.partition("=")
+            plain = name.lower() in _PLAIN_PARAMETERS
+            parameters.append(parameter if plain else f"{name}={MASK}" if equals else MASK)
+        location += "?" + "&".join(parameters)
+    return location + (f"#{MASK}" if hash_ else "")
 
 
 def _escape(match: re.Match[str]) -> str:

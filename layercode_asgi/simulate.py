@@ -20,6 +20,7 @@ import anyio
 import httpx
 import msgspec
 
+from .envfile import parse_env_file
 from .redaction import escape_terminal
 from .testing import (
     VIOLATIONS,
@@ -339,15 +340,33 @@ def _parse_headers(values: Sequence[str]) -> dict[str, str]:
 
 
 def read_secret(args: argparse.Namespace, env: Mapping[str, str], command: str) -> str:
-    configured: str = args.secret or env.get(SECRET_ENV) or ""
+    # As serve reads it: the environment, else ./.env (where the README puts it, and what
+    # the `serve --dev` banner's "$LAYERCODE_WEBHOOK_SECRET" then falls back to).
+    configured: str = (
+        args.secret or env.get(SECRET_ENV) or parse_env_file(".env").get(SECRET_ENV) or ""
+    )
     # The rotation form 'whsec_new,whsec_old' (what serve accepts): sign with the newest.
     secret = next((part.strip() for part in configured.split(",") if part.strip()), "")
     if not secret:
-        raise UsageError(f"{command} needs the webhook secret: --secret S (or {SECRET_ENV})")
+        raise UsageError(
+            f"{command} needs the webhook secret: --secret S (or {SECRET_ENV}, in the "
+            "environment or ./.env)"
+        )
     return secret
 
 
+def _check_url(url: str) -> None:
+    """A ``--url`` httpx cannot send to is a usage error (one line, exit 2)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        raise UsageError(f"--url is not a valid URL: {escape_terminal(str(exc))}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise UsageError(f"--url must be an http(s) URL, got {escape_terminal(repr(url))}")
+
+
 def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    _check_url(args.url)
     secret = read_secret(args, env, "simulate")
     headers = _parse_headers(args.header)
     data: Any = _NO_DATA
@@ -423,7 +442,9 @@ def add_simulate_command(commands: Any, formatter: type[argparse.HelpFormatter])
     simulate.add_argument(
         "--url", default=DEFAULT_URL, help="the webhook URL (default %(default)s)"
     )
-    simulate.add_argument("--secret", help=f"the webhook secret (default: ${SECRET_ENV})")
+    simulate.add_argument(
+        "--secret", help=f"the webhook secret (default: ${SECRET_ENV}, else from ./.env)"
+    )
     simulate.add_argument(
         "--file", metavar="PATH", help="read messages from PATH, one per line ('-' = stdin)"
     )

@@ -39,12 +39,19 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mappin
 from typing import Any, TypeAlias
 
 import anyio
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
 from .agents import describe_non_reply as _describe_non_reply
 from .conversation import HistoryMessage
-from .events import MessagePayload, SessionStartPayload
+from .events import (
+    InvalidPayloadError,
+    MessagePayload,
+    SessionStartPayload,
+    UnknownEventError,
+    WebhookPayload,
+    parse_webhook_payload,
+)
 from .jsonwire import encode_json
 from .logs import escape_log_value
 from .sse import Emit, EventStreamResponse
@@ -452,7 +459,7 @@ def _as_replies(value: Any) -> Iterable[Any]:
 
 
 def stream_turn(
-    event: TurnEvent,
+    event: WebhookPayload | bytes | str,
     agent: Agent,
     *,
     history: Sequence[HistoryMessage] = (),
@@ -466,7 +473,7 @@ def stream_turn(
 
 
 def stream_response(
-    event: TurnEvent,
+    event: WebhookPayload | bytes | str,
     handler: StreamHandler,
     *,
     history: Sequence[HistoryMessage] = (),
@@ -480,7 +487,7 @@ def stream_response(
 
 
 def _stream(
-    event: TurnEvent,
+    event: WebhookPayload | bytes | str,
     agent: Agent | None,
     handler: StreamHandler | None,
     history: Sequence[HistoryMessage],
@@ -489,7 +496,21 @@ def _stream(
     timeout_message: str | None,
     headers: Mapping[str, str] | None,
 ) -> Response:
-    """What both entry points do: one :class:`Turn` in one :class:`EventStreamResponse`."""
+    """What both entry points do: one :class:`Turn` in one :class:`EventStreamResponse`.
+
+    ``event`` may be the raw body: then an unknown event type is answered 200
+    ``{"status": "ignored"}`` and a malformed one 400 ``{"error", "path"}``, as
+    ``create_app`` answers them.
+    """
+    if isinstance(event, bytes | str):
+        try:
+            event = parse_webhook_payload(event)
+        except UnknownEventError as exc:
+            logger.warning("ignoring webhook of unknown type %s", escape_log_value(exc.event_type))
+            return Response(b'{"status":"ignored"}', media_type="application/json")
+        except InvalidPayloadError as exc:
+            logger.info("rejected malformed webhook: %s", escape_log_value(exc))
+            return JSONResponse({"error": str(exc), "path": exc.path}, status_code=400)
     if not isinstance(event, SessionStartPayload | MessagePayload):
         return Response(b'{"status":"ok"}', media_type="application/json")
     turn = Turn(
