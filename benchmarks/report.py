@@ -589,8 +589,20 @@ def markdown(results: dict[str, Any]) -> str:
         add("")
 
     add(_missed(results))
+    add(_redis_section())
     add(DESIGN_NOTES)
     return "\n".join(parts) + "\n"
+
+
+def _redis_section() -> str:
+    """``paced_redis.py``'s own report (RESULTS-redis.md, its run and date), when it exists."""
+    path = Path(__file__).resolve().parent / "RESULTS-redis.md"
+    if not path.exists():
+        return ""
+    text = path.read_text().strip()
+    heading, _, rest = text.partition("\n")
+    title = heading.lstrip("# ").strip() or "Paced streaming with history on Redis"
+    return f"## {title} (from RESULTS-redis.md)\n\n{rest.strip()}\n"
 
 
 def _paced_section(results: dict[str, Any]) -> str:
