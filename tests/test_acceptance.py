@@ -31,6 +31,10 @@ from layercode_asgi import sign
 from .conftest import SECRET, event_body, free_port, serve, signed_headers
 from .redis_fixtures import REDIS_SERVER, running_redis
 
+#: Real servers and subprocesses throughout, and every optional framework: the full suite
+#: (Python 3.11, all extras) runs it; the quick nox sessions leave it out.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 CLI = str(Path(sys.executable).parent / "layercode-asgi")
 TIMEOUT = 60
