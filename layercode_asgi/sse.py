@@ -203,60 +203,69 @@ class EventStreamResponse(Response):
             )
         self.disconnected = False
         self.started = False
+        self._send: Send | None = None
+        self._cancel: anyio.CancelScope | None = None
+        self._failure: Exception | None = None
+        self._unyielded = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        start: Message = {
+        self._send = send
+        # The producer runs in a child task, the watcher here: once the producer is done,
+        # the watcher is cancelled in this task (no cancelled child task to collect).
+        async with anyio.create_task_group() as task_group:
+            self._cancel = task_group.cancel_scope
+            task_group.start_soon(self._produce)
+            await self._watch_disconnect(receive)
+        if not self.disconnected:
+            await self._finish(send, self._failure)
+        self._send = self._cancel = self._failure = None  # no cycle through the producer
+        if self.background is not None:
+            await self.background()
+
+    async def emit(self, chunk: bytes) -> None:
+        """Send one chunk of the stream; returns once the server took it (the producer's
+        ``emit``). The status line and headers go out with the first chunk."""
+        send = self._send
+        if send is None:
+            raise RuntimeError("this response is not streaming")
+        try:
+            if not self.started:
+                self.started = True
+                await send(self._start_message())
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except OSError:
+            self.disconnected = True
+            if self._cancel is not None:
+                self._cancel.cancel()
+            await anyio.lowlevel.checkpoint()  # the cancellation, here in the producer
+        # A server's send often returns without suspending (always, once the client is
+        # gone): yield now and then, so that the disconnect watcher, timeouts and other
+        # requests still run while a producer awaits nothing else. Not after every
+        # chunk: two checkpoints per chunk made a 10-chunk turn cost 280 instead of
+        # 190 µs of the library's CPU (in-process, asyncio); a real agent awaits
+        # between chunks anyway.
+        self._unyielded += 1
+        if self._unyielded >= _YIELD_EVERY:
+            self._unyielded = 0
+            await anyio.lowlevel.checkpoint()
+
+    async def _produce(self) -> None:
+        try:
+            await self.producer(self.emit)
+        except Exception as exc:
+            self._failure = exc
+        finally:
+            if self._cancel is not None:
+                self._cancel.cancel()  # stop the watcher
+
+    def _start_message(self) -> Message:
+        return {
             "type": "http.response.start",
             "status": self.status_code,
             "headers": self.raw_headers,
         }
 
-        unyielded = 0
-
-        async def emit(chunk: bytes) -> None:
-            nonlocal unyielded
-            try:
-                if not self.started:
-                    self.started = True
-                    await send(start)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except OSError:
-                self.disconnected = True
-                task_group.cancel_scope.cancel()
-                await anyio.lowlevel.checkpoint()  # the cancellation, here in the producer
-            # A server's send often returns without suspending (always, once the client is
-            # gone): yield now and then, so that the disconnect watcher, timeouts and other
-            # requests still run while a producer awaits nothing else. Not after every
-            # chunk: two checkpoints per chunk made a 10-chunk turn cost 280 instead of
-            # 190 µs of the library's CPU (in-process, asyncio); a real agent awaits
-            # between chunks anyway.
-            unyielded += 1
-            if unyielded >= _YIELD_EVERY:
-                unyielded = 0
-                await anyio.lowlevel.checkpoint()
-
-        failure: Exception | None = None
-
-        async def produce() -> None:
-            nonlocal failure
-            try:
-                await self.producer(emit)
-            except Exception as exc:
-                failure = exc
-            finally:
-                task_group.cancel_scope.cancel()  # stop the watcher
-
-        # The producer runs in a child task, the watcher here: once the producer is done,
-        # the watcher is cancelled in this task (no cancelled child task to collect).
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(produce)
-            await self._watch_disconnect(receive, task_group.cancel_scope)
-        if not self.disconnected:
-            await self._finish(send, start, failure)
-        if self.background is not None:
-            await self.background()
-
-    async def _finish(self, send: Send, start: Message, failure: Exception | None) -> None:
+    async def _finish(self, send: Send, failure: Exception | None) -> None:
         try:
             if failure is not None and not self.started:
                 self.status_code = _error_status(failure)
@@ -268,19 +277,20 @@ class EventStreamResponse(Response):
             with anyio.move_on_after(limit) as scope:
                 if not self.started:
                     self.started = True
-                    await send(start)
+                    await send(self._start_message())
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             if scope.cancelled_caught:
                 logger.warning("event stream: the client stopped reading; stream closed")
         except OSError:
             self.disconnected = True
 
-    async def _watch_disconnect(self, receive: Receive, cancel_scope: anyio.CancelScope) -> None:
+    async def _watch_disconnect(self, receive: Receive) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 self.disconnected = True
-                cancel_scope.cancel()
+                if self._cancel is not None:
+                    self._cancel.cancel()
                 return
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
@@ -82,6 +82,96 @@ _TOO_MANY_WAITING = "too many turns waiting for this conversation; retry later"
 
 _OK = b'{"status":"ok"}'
 _IGNORED = b'{"status":"ignored"}'
+
+
+class _TurnRequest:
+    """The producer of one turn's response: wait for the conversation, run, record.
+
+    One small object per request rather than closures: every object a turn keeps alive
+    for its seconds of streaming is work for the garbage collector (whose pauses are the
+    tail of the paced benchmark).
+    """
+
+    __slots__ = ("body", "event", "webhook")
+
+    def __init__(
+        self,
+        webhook: LayercodeWebhook,
+        event: TurnEvent,
+        body: bytes | str | Mapping[str, Any] | None,
+    ) -> None:
+        self.webhook = webhook
+        self.event: TurnEvent | None = event
+        self.body = body
+
+    async def __call__(self, emit: Emit) -> None:
+        webhook = self.webhook
+        event, self.event = self.event, None  # the turn holds it from here on
+        assert event is not None
+        conversations = webhook.conversations
+        if conversations is None:
+            await webhook._run(webhook._turn(event, (), anyio_time=None), emit)
+            return
+        cid = event.conversation_id
+        pending = webhook._pending
+        count = pending.get(cid, 0)
+        if count > webhook.max_queued_turns:  # one holds it, max_queued_turns wait
+            raise ResponseError(503, _TOO_MANY_WAITING)
+        pending[cid] = count + 1
+        body = self.body
+        if count and body is not None:
+            event = None  # it waits: keep the raw body only
+        # Abortable while it waits (the scope leaves ``_waiting`` once it holds the lock:
+        # a store's lock may open scopes of its own, so the scope encloses the whole
+        # ``async with``).
+        waiting = anyio.CancelScope()
+        acquired = False
+        webhook._waiting.add(waiting)
+        try:
+            with waiting:
+                async with conversations.lock(cid, timeout=webhook.lock_timeout):
+                    acquired = True
+                    locked_at = anyio.current_time()  # the turn's deadline counts from here
+                    webhook._waiting.discard(waiting)
+                    if event is None:
+                        event = _decode_turn(body)
+                    try:
+                        history, generation = await _read(conversations, cid)
+                    except LayercodeError as exc:
+                        failure = "conversation store failed reading the history"
+                        raise _unavailable(exc, failure) from exc
+                    turn = webhook._turn(event, history, anyio_time=locked_at)
+                    try:
+                        await webhook._run(turn, emit)
+                    finally:
+                        await webhook._record(conversations, event, turn, generation)
+        except LayercodeError as exc:
+            if acquired or isinstance(exc, ResponseError):
+                raise
+            raise _lock_failure(exc) from exc
+        except ValueError as exc:
+            if acquired:
+                raise
+            raise ResponseError(400, f"invalid conversation_id: {exc}") from exc  # refused id
+        finally:
+            webhook._waiting.discard(waiting)
+            left = pending[cid] - 1
+            if left:
+                pending[cid] = left
+            else:
+                del pending[cid]
+        if waiting.cancelled_caught and not acquired:
+            raise ResponseError(503, SHUTTING_DOWN)
+
+
+async def _read(
+    conversations: ConversationBackend, cid: str
+) -> tuple[list[HistoryMessage], int | None]:
+    read = getattr(conversations, "read_turn", None)
+    if read is not None:
+        history, generation = await read(cid)
+        return history, generation
+    return await conversations.get_history(cid), None
 
 
 class ConversationBackend(Protocol):
@@ -166,7 +256,8 @@ class LayercodeWebhook:
         if not callable(agent):
             raise TypeError(f"agent must be an async callable, got {type(agent).__name__}")
         self.agent = agent
-        bind_agent(agent)  # an agent that cannot be called as one fails here, not per turn
+        # Bound once: an agent that cannot be called as one fails here, not per turn.
+        self._bound = bind_agent(agent)
         if isinstance(conversations, str):
             if conversations != "memory":
                 raise ValueError(
@@ -295,85 +386,8 @@ class LayercodeWebhook:
         conversation then keeps only ``body`` while it waits, and decodes it again once
         it holds the lock.
         """
-        conversations = self.conversations
-        if conversations is None:
-            turn = self._turn(event, (), anyio_time=None)
-            return self._response(lambda emit: self._run(turn, emit))
-        held = [event]  # taken by the producer: no closure keeps the event itself
-        del event
-
-        async def produce(emit: Emit) -> None:
-            event: TurnEvent | None = held.pop()
-            assert event is not None
-            cid = event.conversation_id
-            pending = self._pending
-            count = pending.get(cid, 0)
-            if count > self.max_queued_turns:  # one holds it, max_queued_turns wait
-                raise ResponseError(503, _TOO_MANY_WAITING)
-            pending[cid] = count + 1
-            try:
-                if count and body is not None:
-                    event = None  # it waits: keep the raw body only
-                # Abortable while it waits (the scope leaves ``_waiting`` once it holds the
-                # lock: a store's lock may open scopes of its own, so the scope encloses
-                # the whole ``async with``).
-                waiting = anyio.CancelScope()
-                acquired = False
-                self._waiting.add(waiting)
-                try:
-                    with waiting:
-                        async with conversations.lock(cid, timeout=self.lock_timeout):
-                            acquired = True
-                            locked_at = anyio.current_time()  # the turn's deadline counts
-                            self._waiting.discard(waiting)
-                            if event is None:
-                                event = _decode_turn(body)
-                            await self._locked_turn(conversations, event, emit, locked_at)
-                except LayercodeError as exc:
-                    if acquired or isinstance(exc, ResponseError):
-                        raise
-                    raise _lock_failure(exc) from exc
-                except ValueError as exc:
-                    if acquired:
-                        raise
-                    # an id the store refuses (empty, too long)
-                    raise ResponseError(400, f"invalid conversation_id: {exc}") from exc
-                finally:
-                    self._waiting.discard(waiting)
-                if waiting.cancelled_caught and not acquired:
-                    raise ResponseError(503, SHUTTING_DOWN)
-            finally:
-                left = pending[cid] - 1
-                if left:
-                    pending[cid] = left
-                else:
-                    del pending[cid]
-
-        return self._response(produce)
-
-    def _response(self, producer: Callable[[Emit], Awaitable[None]]) -> EventStreamResponse:
         # A client that stopped reading gets the turn's grace for the final frame too.
-        return EventStreamResponse(producer, close_timeout=self.turn_grace)
-
-    async def _locked_turn(
-        self, conversations: ConversationBackend, event: TurnEvent, emit: Emit, locked_at: float
-    ) -> None:
-        """The turn, holding its conversation's lock: read, run, record."""
-        cid = event.conversation_id
-        read = getattr(conversations, "read_turn", None)
-        generation: int | None = None
-        try:
-            if read is not None:
-                history, generation = await read(cid)
-            else:
-                history = await conversations.get_history(cid)
-        except LayercodeError as exc:
-            raise _unavailable(exc, "conversation store failed reading the history") from exc
-        turn = self._turn(event, history, anyio_time=locked_at)
-        try:
-            await self._run(turn, emit)
-        finally:
-            await self._record(conversations, event, turn, generation)
+        return EventStreamResponse(_TurnRequest(self, event, body), close_timeout=self.turn_grace)
 
     async def _run(self, turn: Turn, emit: Emit) -> None:
         running = self._running
@@ -403,7 +417,7 @@ class LayercodeWebhook:
     ) -> Turn:
         return Turn(
             event,
-            self.agent,
+            self._bound,
             history=history,
             extras=self.extras,
             timeout=self.turn_timeout,
