@@ -15,6 +15,7 @@ Every error is JSON ``{"error": "…"}`` with a fitting status (400, 401, 404, 4
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -279,9 +280,18 @@ def create_app(
                 "LayerCode sessions (set LAYERCODE_AUTHORIZE_API_KEYS or authorize_guard)",
                 authorize_route,
             )
+        if settings.gc_freeze:
+            # The collector's full passes scan every live object; the app's own (modules,
+            # routes, the agent) never die, so they are frozen out of those passes. Paced
+            # benchmark (one worker, 3 interleaved rounds): p99 first-tts overhead at N=200
+            # 31 -> 15 ms, at N=800 85 -> 76 ms; CPU per turn 436 -> 397 us at N=200.
+            gc.collect()
+            gc.freeze()
         try:
             yield
         finally:
+            if settings.gc_freeze:
+                gc.unfreeze()
             await authorize.aclose()
             await conversations.aclose()
             if replay is not None:

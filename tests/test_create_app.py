@@ -7,6 +7,7 @@ serialising a conversation's turns.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -298,3 +299,14 @@ def test_a_finished_turn_leaves_no_reference_cycle(agent: Any) -> None:
         gc.garbage.clear()
         gc.enable()
     assert [type(o).__name__ for o in ours] == []
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_gc_freeze_holds_while_the_app_runs_and_is_undone_at_shutdown(freeze: bool) -> None:
+    gc.unfreeze()
+    app = create_app(settings(gc_freeze=freeze))
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+        frozen = gc.get_freeze_count()
+    assert (frozen > 0) is freeze
+    assert gc.get_freeze_count() == 0
