@@ -22,7 +22,7 @@ import logging
 import math
 import re
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
-from typing import Any, TypeAlias
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -58,8 +58,12 @@ _RAW_SSE_HEADERS = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in SSE_H
 # also splits on \v, \f, \x1c-\x1e, \x85, \u2028 and \u2029, which SSE does not.)
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
-#: ``emit(chunk)`` sends one chunk of an event stream and returns once the server took it.
-Emit: TypeAlias = Callable[[bytes], Awaitable[None]]
+class Emit(Protocol):
+    """``await emit(chunk)`` sends one chunk of an event stream and returns once the server
+    took it; ``await emit(chunk, last=True)`` sends the final chunk and ends the body with
+    it (one write instead of two; nothing may be emitted after it)."""
+
+    def __call__(self, chunk: bytes, /, *, last: bool = False) -> Awaitable[None]: ...
 
 
 def format_sse_message(
@@ -203,6 +207,7 @@ class EventStreamResponse(Response):
             )
         self.disconnected = False
         self.started = False
+        self.closed = False
         self._send: Send | None = None
         self._cancel: anyio.CancelScope | None = None
         self._failure: Exception | None = None
@@ -222,17 +227,19 @@ class EventStreamResponse(Response):
         if self.background is not None:
             await self.background()
 
-    async def emit(self, chunk: bytes) -> None:
+    async def emit(self, chunk: bytes, *, last: bool = False) -> None:
         """Send one chunk of the stream; returns once the server took it (the producer's
-        ``emit``). The status line and headers go out with the first chunk."""
+        ``emit``, see :class:`Emit`). The status line and headers go out with the first
+        chunk; ``last=True`` ends the body with this chunk."""
         send = self._send
-        if send is None:
+        if send is None or self.closed:
             raise RuntimeError("this response is not streaming")
         try:
             if not self.started:
                 self.started = True
                 await send(self._start_message())
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self.closed = last
+            await send({"type": "http.response.body", "body": chunk, "more_body": not last})
         except OSError:
             self.disconnected = True
             if self._cancel is not None:
@@ -273,6 +280,8 @@ class EventStreamResponse(Response):
                 return
             if failure is not None:
                 logger.error("event stream producer failed", exc_info=failure)
+            if self.closed:  # the producer's last chunk ended the body
+                return
             limit = math.inf if self.close_timeout is None else self.close_timeout
             with anyio.move_on_after(limit) as scope:
                 if not self.started:
@@ -288,6 +297,8 @@ class EventStreamResponse(Response):
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                if self.closed:  # the body is complete: the producer just finishes up
+                    return
                 self.disconnected = True
                 if self._cancel is not None:
                     self._cancel.cancel()

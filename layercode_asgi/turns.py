@@ -380,7 +380,7 @@ class Turn:
             if emit is None:
                 raise RuntimeError(_NOT_RUNNING)
             self.ended = True
-            await emit(_END + self._suffix)
+            await emit(_END + self._suffix, last=True)
 
     async def _send(self, chunk: bytes) -> None:
         emit = self._emit
