@@ -253,7 +253,7 @@ class SettingField:
 
 _F = SettingField
 
-#: Every setting, in documentation order. This table drives parsing and the README table.
+#: Every setting, in documentation order. This table drives parsing and the docs' settings table.
 SETTINGS_FIELDS: tuple[SettingField, ...] = (
     _F("layercode_api_key", "LAYERCODE_API_KEY", "str | None", None,
        "LayerCode API key, used by the authorize route and REST calls.", secret=True),
@@ -338,7 +338,7 @@ _BY_NAME: dict[str, SettingField] = {f.name: f for f in SETTINGS_FIELDS}
 
 
 def settings_table_markdown() -> str:
-    """Render :data:`SETTINGS_FIELDS` as a Markdown table (for the README)."""
+    """Render :data:`SETTINGS_FIELDS` as a Markdown table (for docs/settings.md)."""
     rows = [
         "| Variable | Type | Default | Description |",
         "|---|---|---|---|",

@@ -54,6 +54,18 @@ NEEDS: dict[str, tuple[str, ...]] = {
 
 PAGES = sorted(path.relative_to(DOCS).as_posix() for path in DOCS.rglob("*.md"))
 
+#: What a page's shell commands must print: (a text of the block, a text of its output).
+OUTPUTS: dict[str, list[tuple[str, str]]] = {
+    # the curl examples reach a served agent and get a whole turn back
+    "getting-started.md": [
+        ("curl -N", '"type":"response.end"'),
+        ("layercode-asgi simulate", "no protocol violation"),
+    ],
+    "cli.md": [("curl -N", '"type":"response.end"')],
+    # simulate holds a conversation with the FastAPI example
+    "stacks.md": [("examples/fastapi_app.py", "no protocol violation")],
+}
+
 
 def _generated() -> ModuleType:
     spec = importlib.util.spec_from_file_location(
@@ -85,6 +97,9 @@ def test_every_code_block_of_the_page_runs(page: str, tmp_path: Path) -> None:
     print(report.summary())  # the exemptions, with their reasons (shown with -s or -rP)
     assert len(report.exempt) == EXEMPTIONS.get(page, 0), report.summary()
     assert all(block.exempt and len(block.exempt) > 20 for block in report.exempt)
+    for code, printed in OUTPUTS.get(page, []):
+        block = next(block for block in report.ran if code in block.code)
+        assert printed in "".join(report.outputs[block.line]).lower(), (page, code)
 
 
 # -- the generated parts --------------------------------------------------------------------
@@ -183,6 +198,63 @@ def test_the_site_builds_offline(tmp_path: Path) -> None:
     assert "LAYERCODE_WEBHOOK_SECRET" in settings
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert 'id="layercode_asgi.create_app"' in api
+
+
+def _table_rows(text: str) -> list[dict[str, str]]:
+    """Every row of every Markdown table in ``text``, as {header: cell}."""
+    rows: list[dict[str, str]] = []
+    lines = text.splitlines()
+    header: list[str] = []
+    for index, line in enumerate(lines):
+        if not line.startswith("|"):
+            header = []
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        following = lines[index + 1] if index + 1 < len(lines) else ""
+        if not header and following.startswith("|---"):
+            header = cells
+        elif header and not line.startswith("|---"):
+            rows.append(dict(zip(header, cells, strict=False)))
+    return rows
+
+
+def test_the_benchmark_summary_quotes_the_committed_results() -> None:
+    """The figures of benchmarks.md's summary are RESULTS.md's, where RESULTS.md has them."""
+    page = (DOCS / "benchmarks.md").read_text()
+    summary = " ".join(page.split("## The latest full run, in short")[1].split("\n## ")[0].split())
+    rows = _table_rows((ROOT / "benchmarks" / "RESULTS.md").read_text())
+    paced = {(r["server"], r["N"]): r for r in rows if "first-tts overhead p50 ms" in r}
+    echo = {r["server"]: float(r["req/s"].replace(",", "")) for r in rows if "req/s per round" in r}
+    measured = {r["target"]: float(r["measured"]) for r in rows if "verdict" in r}
+
+    def p99(server: str, n: str) -> str:
+        return paced[(server, n)]["p99 ms"]
+
+    def cpu(server: str, n: str) -> int:
+        return round(float(paced[(server, n)]["server CPU µs/turn"].replace(",", "")))
+
+    def target(start: str) -> float:
+        return next(value for name, value in measured.items() if name.startswith(start))
+
+    DASH, TIMES = "\u2013", "\u00d7"  # as the page writes them
+    expected = [
+        f"is {p99('ours', '200')} ms for `create_app` at N = 200",
+        f"(floor {p99('floor', '200')} ms, reference {p99('reference', '200')} ms, "
+        f"the same turns on sse-starlette {p99('sse-starlette', '200')} ms)",
+        f"and {p99('ours', '800')} ms at N = 800 (floor {p99('floor', '800')}, "
+        f"reference {p99('reference', '800')})",
+        f"at {cpu('ours', '200')}{DASH}{cpu('ours', '800')} µs of server CPU per turn "
+        f"(floor {cpu('floor', '200')}{DASH}{cpu('floor', '800')})",
+        f"{echo['ours (create_app)']:,.0f} req/s against "
+        f"{echo['reference (layercode-create-app 0.2.0)']:,.0f} for the reference "
+        f"({target('echo throughput (wrk end to end) >= 10x'):.1f}{TIMES}; the target is 10{TIMES}) "
+        f"and {echo['floor (bare ASGI)']:,.0f} for the bare floor",
+        f"{target('decode message'):.1f}{TIMES} the reference's for `message` and "
+        f"{target('decode session.end-50: ref/ours'):.2f}{TIMES} for a 50-item `session.end`",
+        f"1,000 open streams cost {target('1,000 concurrent open streams: <= 30'):.1f} KiB each",
+    ]
+    for text in expected:
+        assert text in summary, f"docs/benchmarks.md should say, from RESULTS.md: {text!r}"
 
 
 def test_the_cli_page_lists_every_protocol_violation() -> None:

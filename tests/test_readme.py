@@ -1,26 +1,41 @@
-"""The README documents what the code does: its settings table is generated from Settings."""
+"""The README is short and points into the docs; what it shows runs as written.
+
+The details it used to carry live on the docs pages (docs/*.md), where tests/test_docs.py runs
+every code block and checks the generated parts (the settings table among them).
+"""
 
 from __future__ import annotations
 
+import re
 import socket
+import sys
+import types
+import unicodedata
 from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
-from layercode_asgi.config import settings_table_markdown
 from layercode_asgi.testing import message_event
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+from .conftest import SECRET, event_body, free_port
+from .markdown_blocks import BlockFailed, parse_blocks, run_markdown_file
+from .test_turns import END, read_events, tts
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+
+#: The README stays short: what it is, the two commands, install, the quick start, one snippet
+#: per stack and links; everything else is one click away in docs/.
+MAX_README_LINES = 150
 
 
-def test_settings_table_matches_the_code() -> None:
-    text = README.read_text()
-    start = text.index("<!-- settings-table:start -->\n") + len("<!-- settings-table:start -->\n")
-    end = text.index("<!-- settings-table:end -->")
-    assert text[start:end] == settings_table_markdown(), (
-        "README settings table is stale: paste the output of "
-        "python -c 'from layercode_asgi.config import settings_table_markdown as t; print(t(), end=\"\")'"
+def test_readme_is_short() -> None:
+    lines = README.read_text().splitlines()
+    assert len(lines) <= MAX_README_LINES, (
+        f"README.md has {len(lines)} lines (at most {MAX_README_LINES}): move the details to docs/"
     )
 
 
@@ -33,11 +48,92 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert "bash scripts/test" in ci
 
 
+# -- links into the docs -------------------------------------------------------------------
+
+LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
+HEADING = re.compile(r"\A(#{1,6})\s+(?P<title>.+?)\s*#*\s*\Z")
+
+
+def _mkdocs_slug(title: str) -> str:
+    """The anchor Python-Markdown's toc extension (MkDocs) gives a heading."""
+    text = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^\w\s-]", "", text).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def _github_slug(title: str) -> str:
+    """The anchor GitHub gives a heading (punctuation dropped, each space a hyphen)."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    """The anchors of ``page``'s headings (outside code blocks), as MkDocs and GitHub agree."""
+    anchors: set[str] = set()
+    fenced = False
+    for line in page.read_text().splitlines():
+        if line.startswith(("```", "~~~")):
+            fenced = not fenced
+            continue
+        heading = None if fenced else HEADING.match(line)
+        if heading:
+            title = heading["title"].replace("`", "")
+            if _mkdocs_slug(title) == _github_slug(title):
+                anchors.add(_mkdocs_slug(title))
+    return anchors
+
+
+def _readme_links() -> list[str]:
+    text = README.read_text()
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)
+    return [match["target"] for match in LINK.finditer(prose)]
+
+
+def test_every_link_of_the_readme_points_at_an_existing_page_and_anchor() -> None:
+    local = [link for link in _readme_links() if not re.match(r"\A[a-z]+:", link)]
+    assert sum(link.startswith("docs/") for link in local) >= 10
+    for link in local:
+        path, _, anchor = link.partition("#")
+        target = (ROOT / path).resolve()
+        assert target.is_file(), f"README links to {link}: no such file"
+        assert target.is_relative_to(ROOT)
+        if anchor:
+            assert target.suffix == ".md", link
+            assert anchor in _anchors(target), (
+                f"README links to {link}: no heading of {path} has that anchor "
+                "(on GitHub and on the site alike)"
+            )
+
+
+def test_the_anchor_check_can_fail(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\n## The `serve` command\n\n```bash\n# not a heading\n```\n")
+    assert _anchors(page) == {"title", "the-serve-command"}
+
+
+def test_every_docs_page_is_one_click_from_the_readme() -> None:
+    linked = {link.partition("#")[0] for link in _readme_links()}
+    for page in sorted(DOCS.glob("*.md")):
+        assert f"docs/{page.name}" in linked, f"README.md does not link to docs/{page.name}"
+
+
+def test_every_readme_section_ends_with_a_link_into_the_docs() -> None:
+    sections = re.split(r"^## ", README.read_text(), flags=re.MULTILINE)
+    for section in sections:
+        last = [line for line in section.splitlines() if line.strip()][-1]
+        assert "](docs/" in last, f"section {section.splitlines()[0]!r} ends with {last!r}"
+
+
+# -- the stack snippets --------------------------------------------------------------------
+
+
+def _quick_start_agent() -> str:
+    blocks = parse_blocks(README)
+    return next(block.code for block in blocks if block.code.startswith("# my_agent.py"))
+
+
 def _stack_snippets() -> list[str]:
     text = README.read_text()
-    section = text[
-        text.index("### The smallest agent in each stack") : text.index("### Node-SDK style")
-    ]
+    section = text[text.index("## One snippet per stack") : text.index("## Documentation")]
     blocks = section.split("```python\n")[1:]
     return [block.split("```")[0] for block in blocks]
 
@@ -50,58 +146,54 @@ def test_there_is_one_snippet_per_stack() -> None:
     ):
         if framework:
             assert f"from {framework}" in snippet
-
-
-import pytest  # noqa: E402
-
-from .conftest import SECRET, event_body, free_port  # noqa: E402
-from .test_turns import END, read_events, tts  # noqa: E402
+        assert "from my_agent import agent" in snippet  # the quick start's agent
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("index", range(4))
 async def test_readme_stack_snippets_answer_a_turn(index: int) -> None:
-    import sys
-    import types
-
+    """Each snippet, with the quick start's ``my_agent.py``, answers a signed turn."""
     code = _stack_snippets()[index].replace("whsec_…", SECRET)
+    my_agent = types.ModuleType("my_agent")
+    exec(compile(_quick_start_agent(), "README my_agent.py", "exec"), my_agent.__dict__)
     # A real module: Litestar resolves handler annotations through sys.modules.
     module = types.ModuleType(f"readme_snippet_{index}")
+    saved = sys.modules.get("my_agent")
+    sys.modules["my_agent"] = my_agent
     sys.modules[module.__name__] = module
     try:
         exec(compile(code, f"README snippet {index}", "exec"), module.__dict__)
-        assert await read_events(module.app, event_body()) == [tts("Hello"), END]
+        reply = await read_events(module.app, event_body())
+        assert reply == [tts("You said: hello there (message 1 from you)."), END]
     finally:
         del sys.modules[module.__name__]
+        if saved is None:
+            del sys.modules["my_agent"]
+        else:
+            sys.modules["my_agent"] = saved
 
 
 # -- every code block runs as written (tests/markdown_blocks.py) -------------------------------
 
-from .markdown_blocks import BlockFailed, parse_blocks, run_markdown_file  # noqa: E402
-
-#: Blocks of README.md that cannot run here; each carries its visible reason in the README.
-README_EXEMPTIONS = 6
+#: Blocks of README.md that cannot run here; each carries its visible reason in the README
+#: (the two set-up commands: the test suite itself, and the demo that tests/test_scripts.py runs).
+README_EXEMPTIONS = 1
 
 
 def test_every_code_block_of_the_readme_runs(tmp_path: Path) -> None:
     report = run_markdown_file(README, tmp_path / "readme")
     print(report.summary())  # the exemptions, with their reasons (shown with -s or -rP)
-    assert len(report.ran) >= 10
+    assert len(report.ran) >= 7  # install, the quick start, the four stacks
     assert len(report.exempt) == README_EXEMPTIONS, report.summary()
     assert all(block.exempt and len(block.exempt) > 20 for block in report.exempt)
-    # the curl example reached the quick start's server and got a whole turn back
-    curl = next(block for block in report.ran if "curl -N" in block.code)
-    assert '"type":"response.end"' in "".join(report.outputs[curl.line])
-    # and the simulate example held a conversation with the FastAPI example
-    simulate = next(block for block in report.ran if "examples/fastapi_app.py" in block.code)
+    # the quick start's simulate held a conversation with the quick start's server
+    simulate = next(block for block in report.ran if "layercode-asgi simulate" in block.code)
     assert "no protocol violation" in "".join(report.outputs[simulate.line]).lower()
 
 
 def test_the_quick_start_agent_answers_every_event_sensibly() -> None:
-    blocks = parse_blocks(README)
-    agent = next(block for block in blocks if block.code.startswith("# my_agent.py"))
     namespace: dict[str, Any] = {}
-    exec(compile(agent.code, agent.where, "exec"), namespace)
+    exec(compile(_quick_start_agent(), "README my_agent.py", "exec"), namespace)
     from layercode_asgi import Settings, create_app
     from layercode_asgi.testing import LayercodeTestClient
 

@@ -3,7 +3,7 @@
 A page holds a marker line; the build replaces it with Markdown made from the package, so
 these parts cannot drift from the code:
 
-* ``<!-- generated: settings-table -->``: every setting of ``Settings`` (the README's table,
+* ``<!-- generated: settings-table -->``: every setting of ``Settings`` (the settings page's table,
   from :func:`layercode_asgi.config.settings_table_markdown`);
 * ``<!-- generated: benchmark-results -->``: ``benchmarks/RESULTS.md`` as the harness last
   wrote it, its headings one level down;
