@@ -96,3 +96,32 @@ def env_float(name: str, default: float) -> float:
 def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return default if not value else int(value)
+
+
+def gc_probe() -> None:
+    """With ``BENCH_GC_LOG`` set, note every garbage collection of this (server) process:
+    ``[start, generation, pause ms]``, start on the system-wide monotonic clock, written
+    to that file as JSON when the process exits. The harness reads the pauses of each
+    measured window: a collection stops every stream of the process at once."""
+    path = os.environ.get("BENCH_GC_LOG")
+    if not path:
+        return
+    import atexit
+    import gc
+
+    events: list[tuple[float, int, float]] = []
+    began = [0.0]
+
+    def note(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            began[0] = time.monotonic()
+        else:
+            pause = (time.monotonic() - began[0]) * 1000.0
+            events.append((round(began[0], 4), info["generation"], round(pause, 3)))
+
+    def write() -> None:
+        with open(path, "w") as out:
+            json.dump(events, out)
+
+    gc.callbacks.append(note)
+    atexit.register(write)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from common import FLOOR_TURN_ID, REPLY, echo_events, env_float, env_int, raise_nofile
+from common import FLOOR_TURN_ID, REPLY, echo_events, env_float, env_int, gc_probe, raise_nofile
 
 _HEADERS = [
     (b"content-type", b"text/event-stream"),
@@ -32,6 +32,7 @@ THINK = env_float("BENCH_THINK", 0.0)
 _SLEEPY_CHUNK = echo_events(FLOOR_TURN_ID, REPLY[:24])[0]
 
 raise_nofile()
+gc_probe()
 
 
 async def _lifespan(receive: Any, send: Any) -> None:

@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from common import REPLY, SECRET, env_float, env_int, raise_nofile
+from common import REPLY, SECRET, env_float, env_int, gc_probe, raise_nofile
 from starlette.applications import Starlette
 from starlette.routing import Route
 
@@ -38,6 +38,7 @@ SLEEP_CHUNKS = env_int("BENCH_SLEEP_CHUNKS", 10)
 THINK = env_float("BENCH_THINK", 0.0)
 
 raise_nofile()
+gc_probe()
 
 
 def _settings() -> Settings:

@@ -295,17 +295,40 @@ async def measure(
 ) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, server in chosen.items():
+        gc_log = work / f"gc-{server.name}.json"
+        server.env = {**server.env, "BENCH_GC_LOG": str(gc_log)}
+        windows: dict[str, tuple[float, float]] = {}
         server.start(work)
         try:
             out[name] = {}
             for clients in levels:
-                result = await Run(pacing, warmup, duration).go(server, clients)
+                run = Run(pacing, warmup, duration)
+                result = await run.go(server, clients)
+                windows[str(clients)] = (run.measure_from, run.measure_to)
                 out[name][str(clients)] = result
                 print(f"  {name:14s} N={clients:5d} {json.dumps(result)}", flush=True)
                 await asyncio.sleep(1.0)  # let the last connections close
         finally:
             server.stop()
+        add_gc_pauses(out[name], windows, gc_log)
     return out
+
+
+def add_gc_pauses(
+    results: dict[str, dict[str, Any]], windows: dict[str, tuple[float, float]], log: Path
+) -> None:
+    """Per level, the server's garbage collections inside the measured window (from the
+    server's own log, ``common.gc_probe``): full (generation 2) collections, the longest
+    pause of any generation, and the share of the window spent collecting."""
+    if not log.exists():
+        return
+    events = json.loads(log.read_text())
+    for level, (start, end) in windows.items():
+        inside = [(gen, ms) for at, gen, ms in events if start <= at < end]
+        results[level]["gc_full_collections"] = sum(1 for gen, _ in inside if gen == 2)
+        results[level]["gc_max_pause_ms"] = round(max((ms for _, ms in inside), default=0.0), 2)
+        share = sum(ms for _, ms in inside) / 1000.0 / (end - start)
+        results[level]["gc_time_share"] = round(share, 3)
 
 
 def main(argv: list[str] | None = None) -> int:

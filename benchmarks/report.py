@@ -622,7 +622,9 @@ def _paced_section(results: dict[str, Any]) -> str:
         "apart; the floor is a bare ASGI app with the same pacing and bytes. **first-tts "
         "overhead** = time to the first `response.tts` minus the think time; **extra** = the "
         "turn's wall time minus the agent's own pauses; **RSS per stream** = (peak - baseline "
-        "server RSS) / N.\n",
+        "server RSS) / N; **GC**: the server's garbage collections in the measured window "
+        "(full ones, the longest pause of any, the share of the time spent collecting), "
+        "noted by the server process itself (`common.gc_probe`).\n",
     ]
     rows = []
     for name in PACED_ORDER:
@@ -640,6 +642,9 @@ def _paced_section(results: dict[str, Any]) -> str:
                     r["server_cpu_us_per_turn"],
                     r["load_cpu_share"],
                     r["rss_kib_per_stream"],
+                    r.get("gc_full_collections", "—"),
+                    r.get("gc_max_pause_ms", "—"),
+                    r.get("gc_time_share", "—"),
                 ]
             )
     parts.append(
@@ -656,6 +661,9 @@ def _paced_section(results: dict[str, Any]) -> str:
                 "server CPU µs/turn",
                 "load generator CPU share",
                 "RSS KiB/stream",
+                "full GCs",
+                "longest GC pause ms",
+                "GC time share",
             ],
             rows,
         )
@@ -719,6 +727,25 @@ def _native_gap(results: dict[str, Any]) -> str:
     )
 
 
+def _paced_causes(results: dict[str, Any]) -> str:
+    """This run's figures behind the paced p99: CPU per turn and GC, ours vs the floor."""
+    measured = _get(results, "paced", "results") or {}
+    ours, floor = measured.get("ours") or {}, measured.get("floor") or {}
+    figures = []
+    for n in sorted(ours, key=int):
+        o, f = ours[n], floor.get(n)
+        if not f or int(n) > 1000 or "gc_max_pause_ms" not in o:
+            continue
+        figures.append(
+            f"N={n}: CPU per turn {o['server_cpu_us_per_turn']:.0f} µs vs the floor's "
+            f"{f['server_cpu_us_per_turn']:.0f}; full collections {o['gc_full_collections']} vs "
+            f"{f.get('gc_full_collections', 0)}, the longest pause {o['gc_max_pause_ms']:.1f} vs "
+            f"{f.get('gc_max_pause_ms', 0):.1f} ms, time spent collecting "
+            f"{o['gc_time_share'] * 100:.1f}% vs {f.get('gc_time_share', 0) * 100:.1f}%"
+        )
+    return f" ({'; '.join(figures)})" if figures else ""
+
+
 def _missed(results: dict[str, Any]) -> str:
     """Why each missed target is missed and what would close it, from this run's numbers."""
     failed = [t for t in results.get("targets", []) if t["verdict"] == "FAIL"]
@@ -732,9 +759,17 @@ def _missed(results: dict[str, Any]) -> str:
         if name.startswith("paced: p99"):
             out.append(
                 f"- **{name}** (measured {t['measured']}: {t['how']}). The p99 of the first "
-                "word's overhead is tail latency: at high N the server's single CPU is busy "
-                "and a turn waits behind other turns' steps. See the paced table for the server "
-                "CPU per turn at each N.\n"
+                "word's overhead is tail latency. Two things lengthen ours against the floor's, "
+                "both per open turn: CPU (the signature check, Starlette's routing, the "
+                "conversation's lock and history, the turn's deadline, a task for the agent and "
+                "one watching for a disconnect) and the garbage collector (every object a turn "
+                "keeps alive while it streams, the coroutines, tasks and cancel scopes of "
+                "Starlette, anyio and this library, is scanned by each collection, and a "
+                "collection stops every stream of the process at once)"
+                + _paced_causes(results)
+                + ". What would close it: fewer objects and steps per open turn (one task "
+                "instead of two, no cancel scope that a turn does not need), which is work on "
+                "the request path, not a setting.\n"
             )
         elif "time to first byte" in name:
             ours, floor = servers.get("ours"), servers.get("floor")

@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import REPLY, SECRET, env_float, env_int, raise_nofile
+from common import REPLY, SECRET, env_float, env_int, gc_probe, raise_nofile
 from layercode_create_app.agents import create_agent
 from layercode_create_app.agents import echo as _echo  # noqa: F401  (registers "echo")
 from layercode_create_app.agents.base import BaseLayercodeAgent
@@ -37,6 +37,7 @@ SLEEP_CHUNKS = env_int("BENCH_SLEEP_CHUNKS", 10)
 THINK = env_float("BENCH_THINK", 0.0)
 
 raise_nofile()
+gc_probe()
 
 
 def _settings() -> Any:
