@@ -180,3 +180,42 @@ async def test_create_app_answers_turns_on_this_backend() -> None:
         second = await client.message("again")
         assert (first.text, second.text) == ("You said: hello", "You said: again")
         assert (await client.session_end()).body == {"status": "ok"}
+
+
+async def test_a_server_that_never_says_disconnect_does_not_hold_a_finished_response() -> None:
+    # Once the body is complete the watcher waits for http.disconnect, which ASGI servers
+    # send then; a server that never does still gets the response back, bounded.
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await anyio.sleep_forever()
+        raise AssertionError("not reached")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def producer(emit: Emit) -> None:
+        await emit(b"data: one\n\n")
+        await emit(b"data: two\n\n", last=True)
+
+    with anyio.fail_after(10):
+        await EventStreamResponse(producer)({"type": "http"}, receive, send)
+    assert [m.get("body") for m in sent[1:]] == [b"data: one\n\n", b"data: two\n\n"]
+    assert sent[-1]["more_body"] is False
+
+
+async def test_nothing_can_be_emitted_after_the_last_chunk() -> None:
+    errors: list[str] = []
+
+    async def producer(emit: Emit) -> None:
+        await emit(b"data: end\n\n", last=True)
+        try:
+            await emit(b"data: more\n\n")
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    stub = ASGIStub()
+    await stub.run(EventStreamResponse(producer))
+    assert stub.body == b"data: end\n\n"
+    assert stub.complete
+    assert errors == ["this response is not streaming"]
