@@ -1,0 +1,400 @@
+"""Per-turn metrics (issue 19), checked with the real SDKs after a known conversation.
+
+One conversation on a real uvicorn: two completed turns, one whose agent raises, one that
+times out, one the client leaves mid-stream, plus a request with a bad signature. Then the
+figures are read back through the real OpenTelemetry SDK (in-memory exporter and reader)
+and a real Prometheus text parser (``prometheus_client.parser``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from layercode_asgi import LayercodeSignature, LayercodeWebhook, Settings, create_app
+from layercode_asgi.agents import TurnContext, TurnEvent
+from layercode_asgi.logs import LOGGER_NAME, log_webhook, setup_logging
+from layercode_asgi.metrics import MemoryMetrics, TurnMetrics, metrics_from_settings
+
+from .conftest import SECRET, event_body, serve, signed_headers
+
+otel_sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+prometheus_client = pytest.importorskip("prometheus_client")
+
+from opentelemetry import trace  # noqa: E402
+from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
+    InMemorySpanExporter,
+)
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from layercode_asgi.otel import OtelMetrics  # noqa: E402
+from layercode_asgi.prometheus import PrometheusMetrics, render_metrics  # noqa: E402
+
+TURN_TIMEOUT = 0.5
+#: Where the agent's own spans go (the conversation's tracer provider).
+AGENT_TRACER: dict[str, Any] = {}
+
+
+async def scripted(event: TurnEvent, context: TurnContext) -> AsyncIterator[str]:
+    """What each message asks for: ``fail``, ``stall`` (past the timeout), ``linger`` (one
+    chunk, then waits: the client leaves), else two chunks; an agent span around it all."""
+    with AGENT_TRACER["tracer"].start_as_current_span("agent"):
+        text = event.text or ""
+        if text == "fail":
+            raise RuntimeError("the agent broke")
+        if text == "stall":
+            await anyio.sleep(30)
+        yield f"you said {text}"
+        if text == "linger":
+            await anyio.sleep(30)
+        yield " and that is all."
+
+
+class Sinks:
+    def __init__(self) -> None:
+        self.spans = InMemorySpanExporter()
+        tracer_provider = otel_sdk_trace.TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.tracer_provider = tracer_provider
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+        self.registry = prometheus_client.CollectorRegistry()
+        self.memory = MemoryMetrics()
+        self.metrics = TurnMetrics(
+            PrometheusMetrics(self.registry),
+            OtelMetrics(tracer_provider=tracer_provider, meter_provider=self.meter_provider),
+            self.memory,
+        )
+
+    def prometheus(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        body, content_type = render_metrics(self.registry)
+        assert content_type.startswith("text/plain")
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body.decode())
+            for sample in family.samples
+        }
+
+    def otel_points(self) -> dict[str, list[Any]]:
+        data = self.reader.get_metrics_data()
+        assert data is not None
+        return {
+            metric.name: list(metric.data.data_points)
+            for resource in data.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+        }
+
+
+def _wait_for(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def conversation() -> Iterator[Sinks]:
+    """The known conversation, played once; the sinks hold its figures."""
+    sinks = Sinks()
+    # The agent's own spans go to the same provider, to check they nest in the webhook's.
+    AGENT_TRACER["tracer"] = sinks.tracer_provider.get_tracer("agent-under-test")
+    webhook = LayercodeWebhook(scripted, turn_timeout=TURN_TIMEOUT, metrics=sinks.metrics)
+    app = LayercodeSignature(webhook, secret=SECRET, on_rejected=sinks.metrics.signature_rejected)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        url_path = "/api/agent"
+
+        def turn(turn_id: str, kind: str = "message", **fields: Any) -> httpx.Response:
+            body = event_body(kind, turn_id=turn_id, **fields)
+            return client.post(url_path, content=body, headers=signed_headers(body))
+
+        assert turn("t1", "session.start").status_code == 200
+        assert turn("t2", text="hello").status_code == 200
+        assert "agent error" in turn("t3", text="fail").text
+        assert "turn timed out" in turn("t4", text="stall").text
+        body = event_body("message", turn_id="t5", text="linger")
+        with (
+            httpx.Client(base_url=url, timeout=10) as leaving,
+            leaving.stream(
+                "POST", url_path, content=body, headers=signed_headers(body)
+            ) as response,
+        ):
+            for line in response.iter_lines():
+                if "response.tts" in line:
+                    break  # leave mid-stream: the connection closes
+        assert (
+            client.post(
+                url_path, content=b"{}", headers=signed_headers(b"{}", "whsec_other")
+            ).status_code
+            == 401
+        )
+        data = event_body("data")
+        assert client.post(url_path, content=data, headers=signed_headers(data)).status_code == 200
+        _wait_for(lambda: len(sinks.memory.records) == 6, "the six requests to be recorded")
+    yield sinks
+
+
+def test_memory_records_each_turn(conversation: Sinks) -> None:
+    turns = {r.turn_id: r for r in conversation.memory.turns()}
+    assert {t: r.outcome for t, r in turns.items()} == {
+        "t1": "completed",
+        "t2": "completed",
+        "t3": "agent_error",
+        "t4": "timeout",
+        "t5": "client_disconnect",
+    }
+    for turn_id in ("t1", "t2", "t5"):
+        record = turns[turn_id]
+        assert record.first_tts is not None and record.duration is not None
+        assert 0 < record.first_tts <= record.duration
+    assert turns["t3"].first_tts is None and turns["t4"].first_tts is None
+    assert turns["t4"].duration is not None and turns["t4"].duration >= TURN_TIMEOUT
+    assert all(r.lock_wait is not None and r.lock_wait >= 0 for r in turns.values())
+    assert conversation.memory.rejections == {"no_matching_signature": 1}
+    table = conversation.memory.table()
+    assert "client_disconnect" in table and "first tts" in table
+
+
+def test_prometheus_figures(conversation: Sinks) -> None:
+    samples = conversation.prometheus()
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert value("layercode_turns_total", outcome="completed") == 2
+    assert value("layercode_turns_total", outcome="agent_error") == 1
+    assert value("layercode_turns_total", outcome="timeout") == 1
+    assert value("layercode_turns_total", outcome="client_disconnect") == 1
+    assert value("layercode_turns_total", outcome="rejected") == 0
+    assert value("layercode_webhook_requests_total", event_type="message", status="200") == 4
+    assert value("layercode_webhook_requests_total", event_type="session.start", status="200") == 1
+    assert value("layercode_webhook_requests_total", event_type="data", status="200") == 1
+    assert value("layercode_turn_first_tts_seconds_count") == 3
+    assert value("layercode_turn_first_tts_seconds_bucket", le="5.0") == 3
+    assert value("layercode_turn_duration_seconds_count") == 5
+    assert value("layercode_turn_lock_wait_seconds_count") == 5
+    assert value("layercode_open_streams") == 0
+    assert value("layercode_signature_rejections_total", reason="no_matching_signature") == 1
+    assert value("layercode_signature_rejections_total", reason="missing_header") == 0
+    buckets = [
+        float(dict(labels)["le"])
+        for (name, labels) in samples
+        if name == "layercode_turn_first_tts_seconds_bucket"
+    ]
+    assert min(buckets) == 0.05 and max(b for b in buckets if b != float("inf")) == 5.0
+
+
+def test_otel_spans(conversation: Sinks) -> None:
+    spans = conversation.spans.get_finished_spans()
+    webhook_spans = {
+        s.attributes["layercode.turn_id"]: s
+        for s in spans
+        if s.name.startswith("webhook ") and s.attributes and "layercode.turn_id" in s.attributes
+    }
+    assert set(webhook_spans) == {"t1", "t2", "t3", "t4", "t5", "turn-1"}  # turn-1: the data event
+    outcomes = {t: s.attributes.get("layercode.outcome") for t, s in webhook_spans.items()}
+    assert outcomes == {
+        "t1": "completed",
+        "t2": "completed",
+        "t3": "agent_error",
+        "t4": "timeout",
+        "t5": "client_disconnect",
+        "turn-1": None,
+    }
+    for turn_id, span in webhook_spans.items():
+        assert span.kind is trace.SpanKind.SERVER
+        assert span.attributes["layercode.conversation_id"] == "conv-1"
+        events = [e.name for e in span.events]
+        assert events[-1] == "end"
+        assert ("first_tts" in events) == (turn_id in ("t1", "t2", "t5"))
+        assert span.start_time <= span.end_time
+    assert webhook_spans["t2"].name == "webhook message"
+    assert webhook_spans["t3"].status.status_code is trace.StatusCode.ERROR
+    assert webhook_spans["t2"].status.status_code is not trace.StatusCode.ERROR
+    # the agent's own span is a child of its webhook span
+    agent_spans = [s for s in spans if s.name == "agent"]
+    assert len(agent_spans) == 5
+    parents = {s.parent.span_id for s in agent_spans if s.parent is not None}
+    assert parents == {s.context.span_id for t, s in webhook_spans.items() if t != "turn-1"}
+
+
+def test_otel_instruments(conversation: Sinks) -> None:
+    points = conversation.otel_points()
+    turns = {dict(p.attributes)["layercode.outcome"]: p.value for p in points["layercode.turns"]}
+    assert turns == {"completed": 2, "agent_error": 1, "timeout": 1, "client_disconnect": 1}
+    requests = {
+        (p.attributes["layercode.event_type"], p.attributes["http.response.status_code"]): p.value
+        for p in points["layercode.webhook.requests"]
+    }
+    assert requests == {("session.start", 200): 1, ("message", 200): 4, ("data", 200): 1}
+    (first_tts,) = points["layercode.turn.first_tts"]
+    assert first_tts.count == 3
+    assert first_tts.explicit_bounds[0] == 0.05 and first_tts.explicit_bounds[-1] == 5.0
+    assert points["layercode.turn.duration"][0].count == 5
+    assert points["layercode.turn.lock_wait"][0].count == 5
+    assert points["layercode.streams.open"][0].value == 0
+    rejections = points["layercode.signature.rejections"]
+    assert [(dict(p.attributes), p.value) for p in rejections] == [
+        ({"layercode.reason": "no_matching_signature"}, 1)
+    ]
+
+
+# -- create_app: LAYERCODE_METRICS, the /metrics guard ---------------------------------------
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET, **overrides)
+
+
+def test_metrics_off_by_default_costs_nothing() -> None:
+    assert metrics_from_settings(_settings()) is None
+    app = create_app(_settings())
+    assert app.state.webhook.metrics is None
+    assert app.state.metrics is None
+
+
+def test_create_app_serves_metrics_when_enabled() -> None:
+    app = create_app(_settings(metrics=True))
+    sinks = {type(s).__name__ for s in app.state.metrics.sinks}
+    assert sinks == {"PrometheusMetrics", "OtelMetrics"}
+    with serve(app) as url:
+        body = event_body("message", text="hi")
+        headers = signed_headers(body)
+        assert httpx.post(url + "/api/agent", content=body, headers=headers).status_code == 200
+        bad = httpx.post(url + "/api/agent", content=body, headers={"layercode-signature": "x"})
+        assert bad.status_code == 401
+        scrape = httpx.get(url + "/metrics")
+        assert scrape.status_code == 200
+        assert scrape.headers["content-type"].startswith("text/plain")
+        names = {f.name for f in text_string_to_metric_families(scrape.text)}
+        assert {
+            "layercode_webhook_requests",
+            "layercode_turns",
+            "layercode_turn_first_tts_seconds",
+            "layercode_turn_duration_seconds",
+            "layercode_turn_lock_wait_seconds",
+            "layercode_open_streams",
+            "layercode_signature_rejections",
+        } <= names
+        assert 'layercode_signature_rejections_total{reason="malformed_header"}' in scrape.text
+        assert httpx.post(url + "/metrics").status_code == 405
+
+
+def test_metrics_route_absent_when_disabled() -> None:
+    with serve(create_app(_settings())) as url:
+        response = httpx.get(url + "/metrics")
+    assert response.status_code == 404
+    assert response.json() == {"error": "not found"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"authorization": "Bearer wrong"}, 401),
+        ({"authorization": "Basic c2NyYXBlOmtleQ=="}, 401),
+        ({"authorization": "Bearer"}, 401),
+        ({"authorization": "Bearer \udcff"}, 401),
+        ({"authorization": "Bearer scrape-key"}, 200),
+        ({"x-api-key": "scrape-key"}, 200),
+    ],
+)
+def test_metrics_guard(headers: dict[str, str], status: int) -> None:
+    app = create_app(_settings(metrics=True, metrics_api_keys="other-key,scrape-key"))
+    with serve(app) as url:
+        raw = [(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in headers.items()]
+        response = httpx.get(url + "/metrics", headers=raw)
+    assert response.status_code == status
+    if status == 401:
+        assert response.json() == {"error": "missing or invalid API key"}
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_metrics_setting_needs_a_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    import layercode_asgi.metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "installed", lambda module: False)
+    from layercode_asgi import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"layercode-asgi\[prometheus\]"):
+        metrics_from_settings(_settings(metrics=True))
+
+
+def test_settings_parse_the_new_variables() -> None:
+    settings = Settings(
+        env_file=None,
+        environ={
+            "LAYERCODE_METRICS": "true",
+            "LAYERCODE_METRICS_API_KEYS": "a, b",
+            "LOG_FORMAT": "JSON",
+        },
+    )
+    assert settings.metrics is True
+    assert settings.metrics_api_keys == ("a", "b")
+    assert settings.log_format == "json"
+    assert "metrics_api_keys=('***', '***')" in repr(settings)
+    from layercode_asgi import SettingsError
+
+    with pytest.raises(SettingsError, match="LOG_FORMAT: expected text or json"):
+        Settings(env_file=None, environ={"LOG_FORMAT": "xml"})
+
+
+# -- LOG_FORMAT=json ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_library_logger() -> Iterator[None]:
+    target = logging.getLogger(LOGGER_NAME)
+    handlers, level = list(target.handlers), target.level
+    try:
+        yield
+    finally:
+        target.handlers[:] = handlers
+        target.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_library_logger")
+def test_json_log_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging(log_format="json")
+    log_webhook("message", "conv\n1", "t1", 200, 0.0123, first_tts_s=0.0045)
+    log_webhook("data", "conv-1", "t2", 503, 0.002)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("layercode_asgi.test").exception("it failed \u2028 here")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(lines) == 3
+    first, second, third = (json.loads(line) for line in lines)
+    assert first["event_type"] == "message"
+    assert first["conversation_id"] == "conv\n1"
+    assert first["turn_id"] == "t1"
+    assert first["status"] == 200
+    assert first["duration_ms"] == 12.3
+    assert first["first_tts_ms"] == 4.5
+    assert first["level"] == "INFO" and first["logger"] == "layercode_asgi.webhook"
+    assert first["message"].startswith("webhook type=message")
+    assert "first_tts_ms" not in second and second["level"] == "ERROR"
+    assert "Traceback" in third["exception"] and third["message"] == "it failed \u2028 here"
+    setup_logging()  # back to text on the same handler
+    log_webhook("message", "c", "t", 200, 0.001, first_tts_s=0.0005)
+    text = capsys.readouterr().err
+    assert (
+        "webhook type=message conversation=c turn=t status=200 duration_ms=1.0 first_tts_ms=0.5"
+        in text
+    )
+
+
+def test_json_log_format_alone_measures_first_tts() -> None:
+    metrics = metrics_from_settings(_settings(log_format="json"))
+    assert metrics is not None and metrics.sinks == ()
