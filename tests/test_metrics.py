@@ -42,7 +42,7 @@ from layercode_asgi.prometheus import PrometheusMetrics, render_metrics  # noqa:
 
 TURN_TIMEOUT = 0.5
 #: Where the agent's own spans go (the conversation's tracer provider).
-AGENT_TRACER: dict[str, Any] = {}
+AGENT_TRACER: dict[str, Any] = {"tracer": trace.get_tracer("agent-under-test")}
 
 
 async def scripted(event: TurnEvent, context: TurnContext) -> AsyncIterator[str]:
@@ -398,3 +398,85 @@ def test_json_log_lines(capsys: pytest.CaptureFixture[str]) -> None:
 def test_json_log_format_alone_measures_first_tts() -> None:
     metrics = metrics_from_settings(_settings(log_format="json"))
     assert metrics is not None and metrics.sinks == ()
+
+
+# -- the pieces: the middleware's reasons, turns without a store, the log line, the demo -----
+
+
+def test_signature_rejections_by_reason() -> None:
+    reasons: list[str] = []
+    webhook = LayercodeWebhook(scripted)
+    app = LayercodeSignature(
+        webhook, secret=SECRET, replay_protection=True, on_rejected=reasons.append
+    )
+    body = event_body("data")
+    headers = signed_headers(body)
+    with serve(app) as url:
+        post = lambda **h: httpx.post(url, content=body, headers=h).status_code  # noqa: E731
+        assert post(**{"content-type": "application/json"}) == 401
+        assert post(**{"layercode-signature": "nonsense"}) == 401
+        assert post(**{"layercode-signature": "t=1000,v1=" + "0" * 64}) == 401
+        assert post(**{"layercode-signature": headers["layercode-signature"][:-2] + "00"}) == 401
+        assert post(**headers) == 200
+        assert post(**headers) == 409
+    assert reasons == [
+        "missing_header",
+        "malformed_header",
+        "timestamp_out_of_tolerance",
+        "no_matching_signature",
+        "replayed",
+    ]
+
+
+def test_turns_without_a_store_wait_for_no_lock(caplog: pytest.LogCaptureFixture) -> None:
+    memory = MemoryMetrics()
+    webhook = LayercodeWebhook(scripted, conversations=None, metrics=TurnMetrics(memory))
+    caplog.set_level(logging.INFO, "layercode_asgi.webhook")
+    with serve(webhook) as url:
+        body = event_body("message", text="hi")
+        assert "response.end" in httpx.post(url, content=body).text
+        assert httpx.post(url, content=b"{not json").status_code == 400
+        _wait_for(lambda: len(memory.records) == 2, "two records")
+    turn, malformed = memory.records
+    assert turn.outcome == "completed" and turn.lock_wait is None
+    assert turn.first_tts is not None and turn.duration is not None
+    assert malformed.event_type is None and malformed.status == 400
+    assert malformed.outcome is None and malformed.first_tts is None
+    lines = [r.getMessage() for r in caplog.records if r.name == "layercode_asgi.webhook"]
+    assert "first_tts_ms=" in lines[0] and "first_tts_ms" not in lines[1]
+
+
+def test_a_turn_refused_before_it_ran_is_rejected() -> None:
+    memory = MemoryMetrics()
+    webhook = LayercodeWebhook(scripted, max_queued_turns=0, metrics=TurnMetrics(memory))
+    with serve(webhook) as url, httpx.Client(base_url=url, timeout=10) as client:
+        first = event_body("message", turn_id="a", text="linger")
+        with (
+            httpx.Client(base_url=url, timeout=10) as other,
+            other.stream("POST", "/", content=first) as running,
+        ):
+            lines = running.iter_lines()  # kept: a discarded iterator closes the connection
+            assert "response.tts" in next(lines)  # the first turn speaks, holding the lock
+            second = client.post("/", content=event_body("message", turn_id="b", text="x"))
+            assert second.status_code == 503, second.text
+        _wait_for(lambda: len(memory.records) == 2, "two records")
+    outcomes = {r.turn_id: r.outcome for r in memory.records}
+    assert outcomes == {"a": "client_disconnect", "b": "rejected"}
+
+
+def test_logfire_token_turns_opentelemetry_on() -> None:
+    metrics = metrics_from_settings(_settings(logfire_token="lf-token"))
+    assert metrics is not None
+    assert [type(s).__name__ for s in metrics.sinks] == ["OtelMetrics"]
+
+
+def test_demo_prints_each_turns_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    from layercode_asgi.cli import main
+
+    assert main(["demo", "--metrics", "ping"], environ={}) == 0
+    out = capsys.readouterr().out
+    table = out.split("demo: per-turn metrics")[1].splitlines()[1:4]
+    assert table[0].split()[:4] == ["turn", "type", "status", "outcome"]
+    assert table[1].split()[1:4] == ["session.start", "200", "completed"]
+    assert table[2].split()[1:4] == ["message", "200", "completed"]
+    assert table[2].count(" ms") == 3
