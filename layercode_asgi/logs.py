@@ -116,6 +116,28 @@ class _LineFormatter(logging.Formatter):
         return "\n    ".join([_controls_escaped(first), *map(_controls_escaped, rest)])
 
 
+# Record attributes kept out of JSON lines: uvicorn's ANSI-coloured copy of the message.
+_NOT_JSON: Final = frozenset({"color_message"})
+
+
+def uvicorn_json_log_config() -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` for uvicorn's own loggers (start-up, errors, access)
+    writing :class:`JsonFormatter` lines to stderr: what ``run_server`` gives uvicorn when
+    ``LOG_FORMAT=json``."""
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
+        "handlers": {"json": handler},
+        "loggers": {
+            "uvicorn": {"handlers": ["json"], "level": "INFO", "propagate": False},
+            "uvicorn.error": {"level": "INFO"},
+            "uvicorn.access": {"handlers": ["json"], "level": "INFO", "propagate": False},
+        },
+    }
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
     ``message``, the record's structured fields (``extra=``; the webhook line's
@@ -131,7 +153,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         for key, value in record.__dict__.items():
-            if key not in _RESERVED and not key.startswith("_"):
+            if key not in _RESERVED and key not in _NOT_JSON and not key.startswith("_"):
                 out.setdefault(key, value)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)

@@ -420,5 +420,9 @@ def run_server(
             return await super().on_tick(counter)
 
     uvicorn_options.setdefault("timeout_graceful_shutdown", 5)
+    if getattr(app.state.settings, "log_format", "text") == "json":
+        from .logs import uvicorn_json_log_config
+
+        uvicorn_options.setdefault("log_config", uvicorn_json_log_config())
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, **uvicorn_options)
     DrainingServer(config).run(sockets=sockets)

@@ -480,3 +480,27 @@ def test_demo_prints_each_turns_figures(capsys: pytest.CaptureFixture[str]) -> N
     assert table[1].split()[1:4] == ["session.start", "200", "completed"]
     assert table[2].split()[1:4] == ["message", "200", "completed"]
     assert table[2].count(" ms") == 3
+
+
+def test_serve_with_json_logs_writes_json_lines_only() -> None:
+    from .conftest import start_server_process
+
+    server = start_server_process(
+        ["-m", "layercode_asgi", "serve", "--env-file", "", "--port", "{port}"],
+        env={"LAYERCODE_WEBHOOK_SECRET": SECRET, "LOG_FORMAT": "json"},
+    )
+    try:
+        body = event_body("message", text="hello")
+        reply = httpx.post(server.url + "/api/agent", content=body, headers=signed_headers(body))
+        assert "response.end" in reply.text
+    finally:
+        assert server.stop() == 0
+    lines = [line for line in server.output().splitlines() if line.strip()]
+    banner = [line for line in lines if line.startswith("layercode-asgi ")]
+    records = [json.loads(line) for line in lines if line not in banner]  # all JSON
+    assert len(banner) == 1 and records
+    (webhook,) = [r for r in records if r["logger"] == "layercode_asgi.webhook"]
+    assert webhook["event_type"] == "message" and webhook["status"] == 200
+    assert webhook["first_tts_ms"] <= webhook["duration_ms"]
+    assert any(r["logger"] == "uvicorn.access" for r in records)
+    assert all("color_message" not in r for r in records)
