@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -504,3 +505,54 @@ def test_serve_with_json_logs_writes_json_lines_only() -> None:
     assert webhook["first_tts_ms"] <= webhook["duration_ms"]
     assert any(r["logger"] == "uvicorn.access" for r in records)
     assert all("color_message" not in r for r in records)
+
+
+OTEL_GLOBAL_SCRIPT = """
+import anyio
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from layercode_asgi import Settings, create_app
+from layercode_asgi.testing import LayercodeTestClient
+
+# the app first, the SDK after it (as setup_logging configures Logfire after create_app)
+app = create_app(Settings(env_file=None, environ={}, layercode_webhook_secret="whsec_g", metrics=True))
+spans = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(spans))
+trace.set_tracer_provider(provider)
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+
+async def main():
+    async with LayercodeTestClient(app, secret="whsec_g") as client:
+        await client.session_start()
+        await client.message("hi")
+
+anyio.run(main)
+print(sorted(span.name for span in spans.get_finished_spans()))
+data = reader.get_metrics_data()
+print(sorted(m.name for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics))
+"""
+
+
+def test_create_app_reports_to_the_sdk_the_application_configured() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", OTEL_GLOBAL_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": ""},
+    )
+    assert done.returncode == 0, done.stderr
+    span_names, metric_names = done.stdout.splitlines()
+    assert span_names == "['webhook message', 'webhook session.start']"
+    for name in ("layercode.turns", "layercode.turn.first_tts", "layercode.webhook.requests"):
+        assert f"'{name}'" in metric_names
