@@ -549,7 +549,7 @@ def test_create_app_reports_to_the_sdk_the_application_configured() -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": ""},
+        env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
     )
     assert done.returncode == 0, done.stderr
     span_names, metric_names = done.stdout.splitlines()
