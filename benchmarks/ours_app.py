@@ -3,6 +3,8 @@
 * ``ours``: ``create_app`` exactly as a user gets it (echo agent, signature middleware,
   in-memory conversation history with its per-conversation lock).
 * ``ours_sleepy``: the same app with an agent that pauses between chunks (concurrency test).
+* ``ours_metrics_sleepy``: ``ours_sleepy`` with ``LAYERCODE_METRICS=true`` (Prometheus, and
+  OpenTelemetry's API with no SDK configured): what recording the per-turn metrics costs.
 * ``ours_sse_starlette``: the same pipeline, but every turn is streamed through
   ``create_sse_response`` (sse-starlette's ``EventSourceResponse``) instead of our own
   ``EventStreamResponse``: the numbers behind the choice of our response.
@@ -78,6 +80,11 @@ async def sleepy(event: TurnEvent, context: TurnContext) -> AsyncIterator[str]:
 
 def ours_sleepy() -> Any:
     return create_app(_settings(), agent=sleepy)
+
+
+def ours_metrics_sleepy() -> Any:
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET, metrics=True)
+    return create_app(settings, agent=sleepy)
 
 
 class _SseStarletteWebhook(LayercodeWebhook):

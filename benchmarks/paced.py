@@ -12,7 +12,8 @@ pauses), server CPU per turn, the load generator's CPU share (it must not be the
 kept under 80 %), and the server's RSS growth per open stream.
 
 Servers (one uvicorn worker each, pinned to the first CPU; the load on the others):
-``ours`` (create_app), ``sse-starlette`` (the same turn through sse-starlette's
+``ours`` (create_app), ``ours-metrics`` (the same with ``LAYERCODE_METRICS=true``: the
+cost of recording the per-turn metrics), ``sse-starlette`` (the same turn through sse-starlette's
 ``EventSourceResponse``), ``floor`` (a bare ASGI app with the same pacing and bytes) and
 ``reference`` (layercode-create-app's own server with the same pacing, in its own venv; see
 ``reference/setup_ref.py``). The load generator reads bytes without parsing events: it finds
@@ -258,6 +259,14 @@ def servers(names: list[str], pacing: Pacing, ref_python: str | None) -> dict[st
     python = sys.executable
     known = {
         "ours": Server("ours-paced", python, HERE, "ours_app:ours_sleepy", factory=True, env=env),
+        "ours-metrics": Server(
+            "ours-metrics-paced",
+            python,
+            HERE,
+            "ours_app:ours_metrics_sleepy",
+            factory=True,
+            env=env,
+        ),
         "sse-starlette": Server(
             "sse-starlette-paced",
             python,
@@ -336,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="200,800,1600", help="client counts, comma-separated")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per level")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
-    parser.add_argument("--servers", default="floor,ours,sse-starlette,reference")
+    parser.add_argument(
+        "--servers",
+        default="floor,ours,sse-starlette,reference",
+        help="comma-separated: floor, ours, ours-metrics, sse-starlette, reference",
+    )
     parser.add_argument("--think", type=float, default=0.1)
     parser.add_argument("--chunks", type=int, default=10)
     parser.add_argument("--interval", type=float, default=0.05)

@@ -16,10 +16,11 @@ SERVER_ORDER = (
     "reference",
 )
 PLOT_ORDER = ("floor", "ours", "ours_sse_starlette", "reference")
-PACED_ORDER = ("floor", "ours", "sse-starlette", "reference")
+PACED_ORDER = ("floor", "ours", "ours-metrics", "sse-starlette", "reference")
 PACED_COLORS = {
     "floor": "#9e9e9e",
     "ours": "#2e7d32",
+    "ours-metrics": "#1565c0",
     "sse-starlette": "#81c784",
     "reference": "#c62828",
 }
@@ -177,7 +178,32 @@ def paced_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "how": "ours: (peak - baseline server RSS) / N, worst N, KiB",
         }
     )
+    out.append(metrics_cost_target(paced))
     return out
+
+
+def _metrics_cost(paced: dict[str, Any]) -> dict[int, tuple[float, float]]:
+    """Server CPU µs per turn with the metrics off and on (``ours``, ``ours-metrics``), by N."""
+    off, on = paced.get("ours") or {}, paced.get("ours-metrics") or {}
+    return {
+        int(n): (off[n]["server_cpu_us_per_turn"], on[n]["server_cpu_us_per_turn"])
+        for n in off
+        if n in on and off[n]["server_cpu_us_per_turn"] and on[n]["server_cpu_us_per_turn"]
+    }
+
+
+def metrics_cost_target(paced: dict[str, Any]) -> dict[str, Any]:
+    """Recording the per-turn metrics (LAYERCODE_METRICS=true) costs <= 5% more server CPU
+    per paced turn, at every N <= 1,000."""
+    cost = {n: on / off - 1 for n, (off, on) in _metrics_cost(paced).items() if n <= PACED_MAX_N}
+    worst = max(cost.values()) if cost else None
+    return {
+        "target": "paced: metrics on (LAYERCODE_METRICS=true) <= 5% more server CPU per turn",
+        "measured": "not measured" if worst is None else f"{worst * 100:+.1f}%",
+        "verdict": _verdict(None if worst is None else worst <= 0.05),
+        "how": "worst N of ours-metrics / ours server CPU µs per turn - 1; "
+        + ", ".join(f"N={n}: {c * 100:+.1f}%" for n, c in sorted(cost.items())),
+    }
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -690,6 +716,12 @@ def _paced_section(results: dict[str, Any]) -> str:
                         "our server CPU per turn"
                     )
             lines.append(line + ".")
+    for n, (off, on) in sorted(_metrics_cost(measured).items()):
+        lines.append(
+            f"- N={n}: metrics on (`LAYERCODE_METRICS=true`: Prometheus, OpenTelemetry API "
+            f"without an SDK) {on:.0f} µs of server CPU per turn vs {off:.0f} µs off = "
+            f"**{(on / off - 1) * 100:+.1f}%** (target <= 5%)."
+        )
     if lines:
         parts.append(
             "\n"

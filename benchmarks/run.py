@@ -559,7 +559,7 @@ def micro(cfg: Config, work: Path, ref_python: str | None) -> dict[str, Any]:
 def run_paced(cfg: Config, work: Path, ref_python: str | None) -> dict[str, Any]:
     """The headline: ``paced.py``'s closed loop, every server at every N, one run."""
     pacing = paced.Pacing()
-    names = ["floor", "ours", "sse-starlette", "reference"]
+    names = ["floor", "ours", "ours-metrics", "sse-starlette", "reference"]
     chosen = paced.servers(names, pacing, ref_python)
     measured = asyncio.run(
         paced.measure(

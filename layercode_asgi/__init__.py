@@ -67,6 +67,7 @@ from .events import (
     parse_webhook_payload,
 )
 from .logs import setup_logging
+from .metrics import MemoryMetrics, TurnMetrics
 from .middleware import DEFAULT_MAX_BODY_SIZE, LayercodeSignature
 from .replay import MemoryReplayCache, RedisReplayCache, ReplayCache
 from .server import AuthorizeGuard, Lifecycle, create_app, run_server
@@ -110,6 +111,7 @@ __all__ = [
     "LayercodeWebhook",
     "Lifecycle",
     "MemoryConversationStore",
+    "MemoryMetrics",
     "MemoryReplayCache",
     "MessagePayload",
     "RedisConversationStore",
@@ -133,6 +135,7 @@ __all__ = [
     "Turn",
     "TurnContext",
     "TurnEvent",
+    "TurnMetrics",
     "TurnStatus",
     "TurnStream",
     "UnknownEventError",

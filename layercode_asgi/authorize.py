@@ -9,7 +9,6 @@ of at most :data:`AUTHORIZE_MAX_ERROR_CHARS` characters), never its headers or o
 
 from __future__ import annotations
 
-import hmac
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ._asgi import JSONResponse, json_error_response
+from .apikeys import api_key_allowed, encode_keys
 from .config import Settings
 from .logs import escape_log_value
 
@@ -57,7 +57,7 @@ class AuthorizeRoute:
     def __init__(self, settings: Settings, guard: AuthorizeGuard | None, timeout: float) -> None:
         self.url = settings.layercode_api_url + AUTHORIZE_PATH
         self.api_key = settings.layercode_api_key
-        self.keys = tuple(k.encode() for k in settings.authorize_api_keys)
+        self.keys = encode_keys(settings.authorize_api_keys)
         self.guard = guard
         self.timeout = timeout
         self._client: httpx.AsyncClient | None = None
@@ -80,19 +80,7 @@ class AuthorizeRoute:
             if inspect.isawaitable(verdict):
                 verdict = await verdict
             return bool(verdict)
-        if not self.keys:
-            return True
-        presented = request.headers.get("x-api-key")
-        if presented is None:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            presented = token.strip() if scheme.lower() == "bearer" else None
-        if not presented:
-            return False
-        candidate = presented.encode("utf-8", "surrogateescape")
-        matched = False
-        for key in self.keys:
-            matched |= hmac.compare_digest(candidate, key)
-        return matched
+        return api_key_allowed(request.headers, self.keys)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         request = Request(scope, receive)

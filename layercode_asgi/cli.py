@@ -35,12 +35,12 @@ import anyio
 from ._version import __version__
 from .agents import AGENTS, list_agents
 from .config import SETTINGS_FIELDS, Settings
+from .demo import StartError, run_demo
 from .envfile import parse_env_file
 from .errors import ConfigurationError
 from .simulate import (
     ALLOW_ERRORS_HELP,
     EXIT_OK,
-    EXIT_VIOLATION,
     SECRET_ENV,
     SimulationReport,
     UsageError,
@@ -54,11 +54,6 @@ __all__ = ["SimulationReport", "main", "run_simulation"]
 
 EXIT_USAGE: Final = 2
 
-DEMO_MESSAGES: Final = ("Hello there!", "What can you do?", "Goodbye.")
-DEMO_DATA: Final = {"demo": True, "clicked": "button-1"}
-#: How long ``demo`` waits for its server to start.
-DEMO_START_TIMEOUT: Final = 10.0
-
 _SECRET_ENV: Final = SECRET_ENV
 _AGENT_DESCRIPTIONS: Final = {
     "echo": "greets, then repeats what it hears (deterministic, needs no key)",
@@ -67,8 +62,7 @@ _AGENT_DESCRIPTIONS: Final = {
 _UsageError = UsageError
 
 
-class _StartError(Exception):
-    """The server could not start (a port in use, …); printed, exit code 2."""
+_StartError = StartError
 
 
 # -- serve and demo ------------------------------------------------------------------------------
@@ -156,6 +150,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         verbose=args.verbose,
         level="DEBUG" if args.verbose else settings.log_level,
         logfire_token=settings.logfire_token,
+        log_format=settings.log_format,
     )
     # Fail on a port in use before printing that we serve (uvicorn would exit after the
     # banner); the remaining race (someone binds it in between) still fails, exit 2.
@@ -214,6 +209,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             port=args.port,
             log_level=log_level,
             environ=environ,
+            metrics=settings.metrics,
         )
         if status:
             raise SystemExit(status)
@@ -271,79 +267,9 @@ def _print_dev_banner(webhook_url: str, generated: str | None) -> None:
     )
 
 
-def _bind_free_port() -> socket.socket:
-    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on accepted sockets whose
-    # listening socket says TCP; with proto 0 every keep-alive request waits ~40 ms (Nagle).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
-async def _run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
-    from .logs import setup_logging
-    from .server import create_app
-
-    if args.verbose:
-        setup_logging(verbose=True)
-    secret = secrets.token_urlsafe(24)
-    settings = Settings(
-        env_file=None,
-        environ={},
-        layercode_webhook_secret=secret,
-        # The demo never mints LayerCode sessions: guard the route with a key nobody has.
-        authorize_api_keys=secrets.token_urlsafe(24),
-    )
-    app = create_app(settings, agent="echo")
-    sock = _bind_free_port()
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="debug" if args.verbose else "warning", lifespan="on")
-    )
-    url = f"http://127.0.0.1:{port}/api/agent"
-    stopped = anyio.Event()
-
-    async def serve() -> None:
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            stopped.set()
-
-    report: SimulationReport | None = None
-    try:
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(serve)
-            try:
-                with anyio.fail_after(DEMO_START_TIMEOUT):
-                    while not server.started and not stopped.is_set():  # noqa: ASYNC110 - uvicorn exposes a bool
-                        await anyio.sleep(0.01)
-                if server.started:
-                    print(
-                        f"demo: the echo agent is served on {url} (temporary secret {secret})",
-                        flush=True,
-                    )
-                    report = await run_simulation(
-                        url,
-                        secret,
-                        args.messages or DEMO_MESSAGES,
-                        data=DEMO_DATA,
-                        allow_errors=args.allow_errors,
-                    )
-            finally:
-                server.should_exit = True
-    finally:
-        sock.close()
-    if report is None:
-        raise _StartError("demo: the server did not start")
-    if report.ok:
-        print("demo: done. Serve your own agent with: layercode-asgi serve --help", flush=True)
-        return EXIT_OK
-    return EXIT_VIOLATION
-
-
 def _demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     uvicorn = _uvicorn()
-    result: int = anyio.run(_run_demo, args, uvicorn)
+    result: int = anyio.run(run_demo, args, uvicorn)
     return result
 
 
@@ -509,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
         "messages", nargs="*", metavar="MESSAGE", help="what the user says (default: 3 lines)"
     )
     demo.add_argument("--allow-errors", action="store_true", help=ALLOW_ERRORS_HELP)
+    demo.add_argument(
+        "--metrics", action="store_true", help="print each turn's figures (first tts, duration)"
+    )
     demo.add_argument("-v", "--verbose", action="store_true", help="server debug logs")
     demo.set_defaults(handler=_demo)
 

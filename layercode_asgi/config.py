@@ -235,6 +235,15 @@ def _log_level(value: object) -> str:
     _fail("one of " + ", ".join(_LEVELS), value)
 
 
+_LOG_FORMATS = ("text", "json")
+
+
+def _log_format(value: object) -> str:
+    if isinstance(value, str) and value.strip().lower() in _LOG_FORMATS:
+        return value.strip().lower()
+    _fail("text or json", value)
+
+
 # -- the table -------------------------------------------------------------------------------
 
 
@@ -332,6 +341,14 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
        convert=_non_empty_str),
     _F("log_level", "LOG_LEVEL", "DEBUG | INFO | WARNING | ERROR | CRITICAL", "INFO",
        "Log level of the layercode_asgi loggers.", convert=_log_level),
+    _F("log_format", "LOG_FORMAT", "text | json", "text",
+       "Log lines as text, or one JSON object per line.", convert=_log_format),
+    _F("metrics", "LAYERCODE_METRICS", "bool", False,
+       "Per-turn metrics: Prometheus at /metrics (extra prometheus) and OpenTelemetry "
+       "(extra otel), whichever is installed; see docs/metrics.md.", convert=_bool),
+    _F("metrics_api_keys", "LAYERCODE_METRICS_API_KEYS", "comma-separated strings", (),
+       "API keys guarding /metrics (Bearer or X-Api-Key); empty = open.",
+       secret=True, convert=_str_list),
 )  # fmt: skip
 
 _BY_NAME: dict[str, SettingField] = {f.name: f for f in SETTINGS_FIELDS}
@@ -434,6 +451,9 @@ class Settings:
     gc_freeze: bool
     agent: str
     log_level: str
+    log_format: str
+    metrics: bool
+    metrics_api_keys: tuple[str, ...]
 
     __slots__ = tuple(spec.name for spec in SETTINGS_FIELDS)
 

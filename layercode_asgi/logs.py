@@ -14,8 +14,10 @@ propagate to the root logger's handlers, if any.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any, Final
 
 __all__ = [
@@ -63,26 +65,34 @@ def setup_logging(
     logfire_token: str | None = None,
     *,
     level: int | str | None = None,
+    log_format: str = "text",
 ) -> None:
     """Configure the ``layercode_asgi`` loggers: one concise line per record on stderr.
 
-    Idempotent: calling it again updates the level but never adds a second handler.
+    Idempotent: calling it again updates the level and format but never adds a second
+    handler.
 
     Args:
         verbose: log at DEBUG instead of INFO.
         logfire_token: also send logs to Logfire when the ``logfire`` package is installed
             (a warning is logged if it is not).
         level: explicit level (``"WARNING"``, ``logging.ERROR``...), overriding ``verbose``.
+        log_format: ``"json"``: one JSON object per line (:class:`JsonFormatter`), with the
+            record's structured fields (the webhook line's ``event_type``, ``status``…).
     """
     target = logging.getLogger(LOGGER_NAME)
     target.setLevel(_resolve_level(verbose, level))
+    formatter = JsonFormatter() if log_format == "json" else _LineFormatter(LOG_FORMAT, DATE_FORMAT)
     handler = _marked(target, "stream")
     if handler is None:
         stream_handler = logging.StreamHandler(sys.stderr)
-        stream_handler.setFormatter(_LineFormatter(LOG_FORMAT, DATE_FORMAT))
+        stream_handler.setFormatter(formatter)
         setattr(stream_handler, _MARK, "stream")
         target.addHandler(stream_handler)
-    elif isinstance(handler, logging.StreamHandler) and handler.stream is not sys.stderr:
+        handler = stream_handler
+    else:
+        handler.setFormatter(formatter)
+    if isinstance(handler, logging.StreamHandler) and handler.stream is not sys.stderr:
         # sys.stderr may have been replaced since the first call (test runners, daemons).
         # setStream flushes the old stream first, which fails if it was closed meanwhile.
         if getattr(handler.stream, "closed", False):
@@ -104,6 +114,50 @@ class _LineFormatter(logging.Formatter):
             return text
         first, *rest = text.splitlines() or [""]
         return "\n    ".join([_controls_escaped(first), *map(_controls_escaped, rest)])
+
+
+# Record attributes kept out of JSON lines: uvicorn's ANSI-coloured copy of the message.
+_NOT_JSON: Final = frozenset({"color_message"})
+
+
+def uvicorn_json_log_config() -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` for uvicorn's own loggers (start-up, errors, access)
+    writing :class:`JsonFormatter` lines to stderr: what ``run_server`` gives uvicorn when
+    ``LOG_FORMAT=json``."""
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
+        "handlers": {"json": handler},
+        "loggers": {
+            "uvicorn": {"handlers": ["json"], "level": "INFO", "propagate": False},
+            "uvicorn.error": {"level": "INFO"},
+            "uvicorn.access": {"handlers": ["json"], "level": "INFO", "propagate": False},
+        },
+    }
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
+    ``message``, the record's structured fields (``extra=``; the webhook line's
+    ``event_type``, ``conversation_id``, ``turn_id``, ``status``, ``duration_ms`` and
+    ``first_tts_ms``), and ``exception`` (the traceback) when there is one. Everything
+    beyond ASCII is escaped, so no value can break the line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and key not in _NOT_JSON and not key.startswith("_"):
+                out.setdefault(key, value)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=True, default=str)
 
 
 def _controls_escaped(line: str) -> str:
@@ -236,14 +290,17 @@ def log_webhook(
     turn_id: str | None,
     status: int,
     duration_s: float,
+    first_tts_s: float | None = None,
     **extra: Any,
 ) -> None:
     """Log one line for a handled webhook on ``layercode_asgi.webhook``.
 
     ``webhook type=message conversation=c1 turn=t1 status=200 duration_ms=12.3`` followed
-    by `` key=value`` for each ``extra``. The same fields (``event_type``,
-    ``conversation_id``, ``turn_id``, ``status``, ``duration_ms``, extras) are attached to
-    the record for structured handlers. INFO below 400, WARNING for 4xx, ERROR for 5xx.
+    by `` first_tts_ms=4.5`` when ``first_tts_s`` is known (the metrics are on) and
+    `` key=value`` for each ``extra``. The same fields (``event_type``,
+    ``conversation_id``, ``turn_id``, ``status``, ``duration_ms``, ``first_tts_ms``, extras)
+    are attached to the record for structured handlers (``LOG_FORMAT=json``). INFO below
+    400, WARNING for 4xx, ERROR for 5xx.
     """
     level = _level_for(status)
     if not _webhook_logger.isEnabledFor(level):
@@ -264,6 +321,10 @@ def log_webhook(
         status,
         duration_ms,
     ]
+    if first_tts_s is not None:
+        fields["first_tts_ms"] = round(first_tts_s * 1000, 1)
+        fmt += " first_tts_ms=%.1f"
+        args.append(fields["first_tts_ms"])
     for key, value in extra.items():
         fmt += " " + _value(key).replace("%", "%%") + "=%s"
         args.append(_value(value))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -117,6 +117,9 @@ class LayercodeSignature:
             :class:`~layercode_asgi.replay.ReplayCache` (e.g. ``RedisReplayCache``) to
             share them between workers. If the cache cannot answer (unreachable, or any
             error from it): 503, fail closed.
+        on_rejected: called with the reason of each refused signature
+            (``SignatureErrorReason`` name in lower case, e.g. ``no_matching_signature``,
+            or ``replayed``): the metrics' ``TurnMetrics.signature_rejected``.
     """
 
     __slots__ = (
@@ -129,6 +132,7 @@ class LayercodeSignature:
         "_too_large",
         "app",
         "max_body_size",
+        "on_rejected",
         "tolerance",
     )
 
@@ -143,8 +147,10 @@ class LayercodeSignature:
         header_name: str = SIGNATURE_HEADER,
         body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
         replay_protection: bool | ReplayCache = False,
+        on_rejected: Callable[[str], None] | None = None,
     ) -> None:
         self.app = app
+        self.on_rejected = on_rejected
         if secret is None:
             secret = ()
         secrets = (secret,) if isinstance(secret, str) else tuple(secret)
@@ -254,6 +260,8 @@ class LayercodeSignature:
             timestamp = check_signature_header(signature, self.tolerance)
         except SignatureVerificationError as exc:
             _log_rejected(scope, exc)
+            if self.on_rejected is not None:
+                self.on_rejected(exc.reason.name.lower())
             await send_json_error(send, _EARLY_REJECTIONS[exc.reason])
             return None
 
@@ -279,6 +287,8 @@ class LayercodeSignature:
             verify_signature(body, signature, self._secrets, self.tolerance)
         except SignatureVerificationError as exc:
             _log_rejected(scope, exc)
+            if self.on_rejected is not None:
+                self.on_rejected(exc.reason.name.lower())
             await send_json_error(send, _REJECTIONS[exc.reason])
             return None
 
@@ -305,6 +315,8 @@ class LayercodeSignature:
             return True
         if seen:
             logger.warning("rejected replayed webhook (t=%s)", timestamp)
+            if self.on_rejected is not None:
+                self.on_rejected("replayed")
             await send_json_error(send, _REPLAYED)
             return True
         return False

@@ -7,6 +7,8 @@ Routes (paths of the first two are arguments):
 ``/api/authorize``   POST    mints a browser session key at LayerCode (guardable)
 ``/health``          GET     ``{"status": "healthy", "timestamp": …, "version": …}``
 ``/ready``           GET     ``{"ready", "agent"}`` (+ ``"model"``); 503 if a store is down
+``/metrics``         GET     Prometheus text format, only with ``LAYERCODE_METRICS=true``
+                             and prometheus-client installed (``LAYERCODE_METRICS_API_KEYS``)
 ===================  ======  ==========================================================
 
 Every error is JSON ``{"error": "…"}`` with a fitting status (400, 401, 404, 405, 413,
@@ -40,6 +42,7 @@ from .config import Settings
 from .conversation import ConversationManager
 from .errors import ConfigurationError
 from .logs import escape_log_value
+from .metrics import installed, metrics_from_settings
 from .middleware import LayercodeSignature
 from .replay import MemoryReplayCache, RedisReplayCache, ReplayCache
 from .webhook import LayercodeWebhook
@@ -196,6 +199,7 @@ def create_app(
     conversations = (
         ConversationManager.from_settings(settings) if conversations is None else conversations
     )
+    metrics = metrics_from_settings(settings)
 
     webhook = LayercodeWebhook(
         agent,
@@ -211,6 +215,7 @@ def create_app(
         max_queued_turns=settings.max_queued_turns,
         extras=extras,
         max_body_size=settings.max_body_size,
+        metrics=metrics,
     )
     replay: ReplayCache | None = None
     if settings.replay_protection:
@@ -228,6 +233,7 @@ def create_app(
         body_timeout=settings.body_timeout,
         # ``is None``, not truthiness: an empty MemoryReplayCache has len() 0.
         replay_protection=False if replay is None else replay,
+        on_rejected=None if metrics is None else metrics.signature_rejected,
     )
     authorize = AuthorizeRoute(settings, authorize_guard, authorize_timeout)
     name = agent_name(agent)
@@ -308,13 +314,18 @@ def create_app(
                 max_age=600,
             )
         )
+    routes = [
+        Route(agent_route, _WebhookEndpoint(protected, webhook, lifecycle), methods=["POST"]),
+        Route(authorize_route, authorize, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+    ]
+    if settings.metrics and installed("prometheus_client"):
+        from .prometheus import MetricsEndpoint
+
+        routes.append(Route("/metrics", MetricsEndpoint(settings.metrics_api_keys)))
     app = Starlette(
-        routes=[
-            Route(agent_route, _WebhookEndpoint(protected, webhook, lifecycle), methods=["POST"]),
-            Route(authorize_route, authorize, methods=["POST"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/ready", ready, methods=["GET"]),
-        ],
+        routes=routes,
         middleware=middleware,
         exception_handlers={HTTPException: _http_exception, Exception: _server_error},
         lifespan=lifespan,
@@ -323,6 +334,7 @@ def create_app(
     app.state.agent = agent
     app.state.conversations = conversations
     app.state.webhook = webhook
+    app.state.metrics = metrics
     app.state.lifecycle = lifecycle
     return app
 
@@ -339,7 +351,11 @@ def app_from_env() -> Starlette:
 
     env_file = os.environ.get("LAYERCODE_ENV_FILE")
     settings = Settings(env_file=".env" if env_file is None else (env_file or None))
-    setup_logging(level=settings.log_level, logfire_token=settings.logfire_token)
+    setup_logging(
+        level=settings.log_level,
+        logfire_token=settings.logfire_token,
+        log_format=settings.log_format,
+    )
     return create_app(settings)
 
 
@@ -414,5 +430,9 @@ def run_server(
             return await super().on_tick(counter)
 
     uvicorn_options.setdefault("timeout_graceful_shutdown", 5)
+    if getattr(app.state.settings, "log_format", "text") == "json":
+        from .logs import uvicorn_json_log_config
+
+        uvicorn_options.setdefault("log_config", uvicorn_json_log_config())
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, **uvicorn_options)
     DrainingServer(config).run(sockets=sockets)

@@ -35,6 +35,7 @@ import asyncio
 import enum
 import logging
 import math
+import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -167,7 +168,8 @@ class Turn:
             returns (the client is not reading: the stream is closed).
 
     After :meth:`run`, :attr:`status`, :attr:`spoken` (the ``response.tts`` texts actually
-    emitted) and :attr:`error` describe what happened.
+    emitted) and :attr:`error` describe what happened; :attr:`first_tts_at` is the
+    ``time.perf_counter()`` when the server took the first ``response.tts`` (or None).
     """
 
     __slots__ = (
@@ -181,6 +183,7 @@ class Turn:
         "ended",
         "error",
         "event",
+        "first_tts_at",
         "grace",
         "spoken",
         "started_at",
@@ -215,6 +218,7 @@ class Turn:
         self._suffix = b',"turn_id":' + _encode(event.turn_id) + b"}\n\n"
         self._emit: Emit | None = None
         self.spoken: list[str] = []
+        self.first_tts_at: float | None = None
         self.status = TurnStatus.RUNNING
         self.error: BaseException | None = None
         self.ended = False
@@ -360,6 +364,8 @@ class Turn:
             if emit is None:
                 raise RuntimeError(_NOT_RUNNING)
             await emit(_TTS + _encode(text) + self._suffix)
+            if not self.spoken:
+                self.first_tts_at = time.perf_counter()  # for the metrics (one call per turn)
             self.spoken.append(text)
         elif isinstance(item, Data):
             await self._send(_DATA + _encode_content(item.content) + self._suffix)

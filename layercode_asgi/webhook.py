@@ -62,6 +62,7 @@ from .events import (
     parse_webhook_payload,
 )
 from .logs import escape_log_value, log_webhook, webhook_log_enabled
+from .metrics import TurnMetrics
 from .middleware import DEFAULT_MAX_BODY_SIZE
 from .sse import Emit, EventStreamResponse
 from .turns import DEFAULT_TURN_GRACE, Turn
@@ -133,6 +134,8 @@ class _TurnRequest:
                     acquired = True
                     locked_at = anyio.current_time()  # the turn's deadline counts from here
                     webhook._waiting.discard(waiting)
+                    if webhook.metrics is not None:
+                        webhook.metrics.lock_acquired()
                     if event is None:
                         event = _decode_turn(body)
                     try:
@@ -233,6 +236,8 @@ class LayercodeWebhook:
             (in this process); one more is answered 503 at once.
         extras: objects handed to agents as ``context.extras``.
         max_body_size: body limit when used as an ASGI app without the middleware.
+        metrics: a :class:`~layercode_asgi.metrics.TurnMetrics` measuring each request
+            (first tts, duration, lock wait, outcome); ``None``: nothing is measured.
     """
 
     def __init__(
@@ -252,6 +257,7 @@ class LayercodeWebhook:
         max_queued_turns: int = DEFAULT_MAX_QUEUED_TURNS,
         extras: Mapping[str, Any] | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        metrics: TurnMetrics | None = None,
     ) -> None:
         if not callable(agent):
             raise TypeError(f"agent must be an async callable, got {type(agent).__name__}")
@@ -287,6 +293,7 @@ class LayercodeWebhook:
         self._waiting: set[anyio.CancelScope] = set()
         self.extras: Mapping[str, Any] = {} if extras is None else extras
         self.max_body_size = max_body_size
+        self.metrics = metrics
 
     # -- ASGI ---------------------------------------------------------------------------------
 
@@ -329,9 +336,15 @@ class LayercodeWebhook:
         conversation_id = None if event is None else event.conversation_id
         turn_id = getattr(event, "turn_id", None)
         event = None
+        metrics = self.metrics  # metrics: one record per request, only when enabled
+        record = (
+            None if metrics is None else metrics.arrived(started, kind, conversation_id, turn_id)
+        )
         try:
             await response(scope, receive, send)
         finally:
+            if record is not None:
+                record.finish(response)
             if webhook_log_enabled(response.status_code):
                 log_webhook(
                     kind,
@@ -339,6 +352,7 @@ class LayercodeWebhook:
                     turn_id,
                     response.status_code,
                     time.perf_counter() - started,
+                    first_tts_s=None if record is None else record.first_tts,
                 )
 
     # -- framework-neutral entry point -------------------------------------------------------
@@ -392,6 +406,8 @@ class LayercodeWebhook:
     async def _run(self, turn: Turn, emit: Emit) -> None:
         running = self._running
         running.add(turn)
+        if self.metrics is not None:
+            self.metrics.turn_started(turn)
         try:
             await turn.run(emit)
         finally:

@@ -8,6 +8,10 @@ the env file to read, if any, in ``LAYERCODE_ENV_FILE``) and serves it with
 within the grace period, new webhooks get 503), on a second it stops at once. The parent
 exits once every worker has. A worker that dies on its own is replaced, unless it died while
 starting (then the others are stopped and the parent exits with status 3, as uvicorn).
+
+With ``metrics`` (``LAYERCODE_METRICS=true``) and prometheus-client installed, the workers
+share a ``PROMETHEUS_MULTIPROC_DIR`` (the user's, else a fresh temporary one, removed at
+the end): a scrape of any worker sums them all.
 """
 
 from __future__ import annotations
@@ -65,15 +69,24 @@ def serve_workers(
     port: int,
     log_level: str,
     environ: Mapping[str, str],
+    metrics: bool = False,
 ) -> int:
     """Serve ``app_from_env`` in ``workers`` processes until SIGTERM / SIGINT; return the
     exit status (0 once every worker has drained and exited)."""
     import uvicorn
 
+    from .metrics import installed
+
     config = uvicorn.Config("layercode_asgi.server:app_from_env", host=host, port=port)
     sock = config.bind_socket()
     context = multiprocessing.get_context("spawn")
     env = dict(environ)
+    prometheus: Any = None
+    metrics_dir: str | None = None
+    if metrics and installed("prometheus_client"):
+        from . import prometheus
+
+        metrics_dir = prometheus.prepare_worker_directory(env)
     signals: list[int] = []
 
     def start() -> tuple[Any, float]:
@@ -115,6 +128,8 @@ def serve_workers(
                         process.pid,
                         process.exitcode,
                     )
+                    if prometheus is not None and process.pid is not None:
+                        prometheus.worker_exited(process.pid, env)
                     processes[index] = start()
             time.sleep(0.1)
         for process, _ in processes:
@@ -123,4 +138,6 @@ def serve_workers(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sock.close()
+        if metrics_dir is not None:
+            prometheus.remove_worker_directory(metrics_dir)
     return status

@@ -49,6 +49,7 @@ EXEMPTIONS: dict[str, int] = {
 NEEDS: dict[str, tuple[str, ...]] = {
     "adapters.md": ("pydantic_ai",),
     "deploying.md": ("hypercorn", "granian"),
+    "metrics.md": ("prometheus_client", "opentelemetry.sdk"),
     "stacks.md": ("fastapi", "litestar"),
 }
 

@@ -1,0 +1,35 @@
+"""The API-key check of the guarded routes (``/api/authorize``, ``/metrics``).
+
+A caller presents a key as ``X-Api-Key: <key>`` or ``Authorization: Bearer <key>``; it is
+compared with every configured key in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable, Mapping
+
+__all__ = ["api_key_allowed", "encode_keys"]
+
+
+def encode_keys(keys: Iterable[str]) -> tuple[bytes, ...]:
+    """The configured keys as the bytes :func:`api_key_allowed` compares."""
+    return tuple(key.encode() for key in keys)
+
+
+def api_key_allowed(headers: Mapping[str, str], keys: tuple[bytes, ...]) -> bool:
+    """Whether ``headers`` (lower-case names) present one of ``keys``; True when there are
+    no keys (the route is not guarded)."""
+    if not keys:
+        return True
+    presented = headers.get("x-api-key")
+    if presented is None:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        presented = token.strip() if scheme.lower() == "bearer" else None
+    if not presented:
+        return False
+    candidate = presented.encode("utf-8", "surrogateescape")
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(candidate, key)
+    return matched

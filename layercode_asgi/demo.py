@@ -1,0 +1,106 @@
+"""``layercode-asgi demo``: the echo agent on a free local port, and a simulated conversation.
+
+With ``--metrics`` it prints each turn's figures afterwards (:class:`MemoryMetrics`): the
+time to the first ``response.tts``, the duration and the wait for the conversation's lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import socket
+from typing import Any, Final
+
+import anyio
+
+from .config import Settings
+from .metrics import MemoryMetrics, TurnMetrics
+from .simulate import EXIT_OK, EXIT_VIOLATION, SimulationReport, run_simulation
+
+__all__ = ["DEMO_DATA", "DEMO_MESSAGES", "StartError", "run_demo"]
+
+DEMO_MESSAGES: Final = ("Hello there!", "What can you do?", "Goodbye.")
+DEMO_DATA: Final = {"demo": True, "clicked": "button-1"}
+#: How long ``demo`` waits for its server to start.
+DEMO_START_TIMEOUT: Final = 10.0
+
+
+class StartError(Exception):
+    """The server could not start (a port in use, …); printed, exit code 2."""
+
+
+def _bind_free_port() -> socket.socket:
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on accepted sockets whose
+    # listening socket says TCP; with proto 0 every keep-alive request waits ~40 ms (Nagle).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
+    from .logs import setup_logging
+    from .server import create_app
+
+    if args.verbose:
+        setup_logging(verbose=True)
+    secret = secrets.token_urlsafe(24)
+    settings = Settings(
+        env_file=None,
+        environ={},
+        layercode_webhook_secret=secret,
+        # The demo never mints LayerCode sessions: guard the route with a key nobody has.
+        authorize_api_keys=secrets.token_urlsafe(24),
+    )
+    app = create_app(settings, agent="echo")
+    memory: MemoryMetrics | None = None
+    if getattr(args, "metrics", False):
+        memory = MemoryMetrics()
+        app.state.webhook.metrics = TurnMetrics(memory)
+    sock = _bind_free_port()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="debug" if args.verbose else "warning", lifespan="on")
+    )
+    url = f"http://127.0.0.1:{port}/api/agent"
+    stopped = anyio.Event()
+
+    async def serve() -> None:
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            stopped.set()
+
+    report: SimulationReport | None = None
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve)
+            try:
+                with anyio.fail_after(DEMO_START_TIMEOUT):
+                    while not server.started and not stopped.is_set():  # noqa: ASYNC110 - uvicorn exposes a bool
+                        await anyio.sleep(0.01)
+                if server.started:
+                    print(
+                        f"demo: the echo agent is served on {url} (temporary secret {secret})",
+                        flush=True,
+                    )
+                    report = await run_simulation(
+                        url,
+                        secret,
+                        args.messages or DEMO_MESSAGES,
+                        data=DEMO_DATA,
+                        allow_errors=args.allow_errors,
+                    )
+            finally:
+                server.should_exit = True
+    finally:
+        sock.close()
+    if report is None:
+        raise StartError("demo: the server did not start")
+    if memory is not None:
+        print("demo: per-turn metrics (first tts and duration from the webhook's arrival)")
+        print(memory.table(), flush=True)
+    if report.ok:
+        print("demo: done. Serve your own agent with: layercode-asgi serve --help", flush=True)
+        return EXIT_OK
+    return EXIT_VIOLATION

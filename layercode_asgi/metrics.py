@@ -1,0 +1,374 @@
+"""Per-turn metrics of the webhook path: what is measured, and the recorder that measures it.
+
+The webhook holds ``metrics: TurnMetrics | None``; with ``None`` (the default) nothing is
+measured and nothing costs anything. A :class:`TurnMetrics` measures each webhook request
+it answers (``LayercodeWebhook.answer``, which the ASGI app and ``create_app`` use) and hands
+the finished :class:`WebhookRecord` to its sinks:
+
+* :class:`~layercode_asgi.prometheus.PrometheusMetrics` (extra ``prometheus``): counters,
+  histograms and a gauge, exposed at ``/metrics``;
+* :class:`~layercode_asgi.otel.OtelMetrics` (extra ``otel``): a span per request and the
+  same figures as OpenTelemetry instruments, for whatever SDK the application configured;
+* :class:`MemoryMetrics`: the last records in memory (``layercode-asgi demo --metrics``,
+  tests).
+
+What a record holds (seconds, ``time.perf_counter`` based): the time from the request's
+arrival at the webhook to the first ``response.tts`` the server took, the whole request's
+duration, the wait for the conversation's lock, the event type, the status, and for turns
+the outcome (:data:`OUTCOMES`). Signature rejections are counted by reason through the
+signature middleware's ``on_rejected`` callback.
+
+``create_app`` builds its recorder with :func:`metrics_from_settings`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib.util
+import logging
+import time
+from collections.abc import Sequence
+from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from .errors import ConfigurationError
+from .turns import Turn, TurnStatus
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
+
+    from .config import Settings
+
+__all__ = [
+    "OUTCOMES",
+    "MemoryMetrics",
+    "MetricsSink",
+    "TurnMetrics",
+    "WebhookRecord",
+    "metrics_from_settings",
+]
+
+logger = logging.getLogger("layercode_asgi.metrics")
+
+#: How a turn ended, as the metrics name it.
+COMPLETED: Final = "completed"
+AGENT_ERROR: Final = "agent_error"
+TIMEOUT: Final = "timeout"
+CLIENT_DISCONNECT: Final = "client_disconnect"
+#: Ended by the server (``abort_turns``: shutting down).
+ABORTED: Final = "aborted"
+#: Never ran: answered with an error before its stream began (503 lock timeout, 400, …).
+REJECTED: Final = "rejected"
+OUTCOMES: Final = (COMPLETED, AGENT_ERROR, TIMEOUT, CLIENT_DISCONNECT, ABORTED, REJECTED)
+
+#: Histogram buckets (seconds). The time to the first ``response.tts``: voice wants it well
+#: under a second.
+FIRST_TTS_BUCKETS: Final = (
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+)
+#: A whole turn: a sentence or two of speech, up to the default 30 s turn timeout.
+TURN_DURATION_BUCKETS: Final = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0)
+#: Waiting for the previous turn of the same conversation (usually none).
+LOCK_WAIT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0)
+
+_BY_STATUS: Final = {
+    TurnStatus.COMPLETED: COMPLETED,
+    TurnStatus.FAILED: AGENT_ERROR,
+    TurnStatus.TIMED_OUT: TIMEOUT,
+    TurnStatus.DISCONNECTED: CLIENT_DISCONNECT,
+    TurnStatus.ABORTED: ABORTED,
+}
+_TURN_TYPES: Final = frozenset({"session.start", "message"})
+
+# The record of the request being answered, for the hooks deep in the turn (lock, run).
+_CURRENT: ContextVar[WebhookRecord | None] = ContextVar("layercode_webhook_record", default=None)
+
+
+class WebhookRecord:
+    """The figures of one webhook request; every sink gets it when the request ends.
+
+    Times are seconds; ``None`` where they do not apply (a ``data`` event has no first tts,
+    a turn without a conversation store waits for no lock). ``event_type`` is ``None`` for a
+    malformed body or an unknown type. ``outcome`` is set for turns only (:data:`OUTCOMES`).
+    ``streaming``: the turn ran (it counted as an open stream).
+    """
+
+    __slots__ = (
+        "_metrics",
+        "_states",
+        "_token",
+        "arrived",
+        "conversation_id",
+        "duration",
+        "event_type",
+        "first_tts",
+        "lock_wait",
+        "outcome",
+        "status",
+        "streaming",
+        "turn",
+        "turn_id",
+    )
+
+    def __init__(
+        self,
+        metrics: TurnMetrics | None,
+        arrived: float,
+        event_type: str | None,
+        conversation_id: str | None,
+        turn_id: str | None,
+    ) -> None:
+        self._metrics = metrics
+        self._states: list[Any] = []
+        self._token: Token[WebhookRecord | None] | None = None
+        #: ``time.perf_counter()`` when the verified request reached the webhook.
+        self.arrived = arrived
+        self.event_type = event_type
+        self.conversation_id = conversation_id
+        self.turn_id = turn_id
+        self.status = 0
+        self.duration: float | None = None
+        self.lock_wait: float | None = None
+        self.first_tts: float | None = None
+        self.outcome: str | None = None
+        self.streaming = False
+        #: The running turn, until the request ends.
+        self.turn: Turn | None = None
+
+    @property
+    def is_turn(self) -> bool:
+        """Whether the request opened a turn (``session.start`` or ``message``)."""
+        return self.event_type in _TURN_TYPES
+
+    def finish(self, response: Response) -> None:
+        """The request is over (``response`` was sent or the client left): record it."""
+        if self._metrics is not None:
+            self._metrics.finish(self, response)
+
+    def __repr__(self) -> str:
+        return (
+            f"WebhookRecord(event_type={self.event_type!r}, turn_id={self.turn_id!r}, "
+            f"status={self.status}, outcome={self.outcome!r}, first_tts={self.first_tts!r}, "
+            f"duration={self.duration!r}, lock_wait={self.lock_wait!r})"
+        )
+
+
+class MetricsSink(Protocol):
+    """Where a :class:`TurnMetrics` sends its figures (Prometheus, OpenTelemetry, memory).
+
+    ``request_started`` returns whatever the sink wants back in ``request_finished``
+    (OpenTelemetry: its span). A sink must not raise; if it does, the error is logged and
+    the request is not affected.
+    """
+
+    def request_started(self, record: WebhookRecord) -> Any: ...
+
+    def turn_started(self, record: WebhookRecord) -> None: ...
+
+    def request_finished(self, record: WebhookRecord, state: Any) -> None: ...
+
+    def signature_rejected(self, reason: str) -> None: ...
+
+
+class TurnMetrics:
+    """The webhook's recorder: measures each request and hands it to ``sinks``.
+
+    ``LayercodeWebhook(agent, metrics=TurnMetrics(PrometheusMetrics()))``; for the
+    signature middleware's rejections pass ``on_rejected=metrics.signature_rejected``.
+    With no sink at all it still measures (the webhook log line then has ``first_tts_ms``).
+    """
+
+    __slots__ = ("sinks",)
+
+    def __init__(self, *sinks: MetricsSink) -> None:
+        self.sinks: tuple[MetricsSink, ...] = sinks
+
+    def arrived(
+        self,
+        arrived: float,
+        event_type: str | None,
+        conversation_id: str | None,
+        turn_id: str | None,
+    ) -> WebhookRecord:
+        """Start the record of a request that reached the webhook at ``arrived``
+        (``time.perf_counter()``); call :meth:`WebhookRecord.finish` in the same task."""
+        record = WebhookRecord(self, arrived, event_type, conversation_id, turn_id)
+        for sink in self.sinks:
+            try:
+                state = sink.request_started(record)
+            except Exception:
+                logger.exception("metrics sink %s failed", type(sink).__name__)
+                state = None
+            record._states.append(state)
+        record._token = _CURRENT.set(record)
+        return record
+
+    def lock_acquired(self) -> None:
+        """The current turn holds its conversation's lock now."""
+        record = _CURRENT.get()
+        if record is not None:
+            record.lock_wait = time.perf_counter() - record.arrived
+
+    def turn_started(self, turn: Turn) -> None:
+        """The current request's turn starts running (its stream opens)."""
+        record = _CURRENT.get()
+        if record is None or record.streaming:
+            return
+        record.turn = turn
+        record.streaming = True
+        for sink in self.sinks:
+            try:
+                sink.turn_started(record)
+            except Exception:
+                logger.exception("metrics sink %s failed", type(sink).__name__)
+
+    def finish(self, record: WebhookRecord, response: Response) -> None:
+        """Complete ``record`` from ``response`` and the turn, then hand it to the sinks."""
+        token, record._token = record._token, None
+        if token is None:
+            return  # finished already
+        with contextlib.suppress(ValueError):  # another context: nothing to restore there
+            _CURRENT.reset(token)
+        record.duration = time.perf_counter() - record.arrived
+        record.status = response.status_code
+        turn = record.turn
+        record.turn = None  # the turn holds the history and the agent's context: let it go
+        if record.is_turn:
+            left = bool(getattr(response, "disconnected", False))
+            if turn is None:
+                record.outcome = CLIENT_DISCONNECT if left else REJECTED
+            else:
+                outcome = _BY_STATUS.get(turn.status)
+                if outcome is None:
+                    outcome = CLIENT_DISCONNECT if left else COMPLETED
+                record.outcome = outcome
+                if turn.first_tts_at is not None:
+                    record.first_tts = turn.first_tts_at - record.arrived
+        for sink, state in zip(self.sinks, record._states, strict=True):
+            try:
+                sink.request_finished(record, state)
+            except Exception:
+                logger.exception("metrics sink %s failed", type(sink).__name__)
+        record._states = []
+
+    def signature_rejected(self, reason: str) -> None:
+        """Count a request the signature middleware refused (``reason``: e.g.
+        ``no_matching_signature``, ``replayed``)."""
+        for sink in self.sinks:
+            try:
+                sink.signature_rejected(reason)
+            except Exception:
+                logger.exception("metrics sink %s failed", type(sink).__name__)
+
+
+class MemoryMetrics:
+    """A sink that keeps the last ``maxlen`` finished records (and rejections) in memory.
+
+    ``records``: the :class:`WebhookRecord` objects, oldest first; ``rejections``: a count
+    by reason. What ``layercode-asgi demo --metrics`` prints; handy in tests.
+    """
+
+    def __init__(self, maxlen: int = 1000) -> None:
+        self.records: collections.deque[WebhookRecord] = collections.deque(maxlen=maxlen)
+        self.rejections: collections.Counter[str] = collections.Counter()
+
+    def request_started(self, record: WebhookRecord) -> None:
+        return None
+
+    def turn_started(self, record: WebhookRecord) -> None:
+        return None
+
+    def request_finished(self, record: WebhookRecord, state: Any) -> None:
+        self.records.append(record)
+
+    def signature_rejected(self, reason: str) -> None:
+        self.rejections[reason] += 1
+
+    def turns(self) -> list[WebhookRecord]:
+        """The records of turns (``session.start`` and ``message``), oldest first."""
+        return [record for record in self.records if record.is_turn]
+
+    def table(self) -> str:
+        """The turns as a small text table (milliseconds): what ``demo --metrics`` prints."""
+        rows = [("turn", "type", "status", "outcome", "first tts", "duration", "lock wait")]
+        rows.extend(
+            (
+                str(r.turn_id),
+                str(r.event_type),
+                str(r.status),
+                str(r.outcome),
+                _ms(r.first_tts),
+                _ms(r.duration),
+                _ms(r.lock_wait),
+            )
+            for r in self.turns()
+        )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        return "\n".join(
+            "  ".join(
+                cell.ljust(width) if i < 4 else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+            for row in rows
+        )
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f} ms"
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def metrics_from_settings(
+    settings: Settings, extra_sinks: Sequence[MetricsSink] = ()
+) -> TurnMetrics | None:
+    """The recorder ``create_app`` uses, or ``None`` when nothing asks for one.
+
+    * ``LAYERCODE_METRICS=true``: Prometheus when prometheus-client is installed, and
+      OpenTelemetry when opentelemetry-api is (at least one of them is required);
+    * ``LOGFIRE_TOKEN`` set (Logfire configures an OpenTelemetry SDK): OpenTelemetry;
+    * ``LOG_FORMAT=json`` alone: a recorder with no sink (the log line's ``first_tts_ms``).
+    """
+    sinks: list[MetricsSink] = list(extra_sinks)
+    otel = False
+    if settings.metrics:
+        if installed("prometheus_client"):
+            from .prometheus import PrometheusMetrics
+
+            sinks.append(PrometheusMetrics())
+        otel = installed("opentelemetry.trace")
+        if not sinks and not otel:
+            raise ConfigurationError(
+                "LAYERCODE_METRICS=true needs prometheus-client or opentelemetry-api: "
+                "pip install 'layercode-asgi[prometheus]' (a /metrics route) or "
+                "'layercode-asgi[otel]'"
+            )
+    if settings.logfire_token and installed("opentelemetry.trace"):
+        otel = True
+    if otel:
+        from .otel import OtelMetrics
+
+        sinks.append(OtelMetrics())
+    if sinks or settings.log_format == "json":
+        return TurnMetrics(*sinks)
+    return None

@@ -1,0 +1,176 @@
+"""OpenTelemetry: a span per webhook request and the per-turn figures as OTel instruments.
+
+Needs the extra ``otel`` (``pip install 'layercode-asgi[otel]'``: opentelemetry-api only).
+What is recorded goes to whatever SDK and exporter the application configured (the global
+tracer and meter providers, or the ones passed in); without an SDK the API records
+nothing. ``create_app`` uses it when ``LAYERCODE_METRICS=true`` and opentelemetry-api is
+installed, and when ``LOGFIRE_TOKEN`` is set: Logfire is an OpenTelemetry SDK and exporter,
+which ``setup_logging`` configures; the spans and instruments below are what it receives.
+
+The span, ``webhook <event type>`` (kind SERVER), starts when the verified request reaches
+the webhook and is the current span while the turn runs (an agent's own spans nest in it).
+Attributes: ``layercode.event_type``, ``layercode.conversation_id``, ``layercode.turn_id``,
+``layercode.outcome`` (turns), ``http.response.status_code``. Events: ``first_tts`` (when
+the first ``response.tts`` went out) and ``end``. Status ERROR on a 5xx or an agent error.
+
+Instruments (meter ``layercode_asgi``), the Prometheus ones under OpenTelemetry names:
+see :data:`INSTRUMENT_NAMES` and docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final
+
+try:
+    from opentelemetry import context as otel_context
+    from opentelemetry import metrics as otel_metrics
+    from opentelemetry import trace
+except ImportError as exc:  # pragma: no cover - exercised without the extra
+    raise ImportError(
+        "layercode_asgi.otel needs opentelemetry-api: pip install 'layercode-asgi[otel]'"
+    ) from exc
+
+from ._version import __version__
+from .metrics import (
+    AGENT_ERROR,
+    FIRST_TTS_BUCKETS,
+    LOCK_WAIT_BUCKETS,
+    TURN_DURATION_BUCKETS,
+    WebhookRecord,
+)
+
+__all__ = ["INSTRUMENT_NAMES", "OtelMetrics"]
+
+#: The instruments, as an OpenTelemetry exporter names them.
+INSTRUMENT_NAMES: Final = (
+    "layercode.webhook.requests",
+    "layercode.turns",
+    "layercode.turn.first_tts",
+    "layercode.turn.duration",
+    "layercode.turn.lock_wait",
+    "layercode.streams.open",
+    "layercode.signature.rejections",
+)
+
+_SCOPE: Final = "layercode_asgi"
+
+
+def _histogram(meter: Any, name: str, description: str, buckets: tuple[float, ...]) -> Any:
+    try:  # bucket advice: opentelemetry-api >= 1.23
+        return meter.create_histogram(
+            name, unit="s", description=description, explicit_bucket_boundaries_advisory=buckets
+        )
+    except TypeError:
+        return meter.create_histogram(name, unit="s", description=description)
+
+
+class OtelMetrics:
+    """The sink sending spans and instruments through OpenTelemetry's API.
+
+    Args:
+        tracer_provider: where spans go (default: the global one, as configured by the
+            application's SDK, Logfire, …).
+        meter_provider: where the instruments report (default: the global one).
+    """
+
+    def __init__(
+        self,
+        *,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: otel_metrics.MeterProvider | None = None,
+    ) -> None:
+        self._tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider)
+        meter = otel_metrics.get_meter(_SCOPE, __version__, meter_provider)
+        self._requests = meter.create_counter(
+            "layercode.webhook.requests",
+            unit="{request}",
+            description="Webhook requests answered, by event type and HTTP status.",
+        )
+        self._turns = meter.create_counter(
+            "layercode.turns", unit="{turn}", description="Turns, by outcome."
+        )
+        self._first_tts = _histogram(
+            meter,
+            "layercode.turn.first_tts",
+            "Time from the webhook's arrival to its first response.tts.",
+            FIRST_TTS_BUCKETS,
+        )
+        self._duration = _histogram(
+            meter,
+            "layercode.turn.duration",
+            "Time from a turn's arrival to the end of its stream (turns that ran).",
+            TURN_DURATION_BUCKETS,
+        )
+        self._lock_wait = _histogram(
+            meter,
+            "layercode.turn.lock_wait",
+            "Time from a turn's arrival until it held its conversation's lock.",
+            LOCK_WAIT_BUCKETS,
+        )
+        self._open = meter.create_up_down_counter(
+            "layercode.streams.open", unit="{stream}", description="Turn streams running now."
+        )
+        self._rejections = meter.create_counter(
+            "layercode.signature.rejections",
+            unit="{request}",
+            description="Webhook requests refused by the signature check, by reason.",
+        )
+
+    def request_started(self, record: WebhookRecord) -> tuple[Any, object, int]:
+        start_ns = time.time_ns() - int((time.perf_counter() - record.arrived) * 1e9)
+        attributes: dict[str, str] = {"layercode.event_type": record.event_type or "unknown"}
+        if record.conversation_id is not None:
+            attributes["layercode.conversation_id"] = record.conversation_id
+        if record.turn_id is not None:
+            attributes["layercode.turn_id"] = record.turn_id
+        span = self._tracer.start_span(
+            f"webhook {record.event_type or 'unknown'}",
+            kind=trace.SpanKind.SERVER,
+            attributes=attributes,
+            start_time=start_ns,
+        )
+        token = otel_context.attach(trace.set_span_in_context(span))
+        return span, token, start_ns
+
+    def turn_started(self, record: WebhookRecord) -> None:
+        self._open.add(1)
+
+    def request_finished(self, record: WebhookRecord, state: Any) -> None:
+        event_type = record.event_type or "unknown"
+        self._requests.add(
+            1, {"layercode.event_type": event_type, "http.response.status_code": record.status}
+        )
+        outcome = record.outcome
+        if outcome is not None:
+            self._turns.add(1, {"layercode.outcome": outcome})
+            if record.lock_wait is not None:
+                self._lock_wait.record(record.lock_wait)
+            if record.first_tts is not None:
+                self._first_tts.record(record.first_tts)
+            if record.streaming:
+                self._open.add(-1)
+                if record.duration is not None:
+                    self._duration.record(record.duration)
+        if state is None:
+            return
+        span, token, start_ns = state
+        otel_context.detach(token)  # logs (never raises) if the context is not ours
+        span.set_attribute("http.response.status_code", record.status)
+        if outcome is not None:
+            span.set_attribute("layercode.outcome", outcome)
+        if record.first_tts is not None:
+            span.add_event(
+                "first_tts",
+                {"layercode.first_tts_ms": round(record.first_tts * 1000, 3)},
+                timestamp=start_ns + int(record.first_tts * 1e9),
+            )
+        end_ns = start_ns + int((record.duration or 0.0) * 1e9)
+        span.add_event("end", timestamp=end_ns)
+        if record.status >= 500 or outcome == AGENT_ERROR:
+            description = "agent error" if outcome == AGENT_ERROR else f"HTTP {record.status}"
+            span.set_status(trace.Status(trace.StatusCode.ERROR, description))
+        span.end(end_time=end_ns)
+
+    def signature_rejected(self, reason: str) -> None:
+        self._rejections.add(1, {"layercode.reason": reason})

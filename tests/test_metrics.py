@@ -1,0 +1,459 @@
+"""Per-turn metrics (issue 19), checked with the real SDKs after a known conversation.
+
+One conversation on a real uvicorn: two completed turns, one whose agent raises, one that
+times out, one the client leaves mid-stream, plus a request with a bad signature. Then the
+figures are read back through the real OpenTelemetry SDK (in-memory exporter and reader)
+and a real Prometheus text parser (``prometheus_client.parser``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from layercode_asgi import LayercodeSignature, LayercodeWebhook, Settings, create_app
+from layercode_asgi.agents import TurnContext, TurnEvent
+from layercode_asgi.metrics import MemoryMetrics, TurnMetrics, metrics_from_settings
+
+from .conftest import SECRET, event_body, serve, signed_headers
+
+otel_sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+prometheus_client = pytest.importorskip("prometheus_client")
+
+from opentelemetry import trace  # noqa: E402
+from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
+    InMemorySpanExporter,
+)
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from layercode_asgi.otel import OtelMetrics  # noqa: E402
+from layercode_asgi.prometheus import PrometheusMetrics, render_metrics  # noqa: E402
+
+TURN_TIMEOUT = 0.5
+#: Where the agent's own spans go (the conversation's tracer provider).
+AGENT_TRACER: dict[str, Any] = {"tracer": trace.get_tracer("agent-under-test")}
+
+
+async def scripted(event: TurnEvent, context: TurnContext) -> AsyncIterator[str]:
+    """What each message asks for: ``fail``, ``stall`` (past the timeout), ``linger`` (one
+    chunk, then waits: the client leaves), else two chunks; an agent span around it all."""
+    with AGENT_TRACER["tracer"].start_as_current_span("agent"):
+        text = event.text or ""
+        if text == "fail":
+            raise RuntimeError("the agent broke")
+        if text == "stall":
+            await anyio.sleep(30)
+        yield f"you said {text}"
+        if text == "linger":
+            await anyio.sleep(30)
+        yield " and that is all."
+
+
+class Sinks:
+    def __init__(self) -> None:
+        self.spans = InMemorySpanExporter()
+        tracer_provider = otel_sdk_trace.TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.tracer_provider = tracer_provider
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+        self.registry = prometheus_client.CollectorRegistry()
+        self.memory = MemoryMetrics()
+        self.metrics = TurnMetrics(
+            PrometheusMetrics(self.registry),
+            OtelMetrics(tracer_provider=tracer_provider, meter_provider=self.meter_provider),
+            self.memory,
+        )
+
+    def prometheus(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        body, content_type = render_metrics(self.registry)
+        assert content_type.startswith("text/plain")
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body.decode())
+            for sample in family.samples
+        }
+
+    def otel_points(self) -> dict[str, list[Any]]:
+        data = self.reader.get_metrics_data()
+        assert data is not None
+        return {
+            metric.name: list(metric.data.data_points)
+            for resource in data.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+        }
+
+
+def _wait_for(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def conversation() -> Iterator[Sinks]:
+    """The known conversation, played once; the sinks hold its figures."""
+    sinks = Sinks()
+    # The agent's own spans go to the same provider, to check they nest in the webhook's.
+    AGENT_TRACER["tracer"] = sinks.tracer_provider.get_tracer("agent-under-test")
+    webhook = LayercodeWebhook(scripted, turn_timeout=TURN_TIMEOUT, metrics=sinks.metrics)
+    app = LayercodeSignature(webhook, secret=SECRET, on_rejected=sinks.metrics.signature_rejected)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        url_path = "/api/agent"
+
+        def turn(turn_id: str, kind: str = "message", **fields: Any) -> httpx.Response:
+            body = event_body(kind, turn_id=turn_id, **fields)
+            return client.post(url_path, content=body, headers=signed_headers(body))
+
+        assert turn("t1", "session.start").status_code == 200
+        assert turn("t2", text="hello").status_code == 200
+        assert "agent error" in turn("t3", text="fail").text
+        assert "turn timed out" in turn("t4", text="stall").text
+        body = event_body("message", turn_id="t5", text="linger")
+        with (
+            httpx.Client(base_url=url, timeout=10) as leaving,
+            leaving.stream(
+                "POST", url_path, content=body, headers=signed_headers(body)
+            ) as response,
+        ):
+            for line in response.iter_lines():
+                if "response.tts" in line:
+                    break  # leave mid-stream: the connection closes
+        assert (
+            client.post(
+                url_path, content=b"{}", headers=signed_headers(b"{}", "whsec_other")
+            ).status_code
+            == 401
+        )
+        data = event_body("data")
+        assert client.post(url_path, content=data, headers=signed_headers(data)).status_code == 200
+        _wait_for(lambda: len(sinks.memory.records) == 6, "the six requests to be recorded")
+    yield sinks
+
+
+def test_memory_records_each_turn(conversation: Sinks) -> None:
+    turns = {r.turn_id: r for r in conversation.memory.turns()}
+    assert {t: r.outcome for t, r in turns.items()} == {
+        "t1": "completed",
+        "t2": "completed",
+        "t3": "agent_error",
+        "t4": "timeout",
+        "t5": "client_disconnect",
+    }
+    for turn_id in ("t1", "t2", "t5"):
+        record = turns[turn_id]
+        assert record.first_tts is not None and record.duration is not None
+        assert 0 < record.first_tts <= record.duration
+    assert turns["t3"].first_tts is None and turns["t4"].first_tts is None
+    assert turns["t4"].duration is not None and turns["t4"].duration >= TURN_TIMEOUT
+    assert all(r.lock_wait is not None and r.lock_wait >= 0 for r in turns.values())
+    assert conversation.memory.rejections == {"no_matching_signature": 1}
+    table = conversation.memory.table()
+    assert "client_disconnect" in table and "first tts" in table
+
+
+def test_prometheus_figures(conversation: Sinks) -> None:
+    samples = conversation.prometheus()
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert value("layercode_turns_total", outcome="completed") == 2
+    assert value("layercode_turns_total", outcome="agent_error") == 1
+    assert value("layercode_turns_total", outcome="timeout") == 1
+    assert value("layercode_turns_total", outcome="client_disconnect") == 1
+    assert value("layercode_turns_total", outcome="rejected") == 0
+    assert value("layercode_webhook_requests_total", event_type="message", status="200") == 4
+    assert value("layercode_webhook_requests_total", event_type="session.start", status="200") == 1
+    assert value("layercode_webhook_requests_total", event_type="data", status="200") == 1
+    assert value("layercode_turn_first_tts_seconds_count") == 3
+    assert value("layercode_turn_first_tts_seconds_bucket", le="5.0") == 3
+    assert value("layercode_turn_duration_seconds_count") == 5
+    assert value("layercode_turn_lock_wait_seconds_count") == 5
+    assert value("layercode_open_streams") == 0
+    assert value("layercode_signature_rejections_total", reason="no_matching_signature") == 1
+    assert value("layercode_signature_rejections_total", reason="missing_header") == 0
+    buckets = [
+        float(dict(labels)["le"])
+        for (name, labels) in samples
+        if name == "layercode_turn_first_tts_seconds_bucket"
+    ]
+    assert min(buckets) == 0.05 and max(b for b in buckets if b != float("inf")) == 5.0
+
+
+def test_otel_spans(conversation: Sinks) -> None:
+    spans = conversation.spans.get_finished_spans()
+    webhook_spans = {
+        s.attributes["layercode.turn_id"]: s
+        for s in spans
+        if s.name.startswith("webhook ") and s.attributes and "layercode.turn_id" in s.attributes
+    }
+    assert set(webhook_spans) == {"t1", "t2", "t3", "t4", "t5", "turn-1"}  # turn-1: the data event
+    outcomes = {t: s.attributes.get("layercode.outcome") for t, s in webhook_spans.items()}
+    assert outcomes == {
+        "t1": "completed",
+        "t2": "completed",
+        "t3": "agent_error",
+        "t4": "timeout",
+        "t5": "client_disconnect",
+        "turn-1": None,
+    }
+    for turn_id, span in webhook_spans.items():
+        assert span.kind is trace.SpanKind.SERVER
+        assert span.attributes["layercode.conversation_id"] == "conv-1"
+        events = [e.name for e in span.events]
+        assert events[-1] == "end"
+        assert ("first_tts" in events) == (turn_id in ("t1", "t2", "t5"))
+        assert span.start_time <= span.end_time
+    assert webhook_spans["t2"].name == "webhook message"
+    assert webhook_spans["t3"].status.status_code is trace.StatusCode.ERROR
+    assert webhook_spans["t2"].status.status_code is not trace.StatusCode.ERROR
+    # the agent's own span is a child of its webhook span
+    agent_spans = [s for s in spans if s.name == "agent"]
+    assert len(agent_spans) == 5
+    parents = {s.parent.span_id for s in agent_spans if s.parent is not None}
+    assert parents == {s.context.span_id for t, s in webhook_spans.items() if t != "turn-1"}
+
+
+def test_otel_instruments(conversation: Sinks) -> None:
+    points = conversation.otel_points()
+    turns = {dict(p.attributes)["layercode.outcome"]: p.value for p in points["layercode.turns"]}
+    assert turns == {"completed": 2, "agent_error": 1, "timeout": 1, "client_disconnect": 1}
+    requests = {
+        (p.attributes["layercode.event_type"], p.attributes["http.response.status_code"]): p.value
+        for p in points["layercode.webhook.requests"]
+    }
+    assert requests == {("session.start", 200): 1, ("message", 200): 4, ("data", 200): 1}
+    (first_tts,) = points["layercode.turn.first_tts"]
+    assert first_tts.count == 3
+    assert first_tts.explicit_bounds[0] == 0.05 and first_tts.explicit_bounds[-1] == 5.0
+    assert points["layercode.turn.duration"][0].count == 5
+    assert points["layercode.turn.lock_wait"][0].count == 5
+    assert points["layercode.streams.open"][0].value == 0
+    rejections = points["layercode.signature.rejections"]
+    assert [(dict(p.attributes), p.value) for p in rejections] == [
+        ({"layercode.reason": "no_matching_signature"}, 1)
+    ]
+
+
+# -- create_app: LAYERCODE_METRICS, the /metrics guard ---------------------------------------
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET, **overrides)
+
+
+def test_create_app_serves_metrics_when_enabled() -> None:
+    app = create_app(_settings(metrics=True))
+    sinks = {type(s).__name__ for s in app.state.metrics.sinks}
+    assert sinks == {"PrometheusMetrics", "OtelMetrics"}
+    with serve(app) as url:
+        body = event_body("message", text="hi")
+        headers = signed_headers(body)
+        assert httpx.post(url + "/api/agent", content=body, headers=headers).status_code == 200
+        bad = httpx.post(url + "/api/agent", content=body, headers={"layercode-signature": "x"})
+        assert bad.status_code == 401
+        scrape = httpx.get(url + "/metrics")
+        assert scrape.status_code == 200
+        assert scrape.headers["content-type"].startswith("text/plain")
+        names = {f.name for f in text_string_to_metric_families(scrape.text)}
+        assert {
+            "layercode_webhook_requests",
+            "layercode_turns",
+            "layercode_turn_first_tts_seconds",
+            "layercode_turn_duration_seconds",
+            "layercode_turn_lock_wait_seconds",
+            "layercode_open_streams",
+            "layercode_signature_rejections",
+        } <= names
+        assert 'layercode_signature_rejections_total{reason="malformed_header"}' in scrape.text
+        assert httpx.post(url + "/metrics").status_code == 405
+
+
+def test_metrics_route_absent_when_disabled() -> None:
+    with serve(create_app(_settings())) as url:
+        response = httpx.get(url + "/metrics")
+    assert response.status_code == 404
+    assert response.json() == {"error": "not found"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"authorization": "Bearer wrong"}, 401),
+        ({"authorization": "Basic c2NyYXBlOmtleQ=="}, 401),
+        ({"authorization": "Bearer"}, 401),
+        ({"authorization": "Bearer \udcff"}, 401),
+        ({"authorization": "Bearer scrape-key"}, 200),
+        ({"x-api-key": "scrape-key"}, 200),
+    ],
+)
+def test_metrics_guard(headers: dict[str, str], status: int) -> None:
+    app = create_app(_settings(metrics=True, metrics_api_keys="other-key,scrape-key"))
+    with serve(app) as url:
+        raw = [(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in headers.items()]
+        response = httpx.get(url + "/metrics", headers=raw)
+    assert response.status_code == status
+    if status == 401:
+        assert response.json() == {"error": "missing or invalid API key"}
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+# -- the pieces: the middleware's reasons, turns without a store, the log line, the demo -----
+
+
+def test_signature_rejections_by_reason() -> None:
+    reasons: list[str] = []
+    webhook = LayercodeWebhook(scripted)
+    app = LayercodeSignature(
+        webhook, secret=SECRET, replay_protection=True, on_rejected=reasons.append
+    )
+    body = event_body("data")
+    headers = signed_headers(body)
+    with serve(app) as url:
+        post = lambda **h: httpx.post(url, content=body, headers=h).status_code  # noqa: E731
+        assert post(**{"content-type": "application/json"}) == 401
+        assert post(**{"layercode-signature": "nonsense"}) == 401
+        assert post(**{"layercode-signature": "t=1000,v1=" + "0" * 64}) == 401
+        assert post(**{"layercode-signature": headers["layercode-signature"][:-2] + "00"}) == 401
+        assert post(**headers) == 200
+        assert post(**headers) == 409
+    assert reasons == [
+        "missing_header",
+        "malformed_header",
+        "timestamp_out_of_tolerance",
+        "no_matching_signature",
+        "replayed",
+    ]
+
+
+def test_turns_without_a_store_wait_for_no_lock(caplog: pytest.LogCaptureFixture) -> None:
+    memory = MemoryMetrics()
+    webhook = LayercodeWebhook(scripted, conversations=None, metrics=TurnMetrics(memory))
+    caplog.set_level(logging.INFO, "layercode_asgi.webhook")
+    with serve(webhook) as url:
+        body = event_body("message", text="hi")
+        assert "response.end" in httpx.post(url, content=body).text
+        assert httpx.post(url, content=b"{not json").status_code == 400
+        _wait_for(lambda: len(memory.records) == 2, "two records")
+    turn, malformed = memory.records
+    assert turn.outcome == "completed" and turn.lock_wait is None
+    assert turn.first_tts is not None and turn.duration is not None
+    assert malformed.event_type is None and malformed.status == 400
+    assert malformed.outcome is None and malformed.first_tts is None
+    lines = [r.getMessage() for r in caplog.records if r.name == "layercode_asgi.webhook"]
+    assert "first_tts_ms=" in lines[0] and "first_tts_ms" not in lines[1]
+
+
+def test_a_turn_refused_before_it_ran_is_rejected() -> None:
+    memory = MemoryMetrics()
+    webhook = LayercodeWebhook(scripted, max_queued_turns=0, metrics=TurnMetrics(memory))
+    with serve(webhook) as url, httpx.Client(base_url=url, timeout=10) as client:
+        first = event_body("message", turn_id="a", text="linger")
+        with (
+            httpx.Client(base_url=url, timeout=10) as other,
+            other.stream("POST", "/", content=first) as running,
+        ):
+            lines = running.iter_lines()  # kept: a discarded iterator closes the connection
+            assert "response.tts" in next(lines)  # the first turn speaks, holding the lock
+            second = client.post("/", content=event_body("message", turn_id="b", text="x"))
+            assert second.status_code == 503, second.text
+        _wait_for(lambda: len(memory.records) == 2, "two records")
+    outcomes = {r.turn_id: r.outcome for r in memory.records}
+    assert outcomes == {"a": "client_disconnect", "b": "rejected"}
+
+
+def test_logfire_token_turns_opentelemetry_on() -> None:
+    metrics = metrics_from_settings(_settings(logfire_token="lf-token"))
+    assert metrics is not None
+    assert [type(s).__name__ for s in metrics.sinks] == ["OtelMetrics"]
+
+
+def test_serve_with_json_logs_writes_json_lines_only() -> None:
+    from .conftest import start_server_process
+
+    server = start_server_process(
+        ["-m", "layercode_asgi", "serve", "--env-file", "", "--port", "{port}"],
+        env={"LAYERCODE_WEBHOOK_SECRET": SECRET, "LOG_FORMAT": "json"},
+    )
+    try:
+        body = event_body("message", text="hello")
+        reply = httpx.post(server.url + "/api/agent", content=body, headers=signed_headers(body))
+        assert "response.end" in reply.text
+    finally:
+        assert server.stop() == 0
+    lines = [line for line in server.output().splitlines() if line.strip()]
+    banner = [line for line in lines if line.startswith("layercode-asgi ")]
+    records = [json.loads(line) for line in lines if line not in banner]  # all JSON
+    assert len(banner) == 1 and records
+    (webhook,) = [r for r in records if r["logger"] == "layercode_asgi.webhook"]
+    assert webhook["event_type"] == "message" and webhook["status"] == 200
+    assert webhook["first_tts_ms"] <= webhook["duration_ms"]
+    assert any(r["logger"] == "uvicorn.access" for r in records)
+    assert all("color_message" not in r for r in records)
+
+
+OTEL_GLOBAL_SCRIPT = """
+import anyio
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from layercode_asgi import Settings, create_app
+from layercode_asgi.testing import LayercodeTestClient
+
+# the app first, the SDK after it (as setup_logging configures Logfire after create_app)
+app = create_app(Settings(env_file=None, environ={}, layercode_webhook_secret="whsec_g", metrics=True))
+spans = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(spans))
+trace.set_tracer_provider(provider)
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+
+async def main():
+    async with LayercodeTestClient(app, secret="whsec_g") as client:
+        await client.session_start()
+        await client.message("hi")
+
+anyio.run(main)
+print(sorted(span.name for span in spans.get_finished_spans()))
+data = reader.get_metrics_data()
+print(sorted(m.name for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics))
+"""
+
+
+def test_create_app_reports_to_the_sdk_the_application_configured() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", OTEL_GLOBAL_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+    )
+    assert done.returncode == 0, done.stderr
+    span_names, metric_names = done.stdout.splitlines()
+    assert span_names == "['webhook message', 'webhook session.start']"
+    for name in ("layercode.turns", "layercode.turn.first_tts", "layercode.webhook.requests"):
+        assert f"'{name}'" in metric_names
