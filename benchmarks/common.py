@@ -25,17 +25,19 @@ REPLY = "You said: " + TEXT
 _ID_DIGITS = 7
 
 
-def message_body(prefix: str, index: int) -> bytes:
-    """A realistic, compact ``message`` webhook body with its own conversation and turn.
+def message_body(prefix: str, index: int, turn: int | None = None) -> bytes:
+    """A realistic, compact ``message`` webhook body with its own conversation and turn
+    (``turn``: the turn's number in conversation ``index``; default: a new conversation).
 
     ``prefix`` has five characters so that every body (and every reply) has the same size.
     """
     assert len(prefix) == 5, prefix
+    turn = index if turn is None else turn
     body: dict[str, Any] = {
         "type": "message",
         "session_id": f"sess_{prefix}_{index:0{_ID_DIGITS}d}",
         "conversation_id": f"conv_{prefix}_{index:0{_ID_DIGITS}d}",
-        "turn_id": f"turn_{prefix}_{index:0{_ID_DIGITS}d}",
+        "turn_id": f"turn_{prefix}_{turn:0{_ID_DIGITS}d}",
         "text": TEXT,
         "metadata": {"user_id": "u_48213", "plan": "pro", "locale": "en-GB"},
     }

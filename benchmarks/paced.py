@@ -114,7 +114,9 @@ class Client:
 
     def send(self) -> None:
         assert self.protocol is not None and self.protocol.transport is not None
-        body = message_body(f"p{self.index % 10000:04d}", self.turn)
+        # One conversation per client, as a caller's session is: its history grows turn by
+        # turn (each server keeps it as it does), and nothing else accumulates.
+        body = message_body(f"p{self.index % 10000:04d}", 0, turn=self.turn)
         head = (
             f"POST {PATH} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
             f"layercode-signature: {signature(body)}\r\ncontent-length: {len(body)}\r\n\r\n"
