@@ -641,7 +641,8 @@ def _paced_section(results: dict[str, Any]) -> str:
     parts = [
         "## Paced streaming: the work real agents do (the headline)\n",
         f"`benchmarks/paced.py`: N clients in a closed loop (each sends its next signed turn on "
-        f"its keep-alive connection as soon as its last one ended), {paced['duration_s']:.0f} s "
+        f"its keep-alive connection as soon as its last one ended; each client is one "
+        f"conversation, whose history grows turn by turn), {paced['duration_s']:.0f} s "
         f"measured per N after a warm-up, one uvicorn worker pinned to CPU 0, the load on the "
         f"other CPU(s). Every agent thinks {pacing['think'] * 1000:.0f} ms (an LLM's time to "
         f"first token), then speaks {pacing['chunks']} chunks {pacing['interval'] * 1000:.0f} ms "
