@@ -176,6 +176,7 @@ class Turn:
         "_abort",
         "_call",
         "_emit",
+        "_ends_body",
         "_handler",
         "_scope",
         "_suffix",
@@ -216,7 +217,8 @@ class Turn:
         self.timeout = timeout
         self.timeout_message = timeout_message
         self._suffix = b',"turn_id":' + _encode(event.turn_id) + b"}\n\n"
-        self._emit: Emit | None = None
+        self._emit: Callable[[bytes], Awaitable[None]] | None = None
+        self._ends_body: Emit | None = None
         self.spoken: list[str] = []
         self.first_tts_at: float | None = None
         self.status = TurnStatus.RUNNING
@@ -240,14 +242,19 @@ class Turn:
         """Everything spoken this turn, concatenated as emitted."""
         return "".join(self.spoken)
 
-    async def run(self, emit: Emit) -> None:
+    async def run(self, emit: Callable[[bytes], Awaitable[None]]) -> None:
         """Run the turn, emitting its events through ``emit``; ``response.end`` comes last.
 
+        ``emit(chunk)`` sends one chunk and returns once it was taken: an
+        :class:`~layercode_asgi.sse.EventStreamResponse`'s own (then ``response.end`` also
+        ends the body, in the same write) or any async callable of yours.
         The deadline covers the agent and every send. When it passes (or :meth:`abort`),
         the agent is cancelled, and the fallback or ``response.error`` and
         ``response.end`` get :attr:`grace` seconds to go out; then it returns all the same.
         """
         self._emit = emit
+        owner = getattr(emit, "__self__", None)
+        self._ends_body = owner.emit if isinstance(owner, EventStreamResponse) else None
         started = anyio.current_time() if self.started_at is None else self.started_at
         deadline = math.inf if self.timeout is None else started + self.timeout
         try:
@@ -282,7 +289,7 @@ class Turn:
         finally:
             # Nothing is emitted after the turn; dropping ``emit`` also breaks the
             # response -> producer -> turn -> emit reference cycle.
-            self._emit = None
+            self._emit = self._ends_body = None
             self._scope = None
 
     async def _agent(self) -> None:
@@ -386,7 +393,10 @@ class Turn:
             if emit is None:
                 raise RuntimeError(_NOT_RUNNING)
             self.ended = True
-            await emit(_END + self._suffix, last=True)
+            if self._ends_body is not None:
+                await self._ends_body(_END + self._suffix, last=True)
+            else:
+                await emit(_END + self._suffix)
 
     async def _send(self, chunk: bytes) -> None:
         emit = self._emit

@@ -28,9 +28,12 @@ from layercode_asgi import (
     HistoryMessage,
     LayercodeSignature,
     LayercodeWebhook,
+    MessagePayload,
     Tts,
+    Turn,
     TurnContext,
     TurnStream,
+    echo_agent,
     parse_webhook_payload,
     stream_response,
     stream_turn,
@@ -649,3 +652,20 @@ def test_disconnect_stops_an_agent_that_never_awaits() -> None:
         ):
             assert b"response.tts" in next(response.iter_raw())
         assert stopped.wait(2), f"agent still running after {produced[0]} chunks"
+
+
+@pytest.mark.anyio
+async def test_a_turn_runs_with_an_emit_of_your_own() -> None:
+    # Any async callable taking the chunk will do; only an EventStreamResponse's own emit
+    # is also asked to end the body with response.end.
+    chunks: list[bytes] = []
+
+    async def emit(chunk: bytes) -> None:
+        chunks.append(chunk)
+
+    event = parse_webhook_payload(event_body(text="hi", turn_id="t-own"))
+    assert isinstance(event, MessagePayload)
+    await Turn(event, echo_agent).run(emit)
+    events = [msgspec.json.decode(c.removeprefix(b"data: ").strip()) for c in chunks]
+    assert [e["type"] for e in events] == ["response.tts", "response.end"]
+    assert events[0]["content"] == "You said: hi"
