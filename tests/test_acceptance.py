@@ -28,6 +28,7 @@ import pytest
 
 from layercode_asgi import sign
 
+from .asgi_stub import read_body, recording_app
 from .conftest import SECRET, event_body, free_port, serve, signed_headers
 from .redis_fixtures import REDIS_SERVER, running_redis
 
@@ -599,12 +600,7 @@ def _node_error_stream_app(scope: Any) -> Any:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        data = b""
-        more = True
-        while more:
-            message = await receive()
-            data += message.get("body", b"")
-            more = message.get("more_body", False)
+        data = await read_body(receive)
         if msgspec.json.decode(data)["type"] not in ("message", "session.start"):
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"application/json")]})  # fmt: skip
@@ -1011,10 +1007,7 @@ def _hostile_backend(kind: str) -> Any:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        more = True
-        while more:
-            message = await receive()
-            more = message.get("more_body", False)
+        await read_body(receive)
         if kind == "escapes":
             tts = "\x1b[2J\x1b]52;c;ZXZpbA==\x07\rOK fake\n\u009b31m"
             body = (
@@ -1102,20 +1095,7 @@ def test_15_5_rotation_form_for_simulate_and_sign() -> None:
 )
 def test_15_6_sign_curl_sends_exact_bytes(body: str, tmp_path: Path) -> None:
     received: list[bytes] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        data = b""
-        more = True
-        while more:
-            message = await receive()
-            data += message.get("body", b"")
-            more = message.get("more_body", False)
-        received.append(data)
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
+    app = recording_app(received)
     with serve(app) as base:
         printed = run_cli("sign", "--secret", SECRET, "--body", body, "--curl", base + "/x")
         assert printed.returncode == 0, printed.stderr
@@ -1637,9 +1617,7 @@ def test_15_4_escapes_in_event_fields(kind: str) -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        more = True
-        while more:
-            more = (await receive()).get("more_body", False)
+        await read_body(receive)
         event = (
             {"type": "\x1b[2J\x1b]52;c;ZXZpbA==\x07", "turn_id": "t"}
             if kind == "escapes-in-type"
@@ -1663,20 +1641,7 @@ def test_15_4_escapes_in_event_fields(kind: str) -> None:
 @pytest.mark.skipif(shutil.which("curl") is None, reason="no curl")
 def test_15_6_sign_curl_file_and_multiline(tmp_path: Path) -> None:
     received: list[bytes] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        data = b""
-        more = True
-        while more:
-            message = await receive()
-            data += message.get("body", b"")
-            more = message.get("more_body", False)
-        received.append(data)
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
+    app = recording_app(received)
     weird = tmp_path / "@body with space.json"
     weird.write_bytes(b"line1\nline2\r\n\xff")
     with serve(app) as base:
@@ -1944,9 +1909,7 @@ def test_15_4_escapes_in_reply_headers_and_status_body() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        more = True
-        while more:
-            more = (await receive()).get("more_body", False)
+        await read_body(receive)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/\x9b2Jhtml\xc2\x9d")]})  # fmt: skip
         await send({"type": "http.response.body", "body": b"<html>\x1b]52;c;ZXZpbA==\x07</html>"})
