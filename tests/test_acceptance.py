@@ -29,7 +29,16 @@ import pytest
 from layercode_asgi import sign
 
 from .asgi_stub import read_body, recording_app
-from .conftest import SECRET, event_body, free_port, serve, signed_headers
+from .conftest import (
+    PYTHON,
+    SECRET,
+    ServerProcess,
+    event_body,
+    free_port,
+    serve,
+    signed_headers,
+    start_server_process,
+)
 from .redis_fixtures import REDIS_SERVER, running_redis
 
 #: Real servers and subprocesses throughout, and every optional framework: the full suite
@@ -68,45 +77,22 @@ def run_cli(
     )
 
 
-def _wait_http(url: str, process: subprocess.Popen[Any], limit: float = 30) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited early with {process.returncode}")
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not start")
-
-
 @contextmanager
 def served_cli(
     *args: str, env: dict[str, str], cwd: Path | None = None
-) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """``layercode-asgi serve`` on a free port; yields its base URL and the process."""
-    port = free_port()
-    process = subprocess.Popen(
-        [CLI, "serve", "--host", "127.0.0.1", "--port", str(port), "--env-file", "", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=cwd or ROOT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(base + "/health", process)
-        yield base, process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+) -> Iterator[tuple[str, ServerProcess]]:
+    """``layercode-asgi serve`` on a free port; yields its base URL and the server."""
+    command = [CLI, "serve", "--host", "127.0.0.1", "--port", "{port}", "--env-file", "", *args]
+    with start_server_process(command, env=env, cwd=cwd or ROOT) as server:
+        yield server.url, server
+
+
+#: hypercorn's script beside this Python, on ``{port}`` (the app and options follow).
+HYPERCORN = [str(Path(sys.executable).parent / "hypercorn"), "--bind", "127.0.0.1:{port}"]
+APP_FROM_ENV = "layercode_asgi.server:app_from_env"
+NEEDS_HYPERCORN = pytest.mark.skipif(
+    shutil.which("hypercorn", path=str(Path(sys.executable).parent)) is None, reason="no hypercorn"
+)
 
 
 def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -303,36 +289,24 @@ def test_13_5_log_line_forgery_through_serve_cli() -> None:
             client.post(base + "/api/agent%0D%0A2099-01-01 CRITICAL root: FORGED2", content=b"{}")
             body = event_body("message", conversation_id="c\n2099-01-01 CRITICAL root: FORGED3")
             client.post(base + "/api/agent", content=body, headers=signed_headers(body))
-        process.terminate()
-        out, err = process.communicate(timeout=20)
-    for line in (out + err).splitlines():
+        process.stop()
+        out = process.output()
+    for line in out.splitlines():
         assert not line.startswith("2099-01-01"), line
         assert "\r" not in line
 
 
-@pytest.mark.skipif(
-    shutil.which("hypercorn", path=str(Path(sys.executable).parent)) is None, reason="no hypercorn"
-)
+@NEEDS_HYPERCORN
 @pytest.mark.parametrize("root_path", ["/ap", "/api/ag", "/api"])
 def test_13_6_root_path_not_at_boundary_hypercorn(root_path: str, tmp_path: Path) -> None:
-    port = free_port()
-    hypercorn = str(Path(sys.executable).parent / "hypercorn")
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET)
-    process = subprocess.Popen(
-        [hypercorn, "--bind", f"127.0.0.1:{port}", "--root-path", root_path,
-         "layercode_asgi.server:app_from_env()"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/health", process)
+    command = [*HYPERCORN, "--root-path", root_path, f"{APP_FROM_ENV}()"]
+    with start_server_process(command, env=env, cwd=tmp_path, ready_path=None) as server:
         body = event_body("message")
         for path in ("/api/agent", root_path + "/api/agent", "/api/agent/"):
-            reply = httpx.post(f"http://127.0.0.1:{port}{path}", content=body, timeout=10)
+            reply = httpx.post(server.url + path, content=body, timeout=10)
             assert reply.status_code in (307, 401, 404, 405), (path, reply.status_code, reply.text)
             assert "response.tts" not in reply.text
-    finally:
-        process.terminate()
-        process.wait(15)
 
 
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")
@@ -955,10 +929,10 @@ def test_15_1_redis_password_not_in_logs_when_store_fails(tmp_path: Path) -> Non
     with served_cli(env=env) as (base, process):
         ready = httpx.get(base + "/ready", timeout=30)
         _post(base + "/api/agent", event_body("message"))
-        process.terminate()
-        out, err = process.communicate(timeout=20)
+        process.stop()
+        out = process.output()
     assert ready.status_code == 503
-    assert password not in out + err + ready.text
+    assert password not in out + ready.text
 
 
 @pytest.mark.parametrize(
@@ -1359,14 +1333,14 @@ def test_13_hardening_shutdown_grace_ends_stream_properly(tmp_path: Path) -> Non
         thread = threading.Thread(target=hanging)
         thread.start()
         time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
+        proc.process.send_signal(signal.SIGTERM)
         thread.join(30)
-        proc.wait(20)
+        proc.process.wait(20)
     reply = result["reply"]
     assert reply.status_code == 200
     types = [e["type"] for e in _sse_events(reply.text)]
     assert types[-2:] == ["response.error", "response.end"], reply.text
-    assert proc.returncode == 0
+    assert proc.process.returncode == 0
 
 
 def test_15_3_in_process_endless_agent_is_a_violation_not_memory_error() -> None:
@@ -1433,9 +1407,9 @@ def test_14_5_agent_exception_text_cannot_forge_log_lines(tmp_path: Path) -> Non
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET)
     with served_cli("--agent", "forger:agent", env=env, cwd=tmp_path) as (base, process):
         _post(base + "/api/agent", event_body("message"))
-        process.terminate()
-        out, err = process.communicate(timeout=20)
-    for line in (out + err).splitlines():
+        process.stop()
+        out = process.output()
+    for line in out.splitlines():
         assert not line.startswith("2099-01-01"), line
         assert "\x1b" not in line, line
 
@@ -1552,14 +1526,14 @@ def test_14_5_non_reply_logged_once_with_what_was_expected(tmp_path: Path) -> No
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET)
     with served_cli("--agent", "more_forms:returns_int", env=env, cwd=tmp_path) as (base, proc):
         replies = [_post(base + "/api/agent", event_body("message")) for _ in range(3)]
-        proc.terminate()
-        out, err = proc.communicate(timeout=20)
+        proc.stop()
+        out = proc.output()
     for reply in replies:
         types = [e["type"] for e in _sse_events(reply.text)]
         assert types[-2:] == ["response.error", "response.end"], reply.text
     # what it returned and what was expected, once per turn (not once per item or retry)
-    lines = [line for line in (out + err).splitlines() if "ERROR" in line and "int 42" in line]
-    assert len(lines) == 3, out + err
+    lines = [line for line in out.splitlines() if "ERROR" in line and "int 42" in line]
+    assert len(lines) == 3, out
     assert all("expected" in line for line in lines)
 
 
@@ -1569,47 +1543,27 @@ async def agent(event):
 """
 
 
-@pytest.mark.skipif(
-    shutil.which("hypercorn", path=str(Path(sys.executable).parent)) is None, reason="no hypercorn"
-)
+@NEEDS_HYPERCORN
 def test_14_8_create_app_under_hypercorn_escapes_line_breaks(tmp_path: Path) -> None:
     (tmp_path / "lb_agent.py").write_text(LINE_BREAK_AGENT)
-    port = free_port()
-    hypercorn = str(Path(sys.executable).parent / "hypercorn")
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET, LAYERCODE_AGENT="lb_agent:agent")
     env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{ROOT}"
-    process = subprocess.Popen(
-        [hypercorn, "--bind", f"127.0.0.1:{port}", "layercode_asgi.server:app_from_env()"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/health", process)
-        reply = _post(f"http://127.0.0.1:{port}/api/agent", event_body("message"))
-    finally:
-        process.terminate()
-        process.wait(15)
+    with start_server_process([*HYPERCORN, f"{APP_FROM_ENV}()"], env=env, cwd=tmp_path) as server:
+        reply = _post(server.url + "/api/agent", event_body("message"))
     for char in "\u2028\u2029\u0085":
         assert char not in reply.text
     assert any(e.get("content") == LINE_BREAKS for e in _sse_events(reply.text)), reply.text
 
 
 def test_13_6_uvicorn_root_path_not_at_boundary(tmp_path: Path) -> None:
-    port = free_port()
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "layercode_asgi.server:app_from_env",
-         "--host", "127.0.0.1", "--port", str(port), "--root-path", "/ap"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/health", process)
+    command = [PYTHON, "-m", "uvicorn", "--factory", APP_FROM_ENV, "--host", "127.0.0.1",
+               "--port", "{port}", "--root-path", "/ap"]  # fmt: skip
+    with start_server_process(command, env=env, cwd=tmp_path, ready_path=None) as server:
         for path in ("/api/agent", "/ap/api/agent", "/ap/agent"):
-            reply = httpx.post(f"http://127.0.0.1:{port}{path}", content=event_body(), timeout=10)
+            reply = httpx.post(server.url + path, content=event_body(), timeout=10)
             assert reply.status_code in (307, 401, 404, 405), (path, reply.status_code)
             assert "response.tts" not in reply.text
-    finally:
-        process.terminate()
-        process.wait(15)
 
 
 @pytest.mark.parametrize("kind", ["escapes-in-type", "escapes-in-error"])
@@ -1880,28 +1834,17 @@ def test_13_1_explicit_empty_stores_are_used() -> None:
 def test_15_5_dev_banner_command_works_with_the_secret_in_dotenv(tmp_path: Path) -> None:
     """The documented set-up: the (rotation-form) secret in ./.env, not in the shell."""
     (tmp_path / ".env").write_text("LAYERCODE_WEBHOOK_SECRET=whsec_new,whsec_old\n")
-    port = free_port()
     env = _env()
-    process = subprocess.Popen(
-        [CLI, "serve", "--dev", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        command = ""
-        for _ in range(40):
-            line = process.stdout.readline()
-            if "layercode-asgi simulate" in line:
-                command = line.strip()
-                break
-        assert command, "no simulate command in the banner"
+    serve = [CLI, "serve", "--dev", "--host", "127.0.0.1", "--port", "{port}"]
+    with start_server_process(
+        serve, env=env, cwd=tmp_path, ready_text="layercode-asgi simulate"
+    ) as server:
+        banner = server.output().splitlines()
+        command = next(line.strip() for line in banner if "layercode-asgi simulate" in line)
         result = subprocess.run(
             ["bash", "-c", command.replace("layercode-asgi", shlex.quote(CLI), 1)],
             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=TIMEOUT, check=False,
         )  # fmt: skip
-    finally:
-        process.terminate()
-        process.wait(15)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -1997,33 +1940,24 @@ def test_14_6_readme_node_style_unknown_or_malformed_event_not_500(body: bytes) 
         assert reply.status_code == 400 and reply.json()["path"], reply.text
 
 
-@pytest.mark.skipif(
-    shutil.which("hypercorn", path=str(Path(sys.executable).parent)) is None, reason="no hypercorn"
-)
+@NEEDS_HYPERCORN
 def test_13_hardening_early_reject_under_hypercorn(tmp_path: Path) -> None:
-    port = free_port()
-    hypercorn = str(Path(sys.executable).parent / "hypercorn")
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET)
-    process = subprocess.Popen(
-        [hypercorn, "--bind", f"127.0.0.1:{port}", "layercode_asgi.server:app_from_env()"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/health", process)
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(
-                b"POST /api/agent HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                b"content-length: 100000\r\n\r\n"
-            )
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = sock.recv(4096)  # no byte of the body was sent
-                if not chunk:
-                    break
-                data += chunk
-    finally:
-        process.terminate()
-        process.wait(15)
+    command = [*HYPERCORN, f"{APP_FROM_ENV}()"]
+    with (
+        start_server_process(command, env=env, cwd=tmp_path) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock,
+    ):
+        sock.sendall(
+            b"POST /api/agent HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: 100000\r\n\r\n"
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)  # no byte of the body was sent
+            if not chunk:
+                break
+            data += chunk
     head = data.split(b"\r\n\r\n")[0].lower()
     assert head.startswith(b"http/1.1 401"), data
     assert b"connection: close" in head, data
