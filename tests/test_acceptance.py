@@ -106,6 +106,22 @@ def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+def _settings(**fields: Any) -> Any:
+    """``Settings`` with the test secret, read from ``fields`` only (no environment or .env)."""
+    from layercode_asgi import Settings
+
+    return Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None, **fields)
+
+
+def _serve_refused(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+    """``serve ARGS`` (with the test secret unless ``env``) fails to start: its one line."""
+    env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET) if env is None else env
+    port = str(free_port())
+    return _one_error_line(
+        run_cli("serve", "--env-file", "", "--port", port, *args, env=env, cwd=cwd)
+    )
+
+
 def _post(url: str, body: bytes, secret: str = SECRET, **kwargs: Any) -> httpx.Response:
     return httpx.post(url, content=body, headers=signed_headers(body, secret), timeout=30, **kwargs)
 
@@ -254,13 +270,11 @@ def _session_end_during_turn(app: Any) -> list[str]:
 def test_13_3_session_end_during_turn_memory(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     from .agents_for_tests import history_agent
 
-    app = create_app(
-        Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None), agent=history_agent
-    )
+    app = create_app(_settings(), agent=history_agent)
     spoken = _session_end_during_turn(app)
     assert "saw=0" in spoken[0], spoken  # the slow turn did not write its messages back
     assert "saw=2" in spoken[1], spoken  # the same conversation_id records again
@@ -268,14 +282,12 @@ def test_13_3_session_end_during_turn_memory(
 
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")
 def test_13_3_session_end_during_turn_redis() -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     from .agents_for_tests import history_agent
 
     with running_redis() as redis:
-        settings = Settings(
-            layercode_webhook_secret=SECRET, redis_url=redis.url, environ={}, env_file=None
-        )
+        settings = _settings(redis_url=redis.url)
         spoken = _session_end_during_turn(create_app(settings, agent=history_agent))
     assert "saw=0" in spoken[0], spoken
     assert "saw=2" in spoken[1], spoken
@@ -311,13 +323,11 @@ def test_13_6_root_path_not_at_boundary_hypercorn(root_path: str, tmp_path: Path
 
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")
 def test_13_7_ready_and_503_reveal_no_store_details() -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     with running_redis() as redis:
         url = f"redis://default:Zq8Hk2pW9@127.0.0.1:{redis.port}/5"
-        settings = Settings(
-            layercode_webhook_secret=SECRET, redis_url=url, environ={}, env_file=None
-        )
+        settings = _settings(redis_url=url)
         app = create_app(settings, agent="echo")
         redis.stop()
         with serve(app) as base:
@@ -375,15 +385,12 @@ def _fake_upstream(kind: str) -> Any:
 
 @pytest.mark.parametrize("kind", ["big", "4xx", "drip"])
 def test_13_8_authorize_upstream_bounds(kind: str) -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     with serve(_fake_upstream(kind)) as upstream:
-        settings = Settings(
-            layercode_webhook_secret=SECRET,
+        settings = _settings(
             layercode_api_key="lc_key",
             layercode_api_url=upstream,
-            environ={},
-            env_file=None,
         )
         app = create_app(settings, agent="echo", authorize_timeout=1.0)
         with serve(app) as base:
@@ -402,11 +409,9 @@ def test_13_8_authorize_upstream_bounds(kind: str) -> None:
 
 
 def test_13_hardening_early_reject_without_body() -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
-    app = create_app(
-        Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None), agent="echo"
-    )
+    app = create_app(_settings(), agent="echo")
     with serve(app) as base:
         port = int(base.rsplit(":", 1)[1])
         for header in (
@@ -433,10 +438,10 @@ def test_13_hardening_early_reject_without_body() -> None:
 
 
 def test_13_hardening_413_closes_connection() -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     app = create_app(
-        Settings(layercode_webhook_secret=SECRET, max_body_size=1000, environ={}, env_file=None),
+        _settings(max_body_size=1000),
         agent="echo",
     )
     body = event_body("message", text="x" * 5000)
@@ -505,11 +510,7 @@ def test_14_1_and_4_serve_agent_import_errors(
     tmp_path: Path, module_text: str, attr: str, expect: str
 ) -> None:
     (tmp_path / "my_agent_mod.py").write_text(module_text)
-    result = run_cli(
-        "serve", "--agent", f"my_agent_mod:{attr}", "--env-file", "", "--port", str(free_port()),
-        env=_env(LAYERCODE_WEBHOOK_SECRET=SECRET), cwd=tmp_path,
-    )  # fmt: skip
-    line = _one_error_line(result)
+    line = _serve_refused("--agent", f"my_agent_mod:{attr}", cwd=tmp_path)
     assert expect in line, line
     assert "no agent named" not in line and "available:" not in line, line
 
@@ -660,7 +661,7 @@ def test_14_4_every_failure_to_start_one_line_exit_2(args: list[str]) -> None:
 )
 def test_15_7_bad_setting_one_line_exit_2(setting: tuple[str, str]) -> None:
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET, **{setting[0]: setting[1]})
-    line = _one_error_line(run_cli("serve", "--env-file", "", "--port", str(free_port()), env=env))
+    line = _serve_refused(env=env)
     assert setting[0] in line
     assert len(line) < 400, line
 
@@ -676,11 +677,7 @@ def test_15_7_bad_setting_one_line_exit_2(setting: tuple[str, str]) -> None:
 )
 def test_14_5_agent_that_cannot_work_refused_at_start(tmp_path: Path, body: str) -> None:
     (tmp_path / "bad_sig.py").write_text(body)
-    result = run_cli(
-        "serve", "--agent", "bad_sig:agent", "--env-file", "", "--port", str(free_port()),
-        env=_env(LAYERCODE_WEBHOOK_SECRET=SECRET), cwd=tmp_path,
-    )  # fmt: skip
-    line = _one_error_line(result)
+    line = _serve_refused("--agent", "bad_sig:agent", cwd=tmp_path)
     assert "agent" in line
 
 
@@ -744,11 +741,11 @@ def test_14_6_readme_node_style_non_turn_events(kind: str) -> None:
 
 
 def test_14_7_data_event_without_data_field() -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     seen: list[Any] = []
     app = create_app(
-        Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None),
+        _settings(),
         agent="echo",
         on_data=lambda event: seen.append(event.data) or {"ok": True},
     )
@@ -786,7 +783,6 @@ def test_14_8_no_raw_unicode_line_breaks_create_app_and_node_style() -> None:
 
     from layercode_asgi import (
         LayercodeSignature,
-        Settings,
         create_app,
         parse_webhook_payload,
         stream_response,
@@ -808,9 +804,7 @@ def test_14_8_no_raw_unicode_line_breaks_create_app_and_node_style() -> None:
 
     node = Starlette(routes=[Route("/api/agent", route, methods=["POST"])])
     node.add_middleware(LayercodeSignature, secret=SECRET, paths=["/api/agent"])
-    ours = create_app(
-        Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None), agent=agent
-    )
+    ours = create_app(_settings(), agent=agent)
     for app in (ours, node):
         with serve(app) as base:
             reply = _post(base + "/api/agent", event_body("message", text=LINE_BREAKS))
@@ -834,16 +828,13 @@ def test_14_8_format_sse_message_escapes_json() -> None:
 def test_14_8_timeout_message_and_error_paths(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     from .agents_for_tests import scripted_agent
 
-    settings = Settings(
-        layercode_webhook_secret=SECRET,
+    settings = _settings(
         turn_timeout=0.5,
         turn_timeout_message=LINE_BREAKS,
-        environ={},
-        env_file=None,
     )
     app = create_app(settings, agent=scripted_agent)
     with serve(app) as base:
@@ -854,11 +845,11 @@ def test_14_8_timeout_message_and_error_paths(
 
 
 def test_14_9_ready_reports_no_model_for_custom_agent() -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     from .agents_for_tests import history_agent
 
-    settings = Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None)
+    settings = _settings()
     for agent in (history_agent, "echo"):
         with serve(create_app(settings, agent=agent)) as base:
             body = httpx.get(base + "/ready", timeout=10).json()
@@ -884,10 +875,10 @@ PASSWORDS = ["Zq8/Hk2+pW9", "ab#cd?ef", "p@ss/word", "x?y=z#w"]
 
 def _settings_text(**values: Any) -> str:
     """``repr`` and ``as_dict`` of the settings, or the error refusing them."""
-    from layercode_asgi import ConfigurationError, Settings
+    from layercode_asgi import ConfigurationError
 
     try:
-        settings = Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None, **values)
+        settings = _settings(**values)
     except ConfigurationError as exc:
         return f"refused: {exc}"
     return repr(settings) + str(settings.as_dict())
@@ -1082,11 +1073,7 @@ def test_15_6_sign_curl_sends_exact_bytes(body: str, tmp_path: Path) -> None:
     "agent", [":x", "..pkg:x", "pkg:", ":", "a b:c", "pkg:x.y..z", "\x1b[2J:x"]
 )
 def test_15_7_malformed_agent_paths(agent: str) -> None:
-    result = run_cli(
-        "serve", "--agent", agent, "--env-file", "", "--port", str(free_port()),
-        env=_env(LAYERCODE_WEBHOOK_SECRET=SECRET),
-    )  # fmt: skip
-    line = _one_error_line(result)
+    line = _serve_refused("--agent", agent)
     assert "\x1b" not in line
 
 
@@ -1095,15 +1082,12 @@ def test_15_7_malformed_agent_paths(agent: str) -> None:
 def test_15_8_redis_error_reply_in_replay_cache_is_503(failure: str) -> None:
     import redis as redis_lib
 
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     with running_redis() as server:
-        settings = Settings(
-            layercode_webhook_secret=SECRET,
+        settings = _settings(
             redis_url=server.url,
             replay_protection=True,
-            environ={},
-            env_file=None,
         )
         app = create_app(settings, agent="echo")
         client = redis_lib.Redis.from_url(server.url)
@@ -1131,12 +1115,10 @@ def test_15_8_redis_error_reply_in_replay_cache_is_503(failure: str) -> None:
 def test_15_8_redis_error_reply_in_history_store_is_503() -> None:
     import redis as redis_lib
 
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     with running_redis() as server:
-        settings = Settings(
-            layercode_webhook_secret=SECRET, redis_url=server.url, environ={}, env_file=None
-        )
+        settings = _settings(redis_url=server.url)
         app = create_app(settings, agent="echo")
         client = redis_lib.Redis.from_url(server.url)
         try:
@@ -1200,20 +1182,16 @@ def test_17_list_agents_has_starter() -> None:
 
 
 def test_17_1_starter_without_key_refuses_one_line() -> None:
-    result = run_cli(
-        "serve", "--agent", "starter", "--env-file", "", "--port", str(free_port()),
-        env=_env(LAYERCODE_WEBHOOK_SECRET=SECRET),
-    )  # fmt: skip
-    line = _one_error_line(result)
+    line = _serve_refused("--agent", "starter")
     assert "OPENAI_API_KEY" in line
 
 
 def test_17_1_starter_google_without_key_refuses() -> None:
-    result = run_cli(
-        "serve", "--agent", "starter", "--env-file", "", "--port", str(free_port()),
+    line = _serve_refused(
+        "--agent",
+        "starter",
         env=_env(LAYERCODE_WEBHOOK_SECRET=SECRET, DEFAULT_MODEL="google-gla:gemini-2.5-flash"),
-    )  # fmt: skip
-    line = _one_error_line(result)
+    )
     assert "GOOGLE_GENERATIVEAI_API_KEY" in line
 
 
@@ -1224,10 +1202,7 @@ def test_17_1_starter_without_package_refuses(tmp_path: Path) -> None:
     )
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET, OPENAI_API_KEY="sk-test")
     env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{ROOT}"
-    result = run_cli(
-        "serve", "--agent", "starter", "--env-file", "", "--port", str(free_port()), env=env
-    )
-    line = _one_error_line(result)
+    line = _serve_refused("--agent", "starter", env=env)
     assert "pydantic" in line.lower()
 
 
@@ -1346,14 +1321,14 @@ def test_13_hardening_shutdown_grace_ends_stream_properly(tmp_path: Path) -> Non
 def test_15_3_in_process_endless_agent_is_a_violation_not_memory_error() -> None:
     import anyio
 
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
     from layercode_asgi.testing import LayercodeTestClient, ProtocolViolation
 
     async def endless(event: Any) -> AsyncIterator[str]:
         while True:
             yield "x" * 1000
 
-    app = create_app(Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None), endless)
+    app = create_app(_settings(), endless)
 
     async def run() -> ProtocolViolation:
         client = LayercodeTestClient(app, secret=SECRET, timeout=5)
@@ -1434,15 +1409,12 @@ def test_13_1_empty_memory_cache_given_to_middleware_is_on() -> None:
 
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")
 def test_15_8_replay_cache_redis_down_is_503() -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     with running_redis() as redis:
-        settings = Settings(
-            layercode_webhook_secret=SECRET,
+        settings = _settings(
             redis_url=redis.url,
             replay_protection=True,
-            environ={},
-            env_file=None,
         )
         app = create_app(settings, agent="echo")
         redis.stop()
@@ -1760,10 +1732,10 @@ def test_17_4_starter_client_disconnect_cancels_model_request() -> None:
 
 
 def test_readme_security_chunked_413_and_long_conversation_id() -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     app = create_app(
-        Settings(layercode_webhook_secret=SECRET, max_body_size=1000, environ={}, env_file=None),
+        _settings(max_body_size=1000),
         agent="echo",
     )
     big = event_body("message", text="x" * 5000)
@@ -1879,7 +1851,7 @@ def test_15_4_escapes_in_reply_headers_and_status_body() -> None:
 def test_13_7_authorize_relays_only_a_bounded_error_message(
     upstream_body: Any, expected: str
 ) -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     raw = (
         upstream_body.encode()
@@ -1895,12 +1867,9 @@ def test_13_7_authorize_relays_only_a_bounded_error_message(
         await send({"type": "http.response.body", "body": raw})
 
     with serve(upstream) as upstream_url:
-        settings = Settings(
-            layercode_webhook_secret=SECRET,
+        settings = _settings(
             layercode_api_key="lc_key",
             layercode_api_url=upstream_url,
-            environ={},
-            env_file=None,
         )
         with serve(create_app(settings, agent="echo")) as base:
             reply = httpx.post(base + "/api/authorize", json={"agent_id": "a"}, timeout=30)
@@ -1973,7 +1942,4 @@ def test_13_hardening_early_reject_under_hypercorn(tmp_path: Path) -> None:
 )
 def test_17_1_starter_bad_prompt_or_model_settings_one_line(extra: dict[str, str]) -> None:
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET, OPENAI_API_KEY="sk-test", **extra)
-    result = run_cli(
-        "serve", "--agent", "starter", "--env-file", "", "--port", str(free_port()), env=env
-    )
-    _one_error_line(result)
+    _serve_refused("--agent", "starter", env=env)
