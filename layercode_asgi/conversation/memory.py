@@ -162,9 +162,7 @@ class MemoryConversationStore:
     def _append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
         if not messages:
             return
-        size = 0
-        for message in messages:
-            size += text_size(message.text)
+        size = sum(text_size(message.text) for message in messages)
         if size > self.max_bytes:
             messages = fit(messages, self.max_bytes)
             size = sum(text_size(m.text) for m in messages)
