@@ -1,11 +1,7 @@
-"""The LayerCode protocol as a client checks it: events to send, replies checked.
-
-Builds signed webhook events (``message_event`` …), sends one with an httpx client and
-checks the reply against PROTOCOL.md §4 (:func:`send_turn`, :func:`send_json_event`,
-:func:`send_event`), raising :class:`ProtocolViolation` with a stable name
-(:data:`VIOLATIONS`). :mod:`layercode_asgi.testing` re-exports all of it beside its
-:class:`~layercode_asgi.testing.LayercodeTestClient`; ``layercode-asgi simulate`` is built on
-the same functions.
+"""The LayerCode protocol as a client checks it (PROTOCOL.md §4): send a signed event with an
+httpx client (:func:`send_turn`, :func:`send_json_event`, :func:`send_event`) and check the
+reply, raising :class:`ProtocolViolation` with a stable name (:data:`VIOLATIONS`).
+:mod:`layercode_asgi.testing` and ``layercode-asgi simulate`` are built on it.
 """
 
 from __future__ import annotations
@@ -18,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import anyio
-import anyio.lowlevel
 import httpx
 import msgspec
 
