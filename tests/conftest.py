@@ -207,9 +207,11 @@ class ServerProcess:
                 return
             time.sleep(0.05)
         self.stop(signal.SIGKILL)
+        output = self.output()
+        self.__exit__()
         raise RuntimeError(
             f"{self.process.args} did not become ready (exit status {self.process.returncode})"
-            f":\n{self.output()}"
+            f":\n{output}"
         )
 
     def _answers(self, ready_path: str | None) -> bool:
