@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -184,13 +185,20 @@ class ServerProcess:
     """
 
     def __init__(
-        self, process: subprocess.Popen[bytes], port: int, log: Path, temporary: bool = False
+        self,
+        process: subprocess.Popen[bytes],
+        port: int,
+        log: Path,
+        *,
+        temporary: bool = False,
+        group: bool = False,
     ) -> None:
         self.process = process
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self.temporary = temporary  # the log is removed at exit
+        self.group = group  # a process group of its own: signals go to all of it
 
     def output(self) -> str:
         """What the process has written so far."""
@@ -224,15 +232,23 @@ class ServerProcess:
             return False
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        """Send ``sig`` and wait (then kill); return the exit status."""
+        """Send ``sig`` (to its whole process group, if it has one of its own) and wait,
+        then kill; return the exit status."""
         if self.process.poll() is None:
-            self.process.send_signal(sig)
+            self._signal(sig)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self._signal(signal.SIGKILL)
                 self.process.wait(timeout)
         return self.process.returncode
+
+    def _signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if self.group:
+                os.killpg(self.process.pid, sig)
+            else:
+                self.process.send_signal(sig)
 
     def __enter__(self) -> ServerProcess:
         return self
@@ -254,11 +270,13 @@ def start_server_process(
     timeout: float = 30,
     port: int | None = None,
     wait: bool = True,
+    group: bool = False,
 ) -> ServerProcess:
     """Start ``command`` (``{port}`` in an argument or an ``env`` value is replaced by a free
     port) in ``cwd``
     and wait until it is ready (:meth:`ServerProcess.wait_ready`; ``wait=False``: the
-    caller waits). ``env`` is its whole environment (default: this process's), as for
+    caller waits; ``group``: in a process group of its own, stopped as a whole, for a
+    shell command). ``env`` is its whole environment (default: this process's), as for
     :class:`subprocess.Popen`; its output goes to ``log`` (a temporary file by default)."""
     port = free_port() if port is None else port
     temporary = log is None
@@ -276,8 +294,9 @@ def start_server_process(
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
+            start_new_session=group,
         )
-    server = ServerProcess(process, port, log, temporary)
+    server = ServerProcess(process, port, log, temporary=temporary, group=group)
     if wait:
         server.wait_ready(ready_path, ready_text, timeout)
     return server
