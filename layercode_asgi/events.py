@@ -1,36 +1,10 @@
-"""Typed LayerCode webhook events, decoded with msgspec.
+"""Typed LayerCode webhook events (PROTOCOL.md §3), decoded from the raw body with msgspec.
 
-LayerCode POSTs one JSON object per webhook; its ``type`` field names one of five events
-(see PROTOCOL.md §3). This module models each event as an immutable :class:`msgspec.Struct`
-and decodes a raw request body into the right one in a single pass, straight from the
-bytes -- no intermediate :func:`json.loads`, no dict in between::
-
-    payload = parse_webhook_payload(await request.body())
-    if isinstance(payload, MessagePayload):  # or: payload.type == LayercodeEventType.MESSAGE
-        ...
-
-Decoding rules
---------------
-* Unknown extra fields are ignored: LayerCode adds fields over time. Those of a
-  transcript item are kept, though, in its ``extra`` mapping (the transcript is the
-  record of a conversation, and its items are where LayerCode is likeliest to add data).
-* A ``data`` event without a ``data`` field gets ``{}``, as the reference SDK does.
-* Every optional field may be absent or ``null``; numbers included.
-* ``transcript[].timestamp`` is accepted as unix milliseconds (int or float) or an ISO string,
-  and kept as received.
-* Bad input of any kind raises :class:`InvalidPayloadError` (a :class:`ValueError`) naming
-  the offending field path, e.g. ``$.turn_id`` or ``$.transcript[1].text``. A well-formed
-  JSON object whose ``type`` is a string that this version does not know raises
-  :class:`UnknownEventError`, a subclass, so a server can answer "newer than us"
-  differently from "malformed".
-
-Encoding
---------
-``msgspec.json.encode(payload)`` gives back JSON that decodes to an equal struct. The
-structs use ``omit_defaults=True``: fields holding their default (``None``) are left out.
-Because an absent field and a ``null`` one decode to the same value, this loses nothing,
-keeps re-encoded payloads (logs, queues, forwarding) compact, and never matters for
-signatures, which are computed over the *original* request bytes.
+Each of the five events is an immutable :class:`msgspec.Struct`; :func:`parse_webhook_payload`
+decodes a body into the right one in a single pass. The decoding rules (unknown fields,
+``null``, timestamps, the errors naming the field path) are in docs/events.md. Encoding
+omits fields holding their default (``None``): an absent field and a ``null`` one decode
+alike, and signatures are computed over the original bytes.
 """
 
 from __future__ import annotations
@@ -62,18 +36,10 @@ __all__ = [
 
 
 class LayercodeEventType(StrEnum):
-    """The five webhook event types, as sent in the ``type`` field.
+    """The five webhook event types, as sent in the ``type`` field (members are strings).
 
-    A :class:`~enum.StrEnum`: members *are* strings, so ``LayercodeEventType.MESSAGE ==
-    "message"``, they hash like the strings, and work anywhere a ``str`` is expected.
-
-    Each payload class's ``type`` attribute is the plain string, typed as a ``Literal``
-    (``MessagePayload.type`` is ``Literal["message"]``), exactly as in the reference SDK,
-    so under mypy ``payload.type == "message"`` narrows the :data:`WebhookPayload` union
-    (``isinstance`` does too). ``payload.type == LayercodeEventType.MESSAGE`` is true at
-    runtime and also type-checks under ``--strict``: ``__eq__`` is spelled out (with
-    ``str`` semantics) because mypy's strict-equality check would otherwise reject
-    comparing an enum member with a string literal.
+    ``__eq__`` is spelled out with ``str`` semantics so that ``payload.type ==
+    LayercodeEventType.MESSAGE`` (a ``Literal`` string against a member) passes mypy --strict.
     """
 
     SESSION_START = "session.start"
@@ -150,10 +116,8 @@ class TranscriptItem(
 ):
     """One utterance of a transcript.
 
-    Not tracked by the garbage collector (``gc=False``): it is frozen, and it can hold a
-    container only in ``extra``, which is built by this module from decoded JSON (plain
-    dicts, lists and scalars, which cannot refer back to the item). Skipping GC tracking
-    makes decoding a long ``session.end`` transcript about 10% faster.
+    ``gc=False``: frozen, and ``extra`` holds only decoded JSON, which cannot refer back to
+    the item (decoding a long transcript about 10% faster).
 
     Attributes:
         role: who spoke, ``"user"`` or ``"assistant"`` (kept as a plain ``str``).
@@ -234,11 +198,8 @@ class MessagePayload(_WebhookPayloadBase, tag="message", frozen=True):
 class DataPayload(_WebhookPayloadBase, tag="data", frozen=True):
     """``data``: the client sent structured JSON with ``client.response.data``.
 
-    ``data`` may be *any* JSON value (typed ``Any``), and is ``{}`` when the field is
-    absent (as in the reference SDK). The protocol describes it as an object, yet it is
-    produced by arbitrary front-end code and relayed as-is; rejecting an array, a string
-    or a missing field here would turn a client quirk into a failed webhook the
-    application never sees. Check its shape where it is used.
+    ``data`` may be *any* JSON value, relayed as the front end sent it (``{}`` when absent,
+    as in the reference SDK): check its shape where it is used.
     """
 
     type: ClassVar[Literal["data"]] = "data"

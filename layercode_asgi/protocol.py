@@ -1,23 +1,19 @@
-"""The LayerCode protocol as a client checks it: events to send, replies checked.
-
-Builds signed webhook events (``message_event`` …), sends one with an httpx client and
-checks the reply against PROTOCOL.md §4 (:func:`send_turn`, :func:`send_json_event`,
-:func:`send_event`), raising :class:`ProtocolViolation` with a stable name
-(:data:`VIOLATIONS`). :mod:`layercode_asgi.testing` re-exports all of it beside its
-:class:`~layercode_asgi.testing.LayercodeTestClient`; ``layercode-asgi simulate`` is built on
-the same functions.
+"""The LayerCode protocol as a client checks it (PROTOCOL.md §4): send a signed event with an
+httpx client (:func:`send_turn`, :func:`send_json_event`, :func:`send_event`) and check the
+reply, raising :class:`ProtocolViolation` with a stable name (:data:`VIOLATIONS`).
+:mod:`layercode_asgi.testing` and ``layercode-asgi simulate`` are built on it.
 """
 
 from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import anyio
-import anyio.lowlevel
 import httpx
 import msgspec
 
@@ -292,27 +288,8 @@ def _excerpt(content: bytes, more: bool = False) -> str:
     return text + ("…" if more or len(content) > _BODY_EXCERPT else "")
 
 
-async def _quoted_body(reply: httpx.Response) -> str:
-    """A bounded excerpt of ``reply``'s body (never more is read or inflated)."""
-    prefix, more = await read_prefix(reply, _BODY_EXCERPT)
-    return _excerpt(prefix, more)
-
-
-def _failure(exc: httpx.HTTPError, timeout: float, **where: Any) -> ProtocolViolation:
-    if isinstance(exc, httpx.TimeoutException):
-        return ProtocolViolation("timeout", f"no answer within {timeout:g} s ({exc!r})", **where)
-    return ProtocolViolation("connection-error", f"{type(exc).__name__}: {exc}", **where)
-
-
 class ReplyTooLarge(Exception):
     """Raised inside an in-process app when its reply passes the client's byte limit."""
-
-
-def _decoder(reply: httpx.Response, where: dict[str, Any]) -> BodyDecoder:
-    try:
-        return BodyDecoder(reply.headers.get("content-encoding"))
-    except UnsupportedEncoding as exc:
-        raise ProtocolViolation("bad-encoding", str(exc), **where) from None
 
 
 def _too_large(max_bytes: int, where: dict[str, Any]) -> ProtocolViolation:
@@ -322,8 +299,67 @@ def _too_large(max_bytes: int, where: dict[str, Any]) -> ProtocolViolation:
     )
 
 
-def _request_headers(body: bytes, secret: str, headers: Mapping[str, str] | None) -> dict[str, str]:
-    return {"accept-encoding": ACCEPT_ENCODING, **signed_headers(body, secret), **(headers or {})}
+@asynccontextmanager
+async def _exchange(
+    client: httpx.AsyncClient,
+    url: str,
+    event: Mapping[str, Any],
+    secret: str,
+    headers: Mapping[str, str] | None,
+    timeout: float,  # noqa: ASYNC109 - a protocol bound, reported as a violation
+    max_bytes: int,
+    where: dict[str, Any],
+    ok: range,
+    late: str | Callable[[], str],
+) -> AsyncIterator[httpx.Response]:
+    """POST the signed ``event`` and require a status in ``ok``; every failure until the
+    block ends becomes a :class:`ProtocolViolation` (``late`` says what a timeout missed)."""
+    body = encode_event(event)
+    request_headers = {
+        "accept-encoding": ACCEPT_ENCODING,
+        **signed_headers(body, secret),
+        **(headers or {}),
+    }
+    kind = where["event_type"]
+    try:
+        with anyio.fail_after(timeout):
+            async with client.stream("POST", url, content=body, headers=request_headers) as reply:
+                where["status_code"] = status = reply.status_code
+                if status not in ok:
+                    prefix, more = await read_prefix(reply, _BODY_EXCERPT)
+                    detail = f"{kind} answered {status}: {_excerpt(prefix, more)}"
+                    raise ProtocolViolation("http-error", detail, **where)
+                yield reply
+    except TimeoutError:
+        detail = late if isinstance(late, str) else late()
+        raise ProtocolViolation("timeout", f"{kind} {detail}", **where) from None
+    except ReplyTooLarge:
+        raise _too_large(max_bytes, where) from None
+    except zlib.error as exc:
+        detail = f"the body does not decode: {exc}"
+        raise ProtocolViolation("bad-encoding", detail, **where) from None
+    except httpx.HTTPError as exc:
+        if isinstance(exc, httpx.TimeoutException):
+            detail = f"no answer within {timeout:g} s ({exc!r})"
+            raise ProtocolViolation("timeout", detail, **where) from None
+        detail = f"{type(exc).__name__}: {exc}"
+        raise ProtocolViolation("connection-error", detail, **where) from None
+
+
+async def _decoded(
+    reply: httpx.Response, max_bytes: int, where: dict[str, Any]
+) -> AsyncIterator[bytes]:
+    """The reply's body, decoded, in chunks; ``too-large`` past ``max_bytes``."""
+    try:
+        decoder = BodyDecoder(reply.headers.get("content-encoding"))
+    except UnsupportedEncoding as exc:
+        raise ProtocolViolation("bad-encoding", str(exc), **where) from None
+    received = 0
+    async for chunk in decoder.decode(reply.aiter_raw()):
+        received += len(chunk)
+        if received > max_bytes:
+            raise _too_large(max_bytes, where)
+        yield chunk
 
 
 async def send_turn(
@@ -349,60 +385,39 @@ async def send_turn(
     kind = str(event.get("type", ""))
     checker = TurnChecker(turn_id, event_type=kind, strict=strict, max_events=max_events)
     parser = SSEParser()
-    body = encode_event(event)
-    request_headers = _request_headers(body, secret, headers)
     where: dict[str, Any] = {"event_type": kind, "turn_id": turn_id}
+
+    def late() -> str:
+        state = "after response.end the stream stayed open" if checker.ended else "no response.end"
+        return f"turn not complete within {timeout:g} s ({state})"
+
     first_tts: float | None = None
     started = time.perf_counter()
-    received = 0
-    try:
-        with anyio.fail_after(timeout):
-            async with client.stream("POST", url, content=body, headers=request_headers) as reply:
-                where["status_code"] = status = reply.status_code
-                if status != 200:
-                    raise ProtocolViolation(
-                        "http-error",
-                        f"{kind} answered {status}: {await _quoted_body(reply)}",
-                        **where,
-                    )
-                content_type = reply.headers.get("content-type", "")
-                if not content_type.strip().lower().startswith("text/event-stream"):
-                    raise ProtocolViolation(
-                        "wrong-content-type",
-                        f"{kind} answered Content-Type {_brief(content_type or '(none)')}, "
-                        "expected text/event-stream",
-                        **where,
-                    )
-                decoder = _decoder(reply, where)
-                async for chunk in decoder.decode(reply.aiter_raw()):
-                    received += len(chunk)
-                    if received > max_bytes:
-                        raise _too_large(max_bytes, where)
-                    for sse in parser.feed(chunk):
-                        checked = checker.check(sse)
-                        if first_tts is None and checked["type"] == "response.tts":
-                            first_tts = time.perf_counter() - started
-                        if on_event is not None:
-                            on_event(checked)
-                parser.close()
-                checker.finish(pending=parser.pending)
-    except TimeoutError:
-        state = "after response.end the stream stayed open" if checker.ended else "no response.end"
-        raise ProtocolViolation(
-            "timeout", f"{kind} turn not complete within {timeout:g} s ({state})", **where
-        ) from None
-    except ReplyTooLarge:
-        raise _too_large(max_bytes, where) from None
-    except zlib.error as exc:
-        raise ProtocolViolation(
-            "bad-encoding", f"the body does not decode: {exc}", **where
-        ) from None
-    except httpx.HTTPError as exc:
-        raise _failure(exc, timeout, **where) from None
+    ok = range(200, 201)
+    async with _exchange(
+        client, url, event, secret, headers, timeout, max_bytes, where, ok, late
+    ) as reply:
+        content_type = reply.headers.get("content-type", "")
+        if not content_type.strip().lower().startswith("text/event-stream"):
+            raise ProtocolViolation(
+                "wrong-content-type",
+                f"{kind} answered Content-Type {_brief(content_type or '(none)')}, "
+                "expected text/event-stream",
+                **where,
+            )
+        async for chunk in _decoded(reply, max_bytes, where):
+            for sse in parser.feed(chunk):
+                checked = checker.check(sse)
+                if first_tts is None and checked["type"] == "response.tts":
+                    first_tts = time.perf_counter() - started
+                if on_event is not None:
+                    on_event(checked)
+        parser.close()
+        checker.finish(pending=parser.pending)
     return TurnResult(
         turn_id=turn_id,
         events=checker.events,
-        status_code=status,
+        status_code=reply.status_code,
         headers=dict(reply.headers),
         time_to_first_tts=first_tts,
         duration=time.perf_counter() - started,
@@ -422,37 +437,15 @@ async def send_json_event(
 ) -> JSONResult:
     """POST a signed non-turn event to ``url``; require a 2xx JSON reply (``max_bytes`` at most)."""
     kind = str(event.get("type", ""))
-    body = encode_event(event)
-    request_headers = _request_headers(body, secret, headers)
     where: dict[str, Any] = {"event_type": kind, "turn_id": event.get("turn_id")}
     started = time.perf_counter()
-    try:
-        with anyio.fail_after(timeout):
-            async with client.stream("POST", url, content=body, headers=request_headers) as reply:
-                where["status_code"] = reply.status_code
-                if not 200 <= reply.status_code < 300:
-                    raise ProtocolViolation(
-                        "http-error",
-                        f"{kind} answered {reply.status_code}: {await _quoted_body(reply)}",
-                        **where,
-                    )
-                content = bytearray()
-                async for chunk in _decoder(reply, where).decode(reply.aiter_raw()):
-                    content += chunk
-                    if len(content) > max_bytes:
-                        raise _too_large(max_bytes, where)
-    except TimeoutError:
-        raise ProtocolViolation(
-            "timeout", f"{kind} not answered within {timeout:g} s", **where
-        ) from None
-    except ReplyTooLarge:
-        raise _too_large(max_bytes, where) from None
-    except zlib.error as exc:
-        raise ProtocolViolation(
-            "bad-encoding", f"the body does not decode: {exc}", **where
-        ) from None
-    except httpx.HTTPError as exc:
-        raise _failure(exc, timeout, **where) from None
+    content = bytearray()
+    late = f"not answered within {timeout:g} s"
+    async with _exchange(
+        client, url, event, secret, headers, timeout, max_bytes, where, range(200, 300), late
+    ) as reply:
+        async for chunk in _decoded(reply, max_bytes, where):
+            content += chunk
     try:
         answer = _decode(content)
     except msgspec.DecodeError:

@@ -1,32 +1,14 @@
-"""Test kit for LayerCode backends: events, signing, an SSE parser and a protocol-checking client.
-
-For your own test suite (pytest, unittest, anything)::
-
-    from layercode_asgi.testing import LayercodeTestClient
-
-    async def test_my_agent():
-        async with LayercodeTestClient(app=app, secret="whsec_test") as client:
-            turn = await client.message("hello")        # signed, POSTed, stream checked
-            assert turn.text == "You said: hello"
-            assert (await client.session_end()).body == {"status": "ok"}
-
-The client signs each event, POSTs it, and checks the reply against the LayerCode protocol
-(PROTOCOL.md §4): a turn (``session.start``, ``message``) must answer 200
-``text/event-stream`` whose events are JSON objects with a ``type``, all carrying the
-request's ``turn_id``, with exactly one ``response.end``, last. Other events must answer
-2xx JSON. Any breach raises :class:`ProtocolViolation` with a stable :attr:`~ProtocolViolation.name`
-(see :data:`VIOLATIONS`). ``layercode-asgi simulate`` is built on the same functions.
-
-It works against an ASGI app in-process (``app=``; through ``httpx.ASGITransport``, which
-buffers each reply and runs no lifespan) or a running server (``base_url=``, really
-streaming). The stream is parsed by :class:`SSEParser`, an incremental parser following the
-WHATWG specification, so nothing depends on one server's byte layout.
+"""Test kit for LayerCode backends: event factories and :class:`LayercodeTestClient`, which
+signs each event, POSTs it to an ASGI app in-process (``app=``, replies buffered, no lifespan)
+or a running server (``base_url=``) and checks the reply against the protocol
+(:mod:`layercode_asgi.protocol`, re-exported here). See docs/testing.md.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,49 +16,30 @@ import anyio
 import anyio.lowlevel
 import httpx
 
+from . import protocol
+from .protocol import *  # noqa: F403 - the client's vocabulary, re-exported
 from .protocol import (
     MAX_REPLY_BYTES,
     MAX_TURN_EVENTS,
     TURN_TYPES,
-    VIOLATIONS,
     JSONResult,
     OnEvent,
-    ProtocolViolation,
     ReplyTooLarge,
-    SSEEvent,
-    SSEParser,
-    TurnChecker,
     TurnResult,
     encode_event,
-    send_event,
     send_json_event,
     send_turn,
     signed_headers,
 )
 
 __all__ = [
-    "MAX_REPLY_BYTES",
-    "MAX_TURN_EVENTS",
-    "TURN_TYPES",
-    "VIOLATIONS",
-    "JSONResult",
+    *protocol.__all__,
     "LayercodeTestClient",
-    "ProtocolViolation",
-    "ReplyTooLarge",
-    "SSEEvent",
-    "SSEParser",
-    "TurnChecker",
-    "TurnResult",
     "data_event",
-    "encode_event",
     "message_event",
-    "send_event",
-    "send_json_event",
-    "send_turn",
     "session_end_event",
     "session_start_event",
     "session_update_event",
-    "signed_headers",
 ]
 
 
@@ -87,8 +50,22 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:16]}"
 
 
-def _event(kind: str, fields: Mapping[str, Any], **base: Any) -> dict[str, Any]:
-    event: dict[str, Any] = {"type": kind}
+def _event(
+    kind: str,
+    fields: Mapping[str, Any],
+    session_id: str | None,
+    conversation_id: str | None,
+    **base: Any,
+) -> dict[str, Any]:
+    """``{"type": kind}``, the ids (fresh random ones by default), ``base`` without its
+    ``None`` values, then ``fields``; a ``turn_id=None`` in ``base`` gets a random id too."""
+    event: dict[str, Any] = {
+        "type": kind,
+        "session_id": session_id or _new_id("sess"),
+        "conversation_id": conversation_id or _new_id("conv"),
+    }
+    if "turn_id" in base:
+        base["turn_id"] = base["turn_id"] or _new_id("turn")
     event.update((key, value) for key, value in base.items() if value is not None)
     event.update(fields)
     return event
@@ -103,14 +80,7 @@ def session_start_event(
     **fields: Any,
 ) -> dict[str, Any]:
     """A ``session.start`` event; ids default to fresh random ones. Extra fields are added."""
-    return _event(
-        "session.start",
-        fields,
-        session_id=session_id or _new_id("sess"),
-        conversation_id=conversation_id or _new_id("conv"),
-        turn_id=turn_id or _new_id("turn"),
-        text=text,
-    )
+    return _event("session.start", fields, session_id, conversation_id, turn_id=turn_id, text=text)
 
 
 def message_event(
@@ -122,14 +92,7 @@ def message_event(
     **fields: Any,
 ) -> dict[str, Any]:
     """A ``message`` event: the user said ``text``."""
-    return _event(
-        "message",
-        fields,
-        session_id=session_id or _new_id("sess"),
-        conversation_id=conversation_id or _new_id("conv"),
-        turn_id=turn_id or _new_id("turn"),
-        text=text,
-    )
+    return _event("message", fields, session_id, conversation_id, turn_id=turn_id, text=text)
 
 
 def data_event(
@@ -141,13 +104,7 @@ def data_event(
     **fields: Any,
 ) -> dict[str, Any]:
     """A ``data`` event carrying ``data`` (what the browser sent with ``response.data``)."""
-    event = _event(
-        "data",
-        fields,
-        session_id=session_id or _new_id("sess"),
-        conversation_id=conversation_id or _new_id("conv"),
-        turn_id=turn_id or _new_id("turn"),
-    )
+    event = _event("data", fields, session_id, conversation_id, turn_id=turn_id)
     event["data"] = data
     return event
 
@@ -161,11 +118,7 @@ def session_update_event(
 ) -> dict[str, Any]:
     """A ``session.update`` event (by default: the recording is ``completed``)."""
     return _event(
-        "session.update",
-        fields,
-        session_id=session_id or _new_id("sess"),
-        conversation_id=conversation_id or _new_id("conv"),
-        recording_status=recording_status,
+        "session.update", fields, session_id, conversation_id, recording_status=recording_status
     )
 
 
@@ -207,12 +160,7 @@ def session_end_event(
         "transcript": items,
     }
     defaults.update(fields)
-    return _event(
-        "session.end",
-        defaults,
-        session_id=session_id or _new_id("sess"),
-        conversation_id=conversation_id or _new_id("conv"),
-    )
+    return _event("session.end", defaults, session_id, conversation_id)
 
 
 class _Bounded:
@@ -314,11 +262,13 @@ class LayercodeTestClient:
         if client is not None:
             await client.aclose()
 
-    async def _with_client(self, call: Callable[[httpx.AsyncClient], Awaitable[Any]]) -> Any:
+    @asynccontextmanager
+    async def _http(self) -> AsyncIterator[httpx.AsyncClient]:
         if self._client is not None:
-            return await call(self._client)
-        async with self._new_client() as client:
-            return await call(client)
+            yield self._client
+        else:
+            async with self._new_client() as client:
+                yield client
 
     async def send(
         self, event: Mapping[str, Any], *, on_event: OnEvent | None = None
@@ -332,8 +282,7 @@ class LayercodeTestClient:
         self, event: Mapping[str, Any], *, on_event: OnEvent | None = None
     ) -> TurnResult:
         """Send a turn event (whatever its type) and check the SSE reply."""
-
-        async def call(client: httpx.AsyncClient) -> TurnResult:
+        async with self._http() as client:
             return await send_turn(
                 client,
                 self.url,
@@ -347,13 +296,9 @@ class LayercodeTestClient:
                 max_events=self.max_events,
             )
 
-        result: TurnResult = await self._with_client(call)
-        return result
-
     async def send_json(self, event: Mapping[str, Any]) -> JSONResult:
         """Send a non-turn event (whatever its type) and check the JSON reply."""
-
-        async def call(client: httpx.AsyncClient) -> JSONResult:
+        async with self._http() as client:
             return await send_json_event(
                 client,
                 self.url,
@@ -363,9 +308,6 @@ class LayercodeTestClient:
                 timeout=self.timeout,
                 max_bytes=self.max_bytes,
             )
-
-        result: JSONResult = await self._with_client(call)
-        return result
 
     def send_sync(self, event: Mapping[str, Any]) -> TurnResult | JSONResult:
         """:meth:`send` for synchronous code (runs its own event loop; not inside one)."""
@@ -394,11 +336,8 @@ class LayercodeTestClient:
         request_headers.update(self.headers)
         request_headers.update(headers or {})
 
-        async def call(client: httpx.AsyncClient) -> httpx.Response:
+        async with self._http() as client:
             return await client.post(self.url, content=content, headers=request_headers)
-
-        response: httpx.Response = await self._with_client(call)
-        return response
 
     # -- one helper per event, with the client's conversation and session ids --
 

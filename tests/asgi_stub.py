@@ -1,4 +1,5 @@
-"""One fake ASGI server for driving an app directly in tests (asyncio or trio, via anyio).
+"""One fake ASGI server for driving an app directly in tests (asyncio or trio, via anyio),
+and :func:`read_body` for the tests' own small ASGI apps.
 
     stub = ASGIStub(body, disconnect_after=1)
     await stub.run(app)
@@ -18,6 +19,29 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio
+
+
+async def read_body(receive: Any) -> bytes:
+    """The whole request body, for a test's ASGI app (``http.request`` messages joined)."""
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    return body
+
+
+def recording_app(bodies: list[bytes]) -> Any:
+    """An ASGI app that keeps each request's body in ``bodies`` and answers 200 ``ok``."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            bodies.append(await read_body(receive))
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    return app
 
 
 class ASGIStub:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -171,63 +173,133 @@ def event_body(kind: str = "message", **fields: Any) -> bytes:
     return msgspec.json.encode(base)
 
 
-class ServerProcess:
-    """A server run as its own process on 127.0.0.1 (``python -m ...``), for tests that
-    signal it or need a process of its own. ``url`` is its base URL once :func:`start`
-    returned; the output (stdout and stderr) is kept for failure messages."""
+#: The Python running the tests (``[PYTHON, "-m", "uvicorn", ...]``).
+PYTHON = sys.executable
 
-    def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
+
+class ServerProcess:
+    """A server run as its own process on 127.0.0.1, from :func:`start_server_process`.
+
+    ``url`` is its base URL; everything it writes (stdout and stderr) goes to ``log``, read
+    with :meth:`output`. As a context manager it is stopped (SIGTERM, then SIGKILL) at exit.
+    """
+
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        port: int,
+        log: Path,
+        *,
+        temporary: bool = False,
+        group: bool = False,
+    ) -> None:
         self.process = process
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.temporary = temporary  # the log is removed at exit
+        self.group = group  # a process group of its own: signals go to all of it
 
     def output(self) -> str:
-        if self.process.poll() is None or self.process.stdout is None:
-            return ""
-        return self.process.stdout.read().decode(errors="replace")
+        """What the process has written so far."""
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(
+        self, ready_path: str | None = "/health", ready_text: str = "", timeout: float = 30
+    ) -> None:
+        """Wait until ``GET ready_path`` answers 200 (with ``None``: until the port accepts
+        connections) and the output contains ``ready_text``; bounded by ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if ready_text in self.output() and self._answers(ready_path):
+                return
+            time.sleep(0.05)
+        self.stop(signal.SIGKILL)
+        output = self.output()
+        self.__exit__()
+        raise RuntimeError(
+            f"{self.process.args} did not become ready (exit status {self.process.returncode})"
+            f":\n{output}"
+        )
+
+    def _answers(self, ready_path: str | None) -> bool:
+        try:
+            if ready_path is None:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            return httpx.get(self.url + ready_path, timeout=1).status_code == 200
+        except (OSError, httpx.HTTPError):
+            return False
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        """Send ``sig`` and wait (then kill); return the exit status."""
+        """Send ``sig`` (to its whole process group, if it has one of its own) and wait,
+        then kill; return the exit status."""
         if self.process.poll() is None:
-            self.process.send_signal(sig)
+            self._signal(sig)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self._signal(signal.SIGKILL)
                 self.process.wait(timeout)
         return self.process.returncode
 
+    def _signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if self.group:
+                os.killpg(self.process.pid, sig)
+            else:
+                self.process.send_signal(sig)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+        if self.temporary:
+            self.log.unlink(missing_ok=True)
+
 
 def start_server_process(
-    args: list[str],
+    command: list[str],
     *,
     env: dict[str, str] | None = None,
-    ready_path: str = "/health",
-    timeout: float = 20,
+    cwd: Path = ROOT,
+    log: Path | None = None,
+    ready_path: str | None = "/health",
+    ready_text: str = "",
+    timeout: float = 30,
     port: int | None = None,
+    wait: bool = True,
+    group: bool = False,
 ) -> ServerProcess:
-    """Start ``python ARGS`` (``{port}`` in an argument is replaced by a free port) in the
-    repository root and wait until ``GET ready_path`` answers 200; bounded by ``timeout``."""
+    """Start ``command`` (``{port}`` in an argument or an ``env`` value is replaced by a free
+    port) in ``cwd``
+    and wait until it is ready (:meth:`ServerProcess.wait_ready`; ``wait=False``: the
+    caller waits; ``group``: in a process group of its own, stopped as a whole, for a
+    shell command). ``env`` is its whole environment (default: this process's), as for
+    :class:`subprocess.Popen`; its output goes to ``log`` (a temporary file by default)."""
     port = free_port() if port is None else port
-    process = subprocess.Popen(
-        [sys.executable, *(arg.replace("{port}", str(port)) for arg in args)],
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    server = ServerProcess(process, port)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(server.url + ready_path, timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    process.kill()
-    process.wait(10)
-    raise RuntimeError(f"{args} did not become ready:\n{server.output()}")
+    temporary = log is None
+    if log is None:
+        handle, name = tempfile.mkstemp(prefix="server-", suffix=".log")
+        os.close(handle)
+        log = Path(name)
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [arg.replace("{port}", str(port)) for arg in command],
+            cwd=cwd,
+            env=None
+            if env is None
+            else {k: v.replace("{port}", str(port)) for k, v in env.items()},
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=group,
+        )
+    server = ServerProcess(process, port, log, temporary=temporary, group=group)
+    if wait:
+        server.wait_ready(ready_path, ready_text, timeout)
+    return server
 
 
 #: anyio's backends for the stream and turn tests: asyncio, and trio when it is installed

@@ -23,6 +23,7 @@ import anyio
 import msgspec
 import pytest
 
+from .asgi_stub import read_body
 from .conftest import serve
 
 DEFAULT_TEXT = ("Hello", " there.", " How can", " I help", " you today?")
@@ -135,12 +136,7 @@ class FakeOpenAI:
                 else:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         path = scope["path"].removeprefix("/v1")
         if scope["method"] != "POST" or path not in ("/chat/completions", "/responses"):
             await self._json(send, 404, {"error": {"message": f"no route {path}"}})

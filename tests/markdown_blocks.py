@@ -43,11 +43,9 @@ import json
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
-import time
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -55,6 +53,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+
+from .conftest import ServerProcess, serve, start_server_process
 
 ROOT = Path(__file__).resolve().parent.parent
 EXEMPT = re.compile(r"\A\*Not run by the tests: (?P<reason>.+?)\.?\*\Z")
@@ -175,7 +175,7 @@ class _Runner:
         self.workdir = workdir
         self.report = Report()
         self.env: dict[str, str] = {}  # carried assignments / exports
-        self.servers: list[tuple[subprocess.Popen[bytes], Path]] = []
+        self.servers: list[ServerProcess] = []
         self.named_modules: list[str] = []
         workdir.mkdir(parents=True, exist_ok=True)
         for name in LINKED:
@@ -207,8 +207,8 @@ class _Runner:
         return self.report
 
     def close(self) -> None:
-        for process, _ in self.servers:
-            _stop(process)
+        for server in self.servers:
+            server.stop(timeout=15)
         for name in self.named_modules:
             sys.modules.pop(name, None)
 
@@ -276,8 +276,6 @@ class _Runner:
             del sys.modules[module.__name__]
 
     def _serve_in_process(self, block: Block, app: Any) -> None:
-        from .conftest import serve
-
         secret = self.secret_for(block.code)
         with serve(app) as url:
             _conversation(block, url, secret)
@@ -345,26 +343,23 @@ class _Runner:
         port = int(port_flag[1] or port_flag[2] if port_flag else inline.get("PORT", "8000"))
         if _answers(port):
             raise BlockFailed(f"{block.where}: port {port} is already in use: `{command}`")
-        log = self.workdir / f"server-{block.line}-{port}.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                ["bash", "-c", command],
-                cwd=self.workdir,
-                env=self.process_env(),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: stopped as a whole
-            )
-        self.servers.append((process, log))
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while not _answers(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                _stop(process)
-                raise BlockFailed(
-                    f"{block.where}: `{command}` did not start serving on port {port}:\n"
-                    + log.read_text(errors="replace")[-3000:]
-                )
-            time.sleep(0.1)
+        server = start_server_process(
+            ["bash", "-c", command],
+            env=self.process_env(),
+            cwd=self.workdir,
+            log=self.workdir / f"server-{block.line}-{port}.log",
+            port=port,
+            wait=False,
+            group=True,  # its own process group: stopped as a whole
+        )
+        self.servers.append(server)
+        try:
+            server.wait_ready(ready_path=None, timeout=SERVER_START_TIMEOUT)
+        except RuntimeError:
+            raise BlockFailed(
+                f"{block.where}: `{command}` did not start serving on port {port}:\n"
+                + server.output()[-3000:]
+            ) from None
         return port, inline
 
 
@@ -397,18 +392,6 @@ def _answers(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(15)
 
 
 def _conversation(block: Block, base_url: str, secret: str) -> None:

@@ -168,11 +168,8 @@ def uvicorn_workers(
     redis_url: str, workers: int = 2, lock_ttl: float = 10.0, **environ: str
 ) -> Iterator[str]:
     """``uvicorn --workers N`` serving :func:`workers_app` on 127.0.0.1; yields its URL."""
-    import httpx
+    from .conftest import SECRET, start_server_process
 
-    from .conftest import SECRET
-
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "REDIS_"))}
     env.update(
         REDIS_URL=redis_url,
@@ -181,32 +178,10 @@ def uvicorn_workers(
         **environ,
     )
     command = [sys.executable, "-m", "uvicorn", "--factory", "tests.redis_fixtures:workers_app",
-               "--workers", str(workers), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", str(workers), "--host", "127.0.0.1", "--port", "{port}",
                "--log-level", "warning"]  # fmt: skip
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=log)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while True:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"uvicorn workers did not start: {log.read()!r}")
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.05)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+    with start_server_process(command, env=env) as server:
+        yield server.url
 
 
 # -- a local Redis Cluster ------------------------------------------------------------------------

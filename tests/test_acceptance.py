@@ -28,7 +28,17 @@ import pytest
 
 from layercode_asgi import sign
 
-from .conftest import SECRET, event_body, free_port, serve, signed_headers
+from .asgi_stub import read_body, recording_app
+from .conftest import (
+    PYTHON,
+    SECRET,
+    ServerProcess,
+    event_body,
+    free_port,
+    serve,
+    signed_headers,
+    start_server_process,
+)
 from .redis_fixtures import REDIS_SERVER, running_redis
 
 #: Real servers and subprocesses throughout, and every optional framework: the full suite
@@ -67,45 +77,22 @@ def run_cli(
     )
 
 
-def _wait_http(url: str, process: subprocess.Popen[Any], limit: float = 30) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited early with {process.returncode}")
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not start")
-
-
 @contextmanager
 def served_cli(
     *args: str, env: dict[str, str], cwd: Path | None = None
-) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """``layercode-asgi serve`` on a free port; yields its base URL and the process."""
-    port = free_port()
-    process = subprocess.Popen(
-        [CLI, "serve", "--host", "127.0.0.1", "--port", str(port), "--env-file", "", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=cwd or ROOT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(base + "/health", process)
-        yield base, process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+) -> Iterator[tuple[str, ServerProcess]]:
+    """``layercode-asgi serve`` on a free port; yields its base URL and the server."""
+    command = [CLI, "serve", "--host", "127.0.0.1", "--port", "{port}", "--env-file", "", *args]
+    with start_server_process(command, env=env, cwd=cwd or ROOT) as server:
+        yield server.url, server
+
+
+#: hypercorn's script beside this Python, on ``{port}`` (the app and options follow).
+HYPERCORN = [str(Path(sys.executable).parent / "hypercorn"), "--bind", "127.0.0.1:{port}"]
+APP_FROM_ENV = "layercode_asgi.server:app_from_env"
+NEEDS_HYPERCORN = pytest.mark.skipif(
+    shutil.which("hypercorn", path=str(Path(sys.executable).parent)) is None, reason="no hypercorn"
+)
 
 
 def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -117,6 +104,22 @@ def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     assert lines[0].startswith("error:"), lines
     assert "serving" not in result.stdout, result.stdout
     return lines[0]
+
+
+def _settings(**fields: Any) -> Any:
+    """``Settings`` with the test secret, read from ``fields`` only (no environment or .env)."""
+    from layercode_asgi import Settings
+
+    return Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None, **fields)
+
+
+def _serve_refused(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+    """``serve ARGS`` (with the test secret unless ``env``) fails to start: its one line."""
+    env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET) if env is None else env
+    port = str(free_port())
+    return _one_error_line(
+        run_cli("serve", "--env-file", "", "--port", port, *args, env=env, cwd=cwd)
+    )
 
 
 def _post(url: str, body: bytes, secret: str = SECRET, **kwargs: Any) -> httpx.Response:
@@ -267,13 +270,11 @@ def _session_end_during_turn(app: Any) -> list[str]:
 def test_13_3_session_end_during_turn_memory(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     from .agents_for_tests import history_agent
 
-    app = create_app(
-        Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None), agent=history_agent
-    )
+    app = create_app(_settings(), agent=history_agent)
     spoken = _session_end_during_turn(app)
     assert "saw=0" in spoken[0], spoken  # the slow turn did not write its messages back
     assert "saw=2" in spoken[1], spoken  # the same conversation_id records again
@@ -281,14 +282,12 @@ def test_13_3_session_end_during_turn_memory(
 
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")
 def test_13_3_session_end_during_turn_redis() -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     from .agents_for_tests import history_agent
 
     with running_redis() as redis:
-        settings = Settings(
-            layercode_webhook_secret=SECRET, redis_url=redis.url, environ={}, env_file=None
-        )
+        settings = _settings(redis_url=redis.url)
         spoken = _session_end_during_turn(create_app(settings, agent=history_agent))
     assert "saw=0" in spoken[0], spoken
     assert "saw=2" in spoken[1], spoken
@@ -302,47 +301,33 @@ def test_13_5_log_line_forgery_through_serve_cli() -> None:
             client.post(base + "/api/agent%0D%0A2099-01-01 CRITICAL root: FORGED2", content=b"{}")
             body = event_body("message", conversation_id="c\n2099-01-01 CRITICAL root: FORGED3")
             client.post(base + "/api/agent", content=body, headers=signed_headers(body))
-        process.terminate()
-        out, err = process.communicate(timeout=20)
-    for line in (out + err).splitlines():
+        process.stop()
+        out = process.output()
+    for line in out.splitlines():
         assert not line.startswith("2099-01-01"), line
         assert "\r" not in line
 
 
-@pytest.mark.skipif(
-    shutil.which("hypercorn", path=str(Path(sys.executable).parent)) is None, reason="no hypercorn"
-)
+@NEEDS_HYPERCORN
 @pytest.mark.parametrize("root_path", ["/ap", "/api/ag", "/api"])
 def test_13_6_root_path_not_at_boundary_hypercorn(root_path: str, tmp_path: Path) -> None:
-    port = free_port()
-    hypercorn = str(Path(sys.executable).parent / "hypercorn")
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET)
-    process = subprocess.Popen(
-        [hypercorn, "--bind", f"127.0.0.1:{port}", "--root-path", root_path,
-         "layercode_asgi.server:app_from_env()"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/health", process)
+    command = [*HYPERCORN, "--root-path", root_path, f"{APP_FROM_ENV}()"]
+    with start_server_process(command, env=env, cwd=tmp_path, ready_path=None) as server:
         body = event_body("message")
         for path in ("/api/agent", root_path + "/api/agent", "/api/agent/"):
-            reply = httpx.post(f"http://127.0.0.1:{port}{path}", content=body, timeout=10)
+            reply = httpx.post(server.url + path, content=body, timeout=10)
             assert reply.status_code in (307, 401, 404, 405), (path, reply.status_code, reply.text)
             assert "response.tts" not in reply.text
-    finally:
-        process.terminate()
-        process.wait(15)
 
 
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")
 def test_13_7_ready_and_503_reveal_no_store_details() -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     with running_redis() as redis:
         url = f"redis://default:Zq8Hk2pW9@127.0.0.1:{redis.port}/5"
-        settings = Settings(
-            layercode_webhook_secret=SECRET, redis_url=url, environ={}, env_file=None
-        )
+        settings = _settings(redis_url=url)
         app = create_app(settings, agent="echo")
         redis.stop()
         with serve(app) as base:
@@ -400,15 +385,12 @@ def _fake_upstream(kind: str) -> Any:
 
 @pytest.mark.parametrize("kind", ["big", "4xx", "drip"])
 def test_13_8_authorize_upstream_bounds(kind: str) -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     with serve(_fake_upstream(kind)) as upstream:
-        settings = Settings(
-            layercode_webhook_secret=SECRET,
+        settings = _settings(
             layercode_api_key="lc_key",
             layercode_api_url=upstream,
-            environ={},
-            env_file=None,
         )
         app = create_app(settings, agent="echo", authorize_timeout=1.0)
         with serve(app) as base:
@@ -427,11 +409,9 @@ def test_13_8_authorize_upstream_bounds(kind: str) -> None:
 
 
 def test_13_hardening_early_reject_without_body() -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
-    app = create_app(
-        Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None), agent="echo"
-    )
+    app = create_app(_settings(), agent="echo")
     with serve(app) as base:
         port = int(base.rsplit(":", 1)[1])
         for header in (
@@ -458,10 +438,10 @@ def test_13_hardening_early_reject_without_body() -> None:
 
 
 def test_13_hardening_413_closes_connection() -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     app = create_app(
-        Settings(layercode_webhook_secret=SECRET, max_body_size=1000, environ={}, env_file=None),
+        _settings(max_body_size=1000),
         agent="echo",
     )
     body = event_body("message", text="x" * 5000)
@@ -530,11 +510,7 @@ def test_14_1_and_4_serve_agent_import_errors(
     tmp_path: Path, module_text: str, attr: str, expect: str
 ) -> None:
     (tmp_path / "my_agent_mod.py").write_text(module_text)
-    result = run_cli(
-        "serve", "--agent", f"my_agent_mod:{attr}", "--env-file", "", "--port", str(free_port()),
-        env=_env(LAYERCODE_WEBHOOK_SECRET=SECRET), cwd=tmp_path,
-    )  # fmt: skip
-    line = _one_error_line(result)
+    line = _serve_refused("--agent", f"my_agent_mod:{attr}", cwd=tmp_path)
     assert expect in line, line
     assert "no agent named" not in line and "available:" not in line, line
 
@@ -599,12 +575,7 @@ def _node_error_stream_app(scope: Any) -> Any:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        data = b""
-        more = True
-        while more:
-            message = await receive()
-            data += message.get("body", b"")
-            more = message.get("more_body", False)
+        data = await read_body(receive)
         if msgspec.json.decode(data)["type"] not in ("message", "session.start"):
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"application/json")]})  # fmt: skip
@@ -690,7 +661,7 @@ def test_14_4_every_failure_to_start_one_line_exit_2(args: list[str]) -> None:
 )
 def test_15_7_bad_setting_one_line_exit_2(setting: tuple[str, str]) -> None:
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET, **{setting[0]: setting[1]})
-    line = _one_error_line(run_cli("serve", "--env-file", "", "--port", str(free_port()), env=env))
+    line = _serve_refused(env=env)
     assert setting[0] in line
     assert len(line) < 400, line
 
@@ -706,11 +677,7 @@ def test_15_7_bad_setting_one_line_exit_2(setting: tuple[str, str]) -> None:
 )
 def test_14_5_agent_that_cannot_work_refused_at_start(tmp_path: Path, body: str) -> None:
     (tmp_path / "bad_sig.py").write_text(body)
-    result = run_cli(
-        "serve", "--agent", "bad_sig:agent", "--env-file", "", "--port", str(free_port()),
-        env=_env(LAYERCODE_WEBHOOK_SECRET=SECRET), cwd=tmp_path,
-    )  # fmt: skip
-    line = _one_error_line(result)
+    line = _serve_refused("--agent", "bad_sig:agent", cwd=tmp_path)
     assert "agent" in line
 
 
@@ -774,11 +741,11 @@ def test_14_6_readme_node_style_non_turn_events(kind: str) -> None:
 
 
 def test_14_7_data_event_without_data_field() -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     seen: list[Any] = []
     app = create_app(
-        Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None),
+        _settings(),
         agent="echo",
         on_data=lambda event: seen.append(event.data) or {"ok": True},
     )
@@ -816,7 +783,6 @@ def test_14_8_no_raw_unicode_line_breaks_create_app_and_node_style() -> None:
 
     from layercode_asgi import (
         LayercodeSignature,
-        Settings,
         create_app,
         parse_webhook_payload,
         stream_response,
@@ -838,9 +804,7 @@ def test_14_8_no_raw_unicode_line_breaks_create_app_and_node_style() -> None:
 
     node = Starlette(routes=[Route("/api/agent", route, methods=["POST"])])
     node.add_middleware(LayercodeSignature, secret=SECRET, paths=["/api/agent"])
-    ours = create_app(
-        Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None), agent=agent
-    )
+    ours = create_app(_settings(), agent=agent)
     for app in (ours, node):
         with serve(app) as base:
             reply = _post(base + "/api/agent", event_body("message", text=LINE_BREAKS))
@@ -864,16 +828,13 @@ def test_14_8_format_sse_message_escapes_json() -> None:
 def test_14_8_timeout_message_and_error_paths(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     from .agents_for_tests import scripted_agent
 
-    settings = Settings(
-        layercode_webhook_secret=SECRET,
+    settings = _settings(
         turn_timeout=0.5,
         turn_timeout_message=LINE_BREAKS,
-        environ={},
-        env_file=None,
     )
     app = create_app(settings, agent=scripted_agent)
     with serve(app) as base:
@@ -884,11 +845,11 @@ def test_14_8_timeout_message_and_error_paths(
 
 
 def test_14_9_ready_reports_no_model_for_custom_agent() -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     from .agents_for_tests import history_agent
 
-    settings = Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None)
+    settings = _settings()
     for agent in (history_agent, "echo"):
         with serve(create_app(settings, agent=agent)) as base:
             body = httpx.get(base + "/ready", timeout=10).json()
@@ -914,10 +875,10 @@ PASSWORDS = ["Zq8/Hk2+pW9", "ab#cd?ef", "p@ss/word", "x?y=z#w"]
 
 def _settings_text(**values: Any) -> str:
     """``repr`` and ``as_dict`` of the settings, or the error refusing them."""
-    from layercode_asgi import ConfigurationError, Settings
+    from layercode_asgi import ConfigurationError
 
     try:
-        settings = Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None, **values)
+        settings = _settings(**values)
     except ConfigurationError as exc:
         return f"refused: {exc}"
     return repr(settings) + str(settings.as_dict())
@@ -959,10 +920,10 @@ def test_15_1_redis_password_not_in_logs_when_store_fails(tmp_path: Path) -> Non
     with served_cli(env=env) as (base, process):
         ready = httpx.get(base + "/ready", timeout=30)
         _post(base + "/api/agent", event_body("message"))
-        process.terminate()
-        out, err = process.communicate(timeout=20)
+        process.stop()
+        out = process.output()
     assert ready.status_code == 503
-    assert password not in out + err + ready.text
+    assert password not in out + ready.text
 
 
 @pytest.mark.parametrize(
@@ -1011,10 +972,7 @@ def _hostile_backend(kind: str) -> Any:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        more = True
-        while more:
-            message = await receive()
-            more = message.get("more_body", False)
+        await read_body(receive)
         if kind == "escapes":
             tts = "\x1b[2J\x1b]52;c;ZXZpbA==\x07\rOK fake\n\u009b31m"
             body = (
@@ -1102,20 +1060,7 @@ def test_15_5_rotation_form_for_simulate_and_sign() -> None:
 )
 def test_15_6_sign_curl_sends_exact_bytes(body: str, tmp_path: Path) -> None:
     received: list[bytes] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        data = b""
-        more = True
-        while more:
-            message = await receive()
-            data += message.get("body", b"")
-            more = message.get("more_body", False)
-        received.append(data)
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
+    app = recording_app(received)
     with serve(app) as base:
         printed = run_cli("sign", "--secret", SECRET, "--body", body, "--curl", base + "/x")
         assert printed.returncode == 0, printed.stderr
@@ -1128,11 +1073,7 @@ def test_15_6_sign_curl_sends_exact_bytes(body: str, tmp_path: Path) -> None:
     "agent", [":x", "..pkg:x", "pkg:", ":", "a b:c", "pkg:x.y..z", "\x1b[2J:x"]
 )
 def test_15_7_malformed_agent_paths(agent: str) -> None:
-    result = run_cli(
-        "serve", "--agent", agent, "--env-file", "", "--port", str(free_port()),
-        env=_env(LAYERCODE_WEBHOOK_SECRET=SECRET),
-    )  # fmt: skip
-    line = _one_error_line(result)
+    line = _serve_refused("--agent", agent)
     assert "\x1b" not in line
 
 
@@ -1141,15 +1082,12 @@ def test_15_7_malformed_agent_paths(agent: str) -> None:
 def test_15_8_redis_error_reply_in_replay_cache_is_503(failure: str) -> None:
     import redis as redis_lib
 
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     with running_redis() as server:
-        settings = Settings(
-            layercode_webhook_secret=SECRET,
+        settings = _settings(
             redis_url=server.url,
             replay_protection=True,
-            environ={},
-            env_file=None,
         )
         app = create_app(settings, agent="echo")
         client = redis_lib.Redis.from_url(server.url)
@@ -1177,12 +1115,10 @@ def test_15_8_redis_error_reply_in_replay_cache_is_503(failure: str) -> None:
 def test_15_8_redis_error_reply_in_history_store_is_503() -> None:
     import redis as redis_lib
 
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     with running_redis() as server:
-        settings = Settings(
-            layercode_webhook_secret=SECRET, redis_url=server.url, environ={}, env_file=None
-        )
+        settings = _settings(redis_url=server.url)
         app = create_app(settings, agent="echo")
         client = redis_lib.Redis.from_url(server.url)
         try:
@@ -1246,20 +1182,16 @@ def test_17_list_agents_has_starter() -> None:
 
 
 def test_17_1_starter_without_key_refuses_one_line() -> None:
-    result = run_cli(
-        "serve", "--agent", "starter", "--env-file", "", "--port", str(free_port()),
-        env=_env(LAYERCODE_WEBHOOK_SECRET=SECRET),
-    )  # fmt: skip
-    line = _one_error_line(result)
+    line = _serve_refused("--agent", "starter")
     assert "OPENAI_API_KEY" in line
 
 
 def test_17_1_starter_google_without_key_refuses() -> None:
-    result = run_cli(
-        "serve", "--agent", "starter", "--env-file", "", "--port", str(free_port()),
+    line = _serve_refused(
+        "--agent",
+        "starter",
         env=_env(LAYERCODE_WEBHOOK_SECRET=SECRET, DEFAULT_MODEL="google-gla:gemini-2.5-flash"),
-    )  # fmt: skip
-    line = _one_error_line(result)
+    )
     assert "GOOGLE_GENERATIVEAI_API_KEY" in line
 
 
@@ -1270,10 +1202,7 @@ def test_17_1_starter_without_package_refuses(tmp_path: Path) -> None:
     )
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET, OPENAI_API_KEY="sk-test")
     env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{ROOT}"
-    result = run_cli(
-        "serve", "--agent", "starter", "--env-file", "", "--port", str(free_port()), env=env
-    )
-    line = _one_error_line(result)
+    line = _serve_refused("--agent", "starter", env=env)
     assert "pydantic" in line.lower()
 
 
@@ -1379,27 +1308,27 @@ def test_13_hardening_shutdown_grace_ends_stream_properly(tmp_path: Path) -> Non
         thread = threading.Thread(target=hanging)
         thread.start()
         time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
+        proc.process.send_signal(signal.SIGTERM)
         thread.join(30)
-        proc.wait(20)
+        proc.process.wait(20)
     reply = result["reply"]
     assert reply.status_code == 200
     types = [e["type"] for e in _sse_events(reply.text)]
     assert types[-2:] == ["response.error", "response.end"], reply.text
-    assert proc.returncode == 0
+    assert proc.process.returncode == 0
 
 
 def test_15_3_in_process_endless_agent_is_a_violation_not_memory_error() -> None:
     import anyio
 
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
     from layercode_asgi.testing import LayercodeTestClient, ProtocolViolation
 
     async def endless(event: Any) -> AsyncIterator[str]:
         while True:
             yield "x" * 1000
 
-    app = create_app(Settings(layercode_webhook_secret=SECRET, environ={}, env_file=None), endless)
+    app = create_app(_settings(), endless)
 
     async def run() -> ProtocolViolation:
         client = LayercodeTestClient(app, secret=SECRET, timeout=5)
@@ -1453,9 +1382,9 @@ def test_14_5_agent_exception_text_cannot_forge_log_lines(tmp_path: Path) -> Non
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET)
     with served_cli("--agent", "forger:agent", env=env, cwd=tmp_path) as (base, process):
         _post(base + "/api/agent", event_body("message"))
-        process.terminate()
-        out, err = process.communicate(timeout=20)
-    for line in (out + err).splitlines():
+        process.stop()
+        out = process.output()
+    for line in out.splitlines():
         assert not line.startswith("2099-01-01"), line
         assert "\x1b" not in line, line
 
@@ -1480,15 +1409,12 @@ def test_13_1_empty_memory_cache_given_to_middleware_is_on() -> None:
 
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")
 def test_15_8_replay_cache_redis_down_is_503() -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     with running_redis() as redis:
-        settings = Settings(
-            layercode_webhook_secret=SECRET,
+        settings = _settings(
             redis_url=redis.url,
             replay_protection=True,
-            environ={},
-            env_file=None,
         )
         app = create_app(settings, agent="echo")
         redis.stop()
@@ -1572,14 +1498,14 @@ def test_14_5_non_reply_logged_once_with_what_was_expected(tmp_path: Path) -> No
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET)
     with served_cli("--agent", "more_forms:returns_int", env=env, cwd=tmp_path) as (base, proc):
         replies = [_post(base + "/api/agent", event_body("message")) for _ in range(3)]
-        proc.terminate()
-        out, err = proc.communicate(timeout=20)
+        proc.stop()
+        out = proc.output()
     for reply in replies:
         types = [e["type"] for e in _sse_events(reply.text)]
         assert types[-2:] == ["response.error", "response.end"], reply.text
     # what it returned and what was expected, once per turn (not once per item or retry)
-    lines = [line for line in (out + err).splitlines() if "ERROR" in line and "int 42" in line]
-    assert len(lines) == 3, out + err
+    lines = [line for line in out.splitlines() if "ERROR" in line and "int 42" in line]
+    assert len(lines) == 3, out
     assert all("expected" in line for line in lines)
 
 
@@ -1589,47 +1515,27 @@ async def agent(event):
 """
 
 
-@pytest.mark.skipif(
-    shutil.which("hypercorn", path=str(Path(sys.executable).parent)) is None, reason="no hypercorn"
-)
+@NEEDS_HYPERCORN
 def test_14_8_create_app_under_hypercorn_escapes_line_breaks(tmp_path: Path) -> None:
     (tmp_path / "lb_agent.py").write_text(LINE_BREAK_AGENT)
-    port = free_port()
-    hypercorn = str(Path(sys.executable).parent / "hypercorn")
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET, LAYERCODE_AGENT="lb_agent:agent")
     env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{ROOT}"
-    process = subprocess.Popen(
-        [hypercorn, "--bind", f"127.0.0.1:{port}", "layercode_asgi.server:app_from_env()"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/health", process)
-        reply = _post(f"http://127.0.0.1:{port}/api/agent", event_body("message"))
-    finally:
-        process.terminate()
-        process.wait(15)
+    with start_server_process([*HYPERCORN, f"{APP_FROM_ENV}()"], env=env, cwd=tmp_path) as server:
+        reply = _post(server.url + "/api/agent", event_body("message"))
     for char in "\u2028\u2029\u0085":
         assert char not in reply.text
     assert any(e.get("content") == LINE_BREAKS for e in _sse_events(reply.text)), reply.text
 
 
 def test_13_6_uvicorn_root_path_not_at_boundary(tmp_path: Path) -> None:
-    port = free_port()
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "layercode_asgi.server:app_from_env",
-         "--host", "127.0.0.1", "--port", str(port), "--root-path", "/ap"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/health", process)
+    command = [PYTHON, "-m", "uvicorn", "--factory", APP_FROM_ENV, "--host", "127.0.0.1",
+               "--port", "{port}", "--root-path", "/ap"]  # fmt: skip
+    with start_server_process(command, env=env, cwd=tmp_path, ready_path=None) as server:
         for path in ("/api/agent", "/ap/api/agent", "/ap/agent"):
-            reply = httpx.post(f"http://127.0.0.1:{port}{path}", content=event_body(), timeout=10)
+            reply = httpx.post(server.url + path, content=event_body(), timeout=10)
             assert reply.status_code in (307, 401, 404, 405), (path, reply.status_code)
             assert "response.tts" not in reply.text
-    finally:
-        process.terminate()
-        process.wait(15)
 
 
 @pytest.mark.parametrize("kind", ["escapes-in-type", "escapes-in-error"])
@@ -1637,9 +1543,7 @@ def test_15_4_escapes_in_event_fields(kind: str) -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        more = True
-        while more:
-            more = (await receive()).get("more_body", False)
+        await read_body(receive)
         event = (
             {"type": "\x1b[2J\x1b]52;c;ZXZpbA==\x07", "turn_id": "t"}
             if kind == "escapes-in-type"
@@ -1663,20 +1567,7 @@ def test_15_4_escapes_in_event_fields(kind: str) -> None:
 @pytest.mark.skipif(shutil.which("curl") is None, reason="no curl")
 def test_15_6_sign_curl_file_and_multiline(tmp_path: Path) -> None:
     received: list[bytes] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        data = b""
-        more = True
-        while more:
-            message = await receive()
-            data += message.get("body", b"")
-            more = message.get("more_body", False)
-        received.append(data)
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
+    app = recording_app(received)
     weird = tmp_path / "@body with space.json"
     weird.write_bytes(b"line1\nline2\r\n\xff")
     with serve(app) as base:
@@ -1841,10 +1732,10 @@ def test_17_4_starter_client_disconnect_cancels_model_request() -> None:
 
 
 def test_readme_security_chunked_413_and_long_conversation_id() -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     app = create_app(
-        Settings(layercode_webhook_secret=SECRET, max_body_size=1000, environ={}, env_file=None),
+        _settings(max_body_size=1000),
         agent="echo",
     )
     big = event_body("message", text="x" * 5000)
@@ -1915,28 +1806,17 @@ def test_13_1_explicit_empty_stores_are_used() -> None:
 def test_15_5_dev_banner_command_works_with_the_secret_in_dotenv(tmp_path: Path) -> None:
     """The documented set-up: the (rotation-form) secret in ./.env, not in the shell."""
     (tmp_path / ".env").write_text("LAYERCODE_WEBHOOK_SECRET=whsec_new,whsec_old\n")
-    port = free_port()
     env = _env()
-    process = subprocess.Popen(
-        [CLI, "serve", "--dev", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        command = ""
-        for _ in range(40):
-            line = process.stdout.readline()
-            if "layercode-asgi simulate" in line:
-                command = line.strip()
-                break
-        assert command, "no simulate command in the banner"
+    serve = [CLI, "serve", "--dev", "--host", "127.0.0.1", "--port", "{port}"]
+    with start_server_process(
+        serve, env=env, cwd=tmp_path, ready_text="layercode-asgi simulate"
+    ) as server:
+        banner = server.output().splitlines()
+        command = next(line.strip() for line in banner if "layercode-asgi simulate" in line)
         result = subprocess.run(
             ["bash", "-c", command.replace("layercode-asgi", shlex.quote(CLI), 1)],
             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=TIMEOUT, check=False,
         )  # fmt: skip
-    finally:
-        process.terminate()
-        process.wait(15)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -1944,9 +1824,7 @@ def test_15_4_escapes_in_reply_headers_and_status_body() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        more = True
-        while more:
-            more = (await receive()).get("more_body", False)
+        await read_body(receive)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/\x9b2Jhtml\xc2\x9d")]})  # fmt: skip
         await send({"type": "http.response.body", "body": b"<html>\x1b]52;c;ZXZpbA==\x07</html>"})
@@ -1973,7 +1851,7 @@ def test_15_4_escapes_in_reply_headers_and_status_body() -> None:
 def test_13_7_authorize_relays_only_a_bounded_error_message(
     upstream_body: Any, expected: str
 ) -> None:
-    from layercode_asgi import Settings, create_app
+    from layercode_asgi import create_app
 
     raw = (
         upstream_body.encode()
@@ -1989,12 +1867,9 @@ def test_13_7_authorize_relays_only_a_bounded_error_message(
         await send({"type": "http.response.body", "body": raw})
 
     with serve(upstream) as upstream_url:
-        settings = Settings(
-            layercode_webhook_secret=SECRET,
+        settings = _settings(
             layercode_api_key="lc_key",
             layercode_api_url=upstream_url,
-            environ={},
-            env_file=None,
         )
         with serve(create_app(settings, agent="echo")) as base:
             reply = httpx.post(base + "/api/authorize", json={"agent_id": "a"}, timeout=30)
@@ -2034,33 +1909,24 @@ def test_14_6_readme_node_style_unknown_or_malformed_event_not_500(body: bytes) 
         assert reply.status_code == 400 and reply.json()["path"], reply.text
 
 
-@pytest.mark.skipif(
-    shutil.which("hypercorn", path=str(Path(sys.executable).parent)) is None, reason="no hypercorn"
-)
+@NEEDS_HYPERCORN
 def test_13_hardening_early_reject_under_hypercorn(tmp_path: Path) -> None:
-    port = free_port()
-    hypercorn = str(Path(sys.executable).parent / "hypercorn")
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET)
-    process = subprocess.Popen(
-        [hypercorn, "--bind", f"127.0.0.1:{port}", "layercode_asgi.server:app_from_env()"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/health", process)
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(
-                b"POST /api/agent HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                b"content-length: 100000\r\n\r\n"
-            )
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = sock.recv(4096)  # no byte of the body was sent
-                if not chunk:
-                    break
-                data += chunk
-    finally:
-        process.terminate()
-        process.wait(15)
+    command = [*HYPERCORN, f"{APP_FROM_ENV}()"]
+    with (
+        start_server_process(command, env=env, cwd=tmp_path) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock,
+    ):
+        sock.sendall(
+            b"POST /api/agent HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: 100000\r\n\r\n"
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)  # no byte of the body was sent
+            if not chunk:
+                break
+            data += chunk
     head = data.split(b"\r\n\r\n")[0].lower()
     assert head.startswith(b"http/1.1 401"), data
     assert b"connection: close" in head, data
@@ -2076,7 +1942,4 @@ def test_13_hardening_early_reject_under_hypercorn(tmp_path: Path) -> None:
 )
 def test_17_1_starter_bad_prompt_or_model_settings_one_line(extra: dict[str, str]) -> None:
     env = _env(LAYERCODE_WEBHOOK_SECRET=SECRET, OPENAI_API_KEY="sk-test", **extra)
-    result = run_cli(
-        "serve", "--agent", "starter", "--env-file", "", "--port", str(free_port()), env=env
-    )
-    _one_error_line(result)
+    _serve_refused("--agent", "starter", env=env)

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import io
 import os
-import queue
 import re
 import shlex
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
 import msgspec
 import pytest
 
@@ -24,10 +20,9 @@ from layercode_asgi import verify_signature
 from layercode_asgi.cli import main
 from layercode_asgi.testing import VIOLATIONS, LayercodeTestClient
 
-from .conftest import SECRET, serve
-from .test_servers import free_port
+from .asgi_stub import read_body
+from .conftest import PYTHON, SECRET, ServerProcess, serve, start_server_process
 
-PYTHON = sys.executable
 SCRIPT = Path(sys.executable).parent / "layercode-asgi"
 
 
@@ -123,69 +118,36 @@ def test_serve_configuration_errors_exit_2_without_traceback(
 
 
 @contextmanager
-def cli_server(command: list[str], cwd: Path) -> Iterator[tuple[str, str]]:
-    """Run a `serve --dev` command; yield (the secret it printed, its stdout so far)."""
+def cli_server(command: list[str], cwd: Path) -> Iterator[tuple[ServerProcess, str]]:
+    """Run a `serve --dev` command until it printed its banner and answers; yield the
+    server and the secret it printed. Its output is in ``cwd / "server.log"``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "LOG_LEVEL"))}
-    log = cwd / "server.err"
-    with log.open("wb") as errors:
-        process = subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=errors, text=True
-        )
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def pump() -> None:
-            assert process.stdout is not None
-            for line in process.stdout:
-                lines.put(line)
-            lines.put(None)
-
-        threading.Thread(target=pump, daemon=True).start()
-        try:
-            seen = line = ""
-            secret = None
-            deadline = time.monotonic() + 30
-            while secret is None or not line.startswith("====="):  # the banner's last line
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-                if line is None:
-                    raise AssertionError(f"serve exited:\n{seen}\n{log.read_text()}")
-                seen += line
-                match = re.search(r"LAYERCODE_WEBHOOK_SECRET=(\S+)", line)
-                secret = match.group(1) if match else secret
-            yield secret, seen
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+    with start_server_process(
+        command, env=env, cwd=cwd, log=cwd / "server.log", ready_text="simulate --url"
+    ) as server:
+        match = re.search(r"LAYERCODE_WEBHOOK_SECRET=(\S+)", server.output())
+        assert match, server.output()
+        yield server, match.group(1)
 
 
 async def talk(port: int, secret: str, text: str) -> str:
-    """Wait until the server answers, then hold one turn; return what it said."""
+    """Hold one turn; return what the server said."""
     client = LayercodeTestClient(base_url=f"http://127.0.0.1:{port}", secret=secret, timeout=10)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return (await client.message(text)).text
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await anyio.sleep(0.05)
+    return (await client.message(text)).text
 
 
 @pytest.mark.anyio
 async def test_serve_dev_generates_and_prints_a_secret(tmp_path: Path) -> None:
-    port = free_port()
-    command = [PYTHON, "-m", "layercode_asgi", "serve", "--dev", "--port", str(port), "-v"]
-    with cli_server(command, tmp_path) as (secret, banner):
+    command = [PYTHON, "-m", "layercode_asgi", "serve", "--dev", "--port", "{port}", "-v"]
+    with cli_server(command, tmp_path) as (server, secret):
+        port, banner = server.port, server.output()
         assert len(secret) >= 24
         assert f"simulate --url http://127.0.0.1:{port}/api/agent --secret {secret}" in banner
         assert await talk(port, secret, "hi there") == "You said: hi there"
         # The printed secret really is the only one accepted.
         wrong = LayercodeTestClient(base_url=f"http://127.0.0.1:{port}", secret="guess")
         assert (await wrong.post({"type": "message"})).status_code == 401
-    log = (tmp_path / "server.err").read_text()
+    log = (tmp_path / "server.log").read_text()
     assert "webhook type=message" in log  # -v: the per-webhook log line
 
 
@@ -194,12 +156,11 @@ async def test_serve_workers_with_an_agent_from_the_working_directory(tmp_path: 
     (tmp_path / "my_agent.py").write_text(
         "async def agent(event):\n    yield f'mine: {event.text}'\n"
     )
-    port = free_port()
-    command = [str(SCRIPT), "serve", "--dev", "--workers", "2", "--port", str(port),
+    command = [str(SCRIPT), "serve", "--dev", "--workers", "2", "--port", "{port}",
                "--agent", "my_agent:agent"]  # fmt: skip
-    with cli_server(command, tmp_path) as (secret, banner):
-        assert "serving agent 'my_agent:agent'" in banner
-        assert await talk(port, secret, "hello") == "mine: hello"
+    with cli_server(command, tmp_path) as (server, secret):
+        assert "serving agent 'my_agent:agent'" in server.output()
+        assert await talk(server.port, secret, "hello") == "mine: hello"
 
 
 # -- demo -------------------------------------------------------------------------------------------
@@ -285,12 +246,7 @@ def recording_backend(requests: list[dict[str, Any]]) -> Any:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         event = msgspec.json.decode(body)
         requests.append({"headers": headers, "body": body, "event": event})

@@ -22,6 +22,7 @@ from layercode_asgi.cli import main
 from layercode_asgi.errors import ConfigurationError
 from layercode_asgi.testing import LayercodeTestClient
 
+from .asgi_stub import read_body
 from .conftest import SECRET, serve
 
 PYTHON = sys.executable
@@ -261,12 +262,7 @@ def raw_backend(stream: list[bytes], *, status: int = 200, body: bytes = b"") ->
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        request = b""
-        while True:
-            message = await receive()
-            request += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        request = await read_body(receive)
         event = msgspec.json.decode(request)
         if status != 200:
             headers = [(b"content-type", b"text/plain")]
@@ -383,12 +379,7 @@ def recording_app(bodies: list[tuple[bytes, str]]) -> Any:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = dict(scope["headers"])
         bodies.append((body, headers.get(b"layercode-signature", b"").decode()))
         await send({"type": "http.response.start", "status": 200, "headers": []})

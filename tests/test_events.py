@@ -333,7 +333,8 @@ def test_unknown_fields_of_transcript_items_are_kept_in_extra(type_name: str) ->
     assert payload.transcript[1].extra is None  # type: ignore[union-attr, index]
     # the rest of the event is decoded as usual
     assert payload == msgspec.structs.replace(
-        parse_all_ways(base), transcript=payload.transcript  # type: ignore[union-attr]
+        parse_all_ways(base),
+        transcript=payload.transcript,  # type: ignore[union-attr]
     )
     # encoding keeps them (under "extra") and decodes back to an equal event
     encoded = msgspec.json.encode(payload)

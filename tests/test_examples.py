@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,9 +17,8 @@ import pytest
 from layercode_asgi.cli import main
 from layercode_asgi.testing import LayercodeTestClient
 
-from .conftest import SECRET, serve
+from .conftest import SECRET, serve, start_server_process
 from .fake_openai import Script, fake_openai
-from .test_servers import free_port
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLES = ["starlette_app", "fastapi_app", "litestar_app", "raw_asgi"]
@@ -88,51 +84,25 @@ def test_example_refuses_to_start_without_a_secret(
         load_example(name, monkeypatch)
 
 
-def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"example exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"example did not listen within 30 s:\n{log.read_text()}")
-
-
 @pytest.fixture
 def running_examples(tmp_path: Path) -> Iterator[dict[str, int]]:
     """Each example started as a script (`python examples/x.py`), all at once."""
-    ports: dict[str, int] = {}
     with ExitStack() as stack:
-        started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-        for name in EXAMPLES:
-            port = ports[name] = free_port()
-            log = tmp_path / f"{name}.log"
-            output = stack.enter_context(log.open("wb"))
-            env = {**os.environ, "LAYERCODE_WEBHOOK_SECRET": SECRET, "PORT": str(port)}
-            process = subprocess.Popen(
-                [sys.executable, str(EXAMPLES_DIR / f"{name}.py")],
-                cwd=tmp_path,
-                env=env,
-                stdout=output,
-                stderr=output,
+        started = [
+            stack.enter_context(
+                start_server_process(
+                    [sys.executable, str(EXAMPLES_DIR / f"{name}.py")],
+                    env={**os.environ, "LAYERCODE_WEBHOOK_SECRET": SECRET, "PORT": "{port}"},
+                    cwd=tmp_path,
+                    log=tmp_path / f"{name}.log",
+                    wait=False,
+                )
             )
-            stack.callback(stop, process)
-            started.append((name, process, log))
-        for name, process, log in started:
-            wait_for_port(ports[name], process, log)
-        yield ports
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(10)
+            for name in EXAMPLES
+        ]
+        for server in started:
+            server.wait_ready(ready_path=None)
+        yield {name: server.port for name, server in zip(EXAMPLES, started, strict=True)}
 
 
 def test_examples_run_as_scripts(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-INNER_TESTS = '''
+INNER_TESTS = """
 import logging
 
 import pytest
@@ -52,7 +52,7 @@ def test_a_library_record_after_the_litestar_test_ended() -> None:
         listener = getattr(handler, "listener", None)
         if listener is not None:
             listener.stop()
-'''
+"""
 
 
 def test_no_logging_error_after_a_capturing_test_configured_uvicorn(tmp_path: Path) -> None:

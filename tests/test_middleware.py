@@ -27,7 +27,7 @@ from starlette.websockets import WebSocket
 
 from layercode_asgi import ConfigurationError, LayercodeSignature, sign
 
-from .asgi_stub import ASGIStub
+from .asgi_stub import ASGIStub, read_body
 from .conftest import SECRET, serve, signed_headers
 
 BODY = b'{"type":"message","session_id":"s","conversation_id":"c","turn_id":"t","text":"hi"}'
@@ -98,12 +98,7 @@ def raw_asgi_app(calls: Calls, **options: Any) -> Any:
             payload = msgspec.json.encode({"open": True})
         else:
             calls.count += 1
-            raw = b""
-            while True:
-                message = await receive()
-                raw += message.get("body", b"")
-                if not message.get("more_body"):
-                    break
+            raw = await read_body(receive)
             payload = msgspec.json.encode({"raw": raw.decode(), "json": msgspec.json.decode(raw)})
         await send(
             {
@@ -223,12 +218,7 @@ class Recorder:
         self.receive, self.send = receive, send
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         self.bodies.append(body)
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})

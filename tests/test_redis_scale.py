@@ -19,7 +19,7 @@ from layercode_asgi import ConversationManager, RedisConversationStore, Settings
 from layercode_asgi.testing import LayercodeTestClient
 
 from . import redis_fixtures
-from .conftest import SECRET, serve, signed_headers
+from .conftest import SECRET, serve, signed_headers, start_server_process
 from .conftest import event_body as event
 from .redis_fixtures import RedisServer, uvicorn_workers, worker_agent
 
@@ -318,32 +318,18 @@ async def test_serve_workers_drain_on_sigterm_and_read_only_the_chosen_env_file(
     """``serve --workers 2 --env-file chosen.env`` in a directory whose ``.env`` is invalid:
     the workers read only chosen.env; start-up warns that, without REDIS_URL, state is per
     process; on SIGTERM a running turn finishes while a new webhook gets 503, then exit 0."""
-    from .conftest import free_port
-
     (tmp_path / ".env").write_text("LAYERCODE_TURN_TIMEOUT=not-a-number\n")
     (tmp_path / "chosen.env").write_text(f"LAYERCODE_WEBHOOK_SECRET={SECRET}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "REDIS_"))}
     env["PYTHONPATH"] = ROOT
-    port = free_port()
     command = [sys.executable, "-m", "layercode_asgi", "serve", "--workers", "2",
-               "--port", str(port), "--env-file", "chosen.env",
+               "--port", "{port}", "--env-file", "chosen.env",
                "--agent", "tests.redis_fixtures:worker_agent"]  # fmt: skip
-    errors = (tmp_path / "serve.err").open("wb")
-    process = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=errors
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with start_server_process(
+        command, env=env, cwd=tmp_path, log=tmp_path / "serve.log", ready_path="/ready", timeout=60
+    ) as server:
         with anyio.fail_after(60):
-            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-                while True:
-                    try:
-                        if (await client.get("/ready")).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    assert process.poll() is None, (tmp_path / "serve.err").read_text()
-                    await anyio.sleep(0.1)
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
                 body = event("message", conversation_id="drain", text="sleep:2 draining")
                 async with client.stream(
                     "POST", "/api/agent", content=body, headers=signed_headers(body)
@@ -353,9 +339,9 @@ async def test_serve_workers_drain_on_sigterm_and_read_only_the_chosen_env_file(
                     async for line in lines:
                         if "pid=" in line:
                             break
-                    process.send_signal(signal.SIGTERM)
+                    server.process.send_signal(signal.SIGTERM)
                     await anyio.sleep(0.5)  # the signal reached the workers
-                    async with httpx.AsyncClient(base_url=url, timeout=30) as other:
+                    async with httpx.AsyncClient(base_url=server.url, timeout=30) as other:
                         late = event("message", conversation_id="late", text="late")
                         refused = await other.post(
                             "/api/agent", content=late, headers=signed_headers(late)
@@ -364,13 +350,8 @@ async def test_serve_workers_drain_on_sigterm_and_read_only_the_chosen_env_file(
                 assert refused.status_code == 503
                 assert " done" in rest
                 assert "response.end" in rest
-            status = await anyio.to_thread.run_sync(process.wait, 30)
+            status = await anyio.to_thread.run_sync(server.process.wait, 30)
         assert status == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        errors.close()
-    log = (tmp_path / "serve.err").read_text()
+    log = (tmp_path / "serve.log").read_text()
     assert "without REDIS_URL" in log
     assert "not-a-number" not in log

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +25,15 @@ from layercode_asgi import (
 )
 
 from .agents_for_tests import scripted_agent
-from .conftest import SECRET, event_body, serve, signed_headers, start_server_process
+from .conftest import (
+    PYTHON,
+    SECRET,
+    ServerProcess,
+    event_body,
+    serve,
+    signed_headers,
+    start_server_process,
+)
 from .redis_fixtures import running_redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,17 +174,16 @@ def test_paused_redis_answers_503_quickly() -> None:
 # -- graceful shutdown: SIGTERM drains open turns --------------------------------------------------
 
 
-def _start(grace: float, slow_seconds: float) -> tuple[subprocess.Popen[bytes], str]:
-    server = start_server_process(
-        ["-m", "tests.serve_for_tests", "{port}", str(grace)],
-        env={"SLOW_AGENT_SECONDS": str(slow_seconds)},
+def _start(grace: float, slow_seconds: float) -> ServerProcess:
+    return start_server_process(
+        [PYTHON, "-m", "tests.serve_for_tests", "{port}", str(grace)],
+        env={**os.environ, "SLOW_AGENT_SECONDS": str(slow_seconds)},
     )
-    return server.process, server.url
 
 
 def test_sigterm_lets_open_turns_finish_and_refuses_new_ones() -> None:
-    process, url = _start(grace=10, slow_seconds=2)
-    try:
+    with _start(grace=10, slow_seconds=2) as server:
+        process, url = server.process, server.url
         results: dict[str, Any] = {}
         first = threading.Event()
 
@@ -208,15 +215,12 @@ def test_sigterm_lets_open_turns_finish_and_refuses_new_ones() -> None:
         thread.join(15)
         assert [e.get("content") for e in results["events"]] == ["start", " done", None]
         assert results["events"][-1]["type"] == "response.end"
-        assert process.wait(15) == 0, process.stdout.read().decode() if process.stdout else ""
-    finally:
-        if process.poll() is None:
-            process.kill()
+        assert process.wait(15) == 0, server.output()
 
 
 def test_grace_period_bounds_the_wait() -> None:
-    process, url = _start(grace=1, slow_seconds=60)
-    try:
+    with _start(grace=1, slow_seconds=60) as server:
+        process, url = server.process, server.url
         started = threading.Event()
 
         def stuck_turn() -> None:
@@ -240,6 +244,3 @@ def test_grace_period_bounds_the_wait() -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0
         assert time.monotonic() - t0 < 1 + 5 + 3  # grace + uvicorn's own 5 s + slack
-    finally:
-        if process.poll() is None:
-            process.kill()

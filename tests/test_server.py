@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +32,15 @@ from layercode_asgi import (
     create_app,
 )
 
-from .conftest import SECRET, event_body, free_port, serve, signed_headers
+from .conftest import (
+    PYTHON,
+    SECRET,
+    ServerProcess,
+    event_body,
+    serve,
+    signed_headers,
+    start_server_process,
+)
 from .redis_fixtures import RedisServer, redis_server  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -421,53 +426,13 @@ def test_ready_is_503_when_redis_is_down(redis_server: RedisServer) -> None:  # 
         assert sse_events(client, event_body())[-1]["type"] == "response.end"
 
 
-class Worker:
-    """``uvicorn --factory layercode_asgi.server:app_from_env`` as its own process."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "layercode_asgi.server:app_from_env",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    self.process.stdout.read().decode() if self.process.stdout else ""
-                )
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("worker did not become ready")
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+def worker(env: dict[str, str]) -> ServerProcess:
+    """``uvicorn --factory layercode_asgi.server:app_from_env`` as its own process, once /ready."""
+    return start_server_process(
+        [PYTHON, "-m", "uvicorn", "--factory", "layercode_asgi.server:app_from_env",
+         "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning"],
+        env=env, ready_path="/ready", timeout=20,
+    )  # fmt: skip
 
 
 def test_two_workers_share_history_and_the_lock(redis_server: RedisServer) -> None:  # noqa: F811
@@ -478,10 +443,8 @@ def test_two_workers_share_history_and_the_lock(redis_server: RedisServer) -> No
         "REDIS_URL": redis_server.url,
         "LAYERCODE_AGENT": "tests.agents_for_tests:history_agent",
     }
-    workers = [Worker(env), Worker(env)]
-    try:
-        for worker in workers:
-            worker.wait_ready()
+    with worker(env) as first, worker(env) as second:
+        workers = [first, second]
         clients = [httpx.Client(base_url=w.url, timeout=20) for w in workers]
         pids = set()
         for i in range(8):  # turns alternate between the two processes
@@ -520,6 +483,3 @@ def test_two_workers_share_history_and_the_lock(redis_server: RedisServer) -> No
         assert [m.turn_id for m in history[::2]] == [f"t{i}" for i in range(10)]
         for client in clients:
             client.close()
-    finally:
-        for worker in workers:
-            worker.stop()

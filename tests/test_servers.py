@@ -4,81 +4,44 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import msgspec
 import pytest
 
 from layercode_asgi.cli import main
 
-from .conftest import SECRET, free_port, serve
-
-PYTHON = sys.executable
-
-
-def wait_for_health(base: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"server did not answer /health within 30 s:\n{log.read_text()}")
+from .asgi_stub import read_body
+from .conftest import PYTHON, SECRET, free_port, serve, start_server_process
 
 
-@contextmanager
-def server_process(command: list[str], port: int, cwd: Path) -> Iterator[str]:
-    """Run ``command`` (a server on 127.0.0.1:``port``) until /health answers; yield its URL."""
-    env = {
-        **os.environ,
-        "LAYERCODE_WEBHOOK_SECRET": SECRET,
-        "LAYERCODE_AUTHORIZE_API_KEYS": "test-key",
-    }
-    log = cwd / "server.log"
-    with log.open("wb") as output:
-        # cwd is an empty directory: no stray .env is read.
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=output)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_for_health(base, process, log)
-            yield base
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-
-
-def server_command(server: str, port: int) -> list[str]:
+def server_command(server: str) -> list[str]:
     target = "layercode_asgi.server:app_from_env"
     if server == "uvicorn":
         return [PYTHON, "-m", "uvicorn", "--factory", target, "--host", "127.0.0.1",
-                "--port", str(port)]  # fmt: skip
+                "--port", "{port}"]  # fmt: skip
     if server == "hypercorn":  # hypercorn evaluates the attribute expression: call the factory
-        return [PYTHON, "-m", "hypercorn", f"{target}()", "--bind", f"127.0.0.1:{port}"]
+        return [PYTHON, "-m", "hypercorn", f"{target}()", "--bind", "127.0.0.1:{port}"]
     return [PYTHON, "-m", "granian", "--interface", "asgi", "--factory", "--host", "127.0.0.1",
-            "--port", str(port), "--workers", "1", target]  # fmt: skip
+            "--port", "{port}", "--workers", "1", target]  # fmt: skip
 
 
 @pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "granian"])
 def test_simulate_cli_against_real_servers(server: str, tmp_path: Path) -> None:
     pytest.importorskip(server)  # the nox ``lowest`` session installs uvicorn and hypercorn only
-    port = free_port()
-    with server_process(server_command(server, port), port, tmp_path) as base:
+    env = {
+        **os.environ,
+        "LAYERCODE_WEBHOOK_SECRET": SECRET,
+        "LAYERCODE_AUTHORIZE_API_KEYS": "test-key",
+    }
+    # cwd is an empty directory: no stray .env is read.
+    with start_server_process(server_command(server), env=env, cwd=tmp_path) as running:
+        base = running.url
         done = subprocess.run(
             [PYTHON, "-m", "layercode_asgi", "simulate", "--url", f"{base}/api/agent",
              "--secret", SECRET, "hello there", "second message", "--data", '{"k": 1}'],
@@ -111,12 +74,7 @@ def backend(
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         event = msgspec.json.decode(body)
         if event["type"] in TURN_TYPES:
             headers = [(b"content-type", content_type)]
@@ -251,12 +209,7 @@ def gated_backend(gate: threading.Event) -> Any:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         event = msgspec.json.decode(body)
         if event["type"] not in TURN_TYPES:
             headers = [(b"content-type", b"application/json")]

@@ -18,9 +18,9 @@ from layercode_asgi.agents import STARTER_PROMPT, STARTER_WELCOME
 from layercode_asgi.cli import main
 from layercode_asgi.testing import LayercodeTestClient
 
-from .conftest import SECRET, free_port, serve
+from .conftest import PYTHON, SECRET, serve
 from .fake_openai import FakeOpenAI, fake_openai_env
-from .test_cli import PYTHON, cli_server, talk
+from .test_cli import cli_server, talk
 
 pytest.importorskip("pydantic_ai")
 
@@ -167,11 +167,11 @@ async def test_serve_agent_starter(
     fake: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # `fake` put OPENAI_BASE_URL and OPENAI_API_KEY in the environment the server inherits.
-    port = free_port()
-    command = [PYTHON, "-m", "layercode_asgi", "serve", "--dev", "--port", str(port),
+    command = [PYTHON, "-m", "layercode_asgi", "serve", "--dev", "--port", "{port}",
                "--agent", "starter"]  # fmt: skip
-    with cli_server(command, tmp_path) as (secret, banner):
-        assert "starter" in banner
+    with cli_server(command, tmp_path) as (server, secret):
+        port = server.port
+        assert "starter" in server.output()
         assert await talk(port, secret, "hi") == "Hello there. How can I help you today?"
         client = LayercodeTestClient(base_url=f"http://127.0.0.1:{port}", secret=secret)
         assert (await client.session_start()).text == STARTER_WELCOME

@@ -19,6 +19,7 @@ import pytest
 from layercode_asgi import Settings, create_app
 from layercode_asgi.testing import LayercodeTestClient, ProtocolViolation, SSEParser
 
+from .asgi_stub import read_body
 from .conftest import SECRET, serve
 
 MiB = 1024 * 1024
@@ -125,12 +126,7 @@ def endless_events_app() -> Any:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        request = b""
-        while True:
-            message = await receive()
-            request += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        request = await read_body(receive)
         tid = msgspec.json.decode(request)["turn_id"]
         chunk = b"data: " + msgspec.json.encode({"type": "x", "turn_id": tid}) + b"\n\n"
         headers = [(b"content-type", b"text/event-stream")]

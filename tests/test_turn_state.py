@@ -3,8 +3,8 @@ history byte bound, store errors, shutdown mid-turn, and the webhook's defaults.
 
 from __future__ import annotations
 
+import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -35,7 +35,16 @@ from layercode_asgi import (
     stream_response,
 )
 
-from .conftest import SECRET, event_body, free_port, serve, signed_headers, start_server_process
+from .conftest import (
+    PYTHON,
+    SECRET,
+    ServerProcess,
+    event_body,
+    free_port,
+    serve,
+    signed_headers,
+    start_server_process,
+)
 from .redis_fixtures import RedisServer, running_redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -335,18 +344,17 @@ def test_redis_error_replies_are_a_503_json(fault: str) -> None:
 # -- shutdown while a turn hangs ------------------------------------------------------------------
 
 
-def _start_server(grace: float) -> tuple[subprocess.Popen[bytes], str]:
-    server = start_server_process(
-        ["-m", "tests.serve_for_tests", "{port}", str(grace)],
-        env={"SLOW_AGENT_SECONDS": "60"},
+def _start_server(grace: float) -> ServerProcess:
+    return start_server_process(
+        [PYTHON, "-m", "tests.serve_for_tests", "{port}", str(grace)],
+        env={**os.environ, "SLOW_AGENT_SECONDS": "60"},
     )
-    return server.process, server.url
 
 
 def test_grace_period_over_ends_open_streams_with_error_and_end() -> None:
-    process, url = _start_server(grace=1)
     results: dict[str, Any] = {}
-    try:
+    with _start_server(grace=1) as server:
+        process, url = server.process, server.url
         opened = threading.Barrier(2, timeout=20)
 
         def open_turn(name: str, text: str, conversation: str) -> None:
@@ -380,9 +388,6 @@ def test_grace_period_over_ends_open_streams_with_error_and_end() -> None:
         for thread in threads:
             thread.join(30)
         assert process.wait(30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
     for name, spoken in (("t-slow", ["start"]), ("t-hang", [])):
         status, content_type, raw = results[name]
         assert (status, content_type) == (200, "text/event-stream"), raw

@@ -111,6 +111,13 @@ def check_timeout(timeout: float | None, name: str = "lock timeout") -> None:
         raise ConfigurationError(f"{name} must be a number >= 0 or None, got {timeout!r}")
 
 
+def lock_wait(timeout: LockTimeout, default: float | None) -> float | None:
+    """The seconds a ``lock(timeout=...)`` waits: ``default`` for :data:`STORE_DEFAULT`."""
+    wait = default if isinstance(timeout, DefaultTimeout) else timeout
+    check_timeout(wait)
+    return wait
+
+
 def check_positive_int(value: int, name: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigurationError(f"{name} must be an integer > 0, got {value!r}")

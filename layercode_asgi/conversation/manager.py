@@ -135,8 +135,7 @@ class ConversationManager:
         Raises:
             ValueError: when the role is not ``"user"`` / ``"assistant"`` or text is missing.
         """
-        check_conversation_id(conversation_id)
-        await self.store.append(conversation_id, [_to_message(message)])
+        await self.add_messages(conversation_id, [message])
 
     async def add_messages(
         self, conversation_id: str, messages: Iterable[HistoryMessage | Mapping[str, Any]]
@@ -156,10 +155,7 @@ class ConversationManager:
         turn_id: str | None = None,
     ) -> None:
         """Append a turn's user and assistant messages together, skipping empty ones."""
-        check_conversation_id(conversation_id)
-        messages = turn_messages(user_text, assistant_text, turn_id)
-        if messages:
-            await self.store.append(conversation_id, messages)
+        await self.add_messages(conversation_id, turn_messages(user_text, assistant_text, turn_id))
 
     async def get_history(self, conversation_id: str) -> list[HistoryMessage]:
         """The conversation's messages, oldest first (``[]`` for an unknown conversation)."""

@@ -16,11 +16,12 @@ from .base import (
     DEFAULT_LOCK_TIMEOUT,
     STORE_DEFAULT,
     ConversationLockTimeout,
-    DefaultTimeout,
     HistoryMessage,
+    LockTimeout,
     check_positive_int,
     check_timeout,
     fit,
+    lock_wait,
     text_size,
 )
 
@@ -161,9 +162,7 @@ class MemoryConversationStore:
     def _append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
         if not messages:
             return
-        size = 0
-        for message in messages:
-            size += text_size(message.text)
+        size = sum(text_size(message.text) for message in messages)
         if size > self.max_bytes:
             messages = fit(messages, self.max_bytes)
             size = sum(text_size(m.text) for m in messages)
@@ -204,13 +203,10 @@ class MemoryConversationStore:
         self,
         conversation_id: str,
         *,
-        timeout: float | DefaultTimeout | None = STORE_DEFAULT,
+        timeout: LockTimeout = STORE_DEFAULT,
     ) -> AbstractAsyncContextManager[None]:
         """Hold the conversation exclusively within this process (waiters queue in order)."""
-        wait = self.lock_timeout if timeout is STORE_DEFAULT else timeout
-        assert not isinstance(wait, DefaultTimeout)
-        check_timeout(wait)
-        return _MemoryLock(self, conversation_id, wait)
+        return _MemoryLock(self, conversation_id, lock_wait(timeout, self.lock_timeout))
 
     async def _wait(self, conversation_id: str, wait: float | None) -> None:
         """Take the conversation's lock, queueing behind its holder for up to ``wait`` s.

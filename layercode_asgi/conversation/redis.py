@@ -31,13 +31,14 @@ from .base import (
     DEFAULT_LOCK_TIMEOUT,
     STORE_DEFAULT,
     ConversationLockTimeout,
-    DefaultTimeout,
     HistoryMessage,
+    LockTimeout,
     StoreError,
     StoreUnavailableError,
     check_positive_int,
     check_timeout,
     fit,
+    lock_wait,
 )
 
 __all__ = ["RedisConversationStore"]
@@ -336,7 +337,7 @@ class RedisConversationStore:
         self,
         conversation_id: str,
         *,
-        timeout: float | DefaultTimeout | None = STORE_DEFAULT,  # noqa: ASYNC109 - bounds the wait only
+        timeout: LockTimeout = STORE_DEFAULT,  # noqa: ASYNC109 - bounds the wait only
     ) -> AsyncIterator[None]:
         """Hold the conversation exclusively across every process using this Redis.
 
@@ -347,9 +348,7 @@ class RedisConversationStore:
         :meth:`record_turn`. A waiter that times out (:class:`ConversationLockTimeout`) or
         is cancelled leaves the queue.
         """
-        wait = self.lock_timeout if timeout is STORE_DEFAULT else timeout
-        assert not isinstance(wait, DefaultTimeout)
-        check_timeout(wait)
+        wait = lock_wait(timeout, self.lock_timeout)
         keys = _Keys(self.key_prefix, conversation_id)
         hold = _Hold(self, conversation_id, keys)
         try:
