@@ -58,6 +58,7 @@ _RAW_SSE_HEADERS = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in SSE_H
 # also splits on \v, \f, \x1c-\x1e, \x85, \u2028 and \u2029, which SSE does not.)
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
+
 class Emit(Protocol):
     """``await emit(chunk)`` sends one chunk of an event stream and returns once the server
     took it; ``await emit(chunk, last=True)`` sends the final chunk and ends the body with
