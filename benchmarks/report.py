@@ -649,7 +649,8 @@ def _paced_section(results: dict[str, Any]) -> str:
         "apart; the floor is a bare ASGI app with the same pacing and bytes. **first-tts "
         "overhead** = time to the first `response.tts` minus the think time; **extra** = the "
         "turn's wall time minus the agent's own pauses; **RSS per stream** = (peak - baseline "
-        "server RSS) / N; **GC**: the server's garbage collections in the measured window "
+        "server RSS) / N, after an unmeasured first level at the smallest N (what a server "
+        "allocates once is not counted per stream); **GC**: the server's garbage collections in the measured window "
         "(full ones, the longest pause of any, the share of the time spent collecting), "
         "noted by the server process itself (`common.gc_probe`).\n",
     ]

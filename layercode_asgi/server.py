@@ -286,17 +286,23 @@ def create_app(
                 "LayerCode sessions (set LAYERCODE_AUTHORIZE_API_KEYS or authorize_guard)",
                 authorize_route,
             )
-        if settings.gc_freeze:
-            # The collector's full passes scan every live object; the app's own (modules,
-            # routes, the agent) never die, so they are frozen out of those passes. Paced
-            # benchmark (one worker, 3 interleaved rounds): p99 first-tts overhead at N=200
-            # 31 -> 15 ms, at N=800 85 -> 76 ms; CPU per turn 436 -> 397 us at N=200.
+        thresholds = gc.get_threshold()
+        if settings.gc_tuning:
+            # A full collection scans every live object and stops every open stream while
+            # it does. The app's own objects (modules, routes, the agent) never die: frozen
+            # out of those passes. A turn's objects die by reference counting, not by the
+            # collector: full passes may run a tenth as often. Paced benchmark, one worker,
+            # interleaved rounds, p99 first-tts overhead: freezing, N=200 31 -> 15 ms and
+            # N=800 85 -> 76 ms; then a tenth as many full passes, N=200 19 -> 11 ms and
+            # N=800 67 -> 38 ms.
             gc.collect()
             gc.freeze()
+            gc.set_threshold(thresholds[0], thresholds[1], thresholds[2] * 10)
         try:
             yield
         finally:
-            if settings.gc_freeze:
+            if settings.gc_tuning:
+                gc.set_threshold(*thresholds)
                 gc.unfreeze()
             await authorize.aclose()
             await conversations.aclose()

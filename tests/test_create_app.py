@@ -302,11 +302,15 @@ def test_a_finished_turn_leaves_no_reference_cycle(agent: Any) -> None:
 
 
 @pytest.mark.parametrize("freeze", [True, False])
-def test_gc_freeze_holds_while_the_app_runs_and_is_undone_at_shutdown(freeze: bool) -> None:
+def test_gc_tuning_holds_while_the_app_runs_and_is_undone_at_shutdown(freeze: bool) -> None:
     gc.unfreeze()
-    app = create_app(settings(gc_freeze=freeze))
+    before = gc.get_threshold()
+    app = create_app(settings(gc_tuning=freeze))
     with TestClient(app) as client:
         assert client.get("/health").status_code == 200
         frozen = gc.get_freeze_count()
+        during = gc.get_threshold()
     assert (frozen > 0) is freeze
+    assert during == ((before[0], before[1], before[2] * 10) if freeze else before)
     assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == before
