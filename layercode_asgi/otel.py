@@ -81,6 +81,7 @@ class OtelMetrics:
         meter_provider: otel_metrics.MeterProvider | None = None,
     ) -> None:
         self._tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider)
+        self._global_tracer = tracer_provider is None
         meter = otel_metrics.get_meter(_SCOPE, __version__, meter_provider)
         self._requests = meter.create_counter(
             "layercode.webhook.requests",
@@ -117,7 +118,14 @@ class OtelMetrics:
             description="Webhook requests refused by the signature check, by reason.",
         )
 
-    def request_started(self, record: WebhookRecord) -> tuple[Any, object, int]:
+    def request_started(self, record: WebhookRecord) -> tuple[Any, object, int] | None:
+        if self._global_tracer and isinstance(
+            trace.get_tracer_provider(), trace.ProxyTracerProvider
+        ):
+            # No SDK configured (yet): every span would be a no-op; skipping them is a
+            # fifth of the metrics' calls per turn. Checked per request: an SDK set up
+            # later is used from its first request on.
+            return None
         start_ns = time.time_ns() - int((time.perf_counter() - record.arrived) * 1e9)
         attributes: dict[str, str] = {"layercode.event_type": record.event_type or "unknown"}
         if record.conversation_id is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -388,8 +389,8 @@ def test_serve_with_json_logs_writes_json_lines_only() -> None:
     from .conftest import start_server_process
 
     server = start_server_process(
-        ["-m", "layercode_asgi", "serve", "--env-file", "", "--port", "{port}"],
-        env={"LAYERCODE_WEBHOOK_SECRET": SECRET, "LOG_FORMAT": "json"},
+        [sys.executable, "-m", "layercode_asgi", "serve", "--env-file", "", "--port", "{port}"],
+        env={**os.environ, "LAYERCODE_WEBHOOK_SECRET": SECRET, "LOG_FORMAT": "json"},
     )
     try:
         body = event_body("message", text="hello")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def _counts(text: str) -> dict[str, float]:
 @pytest.mark.parametrize("own_dir", [False, True])
 def test_two_workers_scrape_sums_both(tmp_path: Path, own_dir: bool) -> None:
     env = {
+        **os.environ,
         "LAYERCODE_WEBHOOK_SECRET": SECRET,
         "LAYERCODE_METRICS": "true",
         "LAYERCODE_METRICS_API_KEYS": "scrape-key",
@@ -45,10 +47,13 @@ def test_two_workers_scrape_sums_both(tmp_path: Path, own_dir: bool) -> None:
     if own_dir:
         env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
     else:
-        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     temporary = set(Path(tempfile.gettempdir()).glob("layercode-metrics-*"))
     server = start_server_process(
-        ["-m", "layercode_asgi", "serve", "--env-file", "", "--workers", "2", "--port", "{port}"],
+        [
+            *(sys.executable, "-m", "layercode_asgi", "serve", "--env-file", ""),
+            *("--workers", "2", "--port", "{port}"),
+        ],
         env=env,
     )
     try:
