@@ -180,6 +180,7 @@ class Turn:
         "_handler",
         "_scope",
         "_suffix",
+        "before_end",
         "context",
         "ended",
         "error",
@@ -226,6 +227,9 @@ class Turn:
         self.ended = False
         self._abort: str | None = None
         self._scope: anyio.CancelScope | None = None
+        #: Awaited once, just before ``response.end`` is sent (the webhook records the turn
+        #: then: a client that saw the end can read the turn in the history).
+        self.before_end: Callable[[Turn], Awaitable[None]] | None = None
 
     def abort(self, message: str) -> None:
         """Stop the running turn now (e.g. the server is shutting down): its agent is
@@ -392,6 +396,9 @@ class Turn:
             emit = self._emit
             if emit is None:
                 raise RuntimeError(_NOT_RUNNING)
+            hook, self.before_end = self.before_end, None
+            if hook is not None:
+                await hook(self)
             self.ended = True
             if self._ends_body is not None:
                 await self._ends_body(_END + self._suffix, last=True)

@@ -93,7 +93,7 @@ class _TurnRequest:
     tail of the paced benchmark).
     """
 
-    __slots__ = ("body", "event", "webhook")
+    __slots__ = ("body", "event", "unrecorded", "webhook")
 
     def __init__(
         self,
@@ -104,6 +104,7 @@ class _TurnRequest:
         self.webhook = webhook
         self.event: TurnEvent | None = event
         self.body = body
+        self.unrecorded: tuple[ConversationBackend, TurnEvent, int | None] | None = None
 
     async def __call__(self, emit: Emit) -> None:
         webhook = self.webhook
@@ -144,10 +145,12 @@ class _TurnRequest:
                         failure = "conversation store failed reading the history"
                         raise _unavailable(exc, failure) from exc
                     turn = webhook._turn(event, history, anyio_time=locked_at)
+                    self.unrecorded = (conversations, event, generation)
+                    turn.before_end = self.record
                     try:
                         await webhook._run(turn, emit)
                     finally:
-                        await webhook._record(conversations, event, turn, generation)
+                        await self.record(turn)
         except LayercodeError as exc:
             if acquired or isinstance(exc, ResponseError):
                 raise
@@ -165,6 +168,15 @@ class _TurnRequest:
                 del pending[cid]
         if waiting.cancelled_caught and not acquired:
             raise ResponseError(503, SHUTTING_DOWN)
+
+
+    async def record(self, turn: Turn) -> None:
+        """Record the turn, once: just before its ``response.end`` goes out (a client that
+        saw the end finds the turn in the history), or when it stopped without one."""
+        unrecorded, self.unrecorded = self.unrecorded, None
+        if unrecorded is not None:
+            conversations, event, generation = unrecorded
+            await self.webhook._record(conversations, event, turn, generation)
 
 
 async def _read(

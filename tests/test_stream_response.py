@@ -219,3 +219,25 @@ async def test_nothing_can_be_emitted_after_the_last_chunk() -> None:
     assert stub.body == b"data: end\n\n"
     assert stub.complete
     assert errors == ["this response is not streaming"]
+
+
+async def test_a_turn_is_in_the_history_when_its_response_ends() -> None:
+    # The end of the body (which comes with response.end) goes out once the turn is
+    # recorded: a client that saw the end, and reads the history, finds the turn.
+    from layercode_asgi import ConversationManager, LayercodeWebhook, echo_agent
+
+    manager = ConversationManager()
+    webhook = LayercodeWebhook(echo_agent, conversations=manager)
+    stub = ASGIStub(event_body(text="hello", turn_id="t1", conversation_id="c1"))
+    at_the_end: list[list[tuple[str, str]]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            history = await manager.get_history("c1")
+            at_the_end.append([(str(m.role), m.text) for m in history])
+        await stub.send(message)
+
+    with anyio.fail_after(10):
+        await webhook(stub.scope, stub.receive, send)
+    assert b"response.end" in stub.body
+    assert at_the_end == [[("user", "hello"), ("assistant", "You said: hello")]]
