@@ -102,9 +102,12 @@ class _SseStarletteWebhook(LayercodeWebhook):
         async def items() -> AsyncIterator[bytes]:
             queue: asyncio.Queue[bytes | None] = asyncio.Queue()
 
+            async def put(chunk: bytes, *, last: bool = False) -> None:
+                await queue.put(chunk)
+
             async def run() -> None:
                 try:
-                    await producer(queue.put)
+                    await producer(put)
                 finally:
                     queue.put_nowait(None)
 

@@ -19,6 +19,7 @@ see :data:`INSTRUMENT_NAMES` and docs/metrics.md.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Final
 
@@ -54,6 +55,8 @@ INSTRUMENT_NAMES: Final = (
 )
 
 _SCOPE: Final = "layercode_asgi"
+#: Without a tracer provider of its own, how often (seconds) the sink looks for an SDK.
+SDK_CHECK_INTERVAL: Final = 1.0
 
 
 def _histogram(meter: Any, name: str, description: str, buckets: tuple[float, ...]) -> Any:
@@ -82,6 +85,8 @@ class OtelMetrics:
     ) -> None:
         self._tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider)
         self._global_tracer = tracer_provider is None
+        self._sdk_seen = False
+        self._next_sdk_check = -math.inf
         meter = otel_metrics.get_meter(_SCOPE, __version__, meter_provider)
         self._requests = meter.create_counter(
             "layercode.webhook.requests",
@@ -119,13 +124,17 @@ class OtelMetrics:
         )
 
     def request_started(self, record: WebhookRecord) -> tuple[Any, object, int] | None:
-        if self._global_tracer and isinstance(
-            trace.get_tracer_provider(), trace.ProxyTracerProvider
-        ):
+        if self._global_tracer and not self._sdk_seen:
             # No SDK configured (yet): every span would be a no-op; skipping them is a
-            # fifth of the metrics' calls per turn. Checked per request: an SDK set up
-            # later is used from its first request on.
-            return None
+            # fifth of the metrics' calls per turn. Looked up at most once a second (the
+            # lookup reads the environment): an SDK set up later is used within a second.
+            # Once there, it stays (OpenTelemetry sets the global provider only once).
+            if record.arrived < self._next_sdk_check:
+                return None
+            self._next_sdk_check = record.arrived + SDK_CHECK_INTERVAL
+            if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+                return None
+            self._sdk_seen = True
         start_ns = time.time_ns() - int((time.perf_counter() - record.arrived) * 1e9)
         attributes: dict[str, str] = {"layercode.event_type": record.event_type or "unknown"}
         if record.conversation_id is not None:

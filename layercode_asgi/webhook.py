@@ -169,7 +169,6 @@ class _TurnRequest:
         if waiting.cancelled_caught and not acquired:
             raise ResponseError(503, SHUTTING_DOWN)
 
-
     async def record(self, turn: Turn) -> None:
         """Record the turn, once: just before its ``response.end`` goes out (a client that
         saw the end finds the turn in the history), or when it stopped without one."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -458,3 +459,105 @@ def test_create_app_reports_to_the_sdk_the_application_configured() -> None:
     assert span_names == "['webhook message', 'webhook session.start']"
     for name in ("layercode.turns", "layercode.turn.first_tts", "layercode.webhook.requests"):
         assert f"'{name}'" in metric_names
+
+
+def test_one_process_and_several_processes_expose_the_same_figures(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """One process keeps plain numbers and builds the families when scraped; several
+    processes (``PROMETHEUS_MULTIPROC_DIR``) use prometheus-client's instruments. The same
+    records give the same scrape either way (its ``_created`` lines aside)."""
+    from layercode_asgi.metrics import WebhookRecord
+
+    def records() -> list[WebhookRecord]:
+        out = []
+        for index, (kind, status, outcome, first_tts, lock_wait) in enumerate(
+            [
+                ("message", 200, "completed", 0.04, 0.0),  # below the first bucket
+                ("message", 200, "completed", 0.1, 0.002),  # on a bound: le="0.1"
+                ("session.start", 200, "timeout", None, 0.3),
+                ("message", 503, "rejected", None, None),
+                ("data", 200, None, None, None),
+                ("message", 200, "agent_error", 9.0, 40.0),  # above every bound: +Inf
+            ]
+        ):
+            record = WebhookRecord(None, 0.0, kind, "c", f"t{index}")
+            record.status, record.outcome = status, outcome
+            record.first_tts, record.lock_wait = first_tts, lock_wait
+            record.streaming = outcome not in (None, "rejected")
+            record.duration = 0.5 + index
+            out.append(record)
+        return out
+
+    def scrape(multiprocess: bool) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        if multiprocess:
+            monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+        else:
+            monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+        registry = prometheus_client.CollectorRegistry()
+        sink = PrometheusMetrics(registry)
+        for record in records():
+            if record.streaming:
+                sink.turn_started(record)
+            sink.request_finished(record, None)
+        sink.turn_started(records()[0])  # one stream still open
+        sink.signature_rejected("no_matching_signature")
+        sink.signature_rejected("replayed")
+        text = prometheus_client.generate_latest(registry).decode()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if not sample.name.endswith("_created")
+        }
+
+    one, several = scrape(False), scrape(True)
+    assert one == several
+    assert one[("layercode_open_streams", ())] == 1
+    assert one[("layercode_turn_first_tts_seconds_bucket", (("le", "0.05"),))] == 1
+    assert one[("layercode_turn_first_tts_seconds_bucket", (("le", "0.1"),))] == 2
+    assert one[("layercode_turn_first_tts_seconds_bucket", (("le", "5.0"),))] == 2
+    assert one[("layercode_turn_first_tts_seconds_bucket", (("le", "+Inf"),))] == 3
+    assert one[("layercode_turn_first_tts_seconds_sum", ())] == pytest.approx(9.14)
+    assert (
+        one[("layercode_webhook_requests_total", (("event_type", "message"), ("status", "503")))]
+        == 1
+    )
+    assert one[("layercode_signature_rejections_total", (("reason", "replayed"),))] == 1
+
+
+SDK_LATER = """
+import time
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.responses import Response
+from layercode_asgi.metrics import TurnMetrics
+from layercode_asgi.otel import SDK_CHECK_INTERVAL, OtelMetrics
+
+metrics = TurnMetrics(OtelMetrics())
+spans = InMemorySpanExporter()
+start = time.perf_counter()
+
+def request(at):
+    metrics.arrived(start + at, "message", "c1", "t1").finish(Response(status_code=200))
+    return len(spans.get_finished_spans())
+
+assert request(0.0) == 0  # no SDK yet: no span work
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(spans))
+trace.set_tracer_provider(provider)
+assert request(0.1) == 0  # looked up at most once a second
+assert request(SDK_CHECK_INTERVAL + 0.1) == 1  # found, and kept from then on
+assert request(0.2) == 2
+print("ok")
+"""
+
+
+def test_an_sdk_configured_later_is_used_within_a_second() -> None:
+    """The global tracer provider is set once per process: a process of its own."""
+    done = subprocess.run(
+        [sys.executable, "-c", SDK_LATER], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
