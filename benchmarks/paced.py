@@ -337,30 +337,39 @@ async def interleave(
     duration: float,
     rounds: int,
     work: Path,
-) -> list[dict[str, dict[str, float | None]]]:
-    """Server CPU µs per turn of every server at every N, round after round.
+) -> list[dict[str, dict[str, dict[str, Any]]]]:
+    """Every server at every N, round after round: ``Run.go``'s figures.
 
     All servers stay up (pinned to the same CPU; the idle ones cost nothing) and each N runs
     on each of them back to back, the order reversed every other round: the machine's drift
     in speed, which moves a figure by several percent over a minute, reaches both sides of
-    a ratio alike. One dict per round: ``{server: {N: µs per turn}}``.
+    a ratio alike. One dict per round: ``{server: {N: figures}}``.
     """
     for server in chosen.values():
         server.start(work)
     try:
         for server in chosen.values():  # first use of every code path, not measured
             await Run(pacing, 0.0, min(warmup, 1.0) + pacing.speaking).go(server, min(levels))
-        out: list[dict[str, dict[str, float | None]]] = []
+        out: list[dict[str, dict[str, dict[str, Any]]]] = []
         for index in range(rounds):
-            cpu: dict[str, dict[str, float | None]] = {name: {} for name in chosen}
+            figures: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in chosen}
             order = list(chosen.items())
             for clients in levels:
                 for name, server in order if index % 2 == 0 else order[::-1]:
                     result = await Run(pacing, warmup, duration).go(server, clients)
-                    cpu[name][str(clients)] = result["server_cpu_us_per_turn"]
+                    figures[name][str(clients)] = result
                     await asyncio.sleep(0.5)  # let the last connections close
-            print(f"  round {index + 1}/{rounds} {json.dumps(cpu)}", flush=True)
-            out.append(cpu)
+            brief = {
+                name: {
+                    n: (r["first_tts_p99_ms"], r["server_cpu_us_per_turn"]) for n, r in got.items()
+                }
+                for name, got in figures.items()
+            }
+            print(
+                f"  round {index + 1}/{rounds} (p99 ms, CPU µs/turn) {json.dumps(brief)}",
+                flush=True,
+            )
+            out.append(figures)
         return out
     finally:
         for server in chosen.values():

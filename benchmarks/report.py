@@ -145,19 +145,33 @@ def paced_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "how": "benchmarks/paced.py",
             }
         ]
-    ratios = {
+    per_round = _p99_ratios(_get(results, "paced", "p99_rounds") or [])
+    if per_round:
+        ratios = {n: statistics.median(r) for n, r in per_round.items()}
+        how = (
+            "worst N of the median over interleaved rounds of ours p99 / floor p99 (first "
+            "response.tts minus the 100 ms think); "
+            + "; ".join(
+                f"N={n}: {ratios[n]:.2f} (rounds: {', '.join(f'{r:.2f}' for r in per_round[n])})"
+                for n in sorted(ratios)
+            )
+            + "; the table's one run: "
+        )
+    else:
+        ratios, how = {}, "worst N of ours p99 / floor p99 in the table; "
+    table = {
         n: ours[str(n)]["first_tts_p99_ms"] / floor[str(n)]["first_tts_p99_ms"]
         for n in levels
         if ours[str(n)]["first_tts_p99_ms"] and floor[str(n)]["first_tts_p99_ms"]
     }
+    ratios = ratios or table
     worst = max(ratios.values()) if ratios else None
     out.append(
         {
             "target": "paced: p99 first-tts overhead <= 1.5x the floor's at every N <= 1,000",
             "measured": "not measured" if worst is None else round(worst, 2),
             "verdict": _verdict(None if worst is None else worst <= 1.5),
-            "how": "worst N of ours p99 / floor p99 (first response.tts minus the 100 ms think); "
-            + ", ".join(f"N={n}: {r:.2f}" for n, r in ratios.items()),
+            "how": how + ", ".join(f"N={n}: {r:.2f}" for n, r in table.items()),
         }
     )
     errors = sum(ours[str(n)]["errors"] for n in levels)
@@ -179,6 +193,17 @@ def paced_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         }
     )
     out.append(metrics_cost_target(_get(results, "paced") or {}))
+    return out
+
+
+def _p99_ratios(rounds: list[dict[str, Any]]) -> dict[int, list[float]]:
+    """By N <= 1,000: ours p99 / floor p99, one value per interleaved round."""
+    out: dict[int, list[float]] = {}
+    for one in rounds:
+        ours, floor = one.get("ours") or {}, one.get("floor") or {}
+        for n, p99 in ours.items():
+            if int(n) <= PACED_MAX_N and p99 and floor.get(n):
+                out.setdefault(int(n), []).append(p99 / floor[n])
     return out
 
 
@@ -871,10 +896,10 @@ DESIGN_NOTES = """## Design choices and trade-offs
   route beside Starlette's, no native-asyncio copy of the stream, no hand-stepped
   coroutines, and the conversation store is used only through its async interface.
 - **anyio only, no native asyncio path.** `python benchmarks/anyio_cost.py` (uvloop, per
-  use): an anyio task group costs TG_US µs more than an asyncio task, a cancel scope SCOPE_US µs
-  more than `asyncio.timeout`. A turn has one task group and four scopes: about TOTAL_US µs of
-  the ~410 µs of server CPU per paced turn (PCT%), below the 10% a second code path would
-  have to pay for itself.
+  use): an anyio task group costs about 16 µs more than an asyncio task, a cancel scope
+  about 2.5 µs more than `asyncio.timeout`. A turn has one task group and four scopes:
+  about 26 µs of the ~430 µs of server CPU per paced turn (6%), below the 10% a second
+  code path would have to pay for itself.
 - **The garbage collector, tuned while `create_app` runs** (`LAYERCODE_GC_TUNING`, on by
   default). A turn's objects form no reference cycles, so reference counting frees them all
   and the collector only ever finds what lives on (history, open streams). Its young passes

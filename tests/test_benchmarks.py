@@ -48,6 +48,10 @@ def test_smoke_run_writes_its_outputs(tmp_path: Path) -> None:
         assert level["turns"] > 0 and level["errors"] == 0, (name, level)
         assert level["first_tts_p99_ms"] is not None, (name, level)
     assert any(t["target"].startswith("paced: p99") for t in results["targets"])
+    p99 = results["paced"]["p99_rounds"]
+    assert len(p99) == 1 and p99[0]["ours"]["20"] > 0 and p99[0]["floor"]["20"] > 0
+    target = next(t for t in results["targets"] if t["target"].startswith("paced: p99"))
+    assert "interleaved rounds" in target["how"] and "N=20: " in target["how"], target
     # the metrics' cost: ours and ours-metrics interleaved, a CPU figure per server per round
     rounds = results["paced"]["metrics_rounds"]
     assert len(rounds) == 1 and rounds[0]["ours"]["20"] > 0 and rounds[0]["ours-metrics"]["20"] > 0
