@@ -109,13 +109,49 @@ _REJECTIONS: Final = (
 _REASONS: Final = (*(r.name.lower() for r in SignatureErrorReason), "replayed")
 
 
-class _Figures:
-    """The figures of one process as plain numbers, turned into metric families only when
-    scraped (prometheus-client's custom-collector API). Per turn, the whole recording
-    (recorder, this sink and OpenTelemetry's without an SDK) took 8.3 µs with
-    prometheus-client's locked instruments and takes 3.5 µs with these (timed in-process);
-    on the paced benchmark, metrics on went from +4.2% to +3.7% of server CPU per turn at
-    N = 800 (medians of six interleaved rounds; issue 19's line is 5%). The event loop
+class _Recorder:
+    """What the sink records per request; how a count is kept is the subclass's."""
+
+    first_tts: Any
+    duration: Any
+    lock_wait: Any
+
+    def finished(self, record: WebhookRecord) -> None:
+        self.count_request((record.event_type or "unknown", record.status))
+        outcome = record.outcome
+        if outcome is None:
+            return
+        self.count_turn(outcome)
+        if record.lock_wait is not None:
+            self.lock_wait.observe(record.lock_wait)
+        if record.first_tts is not None:
+            self.first_tts.observe(record.first_tts)
+        if record.streaming:
+            self.streams(-1)
+            if record.duration is not None:
+                self.duration.observe(record.duration)
+
+    def count_request(self, key: tuple[str, int]) -> None:
+        raise NotImplementedError
+
+    def count_turn(self, outcome: str) -> None:
+        raise NotImplementedError
+
+    def streams(self, change: int) -> None:
+        raise NotImplementedError
+
+    def rejected(self, reason: str) -> None:
+        raise NotImplementedError
+
+
+class _Figures(_Recorder):
+    """The figures of one process as plain numbers, turned into metric families only
+    when scraped (prometheus-client's custom-collector API). Per turn, the whole
+    recording (recorder, this sink and OpenTelemetry's without an SDK) took 8.3 µs with
+    prometheus-client's locked instruments and takes under 4 µs with these
+    (benchmarks/metrics_cost.py); on the paced benchmark, metrics on went from +6.7% /
+    +4.2% to +3.2% / +1.3% of server CPU per turn at N = 200 / 800 (two full runs,
+    medians of six interleaved rounds each; issue 19's line is 5%). The event loop
     writes; a scrape, in a thread, reads copies made while holding the GIL."""
 
     def __init__(self) -> None:
@@ -127,24 +163,14 @@ class _Figures:
         self.open_streams = 0
         self.rejections = dict.fromkeys(_REASONS, 0)
 
-    def turn_started(self) -> None:
-        self.open_streams += 1
-
-    def finished(self, record: WebhookRecord) -> None:
-        key = (record.event_type or "unknown", record.status)
+    def count_request(self, key: tuple[str, int]) -> None:
         self.requests[key] = self.requests.get(key, 0) + 1
-        outcome = record.outcome
-        if outcome is None:
-            return
+
+    def count_turn(self, outcome: str) -> None:
         self.turns[outcome] += 1
-        if record.lock_wait is not None:
-            self.lock_wait.observe(record.lock_wait)
-        if record.first_tts is not None:
-            self.first_tts.observe(record.first_tts)
-        if record.streaming:
-            self.open_streams -= 1
-            if record.duration is not None:
-                self.duration.observe(record.duration)
+
+    def streams(self, change: int) -> None:
+        self.open_streams += change
 
     def rejected(self, reason: str) -> None:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
@@ -194,7 +220,7 @@ def _counter(name_and_help: tuple[str, str], label: str, counts: dict[str, int])
     return family
 
 
-class _Instruments:
+class _Instruments(_Recorder):
     """Several processes (``PROMETHEUS_MULTIPROC_DIR``): prometheus-client's instruments,
     whose values live in the shared files a scrape of any process sums."""
 
@@ -212,27 +238,17 @@ class _Instruments:
         self.reason = {reason: self.rejections.labels(reason) for reason in _REASONS}
         self.by_request: dict[tuple[str, int], Any] = {}
 
-    def turn_started(self) -> None:
-        self.open_streams.inc()
-
-    def finished(self, record: WebhookRecord) -> None:
-        key = (record.event_type or "unknown", record.status)
+    def count_request(self, key: tuple[str, int]) -> None:
         counter = self.by_request.get(key)
         if counter is None:
             counter = self.by_request[key] = self.requests.labels(key[0], str(key[1]))
         counter.inc()
-        outcome = record.outcome
-        if outcome is None:
-            return
+
+    def count_turn(self, outcome: str) -> None:
         self.outcome[outcome].inc()
-        if record.lock_wait is not None:
-            self.lock_wait.observe(record.lock_wait)
-        if record.first_tts is not None:
-            self.first_tts.observe(record.first_tts)
-        if record.streaming:
-            self.open_streams.dec()
-            if record.duration is not None:
-                self.duration.observe(record.duration)
+
+    def streams(self, change: int) -> None:
+        self.open_streams.inc(change)
 
     def rejected(self, reason: str) -> None:
         counter = self.reason.get(reason)
@@ -241,7 +257,7 @@ class _Instruments:
         counter.inc()
 
 
-_BY_REGISTRY: MutableMapping[Any, _Figures | _Instruments] = weakref.WeakKeyDictionary()
+_BY_REGISTRY: MutableMapping[Any, _Recorder] = weakref.WeakKeyDictionary()
 
 
 class PrometheusMetrics:
@@ -271,7 +287,7 @@ class PrometheusMetrics:
         return None
 
     def turn_started(self, record: WebhookRecord) -> None:
-        self._recorder.turn_started()
+        self._recorder.streams(1)
 
     def request_finished(self, record: WebhookRecord, state: Any) -> None:
         self._recorder.finished(record)
