@@ -12,6 +12,7 @@ Run: ``uvicorn --app-dir benchmarks floor_app:app`` (or ``floor_app:sleepy_app``
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from common import FLOOR_TURN_ID, REPLY, echo_events, env_float, env_int, gc_probe, raise_nofile
@@ -60,6 +61,20 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
     await _read_body(receive)
     await send(_START)
     await send({"type": "http.response.body", "body": _REPLY, "more_body": False})
+
+
+#: ``busy_sleepy_app``: microseconds of pure CPU (a busy wait) per turn, at its request.
+BUSY_US = env_float("BENCH_BUSY_US", 0.0)
+
+
+async def busy_sleepy_app(scope: Any, receive: Any, send: Any) -> None:
+    """``sleepy_app`` that first spends ``BENCH_BUSY_US`` µs of CPU on each request: a bare
+    app as costly per turn as a real one, to tell what CPU per turn alone does to the p99."""
+    if scope["type"] == "http":
+        until = time.perf_counter() + BUSY_US / 1e6
+        while time.perf_counter() < until:
+            pass
+    await sleepy_app(scope, receive, send)
 
 
 async def sleepy_app(scope: Any, receive: Any, send: Any) -> None:

@@ -16,8 +16,14 @@ Servers (one uvicorn worker each, pinned to the first CPU; the load on the other
 cost of recording the per-turn metrics), ``sse-starlette`` (the same turn through sse-starlette's
 ``EventSourceResponse``), ``floor`` (a bare ASGI app with the same pacing and bytes) and
 ``reference`` (layercode-create-app's own server with the same pacing, in its own venv; see
-``reference/setup_ref.py``). The load generator reads bytes without parsing events: it finds
-``response.tts`` and the chunked terminator in what arrives.
+``reference/setup_ref.py``); ``floor+cpu`` (the floor spending ``--busy-us`` µs of CPU per
+turn: what CPU per turn alone does to the p99). The load generator reads bytes without
+parsing events: it finds ``response.tts`` and the chunked terminator in what arrives.
+
+Client ``i`` of ``N`` sends its first turn ``i/N`` of a turn's duration after the first one
+(``--together``: all at once). Callers of a voice agent are independent; a closed loop
+started in one instant stays in lockstep, every client's turn arriving in the same burst,
+and its p99 then measures the burst more than the server.
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ class Pacing:
     think: float = 0.1
     chunks: int = 10
     interval: float = 0.05
+    #: All clients send their first turn at once (``--together``). By default client ``i``
+    #: of ``N`` starts ``i/N`` of a turn later: callers of a voice agent are independent, and
+    #: a closed loop started in one instant stays in lockstep (every turn of every client
+    #: arrives in the same burst), so its p99 measures the burst more than the server.
+    together: bool = False
 
     @property
     def speaking(self) -> float:
@@ -149,8 +160,9 @@ class Client:
         if not self.turn_over.is_set():
             self.finish(time.monotonic(), "connection lost")
 
-    async def loop(self, port: int, stop_at: float) -> None:
+    async def loop(self, port: int, stop_at: float, delay: float) -> None:
         await self.connect(port)
+        await asyncio.sleep(delay)
         try:
             while time.monotonic() < stop_at:
                 self.send()
@@ -191,7 +203,11 @@ class Run:
         self.measure_to = self.measure_from + self.duration
         crowd = [Client(self, index) for index in range(clients)]
         rss_before = rss_kib(server.pid)
-        tasks = [asyncio.ensure_future(c.loop(server.port, self.measure_to)) for c in crowd]
+        spread = 0.0 if self.pacing.together else self.pacing.speaking / clients
+        tasks = [
+            asyncio.ensure_future(c.loop(server.port, self.measure_to, spread * c.index))
+            for c in crowd
+        ]
         await asyncio.sleep(self.warmup)
         cpu0, load0, t0 = cpu_seconds(server.pid), time.process_time(), time.monotonic()
         rss_peak = rss_before
@@ -256,7 +272,11 @@ def summarise(
     }
 
 
-def servers(names: list[str], pacing: Pacing, ref_python: str | None) -> dict[str, Server]:
+def servers(
+    names: list[str], pacing: Pacing, ref_python: str | None, busy_us: float = 0.0
+) -> dict[str, Server]:
+    """The servers ``names`` asks for; ``floor+cpu`` is the floor spending ``busy_us`` µs of
+    CPU per turn (``floor_app.busy_sleepy_app``)."""
     env = pacing.env()
     python = sys.executable
     known = {
@@ -278,6 +298,13 @@ def servers(names: list[str], pacing: Pacing, ref_python: str | None) -> dict[st
             env=env,
         ),
         "floor": Server("floor-paced", python, HERE, "floor_app:sleepy_app", env=env),
+        "floor+cpu": Server(
+            "floor-cpu-paced",
+            python,
+            HERE,
+            "floor_app:busy_sleepy_app",
+            env={**env, "BENCH_BUSY_US": str(busy_us)},
+        ),
     }
     if ref_python:
         known["reference"] = Server(
@@ -401,11 +428,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--servers",
         default="floor,ours,sse-starlette,reference",
-        help="comma-separated: floor, ours, ours-metrics, sse-starlette, reference",
+        help="comma-separated: floor, floor+cpu, ours, ours-metrics, sse-starlette, reference",
+    )
+    parser.add_argument(
+        "--busy-us", type=float, default=0.0, help="floor+cpu: µs of CPU it spends per turn"
     )
     parser.add_argument("--think", type=float, default=0.1)
     parser.add_argument("--chunks", type=int, default=10)
     parser.add_argument("--interval", type=float, default=0.05)
+    parser.add_argument(
+        "--together", action="store_true", help="all clients start at once (default: spread)"
+    )
     parser.add_argument("--ref-python", default=None, help="the reference venv's python")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -413,11 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     _, load_cpus = pinning()
     if load_cpus:
         os.sched_setaffinity(0, load_cpus)
-    pacing = Pacing(args.think, args.chunks, args.interval)
+    pacing = Pacing(args.think, args.chunks, args.interval, args.together)
     ref_python = args.ref_python
     if ref_python is None and (HERE / ".ref-venv/bin/python").exists():
         ref_python = str(HERE / ".ref-venv/bin/python")
-    chosen = servers(args.servers.split(","), pacing, ref_python)
+    chosen = servers(args.servers.split(","), pacing, ref_python, args.busy_us)
     levels = [int(n) for n in args.levels.split(",")]
     with tempfile.TemporaryDirectory() as work:
         results = asyncio.run(

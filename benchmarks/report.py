@@ -155,6 +155,7 @@ def paced_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f"N={n}: {ratios[n]:.2f} (rounds: {', '.join(f'{r:.2f}' for r in per_round[n])})"
                 for n in sorted(ratios)
             )
+            + _calibration(results)
             + "; the table's one run: "
         )
     else:
@@ -196,15 +197,28 @@ def paced_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _p99_ratios(rounds: list[dict[str, Any]]) -> dict[int, list[float]]:
-    """By N <= 1,000: ours p99 / floor p99, one value per interleaved round."""
+def _p99_ratios(rounds: list[dict[str, Any]], server: str = "ours") -> dict[int, list[float]]:
+    """By N <= 1,000: ``server``'s p99 / floor p99, one value per interleaved round."""
     out: dict[int, list[float]] = {}
     for one in rounds:
-        ours, floor = one.get("ours") or {}, one.get("floor") or {}
+        ours, floor = one.get(server) or {}, one.get("floor") or {}
         for n, p99 in ours.items():
             if int(n) <= PACED_MAX_N and p99 and floor.get(n):
                 out.setdefault(int(n), []).append(p99 / floor[n])
     return out
+
+
+def _calibration(results: dict[str, Any]) -> str:
+    """In the same rounds: the p99 ratio of the floor made as costly per turn as ours."""
+    busy = _get(results, "paced", "busy_us")
+    per_round = _p99_ratios(_get(results, "paced", "p99_rounds") or [], "floor+cpu")
+    if not per_round or busy is None:
+        return ""
+    return (
+        f"; in the same rounds the floor spending {busy:.0f} µs more CPU per turn (as much "
+        "as ours, `floor+cpu`): "
+        + "; ".join(f"N={n}: {statistics.median(r):.2f}" for n, r in sorted(per_round.items()))
+    )
 
 
 def _metrics_cost(paced: dict[str, Any]) -> dict[int, list[float]]:
@@ -677,7 +691,9 @@ def _paced_section(results: dict[str, Any]) -> str:
         f"measured per N after a warm-up, one uvicorn worker pinned to CPU 0, the load on the "
         f"other CPU(s). Every agent thinks {pacing['think'] * 1000:.0f} ms (an LLM's time to "
         f"first token), then speaks {pacing['chunks']} chunks {pacing['interval'] * 1000:.0f} ms "
-        "apart; the floor is a bare ASGI app with the same pacing and bytes. **first-tts "
+        "apart; the floor is a bare ASGI app with the same pacing and bytes. Client i of N "
+        "starts i/N of a turn after the first (independent callers; started in one instant "
+        "the clients stay in lockstep and every turn arrives in one burst). **first-tts "
         "overhead** = time to the first `response.tts` minus the think time; **extra** = the "
         "turn's wall time minus the agent's own pauses; **RSS per stream** = (peak - baseline "
         "server RSS) / N, after an unmeasured first level at the smallest N (what a server "
@@ -813,6 +829,32 @@ def _paced_causes(results: dict[str, Any]) -> str:
     return f" ({'; '.join(figures)})" if figures else ""
 
 
+def _cpu_alone(results: dict[str, Any]) -> str:
+    """What ``floor+cpu`` (the floor as costly per turn as ours) says of ours' p99 ratio."""
+    rounds = _get(results, "paced", "p99_rounds") or []
+    ours = {n: statistics.median(r) for n, r in _p99_ratios(rounds).items()}
+    alone = {n: statistics.median(r) for n, r in _p99_ratios(rounds, "floor+cpu").items()}
+    both = sorted(set(ours) & set(alone))
+    if not both:
+        return ""
+    n = max(both, key=lambda k: ours[k])
+    text = (
+        f"At N={n}, the floor spending as much CPU per turn as ours, all of it when the "
+        f"request arrives (`floor+cpu`), has {alone[n]:.2f}× the floor's p99 against ours' "
+        f"{ours[n]:.2f}×: "
+    )
+    if alone[n] > 1.5:
+        text += "the CPU per turn alone misses the 1.5× line. "
+    else:
+        text += "the CPU per turn alone would keep within the 1.5× line. "
+    if ours[n] > alone[n]:
+        text += (
+            "The rest comes from how ours' work is spread over a turn: several tasks, "
+            "wake-ups and sends, each a place in the queue. "
+        )
+    return text
+
+
 def _missed(results: dict[str, Any]) -> str:
     """Why each missed target is missed and what would close it, from this run's numbers."""
     failed = [t for t in results.get("targets", []) if t["verdict"] == "FAIL"]
@@ -826,17 +868,16 @@ def _missed(results: dict[str, Any]) -> str:
         if name.startswith("paced: p99"):
             out.append(
                 f"- **{name}** (measured {t['measured']}: {t['how']}). The p99 of the first "
-                "word's overhead is tail latency. Two things lengthen ours against the floor's, "
-                "both per open turn: CPU (the signature check, Starlette's routing, the "
-                "conversation's lock and history, the turn's deadline, a task for the agent and "
-                "one watching for a disconnect) and the garbage collector (every object a turn "
-                "keeps alive while it streams, the coroutines, tasks and cancel scopes of "
-                "Starlette, anyio and this library, is scanned by each collection, and a "
-                "collection stops every stream of the process at once)"
+                "word's overhead is the wait in the server's one event loop, and it grows faster "
+                "than the CPU per turn: every turn's work queues behind the others'. Ours spends "
+                "per turn the signature check, Starlette's routing, the conversation's lock and "
+                "history, the turn's deadline, a task for the agent and one watching for a "
+                "disconnect, on anyio"
                 + _paced_causes(results)
-                + ". What would close it: fewer objects and steps per open turn (one task "
-                "instead of two, no cancel scope that a turn does not need), which is work on "
-                "the request path, not a setting.\n"
+                + ". "
+                + _cpu_alone(results)
+                + "What would close it: less CPU per turn on the request path, which is work, "
+                "not a setting.\n"
             )
         elif "time to first byte" in name:
             ours, floor = servers.get("ours"), servers.get("floor")

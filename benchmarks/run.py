@@ -576,7 +576,8 @@ def run_paced(cfg: Config, work: Path, ref_python: str | None) -> dict[str, Any]
         "levels": list(cfg.paced_levels),
         "duration_s": cfg.paced_duration,
         "results": measured,
-        "p99_rounds": p99_rounds(cfg, work, pacing),
+        "busy_us": (busy := extra_cpu(measured)),
+        "p99_rounds": p99_rounds(cfg, work, pacing, busy),
         "metrics_rounds": metrics_rounds(cfg, work, pacing),
     }
 
@@ -589,14 +590,36 @@ def _pick(rounds: list[dict[str, Any]], figure: str) -> list[dict[str, Any]]:
     ]
 
 
-def p99_rounds(cfg: Config, work: Path, pacing: paced.Pacing) -> list[dict[str, Any]]:
+def extra_cpu(measured: dict[str, Any]) -> float:
+    """Ours' server CPU per turn above the floor's, µs, the most of any N <= 1,000 in the
+    table (what ``floor+cpu`` spends per turn on top of the floor)."""
+    ours, floor = measured.get("ours") or {}, measured.get("floor") or {}
+    gaps = [
+        ours[n]["server_cpu_us_per_turn"] - floor[n]["server_cpu_us_per_turn"]
+        for n in ours
+        if int(n) <= 1000
+        and n in floor
+        and ours[n]["server_cpu_us_per_turn"]
+        and floor[n]["server_cpu_us_per_turn"]
+    ]
+    return round(max(0.0, *gaps), 1) if gaps else 0.0
+
+
+def p99_rounds(
+    cfg: Config, work: Path, pacing: paced.Pacing, busy_us: float
+) -> list[dict[str, Any]]:
     """The p99 target's ratio, measured apart from the table: ``floor`` and ``ours`` in
     interleaved rounds at every N <= 1,000 (``paced.interleave``). A p99 of one 8 s window
     moved by 2x between two runs of the same code: the median of per-round ratios does not
-    ride on one window's luck."""
-    chosen = paced.servers(["floor", "ours"], pacing, None)
+    ride on one window's luck. ``floor+cpu`` runs in the same rounds: the floor spending
+    ``busy_us`` µs more CPU per turn, as much as ours, tells how much of ours' ratio is CPU
+    per turn alone."""
+    chosen = paced.servers(["floor", "ours", "floor+cpu"], pacing, None, busy_us)
     levels = [n for n in cfg.paced_levels if n <= 1000]
-    log(f"paced: floor and ours, {cfg.p99_rounds} interleaved round(s) at N={levels}")
+    log(
+        f"paced: floor, ours and floor+cpu ({busy_us:.0f} µs), {cfg.p99_rounds} interleaved "
+        f"round(s) at N={levels}"
+    )
     rounds = asyncio.run(
         paced.interleave(
             chosen, levels, pacing, cfg.paced_warmup, cfg.paced_duration, cfg.p99_rounds, work

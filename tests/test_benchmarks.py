@@ -50,8 +50,12 @@ def test_smoke_run_writes_its_outputs(tmp_path: Path) -> None:
     assert any(t["target"].startswith("paced: p99") for t in results["targets"])
     p99 = results["paced"]["p99_rounds"]
     assert len(p99) == 1 and p99[0]["ours"]["20"] > 0 and p99[0]["floor"]["20"] > 0
+    # the floor made as costly per turn as ours ran in the same rounds
+    assert p99[0]["floor+cpu"]["20"] > 0 and results["paced"]["busy_us"] > 0
+    assert results["paced"]["pacing"]["together"] is False  # starts spread over a turn
     target = next(t for t in results["targets"] if t["target"].startswith("paced: p99"))
     assert "interleaved rounds" in target["how"] and "N=20: " in target["how"], target
+    assert "more CPU per turn (as much as ours, `floor+cpu`): N=20: " in target["how"], target
     # the metrics' cost: ours and ours-metrics interleaved, a CPU figure per server per round
     rounds = results["paced"]["metrics_rounds"]
     assert len(rounds) == 1 and rounds[0]["ours"]["20"] > 0 and rounds[0]["ours-metrics"]["20"] > 0

@@ -250,6 +250,10 @@ def test_the_benchmark_summary_quotes_the_committed_results() -> None:
     def target(start: str) -> float:
         return next(value for name, value in measured.items() if name.startswith(start))
 
+    # "… (as much as ours, `floor+cpu`): N=200: 1.64; N=800: 3.04; the table's …"
+    alone = re.search(r"`floor\+cpu`\): N=200: [\d.]+; N=800: ([\d.]+);", results_text)
+    assert alone, "RESULTS.md has no floor+cpu ratio"
+
     DASH, TIMES = "\u2013", "\u00d7"  # as the page writes them
     expected = [
         f"is {p99('ours', '200')} ms for `create_app` at N = 200",
@@ -265,6 +269,7 @@ def test_the_benchmark_summary_quotes_the_committed_results() -> None:
         f"{echo['reference (layercode-create-app 0.2.0)']:,.0f} for the reference "
         f"({target('echo throughput (wrk end to end) >= 10x'):.1f}{TIMES}; the target is 10{TIMES}) "
         f"and {echo['floor (bare ASGI)']:,.0f} for the bare floor",
+        f"per turn as ours has {alone.group(1)}{TIMES} its own p99 at N = 800",
         f"{target('decode message'):.1f}{TIMES} the reference's for `message` and "
         f"{target('decode session.end-50: ref/ours'):.2f}{TIMES} for a 50-item `session.end`",
         f"1,000 open streams cost {target('1,000 concurrent open streams: <= 30'):.1f} KiB each",
