@@ -197,17 +197,21 @@ class Run:
         self.level.first_tts.append(client.tts_at - client.sent - self.pacing.think)
         self.level.extra.append(now - client.sent - self.pacing.speaking)
 
+    def launch(self, port: int, clients: int) -> list[asyncio.Future[None]]:
+        """Start ``clients`` clients (their first turns spread over one turn unless
+        ``pacing.together``), each looping until ``measure_to``."""
+        spread = 0.0 if self.pacing.together else self.pacing.speaking / clients
+        return [
+            asyncio.ensure_future(Client(self, i).loop(port, self.measure_to, spread * i))
+            for i in range(clients)
+        ]
+
     async def go(self, server: Server, clients: int) -> dict[str, Any]:
         start = time.monotonic()
         self.measure_from = start + self.warmup
         self.measure_to = self.measure_from + self.duration
-        crowd = [Client(self, index) for index in range(clients)]
         rss_before = rss_kib(server.pid)
-        spread = 0.0 if self.pacing.together else self.pacing.speaking / clients
-        tasks = [
-            asyncio.ensure_future(c.loop(server.port, self.measure_to, spread * c.index))
-            for c in crowd
-        ]
+        tasks = self.launch(server.port, clients)
         await asyncio.sleep(self.warmup)
         cpu0, load0, t0 = cpu_seconds(server.pid), time.process_time(), time.monotonic()
         rss_peak = rss_before

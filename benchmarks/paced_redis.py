@@ -4,9 +4,10 @@ Redis, two workers with Redis.
     python benchmarks/paced_redis.py [--levels 200,800] [--duration 8] [--out results-redis.json]
 
 The same closed loop as ``paced.py`` (every turn: think 100 ms, then 10 chunks 50 ms apart;
-each turn a new conversation, so no turn waits for another). Per variant and N: turns/s,
-errors, p50/p99 of the first ``response.tts`` minus the think time and of the turn's extra
-duration, the server's CPU per turn (all its worker processes), Redis's CPU per turn, and
+each client one conversation, whose turns come one after another, so no turn waits for
+another). Per variant and N: turns/s, errors, p50/p99 of the first ``response.tts`` minus
+the think time and of the turn's extra duration, the server's CPU per turn (all its worker
+processes), Redis's CPU per turn, and
 the Redis commands per turn from ``INFO commandstats``: the scripts clients ran (each one
 round trip: ``EVALSHA``) and every command run, inside scripts included.
 
@@ -37,7 +38,7 @@ sys.path.insert(0, str(HERE))
 
 from common import raise_nofile  # noqa: E402
 from loadgen import Server, cpu_seconds, free_port, pinning, rss_kib  # noqa: E402
-from paced import Client, Pacing, Run, summarise  # noqa: E402
+from paced import Pacing, Run, summarise  # noqa: E402
 
 #: What our client sends (one round trip each): scripts only (``INFO commandstats`` counts
 #: the commands run inside a script too, so it cannot tell a client's ``GET`` from a
@@ -154,9 +155,8 @@ async def _level(
     start = time.monotonic()
     run.measure_from = start + warmup
     run.measure_to = run.measure_from + duration
-    crowd = [Client(run, index) for index in range(clients)]
     rss_before = _tree_rss(server.pid)
-    tasks = [asyncio.ensure_future(c.loop(server.port, run.measure_to)) for c in crowd]
+    tasks = run.launch(server.port, clients)
     await asyncio.sleep(warmup)
     stats0 = redis.commandstats() if redis else {}
     redis_cpu0 = cpu_seconds(redis.process.pid) if redis else 0.0
@@ -247,8 +247,9 @@ def markdown(
         "# Paced streaming with history on Redis",
         "",
         f"`python benchmarks/paced_redis.py`: think {pacing.think * 1000:.0f} ms, then "
-        f"{pacing.chunks} chunks {pacing.interval * 1000:.0f} ms apart; each turn a new "
-        f"conversation; {duration:g} s measured per level. Server processes on one CPU, "
+        f"{pacing.chunks} chunks {pacing.interval * 1000:.0f} ms apart; each client one "
+        "conversation, its turns one after another, the clients' first turns spread over "
+        f"one turn; {duration:g} s measured per level. Server processes on one CPU, "
         f"{where}. Round trips: commands sent to Redis per turn; commands: every "
         "command Redis ran per turn, inside scripts included (`INFO commandstats`).",
         "",

@@ -171,3 +171,28 @@ def test_decode_benchmark_compares_like_with_like() -> None:
     assert not bench_decode._same_meaning(
         bench_decode.parse_webhook_payload(raws["message"]), None, bench_decode.best_parse(other)
     )
+
+
+@pytest.mark.timeout(180)
+def test_paced_redis_runs_briefly(tmp_path: Path) -> None:
+    """``benchmarks/paced_redis.py`` (not part of run.py) shares paced.py's clients: a
+    brief run of every variant, so a change there cannot break it unnoticed."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    out, markdown = tmp_path / "redis.json", tmp_path / "RESULTS-redis.md"
+    brief = ["--levels", "4", "--duration", "1", "--warmup", "0.7"]
+    written = ["--out", str(out), "--markdown", str(markdown)]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "paced_redis.py"), *brief, *written],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 3, results
+    for variant, levels in results.items():
+        level = levels["4"]
+        assert level["turns"] > 0 and level["errors"] == 0, (variant, level)
+    assert "| Redis, 2 workers | 4 |" in markdown.read_text()
