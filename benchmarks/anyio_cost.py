@@ -2,11 +2,12 @@
 
     python benchmarks/anyio_cost.py [--n 20000] [--rounds 3]
 
-A turn uses one anyio task group (``EventStreamResponse``: the producer and the disconnect
-watcher) and a few cancel scopes (the turn's deadline, the lock wait, the shielded record,
-the body read). Each pair below does the same work, once with anyio and once with asyncio's
-own task or ``asyncio.timeout``; the difference, times the uses per turn, is what a native
-asyncio path could save (the figure in RESULTS.md's design notes).
+A turn on trio uses one anyio task group (``EventStreamResponse``'s disconnect watcher; on
+asyncio it is a plain task, the figure in RESULTS.md's design notes) and, on both, a few
+cancel scopes (the turn's deadline, the lock wait, the shielded record, the body read, the
+producer's). Each pair below does the same work, once with anyio and once with asyncio's own
+task or ``asyncio.timeout``; the difference, times the uses per turn, is what native asyncio
+saves.
 """
 
 from __future__ import annotations

@@ -871,8 +871,7 @@ def _missed(results: dict[str, Any]) -> str:
                 "word's overhead is the wait in the server's one event loop, and it grows faster "
                 "than the CPU per turn: every turn's work queues behind the others'. Ours spends "
                 "per turn the signature check, Starlette's routing, the conversation's lock and "
-                "history, the turn's deadline, a task for the agent and one watching for a "
-                "disconnect, on anyio"
+                "history, the turn's deadline and a task watching for a disconnect"
                 + _paced_causes(results)
                 + ". "
                 + _cpu_alone(results)
@@ -933,14 +932,21 @@ DESIGN_NOTES = """## Design choices and trade-offs
 
 - **One plain request path.** `create_app` is a plain Starlette app; its webhook route is
   drain check → `LayercodeSignature.verified_body` → `LayercodeWebhook.answer` → one
-  `EventStreamResponse` (on anyio: asyncio or trio) running the turn. There is no second
-  route beside Starlette's, no native-asyncio copy of the stream, no hand-stepped
-  coroutines, and the conversation store is used only through its async interface.
-- **anyio only, no native asyncio path.** `python benchmarks/anyio_cost.py` (uvloop, per
-  use): an anyio task group costs about 16 µs more than an asyncio task, a cancel scope
-  about 2.5 µs more than `asyncio.timeout`. A turn has one task group and four scopes:
-  about 26 µs of the ~430 µs of server CPU per paced turn (6%), below the 10% a second
-  code path would have to pay for itself.
+  `EventStreamResponse` running the turn in the request's own task. There is no second
+  route beside Starlette's, no hand-stepped coroutines, and the conversation store is used
+  only through its async interface.
+- **No trip through the event loop before the agent starts.** The agent runs in the
+  request's task and the response runs its producer there too (the disconnect watcher is
+  the other task). Each trip (a new task's first step) waits under load for everything else
+  the loop has to do: a task for the producer and one for the agent made ours' p99 first-tts
+  overhead at N = 800 6.0 ms, without them 2.9 ms (single runs, the floor 1.6–1.9 ms). The
+  agent's cancellation is therefore anyio's on both backends (cleanup that awaits shields
+  itself); `from_langchain` gives LangChain's stream a task of its own, cancelled once.
+- **A native asyncio watcher, measured.** On asyncio the disconnect watcher is a plain
+  asyncio task (the producer still sits in an anyio cancel scope); on trio an anyio task
+  group. The task group cost 33 µs more per paced turn in-process; on the paced benchmark at
+  N = 800 the plain task took ours' server CPU per turn from 330 to 287 µs (-13%) and the p99
+  first-tts overhead from 2.9 to 2.3 ms. The stream and turn tests run on asyncio and trio.
 - **The garbage collector, tuned while `create_app` runs** (`LAYERCODE_GC_TUNING`, on by
   default). A turn's objects form no reference cycles, so reference counting frees them all
   and the collector only ever finds what lives on (history, open streams). Its young passes

@@ -18,6 +18,7 @@ them as ASGI apps ``await response(scope, receive, send)``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
@@ -181,8 +182,10 @@ class EventStreamResponse(Response):
     exception is logged and answered with a JSON 500 before the stream starts, or ends the
     stream after it started (never a second status line).
 
-    While it runs, a watcher waits for ``http.disconnect``; when the client leaves, the
-    producer is cancelled at its current ``await``. A send that fails because the
+    The producer runs in the task that calls the response (the request's own task); while
+    it runs, a watcher task waits for ``http.disconnect``, and when the client leaves the
+    producer is cancelled at its current ``await`` (an anyio cancellation, on asyncio and
+    trio alike). A send that fails because the
     connection is gone (``OSError``) ends it the same way. :attr:`disconnected` tells
     afterwards whether the client left early. ``close_timeout`` bounds the final (empty)
     frame: a client that stopped reading does not hold the response open (None: no bound).
@@ -219,12 +222,16 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send = send
-        # The producer runs in a child task, the watcher here: once the producer is done,
-        # the watcher is cancelled in this task (no cancelled child task to collect).
-        async with anyio.create_task_group() as task_group:
-            self._cancel = task_group.cancel_scope
-            task_group.start_soon(self._produce)
-            await self._watch_disconnect(receive)
+        # The producer runs in this task and the disconnect watcher in another: the
+        # producer starts at once, not one trip through the event loop later (under load
+        # each trip waits for everything else the loop has to do; the trip was 30% of
+        # ours' p99 first-tts overhead on the paced benchmark at N = 800).
+        try:
+            asyncio.current_task()
+        except RuntimeError:  # no asyncio loop: trio
+            await self._stream_in_task_group(receive)
+        else:
+            await self._stream_on_asyncio(receive)
         if not self.disconnected:
             await self._finish(send, self._failure)
         self._send = self._cancel = self._failure = None  # no cycle through the producer
@@ -260,22 +267,45 @@ class EventStreamResponse(Response):
             self._unyielded = 0
             await anyio.lowlevel.checkpoint()
 
+    async def _stream_in_task_group(self, receive: Receive) -> None:
+        async with anyio.create_task_group() as task_group:
+            cancel = self._cancel = task_group.cancel_scope
+            task_group.start_soon(self._watch_disconnect, receive)
+            try:
+                await self._produce()
+            finally:
+                if self.closed:
+                    # The body is complete, so the server answers the watcher's receive()
+                    # with http.disconnect (ASGI) and it returns by itself; cancelled all
+                    # the same if a server is late with it.
+                    cancel.deadline = min(cancel.deadline, anyio.current_time() + _CLOSE_WAIT)
+                else:
+                    cancel.cancel()  # stop the watcher
+
+    async def _stream_on_asyncio(self, receive: Receive) -> None:
+        """The same with the watcher in a plain asyncio task, cancelled the same way (the
+        anyio scope around the producer). An anyio task group costs 33 µs more per paced
+        turn (in-process); on the paced benchmark at N = 800 this path took ours' server
+        CPU per turn from 330 to 287 µs (-13%) and its p99 first-tts overhead from 2.9 to
+        2.3 ms."""
+        cancel = self._cancel = anyio.CancelScope()
+        watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive))
+        try:
+            with cancel:
+                await self._produce()
+        finally:
+            if not self.closed:
+                watcher.cancel()
+            try:  # once the body is complete the server answers with http.disconnect
+                await asyncio.wait([watcher], timeout=_CLOSE_WAIT)
+            finally:
+                watcher.cancel()
+
     async def _produce(self) -> None:
         try:
             await self.producer(self.emit)
         except Exception as exc:
             self._failure = exc
-        finally:
-            cancel = self._cancel
-            if cancel is not None:
-                if self.closed:
-                    # The body is complete, so the server answers the watcher's receive()
-                    # with http.disconnect (ASGI) and it returns by itself: cancelling it
-                    # was 10% of the library's calls per paced turn. Cancelled all the
-                    # same if a server is late with it.
-                    cancel.deadline = min(cancel.deadline, anyio.current_time() + _CLOSE_WAIT)
-                else:
-                    cancel.cancel()  # stop the watcher
 
     def _start_message(self) -> Message:
         return {

@@ -20,8 +20,11 @@ Guarantees:
 * Each ``emit`` waits for the server to take the chunk, and the agent is only resumed
   after that: a slow client slows the agent; nothing is buffered without bound.
 * When the turn is cancelled (the client disconnected), the agent is cancelled at its
-  current ``await`` and closed (its ``finally`` blocks run, bounded to one second); nothing
-  keeps running for the turn. Nothing more is emitted: there is nobody to read it.
+  current ``await`` and closed; nothing keeps running for the turn. Nothing more is
+  emitted: there is nobody to read it. The agent runs in the request's own task, and its
+  cancellation is anyio's on asyncio and trio alike: every ``await`` in the cancelled agent
+  is cancelled too, so cleanup that must await (closing a connection) shields itself, e.g.
+  ``with anyio.move_on_after(1, shield=True): await client.aclose()``.
 
 :func:`stream_turn` and :func:`stream_response` wrap a turn in an
 :class:`~layercode_asgi.sse.EventStreamResponse` for any framework's route handler; given
@@ -31,7 +34,6 @@ as ``create_app`` does without hooks: 200 ``{"status": "ok"}`` (JSON), calling n
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import math
@@ -266,7 +268,7 @@ class Turn:
                 self._scope = scope
                 if self._abort is None:
                     try:
-                        await self._agent()
+                        await self._produce()
                     except Exception as exc:
                         await self._failed(exc)
                     await self.end()
@@ -295,37 +297,6 @@ class Turn:
             # response -> producer -> turn -> emit reference cycle.
             self._emit = self._ends_body = None
             self._scope = None
-
-    async def _agent(self) -> None:
-        """Run the agent (``_produce``); cancelled, it is cancelled once and may clean up.
-
-        anyio's cancellation is level-triggered: every ``await`` inside a cancelled scope is
-        cancelled again, so an asyncio-native agent (LangGraph) could not await anything in
-        its ``finally`` blocks (closing its model request). On asyncio the agent therefore
-        runs in a task of its own, cancelled once as asyncio does, and given
-        ``AGENT_CLOSE_TIMEOUT`` to finish; on trio (level-triggered by design) it runs here.
-        """
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio (trio)
-            await self._produce()
-            return
-        task = loop.create_task(self._produce())
-        try:
-            await asyncio.shield(task)
-        except BaseException:
-            if not task.done():
-                task.cancel()
-                with anyio.move_on_after(AGENT_CLOSE_TIMEOUT, shield=True):
-                    await asyncio.wait([task])
-            if not task.done():
-                logger.warning(
-                    "agent still running %ss after it was cancelled; left behind %s",
-                    AGENT_CLOSE_TIMEOUT,
-                    self._ids(),
-                )
-            task.add_done_callback(_retrieve)  # its outcome is this turn's, already handled
-            raise
 
     async def _produce(self) -> None:
         if self._handler is not None:
@@ -455,11 +426,6 @@ class Turn:
 
 
 _NOT_RUNNING = "this turn is not running (Turn.run() was not called or ended)"
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 def _encode_content(content: Any) -> bytes:

@@ -9,11 +9,15 @@ calls start the filler, tool results are not read out.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Sequence
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
+
+import anyio
 
 from ..agents import Agent, TurnContext
 from ..conversation import HistoryMessage
+from ..turns import AGENT_CLOSE_TIMEOUT
 from .voice import DEFAULT_FILLER, Chunking, Filler, Piece, ToolCall, require_extra, voice_agent
 
 __all__ = ["from_langchain", "langchain_messages"]
@@ -58,6 +62,49 @@ def _text(content: Any) -> str:
     return ""
 
 
+_DONE = object()
+
+
+async def _in_own_task(stream: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
+    """The items of ``stream``, iterated in an asyncio task of its own.
+
+    A turn runs its agent under anyio, whose cancellation repeats at every ``await`` of the
+    cancelled code. LangGraph cleans up a cancelled stream by awaiting (it cancels its node
+    tasks and closes the model request), which needs asyncio's cancellation, delivered once.
+    So the stream runs in its own task, cancelled once when the turn is, and given
+    ``AGENT_CLOSE_TIMEOUT`` seconds to finish.
+    """
+    queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue(1)
+
+    async def pump() -> None:
+        error: BaseException | None = None
+        try:
+            async for item in stream:
+                await queue.put((item, None))
+        except Exception as exc:
+            error = exc
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        await queue.put((_DONE, error))
+
+    task = asyncio.get_running_loop().create_task(pump())
+    try:
+        while True:
+            item, error = await queue.get()
+            if item is _DONE:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        if not task.done():
+            task.cancel()
+            with anyio.move_on_after(AGENT_CLOSE_TIMEOUT, shield=True):
+                await asyncio.wait([task])
+
+
 def from_langchain(
     runnable: Any,
     *,
@@ -100,27 +147,22 @@ def from_langchain(
             stream = runnable.astream(value, run_config, stream_mode="messages")
         else:
             stream = runnable.astream(value, run_config)
-        try:
-            async for item in stream:
-                chunk = item[0] if graph and isinstance(item, tuple) else item
-                if isinstance(chunk, str):
-                    yield chunk
-                    continue
-                if isinstance(chunk, messages.ToolMessage):
-                    yield ""  # a tool finished: what it sent goes out now (never read out)
-                    continue
-                if not isinstance(chunk, messages.AIMessageChunk | messages.AIMessage):
-                    continue  # the user's own message echoed by a graph, …
-                text = _text(chunk.content)
-                if text:
-                    yield text
-                for call in getattr(chunk, "tool_call_chunks", None) or chunk.tool_calls:
-                    if call.get("name"):
-                        yield ToolCall(str(call["name"]))
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+        async for item in _in_own_task(stream):
+            chunk = item[0] if graph and isinstance(item, tuple) else item
+            if isinstance(chunk, str):
+                yield chunk
+                continue
+            if isinstance(chunk, messages.ToolMessage):
+                yield ""  # a tool finished: what it sent goes out now (never read out)
+                continue
+            if not isinstance(chunk, messages.AIMessageChunk | messages.AIMessage):
+                continue  # the user's own message echoed by a graph, …
+            text = _text(chunk.content)
+            if text:
+                yield text
+            for call in getattr(chunk, "tool_call_chunks", None) or chunk.tool_calls:
+                if call.get("name"):
+                    yield ToolCall(str(call["name"]))
 
     name = getattr(runnable, "name", None) or type(runnable).__name__
     return voice_agent(run, name=str(name), welcome=welcome, chunking=chunking, filler=filler)
