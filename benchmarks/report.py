@@ -878,6 +878,20 @@ def _missed(results: dict[str, Any]) -> str:
                 + "What would close it: less CPU per turn on the request path, which is work, "
                 "not a setting.\n"
             )
+        elif name.startswith("paced: metrics on"):
+            cost = _metrics_cost(_get(results, "paced") or {})
+            spread = "; ".join(
+                f"N={n}: {min(c) * 100:+.1f}% to {max(c) * 100:+.1f}%"
+                for n, c in sorted(cost.items())
+                if n <= PACED_MAX_N
+            )
+            out.append(
+                f"- **{name}** (measured {t['measured']}). The rounds disagree by more than the "
+                f"target ({spread}): each compares two 8 s CPU readings of a server a few tenths "
+                "busy. `python benchmarks/metrics_cost.py` times the recording itself, with "
+                "nothing else running: a few µs per turn with both sinks, about 1% of ours' "
+                "server CPU per paced turn. What would settle it: more rounds, or longer ones.\n"
+            )
         elif "time to first byte" in name:
             ours, floor = servers.get("ours"), servers.get("floor")
             inverse = floor["rps_median"] / ours["rps_median"] if ours and floor else None
