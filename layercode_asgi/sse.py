@@ -185,10 +185,10 @@ class EventStreamResponse(Response):
     The producer runs in the task that calls the response (the request's own task); while
     it runs, a watcher task waits for ``http.disconnect``, and when the client leaves the
     producer is cancelled at its current ``await`` (an anyio cancellation, on asyncio and
-    trio alike). A send that fails because the
-    connection is gone (``OSError``) ends it the same way. :attr:`disconnected` tells
-    afterwards whether the client left early. ``close_timeout`` bounds the final (empty)
-    frame: a client that stopped reading does not hold the response open (None: no bound).
+    trio alike). A send that fails because the connection is gone (``OSError``) ends it the
+    same way. :attr:`disconnected` tells afterwards whether the client left early.
+    ``close_timeout`` bounds the final (empty) frame: a client that stopped reading does not
+    hold the response open (None: no bound).
     """
 
     media_type = "text/event-stream"

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from typing import Any
 
+import anyio
 import httpx
 import msgspec
 import pytest
@@ -370,3 +372,39 @@ async def test_docs_adapter_example(
     assert start.tts == ["Welcome! What are you looking for?"]
     assert turn.tts == ["Let me check.", "We have four tents."]
     assert turn.data == [{"item": "tent", "in_stock": 4}]
+
+
+class _Stream:
+    """An async iterator whose ``aclose`` may fail (a library's stream, cleaned up badly)."""
+
+    def __init__(self, items: list[str], fail_close: bool) -> None:
+        self.items, self.fail_close, self.closed = list(items), fail_close, False
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> str:
+        if not self.items:
+            raise StopAsyncIteration
+        return self.items.pop(0)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        if self.fail_close:
+            raise RuntimeError("close failed")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fail_close", [False, True])
+async def test_langchains_stream_in_its_own_task_ends_even_if_closing_fails(
+    fail_close: bool,
+) -> None:
+    from layercode_asgi.adapters.langchain import _in_own_task
+
+    stream = _Stream(["a", "b"], fail_close)
+    seen: list[str] = []
+    with anyio.fail_after(5), pytest.raises(RuntimeError) if fail_close else nullcontext():
+        async for item in _in_own_task(stream):
+            seen.append(item)  # noqa: PERF401 (items seen before the error count too)
+    assert seen == ["a", "b"]
+    assert stream.closed

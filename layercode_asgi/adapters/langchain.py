@@ -86,7 +86,10 @@ async def _in_own_task(stream: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
-                await aclose()
+                try:
+                    await aclose()
+                except Exception as exc:  # still tell the turn the stream is over
+                    error = error or exc
         await queue.put((_DONE, error))
 
     task = asyncio.get_running_loop().create_task(pump())
