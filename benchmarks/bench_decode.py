@@ -93,7 +93,7 @@ class Reference:
 
     def round(self) -> dict[tuple[str, str], float]:
         sample = self._ask("round")
-        return {tuple(key.split("|")): ns for key, ns in sample.items()}  # type: ignore[misc]
+        return {tuple(key.split("|")): ns for key, ns in sample.items()}
 
     def close(self) -> None:
         if self.process.poll() is None:

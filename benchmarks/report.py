@@ -784,7 +784,9 @@ def _paced_section(results: dict[str, Any]) -> str:
 
 
 def _paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
-    return statistics.median(x / y for x, y in zip(a["rps_all"], b["rps_all"], strict=True))
+    return float(
+        statistics.median(x / y for x, y in zip(a["rps_all"], b["rps_all"], strict=True))
+    )
 
 
 def _native_gap(results: dict[str, Any]) -> str:
@@ -795,7 +797,7 @@ def _native_gap(results: dict[str, Any]) -> str:
         return ""
 
     def part(n: dict[str, Any], match: str) -> float:
-        return sum(us for dso, _, us in n["by_dso"] if match in dso)
+        return float(sum(us for dso, _, us in n["by_dso"] if match in dso))
 
     python = part(ours, "libpython") - part(floor, "libpython")
     kernel = part(ours, "kernel") - part(floor, "kernel")

@@ -287,19 +287,16 @@ class EventStreamResponse(Response):
         anyio scope around the producer). An anyio task group costs 33 µs more per paced
         turn (in-process); on the paced benchmark at N = 800 this path took ours' server
         CPU per turn from 330 to 287 µs (-13%) and its p99 first-tts overhead from 2.9 to
-        2.3 ms."""
+        2.3 ms. The watcher is cancelled as soon as the producer is done (a plain task's
+        cancellation is cheap): waiting for the server's ``http.disconnect`` instead cost
+        5% of ours' CPU per paced turn (in-process, 182 -> 173 µs)."""
         cancel = self._cancel = anyio.CancelScope()
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive))
         try:
             with cancel:
                 await self._produce()
         finally:
-            if not self.closed:
-                watcher.cancel()
-            try:  # once the body is complete the server answers with http.disconnect
-                await asyncio.wait([watcher], timeout=_CLOSE_WAIT)
-            finally:
-                watcher.cancel()
+            watcher.cancel()
 
     async def _produce(self) -> None:
         try:

@@ -70,7 +70,8 @@ __all__ = [
 
 logger = logging.getLogger("layercode_asgi.turns")
 
-#: How long a cancelled or finished agent may take to run its ``finally`` blocks.
+#: How long an agent stopped before its end (cancelled, timed out or failed) may take to run
+#: its own cleanup (``aclose()``: its ``finally`` blocks), shielded from the cancellation.
 AGENT_CLOSE_TIMEOUT = 1.0
 #: The ``error`` text of ``response.error``. Exception details go to the log, not the wire.
 AGENT_ERROR_MESSAGE = "agent error"

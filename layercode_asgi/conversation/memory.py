@@ -7,7 +7,6 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import ClassVar
 
 import anyio
 
@@ -100,10 +99,6 @@ class MemoryConversationStore:
     * max_bytes`` of text (Python keeps a text in 1, 2 or 4 bytes per character, so a text
     mixing ASCII with characters beyond U+FFFF can take up to 4 times its UTF-8 size).
     """
-
-    #: Its operations never suspend, so callers need no cancellation shield or deadline
-    #: around them (``LayercodeWebhook`` skips that cost when recording a turn).
-    never_suspends: ClassVar[bool] = True
 
     def __init__(
         self,
