@@ -1,6 +1,6 @@
 """The benchmark harness: end to end, micro and concurrency, in one run on one machine.
 
-    python benchmarks/run.py            # the full run (~10 minutes): writes RESULTS.md, PNG
+    python benchmarks/run.py            # the full run (~20 minutes): writes RESULTS.md, PNG
     python benchmarks/run.py --smoke    # everything, briefly (~40 s), for CI
     python benchmarks/run.py --smoke --out /tmp/bench   # outputs elsewhere
 

@@ -36,7 +36,7 @@ def test_smoke_run_writes_its_outputs(tmp_path: Path) -> None:
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["mode"] == "smoke"
-    assert results["failures"] == []
+    assert results["failures"] == [], results["failures"]
     # every part ran and measured something
     assert results["micro"]["signature"]["rate_ratio"] > 0
     assert {row["case"] for row in results["micro"]["decode"]["results"]} >= {"message"}
@@ -49,20 +49,24 @@ def test_smoke_run_writes_its_outputs(tmp_path: Path) -> None:
         assert level["first_tts_p99_ms"] is not None, (name, level)
     assert any(t["target"].startswith("paced: p99") for t in results["targets"])
     p99 = results["paced"]["p99_rounds"]
-    assert len(p99) == 1 and p99[0]["ours"]["20"] > 0 and p99[0]["floor"]["20"] > 0
+    assert len(p99) == 1 and p99[0]["ours"]["20"] > 0 and p99[0]["floor"]["20"] > 0, p99
     # the floor made as costly per turn as ours ran in the same rounds
-    assert p99[0]["floor+cpu"]["20"] > 0 and results["paced"]["busy_us"] > 0
+    assert p99[0]["floor+cpu"]["20"] > 0 and results["paced"]["busy_us"] > 0, (
+        p99,
+        results["paced"]["busy_us"],
+    )
     assert results["paced"]["pacing"]["together"] is False  # starts spread over a turn
     target = next(t for t in results["targets"] if t["target"].startswith("paced: p99"))
     assert "interleaved rounds" in target["how"] and "N=20: " in target["how"], target
     assert "more CPU per turn (as much as ours, `floor+cpu`): N=20: " in target["how"], target
     # the metrics' cost: ours and ours-metrics interleaved, a CPU figure per server per round
     rounds = results["paced"]["metrics_rounds"]
-    assert len(rounds) == 1 and rounds[0]["ours"]["20"] > 0 and rounds[0]["ours-metrics"]["20"] > 0
+    assert len(rounds) == 1 and rounds[0]["ours"]["20"] > 0, rounds
+    assert rounds[0]["ours-metrics"]["20"] > 0, rounds
     cost = next(t for t in results["targets"] if t["target"].startswith("paced: metrics on"))
     assert cost["measured"].endswith("%") and "N=20:" in cost["how"], cost
     crowd = results["concurrency"]["ours"][0]
-    assert crowd["streams"] == 20 and crowd["errors"] == 0
+    assert crowd["streams"] == 20 and crowd["errors"] == 0, crowd
     if "e2e" in results:
         servers = results["e2e"]["servers"]
         for name in ("floor", "ours", "ours_sse_starlette", "ours_no_history"):

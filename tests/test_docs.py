@@ -42,7 +42,7 @@ EXEMPTIONS: dict[str, int] = {
     "cli.md": 1,  # a list of commands, two of them serving on the same port
     "security.md": 0,
     "deploying.md": 3,  # workers on Redis, an nginx configuration, a Kubernetes manifest
-    "benchmarks.md": 1,  # the full benchmark run (~10 minutes)
+    "benchmarks.md": 1,  # the full benchmark run (~20 minutes)
     "development.md": 1,  # the test suite and its checks themselves
 }
 
