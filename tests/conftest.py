@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import logging
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -259,6 +261,18 @@ class ServerProcess:
             self.log.unlink(missing_ok=True)
 
 
+_LOG_DIR: list[Path] = []
+
+
+def _log_dir() -> Path:
+    """Where servers' temporary logs go: one directory for the test run, removed when it
+    ends (a server stopped with ``stop()`` rather than ``with`` leaves its log until then)."""
+    if not _LOG_DIR:
+        _LOG_DIR.append(Path(tempfile.mkdtemp(prefix="layercode-test-servers-")))
+        atexit.register(shutil.rmtree, _LOG_DIR[0], ignore_errors=True)
+    return _LOG_DIR[0]
+
+
 def start_server_process(
     command: list[str],
     *,
@@ -281,7 +295,7 @@ def start_server_process(
     port = free_port() if port is None else port
     temporary = log is None
     if log is None:
-        handle, name = tempfile.mkstemp(prefix="server-", suffix=".log")
+        handle, name = tempfile.mkstemp(prefix="server-", suffix=".log", dir=_log_dir())
         os.close(handle)
         log = Path(name)
     with log.open("wb") as output:
