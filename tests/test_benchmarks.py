@@ -50,11 +50,11 @@ def test_smoke_run_writes_its_outputs(tmp_path: Path) -> None:
     assert any(t["target"].startswith("paced: p99") for t in results["targets"])
     p99 = results["paced"]["p99_rounds"]
     assert len(p99) == 1 and p99[0]["ours"]["20"] > 0 and p99[0]["floor"]["20"] > 0, p99
-    # the floor made as costly per turn as ours ran in the same rounds
-    assert p99[0]["floor+cpu"]["20"] > 0 and results["paced"]["busy_us"] > 0, (
-        p99,
-        results["paced"]["busy_us"],
-    )
+    # the floor made as costly per turn as ours ran in the same rounds (its extra CPU may be
+    # 0 here: a smoke window holds a few 10 ms clock ticks of server CPU, too coarse to tell
+    # ours from the floor every time)
+    assert p99[0]["floor+cpu"]["20"] > 0, p99
+    assert isinstance(results["paced"]["busy_us"], float), results["paced"]
     assert results["paced"]["pacing"]["together"] is False  # starts spread over a turn
     target = next(t for t in results["targets"] if t["target"].startswith("paced: p99"))
     assert "interleaved rounds" in target["how"] and "N=20: " in target["how"], target

@@ -183,8 +183,8 @@ async def test_create_app_answers_turns_on_this_backend() -> None:
 
 
 async def test_a_server_that_never_says_disconnect_does_not_hold_a_finished_response() -> None:
-    # Once the body is complete the watcher waits for http.disconnect, which ASGI servers
-    # send then; a server that never does still gets the response back, bounded.
+    # The watcher is cancelled once the producer is done: a server that never sends
+    # http.disconnect does not hold a finished response.
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
