@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -261,16 +262,13 @@ class ServerProcess:
             self.log.unlink(missing_ok=True)
 
 
-_LOG_DIR: list[Path] = []
-
-
+@functools.cache
 def _log_dir() -> Path:
     """Where servers' temporary logs go: one directory for the test run, removed when it
     ends (a server stopped with ``stop()`` rather than ``with`` leaves its log until then)."""
-    if not _LOG_DIR:
-        _LOG_DIR.append(Path(tempfile.mkdtemp(prefix="layercode-test-servers-")))
-        atexit.register(shutil.rmtree, _LOG_DIR[0], ignore_errors=True)
-    return _LOG_DIR[0]
+    path = Path(tempfile.mkdtemp(prefix="layercode-test-servers-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def start_server_process(
