@@ -784,9 +784,7 @@ def _paced_section(results: dict[str, Any]) -> str:
 
 
 def _paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
-    return float(
-        statistics.median(x / y for x, y in zip(a["rps_all"], b["rps_all"], strict=True))
-    )
+    return float(statistics.median(x / y for x, y in zip(a["rps_all"], b["rps_all"], strict=True)))
 
 
 def _native_gap(results: dict[str, Any]) -> str:
