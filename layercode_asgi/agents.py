@@ -24,18 +24,15 @@ import inspect
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, TypeAlias
 
+from .config import Settings
 from .conversation import HistoryMessage
 from .errors import ConfigurationError
 from .events import SessionStartPayload, TurnEvent
 from .redaction import escape_terminal
 
-if TYPE_CHECKING:
-    from .config import Settings
-
-# Not exported: ``AGENTS`` (the registry itself: use register_agent / get_agent /
-# list_agents).
+# Not exported: AGENTS, the registry itself (use register_agent / get_agent / list_agents).
 __all__ = [
     "Agent",
     "AgentFactory",
@@ -182,29 +179,34 @@ def bind_agent(agent: Agent) -> BoundAgent:
         signature = None
     parameters = signature.parameters.values() if signature is not None else ()
     positional = 0
-    call: Callable[[TurnEvent, TurnContext], Any] | None = None
-    arguments: tuple[tuple[Any, ...], dict[str, Any]] = (("event",), {})
+    keyword = None
     for parameter in parameters:
         if parameter.kind in _POSITIONAL:
             positional += 1
         elif parameter.kind is inspect.Parameter.VAR_POSITIONAL:
             positional = 2
         elif parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.name in _CONTEXT_NAMES:
-            name = parameter.name
-            arguments = (("event",), {name: "context"})
-            call = _by_name(agent, name)
+            keyword = parameter.name
             break
-    if call is None and positional >= 2:
-        arguments = (("event", "context"), {})
+    args: tuple[str, ...] = ("event",)
+    kwargs: dict[str, str] = {}
+    call: Callable[[TurnEvent, TurnContext], Any]
+    if keyword is not None:
+        kwargs = {keyword: "context"}
+        call = _by_name(agent, keyword)
+    elif positional >= 2:
+        args = ("event", "context")
         call = agent
+    else:
+        call = _event_only(agent)
     if signature is not None:
         try:
-            signature.bind(*arguments[0], **arguments[1])
+            signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise InvalidAgentError(
                 f"{agent_name(agent)}{signature} cannot be an agent ({exc}); {AGENT_SHAPE}"
             ) from None
-    return BoundAgent(agent, call if call is not None else _event_only(agent))
+    return BoundAgent(agent, call)
 
 
 def describe_non_reply(value: Any) -> str:
@@ -289,15 +291,16 @@ def openai_agent(
     return agent
 
 
-def _openai_factory(settings: Settings | None) -> Agent:
-    if settings is None:
-        from .config import Settings
+def _split_model(spec: str) -> tuple[str, str]:
+    """``provider:model`` -> ``(provider, model)``; a bare model name is OpenAI's."""
+    provider, _, name = spec.partition(":")
+    return (provider, name) if name else ("openai", spec)
 
-        settings = Settings()
+
+def _openai_factory(settings: Settings | None) -> Agent:
+    settings = Settings() if settings is None else settings
     model = settings.default_model
-    provider, _, name = model.partition(":")
-    if not name:
-        provider, name = "openai", model
+    provider, name = _split_model(model)
     if provider != "openai":
         raise ConfigurationError(
             f"DEFAULT_MODEL {model!r}: the openai agent serves 'openai:<model>' models only"
@@ -349,9 +352,7 @@ def _pydantic_ai_model(
     spec: str, openai_api_key: str | None, google_api_key: str | None, base_url: str | None
 ) -> Any:
     """The pydantic-ai model for ``provider:model``, with its key passed explicitly."""
-    provider, _, name = spec.partition(":")
-    if not name:
-        provider, name = "openai", spec
+    provider, name = _split_model(spec)
     try:
         if provider in _OPENAI_PROVIDERS:
             if not openai_api_key:
@@ -433,10 +434,7 @@ def starter_agent(
 
 def _starter_factory(settings: Settings | None) -> Agent:
     """a concise voice assistant on pydantic-ai (extra [pydantic-ai]; needs DEFAULT_MODEL's key)"""
-    if settings is None:
-        from .config import Settings
-
-        settings = Settings()
+    settings = Settings() if settings is None else settings
     return starter_agent(
         model=settings.default_model,
         system_prompt=configured_system_prompt(settings) or STARTER_PROMPT,
