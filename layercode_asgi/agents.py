@@ -138,10 +138,7 @@ AGENT_SHAPE = (
 
 
 class InvalidAgentError(ConfigurationError, TypeError):
-    """This object cannot be an agent (not callable, or a signature that cannot take an event).
-
-    A :class:`ConfigurationError` (start-up fails clearly) and a ``TypeError``.
-    """
+    """This object cannot be an agent (not callable, or a signature that cannot take an event)."""
 
 
 class BoundAgent:
@@ -454,10 +451,7 @@ AGENTS: dict[str, AgentFactory] = {
 
 
 class AgentNotFoundError(ConfigurationError, LookupError):
-    """No agent has that name; the message lists the names there are.
-
-    A :class:`ConfigurationError` (start-up fails clearly) and a ``LookupError``.
-    """
+    """No agent has that name; the message lists the names there are."""
 
     def __init__(self, name: str, available: Sequence[str]) -> None:
         self.name = name

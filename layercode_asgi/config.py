@@ -307,11 +307,9 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
     _F("max_body_size", "LAYERCODE_MAX_BODY_SIZE", "int > 0 (bytes)", 1048576,
        "Largest accepted webhook body.", convert=_int_converter(1)),
     _F("signature_tolerance", "LAYERCODE_SIGNATURE_TOLERANCE", "int >= 0 (seconds)", 300,
-       "Accepted clock difference for webhook signature timestamps.",
-       convert=_int_converter(0)),
+       "Accepted clock difference for webhook signature timestamps.", convert=_int_converter(0)),
     _F("body_timeout", "LAYERCODE_BODY_TIMEOUT", "float > 0 (seconds)", 10.0,
-       "Longest wait for the rest of a request body (slow senders get 408).",
-       convert=_float_gt0),
+       "Longest wait for the rest of a request body (slow senders get 408).", convert=_float_gt0),
     _F("replay_protection", "LAYERCODE_REPLAY_PROTECTION", "bool", False,
        "Reject a webhook signature seen before (within the tolerance window) with 409; "
        "shared through Redis when REDIS_URL is set.", convert=_bool),
