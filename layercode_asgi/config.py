@@ -37,11 +37,7 @@ from .errors import SettingsError
 from .redaction import mask_url
 
 # Not exported (the CLI's): SETTINGS_FIELDS (see Settings.fields()), SettingField, parse_env_file.
-__all__ = [
-    "Settings",
-    "SettingsError",
-    "settings_table_markdown",
-]
+__all__ = ["Settings", "SettingsError", "settings_table_markdown"]
 
 
 #: The longest quotation of an invalid (non-secret) value in an error message.
@@ -353,10 +349,7 @@ _BY_NAME: dict[str, SettingField] = {f.name: f for f in SETTINGS_FIELDS}
 
 def settings_table_markdown() -> str:
     """Render :data:`SETTINGS_FIELDS` as a Markdown table (for docs/settings.md)."""
-    rows = [
-        "| Variable | Type | Default | Description |",
-        "|---|---|---|---|",
-    ]
+    rows = ["| Variable | Type | Default | Description |", "|---|---|---|---|"]
     for spec in SETTINGS_FIELDS:
         empty = spec.default is None or spec.default == ()
         default = "—" if empty else f"`{spec.default}`"

@@ -20,12 +20,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, Final
 
-__all__ = [
-    "LOGGER_NAME",
-    "WEBHOOK_LOGGER_NAME",
-    "escape_log_value",
-    "setup_logging",
-]
+__all__ = ["LOGGER_NAME", "WEBHOOK_LOGGER_NAME", "escape_log_value", "setup_logging"]
 
 #: Name of the library's root logger.
 LOGGER_NAME: Final = "layercode_asgi"
