@@ -389,11 +389,6 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _one_line(exc: BaseException) -> str:
-    """``str(exc)`` on one line: line breaks and other control characters escaped."""
-    return escape_terminal(str(exc).strip())
-
-
 def starter_agent(
     *,
     model: str = "openai:gpt-5-nano",
@@ -490,8 +485,9 @@ def _import_agent(name: str) -> Any:
         target: Any = importlib.import_module(module_name)
     except (Exception, SystemExit) as exc:  # whatever the module raised while being imported
         # (an example's ``raise SystemExit("Set OPENAI_API_KEY")`` is a failure to start too)
+        reason = escape_terminal(str(exc).strip())  # on one line, control characters escaped
         raise AgentImportError(
-            f"cannot import the agent {name!r}: {type(exc).__name__}: {_one_line(exc)}"
+            f"cannot import the agent {name!r}: {type(exc).__name__}: {reason}"
         ) from exc
     for part in attribute.split("."):
         try:
