@@ -113,9 +113,6 @@ def _rebuild_violation(name: str, detail: str, state: dict[str, Any]) -> Protoco
     return violation
 
 
-# -- event factories -------------------------------------------------------------------------
-
-
 def encode_event(event: Any) -> bytes:
     """The compact JSON body of ``event`` (a dict, or a payload struct)."""
     return _encode(event)
@@ -123,13 +120,7 @@ def encode_event(event: Any) -> bytes:
 
 def signed_headers(body: bytes | str, secret: str, timestamp: int | None = None) -> dict[str, str]:
     """Request headers for ``body``: JSON content type and a valid ``layercode-signature``."""
-    return {
-        "content-type": "application/json",
-        SIGNATURE_HEADER: sign(body, secret, timestamp),
-    }
-
-
-# -- protocol checking -------------------------------------------------------------------------
+    return {"content-type": "application/json", SIGNATURE_HEADER: sign(body, secret, timestamp)}
 
 
 def _brief(value: Any) -> str:
@@ -252,7 +243,7 @@ class TurnResult:
     @property
     def text(self) -> str:
         """Everything spoken: the ``response.tts`` contents, concatenated."""
-        return "".join(e["content"] for e in self.events if e["type"] == "response.tts")
+        return "".join(self.tts)
 
     @property
     def tts(self) -> list[str]:
@@ -393,9 +384,8 @@ async def send_turn(
 
     first_tts: float | None = None
     started = time.perf_counter()
-    ok = range(200, 201)
     async with _exchange(
-        client, url, event, secret, headers, timeout, max_bytes, where, ok, late
+        client, url, event, secret, headers, timeout, max_bytes, where, range(200, 201), late
     ) as reply:
         content_type = reply.headers.get("content-type", "")
         if not content_type.strip().lower().startswith("text/event-stream"):
