@@ -104,7 +104,7 @@ class AuthorizeRoute:
         try:
             payload = _decode(body)
         except msgspec.DecodeError:
-            return json_error_response(400, "body must be a JSON object with agent_id")
+            payload = None
         if not isinstance(payload, dict):
             return json_error_response(400, "body must be a JSON object with agent_id")
         agent_id = payload.get("agent_id")
