@@ -183,8 +183,7 @@ class _UpstreamTooLarge(Exception):
 
 
 def _printable(message: object, limit: int) -> str | None:
-    """``message`` as one printable line of at most ``limit`` characters (control
-    characters dropped, other whitespace made a space), or ``None`` if nothing is left."""
+    """``message`` as one printable line of at most ``limit`` characters, or ``None``."""
     if not isinstance(message, str):
         return None
     text = "".join(

@@ -240,8 +240,7 @@ def _start_failure_exits_2() -> Iterator[None]:
 
 
 def _print_dev_banner(webhook_url: str, generated: str | None) -> None:
-    """Print the generated secret and a ready-to-paste simulate line (a configured secret is
-    never printed: it may be a production one)."""
+    """A simulate line to paste; the secret only if generated (a configured one may be real)."""
     rule = "=" * 78
     if generated is None:
         head = f"DEV MODE: using the configured {SECRET_ENV} (not shown)."

@@ -303,8 +303,7 @@ async def _exchange(
     ok: range,
     late: str | Callable[[], str],
 ) -> AsyncIterator[httpx.Response]:
-    """POST the signed ``event`` and require a status in ``ok``; every failure until the
-    block ends becomes a :class:`ProtocolViolation` (``late`` says what a timeout missed)."""
+    """POST the signed ``event``, require a status in ``ok``; any failure is a ProtocolViolation."""
     body = encode_event(event)
     request_headers = {
         "accept-encoding": ACCEPT_ENCODING,
