@@ -315,19 +315,8 @@ def _sign(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             )
         # --data-raw sends its argument as is: a body starting with '@' is not a file name.
         data_option, data = "--data-raw", body.decode("utf-8", "surrogateescape")
-    command = [
-        "curl",
-        "-sSN",
-        "-X",
-        "POST",
-        args.curl,
-        "-H",
-        "content-type: application/json",
-        "-H",
-        f"{SIGNATURE_HEADER}: {header}",
-        data_option,
-        data,
-    ]
+    command = ["curl", "-sSN", "-X", "POST", args.curl, "-H", "content-type: application/json"]
+    command += ["-H", f"{SIGNATURE_HEADER}: {header}", data_option, data]
     # Bytes out: a body that is not UTF-8 is printed (shell-quoted) exactly as it was read.
     sys.stdout.flush()
     sys.stdout.buffer.write(shlex.join(command).encode("utf-8", "surrogateescape") + b"\n")
