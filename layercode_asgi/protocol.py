@@ -328,10 +328,10 @@ async def _exchange(
     except zlib.error as exc:
         detail = f"the body does not decode: {exc}"
         raise ProtocolViolation("bad-encoding", detail, **where) from None
+    except httpx.TimeoutException as exc:
+        detail = f"no answer within {timeout:g} s ({exc!r})"
+        raise ProtocolViolation("timeout", detail, **where) from None
     except httpx.HTTPError as exc:
-        if isinstance(exc, httpx.TimeoutException):
-            detail = f"no answer within {timeout:g} s ({exc!r})"
-            raise ProtocolViolation("timeout", detail, **where) from None
         detail = f"{type(exc).__name__}: {exc}"
         raise ProtocolViolation("connection-error", detail, **where) from None
 
