@@ -14,7 +14,7 @@ from typing import Any
 from .errors import ConfigurationError
 from .redaction import mask_url
 
-__all__ = ["connect", "describe_client", "describe_url", "import_redis", "unavailable_errors"]
+__all__ = ["connect", "describe_client", "import_redis", "unavailable_errors"]
 
 
 def import_redis(what: str) -> Any:
@@ -26,11 +26,6 @@ def import_redis(what: str) -> Any:
             f"{what} needs the redis package: pip install 'layercode-asgi[redis]'"
         ) from None
     return redis_asyncio
-
-
-def describe_url(url: str) -> str:
-    """The URL with any password masked (for messages and logs)."""
-    return mask_url(url)
 
 
 def describe_client(client: Any) -> str:
@@ -88,7 +83,7 @@ def connect(
         return redis_asyncio.Redis(connection_pool=pool)
     except ValueError:  # its message may quote part of the password: not shown
         raise ConfigurationError(
-            f"invalid Redis URL {describe_url(url)!r} (percent-encode special characters "
+            f"invalid Redis URL {mask_url(url)!r} (percent-encode special characters "
             "in the password: / as %2F, # as %23, ? as %3F)"
         ) from None
 

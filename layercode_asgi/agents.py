@@ -24,18 +24,15 @@ import inspect
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, TypeAlias
 
+from .config import Settings
 from .conversation import HistoryMessage
 from .errors import ConfigurationError
 from .events import SessionStartPayload, TurnEvent
 from .redaction import escape_terminal
 
-if TYPE_CHECKING:
-    from .config import Settings
-
-# Not exported: ``AGENTS`` (the registry itself: use register_agent / get_agent /
-# list_agents).
+# Not exported: AGENTS, the registry itself (use register_agent / get_agent / list_agents).
 __all__ = [
     "Agent",
     "AgentFactory",
@@ -141,10 +138,7 @@ AGENT_SHAPE = (
 
 
 class InvalidAgentError(ConfigurationError, TypeError):
-    """This object cannot be an agent (not callable, or a signature that cannot take an event).
-
-    A :class:`ConfigurationError` (start-up fails clearly) and a ``TypeError``.
-    """
+    """This object cannot be an agent (not callable, or a signature that cannot take an event)."""
 
 
 class BoundAgent:
@@ -182,29 +176,34 @@ def bind_agent(agent: Agent) -> BoundAgent:
         signature = None
     parameters = signature.parameters.values() if signature is not None else ()
     positional = 0
-    call: Callable[[TurnEvent, TurnContext], Any] | None = None
-    arguments: tuple[tuple[Any, ...], dict[str, Any]] = (("event",), {})
+    keyword = None
     for parameter in parameters:
         if parameter.kind in _POSITIONAL:
             positional += 1
         elif parameter.kind is inspect.Parameter.VAR_POSITIONAL:
             positional = 2
         elif parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.name in _CONTEXT_NAMES:
-            name = parameter.name
-            arguments = (("event",), {name: "context"})
-            call = _by_name(agent, name)
+            keyword = parameter.name
             break
-    if call is None and positional >= 2:
-        arguments = (("event", "context"), {})
+    args: tuple[str, ...] = ("event",)
+    kwargs: dict[str, str] = {}
+    call: Callable[[TurnEvent, TurnContext], Any]
+    if keyword is not None:
+        kwargs = {keyword: "context"}
+        call = _by_name(agent, keyword)
+    elif positional >= 2:
+        args = ("event", "context")
         call = agent
+    else:
+        call = _event_only(agent)
     if signature is not None:
         try:
-            signature.bind(*arguments[0], **arguments[1])
+            signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise InvalidAgentError(
                 f"{agent_name(agent)}{signature} cannot be an agent ({exc}); {AGENT_SHAPE}"
             ) from None
-    return BoundAgent(agent, call if call is not None else _event_only(agent))
+    return BoundAgent(agent, call)
 
 
 def describe_non_reply(value: Any) -> str:
@@ -289,15 +288,16 @@ def openai_agent(
     return agent
 
 
-def _openai_factory(settings: Settings | None) -> Agent:
-    if settings is None:
-        from .config import Settings
+def _split_model(spec: str) -> tuple[str, str]:
+    """``provider:model`` -> ``(provider, model)``; a bare model name is OpenAI's."""
+    provider, _, name = spec.partition(":")
+    return (provider, name) if name else ("openai", spec)
 
-        settings = Settings()
+
+def _openai_factory(settings: Settings | None) -> Agent:
+    settings = Settings() if settings is None else settings
     model = settings.default_model
-    provider, _, name = model.partition(":")
-    if not name:
-        provider, name = "openai", model
+    provider, name = _split_model(model)
     if provider != "openai":
         raise ConfigurationError(
             f"DEFAULT_MODEL {model!r}: the openai agent serves 'openai:<model>' models only"
@@ -349,9 +349,7 @@ def _pydantic_ai_model(
     spec: str, openai_api_key: str | None, google_api_key: str | None, base_url: str | None
 ) -> Any:
     """The pydantic-ai model for ``provider:model``, with its key passed explicitly."""
-    provider, _, name = spec.partition(":")
-    if not name:
-        provider, name = "openai", spec
+    provider, name = _split_model(spec)
     try:
         if provider in _OPENAI_PROVIDERS:
             if not openai_api_key:
@@ -391,11 +389,6 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _one_line(exc: BaseException) -> str:
-    """``str(exc)`` on one line: line breaks and other control characters escaped."""
-    return escape_terminal(str(exc).strip())
-
-
 def starter_agent(
     *,
     model: str = "openai:gpt-5-nano",
@@ -433,10 +426,7 @@ def starter_agent(
 
 def _starter_factory(settings: Settings | None) -> Agent:
     """a concise voice assistant on pydantic-ai (extra [pydantic-ai]; needs DEFAULT_MODEL's key)"""
-    if settings is None:
-        from .config import Settings
-
-        settings = Settings()
+    settings = Settings() if settings is None else settings
     return starter_agent(
         model=settings.default_model,
         system_prompt=configured_system_prompt(settings) or STARTER_PROMPT,
@@ -456,10 +446,7 @@ AGENTS: dict[str, AgentFactory] = {
 
 
 class AgentNotFoundError(ConfigurationError, LookupError):
-    """No agent has that name; the message lists the names there are.
-
-    A :class:`ConfigurationError` (start-up fails clearly) and a ``LookupError``.
-    """
+    """No agent has that name; the message lists the names there are."""
 
     def __init__(self, name: str, available: Sequence[str]) -> None:
         self.name = name
@@ -498,8 +485,9 @@ def _import_agent(name: str) -> Any:
         target: Any = importlib.import_module(module_name)
     except (Exception, SystemExit) as exc:  # whatever the module raised while being imported
         # (an example's ``raise SystemExit("Set OPENAI_API_KEY")`` is a failure to start too)
+        reason = escape_terminal(str(exc).strip())  # on one line, control characters escaped
         raise AgentImportError(
-            f"cannot import the agent {name!r}: {type(exc).__name__}: {_one_line(exc)}"
+            f"cannot import the agent {name!r}: {type(exc).__name__}: {reason}"
         ) from exc
     for part in attribute.split("."):
         try:

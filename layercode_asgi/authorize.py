@@ -104,7 +104,7 @@ class AuthorizeRoute:
         try:
             payload = _decode(body)
         except msgspec.DecodeError:
-            return json_error_response(400, "body must be a JSON object with agent_id")
+            payload = None
         if not isinstance(payload, dict):
             return json_error_response(400, "body must be a JSON object with agent_id")
         agent_id = payload.get("agent_id")
@@ -183,8 +183,7 @@ class _UpstreamTooLarge(Exception):
 
 
 def _printable(message: object, limit: int) -> str | None:
-    """``message`` as one printable line of at most ``limit`` characters (control
-    characters dropped, other whitespace made a space), or ``None`` if nothing is left."""
+    """``message`` as one printable line of at most ``limit`` characters, or ``None``."""
     if not isinstance(message, str):
         return None
     text = "".join(

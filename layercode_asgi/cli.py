@@ -54,15 +54,16 @@ __all__ = ["SimulationReport", "main", "run_simulation"]
 
 EXIT_USAGE: Final = 2
 
-_SECRET_ENV: Final = SECRET_ENV
 _AGENT_DESCRIPTIONS: Final = {
     "echo": "greets, then repeats what it hears (deterministic, needs no key)",
     "openai": "streams OpenAI chat completions (extra [openai]; needs OPENAI_API_KEY)",
 }
-_UsageError = UsageError
-
-
-_StartError = StartError
+_NO_SECRET: Final = (
+    f"error: no webhook secret. Set {SECRET_ENV} (in the environment or the .env file) "
+    "to your agent's webhook secret from the LayerCode dashboard, or run "
+    "`layercode-asgi serve --dev` to generate a temporary secret for local testing. "
+    "The server never runs with an unauthenticated webhook."
+)
 
 
 # -- serve and demo ------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def _uvicorn() -> Any:
     try:
         import uvicorn
     except ImportError:
-        raise _UsageError("serving needs uvicorn: pip install 'layercode-asgi[server]'") from None
+        raise UsageError("serving needs uvicorn: pip install 'layercode-asgi[server]'") from None
     return uvicorn
 
 
@@ -82,15 +83,6 @@ def _display_host(host: str) -> str:
     if host == "::":
         return "[::1]"
     return f"[{host}]" if ":" in host else host
-
-
-def _no_secret_message() -> str:
-    return (
-        f"error: no webhook secret. Set {_SECRET_ENV} (in the environment or the .env file) "
-        "to your agent's webhook secret from the LayerCode dashboard, or run "
-        "`layercode-asgi serve --dev` to generate a temporary secret for local testing. "
-        "The server never runs with an unauthenticated webhook."
-    )
 
 
 def _worker_environment(
@@ -105,7 +97,7 @@ def _worker_environment(
             values[spec.env] = raw
     values["LAYERCODE_AGENT"] = agent
     if generated is not None:
-        values[_SECRET_ENV] = generated
+        values[SECRET_ENV] = generated
     if args.verbose:
         values["LOG_LEVEL"] = "DEBUG"
     return values
@@ -117,12 +109,12 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     _uvicorn()  # a clear message now if uvicorn is missing
     if args.workers < 1:
-        raise _UsageError("--workers must be at least 1")
+        raise UsageError("--workers must be at least 1")
     if not 0 <= args.port <= 65535:
-        raise _UsageError(f"--port must be between 0 and 65535, got {args.port}")
+        raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
     routes_changed = (args.agent_route, args.authorize_route) != ("/api/agent", "/api/authorize")
     if args.workers > 1 and routes_changed:
-        raise _UsageError(
+        raise UsageError(
             "--workers > 1 serves the app built by layercode_asgi.server:app_from_env, which "
             "uses the default routes (/api/agent, /api/authorize); drop --agent-route / "
             "--authorize-route or use --workers 1"
@@ -131,7 +123,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     generated: str | None = None
     if not settings.webhook_secrets:
         if not args.dev:
-            print(_no_secret_message(), file=sys.stderr, flush=True)
+            print(_NO_SECRET, file=sys.stderr, flush=True)
             return EXIT_USAGE
         generated = secrets.token_urlsafe(24)
         settings = settings.replace(layercode_webhook_secret=generated)
@@ -217,13 +209,13 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _check_can_listen(host: str, port: int) -> None:
-    """Raise :class:`_StartError` unless ``host:port`` can be bound now (then release it)."""
+    """Raise :class:`StartError` unless ``host:port`` can be bound now (then release it)."""
     try:
         addresses = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except (OSError, UnicodeError) as exc:
-        raise _StartError(f"cannot listen on {host}:{port}: {exc}") from None
+        raise StartError(f"cannot listen on {host}:{port}: {exc}") from None
     for family, kind, proto, _, address in addresses:
         try:
             with socket.socket(family, kind, proto) as sock:
@@ -231,7 +223,7 @@ def _check_can_listen(host: str, port: int) -> None:
                 sock.bind(address)
         except OSError as exc:
             reason = exc.strerror or str(exc)
-            raise _StartError(f"cannot listen on {host}:{port}: {reason}") from None
+            raise StartError(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 @contextmanager
@@ -241,23 +233,22 @@ def _start_failure_exits_2() -> Iterator[None]:
         yield
     except SystemExit as exc:
         if exc.code not in (None, 0):
-            raise _StartError(
+            raise StartError(
                 f"the server could not start (uvicorn exit status {exc.code}; see the log)"
             ) from None
         raise
 
 
 def _print_dev_banner(webhook_url: str, generated: str | None) -> None:
-    """Print the generated secret and a ready-to-paste simulate line (a configured secret is
-    never printed: it may be a production one)."""
+    """A simulate line to paste; the secret only if generated (a configured one may be real)."""
     rule = "=" * 78
     if generated is None:
-        head = f"DEV MODE: using the configured {_SECRET_ENV} (not shown)."
-        secret_arg = f'"${_SECRET_ENV}"'
+        head = f"DEV MODE: using the configured {SECRET_ENV} (not shown)."
+        secret_arg = f'"${SECRET_ENV}"'
     else:
         head = (
             "DEV MODE: generated a temporary webhook secret (not saved; a new one each start):"
-            f"\n\n    {_SECRET_ENV}={generated}"
+            f"\n\n    {SECRET_ENV}={generated}"
         )
         secret_arg = shlex.quote(generated)
     print(
@@ -268,9 +259,7 @@ def _print_dev_banner(webhook_url: str, generated: str | None) -> None:
 
 
 def _demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    uvicorn = _uvicorn()
-    result: int = anyio.run(run_demo, args, uvicorn)
-    return result
+    return anyio.run(run_demo, args, _uvicorn())
 
 
 # -- list-agents and sign ------------------------------------------------------------------------
@@ -300,10 +289,10 @@ def _sign_body(args: argparse.Namespace) -> bytes:
             with open(args.file, "rb") as file:
                 return file.read()
         if args.file is None and not stdin_is_piped():
-            raise _UsageError("give the body with --body TEXT, --file PATH, or on stdin")
+            raise UsageError("give the body with --body TEXT, --file PATH, or on stdin")
         return sys.stdin.buffer.read()
     except OSError as exc:
-        raise _UsageError(f"cannot read the body: {exc}") from None
+        raise UsageError(f"cannot read the body: {exc}") from None
 
 
 def _sign(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -320,25 +309,14 @@ def _sign(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         data_option, data = "--data-binary", "@" + args.file
     else:
         if b"\0" in body:
-            raise _UsageError(
+            raise UsageError(
                 "the body contains a NUL byte, which a shell argument cannot hold: "
                 "save it to a file and use --file PATH --curl URL"
             )
         # --data-raw sends its argument as is: a body starting with '@' is not a file name.
         data_option, data = "--data-raw", body.decode("utf-8", "surrogateescape")
-    command = [
-        "curl",
-        "-sSN",
-        "-X",
-        "POST",
-        args.curl,
-        "-H",
-        "content-type: application/json",
-        "-H",
-        f"{SIGNATURE_HEADER}: {header}",
-        data_option,
-        data,
-    ]
+    command = ["curl", "-sSN", "-X", "POST", args.curl, "-H", "content-type: application/json"]
+    command += ["-H", f"{SIGNATURE_HEADER}: {header}", data_option, data]
     # Bytes out: a body that is not UTF-8 is printed (shell-quoted) exactly as it was read.
     sys.stdout.flush()
     sys.stdout.buffer.write(shlex.join(command).encode("utf-8", "surrogateescape") + b"\n")
@@ -374,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the LayerCode backend under uvicorn",
         description=(
             "Run the ready-made LayerCode backend (create_app) under uvicorn. Settings come "
-            f"from the environment and the --env-file. Without a webhook secret ({_SECRET_ENV}) "
+            f"from the environment and the --env-file. Without a webhook secret ({SECRET_ENV}) "
             "it refuses to start, unless --dev, which generates and prints a temporary one."
         ),
         formatter_class=formatter,
@@ -467,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     sign.add_argument(
-        "--secret", help=f"the webhook secret (default: ${_SECRET_ENV}, else from ./.env)"
+        "--secret", help=f"the webhook secret (default: ${SECRET_ENV}, else from ./.env)"
     )
     source = sign.add_mutually_exclusive_group()
     source.add_argument("--body", metavar="TEXT", help="the exact request body")
@@ -503,7 +481,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     handler: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.handler
     try:
         return handler(args, env)
-    except (_UsageError, _StartError, ConfigurationError) as exc:
+    except (UsageError, StartError, ConfigurationError) as exc:
         _print_error(args, exc)
         return EXIT_USAGE
     except SystemExit as exc:  # argparse-like exits of a handler

@@ -30,18 +30,14 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from .envfile import parse_env_file
 from .errors import SettingsError
 from .redaction import mask_url
 
 # Not exported (the CLI's): SETTINGS_FIELDS (see Settings.fields()), SettingField, parse_env_file.
-__all__ = [
-    "Settings",
-    "SettingsError",
-    "settings_table_markdown",
-]
+__all__ = ["Settings", "SettingsError", "settings_table_markdown"]
 
 
 #: The longest quotation of an invalid (non-secret) value in an error message.
@@ -71,6 +67,16 @@ class _Invalid(Exception):
 
 def _fail(expected: str, value: object) -> NoReturn:
     raise _Invalid(f"expected {expected}", value, has_value=True)
+
+
+def _split_url(text: str, expected: str, shown: object) -> SplitResult:
+    """``urlsplit(text)``, failing with ``expected`` (quoting ``shown``) on a bad URL or port."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        _fail(expected, shown)
+    return parts
 
 
 # -- converters: each accepts a string (from the environment) or a native value (kwargs) -----
@@ -164,11 +170,7 @@ def _str_list(value: object) -> tuple[str, ...]:
 
 def _http_url(value: object) -> str:
     text = _non_empty_str(value) if isinstance(value, str) else _fail("an http(s) URL", value)
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        _fail("an http(s) URL", mask_url(text))
+    parts = _split_url(text, "an http(s) URL", mask_url(text))
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         _fail("an http(s) URL", mask_url(text))
     return text.rstrip("/")
@@ -182,11 +184,7 @@ def _redis_url(value: object) -> str | None:
     if text is None:
         return None
     expected = "a redis://, rediss:// or unix:// URL"
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        _fail(expected, mask_url(text))
+    parts = _split_url(text, expected, mask_url(text))
     scheme = parts.scheme.lower()
     if scheme not in _REDIS_SCHEMES:
         _fail(expected, mask_url(text))
@@ -199,11 +197,7 @@ def _origin(item: str) -> str:
     if item == "*":
         return item
     candidate = item[:-1] if item.endswith("/") else item
-    try:
-        parts = urlsplit(candidate)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        _fail("'*' or http(s) origins like 'https://app.example.com'", item)
+    parts = _split_url(candidate, "'*' or http(s) origins like 'https://app.example.com'", item)
     if (
         parts.scheme.lower() not in ("http", "https")
         or not parts.hostname
@@ -309,11 +303,9 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
     _F("max_body_size", "LAYERCODE_MAX_BODY_SIZE", "int > 0 (bytes)", 1048576,
        "Largest accepted webhook body.", convert=_int_converter(1)),
     _F("signature_tolerance", "LAYERCODE_SIGNATURE_TOLERANCE", "int >= 0 (seconds)", 300,
-       "Accepted clock difference for webhook signature timestamps.",
-       convert=_int_converter(0)),
+       "Accepted clock difference for webhook signature timestamps.", convert=_int_converter(0)),
     _F("body_timeout", "LAYERCODE_BODY_TIMEOUT", "float > 0 (seconds)", 10.0,
-       "Longest wait for the rest of a request body (slow senders get 408).",
-       convert=_float_gt0),
+       "Longest wait for the rest of a request body (slow senders get 408).", convert=_float_gt0),
     _F("replay_protection", "LAYERCODE_REPLAY_PROTECTION", "bool", False,
        "Reject a webhook signature seen before (within the tolerance window) with 409; "
        "shared through Redis when REDIS_URL is set.", convert=_bool),
@@ -357,10 +349,7 @@ _BY_NAME: dict[str, SettingField] = {f.name: f for f in SETTINGS_FIELDS}
 
 def settings_table_markdown() -> str:
     """Render :data:`SETTINGS_FIELDS` as a Markdown table (for docs/settings.md)."""
-    rows = [
-        "| Variable | Type | Default | Description |",
-        "|---|---|---|---|",
-    ]
+    rows = ["| Variable | Type | Default | Description |", "|---|---|---|---|"]
     for spec in SETTINGS_FIELDS:
         empty = spec.default is None or spec.default == ()
         default = "—" if empty else f"`{spec.default}`"
@@ -369,26 +358,8 @@ def settings_table_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
-# -- masking ---------------------------------------------------------------------------------
-
-
 #: Settings holding a URL, shown with any credentials masked.
 _URL_FIELDS = frozenset({"redis_url", "layercode_api_url"})
-
-
-def _masked(spec: SettingField, value: Any) -> str:
-    if value is None or value == ():
-        return repr(value)
-    if spec.secret:
-        if isinstance(value, tuple):
-            return "(" + ", ".join("'***'" for _ in value) + ("," if len(value) == 1 else "") + ")"
-        return "'***'"
-    if spec.name in _URL_FIELDS:
-        return repr(mask_url(value))
-    return repr(value)
-
-
-# -- Settings --------------------------------------------------------------------------------
 
 _UNSET: Any = object()
 _FROZEN = "Settings is immutable; use settings.replace(...)"
@@ -524,9 +495,7 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied (validated like constructor keyword arguments)."""
-        current = {spec.name: getattr(self, spec.name) for spec in SETTINGS_FIELDS}
-        current.update(changes)
-        return Settings(env_file=None, environ={}, **current)
+        return _rebuild({**self.as_dict(mask_secrets=False), **changes})
 
     def as_dict(self, *, mask_secrets: bool = True) -> dict[str, Any]:
         """Every setting by attribute name; secrets replaced by ``"***"`` unless asked."""
@@ -558,13 +527,12 @@ class Settings:
         return hash(self._values())
 
     def __repr__(self) -> str:
-        body = ", ".join(
-            f"{spec.name}={_masked(spec, getattr(self, spec.name))}" for spec in SETTINGS_FIELDS
-        )
+        # as_dict masks every secret and URL credential: a repr never shows them.
+        body = ", ".join(f"{name}={value!r}" for name, value in self.as_dict().items())
         return f"Settings({body})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, ({spec.name: getattr(self, spec.name) for spec in SETTINGS_FIELDS},))
+        return (_rebuild, (self.as_dict(mask_secrets=False),))
 
 
 def _rebuild(values: dict[str, Any]) -> Settings:

@@ -24,7 +24,7 @@ _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
 
 
 def _parse_env_line(line: str) -> tuple[str, str] | None:
-    """Parse one line; ``None`` for blank lines and comments; ``_Invalid`` when garbled."""
+    """Parse one line; ``None`` for blank lines and comments; ``_LineProblem`` when garbled."""
     text = line.strip()
     if not text or text.startswith("#"):
         return None

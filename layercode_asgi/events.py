@@ -58,9 +58,7 @@ EVENT_TYPES: Final[frozenset[str]] = frozenset(member.value for member in Layerc
 """Every ``type`` string this version understands."""
 
 
-# --------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------
+# -- errors ----------------------------------------------------------------------------
 
 
 class InvalidPayloadError(LayercodeError, ValueError):
@@ -100,9 +98,7 @@ class UnknownEventError(InvalidPayloadError):
         return (type(self), (self.event_type,))
 
 
-# --------------------------------------------------------------------------------------
-# Structs
-# --------------------------------------------------------------------------------------
+# -- structs ---------------------------------------------------------------------------
 
 
 class TranscriptItem(
@@ -117,17 +113,16 @@ class TranscriptItem(
     """One utterance of a transcript.
 
     ``gc=False``: frozen, and ``extra`` holds only decoded JSON, which cannot refer back to
-    the item (decoding a long transcript about 10% faster).
+    the item (decodes a long transcript about 10% faster).
 
     Attributes:
         role: who spoke, ``"user"`` or ``"assistant"`` (kept as a plain ``str``).
         text: what was said (required, as in the reference SDK).
         timestamp: unix milliseconds (``int`` or ``float``) or an ISO-8601 string, as
             received; ``None`` when absent or null.
-        extra: the item's other fields, those this version does not know (LayerCode adds
-            fields over time), as decoded JSON keyed by their names; ``None`` when there
-            are none. Encoding writes them under an ``extra`` key, which decodes back
-            to an equal item.
+        extra: the item's fields this version does not know (LayerCode adds fields over
+            time), as decoded JSON by name; ``None`` when there are none. Encoding writes
+            them under an ``extra`` key, which decodes back to an equal item.
     """
 
     role: str
@@ -147,10 +142,10 @@ class _WebhookPayloadBase(
 ):
     """Shared configuration of the five event structs; declares no fields.
 
-    Each subclass declares all of its fields itself so that they come out in wire order
-    (``session_id`` first): msgspec would put a keyword-only subclass's fields before its
-    parent's. ``type`` is the tag, not a field; each subclass exposes it as a class
-    attribute, which msgspec ignores when encoding (the tag is written by msgspec).
+    Each subclass declares all its fields itself so that they come out in wire order
+    (``session_id`` first): msgspec puts a keyword-only subclass's fields before its
+    parent's. ``type`` is the tag, which msgspec writes; each subclass also exposes it as a
+    class attribute, which msgspec ignores.
     """
 
 
@@ -279,9 +274,7 @@ TurnEvent: TypeAlias = SessionStartPayload | MessagePayload
 """The two events that open a turn and are answered with a stream of events."""
 
 
-# --------------------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------------------
+# -- decoding --------------------------------------------------------------------------
 
 
 class _TypeProbe(msgspec.Struct, frozen=True):
@@ -320,9 +313,8 @@ def parse_webhook_payload(raw: bytes | str | Mapping[str, Any]) -> WebhookPayloa
         UnknownEventError: well-formed JSON object whose ``type`` is an unknown string.
         InvalidPayloadError: anything else that is not a valid event (malformed or
             truncated JSON, invalid UTF-8, too deep nesting, not an object, missing or
-            mistyped field, unsupported input type). Nothing else is raised for any
-            input, except exceptions other than ``ValueError`` raised by the methods of
-            a caller-supplied ``Mapping`` class.
+            mistyped field, unsupported input type). Nothing else is raised, except
+            non-``ValueError`` exceptions from the methods of a caller's ``Mapping`` class.
     """
     # Hot path first: one C call. Only the decode runs inside ``try`` and no user code
     # runs during it, so the ``except`` clauses cannot hide anything but decode failures.
@@ -439,11 +431,10 @@ def _invalid_from_msgspec(exc: msgspec.DecodeError) -> InvalidPayloadError:
 def _unknown_or_invalid(exc: msgspec.ValidationError, raw: object) -> InvalidPayloadError:
     """Build the error for a failed typed decode of *raw* (bytes, buffer or mapping).
 
-    msgspec reports a ``type`` string that is not one of our tags as an invalid value at
-    ``$.type`` and may stop before reading the rest of the document. Only in that case,
-    the document is checked again in full, with a probe that just reads ``type``: if it is
-    a well-formed object with a string ``type``, the event is *unknown*, otherwise it is
-    invalid for whatever reason the probe finds.
+    msgspec reports an unknown ``type`` string as an invalid value at ``$.type`` and may
+    stop before reading the rest. Only then is the document read again in full by a probe
+    of ``type`` alone: a well-formed object with a string ``type`` is an *unknown* event,
+    anything else is invalid for the reason the probe finds.
     """
     error = _invalid_from_msgspec(exc)
     if error.path != "$.type" or not error.detail.startswith(_BAD_TAG):

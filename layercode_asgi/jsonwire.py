@@ -17,14 +17,12 @@ import msgspec
 __all__ = ["encode_json", "escape_json_line_breaks", "escape_json_text_line_breaks"]
 
 _encode: Final = msgspec.json.Encoder().encode
-# In UTF-8 these byte sequences can only be these characters (C2 and E2 are lead bytes).
-_BYTE_ESCAPES: Final = (
-    (b"\xc2\x85", b"\\u0085"),
-    (b"\xe2\x80\xa8", b"\\u2028"),
-    (b"\xe2\x80\xa9", b"\\u2029"),
-)
 _TEXT_BREAKS: Final = re.compile("[\x85\u2028\u2029]")
 _TEXT_ESCAPES: Final = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+# In UTF-8 these byte sequences can only be these characters (C2 and E2 are lead bytes).
+_BYTE_ESCAPES: Final = tuple(
+    (char.encode(), escaped.encode()) for char, escaped in _TEXT_ESCAPES.items()
+)
 
 
 def escape_json_line_breaks(data: bytes) -> bytes:

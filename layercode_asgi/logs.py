@@ -20,12 +20,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, Final
 
-__all__ = [
-    "LOGGER_NAME",
-    "WEBHOOK_LOGGER_NAME",
-    "escape_log_value",
-    "setup_logging",
-]
+__all__ = ["LOGGER_NAME", "WEBHOOK_LOGGER_NAME", "escape_log_value", "setup_logging"]
 
 #: Name of the library's root logger.
 LOGGER_NAME: Final = "layercode_asgi"
@@ -85,13 +80,10 @@ def setup_logging(
     formatter = JsonFormatter() if log_format == "json" else _LineFormatter(LOG_FORMAT, DATE_FORMAT)
     handler = _marked(target, "stream")
     if handler is None:
-        stream_handler = logging.StreamHandler(sys.stderr)
-        stream_handler.setFormatter(formatter)
-        setattr(stream_handler, _MARK, "stream")
-        target.addHandler(stream_handler)
-        handler = stream_handler
-    else:
-        handler.setFormatter(formatter)
+        handler = logging.StreamHandler(sys.stderr)
+        setattr(handler, _MARK, "stream")
+        target.addHandler(handler)
+    handler.setFormatter(formatter)
     if isinstance(handler, logging.StreamHandler) and handler.stream is not sys.stderr:
         # sys.stderr may have been replaced since the first call (test runners, daemons).
         # setStream flushes the old stream first, which fails if it was closed meanwhile.
@@ -112,8 +104,7 @@ class _LineFormatter(logging.Formatter):
         text = super().format(record)
         if text.isprintable():
             return text
-        first, *rest = text.splitlines() or [""]
-        return "\n    ".join([_controls_escaped(first), *map(_controls_escaped, rest)])
+        return "\n    ".join(map(_controls_escaped, text.splitlines()))
 
 
 # Record attributes kept out of JSON lines: uvicorn's ANSI-coloured copy of the message.
@@ -140,10 +131,8 @@ def uvicorn_json_log_config() -> dict[str, Any]:
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
-    ``message``, the record's structured fields (``extra=``; the webhook line's
-    ``event_type``, ``conversation_id``, ``turn_id``, ``status``, ``duration_ms`` and
-    ``first_tts_ms``), and ``exception`` (the traceback) when there is one. Everything
-    beyond ASCII is escaped, so no value can break the line."""
+    ``message``, the record's ``extra=`` fields, and ``exception`` (the traceback) when
+    there is one. Everything beyond ASCII is escaped, so no value can break the line."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -206,20 +195,16 @@ def escape_log_value(value: object, max_chars: int | None = LOG_VALUE_MAX_CHARS)
 
     Every value a client controls (a path, a header, a ``conversation_id``, an exception
     text quoting them) goes through this before it reaches a logger, so that it cannot
-    start a forged line or drive a terminal. The result is one line of printable characters:
+    start a forged line or drive a terminal. The result is one line of printable
+    characters, with JSON's escapes: ``\\`` becomes ``\\\\`` (so it reads back
+    unambiguously); line feed, carriage return, tab, backspace and form feed become
+    ``\\n``, ``\\r``, ``\\t``, ``\\b``, ``\\f``; every other non-printable character (C0/C1
+    controls, U+2028/U+2029, bidi overrides, lone surrogates) becomes ``\\uXXXX`` (a
+    surrogate pair beyond U+FFFF); the rest, quotes included, is kept as it is.
 
-    * ``\\`` becomes ``\\\\`` (so the escaping can be read back unambiguously);
-    * line feed, carriage return, tab, backspace and form feed become ``\\n``, ``\\r``,
-      ``\\t``, ``\\b``, ``\\f``;
-    * every other character that is not printable (C0/C1 controls such as ESC and NEL
-      U+0085, the line and paragraph separators U+2028/U+2029, bidi overrides, lone
-      surrogates) becomes ``\\uXXXX`` (a surrogate pair beyond U+FFFF);
-    * the rest, quotes included, is kept as it is: no Python ``repr`` quoting.
-
-    The escapes are JSON's, so the text means the same inside a JSON string once its
-    ``"`` are escaped. ``bytes`` are read as UTF-8 (undecodable bytes come out as
-    ``\\udcXX``); any other object as ``str(value)``. Text longer than ``max_chars`` is cut
-    there and ends with ``…(+N chars)``; ``None`` keeps everything.
+    ``bytes`` are read as UTF-8 (undecodable bytes come out as ``\\udcXX``); any other
+    object as ``str(value)``. Text longer than ``max_chars`` is cut there and ends with
+    ``…(+N chars)``; ``None`` keeps everything.
     """
     if isinstance(value, str):
         text = value

@@ -1,24 +1,21 @@
 """Per-turn metrics of the webhook path: what is measured, and the recorder that measures it.
 
 The webhook holds ``metrics: TurnMetrics | None``; with ``None`` (the default) nothing is
-measured and nothing costs anything. A :class:`TurnMetrics` measures each webhook request
-it answers (``LayercodeWebhook.answer``, which the ASGI app and ``create_app`` use) and hands
-the finished :class:`WebhookRecord` to its sinks:
+measured. A :class:`TurnMetrics` measures each webhook request it answers
+(``LayercodeWebhook.answer``) and hands the finished :class:`WebhookRecord` to its sinks:
 
 * :class:`~layercode_asgi.prometheus.PrometheusMetrics` (extra ``prometheus``): counters,
   histograms and a gauge, exposed at ``/metrics``;
 * :class:`~layercode_asgi.otel.OtelMetrics` (extra ``otel``): a span per request and the
-  same figures as OpenTelemetry instruments, for whatever SDK the application configured;
+  same figures as OpenTelemetry instruments;
 * :class:`MemoryMetrics`: the last records in memory (``layercode-asgi demo --metrics``,
   tests).
 
-What a record holds (seconds, ``time.perf_counter`` based): the time from the request's
-arrival at the webhook to the first ``response.tts`` the server took, the whole request's
-duration, the wait for the conversation's lock, the event type, the status, and for turns
-the outcome (:data:`OUTCOMES`). Signature rejections are counted by reason through the
-signature middleware's ``on_rejected`` callback.
-
-``create_app`` builds its recorder with :func:`metrics_from_settings`.
+A record holds (seconds, ``time.perf_counter`` based) the time from the request's arrival
+at the webhook to its first ``response.tts``, the request's duration, the wait for the
+conversation's lock, the event type, the status, and for turns the outcome
+(:data:`OUTCOMES`). Signature rejections are counted by reason through the signature
+middleware's ``on_rejected`` callback. ``create_app`` uses :func:`metrics_from_settings`.
 """
 
 from __future__ import annotations

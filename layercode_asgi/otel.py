@@ -1,11 +1,10 @@
 """OpenTelemetry: a span per webhook request and the per-turn figures as OTel instruments.
 
 Needs the extra ``otel`` (``pip install 'layercode-asgi[otel]'``: opentelemetry-api only).
-What is recorded goes to whatever SDK and exporter the application configured (the global
-tracer and meter providers, or the ones passed in); without an SDK the API records
-nothing. ``create_app`` uses it when ``LAYERCODE_METRICS=true`` and opentelemetry-api is
-installed, and when ``LOGFIRE_TOKEN`` is set: Logfire is an OpenTelemetry SDK and exporter,
-which ``setup_logging`` configures; the spans and instruments below are what it receives.
+What is recorded goes to the SDK and exporter the application configured (the global
+tracer and meter providers, or the ones passed in); without an SDK nothing is recorded.
+``create_app`` uses it when ``LAYERCODE_METRICS=true`` and opentelemetry-api is installed,
+and when ``LOGFIRE_TOKEN`` is set (Logfire, an OpenTelemetry SDK, set up by ``setup_logging``).
 
 The span, ``webhook <event type>`` (kind SERVER), starts when the verified request reaches
 the webhook and is the current span while the turn runs (an agent's own spans nest in it).
@@ -125,10 +124,9 @@ class OtelMetrics:
 
     def request_started(self, record: WebhookRecord) -> tuple[Any, object, int] | None:
         if self._global_tracer and not self._sdk_seen:
-            # No SDK configured (yet): every span would be a no-op; skipping them is a
-            # fifth of the metrics' calls per turn. Looked up at most once a second (the
-            # lookup reads the environment): an SDK set up later is used within a second.
-            # Once there, it stays (OpenTelemetry sets the global provider only once).
+            # No SDK (yet): every span would be a no-op, a fifth of the metrics' calls per
+            # turn. Looked up (it reads the environment) at most once per SDK_CHECK_INTERVAL;
+            # once found it stays (OpenTelemetry sets the global provider only once).
             if record.arrived < self._next_sdk_check:
                 return None
             self._next_sdk_check = record.arrived + SDK_CHECK_INTERVAL

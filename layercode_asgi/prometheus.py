@@ -82,8 +82,6 @@ METRIC_NAMES: Final = (
 )
 
 _CONTENT_TYPE: Final = prometheus_client.CONTENT_TYPE_LATEST
-
-
 _REQUESTS: Final = (
     "layercode_webhook_requests",
     "Webhook requests answered, by event type and HTTP status.",
@@ -109,50 +107,14 @@ _REJECTIONS: Final = (
 _REASONS: Final = (*(r.name.lower() for r in SignatureErrorReason), "replayed")
 
 
-class _Recorder:
-    """What the sink records per request; how a count is kept is the subclass's."""
+class _Figures:
+    """One process's figures as plain numbers, made metric families only when scraped.
 
-    first_tts: Any
-    duration: Any
-    lock_wait: Any
-
-    def finished(self, record: WebhookRecord) -> None:
-        self.count_request((record.event_type or "unknown", record.status))
-        outcome = record.outcome
-        if outcome is None:
-            return
-        self.count_turn(outcome)
-        if record.lock_wait is not None:
-            self.lock_wait.observe(record.lock_wait)
-        if record.first_tts is not None:
-            self.first_tts.observe(record.first_tts)
-        if record.streaming:
-            self.streams(-1)
-            if record.duration is not None:
-                self.duration.observe(record.duration)
-
-    def count_request(self, key: tuple[str, int]) -> None:
-        raise NotImplementedError
-
-    def count_turn(self, outcome: str) -> None:
-        raise NotImplementedError
-
-    def streams(self, change: int) -> None:
-        raise NotImplementedError
-
-    def rejected(self, reason: str) -> None:
-        raise NotImplementedError
-
-
-class _Figures(_Recorder):
-    """The figures of one process as plain numbers, turned into metric families only
-    when scraped (prometheus-client's custom-collector API). Per turn, the whole
-    recording (recorder, this sink and OpenTelemetry's without an SDK) took 8.3 µs with
-    prometheus-client's locked instruments and takes under 4 µs with these
-    (benchmarks/metrics_cost.py); on the paced benchmark, metrics on went from +6.7% /
-    +4.2% to +3.2% / +1.3% of server CPU per turn at N = 200 / 800 (two full runs,
-    medians of six interleaved rounds each; issue 19's line is 5%). The event loop
-    writes; a scrape, in a thread, reads copies made while holding the GIL."""
+    Per turn, all the recording took 8.3 µs with prometheus-client's locked instruments and
+    under 4 µs with these (benchmarks/metrics_cost.py); paced benchmark server CPU per turn
+    with metrics on: +6.7% / +4.2% -> +3.2% / +1.3% at N = 200 / 800 (issue 19's line: 5%).
+    The event loop writes; a scrape, in a thread, reads copies made while holding the GIL.
+    """
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, int], int] = {}
@@ -220,7 +182,7 @@ def _counter(name_and_help: tuple[str, str], label: str, counts: dict[str, int])
     return family
 
 
-class _Instruments(_Recorder):
+class _Instruments:
     """Several processes (``PROMETHEUS_MULTIPROC_DIR``): prometheus-client's instruments,
     whose values live in the shared files a scrape of any process sums."""
 
@@ -257,7 +219,24 @@ class _Instruments(_Recorder):
         counter.inc()
 
 
-_BY_REGISTRY: MutableMapping[Any, _Recorder] = weakref.WeakKeyDictionary()
+def _finished(recorder: _Figures | _Instruments, record: WebhookRecord) -> None:
+    """Record a finished request in either kind of recorder."""
+    recorder.count_request((record.event_type or "unknown", record.status))
+    outcome = record.outcome
+    if outcome is None:
+        return
+    recorder.count_turn(outcome)
+    if record.lock_wait is not None:
+        recorder.lock_wait.observe(record.lock_wait)
+    if record.first_tts is not None:
+        recorder.first_tts.observe(record.first_tts)
+    if record.streaming:
+        recorder.streams(-1)
+        if record.duration is not None:
+            recorder.duration.observe(record.duration)
+
+
+_BY_REGISTRY: MutableMapping[Any, _Figures | _Instruments] = weakref.WeakKeyDictionary()
 
 
 class PrometheusMetrics:
@@ -290,7 +269,7 @@ class PrometheusMetrics:
         self._recorder.streams(1)
 
     def request_finished(self, record: WebhookRecord, state: Any) -> None:
-        self._recorder.finished(record)
+        _finished(self._recorder, record)
 
     def signature_rejected(self, reason: str) -> None:
         self._recorder.rejected(reason)
@@ -375,10 +354,9 @@ class MetricsEndpoint:
 
 
 def prepare_worker_directory(env: dict[str, str]) -> str | None:
-    """Before the workers start: when neither ``env`` nor this process names a
-    ``PROMETHEUS_MULTIPROC_DIR``, create a fresh temporary one and put it in ``env``.
-    Returns the directory created (remove it with :func:`remove_worker_directory` once
-    the workers are gone), or None when the user's own is used."""
+    """Before the workers start: unless ``env`` or this process names a
+    ``PROMETHEUS_MULTIPROC_DIR``, put a fresh temporary one in ``env`` and return it (for
+    :func:`remove_worker_directory` once the workers are gone); else None."""
     if env.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return None
     path = tempfile.mkdtemp(prefix="layercode-metrics-")

@@ -113,9 +113,6 @@ def _rebuild_violation(name: str, detail: str, state: dict[str, Any]) -> Protoco
     return violation
 
 
-# -- event factories -------------------------------------------------------------------------
-
-
 def encode_event(event: Any) -> bytes:
     """The compact JSON body of ``event`` (a dict, or a payload struct)."""
     return _encode(event)
@@ -123,13 +120,7 @@ def encode_event(event: Any) -> bytes:
 
 def signed_headers(body: bytes | str, secret: str, timestamp: int | None = None) -> dict[str, str]:
     """Request headers for ``body``: JSON content type and a valid ``layercode-signature``."""
-    return {
-        "content-type": "application/json",
-        SIGNATURE_HEADER: sign(body, secret, timestamp),
-    }
-
-
-# -- protocol checking -------------------------------------------------------------------------
+    return {"content-type": "application/json", SIGNATURE_HEADER: sign(body, secret, timestamp)}
 
 
 def _brief(value: Any) -> str:
@@ -252,7 +243,7 @@ class TurnResult:
     @property
     def text(self) -> str:
         """Everything spoken: the ``response.tts`` contents, concatenated."""
-        return "".join(e["content"] for e in self.events if e["type"] == "response.tts")
+        return "".join(self.tts)
 
     @property
     def tts(self) -> list[str]:
@@ -312,8 +303,7 @@ async def _exchange(
     ok: range,
     late: str | Callable[[], str],
 ) -> AsyncIterator[httpx.Response]:
-    """POST the signed ``event`` and require a status in ``ok``; every failure until the
-    block ends becomes a :class:`ProtocolViolation` (``late`` says what a timeout missed)."""
+    """POST the signed ``event``, require a status in ``ok``; any failure is a ProtocolViolation."""
     body = encode_event(event)
     request_headers = {
         "accept-encoding": ACCEPT_ENCODING,
@@ -338,10 +328,10 @@ async def _exchange(
     except zlib.error as exc:
         detail = f"the body does not decode: {exc}"
         raise ProtocolViolation("bad-encoding", detail, **where) from None
+    except httpx.TimeoutException as exc:
+        detail = f"no answer within {timeout:g} s ({exc!r})"
+        raise ProtocolViolation("timeout", detail, **where) from None
     except httpx.HTTPError as exc:
-        if isinstance(exc, httpx.TimeoutException):
-            detail = f"no answer within {timeout:g} s ({exc!r})"
-            raise ProtocolViolation("timeout", detail, **where) from None
         detail = f"{type(exc).__name__}: {exc}"
         raise ProtocolViolation("connection-error", detail, **where) from None
 
@@ -393,9 +383,8 @@ async def send_turn(
 
     first_tts: float | None = None
     started = time.perf_counter()
-    ok = range(200, 201)
     async with _exchange(
-        client, url, event, secret, headers, timeout, max_bytes, where, ok, late
+        client, url, event, secret, headers, timeout, max_bytes, where, range(200, 201), late
     ) as reply:
         content_type = reply.headers.get("content-type", "")
         if not content_type.strip().lower().startswith("text/event-stream"):

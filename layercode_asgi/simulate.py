@@ -141,11 +141,10 @@ class _Printer:
             self.out.flush()
         elif kind != "response.end":
             rest = {k: v for k, v in event.items() if k not in ("type", "turn_id")}
-            self.line(
-                f"  [{_shorten(kind)}] {_shorten(_encode(rest).decode())}"
-                if rest
-                else f"  [{_shorten(kind)}]"
-            )
+            shown = f"  [{_shorten(kind)}]"
+            if rest:
+                shown += " " + _shorten(_encode(rest).decode())
+            self.line(shown)
 
 
 async def run_simulation(

@@ -1,10 +1,6 @@
-"""An incremental Server-Sent Events parser, for clients (the test kit, ``simulate``).
-
-Follows the WHATWG HTML specification ("event stream interpretation"), so nothing depends on
-one server's byte layout. Linear in the stream's size however it is cut into chunks: only
-the new text of each chunk is scanned, and a line's pieces are joined once, at its end.
-Re-exported by :mod:`layercode_asgi.testing`.
-"""
+"""An incremental Server-Sent Events parser for clients (the test kit, ``simulate``),
+re-exported by :mod:`layercode_asgi.testing`. Linear in the stream's size however it is cut
+into chunks."""
 
 from __future__ import annotations
 

@@ -204,8 +204,7 @@ class LayercodeTestClient:
         strict: treat ``response.error`` as a violation.
         max_bytes: the most (decoded) bytes one reply may have (else ``too-large``).
         max_events: the most events one turn may have (else ``too-large``).
-        conversation_id: the conversation id used by the helper methods (random by
-            default).
+        conversation_id: the conversation id used by the helper methods (random by default).
         session_id: the session id used by the helper methods (random by default).
 
     Use it as ``async with LayercodeTestClient(...) as client`` (one HTTP client for all
@@ -246,11 +245,9 @@ class LayercodeTestClient:
         self._client: httpx.AsyncClient | None = None
 
     def _new_client(self) -> httpx.AsyncClient:
-        transport = (
-            None
-            if self.app is None
-            else httpx.ASGITransport(app=_Bounded(self.app, self.max_bytes))
-        )
+        transport: httpx.AsyncBaseTransport | None = None
+        if self.app is not None:
+            transport = httpx.ASGITransport(app=_Bounded(self.app, self.max_bytes))
         return httpx.AsyncClient(transport=transport, timeout=self.timeout, follow_redirects=False)
 
     async def __aenter__(self) -> LayercodeTestClient:
@@ -313,8 +310,7 @@ class LayercodeTestClient:
         """:meth:`send` for synchronous code (runs its own event loop; not inside one)."""
         if self._client is not None:
             raise RuntimeError("send_sync cannot be used inside 'async with'; await send()")
-        result: TurnResult | JSONResult = anyio.run(self.send, event)
-        return result
+        return anyio.run(self.send, event)
 
     async def post(
         self,

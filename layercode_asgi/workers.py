@@ -57,7 +57,7 @@ def _worker(
     try:
         app = app_from_env()
     except Exception:
-        logging.getLogger("layercode_asgi.workers").exception("worker could not build the app")
+        logger.exception("worker could not build the app")
         raise SystemExit(STARTUP_FAILURE) from None
     run_server(app, host=host, port=port, log_level=log_level, sockets=[sock])
 

@@ -24,15 +24,12 @@ _EXTRA = "pydantic-ai"
 def pydantic_ai_history(history: Sequence[HistoryMessage]) -> list[Any]:
     """Our history as pydantic-ai messages (``ModelRequest`` / ``ModelResponse``)."""
     messages = require_extra("pydantic_ai.messages", _EXTRA, "from_pydantic_ai")
-    result: list[Any] = []
-    for message in history:
-        if message.role == "assistant":
-            result.append(messages.ModelResponse(parts=[messages.TextPart(content=message.text)]))
-        else:
-            result.append(
-                messages.ModelRequest(parts=[messages.UserPromptPart(content=message.text)])
-            )
-    return result
+    return [
+        messages.ModelResponse(parts=[messages.TextPart(content=m.text)])
+        if m.role == "assistant"
+        else messages.ModelRequest(parts=[messages.UserPromptPart(content=m.text)])
+        for m in history
+    ]
 
 
 def from_pydantic_ai(

@@ -168,10 +168,6 @@ def hang_up(content: Any = None) -> None:
     _actions("hang_up").hangup = Hangup(content)
 
 
-def _filler_text(filler: Filler, tool: str) -> str | None:
-    return filler(tool) if callable(filler) else filler
-
-
 async def speak(
     pieces: AsyncGenerator[Piece, None],
     context: TurnContext,
@@ -194,10 +190,11 @@ async def speak(
                     rest = chunker.flush()
                     if rest is not None:
                         yield rest
-                    text = None if filled else _filler_text(filler, piece.name)
-                    if text:
-                        filled = True
-                        yield text
+                    if not filled:
+                        text = filler(piece.name) if callable(filler) else filler
+                        if text:
+                            filled = True
+                            yield text
                 else:
                     for phrase in chunker.feed(piece):
                         yield phrase

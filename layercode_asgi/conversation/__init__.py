@@ -6,25 +6,22 @@
 * :class:`MemoryConversationStore` (default): one process, bounded in messages and bytes per
   conversation and in number of conversations (least recently used dropped first).
 * :class:`RedisConversationStore`: shared by every worker process and machine (one Redis or
-  a Redis Cluster); history is a Redis list with a TTL, and
-  :meth:`~RedisConversationStore.lock` is a fair cross-process queue (turns run in the
-  order they reached Redis). Needs the ``redis`` extra: ``pip install 'layercode-asgi[redis]'``.
+  a Redis Cluster); history is a Redis list with a TTL. Needs the ``redis`` extra:
+  ``pip install 'layercode-asgi[redis]'``.
 
-Both stores lock fairly: a conversation's turns run one at a time, first come first served.
-
-A store that cannot reach its backing service raises :class:`StoreUnavailableError` promptly
-instead of hanging; a lock that cannot be acquired in time raises
+Both stores lock fairly: a conversation's turns run one at a time, in the order they
+arrived (across processes for Redis). An unreachable store raises
+:class:`StoreUnavailableError` promptly; a lock not acquired in time raises
 :class:`ConversationLockTimeout`.
 
 Ending a conversation (:meth:`~ConversationManager.clear`) advances its *generation*: a turn
 reads the history and the generation together (:meth:`~ConversationManager.read_turn`) and
-records only if the generation is still the same (:meth:`~ConversationManager.record_turn`),
-so a turn still running when its conversation ends cannot write the history back; the
-conversation's next turns start afresh and record as usual.
+records only if the generation is unchanged (:meth:`~ConversationManager.record_turn`), so a
+turn still running when its conversation ends cannot write the history back.
 
-How long a turn waits for its conversation's lock (:func:`lock_wait_timeout`): as long as
-the turn ahead of it may legitimately hold it, its turn timeout plus a grace for its final
-events and its recording. A turn's own timeout starts once it holds the lock.
+A turn waits for its conversation's lock (:func:`lock_wait_timeout`) as long as the turn
+ahead may legitimately hold it: its turn timeout plus a grace for its final events and its
+recording. A turn's own timeout starts once it holds the lock.
 """
 
 from .base import (

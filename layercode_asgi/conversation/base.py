@@ -5,15 +5,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Final, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Final, Literal, Protocol, runtime_checkable
 
 import msgspec
 
 from ..errors import ConfigurationError, LayercodeError
 
 Role = Literal["user", "assistant"]
-
-_ROLES: Final = ("user", "assistant")
 
 #: Default wait for a conversation lock, in seconds (stores built without settings).
 DEFAULT_LOCK_TIMEOUT: Final = 30.0
@@ -26,15 +24,12 @@ DEFAULT_HISTORY_MAX_BYTES: Final = 256 * 1024
 #: Longest accepted conversation id (LayerCode's are ~30 characters).
 MAX_CONVERSATION_ID_LENGTH: Final = 512
 
-T = TypeVar("T")
-
 
 class HistoryMessage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One utterance of a conversation: who said it and what was said.
 
-    Not tracked by the garbage collector (``gc=False``): it is frozen and holds only
-    strings, so it can never be part of a reference cycle, and a store holding many
-    thousands of them adds nothing to the collector's work.
+    ``gc=False``: frozen and holding only strings, it can never be in a reference cycle, so
+    a store of many thousands adds nothing to the garbage collector's work.
     """
 
     role: Role
@@ -68,7 +63,6 @@ class DefaultTimeout(enum.Enum):
     DEFAULT = "default"
 
 
-# Default of ``lock(timeout=...)``: use the store's configured lock timeout.
 STORE_DEFAULT: Final = DefaultTimeout.DEFAULT
 
 LockTimeout = float | DefaultTimeout | None

@@ -32,9 +32,8 @@ def lock_wait_timeout(
 ) -> float | None:
     """How long a turn may wait for its conversation's lock: the one rule of both stores.
 
-    The turn ahead may hold the lock for its whole ``turn_timeout`` (counted from when it
-    got the lock), then send its final events and record its messages: ``grace`` covers
-    those. ``None`` (wait as long as it takes) when turns have no time limit.
+    The turn ahead may hold the lock for its whole ``turn_timeout``, then send its final
+    events and record: ``grace`` covers those. ``None`` (no limit) when ``turn_timeout`` is.
     """
     if turn_timeout is None:
         return None

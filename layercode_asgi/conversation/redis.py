@@ -22,9 +22,10 @@ from typing import Any, Final, TypeVar
 import anyio
 import msgspec
 
-from .._redis import connect, describe_client, describe_url, import_redis, unavailable_errors
+from .._redis import connect, describe_client, import_redis, unavailable_errors
 from ..errors import ConfigurationError
 from ..logs import escape_log_value
+from ..redaction import mask_url
 from . import redis_scripts as scripts
 from .base import (
     DEFAULT_HISTORY_MAX_BYTES,
@@ -179,7 +180,7 @@ class RedisConversationStore:
                 pool_timeout=self.operation_timeout,
             )
             self._owns_client = True
-            self._where = describe_url(url_or_client)
+            self._where = mask_url(url_or_client)
         else:
             self._client = url_or_client
             self._owns_client = False
@@ -362,25 +363,24 @@ class RedisConversationStore:
         _HOLD.set(hold)
         error: BaseException | None = None
         try:
-            try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._keep_alive, hold)
-                    try:
-                        yield
-                    finally:
-                        tg.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                # The keep-alive task never raises, so this is the holder's own exception,
-                # wrapped by the task group: re-raise it unchanged, as if no group existed.
-                if len(group.exceptions) != 1:
-                    raise
-                error = group.exceptions[0]
-            if error is not None:
-                raise error
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_alive, hold)
+                try:
+                    yield
+                finally:
+                    tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The keep-alive task never raises, so this is the holder's own exception,
+            # wrapped by the task group: re-raise it unchanged, as if no group existed.
+            if len(group.exceptions) != 1:
+                raise
+            error = group.exceptions[0]
         finally:
             _HOLD.set(outer)
             if not hold.released:
                 await self._release(hold)
+        if error is not None:
+            raise error
 
     def _lock_args(self, hold: _Hold) -> dict[str, Any]:
         keys = hold.keys

@@ -140,13 +140,12 @@ return {redis.call('lrange', KEYS[1], 0, -1), redis.call('get', KEYS[2]) or '0'}
 
 # KEYS = [history, generation, lock, queue]. ARGV[1] = the generation the turn read ('' =
 # append whatever it is), ARGV[2] = max messages, ARGV[3] = max bytes of text, ARGV[4] =
-# TTL in s (0 = none), ARGV[5] = the lock token to release afterwards ('' = none),
-# ARGV[6] = presence prefix, ARGV[7] = presence TTL in ms, ARGV[8..] = the entries.
-# Appends only if the generation is current, then drops the oldest entries beyond either
-# bound (keeping the newest); then releases the lock if ARGV[5] still holds it (handing it
-# off). Returns 1 if it appended, else 0. An entry's JSON is at least as long as its text:
-# the texts are only decoded when the entries' total length is over the bound.
-#: Record a turn (and release its lock: one round trip at the end of a turn).
+# TTL in s (0 = none), ARGV[5] = the lock token to release ('' = none), ARGV[6] = presence
+# prefix, ARGV[7] = presence TTL in ms, ARGV[8..] = the entries. Appends only if the
+# generation is current, drops the oldest entries beyond either bound, then releases the
+# lock if ARGV[5] holds it (handing it off); returns 1 if it appended. An entry's JSON is at
+# least as long as its text, so texts are decoded only when the total is over the bound.
+#: Record a turn and release its lock (one round trip at the end of a turn).
 RECORD_LUA: Final = (
     _HANDOFF
     + """
