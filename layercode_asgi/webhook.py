@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -285,6 +286,10 @@ class LayercodeWebhook:
             isinstance(max_queued_turns, int) and max_queued_turns >= 0
         ):
             raise ValueError(f"max_queued_turns must be an integer >= 0, got {max_queued_turns!r}")
+        if turn_timeout is not None and not _positive_seconds(turn_timeout):
+            raise ValueError(f"turn_timeout must be a number > 0 or None, got {turn_timeout!r}")
+        if not (_positive_seconds(turn_grace) or turn_grace == 0):
+            raise ValueError(f"turn_grace must be a finite number >= 0, got {turn_grace!r}")
         self.conversations: ConversationBackend | None = conversations
         self.on_data = on_data
         self.on_session_update = on_session_update
@@ -521,6 +526,16 @@ class LayercodeWebhook:
             except LayercodeError as exc:
                 raise _unavailable(exc, "conversation store failed clearing the history") from exc
         return Response(_OK, media_type="application/json")
+
+
+def _positive_seconds(value: object) -> bool:
+    """A finite number of seconds > 0 (refuses NaN, infinity and bools)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 async def _maybe_await(value: Any) -> Any:

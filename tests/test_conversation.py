@@ -641,3 +641,13 @@ async def test_redis_burst_larger_than_the_pool_waits_instead_of_failing() -> No
                 for i in range(40):
                     tg.start_soon(one, i)
     assert results == [2] * 40
+
+
+async def test_lock_timeout_nan_is_refused() -> None:
+    # NaN passed the ">= 0" check before (nan < 0 is False) and reached the lock's deadline.
+    with pytest.raises(ConfigurationError, match="nan"):
+        MemoryConversationStore(lock_timeout=float("nan"))
+    manager = ConversationManager()
+    with pytest.raises(ConfigurationError, match="nan"):
+        async with manager.lock("c", timeout=float("nan")):
+            pass

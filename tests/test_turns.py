@@ -669,3 +669,21 @@ async def test_a_turn_runs_with_an_emit_of_your_own() -> None:
     events = [msgspec.json.decode(c.removeprefix(b"data: ").strip()) for c in chunks]
     assert [e["type"] for e in events] == ["response.tts", "response.end"]
     assert events[0]["content"] == "You said: hi"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"turn_timeout": float("nan")},
+        {"turn_timeout": 0},
+        {"turn_timeout": -1},
+        {"turn_timeout": "30"},
+        {"turn_grace": float("nan")},
+        {"turn_grace": -0.5},
+        {"turn_grace": float("inf")},
+    ],
+)
+def test_webhook_refuses_invalid_turn_times(options: dict[str, object]) -> None:
+    # Accepted before: a NaN or negative timeout reached the turn's deadline.
+    with pytest.raises(ValueError, match="turn_"):
+        LayercodeWebhook(echo_agent, **options)  # type: ignore[arg-type]

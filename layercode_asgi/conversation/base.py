@@ -101,7 +101,8 @@ def fit(messages: Sequence[HistoryMessage], max_bytes: int) -> Sequence[HistoryM
 
 
 def check_timeout(timeout: float | None, name: str = "lock timeout") -> None:
-    if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
+    # ``not >= 0`` also refuses NaN (``nan < 0`` is False).
+    if timeout is not None and (not isinstance(timeout, int | float) or not timeout >= 0):
         raise ConfigurationError(f"{name} must be a number >= 0 or None, got {timeout!r}")
 
 
