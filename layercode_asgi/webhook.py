@@ -286,10 +286,10 @@ class LayercodeWebhook:
             isinstance(max_queued_turns, int) and max_queued_turns >= 0
         ):
             raise ValueError(f"max_queued_turns must be an integer >= 0, got {max_queued_turns!r}")
-        if turn_timeout is not None and not _positive_seconds(turn_timeout):
-            raise ValueError(f"turn_timeout must be a number > 0 or None, got {turn_timeout!r}")
-        if not (_positive_seconds(turn_grace) or turn_grace == 0):
-            raise ValueError(f"turn_grace must be a finite number >= 0, got {turn_grace!r}")
+        _check_seconds("turn_timeout", turn_timeout, zero=False, none=True)
+        _check_seconds("turn_grace", turn_grace, zero=True, none=False)
+        _check_seconds("lock_timeout", lock_timeout, zero=True, none=True)
+        _check_seconds("lock_wait_grace", lock_wait_grace, zero=True, none=False)
         self.conversations: ConversationBackend | None = conversations
         self.on_data = on_data
         self.on_session_update = on_session_update
@@ -528,14 +528,20 @@ class LayercodeWebhook:
         return Response(_OK, media_type="application/json")
 
 
-def _positive_seconds(value: object) -> bool:
-    """A finite number of seconds > 0 (refuses NaN, infinity and bools)."""
-    return (
+def _check_seconds(name: str, value: object, *, zero: bool, none: bool) -> None:
+    """Refuse a duration that is not a finite number of seconds (NaN, infinity, a bool, a
+    string), a negative one, and 0 or ``None`` unless allowed."""
+    if value is None and none:
+        return
+    if (
         isinstance(value, int | float)
         and not isinstance(value, bool)
         and math.isfinite(value)
-        and value > 0
-    )
+        and (value > 0 or (zero and value == 0))
+    ):
+        return
+    expected = "a finite number " + (">= 0" if zero else "> 0") + (" or None" if none else "")
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 async def _maybe_await(value: Any) -> Any:

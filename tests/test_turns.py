@@ -681,9 +681,13 @@ async def test_a_turn_runs_with_an_emit_of_your_own() -> None:
         {"turn_grace": float("nan")},
         {"turn_grace": -0.5},
         {"turn_grace": float("inf")},
+        {"lock_timeout": float("nan")},
+        {"lock_timeout": -1},
+        {"lock_wait_grace": float("nan")},
+        {"lock_wait_grace": None},
     ],
 )
-def test_webhook_refuses_invalid_turn_times(options: dict[str, object]) -> None:
+def test_webhook_refuses_invalid_durations(options: dict[str, object]) -> None:
     # Accepted before: a NaN or negative timeout reached the turn's deadline.
-    with pytest.raises(ValueError, match="turn_"):
+    with pytest.raises(ValueError, match=f"{next(iter(options))} must be a finite number"):
         LayercodeWebhook(echo_agent, **options)  # type: ignore[arg-type]
