@@ -8,6 +8,7 @@ SDK, whose callers catch ``ValueError``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 __all__ = ["ConfigurationError", "LayercodeError", "ResponseError", "SettingsError"]
@@ -45,3 +46,20 @@ class SettingsError(ConfigurationError):
             lines = "\n".join(f"  - {problem}" for problem in self.problems)
             message = f"{len(self.problems)} invalid settings:\n{lines}"
         super().__init__(message)
+
+
+def check_seconds(name: str, value: object, *, zero: bool, none: bool) -> None:
+    """Refuse a duration that is not a finite number of seconds (NaN, infinity, a bool, a
+    string), a negative one, and 0 or ``None`` unless allowed: a
+    :class:`ConfigurationError` (a ``ValueError``) naming the argument."""
+    if value is None and none:
+        return
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > 0 or (zero and value == 0))
+    ):
+        return
+    expected = "a finite number " + (">= 0" if zero else "> 0") + (" or None" if none else "")
+    raise ConfigurationError(f"{name} must be {expected}, got {value!r}")

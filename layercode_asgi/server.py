@@ -40,7 +40,7 @@ from .agents import Agent, agent_name, get_agent
 from .authorize import AuthorizeGuard, AuthorizeRoute
 from .config import Settings
 from .conversation import ConversationManager
-from .errors import ConfigurationError
+from .errors import ConfigurationError, check_seconds
 from .logs import escape_log_value
 from .metrics import installed, metrics_from_settings
 from .middleware import LayercodeSignature
@@ -182,13 +182,15 @@ def create_app(
         on_session_end: optional hook called with each ``session.end`` event.
         authorize_guard: a custom check for the authorize route (replaces the key check
             of ``LAYERCODE_AUTHORIZE_API_KEYS``).
-        authorize_timeout: seconds to wait for LayerCode's API.
+        authorize_timeout: seconds to wait for LayerCode's API (a finite number > 0).
         extras: objects handed to agents as ``context.extras``.
 
     Raises:
         ConfigurationError: no webhook secret, an unknown agent, an agent that cannot run
-            with these settings. Raised here, at start-up, never per request.
+            with these settings, an invalid ``authorize_timeout``. Raised here, at start-up,
+            never per request.
     """
+    check_seconds("authorize_timeout", authorize_timeout, zero=False, none=False)
     settings = Settings() if settings is None else settings
     secrets = settings.webhook_secrets
     if not secrets:

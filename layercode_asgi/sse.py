@@ -33,7 +33,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from ._asgi import send_json_error
-from .errors import ResponseError
+from .errors import ResponseError, check_seconds
 from .jsonwire import escape_json_text_line_breaks
 
 __all__ = [
@@ -185,7 +185,8 @@ class EventStreamResponse(Response):
     trio alike). A send that fails because the connection is gone (``OSError``) ends it the
     same way. :attr:`disconnected` tells afterwards whether the client left early.
     ``close_timeout`` bounds the final (empty) frame: a client that stopped reading does not
-    hold the response open (None: no bound).
+    hold the response open (None: no bound; otherwise a finite number >= 0, else
+    ``ValueError``).
     """
 
     media_type = "text/event-stream"
@@ -199,6 +200,7 @@ class EventStreamResponse(Response):
         background: BackgroundTask | None = None,
         close_timeout: float | None = None,
     ) -> None:
+        check_seconds("close_timeout", close_timeout, zero=True, none=True)
         self.producer = producer
         self.status_code = status_code
         self.background = background

@@ -17,6 +17,7 @@ import anyio.lowlevel
 import httpx
 
 from . import protocol
+from .errors import check_seconds
 from .protocol import *  # noqa: F403 - the client's vocabulary, re-exported
 from .protocol import (
     MAX_REPLY_BYTES,
@@ -231,6 +232,7 @@ class LayercodeTestClient:
             raise ValueError("pass exactly one of app= (an ASGI app) or base_url= (a server URL)")
         if not secret:
             raise ValueError("secret is required (the webhook secret to sign with)")
+        check_seconds("timeout", timeout, zero=False, none=False)
         self.app = app
         self.base_url = (base_url or "http://testserver").rstrip("/")
         self.url = self.base_url + "/" + path.lstrip("/")

@@ -47,6 +47,7 @@ from starlette.responses import JSONResponse, Response
 from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
 from .agents import describe_non_reply as _describe_non_reply
 from .conversation import HistoryMessage
+from .errors import check_seconds
 from .events import (
     InvalidPayloadError,
     MessagePayload,
@@ -170,6 +171,9 @@ class Turn:
             ``response.error`` and ``response.end`` may take to send; then :meth:`run`
             returns (the client is not reading: the stream is closed).
 
+    Raises ``ValueError`` when ``timeout`` is not a finite number > 0 (or None) or
+    ``grace`` not a finite number >= 0.
+
     After :meth:`run`, :attr:`status`, :attr:`spoken` (the ``response.tts`` texts actually
     emitted) and :attr:`error` describe what happened; :attr:`first_tts_at` is the
     ``time.perf_counter()`` when the server took the first ``response.tts`` (or None).
@@ -212,6 +216,8 @@ class Turn:
     ) -> None:
         if (agent is None) == (handler is None):
             raise TypeError("Turn needs exactly one of agent= or handler=")
+        check_seconds("timeout", timeout, zero=False, none=True)
+        check_seconds("grace", grace, zero=True, none=False)
         self.event = event
         self._call = bind_agent(agent).call if agent is not None else None
         self._handler = handler
@@ -491,6 +497,7 @@ def _stream(
     ``{"status": "ignored"}`` and a malformed one 400 ``{"error", "path"}``, as
     ``create_app`` answers them.
     """
+    check_seconds("timeout", timeout, zero=False, none=True)  # on every event, turn or not
     if isinstance(event, bytes | str):
         try:
             event = parse_webhook_payload(event)

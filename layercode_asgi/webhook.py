@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -50,7 +49,7 @@ from .conversation import (
     HistoryMessage,
     lock_wait_timeout,
 )
-from .errors import LayercodeError, ResponseError
+from .errors import LayercodeError, ResponseError, check_seconds
 from .events import (
     DataPayload,
     InvalidPayloadError,
@@ -286,10 +285,10 @@ class LayercodeWebhook:
             isinstance(max_queued_turns, int) and max_queued_turns >= 0
         ):
             raise ValueError(f"max_queued_turns must be an integer >= 0, got {max_queued_turns!r}")
-        _check_seconds("turn_timeout", turn_timeout, zero=False, none=True)
-        _check_seconds("turn_grace", turn_grace, zero=True, none=False)
-        _check_seconds("lock_timeout", lock_timeout, zero=True, none=True)
-        _check_seconds("lock_wait_grace", lock_wait_grace, zero=True, none=False)
+        check_seconds("turn_timeout", turn_timeout, zero=False, none=True)
+        check_seconds("turn_grace", turn_grace, zero=True, none=False)
+        check_seconds("lock_timeout", lock_timeout, zero=True, none=True)
+        check_seconds("lock_wait_grace", lock_wait_grace, zero=True, none=False)
         self.conversations: ConversationBackend | None = conversations
         self.on_data = on_data
         self.on_session_update = on_session_update
@@ -526,22 +525,6 @@ class LayercodeWebhook:
             except LayercodeError as exc:
                 raise _unavailable(exc, "conversation store failed clearing the history") from exc
         return Response(_OK, media_type="application/json")
-
-
-def _check_seconds(name: str, value: object, *, zero: bool, none: bool) -> None:
-    """Refuse a duration that is not a finite number of seconds (NaN, infinity, a bool, a
-    string), a negative one, and 0 or ``None`` unless allowed."""
-    if value is None and none:
-        return
-    if (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value > 0 or (zero and value == 0))
-    ):
-        return
-    expected = "a finite number " + (">= 0" if zero else "> 0") + (" or None" if none else "")
-    raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 async def _maybe_await(value: Any) -> Any:

@@ -22,6 +22,7 @@ from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from layercode_asgi import (
+    ConfigurationError,
     ConversationManager,
     LayercodeWebhook,
     MemoryConversationStore,
@@ -316,3 +317,11 @@ def test_gc_tuning_holds_while_the_app_runs_and_is_undone_at_shutdown(freeze: bo
     assert during == (tuned if freeze else before)
     assert gc.get_freeze_count() == 0
     assert gc.get_threshold() == before
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), 0, -1, float("inf"), "10"])
+def test_invalid_authorize_timeout_is_refused_at_start_up(timeout: Any) -> None:
+    # Accepted before: every authorize call then failed in httpx (NaN: ValueError, a
+    # string: TypeError, both a 500) or timed out at once (0).
+    with pytest.raises(ConfigurationError, match="authorize_timeout must be a finite number > 0"):
+        create_app(settings(), authorize_timeout=timeout)

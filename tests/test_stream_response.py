@@ -289,3 +289,14 @@ async def test_a_disconnected_agent_finishes_its_shielded_cleanup() -> None:
         await stub.run(EventStreamResponse(turn.run))
     assert cleanup == ["shielded", "cancelled"]
     assert turn.status == "disconnected"
+
+
+@pytest.mark.parametrize("close_timeout", [float("nan"), -1, float("inf"), "1"])
+def test_invalid_close_timeout_is_refused_at_construction(close_timeout: Any) -> None:
+    # Accepted before: NaN raised "deadline must not be NaN" out of the response at its
+    # end, after the body (a server error instead of a closed stream).
+    async def producer(emit: Emit) -> None:
+        await emit(b"data: x\n\n")
+
+    with pytest.raises(ValueError, match="close_timeout must be a finite number >= 0 or None"):
+        EventStreamResponse(producer, close_timeout=close_timeout)

@@ -372,6 +372,10 @@ def test_client_arguments_are_checked() -> None:
         LayercodeTestClient(echo_app(), base_url="http://x", secret=SECRET)
     with pytest.raises(ValueError, match="secret"):
         LayercodeTestClient(echo_app(), secret="")
+    # Accepted before: NaN failed every request inside httpx, 0 timed each one out.
+    for timeout in (float("nan"), 0, -1, "30"):
+        with pytest.raises(ValueError, match="timeout must be a finite number > 0"):
+            LayercodeTestClient(echo_app(), secret=SECRET, timeout=timeout)  # type: ignore[arg-type]
 
 
 @pytest.mark.anyio

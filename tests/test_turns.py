@@ -691,3 +691,47 @@ def test_webhook_refuses_invalid_durations(options: dict[str, object]) -> None:
     # Accepted before: a NaN or negative timeout reached the turn's deadline.
     with pytest.raises(ValueError, match=f"{next(iter(options))} must be a finite number"):
         LayercodeWebhook(echo_agent, **options)  # type: ignore[arg-type]
+
+
+_BAD_TURN_DURATIONS = [
+    {"timeout": float("nan")},
+    {"timeout": 0},
+    {"timeout": -1},
+    {"timeout": "30"},
+    {"timeout": True},
+    {"grace": float("nan")},
+    {"grace": -0.5},
+    {"grace": float("inf")},
+]
+
+
+@pytest.mark.parametrize("options", _BAD_TURN_DURATIONS)
+def test_turn_refuses_invalid_durations(options: dict[str, object]) -> None:
+    # Accepted before: NaN made every turn a 500 ("deadline must not be NaN" inside the
+    # response); 0 or -1 timed every turn out at once.
+    event = parse_webhook_payload(event_body("message", text="hi"))
+    assert isinstance(event, MessagePayload)
+    with pytest.raises(ValueError, match=f"{next(iter(options))} must be a finite number"):
+        Turn(event, echo_agent, **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("entry", ["stream_turn", "stream_response"])
+@pytest.mark.parametrize("timeout", [float("nan"), -1, 0])
+def test_stream_entry_points_refuse_invalid_timeouts(entry: str, timeout: float) -> None:
+    async def handler(stream: Any) -> None:
+        await stream.tts("hi")
+
+    for body in (event_body("message", text="hi"), event_body("data")):
+        with pytest.raises(ValueError, match="timeout must be a finite number > 0 or None"):
+            if entry == "stream_turn":
+                stream_turn(body, echo_agent, timeout=timeout)
+            else:
+                stream_response(body, handler, timeout=timeout)
+
+
+def test_turn_accepts_valid_durations() -> None:
+    event = parse_webhook_payload(event_body("message", text="hi"))
+    assert isinstance(event, MessagePayload)
+    for options in ({"timeout": None}, {"timeout": 2}, {"timeout": 0.5, "grace": 0}):
+        turn = Turn(event, echo_agent, **options)  # type: ignore[arg-type]
+        assert turn.timeout == options["timeout"]
