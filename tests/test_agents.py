@@ -21,10 +21,12 @@ from layercode_asgi import (
     LayercodeSignature,
     LayercodeWebhook,
     Settings,
+    TurnContext,
     echo_agent,
     get_agent,
     list_agents,
     openai_agent,
+    parse_webhook_payload,
     register_agent,
 )
 from layercode_asgi.agents import AGENTS, AgentImportError
@@ -168,3 +170,65 @@ def test_openai_agent_streams_deltas_with_history(fake_openai: tuple[FakeOpenAI,
         ("assistant", "earlier answer"),
         ("user", "new question"),
     ]
+
+
+def test_bind_agent_reads_a_function_signature_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import inspect
+
+    from layercode_asgi import agents
+
+    reads: list[object] = []
+    real = inspect.signature
+
+    def counting(obj: Any, *args: Any, **kwargs: Any) -> inspect.Signature:
+        reads.append(obj)
+        return real(obj, *args, **kwargs)
+
+    monkeypatch.setattr(agents.inspect, "signature", counting)
+
+    async def by_keyword(event: Any, *, ctx: Any) -> AsyncIterator[str]:
+        yield ctx.event.text
+
+    async def positional(event: Any, context: Any) -> AsyncIterator[str]:
+        yield context.event.text
+
+    async def event_only(event: Any) -> AsyncIterator[str]:
+        yield event.text
+
+    event = parse_webhook_payload(event_body("message", text="hi"))
+    context = TurnContext(event, (), {})  # type: ignore[arg-type]
+    for agent in (by_keyword, positional, event_only):
+        for _ in range(3):
+            bound = agents.bind_agent(agent)
+            assert bound.agent is agent
+            assert hasattr(bound(event, context), "__aiter__")  # type: ignore[arg-type]
+    assert reads == [by_keyword, positional, event_only]
+
+    class Callable:
+        async def __call__(self, event: Any) -> str:
+            return "x"
+
+    instance = Callable()
+    agents.bind_agent(instance)
+    agents.bind_agent(instance)
+    assert reads[3:] == [instance, instance]  # only plain functions are remembered
+
+
+def test_bind_agent_keeps_no_agent_alive() -> None:
+    import gc
+    import weakref
+
+    from layercode_asgi.agents import bind_agent
+
+    def make() -> Any:
+        async def agent(event: Any, context: Any) -> str:
+            return "x"
+
+        return agent
+
+    agent = make()
+    bind_agent(agent)
+    ref = weakref.ref(agent)
+    del agent
+    gc.collect()
+    assert ref() is None
