@@ -19,7 +19,7 @@ import httpx
 import msgspec
 import pytest
 
-from layercode_asgi import Settings, create_app, get_agent
+from layercode_asgi import Settings, TurnContext, create_app, get_agent, parse_webhook_payload
 from layercode_asgi.adapters import (
     MissingExtraError,
     PhraseChunker,
@@ -399,12 +399,18 @@ class _Stream:
 async def test_langchains_stream_in_its_own_task_ends_even_if_closing_fails(
     fail_close: bool,
 ) -> None:
-    from layercode_asgi.adapters.langchain import _in_own_task
-
+    pytest.importorskip("langchain_core")
     stream = _Stream(["a", "b"], fail_close)
-    seen: list[str] = []
+
+    class Runnable:  # what from_langchain needs of a chain: astream(input, config)
+        def astream(self, value: Any, config: Any) -> _Stream:
+            return stream
+
+    agent = from_langchain(Runnable(), chunking="delta")
+    event = parse_webhook_payload(event_body("message", text="hi"))
+    seen: list[Any] = []
     with anyio.fail_after(5), pytest.raises(RuntimeError) if fail_close else nullcontext():
-        async for item in _in_own_task(stream):
+        async for item in agent(event, TurnContext(event, (), {})):  # type: ignore[arg-type]
             seen.append(item)  # noqa: PERF401 (items seen before the error count too)
     assert seen == ["a", "b"]
     assert stream.closed
