@@ -610,6 +610,12 @@ async def test_redis_invalid_arguments() -> None:
         RedisConversationStore("redis://localhost", lock_ttl=0)
     with pytest.raises(ConfigurationError):
         RedisConversationStore("redis://localhost", ttl=-1)
+    for name in ("lock_ttl", "socket_timeout", "socket_connect_timeout", "operation_timeout"):
+        for value in (float("nan"), float("inf"), True, -1):
+            with pytest.raises(ConfigurationError, match=f"{name} must be a finite number > 0"):
+                RedisConversationStore("redis://localhost", **{name: value})
+    with pytest.raises(ConfigurationError, match="lock timeout must be a finite number >= 0"):
+        RedisConversationStore("redis://localhost", lock_timeout=float("inf"))
     with pytest.raises(ConfigurationError, match="invalid Redis URL"):
         RedisConversationStore("http://user:pw@localhost")
 
@@ -650,4 +656,15 @@ async def test_lock_timeout_nan_is_refused() -> None:
     manager = ConversationManager()
     with pytest.raises(ConfigurationError, match="nan"):
         async with manager.lock("c", timeout=float("nan")):
+            pass
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), True, "5", -1])
+async def test_lock_timeout_must_be_a_finite_number(timeout: Any) -> None:
+    # One duration rule for the whole library (errors.check_seconds): None waits forever;
+    # infinity, a bool or a string was accepted before.
+    with pytest.raises(ConfigurationError, match="lock timeout must be a finite number >= 0"):
+        MemoryConversationStore(lock_timeout=timeout)
+    with pytest.raises(ConfigurationError, match="lock timeout must be a finite number >= 0"):
+        async with ConversationManager().lock("c", timeout=timeout):
             pass

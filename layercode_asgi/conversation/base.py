@@ -9,7 +9,7 @@ from typing import Final, Literal, Protocol, runtime_checkable
 
 import msgspec
 
-from ..errors import ConfigurationError, LayercodeError
+from ..errors import ConfigurationError, LayercodeError, check_seconds
 
 Role = Literal["user", "assistant"]
 
@@ -100,16 +100,10 @@ def fit(messages: Sequence[HistoryMessage], max_bytes: int) -> Sequence[HistoryM
     ]
 
 
-def check_timeout(timeout: float | None, name: str = "lock timeout") -> None:
-    # ``not >= 0`` also refuses NaN (``nan < 0`` is False).
-    if timeout is not None and (not isinstance(timeout, int | float) or not timeout >= 0):
-        raise ConfigurationError(f"{name} must be a number >= 0 or None, got {timeout!r}")
-
-
 def lock_wait(timeout: LockTimeout, default: float | None) -> float | None:
     """The seconds a ``lock(timeout=...)`` waits: ``default`` for :data:`STORE_DEFAULT`."""
     wait = default if isinstance(timeout, DefaultTimeout) else timeout
-    check_timeout(wait)
+    check_seconds("lock timeout", wait, zero=True, none=True)
     return wait
 
 

@@ -10,6 +10,7 @@ from types import TracebackType
 
 import anyio
 
+from ..errors import check_seconds
 from .base import (
     DEFAULT_HISTORY_MAX_BYTES,
     DEFAULT_LOCK_TIMEOUT,
@@ -18,7 +19,6 @@ from .base import (
     HistoryMessage,
     LockTimeout,
     check_positive_int,
-    check_timeout,
     fit,
     lock_wait,
     text_size,
@@ -111,7 +111,7 @@ class MemoryConversationStore:
         check_positive_int(max_conversations, "max_conversations")
         check_positive_int(max_messages, "max_messages")
         check_positive_int(max_bytes, "max_bytes")
-        check_timeout(lock_timeout)
+        check_seconds("lock timeout", lock_timeout, zero=True, none=True)
         self.max_conversations = max_conversations
         self.max_messages = max_messages
         self.max_bytes = max_bytes

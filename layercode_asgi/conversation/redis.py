@@ -23,7 +23,7 @@ import anyio
 import msgspec
 
 from .._redis import connect, describe_client, import_redis, unavailable_errors
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, check_seconds
 from ..logs import escape_log_value
 from ..redaction import mask_url
 from . import redis_scripts as scripts
@@ -37,7 +37,6 @@ from .base import (
     StoreError,
     StoreUnavailableError,
     check_positive_int,
-    check_timeout,
     fit,
     lock_wait,
 )
@@ -149,15 +148,14 @@ class RedisConversationStore:
             raise ConfigurationError(f"ttl must be an integer >= 0 or None, got {ttl!r}")
         check_positive_int(max_messages, "max_messages")
         check_positive_int(max_bytes, "max_bytes")
-        check_timeout(lock_timeout)
+        check_seconds("lock timeout", lock_timeout, zero=True, none=True)
         for name, value in (
             ("lock_ttl", lock_ttl),
             ("socket_timeout", socket_timeout),
             ("socket_connect_timeout", socket_connect_timeout),
             ("operation_timeout", operation_timeout),
         ):
-            if not isinstance(value, int | float) or not 0 < value < math.inf:
-                raise ConfigurationError(f"{name} must be a number > 0, got {value!r}")
+            check_seconds(name, value, zero=False, none=False)
         if not isinstance(key_prefix, str) or "{" in key_prefix or "}" in key_prefix:
             raise ConfigurationError(
                 f"key_prefix must be a string without braces, got {key_prefix!r}"
