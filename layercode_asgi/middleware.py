@@ -29,7 +29,7 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._asgi import BodyTooLarge, json_error, read_body, route_path, send_json_error
-from .errors import ConfigurationError, LayercodeError
+from .errors import ConfigurationError, LayercodeError, check_seconds
 from .logs import escape_log_value
 from .replay import MemoryReplayCache, ReplayCache, replay_key
 from .signature import (
@@ -179,14 +179,7 @@ class LayercodeSignature:
         self._too_large = json_error(413, f"request body exceeds {max_body_size} bytes", close=True)
         self._matches = None if paths is None else _PathMatcher(paths)
         self._header = header_name.lower().encode("latin-1")
-        if body_timeout is not None and not (
-            isinstance(body_timeout, int | float)
-            and not isinstance(body_timeout, bool)
-            and body_timeout > 0
-        ):
-            raise ConfigurationError(
-                f"LayercodeSignature body_timeout must be > 0 seconds or None, got {body_timeout!r}"
-            )
+        check_seconds("body_timeout", body_timeout, zero=False, none=True)
         self._body_timeout = math.inf if body_timeout is None else float(body_timeout)
         self._timed_out = json_error(
             408, f"request body not received within {body_timeout} s", close=True

@@ -659,12 +659,12 @@ async def test_lock_timeout_nan_is_refused() -> None:
             pass
 
 
-@pytest.mark.parametrize("timeout", [float("inf"), True, "5", -1])
-async def test_lock_timeout_must_be_a_finite_number(timeout: Any) -> None:
+@pytest.mark.parametrize("value", [float("inf"), True, "5", -1])
+async def test_lock_timeout_must_be_a_finite_number(value: Any) -> None:
     # One duration rule for the whole library (errors.check_seconds): None waits forever;
     # infinity, a bool or a string was accepted before.
     with pytest.raises(ConfigurationError, match="lock timeout must be a finite number >= 0"):
-        MemoryConversationStore(lock_timeout=timeout)
+        MemoryConversationStore(lock_timeout=value)
     with pytest.raises(ConfigurationError, match="lock timeout must be a finite number >= 0"):
-        async with ConversationManager().lock("c", timeout=timeout):
+        async with ConversationManager().lock("c", timeout=value):
             pass

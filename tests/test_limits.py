@@ -81,9 +81,11 @@ async def test_a_slow_body_within_the_timeout_is_fine() -> None:
     assert inner.bodies == [BODY]
 
 
-@pytest.mark.parametrize("bad", [0, -1, "10", True])
+@pytest.mark.parametrize("bad", [0, -1, "10", True, float("nan"), float("inf")])
 def test_body_timeout_must_be_positive(bad: Any) -> None:
-    with pytest.raises(ConfigurationError, match="body_timeout"):
+    with pytest.raises(
+        ConfigurationError, match="body_timeout must be a finite number > 0 or None"
+    ):
         LayercodeSignature(Recorder(), secret=SECRET, body_timeout=bad)
 
 
