@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from ._redis import connect, import_redis
 from .conversation import StoreUnavailableError
-from .errors import ConfigurationError
+from .errors import ConfigurationError, check_seconds
 
 __all__ = ["MemoryReplayCache", "RedisReplayCache", "ReplayCache", "replay_key"]
 
@@ -109,6 +109,8 @@ class RedisReplayCache:
         max_connections: int = 100,
         cluster: bool = False,
     ) -> None:
+        check_seconds("socket_timeout", socket_timeout, zero=False, none=False)
+        check_seconds("socket_connect_timeout", socket_connect_timeout, zero=False, none=False)
         if isinstance(url_or_client, str):
             self._client = connect(
                 url_or_client,

@@ -386,6 +386,7 @@ def run_server(
     """Serve ``app`` (from :func:`create_app`) with uvicorn, draining open turns on SIGTERM.
 
     ``sockets``: already listening sockets to serve on (as ``serve --workers`` does).
+    ``grace_period``: a finite number of seconds >= 0 (else ``ConfigurationError``).
 
     On the first SIGTERM or SIGINT the app starts draining (new webhooks: 503 JSON,
     ``/ready``: 503) while open turns finish; once none is left, or after
@@ -400,6 +401,7 @@ def run_server(
 
     import uvicorn
 
+    check_seconds("grace_period", grace_period, zero=True, none=True)
     lifecycle: Lifecycle = app.state.lifecycle
     grace = app.state.settings.shutdown_grace_period if grace_period is None else grace_period
 

@@ -483,3 +483,32 @@ def test_two_workers_share_history_and_the_lock(redis_server: RedisServer) -> No
         assert [m.turn_id for m in history[::2]] == [f"t{i}" for i in range(10)]
         for client in clients:
             client.close()
+
+
+@pytest.mark.parametrize("grace", [float("nan"), -1, float("inf"), "30"])
+def test_run_server_refuses_an_invalid_grace_period(
+    grace: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Accepted before: NaN made the drain deadline never pass (the server only stopped at a
+    # second signal), -1 ended every open turn at once.
+    import uvicorn
+
+    from layercode_asgi.server import run_server
+
+    def started(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn.Server, "run", started)
+    app = create_app(settings())
+    with pytest.raises(ConfigurationError, match="grace_period must be a finite number >= 0"):
+        run_server(app, grace_period=grace, port=0)
+
+
+def test_redis_replay_cache_refuses_invalid_timeouts() -> None:
+    pytest.importorskip("redis")
+    from layercode_asgi import RedisReplayCache
+
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        for value in (float("nan"), 0, -1, float("inf"), True):
+            with pytest.raises(ConfigurationError, match=f"{name} must be a finite number > 0"):
+                RedisReplayCache("redis://127.0.0.1:1", **{name: value})
