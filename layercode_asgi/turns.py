@@ -34,6 +34,7 @@ as ``create_app`` does without hooks: 200 ``{"status": "ok"}`` (JSON), calling n
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import math
@@ -278,6 +279,10 @@ class Turn:
                         await self._produce()
                     except Exception as exc:
                         await self._failed(exc)
+                    except anyio.get_cancelled_exc_class() as exc:
+                        if _being_cancelled():
+                            raise
+                        await self._failed(exc)  # the agent's own, not this task's
                     await self.end()
             self._scope = None
             if not self.ended and (scope.cancel_called or self._abort is not None):
@@ -389,7 +394,7 @@ class Turn:
             raise RuntimeError(_NOT_RUNNING)
         await emit(chunk)
 
-    async def _failed(self, exc: Exception) -> None:
+    async def _failed(self, exc: BaseException) -> None:
         self.status = TurnStatus.FAILED
         self.error = exc
         logger.error(
@@ -433,6 +438,22 @@ class Turn:
 
 
 _NOT_RUNNING = "this turn is not running (Turn.run() was not called or ended)"
+
+
+def _being_cancelled() -> bool:
+    """Whether this task is being cancelled (a cancel scope, or asyncio's ``task.cancel()``).
+
+    False when an agent raised a ``CancelledError`` of its own on asyncio (it awaited a
+    task or future that something else cancelled): that is the agent failing, answered
+    with ``response.error`` and ``response.end`` like any other exception.
+    """
+    if anyio.current_effective_deadline() == -math.inf:
+        return True
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # trio: its Cancelled only ever comes from a cancellation
+        return True
+    return task is None or task.cancelling() > 0
 
 
 def _encode_content(content: Any) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -735,3 +737,67 @@ def test_turn_accepts_valid_durations() -> None:
     for options in ({"timeout": None}, {"timeout": 2}, {"timeout": 0.5, "grace": 0}):
         turn = Turn(event, echo_agent, **options)  # type: ignore[arg-type]
         assert turn.timeout == options["timeout"]
+
+
+# -- a CancelledError the agent raises itself is an agent error, not a cancellation -------
+
+
+async def _cancelled_elsewhere() -> asyncio.Task[None]:
+    """A task someone else cancelled: awaiting it raises CancelledError in the awaiter."""
+    task = asyncio.get_running_loop().create_task(asyncio.sleep(30))
+    await asyncio.sleep(0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(task)
+    return task
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio's Cancelled is trio's own
+@pytest.mark.parametrize("after_first", [False, True])
+async def test_agent_raising_a_stray_cancelled_error_gets_error_then_end(
+    after_first: bool, anyio_backend: str
+) -> None:
+    async def agent(event: Any) -> AsyncIterator[str]:
+        task = await _cancelled_elsewhere()
+        if after_first:
+            yield "partial"
+        await task  # e.g. a shared prefetch that another request cancelled
+        yield "never"
+
+    events = await read_events(webhook_app(agent), event_body())
+    assert events == ([tts("partial")] if after_first else []) + [ERROR, END]
+
+    async def route(request: Request) -> Response:
+        return stream_turn(await request.body(), agent)
+
+    app = Starlette(routes=[Route("/api/agent", route, methods=["POST"])])
+    events = await read_events(app, event_body())
+    assert events == ([tts("partial")] if after_first else []) + [ERROR, END]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_turn_cancelled_from_outside_is_still_cancelled(anyio_backend: str) -> None:
+    chunks: list[bytes] = []
+    started = asyncio.Event()
+
+    async def emit(chunk: bytes) -> None:
+        chunks.append(chunk)
+
+    async def agent(event: Any) -> AsyncIterator[str]:
+        yield "first"
+        started.set()
+        await asyncio.sleep(30)
+        yield "never"
+
+    event = parse_webhook_payload(event_body())
+    assert isinstance(event, MessagePayload)
+    turn = Turn(event, agent)
+    task = asyncio.get_running_loop().create_task(turn.run(emit))
+    await started.wait()
+    task.cancel()  # plain asyncio cancellation of the request's task
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert turn.status == "disconnected"
+    assert len(chunks) == 1
