@@ -516,7 +516,8 @@ def _stream(
 
     ``event`` may be the raw body: then an unknown event type is answered 200
     ``{"status": "ignored"}`` and a malformed one 400 ``{"error", "path"}``, as
-    ``create_app`` answers them.
+    ``create_app`` answers them. Anything else that is not a parsed event (a dict, None)
+    raises ``TypeError``.
     """
     check_seconds("timeout", timeout, zero=False, none=True)  # on every event, turn or not
     if isinstance(event, bytes | str):
@@ -528,6 +529,11 @@ def _stream(
         except InvalidPayloadError as exc:
             logger.info("rejected malformed webhook: %s", escape_log_value(exc))
             return JSONResponse({"error": str(exc), "path": exc.path}, status_code=400)
+    elif not isinstance(event, WebhookPayload):
+        raise TypeError(
+            "event must be the raw request body (bytes or str) or a parsed event "
+            f"(parse_webhook_payload), got {type(event).__name__}"
+        )
     if not isinstance(event, SessionStartPayload | MessagePayload):
         return Response(b'{"status":"ok"}', media_type="application/json")
     turn = Turn(

@@ -801,3 +801,36 @@ async def test_a_turn_cancelled_from_outside_is_still_cancelled(anyio_backend: s
         await task
     assert turn.status == "disconnected"
     assert len(chunks) == 1
+
+
+# -- an event that is neither a parsed payload nor a raw body is refused, not answered ok ---
+
+
+@pytest.mark.parametrize("entry", ["stream_turn", "stream_response"])
+@pytest.mark.parametrize(
+    "event",
+    [
+        pytest.param(msgspec.json.decode(event_body("message", text="hi")), id="dict"),
+        pytest.param(None, id="none"),
+        pytest.param(5, id="int"),
+        pytest.param(bytearray(event_body("message", text="hi")), id="bytearray"),
+    ],
+)
+def test_stream_entry_points_refuse_an_event_of_the_wrong_type(entry: str, event: Any) -> None:
+    # Before: answered 200 {"status": "ok"} without calling the agent (a route passing
+    # ``await request.json()`` never ran its agent, silently).
+    called: list[str] = []
+
+    async def agent(event: Any) -> AsyncIterator[str]:
+        called.append("agent")
+        yield "hi"
+
+    async def handler(stream: Any) -> None:
+        called.append("handler")
+
+    with pytest.raises(TypeError, match=r"the raw request body .* or a parsed event"):
+        if entry == "stream_turn":
+            stream_turn(event, agent)
+        else:
+            stream_response(event, handler)
+    assert called == []
