@@ -79,7 +79,8 @@ def format_sse_message(
     A ``data`` with line breaks (``\\n``, ``\\r\\n`` or ``\\r``) becomes several ``data:``
     lines, which a client joins back with ``\\n``. ``event`` and ``id`` must be single
     lines (a line break there would let the text inject its own fields or events) and
-    ``id`` must not contain NUL (clients ignore such ids): both raise ``ValueError``.
+    ``id`` must not contain NUL (clients ignore such ids): both raise ``ValueError``
+    (``TypeError`` when either is not a ``str``).
     ``retry`` is the reconnection delay in milliseconds, a non-negative int. A ``data``
     that is a JSON document has raw U+0085, U+2028 and U+2029 written as ``\\u`` escapes
     (the same JSON value, which line readers that split on them cannot cut); other text
@@ -93,10 +94,14 @@ def format_sse_message(
     data = escape_json_text_line_breaks(data)  # JSON only: the same value, on one line
     parts: list[str] = []
     if event is not None:
+        if not isinstance(event, str):
+            raise TypeError(f"SSE event must be a str, got {type(event).__name__}")
         if _LINE_BREAK.search(event):
             raise ValueError("SSE event name must not contain a line break")
         parts.append(f"event: {event}\n")
     if id is not None:
+        if not isinstance(id, str):
+            raise TypeError(f"SSE id must be a str, got {type(id).__name__}")
         if _LINE_BREAK.search(id) or "\0" in id:
             raise ValueError("SSE id must not contain a line break or NUL")
         parts.append(f"id: {id}\n")

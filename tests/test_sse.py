@@ -70,6 +70,16 @@ def test_only_sse_line_breaks_split() -> None:
     assert format_sse_message(text) == f"data: {text}\n\n"
 
 
+@pytest.mark.parametrize("bad", [7, b"ev", 1.5])
+def test_event_and_id_that_are_not_str_get_a_clear_type_error(bad: Any) -> None:
+    # Before: the line-break regex's own "expected string or bytes-like object, got
+    # 'int'" (or "cannot use a string pattern on a bytes-like object"), naming neither.
+    with pytest.raises(TypeError, match=f"SSE event must be a str, got {type(bad).__name__}"):
+        format_sse_message("x", event=bad)
+    with pytest.raises(TypeError, match=f"SSE id must be a str, got {type(bad).__name__}"):
+        format_sse_message("x", id=bad)
+
+
 @pytest.mark.parametrize("bad", ["a\nb", "a\rb", "a\r\nb", "\n"])
 def test_event_and_id_injection_is_refused(bad: str) -> None:
     with pytest.raises(ValueError):
