@@ -153,7 +153,11 @@ def create_sse_response(
     sse-starlette. Headers: ``Content-Type: text/event-stream``,
     ``Cache-Control: no-cache, no-transform``, ``X-Accel-Buffering: no``. ``ping`` is the
     keep-alive comment interval in seconds (sse-starlette's default 15 s; 0 disables).
+    ``ping`` and ``send_timeout`` (the bound of each send, None: none) must be finite
+    numbers, ``ping`` >= 0 and ``send_timeout`` > 0, else ``ValueError``.
     """
+    check_seconds("ping", ping, zero=True, none=True)
+    check_seconds("send_timeout", send_timeout, zero=False, none=True)
     merged = dict(SSE_HEADERS)
     if headers:
         merged.update({k.lower(): v for k, v in headers.items()})

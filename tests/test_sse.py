@@ -187,3 +187,30 @@ async def test_create_sse_response_refuses_unknown_items() -> None:
     with pytest.raises(TypeError, match="create_sse_response items"):
         async for _ in response.body_iterator:
             pass
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("send_timeout", float("nan")),  # before: "deadline must not be NaN" mid-stream
+        ("send_timeout", -1),  # before: every send timed out, the stream cut
+        ("send_timeout", 0),
+        ("send_timeout", "5"),
+        ("ping", float("nan")),  # before: accepted, and no keep-alive was ever sent
+        ("ping", float("inf")),
+    ],
+)
+def test_create_sse_response_refuses_invalid_durations(option: str, value: Any) -> None:
+    async def items() -> AsyncIterator[str]:
+        yield "x"
+
+    with pytest.raises(ValueError, match=f"{option} must be a finite number"):
+        create_sse_response(items(), **{option: value})
+
+
+def test_create_sse_response_accepts_valid_durations() -> None:
+    async def items() -> AsyncIterator[str]:
+        yield "x"
+
+    for options in ({"ping": 0}, {"ping": 5, "send_timeout": 2.5}, {"ping": None}):
+        create_sse_response(items(), **options)  # type: ignore[arg-type]
