@@ -299,6 +299,13 @@ class Turn:
                         self._ids(),
                         extra=self._extra(),
                     )
+            elif scope.cancelled_caught and self.status is TurnStatus.RUNNING:
+                # The deadline (or abort) cut the write of response.end itself: the end
+                # is not resent (its first write may have been partly taken).
+                if self._abort is not None:
+                    await self._aborted(self._abort)  # ended: this only logs and sets status
+                else:
+                    await self._timed_out()
             elif self.status is TurnStatus.RUNNING:
                 self.status = TurnStatus.COMPLETED
         except anyio.get_cancelled_exc_class():

@@ -167,6 +167,25 @@ async def test_a_turns_deadline_covers_its_writes() -> None:
     assert not stub.complete
 
 
+async def test_a_turn_whose_end_was_cut_by_its_deadline_is_not_completed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The client stops reading just before response.end: the deadline cuts that last
+    # write. Before, the turn was reported "completed" (and counted so by the metrics)
+    # though its end never went out and it overran its timeout.
+    async def one(event: Any) -> AsyncIterator[str]:
+        yield "hi"
+
+    event = parse_webhook_payload(event_body(text="hi"))
+    turn = Turn(event, one, timeout=0.3, grace=0.2)  # type: ignore[arg-type]
+    stub = ASGIStub(block_send_after=1)
+    with caplog.at_level("WARNING", logger="layercode_asgi.turns"):
+        await stub.run(EventStreamResponse(turn.run, close_timeout=0.2), limit=5)
+    assert b"response.end" not in stub.body
+    assert turn.status == "timed_out"
+    assert any("timed out" in r.getMessage() for r in caplog.records)
+
+
 async def test_create_app_answers_turns_on_this_backend() -> None:
     from layercode_asgi import Settings, create_app
     from layercode_asgi.testing import LayercodeTestClient
