@@ -32,7 +32,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from ._asgi import send_json_error
+from ._asgi import being_cancelled, send_json_error
 from .errors import ResponseError, check_seconds
 from .jsonwire import escape_json_text_line_breaks
 
@@ -225,7 +225,7 @@ class EventStreamResponse(Response):
         self.closed = False
         self._send: Send | None = None
         self._cancel: anyio.CancelScope | None = None
-        self._failure: Exception | None = None
+        self._failure: BaseException | None = None
         self._unyielded = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -305,6 +305,10 @@ class EventStreamResponse(Response):
             await self.producer(self.emit)
         except Exception as exc:
             self._failure = exc
+        except anyio.get_cancelled_exc_class() as exc:
+            if being_cancelled():
+                raise
+            self._failure = exc  # the producer's own, not this task's
 
     def _start_message(self) -> Message:
         return {
@@ -313,7 +317,7 @@ class EventStreamResponse(Response):
             "headers": self.raw_headers,
         }
 
-    async def _finish(self, send: Send, failure: Exception | None) -> None:
+    async def _finish(self, send: Send, failure: BaseException | None) -> None:
         try:
             if failure is not None and not self.started:
                 self.status_code = _error_status(failure)
@@ -346,11 +350,11 @@ class EventStreamResponse(Response):
                 return
 
 
-def _error_status(failure: Exception) -> int:
+def _error_status(failure: BaseException) -> int:
     return failure.status_code if isinstance(failure, ResponseError) else 500
 
 
-def _error_message(failure: Exception) -> str:
+def _error_message(failure: BaseException) -> str:
     if isinstance(failure, ResponseError):
         return failure.message
     logger.error("event stream producer failed before its first event", exc_info=failure)

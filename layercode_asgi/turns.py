@@ -34,7 +34,6 @@ as ``create_app`` does without hooks: 200 ``{"status": "ok"}`` (JSON), calling n
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import math
@@ -45,6 +44,7 @@ from typing import Any, TypeAlias
 import anyio
 from starlette.responses import JSONResponse, Response
 
+from ._asgi import being_cancelled
 from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
 from .agents import describe_non_reply as _describe_non_reply
 from .conversation import HistoryMessage
@@ -280,7 +280,7 @@ class Turn:
                     except Exception as exc:
                         await self._failed(exc)
                     except anyio.get_cancelled_exc_class() as exc:
-                        if _being_cancelled():
+                        if being_cancelled():
                             raise
                         await self._failed(exc)  # the agent's own, not this task's
                     await self.end()
@@ -445,22 +445,6 @@ class Turn:
 
 
 _NOT_RUNNING = "this turn is not running (Turn.run() was not called or ended)"
-
-
-def _being_cancelled() -> bool:
-    """Whether this task is being cancelled (a cancel scope, or asyncio's ``task.cancel()``).
-
-    False when an agent raised a ``CancelledError`` of its own on asyncio (it awaited a
-    task or future that something else cancelled): that is the agent failing, answered
-    with ``response.error`` and ``response.end`` like any other exception.
-    """
-    if anyio.current_effective_deadline() == -math.inf:
-        return True
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # trio: its Cancelled only ever comes from a cancellation
-        return True
-    return task is None or task.cancelling() > 0
 
 
 def _encode_content(content: Any) -> bytes:

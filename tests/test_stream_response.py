@@ -7,6 +7,8 @@ its writes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -117,6 +119,39 @@ async def test_a_producer_failing_after_its_first_event_ends_the_stream() -> Non
     assert stub.status == 200  # one status line, never a second one
     assert stub.body == b"data: one\n\n"
     assert stub.complete
+
+
+async def _a_task_cancelled_elsewhere() -> asyncio.Task[None]:
+    task = asyncio.get_running_loop().create_task(asyncio.sleep(30))
+    await asyncio.sleep(0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(task)
+    return task
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio's Cancelled is trio's own
+@pytest.mark.parametrize("after_first", [False, True])
+async def test_a_producer_raising_a_stray_cancelled_error_is_a_failure(
+    after_first: bool, anyio_backend: str
+) -> None:
+    # A producer awaiting a task that something else cancelled gets a CancelledError that
+    # is no cancellation of this response. Before, it escaped the response: the server
+    # answered a plain 500, or cut the stream without its final frame.
+    async def producer(emit: Emit) -> None:
+        task = await _a_task_cancelled_elsewhere()
+        if after_first:
+            await emit(b"data: one\n\n")
+        await task
+
+    stub = ASGIStub()
+    await stub.run(EventStreamResponse(producer))
+    assert stub.complete
+    if after_first:
+        assert (stub.status, stub.body) == (200, b"data: one\n\n")
+    else:
+        assert stub.status == 500
+        assert msgspec.json.decode(stub.body) == {"error": "internal error"}
 
 
 async def test_cancellation_from_outside_reaches_the_producer_and_propagates() -> None:
