@@ -216,10 +216,10 @@ class EventStreamResponse(Response):
         self.close_timeout = close_timeout
         self.body = b""
         self.raw_headers = list(_RAW_SSE_HEADERS)
-        if headers:
-            self.raw_headers.extend(
-                (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
-            )
+        if headers:  # a header given replaces the default of that name (never two)
+            given = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+            names = {name for name, _ in given}
+            self.raw_headers = [h for h in self.raw_headers if h[0] not in names] + given
         self.disconnected = False
         self.started = False
         self.closed = False

@@ -44,6 +44,24 @@ async def test_chunks_go_out_as_emitted_then_the_body_closes() -> None:
     assert stub.complete
 
 
+async def test_given_headers_replace_the_default_ones_instead_of_doubling_them() -> None:
+    # Before: both went out, e.g. two Content-Type headers (an ambiguous response) and
+    # x-accel-buffering both "no" and "yes".
+    async def producer(emit: Emit) -> None:
+        await emit(b"data: one\n\n")
+
+    given = {"Content-Type": "text/event-stream; charset=utf-8", "X-Accel-Buffering": "yes"}
+    stub = ASGIStub()
+    await stub.run(EventStreamResponse(producer, headers={**given, "x-extra": "1"}))
+    start = next(m for m in stub.messages if m["type"] == "http.response.start")
+    assert sorted(start["headers"]) == [
+        (b"cache-control", b"no-cache, no-transform"),
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+        (b"x-accel-buffering", b"yes"),
+        (b"x-extra", b"1"),
+    ]
+
+
 async def test_a_disconnect_cancels_the_producer_at_its_await() -> None:
     seen: list[str] = []
 
