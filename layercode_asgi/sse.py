@@ -154,8 +154,14 @@ def create_sse_response(
     ``Cache-Control: no-cache, no-transform``, ``X-Accel-Buffering: no``. ``ping`` is the
     keep-alive comment interval in seconds (sse-starlette's default 15 s; 0 disables).
     ``ping`` and ``send_timeout`` (the bound of each send, None: none) must be finite
-    numbers, ``ping`` >= 0 and ``send_timeout`` > 0, else ``ValueError``.
+    numbers, ``ping`` >= 0 and ``send_timeout`` > 0, else ``ValueError``; a ``generator``
+    that is not an async iterable raises ``TypeError``.
     """
+    if not hasattr(generator, "__aiter__"):
+        raise TypeError(
+            "create_sse_response streams an async iterable (e.g. an async generator), "
+            f"got {type(generator).__name__}"
+        )
     check_seconds("ping", ping, zero=True, none=True)
     check_seconds("send_timeout", send_timeout, zero=False, none=True)
     merged = dict(SSE_HEADERS)

@@ -214,3 +214,15 @@ def test_create_sse_response_accepts_valid_durations() -> None:
 
     for options in ({"ping": 0}, {"ping": 5, "send_timeout": 2.5}, {"ping": None}):
         create_sse_response(items(), **options)  # type: ignore[arg-type]
+
+
+def _sync_items() -> Any:
+    yield "x"
+
+
+@pytest.mark.parametrize("source", [["a", "b"], _sync_items(), "ab", None])
+def test_create_sse_response_refuses_what_is_not_an_async_iterable(source: Any) -> None:
+    # Before: accepted, then a 200 status line and the stream cut by "'async for'
+    # requires an object with __aiter__ method" once the server ran the response.
+    with pytest.raises(TypeError, match=f"an async iterable.*got {type(source).__name__}"):
+        create_sse_response(source)
