@@ -48,7 +48,7 @@ from ._asgi import being_cancelled
 from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
 from .agents import describe_non_reply as _describe_non_reply
 from .conversation import HistoryMessage
-from .errors import check_seconds
+from .errors import check_seconds, check_text
 from .events import (
     InvalidPayloadError,
     MessagePayload,
@@ -173,7 +173,8 @@ class Turn:
             returns (the client is not reading: the stream is closed).
 
     Raises ``ValueError`` when ``timeout`` is not a finite number > 0 (or None) or
-    ``grace`` not a finite number >= 0.
+    ``grace`` not a finite number >= 0, and when ``timeout_message`` is not a ``str``
+    (``TypeError``) or not valid text.
 
     After :meth:`run`, :attr:`status`, :attr:`spoken` (the ``response.tts`` texts actually
     emitted) and :attr:`error` describe what happened; :attr:`first_tts_at` is the
@@ -219,6 +220,7 @@ class Turn:
             raise TypeError("Turn needs exactly one of agent= or handler=")
         check_seconds("timeout", timeout, zero=False, none=True)
         check_seconds("grace", grace, zero=True, none=False)
+        check_text("timeout_message", timeout_message)
         self.event = event
         self._call = bind_agent(agent).call if agent is not None else None
         self._handler = handler

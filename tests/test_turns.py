@@ -834,3 +834,25 @@ def test_stream_entry_points_refuse_an_event_of_the_wrong_type(entry: str, event
         else:
             stream_response(event, handler)
     assert called == []
+
+
+# -- a timeout message that cannot be spoken is refused where it is given ------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [(5, TypeError), (b"bye", TypeError), ("bye \ud800", ValueError)],
+)
+def test_an_unspeakable_timeout_message_is_refused_where_given(
+    message: Any, error: type[Exception]
+) -> None:
+    # Before: accepted; the turn that timed out then failed sending it, and its stream
+    # ended with neither the fallback nor response.error nor response.end.
+    event = parse_webhook_payload(event_body("message", text="hi"))
+    assert isinstance(event, MessagePayload)
+    with pytest.raises(error, match="timeout_message"):
+        Turn(event, echo_agent, timeout=1, timeout_message=message)
+    with pytest.raises(error, match="timeout_message"):
+        stream_turn(event_body(), echo_agent, timeout=1, timeout_message=message)
+    with pytest.raises(error, match="timeout_message"):
+        LayercodeWebhook(echo_agent, timeout_message=message)
