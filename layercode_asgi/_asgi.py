@@ -5,13 +5,17 @@
 * :func:`json_error`: the one way an error is written: ``{"error": "..."}`` as JSON with
   its status, as the two ASGI messages (:func:`send_json_error` sends them) or as a
   Starlette response (:func:`json_error_response`).
+* :func:`being_cancelled`: whether a ``CancelledError`` is this task's cancellation.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import anyio
 import msgspec
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
@@ -19,6 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 __all__ = [
     "BodyTooLarge",
     "JSONResponse",
+    "being_cancelled",
     "json_error",
     "json_error_response",
     "read_body",
@@ -121,3 +126,19 @@ def json_error_response(
 ) -> JSONResponse:
     """``{"error": message}`` with ``status``, as a Starlette response."""
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def being_cancelled() -> bool:
+    """Whether this task is being cancelled (a cancel scope, or asyncio's ``task.cancel()``).
+
+    False for a ``CancelledError`` that user code raised of its own on asyncio (it awaited
+    a task or future that something else cancelled): that is the code failing, answered
+    like any other exception (a turn's ``response.error`` and ``response.end``).
+    """
+    if anyio.current_effective_deadline() == -math.inf:
+        return True
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # trio: its Cancelled only ever comes from a cancellation
+        return True
+    return task is None or task.cancelling() > 0

@@ -63,3 +63,18 @@ def check_seconds(name: str, value: object, *, zero: bool, none: bool) -> None:
         return
     expected = "a finite number " + (">= 0" if zero else "> 0") + (" or None" if none else "")
     raise ConfigurationError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_text(name: str, value: object) -> None:
+    """Refuse a text to be spoken that is not a ``str`` (``TypeError``) or cannot be sent
+    as UTF-8 (a lone surrogate: :class:`ConfigurationError`, a ``ValueError``); ``None``
+    passes. Both name the argument."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ConfigurationError(f"{name} is not valid text (a lone surrogate)") from None

@@ -57,6 +57,6 @@ def escape_json_text_line_breaks(text: str) -> str:
         return text
     try:
         msgspec.json.decode(text)
-    except msgspec.DecodeError:
+    except (ValueError, RecursionError):  # not JSON, not UTF-8 (a lone surrogate), too deep
         return text
     return _TEXT_BREAKS.sub(lambda match: _TEXT_ESCAPES[match.group()], text)

@@ -32,7 +32,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from ._asgi import send_json_error
+from ._asgi import being_cancelled, send_json_error
 from .errors import ResponseError, check_seconds
 from .jsonwire import escape_json_text_line_breaks
 
@@ -79,7 +79,8 @@ def format_sse_message(
     A ``data`` with line breaks (``\\n``, ``\\r\\n`` or ``\\r``) becomes several ``data:``
     lines, which a client joins back with ``\\n``. ``event`` and ``id`` must be single
     lines (a line break there would let the text inject its own fields or events) and
-    ``id`` must not contain NUL (clients ignore such ids): both raise ``ValueError``.
+    ``id`` must not contain NUL (clients ignore such ids): both raise ``ValueError``
+    (``TypeError`` when either is not a ``str``).
     ``retry`` is the reconnection delay in milliseconds, a non-negative int. A ``data``
     that is a JSON document has raw U+0085, U+2028 and U+2029 written as ``\\u`` escapes
     (the same JSON value, which line readers that split on them cannot cut); other text
@@ -93,10 +94,14 @@ def format_sse_message(
     data = escape_json_text_line_breaks(data)  # JSON only: the same value, on one line
     parts: list[str] = []
     if event is not None:
+        if not isinstance(event, str):
+            raise TypeError(f"SSE event must be a str, got {type(event).__name__}")
         if _LINE_BREAK.search(event):
             raise ValueError("SSE event name must not contain a line break")
         parts.append(f"event: {event}\n")
     if id is not None:
+        if not isinstance(id, str):
+            raise TypeError(f"SSE id must be a str, got {type(id).__name__}")
         if _LINE_BREAK.search(id) or "\0" in id:
             raise ValueError("SSE id must not contain a line break or NUL")
         parts.append(f"id: {id}\n")
@@ -148,7 +153,17 @@ def create_sse_response(
     sse-starlette. Headers: ``Content-Type: text/event-stream``,
     ``Cache-Control: no-cache, no-transform``, ``X-Accel-Buffering: no``. ``ping`` is the
     keep-alive comment interval in seconds (sse-starlette's default 15 s; 0 disables).
+    ``ping`` and ``send_timeout`` (the bound of each send, None: none) must be finite
+    numbers, ``ping`` >= 0 and ``send_timeout`` > 0, else ``ValueError``; a ``generator``
+    that is not an async iterable raises ``TypeError``.
     """
+    if not hasattr(generator, "__aiter__"):
+        raise TypeError(
+            "create_sse_response streams an async iterable (e.g. an async generator), "
+            f"got {type(generator).__name__}"
+        )
+    check_seconds("ping", ping, zero=True, none=True)
+    check_seconds("send_timeout", send_timeout, zero=False, none=True)
     merged = dict(SSE_HEADERS)
     if headers:
         merged.update({k.lower(): v for k, v in headers.items()})
@@ -207,16 +222,16 @@ class EventStreamResponse(Response):
         self.close_timeout = close_timeout
         self.body = b""
         self.raw_headers = list(_RAW_SSE_HEADERS)
-        if headers:
-            self.raw_headers.extend(
-                (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
-            )
+        if headers:  # a header given replaces the default of that name (never two)
+            given = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+            names = {name for name, _ in given}
+            self.raw_headers = [h for h in self.raw_headers if h[0] not in names] + given
         self.disconnected = False
         self.started = False
         self.closed = False
         self._send: Send | None = None
         self._cancel: anyio.CancelScope | None = None
-        self._failure: Exception | None = None
+        self._failure: BaseException | None = None
         self._unyielded = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -296,6 +311,10 @@ class EventStreamResponse(Response):
             await self.producer(self.emit)
         except Exception as exc:
             self._failure = exc
+        except anyio.get_cancelled_exc_class() as exc:
+            if being_cancelled():
+                raise
+            self._failure = exc  # the producer's own, not this task's
 
     def _start_message(self) -> Message:
         return {
@@ -304,7 +323,7 @@ class EventStreamResponse(Response):
             "headers": self.raw_headers,
         }
 
-    async def _finish(self, send: Send, failure: Exception | None) -> None:
+    async def _finish(self, send: Send, failure: BaseException | None) -> None:
         try:
             if failure is not None and not self.started:
                 self.status_code = _error_status(failure)
@@ -337,11 +356,11 @@ class EventStreamResponse(Response):
                 return
 
 
-def _error_status(failure: Exception) -> int:
+def _error_status(failure: BaseException) -> int:
     return failure.status_code if isinstance(failure, ResponseError) else 500
 
 
-def _error_message(failure: Exception) -> str:
+def _error_message(failure: BaseException) -> str:
     if isinstance(failure, ResponseError):
         return failure.message
     logger.error("event stream producer failed before its first event", exc_info=failure)

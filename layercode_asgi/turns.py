@@ -44,10 +44,11 @@ from typing import Any, TypeAlias
 import anyio
 from starlette.responses import JSONResponse, Response
 
+from ._asgi import being_cancelled
 from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
 from .agents import describe_non_reply as _describe_non_reply
 from .conversation import HistoryMessage
-from .errors import check_seconds
+from .errors import check_seconds, check_text
 from .events import (
     InvalidPayloadError,
     MessagePayload,
@@ -172,7 +173,8 @@ class Turn:
             returns (the client is not reading: the stream is closed).
 
     Raises ``ValueError`` when ``timeout`` is not a finite number > 0 (or None) or
-    ``grace`` not a finite number >= 0.
+    ``grace`` not a finite number >= 0, and when ``timeout_message`` is not a ``str``
+    (``TypeError``) or not valid text.
 
     After :meth:`run`, :attr:`status`, :attr:`spoken` (the ``response.tts`` texts actually
     emitted) and :attr:`error` describe what happened; :attr:`first_tts_at` is the
@@ -218,6 +220,7 @@ class Turn:
             raise TypeError("Turn needs exactly one of agent= or handler=")
         check_seconds("timeout", timeout, zero=False, none=True)
         check_seconds("grace", grace, zero=True, none=False)
+        check_text("timeout_message", timeout_message)
         self.event = event
         self._call = bind_agent(agent).call if agent is not None else None
         self._handler = handler
@@ -278,6 +281,10 @@ class Turn:
                         await self._produce()
                     except Exception as exc:
                         await self._failed(exc)
+                    except anyio.get_cancelled_exc_class() as exc:
+                        if being_cancelled():
+                            raise
+                        await self._failed(exc)  # the agent's own, not this task's
                     await self.end()
             self._scope = None
             if not self.ended and (scope.cancel_called or self._abort is not None):
@@ -294,6 +301,13 @@ class Turn:
                         self._ids(),
                         extra=self._extra(),
                     )
+            elif scope.cancelled_caught and self.status is TurnStatus.RUNNING:
+                # The deadline (or abort) cut the write of response.end itself: the end
+                # is not resent (its first write may have been partly taken).
+                if self._abort is not None:
+                    await self._aborted(self._abort)  # ended: this only logs and sets status
+                else:
+                    await self._timed_out()
             elif self.status is TurnStatus.RUNNING:
                 self.status = TurnStatus.COMPLETED
         except anyio.get_cancelled_exc_class():
@@ -389,7 +403,7 @@ class Turn:
             raise RuntimeError(_NOT_RUNNING)
         await emit(chunk)
 
-    async def _failed(self, exc: Exception) -> None:
+    async def _failed(self, exc: BaseException) -> None:
         self.status = TurnStatus.FAILED
         self.error = exc
         logger.error(
@@ -495,7 +509,8 @@ def _stream(
 
     ``event`` may be the raw body: then an unknown event type is answered 200
     ``{"status": "ignored"}`` and a malformed one 400 ``{"error", "path"}``, as
-    ``create_app`` answers them.
+    ``create_app`` answers them. Anything else that is not a parsed event (a dict, None)
+    raises ``TypeError``.
     """
     check_seconds("timeout", timeout, zero=False, none=True)  # on every event, turn or not
     if isinstance(event, bytes | str):
@@ -507,6 +522,11 @@ def _stream(
         except InvalidPayloadError as exc:
             logger.info("rejected malformed webhook: %s", escape_log_value(exc))
             return JSONResponse({"error": str(exc), "path": exc.path}, status_code=400)
+    elif not isinstance(event, WebhookPayload):
+        raise TypeError(
+            "event must be the raw request body (bytes or str) or a parsed event "
+            f"(parse_webhook_payload), got {type(event).__name__}"
+        )
     if not isinstance(event, SessionStartPayload | MessagePayload):
         return Response(b'{"status":"ok"}', media_type="application/json")
     turn = Turn(

@@ -49,7 +49,7 @@ from .conversation import (
     HistoryMessage,
     lock_wait_timeout,
 )
-from .errors import LayercodeError, ResponseError, check_seconds
+from .errors import LayercodeError, ResponseError, check_seconds, check_text
 from .events import (
     DataPayload,
     InvalidPayloadError,
@@ -289,6 +289,7 @@ class LayercodeWebhook:
         check_seconds("turn_grace", turn_grace, zero=True, none=False)
         check_seconds("lock_timeout", lock_timeout, zero=True, none=True)
         check_seconds("lock_wait_grace", lock_wait_grace, zero=True, none=False)
+        check_text("timeout_message", timeout_message)
         self.conversations: ConversationBackend | None = conversations
         self.on_data = on_data
         self.on_session_update = on_session_update

@@ -55,6 +55,14 @@ def test_format_sse_message_escapes_them_in_json_data() -> None:
     assert format_sse_message(f"not json: {TRICKY}") == f"data: not json: {TRICKY}\n\n"
 
 
+def test_text_the_json_check_cannot_read_is_carried_as_it_is() -> None:
+    # Before: the JSON check itself raised out of format_sse_message (UnicodeEncodeError
+    # for a lone surrogate, RecursionError for deep nesting), only when such text also
+    # held U+2028 & co.; without them the same text went through as it is.
+    for text in ("\ud800 and \u2028", '"\ud800\u2028"', "[" * 100_000 + "\u2028"):
+        assert format_sse_message(text) == f"data: {text}\n\n"
+
+
 def test_create_sse_response_over_uvicorn() -> None:
     value = {"text": TRICKY}
 

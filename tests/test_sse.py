@@ -70,6 +70,16 @@ def test_only_sse_line_breaks_split() -> None:
     assert format_sse_message(text) == f"data: {text}\n\n"
 
 
+@pytest.mark.parametrize("bad", [7, b"ev", 1.5])
+def test_event_and_id_that_are_not_str_get_a_clear_type_error(bad: Any) -> None:
+    # Before: the line-break regex's own "expected string or bytes-like object, got
+    # 'int'" (or "cannot use a string pattern on a bytes-like object"), naming neither.
+    with pytest.raises(TypeError, match=f"SSE event must be a str, got {type(bad).__name__}"):
+        format_sse_message("x", event=bad)
+    with pytest.raises(TypeError, match=f"SSE id must be a str, got {type(bad).__name__}"):
+        format_sse_message("x", id=bad)
+
+
 @pytest.mark.parametrize("bad", ["a\nb", "a\rb", "a\r\nb", "\n"])
 def test_event_and_id_injection_is_refused(bad: str) -> None:
     with pytest.raises(ValueError):
@@ -177,3 +187,42 @@ async def test_create_sse_response_refuses_unknown_items() -> None:
     with pytest.raises(TypeError, match="create_sse_response items"):
         async for _ in response.body_iterator:
             pass
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("send_timeout", float("nan")),  # before: "deadline must not be NaN" mid-stream
+        ("send_timeout", -1),  # before: every send timed out, the stream cut
+        ("send_timeout", 0),
+        ("send_timeout", "5"),
+        ("ping", float("nan")),  # before: accepted, and no keep-alive was ever sent
+        ("ping", float("inf")),
+    ],
+)
+def test_create_sse_response_refuses_invalid_durations(option: str, value: Any) -> None:
+    async def items() -> AsyncIterator[str]:
+        yield "x"
+
+    with pytest.raises(ValueError, match=f"{option} must be a finite number"):
+        create_sse_response(items(), **{option: value})
+
+
+def test_create_sse_response_accepts_valid_durations() -> None:
+    async def items() -> AsyncIterator[str]:
+        yield "x"
+
+    for options in ({"ping": 0}, {"ping": 5, "send_timeout": 2.5}, {"ping": None}):
+        create_sse_response(items(), **options)  # type: ignore[arg-type]
+
+
+def _sync_items() -> Any:
+    yield "x"
+
+
+@pytest.mark.parametrize("source", [["a", "b"], _sync_items(), "ab", None])
+def test_create_sse_response_refuses_what_is_not_an_async_iterable(source: Any) -> None:
+    # Before: accepted, then a 200 status line and the stream cut by "'async for'
+    # requires an object with __aiter__ method" once the server ran the response.
+    with pytest.raises(TypeError, match=f"an async iterable.*got {type(source).__name__}"):
+        create_sse_response(source)

@@ -7,6 +7,8 @@ its writes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,6 +42,24 @@ async def test_chunks_go_out_as_emitted_then_the_body_closes() -> None:
     assert stub.headers["x-extra"] == "1"
     assert stub.body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
     assert stub.complete
+
+
+async def test_given_headers_replace_the_default_ones_instead_of_doubling_them() -> None:
+    # Before: both went out, e.g. two Content-Type headers (an ambiguous response) and
+    # x-accel-buffering both "no" and "yes".
+    async def producer(emit: Emit) -> None:
+        await emit(b"data: one\n\n")
+
+    given = {"Content-Type": "text/event-stream; charset=utf-8", "X-Accel-Buffering": "yes"}
+    stub = ASGIStub()
+    await stub.run(EventStreamResponse(producer, headers={**given, "x-extra": "1"}))
+    start = next(m for m in stub.messages if m["type"] == "http.response.start")
+    assert sorted(start["headers"]) == [
+        (b"cache-control", b"no-cache, no-transform"),
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+        (b"x-accel-buffering", b"yes"),
+        (b"x-extra", b"1"),
+    ]
 
 
 async def test_a_disconnect_cancels_the_producer_at_its_await() -> None:
@@ -119,6 +139,39 @@ async def test_a_producer_failing_after_its_first_event_ends_the_stream() -> Non
     assert stub.complete
 
 
+async def _a_task_cancelled_elsewhere() -> asyncio.Task[None]:
+    task = asyncio.get_running_loop().create_task(asyncio.sleep(30))
+    await asyncio.sleep(0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(task)
+    return task
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio's Cancelled is trio's own
+@pytest.mark.parametrize("after_first", [False, True])
+async def test_a_producer_raising_a_stray_cancelled_error_is_a_failure(
+    after_first: bool, anyio_backend: str
+) -> None:
+    # A producer awaiting a task that something else cancelled gets a CancelledError that
+    # is no cancellation of this response. Before, it escaped the response: the server
+    # answered a plain 500, or cut the stream without its final frame.
+    async def producer(emit: Emit) -> None:
+        task = await _a_task_cancelled_elsewhere()
+        if after_first:
+            await emit(b"data: one\n\n")
+        await task
+
+    stub = ASGIStub()
+    await stub.run(EventStreamResponse(producer))
+    assert stub.complete
+    if after_first:
+        assert (stub.status, stub.body) == (200, b"data: one\n\n")
+    else:
+        assert stub.status == 500
+        assert msgspec.json.decode(stub.body) == {"error": "internal error"}
+
+
 async def test_cancellation_from_outside_reaches_the_producer_and_propagates() -> None:
     seen: list[str] = []
     started = anyio.Event()
@@ -165,6 +218,25 @@ async def test_a_turns_deadline_covers_its_writes() -> None:
     await stub.run(EventStreamResponse(turn.run, close_timeout=0.2), limit=5)
     assert turn.status == "timed_out"
     assert not stub.complete
+
+
+async def test_a_turn_whose_end_was_cut_by_its_deadline_is_not_completed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The client stops reading just before response.end: the deadline cuts that last
+    # write. Before, the turn was reported "completed" (and counted so by the metrics)
+    # though its end never went out and it overran its timeout.
+    async def one(event: Any) -> AsyncIterator[str]:
+        yield "hi"
+
+    event = parse_webhook_payload(event_body(text="hi"))
+    turn = Turn(event, one, timeout=0.3, grace=0.2)  # type: ignore[arg-type]
+    stub = ASGIStub(block_send_after=1)
+    with caplog.at_level("WARNING", logger="layercode_asgi.turns"):
+        await stub.run(EventStreamResponse(turn.run, close_timeout=0.2), limit=5)
+    assert b"response.end" not in stub.body
+    assert turn.status == "timed_out"
+    assert any("timed out" in r.getMessage() for r in caplog.records)
 
 
 async def test_create_app_answers_turns_on_this_backend() -> None:

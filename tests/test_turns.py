@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -735,3 +737,122 @@ def test_turn_accepts_valid_durations() -> None:
     for options in ({"timeout": None}, {"timeout": 2}, {"timeout": 0.5, "grace": 0}):
         turn = Turn(event, echo_agent, **options)  # type: ignore[arg-type]
         assert turn.timeout == options["timeout"]
+
+
+# -- a CancelledError the agent raises itself is an agent error, not a cancellation -------
+
+
+async def _cancelled_elsewhere() -> asyncio.Task[None]:
+    """A task someone else cancelled: awaiting it raises CancelledError in the awaiter."""
+    task = asyncio.get_running_loop().create_task(asyncio.sleep(30))
+    await asyncio.sleep(0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(task)
+    return task
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio's Cancelled is trio's own
+@pytest.mark.parametrize("after_first", [False, True])
+async def test_agent_raising_a_stray_cancelled_error_gets_error_then_end(
+    after_first: bool, anyio_backend: str
+) -> None:
+    async def agent(event: Any) -> AsyncIterator[str]:
+        task = await _cancelled_elsewhere()
+        if after_first:
+            yield "partial"
+        await task  # e.g. a shared prefetch that another request cancelled
+        yield "never"
+
+    events = await read_events(webhook_app(agent), event_body())
+    assert events == ([tts("partial")] if after_first else []) + [ERROR, END]
+
+    async def route(request: Request) -> Response:
+        return stream_turn(await request.body(), agent)
+
+    app = Starlette(routes=[Route("/api/agent", route, methods=["POST"])])
+    events = await read_events(app, event_body())
+    assert events == ([tts("partial")] if after_first else []) + [ERROR, END]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_turn_cancelled_from_outside_is_still_cancelled(anyio_backend: str) -> None:
+    chunks: list[bytes] = []
+    started = asyncio.Event()
+
+    async def emit(chunk: bytes) -> None:
+        chunks.append(chunk)
+
+    async def agent(event: Any) -> AsyncIterator[str]:
+        yield "first"
+        started.set()
+        await asyncio.sleep(30)
+        yield "never"
+
+    event = parse_webhook_payload(event_body())
+    assert isinstance(event, MessagePayload)
+    turn = Turn(event, agent)
+    task = asyncio.get_running_loop().create_task(turn.run(emit))
+    await started.wait()
+    task.cancel()  # plain asyncio cancellation of the request's task
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert turn.status == "disconnected"
+    assert len(chunks) == 1
+
+
+# -- an event that is neither a parsed payload nor a raw body is refused, not answered ok ---
+
+
+@pytest.mark.parametrize("entry", ["stream_turn", "stream_response"])
+@pytest.mark.parametrize(
+    "event",
+    [
+        pytest.param(msgspec.json.decode(event_body("message", text="hi")), id="dict"),
+        pytest.param(None, id="none"),
+        pytest.param(5, id="int"),
+        pytest.param(bytearray(event_body("message", text="hi")), id="bytearray"),
+    ],
+)
+def test_stream_entry_points_refuse_an_event_of_the_wrong_type(entry: str, event: Any) -> None:
+    # Before: answered 200 {"status": "ok"} without calling the agent (a route passing
+    # ``await request.json()`` never ran its agent, silently).
+    called: list[str] = []
+
+    async def agent(event: Any) -> AsyncIterator[str]:
+        called.append("agent")
+        yield "hi"
+
+    async def handler(stream: Any) -> None:
+        called.append("handler")
+
+    with pytest.raises(TypeError, match=r"the raw request body .* or a parsed event"):
+        if entry == "stream_turn":
+            stream_turn(event, agent)
+        else:
+            stream_response(event, handler)
+    assert called == []
+
+
+# -- a timeout message that cannot be spoken is refused where it is given ------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [(5, TypeError), (b"bye", TypeError), ("bye \ud800", ValueError)],
+)
+def test_an_unspeakable_timeout_message_is_refused_where_given(
+    message: Any, error: type[Exception]
+) -> None:
+    # Before: accepted; the turn that timed out then failed sending it, and its stream
+    # ended with neither the fallback nor response.error nor response.end.
+    event = parse_webhook_payload(event_body("message", text="hi"))
+    assert isinstance(event, MessagePayload)
+    with pytest.raises(error, match="timeout_message"):
+        Turn(event, echo_agent, timeout=1, timeout_message=message)
+    with pytest.raises(error, match="timeout_message"):
+        stream_turn(event_body(), echo_agent, timeout=1, timeout_message=message)
+    with pytest.raises(error, match="timeout_message"):
+        LayercodeWebhook(echo_agent, timeout_message=message)
