@@ -90,7 +90,14 @@ class _PathMatcher:
         self.prefixes = tuple(prefixes)
 
     def __call__(self, path: str) -> bool:
-        return path in self.exact or path.startswith(self.prefixes)
+        if path in self.exact or path.startswith(self.prefixes):
+            return True
+        # Some apps (Litestar) route ``/api/agent/`` and ``//api//agent`` to ``/api/agent``:
+        # the path with repeated and trailing slashes removed is protected too.
+        if "//" in path or path.endswith("/"):
+            path = "/" + "/".join(part for part in path.split("/") if part)
+            return path in self.exact or path.startswith(self.prefixes)
+        return False
 
 
 class LayercodeSignature:
@@ -104,8 +111,9 @@ class LayercodeSignature:
         tolerance: largest accepted ``|now - t|`` in seconds (default 300, ``>= 0``).
         paths: request paths to protect, matched against the path below the app's mount
             point (``root_path`` removed, only where it ends at a ``/``: see
-            :func:`route_path`) and, to fail closed, against the full path too; a trailing
-            ``*`` makes a prefix. ``None`` (default) protects every HTTP request.
+            :func:`route_path`) and, to fail closed, against the full path too, and with
+            repeated and trailing slashes removed; a trailing ``*`` makes a prefix. ``None``
+            (default) protects every HTTP request.
         max_body_size: largest accepted body in bytes (default 1 MiB). A larger declared
             ``Content-Length`` is refused with 413 before any byte is read; a chunked body
             is refused as soon as it passes the limit. The 413 closes the connection.

@@ -396,6 +396,26 @@ async def test_paths_match_below_the_mount_point_and_prefixes() -> None:
     assert scope_sent[0]["status"] == 401
 
 
+def test_paths_fail_closed_when_the_app_normalises_slashes() -> None:
+    """Litestar routes ``/api/agent/`` and ``//api//agent`` to ``/api/agent``: wrapped around
+    such an app, protecting ``/api/agent`` protects those spellings too (real uvicorn)."""
+    calls = Calls()
+
+    @post("/api/agent")
+    async def hook(request: LRequest[Any, Any, Any]) -> dict[str, bool]:
+        calls.count += 1
+        return {"ran": True}
+
+    app = LayercodeSignature(Litestar([hook]), secret=SECRET, paths=["/api/agent"])
+    with serve(app) as url, httpx.Client() as client:
+        for path in ("/api/agent/", "//api/agent", "/api//agent", "/api/agent//"):
+            response = client.post(url + path, content=BODY)
+            assert response.status_code == 401, (path, response.text)
+        signed = client.post(url + "//api/agent/", content=BODY, headers=signed_headers(BODY))
+        assert signed.json() == {"ran": True}
+    assert calls.count == 1
+
+
 # -- lifespan and websocket pass through untouched ----------------------------------------------
 
 
