@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -333,6 +334,37 @@ def test_authorize_validates_input(layercode: tuple[FakeLayercode, str]) -> None
             assert r.status_code == 400, body
             assert "agent_id" in r.json()["error"]
     assert fake.requests == []
+
+
+@pytest.mark.anyio
+async def test_authorize_client_leaving_mid_body_is_not_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A caller gone before its whole body arrived: nobody to answer, nothing to log as an
+    error (it was a 500 and two ERROR stack traces of ``ClientDisconnect``)."""
+    app = create_app(settings())
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b'{"agent_id":', "more_body": True}
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/api/authorize",
+        "query_string": b"",
+        "headers": [(b"content-length", b"100"), (b"content-type", b"application/json")],
+    }
+    with caplog.at_level(logging.WARNING):
+        await app(scope, receive, send)
+    assert sent == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_authorize_without_api_key_is_503(layercode: tuple[FakeLayercode, str]) -> None:
