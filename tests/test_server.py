@@ -436,6 +436,23 @@ def test_cors_for_explicit_origins(layercode: tuple[FakeLayercode, str]) -> None
         assert r.headers["access-control-allow-origin"] == "https://app.example.com"
 
 
+def test_refused_cors_preflight_is_json(layercode: tuple[FakeLayercode, str]) -> None:
+    """A preflight CORS refuses is a 400 like every other error: JSON (it was plain text)."""
+    _, api = layercode
+    app = create_app(settings(layercode_api_url=api, cors_origins="https://app.example.com"))
+    preflight = {"origin": "https://app.example.com", "access-control-request-method": "POST"}
+    with serve(app) as url, httpx.Client(base_url=url) as c:
+        for headers, expected in [
+            ({"origin": "https://evil.example"}, "disallowed cors origin"),
+            ({"access-control-request-method": "DELETE"}, "disallowed cors method"),
+            ({"access-control-request-headers": "x-evil"}, "disallowed cors headers"),
+        ]:
+            r = c.options("/api/authorize", headers={**preflight, **headers})
+            assert (r.status_code, r.json()) == (400, {"error": expected}), headers
+            assert r.headers["content-type"] == "application/json"
+            assert r.headers["access-control-max-age"] == "600"  # CORS' own headers stay
+
+
 # -- Redis: readiness, and two worker processes sharing history ------------------------------------
 
 
