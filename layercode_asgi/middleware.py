@@ -244,16 +244,16 @@ class LayercodeSignature:
         the caller answers the request.
         ``receive`` is not used again here, so it can be handed on as it is.
         """
-        signature: str | None = None
+        parts: list[str] = []
         declared: bytes | None = None
         for name, value in scope["headers"]:
             if name == self._header:
-                # Repeated headers combine as HTTP says (comma-joined); two ``t=`` entries
-                # then make the header malformed rather than letting one silently win.
-                text = value.decode("latin-1")
-                signature = text if signature is None else f"{signature},{text}"
+                parts.append(value.decode("latin-1"))
             elif name == b"content-length":
                 declared = value
+        # Repeated headers combine as HTTP says (comma-joined, once: linear in their size);
+        # two ``t=`` entries then make the header malformed rather than one silently winning.
+        signature = ",".join(parts) if parts else None
 
         if declared is not None:
             if not (declared.isdigit() and len(declared) <= 18):
