@@ -85,7 +85,7 @@ class _PathMatcher:
             if path.endswith("*"):
                 prefixes.append(path[:-1])
             else:
-                exact.add(path)
+                exact.update((path, _squeezed(path)))
         self.exact = frozenset(exact)
         self.prefixes = tuple(prefixes)
 
@@ -93,11 +93,16 @@ class _PathMatcher:
         if path in self.exact or path.startswith(self.prefixes):
             return True
         # Some apps (Litestar) route ``/api/agent/`` and ``//api//agent`` to ``/api/agent``:
-        # the path with repeated and trailing slashes removed is protected too.
+        # every spelling of a protected exact path is protected.
         if "//" in path or path.endswith("/"):
-            path = "/" + "/".join(part for part in path.split("/") if part)
+            path = _squeezed(path)
             return path in self.exact or path.startswith(self.prefixes)
         return False
+
+
+def _squeezed(path: str) -> str:
+    """``path`` without repeated and trailing slashes (``//a//b/`` -> ``/a/b``)."""
+    return "/" + "/".join(part for part in path.split("/") if part)
 
 
 class LayercodeSignature:
@@ -111,9 +116,9 @@ class LayercodeSignature:
         tolerance: largest accepted ``|now - t|`` in seconds (default 300, ``>= 0``).
         paths: request paths to protect, matched against the path below the app's mount
             point (``root_path`` removed, only where it ends at a ``/``: see
-            :func:`route_path`) and, to fail closed, against the full path too, and with
-            repeated and trailing slashes removed; a trailing ``*`` makes a prefix. ``None``
-            (default) protects every HTTP request.
+            :func:`route_path`) and, to fail closed, against the full path too; repeated
+            and trailing slashes do not count (``//api/agent/`` is ``/api/agent``); a
+            trailing ``*`` makes a prefix. ``None`` (default) protects every HTTP request.
         max_body_size: largest accepted body in bytes (default 1 MiB). A larger declared
             ``Content-Length`` is refused with 413 before any byte is read; a chunked body
             is refused as soon as it passes the limit. The 413 closes the connection.

@@ -421,9 +421,10 @@ async def test_paths_match_below_the_mount_point_and_prefixes() -> None:
     assert scope_sent[0]["status"] == 401
 
 
-def test_paths_fail_closed_when_the_app_normalises_slashes() -> None:
+@pytest.mark.parametrize("protected", ["/api/agent", "/api/agent/"])
+def test_paths_fail_closed_when_the_app_normalises_slashes(protected: str) -> None:
     """Litestar routes ``/api/agent/`` and ``//api//agent`` to ``/api/agent``: wrapped around
-    such an app, protecting ``/api/agent`` protects those spellings too (real uvicorn)."""
+    such an app, protecting either spelling protects them all (real uvicorn)."""
     calls = Calls()
 
     @post("/api/agent")
@@ -431,9 +432,9 @@ def test_paths_fail_closed_when_the_app_normalises_slashes() -> None:
         calls.count += 1
         return {"ran": True}
 
-    app = LayercodeSignature(Litestar([hook]), secret=SECRET, paths=["/api/agent"])
+    app = LayercodeSignature(Litestar([hook]), secret=SECRET, paths=[protected])
     with serve(app) as url, httpx.Client() as client:
-        for path in ("/api/agent/", "//api/agent", "/api//agent", "/api/agent//"):
+        for path in ("/api/agent", "/api/agent/", "//api/agent", "/api//agent", "/api/agent//"):
             response = client.post(url + path, content=BODY)
             assert response.status_code == 401, (path, response.text)
         signed = client.post(url + "//api/agent/", content=BODY, headers=signed_headers(BODY))
