@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import httpx
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from ._asgi import JSONResponse, json_error_response
@@ -60,6 +60,7 @@ class AuthorizeRoute:
         self.keys = encode_keys(settings.authorize_api_keys)
         self.guard = guard
         self.timeout = timeout
+        self.body_timeout = settings.body_timeout
         self._client: httpx.AsyncClient | None = None
 
     @property
@@ -85,9 +86,11 @@ class AuthorizeRoute:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         request = Request(scope, receive)
         response = await self.respond(request)
-        await response(scope, receive, send)
+        if response is not None:
+            await response(scope, receive, send)
 
-    async def respond(self, request: Request) -> Response:
+    async def respond(self, request: Request) -> Response | None:
+        """The answer to ``request``; ``None`` if the caller left before sending its body."""
         if not await self.allowed(request):
             return json_error_response(
                 401, "missing or invalid API key", {"www-authenticate": "Bearer"}
@@ -97,10 +100,22 @@ class AuthorizeRoute:
                 503, "authorize route not configured: LAYERCODE_API_KEY is not set"
             )
         body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > AUTHORIZE_MAX_BODY:
-                return json_error_response(413, f"request body exceeds {AUTHORIZE_MAX_BODY} bytes")
+        try:
+            with anyio.move_on_after(self.body_timeout) as waited:
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > AUTHORIZE_MAX_BODY:
+                        return json_error_response(
+                            413, f"request body exceeds {AUTHORIZE_MAX_BODY} bytes"
+                        )
+        except ClientDisconnect:
+            return None
+        if waited.cancelled_caught:
+            return json_error_response(
+                408,
+                f"request body not received within {self.body_timeout} s",
+                {"connection": "close"},
+            )
         try:
             payload = _decode(body)
         except msgspec.DecodeError:

@@ -85,12 +85,24 @@ class _PathMatcher:
             if path.endswith("*"):
                 prefixes.append(path[:-1])
             else:
-                exact.add(path)
+                exact.update((path, _squeezed(path)))
         self.exact = frozenset(exact)
         self.prefixes = tuple(prefixes)
 
     def __call__(self, path: str) -> bool:
-        return path in self.exact or path.startswith(self.prefixes)
+        if path in self.exact or path.startswith(self.prefixes):
+            return True
+        # Some apps (Litestar) route ``/api/agent/`` and ``//api//agent`` to ``/api/agent``:
+        # every spelling of a protected exact path is protected.
+        if "//" in path or path.endswith("/"):
+            path = _squeezed(path)
+            return path in self.exact or path.startswith(self.prefixes)
+        return False
+
+
+def _squeezed(path: str) -> str:
+    """``path`` without repeated and trailing slashes (``//a//b/`` -> ``/a/b``)."""
+    return "/" + "/".join(part for part in path.split("/") if part)
 
 
 class LayercodeSignature:
@@ -104,8 +116,9 @@ class LayercodeSignature:
         tolerance: largest accepted ``|now - t|`` in seconds (default 300, ``>= 0``).
         paths: request paths to protect, matched against the path below the app's mount
             point (``root_path`` removed, only where it ends at a ``/``: see
-            :func:`route_path`) and, to fail closed, against the full path too; a trailing
-            ``*`` makes a prefix. ``None`` (default) protects every HTTP request.
+            :func:`route_path`) and, to fail closed, against the full path too; repeated
+            and trailing slashes do not count (``//api/agent/`` is ``/api/agent``); a
+            trailing ``*`` makes a prefix. ``None`` (default) protects every HTTP request.
         max_body_size: largest accepted body in bytes (default 1 MiB). A larger declared
             ``Content-Length`` is refused with 413 before any byte is read; a chunked body
             is refused as soon as it passes the limit. The 413 closes the connection.
@@ -229,16 +242,16 @@ class LayercodeSignature:
         the caller answers the request.
         ``receive`` is not used again here, so it can be handed on as it is.
         """
-        signature: str | None = None
+        parts: list[str] = []
         declared: bytes | None = None
         for name, value in scope["headers"]:
             if name == self._header:
-                # Repeated headers combine as HTTP says (comma-joined); two ``t=`` entries
-                # then make the header malformed rather than letting one silently win.
-                text = value.decode("latin-1")
-                signature = text if signature is None else f"{signature},{text}"
+                parts.append(value.decode("latin-1"))
             elif name == b"content-length":
                 declared = value
+        # Repeated headers combine as HTTP says (comma-joined, once: linear in their size);
+        # two ``t=`` entries then make the header malformed rather than one silently winning.
+        signature = ",".join(parts) if parts else None
 
         if declared is not None:
             if not (declared.isdigit() and len(declared) <= 18):

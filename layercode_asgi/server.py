@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 import msgspec
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -80,6 +81,21 @@ async def _server_error(request: Request, exc: Exception) -> Response:
         exc_info=exc,
     )
     return json_error_response(500, "internal error")
+
+
+class _CORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, answering a refused preflight in JSON like every other error."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        headers = {
+            name: value
+            for name, value in response.headers.items()
+            if name not in ("content-length", "content-type")
+        }
+        return json_error_response(400, bytes(response.body).decode().lower(), headers)
 
 
 class Lifecycle:
@@ -321,7 +337,7 @@ def create_app(
     if settings.cors_origins:
         middleware.append(
             Middleware(
-                CORSMiddleware,
+                _CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST", "OPTIONS"],
                 allow_headers=["authorization", "content-type", "x-api-key"],

@@ -114,6 +114,33 @@ def test_slowloris_over_a_real_socket_gets_408() -> None:
     assert elapsed < 3
 
 
+def test_slow_authorize_body_over_a_real_socket_gets_408() -> None:
+    """LAYERCODE_BODY_TIMEOUT bounds the authorize route's body too: it waited forever."""
+    settings = Settings(
+        env_file=None,
+        environ={},
+        layercode_webhook_secret=SECRET,
+        layercode_api_key="lc_key",
+        body_timeout=0.5,
+    )
+    with serve(create_app(settings, scripted_agent)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                b"POST /api/authorize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"agent_id":'
+            )
+            reply = b""
+            while not reply.rstrip().endswith(b"}"):
+                chunk = sock.recv(4096)  # raises TimeoutError after 10 s: the route hung
+                if not chunk:
+                    break
+                reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408"), reply
+    assert b'{"error":"request body not received within 0.5 s"}' in reply
+    assert b"connection: close" in reply.lower()
+
+
 # -- replay protection ------------------------------------------------------------------------------
 
 

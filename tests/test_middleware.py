@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -366,6 +367,30 @@ async def test_repeated_signature_headers_are_combined() -> None:
     assert msgspec.json.decode(sent[1]["body"]) == {"error": "malformed signature header"}
 
 
+def test_many_repeated_signature_headers_cost_linear_work() -> None:
+    """uvicorn's httptools parser takes a header block of any size. Combining 200,000
+    repeated ``layercode-signature`` headers (18 MB) copied the growing value once per
+    header: quadratic, minutes of CPU on the event loop for one unsigned request."""
+    calls = Calls()
+    filler = b"layercode-signature: v0=" + b"a" * 64 + b"\r\n"
+    with serve(starlette_app(calls), http="httptools") as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.sendall(
+                b"POST /hook HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                + filler * 200_000
+                + b"layercode-signature: "
+                + sign(BODY, SECRET).encode()
+                + b"\r\ncontent-length: %d\r\n\r\n" % len(BODY)
+                + BODY
+            )
+            reply = b""
+            while chunk := sock.recv(65536):  # ends when the server closes; 60 s at most
+                reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    assert calls.count == 1
+
+
 @pytest.mark.anyio
 async def test_paths_match_below_the_mount_point_and_prefixes() -> None:
     inner = Recorder()
@@ -394,6 +419,27 @@ async def test_paths_match_below_the_mount_point_and_prefixes() -> None:
         send,
     )
     assert scope_sent[0]["status"] == 401
+
+
+@pytest.mark.parametrize("protected", ["/api/agent", "/api/agent/"])
+def test_paths_fail_closed_when_the_app_normalises_slashes(protected: str) -> None:
+    """Litestar routes ``/api/agent/`` and ``//api//agent`` to ``/api/agent``: wrapped around
+    such an app, protecting either spelling protects them all (real uvicorn)."""
+    calls = Calls()
+
+    @post("/api/agent")
+    async def hook(request: LRequest[Any, Any, Any]) -> dict[str, bool]:
+        calls.count += 1
+        return {"ran": True}
+
+    app = LayercodeSignature(Litestar([hook]), secret=SECRET, paths=[protected])
+    with serve(app) as url, httpx.Client() as client:
+        for path in ("/api/agent", "/api/agent/", "//api/agent", "/api//agent", "/api/agent//"):
+            response = client.post(url + path, content=BODY)
+            assert response.status_code == 401, (path, response.text)
+        signed = client.post(url + "//api/agent/", content=BODY, headers=signed_headers(BODY))
+        assert signed.json() == {"ran": True}
+    assert calls.count == 1
 
 
 # -- lifespan and websocket pass through untouched ----------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -335,6 +336,37 @@ def test_authorize_validates_input(layercode: tuple[FakeLayercode, str]) -> None
     assert fake.requests == []
 
 
+@pytest.mark.anyio
+async def test_authorize_client_leaving_mid_body_is_not_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A caller gone before its whole body arrived: nobody to answer, nothing to log as an
+    error (it was a 500 and two ERROR stack traces of ``ClientDisconnect``)."""
+    app = create_app(settings())
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b'{"agent_id":', "more_body": True}
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/api/authorize",
+        "query_string": b"",
+        "headers": [(b"content-length", b"100"), (b"content-type", b"application/json")],
+    }
+    with caplog.at_level(logging.WARNING):
+        await app(scope, receive, send)
+    assert sent == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 def test_authorize_without_api_key_is_503(layercode: tuple[FakeLayercode, str]) -> None:
     _, api = layercode
     app = create_app(settings(layercode_api_url=api, layercode_api_key=None))
@@ -402,6 +434,23 @@ def test_cors_for_explicit_origins(layercode: tuple[FakeLayercode, str]) -> None
             "/api/authorize", json={"agent_id": "a"}, headers={"origin": "https://app.example.com"}
         )
         assert r.headers["access-control-allow-origin"] == "https://app.example.com"
+
+
+def test_refused_cors_preflight_is_json(layercode: tuple[FakeLayercode, str]) -> None:
+    """A preflight CORS refuses is a 400 like every other error: JSON (it was plain text)."""
+    _, api = layercode
+    app = create_app(settings(layercode_api_url=api, cors_origins="https://app.example.com"))
+    preflight = {"origin": "https://app.example.com", "access-control-request-method": "POST"}
+    with serve(app) as url, httpx.Client(base_url=url) as c:
+        for headers, expected in [
+            ({"origin": "https://evil.example"}, "disallowed cors origin"),
+            ({"access-control-request-method": "DELETE"}, "disallowed cors method"),
+            ({"access-control-request-headers": "x-evil"}, "disallowed cors headers"),
+        ]:
+            r = c.options("/api/authorize", headers={**preflight, **headers})
+            assert (r.status_code, r.json()) == (400, {"error": expected}), headers
+            assert r.headers["content-type"] == "application/json"
+            assert r.headers["access-control-max-age"] == "600"  # CORS' own headers stay
 
 
 # -- Redis: readiness, and two worker processes sharing history ------------------------------------
