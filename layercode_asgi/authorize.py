@@ -99,23 +99,28 @@ class AuthorizeRoute:
             return json_error_response(
                 503, "authorize route not configured: LAYERCODE_API_KEY is not set"
             )
-        body = b""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > AUTHORIZE_MAX_BODY:
+            return _too_large()  # refused before any byte of it is read
+        chunks: list[bytes] = []
+        size = 0
         try:
             with anyio.move_on_after(self.body_timeout) as waited:
                 async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > AUTHORIZE_MAX_BODY:
-                        return json_error_response(
-                            413, f"request body exceeds {AUTHORIZE_MAX_BODY} bytes"
-                        )
+                    size += len(chunk)
+                    if size > AUTHORIZE_MAX_BODY:
+                        return _too_large()
+                    chunks.append(chunk)
         except ClientDisconnect:
             return None
         if waited.cancelled_caught:
+            logger.warning("authorize body too slow (> %s s)", self.body_timeout)
             return json_error_response(
                 408,
                 f"request body not received within {self.body_timeout} s",
                 {"connection": "close"},
             )
+        body = b"".join(chunks)
         try:
             payload = _decode(body)
         except msgspec.DecodeError:
@@ -206,3 +211,10 @@ def _printable(message: object, limit: int) -> str | None:
     )
     text = " ".join(text.split())[:limit]
     return text or None
+
+
+def _too_large() -> Response:
+    """413, closing the connection: the rest of the body may still be on the wire."""
+    return json_error_response(
+        413, f"request body exceeds {AUTHORIZE_MAX_BODY} bytes", {"connection": "close"}
+    )

@@ -141,6 +141,40 @@ def test_slow_authorize_body_over_a_real_socket_gets_408() -> None:
     assert b"connection: close" in reply.lower()
 
 
+def test_authorize_body_declared_too_large_is_refused_before_reading(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Content-Length over the authorize route's limit gets 413 at once, closing the
+    connection (it used to read 64 KiB first, or wait out the body deadline, and keep the
+    connection open); a body too slow is logged, as the webhook's is."""
+    settings = Settings(
+        env_file=None,
+        environ={},
+        layercode_webhook_secret=SECRET,
+        layercode_api_key="lc_key",
+        body_timeout=0.5,
+    )
+    with serve(create_app(settings, scripted_agent)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        for head, status in (
+            (b"Content-Length: 10000000\r\n\r\n", b"413"),
+            (b'Content-Length: 1000\r\n\r\n{"agent_id":', b"408"),
+        ):
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(b"POST /api/authorize HTTP/1.1\r\nHost: x\r\n" + head)
+                reply = b""
+                while not reply.rstrip().endswith(b"}"):
+                    chunk = sock.recv(4096)  # TimeoutError after 10 s: the route hung
+                    if not chunk:
+                        break
+                    reply += chunk
+            assert reply.startswith(b"HTTP/1.1 " + status), reply
+            assert b"connection: close" in reply.lower()
+            if status == b"413":
+                assert b'{"error":"request body exceeds 65536 bytes"}' in reply
+    assert any("authorize body too slow" in r.getMessage() for r in caplog.records)
+
+
 # -- replay protection ------------------------------------------------------------------------------
 
 
