@@ -328,13 +328,25 @@ def _simulation_messages(args: argparse.Namespace) -> list[str]:
     return messages
 
 
+#: An HTTP header name (an RFC 9110 token) and what a header value may hold (visible ASCII,
+#: spaces and tabs): anything else cannot be sent.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+
+
 def _parse_headers(values: Sequence[str]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for value in values:
         name, colon, content = value.partition(":")
         if not colon or not name.strip():
             raise UsageError(f"--header {value!r}: expected NAME:VALUE")
-        headers[name.strip()] = content.strip()
+        name, content = name.strip(), content.strip()
+        if not _HEADER_NAME.fullmatch(name):
+            raise UsageError(f"--header {name!r}: not a valid header name")
+        if not _HEADER_VALUE.fullmatch(content):
+            # The value is not quoted: it may be a credential.
+            raise UsageError(f"--header {name}: the value may hold only printable ASCII characters")
+        headers[name] = content
     return headers
 
 

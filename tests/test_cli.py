@@ -71,6 +71,19 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert run("simulate", "--secret", "s", "--timeout", "0", "hi") == 2
 
 
+@pytest.mark.parametrize(
+    "header", ["X-Tenant: é", "X-Tenant: a\nb", "X-Tenant: a\rb", "Bad Name: v", "X\x00: v"]
+)
+def test_a_header_that_cannot_be_sent_is_a_usage_error(
+    header: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Refused before anything is sent (no server at port 1): one line, exit 2, no traceback.
+    url = "http://127.0.0.1:1/api/agent"
+    assert run("simulate", "--url", url, "--secret", "s", "--header", header, "hi") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --header ") and err.count("\n") == 1
+
+
 def test_console_script_is_installed() -> None:
     done = subprocess.run([str(SCRIPT), "--version"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0
