@@ -197,7 +197,8 @@ def _origin(item: str) -> str:
     if item == "*":
         return item
     candidate = item[:-1] if item.endswith("/") else item
-    parts = _split_url(candidate, "'*' or http(s) origins like 'https://app.example.com'", item)
+    shown = mask_url(item)  # an origin with credentials: an error never shows them
+    parts = _split_url(candidate, "'*' or http(s) origins like 'https://app.example.com'", shown)
     if (
         parts.scheme.lower() not in ("http", "https")
         or not parts.hostname
@@ -206,7 +207,7 @@ def _origin(item: str) -> str:
         or parts.fragment
         or parts.username is not None
     ):
-        _fail("'*' or http(s) origins like 'https://app.example.com' (no path)", item)
+        _fail("'*' or http(s) origins like 'https://app.example.com' (no path)", shown)
     return candidate
 
 

@@ -212,6 +212,16 @@ def test_secrets_not_echoed_in_errors() -> None:
     assert "authorize_api_keys: expected a list of strings, got <hidden>" in str(err)
 
 
+@pytest.mark.parametrize(
+    "origin",
+    ["https://user:hunter2@app.com", "https://hunter2@app.com/", "https://u:hunter2@h:1/x"],
+)
+def test_a_cors_origin_with_credentials_is_refused_without_showing_them(origin: str) -> None:
+    err = error_of({"LAYERCODE_CORS_ORIGINS": f"https://ok.com,{origin}"})
+    assert str(err).startswith("LAYERCODE_CORS_ORIGINS: expected '*' or http(s) origins")
+    assert "hunter2" not in str(err)
+
+
 def test_lists() -> None:
     s = make(
         {
