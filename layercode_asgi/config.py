@@ -118,7 +118,8 @@ def _int_converter(minimum: int) -> Callable[[object], int]:
     def convert(value: object) -> int:
         if isinstance(value, str):
             text = value.strip()
-            if not re.fullmatch(r"[+-]?[0-9][0-9_]*", text):
+            # int()'s own syntax: single underscores between digits only ("1_000", not "1__0").
+            if not re.fullmatch(r"[+-]?[0-9]+(?:_[0-9]+)*", text):
                 _fail(expected, value)
             try:
                 number = int(text)

@@ -151,6 +151,8 @@ def test_numbers() -> None:
         ("LAYERCODE_MAX_BODY_SIZE", "1.5", "expected an integer > 0, got '1.5'"),
         ("LAYERCODE_MAX_BODY_SIZE", "0", "expected an integer > 0"),
         ("LAYERCODE_MAX_BODY_SIZE", "big", "expected an integer > 0"),
+        ("LAYERCODE_MAX_BODY_SIZE", "1__0", "expected an integer > 0, got '1__0'"),
+        ("LAYERCODE_MAX_BODY_SIZE", "10_", "expected an integer > 0, got '10_'"),
         ("LAYERCODE_SIGNATURE_TOLERANCE", "-1", "expected an integer >= 0, got '-1'"),
         ("LAYERCODE_HISTORY_MAX_MESSAGES", "0", "expected an integer > 0"),
         ("LAYERCODE_HISTORY_MAX_CONVERSATIONS", "x", "expected an integer > 0"),
