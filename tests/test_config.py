@@ -375,6 +375,21 @@ def test_env_file_syntax(tmp_path: Path) -> None:
     }
 
 
+def test_env_file_lines_end_only_at_line_breaks(tmp_path: Path) -> None:
+    # U+2028, U+0085, form feed or a file separator inside a value are not line ends
+    # (str.splitlines cut there: a quoted value was "unterminated", 1\x1cB=2 set B).
+    path = tmp_path / ".env"
+    path.write_bytes(
+        'PROMPT="one\u2028two\u0085three"\r\nPLAIN=a\u2029b\x0cc\nA=1\x1cB=2\rLAST=x'.encode()
+    )
+    assert parse_env_file(path) == {
+        "PROMPT": "one\u2028two\u0085three",
+        "PLAIN": "a\u2029b\x0cc",
+        "A": "1\x1cB=2",
+        "LAST": "x",
+    }
+
+
 def test_missing_env_file_is_fine(tmp_path: Path) -> None:
     assert parse_env_file(tmp_path / "absent.env") == {}
     assert Settings(env_file=tmp_path / "absent.env", environ={}).agent == "echo"
