@@ -384,7 +384,7 @@ def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.data is not None:
         try:
             data = msgspec.json.decode(args.data)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:  # invalid, or nested too deep
             raise UsageError(f"--data is not valid JSON: {exc}") from None
     messages = _simulation_messages(args)
     # With --json, stdout carries only the JSON summary; the human output goes to stderr.

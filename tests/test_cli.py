@@ -66,6 +66,8 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "needs the webhook secret" in capsys.readouterr().err
     assert run("simulate", "--secret", "s", "--data", "{oops", "hi") == 2
     assert "--data is not valid JSON" in capsys.readouterr().err
+    assert run("simulate", "--secret", "s", "--data", "[" * 5000 + "]" * 5000, "hi") == 2
+    assert "--data is not valid JSON" in capsys.readouterr().err
     assert run("simulate", "--secret", "s", "--header", "no-colon", "hi") == 2
     assert "expected NAME:VALUE" in capsys.readouterr().err
     assert run("simulate", "--secret", "s", "--timeout", "0", "hi") == 2
