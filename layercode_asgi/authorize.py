@@ -103,7 +103,7 @@ class AuthorizeRoute:
                 return json_error_response(413, f"request body exceeds {AUTHORIZE_MAX_BODY} bytes")
         try:
             payload = _decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # invalid, or nested too deep
             payload = None
         if not isinstance(payload, dict):
             return json_error_response(400, "body must be a JSON object with agent_id")
@@ -136,7 +136,7 @@ class AuthorizeRoute:
 
         try:
             answer = _decode(content) if content else None
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             answer = None
         if 200 <= status < 300:
             if not isinstance(answer, dict):
