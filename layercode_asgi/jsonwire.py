@@ -57,6 +57,6 @@ def escape_json_text_line_breaks(text: str) -> str:
         return text
     try:
         msgspec.json.decode(text)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # not JSON, or nested too deep to tell
         return text
     return _TEXT_BREAKS.sub(lambda match: _TEXT_ESCAPES[match.group()], text)

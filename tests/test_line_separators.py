@@ -55,6 +55,12 @@ def test_format_sse_message_escapes_them_in_json_data() -> None:
     assert format_sse_message(f"not json: {TRICKY}") == f"data: not json: {TRICKY}\n\n"
 
 
+def test_text_nested_too_deep_to_be_json_is_carried_as_it_is() -> None:
+    # Deciding whether it is JSON hit the decoder's depth limit: a RecursionError.
+    text = "[" * 10_000 + " \u2028"
+    assert format_sse_message(text) == f"data: {text}\n\n"
+
+
 def test_create_sse_response_over_uvicorn() -> None:
     value = {"text": TRICKY}
 
