@@ -21,7 +21,7 @@ import httpx
 import msgspec
 
 from .envfile import parse_env_file
-from .redaction import escape_terminal
+from .redaction import escape_terminal, mask_url
 from .testing import (
     VIOLATIONS,
     JSONResult,
@@ -82,7 +82,7 @@ class SimulationReport:
         return {
             "ok": self.ok,
             "errored_turns": self.errored_turns,
-            "url": self.url,
+            "url": mask_url(self.url),  # its credentials, if any, are not printed
             "conversation_id": self.conversation_id,
             "session_id": self.session_id,
             "turns": self.turns,
@@ -245,7 +245,7 @@ async def run_simulation(
         )
         return result
 
-    printer.line(f"simulating a LayerCode conversation with {url}")
+    printer.line(f"simulating a LayerCode conversation with {mask_url(url)}")
     printer.line(f"conversation {report.conversation_id}, session {report.session_id}")
     try:
         async with httpx.AsyncClient(
@@ -373,7 +373,8 @@ def _check_url(url: str) -> None:
     except (httpx.InvalidURL, TypeError, ValueError) as exc:
         raise UsageError(f"--url is not a valid URL: {escape_terminal(str(exc))}") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise UsageError(f"--url must be an http(s) URL, got {escape_terminal(repr(url))}")
+        shown = escape_terminal(repr(mask_url(url)))
+        raise UsageError(f"--url must be an http(s) URL, got {shown}")
 
 
 def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:

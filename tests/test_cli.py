@@ -73,6 +73,17 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert run("simulate", "--secret", "s", "--timeout", "0", "hi") == 2
 
 
+def test_simulate_never_prints_the_password_of_its_url(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("simulate", "--url", "ftp://user:hunter2@h/api/agent", "--secret", "s", "hi") == 2
+    assert "user:***@h" in capsys.readouterr().err
+    url = "http://user:hunter2@127.0.0.1:1/api/agent?token=hunter2"  # nobody listens on port 1
+    assert run("simulate", "--url", url, "--secret", "s", "hi") == 1
+    assert run("simulate", "--url", url, "--secret", "s", "--json", "hi") == 1
+    printed = capsys.readouterr()
+    assert "hunter2" not in printed.out + printed.err
+    assert "connection-error" in printed.err and "user:***@127.0.0.1:1" in printed.out
+
+
 @pytest.mark.parametrize(
     "header", ["X-Tenant: é", "X-Tenant: a\nb", "X-Tenant: a\rb", "Bad Name: v", "X\x00: v"]
 )
