@@ -7,6 +7,7 @@ adds the ``simulate`` command to the ``layercode-asgi`` parser (:mod:`layercode_
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import secrets
 import sys
@@ -427,8 +428,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    if not 0 < value < math.inf:  # NaN and infinity too: a turn must not wait forever
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0: {text!r}")
     return value
 
 
