@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 import anyio
 import msgspec
 
-from .._redis import connect, describe_client, import_redis, unavailable_errors
+from .._redis import MAX_EXPIRE_SECONDS, connect, describe_client, import_redis, unavailable_errors
 from ..errors import ConfigurationError
 from ..logs import escape_log_value
 from ..redaction import mask_url
@@ -106,7 +106,7 @@ class RedisConversationStore:
             :meth:`aclose`; give it ``socket_timeout`` / ``socket_connect_timeout`` so it
             fails fast).
         ttl: seconds a conversation's history lives after its last append (``None`` or ``0``:
-            forever).
+            forever; more than Redis can express, about 31 million years, is cut to it).
         max_messages: messages kept per conversation (``LTRIM``).
         max_bytes: UTF-8 bytes of text kept per conversation: oldest messages dropped
             first, a single longer message cut to it.
@@ -162,7 +162,7 @@ class RedisConversationStore:
             raise ConfigurationError(
                 f"key_prefix must be a string without braces, got {key_prefix!r}"
             )
-        self.ttl = ttl or None
+        self.ttl = min(ttl, MAX_EXPIRE_SECONDS) if ttl else None  # what Redis can express
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.key_prefix = key_prefix
