@@ -424,6 +424,13 @@ async def test_redis_ttl_beyond_what_redis_can_expire(redis_server: RedisServer,
         assert await raw.ttl("layercode:{c}:history") > 10**14
     finally:
         await store.aclose()
+    # LAYERCODE_HISTORY_MAX_MESSAGES too: LTRIM got -1e+17 ("value is not an integer").
+    many = RedisConversationStore(redis_server.url, max_messages=10**17)
+    try:
+        await many.append("m", [msg(U, "kept")])
+        assert [m.text for m in await many.get("m")] == ["kept"]
+    finally:
+        await many.aclose()
 
 
 async def test_redis_skips_undecodable_entries(

@@ -52,6 +52,10 @@ T = TypeVar("T")
 #: turn can run).
 GENERATION_TTL: Final = 86400
 
+#: More messages than a Redis list holds (2**32 - 1): a larger ``max_messages`` means the
+#: same, and Redis's Lua would pass it to LTRIM as "-1e+17", which Redis refuses.
+_MAX_KEPT: Final = 2**32
+
 _HISTORY_ENCODER: Final = msgspec.json.Encoder()
 _HISTORY_DECODER: Final = msgspec.json.Decoder(HistoryMessage)
 
@@ -274,7 +278,7 @@ class RedisConversationStore:
                 keys=[keys.history, keys.generation, keys.lock, keys.queue],
                 args=[
                     generation,
-                    self.max_messages,
+                    min(self.max_messages, _MAX_KEPT),
                     self.max_bytes,
                     self.ttl or 0,
                     "" if hold is None else hold.token,
