@@ -215,6 +215,23 @@ def test_secrets_not_echoed_in_errors() -> None:
 
 
 @pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("redis_url", b"redis://:hunter2@h", "redis_url: expected a string, got bytes"),
+        ("redis_url", ["redis://:hunter2@h"], "redis_url: expected a string, got list"),
+        ("layercode_api_url", b"https://u:hunter2@h", "expected an http(s) URL, got bytes"),
+        ("cors_origins", ["https://u:hunter2@h", 5], "expected a list of strings, got a list"),
+    ],
+)
+def test_a_url_setting_of_the_wrong_type_is_named_by_its_type(
+    field: str, value: Any, message: str
+) -> None:
+    # Quoted whole before: a URL's password with it.
+    err = error_of(**{field: value})
+    assert message in str(err) and "hunter2" not in str(err)
+
+
+@pytest.mark.parametrize(
     "origin",
     ["https://user:hunter2@app.com", "https://hunter2@app.com/", "https://u:hunter2@h:1/x"],
 )
