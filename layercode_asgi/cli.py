@@ -146,8 +146,9 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     )
     # Fail on a port in use before printing that we serve (uvicorn would exit after the
     # banner); the remaining race (someone binds it in between) still fails, exit 2.
-    _check_can_listen(args.host, args.port)
-    base = f"http://{_display_host(args.host)}:{args.port}"
+    # Port 0: a free port is chosen here, so that the banner shows the one served on.
+    port = _check_can_listen(args.host, args.port)
+    base = f"http://{_display_host(args.host)}:{port}"
     webhook_url = base + args.agent_route
     printed = False
 
@@ -175,7 +176,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             run_server(
                 app,
                 host=args.host,
-                port=args.port,
+                port=port,
                 log_level=log_level,
                 callback_notify=when_started,
             )
@@ -198,7 +199,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         status = serve_workers(
             workers=args.workers,
             host=args.host,
-            port=args.port,
+            port=port,
             log_level=log_level,
             environ=environ,
             metrics=settings.metrics,
@@ -208,8 +209,9 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
-def _check_can_listen(host: str, port: int) -> None:
-    """Raise :class:`StartError` unless ``host:port`` can be bound now (then release it)."""
+def _check_can_listen(host: str, port: int) -> int:
+    """Raise :class:`StartError` unless ``host:port`` can be bound now (then release it);
+    return the port, for port 0 the free one the first bind got (used for every address)."""
     try:
         addresses = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -220,10 +222,12 @@ def _check_can_listen(host: str, port: int) -> None:
         try:
             with socket.socket(family, kind, proto) as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(address)
+                sock.bind((address[0], port, *address[2:]))
+                port = sock.getsockname()[1]
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise StartError(f"cannot listen on {host}:{port}: {reason}") from None
+    return port
 
 
 @contextmanager

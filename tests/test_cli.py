@@ -143,6 +143,29 @@ def test_serve_configuration_errors_exit_2_without_traceback(
     assert run("serve", "--workers", "0", environ=environ) == 2
 
 
+def test_serve_port_0_prints_the_port_it_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The banner said http://127.0.0.1:0/api/agent, and so did the simulate line to paste.
+    import anyio
+
+    from layercode_asgi import server
+
+    served: list[int] = []
+
+    def fake_run_server(app: Any, *, port: int, callback_notify: Any, **options: Any) -> None:
+        served.append(port)
+        anyio.run(callback_notify)  # what uvicorn does once it listens
+
+    monkeypatch.setattr(server, "run_server", fake_run_server)
+    monkeypatch.chdir(tmp_path)
+    assert run("serve", "--dev", "--port", "0") == 0
+    out = capsys.readouterr().out
+    assert served and served[0] != 0
+    assert f"(webhook http://127.0.0.1:{served[0]}/api/agent," in out
+    assert f"simulate --url http://127.0.0.1:{served[0]}/api/agent " in out
+
+
 # -- serve: running ---------------------------------------------------------------------------------
 
 
