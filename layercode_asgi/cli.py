@@ -14,7 +14,8 @@ Commands:
 Exit codes: 0 success; 1 a protocol violation, or a turn that ended in ``response.error``
 (``simulate``, ``demo``; ``--allow-errors`` accepts those); 2 a usage or configuration error
 or any failure to start (one ``error:`` line; the traceback only with ``-v``); 130
-interrupted. :func:`main` returns the code instead of exiting, for tests.
+interrupted; 141 stdout's reader left (``… | head``). :func:`main` returns the code instead
+of exiting, for tests.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ from .simulate import (
 __all__ = ["SimulationReport", "main", "run_simulation"]
 
 EXIT_USAGE: Final = 2
+#: The reader of stdout left (``… | head``): 128 + SIGPIPE, what a shell reports then.
+EXIT_BROKEN_PIPE: Final = 141
 
 _AGENT_DESCRIPTIONS: Final = {
     "echo": "greets, then repeats what it hears (deterministic, needs no key)",
@@ -484,7 +487,12 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     env = os.environ if environ is None else environ
     handler: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.handler
     try:
-        return handler(args, env)
+        code = handler(args, env)
+        sys.stdout.flush()  # a reader that left shows here, not as a traceback at exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except (UsageError, StartError, ConfigurationError) as exc:
         _print_error(args, exc)
         return EXIT_USAGE
@@ -499,6 +507,18 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         # one line, or the traceback with -v.
         _print_error(args, exc, f"cannot start: {type(exc).__name__}: {exc}")
         return EXIT_USAGE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device: its reader left, and the flush at exit must not fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (tests), or already closed
+        pass
 
 
 def _print_error(args: argparse.Namespace, exc: BaseException, text: str | None = None) -> None:
