@@ -131,6 +131,7 @@ def test_port_in_use_fails_before_the_banner(tmp_path: Path) -> None:
         ["list-agents"],
         ["sign", "--secret", "s", "--body", "{}"],
         ["simulate", "--url", "http://127.0.0.1:1/api/agent", "--secret", "s", "hi"],
+        ["demo"],
     ],
 )
 def test_a_reader_that_left_is_no_traceback(tmp_path: Path, argv: list[str]) -> None:
