@@ -160,13 +160,16 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         if printed:
             return
         printed = True
-        print(
-            f"layercode-asgi {__version__}: serving agent {agent!r} (webhook {webhook_url}, "
-            f"authorize {base}{args.authorize_route}, health {base}/health)",
-            flush=True,
-        )
-        if args.dev:
-            _print_dev_banner(webhook_url, generated)
+        try:
+            print(
+                f"layercode-asgi {__version__}: serving agent {agent!r} (webhook {webhook_url}, "
+                f"authorize {base}{args.authorize_route}, health {base}/health)",
+                flush=True,
+            )
+            if args.dev:
+                _print_dev_banner(webhook_url, generated)
+        except BrokenPipeError:  # stdout's reader left (`serve | head -1`): keep serving
+            _silence_stdout()
 
     async def when_started() -> None:  # uvicorn's first tick once it listens
         banner()

@@ -23,7 +23,7 @@ from layercode_asgi.errors import ConfigurationError
 from layercode_asgi.testing import LayercodeTestClient
 
 from .asgi_stub import read_body
-from .conftest import ROOT, SECRET, serve
+from .conftest import ROOT, SECRET, ServerProcess, free_port, serve
 
 PYTHON = sys.executable
 
@@ -153,6 +153,30 @@ def test_a_reader_that_left_is_no_traceback(tmp_path: Path, argv: list[str]) -> 
     finally:
         os.close(write_end)
     assert done.stderr == "" and done.returncode == 141  # 128 + SIGPIPE, as shells report
+
+
+def test_serve_keeps_serving_when_its_stdout_reader_left(tmp_path: Path) -> None:
+    # `layercode-asgi serve | head -0`: the banner's print failed inside uvicorn's loop,
+    # which stopped the server with a traceback.
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "LOG_"))}
+    environ["PYTHONPATH"] = str(ROOT)
+    port, log = free_port(), tmp_path / "server.log"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        with log.open("wb") as errors:
+            process = subprocess.Popen(
+                [PYTHON, "-m", "layercode_asgi", "serve", "--dev", "--port", str(port)],
+                cwd=tmp_path,
+                env=environ,
+                stdout=write_end,
+                stderr=errors,
+            )
+    finally:
+        os.close(write_end)
+    with ServerProcess(process, port, log) as server:
+        server.wait_ready("/health")
+    assert "Traceback" not in log.read_text()
 
 
 def test_bad_port_number_exits_2(tmp_path: Path) -> None:
