@@ -253,6 +253,10 @@ class LayercodeTestClient:
         if not secret:
             raise ValueError("secret is required (the webhook secret to sign with)")
         check_seconds("timeout", timeout, zero=False, none=False)
+        for name, bound in (("max_bytes", max_bytes), ("max_events", max_events)):
+            # NaN or infinity would never trip; a string would fail mid-request.
+            if not isinstance(bound, int) or isinstance(bound, bool) or bound < 1:
+                raise ValueError(f"{name} must be an integer > 0, got {bound!r}")
         self.app = app
         self.base_url = (base_url or "http://testserver").rstrip("/")
         self.url = self.base_url + "/" + path.lstrip("/")

@@ -399,6 +399,11 @@ def test_client_arguments_are_checked() -> None:
     for timeout in (float("nan"), 0, -1, "30"):
         with pytest.raises(ValueError, match="timeout must be a finite number > 0"):
             LayercodeTestClient(echo_app(), secret=SECRET, timeout=timeout)  # type: ignore[arg-type]
+    # Accepted before: NaN and infinity made the bound never trip, a string failed mid-request.
+    for name in ("max_bytes", "max_events"):
+        for bound in (float("nan"), float("inf"), 0, -1, "10", 1.5, True):
+            with pytest.raises(ValueError, match=f"{name} must be an integer > 0"):
+                LayercodeTestClient(echo_app(), secret=SECRET, **{name: bound})
 
 
 @pytest.mark.anyio
