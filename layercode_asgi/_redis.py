@@ -14,7 +14,18 @@ from typing import Any
 from .errors import ConfigurationError
 from .redaction import mask_url
 
-__all__ = ["connect", "describe_client", "import_redis", "unavailable_errors"]
+__all__ = [
+    "MAX_EXPIRE_SECONDS",
+    "connect",
+    "describe_client",
+    "import_redis",
+    "unavailable_errors",
+]
+
+#: The longest expiry this package asks Redis for (about 31 million years): Redis refuses
+#: one beyond about 9.2e15 s (its milliseconds must fit in 64 bits), so longer is "forever"
+#: said in a way Redis accepts.
+MAX_EXPIRE_SECONDS = 10**15
 
 
 def import_redis(what: str) -> Any:

@@ -123,7 +123,7 @@ class AuthorizeRoute:
         body = b"".join(chunks)
         try:
             payload = _decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # invalid, or nested too deep
             payload = None
         if not isinstance(payload, dict):
             return json_error_response(400, "body must be a JSON object with agent_id")
@@ -156,7 +156,7 @@ class AuthorizeRoute:
 
         try:
             answer = _decode(content) if content else None
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             answer = None
         if 200 <= status < 300:
             if not isinstance(answer, dict):

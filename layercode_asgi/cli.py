@@ -14,7 +14,8 @@ Commands:
 Exit codes: 0 success; 1 a protocol violation, or a turn that ended in ``response.error``
 (``simulate``, ``demo``; ``--allow-errors`` accepts those); 2 a usage or configuration error
 or any failure to start (one ``error:`` line; the traceback only with ``-v``); 130
-interrupted. :func:`main` returns the code instead of exiting, for tests.
+interrupted; 141 stdout's reader left (``… | head``). :func:`main` returns the code instead
+of exiting, for tests.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ from .simulate import (
 __all__ = ["SimulationReport", "main", "run_simulation"]
 
 EXIT_USAGE: Final = 2
+#: The reader of stdout left (``… | head``): 128 + SIGPIPE, what a shell reports then.
+EXIT_BROKEN_PIPE: Final = 141
 
 _AGENT_DESCRIPTIONS: Final = {
     "echo": "greets, then repeats what it hears (deterministic, needs no key)",
@@ -146,8 +149,9 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     )
     # Fail on a port in use before printing that we serve (uvicorn would exit after the
     # banner); the remaining race (someone binds it in between) still fails, exit 2.
-    _check_can_listen(args.host, args.port)
-    base = f"http://{_display_host(args.host)}:{args.port}"
+    # Port 0: a free port is chosen here, so that the banner shows the one served on.
+    port = _check_can_listen(args.host, args.port)
+    base = f"http://{_display_host(args.host)}:{port}"
     webhook_url = base + args.agent_route
     printed = False
 
@@ -156,13 +160,16 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         if printed:
             return
         printed = True
-        print(
-            f"layercode-asgi {__version__}: serving agent {agent!r} (webhook {webhook_url}, "
-            f"authorize {base}{args.authorize_route}, health {base}/health)",
-            flush=True,
-        )
-        if args.dev:
-            _print_dev_banner(webhook_url, generated)
+        try:
+            print(
+                f"layercode-asgi {__version__}: serving agent {agent!r} (webhook {webhook_url}, "
+                f"authorize {base}{args.authorize_route}, health {base}/health)",
+                flush=True,
+            )
+            if args.dev:
+                _print_dev_banner(webhook_url, generated)
+        except BrokenPipeError:  # stdout's reader left (`serve | head -1`): keep serving
+            _silence_stdout()
 
     async def when_started() -> None:  # uvicorn's first tick once it listens
         banner()
@@ -175,7 +182,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             run_server(
                 app,
                 host=args.host,
-                port=args.port,
+                port=port,
                 log_level=log_level,
                 callback_notify=when_started,
             )
@@ -198,7 +205,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         status = serve_workers(
             workers=args.workers,
             host=args.host,
-            port=args.port,
+            port=port,
             log_level=log_level,
             environ=environ,
             metrics=settings.metrics,
@@ -208,8 +215,9 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
-def _check_can_listen(host: str, port: int) -> None:
-    """Raise :class:`StartError` unless ``host:port`` can be bound now (then release it)."""
+def _check_can_listen(host: str, port: int) -> int:
+    """Raise :class:`StartError` unless ``host:port`` can be bound now (then release it);
+    return the port, for port 0 the free one the first bind got (used for every address)."""
     try:
         addresses = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -220,10 +228,12 @@ def _check_can_listen(host: str, port: int) -> None:
         try:
             with socket.socket(family, kind, proto) as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(address)
+                sock.bind((address[0], port, *address[2:]))
+                port = sock.getsockname()[1]
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise StartError(f"cannot listen on {host}:{port}: {reason}") from None
+    return port
 
 
 @contextmanager
@@ -480,7 +490,12 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     env = os.environ if environ is None else environ
     handler: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.handler
     try:
-        return handler(args, env)
+        code = handler(args, env)
+        sys.stdout.flush()  # a reader that left shows here, not as a traceback at exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except (UsageError, StartError, ConfigurationError) as exc:
         _print_error(args, exc)
         return EXIT_USAGE
@@ -495,6 +510,18 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         # one line, or the traceback with -v.
         _print_error(args, exc, f"cannot start: {type(exc).__name__}: {exc}")
         return EXIT_USAGE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device: its reader left, and the flush at exit must not fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (tests), or already closed
+        pass
 
 
 def _print_error(args: argparse.Namespace, exc: BaseException, text: str | None = None) -> None:

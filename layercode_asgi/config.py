@@ -69,6 +69,12 @@ def _fail(expected: str, value: object) -> NoReturn:
     raise _Invalid(f"expected {expected}", value, has_value=True)
 
 
+def _fail_type(expected: str, value: object) -> NoReturn:
+    """Fail naming the type of ``value`` only: a setting that holds a URL may hold its
+    password, in whatever container it came (bytes, a list)."""
+    raise _Invalid(f"expected {expected}, got {type(value).__name__}")
+
+
 def _split_url(text: str, expected: str, shown: object) -> SplitResult:
     """``urlsplit(text)``, failing with ``expected`` (quoting ``shown``) on a bad URL or port."""
     try:
@@ -118,7 +124,8 @@ def _int_converter(minimum: int) -> Callable[[object], int]:
     def convert(value: object) -> int:
         if isinstance(value, str):
             text = value.strip()
-            if not re.fullmatch(r"[+-]?[0-9][0-9_]*", text):
+            # int()'s own syntax: single underscores between digits only ("1_000", not "1__0").
+            if not re.fullmatch(r"[+-]?[0-9]+(?:_[0-9]+)*", text):
                 _fail(expected, value)
             try:
                 number = int(text)
@@ -169,7 +176,7 @@ def _str_list(value: object) -> tuple[str, ...]:
 
 
 def _http_url(value: object) -> str:
-    text = _non_empty_str(value) if isinstance(value, str) else _fail("an http(s) URL", value)
+    text = _non_empty_str(value) if isinstance(value, str) else _fail_type("an http(s) URL", value)
     parts = _split_url(text, "an http(s) URL", mask_url(text))
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         _fail("an http(s) URL", mask_url(text))
@@ -180,6 +187,8 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def _redis_url(value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        _fail_type("a string", value)
     text = _optional_str(value)
     if text is None:
         return None
@@ -197,7 +206,8 @@ def _origin(item: str) -> str:
     if item == "*":
         return item
     candidate = item[:-1] if item.endswith("/") else item
-    parts = _split_url(candidate, "'*' or http(s) origins like 'https://app.example.com'", item)
+    shown = mask_url(item)  # an origin with credentials: an error never shows them
+    parts = _split_url(candidate, "'*' or http(s) origins like 'https://app.example.com'", shown)
     if (
         parts.scheme.lower() not in ("http", "https")
         or not parts.hostname
@@ -206,12 +216,16 @@ def _origin(item: str) -> str:
         or parts.fragment
         or parts.username is not None
     ):
-        _fail("'*' or http(s) origins like 'https://app.example.com' (no path)", item)
+        _fail("'*' or http(s) origins like 'https://app.example.com' (no path)", shown)
     return candidate
 
 
 def _cors_origins(value: object) -> tuple[str, ...]:
-    origins = tuple(_origin(item) for item in _str_list(value))
+    try:
+        items = _str_list(value)
+    except _Invalid as exc:  # an origin may hold credentials: not quoted
+        raise _Invalid(f"{exc.message}, got a {type(value).__name__}") from None
+    origins = tuple(_origin(item) for item in items)
     if "*" in origins and len(origins) > 1:
         raise _Invalid(f"'*' cannot be combined with other origins, got {origins!r}")
     return origins

@@ -72,6 +72,7 @@ async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
             stopped.set()
 
     report: SimulationReport | None = None
+    broken: BrokenPipeError | None = None
     try:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(serve)
@@ -80,21 +81,28 @@ async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
                     while not server.started and not stopped.is_set():  # noqa: ASYNC110 - uvicorn exposes a bool
                         await anyio.sleep(0.01)
                 if server.started:
-                    print(
-                        f"demo: the echo agent is served on {url} (temporary secret {secret})",
-                        flush=True,
-                    )
-                    report = await run_simulation(
-                        url,
-                        secret,
-                        args.messages or DEMO_MESSAGES,
-                        data=DEMO_DATA,
-                        allow_errors=args.allow_errors,
-                    )
+                    try:
+                        print(
+                            f"demo: the echo agent is served on {url} (temporary secret {secret})",
+                            flush=True,
+                        )
+                        report = await run_simulation(
+                            url,
+                            secret,
+                            args.messages or DEMO_MESSAGES,
+                            data=DEMO_DATA,
+                            allow_errors=args.allow_errors,
+                        )
+                    except BrokenPipeError as exc:
+                        # stdout's reader left: stop the server as usual, then say so (the
+                        # CLI exits 141); raised in the task group, it would be cancelled.
+                        broken = exc
             finally:
                 server.should_exit = True
     finally:
         sock.close()
+    if broken is not None:
+        raise broken
     if report is None:
         raise StartError("demo: the server did not start")
     if memory is not None:

@@ -85,7 +85,9 @@ def parse_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
         raise SettingsError([f"{file}: cannot read the file ({exc.strerror or exc})"]) from exc
     values: dict[str, str] = {}
     problems: list[str] = []
-    for number, line in enumerate(content.splitlines(), start=1):
+    # Lines end at line feeds only (reading translated \r\n and \r): str.splitlines also
+    # splits at U+2028, U+0085, form feeds…, which a value may hold.
+    for number, line in enumerate(content.split("\n"), start=1):
         try:
             parsed = _parse_env_line(line)
         except _LineProblem as exc:

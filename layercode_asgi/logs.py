@@ -73,11 +73,15 @@ def setup_logging(
             (a warning is logged if it is not).
         level: explicit level (``"WARNING"``, ``logging.ERROR``...), overriding ``verbose``.
         log_format: ``"json"``: one JSON object per line (:class:`JsonFormatter`), with the
-            record's structured fields (the webhook line's ``event_type``, ``status``…).
+            record's structured fields (the webhook line's ``event_type``, ``status``…);
+            ``"text"`` (the default): one line per record. Any other raises ``ValueError``.
     """
+    fmt = log_format.strip().lower() if isinstance(log_format, str) else log_format
+    if fmt not in ("text", "json"):
+        raise ValueError(f"unknown log format {log_format!r} (text or json)")
     target = logging.getLogger(LOGGER_NAME)
     target.setLevel(_resolve_level(verbose, level))
-    formatter = JsonFormatter() if log_format == "json" else _LineFormatter(LOG_FORMAT, DATE_FORMAT)
+    formatter = JsonFormatter() if fmt == "json" else _LineFormatter(LOG_FORMAT, DATE_FORMAT)
     handler = _marked(target, "stream")
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)

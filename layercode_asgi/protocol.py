@@ -70,6 +70,8 @@ MAX_TURN_EVENTS: Final = 100_000
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.decode
+#: What decoding a backend's JSON raises: invalid, or nested deeper than the decoder goes.
+_UNDECODABLE: Final = (msgspec.DecodeError, RecursionError)
 #: How much of an unexpected error body a violation message quotes.
 _BODY_EXCERPT = 200
 
@@ -168,7 +170,7 @@ class TurnChecker:
             )
         try:
             event = _decode(sse.data)
-        except msgspec.DecodeError as exc:
+        except _UNDECODABLE as exc:
             raise self.violation(
                 "bad-json", f"SSE event #{position} is not valid JSON ({exc}): {sse.data[:80]!r}"
             ) from None
@@ -437,7 +439,7 @@ async def send_json_event(
             content += chunk
     try:
         answer = _decode(content)
-    except msgspec.DecodeError:
+    except _UNDECODABLE:
         raise ProtocolViolation(
             "bad-json", f"{kind} reply is not JSON: {_excerpt(bytes(content))!r}", **where
         ) from None

@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
-from ._redis import connect, import_redis
+from ._redis import MAX_EXPIRE_SECONDS, connect, import_redis
 from .conversation import StoreUnavailableError
 from .errors import ConfigurationError, check_seconds
 
@@ -131,7 +131,7 @@ class RedisReplayCache:
     async def seen(self, key: str, ttl: float) -> bool:
         from redis.exceptions import RedisError
 
-        seconds = max(1, math.ceil(ttl))
+        seconds = min(max(1, math.ceil(ttl)), MAX_EXPIRE_SECONDS)  # Redis refuses longer
         try:
             created = await self._client.set(self.key_prefix + key, b"1", nx=True, ex=seconds)
         except (RedisError, OSError) as exc:

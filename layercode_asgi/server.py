@@ -203,10 +203,19 @@ def create_app(
 
     Raises:
         ConfigurationError: no webhook secret, an unknown agent, an agent that cannot run
-            with these settings, an invalid ``authorize_timeout``. Raised here, at start-up,
+            with these settings, an invalid ``authorize_timeout``, a route that is not a
+            path starting with ``/`` (or both routes on one path). Raised here, at start-up,
             never per request.
     """
     check_seconds("authorize_timeout", authorize_timeout, zero=False, none=False)
+    for name, path in (("agent_route", agent_route), ("authorize_route", authorize_route)):
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ConfigurationError(f"{name} must be a path starting with '/', got {path!r}")
+    if agent_route == authorize_route:
+        raise ConfigurationError(
+            f"agent_route and authorize_route are the same path ({agent_route!r}): "
+            "one of the two routes would never answer"
+        )
     settings = Settings() if settings is None else settings
     secrets = settings.webhook_secrets
     if not secrets:

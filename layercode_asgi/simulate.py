@@ -7,6 +7,7 @@ adds the ``simulate`` command to the ``layercode-asgi`` parser (:mod:`layercode_
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import secrets
 import sys
@@ -21,7 +22,7 @@ import httpx
 import msgspec
 
 from .envfile import parse_env_file
-from .redaction import escape_terminal
+from .redaction import escape_terminal, mask_url
 from .testing import (
     VIOLATIONS,
     JSONResult,
@@ -82,7 +83,7 @@ class SimulationReport:
         return {
             "ok": self.ok,
             "errored_turns": self.errored_turns,
-            "url": self.url,
+            "url": mask_url(self.url),  # its credentials, if any, are not printed
             "conversation_id": self.conversation_id,
             "session_id": self.session_id,
             "turns": self.turns,
@@ -245,7 +246,7 @@ async def run_simulation(
         )
         return result
 
-    printer.line(f"simulating a LayerCode conversation with {url}")
+    printer.line(f"simulating a LayerCode conversation with {mask_url(url)}")
     printer.line(f"conversation {report.conversation_id}, session {report.session_id}")
     try:
         async with httpx.AsyncClient(
@@ -328,13 +329,25 @@ def _simulation_messages(args: argparse.Namespace) -> list[str]:
     return messages
 
 
+#: An HTTP header name (an RFC 9110 token) and what a header value may hold (visible ASCII,
+#: spaces and tabs): anything else cannot be sent.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+
+
 def _parse_headers(values: Sequence[str]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for value in values:
         name, colon, content = value.partition(":")
         if not colon or not name.strip():
             raise UsageError(f"--header {value!r}: expected NAME:VALUE")
-        headers[name.strip()] = content.strip()
+        name, content = name.strip(), content.strip()
+        if not _HEADER_NAME.fullmatch(name):
+            raise UsageError(f"--header {name!r}: not a valid header name")
+        if not _HEADER_VALUE.fullmatch(content):
+            # The value is not quoted: it may be a credential.
+            raise UsageError(f"--header {name}: the value may hold only printable ASCII characters")
+        headers[name] = content
     return headers
 
 
@@ -361,7 +374,8 @@ def _check_url(url: str) -> None:
     except (httpx.InvalidURL, TypeError, ValueError) as exc:
         raise UsageError(f"--url is not a valid URL: {escape_terminal(str(exc))}") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise UsageError(f"--url must be an http(s) URL, got {escape_terminal(repr(url))}")
+        shown = escape_terminal(repr(mask_url(url)))
+        raise UsageError(f"--url must be an http(s) URL, got {shown}")
 
 
 def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -372,7 +386,7 @@ def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.data is not None:
         try:
             data = msgspec.json.decode(args.data)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:  # invalid, or nested too deep
             raise UsageError(f"--data is not valid JSON: {exc}") from None
     messages = _simulation_messages(args)
     # With --json, stdout carries only the JSON summary; the human output goes to stderr.
@@ -414,8 +428,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    if not 0 < value < math.inf:  # NaN and infinity too: a turn must not wait forever
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0: {text!r}")
     return value
 
 

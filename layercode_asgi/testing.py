@@ -168,7 +168,9 @@ class _Bounded:
     """Wraps an in-process ASGI app for ``httpx.ASGITransport``, which keeps a whole reply in
     memory before returning it: stops the app with :class:`ReplyTooLarge` past ``max_bytes``,
     and lets each ``send`` be a cancellation point, so the client's timeout can stop an app
-    that streams forever without waiting on anything."""
+    that streams forever without waiting on anything. An app that returns with its reply
+    unfinished is answered as a server would (a 500, or the end of the body), not left to
+    the transport's bare ``AssertionError``."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app = app
@@ -176,17 +178,35 @@ class _Bounded:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         sent = 0
+        started = finished = False
 
         async def bounded_send(message: Any) -> None:
-            nonlocal sent
+            nonlocal sent, started, finished
             await anyio.lowlevel.checkpoint()
-            if message.get("type") == "http.response.body":
+            kind = message.get("type")
+            if kind == "http.response.start":
+                started = True
+            elif kind == "http.response.body":
                 sent += len(message.get("body", b""))
                 if sent > self.max_bytes:
                     raise ReplyTooLarge(f"reply longer than {self.max_bytes} bytes")
+                finished = not message.get("more_body", False)
             await send(message)
 
         await self.app(scope, receive, bounded_send)
+        if scope.get("type") != "http" or finished:
+            return
+        if not started:
+            headers = [(b"content-type", b"text/plain; charset=utf-8")]
+            await send({"type": "http.response.start", "status": 500, "headers": headers})
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"the ASGI app returned without starting a response",
+                }
+            )
+        else:
+            await send({"type": "http.response.body", "body": b""})
 
 
 # -- the client ----------------------------------------------------------------------------------
@@ -233,6 +253,10 @@ class LayercodeTestClient:
         if not secret:
             raise ValueError("secret is required (the webhook secret to sign with)")
         check_seconds("timeout", timeout, zero=False, none=False)
+        for name, bound in (("max_bytes", max_bytes), ("max_events", max_events)):
+            # NaN or infinity would never trip; a string would fail mid-request.
+            if not isinstance(bound, int) or isinstance(bound, bool) or bound < 1:
+                raise ValueError(f"{name} must be an integer > 0, got {bound!r}")
         self.app = app
         self.base_url = (base_url or "http://testserver").rstrip("/")
         self.url = self.base_url + "/" + path.lstrip("/")

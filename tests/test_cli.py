@@ -66,9 +66,38 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "needs the webhook secret" in capsys.readouterr().err
     assert run("simulate", "--secret", "s", "--data", "{oops", "hi") == 2
     assert "--data is not valid JSON" in capsys.readouterr().err
+    assert run("simulate", "--secret", "s", "--data", "[" * 5000 + "]" * 5000, "hi") == 2
+    assert "--data is not valid JSON" in capsys.readouterr().err
     assert run("simulate", "--secret", "s", "--header", "no-colon", "hi") == 2
     assert "expected NAME:VALUE" in capsys.readouterr().err
     assert run("simulate", "--secret", "s", "--timeout", "0", "hi") == 2
+    for endless in ("inf", "-inf", "Infinity", "1e309", "nan"):  # a turn could hang forever
+        assert run("simulate", "--secret", "s", f"--timeout={endless}", "hi") == 2
+        assert "--timeout: must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_simulate_never_prints_the_password_of_its_url(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("simulate", "--url", "ftp://user:hunter2@h/api/agent", "--secret", "s", "hi") == 2
+    assert "user:***@h" in capsys.readouterr().err
+    url = "http://user:hunter2@127.0.0.1:1/api/agent?token=hunter2"  # nobody listens on port 1
+    assert run("simulate", "--url", url, "--secret", "s", "hi") == 1
+    assert run("simulate", "--url", url, "--secret", "s", "--json", "hi") == 1
+    printed = capsys.readouterr()
+    assert "hunter2" not in printed.out + printed.err
+    assert "connection-error" in printed.err and "user:***@127.0.0.1:1" in printed.out
+
+
+@pytest.mark.parametrize(
+    "header", ["X-Tenant: é", "X-Tenant: a\nb", "X-Tenant: a\rb", "Bad Name: v", "X\x00: v"]
+)
+def test_a_header_that_cannot_be_sent_is_a_usage_error(
+    header: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Refused before anything is sent (no server at port 1): one line, exit 2, no traceback.
+    url = "http://127.0.0.1:1/api/agent"
+    assert run("simulate", "--url", url, "--secret", "s", "--header", header, "hi") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --header ") and err.count("\n") == 1
 
 
 def test_console_script_is_installed() -> None:
@@ -112,6 +141,29 @@ def test_serve_configuration_errors_exit_2_without_traceback(
     assert run("serve", "--workers", "2", "--agent-route", "/hook", environ=environ) == 2
     assert "--workers > 1" in capsys.readouterr().err
     assert run("serve", "--workers", "0", environ=environ) == 2
+
+
+def test_serve_port_0_prints_the_port_it_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The banner said http://127.0.0.1:0/api/agent, and so did the simulate line to paste.
+    import anyio
+
+    from layercode_asgi import server
+
+    served: list[int] = []
+
+    def fake_run_server(app: Any, *, port: int, callback_notify: Any, **options: Any) -> None:
+        served.append(port)
+        anyio.run(callback_notify)  # what uvicorn does once it listens
+
+    monkeypatch.setattr(server, "run_server", fake_run_server)
+    monkeypatch.chdir(tmp_path)
+    assert run("serve", "--dev", "--port", "0") == 0
+    out = capsys.readouterr().out
+    assert served and served[0] != 0
+    assert f"(webhook http://127.0.0.1:{served[0]}/api/agent," in out
+    assert f"simulate --url http://127.0.0.1:{served[0]}/api/agent " in out
 
 
 # -- serve: running ---------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from layercode_asgi.errors import ConfigurationError
 from layercode_asgi.testing import LayercodeTestClient
 
 from .asgi_stub import read_body
-from .conftest import SECRET, serve
+from .conftest import ROOT, SECRET, ServerProcess, free_port, serve
 
 PYTHON = sys.executable
 
@@ -123,6 +123,60 @@ def test_port_in_use_fails_before_the_banner(tmp_path: Path) -> None:
         done = cli("serve", "--dev", "--env-file", "", "--port", str(port), cwd=tmp_path)
     line = one_error_line(done)
     assert f"cannot listen on 127.0.0.1:{port}" in line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["list-agents"],
+        ["sign", "--secret", "s", "--body", "{}"],
+        ["simulate", "--url", "http://127.0.0.1:1/api/agent", "--secret", "s", "hi"],
+        ["demo"],
+    ],
+)
+def test_a_reader_that_left_is_no_traceback(tmp_path: Path, argv: list[str]) -> None:
+    # `layercode-asgi list-agents | head -0`: stdout's reader is gone before the first write.
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "LOG_"))}
+    environ["PYTHONPATH"] = str(ROOT)  # this tree's package, whatever is installed
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [PYTHON, "-m", "layercode_asgi", *argv],
+            cwd=tmp_path,
+            env=environ,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == "" and done.returncode == 141  # 128 + SIGPIPE, as shells report
+
+
+def test_serve_keeps_serving_when_its_stdout_reader_left(tmp_path: Path) -> None:
+    # `layercode-asgi serve | head -0`: the banner's print failed inside uvicorn's loop,
+    # which stopped the server with a traceback.
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "LOG_"))}
+    environ["PYTHONPATH"] = str(ROOT)
+    port, log = free_port(), tmp_path / "server.log"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        with log.open("wb") as errors:
+            process = subprocess.Popen(
+                [PYTHON, "-m", "layercode_asgi", "serve", "--dev", "--port", str(port)],
+                cwd=tmp_path,
+                env=environ,
+                stdout=write_end,
+                stderr=errors,
+            )
+    finally:
+        os.close(write_end)
+    with ServerProcess(process, port, log) as server:
+        server.wait_ready("/health")
+    assert "Traceback" not in log.read_text()
 
 
 def test_bad_port_number_exits_2(tmp_path: Path) -> None:

@@ -151,6 +151,8 @@ def test_numbers() -> None:
         ("LAYERCODE_MAX_BODY_SIZE", "1.5", "expected an integer > 0, got '1.5'"),
         ("LAYERCODE_MAX_BODY_SIZE", "0", "expected an integer > 0"),
         ("LAYERCODE_MAX_BODY_SIZE", "big", "expected an integer > 0"),
+        ("LAYERCODE_MAX_BODY_SIZE", "1__0", "expected an integer > 0, got '1__0'"),
+        ("LAYERCODE_MAX_BODY_SIZE", "10_", "expected an integer > 0, got '10_'"),
         ("LAYERCODE_SIGNATURE_TOLERANCE", "-1", "expected an integer >= 0, got '-1'"),
         ("LAYERCODE_HISTORY_MAX_MESSAGES", "0", "expected an integer > 0"),
         ("LAYERCODE_HISTORY_MAX_CONVERSATIONS", "x", "expected an integer > 0"),
@@ -210,6 +212,33 @@ def test_secrets_not_echoed_in_errors() -> None:
     assert "hunter2" not in str(err)
     assert "layercode_webhook_secret: expected a string, got <hidden>" in str(err)
     assert "authorize_api_keys: expected a list of strings, got <hidden>" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("redis_url", b"redis://:hunter2@h", "redis_url: expected a string, got bytes"),
+        ("redis_url", ["redis://:hunter2@h"], "redis_url: expected a string, got list"),
+        ("layercode_api_url", b"https://u:hunter2@h", "expected an http(s) URL, got bytes"),
+        ("cors_origins", ["https://u:hunter2@h", 5], "expected a list of strings, got a list"),
+    ],
+)
+def test_a_url_setting_of_the_wrong_type_is_named_by_its_type(
+    field: str, value: Any, message: str
+) -> None:
+    # Quoted whole before: a URL's password with it.
+    err = error_of(**{field: value})
+    assert message in str(err) and "hunter2" not in str(err)
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["https://user:hunter2@app.com", "https://hunter2@app.com/", "https://u:hunter2@h:1/x"],
+)
+def test_a_cors_origin_with_credentials_is_refused_without_showing_them(origin: str) -> None:
+    err = error_of({"LAYERCODE_CORS_ORIGINS": f"https://ok.com,{origin}"})
+    assert str(err).startswith("LAYERCODE_CORS_ORIGINS: expected '*' or http(s) origins")
+    assert "hunter2" not in str(err)
 
 
 def test_lists() -> None:
@@ -360,6 +389,21 @@ def test_env_file_syntax(tmp_path: Path) -> None:
         "DUP": "second",
         "exporter": "not-a-prefix",
         "URL": "https://x.com/?a=b",
+    }
+
+
+def test_env_file_lines_end_only_at_line_breaks(tmp_path: Path) -> None:
+    # U+2028, U+0085, form feed or a file separator inside a value are not line ends
+    # (str.splitlines cut there: a quoted value was "unterminated", 1\x1cB=2 set B).
+    path = tmp_path / ".env"
+    path.write_bytes(
+        'PROMPT="one\u2028two\u0085three"\r\nPLAIN=a\u2029b\x0cc\nA=1\x1cB=2\rLAST=x'.encode()
+    )
+    assert parse_env_file(path) == {
+        "PROMPT": "one\u2028two\u0085three",
+        "PLAIN": "a\u2029b\x0cc",
+        "A": "1\x1cB=2",
+        "LAST": "x",
     }
 
 

@@ -411,6 +411,28 @@ async def test_redis_cap_ttl_and_prefix(redis_server: RedisServer, raw: Any) -> 
         await forever.aclose()
 
 
+async def test_redis_ttl_beyond_what_redis_can_expire(redis_server: RedisServer, raw: Any) -> None:
+    # LAYERCODE_HISTORY_TTL accepts any integer; Redis refuses an EXPIRE beyond about 9.2e15 s:
+    # every turn's record then failed (StoreError), after appending.
+    store = RedisConversationStore(redis_server.url, ttl=10**30, max_messages=2)
+    try:
+        for i in range(3):
+            async with store.lock("c"):
+                _, generation = await store.read_turn("c")
+                assert await store.record_turn("c", [msg(U, f"q{i}")], generation)
+        assert [m.text for m in await store.get("c")] == ["q1", "q2"]
+        assert await raw.ttl("layercode:{c}:history") > 10**14
+    finally:
+        await store.aclose()
+    # LAYERCODE_HISTORY_MAX_MESSAGES too: LTRIM got -1e+17 ("value is not an integer").
+    many = RedisConversationStore(redis_server.url, max_messages=10**17)
+    try:
+        await many.append("m", [msg(U, "kept")])
+        assert [m.text for m in await many.get("m")] == ["kept"]
+    finally:
+        await many.aclose()
+
+
 async def test_redis_skips_undecodable_entries(
     redis_server: RedisServer, raw: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

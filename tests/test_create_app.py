@@ -325,3 +325,18 @@ def test_invalid_authorize_timeout_is_refused_at_start_up(timeout: Any) -> None:
     # string: TypeError, both a 500) or timed out at once (0).
     with pytest.raises(ConfigurationError, match="authorize_timeout must be a finite number > 0"):
         create_app(settings(), authorize_timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("routes", "message"),
+    [
+        ({"agent_route": "api/agent"}, "agent_route must be a path starting with '/'"),
+        ({"authorize_route": ""}, "authorize_route must be a path starting with '/'"),
+        ({"agent_route": "/x", "authorize_route": "/x"}, "the same path"),
+    ],
+)
+def test_unusable_routes_are_refused_at_start_up(routes: dict[str, str], message: str) -> None:
+    # Before: an AssertionError from Starlette (gone under python -O: a route that matches
+    # nothing), or, for one path twice, an authorize route that silently never answered.
+    with pytest.raises(ConfigurationError, match=message):
+        create_app(settings(), **routes)

@@ -265,3 +265,17 @@ async def test_redis_replay_cache_ttl() -> None:
             assert 1 <= ttl <= 3
         finally:
             await cache.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_tolerance_beyond_what_redis_can_expire_still_works() -> None:
+    # LAYERCODE_SIGNATURE_TOLERANCE accepts any integer; Redis refuses an EX beyond about
+    # 9.2e15 s ("invalid expire time"), which made every webhook a 503.
+    with running_redis() as redis:
+        cache = RedisReplayCache(redis.url)
+        try:
+            assert await cache.seen("k", 1e30) is False
+            assert await cache.seen("k", 1e30) is True
+            assert await cache._client.ttl("layercode:replay:k") > 10**14
+        finally:
+            await cache.aclose()

@@ -63,6 +63,12 @@ def test_text_the_json_check_cannot_read_is_carried_as_it_is() -> None:
         assert format_sse_message(text) == f"data: {text}\n\n"
 
 
+def test_text_nested_too_deep_to_be_json_is_carried_as_it_is() -> None:
+    # Deciding whether it is JSON hit the decoder's depth limit: a RecursionError.
+    text = "[" * 10_000 + " \u2028"
+    assert format_sse_message(text) == f"data: {text}\n\n"
+
+
 def test_create_sse_response_over_uvicorn() -> None:
     value = {"text": TRICKY}
 

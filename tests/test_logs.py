@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from layercode_asgi.logs import LOGGER_NAME, log_webhook, setup_logging
+from layercode_asgi.logs import LOGGER_NAME, JsonFormatter, log_webhook, setup_logging
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +49,19 @@ def test_setup_is_idempotent_and_sets_levels(restore_library_logger: logging.Log
     assert logging.getLogger().level == root_level  # the root logger is left alone
     with pytest.raises(ValueError):
         setup_logging(level="chatty")
+
+
+def test_an_unknown_log_format_is_refused(restore_library_logger: logging.Logger) -> None:
+    # It fell back to text silently: LOG_FORMAT-style typos went unnoticed.
+    target = restore_library_logger
+    before = [(h, h.formatter) for h in ours(target)], target.level
+    for bad in ("jsno", "", "xml"):
+        with pytest.raises(ValueError, match="log format"):
+            setup_logging(level="ERROR", log_format=bad)
+    assert ([(h, h.formatter) for h in ours(target)], target.level) == before  # untouched
+    setup_logging(log_format=" JSON ")  # the spellings Settings accepts
+    assert isinstance(ours(target)[0].formatter, JsonFormatter)
+    setup_logging()  # the text format again, for a handler other tests share
 
 
 def test_stream_handler_format(capsys: pytest.CaptureFixture[str]) -> None:

@@ -289,6 +289,18 @@ def test_authorize_relays_success(layercode: tuple[FakeLayercode, str]) -> None:
         (400, b"plain text", 400, {"error": "LayerCode API refused the request (400)"}),
         (500, {"error": "oops"}, 502, {"error": "LayerCode API error (500)"}),
         (200, b"not json", 502, {"error": "LayerCode API sent an invalid response"}),
+        (
+            200,
+            b"[" * 100_000 + b"]" * 100_000,
+            502,
+            {"error": "LayerCode API sent an invalid response"},
+        ),
+        (
+            403,
+            b"[" * 100_000 + b"]" * 100_000,
+            403,
+            {"error": "LayerCode API refused the request (403)"},
+        ),
     ],
 )
 def test_authorize_upstream_answers(
@@ -329,7 +341,8 @@ def test_authorize_upstream_unreachable_and_timeout(layercode: tuple[FakeLayerco
 def test_authorize_validates_input(layercode: tuple[FakeLayercode, str]) -> None:
     fake, api = layercode
     with serve(create_app(settings(layercode_api_url=api))) as url, httpx.Client(base_url=url) as c:
-        for body in (b"{}", b'{"agent_id":""}', b'{"agent_id":5}', b"nope", b"[1]", b""):
+        deep = b"[" * 10_000 + b"]" * 10_000  # nested deeper than the JSON decoder goes
+        for body in (b"{}", b'{"agent_id":""}', b'{"agent_id":5}', b"nope", b"[1]", b"", deep):
             r = c.post("/api/authorize", content=body)
             assert r.status_code == 400, body
             assert "agent_id" in r.json()["error"]

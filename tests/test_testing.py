@@ -365,6 +365,29 @@ async def test_client_raises_named_violations() -> None:
     assert (caught.value.name, caught.value.status_code) == ("http-error", 401)
 
 
+@pytest.mark.anyio
+async def test_an_in_process_app_that_leaves_its_reply_unfinished_is_a_violation() -> None:
+    # Before: a bare AssertionError from httpx's ASGI transport, with no message.
+    async def returns_without_answering(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+
+    async def starts_a_stream_and_returns(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+    silent = LayercodeTestClient(returns_without_answering, secret=SECRET)
+    for kind in ("message", "session.update"):
+        with pytest.raises(ProtocolViolation) as caught:
+            await (silent.message("x") if kind == "message" else silent.session_update())
+        assert (caught.value.name, caught.value.status_code) == ("http-error", 500)
+        assert "returned without starting a response" in caught.value.detail
+    unfinished = LayercodeTestClient(starts_a_stream_and_returns, secret=SECRET)
+    with pytest.raises(ProtocolViolation) as caught:
+        await unfinished.message("x")
+    assert caught.value.name == "missing-end"
+
+
 def test_client_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="exactly one"):
         LayercodeTestClient(secret=SECRET)
@@ -376,6 +399,11 @@ def test_client_arguments_are_checked() -> None:
     for timeout in (float("nan"), 0, -1, "30"):
         with pytest.raises(ValueError, match="timeout must be a finite number > 0"):
             LayercodeTestClient(echo_app(), secret=SECRET, timeout=timeout)  # type: ignore[arg-type]
+    # Accepted before: NaN and infinity made the bound never trip, a string failed mid-request.
+    for name in ("max_bytes", "max_events"):
+        for bound in (float("nan"), float("inf"), 0, -1, "10", 1.5, True):
+            with pytest.raises(ValueError, match=f"{name} must be an integer > 0"):
+                LayercodeTestClient(echo_app(), secret=SECRET, **{name: bound})
 
 
 @pytest.mark.anyio

@@ -192,3 +192,35 @@ def test_an_in_process_endless_agent_is_a_violation_not_a_memory_error() -> None
     )
     assert done.stdout.strip() in ("violation too-large", "violation timeout"), done.stderr[-2000:]
     assert "MemoryError" not in done.stderr
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000  # valid JSON, nested past any decoder's depth
+
+
+def deep_json_app(kind: str) -> Any:
+    """Answers a turn with one SSE event, or a JSON reply, nested 100,000 deep."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        if kind == "turn":
+            headers, body = [(b"content-type", b"text/event-stream")], b"data: " + DEEP + b"\n\n"
+        else:
+            headers, body = [(b"content-type", b"application/json")], DEEP
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+@pytest.mark.anyio
+async def test_json_nested_too_deep_is_bad_json_not_a_recursion_error() -> None:
+    turn = LayercodeTestClient(deep_json_app("turn"), secret=SECRET)
+    with pytest.raises(ProtocolViolation) as info:
+        await turn.message("hi")
+    assert info.value.name == "bad-json" and "SSE event #1" in info.value.detail
+    reply = LayercodeTestClient(deep_json_app("json"), secret=SECRET)
+    with pytest.raises(ProtocolViolation) as info:
+        await reply.session_update()
+    assert info.value.name == "bad-json" and "reply is not JSON" in info.value.detail

@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 import anyio
 import msgspec
 
-from .._redis import connect, describe_client, import_redis, unavailable_errors
+from .._redis import MAX_EXPIRE_SECONDS, connect, describe_client, import_redis, unavailable_errors
 from ..errors import ConfigurationError, check_seconds
 from ..logs import escape_log_value
 from ..redaction import mask_url
@@ -50,6 +50,10 @@ T = TypeVar("T")
 #: How long a conversation's generation outlives its last clear in Redis (longer than any
 #: turn can run).
 GENERATION_TTL: Final = 86400
+
+#: More messages than a Redis list holds (2**32 - 1): a larger ``max_messages`` means the
+#: same, and Redis's Lua would pass it to LTRIM as "-1e+17", which Redis refuses.
+_MAX_KEPT: Final = 2**32
 
 _HISTORY_ENCODER: Final = msgspec.json.Encoder()
 _HISTORY_DECODER: Final = msgspec.json.Decoder(HistoryMessage)
@@ -105,7 +109,7 @@ class RedisConversationStore:
             :meth:`aclose`; give it ``socket_timeout`` / ``socket_connect_timeout`` so it
             fails fast).
         ttl: seconds a conversation's history lives after its last append (``None`` or ``0``:
-            forever).
+            forever; more than Redis can express, about 31 million years, is cut to it).
         max_messages: messages kept per conversation (``LTRIM``).
         max_bytes: UTF-8 bytes of text kept per conversation: oldest messages dropped
             first, a single longer message cut to it.
@@ -160,7 +164,7 @@ class RedisConversationStore:
             raise ConfigurationError(
                 f"key_prefix must be a string without braces, got {key_prefix!r}"
             )
-        self.ttl = ttl or None
+        self.ttl = min(ttl, MAX_EXPIRE_SECONDS) if ttl else None  # what Redis can express
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.key_prefix = key_prefix
@@ -272,7 +276,7 @@ class RedisConversationStore:
                 keys=[keys.history, keys.generation, keys.lock, keys.queue],
                 args=[
                     generation,
-                    self.max_messages,
+                    min(self.max_messages, _MAX_KEPT),
                     self.max_bytes,
                     self.ttl or 0,
                     "" if hold is None else hold.token,
