@@ -690,3 +690,15 @@ async def test_lock_timeout_must_be_a_finite_number(value: Any) -> None:
     with pytest.raises(ConfigurationError, match="lock timeout must be a finite number >= 0"):
         async with ConversationManager().lock("c", timeout=value):
             pass
+
+
+async def test_lock_wait_beyond_any_float_means_no_limit() -> None:
+    # Two huge but finite settings add up to infinity, which the lock's own check refuses:
+    # every turn would then fail at its lock. The sum is "no limit" instead.
+    from layercode_asgi.conversation import lock_wait_timeout
+
+    assert lock_wait_timeout(1e308, 1e308) is None
+    assert lock_wait_timeout(30.0, 5.0) == 35.0
+    manager = ConversationManager()
+    async with manager.lock("c", timeout=lock_wait_timeout(1e308, 1e308)):
+        pass

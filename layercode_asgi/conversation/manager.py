@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -33,11 +34,13 @@ def lock_wait_timeout(
     """How long a turn may wait for its conversation's lock: the one rule of both stores.
 
     The turn ahead may hold the lock for its whole ``turn_timeout``, then send its final
-    events and record: ``grace`` covers those. ``None`` (no limit) when ``turn_timeout`` is.
+    events and record: ``grace`` covers those. ``None`` (no limit) when ``turn_timeout`` is,
+    or when the sum is beyond any float.
     """
     if turn_timeout is None:
         return None
-    return float(turn_timeout) + float(grace)
+    total = float(turn_timeout) + float(grace)
+    return total if math.isfinite(total) else None
 
 
 def check_conversation_id(conversation_id: str) -> None:
