@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 __all__ = [
+    "HEADER_NAME",
     "BodyTooLarge",
     "JSONResponse",
     "being_cancelled",
@@ -32,6 +34,9 @@ __all__ = [
 ]
 
 _encode = msgspec.json.Encoder().encode
+
+#: An HTTP header name (RFC 9110's token): ``HEADER_NAME.fullmatch(name)``.
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 class BodyTooLarge(Exception):

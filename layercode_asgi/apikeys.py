@@ -28,7 +28,10 @@ def api_key_allowed(headers: Mapping[str, str], keys: tuple[bytes, ...]) -> bool
         presented = token.strip() if scheme.lower() == "bearer" else None
     if not presented:
         return False
-    candidate = presented.encode("utf-8", "surrogateescape")
+    try:  # the bytes the client sent (the server read them as latin-1), UTF-8 for a key "clé"
+        candidate = presented.encode("latin-1")
+    except UnicodeEncodeError:  # headers not read from the wire
+        candidate = presented.encode("utf-8", "surrogateescape")
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(candidate, key)

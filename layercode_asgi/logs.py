@@ -135,8 +135,10 @@ def uvicorn_json_log_config() -> dict[str, Any]:
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
-    ``message``, the record's ``extra=`` fields, and ``exception`` (the traceback) when
-    there is one. Everything beyond ASCII is escaped, so no value can break the line."""
+    ``message``, the record's ``extra=`` fields (a text longer than
+    ``LOG_VALUE_MAX_CHARS`` cut there, as :func:`escape_log_value` cuts it), and
+    ``exception`` (the traceback) when there is one. Everything beyond ASCII is escaped, so
+    no value can break the line."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -147,6 +149,10 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record.__dict__.items():
             if key not in _RESERVED and key not in _NOT_JSON and not key.startswith("_"):
+                if isinstance(value, str) and len(value) > LOG_VALUE_MAX_CHARS:
+                    # A request's value (an id) is cut as the text format cuts it.
+                    more = len(value) - LOG_VALUE_MAX_CHARS
+                    value = f"{value[:LOG_VALUE_MAX_CHARS]}…(+{more} chars)"
                 out.setdefault(key, value)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)

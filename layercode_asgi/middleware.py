@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._asgi import BodyTooLarge, json_error, read_body, route_path, send_json_error
+from ._asgi import HEADER_NAME, BodyTooLarge, json_error, read_body, route_path, send_json_error
 from .errors import ConfigurationError, LayercodeError, check_seconds
 from .logs import escape_log_value
 from .replay import MemoryReplayCache, ReplayCache, replay_key
@@ -191,6 +191,10 @@ class LayercodeSignature:
         self.max_body_size = max_body_size
         self._too_large = json_error(413, f"request body exceeds {max_body_size} bytes", close=True)
         self._matches = None if paths is None else _PathMatcher(paths)
+        if not isinstance(header_name, str) or not HEADER_NAME.fullmatch(header_name):
+            raise ConfigurationError(
+                f"LayercodeSignature header_name must be an HTTP header name, got {header_name!r}"
+            )
         self._header = header_name.lower().encode("latin-1")
         check_seconds("body_timeout", body_timeout, zero=False, none=True)
         self._body_timeout = math.inf if body_timeout is None else float(body_timeout)

@@ -21,6 +21,7 @@ import anyio
 import httpx
 import msgspec
 
+from ._asgi import HEADER_NAME
 from .envfile import parse_env_file
 from .redaction import escape_terminal, mask_url
 from .testing import (
@@ -329,9 +330,7 @@ def _simulation_messages(args: argparse.Namespace) -> list[str]:
     return messages
 
 
-#: An HTTP header name (an RFC 9110 token) and what a header value may hold (visible ASCII,
-#: spaces and tabs): anything else cannot be sent.
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: What a header value may hold (visible ASCII, spaces and tabs): anything else cannot be sent.
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 
 
@@ -342,7 +341,7 @@ def _parse_headers(values: Sequence[str]) -> dict[str, str]:
         if not colon or not name.strip():
             raise UsageError(f"--header {value!r}: expected NAME:VALUE")
         name, content = name.strip(), content.strip()
-        if not _HEADER_NAME.fullmatch(name):
+        if not HEADER_NAME.fullmatch(name):
             raise UsageError(f"--header {name!r}: not a valid header name")
         if not _HEADER_VALUE.fullmatch(content):
             # The value is not quoted: it may be a credential.

@@ -170,3 +170,21 @@ def test_logfire_failure_does_not_crash(
     with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
         setup_logging(logfire_token="tok")
     assert "could not configure Logfire: RuntimeError: bad token" in caplog.text
+
+
+def test_json_log_fields_are_cut_like_text_values() -> None:
+    # A request's 1 MB conversation_id made a 1 MB JSON log line; the text format cuts
+    # every request value at LOG_VALUE_MAX_CHARS.
+    import json
+    import logging
+
+    from layercode_asgi.logs import LOG_VALUE_MAX_CHARS
+
+    record = logging.LogRecord("layercode_asgi.webhook", logging.INFO, __file__, 1, "m", (), None)
+    record.conversation_id = "c" * 100_000
+    record.status = 200
+    line = JsonFormatter().format(record)
+    fields = json.loads(line)
+    assert len(line) < 2 * LOG_VALUE_MAX_CHARS
+    assert fields["conversation_id"] == "c" * LOG_VALUE_MAX_CHARS + "…(+99000 chars)"
+    assert fields["status"] == 200

@@ -671,3 +671,14 @@ def test_arbitrary_header_values_over_real_http() -> None:
         ok = client.post("/hook", content=BODY, headers=signed_headers(BODY))
         assert ok.status_code == 200
     assert calls.count == 1
+
+
+@pytest.mark.parametrize("name", ["sïgnature✓", "", "x signature", "x:y", 5])
+def test_header_name_must_be_a_header_name(name: Any) -> None:
+    # Before: "✓" raised UnicodeEncodeError, and an empty name or one with a space or colon
+    # was taken (no request can carry it: every request was refused 401).
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="header_name must be an HTTP header name"):
+        LayercodeSignature(app, secret=SECRET, header_name=name)

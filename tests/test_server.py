@@ -429,6 +429,21 @@ def test_authorize_guard_keys_and_callable(layercode: tuple[FakeLayercode, str])
         )
 
 
+def test_authorize_key_beyond_ascii_matches_its_utf8_bytes(
+    layercode: tuple[FakeLayercode, str],
+) -> None:
+    # Before: the header (bytes read as latin-1 by the server) was re-encoded as UTF-8, so
+    # a configured key like "clé" could never match what a client sent.
+    fake, api = layercode
+    app = create_app(settings(layercode_api_url=api, authorize_api_keys="clé-1"))
+    with serve(app) as url, httpx.Client(base_url=url) as c:
+        sent = {"x-api-key": "clé-1".encode()}
+        assert c.post("/api/authorize", json={"agent_id": "a"}, headers=sent).status_code == 200
+        wrong = {"x-api-key": "clé-1".encode("latin-1")}
+        assert c.post("/api/authorize", json={"agent_id": "a"}, headers=wrong).status_code == 401
+    assert len(fake.requests) == 1
+
+
 def test_cors_for_explicit_origins(layercode: tuple[FakeLayercode, str]) -> None:
     _, api = layercode
     app = create_app(settings(layercode_api_url=api, cors_origins="https://app.example.com"))
