@@ -150,21 +150,23 @@ async def test_valid_signature_reaches_handler_with_same_bytes(stack: Callable[.
 @pytest.mark.parametrize(
     ("headers", "reason"),
     [
-        ({}, "missing signature header"),
-        ({"layercode-signature": "nonsense"}, "malformed signature header"),
+        (lambda: {}, "missing signature header"),
+        (lambda: {"layercode-signature": "nonsense"}, "malformed signature header"),
         (
-            {"layercode-signature": sign(BODY, SECRET, timestamp=1_000_000_000)},
+            lambda: {"layercode-signature": sign(BODY, SECRET, timestamp=1_000_000_000)},
             "timestamp outside tolerance",
         ),
-        ({"layercode-signature": sign(BODY, "wrong-secret")}, "no matching signature"),
-        ({"layercode-signature": sign(BODY + b" ", SECRET)}, "no matching signature"),
+        (lambda: {"layercode-signature": sign(BODY, "wrong-secret")}, "no matching signature"),
+        (lambda: {"layercode-signature": sign(BODY + b" ", SECRET)}, "no matching signature"),
     ],
 )
 async def test_bad_signature_is_401_json_and_handler_not_called(
-    stack: Callable[..., Any], headers: dict[str, str], reason: str
+    stack: Callable[..., Any], headers: Callable[[], dict[str, str]], reason: str
 ) -> None:
+    # Signed when the test runs, not when it is collected: a suite longer than the
+    # tolerance (300 s) would otherwise see "timestamp outside tolerance".
     calls = Calls()
-    response = await post_to(stack(calls), BODY, headers)
+    response = await post_to(stack(calls), BODY, headers())
     assert response.status_code == 401
     assert response.headers["content-type"] == "application/json"
     assert response.json() == {"error": reason}
