@@ -123,18 +123,17 @@ class _TurnRequest:
         body = self.body
         if count and body is not None:
             event = None  # it waits: keep the raw body only
-        # Abortable while it waits (the scope leaves ``_waiting`` once it holds the lock:
-        # a store's lock may open scopes of its own, so the scope encloses the whole
-        # ``async with``).
+        # Abortable while it waits and reads its history (the scope leaves ``_waiting`` just
+        # before the turn runs: a store's lock may open scopes of its own, so the scope
+        # encloses the whole ``async with``).
         waiting = anyio.CancelScope()
-        acquired = False
+        acquired = ran = False
         webhook._waiting.add(waiting)
         try:
             with waiting:
                 async with conversations.lock(cid, timeout=webhook.lock_timeout):
                     acquired = True
                     locked_at = anyio.current_time()  # the turn's deadline counts from here
-                    webhook._waiting.discard(waiting)
                     if webhook.metrics is not None:
                         webhook.metrics.lock_acquired()
                     if event is None:
@@ -144,6 +143,10 @@ class _TurnRequest:
                     except LayercodeError as exc:
                         failure = "conversation store failed reading the history"
                         raise _unavailable(exc, failure) from exc
+                    if waiting.cancel_called:  # aborted during a read that did not notice
+                        raise ResponseError(503, SHUTTING_DOWN)
+                    webhook._waiting.discard(waiting)
+                    ran = True
                     turn = webhook._turn(event, history, anyio_time=locked_at)
                     self.unrecorded = (conversations, event, generation)
                     turn.before_end = self.record
@@ -166,7 +169,7 @@ class _TurnRequest:
                 pending[cid] = left
             else:
                 del pending[cid]
-        if waiting.cancelled_caught and not acquired:
+        if waiting.cancelled_caught and not ran:
             raise ResponseError(503, SHUTTING_DOWN)
 
     async def record(self, turn: Turn) -> None:
@@ -434,8 +437,8 @@ class LayercodeWebhook:
 
         A running turn stops its agent and ends its stream with ``response.error``
         (``message``) and ``response.end``, then records what was spoken; a turn still
-        waiting for its conversation is answered 503 ``{"error": message}``. Call it from
-        the event loop that runs the turns.
+        waiting for its conversation (or reading its history) is answered 503
+        ``{"error": message}``. Call it from the event loop that runs the turns.
         """
         for scope in list(self._waiting):
             scope.cancel()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import msgspec
 import pytest
@@ -26,10 +27,12 @@ from layercode_asgi import (
     LayercodeSignature,
     LayercodeWebhook,
     MemoryConversationStore,
+    MemoryMetrics,
     RedisConversationStore,
     Settings,
     TurnContext,
     TurnEvent,
+    TurnMetrics,
     create_app,
     parse_webhook_payload,
     stream_response,
@@ -401,6 +404,37 @@ def test_grace_period_over_ends_open_streams_with_error_and_end() -> None:
             {"type": "response.error", "error": "server is shutting down", "turn_id": name},
             {"type": "response.end", "turn_id": name},
         ]
+
+
+class _EndsTheGraceWhileReading(ConversationManager):
+    """The grace period ends (``abort_turns``) while a turn reads its history."""
+
+    webhook: LayercodeWebhook | None = None
+    awaits = True
+
+    async def read_turn(self, conversation_id: str) -> tuple[list[HistoryMessage], int | None]:
+        assert self.webhook is not None
+        self.webhook.abort_turns()
+        if self.awaits:  # a store's read awaits its server (else: a read that never yields)
+            await anyio.lowlevel.checkpoint()
+        return await super().read_turn(conversation_id)
+
+
+@pytest.mark.parametrize("awaits", [True, False])
+def test_a_turn_reading_its_history_when_the_grace_period_ends_is_not_run(awaits: bool) -> None:
+    store = _EndsTheGraceWhileReading()
+    store.awaits = awaits
+    memory = MemoryMetrics()
+    webhook = LayercodeWebhook(stateful_agent, conversations=store, metrics=TurnMetrics(memory))
+    store.webhook = webhook
+    with serve(LayercodeSignature(webhook, secret=SECRET)) as url:
+        body = event_body(text="hi", turn_id="t-reading")
+        response = httpx.post(url, content=body, headers=signed_headers(body), timeout=30)
+    # Not run after the server ended every open turn: 503, as a turn still waiting.
+    assert (response.status_code, response.json()) == (503, {"error": "server is shutting down"})
+    assert [(r.turn_id, r.outcome, r.streaming) for r in memory.records] == [
+        ("t-reading", "rejected", False)
+    ]
 
 
 # -- the Node-SDK style answers every event type ---------------------------------------------------
