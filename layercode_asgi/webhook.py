@@ -144,7 +144,7 @@ class _TurnRequest:
                         failure = "conversation store failed reading the history"
                         raise _unavailable(exc, failure) from exc
                     if waiting.cancel_called:  # aborted during a read that did not notice
-                        raise ResponseError(503, SHUTTING_DOWN)
+                        raise ResponseError(503, webhook._abort_message)
                     webhook._waiting.discard(waiting)
                     ran = True
                     turn = webhook._turn(event, history, anyio_time=locked_at)
@@ -170,7 +170,7 @@ class _TurnRequest:
             else:
                 del pending[cid]
         if waiting.cancelled_caught and not ran:
-            raise ResponseError(503, SHUTTING_DOWN)
+            raise ResponseError(503, webhook._abort_message)
 
     async def record(self, turn: Turn) -> None:
         """Record the turn, once: just before its ``response.end`` goes out (a client that
@@ -310,6 +310,7 @@ class LayercodeWebhook:
         # What abort_turns() ends: the running turns, and the waits for a lock.
         self._running: set[Turn] = set()
         self._waiting: set[anyio.CancelScope] = set()
+        self._abort_message = SHUTTING_DOWN  # what the last abort_turns() said
         self.extras: Mapping[str, Any] = {} if extras is None else extras
         self.max_body_size = max_body_size
         self.metrics = metrics
@@ -440,6 +441,7 @@ class LayercodeWebhook:
         waiting for its conversation (or reading its history) is answered 503
         ``{"error": message}``. Call it from the event loop that runs the turns.
         """
+        self._abort_message = message
         for scope in list(self._waiting):
             scope.cancel()
         for turn in list(self._running):

@@ -490,3 +490,38 @@ def test_layercode_webhook_keeps_history_by_default() -> None:
     assert events_of(second)[0]["content"] == "saw=2"
     # Opting out is explicit.
     assert LayercodeWebhook(stateful_agent, conversations=None).conversations is None
+
+
+def test_abort_turns_answers_a_waiting_turn_with_its_message() -> None:
+    webhook = LayercodeWebhook(stateful_agent)
+
+    async def abort_agent(event: TurnEvent) -> AsyncIterator[str]:
+        webhook.abort_turns("maintenance")
+        yield "aborting"
+
+    abort = LayercodeWebhook(abort_agent)
+    app = Starlette(routes=[Route("/", webhook, methods=["POST"]), Route("/abort", abort)])
+    results: dict[str, httpx.Response] = {}
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        holding = event_body(text="hang", turn_id="t-holds")
+        with client.stream("POST", "/", content=holding) as running:
+            lines = running.iter_lines()
+            assert "saw=0" in next(lines)  # it holds the conversation's lock
+
+            def waiting_turn() -> None:
+                body = event_body(text="x", turn_id="t-waits")
+                results["waits"] = httpx.post(url + "/", content=body, timeout=30)
+
+            thread = threading.Thread(target=waiting_turn)
+            thread.start()
+            for _ in range(1000):  # bounded: until it waits for the lock
+                if len(webhook._waiting) == 1:
+                    break
+                time.sleep(0.01)
+            assert len(webhook._waiting) == 1
+            client.post("/abort", content=event_body(conversation_id="other"))
+            rest = "\n".join(lines)
+            thread.join(30)
+    assert '"type":"response.error","error":"maintenance"' in rest
+    waits = results["waits"]
+    assert (waits.status_code, waits.json()) == (503, {"error": "maintenance"})
