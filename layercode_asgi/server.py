@@ -423,7 +423,8 @@ def run_server(
     down as usual and the process exits with status 0. Turns still open when the grace
     period is over are ended properly first (:meth:`Lifecycle.abort`: ``response.error``
     + ``response.end``, or 503 JSON for a turn not yet streaming), given up to
-    ``ABORT_WAIT`` seconds to send that. A second signal stops at once.
+    ``ABORT_WAIT`` seconds to send that. A second signal stops at once: open turns are
+    ended the same way, without waiting for the grace period.
     """
     import signal
     import time
@@ -454,6 +455,10 @@ def run_server(
 
         async def on_tick(self, counter: int) -> bool:
             deadline = self.drain_deadline
+            if self.should_exit and lifecycle.active and not lifecycle.aborted:
+                # A second signal: end the open turns properly now, rather than uvicorn
+                # cutting them after its own graceful-shutdown timeout.
+                lifecycle.abort()
             if deadline is not None and not self.should_exit:
                 if lifecycle.active == 0:
                     logger.info("drained: no open webhooks left, shutting down")

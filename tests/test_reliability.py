@@ -279,3 +279,44 @@ def test_a_body_still_arriving_when_the_grace_period_ends_gets_503() -> None:
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line == b"HTTP/1.1 503 Service Unavailable", answer
     assert rest.endswith(b'{"error":"server is shutting down"}'), answer
+
+
+def test_a_second_signal_ends_open_turns_at_once_with_error_and_end() -> None:
+    with _start(grace=30, slow_seconds=60) as server:
+        process, url = server.process, server.url
+        results: dict[str, Any] = {}
+        first = threading.Event()
+
+        def slow_turn() -> None:
+            body = event_body(text="slow", turn_id="t-slow")
+            try:
+                with (
+                    httpx.Client(base_url=url, timeout=30) as client,
+                    connect_sse(
+                        client, "POST", "/api/agent", content=body, headers=signed_headers(body)
+                    ) as source,
+                ):
+                    events = []
+                    for sse in source.iter_sse():
+                        events.append(msgspec.json.decode(sse.data))
+                        first.set()
+                    results["events"] = events
+            except httpx.HTTPError as exc:
+                results["error"] = exc
+
+        thread = threading.Thread(target=slow_turn)
+        thread.start()
+        assert first.wait(10)
+        process.send_signal(signal.SIGTERM)
+        for _ in range(200):  # bounded: until the first signal was handled (draining)
+            if httpx.get(url + "/ready").status_code == 503:
+                break
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)  # the second: stop now, turns ended properly
+        thread.join(30)
+        process.wait(30)
+    assert "error" not in results, results
+    assert results["events"][-2:] == [
+        {"type": "response.error", "error": "server is shutting down", "turn_id": "t-slow"},
+        {"type": "response.end", "turn_id": "t-slow"},
+    ]
