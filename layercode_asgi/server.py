@@ -105,16 +105,18 @@ class Lifecycle:
     ``503 {"error": "server is shutting down"}`` (with ``Retry-After``), ``/ready`` answers
     503, and the server waits until :attr:`active` is 0 or the grace period is over. Then
     it calls :meth:`abort`: open turn streams end with ``response.error`` ("server is
-    shutting down") and ``response.end``, turns still waiting for their conversation get
-    503 JSON, instead of the connection being cut. Any other server or process manager
-    can do the same through this object.
+    shutting down") and ``response.end``, turns still waiting for their conversation (and
+    webhooks whose body was still arriving) get 503 JSON, instead of the connection being
+    cut. Any other server or process manager can do the same through this object.
     """
 
-    __slots__ = ("aborters", "active", "draining")
+    __slots__ = ("aborted", "aborters", "active", "draining")
 
     def __init__(self) -> None:
         self.active = 0
         self.draining = False
+        #: :meth:`abort` was called: a webhook whose body arrives later starts no turn (503).
+        self.aborted = False
         #: Called by :meth:`abort` (``create_app`` adds its webhook's ``abort_turns``).
         self.aborters: list[Callable[[], None]] = []
 
@@ -124,7 +126,7 @@ class Lifecycle:
 
     def abort(self) -> None:
         """End the open webhooks now (from the event loop): see the class docstring."""
-        self.draining = True
+        self.draining = self.aborted = True
         for aborter in self.aborters:
             try:
                 aborter()
@@ -162,7 +164,9 @@ class _WebhookEndpoint:
         lifecycle.active += 1
         try:
             body = await self.signature.verified_body(scope, receive, send)
-            if body is not None:
+            if body is not None and lifecycle.aborted:  # nothing would end its turn now
+                await send_json_error(send, _SHUTTING_DOWN)
+            elif body is not None:
                 await self.webhook.answer(body, scope, receive, send)
         finally:
             lifecycle.active -= 1
@@ -419,7 +423,8 @@ def run_server(
     down as usual and the process exits with status 0. Turns still open when the grace
     period is over are ended properly first (:meth:`Lifecycle.abort`: ``response.error``
     + ``response.end``, or 503 JSON for a turn not yet streaming), given up to
-    ``ABORT_WAIT`` seconds to send that. A second signal stops at once.
+    ``ABORT_WAIT`` seconds to send that. A second signal stops at once: open turns are
+    ended the same way, without waiting for the grace period.
     """
     import signal
     import time
@@ -450,6 +455,10 @@ def run_server(
 
         async def on_tick(self, counter: int) -> bool:
             deadline = self.drain_deadline
+            if self.should_exit and lifecycle.active and not lifecycle.aborted:
+                # A second signal: end the open turns properly now, rather than uvicorn
+                # cutting them after its own graceful-shutdown timeout.
+                lifecycle.abort()
             if deadline is not None and not self.should_exit:
                 if lifecycle.active == 0:
                     logger.info("drained: no open webhooks left, shutting down")

@@ -123,18 +123,17 @@ class _TurnRequest:
         body = self.body
         if count and body is not None:
             event = None  # it waits: keep the raw body only
-        # Abortable while it waits (the scope leaves ``_waiting`` once it holds the lock:
-        # a store's lock may open scopes of its own, so the scope encloses the whole
-        # ``async with``).
+        # Abortable while it waits and reads its history (the scope leaves ``_waiting`` just
+        # before the turn runs: a store's lock may open scopes of its own, so the scope
+        # encloses the whole ``async with``).
         waiting = anyio.CancelScope()
-        acquired = False
+        acquired = ran = False
         webhook._waiting.add(waiting)
         try:
             with waiting:
                 async with conversations.lock(cid, timeout=webhook.lock_timeout):
                     acquired = True
                     locked_at = anyio.current_time()  # the turn's deadline counts from here
-                    webhook._waiting.discard(waiting)
                     if webhook.metrics is not None:
                         webhook.metrics.lock_acquired()
                     if event is None:
@@ -144,6 +143,10 @@ class _TurnRequest:
                     except LayercodeError as exc:
                         failure = "conversation store failed reading the history"
                         raise _unavailable(exc, failure) from exc
+                    if waiting.cancel_called:  # aborted during a read that did not notice
+                        raise ResponseError(503, webhook._abort_message)
+                    webhook._waiting.discard(waiting)
+                    ran = True
                     turn = webhook._turn(event, history, anyio_time=locked_at)
                     self.unrecorded = (conversations, event, generation)
                     turn.before_end = self.record
@@ -166,8 +169,8 @@ class _TurnRequest:
                 pending[cid] = left
             else:
                 del pending[cid]
-        if waiting.cancelled_caught and not acquired:
-            raise ResponseError(503, SHUTTING_DOWN)
+        if waiting.cancelled_caught and not ran:
+            raise ResponseError(503, webhook._abort_message)
 
     async def record(self, turn: Turn) -> None:
         """Record the turn, once: just before its ``response.end`` goes out (a client that
@@ -307,6 +310,7 @@ class LayercodeWebhook:
         # What abort_turns() ends: the running turns, and the waits for a lock.
         self._running: set[Turn] = set()
         self._waiting: set[anyio.CancelScope] = set()
+        self._abort_message = SHUTTING_DOWN  # what the last abort_turns() said
         self.extras: Mapping[str, Any] = {} if extras is None else extras
         self.max_body_size = max_body_size
         self.metrics = metrics
@@ -434,9 +438,10 @@ class LayercodeWebhook:
 
         A running turn stops its agent and ends its stream with ``response.error``
         (``message``) and ``response.end``, then records what was spoken; a turn still
-        waiting for its conversation is answered 503 ``{"error": message}``. Call it from
-        the event loop that runs the turns.
+        waiting for its conversation (or reading its history) is answered 503
+        ``{"error": message}``. Call it from the event loop that runs the turns.
         """
+        self._abort_message = message
         for scope in list(self._waiting):
             scope.cancel()
         for turn in list(self._running):

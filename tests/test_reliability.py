@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -244,3 +245,78 @@ def test_grace_period_bounds_the_wait() -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0
         assert time.monotonic() - t0 < 1 + 5 + 3  # grace + uvicorn's own 5 s + slack
+
+
+def test_a_body_still_arriving_when_the_grace_period_ends_gets_503() -> None:
+    """Admitted before SIGTERM, its body completes only after the open webhooks were ended:
+    it starts no turn (which nothing would end before the server cuts it) but gets 503."""
+    body = event_body(text="slow", turn_id="t-late-body")
+    headers = signed_headers(body)
+    head = (
+        "POST /api/agent HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        + f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
+    with _start(grace=0.5, slow_seconds=60) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(head + body[:10])
+            assert httpx.get(server.url + "/health").status_code == 200  # its head was read
+            server.process.send_signal(signal.SIGTERM)
+            over = "grace period over with 1 open webhook(s)"  # ours: admitted before
+            for _ in range(600):  # bounded: until the grace period is over
+                if over in server.output():
+                    break
+                time.sleep(0.05)
+            assert over in server.output(), server.output()
+            sock.sendall(body[10:])
+            answer = b""
+            for _ in range(1000):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        assert server.process.wait(20) == 0, server.output()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 503 Service Unavailable", answer
+    assert rest.endswith(b'{"error":"server is shutting down"}'), answer
+
+
+def test_a_second_signal_ends_open_turns_at_once_with_error_and_end() -> None:
+    with _start(grace=30, slow_seconds=60) as server:
+        process, url = server.process, server.url
+        results: dict[str, Any] = {}
+        first = threading.Event()
+
+        def slow_turn() -> None:
+            body = event_body(text="slow", turn_id="t-slow")
+            try:
+                with (
+                    httpx.Client(base_url=url, timeout=30) as client,
+                    connect_sse(
+                        client, "POST", "/api/agent", content=body, headers=signed_headers(body)
+                    ) as source,
+                ):
+                    events = []
+                    for sse in source.iter_sse():
+                        events.append(msgspec.json.decode(sse.data))
+                        first.set()
+                    results["events"] = events
+            except httpx.HTTPError as exc:
+                results["error"] = exc
+
+        thread = threading.Thread(target=slow_turn)
+        thread.start()
+        assert first.wait(10)
+        process.send_signal(signal.SIGTERM)
+        for _ in range(200):  # bounded: until the first signal was handled (draining)
+            if httpx.get(url + "/ready").status_code == 503:
+                break
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)  # the second: stop now, turns ended properly
+        thread.join(30)
+        process.wait(30)
+    assert "error" not in results, results
+    assert results["events"][-2:] == [
+        {"type": "response.error", "error": "server is shutting down", "turn_id": "t-slow"},
+        {"type": "response.end", "turn_id": "t-slow"},
+    ]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import msgspec
 import pytest
@@ -26,10 +27,12 @@ from layercode_asgi import (
     LayercodeSignature,
     LayercodeWebhook,
     MemoryConversationStore,
+    MemoryMetrics,
     RedisConversationStore,
     Settings,
     TurnContext,
     TurnEvent,
+    TurnMetrics,
     create_app,
     parse_webhook_payload,
     stream_response,
@@ -403,6 +406,37 @@ def test_grace_period_over_ends_open_streams_with_error_and_end() -> None:
         ]
 
 
+class _EndsTheGraceWhileReading(ConversationManager):
+    """The grace period ends (``abort_turns``) while a turn reads its history."""
+
+    webhook: LayercodeWebhook | None = None
+    awaits = True
+
+    async def read_turn(self, conversation_id: str) -> tuple[list[HistoryMessage], int | None]:
+        assert self.webhook is not None
+        self.webhook.abort_turns()
+        if self.awaits:  # a store's read awaits its server (else: a read that never yields)
+            await anyio.lowlevel.checkpoint()
+        return await super().read_turn(conversation_id)
+
+
+@pytest.mark.parametrize("awaits", [True, False])
+def test_a_turn_reading_its_history_when_the_grace_period_ends_is_not_run(awaits: bool) -> None:
+    store = _EndsTheGraceWhileReading()
+    store.awaits = awaits
+    memory = MemoryMetrics()
+    webhook = LayercodeWebhook(stateful_agent, conversations=store, metrics=TurnMetrics(memory))
+    store.webhook = webhook
+    with serve(LayercodeSignature(webhook, secret=SECRET)) as url:
+        body = event_body(text="hi", turn_id="t-reading")
+        response = httpx.post(url, content=body, headers=signed_headers(body), timeout=30)
+    # Not run after the server ended every open turn: 503, as a turn still waiting.
+    assert (response.status_code, response.json()) == (503, {"error": "server is shutting down"})
+    assert [(r.turn_id, r.outcome, r.streaming) for r in memory.records] == [
+        ("t-reading", "rejected", False)
+    ]
+
+
 # -- the Node-SDK style answers every event type ---------------------------------------------------
 
 
@@ -456,3 +490,38 @@ def test_layercode_webhook_keeps_history_by_default() -> None:
     assert events_of(second)[0]["content"] == "saw=2"
     # Opting out is explicit.
     assert LayercodeWebhook(stateful_agent, conversations=None).conversations is None
+
+
+def test_abort_turns_answers_a_waiting_turn_with_its_message() -> None:
+    webhook = LayercodeWebhook(stateful_agent)
+
+    async def abort_agent(event: TurnEvent) -> AsyncIterator[str]:
+        webhook.abort_turns("maintenance")
+        yield "aborting"
+
+    abort = LayercodeWebhook(abort_agent)
+    app = Starlette(routes=[Route("/", webhook, methods=["POST"]), Route("/abort", abort)])
+    results: dict[str, httpx.Response] = {}
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        holding = event_body(text="hang", turn_id="t-holds")
+        with client.stream("POST", "/", content=holding) as running:
+            lines = running.iter_lines()
+            assert "saw=0" in next(lines)  # it holds the conversation's lock
+
+            def waiting_turn() -> None:
+                body = event_body(text="x", turn_id="t-waits")
+                results["waits"] = httpx.post(url + "/", content=body, timeout=30)
+
+            thread = threading.Thread(target=waiting_turn)
+            thread.start()
+            for _ in range(1000):  # bounded: until it waits for the lock
+                if len(webhook._waiting) == 1:
+                    break
+                time.sleep(0.01)
+            assert len(webhook._waiting) == 1
+            client.post("/abort", content=event_body(conversation_id="other"))
+            rest = "\n".join(lines)
+            thread.join(30)
+    assert '"type":"response.error","error":"maintenance"' in rest
+    waits = results["waits"]
+    assert (waits.status_code, waits.json()) == (503, {"error": "maintenance"})
