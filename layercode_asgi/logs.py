@@ -149,11 +149,7 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record.__dict__.items():
             if key not in _RESERVED and key not in _NOT_JSON and not key.startswith("_"):
-                if isinstance(value, str) and len(value) > LOG_VALUE_MAX_CHARS:
-                    # A request's value (an id) is cut as the text format cuts it.
-                    more = len(value) - LOG_VALUE_MAX_CHARS
-                    value = f"{value[:LOG_VALUE_MAX_CHARS]}…(+{more} chars)"
-                out.setdefault(key, value)
+                out.setdefault(key, cut_log_value(value) if isinstance(value, str) else value)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=True, default=str)
@@ -198,6 +194,14 @@ _SHORT_ESCAPES: Final = {
     "\b": "\\b",
     "\f": "\\f",
 }
+
+
+def cut_log_value(text: str, max_chars: int = LOG_VALUE_MAX_CHARS) -> str:
+    """``text`` cut at ``max_chars``, ending with ``…(+N chars)`` when it was longer: how a
+    request's value (an id) goes into a JSON log field or a span attribute."""
+    if len(text) <= max_chars:
+        return text
+    return f"{text[:max_chars]}…(+{len(text) - max_chars} chars)"
 
 
 def escape_log_value(value: object, max_chars: int | None = LOG_VALUE_MAX_CHARS) -> str:

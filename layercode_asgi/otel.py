@@ -32,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
     ) from exc
 
 from ._version import __version__
+from .logs import cut_log_value
 from .metrics import (
     AGENT_ERROR,
     FIRST_TTS_BUCKETS,
@@ -136,9 +137,9 @@ class OtelMetrics:
         start_ns = time.time_ns() - int((time.perf_counter() - record.arrived) * 1e9)
         attributes: dict[str, str] = {"layercode.event_type": record.event_type or "unknown"}
         if record.conversation_id is not None:
-            attributes["layercode.conversation_id"] = record.conversation_id
+            attributes["layercode.conversation_id"] = cut_log_value(record.conversation_id)
         if record.turn_id is not None:
-            attributes["layercode.turn_id"] = record.turn_id
+            attributes["layercode.turn_id"] = cut_log_value(record.turn_id)
         span = self._tracer.start_span(
             f"webhook {record.event_type or 'unknown'}",
             kind=trace.SpanKind.SERVER,

@@ -300,7 +300,9 @@ def render_metrics(
 _UNAUTHORIZED: Final = json_error(
     401, "missing or invalid API key", headers=[(b"www-authenticate", b"Bearer")]
 )
-_NOT_ALLOWED: Final = json_error(405, "method not allowed; use GET", headers=[(b"allow", b"GET")])
+_NOT_ALLOWED: Final = json_error(
+    405, "method not allowed; use GET", headers=[(b"allow", b"GET, HEAD")]
+)
 _UNAVAILABLE: Final = json_error(503, "metrics unavailable")
 
 

@@ -432,7 +432,13 @@ def run_server(
     import uvicorn
 
     check_seconds("grace_period", grace_period, zero=True, none=True)
-    lifecycle: Lifecycle = app.state.lifecycle
+    found = getattr(getattr(app, "state", None), "lifecycle", None)
+    if not isinstance(found, Lifecycle):
+        raise ConfigurationError(
+            "run_server serves an app from create_app (it drains that app's turns on "
+            f"SIGTERM), got {type(app).__name__}; serve any other ASGI app with uvicorn"
+        )
+    lifecycle: Lifecycle = found
     grace = app.state.settings.shutdown_grace_period if grace_period is None else grace_period
 
     class DrainingServer(uvicorn.Server):

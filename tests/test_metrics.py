@@ -283,7 +283,10 @@ def test_create_app_serves_metrics_when_enabled() -> None:
             "layercode_signature_rejections",
         } <= names
         assert 'layercode_signature_rejections_total{reason="malformed_header"}' in scrape.text
-        assert httpx.post(url + "/metrics").status_code == 405
+        refused = httpx.post(url + "/metrics")
+        assert refused.status_code == 405
+        assert refused.headers["allow"] == "GET, HEAD"  # HEAD is answered too
+        assert httpx.head(url + "/metrics").status_code == 200
 
 
 def test_metrics_route_absent_when_disabled() -> None:
@@ -561,3 +564,25 @@ def test_an_sdk_configured_later_is_used_within_a_second() -> None:
         [sys.executable, "-c", SDK_LATER], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.anyio
+async def test_otel_span_attributes_from_the_request_are_cut() -> None:
+    # A signed data event with a 100,000-character conversation_id made a span attribute
+    # of that size (the OpenTelemetry SDK sets no length limit by default).
+    from layercode_asgi.logs import LOG_VALUE_MAX_CHARS
+
+    sinks = Sinks()
+    webhook = LayercodeWebhook(scripted, metrics=sinks.metrics)
+    app = LayercodeSignature(webhook, secret=SECRET)
+    body = event_body("data", conversation_id="c" * 100_000, turn_id="t" * 5_000)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/api/agent", content=body, headers=signed_headers(body))
+    assert response.status_code == 200
+    (span,) = [s for s in sinks.spans.get_finished_spans() if s.name.startswith("webhook ")]
+    assert span.attributes is not None
+    cid = span.attributes["layercode.conversation_id"]
+    tid = span.attributes["layercode.turn_id"]
+    assert cid == "c" * LOG_VALUE_MAX_CHARS + "…(+99000 chars)"
+    assert tid == "t" * LOG_VALUE_MAX_CHARS + "…(+4000 chars)"

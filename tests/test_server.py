@@ -589,3 +589,18 @@ def test_redis_replay_cache_refuses_invalid_timeouts() -> None:
         for value in (float("nan"), 0, -1, float("inf"), True):
             with pytest.raises(ConfigurationError, match=f"{name} must be a finite number > 0"):
                 RedisReplayCache("redis://127.0.0.1:1", **{name: value})
+
+
+def test_run_server_refuses_an_app_not_built_by_create_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: an AttributeError stack trace ('State' object has no attribute 'lifecycle').
+    import uvicorn
+
+    from layercode_asgi.server import run_server
+
+    def started(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn.Server, "run", started)
+    for app in (Starlette(), object()):
+        with pytest.raises(ConfigurationError, match="run_server serves an app from create_app"):
+            run_server(app, port=0)  # type: ignore[arg-type]
