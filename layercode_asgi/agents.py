@@ -486,6 +486,10 @@ class AgentNotFoundError(ConfigurationError, LookupError):
 
 def register_agent(name: str, factory: AgentFactory) -> None:
     """Make ``get_agent(name)`` build an agent with ``factory(settings)``."""
+    if not isinstance(name, str):
+        raise TypeError(f"an agent name must be a str, got {type(name).__name__}")
+    if not callable(factory):
+        raise TypeError(f"the factory for {name!r} is not callable: factory(settings) -> agent")
     AGENTS[name] = factory
 
 
