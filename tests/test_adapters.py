@@ -9,9 +9,10 @@ a client disconnecting.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -478,3 +479,35 @@ async def test_langchains_stream_in_its_own_task_ends_even_if_closing_fails(
             seen.append(item)  # noqa: PERF401 (items seen before the error count too)
     assert seen == ["a", "b"]
     assert stream.closed
+
+
+@pytest.mark.anyio
+async def test_a_langchain_stream_raising_its_own_cancelled_error_fails_the_turn() -> None:
+    """Before: the stream's own CancelledError (it awaited a task something else cancelled)
+    ended the task iterating it without telling the turn, which waited for the next item
+    until the turn's deadline: 'turn timed out' after LAYERCODE_TURN_TIMEOUT, forever
+    with no deadline, and the failure never logged. It is now an agent failure like any
+    other exception: response.error 'agent error', then response.end."""
+    pytest.importorskip("langchain_core")
+
+    class Runnable:
+        name = "cancelled_inside"
+
+        async def astream(self, value: Any, config: Any) -> AsyncIterator[str]:
+            yield "Hello. "
+            other = asyncio.get_running_loop().create_task(asyncio.sleep(60))
+            other.cancel()
+            await other  # raises CancelledError: the stream's failure, not the turn's
+
+    settings = Settings(
+        env_file=None, environ={}, layercode_webhook_secret=SECRET, turn_timeout=20.0
+    )
+    app = create_app(settings, from_langchain(Runnable()))
+    async with LayercodeTestClient(app, secret=SECRET) as client:
+        turn = await client.message("hi")
+    assert [event["type"] for event in turn.events] == [
+        "response.tts",
+        "response.error",
+        "response.end",
+    ]
+    assert turn.errors[0]["error"] == "agent error"
