@@ -511,3 +511,18 @@ async def test_a_langchain_stream_raising_its_own_cancelled_error_fails_the_turn
         "response.end",
     ]
     assert turn.errors[0]["error"] == "agent error"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", [name for name in BUILDERS if "chat" in name or name == "openai"])
+async def test_a_chunk_without_a_delta_is_skipped(name: str, fake: FakeOpenAI) -> None:
+    """Azure OpenAI's asynchronous content filter sends chunks whose choice has no
+    ``delta`` (openai-python gives ``choice.delta is None``). Before: the openai agent
+    read ``choice.delta.content`` and failed the turn with 'agent error' after the whole
+    answer had been spoken."""
+    fake.push(Script(filter_annotations=True))
+    with serve(app_for(name)) as base:
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("hello")
+    assert turn.errors == []
+    assert turn.text == "Hello there. How can I help you today?"
