@@ -307,8 +307,9 @@ def openai_agent(
         stream = await completions.create(model=model, messages=messages, stream=True)
         async for chunk in stream:
             for choice in chunk.choices:
-                if choice.delta.content:
-                    yield choice.delta.content
+                delta = choice.delta  # None in Azure's content-filter annotation chunks
+                if delta is not None and delta.content:
+                    yield delta.content
 
     agent.__name__ = agent.__qualname__ = "openai_agent"
     agent.model = f"openai:{model}"  # type: ignore[attr-defined]  # shown by /ready
@@ -486,6 +487,10 @@ class AgentNotFoundError(ConfigurationError, LookupError):
 
 def register_agent(name: str, factory: AgentFactory) -> None:
     """Make ``get_agent(name)`` build an agent with ``factory(settings)``."""
+    if not isinstance(name, str):
+        raise TypeError(f"an agent name must be a str, got {type(name).__name__}")
+    if not callable(factory):
+        raise TypeError(f"the factory for {name!r} is not callable: factory(settings) -> agent")
     AGENTS[name] = factory
 
 

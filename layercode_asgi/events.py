@@ -293,6 +293,12 @@ _decode_json = _JSON_DECODER.decode
 _LOCATED = re.compile(r"\A(?P<detail>.*) - at (?P<key>`key` in )?`(?P<path>\$[^`]*)`\Z", re.DOTALL)
 _MISSING = re.compile(r"\AObject missing required field `(?P<field>[^`]*)`\Z")
 _BAD_TAG = "Invalid value "
+# msgspec calls a ``\\u`` escape of a lone high surrogate (JavaScript's JSON.stringify
+# writes half an emoji so) truncated input; it is not preceded by an escaping backslash.
+_TRUNCATED = "Input data was truncated"
+_LONE_SURROGATE = re.compile(
+    rb"(?<!\\)(?:\\\\)*(\\u[dD][89abAB][0-9a-fA-F]{2})(?!\\u[dD][c-fC-F])(?=.)", re.DOTALL
+)
 
 
 def parse_webhook_payload(raw: bytes | str | Mapping[str, Any]) -> WebhookPayload:
@@ -404,6 +410,13 @@ def _translate(
     if isinstance(exc, msgspec.ValidationError) and probe_unknown:
         return _unknown_or_invalid(exc, raw)
     if isinstance(exc, msgspec.DecodeError):  # ValidationError included
+        if str(exc) == _TRUNCATED and isinstance(raw, bytes | bytearray | memoryview):
+            lone = _LONE_SURROGATE.search(raw)
+            if lone is not None:
+                return InvalidPayloadError(
+                    "JSON is malformed: a \\u escape is a lone UTF-16 surrogate "
+                    f"(byte {lone.start(1)})"
+                )
         return _invalid_from_msgspec(exc)
     if isinstance(exc, UnicodeError):
         return InvalidPayloadError(f"input is not valid UTF-8 ({exc})")

@@ -42,12 +42,15 @@ class Script:
         tool_call: ``(name, JSON arguments)``: after the text, call this tool.
         fail_after: break the connection after this many deltas (a model failing mid-stream).
         hold: wait for :meth:`FakeOpenAI.release` before the last delta.
+        filter_annotations: chat completions only: after the text, a chunk whose choice
+            has no ``delta`` (what Azure OpenAI's asynchronous content filter sends).
     """
 
     text: Sequence[str] = DEFAULT_TEXT
     tool_call: tuple[str, str] | None = None
     fail_after: int | None = None
     hold: bool = False
+    filter_annotations: bool = False
 
 
 class ModelFailure(Exception):
@@ -220,6 +223,15 @@ class FakeOpenAI:
         yield "start", chunk({"role": "assistant", "content": ""})
         for piece in script.text:
             yield "delta", chunk({"content": piece})
+        if script.filter_annotations:
+            results = {"hate": {"filtered": False, "severity": "safe"}}
+            offsets = {"check_offset": 0, "start_offset": 0, "end_offset": 10}
+            choice = {"index": 0, "finish_reason": None, "content_filter_results": results}
+            annotation = {"id": "", "object": "", "created": 0, "model": "", "choices": []}
+            yield (
+                "end",
+                _sse({**annotation, "choices": [{**choice, "content_filter_offsets": offsets}]}),
+            )
         finish = "stop"
         if script.tool_call is not None:
             name, arguments = script.tool_call

@@ -9,8 +9,10 @@ a client disconnecting.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -33,7 +35,7 @@ from layercode_asgi.adapters import (
 from layercode_asgi.agents import STARTER_WELCOME
 from layercode_asgi.testing import LayercodeTestClient, TurnResult, message_event
 
-from .conftest import SECRET, event_body, serve, signed_headers
+from .conftest import ROOT, SECRET, event_body, serve, signed_headers
 from .fake_openai import FakeOpenAI, Script, fake_openai_env
 
 MODEL = "gpt-5-nano"
@@ -301,6 +303,69 @@ def test_phrase_chunker() -> None:
         PhraseChunker("words")  # type: ignore[arg-type]
 
 
+def simple_phrases(pieces: list[str]) -> list[str]:
+    """The chunking rules of the module docstring, searched from the start every time."""
+    import re
+
+    sentence = re.compile(r"[.!?…]+[\"')\]]*\s+|\n+")
+    clause = re.compile(r"[,;:]\s+")
+    out, buffer = [], ""
+    for piece in pieces:
+        buffer += piece
+        while True:
+            match = sentence.search(buffer)
+            if match is None and len(buffer) >= 40:
+                match = clause.search(buffer, 39)
+            if match is None:
+                break
+            phrase, buffer = buffer[: match.end()], buffer[match.end() :]
+            if phrase.strip():
+                out.append(phrase)
+    return [*out, buffer] if buffer.strip() else out
+
+
+def test_phrase_chunker_cuts_where_the_rules_say_however_the_text_is_split() -> None:
+    texts = [
+        'He said "Stop!" Then... "Why?!" ) she asked.\n\nOk, fine; next: go.',
+        "A long clause that goes on and on and on, then a colon: and more, text; end",
+        "Dots.......... then spaces   and \u2028lines\u2029 . . ! ? …  done.)] x",
+        "中文。没有空格\uff0c所以不切。Yes. 😀 emoji! 😀😀, ok, then a very long clause here, x",
+    ]
+    for text in texts:
+        for size in (1, 2, 3, 5, 7, 13):
+            pieces = [text[i : i + size] for i in range(0, len(text), size)]
+            chunker = PhraseChunker()
+            out = [phrase for piece in pieces for phrase in chunker.feed(piece)]
+            rest = chunker.flush()
+            assert out + ([rest] if rest is not None else []) == simple_phrases(pieces), (
+                text,
+                size,
+            )
+
+
+def test_phrase_chunker_work_is_linear_in_the_text() -> None:
+    """Before: every delta searched the whole phrase so far for a boundary again, so a
+    long answer without one (CJK text has no space after its full stops; a model listing
+    numbers with commas) took quadratic time on the event loop: 20,000 CJK characters in
+    2-character deltas held it for 2.4 s, 100,000 in 1-character deltas for minutes."""
+    import subprocess
+
+    code = (
+        "from layercode_asgi.adapters import PhraseChunker\n"
+        "chunker = PhraseChunker()\n"
+        "for text in ('中文。' * 20_000, '1,0' * 20_000, 'x..' * 20_000):\n"
+        "    assert not [p for char in text for p in chunker.feed(char)]\n"
+        "    assert chunker.flush() == text\n"
+        "print('done')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # A bound for a hang, not a timing: linear work takes well under a second.
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.stdout == "done\n", result.stderr
+
+
 def test_tool_actions_outside_a_turn_raise() -> None:
     for call in (lambda: send_data({}), hang_up, current_turn):
         with pytest.raises(RuntimeError, match="only in a tool called during an adapter's turn"):
@@ -414,3 +479,50 @@ async def test_langchains_stream_in_its_own_task_ends_even_if_closing_fails(
             seen.append(item)  # noqa: PERF401 (items seen before the error count too)
     assert seen == ["a", "b"]
     assert stream.closed
+
+
+@pytest.mark.anyio
+async def test_a_langchain_stream_raising_its_own_cancelled_error_fails_the_turn() -> None:
+    """Before: the stream's own CancelledError (it awaited a task something else cancelled)
+    ended the task iterating it without telling the turn, which waited for the next item
+    until the turn's deadline: 'turn timed out' after LAYERCODE_TURN_TIMEOUT, forever
+    with no deadline, and the failure never logged. It is now an agent failure like any
+    other exception: response.error 'agent error', then response.end."""
+    pytest.importorskip("langchain_core")
+
+    class Runnable:
+        name = "cancelled_inside"
+
+        async def astream(self, value: Any, config: Any) -> AsyncIterator[str]:
+            yield "Hello. "
+            other = asyncio.get_running_loop().create_task(asyncio.sleep(60))
+            other.cancel()
+            await other  # raises CancelledError: the stream's failure, not the turn's
+
+    settings = Settings(
+        env_file=None, environ={}, layercode_webhook_secret=SECRET, turn_timeout=20.0
+    )
+    app = create_app(settings, from_langchain(Runnable()))
+    async with LayercodeTestClient(app, secret=SECRET) as client:
+        turn = await client.message("hi")
+    assert [event["type"] for event in turn.events] == [
+        "response.tts",
+        "response.error",
+        "response.end",
+    ]
+    assert turn.errors[0]["error"] == "agent error"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", [name for name in BUILDERS if "chat" in name or name == "openai"])
+async def test_a_chunk_without_a_delta_is_skipped(name: str, fake: FakeOpenAI) -> None:
+    """Azure OpenAI's asynchronous content filter sends chunks whose choice has no
+    ``delta`` (openai-python gives ``choice.delta is None``). Before: the openai agent
+    read ``choice.delta.content`` and failed the turn with 'agent error' after the whole
+    answer had been spoken."""
+    fake.push(Script(filter_annotations=True))
+    with serve(app_for(name)) as base:
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("hello")
+    assert turn.errors == []
+    assert turn.text == "Hello there. How can I help you today?"

@@ -70,6 +70,23 @@ def test_register_agent() -> None:
         AGENTS.pop("mine")
 
 
+def test_register_agent_refuses_what_would_break_the_registry() -> None:
+    """Before: any name and factory were stored. A name that is not a str (None, 5) made
+    every later list_agents() and every unknown name's AgentNotFoundError raise
+    "TypeError: '<' not supported between instances of 'int' and 'str'" (list-agents and
+    a misspelled --agent crashed far from the cause); a factory that is not callable
+    failed only in get_agent, with "'str' object is not callable"."""
+    before = dict(AGENTS)
+    for name in (None, 5, b"mine", ("mine",)):
+        with pytest.raises(TypeError, match="agent name must be a str"):
+            register_agent(name, lambda settings: echo_agent)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="factory for 'mine' is not callable"):
+        register_agent("mine", "tests.agents_for_tests:history_agent")  # type: ignore[arg-type]
+    assert before == AGENTS
+    with pytest.raises(AgentNotFoundError):
+        get_agent("nope")
+
+
 @pytest.mark.anyio
 async def test_echo_agent_turns() -> None:
     app = LayercodeSignature(LayercodeWebhook(echo_agent), secret=SECRET)

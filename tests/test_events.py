@@ -737,6 +737,26 @@ def test_str_input_edge_cases() -> None:
     assert isinstance(expect_error(MyStr('{"type":"later"}')), UnknownEventError)
 
 
+def test_a_lone_surrogate_escape_is_not_called_truncated_input() -> None:
+    """JavaScript's JSON.stringify writes half an emoji as a lone ``\ud83d`` escape. msgspec
+    refuses it as "Input data was truncated", which sent the reader hunting for a cut body;
+    the error now names the escape and where it is (as other malformed JSON does)."""
+    head = b'{"type":"message","session_id":"s","conversation_id":"c","turn_id":"t","text":"'
+    for tail in (b'\\ud83d"}', b'a\\uD83D b"}', b'\\\\\\ud800"}'):
+        body = head + tail
+        error = expect_error(body)
+        assert type(error) is InvalidPayloadError
+        assert error.path == "$"
+        offset = body.index(b"\\u", len(head))
+        assert error.detail == (
+            f"JSON is malformed: a \\u escape is a lone UTF-16 surrogate (byte {offset})"
+        )
+        assert expect_error(bytearray(body)).detail == error.detail
+    # an escaped backslash followed by "ud83d" is plain text; a truncated body stays so
+    assert parse_webhook_payload(head + b'\\\\ud83d"}').text == "\\ud83d"  # type: ignore[union-attr]
+    assert expect_error(head + b"\\ud83d").detail == "Input data was truncated"
+
+
 def test_buffer_inputs() -> None:
     data = raw(FULL_BODIES["session.end"])
     expected = parse_webhook_payload(data)

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 
+from .._asgi import being_cancelled
 from ..agents import Agent, TurnContext
 from ..conversation import HistoryMessage
 from ..turns import AGENT_CLOSE_TIMEOUT
@@ -83,6 +84,10 @@ async def _in_own_task(stream: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
                 await queue.put((item, None))
         except Exception as exc:
             error = exc
+        except asyncio.CancelledError as exc:
+            if being_cancelled():
+                raise
+            error = exc  # the stream's own (it awaited something cancelled): a failure
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:

@@ -91,18 +91,24 @@ Piece: TypeAlias = str | ToolCall
 
 _SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s+|\n+")
 _CLAUSE_END = re.compile(r"[,;:]\s+")
+#: What a sentence end is made of before its space: a boundary completed by new text
+#: starts no earlier than the run of these characters the text searched so far ends with.
+_SENTENCE_RUN = ".!?…\"')]"
 
 
 class PhraseChunker:
     """Collects text deltas and hands out whole phrases (see the module docstring)."""
 
-    __slots__ = ("_buffer", "_mode")
+    __slots__ = ("_buffer", "_mode", "_run_start", "_searched")
 
     def __init__(self, mode: Chunking = "phrase") -> None:
         if mode not in ("phrase", "delta"):
             raise ValueError(f"chunking must be 'phrase' or 'delta', got {mode!r}")
         self._mode = mode
         self._buffer = ""
+        # ``_buffer[:_searched]`` holds no boundary and ends with a run of _SENTENCE_RUN
+        # characters from ``_run_start`` on: each delta is searched once, not the phrase.
+        self._searched = self._run_start = 0
 
     def feed(self, text: str) -> Iterator[str]:
         """Add ``text``; yield every phrase it completes."""
@@ -116,21 +122,30 @@ class PhraseChunker:
             if cut is None:
                 return
             phrase, self._buffer = self._buffer[:cut], self._buffer[cut:]
+            self._searched = self._run_start = 0
             if phrase.strip():
                 yield phrase
 
     def flush(self) -> str | None:
         """What is left (the end of the answer, or before a tool call), if anything."""
         rest, self._buffer = self._buffer, ""
+        self._searched = self._run_start = 0
         return rest if rest.strip() else None
 
     def _boundary(self) -> int | None:
-        match = _SENTENCE_END.search(self._buffer)
+        buffer, searched = self._buffer, self._searched
+        match = _SENTENCE_END.search(buffer, self._run_start)
         if match is not None:
             return match.end()
-        if len(self._buffer) >= MIN_CLAUSE:
-            for clause in _CLAUSE_END.finditer(self._buffer, MIN_CLAUSE - 1):
+        if len(buffer) >= MIN_CLAUSE:
+            # a clause end is one character, then the space that new text brought
+            clause = _CLAUSE_END.search(buffer, max(MIN_CLAUSE - 1, searched - 1))
+            if clause is not None:
                 return clause.end()
+        kept = len(buffer[searched:].rstrip(_SENTENCE_RUN))
+        if kept:
+            self._run_start = searched + kept
+        self._searched = len(buffer)
         return None
 
 
