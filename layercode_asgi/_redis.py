@@ -101,10 +101,13 @@ def connect(
 
 def unavailable_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "Redis cannot be used right now" (down, slow, cluster
-    failing over), as opposed to an error reply about the request itself."""
+    failing over, no cluster node reachable), as opposed to an error reply about the request
+    itself. ``RedisClusterException`` (no node of the cluster reachable, or the URL names a
+    Redis not in cluster mode) is not a ``RedisError``."""
     from redis import exceptions
 
     return (
+        exceptions.RedisClusterException,
         exceptions.ConnectionError,
         exceptions.TimeoutError,
         exceptions.ClusterDownError,

@@ -129,13 +129,14 @@ class RedisReplayCache:
         self.key_prefix = key_prefix
 
     async def seen(self, key: str, ttl: float) -> bool:
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisClusterException, RedisError
 
         seconds = min(max(1, math.ceil(ttl)), MAX_EXPIRE_SECONDS)  # Redis refuses longer
         try:
             created = await self._client.set(self.key_prefix + key, b"1", nx=True, ex=seconds)
-        except (RedisError, OSError) as exc:
-            # Down, timed out, or an error reply (OOM, READONLY...): the check cannot run.
+        except (RedisError, RedisClusterException, OSError) as exc:
+            # Down, timed out, an error reply (OOM, READONLY...), no cluster node reachable
+            # (RedisClusterException is not a RedisError): the check cannot run.
             raise StoreUnavailableError(
                 f"replay cache unavailable: {type(exc).__name__}: {exc}"
             ) from exc

@@ -433,6 +433,28 @@ async def test_redis_ttl_beyond_what_redis_can_expire(redis_server: RedisServer,
         await many.aclose()
 
 
+async def test_redis_turn_records_when_the_generation_key_expires_during_it(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    # The generation written by session.end expires a day later (GENERATION_TTL): a turn
+    # that read it just before then found "0" when recording, and its exchange was lost.
+    store = RedisConversationStore(redis_server.url)
+    try:
+        await store.clear("c")  # session.end: generation 1
+        key = store.generation_key("c")
+        await raw.pexpire(key, 200)  # a day later, 200 ms before it expires
+        async with store.lock("c"):
+            _, generation = await store.read_turn("c")
+            assert generation == 1
+            await anyio.sleep(0.4)  # the turn runs past the old expiry
+            assert await store.record_turn("c", [msg(U, "kept")], generation)
+        assert [m.text for m in await store.get("c")] == ["kept"]
+        _, generation = await store.read_turn("c")  # a read by anyone but the holder too
+        assert await raw.ttl(key) > 3600
+    finally:
+        await store.aclose()
+
+
 async def test_redis_skips_undecodable_entries(
     redis_server: RedisServer, raw: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

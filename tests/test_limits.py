@@ -21,6 +21,7 @@ from layercode_asgi import (
     create_app,
     sign,
 )
+from layercode_asgi.conversation import StoreUnavailableError
 from layercode_asgi.replay import replay_key
 
 from .agents_for_tests import scripted_agent
@@ -279,3 +280,18 @@ async def test_a_tolerance_beyond_what_redis_can_expire_still_works() -> None:
             assert await cache._client.ttl("layercode:replay:k") > 10**14
         finally:
             await cache.aclose()
+
+
+@pytest.mark.anyio
+async def test_redis_replay_cache_on_an_unreachable_cluster_is_unavailable() -> None:
+    # LAYERCODE_REDIS_CLUSTER with no node reachable (or a Redis not in cluster mode): the
+    # cluster client's RedisClusterException is not a RedisError; it escaped the cache (the
+    # middleware still answered 503, but logged a stack trace for Redis being down).
+    with running_redis() as redis:
+        for url in (redis.url, "redis://127.0.0.1:1/0"):
+            cache = RedisReplayCache(url, cluster=True)
+            try:
+                with pytest.raises(StoreUnavailableError, match="replay cache unavailable"):
+                    await cache.seen("k", 2.0)
+            finally:
+                await cache.aclose()

@@ -38,6 +38,7 @@ from .conftest import (
     SECRET,
     ServerProcess,
     event_body,
+    free_port,
     serve,
     signed_headers,
     start_server_process,
@@ -501,6 +502,25 @@ def test_ready_is_503_when_redis_is_down(redis_server: RedisServer) -> None:  # 
         redis_server.start()
         assert client.get("/ready").status_code == 200
         assert sse_events(client, event_body())[-1]["type"] == "response.end"
+
+
+def test_cluster_that_cannot_be_reached_is_503_not_500(
+    redis_server: RedisServer,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # LAYERCODE_REDIS_CLUSTER=true with no node reachable (or a Redis not in cluster mode):
+    # the cluster client raises RedisClusterException, which is not a RedisError; turns and
+    # session.end answered 500 with a stack trace in the log.
+    for url in (redis_server.url, f"redis://:s3cret@127.0.0.1:{free_port()}/0"):
+        app = create_app(settings(redis_url=url, redis_cluster=True))
+        caplog.clear()
+        with serve(app) as base, httpx.Client(base_url=base, timeout=30) as client:
+            for body in (event_body(), event_body("session.end")):
+                r = client.post("/api/agent", content=body, headers=signed_headers(body))
+                assert r.status_code == 503, (url, r.text)
+                assert r.json() == {"error": "conversation store unavailable"}
+            assert client.get("/ready").status_code == 503
+        assert "Traceback" not in caplog.text and "s3cret" not in caplog.text
 
 
 def worker(env: dict[str, str]) -> ServerProcess:

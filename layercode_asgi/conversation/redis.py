@@ -47,8 +47,8 @@ logger = logging.getLogger("layercode_asgi.conversation")
 
 T = TypeVar("T")
 
-#: How long a conversation's generation outlives its last clear in Redis (longer than any
-#: turn can run).
+#: How long a conversation's generation outlives its last clear, or the last turn that read
+#: it, in Redis (longer than any turn can run).
 GENERATION_TTL: Final = 86400
 
 #: More messages than a Redis list holds (2**32 - 1): a larger ``max_messages`` means the
@@ -300,7 +300,8 @@ class RedisConversationStore:
         else:
             keys = _Keys(self.key_prefix, conversation_id)
             raw, generation = await self._call(
-                "get", self._read_script(keys=[keys.history, keys.generation])
+                "get",
+                self._read_script(keys=[keys.history, keys.generation], args=[GENERATION_TTL]),
             )
         try:
             number = int(generation or 0)
@@ -388,7 +389,14 @@ class RedisConversationStore:
         keys = hold.keys
         return {
             "keys": [keys.lock, keys.queue, keys.history, keys.generation],
-            "args": [hold.token, hold.entry, self._lock_ms, keys.presence, self._presence_ms],
+            "args": [
+                hold.token,
+                hold.entry,
+                self._lock_ms,
+                keys.presence,
+                self._presence_ms,
+                GENERATION_TTL,
+            ],
         }
 
     async def _acquire(self, hold: _Hold, wait: float | None) -> list[Any]:

@@ -18,8 +18,9 @@ on the waiter's channel, which wakes it. The woken waiter claims the lock (full 
 reads the history in the same script. Abandoned entries are skipped, never waited for.
 
 Lock scripts take ``KEYS = [lock, queue, history, generation]`` and
-``ARGV = [token, entry, lock_ttl_ms, presence_prefix, presence_ttl_ms]``; they return
-``{1, history entries, generation}`` when the caller holds the lock, else ``{0}``.
+``ARGV = [token, entry, lock_ttl_ms, presence_prefix, presence_ttl_ms, generation_ttl_s]``;
+they return ``{1, history entries, generation}`` when the caller holds the lock, else
+``{0}``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ _HOLDING: Final = """
 local function holding()
     redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[3])
     redis.call('del', ARGV[4] .. ARGV[1])
+    redis.call('expire', KEYS[4], ARGV[6])  -- outlives the turn that reads it (if it exists)
     return {1, redis.call('lrange', KEYS[3], 0, -1), redis.call('get', KEYS[4]) or '0'}
 end
 local function queued()
@@ -133,8 +135,10 @@ end
 return 0
 """
 
-#: KEYS = [history, generation]: the history and the generation, read together.
+#: KEYS = [history, generation]: the history and the generation, read together;
+#: ARGV[1] = the generation's TTL in s, renewed so that it outlives the turn reading it.
 READ_LUA: Final = """
+redis.call('expire', KEYS[2], ARGV[1])
 return {redis.call('lrange', KEYS[1], 0, -1), redis.call('get', KEYS[2]) or '0'}
 """
 
