@@ -738,7 +738,7 @@ def test_str_input_edge_cases() -> None:
 
 
 def test_a_lone_surrogate_escape_is_not_called_truncated_input() -> None:
-    """JavaScript's JSON.stringify writes half an emoji as a lone ``\ud83d`` escape. msgspec
+    """JavaScript's JSON.stringify writes half an emoji as a lone ``\\ud83d`` escape. msgspec
     refuses it as "Input data was truncated", which sent the reader hunting for a cut body;
     the error now names the escape and where it is (as other malformed JSON does)."""
     head = b'{"type":"message","session_id":"s","conversation_id":"c","turn_id":"t","text":"'
