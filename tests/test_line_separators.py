@@ -65,7 +65,7 @@ def test_text_the_json_check_cannot_read_is_carried_as_it_is() -> None:
 
 def test_text_nested_too_deep_to_be_json_is_carried_as_it_is() -> None:
     # Deciding whether it is JSON hit the decoder's depth limit: a RecursionError.
-    text = "[" * 10_000 + " \u2028"
+    text = "[" * 100_000 + " \u2028"
     assert format_sse_message(text) == f"data: {text}\n\n"
 
 
