@@ -373,6 +373,9 @@ def create_app(
         exception_handlers={HTTPException: _http_exception, Exception: _server_error},
         lifespan=lifespan,
     )
+    # /api/agent/ is a JSON 404, not Starlette's 307 to an http:// URL built from the Host
+    # header (a webhook client following it would re-send the body in clear text).
+    app.router.redirect_slashes = False
     app.state.settings = settings
     app.state.agent = agent
     app.state.conversations = conversations

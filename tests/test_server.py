@@ -170,6 +170,23 @@ def test_every_error_is_json() -> None:
         assert cases[1][0].headers["allow"] == "POST"
 
 
+def test_a_route_spelled_with_a_trailing_slash_is_a_json_404_not_a_redirect() -> None:
+    # Starlette's default answers /api/agent/ with a 307 to an http:// URL built from the
+    # Host header: a webhook client following it would re-send the body in clear text.
+    app = create_app(settings())
+    with serve(app) as url, httpx.Client(base_url=url, follow_redirects=False) as client:
+        body = event_body()
+        for response in (
+            client.post("/api/agent/", content=body, headers=signed_headers(body)),
+            client.post("/api/authorize/", content=b"{}", headers={"host": "evil.example"}),
+            client.get("/health/"),
+            client.get("/ready/"),
+        ):
+            assert response.status_code == 404, (response.request.url, response.headers)
+            assert response.json() == {"error": "not found"}
+            assert "location" not in response.headers
+
+
 def test_malformed_webhook_names_the_field() -> None:
     with serve(create_app(settings())) as url, httpx.Client(base_url=url) as client:
         body = b'{"type":"message","session_id":"s","conversation_id":"c","turn_id":5}'
