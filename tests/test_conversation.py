@@ -664,6 +664,36 @@ async def test_redis_invalid_arguments() -> None:
         RedisConversationStore("http://user:pw@localhost")
 
 
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://u:s3cret@127.0.0.1:7000/3", "Redis Cluster has only database 0"),
+        ("redis://:s3cret@127.0.0.1:7000/?db=2", "Redis Cluster has only database 0"),
+        ("unix://:s3cret@/tmp/redis.sock", "a unix socket, which Redis Cluster does not"),
+        ("redis://:s3cret@/0", "names no host"),
+    ],
+)
+def test_a_cluster_url_that_redis_cluster_cannot_use_is_refused(url: str, problem: str) -> None:
+    """A database other than 0, a unix socket, no host: a ConfigurationError naming the
+    problem, password masked (the store, the replay cache and create_app alike)."""
+    pytest.importorskip("redis")
+    from layercode_asgi import create_app
+    from layercode_asgi.replay import RedisReplayCache
+
+    settings = Settings(
+        env_file=None, environ={}, layercode_webhook_secret="x", redis_url=url, redis_cluster=True
+    )
+    for build in (
+        lambda: RedisConversationStore(url, cluster=True),
+        lambda: RedisReplayCache(url, cluster=True),
+        lambda: create_app(settings, lambda event, context: None),
+    ):
+        with pytest.raises(ConfigurationError, match=problem) as info:
+            build()
+        assert "s3cret" not in str(info.value) and ":***@" in str(info.value)
+    RedisConversationStore("redis://127.0.0.1:7000/0", cluster=True)  # database 0 is fine
+
+
 async def test_redis_store_without_the_redis_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "redis", None)
     monkeypatch.setitem(sys.modules, "redis.asyncio", None)
