@@ -754,3 +754,38 @@ async def test_lock_wait_beyond_any_float_means_no_limit() -> None:
     manager = ConversationManager()
     async with manager.lock("c", timeout=lock_wait_timeout(1e308, 1e308)):
         pass
+
+
+async def test_a_turn_not_recorded_because_redis_is_down_logs_one_line(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis stopping during a turn: one warning naming the error, no traceback; an
+    unexpected exception of a store keeps its traceback."""
+    import httpx
+
+    from layercode_asgi import LayercodeWebhook
+
+    from .conftest import event_body
+
+    async def agent(event: Any, context: Any) -> AsyncIterator[str]:
+        yield "hello"
+        redis_server.stop()  # Redis goes away while the turn runs: recording fails
+        yield " world"
+
+    class Broken(MemoryConversationStore):
+        async def record_turn(self, *args: Any) -> bool:
+            raise RuntimeError("a bug")
+
+    stores = [RedisConversationStore(redis_server.url, operation_timeout=2), Broken()]
+    for store in stores:
+        async with ConversationManager(store) as manager:
+            webhook = LayercodeWebhook(agent, conversations=manager)
+            transport = httpx.ASGITransport(app=webhook)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                with caplog.at_level(logging.INFO, "layercode_asgi"), anyio.fail_after(30):
+                    response = await client.post("/", content=event_body(text="hi"))
+            assert response.status_code == 200 and "response.end" in response.text
+    redis_failure, bug = [r for r in caplog.records if "could not record turn" in r.getMessage()]
+    assert redis_failure.levelno == logging.WARNING and redis_failure.exc_info is None
+    assert "StoreUnavailableError: Redis at redis://127.0.0.1:" in redis_failure.getMessage()
+    assert bug.levelno == logging.ERROR and bug.exc_info is not None
