@@ -25,6 +25,7 @@ from layercode_asgi.conversation import (
     StoreUnavailableError,
 )
 from layercode_asgi.errors import ConfigurationError, LayercodeError
+from layercode_asgi.logs import escape_log_value
 
 from . import redis_fixtures
 from .redis_fixtures import RedisServer
@@ -789,3 +790,28 @@ async def test_a_turn_not_recorded_because_redis_is_down_logs_one_line(
     assert redis_failure.levelno == logging.WARNING and redis_failure.exc_info is None
     assert "StoreUnavailableError: Redis at redis://127.0.0.1:" in redis_failure.getMessage()
     assert bug.levelno == logging.ERROR and bug.exc_info is not None
+
+
+async def test_redis_lock_release_failures_say_what_happened(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A turn that never got the lock (Redis down: the caller gets the error) logs no
+    warning of a lock to release; a holder that cannot release says whose lock it is and
+    that it frees itself within ``lock_ttl``."""
+    store = RedisConversationStore(redis_server.url, lock_ttl=4)
+    held = "held\x1b"
+    try:
+        with caplog.at_level(logging.DEBUG, "layercode_asgi"):
+            async with store.lock(held):
+                redis_server.stop()
+            with pytest.raises(StoreUnavailableError):
+                async with store.lock("never-held"):
+                    pytest.fail("locked while Redis is down")
+    finally:
+        await store.aclose()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(
+        f"could not release the lock of conversation {escape_log_value(held)} "
+        "(it frees itself within 4 s): ConnectionError: "
+    )
