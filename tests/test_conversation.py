@@ -815,3 +815,20 @@ async def test_redis_lock_release_failures_say_what_happened(
         f"could not release the lock of conversation {escape_log_value(held)} "
         "(it frees itself within 4 s): ConnectionError: "
     )
+
+
+async def test_lone_surrogates_are_kept_as_u_fffd_by_both_stores(redis_server: RedisServer) -> None:
+    """Python text UTF-8 cannot hold (a lone surrogate: half an emoji) is recorded with
+    U+FFFD in its place, by both stores alike (Redis refused the whole turn); a pair
+    becomes its character. A conversation id holding one is refused by both."""
+    said = msg(U, "half \ud83d emoji \ud83d\ude00", "t\udc00")
+    kept = msg(U, "half \ufffd emoji \U0001f600", "t\ufffd")
+    for store in (MemoryConversationStore(), RedisConversationStore(redis_server.url)):
+        async with ConversationManager(store) as manager:
+            await manager.add_message("c", said)
+            async with manager.lock("c"):
+                _, generation = await manager.read_turn("c")
+                await manager.record_turn("c", said.text, None, generation=generation)
+            assert await manager.get_history("c") == [kept, msg(U, kept.text)]
+            with pytest.raises(ValueError, match="conversation_id is not valid text"):
+                await manager.add_message("c\ud83d", said)
