@@ -832,3 +832,15 @@ async def test_lone_surrogates_are_kept_as_u_fffd_by_both_stores(redis_server: R
             assert await manager.get_history("c") == [kept, msg(U, kept.text)]
             with pytest.raises(ValueError, match="conversation_id is not valid text"):
                 await manager.add_message("c\ud83d", said)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"), [("max_connections", 0), ("max_connections", "8"), ("key_prefix", 5)]
+)
+def test_redis_replay_cache_names_a_bad_argument(argument: str, value: Any) -> None:
+    """Not "invalid Redis URL" (the URL is fine), nor a TypeError at the first webhook."""
+    pytest.importorskip("redis")
+    from layercode_asgi.replay import RedisReplayCache
+
+    with pytest.raises(ConfigurationError, match=f"^{argument} must be"):
+        RedisReplayCache("redis://127.0.0.1:1/0", **{argument: value})
