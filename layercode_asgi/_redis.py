@@ -75,7 +75,21 @@ def connect(
     try:
         if cluster:
             from redis.asyncio.cluster import RedisCluster
+            from redis.connection import parse_url
 
+            # What redis-py would refuse with a RedisClusterException:
+            parsed = parse_url(url)  # type: ignore[no-untyped-call]
+            problem = (
+                f"selects database {parsed['db']}, but Redis Cluster has only database 0"
+                if parsed.get("db")
+                else "is a unix socket, which Redis Cluster does not support"
+                if parsed.get("path")
+                else "names no host (a node of the cluster)"
+                if not parsed.get("host")
+                else None
+            )
+            if problem:
+                raise ConfigurationError(f"Redis URL {mask_url(url)!r} {problem}")
             return RedisCluster.from_url(
                 url,
                 max_connections=max_connections,
@@ -92,6 +106,8 @@ def connect(
             retry=retry,
         )
         return redis_asyncio.Redis(connection_pool=pool)
+    except ConfigurationError:
+        raise
     except ValueError:  # its message may quote part of the password: not shown
         raise ConfigurationError(
             f"invalid Redis URL {mask_url(url)!r} (percent-encode special characters "

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from ._redis import MAX_EXPIRE_SECONDS, connect, import_redis
 from .conversation import StoreUnavailableError
+from .conversation.base import check_positive_int
 from .errors import ConfigurationError, check_seconds
 
 __all__ = ["MemoryReplayCache", "RedisReplayCache", "ReplayCache", "replay_key"]
@@ -111,6 +112,9 @@ class RedisReplayCache:
     ) -> None:
         check_seconds("socket_timeout", socket_timeout, zero=False, none=False)
         check_seconds("socket_connect_timeout", socket_connect_timeout, zero=False, none=False)
+        check_positive_int(max_connections, "max_connections")
+        if not isinstance(key_prefix, str):
+            raise ConfigurationError(f"key_prefix must be a string, got {key_prefix!r}")
         if isinstance(url_or_client, str):
             self._client = connect(
                 url_or_client,

@@ -491,6 +491,14 @@ class LayercodeWebhook:
                     await conversations.add_turn(
                         event.conversation_id, user_text, reply, turn_id=event.turn_id
                     )
+            except LayercodeError as exc:  # the store down or failing: its words say enough
+                logger.warning(
+                    "could not record turn (conversation=%s turn=%s): %s: %s",
+                    escape_log_value(event.conversation_id),
+                    escape_log_value(event.turn_id),
+                    type(exc).__name__,
+                    escape_log_value(exc),
+                )
             except Exception:
                 logger.exception(
                     "could not record turn (conversation=%s turn=%s)",

@@ -25,6 +25,7 @@ from layercode_asgi.conversation import (
     StoreUnavailableError,
 )
 from layercode_asgi.errors import ConfigurationError, LayercodeError
+from layercode_asgi.logs import escape_log_value
 
 from . import redis_fixtures
 from .redis_fixtures import RedisServer
@@ -664,6 +665,36 @@ async def test_redis_invalid_arguments() -> None:
         RedisConversationStore("http://user:pw@localhost")
 
 
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://u:s3cret@127.0.0.1:7000/3", "Redis Cluster has only database 0"),
+        ("redis://:s3cret@127.0.0.1:7000/?db=2", "Redis Cluster has only database 0"),
+        ("unix://:s3cret@/tmp/redis.sock", "a unix socket, which Redis Cluster does not"),
+        ("redis://:s3cret@/0", "names no host"),
+    ],
+)
+def test_a_cluster_url_that_redis_cluster_cannot_use_is_refused(url: str, problem: str) -> None:
+    """A database other than 0, a unix socket, no host: a ConfigurationError naming the
+    problem, password masked (the store, the replay cache and create_app alike)."""
+    pytest.importorskip("redis")
+    from layercode_asgi import create_app
+    from layercode_asgi.replay import RedisReplayCache
+
+    settings = Settings(
+        env_file=None, environ={}, layercode_webhook_secret="x", redis_url=url, redis_cluster=True
+    )
+    for build in (
+        lambda: RedisConversationStore(url, cluster=True),
+        lambda: RedisReplayCache(url, cluster=True),
+        lambda: create_app(settings, lambda event, context: None),
+    ):
+        with pytest.raises(ConfigurationError, match=problem) as info:
+            build()
+        assert "s3cret" not in str(info.value) and ":***@" in str(info.value)
+    RedisConversationStore("redis://127.0.0.1:7000/0", cluster=True)  # database 0 is fine
+
+
 async def test_redis_store_without_the_redis_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "redis", None)
     monkeypatch.setitem(sys.modules, "redis.asyncio", None)
@@ -724,3 +755,92 @@ async def test_lock_wait_beyond_any_float_means_no_limit() -> None:
     manager = ConversationManager()
     async with manager.lock("c", timeout=lock_wait_timeout(1e308, 1e308)):
         pass
+
+
+async def test_a_turn_not_recorded_because_redis_is_down_logs_one_line(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis stopping during a turn: one warning naming the error, no traceback; an
+    unexpected exception of a store keeps its traceback."""
+    import httpx
+
+    from layercode_asgi import LayercodeWebhook
+
+    from .conftest import event_body
+
+    async def agent(event: Any, context: Any) -> AsyncIterator[str]:
+        yield "hello"
+        redis_server.stop()  # Redis goes away while the turn runs: recording fails
+        yield " world"
+
+    class Broken(MemoryConversationStore):
+        async def record_turn(self, *args: Any) -> bool:
+            raise RuntimeError("a bug")
+
+    stores = [RedisConversationStore(redis_server.url, operation_timeout=2), Broken()]
+    for store in stores:
+        async with ConversationManager(store) as manager:
+            webhook = LayercodeWebhook(agent, conversations=manager)
+            transport = httpx.ASGITransport(app=webhook)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                with caplog.at_level(logging.INFO, "layercode_asgi"), anyio.fail_after(30):
+                    response = await client.post("/", content=event_body(text="hi"))
+            assert response.status_code == 200 and "response.end" in response.text
+    redis_failure, bug = [r for r in caplog.records if "could not record turn" in r.getMessage()]
+    assert redis_failure.levelno == logging.WARNING and redis_failure.exc_info is None
+    assert "StoreUnavailableError: Redis at redis://127.0.0.1:" in redis_failure.getMessage()
+    assert bug.levelno == logging.ERROR and bug.exc_info is not None
+
+
+async def test_redis_lock_release_failures_say_what_happened(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A turn that never got the lock (Redis down: the caller gets the error) logs no
+    warning of a lock to release; a holder that cannot release says whose lock it is and
+    that it frees itself within ``lock_ttl``."""
+    store = RedisConversationStore(redis_server.url, lock_ttl=4)
+    held = "held\x1b"
+    try:
+        with caplog.at_level(logging.DEBUG, "layercode_asgi"):
+            async with store.lock(held):
+                redis_server.stop()
+            with pytest.raises(StoreUnavailableError):
+                async with store.lock("never-held"):
+                    pytest.fail("locked while Redis is down")
+    finally:
+        await store.aclose()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(
+        f"could not release the lock of conversation {escape_log_value(held)} "
+        "(it frees itself within 4 s): ConnectionError: "
+    )
+
+
+async def test_lone_surrogates_are_kept_as_u_fffd_by_both_stores(redis_server: RedisServer) -> None:
+    """Python text UTF-8 cannot hold (a lone surrogate: half an emoji) is recorded with
+    U+FFFD in its place, by both stores alike (Redis refused the whole turn); a pair
+    becomes its character. A conversation id holding one is refused by both."""
+    said = msg(U, "half \ud83d emoji \ud83d\ude00", "t\udc00")
+    kept = msg(U, "half \ufffd emoji \U0001f600", "t\ufffd")
+    for store in (MemoryConversationStore(), RedisConversationStore(redis_server.url)):
+        async with ConversationManager(store) as manager:
+            await manager.add_message("c", said)
+            async with manager.lock("c"):
+                _, generation = await manager.read_turn("c")
+                await manager.record_turn("c", said.text, None, generation=generation)
+            assert await manager.get_history("c") == [kept, msg(U, kept.text)]
+            with pytest.raises(ValueError, match="conversation_id is not valid text"):
+                await manager.add_message("c\ud83d", said)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"), [("max_connections", 0), ("max_connections", "8"), ("key_prefix", 5)]
+)
+def test_redis_replay_cache_names_a_bad_argument(argument: str, value: Any) -> None:
+    """Not "invalid Redis URL" (the URL is fine), nor a TypeError at the first webhook."""
+    pytest.importorskip("redis")
+    from layercode_asgi.replay import RedisReplayCache
+
+    with pytest.raises(ConfigurationError, match=f"^{argument} must be"):
+        RedisReplayCache("redis://127.0.0.1:1/0", **{argument: value})

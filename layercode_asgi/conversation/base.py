@@ -88,16 +88,32 @@ def cut_text(text: str, max_bytes: int) -> str:
     return raw[:cut].decode("utf-8", "surrogatepass")
 
 
-def fit(messages: Sequence[HistoryMessage], max_bytes: int) -> Sequence[HistoryMessage]:
-    """``messages`` with any single text over ``max_bytes`` cut to it."""
-    if all(text_size(m.text) <= max_bytes for m in messages):
-        return messages
-    return [
-        m
-        if text_size(m.text) <= max_bytes
-        else HistoryMessage(role=m.role, text=cut_text(m.text, max_bytes), turn_id=m.turn_id)
-        for m in messages
-    ]
+def valid_text(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a pair of surrogates made the character they encode,
+    a lone one (half an emoji) replaced by U+FFFD; ``text`` itself when it has none."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
+def _kept(message: HistoryMessage, max_bytes: int) -> HistoryMessage:
+    text = valid_text(message.text)
+    if text_size(text) > max_bytes:
+        text = cut_text(text, max_bytes)
+    turn_id = message.turn_id if message.turn_id is None else valid_text(message.turn_id)
+    if text is message.text and turn_id is message.turn_id:
+        return message
+    return HistoryMessage(role=message.role, text=text, turn_id=turn_id)
+
+
+def fit(messages: Sequence[HistoryMessage], max_bytes: int) -> list[HistoryMessage]:
+    """``messages`` as both stores keep them: any single text over ``max_bytes`` cut to
+    it, texts and turn ids made valid UTF-8 (:func:`valid_text`)."""
+    return [_kept(message, max_bytes) for message in messages]
 
 
 def lock_wait(timeout: LockTimeout, default: float | None) -> float | None:

@@ -157,10 +157,8 @@ class MemoryConversationStore:
     def _append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
         if not messages:
             return
+        messages = fit(messages, self.max_bytes)
         size = sum(text_size(message.text) for message in messages)
-        if size > self.max_bytes:
-            messages = fit(messages, self.max_bytes)
-            size = sum(text_size(m.text) for m in messages)
         history = self._histories.get(conversation_id)
         if history is None:
             # A list, not a bounded deque: a deque takes a 64-slot block (over 500 bytes)

@@ -360,7 +360,7 @@ class RedisConversationStore:
         except BaseException:
             # Leave the queue (or undo a lock taken by a call cancelled or timed out in
             # flight), briefly: Redis is likely down, and the keys expire by themselves.
-            await self._release(hold, limit=1.0)
+            await self._release(hold, held=False)
             raise
         outer = _HOLD.get()
         _HOLD.set(hold)
@@ -489,13 +489,16 @@ class RedisConversationStore:
                 )
                 return
 
-    async def _release(self, hold: _Hold, *, limit: float = math.inf) -> None:
+    async def _release(self, hold: _Hold, *, held: bool = True) -> None:
         """Release the lock or leave the queue (handing the lock on), shielded from
         cancellation, bounded in time, never raising.
 
-        Never waits longer than ``lock_ttl``: by then the key has expired anyway.
+        Never waits longer than ``lock_ttl``: by then the key has expired anyway. A turn
+        that did not get the lock (``held=False``: its caller gets why) tries for 1 s and
+        logs a failure at debug level only: its place in the queue, and a lock taken by a
+        call whose reply was lost, free themselves.
         """
-        limit = min(self.operation_timeout, self.lock_ttl, limit)
+        limit = min(self.operation_timeout, self.lock_ttl, math.inf if held else 1.0)
         keys = hold.keys
         with anyio.CancelScope(shield=True):
             try:
@@ -506,9 +509,11 @@ class RedisConversationStore:
                     )
                 hold.released = True
             except Exception as exc:  # the lock expires by itself anyway
-                logger.warning(
-                    "could not release Redis lock %s (it will expire in %g s): %s: %s",
-                    escape_log_value(keys.lock),
+                logger.log(
+                    logging.WARNING if held else logging.DEBUG,
+                    "could not %s conversation %s (it frees itself within %g s): %s: %s",
+                    "release the lock of" if held else "leave the lock queue of",
+                    escape_log_value(hold.conversation_id),
                     self.lock_ttl,
                     type(exc).__name__,
                     escape_log_value(exc),
