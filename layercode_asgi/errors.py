@@ -48,6 +48,12 @@ class SettingsError(ConfigurationError):
         super().__init__(message)
 
 
+def check_positive_int(value: object, name: str) -> None:
+    """Refuse (``ConfigurationError``) anything but an ``int`` >= 1 (``True`` is no count)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"{name} must be an integer > 0, got {value!r}")
+
+
 def check_seconds(name: str, value: object, *, zero: bool, none: bool) -> None:
     """Refuse a duration that is not a finite number of seconds (NaN, infinity, a bool, a
     string), a negative one, and 0 or ``None`` unless allowed: a

@@ -31,8 +31,7 @@ from typing import Any, Protocol
 
 from ._redis import MAX_EXPIRE_SECONDS, connect, import_redis
 from .conversation import StoreUnavailableError
-from .conversation.base import check_positive_int
-from .errors import ConfigurationError, check_seconds
+from .errors import ConfigurationError, check_positive_int, check_seconds
 
 __all__ = ["MemoryReplayCache", "RedisReplayCache", "ReplayCache", "replay_key"]
 
@@ -58,8 +57,7 @@ class MemoryReplayCache:
     """Replay cache of one process, bounded in size and by the signatures' lifetime."""
 
     def __init__(self, max_entries: int = 1_000_000) -> None:
-        if max_entries <= 0:
-            raise ConfigurationError("MemoryReplayCache max_entries must be > 0")
+        check_positive_int(max_entries, "max_entries")
         self.max_entries = max_entries
         # key -> expiry (monotonic seconds). Expiries differ per key, so expired entries are
         # swept from the oldest end in passing and on insertion.

@@ -844,3 +844,12 @@ def test_redis_replay_cache_names_a_bad_argument(argument: str, value: Any) -> N
 
     with pytest.raises(ConfigurationError, match=f"^{argument} must be"):
         RedisReplayCache("redis://127.0.0.1:1/0", **{argument: value})
+
+
+@pytest.mark.parametrize("value", [0, -1, "8", True, 2.5, None])
+def test_memory_replay_cache_names_a_bad_max_entries(value: Any) -> None:
+    """Not a bare TypeError from ``<=``, and True is not a count."""
+    from layercode_asgi.replay import MemoryReplayCache
+
+    with pytest.raises(ConfigurationError, match=r"^max_entries must be an integer > 0"):
+        MemoryReplayCache(max_entries=value)

@@ -9,7 +9,7 @@ from typing import Final, Literal, Protocol, runtime_checkable
 
 import msgspec
 
-from ..errors import ConfigurationError, LayercodeError, check_seconds
+from ..errors import LayercodeError, check_seconds
 
 Role = Literal["user", "assistant"]
 
@@ -121,11 +121,6 @@ def lock_wait(timeout: LockTimeout, default: float | None) -> float | None:
     wait = default if isinstance(timeout, DefaultTimeout) else timeout
     check_seconds("lock timeout", wait, zero=True, none=True)
     return wait
-
-
-def check_positive_int(value: int, name: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigurationError(f"{name} must be an integer > 0, got {value!r}")
 
 
 @runtime_checkable

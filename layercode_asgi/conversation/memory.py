@@ -10,7 +10,7 @@ from types import TracebackType
 
 import anyio
 
-from ..errors import check_seconds
+from ..errors import check_positive_int, check_seconds
 from .base import (
     DEFAULT_HISTORY_MAX_BYTES,
     DEFAULT_LOCK_TIMEOUT,
@@ -18,7 +18,6 @@ from .base import (
     ConversationLockTimeout,
     HistoryMessage,
     LockTimeout,
-    check_positive_int,
     fit,
     lock_wait,
     text_size,

@@ -23,7 +23,7 @@ import anyio
 import msgspec
 
 from .._redis import MAX_EXPIRE_SECONDS, connect, describe_client, import_redis, unavailable_errors
-from ..errors import ConfigurationError, check_seconds
+from ..errors import ConfigurationError, check_positive_int, check_seconds
 from ..logs import escape_log_value
 from ..redaction import mask_url
 from . import redis_scripts as scripts
@@ -36,7 +36,6 @@ from .base import (
     LockTimeout,
     StoreError,
     StoreUnavailableError,
-    check_positive_int,
     fit,
     lock_wait,
 )
