@@ -233,6 +233,7 @@ def create_app(
         ConversationManager.from_settings(settings) if conversations is None else conversations
     )
     metrics = metrics_from_settings(settings)
+    serves_metrics = settings.metrics and installed("prometheus_client")
 
     webhook = LayercodeWebhook(
         agent,
@@ -314,11 +315,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if not settings.authorize_api_keys and authorize_guard is None:
-            logger.warning(
-                "the authorize route %s is not guarded: anyone who can reach it can mint "
-                "LayerCode sessions (set LAYERCODE_AUTHORIZE_API_KEYS or authorize_guard)",
+            _warn_unguarded(
+                "authorize",
                 authorize_route,
+                "mint LayerCode sessions",
+                "LAYERCODE_AUTHORIZE_API_KEYS or authorize_guard",
             )
+        if serves_metrics and not settings.metrics_api_keys:
+            _warn_unguarded("metrics", "/metrics", "read the metrics", "LAYERCODE_METRICS_API_KEYS")
         thresholds = gc.get_threshold()
         if settings.gc_tuning:
             # A full collection scans every live object and stops every open stream while
@@ -363,7 +367,7 @@ def create_app(
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
     ]
-    if settings.metrics and installed("prometheus_client"):
+    if serves_metrics:
         from .prometheus import MetricsEndpoint
 
         routes.append(Route("/metrics", MetricsEndpoint(settings.metrics_api_keys)))
@@ -380,6 +384,12 @@ def create_app(
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
     return app
+
+
+def _warn_unguarded(kind: str, route: str, harm: str, guard: str) -> None:
+    """The start-up warning of a route open to anyone who can reach it."""
+    message = "the %s route %s is not guarded: anyone who can reach it can %s (set %s)"
+    logger.warning(message, kind, route, harm, guard)
 
 
 def app_from_env() -> Starlette:
