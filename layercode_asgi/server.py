@@ -434,8 +434,12 @@ def run_server(
     period is over are ended properly first (:meth:`Lifecycle.abort`: ``response.error``
     + ``response.end``, or 503 JSON for a turn not yet streaming), given up to
     ``ABORT_WAIT`` seconds to send that. A second signal stops at once: open turns are
-    ended the same way, without waiting for the grace period.
+    ended the same way, without waiting for the grace period. uvicorn's
+    ``limit_max_requests`` (in ``uvicorn_options``) stops the server the way a first
+    SIGTERM does (after that many complete responses, plus up to
+    ``limit_max_requests_jitter``): turns still open then are drained, not cut.
     """
+    import random
     import signal
     import time
 
@@ -455,21 +459,24 @@ def run_server(
         drain_deadline: float | None = None
         abort_deadline: float | None = None
 
+        def drain(self, reason: str) -> None:
+            lifecycle.begin_drain()
+            self.drain_deadline = time.monotonic() + grace
+            logger.info(
+                "%s: draining %d open webhook(s) for up to %.0f s", reason, lifecycle.active, grace
+            )
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             if self.drain_deadline is None and not self.should_exit:
                 # First signal: drain. Not recorded for re-raising: a drained exit is clean.
-                lifecycle.begin_drain()
-                self.drain_deadline = time.monotonic() + grace
-                logger.info(
-                    "received %s: draining %d open webhook(s) for up to %.0f s",
-                    signal.Signals(sig).name,
-                    lifecycle.active,
-                    grace,
-                )
+                self.drain(f"received {signal.Signals(sig).name}")
                 return
             super().handle_exit(sig, frame)
 
         async def on_tick(self, counter: int) -> bool:
+            requests = self.server_state.total_requests
+            if limit and requests >= limit and self.drain_deadline is None and not self.should_exit:
+                self.drain(f"limit_max_requests ({limit}) reached")
             deadline = self.drain_deadline
             if self.should_exit and lifecycle.active and not lifecycle.aborted:
                 # A second signal: end the open turns properly now, rather than uvicorn
@@ -495,6 +502,12 @@ def run_server(
                     self.abort_deadline = time.monotonic() + ABORT_WAIT
             return await super().on_tick(counter)
 
+    # Counted here, not by uvicorn, which would stop without draining the open turns.
+    limit = uvicorn_options.pop("limit_max_requests", None)
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ConfigurationError(f"limit_max_requests must be an int >= 1 or None, got {limit!r}")
+    if limit is not None:
+        limit += random.randint(0, uvicorn_options.pop("limit_max_requests_jitter", 0))
     uvicorn_options.setdefault("timeout_graceful_shutdown", 5)
     if getattr(app.state.settings, "log_format", "text") == "json":
         from .logs import uvicorn_json_log_config

@@ -320,3 +320,46 @@ def test_a_second_signal_ends_open_turns_at_once_with_error_and_end() -> None:
         {"type": "response.error", "error": "server is shutting down", "turn_id": "t-slow"},
         {"type": "response.end", "turn_id": "t-slow"},
     ]
+
+
+def test_uvicorn_max_requests_drains_open_turns_like_sigterm() -> None:
+    """uvicorn stops once ``limit_max_requests`` responses are complete: a turn still open
+    then finishes (it was cut after uvicorn's own graceful-shutdown timeout, 1 s here,
+    without ``response.end``)."""
+    server = start_server_process(
+        [PYTHON, "-m", "tests.serve_for_tests", "{port}", "10", "1"],
+        env={**os.environ, "SLOW_AGENT_SECONDS": "3"},
+        ready_path=None,  # a request to see it ready would count
+    )
+    with server:
+        results: dict[str, Any] = {}
+        first = threading.Event()
+
+        def slow_turn() -> None:
+            body = event_body(text="slow", turn_id="t-slow")
+            try:
+                with (
+                    httpx.Client(base_url=server.url, timeout=20) as client,
+                    connect_sse(
+                        client, "POST", "/api/agent", content=body, headers=signed_headers(body)
+                    ) as source,
+                ):
+                    events = []
+                    for sse in source.iter_sse():
+                        events.append(msgspec.json.decode(sse.data))
+                        first.set()
+                    results["events"] = events
+            except httpx.HTTPError as exc:
+                results["error"] = exc
+
+        thread = threading.Thread(target=slow_turn)
+        thread.start()
+        assert first.wait(10)
+        body = event_body(text="quick", turn_id="t-quick", conversation_id="conv-2")
+        quick = httpx.post(server.url + "/api/agent", content=body, headers=signed_headers(body))
+        assert quick.status_code == 200  # the one response of the limit
+        thread.join(15)
+        assert server.process.wait(15) == 0, server.output()
+        assert "error" not in results, (results, server.output())
+        assert [e.get("content") for e in results["events"]] == ["start", " done", None]
+        assert results["events"][-1]["type"] == "response.end"

@@ -627,6 +627,23 @@ def test_run_server_refuses_an_invalid_grace_period(
         run_server(app, grace_period=grace, port=0)
 
 
+@pytest.mark.parametrize("limit", [0, -1, True, "5", 1.5])
+def test_run_server_refuses_an_invalid_max_requests(
+    limit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+
+    from layercode_asgi.server import run_server
+
+    def started(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn.Server, "run", started)
+    app = create_app(settings())
+    with pytest.raises(ConfigurationError, match="limit_max_requests must be an int >= 1 or None"):
+        run_server(app, port=0, limit_max_requests=limit)
+
+
 def test_redis_replay_cache_refuses_invalid_timeouts() -> None:
     pytest.importorskip("redis")
     from layercode_asgi import RedisReplayCache
