@@ -2,9 +2,10 @@
 key at LayerCode for a caller the guard lets through.
 
 Limits toward LayerCode: ``timeout`` bounds the whole upstream call (connect, request and
-every byte of the answer), an answer larger than :data:`AUTHORIZE_MAX_UPSTREAM_BODY` is a
-502, and of a 4xx answer only LayerCode's ``error`` message is relayed (one printable line
-of at most :data:`AUTHORIZE_MAX_ERROR_CHARS` characters), never its headers or other fields.
+every byte of the answer), an answer larger than :data:`AUTHORIZE_MAX_UPSTREAM_BODY` or
+compressed (it asks for ``accept-encoding: identity``) is a 502, and of a 4xx answer only
+LayerCode's ``error`` message is relayed (one printable line of at most
+:data:`AUTHORIZE_MAX_ERROR_CHARS` characters), never its headers or other fields.
 """
 
 from __future__ import annotations
@@ -139,6 +140,12 @@ class AuthorizeRoute:
         except (TimeoutError, httpx.TimeoutException):
             logger.warning("LayerCode authorize timed out after %ss", self.timeout)
             return json_error_response(502, "LayerCode API timed out")
+        except _UpstreamEncoded as exc:
+            logger.warning(
+                "LayerCode authorize answer refused: content-encoding %s (asked for identity)",
+                escape_log_value(exc),
+            )
+            return json_error_response(502, "LayerCode API sent an invalid response")
         except _UpstreamTooLarge:
             logger.warning(
                 "LayerCode authorize answer larger than %d bytes", AUTHORIZE_MAX_UPSTREAM_BODY
@@ -185,6 +192,11 @@ class AuthorizeRoute:
                 "accept-encoding": "identity",
             },
         ) as upstream:
+            # A compressed answer anyway (a proxy) would be decompressed chunk by chunk, each
+            # without bound, before the size check: refused unread.
+            encoding = upstream.headers.get("content-encoding", "").strip().lower()
+            if encoding not in ("", "identity"):
+                raise _UpstreamEncoded(encoding)
             declared = upstream.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > AUTHORIZE_MAX_UPSTREAM_BODY:
                 raise _UpstreamTooLarge
@@ -200,6 +212,10 @@ class AuthorizeRoute:
 
 class _UpstreamTooLarge(Exception):
     """LayerCode's answer passed AUTHORIZE_MAX_UPSTREAM_BODY."""
+
+
+class _UpstreamEncoded(Exception):
+    """LayerCode's answer has a ``content-encoding`` other than identity."""
 
 
 def _printable(message: object, limit: int) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 from .errors import SettingsError
@@ -66,23 +67,46 @@ def _parse_env_line(line: str) -> tuple[str, str] | None:
     return key, "".join(chars)
 
 
+#: A ``.env`` file holds a few settings: a bigger one is refused (not read to its end).
+MAX_ENV_FILE_BYTES = 1 << 20
+
+
+def _read_env_file(file: Path) -> bytes | None:
+    """At most ``MAX_ENV_FILE_BYTES + 1`` bytes of ``file``; ``None`` unless it is a regular
+    file (a device, a pipe, a directory: endless, or waiting for a writer)."""
+    # Non-blocking: opening a FIFO nobody writes returns at once (then is refused).
+    fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    with os.fdopen(fd, "rb") as stream:
+        return stream.read(MAX_ENV_FILE_BYTES + 1)
+
+
 def parse_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
     """Read a ``.env`` file into a dict; a missing file gives ``{}``.
 
     Supports ``KEY=VALUE``, an optional ``export`` prefix, ``#`` comments and blank lines,
     single quotes (literal) and double quotes (with ``\\n``, ``\\t``, ``\\"``, ``\\\\``
     escapes), and inline `` #`` comments after unquoted values. Later keys win. Raises
-    :class:`SettingsError` naming the file and line of every garbled line.
+    :class:`SettingsError` naming the file and line of every garbled line, or naming the
+    file if it is not a regular file (a device, a pipe) or is over 1 MiB.
     """
     file = Path(path)
     try:
-        content = file.read_text(encoding="utf-8-sig")
+        data = _read_env_file(file)
     except FileNotFoundError:
         return {}
-    except UnicodeDecodeError as exc:
-        raise SettingsError([f"{file}: not valid UTF-8 ({exc.reason})"]) from exc
     except OSError as exc:
         raise SettingsError([f"{file}: cannot read the file ({exc.strerror or exc})"]) from exc
+    if data is None:
+        raise SettingsError([f"{file}: cannot read the file: not a regular file"])
+    if len(data) > MAX_ENV_FILE_BYTES:
+        raise SettingsError([f"{file}: cannot read the file: larger than 1 MiB"])
+    try:
+        content = data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as exc:
+        raise SettingsError([f"{file}: not valid UTF-8 ({exc.reason})"]) from exc
     values: dict[str, str] = {}
     problems: list[str] = []
     # Lines end at line feeds only (reading translated \r\n and \r): str.splitlines also

@@ -41,7 +41,7 @@ from .agents import Agent, agent_name, get_agent
 from .authorize import AuthorizeGuard, AuthorizeRoute
 from .config import Settings
 from .conversation import ConversationManager
-from .errors import ConfigurationError, check_seconds
+from .errors import ConfigurationError, check_positive_int, check_seconds
 from .logs import escape_log_value
 from .metrics import installed, metrics_from_settings
 from .middleware import LayercodeSignature
@@ -233,6 +233,7 @@ def create_app(
         ConversationManager.from_settings(settings) if conversations is None else conversations
     )
     metrics = metrics_from_settings(settings)
+    serves_metrics = settings.metrics and installed("prometheus_client")
 
     webhook = LayercodeWebhook(
         agent,
@@ -314,11 +315,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if not settings.authorize_api_keys and authorize_guard is None:
-            logger.warning(
-                "the authorize route %s is not guarded: anyone who can reach it can mint "
-                "LayerCode sessions (set LAYERCODE_AUTHORIZE_API_KEYS or authorize_guard)",
+            _warn_unguarded(
+                "authorize",
                 authorize_route,
+                "mint LayerCode sessions",
+                "LAYERCODE_AUTHORIZE_API_KEYS or authorize_guard",
             )
+        if serves_metrics and not settings.metrics_api_keys:
+            _warn_unguarded("metrics", "/metrics", "read the metrics", "LAYERCODE_METRICS_API_KEYS")
         thresholds = gc.get_threshold()
         if settings.gc_tuning:
             # A full collection scans every live object and stops every open stream while
@@ -363,7 +367,7 @@ def create_app(
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
     ]
-    if settings.metrics and installed("prometheus_client"):
+    if serves_metrics:
         from .prometheus import MetricsEndpoint
 
         routes.append(Route("/metrics", MetricsEndpoint(settings.metrics_api_keys)))
@@ -383,6 +387,12 @@ def create_app(
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
     return app
+
+
+def _warn_unguarded(kind: str, route: str, harm: str, guard: str) -> None:
+    """The start-up warning of a route open to anyone who can reach it."""
+    message = "the %s route %s is not guarded: anyone who can reach it can %s (set %s)"
+    logger.warning(message, kind, route, harm, guard)
 
 
 def app_from_env() -> Starlette:
@@ -427,8 +437,12 @@ def run_server(
     period is over are ended properly first (:meth:`Lifecycle.abort`: ``response.error``
     + ``response.end``, or 503 JSON for a turn not yet streaming), given up to
     ``ABORT_WAIT`` seconds to send that. A second signal stops at once: open turns are
-    ended the same way, without waiting for the grace period.
+    ended the same way, without waiting for the grace period. uvicorn's
+    ``limit_max_requests`` (in ``uvicorn_options``) stops the server the way a first
+    SIGTERM does (after that many complete responses, plus up to
+    ``limit_max_requests_jitter``): turns still open then are drained, not cut.
     """
+    import random
     import signal
     import time
 
@@ -448,21 +462,24 @@ def run_server(
         drain_deadline: float | None = None
         abort_deadline: float | None = None
 
+        def drain(self, reason: str) -> None:
+            lifecycle.begin_drain()
+            self.drain_deadline = time.monotonic() + grace
+            logger.info(
+                "%s: draining %d open webhook(s) for up to %.0f s", reason, lifecycle.active, grace
+            )
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             if self.drain_deadline is None and not self.should_exit:
                 # First signal: drain. Not recorded for re-raising: a drained exit is clean.
-                lifecycle.begin_drain()
-                self.drain_deadline = time.monotonic() + grace
-                logger.info(
-                    "received %s: draining %d open webhook(s) for up to %.0f s",
-                    signal.Signals(sig).name,
-                    lifecycle.active,
-                    grace,
-                )
+                self.drain(f"received {signal.Signals(sig).name}")
                 return
             super().handle_exit(sig, frame)
 
         async def on_tick(self, counter: int) -> bool:
+            requests = self.server_state.total_requests
+            if limit and requests >= limit and self.drain_deadline is None and not self.should_exit:
+                self.drain(f"limit_max_requests ({limit}) reached")
             deadline = self.drain_deadline
             if self.should_exit and lifecycle.active and not lifecycle.aborted:
                 # A second signal: end the open turns properly now, rather than uvicorn
@@ -488,6 +505,14 @@ def run_server(
                     self.abort_deadline = time.monotonic() + ABORT_WAIT
             return await super().on_tick(counter)
 
+    # Counted here, not by uvicorn, which would stop without draining the open turns.
+    limit = uvicorn_options.pop("limit_max_requests", None)
+    if limit is not None:
+        check_positive_int(limit, "limit_max_requests")
+        jitter = uvicorn_options.pop("limit_max_requests_jitter", 0)
+        if jitter != 0:
+            check_positive_int(jitter, "limit_max_requests_jitter")
+            limit += random.randint(0, jitter)
     uvicorn_options.setdefault("timeout_graceful_shutdown", 5)
     if getattr(app.state.settings, "log_format", "text") == "json":
         from .logs import uvicorn_json_log_config

@@ -1,7 +1,10 @@
-"""Agents loaded by import path ("tests.agents_for_tests:…") in server subprocess tests."""
+"""Agents loaded by import path ("tests.agents_for_tests:…") in server subprocess tests, and
+:func:`cancelled_elsewhere` for agents and producers that misbehave in-process."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 
@@ -37,3 +40,13 @@ async def scripted_agent(event: TurnEvent) -> AsyncIterator[str]:
         yield "first"
         await anyio.sleep(60)
     yield f"fine: {text}"
+
+
+async def cancelled_elsewhere() -> asyncio.Task[None]:
+    """A task someone else cancelled: awaiting it raises CancelledError in the awaiter."""
+    task = asyncio.get_running_loop().create_task(asyncio.sleep(30))
+    await asyncio.sleep(0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(task)
+    return task

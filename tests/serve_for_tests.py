@@ -1,4 +1,5 @@
-"""``python -m tests.serve_for_tests PORT GRACE``: create_app + run_server, for SIGTERM tests."""
+"""``python -m tests.serve_for_tests PORT GRACE [MAX_REQUESTS]``: create_app + run_server, for
+SIGTERM tests (and uvicorn's limit_max_requests)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from .conftest import SECRET
 
 if __name__ == "__main__":
     port, grace = int(sys.argv[1]), float(sys.argv[2])
+    # A third argument: uvicorn's limit_max_requests (and 1 s for its own graceful shutdown).
+    limit: dict[str, int] = {}
+    if len(sys.argv) > 3:
+        limit = {"limit_max_requests": int(sys.argv[3]), "timeout_graceful_shutdown": 1}
     settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
     run_server(
-        create_app(settings, scripted_agent), port=port, grace_period=grace, log_level="warning"
+        create_app(settings, scripted_agent),
+        port=port,
+        grace_period=grace,
+        log_level="warning",
+        **limit,
     )

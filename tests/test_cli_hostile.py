@@ -105,6 +105,34 @@ def test_a_setting_of_5000_digits_exits_2(tmp_path: Path) -> None:
     assert len(line) < 200
 
 
+def _limit_memory() -> None:
+    """In the child: at most 2 GiB of address space (an endless read fails, not the box)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs /dev/zero and FIFOs")
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_an_env_file_that_never_ends_exits_2(tmp_path: Path, kind: str) -> None:
+    path = "/dev/zero"
+    if kind == "fifo":  # nobody writes it: opening it to read would wait forever
+        path = str(tmp_path / "fifo.env")
+        os.mkfifo(path)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "LOG_"))}
+    done = subprocess.run(
+        [PYTHON, "-m", "layercode_asgi", "serve", "--dev", "--env-file", path],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=_limit_memory,
+    )
+    line = one_error_line(done)
+    assert line == f"error: {path}: cannot read the file: not a regular file"
+
+
 @pytest.mark.parametrize("password", ["Zq8/Hk2+pW9", "Zq8#Hk2", "Zq8?Hk2"])
 def test_serve_never_prints_a_redis_password(tmp_path: Path, password: str) -> None:
     env = {"REDIS_URL": f"redis://default:{password}@cache.example.com:6379/0"}

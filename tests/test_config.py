@@ -444,6 +444,24 @@ def test_unreadable_env_file(tmp_path: Path) -> None:
         parse_env_file(tmp_path)  # a directory
 
 
+def test_env_file_over_1_mib_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big.env"
+    big.write_bytes(b"# padding\n" * 110_000 + b"KEY=1\n")  # 1.05 MB of comments
+    with pytest.raises(ConfigurationError) as info:
+        parse_env_file(big)
+    assert str(info.value) == f"{big}: cannot read the file: larger than 1 MiB"
+    with pytest.raises(ConfigurationError, match="larger than 1 MiB"):
+        Settings(env_file=big, environ={})
+    big.write_bytes(b"KEY=1\n" + b"#" * ((1 << 20) - 7) + b"\n")  # exactly 1 MiB is fine
+    assert parse_env_file(big) == {"KEY": "1"}
+
+
+def test_env_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        parse_env_file(tmp_path)  # a directory
+    assert str(info.value) == f"{tmp_path}: cannot read the file: not a regular file"
+
+
 def test_invalid_value_in_env_file_names_the_variable(tmp_path: Path) -> None:
     path = tmp_path / ".env"
     path.write_text("LAYERCODE_TURN_TIMEOUT=soon\n")

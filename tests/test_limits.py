@@ -90,6 +90,31 @@ def test_body_timeout_must_be_positive(bad: Any) -> None:
         LayercodeSignature(Recorder(), secret=SECRET, body_timeout=bad)
 
 
+def read_json_reply(sock: socket.socket) -> bytes:
+    """Read an HTTP answer with a JSON body until its closing ``}`` (or the server closes);
+    each read raises TimeoutError after the socket's timeout: the route hung."""
+    reply = b""
+    for _ in range(1000):  # bounded: the answers are small
+        if b"\r\n\r\n" in reply and reply.rstrip().endswith(b"}"):
+            break
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        reply += chunk
+    return reply
+
+
+def authorize_settings() -> Settings:
+    """An authorize route that would call LayerCode, with a 0.5 s body deadline."""
+    return Settings(
+        env_file=None,
+        environ={},
+        layercode_webhook_secret=SECRET,
+        layercode_api_key="lc_key",
+        body_timeout=0.5,
+    )
+
+
 def test_slowloris_over_a_real_socket_gets_408() -> None:
     settings = Settings(
         env_file=None, environ={}, layercode_webhook_secret=SECRET, body_timeout=0.5
@@ -103,12 +128,7 @@ def test_slowloris_over_a_real_socket_gets_408() -> None:
                 b'Content-Length: 1000\r\n\r\n{"type":'
             )
             started = time.monotonic()
-            reply = b""
-            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                reply += chunk
+            reply = read_json_reply(sock)
             elapsed = time.monotonic() - started
     assert reply.startswith(b"HTTP/1.1 408"), reply
     assert b"request body not received within 0.5 s" in reply
@@ -117,26 +137,14 @@ def test_slowloris_over_a_real_socket_gets_408() -> None:
 
 def test_slow_authorize_body_over_a_real_socket_gets_408() -> None:
     """LAYERCODE_BODY_TIMEOUT bounds the authorize route's body too: it waited forever."""
-    settings = Settings(
-        env_file=None,
-        environ={},
-        layercode_webhook_secret=SECRET,
-        layercode_api_key="lc_key",
-        body_timeout=0.5,
-    )
-    with serve(create_app(settings, scripted_agent)) as url:
+    with serve(create_app(authorize_settings(), scripted_agent)) as url:
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as sock:
             sock.sendall(
                 b"POST /api/authorize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b'Content-Length: 1000\r\n\r\n{"agent_id":'
             )
-            reply = b""
-            while not reply.rstrip().endswith(b"}"):
-                chunk = sock.recv(4096)  # raises TimeoutError after 10 s: the route hung
-                if not chunk:
-                    break
-                reply += chunk
+            reply = read_json_reply(sock)
     assert reply.startswith(b"HTTP/1.1 408"), reply
     assert b'{"error":"request body not received within 0.5 s"}' in reply
     assert b"connection: close" in reply.lower()
@@ -148,14 +156,7 @@ def test_authorize_body_declared_too_large_is_refused_before_reading(
     """A Content-Length over the authorize route's limit gets 413 at once, closing the
     connection (it used to read 64 KiB first, or wait out the body deadline, and keep the
     connection open); a body too slow is logged, as the webhook's is."""
-    settings = Settings(
-        env_file=None,
-        environ={},
-        layercode_webhook_secret=SECRET,
-        layercode_api_key="lc_key",
-        body_timeout=0.5,
-    )
-    with serve(create_app(settings, scripted_agent)) as url:
+    with serve(create_app(authorize_settings(), scripted_agent)) as url:
         host, port = url.removeprefix("http://").split(":")
         for head, status in (
             (b"Content-Length: 10000000\r\n\r\n", b"413"),
@@ -163,12 +164,7 @@ def test_authorize_body_declared_too_large_is_refused_before_reading(
         ):
             with socket.create_connection((host, int(port)), timeout=10) as sock:
                 sock.sendall(b"POST /api/authorize HTTP/1.1\r\nHost: x\r\n" + head)
-                reply = b""
-                while not reply.rstrip().endswith(b"}"):
-                    chunk = sock.recv(4096)  # TimeoutError after 10 s: the route hung
-                    if not chunk:
-                        break
-                    reply += chunk
+                reply = read_json_reply(sock)
             assert reply.startswith(b"HTTP/1.1 " + status), reply
             assert b"connection: close" in reply.lower()
             if status == b"413":

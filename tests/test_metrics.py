@@ -319,6 +319,38 @@ def test_metrics_guard(headers: dict[str, str], status: int) -> None:
         assert response.headers["www-authenticate"] == "Bearer"
 
 
+_OPEN_METRICS = (
+    "the metrics route /metrics is not guarded: anyone who can reach it can read the metrics "
+    "(set LAYERCODE_METRICS_API_KEYS)"
+)
+_OPEN_AUTHORIZE = (
+    "the authorize route /api/authorize is not guarded: anyone who can reach it can mint "
+    "LayerCode sessions (set LAYERCODE_AUTHORIZE_API_KEYS or authorize_guard)"
+)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("metrics_keys", "authorize_keys", "expected"),
+    [
+        ("", "k", [_OPEN_METRICS]),
+        ("scrape-key", "k", []),
+        ("", "", [_OPEN_AUTHORIZE, _OPEN_METRICS]),
+    ],
+)
+async def test_an_unguarded_metrics_route_warns_at_start_up(
+    caplog: pytest.LogCaptureFixture, metrics_keys: str, authorize_keys: str, expected: list[str]
+) -> None:
+    settings = _settings(
+        metrics=True, metrics_api_keys=metrics_keys, authorize_api_keys=authorize_keys
+    )
+    app = create_app(settings)
+    with caplog.at_level(logging.WARNING, logger="layercode_asgi"):
+        async with app.router.lifespan_context(app):
+            pass
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == expected
+
+
 # -- the pieces: the middleware's reasons, turns without a store, the log line, the demo -----
 
 

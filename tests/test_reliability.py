@@ -175,23 +175,26 @@ def test_paused_redis_answers_503_quickly() -> None:
 # -- graceful shutdown: SIGTERM drains open turns --------------------------------------------------
 
 
-def _start(grace: float, slow_seconds: float) -> ServerProcess:
+def _start(grace: float, slow_seconds: float, max_requests: int | None = None) -> ServerProcess:
+    limit = [] if max_requests is None else [str(max_requests)]
     return start_server_process(
-        [PYTHON, "-m", "tests.serve_for_tests", "{port}", str(grace)],
+        [PYTHON, "-m", "tests.serve_for_tests", "{port}", str(grace), *limit],
         env={**os.environ, "SLOW_AGENT_SECONDS": str(slow_seconds)},
+        ready_path="/health" if max_requests is None else None,  # a request would count
     )
 
 
-def test_sigterm_lets_open_turns_finish_and_refuses_new_ones() -> None:
-    with _start(grace=10, slow_seconds=2) as server:
-        process, url = server.process, server.url
-        results: dict[str, Any] = {}
-        first = threading.Event()
+def _slow_turn_in_background(url: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start a 'slow' turn in a thread; return once its first event arrived. The thread
+    puts the turn's events (or the error that cut it) in the dict."""
+    results: dict[str, Any] = {}
+    first = threading.Event()
 
-        def slow_turn() -> None:
-            body = event_body(text="slow", turn_id="t-slow")
+    def slow_turn() -> None:
+        body = event_body(text="slow", turn_id="t-slow")
+        try:
             with (
-                httpx.Client(base_url=url, timeout=20) as client,
+                httpx.Client(base_url=url, timeout=30) as client,
                 connect_sse(
                     client, "POST", "/api/agent", content=body, headers=signed_headers(body)
                 ) as source,
@@ -201,10 +204,19 @@ def test_sigterm_lets_open_turns_finish_and_refuses_new_ones() -> None:
                     events.append(msgspec.json.decode(sse.data))
                     first.set()
                 results["events"] = events
+        except httpx.HTTPError as exc:
+            results["error"] = exc
 
-        thread = threading.Thread(target=slow_turn)
-        thread.start()
-        assert first.wait(10)
+    thread = threading.Thread(target=slow_turn)
+    thread.start()
+    assert first.wait(10)
+    return thread, results
+
+
+def test_sigterm_lets_open_turns_finish_and_refuses_new_ones() -> None:
+    with _start(grace=10, slow_seconds=2) as server:
+        process, url = server.process, server.url
+        thread, results = _slow_turn_in_background(url)
         process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         body = event_body(text="late", turn_id="t-late", conversation_id="conv-2")
@@ -284,29 +296,7 @@ def test_a_body_still_arriving_when_the_grace_period_ends_gets_503() -> None:
 def test_a_second_signal_ends_open_turns_at_once_with_error_and_end() -> None:
     with _start(grace=30, slow_seconds=60) as server:
         process, url = server.process, server.url
-        results: dict[str, Any] = {}
-        first = threading.Event()
-
-        def slow_turn() -> None:
-            body = event_body(text="slow", turn_id="t-slow")
-            try:
-                with (
-                    httpx.Client(base_url=url, timeout=30) as client,
-                    connect_sse(
-                        client, "POST", "/api/agent", content=body, headers=signed_headers(body)
-                    ) as source,
-                ):
-                    events = []
-                    for sse in source.iter_sse():
-                        events.append(msgspec.json.decode(sse.data))
-                        first.set()
-                    results["events"] = events
-            except httpx.HTTPError as exc:
-                results["error"] = exc
-
-        thread = threading.Thread(target=slow_turn)
-        thread.start()
-        assert first.wait(10)
+        thread, results = _slow_turn_in_background(url)
         process.send_signal(signal.SIGTERM)
         for _ in range(200):  # bounded: until the first signal was handled (draining)
             if httpx.get(url + "/ready").status_code == 503:
@@ -320,3 +310,19 @@ def test_a_second_signal_ends_open_turns_at_once_with_error_and_end() -> None:
         {"type": "response.error", "error": "server is shutting down", "turn_id": "t-slow"},
         {"type": "response.end", "turn_id": "t-slow"},
     ]
+
+
+def test_uvicorn_max_requests_drains_open_turns_like_sigterm() -> None:
+    """uvicorn stops once ``limit_max_requests`` responses are complete: a turn still open
+    then finishes (it was cut after uvicorn's own graceful-shutdown timeout, 1 s here,
+    without ``response.end``)."""
+    with _start(grace=10, slow_seconds=3, max_requests=1) as server:
+        thread, results = _slow_turn_in_background(server.url)
+        body = event_body(text="quick", turn_id="t-quick", conversation_id="conv-2")
+        quick = httpx.post(server.url + "/api/agent", content=body, headers=signed_headers(body))
+        assert quick.status_code == 200  # the one response of the limit
+        thread.join(15)
+        assert server.process.wait(15) == 0, server.output()
+        assert "error" not in results, (results, server.output())
+        assert [e.get("content") for e in results["events"]] == ["start", " done", None]
+        assert results["events"][-1]["type"] == "response.end"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -261,6 +263,7 @@ class FakeLayercode:
             "config": {"voice": "x"},
         }
         self.delay = 0.0
+        self.headers: dict[str, str] = {}
         self.app = Starlette(
             routes=[Route("/v1/agents/web/authorize_session", self.authorize, methods=["POST"])]
         )
@@ -270,8 +273,8 @@ class FakeLayercode:
         if self.delay:
             await anyio.sleep(self.delay)
         if isinstance(self.answer, bytes):
-            return Response(self.answer, status_code=self.status)
-        return JSONResponse(self.answer, status_code=self.status)
+            return Response(self.answer, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.answer, status_code=self.status, headers=self.headers)
 
 
 @pytest.fixture
@@ -333,6 +336,29 @@ def test_authorize_upstream_answers(
     with serve(create_app(settings(layercode_api_url=api))) as url, httpx.Client(base_url=url) as c:
         r = c.post("/api/authorize", json={"agent_id": "ag_1"})
     assert (r.status_code, r.json()) == (expected_status, expected)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "answer"),
+    [
+        ("gzip", gzip.compress(b'{"client_session_key":"csk_1"}')),
+        ("gzip", gzip.compress(b" " * (32 << 20))),  # ~32 KiB that decode to 32 MiB
+        ("gzip, gzip", gzip.compress(gzip.compress(b" " * (32 << 20)))),  # the same, nested
+        ("deflate", zlib.compress(b'{"error":"agent not found"}')),
+    ],
+)
+@pytest.mark.parametrize("status", [200, 403])
+def test_authorize_refuses_an_encoded_upstream_answer(
+    layercode: tuple[FakeLayercode, str], encoding: str, answer: bytes, status: int
+) -> None:
+    """It asks for ``accept-encoding: identity``; a compressed answer anyway (a proxy) would
+    be decompressed without bound before the 1 MiB check: refused, whatever it holds."""
+    fake, api = layercode
+    fake.status, fake.answer, fake.headers = status, answer, {"content-encoding": encoding}
+    with serve(create_app(settings(layercode_api_url=api))) as url, httpx.Client(base_url=url) as c:
+        r = c.post("/api/authorize", json={"agent_id": "ag_1"})
+    assert (r.status_code, r.json()) == (502, {"error": "LayerCode API sent an invalid response"})
+    assert fake.requests[0][1]["accept-encoding"] == "identity"
 
 
 def test_authorize_upstream_unreachable_and_timeout(layercode: tuple[FakeLayercode, str]) -> None:
@@ -616,6 +642,25 @@ def test_run_server_refuses_an_invalid_grace_period(
     app = create_app(settings())
     with pytest.raises(ConfigurationError, match="grace_period must be a finite number >= 0"):
         run_server(app, grace_period=grace, port=0)
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, "5", 1.5])
+def test_run_server_refuses_an_invalid_max_requests(
+    limit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+
+    from layercode_asgi.server import run_server
+
+    def started(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn.Server, "run", started)
+    app = create_app(settings())
+    with pytest.raises(ConfigurationError, match="limit_max_requests must be an integer > 0"):
+        run_server(app, port=0, limit_max_requests=limit)
+    with pytest.raises(ConfigurationError, match="limit_max_requests_jitter must be an integer"):
+        run_server(app, port=0, limit_max_requests=5, limit_max_requests_jitter="3")
 
 
 def test_redis_replay_cache_refuses_invalid_timeouts() -> None:

@@ -7,8 +7,6 @@ its writes.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +17,7 @@ import pytest
 from layercode_asgi import EventStreamResponse, ResponseError, Turn, parse_webhook_payload
 from layercode_asgi.sse import Emit
 
+from .agents_for_tests import cancelled_elsewhere
 from .asgi_stub import ASGIStub
 from .conftest import BACKENDS, event_body
 
@@ -139,15 +138,6 @@ async def test_a_producer_failing_after_its_first_event_ends_the_stream() -> Non
     assert stub.complete
 
 
-async def _a_task_cancelled_elsewhere() -> asyncio.Task[None]:
-    task = asyncio.get_running_loop().create_task(asyncio.sleep(30))
-    await asyncio.sleep(0)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.shield(task)
-    return task
-
-
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio's Cancelled is trio's own
 @pytest.mark.parametrize("after_first", [False, True])
 async def test_a_producer_raising_a_stray_cancelled_error_is_a_failure(
@@ -157,7 +147,7 @@ async def test_a_producer_raising_a_stray_cancelled_error_is_a_failure(
     # is no cancellation of this response. Before, it escaped the response: the server
     # answered a plain 500, or cut the stream without its final frame.
     async def producer(emit: Emit) -> None:
-        task = await _a_task_cancelled_elsewhere()
+        task = await cancelled_elsewhere()
         if after_first:
             await emit(b"data: one\n\n")
         await task

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -41,6 +40,7 @@ from layercode_asgi import (
     stream_turn,
 )
 
+from .agents_for_tests import cancelled_elsewhere
 from .conftest import BACKENDS, SECRET, event_body, serve, signed_headers
 
 END = {"type": "response.end", "turn_id": "turn-1"}
@@ -742,16 +742,6 @@ def test_turn_accepts_valid_durations() -> None:
 # -- a CancelledError the agent raises itself is an agent error, not a cancellation -------
 
 
-async def _cancelled_elsewhere() -> asyncio.Task[None]:
-    """A task someone else cancelled: awaiting it raises CancelledError in the awaiter."""
-    task = asyncio.get_running_loop().create_task(asyncio.sleep(30))
-    await asyncio.sleep(0)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.shield(task)
-    return task
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio's Cancelled is trio's own
 @pytest.mark.parametrize("after_first", [False, True])
@@ -759,7 +749,7 @@ async def test_agent_raising_a_stray_cancelled_error_gets_error_then_end(
     after_first: bool, anyio_backend: str
 ) -> None:
     async def agent(event: Any) -> AsyncIterator[str]:
-        task = await _cancelled_elsewhere()
+        task = await cancelled_elsewhere()
         if after_first:
             yield "partial"
         await task  # e.g. a shared prefetch that another request cancelled
