@@ -62,7 +62,7 @@ from .events import (
     parse_webhook_payload,
 )
 from .logs import escape_log_value, log_webhook, webhook_log_enabled
-from .metrics import TurnMetrics
+from .metrics import TurnMetrics, answered_status
 from .middleware import DEFAULT_MAX_BODY_SIZE
 from .sse import Emit, EventStreamResponse
 from .turns import DEFAULT_TURN_GRACE, Turn
@@ -365,12 +365,13 @@ class LayercodeWebhook:
         finally:
             if record is not None:
                 record.finish(response)
-            if webhook_log_enabled(response.status_code):
+            status = answered_status(response)
+            if webhook_log_enabled(status):
                 log_webhook(
                     kind,
                     conversation_id,
                     turn_id,
-                    response.status_code,
+                    status,
                     time.perf_counter() - started,
                     first_tts_s=None if record is None else record.first_tts,
                 )
