@@ -164,9 +164,12 @@ def bind_agent(agent: Agent) -> BoundAgent:
 
     Decided once per agent from its signature: a second positional parameter (or
     ``*args``) receives the context positionally; a keyword-only parameter named
-    ``context`` or ``ctx`` receives it by name; otherwise the agent gets the event only.
-    Raises :class:`InvalidAgentError` when ``agent`` is not callable or its signature
-    cannot accept that call (e.g. three required positional parameters).
+    ``context`` or ``ctx`` receives it by name (unless it has a default and there is a
+    second positional parameter); otherwise the agent gets the event only. Other
+    keyword-only parameters with defaults are left alone. Raises
+    :class:`InvalidAgentError` when ``agent`` is not callable or its signature cannot
+    accept that call (e.g. three required positional parameters, or a keyword-only
+    parameter without a default that is not the context).
     """
     if isinstance(agent, BoundAgent):
         return agent
@@ -203,19 +206,22 @@ def _convention(agent: Agent) -> str:
     except (TypeError, ValueError):  # some builtins and C callables have no signature
         signature = None
     parameters = signature.parameters.values() if signature is not None else ()
-    positional = 0
+    positional = named = 0  # named: not counting ``*args``
     keyword = None
+    optional = False  # the keyword-only context parameter has a default
     for parameter in parameters:
         if parameter.kind in _POSITIONAL:
             positional += 1
+            named += 1
         elif parameter.kind is inspect.Parameter.VAR_POSITIONAL:
             positional = 2
         elif parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.name in _CONTEXT_NAMES:
             keyword = parameter.name
+            optional = parameter.default is not inspect.Parameter.empty
             break
     args: tuple[str, ...] = ("event",)
     kwargs: dict[str, str] = {}
-    if keyword is not None:
+    if keyword is not None and not (optional and named >= 2):
         kwargs = {keyword: "context"}
         convention = keyword
     elif positional >= 2:

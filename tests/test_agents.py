@@ -249,3 +249,45 @@ def test_bind_agent_keeps_no_agent_alive() -> None:
     del agent
     gc.collect()
     assert ref() is None
+
+
+def test_keyword_only_extras_with_defaults_do_not_change_the_calling_convention() -> None:
+    # (event, context, *, ctx=None) was refused ("missing a required argument: 'context'"):
+    # the optional keyword-only ``ctx`` was taken for the context parameter.
+    from layercode_asgi.agents import InvalidAgentError, bind_agent
+
+    async def two_and_ctx(event: Any, context: Any, *, ctx: Any = None) -> str:
+        return f"{context.text}:{ctx}"
+
+    async def ctx_and_context(event: Any, ctx: Any, *, context: Any = None) -> str:
+        return f"{ctx.text}:{context}"
+
+    async def two_and_flag(event: Any, context: Any, *, verbose: bool = False) -> str:
+        return f"{context.text}:{verbose}"
+
+    async def by_name(event: Any, *, ctx: Any = None) -> str:  # still the keyword form
+        return f"{ctx.text}:kw"
+
+    event = parse_webhook_payload(event_body("message", text="hi"))
+    context = TurnContext(event, (), {})  # type: ignore[arg-type]
+    import anyio
+
+    for agent, said in (
+        (two_and_ctx, "hi:None"),
+        (ctx_and_context, "hi:None"),
+        (two_and_flag, "hi:False"),
+        (by_name, "hi:kw"),
+    ):
+        assert anyio.run(bind_agent(agent), event, context) == said
+
+    async def required_flag(event: Any, context: Any, *, flag: bool) -> str:
+        return "x"
+
+    async def required_ctx_too(event: Any, context: Any, *, ctx: Any) -> str:
+        return "x"
+
+    for agent, missing in ((required_flag, "'flag'"), (required_ctx_too, "")):
+        with pytest.raises(InvalidAgentError, match="cannot be an agent") as info:
+            bind_agent(agent)
+        assert isinstance(info.value, TypeError)
+        assert f"missing a required argument: {missing}" in str(info.value)
