@@ -289,8 +289,9 @@ def openai_agent(
     """An agent that streams OpenAI chat completions (extra ``openai``).
 
     The conversation's history is sent as context; every text delta is spoken as it
-    arrives. Raises :class:`ConfigurationError` at once when the SDK is not installed or
-    the key is empty, so a misconfigured server refuses to start instead of failing turns.
+    arrives (whitespace alone with the next one). Raises :class:`ConfigurationError` at
+    once when the SDK is not installed or the key is empty, so a misconfigured server
+    refuses to start instead of failing turns.
     """
     if not api_key:
         raise ConfigurationError("the openai agent needs OPENAI_API_KEY")
@@ -300,6 +301,8 @@ def openai_agent(
         raise ConfigurationError(
             "the openai agent needs the OpenAI SDK: pip install 'layercode-asgi[openai]'"
         ) from None
+    from .adapters import PhraseChunker
+
     client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url)
     completions: Any = client.chat.completions  # the SDK's overloads are not worth mirroring
 
@@ -311,11 +314,13 @@ def openai_agent(
         elif context.is_session_start:
             messages.append({"role": "user", "content": "(The caller joined. Greet them.)"})
         stream = await completions.create(model=model, messages=messages, stream=True)
+        deltas = PhraseChunker("delta")  # whitespace alone goes out with the next delta
         async for chunk in stream:
             for choice in chunk.choices:
                 delta = choice.delta  # None in Azure's content-filter annotation chunks
                 if delta is not None and delta.content:
-                    yield delta.content
+                    for text in deltas.feed(delta.content):
+                        yield text
 
     agent.__name__ = agent.__qualname__ = "openai_agent"
     agent.model = f"openai:{model}"  # type: ignore[attr-defined]  # shown by /ready

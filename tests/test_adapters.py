@@ -286,6 +286,22 @@ async def test_disconnect_cancels_the_model_request(name: str, fake: FakeOpenAI)
     assert not fake.last_delta_sent.is_set()
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_whitespace_only_deltas_are_not_spoken_alone(name: str, fake: FakeOpenAI) -> None:
+    """Before: the openai agent (and every adapter with ``chunking="delta"``) sent a
+    whitespace-only delta as a ``response.tts`` of its own (``" "``, ``"\\n\\n"``). Now it
+    goes out with the next delta (the space between two words is kept) or, at the end,
+    not at all."""
+    fake.push(Script(text=["\n\n", "Hello", " ", "there.", "\n", " ", "How", " are you?", " \n"]))
+    with serve(app_for(name)) as base:
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("hello")
+    assert turn.errors == []
+    assert [text for text in turn.tts if not text.strip()] == []
+    assert "".join(turn.tts).strip() == "Hello there.\n How are you?"
+
+
 # -- the parts, directly -----------------------------------------------------------------------
 
 
@@ -299,6 +315,10 @@ def test_phrase_chunker() -> None:
     long = "This sentence is long enough to be cut at a comma, and it goes on"
     assert list(PhraseChunker().feed(long)) == [long[: long.index(",") + 2]]
     assert list(PhraseChunker("delta").feed("a")) == ["a"]
+    deltas = PhraseChunker("delta")  # whitespace goes out with the next delta, if any
+    out = [d for piece in ["\n", "Hi", " ", "\t", "there", " "] for d in deltas.feed(piece)]
+    assert out == ["\nHi", " \tthere"]
+    assert deltas.flush() is None
     with pytest.raises(ValueError, match="chunking"):
         PhraseChunker("words")  # type: ignore[arg-type]
 

@@ -9,7 +9,8 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
   ``response.tts`` is then a phrase a text-to-speech engine can say with natural prosody,
   and the first one goes out as soon as the model finishes its first phrase, not its
   whole answer. A decimal point (``3.5``) is not a boundary: no space follows it.
-  ``chunking="delta"`` passes the model's deltas through as they come.
+  ``chunking="delta"`` passes the model's deltas through as they come (whitespace alone
+  goes out with the next delta, never as a ``response.tts`` of its own).
 * **Filler.** When the framework calls a tool, the text so far is spoken, then ``filler``
   (default ``"One moment."``) once per turn, so the caller hears something while the tool
   runs. ``filler`` may be a callable ``filler(tool_name) -> str | None`` (``None`` for
@@ -112,8 +113,11 @@ class PhraseChunker:
 
     def feed(self, text: str) -> Iterator[str]:
         """Add ``text``; yield every phrase it completes."""
-        if self._mode == "delta":
-            if text:
+        if self._mode == "delta":  # whitespace alone waits for the next delta
+            if text.isspace():
+                self._buffer += text
+            elif text:
+                text, self._buffer = self._buffer + text, ""
                 yield text
             return
         self._buffer += text
