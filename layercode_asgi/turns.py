@@ -135,11 +135,17 @@ class TurnStream:
         await self._turn.deliver(Hangup(content))
 
     async def tts_stream(self, chunks: AsyncIterable[str]) -> str:
-        """Speak every chunk of ``chunks`` as it arrives; return the whole text."""
+        """Speak every chunk of ``chunks`` as it arrives (whitespace alone with the next
+        chunk, never as a ``response.tts`` of its own); return the whole text."""
         spoken: list[str] = []
+        waiting = ""  # whitespace not sent yet
         async for chunk in chunks:
             spoken.append(chunk)
-            await self._turn.deliver(Tts(chunk))
+            if isinstance(chunk, str) and chunk.isspace():
+                waiting += chunk
+            elif chunk:
+                await self._turn.deliver(Tts(waiting + chunk if waiting else chunk))
+                waiting = ""
         return "".join(spoken)
 
     async def end(self) -> None:

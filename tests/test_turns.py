@@ -856,3 +856,24 @@ def test_an_unspeakable_timeout_message_is_refused_where_given(
         stream_turn(event_body(), echo_agent, timeout=1, timeout_message=message)
     with pytest.raises(error, match="timeout_message"):
         LayercodeWebhook(echo_agent, timeout_message=message)
+
+
+@pytest.mark.anyio
+async def test_tts_stream_sends_no_whitespace_only_tts() -> None:
+    # Before: each chunk was a response.tts, " " and "\n\n" too (an LLM's token stream has them).
+    async def chunks() -> AsyncIterator[str]:
+        for token in ("\n", "How", " ", "are", " \n", "you?", "  "):
+            yield token
+
+    returned: list[str] = []
+
+    async def handler(stream: TurnStream) -> None:
+        returned.append(await stream.tts_stream(chunks()))
+
+    async def route(request: Request) -> Response:
+        return stream_response(await request.body(), handler)
+
+    app = Starlette(routes=[Route("/api/agent", route, methods=["POST"])])
+    events = await read_events(app, event_body())
+    assert events == [tts("\nHow"), tts(" are"), tts(" \nyou?"), END]
+    assert returned == ["\nHow are \nyou?  "]  # the whole text, as before
