@@ -34,7 +34,6 @@ from .errors import ConfigurationError
 from .events import SessionStartPayload, TurnEvent
 from .redaction import escape_terminal
 
-# Not exported: AGENTS, the registry itself (use register_agent / get_agent / list_agents).
 __all__ = [
     "Agent",
     "AgentFactory",
@@ -48,6 +47,7 @@ __all__ = [
     "Tts",
     "TurnContext",
     "TurnEvent",
+    "agent_factory",
     "bind_agent",
     "echo_agent",
     "get_agent",
@@ -476,8 +476,9 @@ def _starter_factory(settings: Settings | None) -> Agent:
 
 AgentFactory: TypeAlias = Callable[["Settings | None"], Agent]
 
-#: Agents known by name: ``name -> factory(settings)``. Extend with :func:`register_agent`.
-AGENTS: dict[str, AgentFactory] = {
+# Agents known by name: ``name -> factory(settings)``. Private: read it with
+# :func:`agent_factory` / :func:`list_agents`, extend it with :func:`register_agent`.
+_AGENTS: dict[str, AgentFactory] = {
     "echo": _echo_factory,
     "openai": _openai_factory,
     "starter": _starter_factory,
@@ -502,12 +503,21 @@ def register_agent(name: str, factory: AgentFactory) -> None:
         raise TypeError(f"an agent name must be a str, got {type(name).__name__}")
     if not callable(factory):
         raise TypeError(f"the factory for {name!r} is not callable: factory(settings) -> agent")
-    AGENTS[name] = factory
+    _AGENTS[name] = factory
 
 
 def list_agents() -> list[str]:
     """The names :func:`get_agent` knows, sorted."""
-    return sorted(AGENTS)
+    return sorted(_AGENTS)
+
+
+def agent_factory(name: str) -> AgentFactory:
+    """The factory registered as ``name`` (not called: its docstring describes the agent);
+    :class:`AgentNotFoundError` when there is none."""
+    factory = _AGENTS.get(name)
+    if factory is None:
+        raise AgentNotFoundError(name, list_agents())
+    return factory
 
 
 class AgentImportError(ConfigurationError, ImportError):
@@ -551,7 +561,7 @@ def get_agent(name: str, settings: Settings | None = None) -> Agent:
     cause; an object that cannot be an agent raises :class:`InvalidAgentError`; an agent
     that cannot run with these settings (a missing key) raises :class:`ConfigurationError`.
     """
-    factory = AGENTS.get(name)
+    factory = _AGENTS.get(name)
     if factory is not None:
         return factory(settings)
     if ":" in name:
