@@ -14,7 +14,8 @@ Guarantees:
 
 * ``response.end`` is emitted exactly once, last, whatever the agent does: yields nothing,
   raises before or after its first reply (then ``response.error`` precedes the end and the
-  exception is logged with the conversation and turn ids), yields something that is not a
+  exception is logged with the conversation and turn ids; ``KeyboardInterrupt``,
+  ``SystemExit`` and a ``BaseExceptionGroup`` go on instead), yields something that is not a
   reply, or overruns the turn timeout (then the configured spoken fallback, or
   ``response.error``, precedes the end).
 * Each ``emit`` waits for the server to take the chunk, and the agent is only resumed
@@ -291,6 +292,10 @@ class Turn:
                         if being_cancelled():
                             raise
                         await self._failed(exc)  # the agent's own, not this task's
+                    except BaseException as exc:  # GeneratorExit, an agent's own kind
+                        if isinstance(exc, KeyboardInterrupt | SystemExit | BaseExceptionGroup):
+                            raise
+                        await self._failed(exc)
                     await self.end()
             self._scope = None
             if not self.ended and (scope.cancel_called or self._abort is not None):
