@@ -546,3 +546,23 @@ async def test_a_chunk_without_a_delta_is_skipped(name: str, fake: FakeOpenAI) -
             turn = await client.message("hello")
     assert turn.errors == []
     assert turn.text == "Hello there. How can I help you today?"
+
+
+@pytest.mark.anyio
+async def test_a_blank_welcome_or_filler_is_not_spoken() -> None:
+    """Before: ``welcome=" "`` and a filler of ``"\\n"`` went out as response.tts events of
+    whitespace alone; now they are not sent (as an empty one was not)."""
+    from layercode_asgi.adapters.voice import ToolCall, voice_agent
+
+    from .test_turns import END, read_events, tts, webhook_app
+
+    async def run(prompt: str, context: TurnContext) -> AsyncIterator[Any]:
+        yield "Let me look."
+        yield ToolCall("lookup")
+        yield "Found it."
+
+    agent = voice_agent(run, name="t", welcome=" \n", chunking="phrase", filler=lambda name: "\n")
+    app = webhook_app(agent)
+    assert await read_events(app, event_body("session.start")) == [END]
+    said = await read_events(app, event_body(text="hi"))
+    assert said == [tts("Let me look."), tts("Found it."), END]

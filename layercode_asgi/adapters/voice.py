@@ -211,7 +211,7 @@ async def speak(
                         yield rest
                     if not filled:
                         text = filler(piece.name) if callable(filler) else filler
-                        if text:
+                        if text and not text.isspace():
                             filled = True
                             yield text
                 else:
@@ -241,15 +241,16 @@ def voice_agent(
 ) -> Agent:
     """Our agent around ``run(prompt, context)``, a framework run as :data:`Piece` values.
 
-    On a silent ``session.start`` it speaks ``welcome`` without calling the model (or, when
-    ``welcome`` is ``None``, asks the model to greet with :data:`GREETING_PROMPT`); a
-    ``message`` without text gets no answer.
+    On a silent ``session.start`` it speaks ``welcome`` (nothing if blank) without calling
+    the model (or, when ``welcome`` is ``None``, asks the model to greet with
+    :data:`GREETING_PROMPT`); a ``message`` without text gets no answer.
     """
     PhraseChunker(chunking)  # a bad ``chunking`` fails here, at start-up
 
     async def agent(event: TurnEvent, context: TurnContext) -> AsyncIterator[Reply]:
         if context.is_session_start and not context.text and welcome is not None:
-            yield welcome
+            if welcome.strip():  # blank: a silent start
+                yield welcome
             return
         prompt = context.text or (GREETING_PROMPT if context.is_session_start else None)
         if prompt is None:
