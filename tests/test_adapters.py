@@ -533,6 +533,37 @@ async def test_a_langchain_stream_raising_its_own_cancelled_error_fails_the_turn
     assert turn.errors[0]["error"] == "agent error"
 
 
+class _Stop(BaseException):
+    """A stream's own BaseException (neither an Exception nor a cancellation)."""
+
+
+@pytest.mark.anyio
+async def test_a_langchain_stream_raising_another_base_exception_fails_the_turn() -> None:
+    """Before: the task iterating the stream ended with it without telling the turn, which
+    waited for the next item until its deadline ('turn timed out'; forever without one)."""
+    pytest.importorskip("langchain_core")
+
+    class Runnable:
+        name = "stops"
+
+        async def astream(self, value: Any, config: Any) -> AsyncIterator[str]:
+            yield "Hello. "
+            raise _Stop("stopped")
+
+    settings = Settings(
+        env_file=None, environ={}, layercode_webhook_secret=SECRET, turn_timeout=20.0
+    )
+    app = create_app(settings, from_langchain(Runnable()))
+    with anyio.fail_after(10):
+        async with LayercodeTestClient(app, secret=SECRET) as client:
+            turn = await client.message("hi")
+    assert turn.tts == ["Hello. "]
+    assert turn.errors == [
+        {"type": "response.error", "error": "agent error", "turn_id": turn.turn_id}
+    ]
+    assert turn.events[-1]["type"] == "response.end"
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("name", [name for name in BUILDERS if "chat" in name or name == "openai"])
 async def test_a_chunk_without_a_delta_is_skipped(name: str, fake: FakeOpenAI) -> None:
