@@ -34,7 +34,6 @@ from .errors import ConfigurationError
 from .events import SessionStartPayload, TurnEvent
 from .redaction import escape_terminal
 
-# Not exported: AGENTS, the registry itself (use register_agent / get_agent / list_agents).
 __all__ = [
     "Agent",
     "AgentFactory",
@@ -48,6 +47,7 @@ __all__ = [
     "Tts",
     "TurnContext",
     "TurnEvent",
+    "agent_factory",
     "bind_agent",
     "echo_agent",
     "get_agent",
@@ -164,9 +164,12 @@ def bind_agent(agent: Agent) -> BoundAgent:
 
     Decided once per agent from its signature: a second positional parameter (or
     ``*args``) receives the context positionally; a keyword-only parameter named
-    ``context`` or ``ctx`` receives it by name; otherwise the agent gets the event only.
-    Raises :class:`InvalidAgentError` when ``agent`` is not callable or its signature
-    cannot accept that call (e.g. three required positional parameters).
+    ``context`` or ``ctx`` receives it by name (unless it has a default and there is a
+    second positional parameter); otherwise the agent gets the event only. Other
+    keyword-only parameters with defaults are left alone. Raises
+    :class:`InvalidAgentError` when ``agent`` is not callable or its signature cannot
+    accept that call (e.g. three required positional parameters, or a keyword-only
+    parameter without a default that is not the context).
     """
     if isinstance(agent, BoundAgent):
         return agent
@@ -203,19 +206,22 @@ def _convention(agent: Agent) -> str:
     except (TypeError, ValueError):  # some builtins and C callables have no signature
         signature = None
     parameters = signature.parameters.values() if signature is not None else ()
-    positional = 0
+    positional = named = 0  # named: not counting ``*args``
     keyword = None
+    optional = False  # the keyword-only context parameter has a default
     for parameter in parameters:
         if parameter.kind in _POSITIONAL:
             positional += 1
+            named += 1
         elif parameter.kind is inspect.Parameter.VAR_POSITIONAL:
             positional = 2
         elif parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.name in _CONTEXT_NAMES:
             keyword = parameter.name
+            optional = parameter.default is not inspect.Parameter.empty
             break
     args: tuple[str, ...] = ("event",)
     kwargs: dict[str, str] = {}
-    if keyword is not None:
+    if keyword is not None and not (optional and named >= 2):
         kwargs = {keyword: "context"}
         convention = keyword
     elif positional >= 2:
@@ -283,8 +289,9 @@ def openai_agent(
     """An agent that streams OpenAI chat completions (extra ``openai``).
 
     The conversation's history is sent as context; every text delta is spoken as it
-    arrives. Raises :class:`ConfigurationError` at once when the SDK is not installed or
-    the key is empty, so a misconfigured server refuses to start instead of failing turns.
+    arrives (whitespace alone with the next one). Raises :class:`ConfigurationError` at
+    once when the SDK is not installed or the key is empty, so a misconfigured server
+    refuses to start instead of failing turns.
     """
     if not api_key:
         raise ConfigurationError("the openai agent needs OPENAI_API_KEY")
@@ -294,6 +301,8 @@ def openai_agent(
         raise ConfigurationError(
             "the openai agent needs the OpenAI SDK: pip install 'layercode-asgi[openai]'"
         ) from None
+    from .adapters import PhraseChunker
+
     client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url)
     completions: Any = client.chat.completions  # the SDK's overloads are not worth mirroring
 
@@ -305,11 +314,13 @@ def openai_agent(
         elif context.is_session_start:
             messages.append({"role": "user", "content": "(The caller joined. Greet them.)"})
         stream = await completions.create(model=model, messages=messages, stream=True)
+        deltas = PhraseChunker("delta")  # whitespace alone goes out with the next delta
         async for chunk in stream:
             for choice in chunk.choices:
                 delta = choice.delta  # None in Azure's content-filter annotation chunks
                 if delta is not None and delta.content:
-                    yield delta.content
+                    for text in deltas.feed(delta.content):
+                        yield text
 
     agent.__name__ = agent.__qualname__ = "openai_agent"
     agent.model = f"openai:{model}"  # type: ignore[attr-defined]  # shown by /ready
@@ -465,8 +476,9 @@ def _starter_factory(settings: Settings | None) -> Agent:
 
 AgentFactory: TypeAlias = Callable[["Settings | None"], Agent]
 
-#: Agents known by name: ``name -> factory(settings)``. Extend with :func:`register_agent`.
-AGENTS: dict[str, AgentFactory] = {
+# Agents known by name: ``name -> factory(settings)``. Private: read it with
+# :func:`agent_factory` / :func:`list_agents`, extend it with :func:`register_agent`.
+_AGENTS: dict[str, AgentFactory] = {
     "echo": _echo_factory,
     "openai": _openai_factory,
     "starter": _starter_factory,
@@ -491,12 +503,21 @@ def register_agent(name: str, factory: AgentFactory) -> None:
         raise TypeError(f"an agent name must be a str, got {type(name).__name__}")
     if not callable(factory):
         raise TypeError(f"the factory for {name!r} is not callable: factory(settings) -> agent")
-    AGENTS[name] = factory
+    _AGENTS[name] = factory
 
 
 def list_agents() -> list[str]:
     """The names :func:`get_agent` knows, sorted."""
-    return sorted(AGENTS)
+    return sorted(_AGENTS)
+
+
+def agent_factory(name: str) -> AgentFactory:
+    """The factory registered as ``name`` (not called: its docstring describes the agent);
+    :class:`AgentNotFoundError` when there is none."""
+    factory = _AGENTS.get(name)
+    if factory is None:
+        raise AgentNotFoundError(name, list_agents())
+    return factory
 
 
 class AgentImportError(ConfigurationError, ImportError):
@@ -540,7 +561,7 @@ def get_agent(name: str, settings: Settings | None = None) -> Agent:
     cause; an object that cannot be an agent raises :class:`InvalidAgentError`; an agent
     that cannot run with these settings (a missing key) raises :class:`ConfigurationError`.
     """
-    factory = AGENTS.get(name)
+    factory = _AGENTS.get(name)
     if factory is not None:
         return factory(settings)
     if ":" in name:

@@ -34,7 +34,7 @@ from typing import Any, Final
 import anyio
 
 from ._version import __version__
-from .agents import AGENTS, list_agents
+from .agents import agent_factory, list_agents
 from .config import SETTINGS_FIELDS, Settings
 from .demo import StartError, run_demo
 from .envfile import parse_env_file
@@ -278,7 +278,7 @@ def _demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def _describe_agent(name: str) -> str:
     if name in _AGENT_DESCRIPTIONS:
         return _AGENT_DESCRIPTIONS[name]
-    doc = AGENTS[name].__doc__ or ""
+    doc = agent_factory(name).__doc__ or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 

@@ -58,6 +58,9 @@ ABORTED: Final = "aborted"
 #: Never ran: answered with an error before its stream began (503 lock timeout, 400, …).
 REJECTED: Final = "rejected"
 OUTCOMES: Final = (COMPLETED, AGENT_ERROR, TIMEOUT, CLIENT_DISCONNECT, ABORTED, REJECTED)
+#: The status of a request whose client left before anything was answered (e.g. while its
+#: turn waited for its conversation's lock): nginx's "client closed request".
+CLIENT_CLOSED_REQUEST: Final = 499
 
 #: Histogram buckets (seconds). The time to the first ``response.tts``: voice wants it well
 #: under a second.
@@ -241,7 +244,7 @@ class TurnMetrics:
         with contextlib.suppress(ValueError):  # another context: nothing to restore there
             _CURRENT.reset(token)
         record.duration = time.perf_counter() - record.arrived
-        record.status = response.status_code
+        record.status = answered_status(response)
         turn = record.turn
         record.turn = None  # the turn holds the history and the agent's context: let it go
         if record.is_turn:
@@ -322,6 +325,14 @@ class MemoryMetrics:
             ).rstrip()
             for row in rows
         )
+
+
+def answered_status(response: Response) -> int:
+    """``response``'s status, or :data:`CLIENT_CLOSED_REQUEST` when its client left before
+    it began (an event stream sends its status with its first event)."""
+    if getattr(response, "disconnected", False) and not getattr(response, "started", True):
+        return CLIENT_CLOSED_REQUEST
+    return response.status_code
 
 
 def _ms(value: float | None) -> str:

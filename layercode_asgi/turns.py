@@ -14,7 +14,8 @@ Guarantees:
 
 * ``response.end`` is emitted exactly once, last, whatever the agent does: yields nothing,
   raises before or after its first reply (then ``response.error`` precedes the end and the
-  exception is logged with the conversation and turn ids), yields something that is not a
+  exception is logged with the conversation and turn ids; ``KeyboardInterrupt``,
+  ``SystemExit`` and a ``BaseExceptionGroup`` go on instead), yields something that is not a
   reply, or overruns the turn timeout (then the configured spoken fallback, or
   ``response.error``, precedes the end).
 * Each ``emit`` waits for the server to take the chunk, and the agent is only resumed
@@ -135,11 +136,17 @@ class TurnStream:
         await self._turn.deliver(Hangup(content))
 
     async def tts_stream(self, chunks: AsyncIterable[str]) -> str:
-        """Speak every chunk of ``chunks`` as it arrives; return the whole text."""
+        """Speak every chunk of ``chunks`` as it arrives (whitespace alone with the next
+        chunk, never as a ``response.tts`` of its own); return the whole text."""
         spoken: list[str] = []
+        waiting = ""  # whitespace not sent yet
         async for chunk in chunks:
             spoken.append(chunk)
-            await self._turn.deliver(Tts(chunk))
+            if isinstance(chunk, str) and chunk.isspace():
+                waiting += chunk
+            elif chunk:
+                await self._turn.deliver(Tts(waiting + chunk if waiting else chunk))
+                waiting = ""
         return "".join(spoken)
 
     async def end(self) -> None:
@@ -285,6 +292,10 @@ class Turn:
                         if being_cancelled():
                             raise
                         await self._failed(exc)  # the agent's own, not this task's
+                    except BaseException as exc:  # GeneratorExit, an agent's own kind
+                        if isinstance(exc, KeyboardInterrupt | SystemExit | BaseExceptionGroup):
+                            raise
+                        await self._failed(exc)
                     await self.end()
             self._scope = None
             if not self.ended and (scope.cancel_called or self._abort is not None):

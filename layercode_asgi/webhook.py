@@ -24,7 +24,8 @@ What it answers (the body must already be verified — mount the middleware):
   ``{"status": "ok"}``; ``session.end`` also clears the history unless ``keep_history``
   (at once, without waiting for a turn still running: that turn will not record).
 * a malformed body: 400 ``{"error": …, "path": "$.field"}``; an event type newer than this
-  library: 200 ``{"status": "ignored"}`` and a warning in the log.
+  library: 200 ``{"status": "ignored"}`` and a warning in the log. With a conversation
+  store, a ``conversation_id`` it refuses (empty, over 512 characters) is a 400 on every event.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from .conversation import (
     ConversationLockTimeout,
     ConversationManager,
     HistoryMessage,
+    check_conversation_id,
     lock_wait_timeout,
 )
 from .errors import LayercodeError, ResponseError, check_seconds, check_text
@@ -62,7 +64,7 @@ from .events import (
     parse_webhook_payload,
 )
 from .logs import escape_log_value, log_webhook, webhook_log_enabled
-from .metrics import TurnMetrics
+from .metrics import TurnMetrics, answered_status
 from .middleware import DEFAULT_MAX_BODY_SIZE
 from .sse import Emit, EventStreamResponse
 from .turns import DEFAULT_TURN_GRACE, Turn
@@ -161,7 +163,7 @@ class _TurnRequest:
         except ValueError as exc:
             if acquired:
                 raise
-            raise ResponseError(400, f"invalid conversation_id: {exc}") from exc  # refused id
+            raise _invalid_id(exc) from exc  # refused by the store
         finally:
             webhook._waiting.discard(waiting)
             left = pending[cid] - 1
@@ -365,12 +367,13 @@ class LayercodeWebhook:
         finally:
             if record is not None:
                 record.finish(response)
-            if webhook_log_enabled(response.status_code):
+            status = answered_status(response)
+            if webhook_log_enabled(status):
                 log_webhook(
                     kind,
                     conversation_id,
                     turn_id,
-                    response.status_code,
+                    status,
                     time.perf_counter() - started,
                     first_tts_s=None if record is None else record.first_tts,
                 )
@@ -513,6 +516,11 @@ class LayercodeWebhook:
             )
 
     async def _answer_json(self, event: WebhookPayload) -> Response:
+        if self.conversations is not None:  # the limit of the turns' store, on every event
+            try:
+                check_conversation_id(event.conversation_id)
+            except ValueError as exc:
+                raise _invalid_id(exc) from exc
         if isinstance(event, DataPayload):
             if self.on_data is None:
                 return Response(_OK, media_type="application/json")
@@ -535,7 +543,7 @@ class LayercodeWebhook:
             try:
                 await self.conversations.clear(event.conversation_id)
             except ValueError as exc:
-                raise ResponseError(400, f"invalid conversation_id: {exc}") from exc
+                raise _invalid_id(exc) from exc
             except LayercodeError as exc:
                 raise _unavailable(exc, "conversation store failed clearing the history") from exc
         return Response(_OK, media_type="application/json")
@@ -560,6 +568,11 @@ def _unavailable(exc: LayercodeError, context: str) -> ResponseError:
             503, "conversation unavailable: another turn of this conversation is still running"
         )
     return ResponseError(503, _STORE_UNAVAILABLE)
+
+
+def _invalid_id(exc: ValueError) -> ResponseError:
+    """The 400 of a ``conversation_id`` the conversation store refuses (empty, too long)."""
+    return ResponseError(400, f"invalid conversation_id: {exc}")
 
 
 def _decode_turn(body: bytes | str | Mapping[str, Any] | None) -> TurnEvent:

@@ -286,6 +286,22 @@ async def test_disconnect_cancels_the_model_request(name: str, fake: FakeOpenAI)
     assert not fake.last_delta_sent.is_set()
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_whitespace_only_deltas_are_not_spoken_alone(name: str, fake: FakeOpenAI) -> None:
+    """Before: the openai agent (and every adapter with ``chunking="delta"``) sent a
+    whitespace-only delta as a ``response.tts`` of its own (``" "``, ``"\\n\\n"``). Now it
+    goes out with the next delta (the space between two words is kept) or, at the end,
+    not at all."""
+    fake.push(Script(text=["\n\n", "Hello", " ", "there.", "\n", " ", "How", " are you?", " \n"]))
+    with serve(app_for(name)) as base:
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("hello")
+    assert turn.errors == []
+    assert [text for text in turn.tts if not text.strip()] == []
+    assert "".join(turn.tts).strip() == "Hello there.\n How are you?"
+
+
 # -- the parts, directly -----------------------------------------------------------------------
 
 
@@ -299,6 +315,10 @@ def test_phrase_chunker() -> None:
     long = "This sentence is long enough to be cut at a comma, and it goes on"
     assert list(PhraseChunker().feed(long)) == [long[: long.index(",") + 2]]
     assert list(PhraseChunker("delta").feed("a")) == ["a"]
+    deltas = PhraseChunker("delta")  # whitespace goes out with the next delta, if any
+    out = [d for piece in ["\n", "Hi", " ", "\t", "there", " "] for d in deltas.feed(piece)]
+    assert out == ["\nHi", " \tthere"]
+    assert deltas.flush() is None
     with pytest.raises(ValueError, match="chunking"):
         PhraseChunker("words")  # type: ignore[arg-type]
 
@@ -513,6 +533,37 @@ async def test_a_langchain_stream_raising_its_own_cancelled_error_fails_the_turn
     assert turn.errors[0]["error"] == "agent error"
 
 
+class _Stop(BaseException):
+    """A stream's own BaseException (neither an Exception nor a cancellation)."""
+
+
+@pytest.mark.anyio
+async def test_a_langchain_stream_raising_another_base_exception_fails_the_turn() -> None:
+    """Before: the task iterating the stream ended with it without telling the turn, which
+    waited for the next item until its deadline ('turn timed out'; forever without one)."""
+    pytest.importorskip("langchain_core")
+
+    class Runnable:
+        name = "stops"
+
+        async def astream(self, value: Any, config: Any) -> AsyncIterator[str]:
+            yield "Hello. "
+            raise _Stop("stopped")
+
+    settings = Settings(
+        env_file=None, environ={}, layercode_webhook_secret=SECRET, turn_timeout=20.0
+    )
+    app = create_app(settings, from_langchain(Runnable()))
+    with anyio.fail_after(10):
+        async with LayercodeTestClient(app, secret=SECRET) as client:
+            turn = await client.message("hi")
+    assert turn.tts == ["Hello. "]
+    assert turn.errors == [
+        {"type": "response.error", "error": "agent error", "turn_id": turn.turn_id}
+    ]
+    assert turn.events[-1]["type"] == "response.end"
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("name", [name for name in BUILDERS if "chat" in name or name == "openai"])
 async def test_a_chunk_without_a_delta_is_skipped(name: str, fake: FakeOpenAI) -> None:
@@ -526,3 +577,23 @@ async def test_a_chunk_without_a_delta_is_skipped(name: str, fake: FakeOpenAI) -
             turn = await client.message("hello")
     assert turn.errors == []
     assert turn.text == "Hello there. How can I help you today?"
+
+
+@pytest.mark.anyio
+async def test_a_blank_welcome_or_filler_is_not_spoken() -> None:
+    """Before: ``welcome=" "`` and a filler of ``"\\n"`` went out as response.tts events of
+    whitespace alone; now they are not sent (as an empty one was not)."""
+    from layercode_asgi.adapters.voice import ToolCall, voice_agent
+
+    from .test_turns import END, read_events, tts, webhook_app
+
+    async def run(prompt: str, context: TurnContext) -> AsyncIterator[Any]:
+        yield "Let me look."
+        yield ToolCall("lookup")
+        yield "Found it."
+
+    agent = voice_agent(run, name="t", welcome=" \n", chunking="phrase", filler=lambda name: "\n")
+    app = webhook_app(agent)
+    assert await read_events(app, event_body("session.start")) == [END]
+    said = await read_events(app, event_body(text="hi"))
+    assert said == [tts("Let me look."), tts("Found it."), END]

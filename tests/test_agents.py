@@ -29,7 +29,7 @@ from layercode_asgi import (
     parse_webhook_payload,
     register_agent,
 )
-from layercode_asgi.agents import AGENTS, AgentImportError
+from layercode_asgi.agents import AgentImportError
 
 from .conftest import SECRET, event_body, serve, signed_headers
 from .test_turns import read_events
@@ -58,16 +58,30 @@ def test_import_path_agents() -> None:
         get_agent("tests.test_agents:SECRET")
 
 
-def test_register_agent() -> None:
-    async def mine(event: Any) -> AsyncIterator[str]:
-        yield "mine"
+REGISTER = """
+from layercode_asgi import get_agent, list_agents, register_agent
+from layercode_asgi.agents import agent_factory
 
-    register_agent("mine", lambda settings: mine)
-    try:
-        assert get_agent("mine") is mine
-        assert "mine" in list_agents()
-    finally:
-        AGENTS.pop("mine")
+async def mine(event):
+    yield "mine"
+
+factory = lambda settings: mine
+register_agent("mine", factory)
+assert get_agent("mine") is mine and agent_factory("mine") is factory
+assert list_agents() == ["echo", "mine", "openai", "starter"]
+print("ok")
+"""
+
+
+def test_register_agent() -> None:
+    """In a process of its own: the registry has no public way to forget a name."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", REGISTER], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_register_agent_refuses_what_would_break_the_registry() -> None:
@@ -76,13 +90,13 @@ def test_register_agent_refuses_what_would_break_the_registry() -> None:
     "TypeError: '<' not supported between instances of 'int' and 'str'" (list-agents and
     a misspelled --agent crashed far from the cause); a factory that is not callable
     failed only in get_agent, with "'str' object is not callable"."""
-    before = dict(AGENTS)
+    before = list_agents()
     for name in (None, 5, b"mine", ("mine",)):
         with pytest.raises(TypeError, match="agent name must be a str"):
             register_agent(name, lambda settings: echo_agent)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="factory for 'mine' is not callable"):
         register_agent("mine", "tests.agents_for_tests:history_agent")  # type: ignore[arg-type]
-    assert before == AGENTS
+    assert before == list_agents()
     with pytest.raises(AgentNotFoundError):
         get_agent("nope")
 
@@ -249,3 +263,57 @@ def test_bind_agent_keeps_no_agent_alive() -> None:
     del agent
     gc.collect()
     assert ref() is None
+
+
+def test_keyword_only_extras_with_defaults_do_not_change_the_calling_convention() -> None:
+    # (event, context, *, ctx=None) was refused ("missing a required argument: 'context'"):
+    # the optional keyword-only ``ctx`` was taken for the context parameter.
+    from layercode_asgi.agents import InvalidAgentError, bind_agent
+
+    async def two_and_ctx(event: Any, context: Any, *, ctx: Any = None) -> str:
+        return f"{context.text}:{ctx}"
+
+    async def ctx_and_context(event: Any, ctx: Any, *, context: Any = None) -> str:
+        return f"{ctx.text}:{context}"
+
+    async def two_and_flag(event: Any, context: Any, *, verbose: bool = False) -> str:
+        return f"{context.text}:{verbose}"
+
+    async def by_name(event: Any, *, ctx: Any = None) -> str:  # still the keyword form
+        return f"{ctx.text}:kw"
+
+    event = parse_webhook_payload(event_body("message", text="hi"))
+    context = TurnContext(event, (), {})  # type: ignore[arg-type]
+    import anyio
+
+    for agent, said in (
+        (two_and_ctx, "hi:None"),
+        (ctx_and_context, "hi:None"),
+        (two_and_flag, "hi:False"),
+        (by_name, "hi:kw"),
+    ):
+        assert anyio.run(bind_agent(agent), event, context) == said
+
+    async def required_flag(event: Any, context: Any, *, flag: bool) -> str:
+        return "x"
+
+    async def required_ctx_too(event: Any, context: Any, *, ctx: Any) -> str:
+        return "x"
+
+    for agent, missing in ((required_flag, "'flag'"), (required_ctx_too, "")):
+        with pytest.raises(InvalidAgentError, match="cannot be an agent") as info:
+            bind_agent(agent)
+        assert isinstance(info.value, TypeError)
+        assert f"missing a required argument: {missing}" in str(info.value)
+
+
+def test_the_registry_is_private_and_read_through_functions() -> None:
+    # Before: AGENTS was a mutable public module name, and cli.py read it directly.
+    from layercode_asgi import agents
+    from layercode_asgi.agents import agent_factory
+
+    assert not hasattr(agents, "AGENTS")
+    assert agent_factory("echo")(None) is echo_agent
+    assert "needs no key" in (agent_factory("echo")(None).__doc__ or "")
+    with pytest.raises(AgentNotFoundError, match="no agent named 'nope'; available: echo"):
+        agent_factory("nope")

@@ -17,7 +17,13 @@ import msgspec
 import pytest
 
 from layercode_asgi import Settings, create_app, verify_signature
-from layercode_asgi.agents import AGENTS, AgentImportError, InvalidAgentError, get_agent
+from layercode_asgi.agents import (
+    AgentImportError,
+    InvalidAgentError,
+    agent_factory,
+    get_agent,
+    register_agent,
+)
 from layercode_asgi.cli import main
 from layercode_asgi.errors import ConfigurationError
 from layercode_asgi.testing import LayercodeTestClient
@@ -328,13 +334,15 @@ def test_simulate_counts_errored_turns_and_exits_1(capsys: pytest.CaptureFixture
         assert report["ok"] is False and report["errored_turns"] == 2
 
 
-def test_demo_exits_1_when_the_agent_fails(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setitem(AGENTS, "echo", lambda settings: failing_agent)
-    assert main(["demo", "hi"], environ={}) == 1
-    assert "2 of 2 turns ended in response.error" in capsys.readouterr().err
-    assert main(["demo", "hi", "--allow-errors"], environ={}) == 0
+def test_demo_exits_1_when_the_agent_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    echo = agent_factory("echo")
+    register_agent("echo", lambda settings: failing_agent)
+    try:
+        assert main(["demo", "hi"], environ={}) == 1
+        assert "2 of 2 turns ended in response.error" in capsys.readouterr().err
+        assert main(["demo", "hi", "--allow-errors"], environ={}) == 0
+    finally:
+        register_agent("echo", echo)
 
 
 def raw_backend(stream: list[bytes], *, status: int = 200, body: bytes = b"") -> Any:

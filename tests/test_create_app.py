@@ -340,3 +340,33 @@ def test_unusable_routes_are_refused_at_start_up(routes: dict[str, str], message
     # nothing), or, for one path twice, an authorize route that silently never answered.
     with pytest.raises(ConfigurationError, match=message):
         create_app(settings(), **routes)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("keep_history", [False, True])
+async def test_every_event_refuses_a_conversation_id_longer_than_turns_accept(
+    keep_history: bool,
+) -> None:
+    # Before: only the turns (and session.end when it cleared the history) were refused;
+    # data and session.update reached their hooks with a 513-character conversation_id.
+    hooked: list[str] = []
+    app = create_app(
+        settings(keep_history=keep_history),
+        on_data=lambda event: hooked.append("data"),
+        on_session_update=lambda event: hooked.append("session.update"),
+        on_session_end=lambda event: hooked.append("session.end"),
+    )
+    answers = {}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        for kind in ("message", "session.start", "data", "session.update", "session.end"):
+            body = event_body(kind, conversation_id="c" * 513)
+            response = await c.post("/api/agent", content=body, headers=signed_headers(body))
+            answers[kind] = (response.status_code, response.json())
+        body = event_body("data", conversation_id="c" * 512)  # the longest accepted
+        accepted = await c.post("/api/agent", content=body, headers=signed_headers(body))
+    refused = (
+        400,
+        {"error": "invalid conversation_id: conversation_id is longer than 512 characters"},
+    )
+    assert answers == dict.fromkeys(answers, refused)
+    assert accepted.status_code == 200 and hooked == ["data"]

@@ -605,7 +605,8 @@ async def test_otel_span_attributes_from_the_request_are_cut() -> None:
     from layercode_asgi.logs import LOG_VALUE_MAX_CHARS
 
     sinks = Sinks()
-    webhook = LayercodeWebhook(scripted, metrics=sinks.metrics)
+    # No store: with one, a conversation_id over 512 characters is a 400 (measured alike).
+    webhook = LayercodeWebhook(scripted, metrics=sinks.metrics, conversations=None)
     app = LayercodeSignature(webhook, secret=SECRET)
     body = event_body("data", conversation_id="c" * 100_000, turn_id="t" * 5_000)
     transport = httpx.ASGITransport(app=app)
@@ -618,3 +619,54 @@ async def test_otel_span_attributes_from_the_request_are_cut() -> None:
     tid = span.attributes["layercode.turn_id"]
     assert cid == "c" * LOG_VALUE_MAX_CHARS + "…(+99000 chars)"
     assert tid == "t" * LOG_VALUE_MAX_CHARS + "…(+4000 chars)"
+
+
+class _Started(MemoryMetrics):
+    """A memory sink that also notes the turn ids of the requests that reached the webhook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[str | None] = []
+
+    def request_started(self, record: Any) -> None:
+        self.started.append(record.turn_id)
+
+
+def test_a_client_leaving_while_its_turn_waits_for_the_lock_is_no_200(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # It was counted (and logged) as status 200, the stream's status, though nothing was
+    # ever sent: now 499 (client closed request), with the outcome client_disconnect.
+    import socket
+
+    caplog.set_level(logging.INFO, "layercode_asgi.webhook")
+    app = create_app(_settings(metrics=True), agent=scripted)
+    sink = _Started()
+    app.state.metrics.sinks += (sink,)
+    with serve(app) as url:
+        first = event_body("message", turn_id="a", text="linger")
+        second = event_body("message", turn_id="b", text="hi")
+        with (
+            httpx.Client(base_url=url, timeout=10) as holder,
+            holder.stream(
+                "POST", "/api/agent", content=first, headers=signed_headers(first)
+            ) as running,
+        ):
+            lines = running.iter_lines()  # kept: a discarded iterator closes the connection
+            assert "response.tts" in next(lines)  # the first turn holds the lock
+            host, port = url.removeprefix("http://").split(":")
+            head = "".join(f"{k}: {v}\r\n" for k, v in signed_headers(second).items())
+            request = (
+                f"POST /api/agent HTTP/1.1\r\nhost: {host}\r\n{head}"
+                f"content-length: {len(second)}\r\n\r\n"
+            ).encode() + second
+            with socket.create_connection((host, int(port)), timeout=10) as waiting:
+                waiting.sendall(request)
+                _wait_for(lambda: "b" in sink.started, "the second turn to reach the webhook")
+            _wait_for(lambda: len(sink.records) == 1, "the second turn to be recorded")
+            (left,) = sink.records
+            assert (left.turn_id, left.outcome, left.status) == ("b", "client_disconnect", 499)
+            scraped = httpx.get(url + "/metrics").text
+            assert 'layercode_webhook_requests_total{event_type="message",status="499"}' in scraped
+    lines = [r.getMessage() for r in caplog.records if r.name == "layercode_asgi.webhook"]
+    assert any("turn=b status=499" in line for line in lines), lines

@@ -846,3 +846,68 @@ def test_an_unspeakable_timeout_message_is_refused_where_given(
         stream_turn(event_body(), echo_agent, timeout=1, timeout_message=message)
     with pytest.raises(error, match="timeout_message"):
         LayercodeWebhook(echo_agent, timeout_message=message)
+
+
+@pytest.mark.anyio
+async def test_tts_stream_sends_no_whitespace_only_tts() -> None:
+    # Before: each chunk was a response.tts, " " and "\n\n" too (an LLM's token stream has them).
+    async def chunks() -> AsyncIterator[str]:
+        for token in ("\n", "How", " ", "are", " \n", "you?", "  "):
+            yield token
+
+    returned: list[str] = []
+
+    async def handler(stream: TurnStream) -> None:
+        returned.append(await stream.tts_stream(chunks()))
+
+    async def route(request: Request) -> Response:
+        return stream_response(await request.body(), handler)
+
+    app = Starlette(routes=[Route("/api/agent", route, methods=["POST"])])
+    events = await read_events(app, event_body())
+    assert events == [tts("\nHow"), tts(" are"), tts(" \nyou?"), END]
+    assert returned == ["\nHow are \nyou?  "]  # the whole text, as before
+
+
+class Stop(BaseException):
+    """An agent's own BaseException (neither an Exception nor a cancellation)."""
+
+
+@pytest.mark.anyio
+async def test_an_agent_raising_another_base_exception_fails_the_turn() -> None:
+    # Before: the stream ended without response.error and response.end (the exception went
+    # on to the server, which cut the connection).
+    async def agent(event: Any) -> AsyncIterator[str]:
+        yield "partial"
+        if event.text == "stop":
+            raise Stop("stopped")
+        if event.text == "exit":
+            raise GeneratorExit  # by hand, not by aclose()
+
+    webhook = LayercodeWebhook(agent)
+    app = LayercodeSignature(webhook, secret=SECRET)
+    for text in ("stop", "exit"):
+        assert await read_events(app, event_body(text=text)) == [tts("partial"), ERROR, END]
+    # the conversation's lock was released and the turns recorded
+    assert await read_events(app, event_body(text="fine")) == [tts("partial"), END]
+    assert webhook.conversations is not None
+    history = await webhook.conversations.get_history("conv-1")
+    assert [m.text for m in history] == ["stop", "partial", "exit", "partial", "fine", "partial"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt])
+async def test_system_exit_and_keyboard_interrupt_go_on(exc: type[BaseException]) -> None:
+    async def agent(event: Any) -> AsyncIterator[str]:
+        yield "partial"
+        raise exc
+
+    sent: list[bytes] = []
+
+    async def emit(chunk: bytes) -> None:
+        sent.append(chunk)
+
+    event = parse_webhook_payload(event_body())
+    with pytest.raises(exc):
+        await Turn(event, agent).run(emit)  # type: ignore[arg-type]
+    assert len(sent) == 1 and b"response.tts" in sent[0]

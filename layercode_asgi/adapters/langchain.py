@@ -88,6 +88,10 @@ async def _in_own_task(stream: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
             if being_cancelled():
                 raise
             error = exc  # the stream's own (it awaited something cancelled): a failure
+        except BaseException as exc:  # GeneratorExit, the stream's own kind: a failure too
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            error = exc
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:

@@ -9,7 +9,8 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
   ``response.tts`` is then a phrase a text-to-speech engine can say with natural prosody,
   and the first one goes out as soon as the model finishes its first phrase, not its
   whole answer. A decimal point (``3.5``) is not a boundary: no space follows it.
-  ``chunking="delta"`` passes the model's deltas through as they come.
+  ``chunking="delta"`` passes the model's deltas through as they come (whitespace alone
+  goes out with the next delta, never as a ``response.tts`` of its own).
 * **Filler.** When the framework calls a tool, the text so far is spoken, then ``filler``
   (default ``"One moment."``) once per turn, so the caller hears something while the tool
   runs. ``filler`` may be a callable ``filler(tool_name) -> str | None`` (``None`` for
@@ -112,8 +113,11 @@ class PhraseChunker:
 
     def feed(self, text: str) -> Iterator[str]:
         """Add ``text``; yield every phrase it completes."""
-        if self._mode == "delta":
-            if text:
+        if self._mode == "delta":  # whitespace alone waits for the next delta
+            if text.isspace():
+                self._buffer += text
+            elif text:
+                text, self._buffer = self._buffer + text, ""
                 yield text
             return
         self._buffer += text
@@ -207,7 +211,7 @@ async def speak(
                         yield rest
                     if not filled:
                         text = filler(piece.name) if callable(filler) else filler
-                        if text:
+                        if text and not text.isspace():
                             filled = True
                             yield text
                 else:
@@ -237,15 +241,16 @@ def voice_agent(
 ) -> Agent:
     """Our agent around ``run(prompt, context)``, a framework run as :data:`Piece` values.
 
-    On a silent ``session.start`` it speaks ``welcome`` without calling the model (or, when
-    ``welcome`` is ``None``, asks the model to greet with :data:`GREETING_PROMPT`); a
-    ``message`` without text gets no answer.
+    On a silent ``session.start`` it speaks ``welcome`` (nothing if blank) without calling
+    the model (or, when ``welcome`` is ``None``, asks the model to greet with
+    :data:`GREETING_PROMPT`); a ``message`` without text gets no answer.
     """
     PhraseChunker(chunking)  # a bad ``chunking`` fails here, at start-up
 
     async def agent(event: TurnEvent, context: TurnContext) -> AsyncIterator[Reply]:
         if context.is_session_start and not context.text and welcome is not None:
-            yield welcome
+            if welcome.strip():  # blank: a silent start
+                yield welcome
             return
         prompt = context.text or (GREETING_PROMPT if context.is_session_start else None)
         if prompt is None:
