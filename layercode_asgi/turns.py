@@ -174,7 +174,7 @@ class Turn:
         timeout: seconds the whole turn may take (agent, encoding and sending, up to the
             last byte); None = no limit. It counts from ``started_at`` (an
             ``anyio.current_time()``; default: when :meth:`run` starts).
-        timeout_message: spoken when the timeout hits; without it ``response.error``.
+        timeout_message: spoken when the timeout hits; without it (or blank) ``response.error``.
         grace: once the time is up (or the turn is aborted), how long the fallback or
             ``response.error`` and ``response.end`` may take to send; then :meth:`run`
             returns (the client is not reading: the stream is closed).
@@ -435,7 +435,7 @@ class Turn:
         )
         if self.ended:
             return
-        if self.timeout_message:
+        if self.timeout_message and not self.timeout_message.isspace():  # blank: none
             await self.deliver(Tts(self.timeout_message))
         else:
             await self._send(_ERROR + _encode(TIMEOUT_ERROR_MESSAGE) + self._suffix)

@@ -237,7 +237,7 @@ class LayercodeWebhook:
         on_session_end: optional hook (sync or async) called with each ``session.end``
             event.
         turn_timeout: seconds a turn may take; ``None`` = no limit.
-        timeout_message: spoken when a turn times out (else ``response.error``).
+        timeout_message: spoken when a turn times out (if blank or None: ``response.error``).
         turn_grace: once a turn's time is up, how long its fallback (or ``response.error``)
             and ``response.end`` may take to send; then its stream is closed, its lock
             released (a client that stops reading does not hold its conversation).

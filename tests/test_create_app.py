@@ -370,3 +370,28 @@ async def test_every_event_refuses_a_conversation_id_longer_than_turns_accept(
     )
     assert answers == dict.fromkeys(answers, refused)
     assert accepted.status_code == 200 and hooked == ["data"]
+
+
+# -- a blank timeout_message is no fallback, from settings and from arguments alike ----------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("blank", [" ", "\n\t ", "\u2028\u3000"])
+async def test_a_blank_timeout_message_is_no_fallback(blank: str) -> None:
+    # Before: LAYERCODE_TURN_TIMEOUT_MESSAGE=" " meant no fallback, but the same text given
+    # as timeout_message= was spoken: a response.tts of whitespace.
+    assert settings(turn_timeout_message=blank).turn_timeout_message is None
+
+    async def slow(event: TurnEvent) -> AsyncIterator[str]:
+        await anyio.sleep(30)
+        yield "never"
+
+    webhook = LayercodeWebhook(slow, turn_timeout=0.2, timeout_message=blank)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=webhook), base_url="http://t"
+    ) as c:
+        response = await c.post("/", content=event_body(text="hi"))
+    assert _events(response) == [
+        {"type": "response.error", "error": "turn timed out", "turn_id": "turn-1"},
+        {"type": "response.end", "turn_id": "turn-1"},
+    ]
