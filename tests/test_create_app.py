@@ -28,11 +28,13 @@ from layercode_asgi import (
     MemoryConversationStore,
     Settings,
     create_app,
+    echo_agent,
     sign,
 )
 from layercode_asgi.agents import TurnContext, TurnEvent
 from layercode_asgi.server import YOUNG_GC_THRESHOLD
 
+from .agents_for_tests import cancelled_elsewhere
 from .conftest import SECRET, event_body, signed_headers
 from .test_middleware import call_asgi
 
@@ -395,3 +397,50 @@ async def test_a_blank_timeout_message_is_no_fallback(blank: str) -> None:
         {"type": "response.error", "error": "turn timed out", "turn_id": "turn-1"},
         {"type": "response.end", "turn_id": "turn-1"},
     ]
+
+
+# -- a hook raising a BaseException of its own is a JSON 500, like any exception ---------------
+
+
+class Stop(BaseException):
+    """A hook's own BaseException (neither an Exception nor a cancellation)."""
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("hook", ["on_data", "on_session_update", "on_session_end"])
+@pytest.mark.parametrize("exc", [Stop, GeneratorExit])
+async def test_a_hook_raising_a_base_exception_is_a_json_500(
+    hook: str, exc: type[BaseException]
+) -> None:
+    # Before: it went past the route to the server: a plain-text 500 and a stack trace.
+    def failing(event: Any) -> None:
+        raise exc
+
+    kind = {"on_data": "data", "on_session_update": "session.update"}.get(hook, "session.end")
+    app = create_app(settings(), **{hook: failing})
+    body = event_body(kind)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post("/api/agent", content=body, headers=signed_headers(body))
+    assert (response.status_code, response.json()) == (500, {"error": f"{kind} handler failed"})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt])
+async def test_a_hook_raising_system_exit_or_keyboard_interrupt_goes_on(
+    exc: type[BaseException],
+) -> None:
+    def failing(event: Any) -> None:
+        raise exc
+
+    with pytest.raises(exc):
+        await LayercodeWebhook(echo_agent, on_data=failing).respond(event_body("data"))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio's Cancelled is trio's own
+async def test_a_hook_raising_a_stray_cancelled_error_is_a_json_500(anyio_backend: str) -> None:
+    async def failing(event: Any) -> None:
+        await (await cancelled_elsewhere())  # a task that something else cancelled
+
+    response = await LayercodeWebhook(echo_agent, on_data=failing).respond(event_body("data"))
+    assert (response.status_code, response.body) == (500, b'{"error":"data handler failed"}')
