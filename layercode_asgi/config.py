@@ -104,14 +104,14 @@ def _non_empty_str(value: object) -> str:
 
 
 def _float_gt0(value: object) -> float:
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, str) and value.isascii():  # ASCII digits, as for integers
             number = float(value.strip())
-        except ValueError:
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        else:
             _fail("a number > 0", value)
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
-    else:
+    except (ValueError, OverflowError):  # OverflowError: an int beyond a float's range
         _fail("a number > 0", value)
     if not math.isfinite(number) or number <= 0:
         _fail("a number > 0", value)

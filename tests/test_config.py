@@ -467,3 +467,23 @@ def test_invalid_value_in_env_file_names_the_variable(tmp_path: Path) -> None:
     path.write_text("LAYERCODE_TURN_TIMEOUT=soon\n")
     with pytest.raises(ConfigurationError, match="LAYERCODE_TURN_TIMEOUT: expected a number > 0"):
         Settings(env_file=path, environ={})
+
+
+# -- hostile values: refused naming the variable, or read as what they say -------------------
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400)], ids=["huge", "-huge"])
+def test_a_duration_too_big_for_a_float_is_refused(value: int) -> None:
+    # Before: OverflowError ("int too large to convert to float") from Settings(...).
+    err = error_of(turn_timeout=value, body_timeout=value)
+    assert err.problems[0].startswith("turn_timeout: expected a number > 0, got ")
+    assert err.problems[1].startswith("body_timeout: expected a number > 0")
+
+
+@pytest.mark.parametrize("value", ["\u0661\u0662", "12\u0663", "\uff11\uff12", "\u0661.5"])
+def test_a_duration_in_other_digits_is_refused_as_an_integer_is(value: str) -> None:
+    # Before: LAYERCODE_TURN_TIMEOUT="\u0661\u0662" was 12.0 while LAYERCODE_MAX_BODY_SIZE was
+    # refused: only ASCII digits are numbers in settings.
+    for var in ("LAYERCODE_TURN_TIMEOUT", "LAYERCODE_MAX_BODY_SIZE"):
+        assert str(error_of({var: value})).startswith(f"{var}: expected a")
+    assert "turn_timeout: expected a number > 0" in str(error_of(turn_timeout=value))
