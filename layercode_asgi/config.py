@@ -97,6 +97,15 @@ def _optional_str(value: object) -> str | None:
     return value or None
 
 
+def _header_value(value: object) -> str | None:
+    """A key sent in an HTTP header (``Bearer …``): printable ASCII, or it fails per request
+    (and a control character would put it in a log line)."""
+    text = _optional_str(value)
+    if text is not None and not (text.isascii() and text.isprintable()):
+        _fail("printable ASCII (an HTTP header value)", text)
+    return text
+
+
 def _non_empty_str(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         _fail("a non-empty string", value)
@@ -273,7 +282,8 @@ _F = SettingField
 #: Every setting, in documentation order. This table drives parsing and the docs' settings table.
 SETTINGS_FIELDS: tuple[SettingField, ...] = (
     _F("layercode_api_key", "LAYERCODE_API_KEY", "str | None", None,
-       "LayerCode API key, used by the authorize route and REST calls.", secret=True),
+       "LayerCode API key, used by the authorize route and REST calls.", secret=True,
+       convert=_header_value),
     _F("layercode_webhook_secret", "LAYERCODE_WEBHOOK_SECRET", "str | None", None,
        "Webhook signing secret; several comma-separated secrets are accepted for rotation.",
        secret=True),
@@ -287,15 +297,17 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
        "over its nodes).", convert=_bool),
     _F("default_model", "DEFAULT_MODEL", "str", "openai:gpt-5-nano",
        "Model used by the built-in LLM agents.", convert=_non_empty_str),
-    _F("openai_api_key", "OPENAI_API_KEY", "str | None", None, "OpenAI API key.", secret=True),
+    _F("openai_api_key", "OPENAI_API_KEY", "str | None", None, "OpenAI API key.", secret=True,
+       convert=_header_value),
     _F("google_generativeai_api_key", "GOOGLE_GENERATIVEAI_API_KEY", "str | None", None,
-       "Google Generative AI API key.", secret=True),
+       "Google Generative AI API key.", secret=True, convert=_header_value),
     _F("system_prompt", "LAYERCODE_SYSTEM_PROMPT", "str | None", None,
        "System prompt of the built-in LLM agents; unset = their own short-answers prompt."),
     _F("system_prompt_file", "LAYERCODE_SYSTEM_PROMPT_FILE", "path | None", None,
        "File holding the system prompt (UTF-8), instead of LAYERCODE_SYSTEM_PROMPT."),
     _F("logfire_token", "LOGFIRE_TOKEN", "str | None", None,
-       "Logfire token; enables Logfire when the logfire package is installed.", secret=True),
+       "Logfire token; enables Logfire when the logfire package is installed.", secret=True,
+       convert=_header_value),
     _F("cors_origins", "LAYERCODE_CORS_ORIGINS", "comma-separated origins", (),
        "Browser origins allowed to call the server ('*' alone, or http(s) origins).",
        convert=_cors_origins),

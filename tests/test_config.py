@@ -487,3 +487,17 @@ def test_a_duration_in_other_digits_is_refused_as_an_integer_is(value: str) -> N
     for var in ("LAYERCODE_TURN_TIMEOUT", "LAYERCODE_MAX_BODY_SIZE"):
         assert str(error_of({var: value})).startswith(f"{var}: expected a")
     assert "turn_timeout: expected a number > 0" in str(error_of(turn_timeout=value))
+
+
+@pytest.mark.parametrize(
+    "var", ["LAYERCODE_API_KEY", "OPENAI_API_KEY", "GOOGLE_GENERATIVEAI_API_KEY", "LOGFIRE_TOKEN"]
+)
+@pytest.mark.parametrize("key", ["lc\nhunter2", "lc\x00hunter2", "lc\x7fhunter2", "clé-hunter2"])
+def test_a_key_sent_in_a_header_must_be_printable_ascii(var: str, key: str) -> None:
+    # Before: accepted; the authorize route then failed each request (a 500 for "clé", and
+    # for a control character a warning quoting h11's "Illegal header value b'Bearer …'":
+    # the key itself, in the log).
+    err = error_of({var: key})
+    assert str(err) == f"{var}: expected printable ASCII (an HTTP header value), got <hidden>"
+    assert "hunter2" not in str(err)
+    assert make({var: " lc key \n"}).as_dict(mask_secrets=False)[var.lower()] == "lc key"
