@@ -224,9 +224,15 @@ def _origin(item: str) -> str:
         or parts.query
         or parts.fragment
         or parts.username is not None
+        or "?" in candidate
+        or "#" in candidate
     ):
         _fail("'*' or http(s) origins like 'https://app.example.com' (no path)", shown)
-    return candidate
+    # As a browser sends it (CORS compares exactly): lower case, without the default port.
+    scheme, netloc = parts.scheme.lower(), parts.netloc.lower().rstrip(":")
+    if parts.port == (443 if scheme == "https" else 80):
+        netloc = netloc.rpartition(":")[0]
+    return f"{scheme}://{netloc}"
 
 
 def _cors_origins(value: object) -> tuple[str, ...]:

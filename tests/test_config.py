@@ -501,3 +501,27 @@ def test_a_key_sent_in_a_header_must_be_printable_ascii(var: str, key: str) -> N
     assert str(err) == f"{var}: expected printable ASCII (an HTTP header value), got <hidden>"
     assert "hunter2" not in str(err)
     assert make({var: " lc key \n"}).as_dict(mask_secrets=False)[var.lower()] == "lc key"
+
+
+@pytest.mark.parametrize(
+    ("given", "origin"),
+    [
+        ("HTTPS://App.Example.COM", "https://app.example.com"),
+        ("https://a.com:443", "https://a.com"),
+        ("http://a.com:80/", "http://a.com"),
+        ("http://a.com:443", "http://a.com:443"),
+        ("http://a.com:", "http://a.com"),
+        ("http://[::1]:8080", "http://[::1]:8080"),
+    ],
+)
+def test_cors_origins_are_kept_as_browsers_send_them(given: str, origin: str) -> None:
+    # Before: kept as written; a browser sends "https://app.example.com" (lower case, no
+    # default port), which CORS compares exactly: the origin was never allowed.
+    assert make({"LAYERCODE_CORS_ORIGINS": given}).cors_origins == (origin,)
+
+
+@pytest.mark.parametrize("given", ["https://a.com?", "https://a.com#", "https://a.com?x=1"])
+def test_a_cors_origin_with_a_query_or_fragment_mark_is_refused(given: str) -> None:
+    # Before: "https://a.com?" was accepted as written, and never matched an Origin header.
+    err = error_of({"LAYERCODE_CORS_ORIGINS": given})
+    assert str(err).startswith("LAYERCODE_CORS_ORIGINS: expected '*' or http(s) origins")
