@@ -47,6 +47,8 @@ def _marked(target: logging.Logger, kind: str) -> logging.Handler | None:
 def _resolve_level(verbose: bool, level: int | str | None) -> int:
     if level is None:
         return logging.DEBUG if verbose else logging.INFO
+    if isinstance(level, bool) or not isinstance(level, int | str):
+        raise TypeError(f"level must be an int or a str, got {type(level).__name__}")
     if isinstance(level, int):
         return level
     resolved = logging.getLevelName(level.strip().upper())
@@ -71,7 +73,8 @@ def setup_logging(
         verbose: log at DEBUG instead of INFO.
         logfire_token: also send logs to Logfire when the ``logfire`` package is installed
             (a warning is logged if it is not).
-        level: explicit level (``"WARNING"``, ``logging.ERROR``...), overriding ``verbose``.
+        level: explicit level (``"WARNING"``, ``logging.ERROR``...), overriding ``verbose``;
+            an unknown name raises ``ValueError``, another type ``TypeError``.
         log_format: ``"json"``: one JSON object per line (:class:`JsonFormatter`), with the
             record's structured fields (the webhook line's ``event_type``, ``status``…);
             ``"text"`` (the default): one line per record. Any other raises ``ValueError``.

@@ -51,6 +51,19 @@ def test_setup_is_idempotent_and_sets_levels(restore_library_logger: logging.Log
         setup_logging(level="chatty")
 
 
+@pytest.mark.parametrize("level", [3.5, True, b"INFO", ["INFO"]])
+def test_a_log_level_of_another_type_is_refused(
+    restore_library_logger: logging.Logger, level: Any
+) -> None:
+    # Before: an AttributeError ("'float' object has no attribute 'strip'"), or True taken
+    # as level 1.
+    target = restore_library_logger
+    before = target.level
+    with pytest.raises(TypeError, match="level must be an int or a str, got"):
+        setup_logging(level=level)
+    assert target.level == before
+
+
 def test_an_unknown_log_format_is_refused(restore_library_logger: logging.Logger) -> None:
     # It fell back to text silently: LOG_FORMAT-style typos went unnoticed.
     target = restore_library_logger
