@@ -88,13 +88,28 @@ def _split_url(text: str, expected: str, shown: object) -> SplitResult:
 # -- converters: each accepts a string (from the environment) or a native value (kwargs) -----
 
 
-def _optional_str(value: object) -> str | None:
+def _utf8(text: str) -> str:
+    """``text``, unless it holds a lone surrogate (environment bytes that are not UTF-8)."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            _fail("UTF-8 text (the value holds bytes that are not UTF-8)", text)
+    return text
+
+
+def _optional_path(value: object) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
         _fail("a string", value)
     value = value.strip()
     return value or None
+
+
+def _optional_str(value: object) -> str | None:
+    text = _optional_path(value)  # a file name may be any bytes; a text may not
+    return None if text is None else _utf8(text)
 
 
 def _header_value(value: object) -> str | None:
@@ -109,7 +124,7 @@ def _header_value(value: object) -> str | None:
 def _non_empty_str(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         _fail("a non-empty string", value)
-    return value.strip()
+    return _utf8(value.strip())
 
 
 def _float_gt0(value: object) -> float:
@@ -178,7 +193,7 @@ def _str_list(value: object) -> tuple[str, ...]:
     for item in items:
         if not isinstance(item, str):
             _fail("a list of strings", value)
-        item = item.strip()
+        item = _utf8(item.strip())
         if item:
             result.append(item)
     return tuple(result)
@@ -310,7 +325,8 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
     _F("system_prompt", "LAYERCODE_SYSTEM_PROMPT", "str | None", None,
        "System prompt of the built-in LLM agents; unset = their own short-answers prompt."),
     _F("system_prompt_file", "LAYERCODE_SYSTEM_PROMPT_FILE", "path | None", None,
-       "File holding the system prompt (UTF-8), instead of LAYERCODE_SYSTEM_PROMPT."),
+       "File holding the system prompt (UTF-8), instead of LAYERCODE_SYSTEM_PROMPT.",
+       convert=_optional_path),
     _F("logfire_token", "LOGFIRE_TOKEN", "str | None", None,
        "Logfire token; enables Logfire when the logfire package is installed.", secret=True,
        convert=_header_value),

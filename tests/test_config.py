@@ -525,3 +525,21 @@ def test_a_cors_origin_with_a_query_or_fragment_mark_is_refused(given: str) -> N
     # Before: "https://a.com?" was accepted as written, and never matched an Origin header.
     err = error_of({"LAYERCODE_CORS_ORIGINS": given})
     assert str(err).startswith("LAYERCODE_CORS_ORIGINS: expected '*' or http(s) origins")
+
+
+@pytest.mark.parametrize("spec", SETTINGS_FIELDS, ids=lambda spec: spec.env)
+def test_text_that_is_not_utf8_is_refused_naming_the_variable(spec: Any) -> None:
+    # Environment bytes that are not UTF-8 reach os.environ as lone surrogates ("caf\udce9").
+    # Before: several settings took them; create_app then failed with a UnicodeEncodeError
+    # traceback (LAYERCODE_AUTHORIZE_API_KEYS, LAYERCODE_METRICS_API_KEYS) or a setting was
+    # silently unusable (a webhook secret no signature matches).
+    value = "caf\udce9"
+    if spec.name == "system_prompt_file":  # a file name may be any bytes
+        assert make({spec.env: value}).system_prompt_file == value
+        return
+    err = error_of({spec.env: value})
+    assert str(err).startswith(f"{spec.env}: expected ")
+    if spec.secret:
+        assert str(err).endswith("got <hidden>")
+    if spec.name in ("authorize_api_keys", "metrics_api_keys"):
+        assert str(error_of(**{spec.name: ["ok", value]})).startswith(f"{spec.name}: expected ")
