@@ -5,7 +5,9 @@
 * :func:`json_error`: the one way an error is written: ``{"error": "..."}`` as JSON with
   its status, as the two ASGI messages (:func:`send_json_error` sends them) or as a
   Starlette response (:func:`json_error_response`).
-* :func:`being_cancelled`: whether a ``CancelledError`` is this task's cancellation.
+* :func:`being_cancelled`: whether a ``CancelledError`` is this task's cancellation;
+  :func:`must_propagate`: whether an exception from user code (an agent, a hook, a
+  producer) goes on, or is answered as that code's failure.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "being_cancelled",
     "json_error",
     "json_error_response",
+    "must_propagate",
     "read_body",
     "route_path",
     "send_json_error",
@@ -147,3 +150,13 @@ def being_cancelled() -> bool:
     except RuntimeError:  # trio: its Cancelled only ever comes from a cancellation
         return True
     return task is None or task.cancelling() > 0
+
+
+def must_propagate(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by user code (an agent, a hook, a producer), goes on rather
+    than being answered as that code's failure: an interrupt, an exit, a group (it may hold
+    either) or this task's own cancellation. Any other exception, ``GeneratorExit`` or a
+    ``BaseException`` of the code's own included, is the code failing."""
+    if isinstance(exc, KeyboardInterrupt | SystemExit | BaseExceptionGroup):
+        return True
+    return isinstance(exc, anyio.get_cancelled_exc_class()) and being_cancelled()

@@ -32,7 +32,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from ._asgi import being_cancelled, send_json_error
+from ._asgi import must_propagate, send_json_error
 from .errors import ResponseError, check_seconds
 from .jsonwire import escape_json_text_line_breaks
 
@@ -311,10 +311,10 @@ class EventStreamResponse(Response):
             await self.producer(self.emit)
         except Exception as exc:
             self._failure = exc
-        except anyio.get_cancelled_exc_class() as exc:
-            if being_cancelled():
+        except BaseException as exc:  # a CancelledError of the producer's own, …
+            if must_propagate(exc):
                 raise
-            self._failure = exc  # the producer's own, not this task's
+            self._failure = exc
 
     def _start_message(self) -> Message:
         return {

@@ -45,7 +45,7 @@ from typing import Any, TypeAlias
 import anyio
 from starlette.responses import JSONResponse, Response
 
-from ._asgi import being_cancelled
+from ._asgi import must_propagate
 from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
 from .agents import describe_non_reply as _describe_non_reply
 from .conversation import HistoryMessage
@@ -288,12 +288,8 @@ class Turn:
                         await self._produce()
                     except Exception as exc:
                         await self._failed(exc)
-                    except anyio.get_cancelled_exc_class() as exc:
-                        if being_cancelled():
-                            raise
-                        await self._failed(exc)  # the agent's own, not this task's
-                    except BaseException as exc:  # GeneratorExit, an agent's own kind
-                        if isinstance(exc, KeyboardInterrupt | SystemExit | BaseExceptionGroup):
+                    except BaseException as exc:  # a CancelledError of the agent's own, …
+                        if must_propagate(exc):
                             raise
                         await self._failed(exc)
                     await self.end()

@@ -41,7 +41,7 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ._asgi import BodyTooLarge, JSONResponse, being_cancelled, json_error_response, read_body
+from ._asgi import BodyTooLarge, JSONResponse, json_error_response, must_propagate, read_body
 from .agents import Agent, TurnEvent, bind_agent
 from .conversation import (
     DEFAULT_LOCK_WAIT_GRACE,
@@ -407,9 +407,7 @@ class LayercodeWebhook:
             failure = _unavailable(exc, f"webhook {_kind(event)} failed")
             return json_error_response(503, failure.message), event
         except BaseException as exc:  # a hook's own kind too, as an agent's in a turn
-            if isinstance(exc, KeyboardInterrupt | SystemExit | BaseExceptionGroup) or (
-                isinstance(exc, anyio.get_cancelled_exc_class()) and being_cancelled()
-            ):
+            if must_propagate(exc):
                 raise
             logger.exception(
                 "webhook hook failed for %s (conversation=%s)",

@@ -162,6 +162,42 @@ async def test_a_producer_raising_a_stray_cancelled_error_is_a_failure(
         assert msgspec.json.decode(stub.body) == {"error": "internal error"}
 
 
+class _Stop(BaseException):
+    """A producer's own kind of exception, not an Exception."""
+
+
+@pytest.mark.parametrize("after_first", [False, True])
+async def test_a_producer_raising_another_base_exception_is_a_failure(after_first: bool) -> None:
+    # As an agent's or a hook's: a JSON 500 before the stream, its final frame after. Before,
+    # it escaped the response (the server's plain-text 500, or a cut stream).
+    async def producer(emit: Emit) -> None:
+        if after_first:
+            await emit(b"data: one\n\n")
+        raise _Stop
+
+    stub = ASGIStub()
+    await stub.run(EventStreamResponse(producer))
+    assert stub.complete
+    if after_first:
+        assert (stub.status, stub.body) == (200, b"data: one\n\n")
+    else:
+        assert stub.status == 500
+        assert msgspec.json.decode(stub.body) == {"error": "internal error"}
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
+async def test_a_producer_raising_an_interrupt_or_exit_lets_it_go_on(exc: type) -> None:
+    async def producer(emit: Emit) -> None:
+        raise exc
+
+    with pytest.raises((exc, BaseExceptionGroup)) as raised:
+        await ASGIStub().run(EventStreamResponse(producer))
+    error = raised.value
+    if isinstance(error, BaseExceptionGroup):  # trio: out of the response's task group
+        (error,) = error.exceptions
+    assert isinstance(error, exc)
+
+
 async def test_cancellation_from_outside_reaches_the_producer_and_propagates() -> None:
     seen: list[str] = []
     started = anyio.Event()

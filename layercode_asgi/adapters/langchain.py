@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from .._asgi import being_cancelled
+from .._asgi import must_propagate
 from ..agents import Agent, TurnContext
 from ..conversation import HistoryMessage
 from ..turns import AGENT_CLOSE_TIMEOUT
@@ -82,14 +82,8 @@ async def _in_own_task(stream: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
         try:
             async for item in stream:
                 await queue.put((item, None))
-        except Exception as exc:
-            error = exc
-        except asyncio.CancelledError as exc:
-            if being_cancelled():
-                raise
-            error = exc  # the stream's own (it awaited something cancelled): a failure
-        except BaseException as exc:  # GeneratorExit, the stream's own kind: a failure too
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
+        except BaseException as exc:  # a CancelledError of the stream's own: a failure too
+            if must_propagate(exc):
                 raise
             error = exc
         finally:
