@@ -84,6 +84,8 @@ class _PathMatcher:
                 )
             if path.endswith("*"):
                 prefixes.append(path[:-1])
+                # ``/hooks/*`` covers ``/hooks`` too: some apps route it to ``/hooks/``.
+                exact.add(_squeezed(path[:-1]))
             else:
                 exact.update((path, _squeezed(path)))
         self.exact = frozenset(exact)
@@ -118,7 +120,8 @@ class LayercodeSignature:
             point (``root_path`` removed, only where it ends at a ``/``: see
             :func:`route_path`) and, to fail closed, against the full path too; repeated
             and trailing slashes do not count (``//api/agent/`` is ``/api/agent``); a
-            trailing ``*`` makes a prefix. ``None`` (default) protects every HTTP request.
+            trailing ``*`` makes a prefix (``/hooks/*`` covers ``/hooks`` too). ``None``
+            (default) protects every HTTP request.
         max_body_size: largest accepted body in bytes (default 1 MiB). A larger declared
             ``Content-Length`` is refused with 413 before any byte is read; a chunked body
             is refused as soon as it passes the limit. The 413 closes the connection.

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from litestar import Litestar, get, post
@@ -442,6 +442,38 @@ def test_paths_fail_closed_when_the_app_normalises_slashes(protected: str) -> No
         signed = client.post(url + "//api/agent/", content=BODY, headers=signed_headers(BODY))
         assert signed.json() == {"ran": True}
     assert calls.count == 1
+
+
+@pytest.mark.anyio
+async def test_a_prefix_protects_its_own_path_without_the_slash() -> None:
+    """``/hooks/*`` protects ``/hooks``: Litestar routes it (and ``/hooks/``, which it
+    hands on as ``/hooks``) to a ``/hooks/`` handler, FastAPI to a router's ``""`` route."""
+    calls = Calls()
+
+    @post("/hooks/", status_code=200)
+    async def litestar_hook() -> dict[str, bool]:
+        calls.count += 1
+        return {"ran": True}
+
+    fastapi = FastAPI()
+    router = APIRouter(prefix="/hooks")
+
+    @router.post("")
+    async def fastapi_hook() -> dict[str, bool]:
+        calls.count += 1
+        return {"ran": True}
+
+    fastapi.include_router(router)
+    fastapi.add_middleware(LayercodeSignature, secret=SECRET, paths=["/hooks/*"])
+    middleware = [DefineMiddleware(LayercodeSignature, secret=SECRET, paths=["/hooks/*"])]
+    for app in (Litestar([litestar_hook], middleware=middleware), fastapi):
+        for path in ("/hooks", "/hooks/"):
+            response = await post_to(app, BODY, {}, path=path)
+            assert response.status_code == 401, (path, response.text)
+        assert (await post_to(app, BODY, signed_headers(BODY), path="/hooks")).json() == {
+            "ran": True
+        }
+    assert calls.count == 2
 
 
 # -- lifespan and websocket pass through untouched ----------------------------------------------
