@@ -15,7 +15,7 @@ import pytest
 from fastapi import APIRouter, FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from litestar import Litestar, get, post
+from litestar import Litestar, asgi, get, post
 from litestar import Request as LRequest
 from litestar.middleware import DefineMiddleware
 from litestar.response import Stream
@@ -442,6 +442,28 @@ def test_paths_fail_closed_when_the_app_normalises_slashes(protected: str) -> No
         signed = client.post(url + "//api/agent/", content=BODY, headers=signed_headers(BODY))
         assert signed.json() == {"ran": True}
     assert calls.count == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("paths", [["/mnt/agent"], ["/mnt/*"]])
+async def test_paths_protect_an_app_mounted_in_litestar(paths: list[str]) -> None:
+    """Litestar hands a mounted app's middleware the path below the mount (``/agent/``) and
+    no ``root_path``: the full path the client asked for still counts (``raw_path``)."""
+    calls = Calls()
+
+    @asgi("/mnt", is_mount=True, copy_scope=True)
+    async def mounted(scope: Any, receive: Any, send: Any) -> None:
+        calls.count += 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"reached"})
+
+    middleware = [DefineMiddleware(LayercodeSignature, secret=SECRET, paths=paths)]
+    app = Litestar([mounted], middleware=middleware)
+    for path in ("/mnt/agent", "/mnt/%61gent", "/mnt//agent/"):
+        response = await post_to(app, BODY, {}, path=path)
+        assert response.status_code == 401, (path, response.text)
+    assert calls.count == 0
+    assert (await post_to(app, BODY, signed_headers(BODY), path="/mnt/agent")).text == "reached"
 
 
 @pytest.mark.anyio
