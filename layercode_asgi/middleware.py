@@ -76,6 +76,11 @@ class _PathMatcher:
     __slots__ = ("exact", "prefixes")
 
     def __init__(self, paths: Iterable[str]) -> None:
+        if isinstance(paths, str | bytes):
+            raise ConfigurationError(
+                "LayercodeSignature paths must be a list of paths such as ['/api/agent'], "
+                f"got {paths!r}"
+            )
         exact: set[str] = set()
         prefixes: list[str] = []
         for path in paths:

@@ -565,6 +565,14 @@ def test_bad_configuration_fails_at_construction(options: dict[str, Any]) -> Non
         LayercodeSignature(Recorder(), **options)
 
 
+@pytest.mark.parametrize("paths", ["/api/agent", "/", b"/api/agent"])
+def test_paths_given_as_one_string_is_a_clear_error(paths: Any) -> None:
+    """A string is not a list of paths (it was read as one path per character: ``"/"``
+    passed, ``"/api/agent"`` was refused for its ``"a"``)."""
+    with pytest.raises(ConfigurationError, match=r"paths must be a list of paths"):
+        LayercodeSignature(Recorder(), secret=SECRET, paths=paths)
+
+
 def test_missing_secret_fails_at_starlette_startup_not_per_request() -> None:
     app = Starlette()
     app.add_middleware(LayercodeSignature, secret="")
