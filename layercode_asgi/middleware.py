@@ -24,6 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from urllib.parse import unquote
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -75,6 +76,11 @@ class _PathMatcher:
     __slots__ = ("exact", "prefixes")
 
     def __init__(self, paths: Iterable[str]) -> None:
+        if isinstance(paths, str | bytes):
+            raise ConfigurationError(
+                "LayercodeSignature paths must be a list of paths such as ['/api/agent'], "
+                f"got {paths!r}"
+            )
         exact: set[str] = set()
         prefixes: list[str] = []
         for path in paths:
@@ -84,6 +90,8 @@ class _PathMatcher:
                 )
             if path.endswith("*"):
                 prefixes.append(path[:-1])
+                # ``/hooks/*`` covers ``/hooks`` too: some apps route it to ``/hooks/``.
+                exact.add(_squeezed(path[:-1]))
             else:
                 exact.update((path, _squeezed(path)))
         self.exact = frozenset(exact)
@@ -116,9 +124,11 @@ class LayercodeSignature:
         tolerance: largest accepted ``|now - t|`` in seconds (default 300, ``>= 0``).
         paths: request paths to protect, matched against the path below the app's mount
             point (``root_path`` removed, only where it ends at a ``/``: see
-            :func:`route_path`) and, to fail closed, against the full path too; repeated
-            and trailing slashes do not count (``//api/agent/`` is ``/api/agent``); a
-            trailing ``*`` makes a prefix. ``None`` (default) protects every HTTP request.
+            :func:`route_path`) and, to fail closed, against the full path and the path
+            the client sent (``raw_path``) too; repeated and trailing slashes do not count
+            (``//api/agent/`` is ``/api/agent``); a trailing ``*`` makes a prefix
+            (``/hooks/*`` covers ``/hooks`` too). ``None`` (default) protects every HTTP
+            request.
         max_body_size: largest accepted body in bytes (default 1 MiB). A larger declared
             ``Content-Length`` is refused with 413 before any byte is read; a chunked body
             is refused as soon as it passes the limit. The 413 closes the connection.
@@ -224,7 +234,12 @@ class LayercodeSignature:
         if matches(path):
             return True
         route = route_path(scope)
-        return route is not path and matches(route)
+        if route is not path and matches(route):
+            return True
+        # Some apps hand middleware a rewritten path (Litestar: the path below a mounted
+        # app, without ``root_path``); the path the client asked for counts as well.
+        raw = scope.get("raw_path")
+        return isinstance(raw, bytes) and matches(unquote(raw.partition(b"?")[0].decode("latin-1")))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._protects(scope):

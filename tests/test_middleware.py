@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from litestar import Litestar, get, post
+from litestar import Litestar, asgi, get, post
 from litestar import Request as LRequest
 from litestar.middleware import DefineMiddleware
 from litestar.response import Stream
@@ -444,6 +444,60 @@ def test_paths_fail_closed_when_the_app_normalises_slashes(protected: str) -> No
     assert calls.count == 1
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("paths", [["/mnt/agent"], ["/mnt/*"]])
+async def test_paths_protect_an_app_mounted_in_litestar(paths: list[str]) -> None:
+    """Litestar hands a mounted app's middleware the path below the mount (``/agent/``) and
+    no ``root_path``: the full path the client asked for still counts (``raw_path``)."""
+    calls = Calls()
+
+    @asgi("/mnt", is_mount=True, copy_scope=True)
+    async def mounted(scope: Any, receive: Any, send: Any) -> None:
+        calls.count += 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"reached"})
+
+    middleware = [DefineMiddleware(LayercodeSignature, secret=SECRET, paths=paths)]
+    app = Litestar([mounted], middleware=middleware)
+    for path in ("/mnt/agent", "/mnt/%61gent", "/mnt//agent/"):
+        response = await post_to(app, BODY, {}, path=path)
+        assert response.status_code == 401, (path, response.text)
+    assert calls.count == 0
+    assert (await post_to(app, BODY, signed_headers(BODY), path="/mnt/agent")).text == "reached"
+
+
+@pytest.mark.anyio
+async def test_a_prefix_protects_its_own_path_without_the_slash() -> None:
+    """``/hooks/*`` protects ``/hooks``: Litestar routes it (and ``/hooks/``, which it
+    hands on as ``/hooks``) to a ``/hooks/`` handler, FastAPI to a router's ``""`` route."""
+    calls = Calls()
+
+    @post("/hooks/", status_code=200)
+    async def litestar_hook() -> dict[str, bool]:
+        calls.count += 1
+        return {"ran": True}
+
+    fastapi = FastAPI()
+    router = APIRouter(prefix="/hooks")
+
+    @router.post("")
+    async def fastapi_hook() -> dict[str, bool]:
+        calls.count += 1
+        return {"ran": True}
+
+    fastapi.include_router(router)
+    fastapi.add_middleware(LayercodeSignature, secret=SECRET, paths=["/hooks/*"])
+    middleware = [DefineMiddleware(LayercodeSignature, secret=SECRET, paths=["/hooks/*"])]
+    for app in (Litestar([litestar_hook], middleware=middleware), fastapi):
+        for path in ("/hooks", "/hooks/"):
+            response = await post_to(app, BODY, {}, path=path)
+            assert response.status_code == 401, (path, response.text)
+        assert (await post_to(app, BODY, signed_headers(BODY), path="/hooks")).json() == {
+            "ran": True
+        }
+    assert calls.count == 2
+
+
 # -- lifespan and websocket pass through untouched ----------------------------------------------
 
 
@@ -509,6 +563,14 @@ def test_lifespan_and_websocket_in_a_real_starlette_app() -> None:
 def test_bad_configuration_fails_at_construction(options: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
         LayercodeSignature(Recorder(), **options)
+
+
+@pytest.mark.parametrize("paths", ["/api/agent", "/", b"/api/agent"])
+def test_paths_given_as_one_string_is_a_clear_error(paths: Any) -> None:
+    """A string is not a list of paths (it was read as one path per character: ``"/"``
+    passed, ``"/api/agent"`` was refused for its ``"a"``)."""
+    with pytest.raises(ConfigurationError, match=r"paths must be a list of paths"):
+        LayercodeSignature(Recorder(), secret=SECRET, paths=paths)
 
 
 def test_missing_secret_fails_at_starlette_startup_not_per_request() -> None:
