@@ -51,7 +51,10 @@ class SettingsError(ConfigurationError):
 def check_positive_int(value: object, name: str) -> None:
     """Refuse (``ConfigurationError``) anything but an ``int`` >= 1 (``True`` is no count)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigurationError(f"{name} must be an integer > 0, got {value!r}")
+        raise ConfigurationError(f"{name} must be an integer > 0, got {_shown(value)}")
+
+
+_FLOAT_RANGE = 2**1024  # the smallest int a float cannot hold
 
 
 def check_seconds(name: str, value: object, *, zero: bool, none: bool) -> None:
@@ -63,12 +66,22 @@ def check_seconds(name: str, value: object, *, zero: bool, none: bool) -> None:
     if (
         isinstance(value, int | float)
         and not isinstance(value, bool)
+        and -_FLOAT_RANGE < value < _FLOAT_RANGE  # an int beyond: isfinite raises OverflowError
         and math.isfinite(value)
         and (value > 0 or (zero and value == 0))
     ):
         return
     expected = "a finite number " + (">= 0" if zero else "> 0") + (" or None" if none else "")
-    raise ConfigurationError(f"{name} must be {expected}, got {value!r}")
+    raise ConfigurationError(f"{name} must be {expected}, got {_shown(value)}")
+
+
+def _shown(value: object) -> str:
+    """``repr(value)``, cut to 80 characters (an int of over 4,300 digits has none)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "an int too large to show"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def check_text(name: str, value: object) -> None:

@@ -189,6 +189,7 @@ class LayercodeSignature:
             raise ConfigurationError(
                 f"LayercodeSignature tolerance must be an int >= 0 seconds, got {tolerance!r}"
             )
+        check_seconds("LayercodeSignature tolerance", tolerance, zero=True, none=False)
         self.tolerance = tolerance
         if (
             isinstance(max_body_size, bool)

@@ -734,10 +734,13 @@ async def test_lock_timeout_nan_is_refused() -> None:
             pass
 
 
-@pytest.mark.parametrize("value", [float("inf"), True, "5", -1])
+@pytest.mark.parametrize(
+    "value", [float("inf"), True, "5", -1, pytest.param(10**400, id="10**400")]
+)
 async def test_lock_timeout_must_be_a_finite_number(value: Any) -> None:
     # One duration rule for the whole library (errors.check_seconds): None waits forever;
-    # infinity, a bool or a string was accepted before.
+    # infinity, a bool or a string was accepted before; an int beyond a float's range
+    # raised OverflowError.
     with pytest.raises(ConfigurationError, match="lock timeout must be a finite number >= 0"):
         MemoryConversationStore(lock_timeout=value)
     with pytest.raises(ConfigurationError, match="lock timeout must be a finite number >= 0"):

@@ -746,3 +746,10 @@ def test_header_name_must_be_a_header_name(name: Any) -> None:
 
     with pytest.raises(ConfigurationError, match="header_name must be an HTTP header name"):
         LayercodeSignature(app, secret=SECRET, header_name=name)
+
+
+def test_a_tolerance_beyond_a_float_is_refused() -> None:
+    # Accepted before: with replay protection every signed request was then a 500 (the
+    # delivery's lifetime overflowed a float).
+    with pytest.raises(ConfigurationError, match="tolerance must be"):
+        LayercodeSignature(Recorder(), secret=SECRET, tolerance=10**400, replay_protection=True)
