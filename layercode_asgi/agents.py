@@ -30,6 +30,7 @@ from typing import Any, TypeAlias
 
 from .config import Settings
 from .conversation import HistoryMessage
+from .envfile import read_settings_file
 from .errors import ConfigurationError
 from .events import SessionStartPayload, TurnEvent
 from .redaction import escape_terminal
@@ -361,10 +362,11 @@ def configured_system_prompt(settings: Settings) -> str | None:
             "set LAYERCODE_SYSTEM_PROMPT or LAYERCODE_SYSTEM_PROMPT_FILE, not both"
         )
     try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        text = read_settings_file(path).decode("utf-8").strip()
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError too
+        reason = getattr(exc, "strerror", None) or (
+            type(exc).__name__ if isinstance(exc, UnicodeDecodeError) else str(exc)
+        )
         raise ConfigurationError(
             f"LAYERCODE_SYSTEM_PROMPT_FILE {path!r}: cannot read it ({reason})"
         ) from None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import SettingsError
 
-__all__ = ["parse_env_file"]
+__all__ = ["MAX_SETTINGS_FILE_BYTES", "parse_env_file", "read_settings_file"]
 
 
 class _LineProblem(Exception):
@@ -67,20 +67,24 @@ def _parse_env_line(line: str) -> tuple[str, str] | None:
     return key, "".join(chars)
 
 
-#: A ``.env`` file holds a few settings: a bigger one is refused (not read to its end).
-MAX_ENV_FILE_BYTES = 1 << 20
+#: A settings file (``.env``, a system prompt) is small: a bigger one is refused unread.
+MAX_SETTINGS_FILE_BYTES = 1 << 20
 
 
-def _read_env_file(file: Path) -> bytes | None:
-    """At most ``MAX_ENV_FILE_BYTES + 1`` bytes of ``file``; ``None`` unless it is a regular
-    file (a device, a pipe, a directory: endless, or waiting for a writer)."""
+def read_settings_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a small settings file. ``OSError`` as ``open`` raises it; ``ValueError``
+    when it is not a regular file (a device, a pipe, a directory: endless, or waiting for a
+    writer) or is over :data:`MAX_SETTINGS_FILE_BYTES`, read no further."""
     # Non-blocking: opening a FIFO nobody writes returns at once (then is refused).
-    fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        return None
+        raise ValueError("not a regular file")
     with os.fdopen(fd, "rb") as stream:
-        return stream.read(MAX_ENV_FILE_BYTES + 1)
+        data = stream.read(MAX_SETTINGS_FILE_BYTES + 1)
+    if len(data) > MAX_SETTINGS_FILE_BYTES:
+        raise ValueError("larger than 1 MiB")
+    return data
 
 
 def parse_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -94,15 +98,13 @@ def parse_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
     """
     file = Path(path)
     try:
-        data = _read_env_file(file)
+        data = read_settings_file(file)
     except FileNotFoundError:
         return {}
     except OSError as exc:
         raise SettingsError([f"{file}: cannot read the file ({exc.strerror or exc})"]) from exc
-    if data is None:
-        raise SettingsError([f"{file}: cannot read the file: not a regular file"])
-    if len(data) > MAX_ENV_FILE_BYTES:
-        raise SettingsError([f"{file}: cannot read the file: larger than 1 MiB"])
+    except ValueError as exc:
+        raise SettingsError([f"{file}: cannot read the file: {exc}"]) from None
     try:
         content = data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as exc:

@@ -543,3 +543,26 @@ def test_text_that_is_not_utf8_is_refused_naming_the_variable(spec: Any) -> None
         assert str(err).endswith("got <hidden>")
     if spec.name in ("authorize_api_keys", "metrics_api_keys"):
         assert str(error_of(**{spec.name: ["ok", value]})).startswith(f"{spec.name}: expected ")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "big"])
+def test_a_system_prompt_file_that_is_not_a_small_regular_file_is_refused(
+    kind: str, tmp_path: Path
+) -> None:
+    # Read like the .env file (the same reader: /dev/zero is refused as in
+    # test_cli_hostile's .env case): a FIFO nobody writes blocked start-up forever, a
+    # device such as /dev/zero was read until memory ran out.
+    import os
+
+    from layercode_asgi.agents import configured_system_prompt
+
+    path = tmp_path / "prompt"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"x" * ((1 << 20) + 1))
+    reason = "larger than 1 MiB" if kind == "big" else "not a regular file"
+    with pytest.raises(ConfigurationError, match=f"cannot read it \\({reason}\\)"):
+        configured_system_prompt(make(system_prompt_file=str(path)))
