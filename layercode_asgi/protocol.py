@@ -18,6 +18,7 @@ import httpx
 import msgspec
 
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
+from .redaction import escape_terminal, mask_url
 from .signature import SIGNATURE_HEADER, sign
 from .sse_parser import SSEEvent, SSEParser
 
@@ -123,6 +124,20 @@ def encode_event(event: Any) -> bytes:
 def signed_headers(body: bytes | str, secret: str, timestamp: int | None = None) -> dict[str, str]:
     """Request headers for ``body``: JSON content type and a valid ``layercode-signature``."""
     return {"content-type": "application/json", SIGNATURE_HEADER: sign(body, secret, timestamp)}
+
+
+def check_url(name: str, url: str) -> None:
+    """Raise ValueError naming ``name`` unless ``url`` is an http(s) URL httpx can send to."""
+    try:
+        parsed = httpx.URL(url)
+        host, port = parsed.host, parsed.port  # host: IDNA-decoded, may raise IDNAError
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:  # IDNAError is a ValueError
+        raise ValueError(f"{name} is not a valid URL: {escape_terminal(str(exc))}") from None
+    if parsed.scheme not in ("http", "https") or not host:
+        shown = escape_terminal(repr(mask_url(url)))
+        raise ValueError(f"{name} must be an http(s) URL, got {shown}")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"{name} has port {port}, expected 1 to 65535")
 
 
 def _brief(value: Any) -> str:

@@ -23,6 +23,7 @@ import msgspec
 
 from ._asgi import HEADER_NAME
 from .envfile import parse_env_file
+from .protocol import check_url
 from .redaction import escape_terminal, mask_url
 from .testing import (
     VIOLATIONS,
@@ -369,12 +370,9 @@ def read_secret(args: argparse.Namespace, env: Mapping[str, str], command: str) 
 def _check_url(url: str) -> None:
     """A ``--url`` httpx cannot send to is a usage error (one line, exit 2)."""
     try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, ValueError) as exc:
-        raise UsageError(f"--url is not a valid URL: {escape_terminal(str(exc))}") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        shown = escape_terminal(repr(mask_url(url)))
-        raise UsageError(f"--url must be an http(s) URL, got {shown}")
+        check_url("--url", url)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:

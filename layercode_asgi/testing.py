@@ -27,6 +27,7 @@ from .protocol import (
     OnEvent,
     ReplyTooLarge,
     TurnResult,
+    check_url,
     encode_event,
     send_json_event,
     send_turn,
@@ -252,6 +253,8 @@ class LayercodeTestClient:
             raise ValueError("pass exactly one of app= (an ASGI app) or base_url= (a server URL)")
         if not secret:
             raise ValueError("secret is required (the webhook secret to sign with)")
+        if base_url is not None:
+            check_url("base_url", base_url)
         check_seconds("timeout", timeout, zero=False, none=False)
         for name, bound in (("max_bytes", max_bytes), ("max_events", max_events)):
             # NaN or infinity would never trip; a string would fail mid-request.

@@ -404,6 +404,11 @@ def test_client_arguments_are_checked() -> None:
         for bound in (float("nan"), float("inf"), 0, -1, "10", 1.5, True):
             with pytest.raises(ValueError, match=f"{name} must be an integer > 0"):
                 LayercodeTestClient(echo_app(), secret=SECRET, **{name: bound})
+    # Accepted before: each request then failed with an OverflowError (in an ExceptionGroup),
+    # an IDNAError or httpx.InvalidURL, or a connection-error for a scheme httpx cannot send.
+    for url in ("http://127.0.0.1:99999", "http://xn--", "http://[::1", "ftp://x", "x"):
+        with pytest.raises(ValueError, match="base_url"):
+            LayercodeTestClient(base_url=url, secret=SECRET)
 
 
 @pytest.mark.anyio
