@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, TextIO
+from typing import IO, Any, AnyStr, Final, TextIO
 
 import anyio
 import httpx
@@ -305,8 +305,21 @@ async def run_simulation(
     return report
 
 
+#: The most ``sign`` reads as a body and ``simulate`` as messages (bytes, or characters).
+MAX_INPUT: Final = 64 * 1024 * 1024
+
+
+def read_input(stream: IO[AnyStr], what: str) -> AnyStr:
+    """All of ``stream`` (a file, a pipe, stdin); a UsageError past :data:`MAX_INPUT`."""
+    content = stream.read(MAX_INPUT + 1)
+    if len(content) > MAX_INPUT:
+        raise UsageError(f"{what} is longer than {MAX_INPUT >> 20} MiB")
+    return content
+
+
 def _read_lines(stream: TextIO) -> list[str]:
-    return [line.strip() for line in stream.read().splitlines() if line.strip()]
+    text = read_input(stream, "the messages")
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def stdin_is_piped() -> bool:
