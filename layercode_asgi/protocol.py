@@ -334,7 +334,11 @@ async def _exchange(
                 where["status_code"] = status = reply.status_code
                 if status not in ok:
                     prefix, more = await read_prefix(reply, _BODY_EXCERPT)
-                    detail = f"{kind} answered {status}: {_excerpt(prefix, more)}"
+                    answered = f"{kind} answered {status}"
+                    location = reply.headers.get("location")
+                    if 300 <= status < 400 and location:  # the signed body goes nowhere else
+                        answered += f" (a redirect to {_brief(mask_url(location))}, not followed)"
+                    detail = f"{answered}: {_excerpt(prefix, more)}"
                     raise ProtocolViolation("http-error", detail, **where)
                 yield reply
     except TimeoutError:
@@ -349,7 +353,7 @@ async def _exchange(
         detail = f"no answer within {timeout:g} s ({exc!r})"
         raise ProtocolViolation("timeout", detail, **where) from None
     except httpx.HTTPError as exc:
-        detail = f"{type(exc).__name__}: {exc}"
+        detail = f"{type(exc).__name__}: {str(exc) or 'the connection broke (no detail given)'}"
         raise ProtocolViolation("connection-error", detail, **where) from None
 
 

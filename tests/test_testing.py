@@ -8,6 +8,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -37,6 +38,7 @@ from layercode_asgi.testing import (
     data_event,
     encode_event,
     message_event,
+    send_turn,
     session_end_event,
     session_start_event,
     session_update_event,
@@ -363,6 +365,38 @@ async def test_client_raises_named_violations() -> None:
     with pytest.raises(ProtocolViolation) as caught:
         await LayercodeTestClient(echo_app(), secret="wrong").message("x")
     assert (caught.value.name, caught.value.status_code) == ("http-error", 401)
+
+
+@pytest.mark.anyio
+async def test_a_redirect_is_not_followed_and_says_where_it_led() -> None:
+    calls: list[str] = []
+
+    async def redirects(scope: Any, receive: Any, send: Any) -> None:
+        calls.append(scope["path"])
+        await receive()
+        location = (b"location", b"https://user:pw@elsewhere.example/api/agent")
+        await send({"type": "http.response.start", "status": 307, "headers": [location]})
+        await send({"type": "http.response.body", "body": b""})
+
+    with pytest.raises(ProtocolViolation) as caught:
+        await LayercodeTestClient(redirects, secret=SECRET).message("x")
+    # Before: "message answered 307: ", without where to or whether it was followed.
+    assert caught.value.name == "http-error" and calls == ["/api/agent"]
+    detail = caught.value.detail
+    assert "https://user:***@elsewhere.example/api/agent" in detail and "not followed" in detail
+
+
+@pytest.mark.anyio
+async def test_a_connection_error_without_a_message_still_says_what_broke() -> None:
+    def reset(request: Any) -> Any:
+        raise httpx.ReadError("")  # what httpx raises when the peer resets the connection
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(reset)) as http:
+        with pytest.raises(ProtocolViolation) as caught:
+            await send_turn(http, "http://backend/api/agent", message_event("x"), SECRET)
+    # Before: "ReadError: ", an empty explanation.
+    assert caught.value.name == "connection-error"
+    assert caught.value.detail == "ReadError: the connection broke (no detail given)"
 
 
 @pytest.mark.anyio
