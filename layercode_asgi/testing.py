@@ -165,13 +165,20 @@ def session_end_event(
     return _event("session.end", defaults, session_id, conversation_id)
 
 
+def _misuse(what: str) -> RuntimeError:
+    """What an in-process app that breaks the ASGI protocol is told (as a server tells it)."""
+    return RuntimeError(f"the ASGI app sent {what}")
+
+
 class _Bounded:
     """Wraps an in-process ASGI app for ``httpx.ASGITransport``, which keeps a whole reply in
     memory before returning it: stops the app with :class:`ReplyTooLarge` past ``max_bytes``,
     and lets each ``send`` be a cancellation point, so the client's timeout can stop an app
     that streams forever without waiting on anything. An app that returns with its reply
     unfinished is answered as a server would (a 500, or the end of the body), not left to
-    the transport's bare ``AssertionError``."""
+    the transport's bare ``AssertionError``; one that breaks ASGI otherwise (a second start,
+    a body before the start or after the end, a body or status of the wrong type) is told so
+    by ``send``, with a RuntimeError."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app = app
@@ -186,9 +193,20 @@ class _Bounded:
             await anyio.lowlevel.checkpoint()
             kind = message.get("type")
             if kind == "http.response.start":
+                if started:
+                    raise _misuse("http.response.start after the response started")
+                if not isinstance(message.get("status"), int):
+                    raise _misuse(f"a status that is not an integer: {message.get('status')!r}")
                 started = True
             elif kind == "http.response.body":
-                sent += len(message.get("body", b""))
+                body = message.get("body", b"")
+                if not started:
+                    raise _misuse("http.response.body before http.response.start")
+                if finished:
+                    raise _misuse("http.response.body after the response ended")
+                if not isinstance(body, bytes | bytearray | memoryview):
+                    raise _misuse(f"a body that is not bytes: {body!r:.80}")
+                sent += len(body)
                 if sent > self.max_bytes:
                     raise ReplyTooLarge(f"reply longer than {self.max_bytes} bytes")
                 finished = not message.get("more_body", False)

@@ -367,6 +367,41 @@ async def test_client_raises_named_violations() -> None:
     assert (caught.value.name, caught.value.status_code) == ("http-error", 401)
 
 
+def misusing_app(*messages: dict[str, Any]) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        for message in messages:
+            await send(message)
+
+    return app
+
+
+_START = {"type": "http.response.start", "status": 200, "headers": []}
+_BODY = {"type": "http.response.body", "body": b""}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("messages", "said"),
+    [
+        ([_START, _START], "http.response.start after the response started"),
+        ([_BODY], "http.response.body before http.response.start"),
+        ([_START, _BODY, _BODY], "http.response.body after the response ended"),
+        ([_START, {**_BODY, "body": "text"}], "a body that is not bytes: 'text'"),
+        ([_START, {**_BODY, "body": None}], "a body that is not bytes: None"),
+        ([{**_START, "status": "200"}, _BODY], "a status that is not an integer: '200'"),
+    ],
+)
+async def test_an_in_process_app_breaking_asgi_is_told_how(
+    messages: list[dict[str, Any]], said: str
+) -> None:
+    # Before: a bare AssertionError or TypeError from httpx's ASGI transport (or from len()),
+    # and a string status came back as "answered 200", an http-error.
+    with pytest.raises(RuntimeError) as caught:
+        await LayercodeTestClient(misusing_app(*messages), secret=SECRET).message("x")
+    assert str(caught.value) == f"the ASGI app sent {said}"
+
+
 @pytest.mark.anyio
 async def test_a_redirect_is_not_followed_and_says_where_it_led() -> None:
     calls: list[str] = []
