@@ -25,6 +25,7 @@ from .protocol import (
     TURN_TYPES,
     JSONResult,
     OnEvent,
+    ProtocolViolation,
     ReplyTooLarge,
     TurnResult,
     check_url,
@@ -368,7 +369,9 @@ class LayercodeTestClient:
     ) -> httpx.Response:
         """POST ``body`` (an event or raw bytes) unchecked, for testing error answers.
 
-        Signed with the client's secret unless ``signed=False``; ``headers`` override.
+        Signed with the client's secret unless ``signed=False``; ``headers`` override. Not
+        answered within ``timeout``: a ``timeout`` violation; an in-process reply past
+        ``max_bytes``: ``too-large``.
         """
         content = body.encode() if isinstance(body, str) else body
         if not isinstance(content, bytes):
@@ -380,7 +383,15 @@ class LayercodeTestClient:
         request_headers.update(headers or {})
 
         async with self._http() as client:
-            return await client.post(self.url, content=content, headers=request_headers)
+            try:  # bounded like the checked methods: httpx's timeout misses an in-process app
+                with anyio.fail_after(self.timeout):
+                    return await client.post(self.url, content=content, headers=request_headers)
+            except TimeoutError:
+                detail = f"POST not answered within {self.timeout:g} s"
+                raise ProtocolViolation("timeout", detail) from None
+            except ReplyTooLarge:
+                detail = f"reply longer than {self.max_bytes} bytes (max_bytes)"
+                raise ProtocolViolation("too-large", detail) from None
 
     # -- one helper per event, with the client's conversation and session ids --
 

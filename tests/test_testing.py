@@ -8,6 +8,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from hypothesis import given
@@ -400,6 +401,25 @@ async def test_an_in_process_app_breaking_asgi_is_told_how(
     with pytest.raises(RuntimeError) as caught:
         await LayercodeTestClient(misusing_app(*messages), secret=SECRET).message("x")
     assert str(caught.value) == f"the ASGI app sent {said}"
+
+
+@pytest.mark.anyio
+async def test_post_is_bounded_like_every_other_method() -> None:
+    async def never_answers(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.sleep_forever()
+
+    async def endless(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 401, "headers": []})
+        while True:
+            await send({"type": "http.response.body", "body": b"x" * 1024, "more_body": True})
+
+    # Before: post() waited forever (httpx's timeout does not reach an in-process app), and
+    # an endless reply raised the internal ReplyTooLarge.
+    for app, name in ((never_answers, "timeout"), (endless, "too-large")):
+        client = LayercodeTestClient(app, secret=SECRET, timeout=0.5, max_bytes=100_000)
+        with anyio.fail_after(10), pytest.raises(ProtocolViolation) as caught:
+            await client.post(message_event("x"))
+        assert caught.value.name == name
 
 
 @pytest.mark.anyio
