@@ -140,6 +140,17 @@ def check_url(name: str, url: str) -> None:
         raise ValueError(f"{name} has port {port}, expected 1 to 65535")
 
 
+#: Request headers the HTTP client writes itself (the body's framing): not to be overridden.
+_FRAMING: Final = frozenset({"content-length", "transfer-encoding"})
+
+
+def check_headers(name: str, headers: Mapping[str, str]) -> None:
+    """Raise ValueError naming ``name`` if ``headers`` sets the body's framing."""
+    for header in headers:
+        if header.strip().lower() in _FRAMING:
+            raise ValueError(f"{name} {header}: the client sets it (the body's framing)")
+
+
 def _brief(value: Any) -> str:
     """``repr(value)``, at most 80 characters (a backend's value quoted in a violation)."""
     shown = repr(value)

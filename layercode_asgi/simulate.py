@@ -23,7 +23,7 @@ import msgspec
 
 from ._asgi import HEADER_NAME
 from .envfile import parse_env_file
-from .protocol import check_url
+from .protocol import check_headers, check_url
 from .redaction import escape_terminal, mask_url
 from .testing import (
     VIOLATIONS,
@@ -361,6 +361,10 @@ def _parse_headers(values: Sequence[str]) -> dict[str, str]:
             # The value is not quoted: it may be a credential.
             raise UsageError(f"--header {name}: the value may hold only printable ASCII characters")
         headers[name] = content
+    try:
+        check_headers("--header", headers)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return headers
 
 

@@ -28,6 +28,7 @@ from .protocol import (
     ProtocolViolation,
     ReplyTooLarge,
     TurnResult,
+    check_headers,
     check_url,
     encode_event,
     send_json_event,
@@ -274,6 +275,7 @@ class LayercodeTestClient:
             raise ValueError("secret is required (the webhook secret to sign with)")
         if base_url is not None:
             check_url("base_url", base_url)
+        check_headers("headers", headers or {})
         check_seconds("timeout", timeout, zero=False, none=False)
         for name, bound in (("max_bytes", max_bytes), ("max_events", max_events)):
             # NaN or infinity would never trip; a string would fail mid-request.

@@ -498,6 +498,10 @@ def test_client_arguments_are_checked() -> None:
     for url in ("http://127.0.0.1:99999", "http://xn--", "http://[::1", "ftp://x", "x"):
         with pytest.raises(ValueError, match="base_url"):
             LayercodeTestClient(base_url=url, secret=SECRET)
+    # Before: an h11 LocalProtocolError from inside httpx, on every request.
+    for name in ("Content-Length", "transfer-encoding"):
+        with pytest.raises(ValueError, match=f"headers {name}: the client sets it"):
+            LayercodeTestClient(echo_app(), secret=SECRET, headers={name: "1"})
 
 
 @pytest.mark.anyio
