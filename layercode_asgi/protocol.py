@@ -6,6 +6,7 @@ reply, raising :class:`ProtocolViolation` with a stable name (:data:`VIOLATIONS`
 
 from __future__ import annotations
 
+import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -17,6 +18,7 @@ import anyio
 import httpx
 import msgspec
 
+from ._asgi import HEADER_NAME
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
 from .redaction import escape_terminal, mask_url
 from .signature import SIGNATURE_HEADER, sign
@@ -142,13 +144,20 @@ def check_url(name: str, url: str) -> None:
 
 #: Request headers the HTTP client writes itself (the body's framing): not to be overridden.
 _FRAMING: Final = frozenset({"content-length", "transfer-encoding"})
+#: What a header value may hold (visible ASCII, spaces and tabs): anything else cannot be sent.
+_HEADER_VALUE: Final = re.compile(r"[\t\x20-\x7e]*")
 
 
 def check_headers(name: str, headers: Mapping[str, str]) -> None:
-    """Raise ValueError naming ``name`` if ``headers`` sets the body's framing."""
-    for header in headers:
-        if header.strip().lower() in _FRAMING:
+    """Raise ValueError naming ``name`` unless every one of ``headers`` can be sent as is."""
+    for header, value in headers.items():
+        if not isinstance(header, str) or not HEADER_NAME.fullmatch(header):
+            raise ValueError(f"{name} {escape_terminal(repr(header))}: not a valid header name")
+        if header.lower() in _FRAMING:
             raise ValueError(f"{name} {header}: the client sets it (the body's framing)")
+        if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+            # The value is not quoted: it may be a credential.
+            raise ValueError(f"{name} {header}: the value may hold only printable ASCII characters")
 
 
 def _brief(value: Any) -> str:

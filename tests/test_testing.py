@@ -502,6 +502,10 @@ def test_client_arguments_are_checked() -> None:
     for name in ("Content-Length", "transfer-encoding"):
         with pytest.raises(ValueError, match=f"headers {name}: the client sets it"):
             LayercodeTestClient(echo_app(), secret=SECRET, headers={name: "1"})
+    # Before: a UnicodeEncodeError on every request, or (over HTTP) an h11 LocalProtocolError.
+    for headers in ({"X-A": "é"}, {"Bad Name": "v"}, {"X-A": "a\nb"}, {"X-A\0": "v"}):
+        with pytest.raises(ValueError, match=r"^headers "):
+            LayercodeTestClient(echo_app(), secret=SECRET, headers=headers)
 
 
 @pytest.mark.anyio
