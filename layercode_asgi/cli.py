@@ -46,6 +46,7 @@ from .simulate import (
     SimulationReport,
     UsageError,
     add_simulate_command,
+    read_input,
     read_secret,
     run_simulation,
     stdin_is_piped,
@@ -297,10 +298,11 @@ def _sign_body(args: argparse.Namespace) -> bytes:
     try:
         if args.file is not None and args.file != "-":
             with open(args.file, "rb") as file:
-                return file.read()
+                return read_input(file, "the body")
         if args.file is None and not stdin_is_piped():
             raise UsageError("give the body with --body TEXT, --file PATH, or on stdin")
-        return sys.stdin.buffer.read()
+        body: bytes = read_input(sys.stdin.buffer, "the body")
+        return body
     except OSError as exc:
         raise UsageError(f"cannot read the body: {exc}") from None
 

@@ -6,6 +6,7 @@ reply, raising :class:`ProtocolViolation` with a stable name (:data:`VIOLATIONS`
 
 from __future__ import annotations
 
+import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -17,7 +18,9 @@ import anyio
 import httpx
 import msgspec
 
+from ._asgi import HEADER_NAME
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
+from .redaction import escape_terminal, mask_url
 from .signature import SIGNATURE_HEADER, sign
 from .sse_parser import SSEEvent, SSEParser
 
@@ -123,6 +126,38 @@ def encode_event(event: Any) -> bytes:
 def signed_headers(body: bytes | str, secret: str, timestamp: int | None = None) -> dict[str, str]:
     """Request headers for ``body``: JSON content type and a valid ``layercode-signature``."""
     return {"content-type": "application/json", SIGNATURE_HEADER: sign(body, secret, timestamp)}
+
+
+def check_url(name: str, url: str) -> None:
+    """Raise ValueError naming ``name`` unless ``url`` is an http(s) URL httpx can send to."""
+    try:
+        parsed = httpx.URL(url)
+        host, port = parsed.host, parsed.port  # host: IDNA-decoded, may raise IDNAError
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:  # IDNAError is a ValueError
+        raise ValueError(f"{name} is not a valid URL: {escape_terminal(str(exc))}") from None
+    if parsed.scheme not in ("http", "https") or not host:
+        shown = escape_terminal(repr(mask_url(url)))
+        raise ValueError(f"{name} must be an http(s) URL, got {shown}")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"{name} has port {port}, expected 1 to 65535")
+
+
+#: Request headers the HTTP client writes itself (the body's framing): not to be overridden.
+_FRAMING: Final = frozenset({"content-length", "transfer-encoding"})
+#: What a header value may hold (visible ASCII, spaces and tabs): anything else cannot be sent.
+_HEADER_VALUE: Final = re.compile(r"[\t\x20-\x7e]*")
+
+
+def check_headers(name: str, headers: Mapping[str, str]) -> None:
+    """Raise ValueError naming ``name`` unless every one of ``headers`` can be sent as is."""
+    for header, value in headers.items():
+        if not isinstance(header, str) or not HEADER_NAME.fullmatch(header):
+            raise ValueError(f"{name} {escape_terminal(repr(header))}: not a valid header name")
+        if header.lower() in _FRAMING:
+            raise ValueError(f"{name} {header}: the client sets it (the body's framing)")
+        if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+            # The value is not quoted: it may be a credential.
+            raise ValueError(f"{name} {header}: the value may hold only printable ASCII characters")
 
 
 def _brief(value: Any) -> str:
@@ -319,7 +354,11 @@ async def _exchange(
                 where["status_code"] = status = reply.status_code
                 if status not in ok:
                     prefix, more = await read_prefix(reply, _BODY_EXCERPT)
-                    detail = f"{kind} answered {status}: {_excerpt(prefix, more)}"
+                    answered = f"{kind} answered {status}"
+                    location = reply.headers.get("location")
+                    if 300 <= status < 400 and location:  # the signed body goes nowhere else
+                        answered += f" (a redirect to {_brief(mask_url(location))}, not followed)"
+                    detail = f"{answered}: {_excerpt(prefix, more)}"
                     raise ProtocolViolation("http-error", detail, **where)
                 yield reply
     except TimeoutError:
@@ -334,7 +373,7 @@ async def _exchange(
         detail = f"no answer within {timeout:g} s ({exc!r})"
         raise ProtocolViolation("timeout", detail, **where) from None
     except httpx.HTTPError as exc:
-        detail = f"{type(exc).__name__}: {exc}"
+        detail = f"{type(exc).__name__}: {str(exc) or 'the connection broke (no detail given)'}"
         raise ProtocolViolation("connection-error", detail, **where) from None
 
 

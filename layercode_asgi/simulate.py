@@ -15,14 +15,14 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, TextIO
+from typing import IO, Any, AnyStr, Final, TextIO
 
 import anyio
 import httpx
 import msgspec
 
-from ._asgi import HEADER_NAME
 from .envfile import parse_env_file
+from .protocol import check_headers, check_url
 from .redaction import escape_terminal, mask_url
 from .testing import (
     VIOLATIONS,
@@ -304,8 +304,21 @@ async def run_simulation(
     return report
 
 
+#: The most ``sign`` reads as a body and ``simulate`` as messages (bytes, or characters).
+MAX_INPUT: Final = 64 * 1024 * 1024
+
+
+def read_input(stream: IO[AnyStr], what: str) -> AnyStr:
+    """All of ``stream`` (a file, a pipe, stdin); a UsageError past :data:`MAX_INPUT`."""
+    content = stream.read(MAX_INPUT + 1)
+    if len(content) > MAX_INPUT:
+        raise UsageError(f"{what} is longer than {MAX_INPUT >> 20} MiB")
+    return content
+
+
 def _read_lines(stream: TextIO) -> list[str]:
-    return [line.strip() for line in stream.read().splitlines() if line.strip()]
+    text = read_input(stream, "the messages")
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def stdin_is_piped() -> bool:
@@ -330,10 +343,6 @@ def _simulation_messages(args: argparse.Namespace) -> list[str]:
     return messages
 
 
-#: What a header value may hold (visible ASCII, spaces and tabs): anything else cannot be sent.
-_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
-
-
 def _parse_headers(values: Sequence[str]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for value in values:
@@ -341,11 +350,10 @@ def _parse_headers(values: Sequence[str]) -> dict[str, str]:
         if not colon or not name.strip():
             raise UsageError(f"--header {value!r}: expected NAME:VALUE")
         name, content = name.strip(), content.strip()
-        if not HEADER_NAME.fullmatch(name):
-            raise UsageError(f"--header {name!r}: not a valid header name")
-        if not _HEADER_VALUE.fullmatch(content):
-            # The value is not quoted: it may be a credential.
-            raise UsageError(f"--header {name}: the value may hold only printable ASCII characters")
+        try:
+            check_headers("--header", {name: content})
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         headers[name] = content
     return headers
 
@@ -369,12 +377,9 @@ def read_secret(args: argparse.Namespace, env: Mapping[str, str], command: str) 
 def _check_url(url: str) -> None:
     """A ``--url`` httpx cannot send to is a usage error (one line, exit 2)."""
     try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, ValueError) as exc:
-        raise UsageError(f"--url is not a valid URL: {escape_terminal(str(exc))}") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        shown = escape_terminal(repr(mask_url(url)))
-        raise UsageError(f"--url must be an http(s) URL, got {shown}")
+        check_url("--url", url)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:

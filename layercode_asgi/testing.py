@@ -25,8 +25,11 @@ from .protocol import (
     TURN_TYPES,
     JSONResult,
     OnEvent,
+    ProtocolViolation,
     ReplyTooLarge,
     TurnResult,
+    check_headers,
+    check_url,
     encode_event,
     send_json_event,
     send_turn,
@@ -164,13 +167,20 @@ def session_end_event(
     return _event("session.end", defaults, session_id, conversation_id)
 
 
+def _misuse(what: str) -> RuntimeError:
+    """What an in-process app that breaks the ASGI protocol is told (as a server tells it)."""
+    return RuntimeError(f"the ASGI app sent {what}")
+
+
 class _Bounded:
     """Wraps an in-process ASGI app for ``httpx.ASGITransport``, which keeps a whole reply in
     memory before returning it: stops the app with :class:`ReplyTooLarge` past ``max_bytes``,
     and lets each ``send`` be a cancellation point, so the client's timeout can stop an app
     that streams forever without waiting on anything. An app that returns with its reply
     unfinished is answered as a server would (a 500, or the end of the body), not left to
-    the transport's bare ``AssertionError``."""
+    the transport's bare ``AssertionError``; one that breaks ASGI otherwise (a second start,
+    a body before the start or after the end, a body or status of the wrong type) is told so
+    by ``send``, with a RuntimeError."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app = app
@@ -185,9 +195,20 @@ class _Bounded:
             await anyio.lowlevel.checkpoint()
             kind = message.get("type")
             if kind == "http.response.start":
+                if started:
+                    raise _misuse("http.response.start after the response started")
+                if not isinstance(message.get("status"), int):
+                    raise _misuse(f"a status that is not an integer: {message.get('status')!r}")
                 started = True
             elif kind == "http.response.body":
-                sent += len(message.get("body", b""))
+                body = message.get("body", b"")
+                if not started:
+                    raise _misuse("http.response.body before http.response.start")
+                if finished:
+                    raise _misuse("http.response.body after the response ended")
+                if not isinstance(body, bytes | bytearray | memoryview):
+                    raise _misuse(f"a body that is not bytes: {body!r:.80}")
+                sent += len(body)
                 if sent > self.max_bytes:
                     raise ReplyTooLarge(f"reply longer than {self.max_bytes} bytes")
                 finished = not message.get("more_body", False)
@@ -252,6 +273,9 @@ class LayercodeTestClient:
             raise ValueError("pass exactly one of app= (an ASGI app) or base_url= (a server URL)")
         if not secret:
             raise ValueError("secret is required (the webhook secret to sign with)")
+        if base_url is not None:
+            check_url("base_url", base_url)
+        check_headers("headers", headers or {})
         check_seconds("timeout", timeout, zero=False, none=False)
         for name, bound in (("max_bytes", max_bytes), ("max_events", max_events)):
             # NaN or infinity would never trip; a string would fail mid-request.
@@ -347,7 +371,9 @@ class LayercodeTestClient:
     ) -> httpx.Response:
         """POST ``body`` (an event or raw bytes) unchecked, for testing error answers.
 
-        Signed with the client's secret unless ``signed=False``; ``headers`` override.
+        Signed with the client's secret unless ``signed=False``; ``headers`` override. Not
+        answered within ``timeout``: a ``timeout`` violation; an in-process reply past
+        ``max_bytes``: ``too-large``.
         """
         content = body.encode() if isinstance(body, str) else body
         if not isinstance(content, bytes):
@@ -359,7 +385,15 @@ class LayercodeTestClient:
         request_headers.update(headers or {})
 
         async with self._http() as client:
-            return await client.post(self.url, content=content, headers=request_headers)
+            try:  # bounded like the checked methods: httpx's timeout misses an in-process app
+                with anyio.fail_after(self.timeout):
+                    return await client.post(self.url, content=content, headers=request_headers)
+            except TimeoutError:
+                detail = f"POST not answered within {self.timeout:g} s"
+                raise ProtocolViolation("timeout", detail) from None
+            except ReplyTooLarge:
+                detail = f"reply longer than {self.max_bytes} bytes (max_bytes)"
+                raise ProtocolViolation("too-large", detail) from None
 
     # -- one helper per event, with the client's conversation and session ids --
 

@@ -1250,7 +1250,11 @@ def test_17_readme_shows_an_adapter() -> None:
     assert 'get_agent("starter")' in readme or "--agent starter" in readme
 
 
-@pytest.mark.parametrize("url", ["http://[::1", "http://x/\n", "http://x:port/"])
+# A port past 65535 and a malformed IDNA host were tracebacks (OverflowError, IDNAError).
+@pytest.mark.parametrize(
+    "url",
+    ["http://[::1", "http://x/\n", "http://x:port/", "http://127.0.0.1:99999/", "http://xn--/"],
+)
 def test_15_7_simulate_malformed_url_is_a_usage_error(url: str) -> None:
     result = run_cli("simulate", "--url", url, "hi", env=_env(LAYERCODE_WEBHOOK_SECRET=SECRET))
     assert result.returncode == 2, result.stderr

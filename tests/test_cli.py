@@ -87,8 +87,18 @@ def test_simulate_never_prints_the_password_of_its_url(capsys: pytest.CaptureFix
     assert "connection-error" in printed.err and "user:***@127.0.0.1:1" in printed.out
 
 
+# Content-Length and Transfer-Encoding (the body's framing) were an h11 traceback once sent.
 @pytest.mark.parametrize(
-    "header", ["X-Tenant: é", "X-Tenant: a\nb", "X-Tenant: a\rb", "Bad Name: v", "X\x00: v"]
+    "header",
+    [
+        "X-Tenant: é",
+        "X-Tenant: a\nb",
+        "X-Tenant: a\rb",
+        "Bad Name: v",
+        "X\x00: v",
+        "Content-Length: 1",
+        "transfer-encoding: chunked",
+    ],
 )
 def test_a_header_that_cannot_be_sent_is_a_usage_error(
     header: str, capsys: pytest.CaptureFixture[str]

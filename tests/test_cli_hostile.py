@@ -189,6 +189,36 @@ def test_a_reader_that_left_is_no_traceback(tmp_path: Path, argv: list[str]) -> 
     assert done.stderr == "" and done.returncode == 141  # 128 + SIGPIPE, as shells report
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+@pytest.mark.parametrize(
+    ("argv", "stdin"),
+    [
+        (["sign", "--file", "/dev/zero"], None),
+        (["sign"], "/dev/zero"),
+        (["simulate", "--url", "http://127.0.0.1:1/api/agent", "--file", "/dev/zero"], None),
+        (["simulate", "--url", "http://127.0.0.1:1/api/agent"], "/dev/zero"),
+    ],
+)
+def test_an_input_that_never_ends_exits_2(
+    tmp_path: Path, argv: list[str], stdin: str | None
+) -> None:
+    # It was read whole: a MemoryError traceback (here, in 2 GiB), or all of the machine's memory.
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "LOG_"))}
+    with open(stdin or os.devnull, "rb") as source:
+        done = subprocess.run(
+            [PYTHON, "-m", "layercode_asgi", *argv, "--secret", "s"],
+            cwd=tmp_path,
+            env=environ,
+            stdin=source,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=_limit_memory,
+        )
+    line = one_error_line(done)
+    assert "longer than 64 MiB" in line
+
+
 def test_serve_keeps_serving_when_its_stdout_reader_left(tmp_path: Path) -> None:
     # `layercode-asgi serve | head -0`: the banner's print failed inside uvicorn's loop,
     # which stopped the server with a traceback.

@@ -8,6 +8,8 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -37,6 +39,7 @@ from layercode_asgi.testing import (
     data_event,
     encode_event,
     message_event,
+    send_turn,
     session_end_event,
     session_start_event,
     session_update_event,
@@ -365,6 +368,92 @@ async def test_client_raises_named_violations() -> None:
     assert (caught.value.name, caught.value.status_code) == ("http-error", 401)
 
 
+def misusing_app(*messages: dict[str, Any]) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        for message in messages:
+            await send(message)
+
+    return app
+
+
+_START = {"type": "http.response.start", "status": 200, "headers": []}
+_BODY = {"type": "http.response.body", "body": b""}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("messages", "said"),
+    [
+        ([_START, _START], "http.response.start after the response started"),
+        ([_BODY], "http.response.body before http.response.start"),
+        ([_START, _BODY, _BODY], "http.response.body after the response ended"),
+        ([_START, {**_BODY, "body": "text"}], "a body that is not bytes: 'text'"),
+        ([_START, {**_BODY, "body": None}], "a body that is not bytes: None"),
+        ([{**_START, "status": "200"}, _BODY], "a status that is not an integer: '200'"),
+    ],
+)
+async def test_an_in_process_app_breaking_asgi_is_told_how(
+    messages: list[dict[str, Any]], said: str
+) -> None:
+    # Before: a bare AssertionError or TypeError from httpx's ASGI transport (or from len()),
+    # and a string status came back as "answered 200", an http-error.
+    with pytest.raises(RuntimeError) as caught:
+        await LayercodeTestClient(misusing_app(*messages), secret=SECRET).message("x")
+    assert str(caught.value) == f"the ASGI app sent {said}"
+
+
+@pytest.mark.anyio
+async def test_post_is_bounded_like_every_other_method() -> None:
+    async def never_answers(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.sleep_forever()
+
+    async def endless(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 401, "headers": []})
+        while True:
+            await send({"type": "http.response.body", "body": b"x" * 1024, "more_body": True})
+
+    # Before: post() waited forever (httpx's timeout does not reach an in-process app), and
+    # an endless reply raised the internal ReplyTooLarge.
+    for app, name in ((never_answers, "timeout"), (endless, "too-large")):
+        client = LayercodeTestClient(app, secret=SECRET, timeout=0.5, max_bytes=100_000)
+        with anyio.fail_after(10), pytest.raises(ProtocolViolation) as caught:
+            await client.post(message_event("x"))
+        assert caught.value.name == name
+
+
+@pytest.mark.anyio
+async def test_a_redirect_is_not_followed_and_says_where_it_led() -> None:
+    calls: list[str] = []
+
+    async def redirects(scope: Any, receive: Any, send: Any) -> None:
+        calls.append(scope["path"])
+        await receive()
+        location = (b"location", b"https://user:pw@elsewhere.example/api/agent")
+        await send({"type": "http.response.start", "status": 307, "headers": [location]})
+        await send({"type": "http.response.body", "body": b""})
+
+    with pytest.raises(ProtocolViolation) as caught:
+        await LayercodeTestClient(redirects, secret=SECRET).message("x")
+    # Before: "message answered 307: ", without where to or whether it was followed.
+    assert caught.value.name == "http-error" and calls == ["/api/agent"]
+    detail = caught.value.detail
+    assert "https://user:***@elsewhere.example/api/agent" in detail and "not followed" in detail
+
+
+@pytest.mark.anyio
+async def test_a_connection_error_without_a_message_still_says_what_broke() -> None:
+    def reset(request: Any) -> Any:
+        raise httpx.ReadError("")  # what httpx raises when the peer resets the connection
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(reset)) as http:
+        with pytest.raises(ProtocolViolation) as caught:
+            await send_turn(http, "http://backend/api/agent", message_event("x"), SECRET)
+    # Before: "ReadError: ", an empty explanation.
+    assert caught.value.name == "connection-error"
+    assert caught.value.detail == "ReadError: the connection broke (no detail given)"
+
+
 @pytest.mark.anyio
 async def test_an_in_process_app_that_leaves_its_reply_unfinished_is_a_violation() -> None:
     # Before: a bare AssertionError from httpx's ASGI transport, with no message.
@@ -404,6 +493,19 @@ def test_client_arguments_are_checked() -> None:
         for bound in (float("nan"), float("inf"), 0, -1, "10", 1.5, True):
             with pytest.raises(ValueError, match=f"{name} must be an integer > 0"):
                 LayercodeTestClient(echo_app(), secret=SECRET, **{name: bound})
+    # Accepted before: each request then failed with an OverflowError (in an ExceptionGroup),
+    # an IDNAError or httpx.InvalidURL, or a connection-error for a scheme httpx cannot send.
+    for url in ("http://127.0.0.1:99999", "http://xn--", "http://[::1", "ftp://x", "x"):
+        with pytest.raises(ValueError, match="base_url"):
+            LayercodeTestClient(base_url=url, secret=SECRET)
+    # Before: an h11 LocalProtocolError from inside httpx, on every request.
+    for name in ("Content-Length", "transfer-encoding"):
+        with pytest.raises(ValueError, match=f"headers {name}: the client sets it"):
+            LayercodeTestClient(echo_app(), secret=SECRET, headers={name: "1"})
+    # Before: a UnicodeEncodeError on every request, or (over HTTP) an h11 LocalProtocolError.
+    for headers in ({"X-A": "é"}, {"Bad Name": "v"}, {"X-A": "a\nb"}, {"X-A\0": "v"}):
+        with pytest.raises(ValueError, match=r"^headers "):
+            LayercodeTestClient(echo_app(), secret=SECRET, headers=headers)
 
 
 @pytest.mark.anyio
