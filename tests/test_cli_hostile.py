@@ -118,6 +118,24 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 
 
+def _cli_in_2_gib(argv: list[str], cwd: Path, stdin: str | None = None) -> str:
+    """The one error line of the CLI run with ``argv`` in at most 2 GiB, without our
+    settings from the environment."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "LOG_"))}
+    with open(stdin or os.devnull, "rb") as source:
+        done = subprocess.run(
+            [PYTHON, "-m", "layercode_asgi", *argv],
+            cwd=cwd,
+            env=environ,
+            stdin=source,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=_limit_memory,
+        )
+    return one_error_line(done)
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs /dev/zero and FIFOs")
 @pytest.mark.parametrize("kind", ["device", "fifo"])
 def test_an_env_file_that_never_ends_exits_2(tmp_path: Path, kind: str) -> None:
@@ -125,17 +143,7 @@ def test_an_env_file_that_never_ends_exits_2(tmp_path: Path, kind: str) -> None:
     if kind == "fifo":  # nobody writes it: opening it to read would wait forever
         path = str(tmp_path / "fifo.env")
         os.mkfifo(path)
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "LOG_"))}
-    done = subprocess.run(
-        [PYTHON, "-m", "layercode_asgi", "serve", "--dev", "--env-file", path],
-        cwd=tmp_path,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        preexec_fn=_limit_memory,
-    )
-    line = one_error_line(done)
+    line = _cli_in_2_gib(["serve", "--dev", "--env-file", path], tmp_path)
     assert line == f"error: {path}: cannot read the file: not a regular file"
 
 
@@ -203,19 +211,7 @@ def test_an_input_that_never_ends_exits_2(
     tmp_path: Path, argv: list[str], stdin: str | None
 ) -> None:
     # It was read whole: a MemoryError traceback (here, in 2 GiB), or all of the machine's memory.
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "LOG_"))}
-    with open(stdin or os.devnull, "rb") as source:
-        done = subprocess.run(
-            [PYTHON, "-m", "layercode_asgi", *argv, "--secret", "s"],
-            cwd=tmp_path,
-            env=environ,
-            stdin=source,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            preexec_fn=_limit_memory,
-        )
-    line = one_error_line(done)
+    line = _cli_in_2_gib([*argv, "--secret", "s"], tmp_path, stdin)
     assert "longer than 64 MiB" in line
 
 
