@@ -316,12 +316,7 @@ def start_server_process(
 
 #: anyio's backends for the stream and turn tests: asyncio, and trio when it is installed
 #: (the dev extra has it).
-BACKENDS = [
-    "asyncio",
-    pytest.param(
-        "trio",
-        marks=pytest.mark.skipif(
-            importlib.util.find_spec("trio") is None, reason="trio is not installed"
-        ),
-    ),
-]
+NEEDS_TRIO = pytest.mark.skipif(
+    importlib.util.find_spec("trio") is None, reason="trio is not installed"
+)
+BACKENDS = ["asyncio", pytest.param("trio", marks=NEEDS_TRIO)]

@@ -304,7 +304,9 @@ def test_keyword_only_extras_with_defaults_do_not_change_the_calling_convention(
         with pytest.raises(InvalidAgentError, match="cannot be an agent") as info:
             bind_agent(agent)
         assert isinstance(info.value, TypeError)
-        assert f"missing a required argument: {missing}" in str(info.value)
+        # Python 3.12 says "missing a required keyword-only argument: 'flag'", 3.11 less.
+        assert "missing a required" in str(info.value)
+        assert f"argument: {missing}" in str(info.value)
 
 
 def test_the_registry_is_private_and_read_through_functions() -> None:
