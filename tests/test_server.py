@@ -625,37 +625,34 @@ def test_two_workers_share_history_and_the_lock(redis_server: RedisServer) -> No
             client.close()
 
 
-@pytest.mark.parametrize("grace", [float("nan"), -1, float("inf"), "30"])
-def test_run_server_refuses_an_invalid_grace_period(
-    grace: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Accepted before: NaN made the drain deadline never pass (the server only stopped at a
-    # second signal), -1 ended every open turn at once.
+@pytest.fixture
+def server_never_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn's ``Server.run`` fails the test: ``run_server`` must refuse before it."""
     import uvicorn
-
-    from layercode_asgi.server import run_server
 
     def started(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the server started")
 
     monkeypatch.setattr(uvicorn.Server, "run", started)
+
+
+@pytest.mark.usefixtures("server_never_starts")
+@pytest.mark.parametrize("grace", [float("nan"), -1, float("inf"), "30"])
+def test_run_server_refuses_an_invalid_grace_period(grace: Any) -> None:
+    # Accepted before: NaN made the drain deadline never pass (the server only stopped at a
+    # second signal), -1 ended every open turn at once.
+    from layercode_asgi.server import run_server
+
     app = create_app(settings())
     with pytest.raises(ConfigurationError, match="grace_period must be a finite number >= 0"):
         run_server(app, grace_period=grace, port=0)
 
 
+@pytest.mark.usefixtures("server_never_starts")
 @pytest.mark.parametrize("limit", [0, -1, True, "5", 1.5])
-def test_run_server_refuses_an_invalid_max_requests(
-    limit: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import uvicorn
-
+def test_run_server_refuses_an_invalid_max_requests(limit: Any) -> None:
     from layercode_asgi.server import run_server
 
-    def started(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("the server started")
-
-    monkeypatch.setattr(uvicorn.Server, "run", started)
     app = create_app(settings())
     with pytest.raises(ConfigurationError, match="limit_max_requests must be an integer > 0"):
         run_server(app, port=0, limit_max_requests=limit)
@@ -673,16 +670,11 @@ def test_redis_replay_cache_refuses_invalid_timeouts() -> None:
                 RedisReplayCache("redis://127.0.0.1:1", **{name: value})
 
 
-def test_run_server_refuses_an_app_not_built_by_create_app(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("server_never_starts")
+def test_run_server_refuses_an_app_not_built_by_create_app() -> None:
     # Before: an AttributeError stack trace ('State' object has no attribute 'lifecycle').
-    import uvicorn
-
     from layercode_asgi.server import run_server
 
-    def started(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("the server started")
-
-    monkeypatch.setattr(uvicorn.Server, "run", started)
     for app in (Starlette(), object()):
         with pytest.raises(ConfigurationError, match="run_server serves an app from create_app"):
             run_server(app, port=0)  # type: ignore[arg-type]
