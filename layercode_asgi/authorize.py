@@ -21,7 +21,7 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from ._asgi import JSONResponse, json_error_response
+from ._asgi import JSONResponse, json_error_response, must_propagate
 from .apikeys import api_key_allowed, encode_keys
 from .config import Settings
 from .logs import escape_log_value
@@ -77,12 +77,17 @@ class AuthorizeRoute:
             self._client = None
 
     async def allowed(self, request: Request) -> bool:
-        if self.guard is not None:
+        if self.guard is None:
+            return api_key_allowed(request.headers, self.keys)
+        try:
             verdict = self.guard(request)
             if inspect.isawaitable(verdict):
                 verdict = await verdict
             return bool(verdict)
-        return api_key_allowed(request.headers, self.keys)
+        except BaseException as exc:  # its own kind too: Starlette's JSON 500, as any failure
+            if isinstance(exc, Exception) or must_propagate(exc):
+                raise
+            raise RuntimeError(f"authorize_guard raised {type(exc).__name__}") from exc
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         request = Request(scope, receive)

@@ -46,6 +46,7 @@ from .simulate import (
     SimulationReport,
     UsageError,
     add_simulate_command,
+    ascii_int,
     read_input,
     read_secret,
     run_simulation,
@@ -55,6 +56,10 @@ from .simulate import (
 __all__ = ["SimulationReport", "main", "run_simulation"]
 
 EXIT_USAGE: Final = 2
+#: Most processes ``serve --workers`` starts.
+MAX_WORKERS: Final = 64
+#: ``sign --timestamp``: what a verifier accepts (unix seconds, at most 15 digits).
+MAX_TIMESTAMP: Final = 10**15 - 1
 #: The reader of stdout left (``… | head``): 128 + SIGPIPE, what a shell reports then.
 EXIT_BROKEN_PIPE: Final = 141
 
@@ -112,8 +117,8 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .server import create_app, run_server
 
     _uvicorn()  # a clear message now if uvicorn is missing
-    if args.workers < 1:
-        raise UsageError("--workers must be at least 1")
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise UsageError(f"--workers must be between 1 and {MAX_WORKERS}, got {args.workers}")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
     routes_changed = (args.agent_route, args.authorize_route) != ("/api/agent", "/api/authorize")
@@ -310,6 +315,8 @@ def _sign_body(args: argparse.Namespace) -> bytes:
 def _sign(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .signature import SIGNATURE_HEADER, sign
 
+    if args.timestamp is not None and not 0 <= args.timestamp <= MAX_TIMESTAMP:
+        raise UsageError(f"--timestamp must be unix seconds between 0 and {MAX_TIMESTAMP}")
     secret = read_secret(args, env, "sign")
     body = _sign_body(args)
     header = sign(body, secret, args.timestamp)
@@ -378,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host", default="127.0.0.1", help="interface to bind (default %(default)s)"
     )
-    serve.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    serve.add_argument("--port", type=ascii_int, default=8000, help="port (default %(default)s)")
     serve.add_argument(
         "--agent-route", default="/api/agent", help="webhook path (default %(default)s)"
     )
@@ -395,11 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--workers",
-        type=int,
+        type=ascii_int,
         default=1,
         metavar="N",
-        help="worker processes (default 1; several need the default routes, and Redis "
-        "(REDIS_URL) to share conversation history)",
+        help=f"worker processes (default 1, at most {MAX_WORKERS}; several need the default "
+        "routes, and Redis (REDIS_URL) to share conversation history)",
     )
     serve.add_argument(
         "--dev",
@@ -463,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--body", metavar="TEXT", help="the exact request body")
     source.add_argument("--file", metavar="PATH", help="read the body from PATH ('-' = stdin)")
     sign.add_argument(
-        "--timestamp", type=int, metavar="T", help="unix seconds to sign with (default: now)"
+        "--timestamp", type=ascii_int, metavar="T", help="unix seconds to sign with (default: now)"
     )
     sign.add_argument("--curl", metavar="URL", help="print a complete curl command for URL")
     sign.set_defaults(handler=_sign)

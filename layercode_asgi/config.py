@@ -243,8 +243,18 @@ def _origin(item: str) -> str:
         or "#" in candidate
     ):
         _fail("'*' or http(s) origins like 'https://app.example.com' (no path)", shown)
-    # As a browser sends it (CORS compares exactly): lower case, without the default port.
+    # As a browser sends it (CORS compares exactly): lower case, without the default port,
+    # an internationalised host in punycode (xn--).
     scheme, netloc = parts.scheme.lower(), parts.netloc.lower().rstrip(":")
+    if not netloc.isascii():
+        host, colon, port = netloc.rpartition(":") if parts.port is not None else (netloc, "", "")
+        try:
+            # IDNA 2003 maps ß, ς and the joiners where browsers keep them: refused.
+            if any(c in host for c in "\u00df\u03c2\u200c\u200d"):
+                raise UnicodeError(host)
+            netloc = host.encode("idna").decode("ascii") + colon + port
+        except UnicodeError:
+            _fail("'*' or http(s) origins whose host is a valid domain name (IDNA)", shown)
     if parts.port == (443 if scheme == "https" else 80):
         netloc = netloc.rpartition(":")[0]
     return f"{scheme}://{netloc}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import sys
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -141,21 +142,60 @@ class JsonFormatter(logging.Formatter):
     ``message``, the record's ``extra=`` fields (a text longer than
     ``LOG_VALUE_MAX_CHARS`` cut there, as :func:`escape_log_value` cuts it), and
     ``exception`` (the traceback) when there is one. Everything beyond ASCII is escaped, so
-    no value can break the line."""
+    no value can break the line, and every line is strict JSON: a float NaN or infinity
+    becomes the string ``"nan"``, ``"inf"`` or ``"-inf"``; any other value JSON has no
+    type for (bytes, a set, an object, a dict key that is not a string) its ``str()``; a
+    value whose ``str()`` raises (or a message argument's) ``"<unprintable TYPE>"``."""
 
     def format(self, record: logging.LogRecord) -> str:
+        try:
+            message = record.getMessage()
+        except Exception:  # an argument's __str__ raised: log what can be logged
+            message = " ".join(map(_safe_str, (record.msg, *_as_tuple(record.args))))
         out: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": message,
         }
         for key, value in record.__dict__.items():
-            if key not in _RESERVED and key not in _NOT_JSON and not key.startswith("_"):
+            if key not in _RESERVED and key not in _NOT_JSON and not str(key).startswith("_"):
                 out.setdefault(key, cut_log_value(value) if isinstance(value, str) else value)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=True, default=str)
+        try:
+            return json.dumps(out, ensure_ascii=True, allow_nan=False, default=_safe_str)
+        except (ValueError, TypeError, RecursionError):  # NaN, a cycle, a tuple key, a huge int
+            return json.dumps(_jsonable(out, 0), ensure_ascii=True, allow_nan=False)
+
+
+def _safe_str(value: object) -> str:
+    try:
+        return cut_log_value(str(value))
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+
+
+def _as_tuple(args: object) -> tuple[object, ...]:
+    return args if isinstance(args, tuple) else (args,)
+
+
+def _jsonable(value: object, depth: int) -> object:
+    """``value`` with only what strict JSON can hold (see :class:`JsonFormatter`)."""
+    if isinstance(value, str | bool | None):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, int):
+        return value if value.bit_length() < 10_000 else _safe_str(value)
+    if depth < 20 and isinstance(value, dict):
+        return {
+            k if isinstance(k, str) else _safe_str(k): _jsonable(v, depth + 1)
+            for k, v in value.items()
+        }
+    if depth < 20 and isinstance(value, list | tuple):
+        return [_jsonable(v, depth + 1) for v in value]
+    return _safe_str(value)
 
 
 def _controls_escaped(line: str) -> str:

@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ._asgi import JSONResponse, json_error, json_error_response, send_json_error
+from ._asgi import JSONResponse, json_error, json_error_response, must_propagate, send_json_error
 from ._version import __version__
 from .agents import Agent, agent_name, get_agent
 from .authorize import AuthorizeGuard, AuthorizeRoute
@@ -297,7 +297,9 @@ def create_app(
         with anyio.move_on_after(READY_TIMEOUT) as scope:
             try:
                 await conversations.ping()
-            except Exception as exc:
+            except BaseException as exc:  # a store's own BaseException too
+                if must_propagate(exc):
+                    raise
                 # The details (host, port, driver text) are for the log, not for the caller.
                 logger.warning(
                     "not ready: conversation store unavailable: %s: %s",

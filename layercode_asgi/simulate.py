@@ -427,8 +427,17 @@ def _json_for_terminal(value: Any) -> str:
     return _RAW_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
+def ascii_int(text: str) -> int:
+    """An ``argparse`` type: an integer written in ASCII digits (``int()`` reads '٢' as 2)."""
+    if not re.fullmatch(r"[+-]?[0-9]{1,20}", text.strip()):
+        raise argparse.ArgumentTypeError(f"not an integer of 1-20 ASCII digits: {text[:40]!r}")
+    return int(text)
+
+
 def _positive_float(text: str) -> float:
     try:
+        if not text.isascii():  # float() reads '٣' as 3
+            raise argparse.ArgumentTypeError(f"not a number in ASCII digits: {text[:40]!r}")
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None

@@ -402,3 +402,31 @@ def test_simulate_json_summary(capsys: pytest.CaptureFixture[str]) -> None:
     assert [t["text"] for t in report["turns"]] == ["None/None", "None/hey"]
     assert all(t["time_to_first_tts_ms"] <= t["total_ms"] for t in report["turns"])
     assert [r["type"] for r in report["replies"]] == ["session.update", "session.end"]
+
+
+def test_integer_options_take_ascii_digits_within_bounds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # int() and float() read U+0662 (ARABIC-INDIC DIGIT TWO) as 2: `--workers` took it for two.
+    # Nothing capped --workers (or sign's --timestamp, whose signature no backend accepts).
+    # No secret in the environment: a value that were wrongly taken still exits 2, unserved.
+    for argv in (
+        ["serve", "--env-file", "", "--workers", "\u0662"],
+        ["serve", "--env-file", "", "--port", "\u0668\u0660\u0660\u0660"],
+        ["serve", "--env-file", "", "--workers", "9" * 100_000],
+        ["sign", "--secret", "s", "--body", "x", "--timestamp", "\u0661\u0667" + "\u0660" * 8],
+        ["simulate", "--secret", "s", "--url", "http://127.0.0.1:1", "--timeout", "\u0663"],
+    ):
+        assert run(*argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "ASCII digits" in err and len(err) < 2000, argv
+    for argv, message in (
+        (["serve", "--env-file", "", "--workers", "65"], "--workers must be between 1 and 64"),
+        (["serve", "--env-file", "", "--workers", "0"], "--workers must be between 1 and 64"),
+        (["sign", "--secret", "s", "--body", "x", "--timestamp", "-1"], "--timestamp must be"),
+        (["sign", "--secret", "s", "--body", "x", "--timestamp", "1" * 16], "--timestamp must be"),
+    ):
+        assert run(*argv) == 2, argv
+        assert f"error: {message}" in capsys.readouterr().err, argv
+    assert run("serve", "--help") == 0
+    assert "at most 64" in " ".join(capsys.readouterr().out.split())

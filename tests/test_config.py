@@ -566,3 +566,34 @@ def test_a_system_prompt_file_that_is_not_a_small_regular_file_is_refused(
     reason = "larger than 1 MiB" if kind == "big" else "not a regular file"
     with pytest.raises(ConfigurationError, match=f"cannot read it \\({reason}\\)"):
         configured_system_prompt(make(system_prompt_file=str(path)))
+
+
+@pytest.mark.parametrize(
+    ("given", "origin"),
+    [
+        ("https://bücher.example", "https://xn--bcher-kva.example"),
+        ("HTTPS://BÜCHER.example:443/", "https://xn--bcher-kva.example"),
+        ("http://bücher.example:8080", "http://xn--bcher-kva.example:8080"),
+        ("https://bücher\u3002example", "https://xn--bcher-kva.example"),  # ideographic full stop
+    ],
+)
+def test_an_internationalised_cors_origin_is_kept_in_punycode(given: str, origin: str) -> None:
+    # Before: kept as written ("https://bücher.example"); a browser sends the host in
+    # punycode, which CORS compares exactly: the origin was never allowed.
+    assert make({"LAYERCODE_CORS_ORIGINS": given}).cors_origins == (origin,)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "https://" + "ü" * 64 + ".example",  # a label too long for DNS
+        "https://bücher..example",  # an empty label
+        "https://straße.example",  # ß: IDNA 2003 maps it to "ss", browsers keep it
+        "https://u:hunter2@bücher.example",
+    ],
+)
+def test_an_internationalised_cors_origin_that_cannot_be_encoded_is_refused(given: str) -> None:
+    err = error_of({"LAYERCODE_CORS_ORIGINS": given})
+    assert isinstance(err, ConfigurationError)
+    assert str(err).startswith("LAYERCODE_CORS_ORIGINS: expected '*' or http(s) origins")
+    assert "hunter2" not in str(err)

@@ -444,3 +444,68 @@ async def test_a_hook_raising_a_stray_cancelled_error_is_a_json_500(anyio_backen
 
     response = await LayercodeWebhook(echo_agent, on_data=failing).respond(event_body("data"))
     assert (response.status_code, response.body) == (500, b'{"error":"data handler failed"}')
+
+
+def _raising(exc: type[BaseException], awaited: bool) -> Any:
+    def sync_hook(*args: Any) -> Any:
+        raise exc
+
+    async def async_hook(*args: Any) -> Any:
+        raise exc
+
+    return async_hook if awaited else sync_hook
+
+
+class _FailingPingStore(MemoryConversationStore):
+    def __init__(self, exc: type[BaseException]) -> None:
+        super().__init__()
+        self.exc = exc
+
+    async def ping(self) -> None:
+        raise self.exc
+
+
+async def _get_or_post(app: Any, path: str) -> httpx.Response:
+    # Starlette re-raises an Exception after its JSON 500 (for the server's log): not here.
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        if path == "/ready":
+            return await c.get(path)
+        return await c.post(path, json={"agent_id": "a"})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("awaited", [False, True])
+@pytest.mark.parametrize("exc", [RuntimeError, Stop, GeneratorExit])
+async def test_an_authorize_guard_raising_a_base_exception_is_a_json_500(
+    exc: type[BaseException], awaited: bool
+) -> None:
+    # Before: a guard's own BaseException went past Starlette to the server (plain text).
+    app = create_app(settings(), authorize_guard=_raising(exc, awaited))
+    response = await _get_or_post(app, "/api/authorize")
+    assert (response.status_code, response.json()) == (500, {"error": "internal error"})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("exc", [RuntimeError, Stop, GeneratorExit])
+async def test_ready_with_a_store_raising_a_base_exception_is_a_503(
+    exc: type[BaseException],
+) -> None:
+    app = create_app(settings(), conversations=ConversationManager(_FailingPingStore(exc)))
+    response = await _get_or_post(app, "/ready")
+    assert response.status_code == 503
+    assert response.json()["error"] == "conversation store unavailable"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt])
+@pytest.mark.parametrize("where", ["guard", "ready"])
+async def test_an_interrupt_from_a_guard_or_a_store_goes_on(
+    exc: type[BaseException], where: str
+) -> None:
+    if where == "guard":
+        app = create_app(settings(), authorize_guard=_raising(exc, True))
+    else:
+        app = create_app(settings(), conversations=ConversationManager(_FailingPingStore(exc)))
+    with pytest.raises(exc):
+        await _get_or_post(app, "/api/authorize" if where == "guard" else "/ready")

@@ -201,3 +201,52 @@ def test_json_log_fields_are_cut_like_text_values() -> None:
     assert len(line) < 2 * LOG_VALUE_MAX_CHARS
     assert fields["conversation_id"] == "c" * LOG_VALUE_MAX_CHARS + "…(+99000 chars)"
     assert fields["status"] == 200
+
+
+class _Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+    __repr__ = __str__
+
+
+def _strict_json(line: str) -> dict[str, Any]:
+    """``json.loads`` that refuses ``NaN``/``Infinity``, as strict parsers do."""
+    import json
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    assert "\n" not in line
+    fields: dict[str, Any] = json.loads(line, parse_constant=refuse)
+    return fields
+
+
+def test_json_log_lines_stay_json_for_any_value() -> None:
+    # extra={"ratio": float("nan")} wrote a bare NaN (not JSON); a value whose str()
+    # raised, or a message argument whose str() raised, gave no line at all.
+    record = logging.LogRecord(
+        "layercode_asgi", logging.INFO, __file__, 1, "m %s %s", (float("inf"), _Unprintable()), None
+    )
+    record.ratio = float("nan")
+    record.spans = [float("-inf"), {"nested": float("nan")}, {(1, 2): "tuple key"}]
+    record.raw = b"\xff\n"
+    record.tags = {"a"}
+    record.odd = _Unprintable()
+    loop: list[object] = []
+    loop.append(loop)
+    record.loop = loop
+    record.huge = 10**5000
+    record.__dict__[1] = "extra={1: ...}"
+    fields = _strict_json(JsonFormatter().format(record))
+    assert fields["ratio"] == "nan"
+    assert fields["spans"][:2] == ["-inf", {"nested": "nan"}]
+    assert fields["raw"] == str(b"\xff\n")
+    assert fields["tags"] == "{'a'}"
+    assert fields["odd"] == "<unprintable _Unprintable>"
+    assert "<unprintable" in fields["message"] and fields["message"].startswith("m ")
+    assert isinstance(fields["loop"], list)
+    assert "huge" in fields
+    assert fields["1"] == "extra={1: ...}"
+    bad_format = logging.LogRecord("x", logging.INFO, __file__, 1, "n=%d", ("ten",), None)
+    assert _strict_json(JsonFormatter().format(bad_format))["message"] == "n=%d ten"
