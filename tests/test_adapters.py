@@ -597,3 +597,25 @@ async def test_a_blank_welcome_or_filler_is_not_spoken() -> None:
     assert await read_events(app, event_body("session.start")) == [END]
     said = await read_events(app, event_body(text="hi"))
     assert said == [tts("Let me look."), tts("Found it."), END]
+
+
+@pytest.mark.anyio
+async def test_half_an_emoji_in_a_welcome_filler_or_phrase_is_spoken_as_u_fffd() -> None:
+    """Before: a lone surrogate (half an emoji) in the welcome, the filler or the model's
+    text could not be encoded, and the turn ended as 'agent error'."""
+    from layercode_asgi.adapters.voice import ToolCall, voice_agent
+
+    from .test_turns import END, read_events, tts, webhook_app
+
+    async def run(prompt: str, context: TurnContext) -> AsyncIterator[Any]:
+        yield "Let me look \ud83d."
+        yield ToolCall("lookup")
+        yield "Found it."
+
+    agent = voice_agent(
+        run, name="t", welcome="Hi \ud83d", chunking="phrase", filler=lambda name: "Hm \udc00"
+    )
+    app = webhook_app(agent)
+    assert await read_events(app, event_body("session.start")) == [tts("Hi \ufffd"), END]
+    said = await read_events(app, event_body(text="hi"))
+    assert said == [tts("Let me look \ufffd."), tts("Hm \ufffd"), tts("Found it."), END]

@@ -911,3 +911,62 @@ async def test_system_exit_and_keyboard_interrupt_go_on(exc: type[BaseException]
     with pytest.raises(exc):
         await Turn(event, agent).run(emit)  # type: ignore[arg-type]
     assert len(sent) == 1 and b"response.tts" in sent[0]
+
+
+# -- half an emoji (a lone surrogate) in a reply is sent as U+FFFD, the turn goes on --------
+
+
+@pytest.mark.anyio
+async def test_lone_surrogates_in_replies_are_sent_as_u_fffd() -> None:
+    # Before: UTF-8 cannot hold a lone surrogate ("\ud83d", half an emoji, which a model
+    # stream can produce): encoding the reply failed and the turn ended as an agent error.
+    async def agent(event: Any) -> AsyncIterator[Any]:
+        yield "half \ud83d"
+        yield Tts("pair \ud83d\ude00 ok")
+        yield Data({"k\udc00": ["v\ud83d", 1, ("t\ud800",)]})
+        yield Hangup({"why": "bye \ud83d"})
+
+    webhook = LayercodeWebhook(agent)
+    events = await read_events(LayercodeSignature(webhook, secret=SECRET), event_body())
+    assert events == [
+        tts("half \ufffd"),
+        tts("pair \U0001f600 ok"),
+        {
+            "type": "response.data",
+            "content": {"k\ufffd": ["v\ufffd", 1, ["t\ufffd"]]},
+            "turn_id": "turn-1",
+        },
+        {"type": "response.hangup", "content": {"why": "bye \ufffd"}, "turn_id": "turn-1"},
+        END,
+    ]
+    assert webhook.conversations is not None
+    history = await webhook.conversations.get_history("conv-1")
+    assert history[-1].text == "half \ufffdpair \U0001f600 ok"
+
+    async def handler(stream: TurnStream) -> None:
+        await stream.tts("a \ud83d")
+        await stream.data("d \udc00")
+        await stream.tts_stream(_chunks("b \ud83d", "c"))
+        await stream.hangup("e \ud83d")
+
+    events = await read_events(_handler_app(handler), event_body())
+    assert events == [
+        tts("a \ufffd"),
+        {"type": "response.data", "content": "d \ufffd", "turn_id": "turn-1"},
+        tts("b \ufffd"),
+        tts("c"),
+        {"type": "response.hangup", "content": "e \ufffd", "turn_id": "turn-1"},
+        END,
+    ]
+
+
+async def _chunks(*texts: str) -> AsyncIterator[str]:
+    for text in texts:
+        yield text
+
+
+def _handler_app(handler: Any) -> Any:
+    async def route(request: Request) -> Response:
+        return stream_response(await request.body(), handler)
+
+    return Starlette(routes=[Route("/api/agent", route, methods=["POST"])])
