@@ -255,7 +255,9 @@ class Turn:
     def abort(self, message: str) -> None:
         """Stop the running turn now (e.g. the server is shutting down): its agent is
         cancelled and the stream ends with ``response.error`` (``message``) and
-        ``response.end``. Call it from the turn's event loop; no effect once it ended."""
+        ``response.end``. Call it from the turn's event loop; no effect once it ended.
+        A ``message`` that is not a ``str`` of valid text raises ``TypeError``/``ValueError``."""
+        check_text("message", message)
         if self.status is not TurnStatus.RUNNING or self._abort is not None:
             return
         self._abort = message

@@ -970,3 +970,27 @@ def _handler_app(handler: Any) -> Any:
         return stream_response(await request.body(), handler)
 
     return Starlette(routes=[Route("/api/agent", route, methods=["POST"])])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("message", "error"), [(5, TypeError), ("bye \ud800", ValueError)])
+async def test_an_unsendable_abort_message_is_refused_where_given(
+    message: Any, error: type[Exception]
+) -> None:
+    # Before: accepted; the aborted turn then failed sending it, and its stream ended with
+    # neither response.error nor response.end.
+    event = parse_webhook_payload(event_body())
+    assert isinstance(event, MessagePayload)
+    turn = Turn(event, hello)
+    with pytest.raises(error, match="message"):
+        turn.abort(message)
+    webhook = LayercodeWebhook(hello)
+    with pytest.raises(error, match="message"):
+        webhook.abort_turns(message)
+    sent: list[bytes] = []
+
+    async def emit(chunk: bytes) -> None:
+        sent.append(chunk)
+
+    await turn.run(emit)  # not aborted: the turn runs as usual
+    assert [msgspec.json.decode(chunk[6:]) for chunk in sent] == [tts("Hello"), END]
