@@ -354,14 +354,17 @@ class Turn:
 
     async def _close(self, iterator: Any) -> None:
         """Run the agent's own cleanup (``aclose``), even while this turn is being
-        cancelled. An exhausted agent needs none: this runs only when it was stopped."""
+        cancelled. An exhausted agent needs none: this runs only when it was stopped.
+        What ``aclose`` raises is logged: why the agent stopped goes on."""
         aclose = getattr(iterator, "aclose", None)
         if aclose is None:
             return
         with anyio.move_on_after(AGENT_CLOSE_TIMEOUT, shield=True):
             try:
                 await aclose()
-            except Exception:
+            except BaseException as exc:
+                if must_propagate(exc):
+                    raise
                 logger.exception("agent raised while closing %s", self._ids())
 
     async def deliver(self, item: Any) -> None:

@@ -994,3 +994,60 @@ async def test_an_unsendable_abort_message_is_refused_where_given(
 
     await turn.run(emit)  # not aborted: the turn runs as usual
     assert [msgspec.json.decode(chunk[6:]) for chunk in sent] == [tts("Hello"), END]
+
+
+class _StopsOnClose:
+    """An agent's async iterator whose ``aclose()`` raises a BaseException of its own."""
+
+    def __init__(self, failure: BaseException | None) -> None:
+        self.failure, self.started = failure, asyncio.Event()
+
+    def __aiter__(self) -> _StopsOnClose:
+        return self
+
+    async def __anext__(self) -> str:
+        if not self.started.is_set():
+            self.started.set()
+            return "first"
+        if self.failure is not None:
+            raise self.failure
+        await asyncio.sleep(30)
+        return "never"
+
+    async def aclose(self) -> None:
+        raise Stop("close stopped")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_agent_whose_aclose_raises_a_base_exception_does_not_hide_why_it_stopped(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: the exception of aclose() replaced the one that stopped the agent: the turn
+    # was failed for Stop instead of the agent's KeyError, and a turn cancelled from
+    # outside (the client left) lost its cancellation: it sent response.error and
+    # response.end to nobody and returned as if it had not been cancelled.
+    chunks: list[bytes] = []
+
+    async def emit(chunk: bytes) -> None:
+        chunks.append(chunk)
+
+    event = parse_webhook_payload(event_body())
+    assert isinstance(event, MessagePayload)
+    failing = Turn(event, lambda event: _StopsOnClose(KeyError("nope")))
+    await failing.run(emit)
+    assert isinstance(failing.error, KeyError)
+    assert [msgspec.json.decode(chunk[6:]) for chunk in chunks] == [tts("first"), ERROR, END]
+    assert "agent raised while closing" in caplog.text
+
+    chunks.clear()
+    agent = _StopsOnClose(None)
+    turn = Turn(event, lambda event: agent)
+    task = asyncio.get_running_loop().create_task(turn.run(emit))
+    await agent.started.wait()
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert turn.status == "disconnected"
+    assert len(chunks) == 1
