@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from ._redis import MAX_EXPIRE_SECONDS, connect, import_redis
 from .conversation import StoreUnavailableError
-from .errors import ConfigurationError, check_positive_int, check_seconds
+from .errors import ConfigurationError, check_positive_int, check_seconds, check_text
 
 __all__ = ["MemoryReplayCache", "RedisReplayCache", "ReplayCache", "replay_key"]
 
@@ -113,6 +113,7 @@ class RedisReplayCache:
         check_positive_int(max_connections, "max_connections")
         if not isinstance(key_prefix, str):
             raise ConfigurationError(f"key_prefix must be a string, got {key_prefix!r}")
+        check_text("key_prefix", key_prefix)
         if isinstance(url_or_client, str):
             self._client = connect(
                 url_or_client,
@@ -136,6 +137,8 @@ class RedisReplayCache:
         seconds = min(max(1, math.ceil(ttl)), MAX_EXPIRE_SECONDS)  # Redis refuses longer
         try:
             created = await self._client.set(self.key_prefix + key, b"1", nx=True, ex=seconds)
+        except UnicodeEncodeError:  # the prefix was checked: a lone surrogate in ``key``
+            raise ValueError("replay key is not valid text (a lone surrogate)") from None
         except (RedisError, RedisClusterException, OSError) as exc:
             # Down, timed out, an error reply (OOM, READONLY...), no cluster node reachable
             # (RedisClusterException is not a RedisError): the check cannot run.

@@ -43,12 +43,14 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mappin
 from typing import Any, TypeAlias
 
 import anyio
+import msgspec
 from starlette.responses import JSONResponse, Response
 
 from ._asgi import must_propagate
 from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
 from .agents import describe_non_reply as _describe_non_reply
 from .conversation import HistoryMessage
+from .conversation.base import valid_text
 from .errors import check_seconds, check_text
 from .events import (
     InvalidPayloadError,
@@ -253,7 +255,9 @@ class Turn:
     def abort(self, message: str) -> None:
         """Stop the running turn now (e.g. the server is shutting down): its agent is
         cancelled and the stream ends with ``response.error`` (``message``) and
-        ``response.end``. Call it from the turn's event loop; no effect once it ended."""
+        ``response.end``. Call it from the turn's event loop; no effect once it ended.
+        A ``message`` that is not a ``str`` of valid text raises ``TypeError``/``ValueError``."""
+        check_text("message", message)
         if self.status is not TurnStatus.RUNNING or self._abort is not None:
             return
         self._abort = message
@@ -350,14 +354,17 @@ class Turn:
 
     async def _close(self, iterator: Any) -> None:
         """Run the agent's own cleanup (``aclose``), even while this turn is being
-        cancelled. An exhausted agent needs none: this runs only when it was stopped."""
+        cancelled. An exhausted agent needs none: this runs only when it was stopped.
+        What ``aclose`` raises is logged: why the agent stopped goes on."""
         aclose = getattr(iterator, "aclose", None)
         if aclose is None:
             return
         with anyio.move_on_after(AGENT_CLOSE_TIMEOUT, shield=True):
             try:
                 await aclose()
-            except Exception:
+            except BaseException as exc:
+                if must_propagate(exc):
+                    raise
                 logger.exception("agent raised while closing %s", self._ids())
 
     async def deliver(self, item: Any) -> None:
@@ -373,7 +380,12 @@ class Turn:
             emit = self._emit  # ``_send``, inlined on the path every reply takes
             if emit is None:
                 raise RuntimeError(_NOT_RUNNING)
-            await emit(_TTS + _encode(text) + self._suffix)
+            try:
+                chunk = _TTS + _encode(text) + self._suffix
+            except UnicodeEncodeError:  # a lone surrogate (half an emoji): spoken as U+FFFD
+                text = valid_text(text)
+                chunk = _TTS + _encode(text) + self._suffix
+            await emit(chunk)
             if not self.spoken:
                 self.first_tts_at = time.perf_counter()  # for the metrics (one call per turn)
             self.spoken.append(text)
@@ -458,9 +470,23 @@ _NOT_RUNNING = "this turn is not running (Turn.run() was not called or ended)"
 
 def _encode_content(content: Any) -> bytes:
     try:
-        return _encode(content)
-    except (TypeError, ValueError, OverflowError) as exc:
+        try:
+            return _encode(content)
+        except UnicodeEncodeError:  # a lone surrogate (half an emoji) in a text: as U+FFFD
+            return _encode(_valid_texts(msgspec.to_builtins(content)))
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise TypeError(f"reply content is not JSON-serialisable: {exc}") from exc
+
+
+def _valid_texts(value: Any) -> Any:
+    """``value`` (built-in types only) with every text and key made :func:`valid_text`."""
+    if isinstance(value, str):
+        return valid_text(value)
+    if isinstance(value, list | tuple):
+        return [_valid_texts(item) for item in value]
+    if isinstance(value, dict):
+        return {_valid_texts(key): _valid_texts(item) for key, item in value.items()}
+    return value
 
 
 def _as_replies(value: Any) -> Iterable[Any]:

@@ -442,10 +442,10 @@ class LayercodeWebhook:
         """End every open turn now (``run_server`` calls it when its grace period is over).
 
         A running turn stops its agent and ends its stream with ``response.error``
-        (``message``) and ``response.end``, then records what was spoken; a turn still
-        waiting for its conversation (or reading its history) is answered 503
-        ``{"error": message}``. Call it from the event loop that runs the turns.
-        """
+        (``message``: a ``str`` of valid text) and ``response.end``, then records what was
+        spoken; a turn still waiting for its conversation (or reading its history) is
+        answered 503 ``{"error": message}``. Call it from the turns' event loop."""
+        check_text("message", message)
         self._abort_message = message
         for scope in list(self._waiting):
             scope.cancel()

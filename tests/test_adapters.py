@@ -597,3 +597,61 @@ async def test_a_blank_welcome_or_filler_is_not_spoken() -> None:
     assert await read_events(app, event_body("session.start")) == [END]
     said = await read_events(app, event_body(text="hi"))
     assert said == [tts("Let me look."), tts("Found it."), END]
+
+
+@pytest.mark.anyio
+async def test_half_an_emoji_in_a_welcome_filler_or_phrase_is_spoken_as_u_fffd() -> None:
+    """Before: a lone surrogate (half an emoji) in the welcome, the filler or the model's
+    text could not be encoded, and the turn ended as 'agent error'."""
+    from layercode_asgi.adapters.voice import ToolCall, voice_agent
+
+    from .test_turns import END, read_events, tts, webhook_app
+
+    async def run(prompt: str, context: TurnContext) -> AsyncIterator[Any]:
+        yield "Let me look \ud83d."
+        yield ToolCall("lookup")
+        yield "Found it."
+
+    agent = voice_agent(
+        run, name="t", welcome="Hi \ud83d", chunking="phrase", filler=lambda name: "Hm \udc00"
+    )
+    app = webhook_app(agent)
+    assert await read_events(app, event_body("session.start")) == [tts("Hi \ufffd"), END]
+    said = await read_events(app, event_body(text="hi"))
+    assert said == [tts("Let me look \ufffd."), tts("Hm \ufffd"), tts("Found it."), END]
+
+
+@pytest.mark.anyio
+async def test_a_langchain_stream_whose_aclose_raises_a_base_exception_fails_the_turn() -> None:
+    """Before: the stream's ``aclose()`` raising a BaseException of its own (neither an
+    Exception nor an interrupt) ended the task iterating the stream without telling the
+    turn, which waited for the next item until its deadline ('turn timed out'; forever
+    without one). It is now the agent's failure: response.error, then response.end."""
+    pytest.importorskip("langchain_core")
+    streams: list[_Stream] = []
+
+    class StopsOnClose(_Stream):
+        async def aclose(self) -> None:
+            self.closed = True
+            raise _Stop("close stopped")
+
+    class Runnable:
+        name = "stops_on_close"
+
+        def astream(self, value: Any, config: Any) -> _Stream:
+            streams.append(StopsOnClose(["Hello. "], fail_close=False))
+            return streams[-1]
+
+    settings = Settings(
+        env_file=None, environ={}, layercode_webhook_secret=SECRET, turn_timeout=20.0
+    )
+    app = create_app(settings, from_langchain(Runnable()))
+    with anyio.fail_after(10):
+        async with LayercodeTestClient(app, secret=SECRET) as client:
+            turn = await client.message("hi")
+    assert streams[0].closed
+    assert turn.tts == ["Hello. "]
+    assert turn.errors == [
+        {"type": "response.error", "error": "agent error", "turn_id": turn.turn_id}
+    ]
+    assert turn.events[-1]["type"] == "response.end"

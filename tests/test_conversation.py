@@ -837,6 +837,61 @@ async def test_lone_surrogates_are_kept_as_u_fffd_by_both_stores(redis_server: R
                 await manager.add_message("c\ud83d", said)
 
 
+async def test_the_redis_store_used_directly_refuses_a_lone_surrogate_id(
+    redis_server: RedisServer,
+) -> None:
+    """Before: redis-py's UnicodeEncodeError when it encoded the key; now the ValueError the
+    manager raises (a webhook answers 400). ``{`` in the id takes the hashed key path."""
+    store = RedisConversationStore(redis_server.url)
+    refused = pytest.raises(ValueError, match=r"^conversation_id is not valid text")
+    calls = [
+        ("get", ()),
+        ("append", ([msg(U, "hi")],)),
+        ("read_turn", ()),
+        ("record_turn", ([msg(U, "hi")], 0)),
+        ("clear", ()),
+    ]
+    try:
+        for bad in ("c\ud83d", "{c\udc00}"):
+            for name, args in calls:
+                with refused:
+                    await getattr(store, name)(bad, *args)
+            with refused:
+                async with store.lock(bad):
+                    pass
+            with refused:
+                store.history_key(bad)
+        await store.append("c\U0001f600", [msg(U, "hi")])  # a whole emoji is fine
+        assert await store.get("c\U0001f600") == [msg(U, "hi")]
+    finally:
+        await store.aclose()
+
+
+def test_a_lone_surrogate_in_a_redis_key_prefix_is_refused() -> None:
+    """Before: accepted; every operation then failed with redis-py's UnicodeEncodeError
+    (the replay cache's reached the middleware as a 500)."""
+    pytest.importorskip("redis")
+    from layercode_asgi.replay import RedisReplayCache
+
+    for make in (RedisConversationStore, RedisReplayCache):
+        with pytest.raises(ConfigurationError, match=r"^key_prefix is not valid text"):
+            make("redis://127.0.0.1:1/0", key_prefix="lc\ud800:")
+
+
+async def test_the_redis_replay_cache_refuses_a_lone_surrogate_key(
+    redis_server: RedisServer,
+) -> None:
+    from layercode_asgi.replay import RedisReplayCache
+
+    cache = RedisReplayCache(redis_server.url)
+    try:
+        with pytest.raises(ValueError, match=r"^replay key is not valid text"):
+            await cache.seen("k\ud800", 10)
+        assert not await cache.seen("k", 10)
+    finally:
+        await cache.aclose()
+
+
 @pytest.mark.parametrize(
     ("argument", "value"), [("max_connections", 0), ("max_connections", "8"), ("key_prefix", 5)]
 )

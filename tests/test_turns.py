@@ -911,3 +911,143 @@ async def test_system_exit_and_keyboard_interrupt_go_on(exc: type[BaseException]
     with pytest.raises(exc):
         await Turn(event, agent).run(emit)  # type: ignore[arg-type]
     assert len(sent) == 1 and b"response.tts" in sent[0]
+
+
+# -- half an emoji (a lone surrogate) in a reply is sent as U+FFFD, the turn goes on --------
+
+
+@pytest.mark.anyio
+async def test_lone_surrogates_in_replies_are_sent_as_u_fffd() -> None:
+    # Before: UTF-8 cannot hold a lone surrogate ("\ud83d", half an emoji, which a model
+    # stream can produce): encoding the reply failed and the turn ended as an agent error.
+    async def agent(event: Any) -> AsyncIterator[Any]:
+        yield "half \ud83d"
+        yield Tts("pair \ud83d\ude00 ok")
+        yield Data({"k\udc00": ["v\ud83d", 1, ("t\ud800",)]})
+        yield Hangup({"why": "bye \ud83d"})
+
+    webhook = LayercodeWebhook(agent)
+    events = await read_events(LayercodeSignature(webhook, secret=SECRET), event_body())
+    assert events == [
+        tts("half \ufffd"),
+        tts("pair \U0001f600 ok"),
+        {
+            "type": "response.data",
+            "content": {"k\ufffd": ["v\ufffd", 1, ["t\ufffd"]]},
+            "turn_id": "turn-1",
+        },
+        {"type": "response.hangup", "content": {"why": "bye \ufffd"}, "turn_id": "turn-1"},
+        END,
+    ]
+    assert webhook.conversations is not None
+    history = await webhook.conversations.get_history("conv-1")
+    assert history[-1].text == "half \ufffdpair \U0001f600 ok"
+
+    async def handler(stream: TurnStream) -> None:
+        await stream.tts("a \ud83d")
+        await stream.data("d \udc00")
+        await stream.tts_stream(_chunks("b \ud83d", "c"))
+        await stream.hangup("e \ud83d")
+
+    events = await read_events(_handler_app(handler), event_body())
+    assert events == [
+        tts("a \ufffd"),
+        {"type": "response.data", "content": "d \ufffd", "turn_id": "turn-1"},
+        tts("b \ufffd"),
+        tts("c"),
+        {"type": "response.hangup", "content": "e \ufffd", "turn_id": "turn-1"},
+        END,
+    ]
+
+
+async def _chunks(*texts: str) -> AsyncIterator[str]:
+    for text in texts:
+        yield text
+
+
+def _handler_app(handler: Any) -> Any:
+    async def route(request: Request) -> Response:
+        return stream_response(await request.body(), handler)
+
+    return Starlette(routes=[Route("/api/agent", route, methods=["POST"])])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("message", "error"), [(5, TypeError), ("bye \ud800", ValueError)])
+async def test_an_unsendable_abort_message_is_refused_where_given(
+    message: Any, error: type[Exception]
+) -> None:
+    # Before: accepted; the aborted turn then failed sending it, and its stream ended with
+    # neither response.error nor response.end.
+    event = parse_webhook_payload(event_body())
+    assert isinstance(event, MessagePayload)
+    turn = Turn(event, hello)
+    with pytest.raises(error, match="message"):
+        turn.abort(message)
+    webhook = LayercodeWebhook(hello)
+    with pytest.raises(error, match="message"):
+        webhook.abort_turns(message)
+    sent: list[bytes] = []
+
+    async def emit(chunk: bytes) -> None:
+        sent.append(chunk)
+
+    await turn.run(emit)  # not aborted: the turn runs as usual
+    assert [msgspec.json.decode(chunk[6:]) for chunk in sent] == [tts("Hello"), END]
+
+
+class _StopsOnClose:
+    """An agent's async iterator whose ``aclose()`` raises a BaseException of its own."""
+
+    def __init__(self, failure: BaseException | None) -> None:
+        self.failure, self.started = failure, asyncio.Event()
+
+    def __aiter__(self) -> _StopsOnClose:
+        return self
+
+    async def __anext__(self) -> str:
+        if not self.started.is_set():
+            self.started.set()
+            return "first"
+        if self.failure is not None:
+            raise self.failure
+        await asyncio.sleep(30)
+        return "never"
+
+    async def aclose(self) -> None:
+        raise Stop("close stopped")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_agent_whose_aclose_raises_a_base_exception_does_not_hide_why_it_stopped(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: the exception of aclose() replaced the one that stopped the agent: the turn
+    # was failed for Stop instead of the agent's KeyError, and a turn cancelled from
+    # outside (the client left) lost its cancellation: it sent response.error and
+    # response.end to nobody and returned as if it had not been cancelled.
+    chunks: list[bytes] = []
+
+    async def emit(chunk: bytes) -> None:
+        chunks.append(chunk)
+
+    event = parse_webhook_payload(event_body())
+    assert isinstance(event, MessagePayload)
+    failing = Turn(event, lambda event: _StopsOnClose(KeyError("nope")))
+    await failing.run(emit)
+    assert isinstance(failing.error, KeyError)
+    assert [msgspec.json.decode(chunk[6:]) for chunk in chunks] == [tts("first"), ERROR, END]
+    assert "agent raised while closing" in caplog.text
+
+    chunks.clear()
+    agent = _StopsOnClose(None)
+    turn = Turn(event, lambda event: agent)
+    task = asyncio.get_running_loop().create_task(turn.run(emit))
+    await agent.started.wait()
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert turn.status == "disconnected"
+    assert len(chunks) == 1

@@ -91,7 +91,9 @@ async def _in_own_task(stream: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
             if aclose is not None:
                 try:
                     await aclose()
-                except Exception as exc:  # still tell the turn the stream is over
+                except BaseException as exc:  # still tell the turn the stream is over
+                    if must_propagate(exc):
+                        raise
                     error = error or exc
         await queue.put((_DONE, error))
 

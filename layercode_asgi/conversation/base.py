@@ -100,6 +100,12 @@ def valid_text(text: str) -> str:
     return text
 
 
+def check_id_text(conversation_id: str) -> None:
+    """Refuse (``ValueError``) a ``conversation_id`` UTF-8 cannot hold (a lone surrogate)."""
+    if isinstance(conversation_id, str) and valid_text(conversation_id) is not conversation_id:
+        raise ValueError("conversation_id is not valid text (a lone surrogate)")
+
+
 def _kept(message: HistoryMessage, max_bytes: int) -> HistoryMessage:
     text = valid_text(message.text)
     if text_size(text) > max_bytes:

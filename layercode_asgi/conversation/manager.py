@@ -16,7 +16,7 @@ from .base import (
     DefaultTimeout,
     HistoryMessage,
     LockTimeout,
-    valid_text,
+    check_id_text,
 )
 from .memory import MemoryConversationStore
 from .redis import RedisConversationStore
@@ -51,8 +51,7 @@ def check_conversation_id(conversation_id: str) -> None:
         raise ValueError("conversation_id must not be empty")
     if len(conversation_id) > MAX_CONVERSATION_ID_LENGTH:
         raise ValueError(f"conversation_id is longer than {MAX_CONVERSATION_ID_LENGTH} characters")
-    if valid_text(conversation_id) is not conversation_id:
-        raise ValueError("conversation_id is not valid text (a lone surrogate)")
+    check_id_text(conversation_id)
 
 
 def _to_message(message: HistoryMessage | Mapping[str, Any]) -> HistoryMessage:

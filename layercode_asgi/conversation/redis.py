@@ -23,7 +23,7 @@ import anyio
 import msgspec
 
 from .._redis import MAX_EXPIRE_SECONDS, connect, describe_client, import_redis, unavailable_errors
-from ..errors import ConfigurationError, check_positive_int, check_seconds
+from ..errors import ConfigurationError, check_positive_int, check_seconds, check_text
 from ..logs import escape_log_value
 from ..redaction import mask_url
 from . import redis_scripts as scripts
@@ -36,6 +36,7 @@ from .base import (
     LockTimeout,
     StoreError,
     StoreUnavailableError,
+    check_id_text,
     fit,
     lock_wait,
 )
@@ -69,6 +70,7 @@ class _Keys:
     __slots__ = ("generation", "history", "lock", "presence", "queue")
 
     def __init__(self, prefix: str, conversation_id: str) -> None:
+        check_id_text(conversation_id)
         if "{" in conversation_id or "}" in conversation_id:
             digest = hashlib.sha256(conversation_id.encode("utf-8", "surrogatepass")).hexdigest()
             base = f"{prefix}{{#{digest[:32]}}}:{conversation_id}:"
@@ -163,6 +165,7 @@ class RedisConversationStore:
             raise ConfigurationError(
                 f"key_prefix must be a string without braces, got {key_prefix!r}"
             )
+        check_text("key_prefix", key_prefix)
         self.ttl = min(ttl, MAX_EXPIRE_SECONDS) if ttl else None  # what Redis can express
         self.max_messages = max_messages
         self.max_bytes = max_bytes
