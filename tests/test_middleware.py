@@ -573,6 +573,27 @@ def test_paths_given_as_one_string_is_a_clear_error(paths: Any) -> None:
         LayercodeSignature(Recorder(), secret=SECRET, paths=paths)
 
 
+@pytest.mark.parametrize("paths", [[], (), set(), iter([])])
+def test_empty_paths_is_a_clear_error(paths: Any) -> None:
+    """An empty ``paths`` protected nothing: every request passed unsigned."""
+    with pytest.raises(ConfigurationError, match=r"paths is empty.*leave paths unset"):
+        LayercodeSignature(Recorder(), secret=SECRET, paths=paths)
+
+
+@pytest.mark.anyio
+async def test_paths_from_a_generator_are_read_once_and_kept() -> None:
+    app = LayercodeSignature(Recorder(), secret=SECRET, paths=(p for p in ["/a", "/b/*"]))
+    for _ in range(2):  # the generator is spent after the first read; the paths are kept
+        for path, status in [("/a", 401), ("/b/c", 401), ("/open", 204)]:
+            sent, _ = await call_asgi(app, [], [b""], path=path)
+            assert sent[0]["status"] == status, path
+
+
+def test_paths_given_as_bytes_items_is_a_clear_error() -> None:
+    with pytest.raises(ConfigurationError, match=r"strings starting with '/', got b'/api'"):
+        LayercodeSignature(Recorder(), secret=SECRET, paths=[b"/api"])
+
+
 def test_missing_secret_fails_at_starlette_startup_not_per_request() -> None:
     app = Starlette()
     app.add_middleware(LayercodeSignature, secret="")
