@@ -377,5 +377,8 @@ class _Replay:
         if body is None:
             # Later calls wait for http.disconnect, exactly as without the middleware.
             return await self._receive()
+        # A probe in a cancelled scope (Starlette's ``is_disconnected``) must not take the
+        # body: it is cancelled here, as it would be waiting on the server's ``receive``.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         self._body = None
         return {"type": "http.request", "body": body, "more_body": False}
