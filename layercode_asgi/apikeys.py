@@ -9,11 +9,15 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable, Mapping
 
+from .errors import ConfigurationError
+
 __all__ = ["api_key_allowed", "encode_keys"]
 
 
 def encode_keys(keys: Iterable[str]) -> tuple[bytes, ...]:
     """The configured keys as the bytes :func:`api_key_allowed` compares."""
+    if isinstance(keys, str | bytes):  # one key per character would let ``s`` pass
+        raise ConfigurationError("api_keys must be a list of keys such as ['key'], not a string")
     return tuple(key.encode() for key in keys)
 
 

@@ -94,6 +94,11 @@ class _PathMatcher:
                 exact.add(_squeezed(path[:-1]))
             else:
                 exact.update((path, _squeezed(path)))
+        if not exact:
+            raise ConfigurationError(
+                "LayercodeSignature paths is empty, so nothing would be protected: to "
+                "protect every path, leave paths unset (None)"
+            )
         self.exact = frozenset(exact)
         self.prefixes = tuple(prefixes)
 
@@ -128,7 +133,8 @@ class LayercodeSignature:
             the client sent (``raw_path``) too; repeated and trailing slashes do not count
             (``//api/agent/`` is ``/api/agent``); a trailing ``*`` makes a prefix
             (``/hooks/*`` covers ``/hooks`` too). ``None`` (default) protects every HTTP
-            request.
+            request; an empty ``paths`` would protect none and raises
+            :class:`ConfigurationError`.
         max_body_size: largest accepted body in bytes (default 1 MiB). A larger declared
             ``Content-Length`` is refused with 413 before any byte is read; a chunked body
             is refused as soon as it passes the limit. The 413 closes the connection.
@@ -371,5 +377,8 @@ class _Replay:
         if body is None:
             # Later calls wait for http.disconnect, exactly as without the middleware.
             return await self._receive()
+        # A probe in a cancelled scope (Starlette's ``is_disconnected``) must not take the
+        # body: it is cancelled here, as it would be waiting on the server's ``receive``.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         self._body = None
         return {"type": "http.request", "body": body, "more_body": False}

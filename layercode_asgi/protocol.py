@@ -369,12 +369,18 @@ async def _exchange(
     except zlib.error as exc:
         detail = f"the body does not decode: {exc}"
         raise ProtocolViolation("bad-encoding", detail, **where) from None
-    except httpx.TimeoutException as exc:
-        detail = f"no answer within {timeout:g} s ({exc!r})"
-        raise ProtocolViolation("timeout", detail, **where) from None
     except httpx.HTTPError as exc:
-        detail = f"{type(exc).__name__}: {str(exc) or 'the connection broke (no detail given)'}"
-        raise ProtocolViolation("connection-error", detail, **where) from None
+        raise http_violation(exc, timeout, where) from exc
+
+
+def http_violation(
+    exc: httpx.HTTPError, timeout: float, where: Mapping[str, Any]
+) -> ProtocolViolation:
+    """What an httpx failure of a request is: a ``timeout`` or a ``connection-error``."""
+    if isinstance(exc, httpx.TimeoutException):
+        return ProtocolViolation("timeout", f"no answer within {timeout:g} s ({exc!r})", **where)
+    detail = f"{type(exc).__name__}: {str(exc) or 'the connection broke (no detail given)'}"
+    return ProtocolViolation("connection-error", detail, **where)
 
 
 async def _decoded(

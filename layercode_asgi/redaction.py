@@ -23,8 +23,9 @@ __all__ = ["MASK", "escape_terminal", "mask_url"]
 MASK: Final = "***"
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
-#: C0 controls, DEL, C1 controls, and U+2028 / U+2029 (line / paragraph separator).
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: C0 controls, DEL, C1 controls, U+2028 / U+2029 (line / paragraph separator), and the bidi
+#: controls, which reorder what a terminal shows (Trojan Source).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

@@ -418,11 +418,12 @@ def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 #: Characters JSON leaves raw that a terminal may act on (C0 controls are always escaped).
-_RAW_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029]")
+_RAW_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def _json_for_terminal(value: Any) -> str:
-    """Compact JSON with DEL, C1 controls and U+2028/2029 escaped too (still valid JSON)."""
+    """Compact JSON with DEL, C1 controls, U+2028/2029 and bidi controls escaped too (still
+    valid JSON)."""
     text = _encode(value).decode()
     return _RAW_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 

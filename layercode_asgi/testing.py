@@ -31,6 +31,7 @@ from .protocol import (
     check_headers,
     check_url,
     encode_event,
+    http_violation,
     send_json_event,
     send_turn,
     signed_headers,
@@ -284,6 +285,7 @@ class LayercodeTestClient:
         self.app = app
         self.base_url = (base_url or "http://testserver").rstrip("/")
         self.url = self.base_url + "/" + path.lstrip("/")
+        check_url("path", self.url)
         self.secret = secret
         self.headers = dict(headers or {})
         self.timeout = timeout
@@ -373,8 +375,9 @@ class LayercodeTestClient:
 
         Signed with the client's secret unless ``signed=False``; ``headers`` override. Not
         answered within ``timeout``: a ``timeout`` violation; an in-process reply past
-        ``max_bytes``: ``too-large``.
+        ``max_bytes``: ``too-large``; no connection: ``connection-error``.
         """
+        check_headers("headers", headers or {})
         content = body.encode() if isinstance(body, str) else body
         if not isinstance(content, bytes):
             content = encode_event(content)
@@ -394,6 +397,8 @@ class LayercodeTestClient:
             except ReplyTooLarge:
                 detail = f"reply longer than {self.max_bytes} bytes (max_bytes)"
                 raise ProtocolViolation("too-large", detail) from None
+            except httpx.HTTPError as exc:
+                raise http_violation(exc, self.timeout, {}) from exc
 
     # -- one helper per event, with the client's conversation and session ids --
 

@@ -432,14 +432,16 @@ def test_simulate_counts_the_node_sdk_error_stream(capsys: pytest.CaptureFixture
 
 # -- simulate: terminal escapes from the backend --------------------------------------------------
 
-HOSTILE_TEXT = "\x1b[2J\x1b]52;c;cGF5bG9hZA==\x07\nOK: fake line\r\x9b31m\u2028\x7f"
+# The bidi controls reorder what a terminal shows (Trojan Source).
+BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+HOSTILE_TEXT = "\x1b[2J\x1b]52;c;cGF5bG9hZA==\x07\nOK: fake line\r\x9b31m\u2028\x7f" + BIDI
 
 
 def _forbidden(text: str) -> list[str]:
     return [
         c
         for c in text
-        if (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029"
+        if (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029" + BIDI
     ]
 
 

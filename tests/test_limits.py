@@ -254,14 +254,17 @@ def test_redis_replay_cache_is_shared_between_workers_and_fails_closed() -> None
 @pytest.mark.anyio
 async def test_redis_replay_cache_ttl() -> None:
     with running_redis() as redis:
-        cache = RedisReplayCache(redis.url)
+        from redis.asyncio import Redis  # after running_redis: skipped without the extra
+
+        client = Redis.from_url(redis.url)  # a client of the test's own: public API only
         try:
+            cache = RedisReplayCache(client)
             assert await cache.seen("k", 2.2) is False
             assert await cache.seen("k", 2.2) is True
-            ttl = await cache._client.ttl("layercode:replay:k")
+            ttl = await client.ttl("layercode:replay:k")
             assert 1 <= ttl <= 3
         finally:
-            await cache.aclose()
+            await client.aclose()
 
 
 @pytest.mark.anyio
@@ -269,13 +272,16 @@ async def test_a_tolerance_beyond_what_redis_can_expire_still_works() -> None:
     # LAYERCODE_SIGNATURE_TOLERANCE accepts any integer; Redis refuses an EX beyond about
     # 9.2e15 s ("invalid expire time"), which made every webhook a 503.
     with running_redis() as redis:
-        cache = RedisReplayCache(redis.url)
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(redis.url)
         try:
+            cache = RedisReplayCache(client)
             assert await cache.seen("k", 1e30) is False
             assert await cache.seen("k", 1e30) is True
-            assert await cache._client.ttl("layercode:replay:k") > 10**14
+            assert await client.ttl("layercode:replay:k") > 10**14
         finally:
-            await cache.aclose()
+            await client.aclose()
 
 
 @pytest.mark.anyio

@@ -21,7 +21,13 @@ import anyio
 import httpx
 import pytest
 
-from layercode_asgi import LayercodeSignature, LayercodeWebhook, Settings, create_app
+from layercode_asgi import (
+    ConfigurationError,
+    LayercodeSignature,
+    LayercodeWebhook,
+    Settings,
+    create_app,
+)
 from layercode_asgi.agents import TurnContext, TurnEvent
 from layercode_asgi.metrics import MemoryMetrics, TurnMetrics, metrics_from_settings
 
@@ -40,7 +46,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E4
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from layercode_asgi.otel import OtelMetrics  # noqa: E402
-from layercode_asgi.prometheus import PrometheusMetrics, render_metrics  # noqa: E402
+from layercode_asgi.prometheus import (  # noqa: E402
+    MetricsEndpoint,
+    PrometheusMetrics,
+    render_metrics,
+)
 
 TURN_TIMEOUT = 0.5
 #: Where the agent's own spans go (the conversation's tracer provider).
@@ -317,6 +327,14 @@ def test_metrics_guard(headers: dict[str, str], status: int) -> None:
     if status == 401:
         assert response.json() == {"error": "missing or invalid API key"}
         assert response.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("keys", ["s3cret", b"s3cret"])
+def test_metrics_endpoint_refuses_one_string_of_keys(keys: Any) -> None:
+    """One string was read as one key per character: ``X-Api-Key: s`` passed."""
+    with pytest.raises(ConfigurationError, match=r"api_keys must be a list of keys") as info:
+        MetricsEndpoint(api_keys=keys)
+    assert "s3cret" not in str(info.value)
 
 
 _OPEN_METRICS = (

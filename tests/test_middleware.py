@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
 import httpx
 import msgspec
 import pytest
@@ -29,7 +30,7 @@ from starlette.websockets import WebSocket
 from layercode_asgi import ConfigurationError, LayercodeSignature, sign
 
 from .asgi_stub import ASGIStub, read_body
-from .conftest import SECRET, serve, signed_headers
+from .conftest import BACKENDS, SECRET, serve, signed_headers
 
 BODY = b'{"type":"message","session_id":"s","conversation_id":"c","turn_id":"t","text":"hi"}'
 Scope = dict[str, Any]
@@ -202,6 +203,26 @@ async def test_default_protects_every_http_request(stack: Callable[..., Any]) ->
         response = await client.get("/open")
     assert response.status_code == 401
     assert response.json() == {"error": "missing signature header"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", BACKENDS)
+async def test_is_disconnected_before_body_keeps_the_replayed_body() -> None:
+    """Starlette's ``is_disconnected`` probes ``receive()`` in a cancelled scope; the replayed
+    body was handed out without a checkpoint, so the probe took it and ``body()`` hung."""
+
+    async def hook(request: Request) -> JSONResponse:
+        disconnected = await request.is_disconnected()
+        return JSONResponse({"disconnected": disconnected, "raw": (await request.body()).decode()})
+
+    app = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+    app.add_middleware(LayercodeSignature, secret=SECRET)
+    transport = httpx.ASGITransport(app=app)
+    # Bounded: with the body lost, body() waited for the client to leave (forever here).
+    with anyio.fail_after(10):
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.post("/hook", content=BODY, headers=signed_headers(BODY))
+    assert response.json() == {"disconnected": False, "raw": BODY.decode()}
 
 
 # -- raw ASGI details: chunked bodies, disconnects, content-length ------------------------------
@@ -571,6 +592,27 @@ def test_paths_given_as_one_string_is_a_clear_error(paths: Any) -> None:
     passed, ``"/api/agent"`` was refused for its ``"a"``)."""
     with pytest.raises(ConfigurationError, match=r"paths must be a list of paths"):
         LayercodeSignature(Recorder(), secret=SECRET, paths=paths)
+
+
+@pytest.mark.parametrize("paths", [[], (), set(), iter([])])
+def test_empty_paths_is_a_clear_error(paths: Any) -> None:
+    """An empty ``paths`` protected nothing: every request passed unsigned."""
+    with pytest.raises(ConfigurationError, match=r"paths is empty.*leave paths unset"):
+        LayercodeSignature(Recorder(), secret=SECRET, paths=paths)
+
+
+@pytest.mark.anyio
+async def test_paths_from_a_generator_are_read_once_and_kept() -> None:
+    app = LayercodeSignature(Recorder(), secret=SECRET, paths=(p for p in ["/a", "/b/*"]))
+    for _ in range(2):  # the generator is spent after the first read; the paths are kept
+        for path, status in [("/a", 401), ("/b/c", 401), ("/open", 204)]:
+            sent, _ = await call_asgi(app, [], [b""], path=path)
+            assert sent[0]["status"] == status, path
+
+
+def test_paths_given_as_bytes_items_is_a_clear_error() -> None:
+    with pytest.raises(ConfigurationError, match=r"strings starting with '/', got b'/api'"):
+        LayercodeSignature(Recorder(), secret=SECRET, paths=[b"/api"])
 
 
 def test_missing_secret_fails_at_starlette_startup_not_per_request() -> None:

@@ -139,6 +139,8 @@ def test_long_invalid_values_are_quoted_short() -> None:
         ("\x1b]52;c;aGk=\x07", "\\x1b]52;c;aGk=\\x07"),
         ("a\nOK: fake", "a\\nOK: fake"),
         ("\r\t\x00\x7f\x9b\u2028\u2029", "\\r\\t\\x00\\x7f\\x9b\\u2028\\u2029"),
+        ("gnp.\u202eexe", "gnp.\\u202eexe"),
+        ("\u202a\u202d\u2066\u2069", "\\u202a\\u202d\\u2066\\u2069"),
         ("plain é 😀", "plain é 😀"),
     ],
 )

@@ -514,6 +514,25 @@ async def test_connection_error_is_named() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     client = LayercodeTestClient(base_url=f"http://127.0.0.1:{port}", secret=SECRET, timeout=5)
-    with pytest.raises(ProtocolViolation) as caught:
-        await client.message("x")
-    assert caught.value.name == "connection-error"
+    # Before: post() let httpx.ConnectError through; the others dropped it as the cause.
+    for request in (lambda: client.message("x"), client.session_update, lambda: client.post("{}")):
+        with pytest.raises(ProtocolViolation) as caught:
+            await request()
+        assert caught.value.name == "connection-error"
+        assert caught.value.detail.startswith("ConnectError: ")
+        assert isinstance(caught.value.__cause__, httpx.ConnectError)
+
+
+def test_a_path_httpx_cannot_send_is_a_value_error() -> None:
+    # Before: httpx.InvalidURL from every request, with app= or base_url=.
+    for where in ({"app": echo_app()}, {"base_url": "http://127.0.0.1:1"}):
+        with pytest.raises(ValueError, match=r"^path is not a valid URL: .*non-printable"):
+            LayercodeTestClient(**where, secret=SECRET, path="/api\x00agent")
+
+
+@pytest.mark.anyio
+async def test_post_checks_its_own_headers() -> None:
+    client = LayercodeTestClient(echo_app(), secret=SECRET)
+    # Before: a UnicodeEncodeError from inside httpx.
+    with pytest.raises(ValueError, match=r"^headers X-A: the value may hold only printable"):
+        await client.post("{}", headers={"X-A": "é"})
