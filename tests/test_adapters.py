@@ -156,6 +156,18 @@ def app_for(name: str, tools: bool = False) -> Any:
     return create_app(Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET), agent)
 
 
+async def langchain_turn(runnable: Any) -> TurnResult:
+    """One "hi" turn of ``create_app`` with ``from_langchain(runnable)``: a turn timeout of
+    20 s, and the test fails after 10 (a turn that never ends shows as a failure)."""
+    settings = Settings(
+        env_file=None, environ={}, layercode_webhook_secret=SECRET, turn_timeout=20.0
+    )
+    app = create_app(settings, from_langchain(runnable))
+    with anyio.fail_after(10):
+        async with LayercodeTestClient(app, secret=SECRET) as client:
+            return await client.message("hi")
+
+
 def spoken(turn: TurnResult) -> list[str]:
     return list(turn.tts)
 
@@ -519,12 +531,7 @@ async def test_a_langchain_stream_raising_its_own_cancelled_error_fails_the_turn
             other.cancel()
             await other  # raises CancelledError: the stream's failure, not the turn's
 
-    settings = Settings(
-        env_file=None, environ={}, layercode_webhook_secret=SECRET, turn_timeout=20.0
-    )
-    app = create_app(settings, from_langchain(Runnable()))
-    async with LayercodeTestClient(app, secret=SECRET) as client:
-        turn = await client.message("hi")
+    turn = await langchain_turn(Runnable())
     assert [event["type"] for event in turn.events] == [
         "response.tts",
         "response.error",
@@ -550,13 +557,7 @@ async def test_a_langchain_stream_raising_another_base_exception_fails_the_turn(
             yield "Hello. "
             raise _Stop("stopped")
 
-    settings = Settings(
-        env_file=None, environ={}, layercode_webhook_secret=SECRET, turn_timeout=20.0
-    )
-    app = create_app(settings, from_langchain(Runnable()))
-    with anyio.fail_after(10):
-        async with LayercodeTestClient(app, secret=SECRET) as client:
-            turn = await client.message("hi")
+    turn = await langchain_turn(Runnable())
     assert turn.tts == ["Hello. "]
     assert turn.errors == [
         {"type": "response.error", "error": "agent error", "turn_id": turn.turn_id}
@@ -642,13 +643,7 @@ async def test_a_langchain_stream_whose_aclose_raises_a_base_exception_fails_the
             streams.append(StopsOnClose(["Hello. "], fail_close=False))
             return streams[-1]
 
-    settings = Settings(
-        env_file=None, environ={}, layercode_webhook_secret=SECRET, turn_timeout=20.0
-    )
-    app = create_app(settings, from_langchain(Runnable()))
-    with anyio.fail_after(10):
-        async with LayercodeTestClient(app, secret=SECRET) as client:
-            turn = await client.message("hi")
+    turn = await langchain_turn(Runnable())
     assert streams[0].closed
     assert turn.tts == ["Hello. "]
     assert turn.errors == [
