@@ -5,7 +5,8 @@ Limits toward LayerCode: ``timeout`` bounds the whole upstream call (connect, re
 every byte of the answer), an answer larger than :data:`AUTHORIZE_MAX_UPSTREAM_BODY` or
 compressed (it asks for ``accept-encoding: identity``) is a 502, and of a 4xx answer only
 LayerCode's ``error`` message is relayed (one printable line of at most
-:data:`AUTHORIZE_MAX_ERROR_CHARS` characters), never its headers or other fields.
+:data:`AUTHORIZE_MAX_ERROR_CHARS` characters), never its headers or other fields. An answer
+that would show the caller our API key (a proxy echoing our request) is not relayed.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ AUTHORIZE_MAX_UPSTREAM_BODY = 1024 * 1024
 AUTHORIZE_MAX_ERROR_CHARS = 200
 
 _decode = msgspec.json.decode
+_encode = msgspec.json.encode
 
 
 class AuthorizeRoute:
@@ -171,19 +173,32 @@ class AuthorizeRoute:
         except (msgspec.DecodeError, RecursionError):
             answer = None
         if 200 <= status < 300:
-            if not isinstance(answer, dict):
+            relayed_answer = JSONResponse(answer) if isinstance(answer, dict) else None
+            if relayed_answer is None or self._echoes_key(bytes(relayed_answer.body)):
                 return json_error_response(502, "LayerCode API sent an invalid response")
-            return JSONResponse(answer)
+            return relayed_answer
         if 400 <= status < 500:
             logger.info("LayerCode authorize refused with %s", status)
             # Only LayerCode's own message is relayed: no headers, no other fields.
             message = answer.get("error") if isinstance(answer, dict) else None
-            relayed = _printable(message, AUTHORIZE_MAX_ERROR_CHARS)
+            line = _printable(message, AUTHORIZE_MAX_ERROR_CHARS * 4)  # the cut hides no key
+            if line is not None and self._echoes_key(_encode([message, line])):
+                line = None
+            relayed = line[:AUTHORIZE_MAX_ERROR_CHARS] if line else None
             return json_error_response(
                 status, relayed or f"LayerCode API refused the request ({status})"
             )
         logger.warning("LayerCode authorize failed upstream with %s", status)
         return json_error_response(502, f"LayerCode API error ({status})")
+
+    def _echoes_key(self, relayed: bytes) -> bool:
+        """Whether JSON for the caller holds our API key (a proxy echoing our request, say):
+        such an answer is never relayed."""
+        assert self.api_key  # checked before calling upstream
+        if _encode(self.api_key)[1:-1] not in relayed:
+            return False
+        logger.warning("LayerCode authorize answer holds our API key: not relayed")
+        return True
 
     async def _call_upstream(self, body: bytes) -> tuple[int, bytes]:
         """POST to LayerCode; its status and body (at most AUTHORIZE_MAX_UPSTREAM_BODY)."""

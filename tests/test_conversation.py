@@ -837,6 +837,24 @@ async def test_lone_surrogates_are_kept_as_u_fffd_by_both_stores(redis_server: R
                 await manager.add_message("c\ud83d", said)
 
 
+async def test_a_long_turn_id_is_kept_cut_by_both_stores(redis_server: RedisServer) -> None:
+    """A turn id is not text the byte bound counts: a signed webhook's 1 MB ``turn_id`` was
+    kept whole with each message (100 turns: 100 MB for one conversation, far past the
+    documented bound); both stores keep its first 512 characters, as an id's limit."""
+    long_id = "t" * 600_000
+    for store in (MemoryConversationStore(), RedisConversationStore(redis_server.url)):
+        async with ConversationManager(store) as manager:
+            await manager.add_turn("c", "hi", "hello", turn_id=long_id)
+            async with manager.lock("c"):
+                _, generation = await manager.read_turn("c")
+                await manager.record_turn(
+                    "c", "again", None, turn_id=long_id, generation=generation
+                )
+            history = await manager.get_history("c")
+            assert [m.turn_id for m in history] == [long_id[:512]] * 3
+            await manager.clear("c")
+
+
 async def test_the_redis_store_used_directly_refuses_a_lone_surrogate_id(
     redis_server: RedisServer,
 ) -> None:

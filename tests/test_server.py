@@ -361,6 +361,58 @@ def test_authorize_refuses_an_encoded_upstream_answer(
     assert fake.requests[0][1]["accept-encoding"] == "identity"
 
 
+@pytest.mark.parametrize(
+    ("status", "answer", "expected_status", "expected"),
+    [
+        # a proxy (or a misconfigured LAYERCODE_API_URL) echoing our request back
+        (
+            200,
+            b'{"client_session_key":"csk","echo":{"authorization":"Bearer lc_live_7f3a"}}',
+            502,
+            {"error": "LayerCode API sent an invalid response"},
+        ),
+        (  # the same key, spelled with JSON escapes
+            200,
+            b'{"client_session_key":"csk","k":"\\u006cc_live_7f3a"}',
+            502,
+            {"error": "LayerCode API sent an invalid response"},
+        ),
+        (
+            401,
+            b'{"error":"invalid API key: Bearer lc_live_7f3a"}',
+            401,
+            {"error": "LayerCode API refused the request (401)"},
+        ),
+        (  # split by a control character, which the relayed line drops
+            403,
+            b'{"error":"bad token lc_\\u0001live_7f3a"}',
+            403,
+            {"error": "LayerCode API refused the request (403)"},
+        ),
+        (  # past the 200 characters relayed: their cut would show the key's first part
+            403,
+            b'{"error":"' + b"x" * 195 + b' lc_live_7f3a"}',
+            403,
+            {"error": "LayerCode API refused the request (403)"},
+        ),
+    ],
+)
+def test_authorize_never_relays_our_api_key(
+    layercode: tuple[FakeLayercode, str],
+    status: int,
+    answer: bytes,
+    expected_status: int,
+    expected: dict[str, Any],
+) -> None:
+    fake, api = layercode
+    fake.status, fake.answer = status, answer
+    app = create_app(settings(layercode_api_url=api, layercode_api_key="lc_live_7f3a"))
+    with serve(app) as url, httpx.Client(base_url=url) as c:
+        r = c.post("/api/authorize", json={"agent_id": "ag_1"})
+    assert (r.status_code, r.json()) == (expected_status, expected)
+    assert "lc_" not in r.text
+
+
 def test_authorize_upstream_unreachable_and_timeout(layercode: tuple[FakeLayercode, str]) -> None:
     fake, api = layercode
     with socket.socket() as sock:  # a port nobody listens on

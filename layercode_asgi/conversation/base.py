@@ -110,7 +110,9 @@ def _kept(message: HistoryMessage, max_bytes: int) -> HistoryMessage:
     text = valid_text(message.text)
     if text_size(text) > max_bytes:
         text = cut_text(text, max_bytes)
-    turn_id = message.turn_id if message.turn_id is None else valid_text(message.turn_id)
+    turn_id = message.turn_id
+    if turn_id is not None:  # an id, not text the byte bound counts: kept to an id's limit
+        turn_id = valid_text(turn_id[:MAX_CONVERSATION_ID_LENGTH])
     if text is message.text and turn_id is message.turn_id:
         return message
     return HistoryMessage(role=message.role, text=text, turn_id=turn_id)
@@ -118,7 +120,8 @@ def _kept(message: HistoryMessage, max_bytes: int) -> HistoryMessage:
 
 def fit(messages: Sequence[HistoryMessage], max_bytes: int) -> list[HistoryMessage]:
     """``messages`` as both stores keep them: any single text over ``max_bytes`` cut to
-    it, texts and turn ids made valid UTF-8 (:func:`valid_text`)."""
+    it, turn ids to their first 512 characters, texts and turn ids made valid UTF-8
+    (:func:`valid_text`)."""
     return [_kept(message, max_bytes) for message in messages]
 
 
