@@ -598,6 +598,37 @@ def test_one_process_and_several_processes_expose_the_same_figures(
     assert one[("layercode_signature_rejections_total", (("reason", "replayed"),))] == 1
 
 
+MULTIPROC_CHECK = """
+from layercode_asgi import ConfigurationError, Settings, create_app
+
+try:
+    create_app(Settings(env_file=None, environ={}, layercode_webhook_secret="whsec_m", metrics=True))
+except ConfigurationError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_a_multiprocess_directory_that_is_none_is_named(tmp_path: Any, kind: str) -> None:
+    # It was a FileNotFoundError (NotADirectoryError) traceback from prometheus-client's
+    # files. prometheus-client reads the variable when imported: a process of its own.
+    path = tmp_path / "metrics"
+    if kind == "file":
+        path.write_text("")
+    done = subprocess.run(
+        [sys.executable, "-c", MULTIPROC_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(path)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == (
+        f"PROMETHEUS_MULTIPROC_DIR ({path}) is not a directory: create it, empty, before the "
+        "processes start"
+    )
+
+
 SDK_LATER = """
 import time
 from opentelemetry import trace
