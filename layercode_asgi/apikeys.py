@@ -14,11 +14,28 @@ from .errors import ConfigurationError
 __all__ = ["api_key_allowed", "encode_keys"]
 
 
-def encode_keys(keys: Iterable[str]) -> tuple[bytes, ...]:
-    """The configured keys as the bytes :func:`api_key_allowed` compares."""
+def encode_keys(keys: Iterable[str], name: str = "api_keys") -> tuple[bytes, ...]:
+    """The configured keys as the bytes :func:`api_key_allowed` compares. A key no client
+    can send (not a ``str``, empty, a blank at either end, a control character, a lone
+    surrogate) is a :class:`ConfigurationError` naming ``name`` and its index, not the key."""
     if isinstance(keys, str | bytes):  # one key per character would let ``s`` pass
-        raise ConfigurationError("api_keys must be a list of keys such as ['key'], not a string")
-    return tuple(key.encode() for key in keys)
+        raise ConfigurationError(f"{name} must be a list of keys such as ['key'], not a string")
+    encoded = []
+    for index, key in enumerate(keys):
+        if not isinstance(key, str):
+            raise ConfigurationError(f"{name}[{index}] must be a str, not {type(key).__name__}")
+        try:
+            raw = key.encode()
+        except UnicodeEncodeError:  # a lone surrogate
+            raw = b""
+        controls = any(b < 32 or b == 127 for b in raw.replace(b"\t", b" "))
+        if not raw or key.strip(" \t") != key or controls:
+            raise ConfigurationError(
+                f"{name}[{index}] cannot be sent in a header: empty, a blank at either end, "
+                "a control character or a lone surrogate"
+            )
+        encoded.append(raw)
+    return tuple(encoded)
 
 
 def api_key_allowed(headers: Mapping[str, str], keys: tuple[bytes, ...]) -> bool:

@@ -60,7 +60,7 @@ class AuthorizeRoute:
     def __init__(self, settings: Settings, guard: AuthorizeGuard | None, timeout: float) -> None:
         self.url = settings.layercode_api_url + AUTHORIZE_PATH
         self.api_key = settings.layercode_api_key
-        self.keys = encode_keys(settings.authorize_api_keys)
+        self.keys = encode_keys(settings.authorize_api_keys, "LAYERCODE_AUTHORIZE_API_KEYS")
         self.guard = guard
         self.timeout = timeout
         self.body_timeout = settings.body_timeout

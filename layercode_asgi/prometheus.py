@@ -49,6 +49,7 @@ from starlette.datastructures import Headers
 
 from ._asgi import json_error, send_json_error
 from .apikeys import api_key_allowed, encode_keys
+from .errors import ConfigurationError
 from .metrics import (
     FIRST_TTS_BUCKETS,
     LOCK_WAIT_BUCKETS,
@@ -247,11 +248,18 @@ class PrometheusMetrics:
             Several sinks on one registry share its instruments.
 
     The names: :data:`METRIC_NAMES` (labels: ``event_type``, ``status``; ``outcome``;
-    ``reason``). See docs/metrics.md.
+    ``reason``). See docs/metrics.md. A ``PROMETHEUS_MULTIPROC_DIR`` that is not a
+    directory is a :class:`~layercode_asgi.errors.ConfigurationError`.
     """
 
     def __init__(self, registry: prometheus_client.CollectorRegistry | None = None) -> None:
         self.registry = prometheus_client.REGISTRY if registry is None else registry
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if directory and not os.path.isdir(directory):
+            raise ConfigurationError(
+                f"PROMETHEUS_MULTIPROC_DIR ({directory}) is not a directory: create it, empty, "
+                "before the processes start"
+            )
         recorder = _BY_REGISTRY.get(self.registry)
         if recorder is None:
             if _multiprocess():

@@ -32,6 +32,7 @@ from layercode_asgi import (
     sign,
 )
 from layercode_asgi.agents import TurnContext, TurnEvent
+from layercode_asgi.metrics import installed
 from layercode_asgi.server import YOUNG_GC_THRESHOLD
 
 from .agents_for_tests import cancelled_elsewhere
@@ -168,11 +169,26 @@ def _requests() -> list[tuple[str, str, bytes, dict[str, str]]]:
     ]
 
 
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                not installed("prometheus_client"), reason="no prometheus-client"
+            ),
+        ),
+    ],
+)
 @pytest.mark.parametrize("case", _requests(), ids=lambda case: case[0])
-def test_same_answers_as_through_starlette(case: tuple[str, str, bytes, dict[str, str]]) -> None:
+def test_same_answers_as_through_starlette(
+    case: tuple[str, str, bytes, dict[str, str]], metrics: bool
+) -> None:
+    """Through a middleware of the application's, and with the metrics on: the same answers."""
     name, method, body, headers = case
     direct = create_app(settings(max_body_size=1024))
-    through = create_app(settings(max_body_size=1024))
+    through = create_app(settings(max_body_size=1024, metrics=metrics))
     through.add_middleware(Recorder, seen=[])
     answers = []
     for app in (direct, through):

@@ -337,6 +337,25 @@ def test_metrics_endpoint_refuses_one_string_of_keys(keys: Any) -> None:
     assert "s3cret" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "key", [b"s3cret", None, 7, "", " s3cret", "s3cret\n", "s3\x00cret", "s3cret\udcff"]
+)
+def test_metrics_endpoint_refuses_a_key_no_client_can_send(key: Any) -> None:
+    """A key of another type raised ``AttributeError`` (``UnicodeEncodeError`` with a lone
+    surrogate); an empty one, or one with a blank at either end or a control character,
+    was taken and then matched no request ever (servers strip a header's blanks)."""
+    with pytest.raises(ConfigurationError, match=r"api_keys\[1\]") as info:
+        MetricsEndpoint(api_keys=["other-key", key])
+    assert "s3" not in str(info.value)  # a key is a secret: not shown
+
+
+@pytest.mark.parametrize("setting", ["metrics_api_keys", "authorize_api_keys"])
+def test_create_app_names_the_setting_of_a_key_no_client_can_send(setting: str) -> None:
+    with pytest.raises(ConfigurationError, match=rf"{setting.upper()}\[1\]") as info:
+        create_app(_settings(metrics=True, **{setting: "other-key,s3\x01cret"}))
+    assert "s3" not in str(info.value)
+
+
 _OPEN_METRICS = (
     "the metrics route /metrics is not guarded: anyone who can reach it can read the metrics "
     "(set LAYERCODE_METRICS_API_KEYS)"
@@ -577,6 +596,37 @@ def test_one_process_and_several_processes_expose_the_same_figures(
         == 1
     )
     assert one[("layercode_signature_rejections_total", (("reason", "replayed"),))] == 1
+
+
+MULTIPROC_CHECK = """
+from layercode_asgi import ConfigurationError, Settings, create_app
+
+try:
+    create_app(Settings(env_file=None, environ={}, layercode_webhook_secret="whsec_m", metrics=True))
+except ConfigurationError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_a_multiprocess_directory_that_is_none_is_named(tmp_path: Any, kind: str) -> None:
+    # It was a FileNotFoundError (NotADirectoryError) traceback from prometheus-client's
+    # files. prometheus-client reads the variable when imported: a process of its own.
+    path = tmp_path / "metrics"
+    if kind == "file":
+        path.write_text("")
+    done = subprocess.run(
+        [sys.executable, "-c", MULTIPROC_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(path)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == (
+        f"PROMETHEUS_MULTIPROC_DIR ({path}) is not a directory: create it, empty, before the "
+        "processes start"
+    )
 
 
 SDK_LATER = """
