@@ -117,14 +117,25 @@ def test_example_refuses_to_start_without_a_secret(
         load_example(name, monkeypatch)
 
 
-@pytest.fixture
-def running_examples(tmp_path: Path) -> Iterator[dict[str, int]]:
-    """Each example started as a script (`python examples/x.py`), all at once."""
+def example_command(name: str, server: str) -> list[str]:
+    """``python examples/x.py`` (uvicorn, as the docstrings say), or hypercorn serving it."""
+    path = str(EXAMPLES_DIR / f"{name}.py")
+    if server == "script":
+        return [sys.executable, path]
+    return [sys.executable, "-m", "hypercorn", f"{path}:app", "--bind", "127.0.0.1:{port}"]
+
+
+@pytest.fixture(params=["script", "hypercorn"])
+def running_examples(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, int]]:
+    """Each example started as a script (`python examples/x.py`), or under hypercorn, all at
+    once."""
+    if request.param == "hypercorn":
+        pytest.importorskip("hypercorn")
     with ExitStack() as stack:
         started = [
             stack.enter_context(
                 start_server_process(
-                    [sys.executable, str(EXAMPLES_DIR / f"{name}.py")],
+                    example_command(name, request.param),
                     env={**os.environ, "LAYERCODE_WEBHOOK_SECRET": SECRET, "PORT": "{port}"},
                     cwd=tmp_path,
                     log=tmp_path / f"{name}.log",
