@@ -23,7 +23,7 @@ async def agent(event):
 
 
 webhook = LayercodeWebhook(agent)  # answers every LayerCode event type
-app = FastAPI()
+app = FastAPI(redirect_slashes=False)  # /api/agent/: a 404, not a 307 to an http:// URL
 app.add_middleware(LayercodeSignature, secret=SECRET, paths=["/api/agent"])
 
 

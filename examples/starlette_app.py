@@ -36,6 +36,9 @@ app = Starlette(
     routes=[Route("/api/agent", agent_route, methods=["POST"])],
     middleware=[Middleware(LayercodeSignature, secret=SECRET)],
 )
+# /api/agent/ gets a 404, not Starlette's 307 to an http:// URL built from the Host header
+# (a webhook client following it would re-send the signed body in clear text).
+app.router.redirect_slashes = False
 
 if __name__ == "__main__":
     import uvicorn

@@ -396,7 +396,15 @@ def _answers(port: int) -> bool:
 
 def _conversation(block: Block, base_url: str, secret: str) -> None:
     """A signed conversation of every event type, checked like ``layercode-asgi simulate``."""
-    from layercode_asgi.testing import LayercodeTestClient, ProtocolViolation
+    import httpx
+
+    from layercode_asgi.testing import (
+        LayercodeTestClient,
+        ProtocolViolation,
+        encode_event,
+        message_event,
+        signed_headers,
+    )
 
     async def talk() -> None:
         async with LayercodeTestClient(base_url=base_url, secret=secret, timeout=30) as client:
@@ -407,6 +415,19 @@ def _conversation(block: Block, base_url: str, secret: str) -> None:
             await client.data({"clicked": True})
             await client.session_update()
             await client.session_end(transcript=[("user", "Hello"), ("assistant", turns[1].text)])
+            # the webhook is behind the signature check, and no spelling of its path redirects
+            # (Starlette's 307 to an http:// URL would re-send the signed body in clear text)
+            unsigned = await client.post(message_event("Hello"), signed=False)
+            assert unsigned.status_code == 401, unsigned
+            assert unsigned.json() == {"error": "missing signature header"}, unsigned.text
+            async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+                body = encode_event(message_event("Hello"))
+                reply = await http.post(
+                    "/api/agent/", content=body, headers=signed_headers(body, secret)
+                )
+            assert reply.status_code in (200, 404), f"signed POST /api/agent/: {reply}"
+            malformed = await client.post(b'{"type":"message"')  # signed, but not an event
+            assert malformed.status_code == 400 and "error" in malformed.json(), malformed.text
 
     try:
         anyio.run(talk)  # every request is bounded by the client's timeout

@@ -21,10 +21,12 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import anyio
 import msgspec
 import pytest
 
 from layercode_asgi import parse_webhook_payload
+from layercode_asgi.testing import LayercodeTestClient
 
 from .markdown_blocks import parse_blocks, run_markdown_file
 
@@ -292,3 +294,41 @@ def test_the_cli_page_lists_every_protocol_violation() -> None:
     table = [line for line in page.splitlines() if line.startswith("| `")]
     listed = [line.split("`")[1] for line in table]
     assert sorted(listed) == sorted(VIOLATIONS), "cli.md's violations table != testing.VIOLATIONS"
+
+
+# -- what the stacks page's snippets say they do ---------------------------------------------
+
+
+def _stacks_block(marker: str) -> ModuleType:
+    """The python block of stacks.md containing ``marker``, run as a module."""
+    (block,) = [
+        b for b in parse_blocks(DOCS / "stacks.md") if b.lang == "python" and marker in b.code
+    ]
+    module = ModuleType(f"stacks_block_{block.line}")
+    exec(compile(block.code, block.where, "exec"), module.__dict__)
+    return module
+
+
+def test_the_stacks_snippets_do_what_the_page_says() -> None:
+    """The page's served blocks hold a conversation (the runner checks that much); here each
+    one's own promise: the hooks' answers, the extras, the Node-SDK stream's events."""
+    hooks = _stacks_block("on_session_end")
+    own = _stacks_block("Tent World")
+    node = _stacks_block("tts_stream")
+
+    async def talk() -> None:
+        async with LayercodeTestClient(hooks.app, secret="whsec_hooks") as client:
+            assert (await client.data({"clicked": True})).body == {"received": {"clicked": True}}
+            await client.session_end(transcript=[("user", "Hi"), ("assistant", "Hello")])
+            assert hooks.transcripts == {
+                client.conversation_id: [("user", "Hi"), ("assistant", "Hello")]
+            }
+        async with LayercodeTestClient(own.app, secret="whsec_own") as client:
+            assert (await client.message("hi")).tts == ["Hello, Tent World here."]
+            assert (await client.data({"x": 1})).body == {"status": "ok"}
+        async with LayercodeTestClient(node.app, secret="whsec_…") as client:
+            turn = await client.message("hi")
+            assert turn.text == "Hi thereHow can I help?", turn.events
+            assert turn.data == [{"step": 1}]
+
+    anyio.run(talk)

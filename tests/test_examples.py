@@ -11,13 +11,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 
+from layercode_asgi import sign
 from layercode_asgi.cli import main
 from layercode_asgi.testing import LayercodeTestClient
 
-from .conftest import SECRET, serve, start_server_process
+from .conftest import SECRET, event_body, serve, signed_headers, start_server_process
 from .fake_openai import Script, fake_openai
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -76,6 +78,37 @@ def test_example_holds_a_conversation(
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
+def test_example_answers_bad_requests_as_the_middleware_documents(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over real HTTP: every refusal is the documented JSON, and no spelling of the webhook's
+    path is redirected (Starlette's 307 goes to an ``http://`` URL built from the Host
+    header: a webhook client following it re-sends the signed body in clear text)."""
+    monkeypatch.setenv("LAYERCODE_WEBHOOK_SECRET", SECRET)
+    app = load_example(name, monkeypatch).app
+    body = event_body()
+    refused = {
+        "missing signature header": {},
+        "timestamp outside tolerance": {"layercode-signature": sign(body, SECRET, 1_000_000)},
+        "no matching signature": signed_headers(body, "whsec_wrong"),
+    }
+    too_large = {"error": "request body exceeds 1048576 bytes"}
+    with serve(app) as base, httpx.Client(base_url=base, timeout=10) as client:
+        for reason, headers in refused.items():
+            reply = client.post("/api/agent", content=body, headers=headers)
+            assert (reply.status_code, reply.json()) == (401, {"error": reason}), name
+        chunks = iter([b"x" * 65536] * 20)  # no Content-Length: refused at the limit
+        for content in (b"x" * 1048577, chunks):
+            reply = client.post("/api/agent", content=content, headers=signed_headers(body))
+            assert (reply.status_code, reply.json()) == (413, too_large), name
+        for path in ("/api/agent/", "/api/agent//", "//api/agent", "/api//agent"):
+            reply = client.post(path, content=body, headers=signed_headers(body))
+            assert reply.status_code in (200, 404), (name, path, reply.status_code)
+        reply = client.post("/api/agent", content=body, headers=signed_headers(body))
+        assert reply.text.endswith('"type":"response.end","turn_id":"turn-1"}\n\n'), name
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_example_refuses_to_start_without_a_secret(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -84,14 +117,25 @@ def test_example_refuses_to_start_without_a_secret(
         load_example(name, monkeypatch)
 
 
-@pytest.fixture
-def running_examples(tmp_path: Path) -> Iterator[dict[str, int]]:
-    """Each example started as a script (`python examples/x.py`), all at once."""
+def example_command(name: str, server: str) -> list[str]:
+    """``python examples/x.py`` (uvicorn, as the docstrings say), or hypercorn serving it."""
+    path = str(EXAMPLES_DIR / f"{name}.py")
+    if server == "script":
+        return [sys.executable, path]
+    return [sys.executable, "-m", "hypercorn", f"{path}:app", "--bind", "127.0.0.1:{port}"]
+
+
+@pytest.fixture(params=["script", "hypercorn"])
+def running_examples(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, int]]:
+    """Each example started as a script (`python examples/x.py`), or under hypercorn, all at
+    once."""
+    if request.param == "hypercorn":
+        pytest.importorskip("hypercorn")
     with ExitStack() as stack:
         started = [
             stack.enter_context(
                 start_server_process(
-                    [sys.executable, str(EXAMPLES_DIR / f"{name}.py")],
+                    example_command(name, request.param),
                     env={**os.environ, "LAYERCODE_WEBHOOK_SECRET": SECRET, "PORT": "{port}"},
                     cwd=tmp_path,
                     log=tmp_path / f"{name}.log",

@@ -13,7 +13,7 @@ import anyio
 import httpx
 import msgspec
 import pytest
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Body, Depends, FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from litestar import Litestar, asgi, get, post
@@ -795,3 +795,64 @@ def test_a_tolerance_beyond_a_float_is_refused() -> None:
     # delivery's lifetime overflowed a float).
     with pytest.raises(ConfigurationError, match="tolerance must be"):
         LayercodeSignature(Recorder(), secret=SECRET, tolerance=10**400, replay_protection=True)
+
+
+def body_readers_app(stack_name: str) -> Any:
+    """One route per way a FastAPI or Litestar handler reads its body; each answers
+    ``{"raw": <the bytes it got>}``."""
+    if stack_name == "fastapi":
+        fapp = FastAPI()
+
+        async def body_of(request: Request) -> bytes:
+            return await request.body()
+
+        @fapp.post("/depends")
+        async def depends(raw: bytes = Depends(body_of)) -> dict[str, str]:
+            return {"raw": raw.decode()}
+
+        @fapp.post("/model")
+        async def model(event: dict[str, Any] = Body()) -> dict[str, str]:  # noqa: B008
+            return {"raw": msgspec.json.encode(event).decode()}
+
+        @fapp.post("/stream")
+        async def stream(request: Request) -> dict[str, str]:
+            return {"raw": b"".join([chunk async for chunk in request.stream()]).decode()}
+
+        @fapp.post("/probe")
+        async def probe(request: Request) -> dict[str, str]:
+            assert not await request.is_disconnected()
+            return {"raw": (await request.body()).decode()}
+
+        fapp.add_middleware(LayercodeSignature, secret=SECRET)
+        return fapp
+
+    @post("/depends", status_code=200)
+    async def data(data: dict[str, Any]) -> dict[str, str]:
+        return {"raw": msgspec.json.encode(data).decode()}
+
+    @post("/stream", status_code=200)
+    async def lstream(request: LRequest[Any, Any, Any]) -> dict[str, str]:
+        return {"raw": b"".join([chunk async for chunk in request.stream()]).decode()}
+
+    @post("/model", status_code=200)
+    async def twice(request: LRequest[Any, Any, Any]) -> dict[str, str]:
+        assert await request.json() == msgspec.json.decode(BODY)
+        return {"raw": (await request.body()).decode()}
+
+    middleware = [DefineMiddleware(LayercodeSignature, secret=SECRET)]
+    return Litestar([data, lstream, twice], middleware=middleware)
+
+
+@pytest.mark.parametrize("stack_name", ["fastapi", "litestar"])
+def test_every_way_of_reading_the_body_gets_the_verified_bytes(stack_name: str) -> None:
+    """Dependency injection or a parsed body parameter, ``request.stream()``, ``json()`` then
+    ``body()`` (Litestar), ``is_disconnected()`` before ``body()`` (FastAPI), over HTTP."""
+    with (
+        serve(body_readers_app(stack_name)) as url,
+        httpx.Client(base_url=url, timeout=10) as client,
+    ):
+        for path in ["/depends", "/model", "/stream"] + ["/probe"] * (stack_name == "fastapi"):
+            reply = client.post(path, content=BODY, headers=signed_headers(BODY))
+            assert reply.status_code == 200, (path, reply.text)
+            assert msgspec.json.decode(reply.json()["raw"]) == msgspec.json.decode(BODY), path
+            assert client.post(path, content=BODY).status_code == 401, path

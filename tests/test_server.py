@@ -204,16 +204,45 @@ def test_malformed_webhook_names_the_field() -> None:
         assert "conversation_id" in r.json()["error"]
 
 
-def test_mounted_inside_another_app() -> None:
-    async def home(request: Request) -> Response:
-        return JSONResponse({"home": True})
+def mounted(framework: str, app: Any) -> Any:
+    """``app`` mounted under ``/voice`` in ``framework``'s way (docs/server.md)."""
+    if framework == "starlette":
+        return Starlette(routes=[Mount("/voice", app=app)])
+    if framework == "fastapi":
+        fastapi = pytest.importorskip("fastapi")
+        parent = fastapi.FastAPI()
+        parent.mount("/voice", app)
+        return parent
+    litestar = pytest.importorskip("litestar")
 
-    parent = Starlette(routes=[Route("/", home), Mount("/voice", app=create_app(settings()))])
-    with serve(parent) as url, httpx.Client(base_url=url, timeout=10) as client:
-        assert client.get("/").json() == {"home": True}
+    @litestar.asgi("/voice", is_static=True, copy_scope=True)
+    async def voice(scope: Any, receive: Any, send: Any) -> None:
+        await app(scope, receive, send)
+
+    return litestar.Litestar([voice])
+
+
+@pytest.mark.parametrize("framework", ["starlette", "fastapi", "litestar"])
+def test_mounted_inside_another_app(framework: str) -> None:
+    app = create_app(settings(authorize_api_keys="k"))
+    with serve(mounted(framework, app)) as url, httpx.Client(base_url=url, timeout=10) as client:
         assert client.get("/voice/health").json()["status"] == "healthy"
+        assert client.get("/voice/ready").json()["ready"] is True
         events = sse_events(client, event_body(), path="/voice/api/agent")
         assert events[-1] == {"type": "response.end", "turn_id": "turn-1"}
+        body = event_body()
+        unsigned = client.post("/voice/api/agent", content=body)
+        assert (unsigned.status_code, unsigned.json()) == (
+            401,
+            {"error": "missing signature header"},
+        )
+        assert client.get("/voice/api/agent").json() == {"error": "method not allowed"}
+        unguarded = client.post("/voice/api/authorize", json={"agent_id": "a"})
+        assert (unguarded.status_code, unguarded.json()) == (
+            401,
+            {"error": "missing or invalid API key"},
+        )
+        assert client.get("/voice/nope").json() == {"error": "not found"}
 
 
 def test_hooks_are_called() -> None:
