@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import httpx
@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from litestar import Litestar, asgi, get, post
 from litestar import Request as LRequest
 from litestar.middleware import DefineMiddleware
+from litestar.params import Body as LBody
 from litestar.response import Stream
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -827,7 +828,7 @@ def body_readers_app(stack_name: str) -> Any:
         return fapp
 
     @post("/depends", status_code=200)
-    async def data(data: dict[str, Any]) -> dict[str, str]:
+    async def data(data: Annotated[dict[str, Any], LBody()]) -> dict[str, str]:
         return {"raw": msgspec.json.encode(data).decode()}
 
     @post("/stream", status_code=200)
