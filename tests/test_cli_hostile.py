@@ -66,6 +66,7 @@ AGENT_MODULES = {
     "raises": "raise RuntimeError('config file missing')\n",
     "three": "async def agent(event, a, b):\n    yield 'x'\n",
     "none": "async def agent():\n    yield 'x'\n",
+    "sync_gen": "def agent(event):\n    yield 'x'\n",
 }
 
 
@@ -85,6 +86,7 @@ def project(tmp_path: Path) -> Path:
         ("raises:agent", "RuntimeError: config file missing"),
         ("three:agent", "agent(event) or agent(event, context)"),
         ("none:agent", "agent(event) or agent(event, context)"),
+        ("sync_gen:agent", "a generator function, not an async one"),
         (":x", "invalid agent import path ':x'"),
         ("..pkg:x", "invalid agent import path '..pkg:x'"),
         ("pkg:", "invalid agent import path 'pkg:'"),
@@ -292,6 +294,10 @@ async def star_args_agent(*args: Any) -> AsyncIterator[str]:
     yield "star"
 
 
+def sync_generator_agent(event: Any) -> Iterator[str]:
+    yield "never spoken"
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("agent", "said"),
@@ -317,6 +323,7 @@ async def test_every_working_agent_form_is_still_accepted(agent: Any, said: str)
         lambda event, a, b: None,
         lambda: None,
         lambda event, *, required: None,
+        sync_generator_agent,  # its generator is neither awaitable nor async-iterable
     ],
 )
 def test_signatures_that_cannot_be_agents_are_refused_at_start_up(agent: Any) -> None:
