@@ -246,6 +246,18 @@ def test_bad_port_number_exits_2(tmp_path: Path) -> None:
     assert "--port must be between 0 and 65535" in one_error_line(done)
 
 
+@pytest.mark.parametrize("host", ["\x1b[2J\x1b[31mred", "a\rb", "x" * 300, "127.0.0.1:80"])
+def test_a_host_that_cannot_be_listened_on_exits_2_with_one_escaped_line(
+    tmp_path: Path, host: str
+) -> None:
+    """The error names the host with its control characters escaped: an escape sequence in
+    `--host` reached the terminal as is (here: clear the screen, turn it red)."""
+    done = cli("serve", "--dev", "--env-file", "", "--host", host, "--port", "0", cwd=tmp_path)
+    line = one_error_line(done)
+    assert line.startswith("error: cannot listen on ")
+    assert "\x1b" not in line and "\r" not in line
+
+
 def test_get_agent_distinguishes_unknown_from_unimportable(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
