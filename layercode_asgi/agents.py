@@ -202,6 +202,11 @@ def _convention(agent: Agent) -> str:
     """How ``agent`` takes the context: a parameter name, positionally, or not at all."""
     if not callable(agent):
         raise InvalidAgentError(f"{type(agent).__name__} is not callable; {AGENT_SHAPE}")
+    generator = inspect.isgeneratorfunction(agent)  # (a bool: no narrowing of ``agent``)
+    if generator:  # its generator is not async: every turn would fail
+        raise InvalidAgentError(
+            f"{agent_name(agent)} is a generator function, not an async one; {AGENT_SHAPE}"
+        )
     try:
         signature: inspect.Signature | None = inspect.signature(agent)
     except (TypeError, ValueError):  # some builtins and C callables have no signature

@@ -39,6 +39,7 @@ from .config import SETTINGS_FIELDS, Settings
 from .demo import StartError, run_demo
 from .envfile import parse_env_file
 from .errors import ConfigurationError
+from .redaction import escape_terminal
 from .simulate import (
     ALLOW_ERRORS_HELP,
     EXIT_OK,
@@ -224,12 +225,13 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def _check_can_listen(host: str, port: int) -> int:
     """Raise :class:`StartError` unless ``host:port`` can be bound now (then release it);
     return the port, for port 0 the free one the first bind got (used for every address)."""
+    shown = escape_terminal(host)  # --host as typed: control characters escaped
     try:
         addresses = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except (OSError, UnicodeError) as exc:
-        raise StartError(f"cannot listen on {host}:{port}: {exc}") from None
+        raise StartError(f"cannot listen on {shown}:{port}: {exc}") from None
     for family, kind, proto, _, address in addresses:
         try:
             with socket.socket(family, kind, proto) as sock:
@@ -238,7 +240,7 @@ def _check_can_listen(host: str, port: int) -> int:
                 port = sock.getsockname()[1]
         except OSError as exc:
             reason = exc.strerror or str(exc)
-            raise StartError(f"cannot listen on {host}:{port}: {reason}") from None
+            raise StartError(f"cannot listen on {shown}:{port}: {reason}") from None
     return port
 
 

@@ -6,8 +6,10 @@ interpreter each), and forwards SIGTERM / SIGINT to them. Each worker builds its
 the env file to read, if any, in ``LAYERCODE_ENV_FILE``) and serves it with
 :func:`~layercode_asgi.server.run_server`: on the first signal it drains (open turns finish
 within the grace period, new webhooks get 503), on a second it stops at once. The parent
-exits once every worker has. A worker that dies on its own is replaced, unless it died while
-starting (then the others are stopped and the parent exits with status 3, as uvicorn).
+exits once every worker has. A worker that dies on its own is replaced (however soon after it
+started: a SIGKILL is no failure to start), unless it exits with status 3, uvicorn's for "could
+not start" (building the app or its start-up failed): then the others are stopped and the
+parent returns 3, as uvicorn's supervisor does.
 
 With ``metrics`` (``LAYERCODE_METRICS=true``) and prometheus-client installed, the workers
 share a ``PROMETHEUS_MULTIPROC_DIR`` (the user's, else a fresh temporary one, removed at
@@ -30,9 +32,8 @@ __all__ = ["serve_workers"]
 
 logger = logging.getLogger("layercode_asgi.workers")
 
-#: A worker that exits this soon after it started failed to start.
-STARTUP_SECONDS = 10.0
-#: Exit status when a worker could not start (uvicorn's).
+#: Exit status of a worker that could not start (uvicorn's; it also exits so when the app's
+#: start-up fails).
 STARTUP_FAILURE = 3
 
 
@@ -89,12 +90,12 @@ def serve_workers(
         metrics_dir = prometheus.prepare_worker_directory(env)
     signals: list[int] = []
 
-    def start() -> tuple[Any, float]:
+    def start() -> Any:
         process = context.Process(
             target=_worker, args=(sock, host, port, log_level, env), daemon=False
         )
         process.start()
-        return process, time.monotonic()
+        return process
 
     previous = {
         sig: signal.signal(sig, lambda number, frame: signals.append(number))
@@ -108,18 +109,18 @@ def serve_workers(
             if len(signals) > forwarded:
                 forwarded = len(signals)
                 logger.info("forwarding the signal to %d worker(s)", len(processes))
-                for process, _ in processes:
+                for process in processes:
                     if process.is_alive() and process.pid is not None:
                         os.kill(process.pid, signal.SIGTERM)
             if signals:
-                if not any(process.is_alive() for process, _ in processes):
+                if not any(process.is_alive() for process in processes):
                     break
             else:
-                for index, (process, started) in enumerate(processes):
+                for index, process in enumerate(processes):
                     if process.is_alive():
                         continue
-                    if time.monotonic() - started < STARTUP_SECONDS:
-                        logger.error("worker %s failed to start; stopping", process.pid)
+                    if process.exitcode == STARTUP_FAILURE:
+                        logger.error("worker %s could not start; stopping", process.pid)
                         status = STARTUP_FAILURE
                         signals.append(signal.SIGTERM)
                         break
@@ -132,7 +133,7 @@ def serve_workers(
                         prometheus.worker_exited(process.pid, env)
                     processes[index] = start()
             time.sleep(0.1)
-        for process, _ in processes:
+        for process in processes:
             process.join()
     finally:
         for sig, handler in previous.items():

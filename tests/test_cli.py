@@ -6,6 +6,7 @@ import io
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 
@@ -223,6 +225,64 @@ async def test_serve_workers_with_an_agent_from_the_working_directory(tmp_path: 
     with cli_server(command, tmp_path) as (server, secret):
         assert "serving agent 'my_agent:agent'" in server.output()
         assert await talk(server.port, secret, "hello") == "mine: hello"
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The ``serve --workers`` processes of ``parent`` (not multiprocessing's resource tracker)."""
+    pids = []
+    for pid in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(int(pid))
+        except FileNotFoundError:  # it has just exited
+            pass
+    return pids
+
+
+@pytest.mark.anyio
+async def test_serve_workers_replaces_a_worker_killed_soon_after_it_started(
+    tmp_path: Path,
+) -> None:
+    """A worker killed (SIGKILL) a moment after it started serving is replaced, as one
+    killed later would be: it did not fail to start. The whole `serve` stopped (exit 2,
+    "could not start") when the worker had been alive under 10 s."""
+    command = [PYTHON, "-m", "layercode_asgi", "serve", "--dev", "--env-file", "",
+               "--workers", "2", "--port", "{port}"]  # fmt: skip
+    with cli_server(command, tmp_path) as (server, secret):
+        first = worker_pids(server.process.pid)
+        assert len(first) == 2, first
+        os.kill(first[0], signal.SIGKILL)
+        for _ in range(600):  # bounded: until a new worker took its place (or serve stopped)
+            now = worker_pids(server.process.pid)
+            if server.process.poll() is not None or (len(now) == 2 and first[0] not in now):
+                break
+            await anyio.sleep(0.05)
+        assert server.process.poll() is None, server.output()
+        assert "starting another" in server.output()
+        assert await talk(server.port, secret, "still here") == "You said: still here"
+        assert server.stop() == 0, server.output()
+    assert "could not start" not in server.output()
+
+
+def test_serve_workers_stops_when_a_worker_cannot_start(tmp_path: Path) -> None:
+    """A worker that cannot build the app (here: the agent fails to import in a worker
+    only) stops `serve`: the other worker too, exit 2 with one line, no traceback."""
+    (tmp_path / "picky.py").write_text(
+        "import multiprocessing\n"
+        "if multiprocessing.parent_process() is not None:\n"
+        "    raise RuntimeError('not in a worker')\n"
+        "async def agent(event):\n    yield 'hi'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "LOG_LEVEL"))}
+    done = subprocess.run(
+        [PYTHON, "-m", "layercode_asgi", "serve", "--dev", "--env-file", "", "--workers", "2",
+         "--port", "0", "--agent", "picky:agent"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "could not start; stopping" in done.stderr
+    assert done.stderr.splitlines()[-1].startswith("error: the server could not start")
 
 
 # -- demo -------------------------------------------------------------------------------------------

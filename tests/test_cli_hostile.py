@@ -66,6 +66,7 @@ AGENT_MODULES = {
     "raises": "raise RuntimeError('config file missing')\n",
     "three": "async def agent(event, a, b):\n    yield 'x'\n",
     "none": "async def agent():\n    yield 'x'\n",
+    "sync_gen": "def agent(event):\n    yield 'x'\n",
 }
 
 
@@ -85,6 +86,7 @@ def project(tmp_path: Path) -> Path:
         ("raises:agent", "RuntimeError: config file missing"),
         ("three:agent", "agent(event) or agent(event, context)"),
         ("none:agent", "agent(event) or agent(event, context)"),
+        ("sync_gen:agent", "a generator function, not an async one"),
         (":x", "invalid agent import path ':x'"),
         ("..pkg:x", "invalid agent import path '..pkg:x'"),
         ("pkg:", "invalid agent import path 'pkg:'"),
@@ -244,6 +246,18 @@ def test_bad_port_number_exits_2(tmp_path: Path) -> None:
     assert "--port must be between 0 and 65535" in one_error_line(done)
 
 
+@pytest.mark.parametrize("host", ["\x1b[2J\x1b[31mred", "a\rb", "x" * 300, "127.0.0.1:80"])
+def test_a_host_that_cannot_be_listened_on_exits_2_with_one_escaped_line(
+    tmp_path: Path, host: str
+) -> None:
+    """The error names the host with its control characters escaped: an escape sequence in
+    `--host` reached the terminal as is (here: clear the screen, turn it red)."""
+    done = cli("serve", "--dev", "--env-file", "", "--host", host, "--port", "0", cwd=tmp_path)
+    line = one_error_line(done)
+    assert line.startswith("error: cannot listen on ")
+    assert "\x1b" not in line and "\r" not in line
+
+
 def test_get_agent_distinguishes_unknown_from_unimportable(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -292,6 +306,10 @@ async def star_args_agent(*args: Any) -> AsyncIterator[str]:
     yield "star"
 
 
+def sync_generator_agent(event: Any) -> Iterator[str]:
+    yield "never spoken"
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("agent", "said"),
@@ -317,6 +335,7 @@ async def test_every_working_agent_form_is_still_accepted(agent: Any, said: str)
         lambda event, a, b: None,
         lambda: None,
         lambda event, *, required: None,
+        sync_generator_agent,  # its generator is neither awaitable nor async-iterable
     ],
 )
 def test_signatures_that_cannot_be_agents_are_refused_at_start_up(agent: Any) -> None:
