@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 from urllib.parse import SplitResult, urlsplit
 
+from .apikeys import sendable_key
 from .envfile import parse_env_file
 from .errors import SettingsError
 from .redaction import mask_url
@@ -70,8 +71,7 @@ def _fail(expected: str, value: object) -> NoReturn:
 
 
 def _fail_type(expected: str, value: object) -> NoReturn:
-    """Fail naming the type of ``value`` only: a setting that holds a URL may hold its
-    password, in whatever container it came (bytes, a list)."""
+    """Fail naming only the type of ``value`` (a URL, with its password, in a list...)."""
     raise _Invalid(f"expected {expected}, got {type(value).__name__}")
 
 
@@ -113,12 +113,16 @@ def _optional_str(value: object) -> str | None:
 
 
 def _header_value(value: object) -> str | None:
-    """A key sent in an HTTP header (``Bearer …``): printable ASCII, or it fails per request
-    (and a control character would put it in a log line)."""
     text = _optional_str(value)
-    if text is not None and not (text.isascii() and text.isprintable()):
-        _fail("printable ASCII (an HTTP header value)", text)
-    return text
+    return None if text is None else _header_values((text,))[0]
+
+
+def _header_values(value: object) -> tuple[str, ...]:
+    """Keys sent in HTTP headers (comma-separated): each :func:`~.apikeys.sendable_key`."""
+    keys = _str_list(value)
+    if not all(map(sendable_key, keys)):
+        _fail("printable ASCII (an HTTP header value)", value)
+    return keys
 
 
 def _non_empty_str(value: object) -> str:
@@ -275,19 +279,15 @@ _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _log_level(value: object) -> str:
-    if isinstance(value, str):
-        text = value.strip().upper()
-        text = {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(text, text)
-        if text in _LEVELS:
-            return text
+    text = value.strip().upper() if isinstance(value, str) else ""
+    text = {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(text, text)
+    if text in _LEVELS:
+        return text
     _fail("one of " + ", ".join(_LEVELS), value)
 
 
-_LOG_FORMATS = ("text", "json")
-
-
 def _log_format(value: object) -> str:
-    if isinstance(value, str) and value.strip().lower() in _LOG_FORMATS:
+    if isinstance(value, str) and value.strip().lower() in ("text", "json"):
         return value.strip().lower()
     _fail("text or json", value)
 
@@ -345,7 +345,7 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
        convert=_cors_origins),
     _F("authorize_api_keys", "LAYERCODE_AUTHORIZE_API_KEYS", "comma-separated strings", (),
        "API keys guarding the authorize route (X-Api-Key or Bearer); empty = unguarded.",
-       secret=True, convert=_str_list),
+       secret=True, convert=_header_values),
     _F("turn_timeout", "LAYERCODE_TURN_TIMEOUT", "float > 0 (seconds)", 30.0,
        "Maximum duration of one agent turn.", convert=_float_gt0),
     _F("turn_timeout_message", "LAYERCODE_TURN_TIMEOUT_MESSAGE", "str | None", None,
@@ -399,7 +399,7 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
        "(extra otel), whichever is installed; see docs/metrics.md.", convert=_bool),
     _F("metrics_api_keys", "LAYERCODE_METRICS_API_KEYS", "comma-separated strings", (),
        "API keys guarding /metrics (Bearer or X-Api-Key); empty = open.",
-       secret=True, convert=_str_list),
+       secret=True, convert=_header_values),
 )  # fmt: skip
 
 _BY_NAME: dict[str, SettingField] = {f.name: f for f in SETTINGS_FIELDS}

@@ -503,6 +503,17 @@ def test_a_key_sent_in_a_header_must_be_printable_ascii(var: str, key: str) -> N
     assert make({var: " lc key \n"}).as_dict(mask_secrets=False)[var.lower()] == "lc key"
 
 
+@pytest.mark.parametrize("var", ["LAYERCODE_AUTHORIZE_API_KEYS", "LAYERCODE_METRICS_API_KEYS"])
+@pytest.mark.parametrize("key", ["clé-hunter2", "lc\x01hunter2", "lc\thunter2"])
+def test_a_guard_key_follows_the_rule_of_the_keys_we_send(var: str, key: str) -> None:
+    # Before: Settings took them (create_app then refused the control character, and took
+    # "clé": curl sends it as UTF-8, browsers and requests as latin-1, httpx not at all).
+    err = error_of({var: f"ok,{key}"})
+    assert str(err) == f"{var}: expected printable ASCII (an HTTP header value), got <hidden>"
+    assert "hunter2" not in str(err)
+    assert make({var: "a b, c"}).as_dict(mask_secrets=False)[var.lower()[10:]] == ("a b", "c")
+
+
 @pytest.mark.parametrize(
     ("given", "origin"),
     [
