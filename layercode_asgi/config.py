@@ -17,8 +17,7 @@ All problems are collected and reported together in one :class:`SettingsError` (
 
     LAYERCODE_TURN_TIMEOUT: expected a number > 0, got 'abc'
 
-A ``Settings`` object is immutable; use :meth:`Settings.replace` to derive a modified copy.
-Its ``repr`` never shows secrets.
+A ``Settings`` is immutable (:meth:`Settings.replace` derives a copy); its ``repr`` hides secrets.
 """
 
 from __future__ import annotations
@@ -58,9 +57,10 @@ class _Invalid(Exception):
         """The problem, quoting the value unless it is secret."""
         if not self.has_value:
             return self.message
-        if secret:
-            return f"{self.message}, got <hidden>"
-        shown = repr(self.value)
+        try:  # repr fails on an int of too many digits (or a hostile __repr__)
+            shown = "<hidden>" if secret else repr(self.value)
+        except Exception:
+            shown = f"<{type(self.value).__name__}>"
         if len(shown) > _MAX_QUOTED:
             shown = shown[: _MAX_QUOTED - 1] + "…"
         return f"{self.message}, got {shown}"

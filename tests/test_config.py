@@ -480,6 +480,23 @@ def test_a_duration_too_big_for_a_float_is_refused(value: int) -> None:
     assert err.problems[1].startswith("body_timeout: expected a number > 0")
 
 
+def test_a_value_whose_repr_fails_is_refused_naming_its_type() -> None:
+    # Before: ValueError "Exceeds the limit (4300 digits) for integer string conversion"
+    # from quoting the value in the message, a traceback instead of the setting's name.
+    class Hostile:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    huge = 10**5000
+    err = error_of(turn_timeout=huge, max_body_size=-huge, log_level=huge, agent=Hostile())
+    assert list(err.problems) == [
+        "turn_timeout: expected a number > 0, got <int>",
+        "max_body_size: expected an integer > 0, got <int>",
+        "agent: expected a non-empty string, got <Hostile>",
+        "log_level: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got <int>",
+    ]
+
+
 @pytest.mark.parametrize("value", ["\u0661\u0662", "12\u0663", "\uff11\uff12", "\u0661.5"])
 def test_a_duration_in_other_digits_is_refused_as_an_integer_is(value: str) -> None:
     # Before: LAYERCODE_TURN_TIMEOUT="\u0661\u0662" was 12.0 while LAYERCODE_MAX_BODY_SIZE was
