@@ -32,11 +32,11 @@ from typing import Any, NoReturn
 from urllib.parse import SplitResult, urlsplit
 
 from .apikeys import sendable_key
-from .envfile import parse_env_file
+from .envfile import settings_sources
 from .errors import SettingsError
 from .redaction import mask_url
 
-# Not exported (the CLI's): SETTINGS_FIELDS (see Settings.fields()), SettingField, parse_env_file.
+# Not exported (the CLI's): SETTINGS_FIELDS (see Settings.fields()), SettingField.
 __all__ = ["Settings", "SettingsError", "settings_table_markdown"]
 
 
@@ -495,8 +495,7 @@ class Settings:
         **fields: Any,
     ) -> None:
         _reject_unknown(fields)
-        env = os.environ if environ is None else environ
-        dotenv = parse_env_file(env_file) if env_file is not None else {}
+        env, dotenv = settings_sources(env_file, environ)
         problems: list[str] = []
         for spec in SETTINGS_FIELDS:
             if spec.name in fields:

@@ -462,6 +462,35 @@ def test_env_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
     assert str(info.value) == f"{tmp_path}: cannot read the file: not a regular file"
 
 
+@pytest.mark.parametrize("env_file", [123, b".env", ["a.env"]])
+def test_an_env_file_that_is_not_a_path_is_refused_naming_it(env_file: Any) -> None:
+    # Before: TypeError from os.open or pathlib ("expected str, bytes or os.PathLike object").
+    with pytest.raises(SettingsError) as info:
+        Settings(env_file=env_file, environ={})
+    assert str(info.value).startswith("env_file: expected a path (str or os.PathLike) or None, got")
+
+
+@pytest.mark.parametrize("environ", [123, ["LOG_LEVEL"], "LOG_LEVEL=debug"])
+def test_an_environ_that_is_not_a_mapping_is_refused_naming_it(environ: Any) -> None:
+    # Before: TypeError ("argument of type 'int' is not iterable", "string indices must be
+    # integers"), a traceback from inside Settings.
+    with pytest.raises(SettingsError) as info:
+        Settings(env_file=None, environ=environ)
+    assert str(info.value).startswith("environ: expected a mapping such as os.environ, got")
+
+
+def test_many_garbled_lines_name_the_first_ten(tmp_path: Path) -> None:
+    # Before: one problem per line: a file of 100,000 made a message of 5 MB.
+    path = tmp_path / ".env"
+    path.write_text("garbled\n" * 100_000)
+    with pytest.raises(SettingsError) as info:
+        parse_env_file(path)
+    problems = info.value.problems
+    assert len(problems) == 11
+    assert problems[9] == f"{path}, line 10: expected KEY=VALUE"
+    assert problems[10] == f"{path}: 99990 more garbled lines"
+
+
 def test_invalid_value_in_env_file_names_the_variable(tmp_path: Path) -> None:
     path = tmp_path / ".env"
     path.write_text("LAYERCODE_TURN_TIMEOUT=soon\n")
