@@ -25,8 +25,10 @@ def encode_keys(keys: Iterable[str], name: str = "api_keys") -> tuple[bytes, ...
     """The configured keys as the bytes :func:`api_key_allowed` compares. A key that is not
     a ``str`` or not :func:`sendable_key` is a :class:`ConfigurationError` naming ``name``
     and its index, not the key."""
-    if isinstance(keys, str | bytes):  # one key per character would let ``s`` pass
-        raise ConfigurationError(f"{name} must be a list of keys such as ['key'], not a string")
+    # One string: one key per character would let ``s`` pass.
+    if isinstance(keys, str | bytes) or not isinstance(keys, Iterable):
+        kind = type(keys).__name__
+        raise ConfigurationError(f"{name} must be a list of keys such as ['key'], not {kind}")
     encoded = []
     for index, key in enumerate(keys):
         if not isinstance(key, str):
@@ -46,7 +48,7 @@ def api_key_allowed(headers: Mapping[str, str], keys: tuple[bytes, ...]) -> bool
     if not keys:
         return True
     presented = headers.get("x-api-key")
-    if presented is None:
+    if not presented:  # an empty one (a front end without a key) hides no Bearer
         scheme, _, token = headers.get("authorization", "").partition(" ")
         presented = token.strip() if scheme.lower() == "bearer" else None
     if not presented:

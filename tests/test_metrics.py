@@ -316,6 +316,9 @@ def test_metrics_route_absent_when_disabled() -> None:
         ({"authorization": "Bearer \udcff"}, 401),
         ({"authorization": "Bearer scrape-key"}, 200),
         ({"x-api-key": "scrape-key"}, 200),
+        # An empty X-Api-Key (a front end sending "" when it has none) hid a valid Bearer.
+        ({"x-api-key": "", "authorization": "Bearer scrape-key"}, 200),
+        ({"x-api-key": "wrong", "authorization": "Bearer scrape-key"}, 401),
     ],
 )
 def test_metrics_guard(headers: dict[str, str], status: int) -> None:
@@ -329,9 +332,10 @@ def test_metrics_guard(headers: dict[str, str], status: int) -> None:
         assert response.headers["www-authenticate"] == "Bearer"
 
 
-@pytest.mark.parametrize("keys", ["s3cret", b"s3cret"])
-def test_metrics_endpoint_refuses_one_string_of_keys(keys: Any) -> None:
-    """One string was read as one key per character: ``X-Api-Key: s`` passed."""
+@pytest.mark.parametrize("keys", ["s3cret", b"s3cret", None, 7])
+def test_metrics_endpoint_refuses_keys_that_are_not_a_list(keys: Any) -> None:
+    """One string was read as one key per character: ``X-Api-Key: s`` passed; ``None`` (an
+    unset variable) or a number raised ``TypeError`` ("'NoneType' object is not iterable")."""
     with pytest.raises(ConfigurationError, match=r"api_keys must be a list of keys") as info:
         MetricsEndpoint(api_keys=keys)
     assert "s3cret" not in str(info.value)
