@@ -11,30 +11,34 @@ from collections.abc import Iterable, Mapping
 
 from .errors import ConfigurationError
 
-__all__ = ["api_key_allowed", "encode_keys"]
+__all__ = ["api_key_allowed", "encode_keys", "sendable_key"]
+
+
+def sendable_key(key: str) -> bool:
+    """Whether ``key`` can be an API key in an HTTP header: printable ASCII (spaces inside
+    only), not empty. Every client sends it as the same bytes; beyond ASCII they do not
+    (curl sends ``clé`` as UTF-8, browsers and requests as latin-1, httpx refuses it)."""
+    return bool(key) and key.isascii() and key.isprintable() and key.strip(" ") == key
 
 
 def encode_keys(keys: Iterable[str], name: str = "api_keys") -> tuple[bytes, ...]:
-    """The configured keys as the bytes :func:`api_key_allowed` compares. A key no client
-    can send (not a ``str``, empty, a blank at either end, a control character, a lone
-    surrogate) is a :class:`ConfigurationError` naming ``name`` and its index, not the key."""
-    if isinstance(keys, str | bytes):  # one key per character would let ``s`` pass
-        raise ConfigurationError(f"{name} must be a list of keys such as ['key'], not a string")
+    """The configured keys as the bytes :func:`api_key_allowed` compares. A key that is not
+    a ``str`` or not :func:`sendable_key` is a :class:`ConfigurationError` naming ``name``
+    and its index, not the key."""
+    # One string: one key per character would let ``s`` pass.
+    if isinstance(keys, str | bytes) or not isinstance(keys, Iterable):
+        kind = type(keys).__name__
+        raise ConfigurationError(f"{name} must be a list of keys such as ['key'], not {kind}")
     encoded = []
     for index, key in enumerate(keys):
         if not isinstance(key, str):
             raise ConfigurationError(f"{name}[{index}] must be a str, not {type(key).__name__}")
-        try:
-            raw = key.encode()
-        except UnicodeEncodeError:  # a lone surrogate
-            raw = b""
-        controls = any(b < 32 or b == 127 for b in raw.replace(b"\t", b" "))
-        if not raw or key.strip(" \t") != key or controls:
+        if not sendable_key(key):
             raise ConfigurationError(
-                f"{name}[{index}] cannot be sent in a header: empty, a blank at either end, "
-                "a control character or a lone surrogate"
+                f"{name}[{index}] must be printable ASCII (an HTTP header value), not empty "
+                "and without a blank at either end"
             )
-        encoded.append(raw)
+        encoded.append(key.encode())
     return tuple(encoded)
 
 
@@ -44,15 +48,14 @@ def api_key_allowed(headers: Mapping[str, str], keys: tuple[bytes, ...]) -> bool
     if not keys:
         return True
     presented = headers.get("x-api-key")
-    if presented is None:
+    if not presented:  # an empty one (a front end without a key) hides no Bearer
         scheme, _, token = headers.get("authorization", "").partition(" ")
         presented = token.strip() if scheme.lower() == "bearer" else None
     if not presented:
         return False
-    try:  # the bytes the client sent (the server read them as latin-1), UTF-8 for a key "clé"
-        candidate = presented.encode("latin-1")
-    except UnicodeEncodeError:  # headers not read from the wire
-        candidate = presented.encode("utf-8", "surrogateescape")
+    # The keys are ASCII: any other character (a byte the server read as latin-1, a lone
+    # surrogate of headers not read from the wire) makes bytes that match none.
+    candidate = presented.encode("utf-8", "surrogatepass")
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(candidate, key)

@@ -17,8 +17,7 @@ All problems are collected and reported together in one :class:`SettingsError` (
 
     LAYERCODE_TURN_TIMEOUT: expected a number > 0, got 'abc'
 
-A ``Settings`` object is immutable; use :meth:`Settings.replace` to derive a modified copy.
-Its ``repr`` never shows secrets.
+A ``Settings`` is immutable (:meth:`Settings.replace` derives a copy); its ``repr`` hides secrets.
 """
 
 from __future__ import annotations
@@ -32,11 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 from urllib.parse import SplitResult, urlsplit
 
-from .envfile import parse_env_file
+from .apikeys import sendable_key
+from .envfile import settings_sources
 from .errors import SettingsError
 from .redaction import mask_url
 
-# Not exported (the CLI's): SETTINGS_FIELDS (see Settings.fields()), SettingField, parse_env_file.
+# Not exported (the CLI's): SETTINGS_FIELDS (see Settings.fields()), SettingField.
 __all__ = ["Settings", "SettingsError", "settings_table_markdown"]
 
 
@@ -57,9 +57,10 @@ class _Invalid(Exception):
         """The problem, quoting the value unless it is secret."""
         if not self.has_value:
             return self.message
-        if secret:
-            return f"{self.message}, got <hidden>"
-        shown = repr(self.value)
+        try:  # repr fails on an int of too many digits (or a hostile __repr__)
+            shown = "<hidden>" if secret else repr(self.value)
+        except Exception:
+            shown = f"<{type(self.value).__name__}>"
         if len(shown) > _MAX_QUOTED:
             shown = shown[: _MAX_QUOTED - 1] + "…"
         return f"{self.message}, got {shown}"
@@ -70,8 +71,7 @@ def _fail(expected: str, value: object) -> NoReturn:
 
 
 def _fail_type(expected: str, value: object) -> NoReturn:
-    """Fail naming the type of ``value`` only: a setting that holds a URL may hold its
-    password, in whatever container it came (bytes, a list)."""
+    """Fail naming only the type of ``value`` (a URL, with its password, in a list...)."""
     raise _Invalid(f"expected {expected}, got {type(value).__name__}")
 
 
@@ -113,12 +113,16 @@ def _optional_str(value: object) -> str | None:
 
 
 def _header_value(value: object) -> str | None:
-    """A key sent in an HTTP header (``Bearer …``): printable ASCII, or it fails per request
-    (and a control character would put it in a log line)."""
     text = _optional_str(value)
-    if text is not None and not (text.isascii() and text.isprintable()):
-        _fail("printable ASCII (an HTTP header value)", text)
-    return text
+    return None if text is None else _header_values((text,))[0]
+
+
+def _header_values(value: object) -> tuple[str, ...]:
+    """Keys sent in HTTP headers (comma-separated): each :func:`~.apikeys.sendable_key`."""
+    keys = _str_list(value)
+    if not all(map(sendable_key, keys)):
+        _fail("printable ASCII (an HTTP header value)", value)
+    return keys
 
 
 def _non_empty_str(value: object) -> str:
@@ -275,19 +279,15 @@ _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _log_level(value: object) -> str:
-    if isinstance(value, str):
-        text = value.strip().upper()
-        text = {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(text, text)
-        if text in _LEVELS:
-            return text
+    text = value.strip().upper() if isinstance(value, str) else ""
+    text = {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(text, text)
+    if text in _LEVELS:
+        return text
     _fail("one of " + ", ".join(_LEVELS), value)
 
 
-_LOG_FORMATS = ("text", "json")
-
-
 def _log_format(value: object) -> str:
-    if isinstance(value, str) and value.strip().lower() in _LOG_FORMATS:
+    if isinstance(value, str) and value.strip().lower() in ("text", "json"):
         return value.strip().lower()
     _fail("text or json", value)
 
@@ -345,7 +345,7 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
        convert=_cors_origins),
     _F("authorize_api_keys", "LAYERCODE_AUTHORIZE_API_KEYS", "comma-separated strings", (),
        "API keys guarding the authorize route (X-Api-Key or Bearer); empty = unguarded.",
-       secret=True, convert=_str_list),
+       secret=True, convert=_header_values),
     _F("turn_timeout", "LAYERCODE_TURN_TIMEOUT", "float > 0 (seconds)", 30.0,
        "Maximum duration of one agent turn.", convert=_float_gt0),
     _F("turn_timeout_message", "LAYERCODE_TURN_TIMEOUT_MESSAGE", "str | None", None,
@@ -399,7 +399,7 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
        "(extra otel), whichever is installed; see docs/metrics.md.", convert=_bool),
     _F("metrics_api_keys", "LAYERCODE_METRICS_API_KEYS", "comma-separated strings", (),
        "API keys guarding /metrics (Bearer or X-Api-Key); empty = open.",
-       secret=True, convert=_str_list),
+       secret=True, convert=_header_values),
 )  # fmt: skip
 
 _BY_NAME: dict[str, SettingField] = {f.name: f for f in SETTINGS_FIELDS}
@@ -495,8 +495,7 @@ class Settings:
         **fields: Any,
     ) -> None:
         _reject_unknown(fields)
-        env = os.environ if environ is None else environ
-        dotenv = parse_env_file(env_file) if env_file is not None else {}
+        env, dotenv = settings_sources(env_file, environ)
         problems: list[str] = []
         for spec in SETTINGS_FIELDS:
             if spec.name in fields:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import SettingsError
 
-__all__ = ["MAX_SETTINGS_FILE_BYTES", "parse_env_file", "read_settings_file"]
+__all__ = ["MAX_SETTINGS_FILE_BYTES", "parse_env_file", "read_settings_file", "settings_sources"]
 
 
 class _LineProblem(Exception):
@@ -69,6 +70,8 @@ def _parse_env_line(line: str) -> tuple[str, str] | None:
 
 #: A settings file (``.env``, a system prompt) is small: a bigger one is refused unread.
 MAX_SETTINGS_FILE_BYTES = 1 << 20
+#: Garbled lines an error names; the rest are counted (a file of them is not a .env file).
+_MAX_NAMED_LINES = 10
 
 
 def read_settings_file(path: str | os.PathLike[str]) -> bytes:
@@ -122,5 +125,24 @@ def parse_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
         if parsed is not None:
             values[parsed[0]] = parsed[1]
     if problems:
+        if len(problems) > _MAX_NAMED_LINES:
+            more = len(problems) - _MAX_NAMED_LINES
+            problems[_MAX_NAMED_LINES:] = [f"{file}: {more} more garbled lines"]
         raise SettingsError(problems)
     return values
+
+
+def settings_sources(
+    env_file: str | os.PathLike[str] | None, environ: Mapping[str, str] | None
+) -> tuple[Mapping[str, str], dict[str, str]]:
+    """What ``Settings`` reads: ``environ`` (default ``os.environ``) and the values of
+    ``env_file`` (none for ``None``); a :class:`SettingsError` naming either argument when
+    it is not a mapping, a path."""
+    if environ is not None and not isinstance(environ, Mapping):
+        kind = type(environ).__name__
+        raise SettingsError([f"environ: expected a mapping such as os.environ, got {kind}"])
+    if env_file is not None and not isinstance(env_file, str | os.PathLike):
+        kind = type(env_file).__name__
+        raise SettingsError([f"env_file: expected a path (str or os.PathLike) or None, got {kind}"])
+    dotenv = parse_env_file(env_file) if env_file is not None else {}
+    return (os.environ if environ is None else environ), dotenv

@@ -30,6 +30,7 @@ from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .errors import ConfigurationError
+from .logs import escape_log_value
 from .turns import Turn, TurnStatus
 
 if TYPE_CHECKING:
@@ -307,7 +308,7 @@ class MemoryMetrics:
         rows = [("turn", "type", "status", "outcome", "first tts", "duration", "lock wait")]
         rows.extend(
             (
-                str(r.turn_id),
+                escape_log_value(r.turn_id),  # a request's: no control character, cut
                 str(r.event_type),
                 str(r.status),
                 str(r.outcome),

@@ -38,7 +38,6 @@ from starlette.routing import Route
 from ._asgi import JSONResponse, json_error, json_error_response, must_propagate, send_json_error
 from ._version import __version__
 from .agents import Agent, agent_name, get_agent
-from .apikeys import encode_keys
 from .authorize import AuthorizeGuard, AuthorizeRoute
 from .config import Settings
 from .conversation import ConversationManager
@@ -373,7 +372,6 @@ def create_app(
     if serves_metrics:
         from .prometheus import MetricsEndpoint
 
-        encode_keys(settings.metrics_api_keys, "LAYERCODE_METRICS_API_KEYS")  # names the setting
         routes.append(Route("/metrics", MetricsEndpoint(settings.metrics_api_keys)))
     app = Starlette(
         routes=routes,

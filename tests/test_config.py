@@ -462,6 +462,35 @@ def test_env_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
     assert str(info.value) == f"{tmp_path}: cannot read the file: not a regular file"
 
 
+@pytest.mark.parametrize("env_file", [123, b".env", ["a.env"]])
+def test_an_env_file_that_is_not_a_path_is_refused_naming_it(env_file: Any) -> None:
+    # Before: TypeError from os.open or pathlib ("expected str, bytes or os.PathLike object").
+    with pytest.raises(SettingsError) as info:
+        Settings(env_file=env_file, environ={})
+    assert str(info.value).startswith("env_file: expected a path (str or os.PathLike) or None, got")
+
+
+@pytest.mark.parametrize("environ", [123, ["LOG_LEVEL"], "LOG_LEVEL=debug"])
+def test_an_environ_that_is_not_a_mapping_is_refused_naming_it(environ: Any) -> None:
+    # Before: TypeError ("argument of type 'int' is not iterable", "string indices must be
+    # integers"), a traceback from inside Settings.
+    with pytest.raises(SettingsError) as info:
+        Settings(env_file=None, environ=environ)
+    assert str(info.value).startswith("environ: expected a mapping such as os.environ, got")
+
+
+def test_many_garbled_lines_name_the_first_ten(tmp_path: Path) -> None:
+    # Before: one problem per line: a file of 100,000 made a message of 5 MB.
+    path = tmp_path / ".env"
+    path.write_text("garbled\n" * 100_000)
+    with pytest.raises(SettingsError) as info:
+        parse_env_file(path)
+    problems = info.value.problems
+    assert len(problems) == 11
+    assert problems[9] == f"{path}, line 10: expected KEY=VALUE"
+    assert problems[10] == f"{path}: 99990 more garbled lines"
+
+
 def test_invalid_value_in_env_file_names_the_variable(tmp_path: Path) -> None:
     path = tmp_path / ".env"
     path.write_text("LAYERCODE_TURN_TIMEOUT=soon\n")
@@ -478,6 +507,23 @@ def test_a_duration_too_big_for_a_float_is_refused(value: int) -> None:
     err = error_of(turn_timeout=value, body_timeout=value)
     assert err.problems[0].startswith("turn_timeout: expected a number > 0, got ")
     assert err.problems[1].startswith("body_timeout: expected a number > 0")
+
+
+def test_a_value_whose_repr_fails_is_refused_naming_its_type() -> None:
+    # Before: ValueError "Exceeds the limit (4300 digits) for integer string conversion"
+    # from quoting the value in the message, a traceback instead of the setting's name.
+    class Hostile:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    huge = 10**5000
+    err = error_of(turn_timeout=huge, max_body_size=-huge, log_level=huge, agent=Hostile())
+    assert list(err.problems) == [
+        "turn_timeout: expected a number > 0, got <int>",
+        "max_body_size: expected an integer > 0, got <int>",
+        "agent: expected a non-empty string, got <Hostile>",
+        "log_level: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got <int>",
+    ]
 
 
 @pytest.mark.parametrize("value", ["\u0661\u0662", "12\u0663", "\uff11\uff12", "\u0661.5"])
@@ -501,6 +547,17 @@ def test_a_key_sent_in_a_header_must_be_printable_ascii(var: str, key: str) -> N
     assert str(err) == f"{var}: expected printable ASCII (an HTTP header value), got <hidden>"
     assert "hunter2" not in str(err)
     assert make({var: " lc key \n"}).as_dict(mask_secrets=False)[var.lower()] == "lc key"
+
+
+@pytest.mark.parametrize("var", ["LAYERCODE_AUTHORIZE_API_KEYS", "LAYERCODE_METRICS_API_KEYS"])
+@pytest.mark.parametrize("key", ["clé-hunter2", "lc\x01hunter2", "lc\thunter2"])
+def test_a_guard_key_follows_the_rule_of_the_keys_we_send(var: str, key: str) -> None:
+    # Before: Settings took them (create_app then refused the control character, and took
+    # "clé": curl sends it as UTF-8, browsers and requests as latin-1, httpx not at all).
+    err = error_of({var: f"ok,{key}"})
+    assert str(err) == f"{var}: expected printable ASCII (an HTTP header value), got <hidden>"
+    assert "hunter2" not in str(err)
+    assert make({var: "a b, c"}).as_dict(mask_secrets=False)[var.lower()[10:]] == ("a b", "c")
 
 
 @pytest.mark.parametrize(

@@ -115,3 +115,17 @@ def test_demo_prints_each_turns_figures(capsys: pytest.CaptureFixture[str]) -> N
     assert table[1].split()[1:4] == ["session.start", "200", "completed"]
     assert table[2].split()[1:4] == ["message", "200", "completed"]
     assert table[2].count(" ms") == 3
+
+
+def test_memory_table_escapes_and_cuts_a_requests_turn_id() -> None:
+    # Before: a turn_id from a request went to the terminal as it came: "\x1b]0;…\x07"
+    # drove it, a line feed forged a row, a 1 MB id made a 1 MB table.
+    from layercode_asgi.metrics import MemoryMetrics, WebhookRecord
+
+    memory = MemoryMetrics()
+    for turn_id in ("t\x1b]0;pwned\x07\nforged row", "x" * 100_000):
+        memory.records.append(WebhookRecord(None, 0.0, "message", "c", turn_id))
+    lines = memory.table().splitlines()
+    assert len(lines) == 3
+    assert lines[1].split()[:3] == ["t\\u001b]0;pwned\\u0007\\nforged", "row", "message"]
+    assert all(line.isprintable() and len(line) < 2000 for line in lines)

@@ -554,19 +554,22 @@ def test_authorize_guard_keys_and_callable(layercode: tuple[FakeLayercode, str])
         )
 
 
-def test_authorize_key_beyond_ascii_matches_its_utf8_bytes(
+def test_authorize_key_is_printable_ascii_and_other_bytes_get_401(
     layercode: tuple[FakeLayercode, str],
 ) -> None:
-    # Before: the header (bytes read as latin-1 by the server) was re-encoded as UTF-8, so
-    # a configured key like "clé" could never match what a client sent.
+    # Before: a key like "clé" was taken and matched curl's UTF-8 bytes only (browsers and
+    # requests send latin-1, httpx refuses): every key is printable ASCII, as LAYERCODE_API_KEY.
+    with pytest.raises(ConfigurationError, match=r"^LAYERCODE_AUTHORIZE_API_KEYS: expected"):
+        Settings(env_file=None, environ={"LAYERCODE_AUTHORIZE_API_KEYS": "clé-1"})
     fake, api = layercode
-    app = create_app(settings(layercode_api_url=api, authorize_api_keys="clé-1"))
+    app = create_app(settings(layercode_api_url=api, authorize_api_keys="cl e-1"))
     with serve(app) as url, httpx.Client(base_url=url) as c:
-        sent = {"x-api-key": "clé-1".encode()}
-        assert c.post("/api/authorize", json={"agent_id": "a"}, headers=sent).status_code == 200
-        wrong = {"x-api-key": "clé-1".encode("latin-1")}
-        assert c.post("/api/authorize", json={"agent_id": "a"}, headers=wrong).status_code == 401
-    assert len(fake.requests) == 1
+        for sent in ({"x-api-key": "cl e-1"}, {"authorization": "Bearer cl e-1"}):
+            assert c.post("/api/authorize", json={"agent_id": "a"}, headers=sent).status_code == 200
+        for raw in ("clé-1".encode(), "clé-1".encode("latin-1"), b"Bearer cl\xc3\xa9-1"):
+            sent = {"authorization" if raw.startswith(b"Bearer") else "x-api-key": raw}
+            assert c.post("/api/authorize", json={"agent_id": "a"}, headers=sent).status_code == 401
+    assert len(fake.requests) == 2
 
 
 def test_cors_for_explicit_origins(layercode: tuple[FakeLayercode, str]) -> None:
