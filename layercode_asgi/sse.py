@@ -261,8 +261,8 @@ class EventStreamResponse(Response):
             raise RuntimeError("this response is not streaming")
         try:
             if not self.started:
-                self.started = True
                 await send(self._start_message())
+                self.started = True  # once sent: a send cut by a deadline sent nothing
             self.closed = last
             await send({"type": "http.response.body", "body": chunk, "more_body": not last})
         except OSError:
@@ -333,11 +333,11 @@ class EventStreamResponse(Response):
                 logger.error("event stream producer failed", exc_info=failure)
             if self.closed:  # the producer's last chunk ended the body
                 return
+            if not self.started:  # the status line, unbounded: the bound is the final frame's
+                await send(self._start_message())
+                self.started = True
             limit = math.inf if self.close_timeout is None else self.close_timeout
             with anyio.move_on_after(limit) as scope:
-                if not self.started:
-                    self.started = True
-                    await send(self._start_message())
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             if scope.cancelled_caught:
                 logger.warning("event stream: the client stopped reading; stream closed")

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
@@ -220,6 +221,43 @@ async def test_the_final_frame_to_a_client_that_stopped_reading_is_bounded() -> 
     await stub.run(EventStreamResponse(producer, close_timeout=0.2))
     assert stub.body == b"data: one\n\n"
     assert not stub.complete
+
+
+async def _run_with_a_send_that_yields(stub: ASGIStub, app: Any) -> None:
+    """``stub.run``, behind a server whose ``send`` suspends before it takes a message."""
+
+    async def send(message: Any) -> None:
+        await anyio.lowlevel.checkpoint()
+        await stub.send(message)
+
+    with anyio.fail_after(5):
+        await app(stub.scope, stub.receive, send)
+
+
+async def test_a_start_cut_by_the_producers_deadline_is_sent_before_any_body() -> None:
+    # Before: emit marked the response started before its send of the status line, which
+    # the producer's own deadline cancelled; the final frame then went out with no start.
+    async def producer(emit: Emit) -> None:
+        with anyio.move_on_after(0):
+            await emit(b"data: cut\n\n")
+
+    stub = ASGIStub()
+    await _run_with_a_send_that_yields(stub, EventStreamResponse(producer))
+    assert [m["type"] for m in stub.messages] == ["http.response.start", "http.response.body"]
+    assert stub.status == 200
+    assert stub.complete
+
+
+async def test_a_zero_close_timeout_bounds_the_final_frame_not_the_start() -> None:
+    # Before: the start of a stream that emitted nothing was sent inside the final frame's
+    # bound: cancelled there, the app returned without starting a response (a 500).
+    async def producer(emit: Emit) -> None:
+        return None
+
+    stub = ASGIStub()
+    await _run_with_a_send_that_yields(stub, EventStreamResponse(producer, close_timeout=0))
+    assert stub.status == 200
+    assert stub.body == b""
 
 
 async def _endless(event: Any, context: Any) -> AsyncIterator[str]:
