@@ -23,6 +23,7 @@ from layercode_asgi.conversation import (
     MemoryConversationStore,
     RedisConversationStore,
     StoreUnavailableError,
+    check_conversation_id,
 )
 from layercode_asgi.errors import ConfigurationError, LayercodeError
 from layercode_asgi.logs import escape_log_value
@@ -883,6 +884,76 @@ async def test_the_redis_store_used_directly_refuses_a_lone_surrogate_id(
         assert await store.get("c\U0001f600") == [msg(U, "hi")]
     finally:
         await store.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def either_store(request: pytest.FixtureRequest) -> AsyncIterator[ConversationStore]:
+    """Each built-in store in turn (a fresh ``redis-server`` for the Redis one)."""
+    if request.param == "memory":
+        yield MemoryConversationStore()
+        return
+    with redis_fixtures.running_redis() as server:
+        store = RedisConversationStore(server.url)
+        try:
+            yield store
+        finally:
+            await store.aclose()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "x" * 513, "c\ud83d", "{c\udc00}", None, 42, b"conv", ("c",), ["c"]],
+    ids=lambda bad: repr(bad)[:12],
+)
+async def test_both_stores_used_directly_refuse_the_same_ids(
+    either_store: ConversationStore, bad: Any
+) -> None:
+    """Before: the memory store kept anything hashable as an id (an empty one, 10 kB, a
+    lone surrogate, ``None``...) while the Redis store refused some of these and failed on
+    others with a bare ``TypeError`` from building its keys; both now refuse what
+    ``ConversationManager`` refuses, through the one check (``check_conversation_id``)."""
+    store: Any = either_store
+    calls = [
+        ("get", ()),
+        ("append", ([msg(U, "hi")],)),
+        ("read_turn", ()),
+        ("record_turn", ([msg(U, "hi")], 0)),
+        ("clear", ()),
+    ]
+    try:
+        check_conversation_id(bad)
+    except (TypeError, ValueError) as exc:
+        expected = type(exc)
+    else:  # pragma: no cover - every case is refused
+        raise AssertionError(f"{bad!r} is accepted")
+    for name, args in calls:
+        with pytest.raises(expected):
+            await getattr(store, name)(bad, *args)
+    with pytest.raises(expected):
+        async with store.lock(bad):
+            pass
+    manager = ConversationManager(store)  # which leaves the check to a built-in store
+    with pytest.raises(expected):
+        await manager.read_turn(bad)
+    with pytest.raises(expected):
+        async with manager.lock(bad):
+            pass
+    if isinstance(store, MemoryConversationStore):
+        assert len(store) == 0
+        assert not store._locks
+
+
+@pytest.mark.parametrize(
+    "good", ["x" * 512, "a{b}", " ", "\x00", "c\U0001f600"], ids=lambda good: repr(good)[:12]
+)
+async def test_both_stores_keep_the_same_odd_but_valid_ids(
+    either_store: ConversationStore, good: str
+) -> None:
+    async with either_store.lock(good):
+        await either_store.append(good, [msg(U, "hi")])
+    assert await either_store.get(good) == [msg(U, "hi")]
+    await either_store.clear(good)
+    assert await either_store.get(good) == []
 
 
 def test_a_lone_surrogate_in_a_redis_key_prefix_is_refused() -> None:

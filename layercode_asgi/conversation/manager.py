@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .base import (
     DEFAULT_LOCK_WAIT_GRACE,
-    MAX_CONVERSATION_ID_LENGTH,
     STORE_DEFAULT,
     ConversationStore,
     DefaultTimeout,
     HistoryMessage,
     LockTimeout,
-    check_id_text,
+    check_conversation_id,
 )
 from .memory import MemoryConversationStore
 from .redis import RedisConversationStore
@@ -42,16 +41,6 @@ def lock_wait_timeout(
         return None
     total = float(turn_timeout) + float(grace)
     return total if math.isfinite(total) else None
-
-
-def check_conversation_id(conversation_id: str) -> None:
-    if not isinstance(conversation_id, str):
-        raise TypeError(f"conversation_id must be a str, got {type(conversation_id).__name__}")
-    if not conversation_id:
-        raise ValueError("conversation_id must not be empty")
-    if len(conversation_id) > MAX_CONVERSATION_ID_LENGTH:
-        raise ValueError(f"conversation_id is longer than {MAX_CONVERSATION_ID_LENGTH} characters")
-    check_id_text(conversation_id)
 
 
 def _to_message(message: HistoryMessage | Mapping[str, Any]) -> HistoryMessage:
@@ -103,6 +92,9 @@ class ConversationManager:
 
     def __init__(self, store: ConversationStore | None = None) -> None:
         self.store: ConversationStore = MemoryConversationStore() if store is None else store
+        # The built-in stores refuse a bad id themselves (the same check): a turn's lock and
+        # read do not check it twice.
+        self._checks_ids = type(self.store) not in (MemoryConversationStore, RedisConversationStore)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConversationManager:
@@ -178,7 +170,8 @@ class ConversationManager:
         Pass the generation to :meth:`record_turn`. ``None`` for a store without
         generations (then :meth:`record_turn` always records).
         """
-        check_conversation_id(conversation_id)
+        if self._checks_ids:
+            check_conversation_id(conversation_id)
         read = getattr(self.store, "read_turn", None)
         if read is None:
             return await self.store.get(conversation_id), None
@@ -214,7 +207,8 @@ class ConversationManager:
         ``timeout`` in seconds (``None`` waits forever; default: the store's). Raises
         :class:`ConversationLockTimeout` when the wait is exceeded.
         """
-        check_conversation_id(conversation_id)
+        if self._checks_ids:
+            check_conversation_id(conversation_id)
         if isinstance(timeout, DefaultTimeout):
             return self.store.lock(conversation_id)
         return self.store.lock(conversation_id, timeout=timeout)

@@ -36,7 +36,7 @@ from .base import (
     LockTimeout,
     StoreError,
     StoreUnavailableError,
-    check_id_text,
+    check_conversation_id,
     fit,
     lock_wait,
 )
@@ -70,7 +70,7 @@ class _Keys:
     __slots__ = ("generation", "history", "lock", "presence", "queue")
 
     def __init__(self, prefix: str, conversation_id: str) -> None:
-        check_id_text(conversation_id)
+        check_conversation_id(conversation_id)
         if "{" in conversation_id or "}" in conversation_id:
             digest = hashlib.sha256(conversation_id.encode("utf-8", "surrogatepass")).hexdigest()
             base = f"{prefix}{{#{digest[:32]}}}:{conversation_id}:"
