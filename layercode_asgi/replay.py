@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
-from ._redis import MAX_EXPIRE_SECONDS, connect, import_redis
+from ._redis import MAX_EXPIRE_SECONDS, check_client, connect, import_redis
 from .conversation import StoreUnavailableError
 from .errors import ConfigurationError, check_positive_int, check_seconds, check_text
 
@@ -127,6 +127,7 @@ class RedisReplayCache:
             self._owned = True
         else:
             import_redis("replay protection on Redis")
+            check_client(url_or_client)
             self._client = url_or_client
             self._owned = False
         self.key_prefix = key_prefix

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import sys
 import time
@@ -694,6 +695,43 @@ def test_a_cluster_url_that_redis_cluster_cannot_use_is_refused(url: str, proble
             build()
         assert "s3cret" not in str(info.value) and ":***@" in str(info.value)
     RedisConversationStore("redis://127.0.0.1:7000/0", cluster=True)  # database 0 is fine
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://user:s3cret@localhost", "scheme must be redis://, rediss:// or unix://"),
+        ("127.0.0.1:6379", "scheme must be redis://, rediss:// or unix://"),
+        ("redis://:s3cret@127.0.0.1:6379/abc", "the database (its path) is not a number"),
+        ("rediss://u:s3cret@127.0.0.1:6379/1x", "the database (its path) is not a number"),
+        ("redis://:s3/cret@127.0.0.1:6379/0", "the database (its path) is not a number"),
+    ],
+)
+def test_a_redis_url_with_a_bad_scheme_or_database_says_so(url: str, problem: str) -> None:
+    """Before: a bad scheme was "invalid Redis URL (percent-encode special characters in the
+    password ...)", and a database that is not a number silently meant database 0."""
+    pytest.importorskip("redis")
+    from layercode_asgi.replay import RedisReplayCache
+
+    for make in (RedisConversationStore, RedisReplayCache):
+        with pytest.raises(ConfigurationError, match=re.escape(problem)) as info:
+            make(url)
+        assert "s3cret" not in str(info.value)
+    for fine in ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379/", "rediss://h:1/15"):
+        RedisConversationStore(fine)
+    RedisConversationStore("unix:///tmp/redis.sock?db=2")  # a unix path is no database
+
+
+@pytest.mark.parametrize("value", [None, 42, b"redis://127.0.0.1:6379", ["redis://h"]])
+def test_a_redis_store_given_neither_a_url_nor_a_client_names_the_argument(value: Any) -> None:
+    """Before: ``AttributeError: 'NoneType' object has no attribute 'register_script'`` from
+    the store, and the replay cache took it and answered 503 to every webhook."""
+    pytest.importorskip("redis")
+    from layercode_asgi.replay import RedisReplayCache
+
+    for make in (RedisConversationStore, RedisReplayCache):
+        with pytest.raises(TypeError, match=r"^url_or_client must be a Redis URL"):
+            make(value)
 
 
 async def test_redis_store_without_the_redis_package(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,7 +22,14 @@ from typing import Any, Final, TypeVar
 import anyio
 import msgspec
 
-from .._redis import MAX_EXPIRE_SECONDS, connect, describe_client, import_redis, unavailable_errors
+from .._redis import (
+    MAX_EXPIRE_SECONDS,
+    check_client,
+    connect,
+    describe_client,
+    import_redis,
+    unavailable_errors,
+)
 from ..errors import ConfigurationError, check_positive_int, check_seconds, check_text
 from ..logs import escape_log_value
 from ..redaction import mask_url
@@ -186,6 +193,7 @@ class RedisConversationStore:
             self._owns_client = True
             self._where = mask_url(url_or_client)
         else:
+            check_client(url_or_client)
             self._client = url_or_client
             self._owns_client = False
             self._where = describe_client(url_or_client)
