@@ -9,6 +9,7 @@ connections".
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,11 +44,12 @@ def import_redis(what: str) -> Any:
 
 
 def check_client(client: Any) -> None:
-    """Refuse (``TypeError``) a ``url_or_client`` that is neither a URL nor a Redis client."""
-    if not callable(getattr(client, "execute_command", None)):
+    """Refuse (``TypeError``) a ``url_or_client`` that is neither a URL nor an asyncio Redis
+    client (a synchronous ``redis.Redis`` included: every operation would then fail)."""
+    if not inspect.iscoroutinefunction(getattr(client, "execute_command", None)):
         raise TypeError(
             "url_or_client must be a Redis URL (str) or a redis.asyncio client, "
-            f"got {type(client).__name__}"
+            f"got {type(client).__module__}.{type(client).__qualname__}"
         )
 
 

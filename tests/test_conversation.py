@@ -734,6 +734,19 @@ def test_a_redis_store_given_neither_a_url_nor_a_client_names_the_argument(value
             make(value)
 
 
+def test_a_redis_store_given_a_synchronous_client_names_the_argument() -> None:
+    """Before: taken, then every operation failed with ``object list can't be used in
+    'await' expression`` (``/ready`` 503, a turn's lock a TypeError)."""
+    redis = pytest.importorskip("redis")
+    from layercode_asgi.replay import RedisReplayCache
+
+    client = redis.Redis.from_url("redis://127.0.0.1:1/0")
+    for make in (RedisConversationStore, RedisReplayCache):
+        with pytest.raises(TypeError, match=r"^url_or_client must be .* redis\.asyncio client"):
+            make(client)
+    client.close()
+
+
 async def test_redis_store_without_the_redis_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "redis", None)
     monkeypatch.setitem(sys.modules, "redis.asyncio", None)
