@@ -142,6 +142,43 @@ async def test_conversation_id_validated() -> None:
         await manager.add_message("c", ["user", "x"])  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "store", ["redis://127.0.0.1:6379/0", 42, object()], ids=lambda store: type(store).__name__
+)
+def test_a_manager_given_something_that_is_not_a_store_names_the_argument(store: Any) -> None:
+    """Before: taken; every turn was then a 500 (``'str' object has no attribute 'lock'``),
+    ``/ready`` a 503 and the server's shutdown failed on ``aclose``."""
+    with pytest.raises(TypeError, match=r"^store must be a ConversationStore") as info:
+        ConversationManager(store)
+    if isinstance(store, str):
+        assert "RedisConversationStore(url)" in str(info.value)
+        assert "6379" not in str(info.value)  # a URL may hold a password: not quoted
+
+
+@pytest.mark.parametrize(
+    "conversations", [MemoryConversationStore(), 42], ids=lambda value: type(value).__name__
+)
+def test_a_webhook_given_a_store_instead_of_a_manager_names_the_argument(
+    conversations: Any,
+) -> None:
+    """Before: a store was taken as ``conversations`` and every turn then failed to record
+    (``record_turn() got an unexpected keyword argument 'turn_id'``, logged; the history
+    stayed empty); anything else failed on every turn."""
+    from layercode_asgi import LayercodeWebhook, create_app
+
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret="x")
+    for build in (
+        lambda: LayercodeWebhook(lambda event, context: None, conversations=conversations),
+        lambda: create_app(settings, lambda event, context: None, conversations=conversations),
+    ):
+        with pytest.raises(
+            TypeError, match=r"^conversations must be a ConversationManager"
+        ) as info:
+            build()
+        if isinstance(conversations, MemoryConversationStore):
+            assert "ConversationManager(store)" in str(info.value)
+
+
 async def test_manager_async_context_manager_closes_store() -> None:
     store = RecordingStore()
     async with ConversationManager(store) as manager:

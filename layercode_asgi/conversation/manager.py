@@ -23,9 +23,17 @@ from .redis import RedisConversationStore
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["ConversationManager", "check_conversation_id", "lock_wait_timeout", "turn_messages"]
+__all__ = [
+    "ConversationManager",
+    "check_conversation_id",
+    "lock_wait_timeout",
+    "turn_messages",
+    "webhook_conversations",
+]
 
 _ROLES: Final = ("user", "assistant")
+#: What the webhook calls on its ``conversations`` (``webhook.ConversationBackend``).
+_BACKEND: Final = ("lock", "get_history", "add_turn", "clear")
 
 
 def lock_wait_timeout(
@@ -41,6 +49,22 @@ def lock_wait_timeout(
         return None
     total = float(turn_timeout) + float(grace)
     return total if math.isfinite(total) else None
+
+
+def webhook_conversations(conversations: Any) -> Any:
+    """``LayercodeWebhook``'s ``conversations``: ``"memory"`` made a new manager, ``None``
+    kept, else it must have a manager's ``lock``, ``get_history``, ``add_turn`` and
+    ``clear`` (a bare store has no ``add_turn``: its turns would never be recorded)."""
+    expected = "conversations must be a ConversationManager, 'memory' or None"
+    if isinstance(conversations, str):
+        if conversations != "memory":  # not quoted: it may be a URL with a password
+            raise ValueError(f"{expected}, got another string")
+        return ConversationManager()
+    if conversations is None or all(callable(getattr(conversations, n, None)) for n in _BACKEND):
+        return conversations
+    hint = ": wrap a store, ConversationManager(store)"
+    hint = hint if isinstance(conversations, ConversationStore) else ""
+    raise TypeError(f"{expected}, got {type(conversations).__name__}{hint}")
 
 
 def _to_message(message: HistoryMessage | Mapping[str, Any]) -> HistoryMessage:
@@ -91,6 +115,11 @@ class ConversationManager:
     """
 
     def __init__(self, store: ConversationStore | None = None) -> None:
+        if store is not None and not isinstance(store, ConversationStore):
+            hint = (
+                " (for a Redis URL: RedisConversationStore(url))" if isinstance(store, str) else ""
+            )
+            raise TypeError(f"store must be a ConversationStore, got {type(store).__name__}{hint}")
         self.store: ConversationStore = MemoryConversationStore() if store is None else store
         # The built-in stores refuse a bad id themselves (the same check): a turn's lock and
         # read do not check it twice.
