@@ -9,14 +9,17 @@ connections".
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigurationError
 from .redaction import mask_url
 
 __all__ = [
     "MAX_EXPIRE_SECONDS",
+    "check_client",
     "connect",
     "describe_client",
     "import_redis",
@@ -38,6 +41,16 @@ def import_redis(what: str) -> Any:
             f"{what} needs the redis package: pip install 'layercode-asgi[redis]'"
         ) from None
     return redis_asyncio
+
+
+def check_client(client: Any) -> None:
+    """Refuse (``TypeError``) a ``url_or_client`` that is neither a URL nor an asyncio Redis
+    client (a synchronous ``redis.Redis`` included: every operation would then fail)."""
+    if not inspect.iscoroutinefunction(getattr(client, "execute_command", None)):
+        raise TypeError(
+            "url_or_client must be a Redis URL (str) or a redis.asyncio client, "
+            f"got {type(client).__module__}.{type(client).__qualname__}"
+        )
 
 
 def describe_client(client: Any) -> str:
@@ -68,12 +81,26 @@ def connect(
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
 
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in ("redis", "rediss", "unix"):
+        raise ConfigurationError(
+            f"invalid Redis URL {mask_url(url)!r}: the scheme must be redis://, rediss:// or "
+            "unix://"
+        )
     retry = Retry(
         ExponentialBackoff(cap=0.05, base=0.01),
         1,
         supported_errors=(exceptions.ConnectionError,),
     )
     try:
+        # redis-py takes a path that is not a number for database 0; not quoted: a password
+        # with an unencoded / puts part of itself in the path.
+        database = urlsplit(url).path.strip("/")
+        if database and scheme.lower() != "unix" and not database.isdecimal():
+            raise ConfigurationError(
+                f"invalid Redis URL {mask_url(url)!r}: the database (its path) is not a "
+                "number (percent-encode special characters in the password: / as %2F)"
+            )
         if cluster:
             from redis.asyncio.cluster import RedisCluster
             from redis.connection import parse_url

@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
-from ._redis import MAX_EXPIRE_SECONDS, connect, import_redis
+from ._redis import MAX_EXPIRE_SECONDS, check_client, connect, import_redis
 from .conversation import StoreUnavailableError
 from .errors import ConfigurationError, check_positive_int, check_seconds, check_text
 
@@ -127,25 +127,41 @@ class RedisReplayCache:
             self._owned = True
         else:
             import_redis("replay protection on Redis")
+            check_client(url_or_client)
             self._client = url_or_client
             self._owned = False
         self.key_prefix = key_prefix
-
-    async def seen(self, key: str, ttl: float) -> bool:
         from redis.exceptions import RedisClusterException, RedisError
 
+        # Down, timed out, an error reply (OOM, READONLY...), no cluster node reachable
+        # (RedisClusterException is not a RedisError): the check cannot run.
+        self._errors = (RedisError, RedisClusterException, OSError)
+
+    async def seen(self, key: str, ttl: float) -> bool:
         seconds = min(max(1, math.ceil(ttl)), MAX_EXPIRE_SECONDS)  # Redis refuses longer
         try:
             created = await self._client.set(self.key_prefix + key, b"1", nx=True, ex=seconds)
         except UnicodeEncodeError:  # the prefix was checked: a lone surrogate in ``key``
             raise ValueError("replay key is not valid text (a lone surrogate)") from None
-        except (RedisError, RedisClusterException, OSError) as exc:
-            # Down, timed out, an error reply (OOM, READONLY...), no cluster node reachable
-            # (RedisClusterException is not a RedisError): the check cannot run.
-            raise StoreUnavailableError(
-                f"replay cache unavailable: {type(exc).__name__}: {exc}"
-            ) from exc
+        except self._errors as exc:
+            raise self._unavailable(exc) from exc
         return not created
+
+    async def ping(self) -> None:
+        """``PING`` Redis (every primary of a cluster), for ``/ready``; raise
+        :class:`~layercode_asgi.conversation.StoreUnavailableError` if it does not answer."""
+        primaries = getattr(self._client, "PRIMARIES", None)
+        try:
+            if primaries is None:
+                await self._client.ping()
+            else:
+                await self._client.ping(target_nodes=primaries)
+        except self._errors as exc:
+            raise self._unavailable(exc) from exc
+
+    @staticmethod
+    def _unavailable(exc: BaseException) -> StoreUnavailableError:
+        return StoreUnavailableError(f"replay cache unavailable: {type(exc).__name__}: {exc}")
 
     async def aclose(self) -> None:
         if self._owned:

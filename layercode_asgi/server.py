@@ -294,21 +294,26 @@ def create_app(
         if lifecycle.draining:
             body.update(ready=False, error="server is shutting down")
             return JSONResponse(body, status_code=503)
+        what = "conversation store"
         with anyio.move_on_after(READY_TIMEOUT) as scope:
             try:
                 await conversations.ping()
+                if isinstance(replay, RedisReplayCache):  # history may be elsewhere
+                    what = "replay protection"
+                    await replay.ping()
             except BaseException as exc:  # a store's own BaseException too
                 if must_propagate(exc):
                     raise
                 # The details (host, port, driver text) are for the log, not for the caller.
                 logger.warning(
-                    "not ready: conversation store unavailable: %s: %s",
+                    "not ready: %s unavailable: %s: %s",
+                    what,
                     type(exc).__name__,
                     escape_log_value(exc),
                 )
-                problem = "conversation store unavailable"
+                problem = f"{what} unavailable"
         if scope.cancelled_caught:
-            problem = "conversation store did not answer in time"
+            problem = f"{what} did not answer in time"
         if problem is None:
             return JSONResponse(body)
         body.update(ready=False, error=problem)

@@ -46,11 +46,11 @@ from .agents import Agent, TurnEvent, bind_agent
 from .conversation import (
     DEFAULT_LOCK_WAIT_GRACE,
     ConversationLockTimeout,
-    ConversationManager,
     HistoryMessage,
     check_conversation_id,
     lock_wait_timeout,
 )
+from .conversation.manager import webhook_conversations
 from .errors import LayercodeError, ResponseError, check_seconds, check_text
 from .events import (
     DataPayload,
@@ -280,12 +280,6 @@ class LayercodeWebhook:
         self.agent = agent
         # Bound once: an agent that cannot be called as one fails here, not per turn.
         self._bound = bind_agent(agent)
-        if isinstance(conversations, str):
-            if conversations != "memory":
-                raise ValueError(
-                    f"conversations must be a store, 'memory' or None, got {conversations!r}"
-                )
-            conversations = ConversationManager()
         if isinstance(max_queued_turns, bool) or not (
             isinstance(max_queued_turns, int) and max_queued_turns >= 0
         ):
@@ -295,7 +289,7 @@ class LayercodeWebhook:
         check_seconds("lock_timeout", lock_timeout, zero=True, none=True)
         check_seconds("lock_wait_grace", lock_wait_grace, zero=True, none=False)
         check_text("timeout_message", timeout_message)
-        self.conversations: ConversationBackend | None = conversations
+        self.conversations: ConversationBackend | None = webhook_conversations(conversations)
         self.on_data = on_data
         self.on_session_update = on_session_update
         self.on_session_end = on_session_end

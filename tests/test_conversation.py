@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import sys
 import time
@@ -23,6 +24,7 @@ from layercode_asgi.conversation import (
     MemoryConversationStore,
     RedisConversationStore,
     StoreUnavailableError,
+    check_conversation_id,
 )
 from layercode_asgi.errors import ConfigurationError, LayercodeError
 from layercode_asgi.logs import escape_log_value
@@ -138,6 +140,43 @@ async def test_conversation_id_validated() -> None:
         await manager.clear(None)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         await manager.add_message("c", ["user", "x"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "store", ["redis://127.0.0.1:6379/0", 42, object()], ids=lambda store: type(store).__name__
+)
+def test_a_manager_given_something_that_is_not_a_store_names_the_argument(store: Any) -> None:
+    """Before: taken; every turn was then a 500 (``'str' object has no attribute 'lock'``),
+    ``/ready`` a 503 and the server's shutdown failed on ``aclose``."""
+    with pytest.raises(TypeError, match=r"^store must be a ConversationStore") as info:
+        ConversationManager(store)
+    if isinstance(store, str):
+        assert "RedisConversationStore(url)" in str(info.value)
+        assert "6379" not in str(info.value)  # a URL may hold a password: not quoted
+
+
+@pytest.mark.parametrize(
+    "conversations", [MemoryConversationStore(), 42], ids=lambda value: type(value).__name__
+)
+def test_a_webhook_given_a_store_instead_of_a_manager_names_the_argument(
+    conversations: Any,
+) -> None:
+    """Before: a store was taken as ``conversations`` and every turn then failed to record
+    (``record_turn() got an unexpected keyword argument 'turn_id'``, logged; the history
+    stayed empty); anything else failed on every turn."""
+    from layercode_asgi import LayercodeWebhook, create_app
+
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret="x")
+    for build in (
+        lambda: LayercodeWebhook(lambda event, context: None, conversations=conversations),
+        lambda: create_app(settings, lambda event, context: None, conversations=conversations),
+    ):
+        with pytest.raises(
+            TypeError, match=r"^conversations must be a ConversationManager"
+        ) as info:
+            build()
+        if isinstance(conversations, MemoryConversationStore):
+            assert "ConversationManager(store)" in str(info.value)
 
 
 async def test_manager_async_context_manager_closes_store() -> None:
@@ -695,6 +734,56 @@ def test_a_cluster_url_that_redis_cluster_cannot_use_is_refused(url: str, proble
     RedisConversationStore("redis://127.0.0.1:7000/0", cluster=True)  # database 0 is fine
 
 
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://user:s3cret@localhost", "scheme must be redis://, rediss:// or unix://"),
+        ("127.0.0.1:6379", "scheme must be redis://, rediss:// or unix://"),
+        ("redis://:s3cret@127.0.0.1:6379/abc", "the database (its path) is not a number"),
+        ("rediss://u:s3cret@127.0.0.1:6379/1x", "the database (its path) is not a number"),
+        ("redis://:s3/cret@127.0.0.1:6379/0", "the database (its path) is not a number"),
+    ],
+)
+def test_a_redis_url_with_a_bad_scheme_or_database_says_so(url: str, problem: str) -> None:
+    """Before: a bad scheme was "invalid Redis URL (percent-encode special characters in the
+    password ...)", and a database that is not a number silently meant database 0."""
+    pytest.importorskip("redis")
+    from layercode_asgi.replay import RedisReplayCache
+
+    for make in (RedisConversationStore, RedisReplayCache):
+        with pytest.raises(ConfigurationError, match=re.escape(problem)) as info:
+            make(url)
+        assert "s3cret" not in str(info.value)
+    for fine in ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379/", "rediss://h:1/15"):
+        RedisConversationStore(fine)
+    RedisConversationStore("unix:///tmp/redis.sock?db=2")  # a unix path is no database
+
+
+@pytest.mark.parametrize("value", [None, 42, b"redis://127.0.0.1:6379", ["redis://h"]])
+def test_a_redis_store_given_neither_a_url_nor_a_client_names_the_argument(value: Any) -> None:
+    """Before: ``AttributeError: 'NoneType' object has no attribute 'register_script'`` from
+    the store, and the replay cache took it and answered 503 to every webhook."""
+    pytest.importorskip("redis")
+    from layercode_asgi.replay import RedisReplayCache
+
+    for make in (RedisConversationStore, RedisReplayCache):
+        with pytest.raises(TypeError, match=r"^url_or_client must be a Redis URL"):
+            make(value)
+
+
+def test_a_redis_store_given_a_synchronous_client_names_the_argument() -> None:
+    """Before: taken, then every operation failed with ``object list can't be used in
+    'await' expression`` (``/ready`` 503, a turn's lock a TypeError)."""
+    redis = pytest.importorskip("redis")
+    from layercode_asgi.replay import RedisReplayCache
+
+    client = redis.Redis.from_url("redis://127.0.0.1:1/0")
+    for make in (RedisConversationStore, RedisReplayCache):
+        with pytest.raises(TypeError, match=r"^url_or_client must be .* redis\.asyncio client"):
+            make(client)
+    client.close()
+
+
 async def test_redis_store_without_the_redis_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "redis", None)
     monkeypatch.setitem(sys.modules, "redis.asyncio", None)
@@ -883,6 +972,76 @@ async def test_the_redis_store_used_directly_refuses_a_lone_surrogate_id(
         assert await store.get("c\U0001f600") == [msg(U, "hi")]
     finally:
         await store.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def either_store(request: pytest.FixtureRequest) -> AsyncIterator[ConversationStore]:
+    """Each built-in store in turn (a fresh ``redis-server`` for the Redis one)."""
+    if request.param == "memory":
+        yield MemoryConversationStore()
+        return
+    with redis_fixtures.running_redis() as server:
+        store = RedisConversationStore(server.url)
+        try:
+            yield store
+        finally:
+            await store.aclose()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "x" * 513, "c\ud83d", "{c\udc00}", None, 42, b"conv", ("c",), ["c"]],
+    ids=lambda bad: repr(bad)[:12],
+)
+async def test_both_stores_used_directly_refuse_the_same_ids(
+    either_store: ConversationStore, bad: Any
+) -> None:
+    """Before: the memory store kept anything hashable as an id (an empty one, 10 kB, a
+    lone surrogate, ``None``...) while the Redis store refused some of these and failed on
+    others with a bare ``TypeError`` from building its keys; both now refuse what
+    ``ConversationManager`` refuses, through the one check (``check_conversation_id``)."""
+    store: Any = either_store
+    calls = [
+        ("get", ()),
+        ("append", ([msg(U, "hi")],)),
+        ("read_turn", ()),
+        ("record_turn", ([msg(U, "hi")], 0)),
+        ("clear", ()),
+    ]
+    try:
+        check_conversation_id(bad)
+    except (TypeError, ValueError) as exc:
+        expected = type(exc)
+    else:  # pragma: no cover - every case is refused
+        raise AssertionError(f"{bad!r} is accepted")
+    for name, args in calls:
+        with pytest.raises(expected):
+            await getattr(store, name)(bad, *args)
+    with pytest.raises(expected):
+        async with store.lock(bad):
+            pass
+    manager = ConversationManager(store)  # which leaves the check to a built-in store
+    with pytest.raises(expected):
+        await manager.read_turn(bad)
+    with pytest.raises(expected):
+        async with manager.lock(bad):
+            pass
+    if isinstance(store, MemoryConversationStore):
+        assert len(store) == 0
+        assert not store._locks
+
+
+@pytest.mark.parametrize(
+    "good", ["x" * 512, "a{b}", " ", "\x00", "c\U0001f600"], ids=lambda good: repr(good)[:12]
+)
+async def test_both_stores_keep_the_same_odd_but_valid_ids(
+    either_store: ConversationStore, good: str
+) -> None:
+    async with either_store.lock(good):
+        await either_store.append(good, [msg(U, "hi")])
+    assert await either_store.get(good) == [msg(U, "hi")]
+    await either_store.clear(good)
+    assert await either_store.get(good) == []
 
 
 def test_a_lone_surrogate_in_a_redis_key_prefix_is_refused() -> None:

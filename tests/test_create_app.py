@@ -513,6 +513,30 @@ async def test_ready_with_a_store_raising_a_base_exception_is_a_503(
     assert response.json()["error"] == "conversation store unavailable"
 
 
+def test_ready_is_a_503_when_the_redis_replay_cache_is_down() -> None:
+    """History elsewhere (here in memory), signatures in Redis: before, ``/ready`` said 200
+    while every webhook was a 503 ``replay protection unavailable``; it says that too now."""
+    pytest.importorskip("redis")
+    from .conftest import free_port
+    from .redis_fixtures import running_redis
+
+    def ready(redis_url: str) -> httpx.Response:
+        app = create_app(
+            settings(redis_url=redis_url, replay_protection=True),
+            conversations=ConversationManager(),
+        )
+        with TestClient(app) as client:  # its lifespan closes the replay cache's client
+            return client.get("/ready")
+
+    response = ready(f"redis://:s3cret@127.0.0.1:{free_port()}/0")
+    assert response.status_code == 503
+    assert response.json()["error"] == "replay protection unavailable"
+    assert "s3cret" not in response.text
+    with running_redis() as redis:
+        response = ready(redis.url)
+        assert (response.status_code, response.json()["ready"]) == (200, True)
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt])
 @pytest.mark.parametrize("where", ["guard", "ready"])

@@ -100,9 +100,18 @@ def valid_text(text: str) -> str:
     return text
 
 
-def check_id_text(conversation_id: str) -> None:
-    """Refuse (``ValueError``) a ``conversation_id`` UTF-8 cannot hold (a lone surrogate)."""
-    if isinstance(conversation_id, str) and valid_text(conversation_id) is not conversation_id:
+def check_conversation_id(conversation_id: str) -> None:
+    """Refuse what no store keeps as a conversation id: not a ``str`` (``TypeError``),
+    empty, over :data:`MAX_CONVERSATION_ID_LENGTH` characters or not valid text (a lone
+    surrogate, which UTF-8 cannot hold) (``ValueError``). The one check of both stores
+    and :class:`~layercode_asgi.conversation.ConversationManager`."""
+    if not isinstance(conversation_id, str):
+        raise TypeError(f"conversation_id must be a str, got {type(conversation_id).__name__}")
+    if not conversation_id:
+        raise ValueError("conversation_id must not be empty")
+    if len(conversation_id) > MAX_CONVERSATION_ID_LENGTH:
+        raise ValueError(f"conversation_id is longer than {MAX_CONVERSATION_ID_LENGTH} characters")
+    if valid_text(conversation_id) is not conversation_id:
         raise ValueError("conversation_id is not valid text (a lone surrogate)")
 
 

@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .base import (
     DEFAULT_LOCK_WAIT_GRACE,
-    MAX_CONVERSATION_ID_LENGTH,
     STORE_DEFAULT,
     ConversationStore,
     DefaultTimeout,
     HistoryMessage,
     LockTimeout,
-    check_id_text,
+    check_conversation_id,
 )
 from .memory import MemoryConversationStore
 from .redis import RedisConversationStore
@@ -24,9 +23,17 @@ from .redis import RedisConversationStore
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["ConversationManager", "check_conversation_id", "lock_wait_timeout", "turn_messages"]
+__all__ = [
+    "ConversationManager",
+    "check_conversation_id",
+    "lock_wait_timeout",
+    "turn_messages",
+    "webhook_conversations",
+]
 
 _ROLES: Final = ("user", "assistant")
+#: What the webhook calls on its ``conversations`` (``webhook.ConversationBackend``).
+_BACKEND: Final = ("lock", "get_history", "add_turn", "clear")
 
 
 def lock_wait_timeout(
@@ -44,14 +51,20 @@ def lock_wait_timeout(
     return total if math.isfinite(total) else None
 
 
-def check_conversation_id(conversation_id: str) -> None:
-    if not isinstance(conversation_id, str):
-        raise TypeError(f"conversation_id must be a str, got {type(conversation_id).__name__}")
-    if not conversation_id:
-        raise ValueError("conversation_id must not be empty")
-    if len(conversation_id) > MAX_CONVERSATION_ID_LENGTH:
-        raise ValueError(f"conversation_id is longer than {MAX_CONVERSATION_ID_LENGTH} characters")
-    check_id_text(conversation_id)
+def webhook_conversations(conversations: Any) -> Any:
+    """``LayercodeWebhook``'s ``conversations``: ``"memory"`` made a new manager, ``None``
+    kept, else it must have a manager's ``lock``, ``get_history``, ``add_turn`` and
+    ``clear`` (a bare store has no ``add_turn``: its turns would never be recorded)."""
+    expected = "conversations must be a ConversationManager, 'memory' or None"
+    if isinstance(conversations, str):
+        if conversations != "memory":  # not quoted: it may be a URL with a password
+            raise ValueError(f"{expected}, got another string")
+        return ConversationManager()
+    if conversations is None or all(callable(getattr(conversations, n, None)) for n in _BACKEND):
+        return conversations
+    hint = ": wrap a store, ConversationManager(store)"
+    hint = hint if isinstance(conversations, ConversationStore) else ""
+    raise TypeError(f"{expected}, got {type(conversations).__name__}{hint}")
 
 
 def _to_message(message: HistoryMessage | Mapping[str, Any]) -> HistoryMessage:
@@ -102,7 +115,15 @@ class ConversationManager:
     """
 
     def __init__(self, store: ConversationStore | None = None) -> None:
+        if store is not None and not isinstance(store, ConversationStore):
+            hint = (
+                " (for a Redis URL: RedisConversationStore(url))" if isinstance(store, str) else ""
+            )
+            raise TypeError(f"store must be a ConversationStore, got {type(store).__name__}{hint}")
         self.store: ConversationStore = MemoryConversationStore() if store is None else store
+        # The built-in stores refuse a bad id themselves (the same check): a turn's lock and
+        # read do not check it twice.
+        self._checks_ids = type(self.store) not in (MemoryConversationStore, RedisConversationStore)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConversationManager:
@@ -178,7 +199,8 @@ class ConversationManager:
         Pass the generation to :meth:`record_turn`. ``None`` for a store without
         generations (then :meth:`record_turn` always records).
         """
-        check_conversation_id(conversation_id)
+        if self._checks_ids:
+            check_conversation_id(conversation_id)
         read = getattr(self.store, "read_turn", None)
         if read is None:
             return await self.store.get(conversation_id), None
@@ -214,7 +236,8 @@ class ConversationManager:
         ``timeout`` in seconds (``None`` waits forever; default: the store's). Raises
         :class:`ConversationLockTimeout` when the wait is exceeded.
         """
-        check_conversation_id(conversation_id)
+        if self._checks_ids:
+            check_conversation_id(conversation_id)
         if isinstance(timeout, DefaultTimeout):
             return self.store.lock(conversation_id)
         return self.store.lock(conversation_id, timeout=timeout)

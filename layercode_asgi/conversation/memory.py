@@ -18,6 +18,7 @@ from .base import (
     ConversationLockTimeout,
     HistoryMessage,
     LockTimeout,
+    check_conversation_id,
     fit,
     lock_wait,
     text_size,
@@ -71,6 +72,7 @@ class _MemoryLock:
         if self.conversation_id in store._locks:
             await store._wait(self.conversation_id, self.wait)
         else:
+            check_conversation_id(self.conversation_id)  # held or known: checked already
             store._locks[self.conversation_id] = _LockEntry()
 
     async def __aexit__(
@@ -130,6 +132,7 @@ class MemoryConversationStore:
         """The conversation's messages, oldest first; marks it recently used."""
         history = self._histories.get(conversation_id)
         if history is None:
+            check_conversation_id(conversation_id)  # a known id was checked when stored
             return []
         self._histories.move_to_end(conversation_id)
         return list(history)
@@ -160,6 +163,7 @@ class MemoryConversationStore:
         size = sum(text_size(message.text) for message in messages)
         history = self._histories.get(conversation_id)
         if history is None:
+            check_conversation_id(conversation_id)
             # A list, not a bounded deque: a deque takes a 64-slot block (over 500 bytes)
             # even for the two messages of a conversation's first turn.
             history = self._histories[conversation_id] = _History(messages)
@@ -186,7 +190,8 @@ class MemoryConversationStore:
 
     async def clear(self, conversation_id: str) -> None:
         """Forget the conversation; a turn running meanwhile will not record."""
-        self._histories.pop(conversation_id, None)
+        if self._histories.pop(conversation_id, None) is None:
+            check_conversation_id(conversation_id)
         entry = self._locks.get(conversation_id)
         if entry is not None:
             entry.generation += 1

@@ -22,7 +22,14 @@ from typing import Any, Final, TypeVar
 import anyio
 import msgspec
 
-from .._redis import MAX_EXPIRE_SECONDS, connect, describe_client, import_redis, unavailable_errors
+from .._redis import (
+    MAX_EXPIRE_SECONDS,
+    check_client,
+    connect,
+    describe_client,
+    import_redis,
+    unavailable_errors,
+)
 from ..errors import ConfigurationError, check_positive_int, check_seconds, check_text
 from ..logs import escape_log_value
 from ..redaction import mask_url
@@ -36,7 +43,7 @@ from .base import (
     LockTimeout,
     StoreError,
     StoreUnavailableError,
-    check_id_text,
+    check_conversation_id,
     fit,
     lock_wait,
 )
@@ -70,7 +77,7 @@ class _Keys:
     __slots__ = ("generation", "history", "lock", "presence", "queue")
 
     def __init__(self, prefix: str, conversation_id: str) -> None:
-        check_id_text(conversation_id)
+        check_conversation_id(conversation_id)
         if "{" in conversation_id or "}" in conversation_id:
             digest = hashlib.sha256(conversation_id.encode("utf-8", "surrogatepass")).hexdigest()
             base = f"{prefix}{{#{digest[:32]}}}:{conversation_id}:"
@@ -186,6 +193,7 @@ class RedisConversationStore:
             self._owns_client = True
             self._where = mask_url(url_or_client)
         else:
+            check_client(url_or_client)
             self._client = url_or_client
             self._owns_client = False
             self._where = describe_client(url_or_client)
