@@ -129,6 +129,9 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             "uses the default routes (/api/agent, /api/authorize); drop --agent-route / "
             "--authorize-route or use --workers 1"
         )
+    if args.env_file not in ("", ".env") and not os.path.exists(args.env_file):
+        # ./.env is optional; a file named on the command line is meant to be read
+        raise UsageError(f"--env-file {escape_terminal(args.env_file)}: no such file")
     settings = Settings(env_file=args.env_file or None, environ=env)
     generated: str | None = None
     if not settings.webhook_secrets:

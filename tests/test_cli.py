@@ -132,6 +132,21 @@ def test_serve_refuses_without_a_secret(
     assert run("serve", environ={"LAYERCODE_WEBHOOK_SECRET": "  "}) == 2
 
 
+def test_serve_refuses_an_env_file_given_that_does_not_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: a mistyped --env-file was skipped in silence, and the server started without
+    # the settings it names (a guard key, a Redis URL) or failed on a misleading message.
+    monkeypatch.chdir(tmp_path)
+    environ = {"LAYERCODE_WEBHOOK_SECRET": SECRET}
+    serve = ("serve", "--agent", "no_such_agent")  # the old code stopped there, not serving
+    assert run(*serve, "--env-file", "prod.env", environ=environ) == 2
+    assert capsys.readouterr().err == "error: --env-file prod.env: no such file\n"
+    shown = "pr\\x1bod.env"  # escaped on the terminal
+    assert run(*serve, "--env-file", "pr\x1bod.env", environ=environ) == 2
+    assert capsys.readouterr().err == f"error: --env-file {shown}: no such file\n"
+
+
 def test_serve_configuration_errors_exit_2_without_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
