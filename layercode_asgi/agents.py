@@ -308,12 +308,14 @@ def openai_agent(
     completions: Any = client.chat.completions  # the SDK's overloads are not worth mirroring
 
     async def agent(event: TurnEvent, context: TurnContext) -> AsyncIterator[Reply]:
+        text = event.text
+        if not text or text.isspace():  # nothing said (the history leaves blanks out)
+            if not context.is_session_start:
+                return
+            text = "(The caller joined. Greet them.)"
         messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt}]
         messages.extend({"role": m.role, "content": m.text} for m in context.history)
-        if event.text:
-            messages.append({"role": "user", "content": event.text})
-        elif context.is_session_start:
-            messages.append({"role": "user", "content": "(The caller joined. Greet them.)"})
+        messages.append({"role": "user", "content": text})
         stream = await completions.create(model=model, messages=messages, stream=True)
         deltas = PhraseChunker("delta")  # whitespace alone goes out with the next delta
         async for chunk in stream:
