@@ -675,3 +675,24 @@ async def test_a_message_without_text_costs_no_model_call(name: str, fake: FakeO
         ("assistant", "Hello there. How can I help you today?"),
         ("user", "Still there?"),
     ]
+
+
+@pytest.mark.parametrize("backends", [["asyncio", "asyncio"], ["asyncio", "trio"]])
+def test_the_openai_agent_serves_turns_on_a_later_event_loop(
+    backends: list[str], fake: FakeOpenAI
+) -> None:
+    """Before: the ``openai`` agent made one OpenAI client when it was built and kept it, so
+    its pooled connection belonged to the first event loop: an app used again on another
+    loop (a test module's app, each test on a loop of its own; trio after asyncio) failed
+    its next turn with 'agent error' (``RuntimeError: Event loop is closed``)."""
+    if "trio" in backends:
+        pytest.importorskip("trio")
+    app = app_for("openai")
+
+    async def turn() -> list[str]:
+        with anyio.fail_after(10):
+            async with LayercodeTestClient(app, secret=SECRET) as client:
+                return list((await client.message("Hello")).tts)
+
+    said = [anyio.run(turn, backend=backend) for backend in backends]
+    assert ["".join(tts) for tts in said] == ["Hello there. How can I help you today?"] * 2
