@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from types import FunctionType
 from typing import Any, TypeAlias
 
+import anyio.lowlevel
+
 from .config import Settings
 from .conversation import HistoryMessage
 from .envfile import read_settings_file
@@ -309,17 +311,29 @@ def openai_agent(
         ) from None
     from .adapters import PhraseChunker
 
-    client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url)
-    completions: Any = client.chat.completions  # the SDK's overloads are not worth mirroring
+    # A client's pooled connections belong to the event loop that opened them: one client
+    # per loop (an app may serve turns on a later loop: each test on its own, trio after
+    # asyncio). ``[loop, completions]``; the SDK's overloads are not worth mirroring.
+    current: list[Any] = [None, openai.AsyncOpenAI(api_key=api_key, base_url=base_url)]
+
+    def completions() -> Any:
+        loop = anyio.lowlevel.current_token()
+        if current[0] != loop:
+            if current[0] is not None:
+                current[1] = openai.AsyncOpenAI(api_key=api_key, base_url=base_url)
+            current[0] = loop
+        return current[1].chat.completions
 
     async def agent(event: TurnEvent, context: TurnContext) -> AsyncIterator[Reply]:
+        text = event.text
+        if not text or text.isspace():  # nothing said (the history leaves blanks out)
+            if not context.is_session_start:
+                return
+            text = "(The caller joined. Greet them.)"
         messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt}]
         messages.extend({"role": m.role, "content": m.text} for m in context.history)
-        if event.text:
-            messages.append({"role": "user", "content": event.text})
-        elif context.is_session_start:
-            messages.append({"role": "user", "content": "(The caller joined. Greet them.)"})
-        stream = await completions.create(model=model, messages=messages, stream=True)
+        messages.append({"role": "user", "content": text})
+        stream = await completions().create(model=model, messages=messages, stream=True)
         deltas = PhraseChunker("delta")  # whitespace alone goes out with the next delta
         async for chunk in stream:
             for choice in chunk.choices:

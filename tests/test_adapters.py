@@ -650,3 +650,49 @@ async def test_a_langchain_stream_whose_aclose_raises_a_base_exception_fails_the
         {"type": "response.error", "error": "agent error", "turn_id": turn.turn_id}
     ]
     assert turn.events[-1]["type"] == "response.end"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_a_message_without_text_costs_no_model_call(name: str, fake: FakeOpenAI) -> None:
+    """Before: the ``openai`` agent sent a message without text to the model all the same,
+    with no user message at all (the model answered its own last reply), and every agent
+    sent a blank one (``"  \\n"``) as the user's turn, which the history then left out: the
+    next request held that answer after the assistant's previous one, with nothing between.
+    Now neither calls the model: the turn is a bare response.end, as documented."""
+    with serve(app_for(name)) as base:
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            first = await client.message("Hello")
+            asked = len(fake.requests)
+            silent = [await client.message(text) for text in ("", "  \n")]
+            fake.push(Script(text=["Yes."]))
+            after = await client.message("Still there?")
+    assert first.text and after.text == "Yes."
+    assert [[event["type"] for event in turn.events] for turn in silent] == [["response.end"]] * 2
+    assert len(fake.requests) == asked + 1
+    assert fake.conversation(-1)[-3:] == [
+        ("user", "Hello"),
+        ("assistant", "Hello there. How can I help you today?"),
+        ("user", "Still there?"),
+    ]
+
+
+@pytest.mark.parametrize("backends", [["asyncio", "asyncio"], ["asyncio", "trio"]])
+def test_the_openai_agent_serves_turns_on_a_later_event_loop(
+    backends: list[str], fake: FakeOpenAI
+) -> None:
+    """Before: the ``openai`` agent made one OpenAI client when it was built and kept it, so
+    its pooled connection belonged to the first event loop: an app used again on another
+    loop (a test module's app, each test on a loop of its own; trio after asyncio) failed
+    its next turn with 'agent error' (``RuntimeError: Event loop is closed``)."""
+    if "trio" in backends:
+        pytest.importorskip("trio")
+    app = app_for("openai")
+
+    async def turn() -> list[str]:
+        with anyio.fail_after(10):
+            async with LayercodeTestClient(app, secret=SECRET) as client:
+                return list((await client.message("Hello")).tts)
+
+    said = [anyio.run(turn, backend=backend) for backend in backends]
+    assert ["".join(tts) for tts in said] == ["Hello there. How can I help you today?"] * 2

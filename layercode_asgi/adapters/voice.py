@@ -243,19 +243,22 @@ def voice_agent(
 
     On a silent ``session.start`` it speaks ``welcome`` (nothing if blank) without calling
     the model (or, when ``welcome`` is ``None``, asks the model to greet with
-    :data:`GREETING_PROMPT`); a ``message`` without text gets no answer.
+    :data:`GREETING_PROMPT`); a ``message`` without text (or only blanks, which the history
+    leaves out) gets no answer.
     """
     PhraseChunker(chunking)  # a bad ``chunking`` fails here, at start-up
 
     async def agent(event: TurnEvent, context: TurnContext) -> AsyncIterator[Reply]:
-        if context.is_session_start and not context.text and welcome is not None:
-            if welcome.strip():  # blank: a silent start
-                yield welcome
-            return
-        prompt = context.text or (GREETING_PROMPT if context.is_session_start else None)
-        if prompt is None:
-            return
-        replies = speak(run(prompt, context), context, chunking=chunking, filler=filler)
+        text = context.text
+        if not text or text.isspace():
+            if not context.is_session_start:
+                return
+            if welcome is not None:
+                if welcome.strip():  # blank: a silent start
+                    yield welcome
+                return
+            text = GREETING_PROMPT
+        replies = speak(run(text, context), context, chunking=chunking, filler=filler)
         async with aclosing(replies):
             async for reply in replies:
                 yield reply
