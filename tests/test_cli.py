@@ -155,6 +155,41 @@ def test_serve_configuration_errors_exit_2_without_traceback(
     assert run("serve", "--workers", "0", environ=environ) == 2
 
 
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (["--agent-route", "/api/{x}"], "error: --agent-route '/api/{x}' cannot contain '{'"),
+        (["--authorize-route", "/auth\x1b[2J"], r"error: --authorize-route '/auth\x1b[2J'"),
+        (["--agent-route", "/health"], "error: --agent-route '/health' is the path of"),
+        (
+            ["--authorize-route", "/api/agent/"],
+            "error: --authorize-route '/api/agent/' is the same",
+        ),
+    ],
+)
+def test_serve_refuses_a_bad_route_in_one_line_naming_the_option(
+    argv: list[str],
+    shown: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: served ('/api/{x}' answered every /api/<anything>), or an error naming
+    # create_app's argument; a control character reached the terminal in the banner.
+    from layercode_asgi import server
+
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(server, "run_server", never)
+    monkeypatch.chdir(tmp_path)
+    assert run("serve", "--dev", *argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(shown), captured.err
+    assert captured.err.count("\n") == 1 and "\x1b" not in captured.err + captured.out
+    assert captured.out == ""
+
+
 def test_serve_port_0_prints_the_port_it_serves_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
