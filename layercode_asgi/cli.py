@@ -272,7 +272,8 @@ def _print_dev_banner(webhook_url: str, generated: str | None) -> None:
         secret_arg = shlex.quote(generated)
     print(
         f"{rule}\n{head}\n\nTalk to the server from another terminal:\n\n"
-        f'    layercode-asgi simulate --url {webhook_url} --secret {secret_arg} "Hello"\n{rule}',
+        f"    layercode-asgi simulate --url {shlex.quote(webhook_url)} --secret {secret_arg} "
+        f'"Hello"\n{rule}',
         flush=True,
     )
 

@@ -213,6 +213,30 @@ def test_serve_port_0_prints_the_port_it_serves_on(
     assert f"simulate --url http://127.0.0.1:{served[0]}/api/agent " in out
 
 
+@pytest.mark.parametrize("route", ["/a;v=1/hook", "/hook$(id)&x='1'", "/voix/\u00e9t\u00e9"])
+def test_serve_dev_simulate_line_pastes_as_is_for_any_accepted_route(
+    route: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: the URL was pasted unquoted: a shell ran ';' and '$(...)' in a route as
+    # commands and cut the URL there.
+    import anyio
+
+    from layercode_asgi import server
+
+    def fake_run_server(app: Any, *, port: int, callback_notify: Any, **options: Any) -> None:
+        anyio.run(callback_notify)  # what uvicorn does once it listens
+
+    monkeypatch.setattr(server, "run_server", fake_run_server)
+    monkeypatch.chdir(tmp_path)
+    assert run("serve", "--dev", "--port", "8123", "--agent-route", route) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "simulate --url" in x)
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)  # ';', '&', '(' split
+    lexer.whitespace_split = True
+    words = list(lexer)
+    assert words[:4] == ["layercode-asgi", "simulate", "--url", "http://127.0.0.1:8123" + route]
+    assert len(words) == 7 and words[4] == "--secret"
+
+
 # -- serve: running ---------------------------------------------------------------------------------
 
 
