@@ -1,7 +1,8 @@
 """ASGI plumbing shared by the middleware, the webhook, the event stream and the server.
 
 * :func:`read_body`: a whole request body, with a size limit.
-* :func:`route_path`: the request path below the mount point (``root_path``).
+* :func:`route_path`: the request path below the mount point (``root_path``);
+  :func:`check_route`: a configured route that requests can match as written.
 * :func:`json_error`: the one way an error is written: ``{"error": "..."}`` as JSON with
   its status, as the two ASGI messages (:func:`send_json_error` sends them) or as a
   Starlette response (:func:`json_error_response`).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import string
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -23,11 +25,14 @@ import msgspec
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from .errors import ConfigurationError
+
 __all__ = [
     "HEADER_NAME",
     "BodyTooLarge",
     "JSONResponse",
     "being_cancelled",
+    "check_route",
     "json_error",
     "json_error_response",
     "must_propagate",
@@ -86,6 +91,42 @@ def route_path(scope: Scope) -> str:
     if path[len(root_path)] == "/":
         return path[len(root_path) :]
     return path
+
+
+#: The longest route :func:`check_route` accepts (far below what servers read of a request).
+MAX_ROUTE_LENGTH = 2048
+# RFC 3986's ASCII path characters but '%' (requests are matched decoded) and '*' (no wildcard).
+_ROUTE_CHARACTERS = frozenset(string.ascii_letters + string.digits + "/-._~!$&'()+,;=:@")
+_ROUTE_HINTS = {
+    "{": "Starlette would read '{...}' as a parameter matching many paths",
+    "%": "requests are matched decoded: write the character itself, not its %-escape",
+    "?": "a query string is not part of the path",
+    "*": "it is no wildcard (only a trailing '*' of LayercodeSignature paths makes a prefix)",
+}
+
+
+def check_route(name: str, path: str) -> None:
+    """Refuse (:class:`~layercode_asgi.errors.ConfigurationError` naming ``name``) a route
+    no request can match as written: a character that is not one of a URL path (control
+    characters, spaces, ``?``, ``#``, ``%``, ``{``, ``*``; non-ASCII letters are fine), an
+    empty, ``.`` or ``..`` segment (``//``, ``/./``: clients rewrite them), or a path
+    longer than :data:`MAX_ROUTE_LENGTH`."""
+    if len(path) > MAX_ROUTE_LENGTH:
+        raise ConfigurationError(
+            f"{name} is {len(path)} characters long, more than {MAX_ROUTE_LENGTH}"
+        )
+    for char in path:
+        if char not in _ROUTE_CHARACTERS and (
+            char.isascii() or char.isspace() or not char.isprintable()
+        ):
+            hint = _ROUTE_HINTS.get("{" if char == "}" else char, "not a URL path character")
+            raise ConfigurationError(f"{name} {path!r} cannot contain {char!r}: {hint}")
+    segments = path.split("/")[1:]
+    if "" in segments[:-1] or "." in segments or ".." in segments:
+        raise ConfigurationError(
+            f"{name} {path!r} has an empty, '.' or '..' segment, which clients and proxies "
+            "rewrite: write the path they would request"
+        )
 
 
 def json_error(

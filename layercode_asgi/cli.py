@@ -115,13 +115,14 @@ def _worker_environment(
 
 def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .logs import setup_logging
-    from .server import create_app, run_server
+    from .server import check_routes, create_app, run_server
 
     _uvicorn()  # a clear message now if uvicorn is missing
     if not 1 <= args.workers <= MAX_WORKERS:
         raise UsageError(f"--workers must be between 1 and {MAX_WORKERS}, got {args.workers}")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
+    check_routes(args.agent_route, args.authorize_route, ("--agent-route", "--authorize-route"))
     routes_changed = (args.agent_route, args.authorize_route) != ("/api/agent", "/api/authorize")
     if args.workers > 1 and routes_changed:
         raise UsageError(
@@ -274,7 +275,8 @@ def _print_dev_banner(webhook_url: str, generated: str | None) -> None:
         secret_arg = shlex.quote(generated)
     print(
         f"{rule}\n{head}\n\nTalk to the server from another terminal:\n\n"
-        f'    layercode-asgi simulate --url {webhook_url} --secret {secret_arg} "Hello"\n{rule}',
+        f"    layercode-asgi simulate --url {shlex.quote(webhook_url)} --secret {secret_arg} "
+        f'"Hello"\n{rule}',
         flush=True,
     )
 

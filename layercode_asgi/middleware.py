@@ -29,7 +29,15 @@ from urllib.parse import unquote
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._asgi import HEADER_NAME, BodyTooLarge, json_error, read_body, route_path, send_json_error
+from ._asgi import (
+    HEADER_NAME,
+    BodyTooLarge,
+    check_route,
+    json_error,
+    read_body,
+    route_path,
+    send_json_error,
+)
 from .errors import ConfigurationError, LayercodeError, check_seconds
 from .logs import escape_log_value
 from .replay import MemoryReplayCache, ReplayCache, replay_key
@@ -88,6 +96,7 @@ class _PathMatcher:
                 raise ConfigurationError(
                     f"LayercodeSignature paths must be strings starting with '/', got {path!r}"
                 )
+            check_route("LayercodeSignature paths", path.removesuffix("*"))
             if path.endswith("*"):
                 prefixes.append(path[:-1])
                 # ``/hooks/*`` covers ``/hooks`` too: some apps route it to ``/hooks/``.
@@ -133,8 +142,9 @@ class LayercodeSignature:
             the client sent (``raw_path``) too; repeated and trailing slashes do not count
             (``//api/agent/`` is ``/api/agent``); a trailing ``*`` makes a prefix
             (``/hooks/*`` covers ``/hooks`` too). ``None`` (default) protects every HTTP
-            request; an empty ``paths`` would protect none and raises
-            :class:`ConfigurationError`.
+            request; an empty ``paths``, or one no request path can match as written
+            (``{param}``, ``%``, a ``*`` before the end, …: see
+            :func:`~layercode_asgi._asgi.check_route`), raises :class:`ConfigurationError`.
         max_body_size: largest accepted body in bytes (default 1 MiB). A larger declared
             ``Content-Length`` is refused with 413 before any byte is read; a chunked body
             is refused as soon as it passes the limit. The 413 closes the connection.

@@ -35,7 +35,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ._asgi import JSONResponse, json_error, json_error_response, must_propagate, send_json_error
+from ._asgi import (
+    JSONResponse,
+    check_route,
+    json_error,
+    json_error_response,
+    must_propagate,
+    send_json_error,
+)
 from ._version import __version__
 from .agents import Agent, agent_name, get_agent
 from .authorize import AuthorizeGuard, AuthorizeRoute
@@ -52,6 +59,7 @@ __all__ = [
     "AuthorizeGuard",
     "Lifecycle",
     "app_from_env",
+    "check_routes",
     "create_app",
     "run_server",
 ]
@@ -172,6 +180,32 @@ class _WebhookEndpoint:
             lifecycle.active -= 1
 
 
+#: The routes every :func:`create_app` has besides its webhook and authorize routes.
+FIXED_ROUTES = ("/health", "/ready", "/metrics")
+
+
+def check_routes(
+    agent_route: object,
+    authorize_route: object,
+    names: tuple[str, str] = ("agent_route", "authorize_route"),
+) -> None:
+    """Raise :class:`ConfigurationError` (naming ``names``) unless both are routes a request
+    can match as written (:func:`~layercode_asgi._asgi.check_route`), apart from each other
+    and from :data:`FIXED_ROUTES`, letter case and a trailing ``/`` aside."""
+    taken = {path: f"the path of the {path} route" for path in FIXED_ROUTES}
+    for name, path in zip(names, (agent_route, authorize_route), strict=True):
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ConfigurationError(f"{name} must be a path starting with '/', got {path!r}")
+        check_route(name, path)
+        key = path.rstrip("/").lower()
+        if key in taken:
+            raise ConfigurationError(
+                f"{name} {path!r} is {taken[key]} (letter case and a trailing '/' aside): "
+                "choose another path"
+            )
+        taken[key] = f"the same path as {name}"
+
+
 def create_app(
     settings: Settings | None = None,
     agent: Agent | str | None = None,
@@ -207,19 +241,12 @@ def create_app(
 
     Raises:
         ConfigurationError: no webhook secret, an unknown agent, an agent that cannot run
-            with these settings, an invalid ``authorize_timeout``, a route that is not a
-            path starting with ``/`` (or both routes on one path). Raised here, at start-up,
-            never per request.
+            with these settings, an invalid ``authorize_timeout``, a route no request can
+            match as written or one on another route's path (:func:`check_routes`). Raised
+            here, at start-up, never per request.
     """
     check_seconds("authorize_timeout", authorize_timeout, zero=False, none=False)
-    for name, path in (("agent_route", agent_route), ("authorize_route", authorize_route)):
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise ConfigurationError(f"{name} must be a path starting with '/', got {path!r}")
-    if agent_route == authorize_route:
-        raise ConfigurationError(
-            f"agent_route and authorize_route are the same path ({agent_route!r}): "
-            "one of the two routes would never answer"
-        )
+    check_routes(agent_route, authorize_route)
     settings = Settings() if settings is None else settings
     secrets = settings.webhook_secrets
     if not secrets:

@@ -170,6 +170,41 @@ def test_serve_configuration_errors_exit_2_without_traceback(
     assert run("serve", "--workers", "0", environ=environ) == 2
 
 
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (["--agent-route", "/api/{x}"], "error: --agent-route '/api/{x}' cannot contain '{'"),
+        (["--authorize-route", "/auth\x1b[2J"], r"error: --authorize-route '/auth\x1b[2J'"),
+        (["--agent-route", "/health"], "error: --agent-route '/health' is the path of"),
+        (
+            ["--authorize-route", "/api/agent/"],
+            "error: --authorize-route '/api/agent/' is the same",
+        ),
+    ],
+)
+def test_serve_refuses_a_bad_route_in_one_line_naming_the_option(
+    argv: list[str],
+    shown: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: served ('/api/{x}' answered every /api/<anything>), or an error naming
+    # create_app's argument; a control character reached the terminal in the banner.
+    from layercode_asgi import server
+
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(server, "run_server", never)
+    monkeypatch.chdir(tmp_path)
+    assert run("serve", "--dev", *argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(shown), captured.err
+    assert captured.err.count("\n") == 1 and "\x1b" not in captured.err + captured.out
+    assert captured.out == ""
+
+
 def test_serve_port_0_prints_the_port_it_serves_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -191,6 +226,30 @@ def test_serve_port_0_prints_the_port_it_serves_on(
     assert served and served[0] != 0
     assert f"(webhook http://127.0.0.1:{served[0]}/api/agent," in out
     assert f"simulate --url http://127.0.0.1:{served[0]}/api/agent " in out
+
+
+@pytest.mark.parametrize("route", ["/a;v=1/hook", "/hook$(id)&x='1'", "/voix/\u00e9t\u00e9"])
+def test_serve_dev_simulate_line_pastes_as_is_for_any_accepted_route(
+    route: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: the URL was pasted unquoted: a shell ran ';' and '$(...)' in a route as
+    # commands and cut the URL there.
+    import anyio
+
+    from layercode_asgi import server
+
+    def fake_run_server(app: Any, *, port: int, callback_notify: Any, **options: Any) -> None:
+        anyio.run(callback_notify)  # what uvicorn does once it listens
+
+    monkeypatch.setattr(server, "run_server", fake_run_server)
+    monkeypatch.chdir(tmp_path)
+    assert run("serve", "--dev", "--port", "8123", "--agent-route", route) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "simulate --url" in x)
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)  # ';', '&', '(' split
+    lexer.whitespace_split = True
+    words = list(lexer)
+    assert words[:4] == ["layercode-asgi", "simulate", "--url", "http://127.0.0.1:8123" + route]
+    assert len(words) == 7 and words[4] == "--secret"
 
 
 # -- serve: running ---------------------------------------------------------------------------------

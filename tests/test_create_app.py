@@ -36,7 +36,7 @@ from layercode_asgi.metrics import installed
 from layercode_asgi.server import YOUNG_GC_THRESHOLD
 
 from .agents_for_tests import cancelled_elsewhere
-from .conftest import SECRET, event_body, signed_headers
+from .conftest import SECRET, event_body, serve, signed_headers
 from .test_middleware import call_asgi
 
 
@@ -358,6 +358,74 @@ def test_unusable_routes_are_refused_at_start_up(routes: dict[str, str], message
     # nothing), or, for one path twice, an authorize route that silently never answered.
     with pytest.raises(ConfigurationError, match=message):
         create_app(settings(), **routes)
+
+
+@pytest.mark.parametrize(
+    ("route", "message"),
+    [
+        ("/api/{x}", r"agent_route '/api/\{x\}' cannot contain '\{': Starlette"),
+        ("/api/{x:path}", r"cannot contain '\{'"),
+        ("/api/{x", r"cannot contain '\{'"),
+        ("/api/agent\n", r"cannot contain '\\n'"),
+        ("/api/\x1b[2Jagent", r"'/api/\\x1b\[2Jagent' cannot contain '\\x1b'"),
+        ("/api/agent ", r"cannot contain ' '"),
+        ("/api/\u202eagent", r"cannot contain '\\u202e'"),
+        ("/api/agent?key=1", r"cannot contain '\?': a query"),
+        ("/api/agent#x", r"cannot contain '#'"),
+        ("/api/%61gent", r"cannot contain '%': requests are matched decoded"),
+        ("/api/*", r"cannot contain '\*'"),
+        ("/api//agent", r"empty, '\.' or '\.\.' segment"),
+        ("/api/./agent", r"empty, '\.' or '\.\.' segment"),
+        ("/api/../agent", r"empty, '\.' or '\.\.' segment"),
+        ("/api/..", r"empty, '\.' or '\.\.' segment"),
+        ("/" + "a" * 3000, r"agent_route is 3001 characters long, more than 2048"),
+    ],
+)
+def test_routes_no_request_could_match_as_meant_are_refused(route: str, message: str) -> None:
+    # Before: accepted. '{x}' became a pattern answering every /api/<anything>; '?', '#',
+    # '%' and '//', '.' segments made a route no client reaches (servers match the decoded
+    # path, without query or fragment; clients rewrite dot segments); control characters
+    # reached the serve banner and the logs as they were.
+    with pytest.raises(ConfigurationError, match=message):
+        create_app(settings(), agent_route=route)
+
+
+@pytest.mark.parametrize(
+    ("routes", "message"),
+    [
+        ({"agent_route": "/health"}, r"agent_route '/health' is the path of the /health route"),
+        ({"authorize_route": "/ready/"}, r"authorize_route '/ready/' is the path of the /ready"),
+        ({"agent_route": "/Metrics"}, r"agent_route '/Metrics' is the path of the /metrics"),
+        (
+            {"agent_route": "/hook", "authorize_route": "/hook/"},
+            r"authorize_route '/hook/' is the same path as agent_route",
+        ),
+        (
+            {"agent_route": "/API/agent", "authorize_route": "/api/agent"},
+            r"is the same path as agent_route",
+        ),
+    ],
+)
+@pytest.mark.parametrize("metrics", [False, True])
+def test_routes_on_the_fixed_paths_or_on_one_path_are_refused(
+    routes: dict[str, str], message: str, metrics: bool
+) -> None:
+    # Before: a POST-only webhook on /health (GET still answered health), one on /metrics
+    # that turning metrics on would shadow, two routes one proxy or client may merge.
+    with pytest.raises(ConfigurationError, match=message):
+        create_app(settings(metrics=metrics), **routes)
+
+
+def test_routes_of_any_url_path_characters_answer_over_real_http() -> None:
+    # Non-ASCII letters and RFC 3986 sub-delimiters work (clients percent-encode them).
+    agent_route, authorize_route = "/voix/agent-\u00e9t\u00e9", "/a;v=1/auth:z@x/"
+    app = create_app(settings(), agent_route=agent_route, authorize_route=authorize_route)
+    body = event_body("session.start")
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        answer = client.post(agent_route, content=body, headers=signed_headers(body))
+        assert answer.status_code == 200, answer.text
+        assert client.post(agent_route, content=body).status_code == 401
+        assert client.post(authorize_route, json={}).status_code != 404
 
 
 @pytest.mark.anyio

@@ -616,6 +616,36 @@ def test_paths_given_as_bytes_items_is_a_clear_error() -> None:
         LayercodeSignature(Recorder(), secret=SECRET, paths=[b"/api"])
 
 
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("/api/{x}/hook", r"cannot contain '\{': Starlette would read"),
+        ("/api/{x:path}", r"cannot contain '\{'"),
+        ("/hooks/*/agent", r"cannot contain '\*'"),
+        ("/b/*x", r"cannot contain '\*'"),
+        ("/api/%61gent", r"cannot contain '%'"),
+        ("/api/agent?x=1", r"cannot contain '\?'"),
+        ("/api/agent\r\n", r"cannot contain '\\r'"),
+        ("/api/./agent", r"empty, '\.' or '\.\.' segment"),
+    ],
+)
+def test_paths_no_request_path_could_match_as_meant_are_refused(path: str, message: str) -> None:
+    """Before: taken literally, so they protected nothing the app routes: a Starlette route
+    ``/api/{x}/hook`` (or any path below ``/hooks/``) was reached unsigned (real uvicorn and
+    hypercorn)."""
+    with pytest.raises(ConfigurationError, match=message) as raised:
+        LayercodeSignature(Recorder(), secret=SECRET, paths=[path])
+    assert str(raised.value).startswith(f"LayercodeSignature paths {path!r} ")
+
+
+@pytest.mark.anyio
+async def test_paths_of_non_ascii_letters_and_sub_delimiters_protect() -> None:
+    app = LayercodeSignature(Recorder(), secret=SECRET, paths=["/voix/\u00e9t\u00e9", "/a;v=1/*"])
+    for path, status in [("/voix/\u00e9t\u00e9", 401), ("/a;v=1/b", 401), ("/open", 204)]:
+        sent, _ = await call_asgi(app, [], [b""], path=path)
+        assert sent[0]["status"] == status, path
+
+
 def test_missing_secret_fails_at_starlette_startup_not_per_request() -> None:
     app = Starlette()
     app.add_middleware(LayercodeSignature, secret="")
