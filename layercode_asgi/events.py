@@ -359,9 +359,10 @@ def _parse_other(raw: object) -> WebhookPayload:
 
 
 # A transcript item with a field this version does not know (TranscriptItem forbids them,
-# so that the one-pass decode stays the common case), or a non-object ``extra`` key.
+# so that the one-pass decode stays the common case), or a non-object ``extra`` key. The
+# field's name is as received: it may hold backticks.
 _ITEM_EXTRA = re.compile(
-    r"\A(Object contains unknown field `[^`]*` - at `\$\.transcript\[\d+\]`"
+    r"\A(Object contains unknown field `.*` - at `\$\.transcript\[\d+\]`"
     r"|.* - at `\$\.transcript\[\d+\]\.extra`)\Z",
     re.DOTALL,
 )

@@ -342,6 +342,17 @@ def test_unknown_fields_of_transcript_items_are_kept_in_extra(type_name: str) ->
     assert parse_webhook_payload(encoded) == payload
 
 
+@pytest.mark.parametrize("name", ["a`b", "`", "x` - at `$.transcript[0]", "q\x1b[31m`\u2028"])
+def test_transcript_item_fields_named_with_a_backtick_are_kept_in_extra(name: str) -> None:
+    base = {k: v for k, v in FULL_BODIES["session.end"].items() if k != "transcript"}
+    items = [{"role": "user", "text": "hi", name: 1}, {"role": "user", "text": "ok"}]
+    payload = parse_all_ways({**base, "transcript": items})
+    assert payload.transcript == [  # type: ignore[union-attr]
+        TranscriptItem(role="user", text="hi", extra={name: 1}),
+        TranscriptItem(role="user", text="ok"),
+    ]
+
+
 def test_transcript_item_extras_do_not_hide_errors() -> None:
     base = {k: v for k, v in FULL_BODIES["session.end"].items() if k != "transcript"}
     bad_text = [{"role": "u", "text": "a", "new": 1}, {"role": "u", "text": 7, "new": 2}]
