@@ -460,6 +460,6 @@ def _unknown_or_invalid(exc: msgspec.ValidationError, raw: object) -> InvalidPay
             probe = _PROBE_DECODER.decode(raw)  # type: ignore[arg-type]  # bytes/buffer
     except (ValueError, RecursionError) as probe_exc:
         return _translate(probe_exc, raw, probe_unknown=False)
-    if probe.type in EVENT_TYPES:  # duplicate ``type`` keys: the probe saw a later one
-        return error
+    if probe.type in EVENT_TYPES:  # the probe saw a later ``type`` key (JSON.parse's)
+        return InvalidPayloadError("duplicate `type` keys with different values", "$.type")
     return UnknownEventError(str.__str__(probe.type))

@@ -673,6 +673,19 @@ def test_duplicate_type_keys_are_invalid() -> None:
     error = expect_error(b'{"type":"nope","type":"message","session_id":"s","conversation_id":"c"}')
     assert type(error) is InvalidPayloadError
     assert error.path == "$.type"
+    # whichever comes first (readers such as JSON.parse take the last one), and the error
+    # says so without echoing the values (huge, or with control characters)
+    ids = b',"session_id":"s","conversation_id":"c","turn_id":"t",'
+    for first, last in [
+        (b'"message"', b'"session.end"'),
+        (b'"data"', b'"message"'),
+        (b'"' + b"x" * 100_000 + b'"', b'"message"'),
+        (b'"\\u001b[31m\\u0000\\n"', b'"session.start"'),
+    ]:
+        error = expect_error(b'{"type":' + first + ids + b'"type":' + last + b"}")
+        assert type(error) is InvalidPayloadError
+        assert error.path == "$.type"
+        assert error.detail == "duplicate `type` keys with different values"
 
 
 @pytest.mark.parametrize(
