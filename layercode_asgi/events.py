@@ -366,7 +366,14 @@ _ITEM_EXTRA = re.compile(
     r"|.* - at `\$\.transcript\[\d+\]\.extra`)\Z",
     re.DOTALL,
 )
-_ITEM_FIELDS: Final[frozenset[str]] = frozenset({"role", "text", "timestamp"})
+
+
+class _ItemCheck(msgspec.Struct, frozen=True, gc=False):
+    """A transcript item's known fields, its others ignored: checks items in one pass."""
+
+    role: str
+    text: str
+    timestamp: int | float | str | None = None
 
 
 def _is_item_extra(exc: BaseException) -> bool:
@@ -387,7 +394,7 @@ def _parse_keeping_item_extras(raw: object) -> WebhookPayload:
             raise _translate(exc, raw, probe_unknown=False) from exc
     items = document.get("transcript")
     if isinstance(items, list):
-        document = {**document, "transcript": [_split_item(item) for item in items]}
+        document = {**document, "transcript": _items_keeping_extras(items)}
     try:
         result: WebhookPayload = msgspec.convert(document, WebhookPayload)
     except (ValueError, RecursionError) as exc:
@@ -395,13 +402,29 @@ def _parse_keeping_item_extras(raw: object) -> WebhookPayload:
     return result
 
 
-def _split_item(item: object) -> object:
-    """``{"role", "text", "timestamp", **others}`` -> the same with ``extra=others``."""
-    if not isinstance(item, Mapping):
-        return item  # reported as a type error by the conversion
-    known = {key: value for key, value in item.items() if key in _ITEM_FIELDS}
-    others = {key: value for key, value in item.items() if key not in _ITEM_FIELDS}
-    return {**known, "extra": others} if others else known
+def _items_keeping_extras(items: list[Any]) -> list[TranscriptItem]:
+    """``{"role", "text", "timestamp", **others}`` items -> items with ``extra=others``.
+
+    One C pass checks every item first, so a bad transcript costs no Python step per item;
+    then each item's other fields are copied out with C calls only (two dict
+    comprehensions per item held the event loop for a quarter of a second on 1 MiB).
+    """
+    try:
+        checked = msgspec.convert(items, list[_ItemCheck])
+    except (ValueError, RecursionError) as exc:
+        error = _translate(exc, items, probe_unknown=False)
+        raise InvalidPayloadError(error.detail, "$.transcript" + error.path[1:]) from exc
+    result = []
+    for item, known in zip(items, checked, strict=True):
+        others = dict(item)
+        del others["role"], others["text"]
+        others.pop("timestamp", None)
+        result.append(
+            TranscriptItem(
+                role=known.role, text=known.text, timestamp=known.timestamp, extra=others or None
+            )
+        )
+    return result
 
 
 def _translate(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -351,6 +352,33 @@ def test_transcript_item_fields_named_with_a_backtick_are_kept_in_extra(name: st
         TranscriptItem(role="user", text="hi", extra={name: 1}),
         TranscriptItem(role="user", text="ok"),
     ]
+
+
+def _python_calls(data: bytes) -> int:
+    """How many Python functions run while ``data`` is decoded (it must be refused)."""
+    calls = 0
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(count)
+    try:
+        expect_error(data)
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_an_invalid_transcript_with_unknown_item_fields_is_refused_without_per_item_work() -> None:
+    # Items with unknown fields take the slow pass (one Python step per item, up to a
+    # quarter of a second for a 1 MiB body); an invalid transcript is refused before it.
+    def body(items: int) -> bytes:
+        head = {k: v for k, v in FULL_BODIES["session.end"].items() if k != "transcript"}
+        return raw({**head, "transcript": [{"role": "u", "text": "a", "x": 1}] * items + [{}]})
+
+    assert expect_error(body(10)).path == "$.transcript[10].role"
+    assert _python_calls(body(2_000)) == _python_calls(body(10))
 
 
 def test_transcript_item_extras_do_not_hide_errors() -> None:
@@ -1169,3 +1197,35 @@ def test_a_data_event_without_data_is_answered_not_refused() -> None:
     reply = anyio.run(talk)
     assert (reply.status_code, reply.body) == (200, {"status": "ok"})
     assert seen == [{}]
+
+
+def test_bodies_read_differently_or_slowly_answered_over_http() -> None:
+    """Through ``create_app`` under uvicorn, signed: the answers of the cases above."""
+    import httpx
+
+    from layercode_asgi import Settings, create_app
+
+    from .conftest import SECRET, serve, signed_headers
+
+    ended: list[SessionEndPayload] = []
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, on_session_end=ended.append)
+    end = {k: v for k, v in FULL_BODIES["session.end"].items() if k != "transcript"}
+    twice = b'{"type":"\\u001b[2J' + b"x" * 100_000 + b'","type":"message"'
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+
+        def post(body: bytes) -> httpx.Response:
+            return client.post("/api/agent", content=body, headers=signed_headers(body))
+
+        answer = post(twice + b',"session_id":"s","conversation_id":"c","turn_id":"t"}')
+        assert answer.status_code == 400
+        assert answer.json() == {
+            "error": "invalid webhook payload at `$.type`: duplicate `type` keys with different values",
+            "path": "$.type",
+        }
+        answer = post(raw({**end, "transcript": [{"role": "user", "text": "hi", "a`b": 1}]}))
+        assert answer.status_code == 200, answer.text
+        assert ended[-1].transcript == [TranscriptItem(role="user", text="hi", extra={"a`b": 1})]
+        answer = post(raw({**end, "transcript": [{"role": "u", "text": "a", "x": 1}, {"x": 1}]}))
+        assert answer.status_code == 400
+        assert answer.json()["path"] == "$.transcript[1].role"
