@@ -318,8 +318,8 @@ def parse_webhook_payload(raw: bytes | str | Mapping[str, Any]) -> WebhookPayloa
     Raises:
         UnknownEventError: well-formed JSON object whose ``type`` is an unknown string.
         InvalidPayloadError: anything else that is not a valid event (malformed or
-            truncated JSON, invalid UTF-8, too deep nesting, not an object, missing or
-            mistyped field, unsupported input type). Nothing else is raised, except
+            truncated JSON, invalid UTF-8 in what is read, too deep nesting, not an object,
+            missing or mistyped field, unsupported input type). Nothing else is raised, except
             non-``ValueError`` exceptions from the methods of a caller's ``Mapping`` class.
     """
     # Hot path first: one C call. Only the decode runs inside ``try`` and no user code
