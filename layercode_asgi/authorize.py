@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import msgspec
 from starlette.requests import ClientDisconnect, Request
@@ -65,18 +66,21 @@ class AuthorizeRoute:
         self.timeout = timeout
         self.body_timeout = settings.body_timeout
         self._client: httpx.AsyncClient | None = None
+        self._loop: object = None  # the event loop ``_client`` (its connections) belongs to
 
     @property
     def client(self) -> httpx.AsyncClient:
-        # Created on first use, not in the lifespan: a mounted sub-app gets no lifespan.
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout)
+        # Created on first use, not in the lifespan: a mounted sub-app gets no lifespan. One
+        # per event loop: an app may be served again on a later loop (trio after asyncio).
+        loop = anyio.lowlevel.current_token()
+        if self._client is None or self._loop != loop:
+            self._client, self._loop = httpx.AsyncClient(timeout=self.timeout), loop
         return self._client
 
     async def aclose(self) -> None:
-        if self._client is not None:
+        if self._client is not None and self._loop == anyio.lowlevel.current_token():
             await self._client.aclose()
-            self._client = None
+        self._client = None
 
     async def allowed(self, request: Request) -> bool:
         if self.guard is None:
