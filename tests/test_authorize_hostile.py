@@ -74,3 +74,30 @@ def test_authorize_on_a_later_event_loop(layercode: tuple[FakeLayercode, str]) -
                 r = client.post("/voice/api/authorize", json={"agent_id": "a"})
                 assert (r.status_code, r.json()) == (200, fake.answer)
     assert len(fake.requests) == 6
+
+
+def test_x_api_key_decides_when_both_keys_are_sent(layercode: tuple[FakeLayercode, str]) -> None:
+    """One rule for the authorize route and /metrics: a non-empty ``X-Api-Key`` is the key
+    checked, ``Authorization: Bearer`` only in its absence (a front end's own Bearer token,
+    say, neither helps nor hurts)."""
+    pytest.importorskip("prometheus_client")
+    _, api = layercode
+    app = create_app(
+        settings(
+            layercode_api_url=api, authorize_api_keys="good", metrics=True, metrics_api_keys="good"
+        )
+    )
+    cases = [
+        ({"x-api-key": "good", "authorization": "Bearer bad"}, 200),
+        ({"x-api-key": "bad", "authorization": "Bearer good"}, 401),
+        ({"x-api-key": "", "authorization": "Bearer good"}, 200),
+        ({"authorization": "Bearer good"}, 200),
+        ({"x-api-key": "bad"}, 401),
+    ]
+    with serve(app) as url, httpx.Client(base_url=url, timeout=20) as client:
+        for headers, expected in cases:
+            authorize = client.post("/api/authorize", json={"agent_id": "a"}, headers=headers)
+            metrics = client.get("/metrics", headers=headers)
+            assert (authorize.status_code, metrics.status_code) == (expected, expected), headers
+            if expected == 401:
+                assert authorize.json() == metrics.json() == {"error": "missing or invalid API key"}
