@@ -165,10 +165,14 @@ class AuthorizeRoute:
                 502, f"LayerCode API response too large (over {AUTHORIZE_MAX_UPSTREAM_BODY} bytes)"
             )
         except httpx.HTTPError as exc:
+            detail = str(exc)  # may quote the answer's bytes: an echo of our key, say
+            assert self.api_key  # checked above
+            if self.api_key in detail or repr(self.api_key.encode())[2:-1] in detail:
+                detail = "(not shown: it holds our LAYERCODE_API_KEY)"
             logger.warning(
                 "LayerCode authorize unreachable: %s: %s",
                 type(exc).__name__,
-                escape_log_value(exc),
+                escape_log_value(detail),
             )
             return json_error_response(502, "LayerCode API unreachable")
 

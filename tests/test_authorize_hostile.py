@@ -5,6 +5,7 @@ hostile upstream answers."""
 from __future__ import annotations
 
 import functools
+import logging
 import socket
 import threading
 import time
@@ -101,3 +102,59 @@ def test_x_api_key_decides_when_both_keys_are_sent(layercode: tuple[FakeLayercod
             assert (authorize.status_code, metrics.status_code) == (expected, expected), headers
             if expected == 401:
                 assert authorize.json() == metrics.json() == {"error": "missing or invalid API key"}
+
+
+@contextmanager
+def raw_upstream(reply: bytes) -> Iterator[str]:
+    """A LayerCode double on 127.0.0.1 answering one connection with the bytes ``reply``."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def answer() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10)
+            received = b""
+            while b"\r\n\r\n" not in received and len(received) < 65536:  # the head
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+            conn.sendall(reply)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    finally:
+        listener.close()
+        thread.join(10)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\nauthorization: Bearer lc_live_7f3a\x00\r\n\r\n",
+        b"HTTP/1.1 200 lc_live_7f3a\x00\r\n\r\n",
+    ],
+)
+def test_a_broken_upstream_answer_does_not_log_our_key(
+    reply: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream (a proxy echoing our request) whose malformed answer holds our API key:
+    502, and the log names the fault without the key."""
+    with raw_upstream(reply) as api:
+        app = create_app(settings(layercode_api_url=api, layercode_api_key="lc_live_7f3a"))
+        with (
+            caplog.at_level(logging.INFO, logger="layercode_asgi"),
+            serve(app) as url,
+            httpx.Client(base_url=url, timeout=20) as client,
+        ):
+            r = client.post("/api/authorize", json={"agent_id": "a"})
+    assert (r.status_code, r.json()) == (502, {"error": "LayerCode API unreachable"})
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "LayerCode authorize unreachable: RemoteProtocolError" in logged
+    assert "lc_live_7f3a" not in logged
