@@ -82,7 +82,7 @@ def test_x_api_key_decides_when_both_keys_are_sent(layercode: tuple[FakeLayercod
     checked, ``Authorization: Bearer`` only in its absence (a front end's own Bearer token,
     say, neither helps nor hurts)."""
     pytest.importorskip("prometheus_client")
-    _, api = layercode
+    fake, api = layercode
     app = create_app(
         settings(
             layercode_api_url=api, authorize_api_keys="good", metrics=True, metrics_api_keys="good"
@@ -102,6 +102,9 @@ def test_x_api_key_decides_when_both_keys_are_sent(layercode: tuple[FakeLayercod
             assert (authorize.status_code, metrics.status_code) == (expected, expected), headers
             if expected == 401:
                 assert authorize.json() == metrics.json() == {"error": "missing or invalid API key"}
+    for _, headers, _ in fake.requests:  # the caller's keys stay here; ours goes upstream
+        assert (headers["authorization"], "x-api-key" in headers) == ("Bearer lc_key", False)
+    assert len(fake.requests) == 3
 
 
 @contextmanager
@@ -158,3 +161,19 @@ def test_a_broken_upstream_answer_does_not_log_our_key(
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "LayerCode authorize unreachable: RemoteProtocolError" in logged
     assert "lc_live_7f3a" not in logged
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_with_our_key(
+    layercode: tuple[FakeLayercode, str], status: int
+) -> None:
+    """A LayerCode (or a proxy) redirecting elsewhere: 502, the key goes nowhere else."""
+    fake, api = layercode
+    thief = FakeLayercode()
+    with serve(thief.app) as elsewhere:
+        fake.status, fake.answer = status, b""
+        fake.headers = {"location": elsewhere + "/v1/agents/web/authorize_session"}
+        with serve(create_app(settings(layercode_api_url=api))) as url:
+            r = httpx.post(url + "/api/authorize", json={"agent_id": "a"}, timeout=20)
+    assert (r.status_code, r.json()) == (502, {"error": f"LayerCode API error ({status})"})
+    assert len(fake.requests) == 1 and thief.requests == []
