@@ -177,3 +177,25 @@ def test_a_redirect_is_not_followed_with_our_key(
             r = httpx.post(url + "/api/authorize", json={"agent_id": "a"}, timeout=20)
     assert (r.status_code, r.json()) == (502, {"error": f"LayerCode API error ({status})"})
     assert len(fake.requests) == 1 and thief.requests == []
+
+
+def test_a_json_body_is_read_whatever_its_content_type(
+    layercode: tuple[FakeLayercode, str],
+) -> None:
+    """``fetch(url, {method: "POST", body: JSON.stringify(...)})`` sends ``text/plain``: the
+    body is JSON all the same (as the reference backends read it), and goes upstream as JSON."""
+    fake, api = layercode
+    body = b'{"agent_id":"a"}'
+    with serve(create_app(settings(layercode_api_url=api))) as url, httpx.Client() as client:
+        for content_type in ("text/plain;charset=UTF-8", None, "application/json"):
+            headers = {"content-type": content_type} if content_type else {}
+            r = client.post(url + "/api/authorize", content=body, headers=headers, timeout=20)
+            assert (r.status_code, r.json()) == (200, fake.answer)
+        r = client.post(url + "/api/authorize", data={"agent_id": "a"}, timeout=20)  # a form
+        assert (r.status_code, r.json()) == (
+            400,
+            {"error": "body must be a JSON object with agent_id"},
+        )
+    assert [(h["content-type"], sent) for _, h, sent in fake.requests] == [
+        ("application/json", body)
+    ] * 3
