@@ -1,7 +1,8 @@
 """The API-key check of the guarded routes (``/api/authorize``, ``/metrics``).
 
 A caller presents a key as ``X-Api-Key: <key>`` or ``Authorization: Bearer <key>``; it is
-compared with every configured key in constant time.
+compared with every configured key in constant time. With both, a non-empty ``X-Api-Key`` is
+the key checked (``Authorization`` may carry a front end's own token).
 """
 
 from __future__ import annotations

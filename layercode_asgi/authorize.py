@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import msgspec
 from starlette.requests import ClientDisconnect, Request
@@ -65,18 +66,21 @@ class AuthorizeRoute:
         self.timeout = timeout
         self.body_timeout = settings.body_timeout
         self._client: httpx.AsyncClient | None = None
+        self._loop: object = None  # the event loop ``_client`` (its connections) belongs to
 
     @property
     def client(self) -> httpx.AsyncClient:
-        # Created on first use, not in the lifespan: a mounted sub-app gets no lifespan.
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout)
+        # Created on first use, not in the lifespan: a mounted sub-app gets no lifespan. One
+        # per event loop: an app may be served again on a later loop (trio after asyncio).
+        loop = anyio.lowlevel.current_token()
+        if self._client is None or self._loop != loop:
+            self._client, self._loop = httpx.AsyncClient(timeout=self.timeout), loop
         return self._client
 
     async def aclose(self) -> None:
-        if self._client is not None:
+        if self._client is not None and self._loop == anyio.lowlevel.current_token():
             await self._client.aclose()
-            self._client = None
+        self._client = None
 
     async def allowed(self, request: Request) -> bool:
         if self.guard is None:
@@ -161,10 +165,14 @@ class AuthorizeRoute:
                 502, f"LayerCode API response too large (over {AUTHORIZE_MAX_UPSTREAM_BODY} bytes)"
             )
         except httpx.HTTPError as exc:
+            detail = str(exc)  # may quote the answer's bytes: an echo of our key, say
+            assert self.api_key  # checked above
+            if self.api_key in detail or repr(self.api_key.encode())[2:-1] in detail:
+                detail = "(not shown: it holds our LAYERCODE_API_KEY)"
             logger.warning(
                 "LayerCode authorize unreachable: %s: %s",
                 type(exc).__name__,
-                escape_log_value(exc),
+                escape_log_value(detail),
             )
             return json_error_response(502, "LayerCode API unreachable")
 

@@ -1,0 +1,201 @@
+"""The authorize route over real HTTP (uvicorn, hypercorn on asyncio and trio) against a fake
+LayerCode on 127.0.0.1: one app on several event loops, which key wins when two are sent,
+hostile upstream answers."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from layercode_asgi import create_app
+
+from .conftest import free_port, serve
+from .test_server import FakeLayercode, settings
+
+
+@pytest.fixture
+def layercode() -> Iterator[tuple[FakeLayercode, str]]:
+    fake = FakeLayercode()
+    with serve(fake.app) as url:
+        yield fake, url + "/v1"
+
+
+@contextmanager
+def hypercorn_trio(app: Any) -> Iterator[str]:
+    """Run ``app`` under hypercorn's trio worker in a thread on 127.0.0.1."""
+    import trio
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as trio_serve
+
+    port = free_port()
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    stop = threading.Event()
+    trigger = functools.partial(trio.to_thread.run_sync, stop.wait)
+    run = functools.partial(trio_serve, app, config, shutdown_trigger=trigger)
+    thread = threading.Thread(target=trio.run, args=(run,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or not thread.is_alive():
+                stop.set()
+                raise RuntimeError("hypercorn (trio) did not start") from None
+            time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_authorize_on_a_later_event_loop(layercode: tuple[FakeLayercode, str]) -> None:
+    """Mounted (no lifespan closes its client), one app is served on asyncio, then trio, then
+    asyncio again: each loop gets its own upstream client, none a 500."""
+    fake, api = layercode
+    parent = Starlette(routes=[Mount("/voice", create_app(settings(layercode_api_url=api)))])
+    for run in (serve, hypercorn_trio, serve):
+        with run(parent) as url, httpx.Client(base_url=url, timeout=20) as client:
+            for _ in range(2):  # the second call reuses this loop's pooled connection
+                r = client.post("/voice/api/authorize", json={"agent_id": "a"})
+                assert (r.status_code, r.json()) == (200, fake.answer)
+    assert len(fake.requests) == 6
+
+
+def test_x_api_key_decides_when_both_keys_are_sent(layercode: tuple[FakeLayercode, str]) -> None:
+    """One rule for the authorize route and /metrics: a non-empty ``X-Api-Key`` is the key
+    checked, ``Authorization: Bearer`` only in its absence (a front end's own Bearer token,
+    say, neither helps nor hurts)."""
+    pytest.importorskip("prometheus_client")
+    fake, api = layercode
+    app = create_app(
+        settings(
+            layercode_api_url=api, authorize_api_keys="good", metrics=True, metrics_api_keys="good"
+        )
+    )
+    cases = [
+        ({"x-api-key": "good", "authorization": "Bearer bad"}, 200),
+        ({"x-api-key": "bad", "authorization": "Bearer good"}, 401),
+        ({"x-api-key": "", "authorization": "Bearer good"}, 200),
+        ({"authorization": "Bearer good"}, 200),
+        ({"x-api-key": "bad"}, 401),
+    ]
+    with serve(app) as url, httpx.Client(base_url=url, timeout=20) as client:
+        for headers, expected in cases:
+            authorize = client.post("/api/authorize", json={"agent_id": "a"}, headers=headers)
+            metrics = client.get("/metrics", headers=headers)
+            assert (authorize.status_code, metrics.status_code) == (expected, expected), headers
+            if expected == 401:
+                assert authorize.json() == metrics.json() == {"error": "missing or invalid API key"}
+    for _, headers, _ in fake.requests:  # the caller's keys stay here; ours goes upstream
+        assert (headers["authorization"], "x-api-key" in headers) == ("Bearer lc_key", False)
+    assert len(fake.requests) == 3
+
+
+@contextmanager
+def raw_upstream(reply: bytes) -> Iterator[str]:
+    """A LayerCode double on 127.0.0.1 answering one connection with the bytes ``reply``."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def answer() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10)
+            received = b""
+            while b"\r\n\r\n" not in received and len(received) < 65536:  # the head
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+            conn.sendall(reply)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    finally:
+        listener.close()
+        thread.join(10)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\nauthorization: Bearer lc_live_7f3a\x00\r\n\r\n",
+        b"HTTP/1.1 200 lc_live_7f3a\x00\r\n\r\n",
+    ],
+)
+def test_a_broken_upstream_answer_does_not_log_our_key(
+    reply: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream (a proxy echoing our request) whose malformed answer holds our API key:
+    502, and the log names the fault without the key."""
+    with raw_upstream(reply) as api:
+        app = create_app(settings(layercode_api_url=api, layercode_api_key="lc_live_7f3a"))
+        with (
+            caplog.at_level(logging.INFO, logger="layercode_asgi"),
+            serve(app) as url,
+            httpx.Client(base_url=url, timeout=20) as client,
+        ):
+            r = client.post("/api/authorize", json={"agent_id": "a"})
+    assert (r.status_code, r.json()) == (502, {"error": "LayerCode API unreachable"})
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "LayerCode authorize unreachable: RemoteProtocolError" in logged
+    assert "lc_live_7f3a" not in logged
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_with_our_key(
+    layercode: tuple[FakeLayercode, str], status: int
+) -> None:
+    """A LayerCode (or a proxy) redirecting elsewhere: 502, the key goes nowhere else."""
+    fake, api = layercode
+    thief = FakeLayercode()
+    with serve(thief.app) as elsewhere:
+        fake.status, fake.answer = status, b""
+        fake.headers = {"location": elsewhere + "/v1/agents/web/authorize_session"}
+        with serve(create_app(settings(layercode_api_url=api))) as url:
+            r = httpx.post(url + "/api/authorize", json={"agent_id": "a"}, timeout=20)
+    assert (r.status_code, r.json()) == (502, {"error": f"LayerCode API error ({status})"})
+    assert len(fake.requests) == 1 and thief.requests == []
+
+
+def test_a_json_body_is_read_whatever_its_content_type(
+    layercode: tuple[FakeLayercode, str],
+) -> None:
+    """``fetch(url, {method: "POST", body: JSON.stringify(...)})`` sends ``text/plain``: the
+    body is JSON all the same (as the reference backends read it), and goes upstream as JSON."""
+    fake, api = layercode
+    body = b'{"agent_id":"a"}'
+    with serve(create_app(settings(layercode_api_url=api))) as url, httpx.Client() as client:
+        for content_type in ("text/plain;charset=UTF-8", None, "application/json"):
+            headers = {"content-type": content_type} if content_type else {}
+            r = client.post(url + "/api/authorize", content=body, headers=headers, timeout=20)
+            assert (r.status_code, r.json()) == (200, fake.answer)
+        r = client.post(url + "/api/authorize", data={"agent_id": "a"}, timeout=20)  # a form
+        assert (r.status_code, r.json()) == (
+            400,
+            {"error": "body must be a JSON object with agent_id"},
+        )
+    assert [(h["content-type"], sent) for _, h, sent in fake.requests] == [
+        ("application/json", body)
+    ] * 3
