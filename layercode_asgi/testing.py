@@ -17,7 +17,7 @@ import anyio.lowlevel
 import httpx
 
 from . import protocol
-from .errors import check_seconds
+from .errors import check_positive_int, check_seconds
 from .protocol import *  # noqa: F403 - the client's vocabulary, re-exported
 from .protocol import (
     MAX_REPLY_BYTES,
@@ -278,10 +278,8 @@ class LayercodeTestClient:
             check_url("base_url", base_url)
         check_headers("headers", headers or {})
         check_seconds("timeout", timeout, zero=False, none=False)
-        for name, bound in (("max_bytes", max_bytes), ("max_events", max_events)):
-            # NaN or infinity would never trip; a string would fail mid-request.
-            if not isinstance(bound, int) or isinstance(bound, bool) or bound < 1:
-                raise ValueError(f"{name} must be an integer > 0, got {bound!r}")
+        check_positive_int(max_bytes, "max_bytes")  # NaN would never trip, "5" fail later
+        check_positive_int(max_events, "max_events")
         self.app = app
         self.base_url = (base_url or "http://testserver").rstrip("/")
         self.url = self.base_url + "/" + path.lstrip("/")
