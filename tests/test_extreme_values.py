@@ -20,6 +20,7 @@ from layercode_asgi import (
     MemoryReplayCache,
     RedisReplayCache,
     Settings,
+    SettingsError,
     create_app,
     format_sse_message,
     parse_webhook_payload,
@@ -167,6 +168,35 @@ async def test_run_simulation_refuses_a_bad_timeout(value: Any) -> None:
             err=out,
             transport=httpx.ASGITransport(app=webhook_app),
         )
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["LAYERCODE_SIGNATURE_TOLERANCE", "LAYERCODE_MAX_BODY_SIZE", "LAYERCODE_HISTORY_TTL"],
+)
+@pytest.mark.parametrize("value", [str(2**1024), "9" * 400], ids=["2**1024", "400 digits"])
+def test_settings_refuse_an_int_that_create_app_would_refuse(variable: str, value: str) -> None:
+    # Before, a 400-digit tolerance passed Settings, then create_app refused it as
+    # "LayercodeSignature tolerance", not the variable's name.
+    with pytest.raises(SettingsError, match=f"^{variable}: expected "):
+        Settings(env_file=None, environ={variable: value}, layercode_webhook_secret=SECRET)
+
+
+def test_the_largest_settings_build_an_app() -> None:
+    create_app(
+        Settings(
+            layercode_webhook_secret=SECRET,
+            signature_tolerance=int(sys.float_info.max),
+            max_body_size=int(sys.float_info.max),
+            max_queued_turns=int(sys.float_info.max),
+            history_max_messages=int(sys.float_info.max),
+            history_max_conversations=int(sys.float_info.max),
+            history_max_bytes=int(sys.float_info.max),
+            history_ttl=int(sys.float_info.max),
+            turn_timeout=1e308,
+            body_timeout=1e308,
+        )
+    )
 
 
 @pytest.mark.anyio
