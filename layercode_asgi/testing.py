@@ -243,7 +243,8 @@ class LayercodeTestClient:
         secret: the webhook secret to sign with.
         path: the webhook path (default ``/api/agent``).
         headers: extra headers on every request (LayerCode's custom headers).
-        timeout: seconds per request.
+        timeout: seconds per request (a finite number > 0). With ``app=`` it cancels the app
+            where it awaits: a part shielded from cancellation runs to its end first.
         strict: treat ``response.error`` as a violation.
         max_bytes: the most (decoded) bytes one reply may have (else ``too-large``).
         max_events: the most events one turn may have (else ``too-large``).
