@@ -56,10 +56,11 @@ MAX_NUMBER = sys.float_info.max
 def check_positive_int(value: object, name: str, *, zero: bool = False) -> None:
     """Refuse (``ConfigurationError``) anything but an ``int`` >= 1 (>= 0 with ``zero``) and
     <= :data:`MAX_NUMBER` (``True`` is no count)."""
-    if not isinstance(value, int) or isinstance(value, bool) or not -zero < value <= MAX_NUMBER:
-        least = ">= 0" if zero else "> 0"
+    least = 0 if zero else 1
+    if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= MAX_NUMBER:
+        bound = ">= 0" if zero else "> 0"
         raise ConfigurationError(
-            f"{name} must be an integer {least} (at most {MAX_NUMBER:g}), got {_shown(value)}"
+            f"{name} must be an integer {bound} (at most {MAX_NUMBER:g}), got {_shown(value)}"
         )
 
 
