@@ -33,7 +33,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from .apikeys import sendable_key
 from .envfile import settings_sources
-from .errors import SettingsError
+from .errors import MAX_NUMBER, SettingsError
 from .redaction import mask_url
 
 # Not exported (the CLI's): SETTINGS_FIELDS (see Settings.fields()), SettingField.
@@ -163,8 +163,8 @@ def _int_converter(minimum: int) -> Callable[[object], int]:
             number = value
         else:
             _fail(expected, value)
-        if number < minimum:
-            _fail(expected, value)
+        if not minimum <= number <= MAX_NUMBER:  # as create_app's check_positive_int
+            _fail(expected if number < minimum else f"at most {MAX_NUMBER:g}", value)
         return number
 
     return convert

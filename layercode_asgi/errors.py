@@ -8,7 +8,7 @@ SDK, whose callers catch ``ValueError``.
 
 from __future__ import annotations
 
-import math
+import sys
 from collections.abc import Iterable
 
 __all__ = ["ConfigurationError", "LayercodeError", "ResponseError", "SettingsError"]
@@ -48,13 +48,20 @@ class SettingsError(ConfigurationError):
         super().__init__(message)
 
 
-def check_positive_int(value: object, name: str) -> None:
-    """Refuse (``ConfigurationError``) anything but an ``int`` >= 1 (``True`` is no count)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigurationError(f"{name} must be an integer > 0, got {_shown(value)}")
+#: The largest number any count, size or duration may be: a float's (every one is compared
+#: with floats: clocks, timeouts); an int is compared with it exactly.
+MAX_NUMBER = sys.float_info.max
 
 
-_FLOAT_RANGE = 2**1024  # the smallest int a float cannot hold
+def check_positive_int(value: object, name: str, *, zero: bool = False) -> None:
+    """Refuse (``ConfigurationError``) anything but an ``int`` >= 1 (>= 0 with ``zero``) and
+    <= :data:`MAX_NUMBER` (``True`` is no count)."""
+    least = 0 if zero else 1
+    if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= MAX_NUMBER:
+        bound = ">= 0" if zero else "> 0"
+        raise ConfigurationError(
+            f"{name} must be an integer {bound} (at most {MAX_NUMBER:g}), got {_shown(value)}"
+        )
 
 
 def check_seconds(name: str, value: object, *, zero: bool, none: bool) -> None:
@@ -66,8 +73,7 @@ def check_seconds(name: str, value: object, *, zero: bool, none: bool) -> None:
     if (
         isinstance(value, int | float)
         and not isinstance(value, bool)
-        and -_FLOAT_RANGE < value < _FLOAT_RANGE  # an int beyond: isfinite raises OverflowError
-        and math.isfinite(value)
+        and value <= MAX_NUMBER  # not NaN, infinity, nor an int beyond a float
         and (value > 0 or (zero and value == 0))
     ):
         return

@@ -24,12 +24,13 @@ import collections
 import contextlib
 import importlib.util
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, check_positive_int
 from .logs import escape_log_value
 from .turns import Turn, TurnStatus
 
@@ -284,7 +285,8 @@ class MemoryMetrics:
     """
 
     def __init__(self, maxlen: int = 1000) -> None:
-        self.records: collections.deque[WebhookRecord] = collections.deque(maxlen=maxlen)
+        check_positive_int(maxlen, "maxlen", zero=True)  # beyond sys.maxsize: no bound
+        self.records = collections.deque[WebhookRecord](maxlen=min(maxlen, sys.maxsize))
         self.rejections: collections.Counter[str] = collections.Counter()
 
     def request_started(self, record: WebhookRecord) -> None:

@@ -38,7 +38,7 @@ from ._asgi import (
     route_path,
     send_json_error,
 )
-from .errors import ConfigurationError, LayercodeError, check_seconds
+from .errors import ConfigurationError, LayercodeError, check_positive_int, check_seconds
 from .logs import escape_log_value
 from .replay import MemoryReplayCache, ReplayCache, replay_key
 from .signature import (
@@ -201,20 +201,9 @@ class LayercodeSignature:
             )
         # One secret is passed as a ``str``: verify_signature's fast path takes exactly that.
         self._secrets: str | tuple[str, ...] = secrets[0] if len(secrets) == 1 else secrets
-        if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
-            raise ConfigurationError(
-                f"LayercodeSignature tolerance must be an int >= 0 seconds, got {tolerance!r}"
-            )
-        check_seconds("LayercodeSignature tolerance", tolerance, zero=True, none=False)
+        check_positive_int(tolerance, "LayercodeSignature tolerance", zero=True)
         self.tolerance = tolerance
-        if (
-            isinstance(max_body_size, bool)
-            or not isinstance(max_body_size, int)
-            or (max_body_size <= 0)
-        ):
-            raise ConfigurationError(
-                f"LayercodeSignature max_body_size must be a positive int, got {max_body_size!r}"
-            )
+        check_positive_int(max_body_size, "LayercodeSignature max_body_size")
         self.max_body_size = max_body_size
         self._too_large = json_error(413, f"request body exceeds {max_body_size} bytes", close=True)
         self._matches = None if paths is None else _PathMatcher(paths)

@@ -19,6 +19,7 @@ import httpx
 import msgspec
 
 from ._asgi import HEADER_NAME
+from .errors import check_positive_int, check_seconds
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
 from .redaction import escape_terminal, mask_url
 from .signature import SIGNATURE_HEADER, sign
@@ -186,6 +187,7 @@ class TurnChecker:
         strict: bool = False,
         max_events: int = MAX_TURN_EVENTS,
     ) -> None:
+        check_positive_int(max_events, "max_events")
         self.turn_id = turn_id
         self.event_type = event_type
         self.strict = strict
@@ -341,6 +343,8 @@ async def _exchange(
     late: str | Callable[[], str],
 ) -> AsyncIterator[httpx.Response]:
     """POST the signed ``event``, require a status in ``ok``; any failure is a ProtocolViolation."""
+    check_seconds("timeout", timeout, zero=False, none=False)
+    check_positive_int(max_bytes, "max_bytes")
     body = encode_event(event)
     request_headers = {
         "accept-encoding": ACCEPT_ENCODING,

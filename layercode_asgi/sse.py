@@ -33,7 +33,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from ._asgi import must_propagate, send_json_error
-from .errors import ResponseError, check_seconds
+from .errors import ResponseError, check_positive_int, check_seconds
 from .jsonwire import escape_json_text_line_breaks
 
 __all__ = [
@@ -106,8 +106,7 @@ def format_sse_message(
             raise ValueError("SSE id must not contain a line break or NUL")
         parts.append(f"id: {id}\n")
     if retry is not None:
-        if isinstance(retry, bool) or not isinstance(retry, int) or retry < 0:
-            raise ValueError(f"SSE retry must be a non-negative int (ms), got {retry!r}")
+        check_positive_int(retry, "SSE retry (ms)", zero=True)
         parts.append(f"retry: {retry}\n")
     parts.extend(f"data: {line}\n" for line in _LINE_BREAK.split(data))
     parts.append("\n")

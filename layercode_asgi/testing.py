@@ -17,7 +17,7 @@ import anyio.lowlevel
 import httpx
 
 from . import protocol
-from .errors import check_seconds
+from .errors import check_positive_int, check_seconds
 from .protocol import *  # noqa: F403 - the client's vocabulary, re-exported
 from .protocol import (
     MAX_REPLY_BYTES,
@@ -243,7 +243,8 @@ class LayercodeTestClient:
         secret: the webhook secret to sign with.
         path: the webhook path (default ``/api/agent``).
         headers: extra headers on every request (LayerCode's custom headers).
-        timeout: seconds per request.
+        timeout: seconds per request (a finite number > 0). With ``app=`` it cancels the app
+            where it awaits: a part shielded from cancellation runs to its end first.
         strict: treat ``response.error`` as a violation.
         max_bytes: the most (decoded) bytes one reply may have (else ``too-large``).
         max_events: the most events one turn may have (else ``too-large``).
@@ -278,10 +279,8 @@ class LayercodeTestClient:
             check_url("base_url", base_url)
         check_headers("headers", headers or {})
         check_seconds("timeout", timeout, zero=False, none=False)
-        for name, bound in (("max_bytes", max_bytes), ("max_events", max_events)):
-            # NaN or infinity would never trip; a string would fail mid-request.
-            if not isinstance(bound, int) or isinstance(bound, bool) or bound < 1:
-                raise ValueError(f"{name} must be an integer > 0, got {bound!r}")
+        check_positive_int(max_bytes, "max_bytes")  # NaN would never trip, "5" fail later
+        check_positive_int(max_events, "max_events")
         self.app = app
         self.base_url = (base_url or "http://testserver").rstrip("/")
         self.url = self.base_url + "/" + path.lstrip("/")

@@ -51,7 +51,7 @@ from .conversation import (
     lock_wait_timeout,
 )
 from .conversation.manager import webhook_conversations
-from .errors import LayercodeError, ResponseError, check_seconds, check_text
+from .errors import LayercodeError, ResponseError, check_positive_int, check_seconds, check_text
 from .events import (
     DataPayload,
     InvalidPayloadError,
@@ -280,10 +280,8 @@ class LayercodeWebhook:
         self.agent = agent
         # Bound once: an agent that cannot be called as one fails here, not per turn.
         self._bound = bind_agent(agent)
-        if isinstance(max_queued_turns, bool) or not (
-            isinstance(max_queued_turns, int) and max_queued_turns >= 0
-        ):
-            raise ValueError(f"max_queued_turns must be an integer >= 0, got {max_queued_turns!r}")
+        check_positive_int(max_queued_turns, "max_queued_turns", zero=True)
+        check_positive_int(max_body_size, "max_body_size")
         check_seconds("turn_timeout", turn_timeout, zero=False, none=True)
         check_seconds("turn_grace", turn_grace, zero=True, none=False)
         check_seconds("lock_timeout", lock_timeout, zero=True, none=True)

@@ -423,6 +423,27 @@ async def test_post_is_bounded_like_every_other_method() -> None:
 
 
 @pytest.mark.anyio
+async def test_an_app_shielded_from_cancellation_is_waited_for_then_a_timeout() -> None:
+    # As docs/testing.md says: the timeout cancels an in-process app where it awaits; a part
+    # it shields runs to its end first, and the request is then a `timeout` violation.
+    shielded_ends: list[str] = []
+
+    async def shielded(scope: Any, receive: Any, send: Any) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0.3)
+            shielded_ends.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    client = LayercodeTestClient(shielded, secret=SECRET, timeout=0.05)
+    for send_one in (client.session_start, client.session_end, lambda: client.post(b"{}")):
+        with anyio.fail_after(10), pytest.raises(ProtocolViolation) as caught:
+            await send_one()
+        assert caught.value.name == "timeout"
+    assert shielded_ends == ["/api/agent"] * 3
+
+
+@pytest.mark.anyio
 async def test_a_redirect_is_not_followed_and_says_where_it_led() -> None:
     calls: list[str] = []
 

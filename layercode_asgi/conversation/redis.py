@@ -156,8 +156,8 @@ class RedisConversationStore:
     ) -> None:
         import_redis("RedisConversationStore")
         check_positive_int(max_connections, "max_connections")
-        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0):
-            raise ConfigurationError(f"ttl must be an integer >= 0 or None, got {ttl!r}")
+        if ttl is not None:
+            check_positive_int(ttl, "ttl", zero=True)
         check_positive_int(max_messages, "max_messages")
         check_positive_int(max_bytes, "max_bytes")
         check_seconds("lock timeout", lock_timeout, zero=True, none=True)
@@ -178,7 +178,7 @@ class RedisConversationStore:
         self.max_bytes = max_bytes
         self.key_prefix = key_prefix
         self.lock_timeout = lock_timeout
-        self.lock_ttl = float(lock_ttl)
+        self.lock_ttl = min(float(lock_ttl), MAX_EXPIRE_SECONDS)  # what Redis can express
         self.operation_timeout = float(operation_timeout)
         if isinstance(url_or_client, str):
             self._client: Any = connect(
