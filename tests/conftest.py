@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import functools
@@ -159,6 +160,51 @@ def serve(app: Any, **config: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@contextmanager
+def serve_hypercorn(app: Any, *, trio_worker: bool = False, root_path: str = "") -> Iterator[str]:
+    """Run ``app`` under hypercorn (its asyncio worker, or its trio one) in a thread on
+    127.0.0.1 (``root_path``: as ``hypercorn --root-path``); yield its base URL."""
+    from hypercorn.config import Config
+
+    port = free_port()
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.root_path = root_path
+    config.accesslog = None
+    stop = threading.Event()
+    if trio_worker:
+        import trio
+        from hypercorn.trio import serve as trio_serve
+
+        trigger = functools.partial(trio.to_thread.run_sync, stop.wait)
+        serving = functools.partial(trio_serve, app, config, shutdown_trigger=trigger)
+        target: Any = functools.partial(trio.run, serving)
+    else:
+        from hypercorn.asyncio import serve as asyncio_serve
+
+        async def main() -> None:
+            await asyncio_serve(app, config, shutdown_trigger=lambda: asyncio.to_thread(stop.wait))
+
+        target = functools.partial(asyncio.run, main())
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or not thread.is_alive():
+                stop.set()
+                raise RuntimeError("hypercorn did not start") from None
+            time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop.set()
+        thread.join(10)
 
 
 def event_body(kind: str = "message", **fields: Any) -> bytes:

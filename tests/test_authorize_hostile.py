@@ -8,10 +8,8 @@ import functools
 import logging
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import httpx
 import pytest
@@ -20,7 +18,7 @@ from starlette.routing import Mount
 
 from layercode_asgi import create_app
 
-from .conftest import free_port, serve
+from .conftest import serve, serve_hypercorn
 from .test_server import FakeLayercode, settings
 
 
@@ -31,45 +29,12 @@ def layercode() -> Iterator[tuple[FakeLayercode, str]]:
         yield fake, url + "/v1"
 
 
-@contextmanager
-def hypercorn_trio(app: Any) -> Iterator[str]:
-    """Run ``app`` under hypercorn's trio worker in a thread on 127.0.0.1."""
-    import trio
-    from hypercorn.config import Config
-    from hypercorn.trio import serve as trio_serve
-
-    port = free_port()
-    config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.accesslog = None
-    stop = threading.Event()
-    trigger = functools.partial(trio.to_thread.run_sync, stop.wait)
-    run = functools.partial(trio_serve, app, config, shutdown_trigger=trigger)
-    thread = threading.Thread(target=trio.run, args=(run,), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or not thread.is_alive():
-                stop.set()
-                raise RuntimeError("hypercorn (trio) did not start") from None
-            time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop.set()
-        thread.join(10)
-
-
 def test_authorize_on_a_later_event_loop(layercode: tuple[FakeLayercode, str]) -> None:
     """Mounted (no lifespan closes its client), one app is served on asyncio, then trio, then
     asyncio again: each loop gets its own upstream client, none a 500."""
     fake, api = layercode
     parent = Starlette(routes=[Mount("/voice", create_app(settings(layercode_api_url=api)))])
-    for run in (serve, hypercorn_trio, serve):
+    for run in (serve, functools.partial(serve_hypercorn, trio_worker=True), serve):
         with run(parent) as url, httpx.Client(base_url=url, timeout=20) as client:
             for _ in range(2):  # the second call reuses this loop's pooled connection
                 r = client.post("/voice/api/authorize", json={"agent_id": "a"})

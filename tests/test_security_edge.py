@@ -13,7 +13,6 @@ import json
 import logging
 import socket
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -31,7 +30,7 @@ from layercode_asgi import LayercodeSignature, Settings, create_app, sign
 from layercode_asgi.logs import escape_log_value, setup_logging
 
 from .agents_for_tests import scripted_agent
-from .conftest import SECRET, event_body, free_port, serve, signed_headers
+from .conftest import SECRET, event_body, free_port, serve, serve_hypercorn, signed_headers
 from .redis_fixtures import RedisServer, redis_server  # noqa: F401 - fixture
 
 
@@ -237,42 +236,6 @@ def protected_app(**options: Any) -> Starlette:
     return app
 
 
-@contextmanager
-def hypercorn_server(app: Any, root_path: str) -> Iterator[str]:
-    """Run ``app`` under hypercorn (as ``hypercorn --root-path``) in a thread on 127.0.0.1."""
-    from hypercorn.asyncio import serve as hypercorn_serve
-    from hypercorn.config import Config
-
-    port = free_port()
-    config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.root_path = root_path
-    config.accesslog = None
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-
-    async def run() -> None:
-        await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("hypercorn did not start") from None
-            time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
-        loop.close()
-
-
 def check_root_path_protection(url: str, prefix: str) -> None:
     """``prefix``: what a client puts before the app's own paths (hypercorn's ``root_path``
     is part of the request path; uvicorn's is added to it, as after a proxy)."""
@@ -292,7 +255,7 @@ def check_root_path_protection(url: str, prefix: str) -> None:
 
 
 def test_root_path_is_stripped_only_at_a_slash_boundary_hypercorn() -> None:
-    with hypercorn_server(protected_app(), "/ap") as url:
+    with serve_hypercorn(protected_app(), root_path="/ap") as url:
         check_root_path_protection(url, "/ap")
 
 
@@ -302,7 +265,7 @@ def test_root_path_under_uvicorn() -> None:
 
 
 def test_create_app_under_hypercorn_root_path() -> None:
-    with hypercorn_server(create_app(settings()), "/ap") as url:
+    with serve_hypercorn(create_app(settings()), root_path="/ap") as url:
         body = data_body()
         with httpx.Client(base_url=url, timeout=10) as client:
             assert client.post("/ap/api/agent", content=body).status_code == 401
