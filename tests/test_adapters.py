@@ -362,6 +362,8 @@ def test_phrase_chunker_cuts_where_the_rules_say_however_the_text_is_split() -> 
         "A long clause that goes on and on and on, then a colon: and more, text; end",
         "Dots.......... then spaces   and \u2028lines\u2029 . . ! ? …  done.)] x",
         "中文。没有空格\uff0c所以不切。Yes. 😀 emoji! 😀😀, ok, then a very long clause here, x",
+        '!!!!!) ?!.)."\']!!!  .).) x!"\n)). ,' + "a" * 40 + ",, ;\t: . ) .!",
+        'A clause long enough to be cut at a comma,) then"; one, (more) two," x. Yes',
     ]
     for text in texts:
         for size in (1, 2, 3, 5, 7, 13):
@@ -379,13 +381,17 @@ def test_phrase_chunker_work_is_linear_in_the_text() -> None:
     """Before: every delta searched the whole phrase so far for a boundary again, so a
     long answer without one (CJK text has no space after its full stops; a model listing
     numbers with commas) took quadratic time on the event loop: 20,000 CJK characters in
-    2-character deltas held it for 2.4 s, 100,000 in 1-character deltas for minutes."""
+    2-character deltas held it for 2.4 s, 100,000 in 1-character deltas for minutes.
+    And a run of sentence ends without a space (``"!!!…"``, a model stuck repeating one)
+    was searched again from each of its characters on every delta: 3,000 ``"!"`` took
+    105 s."""
     import subprocess
 
     code = (
         "from layercode_asgi.adapters import PhraseChunker\n"
         "chunker = PhraseChunker()\n"
-        "for text in ('中文。' * 20_000, '1,0' * 20_000, 'x..' * 20_000):\n"
+        "for text in ('中文。' * 20_000, '1,0' * 20_000, 'x..' * 20_000, '!' * 20_000,\n"
+        "             '.' + ')' * 20_000, '?)' * 20_000):\n"
         "    assert not [p for char in text for p in chunker.feed(char)]\n"
         "    assert chunker.flush() == text\n"
         "print('done')\n"
@@ -396,6 +402,33 @@ def test_phrase_chunker_work_is_linear_in_the_text() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
     )
     assert result.stdout == "done\n", result.stderr
+
+
+class _Counted(str):
+    """A delta that counts the characters of every string built from it by ``+``."""
+
+    copied = 0
+
+    def __add__(self, other: str) -> str:
+        _Counted.copied += len(self) + len(other)
+        return str(self) + other
+
+    def __radd__(self, other: str) -> str:
+        _Counted.copied += len(self) + len(other)
+        return other + str(self)
+
+
+@pytest.mark.parametrize("mode", ["phrase", "delta"])
+def test_phrase_chunker_copies_each_character_a_bounded_number_of_times(mode: str) -> None:
+    """Before: the phrase so far was a string the chunker added each delta to, so a long
+    answer without a boundary (100,000 CJK characters in 1-character deltas; or, with
+    ``chunking="delta"``, as many blank deltas) was copied again on every delta."""
+    text = "中" if mode == "phrase" else " "
+    _Counted.copied = 0
+    chunker = PhraseChunker(mode)  # type: ignore[arg-type]
+    assert not [p for _ in range(20_000) for p in chunker.feed(_Counted(text))]
+    assert (chunker.flush() or "") == (text * 20_000 if mode == "phrase" else "")
+    assert _Counted.copied <= 4 * 20_000
 
 
 def test_tool_actions_outside_a_turn_raise() -> None:
