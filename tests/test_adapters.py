@@ -33,6 +33,7 @@ from layercode_asgi.adapters import (
     send_data,
 )
 from layercode_asgi.agents import STARTER_WELCOME
+from layercode_asgi.conversation import ConversationManager
 from layercode_asgi.testing import LayercodeTestClient, TurnResult, message_event
 
 from .conftest import ROOT, SECRET, event_body, serve, signed_headers
@@ -729,3 +730,58 @@ def test_the_openai_agent_serves_turns_on_a_later_event_loop(
 
     said = [anyio.run(turn, backend=backend) for backend in backends]
     assert ["".join(tts) for tts in said] == ["Hello there. How can I help you today?"] * 2
+
+
+# -- what the model is sent ------------------------------------------------------------------
+
+
+def sent_messages(fake: FakeOpenAI, index: int = -1) -> list[tuple[str, str]]:
+    """Request ``index``'s user/assistant messages as ``(role, text)``, empty ones too."""
+    body = fake.requests[index]["body"]
+    pairs = []
+    for item in body.get("messages") or body.get("input") or []:
+        if isinstance(item, dict) and item.get("role") in ("user", "assistant"):
+            content = item.get("content")
+            if isinstance(content, list):
+                content = "".join(str(part.get("text", "")) for part in content)
+            pairs.append((item["role"], str(content or "")))
+    return pairs
+
+
+async def turn_with_history(name: str, history: list[tuple[str, str]], text: str) -> TurnResult:
+    """One ``message`` turn of agent ``name`` in a conversation holding ``history``."""
+    conversations = ConversationManager()
+    for role, said in history:
+        await conversations.add_message("conv_model_input", {"role": role, "text": said})
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, BUILDERS[name](False), conversations=conversations)
+    with serve(app) as base, anyio.fail_after(20):
+        async with LayercodeTestClient(
+            base_url=base, secret=SECRET, conversation_id="conv_model_input"
+        ) as client:
+            return await client.message(text)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_empty_or_blank_history_messages_are_not_sent(name: str, fake: FakeOpenAI) -> None:
+    """Before: a message of the history without text (``add_message`` takes one) was sent
+    to the model as it was, an empty or blank message, which some providers refuse (Gemini:
+    no empty parts), failing every later turn of the conversation. They are left out."""
+    history = [
+        ("user", ""),
+        ("assistant", "Welcome!"),
+        ("user", " \n"),
+        ("assistant", ""),
+        ("user", "Any tents?"),
+        ("assistant", "\t"),
+        ("assistant", "Yes, four."),
+    ]
+    turn = await turn_with_history(name, history, "Great.")
+    assert turn.errors == []
+    assert sent_messages(fake) == [
+        ("assistant", "Welcome!"),
+        ("user", "Any tents?"),
+        ("assistant", "Yes, four."),
+        ("user", "Great."),
+    ]

@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from ..agents import Agent, TurnContext
-from ..conversation import HistoryMessage
+from ..conversation import HistoryMessage, model_history
 from .voice import DEFAULT_FILLER, Chunking, Filler, Piece, ToolCall, require_extra, voice_agent
 
 __all__ = ["from_pydantic_ai", "pydantic_ai_history"]
@@ -22,13 +22,14 @@ _EXTRA = "pydantic-ai"
 
 
 def pydantic_ai_history(history: Sequence[HistoryMessage]) -> list[Any]:
-    """Our history as pydantic-ai messages (``ModelRequest`` / ``ModelResponse``)."""
+    """Our history as pydantic-ai messages (``ModelRequest`` / ``ModelResponse``), without
+    empty or blank messages."""
     messages = require_extra("pydantic_ai.messages", _EXTRA, "from_pydantic_ai")
     return [
         messages.ModelResponse(parts=[messages.TextPart(content=m.text)])
         if m.role == "assistant"
         else messages.ModelRequest(parts=[messages.UserPromptPart(content=m.text)])
-        for m in history
+        for m in model_history(history)
     ]
 
 
