@@ -785,3 +785,32 @@ async def test_empty_or_blank_history_messages_are_not_sent(name: str, fake: Fak
         ("assistant", "Yes, four."),
         ("user", "Great."),
     ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("model", [f"openai:{MODEL}", f"openai-chat:{MODEL}"])
+async def test_a_pydantic_ai_system_prompt_is_sent_on_every_turn(
+    model: str, fake: FakeOpenAI
+) -> None:
+    """Before: pydantic-ai sends an agent's ``system_prompt`` only when the run has no
+    message history (it expects a history it wrote itself, holding the prompt), and ours
+    holds none: with a welcome (recorded in the history) the model never saw the prompt,
+    without one only on the first turn. Every request carries it now (and the history)."""
+    pydantic_ai = pytest.importorskip("pydantic_ai")
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    for welcome in (WELCOME, None):
+        agent = pydantic_ai.Agent(model, system_prompt="Speak like a pirate.")
+        app = create_app(settings, from_pydantic_ai(agent, welcome=welcome))
+        fake.requests.clear()
+        with serve(app) as base, anyio.fail_after(20):
+            async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+                await client.session_start()
+                await client.message("Any tents?")
+                await client.message("Great.")
+        assert [fake.instructions(i) for i in range(len(fake.requests))] == [
+            "Speak like a pirate."
+        ] * (2 if welcome else 3)
+        assert sent_messages(fake)[-2:] == [
+            ("assistant", "Hello there. How can I help you today?"),
+            ("user", "Great."),
+        ]

@@ -9,6 +9,7 @@ answer (``run_stream`` would stop at the first text it could return as the outpu
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
@@ -53,16 +54,24 @@ def from_pydantic_ai(
         deps: ``deps(context)`` builds the run's ``deps`` for each turn.
         run_options: passed to ``agent.iter`` (``model=``, ``model_settings=``, …).
 
-    ``context.history`` becomes the run's ``message_history``.
+    ``context.history`` becomes the run's ``message_history``. pydantic-ai sends the agent's
+    ``system_prompt`` only with no history (one it wrote would hold the prompt; ours does
+    not), so each run gets its ``ReinjectSystemPrompt`` capability: every request has it.
     """
     pydantic_ai = require_extra("pydantic_ai", _EXTRA, "from_pydantic_ai")
     messages = require_extra("pydantic_ai.messages", _EXTRA, "from_pydantic_ai")
     framework_agent: Any = pydantic_ai.Agent
+    try:  # an older pydantic-ai has none: only ``instructions`` reach every request
+        reinject: Any = importlib.import_module("pydantic_ai.capabilities").ReinjectSystemPrompt
+    except (ImportError, AttributeError):
+        reinject = None
 
     async def run(prompt: str, context: TurnContext) -> AsyncGenerator[Piece, None]:
         options = dict(run_options)
         if deps is not None:
             options["deps"] = deps(context)
+        if reinject is not None:
+            options["capabilities"] = [*(options.get("capabilities") or ()), reinject()]
         history = pydantic_ai_history(context.history)
         async with agent.iter(prompt, message_history=history, **options) as agent_run:
             async for node in agent_run:
