@@ -31,7 +31,7 @@ from typing import Any, TypeAlias
 import anyio.lowlevel
 
 from .config import Settings
-from .conversation import HistoryMessage
+from .conversation import HistoryMessage, model_history
 from .envfile import read_settings_file
 from .errors import ConfigurationError
 from .events import SessionStartPayload, TurnEvent
@@ -331,7 +331,7 @@ def openai_agent(
                 return
             text = "(The caller joined. Greet them.)"
         messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt}]
-        messages.extend({"role": m.role, "content": m.text} for m in context.history)
+        messages.extend({"role": m.role, "content": m.text} for m in model_history(context.history))
         messages.append({"role": "user", "content": text})
         stream = await completions().create(model=model, messages=messages, stream=True)
         deltas = PhraseChunker("delta")  # whitespace alone goes out with the next delta

@@ -33,6 +33,7 @@ from layercode_asgi.adapters import (
     send_data,
 )
 from layercode_asgi.agents import STARTER_WELCOME
+from layercode_asgi.conversation import ConversationManager
 from layercode_asgi.testing import LayercodeTestClient, TurnResult, message_event
 
 from .conftest import ROOT, SECRET, event_body, serve, signed_headers
@@ -362,6 +363,8 @@ def test_phrase_chunker_cuts_where_the_rules_say_however_the_text_is_split() -> 
         "A long clause that goes on and on and on, then a colon: and more, text; end",
         "Dots.......... then spaces   and \u2028lines\u2029 . . ! ? …  done.)] x",
         "中文。没有空格\uff0c所以不切。Yes. 😀 emoji! 😀😀, ok, then a very long clause here, x",
+        '!!!!!) ?!.)."\']!!!  .).) x!"\n)). ,' + "a" * 40 + ",, ;\t: . ) .!",
+        'A clause long enough to be cut at a comma,) then"; one, (more) two," x. Yes',
     ]
     for text in texts:
         for size in (1, 2, 3, 5, 7, 13):
@@ -379,13 +382,17 @@ def test_phrase_chunker_work_is_linear_in_the_text() -> None:
     """Before: every delta searched the whole phrase so far for a boundary again, so a
     long answer without one (CJK text has no space after its full stops; a model listing
     numbers with commas) took quadratic time on the event loop: 20,000 CJK characters in
-    2-character deltas held it for 2.4 s, 100,000 in 1-character deltas for minutes."""
+    2-character deltas held it for 2.4 s, 100,000 in 1-character deltas for minutes.
+    And a run of sentence ends without a space (``"!!!…"``, a model stuck repeating one)
+    was searched again from each of its characters on every delta: 3,000 ``"!"`` took
+    105 s."""
     import subprocess
 
     code = (
         "from layercode_asgi.adapters import PhraseChunker\n"
         "chunker = PhraseChunker()\n"
-        "for text in ('中文。' * 20_000, '1,0' * 20_000, 'x..' * 20_000):\n"
+        "for text in ('中文。' * 20_000, '1,0' * 20_000, 'x..' * 20_000, '!' * 20_000,\n"
+        "             '.' + ')' * 20_000, '?)' * 20_000):\n"
         "    assert not [p for char in text for p in chunker.feed(char)]\n"
         "    assert chunker.flush() == text\n"
         "print('done')\n"
@@ -396,6 +403,33 @@ def test_phrase_chunker_work_is_linear_in_the_text() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
     )
     assert result.stdout == "done\n", result.stderr
+
+
+class _Counted(str):
+    """A delta that counts the characters of every string built from it by ``+``."""
+
+    copied = 0
+
+    def __add__(self, other: str) -> str:
+        _Counted.copied += len(self) + len(other)
+        return str(self) + other
+
+    def __radd__(self, other: str) -> str:
+        _Counted.copied += len(self) + len(other)
+        return other + str(self)
+
+
+@pytest.mark.parametrize("mode", ["phrase", "delta"])
+def test_phrase_chunker_copies_each_character_a_bounded_number_of_times(mode: str) -> None:
+    """Before: the phrase so far was a string the chunker added each delta to, so a long
+    answer without a boundary (100,000 CJK characters in 1-character deltas; or, with
+    ``chunking="delta"``, as many blank deltas) was copied again on every delta."""
+    text = "中" if mode == "phrase" else " "
+    _Counted.copied = 0
+    chunker = PhraseChunker(mode)  # type: ignore[arg-type]
+    assert not [p for _ in range(20_000) for p in chunker.feed(_Counted(text))]
+    assert (chunker.flush() or "") == (text * 20_000 if mode == "phrase" else "")
+    assert _Counted.copied <= 4 * 20_000
 
 
 def test_tool_actions_outside_a_turn_raise() -> None:
@@ -696,3 +730,87 @@ def test_the_openai_agent_serves_turns_on_a_later_event_loop(
 
     said = [anyio.run(turn, backend=backend) for backend in backends]
     assert ["".join(tts) for tts in said] == ["Hello there. How can I help you today?"] * 2
+
+
+# -- what the model is sent ------------------------------------------------------------------
+
+
+def sent_messages(fake: FakeOpenAI, index: int = -1) -> list[tuple[str, str]]:
+    """Request ``index``'s user/assistant messages as ``(role, text)``, empty ones too."""
+    body = fake.requests[index]["body"]
+    pairs = []
+    for item in body.get("messages") or body.get("input") or []:
+        if isinstance(item, dict) and item.get("role") in ("user", "assistant"):
+            content = item.get("content")
+            if isinstance(content, list):
+                content = "".join(str(part.get("text", "")) for part in content)
+            pairs.append((item["role"], str(content or "")))
+    return pairs
+
+
+async def turn_with_history(name: str, history: list[tuple[str, str]], text: str) -> TurnResult:
+    """One ``message`` turn of agent ``name`` in a conversation holding ``history``."""
+    conversations = ConversationManager()
+    for role, said in history:
+        await conversations.add_message("conv_model_input", {"role": role, "text": said})
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, BUILDERS[name](False), conversations=conversations)
+    with serve(app) as base, anyio.fail_after(20):
+        async with LayercodeTestClient(
+            base_url=base, secret=SECRET, conversation_id="conv_model_input"
+        ) as client:
+            return await client.message(text)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_empty_or_blank_history_messages_are_not_sent(name: str, fake: FakeOpenAI) -> None:
+    """Before: a message of the history without text (``add_message`` takes one) was sent
+    to the model as it was, an empty or blank message, which some providers refuse (Gemini:
+    no empty parts), failing every later turn of the conversation. They are left out."""
+    history = [
+        ("user", ""),
+        ("assistant", "Welcome!"),
+        ("user", " \n"),
+        ("assistant", ""),
+        ("user", "Any tents?"),
+        ("assistant", "\t"),
+        ("assistant", "Yes, four."),
+    ]
+    turn = await turn_with_history(name, history, "Great.")
+    assert turn.errors == []
+    assert sent_messages(fake) == [
+        ("assistant", "Welcome!"),
+        ("user", "Any tents?"),
+        ("assistant", "Yes, four."),
+        ("user", "Great."),
+    ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("model", [f"openai:{MODEL}", f"openai-chat:{MODEL}"])
+async def test_a_pydantic_ai_system_prompt_is_sent_on_every_turn(
+    model: str, fake: FakeOpenAI
+) -> None:
+    """Before: pydantic-ai sends an agent's ``system_prompt`` only when the run has no
+    message history (it expects a history it wrote itself, holding the prompt), and ours
+    holds none: with a welcome (recorded in the history) the model never saw the prompt,
+    without one only on the first turn. Every request carries it now (and the history)."""
+    pydantic_ai = pytest.importorskip("pydantic_ai")
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    for welcome in (WELCOME, None):
+        agent = pydantic_ai.Agent(model, system_prompt="Speak like a pirate.")
+        app = create_app(settings, from_pydantic_ai(agent, welcome=welcome))
+        fake.requests.clear()
+        with serve(app) as base, anyio.fail_after(20):
+            async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+                await client.session_start()
+                await client.message("Any tents?")
+                await client.message("Great.")
+        assert [fake.instructions(i) for i in range(len(fake.requests))] == [
+            "Speak like a pirate."
+        ] * (2 if welcome else 3)
+        assert sent_messages(fake)[-2:] == [
+            ("assistant", "Hello there. How can I help you today?"),
+            ("user", "Great."),
+        ]

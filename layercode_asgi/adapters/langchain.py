@@ -17,7 +17,7 @@ import anyio
 
 from .._asgi import must_propagate
 from ..agents import Agent, TurnContext
-from ..conversation import HistoryMessage
+from ..conversation import HistoryMessage, model_history
 from ..turns import AGENT_CLOSE_TIMEOUT
 from .voice import DEFAULT_FILLER, Chunking, Filler, Piece, ToolCall, require_extra, voice_agent
 
@@ -27,13 +27,14 @@ _EXTRA = "langchain"
 
 
 def langchain_messages(history: Sequence[HistoryMessage], prompt: str | None = None) -> list[Any]:
-    """Our history (then ``prompt`` as the user's turn) as LangChain messages."""
+    """Our history (without empty or blank messages; then ``prompt`` as the user's turn) as
+    LangChain messages."""
     messages = require_extra("langchain_core.messages", _EXTRA, "from_langchain")
     result: list[Any] = [
         messages.AIMessage(content=m.text)
         if m.role == "assistant"
         else messages.HumanMessage(content=m.text)
-        for m in history
+        for m in model_history(history)
     ]
     if prompt is not None:
         result.append(messages.HumanMessage(content=prompt))

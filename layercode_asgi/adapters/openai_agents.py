@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from ..agents import Agent, TurnContext
-from ..conversation import HistoryMessage
+from ..conversation import HistoryMessage, model_history
 from .voice import DEFAULT_FILLER, Chunking, Filler, Piece, ToolCall, require_extra, voice_agent
 
 __all__ = ["from_openai_agents", "openai_agents_input"]
@@ -21,8 +21,9 @@ _EXTRA = "openai-agents"
 
 
 def openai_agents_input(history: Sequence[HistoryMessage], prompt: str) -> list[dict[str, str]]:
-    """Our history, then ``prompt``, as the SDK's input items (``{"role", "content"}``)."""
-    items = [{"role": m.role, "content": m.text} for m in history]
+    """Our history (without empty or blank messages), then ``prompt``, as the SDK's input
+    items (``{"role", "content"}``)."""
+    items = [{"role": m.role, "content": m.text} for m in model_history(history)]
     items.append({"role": "user", "content": prompt})
     return items
 

@@ -9,11 +9,12 @@ answer (``run_stream`` would stop at the first text it could return as the outpu
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from ..agents import Agent, TurnContext
-from ..conversation import HistoryMessage
+from ..conversation import HistoryMessage, model_history
 from .voice import DEFAULT_FILLER, Chunking, Filler, Piece, ToolCall, require_extra, voice_agent
 
 __all__ = ["from_pydantic_ai", "pydantic_ai_history"]
@@ -22,13 +23,14 @@ _EXTRA = "pydantic-ai"
 
 
 def pydantic_ai_history(history: Sequence[HistoryMessage]) -> list[Any]:
-    """Our history as pydantic-ai messages (``ModelRequest`` / ``ModelResponse``)."""
+    """Our history as pydantic-ai messages (``ModelRequest`` / ``ModelResponse``), without
+    empty or blank messages."""
     messages = require_extra("pydantic_ai.messages", _EXTRA, "from_pydantic_ai")
     return [
         messages.ModelResponse(parts=[messages.TextPart(content=m.text)])
         if m.role == "assistant"
         else messages.ModelRequest(parts=[messages.UserPromptPart(content=m.text)])
-        for m in history
+        for m in model_history(history)
     ]
 
 
@@ -52,16 +54,24 @@ def from_pydantic_ai(
         deps: ``deps(context)`` builds the run's ``deps`` for each turn.
         run_options: passed to ``agent.iter`` (``model=``, ``model_settings=``, …).
 
-    ``context.history`` becomes the run's ``message_history``.
+    ``context.history`` becomes the run's ``message_history``. pydantic-ai sends the agent's
+    ``system_prompt`` only with no history (one it wrote would hold the prompt; ours does
+    not), so each run gets its ``ReinjectSystemPrompt`` capability: every request has it.
     """
     pydantic_ai = require_extra("pydantic_ai", _EXTRA, "from_pydantic_ai")
     messages = require_extra("pydantic_ai.messages", _EXTRA, "from_pydantic_ai")
     framework_agent: Any = pydantic_ai.Agent
+    try:  # an older pydantic-ai has none: only ``instructions`` reach every request
+        reinject: Any = importlib.import_module("pydantic_ai.capabilities").ReinjectSystemPrompt
+    except (ImportError, AttributeError):
+        reinject = None
 
     async def run(prompt: str, context: TurnContext) -> AsyncGenerator[Piece, None]:
         options = dict(run_options)
         if deps is not None:
             options["deps"] = deps(context)
+        if reinject is not None:
+            options["capabilities"] = [*(options.get("capabilities") or ()), reinject()]
         history = pydantic_ai_history(context.history)
         async with agent.iter(prompt, message_history=history, **options) as agent_run:
             async for node in agent_run:

@@ -90,67 +90,83 @@ class ToolCall:
 #: adapter yields ``""`` when a tool has finished, so what it sent goes out at once.
 Piece: TypeAlias = str | ToolCall
 
-_SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s+|\n+")
+#: A sentence end (its last punctuation mark: a long run such as ``"!!!…"`` is not searched
+#: again from each of its characters), or line breaks.
+_SENTENCE_END = re.compile(r"[.!?…][\"')\]]*\s+|\n+")
 _CLAUSE_END = re.compile(r"[,;:]\s+")
-#: What a sentence end is made of before its space: a boundary completed by new text
-#: starts no earlier than the run of these characters the text searched so far ends with.
-_SENTENCE_RUN = ".!?…\"')]"
+#: What completes a phrase that ends with a sentence end (``_open == "."``).
+_COMPLETION = re.compile(r"[\"')\]]*\s+")
+_SPACES = re.compile(r"\s+")
+_CLOSERS = "\"')]"
 
 
 class PhraseChunker:
     """Collects text deltas and hands out whole phrases (see the module docstring)."""
 
-    __slots__ = ("_buffer", "_mode", "_run_start", "_searched")
+    __slots__ = ("_mode", "_open", "_parts", "_size")
 
     def __init__(self, mode: Chunking = "phrase") -> None:
         if mode not in ("phrase", "delta"):
             raise ValueError(f"chunking must be 'phrase' or 'delta', got {mode!r}")
         self._mode = mode
-        self._buffer = ""
-        # ``_buffer[:_searched]`` holds no boundary and ends with a run of _SENTENCE_RUN
-        # characters from ``_run_start`` on: each delta is searched once, not the phrase.
-        self._searched = self._run_start = 0
+        # The phrase so far, searched (each delta once, never copied again), and its length;
+        # ``_open``: it ends with a sentence end (``"."``) or a long clause's comma (``","``)
+        # that a space would complete.
+        self._parts: list[str] = []
+        self._size = 0
+        self._open = ""
 
     def feed(self, text: str) -> Iterator[str]:
         """Add ``text``; yield every phrase it completes."""
         if self._mode == "delta":  # whitespace alone waits for the next delta
             if text.isspace():
-                self._buffer += text
+                self._parts.append(text)
             elif text:
-                text, self._buffer = self._buffer + text, ""
-                yield text
+                self._parts.append(text)
+                yield self._take()
             return
-        self._buffer += text
-        while True:
-            cut = self._boundary()
-            if cut is None:
-                return
-            phrase, self._buffer = self._buffer[:cut], self._buffer[cut:]
-            self._searched = self._run_start = 0
+        start = 0
+        while (cut := self._boundary(text, start)) is not None:
+            self._parts.append(text[start:cut])
+            phrase, start = self._take(), cut
             if phrase.strip():
                 yield phrase
+        rest = text[start:] if start else text
+        if rest:
+            self._parts.append(rest)
+            self._size += len(rest)
+            end = rest[-1]
+            if end in _CLOSERS:  # after a sentence end (maybe in an earlier delta)?
+                end = rest.rstrip(_CLOSERS)[-1:] or self._open
+                self._open = "." if end and end in ".!?…" else ""
+            elif end in ".!?…":
+                self._open = "."
+            else:
+                self._open = "," if end in ",;:" and self._size >= MIN_CLAUSE else ""
 
     def flush(self) -> str | None:
         """What is left (the end of the answer, or before a tool call), if anything."""
-        rest, self._buffer = self._buffer, ""
-        self._searched = self._run_start = 0
+        rest = self._take()
         return rest if rest.strip() else None
 
-    def _boundary(self) -> int | None:
-        buffer, searched = self._buffer, self._searched
-        match = _SENTENCE_END.search(buffer, self._run_start)
-        if match is not None:
+    def _take(self) -> str:
+        phrase = "".join(self._parts)
+        self._parts.clear()
+        self._size, self._open = 0, ""
+        return phrase
+
+    def _boundary(self, text: str, start: int) -> int | None:
+        """Where the first phrase of the phrase so far and ``text[start:]`` ends, if it does."""
+        opened = self._open
+        if opened == "." and (match := _COMPLETION.match(text, start)) is not None:
             return match.end()
-        if len(buffer) >= MIN_CLAUSE:
-            # a clause end is one character, then the space that new text brought
-            clause = _CLAUSE_END.search(buffer, max(MIN_CLAUSE - 1, searched - 1))
-            if clause is not None:
-                return clause.end()
-        kept = len(buffer[searched:].rstrip(_SENTENCE_RUN))
-        if kept:
-            self._run_start = searched + kept
-        self._searched = len(buffer)
-        return None
+        if (match := _SENTENCE_END.search(text, start)) is not None:
+            return match.end()
+        if opened == "," and (match := _SPACES.match(text, start)) is not None:
+            return match.end()
+        # a clause end counts once the phrase has MIN_CLAUSE characters
+        match = _CLAUSE_END.search(text, max(start, start + MIN_CLAUSE - 1 - self._size))
+        return None if match is None else match.end()
 
 
 @dataclass(slots=True)

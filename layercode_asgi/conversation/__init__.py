@@ -35,7 +35,13 @@ from .base import (
     StoreError,
     StoreUnavailableError,
 )
-from .manager import ConversationManager, check_conversation_id, lock_wait_timeout, turn_messages
+from .manager import (
+    ConversationManager,
+    check_conversation_id,
+    lock_wait_timeout,
+    model_history,
+    turn_messages,
+)
 from .memory import MemoryConversationStore
 from .redis import RedisConversationStore
 
@@ -54,5 +60,6 @@ __all__ = [
     "StoreUnavailableError",
     "check_conversation_id",
     "lock_wait_timeout",
+    "model_history",
     "turn_messages",
 ]

@@ -27,6 +27,7 @@ __all__ = [
     "ConversationManager",
     "check_conversation_id",
     "lock_wait_timeout",
+    "model_history",
     "turn_messages",
     "webhook_conversations",
 ]
@@ -102,6 +103,12 @@ def turn_messages(
     if assistant_text is not None and assistant_text.strip():
         messages.append(HistoryMessage(role="assistant", text=assistant_text, turn_id=turn_id))
     return messages
+
+
+def model_history(history: Iterable[HistoryMessage]) -> list[HistoryMessage]:
+    """The messages of ``history`` to send a model: those with text. An empty or blank one
+    (``add_message`` takes it) is left out: some providers refuse an empty message."""
+    return [m for m in history if m.text and not m.text.isspace()]
 
 
 class ConversationManager:
