@@ -181,7 +181,7 @@ def connect(
             socket_connect_timeout=socket_connect_timeout,
             retry=retry,
         )
-        return redis_asyncio.Redis(connection_pool=pool)
+        return redis_asyncio.Redis.from_pool(pool)  # aclose() closes the pool too
     except ConfigurationError:
         raise
     except ValueError:  # its message may quote part of the password: not shown
