@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
+
+import anyio.lowlevel
 
 from .errors import ConfigurationError
 from .redaction import mask_url
 
 __all__ = [
     "MAX_EXPIRE_SECONDS",
+    "PerLoop",
     "check_client",
     "connect",
     "describe_client",
@@ -30,6 +33,49 @@ __all__ = [
 #: one beyond about 9.2e15 s (its milliseconds must fit in 64 bits), so longer is "forever"
 #: said in a way Redis accepts.
 MAX_EXPIRE_SECONDS = 10**15
+
+T = TypeVar("T")
+
+#: The loop of a value closed by :meth:`PerLoop.take`: equal to no loop's token.
+_CLOSED = object()
+
+
+class PerLoop(Generic[T]):
+    """A client this package created from a URL: one per event loop.
+
+    Its pooled connections belong to the event loop that opened them, and an application
+    may be served on a later loop in the same process (each test on its own loop; a mounted
+    app, whose lifespan never runs to close it). :meth:`get` adopts ``value`` on the first
+    loop, then makes another with ``make`` on each new loop; the previous one is dropped (it
+    cannot be closed from another loop). Without ``make``, ``value`` is the application's
+    client, always returned as is (to be used on the loop that created it).
+    """
+
+    __slots__ = ("_loop", "_make", "_value")
+
+    def __init__(self, value: T, make: Callable[[], T] | None) -> None:
+        self._value = value
+        self._make = make
+        self._loop: object = None
+
+    def get(self) -> T:
+        """The current event loop's value."""
+        if self._make is not None:
+            loop = anyio.lowlevel.current_token()
+            if self._loop != loop:
+                if self._loop is not None:
+                    self._value = self._make()
+                self._loop = loop
+        return self._value
+
+    def take(self) -> T | None:
+        """For ``aclose``: the value to close, if made here and not used on another loop
+        (``None`` otherwise); the next :meth:`get` makes a new one."""
+        if self._make is None:
+            return None
+        mine = self._loop is None or self._loop == anyio.lowlevel.current_token()
+        self._loop = _CLOSED
+        return self._value if mine else None
 
 
 def import_redis(what: str) -> Any:
@@ -135,7 +181,7 @@ def connect(
             socket_connect_timeout=socket_connect_timeout,
             retry=retry,
         )
-        return redis_asyncio.Redis(connection_pool=pool)
+        return redis_asyncio.Redis.from_pool(pool)  # aclose() closes the pool too
     except ConfigurationError:
         raise
     except ValueError:  # its message may quote part of the password: not shown

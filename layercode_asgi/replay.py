@@ -22,6 +22,7 @@ check compares whole seconds (``floor(now) - t <= tolerance``), so until
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -29,7 +30,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
-from ._redis import MAX_EXPIRE_SECONDS, check_client, connect, import_redis
+from ._redis import MAX_EXPIRE_SECONDS, PerLoop, check_client, connect, import_redis
 from .conversation import StoreUnavailableError
 from .errors import ConfigurationError, check_positive_int, check_seconds, check_text
 
@@ -96,7 +97,12 @@ class MemoryReplayCache:
 
 
 class RedisReplayCache:
-    """Replay cache shared by every worker using the same Redis: ``SET NX EX``."""
+    """Replay cache shared by every worker using the same Redis: ``SET NX EX``.
+
+    From a URL it makes one client per event loop; a ``redis.asyncio`` client given instead
+    stays the application's (not closed by :meth:`aclose`): use it on the loop that created
+    it.
+    """
 
     def __init__(
         self,
@@ -115,7 +121,8 @@ class RedisReplayCache:
             raise ConfigurationError(f"key_prefix must be a string, got {key_prefix!r}")
         check_text("key_prefix", key_prefix)
         if isinstance(url_or_client, str):
-            self._client = connect(
+            make = functools.partial(
+                connect,
                 url_or_client,
                 what="replay protection on Redis",
                 cluster=cluster,
@@ -124,12 +131,11 @@ class RedisReplayCache:
                 socket_connect_timeout=socket_connect_timeout,
                 pool_timeout=socket_timeout,
             )
-            self._owned = True
+            self._clients: PerLoop[Any] = PerLoop(make(), make)
         else:
             import_redis("replay protection on Redis")
             check_client(url_or_client)
-            self._client = url_or_client
-            self._owned = False
+            self._clients = PerLoop(url_or_client, None)
         self.key_prefix = key_prefix
         from redis.exceptions import RedisClusterException, RedisError
 
@@ -140,7 +146,9 @@ class RedisReplayCache:
     async def seen(self, key: str, ttl: float) -> bool:
         seconds = min(max(1, math.ceil(ttl)), MAX_EXPIRE_SECONDS)  # Redis refuses longer
         try:
-            created = await self._client.set(self.key_prefix + key, b"1", nx=True, ex=seconds)
+            created = await self._clients.get().set(
+                self.key_prefix + key, b"1", nx=True, ex=seconds
+            )
         except UnicodeEncodeError:  # the prefix was checked: a lone surrogate in ``key``
             raise ValueError("replay key is not valid text (a lone surrogate)") from None
         except self._errors as exc:
@@ -150,12 +158,13 @@ class RedisReplayCache:
     async def ping(self) -> None:
         """``PING`` Redis (every primary of a cluster), for ``/ready``; raise
         :class:`~layercode_asgi.conversation.StoreUnavailableError` if it does not answer."""
-        primaries = getattr(self._client, "PRIMARIES", None)
+        client = self._clients.get()
+        primaries = getattr(client, "PRIMARIES", None)
         try:
             if primaries is None:
-                await self._client.ping()
+                await client.ping()
             else:
-                await self._client.ping(target_nodes=primaries)
+                await client.ping(target_nodes=primaries)
         except self._errors as exc:
             raise self._unavailable(exc) from exc
 
@@ -164,5 +173,7 @@ class RedisReplayCache:
         return StoreUnavailableError(f"replay cache unavailable: {type(exc).__name__}: {exc}")
 
     async def aclose(self) -> None:
-        if self._owned:
-            await self._client.aclose()
+        """Close the client this cache created on this event loop (not one given to it)."""
+        client = self._clients.take()
+        if client is not None:
+            await client.aclose()

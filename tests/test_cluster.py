@@ -125,3 +125,29 @@ async def test_a_node_restarted_mid_run(redis_cluster: RedisClusterNodes) -> Non
         "user:before 2",
         "user:after",
     ]
+
+
+def test_cluster_clients_on_successive_event_loops(redis_cluster: RedisClusterNodes) -> None:
+    """Before: the second ``anyio.run`` failed on the first loop's pooled connections."""
+    from layercode_asgi.conversation import HistoryMessage
+    from layercode_asgi.replay import RedisReplayCache
+
+    store = RedisConversationStore(redis_cluster.url, cluster=True)
+    cache = RedisReplayCache(redis_cluster.url, cluster=True)
+
+    async def turn(n: int) -> tuple[list[str], bool]:
+        with anyio.fail_after(30):
+            await store.ping()
+            await cache.ping()
+            async with store.lock("loops"):
+                history, generation = await store.read_turn("loops")
+                assert await store.record_turn(
+                    "loops", [HistoryMessage(role="user", text=f"u{n}")], generation
+                )
+            return [m.text for m in history], await cache.seen("delivery", 60)
+
+    assert anyio.run(turn, 0) == ([], False)
+    assert anyio.run(turn, 1) == (["u0"], True)
+    assert anyio.run(turn, 2) == (["u0", "u1"], True)
+    anyio.run(store.aclose)
+    anyio.run(cache.aclose)

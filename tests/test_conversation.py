@@ -1088,3 +1088,28 @@ def test_memory_replay_cache_names_a_bad_max_entries(value: Any) -> None:
 
     with pytest.raises(ConfigurationError, match=r"^max_entries must be an integer > 0"):
         MemoryReplayCache(max_entries=value)
+
+
+async def test_aclose_closes_the_connections_the_redis_clients_opened(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    """Before: ``aclose`` left the pool open (redis-py closes a pool given to ``Redis()`` only
+    when told to): its connections stayed open on the server until garbage collection."""
+    from layercode_asgi.replay import RedisReplayCache
+
+    async def connections() -> int:
+        return len(await raw.client_list()) - 1  # not ``raw``'s own
+
+    store = RedisConversationStore(redis_server.url)
+    cache = RedisReplayCache(redis_server.url)
+    with anyio.fail_after(10):
+        await store.append("c", [msg(U, "hi")])
+        await cache.seen("k", 5)
+        assert await connections() == 2
+        await store.aclose()
+        await cache.aclose()
+        for _ in range(500):  # the server sees the close soon after
+            if not await connections():
+                break
+            await anyio.sleep(0.01)
+        assert await connections() == 0

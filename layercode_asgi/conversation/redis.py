@@ -10,6 +10,7 @@ queue; see :mod:`.redis_scripts`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
@@ -24,6 +25,7 @@ import msgspec
 
 from .._redis import (
     MAX_EXPIRE_SECONDS,
+    PerLoop,
     check_client,
     connect,
     describe_client,
@@ -108,14 +110,32 @@ class _Hold:
 _HOLD: ContextVar[_Hold | None] = ContextVar("layercode_asgi_redis_hold", default=None)
 
 
+class _Client:
+    """A Redis client and the store's scripts, registered on it."""
+
+    __slots__ = ("acquire", "check", "clear", "extend", "read", "record", "redis", "release")
+
+    def __init__(self, redis: Any) -> None:
+        register = redis.register_script
+        self.redis = redis
+        self.acquire = register(scripts.ACQUIRE_LUA)
+        self.check = register(scripts.CHECK_LUA)
+        self.release = register(scripts.RELEASE_LUA)
+        self.extend = register(scripts.EXTEND_LUA)
+        self.read = register(scripts.READ_LUA)
+        self.record = register(scripts.RECORD_LUA)
+        self.clear = register(scripts.CLEAR_LUA)
+
+
 class RedisConversationStore:
     """History and locks in Redis, shared by every process (``redis.asyncio``).
 
     Args:
         url_or_client: a ``redis://``, ``rediss://`` or ``unix://`` URL, or an existing
             ``redis.asyncio.Redis`` (or ``RedisCluster``) client (then not closed by
-            :meth:`aclose`; give it ``socket_timeout`` / ``socket_connect_timeout`` so it
-            fails fast).
+            :meth:`aclose`, and to be used on the event loop that created it; give it
+            ``socket_timeout`` / ``socket_connect_timeout`` so it fails fast). From a URL,
+            the store makes one client per event loop (an app may be served on a later one).
         ttl: seconds a conversation's history lives after its last append (``None`` or ``0``:
             forever; more than Redis can express, about 31 million years, is cut to it).
         max_messages: messages kept per conversation (``LTRIM``).
@@ -181,7 +201,8 @@ class RedisConversationStore:
         self.lock_ttl = min(float(lock_ttl), MAX_EXPIRE_SECONDS)  # what Redis can express
         self.operation_timeout = float(operation_timeout)
         if isinstance(url_or_client, str):
-            self._client: Any = connect(
+            connection = functools.partial(
+                connect,
                 url_or_client,
                 what="RedisConversationStore",
                 cluster=cluster,
@@ -190,21 +211,12 @@ class RedisConversationStore:
                 socket_connect_timeout=socket_connect_timeout,
                 pool_timeout=self.operation_timeout,
             )
-            self._owns_client = True
+            self._clients = PerLoop(_Client(connection()), lambda: _Client(connection()))
             self._where = mask_url(url_or_client)
         else:
             check_client(url_or_client)
-            self._client = url_or_client
-            self._owns_client = False
+            self._clients = PerLoop(_Client(url_or_client), None)
             self._where = describe_client(url_or_client)
-        register = self._client.register_script
-        self._acquire_script = register(scripts.ACQUIRE_LUA)
-        self._check_script = register(scripts.CHECK_LUA)
-        self._release_script = register(scripts.RELEASE_LUA)
-        self._extend_script = register(scripts.EXTEND_LUA)
-        self._read_script = register(scripts.READ_LUA)
-        self._record_script = register(scripts.RECORD_LUA)
-        self._clear_script = register(scripts.CLEAR_LUA)
         self._unavailable_errors = unavailable_errors()
         from redis.exceptions import RedisError
 
@@ -282,7 +294,7 @@ class RedisConversationStore:
         payload = [_HISTORY_ENCODER.encode(m) for m in fit(messages, self.max_bytes)]
         done = await self._call(
             "append",
-            self._record_script(
+            self._clients.get().record(
                 keys=[keys.history, keys.generation, keys.lock, keys.queue],
                 args=[
                     generation,
@@ -311,7 +323,9 @@ class RedisConversationStore:
             keys = _Keys(self.key_prefix, conversation_id)
             raw, generation = await self._call(
                 "get",
-                self._read_script(keys=[keys.history, keys.generation], args=[GENERATION_TTL]),
+                self._clients.get().read(
+                    keys=[keys.history, keys.generation], args=[GENERATION_TTL]
+                ),
             )
         try:
             number = int(generation or 0)
@@ -322,7 +336,7 @@ class RedisConversationStore:
     async def get(self, conversation_id: str) -> list[HistoryMessage]:
         """The conversation's messages, oldest first; undecodable entries are skipped."""
         raw: list[bytes | str] = await self._call(
-            "get", self._client.lrange(self.history_key(conversation_id), 0, -1)
+            "get", self._clients.get().redis.lrange(self.history_key(conversation_id), 0, -1)
         )
         return self._decode(conversation_id, raw)
 
@@ -343,7 +357,8 @@ class RedisConversationStore:
         turn running meanwhile, in any process, will not record."""
         keys = _Keys(self.key_prefix, conversation_id)
         await self._call(
-            "clear", self._clear_script(keys=[keys.history, keys.generation], args=[GENERATION_TTL])
+            "clear",
+            self._clients.get().clear(keys=[keys.history, keys.generation], args=[GENERATION_TTL]),
         )
 
     @asynccontextmanager
@@ -415,7 +430,7 @@ class RedisConversationStore:
         token = hold.token
         waker = self._wakers[token] = anyio.Event()
         try:
-            reply = await self._call("lock", self._acquire_script(**self._lock_args(hold)))
+            reply = await self._call("lock", self._clients.get().acquire(**self._lock_args(hold)))
             if reply[0] == 1:
                 return [reply[1], reply[2]]
             self._listen()
@@ -427,7 +442,7 @@ class RedisConversationStore:
                     await waker.wait()
                 # A fresh event before checking: a hand-off published meanwhile sets it.
                 waker = self._wakers[token] = anyio.Event()
-                reply = await self._call("lock", self._check_script(**self._lock_args(hold)))
+                reply = await self._call("lock", self._clients.get().check(**self._lock_args(hold)))
                 if reply[0] == 1:
                     return [reply[1], reply[2]]
         finally:
@@ -446,7 +461,7 @@ class RedisConversationStore:
         check) after a lost connection."""
         delay = 0.05
         while True:
-            pubsub = self._client.pubsub()
+            pubsub = self._clients.get().redis.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
                 delay = 0.05
@@ -480,7 +495,7 @@ class RedisConversationStore:
                 return
             try:
                 with anyio.fail_after(max(interval, 0.05)):
-                    extended = await self._extend_script(
+                    extended = await self._clients.get().extend(
                         keys=[hold.keys.lock], args=[hold.token, self._lock_ms]
                     )
             except Exception as exc:  # the holder must not be interrupted
@@ -513,7 +528,7 @@ class RedisConversationStore:
         with anyio.CancelScope(shield=True):
             try:
                 with anyio.fail_after(limit):
-                    await self._release_script(
+                    await self._clients.get().release(
                         keys=[keys.lock, keys.queue],
                         args=[hold.token, hold.entry, keys.presence, self._presence_ms],
                     )
@@ -540,15 +555,17 @@ class RedisConversationStore:
             raise StoreUnavailableError(str(exc)) from exc.__cause__
 
     async def _ping(self) -> Any:
-        primaries = getattr(self._client, "PRIMARIES", None)
+        client = self._clients.get().redis
+        primaries = getattr(client, "PRIMARIES", None)
         if primaries is None:
-            return await self._client.ping()
-        return await self._client.ping(target_nodes=primaries)
+            return await client.ping()
+        return await client.ping(target_nodes=primaries)
 
     async def aclose(self) -> None:
-        """Stop the hand-off listener; close the client (only if this store created it)."""
+        """Stop the hand-off listener; close the client if this store created it on this
+        event loop (one of an earlier loop is dropped: it cannot be closed from this one)."""
         listener, self._listener = self._listener, None
-        if listener is not None and not listener.done():
+        if listener and not listener.done() and listener.get_loop() is asyncio.get_running_loop():
             listener.cancel()
             with (
                 anyio.CancelScope(shield=True),
@@ -556,5 +573,6 @@ class RedisConversationStore:
                 suppress(asyncio.CancelledError),
             ):
                 await listener
-        if self._owns_client:
-            await self._client.aclose()
+        client = self._clients.take()
+        if client is not None:
+            await client.redis.aclose()
