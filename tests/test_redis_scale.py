@@ -48,7 +48,7 @@ def pid_of(reply: str) -> int:
 
 
 async def turns_in_arrival_order(url: str, conversations: list[str]) -> set[int]:
-    """A slow turn, then five more 50 ms apart, on each conversation at once; check that
+    """A slow turn, then five more 100 ms apart, on each conversation at once; check that
     each conversation ran (and recorded) them in the order sent. Returns the worker pids."""
     replies: dict[str, list[str]] = {cid: [] for cid in conversations}
     # One connection per turn, opened beforehand: sending a turn is then one write.
@@ -58,8 +58,13 @@ async def turns_in_arrival_order(url: str, conversations: list[str]) -> set[int]
         for n in range(6)
     }
     try:
-        for client in clients.values():
-            assert (await client.get("/health")).status_code == 200
+        # A turn on each connection first: the worker holding it has its Redis client ready
+        # (a cluster client's first command reads the slots), so no first-use delay reorders
+        # turns sent a moment apart (seen on a loaded CI machine).
+        for (cid, n), client in clients.items():
+            body = event("message", conversation_id=f"warm-{cid}-{n}", text="warm up")
+            warm = await client.post("/api/agent", content=body, headers=signed_headers(body))
+            assert warm.status_code == 200, warm.text
 
         async def one(cid: str, n: int, text: str) -> None:
             body = event("message", conversation_id=cid, text=text, turn_id=f"t{n}")
@@ -77,7 +82,7 @@ async def turns_in_arrival_order(url: str, conversations: list[str]) -> set[int]
                 for n in range(1, 6):
                     for cid in conversations:
                         tg.start_soon(one, cid, n, f"queued {n}")
-                    await anyio.sleep(0.05)
+                    await anyio.sleep(0.1)
     finally:
         for client in clients.values():
             await client.aclose()
@@ -99,7 +104,7 @@ async def turns_in_arrival_order(url: str, conversations: list[str]) -> set[int]
 async def test_queued_turns_run_in_arrival_order_across_two_workers(
     redis_server: RedisServer,
 ) -> None:
-    """On each of eight conversations at once, turns queued 50 ms apart behind a slow one
+    """On each of eight conversations at once, turns queued 100 ms apart behind a slow one
     run and record in the order sent (before the fair queue they ran in reverse order:
     polling with a growing back-off favoured the newest waiter)."""
     conversations = [f"order-{n}" for n in range(8)]
