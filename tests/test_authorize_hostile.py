@@ -18,7 +18,7 @@ from starlette.routing import Mount
 
 from layercode_asgi import create_app
 
-from .conftest import serve, serve_hypercorn
+from .conftest import NEEDS_TRIO, serve, serve_hypercorn
 from .test_server import FakeLayercode, settings
 
 
@@ -29,6 +29,7 @@ def layercode() -> Iterator[tuple[FakeLayercode, str]]:
         yield fake, url + "/v1"
 
 
+@NEEDS_TRIO  # the later loop that failed is trio's
 def test_authorize_on_a_later_event_loop(layercode: tuple[FakeLayercode, str]) -> None:
     """Mounted (no lifespan closes its client), one app is served on asyncio, then trio, then
     asyncio again: each loop gets its own upstream client, none a 500."""
