@@ -944,6 +944,16 @@ async def test_a_long_turn_id_is_kept_cut_by_both_stores(redis_server: RedisServ
             await manager.clear("c")
 
 
+#: Every store method that takes a conversation id, with the rest of its arguments.
+STORE_CALLS = [
+    ("get", ()),
+    ("append", ([msg(U, "hi")],)),
+    ("read_turn", ()),
+    ("record_turn", ([msg(U, "hi")], 0)),
+    ("clear", ()),
+]
+
+
 async def test_the_redis_store_used_directly_refuses_a_lone_surrogate_id(
     redis_server: RedisServer,
 ) -> None:
@@ -951,16 +961,9 @@ async def test_the_redis_store_used_directly_refuses_a_lone_surrogate_id(
     manager raises (a webhook answers 400). ``{`` in the id takes the hashed key path."""
     store = RedisConversationStore(redis_server.url)
     refused = pytest.raises(ValueError, match=r"^conversation_id is not valid text")
-    calls = [
-        ("get", ()),
-        ("append", ([msg(U, "hi")],)),
-        ("read_turn", ()),
-        ("record_turn", ([msg(U, "hi")], 0)),
-        ("clear", ()),
-    ]
     try:
         for bad in ("c\ud83d", "{c\udc00}"):
-            for name, args in calls:
+            for name, args in STORE_CALLS:
                 with refused:
                     await getattr(store, name)(bad, *args)
             with refused:
@@ -1001,20 +1004,13 @@ async def test_both_stores_used_directly_refuse_the_same_ids(
     others with a bare ``TypeError`` from building its keys; both now refuse what
     ``ConversationManager`` refuses, through the one check (``check_conversation_id``)."""
     store: Any = either_store
-    calls = [
-        ("get", ()),
-        ("append", ([msg(U, "hi")],)),
-        ("read_turn", ()),
-        ("record_turn", ([msg(U, "hi")], 0)),
-        ("clear", ()),
-    ]
     try:
         check_conversation_id(bad)
     except (TypeError, ValueError) as exc:
         expected = type(exc)
     else:  # pragma: no cover - every case is refused
         raise AssertionError(f"{bad!r} is accepted")
-    for name, args in calls:
+    for name, args in STORE_CALLS:
         with pytest.raises(expected):
             await getattr(store, name)(bad, *args)
     with pytest.raises(expected):
