@@ -336,11 +336,25 @@ def test_phrase_chunker() -> None:
         PhraseChunker("words")  # type: ignore[arg-type]
 
 
+def test_cjk_sentence_ends_cut_without_a_space() -> None:
+    """Before: a sentence end was a boundary only when a space followed it, and Chinese and
+    Japanese put none after ``。``, ``！`` or ``？``: a CJK answer went out as one
+    ``response.tts`` once the model had finished it, seconds after its first sentence."""
+    chunker = PhraseChunker()
+    pieces = ["你好", "！我是助手。", "「请问？」", "」有什么", "可以帮您？", "！"]
+    out = [phrase for piece in pieces for phrase in chunker.feed(piece)]
+    assert out == ["你好！", "我是助手。", "「请问？」」"]
+    assert chunker.flush() == "有什么可以帮您？！"
+    assert list(PhraseChunker().feed("一。二！！三")) == ["一。", "二！！"]
+
+
 def simple_phrases(pieces: list[str]) -> list[str]:
     """The chunking rules of the module docstring, searched from the start every time."""
     import re
 
-    sentence = re.compile(r"[.!?…]+[\"')\]]*\s+|\n+")
+    closer = "[\"')\\]」』）]"
+    cjk_next = "[^\\s\"')\\]」』）。！？]"
+    sentence = re.compile(rf"[.!?…]+{closer}*\s+|\n+|[。！？]+{closer}*(?:\s+|(?={cjk_next}))")
     clause = re.compile(r"[,;:]\s+")
     out, buffer = [], ""
     for piece in pieces:
@@ -362,7 +376,8 @@ def test_phrase_chunker_cuts_where_the_rules_say_however_the_text_is_split() -> 
         'He said "Stop!" Then... "Why?!" ) she asked.\n\nOk, fine; next: go.',
         "A long clause that goes on and on and on, then a colon: and more, text; end",
         "Dots.......... then spaces   and \u2028lines\u2029 . . ! ? …  done.)] x",
-        "中文。没有空格\uff0c所以不切。Yes. 😀 emoji! 😀😀, ok, then a very long clause here, x",
+        "中文。没有空格\uff0c也要切。Yes. 😀 emoji! 😀😀, ok, then a very long clause here, x",
+        "「你好！！」」她说。 」好？」 ……是的？x。\n。「」。\"",
         '!!!!!) ?!.)."\']!!!  .).) x!"\n)). ,' + "a" * 40 + ",, ;\t: . ) .!",
         'A clause long enough to be cut at a comma,) then"; one, (more) two," x. Yes',
     ]
@@ -391,8 +406,9 @@ def test_phrase_chunker_work_is_linear_in_the_text() -> None:
     code = (
         "from layercode_asgi.adapters import PhraseChunker\n"
         "chunker = PhraseChunker()\n"
-        "for text in ('中文。' * 20_000, '1,0' * 20_000, 'x..' * 20_000, '!' * 20_000,\n"
-        "             '.' + ')' * 20_000, '?)' * 20_000):\n"
+        "for text in ('中文，' * 20_000, '1,0' * 20_000, 'x..' * 20_000, '!' * 20_000,\n"
+        "             '.' + ')' * 20_000, '?)' * 20_000, '好' + '！' * 20_000,\n"
+        "             '。' + '」' * 20_000):\n"
         "    assert not [p for char in text for p in chunker.feed(char)]\n"
         "    assert chunker.flush() == text\n"
         "print('done')\n"

@@ -5,7 +5,8 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
 
 * **Chunking.** ``chunking="phrase"`` (the default) speaks text at phrase boundaries: a
   sentence end (``.``, ``!``, ``?``, ``…`` or a line break) followed by a space, or a
-  comma, semicolon or colon once the phrase has :data:`MIN_CLAUSE` characters. Each
+  comma, semicolon or colon once the phrase has :data:`MIN_CLAUSE` characters. A CJK
+  sentence end (``。``, ``！``, ``？``) needs no space: Chinese and Japanese put none. Each
   ``response.tts`` is then a phrase a text-to-speech engine can say with natural prosody,
   and the first one goes out as soon as the model finishes its first phrase, not its
   whole answer. A decimal point (``3.5``) is not a boundary: no space follows it.
@@ -90,14 +91,19 @@ class ToolCall:
 #: adapter yields ``""`` when a tool has finished, so what it sent goes out at once.
 Piece: TypeAlias = str | ToolCall
 
+_CLOSERS = "\"')]」』）"
+_CLOSER = f"[{re.escape(_CLOSERS)}]"
+#: What completes a CJK sentence end (and its closers): a space, or any other character.
+_CJK_AFTER = rf"{_CLOSER}*(?:\s+|(?=[^\s{re.escape(_CLOSERS)}。！？]))"
 #: A sentence end (its last punctuation mark: a long run such as ``"!!!…"`` is not searched
 #: again from each of its characters), or line breaks.
-_SENTENCE_END = re.compile(r"[.!?…][\"')\]]*\s+|\n+")
+_SENTENCE_END = re.compile(rf"[.!?…]{_CLOSER}*\s+|\n+|[。！？]{_CJK_AFTER}")
 _CLAUSE_END = re.compile(r"[,;:]\s+")
-#: What completes a phrase that ends with a sentence end (``_open == "."``).
-_COMPLETION = re.compile(r"[\"')\]]*\s+")
+#: What completes a phrase that ends with a sentence end (``_open`` is ``"."`` or ``"。"``).
+_COMPLETION = {".": re.compile(rf"{_CLOSER}*\s+"), "。": re.compile(_CJK_AFTER)}
 _SPACES = re.compile(r"\s+")
-_CLOSERS = "\"')]"
+#: The last character of a phrase (before closers) -> the sentence end it leaves open.
+_OPENS = dict.fromkeys(".!?…", ".") | dict.fromkeys("。！？", "。")
 
 
 class PhraseChunker:
@@ -110,8 +116,9 @@ class PhraseChunker:
             raise ValueError(f"chunking must be 'phrase' or 'delta', got {mode!r}")
         self._mode = mode
         # The phrase so far, searched (each delta once, never copied again), and its length;
-        # ``_open``: it ends with a sentence end (``"."``) or a long clause's comma (``","``)
-        # that a space would complete.
+        # ``_open``: it ends with a sentence end that a space would complete (``"."``), or a
+        # CJK one that anything but a closer would (``"。"``), or a long clause's comma
+        # (``","``) that a space would complete.
         self._parts: list[str] = []
         self._size = 0
         self._open = ""
@@ -137,10 +144,9 @@ class PhraseChunker:
             self._size += len(rest)
             end = rest[-1]
             if end in _CLOSERS:  # after a sentence end (maybe in an earlier delta)?
-                end = rest.rstrip(_CLOSERS)[-1:] or self._open
-                self._open = "." if end and end in ".!?…" else ""
-            elif end in ".!?…":
-                self._open = "."
+                self._open = _OPENS.get(rest.rstrip(_CLOSERS)[-1:] or self._open, "")
+            elif end in _OPENS:
+                self._open = _OPENS[end]
             else:
                 self._open = "," if end in ",;:" and self._size >= MIN_CLAUSE else ""
 
@@ -158,7 +164,8 @@ class PhraseChunker:
     def _boundary(self, text: str, start: int) -> int | None:
         """Where the first phrase of the phrase so far and ``text[start:]`` ends, if it does."""
         opened = self._open
-        if opened == "." and (match := _COMPLETION.match(text, start)) is not None:
+        completion = _COMPLETION.get(opened)
+        if completion is not None and (match := completion.match(text, start)) is not None:
             return match.end()
         if (match := _SENTENCE_END.search(text, start)) is not None:
             return match.end()
