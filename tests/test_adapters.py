@@ -377,7 +377,7 @@ def test_phrase_chunker_cuts_where_the_rules_say_however_the_text_is_split() -> 
         "A long clause that goes on and on and on, then a colon: and more, text; end",
         "Dots.......... then spaces   and \u2028lines\u2029 . . ! ? …  done.)] x",
         "中文。没有空格\uff0c也要切。Yes. 😀 emoji! 😀😀, ok, then a very long clause here, x",
-        "「你好！！」」她说。 」好？」 ……是的？x。\n。「」。\"",
+        '「你好！！」」她说。 」好？」 ……是的？x。\n。「」。"',
         '!!!!!) ?!.)."\']!!!  .).) x!"\n)). ,' + "a" * 40 + ",, ;\t: . ) .!",
         'A clause long enough to be cut at a comma,) then"; one, (more) two," x. Yes',
     ]

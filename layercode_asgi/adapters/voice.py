@@ -6,12 +6,13 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
 * **Chunking.** ``chunking="phrase"`` (the default) speaks text at phrase boundaries: a
   sentence end (``.``, ``!``, ``?``, ``…`` or a line break) followed by a space, or a
   comma, semicolon or colon once the phrase has :data:`MIN_CLAUSE` characters. A CJK
-  sentence end (``。``, ``！``, ``？``) needs no space: Chinese and Japanese put none. Each
-  ``response.tts`` is then a phrase a text-to-speech engine can say with natural prosody,
-  and the first one goes out as soon as the model finishes its first phrase, not its
-  whole answer. A decimal point (``3.5``) is not a boundary: no space follows it.
-  ``chunking="delta"`` passes the model's deltas through as they come (whitespace alone
-  goes out with the next delta, never as a ``response.tts`` of its own).
+  sentence end (an ideographic full stop, a fullwidth ``!`` or ``?``) needs no space:
+  Chinese and Japanese put none. Each ``response.tts`` is then a phrase a text-to-speech
+  engine can say with natural prosody, and the first one goes out as soon as the model
+  finishes its first phrase, not its whole answer. A decimal point (``3.5``) is not a
+  boundary: no space follows it. ``chunking="delta"`` passes the model's deltas through as
+  they come (whitespace alone goes out with the next delta, never as a ``response.tts`` of
+  its own).
 * **Filler.** When the framework calls a tool, the text so far is spoken, then ``filler``
   (default ``"One moment."``) once per turn, so the caller hears something while the tool
   runs. ``filler`` may be a callable ``filler(tool_name) -> str | None`` (``None`` for
@@ -91,19 +92,21 @@ class ToolCall:
 #: adapter yields ``""`` when a tool has finished, so what it sent goes out at once.
 Piece: TypeAlias = str | ToolCall
 
-_CLOSERS = "\"')]」』）"
+_CLOSERS = "\"')]\u300d\u300f\uff09"  # and the CJK closing quotes and parenthesis
+#: A CJK sentence end: the ideographic full stop, the fullwidth exclamation and question marks.
+_CJK_ENDS = "\u3002\uff01\uff1f"
 _CLOSER = f"[{re.escape(_CLOSERS)}]"
 #: What completes a CJK sentence end (and its closers): a space, or any other character.
-_CJK_AFTER = rf"{_CLOSER}*(?:\s+|(?=[^\s{re.escape(_CLOSERS)}。！？]))"
+_CJK_AFTER = rf"{_CLOSER}*(?:\s+|(?=[^\s{re.escape(_CLOSERS)}{_CJK_ENDS}]))"
 #: A sentence end (its last punctuation mark: a long run such as ``"!!!…"`` is not searched
 #: again from each of its characters), or line breaks.
-_SENTENCE_END = re.compile(rf"[.!?…]{_CLOSER}*\s+|\n+|[。！？]{_CJK_AFTER}")
+_SENTENCE_END = re.compile(rf"[.!?…]{_CLOSER}*\s+|\n+|[{_CJK_ENDS}]{_CJK_AFTER}")
 _CLAUSE_END = re.compile(r"[,;:]\s+")
 #: What completes a phrase that ends with a sentence end (``_open`` is ``"."`` or ``"。"``).
 _COMPLETION = {".": re.compile(rf"{_CLOSER}*\s+"), "。": re.compile(_CJK_AFTER)}
 _SPACES = re.compile(r"\s+")
 #: The last character of a phrase (before closers) -> the sentence end it leaves open.
-_OPENS = dict.fromkeys(".!?…", ".") | dict.fromkeys("。！？", "。")
+_OPENS = dict.fromkeys(".!?…", ".") | dict.fromkeys(_CJK_ENDS, "。")
 
 
 class PhraseChunker:
