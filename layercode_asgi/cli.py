@@ -220,6 +220,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             log_level=log_level,
             environ=environ,
             metrics=settings.metrics,
+            log_format=settings.log_format,
         )
         if status:
             raise SystemExit(status)

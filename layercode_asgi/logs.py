@@ -260,15 +260,18 @@ def escape_log_value(value: object, max_chars: int | None = LOG_VALUE_MAX_CHARS)
     surrogate pair beyond U+FFFF); the rest, quotes included, is kept as it is.
 
     ``bytes`` are read as UTF-8 (undecodable bytes come out as ``\\udcXX``); any other
-    object as ``str(value)``. Text longer than ``max_chars`` is cut there and ends with
-    ``…(+N chars)``; ``None`` keeps everything.
+    object as ``str(value)`` (``<unprintable TYPE>`` if that raises). Text longer than
+    ``max_chars`` is cut there and ends with ``…(+N chars)``; ``None`` keeps everything.
     """
     if isinstance(value, str):
         text = value
     elif isinstance(value, bytes | bytearray):
         text = bytes(value).decode("utf-8", "surrogateescape")
     else:
-        text = str(value)
+        try:
+            text = str(value)
+        except Exception:  # an exception whose __str__ raises: logging it must not
+            text = f"<unprintable {type(value).__name__}>"
     more = 0
     if max_chars is not None and len(text) > max_chars:
         more = len(text) - max_chars

@@ -85,7 +85,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     logger.error(
         "unhandled error on %s %s",
         escape_log_value(request.method),
-        escape_log_value(request.url.path),
+        escape_log_value(request.scope.get("path")),  # request.url can raise (a non-UTF-8 query)
         exc_info=exc,
     )
     return json_error_response(500, "internal error")

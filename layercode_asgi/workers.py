@@ -71,14 +71,21 @@ def serve_workers(
     log_level: str,
     environ: Mapping[str, str],
     metrics: bool = False,
+    log_format: str = "text",
 ) -> int:
     """Serve ``app_from_env`` in ``workers`` processes until SIGTERM / SIGINT; return the
     exit status (0 once every worker has drained and exited)."""
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
+    from .logs import uvicorn_json_log_config
     from .metrics import installed
 
-    config = uvicorn.Config("layercode_asgi.server:app_from_env", host=host, port=port)
+    # Its "Uvicorn running on …" line: as JSON as the workers' own with LOG_FORMAT=json.
+    log_config = uvicorn_json_log_config() if log_format == "json" else LOGGING_CONFIG
+    config = uvicorn.Config(
+        "layercode_asgi.server:app_from_env", host=host, port=port, log_config=log_config
+    )
     sock = config.bind_socket()
     context = multiprocessing.get_context("spawn")
     env = dict(environ)

@@ -36,6 +36,7 @@ from layercode_asgi.metrics import installed
 from layercode_asgi.server import YOUNG_GC_THRESHOLD
 
 from .agents_for_tests import cancelled_elsewhere
+from .asgi_stub import ASGIStub
 from .conftest import SECRET, event_body, serve, signed_headers
 from .test_middleware import call_asgi
 
@@ -139,6 +140,23 @@ def test_an_unexpected_error_is_a_json_500_and_reaches_the_server(
         assert "boom" not in response.text
     with TestClient(app) as client, pytest.raises(RuntimeError, match="boom"):
         client.post("/api/agent", content=body, headers=signed_headers(body))
+
+
+@pytest.mark.anyio
+async def test_an_unexpected_error_on_a_request_starlette_cannot_make_a_url_of() -> None:
+    # The 500 handler logged ``request.url.path``: a query string that is not UTF-8 (which
+    # ASGI allows) made the handler itself raise, and the server answered its plain 500.
+    app = create_app(settings())
+
+    async def broken(request: Any) -> None:
+        raise RuntimeError("boom")
+
+    app.router.routes.append(Route("/broken", broken))
+    stub = ASGIStub(method="GET", path="/broken")
+    stub.scope["query_string"] = b"q=\xff"
+    with pytest.raises(RuntimeError, match="boom"):  # re-raised for the server to log
+        await stub.run(app)
+    assert (stub.status, stub.body) == (500, b'{"error":"internal error"}')
 
 
 def _requests() -> list[tuple[str, str, bytes, dict[str, str]]]:

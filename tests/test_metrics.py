@@ -466,11 +466,16 @@ def test_logfire_token_turns_opentelemetry_on() -> None:
     assert [type(s).__name__ for s in metrics.sinks] == ["OtelMetrics"]
 
 
-def test_serve_with_json_logs_writes_json_lines_only() -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_with_json_logs_writes_json_lines_only(workers: str) -> None:
+    # With --workers, the supervisor's uvicorn logged "Uvicorn running on …" as text.
     from .conftest import start_server_process
 
     server = start_server_process(
-        [sys.executable, "-m", "layercode_asgi", "serve", "--env-file", "", "--port", "{port}"],
+        [
+            *(sys.executable, "-m", "layercode_asgi", "serve", "--env-file", ""),
+            *("--port", "{port}", "--workers", workers),
+        ],
         env={**os.environ, "LAYERCODE_WEBHOOK_SECRET": SECRET, "LOG_FORMAT": "json"},
     )
     try:
@@ -481,7 +486,8 @@ def test_serve_with_json_logs_writes_json_lines_only() -> None:
         assert server.stop() == 0
     lines = [line for line in server.output().splitlines() if line.strip()]
     banner = [line for line in lines if line.startswith("layercode-asgi ")]
-    records = [json.loads(line) for line in lines if line not in banner]  # all JSON
+    printed = [line for line in lines if line.startswith("warning: 2 workers without REDIS_URL")]
+    records = [json.loads(line) for line in lines if line not in banner + printed]  # all JSON
     assert len(banner) == 1 and records
     (webhook,) = [r for r in records if r["logger"] == "layercode_asgi.webhook"]
     assert webhook["event_type"] == "message" and webhook["status"] == 200

@@ -330,6 +330,26 @@ async def test_agent_raises_after_first_chunk() -> None:
 
 
 @pytest.mark.anyio
+async def test_agent_error_whose_str_raises(caplog: pytest.LogCaptureFixture) -> None:
+    # Logging the agent's error called str() on it: an exception whose __str__ raised
+    # ended the stream without response.error or response.end.
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no str")
+
+    async def agent(event: Any) -> AsyncIterator[str]:
+        yield "partial"
+        raise Unprintable
+
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        events = await read_events(webhook_app(agent), event_body())
+    assert events == [tts("partial"), ERROR, END]
+    assert "agent failed (conversation=conv-1 turn=turn-1): Unprintable: <unprintable" in (
+        caplog.text
+    )
+
+
+@pytest.mark.anyio
 async def test_error_text_never_leaks_exception_details() -> None:
     async def agent(event: Any) -> AsyncIterator[str]:
         raise RuntimeError("db password is hunter2")
