@@ -332,3 +332,25 @@ def test_the_stacks_snippets_do_what_the_page_says() -> None:
             assert turn.data == [{"step": 1}]
 
     anyio.run(talk)
+
+
+# -- what the prose says of the code ---------------------------------------------------------
+
+TEXT_PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+CODE_SPAN = re.compile(r"`([A-Za-z_][\w.]*)\(([^`]*)\)`")
+
+
+def test_every_install_command_installs_from_the_clone() -> None:
+    """The package is not on PyPI (README, Install): every `pip install` of it that a reader
+    would run names the clone, not a PyPI name someone else may hold."""
+    wrong = []
+    for page in TEXT_PAGES:
+        for line in page.read_text().splitlines():
+            if line.lstrip().startswith("#"):
+                continue  # "# pip install "layercode-asgi[server]"  # once it is published"
+            wrong += [
+                f"{page.name}: {command}"
+                for command in re.findall(r"pip install [^`\n]*", line)
+                if "layercode-asgi" in command and "./layercode-asgi" not in command
+            ]
+    assert not wrong, "\n".join(wrong)
