@@ -354,3 +354,79 @@ def test_every_install_command_installs_from_the_clone() -> None:
                 if "layercode-asgi" in command and "./layercode-asgi" not in command
             ]
     assert not wrong, "\n".join(wrong)
+
+
+def _prose(page: Path) -> str:
+    """The page without its fenced code blocks (those run: test_every_code_block_...)."""
+    return re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+
+
+def _public_callables() -> dict[str, object]:
+    import layercode_asgi
+    from layercode_asgi import adapters, testing
+
+    return {
+        name: getattr(module, name)
+        for module in (layercode_asgi, testing, adapters)
+        for name in module.__all__
+        if callable(getattr(module, name))
+    }
+
+
+def _call_shaped(args: str) -> tuple[list[str], list[str], bool] | None:
+    """``a, b=…, *, c=None, ...`` as (positional names, keyword names, ``...`` seen); None
+    for anything else (an example call with real values: ``Settings()``, ``"starter"``)."""
+    positional: list[str] = []
+    keywords: list[str] = []
+    rest = False
+    for arg in (a.strip() for a in args.split(",")) if args.strip() else ():
+        if arg in ("...", "…"):
+            rest = True
+        elif arg == "*":
+            continue
+        elif re.fullmatch(r"[A-Za-z_]\w*", arg) and not keywords:
+            positional.append(arg)
+        elif re.fullmatch(r"[A-Za-z_]\w*=[^=()]+", arg):
+            keywords.append(arg.split("=")[0])
+        else:
+            return None
+    return positional, keywords, rest
+
+
+def test_every_signature_the_prose_quotes_binds_to_the_code() -> None:
+    """`name(a, b=…)` of a public function or class in README/docs prose: the code takes
+    those arguments, the positional ones under those names (the API reference is generated
+    from the code; the prose is not)."""
+    import inspect
+
+    public = _public_callables()
+    wrong = []
+    for page in TEXT_PAGES:
+        for span in CODE_SPAN.finditer(_prose(page)):
+            name = span[1].rsplit(".", 1)[-1]
+            shaped = _call_shaped(span[2])
+            if name not in public or shaped is None:
+                continue
+            positional, keywords, rest = shaped
+            signature = inspect.signature(public[name])  # type: ignore[arg-type]
+            names = list(signature.parameters)
+            try:
+                bind = signature.bind_partial if rest else signature.bind
+                bind(*positional, **dict.fromkeys(keywords))
+                assert names[: len(positional)] == positional
+            except (TypeError, AssertionError):
+                wrong.append(
+                    f"{page.name}: `{span[0].strip('`')}` but the code is {name}{signature}"
+                )
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_signature_check_can_fail() -> None:
+    assert _call_shaped("text") == (["text"], [], False)
+    assert _call_shaped("Settings(), agent") is None
+    import inspect
+
+    from layercode_asgi import Tts
+
+    with pytest.raises(TypeError):
+        inspect.signature(Tts).bind(text=None)
