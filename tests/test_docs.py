@@ -430,3 +430,35 @@ def test_the_signature_check_can_fail() -> None:
 
     with pytest.raises(TypeError):
         inspect.signature(Tts).bind(text=None)
+
+
+def _cli_help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    from layercode_asgi.cli import main
+
+    assert main([*argv, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def test_the_cli_page_documents_every_command_and_option(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every command of `layercode-asgi --help` has a section of cli.md naming each of its
+    options (one spelling of it, long or short)."""
+    commands = re.findall(r"^ {4}([a-z][a-z-]+)", _cli_help(capsys), re.M)
+    assert "serve" in commands and "sign" in commands, commands
+    sections: dict[str, str] = {}
+    for part in (DOCS / "cli.md").read_text().split("\n## ")[1:]:
+        for name in re.findall(r"`([a-z-]+)`", part.splitlines()[0]):
+            sections[name] = part
+    missing = []
+    for command in commands:
+        section = sections.get(command)
+        if section is None:
+            missing.append(f"a section for `{command}`")
+            continue
+        for line in _cli_help(capsys, command).split("options:")[1].splitlines():
+            spellings = re.findall(r"(?:^|, )(--?[a-z][\w-]*)", line.strip())
+            documented = any(re.search(rf"`{s}\b", section) for s in spellings)
+            if line.startswith("  -") and "--help" not in spellings and not documented:
+                missing.append(f"{command} {'/'.join(spellings)}")
+    assert not missing, "docs/cli.md does not document: " + ", ".join(missing)
