@@ -462,3 +462,33 @@ def test_the_cli_page_documents_every_command_and_option(
             if line.startswith("  -") and "--help" not in spellings and not documented:
                 missing.append(f"{command} {'/'.join(spellings)}")
     assert not missing, "docs/cli.md does not document: " + ", ".join(missing)
+
+
+def test_every_option_of_the_middleware_is_in_its_table() -> None:
+    import inspect
+
+    from layercode_asgi import LayercodeSignature
+
+    page = (DOCS / "middleware.md").read_text().split("## Options")[1].split("\n## ")[0]
+    rows = {row["option"].strip("`"): row["default"] for row in _table_rows(page)}
+    parameters = inspect.signature(LayercodeSignature).parameters
+    assert set(rows) == set(parameters) - {"app"}
+    for name, cell in rows.items():
+        default = parameters[name].default
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        assert cell == "required" or cell.strip("`").startswith(shown), (name, cell, default)
+
+
+@pytest.mark.parametrize(
+    ("page", "name"), [("stacks.md", "LayercodeWebhook"), ("server.md", "create_app")]
+)
+def test_every_keyword_option_is_named_on_its_page(page: str, name: str) -> None:
+    import inspect
+
+    import layercode_asgi
+
+    text = (DOCS / page).read_text()
+    parameters = inspect.signature(getattr(layercode_asgi, name)).parameters.values()
+    keyword_only = [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    missing = [option for option in keyword_only if f"`{option}=" not in text]
+    assert not missing, f"docs/{page} does not name {name}'s options {missing}"
