@@ -174,6 +174,26 @@ def test_the_settings_page_is_generated_from_settings() -> None:
         assert line in rendered
 
 
+@pytest.mark.parametrize(
+    ("page", "name"), [("settings.md", "settings_table"), ("events.md", "events_reference")]
+)
+def test_the_generated_reference_is_in_the_page_as_read_from_the_repository(
+    page: str, name: str
+) -> None:
+    """The README links docs/*.md, read on GitHub or in a clone, not only as a built site:
+    the reference generated from the code is committed in the page, and is current
+    (`python docs/_hooks/generated.py` rewrites it); the build generates it afresh."""
+    generated = _generated()
+    text = (DOCS / page).read_text()
+    marker = next(m for m, n in generated.MARKERS.items() if n == name)
+    committed = text.partition(marker + "\n")[2].partition(generated.END)[0]
+    assert committed == getattr(generated, name)() + "\n", (
+        f"docs/{page} does not hold the current {name}: run `python docs/_hooks/generated.py`"
+    )
+    rendered = generated.on_page_markdown(text)
+    assert rendered.count(committed) == 1 and generated.END not in rendered
+
+
 @pytest.mark.slow
 def test_the_site_builds_offline(tmp_path: Path) -> None:
     mkdocs = Path(sys.executable).parent / "mkdocs"
