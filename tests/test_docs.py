@@ -222,6 +222,19 @@ def test_the_site_builds_offline(tmp_path: Path) -> None:
     assert "LAYERCODE_WEBHOOK_SECRET" in settings
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert 'id="layercode_asgi.create_app"' in api
+    # Every exported name has its entry in the API reference (mkdocstrings leaves out names
+    # starting with "_": the page's own text names those).
+    import layercode_asgi
+    from layercode_asgi import adapters, testing
+
+    for module, page in ((layercode_asgi, "index"), (testing, "testing"), (adapters, "adapters")):
+        html = api if page == "index" else (tmp_path / "site" / "api" / page / "index.html")
+        built = html if isinstance(html, str) else html.read_text()
+        source = (DOCS / "api" / f"{page}.md").read_text()
+        for name in module.__all__:
+            full = f"{module.__name__}.{name}"
+            found = f"`{full}`" in source if name.startswith("_") else f'id="{full}"' in built
+            assert found, f"the API reference has no entry for {full}"
 
 
 def _table_rows(text: str) -> list[dict[str, str]]:
