@@ -377,7 +377,7 @@ def test_every_install_command_installs_from_the_clone() -> None:
     """The package is not on PyPI (README, Install): every `pip install` of it that a reader
     would run names the clone, not a PyPI name someone else may hold."""
     wrong = []
-    for page in TEXT_PAGES:
+    for page in [*TEXT_PAGES, *sorted((ROOT / "examples").glob("*.py"))]:  # and the examples'
         for line in page.read_text().splitlines():
             if line.lstrip().startswith("#"):
                 continue  # "# pip install "layercode-asgi[server]"  # once it is published"
