@@ -1,6 +1,6 @@
 """A LangChain/LangGraph voice agent.
 
-Install: ``pip install 'layercode-asgi[langchain,server]'``.
+Install, from the clone as in the README: ``pip install './layercode-asgi[langchain,server]'``.
 
 ``from_langchain`` takes any runnable: a chat model, a chain, or a LangGraph graph such
 as ``create_agent``'s (streamed with ``stream_mode="messages"``; only the AI's words are

@@ -1,6 +1,6 @@
 """An OpenAI Agents SDK voice agent.
 
-Install: ``pip install 'layercode-asgi[openai-agents,server]'``.
+Install, from the clone as in the README: ``pip install './layercode-asgi[openai-agents,server]'``.
 
 The SDK's trace export stays off (``from_openai_agents(..., tracing=True)`` turns it on).
 

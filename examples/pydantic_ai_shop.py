@@ -1,6 +1,6 @@
 """An outdoor-shop voice agent on pydantic-ai, with tools.
 
-Install: ``pip install 'layercode-asgi[pydantic-ai,server]'``.
+Install, from the clone as in the README: ``pip install './layercode-asgi[pydantic-ai,server]'``.
 
 A tool looks up the stock and shows it in the browser (``send_data``); another ends the
 call after the goodbye (``hang_up``). While a lookup runs, the caller hears "Let me check."

@@ -174,6 +174,26 @@ def test_the_settings_page_is_generated_from_settings() -> None:
         assert line in rendered
 
 
+@pytest.mark.parametrize(
+    ("page", "name"), [("settings.md", "settings_table"), ("events.md", "events_reference")]
+)
+def test_the_generated_reference_is_in_the_page_as_read_from_the_repository(
+    page: str, name: str
+) -> None:
+    """The README links docs/*.md, read on GitHub or in a clone, not only as a built site:
+    the reference generated from the code is committed in the page, and is current
+    (`python docs/_hooks/generated.py` rewrites it); the build generates it afresh."""
+    generated = _generated()
+    text = (DOCS / page).read_text()
+    marker = next(m for m, n in generated.MARKERS.items() if n == name)
+    committed = text.partition(marker + "\n")[2].partition(generated.END)[0]
+    assert committed == getattr(generated, name)() + "\n", (
+        f"docs/{page} does not hold the current {name}: run `python docs/_hooks/generated.py`"
+    )
+    rendered = generated.on_page_markdown(text)
+    assert rendered.count(committed) == 1 and generated.END not in rendered
+
+
 @pytest.mark.slow
 def test_the_site_builds_offline(tmp_path: Path) -> None:
     mkdocs = Path(sys.executable).parent / "mkdocs"
@@ -202,6 +222,19 @@ def test_the_site_builds_offline(tmp_path: Path) -> None:
     assert "LAYERCODE_WEBHOOK_SECRET" in settings
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert 'id="layercode_asgi.create_app"' in api
+    # Every exported name has its entry in the API reference (mkdocstrings leaves out names
+    # starting with "_": the page's own text names those).
+    import layercode_asgi
+    from layercode_asgi import adapters, testing
+
+    for module, page in ((layercode_asgi, "index"), (testing, "testing"), (adapters, "adapters")):
+        html = api if page == "index" else (tmp_path / "site" / "api" / page / "index.html")
+        built = html if isinstance(html, str) else html.read_text()
+        source = (DOCS / "api" / f"{page}.md").read_text()
+        for name in module.__all__:
+            full = f"{module.__name__}.{name}"
+            found = f"`{full}`" in source if name.startswith("_") else f'id="{full}"' in built
+            assert found, f"the API reference has no entry for {full}"
 
 
 def _table_rows(text: str) -> list[dict[str, str]]:
@@ -332,3 +365,163 @@ def test_the_stacks_snippets_do_what_the_page_says() -> None:
             assert turn.data == [{"step": 1}]
 
     anyio.run(talk)
+
+
+# -- what the prose says of the code ---------------------------------------------------------
+
+TEXT_PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+CODE_SPAN = re.compile(r"`([A-Za-z_][\w.]*)\(([^`]*)\)`")
+
+
+def test_every_install_command_installs_from_the_clone() -> None:
+    """The package is not on PyPI (README, Install): every `pip install` of it that a reader
+    would run names the clone, not a PyPI name someone else may hold."""
+    wrong = []
+    for page in [*TEXT_PAGES, *sorted((ROOT / "examples").glob("*.py"))]:  # and the examples'
+        for line in page.read_text().splitlines():
+            if line.lstrip().startswith("#"):
+                continue  # "# pip install "layercode-asgi[server]"  # once it is published"
+            wrong += [
+                f"{page.name}: {command}"
+                for command in re.findall(r"pip install [^`\n]*", line)
+                if "layercode-asgi" in command and "./layercode-asgi" not in command
+            ]
+    assert not wrong, "\n".join(wrong)
+
+
+def _prose(page: Path) -> str:
+    """The page without its fenced code blocks (those run: test_every_code_block_...)."""
+    return re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+
+
+def _public_callables() -> dict[str, object]:
+    import layercode_asgi
+    from layercode_asgi import adapters, testing
+
+    return {
+        name: getattr(module, name)
+        for module in (layercode_asgi, testing, adapters)
+        for name in module.__all__
+        if callable(getattr(module, name))
+    }
+
+
+def _call_shaped(args: str) -> tuple[list[str], list[str], bool] | None:
+    """``a, b=…, *, c=None, ...`` as (positional names, keyword names, ``...`` seen); None
+    for anything else (an example call with real values: ``Settings()``, ``"starter"``)."""
+    positional: list[str] = []
+    keywords: list[str] = []
+    rest = False
+    for arg in (a.strip() for a in args.split(",")) if args.strip() else ():
+        if arg in ("...", "…"):
+            rest = True
+        elif arg == "*":
+            continue
+        elif re.fullmatch(r"[A-Za-z_]\w*", arg) and not keywords:
+            positional.append(arg)
+        elif re.fullmatch(r"[A-Za-z_]\w*=[^=()]+", arg):
+            keywords.append(arg.split("=")[0])
+        else:
+            return None
+    return positional, keywords, rest
+
+
+def test_every_signature_the_prose_quotes_binds_to_the_code() -> None:
+    """`name(a, b=…)` of a public function or class in README/docs prose: the code takes
+    those arguments, the positional ones under those names (the API reference is generated
+    from the code; the prose is not)."""
+    import inspect
+
+    public = _public_callables()
+    wrong = []
+    for page in TEXT_PAGES:
+        for span in CODE_SPAN.finditer(_prose(page)):
+            name = span[1].rsplit(".", 1)[-1]
+            shaped = _call_shaped(span[2])
+            if name not in public or shaped is None:
+                continue
+            positional, keywords, rest = shaped
+            signature = inspect.signature(public[name])  # type: ignore[arg-type]
+            names = list(signature.parameters)
+            try:
+                bind = signature.bind_partial if rest else signature.bind
+                bind(*positional, **dict.fromkeys(keywords))
+                assert names[: len(positional)] == positional
+            except (TypeError, AssertionError):
+                wrong.append(
+                    f"{page.name}: `{span[0].strip('`')}` but the code is {name}{signature}"
+                )
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_signature_check_can_fail() -> None:
+    assert _call_shaped("text") == (["text"], [], False)
+    assert _call_shaped("Settings(), agent") is None
+    import inspect
+
+    from layercode_asgi import Tts
+
+    with pytest.raises(TypeError):
+        inspect.signature(Tts).bind(text=None)
+
+
+def _cli_help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    from layercode_asgi.cli import main
+
+    assert main([*argv, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def test_the_cli_page_documents_every_command_and_option(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every command of `layercode-asgi --help` has a section of cli.md naming each of its
+    options (one spelling of it, long or short)."""
+    commands = re.findall(r"^ {4}([a-z][a-z-]+)", _cli_help(capsys), re.M)
+    assert "serve" in commands and "sign" in commands, commands
+    sections: dict[str, str] = {}
+    for part in (DOCS / "cli.md").read_text().split("\n## ")[1:]:
+        for name in re.findall(r"`([a-z-]+)`", part.splitlines()[0]):
+            sections[name] = part
+    missing = []
+    for command in commands:
+        section = sections.get(command)
+        if section is None:
+            missing.append(f"a section for `{command}`")
+            continue
+        for line in _cli_help(capsys, command).split("options:")[1].splitlines():
+            spellings = re.findall(r"(?:^|, )(--?[a-z][\w-]*)", line.strip())
+            documented = any(re.search(rf"`{s}\b", section) for s in spellings)
+            if line.startswith("  -") and "--help" not in spellings and not documented:
+                missing.append(f"{command} {'/'.join(spellings)}")
+    assert not missing, "docs/cli.md does not document: " + ", ".join(missing)
+
+
+def test_every_option_of_the_middleware_is_in_its_table() -> None:
+    import inspect
+
+    from layercode_asgi import LayercodeSignature
+
+    page = (DOCS / "middleware.md").read_text().split("## Options")[1].split("\n## ")[0]
+    rows = {row["option"].strip("`"): row["default"] for row in _table_rows(page)}
+    parameters = inspect.signature(LayercodeSignature).parameters
+    assert set(rows) == set(parameters) - {"app"}
+    for name, cell in rows.items():
+        default = parameters[name].default
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        assert cell == "required" or cell.strip("`").startswith(shown), (name, cell, default)
+
+
+@pytest.mark.parametrize(
+    ("page", "name"), [("stacks.md", "LayercodeWebhook"), ("server.md", "create_app")]
+)
+def test_every_keyword_option_is_named_on_its_page(page: str, name: str) -> None:
+    import inspect
+
+    import layercode_asgi
+
+    text = (DOCS / page).read_text()
+    parameters = inspect.signature(getattr(layercode_asgi, name)).parameters.values()
+    keyword_only = [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    missing = [option for option in keyword_only if f"`{option}=" not in text]
+    assert not missing, f"docs/{page} does not name {name}'s options {missing}"

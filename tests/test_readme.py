@@ -48,6 +48,19 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert "bash scripts/test" in ci
 
 
+def test_the_readme_names_what_the_two_commands_cannot_set_up_themselves() -> None:
+    """Each way scripts/bootstrap.sh stops on a fresh machine (its messages to stderr) is
+    named beside the two commands, which the README says set everything up."""
+    bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    intro = README.read_text().split("## Install")[0]
+    needs = {"needs Python >= 3.11": "Python ≥ 3.11", "redis-server is missing": "redis-server"}
+    stops = re.findall(r'echo "([^"]+)" >&2', bootstrap)
+    assert len(stops) == len(needs), stops  # a new way to stop: name it in the README too
+    for stop in stops:
+        words = next(words for text, words in needs.items() if text in stop)
+        assert words in intro, f"README.md: the two commands need {words} ({stop!r})"
+
+
 # -- links into the docs -------------------------------------------------------------------
 
 LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")

@@ -1,7 +1,10 @@
 """MkDocs hook: the parts of the documentation that are generated from the code.
 
 A page holds a marker line; the build replaces it with Markdown made from the package, so
-these parts cannot drift from the code:
+these parts cannot drift from the code. The settings and events references are also
+committed in their pages, between the marker and :data:`END`, for readers of docs/*.md on
+GitHub or in a clone: ``python docs/_hooks/generated.py`` rewrites those copies, the build
+replaces them with fresh ones, and ``tests/test_docs.py`` fails when one is not current.
 
 * ``<!-- generated: settings-table -->``: every setting of ``Settings`` (the settings page's table,
   from :func:`layercode_asgi.config.settings_table_markdown`);
@@ -118,12 +121,34 @@ EXAMPLE_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
+#: Ends the committed copy of a generated part (the pages that keep one: :data:`COMMITTED`).
+END = "<!-- end of the generated part -->"
+#: The pages holding a committed copy of their generated part, by marker.
+COMMITTED = {
+    "<!-- generated: settings-table -->": "settings.md",
+    "<!-- generated: events-reference -->": "events.md",
+}
+
+
 def on_page_markdown(markdown: str, **_: Any) -> str:
-    """Replace each marker line with its generated Markdown."""
+    """Replace each marker line (and the committed copy after it, if any) with its
+    generated Markdown."""
     for marker, name in MARKERS.items():
         if marker in markdown:
-            markdown = markdown.replace(marker, GENERATORS[name]())
+            before, _, after = markdown.partition(marker)
+            if marker in COMMITTED:
+                after = after.partition(END)[2]
+            markdown = before + GENERATORS[name]() + after
     return markdown
+
+
+def write_committed_copies() -> None:
+    """Rewrite the committed copy of each generated part in its page."""
+    for marker, page in COMMITTED.items():
+        path = Path(__file__).resolve().parents[1] / page
+        before, _, after = path.read_text().partition(marker)
+        fresh = f"{marker}\n{GENERATORS[MARKERS[marker]]()}\n{END}"
+        path.write_text(before + fresh + after.partition(END)[2])
 
 
 def settings_table() -> str:
@@ -265,3 +290,7 @@ GENERATORS = {
     "events_reference": events_reference,
     "benchmark_results": benchmark_results,
 }
+
+
+if __name__ == "__main__":
+    write_committed_copies()
