@@ -198,7 +198,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 callback_notify=when_started,
             )
         return EXIT_OK
-    from .workers import serve_workers
+    from .workers import STARTUP_FAILURE, serve_workers
 
     if not settings.redis_url:
         print(
@@ -222,9 +222,9 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             metrics=settings.metrics,
             log_format=settings.log_format,
         )
-        if status:
+        if status == STARTUP_FAILURE:
             raise SystemExit(status)
-    return EXIT_OK
+    return status  # 0 once drained; 128 + the signal when a second one stopped them at once
 
 
 def _check_can_listen(host: str, port: int) -> int:

@@ -296,7 +296,9 @@ class Turn:
                         if must_propagate(exc):
                             raise
                         await self._failed(exc)
-                    await self.end()
+                    # An agent that caught its cancellation returns: it timed out all the same.
+                    if not scope.cancel_called or self.status is TurnStatus.FAILED:
+                        await self.end()
             self._scope = None
             if not self.ended and (scope.cancel_called or self._abort is not None):
                 with anyio.move_on_after(self.grace) as last:

@@ -74,7 +74,8 @@ def serve_workers(
     log_format: str = "text",
 ) -> int:
     """Serve ``app_from_env`` in ``workers`` processes until SIGTERM / SIGINT; return the
-    exit status (0 once every worker has drained and exited)."""
+    exit status (0 once every worker has drained and exited; 128 + the signal's number
+    when a second one stopped them at once)."""
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
@@ -142,6 +143,8 @@ def serve_workers(
             time.sleep(0.1)
         for process in processes:
             process.join()
+        if len(signals) > 1 and not status:  # stopped at once, not drained: as one process
+            status = 128 + signals[-1]  # (130 after Ctrl-C, 143 after SIGTERM)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -357,6 +358,41 @@ def test_serve_workers_stops_when_a_worker_cannot_start(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stdout + done.stderr
     assert "could not start; stopping" in done.stderr
     assert done.stderr.splitlines()[-1].startswith("error: the server could not start")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_workers_stopped_by_a_second_signal_exits_as_one_process_does(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """A second signal stops at once: one process exits 130 (Ctrl-C) or by the SIGTERM
+    (143 in a shell). `serve --workers` exited 0, as after a complete drain."""
+    import httpx
+
+    from .conftest import event_body, signed_headers
+
+    (tmp_path / "hang.py").write_text(
+        "import anyio\nasync def agent(event):\n    yield 'hi'\n    await anyio.sleep(60)\n"
+    )
+    command = [PYTHON, "-m", "layercode_asgi", "serve", "--dev", "--env-file", "",
+               "--workers", "2", "--port", "{port}", "--agent", "hang:agent"]  # fmt: skip
+    with cli_server(command, tmp_path) as (server, secret):
+        body = event_body(text="hang")
+        headers = signed_headers(body, secret)
+        with (
+            httpx.Client(base_url=server.url, timeout=30) as client,
+            client.stream("POST", "/api/agent", content=body, headers=headers) as turn,
+        ):
+            chunks = turn.iter_raw()
+            assert b"hi" in next(chunks)  # a turn is open: the first signal drains
+            server.process.send_signal(sig)
+            for _ in range(200):  # bounded: until the workers drain
+                if httpx.get(server.url + "/ready").status_code == 503:
+                    break
+                time.sleep(0.05)
+            server.process.send_signal(sig)
+            rest = b"".join(chunks)
+        assert b"server is shutting down" in rest and b"response.end" in rest
+        assert server.process.wait(30) == 128 + sig, server.output()
 
 
 # -- demo -------------------------------------------------------------------------------------------

@@ -1071,3 +1071,60 @@ async def test_an_agent_whose_aclose_raises_a_base_exception_does_not_hide_why_i
         await task
     assert turn.status == "disconnected"
     assert len(chunks) == 1
+
+
+# -- an agent that catches its cancellation and returns still times out (or is aborted) ---
+
+
+async def _swallows_its_cancellation(event: Any) -> AsyncIterator[str]:
+    yield "thinking"
+    try:
+        await anyio.sleep(30)
+    except BaseException:  # the bug of many agents: `except BaseException: return`
+        return
+    yield "never"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", BACKENDS)
+async def test_an_agent_that_swallows_its_cancellation_still_times_out(
+    anyio_backend: str,
+) -> None:
+    # Before: the agent returned normally once cancelled at the deadline, and the turn sent
+    # a plain response.end: no fallback, no "turn timed out", and status "completed".
+    chunks: list[bytes] = []
+
+    async def emit(chunk: bytes) -> None:
+        chunks.append(chunk)
+
+    event = parse_webhook_payload(event_body())
+    assert isinstance(event, MessagePayload)
+    turn = Turn(event, _swallows_its_cancellation, timeout=0.2, timeout_message="One moment.")
+    with anyio.fail_after(10):
+        await turn.run(emit)
+    assert [msgspec.json.decode(c[6:]) for c in chunks] == [
+        tts("thinking"),
+        tts("One moment."),
+        END,
+    ]
+    assert turn.status == "timed_out"
+
+    chunks.clear()
+    first = anyio.Event()
+
+    async def emit_and_tell(chunk: bytes) -> None:
+        chunks.append(chunk)
+        first.set()
+
+    turn = Turn(event, _swallows_its_cancellation)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(turn.run, emit_and_tell)
+        with anyio.fail_after(10):
+            await first.wait()
+        turn.abort("server is shutting down")
+    assert [msgspec.json.decode(c[6:]) for c in chunks] == [
+        tts("thinking"),
+        {"type": "response.error", "error": "server is shutting down", "turn_id": "turn-1"},
+        END,
+    ]
+    assert turn.status == "aborted"
