@@ -302,7 +302,7 @@ class _no_redis:
 # -- Redis answering with errors ------------------------------------------------------------------
 
 
-def _redis_command(server: RedisServer, *args: str) -> None:
+def _redis_command(server: RedisServer, *args: str | bytes) -> None:
     import redis
 
     client = redis.Redis.from_url(server.url)
@@ -379,6 +379,25 @@ def test_a_redis_replay_cache_that_refuses_writes_is_not_ready(fault: str) -> No
             _take_writes(server, fault)
             assert _ready(client) == (200, None)
             assert turn(client, "after", "t2")[0]["content"] == "saw=0"
+
+
+def test_history_not_in_utf8_through_a_decoding_client_is_a_503() -> None:
+    """Bytes that are not UTF-8 under the store's keys (not what it wrote), read through an
+    application's ``decode_responses=True`` client: every turn of the conversation was a 400
+    ``invalid conversation_id: 'utf-8' codec can't decode…``; now a 503, until it ends."""
+    import redis.asyncio
+
+    with running_redis() as server:
+        _redis_command(server, "RPUSH", "layercode:{conv-1}:history", b"\xff")
+        client = redis.asyncio.Redis.from_url(server.url, decode_responses=True)
+        store = RedisConversationStore(client)
+        app = create_app(settings(), stateful_agent, conversations=ConversationManager(store))
+        with serve(app) as url, httpx.Client(base_url=url, timeout=20) as http:
+            for body in (event_body(turn_id="t1"), event_body("session.start", turn_id="t2")):
+                response = post(http, body)
+                assert response.json() == {"error": "conversation store unavailable"}
+            assert post(http, event_body("session.end")).status_code == 200
+            assert turn(http, "after", "t3")[0]["content"] == "saw=0"
 
 
 # What each ACL lacks, and words of the error that say so.

@@ -137,7 +137,9 @@ class RedisConversationStore:
         url_or_client: a ``redis://``, ``rediss://`` or ``unix://`` URL, or an existing
             ``redis.asyncio.Redis`` (or ``RedisCluster``) client (then not closed by
             :meth:`aclose`, and to be used on the event loop that created it; give it
-            ``socket_timeout`` / ``socket_connect_timeout`` so it fails fast). From a URL,
+            ``socket_timeout`` / ``socket_connect_timeout`` so it fails fast, and no
+            ``decode_responses``: with it, a conversation holding bytes that are not UTF-8,
+            which the store never writes, fails until cleared). From a URL,
             the store makes one client per event loop (an app may be served on a later one).
         ttl: seconds a conversation's history lives after its last append (``None`` or ``0``:
             forever; more than Redis can express, about 31 million years, is cut to it).
@@ -258,7 +260,8 @@ class RedisConversationStore:
             raise StoreUnavailableError(
                 f"Redis at {self._where} is unavailable ({operation}): {type(exc).__name__}: {exc}"
             ) from exc
-        except self._redis_error as exc:
+        except (self._redis_error, UnicodeDecodeError) as exc:  # the latter: bytes not in
+            # UTF-8 (not what the store wrote) read by a client given decode_responses=True
             self._check_writes = True
             raise StoreError(f"Redis at {self._where} failed ({operation}): {exc}") from exc
 
