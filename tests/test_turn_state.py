@@ -400,6 +400,21 @@ def test_history_not_in_utf8_through_a_decoding_client_is_a_503() -> None:
             assert turn(http, "after", "t3")[0]["content"] == "saw=0"
 
 
+def test_a_foreign_value_under_a_conversation_key_fails_that_conversation_only() -> None:
+    """WRONGTYPE (someone else's string where the history list belongs): a 503 for that
+    conversation's turns, while ``/ready`` (its write check passes) stays 200."""
+    with running_redis() as server:
+        _redis_command(server, "SET", "layercode:{conv-1}:history", "not a list")
+        app = create_app(settings(redis_url=server.url), stateful_agent)
+        with serve(app) as url, httpx.Client(base_url=url, timeout=20) as client:
+            response = post(client, event_body(turn_id="t1"))
+            assert response.json() == {"error": "conversation store unavailable"}
+            assert _ready(client) == (200, None)
+            assert turn(client, "other", "t2", conversation_id="conv-2")[0]["content"] == "saw=0"
+            assert post(client, event_body("session.end")).status_code == 200  # deletes it
+            assert turn(client, "after", "t3")[0]["content"] == "saw=0"
+
+
 # What each ACL lacks, and words of the error that say so.
 _ACL_FAULTS = [
     (["~layercode:*", "+@all"], "publish"),  # Redis 7 gives a new user no channel
