@@ -142,6 +142,7 @@ class RedisReplayCache:
         # Down, timed out, an error reply (OOM, READONLY...), no cluster node reachable
         # (RedisClusterException is not a RedisError): the check cannot run.
         self._errors = (RedisError, RedisClusterException, OSError)
+        self._check_writes = True  # by the next ping(): at first, and after a failure
 
     async def seen(self, key: str, ttl: float) -> bool:
         seconds = min(max(1, math.ceil(ttl)), MAX_EXPIRE_SECONDS)  # Redis refuses longer
@@ -152,12 +153,15 @@ class RedisReplayCache:
         except UnicodeEncodeError:  # the prefix was checked: a lone surrogate in ``key``
             raise ValueError("replay key is not valid text (a lone surrogate)") from None
         except self._errors as exc:
+            self._check_writes = True
             raise self._unavailable(exc) from exc
         return not created
 
     async def ping(self) -> None:
         """``PING`` Redis (every primary of a cluster), for ``/ready``; raise
-        :class:`~layercode_asgi.conversation.StoreUnavailableError` if it does not answer."""
+        :class:`~layercode_asgi.conversation.StoreUnavailableError` if it does not answer,
+        or does not take writes: checked (one short-lived key, ``<prefix>ready``) at the
+        first ping and at the first after a failed check."""
         client = self._clients.get()
         primaries = getattr(client, "PRIMARIES", None)
         try:
@@ -165,7 +169,11 @@ class RedisReplayCache:
                 await client.ping()
             else:
                 await client.ping(target_nodes=primaries)
+            if self._check_writes:
+                await client.set(self.key_prefix + "ready", b"1", px=1000)
+                self._check_writes = False
         except self._errors as exc:
+            self._check_writes = True
             raise self._unavailable(exc) from exc
 
     @staticmethod

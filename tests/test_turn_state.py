@@ -302,7 +302,7 @@ class _no_redis:
 # -- Redis answering with errors ------------------------------------------------------------------
 
 
-def _redis_command(server: RedisServer, *args: str) -> None:
+def _redis_command(server: RedisServer, *args: str | bytes) -> None:
     import redis
 
     client = redis.Redis.from_url(server.url)
@@ -312,17 +312,34 @@ def _redis_command(server: RedisServer, *args: str) -> None:
         client.close()
 
 
+def _refuse_writes(server: RedisServer, fault: str) -> None:
+    if fault == "oom":
+        _redis_command(server, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+        _redis_command(server, "CONFIG", "SET", "maxmemory", "1")
+    else:
+        _redis_command(server, "REPLICAOF", "127.0.0.1", str(free_port()))
+
+
+def _take_writes(server: RedisServer, fault: str) -> None:
+    if fault == "oom":
+        _redis_command(server, "CONFIG", "SET", "maxmemory", "0")
+    else:
+        _redis_command(server, "REPLICAOF", "NO", "ONE")
+
+
+def _ready(client: httpx.Client) -> tuple[int, Any]:
+    response = client.get("/ready")
+    return response.status_code, response.json().get("error")
+
+
 @pytest.mark.parametrize("fault", ["oom", "readonly"])
 def test_redis_error_replies_are_a_503_json(fault: str) -> None:
     with running_redis() as server:
         app = create_app(settings(redis_url=server.url), stateful_agent)
         with serve(app) as url, httpx.Client(base_url=url, timeout=20) as client:
+            assert _ready(client) == (200, None)
             assert turn(client, "before", "t0")[0]["content"] == "saw=0"
-            if fault == "oom":
-                _redis_command(server, "CONFIG", "SET", "maxmemory-policy", "noeviction")
-                _redis_command(server, "CONFIG", "SET", "maxmemory", "1")
-            else:
-                _redis_command(server, "REPLICAOF", "127.0.0.1", str(free_port()))
+            _refuse_writes(server, fault)
             turns = [
                 post(client, event_body(text="during", turn_id="t1")),
                 post(client, event_body("session.start", turn_id="t2")),
@@ -337,11 +354,97 @@ def test_redis_error_replies_are_a_503_json(fault: str) -> None:
                 if response.status_code == 503:
                     message = response.json()["error"]
                     assert message == "conversation store unavailable"
-            if fault == "oom":
-                _redis_command(server, "CONFIG", "SET", "maxmemory", "0")
-            else:
-                _redis_command(server, "REPLICAOF", "NO", "ONE")
+            # A Redis that answers PING but refuses the store's writes is not ready (it
+            # answered 200 while every turn was a 503), and is again once it takes them.
+            assert _ready(client) == (503, "conversation store unavailable")
+            _take_writes(server, fault)
+            assert _ready(client) == (200, None)
             assert turn(client, "after", "t3")[0]["content"].startswith("saw=")
+
+
+@pytest.mark.parametrize("fault", ["oom", "readonly"])
+def test_a_redis_replay_cache_that_refuses_writes_is_not_ready(fault: str) -> None:
+    with running_redis() as server:
+        app = create_app(
+            settings(redis_url=server.url, replay_protection=True),
+            stateful_agent,
+            conversations=ConversationManager(),  # history in memory, signatures in Redis
+        )
+        with serve(app) as url, httpx.Client(base_url=url, timeout=20) as client:
+            assert _ready(client) == (200, None)
+            _refuse_writes(server, fault)
+            response = post(client, event_body(text="during", turn_id="t1"))
+            assert response.json() == {"error": "replay protection unavailable"}
+            assert _ready(client) == (503, "replay protection unavailable")
+            _take_writes(server, fault)
+            assert _ready(client) == (200, None)
+            assert turn(client, "after", "t2")[0]["content"] == "saw=0"
+
+
+def test_history_not_in_utf8_through_a_decoding_client_is_a_503() -> None:
+    """Bytes that are not UTF-8 under the store's keys (not what it wrote), read through an
+    application's ``decode_responses=True`` client: every turn of the conversation was a 400
+    ``invalid conversation_id: 'utf-8' codec can't decode…``; now a 503, until it ends."""
+    import redis.asyncio
+
+    with running_redis() as server:
+        _redis_command(server, "RPUSH", "layercode:{conv-1}:history", b"\xff")
+        client = redis.asyncio.Redis.from_url(server.url, decode_responses=True)
+        store = RedisConversationStore(client)
+        app = create_app(settings(), stateful_agent, conversations=ConversationManager(store))
+        with serve(app) as url, httpx.Client(base_url=url, timeout=20) as http:
+            for body in (event_body(turn_id="t1"), event_body("session.start", turn_id="t2")):
+                response = post(http, body)
+                assert response.json() == {"error": "conversation store unavailable"}
+            assert post(http, event_body("session.end")).status_code == 200
+            assert turn(http, "after", "t3")[0]["content"] == "saw=0"
+
+
+def test_a_foreign_value_under_a_conversation_key_fails_that_conversation_only() -> None:
+    """WRONGTYPE (someone else's string where the history list belongs): a 503 for that
+    conversation's turns, while ``/ready`` (its write check passes) stays 200."""
+    with running_redis() as server:
+        _redis_command(server, "SET", "layercode:{conv-1}:history", "not a list")
+        app = create_app(settings(redis_url=server.url), stateful_agent)
+        with serve(app) as url, httpx.Client(base_url=url, timeout=20) as client:
+            response = post(client, event_body(turn_id="t1"))
+            assert response.json() == {"error": "conversation store unavailable"}
+            assert _ready(client) == (200, None)
+            assert turn(client, "other", "t2", conversation_id="conv-2")[0]["content"] == "saw=0"
+            assert post(client, event_body("session.end")).status_code == 200  # deletes it
+            assert turn(client, "after", "t3")[0]["content"] == "saw=0"
+
+
+# What each ACL lacks, and words of the error that say so.
+_ACL_FAULTS = [
+    (["~layercode:*", "+@all"], "publish"),  # Redis 7 gives a new user no channel
+    (["~layercode:*", "&*", "+@all", "-evalsha"], "evalsha"),
+    (["%R~layercode:*", "&*", "+@all"], "keys"),  # may read its keys, not write them
+    (["~other:*", "&*", "+@all"], "keys"),
+]
+
+
+@pytest.mark.parametrize(("rules", "missing"), _ACL_FAULTS)
+def test_ready_names_the_permission_an_acl_user_lacks(
+    rules: list[str], missing: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL user without what the store needs: every turn was a 503 (or its record failed
+    after appending, and each hand-off waited for a poll) while ``/ready`` said 200."""
+    with running_redis() as server:
+        _redis_command(server, "ACL", "SETUSER", "app", "on", ">s3cret-pw", *rules)
+        url = f"redis://app:s3cret-pw@127.0.0.1:{server.port}/0"
+        for replay in (False, True):
+            app = create_app(settings(redis_url=url, replay_protection=replay), stateful_agent)
+            caplog.clear()
+            with serve(app) as base, httpx.Client(base_url=base, timeout=20) as client:
+                assert _ready(client) == (503, "conversation store unavailable")
+            assert missing in caplog.text and "s3cret-pw" not in caplog.text
+        grant = "reset on >s3cret-pw ~layercode:* &layercode:* +@all -@dangerous"
+        _redis_command(server, "ACL", "SETUSER", "app", *grant.split())  # as docs/history.md
+        app = create_app(settings(redis_url=url, replay_protection=True), stateful_agent)
+        with serve(app) as base, httpx.Client(base_url=base, timeout=20) as client:
+            assert _ready(client) == (200, None)
+            assert turn(client, "granted", "t1")[0]["content"] == "saw=0"
 
 
 # -- shutdown while a turn hangs ------------------------------------------------------------------

@@ -113,7 +113,9 @@ _HOLD: ContextVar[_Hold | None] = ContextVar("layercode_asgi_redis_hold", defaul
 class _Client:
     """A Redis client and the store's scripts, registered on it."""
 
-    __slots__ = ("acquire", "check", "clear", "extend", "read", "record", "redis", "release")
+    __slots__ = (
+        "acquire", "check", "clear", "extend", "probe", "read", "record", "redis", "release"
+    )  # fmt: skip
 
     def __init__(self, redis: Any) -> None:
         register = redis.register_script
@@ -125,6 +127,7 @@ class _Client:
         self.read = register(scripts.READ_LUA)
         self.record = register(scripts.RECORD_LUA)
         self.clear = register(scripts.CLEAR_LUA)
+        self.probe = register(scripts.PROBE_LUA)
 
 
 class RedisConversationStore:
@@ -134,7 +137,9 @@ class RedisConversationStore:
         url_or_client: a ``redis://``, ``rediss://`` or ``unix://`` URL, or an existing
             ``redis.asyncio.Redis`` (or ``RedisCluster``) client (then not closed by
             :meth:`aclose`, and to be used on the event loop that created it; give it
-            ``socket_timeout`` / ``socket_connect_timeout`` so it fails fast). From a URL,
+            ``socket_timeout`` / ``socket_connect_timeout`` so it fails fast, and no
+            ``decode_responses``: with it, a conversation holding bytes that are not UTF-8,
+            which the store never writes, fails until cleared). From a URL,
             the store makes one client per event loop (an app may be served on a later one).
         ttl: seconds a conversation's history lives after its last append (``None`` or ``0``:
             forever; more than Redis can express, about 31 million years, is cut to it).
@@ -231,6 +236,7 @@ class RedisConversationStore:
         self._channel = f"{key_prefix}wake:{secrets.token_hex(8)}"
         self._wakers: dict[str, anyio.Event] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._check_writes = True  # by the next ping(): at first, and after a failure
 
     def history_key(self, conversation_id: str) -> str:
         """The Redis key of a conversation's history list."""
@@ -250,10 +256,13 @@ class RedisConversationStore:
             with anyio.fail_after(self.operation_timeout):
                 return await awaitable
         except self._unavailable_errors as exc:
+            self._check_writes = True
             raise StoreUnavailableError(
                 f"Redis at {self._where} is unavailable ({operation}): {type(exc).__name__}: {exc}"
             ) from exc
-        except self._redis_error as exc:
+        except (self._redis_error, UnicodeDecodeError) as exc:  # the latter: bytes not in
+            # UTF-8 (not what the store wrote) read by a client given decode_responses=True
+            self._check_writes = True
             raise StoreError(f"Redis at {self._where} failed ({operation}): {exc}") from exc
 
     def _held(self, conversation_id: str) -> _Hold | None:
@@ -546,9 +555,15 @@ class RedisConversationStore:
 
     async def ping(self) -> None:
         """``PING`` Redis (every primary of a cluster); raise :class:`StoreUnavailableError`
-        if it does not answer."""
+        if it does not answer, or does not take the store's writes: checked (one short-lived
+        key, ``<prefix>ready``) at the first ping and at the first after a failed operation."""
         try:
             await self._call("ping", self._ping())
+            if self._check_writes:
+                probe = self._clients.get().probe
+                key = self.key_prefix + "ready"
+                await self._call("write check", probe(keys=[key], args=[self._channel]))
+                self._check_writes = False
         except StoreUnavailableError:
             raise
         except StoreError as exc:  # answered, but not as a usable Redis

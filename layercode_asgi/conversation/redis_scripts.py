@@ -32,6 +32,7 @@ __all__ = [
     "CHECK_LUA",
     "CLEAR_LUA",
     "EXTEND_LUA",
+    "PROBE_LUA",
     "READ_LUA",
     "RECORD_LUA",
     "RELEASE_LUA",
@@ -207,5 +208,15 @@ CLEAR_LUA: Final = """
 redis.call('del', KEYS[1])
 redis.call('incr', KEYS[2])
 redis.call('expire', KEYS[2], ARGV[1])
+return 1
+"""
+
+#: ``/ready``'s check that Redis takes the store's writes, as a turn does: a script that
+#: writes a key and publishes (refused by a read-only replica, a full Redis, MISCONF, or an
+#: ACL user without EVALSHA, the store's keys or its channels). KEYS[1] = a key of the
+#: store's (a second long), ARGV[1] = the store's channel.
+PROBE_LUA: Final = """
+redis.call('set', KEYS[1], '1', 'px', 1000)
+redis.call('publish', ARGV[1], '')
 return 1
 """
