@@ -19,6 +19,7 @@ iterable of them, or ``None`` works too. No base class and no registration are n
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import re
@@ -245,19 +246,6 @@ def _convention(agent: Agent) -> str:
                 f"{agent_name(agent)}{signature} cannot be an agent ({exc}); {AGENT_SHAPE}"
             ) from None
     return convention
-
-
-def describe_non_reply(value: Any) -> str:
-    """What a turn's log says when an agent returned ``value``, which is not a reply."""
-    shown = repr(value)
-    if len(shown) > 80:
-        shown = shown[:79] + "…"
-    return (
-        f"the agent returned {type(value).__name__} {shown}; expected an async iterable of "
-        "replies (an async generator function), or an awaitable (a coroutine function) giving "
-        "None, a reply, a list of replies or an async iterable of them; a reply is a str, "
-        "Tts, Data or Hangup"
-    )
 
 
 def _by_name(agent: Agent, name: str) -> Callable[[TurnEvent, TurnContext], Any]:
@@ -584,7 +572,10 @@ def get_agent(name: str, settings: Settings | None = None) -> Agent:
     """
     factory = _AGENTS.get(name)
     if factory is not None:
-        return factory(settings)
+        agent = factory(settings)
+        with contextlib.suppress(TypeError):  # not weakly referenceable, or not hashable
+            _REGISTERED_AS[agent] = name
+        return agent
     if ":" in name:
         target = _import_agent(name)
         if not callable(target):
@@ -594,6 +585,14 @@ def get_agent(name: str, settings: Settings | None = None) -> Agent:
     raise AgentNotFoundError(name, list_agents())
 
 
+#: The name :func:`get_agent` built each live agent under (``"echo"``, ``"starter"``...).
+_REGISTERED_AS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
 def agent_name(agent: Agent) -> str:
-    """A readable name for ``agent`` (for /ready and logs)."""
-    return str(getattr(agent, "__name__", None) or type(agent).__name__)
+    """A readable name for ``agent`` (for /ready and logs): the name it was registered
+    under if :func:`get_agent` built it, else its ``__name__`` (or its type's)."""
+    try:
+        return _REGISTERED_AS[agent]
+    except (KeyError, TypeError):  # not built by name; not hashable or weakly referenceable
+        return str(getattr(agent, "__name__", None) or type(agent).__name__)

@@ -293,11 +293,12 @@ _decode_json = _JSON_DECODER.decode
 _LOCATED = re.compile(r"\A(?P<detail>.*) - at (?P<key>`key` in )?`(?P<path>\$[^`]*)`\Z", re.DOTALL)
 _MISSING = re.compile(r"\AObject missing required field `(?P<field>[^`]*)`\Z")
 _BAD_TAG = "Invalid value "
-# msgspec calls a ``\\u`` escape of a lone high surrogate (JavaScript's JSON.stringify
-# writes half an emoji so) truncated input; it is not preceded by an escaping backslash.
-_TRUNCATED = "Input data was truncated"
-_LONE_SURROGATE = re.compile(
-    rb"(?<!\\)(?:\\\\)*(\\u[dD][89abAB][0-9a-fA-F]{2})(?!\\u[dD][c-fC-F])(?=.)", re.DOTALL
+# A ``\\u`` escape of a UTF-16 surrogate, not preceded by an escaping backslash: a pair
+# (an emoji) or half of one. JavaScript's JSON.stringify writes a string cut inside an emoji
+# with a lone half, which msgspec refuses; JSON.parse (and the reference SDK) accept it.
+_SURROGATE_ESCAPE = re.compile(
+    rb"(?<!\\)((?:\\\\)*)(\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    rb"|\\u[dD][89a-fA-F][0-9a-fA-F]{2})"
 )
 
 
@@ -327,11 +328,37 @@ def parse_webhook_payload(raw: bytes | str | Mapping[str, Any]) -> WebhookPayloa
     try:
         return _decode_json(raw)  # type: ignore[arg-type]  # a Mapping raises TypeError
     except (ValueError, RecursionError) as exc:  # msgspec errors, UnicodeError, bad buffer
-        if not _is_item_extra(exc):
+        repaired = _without_lone_surrogates(raw)
+        if repaired is None and not _is_item_extra(exc):
             raise _translate(exc, raw) from exc
     except TypeError:
         return _parse_other(raw)  # not bytes, str or a buffer
-    return _parse_keeping_item_extras(raw)  # outside the except block: no chained errors
+    # outside the except block: no chained errors
+    if repaired is not None:
+        return parse_webhook_payload(repaired)  # once: ``repaired`` has no lone half left
+    return _parse_keeping_item_extras(raw)
+
+
+def _without_lone_surrogates(raw: object) -> bytes | None:
+    """JSON text ``raw`` with each ``\\u`` escape of a lone UTF-16 surrogate (half an emoji)
+    made ``\\ufffd`` (as long: error offsets stay), or ``None`` when it holds none."""
+    try:
+        if isinstance(raw, str):
+            data = raw.encode()
+        elif isinstance(raw, bytes | bytearray | memoryview):
+            data = bytes(raw)
+        else:
+            return None
+    except ValueError:  # a released buffer; a str holding a lone surrogate itself
+        return None
+    if b"\\u" not in data:
+        return None
+    repaired = _SURROGATE_ESCAPE.sub(_replace_lone_half, data)
+    return None if repaired == data else repaired
+
+
+def _replace_lone_half(match: re.Match[bytes]) -> bytes:
+    return match[0] if len(match[2]) == 12 else match[1] + b"\\ufffd"
 
 
 def _parse_other(raw: object) -> WebhookPayload:
@@ -434,13 +461,6 @@ def _translate(
     if isinstance(exc, msgspec.ValidationError) and probe_unknown:
         return _unknown_or_invalid(exc, raw)
     if isinstance(exc, msgspec.DecodeError):  # ValidationError included
-        if str(exc) == _TRUNCATED and isinstance(raw, bytes | bytearray | memoryview):
-            lone = _LONE_SURROGATE.search(raw)
-            if lone is not None:
-                return InvalidPayloadError(
-                    "JSON is malformed: a \\u escape is a lone UTF-16 surrogate "
-                    f"(byte {lone.start(1)})"
-                )
         return _invalid_from_msgspec(exc)
     if isinstance(exc, UnicodeError):
         return InvalidPayloadError(f"input is not valid UTF-8 ({exc})")

@@ -48,7 +48,6 @@ from starlette.responses import JSONResponse, Response
 
 from ._asgi import must_propagate
 from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
-from .agents import describe_non_reply as _describe_non_reply
 from .conversation import HistoryMessage
 from .conversation.base import valid_text
 from .errors import check_seconds, check_text
@@ -91,6 +90,19 @@ _HANGUP = b'data: {"type":"response.hangup"'
 _HANGUP_CONTENT = b'data: {"type":"response.hangup","content":'
 _ERROR = b'data: {"type":"response.error","error":'
 _END = b'data: {"type":"response.end"'
+
+
+def _describe_non_reply(value: Any) -> str:
+    """What a turn's log says when an agent returned ``value``, which is not a reply."""
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:79] + "…"
+    return (
+        f"the agent returned {type(value).__name__} {shown}; expected an async iterable of "
+        "replies (an async generator function), or an awaitable (a coroutine function) giving "
+        "None, a reply, a list of replies or an async iterable of them; a reply is a str, "
+        "Tts, Data or Hangup"
+    )
 
 
 class TurnStatus(enum.StrEnum):

@@ -8,6 +8,7 @@ serialising a conversation's turns.
 from __future__ import annotations
 
 import gc
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -635,3 +636,22 @@ async def test_an_interrupt_from_a_guard_or_a_store_goes_on(
         app = create_app(settings(), conversations=ConversationManager(_FailingPingStore(exc)))
     with pytest.raises(exc):
         await _get_or_post(app, "/api/authorize" if where == "guard" else "/ready")
+
+
+@pytest.mark.anyio
+async def test_a_turn_whose_text_holds_half_an_emoji_is_answered() -> None:
+    """LayerCode (JavaScript) escapes a string cut inside an emoji as a lone ``\\ud83d``; the
+    reference implementation and the Node SDK answer such a turn. It was a 400 (the user's
+    words lost, nothing spoken); the half emoji now reads as U+FFFD."""
+    ids = {"session_id": "s", "conversation_id": "c"}
+    body = json.dumps({"type": "message", "turn_id": "t", "text": "cut \ud83d", **ids}).encode()
+    assert b"\\ud83d" in body  # what JSON.stringify writes
+    app = create_app(settings())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post("/api/agent", content=body, headers=signed_headers(body))
+        item = {"role": "user", "text": "\udc00"}
+        ended = json.dumps({"type": "session.end", "transcript": [item], **ids}).encode()
+        end = await c.post("/api/agent", content=ended, headers=signed_headers(ended))
+    assert response.status_code == 200, response.text
+    assert _events(response)[0]["content"] == "You said: cut \ufffd"
+    assert (end.status_code, end.json()) == (200, {"status": "ok"})

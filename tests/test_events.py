@@ -789,24 +789,44 @@ def test_str_input_edge_cases() -> None:
     assert isinstance(expect_error(MyStr('{"type":"later"}')), UnknownEventError)
 
 
-def test_a_lone_surrogate_escape_is_not_called_truncated_input() -> None:
-    """JavaScript's JSON.stringify writes half an emoji as a lone ``\\ud83d`` escape. msgspec
-    refuses it as "Input data was truncated", which sent the reader hunting for a cut body;
-    the error now names the escape and where it is (as other malformed JSON does)."""
+def test_a_lone_surrogate_escape_decodes_as_u_fffd() -> None:
+    """JavaScript's JSON.stringify writes half an emoji as a lone ``\\ud83d`` escape (a string
+    cut between the two halves), and JSON.parse, the Node SDK and the reference SDK accept it.
+    It was a 400 for the whole event (a user's turn, a session's transcript lost); each lone
+    surrogate escape, anywhere in the body, now decodes as U+FFFD, which UTF-8 can hold."""
     head = b'{"type":"message","session_id":"s","conversation_id":"c","turn_id":"t","text":"'
-    for tail in (b'\\ud83d"}', b'a\\uD83D b"}', b'\\\\\\ud800"}'):
-        body = head + tail
-        error = expect_error(body)
-        assert type(error) is InvalidPayloadError
-        assert error.path == "$"
-        offset = body.index(b"\\u", len(head))
-        assert error.detail == (
-            f"JSON is malformed: a \\u escape is a lone UTF-16 surrogate (byte {offset})"
-        )
-        assert expect_error(bytearray(body)).detail == error.detail
-    # an escaped backslash followed by "ud83d" is plain text; a truncated body stays so
+    cases = {
+        b'\\ud83d"}': "\ufffd",
+        b'a\\uD83D b"}': "a\ufffd b",
+        b'\\\\\\ud800"}': "\\\ufffd",  # an escaped backslash, then the escape
+        b'\\ude00x"}': "\ufffdx",  # a low half alone
+        b'\\ud83d\\ud83d\\ude00"}': "\ufffd\U0001f600",  # a high half, then a pair
+        b'\\ud83d\\ude00\\ude00"}': "\U0001f600\ufffd",
+        b'x","metadata":{"\\udbff":"\\udc00\\udc00"},"later":"\\ud83d"}': "x",
+    }
+    for tail, text in cases.items():
+        for data in (head + tail, bytearray(head + tail), memoryview(head + tail)):
+            event = parse_webhook_payload(data)
+            assert isinstance(event, MessagePayload) and event.text == text
+    event = parse_webhook_payload(head + b'x","metadata":{"\\udbff":"\\udc00\\udc00"}}')
+    assert event.metadata == {"\ufffd": "\ufffd\ufffd"}  # type: ignore[union-attr]
+    assert parse_webhook_payload((head + b'\\ud83d"}').decode()).text == "\ufffd"  # type: ignore[union-attr]
+    # an escaped backslash followed by "ud83d" is plain text
     assert parse_webhook_payload(head + b'\\\\ud83d"}').text == "\\ud83d"  # type: ignore[union-attr]
+    # other faults are still found, at the same byte
     assert expect_error(head + b"\\ud83d").detail == "Input data was truncated"
+    same_length = expect_error(head + b'\\u00e9"} x').detail  # a plain escape of 6 bytes
+    assert expect_error(head + b'\\ud83d"} x').detail == same_length
+    assert same_length.startswith("JSON is malformed: trailing characters")
+    error = expect_error(head + b'\\ud83d","turn_id":5}')
+    assert error.path == "$.turn_id"
+    later = b'{"type":"call.later","text":"\\ud83d"}'
+    unknown = expect_error(later)
+    assert isinstance(unknown, UnknownEventError) and unknown.event_type == "call.later"
+    with_item = b'{"type":"session.end","session_id":"s","conversation_id":"c","transcript":'
+    with_item += b'[{"role":"user","text":"\\ud83d","x":"\\ude00"}]}'
+    item = parse_webhook_payload(with_item).transcript[0]  # type: ignore[union-attr]
+    assert (item.text, item.extra) == ("\ufffd", {"x": "\ufffd"})
 
 
 def test_buffer_inputs() -> None:

@@ -33,6 +33,7 @@ from layercode_asgi import (
     Settings,
     __version__,
     create_app,
+    get_agent,
 )
 
 from .conftest import (
@@ -132,17 +133,25 @@ def test_health_and_ready() -> None:
         assert data["status"] == "healthy" and data["version"] == __version__
         assert datetime.fromisoformat(data["timestamp"]).tzinfo is not None
         ready = client.get("/ready")
-        assert (ready.status_code, ready.json()) == (200, {"ready": True, "agent": "echo_agent"})
+        assert (ready.status_code, ready.json()) == (200, {"ready": True, "agent": "echo"})
 
 
 def test_ready_reports_a_model_only_for_agents_that_use_one() -> None:
+    """A registered agent is named as registered, as in the server API reference's
+    ``{"ready": true, "agent": "starter", "model": "openai:gpt-5-nano"}`` (it was the
+    function's name: ``starter_agent``); an agent of your own by its ``__name__``."""
+
     async def my_agent(event: Any) -> Any:
         yield "hi"
 
-    openai = create_app(settings(openai_api_key="sk-test", default_model="openai:gpt-x"), "openai")
+    with_key = settings(openai_api_key="sk-test", default_model="openai:gpt-x")
+    openai = create_app(with_key, "openai")
+    starter = create_app(with_key, get_agent("starter", with_key))
     for app, expected in (
         (create_app(settings(), my_agent), {"ready": True, "agent": "my_agent"}),
-        (openai, {"ready": True, "agent": "openai_agent", "model": "openai:gpt-x"}),
+        (create_app(settings(), get_agent("echo")), {"ready": True, "agent": "echo"}),
+        (openai, {"ready": True, "agent": "openai", "model": "openai:gpt-x"}),
+        (starter, {"ready": True, "agent": "starter", "model": "openai:gpt-x"}),
     ):
         with serve(app) as url, httpx.Client(base_url=url) as client:
             ready = client.get("/ready")
