@@ -323,11 +323,9 @@ class LayercodeWebhook:
         else:
             try:
                 body = await read_body(receive, self.max_body_size)
-            except BodyTooLarge:
-                body, response = (
-                    None,
-                    json_error_response(413, f"request body exceeds {self.max_body_size} bytes"),
-                )
+            except BodyTooLarge:  # the rest may still be on the wire: close the connection
+                too_large = f"request body exceeds {self.max_body_size} bytes"
+                response = json_error_response(413, too_large, {"connection": "close"})
             else:
                 if body is None:
                     return  # the client left before sending its body
