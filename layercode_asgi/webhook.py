@@ -34,8 +34,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import anyio
 from starlette.responses import Response
@@ -45,6 +44,7 @@ from ._asgi import BodyTooLarge, JSONResponse, json_error_response, must_propaga
 from .agents import Agent, TurnEvent, bind_agent
 from .conversation import (
     DEFAULT_LOCK_WAIT_GRACE,
+    ConversationBackend,
     ConversationLockTimeout,
     HistoryMessage,
     check_conversation_id,
@@ -191,31 +191,6 @@ async def _read(
         history, generation = await read(cid)
         return history, generation
     return await conversations.get_history(cid), None
-
-
-class ConversationBackend(Protocol):
-    """What the webhook needs of a conversation store (``ConversationManager`` has it).
-
-    With ``read_turn`` / ``record_turn`` as well (``ConversationManager`` has them), a turn
-    still running when its conversation ends does not record; without, it does.
-    """
-
-    def lock(
-        self, conversation_id: str, *, timeout: float | None = ...
-    ) -> AbstractAsyncContextManager[Any]: ...
-
-    async def get_history(self, conversation_id: str) -> list[HistoryMessage]: ...
-
-    async def add_turn(
-        self,
-        conversation_id: str,
-        user_text: str | None,
-        assistant_text: str | None,
-        *,
-        turn_id: str | None = None,
-    ) -> None: ...
-
-    async def clear(self, conversation_id: str) -> None: ...
 
 
 Hook = Callable[[Any], Any]
