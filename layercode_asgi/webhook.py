@@ -40,7 +40,15 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ._asgi import BodyTooLarge, JSONResponse, json_error_response, must_propagate, read_body
+from ._asgi import (
+    CLIENT_LEFT,
+    BodyTooLarge,
+    JSONResponse,
+    json_error_response,
+    must_propagate,
+    read_body,
+    send_json_error,
+)
 from .agents import Agent, TurnEvent, bind_agent
 from .conversation import (
     DEFAULT_LOCK_WAIT_GRACE,
@@ -302,9 +310,10 @@ class LayercodeWebhook:
                 too_large = f"request body exceeds {self.max_body_size} bytes"
                 response = json_error_response(413, too_large, {"connection": "close"})
             else:
-                if body is None:
-                    return  # the client left before sending its body
-                await self.answer(body, scope, receive, send)
+                if body is None:  # the client left: answered for middleware outside
+                    await send_json_error(send, CLIENT_LEFT)
+                else:
+                    await self.answer(body, scope, receive, send)
                 return
         await response(scope, receive, send)
 

@@ -21,7 +21,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from layercode_asgi import LayercodeSignature, LayercodeWebhook, TurnEvent, sign
+from layercode_asgi import (
+    LayercodeSignature,
+    LayercodeWebhook,
+    Settings,
+    TurnEvent,
+    create_app,
+    sign,
+)
 
 from .conftest import SECRET, event_body, serve, serve_hypercorn, signed_headers
 
@@ -212,3 +219,54 @@ def test_expect_100_continue(server: Server) -> None:
     # Refused on the header: answered without the body, and closed. uvicorn sends 100 only
     # when the app reads the body; hypercorn sends it on its own, before the app runs.
     assert refused == ([100, 401] if server is serve_hypercorn else [401], True)
+
+
+# -- a client that leaves mid-body, under Starlette's BaseHTTPMiddleware -----------------------
+
+
+class PassesThrough(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        return await call_next(request)
+
+
+def left_mid_body_app(target: str) -> tuple[Starlette, str]:
+    """An app with a ``BaseHTTPMiddleware`` outside ``target``, and the path to post to."""
+    if target.startswith("create_app"):
+        options = {"layercode_webhook_secret": SECRET, "layercode_api_key": "lc_key"}
+        app = create_app(Settings(env_file=None, environ={}, **options))
+        path = "/api/authorize" if target.endswith("authorize") else "/api/agent"
+    else:
+        if target == "middleware":
+            app = webhook_app(say_hello, "gzip", signature_outermost=True)
+        else:  # the webhook as the route's ASGI app, without the middleware
+            app = Starlette(routes=[Route("/api/agent", LayercodeWebhook(say_hello))])
+        path = "/api/agent"
+    app.add_middleware(PassesThrough)
+    return app, path
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "target", ["middleware", "webhook", "create_app-webhook", "create_app-authorize"]
+)
+async def test_a_client_leaving_mid_body_is_no_error_under_base_http_middleware(
+    target: str,
+) -> None:
+    """Nobody reads the answer, but ``BaseHTTPMiddleware`` needs one: without it, it raised
+    ``RuntimeError: No response returned.`` (an ERROR traceback, and create_app's 500)."""
+    app, path = left_mid_body_app(target)
+    messages = iter([{"type": "http.request", "body": b"{", "more_body": True}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"content-length", b"100"), (b"layercode-signature", GOOD.encode())]
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+    scope.update(http_version="1.1", scheme="http", query_string=b"", root_path="")
+    with anyio.fail_after(10):
+        await app(scope, receive, send)
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [400]
