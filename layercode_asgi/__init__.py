@@ -41,6 +41,7 @@ from .agents import (
 )
 from .config import Settings, SettingsError
 from .conversation import (
+    ConversationBackend,
     ConversationLockTimeout,
     ConversationManager,
     ConversationStore,
@@ -81,7 +82,7 @@ from .signature import (
 )
 from .sse import SSE_HEADERS, Emit, EventStreamResponse, create_sse_response, format_sse_message
 from .turns import StreamHandler, Turn, TurnStatus, TurnStream, stream_response, stream_turn
-from .webhook import ConversationBackend, LayercodeWebhook
+from .webhook import LayercodeWebhook
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",

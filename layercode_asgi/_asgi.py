@@ -28,6 +28,7 @@ from starlette.types import Message, Receive, Scope, Send
 from .errors import ConfigurationError
 
 __all__ = [
+    "CLIENT_LEFT",
     "HEADER_NAME",
     "BodyTooLarge",
     "JSONResponse",
@@ -148,6 +149,12 @@ def json_error(
         raw.append((b"connection", b"close"))
     start: Message = {"type": "http.response.start", "status": status, "headers": raw}
     return start, {"type": "http.response.body", "body": body, "more_body": False}
+
+
+#: The answer to a client that left before sending its whole body. Nobody reads it (servers
+#: drop it), but middleware outside may need one: Starlette's ``BaseHTTPMiddleware`` raises
+#: ``RuntimeError: No response returned.`` without it.
+CLIENT_LEFT = json_error(400, "client disconnected before sending the whole body", close=True)
 
 
 async def send_json_error(

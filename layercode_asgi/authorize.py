@@ -23,7 +23,7 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from ._asgi import JSONResponse, json_error_response, must_propagate
+from ._asgi import CLIENT_LEFT, JSONResponse, json_error_response, must_propagate, send_json_error
 from .apikeys import api_key_allowed, encode_keys
 from .config import Settings
 from .logs import escape_log_value
@@ -98,7 +98,9 @@ class AuthorizeRoute:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         request = Request(scope, receive)
         response = await self.respond(request)
-        if response is not None:
+        if response is None:  # the caller left: answered for middleware outside
+            await send_json_error(send, CLIENT_LEFT)
+        else:
             await response(scope, receive, send)
 
     async def respond(self, request: Request) -> Response | None:

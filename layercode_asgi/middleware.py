@@ -30,6 +30,7 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._asgi import (
+    CLIENT_LEFT,
     HEADER_NAME,
     BodyTooLarge,
     check_route,
@@ -262,9 +263,9 @@ class LayercodeSignature:
         malformed or stale: refused before the body is read, and the connection closed),
         the body's size and arrival deadline, the signature and (if on) replay protection.
         A request that fails a check is answered (400, 401, 408, 409, 413, 503) and
-        ``None`` returned; so is a client that left before sending its body (nobody is
-        answered then). Otherwise the verified body is returned and nothing has been sent:
-        the caller answers the request.
+        ``None`` returned; so is a client that left before sending its body (its 400 is
+        only for middleware outside: the server drops it). Otherwise the verified body is
+        returned and nothing has been sent: the caller answers the request.
         ``receive`` is not used again here, so it can be handed on as it is.
         """
         parts: list[str] = []
@@ -311,8 +312,9 @@ class LayercodeSignature:
             )
             await send_json_error(send, self._timed_out)
             return None
-        if body is None:
-            return None  # the client left: nobody is there to answer
+        if body is None:  # the client left: answered for middleware outside (see CLIENT_LEFT)
+            await send_json_error(send, CLIENT_LEFT)
+            return None
 
         try:
             verify_signature(body, signature, self._secrets, self.tolerance)

@@ -34,17 +34,25 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ._asgi import BodyTooLarge, JSONResponse, json_error_response, must_propagate, read_body
+from ._asgi import (
+    CLIENT_LEFT,
+    BodyTooLarge,
+    JSONResponse,
+    json_error_response,
+    must_propagate,
+    read_body,
+    send_json_error,
+)
 from .agents import Agent, TurnEvent, bind_agent
 from .conversation import (
     DEFAULT_LOCK_WAIT_GRACE,
+    ConversationBackend,
     ConversationLockTimeout,
     HistoryMessage,
     check_conversation_id,
@@ -193,31 +201,6 @@ async def _read(
     return await conversations.get_history(cid), None
 
 
-class ConversationBackend(Protocol):
-    """What the webhook needs of a conversation store (``ConversationManager`` has it).
-
-    With ``read_turn`` / ``record_turn`` as well (``ConversationManager`` has them), a turn
-    still running when its conversation ends does not record; without, it does.
-    """
-
-    def lock(
-        self, conversation_id: str, *, timeout: float | None = ...
-    ) -> AbstractAsyncContextManager[Any]: ...
-
-    async def get_history(self, conversation_id: str) -> list[HistoryMessage]: ...
-
-    async def add_turn(
-        self,
-        conversation_id: str,
-        user_text: str | None,
-        assistant_text: str | None,
-        *,
-        turn_id: str | None = None,
-    ) -> None: ...
-
-    async def clear(self, conversation_id: str) -> None: ...
-
-
 Hook = Callable[[Any], Any]
 
 
@@ -323,15 +306,14 @@ class LayercodeWebhook:
         else:
             try:
                 body = await read_body(receive, self.max_body_size)
-            except BodyTooLarge:
-                body, response = (
-                    None,
-                    json_error_response(413, f"request body exceeds {self.max_body_size} bytes"),
-                )
+            except BodyTooLarge:  # the rest may still be on the wire: close the connection
+                too_large = f"request body exceeds {self.max_body_size} bytes"
+                response = json_error_response(413, too_large, {"connection": "close"})
             else:
-                if body is None:
-                    return  # the client left before sending its body
-                await self.answer(body, scope, receive, send)
+                if body is None:  # the client left: answered for middleware outside
+                    await send_json_error(send, CLIENT_LEFT)
+                else:
+                    await self.answer(body, scope, receive, send)
                 return
         await response(scope, receive, send)
 

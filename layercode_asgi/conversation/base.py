@@ -1,11 +1,12 @@
-"""What every conversation store shares: the message type, errors, bounds and checks."""
+"""What every conversation store shares: the message type, errors, bounds and checks; and
+what the webhook needs of one (:class:`ConversationBackend`)."""
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Final, Literal, Protocol, runtime_checkable
+from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 import msgspec
 
@@ -179,3 +180,28 @@ class ConversationStore(Protocol):
     async def aclose(self) -> None:
         """Release the store's resources (connections)."""
         ...
+
+
+class ConversationBackend(Protocol):
+    """What the webhook needs of a conversation store (``ConversationManager`` has it).
+
+    With ``read_turn`` / ``record_turn`` as well (``ConversationManager`` has them), a turn
+    still running when its conversation ends does not record; without, it does.
+    """
+
+    def lock(
+        self, conversation_id: str, *, timeout: float | None = ...
+    ) -> AbstractAsyncContextManager[Any]: ...
+
+    async def get_history(self, conversation_id: str) -> list[HistoryMessage]: ...
+
+    async def add_turn(
+        self,
+        conversation_id: str,
+        user_text: str | None,
+        assistant_text: str | None,
+        *,
+        turn_id: str | None = None,
+    ) -> None: ...
+
+    async def clear(self, conversation_id: str) -> None: ...

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 _ROLES: Final = ("user", "assistant")
-#: What the webhook calls on its ``conversations`` (``webhook.ConversationBackend``).
+#: What the webhook calls on its ``conversations`` (``base.ConversationBackend``).
 _BACKEND: Final = ("lock", "get_history", "add_turn", "clear")
 
 
