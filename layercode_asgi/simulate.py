@@ -22,7 +22,7 @@ import httpx
 import msgspec
 
 from .envfile import parse_env_file
-from .protocol import check_headers, check_url
+from .protocol import check_headers, check_url, note_redirect
 from .redaction import escape_terminal, mask_url
 from .testing import (
     VIOLATIONS,
@@ -251,7 +251,10 @@ async def run_simulation(
     printer.line(f"conversation {report.conversation_id}, session {report.session_id}")
     try:
         async with httpx.AsyncClient(
-            transport=transport, timeout=timeout, follow_redirects=False
+            transport=transport,
+            timeout=timeout,
+            follow_redirects=False,
+            event_hooks={"response": [note_redirect]},
         ) as client:
             printer.line("> session.start")
             await turn(client, session_start_event(**ids))

@@ -32,6 +32,7 @@ from .protocol import (
     check_url,
     encode_event,
     http_violation,
+    note_redirect,
     send_json_event,
     send_turn,
     signed_headers,
@@ -299,7 +300,12 @@ class LayercodeTestClient:
         transport: httpx.AsyncBaseTransport | None = None
         if self.app is not None:
             transport = httpx.ASGITransport(app=_Bounded(self.app, self.max_bytes))
-        return httpx.AsyncClient(transport=transport, timeout=self.timeout, follow_redirects=False)
+        return httpx.AsyncClient(
+            transport=transport,
+            timeout=self.timeout,
+            follow_redirects=False,
+            event_hooks={"response": [note_redirect]},
+        )
 
     async def __aenter__(self) -> LayercodeTestClient:
         self._client = self._new_client()
@@ -387,17 +393,23 @@ class LayercodeTestClient:
         request_headers.update(headers or {})
 
         async with self._http() as client:
+            request = client.build_request(
+                "POST", self.url, content=content, headers=request_headers
+            )
             try:  # bounded like the checked methods: httpx's timeout misses an in-process app
                 with anyio.fail_after(self.timeout):
-                    return await client.post(self.url, content=content, headers=request_headers)
+                    return await client.send(request)
             except TimeoutError:
                 detail = f"POST not answered within {self.timeout:g} s"
                 raise ProtocolViolation("timeout", detail) from None
             except ReplyTooLarge:
                 detail = f"reply longer than {self.max_bytes} bytes (max_bytes)"
                 raise ProtocolViolation("too-large", detail) from None
-            except httpx.HTTPError as exc:
-                raise http_violation(exc, self.timeout, {}) from exc
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+                violation = http_violation(exc, self.timeout, {}, request)
+                if violation is None:
+                    raise
+                raise violation from exc
 
     # -- one helper per event, with the client's conversation and session ids --
 
