@@ -56,13 +56,14 @@ def conforming(event: dict[str, Any], said: str = "hi") -> bytes:
     return reply(200, "text/event-stream", stream)
 
 
-def simulate(url: str, *extra: str) -> tuple[int, str, str]:
-    """``layercode-asgi simulate`` in a subprocess, as users run it: exit code, stdout, stderr."""
+def simulate(url: str, *extra: str, encoding: str = "utf-8") -> tuple[int, str, str]:
+    """``layercode-asgi simulate`` in a subprocess, as users run it, its standard streams in
+    ``encoding``: exit code, stdout, stderr."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("LAYERCODE_")}
-    environ.update(LAYERCODE_WEBHOOK_SECRET=SECRET, PYTHONIOENCODING="utf-8")
+    environ.update(LAYERCODE_WEBHOOK_SECRET=SECRET, PYTHONIOENCODING=encoding)
     argv = [sys.executable, "-m", "layercode_asgi", "simulate", "--url", url, *extra, "hello"]
     done = subprocess.run(argv, env=environ, capture_output=True, timeout=60)
-    out, err = done.stdout.decode(), done.stderr.decode()
+    out, err = done.stdout.decode(encoding), done.stderr.decode(encoding)
     assert "Traceback" not in err and SECRET not in out + err
     assert _forbidden(out) == [] and _forbidden(err) == [], (out, err)
     return done.returncode, out, err
@@ -121,3 +122,21 @@ async def test_the_test_kit_reports_a_redirect_to_an_unreadable_location(locatio
                 assert caught.value.name == "http-error"
                 assert caught.value.status_code in (302, 307)
                 assert "not followed" in caught.value.detail
+
+
+# -- a terminal that cannot show what the backend says ---------------------------------------------
+
+SAID = "Grüße, こんにちは 😀"
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "ascii", "cp1252"])
+def test_simulate_escapes_what_stdout_cannot_encode(encoding: str) -> None:
+    # Windows writes a redirected stdout in its ANSI code page; a latin-1 locale does too.
+    # Before: a UnicodeEncodeError traceback as soon as the agent said a character outside it.
+    with raw_http_server(lambda event: conforming(event, SAID)) as base:
+        code, out, _ = simulate(f"{base}/api/agent", encoding=encoding)
+        assert code == 0 and "OK: 2 turns" in out
+        assert "\\u3053" in out and "\\U0001f600" in out  # shown escaped
+        code, out, _ = simulate(f"{base}/api/agent", "--json", "-q", encoding=encoding)
+        assert code == 0
+        assert msgspec.json.decode(out)["turns"][1]["text"] == SAID  # still valid JSON
