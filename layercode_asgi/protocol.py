@@ -464,6 +464,8 @@ async def send_turn(
 
     def late() -> str:
         state = "after response.end the stream stayed open" if checker.ended else "no response.end"
+        if "status_code" not in where:
+            return f"not answered within {timeout:g} s (no status line and headers)"
         return f"turn not complete within {timeout:g} s ({state})"
 
     first_tts: float | None = None

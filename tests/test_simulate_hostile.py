@@ -7,9 +7,14 @@ without a traceback, a raw control character or the secret in the output."""
 from __future__ import annotations
 
 import functools
+import gzip
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -140,3 +145,108 @@ def test_simulate_escapes_what_stdout_cannot_encode(encoding: str) -> None:
         code, out, _ = simulate(f"{base}/api/agent", "--json", "-q", encoding=encoding)
         assert code == 0
         assert msgspec.json.decode(out)["turns"][1]["text"] == SAID  # still valid JSON
+
+
+# -- one specific verdict per kind of broken backend -----------------------------------------------
+
+
+def _turns(stream: Any) -> Any:
+    """A backend answering turns with ``stream(event)`` (raw bytes) and the rest correctly."""
+    return lambda event: stream(event) if event.get("type") in TURNS else conforming(event)
+
+
+def _drip(event: dict[str, Any]) -> Iterator[bytes]:
+    yield b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n"
+    for byte in sse({"type": "response.end", "turn_id": event["turn_id"]}):
+        time.sleep(0.5)
+        yield bytes([byte])
+
+
+def _reset(event: dict[str, Any]) -> Iterator[bytes | None]:
+    yield b'HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: {"type":'
+    yield None
+
+
+def _http_1_0(event: dict[str, Any]) -> bytes:
+    """A close-delimited HTTP/1.0 answer: no length, no chunks, the end of the body is the close."""
+    return conforming(event).replace(b"HTTP/1.1", b"HTTP/1.0").split(b"content-length")[0] + (
+        b"\r\n" + conforming(event).partition(b"\r\n\r\n")[2]
+    )
+
+
+def _gzip(event: dict[str, Any]) -> bytes:
+    head, _, body = conforming(event).partition(b"\r\n\r\n")
+    packed = gzip.compress(body)
+    head = head.split(b"content-length")[0] + b"content-encoding: gzip\r\n"
+    return head + b"content-length: %d\r\n\r\n" % len(packed) + packed
+
+
+ESCAPES = b"\x1b[2J\x1b]52;c;cGF5bG9hZA==\x07\x00\x9b\xff\xe2\x80\xae"
+HEADER_ESCAPES = b"HTTP/1.1 200 \x1b[2J\r\ncontent-type: text/\x1b]0;x\x07\x9b\xff\r\nx-a: \x1b[31m\r\ncontent-length: 0\r\n\r\n"
+HOSTILE = {
+    "html-500": (lambda e: reply(500, "text/html", b"<html>" + ESCAPES + b"</html>"), "http-error"),
+    "401": (lambda e: reply(401, "application/json", b'{"error":"bad signature"}'), "http-error"),
+    "403": (lambda e: reply(403, "text/plain", b"forbidden " * 10_000), "http-error"),
+    "json-for-a-turn": (_turns(lambda e: reply(200, "application/json", b"{}")), "wrong-content-type"),
+    "escapes-in-headers": (_turns(lambda e: HEADER_ESCAPES), "wrong-content-type"),
+    "nul-in-a-header": (_turns(lambda e: HEADER_ESCAPES.replace(b"x-a: ", b"x-a: \x00")), "connection-error"),
+    "no-response-end": (
+        _turns(lambda e: reply(200, "text/event-stream", sse({"type": "response.tts", "content": "hi", "turn_id": e["turn_id"]}))),
+        "missing-end",
+    ),
+    "a-50-mb-line": (_turns(lambda e: reply(200, "text/event-stream", b"data: " + b"x" * 50_000_000 + b"\n\n")), "bad-json"),
+    "not-json": (_turns(lambda e: reply(200, "text/event-stream", b"data: " + ESCAPES + b"\n\n")), "bad-json"),
+    "an-array": (_turns(lambda e: reply(200, "text/event-stream", b"data: [1, 2]\n\n")), "bad-json"),
+    "a-number": (_turns(lambda e: reply(200, "text/event-stream", b"data: 42\n\n")), "bad-json"),
+    "nested-deep": (_turns(lambda e: reply(200, "text/event-stream", b"data: " + b"[" * 100_000 + b"]" * 100_000 + b"\n\n")), "bad-json"),
+    "no-type": (_turns(lambda e: reply(200, "text/event-stream", b'data: {"type": [1]}\n\n')), "missing-type"),
+    "redirect-loop": (lambda e: b"HTTP/1.1 307 R\r\nlocation: /api/agent\r\ncontent-length: 0\r\n\r\n", "http-error"),
+    "redirect-elsewhere": (lambda e: b"HTTP/1.1 302 R\r\nlocation: http://u:pw@elsewhere.example/?key=k\r\ncontent-length: 0\r\n\r\n", "http-error"),
+    "redirect-to-file": (lambda e: b"HTTP/1.1 301 R\r\nlocation: file:///etc/passwd\r\ncontent-length: 0\r\n\r\n", "http-error"),
+    "reset-midway": (_turns(_reset), "connection-error"),
+    "not-http": (lambda e: ESCAPES + b"\r\n\r\n", "connection-error"),
+    "a-drip": (_turns(_drip), "timeout"),
+    "brotli": (_turns(lambda e: reply(200, "text/event-stream", b"xx", b"content-encoding: br")), "bad-encoding"),
+    "not-gzip": (_turns(lambda e: reply(200, "text/event-stream", b"xx", b"content-encoding: gzip")), "bad-encoding"),
+    "http-1.0": (_http_1_0, None),
+    "gzip": (_gzip, None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_a_broken_backend_gets_one_specific_verdict(kind: str) -> None:
+    answer, name = HOSTILE[kind]
+    with raw_http_server(answer) as base:
+        code, out, err = simulate(f"{base}/api/agent", "--timeout", "1")
+    if name is None:  # nothing wrong: exit 0
+        assert code == 0 and "OK: 2 turns and 2 other events" in out, (out, err)
+    else:
+        assert code == 1 and verdict(err) == name, (out, err)
+    assert "ESC" not in err and "pw@" not in err and "key=k" not in err
+
+
+def test_a_backend_that_never_accepts_is_a_timeout_saying_so() -> None:
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:  # never accept()ed
+        code, _, err = simulate(
+            f"http://127.0.0.1:{listener.getsockname()[1]}/api/agent", "--timeout", "1"
+        )
+    assert code == 1 and verdict(err) == "timeout"
+    assert "not answered within 1 s" in err  # before: "(no response.end)", as if it had
+
+
+def test_https_to_a_plain_http_port_is_a_connection_error() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(10)
+
+        def plain_http() -> None:  # answers whatever it reads (a TLS hello) with a 400
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+
+        thread = threading.Thread(target=plain_http, daemon=True)
+        thread.start()
+        port = listener.getsockname()[1]
+        code, _, err = simulate(f"https://127.0.0.1:{port}/api/agent", "--timeout", "5")
+        thread.join(10)
+    assert code == 1 and verdict(err) == "connection-error" and "SSL" in err
