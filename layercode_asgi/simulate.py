@@ -23,7 +23,7 @@ import httpx
 import msgspec
 
 from .envfile import parse_env_file
-from .protocol import check_headers, check_url, note_redirect
+from .protocol import check_headers, check_url, new_client
 from .redaction import escape_terminal, mask_url
 from .testing import (
     VIOLATIONS,
@@ -248,15 +248,11 @@ async def run_simulation(
         )
         return result
 
+    client = new_client(transport, timeout)  # first: a ConfigurationError prints no banner
     printer.line(f"simulating a LayerCode conversation with {mask_url(url)}")
     printer.line(f"conversation {report.conversation_id}, session {report.session_id}")
     try:
-        async with httpx.AsyncClient(
-            transport=transport,
-            timeout=timeout,
-            follow_redirects=False,
-            event_hooks={"response": [note_redirect]},
-        ) as client:
+        async with client:
             printer.line("> session.start")
             await turn(client, session_start_event(**ids))
             for text in messages:

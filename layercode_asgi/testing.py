@@ -32,7 +32,7 @@ from .protocol import (
     check_url,
     encode_event,
     http_violation,
-    note_redirect,
+    new_client,
     send_json_event,
     send_turn,
     signed_headers,
@@ -323,12 +323,7 @@ class LayercodeTestClient:
         transport: httpx.AsyncBaseTransport | None = None
         if self.app is not None:
             transport = httpx.ASGITransport(app=_Bounded(self.app, self.max_bytes))
-        return httpx.AsyncClient(
-            transport=transport,
-            timeout=self.timeout,
-            follow_redirects=False,
-            event_hooks={"response": [note_redirect]},
-        )
+        return new_client(transport, self.timeout)
 
     async def __aenter__(self) -> LayercodeTestClient:
         self._client = self._new_client()

@@ -21,6 +21,7 @@ import anyio
 import msgspec
 import pytest
 
+from layercode_asgi.errors import ConfigurationError
 from layercode_asgi.testing import LayercodeTestClient, ProtocolViolation
 
 from .conftest import SECRET, raw_http_server
@@ -61,11 +62,13 @@ def conforming(event: dict[str, Any], said: str = "hi") -> bytes:
     return reply(200, "text/event-stream", stream)
 
 
-def simulate(url: str, *extra: str, encoding: str = "utf-8") -> tuple[int, str, str]:
+def simulate(
+    url: str, *extra: str, encoding: str = "utf-8", env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     """``layercode-asgi simulate`` in a subprocess, as users run it, its standard streams in
-    ``encoding``: exit code, stdout, stderr."""
+    ``encoding``, ``env`` added to its environment: exit code, stdout, stderr."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("LAYERCODE_")}
-    environ.update(LAYERCODE_WEBHOOK_SECRET=SECRET, PYTHONIOENCODING=encoding)
+    environ.update(LAYERCODE_WEBHOOK_SECRET=SECRET, PYTHONIOENCODING=encoding, **(env or {}))
     argv = [sys.executable, "-m", "layercode_asgi", "simulate", "--url", url, *extra, "hello"]
     done = subprocess.run(argv, env=environ, capture_output=True, timeout=60)
     out, err = done.stdout.decode(encoding), done.stderr.decode(encoding)
@@ -250,3 +253,37 @@ def test_https_to_a_plain_http_port_is_a_connection_error() -> None:
         code, _, err = simulate(f"https://127.0.0.1:{port}/api/agent", "--timeout", "5")
         thread.join(10)
     assert code == 1 and verdict(err) == "connection-error" and "SSL" in err
+
+
+# -- an environment httpx cannot make a client from ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "ALL_PROXY=socks5://127.0.0.1:1",  # httpx[socks] is not installed
+        "HTTP_PROXY=ftp://user:s3cret@127.0.0.1",
+        "ALL_PROXY=http://user:s3cret@[::1",
+        "SSL_CERT_FILE=/nonexistent/ca.pem",
+    ],
+)
+def test_an_environment_httpx_cannot_use_is_one_error_line(variable: str) -> None:
+    # Before: an ImportError, ValueError, InvalidURL or FileNotFoundError traceback, exit 1.
+    name, _, value = variable.partition("=")
+    with raw_http_server(conforming) as base:
+        code, out, err = simulate(f"{base}/api/agent", env={name: value, "NO_PROXY": ""})
+    assert code == 2 and out == "", (out, err)
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "s3cret" not in err
+
+
+@pytest.mark.anyio
+async def test_the_test_kit_names_an_environment_httpx_cannot_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1")  # httpx[socks] is not installed
+    monkeypatch.setenv("NO_PROXY", "")
+    client = LayercodeTestClient(base_url="http://127.0.0.1:9", secret=SECRET)
+    # Before: httpx's ImportError.
+    with pytest.raises(ConfigurationError, match=r"ALL_PROXY.*socksio"):
+        await client.message("x")
