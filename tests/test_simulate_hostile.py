@@ -21,6 +21,7 @@ import anyio
 import msgspec
 import pytest
 
+from layercode_asgi.cli import main
 from layercode_asgi.errors import ConfigurationError
 from layercode_asgi.testing import LayercodeTestClient, ProtocolViolation
 
@@ -287,3 +288,16 @@ async def test_the_test_kit_names_an_environment_httpx_cannot_use(
     # Before: httpx's ImportError.
     with pytest.raises(ConfigurationError, match=r"ALL_PROXY.*socksio"):
         await client.message("x")
+
+
+def test_demo_names_an_environment_httpx_cannot_use(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1")
+    monkeypatch.setenv("NO_PROXY", "")
+    # Before: "cannot start: ExceptionGroup: unhandled errors in a TaskGroup", after uvicorn
+    # logged the group's traceback.
+    assert main(["demo"], environ={}) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("error: cannot make an HTTP client from the environment")
