@@ -355,7 +355,7 @@ async def _exchange(
     request = client.build_request("POST", url, content=body, headers=request_headers)
     try:
         with anyio.fail_after(timeout):
-            reply = await client.send(request, stream=True)
+            reply = await open_reply(client, request)
             try:
                 where["status_code"] = status = reply.status_code
                 if status not in ok:
@@ -415,6 +415,15 @@ async def note_redirect(response: httpx.Response) -> None:
     if response.is_redirect:
         noted = (response.status_code, response.headers["location"])
         response.request.extensions[_REDIRECT] = noted
+
+
+async def open_reply(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    """``client.send(request, stream=True)``: a redirect noted by :func:`note_redirect` is
+    forgotten once the reply is there (a later failure, reading its body, is not its
+    ``Location``'s)."""
+    reply = await client.send(request, stream=True)
+    request.extensions.pop(_REDIRECT, None)
+    return reply
 
 
 def http_violation(

@@ -33,6 +33,7 @@ from .protocol import (
     encode_event,
     http_violation,
     new_client,
+    open_reply,
     send_json_event,
     send_turn,
     signed_headers,
@@ -416,7 +417,12 @@ class LayercodeTestClient:
             )
             try:  # bounded like the checked methods: httpx's timeout misses an in-process app
                 with anyio.fail_after(self.timeout):
-                    return await client.send(request)
+                    reply = await open_reply(client, request)
+                    try:
+                        await reply.aread()
+                    finally:
+                        await reply.aclose()
+                    return reply
             except TimeoutError:
                 detail = f"POST not answered within {self.timeout:g} s"
                 raise ProtocolViolation("timeout", detail) from None

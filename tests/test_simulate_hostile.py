@@ -108,6 +108,20 @@ def test_simulate_a_redirect_to_an_unreadable_location_is_an_http_error(location
 
 
 @pytest.mark.anyio
+async def test_a_redirect_cut_short_is_a_connection_error_not_a_bad_location() -> None:
+    def cut_short(event: dict[str, Any]) -> bytes:
+        return b"HTTP/1.1 302 Found\r\nlocation: /elsewhere\r\ncontent-length: 99\r\n\r\nabc"
+
+    with raw_http_server(cut_short) as base:
+        code, _, err = simulate(f"{base}/api/agent", "--timeout", "5")
+        assert code == 1 and verdict(err) == "connection-error" and "valid URL" not in err
+        client = LayercodeTestClient(base_url=base, secret=SECRET, timeout=5)
+        with anyio.fail_after(10), pytest.raises(ProtocolViolation) as caught:
+            await client.post({"type": "message"})
+        assert caught.value.name == "connection-error"
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("location", BAD_LOCATIONS)
 async def test_the_test_kit_reports_a_redirect_to_an_unreadable_location(location: bytes) -> None:
     async def in_process(scope: Any, receive: Any, send: Any) -> None:
