@@ -175,6 +175,9 @@ class AuthorizeRoute:
                 escape_log_value(detail),
             )
             return json_error_response(502, "LayerCode API unreachable")
+        except (httpx.InvalidURL, ValueError) as exc:  # a redirect's Location httpx cannot read
+            logger.warning("LayerCode authorize answer refused: %s", escape_log_value(exc))
+            return json_error_response(502, "LayerCode API sent an invalid response")
 
         try:
             answer = _decode(content) if content else None

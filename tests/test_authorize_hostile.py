@@ -145,6 +145,23 @@ def test_a_redirect_is_not_followed_with_our_key(
     assert len(fake.requests) == 1 and thief.requests == []
 
 
+@pytest.mark.parametrize("location", ["javascript:alert(1)", "http://xn--/", "http://[::1"])
+def test_a_redirect_to_a_location_httpx_cannot_read_is_a_502(
+    layercode: tuple[FakeLayercode, str], location: str
+) -> None:
+    """httpx reads a redirect's Location even when it does not follow it, and raises when it
+    cannot: before, an httpx.InvalidURL or IDNAError, a 500 "internal error"."""
+    fake, api = layercode
+    fake.status, fake.answer, fake.headers = 302, b"", {"location": location}
+    with serve(create_app(settings(layercode_api_url=api))) as url:
+        r = httpx.post(url + "/api/authorize", json={"agent_id": "a"}, timeout=20)
+    assert r.status_code == 502
+    assert r.json() in (
+        {"error": "LayerCode API sent an invalid response"},
+        {"error": "LayerCode API unreachable"},  # httpx's RemoteProtocolError ('[::1')
+    )
+
+
 def test_a_json_body_is_read_whatever_its_content_type(
     layercode: tuple[FakeLayercode, str],
 ) -> None:
