@@ -19,7 +19,7 @@ import httpx
 import msgspec
 
 from ._asgi import HEADER_NAME
-from .errors import ConfigurationError, check_positive_int, check_seconds
+from .errors import check_positive_int, check_seconds, from_environment
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
 from .redaction import escape_terminal, mask_url
 from .signature import SIGNATURE_HEADER, sign
@@ -386,21 +386,17 @@ async def _exchange(
 
 def new_client(transport: httpx.AsyncBaseTransport | None, timeout: float) -> httpx.AsyncClient:
     """The httpx client of the test kit and ``simulate``: it follows no redirect, and notes
-    each one (:func:`note_redirect`). An environment httpx cannot make it from (a proxy in
-    ``HTTP_PROXY``, ``HTTPS_PROXY`` or ``ALL_PROXY`` it cannot use, an unreadable
-    ``SSL_CERT_FILE``) is a ConfigurationError."""
-    try:
-        return httpx.AsyncClient(
+    each one (:func:`note_redirect`); a ConfigurationError in an environment httpx cannot
+    make it from (:func:`~layercode_asgi.errors.from_environment`)."""
+    return from_environment(
+        lambda: httpx.AsyncClient(
             transport=transport,
             timeout=timeout,
             follow_redirects=False,
             event_hooks={"response": [note_redirect]},
-        )
-    except (ImportError, ValueError, OSError, httpx.InvalidURL) as exc:
-        raise ConfigurationError(
-            "cannot make an HTTP client from the environment (HTTP_PROXY, HTTPS_PROXY, "
-            f"ALL_PROXY, SSL_CERT_FILE): {type(exc).__name__}: {escape_terminal(str(exc))}"
-        ) from None
+        ),
+        "to send the events",
+    )
 
 
 #: Where :func:`note_redirect` leaves a redirect's status and ``Location``: on its request.

@@ -17,6 +17,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from layercode_asgi import create_app
+from layercode_asgi.errors import ConfigurationError
 
 from .conftest import NEEDS_TRIO, serve, serve_hypercorn
 from .test_server import FakeLayercode, settings
@@ -182,3 +183,19 @@ def test_a_json_body_is_read_whatever_its_content_type(
     assert [(h["content-type"], sent) for _, h, sent in fake.requests] == [
         ("application/json", body)
     ] * 3
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("ALL_PROXY", "socks5://127.0.0.1:1"), ("SSL_CERT_FILE", "/nonexistent/ca.pem")],
+)
+def test_an_environment_httpx_cannot_use_fails_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """Before: create_app started, and every authorize request was a 500 "internal error"
+    (httpx's ImportError or FileNotFoundError, making its client)."""
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("NO_PROXY", "")
+    with pytest.raises(ConfigurationError, match=f"HTTP client for LayerCode's API.*{variable}"):
+        create_app(settings())
+    create_app(settings(layercode_api_key=None))  # no authorize route to serve: no client

@@ -314,4 +314,6 @@ def test_demo_names_an_environment_httpx_cannot_use(
     assert main(["demo"], environ={}) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1
-    assert err.startswith("error: cannot make an HTTP client from the environment")
+    assert err.startswith(
+        "error: cannot make an HTTP client to send the events from the environment"
+    )
