@@ -11,6 +11,7 @@ that would show the caller our API key (a proxy echoing our request) is not rela
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from starlette.responses import Response
 from ._asgi import CLIENT_LEFT, JSONResponse, json_error_response, must_propagate, send_json_error
 from .apikeys import api_key_allowed, encode_keys
 from .config import Settings
+from .errors import from_environment
 from .logs import escape_log_value
 
 __all__ = [
@@ -67,6 +69,8 @@ class AuthorizeRoute:
         self.body_timeout = settings.body_timeout
         self._client: httpx.AsyncClient | None = None
         self._loop: object = None  # the event loop ``_client`` (its connections) belongs to
+        if self.api_key:  # an environment httpx cannot make a client from fails at start-up
+            self._new_client()
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -74,8 +78,12 @@ class AuthorizeRoute:
         # per event loop: an app may be served again on a later loop (trio after asyncio).
         loop = anyio.lowlevel.current_token()
         if self._client is None or self._loop != loop:
-            self._client, self._loop = httpx.AsyncClient(timeout=self.timeout), loop
+            self._client, self._loop = self._new_client(), loop
         return self._client
+
+    def _new_client(self) -> httpx.AsyncClient:
+        make = functools.partial(httpx.AsyncClient, timeout=self.timeout)
+        return from_environment(make, "for LayerCode's API")
 
     async def aclose(self) -> None:
         if self._client is not None and self._loop == anyio.lowlevel.current_token():
@@ -177,6 +185,9 @@ class AuthorizeRoute:
                 escape_log_value(detail),
             )
             return json_error_response(502, "LayerCode API unreachable")
+        except (httpx.InvalidURL, ValueError) as exc:  # a redirect's Location httpx cannot read
+            logger.warning("LayerCode authorize answer refused: %s", escape_log_value(exc))
+            return json_error_response(502, "LayerCode API sent an invalid response")
 
         try:
             answer = _decode(content) if content else None

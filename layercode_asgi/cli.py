@@ -21,6 +21,7 @@ of exiting, for tests.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import secrets
 import shlex
@@ -505,6 +506,9 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     except SystemExit as exc:
         return _exit_code(exc)
     env = os.environ if environ is None else environ
+    # What stdout cannot encode (a backend's text, on Windows' cp1252) is shown escaped.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
     handler: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.handler
     try:
         code = handler(args, env)

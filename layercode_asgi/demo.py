@@ -14,6 +14,7 @@ from typing import Any, Final
 import anyio
 
 from .config import Settings
+from .errors import ConfigurationError
 from .metrics import MemoryMetrics, TurnMetrics
 from .simulate import EXIT_OK, EXIT_VIOLATION, SimulationReport, run_simulation
 
@@ -72,7 +73,7 @@ async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
             stopped.set()
 
     report: SimulationReport | None = None
-    broken: BrokenPipeError | None = None
+    broken: BrokenPipeError | ConfigurationError | None = None
     try:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(serve)
@@ -93,9 +94,10 @@ async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
                             data=DEMO_DATA,
                             allow_errors=args.allow_errors,
                         )
-                    except BrokenPipeError as exc:
-                        # stdout's reader left: stop the server as usual, then say so (the
-                        # CLI exits 141); raised in the task group, it would be cancelled.
+                    except (BrokenPipeError, ConfigurationError) as exc:
+                        # stdout's reader left, or no HTTP client can be made: stop the server
+                        # as usual, then say so (the CLI exits 141, or 2); raised in the task
+                        # group, it would be cancelled.
                         broken = exc
             finally:
                 server.should_exit = True

@@ -9,7 +9,12 @@ SDK, whose callers catch ``ValueError``.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from .redaction import escape_terminal
+
+_T = TypeVar("_T")
 
 __all__ = ["ConfigurationError", "LayercodeError", "ResponseError", "SettingsError"]
 
@@ -103,3 +108,16 @@ def check_text(name: str, value: object) -> None:
             value.encode()
         except UnicodeEncodeError:
             raise ConfigurationError(f"{name} is not valid text (a lone surrogate)") from None
+
+
+def from_environment(make: Callable[[], _T], what: str) -> _T:
+    """``make()``: an HTTP client, which httpx builds from the environment. What fails there (a
+    proxy in ``HTTP_PROXY``, ``HTTPS_PROXY`` or ``ALL_PROXY`` httpx cannot use, an unreadable
+    ``SSL_CERT_FILE``) is a ConfigurationError naming those variables (and ``what``)."""
+    try:
+        return make()
+    except Exception as exc:
+        raise ConfigurationError(
+            f"cannot make an HTTP client {what} from the environment (HTTP_PROXY, HTTPS_PROXY, "
+            f"ALL_PROXY, SSL_CERT_FILE): {type(exc).__name__}: {escape_terminal(str(exc))}"
+        ) from None

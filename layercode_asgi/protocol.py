@@ -19,7 +19,7 @@ import httpx
 import msgspec
 
 from ._asgi import HEADER_NAME
-from .errors import check_positive_int, check_seconds
+from .errors import check_positive_int, check_seconds, from_environment
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
 from .redaction import escape_terminal, mask_url
 from .signature import SIGNATURE_HEADER, sign
@@ -352,9 +352,11 @@ async def _exchange(
         **(headers or {}),
     }
     kind = where["event_type"]
+    request = client.build_request("POST", url, content=body, headers=request_headers)
     try:
         with anyio.fail_after(timeout):
-            async with client.stream("POST", url, content=body, headers=request_headers) as reply:
+            reply = await open_reply(client, request)
+            try:
                 where["status_code"] = status = reply.status_code
                 if status not in ok:
                     prefix, more = await read_prefix(reply, _BODY_EXCERPT)
@@ -365,6 +367,8 @@ async def _exchange(
                     detail = f"{answered}: {_excerpt(prefix, more)}"
                     raise ProtocolViolation("http-error", detail, **where)
                 yield reply
+            finally:
+                await reply.aclose()
     except TimeoutError:
         detail = late if isinstance(late, str) else late()
         raise ProtocolViolation("timeout", f"{kind} {detail}", **where) from None
@@ -373,14 +377,68 @@ async def _exchange(
     except zlib.error as exc:
         detail = f"the body does not decode: {exc}"
         raise ProtocolViolation("bad-encoding", detail, **where) from None
-    except httpx.HTTPError as exc:
-        raise http_violation(exc, timeout, where) from exc
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+        violation = http_violation(exc, timeout, where, request)
+        if violation is None:
+            raise
+        raise violation from exc
+
+
+def new_client(transport: httpx.AsyncBaseTransport | None, timeout: float) -> httpx.AsyncClient:
+    """The httpx client of the test kit and ``simulate``: it follows no redirect, and notes
+    each one (:func:`note_redirect`); a ConfigurationError in an environment httpx cannot
+    make it from (:func:`~layercode_asgi.errors.from_environment`)."""
+    return from_environment(
+        lambda: httpx.AsyncClient(
+            transport=transport,
+            timeout=timeout,
+            follow_redirects=False,
+            event_hooks={"response": [note_redirect]},
+        ),
+        "to send the events",
+    )
+
+
+#: Where :func:`note_redirect` leaves a redirect's status and ``Location``: on its request.
+_REDIRECT: Final = "layercode_asgi.redirect"
+
+
+async def note_redirect(response: httpx.Response) -> None:
+    """A response hook of the test kit's clients (and ``simulate``'s): notes a redirect on its
+    request. httpx reads a redirect's ``Location`` even when it does not follow it, and
+    raises when it cannot (``javascript:…``, a malformed IDNA host): noted, that error is
+    reported as the ``http-error`` it is (:func:`http_violation`), not as an error of httpx."""
+    if response.is_redirect:
+        noted = (response.status_code, response.headers["location"])
+        response.request.extensions[_REDIRECT] = noted
+
+
+async def open_reply(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    """``client.send(request, stream=True)``: a redirect noted by :func:`note_redirect` is
+    forgotten once the reply is there (a later failure, reading its body, is not its
+    ``Location``'s)."""
+    reply = await client.send(request, stream=True)
+    request.extensions.pop(_REDIRECT, None)
+    return reply
 
 
 def http_violation(
-    exc: httpx.HTTPError, timeout: float, where: Mapping[str, Any]
-) -> ProtocolViolation:
-    """What an httpx failure of a request is: a ``timeout`` or a ``connection-error``."""
+    exc: Exception, timeout: float, where: Mapping[str, Any], request: httpx.Request | None = None
+) -> ProtocolViolation | None:
+    """What the failure ``exc`` of a request is: an ``http-error`` after a redirect noted by
+    :func:`note_redirect`, a ``timeout`` or a ``connection-error`` (an httpx error), or
+    ``None`` (anything else: not the backend's failure)."""
+    noted = None if request is None else request.extensions.get(_REDIRECT)
+    if noted is not None:
+        status, location = noted
+        shown = _brief(mask_url(location))
+        detail = f"answered {status} (a redirect to {shown}, not a valid URL: {exc}; not followed)"
+        where = {**where, "status_code": status}
+        return ProtocolViolation(
+            "http-error", f"{where.get('event_type') or 'POST'} {detail}", **where
+        )
+    if not isinstance(exc, httpx.HTTPError):
+        return None
     if isinstance(exc, httpx.TimeoutException):
         return ProtocolViolation("timeout", f"no answer within {timeout:g} s ({exc!r})", **where)
     detail = f"{type(exc).__name__}: {str(exc) or 'the connection broke (no detail given)'}"
@@ -430,6 +488,8 @@ async def send_turn(
 
     def late() -> str:
         state = "after response.end the stream stayed open" if checker.ended else "no response.end"
+        if "status_code" not in where:
+            return f"not answered within {timeout:g} s (no status line and headers)"
         return f"turn not complete within {timeout:g} s ({state})"
 
     first_tts: float | None = None

@@ -7,6 +7,7 @@ adds the ``simulate`` command to the ``layercode-asgi`` parser (:mod:`layercode_
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import secrets
@@ -22,7 +23,7 @@ import httpx
 import msgspec
 
 from .envfile import parse_env_file
-from .protocol import check_headers, check_url
+from .protocol import check_headers, check_url, new_client
 from .redaction import escape_terminal, mask_url
 from .testing import (
     VIOLATIONS,
@@ -247,12 +248,11 @@ async def run_simulation(
         )
         return result
 
+    client = new_client(transport, timeout)  # first: a ConfigurationError prints no banner
     printer.line(f"simulating a LayerCode conversation with {mask_url(url)}")
     printer.line(f"conversation {report.conversation_id}, session {report.session_id}")
     try:
-        async with httpx.AsyncClient(
-            transport=transport, timeout=timeout, follow_redirects=False
-        ) as client:
+        async with client:
             printer.line("> session.start")
             await turn(client, session_start_event(**ids))
             for text in messages:
@@ -413,19 +413,25 @@ def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         )
     )
     if args.json:
-        print(_json_for_terminal(report.as_dict()), flush=True)
+        print(_json_for_terminal(report.as_dict(), sys.stdout.encoding), flush=True)
     return EXIT_OK if report.ok else EXIT_VIOLATION
 
 
 #: Characters JSON leaves raw that a terminal may act on (C0 controls are always escaped).
 _RAW_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NON_ASCII = re.compile("[^\x00-\x7f]")
 
 
-def _json_for_terminal(value: Any) -> str:
+def _json_for_terminal(value: Any, encoding: str | None = None) -> str:
     """Compact JSON with DEL, C1 controls, U+2028/2029 and bidi controls escaped too (still
-    valid JSON)."""
-    text = _encode(value).decode()
-    return _RAW_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+    valid JSON); and every non-ASCII character when ``encoding`` (stdout's: latin-1, cp1252)
+    cannot hold them all."""
+    text = _RAW_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", _encode(value).decode())
+    try:
+        text.encode(encoding or "utf-8")
+    except UnicodeEncodeError:
+        return _NON_ASCII.sub(lambda match: json.dumps(match.group())[1:-1], text)
+    return text
 
 
 def ascii_int(text: str) -> int:

@@ -32,6 +32,8 @@ from .protocol import (
     check_url,
     encode_event,
     http_violation,
+    new_client,
+    open_reply,
     send_json_event,
     send_turn,
     signed_headers,
@@ -173,6 +175,16 @@ def _misuse(what: str) -> RuntimeError:
     return RuntimeError(f"the ASGI app sent {what}")
 
 
+def _header_pairs(headers: Any) -> list[tuple[Any, Any]] | None:
+    """The ``headers`` of an ASGI ``http.response.start`` as a list of (name, value) pairs of
+    bytes (or str, which httpx takes too); ``None`` when they are not that."""
+    try:
+        pairs = [(name, value) for name, value in headers]
+    except (TypeError, ValueError):
+        return None
+    return pairs if all(isinstance(x, bytes | str) for pair in pairs for x in pair) else None
+
+
 class _Bounded:
     """Wraps an in-process ASGI app for ``httpx.ASGITransport``, which keeps a whole reply in
     memory before returning it: stops the app with :class:`ReplyTooLarge` past ``max_bytes``,
@@ -180,8 +192,8 @@ class _Bounded:
     that streams forever without waiting on anything. An app that returns with its reply
     unfinished is answered as a server would (a 500, or the end of the body), not left to
     the transport's bare ``AssertionError``; one that breaks ASGI otherwise (a second start,
-    a body before the start or after the end, a body or status of the wrong type) is told so
-    by ``send``, with a RuntimeError."""
+    a body before the start or after the end, a body, status or headers of the wrong type, a
+    message of another type) is told so by ``send``, with a RuntimeError."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app = app
@@ -194,12 +206,21 @@ class _Bounded:
         async def bounded_send(message: Any) -> None:
             nonlocal sent, started, finished
             await anyio.lowlevel.checkpoint()
+            if not isinstance(message, dict):
+                raise _misuse(f"a message that is not a dict: {message!r:.80}")
             kind = message.get("type")
             if kind == "http.response.start":
                 if started:
                     raise _misuse("http.response.start after the response started")
-                if not isinstance(message.get("status"), int):
-                    raise _misuse(f"a status that is not an integer: {message.get('status')!r}")
+                status, headers = message.get("status"), message.get("headers", [])
+                if type(status) is not int:
+                    raise _misuse(f"a status that is not an integer: {status!r}")
+                if not 100 <= status <= 999:
+                    raise _misuse(f"a status outside 100-999: {status}")
+                pairs = _header_pairs(headers)
+                if pairs is None:
+                    raise _misuse(f"headers that are not (name, value) pairs: {headers!r:.80}")
+                message = {**message, "headers": pairs}  # read once, even from a generator
                 started = True
             elif kind == "http.response.body":
                 body = message.get("body", b"")
@@ -213,6 +234,10 @@ class _Bounded:
                 if sent > self.max_bytes:
                     raise ReplyTooLarge(f"reply longer than {self.max_bytes} bytes")
                 finished = not message.get("more_body", False)
+            else:
+                raise _misuse(
+                    f"a message of type {kind!r:.80}, not http.response.start or http.response.body"
+                )
             await send(message)
 
         await self.app(scope, receive, bounded_send)
@@ -299,7 +324,7 @@ class LayercodeTestClient:
         transport: httpx.AsyncBaseTransport | None = None
         if self.app is not None:
             transport = httpx.ASGITransport(app=_Bounded(self.app, self.max_bytes))
-        return httpx.AsyncClient(transport=transport, timeout=self.timeout, follow_redirects=False)
+        return new_client(transport, self.timeout)
 
     async def __aenter__(self) -> LayercodeTestClient:
         self._client = self._new_client()
@@ -387,17 +412,28 @@ class LayercodeTestClient:
         request_headers.update(headers or {})
 
         async with self._http() as client:
+            request = client.build_request(
+                "POST", self.url, content=content, headers=request_headers
+            )
             try:  # bounded like the checked methods: httpx's timeout misses an in-process app
                 with anyio.fail_after(self.timeout):
-                    return await client.post(self.url, content=content, headers=request_headers)
+                    reply = await open_reply(client, request)
+                    try:
+                        await reply.aread()
+                    finally:
+                        await reply.aclose()
+                    return reply
             except TimeoutError:
                 detail = f"POST not answered within {self.timeout:g} s"
                 raise ProtocolViolation("timeout", detail) from None
             except ReplyTooLarge:
                 detail = f"reply longer than {self.max_bytes} bytes (max_bytes)"
                 raise ProtocolViolation("too-large", detail) from None
-            except httpx.HTTPError as exc:
-                raise http_violation(exc, self.timeout, {}) from exc
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+                violation = http_violation(exc, self.timeout, {}, request)
+                if violation is None:
+                    raise
+                raise violation from exc
 
     # -- one helper per event, with the client's conversation and session ids --
 

@@ -13,12 +13,13 @@ import queue
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,69 @@ def serve_hypercorn(app: Any, *, trio_worker: bool = False, root_path: str = "")
     finally:
         stop.set()
         thread.join(10)
+
+
+@contextmanager
+def raw_http_server(
+    answer: Callable[[dict[str, Any]], bytes | Iterable[bytes | None]],
+) -> Iterator[str]:
+    """A bare TCP server on 127.0.0.1 in a thread, for backends no real server would be: it
+    reads each request (head, then a Content-Length body, a JSON event), writes what
+    ``answer(event)`` returns as it is (status line, headers, body: bytes, or pieces of
+    bytes written one by one, where a ``None`` resets the connection), then closes the
+    connection. Yields its base URL."""
+    import msgspec
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def one(conn: socket.socket) -> None:
+        conn.settimeout(10)
+        data = b""
+        while b"\r\n\r\n" not in data and len(data) < 1 << 16:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next(
+            (
+                int(line[15:])
+                for line in head.lower().split(b"\r\n")
+                if line.startswith(b"content-length:")
+            ),
+            0,
+        )
+        while len(body) < length:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            body += chunk
+        reply = answer(msgspec.json.decode(body) if body else {})
+        for piece in [reply] if isinstance(reply, bytes) else reply:
+            if piece is None:  # close with a TCP reset
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            conn.sendall(piece)
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn, contextlib.suppress(OSError):
+                one(conn)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(10)
+        listener.close()
 
 
 def event_body(kind: str = "message", **fields: Any) -> bytes:

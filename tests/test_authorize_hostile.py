@@ -17,6 +17,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from layercode_asgi import create_app
+from layercode_asgi.errors import ConfigurationError
 
 from .conftest import NEEDS_TRIO, serve, serve_hypercorn
 from .test_server import FakeLayercode, settings
@@ -145,6 +146,23 @@ def test_a_redirect_is_not_followed_with_our_key(
     assert len(fake.requests) == 1 and thief.requests == []
 
 
+@pytest.mark.parametrize("location", ["javascript:alert(1)", "http://xn--/", "http://[::1"])
+def test_a_redirect_to_a_location_httpx_cannot_read_is_a_502(
+    layercode: tuple[FakeLayercode, str], location: str
+) -> None:
+    """httpx reads a redirect's Location even when it does not follow it, and raises when it
+    cannot: before, an httpx.InvalidURL or IDNAError, a 500 "internal error"."""
+    fake, api = layercode
+    fake.status, fake.answer, fake.headers = 302, b"", {"location": location}
+    with serve(create_app(settings(layercode_api_url=api))) as url:
+        r = httpx.post(url + "/api/authorize", json={"agent_id": "a"}, timeout=20)
+    assert r.status_code == 502
+    assert r.json() in (
+        {"error": "LayerCode API sent an invalid response"},
+        {"error": "LayerCode API unreachable"},  # httpx's RemoteProtocolError ('[::1')
+    )
+
+
 def test_a_json_body_is_read_whatever_its_content_type(
     layercode: tuple[FakeLayercode, str],
 ) -> None:
@@ -165,3 +183,19 @@ def test_a_json_body_is_read_whatever_its_content_type(
     assert [(h["content-type"], sent) for _, h, sent in fake.requests] == [
         ("application/json", body)
     ] * 3
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("ALL_PROXY", "socks5://127.0.0.1:1"), ("SSL_CERT_FILE", "/nonexistent/ca.pem")],
+)
+def test_an_environment_httpx_cannot_use_fails_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """Before: create_app started, and every authorize request was a 500 "internal error"
+    (httpx's ImportError or FileNotFoundError, making its client)."""
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("NO_PROXY", "")
+    with pytest.raises(ConfigurationError, match=f"HTTP client for LayerCode's API.*{variable}"):
+        create_app(settings())
+    create_app(settings(layercode_api_key=None))  # no authorize route to serve: no client

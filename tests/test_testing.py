@@ -391,6 +391,23 @@ _BODY = {"type": "http.response.body", "body": b""}
         ([_START, {**_BODY, "body": "text"}], "a body that is not bytes: 'text'"),
         ([_START, {**_BODY, "body": None}], "a body that is not bytes: None"),
         ([{**_START, "status": "200"}, _BODY], "a status that is not an integer: '200'"),
+        # Before: "answered True" / "answered 1000", an http-error.
+        ([{**_START, "status": True}, _BODY], "a status that is not an integer: True"),
+        ([{**_START, "status": 1000}, _BODY], "a status outside 100-999: 1000"),
+        # Before: a bare AssertionError, a ValueError from unpacking, an AttributeError or a
+        # KeyError from httpx's ASGI transport; or the message was ignored.
+        ([{**_START, "headers": None}, _BODY], "headers that are not (name, value) pairs: None"),
+        (
+            [{**_START, "headers": [(b"a",)]}, _BODY],
+            "headers that are not (name, value) pairs: [(b'a',)]",
+        ),
+        (["hello"], "a message that is not a dict: 'hello'"),
+        ([{}], "a message of type None, not http.response.start or http.response.body"),
+        (
+            [_START, {"type": "http.response.trailers"}, _BODY],
+            "a message of type "
+            "'http.response.trailers', not http.response.start or http.response.body",
+        ),
     ],
 )
 async def test_an_in_process_app_breaking_asgi_is_told_how(

@@ -1,0 +1,319 @@
+"""``simulate`` and the test kit against backends no real server would be: bare sockets that
+answer HTML 500s, the wrong content type, broken or endless streams, bad redirects, resets,
+terminal escapes, a drip of bytes; and a terminal that cannot show what the backend says.
+Every one must end in a specific verdict and the documented exit code, within the timeout,
+without a traceback, a raw control character or the secret in the output."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from layercode_asgi.cli import main
+from layercode_asgi.errors import ConfigurationError
+from layercode_asgi.testing import LayercodeTestClient, ProtocolViolation
+
+from .conftest import SECRET, raw_http_server
+
+TURNS = ("session.start", "message")
+
+
+def _forbidden(text: str) -> list[str]:
+    """Characters a terminal may act on (what simulate must escape)."""
+    return [
+        c
+        for c in text
+        if (ord(c) < 32 and c != "\n")
+        or 0x7F <= ord(c) <= 0x9F
+        or c in "\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+    ]
+
+
+def reply(status: int, content_type: str, body: bytes, *extra: bytes) -> bytes:
+    head = b"HTTP/1.1 %d X\r\ncontent-type: %s\r\n" % (status, content_type.encode())
+    head += b"".join(line + b"\r\n" for line in extra)
+    return head + b"content-length: %d\r\n\r\n" % len(body) + body
+
+
+def sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(b"data: " + msgspec.json.encode(event) + b"\n\n" for event in events)
+
+
+def conforming(event: dict[str, Any], said: str = "hi") -> bytes:
+    """What a backend that follows the protocol answers to ``event``."""
+    if event.get("type") not in TURNS:
+        return reply(200, "application/json", b'{"status":"ok"}')
+    tid = event["turn_id"]
+    stream = sse(
+        {"type": "response.tts", "content": said, "turn_id": tid},
+        {"type": "response.end", "turn_id": tid},
+    )
+    return reply(200, "text/event-stream", stream)
+
+
+def simulate(
+    url: str, *extra: str, encoding: str = "utf-8", env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """``layercode-asgi simulate`` in a subprocess, as users run it, its standard streams in
+    ``encoding``, ``env`` added to its environment: exit code, stdout, stderr."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LAYERCODE_")}
+    environ.update(LAYERCODE_WEBHOOK_SECRET=SECRET, PYTHONIOENCODING=encoding, **(env or {}))
+    argv = [sys.executable, "-m", "layercode_asgi", "simulate", "--url", url, *extra, "hello"]
+    done = subprocess.run(argv, env=environ, capture_output=True, timeout=60)
+    out, err = done.stdout.decode(encoding), done.stderr.decode(encoding)
+    assert "Traceback" not in err and SECRET not in out + err
+    assert _forbidden(out) == [] and _forbidden(err) == [], (out, err)
+    return done.returncode, out, err
+
+
+def verdict(err: str) -> str:
+    """The violation's name from simulate's 'PROTOCOL VIOLATION: <name>: …' line."""
+    lines = [line for line in err.splitlines() if line.startswith("PROTOCOL VIOLATION: ")]
+    assert len(lines) == 1, err
+    return lines[0].split(": ")[1]
+
+
+# -- a redirect whose Location httpx cannot read ---------------------------------------------------
+
+#: Locations httpx parses even though the redirect is not followed, and fails on.
+BAD_LOCATIONS = [b"javascript:alert(1)", b"http://xn--/", b"http://[::1", b"http://\x1b[2J/"]
+
+
+def redirect_to(location: bytes) -> Any:
+    return lambda event: (
+        b"HTTP/1.1 302 Found\r\nlocation: %s\r\ncontent-length: 0\r\n\r\n" % (location)
+    )
+
+
+@pytest.mark.parametrize("location", BAD_LOCATIONS)
+def test_simulate_a_redirect_to_an_unreadable_location_is_an_http_error(location: bytes) -> None:
+    # Before: an httpx.InvalidURL or idna IDNAError traceback (httpx builds the redirect's
+    # request even when it does not follow it), or a `connection-error` for a 3xx.
+    with raw_http_server(redirect_to(location)) as base:
+        code, _, err = simulate(f"{base}/api/agent", "--timeout", "5")
+    assert code == 1 and verdict(err) == "http-error"
+    assert "302" in err and "not followed" in err
+
+
+@pytest.mark.anyio
+async def test_a_redirect_cut_short_is_a_connection_error_not_a_bad_location() -> None:
+    def cut_short(event: dict[str, Any]) -> bytes:
+        return b"HTTP/1.1 302 Found\r\nlocation: /elsewhere\r\ncontent-length: 99\r\n\r\nabc"
+
+    with raw_http_server(cut_short) as base:
+        code, _, err = simulate(f"{base}/api/agent", "--timeout", "5")
+        assert code == 1 and verdict(err) == "connection-error" and "valid URL" not in err
+        client = LayercodeTestClient(base_url=base, secret=SECRET, timeout=5)
+        with anyio.fail_after(10), pytest.raises(ProtocolViolation) as caught:
+            await client.post({"type": "message"})
+        assert caught.value.name == "connection-error"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("location", BAD_LOCATIONS)
+async def test_the_test_kit_reports_a_redirect_to_an_unreadable_location(location: bytes) -> None:
+    async def in_process(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        headers = [(b"location", location)]
+        await send({"type": "http.response.start", "status": 307, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    with raw_http_server(redirect_to(location)) as base:
+        for client in (
+            LayercodeTestClient(base_url=base, secret=SECRET, timeout=5),
+            LayercodeTestClient(in_process, secret=SECRET, timeout=5),
+        ):
+            for send_one in (
+                functools.partial(client.message, "x"),
+                client.session_update,
+                functools.partial(client.post, {"type": "message"}),
+            ):
+                with anyio.fail_after(10), pytest.raises(ProtocolViolation) as caught:
+                    await send_one()
+                assert caught.value.name == "http-error"
+                assert caught.value.status_code in (302, 307)
+                assert "not followed" in caught.value.detail
+
+
+# -- a terminal that cannot show what the backend says ---------------------------------------------
+
+SAID = "Grüße, こんにちは 😀"
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "ascii", "cp1252"])
+def test_simulate_escapes_what_stdout_cannot_encode(encoding: str) -> None:
+    # Windows writes a redirected stdout in its ANSI code page; a latin-1 locale does too.
+    # Before: a UnicodeEncodeError traceback as soon as the agent said a character outside it.
+    with raw_http_server(lambda event: conforming(event, SAID)) as base:
+        code, out, _ = simulate(f"{base}/api/agent", encoding=encoding)
+        assert code == 0 and "OK: 2 turns" in out
+        assert "\\u3053" in out and "\\U0001f600" in out  # shown escaped
+        code, out, _ = simulate(f"{base}/api/agent", "--json", "-q", encoding=encoding)
+        assert code == 0
+        assert msgspec.json.decode(out)["turns"][1]["text"] == SAID  # still valid JSON
+
+
+# -- one specific verdict per kind of broken backend -----------------------------------------------
+
+
+def _turns(stream: Any) -> Any:
+    """A backend answering turns with ``stream(event)`` (raw bytes) and the rest correctly."""
+    return lambda event: stream(event) if event.get("type") in TURNS else conforming(event)
+
+
+def _drip(event: dict[str, Any]) -> Iterator[bytes]:
+    yield b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n"
+    for byte in sse({"type": "response.end", "turn_id": event["turn_id"]}):
+        time.sleep(0.5)
+        yield bytes([byte])
+
+
+def _reset(event: dict[str, Any]) -> Iterator[bytes | None]:
+    yield b'HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: {"type":'
+    yield None
+
+
+def _http_1_0(event: dict[str, Any]) -> bytes:
+    """A close-delimited HTTP/1.0 answer: no length, no chunks, the end of the body is the close."""
+    return conforming(event).replace(b"HTTP/1.1", b"HTTP/1.0").split(b"content-length")[0] + (
+        b"\r\n" + conforming(event).partition(b"\r\n\r\n")[2]
+    )
+
+
+def _gzip(event: dict[str, Any]) -> bytes:
+    head, _, body = conforming(event).partition(b"\r\n\r\n")
+    packed = gzip.compress(body)
+    head = head.split(b"content-length")[0] + b"content-encoding: gzip\r\n"
+    return head + b"content-length: %d\r\n\r\n" % len(packed) + packed
+
+
+ESCAPES = b"\x1b[2J\x1b]52;c;cGF5bG9hZA==\x07\x00\x9b\xff\xe2\x80\xae"
+HEADER_ESCAPES = b"HTTP/1.1 200 \x1b[2J\r\ncontent-type: text/\x1b]0;x\x07\x9b\xff\r\nx-a: \x1b[31m\r\ncontent-length: 0\r\n\r\n"
+HOSTILE = {
+    "html-500": (lambda e: reply(500, "text/html", b"<html>" + ESCAPES + b"</html>"), "http-error"),
+    "401": (lambda e: reply(401, "application/json", b'{"error":"bad signature"}'), "http-error"),
+    "403": (lambda e: reply(403, "text/plain", b"forbidden " * 10_000), "http-error"),
+    "json-for-a-turn": (_turns(lambda e: reply(200, "application/json", b"{}")), "wrong-content-type"),
+    "escapes-in-headers": (_turns(lambda e: HEADER_ESCAPES), "wrong-content-type"),
+    "nul-in-a-header": (_turns(lambda e: HEADER_ESCAPES.replace(b"x-a: ", b"x-a: \x00")), "connection-error"),
+    "no-response-end": (
+        _turns(lambda e: reply(200, "text/event-stream", sse({"type": "response.tts", "content": "hi", "turn_id": e["turn_id"]}))),
+        "missing-end",
+    ),
+    "a-50-mb-line": (_turns(lambda e: reply(200, "text/event-stream", b"data: " + b"x" * 50_000_000 + b"\n\n")), "bad-json"),
+    "not-json": (_turns(lambda e: reply(200, "text/event-stream", b"data: " + ESCAPES + b"\n\n")), "bad-json"),
+    "an-array": (_turns(lambda e: reply(200, "text/event-stream", b"data: [1, 2]\n\n")), "bad-json"),
+    "a-number": (_turns(lambda e: reply(200, "text/event-stream", b"data: 42\n\n")), "bad-json"),
+    "nested-deep": (_turns(lambda e: reply(200, "text/event-stream", b"data: " + b"[" * 100_000 + b"]" * 100_000 + b"\n\n")), "bad-json"),
+    "no-type": (_turns(lambda e: reply(200, "text/event-stream", b'data: {"type": [1]}\n\n')), "missing-type"),
+    "redirect-loop": (lambda e: b"HTTP/1.1 307 R\r\nlocation: /api/agent\r\ncontent-length: 0\r\n\r\n", "http-error"),
+    "redirect-elsewhere": (lambda e: b"HTTP/1.1 302 R\r\nlocation: http://u:pw@elsewhere.example/?key=k\r\ncontent-length: 0\r\n\r\n", "http-error"),
+    "redirect-to-file": (lambda e: b"HTTP/1.1 301 R\r\nlocation: file:///etc/passwd\r\ncontent-length: 0\r\n\r\n", "http-error"),
+    "reset-midway": (_turns(_reset), "connection-error"),
+    "not-http": (lambda e: ESCAPES + b"\r\n\r\n", "connection-error"),
+    "a-drip": (_turns(_drip), "timeout"),
+    "brotli": (_turns(lambda e: reply(200, "text/event-stream", b"xx", b"content-encoding: br")), "bad-encoding"),
+    "not-gzip": (_turns(lambda e: reply(200, "text/event-stream", b"xx", b"content-encoding: gzip")), "bad-encoding"),
+    "http-1.0": (_http_1_0, None),
+    "gzip": (_gzip, None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_a_broken_backend_gets_one_specific_verdict(kind: str) -> None:
+    answer, name = HOSTILE[kind]
+    with raw_http_server(answer) as base:
+        code, out, err = simulate(f"{base}/api/agent", "--timeout", "1")
+    if name is None:  # nothing wrong: exit 0
+        assert code == 0 and "OK: 2 turns and 2 other events" in out, (out, err)
+    else:
+        assert code == 1 and verdict(err) == name, (out, err)
+    assert "ESC" not in err and "pw@" not in err and "key=k" not in err
+
+
+def test_a_backend_that_never_accepts_is_a_timeout_saying_so() -> None:
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:  # never accept()ed
+        code, _, err = simulate(
+            f"http://127.0.0.1:{listener.getsockname()[1]}/api/agent", "--timeout", "1"
+        )
+    assert code == 1 and verdict(err) == "timeout"
+    assert "not answered within 1 s" in err  # before: "(no response.end)", as if it had
+
+
+def test_https_to_a_plain_http_port_is_a_connection_error() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(10)
+
+        def plain_http() -> None:  # answers whatever it reads (a TLS hello) with a 400
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+
+        thread = threading.Thread(target=plain_http, daemon=True)
+        thread.start()
+        port = listener.getsockname()[1]
+        code, _, err = simulate(f"https://127.0.0.1:{port}/api/agent", "--timeout", "5")
+        thread.join(10)
+    assert code == 1 and verdict(err) == "connection-error" and "SSL" in err
+
+
+# -- an environment httpx cannot make a client from ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "ALL_PROXY=socks5://127.0.0.1:1",  # httpx[socks] is not installed
+        "HTTP_PROXY=ftp://user:s3cret@127.0.0.1",
+        "ALL_PROXY=http://user:s3cret@[::1",
+        "SSL_CERT_FILE=/nonexistent/ca.pem",
+    ],
+)
+def test_an_environment_httpx_cannot_use_is_one_error_line(variable: str) -> None:
+    # Before: an ImportError, ValueError, InvalidURL or FileNotFoundError traceback, exit 1.
+    name, _, value = variable.partition("=")
+    with raw_http_server(conforming) as base:
+        code, out, err = simulate(f"{base}/api/agent", env={name: value, "NO_PROXY": ""})
+    assert code == 2 and out == "", (out, err)
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "s3cret" not in err
+
+
+@pytest.mark.anyio
+async def test_the_test_kit_names_an_environment_httpx_cannot_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1")  # httpx[socks] is not installed
+    monkeypatch.setenv("NO_PROXY", "")
+    client = LayercodeTestClient(base_url="http://127.0.0.1:9", secret=SECRET)
+    # Before: httpx's ImportError.
+    with pytest.raises(ConfigurationError, match=r"ALL_PROXY.*socksio"):
+        await client.message("x")
+
+
+def test_demo_names_an_environment_httpx_cannot_use(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1")
+    monkeypatch.setenv("NO_PROXY", "")
+    # Before: "cannot start: ExceptionGroup: unhandled errors in a TaskGroup", after uvicorn
+    # logged the group's traceback.
+    assert main(["demo"], environ={}) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith(
+        "error: cannot make an HTTP client to send the events from the environment"
+    )
