@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import socket
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -19,7 +16,7 @@ from starlette.routing import Mount
 from layercode_asgi import create_app
 from layercode_asgi.errors import ConfigurationError
 
-from .conftest import NEEDS_TRIO, serve, serve_hypercorn
+from .conftest import NEEDS_TRIO, raw_http_server, serve, serve_hypercorn
 from .test_server import FakeLayercode, settings
 
 
@@ -74,36 +71,6 @@ def test_x_api_key_decides_when_both_keys_are_sent(layercode: tuple[FakeLayercod
     assert len(fake.requests) == 3
 
 
-@contextmanager
-def raw_upstream(reply: bytes) -> Iterator[str]:
-    """A LayerCode double on 127.0.0.1 answering one connection with the bytes ``reply``."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(10)
-
-    def answer() -> None:
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(10)
-            received = b""
-            while b"\r\n\r\n" not in received and len(received) < 65536:  # the head
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                received += chunk
-            conn.sendall(reply)
-
-    thread = threading.Thread(target=answer, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
-    finally:
-        listener.close()
-        thread.join(10)
-
-
 @pytest.mark.parametrize(
     "reply",
     [
@@ -116,8 +83,8 @@ def test_a_broken_upstream_answer_does_not_log_our_key(
 ) -> None:
     """An upstream (a proxy echoing our request) whose malformed answer holds our API key:
     502, and the log names the fault without the key."""
-    with raw_upstream(reply) as api:
-        app = create_app(settings(layercode_api_url=api, layercode_api_key="lc_live_7f3a"))
+    with raw_http_server(lambda _: reply) as base:  # a LayerCode double answering `reply`
+        app = create_app(settings(layercode_api_url=base + "/v1", layercode_api_key="lc_live_7f3a"))
         with (
             caplog.at_level(logging.INFO, logger="layercode_asgi"),
             serve(app) as url,
