@@ -52,10 +52,11 @@ _HEADER_VALUE = re.compile(r"[\t\x20-\x7e\xa0-\xff]*")
 
 
 def response_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
-    """``headers=`` of a response as raw ASGI headers (lower-case names). A name that is
-    not an HTTP token or a value that would not stay one header line (CR, LF, NUL, a
-    character beyond latin-1) is a ``ValueError`` naming it (the value is not quoted);
-    a name or value that is not a ``str``, a ``TypeError``."""
+    """``headers=`` of a streamed response as raw ASGI headers (lower-case names). A name
+    that is not an HTTP token, one of the body's framing (``Content-Length``,
+    ``Transfer-Encoding``: the server's to write), or a value that would not stay one
+    header line (CR, LF, NUL, a character beyond latin-1) is a ``ValueError`` naming it
+    (the value is not quoted); a name or value that is not a ``str``, a ``TypeError``."""
     raw = []
     for name, value in headers.items():
         if not isinstance(name, str) or not isinstance(value, str):
@@ -63,6 +64,8 @@ def response_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
             raise TypeError(f"headers must map str names to str values, got {kinds}")
         if not HEADER_NAME.fullmatch(name):
             raise ValueError(f"headers {name!r}: not an HTTP header name")
+        if name.lower() in ("content-length", "transfer-encoding"):
+            raise ValueError(f"headers {name}: the server frames a streamed body, not the app")
         if not _HEADER_VALUE.fullmatch(value):
             raise ValueError(
                 f"headers {name}: the value must be printable latin-1 text on one line "

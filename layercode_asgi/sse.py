@@ -155,8 +155,8 @@ def create_sse_response(
     ``ping`` and ``send_timeout`` (the bound of each send, None: none) must be finite
     numbers, ``ping`` >= 0 and ``send_timeout`` > 0, else ``ValueError``; a ``generator``
     that is not an async iterable raises ``TypeError``. ``headers`` replace the defaults of
-    the same name; one that would not stay one header line (CR, LF, NUL, ...) raises
-    ``ValueError``.
+    the same name; one that would not stay one header line (CR, LF, NUL, ...) or that
+    frames the body (``Content-Length``, ``Transfer-Encoding``) raises ``ValueError``.
     """
     if not hasattr(generator, "__aiter__"):
         raise TypeError(
@@ -204,7 +204,8 @@ class EventStreamResponse(Response):
     ``close_timeout`` bounds the final (empty) frame: a client that stopped reading does not
     hold the response open (None: no bound; otherwise a finite number >= 0, else
     ``ValueError``). ``headers`` replace the defaults of the same name; one that would not
-    stay one header line (CR, LF, NUL, ...) raises ``ValueError``.
+    stay one header line (CR, LF, NUL, ...) or that frames the body (``Content-Length``,
+    ``Transfer-Encoding``) raises ``ValueError``.
     """
 
     media_type = "text/event-stream"

@@ -27,6 +27,10 @@ BAD_HEADERS: list[tuple[dict[Any, Any], type[Exception]]] = [
     ({"x-a\r\nx-forged": "1"}, ValueError),
     ({"x a": "1"}, ValueError),
     ({"": "1"}, ValueError),
+    # The body's framing is the server's: a stream has no length, and a length given
+    # would make the rest of the stream read as a next response.
+    ({"Content-Length": "0"}, ValueError),
+    ({"transfer-encoding": "identity"}, ValueError),
     ({"x-a": 5}, TypeError),
     ({b"x-a": "1"}, TypeError),
 ]
@@ -54,7 +58,7 @@ async def _agent(event: Any, context: Any) -> AsyncIterator[str]:
 
 @pytest.mark.parametrize("build", _builders(), ids=["EventStreamResponse", "sse", "stream_turn"])
 @pytest.mark.parametrize(("headers", "error"), BAD_HEADERS)
-def test_a_header_that_is_not_one_line_is_refused_naming_the_argument(
+def test_a_header_that_is_not_one_line_or_frames_the_body_is_refused(
     build: Any, headers: dict[Any, Any], error: type[Exception]
 ) -> None:
     with pytest.raises(error, match="headers"):
