@@ -57,6 +57,10 @@ def response_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
     ``Transfer-Encoding``: the server's to write), or a value that would not stay one
     header line (CR, LF, NUL, a character beyond latin-1) is a ``ValueError`` naming it
     (the value is not quoted); a name or value that is not a ``str``, a ``TypeError``."""
+    if not isinstance(headers, Mapping):
+        raise TypeError(
+            f"headers must be a mapping of names to values, not {type(headers).__name__}"
+        )
     raw = []
     for name, value in headers.items():
         if not isinstance(name, str) or not isinstance(value, str):
