@@ -38,6 +38,7 @@ __all__ = [
     "json_error_response",
     "must_propagate",
     "read_body",
+    "response_headers",
     "route_path",
     "send_json_error",
 ]
@@ -46,6 +47,37 @@ _encode = msgspec.json.Encoder().encode
 
 #: An HTTP header name (RFC 9110's token): ``HEADER_NAME.fullmatch(name)``.
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: A response header value that goes out as it is: printable latin-1 and tabs (no CR, LF,
+#: NUL or other control character, which would end the line or be refused by the server).
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\xa0-\xff]*")
+
+
+def response_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """``headers=`` of a streamed response as raw ASGI headers (lower-case names). A name
+    that is not an HTTP token, one of the body's framing (``Content-Length``,
+    ``Transfer-Encoding``: the server's to write), or a value that would not stay one
+    header line (CR, LF, NUL, a character beyond latin-1) is a ``ValueError`` naming it
+    (the value is not quoted); a name or value that is not a ``str``, a ``TypeError``."""
+    if not isinstance(headers, Mapping):
+        raise TypeError(
+            f"headers must be a mapping of names to values, not {type(headers).__name__}"
+        )
+    raw = []
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            kinds = f"{type(name).__name__}: {type(value).__name__}"
+            raise TypeError(f"headers must map str names to str values, got {kinds}")
+        if not HEADER_NAME.fullmatch(name):
+            raise ValueError(f"headers {name!r}: not an HTTP header name")
+        if name.lower() in ("content-length", "transfer-encoding"):
+            raise ValueError(f"headers {name}: the server frames a streamed body, not the app")
+        if not _HEADER_VALUE.fullmatch(value):
+            raise ValueError(
+                f"headers {name}: the value must be printable latin-1 text on one line "
+                "(no CR, LF, NUL or other control character)"
+            )
+        raw.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    return raw
 
 
 class BodyTooLarge(Exception):

@@ -264,20 +264,21 @@ def _start_failure_exits_2() -> Iterator[None]:
 
 
 def _print_dev_banner(webhook_url: str, generated: str | None) -> None:
-    """A simulate line to paste; the secret only if generated (a configured one may be real)."""
+    """A simulate line to paste; the secret only if generated (a configured one may be real:
+    simulate reads it from the environment or ./.env, never from its visible arguments)."""
     rule = "=" * 78
     if generated is None:
         head = f"DEV MODE: using the configured {SECRET_ENV} (not shown)."
-        secret_arg = f'"${SECRET_ENV}"'
+        secret_arg = ""
     else:
         head = (
             "DEV MODE: generated a temporary webhook secret (not saved; a new one each start):"
             f"\n\n    {SECRET_ENV}={generated}"
         )
-        secret_arg = shlex.quote(generated)
+        secret_arg = f"--secret {shlex.quote(generated)} "
     print(
         f"{rule}\n{head}\n\nTalk to the server from another terminal:\n\n"
-        f"    layercode-asgi simulate --url {shlex.quote(webhook_url)} --secret {secret_arg} "
+        f"    layercode-asgi simulate --url {shlex.quote(webhook_url)} {secret_arg}"
         f'"Hello"\n{rule}',
         flush=True,
     )
@@ -473,7 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     sign.add_argument(
-        "--secret", help=f"the webhook secret (default: ${SECRET_ENV}, else from ./.env)"
+        "--secret",
+        help=(
+            f"the webhook secret (default: ${SECRET_ENV}, else from ./.env; prefer those: "
+            "arguments are visible to other users in the process list)"
+        ),
     )
     source = sign.add_mutually_exclusive_group()
     source.add_argument("--body", metavar="TEXT", help="the exact request body")

@@ -134,7 +134,7 @@ class LayercodeSignature:
     Args:
         app: the ASGI app to protect.
         secret: the webhook secret, or several during a rotation (any may match).
-            Required; an empty or missing secret raises :class:`ConfigurationError`
+            Required; an empty, blank or missing secret raises :class:`ConfigurationError`
             when the middleware is built (at start-up), never per request.
         tolerance: largest accepted ``|now - t|`` in seconds (default 300, ``>= 0``).
         paths: request paths to protect, matched against the path below the app's mount
@@ -194,11 +194,11 @@ class LayercodeSignature:
         if secret is None:
             secret = ()
         secrets = (secret,) if isinstance(secret, str) else tuple(secret)
-        if not secrets or not all(isinstance(s, str) and s for s in secrets):
+        if not secrets or not all(isinstance(s, str) and s.strip() for s in secrets):
             raise ConfigurationError(
                 "LayercodeSignature needs the webhook secret: pass secret='…' (for example "
                 "from the LAYERCODE_WEBHOOK_SECRET environment variable); every secret must "
-                "be a non-empty string"
+                "be a non-blank string"
             )
         # One secret is passed as a ``str``: verify_signature's fast path takes exactly that.
         self._secrets: str | tuple[str, ...] = secrets[0] if len(secrets) == 1 else secrets

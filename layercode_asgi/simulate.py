@@ -360,7 +360,7 @@ def _parse_headers(values: Sequence[str]) -> dict[str, str]:
 
 def read_secret(args: argparse.Namespace, env: Mapping[str, str], command: str) -> str:
     # As serve reads it: the environment, else ./.env (where the README puts it, and what
-    # the `serve --dev` banner's "$LAYERCODE_WEBHOOK_SECRET" then falls back to).
+    # the `serve --dev` banner's simulate line, without --secret, relies on).
     configured: str = (
         args.secret or env.get(SECRET_ENV) or parse_env_file(".env").get(SECRET_ENV) or ""
     )
@@ -476,7 +476,11 @@ def add_simulate_command(commands: Any, formatter: type[argparse.HelpFormatter])
         "--url", default=DEFAULT_URL, help="the webhook URL (default %(default)s)"
     )
     simulate.add_argument(
-        "--secret", help=f"the webhook secret (default: ${SECRET_ENV}, else from ./.env)"
+        "--secret",
+        help=(
+            f"the webhook secret (default: ${SECRET_ENV}, else from ./.env; prefer those: "
+            "arguments are visible to other users in the process list)"
+        ),
     )
     simulate.add_argument(
         "--file", metavar="PATH", help="read messages from PATH, one per line ('-' = stdin)"

@@ -32,7 +32,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from ._asgi import must_propagate, send_json_error
+from ._asgi import must_propagate, response_headers, send_json_error
 from .errors import ResponseError, check_positive_int, check_seconds
 from .jsonwire import escape_json_text_line_breaks
 
@@ -154,7 +154,9 @@ def create_sse_response(
     keep-alive comment interval in seconds (sse-starlette's default 15 s; 0 disables).
     ``ping`` and ``send_timeout`` (the bound of each send, None: none) must be finite
     numbers, ``ping`` >= 0 and ``send_timeout`` > 0, else ``ValueError``; a ``generator``
-    that is not an async iterable raises ``TypeError``.
+    that is not an async iterable raises ``TypeError``. ``headers`` replace the defaults of
+    the same name; one that would not stay one header line (CR, LF, NUL, ...) or that
+    frames the body (``Content-Length``, ``Transfer-Encoding``) raises ``ValueError``.
     """
     if not hasattr(generator, "__aiter__"):
         raise TypeError(
@@ -165,6 +167,7 @@ def create_sse_response(
     check_seconds("send_timeout", send_timeout, zero=False, none=True)
     merged = dict(SSE_HEADERS)
     if headers:
+        response_headers(headers)  # one line each, or ValueError / TypeError
         merged.update({k.lower(): v for k, v in headers.items()})
     return EventSourceResponse(
         _items(generator),
@@ -200,7 +203,9 @@ class EventStreamResponse(Response):
     same way. :attr:`disconnected` tells afterwards whether the client left early.
     ``close_timeout`` bounds the final (empty) frame: a client that stopped reading does not
     hold the response open (None: no bound; otherwise a finite number >= 0, else
-    ``ValueError``).
+    ``ValueError``). ``headers`` replace the defaults of the same name; one that would not
+    stay one header line (CR, LF, NUL, ...) or that frames the body (``Content-Length``,
+    ``Transfer-Encoding``) raises ``ValueError``.
     """
 
     media_type = "text/event-stream"
@@ -222,7 +227,7 @@ class EventStreamResponse(Response):
         self.body = b""
         self.raw_headers = list(_RAW_SSE_HEADERS)
         if headers:  # a header given replaces the default of that name (never two)
-            given = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+            given = response_headers(headers)
             names = {name for name, _ in given}
             self.raw_headers = [h for h in self.raw_headers if h[0] not in names] + given
         self.disconnected = False

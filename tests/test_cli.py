@@ -253,6 +253,29 @@ def test_serve_dev_simulate_line_pastes_as_is_for_any_accepted_route(
     assert len(words) == 7 and words[4] == "--secret"
 
 
+def test_serve_dev_simulate_line_keeps_a_configured_secret_off_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: `--secret "$LAYERCODE_WEBHOOK_SECRET"`, which put the real secret in the
+    # simulate process's arguments, readable by every user of the machine (`ps`).
+    # simulate reads the variable (else ./.env) itself.
+    import anyio
+
+    from layercode_asgi import server
+
+    def fake_run_server(app: Any, *, port: int, callback_notify: Any, **options: Any) -> None:
+        anyio.run(callback_notify)  # what uvicorn does once it listens
+
+    monkeypatch.setattr(server, "run_server", fake_run_server)
+    monkeypatch.chdir(tmp_path)
+    environ = {"LAYERCODE_WEBHOOK_SECRET": SECRET}
+    assert run("serve", "--dev", "--port", "8123", environ=environ) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "simulate --url" in x)
+    assert shlex.split(line) == [
+        "layercode-asgi", "simulate", "--url", "http://127.0.0.1:8123/api/agent", "Hello"
+    ]  # fmt: skip
+
+
 # -- serve: running ---------------------------------------------------------------------------------
 
 

@@ -654,6 +654,13 @@ def test_missing_secret_fails_at_starlette_startup_not_per_request() -> None:
         pass
 
 
+@pytest.mark.parametrize("secret", [" ", "\t", ["new", "  "], ["new", ""]])
+def test_a_blank_secret_is_refused_like_an_empty_one(secret: str | list[str]) -> None:
+    # A blank key is as easy to sign with as an empty one: anybody could pass the check.
+    with pytest.raises(ConfigurationError, match="non-blank"):
+        LayercodeSignature(Recorder(), secret=secret)
+
+
 def test_secret_rotation_in_middleware() -> None:
     app = Starlette(routes=[Route("/hook", lambda r: JSONResponse({}), methods=["POST"])])
     app.add_middleware(LayercodeSignature, secret=["new", "old"])
