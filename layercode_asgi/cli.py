@@ -45,6 +45,7 @@ from .simulate import (
     ALLOW_ERRORS_HELP,
     EXIT_OK,
     SECRET_ENV,
+    SECRET_HELP,
     SimulationReport,
     UsageError,
     add_simulate_command,
@@ -475,10 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sign.add_argument(
         "--secret",
-        help=(
-            f"the webhook secret (default: ${SECRET_ENV}, else from ./.env; prefer those: "
-            "arguments are visible to other users in the process list)"
-        ),
+        help=SECRET_HELP,
     )
     source = sign.add_mutually_exclusive_group()
     source.add_argument("--body", metavar="TEXT", help="the exact request body")

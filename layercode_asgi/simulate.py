@@ -45,6 +45,11 @@ EXIT_OK: Final = 0
 EXIT_VIOLATION: Final = 1
 DEFAULT_URL: Final = "http://127.0.0.1:8000/api/agent"
 SECRET_ENV: Final = "LAYERCODE_WEBHOOK_SECRET"
+#: ``--secret``'s help, for ``simulate`` and ``sign``.
+SECRET_HELP: Final = (
+    f"the webhook secret (default: ${SECRET_ENV}, else from ./.env; prefer those: "
+    "arguments are visible to other users in the process list)"
+)
 ALLOW_ERRORS_HELP: Final = (
     "exit 0 even when turns ended in response.error (for backends that use it on purpose); "
     "they are still counted"
@@ -477,10 +482,7 @@ def add_simulate_command(commands: Any, formatter: type[argparse.HelpFormatter])
     )
     simulate.add_argument(
         "--secret",
-        help=(
-            f"the webhook secret (default: ${SECRET_ENV}, else from ./.env; prefer those: "
-            "arguments are visible to other users in the process list)"
-        ),
+        help=SECRET_HELP,
     )
     simulate.add_argument(
         "--file", metavar="PATH", help="read messages from PATH, one per line ('-' = stdin)"
