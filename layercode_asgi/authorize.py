@@ -26,6 +26,7 @@ from starlette.responses import Response
 from ._asgi import JSONResponse, json_error_response, must_propagate
 from .apikeys import api_key_allowed, encode_keys
 from .config import Settings
+from .errors import check_callable
 from .logs import escape_log_value
 
 __all__ = [
@@ -62,6 +63,7 @@ class AuthorizeRoute:
         self.url = settings.layercode_api_url + AUTHORIZE_PATH
         self.api_key = settings.layercode_api_key
         self.keys = encode_keys(settings.authorize_api_keys, "LAYERCODE_AUTHORIZE_API_KEYS")
+        check_callable("authorize_guard", guard)
         self.guard = guard
         self.timeout = timeout
         self.body_timeout = settings.body_timeout

@@ -34,8 +34,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import anyio
 from starlette.responses import Response
@@ -50,8 +49,16 @@ from .conversation import (
     check_conversation_id,
     lock_wait_timeout,
 )
-from .conversation.manager import webhook_conversations
-from .errors import LayercodeError, ResponseError, check_positive_int, check_seconds, check_text
+from .conversation.manager import ConversationBackend, webhook_conversations
+from .errors import (
+    LayercodeError,
+    ResponseError,
+    check_callable,
+    check_positive_int,
+    check_seconds,
+    check_text,
+    check_type,
+)
 from .events import (
     DataPayload,
     InvalidPayloadError,
@@ -193,31 +200,6 @@ async def _read(
     return await conversations.get_history(cid), None
 
 
-class ConversationBackend(Protocol):
-    """What the webhook needs of a conversation store (``ConversationManager`` has it).
-
-    With ``read_turn`` / ``record_turn`` as well (``ConversationManager`` has them), a turn
-    still running when its conversation ends does not record; without, it does.
-    """
-
-    def lock(
-        self, conversation_id: str, *, timeout: float | None = ...
-    ) -> AbstractAsyncContextManager[Any]: ...
-
-    async def get_history(self, conversation_id: str) -> list[HistoryMessage]: ...
-
-    async def add_turn(
-        self,
-        conversation_id: str,
-        user_text: str | None,
-        assistant_text: str | None,
-        *,
-        turn_id: str | None = None,
-    ) -> None: ...
-
-    async def clear(self, conversation_id: str) -> None: ...
-
-
 Hook = Callable[[Any], Any]
 
 
@@ -287,6 +269,11 @@ class LayercodeWebhook:
         check_seconds("lock_timeout", lock_timeout, zero=True, none=True)
         check_seconds("lock_wait_grace", lock_wait_grace, zero=True, none=False)
         check_text("timeout_message", timeout_message)
+        check_callable("on_data", on_data)
+        check_callable("on_session_update", on_session_update)
+        check_callable("on_session_end", on_session_end)
+        check_type("extras", extras, Mapping | None, "a mapping or None")
+        check_type("metrics", metrics, TurnMetrics | None, "a TurnMetrics or None")
         self.conversations: ConversationBackend | None = webhook_conversations(conversations)
         self.on_data = on_data
         self.on_session_update = on_session_update

@@ -6,8 +6,9 @@ import math
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from ..errors import kind_of
 from .base import (
     DEFAULT_LOCK_WAIT_GRACE,
     STORE_DEFAULT,
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from ..config import Settings
 
 __all__ = [
+    "ConversationBackend",
     "ConversationManager",
     "check_conversation_id",
     "lock_wait_timeout",
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 _ROLES: Final = ("user", "assistant")
-#: What the webhook calls on its ``conversations`` (``webhook.ConversationBackend``).
+#: What the webhook calls on its ``conversations`` (:class:`ConversationBackend`).
 _BACKEND: Final = ("lock", "get_history", "add_turn", "clear")
 
 
@@ -52,6 +54,31 @@ def lock_wait_timeout(
     return total if math.isfinite(total) else None
 
 
+class ConversationBackend(Protocol):
+    """What the webhook needs of a conversation store (``ConversationManager`` has it).
+
+    With ``read_turn`` / ``record_turn`` as well (``ConversationManager`` has them), a turn
+    still running when its conversation ends does not record; without, it does.
+    """
+
+    def lock(
+        self, conversation_id: str, *, timeout: float | None = ...
+    ) -> AbstractAsyncContextManager[Any]: ...
+
+    async def get_history(self, conversation_id: str) -> list[HistoryMessage]: ...
+
+    async def add_turn(
+        self,
+        conversation_id: str,
+        user_text: str | None,
+        assistant_text: str | None,
+        *,
+        turn_id: str | None = None,
+    ) -> None: ...
+
+    async def clear(self, conversation_id: str) -> None: ...
+
+
 def webhook_conversations(conversations: Any) -> Any:
     """``LayercodeWebhook``'s ``conversations``: ``"memory"`` made a new manager, ``None``
     kept, else it must have a manager's ``lock``, ``get_history``, ``add_turn`` and
@@ -61,11 +88,14 @@ def webhook_conversations(conversations: Any) -> Any:
         if conversations != "memory":  # not quoted: it may be a URL with a password
             raise ValueError(f"{expected}, got another string")
         return ConversationManager()
-    if conversations is None or all(callable(getattr(conversations, n, None)) for n in _BACKEND):
+    if conversations is None or (
+        not isinstance(conversations, type)  # a class has the methods, unbound
+        and all(callable(getattr(conversations, n, None)) for n in _BACKEND)
+    ):
         return conversations
     hint = ": wrap a store, ConversationManager(store)"
     hint = hint if isinstance(conversations, ConversationStore) else ""
-    raise TypeError(f"{expected}, got {type(conversations).__name__}{hint}")
+    raise TypeError(f"{expected}, got {kind_of(conversations)}{hint}")
 
 
 def _to_message(message: HistoryMessage | Mapping[str, Any]) -> HistoryMessage:
@@ -122,11 +152,13 @@ class ConversationManager:
     """
 
     def __init__(self, store: ConversationStore | None = None) -> None:
-        if store is not None and not isinstance(store, ConversationStore):
+        if store is not None and (
+            isinstance(store, type) or not isinstance(store, ConversationStore)
+        ):
             hint = (
                 " (for a Redis URL: RedisConversationStore(url))" if isinstance(store, str) else ""
             )
-            raise TypeError(f"store must be a ConversationStore, got {type(store).__name__}{hint}")
+            raise TypeError(f"store must be a ConversationStore, got {kind_of(store)}{hint}")
         self.store: ConversationStore = MemoryConversationStore() if store is None else store
         # The built-in stores refuse a bad id themselves (the same check): a turn's lock and
         # read do not check it twice.
