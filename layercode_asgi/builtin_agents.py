@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.lowlevel
 
+from .apikeys import sendable_key
 from .config import Settings
 from .conversation import model_history
 from .envfile import read_settings_file
-from .errors import ConfigurationError
+from .errors import ConfigurationError, check_text, check_type
 
 if TYPE_CHECKING:
     from .agents import Agent, Reply, TurnContext
@@ -32,22 +33,28 @@ __all__ = [
 ]
 
 
+#: The ``openai`` agent's default system prompt.
+OPENAI_PROMPT = "You are a helpful voice assistant. Answer in short spoken sentences."
+
+
 def openai_agent(
     *,
     api_key: str,
     model: str = "gpt-5-nano",
-    system_prompt: str = "You are a helpful voice assistant. Answer in short spoken sentences.",
+    system_prompt: str | None = OPENAI_PROMPT,
     base_url: str | None = None,
 ) -> Agent:
     """An agent that streams OpenAI chat completions (extra ``openai``).
 
-    The conversation's history is sent as context; every text delta is spoken as it
-    arrives (whitespace alone with the next one). Raises :class:`ConfigurationError` at
-    once when the SDK is not installed or the key is empty, so a misconfigured server
-    refuses to start instead of failing turns.
+    The conversation's history is sent as context (after ``system_prompt``; none if blank
+    or ``None``); every text delta is spoken as it arrives (whitespace alone with the next
+    one). Raises :class:`ConfigurationError` (``TypeError`` for an option of another type)
+    at once when the SDK is not installed, the key is empty or an option is unusable, so a
+    misconfigured server refuses to start instead of failing turns.
     """
-    if not api_key:
+    if api_key is None or (isinstance(api_key, str) and not api_key.strip()):
         raise ConfigurationError("the openai agent needs OPENAI_API_KEY")
+    system_prompt = _checked_options(model, system_prompt, base_url, api_key=api_key)
     try:
         import openai
     except ImportError:
@@ -75,7 +82,9 @@ def openai_agent(
             if not context.is_session_start:
                 return
             text = "(The caller joined. Greet them.)"
-        messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt}]
+        messages: list[dict[str, str]] = []
+        if system_prompt is not None:
+            messages.append({"role": "system", "content": system_prompt})
         messages.extend({"role": m.role, "content": m.text} for m in model_history(context.history))
         messages.append({"role": "user", "content": text})
         stream = await completions().create(model=model, messages=messages, stream=True)
@@ -90,6 +99,24 @@ def openai_agent(
     agent.__name__ = agent.__qualname__ = "openai_agent"
     agent.model = f"openai:{model}"  # type: ignore[attr-defined]  # shown by /ready
     return agent
+
+
+def _checked_options(model: Any, system_prompt: Any, base_url: Any, **keys: Any) -> str | None:
+    """Refuse, naming it, an option no model call could use; the system prompt, ``None``
+    when blank (no system message). A blank key is left to the caller (a missing key)."""
+    check_type("model", model, str, "a str")
+    if not model.strip():
+        raise ConfigurationError("model must not be blank")
+    check_text("system_prompt", system_prompt)
+    check_text("base_url", base_url)
+    for name, key in keys.items():
+        check_type(name, key, str | None, "a str or None")
+        if key and key.strip() and not sendable_key(key):
+            raise ConfigurationError(
+                f"{name} must be printable ASCII (an HTTP header value) without a blank at "
+                "either end"
+            )
+    return system_prompt if isinstance(system_prompt, str) and system_prompt.strip() else None
 
 
 def _split_model(spec: str) -> tuple[str, str]:
@@ -157,7 +184,7 @@ def _pydantic_ai_model(
     provider, name = _split_model(spec)
     try:
         if provider in _OPENAI_PROVIDERS:
-            if not openai_api_key:
+            if not (openai_api_key or "").strip():
                 raise ConfigurationError(f"the starter agent needs OPENAI_API_KEY for {spec!r}")
             from pydantic_ai.models.openai import OpenAIChatModel, OpenAIResponsesModel
             from pydantic_ai.providers.openai import OpenAIProvider
@@ -167,7 +194,7 @@ def _pydantic_ai_model(
                 name, provider=OpenAIProvider(api_key=openai_api_key, base_url=base_url)
             )
         if provider in _GOOGLE_PROVIDERS:
-            if not google_api_key:
+            if not (google_api_key or "").strip():
                 raise ConfigurationError(
                     f"the starter agent needs GOOGLE_GENERATIVEAI_API_KEY for {spec!r}"
                 )
@@ -197,8 +224,8 @@ def _first_line(exc: BaseException) -> str:
 def starter_agent(
     *,
     model: str = "openai:gpt-5-nano",
-    system_prompt: str = STARTER_PROMPT,
-    welcome: str = STARTER_WELCOME,
+    system_prompt: str | None = STARTER_PROMPT,
+    welcome: str | None = STARTER_WELCOME,
     openai_api_key: str | None = None,
     google_api_key: str | None = None,
     base_url: str | None = None,
@@ -210,8 +237,12 @@ def starter_agent(
     pydantic-ai's ``provider:model`` (``openai:``, ``openai-chat:``, ``google-gla:``; other
     providers through pydantic-ai with their own environment keys). ``base_url`` (else
     ``OPENAI_BASE_URL``) points ``openai`` models at any OpenAI-compatible API. Raises
-    :class:`ConfigurationError` at once when pydantic-ai or the model's key is missing.
+    :class:`ConfigurationError` at once when pydantic-ai or the model's key is missing (a
+    ``TypeError`` for an option of another type); a blank ``system_prompt`` is none.
     """
+    system_prompt = _checked_options(
+        model, system_prompt, base_url, openai_api_key=openai_api_key, google_api_key=google_api_key
+    )
     try:
         import pydantic_ai
     except ImportError:

@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 
 from layercode_asgi import (
+    ConfigurationError,
     ConversationManager,
     LayercodeSignature,
     LayercodeWebhook,
@@ -19,11 +21,14 @@ from layercode_asgi import (
     TurnEvent,
     TurnMetrics,
     create_app,
+    openai_agent,
 )
-from layercode_asgi.agents import AgentNotFoundError
+from layercode_asgi.adapters import from_langchain, from_openai_agents, from_pydantic_ai
+from layercode_asgi.agents import AgentNotFoundError, starter_agent
 from layercode_asgi.testing import LayercodeTestClient
 
-from .conftest import SECRET
+from .conftest import SECRET, event_body, serve, signed_headers
+from .test_agents import FakeOpenAI
 
 
 async def agent(event: TurnEvent, context: TurnContext) -> AsyncIterator[str]:
@@ -137,3 +142,175 @@ async def test_a_plain_function_hook_and_guard_still_work() -> None:
     async with LayercodeTestClient(app, secret=SECRET) as client:
         assert (await client.data({"x": 1})).body == {"got": {"x": 1}}
         assert (await client.message("hello")).text == "hi"
+
+
+# -- the built-in agents and the adapters -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"api_key": 5}, TypeError, "api_key must be a str"),
+        ({"api_key": b"sk"}, TypeError, "api_key must be a str"),
+        ({"api_key": "  "}, ConfigurationError, "needs OPENAI_API_KEY"),
+        ({"api_key": "sk-x\n"}, ConfigurationError, "api_key must be printable ASCII"),
+        ({"model": 5}, TypeError, "model must be a str"),
+        ({"model": " "}, ConfigurationError, "model must not be blank"),
+        ({"system_prompt": 5}, TypeError, "system_prompt must be a str or None"),
+        ({"system_prompt": "\ud800"}, ConfigurationError, "system_prompt is not valid text"),
+        ({"base_url": 5}, TypeError, "base_url must be a str or None"),
+    ],
+)
+def test_openai_agent_refuses_bad_options(options: dict[str, Any], error: type, match: str) -> None:
+    # Each was taken (every turn then `agent error`), or refused by the SDK in its own words.
+    pytest.importorskip("openai")
+    with pytest.raises(error, match=match):
+        openai_agent(**{"api_key": "sk-test", **options})
+
+
+@pytest.mark.parametrize("prompt", ["", "  \n", None])
+def test_openai_agent_with_a_blank_prompt_sends_no_system_message(prompt: str | None) -> None:
+    pytest.importorskip("openai")
+    fake = FakeOpenAI()
+    with serve(fake.app) as api:
+        agent = openai_agent(api_key="sk-test", base_url=api + "/v1", system_prompt=prompt)  # type: ignore[arg-type]
+        app = LayercodeSignature(LayercodeWebhook(agent), secret=SECRET)
+        with serve(app) as url, httpx.Client(base_url=url, timeout=20) as client:
+            body = event_body(text="hello")
+            assert client.post("/api/agent", content=body, headers=signed_headers(body)).is_success
+    assert [m["role"] for m in fake.requests[0]["body"]["messages"]] == ["user"]
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"model": 5}, TypeError, "model must be a str"),
+        ({"system_prompt": 5}, TypeError, "system_prompt must be a str or None"),
+        ({"welcome": 5}, TypeError, "welcome must be a str or None"),
+        ({"openai_api_key": 5}, TypeError, "openai_api_key must be a str or None"),
+        ({"google_api_key": ["k"]}, TypeError, "google_api_key must be a str or None"),
+        ({"openai_api_key": "sk\x00"}, ConfigurationError, "openai_api_key must be printable"),
+        ({"base_url": 5}, TypeError, "base_url must be a str or None"),
+    ],
+)
+def test_starter_agent_refuses_bad_options(
+    options: dict[str, Any], error: type, match: str
+) -> None:
+    pytest.importorskip("pydantic_ai")
+    with pytest.raises(error, match=match):
+        starter_agent(**{"openai_api_key": "sk-test", **options})
+
+
+def langchain_model() -> Any:
+    fakes = pytest.importorskip("langchain_core.language_models.fake_chat_models")
+    return fakes.FakeListChatModel(responses=["Hello there."])
+
+
+def pydantic_ai_agent() -> Any:
+    pydantic_ai = pytest.importorskip("pydantic_ai")
+    test_model = pytest.importorskip("pydantic_ai.models.test")
+    return pydantic_ai.Agent(test_model.TestModel())
+
+
+def openai_agents_agent() -> Any:
+    return pytest.importorskip("agents").Agent(name="shop")
+
+
+ADAPTERS = {
+    "from_langchain": (from_langchain, langchain_model),
+    "from_pydantic_ai": (from_pydantic_ai, pydantic_ai_agent),
+    "from_openai_agents": (from_openai_agents, openai_agents_agent),
+}
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"welcome": 5}, "welcome must be a str or None"),
+        ({"filler": 5}, "filler must be a str, a callable or None"),
+        ({"filler": a_coroutine}, "filler must be a plain function"),
+    ],
+)
+def test_adapters_refuse_a_welcome_or_filler_of_another_type(
+    adapter: str, options: dict[str, Any], match: str
+) -> None:
+    # A welcome of 5 failed every session.start (`agent error`), a filler every tool call.
+    make, framework = ADAPTERS[adapter]
+    with pytest.raises(TypeError, match=match):
+        make(framework(), **options)
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+@pytest.mark.parametrize("value", [None, 5, "agent"])
+def test_adapters_refuse_what_is_not_their_framework_s_agent(adapter: str, value: Any) -> None:
+    make, framework = ADAPTERS[adapter]
+    framework()  # skips without the framework
+    with pytest.raises(TypeError, match=f"{adapter} needs"):
+        make(value)
+
+
+@pytest.mark.parametrize(
+    ("adapter", "option"),
+    [
+        ("from_langchain", "make_input"),
+        ("from_langchain", "config"),
+        ("from_pydantic_ai", "deps"),
+        ("from_openai_agents", "context"),
+    ],
+)
+@pytest.mark.parametrize("value", [5, a_coroutine])
+def test_adapters_refuse_a_per_turn_builder_that_cannot_build(
+    adapter: str, option: str, value: Any
+) -> None:
+    make, framework = ADAPTERS[adapter]
+    if option == "config" and not callable(value):
+        return  # any other value is the config itself
+    with pytest.raises(TypeError, match=option):
+        make(framework(), **{option: value})
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"max_turns": "10"}, ConfigurationError, "max_turns must be an integer > 0"),
+        ({"max_turns": 0}, ConfigurationError, "max_turns must be an integer > 0"),
+        ({"max_turns": True}, ConfigurationError, "max_turns must be an integer > 0"),
+        ({"run_config": {"tracing_disabled": True}}, TypeError, "run_config must be"),
+    ],
+)
+def test_from_openai_agents_refuses_bad_options(
+    options: dict[str, Any], error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        from_openai_agents(openai_agents_agent(), **options)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "error", "match"),
+    [
+        (5, TypeError, "system_prompt must be a str or None"),
+        ("\ud800", ConfigurationError, "valid"),
+    ],
+)
+def test_from_langchain_refuses_a_system_prompt_that_is_no_text(
+    prompt: Any, error: type, match: str
+) -> None:
+    # 5 failed every turn (`agent error`) inside LangChain's SystemMessage.
+    with pytest.raises(error, match=match):
+        from_langchain(langchain_model(), system_prompt=prompt)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("prompt", ["", " \n"])
+async def test_from_langchain_with_a_blank_system_prompt_sends_none(prompt: str) -> None:
+    seen: list[Any] = []
+
+    def make_input(messages: list[Any]) -> list[Any]:
+        seen.append([type(m).__name__ for m in messages])
+        return messages
+
+    agent = from_langchain(langchain_model(), system_prompt=prompt, make_input=make_input)
+    async with LayercodeTestClient(create_app(settings(), agent), secret=SECRET) as client:
+        assert (await client.message("hello")).text == "Hello there."
+    assert seen == [["HumanMessage"]]
