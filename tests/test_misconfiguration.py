@@ -22,6 +22,7 @@ from layercode_asgi import (
     TurnMetrics,
     create_app,
     openai_agent,
+    setup_logging,
 )
 from layercode_asgi.adapters import from_langchain, from_openai_agents, from_pydantic_ai
 from layercode_asgi.agents import AgentNotFoundError, starter_agent
@@ -314,3 +315,32 @@ async def test_from_langchain_with_a_blank_system_prompt_sends_none(prompt: str)
     async with LayercodeTestClient(create_app(settings(), agent), secret=SECRET) as client:
         assert (await client.message("hello")).text == "Hello there."
     assert seen == [["HumanMessage"]]
+
+
+# -- the test kit and logging -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"secret": 5}, "secret must be a str"),
+        ({"secret": [SECRET]}, "secret must be a str"),
+        ({"path": 5}, "path must be a str"),
+        ({"app": 5}, "app must be an ASGI app"),
+        ({"conversation_id": 5}, "conversation_id must be a str or None"),
+        ({"session_id": b"s"}, "session_id must be a str or None"),
+    ],
+)
+def test_the_test_client_refuses_options_of_another_type(
+    options: dict[str, Any], match: str
+) -> None:
+    # secret=5 failed every request ("expected bytes or str, got int"), path=5 with an
+    # AttributeError, conversation_id=5 as a 400 from the app under test.
+    with pytest.raises(TypeError, match=match):
+        LayercodeTestClient(**{"app": create_app(settings(), agent), "secret": SECRET, **options})
+
+
+@pytest.mark.parametrize("token", [5, b"token", ["token"]])
+def test_setup_logging_refuses_a_logfire_token_of_another_type(token: Any) -> None:
+    with pytest.raises(TypeError, match="logfire_token must be a str or None"):
+        setup_logging(logfire_token=token)
