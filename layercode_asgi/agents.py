@@ -377,6 +377,8 @@ def get_agent(name: str, settings: Settings | None = None) -> Agent:
     cause; an object that cannot be an agent raises :class:`InvalidAgentError`; an agent
     that cannot run with these settings (a missing key) raises :class:`ConfigurationError`.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"an agent name must be a str, got {type(name).__name__}")
     factory = _AGENTS.get(name)
     if factory is not None:
         return factory(settings)

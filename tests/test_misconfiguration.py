@@ -21,6 +21,7 @@ from layercode_asgi import (
     TurnEvent,
     TurnMetrics,
     create_app,
+    get_agent,
     openai_agent,
     setup_logging,
 )
@@ -344,3 +345,28 @@ def test_the_test_client_refuses_options_of_another_type(
 def test_setup_logging_refuses_a_logfire_token_of_another_type(token: Any) -> None:
     with pytest.raises(TypeError, match="logfire_token must be a str or None"):
         setup_logging(logfire_token=token)
+
+
+@pytest.mark.parametrize("value", [5, "registry", {}])
+def test_prometheus_needs_a_registry(value: Any) -> None:
+    # PrometheusMetrics said "cannot create weak reference to 'int' object"; MetricsEndpoint
+    # took it and answered every scrape 500.
+    prometheus = pytest.importorskip("layercode_asgi.prometheus")
+    with pytest.raises(TypeError, match=r"registry must be a prometheus_client\.CollectorRegistry"):
+        prometheus.PrometheusMetrics(value)
+    with pytest.raises(TypeError, match=r"registry must be a prometheus_client\.CollectorRegistry"):
+        prometheus.MetricsEndpoint(registry=value)
+
+
+@pytest.mark.parametrize("option", ["tracer_provider", "meter_provider"])
+def test_opentelemetry_needs_providers(option: str) -> None:
+    # It was an AttributeError ('int' object has no attribute 'get_tracer').
+    otel = pytest.importorskip("layercode_asgi.otel")
+    with pytest.raises(TypeError, match=f"{option} must be"):
+        otel.OtelMetrics(**{option: 5})
+
+
+def test_get_agent_names_a_name_of_another_type() -> None:
+    # It was "argument of type 'int' is not iterable".
+    with pytest.raises(TypeError, match="agent name must be a str, got int"):
+        get_agent(5)  # type: ignore[arg-type]
