@@ -319,6 +319,8 @@ def register_agent(name: str, factory: AgentFactory) -> None:
         raise TypeError(f"an agent name must be a str, got {type(name).__name__}")
     if not callable(factory):
         raise TypeError(f"the factory for {name!r} is not callable: factory(settings) -> agent")
+    if inspect.iscoroutinefunction(factory):  # get_agent would return its coroutine
+        raise TypeError(f"the factory for {name!r} must be a plain function, not async")
     _AGENTS[name] = factory
 
 

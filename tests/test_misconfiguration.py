@@ -23,6 +23,7 @@ from layercode_asgi import (
     create_app,
     get_agent,
     openai_agent,
+    register_agent,
     setup_logging,
 )
 from layercode_asgi.adapters import from_langchain, from_openai_agents, from_pydantic_ai
@@ -370,3 +371,13 @@ def test_get_agent_names_a_name_of_another_type() -> None:
     # It was "argument of type 'int' is not iterable".
     with pytest.raises(TypeError, match="agent name must be a str, got int"):
         get_agent(5)  # type: ignore[arg-type]
+
+
+def test_register_agent_refuses_an_async_factory() -> None:
+    # get_agent returned its coroutine (never awaited); create_app then said "agent must be
+    # an async callable, got coroutine", naming neither the factory nor its name.
+    async def factory(settings: Any) -> Any:
+        return agent
+
+    with pytest.raises(TypeError, match="the factory for 'mine' must be a plain function"):
+        register_agent("mine", factory)
