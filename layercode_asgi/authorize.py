@@ -27,7 +27,7 @@ from starlette.responses import Response
 from ._asgi import CLIENT_LEFT, JSONResponse, json_error_response, must_propagate, send_json_error
 from .apikeys import api_key_allowed, encode_keys
 from .config import Settings
-from .errors import from_environment
+from .errors import check_callable, from_environment
 from .logs import escape_log_value
 
 __all__ = [
@@ -64,6 +64,7 @@ class AuthorizeRoute:
         self.url = settings.layercode_api_url + AUTHORIZE_PATH
         self.api_key = settings.layercode_api_key
         self.keys = encode_keys(settings.authorize_api_keys, "LAYERCODE_AUTHORIZE_API_KEYS")
+        check_callable("authorize_guard", guard)
         self.guard = guard
         self.timeout = timeout
         self.body_timeout = settings.body_timeout

@@ -8,9 +8,10 @@ SDK, whose callers catch ``ValueError``.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .redaction import escape_terminal
 
@@ -121,3 +122,31 @@ def from_environment(make: Callable[[], _T], what: str) -> _T:
             f"cannot make an HTTP client {what} from the environment (HTTP_PROXY, HTTPS_PROXY, "
             f"ALL_PROXY, SSL_CERT_FILE): {type(exc).__name__}: {escape_terminal(str(exc))}"
         ) from None
+
+
+def check_callable(name: str, value: object, *, sync: bool = False) -> None:
+    """Refuse (``TypeError`` naming the argument) a ``value`` that is neither ``None`` nor
+    callable, a generator function (what it returns is no answer) and, with ``sync``, a
+    coroutine function (it is called without ``await``: its coroutine would never run)."""
+    if value is None:
+        return
+    if not callable(value):
+        raise TypeError(f"{name} must be a callable or None, got {kind_of(value)}")
+    if inspect.isgeneratorfunction(value) or inspect.isasyncgenfunction(value):
+        raise TypeError(f"{name} must be a function returning its answer, not a generator function")
+    if sync and inspect.iscoroutinefunction(value):
+        raise TypeError(f"{name} must be a plain function: it is called without await")
+
+
+def check_type(name: str, value: object, kind: Any, expected: str) -> None:
+    """Refuse (``TypeError`` naming the argument) a ``value`` that is not a ``kind`` (a class
+    or a union of them); ``expected`` says what it must be."""
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} must be {expected}, got {kind_of(value)}")
+
+
+def kind_of(value: object) -> str:
+    """What ``value`` is, for an error: its type's name, or ``the class X (call it: X())``."""
+    if isinstance(value, type):
+        return f"the class {value.__name__} (call it: {value.__name__}())"
+    return type(value).__name__

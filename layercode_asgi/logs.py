@@ -73,13 +73,15 @@ def setup_logging(
     Args:
         verbose: log at DEBUG instead of INFO.
         logfire_token: also send logs to Logfire when the ``logfire`` package is installed
-            (a warning is logged if it is not).
+            (a warning is logged if it is not); another type than ``str`` raises ``TypeError``.
         level: explicit level (``"WARNING"``, ``logging.ERROR``...), overriding ``verbose``;
             an unknown name raises ``ValueError``, another type ``TypeError``.
         log_format: ``"json"``: one JSON object per line (:class:`JsonFormatter`), with the
             record's structured fields (the webhook line's ``event_type``, ``status``…);
             ``"text"`` (the default): one line per record. Any other raises ``ValueError``.
     """
+    if not isinstance(logfire_token, str | None):
+        raise TypeError(f"logfire_token must be a str or None, got {type(logfire_token).__name__}")
     fmt = log_format.strip().lower() if isinstance(log_format, str) else log_format
     if fmt not in ("text", "json"):
         raise ValueError(f"unknown log format {log_format!r} (text or json)")

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from .errors import ConfigurationError, check_positive_int
+from .errors import ConfigurationError, check_positive_int, kind_of
 from .logs import escape_log_value
 from .turns import Turn, TurnStatus
 
@@ -186,6 +186,10 @@ class MetricsSink(Protocol):
     def signature_rejected(self, reason: str) -> None: ...
 
 
+#: What a :class:`MetricsSink` must have.
+_SINK = ("request_started", "turn_started", "request_finished", "signature_rejected")
+
+
 class TurnMetrics:
     """The webhook's recorder: measures each request and hands it to ``sinks``.
 
@@ -197,6 +201,12 @@ class TurnMetrics:
     __slots__ = ("sinks",)
 
     def __init__(self, *sinks: MetricsSink) -> None:
+        for index, sink in enumerate(sinks):
+            if isinstance(sink, type) or not all(callable(getattr(sink, m, None)) for m in _SINK):
+                raise TypeError(
+                    f"TurnMetrics sinks[{index}] must be a metrics sink (with the methods "
+                    f"{', '.join(_SINK)}), got {kind_of(sink)}"
+                )
         self.sinks: tuple[MetricsSink, ...] = sinks
 
     def arrived(

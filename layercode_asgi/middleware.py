@@ -39,7 +39,14 @@ from ._asgi import (
     route_path,
     send_json_error,
 )
-from .errors import ConfigurationError, LayercodeError, check_positive_int, check_seconds
+from .errors import (
+    ConfigurationError,
+    LayercodeError,
+    check_callable,
+    check_positive_int,
+    check_seconds,
+    kind_of,
+)
 from .logs import escape_log_value
 from .replay import MemoryReplayCache, ReplayCache, replay_key
 from .signature import (
@@ -189,9 +196,14 @@ class LayercodeSignature:
         replay_protection: bool | ReplayCache = False,
         on_rejected: Callable[[str], None] | None = None,
     ) -> None:
+        if not callable(app):
+            raise TypeError(
+                f"LayercodeSignature app must be an ASGI application, got {kind_of(app)}"
+            )
+        check_callable("on_rejected", on_rejected, sync=True)
         self.app = app
         self.on_rejected = on_rejected
-        if secret is None:
+        if not isinstance(secret, str | Iterable):  # None too
             secret = ()
         secrets = (secret,) if isinstance(secret, str) else tuple(secret)
         if not secrets or not all(isinstance(s, str) and s.strip() for s in secrets):

@@ -32,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
     ) from exc
 
 from ._version import __version__
+from .errors import check_type
 from .logs import cut_log_value
 from .metrics import (
     AGENT_ERROR,
@@ -83,6 +84,12 @@ class OtelMetrics:
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: otel_metrics.MeterProvider | None = None,
     ) -> None:
+        check_type(
+            "tracer_provider", tracer_provider, trace.TracerProvider | None, "a TracerProvider"
+        )
+        check_type(
+            "meter_provider", meter_provider, otel_metrics.MeterProvider | None, "a MeterProvider"
+        )
         self._tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider)
         self._global_tracer = tracer_provider is None
         self._sdk_seen = False

@@ -49,7 +49,7 @@ from starlette.datastructures import Headers
 
 from ._asgi import json_error, send_json_error
 from .apikeys import api_key_allowed, encode_keys
-from .errors import ConfigurationError
+from .errors import ConfigurationError, check_type
 from .metrics import (
     FIRST_TTS_BUCKETS,
     LOCK_WAIT_BUCKETS,
@@ -240,6 +240,10 @@ def _finished(recorder: _Figures | _Instruments, record: WebhookRecord) -> None:
 _BY_REGISTRY: MutableMapping[Any, _Figures | _Instruments] = weakref.WeakKeyDictionary()
 
 
+_REGISTRY = prometheus_client.CollectorRegistry | None
+_A_REGISTRY = "a prometheus_client.CollectorRegistry or None"
+
+
 class PrometheusMetrics:
     """The sink writing the per-turn figures to prometheus-client instruments.
 
@@ -253,6 +257,7 @@ class PrometheusMetrics:
     """
 
     def __init__(self, registry: prometheus_client.CollectorRegistry | None = None) -> None:
+        check_type("registry", registry, _REGISTRY, _A_REGISTRY)
         self.registry = prometheus_client.REGISTRY if registry is None else registry
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if directory and not os.path.isdir(directory):
@@ -332,6 +337,7 @@ class MetricsEndpoint:
         registry: prometheus_client.CollectorRegistry | None = None,
     ) -> None:
         self.keys = encode_keys(api_keys)
+        check_type("registry", registry, _REGISTRY, _A_REGISTRY)
         self.registry = registry
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

@@ -48,7 +48,7 @@ from .agents import Agent, agent_name, get_agent
 from .authorize import AuthorizeGuard, AuthorizeRoute
 from .config import Settings
 from .conversation import ConversationManager
-from .errors import ConfigurationError, check_positive_int, check_seconds
+from .errors import ConfigurationError, check_positive_int, check_seconds, check_type
 from .logs import escape_log_value
 from .metrics import installed, metrics_from_settings
 from .middleware import LayercodeSignature
@@ -247,6 +247,7 @@ def create_app(
     """
     check_seconds("authorize_timeout", authorize_timeout, zero=False, none=False)
     check_routes(agent_route, authorize_route)
+    check_type("settings", settings, Settings | None, "a Settings or None")
     settings = Settings() if settings is None else settings
     secrets = settings.webhook_secrets
     if not secrets:
@@ -255,7 +256,7 @@ def create_app(
             "Set it to your agent's webhook secret (LayerCode dashboard)."
         )
     if isinstance(agent, str) or agent is None:
-        agent = get_agent(agent or settings.agent, settings)
+        agent = get_agent(settings.agent if agent is None else agent, settings)
     conversations = (
         ConversationManager.from_settings(settings) if conversations is None else conversations
     )

@@ -17,7 +17,7 @@ import anyio.lowlevel
 import httpx
 
 from . import protocol
-from .errors import check_positive_int, check_seconds
+from .errors import check_positive_int, check_seconds, check_type, kind_of
 from .protocol import *  # noqa: F403 - the client's vocabulary, re-exported
 from .protocol import (
     MAX_REPLY_BYTES,
@@ -300,6 +300,12 @@ class LayercodeTestClient:
             raise ValueError("pass exactly one of app= (an ASGI app) or base_url= (a server URL)")
         if not secret:
             raise ValueError("secret is required (the webhook secret to sign with)")
+        if app is not None and not callable(app):
+            raise TypeError(f"app must be an ASGI app, got {kind_of(app)}")
+        check_type("secret", secret, str, "a str")
+        check_type("path", path, str, "a str")
+        check_type("conversation_id", conversation_id, str | None, "a str or None")
+        check_type("session_id", session_id, str | None, "a str or None")
         if base_url is not None:
             check_url("base_url", base_url)
         check_headers("headers", headers or {})

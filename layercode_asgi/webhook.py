@@ -59,7 +59,15 @@ from .conversation import (
     lock_wait_timeout,
 )
 from .conversation.manager import webhook_conversations
-from .errors import LayercodeError, ResponseError, check_positive_int, check_seconds, check_text
+from .errors import (
+    LayercodeError,
+    ResponseError,
+    check_callable,
+    check_positive_int,
+    check_seconds,
+    check_text,
+    check_type,
+)
 from .events import (
     DataPayload,
     InvalidPayloadError,
@@ -270,6 +278,11 @@ class LayercodeWebhook:
         check_seconds("lock_timeout", lock_timeout, zero=True, none=True)
         check_seconds("lock_wait_grace", lock_wait_grace, zero=True, none=False)
         check_text("timeout_message", timeout_message)
+        check_callable("on_data", on_data)
+        check_callable("on_session_update", on_session_update)
+        check_callable("on_session_end", on_session_end)
+        check_type("extras", extras, Mapping | None, "a mapping or None")
+        check_type("metrics", metrics, TurnMetrics | None, "a TurnMetrics or None")
         self.conversations: ConversationBackend | None = webhook_conversations(conversations)
         self.on_data = on_data
         self.on_session_update = on_session_update

@@ -32,7 +32,7 @@ from layercode_asgi.adapters import (
     hang_up,
     send_data,
 )
-from layercode_asgi.agents import STARTER_WELCOME
+from layercode_asgi.builtin_agents import STARTER_WELCOME
 from layercode_asgi.conversation import ConversationManager
 from layercode_asgi.testing import LayercodeTestClient, TurnResult, message_event
 

@@ -611,7 +611,7 @@ def test_a_system_prompt_file_that_is_not_a_small_regular_file_is_refused(
     # device such as /dev/zero was read until memory ran out.
     import os
 
-    from layercode_asgi.agents import configured_system_prompt
+    from layercode_asgi.builtin_agents import configured_system_prompt
 
     path = tmp_path / "prompt"
     if kind == "fifo":

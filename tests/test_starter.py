@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from layercode_asgi import ConfigurationError, Settings, create_app, get_agent
-from layercode_asgi.agents import STARTER_PROMPT, STARTER_WELCOME
+from layercode_asgi.builtin_agents import STARTER_PROMPT, STARTER_WELCOME
 from layercode_asgi.cli import main
 from layercode_asgi.testing import LayercodeTestClient
 

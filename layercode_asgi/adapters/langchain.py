@@ -18,8 +18,18 @@ import anyio
 from .._asgi import must_propagate
 from ..agents import Agent, TurnContext
 from ..conversation import HistoryMessage, model_history
+from ..errors import check_callable, check_text
 from ..turns import AGENT_CLOSE_TIMEOUT
-from .voice import DEFAULT_FILLER, Chunking, Filler, Piece, ToolCall, require_extra, voice_agent
+from .voice import (
+    DEFAULT_FILLER,
+    Chunking,
+    Filler,
+    Piece,
+    ToolCall,
+    require_extra,
+    require_object,
+    voice_agent,
+)
 
 __all__ = ["from_langchain", "langchain_messages"]
 
@@ -133,14 +143,22 @@ def from_langchain(
             model to greet.
         filler: spoken once per turn when a tool is called (see :mod:`.voice`).
         chunking: ``"phrase"`` (speak whole phrases) or ``"delta"`` (pass deltas through).
-        system_prompt: put first, as a ``SystemMessage`` (leave it ``None`` when the
-            runnable has its own).
+        system_prompt: put first, as a ``SystemMessage`` (leave it ``None``, or blank, when
+            the runnable has its own).
         make_input: ``make_input(messages)`` builds the runnable's input from the
             conversation as LangChain messages (default: the list itself, or
             ``{"messages": [...]}`` for a graph).
         config: the ``RunnableConfig`` for every turn, or ``config(context)`` making one.
     """
     messages = require_extra("langchain_core.messages", _EXTRA, "from_langchain")
+    astream = callable(getattr(runnable, "astream", None))
+    require_object("from_langchain", runnable, "a LangChain runnable or graph (astream)", astream)
+    check_text("system_prompt", system_prompt)
+    if system_prompt is not None and not system_prompt.strip():
+        system_prompt = None  # blank: no system message
+    check_callable("make_input", make_input, sync=True)
+    if callable(config):
+        check_callable("config", config, sync=True)
     graph = _is_graph(runnable)
 
     async def run(prompt: str, context: TurnContext) -> AsyncGenerator[Piece, None]:

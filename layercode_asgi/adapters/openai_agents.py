@@ -13,7 +13,17 @@ from typing import Any
 
 from ..agents import Agent, TurnContext
 from ..conversation import HistoryMessage, model_history
-from .voice import DEFAULT_FILLER, Chunking, Filler, Piece, ToolCall, require_extra, voice_agent
+from ..errors import check_callable, check_positive_int, check_type
+from .voice import (
+    DEFAULT_FILLER,
+    Chunking,
+    Filler,
+    Piece,
+    ToolCall,
+    require_extra,
+    require_object,
+    voice_agent,
+)
 
 __all__ = ["from_openai_agents", "openai_agents_input"]
 
@@ -61,6 +71,10 @@ def from_openai_agents(
         max_turns: the SDK's limit of model calls per run.
     """
     sdk = require_extra("agents", _EXTRA, "from_openai_agents")
+    require_object("from_openai_agents", agent, "an agents.Agent", isinstance(agent, sdk.Agent))
+    check_type("run_config", run_config, sdk.RunConfig | None, "an agents.RunConfig or None")
+    check_callable("context", context, sync=True)
+    check_positive_int(max_turns, "max_turns")
     config = run_config if run_config is not None else sdk.RunConfig(tracing_disabled=not tracing)
 
     async def run(prompt: str, turn: TurnContext) -> AsyncGenerator[Piece, None]:

@@ -15,7 +15,17 @@ from typing import Any
 
 from ..agents import Agent, TurnContext
 from ..conversation import HistoryMessage, model_history
-from .voice import DEFAULT_FILLER, Chunking, Filler, Piece, ToolCall, require_extra, voice_agent
+from ..errors import check_callable
+from .voice import (
+    DEFAULT_FILLER,
+    Chunking,
+    Filler,
+    Piece,
+    ToolCall,
+    require_extra,
+    require_object,
+    voice_agent,
+)
 
 __all__ = ["from_pydantic_ai", "pydantic_ai_history"]
 
@@ -61,6 +71,9 @@ def from_pydantic_ai(
     pydantic_ai = require_extra("pydantic_ai", _EXTRA, "from_pydantic_ai")
     messages = require_extra("pydantic_ai.messages", _EXTRA, "from_pydantic_ai")
     framework_agent: Any = pydantic_ai.Agent
+    runs = callable(getattr(agent, "iter", None))
+    require_object("from_pydantic_ai", agent, "a pydantic_ai.Agent", runs)
+    check_callable("deps", deps, sync=True)
     try:  # an older pydantic-ai has none: only ``instructions`` reach every request
         reinject: Any = importlib.import_module("pydantic_ai.capabilities").ReinjectSystemPrompt
     except (ImportError, AttributeError):

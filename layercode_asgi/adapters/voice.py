@@ -37,7 +37,7 @@ from types import ModuleType
 from typing import Any, Literal, TypeAlias
 
 from ..agents import Agent, Data, Hangup, Reply, TurnContext, TurnEvent
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, check_callable, check_type, kind_of
 
 __all__ = [
     "DEFAULT_FILLER",
@@ -50,6 +50,7 @@ __all__ = [
     "current_turn",
     "hang_up",
     "require_extra",
+    "require_object",
     "send_data",
     "speak",
     "voice_agent",
@@ -68,6 +69,12 @@ Filler: TypeAlias = str | Callable[[str], str | None] | None
 
 class MissingExtraError(ConfigurationError, ImportError):
     """A framework adapter was asked for without its framework installed."""
+
+
+def require_object(adapter: str, value: Any, what: str, ok: bool) -> None:
+    """Refuse (``TypeError``) what the adapter cannot run: ``ok`` says whether it can."""
+    if not ok or isinstance(value, type):
+        raise TypeError(f"{adapter} needs {what}, got {kind_of(value)}")
 
 
 def require_extra(module: str, extra: str, adapter: str) -> ModuleType:
@@ -272,7 +279,11 @@ def voice_agent(
     :data:`GREETING_PROMPT`); a ``message`` without text (or only blanks, which the history
     leaves out) gets no answer.
     """
-    PhraseChunker(chunking)  # a bad ``chunking`` fails here, at start-up
+    PhraseChunker(chunking)  # a bad option fails here, at start-up
+    check_type("welcome", welcome, str | None, "a str or None")
+    check_type("filler", filler, str | Callable | None, "a str, a callable or None")
+    if callable(filler):
+        check_callable("filler", filler, sync=True)
 
     async def agent(event: TurnEvent, context: TurnContext) -> AsyncIterator[Reply]:
         text = context.text

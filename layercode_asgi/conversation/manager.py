@@ -8,6 +8,7 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
+from ..errors import kind_of
 from .base import (
     DEFAULT_LOCK_WAIT_GRACE,
     STORE_DEFAULT,
@@ -61,11 +62,14 @@ def webhook_conversations(conversations: Any) -> Any:
         if conversations != "memory":  # not quoted: it may be a URL with a password
             raise ValueError(f"{expected}, got another string")
         return ConversationManager()
-    if conversations is None or all(callable(getattr(conversations, n, None)) for n in _BACKEND):
+    if conversations is None or (
+        not isinstance(conversations, type)  # a class has the methods, unbound
+        and all(callable(getattr(conversations, n, None)) for n in _BACKEND)
+    ):
         return conversations
     hint = ": wrap a store, ConversationManager(store)"
     hint = hint if isinstance(conversations, ConversationStore) else ""
-    raise TypeError(f"{expected}, got {type(conversations).__name__}{hint}")
+    raise TypeError(f"{expected}, got {kind_of(conversations)}{hint}")
 
 
 def _to_message(message: HistoryMessage | Mapping[str, Any]) -> HistoryMessage:
@@ -122,11 +126,13 @@ class ConversationManager:
     """
 
     def __init__(self, store: ConversationStore | None = None) -> None:
-        if store is not None and not isinstance(store, ConversationStore):
+        if store is not None and (
+            isinstance(store, type) or not isinstance(store, ConversationStore)
+        ):
             hint = (
                 " (for a Redis URL: RedisConversationStore(url))" if isinstance(store, str) else ""
             )
-            raise TypeError(f"store must be a ConversationStore, got {type(store).__name__}{hint}")
+            raise TypeError(f"store must be a ConversationStore, got {kind_of(store)}{hint}")
         self.store: ConversationStore = MemoryConversationStore() if store is None else store
         # The built-in stores refuse a bad id themselves (the same check): a turn's lock and
         # read do not check it twice.

@@ -1,0 +1,271 @@
+"""The built-in agents that call a model: ``openai`` (the OpenAI SDK) and ``starter``
+(pydantic-ai), their registry factories, and the configured system prompt.
+
+Re-exported by :mod:`layercode_asgi.agents`, where the registry names them; this module
+imports the agent contract's types for annotations only (no import cycle).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import anyio.lowlevel
+
+from .apikeys import sendable_key
+from .config import Settings
+from .conversation import model_history
+from .envfile import read_settings_file
+from .errors import ConfigurationError, check_text, check_type
+
+if TYPE_CHECKING:
+    from .agents import Agent, Reply, TurnContext
+    from .events import TurnEvent
+
+__all__ = [
+    "STARTER_PROMPT",
+    "STARTER_WELCOME",
+    "configured_system_prompt",
+    "openai_agent",
+    "openai_factory",
+    "starter_agent",
+    "starter_factory",
+]
+
+
+#: The ``openai`` agent's default system prompt.
+OPENAI_PROMPT = "You are a helpful voice assistant. Answer in short spoken sentences."
+
+
+def openai_agent(
+    *,
+    api_key: str,
+    model: str = "gpt-5-nano",
+    system_prompt: str | None = OPENAI_PROMPT,
+    base_url: str | None = None,
+) -> Agent:
+    """An agent that streams OpenAI chat completions (extra ``openai``).
+
+    The conversation's history is sent as context (after ``system_prompt``; none if blank
+    or ``None``); every text delta is spoken as it arrives (whitespace alone with the next
+    one). Raises :class:`ConfigurationError` (``TypeError`` for an option of another type)
+    at once when the SDK is not installed, the key is empty or an option is unusable, so a
+    misconfigured server refuses to start instead of failing turns.
+    """
+    if api_key is None or (isinstance(api_key, str) and not api_key.strip()):
+        raise ConfigurationError("the openai agent needs OPENAI_API_KEY")
+    system_prompt = _checked_options(model, system_prompt, base_url, api_key=api_key)
+    try:
+        import openai
+    except ImportError:
+        raise ConfigurationError(
+            "the openai agent needs the OpenAI SDK: pip install 'layercode-asgi[openai]'"
+        ) from None
+    from .adapters import PhraseChunker
+
+    # A client's pooled connections belong to the event loop that opened them: one client
+    # per loop (an app may serve turns on a later loop: each test on its own, trio after
+    # asyncio). ``[loop, completions]``; the SDK's overloads are not worth mirroring.
+    current: list[Any] = [None, openai.AsyncOpenAI(api_key=api_key, base_url=base_url)]
+
+    def completions() -> Any:
+        loop = anyio.lowlevel.current_token()
+        if current[0] != loop:
+            if current[0] is not None:
+                current[1] = openai.AsyncOpenAI(api_key=api_key, base_url=base_url)
+            current[0] = loop
+        return current[1].chat.completions
+
+    async def agent(event: TurnEvent, context: TurnContext) -> AsyncIterator[Reply]:
+        text = event.text
+        if not text or text.isspace():  # nothing said (the history leaves blanks out)
+            if not context.is_session_start:
+                return
+            text = "(The caller joined. Greet them.)"
+        messages: list[dict[str, str]] = []
+        if system_prompt is not None:
+            messages.append({"role": "system", "content": system_prompt})
+        messages.extend({"role": m.role, "content": m.text} for m in model_history(context.history))
+        messages.append({"role": "user", "content": text})
+        stream = await completions().create(model=model, messages=messages, stream=True)
+        deltas = PhraseChunker("delta")  # whitespace alone goes out with the next delta
+        async for chunk in stream:
+            for choice in chunk.choices:
+                delta = choice.delta  # None in Azure's content-filter annotation chunks
+                if delta is not None and delta.content:
+                    for text in deltas.feed(delta.content):
+                        yield text
+
+    agent.__name__ = agent.__qualname__ = "openai_agent"
+    agent.model = f"openai:{model}"  # type: ignore[attr-defined]  # shown by /ready
+    return agent
+
+
+def _checked_options(model: Any, system_prompt: Any, base_url: Any, **keys: Any) -> str | None:
+    """Refuse, naming it, an option no model call could use; the system prompt, ``None``
+    when blank (no system message). A blank key is left to the caller (a missing key)."""
+    check_type("model", model, str, "a str")
+    if not model.strip():
+        raise ConfigurationError("model must not be blank")
+    check_text("system_prompt", system_prompt)
+    check_text("base_url", base_url)
+    for name, key in keys.items():
+        check_type(name, key, str | None, "a str or None")
+        if key and key.strip() and not sendable_key(key):
+            raise ConfigurationError(
+                f"{name} must be printable ASCII (an HTTP header value) without a blank at "
+                "either end"
+            )
+    return system_prompt if isinstance(system_prompt, str) and system_prompt.strip() else None
+
+
+def _split_model(spec: str) -> tuple[str, str]:
+    """``provider:model`` -> ``(provider, model)``; a bare model name is OpenAI's."""
+    provider, _, name = spec.partition(":")
+    return (provider, name) if name else ("openai", spec)
+
+
+def openai_factory(settings: Settings | None) -> Agent:
+    settings = Settings() if settings is None else settings
+    model = settings.default_model
+    provider, name = _split_model(model)
+    if provider != "openai":
+        raise ConfigurationError(
+            f"DEFAULT_MODEL {model!r}: the openai agent serves 'openai:<model>' models only"
+        )
+    prompt = configured_system_prompt(settings)
+    if prompt is None:
+        return openai_agent(api_key=settings.openai_api_key or "", model=name)
+    return openai_agent(api_key=settings.openai_api_key or "", model=name, system_prompt=prompt)
+
+
+def configured_system_prompt(settings: Settings) -> str | None:
+    """The system prompt from ``LAYERCODE_SYSTEM_PROMPT`` or ``LAYERCODE_SYSTEM_PROMPT_FILE``.
+
+    ``None`` when neither is set; :class:`ConfigurationError` when both are, or the file
+    cannot be read or is empty.
+    """
+    path = settings.system_prompt_file
+    if path is None:
+        return settings.system_prompt
+    if settings.system_prompt is not None:
+        raise ConfigurationError(
+            "set LAYERCODE_SYSTEM_PROMPT or LAYERCODE_SYSTEM_PROMPT_FILE, not both"
+        )
+    try:
+        text = read_settings_file(path).decode("utf-8").strip()
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError too
+        reason = getattr(exc, "strerror", None) or (
+            type(exc).__name__ if isinstance(exc, UnicodeDecodeError) else str(exc)
+        )
+        raise ConfigurationError(
+            f"LAYERCODE_SYSTEM_PROMPT_FILE {path!r}: cannot read it ({reason})"
+        ) from None
+    if not text:
+        raise ConfigurationError(f"LAYERCODE_SYSTEM_PROMPT_FILE {path!r} is empty")
+    return text
+
+
+STARTER_WELCOME = "Hi! I'm your voice assistant. What can I do for you?"
+STARTER_PROMPT = (
+    "You are a friendly, concise voice assistant on a call. Your words are spoken aloud: "
+    "answer in one to three short sentences, with no lists, markdown, emoji or links. "
+    "If a request is unclear, ask one short question."
+)
+_PYDANTIC_AI_EXTRA = "pip install 'layercode-asgi[pydantic-ai]'"
+_OPENAI_PROVIDERS = ("openai", "openai-responses", "openai-chat")
+_GOOGLE_PROVIDERS = ("google-gla", "google", "gemini")
+
+
+def _pydantic_ai_model(
+    spec: str, openai_api_key: str | None, google_api_key: str | None, base_url: str | None
+) -> Any:
+    """The pydantic-ai model for ``provider:model``, with its key passed explicitly."""
+    provider, name = _split_model(spec)
+    try:
+        if provider in _OPENAI_PROVIDERS:
+            if not (openai_api_key or "").strip():
+                raise ConfigurationError(f"the starter agent needs OPENAI_API_KEY for {spec!r}")
+            from pydantic_ai.models.openai import OpenAIChatModel, OpenAIResponsesModel
+            from pydantic_ai.providers.openai import OpenAIProvider
+
+            model_class = OpenAIChatModel if provider == "openai-chat" else OpenAIResponsesModel
+            return model_class(
+                name, provider=OpenAIProvider(api_key=openai_api_key, base_url=base_url)
+            )
+        if provider in _GOOGLE_PROVIDERS:
+            if not (google_api_key or "").strip():
+                raise ConfigurationError(
+                    f"the starter agent needs GOOGLE_GENERATIVEAI_API_KEY for {spec!r}"
+                )
+            from pydantic_ai.models.google import GoogleModel
+            from pydantic_ai.providers.google import GoogleProvider
+
+            return GoogleModel(name, provider=GoogleProvider(api_key=google_api_key))
+        from pydantic_ai.models import infer_model
+
+        return infer_model(spec)
+    except ConfigurationError:
+        raise
+    except ImportError as exc:
+        if provider in _OPENAI_PROVIDERS + _GOOGLE_PROVIDERS:  # in our extra
+            raise ConfigurationError(
+                f"the starter agent needs pydantic-ai's {provider!r} models: {_PYDANTIC_AI_EXTRA}"
+            ) from None
+        raise ConfigurationError(f"DEFAULT_MODEL {spec!r}: {_first_line(exc)}") from None
+    except Exception as exc:  # pydantic-ai's UserError: unknown provider, a missing key
+        raise ConfigurationError(f"DEFAULT_MODEL {spec!r}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def starter_agent(
+    *,
+    model: str = "openai:gpt-5-nano",
+    system_prompt: str | None = STARTER_PROMPT,
+    welcome: str | None = STARTER_WELCOME,
+    openai_api_key: str | None = None,
+    google_api_key: str | None = None,
+    base_url: str | None = None,
+) -> Agent:
+    """A concise voice assistant on pydantic-ai (extra ``pydantic-ai``).
+
+    Speaks ``welcome`` on ``session.start``, then answers each message briefly with the
+    conversation's history as context, phrase by phrase as the model streams. ``model`` is
+    pydantic-ai's ``provider:model`` (``openai:``, ``openai-chat:``, ``google-gla:``; other
+    providers through pydantic-ai with their own environment keys). ``base_url`` (else
+    ``OPENAI_BASE_URL``) points ``openai`` models at any OpenAI-compatible API. Raises
+    :class:`ConfigurationError` at once when pydantic-ai or the model's key is missing (a
+    ``TypeError`` for an option of another type); a blank ``system_prompt`` is none.
+    """
+    system_prompt = _checked_options(
+        model, system_prompt, base_url, openai_api_key=openai_api_key, google_api_key=google_api_key
+    )
+    try:
+        import pydantic_ai
+    except ImportError:
+        raise ConfigurationError(
+            f"the starter agent needs pydantic-ai: {_PYDANTIC_AI_EXTRA}"
+        ) from None
+    from .adapters import from_pydantic_ai
+
+    llm = _pydantic_ai_model(model, openai_api_key, google_api_key, base_url)
+    agent = from_pydantic_ai(
+        pydantic_ai.Agent(llm, instructions=system_prompt, name="starter"), welcome=welcome
+    )
+    agent.__name__ = agent.__qualname__ = "starter_agent"
+    agent.model = model if ":" in model else f"openai:{model}"  # type: ignore[attr-defined]  # /ready
+    return agent
+
+
+def starter_factory(settings: Settings | None) -> Agent:
+    """a concise voice assistant on pydantic-ai (extra [pydantic-ai]; needs DEFAULT_MODEL's key)"""
+    settings = Settings() if settings is None else settings
+    return starter_agent(
+        model=settings.default_model,
+        system_prompt=configured_system_prompt(settings) or STARTER_PROMPT,
+        openai_api_key=settings.openai_api_key,
+        google_api_key=settings.google_generativeai_api_key,
+    )

@@ -1,0 +1,383 @@
+"""A misconfiguration is refused when the app is built, naming the argument and what it got,
+never taken and then failing on every request (a 500, a ``response.error``, a crash)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from layercode_asgi import (
+    ConfigurationError,
+    ConversationManager,
+    LayercodeSignature,
+    LayercodeWebhook,
+    MemoryConversationStore,
+    MemoryMetrics,
+    Settings,
+    TurnContext,
+    TurnEvent,
+    TurnMetrics,
+    create_app,
+    get_agent,
+    openai_agent,
+    register_agent,
+    setup_logging,
+)
+from layercode_asgi.adapters import from_langchain, from_openai_agents, from_pydantic_ai
+from layercode_asgi.agents import AgentNotFoundError, starter_agent
+from layercode_asgi.testing import LayercodeTestClient
+
+from .conftest import SECRET, event_body, serve, signed_headers
+from .test_agents import FakeOpenAI
+
+
+async def agent(event: TurnEvent, context: TurnContext) -> AsyncIterator[str]:
+    yield "hi"
+
+
+def settings() -> Settings:
+    return Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+
+
+async def an_async_generator(event: Any) -> AsyncIterator[str]:
+    yield "x"
+
+
+def a_generator(event: Any) -> Any:
+    yield "x"
+
+
+async def a_coroutine(reason: str) -> None:
+    return None
+
+
+@pytest.mark.parametrize("hook", ["on_data", "on_session_update", "on_session_end"])
+@pytest.mark.parametrize("value", [5, "handler", an_async_generator, a_generator])
+def test_a_hook_that_cannot_answer_is_refused(hook: str, value: Any) -> None:
+    # Each was taken, then every such event was answered 500 "<kind> handler failed".
+    with pytest.raises(TypeError, match=hook):
+        LayercodeWebhook(agent, **{hook: value})
+    with pytest.raises(TypeError, match=hook):
+        create_app(settings(), agent, **{hook: value})
+
+
+@pytest.mark.parametrize("value", [5, "guard", an_async_generator])
+def test_an_authorize_guard_that_cannot_answer_is_refused(value: Any) -> None:
+    with pytest.raises(TypeError, match="authorize_guard"):
+        create_app(settings(), agent, authorize_guard=value)
+
+
+@pytest.mark.parametrize("value", [5, "count", a_coroutine])
+def test_an_on_rejected_that_cannot_be_called_is_refused(value: Any) -> None:
+    # 5 raised TypeError on every refused request (a 500); a coroutine was never awaited.
+    with pytest.raises(TypeError, match="on_rejected"):
+        LayercodeSignature(LayercodeWebhook(agent), secret=SECRET, on_rejected=value)
+
+
+@pytest.mark.parametrize("app", [None, 5, "app"])
+def test_the_middleware_needs_an_asgi_app(app: Any) -> None:
+    with pytest.raises(TypeError, match="app must be an ASGI application"):
+        LayercodeSignature(app, secret=SECRET)
+
+
+def test_a_secret_that_is_neither_a_str_nor_a_list_is_refused_by_name() -> None:
+    # It was Python's "'int' object is not iterable".
+    with pytest.raises(ValueError, match="LayercodeSignature needs the webhook secret"):
+        LayercodeSignature(LayercodeWebhook(agent), secret=5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [5, "metrics", MemoryMetrics(), TurnMetrics])
+def test_metrics_must_be_turn_metrics(value: Any) -> None:
+    # Every request then crashed in the app ('int' object has no attribute 'arrived').
+    with pytest.raises(TypeError, match="metrics must be a TurnMetrics or None"):
+        LayercodeWebhook(agent, metrics=value)
+
+
+@pytest.mark.parametrize("sink", [5, None, "prometheus", MemoryMetrics])
+def test_a_metrics_sink_must_be_one(sink: Any) -> None:
+    # Taken, then every request logged a traceback per sink and measured nothing.
+    with pytest.raises(TypeError, match=r"TurnMetrics sinks\[0\]"):
+        TurnMetrics(sink)
+
+
+@pytest.mark.parametrize("value", [5, ["a"], "extras"])
+def test_extras_must_be_a_mapping(value: Any) -> None:
+    with pytest.raises(TypeError, match="extras must be a mapping or None"):
+        LayercodeWebhook(agent, extras=value)
+    with pytest.raises(TypeError, match="extras must be a mapping or None"):
+        create_app(settings(), agent, extras=value)
+
+
+@pytest.mark.parametrize("value", ["settings", {}, 5])
+def test_create_app_settings_must_be_settings(value: Any) -> None:
+    # It was an AttributeError ('str' object has no attribute 'webhook_secrets').
+    with pytest.raises(TypeError, match="settings must be a Settings or None"):
+        create_app(value, agent)
+
+
+def test_create_app_with_an_empty_agent_name_is_refused() -> None:
+    # It served the settings' agent (echo) in silence.
+    with pytest.raises(AgentNotFoundError, match="no agent named ''"):
+        create_app(settings(), "")
+
+
+def test_a_store_class_instead_of_a_store_is_refused() -> None:
+    # The class passed the protocol check; every turn then failed (a 500).
+    with pytest.raises(TypeError, match="MemoryConversationStore\\(\\)"):
+        ConversationManager(MemoryConversationStore)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ConversationManager\\(\\)"):
+        LayercodeWebhook(agent, conversations=ConversationManager)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_a_plain_function_hook_and_guard_still_work() -> None:
+    app = create_app(
+        settings(),
+        agent,
+        on_data=lambda event: {"got": event.data},
+        on_session_end=print,
+        authorize_guard=lambda request: True,
+        extras={"a": 1},
+    )
+    async with LayercodeTestClient(app, secret=SECRET) as client:
+        assert (await client.data({"x": 1})).body == {"got": {"x": 1}}
+        assert (await client.message("hello")).text == "hi"
+
+
+# -- the built-in agents and the adapters -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"api_key": 5}, TypeError, "api_key must be a str"),
+        ({"api_key": b"sk"}, TypeError, "api_key must be a str"),
+        ({"api_key": "  "}, ConfigurationError, "needs OPENAI_API_KEY"),
+        ({"api_key": "sk-x\n"}, ConfigurationError, "api_key must be printable ASCII"),
+        ({"model": 5}, TypeError, "model must be a str"),
+        ({"model": " "}, ConfigurationError, "model must not be blank"),
+        ({"system_prompt": 5}, TypeError, "system_prompt must be a str or None"),
+        ({"system_prompt": "\ud800"}, ConfigurationError, "system_prompt is not valid text"),
+        ({"base_url": 5}, TypeError, "base_url must be a str or None"),
+    ],
+)
+def test_openai_agent_refuses_bad_options(options: dict[str, Any], error: type, match: str) -> None:
+    # Each was taken (every turn then `agent error`), or refused by the SDK in its own words.
+    pytest.importorskip("openai")
+    with pytest.raises(error, match=match):
+        openai_agent(**{"api_key": "sk-test", **options})
+
+
+@pytest.mark.parametrize("prompt", ["", "  \n", None])
+def test_openai_agent_with_a_blank_prompt_sends_no_system_message(prompt: str | None) -> None:
+    pytest.importorskip("openai")
+    fake = FakeOpenAI()
+    with serve(fake.app) as api:
+        agent = openai_agent(api_key="sk-test", base_url=api + "/v1", system_prompt=prompt)  # type: ignore[arg-type]
+        app = LayercodeSignature(LayercodeWebhook(agent), secret=SECRET)
+        with serve(app) as url, httpx.Client(base_url=url, timeout=20) as client:
+            body = event_body(text="hello")
+            assert client.post("/api/agent", content=body, headers=signed_headers(body)).is_success
+    assert [m["role"] for m in fake.requests[0]["body"]["messages"]] == ["user"]
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"model": 5}, TypeError, "model must be a str"),
+        ({"system_prompt": 5}, TypeError, "system_prompt must be a str or None"),
+        ({"welcome": 5}, TypeError, "welcome must be a str or None"),
+        ({"openai_api_key": 5}, TypeError, "openai_api_key must be a str or None"),
+        ({"google_api_key": ["k"]}, TypeError, "google_api_key must be a str or None"),
+        ({"openai_api_key": "sk\x00"}, ConfigurationError, "openai_api_key must be printable"),
+        ({"base_url": 5}, TypeError, "base_url must be a str or None"),
+    ],
+)
+def test_starter_agent_refuses_bad_options(
+    options: dict[str, Any], error: type, match: str
+) -> None:
+    pytest.importorskip("pydantic_ai")
+    with pytest.raises(error, match=match):
+        starter_agent(**{"openai_api_key": "sk-test", **options})
+
+
+def langchain_model() -> Any:
+    fakes = pytest.importorskip("langchain_core.language_models.fake_chat_models")
+    return fakes.FakeListChatModel(responses=["Hello there."])
+
+
+def pydantic_ai_agent() -> Any:
+    pydantic_ai = pytest.importorskip("pydantic_ai")
+    test_model = pytest.importorskip("pydantic_ai.models.test")
+    return pydantic_ai.Agent(test_model.TestModel())
+
+
+def openai_agents_agent() -> Any:
+    return pytest.importorskip("agents").Agent(name="shop")
+
+
+ADAPTERS = {
+    "from_langchain": (from_langchain, langchain_model),
+    "from_pydantic_ai": (from_pydantic_ai, pydantic_ai_agent),
+    "from_openai_agents": (from_openai_agents, openai_agents_agent),
+}
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"welcome": 5}, "welcome must be a str or None"),
+        ({"filler": 5}, "filler must be a str, a callable or None"),
+        ({"filler": a_coroutine}, "filler must be a plain function"),
+    ],
+)
+def test_adapters_refuse_a_welcome_or_filler_of_another_type(
+    adapter: str, options: dict[str, Any], match: str
+) -> None:
+    # A welcome of 5 failed every session.start (`agent error`), a filler every tool call.
+    make, framework = ADAPTERS[adapter]
+    with pytest.raises(TypeError, match=match):
+        make(framework(), **options)
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+@pytest.mark.parametrize("value", [None, 5, "agent"])
+def test_adapters_refuse_what_is_not_their_framework_s_agent(adapter: str, value: Any) -> None:
+    make, framework = ADAPTERS[adapter]
+    framework()  # skips without the framework
+    with pytest.raises(TypeError, match=f"{adapter} needs"):
+        make(value)
+
+
+@pytest.mark.parametrize(
+    ("adapter", "option"),
+    [
+        ("from_langchain", "make_input"),
+        ("from_langchain", "config"),
+        ("from_pydantic_ai", "deps"),
+        ("from_openai_agents", "context"),
+    ],
+)
+@pytest.mark.parametrize("value", [5, a_coroutine])
+def test_adapters_refuse_a_per_turn_builder_that_cannot_build(
+    adapter: str, option: str, value: Any
+) -> None:
+    make, framework = ADAPTERS[adapter]
+    if option == "config" and not callable(value):
+        return  # any other value is the config itself
+    with pytest.raises(TypeError, match=option):
+        make(framework(), **{option: value})
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"max_turns": "10"}, ConfigurationError, "max_turns must be an integer > 0"),
+        ({"max_turns": 0}, ConfigurationError, "max_turns must be an integer > 0"),
+        ({"max_turns": True}, ConfigurationError, "max_turns must be an integer > 0"),
+        ({"run_config": {"tracing_disabled": True}}, TypeError, "run_config must be"),
+    ],
+)
+def test_from_openai_agents_refuses_bad_options(
+    options: dict[str, Any], error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        from_openai_agents(openai_agents_agent(), **options)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "error", "match"),
+    [
+        (5, TypeError, "system_prompt must be a str or None"),
+        ("\ud800", ConfigurationError, "valid"),
+    ],
+)
+def test_from_langchain_refuses_a_system_prompt_that_is_no_text(
+    prompt: Any, error: type, match: str
+) -> None:
+    # 5 failed every turn (`agent error`) inside LangChain's SystemMessage.
+    with pytest.raises(error, match=match):
+        from_langchain(langchain_model(), system_prompt=prompt)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("prompt", ["", " \n"])
+async def test_from_langchain_with_a_blank_system_prompt_sends_none(prompt: str) -> None:
+    seen: list[Any] = []
+
+    def make_input(messages: list[Any]) -> list[Any]:
+        seen.append([type(m).__name__ for m in messages])
+        return messages
+
+    agent = from_langchain(langchain_model(), system_prompt=prompt, make_input=make_input)
+    async with LayercodeTestClient(create_app(settings(), agent), secret=SECRET) as client:
+        assert (await client.message("hello")).text == "Hello there."
+    assert seen == [["HumanMessage"]]
+
+
+# -- the test kit and logging -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"secret": 5}, "secret must be a str"),
+        ({"secret": [SECRET]}, "secret must be a str"),
+        ({"path": 5}, "path must be a str"),
+        ({"app": 5}, "app must be an ASGI app"),
+        ({"conversation_id": 5}, "conversation_id must be a str or None"),
+        ({"session_id": b"s"}, "session_id must be a str or None"),
+    ],
+)
+def test_the_test_client_refuses_options_of_another_type(
+    options: dict[str, Any], match: str
+) -> None:
+    # secret=5 failed every request ("expected bytes or str, got int"), path=5 with an
+    # AttributeError, conversation_id=5 as a 400 from the app under test.
+    with pytest.raises(TypeError, match=match):
+        LayercodeTestClient(**{"app": create_app(settings(), agent), "secret": SECRET, **options})
+
+
+@pytest.mark.parametrize("token", [5, b"token", ["token"]])
+def test_setup_logging_refuses_a_logfire_token_of_another_type(token: Any) -> None:
+    with pytest.raises(TypeError, match="logfire_token must be a str or None"):
+        setup_logging(logfire_token=token)
+
+
+@pytest.mark.parametrize("value", [5, "registry", {}])
+def test_prometheus_needs_a_registry(value: Any) -> None:
+    # PrometheusMetrics said "cannot create weak reference to 'int' object"; MetricsEndpoint
+    # took it and answered every scrape 500.
+    prometheus = pytest.importorskip("layercode_asgi.prometheus")
+    with pytest.raises(TypeError, match=r"registry must be a prometheus_client\.CollectorRegistry"):
+        prometheus.PrometheusMetrics(value)
+    with pytest.raises(TypeError, match=r"registry must be a prometheus_client\.CollectorRegistry"):
+        prometheus.MetricsEndpoint(registry=value)
+
+
+@pytest.mark.parametrize("option", ["tracer_provider", "meter_provider"])
+def test_opentelemetry_needs_providers(option: str) -> None:
+    # It was an AttributeError ('int' object has no attribute 'get_tracer').
+    otel = pytest.importorskip("layercode_asgi.otel")
+    with pytest.raises(TypeError, match=f"{option} must be"):
+        otel.OtelMetrics(**{option: 5})
+
+
+def test_get_agent_names_a_name_of_another_type() -> None:
+    # It was "argument of type 'int' is not iterable".
+    with pytest.raises(TypeError, match="agent name must be a str, got int"):
+        get_agent(5)  # type: ignore[arg-type]
+
+
+def test_register_agent_refuses_an_async_factory() -> None:
+    # get_agent returned its coroutine (never awaited); create_app then said "agent must be
+    # an async callable, got coroutine", naming neither the factory nor its name.
+    async def factory(settings: Any) -> Any:
+        return agent
+
+    with pytest.raises(TypeError, match="the factory for 'mine' must be a plain function"):
+        register_agent("mine", factory)
