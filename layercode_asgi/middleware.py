@@ -6,9 +6,10 @@ It works wherever ASGI middleware does::
     Litestar(..., middleware=[DefineMiddleware(LayercodeSignature, secret="whsec_…")])
     app = LayercodeSignature(app, secret="whsec_…")                   # any ASGI app
 
-For each protected HTTP request it reads the body once (refusing more than
-``max_body_size`` bytes with 413 as soon as it knows), verifies the ``layercode-signature``
-header against those exact bytes, and then calls the wrapped app with a ``receive`` that
+For each protected HTTP request it checks the ``layercode-signature`` header (a missing,
+malformed or stale one is refused before any byte of the body is read), reads the body once
+(refusing more than ``max_body_size`` bytes with 413 as soon as it knows), verifies the
+signature against those exact bytes, and then calls the wrapped app with a ``receive`` that
 replays the same bytes, so handlers use ``await request.body()`` / ``request.json()`` as
 usual. A bad signature gets ``401 {"error": "<reason>"}`` and the wrapped app is not called.
 

@@ -25,7 +25,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
-import msgspec
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -72,8 +71,6 @@ READY_TIMEOUT = 2.0
 ABORT_WAIT = 2.0
 #: LAYERCODE_GC_TUNING: allocations between two young garbage collections (CPython: 700).
 YOUNG_GC_THRESHOLD = 20_000
-
-_decode = msgspec.json.decode
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

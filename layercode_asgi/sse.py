@@ -8,8 +8,8 @@
   or trio): a producer coroutine pushes ready-made SSE bytes through ``emit``; each
   ``emit`` waits for the server's ``send`` (so a slow client slows the producer, nothing
   piles up), and a client disconnect cancels the producer at once. (sse-starlette's
-  ``EventSourceResponse`` for turns, measured on the paced benchmark: 4x our p99
-  first-tts overhead and 2.7x our CPU per turn; see benchmarks/RESULTS.md.)
+  ``EventSourceResponse`` for the same turns, on the paced benchmark: many times our p99
+  first-tts overhead and more CPU per turn; benchmarks/RESULTS.md has the figures.)
 
 All three responses are Starlette ``Response`` subclasses: return them from Starlette or
 FastAPI handlers, from Litestar handlers annotated ``-> ASGIApp`` (or the class), or call

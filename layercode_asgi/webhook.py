@@ -14,8 +14,9 @@ What it answers (the body must already be verified — mount the middleware):
 
 * ``session.start`` / ``message``: the agent's SSE reply (:mod:`layercode_asgi.turns`).
   With a conversation store (by default a bounded in-memory one), the turn holds the
-  conversation's lock from before it reads the history until its stream has finished,
-  then records the user's text and the reply -- unless the conversation ended meanwhile.
+  conversation's lock from before it reads the history until it has recorded the user's
+  text and the reply, just before its ``response.end`` goes out (a client that saw the end
+  finds the turn in the history) -- unless the conversation ended meanwhile.
   A turn waits for the previous turn of its conversation at most the turn timeout plus
   ``lock_wait_grace`` (then 503), and at most ``max_queued_turns`` turns of a conversation
   wait at a time (more: 503 at once). A waiting turn keeps only its raw body.

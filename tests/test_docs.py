@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import keyword
+import logging
 import os
 import re
 import shutil
@@ -525,3 +527,124 @@ def test_every_keyword_option_is_named_on_its_page(page: str, name: str) -> None
     keyword_only = [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
     missing = [option for option in keyword_only if f"`{option}=" not in text]
     assert not missing, f"docs/{page} does not name {name}'s options {missing}"
+
+
+# -- the development page's walk through one request -----------------------------------------
+
+#: Code spans of the walk that name the wire, not the code.
+WIRE = {
+    *("message", "data", "session.start", "session.update", "session.end"),
+    *(f"response.{kind}" for kind in ("tts", "data", "hangup", "error", "end")),
+    *("http.request", "http.disconnect", "http.response.start", "http.response.body"),
+}
+
+
+def _walk() -> str:
+    page = (DOCS / "development.md").read_text()
+    return page.split("## One webhook request, top to bottom")[1].split("\n## ")[0]
+
+
+def _module(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(f"layercode_asgi.{name}")
+    except ImportError:
+        return None
+
+
+def _resolve_walk(section: str) -> tuple[list[object], list[str]]:
+    """What each code span of the walk names (in the order of mention), and the spans
+    naming nothing. ``module.name`` and ``module.Class.method`` are looked up in
+    ``layercode_asgi``; ``Class.method`` and ``name`` in the modules and classes the walk
+    names in full; ``LAYERCODE_*`` among the settings."""
+    from layercode_asgi import Settings
+
+    spans = re.findall(r"`([A-Za-z_][\w.]*)`", section)
+    spans = [s for s in spans if s not in WIRE and not keyword.iskeyword(s)]
+    envs = {field.env for field in Settings.fields()}
+    scopes: list[object] = []  # the modules and classes named in full
+    for span in spans:
+        found: object = _module(span.split(".")[0])
+        for name in span.split(".")[1:] if found else ():
+            scopes.append(found)
+            found = getattr(found, name, None)
+        if isinstance(found, type):
+            scopes.append(found)
+    named: list[object] = []
+    unknown: list[str] = []
+    for span in spans:
+        head, *rest = span.split(".")
+        if span.isupper():
+            found = span if span in envs else None
+        else:
+            found = _module(head) or next(
+                (getattr(s, head) for s in scopes if hasattr(s, head)), None
+            )
+            for name in rest:
+                found = getattr(found, name, None)
+        if found is None:
+            unknown.append(span)
+        else:
+            named.append(found)
+    return named, unknown
+
+
+def test_every_name_of_the_request_walk_exists() -> None:
+    """docs/development.md, "One webhook request, top to bottom": each function, class,
+    module and setting it names in a code span exists."""
+    named, unknown = _resolve_walk(_walk())
+    assert len(named) > 10, named
+    assert not unknown, f"the walk names what the code does not have: {unknown}"
+
+
+def test_the_request_walk_names_the_functions_in_the_order_they_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The functions the walk names are first called, for a signed ``message`` to
+    ``create_app``, in the order the walk first names them (those not called: skipped)."""
+    import inspect
+
+    from layercode_asgi import Settings, create_app
+
+    caplog.set_level(logging.INFO, logger="layercode_asgi.webhook")  # its log line too
+    codes: dict[object, str] = {}
+    for found in _resolve_walk(_walk())[0]:
+        function = inspect.unwrap(found) if callable(found) else None  # type: ignore[arg-type]
+        if inspect.isfunction(function) and function.__code__ not in codes:
+            codes[function.__code__] = function.__qualname__
+    called: list[str] = []
+
+    def profile(frame: object, event: str, arg: object) -> None:
+        code = getattr(frame, "f_code", None)
+        if event == "call" and code in codes and codes[code] not in called:
+            called.append(codes[code])
+
+    app = create_app(Settings(layercode_webhook_secret="whsec_walk"))
+
+    async def turn() -> None:
+        async with LayercodeTestClient(app, secret="whsec_walk") as client:
+            await client.session_start()
+            previous = sys.getprofile()
+            sys.setprofile(profile)
+            try:
+                assert (await client.message("hi")).tts
+            finally:
+                sys.setprofile(previous)
+
+    anyio.run(turn)
+    assert len(called) > 8 and called[-1] == "log_webhook", called
+    mentioned = [name for name in dict.fromkeys(codes.values()) if name in called]
+    assert mentioned == called, (
+        "docs/development.md names these functions in another order than they run:\n"
+        f"named: {mentioned}\nrun:   {called}"
+    )
+
+
+def test_the_request_walk_checks_can_fail() -> None:
+    named, unknown = _resolve_walk(
+        "`sse.EventStreamResponse` `EventStreamResponse.emit` `turns.Turn.no_such` "
+        "`no_such_module.x` `LAYERCODE_NO_SUCH` `LAYERCODE_TURN_GRACE` `response.end`"
+    )
+    assert unknown == ["turns.Turn.no_such", "no_such_module.x", "LAYERCODE_NO_SUCH"]
+    from layercode_asgi.sse import EventStreamResponse
+
+    assert named == [EventStreamResponse, EventStreamResponse.emit, "LAYERCODE_TURN_GRACE"]
