@@ -38,6 +38,7 @@ from .protocol import (
     send_turn,
     signed_headers,
 )
+from .signature import SIGNATURE_HEADER
 
 __all__ = [
     *protocol.__all__,
@@ -275,6 +276,8 @@ class LayercodeTestClient:
         max_events: the most events one turn may have (else ``too-large``).
         conversation_id: the conversation id used by the helper methods (random by default).
         session_id: the session id used by the helper methods (random by default).
+        signature_header: the header the signature goes under, as the app's
+            ``LayercodeSignature(header_name=...)`` (default ``layercode-signature``).
 
     Use it as ``async with LayercodeTestClient(...) as client`` (one HTTP client for all
     requests) or call the methods directly (a client per call). ``send_sync`` is the same
@@ -295,6 +298,7 @@ class LayercodeTestClient:
         session_id: str | None = None,
         max_bytes: int = MAX_REPLY_BYTES,
         max_events: int = MAX_TURN_EVENTS,
+        signature_header: str = SIGNATURE_HEADER,
     ) -> None:
         if (app is None) == (base_url is None):
             raise ValueError("pass exactly one of app= (an ASGI app) or base_url= (a server URL)")
@@ -303,6 +307,7 @@ class LayercodeTestClient:
         if base_url is not None:
             check_url("base_url", base_url)
         check_headers("headers", headers or {})
+        check_headers("signature_header", {signature_header: ""})
         check_seconds("timeout", timeout, zero=False, none=False)
         check_positive_int(max_bytes, "max_bytes")  # NaN would never trip, "5" fail later
         check_positive_int(max_events, "max_events")
@@ -316,6 +321,7 @@ class LayercodeTestClient:
         self.strict = strict
         self.max_bytes = max_bytes
         self.max_events = max_events
+        self.signature_header = signature_header
         self.conversation_id = conversation_id or _new_id("conv")
         self.session_id = session_id or _new_id("sess")
         self._client: httpx.AsyncClient | None = None
@@ -324,7 +330,16 @@ class LayercodeTestClient:
         transport: httpx.AsyncBaseTransport | None = None
         if self.app is not None:
             transport = httpx.ASGITransport(app=_Bounded(self.app, self.max_bytes))
-        return new_client(transport, self.timeout)
+        client = new_client(transport, self.timeout)
+        if self.signature_header.lower() != SIGNATURE_HEADER:
+            client.event_hooks = {**client.event_hooks, "request": [self._move_signature]}
+        return client
+
+    async def _move_signature(self, request: httpx.Request) -> None:
+        """A request hook: the signature goes under :attr:`signature_header`."""
+        signature = request.headers.pop(SIGNATURE_HEADER, None)
+        if signature is not None:
+            request.headers.setdefault(self.signature_header, signature)
 
     async def __aenter__(self) -> LayercodeTestClient:
         self._client = self._new_client()

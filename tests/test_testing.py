@@ -574,3 +574,35 @@ async def test_post_checks_its_own_headers() -> None:
     # Before: a UnicodeEncodeError from inside httpx.
     with pytest.raises(ValueError, match=r"^headers X-A: the value may hold only printable"):
         await client.post("{}", headers={"X-A": "é"})
+
+
+@pytest.mark.anyio
+async def test_the_signature_goes_under_the_apps_header_name() -> None:
+    # Before: the kit always signed under layercode-signature, so an app whose middleware has
+    # header_name= could not be tested with the checked methods (every turn a 401).
+    from layercode_asgi import LayercodeSignature, LayercodeWebhook
+
+    seen: list[list[str]] = []
+
+    async def agent(event: Any) -> AsyncIterator[str]:
+        yield "Hi"
+
+    checked = LayercodeSignature(LayercodeWebhook(agent), secret=SECRET, header_name="X-Proxy-Sig")
+
+    async def signed(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            seen.append([name.decode() for name, _ in scope["headers"] if b"sig" in name])
+        await checked(scope, receive, send)
+
+    with serve(signed) as base:
+        for where in ({"app": signed}, {"base_url": base}):
+            async with LayercodeTestClient(
+                **where, secret=SECRET, signature_header="X-Proxy-Sig"
+            ) as client:
+                assert (await client.message("hello")).text == "Hi"
+                assert (await client.session_update()).body == {"status": "ok"}
+                assert (await client.post(session_update_event())).status_code == 200
+                assert (await client.post(session_update_event(), signed=False)).status_code == 401
+    assert seen == ([["x-proxy-sig"]] * 3 + [[]]) * 2  # never under layercode-signature
+    with pytest.raises(ValueError, match=r"^signature_header 'a b': not a valid header name"):
+        LayercodeTestClient(signed, secret=SECRET, signature_header="a b")
