@@ -130,7 +130,7 @@ def session_update_event(
     )
 
 
-TranscriptEntry = Mapping[str, Any] | tuple[str, str]
+TranscriptEntry = Mapping[str, Any] | Sequence[str]
 
 
 def session_end_event(
@@ -143,16 +143,11 @@ def session_end_event(
     """A ``session.end`` event with ``transcript`` and plausible metrics.
 
     ``transcript`` items are ``{"role", "text", "timestamp"}`` mappings or ``(role, text)``
-    pairs (stamped with the current time in unix milliseconds).
+    pairs, tuples or lists (stamped with the current time in unix milliseconds).
     """
     now = datetime.now(UTC)
     now_ms = int(now.timestamp() * 1000)
-    items = [
-        {"role": entry[0], "text": entry[1], "timestamp": now_ms}
-        if isinstance(entry, tuple)
-        else dict(entry)
-        for entry in transcript
-    ]
+    items = [_transcript_item(entry, now_ms) for entry in transcript]
     stamp = now.isoformat(timespec="milliseconds")
     defaults: dict[str, Any] = {
         "agent_id": "agent_test",
@@ -169,6 +164,15 @@ def session_end_event(
     }
     defaults.update(fields)
     return _event("session.end", defaults, session_id, conversation_id)
+
+
+def _transcript_item(entry: TranscriptEntry, now_ms: int) -> dict[str, Any]:
+    if isinstance(entry, Mapping):
+        return dict(entry)
+    if not isinstance(entry, Sequence) or isinstance(entry, str | bytes) or len(entry) != 2:
+        shown = f"{entry!r:.80}"
+        raise TypeError(f"transcript items are mappings or (role, text) pairs, got {shown}")
+    return {"role": entry[0], "text": entry[1], "timestamp": now_ms}
 
 
 def _misuse(what: str) -> RuntimeError:

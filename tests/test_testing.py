@@ -166,6 +166,16 @@ def test_factories_random_ids_and_overrides() -> None:
     assert data_event(None, turn_id="t")["data"] is None
 
 
+def test_transcript_pairs_may_be_any_two_item_sequence() -> None:
+    # Before: ["user", "hi"] (a list, as from JSON) raised "dictionary update sequence
+    # element #0 has length 4", and ("user", "hi", "x") silently lost its third item.
+    [item] = session_end_event(transcript=[["user", "hi"]])["transcript"]
+    assert (item["role"], item["text"]) == ("user", "hi")
+    for bad in (("user", "hi", "x"), "hello", ("user",), 5):
+        with pytest.raises(TypeError, match=r"^transcript items are mappings or \(role, text\)"):
+            session_end_event(transcript=[bad])  # type: ignore[list-item]
+
+
 def test_signed_headers_verify() -> None:
     body = encode_event(message_event("hi"))
     headers = signed_headers(body, SECRET)
