@@ -461,13 +461,15 @@ class LayercodeTestClient:
         fields.setdefault("session_id", self.session_id)
         return fields
 
-    async def session_start(self, **fields: Any) -> TurnResult:
-        """Send ``session.start`` (the welcome turn)."""
-        return await self.send_turn(session_start_event(**self._ids(fields)))
+    async def session_start(self, *, on_event: OnEvent | None = None, **fields: Any) -> TurnResult:
+        """Send ``session.start`` (the welcome turn); ``on_event`` as for :meth:`send`."""
+        return await self.send_turn(session_start_event(**self._ids(fields)), on_event=on_event)
 
-    async def message(self, text: str, **fields: Any) -> TurnResult:
-        """Send a ``message`` turn: the user said ``text``."""
-        return await self.send_turn(message_event(text, **self._ids(fields)))
+    async def message(
+        self, text: str, *, on_event: OnEvent | None = None, **fields: Any
+    ) -> TurnResult:
+        """Send a ``message`` turn: the user said ``text``; ``on_event`` as for :meth:`send`."""
+        return await self.send_turn(message_event(text, **self._ids(fields)), on_event=on_event)
 
     async def data(self, data: Any, **fields: Any) -> JSONResult:
         """Send a ``data`` event."""

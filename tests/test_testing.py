@@ -638,3 +638,14 @@ async def test_an_agent_failure_is_logged_without_a_stray_error_on_trio(
     [record] = [r for r in caplog.records if r.exc_info]
     assert record.exc_info is not None and isinstance(record.exc_info[1], LookupError)
     assert record.exc_info[1].__context__ is None, record.exc_info[1].__context__
+
+
+@pytest.mark.anyio
+async def test_the_turn_helpers_take_on_event() -> None:
+    # Before: on_event= went into the event as a field, and encoding it raised a TypeError.
+    seen: list[str] = []
+    async with LayercodeTestClient(echo_app(), secret=SECRET) as client:
+        await client.session_start(on_event=lambda event: seen.append(event["type"]))
+        turn = await client.message("hi", on_event=lambda event: seen.append(event["type"]))
+    assert seen == ["response.tts", "response.end", "response.tts", "response.end"]
+    assert turn.text == "You said: hi"
