@@ -247,9 +247,10 @@ class EventStreamResponse(Response):
         try:
             asyncio.current_task()
         except RuntimeError:  # no asyncio loop: trio
-            await self._stream_in_task_group(receive)
+            stream = self._stream_in_task_group
         else:
-            await self._stream_on_asyncio(receive)
+            stream = self._stream_on_asyncio
+        await stream(receive)  # outside the handler: the agent's errors get no __context__
         if not self.disconnected:
             await self._finish(send, self._failure)
         self._send = self._cancel = self._failure = None  # no cycle through the producer

@@ -38,6 +38,7 @@ from .protocol import (
     send_turn,
     signed_headers,
 )
+from .signature import SIGNATURE_HEADER
 
 __all__ = [
     *protocol.__all__,
@@ -129,7 +130,7 @@ def session_update_event(
     )
 
 
-TranscriptEntry = Mapping[str, Any] | tuple[str, str]
+TranscriptEntry = Mapping[str, Any] | Sequence[str]
 
 
 def session_end_event(
@@ -142,16 +143,11 @@ def session_end_event(
     """A ``session.end`` event with ``transcript`` and plausible metrics.
 
     ``transcript`` items are ``{"role", "text", "timestamp"}`` mappings or ``(role, text)``
-    pairs (stamped with the current time in unix milliseconds).
+    pairs, tuples or lists (stamped with the current time in unix milliseconds).
     """
     now = datetime.now(UTC)
     now_ms = int(now.timestamp() * 1000)
-    items = [
-        {"role": entry[0], "text": entry[1], "timestamp": now_ms}
-        if isinstance(entry, tuple)
-        else dict(entry)
-        for entry in transcript
-    ]
+    items = [_transcript_item(entry, now_ms) for entry in transcript]
     stamp = now.isoformat(timespec="milliseconds")
     defaults: dict[str, Any] = {
         "agent_id": "agent_test",
@@ -168,6 +164,15 @@ def session_end_event(
     }
     defaults.update(fields)
     return _event("session.end", defaults, session_id, conversation_id)
+
+
+def _transcript_item(entry: TranscriptEntry, now_ms: int) -> dict[str, Any]:
+    if isinstance(entry, Mapping):
+        return dict(entry)
+    if not isinstance(entry, Sequence) or isinstance(entry, str | bytes) or len(entry) != 2:
+        shown = f"{entry!r:.80}"
+        raise TypeError(f"transcript items are mappings or (role, text) pairs, got {shown}")
+    return {"role": entry[0], "text": entry[1], "timestamp": now_ms}
 
 
 def _misuse(what: str) -> RuntimeError:
@@ -275,6 +280,8 @@ class LayercodeTestClient:
         max_events: the most events one turn may have (else ``too-large``).
         conversation_id: the conversation id used by the helper methods (random by default).
         session_id: the session id used by the helper methods (random by default).
+        signature_header: the header the signature goes under, as the app's
+            ``LayercodeSignature(header_name=...)`` (default ``layercode-signature``).
 
     Use it as ``async with LayercodeTestClient(...) as client`` (one HTTP client for all
     requests) or call the methods directly (a client per call). ``send_sync`` is the same
@@ -295,6 +302,7 @@ class LayercodeTestClient:
         session_id: str | None = None,
         max_bytes: int = MAX_REPLY_BYTES,
         max_events: int = MAX_TURN_EVENTS,
+        signature_header: str = SIGNATURE_HEADER,
     ) -> None:
         if (app is None) == (base_url is None):
             raise ValueError("pass exactly one of app= (an ASGI app) or base_url= (a server URL)")
@@ -309,6 +317,7 @@ class LayercodeTestClient:
         if base_url is not None:
             check_url("base_url", base_url)
         check_headers("headers", headers or {})
+        check_headers("signature_header", {signature_header: ""})
         check_seconds("timeout", timeout, zero=False, none=False)
         check_positive_int(max_bytes, "max_bytes")  # NaN would never trip, "5" fail later
         check_positive_int(max_events, "max_events")
@@ -322,6 +331,7 @@ class LayercodeTestClient:
         self.strict = strict
         self.max_bytes = max_bytes
         self.max_events = max_events
+        self.signature_header = signature_header
         self.conversation_id = conversation_id or _new_id("conv")
         self.session_id = session_id or _new_id("sess")
         self._client: httpx.AsyncClient | None = None
@@ -330,7 +340,16 @@ class LayercodeTestClient:
         transport: httpx.AsyncBaseTransport | None = None
         if self.app is not None:
             transport = httpx.ASGITransport(app=_Bounded(self.app, self.max_bytes))
-        return new_client(transport, self.timeout)
+        client = new_client(transport, self.timeout)
+        if self.signature_header.lower() != SIGNATURE_HEADER:
+            client.event_hooks = {**client.event_hooks, "request": [self._move_signature]}
+        return client
+
+    async def _move_signature(self, request: httpx.Request) -> None:
+        """A request hook: the signature goes under :attr:`signature_header`."""
+        signature = request.headers.pop(SIGNATURE_HEADER, None)
+        if signature is not None:
+            request.headers.setdefault(self.signature_header, signature)
 
     async def __aenter__(self) -> LayercodeTestClient:
         self._client = self._new_client()
@@ -448,13 +467,15 @@ class LayercodeTestClient:
         fields.setdefault("session_id", self.session_id)
         return fields
 
-    async def session_start(self, **fields: Any) -> TurnResult:
-        """Send ``session.start`` (the welcome turn)."""
-        return await self.send_turn(session_start_event(**self._ids(fields)))
+    async def session_start(self, *, on_event: OnEvent | None = None, **fields: Any) -> TurnResult:
+        """Send ``session.start`` (the welcome turn); ``on_event`` as for :meth:`send`."""
+        return await self.send_turn(session_start_event(**self._ids(fields)), on_event=on_event)
 
-    async def message(self, text: str, **fields: Any) -> TurnResult:
-        """Send a ``message`` turn: the user said ``text``."""
-        return await self.send_turn(message_event(text, **self._ids(fields)))
+    async def message(
+        self, text: str, *, on_event: OnEvent | None = None, **fields: Any
+    ) -> TurnResult:
+        """Send a ``message`` turn: the user said ``text``; ``on_event`` as for :meth:`send`."""
+        return await self.send_turn(message_event(text, **self._ids(fields)), on_event=on_event)
 
     async def data(self, data: Any, **fields: Any) -> JSONResult:
         """Send a ``data`` event."""

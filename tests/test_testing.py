@@ -166,6 +166,16 @@ def test_factories_random_ids_and_overrides() -> None:
     assert data_event(None, turn_id="t")["data"] is None
 
 
+def test_transcript_pairs_may_be_any_two_item_sequence() -> None:
+    # Before: ["user", "hi"] (a list, as from JSON) raised "dictionary update sequence
+    # element #0 has length 4", and ("user", "hi", "x") silently lost its third item.
+    [item] = session_end_event(transcript=[["user", "hi"]])["transcript"]
+    assert (item["role"], item["text"]) == ("user", "hi")
+    for bad in (("user", "hi", "x"), "hello", ("user",), 5):
+        with pytest.raises(TypeError, match=r"^transcript items are mappings or \(role, text\)"):
+            session_end_event(transcript=[bad])  # type: ignore[list-item]
+
+
 def test_signed_headers_verify() -> None:
     body = encode_event(message_event("hi"))
     headers = signed_headers(body, SECRET)
@@ -574,3 +584,68 @@ async def test_post_checks_its_own_headers() -> None:
     # Before: a UnicodeEncodeError from inside httpx.
     with pytest.raises(ValueError, match=r"^headers X-A: the value may hold only printable"):
         await client.post("{}", headers={"X-A": "é"})
+
+
+@pytest.mark.anyio
+async def test_the_signature_goes_under_the_apps_header_name() -> None:
+    # Before: the kit always signed under layercode-signature, so an app whose middleware has
+    # header_name= could not be tested with the checked methods (every turn a 401).
+    from layercode_asgi import LayercodeSignature, LayercodeWebhook
+
+    seen: list[list[str]] = []
+
+    async def agent(event: Any) -> AsyncIterator[str]:
+        yield "Hi"
+
+    checked = LayercodeSignature(LayercodeWebhook(agent), secret=SECRET, header_name="X-Proxy-Sig")
+
+    async def signed(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            seen.append([name.decode() for name, _ in scope["headers"] if b"sig" in name])
+        await checked(scope, receive, send)
+
+    with serve(signed) as base:
+        for where in ({"app": signed}, {"base_url": base}):
+            async with LayercodeTestClient(
+                **where, secret=SECRET, signature_header="X-Proxy-Sig"
+            ) as client:
+                assert (await client.message("hello")).text == "Hi"
+                assert (await client.session_update()).body == {"status": "ok"}
+                assert (await client.post(session_update_event())).status_code == 200
+                assert (await client.post(session_update_event(), signed=False)).status_code == 401
+    assert seen == ([["x-proxy-sig"]] * 3 + [[]]) * 2  # never under layercode-signature
+    with pytest.raises(ValueError, match=r"^signature_header 'a b': not a valid header name"):
+        LayercodeTestClient(signed, secret=SECRET, signature_header="a b")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_an_agent_failure_is_logged_without_a_stray_error_on_trio(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: on trio each failure logged came "during handling of" the RuntimeError "no
+    # running event loop" of the response's asyncio check, as if the library had failed too.
+    from layercode_asgi import LayercodeSignature, LayercodeWebhook
+
+    async def agent(event: Any) -> AsyncIterator[str]:
+        yield "Let me see"
+        raise LookupError("the agent's own failure")
+
+    app = LayercodeSignature(LayercodeWebhook(agent), secret=SECRET)
+    with caplog.at_level("ERROR", logger="layercode_asgi.turns"):
+        turn = await LayercodeTestClient(app, secret=SECRET).message("hello")
+    assert turn.errors[0]["error"] == "agent error"
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert record.exc_info is not None and isinstance(record.exc_info[1], LookupError)
+    assert record.exc_info[1].__context__ is None, record.exc_info[1].__context__
+
+
+@pytest.mark.anyio
+async def test_the_turn_helpers_take_on_event() -> None:
+    # Before: on_event= went into the event as a field, and encoding it raised a TypeError.
+    seen: list[str] = []
+    async with LayercodeTestClient(echo_app(), secret=SECRET) as client:
+        await client.session_start(on_event=lambda event: seen.append(event["type"]))
+        turn = await client.message("hi", on_event=lambda event: seen.append(event["type"]))
+    assert seen == ["response.tts", "response.end", "response.tts", "response.end"]
+    assert turn.text == "You said: hi"
