@@ -130,6 +130,33 @@ async def test_add_message_validates(bad: Any) -> None:
     assert await manager.get_history("c") == []
 
 
+@pytest.mark.parametrize(
+    ("user_text", "assistant_text", "turn_id", "named"),
+    [
+        (123, None, None, "user_text"),
+        ("q", ["a"], None, "assistant_text"),
+        (b"q", None, None, "user_text"),
+        ("q", "a", 5, "turn_id"),
+    ],
+)
+async def test_add_turn_and_record_turn_refuse_what_is_not_text(
+    user_text: Any, assistant_text: Any, turn_id: Any, named: str
+) -> None:
+    """Before: ``AttributeError: 'int' object has no attribute 'strip'`` (or ``'int' object
+    is not subscriptable``), and ``record_turn`` kept ``b"q"`` as the text of a message
+    (Redis would have stored it base64-encoded). Now a ``TypeError`` naming the argument."""
+    manager = ConversationManager()
+    async with manager.lock("c"):
+        _, generation = await manager.read_turn("c")
+        with pytest.raises(TypeError, match=f"^{named} must be a str or None, got "):
+            await manager.record_turn(
+                "c", user_text, assistant_text, turn_id=turn_id, generation=generation
+            )
+    with pytest.raises(TypeError, match=f"^{named} must be a str or None, got "):
+        await manager.add_turn("c", user_text, assistant_text, turn_id=turn_id)
+    assert await manager.get_history("c") == []
+
+
 async def test_conversation_id_validated() -> None:
     manager = ConversationManager()
     with pytest.raises(ValueError):

@@ -96,11 +96,19 @@ def _to_message(message: HistoryMessage | Mapping[str, Any]) -> HistoryMessage:
 def turn_messages(
     user_text: str | None, assistant_text: str | None, turn_id: str | None
 ) -> list[HistoryMessage]:
-    """A turn's history messages, user first, leaving out empty or blank texts."""
+    """A turn's history messages, user first, leaving out empty or blank texts.
+
+    Raises:
+        TypeError: naming the argument that is neither a ``str`` nor ``None``.
+    """
+    texts = (("user_text", user_text), ("assistant_text", assistant_text), ("turn_id", turn_id))
+    for name, value in texts:
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
     messages: list[HistoryMessage] = []
-    if user_text is not None and user_text.strip():
+    if user_text and not user_text.isspace():
         messages.append(HistoryMessage(role="user", text=user_text, turn_id=turn_id))
-    if assistant_text is not None and assistant_text.strip():
+    if assistant_text and not assistant_text.isspace():
         messages.append(HistoryMessage(role="assistant", text=assistant_text, turn_id=turn_id))
     return messages
 
@@ -186,7 +194,11 @@ class ConversationManager:
         *,
         turn_id: str | None = None,
     ) -> None:
-        """Append a turn's user and assistant messages together, skipping empty ones."""
+        """Append a turn's user and assistant messages together, skipping empty ones.
+
+        Raises:
+            TypeError: when a text or ``turn_id`` is neither a ``str`` nor ``None``.
+        """
         await self.add_messages(conversation_id, turn_messages(user_text, assistant_text, turn_id))
 
     async def get_history(self, conversation_id: str) -> list[HistoryMessage]:
