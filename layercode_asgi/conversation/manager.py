@@ -8,6 +8,8 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
+
 from .base import (
     DEFAULT_LOCK_WAIT_GRACE,
     STORE_DEFAULT,
@@ -16,6 +18,7 @@ from .base import (
     HistoryMessage,
     LockTimeout,
     check_conversation_id,
+    valid_text,
 )
 from .memory import MemoryConversationStore
 from .redis import RedisConversationStore
@@ -115,8 +118,14 @@ def turn_messages(
 
 def model_history(history: Iterable[HistoryMessage]) -> list[HistoryMessage]:
     """The messages of ``history`` to send a model: those with text. An empty or blank one
-    (``add_message`` takes it) is left out: some providers refuse an empty message."""
-    return [m for m in history if m.text and not m.text.isspace()]
+    (``add_message`` takes it) is left out: some providers refuse an empty message. Text
+    UTF-8 cannot hold (a lone surrogate, from a store of your own) has U+FFFD in its place:
+    the model's client could not send it."""
+    return [
+        m if valid_text(m.text) is m.text else msgspec.structs.replace(m, text=valid_text(m.text))
+        for m in history
+        if m.text and not m.text.isspace()
+    ]
 
 
 class ConversationManager:
