@@ -33,7 +33,7 @@ from layercode_asgi.adapters import (
     send_data,
 )
 from layercode_asgi.builtin_agents import STARTER_WELCOME
-from layercode_asgi.conversation import ConversationManager
+from layercode_asgi.conversation import ConversationManager, HistoryMessage, MemoryConversationStore
 from layercode_asgi.testing import LayercodeTestClient, TurnResult, message_event
 
 from .conftest import ROOT, SECRET, event_body, serve, signed_headers
@@ -830,3 +830,42 @@ async def test_a_pydantic_ai_system_prompt_is_sent_on_every_turn(
             ("assistant", "Hello there. How can I help you today?"),
             ("user", "Great."),
         ]
+
+
+class StoreOfYourOwn(MemoryConversationStore):
+    """A store that hands a turn its history as it was given (no U+FFFD for a lone
+    surrogate), as an application's own store may."""
+
+    def __init__(self, history: list[HistoryMessage]) -> None:
+        super().__init__()
+        self.history = history
+
+    async def read_turn(self, conversation_id: str) -> tuple[list[HistoryMessage], int]:
+        return list(self.history), 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_half_an_emoji_in_the_history_reaches_the_model_as_u_fffd(
+    name: str, fake: FakeOpenAI
+) -> None:
+    """Before: a history text holding a lone surrogate (half an emoji; from a store of your
+    own) failed every turn of the conversation with 'agent error' (the model's client could
+    not encode the request: ``UnicodeEncodeError``). The model gets U+FFFD in its place."""
+    store = StoreOfYourOwn(
+        [
+            HistoryMessage(role="user", text="Half \ud83d an emoji?"),
+            HistoryMessage(role="assistant", text="Yes \udc00\ud83d\ude00."),
+        ]
+    )
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, BUILDERS[name](False), conversations=ConversationManager(store))
+    with serve(app) as base, anyio.fail_after(20):
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("Fine \U0001f600.")
+    assert turn.errors == []
+    assert sent_messages(fake) == [
+        ("user", "Half \ufffd an emoji?"),
+        ("assistant", "Yes \ufffd\U0001f600."),
+        ("user", "Fine \U0001f600."),
+    ]

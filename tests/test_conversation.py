@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
+import msgspec
 import pytest
 
 from layercode_asgi.config import Settings
@@ -127,6 +128,33 @@ async def test_add_message_validates(bad: Any) -> None:
     manager = ConversationManager()
     with pytest.raises(ValueError):
         await manager.add_message("c", bad)
+    assert await manager.get_history("c") == []
+
+
+@pytest.mark.parametrize(
+    ("user_text", "assistant_text", "turn_id", "named"),
+    [
+        (123, None, None, "user_text"),
+        ("q", ["a"], None, "assistant_text"),
+        (b"q", None, None, "user_text"),
+        ("q", "a", 5, "turn_id"),
+    ],
+)
+async def test_add_turn_and_record_turn_refuse_what_is_not_text(
+    user_text: Any, assistant_text: Any, turn_id: Any, named: str
+) -> None:
+    """Before: ``AttributeError: 'int' object has no attribute 'strip'`` (or ``'int' object
+    is not subscriptable``), and ``record_turn`` kept ``b"q"`` as the text of a message
+    (Redis would have stored it base64-encoded). Now a ``TypeError`` naming the argument."""
+    manager = ConversationManager()
+    async with manager.lock("c"):
+        _, generation = await manager.read_turn("c")
+        with pytest.raises(TypeError, match=f"^{named} must be a str or None, got "):
+            await manager.record_turn(
+                "c", user_text, assistant_text, turn_id=turn_id, generation=generation
+            )
+    with pytest.raises(TypeError, match=f"^{named} must be a str or None, got "):
+        await manager.add_turn("c", user_text, assistant_text, turn_id=turn_id)
     assert await manager.get_history("c") == []
 
 
@@ -506,6 +534,34 @@ async def test_redis_skips_undecodable_entries(
     assert "undecodable" in caplog.text
     await store.aclose()  # does not close a client it did not create
     assert await raw.ping() is True
+
+
+async def test_a_redis_history_over_the_bounds_is_read_within_them(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    """History kept under larger bounds (before ``LAYERCODE_HISTORY_MAX_BYTES`` or
+    ``_MAX_MESSAGES`` were lowered, by a worker still run with the old ones, or written by
+    hand) was read whole: each turn sent all of it to the model until a record trimmed it.
+    A read keeps what a record would: the newest messages within both bounds, as the memory
+    store keeps them."""
+    said = [msg(U if i % 2 else A, f"{i:02d}é" * 10, f"t{i}") for i in range(20)]  # 40 B each
+    wide = RedisConversationStore(raw, max_messages=100, max_bytes=10_000)
+    await wide.append("c", said)
+    await raw.rpush("layercode:{h}:history", msgspec.json.encode(msg(U, "€" * 500, "x" * 600)))
+    memory = MemoryConversationStore(max_messages=5, max_bytes=130)
+    await memory.append("c", said)
+    await memory.append("h", [msg(U, "€" * 500, "x" * 600)])
+    expected = await memory.get("c")
+    assert [m.turn_id for m in expected] == ["t17", "t18", "t19"]
+    narrow = RedisConversationStore(raw, max_messages=5, max_bytes=130)
+    assert await narrow.get("c") == expected
+    assert (await narrow.read_turn("c"))[0] == expected
+    async with narrow.lock("c"):  # the holder's read, taken with the lock
+        assert (await narrow.read_turn("c"))[0] == expected
+    assert await narrow.get("h") == await memory.get("h") == [msg(U, "€" * 43, "x" * 512)]
+    assert [m.text for m in await ConversationManager(narrow).get_history("c")] == [
+        m.text for m in expected
+    ]
 
 
 async def test_redis_lock_excludes_another_client(redis_server: RedisServer) -> None:

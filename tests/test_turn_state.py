@@ -628,3 +628,27 @@ def test_abort_turns_answers_a_waiting_turn_with_its_message() -> None:
     assert '"type":"response.error","error":"maintenance"' in rest
     waits = results["waits"]
     assert (waits.status_code, waits.json()) == (503, {"error": "maintenance"})
+
+
+def test_session_end_clears_the_history_after_its_hook_and_not_when_it_fails() -> None:
+    """As docs/history.md says: ``on_session_end`` can still read the history; a hook that
+    raises gets the 500 and the history stays (a retry of the event finds it)."""
+    seen: list[int] = []
+    failing = [True]
+
+    async def on_session_end(event: Any) -> None:
+        seen.append(len(await webhook.conversations.get_history(event.conversation_id)))
+        if failing[0]:
+            raise RuntimeError("the transcript database is down")
+
+    webhook = LayercodeWebhook(stateful_agent, on_session_end=on_session_end)
+    app = LayercodeSignature(webhook, secret=SECRET)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        body = event_body(text="one", turn_id="t1")
+        client.post("/", content=body, headers=signed_headers(body))
+        end = event_body("session.end")
+        assert client.post("/", content=end, headers=signed_headers(end)).status_code == 500
+        failing[0] = False
+        assert client.post("/", content=end, headers=signed_headers(end)).status_code == 200
+        assert client.post("/", content=end, headers=signed_headers(end)).status_code == 200
+    assert seen == [2, 2, 0]

@@ -135,6 +135,22 @@ def fit(messages: Sequence[HistoryMessage], max_bytes: int) -> list[HistoryMessa
     return [_kept(message, max_bytes) for message in messages]
 
 
+def newest(
+    messages: Sequence[HistoryMessage], max_messages: int, max_bytes: int
+) -> list[HistoryMessage]:
+    """What a store with these bounds keeps of ``messages``: the newest ``max_messages``,
+    the oldest of them dropped while their texts are over ``max_bytes`` (the newest kept, cut
+    to it), as :func:`fit` keeps them. For a history kept under larger bounds."""
+    kept = messages[-max_messages:]
+    first, total = len(kept), 0
+    while first > 0:
+        total += text_size(kept[first - 1].text)
+        if total > max_bytes:
+            break
+        first -= 1
+    return fit(kept[min(first, len(kept) - 1) :], max_bytes)
+
+
 def lock_wait(timeout: LockTimeout, default: float | None) -> float | None:
     """The seconds a ``lock(timeout=...)`` waits: ``default`` for :data:`STORE_DEFAULT`."""
     wait = default if isinstance(timeout, DefaultTimeout) else timeout

@@ -8,6 +8,8 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
+
 from ..errors import kind_of
 from .base import (
     DEFAULT_LOCK_WAIT_GRACE,
@@ -17,6 +19,7 @@ from .base import (
     HistoryMessage,
     LockTimeout,
     check_conversation_id,
+    valid_text,
 )
 from .memory import MemoryConversationStore
 from .redis import RedisConversationStore
@@ -100,19 +103,33 @@ def _to_message(message: HistoryMessage | Mapping[str, Any]) -> HistoryMessage:
 def turn_messages(
     user_text: str | None, assistant_text: str | None, turn_id: str | None
 ) -> list[HistoryMessage]:
-    """A turn's history messages, user first, leaving out empty or blank texts."""
+    """A turn's history messages, user first, leaving out empty or blank texts.
+
+    Raises:
+        TypeError: naming the argument that is neither a ``str`` nor ``None``.
+    """
+    texts = (("user_text", user_text), ("assistant_text", assistant_text), ("turn_id", turn_id))
+    for name, value in texts:
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
     messages: list[HistoryMessage] = []
-    if user_text is not None and user_text.strip():
+    if user_text and not user_text.isspace():
         messages.append(HistoryMessage(role="user", text=user_text, turn_id=turn_id))
-    if assistant_text is not None and assistant_text.strip():
+    if assistant_text and not assistant_text.isspace():
         messages.append(HistoryMessage(role="assistant", text=assistant_text, turn_id=turn_id))
     return messages
 
 
 def model_history(history: Iterable[HistoryMessage]) -> list[HistoryMessage]:
     """The messages of ``history`` to send a model: those with text. An empty or blank one
-    (``add_message`` takes it) is left out: some providers refuse an empty message."""
-    return [m for m in history if m.text and not m.text.isspace()]
+    (``add_message`` takes it) is left out: some providers refuse an empty message. Text
+    UTF-8 cannot hold (a lone surrogate, from a store of your own) has U+FFFD in its place:
+    the model's client could not send it."""
+    return [
+        m if valid_text(m.text) is m.text else msgspec.structs.replace(m, text=valid_text(m.text))
+        for m in history
+        if m.text and not m.text.isspace()
+    ]
 
 
 class ConversationManager:
@@ -192,7 +209,11 @@ class ConversationManager:
         *,
         turn_id: str | None = None,
     ) -> None:
-        """Append a turn's user and assistant messages together, skipping empty ones."""
+        """Append a turn's user and assistant messages together, skipping empty ones.
+
+        Raises:
+            TypeError: when a text or ``turn_id`` is neither a ``str`` nor ``None``.
+        """
         await self.add_messages(conversation_id, turn_messages(user_text, assistant_text, turn_id))
 
     async def get_history(self, conversation_id: str) -> list[HistoryMessage]:

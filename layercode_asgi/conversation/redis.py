@@ -48,6 +48,7 @@ from .base import (
     check_conversation_id,
     fit,
     lock_wait,
+    newest,
 )
 
 __all__ = ["RedisConversationStore"]
@@ -359,6 +360,8 @@ class RedisConversationStore:
                     "skipping an undecodable history entry of conversation %s",
                     escape_log_value(conversation_id),
                 )
+        if len(raw) > self.max_messages or sum(map(len, raw)) > self.max_bytes:
+            return newest(messages, self.max_messages, self.max_bytes)  # kept under wider bounds
         return messages
 
     async def clear(self, conversation_id: str) -> None:
