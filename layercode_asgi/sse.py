@@ -246,10 +246,13 @@ class EventStreamResponse(Response):
         # ours' p99 first-tts overhead on the paced benchmark at N = 800).
         try:
             asyncio.current_task()
-        except RuntimeError:  # no asyncio loop: trio
-            await self._stream_in_task_group(receive)
-        else:
+            on_asyncio = True
+        except RuntimeError:  # no asyncio loop: trio (streamed outside this handler, or
+            on_asyncio = False  # each error of the turn would have this one as context)
+        if on_asyncio:
             await self._stream_on_asyncio(receive)
+        else:
+            await self._stream_in_task_group(receive)
         if not self.disconnected:
             await self._finish(send, self._failure)
         self._send = self._cancel = self._failure = None  # no cycle through the producer

@@ -5,12 +5,19 @@ ours runs (an app of your own, a mounted app), answered 503 per request, never a
 
 from __future__ import annotations
 
+import sys
+from collections.abc import AsyncIterator
 from typing import Any
+
+import anyio
+import pytest
 
 from layercode_asgi import (
     LayercodeSignature,
     LayercodeWebhook,
     Settings,
+    TurnContext,
+    TurnEvent,
     echo_agent,
 )
 from layercode_asgi.testing import LayercodeTestClient, message_event
@@ -40,3 +47,29 @@ def test_a_raw_asgi_app_starts_under_hypercorns_trio_worker() -> None:
     with serve_hypercorn(app, trio_worker=True) as url:
         result = LayercodeTestClient(base_url=url, secret=SECRET).send_sync(message_event("hi"))
     assert "".join(result.tts) == "You said: hi"  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_an_agent_failure_on_trio_carries_no_stray_exception(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: on trio a turn's agent ran inside the response's ``except RuntimeError`` (the
+    check for an asyncio loop): ``sys.exc_info()`` in the agent was that ``RuntimeError``,
+    and each failure was logged "During handling of the above exception (RuntimeError: no
+    running event loop), another exception occurred"."""
+    seen: list[object] = []
+
+    async def agent(event: TurnEvent, context: TurnContext) -> AsyncIterator[str]:
+        seen.append(sys.exc_info()[1])
+        yield "partial"
+        raise ValueError("the agent's own failure")
+
+    with anyio.fail_after(10):
+        result = await LayercodeTestClient(LayercodeWebhook(agent), secret=SECRET).message("hi")
+    assert [event["type"] for event in result.events][-2:] == ["response.error", "response.end"]
+    assert seen == [None]
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("agent failed")]
+    assert record.exc_info is not None and record.exc_info[1] is not None
+    assert record.exc_info[1].__context__ is None
+    assert "no running event loop" not in caplog.text
