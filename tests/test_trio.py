@@ -5,27 +5,41 @@ ours runs (an app of your own, a mounted app), answered 503 per request, never a
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
+from starlette.testclient import TestClient
 
 from layercode_asgi import (
+    ConversationManager,
     LayercodeSignature,
     LayercodeWebhook,
+    RedisConversationStore,
     Settings,
     TurnContext,
     TurnEvent,
+    create_app,
     echo_agent,
 )
+from layercode_asgi.errors import ConfigurationError
+from layercode_asgi.replay import RedisReplayCache
 from layercode_asgi.testing import LayercodeTestClient, message_event
 
 from .conftest import (
     NEEDS_TRIO,
+    PYTHON,
     SECRET,
+    event_body,
     serve_hypercorn,
+    signed_headers,
+    start_server_process,
 )
 
 pytestmark = NEEDS_TRIO
@@ -47,6 +61,59 @@ def test_a_raw_asgi_app_starts_under_hypercorns_trio_worker() -> None:
     with serve_hypercorn(app, trio_worker=True) as url:
         result = LayercodeTestClient(base_url=url, secret=SECRET).send_sync(message_event("hi"))
     assert "".join(result.tts) == "You said: hi"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_redis_on_trio_is_refused_at_start_up(replay: bool) -> None:
+    """Before: ``create_app`` with ``REDIS_URL`` started on trio, then every turn answered
+    500 (the store) or 503 (the replay cache), logging ``no running event loop``: redis-py's
+    asyncio client runs on asyncio only. Its start-up fails, naming trio; on asyncio it
+    starts as before."""
+    app = create_app(settings(redis_url=NO_REDIS, replay_protection=replay))
+    refused = pytest.raises(ConfigurationError, match=r"REDIS_URL.*asyncio only, not on trio")
+    with refused, TestClient(app, backend="trio"):
+        pass
+    with TestClient(app):  # asyncio: no connection is opened at start-up
+        pass
+
+
+def test_hypercorn_trio_with_redis_exits_at_start_up(tmp_path: Path) -> None:
+    """The same through the documented command (the app factory, Hypercorn's trio worker):
+    the server exits at start-up saying why, rather than serving failing turns."""
+    env = dict(os.environ, LAYERCODE_WEBHOOK_SECRET=SECRET, REDIS_URL=NO_REDIS)
+    command = [PYTHON, "-m", "hypercorn", "--worker-class", "trio", "--bind"]
+    command += ["127.0.0.1:{port}", "layercode_asgi.server:app_from_env()"]
+    with start_server_process(command, env=env, cwd=tmp_path, wait=False) as server:
+        server.process.wait(30)  # (Hypercorn 0.18 exits 0 when its worker failed to start)
+        output = server.output()
+    assert "ConfigurationError: Redis (REDIS_URL" in output and "not on trio" in output
+
+
+def test_redis_in_an_app_of_your_own_on_trio_answers_503_naming_trio(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No start-up of ours runs in an app of your own: each request that needs Redis is
+    answered 503 (before: the store's turns 500), the log saying why (before: ``no running
+    event loop``)."""
+    caplog.set_level(logging.WARNING, "layercode_asgi")
+    conversations = ConversationManager(RedisConversationStore(NO_REDIS))
+    stores = LayercodeSignature(
+        LayercodeWebhook(echo_agent, conversations=conversations), secret=SECRET
+    )
+    replay = LayercodeSignature(
+        LayercodeWebhook(echo_agent), secret=SECRET, replay_protection=RedisReplayCache(NO_REDIS)
+    )
+    for app, error in [
+        (stores, "conversation store unavailable"),
+        (replay, "replay protection unavailable"),
+    ]:
+        caplog.clear()
+        with serve_hypercorn(app, trio_worker=True) as url:
+            body = event_body("message", text="hi")
+            reply = httpx.post(url, content=body, headers=signed_headers(body), timeout=20)
+        assert (reply.status_code, reply.json()) == (503, {"error": error})
+        assert "not on trio" in caplog.text
+        assert "no running event loop" not in caplog.text
 
 
 @pytest.mark.anyio
