@@ -360,6 +360,8 @@ def create_app(
             replay, RedisReplayCache
         ):
             require_asyncio(REDIS_CLIENT)
+        if getattr(agent, "asyncio_only", False):  # the adapters' (pydantic-ai, LangChain...)
+            require_asyncio(f"the agent {name} (its framework)")
         if not settings.authorize_api_keys and authorize_guard is None:
             _warn_unguarded(
                 "authorize",

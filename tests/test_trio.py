@@ -89,6 +89,29 @@ def test_hypercorn_trio_with_redis_exits_at_start_up(tmp_path: Path) -> None:
     assert "ConfigurationError: Redis (REDIS_URL" in output and "not on trio" in output
 
 
+def adapted_agent() -> Any:
+    pydantic_ai = pytest.importorskip("pydantic_ai")
+    from pydantic_ai.models.test import TestModel
+
+    from layercode_asgi.adapters import from_pydantic_ai
+
+    return from_pydantic_ai(pydantic_ai.Agent(TestModel(custom_output_text="Hi.")))
+
+
+def test_an_adapted_agent_on_trio_is_refused_at_start_up() -> None:
+    """Before: ``create_app`` with an adapted agent started on trio, then every turn failed
+    with ``agent error`` (the frameworks start asyncio tasks of their own). Its start-up
+    fails, naming trio; on asyncio it starts and answers."""
+    app = create_app(settings(), adapted_agent())
+    refused = pytest.raises(ConfigurationError, match="asyncio only, not on trio")
+    with refused, TestClient(app, backend="trio"):
+        pass
+    with TestClient(app) as client:
+        body = event_body("message", text="hello")
+        reply = client.post("/api/agent", content=body, headers=signed_headers(body))
+    assert reply.status_code == 200 and "Hi." in reply.text
+
+
 def test_redis_in_an_app_of_your_own_on_trio_answers_503_naming_trio(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
