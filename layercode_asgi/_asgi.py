@@ -32,6 +32,7 @@ __all__ = [
     "HEADER_NAME",
     "BodyTooLarge",
     "JSONResponse",
+    "answer_lifespan",
     "being_cancelled",
     "check_route",
     "json_error",
@@ -105,6 +106,17 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
         if not message.get("more_body", False):
             break
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def answer_lifespan(receive: Receive, send: Send) -> None:
+    """The ASGI lifespan protocol of an app with nothing to set up or close: each message
+    answered ``<type>.complete``, until shutdown. (Returning at once instead stops
+    Hypercorn's trio worker at start-up: it still sends ``lifespan.startup``.)"""
+    while True:
+        kind = (await receive())["type"]
+        await send({"type": f"{kind}.complete"})
+        if kind == "lifespan.shutdown":
+            return
 
 
 def route_path(scope: Scope) -> str:

@@ -16,11 +16,12 @@ from urllib.parse import urlsplit
 
 import anyio.lowlevel
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, require_asyncio
 from .redaction import mask_url
 
 __all__ = [
     "MAX_EXPIRE_SECONDS",
+    "REDIS_CLIENT",
     "PerLoop",
     "check_client",
     "connect",
@@ -35,6 +36,9 @@ __all__ = [
 MAX_EXPIRE_SECONDS = 10**15
 
 T = TypeVar("T")
+
+#: What cannot run on trio, for :func:`~layercode_asgi.errors.require_asyncio`.
+REDIS_CLIENT = "Redis (REDIS_URL; redis-py's asyncio client)"
 
 #: The loop of a value closed by :meth:`PerLoop.take`: equal to no loop's token.
 _CLOSED = object()
@@ -59,21 +63,23 @@ class PerLoop(Generic[T]):
         self._loop: object = None
 
     def get(self) -> T:
-        """The current event loop's value."""
-        if self._make is not None:
-            loop = anyio.lowlevel.current_token()
-            if self._loop != loop:
-                if self._loop is not None:
-                    self._value = self._make()
-                self._loop = loop
+        """The current event loop's value (a :class:`ConfigurationError` on trio: redis-py's
+        asyncio client cannot run there)."""
+        loop = anyio.lowlevel.current_token()
+        if self._loop != loop:
+            require_asyncio(REDIS_CLIENT)
+            if self._make is not None and self._loop is not None:
+                self._value = self._make()
+            self._loop = loop
         return self._value
 
     def take(self) -> T | None:
-        """For ``aclose``: the value to close, if made here and not used on another loop
-        (``None`` otherwise); the next :meth:`get` makes a new one."""
+        """For ``aclose``: the value to close, if made here and used on this loop (``None``
+        otherwise: never used, it holds no connection); the next :meth:`get` makes a new
+        one."""
         if self._make is None:
             return None
-        mine = self._loop is None or self._loop == anyio.lowlevel.current_token()
+        mine = self._loop == anyio.lowlevel.current_token()
         self._loop = _CLOSED
         return self._value if mine else None
 

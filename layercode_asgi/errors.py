@@ -8,6 +8,7 @@ SDK, whose callers catch ``ValueError``.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import sys
 from collections.abc import Callable, Iterable
@@ -150,3 +151,15 @@ def kind_of(value: object) -> str:
     if isinstance(value, type):
         return f"the class {value.__name__} (call it: {value.__name__}())"
     return type(value).__name__
+
+
+def require_asyncio(what: str) -> None:
+    """Raise :class:`ConfigurationError` unless an asyncio event loop runs this: ``what``
+    (built on asyncio) cannot run on trio (Hypercorn's ``--worker-class trio``)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise ConfigurationError(
+            f"{what} runs on asyncio only, not on trio: serve the app on asyncio (uvicorn, "
+            "or Hypercorn without --worker-class trio)"
+        ) from None

@@ -42,12 +42,19 @@ from ._asgi import (
     must_propagate,
     send_json_error,
 )
+from ._redis import REDIS_CLIENT
 from ._version import __version__
 from .agents import Agent, agent_name, get_agent
 from .authorize import AuthorizeGuard, AuthorizeRoute
 from .config import Settings
-from .conversation import ConversationManager
-from .errors import ConfigurationError, check_positive_int, check_seconds, check_type
+from .conversation import ConversationManager, RedisConversationStore
+from .errors import (
+    ConfigurationError,
+    check_positive_int,
+    check_seconds,
+    check_type,
+    require_asyncio,
+)
 from .logs import escape_log_value
 from .metrics import installed, metrics_from_settings
 from .middleware import LayercodeSignature
@@ -346,6 +353,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if isinstance(conversations.store, RedisConversationStore) or isinstance(
+            replay, RedisReplayCache
+        ):
+            require_asyncio(REDIS_CLIENT)
+        if getattr(agent, "asyncio_only", False):  # the adapters' (pydantic-ai, LangChain...)
+            require_asyncio(f"the agent {name} (its framework)")
         if not settings.authorize_api_keys and authorize_guard is None:
             _warn_unguarded(
                 "authorize",

@@ -45,6 +45,7 @@ from ._asgi import (
     CLIENT_LEFT,
     BodyTooLarge,
     JSONResponse,
+    answer_lifespan,
     json_error_response,
     must_propagate,
     read_body,
@@ -312,6 +313,8 @@ class LayercodeWebhook:
         if scope["type"] != "http":
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
+            elif scope["type"] == "lifespan":
+                await answer_lifespan(receive, send)
             return
         if scope["method"] != "POST":
             response: Response = json_error_response(

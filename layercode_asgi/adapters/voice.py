@@ -301,4 +301,5 @@ def voice_agent(
                 yield reply
 
     agent.__name__ = agent.__qualname__ = name
+    agent.asyncio_only = True  # type: ignore[attr-defined]  # create_app refuses trio
     return agent
