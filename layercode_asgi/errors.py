@@ -26,7 +26,8 @@ class LayercodeError(Exception):
 
 
 class ConfigurationError(LayercodeError, ValueError):
-    """A setting is missing or invalid; raised at start-up, never per request."""
+    """A setting is missing or invalid; raised at start-up (or, where no start-up runs, at
+    the first use of what it configures: a Redis client on trio)."""
 
 
 class ResponseError(LayercodeError):
