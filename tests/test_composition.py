@@ -190,8 +190,17 @@ def converse(url: str, sends: Iterator[bytes], answers: int) -> tuple[list[int],
 
 
 BODY = event_body("data")
-GOOD = sign(BODY, SECRET)
-WRONG = GOOD[:-1] + ("1" if GOOD[-1] == "0" else "0")
+
+
+def good() -> str:
+    """BODY's signature, made now (one made at import is stale in a long test run)."""
+    return sign(BODY, SECRET)
+
+
+def wrong() -> str:
+    """A signature of BODY that is wrong in its last digit."""
+    signature = good()
+    return signature[:-1] + ("1" if signature[-1] == "0" else "0")
 
 
 @pytest.mark.parametrize("server", servers())
@@ -199,7 +208,7 @@ def test_a_request_pipelined_after_a_refused_signature_is_answered(server: Serve
     """A wrong signature is refused once the whole body is read: the connection stays
     usable, and the next request on it is answered as if it came alone."""
     with server(protected_webhook()) as url:
-        sent = request(BODY, WRONG) + BODY + request(BODY, GOOD) + BODY
+        sent = request(BODY, wrong()) + BODY + request(BODY, good()) + BODY
         assert converse(url, iter([sent]), answers=2) == ([401, 200], False)
 
 
@@ -208,7 +217,7 @@ def test_a_refusal_before_the_body_closes_the_connection(server: Server) -> None
     """Refused on the header alone, the body is never read: the connection is closed, so
     the unread body is never taken for the next request."""
     with server(protected_webhook()) as url:
-        sent = request(BODY, None) + BODY + request(BODY, GOOD) + BODY
+        sent = request(BODY, None) + BODY + request(BODY, good()) + BODY
         assert converse(url, iter([sent]), answers=2) == ([401], True)
 
 
@@ -217,7 +226,7 @@ def test_expect_100_continue(server: Server) -> None:
     expect = "expect: 100-continue"
     with server(protected_webhook()) as url:
         # A good header: the body is asked for (100), sent, and answered.
-        assert converse(url, iter([request(BODY, GOOD, expect), BODY]), 2) == ([100, 200], False)
+        assert converse(url, iter([request(BODY, good(), expect), BODY]), 2) == ([100, 200], False)
         refused = converse(url, iter([request(BODY, None, expect)]), 3)  # until closed
     # Refused on the header: answered without the body, and closed. uvicorn sends 100 only
     # when the app reads the body; hypercorn sends it on its own, before the app runs.
@@ -267,7 +276,7 @@ async def test_a_client_leaving_mid_body_is_no_error_under_base_http_middleware(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    headers = [(b"content-length", b"100"), (b"layercode-signature", GOOD.encode())]
+    headers = [(b"content-length", b"100"), (b"layercode-signature", good().encode())]
     scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
     scope.update(http_version="1.1", scheme="http", query_string=b"", root_path="")
     with anyio.fail_after(10):
