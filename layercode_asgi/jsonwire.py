@@ -5,6 +5,9 @@ inside strings, and the SSE specification does not end lines on them either. Yet
 Python's ``str.splitlines``, some proxies and other line readers do, and would cut an
 event there. Every event this package writes has them escaped (``\\u2028``, ...):
 the same JSON value, on one line for every reader.
+
+:func:`decode_json` reads JSON as JavaScript writes it: a ``\\u`` escape of half an emoji
+(a lone UTF-16 surrogate, which msgspec refuses) decodes as U+FFFD.
 """
 
 from __future__ import annotations
