@@ -28,6 +28,7 @@ from ._asgi import CLIENT_LEFT, JSONResponse, json_error_response, must_propagat
 from .apikeys import api_key_allowed, encode_keys
 from .config import Settings
 from .errors import check_callable, from_environment
+from .jsonwire import decode_json
 from .logs import escape_log_value
 
 __all__ = [
@@ -53,7 +54,7 @@ AUTHORIZE_MAX_UPSTREAM_BODY = 1024 * 1024
 #: Longest upstream ``error`` message relayed to the caller, in characters.
 AUTHORIZE_MAX_ERROR_CHARS = 200
 
-_decode = msgspec.json.decode
+_decode = decode_json  # half an emoji (JavaScript's lone surrogate escape) as U+FFFD
 _encode = msgspec.json.encode
 
 

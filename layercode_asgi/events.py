@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Final, Literal, TypeAlias
 import msgspec
 
 from .errors import LayercodeError
+from .jsonwire import without_lone_surrogates
 
 __all__ = [
     "EVENT_TYPES",
@@ -293,13 +294,6 @@ _decode_json = _JSON_DECODER.decode
 _LOCATED = re.compile(r"\A(?P<detail>.*) - at (?P<key>`key` in )?`(?P<path>\$[^`]*)`\Z", re.DOTALL)
 _MISSING = re.compile(r"\AObject missing required field `(?P<field>[^`]*)`\Z")
 _BAD_TAG = "Invalid value "
-# A ``\\u`` escape of a UTF-16 surrogate, not preceded by an escaping backslash: a pair
-# (an emoji) or half of one. JavaScript's JSON.stringify writes a string cut inside an emoji
-# with a lone half, which msgspec refuses; JSON.parse (and the reference SDK) accept it.
-_SURROGATE_ESCAPE = re.compile(
-    rb"(?<!\\)((?:\\\\)*)(\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
-    rb"|\\u[dD][89a-fA-F][0-9a-fA-F]{2})"
-)
 
 
 def parse_webhook_payload(raw: bytes | str | Mapping[str, Any]) -> WebhookPayload:
@@ -328,7 +322,7 @@ def parse_webhook_payload(raw: bytes | str | Mapping[str, Any]) -> WebhookPayloa
     try:
         return _decode_json(raw)  # type: ignore[arg-type]  # a Mapping raises TypeError
     except (ValueError, RecursionError) as exc:  # msgspec errors, UnicodeError, bad buffer
-        repaired = _without_lone_surrogates(raw)
+        repaired = without_lone_surrogates(raw)
         if repaired is None and not _is_item_extra(exc):
             raise _translate(exc, raw) from exc
     except TypeError:
@@ -337,28 +331,6 @@ def parse_webhook_payload(raw: bytes | str | Mapping[str, Any]) -> WebhookPayloa
     if repaired is not None:
         return parse_webhook_payload(repaired)  # once: ``repaired`` has no lone half left
     return _parse_keeping_item_extras(raw)
-
-
-def _without_lone_surrogates(raw: object) -> bytes | None:
-    """JSON text ``raw`` with each ``\\u`` escape of a lone UTF-16 surrogate (half an emoji)
-    made ``\\ufffd`` (as long: error offsets stay), or ``None`` when it holds none."""
-    try:
-        if isinstance(raw, str):
-            data = raw.encode()
-        elif isinstance(raw, bytes | bytearray | memoryview):
-            data = bytes(raw)
-        else:
-            return None
-    except ValueError:  # a released buffer; a str holding a lone surrogate itself
-        return None
-    if b"\\u" not in data:
-        return None
-    repaired = _SURROGATE_ESCAPE.sub(_replace_lone_half, data)
-    return None if repaired == data else repaired
-
-
-def _replace_lone_half(match: re.Match[bytes]) -> bytes:
-    return match[0] if len(match[2]) == 12 else match[1] + b"\\ufffd"
 
 
 def _parse_other(raw: object) -> WebhookPayload:

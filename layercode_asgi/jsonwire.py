@@ -5,6 +5,9 @@ inside strings, and the SSE specification does not end lines on them either. Yet
 Python's ``str.splitlines``, some proxies and other line readers do, and would cut an
 event there. Every event this package writes has them escaped (``\\u2028``, ...):
 the same JSON value, on one line for every reader.
+
+:func:`decode_json` reads JSON as JavaScript writes it: a ``\\u`` escape of half an emoji
+(a lone UTF-16 surrogate, which msgspec refuses) decodes as U+FFFD.
 """
 
 from __future__ import annotations
@@ -14,9 +17,16 @@ from typing import Any, Final
 
 import msgspec
 
-__all__ = ["encode_json", "escape_json_line_breaks", "escape_json_text_line_breaks"]
+__all__ = [
+    "decode_json",
+    "encode_json",
+    "escape_json_line_breaks",
+    "escape_json_text_line_breaks",
+    "without_lone_surrogates",
+]
 
 _encode: Final = msgspec.json.Encoder().encode
+_decode: Final = msgspec.json.decode
 _TEXT_BREAKS: Final = re.compile("[\x85\u2028\u2029]")
 _TEXT_ESCAPES: Final = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 # In UTF-8 these byte sequences can only be these characters (C2 and E2 are lead bytes).
@@ -60,3 +70,46 @@ def escape_json_text_line_breaks(text: str) -> str:
     except (ValueError, RecursionError):  # not JSON, not UTF-8 (a lone surrogate), too deep
         return text
     return _TEXT_BREAKS.sub(lambda match: _TEXT_ESCAPES[match.group()], text)
+
+
+# A ``\\u`` escape of a UTF-16 surrogate, not preceded by an escaping backslash: a pair
+# (an emoji) or half of one. JavaScript's JSON.stringify writes a string cut inside an emoji
+# with a lone half, which msgspec refuses; JSON.parse (and the reference SDK) accept it.
+_SURROGATE_ESCAPE: Final = re.compile(
+    rb"(?<!\\)((?:\\\\)*)(\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    rb"|\\u[dD][89a-fA-F][0-9a-fA-F]{2})"
+)
+
+
+def without_lone_surrogates(raw: object) -> bytes | None:
+    """JSON text ``raw`` with each ``\\u`` escape of a lone UTF-16 surrogate (half an emoji)
+    made ``\\ufffd`` (as long: error offsets stay), or ``None`` when it holds none."""
+    try:
+        if isinstance(raw, str):
+            data = raw.encode()
+        elif isinstance(raw, bytes | bytearray | memoryview):
+            data = bytes(raw)
+        else:
+            return None
+    except ValueError:  # a released buffer; a str holding a lone surrogate itself
+        return None
+    if b"\\u" not in data:
+        return None
+    repaired = _SURROGATE_ESCAPE.sub(_replace_lone_half, data)
+    return None if repaired == data else repaired
+
+
+def _replace_lone_half(match: re.Match[bytes]) -> bytes:
+    return match[0] if len(match[2]) == 12 else match[1] + b"\\ufffd"
+
+
+def decode_json(data: bytes | bytearray | str) -> Any:
+    """``msgspec.json.decode(data)``, where a ``\\u`` escape of half an emoji decodes as
+    U+FFFD (as JSON.parse takes it) instead of failing; other errors are msgspec's."""
+    try:
+        return _decode(data)
+    except ValueError:
+        repaired = without_lone_surrogates(data)
+        if repaired is None:
+            raise
+    return _decode(repaired)

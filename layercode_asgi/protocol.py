@@ -20,6 +20,7 @@ import msgspec
 
 from ._asgi import HEADER_NAME
 from .errors import check_positive_int, check_seconds, from_environment
+from .jsonwire import decode_json
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
 from .redaction import escape_terminal, mask_url
 from .signature import SIGNATURE_HEADER, sign
@@ -73,7 +74,7 @@ MAX_REPLY_BYTES: Final = 64 * 1024 * 1024
 MAX_TURN_EVENTS: Final = 100_000
 
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.decode
+_decode = decode_json  # half an emoji (JavaScript's lone surrogate escape) as U+FFFD
 #: What decoding a backend's JSON raises: invalid, or nested deeper than the decoder goes.
 _UNDECODABLE: Final = (msgspec.DecodeError, RecursionError)
 #: How much of an unexpected error body a violation message quotes.

@@ -152,6 +152,22 @@ def test_a_json_body_is_read_whatever_its_content_type(
     ] * 3
 
 
+def test_half_an_emoji_from_the_front_end_or_from_layercode_is_not_refused(
+    layercode: tuple[FakeLayercode, str],
+) -> None:
+    """JavaScript's JSON.stringify writes a string cut inside an emoji as a lone UTF-16
+    surrogate escape (valid JSON): the front end's body goes upstream as it was sent, and such
+    an answer is relayed with U+FFFD (before: 400 "body must be a JSON object", and 502)."""
+    fake, api = layercode
+    body = b'{"agent_id":"a","metadata":{"name":"cut \\ud83d"}}'
+    fake.answer = b'{"client_session_key":"csk","conversation_id":"c","note":"\\ude00!"}'
+    with serve(create_app(settings(layercode_api_url=api))) as url:
+        r = httpx.post(url + "/api/authorize", content=body, timeout=20)
+    expected = {"client_session_key": "csk", "conversation_id": "c", "note": "\ufffd!"}
+    assert (r.status_code, r.json()) == (200, expected)
+    assert [sent for _, _, sent in fake.requests] == [body]
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [("ALL_PROXY", "socks5://127.0.0.1:1"), ("SSL_CERT_FILE", "/nonexistent/ca.pem")],

@@ -224,3 +224,33 @@ async def test_json_nested_too_deep_is_bad_json_not_a_recursion_error() -> None:
     with pytest.raises(ProtocolViolation) as info:
         await reply.session_update()
     assert info.value.name == "bad-json" and "reply is not JSON" in info.value.detail
+
+
+def half_emoji_app() -> Any:
+    """Answers like a JavaScript backend whose text was cut inside an emoji: JSON.stringify
+    writes each half as a ``\\u`` escape of a lone UTF-16 surrogate (valid JSON)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        event = msgspec.json.decode(await read_body(receive))
+        if event["type"] in ("session.start", "message"):
+            turn = event["turn_id"].encode()
+            headers = [(b"content-type", b"text/event-stream")]
+            tts = b'{"type":"response.tts","content":"cut \\ud83d|\\ude00 \\ud83d\\ude00","turn_id":"%s"}'
+            end = b'{"type":"response.end","turn_id":"%s"}'
+            body = b"data: %s\n\ndata: %s\n\n" % (tts % turn, end % turn)
+        else:
+            headers, body = [(b"content-type", b"application/json")], b'{"status":"\\udc00ok"}'
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+@pytest.mark.anyio
+async def test_a_lone_surrogate_escape_in_a_reply_is_u_fffd_not_bad_json() -> None:
+    client = LayercodeTestClient(half_emoji_app(), secret=SECRET)
+    turn = await client.message("hi")
+    assert turn.text == "cut \ufffd|\ufffd \U0001f600"
+    assert (await client.session_update()).body == {"status": "\ufffdok"}
