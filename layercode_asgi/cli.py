@@ -465,11 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
             "curl command instead."
         ),
         epilog=(
-            "example:\n"
+            f"example (the secret from ${SECRET_ENV} or ./.env):\n"
             '  body=\'{"type":"message","session_id":"s","conversation_id":"c",'
             '"turn_id":"t","text":"hi"}\'\n'
             "  curl -N http://127.0.0.1:8000/api/agent -H 'content-type: application/json' \\\n"
-            '    -H "layercode-signature: $(layercode-asgi sign --secret S --body "$body")" '
+            '    -H "layercode-signature: $(layercode-asgi sign --body "$body")" '
             '\\\n    --data-binary "$body"'
         ),
         formatter_class=formatter,
