@@ -180,7 +180,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 flush=True,
             )
             if args.dev:
-                _print_dev_banner(webhook_url, generated)
+                _print_dev_banner(webhook_url, generated, args.env_file)
         except BrokenPipeError:  # stdout's reader left (`serve | head -1`): keep serving
             _silence_stdout()
 
@@ -264,13 +264,16 @@ def _start_failure_exits_2() -> Iterator[None]:
         raise
 
 
-def _print_dev_banner(webhook_url: str, generated: str | None) -> None:
+def _print_dev_banner(webhook_url: str, generated: str | None, env_file: str) -> None:
     """A simulate line to paste; the secret only if generated (a configured one may be real:
-    simulate reads it from the environment or ./.env, never from its visible arguments)."""
+    simulate reads it from the environment or the env file, never from its arguments)."""
     rule = "=" * 78
+    command = "layercode-asgi simulate"
     if generated is None:
         head = f"DEV MODE: using the configured {SECRET_ENV} (not shown)."
         secret_arg = ""
+        if env_file not in ("", ".env"):  # simulate reads ./.env, else the file named so
+            command = f"LAYERCODE_ENV_FILE={shlex.quote(os.path.abspath(env_file))} {command}"
     else:
         head = (
             "DEV MODE: generated a temporary webhook secret (not saved; a new one each start):"
@@ -279,7 +282,7 @@ def _print_dev_banner(webhook_url: str, generated: str | None) -> None:
         secret_arg = f"--secret {shlex.quote(generated)} "
     print(
         f"{rule}\n{head}\n\nTalk to the server from another terminal:\n\n"
-        f"    layercode-asgi simulate --url {shlex.quote(webhook_url)} {secret_arg}"
+        f"    {command} --url {shlex.quote(webhook_url)} {secret_arg}"
         f'"Hello"\n{rule}',
         flush=True,
     )

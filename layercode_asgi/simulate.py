@@ -47,7 +47,8 @@ DEFAULT_URL: Final = "http://127.0.0.1:8000/api/agent"
 SECRET_ENV: Final = "LAYERCODE_WEBHOOK_SECRET"
 #: ``--secret``'s help, for ``simulate`` and ``sign``.
 SECRET_HELP: Final = (
-    f"the webhook secret (default: ${SECRET_ENV}, else from ./.env; prefer those: "
+    f"the webhook secret (default: ${SECRET_ENV}, else from $LAYERCODE_ENV_FILE or ./.env; "
+    "prefer those: "
     "arguments are visible to other users in the process list)"
 )
 ALLOW_ERRORS_HELP: Final = (
@@ -364,17 +365,22 @@ def _parse_headers(values: Sequence[str]) -> dict[str, str]:
 
 
 def read_secret(args: argparse.Namespace, env: Mapping[str, str], command: str) -> str:
-    # As serve reads it: the environment, else ./.env (where the README puts it, and what
-    # the `serve --dev` banner's simulate line, without --secret, relies on).
+    # As serve reads it: the environment, else the env file (LAYERCODE_ENV_FILE, as the
+    # workers read it, empty for none; else ./.env, where the README puts it): what the
+    # `serve --dev` banner's simulate line, without --secret, relies on.
+    env_file = env.get("LAYERCODE_ENV_FILE", ".env")
     configured: str = (
-        args.secret or env.get(SECRET_ENV) or parse_env_file(".env").get(SECRET_ENV) or ""
+        args.secret
+        or env.get(SECRET_ENV)
+        or (env_file and parse_env_file(env_file).get(SECRET_ENV))
+        or ""
     )
     # The rotation form 'whsec_new,whsec_old' (what serve accepts): sign with the newest.
     secret = next((part.strip() for part in configured.split(",") if part.strip()), "")
     if not secret:
         raise UsageError(
             f"{command} needs the webhook secret: --secret S (or {SECRET_ENV}, in the "
-            "environment or ./.env)"
+            "environment, $LAYERCODE_ENV_FILE or ./.env)"
         )
     return secret
 

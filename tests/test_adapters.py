@@ -348,12 +348,27 @@ def test_cjk_sentence_ends_cut_without_a_space() -> None:
     assert list(PhraseChunker().feed("一。二！！三")) == ["一。", "二！！"]
 
 
+def test_curly_closing_quotes_close_a_sentence() -> None:
+    """Before: only straight quotes were closers, so a sentence ending in a curly quote (as
+    models often write them) was held until the next sentence end."""
+    chunker = PhraseChunker()
+    out = [
+        p
+        for piece in ["She said \u201cyes.\u201d Then", " \u2018no.\u2019 Ok"]
+        for p in chunker.feed(piece)
+    ]
+    assert out == ["She said \u201cyes.\u201d ", "Then \u2018no.\u2019 "]
+    assert list(PhraseChunker().feed("\u201c\u4f60\u597d\u3002\u201d\u55ef")) == [
+        "\u201c\u4f60\u597d\u3002\u201d"
+    ]
+
+
 def simple_phrases(pieces: list[str]) -> list[str]:
     """The chunking rules of the module docstring, searched from the start every time."""
     import re
 
-    closer = "[\"')\\]」』）]"
-    cjk_next = "[^\\s\"')\\]」』）。！？]"
+    closer = "[\"')\\]\u201d\u2019」』）]"
+    cjk_next = "[^\\s\"')\\]\u201d\u2019」』）。！？]"
     sentence = re.compile(rf"[.!?…]+{closer}*\s+|\n+|[。！？]+{closer}*(?:\s+|(?={cjk_next}))")
     clause = re.compile(r"[,;:]\s+")
     out, buffer = [], ""
@@ -380,6 +395,7 @@ def test_phrase_chunker_cuts_where_the_rules_say_however_the_text_is_split() -> 
         '「你好！！」」她说。 」好？」 ……是的？x。\n。「」。"',
         '!!!!!) ?!.)."\']!!!  .).) x!"\n)). ,' + "a" * 40 + ",, ;\t: . ) .!",
         'A clause long enough to be cut at a comma,) then"; one, (more) two," x. Yes',
+        "\u201cYes.\u201d \u2018No!\u2019\u201d x \u201c好。\u201d嗯\u2019s end.\u2019",
     ]
     for text in texts:
         for size in (1, 2, 3, 5, 7, 13):

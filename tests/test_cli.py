@@ -276,6 +276,38 @@ def test_serve_dev_simulate_line_keeps_a_configured_secret_off_the_command_line(
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("env_file", ["other.env", "conf/dev settings.env"])
+def test_serve_dev_simulate_line_works_with_the_secret_in_another_env_file(
+    env_file: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: the line left --secret out and simulate read only the environment and ./.env,
+    # so with `serve --dev --env-file other.env` the pasted line exited 2 (no secret).
+    import anyio
+
+    from layercode_asgi import Settings, create_app, server
+
+    def fake_run_server(app: Any, *, port: int, callback_notify: Any, **options: Any) -> None:
+        anyio.run(callback_notify)  # what uvicorn does once it listens
+
+    monkeypatch.setattr(server, "run_server", fake_run_server)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / env_file).parent.mkdir(exist_ok=True)
+    (tmp_path / env_file).write_text(f"LAYERCODE_WEBHOOK_SECRET={SECRET}\n")
+    assert run("serve", "--dev", "--port", "8123", "--env-file", env_file) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "simulate --url" in x)
+    assert SECRET not in line
+    words = shlex.split(line)
+    environ = dict(word.split("=", 1) for word in words[: words.index("layercode-asgi")])
+    argv = words[words.index("layercode-asgi") + 1 :]
+    with serve(create_app(Settings(env_file=None, layercode_webhook_secret=SECRET), "echo")) as url:
+        argv[argv.index("--url") + 1] = url + "/api/agent"
+        assert run(*argv, environ=environ) == 0, capsys.readouterr()
+        assert run("sign", "--body", "{}", environ=environ) == 0
+
+
 # -- serve: running ---------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import pickle
 import sys
@@ -362,11 +363,16 @@ def _python_calls(data: bytes) -> int:
         nonlocal calls
         calls += event == "call"
 
+    enabled = gc.isenabled()
+    gc.collect()  # no weakref callbacks of earlier tests' garbage counted in between
+    gc.disable()
     sys.setprofile(count)
     try:
         expect_error(data)
     finally:
         sys.setprofile(None)
+        if enabled:
+            gc.enable()
     return calls
 
 

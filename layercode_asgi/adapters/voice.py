@@ -99,7 +99,8 @@ class ToolCall:
 #: adapter yields ``""`` when a tool has finished, so what it sent goes out at once.
 Piece: TypeAlias = str | ToolCall
 
-_CLOSERS = "\"')]\u300d\u300f\uff09"  # and the CJK closing quotes and parenthesis
+#: Closing quotes and brackets (curly ones too, and CJK ones) that a sentence end may carry.
+_CLOSERS = "\"')]\u201d\u2019\u300d\u300f\uff09"
 #: A CJK sentence end: the ideographic full stop, the fullwidth exclamation and question marks.
 _CJK_ENDS = "\u3002\uff01\uff1f"
 _CLOSER = f"[{re.escape(_CLOSERS)}]"
