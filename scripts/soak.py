@@ -119,6 +119,10 @@ def start_redis() -> tuple[subprocess.Popen[bytes], str, tempfile.TemporaryDirec
     raise RuntimeError("redis-server did not start")
 
 
+#: The workers' (and the audit's) LAYERCODE_HISTORY_MAX_MESSAGES: every turn is kept.
+MAX_MESSAGES = 1_000_000
+
+
 def start_worker(redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
@@ -126,7 +130,7 @@ def start_worker(redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
         "LAYERCODE_WEBHOOK_SECRET": SECRET,
         "REDIS_URL": redis_url,
         "LAYERCODE_AGENT": "echo",
-        "LAYERCODE_HISTORY_MAX_MESSAGES": "1000000",
+        "LAYERCODE_HISTORY_MAX_MESSAGES": str(MAX_MESSAGES),
         "LOG_LEVEL": "WARNING",
     }
     process = subprocess.Popen(
@@ -212,7 +216,9 @@ async def conversation(
 async def audit(
     redis_url: str, expected: dict[str, list[tuple[str, str]]], summary: Summary
 ) -> None:
-    async with ConversationManager(RedisConversationStore(redis_url)) as history:
+    # Read under the workers' bound: a store reads a history within its own bounds.
+    store = RedisConversationStore(redis_url, max_messages=MAX_MESSAGES)
+    async with ConversationManager(store) as history:
         for cid, wanted in expected.items():
             got = [(m.role, m.text) for m in await history.get_history(cid)]
             summary.history_entries_expected += len(wanted)
