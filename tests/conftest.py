@@ -430,3 +430,22 @@ NEEDS_TRIO = pytest.mark.skipif(
     importlib.util.find_spec("trio") is None, reason="trio is not installed"
 )
 BACKENDS = ["asyncio", pytest.param("trio", marks=NEEDS_TRIO)]
+
+
+def httpx_refuses(variable: str, value: str) -> bool:
+    """Whether this httpx refuses to make a client with ``variable=value`` in the
+    environment (an older httpx reads ``SSL_CERT_FILE`` only later, or not at all)."""
+    import os
+
+    previous = os.environ.get(variable)
+    os.environ[variable] = value
+    try:
+        httpx.AsyncClient()
+    except Exception:
+        return True
+    finally:
+        if previous is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = previous
+    return False

@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+import starlette.middleware.gzip as gzip
 from starlette.applications import Starlette
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.middleware.cors import CORSMiddleware
@@ -70,6 +71,8 @@ def webhook_app(agent: Any, other: str, signature_outermost: bool) -> Starlette:
 def test_a_turn_streams_event_by_event_through_other_middleware(
     other: str, signature_outermost: bool
 ) -> None:
+    if other == "gzip" and not hasattr(gzip, "DEFAULT_EXCLUDED_CONTENT_TYPES"):
+        pytest.skip("this Starlette's GZipMiddleware compresses event streams too")
     seen_first = threading.Event()
 
     async def agent(event: TurnEvent) -> AsyncIterator[str]:

@@ -352,6 +352,7 @@ def test_setup_logging_refuses_a_logfire_token_of_another_type(token: Any) -> No
 def test_prometheus_needs_a_registry(value: Any) -> None:
     # PrometheusMetrics said "cannot create weak reference to 'int' object"; MetricsEndpoint
     # took it and answered every scrape 500.
+    pytest.importorskip("prometheus_client")
     prometheus = pytest.importorskip("layercode_asgi.prometheus")
     with pytest.raises(TypeError, match=r"registry must be a prometheus_client\.CollectorRegistry"):
         prometheus.PrometheusMetrics(value)
@@ -362,6 +363,7 @@ def test_prometheus_needs_a_registry(value: Any) -> None:
 @pytest.mark.parametrize("option", ["tracer_provider", "meter_provider"])
 def test_opentelemetry_needs_providers(option: str) -> None:
     # It was an AttributeError ('int' object has no attribute 'get_tracer').
+    pytest.importorskip("opentelemetry")
     otel = pytest.importorskip("layercode_asgi.otel")
     with pytest.raises(TypeError, match=f"{option} must be"):
         otel.OtelMetrics(**{option: 5})

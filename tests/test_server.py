@@ -141,6 +141,8 @@ def test_ready_reports_a_model_only_for_agents_that_use_one() -> None:
     ``{"ready": true, "agent": "starter", "model": "openai:gpt-5-nano"}`` (it was the
     function's name: ``starter_agent``); an agent of your own by its ``__name__``."""
 
+    pytest.importorskip("pydantic_ai")  # the starter agent's
+
     async def my_agent(event: Any) -> Any:
         yield "hi"
 

@@ -25,7 +25,7 @@ from layercode_asgi.cli import main
 from layercode_asgi.errors import ConfigurationError
 from layercode_asgi.testing import LayercodeTestClient, ProtocolViolation
 
-from .conftest import SECRET, raw_http_server
+from .conftest import SECRET, httpx_refuses, raw_http_server
 
 TURNS = ("session.start", "message")
 
@@ -285,6 +285,8 @@ def test_https_to_a_plain_http_port_is_a_connection_error() -> None:
 def test_an_environment_httpx_cannot_use_is_one_error_line(variable: str) -> None:
     # Before: an ImportError, ValueError, InvalidURL or FileNotFoundError traceback, exit 1.
     name, _, value = variable.partition("=")
+    if not httpx_refuses(name, value):
+        pytest.skip(f"this httpx makes a client with {variable}")
     with raw_http_server(conforming) as base:
         code, out, err = simulate(f"{base}/api/agent", env={name: value, "NO_PROXY": ""})
     assert code == 2 and out == "", (out, err)
