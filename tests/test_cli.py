@@ -441,8 +441,11 @@ def test_serve_workers_stopped_by_a_second_signal_exits_as_one_process_does(
             assert b"hi" in next(chunks)  # a turn is open: the first signal drains
             server.process.send_signal(sig)
             for _ in range(200):  # bounded: until the workers drain
-                if httpx.get(server.url + "/ready").status_code == 503:
-                    break
+                try:
+                    if httpx.get(server.url + "/ready").status_code == 503:
+                        break
+                except httpx.TransportError:
+                    pass  # the idle worker stopping resets what it had accepted (CI saw it)
                 time.sleep(0.05)
             server.process.send_signal(sig)
             rest = b"".join(chunks)
