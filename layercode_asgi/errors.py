@@ -30,17 +30,33 @@ class ConfigurationError(LayercodeError, ValueError):
     the first use of what it configures: a Redis client on trio)."""
 
 
+#: The ``Retry-After`` of a 503 that passes (draining, a busy conversation, a store
+#: down): a client may try again after this many seconds.
+RETRY_AFTER_SECONDS = 5
+#: That header, as a pre-rendered ASGI header.
+RETRY_AFTER = (b"retry-after", str(RETRY_AFTER_SECONDS).encode())
+
+
 class ResponseError(LayercodeError):
     """An error with an HTTP answer: ``status_code`` and a JSON ``{"error": message}``.
 
     Raised where a request cannot be served (e.g. 503 while the conversation store is
     down); the response machinery turns it into that JSON answer, never a stack trace.
+    ``retry_after`` (seconds) adds a ``Retry-After`` header: the condition is passing.
     """
 
-    def __init__(self, status_code: int, message: str) -> None:
+    def __init__(self, status_code: int, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The answer's extra headers (``Retry-After`` when set)."""
+        if self.retry_after is None:
+            return []
+        return [(b"retry-after", str(self.retry_after).encode())]
 
 
 class SettingsError(ConfigurationError):

@@ -41,6 +41,7 @@ from ._asgi import (
     send_json_error,
 )
 from .errors import (
+    RETRY_AFTER,
     ConfigurationError,
     LayercodeError,
     check_callable,
@@ -81,7 +82,7 @@ _EARLY_REJECTIONS = {
 }
 _BAD_CONTENT_LENGTH = json_error(400, "invalid content-length header", close=True)
 _REPLAYED = json_error(409, "webhook already received: replayed signature")
-_REPLAY_UNAVAILABLE = json_error(503, "replay protection unavailable")
+_REPLAY_UNAVAILABLE = json_error(503, "replay protection unavailable", headers=[RETRY_AFTER])
 
 #: Default limit on how long a request body may take to arrive, in seconds.
 DEFAULT_BODY_TIMEOUT = 10.0

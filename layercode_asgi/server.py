@@ -49,6 +49,7 @@ from .authorize import AuthorizeGuard, AuthorizeRoute
 from .config import Settings
 from .conversation import ConversationManager, RedisConversationStore
 from .errors import (
+    RETRY_AFTER,
     ConfigurationError,
     check_positive_int,
     check_seconds,
@@ -147,7 +148,10 @@ class Lifecycle:
 
 
 _SHUTTING_DOWN = json_error(
-    503, "server is shutting down", close=True, headers=[(b"retry-after", b"5")]
+    503,
+    "server is shutting down",
+    close=True,
+    headers=[RETRY_AFTER],
 )
 
 

@@ -32,7 +32,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from ._asgi import must_propagate, response_headers, send_json_error
+from ._asgi import json_error, must_propagate, response_headers, send_json_error
 from .errors import ResponseError, check_positive_int, check_seconds
 from .jsonwire import escape_json_text_line_breaks
 
@@ -331,8 +331,9 @@ class EventStreamResponse(Response):
     async def _finish(self, send: Send, failure: BaseException | None) -> None:
         try:
             if failure is not None and not self.started:
-                self.status_code = _error_status(failure)
-                await send_json_error(send, self.status_code, _error_message(failure))
+                answer = _error_answer(failure)
+                self.status_code = answer[0]["status"]
+                await send_json_error(send, answer)
                 return
             if failure is not None:
                 logger.error("event stream producer failed", exc_info=failure)
@@ -361,12 +362,9 @@ class EventStreamResponse(Response):
                 return
 
 
-def _error_status(failure: BaseException) -> int:
-    return failure.status_code if isinstance(failure, ResponseError) else 500
-
-
-def _error_message(failure: BaseException) -> str:
+def _error_answer(failure: BaseException) -> tuple[Message, Message]:
+    """The JSON answer of a producer that failed before its first event."""
     if isinstance(failure, ResponseError):
-        return failure.message
+        return json_error(failure.status_code, failure.message, headers=failure.headers)
     logger.error("event stream producer failed before its first event", exc_info=failure)
-    return "internal error"
+    return json_error(500, "internal error")

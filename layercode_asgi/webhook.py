@@ -62,6 +62,7 @@ from .conversation import (
 )
 from .conversation.manager import webhook_conversations
 from .errors import (
+    RETRY_AFTER_SECONDS,
     LayercodeError,
     ResponseError,
     check_callable,
@@ -138,7 +139,7 @@ class _TurnRequest:
         pending = webhook._pending
         count = pending.get(cid, 0)
         if count > webhook.max_queued_turns:  # one holds it, max_queued_turns wait
-            raise ResponseError(503, _TOO_MANY_WAITING)
+            raise ResponseError(503, _TOO_MANY_WAITING, retry_after=RETRY_AFTER_SECONDS)
         pending[cid] = count + 1
         body = self.body
         if count and body is not None:
@@ -164,7 +165,7 @@ class _TurnRequest:
                         failure = "conversation store failed reading the history"
                         raise _unavailable(exc, failure) from exc
                     if waiting.cancel_called:  # aborted during a read that did not notice
-                        raise ResponseError(503, webhook._abort_message)
+                        raise _aborted(webhook._abort_message)
                     webhook._waiting.discard(waiting)
                     ran = True
                     turn = webhook._turn(event, history, anyio_time=locked_at)
@@ -190,7 +191,7 @@ class _TurnRequest:
             else:
                 del pending[cid]
         if waiting.cancelled_caught and not ran:
-            raise ResponseError(503, webhook._abort_message)
+            raise _aborted(webhook._abort_message)
 
     async def record(self, turn: Turn) -> None:
         """Record the turn, once: just before its ``response.end`` goes out (a client that
@@ -393,10 +394,9 @@ class LayercodeWebhook:
         try:
             return await self._answer_json(event), event
         except ResponseError as exc:
-            return json_error_response(exc.status_code, exc.message), event
+            return _answer(exc), event
         except LayercodeError as exc:
-            failure = _unavailable(exc, f"webhook {_kind(event)} failed")
-            return json_error_response(503, failure.message), event
+            return _answer(_unavailable(exc, f"webhook {_kind(event)} failed")), event
         except BaseException as exc:  # a hook's own kind too, as an agent's in a turn
             if must_propagate(exc):
                 raise
@@ -558,9 +558,21 @@ def _unavailable(exc: LayercodeError, context: str) -> ResponseError:
     logger.warning("%s: %s: %s", context, type(exc).__name__, escape_log_value(exc))
     if isinstance(exc, ConversationLockTimeout):
         return ResponseError(
-            503, "conversation unavailable: another turn of this conversation is still running"
+            503,
+            "conversation unavailable: another turn of this conversation is still running",
+            retry_after=RETRY_AFTER_SECONDS,
         )
-    return ResponseError(503, _STORE_UNAVAILABLE)
+    return ResponseError(503, _STORE_UNAVAILABLE, retry_after=RETRY_AFTER_SECONDS)
+
+
+def _aborted(message: str) -> ResponseError:
+    """The 503 of a waiting turn ended by :meth:`LayercodeWebhook.abort_turns`."""
+    return ResponseError(503, message, retry_after=RETRY_AFTER_SECONDS)
+
+
+def _answer(exc: ResponseError) -> JSONResponse:
+    headers = {name.decode(): value.decode() for name, value in exc.headers}
+    return json_error_response(exc.status_code, exc.message, headers)
 
 
 def _invalid_id(exc: ValueError) -> ResponseError:

@@ -218,6 +218,7 @@ def test_a_turn_that_cannot_get_the_lock_in_time_gets_503(redis_url: str | None)
     assert queued.status_code == 503
     assert queued.headers["content-type"] == "application/json"
     assert queued.json()["error"].startswith("conversation unavailable:")
+    assert queued.headers["retry-after"] == "5"  # it passes: say when to try again
 
 
 # -- the queue of turns waiting for one conversation ----------------------------------------------
@@ -242,6 +243,7 @@ def test_turns_queued_beyond_the_bound_get_503_at_once(redis_url: str | None) ->
                 statuses.append(response.status_code)
                 if response.status_code == 503:
                     assert response.json()["error"].startswith("too many turns waiting")
+                    assert response.headers["retry-after"] == "5"
                     rejected.set()
 
             threads = [threading.Thread(target=queued, args=(i,)) for i in range(bound + 1)]
@@ -354,6 +356,7 @@ def test_redis_error_replies_are_a_503_json(fault: str) -> None:
                 if response.status_code == 503:
                     message = response.json()["error"]
                     assert message == "conversation store unavailable"
+                    assert response.headers["retry-after"] == "5"
             # A Redis that answers PING but refuses the store's writes is not ready (it
             # answered 200 while every turn was a 503), and is again once it takes them.
             assert _ready(client) == (503, "conversation store unavailable")
@@ -375,6 +378,7 @@ def test_a_redis_replay_cache_that_refuses_writes_is_not_ready(fault: str) -> No
             _refuse_writes(server, fault)
             response = post(client, event_body(text="during", turn_id="t1"))
             assert response.json() == {"error": "replay protection unavailable"}
+            assert response.headers["retry-after"] == "5"
             assert _ready(client) == (503, "replay protection unavailable")
             _take_writes(server, fault)
             assert _ready(client) == (200, None)
