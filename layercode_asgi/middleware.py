@@ -55,8 +55,8 @@ from .signature import (
     SIGNATURE_HEADER,
     SignatureErrorReason,
     SignatureVerificationError,
+    check_signature,
     check_signature_header,
-    verify_signature,
 )
 
 __all__ = [
@@ -213,7 +213,7 @@ class LayercodeSignature:
                 "from the LAYERCODE_WEBHOOK_SECRET environment variable); every secret must "
                 "be a non-blank string"
             )
-        # One secret is passed as a ``str``: verify_signature's fast path takes exactly that.
+        # One secret is passed as a ``str``: check_signature's fast path takes exactly that.
         self._secrets: str | tuple[str, ...] = secrets[0] if len(secrets) == 1 else secrets
         check_positive_int(tolerance, "LayercodeSignature tolerance", zero=True)
         self.tolerance = tolerance
@@ -330,7 +330,7 @@ class LayercodeSignature:
             return None
 
         try:
-            verify_signature(body, signature, self._secrets, self.tolerance)
+            check_signature(body, signature, self._secrets, self.tolerance)
         except SignatureVerificationError as exc:
             _log_rejected(scope, exc)
             if self.on_rejected is not None:

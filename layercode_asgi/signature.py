@@ -31,15 +31,16 @@ import hmac
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-from .errors import LayercodeError
+from .errors import LayercodeError, kind_of
 
 __all__ = [
     "DEFAULT_TOLERANCE",
     "SIGNATURE_HEADER",
     "SignatureErrorReason",
     "SignatureVerificationError",
+    "check_signature",
     "check_signature_header",
     "sign",
     "verify_signature",
@@ -96,10 +97,34 @@ def _to_bytes(value: bytes | bytearray | memoryview | str) -> bytes:
     raise TypeError(f"expected bytes or str, got {type(value).__name__}")
 
 
+_BYTES_LIKE = str | bytes | bytearray | memoryview
+
+
 def _secret_keys(secret: str | bytes | Sequence[str | bytes]) -> list[bytes]:
-    if isinstance(secret, str | bytes):
+    if isinstance(secret, _BYTES_LIKE):
         return [_to_bytes(secret)]
     return [_to_bytes(s) for s in secret]
+
+
+def _checked_arguments(
+    secret: object, tolerance: object, now: object
+) -> Sequence[str | bytes | bytearray | memoryview]:
+    """``secret`` as a sequence; refuse (``TypeError`` naming it) a programmer's argument of
+    another type: these come from configuration, never from a request, so no 401 may hide
+    them."""
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int):
+        raise TypeError(f"tolerance must be an int (seconds), got {kind_of(tolerance)}")
+    if now is not None and (isinstance(now, bool) or not isinstance(now, int | float)):
+        raise TypeError(f"now must be a number (unix seconds) or None, got {kind_of(now)}")
+    if isinstance(secret, _BYTES_LIKE):
+        return (secret,)
+    if isinstance(secret, Iterable) and not isinstance(secret, Mapping):
+        secrets = tuple(secret)
+        wrong = [s for s in secrets if not isinstance(s, _BYTES_LIKE)]
+        if not wrong:
+            return secrets
+        secret = wrong[0]
+    raise TypeError(f"secret must be a str or bytes, or a list of them; got {kind_of(secret)}")
 
 
 # HMAC-SHA256 with the key already absorbed: OpenSSL 3 spends most of a one-shot
@@ -251,7 +276,23 @@ def verify_signature(
 
     Raises:
         SignatureVerificationError: with a :class:`SignatureErrorReason` as ``reason``.
+        TypeError: ``secret``, ``tolerance`` or ``now`` is of another type (naming it).
     """
+    secrets = _checked_arguments(secret, tolerance, now)
+    one = secrets[0] if len(secrets) == 1 else secrets  # one str: the fast path
+    return check_signature(payload, signature, one, tolerance, now=now)  # type: ignore[arg-type]
+
+
+def check_signature(
+    payload: bytes | str,
+    signature: str | None,
+    secret: str | Sequence[str],
+    tolerance: int = DEFAULT_TOLERANCE,
+    *,
+    now: float | None = None,
+) -> bool:
+    """:func:`verify_signature` for a caller whose ``secret``, ``tolerance`` and ``now`` are
+    checked already (the middleware, at construction): the same answer, no per-call checks."""
     # Fast path: the one shape LayerCode sends (``t=<digits>,v1=<lowercase hex>``), a
     # ``bytes`` body, one ``str`` secret, the real clock. It only ever *accepts*: anything it
     # does not accept goes through the general path below, which decides exactly as before.
@@ -272,9 +313,9 @@ def verify_signature(
     try:
         body = _to_bytes(payload)
         keys = _secret_keys(secret)
-    except (TypeError, ValueError) as exc:  # a non-str/bytes payload or secret
+    except (TypeError, ValueError) as exc:  # a payload that is no str or bytes
         raise SignatureVerificationError(
-            SignatureErrorReason.NO_MATCHING_SIGNATURE, f"cannot use payload or secret: {exc}"
+            SignatureErrorReason.NO_MATCHING_SIGNATURE, f"cannot use payload: {exc}"
         ) from None
     if not keys:
         raise SignatureVerificationError(

@@ -25,6 +25,8 @@ from layercode_asgi import (
     openai_agent,
     register_agent,
     setup_logging,
+    sign,
+    verify_signature,
 )
 from layercode_asgi.adapters import from_langchain, from_openai_agents, from_pydantic_ai
 from layercode_asgi.agents import AgentNotFoundError, starter_agent
@@ -383,3 +385,39 @@ def test_register_agent_refuses_an_async_factory() -> None:
 
     with pytest.raises(TypeError, match="the factory for 'mine' must be a plain function"):
         register_agent("mine", factory)
+
+
+# -- signatures as functions ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tolerance", ["5", None, 1.5, float("inf"), float("nan"), True])
+def test_verify_signature_refuses_a_tolerance_that_is_no_int(tolerance: Any) -> None:
+    # "5" and None were "'<=' not supported between instances of 'int' and 'str'"; inf
+    # accepted any timestamp (the check the docs say nothing turns off), nan none at all.
+    header = sign(b"x", SECRET)
+    with pytest.raises(TypeError, match="tolerance must be an int"):
+        verify_signature(b"x", header, SECRET, tolerance)
+
+
+@pytest.mark.parametrize("now", ["1700000000", True, b"1"])
+def test_verify_signature_refuses_a_clock_that_is_no_number(now: Any) -> None:
+    # "1700000000" was "must be real number, not str"; True was taken as 1 s after 1970.
+    with pytest.raises(TypeError, match="now must be a number"):
+        verify_signature(b"x", sign(b"x", SECRET, 1), SECRET, now=now)
+
+
+@pytest.mark.parametrize("secret", [None, 5, [None], [SECRET, 5], {"k": SECRET}])
+def test_verify_signature_refuses_a_secret_of_another_type(secret: Any) -> None:
+    # It answered "no matching signature: cannot use payload or secret: 'NoneType' object is
+    # not iterable" for every request: a configuration error shown as a forged request.
+    header = sign(b"x", SECRET)
+    with pytest.raises(TypeError, match="secret must be a str or bytes, or a list of them"):
+        verify_signature(b"x", header, secret)
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_verify_signature_takes_a_bytes_like_secret_as_one_secret(kind: Any) -> None:
+    # bytes worked, but a bytearray or memoryview was read as a list of secrets: "expected
+    # bytes or str, got int".
+    header = sign(b"x", SECRET)
+    assert verify_signature(b"x", header, kind(SECRET.encode())) is True
