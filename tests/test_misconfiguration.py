@@ -16,6 +16,7 @@ from layercode_asgi import (
     LayercodeWebhook,
     MemoryConversationStore,
     MemoryMetrics,
+    MemoryReplayCache,
     Settings,
     TurnContext,
     TurnEvent,
@@ -421,3 +422,20 @@ def test_verify_signature_takes_a_bytes_like_secret_as_one_secret(kind: Any) -> 
     # bytes or str, got int".
     header = sign(b"x", SECRET)
     assert verify_signature(b"x", header, kind(SECRET.encode())) is True
+
+
+@pytest.mark.parametrize("secret", [" whsec_x", "whsec_x\n", ["whsec_new", "whsec_old "]])
+def test_a_secret_with_surrounding_whitespace_is_refused(secret: Any) -> None:
+    # Taken as is, while LayerCode signs with the secret without it: every webhook got 401
+    # "no matching signature". Settings strips LAYERCODE_WEBHOOK_SECRET; this says so.
+    with pytest.raises(ConfigurationError, match="whitespace around it"):
+        LayercodeSignature(LayercodeWebhook(agent), secret=secret)
+
+
+def test_a_replay_cache_class_instead_of_a_cache_is_refused() -> None:
+    # The class passed the check; every signed request was then answered 503 "replay
+    # protection unavailable", a TypeError logged (seen() missing an argument).
+    with pytest.raises(TypeError, match="MemoryReplayCache\\(\\)"):
+        LayercodeSignature(
+            LayercodeWebhook(agent), secret=SECRET, replay_protection=MemoryReplayCache
+        )
