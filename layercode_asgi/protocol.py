@@ -19,7 +19,7 @@ import httpx
 import msgspec
 
 from ._asgi import HEADER_NAME
-from .errors import check_positive_int, check_seconds, from_environment
+from .errors import check_positive_int, check_seconds, check_type, from_environment
 from .jsonwire import decode_json
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
 from .redaction import escape_terminal, mask_url
@@ -189,6 +189,7 @@ class TurnChecker:
         max_events: int = MAX_TURN_EVENTS,
     ) -> None:
         check_positive_int(max_events, "max_events")
+        check_type("strict", strict, bool, "a bool")
         self.turn_id = turn_id
         self.event_type = event_type
         self.strict = strict

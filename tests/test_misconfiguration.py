@@ -17,6 +17,8 @@ from layercode_asgi import (
     MemoryConversationStore,
     MemoryMetrics,
     MemoryReplayCache,
+    RedisConversationStore,
+    RedisReplayCache,
     Settings,
     TurnContext,
     TurnEvent,
@@ -439,3 +441,34 @@ def test_a_replay_cache_class_instead_of_a_cache_is_refused() -> None:
         LayercodeSignature(
             LayercodeWebhook(agent), secret=SECRET, replay_protection=MemoryReplayCache
         )
+
+
+def _turn_checker(strict: Any) -> Any:
+    from layercode_asgi.testing import TurnChecker
+
+    return TurnChecker("turn_1", strict=strict)
+
+
+FLAGS: dict[str, Any] = {
+    "LayercodeWebhook keep_history": lambda v: LayercodeWebhook(agent, keep_history=v),
+    "RedisConversationStore cluster": lambda v: RedisConversationStore(
+        "redis://127.0.0.1:1", cluster=v
+    ),
+    "RedisReplayCache cluster": lambda v: RedisReplayCache("redis://127.0.0.1:1", cluster=v),
+    "LayercodeTestClient strict": lambda v: LayercodeTestClient(
+        create_app(settings(), agent), secret=SECRET, strict=v
+    ),
+    "TurnChecker strict": _turn_checker,
+    "setup_logging verbose": lambda v: setup_logging(verbose=v),
+}
+
+
+@pytest.mark.parametrize("where", sorted(FLAGS))
+@pytest.mark.parametrize("value", ["false", "no", 0, None])
+def test_a_flag_must_be_a_bool(where: str, value: Any) -> None:
+    # Each was taken for its truth: keep_history="false" kept every history, cluster="no"
+    # made a cluster client, strict="false" failed turns that carried a response.error.
+    pytest.importorskip("redis")
+    name = where.split()[-1]
+    with pytest.raises(TypeError, match=f"{name} must be a bool, got {type(value).__name__}"):
+        FLAGS[where](value)
