@@ -87,14 +87,14 @@ class SignatureVerificationError(LayercodeError, ValueError):
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
 
 
-def _to_bytes(value: bytes | bytearray | memoryview | str) -> bytes:
+def _to_bytes(value: bytes | bytearray | memoryview | str, name: str = "payload") -> bytes:
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
         return value.encode(_ENCODING, _ERRORS)
     if isinstance(value, bytearray | memoryview):
         return bytes(value)
-    raise TypeError(f"expected bytes or str, got {type(value).__name__}")
+    raise TypeError(f"{name} must be a str or bytes, got {kind_of(value)}")
 
 
 _BYTES_LIKE = str | bytes | bytearray | memoryview
@@ -102,8 +102,8 @@ _BYTES_LIKE = str | bytes | bytearray | memoryview
 
 def _secret_keys(secret: str | bytes | Sequence[str | bytes]) -> list[bytes]:
     if isinstance(secret, _BYTES_LIKE):
-        return [_to_bytes(secret)]
-    return [_to_bytes(s) for s in secret]
+        return [_to_bytes(secret, "secret")]
+    return [_to_bytes(s, "secret") for s in secret]
 
 
 def _checked_arguments(
@@ -163,8 +163,11 @@ def sign(payload: bytes | str, secret: str, timestamp: int | None = None) -> str
         timestamp = int(time.time())
     elif isinstance(timestamp, bool) or not isinstance(timestamp, int):
         raise TypeError("timestamp must be an int (unix seconds)")
+    elif not 0 <= timestamp < 10**_MAX_TIMESTAMP_DIGITS:  # else no verifier takes its "t="
+        raise ValueError(f"timestamp must be a unix time in seconds, 0 or more, got {timestamp}")
     t = str(timestamp)
-    return f"t={t},v1={_digest(_to_bytes(secret), t.encode(), _to_bytes(payload))}"
+    key = _to_bytes(secret, "secret")
+    return f"t={t},v1={_digest(key, t.encode(), _to_bytes(payload))}"
 
 
 def _parse_header(signature: str) -> tuple[str, list[str]]:

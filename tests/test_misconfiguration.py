@@ -472,3 +472,53 @@ def test_a_flag_must_be_a_bool(where: str, value: Any) -> None:
     name = where.split()[-1]
     with pytest.raises(TypeError, match=f"{name} must be a bool, got {type(value).__name__}"):
         FLAGS[where](value)
+
+
+@pytest.mark.parametrize("timestamp", [-1, 10**15, 10**20])
+def test_sign_refuses_a_timestamp_no_signature_can_carry(timestamp: int) -> None:
+    # It signed "t=-1" or a 16-digit t: a header verify_signature (and every server) refuses
+    # as malformed, handed to a test that meant to send a valid one.
+    from layercode_asgi.testing import signed_headers
+
+    with pytest.raises(ValueError, match="timestamp must be a unix time"):
+        sign(b"x", SECRET, timestamp)
+    with pytest.raises(ValueError, match="timestamp must be a unix time"):
+        signed_headers(b"x", SECRET, timestamp)
+
+
+@pytest.mark.parametrize(("args", "name"), [((b"x", None), "secret"), (({}, SECRET), "payload")])
+def test_sign_names_the_argument_of_another_type(args: tuple[Any, Any], name: str) -> None:
+    # It was "expected bytes or str, got NoneType", naming neither.
+    with pytest.raises(TypeError, match=f"{name} must be a str or bytes, got"):
+        sign(*args)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"event": None}, TypeError, "event must be a mapping"),
+        ({"event": ["message"]}, TypeError, "event must be a mapping"),
+        ({"on_event": 5}, TypeError, "on_event must be a callable"),
+        ({"headers": [("x-a", "b")]}, TypeError, "headers must be a mapping"),
+    ],
+)
+async def test_send_turn_refuses_arguments_of_another_type(
+    options: dict[str, Any], error: type, match: str
+) -> None:
+    # event=None was "'NoneType' object has no attribute 'get'"; on_event=5 was "'int' object
+    # is not callable" once the turn had been sent; headers=[...] "'list' object has no
+    # attribute 'items'".
+    from layercode_asgi.testing import message_event, send_turn
+
+    app = create_app(settings(), agent)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        arguments = {"event": message_event("hi"), "secret": SECRET, **options}
+        with pytest.raises(error, match=match):
+            await send_turn(client, "/api/agent", **arguments)
+
+
+def test_the_test_client_refuses_headers_that_are_no_mapping() -> None:
+    with pytest.raises(TypeError, match="headers must be a mapping"):
+        LayercodeTestClient(create_app(settings(), agent), secret=SECRET, headers=[("x-a", "b")])  # type: ignore[arg-type]
