@@ -522,3 +522,47 @@ async def test_send_turn_refuses_arguments_of_another_type(
 def test_the_test_client_refuses_headers_that_are_no_mapping() -> None:
     with pytest.raises(TypeError, match="headers must be a mapping"):
         LayercodeTestClient(create_app(settings(), agent), secret=SECRET, headers=[("x-a", "b")])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"history": "hello"}, "history must be a list of HistoryMessage"),
+        ({"history": [{"role": "user", "text": "hi"}]}, "history must be a list of HistoryMessage"),
+        ({"history": None}, "history must be a list of HistoryMessage"),
+        ({"extras": ["db"]}, "extras must be a mapping or None"),
+    ],
+)
+def test_stream_turn_refuses_history_and_extras_of_another_type(
+    options: dict[str, Any], match: str
+) -> None:
+    # Taken: the agent then saw context.history as the letters of "hello", or dicts without
+    # .role, and context.extras as a list; its turn failed as "agent error".
+    from layercode_asgi import stream_response, stream_turn
+    from layercode_asgi.testing import message_event
+
+    body = encode(message_event("hi"))
+    with pytest.raises(TypeError, match=match):
+        stream_turn(body, agent, **options)
+    with pytest.raises(TypeError, match=match):
+        stream_response(body, a_handler, **options)
+
+
+async def a_handler(stream: Any) -> None:
+    stream.tts("hi")
+
+
+@pytest.mark.parametrize("handler", [5, "handler", a_generator])
+def test_stream_response_refuses_a_handler_that_cannot_answer(handler: Any) -> None:
+    # Taken; each turn then failed when it ran ("'int' object is not callable").
+    from layercode_asgi import stream_response
+    from layercode_asgi.testing import message_event
+
+    with pytest.raises(TypeError, match="handler must be"):
+        stream_response(encode(message_event("hi")), handler)
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    from layercode_asgi.testing import encode_event
+
+    return encode_event(event)
