@@ -566,3 +566,16 @@ def encode(event: dict[str, Any]) -> bytes:
     from layercode_asgi.testing import encode_event
 
     return encode_event(event)
+
+
+@pytest.mark.parametrize("status", ["200", 99, 1000, True, 200.0])
+def test_create_sse_response_refuses_a_status_that_is_no_http_status(status: Any) -> None:
+    # Taken; uvicorn then failed each response (KeyError: '200') and dropped the connection
+    # without an answer.
+    from layercode_asgi import create_sse_response
+
+    async def events() -> AsyncIterator[str]:
+        yield "x"
+
+    with pytest.raises((TypeError, ValueError), match="status_code must be an int from 100 to 599"):
+        create_sse_response(events(), status_code=status)
