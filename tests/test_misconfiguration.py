@@ -579,3 +579,40 @@ def test_create_sse_response_refuses_a_status_that_is_no_http_status(status: Any
 
     with pytest.raises((TypeError, ValueError), match="status_code must be an int from 100 to 599"):
         create_sse_response(events(), status_code=status)
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        ("404", TypeError),
+        (None, TypeError),
+        (True, TypeError),
+        (200, ValueError),
+        (99, ValueError),
+        (600, ValueError),
+    ],
+)
+def test_a_response_error_needs_an_error_status(status: Any, error: type) -> None:
+    from layercode_asgi import ResponseError
+
+    with pytest.raises(error, match="status_code must be an int from 400 to 599"):
+        ResponseError(status, "not found")
+
+
+@pytest.mark.anyio
+async def test_a_hook_raising_a_response_error_with_a_str_status_gets_a_json_500() -> None:
+    # The answer crashed ("'<' not supported between instances of 'str' and 'int'"): the
+    # exception left the app, whose server answered a bare 500 without the JSON error.
+    from layercode_asgi import ResponseError
+    from layercode_asgi.testing import ProtocolViolation, data_event
+
+    def on_data(payload: Any) -> None:
+        raise ResponseError("404", "no such order")  # type: ignore[arg-type]
+
+    async with LayercodeTestClient(
+        create_app(settings(), agent, on_data=on_data), secret=SECRET
+    ) as client:
+        with pytest.raises(ProtocolViolation) as caught:
+            await client.send(data_event({"order": 1}))
+    assert caught.value.status_code == 500
+    assert '{"error":"data handler failed"}' in str(caught.value)
