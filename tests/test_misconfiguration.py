@@ -616,3 +616,20 @@ async def test_a_hook_raising_a_response_error_with_a_str_status_gets_a_json_500
             await client.send(data_event({"order": 1}))
     assert caught.value.status_code == 500
     assert '{"error":"data handler failed"}' in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_the_sse_parser_reads_any_bytes(kind: Any) -> None:
+    # It failed with "cannot use a string pattern on a bytes-like object".
+    from layercode_asgi.testing import SSEParser
+
+    assert [e.data for e in SSEParser().feed(kind(b"data: hi\n\n"))] == ["hi"]
+
+
+@pytest.mark.parametrize("chunk", [None, 5, ["data: hi\n\n"]])
+def test_the_sse_parser_refuses_what_is_no_text(chunk: Any) -> None:
+    # None was read as an empty chunk, 5 failed inside the regex ("expected string").
+    from layercode_asgi.testing import SSEParser
+
+    with pytest.raises(TypeError, match="chunk must be bytes or str, got"):
+        SSEParser().feed(chunk)
