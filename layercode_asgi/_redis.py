@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import anyio.lowlevel
 
-from .errors import ConfigurationError, require_asyncio
+from .errors import ConfigurationError, check_type, require_asyncio
 from .redaction import mask_url
 
 __all__ = [
@@ -128,6 +128,7 @@ def connect(
     One quick retry on connection errors recovers a pooled connection broken by a Redis
     restart; retrying timeouts (or more often) would only delay the failure report.
     """
+    check_type("cluster", cluster, bool, "a bool")
     redis_asyncio = import_redis(what)
     from redis import exceptions
     from redis.asyncio.retry import Retry

@@ -46,6 +46,14 @@ class ResponseError(LayercodeError):
     """
 
     def __init__(self, status_code: int, message: str, *, retry_after: int | None = None) -> None:
+        if isinstance(status_code, bool) or not isinstance(status_code, int):
+            raise TypeError(
+                f"status_code must be an int from 400 to 599, got {kind_of(status_code)}"
+            )
+        if not 400 <= status_code <= 599:
+            raise ValueError(f"status_code must be an int from 400 to 599, got {status_code!r}")
+        if retry_after is not None:
+            check_positive_int(retry_after, "retry_after", zero=True)
         super().__init__(message)
         self.status_code = status_code
         self.message = message

@@ -21,6 +21,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from .errors import check_type
+
 __all__ = ["LOGGER_NAME", "WEBHOOK_LOGGER_NAME", "escape_log_value", "setup_logging"]
 
 #: Name of the library's root logger.
@@ -80,8 +82,8 @@ def setup_logging(
             record's structured fields (the webhook line's ``event_type``, ``status``…);
             ``"text"`` (the default): one line per record. Any other raises ``ValueError``.
     """
-    if not isinstance(logfire_token, str | None):
-        raise TypeError(f"logfire_token must be a str or None, got {type(logfire_token).__name__}")
+    check_type("verbose", verbose, bool, "a bool")
+    check_type("logfire_token", logfire_token, str | None, "a str or None")
     fmt = log_format.strip().lower() if isinstance(log_format, str) else log_format
     if fmt not in ("text", "json"):
         raise ValueError(f"unknown log format {log_format!r} (text or json)")

@@ -214,6 +214,13 @@ class LayercodeSignature:
                 "from the LAYERCODE_WEBHOOK_SECRET environment variable); every secret must "
                 "be a non-blank string"
             )
+        if any(s != s.strip() for s in secrets):
+            # Settings strips LAYERCODE_WEBHOOK_SECRET; a value passed here is taken exactly,
+            # and LayerCode never signs with the whitespace: every webhook would get 401.
+            raise ConfigurationError(
+                "LayercodeSignature secret has whitespace around it (a copy-paste error or a "
+                "file's newline?), which LayerCode's secret does not have: pass secret.strip()"
+            )
         # One secret is passed as a ``str``: verify_signature's fast path takes exactly that.
         self._secrets: str | tuple[str, ...] = secrets[0] if len(secrets) == 1 else secrets
         check_positive_int(tolerance, "LayercodeSignature tolerance", zero=True)
@@ -237,6 +244,11 @@ class LayercodeSignature:
             self._replay = MemoryReplayCache()
         elif replay_protection is False or replay_protection is None:
             self._replay = None
+        elif isinstance(replay_protection, type):
+            raise TypeError(
+                f"LayercodeSignature replay_protection must be a bool or a ReplayCache, got "
+                f"{kind_of(replay_protection)}"
+            )
         elif hasattr(replay_protection, "seen"):
             self._replay = replay_protection
         else:

@@ -19,7 +19,7 @@ import httpx
 import msgspec
 
 from ._asgi import HEADER_NAME
-from .errors import check_positive_int, check_seconds, from_environment
+from .errors import check_callable, check_positive_int, check_seconds, check_type, from_environment
 from .jsonwire import decode_json
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
 from .redaction import escape_terminal, mask_url
@@ -152,6 +152,7 @@ _HEADER_VALUE: Final = re.compile(r"[\t\x20-\x7e]*")
 
 def check_headers(name: str, headers: Mapping[str, str]) -> None:
     """Raise ValueError naming ``name`` unless every one of ``headers`` can be sent as is."""
+    check_type(name, headers, Mapping, "a mapping of header names to values")
     for header, value in headers.items():
         if not isinstance(header, str) or not HEADER_NAME.fullmatch(header):
             raise ValueError(f"{name} {escape_terminal(repr(header))}: not a valid header name")
@@ -189,6 +190,7 @@ class TurnChecker:
         max_events: int = MAX_TURN_EVENTS,
     ) -> None:
         check_positive_int(max_events, "max_events")
+        check_type("strict", strict, bool, "a bool")
         self.turn_id = turn_id
         self.event_type = event_type
         self.strict = strict
@@ -344,6 +346,7 @@ async def _exchange(
     late: str | Callable[[], str],
 ) -> AsyncIterator[httpx.Response]:
     """POST the signed ``event``, require a status in ``ok``; any failure is a ProtocolViolation."""
+    check_headers("headers", headers or {})
     check_seconds("timeout", timeout, zero=False, none=False)
     check_positive_int(max_bytes, "max_bytes")
     body = encode_event(event)
@@ -481,6 +484,8 @@ async def send_turn(
     :class:`ProtocolViolation`; the whole turn must complete within ``timeout`` seconds,
     in at most ``max_bytes`` (decoded) and ``max_events`` events (else ``too-large``).
     """
+    check_type("event", event, Mapping, "a mapping (such as message_event(...))")
+    check_callable("on_event", on_event, sync=True)
     turn_id = str(event.get("turn_id", ""))
     kind = str(event.get("type", ""))
     checker = TurnChecker(turn_id, event_type=kind, strict=strict, max_events=max_events)
@@ -537,6 +542,7 @@ async def send_json_event(
     max_bytes: int = MAX_REPLY_BYTES,
 ) -> JSONResult:
     """POST a signed non-turn event to ``url``; require a 2xx JSON reply (``max_bytes`` at most)."""
+    check_type("event", event, Mapping, "a mapping (such as message_event(...))")
     kind = str(event.get("type", ""))
     where: dict[str, Any] = {"event_type": kind, "turn_id": event.get("turn_id")}
     started = time.perf_counter()

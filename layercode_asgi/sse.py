@@ -33,7 +33,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from ._asgi import json_error, must_propagate, response_headers, send_json_error
-from .errors import ResponseError, check_positive_int, check_seconds
+from .errors import ResponseError, check_positive_int, check_seconds, check_type
 from .jsonwire import escape_json_text_line_breaks
 
 __all__ = [
@@ -153,7 +153,8 @@ def create_sse_response(
     ``Cache-Control: no-cache, no-transform``, ``X-Accel-Buffering: no``. ``ping`` is the
     keep-alive comment interval in seconds (sse-starlette's default 15 s; 0 disables).
     ``ping`` and ``send_timeout`` (the bound of each send, None: none) must be finite
-    numbers, ``ping`` >= 0 and ``send_timeout`` > 0, else ``ValueError``; a ``generator``
+    numbers, ``ping`` >= 0 and ``send_timeout`` > 0, else ``ValueError`` (so is a
+    ``status_code`` outside 100 to 599; one that is no int, ``TypeError``); a ``generator``
     that is not an async iterable raises ``TypeError``. ``headers`` replace the defaults of
     the same name; one that would not stay one header line (CR, LF, NUL, ...) or that
     frames the body (``Content-Length``, ``Transfer-Encoding``) raises ``ValueError``.
@@ -165,6 +166,9 @@ def create_sse_response(
         )
     check_seconds("ping", ping, zero=True, none=True)
     check_seconds("send_timeout", send_timeout, zero=False, none=True)
+    check_type("status_code", status_code, int, "an int from 100 to 599")
+    if isinstance(status_code, bool) or not 100 <= status_code <= 599:
+        raise ValueError(f"status_code must be an int from 100 to 599, got {status_code!r}")
     merged = dict(SSE_HEADERS)
     if headers:
         response_headers(headers)  # one line each, or ValueError / TypeError

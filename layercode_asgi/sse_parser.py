@@ -60,9 +60,14 @@ class SSEParser:
     def last_event_id(self) -> str:
         return self._last_id
 
-    def feed(self, chunk: bytes | str) -> list[SSEEvent]:
+    def feed(self, chunk: bytes | bytearray | memoryview | str) -> list[SSEEvent]:
         """Parse ``chunk``; return the messages it completed, in order."""
-        text = self._decoder.decode(chunk) if isinstance(chunk, bytes) else chunk
+        if isinstance(chunk, str):
+            text = chunk
+        elif isinstance(chunk, bytes | bytearray | memoryview):
+            text = self._decoder.decode(chunk)
+        else:
+            raise TypeError(f"chunk must be bytes or str, got {type(chunk).__name__}")
         if not text:
             return []
         if not self._started:

@@ -328,6 +328,7 @@ class LayercodeTestClient:
         self.secret = secret
         self.headers = dict(headers or {})
         self.timeout = timeout
+        check_type("strict", strict, bool, "a bool")
         self.strict = strict
         self.max_bytes = max_bytes
         self.max_events = max_events

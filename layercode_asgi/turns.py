@@ -50,7 +50,7 @@ from ._asgi import must_propagate
 from .agents import Agent, Data, Hangup, Tts, TurnContext, TurnEvent, bind_agent
 from .conversation import HistoryMessage
 from .conversation.base import valid_text
-from .errors import check_seconds, check_text
+from .errors import check_callable, check_seconds, check_text, check_type
 from .events import (
     InvalidPayloadError,
     MessagePayload,
@@ -560,6 +560,12 @@ def _stream(
     raises ``TypeError``.
     """
     check_seconds("timeout", timeout, zero=False, none=True)  # on every event, turn or not
+    check_callable("handler", handler)
+    check_type("extras", extras, Mapping | None, "a mapping or None")
+    if isinstance(history, str) or not isinstance(history, Sequence):
+        raise TypeError(f"history must be a list of HistoryMessage, got {type(history).__name__}")
+    for message in history:
+        check_type("history", message, HistoryMessage, "a list of HistoryMessage")
     if isinstance(event, bytes | str):
         try:
             event = parse_webhook_payload(event)

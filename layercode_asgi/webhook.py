@@ -293,6 +293,7 @@ class LayercodeWebhook:
         self.turn_timeout = turn_timeout
         self.timeout_message = timeout_message
         self.turn_grace = turn_grace
+        check_type("keep_history", keep_history, bool, "a bool")
         self.keep_history = keep_history
         if lock_timeout is None:
             lock_timeout = lock_wait_timeout(turn_timeout, lock_wait_grace)

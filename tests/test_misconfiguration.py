@@ -16,6 +16,9 @@ from layercode_asgi import (
     LayercodeWebhook,
     MemoryConversationStore,
     MemoryMetrics,
+    MemoryReplayCache,
+    RedisConversationStore,
+    RedisReplayCache,
     Settings,
     TurnContext,
     TurnEvent,
@@ -25,6 +28,8 @@ from layercode_asgi import (
     openai_agent,
     register_agent,
     setup_logging,
+    sign,
+    verify_signature,
 )
 from layercode_asgi.adapters import from_langchain, from_openai_agents, from_pydantic_ai
 from layercode_asgi.agents import AgentNotFoundError, starter_agent
@@ -383,3 +388,248 @@ def test_register_agent_refuses_an_async_factory() -> None:
 
     with pytest.raises(TypeError, match="the factory for 'mine' must be a plain function"):
         register_agent("mine", factory)
+
+
+# -- signatures as functions ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tolerance", ["5", None, 1.5, float("inf"), float("nan"), True])
+def test_verify_signature_refuses_a_tolerance_that_is_no_int(tolerance: Any) -> None:
+    # "5" and None were "'<=' not supported between instances of 'int' and 'str'"; inf
+    # accepted any timestamp (the check the docs say nothing turns off), nan none at all.
+    header = sign(b"x", SECRET)
+    with pytest.raises(TypeError, match="tolerance must be an int"):
+        verify_signature(b"x", header, SECRET, tolerance)
+
+
+@pytest.mark.parametrize("now", ["1700000000", True, b"1"])
+def test_verify_signature_refuses_a_clock_that_is_no_number(now: Any) -> None:
+    # "1700000000" was "must be real number, not str"; True was taken as 1 s after 1970.
+    with pytest.raises(TypeError, match="now must be a number"):
+        verify_signature(b"x", sign(b"x", SECRET, 1), SECRET, now=now)
+
+
+@pytest.mark.parametrize("secret", [None, 5, [None], [SECRET, 5], {"k": SECRET}])
+def test_verify_signature_refuses_a_secret_of_another_type(secret: Any) -> None:
+    # It answered "no matching signature: cannot use payload or secret: 'NoneType' object is
+    # not iterable" for every request: a configuration error shown as a forged request.
+    header = sign(b"x", SECRET)
+    with pytest.raises(TypeError, match="secret must be a str or bytes, or a list of them"):
+        verify_signature(b"x", header, secret)
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_verify_signature_takes_a_bytes_like_secret_as_one_secret(kind: Any) -> None:
+    # bytes worked, but a bytearray or memoryview was read as a list of secrets: "expected
+    # bytes or str, got int".
+    header = sign(b"x", SECRET)
+    assert verify_signature(b"x", header, kind(SECRET.encode())) is True
+
+
+@pytest.mark.parametrize("secret", [" whsec_x", "whsec_x\n", ["whsec_new", "whsec_old "]])
+def test_a_secret_with_surrounding_whitespace_is_refused(secret: Any) -> None:
+    # Taken as is, while LayerCode signs with the secret without it: every webhook got 401
+    # "no matching signature". Settings strips LAYERCODE_WEBHOOK_SECRET; this says so.
+    with pytest.raises(ConfigurationError, match="whitespace around it"):
+        LayercodeSignature(LayercodeWebhook(agent), secret=secret)
+
+
+def test_a_replay_cache_class_instead_of_a_cache_is_refused() -> None:
+    # The class passed the check; every signed request was then answered 503 "replay
+    # protection unavailable", a TypeError logged (seen() missing an argument).
+    with pytest.raises(TypeError, match="MemoryReplayCache\\(\\)"):
+        LayercodeSignature(
+            LayercodeWebhook(agent), secret=SECRET, replay_protection=MemoryReplayCache
+        )
+
+
+def _turn_checker(strict: Any) -> Any:
+    from layercode_asgi.testing import TurnChecker
+
+    return TurnChecker("turn_1", strict=strict)
+
+
+FLAGS: dict[str, Any] = {
+    "LayercodeWebhook keep_history": lambda v: LayercodeWebhook(agent, keep_history=v),
+    "RedisConversationStore cluster": lambda v: RedisConversationStore(
+        "redis://127.0.0.1:1", cluster=v
+    ),
+    "RedisReplayCache cluster": lambda v: RedisReplayCache("redis://127.0.0.1:1", cluster=v),
+    "LayercodeTestClient strict": lambda v: LayercodeTestClient(
+        create_app(settings(), agent), secret=SECRET, strict=v
+    ),
+    "TurnChecker strict": _turn_checker,
+    "setup_logging verbose": lambda v: setup_logging(verbose=v),
+}
+
+
+@pytest.mark.parametrize("where", sorted(FLAGS))
+@pytest.mark.parametrize("value", ["false", "no", 0, None])
+def test_a_flag_must_be_a_bool(where: str, value: Any) -> None:
+    # Each was taken for its truth: keep_history="false" kept every history, cluster="no"
+    # made a cluster client, strict="false" failed turns that carried a response.error.
+    pytest.importorskip("redis")
+    name = where.split()[-1]
+    with pytest.raises(TypeError, match=f"{name} must be a bool, got {type(value).__name__}"):
+        FLAGS[where](value)
+
+
+@pytest.mark.parametrize("timestamp", [-1, 10**15, 10**20])
+def test_sign_refuses_a_timestamp_no_signature_can_carry(timestamp: int) -> None:
+    # It signed "t=-1" or a 16-digit t: a header verify_signature (and every server) refuses
+    # as malformed, handed to a test that meant to send a valid one.
+    from layercode_asgi.testing import signed_headers
+
+    with pytest.raises(ValueError, match="timestamp must be a unix time"):
+        sign(b"x", SECRET, timestamp)
+    with pytest.raises(ValueError, match="timestamp must be a unix time"):
+        signed_headers(b"x", SECRET, timestamp)
+
+
+@pytest.mark.parametrize(("args", "name"), [((b"x", None), "secret"), (({}, SECRET), "payload")])
+def test_sign_names_the_argument_of_another_type(args: tuple[Any, Any], name: str) -> None:
+    # It was "expected bytes or str, got NoneType", naming neither.
+    with pytest.raises(TypeError, match=f"{name} must be a str or bytes, got"):
+        sign(*args)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"event": None}, TypeError, "event must be a mapping"),
+        ({"event": ["message"]}, TypeError, "event must be a mapping"),
+        ({"on_event": 5}, TypeError, "on_event must be a callable"),
+        ({"headers": [("x-a", "b")]}, TypeError, "headers must be a mapping"),
+    ],
+)
+async def test_send_turn_refuses_arguments_of_another_type(
+    options: dict[str, Any], error: type, match: str
+) -> None:
+    # event=None was "'NoneType' object has no attribute 'get'"; on_event=5 was "'int' object
+    # is not callable" once the turn had been sent; headers=[...] "'list' object has no
+    # attribute 'items'".
+    from layercode_asgi.testing import message_event, send_turn
+
+    app = create_app(settings(), agent)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        arguments = {"event": message_event("hi"), "secret": SECRET, **options}
+        with pytest.raises(error, match=match):
+            await send_turn(client, "/api/agent", **arguments)
+
+
+def test_the_test_client_refuses_headers_that_are_no_mapping() -> None:
+    with pytest.raises(TypeError, match="headers must be a mapping"):
+        LayercodeTestClient(create_app(settings(), agent), secret=SECRET, headers=[("x-a", "b")])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"history": "hello"}, "history must be a list of HistoryMessage"),
+        ({"history": [{"role": "user", "text": "hi"}]}, "history must be a list of HistoryMessage"),
+        ({"history": None}, "history must be a list of HistoryMessage"),
+        ({"extras": ["db"]}, "extras must be a mapping or None"),
+    ],
+)
+def test_stream_turn_refuses_history_and_extras_of_another_type(
+    options: dict[str, Any], match: str
+) -> None:
+    # Taken: the agent then saw context.history as the letters of "hello", or dicts without
+    # .role, and context.extras as a list; its turn failed as "agent error".
+    from layercode_asgi import stream_response, stream_turn
+    from layercode_asgi.testing import message_event
+
+    body = encode(message_event("hi"))
+    with pytest.raises(TypeError, match=match):
+        stream_turn(body, agent, **options)
+    with pytest.raises(TypeError, match=match):
+        stream_response(body, a_handler, **options)
+
+
+async def a_handler(stream: Any) -> None:
+    stream.tts("hi")
+
+
+@pytest.mark.parametrize("handler", [5, "handler", a_generator])
+def test_stream_response_refuses_a_handler_that_cannot_answer(handler: Any) -> None:
+    # Taken; each turn then failed when it ran ("'int' object is not callable").
+    from layercode_asgi import stream_response
+    from layercode_asgi.testing import message_event
+
+    with pytest.raises(TypeError, match="handler must be"):
+        stream_response(encode(message_event("hi")), handler)
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    from layercode_asgi.testing import encode_event
+
+    return encode_event(event)
+
+
+@pytest.mark.parametrize("status", ["200", 99, 1000, True, 200.0])
+def test_create_sse_response_refuses_a_status_that_is_no_http_status(status: Any) -> None:
+    # Taken; uvicorn then failed each response (KeyError: '200') and dropped the connection
+    # without an answer.
+    from layercode_asgi import create_sse_response
+
+    async def events() -> AsyncIterator[str]:
+        yield "x"
+
+    with pytest.raises((TypeError, ValueError), match="status_code must be an int from 100 to 599"):
+        create_sse_response(events(), status_code=status)
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        ("404", TypeError),
+        (None, TypeError),
+        (True, TypeError),
+        (200, ValueError),
+        (99, ValueError),
+        (600, ValueError),
+    ],
+)
+def test_a_response_error_needs_an_error_status(status: Any, error: type) -> None:
+    from layercode_asgi import ResponseError
+
+    with pytest.raises(error, match="status_code must be an int from 400 to 599"):
+        ResponseError(status, "not found")
+
+
+@pytest.mark.anyio
+async def test_a_hook_raising_a_response_error_with_a_str_status_gets_a_json_500() -> None:
+    # The answer crashed ("'<' not supported between instances of 'str' and 'int'"): the
+    # exception left the app, whose server answered a bare 500 without the JSON error.
+    from layercode_asgi import ResponseError
+    from layercode_asgi.testing import ProtocolViolation, data_event
+
+    def on_data(payload: Any) -> None:
+        raise ResponseError("404", "no such order")  # type: ignore[arg-type]
+
+    async with LayercodeTestClient(
+        create_app(settings(), agent, on_data=on_data), secret=SECRET
+    ) as client:
+        with pytest.raises(ProtocolViolation) as caught:
+            await client.send(data_event({"order": 1}))
+    assert caught.value.status_code == 500
+    assert '{"error":"data handler failed"}' in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_the_sse_parser_reads_any_bytes(kind: Any) -> None:
+    # It failed with "cannot use a string pattern on a bytes-like object".
+    from layercode_asgi.testing import SSEParser
+
+    assert [e.data for e in SSEParser().feed(kind(b"data: hi\n\n"))] == ["hi"]
+
+
+@pytest.mark.parametrize("chunk", [None, 5, ["data: hi\n\n"]])
+def test_the_sse_parser_refuses_what_is_no_text(chunk: Any) -> None:
+    # None was read as an empty chunk, 5 failed inside the regex ("expected string").
+    from layercode_asgi.testing import SSEParser
+
+    with pytest.raises(TypeError, match="chunk must be bytes or str, got"):
+        SSEParser().feed(chunk)

@@ -152,16 +152,12 @@ def test_any_clock_value_raises_only_signature_errors(payload: bytes, now: float
 
 
 def test_wrong_types_raise_only_signature_errors() -> None:
+    # What a request gives (the body, the header); a secret of another type is the
+    # programmer's, a TypeError naming it (tests/test_misconfiguration.py).
     header = sign(b"x", "s", timestamp=NOW)
-    for payload, signature, secret in [
-        (123, header, "s"),
-        (b"x", 123, "s"),
-        (b"x", header, 123),
-        (b"x", header, [None]),
-        (None, header, "s"),
-    ]:
+    for payload, signature in [(123, header), (b"x", 123), (None, header)]:
         with pytest.raises(SignatureVerificationError):
-            verify_signature(payload, signature, secret, now=NOW)  # type: ignore[arg-type]
+            verify_signature(payload, signature, "s", now=NOW)  # type: ignore[arg-type]
 
 
 # -- each reason, told apart -----------------------------------------------------------------
