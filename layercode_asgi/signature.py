@@ -99,6 +99,12 @@ def _to_bytes(value: bytes | bytearray | memoryview | str, name: str = "payload"
 _BYTES_LIKE = str | bytes | bytearray | memoryview
 
 
+def _blank(secret: str | bytes | bytearray | memoryview) -> bool:
+    """An empty or all-whitespace secret: anybody can compute an HMAC with it (or guess
+    it), so it verifies nothing (a handler reading an unset variable as ``""``)."""
+    return not (secret.strip() if isinstance(secret, str) else bytes(secret).strip())
+
+
 def _secret_keys(secrets: Sequence[str | bytes | bytearray | memoryview]) -> list[bytes]:
     return [_to_bytes(s, "secret") for s in secrets]
 
@@ -296,17 +302,20 @@ def verify_signature(
             # a unix time is positive, so int() floors it like the general path does
             if abs(int(time.time()) - int(ts)) <= tolerance:
                 state = _KEYED.get(secret)
-                state = (_keyed(secret) if state is None else state).copy()
-                state.update(ts.encode() + b"." + payload)
-                if hmac.compare_digest(state.hexdigest(), given):
-                    return True
+                if state is None and not _blank(secret):  # a blank one: refused below
+                    state = _keyed(secret)
+                if state is not None:
+                    state = state.copy()
+                    state.update(ts.encode() + b"." + payload)
+                    if hmac.compare_digest(state.hexdigest(), given):
+                        return True
 
     secrets = _checked_arguments(secret, tolerance, now)
     timestamp, candidates = _checked_header(signature, tolerance, now)
 
     try:
         body = _to_bytes(payload)
-        keys = _secret_keys(secrets)
+        keys = _secret_keys([s for s in secrets if not _blank(s)])
     except (TypeError, ValueError) as exc:  # a payload that is no str or bytes
         raise SignatureVerificationError(
             SignatureErrorReason.NO_MATCHING_SIGNATURE, f"cannot use payload: {exc}"

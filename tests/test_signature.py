@@ -61,7 +61,7 @@ def test_sign_rejects_non_int_timestamp() -> None:
 # -- properties ----------------------------------------------------------------------------
 
 payloads = st.one_of(st.binary(max_size=2048), st.text(max_size=512))
-secrets = st.text(min_size=1, max_size=64)
+secrets = st.text(min_size=1, max_size=64).filter(str.strip)  # a blank one verifies nothing
 timestamps = st.integers(min_value=0, max_value=10**12)
 
 
@@ -271,3 +271,19 @@ def test_error_message_names_reason_without_leaking_secret() -> None:
     assert "no matching signature" in str(info.value)
     assert "topsecret" not in str(info.value)
     assert hexmac("topsecret", NOW, b"x") not in str(info.value)
+
+
+@pytest.mark.parametrize("secret", ["", " ", "\t\n", "\u3000", b"", b"  "])
+def test_a_blank_secret_verifies_nothing(secret: str | bytes) -> None:
+    """Anybody can compute an HMAC with an empty key (or guess a blank one): a handler
+    written ``verify_signature(body, header, os.environ.get("SECRET", ""))`` accepted every
+    forged webhook signed so while the variable was unset. It is refused as no secret."""
+    body = b'{"type":"message"}'
+    forged = sign(body, secret)  # signing stays possible: a test may forge on purpose
+    for _ in range(2):  # the first call and a second one (anything cached)
+        with pytest.raises(SignatureVerificationError, match="no webhook secret") as caught:
+            verify_signature(body, forged, secret)
+        assert caught.value.reason is R.NO_MATCHING_SIGNATURE
+    assert reason_of(body, forged, [secret, "real"]) is R.NO_MATCHING_SIGNATURE
+    real = sign(body, "real")
+    assert verify_signature(body, real, [secret, "real"])  # a blank one beside is skipped
