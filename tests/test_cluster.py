@@ -151,3 +151,37 @@ def test_cluster_clients_on_successive_event_loops(redis_cluster: RedisClusterNo
     assert anyio.run(turn, 2) == (["u0", "u1"], True)
     anyio.run(store.aclose)
     anyio.run(cache.aclose)
+
+
+@pytest.mark.parametrize(
+    ("what", "ready_key"),
+    [("conversation store", "layercode:ready"), ("replay protection", "layercode:replay:ready")],
+)
+async def test_ready_checks_writes_on_every_primary(
+    redis_cluster: RedisClusterNodes, what: str, ready_key: str
+) -> None:
+    """A primary refusing writes (``maxmemory`` with noeviction) other than the one owning
+    ``<prefix>ready``: a third of the conversations got 503 while ``/ready`` said 200 (its
+    write check ran on that one key's node only)."""
+    import redis
+
+    refusing = next(p for p in redis_cluster.ports if p != redis_cluster.port_of(ready_key))
+    admin = redis.Redis(host="127.0.0.1", port=refusing)
+    replay = what == "replay protection"
+    app = create_app(
+        cluster_settings(redis_cluster, replay_protection=replay),
+        worker_agent,
+        **({"conversations": ConversationManager()} if replay else {}),
+    )
+    try:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "1")
+        with serve(app) as url, anyio.fail_after(60):
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                response = await client.get("/ready")
+                assert response.status_code == 503, response.text
+                assert response.json()["error"] == f"{what} unavailable"
+                admin.config_set("maxmemory", "0")
+                assert (await client.get("/ready")).status_code == 200
+    finally:
+        admin.close()

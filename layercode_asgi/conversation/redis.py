@@ -30,6 +30,7 @@ from .._redis import (
     connect,
     describe_client,
     import_redis,
+    probe_keys,
     unavailable_errors,
 )
 from ..errors import ConfigurationError, check_positive_int, check_seconds, check_text
@@ -558,26 +559,28 @@ class RedisConversationStore:
 
     async def ping(self) -> None:
         """``PING`` Redis (every primary of a cluster); raise :class:`StoreUnavailableError`
-        if it does not answer, or does not take the store's writes: checked (one short-lived
-        key, ``<prefix>ready``) at the first ping and at the first after a failed operation."""
+        if it does not answer, or does not take the store's writes: checked (a short-lived
+        key, ``<prefix>ready``, on every primary) at the first ping and at the first after a
+        failed operation."""
         try:
             await self._call("ping", self._ping())
             if self._check_writes:
-                probe = self._clients.get().probe
-                key = self.key_prefix + "ready"
-                await self._call("write check", probe(keys=[key], args=[self._channel]))
+                await self._call("write check", self._write_check())
                 self._check_writes = False
         except StoreUnavailableError:
             raise
         except StoreError as exc:  # answered, but not as a usable Redis
             raise StoreUnavailableError(str(exc)) from exc.__cause__
 
+    async def _write_check(self) -> None:
+        client = self._clients.get()
+        for key in probe_keys(client.redis, self.key_prefix + "ready"):
+            await client.probe(keys=[key], args=[self._channel])
+
     async def _ping(self) -> Any:
         client = self._clients.get().redis
         primaries = getattr(client, "PRIMARIES", None)
-        if primaries is None:
-            return await client.ping()
-        return await client.ping(target_nodes=primaries)
+        return await (client.ping() if primaries is None else client.ping(target_nodes=primaries))
 
     async def aclose(self) -> None:
         """Stop the hand-off listener; close the client if this store created it on this
