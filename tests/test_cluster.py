@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from layercode_asgi import ConversationManager, RedisConversationStore, Settings, create_app
+from layercode_asgi.conversation import StoreUnavailableError
 
 from . import redis_fixtures
 from .conftest import SECRET, event_body, serve, signed_headers
@@ -19,6 +20,7 @@ from .test_redis_scale import turns_in_arrival_order
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 redis_cluster = redis_fixtures.redis_cluster
+redis_cluster_replicas = redis_fixtures.redis_cluster_replicas
 
 # Braces would end or restart a hash tag: such ids must work all the same.
 IDS = ["plain", "a{b", "}x{", "{", "}", "{tag}rest", "ünï{}"]
@@ -185,3 +187,37 @@ async def test_ready_checks_writes_on_every_primary(
                 assert (await client.get("/ready")).status_code == 200
     finally:
         admin.close()
+
+
+async def test_a_lock_whose_primary_failed_is_released_once_its_replica_took_over(
+    redis_cluster_replicas: RedisClusterNodes,
+) -> None:
+    """The primary owning a conversation fails while a turn holds its lock: the turn's end
+    cannot release it, and the next turn (another process) waited for the rest of
+    ``lock_ttl`` (here 300 s) after the replica had taken over, the lock key with it. The
+    store retries releasing its own token: the next turn runs once the replica serves."""
+    cluster = redis_cluster_replicas
+    store = RedisConversationStore(cluster.url, cluster=True, lock_ttl=300)
+    other = RedisConversationStore(cluster.url, cluster=True, lock_ttl=300)
+    try:
+        await store.ping()
+        await other.ping()  # knows every node, the URL's one included
+        cid = next(
+            f"conv-{n}"
+            for n in range(1000)
+            if cluster.port_of(store.lock_key(f"conv-{n}")) != cluster.ports[0]
+        )
+        async with store.lock(cid):
+            cluster.stop_node(cluster.port_of(store.lock_key(cid)))
+        with anyio.fail_after(90):
+            for _ in range(300):  # StoreUnavailableError until the replica serves
+                try:
+                    async with other.lock(cid, timeout=30):
+                        break
+                except StoreUnavailableError:
+                    await anyio.sleep(0.2)
+            else:
+                pytest.fail("the cluster never served the conversation again")
+    finally:
+        await store.aclose()
+        await other.aclose()

@@ -1,4 +1,5 @@
-"""The Lua scripts of :class:`~layercode_asgi.conversation.RedisConversationStore`.
+"""The Lua scripts of :class:`~layercode_asgi.conversation.RedisConversationStore`, and the
+keys of a conversation they take (:class:`Keys`).
 
 Every script touches the keys of one conversation only; they share one hash tag, so in a
 Redis Cluster each script runs on the one node that owns the conversation.
@@ -25,7 +26,10 @@ they return ``{1, history entries, generation}`` when the caller holds the lock,
 
 from __future__ import annotations
 
+import hashlib
 from typing import Final
+
+from .base import check_conversation_id
 
 __all__ = [
     "ACQUIRE_LUA",
@@ -36,7 +40,33 @@ __all__ = [
     "READ_LUA",
     "RECORD_LUA",
     "RELEASE_LUA",
+    "Keys",
 ]
+
+
+class Keys:
+    """The keys of one conversation; one hash tag, so one Redis Cluster slot.
+
+    The tag is the conversation id itself when it has no brace, else ``#`` and a hash of
+    it (a brace would end or restart the tag); then the id follows the tag in full, so
+    two conversations never share keys.
+    """
+
+    __slots__ = ("generation", "history", "lock", "presence", "queue")
+
+    def __init__(self, prefix: str, conversation_id: str) -> None:
+        check_conversation_id(conversation_id)
+        if "{" in conversation_id or "}" in conversation_id:
+            digest = hashlib.sha256(conversation_id.encode("utf-8", "surrogatepass")).hexdigest()
+            base = f"{prefix}{{#{digest[:32]}}}:{conversation_id}:"
+        else:
+            base = f"{prefix}{{{conversation_id}}}:"
+        self.history = base + "history"
+        self.generation = base + "generation"
+        self.lock = base + "lock"
+        self.queue = base + "queue"
+        self.presence = base + "waiter:"
+
 
 # handoff(queue, lock, presence prefix, presence ttl): the lock is free; give it to the
 # first waiter still present. Returns its token, or false when no waiter is left.
