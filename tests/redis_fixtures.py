@@ -295,6 +295,27 @@ class RedisClusterNodes:
                 return int(fields[1].split("@")[0].rsplit(":", 1)[1])
         raise RuntimeError(f"no replica of {port}")
 
+    def failover(self, primary: int, timeout: float = 30.0) -> int:
+        """``CLUSTER FAILOVER`` on a replica of ``primary``; once it serves the primary's
+        slots (and the cluster is ok), its port."""
+        replica = self.replica_of(primary)
+        self._cli("-p", str(replica), "cluster", "failover")
+        self.wait_taken_over(replica, timeout)
+        self.wait_ok(timeout)
+        return replica
+
+    def wait_taken_over(self, replica: int, timeout: float = 30.0) -> None:
+        """Until ``replica`` is a primary and says ``cluster_state:ok``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            role = self._cli("-p", str(replica), "info", "replication")
+            state = self._cli("-p", str(replica), "cluster", "info")
+            if "role:master" in role and "cluster_state:ok" in state:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica {replica} did not take over: {role} {state}")
+            time.sleep(0.05)
+
     def start(self) -> None:
         for port in self.ports:
             self.start_node(port)

@@ -189,13 +189,15 @@ async def test_ready_checks_writes_on_every_primary(
         admin.close()
 
 
+@pytest.mark.parametrize("how", ["stopped", "failover"])
 async def test_a_lock_whose_primary_failed_is_released_once_its_replica_took_over(
-    redis_cluster_replicas: RedisClusterNodes,
+    redis_cluster_replicas: RedisClusterNodes, how: str
 ) -> None:
-    """The primary owning a conversation fails while a turn holds its lock: the turn's end
+    """The primary owning a conversation stops while a turn holds its lock: the turn's end
     cannot release it, and the next turn (another process) waited for the rest of
     ``lock_ttl`` (here 300 s) after the replica had taken over, the lock key with it. The
-    store retries releasing its own token: the next turn runs once the replica serves."""
+    store retries releasing its own token: the next turn runs once the replica serves. (A
+    manual ``CLUSTER FAILOVER`` moves the lock with the slot: released at once.)"""
     cluster = redis_cluster_replicas
     store = RedisConversationStore(cluster.url, cluster=True, lock_ttl=300)
     other = RedisConversationStore(cluster.url, cluster=True, lock_ttl=300)
@@ -207,8 +209,12 @@ async def test_a_lock_whose_primary_failed_is_released_once_its_replica_took_ove
             for n in range(1000)
             if cluster.port_of(store.lock_key(f"conv-{n}")) != cluster.ports[0]
         )
+        primary = cluster.port_of(store.lock_key(cid))
         async with store.lock(cid):
-            cluster.stop_node(cluster.port_of(store.lock_key(cid)))
+            if how == "stopped":
+                cluster.stop_node(primary)
+            else:
+                cluster.failover(primary)  # the replica serves the slot, the lock with it
         with anyio.fail_after(90):
             for _ in range(300):  # StoreUnavailableError until the replica serves
                 try:
@@ -221,3 +227,31 @@ async def test_a_lock_whose_primary_failed_is_released_once_its_replica_took_ove
     finally:
         await store.aclose()
         await other.aclose()
+
+
+async def test_a_worker_starting_while_its_url_node_is_down(
+    redis_cluster_replicas: RedisClusterNodes,
+) -> None:
+    """As docs/scaling.md says: a store made from ``REDIS_URL`` while that node is down finds
+    no other node, even once its replica has taken over; one given a client with several
+    startup nodes works."""
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    cluster = redis_cluster_replicas
+    first = cluster.ports[0]
+    replica = cluster.replica_of(first)
+    cluster.stop_node(first)
+    cluster.wait_taken_over(replica)
+    with anyio.fail_after(60):
+        store = RedisConversationStore(cluster.url, cluster=True)
+        with pytest.raises(StoreUnavailableError):
+            await store.ping()
+        await store.aclose()
+        nodes = [ClusterNode("127.0.0.1", port) for port in (first, replica)]
+        client = RedisCluster(startup_nodes=nodes, socket_timeout=2, socket_connect_timeout=1)
+        store = RedisConversationStore(client)
+        await store.ping()
+        async with store.lock("after"):
+            pass
+        await store.aclose()
+        await client.aclose()
