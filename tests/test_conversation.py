@@ -992,6 +992,33 @@ async def test_redis_lock_a_turn_could_not_release_is_released_once_redis_takes_
         await other.aclose()
 
 
+async def test_redis_a_turn_across_a_restart_that_lost_the_data_is_recorded(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis restarted without persistence during a turn of a conversation ended once
+    before (generation 1): the turn was dropped, logged as "conversation ended during the
+    turn", though nothing ended it (a clear leaves its generation behind; here it was
+    lost with the rest). A generation that is gone no longer refuses the record."""
+    store = RedisConversationStore(redis_server.url)
+    said = [msg(U, "said across the restart")]
+    try:
+        await store.clear("c")
+        async with store.lock("c"):
+            _, generation = await store.read_turn("c")
+            assert generation == 1
+            redis_server.stop()
+            redis_server.start()  # same port, empty data
+            assert await store.record_turn("c", said, generation)
+        assert await store.get("c") == said
+        async with store.lock("c"):  # the lock was released with the record
+            _, generation = await store.read_turn("c")
+            await store.clear("c")  # a real end still wins over a turn running then
+            assert not await store.record_turn("c", said, generation)
+        assert await store.get("c") == []
+    finally:
+        await store.aclose()
+
+
 async def test_lone_surrogates_are_kept_as_u_fffd_by_both_stores(redis_server: RedisServer) -> None:
     """Python text UTF-8 cannot hold (a lone surrogate: half an emoji) is recorded with
     U+FFFD in its place, by both stores alike (Redis refused the whole turn); a pair

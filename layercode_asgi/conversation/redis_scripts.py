@@ -177,15 +177,18 @@ return {redis.call('lrange', KEYS[1], 0, -1), redis.call('get', KEYS[2]) or '0'}
 # append whatever it is), ARGV[2] = max messages, ARGV[3] = max bytes of text, ARGV[4] =
 # TTL in s (0 = none), ARGV[5] = the lock token to release ('' = none), ARGV[6] = presence
 # prefix, ARGV[7] = presence TTL in ms, ARGV[8..] = the entries. Appends only if the
-# generation is current, drops the oldest entries beyond either bound, then releases the
-# lock if ARGV[5] holds it (handing it off); returns 1 if it appended. An entry's JSON is at
-# least as long as its text, so texts are decoded only when the total is over the bound.
+# generation is current (or gone: a clear leaves it, so Redis lost it, e.g. restarted
+# without persistence, and no clear came since), drops the oldest entries beyond either
+# bound, then releases the lock if ARGV[5] holds it (handing it off); returns 1 if it
+# appended. An entry's JSON is at least as long as its text, so texts are decoded only when
+# the total is over the bound.
 #: Record a turn and release its lock (one round trip at the end of a turn).
 RECORD_LUA: Final = (
     _HANDOFF
     + """
 local function record()
-    if ARGV[1] ~= '' and (redis.call('get', KEYS[2]) or '0') ~= ARGV[1] then
+    local generation = redis.call('get', KEYS[2])
+    if ARGV[1] ~= '' and generation and generation ~= ARGV[1] then
         return 0
     end
     for i = 8, #ARGV do
