@@ -200,9 +200,9 @@ def connect(
 
 def probe_keys(client: Any, key: str) -> list[str]:
     """The keys a write check writes: ``key`` on one Redis; on a cluster, one key per
-    primary (``key{<n>}``), so that a primary refusing writes is found wherever it is (as
-    far as a bounded search finds one of its slots; a ``key`` with its own hash tag has all
-    on one node, as are all the keys made with its prefix)."""
+    primary (``key{<n>}``), so that a primary refusing writes is found wherever it is (one
+    whose slots a bounded search misses is not checked). A ``key`` with a hash tag of its
+    own maps to one node, as do all the keys made with that prefix: that node is checked."""
     if getattr(client, "PRIMARIES", None) is None:
         return [key]
     wanted = {node.name for node in client.get_primaries()}
