@@ -27,6 +27,7 @@ __all__ = [
     "connect",
     "describe_client",
     "import_redis",
+    "probe_keys",
     "unavailable_errors",
 ]
 
@@ -196,6 +197,25 @@ def connect(
             f"invalid Redis URL {mask_url(url)!r} (percent-encode special characters "
             "in the password: / as %2F, # as %23, ? as %3F)"
         ) from None
+
+
+def probe_keys(client: Any, key: str) -> list[str]:
+    """The keys a write check writes: ``key`` on one Redis; on a cluster, one key per
+    primary (``key{<n>}``), so that a primary refusing writes is found wherever it is (one
+    whose slots a bounded search misses is not checked). A ``key`` with a hash tag of its
+    own maps to one node, as do all the keys made with that prefix: that node is checked."""
+    if getattr(client, "PRIMARIES", None) is None:
+        return [key]
+    wanted = {node.name for node in client.get_primaries()}
+    found: dict[str, str] = {}
+    for n in range(64 * len(wanted)):
+        candidate = f"{key}{{{n}}}"
+        name = client.get_node_from_key(candidate).name
+        if name in wanted:
+            found.setdefault(name, candidate)
+            if len(found) == len(wanted):
+                break
+    return list(found.values())
 
 
 def unavailable_errors() -> tuple[type[BaseException], ...]:

@@ -30,7 +30,14 @@ import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
-from ._redis import MAX_EXPIRE_SECONDS, PerLoop, check_client, connect, import_redis
+from ._redis import (
+    MAX_EXPIRE_SECONDS,
+    PerLoop,
+    check_client,
+    connect,
+    import_redis,
+    probe_keys,
+)
 from .conversation import StoreUnavailableError
 from .errors import ConfigurationError, check_positive_int, check_seconds, check_text
 
@@ -170,7 +177,8 @@ class RedisReplayCache:
             else:
                 await client.ping(target_nodes=primaries)
             if self._check_writes:
-                await client.set(self.key_prefix + "ready", b"1", px=1000)
+                for key in probe_keys(client, self.key_prefix + "ready"):  # each primary
+                    await client.set(key, b"1", px=1000)
                 self._check_writes = False
         except self._errors as exc:
             self._check_writes = True

@@ -208,10 +208,11 @@ class RedisClusterNodes:
     """Three ``redis-server --cluster-enabled yes --appendonly yes`` on 127.0.0.1, made one
     cluster by ``redis-cli --cluster create``; a node can be stopped and started again."""
 
-    def __init__(self, binary: str, cli: str, count: int = 3) -> None:
+    def __init__(self, binary: str, cli: str, count: int = 3, replicas: int = 0) -> None:
         self.binary = binary
         self.cli = cli
-        self.ports = [_cluster_port() for _ in range(count)]
+        self.replicas = replicas
+        self.ports = [_cluster_port() for _ in range(count * (1 + replicas))]
         self._dir = tempfile.TemporaryDirectory(prefix="layercode-cluster-")
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
         self.url = f"redis://127.0.0.1:{self.ports[0]}/0"
@@ -257,11 +258,15 @@ class RedisClusterNodes:
         return done.stdout + done.stderr
 
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Until every node says ``cluster_state:ok``."""
+        """Until every node says ``cluster_state:ok`` (and every replica is in sync)."""
         deadline = time.monotonic() + timeout
         while True:
             states = [self._cli("-p", str(p), "cluster", "info") for p in self.ports]
-            if all("cluster_state:ok" in state for state in states):
+            synced = [self._cli("-p", str(p), "info", "replication") for p in self.ports]
+            replicas = sum("master_link_status:up" in state for state in synced)
+            if all("cluster_state:ok" in state for state in states) and replicas == len(
+                self.ports
+            ) * self.replicas // (1 + self.replicas):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"cluster not ok: {states}")
@@ -279,12 +284,44 @@ class RedisClusterNodes:
                     return port
         raise RuntimeError(f"no node serves slot {slot}")
 
+    def replica_of(self, port: int) -> int:
+        """The port of a replica of the primary on ``port``."""
+        nodes = [
+            line.split() for line in self._cli("-p", str(port), "cluster", "nodes").splitlines()
+        ]
+        primary = next(fields[0] for fields in nodes if "myself" in fields[2])
+        for fields in nodes:
+            if fields[3] == primary and "fail" not in fields[2]:
+                return int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        raise RuntimeError(f"no replica of {port}")
+
+    def failover(self, primary: int, timeout: float = 30.0) -> int:
+        """``CLUSTER FAILOVER`` on a replica of ``primary``; once it serves the primary's
+        slots (and the cluster is ok), its port."""
+        replica = self.replica_of(primary)
+        self._cli("-p", str(replica), "cluster", "failover")
+        self.wait_taken_over(replica, timeout)
+        self.wait_ok(timeout)
+        return replica
+
+    def wait_taken_over(self, replica: int, timeout: float = 30.0) -> None:
+        """Until ``replica`` is a primary and says ``cluster_state:ok``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            role = self._cli("-p", str(replica), "info", "replication")
+            state = self._cli("-p", str(replica), "cluster", "info")
+            if "role:master" in role and "cluster_state:ok" in state:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica {replica} did not take over: {role} {state}")
+            time.sleep(0.05)
+
     def start(self) -> None:
         for port in self.ports:
             self.start_node(port)
         addresses = [f"127.0.0.1:{port}" for port in self.ports]
-        out = self._cli("--cluster", "create", *addresses, "--cluster-replicas", "0",
-                        "--cluster-yes")  # fmt: skip
+        out = self._cli("--cluster", "create", *addresses, "--cluster-replicas",
+                        str(self.replicas), "--cluster-yes")  # fmt: skip
         if "[OK]" not in out:
             raise RuntimeError(f"redis-cli --cluster create failed: {out}")
         self.wait_ok()
@@ -300,12 +337,22 @@ class RedisClusterNodes:
 @pytest.fixture
 def redis_cluster() -> Iterator[RedisClusterNodes]:
     """A fresh three-node Redis Cluster for one test."""
+    yield from _cluster(replicas=0)
+
+
+@pytest.fixture
+def redis_cluster_replicas() -> Iterator[RedisClusterNodes]:
+    """A fresh Redis Cluster of three primaries, each with one replica, for one test."""
+    yield from _cluster(replicas=1)
+
+
+def _cluster(replicas: int) -> Iterator[RedisClusterNodes]:
     if REDIS_SERVER is None or REDIS_CLI is None:
         if os.environ.get("CI"):
             pytest.fail("redis-server / redis-cli not found on PATH in CI")
         pytest.skip("redis-server and redis-cli are needed for the cluster tests")
     pytest.importorskip("redis", reason="the redis extra is not installed")
-    cluster = RedisClusterNodes(REDIS_SERVER, REDIS_CLI)
+    cluster = RedisClusterNodes(REDIS_SERVER, REDIS_CLI, replicas=replicas)
     try:
         cluster.start()
         yield cluster

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from layercode_asgi import ConversationManager, RedisConversationStore, Settings, create_app
+from layercode_asgi.conversation import StoreUnavailableError
 
 from . import redis_fixtures
 from .conftest import SECRET, event_body, serve, signed_headers
@@ -19,6 +20,7 @@ from .test_redis_scale import turns_in_arrival_order
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 redis_cluster = redis_fixtures.redis_cluster
+redis_cluster_replicas = redis_fixtures.redis_cluster_replicas
 
 # Braces would end or restart a hash tag: such ids must work all the same.
 IDS = ["plain", "a{b", "}x{", "{", "}", "{tag}rest", "ünï{}"]
@@ -151,3 +153,105 @@ def test_cluster_clients_on_successive_event_loops(redis_cluster: RedisClusterNo
     assert anyio.run(turn, 2) == (["u0", "u1"], True)
     anyio.run(store.aclose)
     anyio.run(cache.aclose)
+
+
+@pytest.mark.parametrize(
+    ("what", "ready_key"),
+    [("conversation store", "layercode:ready"), ("replay protection", "layercode:replay:ready")],
+)
+async def test_ready_checks_writes_on_every_primary(
+    redis_cluster: RedisClusterNodes, what: str, ready_key: str
+) -> None:
+    """A primary refusing writes (``maxmemory`` with noeviction) other than the one owning
+    ``<prefix>ready``: a third of the conversations got 503 while ``/ready`` said 200 (its
+    write check ran on that one key's node only)."""
+    import redis
+
+    refusing = next(p for p in redis_cluster.ports if p != redis_cluster.port_of(ready_key))
+    admin = redis.Redis(host="127.0.0.1", port=refusing)
+    replay = what == "replay protection"
+    app = create_app(
+        cluster_settings(redis_cluster, replay_protection=replay),
+        worker_agent,
+        **({"conversations": ConversationManager()} if replay else {}),
+    )
+    try:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "1")
+        with serve(app) as url, anyio.fail_after(60):
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                response = await client.get("/ready")
+                assert response.status_code == 503, response.text
+                assert response.json()["error"] == f"{what} unavailable"
+                admin.config_set("maxmemory", "0")
+                assert (await client.get("/ready")).status_code == 200
+    finally:
+        admin.close()
+
+
+@pytest.mark.parametrize("how", ["stopped", "failover"])
+async def test_a_lock_whose_primary_failed_is_released_once_its_replica_took_over(
+    redis_cluster_replicas: RedisClusterNodes, how: str
+) -> None:
+    """The primary owning a conversation stops while a turn holds its lock: the turn's end
+    cannot release it, and the next turn (another process) waited for the rest of
+    ``lock_ttl`` (here 300 s) after the replica had taken over, the lock key with it. The
+    store retries releasing its own token: the next turn runs once the replica serves. (A
+    manual ``CLUSTER FAILOVER`` moves the lock with the slot: released at once.)"""
+    cluster = redis_cluster_replicas
+    store = RedisConversationStore(cluster.url, cluster=True, lock_ttl=300)
+    other = RedisConversationStore(cluster.url, cluster=True, lock_ttl=300)
+    try:
+        await store.ping()
+        await other.ping()  # knows every node, the URL's one included
+        cid = next(
+            f"conv-{n}"
+            for n in range(1000)
+            if cluster.port_of(store.lock_key(f"conv-{n}")) != cluster.ports[0]
+        )
+        primary = cluster.port_of(store.lock_key(cid))
+        async with store.lock(cid):
+            if how == "stopped":
+                cluster.stop_node(primary)
+            else:
+                cluster.failover(primary)  # the replica serves the slot, the lock with it
+        with anyio.fail_after(90):
+            for _ in range(300):  # StoreUnavailableError until the replica serves
+                try:
+                    async with other.lock(cid, timeout=30):
+                        break
+                except StoreUnavailableError:
+                    await anyio.sleep(0.2)
+            else:
+                pytest.fail("the cluster never served the conversation again")
+    finally:
+        await store.aclose()
+        await other.aclose()
+
+
+async def test_a_worker_starting_while_its_url_node_is_down(
+    redis_cluster_replicas: RedisClusterNodes,
+) -> None:
+    """As docs/scaling.md says: a store made from ``REDIS_URL`` while that node is down finds
+    no other node, even once its replica has taken over; one given a client with several
+    startup nodes works."""
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    cluster = redis_cluster_replicas
+    first = cluster.ports[0]
+    replica = cluster.replica_of(first)
+    cluster.stop_node(first)
+    cluster.wait_taken_over(replica)
+    with anyio.fail_after(60):
+        store = RedisConversationStore(cluster.url, cluster=True)
+        with pytest.raises(StoreUnavailableError):
+            await store.ping()
+        await store.aclose()
+        nodes = [ClusterNode("127.0.0.1", port) for port in (first, replica)]
+        client = RedisCluster(startup_nodes=nodes, socket_timeout=2, socket_connect_timeout=1)
+        store = RedisConversationStore(client)
+        await store.ping()
+        async with store.lock("after"):
+            pass
+        await store.aclose()
+        await client.aclose()

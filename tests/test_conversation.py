@@ -965,6 +965,60 @@ async def test_redis_lock_release_failures_say_what_happened(
     )
 
 
+async def test_redis_lock_a_turn_could_not_release_is_released_once_redis_takes_writes(
+    redis_server: RedisServer, raw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A turn ending while Redis refused writes (READONLY, as during a failover; a lost
+    connection alike) left its conversation locked for the rest of ``lock_ttl`` (here
+    300 s) after Redis took writes again: the next turn waited for it. The store retries
+    releasing its own token, so the next turn gets the lock once Redis takes writes."""
+    from .conftest import free_port
+
+    store = RedisConversationStore(redis_server.url, lock_ttl=300)
+    other = RedisConversationStore(redis_server.url, lock_ttl=300)
+    try:
+        with caplog.at_level(logging.WARNING, "layercode_asgi"):
+            async with store.lock("c"):
+                await raw.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        assert "could not release the lock of conversation c" in caplog.text
+        assert await raw.exists("layercode:{c}:lock") == 1
+        await raw.execute_command("REPLICAOF", "NO", "ONE")
+        with anyio.fail_after(60):
+            async with other.lock("c", timeout=20):
+                assert await raw.exists("layercode:{c}:lock") == 1  # now the other's
+    finally:
+        await raw.execute_command("REPLICAOF", "NO", "ONE")
+        await store.aclose()
+        await other.aclose()
+
+
+async def test_redis_a_turn_across_a_restart_that_lost_the_data_is_recorded(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis restarted without persistence during a turn of a conversation ended once
+    before (generation 1): the turn was dropped, logged as "conversation ended during the
+    turn", though nothing ended it (a clear leaves its generation behind; here it was
+    lost with the rest). A generation that is gone no longer refuses the record."""
+    store = RedisConversationStore(redis_server.url)
+    said = [msg(U, "said across the restart")]
+    try:
+        await store.clear("c")
+        async with store.lock("c"):
+            _, generation = await store.read_turn("c")
+            assert generation == 1
+            redis_server.stop()
+            redis_server.start()  # same port, empty data
+            assert await store.record_turn("c", said, generation)
+        assert await store.get("c") == said
+        async with store.lock("c"):  # the lock was released with the record
+            _, generation = await store.read_turn("c")
+            await store.clear("c")  # a real end still wins over a turn running then
+            assert not await store.record_turn("c", said, generation)
+        assert await store.get("c") == []
+    finally:
+        await store.aclose()
+
+
 async def test_lone_surrogates_are_kept_as_u_fffd_by_both_stores(redis_server: RedisServer) -> None:
     """Python text UTF-8 cannot hold (a lone surrogate: half an emoji) is recorded with
     U+FFFD in its place, by both stores alike (Redis refused the whole turn); a pair

@@ -318,6 +318,8 @@ def _refuse_writes(server: RedisServer, fault: str) -> None:
     if fault == "oom":
         _redis_command(server, "CONFIG", "SET", "maxmemory-policy", "noeviction")
         _redis_command(server, "CONFIG", "SET", "maxmemory", "1")
+    elif fault == "noreplicas":  # a primary refusing writes while its replicas are gone
+        _redis_command(server, "CONFIG", "SET", "min-replicas-to-write", "1")
     else:
         _redis_command(server, "REPLICAOF", "127.0.0.1", str(free_port()))
 
@@ -325,6 +327,8 @@ def _refuse_writes(server: RedisServer, fault: str) -> None:
 def _take_writes(server: RedisServer, fault: str) -> None:
     if fault == "oom":
         _redis_command(server, "CONFIG", "SET", "maxmemory", "0")
+    elif fault == "noreplicas":
+        _redis_command(server, "CONFIG", "SET", "min-replicas-to-write", "0")
     else:
         _redis_command(server, "REPLICAOF", "NO", "ONE")
 
@@ -334,7 +338,7 @@ def _ready(client: httpx.Client) -> tuple[int, Any]:
     return response.status_code, response.json().get("error")
 
 
-@pytest.mark.parametrize("fault", ["oom", "readonly"])
+@pytest.mark.parametrize("fault", ["oom", "readonly", "noreplicas"])
 def test_redis_error_replies_are_a_503_json(fault: str) -> None:
     with running_redis() as server:
         app = create_app(settings(redis_url=server.url), stateful_agent)
@@ -365,7 +369,7 @@ def test_redis_error_replies_are_a_503_json(fault: str) -> None:
             assert turn(client, "after", "t3")[0]["content"].startswith("saw=")
 
 
-@pytest.mark.parametrize("fault", ["oom", "readonly"])
+@pytest.mark.parametrize("fault", ["oom", "readonly", "noreplicas"])
 def test_a_redis_replay_cache_that_refuses_writes_is_not_ready(fault: str) -> None:
     with running_redis() as server:
         app = create_app(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import math
 import secrets
@@ -30,6 +29,7 @@ from .._redis import (
     connect,
     describe_client,
     import_redis,
+    probe_keys,
     unavailable_errors,
 )
 from ..errors import ConfigurationError, check_positive_int, check_seconds, check_text
@@ -45,11 +45,11 @@ from .base import (
     LockTimeout,
     StoreError,
     StoreUnavailableError,
-    check_conversation_id,
     fit,
     lock_wait,
     newest,
 )
+from .redis_scripts import Keys
 
 __all__ = ["RedisConversationStore"]
 
@@ -69,36 +69,12 @@ _HISTORY_ENCODER: Final = msgspec.json.Encoder()
 _HISTORY_DECODER: Final = msgspec.json.Decoder(HistoryMessage)
 
 
-class _Keys:
-    """The keys of one conversation; one hash tag, so one Redis Cluster slot.
-
-    The tag is the conversation id itself when it has no brace, else ``#`` and a hash of
-    it (a brace would end or restart the tag); then the id follows the tag in full, so
-    two conversations never share keys.
-    """
-
-    __slots__ = ("generation", "history", "lock", "presence", "queue")
-
-    def __init__(self, prefix: str, conversation_id: str) -> None:
-        check_conversation_id(conversation_id)
-        if "{" in conversation_id or "}" in conversation_id:
-            digest = hashlib.sha256(conversation_id.encode("utf-8", "surrogatepass")).hexdigest()
-            base = f"{prefix}{{#{digest[:32]}}}:{conversation_id}:"
-        else:
-            base = f"{prefix}{{{conversation_id}}}:"
-        self.history = base + "history"
-        self.generation = base + "generation"
-        self.lock = base + "lock"
-        self.queue = base + "queue"
-        self.presence = base + "waiter:"
-
-
 class _Hold:
     """This task's hold of a conversation's lock (in :data:`_HOLD` while held)."""
 
     __slots__ = ("conversation_id", "entry", "keys", "read", "released", "store", "token")
 
-    def __init__(self, store: RedisConversationStore, conversation_id: str, keys: _Keys) -> None:
+    def __init__(self, store: RedisConversationStore, conversation_id: str, keys: Keys) -> None:
         self.store = store
         self.conversation_id = conversation_id
         self.keys = keys
@@ -237,19 +213,20 @@ class RedisConversationStore:
         self._channel = f"{key_prefix}wake:{secrets.token_hex(8)}"
         self._wakers: dict[str, anyio.Event] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._retries: set[asyncio.Task[None]] = set()  # of releases (_release_later)
         self._check_writes = True  # by the next ping(): at first, and after a failure
 
     def history_key(self, conversation_id: str) -> str:
         """The Redis key of a conversation's history list."""
-        return _Keys(self.key_prefix, conversation_id).history
+        return Keys(self.key_prefix, conversation_id).history
 
     def lock_key(self, conversation_id: str) -> str:
         """The Redis key of a conversation's lock."""
-        return _Keys(self.key_prefix, conversation_id).lock
+        return Keys(self.key_prefix, conversation_id).lock
 
     def generation_key(self, conversation_id: str) -> str:
         """The Redis key of a conversation's generation (advanced by :meth:`clear`)."""
-        return _Keys(self.key_prefix, conversation_id).generation
+        return Keys(self.key_prefix, conversation_id).generation
 
     async def _call(self, operation: str, awaitable: Awaitable[T]) -> T:
         """Await one Redis operation under ``operation_timeout``, mapping its failures."""
@@ -276,7 +253,7 @@ class RedisConversationStore:
     async def append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
         """``RPUSH`` + trimming (messages, bytes) + ``EXPIRE``, atomically (one script)."""
         if messages:
-            await self._record(_Keys(self.key_prefix, conversation_id), messages, "", None)
+            await self._record(Keys(self.key_prefix, conversation_id), messages, "", None)
 
     async def record_turn(
         self, conversation_id: str, messages: Sequence[HistoryMessage], generation: int
@@ -291,12 +268,12 @@ class RedisConversationStore:
         hold = self._held(conversation_id)
         if not messages:
             return True
-        keys = hold.keys if hold is not None else _Keys(self.key_prefix, conversation_id)
+        keys = hold.keys if hold is not None else Keys(self.key_prefix, conversation_id)
         return await self._record(keys, messages, str(generation), hold)
 
     async def _record(
         self,
-        keys: _Keys,
+        keys: Keys,
         messages: Sequence[HistoryMessage],
         generation: str,
         hold: _Hold | None,
@@ -330,7 +307,7 @@ class RedisConversationStore:
             raw, generation = hold.read
             hold.read = None
         else:
-            keys = _Keys(self.key_prefix, conversation_id)
+            keys = Keys(self.key_prefix, conversation_id)
             raw, generation = await self._call(
                 "get",
                 self._clients.get().read(
@@ -367,7 +344,7 @@ class RedisConversationStore:
     async def clear(self, conversation_id: str) -> None:
         """Delete the conversation's history and advance its generation (one script): a
         turn running meanwhile, in any process, will not record."""
-        keys = _Keys(self.key_prefix, conversation_id)
+        keys = Keys(self.key_prefix, conversation_id)
         await self._call(
             "clear",
             self._clients.get().clear(keys=[keys.history, keys.generation], args=[GENERATION_TTL]),
@@ -390,7 +367,7 @@ class RedisConversationStore:
         is cancelled leaves the queue.
         """
         wait = lock_wait(timeout, self.lock_timeout)
-        keys = _Keys(self.key_prefix, conversation_id)
+        keys = Keys(self.key_prefix, conversation_id)
         hold = _Hold(self, conversation_id, keys)
         try:
             hold.read = await self._acquire(hold, wait)
@@ -530,7 +507,8 @@ class RedisConversationStore:
         """Release the lock or leave the queue (handing the lock on), shielded from
         cancellation, bounded in time, never raising.
 
-        Never waits longer than ``lock_ttl``: by then the key has expired anyway. A turn
+        Never waits longer than ``lock_ttl``: by then the key has expired anyway; a lock
+        it could not release is retried in the background (:meth:`_release_later`). A turn
         that did not get the lock (``held=False``: its caller gets why) tries for 1 s and
         logs a failure at debug level only: its place in the queue, and a lock taken by a
         call whose reply was lost, free themselves.
@@ -555,42 +533,66 @@ class RedisConversationStore:
                     type(exc).__name__,
                     escape_log_value(exc),
                 )
+                if held:
+                    task = asyncio.get_running_loop().create_task(self._release_later(hold))
+                    self._retries.add(task)
+                    task.add_done_callback(self._retries.discard)
+
+    async def _release_later(self, hold: _Hold) -> None:
+        """Retry releasing a lock whose turn is over (Redis failing over, or back after a
+        moment), so that the next turn need not wait for it to expire: safe, our token only.
+        Backing off up to ``_wait_check``; until released or ``lock_ttl`` has passed."""
+        deadline = anyio.current_time() + self.lock_ttl
+        delay = 0.05
+        while not hold.released and anyio.current_time() + delay < deadline:
+            await anyio.sleep(delay)
+            delay = min(2 * delay, self._wait_check)
+            await self._release(hold, held=False)  # at most 1 s, never raises
+        if hold.released:
+            logger.info(
+                "released the lock of conversation %s", escape_log_value(hold.conversation_id)
+            )
 
     async def ping(self) -> None:
         """``PING`` Redis (every primary of a cluster); raise :class:`StoreUnavailableError`
-        if it does not answer, or does not take the store's writes: checked (one short-lived
-        key, ``<prefix>ready``) at the first ping and at the first after a failed operation."""
+        if it does not answer, or does not take the store's writes: checked (a short-lived
+        key, ``<prefix>ready``, on every primary) at the first ping and at the first after a
+        failed operation."""
         try:
             await self._call("ping", self._ping())
             if self._check_writes:
-                probe = self._clients.get().probe
-                key = self.key_prefix + "ready"
-                await self._call("write check", probe(keys=[key], args=[self._channel]))
+                await self._call("write check", self._write_check())
                 self._check_writes = False
         except StoreUnavailableError:
             raise
         except StoreError as exc:  # answered, but not as a usable Redis
             raise StoreUnavailableError(str(exc)) from exc.__cause__
 
+    async def _write_check(self) -> None:
+        client = self._clients.get()
+        for key in probe_keys(client.redis, self.key_prefix + "ready"):
+            await client.probe(keys=[key], args=[self._channel])
+
     async def _ping(self) -> Any:
         client = self._clients.get().redis
         primaries = getattr(client, "PRIMARIES", None)
-        if primaries is None:
-            return await client.ping()
-        return await client.ping(target_nodes=primaries)
+        return await (client.ping() if primaries is None else client.ping(target_nodes=primaries))
 
     async def aclose(self) -> None:
-        """Stop the hand-off listener; close the client if this store created it on this
-        event loop (one of an earlier loop is dropped: it cannot be closed from this one)."""
-        listener, self._listener = self._listener, None
-        if listener and not listener.done() and listener.get_loop() is asyncio.get_running_loop():
-            listener.cancel()
-            with (
-                anyio.CancelScope(shield=True),
-                anyio.move_on_after(2.0),
-                suppress(asyncio.CancelledError),
-            ):
-                await listener
+        """Stop the hand-off listener and release retries; close the client if this store
+        created it on this event loop (one of an earlier loop is dropped: it cannot be
+        closed from this one)."""
+        tasks = [self._listener, *self._retries]
+        self._listener = None
+        for task in tasks:
+            if task and not task.done() and task.get_loop() is asyncio.get_running_loop():
+                task.cancel()
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(2.0),
+                    suppress(asyncio.CancelledError),
+                ):
+                    await task
         client = self._clients.take()
         if client is not None:
             await client.redis.aclose()

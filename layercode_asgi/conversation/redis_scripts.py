@@ -1,4 +1,5 @@
-"""The Lua scripts of :class:`~layercode_asgi.conversation.RedisConversationStore`.
+"""The Lua scripts of :class:`~layercode_asgi.conversation.RedisConversationStore`, and the
+keys of a conversation they take (:class:`Keys`).
 
 Every script touches the keys of one conversation only; they share one hash tag, so in a
 Redis Cluster each script runs on the one node that owns the conversation.
@@ -25,7 +26,10 @@ they return ``{1, history entries, generation}`` when the caller holds the lock,
 
 from __future__ import annotations
 
+import hashlib
 from typing import Final
+
+from .base import check_conversation_id
 
 __all__ = [
     "ACQUIRE_LUA",
@@ -36,7 +40,33 @@ __all__ = [
     "READ_LUA",
     "RECORD_LUA",
     "RELEASE_LUA",
+    "Keys",
 ]
+
+
+class Keys:
+    """The keys of one conversation; one hash tag, so one Redis Cluster slot.
+
+    The tag is the conversation id itself when it has no brace, else ``#`` and a hash of
+    it (a brace would end or restart the tag); then the id follows the tag in full, so
+    two conversations never share keys.
+    """
+
+    __slots__ = ("generation", "history", "lock", "presence", "queue")
+
+    def __init__(self, prefix: str, conversation_id: str) -> None:
+        check_conversation_id(conversation_id)
+        if "{" in conversation_id or "}" in conversation_id:
+            digest = hashlib.sha256(conversation_id.encode("utf-8", "surrogatepass")).hexdigest()
+            base = f"{prefix}{{#{digest[:32]}}}:{conversation_id}:"
+        else:
+            base = f"{prefix}{{{conversation_id}}}:"
+        self.history = base + "history"
+        self.generation = base + "generation"
+        self.lock = base + "lock"
+        self.queue = base + "queue"
+        self.presence = base + "waiter:"
+
 
 # handoff(queue, lock, presence prefix, presence ttl): the lock is free; give it to the
 # first waiter still present. Returns its token, or false when no waiter is left.
@@ -147,15 +177,18 @@ return {redis.call('lrange', KEYS[1], 0, -1), redis.call('get', KEYS[2]) or '0'}
 # append whatever it is), ARGV[2] = max messages, ARGV[3] = max bytes of text, ARGV[4] =
 # TTL in s (0 = none), ARGV[5] = the lock token to release ('' = none), ARGV[6] = presence
 # prefix, ARGV[7] = presence TTL in ms, ARGV[8..] = the entries. Appends only if the
-# generation is current, drops the oldest entries beyond either bound, then releases the
-# lock if ARGV[5] holds it (handing it off); returns 1 if it appended. An entry's JSON is at
-# least as long as its text, so texts are decoded only when the total is over the bound.
+# generation is current (or gone: a clear leaves it, so Redis lost it, e.g. restarted
+# without persistence, and no clear came since), drops the oldest entries beyond either
+# bound, then releases the lock if ARGV[5] holds it (handing it off); returns 1 if it
+# appended. An entry's JSON is at least as long as its text, so texts are decoded only when
+# the total is over the bound.
 #: Record a turn and release its lock (one round trip at the end of a turn).
 RECORD_LUA: Final = (
     _HANDOFF
     + """
 local function record()
-    if ARGV[1] ~= '' and (redis.call('get', KEYS[2]) or '0') ~= ARGV[1] then
+    local generation = redis.call('get', KEYS[2])
+    if ARGV[1] ~= '' and generation and generation ~= ARGV[1] then
         return 0
     end
     for i = 8, #ARGV do
