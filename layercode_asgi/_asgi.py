@@ -35,6 +35,7 @@ __all__ = [
     "answer_lifespan",
     "being_cancelled",
     "check_route",
+    "compressed",
     "json_error",
     "json_error_response",
     "must_propagate",
@@ -106,6 +107,14 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
         if not message.get("more_body", False):
             break
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def compressed(scope: Scope) -> bool:
+    """Whether the request body was sent with a ``Content-Encoding`` other than identity."""
+    return any(
+        name == b"content-encoding" and value.strip(b" \t").lower() not in (b"", b"identity")
+        for name, value in scope["headers"]
+    )
 
 
 async def answer_lifespan(receive: Receive, send: Send) -> None:

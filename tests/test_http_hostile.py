@@ -1,0 +1,121 @@
+"""Hostile HTTP against the real servers: what a webhook sender can get wrong on the wire.
+
+Every test runs ``create_app`` (or the webhook alone) under a real uvicorn and hypercorn on
+127.0.0.1 and talks to it over a raw socket, so nothing client-side rewrites the request.
+"""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+import msgspec
+import pytest
+
+from layercode_asgi import LayercodeWebhook, Settings, create_app, sign
+
+from .agents_for_tests import scripted_agent
+from .conftest import SECRET, event_body, serve, serve_hypercorn
+
+SERVERS: dict[str, Callable[[Any], AbstractContextManager[str]]] = {
+    "uvicorn": serve,
+    "hypercorn": serve_hypercorn,
+}
+
+
+def exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send one request on a fresh connection; read one answer with a Content-Length body
+    (bounded in size and time). Returns its status, headers (lower-case names) and body."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        for _ in range(1000):
+            head, sep, body = received.partition(b"\r\n\r\n")
+            if sep:
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {
+                    name.strip().lower(): value.strip()
+                    for name, _, value in (line.partition(":") for line in lines[1:])
+                }
+                if len(body) >= int(headers.get("content-length", "-1")) >= 0:
+                    return int(lines[0].split()[1]), headers, body
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    raise AssertionError(f"no complete answer: {received!r}")
+
+
+def signed_post(body: bytes, *headers: str, path: str = "/api/agent") -> bytes:
+    lines = [
+        f"POST {path} HTTP/1.1",
+        "host: test",
+        f"content-length: {len(body)}",
+        f"layercode-signature: {sign(body, SECRET)}",
+        *headers,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def settings() -> Settings:
+    return Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+
+
+@pytest.fixture(params=["create_app", "webhook"])
+def app(request: pytest.FixtureRequest) -> Any:
+    if request.param == "create_app":
+        return create_app(settings(), scripted_agent)
+    return LayercodeWebhook(scripted_agent)  # served alone: no signature check
+
+
+@pytest.fixture(params=sorted(SERVERS))
+def url(request: pytest.FixtureRequest, app: Any) -> Iterator[str]:
+    with SERVERS[request.param](app) as base:
+        yield base
+
+
+# -- Content-Encoding ----------------------------------------------------------------------------
+
+DATA = event_body("data")
+
+
+@pytest.mark.parametrize(
+    ("coding", "compress"),
+    [
+        ("gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("br", lambda body: b"\x8b\x02\x80" + body + b"\x03"),
+        ("GZIP, identity", gzip.compress),
+    ],
+)
+def test_a_compressed_webhook_body_is_refused_by_name(
+    url: str, coding: str, compress: Callable[[bytes], bytes]
+) -> None:
+    # Correctly signed (over the compressed bytes, as they travel): the body itself is
+    # what cannot be read. The answer says so, not "JSON is malformed".
+    status, headers, body = exchange(
+        url, signed_post(compress(DATA), f"content-encoding: {coding}")
+    )
+    assert status == 415, body
+    assert headers["content-type"] == "application/json"
+    assert headers["accept-encoding"] == "identity"
+    assert msgspec.json.decode(body) == {
+        "error": "the webhook body is compressed (Content-Encoding): send it uncompressed"
+    }
+
+
+@pytest.mark.parametrize("coding", ["identity", "", " Identity "])
+def test_an_identity_content_encoding_is_read_as_it_is(url: str, coding: str) -> None:
+    status, _, body = exchange(url, signed_post(DATA, f"content-encoding: {coding}"))
+    assert (status, msgspec.json.decode(body)) == (200, {"status": "ok"})
+
+
+def test_a_malformed_uncompressed_body_is_still_a_400(url: str) -> None:
+    status, _, body = exchange(url, signed_post(b'{"type": "data"', "content-encoding: identity"))
+    assert status == 400, body
+    assert msgspec.json.decode(body)["path"] == "$"
