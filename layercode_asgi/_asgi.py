@@ -36,6 +36,7 @@ __all__ = [
     "being_cancelled",
     "check_route",
     "compressed",
+    "compressed_body_response",
     "json_error",
     "json_error_response",
     "must_propagate",
@@ -228,6 +229,13 @@ class JSONResponse(Response):
 
     def render(self, content: Any) -> bytes:
         return _encode(content)
+
+
+def compressed_body_response() -> JSONResponse:
+    """The 415 of a body that could not be read because it was sent compressed (see
+    :func:`compressed`)."""
+    message = "the request body is compressed (Content-Encoding): send it uncompressed"
+    return json_error_response(415, message, {"accept-encoding": "identity"})
 
 
 def json_error_response(

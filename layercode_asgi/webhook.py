@@ -47,6 +47,7 @@ from ._asgi import (
     JSONResponse,
     answer_lifespan,
     compressed,
+    compressed_body_response,
     json_error_response,
     must_propagate,
     read_body,
@@ -99,7 +100,6 @@ DEFAULT_MAX_QUEUED_TURNS = 8
 #: What ``abort_turns`` says by default (``run_server`` when its grace period is over).
 SHUTTING_DOWN = "server is shutting down"
 _STORE_UNAVAILABLE = "conversation store unavailable"
-_COMPRESSED = "the webhook body is compressed (Content-Encoding): send it uncompressed"
 _TOO_MANY_WAITING = "too many turns waiting for this conversation; retry later"
 
 
@@ -346,8 +346,7 @@ class LayercodeWebhook:
         started = time.perf_counter()
         response, event = await self._respond(body)
         if event is None and response.status_code == 400 and compressed(scope):
-            # unreadable because it is compressed: say so (415, as RFC 9110 has it)
-            response = json_error_response(415, _COMPRESSED, {"accept-encoding": "identity"})
+            response = compressed_body_response()  # unreadable because compressed: say so
         # What the log line needs, not the event: a turn waiting for its conversation keeps
         # no decoded copy of its body.
         kind = None if event is None else str(event.type)

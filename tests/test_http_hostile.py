@@ -82,6 +82,7 @@ def url(request: pytest.FixtureRequest, app: Any) -> Iterator[str]:
 # -- Content-Encoding ----------------------------------------------------------------------------
 
 DATA = event_body("data")
+COMPRESSED = "the request body is compressed (Content-Encoding): send it uncompressed"
 
 
 @pytest.mark.parametrize(
@@ -104,9 +105,7 @@ def test_a_compressed_webhook_body_is_refused_by_name(
     assert status == 415, body
     assert headers["content-type"] == "application/json"
     assert headers["accept-encoding"] == "identity"
-    assert msgspec.json.decode(body) == {
-        "error": "the webhook body is compressed (Content-Encoding): send it uncompressed"
-    }
+    assert msgspec.json.decode(body) == {"error": COMPRESSED}
 
 
 @pytest.mark.parametrize("coding", ["identity", "", " Identity "])
@@ -119,3 +118,26 @@ def test_a_malformed_uncompressed_body_is_still_a_400(url: str) -> None:
     status, _, body = exchange(url, signed_post(b'{"type": "data"', "content-encoding: identity"))
     assert status == 400, body
     assert msgspec.json.decode(body)["path"] == "$"
+
+
+@pytest.mark.parametrize("server", sorted(SERVERS))
+def test_a_compressed_authorize_body_is_refused_by_name(server: str) -> None:
+    app = create_app(
+        Settings(
+            env_file=None,
+            environ={},
+            layercode_webhook_secret=SECRET,
+            layercode_api_key="lc_key",
+            layercode_api_url="http://127.0.0.1:9",  # never called: the body is refused
+        )
+    )
+    body = gzip.compress(b'{"agent_id": "agent-1"}')
+    head = (
+        "POST /api/authorize HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+        f"content-encoding: gzip\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    with SERVERS[server](app) as base:
+        status, headers, answer = exchange(base, head.encode() + body)
+    assert status == 415, answer
+    assert headers["accept-encoding"] == "identity"
+    assert msgspec.json.decode(answer) == {"error": COMPRESSED}
