@@ -9,14 +9,15 @@ from __future__ import annotations
 import gzip
 import socket
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 
-from layercode_asgi import LayercodeWebhook, Settings, create_app, sign
+from layercode_asgi import LayercodeWebhook, Settings, TurnEvent, create_app, sign
 
 from .agents_for_tests import scripted_agent
 from .conftest import SECRET, event_body, serve, serve_hypercorn
@@ -141,3 +142,38 @@ def test_a_compressed_authorize_body_is_refused_by_name(server: str) -> None:
     assert status == 415, answer
     assert headers["accept-encoding"] == "identity"
     assert msgspec.json.decode(answer) == {"error": COMPRESSED}
+
+
+# -- pipelining ----------------------------------------------------------------------------------
+
+
+async def pausing_agent(event: TurnEvent) -> AsyncIterator[str]:
+    yield "first"
+    await anyio.sleep(0.3)  # the next request is on the wire while this stream is open
+    yield "second"
+
+
+@pytest.mark.parametrize("server", sorted(SERVERS))
+def test_a_request_pipelined_behind_an_open_stream_is_answered_after_it(server: str) -> None:
+    turn, data = event_body("message"), event_body("data")
+    with SERVERS[server](create_app(settings(), pausing_agent)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(signed_post(turn) + signed_post(data))
+            received = b""
+            for _ in range(1000):
+                if received.endswith(b'{"status":"ok"}'):
+                    break
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+    stream, _, second_body = received.rpartition(b"HTTP/1.1 200")
+    assert b"text/event-stream" in stream, received
+    events = [line for line in stream.split(b"\n") if line.startswith(b"data: ")]
+    assert [msgspec.json.decode(line[6:])["type"] for line in events] == [
+        "response.tts",
+        "response.tts",
+        "response.end",
+    ], received
+    assert second_body.endswith(b'{"status":"ok"}'), received
