@@ -35,6 +35,8 @@ __all__ = [
     "answer_lifespan",
     "being_cancelled",
     "check_route",
+    "compressed",
+    "compressed_body_response",
     "json_error",
     "json_error_response",
     "must_propagate",
@@ -106,6 +108,14 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
         if not message.get("more_body", False):
             break
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def compressed(scope: Scope) -> bool:
+    """Whether the request body was sent with a ``Content-Encoding`` other than identity."""
+    return any(
+        name == b"content-encoding" and value.strip(b" \t").lower() not in (b"", b"identity")
+        for name, value in scope["headers"]
+    )
 
 
 async def answer_lifespan(receive: Receive, send: Send) -> None:
@@ -219,6 +229,13 @@ class JSONResponse(Response):
 
     def render(self, content: Any) -> bytes:
         return _encode(content)
+
+
+def compressed_body_response() -> JSONResponse:
+    """The 415 of a body that could not be read because it was sent compressed (see
+    :func:`compressed`)."""
+    message = "the request body is compressed (Content-Encoding): send it uncompressed"
+    return json_error_response(415, message, {"accept-encoding": "identity"})
 
 
 def json_error_response(

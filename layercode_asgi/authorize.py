@@ -24,7 +24,15 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from ._asgi import CLIENT_LEFT, JSONResponse, json_error_response, must_propagate, send_json_error
+from ._asgi import (
+    CLIENT_LEFT,
+    JSONResponse,
+    compressed,
+    compressed_body_response,
+    json_error_response,
+    must_propagate,
+    send_json_error,
+)
 from .apikeys import api_key_allowed, encode_keys
 from .config import Settings
 from .errors import check_callable, from_environment
@@ -150,6 +158,8 @@ class AuthorizeRoute:
         except (msgspec.DecodeError, RecursionError):  # invalid, or nested too deep
             payload = None
         if not isinstance(payload, dict):
+            if compressed(request.scope):
+                return compressed_body_response()
             return json_error_response(400, "body must be a JSON object with agent_id")
         agent_id = payload.get("agent_id")
         if not isinstance(agent_id, str) or not agent_id.strip():

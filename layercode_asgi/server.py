@@ -11,8 +11,8 @@ Routes (paths of the first two are arguments):
                              and prometheus-client installed (``LAYERCODE_METRICS_API_KEYS``)
 ===================  ======  ==========================================================
 
-Every error is JSON ``{"error": "…"}`` with a fitting status (400, 401, 404, 405, 413,
-502, 503); a caller never sees a stack trace.
+Every error is JSON ``{"error": "…"}`` with a fitting status (400, 401, 404, 405, 408, 409,
+413, 415, 502, 503); a caller never sees a stack trace.
 """
 
 from __future__ import annotations

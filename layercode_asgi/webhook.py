@@ -46,6 +46,8 @@ from ._asgi import (
     BodyTooLarge,
     JSONResponse,
     answer_lifespan,
+    compressed,
+    compressed_body_response,
     json_error_response,
     must_propagate,
     read_body,
@@ -345,6 +347,8 @@ class LayercodeWebhook:
         """
         started = time.perf_counter()
         response, event = await self._respond(body)
+        if event is None and response.status_code == 400 and compressed(scope):
+            response = compressed_body_response()  # unreadable because compressed: say so
         # What the log line needs, not the event: a turn waiting for its conversation keeps
         # no decoded copy of its body.
         kind = None if event is None else str(event.type)
