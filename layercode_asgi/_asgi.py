@@ -25,7 +25,7 @@ import msgspec
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, ResponseError
 
 __all__ = [
     "CLIENT_LEFT",
@@ -37,6 +37,7 @@ __all__ = [
     "check_route",
     "compressed",
     "compressed_body_response",
+    "error_response",
     "json_error",
     "json_error_response",
     "must_propagate",
@@ -236,6 +237,12 @@ def compressed_body_response() -> JSONResponse:
     :func:`compressed`)."""
     message = "the request body is compressed (Content-Encoding): send it uncompressed"
     return json_error_response(415, message, {"accept-encoding": "identity"})
+
+
+def error_response(error: ResponseError) -> JSONResponse:
+    """The JSON answer of a :class:`~layercode_asgi.errors.ResponseError` (its headers too)."""
+    headers = {name.decode(): value.decode() for name, value in error.headers}
+    return json_error_response(error.status_code, error.message, headers)
 
 
 def json_error_response(

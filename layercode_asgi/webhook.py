@@ -48,6 +48,7 @@ from ._asgi import (
     answer_lifespan,
     compressed,
     compressed_body_response,
+    error_response,
     json_error_response,
     must_propagate,
     read_body,
@@ -180,7 +181,7 @@ class _TurnRequest:
         except LayercodeError as exc:
             if acquired or isinstance(exc, ResponseError):
                 raise
-            raise _lock_failure(exc) from exc
+            raise _unavailable(exc, "could not lock the conversation") from exc
         except ValueError as exc:
             if acquired:
                 raise
@@ -399,9 +400,9 @@ class LayercodeWebhook:
         try:
             return await self._answer_json(event), event
         except ResponseError as exc:
-            return _answer(exc), event
+            return error_response(exc), event
         except LayercodeError as exc:
-            return _answer(_unavailable(exc, f"webhook {_kind(event)} failed")), event
+            return error_response(_unavailable(exc, f"webhook {_kind(event)} failed")), event
         except BaseException as exc:  # a hook's own kind too, as an agent's in a turn
             if must_propagate(exc):
                 raise
@@ -575,11 +576,6 @@ def _aborted(message: str) -> ResponseError:
     return ResponseError(503, message, retry_after=RETRY_AFTER_SECONDS)
 
 
-def _answer(exc: ResponseError) -> JSONResponse:
-    headers = {name.decode(): value.decode() for name, value in exc.headers}
-    return json_error_response(exc.status_code, exc.message, headers)
-
-
 def _invalid_id(exc: ValueError) -> ResponseError:
     """The 400 of a ``conversation_id`` the conversation store refuses (empty, too long)."""
     return ResponseError(400, f"invalid conversation_id: {exc}")
@@ -590,11 +586,6 @@ def _decode_turn(body: bytes | str | Mapping[str, Any] | None) -> TurnEvent:
     event = parse_webhook_payload(body)  # type: ignore[arg-type]  # validated before
     assert isinstance(event, SessionStartPayload | MessagePayload)
     return event
-
-
-def _lock_failure(exc: LayercodeError) -> ResponseError:
-    """The 503 of a turn that could not get its conversation's lock."""
-    return _unavailable(exc, "could not lock the conversation")
 
 
 def _log_not_recorded(event: TurnEvent) -> None:
