@@ -37,7 +37,7 @@ from .builtin_agents import (
 )
 from .config import Settings
 from .conversation import HistoryMessage
-from .errors import ConfigurationError
+from .errors import ConfigurationError, check_strs, check_type
 from .events import SessionStartPayload, TurnEvent
 from .redaction import escape_terminal
 
@@ -293,12 +293,16 @@ class AgentNotFoundError(ConfigurationError, LookupError):
     """No agent has that name; the message lists the names there are."""
 
     def __init__(self, name: str, available: Sequence[str]) -> None:
+        check_type("name", name, str, "a str")
         self.name = name
-        self.available = tuple(available)
+        self.available = check_strs("available", available, "a sequence of agent names (str)")
         super().__init__(
             f"no agent named {name!r}; available: {', '.join(self.available)} "
             "(or a 'package.module:attribute' import path)"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.available))
 
 
 def register_agent(name: str, factory: AgentFactory) -> None:
