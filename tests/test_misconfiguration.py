@@ -472,6 +472,18 @@ def test_a_secret_with_surrounding_whitespace_is_refused(secret: Any) -> None:
         LayercodeSignature(LayercodeWebhook(agent), secret=secret)
 
 
+@pytest.mark.parametrize("secret", ["whsec_new,whsec_old", "whsec_new, whsec_old", ["whsec_a,b"]])
+def test_a_secret_holding_a_comma_is_refused_pointing_to_the_list_form(secret: Any) -> None:
+    # secret=os.environ["LAYERCODE_WEBHOOK_SECRET"] during a rotation ("new,old", which
+    # Settings splits) was taken as one key LayerCode never signs with: every webhook got
+    # 401. LayerCode's secrets (whsec_ and base64 / hex characters) hold no comma.
+    with pytest.raises(
+        ConfigurationError, match=r"comma.*secret=\['whsec_new', 'whsec_old'\]"
+    ) as e:
+        LayercodeSignature(LayercodeWebhook(agent), secret=secret)
+    assert "whsec_a" not in str(e.value) and "whsec_new," not in str(e.value)
+
+
 def test_a_replay_cache_class_instead_of_a_cache_is_refused() -> None:
     # The class passed the check; every signed request was then answered 503 "replay
     # protection unavailable", a TypeError logged (seen() missing an argument).
