@@ -100,6 +100,8 @@ class ProtocolViolation(Exception):
         turn_id: str | None = None,
         status_code: int | None = None,
     ) -> None:
+        check_type("name", name, str, "a str (one of VIOLATIONS)")
+        check_type("detail", detail, str, "a str")
         if name not in VIOLATIONS:
             raise ValueError(f"unknown protocol violation name {name!r}")
         self.name = name

@@ -22,6 +22,7 @@ from layercode_asgi import (
     SignatureVerificationError,
     UnknownEventError,
 )
+from layercode_asgi.testing import ProtocolViolation
 
 #: One instance of each exported exception class, built as documented.
 EXAMPLES: list[BaseException] = [
@@ -115,3 +116,15 @@ def test_exceptions_built_as_documented_read_as_before() -> None:
     assert str(SettingsError(["A: bad"])) == "A: bad"
     reason = SignatureErrorReason.NO_MATCHING_SIGNATURE
     assert str(SignatureVerificationError(reason)) == "no matching signature"
+
+
+@pytest.mark.parametrize(
+    ("args", "argument"), [(([], "x"), "name"), ((5, "x"), "name"), (("missing-end", 5), "detail")]
+)
+def test_a_protocol_violation_built_with_the_wrong_type_names_the_argument(
+    args: tuple[Any, ...], argument: str
+) -> None:
+    # ProtocolViolation([], "x") said "unhashable type: 'list'"; a detail of 5 was taken.
+    with pytest.raises(TypeError, match=rf"^{argument} must be a str"):
+        ProtocolViolation(*args)
+    assert str(ProtocolViolation("missing-end", "x")) == "missing-end: x"
