@@ -25,7 +25,8 @@ import msgspec
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from .errors import ConfigurationError, ResponseError
+from .errors import ConfigurationError, ResponseError, check_type, kind_of
+from .redaction import escape_terminal
 
 __all__ = [
     "CLIENT_LEFT",
@@ -34,6 +35,7 @@ __all__ = [
     "JSONResponse",
     "answer_lifespan",
     "being_cancelled",
+    "check_headers",
     "check_route",
     "compressed",
     "compressed_body_response",
@@ -42,7 +44,6 @@ __all__ = [
     "json_error_response",
     "must_propagate",
     "read_body",
-    "response_headers",
     "route_path",
     "send_json_error",
 ]
@@ -51,36 +52,47 @@ _encode = msgspec.json.Encoder().encode
 
 #: An HTTP header name (RFC 9110's token): ``HEADER_NAME.fullmatch(name)``.
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-#: A response header value that goes out as it is: printable latin-1 and tabs (no CR, LF,
-#: NUL or other control character, which would end the line or be refused by the server).
-_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\xa0-\xff]*")
+#: A header value that goes out as it is: printable latin-1 (what a server writes) or ASCII
+#: (what an HTTP client writes) and tabs: no CR, LF, NUL or other control character, which
+#: would end the line or be refused.
+_HEADER_VALUE = {
+    False: re.compile(r"[\t\x20-\x7e\xa0-\xff]*").fullmatch,
+    True: re.compile(r"[\t\x20-\x7e]*").fullmatch,
+}
+#: The body's framing, which the server (or the HTTP client) writes, never the caller.
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
+_FRAMER = {
+    False: "the server frames a streamed body, not the app",
+    True: "the client sets it (the body's framing)",
+}
 
 
-def response_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
-    """``headers=`` of a streamed response as raw ASGI headers (lower-case names). A name
-    that is not an HTTP token, one of the body's framing (``Content-Length``,
-    ``Transfer-Encoding``: the server's to write), or a value that would not stay one
-    header line (CR, LF, NUL, a character beyond latin-1) is a ``ValueError`` naming it
-    (the value is not quoted); a name or value that is not a ``str``, a ``TypeError``."""
-    if not isinstance(headers, Mapping):
-        raise TypeError(
-            f"headers must be a mapping of names to values, not {type(headers).__name__}"
-        )
+def check_headers(
+    name: str, headers: Mapping[str, str], *, client: bool
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` (the argument ``name``) as raw headers (lower-case names), for a response
+    or, with ``client``, a request an HTTP client sends. A name that is not an HTTP token,
+    one of the body's framing (``Content-Length``, ``Transfer-Encoding``), or a value that
+    would not stay one header line (CR, LF, NUL, a character beyond latin-1 / ASCII for a
+    client) is a ``ValueError`` naming it (the value, maybe a credential, is not quoted); a
+    ``headers`` that is no mapping, a name or value that is not a ``str``, a ``TypeError``."""
+    check_type(name, headers, Mapping, "a mapping of header names to values")
+    value_ok = _HEADER_VALUE[client]
     raw = []
-    for name, value in headers.items():
-        if not isinstance(name, str) or not isinstance(value, str):
-            kinds = f"{type(name).__name__}: {type(value).__name__}"
-            raise TypeError(f"headers must map str names to str values, got {kinds}")
-        if not HEADER_NAME.fullmatch(name):
-            raise ValueError(f"headers {name!r}: not an HTTP header name")
-        if name.lower() in ("content-length", "transfer-encoding"):
-            raise ValueError(f"headers {name}: the server frames a streamed body, not the app")
-        if not _HEADER_VALUE.fullmatch(value):
+    for header, value in headers.items():
+        if not isinstance(header, str) or not isinstance(value, str):
+            kinds = f"{kind_of(header)}: {kind_of(value)}"
+            raise TypeError(f"{name} must map str names to str values, got {kinds}")
+        if not HEADER_NAME.fullmatch(header):
+            raise ValueError(f"{name} {escape_terminal(repr(header))}: not a valid header name")
+        if header.lower() in _FRAMING:
+            raise ValueError(f"{name} {header}: " + _FRAMER[client])
+        if not value_ok(value):
             raise ValueError(
-                f"headers {name}: the value must be printable latin-1 text on one line "
-                "(no CR, LF, NUL or other control character)"
+                f"{name} {header}: the value may hold only printable "
+                f"{'ASCII' if client else 'latin-1'} characters (no CR, LF, NUL or other control)"
             )
-        raw.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        raw.append((header.lower().encode("latin-1"), value.encode("latin-1")))
     return raw
 
 

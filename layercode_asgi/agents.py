@@ -37,7 +37,7 @@ from .builtin_agents import (
 )
 from .config import Settings
 from .conversation import HistoryMessage
-from .errors import ConfigurationError
+from .errors import ConfigurationError, check_strs, check_type, kind_of
 from .events import SessionStartPayload, TurnEvent
 from .redaction import escape_terminal
 
@@ -293,18 +293,30 @@ class AgentNotFoundError(ConfigurationError, LookupError):
     """No agent has that name; the message lists the names there are."""
 
     def __init__(self, name: str, available: Sequence[str]) -> None:
+        check_type("name", name, str, "a str")
         self.name = name
-        self.available = tuple(available)
+        self.available = check_strs("available", available, "a sequence of agent names (str)")
         super().__init__(
             f"no agent named {name!r}; available: {', '.join(self.available)} "
             "(or a 'package.module:attribute' import path)"
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.available))
+
 
 def register_agent(name: str, factory: AgentFactory) -> None:
-    """Make ``get_agent(name)`` build an agent with ``factory(settings)``."""
+    """Make ``get_agent(name)`` build an agent with ``factory(settings)``.
+
+    ``name`` must be a name ``LAYERCODE_AGENT`` can carry (it is stripped): non-empty,
+    printable (no control character, no lone surrogate), no whitespace around it."""
     if not isinstance(name, str):
-        raise TypeError(f"an agent name must be a str, got {type(name).__name__}")
+        raise TypeError(f"an agent name must be a str, got {kind_of(name)}")
+    if not name.isprintable() or name != name.strip() or not name:
+        raise ConfigurationError(
+            f"invalid agent name {name!r}: it must be non-empty and printable, without "
+            "whitespace around it (as LAYERCODE_AGENT can name it)"
+        )
     if not callable(factory):
         raise TypeError(f"the factory for {name!r} is not callable: factory(settings) -> agent")
     if inspect.iscoroutinefunction(factory):  # get_agent would return its coroutine
@@ -368,8 +380,9 @@ def get_agent(name: str, settings: Settings | None = None) -> Agent:
     that cannot run with these settings (a missing key) raises :class:`ConfigurationError`.
     """
     if not isinstance(name, str):
-        raise TypeError(f"an agent name must be a str, got {type(name).__name__}")
-    factory = _AGENTS.get(name)
+        raise TypeError(f"an agent name must be a str, got {kind_of(name)}")
+    check_type("settings", settings, Settings | None, "a Settings or None")
+    factory = _AGENTS.get(name)  # only names register_agent allows
     if factory is not None:
         agent = factory(settings)
         with contextlib.suppress(TypeError):  # not weakly referenceable, or not hashable

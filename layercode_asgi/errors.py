@@ -52,12 +52,16 @@ class ResponseError(LayercodeError):
             )
         if not 400 <= status_code <= 599:
             raise ValueError(f"status_code must be an int from 400 to 599, got {status_code!r}")
+        check_type("message", message, str, "a str")
         if retry_after is not None:
             check_positive_int(retry_after, "retry_after", zero=True)
         super().__init__(message)
         self.status_code = status_code
         self.message = message
         self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.status_code, self.message), vars(self))
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -71,13 +75,18 @@ class SettingsError(ConfigurationError):
     """One or more settings are invalid; ``problems`` lists each one (``"VAR: what"``)."""
 
     def __init__(self, problems: Iterable[str]) -> None:
-        self.problems: tuple[str, ...] = tuple(problems)
+        self.problems = check_strs("problems", problems, "an iterable of str")
+        if not self.problems:
+            raise ValueError("problems must name at least one problem")
         if len(self.problems) == 1:
             message = self.problems[0]
         else:
             lines = "\n".join(f"  - {problem}" for problem in self.problems)
             message = f"{len(self.problems)} invalid settings:\n{lines}"
         super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.problems,))
 
 
 #: The largest number any count, size or duration may be: a float's (every one is compared
@@ -169,6 +178,18 @@ def check_type(name: str, value: object, kind: Any, expected: str) -> None:
     or a union of them); ``expected`` says what it must be."""
     if not isinstance(value, kind):
         raise TypeError(f"{name} must be {expected}, got {kind_of(value)}")
+
+
+def check_strs(name: str, value: object, expected: str) -> tuple[str, ...]:
+    """``value`` (an iterable of ``str``, not one ``str``) as a tuple; else a ``TypeError``
+    naming the argument, saying it must be ``expected``."""
+    if isinstance(value, Iterable) and not isinstance(value, str | bytes):
+        items = tuple(value)
+        if all(isinstance(item, str) for item in items):
+            return items
+        shown = next(kind_of(item) for item in items if not isinstance(item, str))
+        raise TypeError(f"{name} must be {expected}, got an item that is a {shown}")
+    raise TypeError(f"{name} must be {expected}, got {kind_of(value)}")
 
 
 def kind_of(value: object) -> str:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Final, Literal, TypeAlias
 
 import msgspec
 
-from .errors import LayercodeError
+from .errors import LayercodeError, check_type
 from .jsonwire import without_lone_surrogates
 
 __all__ = [
@@ -72,6 +72,8 @@ class InvalidPayloadError(LayercodeError, ValueError):
     """
 
     def __init__(self, detail: str, path: str = "$") -> None:
+        check_type("detail", detail, str, "a str")
+        check_type("path", path, str, "a str")
         self.detail = detail
         self.path = path
         super().__init__(f"invalid webhook payload at `{path}`: {detail}")
@@ -91,6 +93,7 @@ class UnknownEventError(InvalidPayloadError):
     """
 
     def __init__(self, event_type: str) -> None:
+        check_type("event_type", event_type, str, "a str")
         self.event_type = event_type
         shown = event_type if len(event_type) <= 80 else event_type[:77] + "..."
         super().__init__(f"unknown event type {shown!r}", "$.type")

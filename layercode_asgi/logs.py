@@ -21,7 +21,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from .errors import check_type
+from .errors import check_positive_int, check_type
 
 __all__ = ["LOGGER_NAME", "WEBHOOK_LOGGER_NAME", "escape_log_value", "setup_logging"]
 
@@ -53,6 +53,7 @@ def _resolve_level(verbose: bool, level: int | str | None) -> int:
     if isinstance(level, bool) or not isinstance(level, int | str):
         raise TypeError(f"level must be an int or a str, got {type(level).__name__}")
     if isinstance(level, int):
+        check_positive_int(level, "level", zero=True)  # below 0 logs below DEBUG
         return level
     resolved = logging.getLevelName(level.strip().upper())
     if not isinstance(resolved, int):
@@ -77,7 +78,7 @@ def setup_logging(
         logfire_token: also send logs to Logfire when the ``logfire`` package is installed
             (a warning is logged if it is not); another type than ``str`` raises ``TypeError``.
         level: explicit level (``"WARNING"``, ``logging.ERROR``...), overriding ``verbose``;
-            an unknown name raises ``ValueError``, another type ``TypeError``.
+            an unknown name or a negative int raises ``ValueError``, another type ``TypeError``.
         log_format: ``"json"``: one JSON object per line (:class:`JsonFormatter`), with the
             record's structured fields (the webhook line's ``event_type``, ``status``…);
             ``"text"`` (the default): one line per record. Any other raises ``ValueError``.

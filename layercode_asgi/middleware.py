@@ -221,6 +221,12 @@ class LayercodeSignature:
                 "LayercodeSignature secret has whitespace around it (a copy-paste error or a "
                 "file's newline?), which LayerCode's secret does not have: pass secret.strip()"
             )
+        if any("," in s for s in secrets):  # never in LayerCode's (whsec_ + base64 / hex)
+            raise ConfigurationError(
+                "LayercodeSignature secret holds a comma: several secrets (a rotation) are a "
+                "list, secret=['whsec_new', 'whsec_old'] (Settings().webhook_secrets splits "
+                "LAYERCODE_WEBHOOK_SECRET on commas)"
+            )
         # One secret is passed as a ``str``: verify_signature's fast path takes exactly that.
         self._secrets: str | tuple[str, ...] = secrets[0] if len(secrets) == 1 else secrets
         check_positive_int(tolerance, "LayercodeSignature tolerance", zero=True)

@@ -6,7 +6,6 @@ reply, raising :class:`ProtocolViolation` with a stable name (:data:`VIOLATIONS`
 
 from __future__ import annotations
 
-import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -18,7 +17,7 @@ import anyio
 import httpx
 import msgspec
 
-from ._asgi import HEADER_NAME
+from ._asgi import check_headers
 from .errors import check_callable, check_positive_int, check_seconds, check_type, from_environment
 from .jsonwire import decode_json
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
@@ -101,6 +100,8 @@ class ProtocolViolation(Exception):
         turn_id: str | None = None,
         status_code: int | None = None,
     ) -> None:
+        check_type("name", name, str, "a str (one of VIOLATIONS)")
+        check_type("detail", detail, str, "a str")
         if name not in VIOLATIONS:
             raise ValueError(f"unknown protocol violation name {name!r}")
         self.name = name
@@ -142,25 +143,6 @@ def check_url(name: str, url: str) -> None:
         raise ValueError(f"{name} must be an http(s) URL, got {shown}")
     if port is not None and not 0 < port < 65536:
         raise ValueError(f"{name} has port {port}, expected 1 to 65535")
-
-
-#: Request headers the HTTP client writes itself (the body's framing): not to be overridden.
-_FRAMING: Final = frozenset({"content-length", "transfer-encoding"})
-#: What a header value may hold (visible ASCII, spaces and tabs): anything else cannot be sent.
-_HEADER_VALUE: Final = re.compile(r"[\t\x20-\x7e]*")
-
-
-def check_headers(name: str, headers: Mapping[str, str]) -> None:
-    """Raise ValueError naming ``name`` unless every one of ``headers`` can be sent as is."""
-    check_type(name, headers, Mapping, "a mapping of header names to values")
-    for header, value in headers.items():
-        if not isinstance(header, str) or not HEADER_NAME.fullmatch(header):
-            raise ValueError(f"{name} {escape_terminal(repr(header))}: not a valid header name")
-        if header.lower() in _FRAMING:
-            raise ValueError(f"{name} {header}: the client sets it (the body's framing)")
-        if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
-            # The value is not quoted: it may be a credential.
-            raise ValueError(f"{name} {header}: the value may hold only printable ASCII characters")
 
 
 def _brief(value: Any) -> str:
@@ -346,7 +328,7 @@ async def _exchange(
     late: str | Callable[[], str],
 ) -> AsyncIterator[httpx.Response]:
     """POST the signed ``event``, require a status in ``ok``; any failure is a ProtocolViolation."""
-    check_headers("headers", headers or {})
+    check_headers("headers", headers or {}, client=True)
     check_seconds("timeout", timeout, zero=False, none=False)
     check_positive_int(max_bytes, "max_bytes")
     body = encode_event(event)

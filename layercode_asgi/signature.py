@@ -32,8 +32,9 @@ import math
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-from .errors import LayercodeError, kind_of
+from .errors import LayercodeError, check_type, kind_of
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -81,9 +82,14 @@ class SignatureVerificationError(LayercodeError, ValueError):
     """
 
     def __init__(self, reason: SignatureErrorReason, detail: str | None = None) -> None:
+        check_type("reason", reason, SignatureErrorReason, "a SignatureErrorReason")
+        check_type("detail", detail, str | None, "a str or None")
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.reason, self.detail))
 
 
 def _to_bytes(value: bytes | bytearray | memoryview | str, name: str = "payload") -> bytes:

@@ -22,8 +22,9 @@ import anyio
 import httpx
 import msgspec
 
+from ._asgi import check_headers
 from .envfile import parse_env_file
-from .protocol import check_headers, check_url, new_client
+from .protocol import check_url, new_client
 from .redaction import escape_terminal, mask_url
 from .testing import (
     VIOLATIONS,
@@ -357,7 +358,7 @@ def _parse_headers(values: Sequence[str]) -> dict[str, str]:
             raise UsageError(f"--header {value!r}: expected NAME:VALUE")
         name, content = name.strip(), content.strip()
         try:
-            check_headers("--header", {name: content})
+            check_headers("--header", {name: content}, client=True)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         headers[name] = content

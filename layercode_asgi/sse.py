@@ -32,7 +32,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from ._asgi import json_error, must_propagate, response_headers, send_json_error
+from ._asgi import check_headers, json_error, must_propagate, send_json_error
 from .errors import ResponseError, check_positive_int, check_seconds, check_type
 from .jsonwire import escape_json_text_line_breaks
 
@@ -171,7 +171,7 @@ def create_sse_response(
         raise ValueError(f"status_code must be an int from 100 to 599, got {status_code!r}")
     merged = dict(SSE_HEADERS)
     if headers:
-        response_headers(headers)  # one line each, or ValueError / TypeError
+        check_headers("headers", headers, client=False)  # one line each, else an error
         merged.update({k.lower(): v for k, v in headers.items()})
     return EventSourceResponse(
         _items(generator),
@@ -231,7 +231,7 @@ class EventStreamResponse(Response):
         self.body = b""
         self.raw_headers = list(_RAW_SSE_HEADERS)
         if headers:  # a header given replaces the default of that name (never two)
-            given = response_headers(headers)
+            given = check_headers("headers", headers, client=False)
             names = {name for name, _ in given}
             self.raw_headers = [h for h in self.raw_headers if h[0] not in names] + given
         self.disconnected = False

@@ -17,6 +17,7 @@ import anyio.lowlevel
 import httpx
 
 from . import protocol
+from ._asgi import check_headers
 from .errors import check_positive_int, check_seconds, check_type, kind_of
 from .protocol import *  # noqa: F403 - the client's vocabulary, re-exported
 from .protocol import (
@@ -28,7 +29,6 @@ from .protocol import (
     ProtocolViolation,
     ReplyTooLarge,
     TurnResult,
-    check_headers,
     check_url,
     encode_event,
     http_violation,
@@ -316,8 +316,9 @@ class LayercodeTestClient:
         check_type("session_id", session_id, str | None, "a str or None")
         if base_url is not None:
             check_url("base_url", base_url)
-        check_headers("headers", headers or {})
-        check_headers("signature_header", {signature_header: ""})
+        check_headers("headers", headers or {}, client=True)
+        check_type("signature_header", signature_header, str, "a str")
+        check_headers("signature_header", {signature_header: ""}, client=True)
         check_seconds("timeout", timeout, zero=False, none=False)
         check_positive_int(max_bytes, "max_bytes")  # NaN would never trip, "5" fail later
         check_positive_int(max_events, "max_events")
@@ -427,7 +428,7 @@ class LayercodeTestClient:
         answered within ``timeout``: a ``timeout`` violation; an in-process reply past
         ``max_bytes``: ``too-large``; no connection: ``connection-error``.
         """
-        check_headers("headers", headers or {})
+        check_headers("headers", headers or {}, client=True)
         content = body.encode() if isinstance(body, str) else body
         if not isinstance(content, bytes):
             content = encode_event(content)

@@ -3,6 +3,7 @@ never taken and then failing on every request (a 500, a ``response.error``, a cr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +26,7 @@ from layercode_asgi import (
     TurnMetrics,
     create_app,
     get_agent,
+    list_agents,
     openai_agent,
     register_agent,
     setup_logging,
@@ -390,6 +392,42 @@ def test_register_agent_refuses_an_async_factory() -> None:
         register_agent("mine", factory)
 
 
+@pytest.mark.parametrize("name", ["", "  ", " mine", "mine\n", "mi\x00ne", "mi\x1b[2Jne", "\ud800"])
+def test_register_agent_refuses_a_name_no_lookup_can_find(name: str) -> None:
+    # Each was registered: LAYERCODE_AGENT / --agent strip it or refuse it (blank, not
+    # UTF-8), so no server could serve it; control characters reached list-agents raw.
+    with pytest.raises(ConfigurationError, match="agent name"):
+        register_agent(name, lambda settings: agent)
+    with pytest.raises(AgentNotFoundError, match="no agent named"):
+        get_agent(name)
+    assert name not in list_agents()
+
+
+def test_get_agent_refuses_settings_of_another_type() -> None:
+    # get_agent("echo", settings=5) was accepted (the echo factory ignores its settings).
+    with pytest.raises(TypeError, match="settings must be a Settings or None, got int"):
+        get_agent("echo", settings=5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("level", [-5, -1, 10**400], ids=["-5", "-1", "10**400"])
+def test_setup_logging_refuses_a_level_logging_cannot_use(level: int) -> None:
+    # -5 was taken (every record logged, below DEBUG); 10**400 too (nothing ever logged).
+    with pytest.raises(ValueError, match="level must be an integer >= 0"):
+        setup_logging(level=level)
+
+
+@pytest.mark.parametrize("level", [0, 5, 10, 50, 100, "warning", " Error "])
+def test_setup_logging_takes_levels_logging_knows(level: int | str) -> None:
+    logger = logging.getLogger("layercode_asgi")
+    before = logger.level
+    try:
+        setup_logging(level=level)
+        expected = level if isinstance(level, int) else logging.getLevelName(level.strip().upper())
+        assert logger.level == expected
+    finally:
+        logger.setLevel(before)
+
+
 # -- signatures as functions ---------------------------------------------------------------------
 
 
@@ -432,6 +470,18 @@ def test_a_secret_with_surrounding_whitespace_is_refused(secret: Any) -> None:
     # "no matching signature". Settings strips LAYERCODE_WEBHOOK_SECRET; this says so.
     with pytest.raises(ConfigurationError, match="whitespace around it"):
         LayercodeSignature(LayercodeWebhook(agent), secret=secret)
+
+
+@pytest.mark.parametrize("secret", ["whsec_new,whsec_old", "whsec_new, whsec_old", ["whsec_a,b"]])
+def test_a_secret_holding_a_comma_is_refused_pointing_to_the_list_form(secret: Any) -> None:
+    # secret=os.environ["LAYERCODE_WEBHOOK_SECRET"] during a rotation ("new,old", which
+    # Settings splits) was taken as one key LayerCode never signs with: every webhook got
+    # 401. LayerCode's secrets (whsec_ and base64 / hex characters) hold no comma.
+    with pytest.raises(
+        ConfigurationError, match=r"comma.*secret=\['whsec_new', 'whsec_old'\]"
+    ) as e:
+        LayercodeSignature(LayercodeWebhook(agent), secret=secret)
+    assert "whsec_a" not in str(e.value) and "whsec_new," not in str(e.value)
 
 
 def test_a_replay_cache_class_instead_of_a_cache_is_refused() -> None:

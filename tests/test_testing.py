@@ -556,6 +556,15 @@ def test_client_arguments_are_checked() -> None:
             LayercodeTestClient(echo_app(), secret=SECRET, headers=headers)
 
 
+@pytest.mark.parametrize("headers", [{"X-A": 5}, {"X-A": None}, {b"X-A": "v"}])
+def test_request_headers_of_another_type_are_a_type_error(headers: Any) -> None:
+    # It was a ValueError saying the value "may hold only printable ASCII characters" (or the
+    # name was "not a valid header name" for bytes): request and response headers were
+    # checked by two near-copies; response headers of another type were a TypeError.
+    with pytest.raises(TypeError, match=r"^headers must map str names to str values"):
+        LayercodeTestClient(echo_app(), secret=SECRET, headers=headers)
+
+
 @pytest.mark.anyio
 async def test_connection_error_is_named() -> None:
     with socket.socket() as sock:  # a port nobody listens on any more

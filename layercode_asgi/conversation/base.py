@@ -10,7 +10,7 @@ from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 import msgspec
 
-from ..errors import LayercodeError, check_seconds
+from ..errors import LayercodeError, check_seconds, check_type, kind_of
 
 Role = Literal["user", "assistant"]
 
@@ -50,12 +50,19 @@ class ConversationLockTimeout(LayercodeError, TimeoutError):
     """A conversation lock could not be acquired within the timeout."""
 
     def __init__(self, conversation_id: str, timeout: float) -> None:
+        check_type("conversation_id", conversation_id, str, "a str")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise TypeError(f"timeout must be a number of seconds, got {kind_of(timeout)}")
+        check_seconds("timeout", timeout, zero=True, none=False)
         self.conversation_id = conversation_id
         self.timeout = timeout
         super().__init__(
             f"could not lock conversation {conversation_id!r} within {timeout:g} s "
             "(another turn of this conversation is still running)"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.conversation_id, self.timeout))
 
 
 class DefaultTimeout(enum.Enum):
