@@ -34,6 +34,7 @@ from .markdown_blocks import parse_blocks, run_markdown_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
+PACKAGE = ROOT / "layercode_asgi"
 
 #: Blocks of each page that cannot run here; each carries its visible reason on the page.
 EXEMPTIONS: dict[str, int] = {
@@ -377,9 +378,11 @@ CODE_SPAN = re.compile(r"`([A-Za-z_][\w.]*)\(([^`]*)\)`")
 
 def test_every_install_command_installs_from_the_clone() -> None:
     """The package is not on PyPI (README, Install): every `pip install` of it that a reader
-    would run names the clone, not a PyPI name someone else may hold."""
+    would run names the clone, not a PyPI name someone else may hold: in the docs, the
+    examples, and the package's own messages (a missing extra's error) and docstrings."""
     wrong = []
-    for page in [*TEXT_PAGES, *sorted((ROOT / "examples").glob("*.py"))]:  # and the examples'
+    sources = [*sorted((ROOT / "examples").glob("*.py")), *sorted(PACKAGE.rglob("*.py"))]
+    for page in [*TEXT_PAGES, *sources]:
         for line in page.read_text().splitlines():
             if line.lstrip().startswith("#"):
                 continue  # "# pip install "layercode-asgi[server]"  # once it is published"
