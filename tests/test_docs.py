@@ -27,7 +27,7 @@ import anyio
 import msgspec
 import pytest
 
-from layercode_asgi import parse_webhook_payload
+from layercode_asgi import Settings, parse_webhook_payload
 from layercode_asgi.testing import LayercodeTestClient
 
 from .markdown_blocks import parse_blocks, run_markdown_file
@@ -175,6 +175,22 @@ def test_the_settings_page_is_generated_from_settings() -> None:
     assert "<!-- generated" not in rendered
     for line in settings_table_markdown().splitlines()[2:]:
         assert line in rendered
+
+
+def test_the_settings_page_says_how_keywords_are_named() -> None:
+    """settings.md's rule from a variable to its `Settings` keyword holds for every setting,
+    and names every variable that keeps its `LAYERCODE_` prefix."""
+    from layercode_asgi.config import SETTINGS_FIELDS
+
+    page = " ".join((DOCS / "settings.md").read_text().split())
+    rule = re.search(r"without its `LAYERCODE_` prefix \(.*?\), except (.*?), which keep it", page)
+    assert rule, "settings.md no longer states how keywords are named"
+    kept = set(re.findall(r"`(\w+)`", rule[1]))
+    for field in SETTINGS_FIELDS:
+        lower = field.env.lower()
+        assert field.name == (lower if field.name in kept else lower.removeprefix("layercode_"))
+    assert kept == {f.name for f in SETTINGS_FIELDS if f.name.startswith("layercode_")}
+    assert Settings(env_file=None, environ={}, turn_timeout=5).turn_timeout == 5
 
 
 @pytest.mark.parametrize(
