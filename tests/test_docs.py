@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import keyword
@@ -469,7 +470,12 @@ def test_every_signature_the_prose_quotes_binds_to_the_code() -> None:
                 bind = signature.bind_partial if rest else signature.bind
                 bind(*positional, **dict.fromkeys(keywords))
                 assert names[: len(positional)] == positional
-            except (TypeError, AssertionError):
+                if positional:  # a signature, not an example call: its defaults are the code's
+                    for key, value in re.findall(r"(\w+)=([^,]+)", span[2]):
+                        if not value.strip().startswith(("…", "...")):
+                            default = signature.parameters[key].default
+                            assert ast.literal_eval(value.strip()) == default
+            except (TypeError, AssertionError, KeyError):
                 wrong.append(
                     f"{page.name}: `{span[0].strip('`')}` but the code is {name}{signature}"
                 )
