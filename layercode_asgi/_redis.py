@@ -91,7 +91,7 @@ def import_redis(what: str) -> Any:
         import redis.asyncio as redis_asyncio
     except ImportError:
         raise ConfigurationError(
-            f"{what} needs the redis package: pip install 'layercode-asgi[redis]'"
+            f"{what} needs the redis package: pip install './layercode-asgi[redis]'"
         ) from None
     return redis_asyncio
 

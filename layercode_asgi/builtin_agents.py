@@ -59,7 +59,7 @@ def openai_agent(
         import openai
     except ImportError:
         raise ConfigurationError(
-            "the openai agent needs the OpenAI SDK: pip install 'layercode-asgi[openai]'"
+            "the openai agent needs the OpenAI SDK: pip install './layercode-asgi[openai]'"
         ) from None
     from .adapters import PhraseChunker
 
@@ -172,7 +172,7 @@ STARTER_PROMPT = (
     "answer in one to three short sentences, with no lists, markdown, emoji or links. "
     "If a request is unclear, ask one short question."
 )
-_PYDANTIC_AI_EXTRA = "pip install 'layercode-asgi[pydantic-ai]'"
+_PYDANTIC_AI_EXTRA = "pip install './layercode-asgi[pydantic-ai]'"
 _OPENAI_PROVIDERS = ("openai", "openai-responses", "openai-chat")
 _GOOGLE_PROVIDERS = ("google-gla", "google", "gemini")
 

@@ -85,7 +85,7 @@ def _uvicorn() -> Any:
     try:
         import uvicorn
     except ImportError:
-        raise UsageError("serving needs uvicorn: pip install 'layercode-asgi[server]'") from None
+        raise UsageError("serving needs uvicorn: pip install './layercode-asgi[server]'") from None
     return uvicorn
 
 

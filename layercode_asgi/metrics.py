@@ -381,8 +381,8 @@ def metrics_from_settings(
         if not sinks and not otel:
             raise ConfigurationError(
                 "LAYERCODE_METRICS=true needs prometheus-client or opentelemetry-api: "
-                "pip install 'layercode-asgi[prometheus]' (a /metrics route) or "
-                "'layercode-asgi[otel]'"
+                "pip install './layercode-asgi[prometheus]' (a /metrics route) or "
+                "'./layercode-asgi[otel]'"
             )
     if settings.logfire_token and installed("opentelemetry.trace"):
         otel = True

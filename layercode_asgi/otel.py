@@ -1,6 +1,6 @@
 """OpenTelemetry: a span per webhook request and the per-turn figures as OTel instruments.
 
-Needs the extra ``otel`` (``pip install 'layercode-asgi[otel]'``: opentelemetry-api only).
+Needs the extra ``otel`` (``pip install './layercode-asgi[otel]'``: opentelemetry-api only).
 What is recorded goes to the SDK and exporter the application configured (the global
 tracer and meter providers, or the ones passed in); without an SDK nothing is recorded.
 ``create_app`` uses it when ``LAYERCODE_METRICS=true`` and opentelemetry-api is installed,
@@ -28,7 +28,7 @@ try:
     from opentelemetry import trace
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError(
-        "layercode_asgi.otel needs opentelemetry-api: pip install 'layercode-asgi[otel]'"
+        "layercode_asgi.otel needs opentelemetry-api: pip install './layercode-asgi[otel]'"
     ) from exc
 
 from ._version import __version__

@@ -1,6 +1,6 @@
 """Prometheus: the per-turn metrics as prometheus-client counters, histograms and a gauge.
 
-Needs the extra ``prometheus`` (``pip install 'layercode-asgi[prometheus]'``); importing
+Needs the extra ``prometheus`` (``pip install './layercode-asgi[prometheus]'``); importing
 this module without it raises ``ImportError`` with that hint. ``create_app`` uses it when
 ``LAYERCODE_METRICS=true`` and serves the text format at ``/metrics`` (guarded by
 ``LAYERCODE_METRICS_API_KEYS`` when set). Anywhere else:
@@ -43,7 +43,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError(
         "layercode_asgi.prometheus needs prometheus-client: "
-        "pip install 'layercode-asgi[prometheus]'"
+        "pip install './layercode-asgi[prometheus]'"
     ) from exc
 from starlette.datastructures import Headers
 

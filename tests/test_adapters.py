@@ -495,9 +495,9 @@ def test_importing_the_package_needs_no_framework() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.splitlines() == [
-        "from_pydantic_ai needs the 'pydantic_ai' package: pip install 'layercode-asgi[pydantic-ai]'",
-        "from_langchain needs the 'langchain_core' package: pip install 'layercode-asgi[langchain]'",
-        "from_openai_agents needs the 'agents' package: pip install 'layercode-asgi[openai-agents]'",
+        "from_pydantic_ai needs the 'pydantic_ai' package: pip install './layercode-asgi[pydantic-ai]'",
+        "from_langchain needs the 'langchain_core' package: pip install './layercode-asgi[langchain]'",
+        "from_openai_agents needs the 'agents' package: pip install './layercode-asgi[openai-agents]'",
     ]
     assert issubclass(MissingExtraError, ImportError)
 

@@ -843,7 +843,7 @@ def test_a_redis_store_given_a_synchronous_client_names_the_argument() -> None:
 async def test_redis_store_without_the_redis_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "redis", None)
     monkeypatch.setitem(sys.modules, "redis.asyncio", None)
-    with pytest.raises(ConfigurationError, match=r"pip install 'layercode-asgi\[redis\]'"):
+    with pytest.raises(ConfigurationError, match=r"pip install '\./layercode-asgi\[redis\]'"):
         RedisConversationStore("redis://localhost")
     ConversationManager()  # the memory store needs nothing
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import keyword
@@ -22,18 +23,20 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import anyio
 import msgspec
 import pytest
 
-from layercode_asgi import parse_webhook_payload
+from layercode_asgi import Settings, parse_webhook_payload
 from layercode_asgi.testing import LayercodeTestClient
 
 from .markdown_blocks import parse_blocks, run_markdown_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
+PACKAGE = ROOT / "layercode_asgi"
 
 #: Blocks of each page that cannot run here; each carries its visible reason on the page.
 EXEMPTIONS: dict[str, int] = {
@@ -174,6 +177,22 @@ def test_the_settings_page_is_generated_from_settings() -> None:
     assert "<!-- generated" not in rendered
     for line in settings_table_markdown().splitlines()[2:]:
         assert line in rendered
+
+
+def test_the_settings_page_says_how_keywords_are_named() -> None:
+    """settings.md's rule from a variable to its `Settings` keyword holds for every setting,
+    and names every variable that keeps its `LAYERCODE_` prefix."""
+    from layercode_asgi.config import SETTINGS_FIELDS
+
+    page = " ".join((DOCS / "settings.md").read_text().split())
+    rule = re.search(r"without its `LAYERCODE_` prefix \(.*?\), except (.*?), which keep it", page)
+    assert rule, "settings.md no longer states how keywords are named"
+    kept = set(re.findall(r"`(\w+)`", rule[1]))
+    for field in SETTINGS_FIELDS:
+        lower = field.env.lower()
+        assert field.name == (lower if field.name in kept else lower.removeprefix("layercode_"))
+    assert kept == {f.name for f in SETTINGS_FIELDS if f.name.startswith("layercode_")}
+    assert Settings(env_file=None, environ={}, turn_timeout=5).turn_timeout == 5
 
 
 @pytest.mark.parametrize(
@@ -377,9 +396,11 @@ CODE_SPAN = re.compile(r"`([A-Za-z_][\w.]*)\(([^`]*)\)`")
 
 def test_every_install_command_installs_from_the_clone() -> None:
     """The package is not on PyPI (README, Install): every `pip install` of it that a reader
-    would run names the clone, not a PyPI name someone else may hold."""
+    would run names the clone, not a PyPI name someone else may hold: in the docs, the
+    examples, and the package's own messages (a missing extra's error) and docstrings."""
     wrong = []
-    for page in [*TEXT_PAGES, *sorted((ROOT / "examples").glob("*.py"))]:  # and the examples'
+    sources = [*sorted((ROOT / "examples").glob("*.py")), *sorted(PACKAGE.rglob("*.py"))]
+    for page in [*TEXT_PAGES, *sources]:
         for line in page.read_text().splitlines():
             if line.lstrip().startswith("#"):
                 continue  # "# pip install "layercode-asgi[server]"  # once it is published"
@@ -449,7 +470,12 @@ def test_every_signature_the_prose_quotes_binds_to_the_code() -> None:
                 bind = signature.bind_partial if rest else signature.bind
                 bind(*positional, **dict.fromkeys(keywords))
                 assert names[: len(positional)] == positional
-            except (TypeError, AssertionError):
+                if positional:  # a signature, not an example call: its defaults are the code's
+                    for key, value in re.findall(r"(\w+)=([^,]+)", span[2]):
+                        if not value.strip().startswith(("…", "...")):
+                            default = signature.parameters[key].default
+                            assert ast.literal_eval(value.strip()) == default
+            except (TypeError, AssertionError, KeyError):
                 wrong.append(
                     f"{page.name}: `{span[0].strip('`')}` but the code is {name}{signature}"
                 )
@@ -512,6 +538,99 @@ def test_every_option_of_the_middleware_is_in_its_table() -> None:
         default = parameters[name].default
         shown = f"{default:g}" if isinstance(default, float) else str(default)
         assert cell == "required" or cell.strip("`").startswith(shown), (name, cell, default)
+
+
+async def _refusal(app: object, headers: list[tuple[bytes, bytes]], body: bytes | None) -> str:
+    """What ``app`` answers a POST, as a table row's first cells: ``| 401 | `{...}` |``
+    (numbers as N); ``body=None``: a body that never arrives."""
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        if body is None:
+            await anyio.sleep_forever()
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": headers}
+    with anyio.fail_after(10):
+        await app(scope, receive, send)  # type: ignore[operator]
+    error = json.loads(sent[1]["body"])["error"]  # type: ignore[arg-type]
+    return f"| {sent[0]['status']} | `{json.dumps({'error': re.sub(r'[0-9.]+', 'N', error)})}` |"
+
+
+def test_the_middleware_page_shows_each_refusal_as_sent() -> None:
+    """Each row of middleware.md's Responses table is what the middleware sends, and the
+    table has a row for each refusal."""
+    from layercode_asgi import LayercodeSignature, RedisReplayCache, sign
+
+    passed: list[object] = []
+
+    async def app(scope: object, receive: object, send: Any) -> None:
+        passed.append(scope)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"error": "passed"}'})
+
+    body = b'{"type":"session.update","session_id":"s","conversation_id":"c"}'
+    signed = [(b"layercode-signature", sign(body, "whsec_r").encode())]
+    refused: list[tuple[dict[str, Any], list[tuple[bytes, bytes]], bytes | None]] = [
+        ({}, [], body),
+        ({}, [(b"layercode-signature", b"v1=ab")], body),
+        ({}, [(b"layercode-signature", sign(body, "whsec_r", timestamp=1).encode())], body),
+        ({}, [(b"layercode-signature", sign(body, "whsec_other").encode())], body),
+        ({"max_body_size": 10}, [*signed, (b"content-length", b"99")], body),
+        ({}, [*signed, (b"content-length", b"ten")], body),
+        ({"body_timeout": 0.01}, signed, None),
+        ({"replay_protection": (down := RedisReplayCache("redis://127.0.0.1:1/0"))}, signed, body),
+    ]
+
+    async def main() -> list[str]:
+        rows = []
+        for options, headers, sent_body in refused:
+            middleware = LayercodeSignature(app, secret="whsec_r", **options)
+            rows.append(await _refusal(middleware, headers, sent_body))
+        replays = LayercodeSignature(app, secret="whsec_r", replay_protection=True)
+        assert await _refusal(replays, signed, body) == '| 200 | `{"error": "passed"}` |'
+        rows.append(await _refusal(replays, signed, body))
+        await down.aclose()
+        return rows
+
+    rows = anyio.run(main)
+    assert len(passed) == 1  # the first delivery of the replayed one, no refused request
+    page = (DOCS / "middleware.md").read_text().split("## Responses")[1].split("\n## ")[0]
+    missing = [row for row in rows if row not in page]
+    assert not missing, "middleware.md's Responses table lacks:\n" + "\n".join(missing)
+    assert len(re.findall(r"^\| [45]\d\d \|", page, re.M)) == len(rows)  # and nothing else
+
+
+def test_the_metrics_page_names_what_a_scrape_and_an_exporter_show() -> None:
+    """metrics.md names every metric, instrument, outcome and rejection reason, and the
+    histogram buckets as the code has them; the README every Prometheus metric."""
+    prometheus = pytest.importorskip("layercode_asgi.prometheus")
+    otel = pytest.importorskip("layercode_asgi.otel")
+    from layercode_asgi import SignatureErrorReason
+    from layercode_asgi.metrics import OUTCOMES
+
+    page = " ".join((DOCS / "metrics.md").read_text().split())
+    readme = (ROOT / "README.md").read_text()
+    reasons = [reason.name.lower() for reason in SignatureErrorReason] + ["replayed"]
+    names = [*prometheus.METRIC_NAMES, *otel.INSTRUMENT_NAMES, *OUTCOMES, *reasons]
+    assert [name for name in names if f"`{name}`" not in page] == []
+    assert [name for name in prometheus.METRIC_NAMES if f"`{name}" not in readme] == []
+
+    def span(bounds: tuple[float, ...]) -> str:
+        low, high = bounds[0], bounds[-1]
+        return f"{low * 1000:g} ms to {high:g} s" if low < 0.1 else f"{low:g} s to {high:g} s"
+
+    first_tts = prometheus.FIRST_TTS_BUCKETS
+    ms = ", ".join(f"{b * 1000:g}" for b in first_tts if b < 1)
+    seconds = ", ".join(f"{b:g}" for b in first_tts if b >= 1)
+    buckets = (
+        f"first tts {ms} ms, {seconds} s; turn duration {span(prometheus.TURN_DURATION_BUCKETS)};"
+        f" lock wait {span(prometheus.LOCK_WAIT_BUCKETS)}."
+    )
+    assert buckets in page
 
 
 @pytest.mark.parametrize(

@@ -73,7 +73,7 @@ def test_starter_refuses_without_pydantic_ai(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(ConfigurationError) as info:
         get_agent("starter", settings(openai_api_key="sk-test"))
     assert one_line(info) == (
-        "the starter agent needs pydantic-ai: pip install 'layercode-asgi[pydantic-ai]'"
+        "the starter agent needs pydantic-ai: pip install './layercode-asgi[pydantic-ai]'"
     )
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "pydantic_ai.models.openai", None)  # no openai SDK
@@ -81,7 +81,7 @@ def test_starter_refuses_without_pydantic_ai(monkeypatch: pytest.MonkeyPatch) ->
         get_agent("starter", settings(openai_api_key="sk-test"))
     assert one_line(info) == (
         "the starter agent needs pydantic-ai's 'openai' models: "
-        "pip install 'layercode-asgi[pydantic-ai]'"
+        "pip install './layercode-asgi[pydantic-ai]'"
     )
 
 

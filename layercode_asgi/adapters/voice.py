@@ -84,7 +84,7 @@ def require_extra(module: str, extra: str, adapter: str) -> ModuleType:
     except ImportError as exc:
         raise MissingExtraError(
             f"{adapter} needs the {module.partition('.')[0]!r} package: "
-            f"pip install 'layercode-asgi[{extra}]'"
+            f"pip install './layercode-asgi[{extra}]'"
         ) from exc
 
 

@@ -7,7 +7,7 @@
   conversation and in number of conversations (least recently used dropped first).
 * :class:`RedisConversationStore`: shared by every worker process and machine (one Redis or
   a Redis Cluster); history is a Redis list with a TTL. Needs the ``redis`` extra:
-  ``pip install 'layercode-asgi[redis]'``.
+  ``pip install './layercode-asgi[redis]'``.
 
 Both stores lock fairly: a conversation's turns run one at a time, in the order they
 arrived (across processes for Redis). An unreachable store raises
