@@ -643,6 +643,28 @@ def test_a_multiprocess_directory_that_is_none_is_named(tmp_path: Any, kind: str
     )
 
 
+def test_a_multiprocess_directory_this_process_cannot_write_is_named(tmp_path: Any) -> None:
+    # It was a PermissionError traceback from prometheus-client's files at create_app (a
+    # FileNotFoundError naming a file for a directory that exists, on a read-only one).
+    if os.geteuid() == 0:  # root writes any mode: a directory no process may create files in
+        path = "/proc"
+    else:
+        path = str(tmp_path / "read-only")
+        os.mkdir(path, 0o555)
+    done = subprocess.run(
+        [sys.executable, "-c", MULTIPROC_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": path},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == (
+        f"PROMETHEUS_MULTIPROC_DIR ({path}) is not writable: every process writes its "
+        "figures there; give it a directory the server's user can write"
+    )
+
+
 SDK_LATER = """
 import time
 from opentelemetry import trace
