@@ -362,6 +362,30 @@ def test_settings_name_the_setting_of_a_key_no_client_can_send(setting: str) -> 
     assert "s3" not in str(info.value)
 
 
+@pytest.mark.parametrize("setting", ["metrics_api_keys", "authorize_api_keys"])
+@pytest.mark.parametrize(
+    ("key", "named"),
+    [(SECRET, "LAYERCODE_WEBHOOK_SECRET"), ("lc-api-key", "LAYERCODE_API_KEY")],
+)
+def test_a_route_key_that_is_a_server_secret_is_refused(setting: str, key: str, named: str) -> None:
+    """A key equal to the webhook secret (or LayerCode's API key) was taken: every scrape
+    (every browser's authorize call) then carried the secret that signs webhooks."""
+    settings = Settings(
+        env_file=None,
+        environ={},
+        metrics=True,
+        layercode_webhook_secret=f"whsec_rotated_out,{SECRET}",
+        layercode_api_key="lc-api-key",
+        **{setting: f"other-key,{key}"},
+    )
+    with pytest.raises(ConfigurationError) as info:
+        create_app(settings)
+    assert str(info.value) == (
+        f"LAYERCODE_{setting.upper()}[1] is the {named}: a client holding it could do what that secret "
+        "does; give the route a key of its own"
+    )
+
+
 _OPEN_METRICS = (
     "the metrics route /metrics is not guarded: anyone who can reach it can read the metrics "
     "(set LAYERCODE_METRICS_API_KEYS)"
