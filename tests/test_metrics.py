@@ -798,3 +798,47 @@ def test_a_client_leaving_while_its_turn_waits_for_the_lock_is_no_200(
             assert 'layercode_webhook_requests_total{event_type="message",status="499"}' in scraped
     lines = [r.getMessage() for r in caplog.records if r.name == "layercode_asgi.webhook"]
     assert any("turn=b status=499" in line for line in lines), lines
+
+
+def test_a_turn_the_server_cut_at_shutdown_is_aborted_not_a_client_disconnect() -> None:
+    # A server's own shutdown (uvicorn's timeout_graceful_shutdown) cancelling a running
+    # turn was counted as client_disconnect, though the caller never left.
+    memory = MemoryMetrics()
+    registry = prometheus_client.CollectorRegistry()
+    metrics = TurnMetrics(PrometheusMetrics(registry), memory)
+    webhook = LayercodeWebhook(scripted, turn_timeout=30, metrics=metrics)
+    body = event_body("message", turn_id="cut", text="linger")
+    with httpx.Client(timeout=10) as client:
+        with serve(webhook, timeout_graceful_shutdown=0.2) as url:
+            response = client.send(client.build_request("POST", url, content=body), stream=True)
+            lines = response.iter_lines()  # kept: a discarded iterator closes the connection
+            assert "response.tts" in next(lines)
+        # the server is gone; its shutdown cancelled the turn while the client still read
+        response.close()
+    ((record),) = memory.records
+    assert (record.turn_id, record.outcome) == ("cut", "aborted")
+    scraped = render_metrics(registry)[0].decode()
+    assert 'layercode_turns_total{outcome="aborted"} 1.0' in scraped
+    assert 'layercode_turns_total{outcome="client_disconnect"} 0.0' in scraped
+    assert "layercode_open_streams 0.0" in scraped
+
+
+@pytest.mark.parametrize("trio_worker", [False, True])
+def test_a_client_leaving_mid_stream_under_hypercorn_is_a_client_disconnect(
+    trio_worker: bool,
+) -> None:
+    # The other side of the test above: a caller who left is told apart from the server's
+    # own cancellation under Hypercorn's workers too (uvicorn: the module's conversation).
+    from .conftest import serve_hypercorn
+
+    memory = MemoryMetrics()
+    webhook = LayercodeWebhook(scripted, turn_timeout=30, metrics=TurnMetrics(memory))
+    body = event_body("message", turn_id="left", text="linger")
+    with serve_hypercorn(webhook, trio_worker=trio_worker) as url:
+        with httpx.Client(timeout=10) as client, client.stream("POST", url, content=body) as sent:
+            for line in sent.iter_lines():
+                if "response.tts" in line:
+                    break  # leave mid-stream: the connection closes
+        _wait_for(lambda: len(memory.records) == 1, "the turn to be recorded")
+    ((record),) = memory.records
+    assert (record.turn_id, record.outcome, record.status) == ("left", "client_disconnect", 200)
