@@ -19,6 +19,7 @@ see :data:`INSTRUMENT_NAMES` and docs/metrics.md.
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Final
 
@@ -32,7 +33,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
     ) from exc
 
 from ._version import __version__
-from .errors import check_type
+from .errors import ConfigurationError, check_type
 from .logs import cut_log_value
 from .metrics import (
     AGENT_ERROR,
@@ -69,6 +70,15 @@ def _histogram(meter: Any, name: str, description: str, buckets: tuple[float, ..
         return meter.create_histogram(name, unit="s", description=description)
 
 
+def _not_loaded(variable: str) -> ConfigurationError:
+    """OpenTelemetry raised loading the provider ``variable`` names (a misspelled name: a
+    bare ``StopIteration``)."""
+    return ConfigurationError(
+        f"{variable} ({os.environ.get(variable)}): OpenTelemetry could not load this "
+        "provider; is the name right and its package installed?"
+    )
+
+
 class OtelMetrics:
     """The sink sending spans and instruments through OpenTelemetry's API.
 
@@ -76,6 +86,9 @@ class OtelMetrics:
         tracer_provider: where spans go (default: the global one, as configured by the
             application's SDK, Logfire, …).
         meter_provider: where the instruments report (default: the global one).
+
+    A global provider named by ``OTEL_PYTHON_TRACER_PROVIDER`` or
+    ``OTEL_PYTHON_METER_PROVIDER`` that cannot be loaded is a ``ConfigurationError``.
     """
 
     def __init__(
@@ -90,11 +103,17 @@ class OtelMetrics:
         check_type(
             "meter_provider", meter_provider, otel_metrics.MeterProvider | None, "a MeterProvider"
         )
-        self._tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider)
+        try:  # the global one: loaded from OTEL_PYTHON_TRACER_PROVIDER if that is set
+            self._tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider)
+        except Exception as exc:
+            raise _not_loaded("OTEL_PYTHON_TRACER_PROVIDER") from exc
         self._global_tracer = tracer_provider is None
         self._sdk_seen = False
         self._next_sdk_check = -math.inf
-        meter = otel_metrics.get_meter(_SCOPE, __version__, meter_provider)
+        try:
+            meter = otel_metrics.get_meter(_SCOPE, __version__, meter_provider)
+        except Exception as exc:
+            raise _not_loaded("OTEL_PYTHON_METER_PROVIDER") from exc
         self._requests = meter.create_counter(
             "layercode.webhook.requests",
             unit="{request}",

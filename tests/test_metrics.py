@@ -689,6 +689,37 @@ def test_a_multiprocess_directory_this_process_cannot_write_is_named(tmp_path: A
     )
 
 
+PROVIDER_CHECK = """
+from layercode_asgi import ConfigurationError, Settings, create_app
+
+try:
+    create_app(Settings(env_file=None, environ={}, layercode_webhook_secret="whsec_o", metrics=True))
+except ConfigurationError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("variable", ["OTEL_PYTHON_TRACER_PROVIDER", "OTEL_PYTHON_METER_PROVIDER"])
+def test_an_opentelemetry_provider_that_cannot_be_loaded_is_named(variable: str) -> None:
+    # A misspelled provider name stopped create_app with a bare StopIteration traceback
+    # from OpenTelemetry's entry-point lookup. The global provider: a process of its own.
+    done = subprocess.run(
+        [sys.executable, "-c", PROVIDER_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+            variable: "sdk_tracer_provder",
+        },
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == (
+        f"{variable} (sdk_tracer_provder): OpenTelemetry could not load this provider; is "
+        "the name right and its package installed?"
+    )
+
+
 SDK_LATER = """
 import time
 from opentelemetry import trace
