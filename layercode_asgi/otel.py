@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 import os
 import time
+import weakref
+from collections.abc import MutableMapping
 from typing import Any, Final
 
 try:
@@ -77,6 +79,42 @@ def _not_loaded(variable: str) -> ConfigurationError:
         f"{variable} ({os.environ.get(variable)}): OpenTelemetry could not load this "
         "provider; is the name right and its package installed?"
     )
+
+
+class _OpenStreams:
+    """The turn streams running now, counted here and read by the SDK when it collects: an
+    SDK set up while turns run reads the right number (with an UpDownCounter, a turn's +1
+    went to the no-op instrument and its -1 to the SDK's). One per meter provider."""
+
+    __slots__ = ("__weakref__", "count", "registered")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.registered = False
+
+    def observe(self, options: otel_metrics.CallbackOptions) -> list[otel_metrics.Observation]:
+        return [otel_metrics.Observation(self.count)]
+
+
+_OPEN_GLOBAL = _OpenStreams()  # the sinks on the global meter provider
+_OPEN: MutableMapping[Any, _OpenStreams] = weakref.WeakKeyDictionary()
+
+
+def _open_streams(meter: Any, provider: object) -> _OpenStreams:
+    """The count of ``provider``'s sinks (an SDK keeps the first callback of a name only)."""
+    try:
+        holder = _OPEN_GLOBAL if provider is None else _OPEN.setdefault(provider, _OpenStreams())
+    except TypeError:  # a provider that cannot be weakly referenced: a count of its own
+        holder = _OpenStreams()
+    if not holder.registered:
+        holder.registered = True
+        meter.create_observable_up_down_counter(
+            "layercode.streams.open",
+            callbacks=[holder.observe],
+            unit="{stream}",
+            description="Turn streams running now.",
+        )
+    return holder
 
 
 class OtelMetrics:
@@ -140,9 +178,7 @@ class OtelMetrics:
             "Time from a turn's arrival until it held its conversation's lock.",
             LOCK_WAIT_BUCKETS,
         )
-        self._open = meter.create_up_down_counter(
-            "layercode.streams.open", unit="{stream}", description="Turn streams running now."
-        )
+        self._open = _open_streams(meter, meter_provider)
         self._rejections = meter.create_counter(
             "layercode.signature.rejections",
             unit="{request}",
@@ -176,7 +212,7 @@ class OtelMetrics:
         return span, token, start_ns
 
     def turn_started(self, record: WebhookRecord) -> None:
-        self._open.add(1)
+        self._open.count += 1
 
     def request_finished(self, record: WebhookRecord, state: Any) -> None:
         event_type = record.event_type or "unknown"
@@ -191,7 +227,7 @@ class OtelMetrics:
             if record.first_tts is not None:
                 self._first_tts.record(record.first_tts)
             if record.streaming:
-                self._open.add(-1)
+                self._open.count -= 1
                 if record.duration is not None:
                     self._duration.record(record.duration)
         if state is None:

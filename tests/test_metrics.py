@@ -720,6 +720,54 @@ def test_an_opentelemetry_provider_that_cannot_be_loaded_is_named(variable: str)
     )
 
 
+SDK_MID_TURN = """
+import anyio
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from layercode_asgi import LayercodeWebhook, TurnMetrics
+from layercode_asgi.otel import OtelMetrics
+from layercode_asgi.testing import LayercodeTestClient
+
+reader = InMemoryMetricReader()
+
+
+async def agent(event):
+    yield "Hello."
+    if event.text == "configure":  # the application sets its SDK up while this turn runs
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    yield " Bye."
+
+
+async def main():
+    webhook = LayercodeWebhook(agent, metrics=TurnMetrics(OtelMetrics()))
+    async with LayercodeTestClient(webhook, secret="whsec_unused", path="/") as client:
+        await client.message("configure")
+        await client.message("again")
+
+
+anyio.run(main)
+points = {
+    metric.name: [point.value for point in metric.data.data_points]
+    for resource in reader.get_metrics_data().resource_metrics
+    for scope in resource.scope_metrics
+    for metric in scope.metrics
+    if metric.name in ("layercode.streams.open", "layercode.turns")
+}
+print(points)
+"""
+
+
+def test_open_streams_stay_right_when_the_sdk_is_set_up_during_a_turn() -> None:
+    # The turn running when the SDK came counted +1 into the no-op instrument and -1 into
+    # the SDK's: layercode.streams.open read -1 from then on.
+    done = subprocess.run(
+        [sys.executable, "-c", SDK_MID_TURN], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "{'layercode.turns': [2], 'layercode.streams.open': [0]}"
+
+
 SDK_LATER = """
 import time
 from opentelemetry import trace
