@@ -448,6 +448,33 @@ def test_signature_rejections_by_reason() -> None:
     ]
 
 
+def test_an_on_rejected_callback_that_raises_leaves_the_answer_as_it_is(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A callback of the application's that raised (a counter of its own, say) turned each
+    # refused request into uvicorn's plain-text 500 instead of its 401/409 JSON.
+    def broken(reason: str) -> None:
+        raise RuntimeError(f"counter down ({reason})")
+
+    webhook = LayercodeWebhook(scripted)
+    app = LayercodeSignature(webhook, secret=SECRET, replay_protection=True, on_rejected=broken)
+    body = event_body("data")
+    headers = signed_headers(body)
+    with serve(app) as url:
+        post = lambda **h: httpx.post(url, content=body, headers=h)  # noqa: E731
+        missing = post()
+        assert missing.status_code == 401 and "error" in missing.json()
+        signed = headers["layercode-signature"]
+        wrong = signed[:-1] + ("1" if signed.endswith("0") else "0")
+        bad = post(**{"layercode-signature": wrong})
+        assert bad.status_code == 401 and "error" in bad.json()
+        assert post(**headers).status_code == 200
+        replayed = post(**headers)
+        assert replayed.status_code == 409 and "error" in replayed.json()
+    failures = [r for r in caplog.records if r.getMessage().startswith("on_rejected failed")]
+    assert len(failures) == 3
+
+
 def test_turns_without_a_store_wait_for_no_lock(caplog: pytest.LogCaptureFixture) -> None:
     memory = MemoryMetrics()
     webhook = LayercodeWebhook(scripted, conversations=None, metrics=TurnMetrics(memory))
