@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from .errors import ConfigurationError
 
-__all__ = ["api_key_allowed", "encode_keys", "sendable_key"]
+if TYPE_CHECKING:
+    from .config import Settings
+
+__all__ = ["api_key_allowed", "check_keys_apart", "encode_keys", "sendable_key"]
 
 
 def sendable_key(key: str) -> bool:
@@ -41,6 +45,25 @@ def encode_keys(keys: Iterable[str], name: str = "api_keys") -> tuple[bytes, ...
             )
         encoded.append(key.encode())
     return tuple(encoded)
+
+
+def check_keys_apart(settings: Settings) -> None:
+    """Refuse a route key (``/metrics``, authorize) that is the webhook secret or LayerCode's
+    API key: its callers (a scraper's config, a browser) would hold that secret."""
+    secrets = [(s, "LAYERCODE_WEBHOOK_SECRET") for s in settings.webhook_secrets]
+    if settings.layercode_api_key:
+        secrets.append((settings.layercode_api_key, "LAYERCODE_API_KEY"))
+    for name, keys in (
+        ("LAYERCODE_METRICS_API_KEYS", settings.metrics_api_keys),
+        ("LAYERCODE_AUTHORIZE_API_KEYS", settings.authorize_api_keys),
+    ):
+        for index, key in enumerate(keys):
+            for secret, secret_name in secrets:
+                if key == secret:
+                    raise ConfigurationError(
+                        f"{name}[{index}] is the {secret_name}: a client holding it could do "
+                        "what that secret does; give the route a key of its own"
+                    )
 
 
 def api_key_allowed(headers: Mapping[str, str], keys: tuple[bytes, ...]) -> bool:

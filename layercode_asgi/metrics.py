@@ -55,7 +55,7 @@ COMPLETED: Final = "completed"
 AGENT_ERROR: Final = "agent_error"
 TIMEOUT: Final = "timeout"
 CLIENT_DISCONNECT: Final = "client_disconnect"
-#: Ended by the server (``abort_turns``: shutting down).
+#: Ended by the server (``abort_turns``, or the server cancelling it): shutting down.
 ABORTED: Final = "aborted"
 #: Never ran: answered with an error before its stream began (503 lock timeout, 400, …).
 REJECTED: Final = "rejected"
@@ -267,6 +267,8 @@ class TurnMetrics:
                 outcome = _BY_STATUS.get(turn.status)
                 if outcome is None:
                     outcome = CLIENT_DISCONNECT if left else COMPLETED
+                elif outcome == CLIENT_DISCONNECT and not left:
+                    outcome = ABORTED  # cancelled by the server (its shutdown), not the caller
                 record.outcome = outcome
                 if turn.first_tts_at is not None:
                     record.first_tts = turn.first_tts_at - record.arrived

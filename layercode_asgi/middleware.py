@@ -168,7 +168,8 @@ class LayercodeSignature:
             error from it): 503, fail closed.
         on_rejected: called with the reason of each refused signature
             (``SignatureErrorReason`` name in lower case, e.g. ``no_matching_signature``,
-            or ``replayed``): the metrics' ``TurnMetrics.signature_rejected``.
+            or ``replayed``): the metrics' ``TurnMetrics.signature_rejected``. If it raises,
+            the error is logged and the refusal sent all the same.
     """
 
     __slots__ = (
@@ -324,8 +325,7 @@ class LayercodeSignature:
             timestamp = check_signature_header(signature, self.tolerance)
         except SignatureVerificationError as exc:
             _log_rejected(scope, exc)
-            if self.on_rejected is not None:
-                self.on_rejected(exc.reason.name.lower())
+            self._rejected(exc.reason.name.lower())
             await send_json_error(send, _EARLY_REJECTIONS[exc.reason])
             return None
 
@@ -352,14 +352,21 @@ class LayercodeSignature:
             verify_signature(body, signature, self._secrets, self.tolerance)
         except SignatureVerificationError as exc:
             _log_rejected(scope, exc)
-            if self.on_rejected is not None:
-                self.on_rejected(exc.reason.name.lower())
+            self._rejected(exc.reason.name.lower())
             await send_json_error(send, _REJECTIONS[exc.reason])
             return None
 
         if self._replay is not None and await self._is_replay(timestamp, body, send):
             return None
         return body
+
+    def _rejected(self, reason: str) -> None:
+        """Tell ``on_rejected``; an error of its own is logged, the answer is still sent."""
+        if self.on_rejected is not None:
+            try:
+                self.on_rejected(reason)
+            except Exception:
+                logger.exception("on_rejected failed (reason %s)", reason)
 
     async def _is_replay(self, timestamp: str, body: bytes, send: Send) -> bool:
         """Remember this delivery; answer 409 (or 503) and return True if it must stop."""
@@ -380,8 +387,7 @@ class LayercodeSignature:
             return True
         if seen:
             logger.warning("rejected replayed webhook (t=%s)", timestamp)
-            if self.on_rejected is not None:
-                self.on_rejected("replayed")
+            self._rejected("replayed")
             await send_json_error(send, _REPLAYED)
             return True
         return False

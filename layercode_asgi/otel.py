@@ -19,7 +19,10 @@ see :data:`INSTRUMENT_NAMES` and docs/metrics.md.
 from __future__ import annotations
 
 import math
+import os
 import time
+import weakref
+from collections.abc import MutableMapping
 from typing import Any, Final
 
 try:
@@ -32,7 +35,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
     ) from exc
 
 from ._version import __version__
-from .errors import check_type
+from .errors import ConfigurationError, check_type
 from .logs import cut_log_value
 from .metrics import (
     AGENT_ERROR,
@@ -69,6 +72,51 @@ def _histogram(meter: Any, name: str, description: str, buckets: tuple[float, ..
         return meter.create_histogram(name, unit="s", description=description)
 
 
+def _not_loaded(variable: str) -> ConfigurationError:
+    """OpenTelemetry raised loading the provider ``variable`` names (a misspelled name: a
+    bare ``StopIteration``)."""
+    return ConfigurationError(
+        f"{variable} ({os.environ.get(variable)}): OpenTelemetry could not load this "
+        "provider; is the name right and its package installed?"
+    )
+
+
+class _OpenStreams:
+    """The turn streams running now, counted here and read by the SDK when it collects: an
+    SDK set up while turns run reads the right number (with an UpDownCounter, a turn's +1
+    went to the no-op instrument and its -1 to the SDK's). One per meter provider."""
+
+    __slots__ = ("__weakref__", "count", "registered")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.registered = False
+
+    def observe(self, options: otel_metrics.CallbackOptions) -> list[otel_metrics.Observation]:
+        return [otel_metrics.Observation(self.count)]
+
+
+_OPEN_GLOBAL = _OpenStreams()  # the sinks on the global meter provider
+_OPEN: MutableMapping[Any, _OpenStreams] = weakref.WeakKeyDictionary()
+
+
+def _open_streams(meter: Any, provider: object) -> _OpenStreams:
+    """The count of ``provider``'s sinks (an SDK keeps the first callback of a name only)."""
+    try:
+        holder = _OPEN_GLOBAL if provider is None else _OPEN.setdefault(provider, _OpenStreams())
+    except TypeError:  # a provider that cannot be weakly referenced: a count of its own
+        holder = _OpenStreams()
+    if not holder.registered:
+        holder.registered = True
+        meter.create_observable_up_down_counter(
+            "layercode.streams.open",
+            callbacks=[holder.observe],
+            unit="{stream}",
+            description="Turn streams running now.",
+        )
+    return holder
+
+
 class OtelMetrics:
     """The sink sending spans and instruments through OpenTelemetry's API.
 
@@ -76,6 +124,9 @@ class OtelMetrics:
         tracer_provider: where spans go (default: the global one, as configured by the
             application's SDK, Logfire, …).
         meter_provider: where the instruments report (default: the global one).
+
+    A global provider named by ``OTEL_PYTHON_TRACER_PROVIDER`` or
+    ``OTEL_PYTHON_METER_PROVIDER`` that cannot be loaded is a ``ConfigurationError``.
     """
 
     def __init__(
@@ -90,11 +141,17 @@ class OtelMetrics:
         check_type(
             "meter_provider", meter_provider, otel_metrics.MeterProvider | None, "a MeterProvider"
         )
-        self._tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider)
+        try:  # the global one: loaded from OTEL_PYTHON_TRACER_PROVIDER if that is set
+            self._tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider)
+        except Exception as exc:
+            raise _not_loaded("OTEL_PYTHON_TRACER_PROVIDER") from exc
         self._global_tracer = tracer_provider is None
         self._sdk_seen = False
         self._next_sdk_check = -math.inf
-        meter = otel_metrics.get_meter(_SCOPE, __version__, meter_provider)
+        try:
+            meter = otel_metrics.get_meter(_SCOPE, __version__, meter_provider)
+        except Exception as exc:
+            raise _not_loaded("OTEL_PYTHON_METER_PROVIDER") from exc
         self._requests = meter.create_counter(
             "layercode.webhook.requests",
             unit="{request}",
@@ -121,9 +178,7 @@ class OtelMetrics:
             "Time from a turn's arrival until it held its conversation's lock.",
             LOCK_WAIT_BUCKETS,
         )
-        self._open = meter.create_up_down_counter(
-            "layercode.streams.open", unit="{stream}", description="Turn streams running now."
-        )
+        self._open = _open_streams(meter, meter_provider)
         self._rejections = meter.create_counter(
             "layercode.signature.rejections",
             unit="{request}",
@@ -157,7 +212,7 @@ class OtelMetrics:
         return span, token, start_ns
 
     def turn_started(self, record: WebhookRecord) -> None:
-        self._open.add(1)
+        self._open.count += 1
 
     def request_finished(self, record: WebhookRecord, state: Any) -> None:
         event_type = record.event_type or "unknown"
@@ -172,7 +227,7 @@ class OtelMetrics:
             if record.first_tts is not None:
                 self._first_tts.record(record.first_tts)
             if record.streaming:
-                self._open.add(-1)
+                self._open.count -= 1
                 if record.duration is not None:
                     self._duration.record(record.duration)
         if state is None:

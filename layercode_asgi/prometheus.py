@@ -253,7 +253,7 @@ class PrometheusMetrics:
 
     The names: :data:`METRIC_NAMES` (labels: ``event_type``, ``status``; ``outcome``;
     ``reason``). See docs/metrics.md. A ``PROMETHEUS_MULTIPROC_DIR`` that is not a
-    directory is a :class:`~layercode_asgi.errors.ConfigurationError`.
+    directory, or not writable, is a :class:`~layercode_asgi.errors.ConfigurationError`.
     """
 
     def __init__(self, registry: prometheus_client.CollectorRegistry | None = None) -> None:
@@ -268,7 +268,14 @@ class PrometheusMetrics:
         recorder = _BY_REGISTRY.get(self.registry)
         if recorder is None:
             if _multiprocess():
-                recorder = _Instruments(self.registry)
+                try:  # it writes its files at once (the histograms, each outcome at 0)
+                    recorder = _Instruments(self.registry)
+                except OSError as exc:  # read-only: PermissionError; /proc: not found
+                    raise ConfigurationError(
+                        f"PROMETHEUS_MULTIPROC_DIR ({directory}) is not writable: every "
+                        "process writes its figures there; give it a directory the server's "
+                        "user can write"
+                    ) from exc
             else:
                 recorder = _Figures()
                 self.registry.register(recorder)

@@ -45,6 +45,7 @@ from ._asgi import (
 from ._redis import REDIS_CLIENT
 from ._version import __version__
 from .agents import Agent, agent_name, get_agent
+from .apikeys import check_keys_apart
 from .authorize import AuthorizeGuard, AuthorizeRoute
 from .config import Settings
 from .conversation import ConversationManager, RedisConversationStore
@@ -250,7 +251,8 @@ def create_app(
     Raises:
         ConfigurationError: no webhook secret, an unknown agent, an agent that cannot run
             with these settings, an invalid ``authorize_timeout``, a route no request can
-            match as written or one on another route's path (:func:`check_routes`). Raised
+            match as written or one on another route's path (:func:`check_routes`), a route
+            key that is a secret (:func:`~layercode_asgi.apikeys.check_keys_apart`). Raised
             here, at start-up, never per request.
     """
     check_seconds("authorize_timeout", authorize_timeout, zero=False, none=False)
@@ -263,6 +265,7 @@ def create_app(
             "LAYERCODE_WEBHOOK_SECRET is not set: the webhook route would accept anything. "
             "Set it to your agent's webhook secret (LayerCode dashboard)."
         )
+    check_keys_apart(settings)
     if isinstance(agent, str) or agent is None:
         agent = get_agent(settings.agent if agent is None else agent, settings)
     conversations = (

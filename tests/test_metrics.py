@@ -362,6 +362,30 @@ def test_settings_name_the_setting_of_a_key_no_client_can_send(setting: str) -> 
     assert "s3" not in str(info.value)
 
 
+@pytest.mark.parametrize("setting", ["metrics_api_keys", "authorize_api_keys"])
+@pytest.mark.parametrize(
+    ("key", "named"),
+    [(SECRET, "LAYERCODE_WEBHOOK_SECRET"), ("lc-api-key", "LAYERCODE_API_KEY")],
+)
+def test_a_route_key_that_is_a_server_secret_is_refused(setting: str, key: str, named: str) -> None:
+    """A key equal to the webhook secret (or LayerCode's API key) was taken: every scrape
+    (every browser's authorize call) then carried the secret that signs webhooks."""
+    settings = Settings(
+        env_file=None,
+        environ={},
+        metrics=True,
+        layercode_webhook_secret=f"whsec_rotated_out,{SECRET}",
+        layercode_api_key="lc-api-key",
+        **{setting: f"other-key,{key}"},
+    )
+    with pytest.raises(ConfigurationError) as info:
+        create_app(settings)
+    assert str(info.value) == (
+        f"LAYERCODE_{setting.upper()}[1] is the {named}: a client holding it could do what that secret "
+        "does; give the route a key of its own"
+    )
+
+
 _OPEN_METRICS = (
     "the metrics route /metrics is not guarded: anyone who can reach it can read the metrics "
     "(set LAYERCODE_METRICS_API_KEYS)"
@@ -422,6 +446,33 @@ def test_signature_rejections_by_reason() -> None:
         "no_matching_signature",
         "replayed",
     ]
+
+
+def test_an_on_rejected_callback_that_raises_leaves_the_answer_as_it_is(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A callback of the application's that raised (a counter of its own, say) turned each
+    # refused request into uvicorn's plain-text 500 instead of its 401/409 JSON.
+    def broken(reason: str) -> None:
+        raise RuntimeError(f"counter down ({reason})")
+
+    webhook = LayercodeWebhook(scripted)
+    app = LayercodeSignature(webhook, secret=SECRET, replay_protection=True, on_rejected=broken)
+    body = event_body("data")
+    headers = signed_headers(body)
+    with serve(app) as url:
+        post = lambda **h: httpx.post(url, content=body, headers=h)  # noqa: E731
+        missing = post()
+        assert missing.status_code == 401 and "error" in missing.json()
+        signed = headers["layercode-signature"]
+        wrong = signed[:-1] + ("1" if signed.endswith("0") else "0")
+        bad = post(**{"layercode-signature": wrong})
+        assert bad.status_code == 401 and "error" in bad.json()
+        assert post(**headers).status_code == 200
+        replayed = post(**headers)
+        assert replayed.status_code == 409 and "error" in replayed.json()
+    failures = [r for r in caplog.records if r.getMessage().startswith("on_rejected failed")]
+    assert len(failures) == 3
 
 
 def test_turns_without_a_store_wait_for_no_lock(caplog: pytest.LogCaptureFixture) -> None:
@@ -643,6 +694,107 @@ def test_a_multiprocess_directory_that_is_none_is_named(tmp_path: Any, kind: str
     )
 
 
+def test_a_multiprocess_directory_this_process_cannot_write_is_named(tmp_path: Any) -> None:
+    # It was a PermissionError traceback from prometheus-client's files at create_app (a
+    # FileNotFoundError naming a file for a directory that exists, on a read-only one).
+    if os.geteuid() == 0:  # root writes any mode: a directory no process may create files in
+        path = "/proc"
+    else:
+        path = str(tmp_path / "read-only")
+        os.mkdir(path, 0o555)
+    done = subprocess.run(
+        [sys.executable, "-c", MULTIPROC_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": path},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == (
+        f"PROMETHEUS_MULTIPROC_DIR ({path}) is not writable: every process writes its "
+        "figures there; give it a directory the server's user can write"
+    )
+
+
+PROVIDER_CHECK = """
+from layercode_asgi import ConfigurationError, Settings, create_app
+
+try:
+    create_app(Settings(env_file=None, environ={}, layercode_webhook_secret="whsec_o", metrics=True))
+except ConfigurationError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("variable", ["OTEL_PYTHON_TRACER_PROVIDER", "OTEL_PYTHON_METER_PROVIDER"])
+def test_an_opentelemetry_provider_that_cannot_be_loaded_is_named(variable: str) -> None:
+    # A misspelled provider name stopped create_app with a bare StopIteration traceback
+    # from OpenTelemetry's entry-point lookup. The global provider: a process of its own.
+    done = subprocess.run(
+        [sys.executable, "-c", PROVIDER_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+            variable: "sdk_tracer_provder",
+        },
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == (
+        f"{variable} (sdk_tracer_provder): OpenTelemetry could not load this provider; is "
+        "the name right and its package installed?"
+    )
+
+
+SDK_MID_TURN = """
+import anyio
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from layercode_asgi import LayercodeWebhook, TurnMetrics
+from layercode_asgi.otel import OtelMetrics
+from layercode_asgi.testing import LayercodeTestClient
+
+reader = InMemoryMetricReader()
+
+
+async def agent(event):
+    yield "Hello."
+    if event.text == "configure":  # the application sets its SDK up while this turn runs
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    yield " Bye."
+
+
+async def main():
+    webhook = LayercodeWebhook(agent, metrics=TurnMetrics(OtelMetrics()))
+    async with LayercodeTestClient(webhook, secret="whsec_unused", path="/") as client:
+        await client.message("configure")
+        await client.message("again")
+
+
+anyio.run(main)
+points = {
+    metric.name: [point.value for point in metric.data.data_points]
+    for resource in reader.get_metrics_data().resource_metrics
+    for scope in resource.scope_metrics
+    for metric in scope.metrics
+    if metric.name in ("layercode.streams.open", "layercode.turns")
+}
+print(points)
+"""
+
+
+def test_open_streams_stay_right_when_the_sdk_is_set_up_during_a_turn() -> None:
+    # The turn running when the SDK came counted +1 into the no-op instrument and -1 into
+    # the SDK's: layercode.streams.open read -1 from then on.
+    done = subprocess.run(
+        [sys.executable, "-c", SDK_MID_TURN], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "{'layercode.turns': [2], 'layercode.streams.open': [0]}"
+
+
 SDK_LATER = """
 import time
 from opentelemetry import trace
@@ -752,3 +904,47 @@ def test_a_client_leaving_while_its_turn_waits_for_the_lock_is_no_200(
             assert 'layercode_webhook_requests_total{event_type="message",status="499"}' in scraped
     lines = [r.getMessage() for r in caplog.records if r.name == "layercode_asgi.webhook"]
     assert any("turn=b status=499" in line for line in lines), lines
+
+
+def test_a_turn_the_server_cut_at_shutdown_is_aborted_not_a_client_disconnect() -> None:
+    # A server's own shutdown (uvicorn's timeout_graceful_shutdown) cancelling a running
+    # turn was counted as client_disconnect, though the caller never left.
+    memory = MemoryMetrics()
+    registry = prometheus_client.CollectorRegistry()
+    metrics = TurnMetrics(PrometheusMetrics(registry), memory)
+    webhook = LayercodeWebhook(scripted, turn_timeout=30, metrics=metrics)
+    body = event_body("message", turn_id="cut", text="linger")
+    with httpx.Client(timeout=10) as client:
+        with serve(webhook, timeout_graceful_shutdown=0.2) as url:
+            response = client.send(client.build_request("POST", url, content=body), stream=True)
+            lines = response.iter_lines()  # kept: a discarded iterator closes the connection
+            assert "response.tts" in next(lines)
+        # the server is gone; its shutdown cancelled the turn while the client still read
+        response.close()
+    ((record),) = memory.records
+    assert (record.turn_id, record.outcome) == ("cut", "aborted")
+    scraped = render_metrics(registry)[0].decode()
+    assert 'layercode_turns_total{outcome="aborted"} 1.0' in scraped
+    assert 'layercode_turns_total{outcome="client_disconnect"} 0.0' in scraped
+    assert "layercode_open_streams 0.0" in scraped
+
+
+@pytest.mark.parametrize("trio_worker", [False, True])
+def test_a_client_leaving_mid_stream_under_hypercorn_is_a_client_disconnect(
+    trio_worker: bool,
+) -> None:
+    # The other side of the test above: a caller who left is told apart from the server's
+    # own cancellation under Hypercorn's workers too (uvicorn: the module's conversation).
+    from .conftest import serve_hypercorn
+
+    memory = MemoryMetrics()
+    webhook = LayercodeWebhook(scripted, turn_timeout=30, metrics=TurnMetrics(memory))
+    body = event_body("message", turn_id="left", text="linger")
+    with serve_hypercorn(webhook, trio_worker=trio_worker) as url:
+        with httpx.Client(timeout=10) as client, client.stream("POST", url, content=body) as sent:
+            for line in sent.iter_lines():
+                if "response.tts" in line:
+                    break  # leave mid-stream: the connection closes
+        _wait_for(lambda: len(memory.records) == 1, "the turn to be recorded")
+    ((record),) = memory.records
+    assert (record.turn_id, record.outcome, record.status) == ("left", "client_disconnect", 200)
