@@ -48,9 +48,11 @@ def openai_agent(
 
     The conversation's history is sent as context (after ``system_prompt``; none if blank
     or ``None``); every text delta is spoken as it arrives (whitespace alone with the next
-    one). Raises :class:`ConfigurationError` (``TypeError`` for an option of another type)
-    at once when the SDK is not installed, the key is empty or an option is unusable, so a
-    misconfigured server refuses to start instead of failing turns.
+    one). A provider's HTTP error fails the turn as a
+    :class:`~layercode_asgi.adapters.voice.ModelAPIError` (logged, the key masked). Raises
+    :class:`ConfigurationError` (``TypeError`` for an option of another type) at once when
+    the SDK is not installed, the key is empty or an option is unusable, so a misconfigured
+    server refuses to start instead of failing turns.
     """
     if api_key is None or (isinstance(api_key, str) and not api_key.strip()):
         raise ConfigurationError("the openai agent needs OPENAI_API_KEY")
@@ -62,6 +64,7 @@ def openai_agent(
             "the openai agent needs the OpenAI SDK: pip install 'layercode-asgi[openai]'"
         ) from None
     from .adapters import PhraseChunker
+    from .adapters.voice import model_api_error
 
     # A client's pooled connections belong to the event loop that opened them: one client
     # per loop (an app may serve turns on a later loop: each test on its own, trio after
@@ -87,14 +90,20 @@ def openai_agent(
             messages.append({"role": "system", "content": system_prompt})
         messages.extend({"role": m.role, "content": m.text} for m in model_history(context.history))
         messages.append({"role": "user", "content": text})
-        stream = await completions().create(model=model, messages=messages, stream=True)
         deltas = PhraseChunker("delta")  # whitespace alone goes out with the next delta
-        async for chunk in stream:
-            for choice in chunk.choices:
-                delta = choice.delta  # None in Azure's content-filter annotation chunks
-                if delta is not None and delta.content:
-                    for text in deltas.feed(delta.content):
-                        yield text
+        try:
+            stream = await completions().create(model=model, messages=messages, stream=True)
+            async for chunk in stream:
+                for choice in chunk.choices:
+                    delta = choice.delta  # None in Azure's content-filter annotation chunks
+                    if delta is not None and delta.content:
+                        for text in deltas.feed(delta.content):
+                            yield text
+        except Exception as exc:  # logged by the turn: the key masked in the provider's answer
+            failure = model_api_error(exc)
+            if failure is None:
+                raise
+            raise failure from None
 
     agent.__name__ = agent.__qualname__ = "openai_agent"
     agent.model = f"openai:{model}"  # type: ignore[attr-defined]  # shown by /ready

@@ -1,0 +1,132 @@
+"""Every model-backed agent against a provider that misbehaves as real ones do.
+
+The fake OpenAI API (:mod:`tests.fake_openai`) refuses (401, 429 with ``Retry-After``,
+5xx) or streams something broken; each agent of test_adapters.py's ``BUILDERS`` must end
+its turn with ``response.end`` (after ``response.error`` or the timeout fallback), keep
+the provider's answer and the key off the wire, and log the status with the key masked.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from layercode_asgi import Settings, create_app
+from layercode_asgi.testing import LayercodeTestClient, TurnResult
+
+from .conftest import SECRET, serve
+from .fake_openai import FakeOpenAI, Script, fake_openai, fake_openai_env
+from .test_adapters import BUILDERS
+
+KEY = "sk-test"  # what every agent of BUILDERS sends (OPENAI_API_KEY or its settings)
+#: A provider refusing the key, echoing it (as proxies and some providers do).
+REFUSAL = {
+    "error": {
+        "message": f"Incorrect API key provided: {KEY}. Check it at https://example.invalid",
+        "type": "invalid_request_error",
+        "code": "invalid_api_key",
+    }
+}
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAI]:
+    with fake_openai_env(monkeypatch) as server:
+        yield server
+
+
+async def turn_of(name: str, **settings: Any) -> TurnResult:
+    """One "hi" turn of ``create_app`` with agent ``name`` on a real uvicorn; the test
+    fails after 20 s."""
+    fields: dict[str, Any] = {"layercode_webhook_secret": SECRET, **settings}
+    app = create_app(Settings(env_file=None, environ={}, **fields), BUILDERS[name](False))
+    with serve(app) as base, anyio.fail_after(20):
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            return await client.message("hi")
+
+
+def ended_with_error(turn: TurnResult) -> bool:
+    types = [event["type"] for event in turn.events]
+    return types[-2:] == ["response.error", "response.end"] and types.count("response.end") == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_a_refused_key_is_logged_with_the_status_and_the_key_masked(
+    name: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the provider's error (its body echoing the API key) was logged as the SDK
+    raised it, key and all, in the message and in the traceback's chained exceptions."""
+    fake.push(Script(status=401, body=REFUSAL))
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        turn = await turn_of(name)
+    assert ended_with_error(turn)
+    assert turn.errors[0]["error"] == "agent error"
+    wire = msgspec.json.encode(turn.events).decode()
+    assert "Incorrect" not in wire and KEY not in wire
+    assert len(fake.requests) == 1  # a refused key is not retried
+    failures = [r for r in caplog.records if r.getMessage().startswith("agent failed")]
+    assert len(failures) == 1
+    assert "HTTP 401" in failures[0].getMessage()
+    assert "Incorrect API key provided: ***." in failures[0].getMessage()
+    assert KEY not in caplog.text  # nor in the traceback
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_rate_limits_and_server_errors_are_retried_a_bounded_number_of_times(
+    name: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    refusals = [
+        Script(status=429, body=REFUSAL, headers=[("retry-after", "0")]),
+        Script(status=500, body=REFUSAL),
+        Script(status=502, body=REFUSAL),
+        Script(status=503, body=REFUSAL, headers=[("retry-after", "0")]),
+    ] * 5
+    fake.push(*refusals)
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        turn = await turn_of(name)
+    assert ended_with_error(turn)
+    assert 1 < len(fake.requests) <= 4  # the SDK's own retries (2), then the failure
+    assert KEY not in caplog.text
+    status = {1: "429", 2: "500", 3: "502", 4: "503"}[len(fake.requests)]
+    assert f"HTTP {status}" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_a_base_url_with_credentials_and_a_slash_is_used_and_masked_in_the_log(
+    fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The base URL's user and password (which httpx sends as Basic auth, in place of the
+    key), echoed by a proxy refusing the request, are masked too."""
+    pytest.importorskip("openai")
+    from layercode_asgi.agents import openai_agent
+
+    basic = base64.b64encode(b"bob:PASSWORD9").decode()
+    echo = {"error": {"message": f"no route for bob:PASSWORD9 (Authorization: Basic {basic})"}}
+    with fake_openai() as (proxy, base_url):
+        proxy.push(Script(status=403, body=echo))
+        base = base_url.replace("http://", "http://bob:PASSWORD9@") + "/"
+        agent = openai_agent(api_key="sk-live-0123456789", base_url=base)
+        settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+        with (
+            caplog.at_level(logging.ERROR, logger="layercode_asgi"),
+            serve(create_app(settings, agent)) as url,
+            anyio.fail_after(20),
+        ):
+            async with LayercodeTestClient(base_url=url, secret=SECRET) as client:
+                turn = await client.message("hi")
+    assert ended_with_error(turn)
+    assert [request["path"] for request in proxy.requests] == ["/chat/completions"]
+    assert (
+        "HTTP 403" in caplog.text
+        and "no route for bob:*** (Authorization: Basic ***)" in caplog.text
+    )
+    assert "PASSWORD9" not in caplog.text and basic not in caplog.text
+    assert not fake.requests
