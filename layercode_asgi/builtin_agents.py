@@ -48,7 +48,8 @@ def openai_agent(
 
     The conversation's history is sent as context (after ``system_prompt``; none if blank
     or ``None``); every text delta is spoken as it arrives (whitespace alone with the next
-    one). A provider's HTTP error fails the turn as a
+    one). A provider's HTTP error, or a stream that ends without its ``finish_reason``,
+    fails the turn as a
     :class:`~layercode_asgi.adapters.voice.ModelAPIError` (logged, the key masked). Raises
     :class:`ConfigurationError` (``TypeError`` for an option of another type) at once when
     the SDK is not installed, the key is empty or an option is unusable, so a misconfigured
@@ -64,7 +65,7 @@ def openai_agent(
             "the openai agent needs the OpenAI SDK: pip install 'layercode-asgi[openai]'"
         ) from None
     from .adapters import PhraseChunker
-    from .adapters.voice import model_api_error
+    from .adapters.voice import ModelAPIError, model_api_error
 
     # A client's pooled connections belong to the event loop that opened them: one client
     # per loop (an app may serve turns on a later loop: each test on its own, trio after
@@ -91,6 +92,7 @@ def openai_agent(
         messages.extend({"role": m.role, "content": m.text} for m in model_history(context.history))
         messages.append({"role": "user", "content": text})
         deltas = PhraseChunker("delta")  # whitespace alone goes out with the next delta
+        finished = False
         try:
             stream = await completions().create(model=model, messages=messages, stream=True)
             async for chunk in stream:
@@ -99,11 +101,14 @@ def openai_agent(
                     if delta is not None and delta.content:
                         for text in deltas.feed(delta.content):
                             yield text
+                    finished = finished or choice.finish_reason is not None
         except Exception as exc:  # logged by the turn: the key masked in the provider's answer
             failure = model_api_error(exc)
             if failure is None:
                 raise
             raise failure from None
+        if not finished:  # a stream cut short (by a proxy, a provider) is not an answer
+            raise ModelAPIError("the model's answer ended before its finish_reason")
 
     agent.__name__ = agent.__qualname__ = "openai_agent"
     agent.model = f"openai:{model}"  # type: ignore[attr-defined]  # shown by /ready

@@ -48,6 +48,9 @@ class Script:
             (a provider refusing: 401, 429 with ``Retry-After``, 5xx).
         raw: send these body chunks as they are (200, ``text/event-stream``) instead of a
             stream made from ``text``: malformed SSE, non-UTF-8 bytes, a stream cut short.
+        garbage: sent as it is after the first delta (the stream then goes on): a malformed
+            event, bytes that are not UTF-8.
+        cut: end the body after the text deltas, without the finish (a stream cut short).
         delay: wait this long (in the fake's thread) before answering at all.
         pause: the pause between two chunks of the stream (a model trickling).
     """
@@ -61,6 +64,8 @@ class Script:
     body: Any = None
     headers: Sequence[tuple[str, str]] = ()
     raw: Sequence[bytes] | None = None
+    garbage: bytes | None = None
+    cut: bool = False
     delay: float = 0.0
     pause: float = PAUSE
 
@@ -214,6 +219,8 @@ class FakeOpenAI:
         sent = 0
         deltas = len(script.text)
         for kind, chunk in events:
+            if script.cut and kind in ("end", "tool"):
+                return
             if kind == "delta":
                 if script.fail_after is not None and sent >= script.fail_after:
                     raise ModelFailure("the fake model fails mid-stream")
@@ -226,6 +233,8 @@ class FakeOpenAI:
                 if sent == deltas:
                     self.last_delta_sent.set()
             yield chunk
+            if kind == "delta" and sent == 1 and script.garbage is not None:
+                yield script.garbage
             await anyio.sleep(script.pause)  # the model "thinks" between deltas
 
     # -- chat completions --------------------------------------------------------------------

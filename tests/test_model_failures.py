@@ -18,6 +18,7 @@ import msgspec
 import pytest
 
 from layercode_asgi import Settings, create_app
+from layercode_asgi.conversation import ConversationManager
 from layercode_asgi.testing import LayercodeTestClient, TurnResult
 
 from .conftest import SECRET, serve
@@ -130,3 +131,78 @@ async def test_a_base_url_with_credentials_and_a_slash_is_used_and_masked_in_the
     )
     assert "PASSWORD9" not in caplog.text and basic not in caplog.text
     assert not fake.requests
+
+
+@pytest.mark.anyio
+async def test_the_openai_agent_fails_a_stream_cut_short(
+    fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a chat completions stream that ended without its finish (no
+    ``finish_reason``, no ``[DONE]``: a proxy or the provider cut it) ended the turn as if
+    the answer were whole, with no ``response.error`` and nothing in the log."""
+    fake.push(Script(text=["One.", " Two.", " Three"], cut=True))
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        turn = await turn_of("openai")
+    assert turn.text == "One. Two. Three"  # spoken as it came
+    assert ended_with_error(turn)
+    assert "the model's answer ended before its finish_reason" in caplog.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize(
+    "garbage",
+    [b"data: {not json\n\n", b'data: {"choices": [{"delta": {"content": "\xff\xfe"}}]}\n\n'],
+    ids=["malformed-json", "not-utf-8"],
+)
+async def test_a_malformed_event_fails_the_turn(
+    name: str, garbage: bytes, fake: FakeOpenAI
+) -> None:
+    fake.push(Script(text=["Fine. ", "And the rest."], garbage=garbage))
+    turn = await turn_of(name)
+    assert ended_with_error(turn)
+    assert "And the rest." not in turn.text
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_a_model_stalling_past_the_turn_timeout_gets_the_fallback_and_the_history_holds_what_was_said(
+    name: str, fake: FakeOpenAI
+) -> None:
+    """The model stops before its last delta (held) past the turn's timeout: the fallback is
+    spoken, the turn ends, and the history records what the caller heard, not the rest."""
+    fake.push(Script(hold=True))
+    conversations = ConversationManager()
+    settings = Settings(
+        env_file=None,
+        environ={},
+        layercode_webhook_secret=SECRET,
+        turn_timeout=1.0,
+        turn_timeout_message="Sorry, one moment.",
+    )
+    app = create_app(settings, BUILDERS[name](False), conversations=conversations)
+    try:
+        with serve(app) as base, anyio.fail_after(20):
+            async with LayercodeTestClient(
+                base_url=base, secret=SECRET, conversation_id="conv_stall"
+            ) as client:
+                turn = await client.message("hi")
+    finally:
+        fake.release()
+    assert [event["type"] for event in turn.events][-2:] == ["response.tts", "response.end"]
+    assert turn.tts[-1] == "Sorry, one moment."
+    assert "you today?" not in turn.text
+    history = await conversations.get_history("conv_stall")
+    assert [(m.role, m.text) for m in history] == [("user", "hi"), ("assistant", turn.text)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_a_late_first_token_within_the_timeout_is_answered(
+    name: str, fake: FakeOpenAI
+) -> None:
+    fake.push(Script(delay=0.5))
+    turn = await turn_of(name, turn_timeout=10.0)
+    assert turn.text == "Hello there. How can I help you today?"
+    assert turn.errors == []

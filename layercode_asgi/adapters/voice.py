@@ -96,7 +96,8 @@ def require_extra(module: str, extra: str, adapter: str) -> ModuleType:
 
 
 class ModelAPIError(Exception):
-    """A model provider answered a request with an HTTP error (see :func:`model_api_error`)."""
+    """A model provider's answer failed: an HTTP error (see :func:`model_api_error`), or a
+    stream that ended before its finish (the ``openai`` agent)."""
 
 
 #: Request headers that carry a provider's key (``Authorization: Bearer …`` and others).
