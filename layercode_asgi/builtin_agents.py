@@ -48,8 +48,8 @@ def openai_agent(
 
     The conversation's history is sent as context (after ``system_prompt``; none if blank
     or ``None``); every text delta is spoken as it arrives (whitespace alone with the next
-    one). A provider's HTTP error, or a stream that ends without its ``finish_reason``,
-    fails the turn as a
+    one), and so is a refusal. A provider's HTTP error, a stream that ends without its
+    ``finish_reason`` or an answer without text fails the turn as a
     :class:`~layercode_asgi.adapters.voice.ModelAPIError` (logged, the key masked). Raises
     :class:`ConfigurationError` (``TypeError`` for an option of another type) at once when
     the SDK is not installed, the key is empty or an option is unusable, so a misconfigured
@@ -92,23 +92,29 @@ def openai_agent(
         messages.extend({"role": m.role, "content": m.text} for m in model_history(context.history))
         messages.append({"role": "user", "content": text})
         deltas = PhraseChunker("delta")  # whitespace alone goes out with the next delta
-        finished = False
+        finish: str | None = None
+        spoke = False
         try:
             stream = await completions().create(model=model, messages=messages, stream=True)
             async for chunk in stream:
                 for choice in chunk.choices:
                     delta = choice.delta  # None in Azure's content-filter annotation chunks
-                    if delta is not None and delta.content:
-                        for text in deltas.feed(delta.content):
+                    # a refusal is the answer: spoken, rather than silence
+                    piece = None if delta is None else delta.content or delta.refusal
+                    if piece:
+                        for text in deltas.feed(piece):
+                            spoke = True
                             yield text
-                    finished = finished or choice.finish_reason is not None
+                    finish = choice.finish_reason or finish
         except Exception as exc:  # logged by the turn: the key masked in the provider's answer
             failure = model_api_error(exc)
             if failure is None:
                 raise
             raise failure from None
-        if not finished:  # a stream cut short (by a proxy, a provider) is not an answer
+        if finish is None:  # a stream cut short (by a proxy, a provider) is not an answer
             raise ModelAPIError("the model's answer ended before its finish_reason")
+        if not spoke:  # empty, blank, a tool call: the caller would hear nothing
+            raise ModelAPIError(f"the model's answer held no text (finish_reason={finish})")
 
     agent.__name__ = agent.__qualname__ = "openai_agent"
     agent.model = f"openai:{model}"  # type: ignore[attr-defined]  # shown by /ready

@@ -206,3 +206,51 @@ async def test_a_late_first_token_within_the_timeout_is_answered(
     turn = await turn_of(name, turn_timeout=10.0)
     assert turn.text == "Hello there. How can I help you today?"
     assert turn.errors == []
+
+
+def chat_chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    """One chat completions stream event, as the API sends it."""
+    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    data = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    return b"data: " + msgspec.json.encode({**data, "choices": [choice]}) + b"\n\n"
+
+
+@pytest.mark.anyio
+async def test_the_openai_agent_speaks_a_refusal(fake: FakeOpenAI) -> None:
+    """Before: a refusal (the answer in the delta's ``refusal`` field, ``content`` empty)
+    ended the turn in silence."""
+    refusal = "I can't help with that."
+    fake.push(
+        Script(
+            raw=[
+                chat_chunk({"role": "assistant", "content": None, "refusal": ""}),
+                chat_chunk({"refusal": refusal}),
+                chat_chunk({}, "stop"),
+                b"data: [DONE]\n\n",
+            ]
+        )
+    )
+    turn = await turn_of("openai")
+    assert turn.text == refusal
+    assert turn.errors == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "script",
+    [Script(text=[]), Script(text=[" ", "\n"]), Script(text=[], tool_call=("lookup", "{}"))],
+    ids=["empty", "blank", "tool-call-only"],
+)
+async def test_the_openai_agent_fails_an_answer_without_text(
+    script: Script, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: an answer without text (empty, blank, or only a tool call the agent cannot
+    make) ended the turn with ``response.end`` alone: the caller heard nothing, and nothing
+    was logged."""
+    fake.push(script)
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        turn = await turn_of("openai")
+    assert ended_with_error(turn)
+    assert turn.tts == []
+    finish = "tool_calls" if script.tool_call else "stop"
+    assert f"the model's answer held no text (finish_reason={finish})" in caplog.text
