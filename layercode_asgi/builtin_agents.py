@@ -140,9 +140,14 @@ def _checked_options(model: Any, system_prompt: Any, base_url: Any, **keys: Any)
 
 
 def _split_model(spec: str) -> tuple[str, str]:
-    """``provider:model`` -> ``(provider, model)``; a bare model name is OpenAI's."""
-    provider, _, name = spec.partition(":")
-    return (provider, name) if name else ("openai", spec)
+    """``provider:model`` -> ``(provider, model)``, blanks around either cut; a bare model
+    name is OpenAI's. :class:`ConfigurationError` for a ``provider:`` without a model."""
+    provider, colon, name = spec.partition(":")
+    if not colon:
+        return "openai", spec.strip()
+    if not name.strip():
+        raise ConfigurationError(f"DEFAULT_MODEL {spec!r} names no model (provider:model)")
+    return provider.strip(), name.strip()
 
 
 def openai_factory(settings: Settings | None) -> Agent:
@@ -224,7 +229,7 @@ def _pydantic_ai_model(
             return GoogleModel(name, provider=GoogleProvider(api_key=google_api_key))
         from pydantic_ai.models import infer_model
 
-        return infer_model(spec)
+        return infer_model(f"{provider}:{name}")
     except ConfigurationError:
         raise
     except ImportError as exc:
@@ -276,7 +281,7 @@ def starter_agent(
         pydantic_ai.Agent(llm, instructions=system_prompt, name="starter"), welcome=welcome
     )
     agent.__name__ = agent.__qualname__ = "starter_agent"
-    agent.model = model if ":" in model else f"openai:{model}"  # type: ignore[attr-defined]  # /ready
+    agent.model = ":".join(_split_model(model))  # type: ignore[attr-defined]  # shown by /ready
     return agent
 
 

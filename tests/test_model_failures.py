@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import httpx
 import msgspec
 import pytest
 
-from layercode_asgi import Settings, create_app
+from layercode_asgi import ConfigurationError, Settings, create_app, get_agent
 from layercode_asgi.conversation import ConversationManager
 from layercode_asgi.testing import LayercodeTestClient, TurnResult
 
@@ -254,3 +255,36 @@ async def test_the_openai_agent_fails_an_answer_without_text(
     assert turn.tts == []
     finish = "tool_calls" if script.tool_call else "stop"
     assert f"the model's answer held no text (finish_reason={finish})" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["openai", "starter"])
+def test_a_default_model_without_a_model_name_refuses_to_start(name: str) -> None:
+    """Before: ``DEFAULT_MODEL=openai:`` started (``/ready`` showed ``openai:openai:`` for the
+    ``openai`` agent) and every turn asked the API for the model ``"openai:"``."""
+    pytest.importorskip("pydantic_ai" if name == "starter" else "openai")
+    settings = Settings(env_file=None, environ={}, openai_api_key=KEY, default_model="openai:")
+    with pytest.raises(ConfigurationError, match=r"^DEFAULT_MODEL 'openai:' names no model"):
+        get_agent(name, settings)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["openai", "starter"])
+async def test_blanks_around_the_default_models_name_are_not_sent(
+    name: str, fake: FakeOpenAI
+) -> None:
+    """Before: ``DEFAULT_MODEL=openai: gpt-x`` asked the API for the model ``" gpt-x"``."""
+    pytest.importorskip("pydantic_ai" if name == "starter" else "openai")
+    fields = {
+        "openai_api_key": KEY,
+        "default_model": "openai: gpt-x",
+        "layercode_webhook_secret": SECRET,
+    }
+    app = create_app(Settings(env_file=None, environ={}, **fields), name)
+    with serve(app) as base, anyio.fail_after(20):
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("hi")
+        async with httpx.AsyncClient() as http:
+            ready = (await http.get(base + "/ready")).json()
+    assert turn.text == "Hello there. How can I help you today?"
+    assert [request["body"]["model"] for request in fake.requests] == ["gpt-x"]
+    assert ready["model"] == "openai:gpt-x"
