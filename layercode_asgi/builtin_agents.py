@@ -159,9 +159,10 @@ def openai_factory(settings: Settings | None) -> Agent:
             f"DEFAULT_MODEL {model!r}: the openai agent serves 'openai:<model>' models only"
         )
     prompt = configured_system_prompt(settings)
+    key, base_url = settings.openai_api_key or "", settings.openai_base_url
     if prompt is None:
-        return openai_agent(api_key=settings.openai_api_key or "", model=name)
-    return openai_agent(api_key=settings.openai_api_key or "", model=name, system_prompt=prompt)
+        return openai_agent(api_key=key, model=name, base_url=base_url)
+    return openai_agent(api_key=key, model=name, system_prompt=prompt, base_url=base_url)
 
 
 def configured_system_prompt(settings: Settings) -> str | None:
@@ -260,8 +261,9 @@ def starter_agent(
     Speaks ``welcome`` on ``session.start``, then answers each message briefly with the
     conversation's history as context, phrase by phrase as the model streams. ``model`` is
     pydantic-ai's ``provider:model`` (``openai:``, ``openai-chat:``, ``google-gla:``; other
-    providers through pydantic-ai with their own environment keys). ``base_url`` (else
-    ``OPENAI_BASE_URL``) points ``openai`` models at any OpenAI-compatible API. Raises
+    providers through pydantic-ai with their own environment keys). ``base_url`` (else the
+    ``OPENAI_BASE_URL`` environment variable) points ``openai`` models at any
+    OpenAI-compatible API. Raises
     :class:`ConfigurationError` at once when pydantic-ai or the model's key is missing (a
     ``TypeError`` for an option of another type); a blank ``system_prompt`` is none.
     """
@@ -293,4 +295,5 @@ def starter_factory(settings: Settings | None) -> Agent:
         system_prompt=configured_system_prompt(settings) or STARTER_PROMPT,
         openai_api_key=settings.openai_api_key,
         google_api_key=settings.google_generativeai_api_key,
+        base_url=settings.openai_base_url,
     )

@@ -288,3 +288,32 @@ async def test_blanks_around_the_default_models_name_are_not_sent(
     assert turn.text == "Hello there. How can I help you today?"
     assert [request["body"]["model"] for request in fake.requests] == ["gpt-x"]
     assert ready["model"] == "openai:gpt-x"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["openai", "starter"])
+async def test_openai_base_url_in_the_env_file_is_used(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """Before: ``OPENAI_API_KEY`` was read from ``.env`` but ``OPENAI_BASE_URL`` was not
+    (the SDK reads the process environment only): the key went to OpenAI's API instead of
+    the one configured."""
+    pytest.importorskip("pydantic_ai" if name == "starter" else "openai")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with fake_openai() as (fake, base_url):
+        env_file = tmp_path / ".env"
+        env_file.write_text(f"OPENAI_API_KEY={KEY}\nOPENAI_BASE_URL={base_url}/\n")
+        settings = Settings(
+            env_file=env_file, environ={}, layercode_webhook_secret=SECRET, turn_timeout=5.0
+        )
+        with serve(create_app(settings, name)) as base, anyio.fail_after(20):
+            async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+                turn = await client.message("hi")
+    assert turn.text == "Hello there. How can I help you today?"
+    assert len(fake.requests) == 1
+    assert settings.openai_base_url == base_url  # without the trailing slash
+    masked = Settings(
+        env_file=None, environ={}, openai_base_url="https://bob:PASSWORD9@llm.example/v1/"
+    )
+    assert "PASSWORD9" not in repr(masked) and "bob:***@llm.example" in repr(masked)
