@@ -317,3 +317,20 @@ async def test_openai_base_url_in_the_env_file_is_used(
         env_file=None, environ={}, openai_base_url="https://bob:PASSWORD9@llm.example/v1/"
     )
     assert "PASSWORD9" not in repr(masked) and "bob:***@llm.example" in repr(masked)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["openai", "pydantic-ai-chat"])
+async def test_a_huge_or_multiline_provider_error_is_logged_on_one_bounded_line(
+    name: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the provider's error answer went into the traceback's last line as it was:
+    a megabyte of it, and its line breaks starting lines of their own in the log."""
+    body = {"error": {"message": "overloaded\nFORGED log line " + "x" * 1_000_000}}
+    fake.push(*[Script(status=400, body=body)] * 3)
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        turn = await turn_of(name)
+    assert ended_with_error(turn)
+    assert "HTTP 400" in caplog.text
+    assert len(caplog.text) < 50_000
+    assert not any(line.startswith("FORGED") for line in caplog.text.splitlines())

@@ -42,6 +42,7 @@ from typing import Any, Literal, TypeAlias
 
 from ..agents import Agent, Data, Hangup, Reply, TurnContext, TurnEvent
 from ..errors import ConfigurationError, check_callable, check_type, kind_of
+from ..logs import escape_log_value
 from ..redaction import MASK
 
 __all__ = [
@@ -129,7 +130,8 @@ def model_api_error(exc: BaseException) -> ModelAPIError | None:
     provider's HTTP error answer (an ``int`` ``status_code``); else ``None``.
 
     Its message names the status and keeps what the provider said (for the log), with the
-    request's key and the base URL's password masked: a provider or proxy may echo them.
+    request's key and the base URL's password masked (a provider or proxy may echo them),
+    escaped and cut to one bounded line (it is the traceback's last line too).
     """
     chain: list[BaseException] = []
     link: BaseException | None = exc
@@ -143,7 +145,7 @@ def model_api_error(exc: BaseException) -> ModelAPIError | None:
     for secret in _credentials(chain):
         message = message.replace(secret, MASK)
     status = getattr(answered, "status_code", 0)
-    return ModelAPIError(f"the model API answered HTTP {status}: {message}")
+    return ModelAPIError(f"the model API answered HTTP {status}: {escape_log_value(message)}")
 
 
 @dataclass(frozen=True, slots=True)
