@@ -48,9 +48,12 @@ def openai_agent(
 
     The conversation's history is sent as context (after ``system_prompt``; none if blank
     or ``None``); every text delta is spoken as it arrives (whitespace alone with the next
-    one). Raises :class:`ConfigurationError` (``TypeError`` for an option of another type)
-    at once when the SDK is not installed, the key is empty or an option is unusable, so a
-    misconfigured server refuses to start instead of failing turns.
+    one), and so is a refusal. A provider's HTTP error, a stream that ends without its
+    ``finish_reason`` or an answer without text fails the turn as a
+    :class:`~layercode_asgi.adapters.voice.ModelAPIError` (logged, the key masked). Raises
+    :class:`ConfigurationError` (``TypeError`` for an option of another type) at once when
+    the SDK is not installed, the key is empty or an option is unusable, so a misconfigured
+    server refuses to start instead of failing turns.
     """
     if api_key is None or (isinstance(api_key, str) and not api_key.strip()):
         raise ConfigurationError("the openai agent needs OPENAI_API_KEY")
@@ -62,6 +65,7 @@ def openai_agent(
             "the openai agent needs the OpenAI SDK: pip install './layercode-asgi[openai]'"
         ) from None
     from .adapters import PhraseChunker
+    from .adapters.voice import ModelAPIError, model_api_error
 
     # A client's pooled connections belong to the event loop that opened them: one client
     # per loop (an app may serve turns on a later loop: each test on its own, trio after
@@ -87,14 +91,30 @@ def openai_agent(
             messages.append({"role": "system", "content": system_prompt})
         messages.extend({"role": m.role, "content": m.text} for m in model_history(context.history))
         messages.append({"role": "user", "content": text})
-        stream = await completions().create(model=model, messages=messages, stream=True)
         deltas = PhraseChunker("delta")  # whitespace alone goes out with the next delta
-        async for chunk in stream:
-            for choice in chunk.choices:
-                delta = choice.delta  # None in Azure's content-filter annotation chunks
-                if delta is not None and delta.content:
-                    for text in deltas.feed(delta.content):
-                        yield text
+        finish: str | None = None
+        spoke = False
+        try:
+            stream = await completions().create(model=model, messages=messages, stream=True)
+            async for chunk in stream:
+                for choice in chunk.choices:
+                    delta = choice.delta  # None in Azure's content-filter annotation chunks
+                    # a refusal is the answer: spoken, rather than silence
+                    piece = None if delta is None else delta.content or delta.refusal
+                    if piece:
+                        for text in deltas.feed(piece):
+                            spoke = True
+                            yield text
+                    finish = choice.finish_reason or finish
+        except Exception as exc:  # logged by the turn: the key masked in the provider's answer
+            failure = model_api_error(exc)
+            if failure is None:
+                raise
+            raise failure from None
+        if finish is None:  # a stream cut short (by a proxy, a provider) is not an answer
+            raise ModelAPIError("the model's answer ended before its finish_reason")
+        if not spoke:  # empty, blank, a tool call: the caller would hear nothing
+            raise ModelAPIError(f"the model's answer held no text (finish_reason={finish})")
 
     agent.__name__ = agent.__qualname__ = "openai_agent"
     agent.model = f"openai:{model}"  # type: ignore[attr-defined]  # shown by /ready
@@ -120,9 +140,14 @@ def _checked_options(model: Any, system_prompt: Any, base_url: Any, **keys: Any)
 
 
 def _split_model(spec: str) -> tuple[str, str]:
-    """``provider:model`` -> ``(provider, model)``; a bare model name is OpenAI's."""
-    provider, _, name = spec.partition(":")
-    return (provider, name) if name else ("openai", spec)
+    """``provider:model`` -> ``(provider, model)``, blanks around either cut; a bare model
+    name is OpenAI's. :class:`ConfigurationError` for a ``provider:`` without a model."""
+    provider, colon, name = spec.partition(":")
+    if not colon:
+        return "openai", spec.strip()
+    if not name.strip():
+        raise ConfigurationError(f"DEFAULT_MODEL {spec!r} names no model (provider:model)")
+    return provider.strip(), name.strip()
 
 
 def openai_factory(settings: Settings | None) -> Agent:
@@ -134,9 +159,10 @@ def openai_factory(settings: Settings | None) -> Agent:
             f"DEFAULT_MODEL {model!r}: the openai agent serves 'openai:<model>' models only"
         )
     prompt = configured_system_prompt(settings)
+    key, base_url = settings.openai_api_key or "", settings.openai_base_url
     if prompt is None:
-        return openai_agent(api_key=settings.openai_api_key or "", model=name)
-    return openai_agent(api_key=settings.openai_api_key or "", model=name, system_prompt=prompt)
+        return openai_agent(api_key=key, model=name, base_url=base_url)
+    return openai_agent(api_key=key, model=name, system_prompt=prompt, base_url=base_url)
 
 
 def configured_system_prompt(settings: Settings) -> str | None:
@@ -204,7 +230,7 @@ def _pydantic_ai_model(
             return GoogleModel(name, provider=GoogleProvider(api_key=google_api_key))
         from pydantic_ai.models import infer_model
 
-        return infer_model(spec)
+        return infer_model(f"{provider}:{name}")
     except ConfigurationError:
         raise
     except ImportError as exc:
@@ -235,8 +261,9 @@ def starter_agent(
     Speaks ``welcome`` on ``session.start``, then answers each message briefly with the
     conversation's history as context, phrase by phrase as the model streams. ``model`` is
     pydantic-ai's ``provider:model`` (``openai:``, ``openai-chat:``, ``google-gla:``; other
-    providers through pydantic-ai with their own environment keys). ``base_url`` (else
-    ``OPENAI_BASE_URL``) points ``openai`` models at any OpenAI-compatible API. Raises
+    providers through pydantic-ai with their own environment keys). ``base_url`` (else the
+    ``OPENAI_BASE_URL`` environment variable) points ``openai`` models at any
+    OpenAI-compatible API. Raises
     :class:`ConfigurationError` at once when pydantic-ai or the model's key is missing (a
     ``TypeError`` for an option of another type); a blank ``system_prompt`` is none.
     """
@@ -256,7 +283,7 @@ def starter_agent(
         pydantic_ai.Agent(llm, instructions=system_prompt, name="starter"), welcome=welcome
     )
     agent.__name__ = agent.__qualname__ = "starter_agent"
-    agent.model = model if ":" in model else f"openai:{model}"  # type: ignore[attr-defined]  # /ready
+    agent.model = ":".join(_split_model(model))  # type: ignore[attr-defined]  # shown by /ready
     return agent
 
 
@@ -268,4 +295,5 @@ def starter_factory(settings: Settings | None) -> Agent:
         system_prompt=configured_system_prompt(settings) or STARTER_PROMPT,
         openai_api_key=settings.openai_api_key,
         google_api_key=settings.google_generativeai_api_key,
+        base_url=settings.openai_base_url,
     )

@@ -330,6 +330,9 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
        "Model used by the built-in LLM agents.", convert=_non_empty_str),
     _F("openai_api_key", "OPENAI_API_KEY", "str | None", None, "OpenAI API key.", secret=True,
        convert=_header_value),
+    _F("openai_base_url", "OPENAI_BASE_URL", "http(s) URL | None", None,
+       "OpenAI-compatible API of the built-in LLM agents; unset = OpenAI's.",
+       convert=lambda value: None if value is None else _http_url(value)),
     _F("google_generativeai_api_key", "GOOGLE_GENERATIVEAI_API_KEY", "str | None", None,
        "Google Generative AI API key.", secret=True, convert=_header_value),
     _F("system_prompt", "LAYERCODE_SYSTEM_PROMPT", "str | None", None,
@@ -417,7 +420,7 @@ def settings_table_markdown() -> str:
 
 
 #: Settings holding a URL, shown with any credentials masked.
-_URL_FIELDS = frozenset({"redis_url", "layercode_api_url"})
+_URL_FIELDS = frozenset({"redis_url", "layercode_api_url", "openai_base_url"})
 
 _UNSET: Any = object()
 _FROZEN = "Settings is immutable; use settings.replace(...)"
@@ -457,6 +460,7 @@ class Settings:
     redis_cluster: bool
     default_model: str
     openai_api_key: str | None
+    openai_base_url: str | None
     google_generativeai_api_key: str | None
     system_prompt: str | None
     system_prompt_file: str | None

@@ -44,6 +44,15 @@ class Script:
         hold: wait for :meth:`FakeOpenAI.release` before the last delta.
         filter_annotations: chat completions only: after the text, a chunk whose choice
             has no ``delta`` (what Azure OpenAI's asynchronous content filter sends).
+        status: answer this HTTP status instead, with ``body`` (JSON) and ``headers``
+            (a provider refusing: 401, 429 with ``Retry-After``, 5xx).
+        raw: send these body chunks as they are (200, ``text/event-stream``) instead of a
+            stream made from ``text``: malformed SSE, non-UTF-8 bytes, a stream cut short.
+        garbage: sent as it is after the first delta (the stream then goes on): a malformed
+            event, bytes that are not UTF-8.
+        cut: end the body after the text deltas, without the finish (a stream cut short).
+        delay: wait this long (in the fake's thread) before answering at all.
+        pause: the pause between two chunks of the stream (a model trickling).
     """
 
     text: Sequence[str] = DEFAULT_TEXT
@@ -51,6 +60,14 @@ class Script:
     fail_after: int | None = None
     hold: bool = False
     filter_annotations: bool = False
+    status: int | None = None
+    body: Any = None
+    headers: Sequence[tuple[str, str]] = ()
+    raw: Sequence[bytes] | None = None
+    garbage: bytes | None = None
+    cut: bool = False
+    delay: float = 0.0
+    pause: float = PAUSE
 
 
 class ModelFailure(Exception):
@@ -148,7 +165,13 @@ class FakeOpenAI:
         self.requests.append({"path": path, "body": request})
         script = self.scripts.popleft() if self.scripts else Script()
         chat = path == "/chat/completions"
-        if not request.get("stream"):
+        if script.delay:
+            await anyio.sleep(script.delay)
+        if script.status is not None:
+            headers = [(name.encode(), value.encode()) for name, value in script.headers]
+            await self._json(send, script.status, script.body, headers)
+            return
+        if not request.get("stream") and script.raw is None:
             await self._json(send, 200, self._complete(request, script, chat))
             return
         await send(
@@ -158,7 +181,12 @@ class FakeOpenAI:
                 "headers": [(b"content-type", b"text/event-stream")],
             }
         )
-        events = self._chat_stream(request, script) if chat else self._responses_stream(script)
+        if script.raw is not None:
+            events: Iterator[tuple[str, bytes]] = (("raw", chunk) for chunk in script.raw)
+        elif chat:
+            events = self._chat_stream(request, script)
+        else:
+            events = self._responses_stream(script)
         finished = False
         async with anyio.create_task_group() as group:
 
@@ -176,9 +204,11 @@ class FakeOpenAI:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             group.cancel_scope.cancel()
 
-    async def _json(self, send: Any, status: int, data: Any) -> None:
+    async def _json(
+        self, send: Any, status: int, data: Any, extra: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
         payload = msgspec.json.encode(data)
-        headers = [(b"content-type", b"application/json")]
+        headers = [(b"content-type", b"application/json"), *extra]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
@@ -189,6 +219,8 @@ class FakeOpenAI:
         sent = 0
         deltas = len(script.text)
         for kind, chunk in events:
+            if script.cut and kind in ("end", "tool"):
+                return
             if kind == "delta":
                 if script.fail_after is not None and sent >= script.fail_after:
                     raise ModelFailure("the fake model fails mid-stream")
@@ -201,7 +233,9 @@ class FakeOpenAI:
                 if sent == deltas:
                     self.last_delta_sent.set()
             yield chunk
-            await anyio.sleep(PAUSE)  # the model "thinks" between deltas
+            if kind == "delta" and sent == 1 and script.garbage is not None:
+                yield script.garbage
+            await anyio.sleep(script.pause)  # the model "thinks" between deltas
 
     # -- chat completions --------------------------------------------------------------------
 

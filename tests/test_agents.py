@@ -138,13 +138,13 @@ class FakeOpenAI:
         self.requests.append({"body": body, "auth": request.headers.get("authorization")})
 
         async def chunks() -> AsyncIterator[bytes]:
-            for piece in ("Hel", "lo ", "there."):
+            for piece, finish in (("Hel", None), ("lo ", None), ("there.", None), ("", "stop")):
                 chunk = {
                     "id": "c1",
                     "object": "chat.completion.chunk",
                     "created": int(time.time()),
                     "model": body["model"],
-                    "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+                    "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": finish}],
                 }
                 yield b"data: " + msgspec.json.encode(chunk) + b"\n\n"
             yield b"data: [DONE]\n\n"

@@ -22,6 +22,10 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
   :func:`hang_up` (a ``response.hangup``, sent after the rest of the answer has been
   spoken, so the model can still say goodbye). :func:`current_turn` gives the turn's
   :class:`~layercode_asgi.agents.TurnContext` (conversation id, metadata, history).
+* **Provider errors.** A provider's HTTP error answer (an exception with a ``status_code``,
+  or one raised from it) becomes a :class:`ModelAPIError` naming the status and what the
+  provider said, with the request's key masked: the turn logs it, the caller only hears
+  ``agent error``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from typing import Any, Literal, TypeAlias
 
 from ..agents import Agent, Data, Hangup, Reply, TurnContext, TurnEvent
 from ..errors import ConfigurationError, check_callable, check_type, kind_of
+from ..logs import escape_log_value
+from ..redaction import MASK
 
 __all__ = [
     "DEFAULT_FILLER",
@@ -45,10 +51,12 @@ __all__ = [
     "Chunking",
     "Filler",
     "MissingExtraError",
+    "ModelAPIError",
     "PhraseChunker",
     "ToolCall",
     "current_turn",
     "hang_up",
+    "model_api_error",
     "require_extra",
     "require_object",
     "send_data",
@@ -86,6 +94,58 @@ def require_extra(module: str, extra: str, adapter: str) -> ModuleType:
             f"{adapter} needs the {module.partition('.')[0]!r} package: "
             f"pip install './layercode-asgi[{extra}]'"
         ) from exc
+
+
+class ModelAPIError(Exception):
+    """A model provider's answer failed: an HTTP error (see :func:`model_api_error`), or a
+    stream that ended before its finish (the ``openai`` agent)."""
+
+
+#: Request headers that carry a provider's key (``Authorization: Bearer …`` and others).
+_KEY_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
+
+
+def _credentials(chain: list[BaseException]) -> set[str]:
+    """The keys and URL passwords of the HTTP requests the exceptions of ``chain`` hold."""
+    found = set()
+    for exc in chain:
+        for holder in (exc, getattr(exc, "response", None)):
+            try:
+                request = getattr(holder, "request", None)
+            except RuntimeError:  # httpx: an error raised without its request
+                continue
+            headers: Any = getattr(request, "headers", None) or {}
+            for name in _KEY_HEADERS:
+                value = headers.get(name)
+                if isinstance(value, str) and value.strip():
+                    found.add(value.strip().rpartition(" ")[2])  # without "Bearer "
+            password = getattr(getattr(request, "url", None), "password", None)
+            if isinstance(password, str) and password:
+                found.add(password)
+    return {secret for secret in found if len(secret) >= 4}
+
+
+def model_api_error(exc: BaseException) -> ModelAPIError | None:
+    """``exc`` as a :class:`ModelAPIError` when it, or an exception it was raised from, is a
+    provider's HTTP error answer (an ``int`` ``status_code``); else ``None``.
+
+    Its message names the status and keeps what the provider said (for the log), with the
+    request's key and the base URL's password masked (a provider or proxy may echo them),
+    escaped and cut to one bounded line (it is the traceback's last line too).
+    """
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and len(chain) < 8:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    answered = next((e for e in chain if isinstance(getattr(e, "status_code", None), int)), None)
+    if answered is None:
+        return None
+    message = f"{type(answered).__name__}: {answered}"
+    for secret in _credentials(chain):
+        message = message.replace(secret, MASK)
+    status = getattr(answered, "status_code", 0)
+    return ModelAPIError(f"the model API answered HTTP {status}: {escape_log_value(message)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,29 +290,36 @@ async def speak(
 ) -> AsyncGenerator[Reply, None]:
     """The spoken replies of a framework run: chunked text, filler, tool actions, hangup.
 
-    ``pieces`` is closed when the replies stop early (a disconnect cancels the turn).
+    ``pieces`` is closed when the replies stop early (a disconnect cancels the turn); a
+    provider's HTTP error is raised as a :class:`ModelAPIError` (see :func:`model_api_error`).
     """
     chunker = PhraseChunker(chunking)
     actions = _Actions(context)
     token = _ACTIONS.set(actions)
     try:
         filled = False
-        async with aclosing(pieces):
-            async for piece in pieces:
-                if isinstance(piece, ToolCall):
-                    rest = chunker.flush()
-                    if rest is not None:
-                        yield rest
-                    if not filled:
-                        text = filler(piece.name) if callable(filler) else filler
-                        if text and not text.isspace():
-                            filled = True
-                            yield text
-                else:
-                    for phrase in chunker.feed(piece):
-                        yield phrase
-                while actions.replies:
-                    yield actions.replies.popleft()
+        try:
+            async with aclosing(pieces):
+                async for piece in pieces:
+                    if isinstance(piece, ToolCall):
+                        rest = chunker.flush()
+                        if rest is not None:
+                            yield rest
+                        if not filled:
+                            text = filler(piece.name) if callable(filler) else filler
+                            if text and not text.isspace():
+                                filled = True
+                                yield text
+                    else:
+                        for phrase in chunker.feed(piece):
+                            yield phrase
+                    while actions.replies:
+                        yield actions.replies.popleft()
+        except Exception as exc:
+            failure = model_api_error(exc)
+            if failure is None:
+                raise
+            raise failure from None
         rest = chunker.flush()
         if rest is not None:
             yield rest

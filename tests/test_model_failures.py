@@ -1,0 +1,336 @@
+"""Every model-backed agent against a provider that misbehaves as real ones do.
+
+The fake OpenAI API (:mod:`tests.fake_openai`) refuses (401, 429 with ``Retry-After``,
+5xx) or streams something broken; each agent of test_adapters.py's ``BUILDERS`` must end
+its turn with ``response.end`` (after ``response.error`` or the timeout fallback), keep
+the provider's answer and the key off the wire, and log the status with the key masked.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+import pytest
+
+from layercode_asgi import ConfigurationError, Settings, create_app, get_agent
+from layercode_asgi.conversation import ConversationManager
+from layercode_asgi.testing import LayercodeTestClient, TurnResult
+
+from .conftest import SECRET, serve
+from .fake_openai import FakeOpenAI, Script, fake_openai, fake_openai_env
+from .test_adapters import BUILDERS
+
+KEY = "sk-test"  # what every agent of BUILDERS sends (OPENAI_API_KEY or its settings)
+#: A provider refusing the key, echoing it (as proxies and some providers do).
+REFUSAL = {
+    "error": {
+        "message": f"Incorrect API key provided: {KEY}. Check it at https://example.invalid",
+        "type": "invalid_request_error",
+        "code": "invalid_api_key",
+    }
+}
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAI]:
+    with fake_openai_env(monkeypatch) as server:
+        yield server
+
+
+async def turn_of(name: str, **settings: Any) -> TurnResult:
+    """One "hi" turn of ``create_app`` with agent ``name`` on a real uvicorn; the test
+    fails after 20 s."""
+    fields: dict[str, Any] = {"layercode_webhook_secret": SECRET, **settings}
+    app = create_app(Settings(env_file=None, environ={}, **fields), BUILDERS[name](False))
+    with serve(app) as base, anyio.fail_after(20):
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            return await client.message("hi")
+
+
+def ended_with_error(turn: TurnResult) -> bool:
+    types = [event["type"] for event in turn.events]
+    return types[-2:] == ["response.error", "response.end"] and types.count("response.end") == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_a_refused_key_is_logged_with_the_status_and_the_key_masked(
+    name: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the provider's error (its body echoing the API key) was logged as the SDK
+    raised it, key and all, in the message and in the traceback's chained exceptions."""
+    fake.push(Script(status=401, body=REFUSAL))
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        turn = await turn_of(name)
+    assert ended_with_error(turn)
+    assert turn.errors[0]["error"] == "agent error"
+    wire = msgspec.json.encode(turn.events).decode()
+    assert "Incorrect" not in wire and KEY not in wire
+    assert len(fake.requests) == 1  # a refused key is not retried
+    failures = [r for r in caplog.records if r.getMessage().startswith("agent failed")]
+    assert len(failures) == 1
+    assert "HTTP 401" in failures[0].getMessage()
+    assert "Incorrect API key provided: ***." in failures[0].getMessage()
+    assert KEY not in caplog.text  # nor in the traceback
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_rate_limits_and_server_errors_are_retried_a_bounded_number_of_times(
+    name: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    refusals = [
+        Script(status=429, body=REFUSAL, headers=[("retry-after", "0")]),
+        Script(status=500, body=REFUSAL),
+        Script(status=502, body=REFUSAL),
+        Script(status=503, body=REFUSAL, headers=[("retry-after", "0")]),
+    ] * 5
+    fake.push(*refusals)
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        turn = await turn_of(name)
+    assert ended_with_error(turn)
+    assert 1 < len(fake.requests) <= 4  # the SDK's own retries (2), then the failure
+    assert KEY not in caplog.text
+    status = {1: "429", 2: "500", 3: "502", 4: "503"}[len(fake.requests)]
+    assert f"HTTP {status}" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_a_base_url_with_credentials_and_a_slash_is_used_and_masked_in_the_log(
+    fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The base URL's user and password (which httpx sends as Basic auth, in place of the
+    key), echoed by a proxy refusing the request, are masked too."""
+    pytest.importorskip("openai")
+    from layercode_asgi.agents import openai_agent
+
+    basic = base64.b64encode(b"bob:PASSWORD9").decode()
+    echo = {"error": {"message": f"no route for bob:PASSWORD9 (Authorization: Basic {basic})"}}
+    with fake_openai() as (proxy, base_url):
+        proxy.push(Script(status=403, body=echo))
+        base = base_url.replace("http://", "http://bob:PASSWORD9@") + "/"
+        agent = openai_agent(api_key="sk-live-0123456789", base_url=base)
+        settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+        with (
+            caplog.at_level(logging.ERROR, logger="layercode_asgi"),
+            serve(create_app(settings, agent)) as url,
+            anyio.fail_after(20),
+        ):
+            async with LayercodeTestClient(base_url=url, secret=SECRET) as client:
+                turn = await client.message("hi")
+    assert ended_with_error(turn)
+    assert [request["path"] for request in proxy.requests] == ["/chat/completions"]
+    assert (
+        "HTTP 403" in caplog.text
+        and "no route for bob:*** (Authorization: Basic ***)" in caplog.text
+    )
+    assert "PASSWORD9" not in caplog.text and basic not in caplog.text
+    assert not fake.requests
+
+
+@pytest.mark.anyio
+async def test_the_openai_agent_fails_a_stream_cut_short(
+    fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a chat completions stream that ended without its finish (no
+    ``finish_reason``, no ``[DONE]``: a proxy or the provider cut it) ended the turn as if
+    the answer were whole, with no ``response.error`` and nothing in the log."""
+    fake.push(Script(text=["One.", " Two.", " Three"], cut=True))
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        turn = await turn_of("openai")
+    assert turn.text == "One. Two. Three"  # spoken as it came
+    assert ended_with_error(turn)
+    assert "the model's answer ended before its finish_reason" in caplog.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize(
+    "garbage",
+    [b"data: {not json\n\n", b'data: {"choices": [{"delta": {"content": "\xff\xfe"}}]}\n\n'],
+    ids=["malformed-json", "not-utf-8"],
+)
+async def test_a_malformed_event_fails_the_turn(
+    name: str, garbage: bytes, fake: FakeOpenAI
+) -> None:
+    fake.push(Script(text=["Fine. ", "And the rest."], garbage=garbage))
+    turn = await turn_of(name)
+    assert ended_with_error(turn)
+    assert "And the rest." not in turn.text
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_a_model_stalling_past_the_turn_timeout_gets_the_fallback_and_the_history_holds_what_was_said(
+    name: str, fake: FakeOpenAI
+) -> None:
+    """The model stops before its last delta (held) past the turn's timeout: the fallback is
+    spoken, the turn ends, and the history records what the caller heard, not the rest."""
+    fake.push(Script(hold=True))
+    conversations = ConversationManager()
+    settings = Settings(
+        env_file=None,
+        environ={},
+        layercode_webhook_secret=SECRET,
+        turn_timeout=1.0,
+        turn_timeout_message="Sorry, one moment.",
+    )
+    app = create_app(settings, BUILDERS[name](False), conversations=conversations)
+    try:
+        with serve(app) as base, anyio.fail_after(20):
+            async with LayercodeTestClient(
+                base_url=base, secret=SECRET, conversation_id="conv_stall"
+            ) as client:
+                turn = await client.message("hi")
+    finally:
+        fake.release()
+    assert [event["type"] for event in turn.events][-2:] == ["response.tts", "response.end"]
+    assert turn.tts[-1] == "Sorry, one moment."
+    assert "you today?" not in turn.text
+    history = await conversations.get_history("conv_stall")
+    assert [(m.role, m.text) for m in history] == [("user", "hi"), ("assistant", turn.text)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_a_late_first_token_within_the_timeout_is_answered(
+    name: str, fake: FakeOpenAI
+) -> None:
+    fake.push(Script(delay=0.5))
+    turn = await turn_of(name, turn_timeout=10.0)
+    assert turn.text == "Hello there. How can I help you today?"
+    assert turn.errors == []
+
+
+def chat_chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    """One chat completions stream event, as the API sends it."""
+    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    data = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    return b"data: " + msgspec.json.encode({**data, "choices": [choice]}) + b"\n\n"
+
+
+@pytest.mark.anyio
+async def test_the_openai_agent_speaks_a_refusal(fake: FakeOpenAI) -> None:
+    """Before: a refusal (the answer in the delta's ``refusal`` field, ``content`` empty)
+    ended the turn in silence."""
+    refusal = "I can't help with that."
+    fake.push(
+        Script(
+            raw=[
+                chat_chunk({"role": "assistant", "content": None, "refusal": ""}),
+                chat_chunk({"refusal": refusal}),
+                chat_chunk({}, "stop"),
+                b"data: [DONE]\n\n",
+            ]
+        )
+    )
+    turn = await turn_of("openai")
+    assert turn.text == refusal
+    assert turn.errors == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "script",
+    [Script(text=[]), Script(text=[" ", "\n"]), Script(text=[], tool_call=("lookup", "{}"))],
+    ids=["empty", "blank", "tool-call-only"],
+)
+async def test_the_openai_agent_fails_an_answer_without_text(
+    script: Script, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: an answer without text (empty, blank, or only a tool call the agent cannot
+    make) ended the turn with ``response.end`` alone: the caller heard nothing, and nothing
+    was logged."""
+    fake.push(script)
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        turn = await turn_of("openai")
+    assert ended_with_error(turn)
+    assert turn.tts == []
+    finish = "tool_calls" if script.tool_call else "stop"
+    assert f"the model's answer held no text (finish_reason={finish})" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["openai", "starter"])
+def test_a_default_model_without_a_model_name_refuses_to_start(name: str) -> None:
+    """Before: ``DEFAULT_MODEL=openai:`` started (``/ready`` showed ``openai:openai:`` for the
+    ``openai`` agent) and every turn asked the API for the model ``"openai:"``."""
+    pytest.importorskip("pydantic_ai" if name == "starter" else "openai")
+    settings = Settings(env_file=None, environ={}, openai_api_key=KEY, default_model="openai:")
+    with pytest.raises(ConfigurationError, match=r"^DEFAULT_MODEL 'openai:' names no model"):
+        get_agent(name, settings)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["openai", "starter"])
+async def test_blanks_around_the_default_models_name_are_not_sent(
+    name: str, fake: FakeOpenAI
+) -> None:
+    """Before: ``DEFAULT_MODEL=openai: gpt-x`` asked the API for the model ``" gpt-x"``."""
+    pytest.importorskip("pydantic_ai" if name == "starter" else "openai")
+    fields = {
+        "openai_api_key": KEY,
+        "default_model": "openai: gpt-x",
+        "layercode_webhook_secret": SECRET,
+    }
+    app = create_app(Settings(env_file=None, environ={}, **fields), name)
+    with serve(app) as base, anyio.fail_after(20):
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("hi")
+        async with httpx.AsyncClient() as http:
+            ready = (await http.get(base + "/ready")).json()
+    assert turn.text == "Hello there. How can I help you today?"
+    assert [request["body"]["model"] for request in fake.requests] == ["gpt-x"]
+    assert ready["model"] == "openai:gpt-x"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["openai", "starter"])
+async def test_openai_base_url_in_the_env_file_is_used(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """Before: ``OPENAI_API_KEY`` was read from ``.env`` but ``OPENAI_BASE_URL`` was not
+    (the SDK reads the process environment only): the key went to OpenAI's API instead of
+    the one configured."""
+    pytest.importorskip("pydantic_ai" if name == "starter" else "openai")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with fake_openai() as (fake, base_url):
+        env_file = tmp_path / ".env"
+        env_file.write_text(f"OPENAI_API_KEY={KEY}\nOPENAI_BASE_URL={base_url}/\n")
+        settings = Settings(
+            env_file=env_file, environ={}, layercode_webhook_secret=SECRET, turn_timeout=5.0
+        )
+        with serve(create_app(settings, name)) as base, anyio.fail_after(20):
+            async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+                turn = await client.message("hi")
+    assert turn.text == "Hello there. How can I help you today?"
+    assert len(fake.requests) == 1
+    assert settings.openai_base_url == base_url  # without the trailing slash
+    masked = Settings(
+        env_file=None, environ={}, openai_base_url="https://bob:PASSWORD9@llm.example/v1/"
+    )
+    assert "PASSWORD9" not in repr(masked) and "bob:***@llm.example" in repr(masked)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["openai", "pydantic-ai-chat"])
+async def test_a_huge_or_multiline_provider_error_is_logged_on_one_bounded_line(
+    name: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the provider's error answer went into the traceback's last line as it was:
+    a megabyte of it, and its line breaks starting lines of their own in the log."""
+    body = {"error": {"message": "overloaded\nFORGED log line " + "x" * 1_000_000}}
+    fake.push(*[Script(status=400, body=body)] * 3)
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        turn = await turn_of(name)
+    assert ended_with_error(turn)
+    assert "HTTP 400" in caplog.text
+    assert len(caplog.text) < 50_000
+    assert not any(line.startswith("FORGED") for line in caplog.text.splitlines())
