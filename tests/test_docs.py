@@ -98,6 +98,7 @@ def test_every_page_is_counted() -> None:
         )
 
 
+@pytest.mark.slow  # the pages name fixed ports: run once, not in CI's side-by-side sessions
 @pytest.mark.parametrize("page", PAGES)
 def test_every_code_block_of_the_page_runs(page: str, tmp_path: Path) -> None:
     for module in NEEDS.get(page, ()):

@@ -80,6 +80,7 @@ async def test_a_refused_key_is_logged_with_the_status_and_the_key_masked(
     assert KEY not in caplog.text  # nor in the traceback
 
 
+@pytest.mark.slow  # paced by the SDKs' back-off and the turn timeout
 @pytest.mark.anyio
 @pytest.mark.parametrize("name", list(BUILDERS))
 async def test_rate_limits_and_server_errors_are_retried_a_bounded_number_of_times(
@@ -166,6 +167,7 @@ async def test_a_malformed_event_fails_the_turn(
     assert len(fake.requests) == 1
 
 
+@pytest.mark.slow  # paced by the SDKs' back-off and the turn timeout
 @pytest.mark.anyio
 @pytest.mark.parametrize("name", list(BUILDERS))
 async def test_a_model_stalling_past_the_turn_timeout_gets_the_fallback_and_the_history_holds_what_was_said(
@@ -198,6 +200,7 @@ async def test_a_model_stalling_past_the_turn_timeout_gets_the_fallback_and_the_
     assert [(m.role, m.text) for m in history] == [("user", "hi"), ("assistant", turn.text)]
 
 
+@pytest.mark.slow  # paced by the SDKs' back-off and the turn timeout
 @pytest.mark.anyio
 @pytest.mark.parametrize("name", list(BUILDERS))
 async def test_a_late_first_token_within_the_timeout_is_answered(

@@ -193,6 +193,7 @@ async def test_readme_stack_snippets_answer_a_turn(index: int) -> None:
 README_EXEMPTIONS = 1
 
 
+@pytest.mark.slow  # it names fixed ports: run once, not in CI's side-by-side sessions
 def test_every_code_block_of_the_readme_runs(tmp_path: Path) -> None:
     report = run_markdown_file(README, tmp_path / "readme")
     print(report.summary())  # the exemptions, with their reasons (shown with -s or -rP)
