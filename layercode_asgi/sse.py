@@ -170,7 +170,7 @@ def create_sse_response(
     if isinstance(status_code, bool) or not 100 <= status_code <= 599:
         raise ValueError(f"status_code must be an int from 100 to 599, got {status_code!r}")
     merged = dict(SSE_HEADERS)
-    if headers:
+    if headers is not None:
         check_headers("headers", headers, client=False)  # one line each, else an error
         merged.update({k.lower(): v for k, v in headers.items()})
     return EventSourceResponse(
@@ -230,7 +230,7 @@ class EventStreamResponse(Response):
         self.close_timeout = close_timeout
         self.body = b""
         self.raw_headers = list(_RAW_SSE_HEADERS)
-        if headers:  # a header given replaces the default of that name (never two)
+        if headers is not None:  # a header given replaces the default of that name
             given = check_headers("headers", headers, client=False)
             names = {name for name, _ in given}
             self.raw_headers = [h for h in self.raw_headers if h[0] not in names] + given

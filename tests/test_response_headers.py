@@ -34,6 +34,9 @@ BAD_HEADERS: list[tuple[Any, type[Exception]]] = [
     ({"x-a": 5}, TypeError),
     ({b"x-a": "1"}, TypeError),
     ([("x-a", "1")], TypeError),  # not a mapping
+    (0, TypeError),  # a falsy non-mapping was silently taken for "no headers"
+    ("", TypeError),
+    ([], TypeError),
 ]
 
 
