@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import httpx
@@ -48,7 +47,10 @@ def test_two_workers_scrape_sums_both(tmp_path: Path, own_dir: bool) -> None:
         env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
     else:
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    temporary = set(Path(tempfile.gettempdir()).glob("layercode-metrics-*"))
+    # the server's own temporary directory: test runs side by side share the system one
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env["TMPDIR"] = str(temporary)
     server = start_server_process(
         [
             *(sys.executable, "-m", "layercode_asgi", "serve", "--env-file", ""),
@@ -76,6 +78,9 @@ def test_two_workers_scrape_sums_both(tmp_path: Path, own_dir: bool) -> None:
                 "first_tts": TURNS,
                 "open": 0,
             }
+        made = list(temporary.glob("layercode-metrics-*"))
+        # without a directory of the user's, the supervisor made one of its own
+        assert len(made) == (0 if own_dir else 1), made
         if own_dir:
             # both workers wrote there (and the supervisor, which built the app once to check it)
             pids = {path.stem.rsplit("_", 1)[-1] for path in tmp_path.glob("*.db")}
@@ -86,4 +91,4 @@ def test_two_workers_scrape_sums_both(tmp_path: Path, own_dir: bool) -> None:
     if own_dir:
         assert list(tmp_path.glob("*.db"))  # the user's directory is left as it is
     # the supervisor's own directory is gone with it
-    assert set(Path(tempfile.gettempdir()).glob("layercode-metrics-*")) == temporary
+    assert not list(temporary.glob("layercode-metrics-*"))
