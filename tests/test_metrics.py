@@ -663,7 +663,7 @@ def test_one_process_and_several_processes_expose_the_same_figures(
     assert one[("layercode_signature_rejections_total", (("reason", "replayed"),))] == 1
 
 
-MULTIPROC_CHECK = """
+CONFIG_CHECK = """
 from layercode_asgi import ConfigurationError, Settings, create_app
 
 try:
@@ -673,6 +673,16 @@ except ConfigurationError as exc:
 """
 
 
+def _configuration_error(env: dict[str, str]) -> str:
+    """What ``create_app`` with metrics on says in a process of its own with ``env``
+    (prometheus-client and OpenTelemetry read their variables when imported)."""
+    done = subprocess.run(
+        [sys.executable, "-c", CONFIG_CHECK], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
 @pytest.mark.parametrize("kind", ["missing", "file"])
 def test_a_multiprocess_directory_that_is_none_is_named(tmp_path: Any, kind: str) -> None:
     # It was a FileNotFoundError (NotADirectoryError) traceback from prometheus-client's
@@ -680,15 +690,7 @@ def test_a_multiprocess_directory_that_is_none_is_named(tmp_path: Any, kind: str
     path = tmp_path / "metrics"
     if kind == "file":
         path.write_text("")
-    done = subprocess.run(
-        [sys.executable, "-c", MULTIPROC_CHECK],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(path)},
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == (
+    assert _configuration_error({**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(path)}) == (
         f"PROMETHEUS_MULTIPROC_DIR ({path}) is not a directory: create it, empty, before the "
         "processes start"
     )
@@ -702,46 +704,18 @@ def test_a_multiprocess_directory_this_process_cannot_write_is_named(tmp_path: A
     else:
         path = str(tmp_path / "read-only")
         os.mkdir(path, 0o555)
-    done = subprocess.run(
-        [sys.executable, "-c", MULTIPROC_CHECK],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": path},
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == (
+    assert _configuration_error({**os.environ, "PROMETHEUS_MULTIPROC_DIR": path}) == (
         f"PROMETHEUS_MULTIPROC_DIR ({path}) is not writable: every process writes its "
         "figures there; give it a directory the server's user can write"
     )
-
-
-PROVIDER_CHECK = """
-from layercode_asgi import ConfigurationError, Settings, create_app
-
-try:
-    create_app(Settings(env_file=None, environ={}, layercode_webhook_secret="whsec_o", metrics=True))
-except ConfigurationError as exc:
-    print(exc)
-"""
 
 
 @pytest.mark.parametrize("variable", ["OTEL_PYTHON_TRACER_PROVIDER", "OTEL_PYTHON_METER_PROVIDER"])
 def test_an_opentelemetry_provider_that_cannot_be_loaded_is_named(variable: str) -> None:
     # A misspelled provider name stopped create_app with a bare StopIteration traceback
     # from OpenTelemetry's entry-point lookup. The global provider: a process of its own.
-    done = subprocess.run(
-        [sys.executable, "-c", PROVIDER_CHECK],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
-            variable: "sdk_tracer_provder",
-        },
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == (
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    assert _configuration_error({**env, variable: "sdk_tracer_provder"}) == (
         f"{variable} (sdk_tracer_provder): OpenTelemetry could not load this provider; is "
         "the name right and its package installed?"
     )
