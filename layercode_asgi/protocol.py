@@ -131,6 +131,11 @@ def signed_headers(body: bytes | str, secret: str, timestamp: int | None = None)
     return {"content-type": "application/json", SIGNATURE_HEADER: sign(body, secret, timestamp)}
 
 
+def check_event(event: object) -> None:
+    """Raise TypeError unless ``event`` (an event to send) is a mapping."""
+    check_type("event", event, Mapping, "a mapping (such as message_event(...))")
+
+
 def check_url(name: str, url: str) -> None:
     """Raise ValueError naming ``name`` unless ``url`` is an http(s) URL httpx can send to."""
     try:
@@ -466,7 +471,7 @@ async def send_turn(
     :class:`ProtocolViolation`; the whole turn must complete within ``timeout`` seconds,
     in at most ``max_bytes`` (decoded) and ``max_events`` events (else ``too-large``).
     """
-    check_type("event", event, Mapping, "a mapping (such as message_event(...))")
+    check_event(event)
     check_callable("on_event", on_event, sync=True)
     turn_id = str(event.get("turn_id", ""))
     kind = str(event.get("type", ""))
@@ -524,7 +529,7 @@ async def send_json_event(
     max_bytes: int = MAX_REPLY_BYTES,
 ) -> JSONResult:
     """POST a signed non-turn event to ``url``; require a 2xx JSON reply (``max_bytes`` at most)."""
-    check_type("event", event, Mapping, "a mapping (such as message_event(...))")
+    check_event(event)
     kind = str(event.get("type", ""))
     where: dict[str, Any] = {"event_type": kind, "turn_id": event.get("turn_id")}
     started = time.perf_counter()
@@ -563,6 +568,7 @@ async def send_event(
     max_events: int = MAX_TURN_EVENTS,
 ) -> TurnResult | JSONResult:
     """:func:`send_turn` for ``session.start`` / ``message``, :func:`send_json_event` else."""
+    check_event(event)
     if event.get("type") in TURN_TYPES:
         return await send_turn(
             client,

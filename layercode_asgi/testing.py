@@ -29,6 +29,7 @@ from .protocol import (
     ProtocolViolation,
     ReplyTooLarge,
     TurnResult,
+    check_event,
     check_url,
     encode_event,
     http_violation,
@@ -374,6 +375,7 @@ class LayercodeTestClient:
         self, event: Mapping[str, Any], *, on_event: OnEvent | None = None
     ) -> TurnResult | JSONResult:
         """Sign and POST ``event``; a :class:`TurnResult` for turns, else :class:`JSONResult`."""
+        check_event(event)
         if event.get("type") in TURN_TYPES:
             return await self.send_turn(event, on_event=on_event)
         return await self.send_json(event)

@@ -39,6 +39,7 @@ from layercode_asgi.testing import (
     data_event,
     encode_event,
     message_event,
+    send_event,
     send_turn,
     session_end_event,
     session_start_event,
@@ -593,6 +594,22 @@ async def test_post_checks_its_own_headers() -> None:
     # Before: a UnicodeEncodeError from inside httpx.
     with pytest.raises(ValueError, match=r"^headers X-A: the value may hold only printable"):
         await client.post("{}", headers={"X-A": "é"})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("event", ["hello", None, [("type", "message")], b"{}"])
+async def test_an_event_that_is_no_mapping_is_a_type_error(event: Any) -> None:
+    client = LayercodeTestClient(echo_app(), secret=SECRET)
+    # Before: an AttributeError ("'str' object has no attribute 'get'") from send, send_sync
+    # and protocol.send_event, which read the event's type before checking it.
+    expected = r"^event must be a mapping \(such as message_event\(\.\.\.\)\), got "
+    with pytest.raises(TypeError, match=expected):
+        await client.send(event)
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(TypeError, match=expected):
+            await send_event(http, "http://127.0.0.1:1/", event, SECRET)
+    with pytest.raises(TypeError, match=expected):
+        await anyio.to_thread.run_sync(client.send_sync, event)
 
 
 @pytest.mark.anyio
