@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
@@ -176,6 +177,23 @@ def _transcript_item(entry: TranscriptEntry, now_ms: int) -> dict[str, Any]:
     return {"role": entry[0], "text": entry[1], "timestamp": now_ms}
 
 
+#: While the client sends to an in-process app: where :class:`_Bounded` notes the status the
+#: app started its reply with (httpx runs the app in the client's own task and context).
+_REPLY_STARTED: ContextVar[list[int] | None] = ContextVar("layercode_reply_started", default=None)
+
+
+def _unfinished(timeout: ProtocolViolation, status: int, seconds: float) -> ProtocolViolation:
+    """The ``timeout`` of an in-process reply the app started and did not end: not the
+    "not answered" of a reply whose status line never came (httpx returns an in-process
+    reply only once the app is done, so the client itself cannot tell the two apart)."""
+    detail = (
+        f"{timeout.event_type or 'POST'} reply not complete within {seconds:g} s: the app "
+        f"answered {status} and did not end it (in-process, a reply is read once the app returns)"
+    )
+    where = {"event_type": timeout.event_type, "turn_id": timeout.turn_id}
+    return ProtocolViolation("timeout", detail, **where, status_code=status)
+
+
 def _misuse(what: str) -> RuntimeError:
     """What an in-process app that breaks the ASGI protocol is told (as a server tells it)."""
     return RuntimeError(f"the ASGI app sent {what}")
@@ -228,6 +246,9 @@ class _Bounded:
                     raise _misuse(f"headers that are not (name, value) pairs: {headers!r:.80}")
                 message = {**message, "headers": pairs}  # read once, even from a generator
                 started = True
+                noted = _REPLY_STARTED.get()
+                if noted is not None:
+                    noted.append(status)
             elif kind == "http.response.body":
                 body = message.get("body", b"")
                 if not started:
@@ -365,11 +386,20 @@ class LayercodeTestClient:
 
     @asynccontextmanager
     async def _http(self) -> AsyncIterator[httpx.AsyncClient]:
-        if self._client is not None:
-            yield self._client
-        else:
-            async with self._new_client() as client:
-                yield client
+        started: list[int] = []
+        token = _REPLY_STARTED.set(started)
+        try:
+            if self._client is not None:
+                yield self._client
+            else:
+                async with self._new_client() as client:
+                    yield client
+        except ProtocolViolation as exc:
+            if exc.name != "timeout" or exc.status_code is not None or not started:
+                raise
+            raise _unfinished(exc, started[0], self.timeout) from None
+        finally:
+            _REPLY_STARTED.reset(token)
 
     async def send(
         self, event: Mapping[str, Any], *, on_event: OnEvent | None = None
