@@ -7,7 +7,7 @@ or a running server (``base_url=``) and checks the reply against the protocol
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -147,6 +147,13 @@ def session_end_event(
     ``transcript`` items are ``{"role", "text", "timestamp"}`` mappings or ``(role, text)``
     pairs, tuples or lists (stamped with the current time in unix milliseconds).
     """
+    if isinstance(transcript, str | bytes | bytearray | Mapping) or not isinstance(
+        transcript, Iterable
+    ):
+        raise TypeError(
+            "transcript must be a list of items (mappings or (role, text) pairs), "
+            f"got {kind_of(transcript)}"
+        )
     now = datetime.now(UTC)
     now_ms = int(now.timestamp() * 1000)
     items = [_transcript_item(entry, now_ms) for entry in transcript]

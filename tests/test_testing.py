@@ -177,6 +177,14 @@ def test_transcript_pairs_may_be_any_two_item_sequence() -> None:
             session_end_event(transcript=[bad])  # type: ignore[list-item]
 
 
+@pytest.mark.parametrize("transcript", [None, "hi", b"hi", {"role": "user", "text": "hi"}, 5])
+def test_a_transcript_that_is_no_list_of_items_is_a_type_error(transcript: Any) -> None:
+    # Before: None was "'NoneType' object is not iterable", "hi" blamed its item 'h', and
+    # a single item mapping was taken for a list of its keys ("got 'role'").
+    with pytest.raises(TypeError, match=r"^transcript must be a list of items \(mappings or"):
+        session_end_event(transcript=transcript)
+
+
 def test_signed_headers_verify() -> None:
     body = encode_event(message_event("hi"))
     headers = signed_headers(body, SECRET)
