@@ -1,6 +1,6 @@
 """An incremental Server-Sent Events parser for clients (the test kit, ``simulate``),
 re-exported by :mod:`layercode_asgi.testing`. Linear in the stream's size however it is cut
-into chunks."""
+into chunks, and an unterminated line is held in about its own size."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ __all__ = ["SSEEvent", "SSEParser"]
 
 #: The SSE line terminators: CRLF, lone LF, lone CR (and nothing else, unlike splitlines).
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+#: A line's unjoined pieces are merged into one str at this count: a line sent in tiny
+#: chunks is held in about its own size, not a str object per piece (28 times its size).
+_MERGE_AT = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,7 @@ class SSEParser:
         # The unterminated line so far, as the pieces that arrived: joined once, when its
         # line break comes, so an event fed in many chunks costs linear time, not quadratic.
         self._partial: list[str] = []
+        self._merged = 0  # how many of its first pieces are merged runs of _MERGE_AT pieces
         self._started = False
         self._after_cr = False
         self._data: list[str] = []
@@ -88,6 +92,7 @@ class SSEParser:
                 self._partial.append(piece)
                 piece = "".join(self._partial)
                 self._partial.clear()
+                self._merged = 0
             event = self._line(piece)
             if event is not None:
                 events.append(event)
@@ -95,7 +100,11 @@ class SSEParser:
         # A CR ending the chunk ended its line; an LF opening the next chunk belongs to it.
         self._after_cr = text.endswith("\r")
         if start < len(text):
-            self._partial.append(text[start:])
+            partial = self._partial
+            partial.append(text[start:])
+            if len(partial) - self._merged >= _MERGE_AT:  # each piece is merged once: linear
+                partial[self._merged :] = ["".join(partial[self._merged :])]
+                self._merged += 1
         return events
 
     def close(self) -> list[SSEEvent]:

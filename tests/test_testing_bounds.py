@@ -66,6 +66,25 @@ def test_line_breaks_split_across_chunks() -> None:
         assert [e.data for e in feed_in_chunks(stream, size)] == ['{"a":1}', "b\nc", "d"]
 
 
+def test_a_long_line_in_one_byte_chunks_is_held_in_about_its_own_size() -> None:
+    """An unterminated line fed a byte at a time (an in-process app may send its body so;
+    the kit reads up to max_bytes of it): the parser held one str per piece, 28 times the
+    line's UTF-8 size for CJK text. Now it keeps about the text's own size."""
+    line = "中".encode() * (32 * 1024)
+    parser = SSEParser()
+    parser.feed(b"data: ")
+    tracemalloc.start()
+    try:
+        for index in range(len(line)):
+            parser.feed(line[index : index + 1])
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * len(line), held  # before: 28 times
+    [event] = parser.feed(b"\n\n")
+    assert event.data == "中" * (32 * 1024)
+
+
 # -- hostile backends ------------------------------------------------------------------------------
 
 
