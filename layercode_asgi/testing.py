@@ -313,7 +313,8 @@ class LayercodeTestClient:
             ``LayercodeSignature(header_name=...)`` (default ``layercode-signature``).
 
     Use it as ``async with LayercodeTestClient(...) as client`` (one HTTP client for all
-    requests) or call the methods directly (a client per call). ``send_sync`` is the same
+    requests, also through nested ``async with``; the outermost closes it) or call the
+    methods directly (a client per call). ``send_sync`` is the same
     as ``send`` for synchronous tests. Every method raises :class:`ProtocolViolation`.
     """
 
@@ -366,6 +367,7 @@ class LayercodeTestClient:
         self.conversation_id = conversation_id or _new_id("conv")
         self.session_id = session_id or _new_id("sess")
         self._client: httpx.AsyncClient | None = None
+        self._entered = 0
 
     def _new_client(self) -> httpx.AsyncClient:
         transport: httpx.AsyncBaseTransport | None = None
@@ -383,10 +385,15 @@ class LayercodeTestClient:
             request.headers.setdefault(self.signature_header, signature)
 
     async def __aenter__(self) -> LayercodeTestClient:
-        self._client = self._new_client()
+        if self._client is None:
+            self._client = self._new_client()
+        self._entered += 1
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        self._entered -= 1
+        if self._entered > 0:
+            return  # a nested ``async with``: the outermost closes the client
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()

@@ -47,6 +47,7 @@ from layercode_asgi.testing import (
     signed_headers,
 )
 
+from .asgi_stub import read_body
 from .conftest import SECRET, serve
 
 
@@ -618,6 +619,31 @@ async def test_an_event_that_is_no_mapping_is_a_type_error(event: Any) -> None:
             await send_event(http, "http://127.0.0.1:1/", event, SECRET)
     with pytest.raises(TypeError, match=expected):
         await anyio.to_thread.run_sync(client.send_sync, event)
+
+
+@pytest.mark.anyio
+async def test_a_nested_async_with_keeps_the_one_http_client() -> None:
+    ports: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        ports.append(scope["client"][1])
+        await read_body(receive)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    with serve(app) as base:
+        client = LayercodeTestClient(base_url=base, secret=SECRET, timeout=10)
+        async with client:
+            await client.session_update()
+            async with client:  # e.g. a test entering the client its fixture entered
+                await client.session_update()
+            await client.session_update()
+    # Before: the inner `async with` opened a second HTTP client (the first was never
+    # closed: its connection leaked), and its exit left the outer block with none, so each
+    # later request opened a connection of its own: three connections, not one.
+    assert len(ports) == 3 and len(set(ports)) == 1, ports
 
 
 @pytest.mark.anyio
