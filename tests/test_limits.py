@@ -15,6 +15,7 @@ import pytest
 from layercode_asgi import (
     ConfigurationError,
     LayercodeSignature,
+    LayercodeWebhook,
     MemoryReplayCache,
     RedisReplayCache,
     Settings,
@@ -25,7 +26,7 @@ from layercode_asgi.conversation import StoreUnavailableError
 from layercode_asgi.replay import replay_key
 
 from .agents_for_tests import scripted_agent
-from .conftest import SECRET, event_body, serve, signed_headers
+from .conftest import SECRET, event_body, serve, serve_hypercorn, signed_headers
 from .redis_fixtures import running_redis
 from .test_middleware import Recorder
 
@@ -88,6 +89,10 @@ def test_body_timeout_must_be_positive(bad: Any) -> None:
         ConfigurationError, match="body_timeout must be a finite number > 0 or None"
     ):
         LayercodeSignature(Recorder(), secret=SECRET, body_timeout=bad)
+    with pytest.raises(
+        ConfigurationError, match="body_timeout must be a finite number > 0 or None"
+    ):
+        LayercodeWebhook(scripted_agent, body_timeout=bad)
 
 
 def read_json_reply(sock: socket.socket) -> bytes:
@@ -133,6 +138,35 @@ def test_slowloris_over_a_real_socket_gets_408() -> None:
     assert reply.startswith(b"HTTP/1.1 408"), reply
     assert b"request body not received within 0.5 s" in reply
     assert elapsed < 3
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+@pytest.mark.parametrize("mounted", [False, True])
+def test_a_webhook_served_without_the_middleware_answers_a_trickling_body_408(
+    server: str, mounted: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """LayercodeWebhook as an ASGI app of its own (or a Starlette route), no signature
+    middleware in front: a body that never finishes arriving is answered 408 after
+    body_timeout, as the middleware answers it (it used to be waited for without end)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    webhook = LayercodeWebhook(scripted_agent, body_timeout=0.5)
+    app: Any = webhook
+    if mounted:
+        app = Starlette(routes=[Route("/api/agent", webhook, methods=["POST"])])
+    with (serve if server == "uvicorn" else serve_hypercorn)(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                b"POST /api/agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"type":'
+            )
+            reply = read_json_reply(sock)
+    assert reply.startswith(b"HTTP/1.1 408"), reply
+    assert b'{"error":"request body not received within 0.5 s"}' in reply
+    assert b"connection: close" in reply.lower()
+    assert any("webhook body too slow" in r.getMessage() for r in caplog.records)
 
 
 def test_slow_authorize_body_over_a_real_socket_gets_408() -> None:
