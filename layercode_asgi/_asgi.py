@@ -114,7 +114,8 @@ async def read_body(receive: Receive, limit: int, within: float = math.inf) -> b
     read), :class:`BodyTimeout` if the body has not all arrived ``within`` seconds.
     A body that arrives in one message is returned without a copy.
     """
-    if within == math.inf or isinstance(receive, ReplayBody):  # no deadline to keep
+    # No deadline to keep: none given, or the body was read already (by the middleware).
+    if within == math.inf or (isinstance(receive, ReplayBody) and receive._body is not None):
         return await _read_body(receive, limit)
     with anyio.move_on_after(within):
         return await _read_body(receive, limit)

@@ -83,6 +83,27 @@ async def test_a_slow_body_within_the_timeout_is_fine() -> None:
     assert inner.bodies == [BODY]
 
 
+@pytest.mark.anyio
+async def test_a_webhook_behind_a_middleware_that_took_the_verified_body_still_has_a_deadline() -> (
+    None
+):
+    """Behind LayercodeSignature the webhook reads the verified body at once, without a
+    deadline of its own; if a middleware between them took that body, it waits on the
+    server's receive again, and body_timeout holds there."""
+
+    async def takes_the_body(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await webhook(scope, receive, send)
+
+    webhook = LayercodeWebhook(scripted_agent, body_timeout=0.3)
+    app = LayercodeSignature(takes_the_body, secret=SECRET)
+    sent = await trickle(app, [BODY], 0, [(b"layercode-signature", sign(BODY, SECRET).encode())])
+    assert sent[0]["status"] == 408
+    assert msgspec.json.decode(sent[1]["body"]) == {
+        "error": "request body not received within 0.3 s"
+    }
+
+
 @pytest.mark.parametrize("bad", [0, -1, "10", True, float("nan"), float("inf")])
 def test_body_timeout_must_be_positive(bad: Any) -> None:
     with pytest.raises(
