@@ -161,7 +161,7 @@ def test_slowloris_over_a_real_socket_gets_408() -> None:
     assert elapsed < 3
 
 
-@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "hypercorn-trio"])
 @pytest.mark.parametrize("mounted", [False, True])
 def test_a_webhook_served_without_the_middleware_answers_a_trickling_body_408(
     server: str, mounted: bool, caplog: pytest.LogCaptureFixture
@@ -176,7 +176,12 @@ def test_a_webhook_served_without_the_middleware_answers_a_trickling_body_408(
     app: Any = webhook
     if mounted:
         app = Starlette(routes=[Route("/api/agent", webhook, methods=["POST"])])
-    with (serve if server == "uvicorn" else serve_hypercorn)(app) as url:
+    if server == "hypercorn-trio":
+        pytest.importorskip("trio")
+    serving = (
+        serve(app) if server == "uvicorn" else serve_hypercorn(app, trio_worker="trio" in server)
+    )
+    with serving as url:
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as sock:
             sock.sendall(
