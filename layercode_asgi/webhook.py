@@ -242,8 +242,8 @@ class LayercodeWebhook:
         max_queued_turns: turns of one conversation that may wait behind the running one
             (in this process); one more is answered 503 at once.
         extras: objects handed to agents as ``context.extras``.
-        max_body_size, body_timeout: limits on the body (bytes; seconds it may take to
-            arrive, ``None``: no limit) when used as an ASGI app, as the middleware's.
+        max_body_size: body limit (413) when used as an ASGI app, as the middleware's.
+        body_timeout: seconds the body may take to arrive then (408); ``None``: no limit.
         metrics: a :class:`~layercode_asgi.metrics.TurnMetrics` measuring each request
             (first tts, duration, lock wait, outcome); ``None``: nothing is measured.
     """
