@@ -1,6 +1,7 @@
 """ASGI plumbing shared by the middleware, the webhook, the event stream and the server.
 
-* :func:`read_body`: a whole request body, with a size limit.
+* :func:`read_body`: a whole request body, with a size limit and a deadline;
+  :class:`ReplayBody`: a ``receive`` handing on a body read already.
 * :func:`route_path`: the request path below the mount point (``root_path``);
   :func:`check_route`: a configured route that requests can match as written.
 * :func:`json_error`: the one way an error is written: ``{"error": "..."}`` as JSON with
@@ -31,8 +32,10 @@ from .redaction import escape_terminal
 __all__ = [
     "CLIENT_LEFT",
     "HEADER_NAME",
+    "BodyTimeout",
     "BodyTooLarge",
     "JSONResponse",
+    "ReplayBody",
     "answer_lifespan",
     "being_cancelled",
     "check_headers",
@@ -100,12 +103,26 @@ class BodyTooLarge(Exception):
     """The request body passed the limit; raised by :func:`read_body`."""
 
 
-async def read_body(receive: Receive, limit: int) -> bytes | None:
+class BodyTimeout(Exception):
+    """The request body did not all arrive in time; raised by :func:`read_body`."""
+
+
+async def read_body(receive: Receive, limit: int, within: float = math.inf) -> bytes | None:
     """Read a whole request body of at most ``limit`` bytes; ``None`` if the client left.
 
     Raises :class:`BodyTooLarge` as soon as the bytes read pass ``limit`` (the rest is not
-    read). A body that arrives in one message is returned without a copy.
+    read), :class:`BodyTimeout` if the body has not all arrived ``within`` seconds.
+    A body that arrives in one message is returned without a copy.
     """
+    # No deadline to keep: none given, or the body was read already (by the middleware).
+    if within == math.inf or (isinstance(receive, ReplayBody) and receive._body is not None):
+        return await _read_body(receive, limit)
+    with anyio.move_on_after(within):
+        return await _read_body(receive, limit)
+    raise BodyTimeout
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -121,6 +138,27 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
         if not message.get("more_body", False):
             break
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class ReplayBody:
+    """A ``receive`` that returns an already-read body once, then defers to the server's."""
+
+    __slots__ = ("_body", "_receive")
+
+    def __init__(self, body: bytes, receive: Receive) -> None:
+        self._body: bytes | None = body
+        self._receive = receive
+
+    async def __call__(self) -> Message:
+        body = self._body
+        if body is None:
+            # Later calls wait for http.disconnect, exactly as without the body read.
+            return await self._receive()
+        # A probe in a cancelled scope (Starlette's ``is_disconnected``) must not take the
+        # body: it is cancelled here, as it would be waiting on the server's ``receive``.
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        self._body = None
+        return {"type": "http.request", "body": body, "more_body": False}
 
 
 def compressed(scope: Scope) -> bool:

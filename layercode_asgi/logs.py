@@ -320,6 +320,12 @@ def _value(value: object) -> str:
     return '"' + text.replace('"', '\\"') + '"'
 
 
+def log_slow_body(log: logging.Logger, scope: Any, timeout: float) -> None:
+    """Log (WARNING) a webhook request whose body did not arrive within ``timeout`` s."""
+    method, path = escape_log_value(scope.get("method")), escape_log_value(scope.get("path"))
+    log.warning("webhook body too slow (> %s s) %s %s", timeout, method, path)
+
+
 def webhook_log_enabled(status: int) -> bool:
     """Whether :func:`log_webhook` would emit a line for a response with ``status``
     (lets a hot path skip gathering the fields when it would not)."""

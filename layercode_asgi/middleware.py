@@ -27,13 +27,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from urllib.parse import unquote
 
-import anyio
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._asgi import (
     CLIENT_LEFT,
     HEADER_NAME,
+    BodyTimeout,
     BodyTooLarge,
+    ReplayBody,
     check_route,
     json_error,
     read_body,
@@ -49,7 +50,7 @@ from .errors import (
     check_seconds,
     kind_of,
 )
-from .logs import escape_log_value
+from .logs import escape_log_value, log_slow_body
 from .replay import MemoryReplayCache, ReplayCache, replay_key
 from .signature import (
     DEFAULT_TOLERANCE,
@@ -287,7 +288,7 @@ class LayercodeSignature:
             return
         body = await self.verified_body(scope, receive, send)
         if body is not None:
-            await self.app(scope, _Replay(body, receive), send)
+            await self.app(scope, ReplayBody(body, receive), send)
 
     async def verified_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         """Read and verify an HTTP request's body; ``None`` once it has been answered.
@@ -330,18 +331,12 @@ class LayercodeSignature:
             return None
 
         try:
-            with anyio.move_on_after(self._body_timeout) as waited:
-                body = await read_body(receive, self.max_body_size)
+            body = await read_body(receive, self.max_body_size, self._body_timeout)
         except BodyTooLarge:
             await send_json_error(send, self._too_large)
             return None
-        if waited.cancelled_caught:
-            logger.warning(
-                "webhook body too slow (> %s s) %s %s",
-                self._body_timeout,
-                escape_log_value(scope.get("method")),
-                escape_log_value(scope.get("path")),
-            )
+        except BodyTimeout:
+            log_slow_body(logger, scope, self._body_timeout)
             await send_json_error(send, self._timed_out)
             return None
         if body is None:  # the client left: answered for middleware outside (see CLIENT_LEFT)
@@ -400,24 +395,3 @@ def _log_rejected(scope: Scope, exc: SignatureVerificationError) -> None:
         escape_log_value(scope.get("path")),
         escape_log_value(exc),
     )
-
-
-class _Replay:
-    """A ``receive`` that returns the already-read body once, then defers to the server."""
-
-    __slots__ = ("_body", "_receive")
-
-    def __init__(self, body: bytes, receive: Receive) -> None:
-        self._body: bytes | None = body
-        self._receive = receive
-
-    async def __call__(self) -> Message:
-        body = self._body
-        if body is None:
-            # Later calls wait for http.disconnect, exactly as without the middleware.
-            return await self._receive()
-        # A probe in a cancelled scope (Starlette's ``is_disconnected``) must not take the
-        # body: it is cancelled here, as it would be waiting on the server's ``receive``.
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        self._body = None
-        return {"type": "http.request", "body": body, "more_body": False}

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -43,12 +44,14 @@ from starlette.types import Receive, Scope, Send
 
 from ._asgi import (
     CLIENT_LEFT,
+    BodyTimeout,
     BodyTooLarge,
     JSONResponse,
     answer_lifespan,
     compressed,
     compressed_body_response,
     error_response,
+    json_error,
     json_error_response,
     must_propagate,
     read_body,
@@ -63,7 +66,7 @@ from .conversation import (
     check_conversation_id,
     lock_wait_timeout,
 )
-from .conversation.manager import webhook_conversations
+from .conversation.manager import read_for_turn, webhook_conversations
 from .errors import (
     RETRY_AFTER_SECONDS,
     LayercodeError,
@@ -85,9 +88,9 @@ from .events import (
     WebhookPayload,
     parse_webhook_payload,
 )
-from .logs import escape_log_value, log_webhook, webhook_log_enabled
+from .logs import escape_log_value, log_slow_body, log_webhook, webhook_log_enabled
 from .metrics import TurnMetrics, answered_status
-from .middleware import DEFAULT_MAX_BODY_SIZE
+from .middleware import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_SIZE
 from .sse import Emit, EventStreamResponse
 from .turns import DEFAULT_TURN_GRACE, Turn
 
@@ -105,6 +108,7 @@ _STORE_UNAVAILABLE = "conversation store unavailable"
 _TOO_MANY_WAITING = "too many turns waiting for this conversation; retry later"
 
 
+_NOT_POST = json_error(405, "method not allowed; use POST", headers=[(b"allow", b"POST")])
 _OK = b'{"status":"ok"}'
 _IGNORED = b'{"status":"ignored"}'
 
@@ -163,7 +167,7 @@ class _TurnRequest:
                     if event is None:
                         event = _decode_turn(body)
                     try:
-                        history, generation = await _read(conversations, cid)
+                        history, generation = await read_for_turn(conversations, cid)
                     except LayercodeError as exc:
                         failure = "conversation store failed reading the history"
                         raise _unavailable(exc, failure) from exc
@@ -205,16 +209,6 @@ class _TurnRequest:
             await self.webhook._record(conversations, event, turn, generation)
 
 
-async def _read(
-    conversations: ConversationBackend, cid: str
-) -> tuple[list[HistoryMessage], int | None]:
-    read = getattr(conversations, "read_turn", None)
-    if read is not None:
-        history, generation = await read(cid)
-        return history, generation
-    return await conversations.get_history(cid), None
-
-
 Hook = Callable[[Any], Any]
 
 
@@ -248,7 +242,8 @@ class LayercodeWebhook:
         max_queued_turns: turns of one conversation that may wait behind the running one
             (in this process); one more is answered 503 at once.
         extras: objects handed to agents as ``context.extras``.
-        max_body_size: body limit when used as an ASGI app without the middleware.
+        max_body_size: body limit (413) when used as an ASGI app, as the middleware's.
+        body_timeout: seconds the body may take to arrive then (408); ``None``: no limit.
         metrics: a :class:`~layercode_asgi.metrics.TurnMetrics` measuring each request
             (first tts, duration, lock wait, outcome); ``None``: nothing is measured.
     """
@@ -271,6 +266,7 @@ class LayercodeWebhook:
         extras: Mapping[str, Any] | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         metrics: TurnMetrics | None = None,
+        body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
     ) -> None:
         if not callable(agent):
             raise TypeError(f"agent must be an async callable, got {type(agent).__name__}")
@@ -279,6 +275,7 @@ class LayercodeWebhook:
         self._bound = bind_agent(agent)
         check_positive_int(max_queued_turns, "max_queued_turns", zero=True)
         check_positive_int(max_body_size, "max_body_size")
+        check_seconds("body_timeout", body_timeout, zero=False, none=True)
         check_seconds("turn_timeout", turn_timeout, zero=False, none=True)
         check_seconds("turn_grace", turn_grace, zero=True, none=False)
         check_seconds("lock_timeout", lock_timeout, zero=True, none=True)
@@ -310,6 +307,11 @@ class LayercodeWebhook:
         self._abort_message = SHUTTING_DOWN  # what the last abort_turns() said
         self.extras: Mapping[str, Any] = {} if extras is None else extras
         self.max_body_size = max_body_size
+        self._too_large = json_error(413, f"request body exceeds {max_body_size} bytes", close=True)
+        self._body_timeout = math.inf if body_timeout is None else float(body_timeout)
+        self._timed_out = json_error(
+            408, f"request body not received within {body_timeout} s", close=True
+        )
         self.metrics = metrics
 
     # -- ASGI ---------------------------------------------------------------------------------
@@ -322,22 +324,21 @@ class LayercodeWebhook:
                 await answer_lifespan(receive, send)
             return
         if scope["method"] != "POST":
-            response: Response = json_error_response(
-                405, "method not allowed; use POST", {"allow": "POST"}
+            await send_json_error(send, _NOT_POST)
+            return
+        try:
+            body = await read_body(receive, self.max_body_size, self._body_timeout)
+        except BodyTooLarge:  # the rest may still be on the wire: the 413 closes the connection
+            await send_json_error(send, self._too_large)
+        except BodyTimeout:
+            log_slow_body(logger, scope, self._body_timeout)
+            await send_json_error(send, self._timed_out)
+        else:  # None: the client left, answered for middleware outside
+            await (
+                send_json_error(send, CLIENT_LEFT)
+                if body is None
+                else self.answer(body, scope, receive, send)
             )
-        else:
-            try:
-                body = await read_body(receive, self.max_body_size)
-            except BodyTooLarge:  # the rest may still be on the wire: close the connection
-                too_large = f"request body exceeds {self.max_body_size} bytes"
-                response = json_error_response(413, too_large, {"connection": "close"})
-            else:
-                if body is None:  # the client left: answered for middleware outside
-                    await send_json_error(send, CLIENT_LEFT)
-                else:
-                    await self.answer(body, scope, receive, send)
-                return
-        await response(scope, receive, send)
 
     async def answer(self, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer a POST whose whole (verified) body has been read already.

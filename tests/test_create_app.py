@@ -356,6 +356,29 @@ def test_gc_tuning_holds_while_the_app_runs_and_is_undone_at_shutdown(freeze: bo
     assert gc.get_threshold() == before
 
 
+def test_gc_tuning_of_two_apps_in_one_process_is_applied_once_and_undone_by_the_last() -> None:
+    """Two create_app apps running in one process (two mounted backends, two servers):
+    the second used to tune the already tuned thresholds again (full passes 100 times
+    rarer instead of 10), and the first to stop undid the tuning (and the freeze) under
+    the one still running; stopped in that order, the process stayed tuned after both."""
+    gc.unfreeze()
+    before = gc.get_threshold()
+    tuned = (max(before[0], YOUNG_GC_THRESHOLD), before[1], before[2] * 10)
+    first, second = TestClient(create_app(settings())), TestClient(create_app(settings()))
+    try:
+        first.__enter__()
+        second.__enter__()
+        assert gc.get_threshold() == tuned
+        first.__exit__(None, None, None)
+        assert gc.get_threshold() == tuned  # the second app still runs
+        assert gc.get_freeze_count() > 0
+    finally:
+        first.__exit__(None, None, None)  # a second exit does nothing
+        second.__exit__(None, None, None)
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+
+
 @pytest.mark.parametrize("timeout", [float("nan"), 0, -1, float("inf"), "10"])
 def test_invalid_authorize_timeout_is_refused_at_start_up(timeout: Any) -> None:
     # Accepted before: every authorize call then failed in httpx (NaN: ValueError, a

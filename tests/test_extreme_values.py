@@ -71,6 +71,7 @@ SECONDS: dict[str, Build] = {  # "where.argument": build with that argument
         app, secret=SECRET, body_timeout=v
     ),
     "LayercodeWebhook.turn_timeout": lambda v: LayercodeWebhook(agent, turn_timeout=v),
+    "LayercodeWebhook.body_timeout": lambda v: LayercodeWebhook(agent, body_timeout=v),
     "LayercodeWebhook.turn_grace": lambda v: LayercodeWebhook(agent, turn_grace=v),
     "LayercodeWebhook.lock_timeout": lambda v: LayercodeWebhook(agent, lock_timeout=v),
     "LayercodeWebhook.lock_wait_grace": lambda v: LayercodeWebhook(agent, lock_wait_grace=v),

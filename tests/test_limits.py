@@ -15,6 +15,7 @@ import pytest
 from layercode_asgi import (
     ConfigurationError,
     LayercodeSignature,
+    LayercodeWebhook,
     MemoryReplayCache,
     RedisReplayCache,
     Settings,
@@ -25,7 +26,7 @@ from layercode_asgi.conversation import StoreUnavailableError
 from layercode_asgi.replay import replay_key
 
 from .agents_for_tests import scripted_agent
-from .conftest import SECRET, event_body, serve, signed_headers
+from .conftest import SECRET, event_body, serve, serve_hypercorn, signed_headers
 from .redis_fixtures import running_redis
 from .test_middleware import Recorder
 
@@ -82,12 +83,37 @@ async def test_a_slow_body_within_the_timeout_is_fine() -> None:
     assert inner.bodies == [BODY]
 
 
+@pytest.mark.anyio
+async def test_a_webhook_behind_a_middleware_that_took_the_verified_body_still_has_a_deadline() -> (
+    None
+):
+    """Behind LayercodeSignature the webhook reads the verified body at once, without a
+    deadline of its own; if a middleware between them took that body, it waits on the
+    server's receive again, and body_timeout holds there."""
+
+    async def takes_the_body(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await webhook(scope, receive, send)
+
+    webhook = LayercodeWebhook(scripted_agent, body_timeout=0.3)
+    app = LayercodeSignature(takes_the_body, secret=SECRET)
+    sent = await trickle(app, [BODY], 0, [(b"layercode-signature", sign(BODY, SECRET).encode())])
+    assert sent[0]["status"] == 408
+    assert msgspec.json.decode(sent[1]["body"]) == {
+        "error": "request body not received within 0.3 s"
+    }
+
+
 @pytest.mark.parametrize("bad", [0, -1, "10", True, float("nan"), float("inf")])
 def test_body_timeout_must_be_positive(bad: Any) -> None:
     with pytest.raises(
         ConfigurationError, match="body_timeout must be a finite number > 0 or None"
     ):
         LayercodeSignature(Recorder(), secret=SECRET, body_timeout=bad)
+    with pytest.raises(
+        ConfigurationError, match="body_timeout must be a finite number > 0 or None"
+    ):
+        LayercodeWebhook(scripted_agent, body_timeout=bad)
 
 
 def read_json_reply(sock: socket.socket) -> bytes:
@@ -133,6 +159,40 @@ def test_slowloris_over_a_real_socket_gets_408() -> None:
     assert reply.startswith(b"HTTP/1.1 408"), reply
     assert b"request body not received within 0.5 s" in reply
     assert elapsed < 3
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "hypercorn-trio"])
+@pytest.mark.parametrize("mounted", [False, True])
+def test_a_webhook_served_without_the_middleware_answers_a_trickling_body_408(
+    server: str, mounted: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """LayercodeWebhook as an ASGI app of its own (or a Starlette route), no signature
+    middleware in front: a body that never finishes arriving is answered 408 after
+    body_timeout, as the middleware answers it (it used to be waited for without end)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    webhook = LayercodeWebhook(scripted_agent, body_timeout=0.5)
+    app: Any = webhook
+    if mounted:
+        app = Starlette(routes=[Route("/api/agent", webhook, methods=["POST"])])
+    if server == "hypercorn-trio":
+        pytest.importorskip("trio")
+    serving = (
+        serve(app) if server == "uvicorn" else serve_hypercorn(app, trio_worker="trio" in server)
+    )
+    with serving as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                b"POST /api/agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"type":'
+            )
+            reply = read_json_reply(sock)
+    assert reply.startswith(b"HTTP/1.1 408"), reply
+    assert b'{"error":"request body not received within 0.5 s"}' in reply
+    assert b"connection: close" in reply.lower()
+    assert any("webhook body too slow" in r.getMessage() for r in caplog.records)
 
 
 def test_slow_authorize_body_over_a_real_socket_gets_408() -> None:

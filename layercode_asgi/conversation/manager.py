@@ -14,6 +14,7 @@ from ..errors import kind_of
 from .base import (
     DEFAULT_LOCK_WAIT_GRACE,
     STORE_DEFAULT,
+    ConversationBackend,
     ConversationStore,
     DefaultTimeout,
     HistoryMessage,
@@ -32,6 +33,7 @@ __all__ = [
     "check_conversation_id",
     "lock_wait_timeout",
     "model_history",
+    "read_for_turn",
     "turn_messages",
     "webhook_conversations",
 ]
@@ -73,6 +75,18 @@ def webhook_conversations(conversations: Any) -> Any:
     hint = ": wrap a store, ConversationManager(store)"
     hint = hint if isinstance(conversations, ConversationStore) else ""
     raise TypeError(f"{expected}, got {kind_of(conversations)}{hint}")
+
+
+async def read_for_turn(
+    conversations: ConversationBackend, conversation_id: str
+) -> tuple[list[HistoryMessage], int | None]:
+    """A conversation's history for a turn of ``LayercodeWebhook``, and the generation to
+    record it with (``None``: a backend without ``read_turn`` records with ``add_turn``)."""
+    read = getattr(conversations, "read_turn", None)
+    if read is not None:
+        history, generation = await read(conversation_id)
+        return history, generation
+    return await conversations.get_history(conversation_id), None
 
 
 def _to_message(message: HistoryMessage | Mapping[str, Any]) -> HistoryMessage:
