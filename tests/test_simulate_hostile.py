@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
 import os
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import anyio
 import msgspec
 import pytest
 
-from layercode_asgi.cli import main
+from layercode_asgi.cli import main, run_simulation
 from layercode_asgi.errors import ConfigurationError
 from layercode_asgi.testing import LayercodeTestClient, ProtocolViolation
 
@@ -319,3 +320,78 @@ def test_demo_names_an_environment_httpx_cannot_use(
     assert err.startswith(
         "error: cannot make an HTTP client to send the events from the environment"
     )
+
+
+# -- arguments that are not UTF-8 ------------------------------------------------------------------
+
+#: Command-line bytes a UTF-8 (or C) locale decodes to a lone surrogate, as Python does.
+NOT_UTF8 = {
+    "a-message": ([b"\xff"], {}, None),
+    "conversation-id": ([b"--conversation-id", b"c\xff"], {}, None),
+    "session-id": ([b"--session-id", b"\xed\xa0\x80"], {}, None),
+    "data": ([b"--data", b'{"a": "\xff"}'], {}, None),
+    # stdin as Python reads it in the C locale (in a UTF-8 one, it refuses the bytes itself)
+    "piped-stdin": ([], {b"PYTHONIOENCODING": b"utf-8:surrogateescape"}, b"hello\n\xfe\xff\n"),
+    "secret-option": ([b"--secret", b"whsec_\xff"], {}, None),
+    "secret-environment": ([], {b"LAYERCODE_WEBHOOK_SECRET": b"whsec_\xff"}, None),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_UTF8)
+def test_simulate_refuses_arguments_that_are_not_utf8_in_one_line(kind: str) -> None:
+    # Before: a UnicodeEncodeError traceback and exit 1 (a protocol violation's code) when the
+    # event was sent; a secret that is not UTF-8 signed bytes no server verifies (serve refuses
+    # such a secret), exit 0.
+    argv, env, stdin = NOT_UTF8[kind]
+    environ = {k.encode(): v.encode() for k, v in os.environ.items() if not k.startswith("LAYER")}
+    environ.update({b"LAYERCODE_WEBHOOK_SECRET": SECRET.encode(), **env})
+    with raw_http_server(conforming) as base:
+        command = [sys.executable.encode(), b"-m", b"layercode_asgi", b"simulate"]
+        command += [b"--url", f"{base}/api/agent".encode(), *argv]
+        done = subprocess.run(command, env=environ, input=stdin, capture_output=True, timeout=60)
+    err = done.stderr.decode()
+    assert done.returncode == 2 and done.stdout == b"", (done.returncode, err)
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "not valid text" in err
+    assert "whsec_" not in err
+
+
+def test_demo_refuses_a_message_that_is_not_utf8_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: "cannot start: ExceptionGroup: unhandled errors in a TaskGroup", after uvicorn
+    # logged the UnicodeEncodeError's traceback.
+    assert main(["demo", "hi", os.fsdecode(b"\xff")], environ={}) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("error: message 2 is not valid text"), err
+
+
+def test_sign_refuses_a_secret_that_is_not_utf8(capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: exit 0 and a signature of bytes no server verifies (serve refuses the secret).
+    for environ, argv in [
+        ({"LAYERCODE_WEBHOOK_SECRET": "whsec_\udcff"}, []),
+        ({}, ["--secret", "whsec_\udcff"]),
+    ]:
+        assert main(["sign", "--body", "{}", *argv], environ=environ) == 2
+        out, err = capsys.readouterr()
+        assert (
+            out == "" and err == "error: the webhook secret is not valid text (a lone surrogate)\n"
+        )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"messages": ["hi", "\udcff"]}, "message 2 is not valid text"),
+        ({"conversation_id": "\udcff"}, "conversation_id is not valid text"),
+        ({"data": {"a": "\udcff"}}, "data cannot be sent as JSON"),
+        ({"data": object()}, "data cannot be sent as JSON"),
+    ],
+)
+async def test_run_simulation_refuses_what_it_cannot_send_before_sending(
+    arguments: dict[str, Any], named: str
+) -> None:
+    # Before: a UnicodeEncodeError or TypeError from the middle of the conversation.
+    with pytest.raises(ConfigurationError, match=named):
+        await run_simulation("http://127.0.0.1:9/api/agent", SECRET, out=io.StringIO(), **arguments)
