@@ -395,3 +395,43 @@ async def test_run_simulation_refuses_what_it_cannot_send_before_sending(
     # Before: a UnicodeEncodeError or TypeError from the middle of the conversation.
     with pytest.raises(ConfigurationError, match=named):
         await run_simulation("http://127.0.0.1:9/api/agent", SECRET, out=io.StringIO(), **arguments)
+
+
+# -- a standard stream closed at start (`>&-`, some supervisors) ------------------------------------
+
+#: Runs ``python -m layercode_asgi ARGV`` with the descriptor ``sys.argv[1]`` closed.
+CLOSING = (
+    "import os, sys; os.close(int(sys.argv[1])); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'layercode_asgi', *sys.argv[2:]])"
+)
+
+
+def with_closed(fd: int, *argv: str) -> subprocess.CompletedProcess[bytes]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LAYERCODE_")}
+    environ["LAYERCODE_WEBHOOK_SECRET"] = SECRET
+    command = [sys.executable, "-c", CLOSING, str(fd), *argv]
+    kept = {"stdout": subprocess.PIPE} if fd == 2 else {"stderr": subprocess.PIPE}
+    return subprocess.run(command, env=environ, timeout=60, **kept)  # type: ignore[call-overload,no-any-return]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["simulate", "hi"], ["simulate", "--json", "hi"], ["sign", "--body", "{}"], ["list-agents"]],
+)
+def test_a_closed_stdout_is_no_traceback(argv: list[str]) -> None:
+    # Before: an AttributeError traceback ('NoneType' object has no attribute 'write'), exit 1.
+    with raw_http_server(conforming) as base:
+        done = with_closed(1, *argv, *(["--url", f"{base}/api/agent"] if "hi" in argv else []))
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
+    assert (b"OK: 2 turns" in done.stderr) is ("--json" in argv)  # the commentary's place
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"), [(conforming, 0), (lambda e: reply(404, "text/html", b"x"), 1)]
+)
+def test_simulate_json_with_a_closed_stderr_prints_only_the_json(answer: Any, code: int) -> None:
+    # Before: print(file=None) wrote the commentary meant for stderr to stdout, before the JSON.
+    with raw_http_server(answer) as base:
+        done = with_closed(2, "simulate", "--json", "--url", f"{base}/api/agent", "hi")
+    assert done.returncode == code
+    assert msgspec.json.decode(done.stdout)["ok"] is (code == 0)
