@@ -374,8 +374,9 @@ def _parse_headers(values: Sequence[str]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for value in values:
         name, colon, content = value.partition(":")
-        if not colon or not name.strip():
-            raise UsageError(f"--header {value!r}: expected NAME:VALUE")
+        if not colon or not name.strip():  # the argument, maybe a credential, is not shown
+            missing = "no ':' in it" if not colon else "no NAME before the ':'"
+            raise UsageError(f"--header: expected NAME:VALUE, {missing}")
         name, content = name.strip(), content.strip()
         try:
             check_headers("--header", {name: content}, client=True)
