@@ -24,6 +24,7 @@ import pytest
 
 from layercode_asgi.cli import main, run_simulation
 from layercode_asgi.errors import ConfigurationError
+from layercode_asgi.reading import BodyDecoder
 from layercode_asgi.testing import LayercodeTestClient, ProtocolViolation
 
 from .conftest import SECRET, httpx_refuses, raw_http_server
@@ -200,6 +201,15 @@ def _gzip(event: dict[str, Any]) -> bytes:
     return head + b"content-length: %d\r\n\r\n" % len(packed) + packed
 
 
+def _gzip_members(event: dict[str, Any]) -> bytes:
+    """The SSE stream gzipped as one member per event (RFC 1952: members follow each other;
+    a server compressing each flush on its own sends that)."""
+    head, _, body = conforming(event).partition(b"\r\n\r\n")
+    packed = b"".join(gzip.compress(part + b"\n\n") for part in body.split(b"\n\n")[:-1])
+    head = head.split(b"content-length")[0] + b"content-encoding: gzip\r\n"
+    return head + b"content-length: %d\r\n\r\n" % len(packed) + packed
+
+
 ESCAPES = b"\x1b[2J\x1b]52;c;cGF5bG9hZA==\x07\x00\x9b\xff\xe2\x80\xae"
 HEADER_ESCAPES = b"HTTP/1.1 200 \x1b[2J\r\ncontent-type: text/\x1b]0;x\x07\x9b\xff\r\nx-a: \x1b[31m\r\ncontent-length: 0\r\n\r\n"
 HOSTILE = {
@@ -229,6 +239,7 @@ HOSTILE = {
     "not-gzip": (_turns(lambda e: reply(200, "text/event-stream", b"xx", b"content-encoding: gzip")), "bad-encoding"),
     "http-1.0": (_http_1_0, None),
     "gzip": (_gzip, None),
+    "gzip-members": (_turns(_gzip_members), None),
 }  # fmt: skip
 
 
@@ -435,3 +446,16 @@ def test_simulate_json_with_a_closed_stderr_prints_only_the_json(answer: Any, co
         done = with_closed(2, "simulate", "--json", "--url", f"{base}/api/agent", "hi")
     assert done.returncode == code
     assert msgspec.json.decode(done.stdout)["ok"] is (code == 0)
+
+
+def test_gzip_members_that_follow_each_other_decode_whole_in_any_pieces() -> None:
+    # Before: decoding stopped after the first member, the rest of the body ignored (a
+    # backend gzipping each flush on its own had "missing-end").
+    text = b"".join(b"data: %d\n\n" % n for n in range(300))
+    body = b"".join(gzip.compress(text[n : n + 700]) for n in range(0, len(text), 700))
+    for size in (1, 2, 7, 4096, len(body)):
+        decoder = BodyDecoder("gzip")
+        pieces = [body[n : n + size] for n in range(0, len(body), size)]
+        assert b"".join(b"".join(decoder.feed(piece)) for piece in pieces) == text, size
+    decoder = BodyDecoder("gzip")  # what follows the last member and is none stays ignored
+    assert b"".join(decoder.feed(gzip.compress(text) + b"\x1f\x8c trailing")) == text
