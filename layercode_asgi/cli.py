@@ -29,7 +29,7 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Final
 
 import anyio
@@ -512,6 +512,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     except SystemExit as exc:
         return _exit_code(exc)
     env = os.environ if environ is None else environ
+    _stand_in_for_closed_streams()
     # What stdout cannot encode (a backend's text, on Windows' cp1252) is shown escaped.
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="backslashreplace")
@@ -539,16 +540,29 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         return EXIT_USAGE
 
 
+def _null_device_on(fd: int) -> None:
+    """Make the descriptor ``fd`` (open or closed) the null device, for writing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    if devnull != fd:
+        os.dup2(devnull, fd)
+        os.close(devnull)
+
+
 def _silence_stdout() -> None:
     """Point stdout at the null device: its reader left, and the flush at exit must not fail."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, sys.stdout.fileno())
-        finally:
-            os.close(devnull)
-    except (OSError, ValueError):  # no file descriptor (tests), or already closed
-        pass
+    with suppress(OSError, ValueError):  # no file descriptor (tests), or already closed
+        _null_device_on(sys.stdout.fileno())
+
+
+def _stand_in_for_closed_streams() -> None:
+    """Started with stdout or stderr closed (``>&-``, some supervisors), Python has it as
+    ``None``: writes failed, ``print(file=None)`` went to stdout, uvicorn could not start. The
+    null device stands in, as with ``>/dev/null``, on that descriptor (no socket takes it)."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is None:
+            _null_device_on(fd)
+            stream = open(fd, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 - never closed
+            setattr(sys, name, stream)
 
 
 def _print_error(args: argparse.Namespace, exc: BaseException, text: str | None = None) -> None:

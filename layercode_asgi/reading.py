@@ -45,6 +45,7 @@ class BodyDecoder:
                 f"Content-Encoding {content_encoding!r} (the client accepts {ACCEPT_ENCODING})"
             )
         self._deflate = names[0] == "deflate"
+        self._gzip = not self._deflate
         # gzip: a gzip header (wbits 16+); deflate: zlib-wrapped, or raw (fixed on error)
         self._inflate = zlib.decompressobj(zlib.MAX_WBITS | (0 if self._deflate else 16))
         self._started = False
@@ -56,7 +57,7 @@ class BodyDecoder:
                 yield raw[start : start + PIECE]
             return
         data = raw
-        while not self._inflate.eof:  # after the end of the stream, trailing bytes are ignored
+        while not self._inflate.eof or (data := self._next_member(data)):
             try:
                 piece = self._inflate.decompress(data, PIECE)
             except zlib.error:
@@ -69,8 +70,19 @@ class BodyDecoder:
             data = self._inflate.unconsumed_tail
             if piece:
                 yield piece
-            if not data and len(piece) < PIECE:
+            if not data and len(piece) < PIECE and not self._inflate.eof:
                 break
+
+    def _next_member(self, data: bytes) -> bytes:
+        """After a gzip member, the next one's bytes (RFC 1952: members may follow each other),
+        with a decompressor for it; else ``b""``: what follows is ignored, or too short yet."""
+        pending: bytes = self._inflate.unused_data + data
+        if not self._gzip or pending[:2] != b"\x1f\x8b":
+            if self._gzip and len(pending) < 2:  # a finished decompressor keeps it (unused_data)
+                self._inflate.decompress(data)
+            return b""
+        self._inflate = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        return pending
 
     async def decode(self, raw_chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """Decode a raw stream (``response.aiter_raw()``)."""

@@ -24,6 +24,7 @@ import msgspec
 
 from ._asgi import check_headers
 from .envfile import parse_env_file
+from .errors import ConfigurationError, check_text
 from .protocol import check_url, new_client
 from .redaction import escape_terminal, mask_url
 from .testing import (
@@ -157,6 +158,21 @@ class _Printer:
             self.line(shown)
 
 
+def _check_sendable(secret: str, messages: Sequence[str], data: Any, *ids: str | None) -> None:
+    """A ConfigurationError naming what cannot be sent: text that is not UTF-8 (bytes of the
+    command line, stdin or the environment that were not: a lone surrogate), data not JSON."""
+    check_text("the webhook secret", secret)
+    for number, text in enumerate(messages, start=1):
+        check_text(f"message {number}", text)
+    for name, value in zip(("conversation_id", "session_id"), ids, strict=True):
+        check_text(name, value)
+    if data is not _NO_DATA:
+        try:
+            _encode(data)
+        except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+            raise ConfigurationError(f"data cannot be sent as JSON: {exc}") from None
+
+
 async def run_simulation(
     url: str,
     secret: str,
@@ -184,7 +200,11 @@ async def run_simulation(
     ``response.error`` is counted in ``report.errored_turns`` and makes ``report.ok`` false
     unless ``allow_errors`` (with ``strict``, it is a violation that stops the run).
     Everything printed that came from the backend has its control characters escaped.
+    Text that is not UTF-8, or ``data`` that is not JSON, is a
+    :class:`~layercode_asgi.errors.ConfigurationError` before anything is sent.
     """
+    messages = tuple(messages)  # checked, then sent: an iterator is read once
+    _check_sendable(secret, messages, data, conversation_id, session_id)
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     printer = _Printer(out, err, quiet)
@@ -354,8 +374,9 @@ def _parse_headers(values: Sequence[str]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for value in values:
         name, colon, content = value.partition(":")
-        if not colon or not name.strip():
-            raise UsageError(f"--header {value!r}: expected NAME:VALUE")
+        if not colon or not name.strip():  # the argument, maybe a credential, is not shown
+            missing = "no ':' in it" if not colon else "no NAME before the ':'"
+            raise UsageError(f"--header: expected NAME:VALUE, {missing}")
         name, content = name.strip(), content.strip()
         try:
             check_headers("--header", {name: content}, client=True)
@@ -383,6 +404,7 @@ def read_secret(args: argparse.Namespace, env: Mapping[str, str], command: str) 
             f"{command} needs the webhook secret: --secret S (or {SECRET_ENV}, in the "
             "environment, $LAYERCODE_ENV_FILE or ./.env)"
         )
+    check_text("the webhook secret", secret)  # as serve: signed bytes it would refuse
     return secret
 
 
@@ -400,6 +422,7 @@ def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     headers = _parse_headers(args.header)
     data: Any = _NO_DATA
     if args.data is not None:
+        check_text("--data", args.data)
         try:
             data = msgspec.json.decode(args.data)
         except (msgspec.DecodeError, RecursionError) as exc:  # invalid, or nested too deep

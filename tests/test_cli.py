@@ -113,6 +113,21 @@ def test_a_header_that_cannot_be_sent_is_a_usage_error(
     assert err.startswith("error: --header ") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    "header", ["Authorization Bearer s3cret", "Authorization=Bearer s3cret", ": s3cret", " :s3cret"]
+)
+def test_a_header_without_name_and_colon_is_not_printed_back(
+    header: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: "--header 'Authorization=Bearer s3cret': expected NAME:VALUE", the credential
+    # quoted (a value is never quoted elsewhere: it may be one).
+    url = "http://127.0.0.1:1/api/agent"
+    assert run("simulate", "--url", url, "--secret", "s", "--header", header, "hi") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --header") and "expected NAME:VALUE" in err
+    assert err.count("\n") == 1 and "s3cret" not in err
+
+
 def test_console_script_is_installed() -> None:
     done = subprocess.run([str(SCRIPT), "--version"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0

@@ -241,6 +241,28 @@ def test_serve_keeps_serving_when_its_stdout_reader_left(tmp_path: Path) -> None
     assert "Traceback" not in log.read_text()
 
 
+def test_serve_started_with_stdout_closed_serves(tmp_path: Path) -> None:
+    # `serve >&-` (or a supervisor that closes it): sys.stdout is None. Before: "cannot
+    # start: ValueError: Unable to configure formatter 'default'" (uvicorn's log config), exit 2.
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "LOG_"))}
+    environ["PYTHONPATH"] = str(ROOT)
+    port, log = free_port(), tmp_path / "server.log"
+    closing = (
+        "import os, sys; os.close(1); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'layercode_asgi', *sys.argv[1:]])"
+    )
+    with log.open("wb") as errors:
+        process = subprocess.Popen(
+            [PYTHON, "-c", closing, "serve", "--dev", "--env-file", "", "--port", str(port)],
+            cwd=tmp_path,
+            env=environ,
+            stderr=errors,
+        )
+    with ServerProcess(process, port, log) as server:
+        server.wait_ready("/health")
+    assert "Traceback" not in log.read_text()
+
+
 def test_bad_port_number_exits_2(tmp_path: Path) -> None:
     done = cli("serve", "--dev", "--env-file", "", "--port", "70000", cwd=tmp_path)
     assert "--port must be between 0 and 65535" in one_error_line(done)

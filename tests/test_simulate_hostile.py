@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
 import os
 import socket
 import subprocess
@@ -21,8 +22,9 @@ import anyio
 import msgspec
 import pytest
 
-from layercode_asgi.cli import main
+from layercode_asgi.cli import main, run_simulation
 from layercode_asgi.errors import ConfigurationError
+from layercode_asgi.reading import BodyDecoder
 from layercode_asgi.testing import LayercodeTestClient, ProtocolViolation
 
 from .conftest import SECRET, httpx_refuses, raw_http_server
@@ -199,6 +201,15 @@ def _gzip(event: dict[str, Any]) -> bytes:
     return head + b"content-length: %d\r\n\r\n" % len(packed) + packed
 
 
+def _gzip_members(event: dict[str, Any]) -> bytes:
+    """The SSE stream gzipped as one member per event (RFC 1952: members follow each other;
+    a server compressing each flush on its own sends that)."""
+    head, _, body = conforming(event).partition(b"\r\n\r\n")
+    packed = b"".join(gzip.compress(part + b"\n\n") for part in body.split(b"\n\n")[:-1])
+    head = head.split(b"content-length")[0] + b"content-encoding: gzip\r\n"
+    return head + b"content-length: %d\r\n\r\n" % len(packed) + packed
+
+
 ESCAPES = b"\x1b[2J\x1b]52;c;cGF5bG9hZA==\x07\x00\x9b\xff\xe2\x80\xae"
 HEADER_ESCAPES = b"HTTP/1.1 200 \x1b[2J\r\ncontent-type: text/\x1b]0;x\x07\x9b\xff\r\nx-a: \x1b[31m\r\ncontent-length: 0\r\n\r\n"
 HOSTILE = {
@@ -228,6 +239,7 @@ HOSTILE = {
     "not-gzip": (_turns(lambda e: reply(200, "text/event-stream", b"xx", b"content-encoding: gzip")), "bad-encoding"),
     "http-1.0": (_http_1_0, None),
     "gzip": (_gzip, None),
+    "gzip-members": (_turns(_gzip_members), None),
 }  # fmt: skip
 
 
@@ -319,3 +331,131 @@ def test_demo_names_an_environment_httpx_cannot_use(
     assert err.startswith(
         "error: cannot make an HTTP client to send the events from the environment"
     )
+
+
+# -- arguments that are not UTF-8 ------------------------------------------------------------------
+
+#: Command-line bytes a UTF-8 (or C) locale decodes to a lone surrogate, as Python does.
+NOT_UTF8 = {
+    "a-message": ([b"\xff"], {}, None),
+    "conversation-id": ([b"--conversation-id", b"c\xff"], {}, None),
+    "session-id": ([b"--session-id", b"\xed\xa0\x80"], {}, None),
+    "data": ([b"--data", b'{"a": "\xff"}'], {}, None),
+    # stdin as Python reads it in the C locale (in a UTF-8 one, it refuses the bytes itself)
+    "piped-stdin": ([], {b"PYTHONIOENCODING": b"utf-8:surrogateescape"}, b"hello\n\xfe\xff\n"),
+    "secret-option": ([b"--secret", b"whsec_\xff"], {}, None),
+    "secret-environment": ([], {b"LAYERCODE_WEBHOOK_SECRET": b"whsec_\xff"}, None),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_UTF8)
+def test_simulate_refuses_arguments_that_are_not_utf8_in_one_line(kind: str) -> None:
+    # Before: a UnicodeEncodeError traceback and exit 1 (a protocol violation's code) when the
+    # event was sent; a secret that is not UTF-8 signed bytes no server verifies (serve refuses
+    # such a secret), exit 0.
+    argv, env, stdin = NOT_UTF8[kind]
+    environ = {k.encode(): v.encode() for k, v in os.environ.items() if not k.startswith("LAYER")}
+    environ.update({b"LAYERCODE_WEBHOOK_SECRET": SECRET.encode(), **env})
+    with raw_http_server(conforming) as base:
+        command = [sys.executable.encode(), b"-m", b"layercode_asgi", b"simulate"]
+        command += [b"--url", f"{base}/api/agent".encode(), *argv]
+        done = subprocess.run(command, env=environ, input=stdin, capture_output=True, timeout=60)
+    err = done.stderr.decode()
+    assert done.returncode == 2 and done.stdout == b"", (done.returncode, err)
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "not valid text" in err
+    assert "whsec_" not in err
+
+
+def test_demo_refuses_a_message_that_is_not_utf8_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: "cannot start: ExceptionGroup: unhandled errors in a TaskGroup", after uvicorn
+    # logged the UnicodeEncodeError's traceback.
+    assert main(["demo", "hi", os.fsdecode(b"\xff")], environ={}) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("error: message 2 is not valid text"), err
+
+
+def test_sign_refuses_a_secret_that_is_not_utf8(capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: exit 0 and a signature of bytes no server verifies (serve refuses the secret).
+    for environ, argv in [
+        ({"LAYERCODE_WEBHOOK_SECRET": "whsec_\udcff"}, []),
+        ({}, ["--secret", "whsec_\udcff"]),
+    ]:
+        assert main(["sign", "--body", "{}", *argv], environ=environ) == 2
+        out, err = capsys.readouterr()
+        assert (
+            out == "" and err == "error: the webhook secret is not valid text (a lone surrogate)\n"
+        )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"messages": ["hi", "\udcff"]}, "message 2 is not valid text"),
+        ({"conversation_id": "\udcff"}, "conversation_id is not valid text"),
+        ({"data": {"a": "\udcff"}}, "data cannot be sent as JSON"),
+        ({"data": object()}, "data cannot be sent as JSON"),
+    ],
+)
+async def test_run_simulation_refuses_what_it_cannot_send_before_sending(
+    arguments: dict[str, Any], named: str
+) -> None:
+    # Before: a UnicodeEncodeError or TypeError from the middle of the conversation.
+    with pytest.raises(ConfigurationError, match=named):
+        await run_simulation("http://127.0.0.1:9/api/agent", SECRET, out=io.StringIO(), **arguments)
+
+
+# -- a standard stream closed at start (`>&-`, some supervisors) ------------------------------------
+
+#: Runs ``python -m layercode_asgi ARGV`` with the descriptor ``sys.argv[1]`` closed.
+CLOSING = (
+    "import os, sys; os.close(int(sys.argv[1])); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'layercode_asgi', *sys.argv[2:]])"
+)
+
+
+def with_closed(fd: int, *argv: str) -> subprocess.CompletedProcess[bytes]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LAYERCODE_")}
+    environ["LAYERCODE_WEBHOOK_SECRET"] = SECRET
+    command = [sys.executable, "-c", CLOSING, str(fd), *argv]
+    kept = {"stdout": subprocess.PIPE} if fd == 2 else {"stderr": subprocess.PIPE}
+    return subprocess.run(command, env=environ, timeout=60, **kept)  # type: ignore[call-overload,no-any-return]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["simulate", "hi"], ["simulate", "--json", "hi"], ["sign", "--body", "{}"], ["list-agents"]],
+)
+def test_a_closed_stdout_is_no_traceback(argv: list[str]) -> None:
+    # Before: an AttributeError traceback ('NoneType' object has no attribute 'write'), exit 1.
+    with raw_http_server(conforming) as base:
+        done = with_closed(1, *argv, *(["--url", f"{base}/api/agent"] if "hi" in argv else []))
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
+    assert (b"OK: 2 turns" in done.stderr) is ("--json" in argv)  # the commentary's place
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"), [(conforming, 0), (lambda e: reply(404, "text/html", b"x"), 1)]
+)
+def test_simulate_json_with_a_closed_stderr_prints_only_the_json(answer: Any, code: int) -> None:
+    # Before: print(file=None) wrote the commentary meant for stderr to stdout, before the JSON.
+    with raw_http_server(answer) as base:
+        done = with_closed(2, "simulate", "--json", "--url", f"{base}/api/agent", "hi")
+    assert done.returncode == code
+    assert msgspec.json.decode(done.stdout)["ok"] is (code == 0)
+
+
+def test_gzip_members_that_follow_each_other_decode_whole_in_any_pieces() -> None:
+    # Before: decoding stopped after the first member, the rest of the body ignored (a
+    # backend gzipping each flush on its own had "missing-end").
+    text = b"".join(b"data: %d\n\n" % n for n in range(300))
+    body = b"".join(gzip.compress(text[n : n + 700]) for n in range(0, len(text), 700))
+    for size in (1, 2, 7, 4096, len(body)):
+        decoder = BodyDecoder("gzip")
+        pieces = [body[n : n + size] for n in range(0, len(body), size)]
+        assert b"".join(b"".join(decoder.feed(piece)) for piece in pieces) == text, size
+    decoder = BodyDecoder("gzip")  # what follows the last member and is none stays ignored
+    assert b"".join(decoder.feed(gzip.compress(text) + b"\x1f\x8c trailing")) == text
