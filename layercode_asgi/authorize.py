@@ -206,8 +206,12 @@ class AuthorizeRoute:
         except (msgspec.DecodeError, RecursionError):
             answer = None
         if 200 <= status < 300:
-            relayed_answer = JSONResponse(answer) if isinstance(answer, dict) else None
-            if relayed_answer is None or self._echoes_key(bytes(relayed_answer.body)):
+            key = answer.get("client_session_key") if isinstance(answer, dict) else None
+            if not isinstance(key, str) or not key:  # the browser could not connect with it
+                logger.warning("LayerCode authorize answer refused: no client_session_key")
+                return json_error_response(502, "LayerCode API sent an invalid response")
+            relayed_answer = JSONResponse(answer)
+            if self._echoes_key(bytes(relayed_answer.body)):
                 return json_error_response(502, "LayerCode API sent an invalid response")
             return relayed_answer
         if 400 <= status < 500:

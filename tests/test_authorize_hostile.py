@@ -184,3 +184,30 @@ def test_an_environment_httpx_cannot_use_fails_at_start_up(
     with pytest.raises(ConfigurationError, match=f"HTTP client for LayerCode's API.*{variable}"):
         create_app(settings())
     create_app(settings(layercode_api_key=None))  # no authorize route to serve: no client
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"{}",
+        b'{"conversation_id":"c","config":{}}',
+        b'{"client_session_key":""}',
+        b'{"client_session_key":null,"conversation_id":"c"}',
+        b'{"client_session_key":["csk"]}',
+    ],
+)
+def test_a_success_without_a_session_key_is_a_502(
+    layercode: tuple[FakeLayercode, str], answer: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 200 whose object has no ``client_session_key`` (a string) gives the browser nothing
+    to connect with: before, relayed as a 200 (the front end failed later, no log said why)."""
+    fake, api = layercode
+    fake.answer = answer
+    with (
+        caplog.at_level(logging.WARNING, logger="layercode_asgi"),
+        serve(create_app(settings(layercode_api_url=api))) as url,
+    ):
+        r = httpx.post(url + "/api/authorize", json={"agent_id": "a"}, timeout=20)
+    assert (r.status_code, r.json()) == (502, {"error": "LayerCode API sent an invalid response"})
+    logged = [record.getMessage() for record in caplog.records]
+    assert "LayerCode authorize answer refused: no client_session_key" in logged
