@@ -5,8 +5,9 @@ Limits toward LayerCode: ``timeout`` bounds the whole upstream call (connect, re
 every byte of the answer), an answer larger than :data:`AUTHORIZE_MAX_UPSTREAM_BODY` or
 compressed (it asks for ``accept-encoding: identity``) is a 502, and of a 4xx answer only
 LayerCode's ``error`` message is relayed (one printable line of at most
-:data:`AUTHORIZE_MAX_ERROR_CHARS` characters), never its headers or other fields. An answer
-that would show the caller our API key (a proxy echoing our request) is not relayed.
+:data:`AUTHORIZE_MAX_ERROR_CHARS` characters), never its other fields or headers (but the
+``Retry-After`` of a 429 or 503, in seconds). An answer that would show the caller our API
+key (a proxy echoing our request) is not relayed.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ class AuthorizeRoute:
             # ``timeout`` bounds the whole call (connect, request, every byte of the answer),
             # not each socket read: a slowly dripping upstream cannot hold the request.
             with anyio.fail_after(self.timeout):
-                status, content = await self._call_upstream(body)
+                status, content, retry_after = await self._call_upstream(body)
         except (TimeoutError, httpx.TimeoutException):
             logger.warning("LayerCode authorize timed out after %ss", self.timeout)
             return json_error_response(502, "LayerCode API timed out")
@@ -216,17 +217,17 @@ class AuthorizeRoute:
             return relayed_answer
         if 400 <= status < 500:
             logger.info("LayerCode authorize refused with %s", status)
-            # Only LayerCode's own message is relayed: no headers, no other fields.
+            # Only LayerCode's own message is relayed (and a 429's Retry-After): no other field.
             message = answer.get("error") if isinstance(answer, dict) else None
             line = _printable(message, AUTHORIZE_MAX_ERROR_CHARS * 4)  # the cut hides no key
             if line is not None and self._echoes_key(_encode([message, line])):
                 line = None
             relayed = line[:AUTHORIZE_MAX_ERROR_CHARS] if line else None
             return json_error_response(
-                status, relayed or f"LayerCode API refused the request ({status})"
+                status, relayed or f"LayerCode API refused the request ({status})", retry_after
             )
         logger.warning("LayerCode authorize failed upstream with %s", status)
-        return json_error_response(502, f"LayerCode API error ({status})")
+        return json_error_response(502, f"LayerCode API error ({status})", retry_after)
 
     def _echoes_key(self, relayed: bytes) -> bool:
         """Whether JSON for the caller holds our API key (a proxy echoing our request, say):
@@ -237,8 +238,9 @@ class AuthorizeRoute:
         logger.warning("LayerCode authorize answer holds our API key: not relayed")
         return True
 
-    async def _call_upstream(self, body: bytes) -> tuple[int, bytes]:
-        """POST to LayerCode; its status and body (at most AUTHORIZE_MAX_UPSTREAM_BODY)."""
+    async def _call_upstream(self, body: bytes) -> tuple[int, bytes, dict[str, str] | None]:
+        """POST to LayerCode; its status, body (at most AUTHORIZE_MAX_UPSTREAM_BODY) and
+        the ``Retry-After`` to pass on (:func:`_retry_after`)."""
         async with self.client.stream(
             "POST",
             self.url,
@@ -264,7 +266,8 @@ class AuthorizeRoute:
                 if size > AUTHORIZE_MAX_UPSTREAM_BODY:
                     raise _UpstreamTooLarge
                 chunks.append(chunk)
-            return upstream.status_code, b"".join(chunks)
+            status = upstream.status_code
+            return status, b"".join(chunks), _retry_after(status, upstream.headers)
 
 
 class _UpstreamTooLarge(Exception):
@@ -273,6 +276,16 @@ class _UpstreamTooLarge(Exception):
 
 class _UpstreamEncoded(Exception):
     """LayerCode's answer has a ``content-encoding`` other than identity."""
+
+
+def _retry_after(status: int, headers: httpx.Headers) -> dict[str, str] | None:
+    """The ``Retry-After`` of LayerCode's 429 or 503 as a header for the caller: whole
+    seconds, a day at most; none for another status or another form (a date, say)."""
+    value = headers.get("retry-after", "").strip()
+    if status not in (429, 503) or not (value.isascii() and value.isdigit()):
+        return None
+    seconds = min(int(value), 86400) if len(value) <= 9 else 86400
+    return {"retry-after": str(seconds)}
 
 
 def _printable(message: object, limit: int) -> str | None:

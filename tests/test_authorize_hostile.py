@@ -211,3 +211,35 @@ def test_a_success_without_a_session_key_is_a_502(
     assert (r.status_code, r.json()) == (502, {"error": "LayerCode API sent an invalid response"})
     logged = [record.getMessage() for record in caplog.records]
     assert "LayerCode authorize answer refused: no client_session_key" in logged
+
+
+@pytest.mark.parametrize(
+    ("status", "sent", "expected_status", "relayed"),
+    [
+        (429, "30", 429, "30"),
+        (429, "007", 429, "7"),
+        (429, "99999999", 429, "86400"),  # a day at most
+        (503, "12", 502, "12"),
+        (429, "soon", 429, None),
+        (429, "-1", 429, None),
+        (429, "1e3", 429, None),
+        (429, "Wed, 21 Oct 2015 07:28:00 GMT", 429, None),
+        (502, "30", 502, None),  # a Retry-After means something on a 429 or 503 only
+        (403, "30", 403, None),
+    ],
+)
+def test_a_rate_limited_or_unavailable_upstream_passes_its_retry_after(
+    layercode: tuple[FakeLayercode, str],
+    status: int,
+    sent: str,
+    expected_status: int,
+    relayed: str | None,
+) -> None:
+    """LayerCode's 429 (or 503) says when to try again: the caller is told so too, in seconds
+    (before, no header of the answer was relayed: a front end retried at once)."""
+    fake, api = layercode
+    fake.status, fake.answer, fake.headers = status, {"error": "slow down"}, {"retry-after": sent}
+    with serve(create_app(settings(layercode_api_url=api))) as url:
+        r = httpx.post(url + "/api/authorize", json={"agent_id": "a"}, timeout=20)
+    assert (r.status_code, r.headers.get("retry-after")) == (expected_status, relayed)
+    assert r.headers["content-type"] == "application/json"
