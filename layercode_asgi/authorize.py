@@ -63,6 +63,9 @@ AUTHORIZE_MAX_UPSTREAM_BODY = 1024 * 1024
 #: Longest upstream ``error`` message relayed to the caller, in characters.
 AUTHORIZE_MAX_ERROR_CHARS = 200
 
+#: Event loops whose client is kept (served at once, or one after another without a lifespan).
+_LOOPS_KEPT = 8
+
 _decode = decode_json  # half an emoji (JavaScript's lone surrogate escape) as U+FFFD
 _encode = msgspec.json.encode
 
@@ -78,28 +81,33 @@ class AuthorizeRoute:
         self.guard = guard
         self.timeout = timeout
         self.body_timeout = settings.body_timeout
-        self._client: httpx.AsyncClient | None = None
-        self._loop: object = None  # the event loop ``_client`` (its connections) belongs to
+        # One client per event loop (its connections belong to it): an app may be served on
+        # several at once (two threads), or on a later one (trio after asyncio).
+        self._clients: dict[object, httpx.AsyncClient] = {}
         if self.api_key:  # an environment httpx cannot make a client from fails at start-up
             self._new_client()
 
     @property
     def client(self) -> httpx.AsyncClient:
-        # Created on first use, not in the lifespan: a mounted sub-app gets no lifespan. One
-        # per event loop: an app may be served again on a later loop (trio after asyncio).
+        # Created on first use, not in the lifespan: a mounted sub-app gets no lifespan, so
+        # a loop that ended may not have closed its own: only the latest few are kept.
         loop = anyio.lowlevel.current_token()
-        if self._client is None or self._loop != loop:
-            self._client, self._loop = self._new_client(), loop
-        return self._client
+        client = self._clients.get(loop)
+        if client is None:
+            for ended in list(self._clients)[: 1 - _LOOPS_KEPT]:
+                self._clients.pop(ended, None)
+            client = self._clients[loop] = self._new_client()
+        return client
 
     def _new_client(self) -> httpx.AsyncClient:
         make = functools.partial(httpx.AsyncClient, timeout=self.timeout)
         return from_environment(make, "for LayerCode's API")
 
     async def aclose(self) -> None:
-        if self._client is not None and self._loop == anyio.lowlevel.current_token():
-            await self._client.aclose()
-        self._client = None
+        """Close this event loop's client (another loop's connections are its own)."""
+        client = self._clients.pop(anyio.lowlevel.current_token(), None)
+        if client is not None:
+            await client.aclose()
 
     async def allowed(self, request: Request) -> bool:
         if self.guard is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -243,3 +244,28 @@ def test_a_rate_limited_or_unavailable_upstream_passes_its_retry_after(
         r = httpx.post(url + "/api/authorize", json={"agent_id": "a"}, timeout=20)
     assert (r.status_code, r.headers.get("retry-after")) == (expected_status, relayed)
     assert r.headers["content-type"] == "application/json"
+
+
+def test_one_app_on_two_event_loops_at_once_keeps_a_client_for_each() -> None:
+    """One app served by two servers at once (two threads, two event loops: a test client
+    beside a server, say): each loop keeps its own pooled connection to LayerCode. Before,
+    each request on the other loop replaced the one client, leaving the old one's connection
+    open and unclosed: a new connection to LayerCode per request (20 here)."""
+    fake = FakeLayercode()
+    connections: set[tuple[str, int]] = set()
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            connections.add(tuple(scope["client"]))
+        await fake.app(scope, receive, send)
+
+    with serve(upstream, timeout_keep_alive=60) as api:
+        app = create_app(settings(layercode_api_url=api + "/v1"))
+        with serve(app) as first, serve(app) as second, httpx.Client(timeout=20) as client:
+            for _ in range(10):
+                for url in (first, second):
+                    r = client.post(url + "/api/authorize", json={"agent_id": "a"})
+                    assert (r.status_code, r.json()) == (200, fake.answer)
+    assert len(fake.requests) == 20
+    # one per loop; a third or fourth only if a pooled connection idled out (httpx: 5 s)
+    assert len(connections) <= 4, len(connections)
