@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import httpx
 import msgspec
 from starlette.requests import ClientDisconnect, Request
@@ -39,6 +38,7 @@ from .config import Settings
 from .errors import check_callable, from_environment
 from .jsonwire import decode_json
 from .logs import escape_log_value
+from .loops import PerLoop
 
 __all__ = [
     "AUTHORIZE_MAX_BODY",
@@ -63,9 +63,6 @@ AUTHORIZE_MAX_UPSTREAM_BODY = 1024 * 1024
 #: Longest upstream ``error`` message relayed to the caller, in characters.
 AUTHORIZE_MAX_ERROR_CHARS = 200
 
-#: Event loops whose client is kept (served at once, or one after another without a lifespan).
-_LOOPS_KEPT = 8
-
 _decode = decode_json  # half an emoji (JavaScript's lone surrogate escape) as U+FFFD
 _encode = msgspec.json.encode
 
@@ -81,23 +78,12 @@ class AuthorizeRoute:
         self.guard = guard
         self.timeout = timeout
         self.body_timeout = settings.body_timeout
-        # One client per event loop (its connections belong to it): an app may be served on
-        # several at once (two threads), or on a later one (trio after asyncio).
-        self._clients: dict[object, httpx.AsyncClient] = {}
-        if self.api_key:  # an environment httpx cannot make a client from fails at start-up
-            self._new_client()
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        # Created on first use, not in the lifespan: a mounted sub-app gets no lifespan, so
-        # a loop that ended may not have closed its own: only the latest few are kept.
-        loop = anyio.lowlevel.current_token()
-        client = self._clients.get(loop)
-        if client is None:
-            for ended in list(self._clients)[: 1 - _LOOPS_KEPT]:
-                self._clients.pop(ended, None)
-            client = self._clients[loop] = self._new_client()
-        return client
+        # One client per event loop (its connections belong to it), made here: an environment
+        # httpx cannot make a client from fails at start-up. Not in the lifespan: a mounted
+        # sub-app gets none.
+        self._clients: PerLoop[httpx.AsyncClient] | None = None
+        if self.api_key:
+            self._clients = PerLoop(self._new_client(), self._new_client)
 
     def _new_client(self) -> httpx.AsyncClient:
         make = functools.partial(httpx.AsyncClient, timeout=self.timeout)
@@ -105,7 +91,7 @@ class AuthorizeRoute:
 
     async def aclose(self) -> None:
         """Close this event loop's client (another loop's connections are its own)."""
-        client = self._clients.pop(anyio.lowlevel.current_token(), None)
+        client = self._clients.take() if self._clients is not None else None
         if client is not None:
             await client.aclose()
 
@@ -249,7 +235,8 @@ class AuthorizeRoute:
     async def _call_upstream(self, body: bytes) -> tuple[int, bytes, dict[str, str] | None]:
         """POST to LayerCode; its status, body (at most AUTHORIZE_MAX_UPSTREAM_BODY) and
         the ``Retry-After`` to pass on (:func:`_retry_after`)."""
-        async with self.client.stream(
+        assert self._clients is not None  # with an api_key, checked before calling upstream
+        async with self._clients.get().stream(
             "POST",
             self.url,
             content=body,
