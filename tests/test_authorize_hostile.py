@@ -269,3 +269,32 @@ def test_one_app_on_two_event_loops_at_once_keeps_a_client_for_each() -> None:
     assert len(fake.requests) == 20
     # one per loop; a third or fourth only if a pooled connection idled out (httpx: 5 s)
     assert len(connections) <= 4, len(connections)
+
+
+def test_a_key_header_sent_twice_is_refused(layercode: tuple[FakeLayercode, str]) -> None:
+    """Two ``X-Api-Key`` (or, without one, two ``Authorization``) headers: which is meant is
+    anyone's guess (a proxy in front may check the other one), so neither is taken. Before,
+    the first one decided: the same headers in another order were let through."""
+    pytest.importorskip("prometheus_client")
+    fake, api = layercode
+    app = create_app(
+        settings(
+            layercode_api_url=api, authorize_api_keys="good", metrics=True, metrics_api_keys="good"
+        )
+    )
+    cases = [
+        ([("x-api-key", "good"), ("x-api-key", "bad")], 401),
+        ([("x-api-key", "bad"), ("x-api-key", "good")], 401),
+        ([("x-api-key", "good"), ("x-api-key", "good")], 401),
+        ([("authorization", "Bearer good"), ("authorization", "Bearer bad")], 401),
+        ([("authorization", "Bearer good"), ("authorization", "Basic eA==")], 401),
+        # the key checked is sent once: the other header may be repeated
+        ([("x-api-key", "good"), ("authorization", "Bearer a"), ("authorization", "b")], 200),
+        ([("x-api-key", ""), ("authorization", "Bearer good")], 200),
+    ]
+    with serve(app) as url, httpx.Client(base_url=url, timeout=20) as client:
+        for headers, expected in cases:
+            authorize = client.post("/api/authorize", json={"agent_id": "a"}, headers=headers)
+            metrics = client.get("/metrics", headers=headers)
+            assert (authorize.status_code, metrics.status_code) == (expected, expected), headers
+    assert len(fake.requests) == 2
