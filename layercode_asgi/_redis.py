@@ -9,13 +9,13 @@ connections".
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import anyio.lowlevel
-
+from . import loops
 from .errors import ConfigurationError, check_type, require_asyncio
 from .redaction import mask_url
 
@@ -41,48 +41,15 @@ T = TypeVar("T")
 #: What cannot run on trio, for :func:`~layercode_asgi.errors.require_asyncio`.
 REDIS_CLIENT = "Redis (REDIS_URL; redis-py's asyncio client)"
 
-#: The loop of a value closed by :meth:`PerLoop.take`: equal to no loop's token.
-_CLOSED = object()
 
+class PerLoop(loops.PerLoop[T]):
+    """:class:`~layercode_asgi.loops.PerLoop` for redis-py's asyncio clients: a
+    :class:`ConfigurationError` on trio, where they cannot run."""
 
-class PerLoop(Generic[T]):
-    """A client this package created from a URL: one per event loop.
-
-    Its pooled connections belong to the event loop that opened them, and an application
-    may be served on a later loop in the same process (each test on its own loop; a mounted
-    app, whose lifespan never runs to close it). :meth:`get` adopts ``value`` on the first
-    loop, then makes another with ``make`` on each new loop; the previous one is dropped (it
-    cannot be closed from another loop). Without ``make``, ``value`` is the application's
-    client, always returned as is (to be used on the loop that created it).
-    """
-
-    __slots__ = ("_loop", "_make", "_value")
+    __slots__ = ()
 
     def __init__(self, value: T, make: Callable[[], T] | None) -> None:
-        self._value = value
-        self._make = make
-        self._loop: object = None
-
-    def get(self) -> T:
-        """The current event loop's value (a :class:`ConfigurationError` on trio: redis-py's
-        asyncio client cannot run there)."""
-        loop = anyio.lowlevel.current_token()
-        if self._loop != loop:
-            require_asyncio(REDIS_CLIENT)
-            if self._make is not None and self._loop is not None:
-                self._value = self._make()
-            self._loop = loop
-        return self._value
-
-    def take(self) -> T | None:
-        """For ``aclose``: the value to close, if made here and used on this loop (``None``
-        otherwise: never used, it holds no connection); the next :meth:`get` makes a new
-        one."""
-        if self._make is None:
-            return None
-        mine = self._loop == anyio.lowlevel.current_token()
-        self._loop = _CLOSED
-        return self._value if mine else None
+        super().__init__(value, make, functools.partial(require_asyncio, REDIS_CLIENT))
 
 
 def import_redis(what: str) -> Any:

@@ -2,18 +2,21 @@
 
 A caller presents a key as ``X-Api-Key: <key>`` or ``Authorization: Bearer <key>``; it is
 compared with every configured key in constant time. With both, a non-empty ``X-Api-Key`` is
-the key checked (``Authorization`` may carry a front end's own token).
+the key checked (``Authorization`` may carry a front end's own token); the header checked
+sent twice is refused.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from starlette.datastructures import Headers
+
     from .config import Settings
 
 __all__ = ["api_key_allowed", "check_keys_apart", "encode_keys", "sendable_key"]
@@ -66,17 +69,21 @@ def check_keys_apart(settings: Settings) -> None:
                     )
 
 
-def api_key_allowed(headers: Mapping[str, str], keys: tuple[bytes, ...]) -> bool:
-    """Whether ``headers`` (lower-case names) present one of ``keys``; True when there are
-    no keys (the route is not guarded)."""
+def api_key_allowed(headers: Headers, keys: tuple[bytes, ...]) -> bool:
+    """Whether ``headers`` present one of ``keys``; True when there are no keys (the route is
+    not guarded). The header checked must come once: of two, which is meant is anyone's
+    guess (a proxy in front may have checked the other)."""
     if not keys:
         return True
-    presented = headers.get("x-api-key")
-    if not presented:  # an empty one (a front end without a key) hides no Bearer
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        presented = token.strip() if scheme.lower() == "bearer" else None
-    if not presented:
+    sent = headers.getlist("x-api-key")
+    if not any(sent):  # an empty one (a front end without a key) hides no Bearer
+        sent = headers.getlist("authorization")
+        if len(sent) == 1:
+            scheme, _, token = sent[0].partition(" ")
+            sent = [token.strip() if scheme.lower() == "bearer" else ""]
+    if len(sent) != 1 or not sent[0]:
         return False
+    presented = sent[0]
     # The keys are ASCII: any other character (a byte the server read as latin-1, a lone
     # surrogate of headers not read from the wire) makes bytes that match none.
     candidate = presented.encode("utf-8", "surrogatepass")

@@ -5,8 +5,9 @@ Limits toward LayerCode: ``timeout`` bounds the whole upstream call (connect, re
 every byte of the answer), an answer larger than :data:`AUTHORIZE_MAX_UPSTREAM_BODY` or
 compressed (it asks for ``accept-encoding: identity``) is a 502, and of a 4xx answer only
 LayerCode's ``error`` message is relayed (one printable line of at most
-:data:`AUTHORIZE_MAX_ERROR_CHARS` characters), never its headers or other fields. An answer
-that would show the caller our API key (a proxy echoing our request) is not relayed.
+:data:`AUTHORIZE_MAX_ERROR_CHARS` characters), never its other fields or headers (but the
+``Retry-After`` of a 429 or 503, in seconds). An answer that would show the caller our API
+key (a proxy echoing our request) is not relayed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import httpx
 import msgspec
 from starlette.requests import ClientDisconnect, Request
@@ -38,6 +38,7 @@ from .config import Settings
 from .errors import check_callable, from_environment
 from .jsonwire import decode_json
 from .logs import escape_log_value
+from .loops import PerLoop
 
 __all__ = [
     "AUTHORIZE_MAX_BODY",
@@ -77,28 +78,22 @@ class AuthorizeRoute:
         self.guard = guard
         self.timeout = timeout
         self.body_timeout = settings.body_timeout
-        self._client: httpx.AsyncClient | None = None
-        self._loop: object = None  # the event loop ``_client`` (its connections) belongs to
-        if self.api_key:  # an environment httpx cannot make a client from fails at start-up
-            self._new_client()
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        # Created on first use, not in the lifespan: a mounted sub-app gets no lifespan. One
-        # per event loop: an app may be served again on a later loop (trio after asyncio).
-        loop = anyio.lowlevel.current_token()
-        if self._client is None or self._loop != loop:
-            self._client, self._loop = self._new_client(), loop
-        return self._client
+        # One client per event loop (its connections belong to it), made here: an environment
+        # httpx cannot make a client from fails at start-up. Not in the lifespan: a mounted
+        # sub-app gets none.
+        self._clients: PerLoop[httpx.AsyncClient] | None = None
+        if self.api_key:
+            self._clients = PerLoop(self._new_client(), self._new_client)
 
     def _new_client(self) -> httpx.AsyncClient:
         make = functools.partial(httpx.AsyncClient, timeout=self.timeout)
         return from_environment(make, "for LayerCode's API")
 
     async def aclose(self) -> None:
-        if self._client is not None and self._loop == anyio.lowlevel.current_token():
-            await self._client.aclose()
-        self._client = None
+        """Close this event loop's client (another loop's connections are its own)."""
+        client = self._clients.take() if self._clients is not None else None
+        if client is not None:
+            await client.aclose()
 
     async def allowed(self, request: Request) -> bool:
         if self.guard is None:
@@ -169,7 +164,7 @@ class AuthorizeRoute:
             # ``timeout`` bounds the whole call (connect, request, every byte of the answer),
             # not each socket read: a slowly dripping upstream cannot hold the request.
             with anyio.fail_after(self.timeout):
-                status, content = await self._call_upstream(body)
+                status, content, retry_after = await self._call_upstream(body)
         except (TimeoutError, httpx.TimeoutException):
             logger.warning("LayerCode authorize timed out after %ss", self.timeout)
             return json_error_response(502, "LayerCode API timed out")
@@ -206,23 +201,27 @@ class AuthorizeRoute:
         except (msgspec.DecodeError, RecursionError):
             answer = None
         if 200 <= status < 300:
-            relayed_answer = JSONResponse(answer) if isinstance(answer, dict) else None
-            if relayed_answer is None or self._echoes_key(bytes(relayed_answer.body)):
+            key = answer.get("client_session_key") if isinstance(answer, dict) else None
+            if not isinstance(key, str) or not key:  # the browser could not connect with it
+                logger.warning("LayerCode authorize answer refused: no client_session_key")
+                return json_error_response(502, "LayerCode API sent an invalid response")
+            relayed_answer = JSONResponse(answer)
+            if self._echoes_key(bytes(relayed_answer.body)):
                 return json_error_response(502, "LayerCode API sent an invalid response")
             return relayed_answer
         if 400 <= status < 500:
             logger.info("LayerCode authorize refused with %s", status)
-            # Only LayerCode's own message is relayed: no headers, no other fields.
+            # Only LayerCode's own message is relayed (and a 429's Retry-After): no other field.
             message = answer.get("error") if isinstance(answer, dict) else None
             line = _printable(message, AUTHORIZE_MAX_ERROR_CHARS * 4)  # the cut hides no key
             if line is not None and self._echoes_key(_encode([message, line])):
                 line = None
             relayed = line[:AUTHORIZE_MAX_ERROR_CHARS] if line else None
             return json_error_response(
-                status, relayed or f"LayerCode API refused the request ({status})"
+                status, relayed or f"LayerCode API refused the request ({status})", retry_after
             )
         logger.warning("LayerCode authorize failed upstream with %s", status)
-        return json_error_response(502, f"LayerCode API error ({status})")
+        return json_error_response(502, f"LayerCode API error ({status})", retry_after)
 
     def _echoes_key(self, relayed: bytes) -> bool:
         """Whether JSON for the caller holds our API key (a proxy echoing our request, say):
@@ -233,9 +232,11 @@ class AuthorizeRoute:
         logger.warning("LayerCode authorize answer holds our API key: not relayed")
         return True
 
-    async def _call_upstream(self, body: bytes) -> tuple[int, bytes]:
-        """POST to LayerCode; its status and body (at most AUTHORIZE_MAX_UPSTREAM_BODY)."""
-        async with self.client.stream(
+    async def _call_upstream(self, body: bytes) -> tuple[int, bytes, dict[str, str] | None]:
+        """POST to LayerCode; its status, body (at most AUTHORIZE_MAX_UPSTREAM_BODY) and
+        the ``Retry-After`` to pass on (:func:`_retry_after`)."""
+        assert self._clients is not None  # with an api_key, checked before calling upstream
+        async with self._clients.get().stream(
             "POST",
             self.url,
             content=body,
@@ -260,7 +261,8 @@ class AuthorizeRoute:
                 if size > AUTHORIZE_MAX_UPSTREAM_BODY:
                     raise _UpstreamTooLarge
                 chunks.append(chunk)
-            return upstream.status_code, b"".join(chunks)
+            status = upstream.status_code
+            return status, b"".join(chunks), _retry_after(status, upstream.headers)
 
 
 class _UpstreamTooLarge(Exception):
@@ -269,6 +271,16 @@ class _UpstreamTooLarge(Exception):
 
 class _UpstreamEncoded(Exception):
     """LayerCode's answer has a ``content-encoding`` other than identity."""
+
+
+def _retry_after(status: int, headers: httpx.Headers) -> dict[str, str] | None:
+    """The ``Retry-After`` of LayerCode's 429 or 503 as a header for the caller: whole
+    seconds, a day at most; none for another status or another form (a date, say)."""
+    value = headers.get("retry-after", "").strip()
+    if status not in (429, 503) or not (value.isascii() and value.isdigit()):
+        return None
+    seconds = min(int(value), 86400) if len(value) <= 9 else 86400
+    return {"retry-after": str(seconds)}
 
 
 def _printable(message: object, limit: int) -> str | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -184,3 +185,116 @@ def test_an_environment_httpx_cannot_use_fails_at_start_up(
     with pytest.raises(ConfigurationError, match=f"HTTP client for LayerCode's API.*{variable}"):
         create_app(settings())
     create_app(settings(layercode_api_key=None))  # no authorize route to serve: no client
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"{}",
+        b'{"conversation_id":"c","config":{}}',
+        b'{"client_session_key":""}',
+        b'{"client_session_key":null,"conversation_id":"c"}',
+        b'{"client_session_key":["csk"]}',
+    ],
+)
+def test_a_success_without_a_session_key_is_a_502(
+    layercode: tuple[FakeLayercode, str], answer: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 200 whose object has no ``client_session_key`` (a string) gives the browser nothing
+    to connect with: before, relayed as a 200 (the front end failed later, no log said why)."""
+    fake, api = layercode
+    fake.answer = answer
+    with (
+        caplog.at_level(logging.WARNING, logger="layercode_asgi"),
+        serve(create_app(settings(layercode_api_url=api))) as url,
+    ):
+        r = httpx.post(url + "/api/authorize", json={"agent_id": "a"}, timeout=20)
+    assert (r.status_code, r.json()) == (502, {"error": "LayerCode API sent an invalid response"})
+    logged = [record.getMessage() for record in caplog.records]
+    assert "LayerCode authorize answer refused: no client_session_key" in logged
+
+
+@pytest.mark.parametrize(
+    ("status", "sent", "expected_status", "relayed"),
+    [
+        (429, "30", 429, "30"),
+        (429, "007", 429, "7"),
+        (429, "99999999", 429, "86400"),  # a day at most
+        (503, "12", 502, "12"),
+        (429, "soon", 429, None),
+        (429, "-1", 429, None),
+        (429, "1e3", 429, None),
+        (429, "Wed, 21 Oct 2015 07:28:00 GMT", 429, None),
+        (502, "30", 502, None),  # a Retry-After means something on a 429 or 503 only
+        (403, "30", 403, None),
+    ],
+)
+def test_a_rate_limited_or_unavailable_upstream_passes_its_retry_after(
+    layercode: tuple[FakeLayercode, str],
+    status: int,
+    sent: str,
+    expected_status: int,
+    relayed: str | None,
+) -> None:
+    """LayerCode's 429 (or 503) says when to try again: the caller is told so too, in seconds
+    (before, no header of the answer was relayed: a front end retried at once)."""
+    fake, api = layercode
+    fake.status, fake.answer, fake.headers = status, {"error": "slow down"}, {"retry-after": sent}
+    with serve(create_app(settings(layercode_api_url=api))) as url:
+        r = httpx.post(url + "/api/authorize", json={"agent_id": "a"}, timeout=20)
+    assert (r.status_code, r.headers.get("retry-after")) == (expected_status, relayed)
+    assert r.headers["content-type"] == "application/json"
+
+
+def test_one_app_on_two_event_loops_at_once_keeps_a_client_for_each() -> None:
+    """One app served by two servers at once (two threads, two event loops: a test client
+    beside a server, say): each loop keeps its own pooled connection to LayerCode. Before,
+    each request on the other loop replaced the one client, leaving the old one's connection
+    open and unclosed: a new connection to LayerCode per request (20 here)."""
+    fake = FakeLayercode()
+    connections: set[tuple[str, int]] = set()
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            connections.add(tuple(scope["client"]))
+        await fake.app(scope, receive, send)
+
+    with serve(upstream, timeout_keep_alive=60) as api:
+        app = create_app(settings(layercode_api_url=api + "/v1"))
+        with serve(app) as first, serve(app) as second, httpx.Client(timeout=20) as client:
+            for _ in range(10):
+                for url in (first, second):
+                    r = client.post(url + "/api/authorize", json={"agent_id": "a"})
+                    assert (r.status_code, r.json()) == (200, fake.answer)
+    assert len(fake.requests) == 20
+    # one per loop; a third or fourth only if a pooled connection idled out (httpx: 5 s)
+    assert len(connections) <= 4, len(connections)
+
+
+def test_a_key_header_sent_twice_is_refused(layercode: tuple[FakeLayercode, str]) -> None:
+    """Two ``X-Api-Key`` (or, without one, two ``Authorization``) headers: which is meant is
+    anyone's guess (a proxy in front may check the other one), so neither is taken. Before,
+    the first one decided: the same headers in another order were let through."""
+    pytest.importorskip("prometheus_client")
+    fake, api = layercode
+    app = create_app(
+        settings(
+            layercode_api_url=api, authorize_api_keys="good", metrics=True, metrics_api_keys="good"
+        )
+    )
+    cases = [
+        ([("x-api-key", "good"), ("x-api-key", "bad")], 401),
+        ([("x-api-key", "bad"), ("x-api-key", "good")], 401),
+        ([("x-api-key", "good"), ("x-api-key", "good")], 401),
+        ([("authorization", "Bearer good"), ("authorization", "Bearer bad")], 401),
+        ([("authorization", "Bearer good"), ("authorization", "Basic eA==")], 401),
+        # the key checked is sent once: the other header may be repeated
+        ([("x-api-key", "good"), ("authorization", "Bearer a"), ("authorization", "b")], 200),
+        ([("x-api-key", ""), ("authorization", "Bearer good")], 200),
+    ]
+    with serve(app) as url, httpx.Client(base_url=url, timeout=20) as client:
+        for headers, expected in cases:
+            authorize = client.post("/api/authorize", json={"agent_id": "a"}, headers=headers)
+            metrics = client.get("/metrics", headers=headers)
+            assert (authorize.status_code, metrics.status_code) == (expected, expected), headers
+    assert len(fake.requests) == 2

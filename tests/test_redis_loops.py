@@ -117,3 +117,37 @@ def test_a_client_given_by_the_application_is_kept(redis_server: RedisServer) ->
         return answer
 
     assert anyio.run(use) == [b"1", 1]
+
+
+def test_one_app_on_two_event_loops_at_once_keeps_a_client_for_each(
+    redis_server: RedisServer,
+) -> None:
+    """One app served by two servers at once (two threads, two event loops): each loop keeps
+    its own Redis clients. Before, each turn on the other loop replaced the store's and the
+    replay cache's clients, leaving the old ones' connections open: Redis saw new
+    connections pile up, turn after turn."""
+    import redis
+
+    settings = Settings(
+        env_file=None,
+        environ={},
+        layercode_webhook_secret=SECRET,
+        redis_url=redis_server.url,
+        replay_protection=True,
+    )
+    app = create_app(settings, worker_agent)
+    with (
+        redis.Redis.from_url(redis_server.url) as watcher,
+        serve(app) as first,
+        serve(app) as second,
+        httpx.Client(timeout=20) as client,
+    ):
+        counts = []
+        for n in range(12):
+            body = event_body("message", conversation_id=f"two-{n}", text="hi", turn_id=f"{n}")
+            url = (first, second)[n % 2] + "/api/agent"
+            response = client.post(url, content=body, headers=signed_headers(body))
+            assert response.status_code == 200, response.text
+            counts.append(len(watcher.client_list()))
+    # the later turns reuse their loop's pooled connections: the count stops growing
+    assert counts[-1] == counts[-5], counts
