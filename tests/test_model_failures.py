@@ -136,18 +136,44 @@ async def test_a_base_url_with_credentials_and_a_slash_is_used_and_masked_in_the
 
 
 @pytest.mark.anyio
-async def test_the_openai_agent_fails_a_stream_cut_short(
-    fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_a_stream_cut_short_fails_the_turn(
+    name: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Before: a chat completions stream that ended without its finish (no
-    ``finish_reason``, no ``[DONE]``: a proxy or the provider cut it) ended the turn as if
-    the answer were whole, with no ``response.error`` and nothing in the log."""
-    fake.push(Script(text=["One.", " Two.", " Three"], cut=True))
+    """Before: a stream that ended without its finish (chat completions: no
+    ``finish_reason``, no ``[DONE]``; Responses: no ``response.completed``: a proxy or the
+    provider cut it) ended the turn as if the answer were whole, with no ``response.error``
+    and nothing in the log (every agent but ``openai``)."""
+    fake.push(*[Script(text=["One.", " Two.", " Three"], cut=True)] * 3)
     with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
-        turn = await turn_of("openai")
-    assert turn.text == "One. Two. Three"  # spoken as it came
+        turn = await turn_of(name)
     assert ended_with_error(turn)
-    assert "the model's answer ended before its finish_reason" in caplog.text
+    assert turn.text.startswith("One. Two.")  # spoken as it came
+    if name == "openai-agents":  # the SDK's own check
+        assert "Model did not produce a final response" in caplog.text
+    else:
+        assert "the model's answer ended before its finish" in caplog.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut-short"])
+async def test_langchain_on_the_responses_api_fails_only_a_stream_cut_short(
+    cut: bool, fake: FakeOpenAI
+) -> None:
+    """``ChatOpenAI(use_responses_api=True)`` reports how its answer ended in ``status``,
+    not ``finish_reason``: a whole answer is spoken, one cut short fails the turn."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from layercode_asgi.adapters import from_langchain
+
+    fake.push(Script(text=["One.", " Two.", " Three"], cut=cut))
+    model = langchain_openai.ChatOpenAI(model="gpt-5-nano", use_responses_api=True)
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    with serve(create_app(settings, from_langchain(model))) as base, anyio.fail_after(20):
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("hi")
+    assert [request["path"] for request in fake.requests] == ["/responses"]
+    assert ended_with_error(turn) is cut
+    assert turn.text == ("One. Two. " if cut else "One. Two. Three")
 
 
 @pytest.mark.anyio
