@@ -266,24 +266,29 @@ async def test_the_openai_agent_speaks_a_refusal(fake: FakeOpenAI) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
 @pytest.mark.parametrize(
     "script",
     [Script(text=[]), Script(text=[" ", "\n"]), Script(text=[], tool_call=("lookup", "{}"))],
     ids=["empty", "blank", "tool-call-only"],
 )
-async def test_the_openai_agent_fails_an_answer_without_text(
-    script: Script, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+async def test_an_answer_without_text_fails_the_turn(
+    name: str, script: Script, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Before: an answer without text (empty, blank, or only a tool call the agent cannot
-    make) ended the turn with ``response.end`` alone: the caller heard nothing, and nothing
-    was logged."""
-    fake.push(script)
+    """Before: an answer without text (empty, blank, or only a call of a tool the agent
+    does not have) ended the turn with ``response.end`` alone: the caller heard nothing,
+    and nothing was logged (the ``openai`` agent was fixed first; then the LangChain and
+    Agents SDK adapters)."""
+    fake.push(*[script] * 4)  # pydantic-ai asks again (its output retries), then fails
     with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
-        turn = await turn_of("openai")
+        turn = await turn_of(name)
     assert ended_with_error(turn)
-    assert turn.tts == []
-    finish = "tool_calls" if script.tool_call else "stop"
-    assert f"the model's answer held no text (finish_reason={finish})" in caplog.text
+    assert [text for text in turn.tts if text != "One moment."] == []  # a filler at most
+    assert len(fake.requests) <= 4
+    if name == "openai":
+        finish = "tool_calls" if script.tool_call else "stop"
+        assert f"the model's answer held no text (finish_reason={finish})" in caplog.text
+    assert "agent failed" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["openai", "starter"])

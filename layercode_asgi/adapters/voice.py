@@ -25,7 +25,8 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
 * **Provider errors.** A provider's HTTP error answer (an exception with a ``status_code``,
   or one raised from it) becomes a :class:`ModelAPIError` naming the status and what the
   provider said, with the request's key masked: the turn logs it, the caller only hears
-  ``agent error``.
+  ``agent error``. So does an answer without text (empty, blank, or a tool call alone,
+  unless a tool hung up): the caller would hear nothing.
 """
 
 from __future__ import annotations
@@ -297,13 +298,14 @@ async def speak(
     actions = _Actions(context)
     token = _ACTIONS.set(actions)
     try:
-        filled = False
+        filled = spoke = False
         try:
             async with aclosing(pieces):
                 async for piece in pieces:
                     if isinstance(piece, ToolCall):
                         rest = chunker.flush()
                         if rest is not None:
+                            spoke = True
                             yield rest
                         if not filled:
                             text = filler(piece.name) if callable(filler) else filler
@@ -312,6 +314,7 @@ async def speak(
                                 yield text
                     else:
                         for phrase in chunker.feed(piece):
+                            spoke = True
                             yield phrase
                     while actions.replies:
                         yield actions.replies.popleft()
@@ -322,11 +325,14 @@ async def speak(
             raise failure from None
         rest = chunker.flush()
         if rest is not None:
+            spoke = True
             yield rest
         while actions.replies:
             yield actions.replies.popleft()
         if actions.hangup is not None:
             yield actions.hangup
+        elif not spoke:  # empty, blank, a tool call alone: the caller would hear nothing
+            raise ModelAPIError("the model's answer held no text")
     finally:
         with suppress(ValueError):  # closed from another context (garbage-collected)
             _ACTIONS.reset(token)
