@@ -217,8 +217,11 @@ async def test_a_model_stalling_past_the_turn_timeout_gets_the_fallback_and_the_
                 base_url=base, secret=SECRET, conversation_id="conv_stall"
             ) as client:
                 turn = await client.message("hi")
+            # the timeout cancelled the model request (closed, not left to run on)
+            closed = fake.closed_early.wait(10)
     finally:
         fake.release()
+    assert closed, "the model request outlived the timed-out turn"
     assert [event["type"] for event in turn.events][-2:] == ["response.tts", "response.end"]
     assert turn.tts[-1] == "Sorry, one moment."
     assert "you today?" not in turn.text
@@ -246,9 +249,11 @@ def chat_chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
 
 
 @pytest.mark.anyio
-async def test_the_openai_agent_speaks_a_refusal(fake: FakeOpenAI) -> None:
+@pytest.mark.parametrize("name", ["openai", "pydantic-ai-chat", "starter-chat"])
+async def test_a_refusal_is_spoken(name: str, fake: FakeOpenAI) -> None:
     """Before: a refusal (the answer in the delta's ``refusal`` field, ``content`` empty)
-    ended the turn in silence."""
+    ended the turn in silence (the ``openai`` agent), or failed it with ``agent error``
+    (pydantic-ai: its ``ContentFilterError``, or "ended before its finish")."""
     refusal = "I can't help with that."
     fake.push(
         Script(
@@ -260,9 +265,10 @@ async def test_the_openai_agent_speaks_a_refusal(fake: FakeOpenAI) -> None:
             ]
         )
     )
-    turn = await turn_of("openai")
+    turn = await turn_of(name)
     assert turn.text == refusal
     assert turn.errors == []
+    assert len(fake.requests) == 1
 
 
 @pytest.mark.anyio
