@@ -10,9 +10,10 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
   Chinese and Japanese put none. Each ``response.tts`` is then a phrase a text-to-speech
   engine can say with natural prosody, and the first one goes out as soon as the model
   finishes its first phrase, not its whole answer. A decimal point (``3.5``) is not a
-  boundary: no space follows it. ``chunking="delta"`` passes the model's deltas through as
-  they come (whitespace alone goes out with the next delta, never as a ``response.tts`` of
-  its own).
+  boundary: no space follows it. A phrase that grows past :data:`MAX_PHRASE` characters
+  without a boundary (a run-on answer) ends at its last space. ``chunking="delta"`` passes
+  the model's deltas through as they come (whitespace alone goes out with the next delta,
+  never as a ``response.tts`` of its own).
 * **Filler.** When the framework calls a tool, the text so far is spoken, then ``filler``
   (default ``"One moment."``) once per turn, so the caller hears something while the tool
   runs. ``filler`` may be a callable ``filler(tool_name) -> str | None`` (``None`` for
@@ -70,6 +71,8 @@ DEFAULT_FILLER = "One moment."
 GREETING_PROMPT = "(The caller just joined. Greet them in one short sentence.)"
 #: A comma ends a phrase only once the phrase is at least this long.
 MIN_CLAUSE = 40
+#: A phrase longer than this without a boundary ends at its last space.
+MAX_PHRASE = 500
 
 Chunking: TypeAlias = Literal["phrase", "delta"]
 #: The filler spoken before a tool runs: text, ``None``, or ``filler(tool_name)``.
@@ -211,6 +214,11 @@ class PhraseChunker:
             if phrase.strip():
                 yield phrase
         rest = text[start:] if start else text
+        if self._size + len(rest) > MAX_PHRASE and (blank := rest.rfind(" ") + 1):
+            self._parts.append(rest[:blank])  # too long without a boundary: cut at a blank
+            phrase, rest = self._take(), rest[blank:]
+            if phrase.strip():
+                yield phrase
         if rest:
             self._parts.append(rest)
             self._size += len(rest)
