@@ -176,6 +176,62 @@ async def test_langchain_on_the_responses_api_fails_only_a_stream_cut_short(
     assert turn.text == ("One. Two. " if cut else "One. Two. Three")
 
 
+def sse(data: Any, kind: str | None = None) -> bytes:
+    head = f"event: {kind}\n".encode() if kind else b""
+    return head + b"data: " + msgspec.json.encode(data) + b"\n\n"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_an_error_event_in_the_stream_is_logged_with_the_key_masked_on_one_line(
+    name: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a provider's error sent in the stream (HTTP 200, then an ``error`` event,
+    its message echoing the key) was logged as the SDK raised it: the key in clear, and the
+    message's line breaks starting lines of their own in the traceback."""
+    message = f"Incorrect API key provided: {KEY}.\nFORGED log line"
+    if name in ("pydantic-ai-responses", "starter", "openai-agents"):  # the Responses API
+        error = {"type": "error", "code": "bad_key", "message": message, "param": None}
+        raw = [sse({**error, "sequence_number": 0}, "error")]
+    else:
+        start = chat_chunk({"role": "assistant", "content": "Hi. "})
+        raw = [start, sse({"error": {"message": message, "type": "invalid_request_error"}})]
+    fake.push(*[Script(raw=raw)] * 3)
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        turn = await turn_of(name)
+    assert ended_with_error(turn)
+    assert len(fake.requests) == 1
+    assert "Incorrect API key provided: ***." in caplog.text
+    assert KEY not in caplog.text
+    assert not any(line.startswith("FORGED") for line in caplog.text.splitlines())
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["starter", "openai"])
+async def test_an_error_event_echoing_a_key_from_the_settings_is_masked(
+    name: str, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The built-in agents' key may come from ``.env`` (a setting), not the environment;
+    pydantic-ai's error for an ``error`` event on the Responses API holds no request whose
+    header would name it."""
+    key = f"sk-{name}-settings-only-4d1f"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    error = {"type": "error", "code": "bad_key", "message": f"bad key {key}", "param": None}
+    chat = [sse({"error": {"message": f"bad key {key}", "type": "invalid_request_error"}})]
+    fake.push(Script(raw=chat if name == "openai" else [sse({**error, "sequence_number": 0})]))
+    fields = {"openai_api_key": key, "layercode_webhook_secret": SECRET}
+    app = create_app(Settings(env_file=None, environ={}, **fields), name)
+    with (
+        caplog.at_level(logging.ERROR, logger="layercode_asgi"),
+        serve(app) as base,
+        anyio.fail_after(20),
+    ):
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("hi")
+    assert ended_with_error(turn)
+    assert "bad key ***" in caplog.text and key not in caplog.text
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("name", list(BUILDERS))
 @pytest.mark.parametrize(

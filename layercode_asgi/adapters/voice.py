@@ -33,6 +33,7 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
@@ -58,6 +59,7 @@ __all__ = [
     "ToolCall",
     "current_turn",
     "hang_up",
+    "mask_key",
     "model_api_error",
     "require_extra",
     "require_object",
@@ -129,27 +131,59 @@ def _credentials(chain: list[BaseException]) -> set[str]:
     return {secret for secret in found if len(secret) >= 4}
 
 
+#: The exception classes (by name, in the class's bases too) that a model SDK or framework
+#: raises for a provider's failure without an HTTP status (an ``error`` event in a stream,
+#: an answer it cannot use): ``openai.APIError``, pydantic-ai's ``ModelAPIError`` and
+#: ``UnexpectedModelBehavior``, the Agents SDK's ``ModelBehaviorError``.
+_PROVIDER_FAILURES = frozenset(
+    {"APIError", "ModelAPIError", "UnexpectedModelBehavior", "ModelBehaviorError"}
+)
+#: Keys given to the built-in agents (they may come from ``.env``, not the environment).
+_GIVEN_KEYS: set[str] = set()
+
+
+def mask_key(key: str | None) -> None:
+    """Mask ``key`` in every :class:`ModelAPIError` from now on (a built-in agent's key)."""
+    if key and len(key.strip()) >= 4:
+        _GIVEN_KEYS.add(key.strip())
+
+
+def _provider_failure(exc: BaseException) -> bool:
+    return any(cls.__name__ in _PROVIDER_FAILURES for cls in type(exc).__mro__)
+
+
 def model_api_error(exc: BaseException) -> ModelAPIError | None:
     """``exc`` as a :class:`ModelAPIError` when it, or an exception it was raised from, is a
-    provider's HTTP error answer (an ``int`` ``status_code``); else ``None``.
+    provider's HTTP error answer (an ``int`` ``status_code``) or another provider failure
+    (see :data:`_PROVIDER_FAILURES`); else ``None`` (for a :class:`ModelAPIError` too).
 
     Its message names the status and keeps what the provider said (for the log), with the
-    request's key and the base URL's password masked (a provider or proxy may echo them),
-    escaped and cut to one bounded line (it is the traceback's last line too).
+    request's key, the base URL's password, the keys of the environment (``*API_KEY``) and
+    those given to the built-in agents masked (a provider or proxy may echo them), escaped
+    and cut to one bounded line (it is the traceback's last line too).
     """
+    if isinstance(exc, ModelAPIError):
+        return None
     chain: list[BaseException] = []
     link: BaseException | None = exc
     while link is not None and len(chain) < 8:
         chain.append(link)
         link = link.__cause__ or link.__context__
     answered = next((e for e in chain if isinstance(getattr(e, "status_code", None), int)), None)
-    if answered is None:
+    failed = answered or next((e for e in chain if _provider_failure(e)), None)
+    if failed is None:
         return None
-    message = f"{type(answered).__name__}: {answered}"
-    for secret in _credentials(chain):
+    message = f"{type(failed).__name__}: {failed}"
+    environment = (v for k, v in os.environ.items() if k.upper().endswith("API_KEY"))
+    keys = {key.strip() for key in environment if len(key.strip()) >= 4}
+    for secret in sorted(_credentials(chain) | keys | _GIVEN_KEYS, key=len, reverse=True):
         message = message.replace(secret, MASK)
-    status = getattr(answered, "status_code", 0)
-    return ModelAPIError(f"the model API answered HTTP {status}: {escape_log_value(message)}")
+    text = escape_log_value(message)
+    if answered is None:
+        return ModelAPIError(f"the model API failed: {text}")
+    return ModelAPIError(
+        f"the model API answered HTTP {getattr(answered, 'status_code', 0)}: {text}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
