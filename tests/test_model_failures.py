@@ -327,6 +327,50 @@ async def test_a_refusal_is_spoken(name: str, fake: FakeOpenAI) -> None:
     assert len(fake.requests) == 1
 
 
+def responses_refusal(refusal: str) -> list[bytes]:
+    """A Responses API stream whose answer is ``refusal`` (a ``refusal`` content part)."""
+    numbers = iter(range(100))
+    item = {"type": "message", "id": "msg_1", "role": "assistant", "status": "in_progress"}
+    done_part = {"type": "refusal", "refusal": refusal}
+    done_item = {**item, "status": "completed", "content": [done_part]}
+    where = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    usage = {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
+    usage |= {"input_tokens_details": {"cached_tokens": 0}}
+    usage |= {"output_tokens_details": {"reasoning_tokens": 0}}
+
+    def response(status: str, output: list[Any]) -> dict[str, Any]:
+        fields = {"id": "resp_1", "object": "response", "created_at": 1, "model": "m"}
+        fields |= {"parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+        return {**fields, "status": status, "output": output, "usage": usage}
+
+    def event(kind: str, **fields: Any) -> bytes:
+        return sse({"type": kind, "sequence_number": next(numbers), **fields}, kind)
+
+    return [
+        event("response.created", response=response("in_progress", [])),
+        event("response.output_item.added", output_index=0, item={**item, "content": []}),
+        event("response.content_part.added", **where, part={"type": "refusal", "refusal": ""}),
+        event("response.refusal.delta", **where, delta=refusal),
+        event("response.refusal.done", **where, refusal=refusal),
+        event("response.content_part.done", **where, part=done_part),
+        event("response.output_item.done", output_index=0, item=done_item),
+        event("response.completed", response=response("completed", [done_item])),
+    ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["pydantic-ai-responses", "starter", "openai-agents"])
+async def test_a_refusal_on_the_responses_api_is_spoken(name: str, fake: FakeOpenAI) -> None:
+    """Before: the Agents SDK adapter read only text deltas, and the SDK then raised its
+    ``ModelRefusalError``: the caller got ``agent error``, not the refusal."""
+    refusal = "I can't help with that."
+    fake.push(Script(raw=responses_refusal(refusal)))
+    turn = await turn_of(name)
+    assert turn.text == refusal
+    assert turn.errors == []
+    assert len(fake.requests) == 1
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("name", list(BUILDERS))
 @pytest.mark.parametrize(
