@@ -372,6 +372,24 @@ async def test_a_refusal_on_the_responses_api_is_spoken(name: str, fake: FakeOpe
 
 
 @pytest.mark.anyio
+async def test_langchain_speaks_a_refusal_on_the_responses_api(fake: FakeOpenAI) -> None:
+    """Before: ``ChatOpenAI(use_responses_api=True)`` streams a refusal as a ``refusal``
+    content block, which the adapter did not read: the turn failed as one without text."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from layercode_asgi.adapters import from_langchain
+
+    refusal = "I can't help with that."
+    fake.push(Script(raw=responses_refusal(refusal)))
+    model = langchain_openai.ChatOpenAI(model="gpt-5-nano", use_responses_api=True)
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    with serve(create_app(settings, from_langchain(model))) as base, anyio.fail_after(20):
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("hi")
+    assert turn.text == refusal
+    assert turn.errors == []
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("name", list(BUILDERS))
 @pytest.mark.parametrize(
     "script",

@@ -63,7 +63,8 @@ def _is_graph(runnable: Any) -> bool:
 
 
 def _text(content: Any) -> str:
-    """The text of a message's ``content``: a string, or a list of content blocks."""
+    """The text of a message's ``content``: a string, or a list of content blocks (``text``
+    ones, and ``refusal`` ones: a refusal is the answer, spoken rather than silence)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -71,8 +72,8 @@ def _text(content: Any) -> str:
         for block in content:
             if isinstance(block, str):
                 texts.append(block)
-            elif isinstance(block, dict) and block.get("type") == "text":
-                texts.append(str(block.get("text", "")))
+            elif isinstance(block, dict) and block.get("type") in ("text", "refusal"):
+                texts.append(str(block.get(block["type"], "")))
         return "".join(texts)
     return ""
 
