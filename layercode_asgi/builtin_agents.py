@@ -65,7 +65,9 @@ def openai_agent(
             "the openai agent needs the OpenAI SDK: pip install './layercode-asgi[openai]'"
         ) from None
     from .adapters import PhraseChunker
-    from .adapters.voice import ModelAPIError, model_api_error
+    from .adapters.voice import ModelAPIError, mask_key, model_api_error
+
+    mask_key(api_key)
 
     # A client's pooled connections belong to the event loop that opened them: one client
     # per loop (an app may serve turns on a later loop: each test on its own, trio after
@@ -277,7 +279,10 @@ def starter_agent(
             f"the starter agent needs pydantic-ai: {_PYDANTIC_AI_EXTRA}"
         ) from None
     from .adapters import from_pydantic_ai
+    from .adapters.voice import mask_key
 
+    mask_key(openai_api_key)
+    mask_key(google_api_key)
     llm = _pydantic_ai_model(model, openai_api_key, google_api_key, base_url)
     agent = from_pydantic_ai(
         pydantic_ai.Agent(llm, instructions=system_prompt, name="starter"), welcome=welcome

@@ -409,6 +409,26 @@ def test_phrase_chunker_cuts_where_the_rules_say_however_the_text_is_split() -> 
             )
 
 
+@pytest.mark.parametrize("size", [1, 3, 7, 40, 5000])
+def test_a_long_answer_without_a_boundary_is_cut_at_a_blank(size: int) -> None:
+    """Before: an answer without a sentence end or a clause end (a run-on answer, a list of
+    words) was one ``response.tts`` of any length, spoken only once the model had finished
+    it. Past ``MAX_PHRASE`` characters the phrase now ends at its last blank."""
+    from layercode_asgi.adapters.voice import MAX_PHRASE
+
+    text = " ".join(f"word{i}" for i in range(2000))  # 17,889 characters, no boundary
+    chunker = PhraseChunker()
+    out = [p for i in range(0, len(text), size) for p in chunker.feed(text[i : i + size])]
+    rest = chunker.flush()
+    assert rest is not None and len(out) >= 3
+    assert "".join([*out, rest]) == text
+    for phrase in out:  # a delta may hold a whole phrase; a word has at most 8 characters
+        assert phrase.endswith(" ") and not phrase.startswith(" ")
+        assert len(phrase) <= MAX_PHRASE + size + 8
+    # a word longer than the bound is not cut inside
+    assert list(PhraseChunker().feed("x" * (3 * MAX_PHRASE))) == []
+
+
 def test_phrase_chunker_work_is_linear_in_the_text() -> None:
     """Before: every delta searched the whole phrase so far for a boundary again, so a
     long answer without one (CJK text has no space after its full stops; a model listing

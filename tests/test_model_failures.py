@@ -136,18 +136,100 @@ async def test_a_base_url_with_credentials_and_a_slash_is_used_and_masked_in_the
 
 
 @pytest.mark.anyio
-async def test_the_openai_agent_fails_a_stream_cut_short(
-    fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_a_stream_cut_short_fails_the_turn(
+    name: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Before: a chat completions stream that ended without its finish (no
-    ``finish_reason``, no ``[DONE]``: a proxy or the provider cut it) ended the turn as if
-    the answer were whole, with no ``response.error`` and nothing in the log."""
-    fake.push(Script(text=["One.", " Two.", " Three"], cut=True))
+    """Before: a stream that ended without its finish (chat completions: no
+    ``finish_reason``, no ``[DONE]``; Responses: no ``response.completed``: a proxy or the
+    provider cut it) ended the turn as if the answer were whole, with no ``response.error``
+    and nothing in the log (every agent but ``openai``)."""
+    fake.push(*[Script(text=["One.", " Two.", " Three"], cut=True)] * 3)
     with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
-        turn = await turn_of("openai")
-    assert turn.text == "One. Two. Three"  # spoken as it came
+        turn = await turn_of(name)
     assert ended_with_error(turn)
-    assert "the model's answer ended before its finish_reason" in caplog.text
+    assert turn.text.startswith("One. Two.")  # spoken as it came
+    if name == "openai-agents":  # the SDK's own check
+        assert "Model did not produce a final response" in caplog.text
+    else:
+        assert "the model's answer ended before its finish" in caplog.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut-short"])
+async def test_langchain_on_the_responses_api_fails_only_a_stream_cut_short(
+    cut: bool, fake: FakeOpenAI
+) -> None:
+    """``ChatOpenAI(use_responses_api=True)`` reports how its answer ended in ``status``,
+    not ``finish_reason``: a whole answer is spoken, one cut short fails the turn."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from layercode_asgi.adapters import from_langchain
+
+    fake.push(Script(text=["One.", " Two.", " Three"], cut=cut))
+    model = langchain_openai.ChatOpenAI(model="gpt-5-nano", use_responses_api=True)
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    with serve(create_app(settings, from_langchain(model))) as base, anyio.fail_after(20):
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("hi")
+    assert [request["path"] for request in fake.requests] == ["/responses"]
+    assert ended_with_error(turn) is cut
+    assert turn.text == ("One. Two. " if cut else "One. Two. Three")
+
+
+def sse(data: Any, kind: str | None = None) -> bytes:
+    head = f"event: {kind}\n".encode() if kind else b""
+    return head + b"data: " + msgspec.json.encode(data) + b"\n\n"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
+async def test_an_error_event_in_the_stream_is_logged_with_the_key_masked_on_one_line(
+    name: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a provider's error sent in the stream (HTTP 200, then an ``error`` event,
+    its message echoing the key) was logged as the SDK raised it: the key in clear, and the
+    message's line breaks starting lines of their own in the traceback."""
+    message = f"Incorrect API key provided: {KEY}.\nFORGED log line"
+    if name in ("pydantic-ai-responses", "starter", "openai-agents"):  # the Responses API
+        error = {"type": "error", "code": "bad_key", "message": message, "param": None}
+        raw = [sse({**error, "sequence_number": 0}, "error")]
+    else:
+        start = chat_chunk({"role": "assistant", "content": "Hi. "})
+        raw = [start, sse({"error": {"message": message, "type": "invalid_request_error"}})]
+    fake.push(*[Script(raw=raw)] * 3)
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        turn = await turn_of(name)
+    assert ended_with_error(turn)
+    assert len(fake.requests) == 1
+    assert "Incorrect API key provided: ***." in caplog.text
+    assert KEY not in caplog.text
+    assert not any(line.startswith("FORGED") for line in caplog.text.splitlines())
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["starter", "openai"])
+async def test_an_error_event_echoing_a_key_from_the_settings_is_masked(
+    name: str, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The built-in agents' key may come from ``.env`` (a setting), not the environment;
+    pydantic-ai's error for an ``error`` event on the Responses API holds no request whose
+    header would name it."""
+    key = f"sk-{name}-settings-only-4d1f"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    error = {"type": "error", "code": "bad_key", "message": f"bad key {key}", "param": None}
+    chat = [sse({"error": {"message": f"bad key {key}", "type": "invalid_request_error"}})]
+    fake.push(Script(raw=chat if name == "openai" else [sse({**error, "sequence_number": 0})]))
+    fields = {"openai_api_key": key, "layercode_webhook_secret": SECRET}
+    app = create_app(Settings(env_file=None, environ={}, **fields), name)
+    with (
+        caplog.at_level(logging.ERROR, logger="layercode_asgi"),
+        serve(app) as base,
+        anyio.fail_after(20),
+    ):
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("hi")
+    assert ended_with_error(turn)
+    assert "bad key ***" in caplog.text and key not in caplog.text
 
 
 @pytest.mark.anyio
@@ -191,8 +273,11 @@ async def test_a_model_stalling_past_the_turn_timeout_gets_the_fallback_and_the_
                 base_url=base, secret=SECRET, conversation_id="conv_stall"
             ) as client:
                 turn = await client.message("hi")
+            # the timeout cancelled the model request (closed, not left to run on)
+            closed = fake.closed_early.wait(10)
     finally:
         fake.release()
+    assert closed, "the model request outlived the timed-out turn"
     assert [event["type"] for event in turn.events][-2:] == ["response.tts", "response.end"]
     assert turn.tts[-1] == "Sorry, one moment."
     assert "you today?" not in turn.text
@@ -220,9 +305,11 @@ def chat_chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
 
 
 @pytest.mark.anyio
-async def test_the_openai_agent_speaks_a_refusal(fake: FakeOpenAI) -> None:
+@pytest.mark.parametrize("name", ["openai", "pydantic-ai-chat", "starter-chat"])
+async def test_a_refusal_is_spoken(name: str, fake: FakeOpenAI) -> None:
     """Before: a refusal (the answer in the delta's ``refusal`` field, ``content`` empty)
-    ended the turn in silence."""
+    ended the turn in silence (the ``openai`` agent), or failed it with ``agent error``
+    (pydantic-ai: its ``ContentFilterError``, or "ended before its finish")."""
     refusal = "I can't help with that."
     fake.push(
         Script(
@@ -234,30 +321,98 @@ async def test_the_openai_agent_speaks_a_refusal(fake: FakeOpenAI) -> None:
             ]
         )
     )
-    turn = await turn_of("openai")
+    turn = await turn_of(name)
+    assert turn.text == refusal
+    assert turn.errors == []
+    assert len(fake.requests) == 1
+
+
+def responses_refusal(refusal: str) -> list[bytes]:
+    """A Responses API stream whose answer is ``refusal`` (a ``refusal`` content part)."""
+    numbers = iter(range(100))
+    item = {"type": "message", "id": "msg_1", "role": "assistant", "status": "in_progress"}
+    done_part = {"type": "refusal", "refusal": refusal}
+    done_item = {**item, "status": "completed", "content": [done_part]}
+    where = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    usage = {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
+    usage |= {"input_tokens_details": {"cached_tokens": 0}}
+    usage |= {"output_tokens_details": {"reasoning_tokens": 0}}
+
+    def response(status: str, output: list[Any]) -> dict[str, Any]:
+        fields = {"id": "resp_1", "object": "response", "created_at": 1, "model": "m"}
+        fields |= {"parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+        return {**fields, "status": status, "output": output, "usage": usage}
+
+    def event(kind: str, **fields: Any) -> bytes:
+        return sse({"type": kind, "sequence_number": next(numbers), **fields}, kind)
+
+    return [
+        event("response.created", response=response("in_progress", [])),
+        event("response.output_item.added", output_index=0, item={**item, "content": []}),
+        event("response.content_part.added", **where, part={"type": "refusal", "refusal": ""}),
+        event("response.refusal.delta", **where, delta=refusal),
+        event("response.refusal.done", **where, refusal=refusal),
+        event("response.content_part.done", **where, part=done_part),
+        event("response.output_item.done", output_index=0, item=done_item),
+        event("response.completed", response=response("completed", [done_item])),
+    ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["pydantic-ai-responses", "starter", "openai-agents"])
+async def test_a_refusal_on_the_responses_api_is_spoken(name: str, fake: FakeOpenAI) -> None:
+    """Before: the Agents SDK adapter read only text deltas, and the SDK then raised its
+    ``ModelRefusalError``: the caller got ``agent error``, not the refusal."""
+    refusal = "I can't help with that."
+    fake.push(Script(raw=responses_refusal(refusal)))
+    turn = await turn_of(name)
+    assert turn.text == refusal
+    assert turn.errors == []
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.anyio
+async def test_langchain_speaks_a_refusal_on_the_responses_api(fake: FakeOpenAI) -> None:
+    """Before: ``ChatOpenAI(use_responses_api=True)`` streams a refusal as a ``refusal``
+    content block, which the adapter did not read: the turn failed as one without text."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from layercode_asgi.adapters import from_langchain
+
+    refusal = "I can't help with that."
+    fake.push(Script(raw=responses_refusal(refusal)))
+    model = langchain_openai.ChatOpenAI(model="gpt-5-nano", use_responses_api=True)
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    with serve(create_app(settings, from_langchain(model))) as base, anyio.fail_after(20):
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("hi")
     assert turn.text == refusal
     assert turn.errors == []
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("name", list(BUILDERS))
 @pytest.mark.parametrize(
     "script",
     [Script(text=[]), Script(text=[" ", "\n"]), Script(text=[], tool_call=("lookup", "{}"))],
     ids=["empty", "blank", "tool-call-only"],
 )
-async def test_the_openai_agent_fails_an_answer_without_text(
-    script: Script, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+async def test_an_answer_without_text_fails_the_turn(
+    name: str, script: Script, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Before: an answer without text (empty, blank, or only a tool call the agent cannot
-    make) ended the turn with ``response.end`` alone: the caller heard nothing, and nothing
-    was logged."""
-    fake.push(script)
+    """Before: an answer without text (empty, blank, or only a call of a tool the agent
+    does not have) ended the turn with ``response.end`` alone: the caller heard nothing,
+    and nothing was logged (the ``openai`` agent was fixed first; then the LangChain and
+    Agents SDK adapters)."""
+    fake.push(*[script] * 4)  # pydantic-ai asks again (its output retries), then fails
     with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
-        turn = await turn_of("openai")
+        turn = await turn_of(name)
     assert ended_with_error(turn)
-    assert turn.tts == []
-    finish = "tool_calls" if script.tool_call else "stop"
-    assert f"the model's answer held no text (finish_reason={finish})" in caplog.text
+    assert [text for text in turn.tts if text != "One moment."] == []  # a filler at most
+    assert len(fake.requests) <= 4
+    if name == "openai":
+        finish = "tool_calls" if script.tool_call else "stop"
+        assert f"the model's answer held no text (finish_reason={finish})" in caplog.text
+    assert "agent failed" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["openai", "starter"])

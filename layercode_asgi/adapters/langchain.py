@@ -4,7 +4,9 @@ Extra ``langchain``. A chat model or a chain taking a list of messages is stream
 ``astream`` (its message chunks, or strings from a chain ending in a string parser); a
 LangGraph graph with a ``messages`` state (``create_agent``, ``create_react_agent``, your
 own) is streamed with ``stream_mode="messages"``, and only the AI's text is spoken: tool
-calls start the filler, tool results are not read out.
+calls start the filler, tool results are not read out. A chat model's answer that ended
+before its finish (``ChatOpenAI``: no ``finish_reason``, the stream cut short) fails the
+turn.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .voice import (
     DEFAULT_FILLER,
     Chunking,
     Filler,
+    ModelAPIError,
     Piece,
     ToolCall,
     require_extra,
@@ -60,7 +63,8 @@ def _is_graph(runnable: Any) -> bool:
 
 
 def _text(content: Any) -> str:
-    """The text of a message's ``content``: a string, or a list of content blocks."""
+    """The text of a message's ``content``: a string, or a list of content blocks (``text``
+    ones, and ``refusal`` ones: a refusal is the answer, spoken rather than silence)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -68,10 +72,30 @@ def _text(content: Any) -> str:
         for block in content:
             if isinstance(block, str):
                 texts.append(block)
-            elif isinstance(block, dict) and block.get("type") == "text":
-                texts.append(str(block.get("text", "")))
+            elif isinstance(block, dict) and block.get("type") in ("text", "refusal"):
+                texts.append(str(block.get(block["type"], "")))
         return "".join(texts)
     return ""
+
+
+#: The ``response_metadata`` keys in which a chat model reports how its answer ended, by
+#: ``model_provider``: ``ChatOpenAI`` (and the models built on it) on chat completions or,
+#: with ``use_responses_api``, on the Responses API.
+_FINISH_KEYS = {"openai": ("finish_reason", "status")}
+
+
+def _cut_short(result: Any) -> bool:
+    """Whether a model run's ``LLMResult`` holds an answer that ended before its finish (the
+    stream cut short by a proxy or the provider), as far as its provider reports it."""
+    for generations in result.generations:
+        for generation in generations:
+            metadata = getattr(getattr(generation, "message", None), "response_metadata", None)
+            if not isinstance(metadata, dict):
+                continue
+            keys = _FINISH_KEYS.get(str(metadata.get("model_provider")), ())
+            if keys and all(metadata.get(key) is None for key in keys):
+                return True
+    return False
 
 
 _DONE = object()
@@ -160,6 +184,21 @@ def from_langchain(
     if callable(config):
         check_callable("config", config, sync=True)
     graph = _is_graph(runnable)
+    base: Any = require_extra("langchain_core.callbacks", _EXTRA, "from_langchain")
+    merge_configs = require_extra(
+        "langchain_core.runnables.config", _EXTRA, "from_langchain"
+    ).merge_configs
+
+    class FinishWatch(base.BaseCallbackHandler):  # type: ignore[misc]
+        """Notes a model answer of the turn that ended before its finish."""
+
+        run_inline = True
+
+        def __init__(self) -> None:
+            self.cut = False
+
+        def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+            self.cut = self.cut or _cut_short(response)
 
     async def run(prompt: str, context: TurnContext) -> AsyncGenerator[Piece, None]:
         conversation = langchain_messages(context.history, prompt)
@@ -169,7 +208,9 @@ def from_langchain(
             value = make_input(conversation)
         else:
             value = {"messages": conversation} if graph else conversation
+        watch = FinishWatch()
         run_config = config(context) if callable(config) else config
+        run_config = merge_configs(run_config, {"callbacks": [watch]})
         if graph:
             stream = runnable.astream(value, run_config, stream_mode="messages")
         else:
@@ -190,6 +231,8 @@ def from_langchain(
             for call in getattr(chunk, "tool_call_chunks", None) or chunk.tool_calls:
                 if call.get("name"):
                     yield ToolCall(str(call["name"]))
+        if watch.cut:
+            raise ModelAPIError("the model's answer ended before its finish")
 
     name = getattr(runnable, "name", None) or type(runnable).__name__
     return voice_agent(run, name=str(name), welcome=welcome, chunking=chunking, filler=filler)

@@ -1,9 +1,10 @@
 """``from_openai_agents(agent)``: an OpenAI Agents SDK agent as a LayerCode agent.
 
 Extra ``openai-agents``. Each turn is a ``Runner.run_streamed`` run; the raw Responses
-text deltas are spoken, a ``tool_called`` item starts the filler. The SDK's trace export
-(to OpenAI, by default) is off unless you turn it on (``tracing=True``) or pass your own
-``run_config``. A disconnect cancels the run (the SDK runs it in a task of its own).
+text deltas (and a refusal's) are spoken, a ``tool_called`` item starts the filler. The
+SDK's trace export (to OpenAI, by default) is off unless you turn it on (``tracing=True``)
+or pass your own ``run_config``. A disconnect cancels the run (the SDK runs it in a task of
+its own).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from .voice import (
 __all__ = ["from_openai_agents", "openai_agents_input"]
 
 _EXTRA = "openai-agents"
+#: The raw Responses events whose deltas are spoken: the answer's text, or a refusal.
+_SPOKEN = ("response.output_text.delta", "response.refusal.delta")
 
 
 def openai_agents_input(history: Sequence[HistoryMessage], prompt: str) -> list[dict[str, str]]:
@@ -76,6 +79,8 @@ def from_openai_agents(
     check_callable("context", context, sync=True)
     check_positive_int(max_turns, "max_turns")
     config = run_config if run_config is not None else sdk.RunConfig(tracing_disabled=not tracing)
+    # the SDK fails a refusal once it is streamed: the refusal, spoken, is the answer
+    refusal_error: Any = getattr(sdk, "ModelRefusalError", ())
 
     async def run(prompt: str, turn: TurnContext) -> AsyncGenerator[Piece, None]:
         result = sdk.Runner.run_streamed(
@@ -85,15 +90,21 @@ def from_openai_agents(
             max_turns=max_turns,
             run_config=config,
         )
+        refused = False
         try:
             async for event in result.stream_events():
                 if event.type == "raw_response_event":
-                    if getattr(event.data, "type", None) == "response.output_text.delta":
+                    kind = getattr(event.data, "type", None)
+                    if kind in _SPOKEN:
+                        refused = refused or kind == "response.refusal.delta"
                         yield event.data.delta
                 elif event.type == "run_item_stream_event" and event.name == "tool_called":
                     yield ToolCall(_tool_name(event.item))
                 elif event.type == "run_item_stream_event" and event.name == "tool_output":
                     yield ""  # a tool finished: what it sent goes out now
+        except refusal_error:
+            if not refused:
+                raise
         finally:
             result.cancel()
 

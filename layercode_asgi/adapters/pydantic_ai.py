@@ -4,7 +4,9 @@ Extra ``pydantic-ai``.
 
 The run goes through ``agent.iter`` and streams every node: each model request's text
 deltas are spoken as they arrive, and a run that calls tools goes on to the model's next
-answer (``run_stream`` would stop at the first text it could return as the output).
+answer (``run_stream`` would stop at the first text it could return as the output). A
+model answer whose stream was cut short (the provider's details have no ``finish_reason``)
+fails the turn; a refusal is spoken, as the answer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .voice import (
     DEFAULT_FILLER,
     Chunking,
     Filler,
+    ModelAPIError,
     Piece,
     ToolCall,
     require_extra,
@@ -99,6 +102,15 @@ def from_pydantic_ai(
                                 event.delta, messages.TextPartDelta
                             ):
                                 yield event.delta.content_delta
+                        response = events.response
+                        details = response.provider_details or {}
+                        if response.finish_reason == "content_filter":
+                            refusal = details.get("refusal")
+                            if isinstance(refusal, str) and refusal.strip():
+                                yield refusal  # the answer (pydantic-ai would raise)
+                                return
+                        elif details and "finish_reason" not in details:
+                            raise ModelAPIError("the model's answer ended before its finish")
                 elif framework_agent.is_call_tools_node(node):
                     async with node.stream(agent_run.ctx) as events:
                         async for event in events:

@@ -10,9 +10,10 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
   Chinese and Japanese put none. Each ``response.tts`` is then a phrase a text-to-speech
   engine can say with natural prosody, and the first one goes out as soon as the model
   finishes its first phrase, not its whole answer. A decimal point (``3.5``) is not a
-  boundary: no space follows it. ``chunking="delta"`` passes the model's deltas through as
-  they come (whitespace alone goes out with the next delta, never as a ``response.tts`` of
-  its own).
+  boundary: no space follows it. A phrase that grows past :data:`MAX_PHRASE` characters
+  without a boundary (a run-on answer) ends at its last space. ``chunking="delta"`` passes
+  the model's deltas through as they come (whitespace alone goes out with the next delta,
+  never as a ``response.tts`` of its own).
 * **Filler.** When the framework calls a tool, the text so far is spoken, then ``filler``
   (default ``"One moment."``) once per turn, so the caller hears something while the tool
   runs. ``filler`` may be a callable ``filler(tool_name) -> str | None`` (``None`` for
@@ -25,12 +26,14 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
 * **Provider errors.** A provider's HTTP error answer (an exception with a ``status_code``,
   or one raised from it) becomes a :class:`ModelAPIError` naming the status and what the
   provider said, with the request's key masked: the turn logs it, the caller only hears
-  ``agent error``.
+  ``agent error``. So does an answer without text (empty, blank, or a tool call alone,
+  unless a tool hung up): the caller would hear nothing.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
@@ -56,6 +59,7 @@ __all__ = [
     "ToolCall",
     "current_turn",
     "hang_up",
+    "mask_key",
     "model_api_error",
     "require_extra",
     "require_object",
@@ -69,6 +73,8 @@ DEFAULT_FILLER = "One moment."
 GREETING_PROMPT = "(The caller just joined. Greet them in one short sentence.)"
 #: A comma ends a phrase only once the phrase is at least this long.
 MIN_CLAUSE = 40
+#: A phrase longer than this without a boundary ends at its last space.
+MAX_PHRASE = 500
 
 Chunking: TypeAlias = Literal["phrase", "delta"]
 #: The filler spoken before a tool runs: text, ``None``, or ``filler(tool_name)``.
@@ -125,27 +131,59 @@ def _credentials(chain: list[BaseException]) -> set[str]:
     return {secret for secret in found if len(secret) >= 4}
 
 
+#: The exception classes (by name, in the class's bases too) that a model SDK or framework
+#: raises for a provider's failure without an HTTP status (an ``error`` event in a stream,
+#: an answer it cannot use): ``openai.APIError``, pydantic-ai's ``ModelAPIError`` and
+#: ``UnexpectedModelBehavior``, the Agents SDK's ``ModelBehaviorError``.
+_PROVIDER_FAILURES = frozenset(
+    {"APIError", "ModelAPIError", "UnexpectedModelBehavior", "ModelBehaviorError"}
+)
+#: Keys given to the built-in agents (they may come from ``.env``, not the environment).
+_GIVEN_KEYS: set[str] = set()
+
+
+def mask_key(key: str | None) -> None:
+    """Mask ``key`` in every :class:`ModelAPIError` from now on (a built-in agent's key)."""
+    if key and len(key.strip()) >= 4:
+        _GIVEN_KEYS.add(key.strip())
+
+
+def _provider_failure(exc: BaseException) -> bool:
+    return any(cls.__name__ in _PROVIDER_FAILURES for cls in type(exc).__mro__)
+
+
 def model_api_error(exc: BaseException) -> ModelAPIError | None:
     """``exc`` as a :class:`ModelAPIError` when it, or an exception it was raised from, is a
-    provider's HTTP error answer (an ``int`` ``status_code``); else ``None``.
+    provider's HTTP error answer (an ``int`` ``status_code``) or another provider failure
+    (see :data:`_PROVIDER_FAILURES`); else ``None`` (for a :class:`ModelAPIError` too).
 
     Its message names the status and keeps what the provider said (for the log), with the
-    request's key and the base URL's password masked (a provider or proxy may echo them),
-    escaped and cut to one bounded line (it is the traceback's last line too).
+    request's key, the base URL's password, the keys of the environment (``*API_KEY``) and
+    those given to the built-in agents masked (a provider or proxy may echo them), escaped
+    and cut to one bounded line (it is the traceback's last line too).
     """
+    if isinstance(exc, ModelAPIError):
+        return None
     chain: list[BaseException] = []
     link: BaseException | None = exc
     while link is not None and len(chain) < 8:
         chain.append(link)
         link = link.__cause__ or link.__context__
     answered = next((e for e in chain if isinstance(getattr(e, "status_code", None), int)), None)
-    if answered is None:
+    failed = answered or next((e for e in chain if _provider_failure(e)), None)
+    if failed is None:
         return None
-    message = f"{type(answered).__name__}: {answered}"
-    for secret in _credentials(chain):
+    message = f"{type(failed).__name__}: {failed}"
+    environment = (v for k, v in os.environ.items() if k.upper().endswith("API_KEY"))
+    keys = {key.strip() for key in environment if len(key.strip()) >= 4}
+    for secret in sorted(_credentials(chain) | keys | _GIVEN_KEYS, key=len, reverse=True):
         message = message.replace(secret, MASK)
-    status = getattr(answered, "status_code", 0)
-    return ModelAPIError(f"the model API answered HTTP {status}: {escape_log_value(message)}")
+    text = escape_log_value(message)
+    if answered is None:
+        return ModelAPIError(f"the model API failed: {text}")
+    return ModelAPIError(
+        f"the model API answered HTTP {getattr(answered, 'status_code', 0)}: {text}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +248,11 @@ class PhraseChunker:
             if phrase.strip():
                 yield phrase
         rest = text[start:] if start else text
+        if self._size + len(rest) > MAX_PHRASE and (blank := rest.rfind(" ") + 1):
+            self._parts.append(rest[:blank])  # too long without a boundary: cut at a blank
+            phrase, rest = self._take(), rest[blank:]
+            if phrase.strip():
+                yield phrase
         if rest:
             self._parts.append(rest)
             self._size += len(rest)
@@ -297,13 +340,14 @@ async def speak(
     actions = _Actions(context)
     token = _ACTIONS.set(actions)
     try:
-        filled = False
+        filled = spoke = False
         try:
             async with aclosing(pieces):
                 async for piece in pieces:
                     if isinstance(piece, ToolCall):
                         rest = chunker.flush()
                         if rest is not None:
+                            spoke = True
                             yield rest
                         if not filled:
                             text = filler(piece.name) if callable(filler) else filler
@@ -312,6 +356,7 @@ async def speak(
                                 yield text
                     else:
                         for phrase in chunker.feed(piece):
+                            spoke = True
                             yield phrase
                     while actions.replies:
                         yield actions.replies.popleft()
@@ -322,11 +367,14 @@ async def speak(
             raise failure from None
         rest = chunker.flush()
         if rest is not None:
+            spoke = True
             yield rest
         while actions.replies:
             yield actions.replies.popleft()
         if actions.hangup is not None:
             yield actions.hangup
+        elif not spoke:  # empty, blank, a tool call alone: the caller would hear nothing
+            raise ModelAPIError("the model's answer held no text")
     finally:
         with suppress(ValueError):  # closed from another context (garbage-collected)
             _ACTIONS.reset(token)
