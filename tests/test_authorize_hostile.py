@@ -42,17 +42,22 @@ def test_authorize_on_a_later_event_loop(layercode: tuple[FakeLayercode, str]) -
     assert len(fake.requests) == 6
 
 
+def guarded_app(api: str) -> Any:
+    """``create_app`` whose authorize route and /metrics both take the key ``good``."""
+    return create_app(
+        settings(
+            layercode_api_url=api, authorize_api_keys="good", metrics=True, metrics_api_keys="good"
+        )
+    )
+
+
 def test_x_api_key_decides_when_both_keys_are_sent(layercode: tuple[FakeLayercode, str]) -> None:
     """One rule for the authorize route and /metrics: a non-empty ``X-Api-Key`` is the key
     checked, ``Authorization: Bearer`` only in its absence (a front end's own Bearer token,
     say, neither helps nor hurts)."""
     pytest.importorskip("prometheus_client")
     fake, api = layercode
-    app = create_app(
-        settings(
-            layercode_api_url=api, authorize_api_keys="good", metrics=True, metrics_api_keys="good"
-        )
-    )
+    app = guarded_app(api)
     cases = [
         ({"x-api-key": "good", "authorization": "Bearer bad"}, 200),
         ({"x-api-key": "bad", "authorization": "Bearer good"}, 401),
@@ -277,11 +282,7 @@ def test_a_key_header_sent_twice_is_refused(layercode: tuple[FakeLayercode, str]
     the first one decided: the same headers in another order were let through."""
     pytest.importorskip("prometheus_client")
     fake, api = layercode
-    app = create_app(
-        settings(
-            layercode_api_url=api, authorize_api_keys="good", metrics=True, metrics_api_keys="good"
-        )
-    )
+    app = guarded_app(api)
     cases = [
         ([("x-api-key", "good"), ("x-api-key", "bad")], 401),
         ([("x-api-key", "bad"), ("x-api-key", "good")], 401),

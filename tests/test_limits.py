@@ -130,6 +130,22 @@ def read_json_reply(sock: socket.socket) -> bytes:
     return reply
 
 
+def slow_body_reply(url: str, path: str, start: bytes, headers: bytes = b"") -> bytes:
+    """POST to ``path`` declaring 1,000 bytes of body, send ``start`` of it and no more; the
+    answer (read as :func:`read_json_reply` reads it)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST "
+            + path.encode()
+            + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + headers
+            + b"Content-Length: 1000\r\n\r\n"
+            + start
+        )
+        return read_json_reply(sock)
+
+
 def authorize_settings() -> Settings:
     """An authorize route that would call LayerCode, with a 0.5 s body deadline."""
     return Settings(
@@ -182,13 +198,7 @@ def test_a_webhook_served_without_the_middleware_answers_a_trickling_body_408(
         serve(app) if server == "uvicorn" else serve_hypercorn(app, trio_worker="trio" in server)
     )
     with serving as url:
-        host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall(
-                b"POST /api/agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b'Content-Length: 1000\r\n\r\n{"type":'
-            )
-            reply = read_json_reply(sock)
+        reply = slow_body_reply(url, "/api/agent", b'{"type":')
     assert reply.startswith(b"HTTP/1.1 408"), reply
     assert b'{"error":"request body not received within 0.5 s"}' in reply
     assert b"connection: close" in reply.lower()
@@ -198,13 +208,7 @@ def test_a_webhook_served_without_the_middleware_answers_a_trickling_body_408(
 def test_slow_authorize_body_over_a_real_socket_gets_408() -> None:
     """LAYERCODE_BODY_TIMEOUT bounds the authorize route's body too: it waited forever."""
     with serve(create_app(authorize_settings(), scripted_agent)) as url:
-        host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall(
-                b"POST /api/authorize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b'Content-Length: 1000\r\n\r\n{"agent_id":'
-            )
-            reply = read_json_reply(sock)
+        reply = slow_body_reply(url, "/api/authorize", b'{"agent_id":')
     assert reply.startswith(b"HTTP/1.1 408"), reply
     assert b'{"error":"request body not received within 0.5 s"}' in reply
     assert b"connection: close" in reply.lower()

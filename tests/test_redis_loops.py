@@ -23,16 +23,21 @@ from .redis_fixtures import RedisServer, worker_agent
 redis_server = redis_fixtures.redis_server
 
 
-def test_a_mounted_app_served_on_one_loop_then_another(redis_server: RedisServer) -> None:
-    """Before: the first webhook on each later loop was a 500 (503 with replay protection):
-    redis-py wrote on a pooled connection of the closed loop."""
-    settings = Settings(
+def redis_settings(redis_server: RedisServer) -> Settings:
+    """History and replay protection on ``redis_server``."""
+    return Settings(
         env_file=None,
         environ={},
         layercode_webhook_secret=SECRET,
         redis_url=redis_server.url,
         replay_protection=True,
     )
+
+
+def test_a_mounted_app_served_on_one_loop_then_another(redis_server: RedisServer) -> None:
+    """Before: the first webhook on each later loop was a 500 (503 with replay protection):
+    redis-py wrote on a pooled connection of the closed loop."""
+    settings = redis_settings(redis_server)
     parent = Starlette(routes=[Mount("/voice", create_app(settings, worker_agent))])
     first = event_body("message", conversation_id="loops", text="first", turn_id="once")
     first_headers = signed_headers(first)
@@ -128,13 +133,7 @@ def test_one_app_on_two_event_loops_at_once_keeps_a_client_for_each(
     connections pile up, turn after turn."""
     import redis
 
-    settings = Settings(
-        env_file=None,
-        environ={},
-        layercode_webhook_secret=SECRET,
-        redis_url=redis_server.url,
-        replay_protection=True,
-    )
+    settings = redis_settings(redis_server)
     app = create_app(settings, worker_agent)
     with (
         redis.Redis.from_url(redis_server.url) as watcher,
