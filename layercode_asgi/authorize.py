@@ -21,16 +21,19 @@ from typing import Any
 import anyio
 import httpx
 import msgspec
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from ._asgi import (
     CLIENT_LEFT,
+    BodyTimeout,
+    BodyTooLarge,
     JSONResponse,
     compressed,
     compressed_body_response,
     json_error_response,
     must_propagate,
+    read_body,
     send_json_error,
 )
 from .apikeys import api_key_allowed, encode_keys
@@ -129,25 +132,19 @@ class AuthorizeRoute:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > AUTHORIZE_MAX_BODY:
             return _too_large()  # refused before any byte of it is read
-        chunks: list[bytes] = []
-        size = 0
         try:
-            with anyio.move_on_after(self.body_timeout) as waited:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > AUTHORIZE_MAX_BODY:
-                        return _too_large()
-                    chunks.append(chunk)
-        except ClientDisconnect:
-            return None
-        if waited.cancelled_caught:
+            body = await read_body(request.receive, AUTHORIZE_MAX_BODY, self.body_timeout)
+        except BodyTooLarge:
+            return _too_large()
+        except BodyTimeout:
             logger.warning("authorize body too slow (> %s s)", self.body_timeout)
             return json_error_response(
                 408,
                 f"request body not received within {self.body_timeout} s",
                 {"connection": "close"},
             )
-        body = b"".join(chunks)
+        if body is None:  # the caller left
+            return None
         try:
             payload = _decode(body)
         except (msgspec.DecodeError, RecursionError):  # invalid, or nested too deep
