@@ -50,6 +50,7 @@ from .simulate import (
     UsageError,
     add_simulate_command,
     ascii_int,
+    check_url_option,
     read_input,
     read_secret,
     run_simulation,
@@ -331,6 +332,8 @@ def _sign(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     if args.timestamp is not None and not 0 <= args.timestamp <= MAX_TIMESTAMP:
         raise UsageError(f"--timestamp must be unix seconds between 0 and {MAX_TIMESTAMP}")
+    if args.curl is not None:  # '' or '-o…' would print a command that fails or misleads curl
+        check_url_option("--curl", args.curl)
     secret = read_secret(args, env, "sign")
     body = _sign_body(args)
     header = sign(body, secret, args.timestamp)

@@ -408,16 +408,16 @@ def read_secret(args: argparse.Namespace, env: Mapping[str, str], command: str) 
     return secret
 
 
-def _check_url(url: str) -> None:
-    """A ``--url`` httpx cannot send to is a usage error (one line, exit 2)."""
+def check_url_option(option: str, url: str) -> None:
+    """A URL option (``--url``, ``sign --curl``) that is no http(s) URL is a usage error."""
     try:
-        check_url("--url", url)
+        check_url(option, url)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
 
 def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    _check_url(args.url)
+    check_url_option("--url", args.url)
     secret = read_secret(args, env, "simulate")
     headers = _parse_headers(args.header)
     data: Any = _NO_DATA

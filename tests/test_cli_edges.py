@@ -1,0 +1,32 @@
+"""The command line's edges: empty, blank and out-of-range options, and replies `simulate`
+must accept (a 204 to an event that is not a turn)."""
+
+from __future__ import annotations
+
+import pytest
+
+from layercode_asgi.cli import main
+
+#: Nobody listens on port 1: an option wrongly taken would show as a connection-error (exit 1).
+NOWHERE = "http://127.0.0.1:1/api/agent"
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], names: str) -> None:
+    """``argv`` exits 2 with one ``error:`` line naming the option ``names``, nothing on stdout."""
+    assert main(argv, environ={}) == 2, argv
+    captured = capsys.readouterr()
+    assert captured.out == "", argv
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith(f"error: {names} "), captured.err
+
+
+@pytest.mark.parametrize(
+    "url", ["", " ", "\t", "http://127.0.0.1/a\nb", "-o/tmp/owned", "localhost:8000/api/agent"]
+)
+def test_sign_curl_refuses_a_url_it_cannot_print_a_command_for(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: `sign --curl ''` printed `curl -sSN -X POST '' …` (and `-o/tmp/owned` became an
+    # option of curl), exit 0.
+    argv = ["sign", "--secret", "s", "--body", "{}", f"--curl={url}"]
+    one_line_error(capsys, argv, "--curl")
