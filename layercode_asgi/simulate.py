@@ -165,12 +165,19 @@ def _check_sendable(secret: str, messages: Sequence[str], data: Any, *ids: str |
     for number, text in enumerate(messages, start=1):
         check_text(f"message {number}", text)
     for name, value in zip(("conversation_id", "session_id"), ids, strict=True):
-        check_text(name, value)
+        _check_id(name, value)
     if data is not _NO_DATA:
         try:
             _encode(data)
         except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
             raise ConfigurationError(f"data cannot be sent as JSON: {exc}") from None
+
+
+def _check_id(name: str, value: str | None) -> None:
+    """An id given is sent as it is: empty or blank, a ConfigurationError (not a random id)."""
+    check_text(name, value)
+    if value is not None and not value.strip():
+        raise ConfigurationError(f"{name} must not be empty or blank, got {value!r}")
 
 
 async def run_simulation(
@@ -200,7 +207,7 @@ async def run_simulation(
     ``response.error`` is counted in ``report.errored_turns`` and makes ``report.ok`` false
     unless ``allow_errors`` (with ``strict``, it is a violation that stops the run).
     Everything printed that came from the backend has its control characters escaped.
-    Text that is not UTF-8, or ``data`` that is not JSON, is a
+    Text that is not UTF-8, an empty or blank id, or ``data`` that is not JSON, is a
     :class:`~layercode_asgi.errors.ConfigurationError` before anything is sent.
     """
     messages = tuple(messages)  # checked, then sent: an iterator is read once
@@ -418,6 +425,8 @@ def check_url_option(option: str, url: str) -> None:
 
 def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     check_url_option("--url", args.url)
+    _check_id("--conversation-id", args.conversation_id)
+    _check_id("--session-id", args.session_id)
     secret = read_secret(args, env, "simulate")
     headers = _parse_headers(args.header)
     data: Any = _NO_DATA

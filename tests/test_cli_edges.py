@@ -3,9 +3,12 @@ must accept (a 204 to an event that is not a turn)."""
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from layercode_asgi.cli import main
+from layercode_asgi.errors import ConfigurationError
+from layercode_asgi.simulate import run_simulation
 
 #: Nobody listens on port 1: an option wrongly taken would show as a connection-error (exit 1).
 NOWHERE = "http://127.0.0.1:1/api/agent"
@@ -30,3 +33,22 @@ def test_sign_curl_refuses_a_url_it_cannot_print_a_command_for(
     # option of curl), exit 0.
     argv = ["sign", "--secret", "s", "--body", "{}", f"--curl={url}"]
     one_line_error(capsys, argv, "--curl")
+
+
+@pytest.mark.parametrize("option", ["--conversation-id", "--session-id"])
+@pytest.mark.parametrize("value", ["", " ", "\t\n"])
+def test_simulate_refuses_an_empty_or_blank_id(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: '' silently became a random id (and ' ' was sent), the run went on.
+    argv = ["simulate", "--url", NOWHERE, "--secret", "s", option, value, "hi"]
+    one_line_error(capsys, argv, option)
+
+
+@pytest.mark.parametrize("name", ["conversation_id", "session_id"])
+def test_run_simulation_refuses_an_empty_id(name: str) -> None:
+    async def go() -> None:
+        await run_simulation(NOWHERE, "s", ["hi"], **{name: ""})
+
+    with pytest.raises(ConfigurationError, match=name):
+        anyio.run(go)
