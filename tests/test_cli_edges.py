@@ -52,3 +52,22 @@ def test_run_simulation_refuses_an_empty_id(name: str) -> None:
 
     with pytest.raises(ConfigurationError, match=name):
         anyio.run(go)
+
+
+@pytest.mark.parametrize(
+    "value", ["0", "-1", "nan", "inf", "-inf", "1e309", "1e300", "1e-300", "86401", "0.0009"]
+)
+def test_simulate_timeout_out_of_range_is_one_line(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: 1e300 (a turn waits forever) and 1e-300 (no reply can come in time) were taken;
+    # 0, nan and inf were refused with argparse's usage block, not one line.
+    argv = ["simulate", "--url", NOWHERE, "--secret", "s", f"--timeout={value}", "hi"]
+    one_line_error(capsys, argv, "--timeout")
+
+
+def test_simulate_timeout_bounds_are_accepted(capsys: pytest.CaptureFixture[str]) -> None:
+    for value in ("0.001", "86400"):  # refused? exit 2; taken: the connection-error, exit 1
+        argv = ["simulate", "--url", NOWHERE, "--secret", "s", "--timeout", value, "-q", "hi"]
+        assert main(argv, environ={}) == 1, value
+        assert "PROTOCOL VIOLATION: " in capsys.readouterr().err
