@@ -53,7 +53,7 @@ VIOLATIONS: Final[Mapping[str, str]] = {
     "other events 2xx)",
     "connection-error": "the backend could not be reached, or the connection broke",
     "wrong-content-type": "a turn was not answered with Content-Type text/event-stream",
-    "bad-json": "an SSE event's data, or a JSON reply, is not valid JSON (or not an object)",
+    "bad-json": "an SSE event's data, or a reply's body, is not valid JSON (or not an object)",
     "missing-type": "an SSE event is a JSON object without a string 'type'",
     "invalid-event": "a known event is malformed (e.g. response.tts content is not a string)",
     "missing-end": "the stream closed without a response.end",
@@ -528,7 +528,8 @@ async def send_json_event(
     timeout: float = 30.0,  # noqa: ASYNC109 - a protocol bound, reported as a violation
     max_bytes: int = MAX_REPLY_BYTES,
 ) -> JSONResult:
-    """POST a signed non-turn event to ``url``; require a 2xx JSON reply (``max_bytes`` at most)."""
+    """POST a signed non-turn event to ``url``; require a 2xx reply, its body JSON or none
+    (``body`` is then ``None``), ``max_bytes`` at most."""
     check_event(event)
     kind = str(event.get("type", ""))
     where: dict[str, Any] = {"event_type": kind, "turn_id": event.get("turn_id")}
@@ -540,8 +541,8 @@ async def send_json_event(
     ) as reply:
         async for chunk in _decoded(reply, max_bytes, where):
             content += chunk
-    try:
-        answer = _decode(content)
+    try:  # no body (a 204, an empty 2xx) is an answer too: LayerCode needs only the status
+        answer = _decode(content) if content else None
     except _UNDECODABLE:
         raise ProtocolViolation(
             "bad-json", f"{kind} reply is not JSON: {_excerpt(bytes(content))!r}", **where

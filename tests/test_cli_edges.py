@@ -3,12 +3,18 @@ must accept (a 204 to an event that is not a turn)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
+import msgspec
 import pytest
 
 from layercode_asgi.cli import main
 from layercode_asgi.errors import ConfigurationError
 from layercode_asgi.simulate import run_simulation
+
+from .asgi_stub import read_body
+from .conftest import SECRET, serve
 
 #: Nobody listens on port 1: an option wrongly taken would show as a connection-error (exit 1).
 NOWHERE = "http://127.0.0.1:1/api/agent"
@@ -71,3 +77,41 @@ def test_simulate_timeout_bounds_are_accepted(capsys: pytest.CaptureFixture[str]
         argv = ["simulate", "--url", NOWHERE, "--secret", "s", "--timeout", value, "-q", "hi"]
         assert main(argv, environ={}) == 1, value
         assert "PROTOCOL VIOLATION: " in capsys.readouterr().err
+
+
+def no_content_backend(status: int) -> Any:
+    """Answers turns with a one-event stream and every other event with ``status``, no body."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        event = msgspec.json.decode(await read_body(receive))
+        if event["type"] in ("session.start", "message"):
+            stream = msgspec.json.encode({"type": "response.end", "turn_id": event["turn_id"]})
+            headers = [(b"content-type", b"text/event-stream")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"data: " + stream + b"\n\n"})
+            return
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+@pytest.mark.parametrize("status", [204, 200, 202])
+def test_simulate_accepts_a_reply_without_body(
+    status: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: a 204 to session.update was PROTOCOL VIOLATION: bad-json ("reply is not JSON: ''").
+    with serve(no_content_backend(status)) as base:
+        argv = ["simulate", "--url", base, "--secret", SECRET, "--data", "{}", "--json", "hi"]
+        assert main(argv, environ={}) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    report = msgspec.json.decode(captured.out)
+    assert report["violation"] is None
+    assert [(r["type"], r["status"], r["body"]) for r in report["replies"]] == [
+        ("data", status, None),
+        ("session.update", status, None),
+        ("session.end", status, None),
+    ]
+    assert f"reply {status}: (no body)" in captured.err
