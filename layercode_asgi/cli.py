@@ -91,7 +91,7 @@ def _uvicorn() -> Any:
 
 
 def _display_host(host: str) -> str:
-    if host in ("", "0.0.0.0"):
+    if host == "0.0.0.0":
         return "127.0.0.1"
     if host == "::":
         return "[::1]"
@@ -125,6 +125,10 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         raise UsageError(f"--workers must be between 1 and {MAX_WORKERS}, got {args.workers}")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
+    if not args.host.strip():  # '' would listen on every interface (0.0.0.0 and ::)
+        raise UsageError("--host is empty: give an address (0.0.0.0 for every interface)")
+    if args.agent is not None and not args.agent.strip():
+        raise UsageError("--agent is empty: give a registered name or a module:attribute path")
     check_routes(args.agent_route, args.authorize_route, ("--agent-route", "--authorize-route"))
     routes_changed = (args.agent_route, args.authorize_route) != ("/api/agent", "/api/authorize")
     if args.workers > 1 and routes_changed:

@@ -79,6 +79,15 @@ def test_simulate_timeout_bounds_are_accepted(capsys: pytest.CaptureFixture[str]
         assert "PROTOCOL VIOLATION: " in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("option", "value"), [("--host", ""), ("--host", " "), ("--agent", "")])
+def test_serve_refuses_an_empty_host_or_agent(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: --host '' listened on every interface (0.0.0.0 and ::) while the banner said
+    # 127.0.0.1; --agent '' served the default agent. No secret here: never serves either way.
+    one_line_error(capsys, ["serve", "--env-file", "", option, value], option)
+
+
 def no_content_backend(status: int) -> Any:
     """Answers turns with a one-event stream and every other event with ``status``, no body."""
 
