@@ -400,6 +400,9 @@ def read_secret(args: argparse.Namespace, env: Mapping[str, str], command: str) 
     # As serve reads it: the environment, else the env file (LAYERCODE_ENV_FILE, as the
     # workers read it, empty for none; else ./.env, where the README puts it): what the
     # `serve --dev` banner's simulate line, without --secret, relies on.
+    if args.secret is not None and not args.secret.replace(",", "").strip():
+        # an unset shell variable (--secret "$S"): not replaced by another secret
+        raise UsageError(f"--secret is empty (leave it out to read {SECRET_ENV})")
     env_file = env.get("LAYERCODE_ENV_FILE", ".env")
     configured: str = (
         args.secret

@@ -88,6 +88,19 @@ def test_serve_refuses_an_empty_host_or_agent(
     one_line_error(capsys, ["serve", "--env-file", "", option, value], option)
 
 
+@pytest.mark.parametrize("command", ["sign", "simulate"])
+def test_an_empty_secret_option_is_refused_not_replaced(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: --secret '' (an unset shell variable) signed with the environment's secret.
+    rest = ["--body", "{}"] if command == "sign" else ["--url", NOWHERE, "hi"]
+    argv = [command, "--secret", "", *rest]
+    assert main(argv, environ={"LAYERCODE_WEBHOOK_SECRET": "whsec_env"}) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: --secret ")
+    assert captured.err.count("\n") == 1
+
+
 def no_content_backend(status: int) -> Any:
     """Answers turns with a one-event stream and every other event with ``status``, no body."""
 
