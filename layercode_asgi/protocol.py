@@ -355,7 +355,7 @@ async def _exchange(
                     location = reply.headers.get("location")
                     if 300 <= status < 400 and location:  # the signed body goes nowhere else
                         answered += f" (a redirect to {_brief(mask_url(location))}, not followed)"
-                    detail = f"{answered}: {_excerpt(prefix, more)}"
+                    detail = f"{answered}: {_excerpt(prefix, more)}" if prefix else answered
                     raise ProtocolViolation("http-error", detail, **where)
                 yield reply
             finally:

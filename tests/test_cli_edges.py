@@ -137,3 +137,12 @@ def test_simulate_accepts_a_reply_without_body(
         ("session.end", status, None),
     ]
     assert f"reply {status}: (no body)" in captured.err
+
+
+def test_an_error_status_without_body_ends_the_line(capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: "PROTOCOL VIOLATION: http-error: data answered 503: " (a dangling colon, as if
+    # the excerpt of the body had been lost).
+    with serve(no_content_backend(503)) as base:
+        argv = ["simulate", "--url", base, "--secret", SECRET, "--data", "{}", "-q", "hi"]
+        assert main(argv, environ={}) == 1
+    assert capsys.readouterr().err == "PROTOCOL VIOLATION: http-error: data answered 503\n"
