@@ -41,7 +41,15 @@ from layercode_asgi import (
 )
 
 from .agents_for_tests import cancelled_elsewhere
-from .conftest import BACKENDS, NEEDS_TRIO, SECRET, event_body, serve, signed_headers
+from .conftest import (
+    BACKENDS,
+    NEEDS_TRIO,
+    SECRET,
+    event_body,
+    serve,
+    serve_hypercorn,
+    signed_headers,
+)
 
 END = {"type": "response.end", "turn_id": "turn-1"}
 
@@ -589,7 +597,16 @@ def test_exact_sequence_over_real_http() -> None:
     ]
 
 
-def test_client_disconnect_cancels_the_agent_promptly() -> None:
+#: The real servers of the tests below: uvicorn (asyncio) and Hypercorn's trio worker.
+SERVERS = ["uvicorn", pytest.param("hypercorn-trio", marks=NEEDS_TRIO)]
+
+
+def serve_on(server: str, app: Any) -> Any:
+    return serve(app) if server == "uvicorn" else serve_hypercorn(app, trio_worker=True)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_client_disconnect_cancels_the_agent_promptly(server: str) -> None:
     state: dict[str, float] = {}
     first_sent = threading.Event()
 
@@ -602,7 +619,7 @@ def test_client_disconnect_cancels_the_agent_promptly() -> None:
         finally:
             state["cancelled_at"] = time.monotonic()
 
-    with serve(webhook_app(agent)) as url:
+    with serve_on(server, webhook_app(agent)) as url:
         body = event_body()
         with (
             httpx.Client(base_url=url, timeout=10) as client,
@@ -622,7 +639,8 @@ def test_client_disconnect_cancels_the_agent_promptly() -> None:
     assert lag < 1.0, f"agent cancelled {lag:.3f}s after disconnect"
 
 
-def test_slow_client_slows_the_agent() -> None:
+@pytest.mark.parametrize("server", SERVERS)
+def test_slow_client_slows_the_agent(server: str) -> None:
     produced = [0]
     chunk = "x" * 65536
 
@@ -631,7 +649,7 @@ def test_slow_client_slows_the_agent() -> None:
             produced[0] += 1
             yield chunk
 
-    with serve(webhook_app(agent)) as url:
+    with serve_on(server, webhook_app(agent)) as url:
         body = event_body()
         with (
             httpx.Client(base_url=url, timeout=10) as client,
@@ -651,7 +669,8 @@ def test_slow_client_slows_the_agent() -> None:
         assert after == stalled_at, "the agent kept producing while the client was not reading"
 
 
-def test_disconnect_stops_an_agent_that_never_awaits() -> None:
+@pytest.mark.parametrize("server", SERVERS)
+def test_disconnect_stops_an_agent_that_never_awaits(server: str) -> None:
     """A producer that only yields (no other await) must still notice the client left."""
     produced = [0]
     stopped = threading.Event()
@@ -664,7 +683,7 @@ def test_disconnect_stops_an_agent_that_never_awaits() -> None:
         finally:
             stopped.set()
 
-    with serve(webhook_app(firehose)) as url:
+    with serve_on(server, webhook_app(firehose)) as url:
         body = event_body()
         with (
             httpx.Client(base_url=url, timeout=10) as client,
