@@ -153,7 +153,8 @@ def create_sse_response(
     sse-starlette. Headers: ``Content-Type: text/event-stream``,
     ``Cache-Control: no-cache, no-transform``, ``X-Accel-Buffering: no``. ``ping`` is the
     keep-alive comment interval in seconds (sse-starlette's default 15 s; 0 disables).
-    ``ping`` and ``send_timeout`` (the bound of each send, None: none) must be finite
+    ``ping`` and ``send_timeout`` (the bound of each send, None: none; it does not hold
+    under Hypercorn's trio worker, whose writes cannot be cancelled) must be finite
     numbers, ``ping`` >= 0 and ``send_timeout`` > 0, else ``ValueError`` (so is a
     ``status_code`` outside 100 to 599; one that is no int, ``TypeError``); a ``generator``
     that is not an async iterable raises ``TypeError``. ``headers`` replace the defaults of
