@@ -209,9 +209,10 @@ class _DetachedSend:
     async def __call__(self, message: Message) -> None:
         if self.sent is not None:
             await self.sent.wait()
-        sent = self.sent = anyio.Event()
-        self.group.start_soon(self._write, message, sent)
-        await sent.wait()
+        if self.error is None:  # (a write left behind may have failed: none after it)
+            sent = self.sent = anyio.Event()
+            self.group.start_soon(self._write, message, sent)
+            await sent.wait()
         error, self.error = self.error, None
         if error is not None:
             raise error
