@@ -95,15 +95,6 @@ def settings(**overrides: Any) -> Settings:
     return Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET, **overrides)
 
 
-@pytest.fixture(params=["memory", "redis"])
-def redis_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    if request.param == "memory":
-        yield None
-    else:
-        with running_redis() as server:
-            yield server.url
-
-
 #: Where a test of the turns' state serves its app: uvicorn (asyncio), or Hypercorn's trio
 #: worker (history in memory only: Redis runs on asyncio only).
 SERVERS = ["uvicorn", pytest.param("hypercorn-trio", marks=NEEDS_TRIO)]
@@ -156,11 +147,14 @@ def turn(client: httpx.Client, text: str, turn_id: str, **fields: Any) -> list[d
 # -- session.end during a running turn -----------------------------------------------------------
 
 
-def test_session_end_mid_turn_leaves_the_history_empty(redis_url: str | None) -> None:
+def test_session_end_mid_turn_leaves_the_history_empty(
+    store_and_server: tuple[str | None, str],
+) -> None:
+    redis_url, server = store_and_server
     app = create_app(
         settings(redis_url=redis_url), stateful_agent, on_session_end=lambda e: RELEASE.set()
     )
-    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+    with serve_on(server, app) as url, httpx.Client(base_url=url, timeout=30) as client:
         assert turn(client, "hello", "t0")[0]["content"] == "saw=0"
         body = event_body(text="wait", turn_id="t1")
         with client.stream(
@@ -251,12 +245,15 @@ def test_a_turn_that_cannot_get_the_lock_in_time_gets_503(
 # -- the queue of turns waiting for one conversation ----------------------------------------------
 
 
-def test_turns_queued_beyond_the_bound_get_503_at_once(redis_url: str | None) -> None:
+def test_turns_queued_beyond_the_bound_get_503_at_once(
+    store_and_server: tuple[str | None, str],
+) -> None:
+    redis_url, server = store_and_server
     bound = 8  # the default of LAYERCODE_MAX_QUEUED_TURNS
     app = create_app(settings(redis_url=redis_url), stateful_agent)
     statuses: list[int] = []
     rejected = threading.Event()
-    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+    with serve_on(server, app) as url, httpx.Client(base_url=url, timeout=30) as client:
         body = event_body(text="wait", turn_id="t-holder")
         with client.stream(
             "POST", "/api/agent", content=body, headers=signed_headers(body)
