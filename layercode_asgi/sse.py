@@ -26,6 +26,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
@@ -152,7 +153,8 @@ def create_sse_response(
     sse-starlette. Headers: ``Content-Type: text/event-stream``,
     ``Cache-Control: no-cache, no-transform``, ``X-Accel-Buffering: no``. ``ping`` is the
     keep-alive comment interval in seconds (sse-starlette's default 15 s; 0 disables).
-    ``ping`` and ``send_timeout`` (the bound of each send, None: none) must be finite
+    ``ping`` and ``send_timeout`` (the bound of each send, None: none; it does not hold
+    under Hypercorn's trio worker, whose writes cannot be cancelled) must be finite
     numbers, ``ping`` >= 0 and ``send_timeout`` > 0, else ``ValueError`` (so is a
     ``status_code`` outside 100 to 599; one that is no int, ``TypeError``); a ``generator``
     that is not an async iterable raises ``TypeError``. ``headers`` replace the defaults of
@@ -186,6 +188,42 @@ def create_sse_response(
 
 #: ``emit`` yields to the event loop once per this many chunks.
 _YIELD_EVERY = 8
+
+
+class _DetachedSend:
+    """On trio, the sends of a stream's body, each in a task of the response's task group
+    while the producer waits for it: a deadline or a disconnect stops the wait even when
+    the server's write cannot be cancelled (Hypercorn's trio worker shields it, so a client
+    that stopped reading held the producer, its deadline and its conversation for as long
+    as it stayed connected). A write left behind ends with the connection; the next send
+    waits for it first (in order), and the task group at the end of the response too."""
+
+    __slots__ = ("error", "group", "send", "sent")
+
+    def __init__(self, group: anyio.abc.TaskGroup, send: Send) -> None:
+        self.group = group
+        self.send = send
+        self.sent: anyio.Event | None = None  # set once the last write returned
+        self.error: Exception | None = None
+
+    async def __call__(self, message: Message) -> None:
+        if self.sent is not None:
+            await self.sent.wait()
+        if self.error is None:  # (a write left behind may have failed: none after it)
+            sent = self.sent = anyio.Event()
+            self.group.start_soon(self._write, message, sent)
+            await sent.wait()
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+    async def _write(self, message: Message, sent: anyio.Event) -> None:
+        try:
+            await self.send(message)
+        except Exception as exc:  # the producer's (an OSError: the client left)
+            self.error = exc
+        finally:
+            sent.set()
 
 
 class EventStreamResponse(Response):
@@ -238,12 +276,13 @@ class EventStreamResponse(Response):
         self.started = False
         self.closed = False
         self._send: Send | None = None
+        self._send_body: Send | None = None  # trio: a _DetachedSend
         self._cancel: anyio.CancelScope | None = None
         self._failure: BaseException | None = None
         self._unyielded = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._send = send
+        self._send = self._send_body = send
         # The producer runs in this task and the disconnect watcher in another: the
         # producer starts at once, not one trip through the event loop later (under load
         # each trip waits for everything else the loop has to do; the trip was 30% of
@@ -257,7 +296,8 @@ class EventStreamResponse(Response):
         await stream(receive)  # outside the handler: the agent's errors get no __context__
         if not self.disconnected:
             await self._finish(send, self._failure)
-        self._send = self._cancel = self._failure = None  # no cycle through the producer
+        # no cycle through the producer
+        self._send = self._send_body = self._cancel = self._failure = None
         if self.background is not None:
             await self.background()
 
@@ -265,15 +305,15 @@ class EventStreamResponse(Response):
         """Send one chunk of the stream; returns once the server took it (the producer's
         ``emit``, see :class:`Emit`). The status line and headers go out with the first
         chunk; ``last=True`` ends the body with this chunk."""
-        send = self._send
-        if send is None or self.closed:
+        send, send_body = self._send, self._send_body
+        if send is None or send_body is None or self.closed:
             raise RuntimeError("this response is not streaming")
         try:
             if not self.started:
                 await send(self._start_message())
                 self.started = True  # once sent: a send cut by a deadline sent nothing
             self.closed = last
-            await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+            await send_body({"type": "http.response.body", "body": chunk, "more_body": not last})
         except OSError:
             self.disconnected = True
             if self._cancel is not None:
@@ -293,6 +333,8 @@ class EventStreamResponse(Response):
     async def _stream_in_task_group(self, receive: Receive) -> None:
         async with anyio.create_task_group() as task_group:
             cancel = self._cancel = task_group.cancel_scope
+            if self._send is not None:
+                self._send_body = _DetachedSend(task_group, self._send)
             task_group.start_soon(self._watch_disconnect, receive)
             try:
                 await self._produce()

@@ -31,7 +31,7 @@ from layercode_asgi import (
 from layercode_asgi.agents import TurnContext, TurnEvent
 from layercode_asgi.metrics import MemoryMetrics, TurnMetrics, metrics_from_settings
 
-from .conftest import SECRET, event_body, serve, signed_headers
+from .conftest import NEEDS_TRIO, SECRET, event_body, serve, serve_hypercorn, signed_headers
 
 otel_sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
 prometheus_client = pytest.importorskip("prometheus_client")
@@ -116,15 +116,19 @@ def _wait_for(condition: Any, what: str) -> None:
         time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def conversation() -> Iterator[Sinks]:
-    """The known conversation, played once; the sinks hold its figures."""
+@pytest.fixture(
+    scope="module", params=["uvicorn", pytest.param("hypercorn-trio", marks=NEEDS_TRIO)]
+)
+def conversation(request: pytest.FixtureRequest) -> Iterator[Sinks]:
+    """The known conversation, played once per server (uvicorn; Hypercorn's trio worker);
+    the sinks hold its figures."""
     sinks = Sinks()
     # The agent's own spans go to the same provider, to check they nest in the webhook's.
     AGENT_TRACER["tracer"] = sinks.tracer_provider.get_tracer("agent-under-test")
     webhook = LayercodeWebhook(scripted, turn_timeout=TURN_TIMEOUT, metrics=sinks.metrics)
     app = LayercodeSignature(webhook, secret=SECRET, on_rejected=sinks.metrics.signature_rejected)
-    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+    running = serve(app) if request.param == "uvicorn" else serve_hypercorn(app, trio_worker=True)
+    with running as url, httpx.Client(base_url=url, timeout=10) as client:
         url_path = "/api/agent"
 
         def turn(turn_id: str, kind: str = "message", **fields: Any) -> httpx.Response:
@@ -908,9 +912,8 @@ def test_a_client_leaving_mid_stream_under_hypercorn_is_a_client_disconnect(
     trio_worker: bool,
 ) -> None:
     # The other side of the test above: a caller who left is told apart from the server's
-    # own cancellation under Hypercorn's workers too (uvicorn: the module's conversation).
-    from .conftest import serve_hypercorn
-
+    # own cancellation under Hypercorn's workers too (uvicorn and Hypercorn's trio worker:
+    # the module's conversation).
     memory = MemoryMetrics()
     webhook = LayercodeWebhook(scripted, turn_timeout=30, metrics=TurnMetrics(memory))
     body = event_body("message", turn_id="left", text="linger")

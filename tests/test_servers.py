@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import msgspec
 import pytest
 
@@ -25,19 +26,23 @@ def server_command(server: str) -> list[str]:
     if server == "uvicorn":
         return [PYTHON, "-m", "uvicorn", "--factory", target, "--host", "127.0.0.1",
                 "--port", "{port}"]  # fmt: skip
-    if server == "hypercorn":  # hypercorn evaluates the attribute expression: call the factory
-        return [PYTHON, "-m", "hypercorn", f"{target}()", "--bind", "127.0.0.1:{port}"]
+    if server.startswith("hypercorn"):  # it evaluates the attribute expression: call the factory
+        worker = ["--worker-class", "trio"] if server == "hypercorn-trio" else []
+        return [PYTHON, "-m", "hypercorn", *worker, f"{target}()", "--bind", "127.0.0.1:{port}"]
     return [PYTHON, "-m", "granian", "--interface", "asgi", "--factory", "--host", "127.0.0.1",
             "--port", "{port}", "--workers", "1", target]  # fmt: skip
 
 
-@pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "granian"])
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "hypercorn-trio", "granian"])
 def test_simulate_cli_against_real_servers(server: str, tmp_path: Path) -> None:
-    pytest.importorskip(server)  # the nox ``lowest`` session installs uvicorn and hypercorn only
+    # the nox ``lowest`` session installs uvicorn and hypercorn only
+    pytest.importorskip(server.removeprefix("hypercorn-"))
     env = {
         **os.environ,
         "LAYERCODE_WEBHOOK_SECRET": SECRET,
         "LAYERCODE_AUTHORIZE_API_KEYS": "test-key",
+        "LAYERCODE_METRICS": "true",
+        "LAYERCODE_METRICS_API_KEYS": "scrape-key",
     }
     # cwd is an empty directory: no stray .env is read.
     with start_server_process(server_command(server), env=env, cwd=tmp_path) as running:
@@ -47,6 +52,10 @@ def test_simulate_cli_against_real_servers(server: str, tmp_path: Path) -> None:
              "--secret", SECRET, "hello there", "second message", "--data", '{"k": 1}'],
             capture_output=True, text=True, timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL,
         )  # fmt: skip
+        ready = httpx.get(f"{base}/ready", timeout=10)
+        scraped = httpx.get(f"{base}/metrics", headers={"x-api-key": "scrape-key"}, timeout=10)
+    assert (ready.status_code, ready.json()["ready"]) == (200, True)
+    assert 'layercode_turns_total{outcome="completed"} 3.0' in scraped.text
     assert done.returncode == 0, done.stdout + done.stderr
     assert "agent: Hello! I'm the echo agent." in done.stdout
     assert "agent: You said: hello there\n" in done.stdout

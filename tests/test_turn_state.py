@@ -39,12 +39,14 @@ from layercode_asgi import (
 )
 
 from .conftest import (
+    NEEDS_TRIO,
     PYTHON,
     SECRET,
     ServerProcess,
     event_body,
     free_port,
     serve,
+    serve_hypercorn,
     signed_headers,
     start_server_process,
 )
@@ -93,13 +95,23 @@ def settings(**overrides: Any) -> Settings:
     return Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET, **overrides)
 
 
-@pytest.fixture(params=["memory", "redis"])
-def redis_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    if request.param == "memory":
-        yield None
-    else:
+#: Where a test of the turns' state serves its app: uvicorn (asyncio), or Hypercorn's trio
+#: worker (history in memory only: Redis runs on asyncio only).
+SERVERS = ["uvicorn", pytest.param("hypercorn-trio", marks=NEEDS_TRIO)]
+
+
+def serve_on(server: str, app: Any) -> Any:
+    return serve(app) if server == "uvicorn" else serve_hypercorn(app, trio_worker=True)
+
+
+@pytest.fixture(params=["memory", "redis", pytest.param("memory-trio", marks=NEEDS_TRIO)])
+def store_and_server(request: pytest.FixtureRequest) -> Iterator[tuple[str | None, str]]:
+    """A Redis URL (or None: memory) and the server to run on (the memory store on trio too)."""
+    if request.param == "redis":
         with running_redis() as server:
-            yield server.url
+            yield server.url, "uvicorn"
+    else:
+        yield None, "hypercorn-trio" if request.param == "memory-trio" else "uvicorn"
 
 
 def history(app: Any, url: str | None, conversation_id: str = "conv-1") -> list[tuple[str, str]]:
@@ -135,11 +147,14 @@ def turn(client: httpx.Client, text: str, turn_id: str, **fields: Any) -> list[d
 # -- session.end during a running turn -----------------------------------------------------------
 
 
-def test_session_end_mid_turn_leaves_the_history_empty(redis_url: str | None) -> None:
+def test_session_end_mid_turn_leaves_the_history_empty(
+    store_and_server: tuple[str | None, str],
+) -> None:
+    redis_url, server = store_and_server
     app = create_app(
         settings(redis_url=redis_url), stateful_agent, on_session_end=lambda e: RELEASE.set()
     )
-    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+    with serve_on(server, app) as url, httpx.Client(base_url=url, timeout=30) as client:
         assert turn(client, "hello", "t0")[0]["content"] == "saw=0"
         body = event_body(text="wait", turn_id="t1")
         with client.stream(
@@ -178,10 +193,13 @@ def test_the_lock_wait_follows_the_turn_timeout() -> None:
         assert manager.store.lock_timeout == webhook.lock_timeout  # type: ignore[attr-defined]
 
 
-def test_a_queued_turn_runs_once_a_hanging_turn_timed_out(redis_url: str | None) -> None:
+def test_a_queued_turn_runs_once_a_hanging_turn_timed_out(
+    store_and_server: tuple[str | None, str],
+) -> None:
+    redis_url, server = store_and_server
     app = create_app(settings(redis_url=redis_url, turn_timeout=1.0), stateful_agent)
     results: dict[str, list[dict[str, Any]]] = {}
-    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+    with serve_on(server, app) as url, httpx.Client(base_url=url, timeout=30) as client:
         body = event_body(text="hang", turn_id="t-hang")
         with client.stream(
             "POST", "/api/agent", content=body, headers=signed_headers(body)
@@ -198,14 +216,17 @@ def test_a_queued_turn_runs_once_a_hanging_turn_timed_out(redis_url: str | None)
     assert [e.get("content") for e in results["queued"]] == ["saw=2", None]
 
 
-def test_a_turn_that_cannot_get_the_lock_in_time_gets_503(redis_url: str | None) -> None:
+def test_a_turn_that_cannot_get_the_lock_in_time_gets_503(
+    store_and_server: tuple[str | None, str],
+) -> None:
+    redis_url, server = store_and_server
     # The turn ahead ignores its 1 s timeout (its cleanup hangs; the turn gives it up after
     # another second): the queued turn waits the turn timeout plus a short lock-wait grace
     # (0.2 s), then gets 503 -- well before the client's own timeout.
     app = create_app(
         settings(redis_url=redis_url, turn_timeout=1.0, lock_wait_grace=0.2), stateful_agent
     )
-    with serve(app) as url, httpx.Client(base_url=url, timeout=15) as client:
+    with serve_on(server, app) as url, httpx.Client(base_url=url, timeout=15) as client:
         body = event_body(text="stubborn", turn_id="t-stubborn")
         with client.stream(
             "POST", "/api/agent", content=body, headers=signed_headers(body)
@@ -224,12 +245,15 @@ def test_a_turn_that_cannot_get_the_lock_in_time_gets_503(redis_url: str | None)
 # -- the queue of turns waiting for one conversation ----------------------------------------------
 
 
-def test_turns_queued_beyond_the_bound_get_503_at_once(redis_url: str | None) -> None:
+def test_turns_queued_beyond_the_bound_get_503_at_once(
+    store_and_server: tuple[str | None, str],
+) -> None:
+    redis_url, server = store_and_server
     bound = 8  # the default of LAYERCODE_MAX_QUEUED_TURNS
     app = create_app(settings(redis_url=redis_url), stateful_agent)
     statuses: list[int] = []
     rejected = threading.Event()
-    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+    with serve_on(server, app) as url, httpx.Client(base_url=url, timeout=30) as client:
         body = event_body(text="wait", turn_id="t-holder")
         with client.stream(
             "POST", "/api/agent", content=body, headers=signed_headers(body)
@@ -603,7 +627,8 @@ def test_layercode_webhook_keeps_history_by_default() -> None:
     assert LayercodeWebhook(stateful_agent, conversations=None).conversations is None
 
 
-def test_abort_turns_answers_a_waiting_turn_with_its_message() -> None:
+@pytest.mark.parametrize("server", SERVERS)
+def test_abort_turns_answers_a_waiting_turn_with_its_message(server: str) -> None:
     webhook = LayercodeWebhook(stateful_agent)
 
     async def abort_agent(event: TurnEvent) -> AsyncIterator[str]:
@@ -613,7 +638,7 @@ def test_abort_turns_answers_a_waiting_turn_with_its_message() -> None:
     abort = LayercodeWebhook(abort_agent)
     app = Starlette(routes=[Route("/", webhook, methods=["POST"]), Route("/abort", abort)])
     results: dict[str, httpx.Response] = {}
-    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+    with serve_on(server, app) as url, httpx.Client(base_url=url, timeout=30) as client:
         holding = event_body(text="hang", turn_id="t-holds")
         with client.stream("POST", "/", content=holding) as running:
             lines = running.iter_lines()

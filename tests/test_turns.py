@@ -41,7 +41,15 @@ from layercode_asgi import (
 )
 
 from .agents_for_tests import cancelled_elsewhere
-from .conftest import BACKENDS, SECRET, event_body, serve, signed_headers
+from .conftest import (
+    BACKENDS,
+    NEEDS_TRIO,
+    SECRET,
+    event_body,
+    serve,
+    serve_hypercorn,
+    signed_headers,
+)
 
 END = {"type": "response.end", "turn_id": "turn-1"}
 
@@ -589,7 +597,16 @@ def test_exact_sequence_over_real_http() -> None:
     ]
 
 
-def test_client_disconnect_cancels_the_agent_promptly() -> None:
+#: The real servers of the tests below: uvicorn (asyncio) and Hypercorn's trio worker.
+SERVERS = ["uvicorn", pytest.param("hypercorn-trio", marks=NEEDS_TRIO)]
+
+
+def serve_on(server: str, app: Any) -> Any:
+    return serve(app) if server == "uvicorn" else serve_hypercorn(app, trio_worker=True)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_client_disconnect_cancels_the_agent_promptly(server: str) -> None:
     state: dict[str, float] = {}
     first_sent = threading.Event()
 
@@ -602,7 +619,7 @@ def test_client_disconnect_cancels_the_agent_promptly() -> None:
         finally:
             state["cancelled_at"] = time.monotonic()
 
-    with serve(webhook_app(agent)) as url:
+    with serve_on(server, webhook_app(agent)) as url:
         body = event_body()
         with (
             httpx.Client(base_url=url, timeout=10) as client,
@@ -622,7 +639,8 @@ def test_client_disconnect_cancels_the_agent_promptly() -> None:
     assert lag < 1.0, f"agent cancelled {lag:.3f}s after disconnect"
 
 
-def test_slow_client_slows_the_agent() -> None:
+@pytest.mark.parametrize("server", SERVERS)
+def test_slow_client_slows_the_agent(server: str) -> None:
     produced = [0]
     chunk = "x" * 65536
 
@@ -631,7 +649,7 @@ def test_slow_client_slows_the_agent() -> None:
             produced[0] += 1
             yield chunk
 
-    with serve(webhook_app(agent)) as url:
+    with serve_on(server, webhook_app(agent)) as url:
         body = event_body()
         with (
             httpx.Client(base_url=url, timeout=10) as client,
@@ -651,7 +669,8 @@ def test_slow_client_slows_the_agent() -> None:
         assert after == stalled_at, "the agent kept producing while the client was not reading"
 
 
-def test_disconnect_stops_an_agent_that_never_awaits() -> None:
+@pytest.mark.parametrize("server", SERVERS)
+def test_disconnect_stops_an_agent_that_never_awaits(server: str) -> None:
     """A producer that only yields (no other await) must still notice the client left."""
     produced = [0]
     stopped = threading.Event()
@@ -664,7 +683,7 @@ def test_disconnect_stops_an_agent_that_never_awaits() -> None:
         finally:
             stopped.set()
 
-    with serve(webhook_app(firehose)) as url:
+    with serve_on(server, webhook_app(firehose)) as url:
         body = event_body()
         with (
             httpx.Client(base_url=url, timeout=10) as client,
@@ -786,11 +805,49 @@ async def test_agent_raising_a_stray_cancelled_error_gets_error_then_end(
     assert events == ([tts("partial")] if after_first else []) + [ERROR, END]
 
 
+async def cancel_from_outside(
+    turn: Turn, emit: Any, started: anyio.Event, *, native: bool = False
+) -> bool:
+    """Run ``turn`` until ``started``, then cancel it from outside: by a cancel scope (both
+    backends) or asyncio's ``task.cancel()`` (``native``). Whether its cancellation went on."""
+    went_on: list[bool] = []
+
+    async def run() -> None:
+        try:
+            await turn.run(emit)
+        except anyio.get_cancelled_exc_class():
+            went_on.append(True)
+            raise
+
+    with anyio.fail_after(10):
+        if native:
+            task = asyncio.get_running_loop().create_task(run())
+            await started.wait()
+            await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(run)
+                await started.wait()
+                task_group.cancel_scope.cancel()
+    return went_on == [True]
+
+
 @pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_a_turn_cancelled_from_outside_is_still_cancelled(anyio_backend: str) -> None:
+@pytest.mark.parametrize(
+    ("anyio_backend", "native"),
+    [("asyncio", False), ("asyncio", True), pytest.param("trio", False, marks=NEEDS_TRIO)],
+)
+async def test_a_turn_cancelled_from_outside_is_still_cancelled(
+    anyio_backend: str, native: bool
+) -> None:
+    """By a cancel scope around the turn (a server's own, a caller's timeout), on both
+    backends, or by asyncio's plain ``task.cancel()`` of the request's task: the turn stops
+    as disconnected and the cancellation goes on."""
     chunks: list[bytes] = []
-    started = asyncio.Event()
+    started = anyio.Event()
 
     async def emit(chunk: bytes) -> None:
         chunks.append(chunk)
@@ -798,17 +855,13 @@ async def test_a_turn_cancelled_from_outside_is_still_cancelled(anyio_backend: s
     async def agent(event: Any) -> AsyncIterator[str]:
         yield "first"
         started.set()
-        await asyncio.sleep(30)
+        await anyio.sleep(30)
         yield "never"
 
     event = parse_webhook_payload(event_body())
     assert isinstance(event, MessagePayload)
     turn = Turn(event, agent)
-    task = asyncio.get_running_loop().create_task(turn.run(emit))
-    await started.wait()
-    task.cancel()  # plain asyncio cancellation of the request's task
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    assert await cancel_from_outside(turn, emit, started, native=native)
     assert turn.status == "disconnected"
     assert len(chunks) == 1
 
@@ -1020,9 +1073,13 @@ class _StopsOnClose:
     """An agent's async iterator whose ``aclose()`` raises a BaseException of its own."""
 
     def __init__(self, failure: BaseException | None) -> None:
-        self.failure, self.started = failure, asyncio.Event()
+        self.failure, self.started = failure, anyio.Event()
 
     def __aiter__(self) -> _StopsOnClose:
+        return self
+
+    def bound(self, event: Any) -> _StopsOnClose:
+        """As an agent: this iterator for every turn."""
         return self
 
     async def __anext__(self) -> str:
@@ -1031,7 +1088,7 @@ class _StopsOnClose:
             return "first"
         if self.failure is not None:
             raise self.failure
-        await asyncio.sleep(30)
+        await anyio.sleep(30)
         return "never"
 
     async def aclose(self) -> None:
@@ -1039,7 +1096,6 @@ class _StopsOnClose:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_an_agent_whose_aclose_raises_a_base_exception_does_not_hide_why_it_stopped(
     anyio_backend: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1060,17 +1116,14 @@ async def test_an_agent_whose_aclose_raises_a_base_exception_does_not_hide_why_i
     assert [msgspec.json.decode(chunk[6:]) for chunk in chunks] == [tts("first"), ERROR, END]
     assert "agent raised while closing" in caplog.text
 
-    chunks.clear()
-    agent = _StopsOnClose(None)
-    turn = Turn(event, lambda event: agent)
-    task = asyncio.get_running_loop().create_task(turn.run(emit))
-    await agent.started.wait()
-    await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert turn.status == "disconnected"
-    assert len(chunks) == 1
+    # Cancelled by a scope outside it (both backends), and by asyncio's task.cancel().
+    for native in [False, True] if anyio_backend == "asyncio" else [False]:
+        chunks.clear()
+        agent = _StopsOnClose(None)
+        turn = Turn(event, agent.bound)
+        assert await cancel_from_outside(turn, emit, agent.started, native=native)
+        assert turn.status == "disconnected"
+        assert len(chunks) == 1
 
 
 # -- an agent that catches its cancellation and returns still times out (or is aborted) ---
