@@ -784,6 +784,42 @@ def test_the_openai_agent_serves_turns_on_a_later_event_loop(
     assert ["".join(tts) for tts in said] == ["Hello there. How can I help you today?"] * 2
 
 
+def test_the_openai_agent_on_two_event_loops_at_once_keeps_a_client_for_each() -> None:
+    """One app served by two servers at once (two threads, two event loops): each loop keeps
+    its own OpenAI client and its pooled connection. Before, each turn on the other loop
+    replaced the agent's one client, leaving the old one's connection open and unclosed: a
+    new connection to the provider per turn (12 here)."""
+    pytest.importorskip("openai")
+    fake = FakeOpenAI()
+    connections: set[tuple[str, int]] = set()
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            connections.add(tuple(scope["client"]))
+        await fake(scope, receive, send)
+
+    with serve(upstream, timeout_keep_alive=60) as api:
+        agent = get_agent(
+            "openai",
+            Settings(
+                env_file=None, environ={}, openai_api_key="sk-test", openai_base_url=api + "/v1"
+            ),
+        )
+        app = create_app(
+            Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET), agent
+        )
+        with serve(app) as first, serve(app) as second, httpx.Client(timeout=20) as client:
+            for n in range(12):
+                body = event_body("message", conversation_id=f"two-{n}", turn_id=f"{n}")
+                url = (first, second)[n % 2] + "/api/agent"
+                response = client.post(url, content=body, headers=signed_headers(body))
+                assert response.status_code == 200
+                assert '"content":" you today?"' in response.text, response.text
+    assert len(fake.requests) == 12
+    # one per loop; a third or fourth only if a pooled connection idled out (httpx: 5 s)
+    assert len(connections) <= 4, len(connections)
+
+
 # -- what the model is sent ------------------------------------------------------------------
 
 
