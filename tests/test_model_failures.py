@@ -176,6 +176,56 @@ async def test_langchain_on_the_responses_api_fails_only_a_stream_cut_short(
     assert turn.text == ("One. Two. " if cut else "One. Two. Three")
 
 
+#: What chat models of other providers put in ``response_metadata`` (LangChain's own
+#: ``model_provider`` names), whole or cut short before the event that reports the end.
+REPORTED_ENDS = {
+    "anthropic-whole": ({"model_provider": "anthropic", "stop_reason": "end_turn"}, False),
+    "anthropic-cut": ({"model_provider": "anthropic"}, True),
+    "anthropic-cut-none": ({"model_provider": "anthropic", "stop_reason": None}, True),
+    "google-whole": ({"model_provider": "google_genai", "finish_reason": "STOP"}, False),
+    "google-cut": ({"model_provider": "google_genai", "model_name": "gemini"}, True),
+    "vertex-cut": ({"model_provider": "google_vertexai"}, True),
+    "reports-nothing": ({}, False),
+    "unknown-provider": ({"model_provider": "homegrown"}, False),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", list(REPORTED_ENDS))
+async def test_langchain_fails_a_cut_short_answer_of_any_provider_that_reports_its_end(
+    case: str,
+) -> None:
+    """Before: only ``ChatOpenAI``'s answer ended before its finish failed the turn: one of
+    ``ChatAnthropic`` (no ``stop_reason``) or ``ChatGoogleGenerativeAI`` (no
+    ``finish_reason``), cut short by a proxy, was spoken as if whole. A model that reports
+    no end at all still answers."""
+    pytest.importorskip("langchain_core")
+    from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
+    from langchain_core.messages import AIMessage
+
+    from .test_adapters import langchain_turn
+
+    metadata, cut = REPORTED_ENDS[case]
+    answer = AIMessage(content="One. Two.", response_metadata=metadata)
+    turn = await langchain_turn(FakeMessagesListChatModel(responses=[answer]))
+    assert ended_with_error(turn) is cut
+    assert turn.text == ("One. " if cut else "One. Two.")  # what came before the failure
+
+
+@pytest.mark.anyio
+async def test_langchain_streams_a_model_that_reports_no_end() -> None:
+    """A streaming chat model that reports nothing of how its answer ended (LangChain's own
+    ``GenericFakeChatModel``) is not taken for one cut short."""
+    pytest.importorskip("langchain_core")
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+
+    from .test_adapters import langchain_turn
+
+    turn = await langchain_turn(GenericFakeChatModel(messages=iter(["One. Two. Three."])))
+    assert not ended_with_error(turn) and turn.errors == []
+    assert turn.text == "One. Two. Three."
+
+
 def sse(data: Any, kind: str | None = None) -> bytes:
     head = f"event: {kind}\n".encode() if kind else b""
     return head + b"data: " + msgspec.json.encode(data) + b"\n\n"
