@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Iterator
+from contextlib import suppress
 from typing import Any
 
 import anyio
@@ -224,6 +225,72 @@ async def test_langchain_streams_a_model_that_reports_no_end() -> None:
     turn = await langchain_turn(GenericFakeChatModel(messages=iter(["One. Two. Three."])))
     assert not ended_with_error(turn) and turn.errors == []
     assert turn.text == "One. Two. Three."
+
+
+class APIError(Exception):
+    """An application's own error class that happens to share an SDK's name (a payments
+    client's, say): raised by a tool, it is no provider failure."""
+
+
+def provider_failures() -> list[BaseException]:
+    """A real exception of each installed SDK for a provider failure without a status."""
+    failures: list[BaseException] = []
+    with suppress(ImportError):
+        import openai
+
+        failures.append(openai.APIConnectionError(request=httpx.Request("POST", "http://x")))
+    with suppress(ImportError):
+        from pydantic_ai.exceptions import UnexpectedModelBehavior
+
+        failures.append(UnexpectedModelBehavior("the model answered nonsense"))
+    with suppress(ImportError):
+        from agents.exceptions import ModelBehaviorError
+
+        failures.append(ModelBehaviorError("the model answered nonsense"))
+    with suppress(ImportError):
+        from langchain_core.exceptions import ModelConnectionError
+
+        failures.append(ModelConnectionError("the provider is unreachable"))
+    return failures
+
+
+def test_provider_failures_are_told_by_the_sdks_classes_not_by_name() -> None:
+    """Before: any exception class named ``APIError`` (or ``ModelAPIError``…) was taken for
+    a provider's failure, an application's own too: a tool's error was logged as "the model
+    API failed", its traceback dropped; and LangChain's own model errors
+    (``langchain_core.exceptions.ModelError``: a connection failure, say) were not, logged
+    with the provider's message as it was. The SDKs' public classes decide now."""
+    from layercode_asgi.adapters.voice import model_api_error
+
+    failures = provider_failures()
+    assert failures
+    for failure in failures:
+        assert model_api_error(failure) is not None, failure
+    assert model_api_error(APIError("the payments service is down")) is None
+
+
+@pytest.mark.anyio
+async def test_a_tool_failing_with_an_error_named_like_an_sdks_keeps_its_traceback(
+    fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    pydantic_ai = pytest.importorskip("pydantic_ai")
+    from layercode_asgi.adapters import from_pydantic_ai
+
+    def charge_card(amount: int) -> str:
+        """Charge the caller's card."""
+        raise APIError("the payments service is down")
+
+    agent = pydantic_ai.Agent("openai-chat:gpt-5-nano", tools=[charge_card])
+    fake.push(Script(text=[], tool_call=("charge_card", '{"amount": 5}')))
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, from_pydantic_ai(agent))
+    logs = caplog.at_level(logging.ERROR, logger="layercode_asgi")
+    with logs, serve(app) as base, anyio.fail_after(20):
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("Pay, please.")
+    assert ended_with_error(turn)
+    assert "the model API failed" not in caplog.text
+    assert "charge_card" in caplog.text and "the payments service is down" in caplog.text
 
 
 def sse(data: Any, kind: str | None = None) -> bytes:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import sys
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import aclosing, suppress
@@ -134,12 +135,18 @@ def _credentials(chain: list[BaseException]) -> set[str]:
     return {secret for secret in found if len(secret) >= 4}
 
 
-#: The exception classes (by name, in the class's bases too) that a model SDK or framework
-#: raises for a provider's failure without an HTTP status (an ``error`` event in a stream,
-#: an answer it cannot use): ``openai.APIError``, pydantic-ai's ``ModelAPIError`` and
-#: ``UnexpectedModelBehavior``, the Agents SDK's ``ModelBehaviorError``.
-_PROVIDER_FAILURES = frozenset(
-    {"APIError", "ModelAPIError", "UnexpectedModelBehavior", "ModelBehaviorError"}
+#: The public exception classes (``module``, ``name``) that a model SDK or framework raises
+#: for a provider's failure without an HTTP status (an ``error`` event in a stream, an
+#: answer it cannot use, the provider unreachable): looked up only in modules already
+#: imported (no exception of a module never imported can be raised), so no extra is needed.
+_PROVIDER_FAILURES = (
+    ("openai", "APIError"),
+    ("pydantic_ai.exceptions", "ModelAPIError"),
+    ("pydantic_ai.exceptions", "UnexpectedModelBehavior"),
+    ("agents.exceptions", "ModelBehaviorError"),
+    ("langchain_core.exceptions", "ModelError"),
+    ("anthropic", "APIError"),
+    ("google.genai.errors", "APIError"),
 )
 #: Keys given to the built-in agents (they may come from ``.env``, not the environment).
 _GIVEN_KEYS: set[str] = set()
@@ -152,7 +159,11 @@ def mask_key(key: str | None) -> None:
 
 
 def _provider_failure(exc: BaseException) -> bool:
-    return any(cls.__name__ in _PROVIDER_FAILURES for cls in type(exc).__mro__)
+    for module, name in _PROVIDER_FAILURES:
+        failure = getattr(sys.modules.get(module), name, None)
+        if isinstance(failure, type) and isinstance(exc, failure):
+            return True
+    return False
 
 
 def model_api_error(exc: BaseException) -> ModelAPIError | None:
