@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import anyio.lowlevel
-
 from .apikeys import sendable_key
 from .config import Settings
 from .conversation import model_history
 from .envfile import read_settings_file
 from .errors import ConfigurationError, check_text, check_type
+from .loops import PerLoop
 
 if TYPE_CHECKING:
     from .agents import Agent, Reply, TurnContext
@@ -70,17 +69,11 @@ def openai_agent(
     mask_key(api_key)
 
     # A client's pooled connections belong to the event loop that opened them: one client
-    # per loop (an app may serve turns on a later loop: each test on its own, trio after
-    # asyncio). ``[loop, completions]``; the SDK's overloads are not worth mirroring.
-    current: list[Any] = [None, openai.AsyncOpenAI(api_key=api_key, base_url=base_url)]
+    # per loop (two servers in threads; each test on a loop of its own; trio after asyncio).
+    def client() -> Any:  # the SDK's overloads are not worth mirroring
+        return openai.AsyncOpenAI(api_key=api_key, base_url=base_url)
 
-    def completions() -> Any:
-        loop = anyio.lowlevel.current_token()
-        if current[0] != loop:
-            if current[0] is not None:
-                current[1] = openai.AsyncOpenAI(api_key=api_key, base_url=base_url)
-            current[0] = loop
-        return current[1].chat.completions
+    clients: PerLoop[Any] = PerLoop(client(), client)
 
     async def agent(event: TurnEvent, context: TurnContext) -> AsyncIterator[Reply]:
         text = event.text
@@ -97,7 +90,9 @@ def openai_agent(
         finish: str | None = None
         spoke = False
         try:
-            stream = await completions().create(model=model, messages=messages, stream=True)
+            stream = await clients.get().chat.completions.create(
+                model=model, messages=messages, stream=True
+            )
             async for chunk in stream:
                 for choice in chunk.choices:
                     delta = choice.delta  # None in Azure's content-filter annotation chunks

@@ -429,6 +429,52 @@ def test_a_long_answer_without_a_boundary_is_cut_at_a_blank(size: int) -> None:
     assert list(PhraseChunker().feed("x" * (3 * MAX_PHRASE))) == []
 
 
+def chunked(text: str, size: int) -> tuple[list[str], str | None]:
+    """The phrases of ``text`` fed in deltas of ``size`` characters, and what flush leaves."""
+    chunker = PhraseChunker()
+    out = [p for i in range(0, len(text), size) for p in chunker.feed(text[i : i + size])]
+    return out, chunker.flush()
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 40, 600])
+def test_a_long_cjk_answer_without_a_sentence_end_is_cut_at_a_clause_mark(size: int) -> None:
+    """Before: a run-on answer was cut past ``MAX_PHRASE`` at a blank only, and Chinese and
+    Japanese put none: a long CJK sentence of clauses was one ``response.tts`` of any
+    length, spoken once the model had finished it. It now ends at a full-width mark."""
+    from layercode_asgi.adapters.voice import MAX_PHRASE
+
+    clauses = "我们今天下午去公园散步，天气非常好，阳光明媚，小朋友们在草地上玩耍、奔跑、唱歌，"
+    text = clauses * 60 + "我们今天"  # 2,404 characters, no sentence end, no blank
+    out, rest = chunked(text, size)
+    assert rest is not None and len(out) >= 3
+    assert "".join([*out, rest]) == text
+    for phrase in out:
+        assert phrase[-1] in "，、" and len(phrase) <= MAX_PHRASE + size + len(clauses)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 40, 600])
+def test_a_long_cjk_answer_without_any_mark_is_cut_on_a_character_boundary(size: int) -> None:
+    """Before: CJK text without punctuation (a model's run-on answer) was never cut. Past
+    ``MAX_PHRASE`` it is now cut between two wide characters, never before a combining
+    mark (a decomposed ``が``), inside an emoji sequence or inside a Latin word."""
+    import unicodedata
+
+    from layercode_asgi.adapters.voice import MAX_PHRASE
+
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # one emoji of five code points
+    thumbs = "\U0001f44d\U0001f3fd"  # a thumb and its skin tone
+    japanese = unicodedata.normalize("NFD", "今日はとてもいい天気ですがぎぐげご散歩に行きましょう")
+    text = (japanese + family + thumbs + "ＡＢＣ" + "abc") * 60  # 2,640 code points
+    out, rest = chunked(text, size)
+    assert rest is not None and len(out) >= 3
+    assert "".join([*out, rest]) == text
+    for phrase, after in zip(out, [*out[1:], rest], strict=True):
+        assert len(phrase) <= MAX_PHRASE + 100 + size
+        pair = phrase[-1] + after[0]
+        assert unicodedata.category(after[0]) not in ("Mn", "Mc", "Me", "Sk", "Cf"), pair
+        assert "\u200d" not in pair and not (phrase[-1].isascii() and after[0].isascii())
+
+
 def test_phrase_chunker_work_is_linear_in_the_text() -> None:
     """Before: every delta searched the whole phrase so far for a boundary again, so a
     long answer without one (CJK text has no space after its full stops; a model listing
@@ -445,8 +491,8 @@ def test_phrase_chunker_work_is_linear_in_the_text() -> None:
         "for text in ('中文，' * 20_000, '1,0' * 20_000, 'x..' * 20_000, '!' * 20_000,\n"
         "             '.' + ')' * 20_000, '?)' * 20_000, '好' + '！' * 20_000,\n"
         "             '。' + '」' * 20_000):\n"
-        "    assert not [p for char in text for p in chunker.feed(char)]\n"
-        "    assert chunker.flush() == text\n"
+        "    phrases = [p for char in text for p in chunker.feed(char)]\n"
+        "    assert ''.join(phrases) + chunker.flush() == text\n"
         "print('done')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -479,8 +525,9 @@ def test_phrase_chunker_copies_each_character_a_bounded_number_of_times(mode: st
     text = "中" if mode == "phrase" else " "
     _Counted.copied = 0
     chunker = PhraseChunker(mode)  # type: ignore[arg-type]
-    assert not [p for _ in range(20_000) for p in chunker.feed(_Counted(text))]
-    assert (chunker.flush() or "") == (text * 20_000 if mode == "phrase" else "")
+    phrases = [p for _ in range(20_000) for p in chunker.feed(_Counted(text))]
+    said = "".join(phrases) + (chunker.flush() or "")
+    assert said == (text * 20_000 if mode == "phrase" else "")
     assert _Counted.copied <= 4 * 20_000
 
 
@@ -782,6 +829,42 @@ def test_the_openai_agent_serves_turns_on_a_later_event_loop(
 
     said = [anyio.run(turn, backend=backend) for backend in backends]
     assert ["".join(tts) for tts in said] == ["Hello there. How can I help you today?"] * 2
+
+
+def test_the_openai_agent_on_two_event_loops_at_once_keeps_a_client_for_each() -> None:
+    """One app served by two servers at once (two threads, two event loops): each loop keeps
+    its own OpenAI client and its pooled connection. Before, each turn on the other loop
+    replaced the agent's one client, leaving the old one's connection open and unclosed: a
+    new connection to the provider per turn (12 here)."""
+    pytest.importorskip("openai")
+    fake = FakeOpenAI()
+    connections: set[tuple[str, int]] = set()
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            connections.add(tuple(scope["client"]))
+        await fake(scope, receive, send)
+
+    with serve(upstream, timeout_keep_alive=60) as api:
+        agent = get_agent(
+            "openai",
+            Settings(
+                env_file=None, environ={}, openai_api_key="sk-test", openai_base_url=api + "/v1"
+            ),
+        )
+        app = create_app(
+            Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET), agent
+        )
+        with serve(app) as first, serve(app) as second, httpx.Client(timeout=20) as client:
+            for n in range(12):
+                body = event_body("message", conversation_id=f"two-{n}", turn_id=f"{n}")
+                url = (first, second)[n % 2] + "/api/agent"
+                response = client.post(url, content=body, headers=signed_headers(body))
+                assert response.status_code == 200
+                assert '"content":" you today?"' in response.text, response.text
+    assert len(fake.requests) == 12
+    # one per loop; a third or fourth only if a pooled connection idled out (httpx: 5 s)
+    assert len(connections) <= 4, len(connections)
 
 
 # -- what the model is sent ------------------------------------------------------------------

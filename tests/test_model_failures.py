@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Iterator
+from contextlib import suppress
 from typing import Any
 
 import anyio
@@ -174,6 +175,122 @@ async def test_langchain_on_the_responses_api_fails_only_a_stream_cut_short(
     assert [request["path"] for request in fake.requests] == ["/responses"]
     assert ended_with_error(turn) is cut
     assert turn.text == ("One. Two. " if cut else "One. Two. Three")
+
+
+#: What chat models of other providers put in ``response_metadata`` (LangChain's own
+#: ``model_provider`` names), whole or cut short before the event that reports the end.
+REPORTED_ENDS = {
+    "anthropic-whole": ({"model_provider": "anthropic", "stop_reason": "end_turn"}, False),
+    "anthropic-cut": ({"model_provider": "anthropic"}, True),
+    "anthropic-cut-none": ({"model_provider": "anthropic", "stop_reason": None}, True),
+    "google-whole": ({"model_provider": "google_genai", "finish_reason": "STOP"}, False),
+    "google-cut": ({"model_provider": "google_genai", "model_name": "gemini"}, True),
+    "vertex-cut": ({"model_provider": "google_vertexai"}, True),
+    "reports-nothing": ({}, False),
+    "unknown-provider": ({"model_provider": "homegrown"}, False),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", list(REPORTED_ENDS))
+async def test_langchain_fails_a_cut_short_answer_of_any_provider_that_reports_its_end(
+    case: str,
+) -> None:
+    """Before: only ``ChatOpenAI``'s answer ended before its finish failed the turn: one of
+    ``ChatAnthropic`` (no ``stop_reason``) or ``ChatGoogleGenerativeAI`` (no
+    ``finish_reason``), cut short by a proxy, was spoken as if whole. A model that reports
+    no end at all still answers."""
+    pytest.importorskip("langchain_core")
+    from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
+    from langchain_core.messages import AIMessage
+
+    from .test_adapters import langchain_turn
+
+    metadata, cut = REPORTED_ENDS[case]
+    answer = AIMessage(content="One. Two.", response_metadata=metadata)
+    turn = await langchain_turn(FakeMessagesListChatModel(responses=[answer]))
+    assert ended_with_error(turn) is cut
+    assert turn.text == ("One. " if cut else "One. Two.")  # what came before the failure
+
+
+@pytest.mark.anyio
+async def test_langchain_streams_a_model_that_reports_no_end() -> None:
+    """A streaming chat model that reports nothing of how its answer ended (LangChain's own
+    ``GenericFakeChatModel``) is not taken for one cut short."""
+    pytest.importorskip("langchain_core")
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+
+    from .test_adapters import langchain_turn
+
+    turn = await langchain_turn(GenericFakeChatModel(messages=iter(["One. Two. Three."])))
+    assert not ended_with_error(turn) and turn.errors == []
+    assert turn.text == "One. Two. Three."
+
+
+class APIError(Exception):
+    """An application's own error class that happens to share an SDK's name (a payments
+    client's, say): raised by a tool, it is no provider failure."""
+
+
+def provider_failures() -> list[BaseException]:
+    """A real exception of each installed SDK for a provider failure without a status."""
+    failures: list[BaseException] = []
+    with suppress(ImportError):
+        import openai
+
+        failures.append(openai.APIConnectionError(request=httpx.Request("POST", "http://x")))
+    with suppress(ImportError):
+        from pydantic_ai.exceptions import UnexpectedModelBehavior
+
+        failures.append(UnexpectedModelBehavior("the model answered nonsense"))
+    with suppress(ImportError):
+        from agents.exceptions import ModelBehaviorError
+
+        failures.append(ModelBehaviorError("the model answered nonsense"))
+    with suppress(ImportError):
+        from langchain_core.exceptions import ModelConnectionError
+
+        failures.append(ModelConnectionError("the provider is unreachable"))
+    return failures
+
+
+def test_provider_failures_are_told_by_the_sdks_classes_not_by_name() -> None:
+    """Before: any exception class named ``APIError`` (or ``ModelAPIError``…) was taken for
+    a provider's failure, an application's own too: a tool's error was logged as "the model
+    API failed", its traceback dropped; and LangChain's own model errors
+    (``langchain_core.exceptions.ModelError``: a connection failure, say) were not, logged
+    with the provider's message as it was. The SDKs' public classes decide now."""
+    from layercode_asgi.adapters.voice import model_api_error
+
+    failures = provider_failures()
+    assert failures
+    for failure in failures:
+        assert model_api_error(failure) is not None, failure
+    assert model_api_error(APIError("the payments service is down")) is None
+
+
+@pytest.mark.anyio
+async def test_a_tool_failing_with_an_error_named_like_an_sdks_keeps_its_traceback(
+    fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    pydantic_ai = pytest.importorskip("pydantic_ai")
+    from layercode_asgi.adapters import from_pydantic_ai
+
+    def charge_card(amount: int) -> str:
+        """Charge the caller's card."""
+        raise APIError("the payments service is down")
+
+    agent = pydantic_ai.Agent("openai-chat:gpt-5-nano", tools=[charge_card])
+    fake.push(Script(text=[], tool_call=("charge_card", '{"amount": 5}')))
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, from_pydantic_ai(agent))
+    logs = caplog.at_level(logging.ERROR, logger="layercode_asgi")
+    with logs, serve(app) as base, anyio.fail_after(20):
+        async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            turn = await client.message("Pay, please.")
+    assert ended_with_error(turn)
+    assert "the model API failed" not in caplog.text
+    assert "charge_card" in caplog.text and "the payments service is down" in caplog.text
 
 
 def sse(data: Any, kind: str | None = None) -> bytes:

@@ -5,8 +5,9 @@ Extra ``langchain``. A chat model or a chain taking a list of messages is stream
 LangGraph graph with a ``messages`` state (``create_agent``, ``create_react_agent``, your
 own) is streamed with ``stream_mode="messages"``, and only the AI's text is spoken: tool
 calls start the filler, tool results are not read out. A chat model's answer that ended
-before its finish (``ChatOpenAI``: no ``finish_reason``, the stream cut short) fails the
-turn.
+before its finish (the stream cut short: no ``finish_reason``, ``status`` or
+``stop_reason`` in its ``response_metadata`` from an OpenAI, Anthropic or Google model)
+fails the turn.
 """
 
 from __future__ import annotations
@@ -78,10 +79,13 @@ def _text(content: Any) -> str:
     return ""
 
 
-#: The ``response_metadata`` keys in which a chat model reports how its answer ended, by
-#: ``model_provider``: ``ChatOpenAI`` (and the models built on it) on chat completions or,
-#: with ``use_responses_api``, on the Responses API.
-_FINISH_KEYS = {"openai": ("finish_reason", "status")}
+#: The ``response_metadata`` keys in which chat models report how their answer ended:
+#: ``finish_reason`` (OpenAI's chat completions, Google), ``status`` (OpenAI's Responses
+#: API), ``stop_reason`` (Anthropic).
+_FINISH_KEYS = ("finish_reason", "status", "stop_reason")
+#: The ``model_provider`` (LangChain's name) of the chat models that report it with every
+#: whole answer: one of theirs without it was cut short. Other models may report nothing.
+_REPORTING = frozenset({"openai", "anthropic", "google_genai", "google_vertexai"})
 
 
 def _cut_short(result: Any) -> bool:
@@ -90,10 +94,9 @@ def _cut_short(result: Any) -> bool:
     for generations in result.generations:
         for generation in generations:
             metadata = getattr(getattr(generation, "message", None), "response_metadata", None)
-            if not isinstance(metadata, dict):
+            if not isinstance(metadata, dict) or metadata.get("model_provider") not in _REPORTING:
                 continue
-            keys = _FINISH_KEYS.get(str(metadata.get("model_provider")), ())
-            if keys and all(metadata.get(key) is None for key in keys):
+            if all(metadata.get(key) is None for key in _FINISH_KEYS):
                 return True
     return False
 

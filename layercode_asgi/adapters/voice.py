@@ -11,7 +11,9 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
   engine can say with natural prosody, and the first one goes out as soon as the model
   finishes its first phrase, not its whole answer. A decimal point (``3.5``) is not a
   boundary: no space follows it. A phrase that grows past :data:`MAX_PHRASE` characters
-  without a boundary (a run-on answer) ends at its last space. ``chunking="delta"`` passes
+  without a boundary (a run-on answer) ends at its last space; CJK text, written without
+  spaces, at a full-width mark (a comma, say), else between two wide characters (never
+  before a combining mark or inside an emoji sequence). ``chunking="delta"`` passes
   the model's deltas through as they come (whitespace alone goes out with the next delta,
   never as a ``response.tts`` of its own).
 * **Filler.** When the framework calls a tool, the text so far is spoken, then ``filler``
@@ -35,6 +37,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import sys
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import aclosing, suppress
@@ -42,6 +45,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Literal, TypeAlias
+from unicodedata import category, east_asian_width
 
 from ..agents import Agent, Data, Hangup, Reply, TurnContext, TurnEvent
 from ..errors import ConfigurationError, check_callable, check_type, kind_of
@@ -73,7 +77,7 @@ DEFAULT_FILLER = "One moment."
 GREETING_PROMPT = "(The caller just joined. Greet them in one short sentence.)"
 #: A comma ends a phrase only once the phrase is at least this long.
 MIN_CLAUSE = 40
-#: A phrase longer than this without a boundary ends at its last space.
+#: A phrase longer than this without a boundary ends at its last space (CJK: see above).
 MAX_PHRASE = 500
 
 Chunking: TypeAlias = Literal["phrase", "delta"]
@@ -131,12 +135,18 @@ def _credentials(chain: list[BaseException]) -> set[str]:
     return {secret for secret in found if len(secret) >= 4}
 
 
-#: The exception classes (by name, in the class's bases too) that a model SDK or framework
-#: raises for a provider's failure without an HTTP status (an ``error`` event in a stream,
-#: an answer it cannot use): ``openai.APIError``, pydantic-ai's ``ModelAPIError`` and
-#: ``UnexpectedModelBehavior``, the Agents SDK's ``ModelBehaviorError``.
-_PROVIDER_FAILURES = frozenset(
-    {"APIError", "ModelAPIError", "UnexpectedModelBehavior", "ModelBehaviorError"}
+#: The public exception classes (``module``, ``name``) that a model SDK or framework raises
+#: for a provider's failure without an HTTP status (an ``error`` event in a stream, an
+#: answer it cannot use, the provider unreachable): looked up only in modules already
+#: imported (no exception of a module never imported can be raised), so no extra is needed.
+_PROVIDER_FAILURES = (
+    ("openai", "APIError"),
+    ("pydantic_ai.exceptions", "ModelAPIError"),
+    ("pydantic_ai.exceptions", "UnexpectedModelBehavior"),
+    ("agents.exceptions", "ModelBehaviorError"),
+    ("langchain_core.exceptions", "ModelError"),
+    ("anthropic", "APIError"),
+    ("google.genai.errors", "APIError"),
 )
 #: Keys given to the built-in agents (they may come from ``.env``, not the environment).
 _GIVEN_KEYS: set[str] = set()
@@ -149,7 +159,11 @@ def mask_key(key: str | None) -> None:
 
 
 def _provider_failure(exc: BaseException) -> bool:
-    return any(cls.__name__ in _PROVIDER_FAILURES for cls in type(exc).__mro__)
+    for module, name in _PROVIDER_FAILURES:
+        failure = getattr(sys.modules.get(module), name, None)
+        if isinstance(failure, type) and isinstance(exc, failure):
+            return True
+    return False
 
 
 def model_api_error(exc: BaseException) -> ModelAPIError | None:
@@ -211,6 +225,26 @@ _CLAUSE_END = re.compile(r"[,;:]\s+")
 #: What completes a phrase that ends with a sentence end (``_open`` is ``"."`` or ``"。"``).
 _COMPLETION = {".": re.compile(rf"{_CLOSER}*\s+"), "。": re.compile(_CJK_AFTER)}
 _SPACES = re.compile(r"\s+")
+#: Where a long phrase of text written without spaces may end: a full-width sentence or
+#: clause mark (the ideographic full stop and comma; the fullwidth exclamation and question
+#: marks, comma, semicolon, colon and full stop).
+_WIDE_MARKS = "\u3002\u3001\uff01\uff1f\uff0c\uff1b\uff1a\uff0e"
+#: How far back from a delta's end a cut between two wide characters is looked for.
+_WIDE_SCAN = 16
+#: How long a phrase without a blank or a full-width mark grows before that cut.
+_HARD_LIMIT = MAX_PHRASE + 100
+
+
+def _wide_pair(left: str, right: str) -> bool:
+    """Whether a cut between two characters is one between two CJK characters (wide or
+    fullwidth), ``right`` not a mark or modifier that belongs with ``left``."""
+    return (
+        east_asian_width(left) in "WF"
+        and east_asian_width(right) in "WF"
+        and category(right) not in ("Mn", "Mc", "Me", "Sk")
+    )
+
+
 #: The last character of a phrase (before closers) -> the sentence end it leaves open.
 _OPENS = dict.fromkeys(".!?…", ".") | dict.fromkeys(_CJK_ENDS, "。")
 
@@ -248,9 +282,9 @@ class PhraseChunker:
             if phrase.strip():
                 yield phrase
         rest = text[start:] if start else text
-        if self._size + len(rest) > MAX_PHRASE and (blank := rest.rfind(" ") + 1):
-            self._parts.append(rest[:blank])  # too long without a boundary: cut at a blank
-            phrase, rest = self._take(), rest[blank:]
+        if self._size + len(rest) > MAX_PHRASE and (cut := self._long_cut(rest)) is not None:
+            self._parts.append(rest[:cut])  # too long without a boundary
+            phrase, rest = self._take(), rest[cut:]
             if phrase.strip():
                 yield phrase
         if rest:
@@ -274,6 +308,25 @@ class PhraseChunker:
         self._parts.clear()
         self._size, self._open = 0, ""
         return phrase
+
+    def _long_cut(self, rest: str) -> int | None:
+        """Where a phrase past :data:`MAX_PHRASE` ends in ``rest``: after its last blank,
+        else (text written without spaces) its last full-width mark, else, past
+        :data:`_HARD_LIMIT`, between two wide characters near its end; ``None``: none yet."""
+        if cut := rest.rfind(" ") + 1:
+            return cut
+        if cut := max(map(rest.rfind, _WIDE_MARKS)) + 1:
+            while cut < len(rest) and rest[cut] in _CLOSERS:
+                cut += 1
+            return cut
+        if self._size + len(rest) <= _HARD_LIMIT:
+            return None
+        before = self._parts[-1][-1:] if self._parts else ""
+        for cut in range(len(rest) - 1, max(len(rest) - _WIDE_SCAN, 0) - 1, -1):
+            left = rest[cut - 1] if cut else before
+            if left and _wide_pair(left, rest[cut]):
+                return cut
+        return None
 
     def _boundary(self, text: str, start: int) -> int | None:
         """Where the first phrase of the phrase so far and ``text[start:]`` ends, if it does."""
