@@ -1,0 +1,85 @@
+"""What ``setup_logging``'s two formats write when an agent's or a hook's exception quotes a
+hostile request: through create_app under a real uvicorn on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from layercode_asgi import DataPayload, Settings, TurnEvent, create_app
+from layercode_asgi.logs import LOG_TRACEBACK_MAX_CHARS, LOG_VALUE_MAX_CHARS, setup_logging
+
+from .conftest import SECRET, event_body, serve, signed_headers
+
+#: Characters Python's str.splitlines() breaks a line at, besides \n: C0 separators, U+0085,
+#: U+2028, U+2029 (and \r, \v, \f).
+BREAKS = "a\rb\x0bc\x0cd\x1ce\x1df\x1eg\x85h\u2028i\u2029j"
+#: A line far longer than LOG_VALUE_MAX_CHARS, then many lines.
+LONG = "x" * 200_000 + "\n" * 50_000 + "end"
+
+
+async def quoting_agent(event: TurnEvent) -> AsyncIterator[str]:
+    raise ValueError(f"cannot read {event.text}")
+    yield ""  # pragma: no cover - a generator agent
+
+
+def quoting_hook(event: DataPayload) -> None:
+    raise LookupError(f"no such item: {event.data['k']}")
+
+
+@contextmanager
+def logged(log_format: str) -> Iterator[io.StringIO]:
+    """What setup_logging(log_format=...) writes to stderr (conftest restores the logger)."""
+    stream = io.StringIO()
+    saved, sys.stderr = sys.stderr, stream
+    try:
+        setup_logging(log_format=log_format)
+    finally:
+        sys.stderr = saved
+    yield stream
+
+
+def post_hostile_requests() -> list[httpx.Response]:
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, quoting_agent, on_data=quoting_hook)
+    bodies = [
+        event_body("message", text=f"{BREAKS}{LONG}"),
+        event_body("data", data={"k": f"{BREAKS}{LONG}"}),
+    ]
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        return [client.post("/api/agent", content=b, headers=signed_headers(b)) for b in bodies]
+
+
+def assert_generic_answers(replies: list[httpx.Response]) -> None:
+    turn, data = replies
+    assert turn.status_code == 200 and '"error":"agent error"' in turn.text
+    assert "cannot read" not in turn.text
+    assert data.status_code == 500 and data.json() == {"error": "data handler failed"}
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_request_quoted_by_an_exception_is_cut_in_its_traceback(log_format: str) -> None:
+    # The log line's message cut the exception's text at LOG_VALUE_MAX_CHARS, but the
+    # traceback below it carried all of it (a 200,000-character line, then 50,000 lines),
+    # in both formats.
+    with logged(log_format) as stream:
+        replies = post_hostile_requests()
+    assert_generic_answers(replies)
+    logs = stream.getvalue()
+    assert "cannot read" in logs and "no such item" in logs
+    assert " chars)" in logs  # the cut is shown
+    # two tracebacks of at most LOG_TRACEBACK_MAX_CHARS, empty lines (text: indented)
+    assert len(logs) < 12 * LOG_TRACEBACK_MAX_CHARS, len(logs)
+    for line in logs.rstrip("\n").split("\n"):
+        if log_format == "text":
+            assert len(line) < 2 * LOG_VALUE_MAX_CHARS, line[:200]
+        else:
+            fields: dict[str, Any] = json.loads(line)
+            assert len(fields.get("exception", "")) < LOG_TRACEBACK_MAX_CHARS + 100
