@@ -111,14 +111,15 @@ def setup_logging(
 class _LineFormatter(logging.Formatter):
     """``LOG_FORMAT``, keeping every record recognisable as one: each further line (a
     traceback, whose exception text an application may have built from request data) is
-    indented and its control characters escaped, so no line of it can pass for a record.
-    Tracebacks are cut as :func:`cut_traceback` cuts them."""
+    indented and its control characters escaped (U+2028, ``\x1c``… too: only ``\n`` ends
+    a line), so no line of it can pass for a record. Tracebacks are cut as
+    :func:`cut_traceback` cuts them."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         if text.isprintable():
             return text
-        return "\n    ".join(map(_controls_escaped, text.splitlines()))
+        return "\n    ".join(map(_controls_escaped, text.split("\n")))
 
     def formatException(self, ei: Any) -> str:
         return cut_traceback(super().formatException(ei))

@@ -83,3 +83,19 @@ def test_a_request_quoted_by_an_exception_is_cut_in_its_traceback(log_format: st
         else:
             fields: dict[str, Any] = json.loads(line)
             assert len(fields.get("exception", "")) < LOG_TRACEBACK_MAX_CHARS + 100
+
+
+def test_a_traceback_keeps_the_line_breaks_other_than_newline_escaped() -> None:
+    # The text format split a traceback at every character str.splitlines() breaks at:
+    # U+2028, U+0085, \x1c... vanished from the exception's text, which went on, indented,
+    # on a line of its own.
+    with logged("text") as stream:
+        replies = post_hostile_requests()
+    assert_generic_answers(replies)
+    logs = stream.getvalue()
+    escaped = "a\\rb\\u000bc\\fd\\u001ce\\u001df\\u001eg\\u0085h\\u2028i\\u2029j"
+    lines = logs.split("\n")
+    traceback_lines = [line for line in lines if line.startswith("    ") and "Error: " in line]
+    assert len(traceback_lines) == 2, logs[:2000]
+    for line in traceback_lines:
+        assert escaped in line, line[:200]
