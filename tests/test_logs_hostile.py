@@ -1,5 +1,6 @@
-"""What ``setup_logging``'s two formats write when an agent's or a hook's exception quotes a
-hostile request: through create_app under a real uvicorn on 127.0.0.1."""
+"""What reaches the log (``setup_logging``'s two formats) and the caller when an agent or a
+hook raises, its exception quoting a hostile request or being one of ours: create_app under
+a real uvicorn on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -13,7 +14,17 @@ from typing import Any
 import httpx
 import pytest
 
-from layercode_asgi import DataPayload, Settings, TurnEvent, create_app
+from layercode_asgi import (
+    ConfigurationError,
+    DataPayload,
+    InvalidPayloadError,
+    Settings,
+    SignatureErrorReason,
+    SignatureVerificationError,
+    TurnEvent,
+    create_app,
+)
+from layercode_asgi.conversation import StoreUnavailableError
 from layercode_asgi.logs import LOG_TRACEBACK_MAX_CHARS, LOG_VALUE_MAX_CHARS, setup_logging
 
 from .conftest import SECRET, event_body, serve, signed_headers
@@ -99,3 +110,48 @@ def test_a_traceback_keeps_the_line_breaks_other_than_newline_escaped() -> None:
     assert len(traceback_lines) == 2, logs[:2000]
     for line in traceback_lines:
         assert escaped in line, line[:200]
+
+
+def hook_raising(error: Exception) -> Any:
+    def hook(event: DataPayload) -> None:
+        raise error
+
+    return hook
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        InvalidPayloadError("a forwarded event is not valid"),  # parse_webhook_payload's
+        SignatureVerificationError(
+            SignatureErrorReason.NO_MATCHING_SIGNATURE
+        ),  # verify_signature's
+        ConfigurationError("LAYERCODE_WEBHOOK_SECRET whsec_x is not for this"),
+    ],
+    ids=type,
+)
+def test_a_hook_raising_one_of_our_errors_is_its_handler_failing(
+    error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Any LayercodeError from a hook was answered as a conversation store failure: 503
+    # "conversation store unavailable" with Retry-After (LayerCode retries), the traceback
+    # left out of the log. Only the store's own errors mean that.
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, on_data=hook_raising(error))
+    body = event_body("data")
+    with serve(app) as url:
+        reply = httpx.post(f"{url}/api/agent", content=body, headers=signed_headers(body))
+    assert (reply.status_code, reply.json()) == (500, {"error": "data handler failed"})
+    assert "retry-after" not in reply.headers
+    failed = [r for r in caplog.records if r.getMessage().startswith("webhook hook failed")]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+
+
+def test_a_hook_meeting_the_store_down_is_still_a_503() -> None:
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, on_data=hook_raising(StoreUnavailableError("redis at 10.0.0.1")))
+    body = event_body("data")
+    with serve(app) as url:
+        reply = httpx.post(f"{url}/api/agent", content=body, headers=signed_headers(body))
+    assert reply.status_code == 503 and reply.headers["retry-after"] == "5"
+    assert reply.json() == {"error": "conversation store unavailable"}
