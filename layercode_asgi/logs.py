@@ -111,13 +111,18 @@ def setup_logging(
 class _LineFormatter(logging.Formatter):
     """``LOG_FORMAT``, keeping every record recognisable as one: each further line (a
     traceback, whose exception text an application may have built from request data) is
-    indented and its control characters escaped, so no line of it can pass for a record."""
+    indented and its control characters escaped (U+2028, ``\x1c``… too: only ``\n`` ends
+    a line), so no line of it can pass for a record. Tracebacks are cut as
+    :func:`cut_traceback` cuts them."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         if text.isprintable():
             return text
-        return "\n    ".join(map(_controls_escaped, text.splitlines()))
+        return "\n    ".join(map(_controls_escaped, text.split("\n")))
+
+    def formatException(self, ei: Any) -> str:
+        return cut_traceback(super().formatException(ei))
 
 
 # Record attributes kept out of JSON lines: uvicorn's ANSI-coloured copy of the message.
@@ -146,11 +151,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
     ``message``, the record's ``extra=`` fields (a text longer than
     ``LOG_VALUE_MAX_CHARS`` cut there, as :func:`escape_log_value` cuts it), and
-    ``exception`` (the traceback) when there is one. Everything beyond ASCII is escaped, so
-    no value can break the line, and every line is strict JSON: a float NaN or infinity
-    becomes the string ``"nan"``, ``"inf"`` or ``"-inf"``; any other value JSON has no
-    type for (bytes, a set, an object, a dict key that is not a string) its ``str()``; a
-    value whose ``str()`` raises (or a message argument's) ``"<unprintable TYPE>"``."""
+    ``exception`` (the traceback, as :func:`cut_traceback` cuts it) when there is one.
+    Everything beyond ASCII is escaped, so no value can break the line, and every line is
+    strict JSON: a float NaN or infinity becomes the string ``"nan"``, ``"inf"`` or
+    ``"-inf"``; any other value JSON has no type for (bytes, a set, an object, a dict key
+    that is not a string) its ``str()``; a value whose ``str()`` raises (or a message
+    argument's) ``"<unprintable TYPE>"``."""
 
     def format(self, record: logging.LogRecord) -> str:
         try:
@@ -167,7 +173,7 @@ class JsonFormatter(logging.Formatter):
             if key not in _RESERVED and key not in _NOT_JSON and not str(key).startswith("_"):
                 out.setdefault(key, cut_log_value(value) if isinstance(value, str) else value)
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+            out["exception"] = cut_traceback(self.formatException(record.exc_info))
         try:
             return json.dumps(out, ensure_ascii=True, allow_nan=False, default=_safe_str)
         except (ValueError, TypeError, RecursionError):  # NaN, a cycle, a tuple key, a huge int
@@ -233,6 +239,9 @@ def _setup_logfire(target: logging.Logger, token: str) -> None:
 
 #: Longest text :func:`escape_log_value` keeps by default, in characters (before escaping).
 LOG_VALUE_MAX_CHARS: Final = 1000
+#: Longest traceback ``setup_logging``'s formats keep, in characters (before escaping); each
+#: of its lines is cut at ``LOG_VALUE_MAX_CHARS``.
+LOG_TRACEBACK_MAX_CHARS: Final = 20 * LOG_VALUE_MAX_CHARS
 
 _SHORT_ESCAPES: Final = {
     "\\": "\\\\",
@@ -250,6 +259,15 @@ def cut_log_value(text: str, max_chars: int = LOG_VALUE_MAX_CHARS) -> str:
     if len(text) <= max_chars:
         return text
     return f"{text[:max_chars]}…(+{len(text) - max_chars} chars)"
+
+
+def cut_traceback(text: str) -> str:
+    """A traceback (whose exception text may quote a request) with each line cut at
+    ``LOG_VALUE_MAX_CHARS`` and the whole at ``LOG_TRACEBACK_MAX_CHARS``, as
+    :func:`cut_log_value` cuts."""
+    if len(text) <= LOG_VALUE_MAX_CHARS:
+        return text
+    return cut_log_value("\n".join(map(cut_log_value, text.split("\n"))), LOG_TRACEBACK_MAX_CHARS)
 
 
 def escape_log_value(value: object, max_chars: int | None = LOG_VALUE_MAX_CHARS) -> str:

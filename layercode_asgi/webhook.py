@@ -63,6 +63,7 @@ from .conversation import (
     ConversationBackend,
     ConversationLockTimeout,
     HistoryMessage,
+    StoreError,
     check_conversation_id,
     lock_wait_timeout,
 )
@@ -402,7 +403,7 @@ class LayercodeWebhook:
             return await self._answer_json(event), event
         except ResponseError as exc:
             return error_response(exc), event
-        except LayercodeError as exc:
+        except (StoreError, ConversationLockTimeout) as exc:  # a hook's use of a store too
             return error_response(_unavailable(exc, f"webhook {_kind(event)} failed")), event
         except BaseException as exc:  # a hook's own kind too, as an agent's in a turn
             if must_propagate(exc):

@@ -1,0 +1,157 @@
+"""What reaches the log (``setup_logging``'s two formats) and the caller when an agent or a
+hook raises, its exception quoting a hostile request or being one of ours: create_app under
+a real uvicorn on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from layercode_asgi import (
+    ConfigurationError,
+    DataPayload,
+    InvalidPayloadError,
+    Settings,
+    SignatureErrorReason,
+    SignatureVerificationError,
+    TurnEvent,
+    create_app,
+)
+from layercode_asgi.conversation import StoreUnavailableError
+from layercode_asgi.logs import LOG_TRACEBACK_MAX_CHARS, LOG_VALUE_MAX_CHARS, setup_logging
+
+from .conftest import SECRET, event_body, serve, signed_headers
+
+#: Characters Python's str.splitlines() breaks a line at, besides \n: C0 separators, U+0085,
+#: U+2028, U+2029 (and \r, \v, \f).
+BREAKS = "a\rb\x0bc\x0cd\x1ce\x1df\x1eg\x85h\u2028i\u2029j"
+#: A line far longer than LOG_VALUE_MAX_CHARS, then many lines.
+LONG = "x" * 200_000 + "\n" * 50_000 + "end"
+
+
+async def quoting_agent(event: TurnEvent) -> AsyncIterator[str]:
+    raise ValueError(f"cannot read {event.text}")
+    yield ""  # pragma: no cover - a generator agent
+
+
+def quoting_hook(event: DataPayload) -> None:
+    raise LookupError(f"no such item: {event.data['k']}")
+
+
+@contextmanager
+def logged(log_format: str) -> Iterator[io.StringIO]:
+    """What setup_logging(log_format=...) writes to stderr (conftest restores the logger)."""
+    stream = io.StringIO()
+    saved, sys.stderr = sys.stderr, stream
+    try:
+        setup_logging(log_format=log_format)
+    finally:
+        sys.stderr = saved
+    yield stream
+
+
+def post_hostile_requests() -> list[httpx.Response]:
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, quoting_agent, on_data=quoting_hook)
+    bodies = [
+        event_body("message", text=f"{BREAKS}{LONG}"),
+        event_body("data", data={"k": f"{BREAKS}{LONG}"}),
+    ]
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        return [client.post("/api/agent", content=b, headers=signed_headers(b)) for b in bodies]
+
+
+def assert_generic_answers(replies: list[httpx.Response]) -> None:
+    turn, data = replies
+    assert turn.status_code == 200 and '"error":"agent error"' in turn.text
+    assert "cannot read" not in turn.text
+    assert data.status_code == 500 and data.json() == {"error": "data handler failed"}
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_request_quoted_by_an_exception_is_cut_in_its_traceback(log_format: str) -> None:
+    # The log line's message cut the exception's text at LOG_VALUE_MAX_CHARS, but the
+    # traceback below it carried all of it (a 200,000-character line, then 50,000 lines),
+    # in both formats.
+    with logged(log_format) as stream:
+        replies = post_hostile_requests()
+    assert_generic_answers(replies)
+    logs = stream.getvalue()
+    assert "cannot read" in logs and "no such item" in logs
+    assert " chars)" in logs  # the cut is shown
+    # two tracebacks of at most LOG_TRACEBACK_MAX_CHARS, empty lines (text: indented)
+    assert len(logs) < 12 * LOG_TRACEBACK_MAX_CHARS, len(logs)
+    for line in logs.rstrip("\n").split("\n"):
+        if log_format == "text":
+            assert len(line) < 2 * LOG_VALUE_MAX_CHARS, line[:200]
+        else:
+            fields: dict[str, Any] = json.loads(line)
+            assert len(fields.get("exception", "")) < LOG_TRACEBACK_MAX_CHARS + 100
+
+
+def test_a_traceback_keeps_the_line_breaks_other_than_newline_escaped() -> None:
+    # The text format split a traceback at every character str.splitlines() breaks at:
+    # U+2028, U+0085, \x1c... vanished from the exception's text, which went on, indented,
+    # on a line of its own.
+    with logged("text") as stream:
+        replies = post_hostile_requests()
+    assert_generic_answers(replies)
+    logs = stream.getvalue()
+    escaped = "a\\rb\\u000bc\\fd\\u001ce\\u001df\\u001eg\\u0085h\\u2028i\\u2029j"
+    lines = logs.split("\n")
+    traceback_lines = [line for line in lines if line.startswith("    ") and "Error: " in line]
+    assert len(traceback_lines) == 2, logs[:2000]
+    for line in traceback_lines:
+        assert escaped in line, line[:200]
+
+
+def hook_raising(error: Exception) -> Any:
+    def hook(event: DataPayload) -> None:
+        raise error
+
+    return hook
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        InvalidPayloadError("a forwarded event is not valid"),  # parse_webhook_payload's
+        SignatureVerificationError(
+            SignatureErrorReason.NO_MATCHING_SIGNATURE
+        ),  # verify_signature's
+        ConfigurationError("LAYERCODE_WEBHOOK_SECRET whsec_x is not for this"),
+    ],
+    ids=type,
+)
+def test_a_hook_raising_one_of_our_errors_is_its_handler_failing(
+    error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Any LayercodeError from a hook was answered as a conversation store failure: 503
+    # "conversation store unavailable" with Retry-After (LayerCode retries), the traceback
+    # left out of the log. Only the store's own errors mean that.
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, on_data=hook_raising(error))
+    body = event_body("data")
+    with serve(app) as url:
+        reply = httpx.post(f"{url}/api/agent", content=body, headers=signed_headers(body))
+    assert (reply.status_code, reply.json()) == (500, {"error": "data handler failed"})
+    assert "retry-after" not in reply.headers
+    failed = [r for r in caplog.records if r.getMessage().startswith("webhook hook failed")]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+
+
+def test_a_hook_meeting_the_store_down_is_still_a_503() -> None:
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, on_data=hook_raising(StoreUnavailableError("redis at 10.0.0.1")))
+    body = event_body("data")
+    with serve(app) as url:
+        reply = httpx.post(f"{url}/api/agent", content=body, headers=signed_headers(body))
+    assert reply.status_code == 503 and reply.headers["retry-after"] == "5"
+    assert reply.json() == {"error": "conversation store unavailable"}
