@@ -17,9 +17,7 @@ Every error is JSON ``{"error": "…"}`` with a fitting status (400, 401, 404, 4
 
 from __future__ import annotations
 
-import gc
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -58,6 +56,7 @@ from .errors import (
     check_type,
     require_asyncio,
 )
+from .gctuning import tune_gc, untune_gc
 from .logs import escape_log_value
 from .metrics import installed, metrics_from_settings
 from .middleware import LayercodeSignature
@@ -79,41 +78,6 @@ logger = logging.getLogger("layercode_asgi.server")
 READY_TIMEOUT = 2.0
 #: After the shutdown grace period, how long ended turns get to send their last events.
 ABORT_WAIT = 2.0
-#: LAYERCODE_GC_TUNING: allocations between two young garbage collections (CPython: 700).
-YOUNG_GC_THRESHOLD = 20_000
-# The thresholds before the tuning, once per app running with it (see _tune_gc).
-_gc_tunings: list[tuple[int, int, int]] = []
-_gc_lock = threading.Lock()
-
-
-def _tune_gc() -> None:
-    """LAYERCODE_GC_TUNING, for the whole process: the first app to start tunes the
-    collector, the last to stop (:func:`_untune_gc`) undoes it."""
-    # A full collection scans every live object and stops every open stream while it does. The app's
-    # own objects (modules, routes, the agent) never die: frozen out of those passes. A turn's
-    # objects die by reference counting, not by the collector: full passes may run a tenth as often.
-    # Paced benchmark, one worker, interleaved rounds, p99 first-tts overhead: freezing, N=200 31 ->
-    # 15 ms and N=800 85 -> 76 ms; then a tenth as many full passes, N=200 19 -> 11 ms and N=800 67
-    # -> 38 ms. A young pass every 20,000 allocations instead of 700: an open turn's objects are
-    # scanned (and promoted) far less often while they live, N=800 p99 52-79 -> 33-44 ms and server
-    # CPU per turn 429-443 -> 366-405 µs (three interleaved rounds each).
-    with _gc_lock:
-        if _gc_tunings:
-            _gc_tunings.append(_gc_tunings[0])
-            return
-        thresholds = gc.get_threshold()
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(max(thresholds[0], YOUNG_GC_THRESHOLD), thresholds[1], thresholds[2] * 10)
-        _gc_tunings.append(thresholds)
-
-
-def _untune_gc() -> None:
-    with _gc_lock:
-        thresholds = _gc_tunings.pop()
-        if not _gc_tunings:
-            gc.set_threshold(*thresholds)
-            gc.unfreeze()
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -410,12 +374,12 @@ def create_app(
         if serves_metrics and not settings.metrics_api_keys:
             _warn_unguarded("metrics", "/metrics", "read the metrics", "LAYERCODE_METRICS_API_KEYS")
         if settings.gc_tuning:
-            _tune_gc()
+            tune_gc()
         try:
             yield
         finally:
             if settings.gc_tuning:
-                _untune_gc()
+                untune_gc()
             await authorize.aclose()
             await conversations.aclose()
             if replay is not None:
@@ -471,19 +435,27 @@ def app_from_env() -> Starlette:
     ``LAYERCODE_ENV_FILE`` names (empty: none), else ``.env`` in the working directory.
 
     For servers that take a factory: ``uvicorn --factory layercode_asgi.server:app_from_env``.
+    Settings it cannot start with (a :class:`ConfigurationError`) print one line ``error: …``
+    on stderr and raise ``SystemExit(3)``: the servers would print their loader's traceback.
     """
     import os
+    import sys
 
     from .logs import setup_logging
+    from .workers import STARTUP_FAILURE
 
     env_file = os.environ.get("LAYERCODE_ENV_FILE")
-    settings = Settings(env_file=".env" if env_file is None else (env_file or None))
-    setup_logging(
-        level=settings.log_level,
-        logfire_token=settings.logfire_token,
-        log_format=settings.log_format,
-    )
-    return create_app(settings)
+    try:
+        settings = Settings(env_file=".env" if env_file is None else (env_file or None))
+        setup_logging(
+            level=settings.log_level,
+            logfire_token=settings.logfire_token,
+            log_format=settings.log_format,
+        )
+        return create_app(settings)
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(STARTUP_FAILURE) from None
 
 
 def run_server(
