@@ -36,10 +36,8 @@ from starlette.routing import Route
 from ._asgi import (
     JSONResponse,
     check_route,
-    json_error,
     json_error_response,
     must_propagate,
-    send_json_error,
 )
 from ._redis import REDIS_CLIENT
 from ._version import __version__
@@ -49,7 +47,6 @@ from .authorize import AuthorizeGuard, AuthorizeRoute
 from .config import Settings
 from .conversation import ConversationManager, RedisConversationStore
 from .errors import (
-    RETRY_AFTER,
     ConfigurationError,
     check_positive_int,
     check_seconds,
@@ -57,6 +54,7 @@ from .errors import (
     require_asyncio,
 )
 from .gctuning import tune_gc, untune_gc
+from .lifecycle import AuthorizeEndpoint, Lifecycle, WebhookEndpoint
 from .logs import escape_log_value
 from .metrics import installed, metrics_from_settings
 from .middleware import LayercodeSignature
@@ -108,83 +106,6 @@ class _CORSMiddleware(CORSMiddleware):
             if name not in ("content-length", "content-type")
         }
         return json_error_response(400, bytes(response.body).decode().lower(), headers)
-
-
-class Lifecycle:
-    """Open webhook requests and the draining flag of one app (``app.state.lifecycle``).
-
-    :func:`run_server` calls :meth:`begin_drain` on SIGTERM: from then on new webhooks get
-    ``503 {"error": "server is shutting down"}`` (with ``Retry-After``), ``/ready`` answers
-    503, and the server waits until :attr:`active` is 0 or the grace period is over. Then
-    it calls :meth:`abort`: open turn streams end with ``response.error`` ("server is
-    shutting down") and ``response.end``, turns still waiting for their conversation (and
-    webhooks whose body was still arriving) get 503 JSON, instead of the connection being
-    cut. Any other server or process manager can do the same through this object.
-    """
-
-    __slots__ = ("aborted", "aborters", "active", "draining")
-
-    def __init__(self) -> None:
-        self.active = 0
-        self.draining = False
-        #: :meth:`abort` was called: a webhook whose body arrives later starts no turn (503).
-        self.aborted = False
-        #: Called by :meth:`abort` (``create_app`` adds its webhook's ``abort_turns``).
-        self.aborters: list[Callable[[], None]] = []
-
-    def begin_drain(self) -> None:
-        """Refuse new webhooks from now on (idempotent; safe to call from a signal handler)."""
-        self.draining = True
-
-    def abort(self) -> None:
-        """End the open webhooks now (from the event loop): see the class docstring."""
-        self.draining = self.aborted = True
-        for aborter in self.aborters:
-            try:
-                aborter()
-            except Exception:
-                logger.exception("aborting open webhooks failed")
-
-
-_SHUTTING_DOWN = json_error(
-    503,
-    "server is shutting down",
-    close=True,
-    headers=[RETRY_AFTER],
-)
-
-
-class _WebhookEndpoint:
-    """The webhook route's ASGI app: drain check, signature check, then the webhook.
-
-    The signature middleware hands the verified body straight to the webhook (no second
-    read of the body through a replaying ``receive``). Counts the webhook requests in
-    flight for :class:`Lifecycle`; answers 503 once the server is draining.
-    """
-
-    __slots__ = ("lifecycle", "signature", "webhook")
-
-    def __init__(
-        self, signature: LayercodeSignature, webhook: LayercodeWebhook, lifecycle: Lifecycle
-    ) -> None:
-        self.signature = signature
-        self.webhook = webhook
-        self.lifecycle = lifecycle
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        lifecycle = self.lifecycle
-        if lifecycle.draining:
-            await send_json_error(send, _SHUTTING_DOWN)
-            return
-        lifecycle.active += 1
-        try:
-            body = await self.signature.verified_body(scope, receive, send)
-            if body is not None and lifecycle.aborted:  # nothing would end its turn now
-                await send_json_error(send, _SHUTTING_DOWN)
-            elif body is not None:
-                await self.webhook.answer(body, scope, receive, send)
-        finally:
-            lifecycle.active -= 1
 
 
 #: The routes every :func:`create_app` has besides its webhook and authorize routes.
@@ -397,8 +318,8 @@ def create_app(
             )
         )
     routes = [
-        Route(agent_route, _WebhookEndpoint(protected, webhook, lifecycle), methods=["POST"]),
-        Route(authorize_route, authorize, methods=["POST"]),
+        Route(agent_route, WebhookEndpoint(protected, webhook, lifecycle), methods=["POST"]),
+        Route(authorize_route, AuthorizeEndpoint(authorize, lifecycle), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
     ]
@@ -473,8 +394,9 @@ def run_server(
     ``sockets``: already listening sockets to serve on (as ``serve --workers`` does).
     ``grace_period``: a finite number of seconds >= 0 (else ``ConfigurationError``).
 
-    On the first SIGTERM or SIGINT the app starts draining (new webhooks: 503 JSON,
-    ``/ready``: 503) while open turns finish; once none is left, or after
+    On the first SIGTERM or SIGINT the app starts draining (new webhooks and authorize
+    calls: 503 JSON, ``/ready``: 503) while open turns and authorize calls finish; once none
+    is left, or after
     ``grace_period`` seconds (default ``settings.shutdown_grace_period``), uvicorn shuts
     down as usual and the process exits with status 0. Turns still open when the grace
     period is over are ended properly first (:meth:`Lifecycle.abort`: ``response.error``
