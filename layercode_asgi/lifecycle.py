@@ -32,9 +32,10 @@ class Lifecycle:
     down"}`` (with ``Retry-After``), ``/ready`` answers 503, and the server waits until
     :attr:`active` is 0 or the grace period is over. Then it calls :meth:`abort`: open turn
     streams end with ``response.error`` ("server is shutting down") and ``response.end``,
-    turns still waiting for their conversation (and webhooks whose body was still arriving)
-    and authorize calls still waiting for LayerCode get 503 JSON, instead of the connection
-    being cut. Any other server or process manager can do the same through this object.
+    turns still waiting for their conversation (and webhooks whose body was still arriving),
+    ``data`` / ``session.*`` hooks still running and authorize calls still waiting for
+    LayerCode get 503 JSON, instead of the connection being cut. Any other server or
+    process manager can do the same through this object.
     """
 
     __slots__ = ("aborted", "aborters", "active", "draining")

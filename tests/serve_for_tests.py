@@ -9,7 +9,7 @@ import sys
 from layercode_asgi import Settings, create_app
 from layercode_asgi.server import run_server
 
-from .agents_for_tests import scripted_agent
+from .agents_for_tests import hanging_hook, scripted_agent
 from .conftest import SECRET
 
 if __name__ == "__main__":
@@ -24,7 +24,7 @@ if __name__ == "__main__":
     }
     settings = Settings(env_file=None, environ=upstream, layercode_webhook_secret=SECRET)
     run_server(
-        create_app(settings, scripted_agent),
+        create_app(settings, scripted_agent, on_data=hanging_hook, on_session_end=hanging_hook),
         port=port,
         grace_period=grace,
         log_level="warning",

@@ -358,6 +358,38 @@ def test_an_authorize_call_open_at_sigterm_is_drained_then_answered_503() -> Non
     assert "Traceback" not in output, output
 
 
+@pytest.mark.parametrize("kind", ["data", "session.end"])
+def test_a_hook_still_running_when_the_grace_period_ends_gets_503(kind: str) -> None:
+    """A ``data`` or ``session.end`` webhook whose hook outlasts the grace period is answered
+    503 JSON when the open webhooks are ended (it was cut by uvicorn after its own
+    graceful-shutdown timeout: a plain-text 500 and a traceback)."""
+    fields: dict[str, Any] = {"data": {"k": 1}} if kind == "data" else {}
+    body = event_body(kind, **fields)
+    answers: dict[str, httpx.Response] = {}
+    with _start(grace=0.5, slow_seconds=60) as server:
+
+        def post() -> None:
+            answers["reply"] = httpx.post(
+                server.url + "/api/agent", content=body, headers=signed_headers(body), timeout=30
+            )
+
+        call = threading.Thread(target=post)
+        call.start()
+        for _ in range(600):  # bounded: until its hook runs
+            if f"hook {kind} running" in server.output():
+                break
+            time.sleep(0.05)
+        assert f"hook {kind} running" in server.output(), server.output()
+        server.process.send_signal(signal.SIGTERM)
+        call.join(30)
+        assert server.process.wait(20) == 0, server.output()
+        output = server.output()
+    reply = answers["reply"]
+    assert (reply.status_code, reply.json()) == (503, {"error": "server is shutting down"})
+    assert reply.headers["retry-after"] == "5"
+    assert "Traceback" not in output, output
+
+
 def test_uvicorn_max_requests_drains_open_turns_like_sigterm() -> None:
     """uvicorn stops once ``limit_max_requests`` responses are complete: a turn still open
     then finishes (it was cut after uvicorn's own graceful-shutdown timeout, 1 s here,
