@@ -17,9 +17,7 @@ Every error is JSON ``{"error": "…"}`` with a fitting status (400, 401, 404, 4
 
 from __future__ import annotations
 
-import gc
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -38,10 +36,8 @@ from starlette.routing import Route
 from ._asgi import (
     JSONResponse,
     check_route,
-    json_error,
     json_error_response,
     must_propagate,
-    send_json_error,
 )
 from ._redis import REDIS_CLIENT
 from ._version import __version__
@@ -51,13 +47,14 @@ from .authorize import AuthorizeGuard, AuthorizeRoute
 from .config import Settings
 from .conversation import ConversationManager, RedisConversationStore
 from .errors import (
-    RETRY_AFTER,
     ConfigurationError,
     check_positive_int,
     check_seconds,
     check_type,
     require_asyncio,
 )
+from .gctuning import tune_gc, untune_gc
+from .lifecycle import AuthorizeEndpoint, Lifecycle, WebhookEndpoint
 from .logs import escape_log_value
 from .metrics import installed, metrics_from_settings
 from .middleware import LayercodeSignature
@@ -79,41 +76,6 @@ logger = logging.getLogger("layercode_asgi.server")
 READY_TIMEOUT = 2.0
 #: After the shutdown grace period, how long ended turns get to send their last events.
 ABORT_WAIT = 2.0
-#: LAYERCODE_GC_TUNING: allocations between two young garbage collections (CPython: 700).
-YOUNG_GC_THRESHOLD = 20_000
-# The thresholds before the tuning, once per app running with it (see _tune_gc).
-_gc_tunings: list[tuple[int, int, int]] = []
-_gc_lock = threading.Lock()
-
-
-def _tune_gc() -> None:
-    """LAYERCODE_GC_TUNING, for the whole process: the first app to start tunes the
-    collector, the last to stop (:func:`_untune_gc`) undoes it."""
-    # A full collection scans every live object and stops every open stream while it does. The app's
-    # own objects (modules, routes, the agent) never die: frozen out of those passes. A turn's
-    # objects die by reference counting, not by the collector: full passes may run a tenth as often.
-    # Paced benchmark, one worker, interleaved rounds, p99 first-tts overhead: freezing, N=200 31 ->
-    # 15 ms and N=800 85 -> 76 ms; then a tenth as many full passes, N=200 19 -> 11 ms and N=800 67
-    # -> 38 ms. A young pass every 20,000 allocations instead of 700: an open turn's objects are
-    # scanned (and promoted) far less often while they live, N=800 p99 52-79 -> 33-44 ms and server
-    # CPU per turn 429-443 -> 366-405 µs (three interleaved rounds each).
-    with _gc_lock:
-        if _gc_tunings:
-            _gc_tunings.append(_gc_tunings[0])
-            return
-        thresholds = gc.get_threshold()
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(max(thresholds[0], YOUNG_GC_THRESHOLD), thresholds[1], thresholds[2] * 10)
-        _gc_tunings.append(thresholds)
-
-
-def _untune_gc() -> None:
-    with _gc_lock:
-        thresholds = _gc_tunings.pop()
-        if not _gc_tunings:
-            gc.set_threshold(*thresholds)
-            gc.unfreeze()
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -144,83 +106,6 @@ class _CORSMiddleware(CORSMiddleware):
             if name not in ("content-length", "content-type")
         }
         return json_error_response(400, bytes(response.body).decode().lower(), headers)
-
-
-class Lifecycle:
-    """Open webhook requests and the draining flag of one app (``app.state.lifecycle``).
-
-    :func:`run_server` calls :meth:`begin_drain` on SIGTERM: from then on new webhooks get
-    ``503 {"error": "server is shutting down"}`` (with ``Retry-After``), ``/ready`` answers
-    503, and the server waits until :attr:`active` is 0 or the grace period is over. Then
-    it calls :meth:`abort`: open turn streams end with ``response.error`` ("server is
-    shutting down") and ``response.end``, turns still waiting for their conversation (and
-    webhooks whose body was still arriving) get 503 JSON, instead of the connection being
-    cut. Any other server or process manager can do the same through this object.
-    """
-
-    __slots__ = ("aborted", "aborters", "active", "draining")
-
-    def __init__(self) -> None:
-        self.active = 0
-        self.draining = False
-        #: :meth:`abort` was called: a webhook whose body arrives later starts no turn (503).
-        self.aborted = False
-        #: Called by :meth:`abort` (``create_app`` adds its webhook's ``abort_turns``).
-        self.aborters: list[Callable[[], None]] = []
-
-    def begin_drain(self) -> None:
-        """Refuse new webhooks from now on (idempotent; safe to call from a signal handler)."""
-        self.draining = True
-
-    def abort(self) -> None:
-        """End the open webhooks now (from the event loop): see the class docstring."""
-        self.draining = self.aborted = True
-        for aborter in self.aborters:
-            try:
-                aborter()
-            except Exception:
-                logger.exception("aborting open webhooks failed")
-
-
-_SHUTTING_DOWN = json_error(
-    503,
-    "server is shutting down",
-    close=True,
-    headers=[RETRY_AFTER],
-)
-
-
-class _WebhookEndpoint:
-    """The webhook route's ASGI app: drain check, signature check, then the webhook.
-
-    The signature middleware hands the verified body straight to the webhook (no second
-    read of the body through a replaying ``receive``). Counts the webhook requests in
-    flight for :class:`Lifecycle`; answers 503 once the server is draining.
-    """
-
-    __slots__ = ("lifecycle", "signature", "webhook")
-
-    def __init__(
-        self, signature: LayercodeSignature, webhook: LayercodeWebhook, lifecycle: Lifecycle
-    ) -> None:
-        self.signature = signature
-        self.webhook = webhook
-        self.lifecycle = lifecycle
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        lifecycle = self.lifecycle
-        if lifecycle.draining:
-            await send_json_error(send, _SHUTTING_DOWN)
-            return
-        lifecycle.active += 1
-        try:
-            body = await self.signature.verified_body(scope, receive, send)
-            if body is not None and lifecycle.aborted:  # nothing would end its turn now
-                await send_json_error(send, _SHUTTING_DOWN)
-            elif body is not None:
-                await self.webhook.answer(body, scope, receive, send)
-        finally:
-            lifecycle.active -= 1
 
 
 #: The routes every :func:`create_app` has besides its webhook and authorize routes.
@@ -410,12 +295,12 @@ def create_app(
         if serves_metrics and not settings.metrics_api_keys:
             _warn_unguarded("metrics", "/metrics", "read the metrics", "LAYERCODE_METRICS_API_KEYS")
         if settings.gc_tuning:
-            _tune_gc()
+            tune_gc()
         try:
             yield
         finally:
             if settings.gc_tuning:
-                _untune_gc()
+                untune_gc()
             await authorize.aclose()
             await conversations.aclose()
             if replay is not None:
@@ -433,8 +318,8 @@ def create_app(
             )
         )
     routes = [
-        Route(agent_route, _WebhookEndpoint(protected, webhook, lifecycle), methods=["POST"]),
-        Route(authorize_route, authorize, methods=["POST"]),
+        Route(agent_route, WebhookEndpoint(protected, webhook, lifecycle), methods=["POST"]),
+        Route(authorize_route, AuthorizeEndpoint(authorize, lifecycle), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
     ]
@@ -471,19 +356,27 @@ def app_from_env() -> Starlette:
     ``LAYERCODE_ENV_FILE`` names (empty: none), else ``.env`` in the working directory.
 
     For servers that take a factory: ``uvicorn --factory layercode_asgi.server:app_from_env``.
+    Settings it cannot start with (a :class:`ConfigurationError`) print one line ``error: …``
+    on stderr and raise ``SystemExit(3)``: the servers would print their loader's traceback.
     """
     import os
+    import sys
 
     from .logs import setup_logging
+    from .workers import STARTUP_FAILURE
 
     env_file = os.environ.get("LAYERCODE_ENV_FILE")
-    settings = Settings(env_file=".env" if env_file is None else (env_file or None))
-    setup_logging(
-        level=settings.log_level,
-        logfire_token=settings.logfire_token,
-        log_format=settings.log_format,
-    )
-    return create_app(settings)
+    try:
+        settings = Settings(env_file=".env" if env_file is None else (env_file or None))
+        setup_logging(
+            level=settings.log_level,
+            logfire_token=settings.logfire_token,
+            log_format=settings.log_format,
+        )
+        return create_app(settings)
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(STARTUP_FAILURE) from None
 
 
 def run_server(
@@ -501,8 +394,9 @@ def run_server(
     ``sockets``: already listening sockets to serve on (as ``serve --workers`` does).
     ``grace_period``: a finite number of seconds >= 0 (else ``ConfigurationError``).
 
-    On the first SIGTERM or SIGINT the app starts draining (new webhooks: 503 JSON,
-    ``/ready``: 503) while open turns finish; once none is left, or after
+    On the first SIGTERM or SIGINT the app starts draining (new webhooks and authorize
+    calls: 503 JSON, ``/ready``: 503) while open turns and authorize calls finish; once none
+    is left, or after
     ``grace_period`` seconds (default ``settings.shutdown_grace_period``), uvicorn shuts
     down as usual and the process exits with status 0. Turns still open when the grace
     period is over are ended properly first (:meth:`Lifecycle.abort`: ``response.error``

@@ -67,7 +67,7 @@ from .conversation import (
     check_conversation_id,
     lock_wait_timeout,
 )
-from .conversation.manager import read_for_turn, webhook_conversations
+from .conversation.manager import read_for_turn, record_for_turn, webhook_conversations
 from .errors import (
     RETRY_AFTER_SECONDS,
     LayercodeError,
@@ -99,8 +99,6 @@ __all__ = ["ConversationBackend", "JSONResponse", "LayercodeWebhook"]
 
 logger = logging.getLogger("layercode_asgi.webhook")
 
-#: How long recording a finished turn may take before it is given up (logged).
-RECORD_TIMEOUT = 5.0
 #: Default bound of the turns waiting for one conversation (per process).
 DEFAULT_MAX_QUEUED_TURNS = 8
 #: What ``abort_turns`` says by default (``run_server`` when its grace period is over).
@@ -207,7 +205,7 @@ class _TurnRequest:
         unrecorded, self.unrecorded = self.unrecorded, None
         if unrecorded is not None:
             conversations, event, generation = unrecorded
-            await self.webhook._record(conversations, event, turn, generation)
+            await record_for_turn(conversations, event, turn.reply_text, generation)
 
 
 Hook = Callable[[Any], Any]
@@ -302,7 +300,7 @@ class LayercodeWebhook:
         self.max_queued_turns = max_queued_turns
         # Turns of each conversation waiting for or holding its lock (generic stores).
         self._pending: dict[str, int] = {}
-        # What abort_turns() ends: the running turns, and the waits for a lock.
+        # What abort_turns() ends: the running turns, the waits for a lock, the hooks.
         self._running: set[Turn] = set()
         self._waiting: set[anyio.CancelScope] = set()
         self._abort_message = SHUTTING_DOWN  # what the last abort_turns() said
@@ -399,8 +397,11 @@ class LayercodeWebhook:
 
         if isinstance(event, SessionStartPayload | MessagePayload):
             return self.turn_response(event, body=body), event
+        hook = anyio.CancelScope()  # abort_turns() ends it (503), as a turn waiting for its lock
+        self._waiting.add(hook)
         try:
-            return await self._answer_json(event), event
+            with hook:
+                return await self._answer_json(event), event
         except ResponseError as exc:
             return error_response(exc), event
         except (StoreError, ConversationLockTimeout) as exc:  # a hook's use of a store too
@@ -414,6 +415,9 @@ class LayercodeWebhook:
                 escape_log_value(event.conversation_id),
             )
             return json_error_response(500, f"{_kind(event)} handler failed"), event
+        finally:
+            self._waiting.discard(hook)
+        return error_response(_aborted(self._abort_message)), event
 
     def turn_response(
         self, event: TurnEvent, *, body: bytes | str | Mapping[str, Any] | None = None
@@ -442,8 +446,9 @@ class LayercodeWebhook:
 
         A running turn stops its agent and ends its stream with ``response.error``
         (``message``: a ``str`` of valid text) and ``response.end``, then records what was
-        spoken; a turn still waiting for its conversation (or reading its history) is
-        answered 503 ``{"error": message}``. Call it from the turns' event loop."""
+        spoken; a turn still waiting for its conversation (or reading its history), and a
+        ``data`` / ``session.*`` hook still running, is answered 503 ``{"error": message}``.
+        Call it from the turns' event loop."""
         check_text("message", message)
         self._abort_message = message
         for scope in list(self._waiting):
@@ -466,55 +471,6 @@ class LayercodeWebhook:
             grace=self.turn_grace,
             started_at=anyio_time,
         )
-
-    async def _record(
-        self,
-        conversations: ConversationBackend,
-        event: TurnEvent,
-        turn: Turn,
-        generation: int | None = None,
-    ) -> None:
-        """Record the user's text and what was actually spoken, whatever the outcome."""
-        user_text = event.text or None
-        reply = turn.reply_text or None
-        if user_text is None and reply is None:
-            return
-        with anyio.move_on_after(RECORD_TIMEOUT, shield=True) as scope:
-            try:
-                record = getattr(conversations, "record_turn", None)
-                if generation is not None and record is not None:
-                    if not await record(
-                        event.conversation_id,
-                        user_text,
-                        reply,
-                        turn_id=event.turn_id,
-                        generation=generation,
-                    ):
-                        _log_not_recorded(event)
-                else:
-                    await conversations.add_turn(
-                        event.conversation_id, user_text, reply, turn_id=event.turn_id
-                    )
-            except LayercodeError as exc:  # the store down or failing: its words say enough
-                logger.warning(
-                    "could not record turn (conversation=%s turn=%s): %s: %s",
-                    escape_log_value(event.conversation_id),
-                    escape_log_value(event.turn_id),
-                    type(exc).__name__,
-                    escape_log_value(exc),
-                )
-            except Exception:
-                logger.exception(
-                    "could not record turn (conversation=%s turn=%s)",
-                    escape_log_value(event.conversation_id),
-                    escape_log_value(event.turn_id),
-                )
-        if scope.cancelled_caught:
-            logger.error(
-                "recording turn timed out (conversation=%s turn=%s)",
-                escape_log_value(event.conversation_id),
-                escape_log_value(event.turn_id),
-            )
 
     async def _answer_json(self, event: WebhookPayload) -> Response:
         if self.conversations is not None:  # the limit of the turns' store, on every event
@@ -588,11 +544,3 @@ def _decode_turn(body: bytes | str | Mapping[str, Any] | None) -> TurnEvent:
     event = parse_webhook_payload(body)  # type: ignore[arg-type]  # validated before
     assert isinstance(event, SessionStartPayload | MessagePayload)
     return event
-
-
-def _log_not_recorded(event: TurnEvent) -> None:
-    logger.info(
-        "conversation ended during the turn: not recorded (conversation=%s turn=%s)",
-        escape_log_value(event.conversation_id),
-        escape_log_value(event.turn_id),
-    )

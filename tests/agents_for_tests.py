@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 
@@ -40,6 +42,13 @@ async def scripted_agent(event: TurnEvent) -> AsyncIterator[str]:
         yield "first"
         await anyio.sleep(60)
     yield f"fine: {text}"
+
+
+async def hanging_hook(event: Any) -> None:
+    """An ``on_data`` / ``on_session_end`` hook that never returns: a hook slower than the
+    shutdown grace period. Says on stderr that it runs (for a test to wait on)."""
+    print(f"hook {event.type} running", file=sys.stderr, flush=True)
+    await anyio.sleep_forever()
 
 
 async def cancelled_elsewhere() -> asyncio.Task[None]:

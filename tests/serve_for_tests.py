@@ -3,12 +3,13 @@ SIGTERM tests (and uvicorn's limit_max_requests)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from layercode_asgi import Settings, create_app
 from layercode_asgi.server import run_server
 
-from .agents_for_tests import scripted_agent
+from .agents_for_tests import hanging_hook, scripted_agent
 from .conftest import SECRET
 
 if __name__ == "__main__":
@@ -17,9 +18,13 @@ if __name__ == "__main__":
     limit: dict[str, int] = {}
     if len(sys.argv) > 3:
         limit = {"limit_max_requests": int(sys.argv[3]), "timeout_graceful_shutdown": 1}
-    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    # LayerCode's API for the authorize route, when the test gives one.
+    upstream = {
+        k: v for k, v in os.environ.items() if k in ("LAYERCODE_API_URL", "LAYERCODE_API_KEY")
+    }
+    settings = Settings(env_file=None, environ=upstream, layercode_webhook_secret=SECRET)
     run_server(
-        create_app(settings, scripted_agent),
+        create_app(settings, scripted_agent, on_data=hanging_hook, on_session_end=hanging_hook),
         port=port,
         grace_period=grace,
         log_level="warning",

@@ -33,8 +33,8 @@ from layercode_asgi import (
     sign,
 )
 from layercode_asgi.agents import TurnContext, TurnEvent
+from layercode_asgi.gctuning import YOUNG_GC_THRESHOLD
 from layercode_asgi.metrics import installed
-from layercode_asgi.server import YOUNG_GC_THRESHOLD
 
 from .agents_for_tests import cancelled_elsewhere
 from .asgi_stub import ASGIStub

@@ -31,6 +31,7 @@ from .conftest import (
     SECRET,
     ServerProcess,
     event_body,
+    raw_http_server,
     serve,
     signed_headers,
     start_server_process,
@@ -310,6 +311,83 @@ def test_a_second_signal_ends_open_turns_at_once_with_error_and_end() -> None:
         {"type": "response.error", "error": "server is shutting down", "turn_id": "t-slow"},
         {"type": "response.end", "turn_id": "t-slow"},
     ]
+
+
+def test_an_authorize_call_open_at_sigterm_is_drained_then_answered_503() -> None:
+    """An authorize call waiting for LayerCode counts as open: the server waits for it, and
+    when the grace period is over answers it 503 JSON (uvicorn cancelled it after its own
+    graceful-shutdown timeout: a plain-text 500 and a traceback); a new one during the
+    drain gets 503 too."""
+    gate, asked = threading.Event(), threading.Event()
+
+    def slow_layercode(request: dict[str, Any]) -> Iterator[bytes]:
+        asked.set()
+        gate.wait(30)  # bounded: released at the end of the test
+        yield b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+    with raw_http_server(slow_layercode) as upstream:
+        env = {**os.environ, "LAYERCODE_API_URL": upstream, "LAYERCODE_API_KEY": "lc_test_key"}
+        try:
+            with start_server_process(
+                [PYTHON, "-m", "tests.serve_for_tests", "{port}", "0.5"], env=env
+            ) as server:
+                answers: dict[str, httpx.Response] = {}
+                call = threading.Thread(
+                    target=lambda: answers.update(
+                        first=httpx.post(
+                            server.url + "/api/authorize", json={"agent_id": "a"}, timeout=30
+                        )
+                    )
+                )
+                call.start()
+                assert asked.wait(10)
+                server.process.send_signal(signal.SIGTERM)
+                for _ in range(200):  # bounded: until the signal was handled (draining)
+                    if httpx.get(server.url + "/ready").status_code == 503:
+                        break
+                    time.sleep(0.05)
+                late = httpx.post(server.url + "/api/authorize", json={"agent_id": "a"}, timeout=30)
+                call.join(30)
+                assert server.process.wait(20) == 0, server.output()
+                output = server.output()
+        finally:
+            gate.set()
+    assert (late.status_code, late.json()) == (503, {"error": "server is shutting down"})
+    first = answers["first"]
+    assert (first.status_code, first.json()) == (503, {"error": "server is shutting down"})
+    assert "Traceback" not in output, output
+
+
+@pytest.mark.parametrize("kind", ["data", "session.end"])
+def test_a_hook_still_running_when_the_grace_period_ends_gets_503(kind: str) -> None:
+    """A ``data`` or ``session.end`` webhook whose hook outlasts the grace period is answered
+    503 JSON when the open webhooks are ended (it was cut by uvicorn after its own
+    graceful-shutdown timeout: a plain-text 500 and a traceback)."""
+    fields: dict[str, Any] = {"data": {"k": 1}} if kind == "data" else {}
+    body = event_body(kind, **fields)
+    answers: dict[str, httpx.Response] = {}
+    with _start(grace=0.5, slow_seconds=60) as server:
+
+        def post() -> None:
+            answers["reply"] = httpx.post(
+                server.url + "/api/agent", content=body, headers=signed_headers(body), timeout=30
+            )
+
+        call = threading.Thread(target=post)
+        call.start()
+        for _ in range(600):  # bounded: until its hook runs
+            if f"hook {kind} running" in server.output():
+                break
+            time.sleep(0.05)
+        assert f"hook {kind} running" in server.output(), server.output()
+        server.process.send_signal(signal.SIGTERM)
+        call.join(30)
+        assert server.process.wait(20) == 0, server.output()
+        output = server.output()
+    reply = answers["reply"]
+    assert (reply.status_code, reply.json()) == (503, {"error": "server is shutting down"})
+    assert reply.headers["retry-after"] == "5"
+    assert "Traceback" not in output, output
 
 
 def test_uvicorn_max_requests_drains_open_turns_like_sigterm() -> None:

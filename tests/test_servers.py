@@ -266,3 +266,35 @@ def test_simulate_prints_the_reply_as_it_streams(tmp_path: Path) -> None:
                 process.wait(10)
     assert process.returncode == 0, err.decode()
     assert b"agent: first, then second\n" in seen + out
+
+
+# -- start-up failures under another server ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+@pytest.mark.parametrize(
+    ("setting", "said"),
+    [
+        (("REDIS_URL", "notredis://cache"), "error: REDIS_URL: expected a redis://"),
+        (("LAYERCODE_AGENT", "no_such_module_here:agent"), "error: cannot import the agent"),
+        (("LAYERCODE_AGENT", "openai"), "error: the openai agent needs OPENAI_API_KEY"),
+    ],
+)
+def test_app_factory_that_cannot_start_says_why_in_one_line(
+    server: str, setting: tuple[str, str], said: str, tmp_path: Path
+) -> None:
+    """The factory of the documented commands, with settings it cannot start with: the
+    server exits at start-up with one line saying why, not a traceback of its loader."""
+    pytest.importorskip(server)
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    env.update(
+        {"LAYERCODE_WEBHOOK_SECRET": SECRET, setting[0]: setting[1], "TMPDIR": str(tmp_path)}
+    )
+    with start_server_process(server_command(server), env=env, cwd=tmp_path, wait=False) as run:
+        status = run.process.wait(30)
+        output = run.output()
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith(said), output
+    if server == "uvicorn":  # (Hypercorn 0.18 exits 0 when its worker failed to start)
+        assert status != 0, output

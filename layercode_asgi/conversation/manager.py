@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
+import anyio
 import msgspec
 
-from ..errors import kind_of
+from ..errors import LayercodeError, kind_of
+from ..logs import escape_log_value
 from .base import (
     DEFAULT_LOCK_WAIT_GRACE,
     STORE_DEFAULT,
@@ -27,6 +30,7 @@ from .redis import RedisConversationStore
 
 if TYPE_CHECKING:
     from ..config import Settings
+    from ..events import TurnEvent
 
 __all__ = [
     "ConversationManager",
@@ -34,6 +38,7 @@ __all__ = [
     "lock_wait_timeout",
     "model_history",
     "read_for_turn",
+    "record_for_turn",
     "turn_messages",
     "webhook_conversations",
 ]
@@ -87,6 +92,64 @@ async def read_for_turn(
         history, generation = await read(conversation_id)
         return history, generation
     return await conversations.get_history(conversation_id), None
+
+
+#: How long recording a finished turn may take before it is given up (logged).
+RECORD_TIMEOUT = 5.0
+# Recording is the webhook's: its lines keep the webhook's logger.
+_webhook_logger = logging.getLogger("layercode_asgi.webhook")
+
+
+async def record_for_turn(
+    conversations: ConversationBackend,
+    event: TurnEvent,
+    reply: str,
+    generation: int | None,
+) -> None:
+    """Record a turn of ``LayercodeWebhook``: the user's text and ``reply`` (what was
+    actually spoken), whatever the outcome, with the generation :func:`read_for_turn` gave.
+    A failure or a store slower than :data:`RECORD_TIMEOUT` is logged, never raised."""
+    user_text = event.text or None
+    if user_text is None and not reply:
+        return
+    with anyio.move_on_after(RECORD_TIMEOUT, shield=True) as scope:
+        try:
+            record = getattr(conversations, "record_turn", None)
+            if generation is not None and record is not None:
+                if not await record(
+                    event.conversation_id,
+                    user_text,
+                    reply or None,
+                    turn_id=event.turn_id,
+                    generation=generation,
+                ):
+                    _webhook_logger.info(
+                        "conversation ended during the turn: not recorded "
+                        "(conversation=%s turn=%s)",
+                        *_ids(event),
+                    )
+            else:
+                await conversations.add_turn(
+                    event.conversation_id, user_text, reply or None, turn_id=event.turn_id
+                )
+        except LayercodeError as exc:  # the store down or failing: its words say enough
+            _webhook_logger.warning(
+                "could not record turn (conversation=%s turn=%s): %s: %s",
+                *_ids(event),
+                type(exc).__name__,
+                escape_log_value(exc),
+            )
+        except Exception:
+            _webhook_logger.exception(
+                "could not record turn (conversation=%s turn=%s)", *_ids(event)
+            )
+    if scope.cancelled_caught:
+        _webhook_logger.error("recording turn timed out (conversation=%s turn=%s)", *_ids(event))
+
+
+def _ids(event: TurnEvent) -> tuple[str, str]:
+    """A turn's ids for a log line (escaped), made only when a line is logged."""
+    return escape_log_value(event.conversation_id), escape_log_value(event.turn_id)
 
 
 def _to_message(message: HistoryMessage | Mapping[str, Any]) -> HistoryMessage:

@@ -1,0 +1,145 @@
+"""The open requests of one :func:`~layercode_asgi.server.create_app` app and its drain.
+
+:class:`Lifecycle` is ``app.state.lifecycle``; the webhook and authorize routes' endpoints
+count their requests in it and answer 503 once the server is draining.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from ._asgi import json_error, send_json_error
+from .authorize import AuthorizeRoute
+from .errors import RETRY_AFTER
+from .middleware import LayercodeSignature
+from .webhook import LayercodeWebhook
+
+__all__ = ["SHUTTING_DOWN_ANSWER", "AuthorizeEndpoint", "Lifecycle", "WebhookEndpoint"]
+
+logger = logging.getLogger("layercode_asgi.server")  # where it logged before its move here
+
+
+class Lifecycle:
+    """Open webhook and authorize requests and the draining flag of one app
+    (``app.state.lifecycle``).
+
+    :func:`~layercode_asgi.server.run_server` calls :meth:`begin_drain` on SIGTERM: from
+    then on new webhooks and authorize calls get ``503 {"error": "server is shutting
+    down"}`` (with ``Retry-After``), ``/ready`` answers 503, and the server waits until
+    :attr:`active` is 0 or the grace period is over. Then it calls :meth:`abort`: open turn
+    streams end with ``response.error`` ("server is shutting down") and ``response.end``,
+    turns still waiting for their conversation (and webhooks whose body was still arriving),
+    ``data`` / ``session.*`` hooks still running and authorize calls still waiting for
+    LayerCode get 503 JSON, instead of the connection being cut. Any other server or
+    process manager can do the same through this object.
+    """
+
+    __slots__ = ("aborted", "aborters", "active", "draining")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.draining = False
+        #: :meth:`abort` was called: a webhook whose body arrives later starts no turn (503).
+        self.aborted = False
+        #: Called by :meth:`abort` (``create_app`` adds its webhook's ``abort_turns`` and
+        #: its authorize route's ``abort``).
+        self.aborters: list[Callable[[], None]] = []
+
+    def begin_drain(self) -> None:
+        """Refuse new webhooks from now on (idempotent; safe to call from a signal handler)."""
+        self.draining = True
+
+    def abort(self) -> None:
+        """End the open webhooks now (from the event loop): see the class docstring."""
+        self.draining = self.aborted = True
+        for aborter in self.aborters:
+            try:
+                aborter()
+            except Exception:
+                logger.exception("aborting open webhooks failed")
+
+
+SHUTTING_DOWN_ANSWER = json_error(
+    503,
+    "server is shutting down",
+    close=True,
+    headers=[RETRY_AFTER],
+)
+
+
+class WebhookEndpoint:
+    """The webhook route's ASGI app: drain check, signature check, then the webhook.
+
+    The signature middleware hands the verified body straight to the webhook (no second
+    read of the body through a replaying ``receive``). Counts the webhook requests in
+    flight for :class:`Lifecycle`; answers 503 once the server is draining.
+    """
+
+    __slots__ = ("lifecycle", "signature", "webhook")
+
+    def __init__(
+        self, signature: LayercodeSignature, webhook: LayercodeWebhook, lifecycle: Lifecycle
+    ) -> None:
+        self.signature = signature
+        self.webhook = webhook
+        self.lifecycle = lifecycle
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        lifecycle = self.lifecycle
+        if lifecycle.draining:
+            await send_json_error(send, SHUTTING_DOWN_ANSWER)
+            return
+        lifecycle.active += 1
+        try:
+            body = await self.signature.verified_body(scope, receive, send)
+            if body is not None and lifecycle.aborted:  # nothing would end its turn now
+                await send_json_error(send, SHUTTING_DOWN_ANSWER)
+            elif body is not None:
+                await self.webhook.answer(body, scope, receive, send)
+        finally:
+            lifecycle.active -= 1
+
+
+class AuthorizeEndpoint:
+    """The authorize route, counted in :class:`Lifecycle` (the drain waits for a call still
+    waiting for LayerCode): 503 once draining; a call still open at :meth:`Lifecycle.abort`
+    is cancelled and answered 503."""
+
+    __slots__ = ("authorize", "lifecycle", "open")
+
+    def __init__(self, authorize: AuthorizeRoute, lifecycle: Lifecycle) -> None:
+        self.authorize = authorize
+        self.lifecycle = lifecycle
+        self.open: set[anyio.CancelScope] = set()
+        lifecycle.aborters.append(self.abort)
+
+    def abort(self) -> None:
+        for scope in list(self.open):
+            scope.cancel()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        lifecycle = self.lifecycle
+        if lifecycle.draining:
+            await send_json_error(send, SHUTTING_DOWN_ANSWER)
+            return
+        sent = False
+
+        async def sending(message: Any) -> None:
+            nonlocal sent
+            sent = True
+            await send(message)
+
+        lifecycle.active += 1
+        with anyio.CancelScope() as cancel:
+            self.open.add(cancel)
+            try:
+                await self.authorize(scope, receive, sending)
+            finally:
+                self.open.discard(cancel)
+                lifecycle.active -= 1
+        if cancel.cancelled_caught and not sent:
+            await send_json_error(send, SHUTTING_DOWN_ANSWER)
