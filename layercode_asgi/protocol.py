@@ -337,11 +337,10 @@ async def _exchange(
     check_seconds("timeout", timeout, zero=False, none=False)
     check_positive_int(max_bytes, "max_bytes")
     body = encode_event(event)
-    request_headers = {
-        "accept-encoding": ACCEPT_ENCODING,
-        **signed_headers(body, secret),
-        **(headers or {}),
-    }
+    request_headers = httpx.Headers(
+        {"accept-encoding": ACCEPT_ENCODING, **signed_headers(body, secret)}
+    )
+    request_headers.update(headers or {})  # a name given replaces ours, whatever its case
     kind = where["event_type"]
     request = client.build_request("POST", url, content=body, headers=request_headers)
     try:

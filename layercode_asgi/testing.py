@@ -478,10 +478,10 @@ class LayercodeTestClient:
         content = body.encode() if isinstance(body, str) else body
         if not isinstance(content, bytes):
             content = encode_event(content)
-        request_headers = {"content-type": "application/json"}
+        request_headers = httpx.Headers({"content-type": "application/json"})
         if signed:
             request_headers.update(signed_headers(content, self.secret))
-        request_headers.update(self.headers)
+        request_headers.update(self.headers)  # a name given replaces, whatever its case
         request_headers.update(headers or {})
 
         async with self._http() as client:

@@ -146,3 +146,32 @@ def test_an_error_status_without_body_ends_the_line(capsys: pytest.CaptureFixtur
         argv = ["simulate", "--url", base, "--secret", SECRET, "--data", "{}", "-q", "hi"]
         assert main(argv, environ={}) == 1
     assert capsys.readouterr().err == "PROTOCOL VIOLATION: http-error: data answered 503\n"
+
+
+def header_recording_backend(seen: list[list[tuple[bytes, bytes]]]) -> Any:
+    """``no_content_backend(204)`` keeping each request's headers in ``seen``."""
+    answer = no_content_backend(204)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            seen.append(list(scope["headers"]))
+        await answer(scope, receive, send)
+
+    return app
+
+
+@pytest.mark.parametrize("name", ["Layercode-Signature", "LAYERCODE-SIGNATURE", "Accept-Encoding"])
+def test_a_header_option_replaces_a_header_of_simulate_whatever_its_case(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: --header 'Layercode-Signature: x' sent two signature headers (simulate's own,
+    # lowercase, and the given one), which the server refused as malformed.
+    seen: list[list[tuple[bytes, bytes]]] = []
+    with serve(header_recording_backend(seen)) as base:
+        argv = ["simulate", "--url", base, "--secret", SECRET, "--header", f"{name}: x", "-q", "hi"]
+        main(argv, environ={})
+    capsys.readouterr()
+    assert seen
+    for headers in seen:
+        values = [value for key, value in headers if key == name.lower().encode()]
+        assert values == [b"x"], headers

@@ -687,3 +687,24 @@ async def test_the_turn_helpers_take_on_event() -> None:
         turn = await client.message("hi", on_event=lambda event: seen.append(event["type"]))
     assert seen == ["response.tts", "response.end", "response.tts", "response.end"]
     assert turn.text == "You said: hi"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["Layercode-Signature", "Content-Type"])
+async def test_post_headers_replace_the_kits_own_whatever_their_case(name: str) -> None:
+    # Before: post(headers={"Layercode-Signature": ...}) sent the kit's own signature header
+    # too (lowercase), so the app saw two, and "headers override" did not hold.
+    seen: list[list[tuple[bytes, bytes]]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(list(scope["headers"]))
+        await read_body(receive)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    client = LayercodeTestClient(app=app, secret=SECRET, headers={"X-Fixed": "1"})
+    reply = await client.post(message_event("x"), headers={name: "given", "x-FIXED": "2"})
+    assert reply.status_code == 204
+    (headers,) = seen
+    assert [v for k, v in headers if k == name.lower().encode()] == [b"given"], headers
+    assert [v for k, v in headers if k == b"x-fixed"] == [b"2"], headers
