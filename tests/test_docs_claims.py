@@ -25,6 +25,7 @@ from layercode_asgi.cli import main
 from layercode_asgi.testing import LayercodeTestClient
 
 from .conftest import PYTHON, SECRET, event_body, serve, signed_headers, start_server_process
+from .redis_fixtures import running_redis
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -203,3 +204,30 @@ async def test_a_reply_without_body_is_a_json_result_with_body_none() -> None:
         async with LayercodeTestClient(base_url=url, secret=SECRET) as client:
             result = await client.session_update()
     assert (result.status_code, result.body) == (204, None)
+
+
+# -- docs/settings.md, docs/history.md: Redis over a unix socket --------------------------------
+
+
+def test_a_unix_socket_redis_url_serves_history_locks_and_replay_protection() -> None:
+    """settings.md: `REDIS_URL` is a "redis://, rediss:// or unix:// URL"; history.md: with
+    it the server keeps history in Redis and, with `LAYERCODE_REPLAY_PROTECTION`, remembers
+    signatures there too. Over a unix socket (its database given as `?db=`), all of it."""
+    redis = pytest.importorskip("redis")
+    with running_redis(unix_socket=True) as server:
+        assert server.socket is not None
+        settings = _settings(redis_url=f"unix://{server.socket}?db=3", replay_protection=True)
+        body = event_body(text="over a socket")
+        headers = signed_headers(body)
+        with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=20) as client:
+            assert client.get("/ready").json() == {"ready": True, "agent": "echo"}
+            turn = client.post("/api/agent", content=body, headers=headers)
+            assert turn.status_code == 200 and "You said: over a socket" in turn.text
+            again = client.post("/api/agent", content=body, headers=headers)
+            assert again.status_code == 409
+        tcp = redis.Redis.from_url(server.url.replace("/0", "/3"))
+        try:
+            keys = [key.decode() for key in tcp.keys("layercode:*")]
+        finally:
+            tcp.close()
+    assert any("conv-1" in key for key in keys), keys
