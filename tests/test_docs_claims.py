@@ -20,7 +20,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from layercode_asgi import LayercodeSignature, Settings, create_app, sign, verify_signature
+from layercode_asgi import (
+    ConfigurationError,
+    LayercodeSignature,
+    Settings,
+    create_app,
+    sign,
+    verify_signature,
+)
 from layercode_asgi.cli import main
 from layercode_asgi.testing import LayercodeTestClient
 
@@ -231,3 +238,21 @@ def test_a_unix_socket_redis_url_serves_history_locks_and_replay_protection() ->
         finally:
             tcp.close()
     assert any("conv-1" in key for key in keys), keys
+
+
+# -- docs/security.md: CORS --------------------------------------------------------------------
+
+
+def test_cors_star_alone_is_served_without_credentials() -> None:
+    """security.md's defaults: "CORS | off; the origins you list, or `*` alone (no patterns,
+    no credentials)", as settings.md's table says. It read "explicit origins only", while
+    `LAYERCODE_CORS_ORIGINS=*` is accepted and answers every origin."""
+    app = create_app(_settings(cors_origins="*"))
+    preflight = {"origin": "https://any.example", "access-control-request-method": "POST"}
+    with serve(app) as url:
+        answer = httpx.options(f"{url}/api/authorize", headers=preflight, timeout=10)
+    assert answer.status_code == 200
+    assert answer.headers["access-control-allow-origin"] == "*"
+    assert "access-control-allow-credentials" not in answer.headers
+    with pytest.raises(ConfigurationError, match="'\\*' cannot be combined"):
+        _settings(cors_origins="*,https://app.example")
