@@ -9,10 +9,14 @@ import logging
 import os
 import re
 import subprocess
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -22,7 +26,9 @@ from starlette.routing import Route
 
 from layercode_asgi import (
     ConfigurationError,
+    ConversationManager,
     LayercodeSignature,
+    MemoryConversationStore,
     Settings,
     create_app,
     sign,
@@ -256,3 +262,55 @@ def test_cors_star_alone_is_served_without_credentials() -> None:
     assert "access-control-allow-credentials" not in answer.headers
     with pytest.raises(ConfigurationError, match="'\\*' cannot be combined"):
         _settings(cors_origins="*,https://app.example")
+
+
+# -- docs/history.md: a message added while a turn runs ----------------------------------------
+
+
+def test_a_message_added_under_the_conversation_lock_comes_after_the_running_turn() -> None:
+    """history.md: "a message you add while a turn of the conversation runs (from `on_data`,
+    say) comes before that turn's two; add it holding `conversations.lock(conversation_id)`
+    to have it after (it then waits for the turn)"."""
+    manager = ConversationManager(MemoryConversationStore())
+    started, release, entered = threading.Event(), threading.Event(), threading.Event()
+
+    async def agent(event: Any) -> AsyncIterator[str]:
+        started.set()
+        for _ in range(2000):  # bounded: until the test releases the turn (20 s at most)
+            if release.is_set():
+                break
+            await anyio.sleep(0.01)
+        yield f"reply to {event.text}"
+
+    async def on_data(event: Any) -> None:
+        message = {"role": "user", "text": event.data["text"]}
+        if event.data["locked"]:
+            entered.set()
+            async with manager.lock(event.conversation_id):
+                await manager.add_message(event.conversation_id, message)
+        else:
+            await manager.add_message(event.conversation_id, message)
+
+    app = create_app(_settings(), agent, conversations=manager, on_data=on_data)
+    with serve(app) as url, ThreadPoolExecutor(2) as pool:
+
+        def post(body: bytes) -> int:
+            headers = signed_headers(body)
+            return httpx.post(
+                f"{url}/api/agent", content=body, headers=headers, timeout=30
+            ).status_code
+
+        turn = pool.submit(post, event_body(text="first"))
+        assert started.wait(20)
+        assert post(event_body("data", data={"text": "early", "locked": False})) == 200
+        late = pool.submit(post, event_body("data", data={"text": "late", "locked": True}))
+        assert entered.wait(20)
+        release.set()
+        assert (turn.result(30), late.result(30)) == (200, 200)
+    history = anyio.run(manager.get_history, "conv-1")
+    assert [(m.role, m.text) for m in history] == [
+        ("user", "early"),
+        ("user", "first"),
+        ("assistant", "reply to first"),
+        ("user", "late"),
+    ]
