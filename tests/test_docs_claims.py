@@ -314,3 +314,29 @@ def test_a_message_added_under_the_conversation_lock_comes_after_the_running_tur
         ("assistant", "reply to first"),
         ("user", "late"),
     ]
+
+
+# -- docs/cli.md: serve's --agent default ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"), [([], "from_dotenv"), (["--agent", "from_option"], "from_option")]
+)
+def test_serve_agent_defaults_to_layercode_agent_of_the_env_file(
+    tmp_path: Path, argv: list[str], named: str
+) -> None:
+    """cli.md: `--agent NAME` (... default `LAYERCODE_AGENT`, else `echo`), read from ./.env
+    like every setting; `--agent` wins. An unknown one is a one-line error, exit 2."""
+    (tmp_path / ".env").write_text(
+        "LAYERCODE_WEBHOOK_SECRET=whsec_dotenv\nLAYERCODE_AGENT=from_dotenv\n"
+    )
+    done = subprocess.run(
+        [PYTHON, "-m", "layercode_asgi", "serve", "--port", "0", *argv],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL,
+        env={**_clean_environ(), "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.splitlines() == [
+        f"error: no agent named '{named}'; available: echo, openai, starter"
+        " (or a 'package.module:attribute' import path)"
+    ]
