@@ -340,3 +340,32 @@ def test_serve_agent_defaults_to_layercode_agent_of_the_env_file(
         f"error: no agent named '{named}'; available: echo, openai, starter"
         " (or a 'package.module:attribute' import path)"
     ]
+
+
+@pytest.mark.anyio
+async def test_the_test_clients_headers_go_with_every_request() -> None:
+    """testing.md: `LayercodeTestClient(..., headers=None, ...)`: extra headers on every
+    request (as LayerCode's custom headers), signed events and `post(headers=...)` alike."""
+    seen: list[tuple[str, str | None, str | None]] = []
+
+    async def hook(request: Request) -> Response:
+        event = await request.json()
+        seen.append((event["type"], request.headers.get("x-tenant"), request.headers.get("x-one")))
+        if event["type"] in ("session.start", "message"):
+            turn = event["turn_id"]
+            return Response(
+                f'data: {{"type":"response.end","turn_id":"{turn}"}}\n\n',
+                media_type="text/event-stream",
+            )
+        return JSONResponse({"status": "ok"})
+
+    app = Starlette(routes=[Route("/api/agent", hook, methods=["POST"])])
+    app.add_middleware(LayercodeSignature, secret=SECRET)
+    with serve(app) as url:
+        client = LayercodeTestClient(base_url=url, secret=SECRET, headers={"X-Tenant": "t1"})
+        async with client:
+            await client.message("hi")
+            await client.data({"clicked": True})
+            answer = await client.post({"type": "session.update"}, headers={"X-One": "1"})
+    assert answer.status_code == 200
+    assert seen == [("message", "t1", None), ("data", "t1", None), ("session.update", "t1", "1")]
