@@ -120,41 +120,38 @@ def test_rejections_are_logged_at_warning_on_the_middleware_logger_without_secre
 # -- docs/cli.md: where `sign` and `simulate` find the secret -----------------------------------
 
 
-def _sign(cwd: Path, environ: dict[str, str], capsys: pytest.CaptureFixture[str]) -> str:
-    """`layercode-asgi sign --body {}` run in ``cwd``: its header, or "" when it failed."""
+def _sign(environ: dict[str, str], capsys: pytest.CaptureFixture[str]) -> str:
+    """`layercode-asgi sign --body {}` in the working directory: its header, or "" on failure."""
     capsys.readouterr()
-    previous = Path.cwd()
-    os.chdir(cwd)
-    try:
-        code = main(["sign", "--body", "{}"], environ=environ)
-    finally:
-        os.chdir(previous)
+    code = main(["sign", "--body", "{}"], environ=environ)
     out = capsys.readouterr().out.strip()
     return out if code == 0 else ""
 
 
 def test_sign_reads_the_newest_secret_of_the_dot_env_file(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """cli.md: `--secret` defaults to `$LAYERCODE_WEBHOOK_SECRET`, "else in `./.env` (of
     the rotation form `new,old`, the first)"."""
     (tmp_path / ".env").write_text("LAYERCODE_WEBHOOK_SECRET=whsec_new,whsec_old\n")
-    header = _sign(tmp_path, {}, capsys)
+    monkeypatch.chdir(tmp_path)
+    header = _sign({}, capsys)
     assert header and verify_signature("{}", header, "whsec_new")
     environ = {"LAYERCODE_WEBHOOK_SECRET": "whsec_env"}  # the environment wins over ./.env
-    assert verify_signature("{}", _sign(tmp_path, environ, capsys), "whsec_env")
+    assert verify_signature("{}", _sign(environ, capsys), "whsec_env")
 
 
 def test_layercode_env_file_names_the_secrets_file_and_empty_means_none(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """cli.md: "else the one in the file `$LAYERCODE_ENV_FILE` names (empty: none), else in
     `./.env`"."""
     (tmp_path / ".env").write_text("LAYERCODE_WEBHOOK_SECRET=whsec_dotenv\n")
     (tmp_path / "other.env").write_text("LAYERCODE_WEBHOOK_SECRET=whsec_other\n")
-    named = _sign(tmp_path, {"LAYERCODE_ENV_FILE": "other.env"}, capsys)
+    monkeypatch.chdir(tmp_path)
+    named = _sign({"LAYERCODE_ENV_FILE": "other.env"}, capsys)
     assert named and verify_signature("{}", named, "whsec_other")
-    assert _sign(tmp_path, {"LAYERCODE_ENV_FILE": ""}, capsys) == ""  # not ./.env's
+    assert _sign({"LAYERCODE_ENV_FILE": ""}, capsys) == ""  # not ./.env's
 
 
 def _clean_environ() -> dict[str, str]:
