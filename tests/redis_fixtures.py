@@ -29,11 +29,13 @@ REDIS_SERVER = shutil.which("redis-server")
 class RedisServer:
     """One ``redis-server`` subprocess on 127.0.0.1; ``stop()`` / ``start()`` keep the port."""
 
-    def __init__(self, binary: str, port: int | None = None) -> None:
+    def __init__(self, binary: str, port: int | None = None, *, unix_socket: bool = False) -> None:
         self.binary = binary
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.TemporaryDirectory(prefix="layercode-redis-")
+        #: With ``unix_socket``: the server also listens on a unix socket in its directory.
+        self.socket = os.path.join(self._dir.name, "redis.sock") if unix_socket else None
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -55,6 +57,7 @@ class RedisServer:
                 "--dir", self._dir.name,
                 "--daemonize", "no",
                 "--loglevel", "warning",
+                *(["--unixsocket", self.socket, "--unixsocketperm", "700"] if self.socket else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -107,7 +110,7 @@ class RedisServer:
 
 
 @contextmanager
-def running_redis() -> Iterator[RedisServer]:
+def running_redis(*, unix_socket: bool = False) -> Iterator[RedisServer]:
     """A started :class:`RedisServer`, stopped on exit.
 
     Skips the test when the ``redis-server`` binary or the ``redis`` package is missing.
@@ -119,7 +122,7 @@ def running_redis() -> Iterator[RedisServer]:
     if os.environ.get("CI"):
         import redis  # noqa: F401 - must be installed in CI (dev extra)
     pytest.importorskip("redis", reason="the redis extra is not installed")
-    server = RedisServer(REDIS_SERVER)
+    server = RedisServer(REDIS_SERVER, unix_socket=unix_socket)
     try:
         server.start()
         yield server
@@ -234,6 +237,7 @@ class RedisClusterNodes:
                 "--dir", directory,
                 "--daemonize", "no",
                 "--loglevel", "warning",
+                *(["--unixsocket", self.socket, "--unixsocketperm", "700"] if self.socket else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
