@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import tempfile
+import threading
 import time
 import warnings
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -118,3 +121,42 @@ def test_an_agent_whose_aclose_fails_is_logged_and_the_store_still_closed(
     failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [r.getMessage() for r in failed] == ["closing the agent ClosingAgent failed"]
     assert failed[0].exc_info is not None
+
+
+@pytest.mark.parametrize("failure", ["no temporary directory", "signals off the main thread"])
+def test_serve_workers_failing_to_start_leaves_no_socket_or_directory(
+    failure: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("prometheus_client")
+    from layercode_asgi.workers import serve_workers
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    temp = tmp_path / ("missing" if failure == "no temporary directory" else "temp")
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    if failure != "no temporary directory":
+        temp.mkdir()
+    raised: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            serve_workers(
+                workers=1, host="127.0.0.1", port=0, log_level="warning", environ={}, metrics=True
+            )
+        except BaseException as exc:
+            raised.append(exc)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        if failure == "no temporary directory":
+            start()  # mkdtemp fails after the socket is bound
+        else:  # signal.signal fails (ValueError) after the socket and the directory
+            thread = threading.Thread(target=start)
+            thread.start()
+            thread.join(30)
+        assert len(raised) == 1 and isinstance(raised[0], OSError | ValueError), raised
+        raised.clear()
+        gc.collect()
+    # Before: the listening socket was left open ("unclosed <socket.socket ...>") and the
+    # metrics directory left behind.
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert not temp.exists() or list(temp.iterdir()) == []
