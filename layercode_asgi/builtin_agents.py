@@ -292,8 +292,9 @@ def starter_agent(
     )
 
     async def aclose() -> None:  # create_app's lifespan: pydantic-ai closes the client its
-        async with llm:  # provider made (its own client per event loop) as a context exits
-            pass
+        if hasattr(llm, "__aexit__"):  # provider made as a context exits (older: a shared one)
+            async with llm:
+                pass
 
     agent.__name__ = agent.__qualname__ = "starter_agent"
     agent.aclose = aclose  # type: ignore[attr-defined]
