@@ -160,3 +160,25 @@ def test_serve_workers_failing_to_start_leaves_no_socket_or_directory(
     # metrics directory left behind.
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
     assert not temp.exists() or list(temp.iterdir()) == []
+
+
+async def endless(event: Any) -> AsyncIterator[str]:
+    for _ in range(100_000):  # bounded: far past any max_bytes below
+        yield "word " * 200
+
+
+@pytest.mark.anyio
+async def test_a_client_stopping_at_max_bytes_over_http_ends_the_turn_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from layercode_asgi.testing import LayercodeTestClient, ProtocolViolation
+
+    app = create_app(settings("echo", "http://127.0.0.1:9/v1"), agent=endless)
+    with caplog.at_level(logging.DEBUG), serve(app) as url:
+        client = LayercodeTestClient(base_url=url, secret=SECRET, max_bytes=50_000)
+        with pytest.raises(ProtocolViolation) as info:
+            await client.message("hi")
+        assert info.value.name == "too-large"
+    # the server stopped: every record of the turn is in
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert [r for r in caplog.records if r.exc_info] == []
