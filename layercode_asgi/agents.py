@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import logging
 import re
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from types import FunctionType
 from typing import Any, TypeAlias
 
+from ._asgi import must_propagate
 from .builtin_agents import (
     openai_agent,
     openai_factory,
@@ -40,6 +42,8 @@ from .conversation import HistoryMessage
 from .errors import ConfigurationError, check_strs, check_type, kind_of
 from .events import SessionStartPayload, TurnEvent
 from .redaction import escape_terminal
+
+logger = logging.getLogger("layercode_asgi.agents")
 
 __all__ = [
     "Agent",
@@ -408,3 +412,21 @@ def agent_name(agent: Agent) -> str:
         return _REGISTERED_AS[agent]
     except (KeyError, TypeError):  # not built by name; not hashable or weakly referenceable
         return str(getattr(agent, "__name__", None) or type(agent).__name__)
+
+
+async def close_agent(agent: Agent) -> None:
+    """Await ``agent.aclose()`` if the agent has one (optional): what ``create_app``'s
+    lifespan does at shutdown. The built-in ``openai`` and ``starter`` agents close their
+    model client of this event loop; an agent object may release what it holds. A failure
+    is logged, with its traceback, and goes no further (the other closes still run)."""
+    aclose = getattr(agent, "aclose", None)
+    if not callable(aclose):
+        return
+    try:
+        closing = aclose()
+        if inspect.isawaitable(closing):
+            await closing
+    except BaseException as exc:  # its own kind too: the agent's failure, as in a turn
+        if must_propagate(exc):
+            raise
+        logger.error("closing the agent %s failed", agent_name(agent), exc_info=exc)

@@ -52,7 +52,8 @@ def openai_agent(
     :class:`~layercode_asgi.adapters.voice.ModelAPIError` (logged, the key masked). Raises
     :class:`ConfigurationError` (``TypeError`` for an option of another type) at once when
     the SDK is not installed, the key is empty or an option is unusable, so a misconfigured
-    server refuses to start instead of failing turns.
+    server refuses to start instead of failing turns. ``agent.aclose()`` closes its client
+    of the running event loop (``create_app``'s lifespan awaits it at shutdown).
     """
     if api_key is None or (isinstance(api_key, str) and not api_key.strip()):
         raise ConfigurationError("the openai agent needs OPENAI_API_KEY")
@@ -113,7 +114,13 @@ def openai_agent(
         if not spoke:  # empty, blank, a tool call: the caller would hear nothing
             raise ModelAPIError(f"the model's answer held no text (finish_reason={finish})")
 
+    async def aclose() -> None:  # create_app's lifespan: this loop's client
+        client = clients.take()
+        if client is not None:
+            await client.close()
+
     agent.__name__ = agent.__qualname__ = "openai_agent"
+    agent.aclose = aclose  # type: ignore[attr-defined]
     agent.model = f"openai:{model}"  # type: ignore[attr-defined]  # shown by /ready
     return agent
 
@@ -263,6 +270,7 @@ def starter_agent(
     OpenAI-compatible API. Raises
     :class:`ConfigurationError` at once when pydantic-ai or the model's key is missing (a
     ``TypeError`` for an option of another type); a blank ``system_prompt`` is none.
+    ``agent.aclose()`` closes the model's HTTP client (``create_app``'s lifespan awaits it).
     """
     system_prompt = _checked_options(
         model, system_prompt, base_url, openai_api_key=openai_api_key, google_api_key=google_api_key
@@ -282,7 +290,14 @@ def starter_agent(
     agent = from_pydantic_ai(
         pydantic_ai.Agent(llm, instructions=system_prompt, name="starter"), welcome=welcome
     )
+
+    async def aclose() -> None:  # create_app's lifespan: pydantic-ai closes the client its
+        if hasattr(llm, "__aexit__"):  # provider made as a context exits (older: a shared one)
+            async with llm:
+                pass
+
     agent.__name__ = agent.__qualname__ = "starter_agent"
+    agent.aclose = aclose  # type: ignore[attr-defined]
     agent.model = ":".join(_split_model(model))  # type: ignore[attr-defined]  # shown by /ready
     return agent
 

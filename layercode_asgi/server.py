@@ -41,7 +41,7 @@ from ._asgi import (
 )
 from ._redis import REDIS_CLIENT
 from ._version import __version__
-from .agents import Agent, agent_name, get_agent
+from .agents import Agent, agent_name, close_agent, get_agent
 from .apikeys import check_keys_apart
 from .authorize import AuthorizeGuard, AuthorizeRoute
 from .config import Settings
@@ -301,6 +301,7 @@ def create_app(
         finally:
             if settings.gc_tuning:
                 untune_gc()
+            await close_agent(agent)
             await authorize.aclose()
             await conversations.aclose()
             if replay is not None:

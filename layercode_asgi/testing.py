@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -216,10 +216,17 @@ def _header_pairs(headers: Any) -> list[tuple[Any, Any]] | None:
     return pairs if all(isinstance(x, bytes | str) for pair in pairs for x in pair) else None
 
 
+class _StoppedReading(OSError):
+    """What ``send`` raises once a reply passed ``max_bytes``: the ASGI spec's error of a
+    send on a connection the client closed (the app ends the turn as on a disconnect)."""
+
+
 class _Bounded:
     """Wraps an in-process ASGI app for ``httpx.ASGITransport``, which keeps a whole reply in
-    memory before returning it: stops the app with :class:`ReplyTooLarge` past ``max_bytes``,
-    and lets each ``send`` be a cancellation point, so the client's timeout can stop an app
+    memory before returning it: past ``max_bytes`` the client leaves (each ``send`` raises
+    an ``OSError``, as a server's once the client is gone) and, once the app returned, the
+    transport gets :class:`ReplyTooLarge`. Each ``send`` is a cancellation point, so the
+    client's timeout can stop an app
     that streams forever without waiting on anything. An app that returns with its reply
     unfinished is answered as a server would (a 500, or the end of the body), not left to
     the transport's bare ``AssertionError``; one that breaks ASGI otherwise (a second start,
@@ -232,11 +239,13 @@ class _Bounded:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         sent = 0
-        started = finished = False
+        started = finished = too_large = False
 
         async def bounded_send(message: Any) -> None:
-            nonlocal sent, started, finished
+            nonlocal sent, started, finished, too_large
             await anyio.lowlevel.checkpoint()
+            if too_large:
+                raise _StoppedReading("the test client stopped reading (max_bytes)")
             if not isinstance(message, dict):
                 raise _misuse(f"a message that is not a dict: {message!r:.80}")
             kind = message.get("type")
@@ -265,8 +274,9 @@ class _Bounded:
                 if not isinstance(body, bytes | bytearray | memoryview):
                     raise _misuse(f"a body that is not bytes: {body!r:.80}")
                 sent += len(body)
-                if sent > self.max_bytes:
-                    raise ReplyTooLarge(f"reply longer than {self.max_bytes} bytes")
+                if sent > self.max_bytes:  # the client leaves: to the app, as over HTTP
+                    too_large = True
+                    raise _StoppedReading("the test client stopped reading (max_bytes)")
                 finished = not message.get("more_body", False)
             else:
                 raise _misuse(
@@ -274,7 +284,10 @@ class _Bounded:
                 )
             await send(message)
 
-        await self.app(scope, receive, bounded_send)
+        with suppress(_StoppedReading):  # an app may let the send's OSError out
+            await self.app(scope, receive, bounded_send)
+        if too_large:
+            raise ReplyTooLarge(f"reply longer than {self.max_bytes} bytes")
         if scope.get("type") != "http" or finished:
             return
         if not started:

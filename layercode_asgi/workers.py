@@ -87,15 +87,10 @@ def serve_workers(
     config = uvicorn.Config(
         "layercode_asgi.server:app_from_env", host=host, port=port, log_config=log_config
     )
-    sock = config.bind_socket()
     context = multiprocessing.get_context("spawn")
     env = dict(environ)
     prometheus: Any = None
     metrics_dir: str | None = None
-    if metrics and installed("prometheus_client"):
-        from . import prometheus
-
-        metrics_dir = prometheus.prepare_worker_directory(env)
     signals: list[int] = []
 
     def start() -> Any:
@@ -105,12 +100,16 @@ def serve_workers(
         process.start()
         return process
 
-    previous = {
-        sig: signal.signal(sig, lambda number, frame: signals.append(number))
-        for sig in (signal.SIGTERM, signal.SIGINT)
-    }
+    previous: dict[int, Any] = {}
     status = 0
-    try:
+    sock = config.bind_socket()
+    try:  # what is opened here is closed in ``finally``, also when starting fails
+        if metrics and installed("prometheus_client"):
+            from . import prometheus
+
+            metrics_dir = prometheus.prepare_worker_directory(env)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, lambda number, frame: signals.append(number))
         processes = [start() for _ in range(workers)]
         forwarded = 0
         while True:

@@ -140,14 +140,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(app: Any, **config: Any) -> Iterator[str]:
-    """Run ``app`` under a real uvicorn on 127.0.0.1 in a thread; yield its base URL."""
+def serve(app: Any, *, servers: list[uvicorn.Server] | None = None, **config: Any) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn on 127.0.0.1 in a thread; yield its base URL (the
+    uvicorn server is appended to ``servers``, to see its open connections)."""
     # IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only for TCP sockets
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="auto", **config))
+    if servers is not None:
+        servers.append(server)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+import uvicorn
 
 from .asgi_stub import read_body
 from .conftest import serve
@@ -90,6 +91,11 @@ class FakeOpenAI:
         self.last_delta_sent = threading.Event()
         self.closed_early = threading.Event()
         self._ids = itertools.count(1)
+        self.servers: list[uvicorn.Server] = []
+
+    def connections(self) -> int:
+        """The connections the fake's server holds open (its clients' pooled ones too)."""
+        return sum(len(server.server_state.connections) for server in self.servers)
 
     # -- what tests use --------------------------------------------------------------------
 
@@ -400,7 +406,7 @@ class FakeOpenAI:
 def fake_openai() -> Iterator[tuple[FakeOpenAI, str]]:
     """Serve a new :class:`FakeOpenAI` on 127.0.0.1; yield it and its base URL (``…/v1``)."""
     fake = FakeOpenAI()
-    with serve(fake) as url:
+    with serve(fake, servers=fake.servers) as url:
         yield fake, url + "/v1"
 
 

@@ -4,6 +4,7 @@ in-process agent that never stops."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -183,6 +184,33 @@ async def test_an_in_process_endless_agent_stops_at_max_bytes() -> None:
     with pytest.raises(ProtocolViolation) as info:
         await client.message("hi")
     assert info.value.name == "too-large"
+
+
+async def chatty_agent(event: Any) -> AsyncIterator[str]:
+    for _ in range(10_000):
+        yield "word " * 50
+
+
+@pytest.mark.anyio
+async def test_an_in_process_reply_past_max_bytes_ends_the_turn_as_a_disconnect(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, agent=chatty_agent)
+    client = LayercodeTestClient(app=app, secret=SECRET, max_bytes=5000)
+    with (
+        caplog.at_level(logging.DEBUG, logger="layercode_asgi"),
+        anyio.fail_after(30),
+        pytest.raises(ProtocolViolation) as info,
+    ):
+        await client.message("hi")
+    assert info.value.name == "too-large"
+    # Before: three ERROR tracebacks of the kit's internal ReplyTooLarge (the agent "failed",
+    # "event stream producer failed", "unhandled error on POST /api/agent"): the kit stopping
+    # to read ends the turn as a client leaving does.
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert errors == []
+    assert not any("ReplyTooLarge" in r.getMessage() for r in caplog.records)
 
 
 async def speaks_then_hangs(event: Any) -> AsyncIterator[str]:

@@ -1,0 +1,184 @@
+"""What an app opens, it closes: at the end of ``create_app``'s lifespan, the built-in
+agents' model clients (and an agent object's own ``aclose``) are closed, served by a real
+uvicorn, the model a fake OpenAI API on 127.0.0.1."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from layercode_asgi import ConversationManager, MemoryConversationStore, Settings, create_app
+
+from .conftest import SECRET, event_body, serve, signed_headers
+from .fake_openai import FakeOpenAI, fake_openai
+
+
+def settings(agent: str, base_url: str) -> Settings:
+    return Settings(
+        env_file=None,
+        environ={},
+        layercode_webhook_secret=SECRET,
+        agent=agent,
+        openai_api_key="sk-test",
+        openai_base_url=base_url,
+        default_model="openai:gpt-test",
+    )
+
+
+def one_turn(app: Any) -> list[str]:
+    """Serve ``app`` for one message turn, then shut it down (its lifespan's end); the
+    ResourceWarnings of the server's thread (unclosed transports, sockets)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with serve(app) as url, httpx.Client(base_url=url, timeout=20) as client:
+            body = event_body(text="hi")
+            reply = client.post("/api/agent", content=body, headers=signed_headers(body))
+            assert reply.status_code == 200
+            assert '"response.tts"' in reply.text and '"response.end"' in reply.text
+        gc.collect()
+    return [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def connections_left(fake: FakeOpenAI) -> int:
+    """The fake's open connections, once the closes it was sent reached it (bounded)."""
+    deadline = time.monotonic() + 10
+    while fake.connections() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return fake.connections()
+
+
+@pytest.mark.parametrize("agent", ["openai", "starter"])
+def test_the_lifespan_closes_the_built_in_agents_model_client(agent: str) -> None:
+    if agent == "starter":
+        pytest.importorskip("pydantic_ai")
+    else:
+        pytest.importorskip("openai")
+    with fake_openai() as (fake, base_url):
+        app = create_app(settings(agent, base_url))
+        unclosed = one_turn(app)
+        assert fake.requests
+        # Before: the agent's HTTP client kept its pooled connection to the model open past
+        # the app's shutdown (uvloop: "ResourceWarning: unclosed resource <TCPTransport>",
+        # and for openai "OSError: Device or resource busy" closing the server's loop).
+        assert unclosed == []
+        assert connections_left(fake) == 0
+
+
+class ClosingAgent:
+    """An agent object holding something to close at shutdown."""
+
+    def __init__(self, fails: bool = False) -> None:
+        self.closed = 0
+        self.fails = fails
+
+    async def __call__(self, event: Any) -> AsyncIterator[str]:
+        yield "hello"
+
+    async def aclose(self) -> None:
+        self.closed += 1
+        if self.fails:
+            raise RuntimeError("the pool is gone")
+
+
+def test_an_agent_objects_aclose_is_awaited_at_shutdown() -> None:
+    agent = ClosingAgent()
+    app = create_app(settings("echo", "http://127.0.0.1:9/v1"), agent=agent)
+    assert one_turn(app) == []
+    assert agent.closed == 1
+
+
+class RecordingStore(MemoryConversationStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = 0
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+def test_an_agent_whose_aclose_fails_is_logged_and_the_store_still_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agent, store = ClosingAgent(fails=True), RecordingStore()
+    app = create_app(
+        settings("echo", "http://127.0.0.1:9/v1"),
+        agent=agent,
+        conversations=ConversationManager(store),
+    )
+    with caplog.at_level(logging.ERROR):
+        one_turn(app)
+    assert agent.closed == 1 and store.closed == 1
+    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in failed] == ["closing the agent ClosingAgent failed"]
+    assert failed[0].exc_info is not None
+
+
+@pytest.mark.parametrize("failure", ["no temporary directory", "signals off the main thread"])
+def test_serve_workers_failing_to_start_leaves_no_socket_or_directory(
+    failure: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("prometheus_client")
+    from layercode_asgi.workers import serve_workers
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    temp = tmp_path / ("missing" if failure == "no temporary directory" else "temp")
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    if failure != "no temporary directory":
+        temp.mkdir()
+    raised: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            serve_workers(
+                workers=1, host="127.0.0.1", port=0, log_level="warning", environ={}, metrics=True
+            )
+        except BaseException as exc:
+            raised.append(exc)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        if failure == "no temporary directory":
+            start()  # mkdtemp fails after the socket is bound
+        else:  # signal.signal fails (ValueError) after the socket and the directory
+            thread = threading.Thread(target=start)
+            thread.start()
+            thread.join(30)
+        assert len(raised) == 1 and isinstance(raised[0], OSError | ValueError), raised
+        raised.clear()
+        gc.collect()
+    # Before: the listening socket was left open ("unclosed <socket.socket ...>") and the
+    # metrics directory left behind.
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert not temp.exists() or list(temp.iterdir()) == []
+
+
+async def endless(event: Any) -> AsyncIterator[str]:
+    for _ in range(100_000):  # bounded: far past any max_bytes below
+        yield "word " * 200
+
+
+@pytest.mark.anyio
+async def test_a_client_stopping_at_max_bytes_over_http_ends_the_turn_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from layercode_asgi.testing import LayercodeTestClient, ProtocolViolation
+
+    app = create_app(settings("echo", "http://127.0.0.1:9/v1"), agent=endless)
+    with caplog.at_level(logging.DEBUG), serve(app) as url:
+        client = LayercodeTestClient(base_url=url, secret=SECRET, max_bytes=50_000)
+        with pytest.raises(ProtocolViolation) as info:
+            await client.message("hi")
+        assert info.value.name == "too-large"
+    # the server stopped: every record of the turn is in
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert [r for r in caplog.records if r.exc_info] == []
