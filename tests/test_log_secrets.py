@@ -118,3 +118,39 @@ def test_a_secret_in_arguments_extra_fields_or_a_traceback_is_masked(log_format:
     if log_format == "json":
         first = json.loads(logs.splitlines()[0])
         assert (first["token"], first["n"]) == ("***", 1)
+
+
+MY_APP = """
+from layercode_asgi import Settings, create_app, setup_logging
+
+async def agent(event):
+    raise ValueError(f"bad {event.text}")
+    yield ""
+
+setup_logging()  # what docs/deploying.md says to add for `uvicorn my_app:app`
+app = create_app(Settings(layercode_webhook_secret="whsec_served_plainly_71c2"), agent)
+"""
+FORGED = "2026-12-04 22:00:00 INFO    layercode_asgi.webhook: forged"
+
+
+def test_uvicorn_my_app_with_setup_logging_writes_no_forged_line_and_no_secret(
+    tmp_path: Path,
+) -> None:
+    # Served as `uvicorn my_app:app` without setup_logging, the library's records reach
+    # Python's last-resort handler: a traceback quoting a request with a newline printed a
+    # line of its own, and the secret in clear. The one line docs/deploying.md shows fixes it.
+    (tmp_path / "my_app.py").write_text(MY_APP)
+    path = os.pathsep.join(filter(None, (str(tmp_path), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "PYTHONPATH": path, "TMPDIR": str(tmp_path)}
+    command = [PYTHON, "-m", "uvicorn", "my_app:app", "--host", "127.0.0.1", "--port", "{port}"]
+    body = event_body("message", text=f"whsec_served_plainly_71c2\n{FORGED}")
+    secret = "whsec_served_plainly_71c2"
+    server = start_server_process(command, env=env, cwd=tmp_path, log=tmp_path / "out.log")
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        reply = client.post("/api/agent", content=body, headers=signed_headers(body, secret))
+        assert '"error":"agent error"' in reply.text
+        server.stop()
+    logs = server.output()
+    assert "ValueError: bad" in logs
+    assert not any(line.startswith(FORGED) for line in logs.splitlines()), logs
+    assert secret not in logs and "bad ***\\n" + FORGED in logs, logs
