@@ -9,6 +9,10 @@ never configure anything themselves. An application (or the bundled server) call
 It touches only the ``layercode_asgi`` logger (level and one stderr handler), not the root
 logger, so other libraries' logging is left as the application configured it. Records still
 propagate to the root logger's handlers, if any.
+
+Its formats mask every secret :func:`hide_in_logs` was given (``create_app`` gives its
+settings' secrets) in every line, whatever quoted it: the message, an argument, an
+``extra=`` field, a traceback.
 """
 
 from __future__ import annotations
@@ -17,13 +21,26 @@ import importlib
 import json
 import logging
 import math
+import os
 import sys
+import threading
+from collections.abc import Iterable
+from copy import deepcopy
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from .config import Settings
 from .errors import check_positive_int, check_type
+from .redaction import MASK, url_secrets
 
-__all__ = ["LOGGER_NAME", "WEBHOOK_LOGGER_NAME", "escape_log_value", "setup_logging"]
+__all__ = [
+    "LOGGER_NAME",
+    "WEBHOOK_LOGGER_NAME",
+    "escape_log_value",
+    "hide_in_logs",
+    "mask_secrets",
+    "setup_logging",
+]
 
 #: Name of the library's root logger.
 LOGGER_NAME: Final = "layercode_asgi"
@@ -116,7 +133,7 @@ class _LineFormatter(logging.Formatter):
     :func:`cut_traceback` cuts them."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        text = mask_secrets(super().format(record))
         if text.isprintable():
             return text
         return "\n    ".join(map(_controls_escaped, text.split("\n")))
@@ -129,10 +146,31 @@ class _LineFormatter(logging.Formatter):
 _NOT_JSON: Final = frozenset({"color_message"})
 
 
-def uvicorn_json_log_config() -> dict[str, Any]:
-    """A ``logging.config.dictConfig`` for uvicorn's own loggers (start-up, errors, access)
-    writing :class:`JsonFormatter` lines to stderr: what ``run_server`` gives uvicorn when
-    ``LOG_FORMAT=json``."""
+class MaskingFormatter(logging.Formatter):
+    """The lines of another formatter (``formatter``: its dotted name, built with
+    ``options``), secrets masked as :func:`mask_secrets` masks them."""
+
+    def __init__(self, formatter: str, **options: Any) -> None:
+        super().__init__()
+        module, _, name = formatter.rpartition(".")
+        self.inner: logging.Formatter = getattr(importlib.import_module(module), name)(**options)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_secrets(self.inner.format(record))
+
+
+def uvicorn_log_config(log_format: str) -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` for uvicorn's own loggers (start-up, errors, access),
+    what ``run_server`` gives uvicorn: with ``"json"``, :class:`JsonFormatter` lines to
+    stderr; else uvicorn's own, through :class:`MaskingFormatter`. Secrets masked in both."""
+    if log_format != "json":
+        from uvicorn.config import LOGGING_CONFIG
+
+        config = deepcopy(LOGGING_CONFIG)
+        for options in config["formatters"].values():
+            options["formatter"] = options.pop("()")
+            options["()"] = f"{__name__}.MaskingFormatter"
+        return config
     handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
     return {
         "version": 1,
@@ -175,9 +213,10 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exception"] = cut_traceback(self.formatException(record.exc_info))
         try:
-            return json.dumps(out, ensure_ascii=True, allow_nan=False, default=_safe_str)
+            line = json.dumps(out, ensure_ascii=True, allow_nan=False, default=_safe_str)
         except (ValueError, TypeError, RecursionError):  # NaN, a cycle, a tuple key, a huge int
-            return json.dumps(_jsonable(out, 0), ensure_ascii=True, allow_nan=False)
+            line = json.dumps(_jsonable(out, 0), ensure_ascii=True, allow_nan=False)
+        return mask_secrets(line)
 
 
 def _safe_str(value: object) -> str:
@@ -233,6 +272,61 @@ def _setup_logfire(target: logging.Logger, token: str) -> None:
             target.addHandler(handler)
     except Exception as exc:  # a telemetry problem must not stop the server
         target.warning("could not configure Logfire: %s: %s", type(exc).__name__, exc)
+
+
+# -- configured secrets ----------------------------------------------------------------------
+
+#: Shortest secret masked in the log, in characters: a shorter one would mask ordinary words.
+MIN_SECRET_CHARS: Final = 8
+#: Most secrets kept for masking; past that, the oldest given is dropped.
+MAX_HIDDEN_SECRETS: Final = 64
+
+_hidden: dict[str, None] = {}  # insertion-ordered: the oldest first
+_hiding = threading.Lock()
+# How the hidden secrets read in a line (as given, escaped, JSON-escaped), longest first.
+_forms: tuple[str, ...] = ()
+
+
+def hide_in_logs(*secrets: str | None) -> None:
+    """Mask each of ``secrets`` as ``***`` in every line :func:`setup_logging`'s formats
+    (and ``run_server``'s uvicorn lines) write from now on, in the process. Only a secret of
+    ``MIN_SECRET_CHARS`` characters or more (spaces around it aside) is masked; ``None``
+    and shorter ones are ignored. ``create_app`` calls it with :func:`settings_secrets`."""
+    global _forms
+    with _hiding:
+        for secret in secrets:
+            check_type("a secret", secret, str | None, "a str or None")
+            if secret and len(secret.strip()) >= MIN_SECRET_CHARS:
+                _hidden.pop(secret.strip(), None)
+                _hidden[secret.strip()] = None
+        while len(_hidden) > MAX_HIDDEN_SECRETS:
+            del _hidden[next(iter(_hidden))]
+        forms = set(_hidden)
+        for secret in _hidden:
+            escaped = escape_log_value(secret, None)
+            forms |= {escaped, json.dumps(secret)[1:-1], json.dumps(escaped)[1:-1]}
+        _forms = tuple(sorted(forms, key=len, reverse=True))
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with every secret given to :func:`hide_in_logs` replaced by ``***``."""
+    for form in _forms:
+        if form in text:
+            text = text.replace(form, MASK)
+    return text
+
+
+def settings_secrets(settings: Settings) -> Iterable[str]:
+    """The secrets of ``settings`` (each of several comma-separated ones, a URL's password),
+    and of the environment's ``*API_KEY`` variables (which model SDKs read)."""
+    values = settings.as_dict(mask_secrets=False)
+    for spec in Settings.fields():
+        value = values[spec.name]
+        if spec.secret and value:
+            yield from value.split(",") if isinstance(value, str) else value
+        elif isinstance(value, str):
+            yield from url_secrets(value) if "://" in value else ()
+    yield from (value for name, value in os.environ.items() if name.upper().endswith("API_KEY"))
 
 
 # -- values from requests ----------------------------------------------------------------------

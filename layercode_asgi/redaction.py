@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import re
 from typing import Final
+from urllib.parse import unquote
 
-__all__ = ["MASK", "escape_terminal", "mask_url"]
+__all__ = ["MASK", "escape_terminal", "mask_url", "url_secrets"]
 
 #: What replaces a secret.
 MASK: Final = "***"
@@ -69,6 +70,21 @@ def _mask_query(text: str) -> str:
             parameters.append(parameter if plain else f"{name}={MASK}" if equals else MASK)
         location += "?" + "&".join(parameters)
     return location + (f"#{MASK}" if hash_ else "")
+
+
+def url_secrets(url: str) -> set[str]:
+    """What :func:`mask_url` hides in ``url`` (the password, the values of the query's
+    non-plain parameters, the fragment), each as written and percent-decoded."""
+    match = _SCHEME.match(url)
+    credentials, _, rest = url[match.end() if match else 0 :].rpartition("@")
+    _, colon, password = credentials.partition(":")
+    location, _, fragment = rest.partition("#")
+    found = [password if colon else credentials, fragment]
+    for parameter in location.partition("?")[2].split("&"):
+        name, _, value = parameter.partition("=")
+        if name.lower() not in _PLAIN_PARAMETERS:
+            found.append(value)
+    return {form for value in found if value for form in (value, unquote(value))}
 
 
 def _escape(match: re.Match[str]) -> str:

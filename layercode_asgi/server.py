@@ -55,7 +55,7 @@ from .errors import (
 )
 from .gctuning import tune_gc, untune_gc
 from .lifecycle import AuthorizeEndpoint, Lifecycle, WebhookEndpoint
-from .logs import escape_log_value
+from .logs import escape_log_value, hide_in_logs, settings_secrets, uvicorn_log_config
 from .metrics import installed, metrics_from_settings
 from .middleware import LayercodeSignature
 from .replay import MemoryReplayCache, RedisReplayCache, ReplayCache
@@ -185,6 +185,7 @@ def create_app(
             "Set it to your agent's webhook secret (LayerCode dashboard)."
         )
     check_keys_apart(settings)
+    hide_in_logs(*settings_secrets(settings))  # from the log lines of setup_logging's formats
     if isinstance(agent, str) or agent is None:
         agent = get_agent(settings.agent if agent is None else agent, settings)
     conversations = (
@@ -480,9 +481,7 @@ def run_server(
             check_positive_int(jitter, "limit_max_requests_jitter")
             limit += random.randint(0, jitter)
     uvicorn_options.setdefault("timeout_graceful_shutdown", 5)
-    if getattr(app.state.settings, "log_format", "text") == "json":
-        from .logs import uvicorn_json_log_config
-
-        uvicorn_options.setdefault("log_config", uvicorn_json_log_config())
+    log_format = getattr(app.state.settings, "log_format", "text")
+    uvicorn_options.setdefault("log_config", uvicorn_log_config(log_format))
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, **uvicorn_options)
     DrainingServer(config).run(sockets=sockets)

@@ -77,13 +77,12 @@ def serve_workers(
     exit status (0 once every worker has drained and exited; 128 + the signal's number
     when a second one stopped them at once)."""
     import uvicorn
-    from uvicorn.config import LOGGING_CONFIG
 
-    from .logs import uvicorn_json_log_config
+    from .logs import uvicorn_log_config
     from .metrics import installed
 
     # Its "Uvicorn running on …" line: as JSON as the workers' own with LOG_FORMAT=json.
-    log_config = uvicorn_json_log_config() if log_format == "json" else LOGGING_CONFIG
+    log_config = uvicorn_log_config(log_format)
     config = uvicorn.Config(
         "layercode_asgi.server:app_from_env", host=host, port=port, log_config=log_config
     )

@@ -1,0 +1,156 @@
+"""No configured secret in the log (``setup_logging``'s two formats, uvicorn's lines under
+``run_server``), whoever quoted it: an agent, a hook, an authorize guard, a record's
+arguments, ``extra=`` fields or traceback. A real server process on 127.0.0.1 and a real
+redis-server with a password."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from layercode_asgi import Settings, create_app, setup_logging
+
+from .conftest import PYTHON, SECRET, event_body, signed_headers, start_server_process
+from .redis_fixtures import RedisServer, redis_server  # noqa: F401 - a fixture
+
+ROTATED = "whsec_rotated_in_4f9a2c"
+API_KEY = "lc_api_7d1e5b33aa90"
+PASSWORD = "redis-pw-e81c07"
+SECRETS = (ROTATED, API_KEY, PASSWORD)
+
+
+def with_password(server: RedisServer) -> str:
+    import redis
+
+    client = redis.Redis.from_url(server.url)
+    try:
+        client.config_set("requirepass", PASSWORD)
+    finally:
+        client.close()
+    return f"redis://:{PASSWORD}@127.0.0.1:{server.port}/0"
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_secret_quoted_by_an_agent_a_hook_or_a_guard_is_masked_in_the_log(
+    log_format: str,
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # The generic answer kept the caller out of it, but the log line and the traceback
+    # (the library's and uvicorn's "Exception in ASGI application") showed every secret.
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        "TMPDIR": str(tmp_path),
+        "LAYERCODE_WEBHOOK_SECRET": f"{SECRET},{ROTATED}",
+        "LAYERCODE_API_KEY": API_KEY,
+        "REDIS_URL": with_password(redis_server),
+        "LOG_FORMAT": log_format,
+    }
+    command = [PYTHON, "-m", "tests.serve_secrets_for_tests", "{port}"]
+    with start_server_process(command, env=env, log=tmp_path / "server.log") as server:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            turn, data = (
+                client.post("/api/agent", content=body, headers=signed_headers(body))
+                for body in (event_body("message"), event_body("data"))
+            )
+            authorize = client.post("/api/authorize", json={"agent_id": "a"})
+        assert turn.status_code == 200 and '"error":"agent error"' in turn.text
+        assert (data.status_code, data.json()) == (500, {"error": "data handler failed"})
+        assert (authorize.status_code, authorize.json()) == (500, {"error": "internal error"})
+        assert server.stop() == 0
+        logs = server.output()
+    for what in ("agent: auth failed", "hook: auth failed", "guard: auth failed"):
+        assert logs.count(what) >= 2, (what, logs)  # the message and the traceback's last line
+    assert "Exception in ASGI application" in logs  # uvicorn's own line, traceback and all
+    for secret in (*SECRETS, SECRET):
+        assert secret not in logs, (secret, logs)
+    assert "key ***, secrets ***,***, store redis://:***@127.0.0.1:" in logs
+    if log_format == "json":
+        lines = [line for line in logs.splitlines() if line.startswith("{")]
+        assert len(lines) > 5 and all(json.loads(line) for line in lines)
+
+
+@contextmanager
+def logged(log_format: str) -> Iterator[io.StringIO]:
+    """What setup_logging(log_format=...) writes (conftest restores the logger)."""
+    stream = io.StringIO()
+    saved, sys.stderr = sys.stderr, stream
+    try:
+        setup_logging(log_format=log_format)
+    finally:
+        sys.stderr = saved
+    yield stream
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_secret_in_arguments_extra_fields_or_a_traceback_is_masked(log_format: str) -> None:
+    settings = Settings(
+        env_file=None,
+        environ={},
+        layercode_webhook_secret=f"{SECRET},{ROTATED}",
+        layercode_api_key=API_KEY,
+        authorize_api_keys=("short", "authorize-key-1"),
+    )
+    create_app(settings)
+    log = logging.getLogger("layercode_asgi.test")
+    with logged(log_format) as stream:
+        log.warning("calling with %s", API_KEY, extra={"token": ROTATED, "n": 1})
+        try:
+            raise RuntimeError(f"refused: {SECRET} authorize-key-1\nshort")
+        except RuntimeError:
+            log.exception("failed")
+    logs = stream.getvalue()
+    assert "calling with ***" in logs and "refused: *** ***" in logs
+    for secret in (SECRET, ROTATED, API_KEY, "authorize-key-1"):
+        assert secret not in logs
+    # A secret shorter than 8 characters is not masked: it would mask ordinary words.
+    assert "short" in logs
+    if log_format == "json":
+        first = json.loads(logs.splitlines()[0])
+        assert (first["token"], first["n"]) == ("***", 1)
+
+
+MY_APP = """
+from layercode_asgi import Settings, create_app, setup_logging
+
+async def agent(event):
+    raise ValueError(f"bad {event.text}")
+    yield ""
+
+setup_logging()  # what docs/deploying.md says to add for `uvicorn my_app:app`
+app = create_app(Settings(layercode_webhook_secret="whsec_served_plainly_71c2"), agent)
+"""
+FORGED = "2026-12-04 22:00:00 INFO    layercode_asgi.webhook: forged"
+
+
+def test_uvicorn_my_app_with_setup_logging_writes_no_forged_line_and_no_secret(
+    tmp_path: Path,
+) -> None:
+    # Served as `uvicorn my_app:app` without setup_logging, the library's records reach
+    # Python's last-resort handler: a traceback quoting a request with a newline printed a
+    # line of its own, and the secret in clear. The one line docs/deploying.md shows fixes it.
+    (tmp_path / "my_app.py").write_text(MY_APP)
+    path = os.pathsep.join(filter(None, (str(tmp_path), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "PYTHONPATH": path, "TMPDIR": str(tmp_path)}
+    command = [PYTHON, "-m", "uvicorn", "my_app:app", "--host", "127.0.0.1", "--port", "{port}"]
+    body = event_body("message", text=f"whsec_served_plainly_71c2\n{FORGED}")
+    secret = "whsec_served_plainly_71c2"
+    server = start_server_process(command, env=env, cwd=tmp_path, log=tmp_path / "out.log")
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        reply = client.post("/api/agent", content=body, headers=signed_headers(body, secret))
+        assert '"error":"agent error"' in reply.text
+        server.stop()
+    logs = server.output()
+    assert "ValueError: bad" in logs
+    assert not any(line.startswith(FORGED) for line in logs.splitlines()), logs
+    assert secret not in logs and "bad ***\\n" + FORGED in logs, logs
