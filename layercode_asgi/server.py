@@ -32,6 +32,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from ._asgi import (
     JSONResponse,
@@ -84,6 +85,7 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
+    request.scope[_ANSWERED] = exc
     logger.error(
         "unhandled error on %s %s",
         escape_log_value(request.method),
@@ -91,6 +93,24 @@ async def _server_error(request: Request, exc: Exception) -> Response:
         exc_info=exc,
     )
     return json_error_response(500, "internal error")
+
+
+# Set on a request's scope by _server_error: the error it logged and answered.
+_ANSWERED = "layercode_asgi.answered_error"
+
+
+class _App(Starlette):
+    """Starlette, keeping from the server an error :func:`_server_error` has logged (escaped,
+    secrets masked) and answered, which Starlette re-raises: the server logged it a second
+    time, as it was (uvicorn's "Exception in ASGI application": a newline from the request
+    starting a line of its own, a secret in clear)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except Exception as exc:
+            if scope.get(_ANSWERED) is not exc:
+                raise
 
 
 class _CORSMiddleware(CORSMiddleware):
@@ -329,7 +349,7 @@ def create_app(
         from .prometheus import MetricsEndpoint
 
         routes.append(Route("/metrics", MetricsEndpoint(settings.metrics_api_keys)))
-    app = Starlette(
+    app = _App(
         routes=routes,
         middleware=middleware,
         exception_handlers={HTTPException: _http_exception, Exception: _server_error},

@@ -29,7 +29,8 @@ def hook(event: DataPayload) -> None:
 
 
 def guard(request: Any) -> bool:
-    raise ConnectionError(f"guard: auth failed with {QUOTED}")
+    who = request.query_params.get("who")  # a request's text, newlines and all
+    raise ConnectionError(f"guard: auth failed with {QUOTED} for {who}")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def test_a_secret_quoted_by_an_agent_a_hook_or_a_guard_is_masked_in_the_log(
     tmp_path: Path,
 ) -> None:
     # The generic answer kept the caller out of it, but the log line and the traceback
-    # (the library's and uvicorn's "Exception in ASGI application") showed every secret.
+    # showed every secret.
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
@@ -71,7 +71,7 @@ def test_a_secret_quoted_by_an_agent_a_hook_or_a_guard_is_masked_in_the_log(
         logs = server.output()
     for what in ("agent: auth failed", "hook: auth failed", "guard: auth failed"):
         assert logs.count(what) >= 2, (what, logs)  # the message and the traceback's last line
-    assert "Exception in ASGI application" in logs  # uvicorn's own line, traceback and all
+    assert "Exception in ASGI application" not in logs  # logged once, by the library
     for secret in (*SECRETS, SECRET):
         assert secret not in logs, (secret, logs)
     assert "key ***, secrets ***,***, store redis://:***@127.0.0.1:" in logs
@@ -154,3 +154,32 @@ def test_uvicorn_my_app_with_setup_logging_writes_no_forged_line_and_no_secret(
     assert "ValueError: bad" in logs
     assert not any(line.startswith(FORGED) for line in logs.splitlines()), logs
     assert secret not in logs and "bad ***\\n" + FORGED in logs, logs
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_run_server_writes_no_line_an_error_quoting_a_request_can_forge(
+    log_format: str, tmp_path: Path
+) -> None:
+    # Starlette re-raised the guard's error after our JSON 500 had answered, and uvicorn
+    # logged it again ("Exception in ASGI application") through its own formatter, which
+    # printed the exception text as it was: a newline in the request started a line that
+    # read as a record of its own.
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        "TMPDIR": str(tmp_path),
+        "LAYERCODE_WEBHOOK_SECRET": SECRET,
+        "LOG_FORMAT": log_format,
+    }
+    command = [PYTHON, "-m", "tests.serve_secrets_for_tests", "{port}"]
+    with start_server_process(command, env=env, log=tmp_path / "server.log") as server:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            reply = client.post("/api/authorize", params={"who": f"x\n{FORGED}"}, json={})
+        assert (reply.status_code, reply.json()) == (500, {"error": "internal error"})
+        assert server.stop() == 0
+        logs = server.output()
+    assert "guard: auth failed" in logs
+    assert not any(line.startswith(FORGED) for line in logs.splitlines()), logs
+    # Logged once, by the library, not a second time by uvicorn.
+    assert "Exception in ASGI application" not in logs, logs
+    assert logs.count("Traceback (most recent call last)") == 1, logs
