@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterable
-from copy import deepcopy
+from copy import copy, deepcopy
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -134,9 +134,7 @@ class _LineFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = mask_secrets(super().format(record))
-        if text.isprintable():
-            return text
-        return "\n    ".join(map(_controls_escaped, text.split("\n")))
+        return text if text.isprintable() else _one_record(text)
 
     def formatException(self, ei: Any) -> str:
         return cut_traceback(super().formatException(ei))
@@ -148,7 +146,8 @@ _NOT_JSON: Final = frozenset({"color_message"})
 
 class MaskingFormatter(logging.Formatter):
     """The lines of another formatter (``formatter``: its dotted name, built with
-    ``options``), secrets masked as :func:`mask_secrets` masks them."""
+    ``options``), secrets masked as :func:`mask_secrets` masks them, and each record one
+    as :class:`_LineFormatter` keeps it (the inner formatter's colour codes kept)."""
 
     def __init__(self, formatter: str, **options: Any) -> None:
         super().__init__()
@@ -156,7 +155,39 @@ class MaskingFormatter(logging.Formatter):
         self.inner: logging.Formatter = getattr(importlib.import_module(module), name)(**options)
 
     def format(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info or record.stack_info):
+            text = self.inner.format(record)
+            if text.isprintable():
+                return mask_secrets(text)
+        # Format again what the record holds, escaped as _LineFormatter escapes it, so that
+        # only the inner formatter's own colour codes are left as they are.
+        record = copy(record)
+        record.msg = _one_record(str(record.msg))
+        if isinstance(record.args, tuple):
+            record.args = tuple(map(_arg_escaped, record.args))
+        elif isinstance(record.args, dict):
+            record.args = {key: _arg_escaped(value) for key, value in record.args.items()}
+        coloured = record.__dict__.get("color_message")
+        if isinstance(coloured, str):
+            record.__dict__["color_message"] = _one_record(coloured)
+        if record.exc_info:
+            record.exc_text = "    " + _one_record(self.formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = "    " + _one_record(record.stack_info)
         return mask_secrets(self.inner.format(record))
+
+    def formatException(self, ei: Any) -> str:
+        return cut_traceback(self.inner.formatException(ei))
+
+
+def _arg_escaped(value: object) -> object:
+    """A message argument whose text cannot break the line (a number kept as it is)."""
+    if isinstance(value, str):
+        return value if value.isprintable() else _one_record(value)
+    if isinstance(value, int | float):
+        return value
+    text = _safe_str(value)
+    return value if text.isprintable() else _one_record(text)
 
 
 def uvicorn_log_config(log_format: str) -> dict[str, Any]:
@@ -246,6 +277,12 @@ def _jsonable(value: object, depth: int) -> object:
     if depth < 20 and isinstance(value, list | tuple):
         return [_jsonable(v, depth + 1) for v in value]
     return _safe_str(value)
+
+
+def _one_record(text: str) -> str:
+    """``text`` with its further lines indented and control characters escaped (U+2028,
+    ``\x1c``… too: only ``\n`` ends a line), so that no line of it can pass for a record."""
+    return "\n    ".join(map(_controls_escaped, text.split("\n")))
 
 
 def _controls_escaped(line: str) -> str:

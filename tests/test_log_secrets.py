@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from layercode_asgi import Settings, create_app, setup_logging
+from layercode_asgi.logs import MaskingFormatter, hide_in_logs, uvicorn_log_config
 
 from .conftest import PYTHON, SECRET, event_body, signed_headers, start_server_process
 from .redis_fixtures import RedisServer, redis_server  # noqa: F401 - a fixture
@@ -122,6 +123,7 @@ def test_a_secret_in_arguments_extra_fields_or_a_traceback_is_masked(log_format:
 
 MY_APP = """
 from layercode_asgi import Settings, create_app, setup_logging
+from layercode_asgi.logs import MaskingFormatter, hide_in_logs, uvicorn_log_config
 
 async def agent(event):
     raise ValueError(f"bad {event.text}")
@@ -183,3 +185,34 @@ def test_run_server_writes_no_line_an_error_quoting_a_request_can_forge(
     # Logged once, by the library, not a second time by uvicorn.
     assert "Exception in ASGI application" not in logs, logs
     assert logs.count("Traceback (most recent call last)") == 1, logs
+
+
+@pytest.mark.parametrize("colours", [True, False])
+def test_uvicorn_lines_under_run_server_cannot_pass_for_another_record(colours: bool) -> None:
+    # MaskingFormatter masked uvicorn's lines but printed them as they were: a message
+    # argument or a traceback with a newline from a request started a line of its own.
+    config = uvicorn_log_config("text")
+    options = {**config["formatters"]["default"], "use_colors": colours}
+    default = MaskingFormatter(**{k: v for k, v in options.items() if k != "()"})
+    options = {**config["formatters"]["access"], "use_colors": colours}
+    access = MaskingFormatter(**{k: v for k, v in options.items() if k != "()"})
+    hide_in_logs("whsec_uvicorn_line_5b1e")
+    forged = f"whsec_uvicorn_line_5b1e\n{FORGED}\r\x1b[2Kx"
+    try:
+        raise RuntimeError(f"bad {forged}")
+    except RuntimeError:
+        error = logging.LogRecord("uvicorn.error", 40, "f", 1, "Exception in %s", ("app",), None)
+        error.exc_info = sys.exc_info()
+    warning = logging.LogRecord("uvicorn.error", 30, "f", 1, "odd %s", (forged,), None)
+    args = ("127.0.0.1:5000", "GET", f"/{forged}", "1.1", 200)
+    line = logging.LogRecord("uvicorn.access", 20, "f", 1, '%s - "%s %s HTTP/%s" %d', args, None)
+    logs = "\n".join([default.format(error), default.format(warning), access.format(line)])
+    lines = logs.split("\n")
+    assert not any(line.startswith(FORGED) for line in lines), logs
+    assert "\r" not in logs and "\x1b[2K" not in logs and "whsec_uvicorn_line_5b1e" not in logs
+    assert "    RuntimeError: bad ***" in logs and "\\u001b[2Kx" in logs
+    assert "\n    " + FORGED in logs  # the request's text, on a line of the record's own
+    # uvicorn's own colour codes kept as they are (on a terminal), none else.
+    red, green = "\x1b[31mERROR\x1b[0m:", "\x1b[32mINFO\x1b[0m:"
+    assert (red in logs and green in logs) is colours
+    assert logs.count("\x1b") == (10 if colours else 0), logs  # level, request, status
