@@ -386,7 +386,11 @@ _SHORT_ESCAPES: Final = {
 
 def cut_log_value(text: str, max_chars: int = LOG_VALUE_MAX_CHARS) -> str:
     """``text`` cut at ``max_chars``, ending with ``…(+N chars)`` when it was longer: how a
-    request's value (an id) goes into a JSON log field or a span attribute."""
+    request's value (an id) goes into a JSON log field or a span attribute. A longer text
+    has its secrets masked (:func:`mask_secrets`) before it is cut."""
+    if len(text) <= max_chars:
+        return text
+    text = mask_secrets(text)  # first: a secret across the cut would leave its prefix
     if len(text) <= max_chars:
         return text
     return f"{text[:max_chars]}…(+{len(text) - max_chars} chars)"
@@ -415,7 +419,8 @@ def escape_log_value(value: object, max_chars: int | None = LOG_VALUE_MAX_CHARS)
 
     ``bytes`` are read as UTF-8 (undecodable bytes come out as ``\\udcXX``); any other
     object as ``str(value)`` (``<unprintable TYPE>`` if that raises). Text longer than
-    ``max_chars`` is cut there and ends with ``…(+N chars)``; ``None`` keeps everything.
+    ``max_chars`` has its secrets masked (:func:`mask_secrets`), then is cut there and
+    ends with ``…(+N chars)``; ``None`` keeps everything.
     """
     if isinstance(value, str):
         text = value
@@ -428,7 +433,8 @@ def escape_log_value(value: object, max_chars: int | None = LOG_VALUE_MAX_CHARS)
             text = f"<unprintable {type(value).__name__}>"
     more = 0
     if max_chars is not None and len(text) > max_chars:
-        more = len(text) - max_chars
+        text = mask_secrets(text)  # first: a secret across the cut would leave its prefix
+        more = max(len(text) - max_chars, 0)
         text = text[:max_chars]
     if text.isprintable() and "\\" not in text:
         return f"{text}…(+{more} chars)" if more else text

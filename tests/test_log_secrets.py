@@ -18,7 +18,13 @@ import httpx
 import pytest
 
 from layercode_asgi import Settings, create_app, setup_logging
-from layercode_asgi.logs import MaskingFormatter, hide_in_logs, uvicorn_log_config
+from layercode_asgi.logs import (
+    MaskingFormatter,
+    cut_log_value,
+    escape_log_value,
+    hide_in_logs,
+    uvicorn_log_config,
+)
 
 from .conftest import PYTHON, SECRET, event_body, signed_headers, start_server_process
 from .redis_fixtures import RedisServer, redis_server  # noqa: F401 - a fixture
@@ -123,7 +129,13 @@ def test_a_secret_in_arguments_extra_fields_or_a_traceback_is_masked(log_format:
 
 MY_APP = """
 from layercode_asgi import Settings, create_app, setup_logging
-from layercode_asgi.logs import MaskingFormatter, hide_in_logs, uvicorn_log_config
+from layercode_asgi.logs import (
+    MaskingFormatter,
+    cut_log_value,
+    escape_log_value,
+    hide_in_logs,
+    uvicorn_log_config,
+)
 
 async def agent(event):
     raise ValueError(f"bad {event.text}")
@@ -216,3 +228,24 @@ def test_uvicorn_lines_under_run_server_cannot_pass_for_another_record(colours: 
     red, green = "\x1b[31mERROR\x1b[0m:", "\x1b[32mINFO\x1b[0m:"
     assert (red in logs and green in logs) is colours
     assert logs.count("\x1b") == (10 if colours else 0), logs  # level, request, status
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_secret_across_the_cut_of_a_long_value_shows_no_prefix(log_format: str) -> None:
+    # Values were cut at 1000 characters before the line was masked: a secret across the
+    # cut had its first characters left, no longer a whole secret to mask.
+    secret = "whsec_straddling_the_cut_3e9d"
+    hide_in_logs(secret)
+    value = "v" * 990 + secret
+    log = logging.getLogger("layercode_asgi.test")
+    with logged(log_format) as stream:
+        log.warning("value %s", escape_log_value(value), extra={"field": value})
+        try:
+            raise RuntimeError(value[len("RuntimeError: ") :])  # its line: 1019 characters
+        except RuntimeError:
+            log.exception("failed")
+    logs = stream.getvalue()
+    # The message, the traceback's line (and the extra= field in JSON), masked, not cut.
+    assert logs.count("v" * 976 + "***") == (3 if log_format == "json" else 2), logs
+    assert "whsec_str" not in logs
+    assert (escape_log_value(value), cut_log_value(value)) == ("v" * 990 + "***",) * 2
