@@ -304,11 +304,52 @@ def _setup_logfire(target: logging.Logger, token: str) -> None:
     try:
         logfire.configure(token=token)
         if _marked(target, "logfire") is None:
-            handler: logging.Handler = logfire.LogfireLoggingHandler()
+            handler: logging.Handler = _MaskedRecords(logfire.LogfireLoggingHandler())
             setattr(handler, _MARK, "logfire")
             target.addHandler(handler)
     except Exception as exc:  # a telemetry problem must not stop the server
         target.warning("could not configure Logfire: %s: %s", type(exc).__name__, exc)
+
+
+class _MaskedRecords(logging.Handler):
+    """Hands ``inner`` (Logfire's handler, which takes records, not formatted lines) a copy
+    of each record with the secrets :func:`hide_in_logs` was given masked: in its message,
+    its ``extra=`` fields and its traceback (then in the message, as text). The original
+    record, which other handlers get, is left as logged."""
+
+    def __init__(self, inner: logging.Handler) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= self.inner.level:
+            self.inner.handle(_masked_record(record))
+
+
+def _masked_record(record: logging.LogRecord) -> logging.LogRecord:
+    out = copy(record)
+    try:
+        message = record.getMessage()
+    except Exception:  # an argument's __str__ raised: the inner handler's to report
+        message = ""
+    if mask_secrets(message) != message:
+        out.msg, out.args = mask_secrets(message), None  # else the template, as logged
+    for key, value in record.__dict__.items():
+        if key in ("message", "exc_text") and isinstance(value, str):  # a formatter's cache
+            out.__dict__[key] = mask_secrets(value)
+        elif key not in _RESERVED and not isinstance(value, int | float | None):
+            text = value if isinstance(value, str) else _safe_str(value)
+            if mask_secrets(text) != text:
+                out.__dict__[key] = mask_secrets(text)
+    if record.exc_info:
+        text = cut_traceback(_PLAIN.formatException(record.exc_info))
+        if mask_secrets(text) != text:
+            out.msg, out.args = f"{out.getMessage()}\n{mask_secrets(text)}", None
+            out.exc_info = out.exc_text = None
+    return out
+
+
+_PLAIN: Final = logging.Formatter()
 
 
 # -- configured secrets ----------------------------------------------------------------------

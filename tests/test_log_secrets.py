@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -249,3 +250,45 @@ def test_a_secret_across_the_cut_of_a_long_value_shows_no_prefix(log_format: str
     assert logs.count("v" * 976 + "***") == (3 if log_format == "json" else 2), logs
     assert "whsec_str" not in logs
     assert (escape_log_value(value), cut_log_value(value)) == ("v" * 990 + "***",) * 2
+
+
+def test_records_sent_to_logfire_have_their_secrets_masked(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Logfire's handler takes records, not setup_logging's masked lines: it got every
+    # secret as logged, in the message, the extra= fields and the exception.
+    got: list[logging.LogRecord] = []
+
+    class Records(logging.Handler):  # what logfire.LogfireLoggingHandler takes: records
+        def emit(self, record: logging.LogRecord) -> None:
+            got.append(record)
+
+    logfire = types.ModuleType("logfire")  # not installed here: a stand-in module
+    logfire.configure = lambda **options: None  # type: ignore[attr-defined]
+    logfire.LogfireLoggingHandler = Records  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "logfire", logfire)
+    hide_in_logs(ROTATED)
+    saved, sys.stderr = sys.stderr, io.StringIO()
+    try:
+        setup_logging(logfire_token="lf-token-for-tests")
+    finally:
+        sys.stderr = saved
+    log = logging.getLogger("layercode_asgi.test")
+    with caplog.at_level(logging.INFO):
+        log.warning("calling with %s", ROTATED, extra={"token": ROTATED, "n": 1})
+        log.info("plain %s", "value")
+        for text in (f"refused: {ROTATED}", "refused: no secret"):
+            try:
+                raise RuntimeError(text)
+            except RuntimeError:
+                log.exception("failed")
+    calling, plain, secret_error, error = got
+    assert (calling.getMessage(), calling.token, calling.n) == ("calling with ***", "***", 1)
+    assert (plain.msg, plain.args) == ("plain %s", ("value",))  # nothing masked: as logged
+    assert secret_error.exc_info is None and secret_error.exc_text is None
+    message = secret_error.getMessage()
+    assert message.startswith("failed\nTraceback") and "RuntimeError: refused: ***" in message
+    assert error.exc_info is not None  # no secret in it: the exception as it was
+    assert not any(ROTATED in str(record.__dict__) for record in got)
+    # Handlers of your own (the root logger's) get the records as logged.
+    assert caplog.records[0].getMessage() == f"calling with {ROTATED}"
