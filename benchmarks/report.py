@@ -944,7 +944,7 @@ def _missed(results: dict[str, Any]) -> str:
 
 DESIGN_NOTES = """## Design choices and trade-offs
 
-- **One plain request path.** `create_app` is a plain Starlette app; its webhook route is
+- **One plain request path.** `create_app` is a Starlette app; its webhook route is
   drain check → `LayercodeSignature.verified_body` → `LayercodeWebhook.answer` → one
   `EventStreamResponse` running the turn in the request's own task. There is no second
   route beside Starlette's, no hand-stepped coroutines, and the conversation store is used

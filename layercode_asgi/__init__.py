@@ -4,9 +4,9 @@ The public API is re-exported here; each name lives in the module named after it
 
 One webhook request, from ``create_app`` to the last byte:
 
-1. ``server.create_app`` builds a plain Starlette app; the webhook route's endpoint is
-   ``lifecycle.WebhookEndpoint.__call__``: refuses new webhooks while draining (503), counts
-   the request in ``Lifecycle.active`` for the drain.
+1. ``server.create_app`` builds a Starlette app (an error it answered 500 stays in it);
+   the webhook route's endpoint is ``lifecycle.WebhookEndpoint.__call__``: refuses new
+   webhooks while draining (503), counts the request in ``Lifecycle.active`` for the drain.
 2. ``middleware.LayercodeSignature.verified_body``: the signature header, then the body
    (``_asgi.read_body``, bounded in size and time), the HMAC (``signature.verify_signature``)
    and replay protection; a failed check is answered with ``_asgi.send_json_error``.

@@ -168,7 +168,7 @@ def create_app(
     authorize_timeout: float = 10.0,
     extras: Mapping[str, Any] | None = None,
 ) -> Starlette:
-    """Build the LayerCode backend app (a plain Starlette app with four routes).
+    """Build the LayerCode backend app (a Starlette app with four routes).
 
     Args:
         settings: configuration; ``None`` reads the environment and ``.env``.

@@ -1,4 +1,4 @@
-"""``create_app`` is a plain Starlette app: its webhook goes through Starlette's stack.
+"""``create_app`` is a Starlette app: its webhook goes through Starlette's stack.
 
 The same answers as a webhook mounted in any Starlette app for every kind of request, user
 middleware applied, a JSON 500 for an unexpected error, and the default store's lock
