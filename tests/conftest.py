@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import functools
 import importlib.util
+import io
 import logging
 import os
 import queue
@@ -28,7 +29,7 @@ import httpx
 import pytest
 import uvicorn
 
-from layercode_asgi import sign
+from layercode_asgi import setup_logging, sign
 
 SECRET = "whsec_test_secret"
 ROOT = Path(__file__).resolve().parent.parent
@@ -452,3 +453,16 @@ def httpx_refuses(variable: str, value: str) -> bool:
         else:
             os.environ[variable] = previous
     return False
+
+
+@contextmanager
+def logged(log_format: str) -> Iterator[io.StringIO]:
+    """What ``setup_logging(log_format=...)`` writes to stderr (the logger is restored after
+    each test, see above)."""
+    stream = io.StringIO()
+    saved, sys.stderr = sys.stderr, stream
+    try:
+        setup_logging(log_format=log_format)
+    finally:
+        sys.stderr = saved
+    yield stream

@@ -11,8 +11,6 @@ import logging
 import os
 import sys
 import types
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -27,7 +25,7 @@ from layercode_asgi.logs import (
     uvicorn_log_config,
 )
 
-from .conftest import PYTHON, SECRET, event_body, signed_headers, start_server_process
+from .conftest import PYTHON, SECRET, event_body, logged, signed_headers, start_server_process
 from .redis_fixtures import RedisServer, redis_server  # noqa: F401 - a fixture
 
 ROTATED = "whsec_rotated_in_4f9a2c"
@@ -86,18 +84,6 @@ def test_a_secret_quoted_by_an_agent_a_hook_or_a_guard_is_masked_in_the_log(
     if log_format == "json":
         lines = [line for line in logs.splitlines() if line.startswith("{")]
         assert len(lines) > 5 and all(json.loads(line) for line in lines)
-
-
-@contextmanager
-def logged(log_format: str) -> Iterator[io.StringIO]:
-    """What setup_logging(log_format=...) writes (conftest restores the logger)."""
-    stream = io.StringIO()
-    saved, sys.stderr = sys.stderr, stream
-    try:
-        setup_logging(log_format=log_format)
-    finally:
-        sys.stderr = saved
-    yield stream
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])

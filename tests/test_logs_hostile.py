@@ -4,11 +4,8 @@ a real uvicorn on 127.0.0.1."""
 
 from __future__ import annotations
 
-import io
 import json
-import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -25,9 +22,9 @@ from layercode_asgi import (
     create_app,
 )
 from layercode_asgi.conversation import StoreUnavailableError
-from layercode_asgi.logs import LOG_TRACEBACK_MAX_CHARS, LOG_VALUE_MAX_CHARS, setup_logging
+from layercode_asgi.logs import LOG_TRACEBACK_MAX_CHARS, LOG_VALUE_MAX_CHARS
 
-from .conftest import SECRET, event_body, serve, signed_headers
+from .conftest import SECRET, event_body, logged, serve, signed_headers
 
 #: Characters Python's str.splitlines() breaks a line at, besides \n: C0 separators, U+0085,
 #: U+2028, U+2029 (and \r, \v, \f).
@@ -43,18 +40,6 @@ async def quoting_agent(event: TurnEvent) -> AsyncIterator[str]:
 
 def quoting_hook(event: DataPayload) -> None:
     raise LookupError(f"no such item: {event.data['k']}")
-
-
-@contextmanager
-def logged(log_format: str) -> Iterator[io.StringIO]:
-    """What setup_logging(log_format=...) writes to stderr (conftest restores the logger)."""
-    stream = io.StringIO()
-    saved, sys.stderr = sys.stderr, stream
-    try:
-        setup_logging(log_format=log_format)
-    finally:
-        sys.stderr = saved
-    yield stream
 
 
 def post_hostile_requests() -> list[httpx.Response]:
