@@ -21,7 +21,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from starlette.applications import Starlette
@@ -108,6 +108,26 @@ class _CORSMiddleware(CORSMiddleware):
         return json_error_response(400, bytes(response.body).decode().lower(), headers)
 
 
+_Handler = TypeVar("_Handler", bound=Callable[..., Any])
+
+
+class LayercodeApp(Starlette):
+    """The Starlette app :func:`create_app` returns; it also takes exception handlers by
+    decorator, as FastAPI apps do (Starlette 1 dropped its own ``exception_handler``)."""
+
+    def exception_handler(
+        self, exc_class_or_status_code: int | type[Exception]
+    ) -> Callable[[_Handler], _Handler]:
+        """``@app.exception_handler(ValueError)``: :meth:`add_exception_handler` for the
+        decorated function, which is returned unchanged. Add handlers before serving."""
+
+        def register(handler: _Handler) -> _Handler:
+            self.add_exception_handler(exc_class_or_status_code, handler)
+            return handler
+
+        return register
+
+
 #: The routes every :func:`create_app` has besides its webhook and authorize routes.
 FIXED_ROUTES = ("/health", "/ready", "/metrics")
 
@@ -147,7 +167,7 @@ def create_app(
     authorize_guard: AuthorizeGuard | None = None,
     authorize_timeout: float = 10.0,
     extras: Mapping[str, Any] | None = None,
-) -> Starlette:
+) -> LayercodeApp:
     """Build the LayerCode backend app (a plain Starlette app with four routes).
 
     Args:
@@ -329,7 +349,7 @@ def create_app(
         from .prometheus import MetricsEndpoint
 
         routes.append(Route("/metrics", MetricsEndpoint(settings.metrics_api_keys)))
-    app = Starlette(
+    app = LayercodeApp(
         routes=routes,
         middleware=middleware,
         exception_handlers={HTTPException: _http_exception, Exception: _server_error},

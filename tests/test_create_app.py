@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from layercode_asgi import (
     ConfigurationError,
     ConversationManager,
+    LayercodeApp,
     LayercodeWebhook,
     MemoryConversationStore,
     Settings,
@@ -71,7 +72,8 @@ def _events(response: httpx.Response) -> list[dict[str, Any]]:
 
 def test_create_app_returns_a_plain_starlette_app() -> None:
     app = create_app(settings())
-    assert type(app) is Starlette
+    # a LayercodeApp: Starlette and its exception_handler decorator (the server reference's)
+    assert type(app) is LayercodeApp and type(app).__bases__ == (Starlette,)
     through_starlette: list[str] = []
     with TestClient(app) as client:
         # Starlette's stack (built at start-up) records what passes through it from now on.

@@ -395,3 +395,36 @@ def test_routes_are_configurable_by_position() -> None:
             for default in ("/api/agent", "/api/authorize"):
                 gone = client.post(default, content=body, headers=signed_headers(body))
                 assert (gone.status_code, gone.json()) == (404, {"error": "not found"})
+
+
+def test_server_reference_exception_handlers_as_written() -> None:
+    """The reference's "Custom Exception Handlers", decorators on ``create_app``'s app: its
+    ``ValueError`` handler answers 400 with the message, its general one 500 (here for an
+    authorize guard that raised). Before, ``app.exception_handler`` was an AttributeError
+    (Starlette 1 dropped the decorator; only ``add_exception_handler`` was left)."""
+
+    def guard(request: Request) -> bool:
+        if request.headers.get("x-fail") == "value":
+            raise ValueError("session token expired")
+        raise RuntimeError("token store down")
+
+    app = create_app(
+        Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET),
+        authorize_guard=guard,
+    )
+
+    @app.exception_handler(ValueError)
+    async def value_error_handler(request: Request, exc: ValueError) -> JSONResponse:
+        return JSONResponse(status_code=400, content={"error": str(exc)})
+
+    @app.exception_handler(Exception)
+    async def general_exception_handler(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(status_code=500, content={"error": "Internal server error"})
+
+    assert value_error_handler.__name__ == "value_error_handler"  # the function, unchanged
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        value = client.post("/api/authorize", json={"agent_id": "a"}, headers={"x-fail": "value"})
+        assert (value.status_code, value.json()) == (400, {"error": "session token expired"})
+        # (no body: a server closing the connection after a 500 may reset one it has not read)
+        other = client.post("/api/authorize")
+        assert (other.status_code, other.json()) == (500, {"error": "Internal server error"})
