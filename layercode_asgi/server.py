@@ -17,13 +17,15 @@ Every error is JSON ``{"error": "…"}`` with a fitting status (400, 401, 404, 4
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -90,7 +92,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
         escape_log_value(request.scope.get("path")),  # request.url can raise (a non-UTF-8 query)
         exc_info=exc,
     )
-    return json_error_response(500, "internal error")
+    return json_error_response(500, "internal error", CLOSE)
 
 
 class _CORSMiddleware(CORSMiddleware):
@@ -110,6 +112,28 @@ class _CORSMiddleware(CORSMiddleware):
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Any])
 
+#: On a 500 from an exception handler: Starlette re-raises the exception after it (for the
+#: server's log) and the server closes the connection; a keep-alive client told nothing
+#: would send its next request down the closed connection ("connection reset by peer").
+CLOSE = {"connection": "close"}
+
+
+def _closing(handler: Callable[..., Any]) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """``handler`` (async, or sync: run in a thread, as Starlette runs it) with :data:`CLOSE`
+    added to its response."""
+
+    async def closing(request: Request, exc: Exception) -> Response:
+        if inspect.iscoroutinefunction(handler):
+            response = await handler(request, exc)
+        else:
+            response = await anyio.to_thread.run_sync(handler, request, exc)
+            if inspect.isawaitable(response):  # an object with an async __call__
+                response = await response
+        response.headers.update(CLOSE)
+        return response  # type: ignore[no-any-return]
+
+    return closing
+
 
 class LayercodeApp(Starlette):
     """The Starlette app :func:`create_app` returns; it also takes exception handlers by
@@ -126,6 +150,14 @@ class LayercodeApp(Starlette):
             return handler
 
         return register
+
+    def add_exception_handler(
+        self, exc_class_or_status_code: int | type[Exception], handler: Callable[..., Any]
+    ) -> None:
+        """Starlette's; a handler of ``Exception`` or 500 also answers ``Connection: close``."""
+        if exc_class_or_status_code in (500, Exception):
+            handler = _closing(handler)
+        super().add_exception_handler(exc_class_or_status_code, handler)
 
 
 #: The routes every :func:`create_app` has besides its webhook and authorize routes.

@@ -428,3 +428,41 @@ def test_server_reference_exception_handlers_as_written() -> None:
         # (no body: a server closing the connection after a 500 may reset one it has not read)
         other = client.post("/api/authorize")
         assert (other.status_code, other.json()) == (500, {"error": "Internal server error"})
+
+
+@pytest.mark.parametrize("handler", ["create_app's", "async", "sync"])
+def test_a_500_tells_the_client_the_connection_closes(handler: str) -> None:
+    """After an exception handler's 500, Starlette re-raises (for the server's log) and
+    uvicorn closes the connection. The 500 did not say so: a keep-alive client (httpx, a
+    browser) sent its next request down the closed connection and got "Connection reset by
+    peer". Now every such 500 says ``Connection: close``: create_app's own (a raising
+    authorize guard) and one added with ``exception_handler`` / ``add_exception_handler``."""
+
+    def guard(request: Request) -> bool:
+        raise RuntimeError("token store down")
+
+    app = create_app(
+        Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET),
+        authorize_guard=guard,
+    )
+    expected = {"error": "internal error"}
+    if handler == "async":
+        expected = {"error": "Internal server error"}
+
+        @app.exception_handler(Exception)
+        async def general(request: Request, exc: Exception) -> JSONResponse:
+            return JSONResponse(status_code=500, content=expected)
+
+    elif handler == "sync":
+        expected = {"error": "failed"}
+
+        def general_sync(request: Request, exc: Exception) -> JSONResponse:
+            return JSONResponse(status_code=500, content=expected)
+
+        app.add_exception_handler(500, general_sync)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        for _ in range(3):
+            failed = client.post("/api/authorize")  # no body: see the test above
+            assert (failed.status_code, failed.json()) == (500, expected)
+            assert failed.headers["connection"] == "close"
+            assert client.get("/health").status_code == 200  # on a new connection
