@@ -200,7 +200,7 @@ def create_app(
     authorize_timeout: float = 10.0,
     extras: Mapping[str, Any] | None = None,
 ) -> LayercodeApp:
-    """Build the LayerCode backend app (a plain Starlette app with four routes).
+    """Build the LayerCode backend app (a :class:`LayercodeApp`, Starlette, with four routes).
 
     Args:
         settings: configuration; ``None`` reads the environment and ``.env``.
