@@ -71,7 +71,7 @@ from .logs import setup_logging
 from .metrics import MemoryMetrics, TurnMetrics
 from .middleware import DEFAULT_MAX_BODY_SIZE, LayercodeSignature
 from .replay import MemoryReplayCache, RedisReplayCache, ReplayCache
-from .server import AuthorizeGuard, Lifecycle, create_app, run_server
+from .server import AuthorizeGuard, LayercodeApp, Lifecycle, create_app, run_server
 from .signature import (
     DEFAULT_TOLERANCE,
     SIGNATURE_HEADER,
@@ -106,6 +106,7 @@ __all__ = [
     "Hangup",
     "HistoryMessage",
     "InvalidPayloadError",
+    "LayercodeApp",
     "LayercodeError",
     "LayercodeEventType",
     "LayercodeSignature",

@@ -17,13 +17,15 @@ Every error is JSON ``{"error": "…"}`` with a fitting status (400, 401, 404, 4
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -92,25 +94,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
         escape_log_value(request.scope.get("path")),  # request.url can raise (a non-UTF-8 query)
         exc_info=exc,
     )
-    return json_error_response(500, "internal error")
-
-
-# Set on a request's scope by _server_error: the error it logged and answered.
-_ANSWERED = "layercode_asgi.answered_error"
-
-
-class _App(Starlette):
-    """Starlette, keeping from the server an error :func:`_server_error` has logged (escaped,
-    secrets masked) and answered, which Starlette re-raises: the server logged it a second
-    time, as it was (uvicorn's "Exception in ASGI application": a newline from the request
-    starting a line of its own, a secret in clear)."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        except Exception as exc:
-            if scope.get(_ANSWERED) is not exc:
-                raise
+    return json_error_response(500, "internal error", CLOSE)
 
 
 class _CORSMiddleware(CORSMiddleware):
@@ -126,6 +110,74 @@ class _CORSMiddleware(CORSMiddleware):
             if name not in ("content-length", "content-type")
         }
         return json_error_response(400, bytes(response.body).decode().lower(), headers)
+
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Any])
+
+#: On a 500 from an exception handler: Starlette re-raises the exception after it (for the
+#: server's log) and the server closes the connection; a keep-alive client told nothing
+#: would send its next request down the closed connection ("connection reset by peer").
+#: Our own handler's error stays in the app, but after an unexpected error the connection
+#: is not reused either.
+CLOSE = {"connection": "close"}
+
+
+def _closing(handler: Callable[..., Any]) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """``handler`` (async, or sync: run in a thread, as Starlette runs it) with :data:`CLOSE`
+    added to its response."""
+
+    async def closing(request: Request, exc: Exception) -> Response:
+        if inspect.iscoroutinefunction(handler):
+            response = await handler(request, exc)
+        else:
+            response = await anyio.to_thread.run_sync(handler, request, exc)
+            if inspect.isawaitable(response):  # an object with an async __call__
+                response = await response
+        response.headers.update(CLOSE)
+        return response  # type: ignore[no-any-return]
+
+    return closing
+
+
+# Set on a request's scope by _server_error: the error it logged and answered.
+_ANSWERED = "layercode_asgi.answered_error"
+
+
+class LayercodeApp(Starlette):
+    """The Starlette app :func:`create_app` returns. It takes exception handlers by
+    decorator too, as FastAPI apps do (Starlette 1 dropped its own ``exception_handler``),
+    and keeps from the server an error its own 500 handler has logged (escaped, secrets
+    masked) and answered, which Starlette re-raises: the server logged it a second time, as
+    it was (uvicorn's "Exception in ASGI application": a newline from the request starting
+    a line of its own, a secret in clear). An error a handler of yours answered goes on to
+    the server, as in any Starlette app."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except Exception as exc:
+            if scope.get(_ANSWERED) is not exc:
+                raise
+
+    def exception_handler(
+        self, exc_class_or_status_code: int | type[Exception]
+    ) -> Callable[[_Handler], _Handler]:
+        """``@app.exception_handler(ValueError)``: :meth:`add_exception_handler` for the
+        decorated function, which is returned unchanged. Add handlers before serving."""
+
+        def register(handler: _Handler) -> _Handler:
+            self.add_exception_handler(exc_class_or_status_code, handler)
+            return handler
+
+        return register
+
+    def add_exception_handler(
+        self, exc_class_or_status_code: int | type[Exception], handler: Callable[..., Any]
+    ) -> None:
+        """Starlette's; a handler of ``Exception`` or 500 also answers ``Connection: close``."""
+        if exc_class_or_status_code in (500, Exception):
+            handler = _closing(handler)
+        super().add_exception_handler(exc_class_or_status_code, handler)
 
 
 #: The routes every :func:`create_app` has besides its webhook and authorize routes.
@@ -167,8 +219,8 @@ def create_app(
     authorize_guard: AuthorizeGuard | None = None,
     authorize_timeout: float = 10.0,
     extras: Mapping[str, Any] | None = None,
-) -> Starlette:
-    """Build the LayerCode backend app (a Starlette app with four routes).
+) -> LayercodeApp:
+    """Build the LayerCode backend app (a :class:`LayercodeApp`, Starlette, with four routes).
 
     Args:
         settings: configuration; ``None`` reads the environment and ``.env``.
@@ -349,7 +401,7 @@ def create_app(
         from .prometheus import MetricsEndpoint
 
         routes.append(Route("/metrics", MetricsEndpoint(settings.metrics_api_keys)))
-    app = _App(
+    app = LayercodeApp(
         routes=routes,
         middleware=middleware,
         exception_handlers={HTTPException: _http_exception, Exception: _server_error},

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from layercode_asgi import (
     ConfigurationError,
     ConversationManager,
+    LayercodeApp,
     LayercodeWebhook,
     MemoryConversationStore,
     Settings,
@@ -72,8 +73,9 @@ def _events(response: httpx.Response) -> list[dict[str, Any]]:
 
 def test_create_app_returns_a_plain_starlette_app() -> None:
     app = create_app(settings())
-    # Starlette's own, but for keeping from the server an error its JSON 500 answered.
-    assert isinstance(app, Starlette) and type(app).__bases__ == (Starlette,)
+    # a LayercodeApp: Starlette, its exception_handler decorator (the server reference's),
+    # keeping from the server an error its JSON 500 answered
+    assert type(app) is LayercodeApp and type(app).__bases__ == (Starlette,)
     through_starlette: list[str] = []
     with TestClient(app) as client:
         # Starlette's stack (built at start-up) records what passes through it from now on.
