@@ -18,8 +18,8 @@ Every error is JSON ``{"error": "…"}`` with a fitting status (400, 401, 404, 4
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -299,14 +299,15 @@ def create_app(
             tune_gc()
         try:
             yield
-        finally:
-            if settings.gc_tuning:
-                untune_gc()
-            await close_agent(agent)
-            await authorize.aclose()
-            await conversations.aclose()
-            if replay is not None:
-                await replay.aclose()
+        finally:  # every close runs whatever one before it did; run last to first
+            async with AsyncExitStack() as closes:
+                if replay is not None:
+                    closes.push_async_callback(_close, "replay cache", replay.aclose)
+                closes.push_async_callback(_close, "conversation store", conversations.aclose)
+                closes.push_async_callback(_close, "authorize client", authorize.aclose)
+                closes.push_async_callback(close_agent, agent)
+                if settings.gc_tuning:
+                    closes.callback(untune_gc)
 
     middleware = []
     if settings.cors_origins:
@@ -345,6 +346,17 @@ def create_app(
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
     return app
+
+
+async def _close(what: str, close: Callable[[], Awaitable[object]]) -> None:
+    """One close at the end of the lifespan: a failure is logged once, with its traceback,
+    and the shutdown goes on (as :func:`~layercode_asgi.agents.close_agent` does)."""
+    try:
+        await close()
+    except BaseException as exc:  # a backend's own kind too
+        if must_propagate(exc):
+            raise
+        logger.error("closing the %s failed", what, exc_info=exc)
 
 
 def _warn_unguarded(kind: str, route: str, harm: str, guard: str) -> None:

@@ -21,6 +21,7 @@ from layercode_asgi import ConversationManager, MemoryConversationStore, Setting
 
 from .conftest import SECRET, event_body, serve, signed_headers
 from .fake_openai import FakeOpenAI, fake_openai
+from .redis_fixtures import RedisServer, redis_server  # noqa: F401 - a fixture
 
 
 def settings(agent: str, base_url: str) -> Settings:
@@ -35,12 +36,12 @@ def settings(agent: str, base_url: str) -> Settings:
     )
 
 
-def one_turn(app: Any) -> list[str]:
+def one_turn(app: Any, **config: Any) -> list[str]:
     """Serve ``app`` for one message turn, then shut it down (its lifespan's end); the
     ResourceWarnings of the server's thread (unclosed transports, sockets)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
-        with serve(app) as url, httpx.Client(base_url=url, timeout=20) as client:
+        with serve(app, **config) as url, httpx.Client(base_url=url, timeout=20) as client:
             body = event_body(text="hi")
             reply = client.post("/api/agent", content=body, headers=signed_headers(body))
             assert reply.status_code == 200
@@ -121,6 +122,56 @@ def test_an_agent_whose_aclose_fails_is_logged_and_the_store_still_closed(
     failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [r.getMessage() for r in failed] == ["closing the agent ClosingAgent failed"]
     assert failed[0].exc_info is not None
+
+
+class FailingStore(MemoryConversationStore):
+    """A user's conversation backend whose close fails."""
+
+    async def aclose(self) -> None:
+        raise RuntimeError("the backend is gone")
+
+
+def redis_clients_left(server: RedisServer) -> list[str]:
+    """The clients of ``server`` besides the one asking, once the closes it was sent reached
+    it (bounded)."""
+    import redis
+
+    with redis.Redis.from_url(server.url) as admin:
+        me = admin.client_id()
+        deadline = time.monotonic() + 10
+        while True:
+            others = [c["addr"] for c in admin.client_list() if int(c["id"]) != me]
+            if not others or time.monotonic() > deadline:
+                return others
+            time.sleep(0.01)
+
+
+def test_a_store_whose_aclose_fails_leaves_the_replay_caches_redis_closed(
+    redis_server: RedisServer,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = FailingStore()
+    app = create_app(
+        Settings(
+            env_file=None,
+            environ={},
+            layercode_webhook_secret=SECRET,
+            redis_url=redis_server.url,
+            replay_protection=True,
+        ),
+        conversations=ConversationManager(store),
+    )
+    with caplog.at_level(logging.INFO):
+        # uvicorn's records reach caplog; asyncio's loop (uvloop's closes every transport
+        # left open when it closes, hiding a skipped close)
+        one_turn(app, log_config=None, loop="asyncio")
+    # Before: the store's failure skipped the replay cache's close: its Redis connection
+    # stayed open, and uvicorn logged "Application shutdown failed. Exiting."
+    assert redis_clients_left(redis_server) == []
+    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in failed] == ["closing the conversation store failed"]
+    assert failed[0].exc_info is not None
+    assert "the backend is gone" in str(failed[0].exc_info[1])  # and no uvicorn error
 
 
 @pytest.mark.parametrize("failure", ["no temporary directory", "signals off the main thread"])
