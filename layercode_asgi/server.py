@@ -48,6 +48,7 @@ from .config import Settings
 from .conversation import ConversationManager, RedisConversationStore
 from .errors import (
     ConfigurationError,
+    check_callable,
     check_positive_int,
     check_seconds,
     check_type,
@@ -186,13 +187,28 @@ def create_app(
         )
     check_keys_apart(settings)
     hide_in_logs(*settings_secrets(settings))  # from the log lines of setup_logging's formats
-    if isinstance(agent, str) or agent is None:
-        agent = get_agent(settings.agent if agent is None else agent, settings)
+    # Every check before the agent is built (a factory may open a client, a pool): a failing
+    # create_app leaves nothing to close. The clients built until then connect on first use.
+    check_callable("on_data", on_data)
+    check_callable("on_session_update", on_session_update)
+    check_callable("on_session_end", on_session_end)
+    check_type("extras", extras, Mapping | None, "a mapping or None")
+    metrics = metrics_from_settings(settings)
+    serves_metrics = settings.metrics and installed("prometheus_client")
+    authorize = AuthorizeRoute(settings, authorize_guard, authorize_timeout)
     conversations = (
         ConversationManager.from_settings(settings) if conversations is None else conversations
     )
-    metrics = metrics_from_settings(settings)
-    serves_metrics = settings.metrics and installed("prometheus_client")
+    replay: ReplayCache | None = None
+    if settings.replay_protection:
+        # Shared by every worker when they share Redis; else this process's memory.
+        replay = (
+            RedisReplayCache(settings.redis_url, cluster=settings.redis_cluster)
+            if settings.redis_url
+            else MemoryReplayCache()
+        )
+    if isinstance(agent, str) or agent is None:
+        agent = get_agent(settings.agent if agent is None else agent, settings)
 
     webhook = LayercodeWebhook(
         agent,
@@ -210,14 +226,6 @@ def create_app(
         max_body_size=settings.max_body_size,
         metrics=metrics,
     )
-    replay: ReplayCache | None = None
-    if settings.replay_protection:
-        # Shared by every worker when they share Redis; else this process's memory.
-        replay = (
-            RedisReplayCache(settings.redis_url, cluster=settings.redis_cluster)
-            if settings.redis_url
-            else MemoryReplayCache()
-        )
     protected = LayercodeSignature(
         webhook,
         secret=secrets,
@@ -228,7 +236,6 @@ def create_app(
         replay_protection=False if replay is None else replay,
         on_rejected=None if metrics is None else metrics.signature_rejected,
     )
-    authorize = AuthorizeRoute(settings, authorize_guard, authorize_timeout)
     name = agent_name(agent)
     # Only an agent that uses a model says which (the built-in openai agent does).
     model = getattr(agent, "model", None)

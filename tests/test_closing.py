@@ -233,3 +233,47 @@ async def test_a_client_stopping_at_max_bytes_over_http_ends_the_turn_quietly(
     # the server stopped: every record of the turn is in
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert [r for r in caplog.records if r.exc_info] == []
+
+
+@pytest.mark.parametrize(
+    "failure", ["on_data", "on_session_end", "authorize_guard", "extras", "metrics directory"]
+)
+def test_a_create_app_that_fails_opens_no_agent_first(
+    failure: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later check failing left the agent built (its factory's client, pool...) with no
+    lifespan to close it: now every check runs before anything is opened."""
+    from layercode_asgi import ConfigurationError, register_agent
+    from layercode_asgi.agents import agent_factory
+
+    options: dict[str, Any] = {}
+    if failure == "metrics directory":
+        pytest.importorskip("prometheus_client")
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "missing"))
+    elif failure == "extras":
+        options["extras"] = ["not", "a", "mapping"]
+    else:
+        options[failure] = "not callable"
+    built: list[ClosingAgent] = []
+
+    def opening(settings: Any) -> ClosingAgent:
+        built.append(ClosingAgent())
+        return built[-1]
+
+    echo = agent_factory("echo")
+    register_agent("echo", opening)
+    try:
+        with pytest.raises((ConfigurationError, TypeError)):
+            create_app(
+                Settings(
+                    env_file=None,
+                    environ={},
+                    layercode_webhook_secret=SECRET,
+                    metrics=failure == "metrics directory",
+                ),
+                **options,
+            )
+    finally:
+        register_agent("echo", echo)
+    # Before: the agent was built first, then the check failed: never closed.
+    assert built == []
