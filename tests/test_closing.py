@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -277,3 +280,57 @@ def test_a_create_app_that_fails_opens_no_agent_first(
         register_agent("echo", echo)
     # Before: the agent was built first, then the check failed: never closed.
     assert built == []
+
+
+#: Serve four workers with room for two in the file-descriptor limit: the third start
+#: fails (EMFILE); then say how many workers are still running.
+SPAWN_FAILS = """
+import multiprocessing, os, resource, sys
+from multiprocessing import resource_tracker
+
+from layercode_asgi.workers import serve_workers
+
+if __name__ == "__main__":
+    resource_tracker.ensure_running()  # its own descriptors, before the count
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(64)]  # the workers get room
+    taken = {int(fd) for fd in os.listdir("/proc/self/fd")}
+    free, limit = 9, 0  # the socket, two starts (2 kept each), the 6 of a start at its peak
+    while free and limit < 4096:
+        free -= limit not in taken
+        limit += 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    try:
+        serve_workers(workers=4, host="127.0.0.1", port=0, log_level="warning", environ={})
+    except OSError as exc:
+        running = len(multiprocessing.active_children())
+        print(f"{exc.strerror}; {running} running", flush=True)
+"""
+
+
+def test_serve_workers_failing_to_start_a_later_worker_stops_the_started_ones(
+    tmp_path: Path,
+) -> None:
+    """A start failing after others (here: out of file descriptors) left the started
+    workers serving, non-daemon: the parent hung at exit, joining them."""
+    script = tmp_path / "spawn_fails.py"
+    script.write_text(SPAWN_FAILS)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "LOG_"))}
+    environ.update(
+        PYTHONPATH=str(Path(__file__).parent.parent),  # this tree's package
+        TMPDIR=str(tmp_path),
+        LAYERCODE_WEBHOOK_SECRET=SECRET,
+        LAYERCODE_ENV_FILE="",
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            cwd=tmp_path,
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=60,  # a bound: before, it never ended (its workers notice it killed)
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the parent did not exit: the workers it had started still run")
+    assert done.stdout == "Too many open files; 0 running\n", done.stderr[-3000:]
+    assert done.returncode == 0
