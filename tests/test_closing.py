@@ -5,6 +5,7 @@ uvicorn, the model a fake OpenAI API on 127.0.0.1."""
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import subprocess
@@ -334,3 +335,44 @@ def test_serve_workers_failing_to_start_a_later_worker_stops_the_started_ones(
         pytest.fail("the parent did not exit: the workers it had started still run")
     assert done.stdout == "Too many open files; 0 running\n", done.stderr[-3000:]
     assert done.returncode == 0
+
+
+def test_the_starter_agent_on_two_loops_closes_only_the_stopping_loops_client() -> None:
+    """One app served by two servers at once (two threads, two event loops); the first
+    stops while a turn of the second streams. Its lifespan must close its own loop's model
+    client only: the second's turn ends as the model said, and later turns still work."""
+    pytest.importorskip("pydantic_ai")
+    from .fake_openai import DEFAULT_TEXT, Script
+
+    def post(url: str, text: str, turn: str) -> str:
+        body = event_body(text=text, conversation_id=f"two-loops-{turn}", turn_id=turn)
+        with httpx.Client(timeout=20) as client:
+            reply = client.post(url + "/api/agent", content=body, headers=signed_headers(body))
+        assert reply.status_code == 200
+        return reply.text
+
+    def spoken(reply: str) -> str:
+        events = [json.loads(line[6:]) for line in reply.splitlines() if line.startswith("data: ")]
+        assert [e["type"] for e in events][-1:] == ["response.end"], reply
+        return "".join(e["content"] for e in events if e["type"] == "response.tts")
+
+    with fake_openai() as (fake, base_url):
+        app = create_app(settings("starter", base_url))
+        replies: list[str] = []
+        with serve(app) as second:
+            with serve(app) as first:
+                assert '"response.end"' in post(first, "hi", "1")
+                fake.push(Script(hold=True))
+                streaming = threading.Thread(
+                    target=lambda: replies.append(post(second, "hi", "2")), daemon=True
+                )
+                streaming.start()
+                assert fake.held.wait(10)
+            fake.release()  # the first server stopped (its lifespan ran) mid-turn
+            streaming.join(20)
+            later = post(second, "hi again", "3")
+    # Before: one client for both loops: a turn on the second failed ("agent error":
+    # "<asyncio.locks.Event ...> is bound to a different event loop").
+    assert len(replies) == 1
+    assert spoken(replies[0]) == "".join(DEFAULT_TEXT).strip()
+    assert spoken(later) == "".join(DEFAULT_TEXT).strip()
