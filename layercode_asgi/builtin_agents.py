@@ -270,7 +270,8 @@ def starter_agent(
     OpenAI-compatible API. Raises
     :class:`ConfigurationError` at once when pydantic-ai or the model's key is missing (a
     ``TypeError`` for an option of another type); a blank ``system_prompt`` is none.
-    ``agent.aclose()`` closes the model's HTTP client (``create_app``'s lifespan awaits it).
+    Each event loop gets its own model and HTTP client; ``agent.aclose()`` closes the running
+    loop's (``create_app``'s lifespan awaits it).
     """
     system_prompt = _checked_options(
         model, system_prompt, base_url, openai_api_key=openai_api_key, google_api_key=google_api_key
@@ -286,16 +287,26 @@ def starter_agent(
 
     mask_key(openai_api_key)
     mask_key(google_api_key)
-    llm = _pydantic_ai_model(model, openai_api_key, google_api_key, base_url)
-    agent = from_pydantic_ai(
-        pydantic_ai.Agent(llm, instructions=system_prompt, name="starter"), welcome=welcome
-    )
+
+    # One model (its HTTP client) per event loop, as the openai agent's clients: pydantic-ai
+    # shares its one between loops (two servers in threads), and one loop closes it.
+    def build() -> tuple[Any, Agent]:
+        llm = _pydantic_ai_model(model, openai_api_key, google_api_key, base_url)
+        framework = pydantic_ai.Agent(llm, instructions=system_prompt, name="starter")
+        return llm, from_pydantic_ai(framework, welcome=welcome)
+
+    built: PerLoop[tuple[Any, Agent]] = PerLoop(build(), build)  # the first: errors at once
+
+    def agent(event: TurnEvent, context: TurnContext) -> Any:  # this loop's run, as it is
+        return built.get()[1](event, context)
 
     async def aclose() -> None:  # create_app's lifespan: pydantic-ai closes the client its
-        if hasattr(llm, "__aexit__"):  # provider made as a context exits (older: a shared one)
-            async with llm:
+        taken = built.take()  # provider made as a context exits (older: a shared one)
+        if taken is not None and hasattr(taken[0], "__aexit__"):
+            async with taken[0]:
                 pass
 
+    agent.asyncio_only = True  # type: ignore[attr-defined]  # as the adapter's
     agent.__name__ = agent.__qualname__ = "starter_agent"
     agent.aclose = aclose  # type: ignore[attr-defined]
     agent.model = ":".join(_split_model(model))  # type: ignore[attr-defined]  # shown by /ready

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -51,6 +51,7 @@ from .config import Settings
 from .conversation import ConversationManager, RedisConversationStore
 from .errors import (
     ConfigurationError,
+    check_callable,
     check_positive_int,
     check_seconds,
     check_type,
@@ -258,13 +259,28 @@ def create_app(
         )
     check_keys_apart(settings)
     hide_in_logs(*settings_secrets(settings))  # from the log lines of setup_logging's formats
-    if isinstance(agent, str) or agent is None:
-        agent = get_agent(settings.agent if agent is None else agent, settings)
+    # Every check before the agent is built (a factory may open a client, a pool): a failing
+    # create_app leaves nothing to close. The clients built until then connect on first use.
+    check_callable("on_data", on_data)
+    check_callable("on_session_update", on_session_update)
+    check_callable("on_session_end", on_session_end)
+    check_type("extras", extras, Mapping | None, "a mapping or None")
+    metrics = metrics_from_settings(settings)
+    serves_metrics = settings.metrics and installed("prometheus_client")
+    authorize = AuthorizeRoute(settings, authorize_guard, authorize_timeout)
     conversations = (
         ConversationManager.from_settings(settings) if conversations is None else conversations
     )
-    metrics = metrics_from_settings(settings)
-    serves_metrics = settings.metrics and installed("prometheus_client")
+    replay: ReplayCache | None = None
+    if settings.replay_protection:
+        # Shared by every worker when they share Redis; else this process's memory.
+        replay = (
+            RedisReplayCache(settings.redis_url, cluster=settings.redis_cluster)
+            if settings.redis_url
+            else MemoryReplayCache()
+        )
+    if isinstance(agent, str) or agent is None:
+        agent = get_agent(settings.agent if agent is None else agent, settings)
 
     webhook = LayercodeWebhook(
         agent,
@@ -282,14 +298,6 @@ def create_app(
         max_body_size=settings.max_body_size,
         metrics=metrics,
     )
-    replay: ReplayCache | None = None
-    if settings.replay_protection:
-        # Shared by every worker when they share Redis; else this process's memory.
-        replay = (
-            RedisReplayCache(settings.redis_url, cluster=settings.redis_cluster)
-            if settings.redis_url
-            else MemoryReplayCache()
-        )
     protected = LayercodeSignature(
         webhook,
         secret=secrets,
@@ -300,7 +308,6 @@ def create_app(
         replay_protection=False if replay is None else replay,
         on_rejected=None if metrics is None else metrics.signature_rejected,
     )
-    authorize = AuthorizeRoute(settings, authorize_guard, authorize_timeout)
     name = agent_name(agent)
     # Only an agent that uses a model says which (the built-in openai agent does).
     model = getattr(agent, "model", None)
@@ -371,14 +378,15 @@ def create_app(
             tune_gc()
         try:
             yield
-        finally:
-            if settings.gc_tuning:
-                untune_gc()
-            await close_agent(agent)
-            await authorize.aclose()
-            await conversations.aclose()
-            if replay is not None:
-                await replay.aclose()
+        finally:  # every close runs whatever one before it did; run last to first
+            async with AsyncExitStack() as closes:
+                if replay is not None:
+                    closes.push_async_callback(_close, "replay cache", replay.aclose)
+                closes.push_async_callback(_close, "conversation store", conversations.aclose)
+                closes.push_async_callback(_close, "authorize client", authorize.aclose)
+                closes.push_async_callback(close_agent, agent)
+                if settings.gc_tuning:
+                    closes.callback(untune_gc)
 
     middleware = []
     if settings.cors_origins:
@@ -417,6 +425,17 @@ def create_app(
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
     return app
+
+
+async def _close(what: str, close: Callable[[], Awaitable[object]]) -> None:
+    """One close at the end of the lifespan: a failure is logged once, with its traceback,
+    and the shutdown goes on (as :func:`~layercode_asgi.agents.close_agent` does)."""
+    try:
+        await close()
+    except BaseException as exc:  # a backend's own kind too
+        if must_propagate(exc):
+            raise
+        logger.error("closing the %s failed", what, exc_info=exc)
 
 
 def _warn_unguarded(kind: str, route: str, harm: str, guard: str) -> None:

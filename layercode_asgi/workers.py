@@ -100,6 +100,7 @@ def serve_workers(
         return process
 
     previous: dict[int, Any] = {}
+    processes: list[Any] = []
     status = 0
     sock = config.bind_socket()
     try:  # what is opened here is closed in ``finally``, also when starting fails
@@ -109,7 +110,7 @@ def serve_workers(
             metrics_dir = prometheus.prepare_worker_directory(env)
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, lambda number, frame: signals.append(number))
-        processes = [start() for _ in range(workers)]
+        processes.extend(start() for _ in range(workers))  # each kept as it starts
         forwarded = 0
         while True:
             if len(signals) > forwarded:
@@ -144,6 +145,13 @@ def serve_workers(
         if len(signals) > 1 and not status:  # stopped at once, not drained: as one process
             status = 128 + signals[-1]  # (130 after Ctrl-C, 143 after SIGTERM)
     finally:
+        # A start failing (the first or a replacement): the started workers drain and exit,
+        # else the parent, raising, would wait for them at exit (they are no daemons).
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        for process in processes:
+            process.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sock.close()
