@@ -237,7 +237,6 @@ class RedisClusterNodes:
                 "--dir", directory,
                 "--daemonize", "no",
                 "--loglevel", "warning",
-                *(["--unixsocket", self.socket, "--unixsocketperm", "700"] if self.socket else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
