@@ -287,6 +287,9 @@ def test_adapters_refuse_a_per_turn_builder_that_cannot_build(
         ({"max_turns": 0}, ConfigurationError, "max_turns must be an integer > 0"),
         ({"max_turns": True}, ConfigurationError, "max_turns must be an integer > 0"),
         ({"run_config": {"tracing_disabled": True}}, TypeError, "run_config must be"),
+        # "false" and "no" are true: the traces (the conversation) went to OpenAI
+        ({"tracing": "false"}, TypeError, "tracing must be True or False"),
+        ({"tracing": None}, TypeError, "tracing must be True or False"),
     ],
 )
 def test_from_openai_agents_refuses_bad_options(
@@ -294,6 +297,22 @@ def test_from_openai_agents_refuses_bad_options(
 ) -> None:
     with pytest.raises(error, match=match):
         from_openai_agents(openai_agents_agent(), **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"model_setting": {}}, "model_setting"),  # a typo of model_settings
+        ({"message_history": []}, "message_history"),  # the adapter passes the history
+        ({"user_prompt": "hi"}, "user_prompt"),
+    ],
+)
+def test_from_pydantic_ai_refuses_a_run_option_agent_iter_cannot_take(
+    options: dict[str, Any], match: str
+) -> None:
+    # Taken, then every turn failed: "Agent.iter() got an unexpected keyword argument".
+    with pytest.raises(TypeError, match=f"from_pydantic_ai: {match}"):
+        from_pydantic_ai(pydantic_ai_agent(), **options)
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,7 @@ def from_openai_agents(
     check_type("run_config", run_config, sdk.RunConfig | None, "an agents.RunConfig or None")
     check_callable("context", context, sync=True)
     check_positive_int(max_turns, "max_turns")
+    check_type("tracing", tracing, bool, "True or False")
     config = run_config if run_config is not None else sdk.RunConfig(tracing_disabled=not tracing)
     # the SDK fails a refusal once it is streamed: the refusal, spoken, is the answer
     refusal_error: Any = getattr(sdk, "ModelRefusalError", ())

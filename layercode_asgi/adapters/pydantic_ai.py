@@ -12,12 +12,13 @@ fails the turn; a refusal is spoken, as the answer.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from ..agents import Agent, TurnContext
 from ..conversation import HistoryMessage, model_history
-from ..errors import check_callable
+from ..errors import check_callable, kind_of
 from .voice import (
     DEFAULT_FILLER,
     Chunking,
@@ -45,6 +46,28 @@ def pydantic_ai_history(history: Sequence[HistoryMessage]) -> list[Any]:
         else messages.ModelRequest(parts=[messages.UserPromptPart(content=m.text)])
         for m in model_history(history)
     ]
+
+
+#: What the adapter passes to ``agent.iter`` itself, each turn.
+_OWN_OPTIONS = ("user_prompt", "message_history")
+
+
+def _check_run_options(agent: Any, run_options: dict[str, Any]) -> None:
+    """Refuse (``TypeError``) a run option ``agent.iter`` cannot take, or one the adapter
+    passes itself: taken, it would fail every turn."""
+    for name in run_options:
+        if name in _OWN_OPTIONS:
+            raise TypeError(f"from_pydantic_ai: {name} is passed by the adapter on each turn")
+    try:
+        parameters = inspect.signature(agent.iter).parameters.values()
+    except (TypeError, ValueError):  # no signature to check against
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return
+    known = {p.name for p in parameters if p.kind is not p.POSITIONAL_ONLY}
+    for name in run_options:
+        if name not in known:
+            raise TypeError(f"from_pydantic_ai: {name} is not an option of {kind_of(agent)}.iter")
 
 
 def from_pydantic_ai(
@@ -77,6 +100,7 @@ def from_pydantic_ai(
     runs = callable(getattr(agent, "iter", None))
     require_object("from_pydantic_ai", agent, "a pydantic_ai.Agent", runs)
     check_callable("deps", deps, sync=True)
+    _check_run_options(agent, run_options)
     try:  # an older pydantic-ai has none: only ``instructions`` reach every request
         reinject: Any = importlib.import_module("pydantic_ai.capabilities").ReinjectSystemPrompt
     except (ImportError, AttributeError):
