@@ -13,7 +13,7 @@ fails the turn.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -21,7 +21,7 @@ import anyio
 from .._asgi import must_propagate
 from ..agents import Agent, TurnContext
 from ..conversation import HistoryMessage, model_history
-from ..errors import check_callable, check_text
+from ..errors import check_callable, check_text, check_type
 from ..turns import AGENT_CLOSE_TIMEOUT
 from .voice import (
     DEFAULT_FILLER,
@@ -186,6 +186,9 @@ def from_langchain(
     check_callable("make_input", make_input, sync=True)
     if callable(config):
         check_callable("config", config, sync=True)
+    else:
+        expected = "a RunnableConfig (a dict), a function making one, or None"
+        check_type("config", config, Mapping | None, expected)
     graph = _is_graph(runnable)
     base: Any = require_extra("langchain_core.callbacks", _EXTRA, "from_langchain")
     merge_configs = require_extra(
