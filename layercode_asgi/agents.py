@@ -364,13 +364,15 @@ def _import_agent(name: str) -> Any:
         raise AgentImportError(
             f"cannot import the agent {name!r}: {type(exc).__name__}: {reason}"
         ) from exc
+    owner = module_name  # what lacks the part: the module, or an object in it
     for part in attribute.split("."):
         try:
             target = getattr(target, part)
         except AttributeError as exc:
             raise AgentImportError(
-                f"cannot import the agent {name!r}: {module_name} has no attribute {part!r}"
+                f"cannot import the agent {name!r}: {owner} has no attribute {part!r}"
             ) from exc
+        owner += f".{part}" if ":" in owner else f":{part}"
     return target
 
 

@@ -52,6 +52,11 @@ def test_import_path_agents() -> None:
     assert agent.__name__ == "history_agent"
     with pytest.raises(AgentImportError, match="has no attribute 'missing'"):
         get_agent("tests.agents_for_tests:missing")
+    # a dotted attribute names the object that lacks the part, not the module
+    with pytest.raises(
+        AgentImportError, match=r"agents_for_tests:history_agent has no attribute .missing."
+    ):
+        get_agent("tests.agents_for_tests:history_agent.missing.deeper")
     with pytest.raises(AgentImportError, match="No module named 'no_such_module_xyz'"):
         get_agent("no_such_module_xyz:agent")
     with pytest.raises(ConfigurationError, match="not callable"):
