@@ -273,7 +273,7 @@ async def run_simulation(
         result = await send_json_event(
             client, url, event, secret, headers=extra_headers, timeout=timeout
         )
-        body = "(no body)" if result.body is None else _shorten(_encode(result.body).decode())
+        body = "(no body)" if result.empty else _shorten(_encode(result.body).decode())
         printer.line(f"  reply {result.status_code}: {body}")
         report.replies.append(
             {

@@ -101,8 +101,9 @@ def test_an_empty_secret_option_is_refused_not_replaced(
     assert captured.err.count("\n") == 1
 
 
-def no_content_backend(status: int) -> Any:
-    """Answers turns with a one-event stream and every other event with ``status``, no body."""
+def no_content_backend(status: int, body: bytes = b"") -> Any:
+    """Answers turns with a one-event stream and every other event with ``status`` and
+    ``body`` (none by default)."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -115,17 +116,26 @@ def no_content_backend(status: int) -> Any:
             await send({"type": "http.response.body", "body": b"data: " + stream + b"\n\n"})
             return
         await send({"type": "http.response.start", "status": status, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.body", "body": body})
 
     return app
 
 
-@pytest.mark.parametrize("status", [204, 200, 202])
+@pytest.mark.parametrize(
+    ("status", "body", "shown"),
+    [
+        (204, b"", "(no body)"),
+        (200, b"", "(no body)"),
+        (202, b"", "(no body)"),
+        (200, b"null", "null"),
+    ],
+)
 def test_simulate_accepts_a_reply_without_body(
-    status: int, capsys: pytest.CaptureFixture[str]
+    status: int, body: bytes, shown: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Before: a 204 to session.update was PROTOCOL VIOLATION: bad-json ("reply is not JSON: ''").
-    with serve(no_content_backend(status)) as base:
+    # And a JSON `null` body printed as "(no body)", as if there were none.
+    with serve(no_content_backend(status, body)) as base:
         argv = ["simulate", "--url", base, "--secret", SECRET, "--data", "{}", "--json", "hi"]
         assert main(argv, environ={}) == 0, capsys.readouterr().err
     captured = capsys.readouterr()
@@ -136,7 +146,7 @@ def test_simulate_accepts_a_reply_without_body(
         ("session.update", status, None),
         ("session.end", status, None),
     ]
-    assert f"reply {status}: (no body)" in captured.err
+    assert captured.err.count(f"reply {status}: {shown}\n") == 3, captured.err
 
 
 def test_an_error_status_without_body_ends_the_line(capsys: pytest.CaptureFixture[str]) -> None:
