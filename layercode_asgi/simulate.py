@@ -165,9 +165,9 @@ def _check_sendable(secret: str, messages: Sequence[str], data: Any, *ids: str |
     command line, stdin or the environment that were not: a lone surrogate), data not JSON."""
     check_text("the webhook secret", secret)
     for number, text in enumerate(messages, start=1):
-        check_text(f"message {number}", text)
+        _check_given(f"message {number}", text)  # (blank lines of --file are skipped)
     for name, value in zip(("conversation_id", "session_id"), ids, strict=True):
-        _check_id(name, value)
+        _check_given(name, value)
     if data is not _NO_DATA:
         try:
             _encode(data)
@@ -175,8 +175,9 @@ def _check_sendable(secret: str, messages: Sequence[str], data: Any, *ids: str |
             raise ConfigurationError(f"data cannot be sent as JSON: {exc}") from None
 
 
-def _check_id(name: str, value: str | None) -> None:
-    """An id given is sent as it is: empty or blank, a ConfigurationError (not a random id)."""
+def _check_given(name: str, value: str | None) -> None:
+    """An id or message given is sent as it is: empty or blank, a ConfigurationError (not a
+    random id, not a message without text)."""
     check_text(name, value)
     if value is not None and not value.strip():
         raise ConfigurationError(f"{name} must not be empty or blank, got {value!r}")
@@ -209,7 +210,7 @@ async def run_simulation(
     ``response.error`` is counted in ``report.errored_turns`` and makes ``report.ok`` false
     unless ``allow_errors`` (with ``strict``, it is a violation that stops the run).
     Everything printed that came from the backend has its control characters escaped.
-    Text that is not UTF-8, an empty or blank id, or ``data`` that is not JSON, is a
+    Text that is not UTF-8, an empty or blank id or message, or ``data`` that is not JSON, is a
     :class:`~layercode_asgi.errors.ConfigurationError` before anything is sent.
     """
     messages = tuple(messages)  # checked, then sent: an iterator is read once
@@ -436,8 +437,8 @@ def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             f"--timeout must be between {MIN_TIMEOUT:g} and {MAX_TIMEOUT:g} seconds, "
             f"got {args.timeout:g}"
         )
-    _check_id("--conversation-id", args.conversation_id)
-    _check_id("--session-id", args.session_id)
+    _check_given("--conversation-id", args.conversation_id)
+    _check_given("--session-id", args.session_id)
     secret = read_secret(args, env, "simulate")
     headers = _parse_headers(args.header)
     data: Any = _NO_DATA

@@ -60,6 +60,26 @@ def test_run_simulation_refuses_an_empty_id(name: str) -> None:
         anyio.run(go)
 
 
+@pytest.mark.parametrize("value", ["", " ", "\t"])
+def test_simulate_refuses_an_empty_or_blank_message(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: `simulate ''` sent a message with empty text, while blank --file lines are skipped.
+    argv = ["simulate", "--url", NOWHERE, "--secret", "s", "hi", value]
+    one_line_error(capsys, argv, "message 2")
+
+
+@pytest.mark.parametrize(("options", "names"), [({"messages": ["hi", " "]}, "message 2")])
+def test_run_simulation_refuses_a_blank_message_or_data_no_object(
+    options: dict[str, Any], names: str
+) -> None:
+    async def go() -> None:
+        await run_simulation(NOWHERE, "s", **options)
+
+    with pytest.raises(ConfigurationError, match=f"^{names} "):
+        anyio.run(go)
+
+
 @pytest.mark.parametrize(
     "value", ["0", "-1", "nan", "inf", "-inf", "1e309", "1e300", "1e-300", "86401", "0.0009"]
 )
