@@ -23,7 +23,7 @@ import msgspec
 
 from ._asgi import check_headers
 from .envfile import parse_env_file
-from .errors import ConfigurationError, check_text
+from .errors import ConfigurationError, check_text, kind_of
 from .protocol import check_url, new_client
 from .redaction import escape_terminal, mask_url
 from .testing import (
@@ -169,6 +169,7 @@ def _check_sendable(secret: str, messages: Sequence[str], data: Any, *ids: str |
     for name, value in zip(("conversation_id", "session_id"), ids, strict=True):
         _check_given(name, value)
     if data is not _NO_DATA:
+        _check_data("data", data)
         try:
             _encode(data)
         except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
@@ -181,6 +182,23 @@ def _check_given(name: str, value: str | None) -> None:
     check_text(name, value)
     if value is not None and not value.strip():
         raise ConfigurationError(f"{name} must not be empty or blank, got {value!r}")
+
+
+#: What ``data`` that is no JSON object is, for its error.
+_JSON_KINDS: Final[dict[type, str]] = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+}
+
+
+def _check_data(name: str, data: Any) -> None:
+    """A ``data`` event's content is a JSON object (what the browser sent)."""
+    if not isinstance(data, dict):
+        kind = "null" if data is None else _JSON_KINDS.get(type(data)) or kind_of(data)
+        raise ConfigurationError(f"{name} must be a JSON object, got {kind}")
 
 
 async def run_simulation(
@@ -210,8 +228,8 @@ async def run_simulation(
     ``response.error`` is counted in ``report.errored_turns`` and makes ``report.ok`` false
     unless ``allow_errors`` (with ``strict``, it is a violation that stops the run).
     Everything printed that came from the backend has its control characters escaped.
-    Text that is not UTF-8, an empty or blank id or message, or ``data`` that is not JSON, is a
-    :class:`~layercode_asgi.errors.ConfigurationError` before anything is sent.
+    Text that is not UTF-8, an empty or blank id or message, or ``data`` that is not a JSON
+    object, is a :class:`~layercode_asgi.errors.ConfigurationError` before anything is sent.
     """
     messages = tuple(messages)  # checked, then sent: an iterator is read once
     _check_sendable(secret, messages, data, conversation_id, session_id)
@@ -448,6 +466,7 @@ def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             data = msgspec.json.decode(args.data)
         except (msgspec.DecodeError, RecursionError) as exc:  # invalid, or nested too deep
             raise UsageError(f"--data is not valid JSON: {exc}") from None
+        _check_data("--data", data)
     messages = _simulation_messages(args)
     # With --json, stdout carries only the JSON summary; the human output goes to stderr.
     human = sys.stderr if args.json else sys.stdout

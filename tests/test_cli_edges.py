@@ -69,7 +69,18 @@ def test_simulate_refuses_an_empty_or_blank_message(
     one_line_error(capsys, argv, "message 2")
 
 
-@pytest.mark.parametrize(("options", "names"), [({"messages": ["hi", " "]}, "message 2")])
+@pytest.mark.parametrize("value", ["42", "[1]", '"x"', "null", "true"])
+def test_simulate_refuses_data_that_is_no_json_object(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A data event's content is an object (PROTOCOL.md). Before: `--data 42` was sent (200).
+    argv = ["simulate", "--url", NOWHERE, "--secret", "s", "--data", value, "hi"]
+    one_line_error(capsys, argv, "--data")
+
+
+@pytest.mark.parametrize(
+    ("options", "names"), [({"messages": ["hi", " "]}, "message 2"), ({"data": 42}, "data")]
+)
 def test_run_simulation_refuses_a_blank_message_or_data_no_object(
     options: dict[str, Any], names: str
 ) -> None:
