@@ -40,7 +40,7 @@ def _bind_free_port() -> socket.socket:
 
 
 async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
-    from .logs import setup_logging
+    from .logs import setup_logging, uvicorn_log_config
     from .server import create_app
 
     if args.verbose:
@@ -60,8 +60,10 @@ async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
         app.state.webhook.metrics = TurnMetrics(memory)
     sock = _bind_free_port()
     port = sock.getsockname()[1]
+    level = "debug" if args.verbose else "warning"
+    log_config = uvicorn_log_config(settings.log_format)  # masked and escaped, as `serve`'s
     server = uvicorn.Server(
-        uvicorn.Config(app, log_level="debug" if args.verbose else "warning", lifespan="on")
+        uvicorn.Config(app, log_level=level, lifespan="on", log_config=log_config)
     )
     url = f"http://127.0.0.1:{port}/api/agent"
     stopped = anyio.Event()

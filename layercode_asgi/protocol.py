@@ -297,6 +297,7 @@ class JSONResult:
     status_code: int
     headers: Mapping[str, str]
     duration: float
+    empty: bool = False  #: the reply had no body (``body`` is None, as for a JSON ``null``)
 
 
 #: Called with each checked event of a turn as it arrives (``simulate`` prints with it).
@@ -551,6 +552,7 @@ async def send_json_event(
         status_code=reply.status_code,
         headers=dict(reply.headers),
         duration=time.perf_counter() - started,
+        empty=not content,
     )
 
 

@@ -23,7 +23,7 @@ import msgspec
 
 from ._asgi import check_headers
 from .envfile import parse_env_file
-from .errors import ConfigurationError, check_text
+from .errors import ConfigurationError, check_text, kind_of
 from .protocol import check_url, new_client
 from .redaction import escape_terminal, mask_url
 from .testing import (
@@ -165,21 +165,40 @@ def _check_sendable(secret: str, messages: Sequence[str], data: Any, *ids: str |
     command line, stdin or the environment that were not: a lone surrogate), data not JSON."""
     check_text("the webhook secret", secret)
     for number, text in enumerate(messages, start=1):
-        check_text(f"message {number}", text)
+        _check_given(f"message {number}", text)  # (blank lines of --file are skipped)
     for name, value in zip(("conversation_id", "session_id"), ids, strict=True):
-        _check_id(name, value)
+        _check_given(name, value)
     if data is not _NO_DATA:
+        _check_data("data", data)
         try:
             _encode(data)
         except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
             raise ConfigurationError(f"data cannot be sent as JSON: {exc}") from None
 
 
-def _check_id(name: str, value: str | None) -> None:
-    """An id given is sent as it is: empty or blank, a ConfigurationError (not a random id)."""
+def _check_given(name: str, value: str | None) -> None:
+    """An id or message given is sent as it is: empty or blank, a ConfigurationError (not a
+    random id, not a message without text)."""
     check_text(name, value)
     if value is not None and not value.strip():
         raise ConfigurationError(f"{name} must not be empty or blank, got {value!r}")
+
+
+#: What ``data`` that is no JSON object is, for its error.
+_JSON_KINDS: Final[dict[type, str]] = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+}
+
+
+def _check_data(name: str, data: Any) -> None:
+    """A ``data`` event's content is a JSON object (what the browser sent)."""
+    if not isinstance(data, dict):
+        kind = "null" if data is None else _JSON_KINDS.get(type(data)) or kind_of(data)
+        raise ConfigurationError(f"{name} must be a JSON object, got {kind}")
 
 
 async def run_simulation(
@@ -209,8 +228,8 @@ async def run_simulation(
     ``response.error`` is counted in ``report.errored_turns`` and makes ``report.ok`` false
     unless ``allow_errors`` (with ``strict``, it is a violation that stops the run).
     Everything printed that came from the backend has its control characters escaped.
-    Text that is not UTF-8, an empty or blank id, or ``data`` that is not JSON, is a
-    :class:`~layercode_asgi.errors.ConfigurationError` before anything is sent.
+    Text that is not UTF-8, an empty or blank id or message, or ``data`` that is not a JSON
+    object, is a :class:`~layercode_asgi.errors.ConfigurationError` before anything is sent.
     """
     messages = tuple(messages)  # checked, then sent: an iterator is read once
     _check_sendable(secret, messages, data, conversation_id, session_id)
@@ -273,7 +292,7 @@ async def run_simulation(
         result = await send_json_event(
             client, url, event, secret, headers=extra_headers, timeout=timeout
         )
-        body = "(no body)" if result.body is None else _shorten(_encode(result.body).decode())
+        body = "(no body)" if result.empty else _shorten(_encode(result.body).decode())
         printer.line(f"  reply {result.status_code}: {body}")
         report.replies.append(
             {
@@ -436,8 +455,8 @@ def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             f"--timeout must be between {MIN_TIMEOUT:g} and {MAX_TIMEOUT:g} seconds, "
             f"got {args.timeout:g}"
         )
-    _check_id("--conversation-id", args.conversation_id)
-    _check_id("--session-id", args.session_id)
+    _check_given("--conversation-id", args.conversation_id)
+    _check_given("--session-id", args.session_id)
     secret = read_secret(args, env, "simulate")
     headers = _parse_headers(args.header)
     data: Any = _NO_DATA
@@ -447,6 +466,7 @@ def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             data = msgspec.json.decode(args.data)
         except (msgspec.DecodeError, RecursionError) as exc:  # invalid, or nested too deep
             raise UsageError(f"--data is not valid JSON: {exc}") from None
+        _check_data("--data", data)
     messages = _simulation_messages(args)
     # With --json, stdout carries only the JSON summary; the human output goes to stderr.
     human = sys.stderr if args.json else sys.stdout

@@ -191,17 +191,20 @@ _YIELD_EVERY = 8
 
 
 class _DetachedSend:
-    """On trio, the sends of a stream's body, each in a task of the response's task group
-    while the producer waits for it: a deadline or a disconnect stops the wait even when
-    the server's write cannot be cancelled (Hypercorn's trio worker shields it, so a client
-    that stopped reading held the producer, its deadline and its conversation for as long
-    as it stayed connected). A write left behind ends with the connection; the next send
-    waits for it first (in order), and the task group at the end of the response too."""
+    """On trio, the sends of a stream's body, each in a trio system task while the producer
+    waits for it: a deadline or a disconnect stops the wait even when the server's write
+    cannot be cancelled (Hypercorn's trio worker shields it, so a client that stopped
+    reading held the producer, its deadline and its conversation for as long as it stayed
+    connected). A write left behind does not hold the response either (nor the drain count
+    of the request): the response returns, the server closes the connection, and the write
+    ends with it. The next send waits for it first (in order)."""
 
-    __slots__ = ("error", "group", "send", "sent")
+    __slots__ = ("error", "send", "sent", "spawn")
 
-    def __init__(self, group: anyio.abc.TaskGroup, send: Send) -> None:
-        self.group = group
+    def __init__(self, send: Send) -> None:
+        import trio.lowlevel  # on trio only (an optional dependency)
+
+        self.spawn = trio.lowlevel.spawn_system_task
         self.send = send
         self.sent: anyio.Event | None = None  # set once the last write returned
         self.error: Exception | None = None
@@ -211,7 +214,7 @@ class _DetachedSend:
             await self.sent.wait()
         if self.error is None:  # (a write left behind may have failed: none after it)
             sent = self.sent = anyio.Event()
-            self.group.start_soon(self._write, message, sent)
+            self.spawn(self._write, message, sent)
             await sent.wait()
         error, self.error = self.error, None
         if error is not None:
@@ -221,7 +224,7 @@ class _DetachedSend:
         try:
             await self.send(message)
         except Exception as exc:  # the producer's (an OSError: the client left)
-            self.error = exc
+            self.error = exc  # (a system task must not raise)
         finally:
             sent.set()
 
@@ -334,7 +337,7 @@ class EventStreamResponse(Response):
         async with anyio.create_task_group() as task_group:
             cancel = self._cancel = task_group.cancel_scope
             if self._send is not None:
-                self._send_body = _DetachedSend(task_group, self._send)
+                self._send_body = _DetachedSend(self._send)
             task_group.start_soon(self._watch_disconnect, receive)
             try:
                 await self._produce()

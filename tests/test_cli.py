@@ -492,6 +492,37 @@ def test_demo_in_process_with_own_messages(capsys: pytest.CaptureFixture[str]) -
     assert out.count("first tts after") == 3
 
 
+def test_demo_masks_secrets_in_uvicorns_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    """uvicorn's own lines under the demo go through the library's formatter, as under
+    ``serve``: a request to the demo's port with a secret in its query string is logged
+    with the secret masked (before, uvicorn's default formatter printed it in clear)."""
+    import argparse
+    from types import SimpleNamespace
+
+    import httpx
+    import uvicorn
+
+    from layercode_asgi.demo import run_demo
+    from layercode_asgi.logs import hide_in_logs
+
+    secret = "whsec_demo_access_line_9c3d"
+    hide_in_logs(secret)
+
+    class ProbedServer(uvicorn.Server):  # one request from outside once the demo serves
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            port = sockets[0].getsockname()[1]
+            async with httpx.AsyncClient(timeout=10) as client:
+                await client.get(f"http://127.0.0.1:{port}/ready", params={"key": secret})
+
+    args = argparse.Namespace(verbose=True, messages=["hi"], allow_errors=False, metrics=False)
+    probed = SimpleNamespace(Server=ProbedServer, Config=uvicorn.Config)
+    assert anyio.run(run_demo, args, probed) == 0
+    out, err = capsys.readouterr()  # (uvicorn's access lines go to stdout)
+    assert '"GET /ready?key=*** HTTP/1.1" 200' in out, out
+    assert secret not in out + err
+
+
 # -- list-agents and sign ---------------------------------------------------------------------------
 
 

@@ -60,6 +60,37 @@ def test_run_simulation_refuses_an_empty_id(name: str) -> None:
         anyio.run(go)
 
 
+@pytest.mark.parametrize("value", ["", " ", "\t"])
+def test_simulate_refuses_an_empty_or_blank_message(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: `simulate ''` sent a message with empty text, while blank --file lines are skipped.
+    argv = ["simulate", "--url", NOWHERE, "--secret", "s", "hi", value]
+    one_line_error(capsys, argv, "message 2")
+
+
+@pytest.mark.parametrize("value", ["42", "[1]", '"x"', "null", "true"])
+def test_simulate_refuses_data_that_is_no_json_object(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A data event's content is an object (PROTOCOL.md). Before: `--data 42` was sent (200).
+    argv = ["simulate", "--url", NOWHERE, "--secret", "s", "--data", value, "hi"]
+    one_line_error(capsys, argv, "--data")
+
+
+@pytest.mark.parametrize(
+    ("options", "names"), [({"messages": ["hi", " "]}, "message 2"), ({"data": 42}, "data")]
+)
+def test_run_simulation_refuses_a_blank_message_or_data_no_object(
+    options: dict[str, Any], names: str
+) -> None:
+    async def go() -> None:
+        await run_simulation(NOWHERE, "s", **options)
+
+    with pytest.raises(ConfigurationError, match=f"^{names} "):
+        anyio.run(go)
+
+
 @pytest.mark.parametrize(
     "value", ["0", "-1", "nan", "inf", "-inf", "1e309", "1e300", "1e-300", "86401", "0.0009"]
 )
@@ -101,8 +132,9 @@ def test_an_empty_secret_option_is_refused_not_replaced(
     assert captured.err.count("\n") == 1
 
 
-def no_content_backend(status: int) -> Any:
-    """Answers turns with a one-event stream and every other event with ``status``, no body."""
+def no_content_backend(status: int, body: bytes = b"") -> Any:
+    """Answers turns with a one-event stream and every other event with ``status`` and
+    ``body`` (none by default)."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -115,17 +147,26 @@ def no_content_backend(status: int) -> Any:
             await send({"type": "http.response.body", "body": b"data: " + stream + b"\n\n"})
             return
         await send({"type": "http.response.start", "status": status, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.body", "body": body})
 
     return app
 
 
-@pytest.mark.parametrize("status", [204, 200, 202])
+@pytest.mark.parametrize(
+    ("status", "body", "shown"),
+    [
+        (204, b"", "(no body)"),
+        (200, b"", "(no body)"),
+        (202, b"", "(no body)"),
+        (200, b"null", "null"),
+    ],
+)
 def test_simulate_accepts_a_reply_without_body(
-    status: int, capsys: pytest.CaptureFixture[str]
+    status: int, body: bytes, shown: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Before: a 204 to session.update was PROTOCOL VIOLATION: bad-json ("reply is not JSON: ''").
-    with serve(no_content_backend(status)) as base:
+    # And a JSON `null` body printed as "(no body)", as if there were none.
+    with serve(no_content_backend(status, body)) as base:
         argv = ["simulate", "--url", base, "--secret", SECRET, "--data", "{}", "--json", "hi"]
         assert main(argv, environ={}) == 0, capsys.readouterr().err
     captured = capsys.readouterr()
@@ -136,7 +177,7 @@ def test_simulate_accepts_a_reply_without_body(
         ("session.update", status, None),
         ("session.end", status, None),
     ]
-    assert f"reply {status}: (no body)" in captured.err
+    assert captured.err.count(f"reply {status}: {shown}\n") == 3, captured.err
 
 
 def test_an_error_status_without_body_ends_the_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -397,7 +397,8 @@ def test_sign_refuses_a_secret_that_is_not_utf8(capsys: pytest.CaptureFixture[st
         ({"messages": ["hi", "\udcff"]}, "message 2 is not valid text"),
         ({"conversation_id": "\udcff"}, "conversation_id is not valid text"),
         ({"data": {"a": "\udcff"}}, "data cannot be sent as JSON"),
-        ({"data": object()}, "data cannot be sent as JSON"),
+        ({"data": {"k": object()}}, "data cannot be sent as JSON"),
+        ({"data": object()}, "data must be a JSON object, got object"),
     ],
 )
 async def test_run_simulation_refuses_what_it_cannot_send_before_sending(
