@@ -27,8 +27,9 @@ __all__ = [
     "connect",
     "describe_client",
     "import_redis",
-    "probe_keys",
+    "redis_error_text",
     "unavailable_errors",
+    "write_check_keys",
 ]
 
 #: The longest expiry this package asks Redis for (about 31 million years): Redis refuses
@@ -166,12 +167,28 @@ def connect(
         ) from None
 
 
-def probe_keys(client: Any, key: str) -> list[str]:
+#: Said of a Redis that answers MOVED: a client made without ``cluster`` reaches it.
+CLUSTER_HINT = "a node of a Redis Cluster: set LAYERCODE_REDIS_CLUSTER=true"
+
+
+async def write_check_keys(client: Any, key: str) -> list[str]:
     """The keys a write check writes: ``key`` on one Redis; on a cluster, one key per
     primary (``key{<n>}``), so that a primary refusing writes is found wherever it is (one
     whose slots a bounded search misses is not checked). A ``key`` with a hash tag of its
-    own maps to one node, as do all the keys made with that prefix: that node is checked."""
+    own maps to one node, as do all the keys made with that prefix: that node is checked.
+
+    A client made without ``cluster`` that reaches a node of a cluster of several primaries
+    (the keys of the others answered MOVED) gets a ``RedisClusterException`` saying so.
+    """
     if getattr(client, "PRIMARIES", None) is None:
+        from redis.exceptions import RedisClusterException, ResponseError
+
+        try:  # CLUSTER INFO is not in @dangerous: an ACL user for the store may run it
+            info = await client.execute_command("CLUSTER INFO")
+        except ResponseError:  # "cluster support disabled": one Redis, as expected
+            return [key]
+        if isinstance(info, dict) and str(info.get("cluster_size", "1")) not in ("0", "1"):
+            raise RedisClusterException(f"this Redis is {CLUSTER_HINT}")
         return [key]
     wanted = {node.name for node in client.get_primaries()}
     found: dict[str, str] = {}
@@ -183,6 +200,18 @@ def probe_keys(client: Any, key: str) -> list[str]:
             if len(found) == len(wanted):
                 break
     return list(found.values())
+
+
+def redis_error_text(exc: BaseException) -> str:
+    """An error of redis-py for a log line: a MOVED or ASK reply (only a client made without
+    ``cluster`` sees one) says which setting is missing, not just a slot and an address."""
+    from redis.exceptions import AskError  # MovedError is one
+
+    return (
+        f"{exc} (a MOVED reply: the Redis is {CLUSTER_HINT})"
+        if isinstance(exc, AskError)
+        else str(exc)
+    )
 
 
 def unavailable_errors() -> tuple[type[BaseException], ...]:
