@@ -27,6 +27,7 @@ __all__ = [
     "connect",
     "describe_client",
     "import_redis",
+    "not_a_database",
     "redis_error_text",
     "unavailable_errors",
     "write_check_keys",
@@ -82,6 +83,15 @@ def describe_client(client: Any) -> str:
     return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
 
 
+def not_a_database(url: str) -> bool:
+    """Whether the path of a ``redis://`` or ``rediss://`` URL is not a database number:
+    redis-py takes it for database 0, and a password with an unencoded ``/`` puts part of
+    itself there. Raises ``ValueError`` on a URL ``urlsplit`` refuses."""
+    parts = urlsplit(url)
+    database = parts.path.strip("/")
+    return bool(database) and parts.scheme.lower() != "unix" and not database.isdecimal()
+
+
 def connect(
     url: str,
     *,
@@ -117,8 +127,7 @@ def connect(
     try:
         # redis-py takes a path that is not a number for database 0; not quoted: a password
         # with an unencoded / puts part of itself in the path.
-        database = urlsplit(url).path.strip("/")
-        if database and scheme.lower() != "unix" and not database.isdecimal():
+        if not_a_database(url):
             raise ConfigurationError(
                 f"invalid Redis URL {mask_url(url)!r}: the database (its path) is not a "
                 "number (percent-encode special characters in the password: / as %2F)"
