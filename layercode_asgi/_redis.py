@@ -27,8 +27,10 @@ __all__ = [
     "connect",
     "describe_client",
     "import_redis",
-    "probe_keys",
+    "not_a_database",
+    "redis_error_text",
     "unavailable_errors",
+    "write_check_keys",
 ]
 
 #: The longest expiry this package asks Redis for (about 31 million years): Redis refuses
@@ -81,6 +83,15 @@ def describe_client(client: Any) -> str:
     return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
 
 
+def not_a_database(url: str) -> bool:
+    """Whether the path of a ``redis://`` or ``rediss://`` URL is not a database number:
+    redis-py takes it for database 0, and a password with an unencoded ``/`` puts part of
+    itself there. Raises ``ValueError`` on a URL ``urlsplit`` refuses."""
+    parts = urlsplit(url)
+    database = parts.path.strip("/")
+    return bool(database) and parts.scheme.lower() != "unix" and not database.isdecimal()
+
+
 def connect(
     url: str,
     *,
@@ -116,8 +127,7 @@ def connect(
     try:
         # redis-py takes a path that is not a number for database 0; not quoted: a password
         # with an unencoded / puts part of itself in the path.
-        database = urlsplit(url).path.strip("/")
-        if database and scheme.lower() != "unix" and not database.isdecimal():
+        if not_a_database(url):
             raise ConfigurationError(
                 f"invalid Redis URL {mask_url(url)!r}: the database (its path) is not a "
                 "number (percent-encode special characters in the password: / as %2F)"
@@ -166,12 +176,28 @@ def connect(
         ) from None
 
 
-def probe_keys(client: Any, key: str) -> list[str]:
+#: Said of a Redis that answers MOVED: a client made without ``cluster`` reaches it.
+CLUSTER_HINT = "a node of a Redis Cluster: set LAYERCODE_REDIS_CLUSTER=true"
+
+
+async def write_check_keys(client: Any, key: str) -> list[str]:
     """The keys a write check writes: ``key`` on one Redis; on a cluster, one key per
     primary (``key{<n>}``), so that a primary refusing writes is found wherever it is (one
     whose slots a bounded search misses is not checked). A ``key`` with a hash tag of its
-    own maps to one node, as do all the keys made with that prefix: that node is checked."""
+    own maps to one node, as do all the keys made with that prefix: that node is checked.
+
+    A client made without ``cluster`` that reaches a node of a cluster of several primaries
+    (the keys of the others answered MOVED) gets a ``RedisClusterException`` saying so.
+    """
     if getattr(client, "PRIMARIES", None) is None:
+        from redis.exceptions import RedisClusterException, ResponseError
+
+        try:  # CLUSTER INFO is not in @dangerous: an ACL user for the store may run it
+            info = await client.execute_command("CLUSTER INFO")
+        except ResponseError:  # "cluster support disabled": one Redis, as expected
+            return [key]
+        if isinstance(info, dict) and str(info.get("cluster_size", "1")) not in ("0", "1"):
+            raise RedisClusterException(f"this Redis is {CLUSTER_HINT}")
         return [key]
     wanted = {node.name for node in client.get_primaries()}
     found: dict[str, str] = {}
@@ -183,6 +209,18 @@ def probe_keys(client: Any, key: str) -> list[str]:
             if len(found) == len(wanted):
                 break
     return list(found.values())
+
+
+def redis_error_text(exc: BaseException) -> str:
+    """An error of redis-py for a log line: a MOVED or ASK reply (only a client made without
+    ``cluster`` sees one) says which setting is missing, not just a slot and an address."""
+    from redis.exceptions import AskError  # MovedError is one
+
+    return (
+        f"{exc} (a MOVED reply: the Redis is {CLUSTER_HINT})"
+        if isinstance(exc, AskError)
+        else str(exc)
+    )
 
 
 def unavailable_errors() -> tuple[type[BaseException], ...]:

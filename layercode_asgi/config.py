@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 from urllib.parse import SplitResult, urlsplit
 
+from ._redis import not_a_database
 from .apikeys import sendable_key
 from .envfile import settings_sources
 from .errors import MAX_NUMBER, SettingsError
@@ -211,9 +212,6 @@ def _http_url(value: object) -> str:
     return text.rstrip("/")
 
 
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
-
-
 def _redis_url(value: object) -> str | None:
     if value is not None and not isinstance(value, str):
         _fail_type("a string", value)
@@ -223,10 +221,12 @@ def _redis_url(value: object) -> str | None:
     expected = "a redis://, rediss:// or unix:// URL"
     parts = _split_url(text, expected, mask_url(text))
     scheme = parts.scheme.lower()
-    if scheme not in _REDIS_SCHEMES:
+    if scheme not in ("redis", "rediss", "unix"):
         _fail(expected, mask_url(text))
     if scheme == "unix" and not parts.path:
         _fail("a unix:// URL with a socket path", mask_url(text))
+    if not_a_database(text):
+        _fail("a database number as its path (a / in a password: %2F)", mask_url(text))
     return text
 
 

@@ -36,7 +36,8 @@ from ._redis import (
     check_client,
     connect,
     import_redis,
-    probe_keys,
+    redis_error_text,
+    write_check_keys,
 )
 from .conversation import StoreUnavailableError
 from .errors import ConfigurationError, check_positive_int, check_seconds, check_text
@@ -177,7 +178,7 @@ class RedisReplayCache:
             else:
                 await client.ping(target_nodes=primaries)
             if self._check_writes:
-                for key in probe_keys(client, self.key_prefix + "ready"):  # each primary
+                for key in await write_check_keys(client, self.key_prefix + "ready"):
                     await client.set(key, b"1", px=1000)
                 self._check_writes = False
         except self._errors as exc:
@@ -186,7 +187,8 @@ class RedisReplayCache:
 
     @staticmethod
     def _unavailable(exc: BaseException) -> StoreUnavailableError:
-        return StoreUnavailableError(f"replay cache unavailable: {type(exc).__name__}: {exc}")
+        text = redis_error_text(exc)
+        return StoreUnavailableError(f"replay cache unavailable: {type(exc).__name__}: {text}")
 
     async def aclose(self) -> None:
         """Close the client this cache created on this event loop (not one given to it)."""

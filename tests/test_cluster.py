@@ -49,7 +49,7 @@ async def history(cluster: RedisClusterNodes, cid: str) -> list[str]:
 
 
 async def test_turns_history_replay_and_ready_on_a_cluster(
-    redis_cluster: RedisClusterNodes,
+    redis_cluster: RedisClusterNodes, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = cluster_settings(redis_cluster, replay_protection=True)
     app = create_app(settings, worker_agent)
@@ -76,6 +76,42 @@ async def test_turns_history_replay_and_ready_on_a_cluster(
     store = RedisConversationStore(redis_cluster.url, cluster=True)
     assert len({redis_cluster.port_of(store.history_key(cid)) for cid in IDS}) > 1
     await store.aclose()
+    await without_the_cluster_setting(redis_cluster, caplog)
+
+
+async def without_the_cluster_setting(
+    cluster: RedisClusterNodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``REDIS_URL`` naming a node of the cluster, ``LAYERCODE_REDIS_CLUSTER`` unset: the
+    conversations of the other nodes got 503 (logged as "failed (lock): 9890 127.0.0.1:…",
+    redis-py's MOVED reply) while ``/ready`` said 200. Now ``/ready`` says 503 and the log
+    names the setting, for the conversation store and for the replay cache."""
+    plain = Settings(
+        env_file=None,
+        environ={},
+        layercode_webhook_secret=SECRET,
+        redis_url=cluster.url,
+        replay_protection=True,
+    )
+    elsewhere = next(
+        cid
+        for cid in (f"c{n}" for n in range(100))
+        if cluster.port_of(RedisConversationStore(cluster.url).history_key(cid)) != cluster.ports[0]
+    )
+    caplog.set_level("INFO", logger="layercode_asgi")
+    for what, extra in [
+        ("conversation store", {}),
+        ("replay protection", {"conversations": ConversationManager()}),
+    ]:
+        caplog.clear()
+        with serve(create_app(plain, worker_agent, **extra)) as url, anyio.fail_after(30):
+            async with httpx.AsyncClient(base_url=url, timeout=20) as client:
+                ready = await client.get("/ready")
+                assert ready.status_code == 503, (what, ready.text)
+                assert ready.json()["error"] == f"{what} unavailable"
+                turn = await post_turn(client, elsewhere, "hello", 0)
+                assert turn.status_code == 503, (what, turn.text)
+        assert "LAYERCODE_REDIS_CLUSTER" in caplog.text, (what, caplog.text)
 
 
 async def test_turns_keep_arrival_order_on_a_cluster_with_two_workers(

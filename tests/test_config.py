@@ -165,6 +165,10 @@ def test_numbers() -> None:
         ("REDIS_URL", "http://localhost", "expected a redis://, rediss:// or unix:// URL"),
         ("REDIS_URL", "localhost:6379", "expected a redis://"),
         ("REDIS_URL", "unix://", "expected a unix:// URL with a socket path"),
+        # the store refused these at create_app, not naming the variable: a database that
+        # is not a number, a password with an unencoded / (part of it in the path)
+        ("REDIS_URL", "redis://:pw@h:6379/abc", "expected a database number as its path (a / in a password: %2F), got 'redis://:***@h:6379/abc'"),
+        ("REDIS_URL", "rediss://u:12/ab@h/0", "expected a database number as its path"),
         ("LAYERCODE_CORS_ORIGINS", "https://a.com/path", "expected '*' or http(s) origins"),
         ("LAYERCODE_CORS_ORIGINS", "a.com", "expected '*' or http(s) origins"),
         ("LAYERCODE_CORS_ORIGINS", "*,https://a.com", "'*' cannot be combined"),

@@ -29,8 +29,9 @@ from .._redis import (
     connect,
     describe_client,
     import_redis,
-    probe_keys,
+    redis_error_text,
     unavailable_errors,
+    write_check_keys,
 )
 from ..errors import ConfigurationError, check_positive_int, check_seconds, check_text
 from ..logs import escape_log_value
@@ -241,7 +242,8 @@ class RedisConversationStore:
         except (self._redis_error, UnicodeDecodeError) as exc:  # the latter: bytes not in
             # UTF-8 (not what the store wrote) read by a client given decode_responses=True
             self._check_writes = True
-            raise StoreError(f"Redis at {self._where} failed ({operation}): {exc}") from exc
+            text = redis_error_text(exc)
+            raise StoreError(f"Redis at {self._where} failed ({operation}): {text}") from exc
 
     def _held(self, conversation_id: str) -> _Hold | None:
         """This task's hold of the conversation's lock, if it holds it."""
@@ -570,7 +572,7 @@ class RedisConversationStore:
 
     async def _write_check(self) -> None:
         client = self._clients.get()
-        for key in probe_keys(client.redis, self.key_prefix + "ready"):
+        for key in await write_check_keys(client.redis, self.key_prefix + "ready"):
             await client.probe(keys=[key], args=[self._channel])
 
     async def _ping(self) -> Any:
