@@ -100,9 +100,9 @@ def check_positive_int(value: object, name: str, *, zero: bool = False) -> None:
     least = 0 if zero else 1
     if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= MAX_NUMBER:
         bound = ">= 0" if zero else "> 0"
-        raise ConfigurationError(
-            f"{name} must be an integer {bound} (at most {MAX_NUMBER:g}), got {_shown(value)}"
-        )
+        if isinstance(value, int) and value > MAX_NUMBER:  # (bool is no int > MAX_NUMBER)
+            bound += " that a float can hold"
+        raise ConfigurationError(f"{name} must be an integer {bound}, got {_shown(value)}")
 
 
 def check_seconds(name: str, value: object, *, zero: bool, none: bool) -> None:

@@ -1192,8 +1192,16 @@ def test_memory_replay_cache_names_a_bad_max_entries(value: Any) -> None:
     """Not a bare TypeError from ``<=``, and True is not a count."""
     from layercode_asgi.replay import MemoryReplayCache
 
-    with pytest.raises(ConfigurationError, match=r"^max_entries must be an integer > 0"):
+    with pytest.raises(ConfigurationError, match=r"^max_entries must be an integer > 0, got"):
         MemoryReplayCache(max_entries=value)
+
+
+def test_a_count_too_large_for_a_float_is_named_so() -> None:
+    """The message said "(at most 1.79769e+308)" of every bad count, an odd bound to quote."""
+    from layercode_asgi.replay import MemoryReplayCache
+
+    with pytest.raises(ConfigurationError, match=r"integer > 0 that a float can hold, got"):
+        MemoryReplayCache(max_entries=10**400)
 
 
 async def test_aclose_closes_the_connections_the_redis_clients_opened(
