@@ -96,6 +96,25 @@ def _drain_queue_listeners(limit: int = 10_000) -> None:
                 pending.task_done()
 
 
+#: Test files that share something outside their temp dirs: the fixed ports the docs name
+#: (8000...), and the checkout, where building the package (test_packaging) and the docs'
+#: ``pip install --dry-run`` lines write ``layercode_asgi.egg-info``. Under pytest-xdist
+#: they run in one worker, one after the other.
+SHARED_CHECKOUT_FILES = frozenset({"test_docs.py", "test_readme.py", "test_packaging.py"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n N --dist loadgroup``, as ``scripts/test`` runs the suite),
+    the tests of one file go to one worker (its module fixtures, a Redis server or cluster,
+    start once), and the files of :data:`SHARED_CHECKOUT_FILES` share one."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        name = item.path.name
+        group = "shared-checkout" if name in SHARED_CHECKOUT_FILES else name
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     yield

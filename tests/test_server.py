@@ -381,9 +381,9 @@ def test_authorize_upstream_answers(
 @pytest.mark.parametrize(
     ("encoding", "answer"),
     [
-        ("gzip", gzip.compress(b'{"client_session_key":"csk_1"}')),
-        ("gzip", gzip.compress(b" " * (32 << 20))),  # ~32 KiB that decode to 32 MiB
-        ("gzip, gzip", gzip.compress(gzip.compress(b" " * (32 << 20)))),  # the same, nested
+        ("gzip", gzip.compress(b'{"client_session_key":"csk_1"}', mtime=0)),
+        ("gzip", gzip.compress(b" " * (32 << 20), mtime=0)),  # ~32 KiB that decode to 32 MiB
+        ("gzip, gzip", gzip.compress(gzip.compress(b" " * (32 << 20), mtime=0), mtime=0)),
         ("deflate", zlib.compress(b'{"error":"agent not found"}')),
     ],
 )
