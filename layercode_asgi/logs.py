@@ -516,6 +516,12 @@ def _value(value: object) -> str:
     return '"' + text.replace('"', '\\"') + '"'
 
 
+def log_refused(log: logging.Logger, scope: Any, reason: object) -> None:
+    """Log (WARNING) a webhook request refused before its handler ran, with the reason."""
+    method, path = escape_log_value(scope.get("method")), escape_log_value(scope.get("path"))
+    log.warning("rejected webhook %s %s: %s", method, path, escape_log_value(reason))
+
+
 def log_slow_body(log: logging.Logger, scope: Any, timeout: float) -> None:
     """Log (WARNING) a webhook request whose body did not arrive within ``timeout`` s."""
     method, path = escape_log_value(scope.get("method")), escape_log_value(scope.get("path"))

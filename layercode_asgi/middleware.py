@@ -50,7 +50,7 @@ from .errors import (
     check_seconds,
     kind_of,
 )
-from .logs import escape_log_value, log_slow_body
+from .logs import escape_log_value, log_refused, log_slow_body
 from .replay import MemoryReplayCache, ReplayCache, replay_key
 from .signature import (
     DEFAULT_TOLERANCE,
@@ -315,17 +315,18 @@ class LayercodeSignature:
 
         if declared is not None:
             if not (declared.isdigit() and len(declared) <= 18):
+                log_refused(logger, scope, "invalid content-length header")
                 await send_json_error(send, _BAD_CONTENT_LENGTH)
                 return None
             if int(declared) > self.max_body_size:
-                await send_json_error(send, self._too_large)
+                await self._refuse_too_large(scope, send)
                 return None
 
         # What the header alone decides is decided before any byte of the body is read.
         try:
             timestamp = check_signature_header(signature, self.tolerance)
         except SignatureVerificationError as exc:
-            _log_rejected(scope, exc)
+            log_refused(logger, scope, exc)
             self._rejected(exc.reason.name.lower())
             await send_json_error(send, _EARLY_REJECTIONS[exc.reason])
             return None
@@ -333,7 +334,7 @@ class LayercodeSignature:
         try:
             body = await read_body(receive, self.max_body_size, self._body_timeout)
         except BodyTooLarge:
-            await send_json_error(send, self._too_large)
+            await self._refuse_too_large(scope, send)
             return None
         except BodyTimeout:
             log_slow_body(logger, scope, self._body_timeout)
@@ -346,7 +347,7 @@ class LayercodeSignature:
         try:
             verify_signature(body, signature, self._secrets, self.tolerance)
         except SignatureVerificationError as exc:
-            _log_rejected(scope, exc)
+            log_refused(logger, scope, exc)
             self._rejected(exc.reason.name.lower())
             await send_json_error(send, _REJECTIONS[exc.reason])
             return None
@@ -354,6 +355,10 @@ class LayercodeSignature:
         if self._replay is not None and await self._is_replay(timestamp, body, send):
             return None
         return body
+
+    async def _refuse_too_large(self, scope: Scope, send: Send) -> None:
+        log_refused(logger, scope, f"request body exceeds {self.max_body_size} bytes")
+        await send_json_error(send, self._too_large)
 
     def _rejected(self, reason: str) -> None:
         """Tell ``on_rejected``; an error of its own is logged, the answer is still sent."""
@@ -386,12 +391,3 @@ class LayercodeSignature:
             await send_json_error(send, _REPLAYED)
             return True
         return False
-
-
-def _log_rejected(scope: Scope, exc: SignatureVerificationError) -> None:
-    logger.warning(
-        "rejected webhook %s %s: %s",
-        escape_log_value(scope.get("method")),
-        escape_log_value(scope.get("path")),
-        escape_log_value(exc),
-    )

@@ -179,7 +179,8 @@ def create_sse_response(
         _items(generator),
         status_code=status_code,
         headers=merged,
-        ping=ping,
+        # 0 disables pings: sse-starlette 3.0 (our lowest) to 3.4.1 at least pinged in a busy loop
+        ping=math.inf if ping == 0 else ping,
         sep="\n",
         background=background,
         send_timeout=send_timeout,

@@ -89,7 +89,7 @@ from .events import (
     WebhookPayload,
     parse_webhook_payload,
 )
-from .logs import escape_log_value, log_slow_body, log_webhook, webhook_log_enabled
+from .logs import escape_log_value, log_refused, log_slow_body, log_webhook, webhook_log_enabled
 from .metrics import TurnMetrics, answered_status
 from .middleware import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_SIZE
 from .sse import Emit, EventStreamResponse
@@ -328,6 +328,7 @@ class LayercodeWebhook:
         try:
             body = await read_body(receive, self.max_body_size, self._body_timeout)
         except BodyTooLarge:  # the rest may still be on the wire: the 413 closes the connection
+            log_refused(logger, scope, f"request body exceeds {self.max_body_size} bytes")
             await send_json_error(send, self._too_large)
         except BodyTimeout:
             log_slow_body(logger, scope, self._body_timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -34,6 +35,7 @@ from .asgi_stub import ASGIStub, read_body
 from .conftest import BACKENDS, SECRET, serve, signed_headers
 
 BODY = b'{"type":"message","session_id":"s","conversation_id":"c","turn_id":"t","text":"hi"}'
+MIDDLEWARE_LOGGER = "layercode_asgi.middleware"
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
@@ -269,8 +271,16 @@ async def test_chunked_body_is_joined_and_replayed_once() -> None:
     assert inner.bodies == [BODY]
 
 
+def refusals(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == MIDDLEWARE_LOGGER]
+
+
 @pytest.mark.anyio
-async def test_chunked_oversized_body_stops_reading_at_the_limit() -> None:
+async def test_chunked_oversized_body_stops_reading_at_the_limit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The 413s and 400s were the only refusals that left no line in the log.
+    caplog.set_level(logging.WARNING, logger=MIDDLEWARE_LOGGER)
     inner = Recorder()
     app = LayercodeSignature(inner, secret=SECRET, max_body_size=100)
     chunks = [b"x" * 60] * 50  # 3000 bytes, no content-length
@@ -280,21 +290,31 @@ async def test_chunked_oversized_body_stops_reading_at_the_limit() -> None:
     assert msgspec.json.decode(sent[1]["body"]) == {"error": "request body exceeds 100 bytes"}
     assert received == 2  # stopped after the chunk that crossed the limit
     assert inner.scopes == []
+    message = "rejected webhook POST /hook: request body exceeds 100 bytes"
+    assert refusals(caplog) == [(logging.WARNING, message)]
 
 
 @pytest.mark.anyio
-async def test_declared_oversized_body_is_refused_before_any_read() -> None:
+async def test_declared_oversized_body_is_refused_before_any_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger=MIDDLEWARE_LOGGER)
     inner = Recorder()
     app = LayercodeSignature(inner, secret=SECRET, max_body_size=100)
     sent, received = await call_asgi(app, [(b"content-length", b"101")], [b"x" * 101])
     assert sent[0]["status"] == 413
     assert received == 0
     assert inner.scopes == []
+    message = "rejected webhook POST /hook: request body exceeds 100 bytes"
+    assert refusals(caplog) == [(logging.WARNING, message)]
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("value", [b"abc", b"-1", b"1e3", b" ", b"9" * 40])
-async def test_invalid_content_length_is_400(value: bytes) -> None:
+async def test_invalid_content_length_is_400(
+    value: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=MIDDLEWARE_LOGGER)
     inner = Recorder()
     sent, _ = await call_asgi(
         LayercodeSignature(inner, secret=SECRET), [(b"content-length", value)], [b""]
@@ -302,6 +322,8 @@ async def test_invalid_content_length_is_400(value: bytes) -> None:
     assert sent[0]["status"] == 400
     assert msgspec.json.decode(sent[1]["body"]) == {"error": "invalid content-length header"}
     assert inner.scopes == []
+    message = "rejected webhook POST /hook: invalid content-length header"
+    assert refusals(caplog) == [(logging.WARNING, message)]
 
 
 @pytest.mark.anyio

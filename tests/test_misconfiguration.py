@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from typing import Any
 
 import httpx
@@ -701,3 +702,25 @@ def test_the_sse_parser_refuses_what_is_no_text(chunk: Any) -> None:
 
     with pytest.raises(TypeError, match="chunk must be bytes or str, got"):
         SSEParser().feed(chunk)
+
+
+def test_add_middleware_without_a_secret_stops_uvicorn_with_lifespan_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Starlette builds add_middleware's entries on the app's first call: the lifespan's
+    # start-up. uvicorn's default --lifespan auto takes that error for "no lifespan support"
+    # and serves a 500 per request; docs/middleware.md says so, and that "on" refuses to start.
+    import socket
+
+    import uvicorn
+    from starlette.applications import Starlette
+
+    app = Starlette()
+    app.add_middleware(LayercodeSignature, secret=None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_config=None))
+        with caplog.at_level(logging.ERROR, logger="uvicorn.error"), suppress(SystemExit):
+            server.run(sockets=[sock])  # start-up failed: returns, or exits 3 (uvicorn >= 0.5x)
+    assert not server.started
+    assert "LayercodeSignature needs the webhook secret" in caplog.text

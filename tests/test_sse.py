@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio.lowlevel
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -176,6 +177,22 @@ async def test_create_sse_response_in_every_stack(make: Any) -> None:
         ("e4", "four", ""),
         ("message", "five", "5"),
     ]
+
+
+@pytest.mark.anyio
+async def test_ping_0_sends_no_keep_alive_comments() -> None:
+    # sse-starlette 3.0 (the lowest allowed) to 3.4.1 at least took ping=0 as "every 0 s":
+    # its ping loop spun, and a stream pausing for a moment carried thousands of comments.
+    async def pausing() -> AsyncIterator[str]:
+        yield "a"
+        for _ in range(50):  # what any real wait does: the event loop runs other tasks
+            await anyio.lowlevel.checkpoint()
+        yield "b"
+
+    app = Starlette(routes=[Route("/", lambda request: create_sse_response(pausing(), ping=0))])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        reply = await c.get("/")
+    assert reply.text == "data: a\n\ndata: b\n\n"
 
 
 @pytest.mark.anyio
