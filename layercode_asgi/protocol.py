@@ -490,7 +490,7 @@ async def send_turn(
         client, url, event, secret, headers, timeout, max_bytes, where, range(200, 201), late
     ) as reply:
         content_type = reply.headers.get("content-type", "")
-        if not content_type.strip().lower().startswith("text/event-stream"):
+        if content_type.partition(";")[0].strip().lower() != "text/event-stream":
             raise ProtocolViolation(
                 "wrong-content-type",
                 f"{kind} answered Content-Type {_brief(content_type or '(none)')}, "
@@ -546,6 +546,12 @@ async def send_json_event(
         raise ProtocolViolation(
             "bad-json", f"{kind} reply is not JSON: {_excerpt(bytes(content))!r}", **where
         ) from None
+    if content and not isinstance(answer, dict):
+        raise ProtocolViolation(
+            "bad-json",
+            f"{kind} reply is JSON but not an object: {_excerpt(bytes(content))!r}",
+            **where,
+        )
     return JSONResult(
         body=answer,
         status_code=reply.status_code,

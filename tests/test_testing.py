@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import httpx
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -386,6 +387,54 @@ async def test_client_raises_named_violations() -> None:
     with pytest.raises(ProtocolViolation) as caught:
         await LayercodeTestClient(echo_app(), secret="wrong").message("x")
     assert (caught.value.name, caught.value.status_code) == ("http-error", 401)
+
+
+def replying_app(content_type: bytes, body: bytes) -> Any:
+    """Answers every event with ``body`` under ``content_type`` (a turn's events end it)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        turn_id = msgspec.json.decode(await read_body(receive)).get("turn_id")
+        end = b'data: {"type":"response.end","turn_id":"%s"}\n\n' % str(turn_id).encode()
+        headers = [(b"content-type", content_type)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body.replace(b"END", end)})
+
+    return app
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("content_type", "name"),
+    [
+        (b"text/event-stream", None),
+        (b"Text/Event-Stream ; charset=utf-8", None),
+        # Before: accepted, as the check was startswith("text/event-stream").
+        (b"text/event-streams", "wrong-content-type"),
+        (b"text/event-stream-x; charset=utf-8", "wrong-content-type"),
+        (b"text/event-stream,application/json", "wrong-content-type"),
+    ],
+)
+async def test_a_turn_needs_exactly_the_event_stream_media_type(
+    content_type: bytes, name: str | None
+) -> None:
+    client = LayercodeTestClient(replying_app(content_type, b"END"), secret=SECRET)
+    if name is None:
+        assert (await client.message("x")).events[0]["type"] == "response.end"
+        return
+    with pytest.raises(ProtocolViolation) as caught:
+        await client.message("x")
+    assert caught.value.name == name
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("body", [b"[1]", b'"ok"', b"null", b"5", b"true"])
+async def test_a_json_reply_that_is_not_an_object_is_bad_json(body: bytes) -> None:
+    # Before: accepted (VIOLATIONS and the docs say "not valid JSON (or not an object)").
+    client = LayercodeTestClient(replying_app(b"application/json", body), secret=SECRET)
+    with pytest.raises(ProtocolViolation) as caught:
+        await client.session_update()
+    assert caught.value.name == "bad-json"
+    assert "session.update reply is JSON but not an object" in caught.value.detail
 
 
 def misusing_app(*messages: dict[str, Any]) -> Any:
