@@ -53,7 +53,7 @@ VIOLATIONS: Final[Mapping[str, str]] = {
     "other events 2xx)",
     "connection-error": "the backend could not be reached, or the connection broke",
     "wrong-content-type": "a turn was not answered with Content-Type text/event-stream",
-    "bad-json": "an SSE event's data, or a reply's body, is not valid JSON (or not an object)",
+    "bad-json": "an SSE event's data is not a JSON object, or a reply's body is not valid JSON",
     "missing-type": "an SSE event is a JSON object without a string 'type'",
     "invalid-event": "a known event is malformed (e.g. response.tts content is not a string)",
     "missing-end": "the stream closed without a response.end",
@@ -546,12 +546,6 @@ async def send_json_event(
         raise ProtocolViolation(
             "bad-json", f"{kind} reply is not JSON: {_excerpt(bytes(content))!r}", **where
         ) from None
-    if content and not isinstance(answer, dict):
-        raise ProtocolViolation(
-            "bad-json",
-            f"{kind} reply is JSON but not an object: {_excerpt(bytes(content))!r}",
-            **where,
-        )
     return JSONResult(
         body=answer,
         status_code=reply.status_code,
