@@ -178,6 +178,8 @@ class TurnChecker:
     ) -> None:
         check_positive_int(max_events, "max_events")
         check_type("strict", strict, bool, "a bool")
+        check_type("turn_id", turn_id, str, "a str (the turn_id of the request)")
+        check_type("event_type", event_type, str, "a str")
         self.turn_id = turn_id
         self.event_type = event_type
         self.strict = strict
@@ -190,6 +192,7 @@ class TurnChecker:
         return ProtocolViolation(name, detail, event_type=self.event_type, turn_id=self.turn_id)
 
     def check(self, sse: SSEEvent) -> dict[str, Any]:
+        check_type("sse", sse, SSEEvent, "an SSEEvent (from SSEParser.feed)")
         position = len(self.events) + 1
         if position > self.max_events:
             raise self.violation(

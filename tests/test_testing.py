@@ -252,6 +252,23 @@ def test_checker_accepts_unknown_types_and_reports_errors() -> None:
     assert caught.value.name == "response-error"
 
 
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        # Before: accepted, then every event of the turn was a wrong-turn-id.
+        (lambda: TurnChecker(None), "turn_id must be a str"),
+        (lambda: TurnChecker(b"t1"), "turn_id must be a str"),
+        (lambda: TurnChecker("t1", event_type=None), "event_type must be a str"),
+        # Before: AttributeError: 'dict' object has no attribute 'data'.
+        (lambda: TurnChecker("t1").check({"type": "response.end"}), "got dict"),
+        (lambda: TurnChecker("t1").check(END), "got str"),
+    ],
+)
+def test_the_checker_names_an_argument_of_the_wrong_type(make: Any, said: str) -> None:
+    with pytest.raises(TypeError, match=said):
+        make()
+
+
 def test_protocol_violation_pickles_and_rejects_unknown_names() -> None:
     violation = ProtocolViolation("missing-end", "d", turn_id="t", status_code=200)
     copy = pickle.loads(pickle.dumps(violation))
