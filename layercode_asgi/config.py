@@ -211,9 +211,6 @@ def _http_url(value: object) -> str:
     return text.rstrip("/")
 
 
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
-
-
 def _redis_url(value: object) -> str | None:
     if value is not None and not isinstance(value, str):
         _fail_type("a string", value)
@@ -221,9 +218,11 @@ def _redis_url(value: object) -> str | None:
     if text is None:
         return None
     expected = "a redis://, rediss:// or unix:// URL"
-    parts = _split_url(text, expected, mask_url(text))
+    # What the mask hides is the likely cause: a password holding / ? # (a URL's delimiters).
+    hint = " (a password's / ? # percent-encoded: %2F %3F %23)"
+    parts = _split_url(text, expected + hint, mask_url(text))
     scheme = parts.scheme.lower()
-    if scheme not in _REDIS_SCHEMES:
+    if scheme not in ("redis", "rediss", "unix"):
         _fail(expected, mask_url(text))
     if scheme == "unix" and not parts.path:
         _fail("a unix:// URL with a socket path", mask_url(text))

@@ -165,6 +165,10 @@ def test_numbers() -> None:
         ("REDIS_URL", "http://localhost", "expected a redis://, rediss:// or unix:// URL"),
         ("REDIS_URL", "localhost:6379", "expected a redis://"),
         ("REDIS_URL", "unix://", "expected a unix:// URL with a socket path"),
+        # Before: only "expected a redis://, ... URL, got 'redis://default:***@h:6379/0'", the
+        # cause (an unencoded ? / # in the password) hidden by the mask.
+        ("REDIS_URL", "redis://default:Zq8?Hk2@h:6379/0", "expected a redis://, rediss:// or unix:// URL (a password's / ? # percent-encoded: %2F %3F %23), got 'redis://default:***@h:6379/0'"),
+        ("REDIS_URL", "rediss://default:Zq8#Hk2@h", "expected a redis://, rediss:// or unix:// URL (a password's / ? #"),
         ("LAYERCODE_CORS_ORIGINS", "https://a.com/path", "expected '*' or http(s) origins"),
         ("LAYERCODE_CORS_ORIGINS", "a.com", "expected '*' or http(s) origins"),
         ("LAYERCODE_CORS_ORIGINS", "*,https://a.com", "'*' cannot be combined"),
