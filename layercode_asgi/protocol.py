@@ -493,7 +493,8 @@ async def send_turn(
         client, url, event, secret, headers, timeout, max_bytes, where, range(200, 201), late
     ) as reply:
         content_type = reply.headers.get("content-type", "")
-        if content_type.partition(";")[0].strip().lower() != "text/event-stream":
+        # The essence of the last of several values (Content-Type repeated), as Fetch takes it.
+        if content_type.rpartition(",")[2].partition(";")[0].strip().lower() != "text/event-stream":
             raise ProtocolViolation(
                 "wrong-content-type",
                 f"{kind} answered Content-Type {_brief(content_type or '(none)')}, "

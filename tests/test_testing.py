@@ -429,6 +429,7 @@ def replying_app(content_type: bytes, body: bytes) -> Any:
         (b"text/event-streams", "wrong-content-type"),
         (b"text/event-stream-x; charset=utf-8", "wrong-content-type"),
         (b"text/event-stream,application/json", "wrong-content-type"),
+        (b"text/event-stream, text/event-stream", None),  # the header sent twice
     ],
 )
 async def test_a_turn_needs_exactly_the_event_stream_media_type(
