@@ -219,7 +219,9 @@ def _redis_url(value: object) -> str | None:
     if text is None:
         return None
     expected = "a redis://, rediss:// or unix:// URL"
-    parts = _split_url(text, expected, mask_url(text))
+    # What the mask hides is the likely cause: a password holding / ? # (a URL's delimiters).
+    hint = " (a password's / ? # percent-encoded: %2F %3F %23)"
+    parts = _split_url(text, expected + hint, mask_url(text))
     scheme = parts.scheme.lower()
     if scheme not in ("redis", "rediss", "unix"):
         _fail(expected, mask_url(text))

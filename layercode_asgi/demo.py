@@ -12,6 +12,7 @@ import socket
 from typing import Any, Final
 
 import anyio
+import httpx
 
 from .config import Settings
 from .errors import ConfigurationError
@@ -95,6 +96,8 @@ async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
                             args.messages or DEMO_MESSAGES,
                             data=DEMO_DATA,
                             allow_errors=args.allow_errors,
+                            # Its own server on 127.0.0.1: no proxy from the environment.
+                            transport=httpx.AsyncHTTPTransport(trust_env=False),
                         )
                     except (BrokenPipeError, ConfigurationError) as exc:
                         # stdout's reader left, or no HTTP client can be made: stop the server

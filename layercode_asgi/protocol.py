@@ -53,7 +53,7 @@ VIOLATIONS: Final[Mapping[str, str]] = {
     "other events 2xx)",
     "connection-error": "the backend could not be reached, or the connection broke",
     "wrong-content-type": "a turn was not answered with Content-Type text/event-stream",
-    "bad-json": "an SSE event's data, or a reply's body, is not valid JSON (or not an object)",
+    "bad-json": "an SSE event's data is not a JSON object, or a reply's body is not valid JSON",
     "missing-type": "an SSE event is a JSON object without a string 'type'",
     "invalid-event": "a known event is malformed (e.g. response.tts content is not a string)",
     "missing-end": "the stream closed without a response.end",
@@ -178,6 +178,8 @@ class TurnChecker:
     ) -> None:
         check_positive_int(max_events, "max_events")
         check_type("strict", strict, bool, "a bool")
+        check_type("turn_id", turn_id, str, "a str (the turn_id of the request)")
+        check_type("event_type", event_type, str, "a str")
         self.turn_id = turn_id
         self.event_type = event_type
         self.strict = strict
@@ -190,6 +192,7 @@ class TurnChecker:
         return ProtocolViolation(name, detail, event_type=self.event_type, turn_id=self.turn_id)
 
     def check(self, sse: SSEEvent) -> dict[str, Any]:
+        check_type("sse", sse, SSEEvent, "an SSEEvent (from SSEParser.feed)")
         position = len(self.events) + 1
         if position > self.max_events:
             raise self.violation(
@@ -491,7 +494,8 @@ async def send_turn(
         client, url, event, secret, headers, timeout, max_bytes, where, range(200, 201), late
     ) as reply:
         content_type = reply.headers.get("content-type", "")
-        if not content_type.strip().lower().startswith("text/event-stream"):
+        # The essence of the last of several values (Content-Type repeated), as Fetch takes it.
+        if content_type.rpartition(",")[2].partition(";")[0].strip().lower() != "text/event-stream":
             raise ProtocolViolation(
                 "wrong-content-type",
                 f"{kind} answered Content-Type {_brief(content_type or '(none)')}, "

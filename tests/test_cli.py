@@ -614,7 +614,9 @@ def test_simulate_sends_a_signed_conversation(
 ) -> None:
     requests: list[dict[str, Any]] = []
     messages = tmp_path / "messages.txt"
-    messages.write_text("from a file\n\n  second line  \n")
+    # Before: the BOM an editor may write went out as the first message's first character,
+    # and U+2028 (or U+0085, a form feed) split a line into two messages.
+    messages.write_text("\ufefffrom a file\r\n\n  second line\u2028\x85\x0cof it  \n")
     with serve(recording_backend(requests)) as base:
         code = run(
             "simulate", "--url", f"{base}/hook", "--secret", SECRET, "first",
@@ -627,7 +629,8 @@ def test_simulate_sends_a_signed_conversation(
     assert [e["type"] for e in events] == [
         "session.start", "message", "message", "message", "data", "session.update", "session.end",
     ]  # fmt: skip
-    assert [e.get("text") for e in events[1:4]] == ["first", "from a file", "second line"]
+    said = "second line\u2028\x85\x0cof it"
+    assert [e.get("text") for e in events[1:4]] == ["first", "from a file", said]
     assert events[4]["data"] == {"clicked": True}
     assert all(e["conversation_id"] == "conv-9" and e["session_id"] == "sess-9" for e in events)
     turn_ids = [e["turn_id"] for e in events[:5]]
@@ -643,8 +646,8 @@ def test_simulate_sends_a_signed_conversation(
         ("assistant", "acme/first"),
         ("user", "from a file"),
         ("assistant", "acme/from a file"),
-        ("user", "second line"),
-        ("assistant", "acme/second line"),
+        ("user", said),
+        ("assistant", f"acme/{said}"),
     ]
     assert all(isinstance(t["timestamp"], int) for t in transcript)
     out = captured.out

@@ -169,6 +169,10 @@ def test_numbers() -> None:
         # is not a number, a password with an unencoded / (part of it in the path)
         ("REDIS_URL", "redis://:pw@h:6379/abc", "expected a database number as its path (a / in a password: %2F), got 'redis://:***@h:6379/abc'"),
         ("REDIS_URL", "rediss://u:12/ab@h/0", "expected a database number as its path"),
+        # Before: only "expected a redis://, ... URL, got 'redis://default:***@h:6379/0'", the
+        # cause (an unencoded ? / # in the password) hidden by the mask.
+        ("REDIS_URL", "redis://default:Zq8?Hk2@h:6379/0", "expected a redis://, rediss:// or unix:// URL (a password's / ? # percent-encoded: %2F %3F %23), got 'redis://default:***@h:6379/0'"),
+        ("REDIS_URL", "rediss://default:Zq8#Hk2@h", "expected a redis://, rediss:// or unix:// URL (a password's / ? #"),
         ("LAYERCODE_CORS_ORIGINS", "https://a.com/path", "expected '*' or http(s) origins"),
         ("LAYERCODE_CORS_ORIGINS", "a.com", "expected '*' or http(s) origins"),
         ("LAYERCODE_CORS_ORIGINS", "*,https://a.com", "'*' cannot be combined"),

@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import httpx
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -251,6 +252,23 @@ def test_checker_accepts_unknown_types_and_reports_errors() -> None:
     assert caught.value.name == "response-error"
 
 
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        # Before: accepted, then every event of the turn was a wrong-turn-id.
+        (lambda: TurnChecker(None), "turn_id must be a str"),
+        (lambda: TurnChecker(b"t1"), "turn_id must be a str"),
+        (lambda: TurnChecker("t1", event_type=None), "event_type must be a str"),
+        # Before: AttributeError: 'dict' object has no attribute 'data'.
+        (lambda: TurnChecker("t1").check({"type": "response.end"}), "got dict"),
+        (lambda: TurnChecker("t1").check(END), "got str"),
+    ],
+)
+def test_the_checker_names_an_argument_of_the_wrong_type(make: Any, said: str) -> None:
+    with pytest.raises(TypeError, match=said):
+        make()
+
+
 def test_protocol_violation_pickles_and_rejects_unknown_names() -> None:
     violation = ProtocolViolation("missing-end", "d", turn_id="t", status_code=200)
     copy = pickle.loads(pickle.dumps(violation))
@@ -386,6 +404,54 @@ async def test_client_raises_named_violations() -> None:
     with pytest.raises(ProtocolViolation) as caught:
         await LayercodeTestClient(echo_app(), secret="wrong").message("x")
     assert (caught.value.name, caught.value.status_code) == ("http-error", 401)
+
+
+def replying_app(content_type: bytes, body: bytes) -> Any:
+    """Answers every event with ``body`` under ``content_type`` (a turn's events end it)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        turn_id = msgspec.json.decode(await read_body(receive)).get("turn_id")
+        end = b'data: {"type":"response.end","turn_id":"%s"}\n\n' % str(turn_id).encode()
+        headers = [(b"content-type", content_type)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body.replace(b"END", end)})
+
+    return app
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("content_type", "name"),
+    [
+        (b"text/event-stream", None),
+        (b"Text/Event-Stream ; charset=utf-8", None),
+        # Before: accepted, as the check was startswith("text/event-stream").
+        (b"text/event-streams", "wrong-content-type"),
+        (b"text/event-stream-x; charset=utf-8", "wrong-content-type"),
+        (b"text/event-stream,application/json", "wrong-content-type"),
+        (b"text/event-stream, text/event-stream", None),  # the header sent twice
+    ],
+)
+async def test_a_turn_needs_exactly_the_event_stream_media_type(
+    content_type: bytes, name: str | None
+) -> None:
+    client = LayercodeTestClient(replying_app(content_type, b"END"), secret=SECRET)
+    if name is None:
+        assert (await client.message("x")).events[0]["type"] == "response.end"
+        return
+    with pytest.raises(ProtocolViolation) as caught:
+        await client.message("x")
+    assert caught.value.name == name
+
+
+@pytest.mark.anyio
+async def test_a_json_reply_of_any_value_is_accepted() -> None:
+    # The docs' violations table said a reply's body must be an object; on_data may return
+    # any JSON value, so the checker takes any (an SSE event's data stays an object).
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, "echo", on_data=lambda event: [event.data, None])
+    async with LayercodeTestClient(app, secret=SECRET) as client:
+        assert (await client.data({"a": 1})).body == [{"a": 1}, None]
 
 
 def misusing_app(*messages: dict[str, Any]) -> Any:
