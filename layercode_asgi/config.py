@@ -219,8 +219,7 @@ def _redis_url(value: object) -> str | None:
     if text is None:
         return None
     expected = "a redis://, rediss:// or unix:// URL"
-    # What the mask hides is the likely cause: a password holding / ? # (a URL's delimiters).
-    hint = " (a password's / ? # percent-encoded: %2F %3F %23)"
+    hint = " (a password's / ? # percent-encoded: %2F %3F %23)"  # what the mask may hide
     parts = _split_url(text, expected + hint, mask_url(text))
     scheme = parts.scheme.lower()
     if scheme not in ("redis", "rediss", "unix"):
@@ -425,7 +424,6 @@ def settings_table_markdown() -> str:
 _URL_FIELDS = frozenset({"redis_url", "layercode_api_url", "openai_base_url"})
 
 _UNSET: Any = object()
-_FROZEN = "Settings is immutable; use settings.replace(...)"
 
 
 def _reject_unknown(names: Iterable[str]) -> None:
@@ -573,10 +571,10 @@ class Settings:
         return result
 
     def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(_FROZEN)
+        raise AttributeError("Settings is immutable; use settings.replace(...)")
 
     def __delattr__(self, name: str) -> None:
-        raise AttributeError(_FROZEN)
+        raise AttributeError("Settings is immutable; use settings.replace(...)")
 
     def _values(self) -> tuple[Any, ...]:
         return tuple(getattr(self, spec.name) for spec in SETTINGS_FIELDS)
