@@ -202,20 +202,34 @@ async def test_a_worker_killed_while_waiting_is_skipped(redis_server: RedisServe
 async def test_a_hundred_waiters_on_a_small_pool_run_in_order(redis_server: RedisServer) -> None:
     """Waiting holds no pooled connection: 100 turns of one conversation queue behind a
     holder on a pool of 4 connections; the holder releases, and all run, in order."""
+    from redis import asyncio as redis_asyncio
+
     store = RedisConversationStore(redis_server.url, max_connections=4, lock_ttl=3)
     order: list[int] = []
+    raw: Any = redis_asyncio.Redis.from_url(redis_server.url)
     async with ConversationManager(store) as manager:
 
         async def waiter(n: int) -> None:
             async with manager.lock("busy", timeout=60):
                 order.append(n)
 
+        async def queued(count: int) -> None:
+            """Until ``count`` waiters are in the queue: turns queue in the order they reach
+            Redis, and on a busy machine a task started 5 ms after another may get there
+            first."""
+            for _ in range(2_500):
+                keys = await raw.keys("*busy*queue")
+                if keys and await raw.llen(keys[0]) >= count:
+                    return
+                await anyio.sleep(0.002)
+            raise AssertionError(f"waiter {count - 1} never queued")
+
         with anyio.fail_after(60):
             async with anyio.create_task_group() as tg, manager.lock("busy"):
                 for n in range(100):
                     tg.start_soon(waiter, n)
-                    await anyio.sleep(0.005)
-                await anyio.sleep(1.0)
+                    await queued(n + 1)
+    await raw.aclose()
     assert order == list(range(100))
 
 
