@@ -98,21 +98,26 @@ def _drain_queue_listeners(limit: int = 10_000) -> None:
 
 #: Test files that share something outside their temp dirs: the fixed ports the docs name
 #: (8000...), and the checkout, where building the package (test_packaging) and the docs'
-#: ``pip install --dry-run`` lines write ``layercode_asgi.egg-info``. Under pytest-xdist
-#: they run in one worker, one after the other.
+#: ``pip install --dry-run`` lines write ``layercode_asgi.egg-info``.
 SHARED_CHECKOUT_FILES = frozenset({"test_docs.py", "test_readme.py", "test_packaging.py"})
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``-n N --dist loadgroup``, as ``scripts/test`` runs the suite),
-    the tests of one file go to one worker (its module fixtures, a Redis server or cluster,
-    start once), and the files of :data:`SHARED_CHECKOUT_FILES` share one."""
-    if not config.pluginmanager.hasplugin("xdist"):
+@pytest.fixture(scope="module", autouse=True)
+def _one_shared_checkout_file_at_a_time(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Under pytest-xdist (``scripts/test`` runs the suite in 4 processes, a file in each),
+    the files of :data:`SHARED_CHECKOUT_FILES` run one at a time: each holds a lock shared
+    by the processes of this run (in their common temp dir) for as long as its tests run."""
+    if "PYTEST_XDIST_WORKER" not in os.environ or request.path.name not in SHARED_CHECKOUT_FILES:
+        yield
         return
-    for item in items:
-        name = item.path.name
-        group = "shared-checkout" if name in SHARED_CHECKOUT_FILES else name
-        item.add_marker(pytest.mark.xdist_group(group))
+    import fcntl
+
+    lock = tmp_path_factory.getbasetemp().parent / "shared-checkout.lock"
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 @pytest.hookimpl(hookwrapper=True)

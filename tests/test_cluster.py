@@ -109,7 +109,8 @@ async def without_the_cluster_setting(
                 ready = await client.get("/ready")
                 assert ready.status_code == 503, (what, ready.text)
                 assert ready.json()["error"] == f"{what} unavailable"
-                turn = await post_turn(client, elsewhere, "hello", 0)
+                # another body each time: the same one, signed in the same second, is a replay
+                turn = await post_turn(client, elsewhere, f"hello from the {what}", 0)
                 assert turn.status_code == 503, (what, turn.text)
         assert "LAYERCODE_REDIS_CLUSTER" in caplog.text, (what, caplog.text)
 

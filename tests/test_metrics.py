@@ -175,7 +175,8 @@ def test_memory_records_each_turn(conversation: Sinks) -> None:
         assert record.first_tts is not None and record.duration is not None
         assert 0 < record.first_tts <= record.duration
     assert turns["t3"].first_tts is None and turns["t4"].first_tts is None
-    assert turns["t4"].duration is not None and turns["t4"].duration >= TURN_TIMEOUT
+    # (an event loop may fire a timer a fraction of a millisecond early: 0.49987 s was seen)
+    assert turns["t4"].duration is not None and turns["t4"].duration >= TURN_TIMEOUT - 0.005
     assert all(r.lock_wait is not None and r.lock_wait >= 0 for r in turns.values())
     assert conversation.memory.rejections == {"no_matching_signature": 1}
     table = conversation.memory.table()
