@@ -320,9 +320,12 @@ def being_cancelled() -> bool:
 
 def must_propagate(exc: BaseException) -> bool:
     """Whether ``exc``, raised by user code (an agent, a hook, a producer), goes on rather
-    than being answered as that code's failure: an interrupt, an exit, a group (it may hold
-    either) or this task's own cancellation. Any other exception, ``GeneratorExit`` or a
-    ``BaseException`` of the code's own included, is the code failing."""
-    if isinstance(exc, KeyboardInterrupt | SystemExit | BaseExceptionGroup):
+    than being answered as that code's failure: an interrupt, an exit, this task's own
+    cancellation, or a group (a task group's) holding one of them. Any other exception,
+    ``GeneratorExit``, a ``BaseException`` of the code's own or a group of those included,
+    is the code failing."""
+    if isinstance(exc, KeyboardInterrupt | SystemExit):
         return True
+    if isinstance(exc, BaseExceptionGroup):
+        return any(must_propagate(inner) for inner in exc.exceptions)
     return isinstance(exc, anyio.get_cancelled_exc_class()) and being_cancelled()
