@@ -756,6 +756,34 @@ def test_run_server_refuses_an_invalid_max_requests(limit: Any) -> None:
         run_server(app, port=0, limit_max_requests=5, limit_max_requests_jitter="3")
 
 
+def test_an_app_served_again_after_a_drain_is_not_draining() -> None:
+    # Before: the drain's flags outlived the server: the same app served again by run_server
+    # answered every webhook 503 "server is shutting down", and /ready 503.
+    from layercode_asgi.server import run_server
+
+    app = create_app(settings())
+    answered: list[tuple[int, int]] = []
+    for _ in range(2):
+        sock = socket.create_server(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+        def talk(url: str = url) -> None:
+            with httpx.Client(base_url=url, timeout=10) as client:
+                body = event_body()
+                webhook = client.post("/api/agent", content=body, headers=signed_headers(body))
+                answered.append((webhook.status_code, client.get("/ready").status_code))
+
+        # limit_max_requests drains as SIGTERM does, after these two answers
+        talker = threading.Thread(target=talk)
+        talker.start()  # its connection waits in the listening socket's backlog
+        try:
+            run_server(app, sockets=[sock], limit_max_requests=2, log_level="warning")
+        finally:
+            talker.join(10)
+            sock.close()
+    assert answered == [(200, 200), (200, 200)]
+
+
 def test_redis_replay_cache_refuses_invalid_timeouts() -> None:
     pytest.importorskip("redis")
     from layercode_asgi import RedisReplayCache
