@@ -32,6 +32,7 @@ from .redaction import escape_terminal
 __all__ = [
     "CLIENT_LEFT",
     "HEADER_NAME",
+    "BodyAborted",
     "BodyTimeout",
     "BodyTooLarge",
     "JSONResponse",
@@ -107,18 +108,38 @@ class BodyTimeout(Exception):
     """The request body did not all arrive in time; raised by :func:`read_body`."""
 
 
-async def read_body(receive: Receive, limit: int, within: float = math.inf) -> bytes | None:
+class BodyAborted(Exception):
+    """The server ended the request (a drain's end) while its body was still arriving;
+    raised by :func:`read_body` when the read's scope in ``reads`` was cancelled."""
+
+
+async def read_body(
+    receive: Receive,
+    limit: int,
+    within: float = math.inf,
+    reads: set[anyio.CancelScope] | None = None,
+) -> bytes | None:
     """Read a whole request body of at most ``limit`` bytes; ``None`` if the client left.
 
     Raises :class:`BodyTooLarge` as soon as the bytes read pass ``limit`` (the rest is not
     read), :class:`BodyTimeout` if the body has not all arrived ``within`` seconds.
-    A body that arrives in one message is returned without a copy.
+    A body that arrives in one message is returned without a copy. With a deadline, the
+    read's cancel scope is in ``reads`` while it lasts: cancelling it ends the read with
+    :class:`BodyAborted`.
     """
     # No deadline to keep: none given, or the body was read already (by the middleware).
     if within == math.inf or (isinstance(receive, ReplayBody) and receive._body is not None):
         return await _read_body(receive, limit)
-    with anyio.move_on_after(within):
-        return await _read_body(receive, limit)
+    with anyio.move_on_after(within) as reading:
+        if reads is None:
+            return await _read_body(receive, limit)
+        reads.add(reading)
+        try:
+            return await _read_body(receive, limit)
+        finally:
+            reads.discard(reading)
+    if reading.deadline > anyio.current_time():  # cancelled before its deadline
+        raise BodyAborted
     raise BodyTimeout
 
 
@@ -320,9 +341,12 @@ def being_cancelled() -> bool:
 
 def must_propagate(exc: BaseException) -> bool:
     """Whether ``exc``, raised by user code (an agent, a hook, a producer), goes on rather
-    than being answered as that code's failure: an interrupt, an exit, a group (it may hold
-    either) or this task's own cancellation. Any other exception, ``GeneratorExit`` or a
-    ``BaseException`` of the code's own included, is the code failing."""
-    if isinstance(exc, KeyboardInterrupt | SystemExit | BaseExceptionGroup):
+    than being answered as that code's failure: an interrupt, an exit, this task's own
+    cancellation, or a group (a task group's) holding one of them. Any other exception,
+    ``GeneratorExit``, a ``BaseException`` of the code's own or a group of those included,
+    is the code failing."""
+    if isinstance(exc, KeyboardInterrupt | SystemExit):
         return True
+    if isinstance(exc, BaseExceptionGroup):
+        return any(must_propagate(inner) for inner in exc.exceptions)
     return isinstance(exc, anyio.get_cancelled_exc_class()) and being_cancelled()

@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from ._asgi import json_error, send_json_error
+from ._asgi import BodyAborted, json_error, send_json_error
 from .authorize import AuthorizeRoute
 from .errors import RETRY_AFTER
 from .middleware import LayercodeSignature
@@ -38,11 +38,13 @@ class Lifecycle:
     process manager can do the same through this object.
     """
 
-    __slots__ = ("aborted", "aborters", "active", "draining")
+    __slots__ = ("aborted", "aborters", "active", "draining", "reads")
 
     def __init__(self) -> None:
         self.active = 0
         self.draining = False
+        #: Webhook bodies still arriving (their reads' scopes): :meth:`abort` ends them.
+        self.reads: set[anyio.CancelScope] = set()
         #: :meth:`abort` was called: a webhook whose body arrives later starts no turn (503).
         self.aborted = False
         #: Called by :meth:`abort` (``create_app`` adds its webhook's ``abort_turns`` and
@@ -56,6 +58,8 @@ class Lifecycle:
     def abort(self) -> None:
         """End the open webhooks now (from the event loop): see the class docstring."""
         self.draining = self.aborted = True
+        for reading in list(self.reads):
+            reading.cancel()
         for aborter in self.aborters:
             try:
                 aborter()
@@ -95,7 +99,11 @@ class WebhookEndpoint:
             return
         lifecycle.active += 1
         try:
-            body = await self.signature.verified_body(scope, receive, send)
+            try:
+                body = await self.signature.verified_body(scope, receive, send, lifecycle.reads)
+            except BodyAborted:  # its body was still arriving when the drain ended
+                body = None
+                await send_json_error(send, SHUTTING_DOWN_ANSWER)
             if body is not None and lifecycle.aborted:  # nothing would end its turn now
                 await send_json_error(send, SHUTTING_DOWN_ANSWER)
             elif body is not None:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from urllib.parse import unquote
 
+from anyio import CancelScope
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._asgi import (
@@ -290,7 +291,9 @@ class LayercodeSignature:
         if body is not None:
             await self.app(scope, ReplayBody(body, receive), send)
 
-    async def verified_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+    async def verified_body(
+        self, scope: Scope, receive: Receive, send: Send, reads: set[CancelScope] | None = None
+    ) -> bytes | None:
         """Read and verify an HTTP request's body; ``None`` once it has been answered.
 
         Everything the middleware checks happens here: the signature header (missing,
@@ -300,7 +303,8 @@ class LayercodeSignature:
         ``None`` returned; so is a client that left before sending its body (its 400 is
         only for middleware outside: the server drops it). Otherwise the verified body is
         returned and nothing has been sent: the caller answers the request.
-        ``receive`` is not used again here, so it can be handed on as it is.
+        ``receive`` is not used again here, so it can be handed on as it is. ``reads``:
+        see :func:`read_body` (its :class:`BodyAborted` goes on, nothing sent).
         """
         parts: list[str] = []
         declared: bytes | None = None
@@ -332,7 +336,7 @@ class LayercodeSignature:
             return None
 
         try:
-            body = await read_body(receive, self.max_body_size, self._body_timeout)
+            body = await read_body(receive, self.max_body_size, self._body_timeout, reads)
         except BodyTooLarge:
             await self._refuse_too_large(scope, send)
             return None

@@ -504,7 +504,8 @@ def run_server(
     ended the same way, without waiting for the grace period. uvicorn's
     ``limit_max_requests`` (in ``uvicorn_options``) stops the server the way a first
     SIGTERM does (after that many complete responses, plus up to
-    ``limit_max_requests_jitter``): turns still open then are drained, not cut.
+    ``limit_max_requests_jitter``): turns still open then are drained, not cut. Served
+    again, an app drained before serves as usual.
     """
     import random
     import signal
@@ -520,6 +521,7 @@ def run_server(
             f"SIGTERM), got {type(app).__name__}; serve any other ASGI app with uvicorn"
         )
     lifecycle: Lifecycle = found
+    lifecycle.draining = lifecycle.aborted = False  # served again after an earlier drain
     grace = app.state.settings.shutdown_grace_period if grace_period is None else grace_period
 
     class DrainingServer(uvicorn.Server):

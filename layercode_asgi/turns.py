@@ -15,7 +15,7 @@ Guarantees:
 * ``response.end`` is emitted exactly once, last, whatever the agent does: yields nothing,
   raises before or after its first reply (then ``response.error`` precedes the end and the
   exception is logged with the conversation and turn ids; ``KeyboardInterrupt``,
-  ``SystemExit`` and a ``BaseExceptionGroup`` go on instead), yields something that is not a
+  ``SystemExit`` and a group holding either go on instead), yields something that is not a
   reply, or overruns the turn timeout (then the configured spoken fallback, or
   ``response.error``, precedes the end).
 * Each ``emit`` waits for the server to take the chunk, and the agent is only resumed

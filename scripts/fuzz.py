@@ -124,6 +124,8 @@ def main() -> int:
     )
     parser.add_argument("--examples", type=int, default=20_000, help="inputs per target")
     args = parser.parse_args()
+    if args.examples < 1:
+        parser.error(f"--examples must be 1 or more, got {args.examples}")
     logging.disable(logging.CRITICAL)  # rejected requests log warnings by design; not news here
     from tests.test_fuzz import requests
 

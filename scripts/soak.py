@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
 import shutil
@@ -261,6 +262,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.smoke:
         args.duration, args.conversations = 4.0, 20
+    for name in ("workers", "conversations"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be 1 or more, got {getattr(args, name)}")
+    if not 0 < args.duration < math.inf:  # NaN too: the load would never end
+        parser.error(f"--duration must be a finite number of seconds > 0, got {args.duration}")
 
     redis_process = workdir = None
     if args.redis_url:

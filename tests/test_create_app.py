@@ -11,7 +11,7 @@ import gc
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -537,15 +537,20 @@ class Stop(BaseException):
     """A hook's own BaseException (neither an Exception nor a cancellation)."""
 
 
+def _stop_group() -> BaseExceptionGroup[BaseException]:
+    """A task group's error holding no interrupt, exit or cancellation."""
+    return BaseExceptionGroup("stopped", [Stop("stopped"), ValueError("bad")])
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("hook", ["on_data", "on_session_update", "on_session_end"])
-@pytest.mark.parametrize("exc", [Stop, GeneratorExit])
+@pytest.mark.parametrize("exc", [Stop, GeneratorExit, _stop_group])
 async def test_a_hook_raising_a_base_exception_is_a_json_500(
-    hook: str, exc: type[BaseException]
+    hook: str, exc: Callable[[], BaseException]
 ) -> None:
     # Before: it went past the route to the server: a plain-text 500 and a stack trace.
     def failing(event: Any) -> None:
-        raise exc
+        raise exc()
 
     kind = {"on_data": "data", "on_session_update": "session.update"}.get(hook, "session.end")
     app = create_app(settings(), **{hook: failing})

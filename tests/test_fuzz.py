@@ -9,11 +9,15 @@ requests that carry a valid signature.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import socket
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -200,3 +204,21 @@ def test_the_driver_reaches_the_agent_with_a_valid_signature() -> None:
     assert status == 200
     assert calls["agent"] == before + 1
     assert content.endswith(b'data: {"type":"response.end","turn_id":"t"}\n\n')
+
+
+@pytest.mark.parametrize("examples", ["0", "-5"])
+def test_the_fuzz_script_refuses_a_count_it_cannot_run(
+    examples: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: hypothesis' InvalidArgument traceback (exit 1) instead of a usage error.
+    path = Path(__file__).resolve().parent.parent / "scripts" / "fuzz.py"
+    spec = importlib.util.spec_from_file_location("fuzz_script", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(sys, "argv", ["fuzz.py", "--examples", examples])
+    with pytest.raises(SystemExit) as exited:
+        script.main()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --examples must be 1 or more" in err and "Traceback" not in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import os
@@ -34,6 +35,7 @@ from layercode_asgi import (
     __version__,
     create_app,
     get_agent,
+    sign,
 )
 
 from .conftest import (
@@ -754,6 +756,78 @@ def test_run_server_refuses_an_invalid_max_requests(limit: Any) -> None:
         run_server(app, port=0, limit_max_requests=limit)
     with pytest.raises(ConfigurationError, match="limit_max_requests_jitter must be an integer"):
         run_server(app, port=0, limit_max_requests=5, limit_max_requests_jitter="3")
+
+
+def test_an_app_served_again_after_a_drain_is_not_draining() -> None:
+    # Before: the drain's flags outlived the server: the same app served again by run_server
+    # answered every webhook 503 "server is shutting down", and /ready 503.
+    from layercode_asgi.server import run_server
+
+    app = create_app(settings())
+    answered: list[tuple[int, int]] = []
+    for _ in range(2):
+        sock = socket.create_server(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+        def talk(url: str = url) -> None:
+            with httpx.Client(base_url=url, timeout=10) as client:
+                try:
+                    body = event_body()
+                    webhook = client.post("/api/agent", content=body, headers=signed_headers(body))
+                    answered.append((webhook.status_code, client.get("/ready").status_code))
+                except httpx.HTTPError:  # the server stops all the same (its limit reached)
+                    for _ in range(2):
+                        with contextlib.suppress(httpx.HTTPError):
+                            client.get("/health")
+
+        # limit_max_requests drains as SIGTERM does, after these two answers
+        talker = threading.Thread(target=talk)
+        talker.start()  # its connection waits in the listening socket's backlog
+        try:
+            run_server(app, sockets=[sock], limit_max_requests=2, log_level="warning")
+        finally:
+            talker.join(10)
+            sock.close()
+    assert answered == [(200, 200), (200, 200)]
+
+
+def test_a_webhook_body_still_arriving_when_the_drain_ends_gets_503() -> None:
+    # Before: the body read went on until LAYERCODE_BODY_TIMEOUT (408), or until uvicorn's
+    # own shutdown timeout cut it: its plain-text 500 and a traceback in the log.
+    from layercode_asgi.server import run_server
+
+    app = create_app(settings(body_timeout=5))
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    answered: list[bytes] = []
+
+    def talk() -> None:
+        body = event_body()
+        head = (
+            f"POST /api/agent HTTP/1.1\r\nhost: t\r\ncontent-length: {len(body)}\r\n"
+            f"layercode-signature: {sign(body, SECRET)}\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            try:
+                slow.sendall(head.encode() + body[:5])  # the rest never comes
+                for _ in range(500):  # until the server reads its body (bounded: 5 s)
+                    if app.state.lifecycle.active:
+                        break
+                    time.sleep(0.01)
+            finally:  # the one request limit_max_requests waits for: the drain starts
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+            answered.append(slow.recv(65536))
+
+    talker = threading.Thread(target=talk)
+    talker.start()
+    try:
+        run_server(app, sockets=[sock], limit_max_requests=1, grace_period=0, log_level="warning")
+    finally:
+        talker.join(15)
+        sock.close()
+    head, _, content = answered[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), answered
+    assert msgspec.json.decode(content) == {"error": "server is shutting down"}
 
 
 def test_redis_replay_cache_refuses_invalid_timeouts() -> None:

@@ -58,3 +58,21 @@ def test_soak_smoke(tmp_path: Path) -> None:
     assert report["history_entries_lost"] == 0
     assert report["history_entries_out_of_order"] == 0
     assert report["errors"] == 0
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["--workers", "0"], ["--conversations", "0"], ["--duration", "nan"], ["--duration", "0"]],
+)
+def test_arguments_that_cannot_run_are_a_usage_error(
+    arguments: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: --workers 0 ended in a ZeroDivisionError traceback (after starting Redis),
+    # --conversations 0 in a failed run with nothing to say why, --duration nan ran forever.
+    monkeypatch.setattr(sys, "argv", ["soak.py", *arguments])
+    with pytest.raises(SystemExit) as exited:
+        soak.main()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {arguments[0]} must be" in err
+    assert "Traceback" not in err

@@ -149,6 +149,7 @@ class _Stop(BaseException):
         ("stray-cancelled", "asyncio"),
         ("own", "asyncio"),
         pytest.param("own", "trio", marks=NEEDS_TRIO),
+        ("group", "asyncio"),  # a task group's, holding no interrupt or cancellation
     ],
 )  # trio's Cancelled is trio's own: no stray one there
 @pytest.mark.parametrize("after_first", [False, True])
@@ -164,6 +165,8 @@ async def test_a_producer_raising_no_exception_of_its_task_is_a_failure(
         task = await cancelled_elsewhere() if kind == "stray-cancelled" else None
         if after_first:
             await emit(b"data: one\n\n")
+        if kind == "group":
+            raise BaseExceptionGroup("stopped", [_Stop(), ValueError("bad")])
         if task is None:
             raise _Stop
         await task

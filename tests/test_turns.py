@@ -962,23 +962,29 @@ async def test_an_agent_raising_another_base_exception_fails_the_turn() -> None:
             raise Stop("stopped")
         if event.text == "exit":
             raise GeneratorExit  # by hand, not by aclose()
+        if event.text == "group":  # a task group's, holding no interrupt or cancellation
+            raise BaseExceptionGroup("stopped", [Stop("stopped"), ValueError("bad")])
 
     webhook = LayercodeWebhook(agent)
     app = LayercodeSignature(webhook, secret=SECRET)
-    for text in ("stop", "exit"):
+    for text in ("stop", "exit", "group"):
         assert await read_events(app, event_body(text=text)) == [tts("partial"), ERROR, END]
     # the conversation's lock was released and the turns recorded
     assert await read_events(app, event_body(text="fine")) == [tts("partial"), END]
     assert webhook.conversations is not None
     history = await webhook.conversations.get_history("conv-1")
-    assert [m.text for m in history] == ["stop", "partial", "exit", "partial", "fine", "partial"]
+    assert [m.text for m in history] == [
+        *("stop", "partial", "exit", "partial", "group", "partial", "fine", "partial")
+    ]
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt])
+@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt, BaseExceptionGroup])
 async def test_system_exit_and_keyboard_interrupt_go_on(exc: type[BaseException]) -> None:
     async def agent(event: Any) -> AsyncIterator[str]:
         yield "partial"
+        if exc is BaseExceptionGroup:  # a group holding an interrupt goes on as it is
+            raise BaseExceptionGroup("interrupted", [Stop("stopped"), KeyboardInterrupt()])
         raise exc
 
     sent: list[bytes] = []
