@@ -59,7 +59,7 @@ from .errors import (
 )
 from .gctuning import tune_gc, untune_gc
 from .lifecycle import AuthorizeEndpoint, Lifecycle, WebhookEndpoint
-from .logs import escape_log_value, hide_in_logs, settings_secrets, uvicorn_log_config
+from .logs import escape_error, escape_log_value, hide_in_logs, settings_secrets, uvicorn_log_config
 from .metrics import installed, metrics_from_settings
 from .middleware import LayercodeSignature
 from .replay import MemoryReplayCache, RedisReplayCache, ReplayCache
@@ -353,7 +353,7 @@ def create_app(
                     "not ready: %s unavailable: %s: %s",
                     what,
                     type(exc).__name__,
-                    escape_log_value(exc),
+                    escape_error(exc),
                 )
                 problem = f"{what} unavailable"
         if scope.cancelled_caught:

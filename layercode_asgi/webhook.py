@@ -89,7 +89,14 @@ from .events import (
     WebhookPayload,
     parse_webhook_payload,
 )
-from .logs import escape_log_value, log_refused, log_slow_body, log_webhook, webhook_log_enabled
+from .logs import (
+    escape_error,
+    escape_log_value,
+    log_refused,
+    log_slow_body,
+    log_webhook,
+    webhook_log_enabled,
+)
 from .metrics import TurnMetrics, answered_status
 from .middleware import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_SIZE
 from .sse import Emit, EventStreamResponse
@@ -528,7 +535,7 @@ def _kind(event: WebhookPayload) -> str:
 def _unavailable(exc: LayercodeError, context: str) -> ResponseError:
     """The 503 for a conversation store failure: what is wrong in words for the caller,
     the details (Redis host, port, driver text) only in the log."""
-    logger.warning("%s: %s: %s", context, type(exc).__name__, escape_log_value(exc))
+    logger.warning("%s: %s: %s", context, type(exc).__name__, escape_error(exc))
     if isinstance(exc, ConversationLockTimeout):
         return ResponseError(
             503,

@@ -5,6 +5,7 @@ a real uvicorn on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +18,7 @@ from layercode_asgi import (
     ConfigurationError,
     DataPayload,
     InvalidPayloadError,
+    LayercodeSignature,
     LayercodeWebhook,
     Settings,
     SignatureErrorReason,
@@ -24,7 +26,11 @@ from layercode_asgi import (
     TurnEvent,
     create_app,
 )
-from layercode_asgi.conversation import StoreUnavailableError
+from layercode_asgi.conversation import (
+    ConversationManager,
+    MemoryConversationStore,
+    StoreUnavailableError,
+)
 from layercode_asgi.logs import LOG_TRACEBACK_MAX_CHARS, LOG_VALUE_MAX_CHARS
 from layercode_asgi.metrics import MemoryMetrics, TurnMetrics
 
@@ -182,3 +188,57 @@ def test_the_webhook_line_names_an_unknown_type_and_a_turn_cut_short(log_format:
     assert "outcome" not in completed and "outcome" not in unknown
     assert left.startswith("webhook type=message ") and " status=200 " in left
     assert left.endswith(" outcome=disconnected")
+
+
+#: A store's error quoting the URL it could not reach, password and all.
+URL_PASSWORD = "pw-4c1e9b77d2"
+QUOTING_URL = f"cannot reach redis://app:{URL_PASSWORD}@cache.internal:6379/0, giving up"
+
+
+class DownStore(MemoryConversationStore):
+    async def ping(self) -> None:
+        raise StoreUnavailableError(QUOTING_URL)
+
+    async def record_turn(self, *args: Any) -> bool:
+        raise StoreUnavailableError(QUOTING_URL)
+
+
+class DownReplayCache:
+    async def seen(self, key: str, ttl: float) -> bool:
+        raise ConnectionError(QUOTING_URL)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_a_store_error_quoting_a_url_reaches_the_log_with_its_password_masked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before: escaped but not masked, the replay cache's 503 (and /ready's, a hook's 503, a
+    # turn not recorded) logged redis://app:<password>@… as the store's error quoted it.
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(
+        settings,
+        lingering_agent,
+        conversations=ConversationManager(DownStore()),
+        on_data=hook_raising(StoreUnavailableError(QUOTING_URL)),
+    )
+    replay = LayercodeSignature(app, secret=SECRET, replay_protection=DownReplayCache())
+    data, turn = event_body("data"), event_body("message", text="hi")
+    caplog.set_level(logging.INFO, "layercode_asgi")
+    with serve(replay) as other, serve(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/ready").status_code == 503
+        assert (
+            client.post("/api/agent", content=data, headers=signed_headers(data)).status_code == 503
+        )
+        assert (
+            "response.end"
+            in client.post("/api/agent", content=turn, headers=signed_headers(turn)).text
+        )
+        replayed = httpx.post(other + "/api/agent", content=data, headers=signed_headers(data))
+        assert replayed.status_code == 503
+    quoting = [r.getMessage() for r in caplog.records if "cache.internal" in r.getMessage()]
+    assert len(quoting) == 4, quoting  # /ready, the hook, the turn's record, the replay check
+    for message in quoting:
+        assert URL_PASSWORD not in message
+        assert "redis://app:***@cache.internal:6379/0, giving up" in message
