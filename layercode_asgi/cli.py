@@ -137,7 +137,9 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             "uses the default routes (/api/agent, /api/authorize); drop --agent-route / "
             "--authorize-route or use --workers 1"
         )
-    if args.env_file not in ("", ".env") and not os.path.exists(args.env_file):
+    if args.env_file is None:  # the file app_from_env and simulate read
+        args.env_file = env.get("LAYERCODE_ENV_FILE", ".env")
+    elif args.env_file not in ("", ".env") and not os.path.exists(args.env_file):
         # ./.env is optional; a file named on the command line is meant to be read
         raise UsageError(f"--env-file {escape_terminal(args.env_file)}: no such file")
     settings = Settings(env_file=args.env_file or None, environ=env)
@@ -417,9 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--env-file",
-        default=".env",
         metavar="PATH",
-        help="settings file read after the environment (default %(default)s; '' for none)",
+        help="settings file read after the environment (default: the one LAYERCODE_ENV_FILE "
+        "names, else .env; '' for none)",
     )
     serve.add_argument(
         "--workers",

@@ -31,7 +31,7 @@ from typing import Any, Final
 
 from .config import Settings
 from .errors import check_positive_int, check_type
-from .redaction import MASK, url_secrets
+from .redaction import MASK, mask_urls, url_secrets
 
 __all__ = [
     "LOGGER_NAME",
@@ -496,6 +496,12 @@ def escape_log_value(value: object, max_chars: int | None = LOG_VALUE_MAX_CHARS)
     if more:
         out.append(f"…(+{more} chars)")
     return "".join(out)
+
+
+def escape_error(exc: BaseException) -> str:
+    """:func:`escape_log_value` of an exception (a store's, say) with the credentials of every
+    URL it quotes masked (:func:`~layercode_asgi.redaction.mask_urls`), then cut."""
+    return cut_log_value(mask_urls(escape_log_value(exc, None)))
 
 
 # -- one line per webhook --------------------------------------------------------------------

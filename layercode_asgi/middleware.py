@@ -51,7 +51,7 @@ from .errors import (
     check_seconds,
     kind_of,
 )
-from .logs import escape_log_value, log_refused, log_slow_body
+from .logs import escape_error, log_refused, log_slow_body
 from .replay import MemoryReplayCache, ReplayCache, replay_key
 from .signature import (
     DEFAULT_TOLERANCE,
@@ -384,7 +384,7 @@ class LayercodeSignature:
             logger.error(
                 "replay cache unavailable: %s: %s",
                 type(exc).__name__,
-                escape_log_value(exc),
+                escape_error(exc),
                 exc_info=not isinstance(exc, LayercodeError),
             )
             await send_json_error(send, _REPLAY_UNAVAILABLE)

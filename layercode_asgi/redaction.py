@@ -18,12 +18,16 @@ import re
 from typing import Final
 from urllib.parse import unquote
 
-__all__ = ["MASK", "escape_terminal", "mask_url", "url_secrets"]
+__all__ = ["MASK", "escape_terminal", "mask_url", "mask_urls", "url_secrets"]
 
 #: What replaces a secret.
 MASK: Final = "***"
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+#: A URL in a text: a scheme, credentials up to an ``@`` on the same line (within 256
+#: characters: a password may hold spaces), then up to the next white space. Bounded
+#: repeats: linear time on any text.
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]{0,31}://(?:[^\n@]{0,256}@)?\S*")
 #: C0 controls, DEL, C1 controls, U+2028 / U+2029 (line / paragraph separator), and the bidi
 #: controls, which reorder what a terminal shows (Trojan Source).
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
@@ -46,6 +50,13 @@ def mask_url(url: str) -> str:
         return prefix + host
     user, colon, _ = credentials.partition(":")
     return f"{prefix}{user}:{MASK}@{host}" if colon else f"{prefix}{MASK}@{host}"
+
+
+def mask_urls(text: str) -> str:
+    """``text`` with :func:`mask_url` applied to every URL in it: an error quoting the URL
+    it could not reach, for a log line. Text after a URL up to an ``@`` on its line may be
+    taken as credentials too (hiding too much, never too little)."""
+    return _URL_IN_TEXT.sub(lambda url: mask_url(url.group()), text) if "://" in text else text
 
 
 #: Query parameters shown as they are; every other one (``password=``, which redis-py

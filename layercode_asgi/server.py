@@ -59,7 +59,7 @@ from .errors import (
 )
 from .gctuning import tune_gc, untune_gc
 from .lifecycle import AuthorizeEndpoint, Lifecycle, WebhookEndpoint
-from .logs import escape_log_value, hide_in_logs, settings_secrets, uvicorn_log_config
+from .logs import escape_error, escape_log_value, hide_in_logs, settings_secrets, uvicorn_log_config
 from .metrics import installed, metrics_from_settings
 from .middleware import LayercodeSignature
 from .replay import MemoryReplayCache, RedisReplayCache, ReplayCache
@@ -242,7 +242,7 @@ def create_app(
         on_session_update: optional hook called with each ``session.update`` event.
         on_session_end: optional hook called with each ``session.end`` event.
         authorize_guard: a custom check for the authorize route (replaces the key check
-            of ``LAYERCODE_AUTHORIZE_API_KEYS``).
+            of ``LAYERCODE_AUTHORIZE_API_KEYS``; with both, a warning at start-up).
         authorize_timeout: seconds to wait for LayerCode's API (a finite number > 0).
         extras: objects handed to agents as ``context.extras``.
 
@@ -353,7 +353,7 @@ def create_app(
                     "not ready: %s unavailable: %s: %s",
                     what,
                     type(exc).__name__,
-                    escape_log_value(exc),
+                    escape_error(exc),
                 )
                 problem = f"{what} unavailable"
         if scope.cancelled_caught:
@@ -377,6 +377,12 @@ def create_app(
                 authorize_route,
                 "mint LayerCode sessions",
                 "LAYERCODE_AUTHORIZE_API_KEYS or authorize_guard",
+            )
+        elif settings.authorize_api_keys and authorize_guard is not None:
+            logger.warning(
+                "authorize_guard replaces LAYERCODE_AUTHORIZE_API_KEYS: the authorize route "
+                "%s checks the guard only, not the keys",
+                authorize_route,
             )
         if serves_metrics and not settings.metrics_api_keys:
             _warn_unguarded("metrics", "/metrics", "read the metrics", "LAYERCODE_METRICS_API_KEYS")

@@ -89,7 +89,14 @@ from .events import (
     WebhookPayload,
     parse_webhook_payload,
 )
-from .logs import escape_log_value, log_refused, log_slow_body, log_webhook, webhook_log_enabled
+from .logs import (
+    escape_error,
+    escape_log_value,
+    log_refused,
+    log_slow_body,
+    log_webhook,
+    webhook_log_enabled,
+)
 from .metrics import TurnMetrics, answered_status
 from .middleware import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_SIZE
 from .sse import Emit, EventStreamResponse
@@ -110,6 +117,9 @@ _TOO_MANY_WAITING = "too many turns waiting for this conversation; retry later"
 _NOT_POST = json_error(405, "method not allowed; use POST", headers=[(b"allow", b"POST")])
 _OK = b'{"status":"ok"}'
 _IGNORED = b'{"status":"ignored"}'
+#: The log line's extra field of a request whose client left before the answer ended.
+_LEFT: dict[str, Any] = {"outcome": "disconnected"}
+_NO_EXTRA: dict[str, Any] = {}
 
 
 class _TurnRequest:
@@ -349,7 +359,10 @@ class LayercodeWebhook:
         """
         started = time.perf_counter()
         response, event = await self._respond(body)
-        if event is None and response.status_code == 400 and compressed(scope):
+        unknown = None
+        if isinstance(event, str):  # an unknown type: for the log line, not a metrics label
+            unknown, event = event, None
+        elif event is None and response.status_code == 400 and compressed(scope):
             response = compressed_body_response()  # unreadable because compressed: say so
         # What the log line needs, not the event: a turn waiting for its conversation keeps
         # no decoded copy of its body.
@@ -369,12 +382,13 @@ class LayercodeWebhook:
             status = answered_status(response)
             if webhook_log_enabled(status):
                 log_webhook(
-                    kind,
+                    kind or unknown,
                     conversation_id,
                     turn_id,
                     status,
                     time.perf_counter() - started,
                     first_tts_s=None if record is None else record.first_tts,
+                    **(_LEFT if getattr(response, "disconnected", False) else _NO_EXTRA),
                 )
 
     # -- framework-neutral entry point -------------------------------------------------------
@@ -386,12 +400,13 @@ class LayercodeWebhook:
 
     async def _respond(
         self, body: bytes | str | Mapping[str, Any]
-    ) -> tuple[Response, WebhookPayload | None]:
+    ) -> tuple[Response, WebhookPayload | str | None]:
+        """The response and what it answered: the event, an unknown event's type, or None."""
         try:
             event = parse_webhook_payload(body)
         except UnknownEventError as exc:
             logger.warning("ignoring webhook of unknown type %s", escape_log_value(exc.event_type))
-            return Response(_IGNORED, media_type="application/json"), None
+            return Response(_IGNORED, media_type="application/json"), exc.event_type
         except InvalidPayloadError as exc:
             logger.info("rejected malformed webhook: %s", escape_log_value(exc))
             return JSONResponse({"error": str(exc), "path": exc.path}, status_code=400), None
@@ -520,7 +535,7 @@ def _kind(event: WebhookPayload) -> str:
 def _unavailable(exc: LayercodeError, context: str) -> ResponseError:
     """The 503 for a conversation store failure: what is wrong in words for the caller,
     the details (Redis host, port, driver text) only in the log."""
-    logger.warning("%s: %s: %s", context, type(exc).__name__, escape_log_value(exc))
+    logger.warning("%s: %s: %s", context, type(exc).__name__, escape_error(exc))
     if isinstance(exc, ConversationLockTimeout):
         return ResponseError(
             503,

@@ -323,6 +323,33 @@ def test_serve_dev_simulate_line_works_with_the_secret_in_another_env_file(
         assert run("sign", "--body", "{}", environ=environ) == 0
 
 
+def test_serve_without_env_file_reads_the_file_layercode_env_file_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: serve read ./.env though LAYERCODE_ENV_FILE named another file, which simulate
+    # (and app_from_env) read: two webhook secrets, and every simulated turn a 401 (exit 1).
+    from layercode_asgi import server
+
+    codes: list[int] = []
+    environ = {"LAYERCODE_ENV_FILE": "prod.env"}
+
+    def run_server(app: Any, **options: Any) -> None:  # serves on a free port instead
+        with serve(app) as url:
+            codes.append(run("simulate", "--url", url + "/api/agent", "-q", "hi", environ=environ))
+
+    monkeypatch.setattr(server, "run_server", run_server)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("LAYERCODE_WEBHOOK_SECRET=whsec_from_dot_env\n")
+    (tmp_path / "prod.env").write_text(f"LAYERCODE_WEBHOOK_SECRET={SECRET}\n")
+    assert run("serve", "--port", "0", environ=environ) == 0
+    assert codes == [0], capsys.readouterr()
+    # Empty: no file (not even ./.env); --env-file given still wins over the variable.
+    assert run("serve", "--port", "0", environ={"LAYERCODE_ENV_FILE": ""}) == 2
+    assert "error: no webhook secret" in capsys.readouterr().err
+    assert run("serve", "--port", "0", "--env-file", ".env", environ=environ) == 0
+    assert codes == [0, 1]
+
+
 # -- serve: running ---------------------------------------------------------------------------------
 
 

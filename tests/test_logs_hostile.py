@@ -5,9 +5,12 @@ a real uvicorn on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -15,14 +18,21 @@ from layercode_asgi import (
     ConfigurationError,
     DataPayload,
     InvalidPayloadError,
+    LayercodeSignature,
+    LayercodeWebhook,
     Settings,
     SignatureErrorReason,
     SignatureVerificationError,
     TurnEvent,
     create_app,
 )
-from layercode_asgi.conversation import StoreUnavailableError
+from layercode_asgi.conversation import (
+    ConversationManager,
+    MemoryConversationStore,
+    StoreUnavailableError,
+)
 from layercode_asgi.logs import LOG_TRACEBACK_MAX_CHARS, LOG_VALUE_MAX_CHARS
+from layercode_asgi.metrics import MemoryMetrics, TurnMetrics
 
 from .conftest import SECRET, event_body, logged, serve, signed_headers
 
@@ -140,3 +150,95 @@ def test_a_hook_meeting_the_store_down_is_still_a_503() -> None:
         reply = httpx.post(f"{url}/api/agent", content=body, headers=signed_headers(body))
     assert reply.status_code == 503 and reply.headers["retry-after"] == "5"
     assert reply.json() == {"error": "conversation store unavailable"}
+
+
+async def lingering_agent(event: TurnEvent) -> AsyncIterator[str]:
+    yield "one moment"
+    if event.text == "linger":
+        await anyio.sleep(30)  # the client leaves first
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_webhook_line_names_an_unknown_type_and_a_turn_cut_short(log_format: str) -> None:
+    # Before: an event of unknown type logged ``type=-`` (its type only in the warning
+    # above), and a turn whose client left mid-stream ``status=200`` as if it had completed.
+    memory = MemoryMetrics()
+    webhook = LayercodeWebhook(lingering_agent, conversations=None, metrics=TurnMetrics(memory))
+    with logged(log_format) as stream, serve(webhook) as url, httpx.Client(base_url=url) as c:
+        assert c.post("/", content=event_body("future\nevent")).json() == {"status": "ignored"}
+        assert "response.end" in c.post("/", content=event_body("message", text="hi")).text
+        with c.stream("POST", "/", content=event_body("message", text="linger")) as cut:
+            assert "one moment" in next(cut.iter_lines())
+        for _ in range(500):  # the server's line for the cut turn: once it noticed
+            if stream.getvalue().count("webhook type=") == 3:
+                break
+            time.sleep(0.02)
+    assert [r.event_type for r in memory.records] == [None, "message", "message"]  # labels
+    lines = [line for line in stream.getvalue().splitlines() if "webhook type=" in line]
+    if log_format == "json":
+        fields = [json.loads(line) for line in lines]
+        assert [(f["event_type"], f["status"], f.get("outcome")) for f in fields] == [
+            ("future\nevent", 200, None),
+            ("message", 200, None),
+            ("message", 200, "disconnected"),
+        ]
+        lines = [f["message"] for f in fields]
+    unknown, completed, left = (line[line.index("webhook type=") :] for line in lines)
+    assert unknown.startswith('webhook type="future\\nevent" conversation=- turn=- status=200 ')
+    assert "outcome" not in completed and "outcome" not in unknown
+    assert left.startswith("webhook type=message ") and " status=200 " in left
+    assert left.endswith(" outcome=disconnected")
+
+
+#: A store's error quoting the URL it could not reach, password and all.
+URL_PASSWORD = "pw-4c1e9b77d2"
+QUOTING_URL = f"cannot reach redis://app:{URL_PASSWORD}@cache.internal:6379/0, giving up"
+
+
+class DownStore(MemoryConversationStore):
+    async def ping(self) -> None:
+        raise StoreUnavailableError(QUOTING_URL)
+
+    async def record_turn(self, *args: Any) -> bool:
+        raise StoreUnavailableError(QUOTING_URL)
+
+
+class DownReplayCache:
+    async def seen(self, key: str, ttl: float) -> bool:
+        raise ConnectionError(QUOTING_URL)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_a_store_error_quoting_a_url_reaches_the_log_with_its_password_masked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before: escaped but not masked, the replay cache's 503 (and /ready's, a hook's 503, a
+    # turn not recorded) logged redis://app:<password>@… as the store's error quoted it.
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(
+        settings,
+        lingering_agent,
+        conversations=ConversationManager(DownStore()),
+        on_data=hook_raising(StoreUnavailableError(QUOTING_URL)),
+    )
+    replay = LayercodeSignature(app, secret=SECRET, replay_protection=DownReplayCache())
+    data, turn = event_body("data"), event_body("message", text="hi")
+    caplog.set_level(logging.INFO, "layercode_asgi")
+    with serve(replay) as other, serve(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/ready").status_code == 503
+        assert (
+            client.post("/api/agent", content=data, headers=signed_headers(data)).status_code == 503
+        )
+        assert (
+            "response.end"
+            in client.post("/api/agent", content=turn, headers=signed_headers(turn)).text
+        )
+        replayed = httpx.post(other + "/api/agent", content=data, headers=signed_headers(data))
+        assert replayed.status_code == 503
+    quoting = [r.getMessage() for r in caplog.records if "cache.internal" in r.getMessage()]
+    assert len(quoting) == 4, quoting  # /ready, the hook, the turn's record, the replay check
+    for message in quoting:
+        assert URL_PASSWORD not in message
+        assert "redis://app:***@cache.internal:6379/0, giving up" in message

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from layercode_asgi import Settings
 from layercode_asgi.conversation import RedisConversationStore
 from layercode_asgi.errors import ConfigurationError, LayercodeError
-from layercode_asgi.redaction import escape_terminal, mask_url
+from layercode_asgi.redaction import escape_terminal, mask_url, mask_urls
 
 from .conftest import free_port
 
@@ -48,6 +48,24 @@ def test_mask_url_forms() -> None:
     # an '@' in the query hides too much, never too little
     assert "pw" not in mask_url("redis://u:pw@h/0?x=a@b")
     assert mask_url("") == ""
+
+
+@pytest.mark.parametrize("password", HOSTILE_PASSWORDS)
+def test_mask_urls_hides_the_passwords_of_the_urls_a_text_quotes(password: str) -> None:
+    # For an error quoting the URL it could not reach (a replay cache's, a store's).
+    url = f"redis://default:{password}@cache:6379/0"
+    text = f"Error: cannot reach {url}, nor ({url}).\nrediss://u:{password}@b:1 down"
+    assert mask_urls(text) == (
+        "Error: cannot reach redis://default:***@cache:6379/0, nor (redis://default:***@cache:6379/0)."
+        "\nrediss://u:***@b:1 down"
+    )
+
+
+def test_mask_urls_leaves_other_text_and_stays_linear() -> None:
+    plain = "Error 111 connecting to cache:6379. Connection refused. http://cache:6379/0 ok"
+    assert mask_urls(plain) == plain
+    hostile = "a" * 100_000 + "://" + " x://" * 100_000  # finishes: bounded repeats only
+    assert mask_urls(hostile) == hostile
 
 
 _USER = st.text(st.characters(blacklist_characters=":@", blacklist_categories=("Cs",)), max_size=8)

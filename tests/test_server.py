@@ -528,7 +528,9 @@ def test_authorize_without_api_key_is_503(layercode: tuple[FakeLayercode, str]) 
     assert "LAYERCODE_API_KEY" in r.json()["error"]
 
 
-def test_authorize_guard_keys_and_callable(layercode: tuple[FakeLayercode, str]) -> None:
+def test_authorize_guard_keys_and_callable(
+    layercode: tuple[FakeLayercode, str], caplog: pytest.LogCaptureFixture
+) -> None:
     fake, api = layercode
     app = create_app(settings(layercode_api_url=api, authorize_api_keys="k1,k2"))
     with serve(app) as url, httpx.Client(base_url=url) as c:
@@ -557,14 +559,28 @@ def test_authorize_guard_keys_and_callable(layercode: tuple[FakeLayercode, str])
     async def guard(request: Request) -> bool:
         return request.headers.get("x-session") == "ok"
 
-    app = create_app(settings(layercode_api_url=api), authorize_guard=guard)
-    with serve(app) as url, httpx.Client(base_url=url) as c:
-        assert c.post("/api/authorize", json={"agent_id": "a"}).status_code == 401
-        assert (
-            c.post(
-                "/api/authorize", json={"agent_id": "a"}, headers={"x-session": "ok"}
-            ).status_code
-            == 200
+    for keys in ("", "k1"):
+        app = create_app(
+            settings(layercode_api_url=api, authorize_api_keys=keys), authorize_guard=guard
+        )
+        caplog.clear()
+        with (
+            caplog.at_level(logging.WARNING, logger="layercode_asgi.server"),
+            serve(app) as url,
+            httpx.Client(base_url=url) as c,
+        ):
+            assert c.post("/api/authorize", json={"agent_id": "a"}).status_code == 401
+            for headers in ({"x-session": "ok"}, {"x-session": "ok", "x-api-key": "wrong"}):
+                response = c.post("/api/authorize", json={"agent_id": "a"}, headers=headers)
+                assert response.status_code == 200
+        # Both given: the guard alone decides (documented), said at start-up; before, in silence.
+        assert [r.getMessage() for r in caplog.records if r.name == "layercode_asgi.server"] == (
+            [
+                "authorize_guard replaces LAYERCODE_AUTHORIZE_API_KEYS: the authorize route "
+                "/api/authorize checks the guard only, not the keys"
+            ]
+            if keys
+            else []
         )
 
 

@@ -13,7 +13,7 @@ import anyio
 import msgspec
 
 from ..errors import LayercodeError, kind_of
-from ..logs import escape_log_value
+from ..logs import escape_error, escape_log_value
 from .base import (
     DEFAULT_LOCK_WAIT_GRACE,
     STORE_DEFAULT,
@@ -137,7 +137,7 @@ async def record_for_turn(
                 "could not record turn (conversation=%s turn=%s): %s: %s",
                 *_ids(event),
                 type(exc).__name__,
-                escape_log_value(exc),
+                escape_error(exc),
             )
         except Exception:
             _webhook_logger.exception(

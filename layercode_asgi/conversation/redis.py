@@ -34,7 +34,7 @@ from .._redis import (
     write_check_keys,
 )
 from ..errors import ConfigurationError, check_positive_int, check_seconds, check_text
-from ..logs import escape_log_value
+from ..logs import escape_error, escape_log_value
 from ..redaction import mask_url
 from . import redis_scripts as scripts
 from .base import (
@@ -494,7 +494,7 @@ class RedisConversationStore:
                     "could not extend the lock of conversation %s: %s: %s",
                     escape_log_value(hold.conversation_id),
                     type(exc).__name__,
-                    escape_log_value(exc),
+                    escape_error(exc),
                 )
                 continue
             if not extended and not hold.released:
@@ -533,7 +533,7 @@ class RedisConversationStore:
                     escape_log_value(hold.conversation_id),
                     self.lock_ttl,
                     type(exc).__name__,
-                    escape_log_value(exc),
+                    escape_error(exc),
                 )
                 if held:
                     task = asyncio.get_running_loop().create_task(self._release_later(hold))
