@@ -16,8 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from layercode_asgi import Settings, create_app
+from layercode_asgi import Settings, create_app, stream_turn
 
+from .asgi_stub import ASGIStub
 from .conftest import NEEDS_TRIO, SECRET, event_body, serve, serve_hypercorn, signed_headers
 
 CHUNK = "x" * 4096
@@ -91,3 +92,33 @@ def test_a_client_that_never_reads_does_not_keep_its_conversation(server: str) -
             assert app.state.lifecycle.active == 0
         finally:
             stuck.close()
+
+
+@pytest.mark.parametrize("entry", ["stream_turn", "create_app"])
+def test_a_stuck_stream_is_let_go_at_the_timeout_plus_the_grace_once(entry: str) -> None:
+    """On trio's mock clock (virtual time: exact, and no real waiting): a client that stops
+    reading. Before, the turn spent its grace on its last events, then the stream's close
+    waited a grace again (the final frame's own bound): the response, and with it the
+    request's count in the drain, stayed open until timeout + 2 x grace."""
+    trio = pytest.importorskip("trio")
+    from trio.testing import MockClock
+
+    body = event_body(text="big")
+    if entry == "stream_turn":
+        app: Any = stream_turn(body, big_talker, timeout=2.0)  # grace: 1 s
+        stub = ASGIStub(block_send_after=3)
+    else:
+        settings = Settings(
+            env_file=None, environ={}, layercode_webhook_secret=SECRET, turn_timeout=2.0
+        )
+        app = create_app(settings, agent=big_talker)
+        headers = [(k.encode(), v.encode()) for k, v in signed_headers(body).items()]
+        stub = ASGIStub(body, path="/api/agent", headers=headers, block_send_after=3)
+
+    async def main() -> float:
+        await stub.run(app, limit=60)
+        return float(trio.current_time())
+
+    assert trio.run(main, clock=MockClock(autojump_threshold=0)) == pytest.approx(3.0)
+    assert stub.status == 200
+    assert not stub.complete
