@@ -12,14 +12,15 @@ One webhook request, from ``create_app`` to the last byte:
    and replay protection; a failed check is answered with ``_asgi.send_json_error``.
 3. ``webhook.LayercodeWebhook.answer`` → ``_respond``: ``events.parse_webhook_payload``;
    ``data`` / ``session.update`` / ``session.end`` get JSON (``_answer_json``); a turn gets
-   ``turn_response``, an ``sse.EventStreamResponse`` whose producer (``produce``) queues for
-   the conversation's lock (``conversations.lock``), then ``_locked_turn``: reads the history,
-   runs the turn, records it.
+   ``turn_response``, an ``sse.EventStreamResponse`` whose producer (``webhook._TurnRequest``)
+   queues for the conversation's lock (``conversations.lock``), reads the history, runs the
+   turn (``_run``) and records it (``record``, just before ``response.end``).
 4. ``turns.Turn.run``: the deadline (armed when the lock was taken) covers ``_produce`` (the
    agent's replies, ``deliver`` → ``emit``) and ``end``; past it, the fallback or
    ``response.error`` and ``response.end`` get the grace.
-5. ``sse.EventStreamResponse.__call__``: runs the producer in a task beside a disconnect
-   watcher; ``emit`` sends each chunk (back-pressure), ``_finish`` the final frame.
+5. ``sse.EventStreamResponse.__call__``: runs the producer in the request's own task, a
+   disconnect watcher in another; ``emit`` sends each chunk (back-pressure), ``_finish`` the
+   final frame.
 """
 
 from ._version import __version__
@@ -68,7 +69,7 @@ from .events import (
     parse_webhook_payload,
 )
 from .logs import setup_logging
-from .metrics import MemoryMetrics, TurnMetrics
+from .metrics import MemoryMetrics, MetricsSink, TurnMetrics, WebhookRecord
 from .middleware import DEFAULT_MAX_BODY_SIZE, LayercodeSignature
 from .replay import MemoryReplayCache, RedisReplayCache, ReplayCache
 from .server import AuthorizeGuard, LayercodeApp, Lifecycle, create_app, run_server
@@ -116,6 +117,7 @@ __all__ = [
     "MemoryMetrics",
     "MemoryReplayCache",
     "MessagePayload",
+    "MetricsSink",
     "RedisConversationStore",
     "RedisReplayCache",
     "ReplayCache",
@@ -142,6 +144,7 @@ __all__ = [
     "TurnStream",
     "UnknownEventError",
     "WebhookPayload",
+    "WebhookRecord",
     "__version__",
     "create_app",
     "create_sse_response",

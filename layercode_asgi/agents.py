@@ -282,6 +282,7 @@ def _echo_factory(settings: Settings | None) -> Agent:
     return echo_agent
 
 
+#: Makes a named agent from the settings (:func:`register_agent`, :func:`get_agent`).
 AgentFactory: TypeAlias = Callable[["Settings | None"], Agent]
 
 # Agents known by name: ``name -> factory(settings)``. Private: read it with

@@ -31,6 +31,7 @@ __all__ = [
     "TURN_TYPES",
     "VIOLATIONS",
     "JSONResult",
+    "OnEvent",
     "ProtocolViolation",
     "ReplyTooLarge",
     "SSEEvent",

@@ -320,6 +320,8 @@ class Turn:
                         await self._timed_out()
                     await self.end()
                 if last.cancelled_caught:
+                    if isinstance(owner, EventStreamResponse):
+                        owner.close_timeout = 0  # the grace bounded the close: not a second one
                     logger.warning(
                         "turn's last events not sent within %ss (the client is not reading) %s",
                         self.grace,

@@ -10,7 +10,8 @@ the response is complete (or the client "leaves") and answers ``http.disconnect`
 ``disconnect_after=N``: the client leaves once it got N body messages. ``fail_send_after=N``:
 every ``send`` after N body messages raises ``OSError`` (the connection is gone).
 ``block_send_after=N``: the N+1-th body message never completes (a client that stopped
-reading; the server's ``send`` waits for it).
+reading; the server's ``send`` waits for it). ``leave_mid_body=True``: the client leaves
+before its body is complete (every chunk says ``more_body``, then ``http.disconnect``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class ASGIStub:
         disconnect_after: int | None = None,
         fail_send_after: int | None = None,
         block_send_after: int | None = None,
+        leave_mid_body: bool = False,
     ) -> None:
         self.scope: dict[str, Any] = {
             "type": "http",
@@ -64,7 +66,7 @@ class ASGIStub:
             "method": method,
             "scheme": "http",
             "path": path,
-            "raw_path": path.encode(),
+            "raw_path": path.encode("utf-8", "surrogateescape"),
             "root_path": "",
             "query_string": b"",
             "headers": list(headers),
@@ -73,9 +75,14 @@ class ASGIStub:
         }
         pieces = [body] if chunks is None else list(chunks)
         self._pending = [
-            {"type": "http.request", "body": piece, "more_body": index < len(pieces) - 1}
+            {
+                "type": "http.request",
+                "body": piece,
+                "more_body": leave_mid_body or index < len(pieces) - 1,
+            }
             for index, piece in enumerate(pieces)
         ]
+        self.leave_mid_body = leave_mid_body
         self.disconnect_after = disconnect_after
         self.fail_send_after = fail_send_after
         self.block_send_after = block_send_after
@@ -89,7 +96,8 @@ class ASGIStub:
         self.receives += 1
         if self._pending:
             return self._pending.pop(0)
-        await self._gone.wait()
+        if not self.leave_mid_body:
+            await self._gone.wait()
         return {"type": "http.disconnect"}
 
     async def send(self, message: dict[str, Any]) -> None:

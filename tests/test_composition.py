@@ -31,6 +31,7 @@ from layercode_asgi import (
     sign,
 )
 
+from .asgi_stub import ASGIStub
 from .conftest import SECRET, event_body, serve, serve_hypercorn, signed_headers
 
 
@@ -270,18 +271,7 @@ async def test_a_client_leaving_mid_body_is_no_error_under_base_http_middleware(
     """Nobody reads the answer, but ``BaseHTTPMiddleware`` needs one: without it, it raised
     ``RuntimeError: No response returned.`` (an ERROR traceback, and create_app's 500)."""
     app, path = left_mid_body_app(target)
-    messages = iter([{"type": "http.request", "body": b"{", "more_body": True}])
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return next(messages, {"type": "http.disconnect"})
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
     headers = [(b"content-length", b"100"), (b"layercode-signature", good().encode())]
-    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
-    scope.update(http_version="1.1", scheme="http", query_string=b"", root_path="")
-    with anyio.fail_after(10):
-        await app(scope, receive, send)
-    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [400]
+    stub = ASGIStub(b"{", path=path, headers=headers, leave_mid_body=True)
+    await stub.run(app, limit=10)
+    assert stub.status == 400

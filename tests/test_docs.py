@@ -32,6 +32,7 @@ import pytest
 from layercode_asgi import Settings, parse_webhook_payload
 from layercode_asgi.testing import LayercodeTestClient
 
+from .asgi_stub import ASGIStub
 from .markdown_blocks import parse_blocks, run_markdown_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -544,21 +545,10 @@ def test_every_option_of_the_middleware_is_in_its_table() -> None:
 async def _refusal(app: object, headers: list[tuple[bytes, bytes]], body: bytes | None) -> str:
     """What ``app`` answers a POST, as a table row's first cells: ``| 401 | `{...}` |``
     (numbers as N); ``body=None``: a body that never arrives."""
-    sent: list[dict[str, object]] = []
-
-    async def receive() -> dict[str, object]:
-        if body is None:
-            await anyio.sleep_forever()
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, object]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "method": "POST", "path": "/", "headers": headers}
-    with anyio.fail_after(10):
-        await app(scope, receive, send)  # type: ignore[operator]
-    error = json.loads(sent[1]["body"])["error"]  # type: ignore[arg-type]
-    return f"| {sent[0]['status']} | `{json.dumps({'error': re.sub(r'[0-9.]+', 'N', error)})}` |"
+    stub = ASGIStub(headers=headers, chunks=[] if body is None else [body])
+    await stub.run(app, limit=10)
+    error = json.loads(stub.body)["error"]
+    return f"| {stub.status} | `{json.dumps({'error': re.sub(r'[0-9.]+', 'N', error)})}` |"
 
 
 def test_the_middleware_page_shows_each_refusal_as_sent() -> None:

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from layercode_asgi import Settings, create_app, sign
 
+from .asgi_stub import ASGIStub
 from .conftest import SECRET
 
 calls = {"agent": 0}
@@ -120,48 +121,17 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
-async def drive(request: dict[str, Any]) -> tuple[int, bytes]:
+async def drive(request: dict[str, Any]) -> tuple[int | None, bytes]:
     body: bytes = request["body"]
     n = request["chunks"]
     size = max(1, -(-len(body) // n))
     pieces = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
-    queue = [
-        {"type": "http.request", "body": p, "more_body": i < len(pieces) - 1}
-        for i, p in enumerate(pieces)
-    ]
-    done = asyncio.Event()
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        if queue:
-            return queue.pop(0)
-        await done.wait()  # the client stays until the response is complete
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            done.set()
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": request["method"],
-        "scheme": "http",
-        "path": request["path"],
-        "raw_path": request["path"].encode("utf-8", "surrogateescape"),
-        "root_path": "",
-        "query_string": b"",
-        "headers": request["headers"],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-        "state": {},
-    }
-    await asyncio.wait_for(APP(scope, receive, send), 10)
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    content = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return start["status"], content
+    stub = ASGIStub(
+        chunks=pieces, method=request["method"], path=request["path"], headers=request["headers"]
+    )
+    stub.scope["state"] = {}  # as a server that ran the app's lifespan passes it
+    await stub.run(APP, limit=10)  # the client stays until the response is complete
+    return stub.status, stub.body
 
 
 @settings(

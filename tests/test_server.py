@@ -38,6 +38,7 @@ from layercode_asgi import (
     sign,
 )
 
+from .asgi_stub import ASGIStub
 from .conftest import (
     PYTHON,
     SECRET,
@@ -495,27 +496,11 @@ async def test_authorize_client_leaving_mid_body_is_not_an_error(
     and two ERROR stack traces of ``ClientDisconnect``). Its 400 is only for middleware
     outside (the server drops it): test_composition.py."""
     app = create_app(settings())
-    messages: list[dict[str, Any]] = [
-        {"type": "http.request", "body": b'{"agent_id":', "more_body": True}
-    ]
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/api/authorize",
-        "query_string": b"",
-        "headers": [(b"content-length", b"100"), (b"content-type", b"application/json")],
-    }
+    headers = [(b"content-length", b"100"), (b"content-type", b"application/json")]
+    stub = ASGIStub(b'{"agent_id":', path="/api/authorize", headers=headers, leave_mid_body=True)
     with caplog.at_level(logging.WARNING):
-        await app(scope, receive, send)
-    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [400]
+        await stub.run(app)
+    assert stub.status == 400
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 

@@ -24,6 +24,8 @@ from .openai_agents import from_openai_agents, openai_agents_input
 from .pydantic_ai import from_pydantic_ai, pydantic_ai_history
 from .voice import (
     DEFAULT_FILLER,
+    Chunking,
+    Filler,
     MissingExtraError,
     PhraseChunker,
     current_turn,
@@ -33,6 +35,8 @@ from .voice import (
 
 __all__ = [
     "DEFAULT_FILLER",
+    "Chunking",
+    "Filler",
     "MissingExtraError",
     "PhraseChunker",
     "current_turn",

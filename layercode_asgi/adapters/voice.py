@@ -72,6 +72,7 @@ __all__ = [
     "voice_agent",
 ]
 
+#: The filler spoken before a tool runs, unless the adapter is given another.
 DEFAULT_FILLER = "One moment."
 #: What the model is told on a silent ``session.start`` when the adapter has no ``welcome``.
 GREETING_PROMPT = "(The caller just joined. Greet them in one short sentence.)"
@@ -80,6 +81,7 @@ MIN_CLAUSE = 40
 #: A phrase longer than this without a boundary ends at its last space (CJK: see above).
 MAX_PHRASE = 500
 
+#: How replies are cut for speech: whole phrases, or each model delta as it comes.
 Chunking: TypeAlias = Literal["phrase", "delta"]
 #: The filler spoken before a tool runs: text, ``None``, or ``filler(tool_name)``.
 Filler: TypeAlias = str | Callable[[str], str | None] | None

@@ -12,6 +12,7 @@ import msgspec
 
 from ..errors import LayercodeError, check_seconds, check_type, kind_of
 
+#: Who said a :class:`HistoryMessage`: the caller or the agent.
 Role = Literal["user", "assistant"]
 
 #: Default wait for a conversation lock, in seconds (stores built without settings).
