@@ -272,12 +272,21 @@ async def test_turns_of_one_conversation_run_one_after_the_other() -> None:
 
 @pytest.mark.anyio
 async def test_a_turn_waiting_too_long_for_its_conversation_gets_503() -> None:
-    app, conversations = _webhook_app(lock_timeout=0.05)
-    transport = httpx.ASGITransport(app=app)
+    # t1 holds its conversation until t2 has its answer: events, not delays (on a loaded
+    # machine a turn started 50 ms later could find the conversation free).
+    holding, released = anyio.Event(), anyio.Event()
+
+    async def holder(event: TurnEvent, context: TurnContext) -> AsyncIterator[str]:
+        holding.set()
+        await released.wait()
+        yield "done"
+
+    conversations = ConversationManager(MemoryConversationStore())
+    webhook = LayercodeWebhook(holder, conversations=conversations, lock_timeout=0.05)
+    transport = httpx.ASGITransport(app=Starlette(routes=[Route("/hook", webhook)]))
     statuses: dict[str, tuple[int, Any]] = {}
 
-    async def turn(turn_id: str, delay: float) -> None:
-        await anyio.sleep(delay)
+    async def turn(turn_id: str) -> None:
         body = event_body(turn_id=turn_id, text="hi")
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             response = await client.post("/hook", content=body)
@@ -287,9 +296,12 @@ async def test_a_turn_waiting_too_long_for_its_conversation_gets_503() -> None:
             response.json() if content_type == "application/json" else None,
         )
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(turn, "t1", 0)
-        tg.start_soon(turn, "t2", 0.05)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(turn, "t1")
+            await holding.wait()
+            await turn("t2")
+            released.set()
     assert statuses["t1"] == (200, None)
     status, answer = statuses["t2"]
     assert status == 503
