@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,11 @@ def metrics_cost_target(paced: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _over(a: float, b: float) -> float:
+    """``a / b``, NaN when ``b`` is 0 (a short smoke run on a busy machine may measure 0)."""
+    return a / b if b else math.nan
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "–"
@@ -374,19 +380,19 @@ def markdown(results: dict[str, Any]) -> str:
         lines = []
         if ours and floor:
             lines.append(
-                f"- ours / floor: **{ours['rps_median'] / floor['rps_median']:.2f}×** throughput; "
+                f"- ours / floor: **{_over(ours['rps_median'], floor['rps_median']):.2f}×** throughput; "
                 f"server CPU per request {ours['cpu_us_per_request']:.0f} µs vs "
                 f"{floor['cpu_us_per_request']:.0f} µs."
             )
         if ours and ref:
             lines.append(
-                f"- ours / reference: **{ours['rps_median'] / ref['rps_median']:.1f}×** throughput; "
-                f"latency p50 {ref['lat_p50_ms'] / ours['lat_p50_ms']:.1f}× lower."
+                f"- ours / reference: **{_over(ours['rps_median'], ref['rps_median']):.1f}×** throughput; "
+                f"latency p50 {_over(ref['lat_p50_ms'], ours['lat_p50_ms']):.1f}× lower."
             )
         if ours and sse:
             lines.append(
                 f"- our `EventStreamResponse` / sse-starlette for the same turns: "
-                f"**{ours['rps_median'] / sse['rps_median']:.2f}×** throughput, "
+                f"**{_over(ours['rps_median'], sse['rps_median']):.2f}×** throughput, "
                 f"CPU per request {sse['cpu_us_per_request']:.0f} → {ours['cpu_us_per_request']:.0f} µs."
             )
         add("\n".join(lines) + "\n")
@@ -894,7 +900,7 @@ def _missed(results: dict[str, Any]) -> str:
             )
         elif "time to first byte" in name:
             ours, floor = servers.get("ours"), servers.get("floor")
-            inverse = floor["rps_median"] / ours["rps_median"] if ours and floor else None
+            inverse = _over(floor["rps_median"], ours["rps_median"]) if ours and floor else None
             out.append(
                 f"- **{name}** (measured {t['measured']}). Under wrk's saturating load every "
                 "request, the probe's included, waits behind the others in the server's queue, so "

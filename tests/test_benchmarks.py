@@ -200,3 +200,16 @@ def test_paced_redis_runs_briefly(tmp_path: Path) -> None:
         level = levels["4"]
         assert level["turns"] > 0 and level["errors"] == 0, (variant, level)
     assert "| Redis, 2 workers | 4 |" in markdown.read_text()
+
+
+def test_the_report_survives_a_measured_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A smoke run on a busy machine measured a p50 latency of 0 ms: the report divided by
+    it (ZeroDivisionError, no RESULTS.md). A ratio over 0 is now shown as nan."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import report
+
+    results = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    ours = results["e2e"]["servers"]["ours"]
+    ours["lat_p50_ms"] = ours["rps_median"] = 0.0
+    text = report.markdown(results)
+    assert "latency p50 nan× lower" in text
