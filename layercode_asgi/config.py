@@ -35,7 +35,7 @@ from ._redis import not_a_database
 from .apikeys import sendable_key
 from .envfile import settings_sources
 from .errors import MAX_NUMBER, SettingsError
-from .redaction import mask_url
+from .redaction import mask_url, port_problem
 
 # Not exported (the CLI's): SETTINGS_FIELDS (see Settings.fields()), SettingField.
 __all__ = ["Settings", "SettingsError", "settings_table_markdown"]
@@ -219,8 +219,8 @@ def _redis_url(value: object) -> str | None:
     if text is None:
         return None
     expected = "a redis://, rediss:// or unix:// URL"
-    hint = " (a password's / ? # percent-encoded: %2F %3F %23)"  # what the mask may hide
-    parts = _split_url(text, expected + hint, mask_url(text))
+    hint = port_problem(text) or "a password's / ? # percent-encoded: %2F %3F %23"  # masked
+    parts = _split_url(text, f"{expected} ({hint})", mask_url(text))
     scheme = parts.scheme.lower()
     if scheme not in ("redis", "rediss", "unix"):
         _fail(expected, mask_url(text))

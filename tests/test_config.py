@@ -173,6 +173,10 @@ def test_numbers() -> None:
         # cause (an unencoded ? / # in the password) hidden by the mask.
         ("REDIS_URL", "redis://default:Zq8?Hk2@h:6379/0", "expected a redis://, rediss:// or unix:// URL (a password's / ? # percent-encoded: %2F %3F %23), got 'redis://default:***@h:6379/0'"),
         ("REDIS_URL", "rediss://default:Zq8#Hk2@h", "expected a redis://, rediss:// or unix:// URL (a password's / ? #"),
+        # Before: a port out of range got the password hint too, when the port was the cause.
+        ("REDIS_URL", "redis://h:99999/0", "expected a redis://, rediss:// or unix:// URL (its port a number from 0 to 65535), got 'redis://h:99999/0'"),
+        ("REDIS_URL", "redis://:pw@[::1]:6379x", "expected a redis://, rediss:// or unix:// URL (its port a number from 0 to 65535), got 'redis://:***@[::1]:6379x'"),
+        ("REDIS_URL", "redis://:123456/x@h/0", "expected a redis://, rediss:// or unix:// URL (a password's / ? #"),
         ("LAYERCODE_CORS_ORIGINS", "https://a.com/path", "expected '*' or http(s) origins"),
         ("LAYERCODE_CORS_ORIGINS", "a.com", "expected '*' or http(s) origins"),
         ("LAYERCODE_CORS_ORIGINS", "*,https://a.com", "'*' cannot be combined"),

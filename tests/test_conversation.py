@@ -798,11 +798,14 @@ def test_a_cluster_url_that_redis_cluster_cannot_use_is_refused(url: str, proble
         ("redis://:s3cret@127.0.0.1:6379/abc", "the database (its path) is not a number"),
         ("rediss://u:s3cret@127.0.0.1:6379/1x", "the database (its path) is not a number"),
         ("redis://:s3/cret@127.0.0.1:6379/0", "the database (its path) is not a number"),
+        ("redis://:s3cret@127.0.0.1:65536/0", "(its port a number from 0 to 65535)"),
+        ("redis://:1234567#s3cret@127.0.0.1/0", "(percent-encode special characters"),
     ],
 )
 def test_a_redis_url_with_a_bad_scheme_or_database_says_so(url: str, problem: str) -> None:
-    """Before: a bad scheme was "invalid Redis URL (percent-encode special characters in the
-    password ...)", and a database that is not a number silently meant database 0."""
+    """Before: a bad scheme (and a port out of range) was "invalid Redis URL (percent-encode
+    special characters in the password ...)", and a database that is not a number silently
+    meant database 0."""
     pytest.importorskip("redis")
     from layercode_asgi.replay import RedisReplayCache
 
