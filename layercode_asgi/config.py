@@ -148,7 +148,7 @@ def _float_gt0(value: object) -> float:
 
 
 def _int_converter(minimum: int) -> Callable[[object], int]:
-    expected = f"an integer > {minimum - 1}" if minimum > 0 else f"an integer >= {minimum}"
+    expected = "an integer > 0" if minimum == 1 else f"an integer >= {minimum}"
 
     def convert(value: object) -> int:
         if isinstance(value, str):
@@ -378,9 +378,9 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
     _F("history_max_conversations", "LAYERCODE_HISTORY_MAX_CONVERSATIONS", "int > 0", 10000,
        "Conversations kept in memory (least recently used dropped first).",
        convert=_int_converter(1)),
-    _F("history_max_bytes", "LAYERCODE_HISTORY_MAX_BYTES", "int > 0 (bytes)", 262144,
+    _F("history_max_bytes", "LAYERCODE_HISTORY_MAX_BYTES", "int >= 4 (bytes)", 262144,
        "UTF-8 bytes of text kept per conversation (oldest messages dropped first; a longer "
-       "single message is cut to it).", convert=_int_converter(1)),
+       "single message is cut to it).", convert=_int_converter(4)),
     _F("history_ttl", "LAYERCODE_HISTORY_TTL", "int >= 0 (seconds)", 86400,
        "Expiry of a conversation's history in Redis; 0 = never expire.",
        convert=_int_converter(0)),

@@ -157,6 +157,8 @@ def test_numbers() -> None:
         ("LAYERCODE_HISTORY_MAX_MESSAGES", "0", "expected an integer > 0"),
         ("LAYERCODE_HISTORY_MAX_CONVERSATIONS", "x", "expected an integer > 0"),
         ("LAYERCODE_HISTORY_TTL", "-5", "expected an integer >= 0"),
+        # Before: taken, then a store cut a message whose first character is longer to ""
+        ("LAYERCODE_HISTORY_MAX_BYTES", "3", "expected an integer >= 4, got '3'"),
         ("LAYERCODE_REPLAY_PROTECTION", "maybe", "expected a boolean"),
         ("LAYERCODE_KEEP_HISTORY", "2", "expected a boolean"),
         ("LAYERCODE_API_URL", "ftp://x.com", "expected an http(s) URL, got 'ftp://x.com'"),
