@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from . import loops
 from .errors import ConfigurationError, check_type, require_asyncio
-from .redaction import mask_url
+from .redaction import mask_url, port_problem
 
 __all__ = [
     "MAX_EXPIRE_SECONDS",
@@ -170,9 +170,9 @@ def connect(
     except ConfigurationError:
         raise
     except ValueError:  # its message may quote part of the password: not shown
+        hint = "percent-encode special characters in the password: / as %2F, # as %23, ? as %3F"
         raise ConfigurationError(
-            f"invalid Redis URL {mask_url(url)!r} (percent-encode special characters "
-            "in the password: / as %2F, # as %23, ? as %3F)"
+            f"invalid Redis URL {mask_url(url)!r} ({port_problem(url) or hint})"
         ) from None
 
 

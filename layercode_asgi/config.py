@@ -35,7 +35,7 @@ from ._redis import not_a_database
 from .apikeys import sendable_key
 from .envfile import settings_sources
 from .errors import MAX_NUMBER, SettingsError
-from .redaction import mask_url
+from .redaction import mask_url, port_problem
 
 # Not exported (the CLI's): SETTINGS_FIELDS (see Settings.fields()), SettingField.
 __all__ = ["Settings", "SettingsError", "settings_table_markdown"]
@@ -148,7 +148,7 @@ def _float_gt0(value: object) -> float:
 
 
 def _int_converter(minimum: int) -> Callable[[object], int]:
-    expected = f"an integer > {minimum - 1}" if minimum > 0 else f"an integer >= {minimum}"
+    expected = "an integer > 0" if minimum == 1 else f"an integer >= {minimum}"
 
     def convert(value: object) -> int:
         if isinstance(value, str):
@@ -219,8 +219,8 @@ def _redis_url(value: object) -> str | None:
     if text is None:
         return None
     expected = "a redis://, rediss:// or unix:// URL"
-    hint = " (a password's / ? # percent-encoded: %2F %3F %23)"  # what the mask may hide
-    parts = _split_url(text, expected + hint, mask_url(text))
+    hint = port_problem(text) or "a password's / ? # percent-encoded: %2F %3F %23"  # masked
+    parts = _split_url(text, f"{expected} ({hint})", mask_url(text))
     scheme = parts.scheme.lower()
     if scheme not in ("redis", "rediss", "unix"):
         _fail(expected, mask_url(text))
@@ -378,9 +378,9 @@ SETTINGS_FIELDS: tuple[SettingField, ...] = (
     _F("history_max_conversations", "LAYERCODE_HISTORY_MAX_CONVERSATIONS", "int > 0", 10000,
        "Conversations kept in memory (least recently used dropped first).",
        convert=_int_converter(1)),
-    _F("history_max_bytes", "LAYERCODE_HISTORY_MAX_BYTES", "int > 0 (bytes)", 262144,
+    _F("history_max_bytes", "LAYERCODE_HISTORY_MAX_BYTES", "int >= 4 (bytes)", 262144,
        "UTF-8 bytes of text kept per conversation (oldest messages dropped first; a longer "
-       "single message is cut to it).", convert=_int_converter(1)),
+       "single message is cut to it).", convert=_int_converter(4)),
     _F("history_ttl", "LAYERCODE_HISTORY_TTL", "int >= 0 (seconds)", 86400,
        "Expiry of a conversation's history in Redis; 0 = never expire.",
        convert=_int_converter(0)),

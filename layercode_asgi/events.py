@@ -90,16 +90,19 @@ class UnknownEventError(InvalidPayloadError):
 
     Attributes:
         event_type: the ``type`` value as received (always a ``str``).
+        conversation_id: the event's ``conversation_id`` when it is a string, else ``None``.
     """
 
-    def __init__(self, event_type: str) -> None:
+    def __init__(self, event_type: str, conversation_id: str | None = None) -> None:
         check_type("event_type", event_type, str, "a str")
+        check_type("conversation_id", conversation_id, str | None, "a str or None")
         self.event_type = event_type
+        self.conversation_id = conversation_id
         shown = event_type if len(event_type) <= 80 else event_type[:77] + "..."
         super().__init__(f"unknown event type {shown!r}", "$.type")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.event_type,))
+        return (type(self), (self.event_type, self.conversation_id))
 
 
 # -- structs ---------------------------------------------------------------------------
@@ -282,9 +285,11 @@ TurnEvent: TypeAlias = SessionStartPayload | MessagePayload
 
 
 class _TypeProbe(msgspec.Struct, frozen=True):
-    """Used only after an unknown tag: checks the document and reads its ``type``."""
+    """Used only after an unknown tag: checks the document and reads its ``type`` (and its
+    ``conversation_id``, for the log line)."""
 
     type: str
+    conversation_id: object = None
 
 
 _JSON_DECODER: Final[msgspec.json.Decoder[WebhookPayload]] = msgspec.json.Decoder(WebhookPayload)
@@ -480,4 +485,8 @@ def _unknown_or_invalid(exc: msgspec.ValidationError, raw: object) -> InvalidPay
         return _translate(probe_exc, raw, probe_unknown=False)
     if probe.type in EVENT_TYPES:  # the probe saw a later ``type`` key (JSON.parse's)
         return InvalidPayloadError("duplicate `type` keys with different values", "$.type")
-    return UnknownEventError(str.__str__(probe.type))
+    conversation_id = probe.conversation_id
+    return UnknownEventError(
+        str.__str__(probe.type),
+        str.__str__(conversation_id) if isinstance(conversation_id, str) else None,
+    )

@@ -18,7 +18,7 @@ import re
 from typing import Final
 from urllib.parse import unquote
 
-__all__ = ["MASK", "escape_terminal", "mask_url", "mask_urls", "url_secrets"]
+__all__ = ["MASK", "escape_terminal", "mask_url", "mask_urls", "port_problem", "url_secrets"]
 
 #: What replaces a secret.
 MASK: Final = "***"
@@ -50,6 +50,25 @@ def mask_url(url: str) -> str:
         return prefix + host
     user, colon, _ = credentials.partition(":")
     return f"{prefix}{user}:{MASK}@{host}" if colon else f"{prefix}{MASK}@{host}"
+
+
+def port_problem(url: str) -> str | None:
+    """For a URL that ``urlsplit`` refuses: what to say when its port is the cause (not a
+    number from 0 to 65535), or None when it is not, or when the credentials could be (an
+    ``@`` after the host part: a password holding an unencoded ``/``, ``?`` or ``#``; a
+    ``[`` or ``]`` in the credentials). Shows nothing of the URL."""
+    match = _SCHEME.match(url)
+    rest = url[match.end() :] if match else url
+    netloc = re.split("[/?#]", rest, maxsplit=1)[0]
+    credentials, _, host = netloc.rpartition("@")
+    if "@" in rest[len(netloc) :] or "[" in credentials or "]" in credentials:
+        return None
+    head, colon, port = host.rpartition(":")
+    if not colon or not port or host.endswith("]") or (head.startswith("[") and "]" not in head):
+        return None  # no port; or within an IPv6 address
+    if port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535:
+        return None
+    return "its port a number from 0 to 65535"
 
 
 def mask_urls(text: str) -> str:

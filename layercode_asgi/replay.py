@@ -40,7 +40,13 @@ from ._redis import (
     write_check_keys,
 )
 from .conversation import StoreUnavailableError
-from .errors import ConfigurationError, check_positive_int, check_seconds, check_text
+from .errors import (
+    MAX_NUMBER,
+    ConfigurationError,
+    check_positive_int,
+    check_seconds,
+    check_text,
+)
 
 __all__ = ["MemoryReplayCache", "RedisReplayCache", "ReplayCache", "replay_key"]
 
@@ -56,7 +62,9 @@ class ReplayCache(Protocol):
     """Remembers deliveries; ``seen`` is an atomic check-and-remember."""
 
     async def seen(self, key: str, ttl: float) -> bool:
-        """Remember ``key`` for ``ttl`` seconds; return True if it was already there."""
+        """Remember ``key`` for ``ttl`` seconds; return True if it was already there. A
+        ``ttl`` that is not a finite number > 0 is refused (``ConfigurationError``, a
+        ``ValueError``)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -84,12 +92,14 @@ class MemoryReplayCache:
             del entries[key]
 
     async def seen(self, key: str, ttl: float) -> bool:
+        if not 0 < ttl <= MAX_NUMBER:  # NaN, infinity, <= 0: would never (or always) expire
+            check_seconds("ttl", ttl, zero=False, none=False)
         now = time.monotonic()
         self._sweep(now)
         expiry = self._entries.get(key)
         if expiry is not None and expiry > now:
             return True
-        self._entries[key] = now + max(ttl, 0.0)
+        self._entries[key] = now + ttl
         self._entries.move_to_end(key)
         if len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -153,7 +163,9 @@ class RedisReplayCache:
         self._check_writes = True  # by the next ping(): at first, and after a failure
 
     async def seen(self, key: str, ttl: float) -> bool:
-        seconds = min(max(1, math.ceil(ttl)), MAX_EXPIRE_SECONDS)  # Redis refuses longer
+        if not 0 < ttl <= MAX_NUMBER:  # as MemoryReplayCache: the same refusal
+            check_seconds("ttl", ttl, zero=False, none=False)
+        seconds = min(math.ceil(ttl), MAX_EXPIRE_SECONDS)  # Redis refuses longer
         try:
             created = await self._clients.get().set(
                 self.key_prefix + key, b"1", nx=True, ex=seconds

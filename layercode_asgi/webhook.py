@@ -360,7 +360,7 @@ class LayercodeWebhook:
         started = time.perf_counter()
         response, event = await self._respond(body)
         unknown = None
-        if isinstance(event, str):  # an unknown type: for the log line, not a metrics label
+        if isinstance(event, UnknownEventError):  # for the log line, not a metrics label
             unknown, event = event, None
         elif event is None and response.status_code == 400 and compressed(scope):
             response = compressed_body_response()  # unreadable because compressed: say so
@@ -382,8 +382,8 @@ class LayercodeWebhook:
             status = answered_status(response)
             if webhook_log_enabled(status):
                 log_webhook(
-                    kind or unknown,
-                    conversation_id,
+                    kind if unknown is None else unknown.event_type,
+                    conversation_id if unknown is None else unknown.conversation_id,
                     turn_id,
                     status,
                     time.perf_counter() - started,
@@ -400,13 +400,13 @@ class LayercodeWebhook:
 
     async def _respond(
         self, body: bytes | str | Mapping[str, Any]
-    ) -> tuple[Response, WebhookPayload | str | None]:
-        """The response and what it answered: the event, an unknown event's type, or None."""
+    ) -> tuple[Response, WebhookPayload | UnknownEventError | None]:
+        """The response and what it answered: the event, an unknown event's error, or None."""
         try:
             event = parse_webhook_payload(body)
         except UnknownEventError as exc:
             logger.warning("ignoring webhook of unknown type %s", escape_log_value(exc.event_type))
-            return Response(_IGNORED, media_type="application/json"), exc.event_type
+            return Response(_IGNORED, media_type="application/json"), exc
         except InvalidPayloadError as exc:
             logger.info("rejected malformed webhook: %s", escape_log_value(exc))
             return JSONResponse({"error": str(exc), "path": exc.path}, status_code=400), None

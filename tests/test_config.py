@@ -157,6 +157,8 @@ def test_numbers() -> None:
         ("LAYERCODE_HISTORY_MAX_MESSAGES", "0", "expected an integer > 0"),
         ("LAYERCODE_HISTORY_MAX_CONVERSATIONS", "x", "expected an integer > 0"),
         ("LAYERCODE_HISTORY_TTL", "-5", "expected an integer >= 0"),
+        # Before: taken, then a store cut a message whose first character is longer to ""
+        ("LAYERCODE_HISTORY_MAX_BYTES", "3", "expected an integer >= 4, got '3'"),
         ("LAYERCODE_REPLAY_PROTECTION", "maybe", "expected a boolean"),
         ("LAYERCODE_KEEP_HISTORY", "2", "expected a boolean"),
         ("LAYERCODE_API_URL", "ftp://x.com", "expected an http(s) URL, got 'ftp://x.com'"),
@@ -173,6 +175,10 @@ def test_numbers() -> None:
         # cause (an unencoded ? / # in the password) hidden by the mask.
         ("REDIS_URL", "redis://default:Zq8?Hk2@h:6379/0", "expected a redis://, rediss:// or unix:// URL (a password's / ? # percent-encoded: %2F %3F %23), got 'redis://default:***@h:6379/0'"),
         ("REDIS_URL", "rediss://default:Zq8#Hk2@h", "expected a redis://, rediss:// or unix:// URL (a password's / ? #"),
+        # Before: a port out of range got the password hint too, when the port was the cause.
+        ("REDIS_URL", "redis://h:99999/0", "expected a redis://, rediss:// or unix:// URL (its port a number from 0 to 65535), got 'redis://h:99999/0'"),
+        ("REDIS_URL", "redis://:pw@[::1]:6379x", "expected a redis://, rediss:// or unix:// URL (its port a number from 0 to 65535), got 'redis://:***@[::1]:6379x'"),
+        ("REDIS_URL", "redis://:123456/x@h/0", "expected a redis://, rediss:// or unix:// URL (a password's / ? #"),
         ("LAYERCODE_CORS_ORIGINS", "https://a.com/path", "expected '*' or http(s) origins"),
         ("LAYERCODE_CORS_ORIGINS", "a.com", "expected '*' or http(s) origins"),
         ("LAYERCODE_CORS_ORIGINS", "*,https://a.com", "'*' cannot be combined"),

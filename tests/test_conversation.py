@@ -564,6 +564,26 @@ async def test_a_redis_history_over_the_bounds_is_read_within_them(
     ]
 
 
+@pytest.mark.parametrize("max_bytes", [1, 2, 3])
+def test_a_byte_bound_below_a_character_is_refused(max_bytes: int) -> None:
+    """Before: taken, and a message whose first character is longer (``"é"`` is 2 bytes, an
+    emoji 4) was kept as an empty text, by both stores."""
+    pytest.importorskip("redis")
+    with pytest.raises(ConfigurationError, match=r"^max_bytes must be an integer >= 4 \("):
+        MemoryConversationStore(max_bytes=max_bytes)
+    with pytest.raises(ConfigurationError, match=r"^max_bytes must be an integer >= 4 \("):
+        RedisConversationStore("redis://127.0.0.1:1/0", max_bytes=max_bytes)
+
+
+async def test_the_smallest_byte_bound_keeps_a_character(raw: Any) -> None:
+    stores = (MemoryConversationStore(max_bytes=4), RedisConversationStore(raw, max_bytes=4))
+    for store in stores:
+        await store.append("c1", [msg(U, "😀x")])
+        await store.append("c2", [msg(A, "é€")])
+        assert await store.get("c1") == [msg(U, "😀")]
+        assert await store.get("c2") == [msg(A, "é")]
+
+
 async def test_redis_lock_excludes_another_client(redis_server: RedisServer) -> None:
     a = RedisConversationStore(redis_server.url)
     b = RedisConversationStore(redis_server.url)
@@ -798,11 +818,14 @@ def test_a_cluster_url_that_redis_cluster_cannot_use_is_refused(url: str, proble
         ("redis://:s3cret@127.0.0.1:6379/abc", "the database (its path) is not a number"),
         ("rediss://u:s3cret@127.0.0.1:6379/1x", "the database (its path) is not a number"),
         ("redis://:s3/cret@127.0.0.1:6379/0", "the database (its path) is not a number"),
+        ("redis://:s3cret@127.0.0.1:65536/0", "(its port a number from 0 to 65535)"),
+        ("redis://:1234567#s3cret@127.0.0.1/0", "(percent-encode special characters"),
     ],
 )
 def test_a_redis_url_with_a_bad_scheme_or_database_says_so(url: str, problem: str) -> None:
-    """Before: a bad scheme was "invalid Redis URL (percent-encode special characters in the
-    password ...)", and a database that is not a number silently meant database 0."""
+    """Before: a bad scheme (and a port out of range) was "invalid Redis URL (percent-encode
+    special characters in the password ...)", and a database that is not a number silently
+    meant database 0."""
     pytest.importorskip("redis")
     from layercode_asgi.replay import RedisReplayCache
 

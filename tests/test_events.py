@@ -648,8 +648,11 @@ def test_unknown_event_type() -> None:
         assert isinstance(error, ValueError)
         assert isinstance(error, LayercodeError)
         assert error.event_type == "response.future"
+        assert error.conversation_id == "conv_xyz789"  # for the webhook's log line
         assert error.path == "$.type"
         assert "response.future" in str(error)
+    for other in (7, None, ["c"]):  # not a string: none
+        assert expect_error({**body, "conversation_id": other}).conversation_id is None
 
 
 def test_unknown_event_type_not_first_and_minimal() -> None:
@@ -867,9 +870,9 @@ def test_error_pickles_and_str() -> None:
         error.detail,
         str(error),
     )
-    unknown = pickle.loads(pickle.dumps(UnknownEventError("response.future")))
+    unknown = pickle.loads(pickle.dumps(UnknownEventError("response.future", "c1")))
     assert type(unknown) is UnknownEventError
-    assert unknown.event_type == "response.future"
+    assert (unknown.event_type, unknown.conversation_id) == ("response.future", "c1")
     assert unknown.path == "$.type"
     assert InvalidPayloadError("x").path == "$"
 

@@ -161,11 +161,13 @@ async def lingering_agent(event: TurnEvent) -> AsyncIterator[str]:
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_the_webhook_line_names_an_unknown_type_and_a_turn_cut_short(log_format: str) -> None:
     # Before: an event of unknown type logged ``type=-`` (its type only in the warning
-    # above), and a turn whose client left mid-stream ``status=200`` as if it had completed.
+    # above), then ``conversation=-`` though the body had one; and a turn whose client left
+    # mid-stream ``status=200`` as if it had completed.
     memory = MemoryMetrics()
     webhook = LayercodeWebhook(lingering_agent, conversations=None, metrics=TurnMetrics(memory))
     with logged(log_format) as stream, serve(webhook) as url, httpx.Client(base_url=url) as c:
-        assert c.post("/", content=event_body("future\nevent")).json() == {"status": "ignored"}
+        unknown_body = event_body("future\nevent", conversation_id="conv\n9")
+        assert c.post("/", content=unknown_body).json() == {"status": "ignored"}
         assert "response.end" in c.post("/", content=event_body("message", text="hi")).text
         with c.stream("POST", "/", content=event_body("message", text="linger")) as cut:
             assert "one moment" in next(cut.iter_lines())
@@ -177,14 +179,18 @@ def test_the_webhook_line_names_an_unknown_type_and_a_turn_cut_short(log_format:
     lines = [line for line in stream.getvalue().splitlines() if "webhook type=" in line]
     if log_format == "json":
         fields = [json.loads(line) for line in lines]
-        assert [(f["event_type"], f["status"], f.get("outcome")) for f in fields] == [
-            ("future\nevent", 200, None),
-            ("message", 200, None),
-            ("message", 200, "disconnected"),
+        assert [
+            (f["event_type"], f["conversation_id"], f["status"], f.get("outcome")) for f in fields
+        ] == [
+            ("future\nevent", "conv\n9", 200, None),
+            ("message", "conv-1", 200, None),
+            ("message", "conv-1", 200, "disconnected"),
         ]
         lines = [f["message"] for f in fields]
     unknown, completed, left = (line[line.index("webhook type=") :] for line in lines)
-    assert unknown.startswith('webhook type="future\\nevent" conversation=- turn=- status=200 ')
+    assert unknown.startswith(
+        'webhook type="future\\nevent" conversation="conv\\n9" turn=- status=200 '
+    )
     assert "outcome" not in completed and "outcome" not in unknown
     assert left.startswith("webhook type=message ") and " status=200 " in left
     assert left.endswith(" outcome=disconnected")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,9 +45,12 @@ def test_audit_counts_lost_and_reordered_entries() -> None:
 @pytest.mark.slow
 def test_soak_smoke(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
+    temporary = tmp_path / "tmp"  # soak.py's Redis directory: not the shared system temp dir
+    temporary.mkdir()
     result = subprocess.run(
         [sys.executable, "scripts/soak.py", "--smoke", "--json", str(out)],
         cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(temporary)},
         capture_output=True,
         text=True,
         timeout=120,

@@ -10,7 +10,14 @@ from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 import msgspec
 
-from ..errors import LayercodeError, check_seconds, check_type, kind_of
+from ..errors import (
+    ConfigurationError,
+    LayercodeError,
+    check_positive_int,
+    check_seconds,
+    check_type,
+    kind_of,
+)
 
 #: Who said a :class:`HistoryMessage`: the caller or the agent.
 Role = Literal["user", "assistant"]
@@ -22,6 +29,8 @@ DEFAULT_LOCK_TIMEOUT: Final = 30.0
 DEFAULT_LOCK_WAIT_GRACE: Final = 5.0
 #: Default bound of a conversation's history, in UTF-8 bytes of text.
 DEFAULT_HISTORY_MAX_BYTES: Final = 256 * 1024
+#: The least bound: a UTF-8 character's most, so that a message cut to it is never empty.
+MIN_HISTORY_MAX_BYTES: Final = 4
 
 #: Longest accepted conversation id (LayerCode's are ~30 characters).
 MAX_CONVERSATION_ID_LENGTH: Final = 512
@@ -122,6 +131,20 @@ def check_conversation_id(conversation_id: str) -> None:
         raise ValueError(f"conversation_id is longer than {MAX_CONVERSATION_ID_LENGTH} characters")
     if valid_text(conversation_id) is not conversation_id:
         raise ValueError("conversation_id is not valid text (a lone surrogate)")
+
+
+def check_history_bounds(max_messages: int, max_bytes: int) -> None:
+    """Refuse (``ConfigurationError``) a store's ``max_messages`` that is not an integer >= 1,
+    or ``max_bytes`` below :data:`MIN_HISTORY_MAX_BYTES`: a message whose first character
+    is longer would be kept cut to an empty text."""
+    check_positive_int(max_messages, "max_messages")
+    # 1 to 3 here; what is no count >= 1 at all (0, a bool, a float, a huge int) below.
+    if type(max_bytes) is int and 0 < max_bytes < MIN_HISTORY_MAX_BYTES:
+        raise ConfigurationError(
+            f"max_bytes must be an integer >= {MIN_HISTORY_MAX_BYTES} (a UTF-8 character "
+            f"takes up to {MIN_HISTORY_MAX_BYTES} bytes), got {max_bytes}"
+        )
+    check_positive_int(max_bytes, "max_bytes")
 
 
 def _kept(message: HistoryMessage, max_bytes: int) -> HistoryMessage:

@@ -19,6 +19,7 @@ from .base import (
     HistoryMessage,
     LockTimeout,
     check_conversation_id,
+    check_history_bounds,
     fit,
     lock_wait,
     text_size,
@@ -91,8 +92,9 @@ class MemoryConversationStore:
         max_conversations: conversations kept; the least recently used (read or written)
             is dropped when a new one would exceed it.
         max_messages: messages kept per conversation; the oldest are dropped.
-        max_bytes: UTF-8 bytes of text kept per conversation; the oldest messages are
-            dropped, and a single longer message is cut to it (on a character boundary).
+        max_bytes: UTF-8 bytes of text kept per conversation, at least 4; the oldest
+            messages are dropped, and a single longer message is cut to it (on a character
+            boundary: never empty, a character taking at most 4 bytes).
         lock_timeout: default wait for :meth:`lock`, in seconds (``None`` = forever).
 
     Locks exist only while some task holds or waits for them, so the lock table never
@@ -110,8 +112,7 @@ class MemoryConversationStore:
         lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
         check_positive_int(max_conversations, "max_conversations")
-        check_positive_int(max_messages, "max_messages")
-        check_positive_int(max_bytes, "max_bytes")
+        check_history_bounds(max_messages, max_bytes)
         check_seconds("lock timeout", lock_timeout, zero=True, none=True)
         self.max_conversations = max_conversations
         self.max_messages = max_messages

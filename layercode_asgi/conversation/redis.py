@@ -46,6 +46,7 @@ from .base import (
     LockTimeout,
     StoreError,
     StoreUnavailableError,
+    check_history_bounds,
     fit,
     lock_wait,
     newest,
@@ -122,8 +123,8 @@ class RedisConversationStore:
         ttl: seconds a conversation's history lives after its last append (``None`` or ``0``:
             forever; more than Redis can express, about 31 million years, is cut to it).
         max_messages: messages kept per conversation (``LTRIM``).
-        max_bytes: UTF-8 bytes of text kept per conversation: oldest messages dropped
-            first, a single longer message cut to it.
+        max_bytes: UTF-8 bytes of text kept per conversation (>= 4): oldest messages
+            dropped first, a single longer message cut to it (never empty).
         key_prefix: prefix of every key: ``<prefix>{<id>}:history``, ``…:lock``,
             ``…:queue``, ``…:generation`` (no braces in the prefix).
         lock_timeout: default wait for :meth:`lock`, in seconds (``None`` = forever).
@@ -161,8 +162,7 @@ class RedisConversationStore:
         check_positive_int(max_connections, "max_connections")
         if ttl is not None:
             check_positive_int(ttl, "ttl", zero=True)
-        check_positive_int(max_messages, "max_messages")
-        check_positive_int(max_bytes, "max_bytes")
+        check_history_bounds(max_messages, max_bytes)
         check_seconds("lock timeout", lock_timeout, zero=True, none=True)
         for name, value in (
             ("lock_ttl", lock_ttl),
