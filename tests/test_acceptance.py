@@ -1311,7 +1311,7 @@ def test_13_hardening_shutdown_grace_ends_stream_properly(tmp_path: Path) -> Non
 
         thread = threading.Thread(target=hanging)
         thread.start()
-        time.sleep(0.5)
+        proc.wait_output("agent hang running")  # the turn is open
         proc.process.send_signal(signal.SIGTERM)
         thread.join(30)
         proc.process.wait(20)
