@@ -126,6 +126,16 @@ def _post(url: str, body: bytes, secret: str = SECRET, **kwargs: Any) -> httpx.R
     return httpx.post(url, content=body, headers=signed_headers(body, secret), timeout=30, **kwargs)
 
 
+def _until(condition: Any, what: str) -> None:
+    """Until ``condition()`` is true (an event the server shows, not a pause "long enough"
+    for it: a busy machine may take longer); bounded: 20 s."""
+    for _ in range(1000):
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"never: {what}")
+
+
 def _sse_events(text: str) -> list[dict[str, Any]]:
     return [
         msgspec.json.decode(line[len("data:") :].strip())
@@ -242,14 +252,22 @@ def _session_end_during_turn(app: Any) -> list[str]:
     with serve(app) as base:
         url = base + "/api/agent"
         outcome: dict[str, Any] = {}
+        running = threading.Event()
 
         def slow_turn() -> None:
             body = event_body("message", text="slow please", conversation_id="c-end")
-            outcome["reply"] = _post(url, body)
+            headers = signed_headers(body)
+            with httpx.stream("POST", url, content=body, headers=headers, timeout=30) as reply:
+                chunks = reply.iter_raw()
+                next(chunks, None)  # its first words: it holds the conversation's lock
+                running.set()
+                for _ in chunks:
+                    pass
+            outcome["reply"] = reply
 
         thread = threading.Thread(target=slow_turn)
         thread.start()
-        time.sleep(0.3)  # the turn holds the conversation's lock now
+        assert running.wait(20)  # not a fixed pause: a busy machine may take longer
         end = _post(url, event_body("session.end", conversation_id="c-end"))
         assert end.status_code == 200, end.text
         assert thread.is_alive()  # session.end did not wait for the running turn
@@ -1156,12 +1174,13 @@ def test_15_9_queued_turns_bounded_by_env(monkeypatch: pytest.MonkeyPatch, tmp_p
                 _post(url, event_body("message", text=text, conversation_id="q")).status_code
             )
 
+        pending = app.state.webhook._pending  # turns of each conversation admitted
         threads = [threading.Thread(target=turn, args=("slow",))]
         threads[0].start()
-        time.sleep(0.5)
+        _until(lambda: pending.get("q") == 1, "the slow turn admitted")
         threads.append(threading.Thread(target=turn, args=("queued",)))
         threads[1].start()
-        time.sleep(0.5)
+        _until(lambda: pending.get("q") == 2, "the second turn queued")
         started = time.monotonic()
         third = _post(url, event_body("message", text="third", conversation_id="q"))
         answered_in = time.monotonic() - started
@@ -1656,6 +1675,8 @@ def test_13_hardening_history_max_bytes_through_serve(store: str, tmp_path: Path
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")
 def test_15_9_queued_turns_bounded_with_redis(tmp_path: Path) -> None:
     with running_redis() as redis:
+        from redis import Redis
+
         env = _env(
             LAYERCODE_WEBHOOK_SECRET=SECRET,
             LAYERCODE_MAX_QUEUED_TURNS="1",
@@ -1664,7 +1685,7 @@ def test_15_9_queued_turns_bounded_with_redis(tmp_path: Path) -> None:
         )
         statuses: list[int] = []
         agent = "tests.agents_for_tests:scripted_agent"
-        with served_cli("--agent", agent, env=env) as (base, _):
+        with served_cli("--agent", agent, env=env) as (base, _), Redis.from_url(redis.url) as raw:
             url = base + "/api/agent"
 
             def turn(text: str) -> None:
@@ -1673,9 +1694,9 @@ def test_15_9_queued_turns_bounded_with_redis(tmp_path: Path) -> None:
 
             threads = [threading.Thread(target=turn, args=(text,)) for text in ("slow", "queued")]
             threads[0].start()
-            time.sleep(0.5)
+            _until(lambda: raw.exists("layercode:{q}:lock"), "the slow turn holds the lock")
             threads[1].start()
-            time.sleep(0.5)
+            _until(lambda: raw.llen("layercode:{q}:queue") == 1, "the second turn queued")
             third = _post(url, event_body("message", text="third", conversation_id="q"))
             for thread in threads:
                 thread.join(30)
