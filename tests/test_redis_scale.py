@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from layercode_asgi import ConversationManager, RedisConversationStore, Settings, create_app
+from layercode_asgi.conversation.redis_scripts import Keys
 from layercode_asgi.testing import LayercodeTestClient
 
 from . import redis_fixtures
@@ -47,9 +48,39 @@ def pid_of(reply: str) -> int:
     return int(match.group(1))
 
 
-async def turns_in_arrival_order(url: str, conversations: list[str]) -> set[int]:
-    """A slow turn, then five more 100 ms apart, on each conversation at once; check that
-    each conversation ran (and recorded) them in the order sent. Returns the worker pids."""
+#: How many turns of a conversation reached Redis: queued, holding the lock, or recorded
+#: (read at once: a handoff moves a turn from the queue to the lock in one step).
+REACHED_LUA = """
+return redis.call('llen', KEYS[1]) + redis.call('exists', KEYS[2])
+    + math.floor(redis.call('llen', KEYS[3]) / 2)
+"""
+
+
+async def turns_in_arrival_order(
+    url: str, conversations: list[str], redis_url: str, *, cluster: bool = False
+) -> set[int]:
+    """A slow turn, then five more, on each conversation at once, each sent once the one
+    before reached Redis (turns queue in the order they reach Redis; on a busy machine a
+    turn sent 100 ms after another could get there first); check that each conversation ran
+    (and recorded) them in the order sent. Returns the worker pids."""
+    from redis import asyncio as redis_asyncio
+
+    raw: Any = (
+        redis_asyncio.RedisCluster.from_url(redis_url)
+        if cluster
+        else redis_asyncio.Redis.from_url(redis_url)
+    )
+
+    async def reached(count: int) -> None:
+        """Until ``count`` turns of each conversation reached Redis; bounded: 20 s."""
+        for _ in range(2_000):
+            keys = [Keys("layercode:", cid) for cid in conversations]
+            counts = [await raw.eval(REACHED_LUA, 3, k.queue, k.lock, k.history) for k in keys]
+            if min(counts) >= count:
+                return
+            await anyio.sleep(0.01)
+        raise AssertionError(f"turn {count - 1} never reached Redis: {counts}")
+
     replies: dict[str, list[str]] = {cid: [] for cid in conversations}
     # One connection per turn, opened beforehand: sending a turn is then one write.
     clients = {
@@ -78,14 +109,15 @@ async def turns_in_arrival_order(url: str, conversations: list[str]) -> set[int]
             async with anyio.create_task_group() as tg:
                 for cid in conversations:
                     tg.start_soon(one, cid, 0, "sleep:1 first")
-                await anyio.sleep(0.3)  # the slow turns hold their conversations
+                await reached(1)  # the slow turns hold their conversations
                 for n in range(1, 6):
                     for cid in conversations:
                         tg.start_soon(one, cid, n, f"queued {n}")
-                    await anyio.sleep(0.1)
+                    await reached(n + 1)
     finally:
         for client in clients.values():
             await client.aclose()
+        await raw.aclose()
     pids = set()
     for cid in conversations:
         # each turn saw the history of the turns before it, in the order they were sent
@@ -109,7 +141,7 @@ async def test_queued_turns_run_in_arrival_order_across_two_workers(
     polling with a growing back-off favoured the newest waiter)."""
     conversations = [f"order-{n}" for n in range(8)]
     with uvicorn_workers(redis_server.url, workers=2) as url:
-        pids = await turns_in_arrival_order(url, conversations)
+        pids = await turns_in_arrival_order(url, conversations, redis_server.url)
     expected = ["sleep:1 first"] + [f"queued {n}" for n in range(1, 6)]
     for cid in conversations:
         assert await history_texts(redis_server.url, cid) == expected, cid
@@ -359,7 +391,11 @@ async def test_serve_workers_drain_on_sigterm_and_read_only_the_chosen_env_file(
                         if "pid=" in line:
                             break
                     server.process.send_signal(signal.SIGTERM)
-                    await anyio.sleep(0.5)  # the signal reached the workers
+                    for _ in range(1000):  # bounded (10 s): until both workers drain
+                        if server.output().count("received SIGTERM: draining") == 2:
+                            break
+                        await anyio.sleep(0.01)
+                    assert server.output().count("received SIGTERM: draining") == 2
                     async with httpx.AsyncClient(base_url=server.url, timeout=30) as other:
                         late = event("message", conversation_id="late", text="late")
                         refused = await other.post(
