@@ -42,6 +42,16 @@ async def history_texts(redis_url: str, cid: str) -> list[str]:
         return [m.text for m in await manager.get_history(cid) if m.role == "user"]
 
 
+async def until(condition: Any, what: str) -> None:
+    """Until ``await condition()`` is true (what Redis shows, not a pause "long enough"
+    for it: a busy machine may take longer); bounded: 20 s."""
+    for _ in range(2_000):
+        if await condition():
+            return
+        await anyio.sleep(0.01)
+    raise AssertionError(f"never: {what}")
+
+
 def pid_of(reply: str) -> int:
     match = re.match(r"pid=(\d+) ", reply)
     assert match, reply
@@ -136,7 +146,7 @@ async def turns_in_arrival_order(
 async def test_queued_turns_run_in_arrival_order_across_two_workers(
     redis_server: RedisServer,
 ) -> None:
-    """On each of eight conversations at once, turns queued 100 ms apart behind a slow one
+    """On each of eight conversations at once, turns queued one after another behind a slow one
     run and record in the order sent (before the fair queue they ran in reverse order:
     polling with a growing back-off favoured the newest waiter)."""
     conversations = [f"order-{n}" for n in range(8)]
@@ -152,6 +162,8 @@ async def test_a_worker_killed_while_holding_a_lock(redis_server: RedisServer) -
     """SIGKILL the worker running a turn: its lock expires (lock TTL 1.5 s), the next turns
     of the conversation run in order on the workers left, and nothing is lost but the
     killed turn."""
+    from redis import asyncio as redis_asyncio
+
     with uvicorn_workers(redis_server.url, workers=2, lock_ttl=1.5) as url:
         await turn(url, "crash", "before")
         body = event("message", conversation_id="crash", text="sleep:30 doomed")
@@ -173,14 +185,23 @@ async def test_a_worker_killed_while_holding_a_lock(redis_server: RedisServer) -
                     async for _ in lines:
                         pass
             results: list[str] = []
+            keys, raw = Keys("layercode:", "crash"), redis_asyncio.Redis.from_url(redis_server.url)
+            dead = await raw.get(keys.lock)
 
             async def one(text: str) -> None:
                 results.append(await turn(url, "crash", text))
 
+            async def first_reached() -> bool:  # queued, or (the dead lock expired) running
+                return bool(await raw.llen(keys.queue)) or await raw.get(keys.lock) not in (
+                    dead,
+                    None,
+                )
+
             async with anyio.create_task_group() as tg:
                 tg.start_soon(one, "after 1")
-                await anyio.sleep(0.2)
+                await until(first_reached, "'after 1' reached Redis")
                 tg.start_soon(one, "after 2")
+            await raw.aclose()
     assert await history_texts(redis_server.url, "crash") == ["before", "after 1", "after 2"]
     assert all(pid_of(r) != pid for r in results)
 
@@ -205,16 +226,23 @@ WAITER = textwrap.dedent(
 async def test_a_worker_killed_while_waiting_is_skipped(redis_server: RedisServer) -> None:
     """A process queued for a conversation is SIGKILLed; the turn queued behind it runs
     after the running turn, without being handed to the dead waiter's place."""
+    from redis import asyncio as redis_asyncio
+
     with uvicorn_workers(redis_server.url, workers=2, lock_ttl=1.5) as url:
         results: dict[str, str] = {}
 
         async def one(text: str) -> None:
             results[text] = await turn(url, "abandoned", text)
 
+        keys, raw = Keys("layercode:", "abandoned"), redis_asyncio.Redis.from_url(redis_server.url)
+
+        async def queued(count: int) -> bool:
+            return bool(await raw.llen(keys.queue) >= count)
+
         with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(one, "sleep:3 running")
-                await anyio.sleep(0.3)
+                await until(lambda: raw.exists(keys.lock), "the running turn holds the lock")
                 waiter = subprocess.Popen(  # noqa: ASYNC220 - returns at once
                     [sys.executable, "-c", WAITER, redis_server.url],
                     stdout=subprocess.PIPE,
@@ -222,11 +250,12 @@ async def test_a_worker_killed_while_waiting_is_skipped(redis_server: RedisServe
                 )
                 assert waiter.stdout is not None
                 assert await anyio.to_thread.run_sync(waiter.stdout.readline) == "waiting\n"
-                await anyio.sleep(0.5)  # queued behind the running turn
+                await until(lambda: queued(1), "the waiter queued behind the running turn")
                 tg.start_soon(one, "next")
-                await anyio.sleep(0.3)
+                await until(lambda: queued(2), "'next' queued behind the waiter")
                 waiter.kill()
                 waiter.wait(10)
+        await raw.aclose()
     assert await history_texts(redis_server.url, "abandoned") == ["sleep:3 running", "next"]
     assert "saw=2" in results["next"]
 
