@@ -200,20 +200,23 @@ def test_13_1_replay_env_memory_via_serve_cli() -> None:
     assert (first.status_code, second.status_code) == (200, 409), second.text
 
 
-def _replay_at_window_end(base: str) -> tuple[int, int]:
-    """Tolerance 1 s: sign at the current whole second t, deliver, then deliver again
-    after t + 1 (the signature still verifies until t + 2)."""
-    now = time.time()
-    if now % 1 > 0.7:  # leave room in this second for the first delivery
-        time.sleep(1 - now % 1 + 0.01)
-    t = int(time.time())
-    body = event_body("session.update")
-    headers = {"layercode-signature": sign(body, SECRET, t), "content-type": "application/json"}
-    first = httpx.post(base + "/api/agent", content=body, headers=headers, timeout=10)
-    wait = t + 1.2 - time.time()
-    if wait > 0:
-        time.sleep(wait)
-    second = httpx.post(base + "/api/agent", content=body, headers=headers, timeout=10)
+def _replay_at_window_end(base: str, offset: int = 0, at: float = 1.2) -> tuple[int, int]:
+    """Tolerance 1 s: sign at the current whole second t (``offset`` s ahead), deliver,
+    then deliver again at t + ``at`` (the signature still verifies until t + 2)."""
+    for attempt in range(3):  # only a badly overloaded machine needs another attempt
+        now = time.time()
+        if now % 1 > 0.7:  # leave room in this second for the first delivery
+            time.sleep(1 - now % 1 + 0.01)
+        t = int(time.time()) + offset
+        body = event_body("session.update", attempt=attempt)
+        headers = {"layercode-signature": sign(body, SECRET, t), "content-type": "application/json"}
+        first = httpx.post(base + "/api/agent", content=body, headers=headers, timeout=10)
+        wait = t + at - time.time()
+        if wait > 0:
+            time.sleep(wait)
+        second = httpx.post(base + "/api/agent", content=body, headers=headers, timeout=10)
+        if time.time() < t + 2:  # the signature still verified when the replay was checked
+            break
     return first.status_code, second.status_code
 
 
@@ -1716,18 +1719,8 @@ def test_13_2_future_dated_signature_replay_memory(
         LAYERCODE_SIGNATURE_TOLERANCE="1",
     )
     with serve(app) as base:
-        now = time.time()
-        if now % 1 > 0.7:
-            time.sleep(1 - now % 1 + 0.01)
-        t = int(time.time()) + 1
-        body = event_body("session.update")
-        headers = {"layercode-signature": sign(body, SECRET, t), "content-type": "application/json"}
-        first = httpx.post(base + "/api/agent", content=body, headers=headers, timeout=10)
-        wait = t + 1.3 - time.time()
-        if wait > 0:
-            time.sleep(wait)
-        second = httpx.post(base + "/api/agent", content=body, headers=headers, timeout=10)
-    assert (first.status_code, second.status_code) == (200, 409)
+        first, second = _replay_at_window_end(base, offset=1, at=1.3)
+    assert (first, second) == (200, 409)
 
 
 def test_17_4_starter_client_disconnect_cancels_model_request() -> None:
