@@ -301,11 +301,14 @@ async def test_waiters_that_time_out_or_are_cancelled_leave_the_queue(
     the holder releases, the lock goes to the one still waiting (within its 2.5 s bound: a
     hand-off to an abandoned place would hold it up for the 3 s such a place lasts), and it
     sees the holder's recorded turn."""
+    from redis import asyncio as redis_asyncio
+
     from layercode_asgi import ConversationLockTimeout
 
     store = RedisConversationStore(redis_server.url, lock_ttl=60)
+    raw = redis_asyncio.Redis.from_url(redis_server.url)
     got: list[str] = []
-    async with ConversationManager(store) as manager:
+    async with ConversationManager(store) as manager, raw:
 
         async def wait_on(name: str, wait: float) -> None:
             async with manager.lock("queue", timeout=wait):
@@ -326,12 +329,15 @@ async def test_waiters_that_time_out_or_are_cancelled_leave_the_queue(
                     with cancel_later:
                         await wait_on("cancelled later", 10)
 
+                async def queued(count: int) -> bool:
+                    return bool(await raw.llen(Keys("layercode:", "queue").queue) == count)
+
                 tg.start_soon(cancelled_while_queued)
-                await anyio.sleep(0.2)
+                await until(lambda: queued(1), "'cancelled later' queued")
                 tg.start_soon(wait_on, "patient", 2.5)
-                await anyio.sleep(0.2)
+                await until(lambda: queued(2), "'patient' queued")
                 cancel_later.cancel()
-                await anyio.sleep(0.2)
+                await until(lambda: queued(1), "'cancelled later' left the queue")
                 # record + release in one: the lock goes to "patient"
                 assert await manager.record_turn("queue", "hi", "hello", generation=generation)
     assert got == ["patient saw 2"]
