@@ -213,7 +213,8 @@ WAITER = textwrap.dedent(
 
     async def main():
         store = RedisConversationStore(sys.argv[1], lock_ttl=1.5)
-        print("waiting", flush=True)
+        print("ready", flush=True)
+        sys.stdin.readline()  # started (and imported) before the turn it queues behind
         async with store.lock("abandoned", timeout=60):
             print("acquired", flush=True)
             await anyio.sleep(60)
@@ -239,23 +240,29 @@ async def test_a_worker_killed_while_waiting_is_skipped(redis_server: RedisServe
         async def queued(count: int) -> bool:
             return bool(await raw.llen(keys.queue) >= count)
 
-        with anyio.fail_after(60):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(one, "sleep:3 running")
-                await until(lambda: raw.exists(keys.lock), "the running turn holds the lock")
-                waiter = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-                    [sys.executable, "-c", WAITER, redis_server.url],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-                assert waiter.stdout is not None
-                assert await anyio.to_thread.run_sync(waiter.stdout.readline) == "waiting\n"
-                await until(lambda: queued(1), "the waiter queued behind the running turn")
-                tg.start_soon(one, "next")
-                await until(lambda: queued(2), "'next' queued behind the waiter")
-                waiter.kill()
-                waiter.wait(10)
-        await raw.aclose()
+        waiter = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+            [sys.executable, "-c", WAITER, redis_server.url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert waiter.stdin is not None and waiter.stdout is not None
+        try:
+            assert await anyio.to_thread.run_sync(waiter.stdout.readline) == "ready\n"
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(one, "sleep:3 running")
+                    await until(lambda: raw.exists(keys.lock), "the running turn holds the lock")
+                    waiter.stdin.write("queue\n")
+                    waiter.stdin.flush()
+                    await until(lambda: queued(1), "the waiter queued behind the running turn")
+                    tg.start_soon(one, "next")
+                    await until(lambda: queued(2), "'next' queued behind the waiter")
+                    waiter.kill()
+        finally:
+            waiter.kill()  # also when the test failed: never left running
+            waiter.communicate(timeout=10)  # (and its pipes closed)
+            await raw.aclose()
     assert await history_texts(redis_server.url, "abandoned") == ["sleep:3 running", "next"]
     assert "saw=2" in results["next"]
 
