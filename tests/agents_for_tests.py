@@ -32,6 +32,7 @@ async def scripted_agent(event: TurnEvent) -> AsyncIterator[str]:
         yield "partial"
         raise RuntimeError("failing after the first chunk")
     if text == "hang":
+        print("agent hang running", file=sys.stderr, flush=True)  # for a test to wait on
         await anyio.sleep_forever()
     if text == "slow":
         yield "start"

@@ -345,6 +345,15 @@ class ServerProcess:
         """What the process has written so far."""
         return self.log.read_text(errors="replace")
 
+    def wait_output(self, text: str, timeout: float = 30) -> None:
+        """Wait until the output contains ``text`` (an event the process reports, instead
+        of a pause "long enough" for it); bounded by ``timeout``."""
+        for _ in range(int(timeout / 0.02)):
+            if text in self.output():
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"{text!r} not in the output:\n{self.output()}")
+
     def wait_ready(
         self, ready_path: str | None = "/health", ready_text: str = "", timeout: float = 30
     ) -> None:

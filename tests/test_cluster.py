@@ -126,7 +126,8 @@ async def test_turns_keep_arrival_order_on_a_cluster_with_two_workers(
     redis_cluster: RedisClusterNodes,
 ) -> None:
     with uvicorn_workers(redis_cluster.url, workers=2, LAYERCODE_REDIS_CLUSTER="true") as url:
-        await turns_in_arrival_order(url, ["order-a", "order-b{x}", "order-c"])
+        conversations = ["order-a", "order-b{x}", "order-c"]
+        await turns_in_arrival_order(url, conversations, redis_cluster.url, cluster=True)
 
 
 async def test_a_node_restarted_mid_run(redis_cluster: RedisClusterNodes) -> None:

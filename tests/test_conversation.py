@@ -510,11 +510,13 @@ async def test_redis_turn_records_when_the_generation_key_expires_during_it(
     try:
         await store.clear("c")  # session.end: generation 1
         key = store.generation_key("c")
-        await raw.pexpire(key, 200)  # a day later, 200 ms before it expires
+        # A day later, 500 ms before it expires (room for the lock and the read on a busy
+        # machine: if it expired before the read, the turn would read generation 0).
+        await raw.pexpire(key, 500)
         async with store.lock("c"):
             _, generation = await store.read_turn("c")
             assert generation == 1
-            await anyio.sleep(0.4)  # the turn runs past the old expiry
+            await anyio.sleep(0.6)  # the turn runs past the old expiry
             assert await store.record_turn("c", [msg(U, "kept")], generation)
         assert [m.text for m in await store.get("c")] == ["kept"]
         _, generation = await store.read_turn("c")  # a read by anyone but the holder too
@@ -640,7 +642,10 @@ async def test_redis_release_never_deletes_a_foreign_lock(
             async with store.lock("c"):
                 # Our lock "expired" and another process took it.
                 await raw.set("layercode:{c}:lock", "foreign-token", px=10_000)
-                await anyio.sleep(0.15)  # let the keep-alive notice
+                for _ in range(500):  # bounded (5 s): until the keep-alive notices
+                    if "lost the lock" in caplog.text:
+                        break
+                    await anyio.sleep(0.01)
         assert await raw.get("layercode:{c}:lock") == b"foreign-token"
         assert 9000 < await raw.pttl("layercode:{c}:lock") <= 10_000  # not extended by us
         assert "lost the lock" in caplog.text

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from layercode_asgi import ConversationManager, RedisConversationStore, Settings, create_app
+from layercode_asgi.conversation.redis_scripts import Keys
 from layercode_asgi.testing import LayercodeTestClient
 
 from . import redis_fixtures
@@ -41,15 +42,55 @@ async def history_texts(redis_url: str, cid: str) -> list[str]:
         return [m.text for m in await manager.get_history(cid) if m.role == "user"]
 
 
+async def until(condition: Any, what: str) -> None:
+    """Until ``await condition()`` is true (what Redis shows, not a pause "long enough"
+    for it: a busy machine may take longer); bounded: 20 s."""
+    for _ in range(2_000):
+        if await condition():
+            return
+        await anyio.sleep(0.01)
+    raise AssertionError(f"never: {what}")
+
+
 def pid_of(reply: str) -> int:
     match = re.match(r"pid=(\d+) ", reply)
     assert match, reply
     return int(match.group(1))
 
 
-async def turns_in_arrival_order(url: str, conversations: list[str]) -> set[int]:
-    """A slow turn, then five more 100 ms apart, on each conversation at once; check that
-    each conversation ran (and recorded) them in the order sent. Returns the worker pids."""
+#: How many turns of a conversation reached Redis: queued, holding the lock, or recorded
+#: (read at once: a handoff moves a turn from the queue to the lock in one step).
+REACHED_LUA = """
+return redis.call('llen', KEYS[1]) + redis.call('exists', KEYS[2])
+    + math.floor(redis.call('llen', KEYS[3]) / 2)
+"""
+
+
+async def turns_in_arrival_order(
+    url: str, conversations: list[str], redis_url: str, *, cluster: bool = False
+) -> set[int]:
+    """A slow turn, then five more, on each conversation at once, each sent once the one
+    before reached Redis (turns queue in the order they reach Redis; on a busy machine a
+    turn sent 100 ms after another could get there first); check that each conversation ran
+    (and recorded) them in the order sent. Returns the worker pids."""
+    from redis import asyncio as redis_asyncio
+
+    raw: Any = (
+        redis_asyncio.RedisCluster.from_url(redis_url)
+        if cluster
+        else redis_asyncio.Redis.from_url(redis_url)
+    )
+
+    async def reached(count: int) -> None:
+        """Until ``count`` turns of each conversation reached Redis; bounded: 20 s."""
+        for _ in range(2_000):
+            keys = [Keys("layercode:", cid) for cid in conversations]
+            counts = [await raw.eval(REACHED_LUA, 3, k.queue, k.lock, k.history) for k in keys]
+            if min(counts) >= count:
+                return
+            await anyio.sleep(0.01)
+        raise AssertionError(f"turn {count - 1} never reached Redis: {counts}")
+
     replies: dict[str, list[str]] = {cid: [] for cid in conversations}
     # One connection per turn, opened beforehand: sending a turn is then one write.
     clients = {
@@ -78,14 +119,15 @@ async def turns_in_arrival_order(url: str, conversations: list[str]) -> set[int]
             async with anyio.create_task_group() as tg:
                 for cid in conversations:
                     tg.start_soon(one, cid, 0, "sleep:1 first")
-                await anyio.sleep(0.3)  # the slow turns hold their conversations
+                await reached(1)  # the slow turns hold their conversations
                 for n in range(1, 6):
                     for cid in conversations:
                         tg.start_soon(one, cid, n, f"queued {n}")
-                    await anyio.sleep(0.1)
+                    await reached(n + 1)
     finally:
         for client in clients.values():
             await client.aclose()
+        await raw.aclose()
     pids = set()
     for cid in conversations:
         # each turn saw the history of the turns before it, in the order they were sent
@@ -104,12 +146,12 @@ async def turns_in_arrival_order(url: str, conversations: list[str]) -> set[int]
 async def test_queued_turns_run_in_arrival_order_across_two_workers(
     redis_server: RedisServer,
 ) -> None:
-    """On each of eight conversations at once, turns queued 100 ms apart behind a slow one
+    """On each of eight conversations at once, turns queued one after another behind a slow one
     run and record in the order sent (before the fair queue they ran in reverse order:
     polling with a growing back-off favoured the newest waiter)."""
     conversations = [f"order-{n}" for n in range(8)]
     with uvicorn_workers(redis_server.url, workers=2) as url:
-        pids = await turns_in_arrival_order(url, conversations)
+        pids = await turns_in_arrival_order(url, conversations, redis_server.url)
     expected = ["sleep:1 first"] + [f"queued {n}" for n in range(1, 6)]
     for cid in conversations:
         assert await history_texts(redis_server.url, cid) == expected, cid
@@ -120,6 +162,8 @@ async def test_a_worker_killed_while_holding_a_lock(redis_server: RedisServer) -
     """SIGKILL the worker running a turn: its lock expires (lock TTL 1.5 s), the next turns
     of the conversation run in order on the workers left, and nothing is lost but the
     killed turn."""
+    from redis import asyncio as redis_asyncio
+
     with uvicorn_workers(redis_server.url, workers=2, lock_ttl=1.5) as url:
         await turn(url, "crash", "before")
         body = event("message", conversation_id="crash", text="sleep:30 doomed")
@@ -141,14 +185,22 @@ async def test_a_worker_killed_while_holding_a_lock(redis_server: RedisServer) -
                     async for _ in lines:
                         pass
             results: list[str] = []
+            keys, raw = Keys("layercode:", "crash"), redis_asyncio.Redis.from_url(redis_server.url)
+            dead = await raw.get(keys.lock)
 
             async def one(text: str) -> None:
                 results.append(await turn(url, "crash", text))
 
+            async def first_reached() -> bool:  # queued, or (the dead lock expired) ran
+                if await raw.llen(keys.queue) or await raw.llen(keys.history) > 2:
+                    return True
+                return await raw.get(keys.lock) not in (dead, None)
+
             async with anyio.create_task_group() as tg:
                 tg.start_soon(one, "after 1")
-                await anyio.sleep(0.2)
+                await until(first_reached, "'after 1' reached Redis")
                 tg.start_soon(one, "after 2")
+            await raw.aclose()
     assert await history_texts(redis_server.url, "crash") == ["before", "after 1", "after 2"]
     assert all(pid_of(r) != pid for r in results)
 
@@ -160,7 +212,8 @@ WAITER = textwrap.dedent(
 
     async def main():
         store = RedisConversationStore(sys.argv[1], lock_ttl=1.5)
-        print("waiting", flush=True)
+        print("ready", flush=True)
+        sys.stdin.readline()  # started (and imported) before the turn it queues behind
         async with store.lock("abandoned", timeout=60):
             print("acquired", flush=True)
             await anyio.sleep(60)
@@ -173,28 +226,42 @@ WAITER = textwrap.dedent(
 async def test_a_worker_killed_while_waiting_is_skipped(redis_server: RedisServer) -> None:
     """A process queued for a conversation is SIGKILLed; the turn queued behind it runs
     after the running turn, without being handed to the dead waiter's place."""
+    from redis import asyncio as redis_asyncio
+
     with uvicorn_workers(redis_server.url, workers=2, lock_ttl=1.5) as url:
         results: dict[str, str] = {}
 
         async def one(text: str) -> None:
             results[text] = await turn(url, "abandoned", text)
 
-        with anyio.fail_after(60):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(one, "sleep:3 running")
-                await anyio.sleep(0.3)
-                waiter = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-                    [sys.executable, "-c", WAITER, redis_server.url],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-                assert waiter.stdout is not None
-                assert await anyio.to_thread.run_sync(waiter.stdout.readline) == "waiting\n"
-                await anyio.sleep(0.5)  # queued behind the running turn
-                tg.start_soon(one, "next")
-                await anyio.sleep(0.3)
-                waiter.kill()
-                waiter.wait(10)
+        keys, raw = Keys("layercode:", "abandoned"), redis_asyncio.Redis.from_url(redis_server.url)
+
+        async def queued(count: int) -> bool:
+            return bool(await raw.llen(keys.queue) >= count)
+
+        waiter = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+            [sys.executable, "-c", WAITER, redis_server.url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert waiter.stdin is not None and waiter.stdout is not None
+        try:
+            assert await anyio.to_thread.run_sync(waiter.stdout.readline) == "ready\n"
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(one, "sleep:3 running")
+                    await until(lambda: raw.exists(keys.lock), "the running turn holds the lock")
+                    waiter.stdin.write("queue\n")
+                    waiter.stdin.flush()
+                    await until(lambda: queued(1), "the waiter queued behind the running turn")
+                    tg.start_soon(one, "next")
+                    await until(lambda: queued(2), "'next' queued behind the waiter")
+                    waiter.kill()
+        finally:
+            waiter.kill()  # also when the test failed: never left running
+            waiter.communicate(timeout=10)  # (and its pipes closed)
+            await raw.aclose()
     assert await history_texts(redis_server.url, "abandoned") == ["sleep:3 running", "next"]
     assert "saw=2" in results["next"]
 
@@ -240,11 +307,14 @@ async def test_waiters_that_time_out_or_are_cancelled_leave_the_queue(
     the holder releases, the lock goes to the one still waiting (within its 2.5 s bound: a
     hand-off to an abandoned place would hold it up for the 3 s such a place lasts), and it
     sees the holder's recorded turn."""
+    from redis import asyncio as redis_asyncio
+
     from layercode_asgi import ConversationLockTimeout
 
     store = RedisConversationStore(redis_server.url, lock_ttl=60)
+    raw = redis_asyncio.Redis.from_url(redis_server.url)
     got: list[str] = []
-    async with ConversationManager(store) as manager:
+    async with ConversationManager(store) as manager, raw:
 
         async def wait_on(name: str, wait: float) -> None:
             async with manager.lock("queue", timeout=wait):
@@ -265,12 +335,15 @@ async def test_waiters_that_time_out_or_are_cancelled_leave_the_queue(
                     with cancel_later:
                         await wait_on("cancelled later", 10)
 
+                async def queued(count: int) -> bool:
+                    return bool(await raw.llen(Keys("layercode:", "queue").queue) == count)
+
                 tg.start_soon(cancelled_while_queued)
-                await anyio.sleep(0.2)
+                await until(lambda: queued(1), "'cancelled later' queued")
                 tg.start_soon(wait_on, "patient", 2.5)
-                await anyio.sleep(0.2)
+                await until(lambda: queued(2), "'patient' queued")
                 cancel_later.cancel()
-                await anyio.sleep(0.2)
+                await until(lambda: queued(1), "'cancelled later' left the queue")
                 # record + release in one: the lock goes to "patient"
                 assert await manager.record_turn("queue", "hi", "hello", generation=generation)
     assert got == ["patient saw 2"]
@@ -359,7 +432,11 @@ async def test_serve_workers_drain_on_sigterm_and_read_only_the_chosen_env_file(
                         if "pid=" in line:
                             break
                     server.process.send_signal(signal.SIGTERM)
-                    await anyio.sleep(0.5)  # the signal reached the workers
+                    for _ in range(1000):  # bounded (10 s): until both workers drain
+                        if server.output().count("received SIGTERM: draining") == 2:
+                            break
+                        await anyio.sleep(0.01)
+                    assert server.output().count("received SIGTERM: draining") == 2
                     async with httpx.AsyncClient(base_url=server.url, timeout=30) as other:
                         late = event("message", conversation_id="late", text="late")
                         refused = await other.post(

@@ -214,12 +214,21 @@ def _slow_turn_in_background(url: str) -> tuple[threading.Thread, dict[str, Any]
     return thread, results
 
 
+def _until_draining(url: str) -> None:
+    """Until the server handled SIGTERM (its /ready says 503); bounded: 10 s."""
+    for _ in range(200):
+        if httpx.get(url + "/ready").status_code == 503:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the server never started draining")
+
+
 def test_sigterm_lets_open_turns_finish_and_refuses_new_ones() -> None:
     with _start(grace=10, slow_seconds=2) as server:
         process, url = server.process, server.url
         thread, results = _slow_turn_in_background(url)
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        _until_draining(url)  # not a fixed pause: a busy machine may take longer
         body = event_body(text="late", turn_id="t-late", conversation_id="conv-2")
         late = httpx.post(url + "/api/agent", content=body, headers=signed_headers(body))
         assert late.status_code == 503
@@ -299,10 +308,7 @@ def test_a_second_signal_ends_open_turns_at_once_with_error_and_end() -> None:
         process, url = server.process, server.url
         thread, results = _slow_turn_in_background(url)
         process.send_signal(signal.SIGTERM)
-        for _ in range(200):  # bounded: until the first signal was handled (draining)
-            if httpx.get(url + "/ready").status_code == 503:
-                break
-            time.sleep(0.05)
+        _until_draining(url)
         process.send_signal(signal.SIGTERM)  # the second: stop now, turns ended properly
         thread.join(30)
         process.wait(30)
@@ -342,10 +348,7 @@ def test_an_authorize_call_open_at_sigterm_is_drained_then_answered_503() -> Non
                 call.start()
                 assert asked.wait(10)
                 server.process.send_signal(signal.SIGTERM)
-                for _ in range(200):  # bounded: until the signal was handled (draining)
-                    if httpx.get(server.url + "/ready").status_code == 503:
-                        break
-                    time.sleep(0.05)
+                _until_draining(server.url)
                 late = httpx.post(server.url + "/api/authorize", json={"agent_id": "a"}, timeout=30)
                 call.join(30)
                 assert server.process.wait(20) == 0, server.output()

@@ -675,6 +675,8 @@ def worker(env: dict[str, str]) -> ServerProcess:
 
 
 def test_two_workers_share_history_and_the_lock(redis_server: RedisServer) -> None:  # noqa: F811
+    import redis
+
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -702,7 +704,12 @@ def test_two_workers_share_history_and_the_lock(redis_server: RedisServer) -> No
 
         thread = threading.Thread(target=slow)
         thread.start()
-        time.sleep(0.3)
+        with redis.Redis.from_url(redis_server.url) as raw:
+            for _ in range(1000):  # bounded (20 s): until the slow turn holds the lock
+                if raw.exists("layercode:{conv-1}:lock"):
+                    break
+                time.sleep(0.02)  # (not a fixed pause: a busy machine may take longer)
+            assert raw.exists("layercode:{conv-1}:lock")
         results["next"] = sse_events(clients[1], event_body(text="after", turn_id="t9"))
         thread.join(10)
         assert "saw=16" in results["slow"][0]["content"]

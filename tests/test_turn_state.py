@@ -521,7 +521,7 @@ def test_grace_period_over_ends_open_streams_with_error_and_end() -> None:
         for thread in threads:
             thread.start()
         opened.wait()
-        time.sleep(0.3)  # let the hanging turn reach its agent
+        server.wait_output("agent hang running")  # the hanging turn reached its agent
         process.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(30)

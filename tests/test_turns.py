@@ -665,10 +665,16 @@ def test_slow_client_slows_the_agent(server: str) -> None:
         ):
             chunks = response.iter_raw()  # keep it: dropping the iterator closes the response
             next(chunks)
-            time.sleep(1.0)  # the client reads nothing for a second
-            stalled_at = produced[0]
-            time.sleep(0.5)
-            after = produced[0]
+            # The client reads nothing: until the agent has stopped producing for 0.5 s
+            # (bounded: 20 tries; a busy machine may take more than a second to fill the
+            # socket buffers, so no fixed pause "long enough" for it).
+            stalled_at, after = -1, produced[0]
+            for _ in range(20):
+                if after == stalled_at:
+                    break
+                stalled_at = after
+                time.sleep(0.5)
+                after = produced[0]
         # Without back-pressure the agent would produce ~thousands of 64 KiB chunks a second.
         # With it, only what fits in the socket buffers (a few MiB) is produced, then it waits.
         assert stalled_at * len(chunk) < 64 * 1024 * 1024, stalled_at
