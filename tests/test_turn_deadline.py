@@ -129,6 +129,18 @@ def _stub(body: bytes, cls: type[ASGIStub] = ASGIStub, **options: Any) -> ASGISt
     return cls(body, path="/api/agent", headers=headers, **options)
 
 
+def _timed(app: Any, times: dict[str, float]) -> Any:
+    """``run(name, request)``: runs ``request`` against ``app`` (on trio), then notes in
+    ``times[name]`` the trio clock's time it ended at."""
+    import trio
+
+    async def run(name: str, request: ASGIStub) -> None:
+        await request.run(app, limit=60)
+        times[name] = trio.current_time()
+
+    return run
+
+
 #: A turn (timeout 2 s, grace 1 s) of each kind: its agent, its client, when it ends on
 #: the mock clock and what its stream says last. (The fallback of "fallback unsent" is
 #: configured but cannot be written: the client is not reading.)
@@ -171,10 +183,7 @@ def test_a_stuck_turn_ends_at_its_timeout_plus_the_grace(entry: str, case: str) 
         app = create_app(settings, agent=agent)
     nxt = _stub(event_body(text="next", turn_id="t-next"))
     times: dict[str, float] = {}
-
-    async def run(name: str, request: ASGIStub) -> None:
-        await request.run(app, limit=60)
-        times[name] = trio.current_time()
+    run = _timed(app, times)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -213,10 +222,7 @@ def test_a_stuck_turn_ended_by_the_shutdown_goes_within_the_grace() -> None:
     stuck = _stub(event_body(text="big"), block_send_after=3)
     nxt = _stub(event_body(text="next", turn_id="t-next"))
     times: dict[str, float] = {}
-
-    async def run(name: str, request: ASGIStub) -> None:
-        await request.run(app, limit=60)
-        times[name] = trio.current_time()
+    run = _timed(app, times)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
