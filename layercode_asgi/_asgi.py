@@ -43,6 +43,7 @@ __all__ = [
     "check_route",
     "compressed",
     "compressed_body_response",
+    "declared_length",
     "error_response",
     "json_error",
     "json_error_response",
@@ -188,6 +189,15 @@ def compressed(scope: Scope) -> bool:
         name == b"content-encoding" and value.strip(b" \t").lower() not in (b"", b"identity")
         for name, value in scope["headers"]
     )
+
+
+def declared_length(value: bytes | str) -> int | None:
+    """A ``Content-Length`` value as a number; ``None`` unless it is 1 to 18 ASCII digits.
+    (``str.isdigit`` also takes a latin-1 '\u00b2', and thousands of digits: ``int()``
+    refuses both.)"""
+    if len(value) <= 18 and value.isascii() and value.isdigit():
+        return int(value)
+    return None
 
 
 async def answer_lifespan(receive: Receive, send: Send) -> None:

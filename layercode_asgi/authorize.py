@@ -31,6 +31,7 @@ from ._asgi import (
     JSONResponse,
     compressed,
     compressed_body_response,
+    declared_length,
     json_error_response,
     must_propagate,
     read_body,
@@ -129,8 +130,13 @@ class AuthorizeRoute:
             return json_error_response(
                 503, "authorize route not configured: LAYERCODE_API_KEY is not set"
             )
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > AUTHORIZE_MAX_BODY:
+        declared = request.headers.get("content-length")
+        length = None if declared is None else declared_length(declared)
+        if declared is not None and length is None:  # as the webhook route answers it
+            return json_error_response(
+                400, "invalid content-length header", {"connection": "close"}
+            )
+        if length is not None and length > AUTHORIZE_MAX_BODY:
             return _too_large()  # refused before any byte of it is read
         try:
             body = await read_body(request.receive, AUTHORIZE_MAX_BODY, self.body_timeout)
@@ -248,8 +254,8 @@ class AuthorizeRoute:
             encoding = upstream.headers.get("content-encoding", "").strip().lower()
             if encoding not in ("", "identity"):
                 raise _UpstreamEncoded(encoding)
-            declared = upstream.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > AUTHORIZE_MAX_UPSTREAM_BODY:
+            declared = declared_length(upstream.headers.get("content-length", ""))
+            if declared is not None and declared > AUTHORIZE_MAX_UPSTREAM_BODY:
                 raise _UpstreamTooLarge
             chunks: list[bytes] = []
             size = 0

@@ -37,6 +37,7 @@ from ._asgi import (
     BodyTooLarge,
     ReplayBody,
     check_route,
+    declared_length,
     json_error,
     read_body,
     route_path,
@@ -318,11 +319,12 @@ class LayercodeSignature:
         signature = ",".join(parts) if parts else None
 
         if declared is not None:
-            if not (declared.isdigit() and len(declared) <= 18):
+            length = declared_length(declared)
+            if length is None:
                 log_refused(logger, scope, "invalid content-length header")
                 await send_json_error(send, _BAD_CONTENT_LENGTH)
                 return None
-            if int(declared) > self.max_body_size:
+            if length > self.max_body_size:
                 await self._refuse_too_large(scope, send)
                 return None
 

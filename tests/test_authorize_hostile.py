@@ -17,6 +17,7 @@ from starlette.routing import Mount
 from layercode_asgi import create_app
 from layercode_asgi.errors import ConfigurationError
 
+from .asgi_stub import ASGIStub
 from .conftest import NEEDS_TRIO, httpx_refuses, raw_http_server, serve, serve_hypercorn
 from .test_server import FakeLayercode, settings
 
@@ -299,3 +300,27 @@ def test_a_key_header_sent_twice_is_refused(layercode: tuple[FakeLayercode, str]
             metrics = client.get("/metrics", headers=headers)
             assert (authorize.status_code, metrics.status_code) == (expected, expected), headers
     assert len(fake.requests) == 2
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["/api/authorize", "/api/agent"])
+@pytest.mark.parametrize(
+    "declared",
+    ["\u00b2".encode("latin-1"), b"\xb9", b"9" * 5000, b"x", b"-1"],
+    ids=["superscript-2", "superscript-1", "5000-digits", "x", "-1"],
+)
+async def test_a_content_length_that_is_no_number_is_a_400_on_both_routes(
+    path: str, declared: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that passes the header on as it came (an in-process ASGI client, a lax
+    server: uvicorn and hypercorn refuse it themselves). ``str.isdigit`` takes '²' (a
+    latin-1 byte) and 5000 digits, which ``int()`` refuses: the authorize route answered
+    500 and logged a traceback. Both routes now answer the webhook's 400, closing."""
+    stub = ASGIStub(b'{"agent_id": "a"}', path=path, headers=[(b"content-length", declared)])
+    stub.scope["state"] = {}  # as a server that ran the app's lifespan passes it
+    with caplog.at_level(logging.INFO):
+        await stub.run(create_app(settings(layercode_api_url="http://127.0.0.1:9/v1")))
+    assert stub.status == 400, stub.body
+    assert stub.body == b'{"error":"invalid content-length header"}'
+    assert stub.headers["connection"] == "close"
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
