@@ -14,6 +14,11 @@ import anyio
 import httpx
 import pytest
 import starlette.middleware.gzip as gzip
+from litestar import Litestar, post
+from litestar import Request as LitestarRequest
+from litestar.middleware import DefineMiddleware
+from litestar.middleware.logging import LoggingMiddlewareConfig
+from litestar.types import ASGIApp
 from starlette.applications import Starlette
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.middleware.cors import CORSMiddleware
@@ -275,3 +280,36 @@ async def test_a_client_leaving_mid_body_is_no_error_under_base_http_middleware(
     stub = ASGIStub(b"{", path=path, headers=headers, leave_mid_body=True)
     await stub.run(app, limit=10)
     assert stub.status == 400
+
+
+# -- Litestar middleware that reads the body -----------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("signature_first", [True, False])
+async def test_litestar_middleware_that_reads_the_body_goes_after_the_check(
+    signature_first: bool,
+) -> None:
+    """Litestar's request logging reads the body (its default fields include it) and keeps
+    it for Litestar's own handlers, not for the ASGI middleware after it: listed after it,
+    the check waits for a body that never comes and answers 408 (docs/middleware.md)."""
+    webhook = LayercodeWebhook(say_hello)
+
+    @post("/api/agent")
+    async def route(request: LitestarRequest[Any, Any, Any]) -> ASGIApp:
+        return await webhook.respond(await request.body())
+
+    check = DefineMiddleware(LayercodeSignature, secret=SECRET, body_timeout=0.2)
+    logging_ = LoggingMiddlewareConfig().middleware
+    app = Litestar([route], middleware=[check, logging_] if signature_first else [logging_, check])
+    body = event_body("message")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        reply = await client.post("/api/agent", content=body, headers=signed_headers(body))
+    if signature_first:
+        assert (reply.status_code, "hello" in reply.text) == (200, True), reply.text
+    else:
+        assert (reply.status_code, reply.json()) == (
+            408,
+            {"error": "request body not received within 0.2 s"},
+        )
