@@ -151,8 +151,9 @@ class LayercodeSignature:
         tolerance: largest accepted ``|now - t|`` in seconds (default 300, ``>= 0``).
         paths: request paths to protect, matched against the path below the app's mount
             point (``root_path`` removed, only where it ends at a ``/``: see
-            :func:`route_path`) and, to fail closed, against the full path and the path
-            the client sent (``raw_path``) too; repeated and trailing slashes do not count
+            :func:`route_path`) and, to fail closed, against the full path (``root_path``
+            + ``path`` where a server leaves it out of ``path``) and the path the client
+            sent (``raw_path``) too; repeated and trailing slashes do not count
             (``//api/agent/`` is ``/api/agent``); a trailing ``*`` makes a prefix
             (``/hooks/*`` covers ``/hooks`` too). ``None`` (default) protects every HTTP
             request; an empty ``paths``, or one no request path can match as written
@@ -278,6 +279,11 @@ class LayercodeSignature:
             return True
         route = route_path(scope)
         if route is not path and matches(route):
+            return True
+        # A server (or FastAPI's ``root_path=``) may leave ``root_path`` out of ``path``: the
+        # full path, as written with the mount point, is ``root_path`` + ``path`` then.
+        root: str = scope.get("root_path", "")
+        if route is path and root and matches(root + path):
             return True
         # Some apps hand middleware a rewritten path (Litestar: the path below a mounted
         # app, without ``root_path``); the path the client asked for counts as well.

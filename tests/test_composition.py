@@ -14,6 +14,12 @@ import anyio
 import httpx
 import pytest
 import starlette.middleware.gzip as gzip
+from litestar import Litestar, post
+from litestar import Request as LitestarRequest
+from litestar.config.compression import CompressionConfig
+from litestar.middleware import DefineMiddleware
+from litestar.middleware.logging import LoggingMiddlewareConfig
+from litestar.types import ASGIApp
 from starlette.applications import Starlette
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.middleware.cors import CORSMiddleware
@@ -67,8 +73,27 @@ def webhook_app(agent: Any, other: str, signature_outermost: bool) -> Starlette:
     return app
 
 
-@pytest.mark.parametrize("signature_outermost", [True, False])
-@pytest.mark.parametrize("other", ["gzip", "base-http"])
+def litestar_webhook_app(agent: Any, middleware: list[Any], **options: Any) -> Litestar:
+    """A Litestar app whose ``/api/agent`` handler hands the body to a ``LayercodeWebhook``."""
+    webhook = LayercodeWebhook(agent)
+
+    @post("/api/agent")
+    async def route(request: LitestarRequest[Any, Any, Any]) -> ASGIApp:
+        return await webhook.respond(await request.body())
+
+    return Litestar([route], middleware=middleware, **options)
+
+
+@pytest.mark.parametrize(
+    ("other", "signature_outermost"),
+    [
+        ("gzip", True),
+        ("gzip", False),
+        ("base-http", True),
+        ("base-http", False),
+        ("litestar-compression", True),  # in Litestar, app middleware runs inside it
+    ],
+)
 def test_a_turn_streams_event_by_event_through_other_middleware(
     other: str, signature_outermost: bool
 ) -> None:
@@ -86,16 +111,23 @@ def test_a_turn_streams_event_by_event_through_other_middleware(
             await anyio.sleep(0.02)
         yield "second" if seen_first.is_set() else "buffered"
 
-    app = webhook_app(agent, other, signature_outermost)
+    if other == "litestar-compression":
+        check = DefineMiddleware(LayercodeSignature, secret=SECRET)
+        gzipped = CompressionConfig(backend="gzip")
+        app: Any = litestar_webhook_app(agent, [check], compression_config=gzipped)
+    else:
+        app = webhook_app(agent, other, signature_outermost)
     body = event_body("message")
     headers = signed_headers(body, **{"accept-encoding": "gzip"})
     with serve(app) as url, httpx.Client(base_url=url, timeout=20) as client:
         with client.stream("POST", "/api/agent", content=body, headers=headers) as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
-            assert "content-encoding" not in response.headers  # never gzip: it buffers
+            # Starlette's GZip leaves it alone; Litestar's compresses it, flushing each write.
+            encoding = "gzip" if other == "litestar-compression" else None
+            assert response.headers.get("content-encoding") == encoding
             received = b""
-            for chunk in response.iter_raw():
+            for chunk in response.iter_bytes():
                 received += chunk
                 if b"first" in received:
                     seen_first.set()
@@ -275,3 +307,32 @@ async def test_a_client_leaving_mid_body_is_no_error_under_base_http_middleware(
     stub = ASGIStub(b"{", path=path, headers=headers, leave_mid_body=True)
     await stub.run(app, limit=10)
     assert stub.status == 400
+
+
+# -- Litestar middleware that reads the body -----------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("signature_first", [True, False])
+async def test_litestar_middleware_that_reads_the_body_goes_after_the_check(
+    signature_first: bool,
+) -> None:
+    """Litestar's request logging reads the body (its default fields include it) and keeps
+    it for Litestar's own handlers, not for the ASGI middleware after it: listed after it,
+    the check waits for a body that never comes and answers 408 (docs/middleware.md)."""
+    check = DefineMiddleware(LayercodeSignature, secret=SECRET, body_timeout=0.2)
+    logging_ = LoggingMiddlewareConfig().middleware
+    app = litestar_webhook_app(
+        say_hello, [check, logging_] if signature_first else [logging_, check]
+    )
+    body = event_body("message")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        reply = await client.post("/api/agent", content=body, headers=signed_headers(body))
+    if signature_first:
+        assert (reply.status_code, "hello" in reply.text) == (200, True), reply.text
+    else:
+        assert (reply.status_code, reply.json()) == (
+            408,
+            {"error": "request body not received within 0.2 s"},
+        )

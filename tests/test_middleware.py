@@ -24,7 +24,7 @@ from litestar.params import Body as LBody
 from litestar.response import Stream
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
@@ -454,6 +454,31 @@ async def test_paths_match_below_the_mount_point_and_prefixes() -> None:
         send,
     )
     assert scope_sent[0]["status"] == 401
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("in_path", [True, False])
+async def test_a_path_written_with_the_mount_point_protects_however_the_server_sets_it(
+    in_path: bool,
+) -> None:
+    """Served with a ``root_path`` of ``/voice``, a path written as the public URL's
+    (``/voice/api/agent``) protects the route whether the server puts ``root_path`` in
+    ``path`` (uvicorn's ``--root-path``) or not (``FastAPI(root_path=...)``, older servers,
+    httpx): without it in ``path``, the webhook was served unchecked."""
+    calls = Calls()
+
+    async def hook(request: Request) -> Response:
+        calls.count += 1
+        return Response("reached")
+
+    app = Starlette(routes=[Route("/api/agent", hook, methods=["POST"])])
+    app.add_middleware(LayercodeSignature, secret=SECRET, paths=["/voice/api/agent"])
+    transport = httpx.ASGITransport(app=app, root_path="/voice")
+    path = "/voice/api/agent" if in_path else "/api/agent"
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        unsigned = await client.post(path, content=BODY)
+        signed = await client.post(path, content=BODY, headers=signed_headers(BODY))
+    assert (unsigned.status_code, signed.text, calls.count) == (401, "reached", 1)
 
 
 @pytest.mark.parametrize("protected", ["/api/agent", "/api/agent/"])
