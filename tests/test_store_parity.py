@@ -304,3 +304,30 @@ async def test_conversation_ids_that_matter_to_redis_keys(
         assert response.status_code == 400, response.text
         assert "conversation_id" in response.json()["error"]
         assert long not in response.text
+
+
+async def test_a_client_that_stops_reading_before_the_end_does_not_hold_its_conversation(
+    store: dict[str, Any], close: list[Any]
+) -> None:
+    """The turn is recorded just before its response.end goes out, and the conversation is
+    free from then on: a client that never reads the end does not hold the next turn."""
+    seen: Seen = {}
+    app = make_app(store, seen)  # a turn timeout of 30 s: the test's bounds stop it first
+    close.append(app)
+    c = cid("stalled")
+    body = event_body(conversation_id=c, text="one", turn_id="t0")
+    headers = [(k.encode(), v.encode()) for k, v in signed_headers(body, SECRET).items()]
+    stalled = ASGIStub(body, path="/api/agent", headers=headers, block_send_after=1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stalled.run, app, 20)
+        with anyio.fail_after(10):
+            for _ in range(1000):  # until recorded (its response.end is still unsent)
+                if await stored(app, c):
+                    break
+                await anyio.sleep(0.01)
+            async with LayercodeTestClient(app, secret=SECRET, conversation_id=c) as client:
+                assert (await client.message("two", turn_id="t1")).text == "re: two"
+        assert not stalled.complete
+        tg.cancel_scope.cancel()
+    assert seen[c] == [[], [("user", "one"), ("assistant", "re: one")]]
+    assert [m[1] for m in await stored(app, c)] == ["one", "re: one", "two", "re: two"]
