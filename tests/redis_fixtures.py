@@ -137,6 +137,14 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def module_redis_server() -> Iterator[RedisServer]:
+    """One ``redis-server`` subprocess shared by the tests of a module (keep their keys
+    apart, e.g. by conversation id)."""
+    with running_redis() as server:
+        yield server
+
+
 # -- several uvicorn workers sharing one Redis ---------------------------------------------------
 
 
@@ -347,6 +355,12 @@ def redis_cluster() -> Iterator[RedisClusterNodes]:
 def redis_cluster_replicas() -> Iterator[RedisClusterNodes]:
     """A fresh Redis Cluster of three primaries, each with one replica, for one test."""
     yield from _cluster(replicas=1)
+
+
+@pytest.fixture(scope="module")
+def module_redis_cluster() -> Iterator[RedisClusterNodes]:
+    """One three-node Redis Cluster shared by the tests of a module."""
+    yield from _cluster(replicas=0)
 
 
 def _cluster(replicas: int) -> Iterator[RedisClusterNodes]:

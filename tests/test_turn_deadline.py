@@ -206,7 +206,9 @@ def test_a_stuck_turn_ends_at_its_timeout_plus_the_grace(entry: str, case: str) 
     if entry == "create_app":
         assert nxt.status == 200
         assert b'"content":"small"' in nxt.body
-        assert times["next"] == pytest.approx(ends_at)
+        # it runs once the stuck turn is recorded (just before its end goes out), at the latest
+        # when that turn ends
+        assert times["next"] <= ends_at + 1e-9
         assert app.state.lifecycle.active == 0
 
 

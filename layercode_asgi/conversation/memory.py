@@ -6,6 +6,7 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from types import TracebackType
 
 import anyio
@@ -57,9 +58,10 @@ class _History(list[HistoryMessage]):
 
 class _MemoryLock:
     """``MemoryConversationStore.lock()``: an uncontended acquire never suspends and
-    allocates one small object; only a waiter creates an event and a deadline."""
+    allocates one small object; only a waiter creates an event and a deadline. While held,
+    it is this task's :data:`_HELD` (for :meth:`MemoryConversationStore.record_turn`)."""
 
-    __slots__ = ("conversation_id", "store", "wait")
+    __slots__ = ("conversation_id", "outer", "released", "store", "wait")
 
     def __init__(
         self, store: MemoryConversationStore, conversation_id: str, wait: float | None
@@ -67,6 +69,8 @@ class _MemoryLock:
         self.store = store
         self.conversation_id = conversation_id
         self.wait = wait
+        self.released = False
+        self.outer: _MemoryLock | None = None
 
     async def __aenter__(self) -> None:
         store = self.store
@@ -75,6 +79,8 @@ class _MemoryLock:
         else:
             check_conversation_id(self.conversation_id)  # held or known: checked already
             store._locks[self.conversation_id] = _LockEntry()
+        self.outer = _HELD.get()
+        _HELD.set(self)
 
     async def __aexit__(
         self,
@@ -82,7 +88,13 @@ class _MemoryLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.store._unlock(self.conversation_id)
+        _HELD.set(self.outer)
+        if not self.released:
+            self.store._unlock(self.conversation_id)
+
+
+#: The memory lock this task holds (the innermost), if any.
+_HELD: ContextVar[_MemoryLock | None] = ContextVar("layercode_asgi_memory_hold", default=None)
 
 
 class MemoryConversationStore:
@@ -146,11 +158,22 @@ class MemoryConversationStore:
         self, conversation_id: str, messages: Sequence[HistoryMessage], generation: int
     ) -> bool:
         """Append ``messages`` if the conversation's generation is still ``generation``
-        (it was not cleared since); True if appended."""
-        if self._generation(conversation_id) != generation:
-            return False
-        self._append(conversation_id, messages)
-        return True
+        (it was not cleared since); True if appended.
+
+        Called by the holder of the conversation's :meth:`lock`, it ends the turn, as the
+        Redis store's does: the lock is released with it (the next turn may start at once;
+        leaving the ``async with`` then has nothing left to release).
+        """
+        held = _HELD.get()
+        if held is not None and (held.store is not self or held.conversation_id != conversation_id):
+            held = None
+        done = self._generation(conversation_id) == generation
+        if done:
+            self._append(conversation_id, messages)
+        if held is not None and not held.released:
+            held.released = True
+            self._unlock(conversation_id)
+        return done
 
     def _generation(self, conversation_id: str) -> int:
         """Advanced by every :meth:`clear` while the conversation is locked."""
