@@ -244,10 +244,9 @@ def _origin(item: str) -> str:
         or parts.query
         or parts.fragment
         or parts.username is not None
-        or "?" in candidate
-        or "#" in candidate
+        or any(mark in candidate for mark in "?#*")  # "*": CORS compares whole origins
     ):
-        _fail("'*' or http(s) origins like 'https://app.example.com' (no path)", shown)
+        _fail("'*' or http(s) origins like 'https://app.example.com' (no path, no pattern)", shown)
     # As a browser sends it (CORS compares exactly): lower case, without the default port,
     # an internationalised host in punycode (xn--).
     scheme, netloc = parts.scheme.lower(), parts.netloc.lower().rstrip(":")

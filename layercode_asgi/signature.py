@@ -316,20 +316,20 @@ def verify_signature(
                     if hmac.compare_digest(state.hexdigest(), given):
                         return True
 
-    secrets = _checked_arguments(secret, tolerance, now)
+    secrets = [s for s in _checked_arguments(secret, tolerance, now) if not _blank(s)]
+    if not secrets:  # the caller's own argument: said whatever the request holds
+        raise SignatureVerificationError(
+            SignatureErrorReason.NO_MATCHING_SIGNATURE, "no webhook secret configured"
+        )
     timestamp, candidates = _checked_header(signature, tolerance, now)
 
     try:
         body = _to_bytes(payload)
-        keys = _secret_keys([s for s in secrets if not _blank(s)])
+        keys = _secret_keys(secrets)
     except (TypeError, ValueError) as exc:  # a payload that is no str or bytes
         raise SignatureVerificationError(
             SignatureErrorReason.NO_MATCHING_SIGNATURE, f"cannot use payload: {exc}"
         ) from None
-    if not keys:
-        raise SignatureVerificationError(
-            SignatureErrorReason.NO_MATCHING_SIGNATURE, "no webhook secret configured"
-        )
 
     # Only well-formed candidates can match; comparing the others would need a non-ASCII
     # ``compare_digest`` (a TypeError) and could never succeed anyway.

@@ -375,7 +375,7 @@ def read_input(stream: IO[AnyStr], what: str) -> AnyStr:
 def _read_lines(stream: TextIO) -> list[str]:
     # Lines end at CR, LF or CRLF only (str.splitlines also splits at U+2028, U+0085, ...,
     # which a message may hold); a leading BOM (some editors write one) is no text.
-    text = read_input(stream, "the messages").removeprefix("\ufeff")
+    text = read_input(stream, "the list of messages").removeprefix("\ufeff")
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     return [line.strip() for line in lines if line.strip()]
 

@@ -182,6 +182,9 @@ def test_numbers() -> None:
         ("LAYERCODE_CORS_ORIGINS", "https://a.com/path", "expected '*' or http(s) origins"),
         ("LAYERCODE_CORS_ORIGINS", "a.com", "expected '*' or http(s) origins"),
         ("LAYERCODE_CORS_ORIGINS", "*,https://a.com", "'*' cannot be combined"),
+        # Before: accepted, and never matched: CORS compares whole origins (docs: "no patterns")
+        ("LAYERCODE_CORS_ORIGINS", "https://*.a.com", "expected '*' or http(s) origins like 'https://app.example.com' (no path, no pattern), got 'https://*.a.com'"),
+        ("LAYERCODE_CORS_ORIGINS", "https://a.com,http://*", "expected '*' or http(s) origins like"),
         ("LOG_LEVEL", "loud", "expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'loud'"),
     ],
 )  # fmt: skip

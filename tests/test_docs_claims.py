@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import subprocess
 import threading
 from collections.abc import AsyncIterator
@@ -67,6 +68,21 @@ def test_routes_the_docs_allow_are_served(route: str) -> None:
     with serve(app) as url:
         answer = httpx.post(url + quote(route), content=body, headers=signed_headers(body))
     assert (answer.status_code, answer.json()) == (200, {"status": "ok"})
+
+
+def test_a_bad_content_length_is_a_400_on_the_webhook_and_the_authorize_route() -> None:
+    """server.md: 400 for "a `Content-Length` that is not a number ... on either route ...
+    uvicorn refuses one itself, on any route, before the app": behind uvicorn, neither route
+    sees one (tests/test_authorize_hostile.py checks the app's own 400 at the ASGI level)."""
+    app = create_app(_settings(layercode_api_key="lc_test_key_1"))
+    with serve(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        for route in ("/api/agent", "/api/authorize"):
+            with socket.create_connection((host, int(port)), timeout=10) as conn:
+                conn.sendall(
+                    f"POST {route} HTTP/1.1\r\nhost: t\r\ncontent-length: 1x\r\n\r\n{{}}".encode()
+                )
+                assert conn.recv(64).startswith(b"HTTP/1.1 400 "), route
 
 
 # -- docs/middleware.md -----------------------------------------------------------------------

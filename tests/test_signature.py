@@ -285,5 +285,11 @@ def test_a_blank_secret_verifies_nothing(secret: str | bytes) -> None:
             verify_signature(body, forged, secret)
         assert caught.value.reason is R.NO_MATCHING_SIGNATURE
     assert reason_of(body, forged, [secret, "real"]) is R.NO_MATCHING_SIGNATURE
+    # Before: a missing, malformed or stale header was reported instead (the secret being
+    # the caller's own argument, checked first as the docs say), sending one to the clock.
+    for header in (None, "", "junk", f"t={NOW - 10_000},v1={'0' * 64}"):
+        with pytest.raises(SignatureVerificationError, match="no webhook secret") as caught:
+            verify_signature(body, header, secret)
+        assert caught.value.reason is R.NO_MATCHING_SIGNATURE
     real = sign(body, "real")
     assert verify_signature(body, real, [secret, "real"])  # a blank one beside is skipped
