@@ -190,6 +190,8 @@ def main() -> None:
     )
     parser.add_argument("--child", choices=["ours", "floor"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if min(args.n, args.rounds, args.chunks) < 1 or not args.duration > 0 or args.warmup < 0:
+        parser.error("--n, --rounds and --chunks take 1 or more, --duration more than 0")
     if args.child:
         _child(args)
         return
@@ -225,6 +227,10 @@ def main() -> None:
             ).stdout
             results[which].append(json.loads(out.strip().splitlines()[-1]))
             print(which, results[which][-1], flush=True)
+            if not results[which][-1]["turns"]:
+                sys.exit(
+                    f"error: no {which} turn ended in --duration {args.duration} s: lengthen it"
+                )
     medians = {w: statistics.median(r["cpu_us_per_turn"] for r in rs) for w, rs in results.items()}
     for which, rs in results.items():
         turns = statistics.median(r["turns"] for r in rs)

@@ -213,3 +213,37 @@ def test_the_report_survives_a_measured_zero(monkeypatch: pytest.MonkeyPatch) ->
     ours["lat_p50_ms"] = ours["rps_median"] = 0.0
     text = report.markdown(results)
     assert "latency p50 nan× lower" in text
+
+
+@pytest.mark.timeout(120)
+def test_turn_cpu_measures_turns_and_refuses_an_empty_window() -> None:
+    """benchmarks/turn_cpu.py (CPU per paced turn, in process) runs briefly and counts the
+    cancel scopes; a window too short for any turn to end is an error, not a made-up figure."""
+    script = str(ROOT / "benchmarks" / "turn_cpu.py")
+    brief = ["--n=8", "--rounds=1", "--warmup=0.2", "--think=0.02", "--chunks=2"]
+    pacing = ["--interval=0.01"]
+    done = subprocess.run(
+        [sys.executable, script, *brief, *pacing, "--duration=0.6", "--count-scopes"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ours = re.search(
+        r"^ours +([\d.]+) µs CPU per turn .*?(\d+) turns per run\), ([\d.]+) scopes",
+        done.stdout,
+        re.M,
+    )
+    assert ours is not None, done.stdout
+    assert float(ours[1]) > 0 and int(ours[2]) > 0 and float(ours[3]) >= 1, done.stdout
+    assert re.search(r"^ours - floor: -?[\d.]+ µs per turn$", done.stdout, re.M), done.stdout
+
+    slow_turns = ["--think=1.0", "--duration=0.2"]
+    empty = subprocess.run(
+        [sys.executable, script, *brief, *pacing, *slow_turns],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert empty.returncode != 0
+    assert "no ours turn ended" in empty.stderr, empty.stderr
