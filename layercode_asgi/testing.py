@@ -468,11 +468,26 @@ class LayercodeTestClient:
                 max_bytes=self.max_bytes,
             )
 
-    def send_sync(self, event: Mapping[str, Any]) -> TurnResult | JSONResult:
+    def send_sync(
+        self, event: Mapping[str, Any], *, on_event: OnEvent | None = None
+    ) -> TurnResult | JSONResult:
         """:meth:`send` for synchronous code (runs its own event loop; not inside one)."""
         if self._client is not None:
             raise RuntimeError("send_sync cannot be used inside 'async with'; await send()")
-        return anyio.run(self.send, event)
+        ran = False
+
+        async def run() -> TurnResult | JSONResult:
+            nonlocal ran
+            ran = True
+            return await self.send(event, on_event=on_event)
+
+        try:
+            return anyio.run(run)
+        except RuntimeError as exc:
+            if ran:  # the app's, or the kit's own: not the loop already running
+                raise
+            detail = "send_sync cannot run inside an event loop (async code); await send()"
+            raise RuntimeError(detail) from exc
 
     async def post(
         self,

@@ -49,7 +49,7 @@ from layercode_asgi.testing import (
 )
 
 from .asgi_stub import read_body
-from .conftest import SECRET, serve
+from .conftest import BACKENDS, SECRET, serve
 
 
 def parse_all(*chunks: bytes | str) -> list[SSEEvent]:
@@ -373,6 +373,21 @@ def test_client_send_sync() -> None:
     assert result.text == "You said: sync"
     update = client.send_sync(session_update_event())
     assert isinstance(update, JSONResult) and update.body == {"status": "ok"}
+    # Before: a TypeError (no on_event), though send_sync is documented as send's twin.
+    seen: list[str] = []
+    client.send_sync(message_event("seen"), on_event=lambda event: seen.append(event["type"]))
+    assert seen == ["response.tts", "response.end"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", BACKENDS)
+async def test_send_sync_in_async_code_says_to_await_send() -> None:
+    # Before: anyio's "Already running asyncio in this thread", naming neither the kit's
+    # method nor what to call instead.
+    client = LayercodeTestClient(echo_app(), secret=SECRET)
+    with pytest.raises(RuntimeError, match=r"send_sync .*event loop.*await send\(\)"):
+        client.send_sync(message_event("x"))
+    assert (await client.send(message_event("after"))).status_code == 200
 
 
 @pytest.mark.anyio
