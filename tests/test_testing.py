@@ -541,6 +541,33 @@ async def test_post_is_bounded_like_every_other_method() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", BACKENDS)
+@pytest.mark.parametrize("starts", [False, True])
+async def test_an_apps_own_timeout_error_propagates(starts: bool) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if starts:  # as Starlette's error middleware: a 500 started, then the error re-raised
+            await send({"type": "http.response.start", "status": 500, "headers": []})
+        raise TimeoutError("the app's own deadline")  # asyncio.wait_for's, say
+
+    # Before: a "timeout" violation ("not answered within 30 s", "answered 500 and did not
+    # end it") raised at once, the app's error and its traceback dropped.
+    client = LayercodeTestClient(app, secret=SECRET)
+    calls = (lambda: client.message("x"), lambda: client.data({}), lambda: client.post(b"{}"))
+    for call in calls:
+        with pytest.raises(TimeoutError, match="the app's own deadline"):
+            await call()
+    seen: list[str] = []
+
+    def on_event(event: dict[str, Any]) -> None:  # the test's own callback, timing out
+        seen.append(event["type"])
+        raise TimeoutError("on_event's own")
+
+    with pytest.raises(TimeoutError, match="on_event's own"):
+        await LayercodeTestClient(echo_app(), secret=SECRET).message("x", on_event=on_event)
+    assert seen == ["response.tts"]
+
+
+@pytest.mark.anyio
 async def test_an_app_shielded_from_cancellation_is_waited_for_then_a_timeout() -> None:
     # As docs/testing.md says: the timeout cancels an in-process app where it awaits; a part
     # it shields runs to its end first, and the request is then a `timeout` violation.
