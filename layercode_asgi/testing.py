@@ -351,7 +351,10 @@ class LayercodeTestClient:
             raise ValueError("pass exactly one of app= (an ASGI app) or base_url= (a server URL)")
         if not secret:
             raise ValueError("secret is required (the webhook secret to sign with)")
-        if app is not None and not callable(app):
+        # A class is no ASGI 3 app (httpx calls app(scope, receive, send)) unless awaitable.
+        if app is not None and (
+            not callable(app) or (isinstance(app, type) and not hasattr(app, "__await__"))
+        ):
             raise TypeError(f"app must be an ASGI app, got {kind_of(app)}")
         check_type("secret", secret, str, "a str")
         check_type("path", path, str, "a str")

@@ -650,6 +650,11 @@ def test_client_arguments_are_checked() -> None:
         LayercodeTestClient(echo_app(), base_url="http://x", secret=SECRET)
     with pytest.raises(ValueError, match="secret"):
         LayercodeTestClient(echo_app(), secret="")
+    # Accepted before: the first request then failed with "'function' object is not iterable".
+    from starlette.applications import Starlette
+
+    with pytest.raises(TypeError, match=r"app must be an ASGI app, got the class Starlette \("):
+        LayercodeTestClient(Starlette, secret=SECRET)
     # Accepted before: NaN failed every request inside httpx, 0 timed each one out.
     for timeout in (float("nan"), 0, -1, "30"):
         with pytest.raises(ValueError, match="timeout must be a finite number > 0"):
