@@ -349,7 +349,7 @@ async def _exchange(
     kind = where["event_type"]
     request = client.build_request("POST", url, content=body, headers=request_headers)
     try:
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(timeout) as deadline:
             reply = await open_reply(client, request)
             try:
                 where["status_code"] = status = reply.status_code
@@ -365,6 +365,8 @@ async def _exchange(
             finally:
                 await reply.aclose()
     except TimeoutError:
+        if not deadline.cancelled_caught:  # an in-process app's own, or on_event's: not ours
+            raise
         detail = late if isinstance(late, str) else late()
         raise ProtocolViolation("timeout", f"{kind} {detail}", **where) from None
     except ReplyTooLarge:

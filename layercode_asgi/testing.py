@@ -351,7 +351,10 @@ class LayercodeTestClient:
             raise ValueError("pass exactly one of app= (an ASGI app) or base_url= (a server URL)")
         if not secret:
             raise ValueError("secret is required (the webhook secret to sign with)")
-        if app is not None and not callable(app):
+        # A class is no ASGI 3 app (httpx calls app(scope, receive, send)) unless awaitable.
+        if app is not None and (
+            not callable(app) or (isinstance(app, type) and not hasattr(app, "__await__"))
+        ):
             raise TypeError(f"app must be an ASGI app, got {kind_of(app)}")
         check_type("secret", secret, str, "a str")
         check_type("path", path, str, "a str")
@@ -468,11 +471,26 @@ class LayercodeTestClient:
                 max_bytes=self.max_bytes,
             )
 
-    def send_sync(self, event: Mapping[str, Any]) -> TurnResult | JSONResult:
+    def send_sync(
+        self, event: Mapping[str, Any], *, on_event: OnEvent | None = None
+    ) -> TurnResult | JSONResult:
         """:meth:`send` for synchronous code (runs its own event loop; not inside one)."""
         if self._client is not None:
             raise RuntimeError("send_sync cannot be used inside 'async with'; await send()")
-        return anyio.run(self.send, event)
+        ran = False
+
+        async def run() -> TurnResult | JSONResult:
+            nonlocal ran
+            ran = True
+            return await self.send(event, on_event=on_event)
+
+        try:
+            return anyio.run(run)
+        except RuntimeError as exc:
+            if ran:  # the app's, or the kit's own: not the loop already running
+                raise
+            detail = "send_sync cannot run inside an event loop (async code); await send()"
+            raise RuntimeError(detail) from exc
 
     async def post(
         self,
@@ -502,7 +520,7 @@ class LayercodeTestClient:
                 "POST", self.url, content=content, headers=request_headers
             )
             try:  # bounded like the checked methods: httpx's timeout misses an in-process app
-                with anyio.fail_after(self.timeout):
+                with anyio.fail_after(self.timeout) as deadline:
                     reply = await open_reply(client, request)
                     try:
                         await reply.aread()
@@ -510,6 +528,8 @@ class LayercodeTestClient:
                         await reply.aclose()
                     return reply
             except TimeoutError:
+                if not deadline.cancelled_caught:  # the in-process app's own
+                    raise
                 detail = f"POST not answered within {self.timeout:g} s"
                 raise ProtocolViolation("timeout", detail) from None
             except ReplyTooLarge:

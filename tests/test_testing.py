@@ -49,7 +49,7 @@ from layercode_asgi.testing import (
 )
 
 from .asgi_stub import read_body
-from .conftest import SECRET, serve
+from .conftest import BACKENDS, SECRET, serve
 
 
 def parse_all(*chunks: bytes | str) -> list[SSEEvent]:
@@ -373,6 +373,21 @@ def test_client_send_sync() -> None:
     assert result.text == "You said: sync"
     update = client.send_sync(session_update_event())
     assert isinstance(update, JSONResult) and update.body == {"status": "ok"}
+    # Before: a TypeError (no on_event), though send_sync is documented as send's twin.
+    seen: list[str] = []
+    client.send_sync(message_event("seen"), on_event=lambda event: seen.append(event["type"]))
+    assert seen == ["response.tts", "response.end"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", BACKENDS)
+async def test_send_sync_in_async_code_says_to_await_send() -> None:
+    # Before: anyio's "Already running asyncio in this thread", naming neither the kit's
+    # method nor what to call instead.
+    client = LayercodeTestClient(echo_app(), secret=SECRET)
+    with pytest.raises(RuntimeError, match=r"send_sync .*event loop.*await send\(\)"):
+        client.send_sync(message_event("x"))
+    assert (await client.send(message_event("after"))).status_code == 200
 
 
 @pytest.mark.anyio
@@ -526,6 +541,33 @@ async def test_post_is_bounded_like_every_other_method() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", BACKENDS)
+@pytest.mark.parametrize("starts", [False, True])
+async def test_an_apps_own_timeout_error_propagates(starts: bool) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if starts:  # as Starlette's error middleware: a 500 started, then the error re-raised
+            await send({"type": "http.response.start", "status": 500, "headers": []})
+        raise TimeoutError("the app's own deadline")  # asyncio.wait_for's, say
+
+    # Before: a "timeout" violation ("not answered within 30 s", "answered 500 and did not
+    # end it") raised at once, the app's error and its traceback dropped.
+    client = LayercodeTestClient(app, secret=SECRET)
+    calls = (lambda: client.message("x"), lambda: client.data({}), lambda: client.post(b"{}"))
+    for call in calls:
+        with pytest.raises(TimeoutError, match="the app's own deadline"):
+            await call()
+    seen: list[str] = []
+
+    def on_event(event: dict[str, Any]) -> None:  # the test's own callback, timing out
+        seen.append(event["type"])
+        raise TimeoutError("on_event's own")
+
+    with pytest.raises(TimeoutError, match="on_event's own"):
+        await LayercodeTestClient(echo_app(), secret=SECRET).message("x", on_event=on_event)
+    assert seen == ["response.tts"]
+
+
+@pytest.mark.anyio
 async def test_an_app_shielded_from_cancellation_is_waited_for_then_a_timeout() -> None:
     # As docs/testing.md says: the timeout cancels an in-process app where it awaits; a part
     # it shields runs to its end first, and the request is then a `timeout` violation.
@@ -608,6 +650,11 @@ def test_client_arguments_are_checked() -> None:
         LayercodeTestClient(echo_app(), base_url="http://x", secret=SECRET)
     with pytest.raises(ValueError, match="secret"):
         LayercodeTestClient(echo_app(), secret="")
+    # Accepted before: the first request then failed with "'function' object is not iterable".
+    from starlette.applications import Starlette
+
+    with pytest.raises(TypeError, match=r"app must be an ASGI app, got the class Starlette \("):
+        LayercodeTestClient(Starlette, secret=SECRET)
     # Accepted before: NaN failed every request inside httpx, 0 timed each one out.
     for timeout in (float("nan"), 0, -1, "30"):
         with pytest.raises(ValueError, match="timeout must be a finite number > 0"):
