@@ -341,6 +341,16 @@ def sync_returning_async_iterable(event: Any) -> _Replies:
     return _Replies()
 
 
+class RepliesFor(_Replies):  # a class as agent: its instance is the async iterable
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+
+class NotAnAgent:  # its instances are neither async iterables nor awaitables
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+
 async def keyword_context_agent(event: Any, *, context: Any) -> AsyncIterator[str]:
     yield "kw"
 
@@ -361,6 +371,7 @@ def sync_generator_agent(event: Any) -> Iterator[str]:
         (coroutine_agent, "coro"),
         (CallableAgent(), "object"),
         (sync_returning_async_iterable, "iterable"),
+        (RepliesFor, "iterable"),
         (keyword_context_agent, "kw"),
         (star_args_agent, "star"),
     ],
@@ -379,6 +390,8 @@ async def test_every_working_agent_form_is_still_accepted(agent: Any, said: str)
         lambda: None,
         lambda event, *, required: None,
         sync_generator_agent,  # its generator is neither awaitable nor async-iterable
+        NotAnAgent,  # was accepted: every turn failed ("the agent returned NotAnAgent …")
+        CallableAgent,  # the class, not an instance
     ],
 )
 def test_signatures_that_cannot_be_agents_are_refused_at_start_up(agent: Any) -> None:
