@@ -217,6 +217,15 @@ def _convention(agent: Agent) -> str:
         raise InvalidAgentError(
             f"{agent_name(agent)} is a generator function, not an async one; {AGENT_SHAPE}"
         )
+    if (
+        isinstance(agent, type)
+        and not hasattr(agent, "__aiter__")
+        and not hasattr(agent, "__await__")
+    ):
+        raise InvalidAgentError(  # calling it makes an object no turn can use
+            f"{agent.__name__} is a class whose instances are neither async iterables nor "
+            f"awaitables (an object with an async __call__ is given as an instance); {AGENT_SHAPE}"
+        )
     try:
         signature: inspect.Signature | None = inspect.signature(agent)
     except (TypeError, ValueError):  # some builtins and C callables have no signature

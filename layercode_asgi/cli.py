@@ -515,13 +515,13 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
 
     ``environ`` replaces ``os.environ`` for reading settings and secrets (tests).
     """
+    _stand_in_for_closed_streams()  # before argparse, which writes to the other one instead
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return _exit_code(exc)
     env = os.environ if environ is None else environ
-    _stand_in_for_closed_streams()
     # What stdout cannot encode (a backend's text, on Windows' cp1252) is shown escaped.
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="backslashreplace")

@@ -167,9 +167,7 @@ class MaskingFormatter(logging.Formatter):
             record.args = tuple(map(_arg_escaped, record.args))
         elif isinstance(record.args, dict):
             record.args = {key: _arg_escaped(value) for key, value in record.args.items()}
-        coloured = record.__dict__.get("color_message")
-        if isinstance(coloured, str):
-            record.__dict__["color_message"] = _one_record(coloured)
+        record.__dict__.pop("color_message", None)  # its codes would show escaped: the plain one
         if record.exc_info:
             record.exc_text = "    " + _one_record(self.formatException(record.exc_info))
         if record.stack_info:
@@ -198,9 +196,13 @@ def uvicorn_log_config(log_format: str) -> dict[str, Any]:
         from uvicorn.config import LOGGING_CONFIG
 
         config = deepcopy(LOGGING_CONFIG)
-        for options in config["formatters"].values():
+        streams = {"default": sys.stderr, "access": sys.stdout}  # its handlers' (it asks stdout)
+        for name, options in config["formatters"].items():
             options["formatter"] = options.pop("()")
             options["()"] = f"{__name__}.MaskingFormatter"
+            stream = streams.get(name)
+            colours = stream is not None and stream.isatty() and not os.environ.get("NO_COLOR")
+            options["use_colors"] = colours  # on a terminal, unless NO_COLOR (no-color.org)
         return config
     handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
     return {

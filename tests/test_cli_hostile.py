@@ -264,6 +264,27 @@ def test_serve_started_with_stdout_closed_serves(tmp_path: Path) -> None:
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.parametrize(
+    ("closed", "argv"), [(2, ["serve", "--port", "abc"]), (1, ["--version"])], ids=["2", "1"]
+)
+def test_a_stream_closed_at_start_gets_nothing_even_from_the_argument_parser(
+    tmp_path: Path, closed: int, argv: list[str]
+) -> None:
+    # The null device stood in for a closed stream only after the arguments were parsed:
+    # `serve --port abc 2>&-` printed its usage on stdout (argparse falls back to it), and
+    # `--version >&-` printed the version on stderr.
+    environ = {**os.environ, "PYTHONPATH": str(ROOT)}
+    closing = (
+        f"import os, sys; os.close({closed}); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'layercode_asgi', *sys.argv[1:]])"
+    )
+    done = subprocess.run(
+        [PYTHON, "-c", closing, *argv], cwd=tmp_path, env=environ, capture_output=True, timeout=60
+    )
+    assert done.returncode == (2 if closed == 2 else 0)
+    assert (done.stdout, done.stderr)[2 - closed] == b"", done
+
+
 def test_bad_port_number_exits_2(tmp_path: Path) -> None:
     done = cli("serve", "--dev", "--env-file", "", "--port", "70000", cwd=tmp_path)
     assert "--port must be between 0 and 65535" in one_error_line(done)
@@ -321,6 +342,16 @@ def sync_returning_async_iterable(event: Any) -> _Replies:
     return _Replies()
 
 
+class RepliesFor(_Replies):  # a class as agent: its instance is the async iterable
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+
+class NotAnAgent:  # its instances are neither async iterables nor awaitables
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+
 async def keyword_context_agent(event: Any, *, context: Any) -> AsyncIterator[str]:
     yield "kw"
 
@@ -341,6 +372,7 @@ def sync_generator_agent(event: Any) -> Iterator[str]:
         (coroutine_agent, "coro"),
         (CallableAgent(), "object"),
         (sync_returning_async_iterable, "iterable"),
+        (RepliesFor, "iterable"),
         (keyword_context_agent, "kw"),
         (star_args_agent, "star"),
     ],
@@ -359,6 +391,8 @@ async def test_every_working_agent_form_is_still_accepted(agent: Any, said: str)
         lambda: None,
         lambda event, *, required: None,
         sync_generator_agent,  # its generator is neither awaitable nor async-iterable
+        NotAnAgent,  # was accepted: every turn failed ("the agent returned NotAnAgent …")
+        CallableAgent,  # the class, not an instance
     ],
 )
 def test_signatures_that_cannot_be_agents_are_refused_at_start_up(agent: Any) -> None:

@@ -217,6 +217,38 @@ def test_uvicorn_lines_under_run_server_cannot_pass_for_another_record(colours: 
     assert logs.count("\x1b") == (10 if colours else 0), logs  # level, request, status
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("stdout", "stderr", "no_color"),
+    [(Terminal(), io.StringIO(), ""), (Terminal(), Terminal(), "1"), (Terminal(), Terminal(), "")],
+    ids=["stdout-only-a-terminal", "NO_COLOR", "terminals"],
+)
+def test_uvicorn_lines_are_coloured_only_on_a_terminal_and_without_no_color(
+    stdout: io.StringIO, stderr: io.StringIO, no_color: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # uvicorn coloured its lines on stderr when stdout was a terminal (`serve 2>log`: escape
+    # codes in the file), ignored NO_COLOR, and on a terminal its coloured copy of a message
+    # came out escaped: "Started server process [\u001b[36m4242\u001b[0m]".
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.setenv("NO_COLOR", no_color)
+    options = uvicorn_log_config("text")["formatters"]["default"]
+    default = MaskingFormatter(**{k: v for k, v in options.items() if k != "()"})
+    record = logging.LogRecord(
+        "uvicorn.error", 20, "f", 1, "Started server process [%d]", (42,), None
+    )
+    record.color_message = "Started server process [\x1b[36m%d\x1b[0m]"
+    line = default.format(record)
+    colours = stderr.isatty() and not no_color
+    assert line == ("\x1b[32mINFO\x1b[0m:     " if colours else "INFO:     ") + (
+        "Started server process [42]"
+    ), line
+
+
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_a_secret_across_the_cut_of_a_long_value_shows_no_prefix(log_format: str) -> None:
     # Values were cut at 1000 characters before the line was masked: a secret across the
