@@ -287,6 +287,12 @@ def json_error(
     return start, {"type": "http.response.body", "body": body, "more_body": False}
 
 
+def not_allowed(allow: str) -> str:
+    """The message of a 405 whose ``Allow`` header is ``allow``: it names the method to use."""
+    methods = sorted({method.strip() for method in allow.split(",")} - {"HEAD", "OPTIONS", ""})
+    return f"method not allowed; use {' or '.join(methods)}" if methods else "method not allowed"
+
+
 #: The answer to a client that left before sending its whole body. Nobody reads it (servers
 #: drop it), but middleware outside may need one: Starlette's ``BaseHTTPMiddleware`` raises
 #: ``RuntimeError: No response returned.`` without it.
