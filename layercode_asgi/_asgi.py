@@ -183,12 +183,13 @@ class ReplayBody:
         return {"type": "http.request", "body": body, "more_body": False}
 
 
-def compressed(scope: Scope) -> bool:
-    """Whether the request body was sent with a ``Content-Encoding`` other than identity."""
-    return any(
-        name == b"content-encoding" and value.strip(b" \t").lower() not in (b"", b"identity")
-        for name, value in scope["headers"]
-    )
+def compressed(scope: Scope) -> str | None:
+    """The request's ``Content-Encoding`` (as sent, for the log) if it is not identity."""
+    for name, value in scope["headers"]:
+        if name == b"content-encoding" and value.strip(b" \t").lower() not in (b"", b"identity"):
+            encoding: str = value.decode("latin-1")
+            return encoding
+    return None
 
 
 def declared_length(value: bytes | str) -> int | None:
