@@ -275,6 +275,11 @@ class CacheWithoutForget:
         self.aclose = self.memory.aclose
 
 
+class CacheFailingToForget(MemoryReplayCache):
+    async def forget(self, key: str) -> None:
+        raise StoreUnavailableError("replay cache unavailable: ConnectionError")
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("status", "cache", "retry"),
@@ -282,9 +287,12 @@ class CacheWithoutForget:
         (503, MemoryReplayCache, 200),  # not processed: the retry is taken
         (500, MemoryReplayCache, 409),  # only 503 means "not processed, retry"
         (503, CacheWithoutForget, 409),  # a cache without forget: remembered as before
+        (503, CacheFailingToForget, 409),  # logged; the 503 is sent all the same
     ],
 )
-async def test_a_delivery_answered_503_is_forgotten(status: int, cache: Any, retry: int) -> None:
+async def test_a_delivery_answered_503_is_forgotten(
+    status: int, cache: Any, retry: int, caplog: pytest.LogCaptureFixture
+) -> None:
     statuses = [status]
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -297,6 +305,15 @@ async def test_a_delivery_answered_503_is_forgotten(status: int, cache: Any, ret
     assert (await post(signed, BODY, headers)).status_code == status
     assert (await post(signed, BODY, headers)).status_code == retry
     assert (await post(signed, BODY, headers)).status_code == 409
+    failed = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert failed == (
+        [
+            "replay cache could not forget a delivery answered 503 (its retry will get 409): "
+            "StoreUnavailableError: replay cache unavailable: ConnectionError"
+        ]
+        if cache is CacheFailingToForget
+        else []
+    )
 
 
 @pytest.mark.anyio
