@@ -183,12 +183,13 @@ class ReplayBody:
         return {"type": "http.request", "body": body, "more_body": False}
 
 
-def compressed(scope: Scope) -> bool:
-    """Whether the request body was sent with a ``Content-Encoding`` other than identity."""
-    return any(
-        name == b"content-encoding" and value.strip(b" \t").lower() not in (b"", b"identity")
-        for name, value in scope["headers"]
-    )
+def compressed(scope: Scope) -> str | None:
+    """The request's ``Content-Encoding`` (as sent, for the log) if it is not identity."""
+    for name, value in scope["headers"]:
+        if name == b"content-encoding" and value.strip(b" \t").lower() not in (b"", b"identity"):
+            encoding: str = value.decode("latin-1")
+            return encoding
+    return None
 
 
 def declared_length(value: bytes | str) -> int | None:
@@ -285,6 +286,12 @@ def json_error(
         raw.append((b"connection", b"close"))
     start: Message = {"type": "http.response.start", "status": status, "headers": raw}
     return start, {"type": "http.response.body", "body": body, "more_body": False}
+
+
+def not_allowed(allow: str) -> str:
+    """The message of a 405 whose ``Allow`` header is ``allow``: it names the method to use."""
+    methods = sorted({method.strip() for method in allow.split(",")} - {"HEAD", "OPTIONS", ""})
+    return f"method not allowed; use {' or '.join(methods)}" if methods else "method not allowed"
 
 
 #: The answer to a client that left before sending its whole body. Nobody reads it (servers

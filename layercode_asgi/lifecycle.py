@@ -100,14 +100,16 @@ class WebhookEndpoint:
         lifecycle.active += 1
         try:
             try:
-                body = await self.signature.verified_body(scope, receive, send, lifecycle.reads)
+                verified = await self.signature.verified_body(scope, receive, send, lifecycle.reads)
             except BodyAborted:  # its body was still arriving when the drain ended
-                body = None
+                verified = None
                 await send_json_error(send, SHUTTING_DOWN_ANSWER)
-            if body is not None and lifecycle.aborted:  # nothing would end its turn now
-                await send_json_error(send, SHUTTING_DOWN_ANSWER)
-            elif body is not None:
-                await self.webhook.answer(body, scope, receive, send)
+            if verified is not None:
+                body, send = verified  # with replay protection: a 503 forgets the delivery
+                if lifecycle.aborted:  # nothing would end its turn now
+                    await send_json_error(send, SHUTTING_DOWN_ANSWER)
+                else:
+                    await self.webhook.answer(body, scope, receive, send)
         finally:
             lifecycle.active -= 1
 

@@ -24,11 +24,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from urllib.parse import unquote
 
 from anyio import CancelScope
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._asgi import (
     CLIENT_LEFT,
@@ -169,7 +169,8 @@ class LayercodeSignature:
             remembers signatures in this process (``MemoryReplayCache``); pass a
             :class:`~layercode_asgi.replay.ReplayCache` (e.g. ``RedisReplayCache``) to
             share them between workers. If the cache cannot answer (unreachable, or any
-            error from it): 503, fail closed.
+            error from it): 503, fail closed. A delivery the wrapped app answers 503 is
+            forgotten (with a cache that has ``forget``), so its retry is taken.
         on_rejected: called with the reason of each refused signature
             (``SignatureErrorReason`` name in lower case, e.g. ``no_matching_signature``,
             or ``replayed``): the metrics' ``TurnMetrics.signature_rejected``. If it raises,
@@ -178,6 +179,7 @@ class LayercodeSignature:
 
     __slots__ = (
         "_body_timeout",
+        "_forget",
         "_header",
         "_matches",
         "_replay",
@@ -267,6 +269,9 @@ class LayercodeSignature:
                 "LayercodeSignature replay_protection must be a bool or a ReplayCache, "
                 f"got {type(replay_protection).__name__}"
             )
+        self._forget: Callable[[str], Awaitable[None]] | None = getattr(
+            self._replay, "forget", None
+        )
 
     def _protects(self, scope: Scope) -> bool:
         """Whether an HTTP request needs a signature. When in doubt, it does: a path is
@@ -294,22 +299,25 @@ class LayercodeSignature:
         if scope["type"] != "http" or not self._protects(scope):
             await self.app(scope, receive, send)
             return
-        body = await self.verified_body(scope, receive, send)
-        if body is not None:
+        verified = await self.verified_body(scope, receive, send)
+        if verified is not None:
+            body, send = verified
             await self.app(scope, ReplayBody(body, receive), send)
 
     async def verified_body(
         self, scope: Scope, receive: Receive, send: Send, reads: set[CancelScope] | None = None
-    ) -> bytes | None:
-        """Read and verify an HTTP request's body; ``None`` once it has been answered.
+    ) -> tuple[bytes, Send] | None:
+        """Read and verify an HTTP request's body: the body and the ``send`` to answer it
+        with, or ``None`` once it has been answered.
 
         Everything the middleware checks happens here: the signature header (missing,
         malformed or stale: refused before the body is read, and the connection closed),
         the body's size and arrival deadline, the signature and (if on) replay protection.
         A request that fails a check is answered (400, 401, 408, 409, 413, 503) and
         ``None`` returned; so is a client that left before sending its body (its 400 is
-        only for middleware outside: the server drops it). Otherwise the verified body is
-        returned and nothing has been sent: the caller answers the request.
+        only for middleware outside: the server drops it). Otherwise nothing has been sent:
+        the caller answers the request through the ``send`` returned (with replay
+        protection, one that forgets the delivery when the answer is a 503).
         ``receive`` is not used again here, so it can be handed on as it is. ``reads``:
         see :func:`read_body` (its :class:`BodyAborted` goes on, nothing sent).
         """
@@ -364,9 +372,13 @@ class LayercodeSignature:
             await send_json_error(send, _REJECTIONS[exc.reason])
             return None
 
-        if self._replay is not None and await self._is_replay(timestamp, body, send):
-            return None
-        return body
+        if self._replay is not None:
+            key = replay_key(timestamp, body)
+            if await self._is_replay(key, timestamp, send):
+                return None
+            if self._forget is not None:
+                return body, _forgetting(send, self._forget, key)
+        return body, send
 
     async def _refuse_too_large(self, scope: Scope, send: Send) -> None:
         log_refused(logger, scope, f"request body exceeds {self.max_body_size} bytes")
@@ -380,14 +392,14 @@ class LayercodeSignature:
             except Exception:
                 logger.exception("on_rejected failed (reason %s)", reason)
 
-    async def _is_replay(self, timestamp: str, body: bytes, send: Send) -> bool:
+    async def _is_replay(self, key: str, timestamp: str, send: Send) -> bool:
         """Remember this delivery; answer 409 (or 503) and return True if it must stop."""
         assert self._replay is not None
         # verify_signature accepts while floor(now) - t <= tolerance, i.e. until
         # t + tolerance + 1 (exclusive): remember the delivery that long (at least 1 s).
         ttl = max(1.0, int(timestamp) + self.tolerance + 1 - time.time())
         try:
-            seen = await self._replay.seen(replay_key(timestamp, body), ttl)
+            seen = await self._replay.seen(key, ttl)
         except Exception as exc:  # fail closed: a replay check that cannot run does not pass
             logger.error(
                 "replay cache unavailable: %s: %s",
@@ -403,3 +415,23 @@ class LayercodeSignature:
             await send_json_error(send, _REPLAYED)
             return True
         return False
+
+
+def _forgetting(send: Send, forget: Callable[[str], Awaitable[None]], key: str) -> Send:
+    """``send`` that first forgets the delivery ``key`` if the answer is a 503: it was not
+    processed, so LayerCode's retry of the same signed bytes must be taken."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 503:
+            try:
+                await forget(key)
+            except Exception as exc:
+                logger.error(
+                    "replay cache could not forget a delivery answered 503 (its retry will "
+                    "get 409): %s: %s",
+                    type(exc).__name__,
+                    escape_error(exc),
+                )
+        await send(message)
+
+    return sending

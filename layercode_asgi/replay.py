@@ -18,6 +18,9 @@ check compares whole seconds (``floor(now) - t <= tolerance``), so until
   When Redis is down or answers with an error (OOM, READONLY, any ``RedisError``) it raises
   :class:`~layercode_asgi.conversation.StoreUnavailableError`; the middleware answers 503
   (fail closed: a replay check that cannot run does not pass).
+
+A delivery answered 503 (with ``Retry-After``: not processed, try again) is forgotten
+(``forget``, when the cache has one: both of these do), so LayerCode's retry of it is taken.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import functools
 import hashlib
 import logging
 import math
+import secrets
 import time
 from collections import OrderedDict
 from typing import Any, Protocol
@@ -52,6 +56,11 @@ __all__ = ["MemoryReplayCache", "RedisReplayCache", "ReplayCache", "replay_key"]
 
 logger = logging.getLogger("layercode_asgi.replay")
 
+_FORGET_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 def replay_key(timestamp: str, body: bytes) -> str:
     """The identity of one signed delivery: the hash of what the signature covers."""
@@ -59,7 +68,12 @@ def replay_key(timestamp: str, body: bytes) -> str:
 
 
 class ReplayCache(Protocol):
-    """Remembers deliveries; ``seen`` is an atomic check-and-remember."""
+    """Remembers deliveries; ``seen`` is an atomic check-and-remember.
+
+    A cache may also have ``async def forget(self, key: str) -> None``: the middleware calls
+    it when the answer to a delivery it remembered is a 503 (not processed), so the retry of
+    the same signed bytes is taken. Without it, that retry gets 409.
+    """
 
     async def seen(self, key: str, ttl: float) -> bool:
         """Remember ``key`` for ``ttl`` seconds; return True if it was already there. A
@@ -109,6 +123,10 @@ class MemoryReplayCache:
                 self.max_entries,
             )
         return False
+
+    async def forget(self, key: str) -> None:
+        """Forget ``key`` (a delivery answered 503), so its retry is taken."""
+        self._entries.pop(key, None)
 
     async def aclose(self) -> None:
         self._entries.clear()
@@ -161,6 +179,8 @@ class RedisReplayCache:
         # (RedisClusterException is not a RedisError): the check cannot run.
         self._errors = (RedisError, RedisClusterException, OSError)
         self._check_writes = True  # by the next ping(): at first, and after a failure
+        # The value of the keys this cache sets: ``forget`` deletes only those.
+        self._token = secrets.token_hex(8).encode("ascii")
 
     async def seen(self, key: str, ttl: float) -> bool:
         if not 0 < ttl <= MAX_NUMBER:  # as MemoryReplayCache: the same refusal
@@ -168,7 +188,7 @@ class RedisReplayCache:
         seconds = min(math.ceil(ttl), MAX_EXPIRE_SECONDS)  # Redis refuses longer
         try:
             created = await self._clients.get().set(
-                self.key_prefix + key, b"1", nx=True, ex=seconds
+                self.key_prefix + key, self._token, nx=True, ex=seconds
             )
         except UnicodeEncodeError:  # the prefix was checked: a lone surrogate in ``key``
             raise ValueError("replay key is not valid text (a lone surrogate)") from None
@@ -176,6 +196,14 @@ class RedisReplayCache:
             self._check_writes = True
             raise self._unavailable(exc) from exc
         return not created
+
+    async def forget(self, key: str) -> None:
+        """Delete ``key`` if this cache set it (not a later delivery's, after it expired)."""
+        try:
+            await self._clients.get().eval(_FORGET_LUA, 1, self.key_prefix + key, self._token)
+        except self._errors as exc:
+            self._check_writes = True
+            raise self._unavailable(exc) from exc
 
     async def ping(self) -> None:
         """``PING`` Redis (every primary of a cluster), for ``/ready``; raise

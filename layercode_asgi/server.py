@@ -41,6 +41,7 @@ from ._asgi import (
     check_route,
     json_error_response,
     must_propagate,
+    not_allowed,
 )
 from ._redis import REDIS_CLIENT
 from ._version import __version__
@@ -84,7 +85,9 @@ ABORT_WAIT = 2.0
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return json_error_response(exc.status_code, str(exc.detail).lower(), exc.headers)
+    allow = exc.headers.get("Allow") if exc.status_code == 405 and exc.headers else None
+    message = not_allowed(allow) if allow else str(exc.detail).lower()  # names the method
+    return json_error_response(exc.status_code, message, exc.headers)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:

@@ -358,12 +358,10 @@ class LayercodeWebhook:
         only used to notice the client leaving, and the request is logged.
         """
         started = time.perf_counter()
-        response, event = await self._respond(body)
+        response, event = await self._respond(body, compressed(scope))
         unknown = None
         if isinstance(event, UnknownEventError):  # for the log line, not a metrics label
             unknown, event = event, None
-        elif event is None and response.status_code == 400 and compressed(scope):
-            response = compressed_body_response()  # unreadable because compressed: say so
         # What the log line needs, not the event: a turn waiting for its conversation keeps
         # no decoded copy of its body.
         kind = None if event is None else str(event.type)
@@ -399,15 +397,22 @@ class LayercodeWebhook:
         return response
 
     async def _respond(
-        self, body: bytes | str | Mapping[str, Any]
+        self, body: bytes | str | Mapping[str, Any], encoding: str | None = None
     ) -> tuple[Response, WebhookPayload | UnknownEventError | None]:
-        """The response and what it answered: the event, an unknown event's error, or None."""
+        """The response and what it answered: the event, an unknown event's error, or None.
+        ``encoding``: the request's ``Content-Encoding`` other than identity, if any."""
         try:
             event = parse_webhook_payload(body)
         except UnknownEventError as exc:
             logger.warning("ignoring webhook of unknown type %s", escape_log_value(exc.event_type))
             return Response(_IGNORED, media_type="application/json"), exc
         except InvalidPayloadError as exc:
+            if encoding is not None:  # unreadable because compressed: say so
+                logger.info(
+                    "rejected compressed webhook (Content-Encoding: %s): 415",
+                    escape_log_value(encoding),
+                )
+                return compressed_body_response(), None
             logger.info("rejected malformed webhook: %s", escape_log_value(exc))
             return JSONResponse({"error": str(exc), "path": exc.path}, status_code=400), None
 

@@ -9,7 +9,13 @@ import anyio
 import httpx
 import pytest
 
-from layercode_asgi import ConversationManager, RedisConversationStore, Settings, create_app
+from layercode_asgi import (
+    ConversationManager,
+    RedisConversationStore,
+    RedisReplayCache,
+    Settings,
+    create_app,
+)
 from layercode_asgi.conversation import StoreUnavailableError
 
 from . import redis_fixtures
@@ -68,6 +74,16 @@ async def test_turns_history_replay_and_ready_on_a_cluster(
             again = await client.post("/api/agent", content=body, headers=headers)
             assert first.status_code == 200
             assert again.status_code == 409
+    # a delivery answered 503 is forgotten (one EVAL on the key's node), on every node
+    cache = RedisReplayCache(redis_cluster.url, cluster=True)
+    try:
+        keys = [f"delivery-{n}" for n in range(8)]
+        assert [await cache.seen(key, 5) for key in keys] == [False] * 8
+        for key in keys:
+            await cache.forget(key)
+        assert [await cache.seen(key, 5) for key in keys] == [False] * 8
+    finally:
+        await cache.aclose()
     for cid in IDS:
         texts = await history(redis_cluster, cid)
         assert len(texts) == 6, cid

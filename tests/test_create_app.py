@@ -509,12 +509,20 @@ async def test_every_event_refuses_a_conversation_id_longer_than_turns_accept(
             answers[kind] = (response.status_code, response.json())
         body = event_body("data", conversation_id="c" * 512)  # the longest accepted
         accepted = await c.post("/api/agent", content=body, headers=signed_headers(body))
+        # An unknown (newer) type is acknowledged whatever its conversation_id: a new
+        # LayerCode event may carry none, or another kind of id (docs/server.md, events.md).
+        ignored = []
+        for conversation_id in ("c" * 513, "", None, 42):
+            body = event_body("call.brand_new", conversation_id=conversation_id)
+            response = await c.post("/api/agent", content=body, headers=signed_headers(body))
+            ignored.append((response.status_code, response.json()))
     refused = (
         400,
         {"error": "invalid conversation_id: conversation_id is longer than 512 characters"},
     )
     assert answers == dict.fromkeys(answers, refused)
     assert accepted.status_code == 200 and hooked == ["data"]
+    assert ignored == [(200, {"status": "ignored"})] * 4
 
 
 # -- a blank timeout_message is no fallback, from settings and from arguments alike ----------

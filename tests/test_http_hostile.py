@@ -7,6 +7,7 @@ Every test runs ``create_app`` (or the webhook alone) under a real uvicorn and h
 from __future__ import annotations
 
 import gzip
+import logging
 import socket
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,6 +21,7 @@ import pytest
 from layercode_asgi import LayercodeWebhook, Settings, TurnEvent, create_app, sign
 
 from .agents_for_tests import scripted_agent
+from .asgi_stub import ASGIStub
 from .conftest import SECRET, event_body, serve, serve_hypercorn
 
 SERVERS: dict[str, Callable[[Any], AbstractContextManager[str]]] = {
@@ -96,10 +98,11 @@ COMPRESSED = "the request body is compressed (Content-Encoding): send it uncompr
     ],
 )
 def test_a_compressed_webhook_body_is_refused_by_name(
-    url: str, coding: str, compress: Callable[[bytes], bytes]
+    url: str, coding: str, compress: Callable[[bytes], bytes], caplog: pytest.LogCaptureFixture
 ) -> None:
     # Correctly signed (over the compressed bytes, as they travel): the body itself is
-    # what cannot be read. The answer says so, not "JSON is malformed".
+    # what cannot be read. The answer says so, not "JSON is malformed"; so does the log.
+    caplog.set_level(logging.INFO, logger="layercode_asgi.webhook")
     status, headers, body = exchange(
         url, signed_post(compress(DATA), f"content-encoding: {coding}")
     )
@@ -107,6 +110,20 @@ def test_a_compressed_webhook_body_is_refused_by_name(
     assert headers["content-type"] == "application/json"
     assert headers["accept-encoding"] == "identity"
     assert msgspec.json.decode(body) == {"error": COMPRESSED}
+    refused = [r.getMessage() for r in caplog.records if r.name == "layercode_asgi.webhook"]
+    assert f"rejected compressed webhook (Content-Encoding: {coding}): 415" in refused
+
+
+@pytest.mark.anyio
+async def test_the_log_of_a_compressed_webhook_escapes_its_encoding(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="layercode_asgi.webhook")
+    stub = ASGIStub(gzip.compress(DATA), headers=[(b"content-encoding", b"gz\x1b[31mip\n")])
+    await stub.run(LayercodeWebhook(scripted_agent))
+    assert stub.status == 415
+    refused = [r.getMessage() for r in caplog.records if r.name == "layercode_asgi.webhook"]
+    assert "rejected compressed webhook (Content-Encoding: gz\\u001b[31mip\\n): 415" in refused
 
 
 @pytest.mark.parametrize("coding", ["identity", "", " Identity "])

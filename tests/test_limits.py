@@ -266,6 +266,56 @@ async def test_a_replayed_signature_gets_409() -> None:
     assert len(inner.bodies) == 3
 
 
+class CacheWithoutForget:
+    """A user's replay cache written before ``forget`` existed."""
+
+    def __init__(self) -> None:
+        self.memory = MemoryReplayCache()
+        self.seen = self.memory.seen
+        self.aclose = self.memory.aclose
+
+
+class CacheFailingToForget(MemoryReplayCache):
+    async def forget(self, key: str) -> None:
+        raise StoreUnavailableError("replay cache unavailable: ConnectionError")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("status", "cache", "retry"),
+    [
+        (503, MemoryReplayCache, 200),  # not processed: the retry is taken
+        (500, MemoryReplayCache, 409),  # only 503 means "not processed, retry"
+        (503, CacheWithoutForget, 409),  # a cache without forget: remembered as before
+        (503, CacheFailingToForget, 409),  # logged; the 503 is sent all the same
+    ],
+)
+async def test_a_delivery_answered_503_is_forgotten(
+    status: int, cache: Any, retry: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    statuses = [status]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        code = statuses.pop(0) if statuses else 200
+        await send({"type": "http.response.start", "status": code, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    signed = LayercodeSignature(app, secret=SECRET, replay_protection=cache())
+    headers = signed_headers(BODY)
+    assert (await post(signed, BODY, headers)).status_code == status
+    assert (await post(signed, BODY, headers)).status_code == retry
+    assert (await post(signed, BODY, headers)).status_code == 409
+    failed = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert failed == (
+        [
+            "replay cache could not forget a delivery answered 503 (its retry will get 409): "
+            "StoreUnavailableError: replay cache unavailable: ConnectionError"
+        ]
+        if cache is CacheFailingToForget
+        else []
+    )
+
+
 @pytest.mark.anyio
 async def test_replay_protection_off_by_default() -> None:
     inner = Recorder()
@@ -327,6 +377,14 @@ async def test_redis_replay_cache_ttl() -> None:
             assert await cache.seen("k", 2.2) is True
             ttl = await client.ttl("layercode:replay:k")
             assert 1 <= ttl <= 3
+            # forget deletes only a key this cache set: not one another worker set later
+            other = RedisReplayCache(client)
+            await other.forget("k")
+            assert await cache.seen("k", 2.2) is True
+            await cache.forget("k")
+            assert await other.seen("k", 2.2) is False
+            await cache.forget("k")
+            assert await cache.seen("k", 2.2) is True
         finally:
             await client.aclose()
 

@@ -177,6 +177,8 @@ def test_every_error_is_json() -> None:
             ),
             (client.post("/api/agent", content=b"{}", headers=signed_headers(b"{}")), 400),
             (client.post("/api/authorize", content=b"[]"), 400),
+            (client.get("/api/authorize"), 405),
+            (client.post("/ready"), 405),
         ]
         for response, status in cases:
             assert response.status_code == status, (response.request.url, response.text)
@@ -184,6 +186,11 @@ def test_every_error_is_json() -> None:
             assert isinstance(response.json()["error"], str)
             assert "Traceback" not in response.text
         assert cases[1][0].headers["allow"] == "POST"
+        # Every 405 says which method to use, as LayercodeWebhook's own does.
+        refused = [response for response, status in cases if status == 405]
+        for response, use in zip(refused, ["POST", "GET", "POST", "GET"], strict=True):
+            assert response.json() == {"error": f"method not allowed; use {use}"}
+            assert use in response.headers["allow"].split(", ")
 
 
 def test_a_route_spelled_with_a_trailing_slash_is_a_json_404_not_a_redirect() -> None:
@@ -250,7 +257,7 @@ def test_mounted_inside_another_app(framework: str) -> None:
             401,
             {"error": "missing signature header"},
         )
-        assert client.get("/voice/api/agent").json() == {"error": "method not allowed"}
+        assert client.get("/voice/api/agent").json() == {"error": "method not allowed; use POST"}
         unguarded = client.post("/voice/api/authorize", json={"agent_id": "a"})
         assert (unguarded.status_code, unguarded.json()) == (
             401,

@@ -222,9 +222,14 @@ def test_a_turn_that_cannot_get_the_lock_in_time_gets_503(
     redis_url, server = store_and_server
     # The turn ahead ignores its 1 s timeout (its cleanup hangs; the turn gives it up after
     # another second): the queued turn waits the turn timeout plus a short lock-wait grace
-    # (0.2 s), then gets 503 -- well before the client's own timeout.
+    # (0.2 s), then gets 503 -- well before the client's own timeout. With replay protection
+    # on, LayerCode's retry of the same signed bytes is taken (the 503 forgot them), and only
+    # a second copy of what was answered 200 is a replay.
     app = create_app(
-        settings(redis_url=redis_url, turn_timeout=1.0, lock_wait_grace=0.2), stateful_agent
+        settings(
+            redis_url=redis_url, turn_timeout=1.0, lock_wait_grace=0.2, replay_protection=True
+        ),
+        stateful_agent,
     )
     with serve_on(server, app) as url, httpx.Client(base_url=url, timeout=15) as client:
         body = event_body(text="stubborn", turn_id="t-stubborn")
@@ -233,13 +238,20 @@ def test_a_turn_that_cannot_get_the_lock_in_time_gets_503(
         ) as holder:
             chunks = holder.iter_raw()
             assert b"saw=0" in next(chunks)
-            queued = post(client, event_body(text="queued", turn_id="t-queued"))
+            queued_body = event_body(text="queued", turn_id="t-queued")
+            queued_headers = signed_headers(queued_body)
+            queued = client.post("/api/agent", content=queued_body, headers=queued_headers)
             RELEASE.set()
             b"".join(chunks)
+        retried = client.post("/api/agent", content=queued_body, headers=queued_headers)
+        replayed = client.post("/api/agent", content=queued_body, headers=queued_headers)
     assert queued.status_code == 503
     assert queued.headers["content-type"] == "application/json"
     assert queued.json()["error"].startswith("conversation unavailable:")
     assert queued.headers["retry-after"] == "5"  # it passes: say when to try again
+    assert retried.status_code == 200, retried.text
+    assert [e.get("content") for e in events_of(retried)] == ["saw=2", None]
+    assert replayed.status_code == 409, replayed.text
 
 
 # -- the queue of turns waiting for one conversation ----------------------------------------------
