@@ -21,6 +21,7 @@ import pytest
 
 from layercode_asgi import verify_signature
 from layercode_asgi.cli import main
+from layercode_asgi.server import app_from_env
 from layercode_asgi.testing import VIOLATIONS, LayercodeTestClient
 
 from .asgi_stub import read_body
@@ -161,6 +162,19 @@ def test_serve_refuses_an_env_file_given_that_does_not_exist(
     shown = "pr\\x1bod.env"  # escaped on the terminal
     assert run(*serve, "--env-file", "pr\x1bod.env", environ=environ) == 2
     assert capsys.readouterr().err == f"error: --env-file {shown}: no such file\n"
+    # Before: a file LAYERCODE_ENV_FILE names was skipped in silence by serve, simulate and
+    # app_from_env (then no secret: every turn 401, with no hint). ./.env stays optional.
+    environ["LAYERCODE_ENV_FILE"] = "pr\x1bod.env"
+    assert run(*serve, environ=environ) == 2
+    assert capsys.readouterr().err == f"error: LAYERCODE_ENV_FILE={shown}: no such file\n"
+    simulate = ("simulate", "--url", "http://127.0.0.1:9/api/agent", "hi")
+    assert run(*simulate, environ={"LAYERCODE_ENV_FILE": "prod.env"}) == 2
+    assert capsys.readouterr().err == "error: LAYERCODE_ENV_FILE=prod.env: no such file\n"
+    monkeypatch.setenv("LAYERCODE_ENV_FILE", "prod.env")
+    with pytest.raises(SystemExit) as exited:
+        app_from_env()
+    assert exited.value.code == 3
+    assert capsys.readouterr().err == "error: LAYERCODE_ENV_FILE=prod.env: no such file\n"
 
 
 def test_serve_configuration_errors_exit_2_without_traceback(
