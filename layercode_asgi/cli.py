@@ -170,6 +170,8 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     port = _check_can_listen(args.host, args.port)
     base = f"http://{_display_host(args.host)}:{port}"
     webhook_url = base + args.agent_route
+    # /metrics where create_app serves it (LAYERCODE_METRICS, prometheus-client installed)
+    metrics = any(getattr(route, "path", None) == "/metrics" for route in app.routes)
     printed = False
 
     def banner() -> None:
@@ -180,7 +182,8 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         try:
             print(
                 f"layercode-asgi {__version__}: serving agent {agent!r} (webhook {webhook_url}, "
-                f"authorize {base}{args.authorize_route}, health {base}/health)",
+                f"authorize {base}{args.authorize_route}, health {base}/health"
+                f"{f', metrics {base}/metrics' if metrics else ''})",
                 flush=True,
             )
             if args.dev:

@@ -256,6 +256,14 @@ def test_serve_port_0_prints_the_port_it_serves_on(
     assert served and served[0] != 0
     assert f"(webhook http://127.0.0.1:{served[0]}/api/agent," in out
     assert f"simulate --url http://127.0.0.1:{served[0]}/api/agent " in out
+    assert "/metrics" not in out  # not served without LAYERCODE_METRICS
+    # Before: with metrics on, the banner listed the routes but not /metrics.
+    pytest.importorskip("prometheus_client")
+    environ = {"LAYERCODE_METRICS": "true", "LAYERCODE_METRICS_API_KEYS": "scrape-key"}
+    assert run("serve", "--dev", "--port", "0", environ=environ) == 0
+    out = capsys.readouterr().out
+    assert f"health http://127.0.0.1:{served[1]}/health, metrics " in out
+    assert f"metrics http://127.0.0.1:{served[1]}/metrics)" in out
 
 
 @pytest.mark.parametrize("route", ["/a;v=1/hook", "/hook$(id)&x='1'", "/voix/\u00e9t\u00e9"])
