@@ -40,7 +40,7 @@ from .agents import (
     openai_agent,
     register_agent,
 )
-from .config import Settings, SettingsError
+from .config import SettingField, Settings, SettingsError
 from .conversation import (
     ConversationBackend,
     ConversationLockTimeout,
@@ -127,6 +127,7 @@ __all__ = [
     "SessionEndPayload",
     "SessionStartPayload",
     "SessionUpdatePayload",
+    "SettingField",
     "Settings",
     "SettingsError",
     "SignatureErrorReason",

@@ -38,7 +38,7 @@ from ._version import __version__
 from .agents import agent_factory, list_agents
 from .config import SETTINGS_FIELDS, Settings
 from .demo import StartError, run_demo
-from .envfile import parse_env_file
+from .envfile import chosen_env_file, parse_env_file
 from .errors import ConfigurationError
 from .redaction import escape_terminal
 from .simulate import (
@@ -137,11 +137,8 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             "uses the default routes (/api/agent, /api/authorize); drop --agent-route / "
             "--authorize-route or use --workers 1"
         )
-    if args.env_file is None:  # the file app_from_env and simulate read
-        args.env_file = env.get("LAYERCODE_ENV_FILE", ".env")
-    elif args.env_file not in ("", ".env") and not os.path.exists(args.env_file):
-        # ./.env is optional; a file named on the command line is meant to be read
-        raise UsageError(f"--env-file {escape_terminal(args.env_file)}: no such file")
+    # the file app_from_env and simulate read; one named is meant to be read (./.env optional)
+    args.env_file = chosen_env_file(args.env_file, env)
     settings = Settings(env_file=args.env_file or None, environ=env)
     generated: str | None = None
     if not settings.webhook_secrets:
@@ -173,6 +170,8 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     port = _check_can_listen(args.host, args.port)
     base = f"http://{_display_host(args.host)}:{port}"
     webhook_url = base + args.agent_route
+    # /metrics where create_app serves it (LAYERCODE_METRICS, prometheus-client installed)
+    metrics = any(getattr(route, "path", None) == "/metrics" for route in app.routes)
     printed = False
 
     def banner() -> None:
@@ -183,7 +182,8 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         try:
             print(
                 f"layercode-asgi {__version__}: serving agent {agent!r} (webhook {webhook_url}, "
-                f"authorize {base}{args.authorize_route}, health {base}/health)",
+                f"authorize {base}{args.authorize_route}, health {base}/health"
+                f"{f', metrics {base}/metrics' if metrics else ''})",
                 flush=True,
             )
             if args.dev:

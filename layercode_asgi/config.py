@@ -37,8 +37,8 @@ from .envfile import settings_sources
 from .errors import MAX_NUMBER, SettingsError
 from .redaction import mask_url, port_problem
 
-# Not exported (the CLI's): SETTINGS_FIELDS (see Settings.fields()), SettingField.
-__all__ = ["Settings", "SettingsError", "settings_table_markdown"]
+# Not exported (the CLI's): SETTINGS_FIELDS (see Settings.fields()).
+__all__ = ["SettingField", "Settings", "SettingsError", "settings_table_markdown"]
 
 
 #: The longest quotation of an invalid (non-secret) value in an error message.
@@ -297,7 +297,8 @@ def _log_format(value: object) -> str:
 
 @dataclass(frozen=True)
 class SettingField:
-    """One setting: attribute ``name``, environment variable ``env``, and how to read it."""
+    """One row of :meth:`Settings.fields`: ``name``, ``env`` (its variable), ``type``, ``default``,
+    ``doc``, ``secret`` (masked in ``repr``); ``convert`` (the library's) parses a value."""
 
     name: str
     env: str
@@ -523,7 +524,7 @@ class Settings:
 
     @classmethod
     def fields(cls) -> tuple[SettingField, ...]:
-        """The table of every setting (same as :data:`SETTINGS_FIELDS`)."""
+        """The table of every setting, one :class:`SettingField` each, in the docs' order."""
         return SETTINGS_FIELDS
 
     @property

@@ -13,8 +13,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import SettingsError
+from .redaction import escape_terminal
 
-__all__ = ["MAX_SETTINGS_FILE_BYTES", "parse_env_file", "read_settings_file", "settings_sources"]
+__all__ = [
+    "MAX_SETTINGS_FILE_BYTES",
+    "chosen_env_file",
+    "parse_env_file",
+    "read_settings_file",
+    "settings_sources",
+]
 
 
 class _LineProblem(Exception):
@@ -146,3 +153,16 @@ def settings_sources(
         raise SettingsError([f"env_file: expected a path (str or os.PathLike) or None, got {kind}"])
     dotenv = parse_env_file(env_file) if env_file is not None else {}
     return (os.environ if environ is None else environ), dotenv
+
+
+def chosen_env_file(given: str | None, environ: Mapping[str, str]) -> str:
+    """The env file of ``serve``, ``simulate`` and ``app_from_env``: ``given`` (``--env-file``),
+    else the one ``LAYERCODE_ENV_FILE`` names, else ``.env``; ``''`` for none. A file named
+    either way that does not exist is a :class:`SettingsError` (``.env`` may be missing)."""
+    named = f"--env-file {given}"
+    if given is None:
+        given = environ.get("LAYERCODE_ENV_FILE", ".env")
+        named = f"LAYERCODE_ENV_FILE={given}"
+    if given not in ("", ".env") and not os.path.exists(given):
+        raise SettingsError([f"{escape_terminal(named)}: no such file"])
+    return given

@@ -106,7 +106,8 @@ class MemoryReplayCache:
             del entries[key]
 
     async def seen(self, key: str, ttl: float) -> bool:
-        if not 0 < ttl <= MAX_NUMBER:  # NaN, infinity, <= 0: would never (or always) expire
+        # NaN, infinity, <= 0: would never (or always) expire; True is no number of seconds
+        if ttl is True or not 0 < ttl <= MAX_NUMBER:
             check_seconds("ttl", ttl, zero=False, none=False)
         now = time.monotonic()
         self._sweep(now)
@@ -183,7 +184,7 @@ class RedisReplayCache:
         self._token = secrets.token_hex(8).encode("ascii")
 
     async def seen(self, key: str, ttl: float) -> bool:
-        if not 0 < ttl <= MAX_NUMBER:  # as MemoryReplayCache: the same refusal
+        if ttl is True or not 0 < ttl <= MAX_NUMBER:  # as MemoryReplayCache: the same refusal
             check_seconds("ttl", ttl, zero=False, none=False)
         seconds = min(math.ceil(ttl), MAX_EXPIRE_SECONDS)  # Redis refuses longer
         try:

@@ -470,12 +470,12 @@ def app_from_env() -> Starlette:
     import os
     import sys
 
+    from .envfile import chosen_env_file
     from .logs import setup_logging
     from .workers import STARTUP_FAILURE
 
-    env_file = os.environ.get("LAYERCODE_ENV_FILE")
     try:
-        settings = Settings(env_file=".env" if env_file is None else (env_file or None))
+        settings = Settings(env_file=chosen_env_file(None, os.environ) or None)
         setup_logging(
             level=settings.log_level,
             logfire_token=settings.logfire_token,

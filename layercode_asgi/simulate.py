@@ -22,7 +22,7 @@ import httpx
 import msgspec
 
 from ._asgi import check_headers
-from .envfile import parse_env_file
+from .envfile import chosen_env_file, parse_env_file
 from .errors import ConfigurationError, check_text, kind_of
 from .protocol import check_url, new_client
 from .redaction import escape_terminal, mask_url
@@ -425,13 +425,9 @@ def read_secret(args: argparse.Namespace, env: Mapping[str, str], command: str) 
     if args.secret is not None and not args.secret.replace(",", "").strip():
         # an unset shell variable (--secret "$S"): not replaced by another secret
         raise UsageError(f"--secret is empty (leave it out to read {SECRET_ENV})")
-    env_file = env.get("LAYERCODE_ENV_FILE", ".env")
-    configured: str = (
-        args.secret
-        or env.get(SECRET_ENV)
-        or (env_file and parse_env_file(env_file).get(SECRET_ENV))
-        or ""
-    )
+    configured: str = args.secret or env.get(SECRET_ENV) or ""
+    if not configured and (env_file := chosen_env_file(None, env)):
+        configured = parse_env_file(env_file).get(SECRET_ENV, "")
     # The rotation form 'whsec_new,whsec_old' (what serve accepts): sign with the newest.
     secret = next((part.strip() for part in configured.split(",") if part.strip()), "")
     if not secret:

@@ -21,6 +21,7 @@ import pytest
 
 from layercode_asgi import verify_signature
 from layercode_asgi.cli import main
+from layercode_asgi.server import app_from_env
 from layercode_asgi.testing import VIOLATIONS, LayercodeTestClient
 
 from .asgi_stub import read_body
@@ -161,6 +162,19 @@ def test_serve_refuses_an_env_file_given_that_does_not_exist(
     shown = "pr\\x1bod.env"  # escaped on the terminal
     assert run(*serve, "--env-file", "pr\x1bod.env", environ=environ) == 2
     assert capsys.readouterr().err == f"error: --env-file {shown}: no such file\n"
+    # Before: a file LAYERCODE_ENV_FILE names was skipped in silence by serve, simulate and
+    # app_from_env (then no secret: every turn 401, with no hint). ./.env stays optional.
+    environ["LAYERCODE_ENV_FILE"] = "pr\x1bod.env"
+    assert run(*serve, environ=environ) == 2
+    assert capsys.readouterr().err == f"error: LAYERCODE_ENV_FILE={shown}: no such file\n"
+    simulate = ("simulate", "--url", "http://127.0.0.1:9/api/agent", "hi")
+    assert run(*simulate, environ={"LAYERCODE_ENV_FILE": "prod.env"}) == 2
+    assert capsys.readouterr().err == "error: LAYERCODE_ENV_FILE=prod.env: no such file\n"
+    monkeypatch.setenv("LAYERCODE_ENV_FILE", "prod.env")
+    with pytest.raises(SystemExit) as exited:
+        app_from_env()
+    assert exited.value.code == 3
+    assert capsys.readouterr().err == "error: LAYERCODE_ENV_FILE=prod.env: no such file\n"
 
 
 def test_serve_configuration_errors_exit_2_without_traceback(
@@ -242,6 +256,14 @@ def test_serve_port_0_prints_the_port_it_serves_on(
     assert served and served[0] != 0
     assert f"(webhook http://127.0.0.1:{served[0]}/api/agent," in out
     assert f"simulate --url http://127.0.0.1:{served[0]}/api/agent " in out
+    assert "/metrics" not in out  # not served without LAYERCODE_METRICS
+    # Before: with metrics on, the banner listed the routes but not /metrics.
+    pytest.importorskip("prometheus_client")
+    environ = {"LAYERCODE_METRICS": "true", "LAYERCODE_METRICS_API_KEYS": "scrape-key"}
+    assert run("serve", "--dev", "--port", "0", environ=environ) == 0
+    out = capsys.readouterr().out
+    assert f"health http://127.0.0.1:{served[1]}/health, metrics " in out
+    assert f"metrics http://127.0.0.1:{served[1]}/metrics)" in out
 
 
 @pytest.mark.parametrize("route", ["/a;v=1/hook", "/hook$(id)&x='1'", "/voix/\u00e9t\u00e9"])

@@ -174,14 +174,17 @@ async def test_run_simulation_refuses_a_bad_timeout(value: Any) -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("cache", ["memory", "redis"])
 @pytest.mark.parametrize(
-    "ttl", [float("nan"), float("inf"), -float("inf"), -1, 0, 0.0, BEYOND_FLOAT, HUGE], ids=shown
+    "ttl",
+    [float("nan"), float("inf"), -float("inf"), -1, 0, 0.0, BEYOND_FLOAT, HUGE, True],
+    ids=shown,
 )
 async def test_a_replay_cache_refuses_a_ttl_that_is_not_a_finite_positive_number(
     cache: str, ttl: Any
 ) -> None:
     # Before, MemoryReplayCache took NaN (never remembered: a replay passed), 0 and -1 (the
     # same), infinity (remembered forever); RedisReplayCache raised Python's own ValueError
-    # or OverflowError for NaN, infinity and a huge int, and made 0 or -1 one second.
+    # or OverflowError for NaN, infinity and a huge int, and made 0 or -1 one second. Both
+    # took True (a bool, which the other seconds arguments refuse) for 1 s.
     replay = MemoryReplayCache() if cache == "memory" else RedisReplayCache(REDIS)
     with pytest.raises(ValueError, match=r"^ttl must be a finite number > 0, got "):
         await replay.seen("k", ttl)  # refused before any Redis command: none runs there

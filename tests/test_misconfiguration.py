@@ -305,6 +305,11 @@ def test_from_openai_agents_refuses_bad_options(
         ({"model_setting": {}}, "model_setting"),  # a typo of model_settings
         ({"message_history": []}, "message_history"),  # the adapter passes the history
         ({"user_prompt": "hi"}, "user_prompt"),
+        # taken, each failed every turn (`agent error`) inside the adapter or pydantic-ai
+        ({"capabilities": 5}, "capabilities must be a sequence"),
+        ({"toolsets": "tools"}, "toolsets must be a sequence"),
+        ({"model_settings": 5}, "model_settings must be"),
+        ({"usage_limits": 5}, "usage_limits must be"),
     ],
 )
 def test_from_pydantic_ai_refuses_a_run_option_agent_iter_cannot_take(
@@ -313,6 +318,26 @@ def test_from_pydantic_ai_refuses_a_run_option_agent_iter_cannot_take(
     # Taken, then every turn failed: "Agent.iter() got an unexpected keyword argument".
     with pytest.raises(TypeError, match=f"from_pydantic_ai: {match}"):
         from_pydantic_ai(pydantic_ai_agent(), **options)
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({"tags": 5}, "config's tags must be a list of str"),
+        ({"tags": "voice"}, "config's tags must be a list of str"),
+        ({"tags": ("voice",)}, "config's tags must be a list of str"),
+        ({"metadata": ["k"]}, "config's metadata must be a mapping"),
+        ({"configurable": 5}, "config's configurable must be a mapping"),
+        ({"callbacks": 5}, "config's callbacks must be"),
+    ],
+)
+def test_from_langchain_refuses_a_config_value_of_another_type(
+    config: dict[str, Any], match: str
+) -> None:
+    # Taken, each failed every turn (`agent error`: "'int' object has no attribute 'copy'").
+    with pytest.raises(TypeError, match=match):
+        from_langchain(langchain_model(), config=config)
+    from_langchain(langchain_model(), config={"tags": ["voice"], "metadata": {"k": 1}})
 
 
 @pytest.mark.parametrize(

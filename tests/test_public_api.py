@@ -26,9 +26,6 @@ EXPORTED = [(module, name) for module in PUBLIC for name in module.__all__]
 _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 #: Public signatures that name an internal type on purpose, and why.
 INTERNAL_ON_PURPOSE = {
-    # The settings table's rows: issue 16 made the table and its row type internal (the CLI's
-    # and the docs' generator's); ``Settings.fields()`` stays the documented way to it.
-    ("layercode_asgi.Settings.fields", "SettingField"),
     # ``timeout=`` of a store's lock: a float or None, or left out for the store's default
     # (a sentinel, ``STORE_DEFAULT``, which only the library passes on).
     *(

@@ -79,14 +79,17 @@ def test_redis_on_trio_is_refused_at_start_up(replay: bool) -> None:
 
 def test_hypercorn_trio_with_redis_exits_at_start_up(tmp_path: Path) -> None:
     """The same through the documented command (the app factory, Hypercorn's trio worker):
-    the server exits at start-up saying why, rather than serving failing turns."""
+    the server exits at start-up saying why, rather than serving failing turns. Hypercorn
+    0.18's supervisor exits 0 when its worker failed (docs/deploying.md); with the
+    documented ``--workers 0`` the exit status says so."""
     env = dict(os.environ, LAYERCODE_WEBHOOK_SECRET=SECRET, REDIS_URL=NO_REDIS)
-    command = [PYTHON, "-m", "hypercorn", "--worker-class", "trio", "--bind"]
+    command = [PYTHON, "-m", "hypercorn", "--worker-class", "trio", "--workers", "0", "--bind"]
     command += ["127.0.0.1:{port}", "layercode_asgi.server:app_from_env()"]
     with start_server_process(command, env=env, cwd=tmp_path, wait=False) as server:
-        server.process.wait(30)  # (Hypercorn 0.18 exits 0 when its worker failed to start)
+        status = server.process.wait(30)
         output = server.output()
     assert "ConfigurationError: Redis (REDIS_URL" in output and "not on trio" in output
+    assert status == 1
 
 
 def adapted_agent() -> Any:

@@ -21,7 +21,7 @@ import anyio
 from .._asgi import must_propagate
 from ..agents import Agent, TurnContext
 from ..conversation import HistoryMessage, model_history
-from ..errors import check_callable, check_text, check_type
+from ..errors import check_callable, check_text, check_type, kind_of
 from ..turns import AGENT_CLOSE_TIMEOUT
 from .voice import (
     DEFAULT_FILLER,
@@ -151,6 +151,24 @@ async def _in_own_task(stream: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
                 await asyncio.wait([task])
 
 
+#: RunnableConfig values the adapter merges its own into each turn: another type fails there.
+_CONFIG_TYPES: dict[str, tuple[Any, str]] = {
+    "tags": (list | None, "a list of str"),
+    "metadata": (Mapping | None, "a mapping"),
+    "configurable": (Mapping | None, "a mapping"),
+}
+
+
+def _check_config(config: Mapping[str, Any]) -> None:
+    """Refuse (``TypeError``) a value of ``config`` that would fail every turn."""
+    for key, (kind, expected) in _CONFIG_TYPES.items():
+        check_type(f"config's {key}", config.get(key), kind, expected)
+    callbacks = config.get("callbacks")
+    if not (callbacks is None or isinstance(callbacks, list) or hasattr(callbacks, "add_handler")):
+        expected = "a list of handlers, a callback manager or None"
+        raise TypeError(f"config's callbacks must be {expected}, got {kind_of(callbacks)}")
+
+
 def from_langchain(
     runnable: Any,
     *,
@@ -189,6 +207,7 @@ def from_langchain(
     else:
         expected = "a RunnableConfig (a dict), a function making one, or None"
         check_type("config", config, Mapping | None, expected)
+        _check_config(config or {})
     graph = _is_graph(runnable)
     base: Any = require_extra("langchain_core.callbacks", _EXTRA, "from_langchain")
     merge_configs = require_extra(

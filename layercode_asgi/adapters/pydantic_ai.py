@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any
 
 from ..agents import Agent, TurnContext
 from ..conversation import HistoryMessage, model_history
-from ..errors import check_callable, kind_of
+from ..errors import check_callable, check_type, kind_of
 from .voice import (
     DEFAULT_FILLER,
     Chunking,
@@ -70,6 +70,23 @@ def _check_run_options(agent: Any, run_options: dict[str, Any]) -> None:
             raise TypeError(f"from_pydantic_ai: {name} is not an option of {kind_of(agent)}.iter")
 
 
+def _check_option_types(run_options: dict[str, Any]) -> None:
+    """Refuse (``TypeError``) a run option of a type that would fail every turn."""
+    usage: Any = require_extra("pydantic_ai.usage", _EXTRA, "from_pydantic_ai")
+    for name in ("capabilities", "toolsets"):
+        value = run_options.get(name)
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence | None):
+            expected = "a sequence (a list) or None"
+            raise TypeError(f"from_pydantic_ai: {name} must be {expected}, got {kind_of(value)}")
+    settings = run_options.get("model_settings")
+    if not callable(settings):
+        expected = "a mapping (ModelSettings), a function or None"
+        check_type("from_pydantic_ai: model_settings", settings, Mapping | None, expected)
+    limits = run_options.get("usage_limits")
+    expected = "a pydantic_ai.usage.UsageLimits or None"
+    check_type("from_pydantic_ai: usage_limits", limits, usage.UsageLimits | None, expected)
+
+
 def from_pydantic_ai(
     agent: Any,
     *,
@@ -101,6 +118,7 @@ def from_pydantic_ai(
     require_object("from_pydantic_ai", agent, "a pydantic_ai.Agent", runs)
     check_callable("deps", deps, sync=True)
     _check_run_options(agent, run_options)
+    _check_option_types(run_options)
     try:  # an older pydantic-ai has none: only ``instructions`` reach every request
         reinject: Any = importlib.import_module("pydantic_ai.capabilities").ReinjectSystemPrompt
     except (ImportError, AttributeError):
