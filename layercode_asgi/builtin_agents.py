@@ -95,7 +95,7 @@ def openai_agent(
                 model=model, messages=messages, stream=True
             )
             async for chunk in stream:
-                for choice in chunk.choices:
+                for choice in chunk.choices or ():  # None: a chunk not of the API's shape
                     delta = choice.delta  # None in Azure's content-filter annotation chunks
                     # a refusal is the answer: spoken, rather than silence
                     piece = None if delta is None else delta.content or delta.refusal
