@@ -94,16 +94,17 @@ def openai_agent(
             stream = await clients.get().chat.completions.create(
                 model=model, messages=messages, stream=True
             )
-            async for chunk in stream:
-                for choice in chunk.choices:
-                    delta = choice.delta  # None in Azure's content-filter annotation chunks
-                    # a refusal is the answer: spoken, rather than silence
-                    piece = None if delta is None else delta.content or delta.refusal
-                    if piece:
-                        for text in deltas.feed(piece):
-                            spoke = True
-                            yield text
-                    finish = choice.finish_reason or finish
+            async with stream:  # closed however the turn stops us (at a yield too)
+                async for chunk in stream:
+                    for choice in chunk.choices or ():  # None: not the API's shape
+                        delta = choice.delta  # None in Azure's content-filter annotations
+                        # a refusal is the answer: spoken, rather than silence
+                        piece = None if delta is None else delta.content or delta.refusal
+                        if piece:
+                            for text in deltas.feed(piece):
+                                spoke = True
+                                yield text
+                        finish = choice.finish_reason or finish
         except Exception as exc:  # logged by the turn: the key masked in the provider's answer
             failure = model_api_error(exc)
             if failure is None:

@@ -610,3 +610,20 @@ async def test_a_huge_or_multiline_provider_error_is_logged_on_one_bounded_line(
     assert "HTTP 400" in caplog.text
     assert len(caplog.text) < 50_000
     assert not any(line.startswith("FORGED") for line in caplog.text.splitlines())
+
+
+@pytest.mark.anyio
+async def test_a_stream_chunk_not_of_the_apis_shape_is_logged_as_the_models_failure(
+    fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a chunk without ``choices`` (a proxy's or an "OpenAI-compatible" API's own
+    object in the stream) failed the ``openai`` agent's turn with ``TypeError: 'NoneType'
+    object is not iterable`` and its traceback in the log, saying nothing of the model."""
+    pytest.importorskip("openai")
+    notice = sse({"object": "proxy.notice", "detail": "upstream busy"})
+    fake.push(Script(raw=[notice, b"data: [DONE]\n\n"]))
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        turn = await turn_of("openai")
+    assert ended_with_error(turn)
+    assert "ModelAPIError: the model's answer ended before its finish_reason" in caplog.text
+    assert "TypeError" not in caplog.text

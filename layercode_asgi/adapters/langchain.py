@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import anyio
@@ -240,22 +241,24 @@ def from_langchain(
             stream = runnable.astream(value, run_config, stream_mode="messages")
         else:
             stream = runnable.astream(value, run_config)
-        async for item in _in_own_task(stream):
-            chunk = item[0] if graph and isinstance(item, tuple) else item
-            if isinstance(chunk, str):
-                yield chunk
-                continue
-            if isinstance(chunk, messages.ToolMessage):
-                yield ""  # a tool finished: what it sent goes out now (never read out)
-                continue
-            if not isinstance(chunk, messages.AIMessageChunk | messages.AIMessage):
-                continue  # the user's own message echoed by a graph, …
-            text = _text(chunk.content)
-            if text:
-                yield text
-            for call in getattr(chunk, "tool_call_chunks", None) or chunk.tool_calls:
-                if call.get("name"):
-                    yield ToolCall(str(call["name"]))
+        # closed with us, at a yield too: its task (the model request) ends with the turn
+        async with aclosing(_in_own_task(stream)) as items:
+            async for item in items:
+                chunk = item[0] if graph and isinstance(item, tuple) else item
+                if isinstance(chunk, str):
+                    yield chunk
+                    continue
+                if isinstance(chunk, messages.ToolMessage):
+                    yield ""  # a tool finished: what it sent goes out now (never read out)
+                    continue
+                if not isinstance(chunk, messages.AIMessageChunk | messages.AIMessage):
+                    continue  # the user's own message echoed by a graph, …
+                text = _text(chunk.content)
+                if text:
+                    yield text
+                for call in getattr(chunk, "tool_call_chunks", None) or chunk.tool_calls:
+                    if call.get("name"):
+                        yield ToolCall(str(call["name"]))
         if watch.cut:
             raise ModelAPIError("the model's answer ended before its finish")
 
