@@ -24,7 +24,8 @@ import msgspec
 from ._asgi import check_headers
 from .envfile import parse_env_file
 from .errors import ConfigurationError, check_text, kind_of
-from .protocol import check_url, new_client
+from .kitclient import new_client
+from .protocol import check_url
 from .redaction import escape_terminal, mask_url
 from .testing import (
     VIOLATIONS,

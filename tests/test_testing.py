@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import socket
 import threading
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -565,6 +566,41 @@ async def test_an_apps_own_timeout_error_propagates(starts: bool) -> None:
     with pytest.raises(TimeoutError, match="on_event's own"):
         await LayercodeTestClient(echo_app(), secret=SECRET).message("x", on_event=on_event)
     assert seen == ["response.tts"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", BACKENDS)
+@pytest.mark.parametrize("starts", [False, True])
+@pytest.mark.parametrize(
+    "make_error",
+    [lambda: httpx.ConnectError("the route's own call failed"), lambda: zlib.error("app's own")],
+    ids=["httpx-error", "zlib-error"],
+)
+async def test_an_apps_own_httpx_or_zlib_error_propagates(starts: bool, make_error: Any) -> None:
+    def raising_app(error: Exception) -> Any:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if starts:  # as Starlette's error middleware: a 500 started, then the error re-raised
+                await send({"type": "http.response.start", "status": 500, "headers": []})
+            raise error
+
+        return app
+
+    # Before: a "connection-error" violation (the app's error only its __cause__) or a
+    # "bad-encoding" one (the app's error and its traceback dropped).
+    for call in ("message", "data", "post"):
+        error = make_error()
+        client = LayercodeTestClient(raising_app(error), secret=SECRET)
+        with pytest.raises(type(error)) as caught:
+            await (client.post(b"{}") if call == "post" else getattr(client, call)("x"))
+        assert caught.value is error and caught.traceback[-1].name == "app"
+    error = make_error()
+
+    def on_event(event: dict[str, Any]) -> None:  # the test's own callback: not the kit's read
+        raise error
+
+    with pytest.raises(type(error)) as caught:
+        await LayercodeTestClient(echo_app(), secret=SECRET).message("x", on_event=on_event)
+    assert caught.value is error
 
 
 @pytest.mark.anyio
