@@ -18,6 +18,7 @@ import httpx
 from . import protocol
 from ._asgi import check_headers
 from .errors import check_positive_int, check_seconds, check_type, kind_of
+from .jsonwire import check_json_value
 from .kitclient import BoundedApp, new_client, noting_app_errors, noting_reply_start, open_reply
 from .protocol import *  # noqa: F403 - the client's vocabulary, re-exported
 from .protocol import (
@@ -65,7 +66,8 @@ def _event(
     **base: Any,
 ) -> dict[str, Any]:
     """``{"type": kind}``, the ids (fresh random ones by default), ``base`` without its
-    ``None`` values, then ``fields``; a ``turn_id=None`` in ``base`` gets a random id too."""
+    ``None`` values, then ``fields``; a ``turn_id=None`` in ``base`` gets a random id too.
+    A value JSON cannot carry as it is (a NaN, bytes, a set) is refused, naming its field."""
     event: dict[str, Any] = {
         "type": kind,
         "session_id": session_id or _new_id("sess"),
@@ -75,6 +77,8 @@ def _event(
         base["turn_id"] = base["turn_id"] or _new_id("turn")
     event.update((key, value) for key, value in base.items() if value is not None)
     event.update(fields)
+    for key, value in event.items():
+        check_json_value(key, value)
     return event
 
 
@@ -111,9 +115,7 @@ def data_event(
     **fields: Any,
 ) -> dict[str, Any]:
     """A ``data`` event carrying ``data`` (what the browser sent with ``response.data``)."""
-    event = _event("data", fields, session_id, conversation_id, turn_id=turn_id)
-    event["data"] = data
-    return event
+    return _event("data", {"data": data, **fields}, session_id, conversation_id, turn_id=turn_id)
 
 
 def session_update_event(

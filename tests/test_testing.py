@@ -857,3 +857,40 @@ async def test_post_headers_replace_the_kits_own_whatever_their_case(name: str) 
     (headers,) = seen
     assert [v for k, v in headers if k == name.lower().encode()] == [b"given"], headers
     assert [v for k, v in headers if k == b"x-fixed"] == [b"2"], headers
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "said"),
+    [
+        (object(), TypeError, r"^data is object: JSON cannot carry it as it is"),
+        (float("nan"), ValueError, r"^data is nan: JSON has no NaN or infinity"),
+        ({"a": [1, float("inf")]}, ValueError, r"^data\['a'\]\[1\] is inf: JSON has no NaN"),
+        (b"hi", TypeError, r"^data is bytes: JSON cannot carry it"),
+        ({"tags": {"a"}}, TypeError, r"^data\['tags'\] is set: JSON cannot carry it"),
+        ({1: 2}, TypeError, r"^data has the key 1, not a str: JSON keys are strings"),
+    ],
+)
+def test_data_json_cannot_carry_as_it_is_is_refused(data: Any, error: type, said: str) -> None:
+    # Before: msgspec's bare "Encoding objects of type object is unsupported" when sent (not
+    # naming the argument), or sent changed: NaN as null, bytes as base64, a set as an array,
+    # {1: 2} as {"1": 2}.
+    with pytest.raises(error, match=said):
+        data_event(data)
+    with pytest.raises(error, match=said.replace("data", "metadata", 1)):
+        message_event("x", metadata=data)
+    assert data_event({"a": [1, 2.5, None, True, "é"], "b": (1,)})["data"]["b"] == (1,)
+
+
+@pytest.mark.anyio
+async def test_the_client_refuses_data_json_cannot_carry_before_sending() -> None:
+    sent: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        sent.append(await read_body(receive))
+
+    client = LayercodeTestClient(app, secret=SECRET)
+    with pytest.raises(ValueError, match=r"^data is nan: JSON has no NaN or infinity"):
+        await client.data(float("nan"))  # before: sent as null, answered as if all was well
+    with pytest.raises(TypeError, match=r"^data is object: JSON cannot carry it as it is"):
+        await client.data(object())
+    assert sent == []
