@@ -130,7 +130,15 @@ def encode_event(event: Any) -> bytes:
 
 def signed_headers(body: bytes | str, secret: str, timestamp: int | None = None) -> dict[str, str]:
     """Request headers for ``body``: JSON content type and a valid ``layercode-signature``."""
+    check_secret(secret)
     return {"content-type": "application/json", SIGNATURE_HEADER: sign(body, secret, timestamp)}
+
+
+def check_secret(secret: object) -> None:
+    """Raise ValueError for an empty ``secret``: anybody could sign with it, no verifier
+    takes it."""
+    if not secret:
+        raise ValueError("secret is required (the webhook secret to sign with)")
 
 
 def check_event(event: object) -> None:

@@ -31,6 +31,7 @@ from .protocol import (
     ReplyTooLarge,
     TurnResult,
     check_event,
+    check_secret,
     check_url,
     encode_event,
     http_violation,
@@ -241,8 +242,7 @@ class LayercodeTestClient:
     ) -> None:
         if (app is None) == (base_url is None):
             raise ValueError("pass exactly one of app= (an ASGI app) or base_url= (a server URL)")
-        if not secret:
-            raise ValueError("secret is required (the webhook secret to sign with)")
+        check_secret(secret)
         # A class is no ASGI 3 app (httpx calls app(scope, receive, send)) unless awaitable.
         if app is not None and (
             not callable(app) or (isinstance(app, type) and not hasattr(app, "__await__"))

@@ -894,3 +894,13 @@ async def test_the_client_refuses_data_json_cannot_carry_before_sending() -> Non
     with pytest.raises(TypeError, match=r"^data is object: JSON cannot carry it as it is"):
         await client.data(object())
     assert sent == []
+
+
+def test_signing_with_an_empty_secret_is_refused_as_the_client_refuses_it() -> None:
+    # Before: signed_headers signed with "" (a signature anybody can make) without a word.
+    for sign_empty in (
+        lambda: signed_headers(b"{}", ""),
+        lambda: LayercodeTestClient(echo_app(), secret=""),
+    ):
+        with pytest.raises(ValueError, match=r"^secret is required \(the webhook secret"):
+            sign_empty()
