@@ -160,6 +160,13 @@ def check_url(name: str, url: str) -> None:
         raise ValueError(f"{name} has port {port}, expected 1 to 65535")
 
 
+def answering(where: Mapping[str, Any]) -> str:
+    """The event a reply answers, for a violation's message: its type, and its turn id when
+    it has one (``message (turn_id 't1')``)."""
+    kind, turn_id = where.get("event_type") or "", where.get("turn_id")
+    return f"{kind} (turn_id {_brief(turn_id)})" if turn_id else kind
+
+
 def _brief(value: Any) -> str:
     """``repr(value)``, at most 80 characters (a backend's value quoted in a violation)."""
     shown = repr(value)
@@ -376,7 +383,7 @@ async def _exchange(
         if not deadline.cancelled_caught:  # an in-process app's own, or on_event's: not ours
             raise
         detail = late if isinstance(late, str) else late()
-        raise ProtocolViolation("timeout", f"{kind} {detail}", **where) from None
+        raise ProtocolViolation("timeout", f"{answering(where)} {detail}", **where) from None
     except ReplyTooLarge:
         raise _too_large(max_bytes, where) from None
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
@@ -405,7 +412,8 @@ def http_violation(
     if not isinstance(exc, httpx.HTTPError) or raised_by_app(exc):
         return None
     if isinstance(exc, httpx.TimeoutException):
-        return ProtocolViolation("timeout", f"no answer within {timeout:g} s ({exc!r})", **where)
+        detail = f"{answering(where)} no answer within {timeout:g} s ({exc!r})"
+        return ProtocolViolation("timeout", detail.lstrip(), **where)
     detail = f"{type(exc).__name__}: {str(exc) or 'the connection broke (no detail given)'}"
     return ProtocolViolation("connection-error", detail, **where)
 

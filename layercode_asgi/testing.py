@@ -30,6 +30,7 @@ from .protocol import (
     ProtocolViolation,
     ReplyTooLarge,
     TurnResult,
+    answering,
     check_event,
     check_secret,
     check_url,
@@ -188,11 +189,11 @@ def _unfinished(timeout: ProtocolViolation, status: int, seconds: float) -> Prot
     """The ``timeout`` of an in-process reply the app started and did not end: not the
     "not answered" of a reply whose status line never came (httpx returns an in-process
     reply only once the app is done, so the client itself cannot tell the two apart)."""
+    where = {"event_type": timeout.event_type, "turn_id": timeout.turn_id}
     detail = (
-        f"{timeout.event_type or 'POST'} reply not complete within {seconds:g} s: the app "
+        f"{answering(where) or 'POST'} reply not complete within {seconds:g} s: the app "
         f"answered {status} and did not end it (in-process, a reply is read once the app returns)"
     )
-    where = {"event_type": timeout.event_type, "turn_id": timeout.turn_id}
     return ProtocolViolation("timeout", detail, **where, status_code=status)
 
 

@@ -904,3 +904,27 @@ def test_signing_with_an_empty_secret_is_refused_as_the_client_refuses_it() -> N
     ):
         with pytest.raises(ValueError, match=r"^secret is required \(the webhook secret"):
             sign_empty()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("starts", [False, True])
+async def test_a_timeout_names_the_turn_id(starts: bool) -> None:
+    async def late(scope: Any, receive: Any, send: Any) -> None:
+        if starts:
+            headers = [(b"content-type", b"text/event-stream")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await anyio.sleep_forever()
+
+    client = LayercodeTestClient(late, secret=SECRET, timeout=0.05)
+    for send_one in (
+        lambda: client.message("x", turn_id="turn-late"),
+        lambda: client.data({}, turn_id="turn-late"),
+    ):
+        with anyio.fail_after(10), pytest.raises(ProtocolViolation) as caught:
+            await send_one()
+        # Before: "message not answered within 0.05 s (...)", the turn only on .turn_id.
+        assert caught.value.name == "timeout" and caught.value.turn_id == "turn-late"
+        assert "(turn_id 'turn-late')" in str(caught.value)
+    with anyio.fail_after(10), pytest.raises(ProtocolViolation) as caught:
+        await client.session_update()  # no turn_id: none named
+    assert caught.value.detail.startswith("session.update ") and "turn_id" not in str(caught.value)
