@@ -67,16 +67,16 @@ def _event(
     conversation_id: str | None,
     **base: Any,
 ) -> dict[str, Any]:
-    """``{"type": kind}``, the ids (fresh random ones by default), ``base`` without its
+    """``{"type": kind}``, the ids (fresh random ones for ``None``), ``base`` without its
     ``None`` values, then ``fields``; a ``turn_id=None`` in ``base`` gets a random id too.
     A value JSON cannot carry as it is (a NaN, bytes, a set) is refused, naming its field."""
     event: dict[str, Any] = {
         "type": kind,
-        "session_id": session_id or _new_id("sess"),
-        "conversation_id": conversation_id or _new_id("conv"),
+        "session_id": _new_id("sess") if session_id is None else session_id,
+        "conversation_id": _new_id("conv") if conversation_id is None else conversation_id,
     }
-    if "turn_id" in base:
-        base["turn_id"] = base["turn_id"] or _new_id("turn")
+    if "turn_id" in base and base["turn_id"] is None:
+        base["turn_id"] = _new_id("turn")
     event.update((key, value) for key, value in base.items() if value is not None)
     event.update(fields)
     for key, value in event.items():
@@ -253,6 +253,9 @@ class LayercodeTestClient:
         check_type("path", path, str, "a str")
         check_type("conversation_id", conversation_id, str | None, "a str or None")
         check_type("session_id", session_id, str | None, "a str or None")
+        for name, given in (("conversation_id", conversation_id), ("session_id", session_id)):
+            if given == "":  # a server answers 400: a random id stands for None only
+                raise ValueError(f"{name} must not be empty (None for a random one)")
         if base_url is not None:
             check_url("base_url", base_url)
         check_headers("headers", headers or {}, client=True)
@@ -273,8 +276,8 @@ class LayercodeTestClient:
         self.max_bytes = max_bytes
         self.max_events = max_events
         self.signature_header = signature_header
-        self.conversation_id = conversation_id or _new_id("conv")
-        self.session_id = session_id or _new_id("sess")
+        self.conversation_id = _new_id("conv") if conversation_id is None else conversation_id
+        self.session_id = _new_id("sess") if session_id is None else session_id
         self._client: httpx.AsyncClient | None = None
         self._entered = 0
 

@@ -928,3 +928,13 @@ async def test_a_timeout_names_the_turn_id(starts: bool) -> None:
     with anyio.fail_after(10), pytest.raises(ProtocolViolation) as caught:
         await client.session_update()  # no turn_id: none named
     assert caught.value.detail.startswith("session.update ") and "turn_id" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["conversation_id", "session_id"])
+def test_an_empty_id_is_refused_by_the_client_and_kept_by_the_factories(name: str) -> None:
+    # Before: the client silently used a random id instead (the server answers 400 to "").
+    with pytest.raises(ValueError, match=f"^{name} must not be empty"):
+        LayercodeTestClient(echo_app(), secret=SECRET, **{name: ""})
+    # Before: a factory replaced "" with a random id too: a test of the 400 sent a valid event.
+    assert message_event("x", **{name: ""})[name] == ""
+    assert message_event("x", turn_id="")["turn_id"] == ""
