@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import msgspec
 
-from .errors import kind_of
+from .errors import check_text, kind_of
 
 __all__ = [
     "check_json_value",
@@ -123,13 +123,16 @@ def check_json_value(name: str, value: object) -> None:
     """Raise TypeError (ValueError for a NaN or an infinity), saying where in ``value`` (an
     argument called ``name``), unless JSON carries it as it is: dicts with str keys, lists,
     tuples, str, int, finite float, bool, None. msgspec would send a NaN as null, bytes as
-    base64, a set as an array, ``{1: 2}`` as ``{"1": 2}``; a value containing itself is a
-    ValueError."""
+    base64, a set as an array, ``{1: 2}`` as ``{"1": 2}``; a value containing itself, or a
+    str with a lone surrogate (msgspec's bare UnicodeEncodeError), is a ValueError."""
     _check_json(name, value, set())
 
 
 def _check_json(where: str, value: object, open_ids: set[int]) -> None:
-    if value is None or isinstance(value, str | int):  # bool is an int
+    if isinstance(value, str):
+        check_text(where, value)  # a lone surrogate: a ValueError
+        return
+    if value is None or isinstance(value, int):  # bool is an int
         return
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -146,6 +149,7 @@ def _check_json(where: str, value: object, open_ids: set[int]) -> None:
                 raise TypeError(
                     f"{where} has the key {key!r:.40}, not a str: JSON keys are strings"
                 )
+            check_text(f"{where}[{key!r}]", key)
             _check_json(f"{where}[{key!r}]", item, open_ids)
     else:
         for index, item in enumerate(value):

@@ -868,6 +868,9 @@ async def test_post_headers_replace_the_kits_own_whatever_their_case(name: str) 
         (b"hi", TypeError, r"^data is bytes: JSON cannot carry it"),
         ({"tags": {"a"}}, TypeError, r"^data\['tags'\] is set: JSON cannot carry it"),
         ({1: 2}, TypeError, r"^data has the key 1, not a str: JSON keys are strings"),
+        # Before: a UnicodeEncodeError from msgspec when sent, naming neither.
+        ({"a": "\udcff"}, ValueError, r"^data\['a'\] is not valid text \(a lone surrogate"),
+        ({"\udcff": 1}, ValueError, r"^data\['\\udcff'\] is not valid text \(a lone"),
     ],
 )
 def test_data_json_cannot_carry_as_it_is_is_refused(data: Any, error: type, said: str) -> None:
