@@ -12,12 +12,16 @@ the same JSON value, on one line for every reader.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Final
 
 import msgspec
 
+from .errors import check_text, kind_of
+
 __all__ = [
+    "check_json_value",
     "decode_json",
     "encode_json",
     "escape_json_line_breaks",
@@ -113,3 +117,41 @@ def decode_json(data: bytes | bytearray | str) -> Any:
         if repaired is None:
             raise
     return _decode(repaired)
+
+
+def check_json_value(name: str, value: object) -> None:
+    """Raise TypeError (ValueError for a NaN or an infinity), saying where in ``value`` (an
+    argument called ``name``), unless JSON carries it as it is: dicts with str keys, lists,
+    tuples, str, int, finite float, bool, None. msgspec would send a NaN as null, bytes as
+    base64, a set as an array, ``{1: 2}`` as ``{"1": 2}``; a value containing itself, or a
+    str with a lone surrogate (msgspec's bare UnicodeEncodeError), is a ValueError."""
+    _check_json(name, value, set())
+
+
+def _check_json(where: str, value: object, open_ids: set[int]) -> None:
+    if isinstance(value, str):
+        check_text(where, value)  # a lone surrogate: a ValueError
+        return
+    if value is None or isinstance(value, int):  # bool is an int
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where} is {value!r}: JSON has no NaN or infinity (sent as null)")
+        return
+    if not isinstance(value, dict | list | tuple):
+        raise TypeError(f"{where} is {kind_of(value)}: JSON cannot carry it as it is")
+    if id(value) in open_ids:
+        raise ValueError(f"{where} contains itself: JSON cannot carry it")
+    open_ids.add(id(value))
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"{where} has the key {key!r:.40}, not a str: JSON keys are strings"
+                )
+            check_text(f"{where}[{key!r}]", key)
+            _check_json(f"{where}[{key!r}]", item, open_ids)
+    else:
+        for index, item in enumerate(value):
+            _check_json(f"{where}[{index}]", item, open_ids)
+    open_ids.discard(id(value))

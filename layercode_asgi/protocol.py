@@ -18,8 +18,9 @@ import httpx
 import msgspec
 
 from ._asgi import check_headers
-from .errors import check_callable, check_positive_int, check_seconds, check_type, from_environment
+from .errors import check_callable, check_positive_int, check_seconds, check_type
 from .jsonwire import decode_json
+from .kitclient import ReplyTooLarge, noted_redirect, open_reply, raised_by_app
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
 from .redaction import escape_terminal, mask_url
 from .signature import SIGNATURE_HEADER, sign
@@ -129,7 +130,15 @@ def encode_event(event: Any) -> bytes:
 
 def signed_headers(body: bytes | str, secret: str, timestamp: int | None = None) -> dict[str, str]:
     """Request headers for ``body``: JSON content type and a valid ``layercode-signature``."""
+    check_secret(secret)
     return {"content-type": "application/json", SIGNATURE_HEADER: sign(body, secret, timestamp)}
+
+
+def check_secret(secret: object) -> None:
+    """Raise ValueError for an empty ``secret``: anybody could sign with it, no verifier
+    takes it."""
+    if not secret:
+        raise ValueError("secret is required (the webhook secret to sign with)")
 
 
 def check_event(event: object) -> None:
@@ -149,6 +158,13 @@ def check_url(name: str, url: str) -> None:
         raise ValueError(f"{name} must be an http(s) URL, got {shown}")
     if port is not None and not 0 < port < 65536:
         raise ValueError(f"{name} has port {port}, expected 1 to 65535")
+
+
+def answering(where: Mapping[str, Any]) -> str:
+    """The event a reply answers, for a violation's message: its type, and its turn id when
+    it has one (``message (turn_id 't1')``)."""
+    kind, turn_id = where.get("event_type") or "", where.get("turn_id")
+    return f"{kind} (turn_id {_brief(turn_id)})" if turn_id else kind
 
 
 def _brief(value: Any) -> str:
@@ -313,10 +329,6 @@ def _excerpt(content: bytes, more: bool = False) -> str:
     return text + ("…" if more or len(content) > _BODY_EXCERPT else "")
 
 
-class ReplyTooLarge(Exception):
-    """Raised inside an in-process app when its reply passes the client's byte limit."""
-
-
 def _too_large(max_bytes: int, where: dict[str, Any]) -> ProtocolViolation:
     kind = where.get("event_type")
     return ProtocolViolation(
@@ -348,6 +360,7 @@ async def _exchange(
     request_headers.update(headers or {})  # a name given replaces ours, whatever its case
     kind = where["event_type"]
     request = client.build_request("POST", url, content=body, headers=request_headers)
+    in_block = False  # the caller's block runs at the yield: its errors (on_event's) are its own
     try:
         with anyio.fail_after(timeout) as deadline:
             reply = await open_reply(client, request)
@@ -361,71 +374,33 @@ async def _exchange(
                         answered += f" (a redirect to {_brief(mask_url(location))}, not followed)"
                     detail = f"{answered}: {_excerpt(prefix, more)}" if prefix else answered
                     raise ProtocolViolation("http-error", detail, **where)
+                in_block = True
                 yield reply
+                in_block = False
             finally:
                 await reply.aclose()
     except TimeoutError:
         if not deadline.cancelled_caught:  # an in-process app's own, or on_event's: not ours
             raise
         detail = late if isinstance(late, str) else late()
-        raise ProtocolViolation("timeout", f"{kind} {detail}", **where) from None
+        raise ProtocolViolation("timeout", f"{answering(where)} {detail}", **where) from None
     except ReplyTooLarge:
         raise _too_large(max_bytes, where) from None
-    except zlib.error as exc:
-        detail = f"the body does not decode: {exc}"
-        raise ProtocolViolation("bad-encoding", detail, **where) from None
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-        violation = http_violation(exc, timeout, where, request)
+        violation = None if in_block else http_violation(exc, timeout, where, request)
         if violation is None:
             raise
         raise violation from exc
 
 
-def new_client(transport: httpx.AsyncBaseTransport | None, timeout: float) -> httpx.AsyncClient:
-    """The httpx client of the test kit and ``simulate``: it follows no redirect, and notes
-    each one (:func:`note_redirect`); a ConfigurationError in an environment httpx cannot
-    make it from (:func:`~layercode_asgi.errors.from_environment`)."""
-    return from_environment(
-        lambda: httpx.AsyncClient(
-            transport=transport,
-            timeout=timeout,
-            follow_redirects=False,
-            event_hooks={"response": [note_redirect]},
-        ),
-        "to send the events",
-    )
-
-
-#: Where :func:`note_redirect` leaves a redirect's status and ``Location``: on its request.
-_REDIRECT: Final = "layercode_asgi.redirect"
-
-
-async def note_redirect(response: httpx.Response) -> None:
-    """A response hook of the test kit's clients (and ``simulate``'s): notes a redirect on its
-    request. httpx reads a redirect's ``Location`` even when it does not follow it, and
-    raises when it cannot (``javascript:…``, a malformed IDNA host): noted, that error is
-    reported as the ``http-error`` it is (:func:`http_violation`), not as an error of httpx."""
-    if response.is_redirect:
-        noted = (response.status_code, response.headers["location"])
-        response.request.extensions[_REDIRECT] = noted
-
-
-async def open_reply(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
-    """``client.send(request, stream=True)``: a redirect noted by :func:`note_redirect` is
-    forgotten once the reply is there (a later failure, reading its body, is not its
-    ``Location``'s)."""
-    reply = await client.send(request, stream=True)
-    request.extensions.pop(_REDIRECT, None)
-    return reply
-
-
 def http_violation(
     exc: Exception, timeout: float, where: Mapping[str, Any], request: httpx.Request | None = None
 ) -> ProtocolViolation | None:
-    """What the failure ``exc`` of a request is: an ``http-error`` after a redirect noted by
-    :func:`note_redirect`, a ``timeout`` or a ``connection-error`` (an httpx error), or
-    ``None`` (anything else: not the backend's failure)."""
-    noted = None if request is None else request.extensions.get(_REDIRECT)
+    """What the failure ``exc`` of a request is: an ``http-error`` after a redirect noted
+    (:func:`~layercode_asgi.kitclient.noted_redirect`), a ``timeout`` or a ``connection-error``
+    (an httpx error of the kit's own transport), or ``None`` (anything else, such as an
+    in-process app's own exception: not the backend's failure to answer)."""
+    noted = noted_redirect(request)
     if noted is not None:
         status, location = noted
         shown = _brief(mask_url(location))
@@ -434,28 +409,40 @@ def http_violation(
         return ProtocolViolation(
             "http-error", f"{where.get('event_type') or 'POST'} {detail}", **where
         )
-    if not isinstance(exc, httpx.HTTPError):
+    if not isinstance(exc, httpx.HTTPError) or raised_by_app(exc):
         return None
     if isinstance(exc, httpx.TimeoutException):
-        return ProtocolViolation("timeout", f"no answer within {timeout:g} s ({exc!r})", **where)
+        detail = f"{answering(where)} no answer within {timeout:g} s ({exc!r})"
+        return ProtocolViolation("timeout", detail.lstrip(), **where)
     detail = f"{type(exc).__name__}: {str(exc) or 'the connection broke (no detail given)'}"
     return ProtocolViolation("connection-error", detail, **where)
 
 
 async def _decoded(
-    reply: httpx.Response, max_bytes: int, where: dict[str, Any]
+    reply: httpx.Response, max_bytes: int, seconds: float, where: dict[str, Any]
 ) -> AsyncIterator[bytes]:
-    """The reply's body, decoded, in chunks; ``too-large`` past ``max_bytes``."""
+    """The reply's body, decoded, in chunks; ``too-large`` past ``max_bytes``; the failures of
+    reading and decoding it as violations (``seconds``: the timeout they name), not those of
+    the caller's loop (on_event's)."""
     try:
         decoder = BodyDecoder(reply.headers.get("content-encoding"))
     except UnsupportedEncoding as exc:
         raise ProtocolViolation("bad-encoding", str(exc), **where) from None
     received = 0
-    async for chunk in decoder.decode(reply.aiter_raw()):
-        received += len(chunk)
-        if received > max_bytes:
-            raise _too_large(max_bytes, where)
-        yield chunk
+    try:
+        async for chunk in decoder.decode(reply.aiter_raw()):
+            received += len(chunk)
+            if received > max_bytes:
+                raise _too_large(max_bytes, where)
+            yield chunk
+    except zlib.error as exc:
+        detail = f"the body does not decode: {exc}"
+        raise ProtocolViolation("bad-encoding", detail, **where) from None
+    except httpx.HTTPError as exc:  # a read over the network (an in-process body is buffered)
+        violation = http_violation(exc, seconds, where)
+        if violation is None:
+            raise
+        raise violation from exc
 
 
 async def send_turn(
@@ -505,7 +492,7 @@ async def send_turn(
                 "expected text/event-stream",
                 **where,
             )
-        async for chunk in _decoded(reply, max_bytes, where):
+        async for chunk in _decoded(reply, max_bytes, timeout, where):
             for sse in parser.feed(chunk):
                 checked = checker.check(sse)
                 if first_tts is None and checked["type"] == "response.tts":
@@ -546,7 +533,7 @@ async def send_json_event(
     async with _exchange(
         client, url, event, secret, headers, timeout, max_bytes, where, range(200, 300), late
     ) as reply:
-        async for chunk in _decoded(reply, max_bytes, where):
+        async for chunk in _decoded(reply, max_bytes, timeout, where):
             content += chunk
     try:  # no body (a 204, an empty 2xx) is an answer too: LayerCode needs only the status
         answer = _decode(content) if content else None

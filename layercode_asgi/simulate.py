@@ -24,7 +24,9 @@ import msgspec
 from ._asgi import check_headers
 from .envfile import chosen_env_file, parse_env_file
 from .errors import ConfigurationError, check_text, kind_of
-from .protocol import check_url, new_client
+from .jsonwire import check_json_value
+from .kitclient import new_client
+from .protocol import check_url
 from .redaction import escape_terminal, mask_url
 from .testing import (
     VIOLATIONS,
@@ -171,6 +173,7 @@ def _check_sendable(secret: str, messages: Sequence[str], data: Any, *ids: str |
     if data is not _NO_DATA:
         _check_data("data", data)
         try:
+            check_json_value("data", data)  # not sent changed (NaN as null, a set as an array)
             _encode(data)
         except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
             raise ConfigurationError(f"data cannot be sent as JSON: {exc}") from None

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
-from contextvars import ContextVar
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import httpx
 
 from . import protocol
 from ._asgi import check_headers
 from .errors import check_positive_int, check_seconds, check_type, kind_of
+from .jsonwire import check_json_value
+from .kitclient import BoundedApp, new_client, noting_app_errors, noting_reply_start, open_reply
 from .protocol import *  # noqa: F403 - the client's vocabulary, re-exported
 from .protocol import (
     MAX_REPLY_BYTES,
@@ -30,12 +30,12 @@ from .protocol import (
     ProtocolViolation,
     ReplyTooLarge,
     TurnResult,
+    answering,
     check_event,
+    check_secret,
     check_url,
     encode_event,
     http_violation,
-    new_client,
-    open_reply,
     send_json_event,
     send_turn,
     signed_headers,
@@ -67,17 +67,20 @@ def _event(
     conversation_id: str | None,
     **base: Any,
 ) -> dict[str, Any]:
-    """``{"type": kind}``, the ids (fresh random ones by default), ``base`` without its
-    ``None`` values, then ``fields``; a ``turn_id=None`` in ``base`` gets a random id too."""
+    """``{"type": kind}``, the ids (fresh random ones for ``None``), ``base`` without its
+    ``None`` values, then ``fields``; a ``turn_id=None`` in ``base`` gets a random id too.
+    A value JSON cannot carry as it is (a NaN, bytes, a set) is refused, naming its field."""
     event: dict[str, Any] = {
         "type": kind,
-        "session_id": session_id or _new_id("sess"),
-        "conversation_id": conversation_id or _new_id("conv"),
+        "session_id": _new_id("sess") if session_id is None else session_id,
+        "conversation_id": _new_id("conv") if conversation_id is None else conversation_id,
     }
-    if "turn_id" in base:
-        base["turn_id"] = base["turn_id"] or _new_id("turn")
+    if "turn_id" in base and base["turn_id"] is None:
+        base["turn_id"] = _new_id("turn")
     event.update((key, value) for key, value in base.items() if value is not None)
     event.update(fields)
+    for key, value in event.items():
+        check_json_value(key, value)
     return event
 
 
@@ -114,9 +117,7 @@ def data_event(
     **fields: Any,
 ) -> dict[str, Any]:
     """A ``data`` event carrying ``data`` (what the browser sent with ``response.data``)."""
-    event = _event("data", fields, session_id, conversation_id, turn_id=turn_id)
-    event["data"] = data
-    return event
+    return _event("data", {"data": data, **fields}, session_id, conversation_id, turn_id=turn_id)
 
 
 def session_update_event(
@@ -184,123 +185,16 @@ def _transcript_item(entry: TranscriptEntry, now_ms: int) -> dict[str, Any]:
     return {"role": entry[0], "text": entry[1], "timestamp": now_ms}
 
 
-#: While the client sends to an in-process app: where :class:`_Bounded` notes the status the
-#: app started its reply with (httpx runs the app in the client's own task and context).
-_REPLY_STARTED: ContextVar[list[int] | None] = ContextVar("layercode_reply_started", default=None)
-
-
 def _unfinished(timeout: ProtocolViolation, status: int, seconds: float) -> ProtocolViolation:
     """The ``timeout`` of an in-process reply the app started and did not end: not the
     "not answered" of a reply whose status line never came (httpx returns an in-process
     reply only once the app is done, so the client itself cannot tell the two apart)."""
+    where = {"event_type": timeout.event_type, "turn_id": timeout.turn_id}
     detail = (
-        f"{timeout.event_type or 'POST'} reply not complete within {seconds:g} s: the app "
+        f"{answering(where) or 'POST'} reply not complete within {seconds:g} s: the app "
         f"answered {status} and did not end it (in-process, a reply is read once the app returns)"
     )
-    where = {"event_type": timeout.event_type, "turn_id": timeout.turn_id}
     return ProtocolViolation("timeout", detail, **where, status_code=status)
-
-
-def _misuse(what: str) -> RuntimeError:
-    """What an in-process app that breaks the ASGI protocol is told (as a server tells it)."""
-    return RuntimeError(f"the ASGI app sent {what}")
-
-
-def _header_pairs(headers: Any) -> list[tuple[Any, Any]] | None:
-    """The ``headers`` of an ASGI ``http.response.start`` as a list of (name, value) pairs of
-    bytes (or str, which httpx takes too); ``None`` when they are not that."""
-    try:
-        pairs = [(name, value) for name, value in headers]
-    except (TypeError, ValueError):
-        return None
-    return pairs if all(isinstance(x, bytes | str) for pair in pairs for x in pair) else None
-
-
-class _StoppedReading(OSError):
-    """What ``send`` raises once a reply passed ``max_bytes``: the ASGI spec's error of a
-    send on a connection the client closed (the app ends the turn as on a disconnect)."""
-
-
-class _Bounded:
-    """Wraps an in-process ASGI app for ``httpx.ASGITransport``, which keeps a whole reply in
-    memory before returning it: past ``max_bytes`` the client leaves (each ``send`` raises
-    an ``OSError``, as a server's once the client is gone) and, once the app returned, the
-    transport gets :class:`ReplyTooLarge`. Each ``send`` is a cancellation point, so the
-    client's timeout can stop an app
-    that streams forever without waiting on anything. An app that returns with its reply
-    unfinished is answered as a server would (a 500, or the end of the body), not left to
-    the transport's bare ``AssertionError``; one that breaks ASGI otherwise (a second start,
-    a body before the start or after the end, a body, status or headers of the wrong type, a
-    message of another type) is told so by ``send``, with a RuntimeError."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        sent = 0
-        started = finished = too_large = False
-
-        async def bounded_send(message: Any) -> None:
-            nonlocal sent, started, finished, too_large
-            await anyio.lowlevel.checkpoint()
-            if too_large:
-                raise _StoppedReading("the test client stopped reading (max_bytes)")
-            if not isinstance(message, dict):
-                raise _misuse(f"a message that is not a dict: {message!r:.80}")
-            kind = message.get("type")
-            if kind == "http.response.start":
-                if started:
-                    raise _misuse("http.response.start after the response started")
-                status, headers = message.get("status"), message.get("headers", [])
-                if type(status) is not int:
-                    raise _misuse(f"a status that is not an integer: {status!r}")
-                if not 100 <= status <= 999:
-                    raise _misuse(f"a status outside 100-999: {status}")
-                pairs = _header_pairs(headers)
-                if pairs is None:
-                    raise _misuse(f"headers that are not (name, value) pairs: {headers!r:.80}")
-                message = {**message, "headers": pairs}  # read once, even from a generator
-                started = True
-                noted = _REPLY_STARTED.get()
-                if noted is not None:
-                    noted.append(status)
-            elif kind == "http.response.body":
-                body = message.get("body", b"")
-                if not started:
-                    raise _misuse("http.response.body before http.response.start")
-                if finished:
-                    raise _misuse("http.response.body after the response ended")
-                if not isinstance(body, bytes | bytearray | memoryview):
-                    raise _misuse(f"a body that is not bytes: {body!r:.80}")
-                sent += len(body)
-                if sent > self.max_bytes:  # the client leaves: to the app, as over HTTP
-                    too_large = True
-                    raise _StoppedReading("the test client stopped reading (max_bytes)")
-                finished = not message.get("more_body", False)
-            else:
-                raise _misuse(
-                    f"a message of type {kind!r:.80}, not http.response.start or http.response.body"
-                )
-            await send(message)
-
-        with suppress(_StoppedReading):  # an app may let the send's OSError out
-            await self.app(scope, receive, bounded_send)
-        if too_large:
-            raise ReplyTooLarge(f"reply longer than {self.max_bytes} bytes")
-        if scope.get("type") != "http" or finished:
-            return
-        if not started:
-            headers = [(b"content-type", b"text/plain; charset=utf-8")]
-            await send({"type": "http.response.start", "status": 500, "headers": headers})
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": b"the ASGI app returned without starting a response",
-                }
-            )
-        else:
-            await send({"type": "http.response.body", "body": b""})
 
 
 # -- the client ----------------------------------------------------------------------------------
@@ -349,8 +243,7 @@ class LayercodeTestClient:
     ) -> None:
         if (app is None) == (base_url is None):
             raise ValueError("pass exactly one of app= (an ASGI app) or base_url= (a server URL)")
-        if not secret:
-            raise ValueError("secret is required (the webhook secret to sign with)")
+        check_secret(secret)
         # A class is no ASGI 3 app (httpx calls app(scope, receive, send)) unless awaitable.
         if app is not None and (
             not callable(app) or (isinstance(app, type) and not hasattr(app, "__await__"))
@@ -360,6 +253,9 @@ class LayercodeTestClient:
         check_type("path", path, str, "a str")
         check_type("conversation_id", conversation_id, str | None, "a str or None")
         check_type("session_id", session_id, str | None, "a str or None")
+        for name, given in (("conversation_id", conversation_id), ("session_id", session_id)):
+            if given == "":  # a server answers 400: a random id stands for None only
+                raise ValueError(f"{name} must not be empty (None for a random one)")
         if base_url is not None:
             check_url("base_url", base_url)
         check_headers("headers", headers or {}, client=True)
@@ -380,15 +276,15 @@ class LayercodeTestClient:
         self.max_bytes = max_bytes
         self.max_events = max_events
         self.signature_header = signature_header
-        self.conversation_id = conversation_id or _new_id("conv")
-        self.session_id = session_id or _new_id("sess")
+        self.conversation_id = _new_id("conv") if conversation_id is None else conversation_id
+        self.session_id = _new_id("sess") if session_id is None else session_id
         self._client: httpx.AsyncClient | None = None
         self._entered = 0
 
     def _new_client(self) -> httpx.AsyncClient:
         transport: httpx.AsyncBaseTransport | None = None
         if self.app is not None:
-            transport = httpx.ASGITransport(app=_Bounded(self.app, self.max_bytes))
+            transport = httpx.ASGITransport(app=BoundedApp(self.app, self.max_bytes))
         client = new_client(transport, self.timeout)
         if self.signature_header.lower() != SIGNATURE_HEADER:
             client.event_hooks = {**client.event_hooks, "request": [self._move_signature]}
@@ -416,20 +312,17 @@ class LayercodeTestClient:
 
     @asynccontextmanager
     async def _http(self) -> AsyncIterator[httpx.AsyncClient]:
-        started: list[int] = []
-        token = _REPLY_STARTED.set(started)
-        try:
-            if self._client is not None:
-                yield self._client
-            else:
-                async with self._new_client() as client:
-                    yield client
-        except ProtocolViolation as exc:
-            if exc.name != "timeout" or exc.status_code is not None or not started:
-                raise
-            raise _unfinished(exc, started[0], self.timeout) from None
-        finally:
-            _REPLY_STARTED.reset(token)
+        with noting_app_errors(), noting_reply_start() as started:
+            try:
+                if self._client is not None:
+                    yield self._client
+                else:
+                    async with self._new_client() as client:
+                        yield client
+            except ProtocolViolation as exc:
+                if exc.name != "timeout" or exc.status_code is not None or not started:
+                    raise
+                raise _unfinished(exc, started[0], self.timeout) from None
 
     async def send(
         self, event: Mapping[str, Any], *, on_event: OnEvent | None = None

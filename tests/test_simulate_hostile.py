@@ -408,6 +408,9 @@ def test_sign_refuses_a_secret_that_is_not_utf8(capsys: pytest.CaptureFixture[st
         ({"conversation_id": "\udcff"}, "conversation_id is not valid text"),
         ({"data": {"a": "\udcff"}}, "data cannot be sent as JSON"),
         ({"data": {"k": object()}}, "data cannot be sent as JSON"),
+        # Before: sent changed (a set as an array, NaN as null), as if that were the data.
+        ({"data": {"k": {1}}}, r"data cannot be sent as JSON: data\['k'\] is set"),
+        ({"data": {"k": float("nan")}}, r"data cannot be sent as JSON: data\['k'\] is nan"),
         ({"data": object()}, "data must be a JSON object, got object"),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import socket
 import threading
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -568,6 +569,41 @@ async def test_an_apps_own_timeout_error_propagates(starts: bool) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", BACKENDS)
+@pytest.mark.parametrize("starts", [False, True])
+@pytest.mark.parametrize(
+    "make_error",
+    [lambda: httpx.ConnectError("the route's own call failed"), lambda: zlib.error("app's own")],
+    ids=["httpx-error", "zlib-error"],
+)
+async def test_an_apps_own_httpx_or_zlib_error_propagates(starts: bool, make_error: Any) -> None:
+    def raising_app(error: Exception) -> Any:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if starts:  # as Starlette's error middleware: a 500 started, then the error re-raised
+                await send({"type": "http.response.start", "status": 500, "headers": []})
+            raise error
+
+        return app
+
+    # Before: a "connection-error" violation (the app's error only its __cause__) or a
+    # "bad-encoding" one (the app's error and its traceback dropped).
+    for call in ("message", "data", "post"):
+        error = make_error()
+        client = LayercodeTestClient(raising_app(error), secret=SECRET)
+        with pytest.raises(type(error)) as caught:
+            await (client.post(b"{}") if call == "post" else getattr(client, call)("x"))
+        assert caught.value is error and caught.traceback[-1].name == "app"
+    error = make_error()
+
+    def on_event(event: dict[str, Any]) -> None:  # the test's own callback: not the kit's read
+        raise error
+
+    with pytest.raises(type(error)) as caught:
+        await LayercodeTestClient(echo_app(), secret=SECRET).message("x", on_event=on_event)
+    assert caught.value is error
+
+
+@pytest.mark.anyio
 async def test_an_app_shielded_from_cancellation_is_waited_for_then_a_timeout() -> None:
     # As docs/testing.md says: the timeout cancels an in-process app where it awaits; a part
     # it shields runs to its end first, and the request is then a `timeout` violation.
@@ -821,3 +857,87 @@ async def test_post_headers_replace_the_kits_own_whatever_their_case(name: str) 
     (headers,) = seen
     assert [v for k, v in headers if k == name.lower().encode()] == [b"given"], headers
     assert [v for k, v in headers if k == b"x-fixed"] == [b"2"], headers
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "said"),
+    [
+        (object(), TypeError, r"^data is object: JSON cannot carry it as it is"),
+        (float("nan"), ValueError, r"^data is nan: JSON has no NaN or infinity"),
+        ({"a": [1, float("inf")]}, ValueError, r"^data\['a'\]\[1\] is inf: JSON has no NaN"),
+        (b"hi", TypeError, r"^data is bytes: JSON cannot carry it"),
+        ({"tags": {"a"}}, TypeError, r"^data\['tags'\] is set: JSON cannot carry it"),
+        ({1: 2}, TypeError, r"^data has the key 1, not a str: JSON keys are strings"),
+        # Before: a UnicodeEncodeError from msgspec when sent, naming neither.
+        ({"a": "\udcff"}, ValueError, r"^data\['a'\] is not valid text \(a lone surrogate"),
+        ({"\udcff": 1}, ValueError, r"^data\['\\udcff'\] is not valid text \(a lone"),
+    ],
+)
+def test_data_json_cannot_carry_as_it_is_is_refused(data: Any, error: type, said: str) -> None:
+    # Before: msgspec's bare "Encoding objects of type object is unsupported" when sent (not
+    # naming the argument), or sent changed: NaN as null, bytes as base64, a set as an array,
+    # {1: 2} as {"1": 2}.
+    with pytest.raises(error, match=said):
+        data_event(data)
+    with pytest.raises(error, match=said.replace("data", "metadata", 1)):
+        message_event("x", metadata=data)
+    assert data_event({"a": [1, 2.5, None, True, "é"], "b": (1,)})["data"]["b"] == (1,)
+
+
+@pytest.mark.anyio
+async def test_the_client_refuses_data_json_cannot_carry_before_sending() -> None:
+    sent: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        sent.append(await read_body(receive))
+
+    client = LayercodeTestClient(app, secret=SECRET)
+    with pytest.raises(ValueError, match=r"^data is nan: JSON has no NaN or infinity"):
+        await client.data(float("nan"))  # before: sent as null, answered as if all was well
+    with pytest.raises(TypeError, match=r"^data is object: JSON cannot carry it as it is"):
+        await client.data(object())
+    assert sent == []
+
+
+def test_signing_with_an_empty_secret_is_refused_as_the_client_refuses_it() -> None:
+    # Before: signed_headers signed with "" (a signature anybody can make) without a word.
+    for sign_empty in (
+        lambda: signed_headers(b"{}", ""),
+        lambda: LayercodeTestClient(echo_app(), secret=""),
+    ):
+        with pytest.raises(ValueError, match=r"^secret is required \(the webhook secret"):
+            sign_empty()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("starts", [False, True])
+async def test_a_timeout_names_the_turn_id(starts: bool) -> None:
+    async def late(scope: Any, receive: Any, send: Any) -> None:
+        if starts:
+            headers = [(b"content-type", b"text/event-stream")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await anyio.sleep_forever()
+
+    client = LayercodeTestClient(late, secret=SECRET, timeout=0.05)
+    for send_one in (
+        lambda: client.message("x", turn_id="turn-late"),
+        lambda: client.data({}, turn_id="turn-late"),
+    ):
+        with anyio.fail_after(10), pytest.raises(ProtocolViolation) as caught:
+            await send_one()
+        # Before: "message not answered within 0.05 s (...)", the turn only on .turn_id.
+        assert caught.value.name == "timeout" and caught.value.turn_id == "turn-late"
+        assert "(turn_id 'turn-late')" in str(caught.value)
+    with anyio.fail_after(10), pytest.raises(ProtocolViolation) as caught:
+        await client.session_update()  # no turn_id: none named
+    assert caught.value.detail.startswith("session.update ") and "turn_id" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["conversation_id", "session_id"])
+def test_an_empty_id_is_refused_by_the_client_and_kept_by_the_factories(name: str) -> None:
+    # Before: the client silently used a random id instead (the server answers 400 to "").
+    with pytest.raises(ValueError, match=f"^{name} must not be empty"):
+        LayercodeTestClient(echo_app(), secret=SECRET, **{name: ""})
+    # Before: a factory replaced "" with a random id too: a test of the 400 sent a valid event.
+    assert message_event("x", **{name: ""})[name] == ""
+    assert message_event("x", turn_id="")["turn_id"] == ""

@@ -226,16 +226,16 @@ async def test_an_in_process_turn_that_never_ends_is_not_reported_unanswered() -
     app = create_app(settings, agent=speaks_then_hangs)
     client = LayercodeTestClient(app=app, secret=SECRET, timeout=0.5)
     with anyio.fail_after(10), pytest.raises(ProtocolViolation) as info:
-        await client.message("hi")
+        await client.message("hi", turn_id="t1")
     # Before: "message not answered within 0.5 s (no status line and headers)", when the app
     # had answered 200 and spoken: in-process, the kit sees a reply only once it is complete.
     assert info.value.name == "timeout"
     assert info.value.detail == (
-        "message reply not complete within 0.5 s: the app answered 200 and did not end it "
-        "(in-process, a reply is read once the app returns)"
+        "message (turn_id 't1') reply not complete within 0.5 s: the app answered 200 and did "
+        "not end it (in-process, a reply is read once the app returns)"
     )
     assert info.value.status_code == 200 and info.value.event_type == "message"
-    assert info.value.turn_id is not None and info.value.turn_id.startswith("turn_")
+    assert info.value.turn_id == "t1"
 
 
 def test_an_in_process_endless_agent_is_a_violation_not_a_memory_error() -> None:

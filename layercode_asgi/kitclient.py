@@ -1,0 +1,217 @@
+"""How the test kit and ``layercode-asgi simulate`` reach a backend: their httpx client
+(:func:`new_client`: it follows no redirect, and notes each one), and :class:`BoundedApp`,
+the wrapper of an app run in-process, which bounds its reply and notes the exceptions the
+app raised itself (:func:`raised_by_app`): those are the app's to report, never the kit's
+protocol violations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
+from typing import Any, Final
+
+import anyio
+import anyio.lowlevel
+import httpx
+
+from .errors import from_environment
+
+
+class ReplyTooLarge(Exception):
+    """Raised inside an in-process app when its reply passes the client's byte limit."""
+
+
+def new_client(transport: httpx.AsyncBaseTransport | None, timeout: float) -> httpx.AsyncClient:
+    """The httpx client of the test kit and ``simulate``: it follows no redirect, and notes
+    each one (:func:`note_redirect`); a ConfigurationError in an environment httpx cannot
+    make it from (:func:`~layercode_asgi.errors.from_environment`)."""
+    return from_environment(
+        lambda: httpx.AsyncClient(
+            transport=transport,
+            timeout=timeout,
+            follow_redirects=False,
+            event_hooks={"response": [note_redirect]},
+        ),
+        "to send the events",
+    )
+
+
+#: Where :func:`note_redirect` leaves a redirect's status and ``Location``: on its request.
+_REDIRECT: Final = "layercode_asgi.redirect"
+
+
+async def note_redirect(response: httpx.Response) -> None:
+    """A response hook of the test kit's clients (and ``simulate``'s): notes a redirect on its
+    request. httpx reads a redirect's ``Location`` even when it does not follow it, and
+    raises when it cannot (``javascript:…``, a malformed IDNA host): noted, that error is
+    reported as the ``http-error`` it is (:func:`noted_redirect`), not as an error of httpx."""
+    if response.is_redirect:
+        noted = (response.status_code, response.headers["location"])
+        response.request.extensions[_REDIRECT] = noted
+
+
+def noted_redirect(request: httpx.Request | None) -> tuple[int, str] | None:
+    """The status and ``Location`` of the redirect :func:`note_redirect` noted on ``request``
+    while its reply is not there yet (a failure then is that ``Location``'s), else None."""
+    return None if request is None else request.extensions.get(_REDIRECT)
+
+
+async def open_reply(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    """``client.send(request, stream=True)``: a redirect noted by :func:`note_redirect` is
+    forgotten once the reply is there (a later failure, reading its body, is not its
+    ``Location``'s)."""
+    reply = await client.send(request, stream=True)
+    request.extensions.pop(_REDIRECT, None)
+    return reply
+
+
+# -- an app run in-process ------------------------------------------------------------------------
+
+#: While the kit sends to an in-process app: the exceptions the app itself raised (httpx runs
+#: the app in the client's own task and context, and re-raises them as they are).
+_APP_RAISED: ContextVar[list[BaseException] | None] = ContextVar(
+    "layercode_app_raised", default=None
+)
+
+
+@contextmanager
+def noting_app_errors() -> Iterator[None]:
+    """Within it, :class:`BoundedApp` notes what its app raises, for :func:`raised_by_app`."""
+    token = _APP_RAISED.set([])
+    try:
+        yield
+    finally:
+        _APP_RAISED.reset(token)
+
+
+def raised_by_app(exc: BaseException) -> bool:
+    """Whether ``exc`` is an exception an in-process app raised itself (under
+    :func:`noting_app_errors`): not a failure of the kit's transport, so no violation."""
+    return any(exc is raised for raised in _APP_RAISED.get() or ())
+
+
+#: While the client sends to an in-process app: where :class:`BoundedApp` notes the status the
+#: app started its reply with.
+_REPLY_STARTED: ContextVar[list[int] | None] = ContextVar("layercode_reply_started", default=None)
+
+
+@contextmanager
+def noting_reply_start() -> Iterator[list[int]]:
+    """Within it, the list it gives gets the status an in-process app started its reply with."""
+    started: list[int] = []
+    token = _REPLY_STARTED.set(started)
+    try:
+        yield started
+    finally:
+        _REPLY_STARTED.reset(token)
+
+
+def _misuse(what: str) -> RuntimeError:
+    """What an in-process app that breaks the ASGI protocol is told (as a server tells it)."""
+    return RuntimeError(f"the ASGI app sent {what}")
+
+
+def _header_pairs(headers: Any) -> list[tuple[Any, Any]] | None:
+    """The ``headers`` of an ASGI ``http.response.start`` as a list of (name, value) pairs of
+    bytes (or str, which httpx takes too); ``None`` when they are not that."""
+    try:
+        pairs = [(name, value) for name, value in headers]
+    except (TypeError, ValueError):
+        return None
+    return pairs if all(isinstance(x, bytes | str) for pair in pairs for x in pair) else None
+
+
+class _StoppedReading(OSError):
+    """What ``send`` raises once a reply passed ``max_bytes``: the ASGI spec's error of a
+    send on a connection the client closed (the app ends the turn as on a disconnect)."""
+
+
+class BoundedApp:
+    """Wraps an in-process ASGI app for ``httpx.ASGITransport``, which keeps a whole reply in
+    memory before returning it: past ``max_bytes`` the client leaves (each ``send`` raises
+    an ``OSError``, as a server's once the client is gone) and, once the app returned, the
+    transport gets :class:`ReplyTooLarge`. Each ``send`` is a cancellation point, so the
+    client's timeout can stop an app
+    that streams forever without waiting on anything. An app that returns with its reply
+    unfinished is answered as a server would (a 500, or the end of the body), not left to
+    the transport's bare ``AssertionError``; one that breaks ASGI otherwise (a second start,
+    a body before the start or after the end, a body, status or headers of the wrong type, a
+    message of another type) is told so by ``send``, with a RuntimeError. What the app
+    raises is noted (:func:`raised_by_app`) and goes on unchanged."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        sent = 0
+        started = finished = too_large = False
+
+        async def bounded_send(message: Any) -> None:
+            nonlocal sent, started, finished, too_large
+            await anyio.lowlevel.checkpoint()
+            if too_large:
+                raise _StoppedReading("the test client stopped reading (max_bytes)")
+            if not isinstance(message, dict):
+                raise _misuse(f"a message that is not a dict: {message!r:.80}")
+            kind = message.get("type")
+            if kind == "http.response.start":
+                if started:
+                    raise _misuse("http.response.start after the response started")
+                status, headers = message.get("status"), message.get("headers", [])
+                if type(status) is not int:
+                    raise _misuse(f"a status that is not an integer: {status!r}")
+                if not 100 <= status <= 999:
+                    raise _misuse(f"a status outside 100-999: {status}")
+                pairs = _header_pairs(headers)
+                if pairs is None:
+                    raise _misuse(f"headers that are not (name, value) pairs: {headers!r:.80}")
+                message = {**message, "headers": pairs}  # read once, even from a generator
+                started = True
+                noted = _REPLY_STARTED.get()
+                if noted is not None:
+                    noted.append(status)
+            elif kind == "http.response.body":
+                body = message.get("body", b"")
+                if not started:
+                    raise _misuse("http.response.body before http.response.start")
+                if finished:
+                    raise _misuse("http.response.body after the response ended")
+                if not isinstance(body, bytes | bytearray | memoryview):
+                    raise _misuse(f"a body that is not bytes: {body!r:.80}")
+                sent += len(body)
+                if sent > self.max_bytes:  # the client leaves: to the app, as over HTTP
+                    too_large = True
+                    raise _StoppedReading("the test client stopped reading (max_bytes)")
+                finished = not message.get("more_body", False)
+            else:
+                raise _misuse(
+                    f"a message of type {kind!r:.80}, not http.response.start or http.response.body"
+                )
+            await send(message)
+
+        try:
+            with suppress(_StoppedReading):  # an app may let the send's OSError out
+                await self.app(scope, receive, bounded_send)
+        except Exception as exc:
+            raised = _APP_RAISED.get()
+            if raised is not None:
+                raised.append(exc)
+            raise
+        if too_large:
+            raise ReplyTooLarge(f"reply longer than {self.max_bytes} bytes")
+        if scope.get("type") != "http" or finished:
+            return
+        if not started:
+            headers = [(b"content-type", b"text/plain; charset=utf-8")]
+            await send({"type": "http.response.start", "status": 500, "headers": headers})
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"the ASGI app returned without starting a response",
+                }
+            )
+        else:
+            await send({"type": "http.response.body", "body": b""})
