@@ -363,9 +363,10 @@ def installed(module: str) -> bool:
 
 
 def metrics_from_settings(
-    settings: Settings, extra_sinks: Sequence[MetricsSink] = ()
+    settings: Settings, extra_sinks: Sequence[MetricsSink] = (), registry: Any = None
 ) -> TurnMetrics | None:
     """The recorder ``create_app`` uses, or ``None`` when nothing asks for one.
+    ``registry``: the Prometheus sink's (default: prometheus-client's own).
 
     * ``LAYERCODE_METRICS=true``: Prometheus when prometheus-client is installed, and
       OpenTelemetry when opentelemetry-api is (at least one of them is required);
@@ -378,7 +379,7 @@ def metrics_from_settings(
         if installed("prometheus_client"):
             from .prometheus import PrometheusMetrics
 
-            sinks.append(PrometheusMetrics())
+            sinks.append(PrometheusMetrics(registry))
         otel = installed("opentelemetry.trace")
         if not sinks and not otel:
             raise ConfigurationError(

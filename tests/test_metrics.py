@@ -304,6 +304,23 @@ def test_create_app_serves_metrics_when_enabled() -> None:
         assert httpx.head(url + "/metrics").status_code == 200
 
 
+def test_two_apps_with_a_registry_each_scrape_their_own_figures() -> None:
+    # Two create_app apps in one process (tests, several tenants) both used
+    # prometheus-client's default registry: each /metrics showed the turns of both.
+    registries = [prometheus_client.CollectorRegistry() for _ in range(2)]
+    first, second = (create_app(_settings(metrics=True), metrics_registry=r) for r in registries)
+    with serve(first) as url_first, serve(second) as url_second:
+        body = event_body("message", text="hi")
+        response = httpx.post(url_first + "/api/agent", content=body, headers=signed_headers(body))
+        assert response.status_code == 200
+        scraped = [httpx.get(url + "/metrics").text for url in (url_first, url_second)]
+    assert 'layercode_turns_total{outcome="completed"} 1.0' in scraped[0]
+    assert 'layercode_turns_total{outcome="completed"} 0.0' in scraped[1]
+    assert scraped[1] == render_metrics(registries[1])[0].decode()  # that registry only
+    with pytest.raises(TypeError, match=r"registry must be a prometheus_client\.CollectorRegistry"):
+        create_app(_settings(metrics=True), metrics_registry="default")
+
+
 def test_metrics_route_absent_when_disabled() -> None:
     with serve(create_app(_settings())) as url:
         response = httpx.get(url + "/metrics")
