@@ -237,13 +237,42 @@ def test_otel_spans(conversation: Sinks) -> None:
         assert ("first_tts" in events) == (turn_id in ("t1", "t2", "t5"))
         assert span.start_time <= span.end_time
     assert webhook_spans["t2"].name == "webhook message"
-    assert webhook_spans["t3"].status.status_code is trace.StatusCode.ERROR
-    assert webhook_spans["t2"].status.status_code is not trace.StatusCode.ERROR
+    # OpenTelemetry's error conventions: the exception's type in error.type; its message
+    # (which may quote a request or a key) in neither the status nor an event.
+    failed = webhook_spans["t3"]
+    assert (failed.status.status_code, failed.status.description) == (
+        trace.StatusCode.ERROR,
+        "agent error",
+    )
+    assert failed.attributes["error.type"] == "RuntimeError"
+    assert "the agent broke" not in repr([(e.name, e.attributes) for e in failed.events])
+    for turn_id in ("t2", "t4", "t5"):
+        assert webhook_spans[turn_id].status.status_code is not trace.StatusCode.ERROR
+        assert "error.type" not in webhook_spans[turn_id].attributes
     # the agent's own span is a child of its webhook span
     agent_spans = [s for s in spans if s.name == "agent"]
     assert len(agent_spans) == 5
     parents = {s.parent.span_id for s in agent_spans if s.parent is not None}
     assert parents == {s.context.span_id for t, s in webhook_spans.items() if t != "turn-1"}
+
+
+@pytest.mark.parametrize("status", [503, 500, 404])
+def test_an_otel_span_of_a_refused_request_follows_the_http_conventions(status: int) -> None:
+    # A 5xx: status ERROR without a description (the status code says it) and error.type the
+    # status code; a 4xx on a server span: no error.
+    from starlette.responses import Response
+
+    sinks = Sinks()
+    record = sinks.metrics.arrived(time.perf_counter(), "message", "conv-1", "t1")
+    record.finish(Response(status_code=status))
+    (span,) = sinks.spans.get_finished_spans()
+    assert span.attributes is not None
+    if status >= 500:
+        assert (span.status.status_code, span.status.description) == (trace.StatusCode.ERROR, None)
+        assert span.attributes["error.type"] == str(status)
+    else:
+        assert span.status.status_code is trace.StatusCode.UNSET
+        assert "error.type" not in span.attributes
 
 
 def test_otel_instruments(conversation: Sinks) -> None:
