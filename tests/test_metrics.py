@@ -880,6 +880,37 @@ async def test_otel_span_attributes_from_the_request_are_cut() -> None:
     assert tid == "t" * LOG_VALUE_MAX_CHARS + "…(+4000 chars)"
 
 
+@pytest.mark.anyio
+async def test_request_values_never_become_metric_labels() -> None:
+    # 1,000 unknown event types and hostile ids: the labels stay the known event types and
+    # "unknown", and no byte of a request reaches the scrape (or a span's name).
+    sinks = Sinks()
+    app = LayercodeSignature(LayercodeWebhook(scripted, metrics=sinks.metrics), secret=SECRET)
+    hostile = 'x"}\n# TYPE evil counter\nevil 1\x00\u2028'
+    bodies = [json.dumps({"type": f"{hostile}{i}", "conversation_id": "c"}) for i in range(1000)]
+    bodies.append(event_body("data", conversation_id=hostile, turn_id=hostile).decode())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for body in bodies:
+            response = await client.post("/", content=body, headers=signed_headers(body))
+            assert response.status_code == 200
+    scraped = render_metrics(sinks.registry)[0].decode()
+    assert "evil" not in scraped
+    labels = {
+        labels for name, labels in sinks.prometheus() if name == "layercode_webhook_requests_total"
+    }
+    assert labels == {
+        (("event_type", "unknown"), ("status", "200")),
+        (("event_type", "data"), ("status", "200")),
+    }
+    points = sinks.otel_points()["layercode.webhook.requests"]
+    assert {p.attributes["layercode.event_type"]: p.value for p in points} == {
+        "unknown": 1000,
+        "data": 1,
+    }
+    assert {s.name for s in sinks.spans.get_finished_spans()} == {"webhook unknown", "webhook data"}
+
+
 class _Started(MemoryMetrics):
     """A memory sink that also notes the turn ids of the requests that reached the webhook."""
 
