@@ -714,6 +714,21 @@ def test_one_process_and_several_processes_expose_the_same_figures(
     assert one[("layercode_signature_rejections_total", (("reason", "replayed"),))] == 1
 
 
+def test_one_process_in_multiprocess_mode_refuses_a_second_registry(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    # With PROMETHEUS_MULTIPROC_DIR, two sinks on two registries in one process (two apps,
+    # metrics_registry=) wrote the same figures of the process's file, each from its own
+    # count: three turns scraped as two.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    first = prometheus_client.CollectorRegistry()
+    PrometheusMetrics(first)
+    PrometheusMetrics(first)  # the same registry: the same figures, shared
+    with pytest.raises(ConfigurationError, match="one registry per process") as refused:
+        create_app(_settings(metrics=True), metrics_registry=prometheus_client.CollectorRegistry())
+    assert str(tmp_path) in str(refused.value)
+
+
 CONFIG_CHECK = """
 from layercode_asgi import ConfigurationError, Settings, create_app
 
