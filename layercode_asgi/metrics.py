@@ -116,6 +116,7 @@ class WebhookRecord:
         "arrived",
         "conversation_id",
         "duration",
+        "error_type",
         "event_type",
         "first_tts",
         "lock_wait",
@@ -147,6 +148,8 @@ class WebhookRecord:
         self.lock_wait: float | None = None
         self.first_tts: float | None = None
         self.outcome: str | None = None
+        #: An agent error's exception type, as OpenTelemetry names it (``error.type``).
+        self.error_type: str | None = None
         self.streaming = False
         #: The running turn, until the request ends.
         self.turn: Turn | None = None
@@ -270,6 +273,8 @@ class TurnMetrics:
                 elif outcome == CLIENT_DISCONNECT and not left:
                     outcome = ABORTED  # cancelled by the server (its shutdown), not the caller
                 record.outcome = outcome
+                if outcome == AGENT_ERROR and turn.error is not None:
+                    record.error_type = _type_name(turn.error)
                 if turn.first_tts_at is not None:
                     record.first_tts = turn.first_tts_at - record.arrived
         for sink, state in zip(self.sinks, record._states, strict=True):
@@ -350,6 +355,16 @@ def answered_status(response: Response) -> int:
     return response.status_code
 
 
+def _type_name(exc: BaseException) -> str:
+    """``exc``'s type with its module (none for a built-in), as OpenTelemetry writes it."""
+    kind = type(exc)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.1f} ms"
 
@@ -363,9 +378,10 @@ def installed(module: str) -> bool:
 
 
 def metrics_from_settings(
-    settings: Settings, extra_sinks: Sequence[MetricsSink] = ()
+    settings: Settings, extra_sinks: Sequence[MetricsSink] = (), registry: Any = None
 ) -> TurnMetrics | None:
     """The recorder ``create_app`` uses, or ``None`` when nothing asks for one.
+    ``registry``: the Prometheus sink's (default: prometheus-client's own).
 
     * ``LAYERCODE_METRICS=true``: Prometheus when prometheus-client is installed, and
       OpenTelemetry when opentelemetry-api is (at least one of them is required);
@@ -378,7 +394,7 @@ def metrics_from_settings(
         if installed("prometheus_client"):
             from .prometheus import PrometheusMetrics
 
-            sinks.append(PrometheusMetrics())
+            sinks.append(PrometheusMetrics(registry))
         otel = installed("opentelemetry.trace")
         if not sinks and not otel:
             raise ConfigurationError(

@@ -10,7 +10,8 @@ The span, ``webhook <event type>`` (kind SERVER), starts when the verified reque
 the webhook and is the current span while the turn runs (an agent's own spans nest in it).
 Attributes: ``layercode.event_type``, ``layercode.conversation_id``, ``layercode.turn_id``,
 ``layercode.outcome`` (turns), ``http.response.status_code``. Events: ``first_tts`` (when
-the first ``response.tts`` went out) and ``end``. Status ERROR on a 5xx or an agent error.
+the first ``response.tts`` went out) and ``end``. Status ERROR on a 5xx or an agent error,
+with ``error.type`` (the status code; the exception's type, never its message).
 
 Instruments (meter ``layercode_asgi``), the Prometheus ones under OpenTelemetry names:
 see :data:`INSTRUMENT_NAMES` and docs/metrics.md.
@@ -246,7 +247,10 @@ class OtelMetrics:
         end_ns = start_ns + int((record.duration or 0.0) * 1e9)
         span.add_event("end", timestamp=end_ns)
         if record.status >= 500 or outcome == AGENT_ERROR:
-            description = "agent error" if outcome == AGENT_ERROR else f"HTTP {record.status}"
+            # OpenTelemetry's conventions: the type in error.type; no description a status
+            # code gives; never the exception's message (it may quote a request, a key).
+            span.set_attribute("error.type", record.error_type or str(record.status))
+            description = "agent error" if outcome == AGENT_ERROR else None
             span.set_status(trace.Status(trace.StatusCode.ERROR, description))
         span.end(end_time=end_ns)
 

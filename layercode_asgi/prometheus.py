@@ -238,6 +238,9 @@ def _finished(recorder: _Figures | _Instruments, record: WebhookRecord) -> None:
 
 
 _BY_REGISTRY: MutableMapping[Any, _Figures | _Instruments] = weakref.WeakKeyDictionary()
+#: Several processes: the registry whose instruments write this process's file, by
+#: (directory, pid). Another registry's would write the same figures, each from its own count.
+_WRITER: dict[tuple[str, int], weakref.ref[Any]] = {}
 
 
 _REGISTRY = prometheus_client.CollectorRegistry | None
@@ -253,7 +256,8 @@ class PrometheusMetrics:
 
     The names: :data:`METRIC_NAMES` (labels: ``event_type``, ``status``; ``outcome``;
     ``reason``). See docs/metrics.md. A ``PROMETHEUS_MULTIPROC_DIR`` that is not a
-    directory, or not writable, is a :class:`~layercode_asgi.errors.ConfigurationError`.
+    directory, or not writable, or with it a second registry in one process, is a
+    :class:`~layercode_asgi.errors.ConfigurationError`.
     """
 
     def __init__(self, registry: prometheus_client.CollectorRegistry | None = None) -> None:
@@ -268,6 +272,13 @@ class PrometheusMetrics:
         recorder = _BY_REGISTRY.get(self.registry)
         if recorder is None:
             if _multiprocess():
+                key = (str(directory), os.getpid())
+                if key in _WRITER and _WRITER[key]() is not None:
+                    raise ConfigurationError(
+                        f"PROMETHEUS_MULTIPROC_DIR ({directory}) keeps one set of figures per "
+                        "process: one registry per process (a second one, e.g. another app's "
+                        "metrics_registry, would lose counts); leave metrics_registry out"
+                    )
                 try:  # it writes its files at once (the histograms, each outcome at 0)
                     recorder = _Instruments(self.registry)
                 except OSError as exc:  # read-only: PermissionError; /proc: not found
@@ -276,6 +287,7 @@ class PrometheusMetrics:
                         "process writes its figures there; give it a directory the server's "
                         "user can write"
                     ) from exc
+                _WRITER[key] = weakref.ref(self.registry)
             else:
                 recorder = _Figures()
                 self.registry.register(recorder)

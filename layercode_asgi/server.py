@@ -229,6 +229,7 @@ def create_app(
     authorize_guard: AuthorizeGuard | None = None,
     authorize_timeout: float = 10.0,
     extras: Mapping[str, Any] | None = None,
+    metrics_registry: Any = None,
 ) -> LayercodeApp:
     """Build the LayerCode backend app (a :class:`LayercodeApp`, Starlette, with four routes).
 
@@ -248,6 +249,8 @@ def create_app(
             of ``LAYERCODE_AUTHORIZE_API_KEYS``; with both, a warning at start-up).
         authorize_timeout: seconds to wait for LayerCode's API (a finite number > 0).
         extras: objects handed to agents as ``context.extras``.
+        metrics_registry: the ``prometheus_client.CollectorRegistry`` of the metrics and of
+            ``/metrics`` (default: prometheus-client's, shared by every app of the process).
 
     Raises:
         ConfigurationError: no webhook secret, an unknown agent, an agent that cannot run
@@ -274,7 +277,7 @@ def create_app(
     check_callable("on_session_update", on_session_update)
     check_callable("on_session_end", on_session_end)
     check_type("extras", extras, Mapping | None, "a mapping or None")
-    metrics = metrics_from_settings(settings)
+    metrics = metrics_from_settings(settings, registry=metrics_registry)
     serves_metrics = settings.metrics and installed("prometheus_client")
     authorize = AuthorizeRoute(settings, authorize_guard, authorize_timeout)
     conversations = (
@@ -423,7 +426,8 @@ def create_app(
     if serves_metrics:
         from .prometheus import MetricsEndpoint
 
-        routes.append(Route("/metrics", MetricsEndpoint(settings.metrics_api_keys)))
+        endpoint = MetricsEndpoint(settings.metrics_api_keys, metrics_registry)
+        routes.append(Route("/metrics", endpoint))
     app = LayercodeApp(
         routes=routes,
         middleware=middleware,

@@ -237,13 +237,42 @@ def test_otel_spans(conversation: Sinks) -> None:
         assert ("first_tts" in events) == (turn_id in ("t1", "t2", "t5"))
         assert span.start_time <= span.end_time
     assert webhook_spans["t2"].name == "webhook message"
-    assert webhook_spans["t3"].status.status_code is trace.StatusCode.ERROR
-    assert webhook_spans["t2"].status.status_code is not trace.StatusCode.ERROR
+    # OpenTelemetry's error conventions: the exception's type in error.type; its message
+    # (which may quote a request or a key) in neither the status nor an event.
+    failed = webhook_spans["t3"]
+    assert (failed.status.status_code, failed.status.description) == (
+        trace.StatusCode.ERROR,
+        "agent error",
+    )
+    assert failed.attributes["error.type"] == "RuntimeError"
+    assert "the agent broke" not in repr([(e.name, e.attributes) for e in failed.events])
+    for turn_id in ("t2", "t4", "t5"):
+        assert webhook_spans[turn_id].status.status_code is not trace.StatusCode.ERROR
+        assert "error.type" not in webhook_spans[turn_id].attributes
     # the agent's own span is a child of its webhook span
     agent_spans = [s for s in spans if s.name == "agent"]
     assert len(agent_spans) == 5
     parents = {s.parent.span_id for s in agent_spans if s.parent is not None}
     assert parents == {s.context.span_id for t, s in webhook_spans.items() if t != "turn-1"}
+
+
+@pytest.mark.parametrize("status", [503, 500, 404])
+def test_an_otel_span_of_a_refused_request_follows_the_http_conventions(status: int) -> None:
+    # A 5xx: status ERROR without a description (the status code says it) and error.type the
+    # status code; a 4xx on a server span: no error.
+    from starlette.responses import Response
+
+    sinks = Sinks()
+    record = sinks.metrics.arrived(time.perf_counter(), "message", "conv-1", "t1")
+    record.finish(Response(status_code=status))
+    (span,) = sinks.spans.get_finished_spans()
+    assert span.attributes is not None
+    if status >= 500:
+        assert (span.status.status_code, span.status.description) == (trace.StatusCode.ERROR, None)
+        assert span.attributes["error.type"] == str(status)
+    else:
+        assert span.status.status_code is trace.StatusCode.UNSET
+        assert "error.type" not in span.attributes
 
 
 def test_otel_instruments(conversation: Sinks) -> None:
@@ -302,6 +331,23 @@ def test_create_app_serves_metrics_when_enabled() -> None:
         assert refused.status_code == 405
         assert refused.headers["allow"] == "GET, HEAD"  # HEAD is answered too
         assert httpx.head(url + "/metrics").status_code == 200
+
+
+def test_two_apps_with_a_registry_each_scrape_their_own_figures() -> None:
+    # Two create_app apps in one process (tests, several tenants) both used
+    # prometheus-client's default registry: each /metrics showed the turns of both.
+    registries = [prometheus_client.CollectorRegistry() for _ in range(2)]
+    first, second = (create_app(_settings(metrics=True), metrics_registry=r) for r in registries)
+    with serve(first) as url_first, serve(second) as url_second:
+        body = event_body("message", text="hi")
+        response = httpx.post(url_first + "/api/agent", content=body, headers=signed_headers(body))
+        assert response.status_code == 200
+        scraped = [httpx.get(url + "/metrics").text for url in (url_first, url_second)]
+    assert 'layercode_turns_total{outcome="completed"} 1.0' in scraped[0]
+    assert 'layercode_turns_total{outcome="completed"} 0.0' in scraped[1]
+    assert scraped[1] == render_metrics(registries[1])[0].decode()  # that registry only
+    with pytest.raises(TypeError, match=r"registry must be a prometheus_client\.CollectorRegistry"):
+        create_app(_settings(metrics=True), metrics_registry="default")
 
 
 def test_metrics_route_absent_when_disabled() -> None:
@@ -668,6 +714,21 @@ def test_one_process_and_several_processes_expose_the_same_figures(
     assert one[("layercode_signature_rejections_total", (("reason", "replayed"),))] == 1
 
 
+def test_one_process_in_multiprocess_mode_refuses_a_second_registry(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    # With PROMETHEUS_MULTIPROC_DIR, two sinks on two registries in one process (two apps,
+    # metrics_registry=) wrote the same figures of the process's file, each from its own
+    # count: three turns scraped as two.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    first = prometheus_client.CollectorRegistry()
+    PrometheusMetrics(first)
+    PrometheusMetrics(first)  # the same registry: the same figures, shared
+    with pytest.raises(ConfigurationError, match="one registry per process") as refused:
+        create_app(_settings(metrics=True), metrics_registry=prometheus_client.CollectorRegistry())
+    assert str(tmp_path) in str(refused.value)
+
+
 CONFIG_CHECK = """
 from layercode_asgi import ConfigurationError, Settings, create_app
 
@@ -832,6 +893,37 @@ async def test_otel_span_attributes_from_the_request_are_cut() -> None:
     tid = span.attributes["layercode.turn_id"]
     assert cid == "c" * LOG_VALUE_MAX_CHARS + "…(+99000 chars)"
     assert tid == "t" * LOG_VALUE_MAX_CHARS + "…(+4000 chars)"
+
+
+@pytest.mark.anyio
+async def test_request_values_never_become_metric_labels() -> None:
+    # 1,000 unknown event types and hostile ids: the labels stay the known event types and
+    # "unknown", and no byte of a request reaches the scrape (or a span's name).
+    sinks = Sinks()
+    app = LayercodeSignature(LayercodeWebhook(scripted, metrics=sinks.metrics), secret=SECRET)
+    hostile = 'x"}\n# TYPE evil counter\nevil 1\x00\u2028'
+    bodies = [json.dumps({"type": f"{hostile}{i}", "conversation_id": "c"}) for i in range(1000)]
+    bodies.append(event_body("data", conversation_id=hostile, turn_id=hostile).decode())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for body in bodies:
+            response = await client.post("/", content=body, headers=signed_headers(body))
+            assert response.status_code == 200
+    scraped = render_metrics(sinks.registry)[0].decode()
+    assert "evil" not in scraped
+    labels = {
+        labels for name, labels in sinks.prometheus() if name == "layercode_webhook_requests_total"
+    }
+    assert labels == {
+        (("event_type", "unknown"), ("status", "200")),
+        (("event_type", "data"), ("status", "200")),
+    }
+    points = sinks.otel_points()["layercode.webhook.requests"]
+    assert {p.attributes["layercode.event_type"]: p.value for p in points} == {
+        "unknown": 1000,
+        "data": 1,
+    }
+    assert {s.name for s in sinks.spans.get_finished_spans()} == {"webhook unknown", "webhook data"}
 
 
 class _Started(MemoryMetrics):
