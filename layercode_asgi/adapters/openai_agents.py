@@ -4,17 +4,21 @@ Extra ``openai-agents``. Each turn is a ``Runner.run_streamed`` run; the raw Res
 text deltas (and a refusal's) are spoken, a ``tool_called`` item starts the filler. The
 SDK's trace export (to OpenAI, by default) is off unless you turn it on (``tracing=True``)
 or pass your own ``run_config``. A disconnect cancels the run (the SDK runs it in a task of
-its own).
+its own), and the turn's end waits up to ``AGENT_CLOSE_TIMEOUT`` seconds for it to end.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import suppress
 from typing import Any
+
+import anyio
 
 from ..agents import Agent, TurnContext
 from ..conversation import HistoryMessage, model_history
 from ..errors import check_callable, check_positive_int, check_type
+from ..turns import AGENT_CLOSE_TIMEOUT
 from .voice import (
     DEFAULT_FILLER,
     Chunking,
@@ -91,9 +95,10 @@ def from_openai_agents(
             max_turns=max_turns,
             run_config=config,
         )
-        refused = False
+        events = result.stream_events()
+        refused = ended = False
         try:
-            async for event in result.stream_events():
+            async for event in events:
                 if event.type == "raw_response_event":
                     kind = getattr(event.data, "type", None)
                     if kind in _SPOKEN:
@@ -103,11 +108,19 @@ def from_openai_agents(
                     yield ToolCall(_tool_name(event.item))
                 elif event.type == "run_item_stream_event" and event.name == "tool_output":
                     yield ""  # a tool finished: what it sent goes out now
+            ended = True
         except refusal_error:
             if not refused:
                 raise
         finally:
             result.cancel()
+            if not ended:  # stopped: as the SDK asks, its events are consumed on after
+                # cancel(), so the run (its model stream) ends now, with the turn. What that
+                # raises is no news: why the run stopped goes on.
+                with anyio.move_on_after(AGENT_CLOSE_TIMEOUT, shield=True), suppress(Exception):
+                    await events.aclose()
+                    async for _ in result.stream_events():
+                        pass
 
     name = getattr(agent, "name", None) or "openai_agents_agent"
     return voice_agent(run, name=str(name), welcome=welcome, chunking=chunking, filler=filler)
