@@ -533,6 +533,26 @@ async def test_an_answer_without_text_fails_the_turn(
     assert "agent failed" in caplog.text
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["langchain-chat-model", "langchain-chain", "langgraph-agent"])
+async def test_langchain_logs_an_empty_answer_as_the_models_failure(
+    name: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: an empty 200 answer (not one event in the stream) failed a LangChain turn
+    with a bare ``ValueError: No generation chunks were returned`` (``No generations found
+    in stream.`` from a graph) in the log, where the other adapters log a
+    ``ModelAPIError``."""
+    fake.push(Script(raw=[]))
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        turn = await turn_of(name)
+    assert ended_with_error(turn)
+    failures = [r.getMessage() for r in caplog.records if r.getMessage().startswith("agent")]
+    assert len(failures) == 1
+    said = ": ModelAPIError: the model's answer held no text (LangChain: No generation"
+    assert said in failures[0]
+    assert "ValueError" not in caplog.text
+
+
 @pytest.mark.parametrize("name", ["openai", "starter"])
 def test_a_default_model_without_a_model_name_refuses_to_start(name: str) -> None:
     """Before: ``DEFAULT_MODEL=openai:`` started (``/ready`` showed ``openai:openai:`` for the

@@ -102,6 +102,10 @@ def _cut_short(result: Any) -> bool:
     return False
 
 
+#: What LangChain raises (a ``ValueError``) for a chat model's answer without one chunk (an
+#: empty 200 answer): from a model streamed, and from one a graph invokes.
+_NO_ANSWER = frozenset({"No generation chunks were returned", "No generations found in stream."})
+
 _DONE = object()
 
 
@@ -242,23 +246,28 @@ def from_langchain(
         else:
             stream = runnable.astream(value, run_config)
         # closed with us, at a yield too: its task (the model request) ends with the turn
-        async with aclosing(_in_own_task(stream)) as items:
-            async for item in items:
-                chunk = item[0] if graph and isinstance(item, tuple) else item
-                if isinstance(chunk, str):
-                    yield chunk
-                    continue
-                if isinstance(chunk, messages.ToolMessage):
-                    yield ""  # a tool finished: what it sent goes out now (never read out)
-                    continue
-                if not isinstance(chunk, messages.AIMessageChunk | messages.AIMessage):
-                    continue  # the user's own message echoed by a graph, …
-                text = _text(chunk.content)
-                if text:
-                    yield text
-                for call in getattr(chunk, "tool_call_chunks", None) or chunk.tool_calls:
-                    if call.get("name"):
-                        yield ToolCall(str(call["name"]))
+        try:
+            async with aclosing(_in_own_task(stream)) as items:
+                async for item in items:
+                    chunk = item[0] if graph and isinstance(item, tuple) else item
+                    if isinstance(chunk, str):
+                        yield chunk
+                        continue
+                    if isinstance(chunk, messages.ToolMessage):
+                        yield ""  # a tool finished: what it sent goes out now (never read out)
+                        continue
+                    if not isinstance(chunk, messages.AIMessageChunk | messages.AIMessage):
+                        continue  # the user's own message echoed by a graph, …
+                    text = _text(chunk.content)
+                    if text:
+                        yield text
+                    for call in getattr(chunk, "tool_call_chunks", None) or chunk.tool_calls:
+                        if call.get("name"):
+                            yield ToolCall(str(call["name"]))
+        except ValueError as exc:
+            if str(exc) not in _NO_ANSWER:
+                raise
+            raise ModelAPIError(f"the model's answer held no text (LangChain: {exc})") from None
         if watch.cut:
             raise ModelAPIError("the model's answer ended before its finish")
 
