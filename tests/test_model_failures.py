@@ -65,7 +65,9 @@ async def test_a_refused_key_is_logged_with_the_status_and_the_key_masked(
     name: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Before: the provider's error (its body echoing the API key) was logged as the SDK
-    raised it, key and all, in the message and in the traceback's chained exceptions."""
+    raised it, key and all, in the message and in the traceback's chained exceptions. And
+    only pydantic-ai's line named the model (in its own words): the ``openai`` agent's,
+    LangChain's and the Agents SDK's did not."""
     fake.push(Script(status=401, body=REFUSAL))
     with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
         turn = await turn_of(name)
@@ -78,6 +80,8 @@ async def test_a_refused_key_is_logged_with_the_status_and_the_key_masked(
     assert len(failures) == 1
     assert "HTTP 401" in failures[0].getMessage()
     assert "Incorrect API key provided: ***." in failures[0].getMessage()
+    named = "model_name: gpt-5-nano" if "pydantic-ai" in name or "starter" in name else None
+    assert (named or "HTTP 401 (model=gpt-5-nano): ") in failures[0].getMessage()
     assert KEY not in caplog.text  # nor in the traceback
 
 
@@ -266,6 +270,8 @@ def test_provider_failures_are_told_by_the_sdks_classes_not_by_name() -> None:
     assert failures
     for failure in failures:
         assert model_api_error(failure) is not None, failure
+    named = str(model_api_error(failures[0], "gpt-x\nFORGED"))
+    assert named.startswith("the model API failed (model=gpt-x\\nFORGED): ")  # escaped
     assert model_api_error(APIError("the payments service is down")) is None
 
 

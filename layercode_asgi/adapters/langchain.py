@@ -31,6 +31,7 @@ from .voice import (
     ModelAPIError,
     Piece,
     ToolCall,
+    model_api_error,
     require_extra,
     require_object,
     voice_agent,
@@ -220,12 +221,21 @@ def from_langchain(
     ).merge_configs
 
     class FinishWatch(base.BaseCallbackHandler):  # type: ignore[misc]
-        """Notes a model answer of the turn that ended before its finish."""
+        """Notes the turn's last model (for the log) and an answer of the turn that ended
+        before its finish."""
 
         run_inline = True
 
         def __init__(self) -> None:
             self.cut = False
+            self.model: str | None = None
+
+        def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+            self.on_llm_start(serialized, messages, **kwargs)
+
+        def on_llm_start(self, serialized: Any, prompts: Any, **kwargs: Any) -> None:
+            model = (kwargs.get("metadata") or {}).get("ls_model_name")
+            self.model = model if isinstance(model, str) else None
 
         def on_llm_end(self, response: Any, **kwargs: Any) -> None:
             self.cut = self.cut or _cut_short(response)
@@ -264,10 +274,13 @@ def from_langchain(
                     for call in getattr(chunk, "tool_call_chunks", None) or chunk.tool_calls:
                         if call.get("name"):
                             yield ToolCall(str(call["name"]))
-        except ValueError as exc:
-            if str(exc) not in _NO_ANSWER:
+        except Exception as exc:  # a provider's failure names the model it asked
+            failure = model_api_error(exc, watch.model)
+            if failure is None and isinstance(exc, ValueError) and str(exc) in _NO_ANSWER:
+                failure = ModelAPIError(f"the model's answer held no text (LangChain: {exc})")
+            if failure is None:
                 raise
-            raise ModelAPIError(f"the model's answer held no text (LangChain: {exc})") from None
+            raise failure from None
         if watch.cut:
             raise ModelAPIError("the model's answer ended before its finish")
 

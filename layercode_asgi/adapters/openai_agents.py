@@ -25,6 +25,7 @@ from .voice import (
     Filler,
     Piece,
     ToolCall,
+    model_api_error,
     require_extra,
     require_object,
     voice_agent,
@@ -53,6 +54,16 @@ def _tool_name(item: Any) -> str:
     return str(name or "tool")
 
 
+def _model_name(result: Any, config: Any, models: Any) -> str | None:
+    """The model the run's current agent asks (the run's, else the agent's, else the SDK's
+    default), as its name."""
+    model = getattr(config, "model", None) or getattr(result.current_agent, "model", None)
+    if model is None:
+        return str(models.get_default_model())
+    model = model if isinstance(model, str) else getattr(model, "model", None)
+    return None if model is None else str(model)
+
+
 def from_openai_agents(
     agent: Any,
     *,
@@ -78,6 +89,7 @@ def from_openai_agents(
         max_turns: the SDK's limit of model calls per run.
     """
     sdk = require_extra("agents", _EXTRA, "from_openai_agents")
+    models = require_extra("agents.models", _EXTRA, "from_openai_agents")
     require_object("from_openai_agents", agent, "an agents.Agent", isinstance(agent, sdk.Agent))
     check_type("run_config", run_config, sdk.RunConfig | None, "an agents.RunConfig or None")
     check_callable("context", context, sync=True)
@@ -109,9 +121,13 @@ def from_openai_agents(
                 elif event.type == "run_item_stream_event" and event.name == "tool_output":
                     yield ""  # a tool finished: what it sent goes out now
             ended = True
-        except refusal_error:
-            if not refused:
+        except Exception as exc:
+            if refused and isinstance(exc, refusal_error):
+                return
+            failure = model_api_error(exc, _model_name(result, config, models))
+            if failure is None:
                 raise
+            raise failure from None
         finally:
             result.cancel()
             if not ended:  # stopped: as the SDK asks, its events are consumed on after
