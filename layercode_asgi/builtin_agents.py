@@ -106,7 +106,7 @@ def openai_agent(
                                 yield text
                         finish = choice.finish_reason or finish
         except Exception as exc:  # logged by the turn: the key masked in the provider's answer
-            failure = model_api_error(exc)
+            failure = model_api_error(exc, model)
             if failure is None:
                 raise
             raise failure from None

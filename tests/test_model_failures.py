@@ -65,7 +65,9 @@ async def test_a_refused_key_is_logged_with_the_status_and_the_key_masked(
     name: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Before: the provider's error (its body echoing the API key) was logged as the SDK
-    raised it, key and all, in the message and in the traceback's chained exceptions."""
+    raised it, key and all, in the message and in the traceback's chained exceptions. And
+    only pydantic-ai's line named the model (in its own words): the ``openai`` agent's,
+    LangChain's and the Agents SDK's did not."""
     fake.push(Script(status=401, body=REFUSAL))
     with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
         turn = await turn_of(name)
@@ -78,6 +80,8 @@ async def test_a_refused_key_is_logged_with_the_status_and_the_key_masked(
     assert len(failures) == 1
     assert "HTTP 401" in failures[0].getMessage()
     assert "Incorrect API key provided: ***." in failures[0].getMessage()
+    named = "model_name: gpt-5-nano" if "pydantic-ai" in name or "starter" in name else None
+    assert (named or "HTTP 401 (model=gpt-5-nano): ") in failures[0].getMessage()
     assert KEY not in caplog.text  # nor in the traceback
 
 
@@ -266,6 +270,8 @@ def test_provider_failures_are_told_by_the_sdks_classes_not_by_name() -> None:
     assert failures
     for failure in failures:
         assert model_api_error(failure) is not None, failure
+    named = str(model_api_error(failures[0], "gpt-x\nFORGED"))
+    assert named.startswith("the model API failed (model=gpt-x\\nFORGED): ")  # escaped
     assert model_api_error(APIError("the payments service is down")) is None
 
 
@@ -531,6 +537,26 @@ async def test_an_answer_without_text_fails_the_turn(
         finish = "tool_calls" if script.tool_call else "stop"
         assert f"the model's answer held no text (finish_reason={finish})" in caplog.text
     assert "agent failed" in caplog.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["langchain-chat-model", "langchain-chain", "langgraph-agent"])
+async def test_langchain_logs_an_empty_answer_as_the_models_failure(
+    name: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: an empty 200 answer (not one event in the stream) failed a LangChain turn
+    with a bare ``ValueError: No generation chunks were returned`` (``No generations found
+    in stream.`` from a graph) in the log, where the other adapters log a
+    ``ModelAPIError``."""
+    fake.push(Script(raw=[]))
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+        turn = await turn_of(name)
+    assert ended_with_error(turn)
+    failures = [r.getMessage() for r in caplog.records if r.getMessage().startswith("agent")]
+    assert len(failures) == 1
+    said = ": ModelAPIError: the model's answer held no text (LangChain: No generation"
+    assert said in failures[0]
+    assert "ValueError" not in caplog.text
 
 
 @pytest.mark.parametrize("name", ["openai", "starter"])

@@ -31,6 +31,7 @@ from .voice import (
     ModelAPIError,
     Piece,
     ToolCall,
+    model_api_error,
     require_extra,
     require_object,
     voice_agent,
@@ -101,6 +102,10 @@ def _cut_short(result: Any) -> bool:
                 return True
     return False
 
+
+#: What LangChain raises (a ``ValueError``) for a chat model's answer without one chunk (an
+#: empty 200 answer): from a model streamed, and from one a graph invokes.
+_NO_ANSWER = frozenset({"No generation chunks were returned", "No generations found in stream."})
 
 _DONE = object()
 
@@ -216,12 +221,21 @@ def from_langchain(
     ).merge_configs
 
     class FinishWatch(base.BaseCallbackHandler):  # type: ignore[misc]
-        """Notes a model answer of the turn that ended before its finish."""
+        """Notes the turn's last model (for the log) and an answer of the turn that ended
+        before its finish."""
 
         run_inline = True
 
         def __init__(self) -> None:
             self.cut = False
+            self.model: str | None = None
+
+        def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+            self.on_llm_start(serialized, messages, **kwargs)
+
+        def on_llm_start(self, serialized: Any, prompts: Any, **kwargs: Any) -> None:
+            model = (kwargs.get("metadata") or {}).get("ls_model_name")
+            self.model = model if isinstance(model, str) else None
 
         def on_llm_end(self, response: Any, **kwargs: Any) -> None:
             self.cut = self.cut or _cut_short(response)
@@ -242,23 +256,31 @@ def from_langchain(
         else:
             stream = runnable.astream(value, run_config)
         # closed with us, at a yield too: its task (the model request) ends with the turn
-        async with aclosing(_in_own_task(stream)) as items:
-            async for item in items:
-                chunk = item[0] if graph and isinstance(item, tuple) else item
-                if isinstance(chunk, str):
-                    yield chunk
-                    continue
-                if isinstance(chunk, messages.ToolMessage):
-                    yield ""  # a tool finished: what it sent goes out now (never read out)
-                    continue
-                if not isinstance(chunk, messages.AIMessageChunk | messages.AIMessage):
-                    continue  # the user's own message echoed by a graph, …
-                text = _text(chunk.content)
-                if text:
-                    yield text
-                for call in getattr(chunk, "tool_call_chunks", None) or chunk.tool_calls:
-                    if call.get("name"):
-                        yield ToolCall(str(call["name"]))
+        try:
+            async with aclosing(_in_own_task(stream)) as items:
+                async for item in items:
+                    chunk = item[0] if graph and isinstance(item, tuple) else item
+                    if isinstance(chunk, str):
+                        yield chunk
+                        continue
+                    if isinstance(chunk, messages.ToolMessage):
+                        yield ""  # a tool finished: what it sent goes out now (never read out)
+                        continue
+                    if not isinstance(chunk, messages.AIMessageChunk | messages.AIMessage):
+                        continue  # the user's own message echoed by a graph, …
+                    text = _text(chunk.content)
+                    if text:
+                        yield text
+                    for call in getattr(chunk, "tool_call_chunks", None) or chunk.tool_calls:
+                        if call.get("name"):
+                            yield ToolCall(str(call["name"]))
+        except Exception as exc:  # a provider's failure names the model it asked
+            failure = model_api_error(exc, watch.model)
+            if failure is None and isinstance(exc, ValueError) and str(exc) in _NO_ANSWER:
+                failure = ModelAPIError(f"the model's answer held no text (LangChain: {exc})")
+            if failure is None:
+                raise
+            raise failure from None
         if watch.cut:
             raise ModelAPIError("the model's answer ended before its finish")
 

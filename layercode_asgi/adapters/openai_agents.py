@@ -4,23 +4,28 @@ Extra ``openai-agents``. Each turn is a ``Runner.run_streamed`` run; the raw Res
 text deltas (and a refusal's) are spoken, a ``tool_called`` item starts the filler. The
 SDK's trace export (to OpenAI, by default) is off unless you turn it on (``tracing=True``)
 or pass your own ``run_config``. A disconnect cancels the run (the SDK runs it in a task of
-its own).
+its own), and the turn's end waits up to ``AGENT_CLOSE_TIMEOUT`` seconds for it to end.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import suppress
 from typing import Any
+
+import anyio
 
 from ..agents import Agent, TurnContext
 from ..conversation import HistoryMessage, model_history
 from ..errors import check_callable, check_positive_int, check_type
+from ..turns import AGENT_CLOSE_TIMEOUT
 from .voice import (
     DEFAULT_FILLER,
     Chunking,
     Filler,
     Piece,
     ToolCall,
+    model_api_error,
     require_extra,
     require_object,
     voice_agent,
@@ -49,6 +54,16 @@ def _tool_name(item: Any) -> str:
     return str(name or "tool")
 
 
+def _model_name(result: Any, config: Any, models: Any) -> str | None:
+    """The model the run's current agent asks (the run's, else the agent's, else the SDK's
+    default), as its name."""
+    model = getattr(config, "model", None) or getattr(result.current_agent, "model", None)
+    if model is None:
+        return str(models.get_default_model())
+    model = model if isinstance(model, str) else getattr(model, "model", None)
+    return None if model is None else str(model)
+
+
 def from_openai_agents(
     agent: Any,
     *,
@@ -74,6 +89,7 @@ def from_openai_agents(
         max_turns: the SDK's limit of model calls per run.
     """
     sdk = require_extra("agents", _EXTRA, "from_openai_agents")
+    models = require_extra("agents.models", _EXTRA, "from_openai_agents")
     require_object("from_openai_agents", agent, "an agents.Agent", isinstance(agent, sdk.Agent))
     check_type("run_config", run_config, sdk.RunConfig | None, "an agents.RunConfig or None")
     check_callable("context", context, sync=True)
@@ -91,9 +107,10 @@ def from_openai_agents(
             max_turns=max_turns,
             run_config=config,
         )
-        refused = False
+        events = result.stream_events()
+        refused = ended = False
         try:
-            async for event in result.stream_events():
+            async for event in events:
                 if event.type == "raw_response_event":
                     kind = getattr(event.data, "type", None)
                     if kind in _SPOKEN:
@@ -103,11 +120,23 @@ def from_openai_agents(
                     yield ToolCall(_tool_name(event.item))
                 elif event.type == "run_item_stream_event" and event.name == "tool_output":
                     yield ""  # a tool finished: what it sent goes out now
-        except refusal_error:
-            if not refused:
+            ended = True
+        except Exception as exc:
+            if refused and isinstance(exc, refusal_error):
+                return
+            failure = model_api_error(exc, _model_name(result, config, models))
+            if failure is None:
                 raise
+            raise failure from None
         finally:
             result.cancel()
+            if not ended:  # stopped: as the SDK asks, its events are consumed on after
+                # cancel(), so the run (its model stream) ends now, with the turn. What that
+                # raises is no news: why the run stopped goes on.
+                with anyio.move_on_after(AGENT_CLOSE_TIMEOUT, shield=True), suppress(Exception):
+                    await events.aclose()
+                    async for _ in result.stream_events():
+                        pass
 
     name = getattr(agent, "name", None) or "openai_agents_agent"
     return voice_agent(run, name=str(name), welcome=welcome, chunking=chunking, filler=filler)

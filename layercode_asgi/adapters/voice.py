@@ -26,10 +26,11 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
   spoken, so the model can still say goodbye). :func:`current_turn` gives the turn's
   :class:`~layercode_asgi.agents.TurnContext` (conversation id, metadata, history).
 * **Provider errors.** A provider's HTTP error answer (an exception with a ``status_code``,
-  or one raised from it) becomes a :class:`ModelAPIError` naming the status and what the
-  provider said, with the request's key masked: the turn logs it, the caller only hears
-  ``agent error``. So does an answer without text (empty, blank, or a tool call alone,
-  unless a tool hung up): the caller would hear nothing.
+  or one raised from it) becomes a :class:`ModelAPIError` naming the status, the model
+  (when the adapter knows it) and what the provider said, with the request's key masked:
+  the turn logs it, the caller only hears ``agent error``. So does an answer without text
+  (empty, blank, or a tool call alone, unless a tool hung up): the caller would hear
+  nothing.
 """
 
 from __future__ import annotations
@@ -168,15 +169,16 @@ def _provider_failure(exc: BaseException) -> bool:
     return False
 
 
-def model_api_error(exc: BaseException) -> ModelAPIError | None:
+def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIError | None:
     """``exc`` as a :class:`ModelAPIError` when it, or an exception it was raised from, is a
     provider's HTTP error answer (an ``int`` ``status_code``) or another provider failure
     (see :data:`_PROVIDER_FAILURES`); else ``None`` (for a :class:`ModelAPIError` too).
 
-    Its message names the status and keeps what the provider said (for the log), with the
-    request's key, the base URL's password, the keys of the environment (``*API_KEY``) and
-    those given to the built-in agents masked (a provider or proxy may echo them), escaped
-    and cut to one bounded line (it is the traceback's last line too).
+    Its message names the status and the ``model`` asked (when the caller knows it) and
+    keeps what the provider said (for the log), with the request's key, the base URL's
+    password, the keys of the environment (``*API_KEY``) and those given to the built-in
+    agents masked (a provider or proxy may echo them), escaped and cut to one bounded line
+    (it is the traceback's last line too).
     """
     if isinstance(exc, ModelAPIError):
         return None
@@ -195,11 +197,11 @@ def model_api_error(exc: BaseException) -> ModelAPIError | None:
     for secret in sorted(_credentials(chain) | keys | _GIVEN_KEYS, key=len, reverse=True):
         message = message.replace(secret, MASK)
     text = escape_log_value(message)
+    asked = f" (model={escape_log_value(model)})" if model else ""
     if answered is None:
-        return ModelAPIError(f"the model API failed: {text}")
-    return ModelAPIError(
-        f"the model API answered HTTP {getattr(answered, 'status_code', 0)}: {text}"
-    )
+        return ModelAPIError(f"the model API failed{asked}: {text}")
+    status = getattr(answered, "status_code", 0)
+    return ModelAPIError(f"the model API answered HTTP {status}{asked}: {text}")
 
 
 @dataclass(frozen=True, slots=True)
