@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import threading
 import time
@@ -167,7 +168,10 @@ def test_simulate_timeout_and_connection_error(capsys: pytest.CaptureFixture[str
 
     with serve(never_ends) as base:
         assert simulate(base, "--timeout", "0.5") == 1
-    assert "PROTOCOL VIOLATION: timeout: session.start turn not complete" in capsys.readouterr().err
+    assert re.search(
+        r"PROTOCOL VIOLATION: timeout: session\.start \(turn_id '[^']+'\) turn not complete",
+        capsys.readouterr().err,
+    )
 
     assert simulate(f"http://127.0.0.1:{free_port()}") == 1
     assert "PROTOCOL VIOLATION: connection-error: " in capsys.readouterr().err
