@@ -140,6 +140,8 @@ class AuthorizeRoute:
         except Exception:
             if reader.left:  # while a guard read the body (Starlette's ClientDisconnect)
                 return None
+            if reader.done and reader.failure is None and _object(reader.body) is None:
+                return _not_an_object(request)  # the guard failed on it: the route's answer
             raise
 
     async def _respond(self, request: Request, reader: _BodyOnce) -> Response | None:
@@ -162,14 +164,9 @@ class AuthorizeRoute:
         body = await reader.read()
         if body is None:  # the caller left
             return None
-        try:
-            payload = _decode(body)
-        except (msgspec.DecodeError, RecursionError):  # invalid, or nested too deep
-            payload = None
-        if not isinstance(payload, dict):
-            if compressed(request.scope):
-                return compressed_body_response()
-            return json_error_response(400, "body must be a JSON object with agent_id")
+        payload = _object(body)
+        if payload is None:
+            return _not_an_object(request)
         agent_id = payload.get("agent_id")
         if not isinstance(agent_id, str) or not agent_id.strip():
             return json_error_response(400, "agent_id is required (a non-empty string)")
@@ -349,6 +346,21 @@ def _printable(message: object, limit: int) -> str | None:
     )
     text = " ".join(text.split())[:limit]
     return text or None
+
+
+def _object(body: bytes | None) -> dict[str, Any] | None:
+    """``body`` decoded, if it is a JSON object."""
+    try:
+        payload = _decode(body) if body is not None else None
+    except (msgspec.DecodeError, RecursionError):  # invalid, or nested too deep
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _not_an_object(request: Request) -> Response:
+    if compressed(request.scope):
+        return compressed_body_response()
+    return json_error_response(400, "body must be a JSON object with agent_id")
 
 
 def _too_large() -> Response:
