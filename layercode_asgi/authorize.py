@@ -23,6 +23,7 @@ import httpx
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Message, Receive
 
 from ._asgi import (
     CLIENT_LEFT,
@@ -113,7 +114,7 @@ class AuthorizeRoute:
             raise RuntimeError(f"authorize_guard raised {type(exc).__name__}") from exc
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        request = Request(scope, receive)
+        request = Request(scope, _BodyOnce(receive, self.body_timeout))
         response = await self.respond(request)
         if response is None:  # the caller left: answered for middleware outside
             await send_json_error(send, CLIENT_LEFT)
@@ -122,6 +123,28 @@ class AuthorizeRoute:
 
     async def respond(self, request: Request) -> Response | None:
         """The answer to ``request``; ``None`` if the caller left before sending its body."""
+        reader = request.receive
+        if not isinstance(reader, _BodyOnce):
+            reader = _BodyOnce(reader, self.body_timeout)
+        try:
+            return await self._respond(request, reader)
+        except BodyTooLarge:  # a guard's read of the body, too
+            return _too_large()
+        except BodyTimeout:
+            logger.warning("authorize body too slow (> %s s)", self.body_timeout)
+            return json_error_response(
+                408,
+                f"request body not received within {self.body_timeout} s",
+                {"connection": "close"},
+            )
+        except Exception:
+            if reader.left:  # while a guard read the body (Starlette's ClientDisconnect)
+                return None
+            if reader.done and reader.failure is None and _object(reader.body) is None:
+                return _not_an_object(request)  # the guard failed on it: the route's answer
+            raise
+
+    async def _respond(self, request: Request, reader: _BodyOnce) -> Response | None:
         if not await self.allowed(request):
             return json_error_response(
                 401, "missing or invalid API key", {"www-authenticate": "Bearer"}
@@ -138,27 +161,12 @@ class AuthorizeRoute:
             )
         if length is not None and length > AUTHORIZE_MAX_BODY:
             return _too_large()  # refused before any byte of it is read
-        try:
-            body = await read_body(request.receive, AUTHORIZE_MAX_BODY, self.body_timeout)
-        except BodyTooLarge:
-            return _too_large()
-        except BodyTimeout:
-            logger.warning("authorize body too slow (> %s s)", self.body_timeout)
-            return json_error_response(
-                408,
-                f"request body not received within {self.body_timeout} s",
-                {"connection": "close"},
-            )
+        body = await reader.read()
         if body is None:  # the caller left
             return None
-        try:
-            payload = _decode(body)
-        except (msgspec.DecodeError, RecursionError):  # invalid, or nested too deep
-            payload = None
-        if not isinstance(payload, dict):
-            if compressed(request.scope):
-                return compressed_body_response()
-            return json_error_response(400, "body must be a JSON object with agent_id")
+        payload = _object(body)
+        if payload is None:
+            return _not_an_object(request)
         agent_id = payload.get("agent_id")
         if not isinstance(agent_id, str) or not agent_id.strip():
             return json_error_response(400, "agent_id is required (a non-empty string)")
@@ -268,6 +276,49 @@ class AuthorizeRoute:
             return status, b"".join(chunks), _retry_after(status, upstream.headers)
 
 
+class _BodyOnce:
+    """The ``receive`` of an authorize request: the body is read once, bounded as the route
+    reads it (:data:`AUTHORIZE_MAX_BODY`, the body timeout), whether a guard reads it first
+    (``await request.json()``, to check the ``agent_id`` asked for) or the route; both get
+    the same bytes."""
+
+    __slots__ = ("body", "done", "failure", "given", "receive", "within")
+
+    def __init__(self, receive: Receive, within: float) -> None:
+        self.receive = receive
+        self.within = within
+        self.done = self.given = False
+        self.body: bytes | None = None
+        self.failure: BodyTooLarge | BodyTimeout | None = None
+
+    @property
+    def left(self) -> bool:
+        """The caller left before its body was complete."""
+        return self.done and self.body is None and self.failure is None
+
+    async def read(self) -> bytes | None:
+        """The whole body, ``None`` if the caller left; raises :class:`BodyTooLarge` or
+        :class:`BodyTimeout` (on every call, once the read failed)."""
+        if not self.done:
+            try:
+                self.body = await read_body(self.receive, AUTHORIZE_MAX_BODY, self.within)
+            except (BodyTooLarge, BodyTimeout) as exc:
+                self.failure = exc
+            self.done = True
+        if self.failure is not None:
+            raise self.failure
+        return self.body
+
+    async def __call__(self) -> Message:
+        if self.given:  # after the body: the server's next message (http.disconnect)
+            return await self.receive()
+        self.given = True
+        body = await self.read()
+        if body is None:
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": body, "more_body": False}
+
+
 class _UpstreamTooLarge(Exception):
     """LayerCode's answer passed AUTHORIZE_MAX_UPSTREAM_BODY."""
 
@@ -295,6 +346,21 @@ def _printable(message: object, limit: int) -> str | None:
     )
     text = " ".join(text.split())[:limit]
     return text or None
+
+
+def _object(body: bytes | None) -> dict[str, Any] | None:
+    """``body`` decoded, if it is a JSON object."""
+    try:
+        payload = _decode(body) if body is not None else None
+    except (msgspec.DecodeError, RecursionError):  # invalid, or nested too deep
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _not_an_object(request: Request) -> Response:
+    if compressed(request.scope):
+        return compressed_body_response()
+    return json_error_response(400, "body must be a JSON object with agent_id")
 
 
 def _too_large() -> Response:

@@ -93,6 +93,9 @@ class SimulationReport:
         """No violation, and no errored turn unless errors were allowed."""
         return self.violation is None and (self.allow_errors or not self.errored_turns)
 
+    def __repr__(self) -> str:  # as_dict's fields: the URL's credentials masked
+        return f"SimulationReport({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,

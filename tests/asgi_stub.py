@@ -12,6 +12,8 @@ every ``send`` after N body messages raises ``OSError`` (the connection is gone)
 ``block_send_after=N``: the N+1-th body message never completes (a client that stopped
 reading; the server's ``send`` waits for it). ``leave_mid_body=True``: the client leaves
 before its body is complete (every chunk says ``more_body``, then ``http.disconnect``).
+``stall_mid_body=True``: every chunk says ``more_body`` and the rest never comes (a slow
+sender): ``receive()`` then waits as above.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class ASGIStub:
         fail_send_after: int | None = None,
         block_send_after: int | None = None,
         leave_mid_body: bool = False,
+        stall_mid_body: bool = False,
     ) -> None:
         self.scope: dict[str, Any] = {
             "type": "http",
@@ -78,7 +81,7 @@ class ASGIStub:
             {
                 "type": "http.request",
                 "body": piece,
-                "more_body": leave_mid_body or index < len(pieces) - 1,
+                "more_body": leave_mid_body or stall_mid_body or index < len(pieces) - 1,
             }
             for index, piece in enumerate(pieces)
         ]

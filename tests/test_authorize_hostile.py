@@ -324,3 +324,55 @@ async def test_a_content_length_that_is_no_number_is_a_400_on_both_routes(
     assert stub.body == b'{"error":"invalid content-length header"}'
     assert stub.headers["connection"] == "close"
     assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("chunks", "sender", "expected"),
+    [
+        ([b'{"agent_id": "ag_1"}'], "", 200),
+        ([b'{"agent_id": "ag_2"}'], "", 401),
+        ([b'{"agent_id": "ag_1", "pad": "', b"x" * 70_000, b'"}'], "", 413),
+        ([b'{"agent_id": '], "stalls", 408),
+        ([b'{"agent_id": '], "leaves", 400),
+        ([b'{"agent_id": "ag_1"'], "", 400),
+        ([b'["ag_1"]'], "", 400),
+    ],
+    ids=["its-agent", "another-agent", "too-large", "too-slow", "caller-left", "no-json", "list"],
+)
+async def test_a_guard_may_read_the_body_bounded_as_the_route(
+    layercode: tuple[FakeLayercode, str],
+    chunks: list[bytes],
+    sender: str,
+    expected: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A guard that checks the ``agent_id`` asked for (``await request.json()``). Before, the
+    route then waited for a body already read: every caller the guard let in got 408 after
+    the body timeout; and the guard read the body with neither the route's 64 KiB bound nor
+    its timeout (a slow sender held the request for as long as it liked). A caller that
+    leaves mid-body is answered as the route answers it (for middleware outside), not with a
+    traceback of the guard's ``ClientDisconnect``; a body that is no JSON object, which the
+    guard fails to read, gets the route's 400, not a 500 and a traceback."""
+    fake, api = layercode
+
+    async def guard(request: Any) -> bool:
+        return bool((await request.json()).get("agent_id") == "ag_1")
+
+    app = create_app(settings(layercode_api_url=api, body_timeout=0.5), authorize_guard=guard)
+    stub = ASGIStub(
+        chunks=chunks,
+        path="/api/authorize",
+        stall_mid_body=sender == "stalls",
+        leave_mid_body=sender == "leaves",
+    )
+    stub.scope["state"] = {}
+    await stub.run(app)
+    assert stub.status == expected, stub.body
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+    if expected == 400 and not sender:
+        assert stub.body == b'{"error":"body must be a JSON object with agent_id"}'
+    if expected == 200:
+        assert fake.requests[0][2] == chunks[0]  # relayed exactly as sent
+    else:
+        assert not fake.requests

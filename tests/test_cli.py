@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -20,7 +21,7 @@ import msgspec
 import pytest
 
 from layercode_asgi import verify_signature
-from layercode_asgi.cli import main
+from layercode_asgi.cli import main, run_simulation
 from layercode_asgi.server import app_from_env
 from layercode_asgi.testing import VIOLATIONS, LayercodeTestClient
 
@@ -89,6 +90,10 @@ def test_simulate_never_prints_the_password_of_its_url(capsys: pytest.CaptureFix
     printed = capsys.readouterr()
     assert "hunter2" not in printed.out + printed.err
     assert "connection-error" in printed.err and "user:***@127.0.0.1:1" in printed.out
+    # nor does the report's repr (what pytest shows when `assert report.ok` fails)
+    report = anyio.run(functools.partial(run_simulation, url, "s", ["hi"], quiet=True))
+    assert not report.ok and "hunter2" not in repr(report) + str(report)
+    assert "user:***@127.0.0.1:1" in repr(report) and report.url == url
 
 
 # Content-Length and Transfer-Encoding (the body's framing) were an h11 traceback once sent.
