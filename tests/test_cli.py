@@ -74,6 +74,11 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--data is not valid JSON" in capsys.readouterr().err
     assert run("simulate", "--secret", "s", "--header", "no-colon", "hi") == 2
     assert "expected NAME:VALUE" in capsys.readouterr().err
+    # Before: "Invalid port: ':1'" (httpx's word for the bracket left open).
+    assert run("simulate", "--secret", "s", "--url", "http://[::1", "hi") == 2
+    assert "error: --url is not a valid URL: its IPv6 address has no closing ']'" in (
+        capsys.readouterr().err
+    )
     assert run("simulate", "--secret", "s", "--timeout", "0", "hi") == 2
     for endless in ("inf", "-inf", "Infinity", "1e309", "nan"):  # a turn could hang forever
         assert run("simulate", "--secret", "s", f"--timeout={endless}", "hi") == 2
