@@ -512,8 +512,9 @@ def _json_for_terminal(value: Any, encoding: str | None = None) -> str:
 
 
 def ascii_int(text: str) -> int:
-    """An ``argparse`` type: an integer written in ASCII digits (``int()`` reads '٢' as 2)."""
-    if not re.fullmatch(r"[+-]?[0-9]{1,20}", text.strip()):
+    """An ``argparse`` type: an integer written in ASCII digits (``int()`` reads '٢' as 2,
+    and skips a '+' and spaces)."""
+    if not re.fullmatch(r"-?[0-9]{1,20}", text):
         raise argparse.ArgumentTypeError(f"not an integer of 1-20 ASCII digits: {text[:40]!r}")
     return int(text)
 

@@ -747,6 +747,8 @@ def test_integer_options_take_ascii_digits_within_bounds(
         ["serve", "--env-file", "", "--workers", "9" * 100_000],
         ["sign", "--secret", "s", "--body", "x", "--timestamp", "\u0661\u0667" + "\u0660" * 8],
         ["simulate", "--secret", "s", "--url", "http://127.0.0.1:1", "--timeout", "\u0663"],
+        # A sign or a space int() skips: taken before, while the error says ASCII digits.
+        *(["serve", "--env-file", "", "--port", port] for port in ("+80", " 80", "80\n")),
     ):
         assert run(*argv) == 2, argv
         err = capsys.readouterr().err
