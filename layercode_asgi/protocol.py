@@ -135,9 +135,9 @@ def signed_headers(body: bytes | str, secret: str, timestamp: int | None = None)
 
 
 def check_secret(secret: object) -> None:
-    """Raise ValueError for an empty ``secret``: anybody could sign with it, no verifier
-    takes it."""
-    if not secret:
+    """Raise ValueError for an empty or blank ``secret``: anybody could sign with it, no
+    verifier takes it (``verify_signature`` refuses it too)."""
+    if not secret or (isinstance(secret, str | bytes) and not secret.strip()):
         raise ValueError("secret is required (the webhook secret to sign with)")
 
 
