@@ -7,6 +7,7 @@ protocol violations.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
@@ -65,6 +66,26 @@ async def open_reply(client: httpx.AsyncClient, request: httpx.Request) -> httpx
     reply = await client.send(request, stream=True)
     request.extensions.pop(_REDIRECT, None)
     return reply
+
+
+async def speaks_tls(url: httpx.URL, seconds: float) -> bool:
+    """Whether the server of the ``http://`` ``url`` completes a TLS handshake (its
+    certificate unchecked) within ``seconds``: the hint for a connection it broke before
+    any status line, that the URL wants ``https://``."""
+    if url.scheme != "http" or seconds <= 0:
+        return False
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with anyio.move_on_after(seconds):
+        try:
+            stream = await anyio.connect_tcp(url.host, url.port or 80, ssl_context=context)
+        except (OSError, anyio.BrokenResourceError, anyio.EndOfStream):
+            return False
+        with suppress(OSError, anyio.BrokenResourceError):  # its close_notify, unanswered
+            await stream.aclose()
+        return True
+    return False
 
 
 # -- an app run in-process ------------------------------------------------------------------------

@@ -381,7 +381,8 @@ def metrics_from_settings(
     settings: Settings, extra_sinks: Sequence[MetricsSink] = (), registry: Any = None
 ) -> TurnMetrics | None:
     """The recorder ``create_app`` uses, or ``None`` when nothing asks for one.
-    ``registry``: the Prometheus sink's (default: prometheus-client's own).
+    ``registry``: the Prometheus sink's (default: prometheus-client's own); anything but a
+    ``CollectorRegistry`` or None is a TypeError, metrics on or off.
 
     * ``LAYERCODE_METRICS=true``: Prometheus when prometheus-client is installed, and
       OpenTelemetry when opentelemetry-api is (at least one of them is required);
@@ -390,6 +391,15 @@ def metrics_from_settings(
     """
     sinks: list[MetricsSink] = list(extra_sinks)
     otel = False
+    if registry is not None and installed("prometheus_client"):  # checked with metrics off too
+        from .prometheus import check_registry
+
+        check_registry(registry)
+    elif registry is not None:
+        raise TypeError(
+            "registry must be a prometheus_client.CollectorRegistry or None (prometheus-client "
+            f"is not installed), got {kind_of(registry)}"
+        )
     if settings.metrics:
         if installed("prometheus_client"):
             from .prometheus import PrometheusMetrics

@@ -243,8 +243,10 @@ _BY_REGISTRY: MutableMapping[Any, _Figures | _Instruments] = weakref.WeakKeyDict
 _WRITER: dict[tuple[str, int], weakref.ref[Any]] = {}
 
 
-_REGISTRY = prometheus_client.CollectorRegistry | None
-_A_REGISTRY = "a prometheus_client.CollectorRegistry or None"
+def check_registry(registry: object) -> None:
+    """Raise TypeError unless ``registry`` is a ``CollectorRegistry`` or None."""
+    kinds = prometheus_client.CollectorRegistry | None
+    check_type("registry", registry, kinds, "a prometheus_client.CollectorRegistry or None")
 
 
 class PrometheusMetrics:
@@ -261,7 +263,7 @@ class PrometheusMetrics:
     """
 
     def __init__(self, registry: prometheus_client.CollectorRegistry | None = None) -> None:
-        check_type("registry", registry, _REGISTRY, _A_REGISTRY)
+        check_registry(registry)
         self.registry = prometheus_client.REGISTRY if registry is None else registry
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if directory and not os.path.isdir(directory):
@@ -356,7 +358,7 @@ class MetricsEndpoint:
         registry: prometheus_client.CollectorRegistry | None = None,
     ) -> None:
         self.keys = encode_keys(api_keys)
-        check_type("registry", registry, _REGISTRY, _A_REGISTRY)
+        check_registry(registry)
         self.registry = registry
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

@@ -20,7 +20,7 @@ import msgspec
 from ._asgi import check_headers
 from .errors import check_callable, check_positive_int, check_seconds, check_type
 from .jsonwire import decode_json
-from .kitclient import ReplyTooLarge, noted_redirect, open_reply, raised_by_app
+from .kitclient import ReplyTooLarge, noted_redirect, open_reply, raised_by_app, speaks_tls
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
 from .redaction import escape_terminal, mask_url
 from .signature import SIGNATURE_HEADER, sign
@@ -135,9 +135,9 @@ def signed_headers(body: bytes | str, secret: str, timestamp: int | None = None)
 
 
 def check_secret(secret: object) -> None:
-    """Raise ValueError for an empty ``secret``: anybody could sign with it, no verifier
-    takes it."""
-    if not secret:
+    """Raise ValueError for an empty or blank ``secret``: anybody could sign with it, no
+    verifier takes it (``verify_signature`` refuses it too)."""
+    if not secret or (isinstance(secret, str | bytes) and not secret.strip()):
         raise ValueError("secret is required (the webhook secret to sign with)")
 
 
@@ -152,7 +152,11 @@ def check_url(name: str, url: str) -> None:
         parsed = httpx.URL(url)
         host, port = parsed.host, parsed.port  # host: IDNA-decoded, may raise IDNAError
     except (httpx.InvalidURL, TypeError, ValueError) as exc:  # IDNAError is a ValueError
-        raise ValueError(f"{name} is not a valid URL: {escape_terminal(str(exc))}") from None
+        reason = escape_terminal(str(exc))
+        authority = str(url).partition("//")[2].partition("/")[0]
+        if "[" in authority and "]" not in authority:  # httpx: "Invalid port: ':1'"
+            reason = "its IPv6 address has no closing ']'"
+        raise ValueError(f"{name} is not a valid URL: {reason}") from None
     if parsed.scheme not in ("http", "https") or not host:
         shown = escape_terminal(repr(mask_url(url)))
         raise ValueError(f"{name} must be an http(s) URL, got {shown}")
@@ -390,6 +394,16 @@ async def _exchange(
         violation = None if in_block else http_violation(exc, timeout, where, request)
         if violation is None:
             raise
+        if (  # broken before any status line, on a port that speaks TLS: say so
+            violation.name == "connection-error"
+            and "status_code" not in where
+            and not isinstance(exc, httpx.ConnectError)
+            and await speaks_tls(request.url, deadline.deadline - anyio.current_time())
+        ):
+            hint = "the server speaks TLS: use https:// in the URL"
+            violation = ProtocolViolation(
+                "connection-error", f"{violation.detail} ({hint})", **where
+            )
         raise violation from exc
 
 

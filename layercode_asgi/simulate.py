@@ -349,18 +349,19 @@ async def run_simulation(
         }
         printer.problem(f"PROTOCOL VIOLATION: {violation.name}: {violation.detail}")
         return report
-    counts = f"{len(report.turns)} turns and {len(report.replies)} other events"
+    turns = f"{len(report.turns)} turn{'s' * (len(report.turns) != 1)}"  # 1 turn, 2 turns
+    counts = f"{turns} and {len(report.replies)} other events"  # (2 at least)
     errored = report.errored_turns
     if not errored:
         printer.line(f"OK: {counts}, no protocol violation")
     elif allow_errors:
         printer.line(
-            f"OK: {counts}, no protocol violation; {errored} of {len(report.turns)} turns "
+            f"OK: {counts}, no protocol violation; {errored} of {turns} "
             "ended in response.error (allowed by --allow-errors)"
         )
     else:
         printer.problem(
-            f"FAILED: {errored} of {len(report.turns)} turns ended in response.error "
+            f"FAILED: {errored} of {turns} ended in response.error "
             f"({counts}, no protocol violation; --allow-errors accepts them)"
         )
     return report
@@ -515,8 +516,9 @@ def _json_for_terminal(value: Any, encoding: str | None = None) -> str:
 
 
 def ascii_int(text: str) -> int:
-    """An ``argparse`` type: an integer written in ASCII digits (``int()`` reads '٢' as 2)."""
-    if not re.fullmatch(r"[+-]?[0-9]{1,20}", text.strip()):
+    """An ``argparse`` type: an integer written in ASCII digits (``int()`` reads '٢' as 2,
+    and skips a '+' and spaces)."""
+    if not re.fullmatch(r"-?[0-9]{1,20}", text):
         raise argparse.ArgumentTypeError(f"not an integer of 1-20 ASCII digits: {text[:40]!r}")
     return int(text)
 

@@ -75,6 +75,11 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--data is not valid JSON" in capsys.readouterr().err
     assert run("simulate", "--secret", "s", "--header", "no-colon", "hi") == 2
     assert "expected NAME:VALUE" in capsys.readouterr().err
+    # Before: "Invalid port: ':1'" (httpx's word for the bracket left open).
+    assert run("simulate", "--secret", "s", "--url", "http://[::1", "hi") == 2
+    assert "error: --url is not a valid URL: its IPv6 address has no closing ']'" in (
+        capsys.readouterr().err
+    )
     assert run("simulate", "--secret", "s", "--timeout", "0", "hi") == 2
     for endless in ("inf", "-inf", "Infinity", "1e309", "nan"):  # a turn could hang forever
         assert run("simulate", "--secret", "s", f"--timeout={endless}", "hi") == 2
@@ -747,6 +752,8 @@ def test_integer_options_take_ascii_digits_within_bounds(
         ["serve", "--env-file", "", "--workers", "9" * 100_000],
         ["sign", "--secret", "s", "--body", "x", "--timestamp", "\u0661\u0667" + "\u0660" * 8],
         ["simulate", "--secret", "s", "--url", "http://127.0.0.1:1", "--timeout", "\u0663"],
+        # A sign or a space int() skips: taken before, while the error says ASCII digits.
+        *(["serve", "--env-file", "", "--port", port] for port in ("+80", " 80", "80\n")),
     ):
         assert run(*argv) == 2, argv
         err = capsys.readouterr().err

@@ -4,6 +4,7 @@ with '@'. The CLI runs as users run it (a subprocess) or through its ``main()``.
 
 from __future__ import annotations
 
+import io
 import os
 import shlex
 import socket
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 
@@ -24,7 +26,7 @@ from layercode_asgi.agents import (
     get_agent,
     register_agent,
 )
-from layercode_asgi.cli import main
+from layercode_asgi.cli import main, run_simulation
 from layercode_asgi.errors import ConfigurationError
 from layercode_asgi.testing import LayercodeTestClient
 
@@ -656,3 +658,23 @@ async def test_an_agent_returning_no_reply_is_logged_once(
     records = [r for r in caplog.records if shown in r.getMessage()]
     assert len(records) == 1, [r.getMessage() for r in caplog.records]
     assert "async iterable" in records[0].getMessage()
+
+
+@pytest.mark.anyio
+async def test_simulate_counts_one_turn_in_the_singular() -> None:
+    # Before: "OK: 1 turns and 2 other events", "1 of 1 turns ended in response.error".
+    out = io.StringIO()
+    for allow_errors in (True, False):
+        await run_simulation(
+            "http://testserver/api/agent",
+            SECRET,
+            out=out,
+            err=out,
+            allow_errors=allow_errors,
+            transport=httpx.ASGITransport(app=failing_backend()),
+        )
+    assert (
+        "OK: 1 turn and 2 other events, no protocol violation; 1 of 1 turn ended in "
+        "response.error (allowed by --allow-errors)"
+    ) in out.getvalue()
+    assert "FAILED: 1 of 1 turn ended in response.error (1 turn and 2 other" in out.getvalue()

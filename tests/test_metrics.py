@@ -346,8 +346,9 @@ def test_two_apps_with_a_registry_each_scrape_their_own_figures() -> None:
     assert 'layercode_turns_total{outcome="completed"} 1.0' in scraped[0]
     assert 'layercode_turns_total{outcome="completed"} 0.0' in scraped[1]
     assert scraped[1] == render_metrics(registries[1])[0].decode()  # that registry only
-    with pytest.raises(TypeError, match=r"registry must be a prometheus_client\.CollectorRegistry"):
-        create_app(_settings(metrics=True), metrics_registry="default")
+    for metrics in (True, False):  # before: with metrics off, not checked (silently ignored)
+        with pytest.raises(TypeError, match=r"registry must be a prometheus_client\.Collector"):
+            create_app(_settings(metrics=metrics), metrics_registry="default")
 
 
 def test_metrics_route_absent_when_disabled() -> None:

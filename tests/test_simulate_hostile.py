@@ -11,11 +11,14 @@ import gzip
 import io
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -283,6 +286,79 @@ def test_https_to_a_plain_http_port_is_a_connection_error() -> None:
         code, _, err = simulate(f"https://127.0.0.1:{port}/api/agent", "--timeout", "5")
         thread.join(10)
     assert code == 1 and verdict(err) == "connection-error" and "SSL" in err
+
+
+def _tls_context(directory: Any) -> ssl.SSLContext:
+    """A server's TLS context with a self-signed certificate made in ``directory``."""
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder(subject_name=name, issuer_name=name, public_key=key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    return context
+
+
+@contextmanager
+def tls_server(context: ssl.SSLContext) -> Iterator[int]:
+    """A TLS port on 127.0.0.1 (a thread): each connection gets a handshake, then is closed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(5)
+            with suppress(OSError), context.wrap_socket(conn, server_side=True):
+                pass  # a plain-HTTP request fails its handshake: closed without a reply
+            conn.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(10)
+        listener.close()
+
+
+@pytest.mark.anyio
+async def test_http_to_a_tls_port_is_a_connection_error_that_says_https(tmp_path: Any) -> None:
+    # Before: "RemoteProtocolError: Server disconnected without sending a response." (or a
+    # ReadError with no detail): nothing said the port speaks TLS.
+    with tls_server(_tls_context(tmp_path)) as port:
+        url = f"http://127.0.0.1:{port}/api/agent"
+        with anyio.fail_after(20):
+            report = await run_simulation(url, SECRET, ["hi"], timeout=5, quiet=True)
+            client = LayercodeTestClient(base_url=f"http://127.0.0.1:{port}", secret=SECRET)
+            with pytest.raises(ProtocolViolation) as caught:
+                await client.message("hi")
+    assert report.violation is not None and report.violation["name"] == "connection-error"
+    assert "(the server speaks TLS: use https:// in the URL)" in report.violation["detail"]
+    assert caught.value.name == "connection-error" and "use https://" in caught.value.detail
 
 
 # -- an environment httpx cannot make a client from ------------------------------------------------
