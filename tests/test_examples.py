@@ -303,3 +303,20 @@ def test_adapter_example_refuses_to_start_without_its_settings(
     monkeypatch.setenv("LAYERCODE_WEBHOOK_SECRET", SECRET)
     with pytest.raises(SystemExit, match="Set OPENAI_API_KEY"):
         load_example(name, monkeypatch)
+
+
+def test_the_docs_run_the_examples_from_where_they_install() -> None:
+    """The docs install from the directory holding the clone (``./layercode-asgi``): a
+    command there that runs an example names it under the clone (``python examples/x.py``
+    there: "can't open file")."""
+    pages = [
+        EXAMPLES_DIR.parent / "README.md",
+        *sorted((EXAMPLES_DIR.parent / "docs").rglob("*.md")),
+    ]
+    wrong = [
+        f"{page.name}: {command}"
+        for page in pages
+        for command in re.findall(r"python3? \S*examples/\S+\.py", page.read_text())
+        if not command.split()[-1].startswith("layercode-asgi/examples/")
+    ]
+    assert not wrong, "\n".join(wrong)
