@@ -1,8 +1,10 @@
 """A LayerCode backend on FastAPI: the signature middleware and a tiny agent.
 
-Run it, then talk to it from another terminal::
+Install, run it, then talk to it from another terminal, from the directory holding the
+clone (``./layercode-asgi``, as in the README)::
 
-    LAYERCODE_WEBHOOK_SECRET=whsec_test python examples/fastapi_app.py
+    pip install './layercode-asgi[server]' fastapi
+    LAYERCODE_WEBHOOK_SECRET=whsec_test python layercode-asgi/examples/fastapi_app.py
     layercode-asgi simulate --secret whsec_test "Hello"
 """
 

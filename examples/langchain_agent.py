@@ -1,12 +1,15 @@
-"""A LangChain/LangGraph voice agent.
-
-Install, from the clone as in the README: ``pip install './layercode-asgi[langchain,server]'``.
+r"""A LangChain/LangGraph voice agent.
 
 ``from_langchain`` takes any runnable: a chat model, a chain, or a LangGraph graph such
 as ``create_agent``'s (streamed with ``stream_mode="messages"``; only the AI's words are
 spoken).
 
-    LAYERCODE_WEBHOOK_SECRET=whsec_test OPENAI_API_KEY=sk-… python examples/langchain_agent.py
+Install, run it, then talk to it from another terminal, from the directory holding the
+clone (``./layercode-asgi``, as in the README)::
+
+    pip install './layercode-asgi[langchain,server]'
+    LAYERCODE_WEBHOOK_SECRET=whsec_test OPENAI_API_KEY=sk-… \
+        python layercode-asgi/examples/langchain_agent.py
     layercode-asgi simulate --secret whsec_test "Hello"
 """
 

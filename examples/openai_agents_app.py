@@ -1,10 +1,13 @@
-"""An OpenAI Agents SDK voice agent.
-
-Install, from the clone as in the README: ``pip install './layercode-asgi[openai-agents,server]'``.
+r"""An OpenAI Agents SDK voice agent.
 
 The SDK's trace export stays off (``from_openai_agents(..., tracing=True)`` turns it on).
 
-    LAYERCODE_WEBHOOK_SECRET=whsec_test OPENAI_API_KEY=sk-… python examples/openai_agents_app.py
+Install, run it, then talk to it from another terminal, from the directory holding the
+clone (``./layercode-asgi``, as in the README)::
+
+    pip install './layercode-asgi[openai-agents,server]'
+    LAYERCODE_WEBHOOK_SECRET=whsec_test OPENAI_API_KEY=sk-… \
+        python layercode-asgi/examples/openai_agents_app.py
     layercode-asgi simulate --secret whsec_test "Hello"
 """
 

@@ -1,11 +1,14 @@
-"""An outdoor-shop voice agent on pydantic-ai, with tools.
-
-Install, from the clone as in the README: ``pip install './layercode-asgi[pydantic-ai,server]'``.
+r"""An outdoor-shop voice agent on pydantic-ai, with tools.
 
 A tool looks up the stock and shows it in the browser (``send_data``); another ends the
 call after the goodbye (``hang_up``). While a lookup runs, the caller hears "Let me check."
 
-    LAYERCODE_WEBHOOK_SECRET=whsec_test OPENAI_API_KEY=sk-… python examples/pydantic_ai_shop.py
+Install, run it, then talk to it from another terminal, from the directory holding the
+clone (``./layercode-asgi``, as in the README)::
+
+    pip install './layercode-asgi[pydantic-ai,server]'
+    LAYERCODE_WEBHOOK_SECRET=whsec_test OPENAI_API_KEY=sk-… \
+        python layercode-asgi/examples/pydantic_ai_shop.py
     layercode-asgi simulate --secret whsec_test "Do you have tents?"
 """
 

@@ -1,8 +1,10 @@
 """A LayerCode backend as a bare ASGI app: the signature middleware and a tiny agent.
 
-Run it, then talk to it from another terminal::
+Install, run it, then talk to it from another terminal, from the directory holding the
+clone (``./layercode-asgi``, as in the README)::
 
-    LAYERCODE_WEBHOOK_SECRET=whsec_test python examples/raw_asgi.py
+    pip install './layercode-asgi[server]'
+    LAYERCODE_WEBHOOK_SECRET=whsec_test python layercode-asgi/examples/raw_asgi.py
     layercode-asgi simulate --secret whsec_test "Hello"
 
 ``LayercodeWebhook`` answers every path; mount it at ``/api/agent`` in a larger app.

@@ -26,13 +26,12 @@ What runs, and how
   ``benchmarks`` and the checkout itself as ``layercode-asgi``. ``PATH`` starts with the
   test interpreter's directory (``python``, ``layercode-asgi``). Assignments and
   ``export`` lines carry over to the following lines and blocks. A server command
-  (``layercode-asgi serve``, ``python examples/...``, ``uvicorn``...) is started in the
-  background; the runner waits until its port (``--port N``, ``--bind HOST:N``, ``PORT=N``,
-  else 8000)
-  accepts connections, holds the same signed conversation with it once the block is done,
-  and stops it when the file is done (later blocks may talk to it, as a reader's
-  terminal would). ``pip install`` lines run as ``pip install --dry-run --no-deps``:
-  checked against the local checkout, nothing installed. Every command is bounded in time.
+  (``layercode-asgi serve``, ``python layercode-asgi/examples/...``, ``uvicorn``...) is
+  started in the background; the runner waits until its port (``--port N``,
+  ``--bind HOST:N``, ``PORT=N``, else 8000) accepts connections, holds the same signed
+  conversation with it once the block is done, and stops it when the file is done (later
+  blocks may talk to it, as a reader's terminal would). ``pip install`` lines run as
+  ``pip install --dry-run --no-deps``: checked against the local checkout, nothing installed. Every command is bounded in time.
 * ``json`` blocks must parse. Any other language needs an exemption.
 """
 
@@ -62,7 +61,8 @@ FENCE = re.compile(r"\A(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)")
 NAMED_FILE = re.compile(r"\A#\s*(?P<name>[\w./-]+\.py)\b")
 SECRET_LITERAL = re.compile(r"whsec_[^\s\"']*")
 SERVER = re.compile(
-    r"\A(\w+=\S*\s+)*(layercode-asgi serve|python3? examples/\S+\.py|uvicorn |hypercorn |granian )"
+    r"\A(\w+=\S*\s+)*(layercode-asgi serve|python3? (layercode-asgi/)?examples/\S+\.py"
+    r"|uvicorn |hypercorn |granian )"
 )
 ASSIGNMENT = re.compile(r"\A[A-Za-z_]\w*=", re.DOTALL)
 PYTHON_LANGS = {"python", "py", "python3"}

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.metadata
 import importlib.util
 import os
+import re
+import shlex
 import sys
+import tomllib
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import anyio
 import httpx
 import msgspec
 import pytest
 
 from layercode_asgi import sign
 from layercode_asgi.cli import main
+from layercode_asgi.simulate import DEFAULT_URL
 from layercode_asgi.testing import LayercodeTestClient
 
 from .conftest import SECRET, event_body, serve, signed_headers, start_server_process
@@ -43,15 +51,95 @@ def load_example(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return module
 
 
-def simulate_json(url: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+def simulate_json(
+    url: str, capsys: pytest.CaptureFixture[str], secret: str = SECRET
+) -> dict[str, Any]:
     code = main(
-        ["simulate", "--url", url, "--secret", SECRET, *MESSAGES, "--data", '{"n":1}', "--json"],
+        ["simulate", "--url", url, "--secret", secret, *MESSAGES, "--data", '{"n":1}', "--json"],
         environ={},
     )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     report: dict[str, Any] = msgspec.json.decode(captured.out)
     return report
+
+
+def documented_commands(name: str) -> tuple[list[str], list[str], list[str]]:
+    """The three commands of an example's docstring (its indented lines), split as a shell
+    would: the install, the run, the ``simulate`` to talk to it from another terminal."""
+    doc = ast.get_docstring(ast.parse((EXAMPLES_DIR / f"{name}.py").read_text())) or ""
+    lines = "\n".join(line for line in doc.splitlines() if line.startswith("    "))
+    commands = [shlex.split(line) for line in lines.replace("\\\n", " ").splitlines()]
+    assert [words[:2] for words in commands[::2]] == [
+        ["pip", "install"],
+        ["layercode-asgi", "simulate"],
+    ], (name, commands)
+    assert len(commands) == 3, (name, commands)
+    return commands[0], commands[1], commands[2]
+
+
+def run_env(run: list[str]) -> dict[str, str]:
+    """The variables a run line sets before its command."""
+    return dict(word.split("=", 1) for word in run if re.fullmatch(r"[A-Z_]+=.*", word))
+
+
+@functools.cache
+def installed_by(extras: frozenset[str]) -> frozenset[str]:
+    """The distributions ``pip install './layercode-asgi[extras]'`` names (not theirs)."""
+    project = tomllib.loads((EXAMPLES_DIR.parent / "pyproject.toml").read_text())["project"]
+    optional = project["optional-dependencies"]
+    assert extras <= optional.keys(), extras - optional.keys()
+    requirements = [*project["dependencies"], *(r for extra in extras for r in optional[extra])]
+    return frozenset(_dist(re.split(r"[\[<>=~!; ]", r)[0]) for r in requirements)
+
+
+def _dist(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def third_party_imports(name: str) -> set[str]:
+    """The distributions an example imports (besides this package and the standard library)."""
+    tree = ast.parse((EXAMPLES_DIR / f"{name}.py").read_text())
+    modules = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    modules |= {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    tops = (
+        {module.split(".")[0] for module in modules}
+        - set(sys.stdlib_module_names)
+        - {"layercode_asgi", "__future__"}
+    )
+    owners = importlib.metadata.packages_distributions()
+    return {_dist(owners[top][0]) for top in tops if top in owners} | (tops - owners.keys())
+
+
+@pytest.mark.parametrize("name", [*EXAMPLES, *ADAPTER_EXAMPLES])
+def test_the_docstring_commands_of_the_example_run_as_written(name: str) -> None:
+    """Run from the directory holding the clone (``./layercode-asgi``, where the README's
+    ``pip install`` runs), the docstring's install brings every module the example imports,
+    its run line names the file there, and ``simulate`` without ``--url`` reaches the port
+    the example serves on by default, with the secret it was started with."""
+    install, run, simulate = documented_commands(name)
+    extras: set[str] = set()
+    named = set()
+    for target in install[2:]:
+        clone = re.fullmatch(r"\./layercode-asgi(?:\[(?P<extras>[\w,-]+)\])?", target)
+        if clone:
+            extras |= set((clone["extras"] or "").split(",")) - {""}
+        else:
+            named.add(_dist(target))
+    missing = third_party_imports(name) - installed_by(frozenset(extras)) - named
+    assert not missing, f"examples/{name}.py imports {missing}, not installed by {install}"
+    env = run_env(run)
+    assert run[len(env) :] == ["python", f"layercode-asgi/examples/{name}.py"], run
+    assert simulate[2:4] == ["--secret", env["LAYERCODE_WEBHOOK_SECRET"]], simulate
+    assert "--url" not in simulate and DEFAULT_URL == "http://127.0.0.1:8000/api/agent"
+    assert 'os.environ.get("PORT", "8000")' in (EXAMPLES_DIR / f"{name}.py").read_text()
 
 
 def test_every_example_is_tested() -> None:
@@ -64,10 +152,15 @@ def test_every_example_is_tested() -> None:
 def test_example_holds_a_conversation(
     name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("LAYERCODE_WEBHOOK_SECRET", SECRET)
+    _, run, simulate = documented_commands(name)
+    secret = run_env(run)["LAYERCODE_WEBHOOK_SECRET"]  # as its docstring starts it
+    monkeypatch.setenv("LAYERCODE_WEBHOOK_SECRET", secret)
     app = load_example(name, monkeypatch).app
     with serve(app) as base:
-        report = simulate_json(f"{base}/api/agent", capsys)
+        report = simulate_json(f"{base}/api/agent", capsys, secret)
+        # the docstring's simulate, as written (its URL is the default: the example's port)
+        documented = main([*simulate[1:], "--url", f"{base}/api/agent"], environ={})
+        assert documented == 0, capsys.readouterr().err
         unsigned = main(
             ["simulate", "--url", f"{base}/api/agent", "--secret", "wrong", "hi"], environ={}
         )
@@ -167,14 +260,15 @@ async def test_adapter_example_holds_a_conversation(
 ) -> None:
     pytest.importorskip(ADAPTER_EXAMPLES[name])
     monkeypatch.chdir(tmp_path)  # no .env
-    monkeypatch.setenv("LAYERCODE_WEBHOOK_SECRET", SECRET)
+    secret = run_env(documented_commands(name)[1])["LAYERCODE_WEBHOOK_SECRET"]
+    monkeypatch.setenv("LAYERCODE_WEBHOOK_SECRET", secret)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     shop = name == "pydantic_ai_shop"
     with fake_openai() as (fake, base_url):
         monkeypatch.setenv("OPENAI_BASE_URL", base_url)
         app = load_example(name, monkeypatch).app
         with serve(app) as base:
-            async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
+            async with LayercodeTestClient(base_url=base, secret=secret) as client:
                 start = await client.session_start()
                 if shop:
                     fake.push(
@@ -182,13 +276,18 @@ async def test_adapter_example_holds_a_conversation(
                         Script(text=["We have", " four tents."]),
                     )
                 turn = await client.message("Do you have tents?")
+            asked = fake.conversation(-1)[-1]
+            # the docstring's simulate, as written, but for the URL (the fake's default answer)
+            simulate = [*documented_commands(name)[2][1:], "--url", f"{base}/api/agent"]
+            documented = await anyio.to_thread.run_sync(lambda: main(simulate, environ={}))
+    assert documented == 0
     assert len(start.tts) == 1 and start.tts[0].startswith(("Welcome", "Hi!"))
     if shop:
         assert turn.tts == ["Let me check.", "We have four tents."]
         assert turn.data == [{"item": "tent", "in_stock": 4}]
     else:
         assert turn.tts == ["Hello there. ", "How can I help you today?"]
-    assert fake.conversation(-1)[-1] == ("user", "Do you have tents?")
+    assert asked == ("user", "Do you have tents?")
 
 
 @pytest.mark.parametrize("name", ADAPTER_EXAMPLES)
@@ -204,3 +303,20 @@ def test_adapter_example_refuses_to_start_without_its_settings(
     monkeypatch.setenv("LAYERCODE_WEBHOOK_SECRET", SECRET)
     with pytest.raises(SystemExit, match="Set OPENAI_API_KEY"):
         load_example(name, monkeypatch)
+
+
+def test_the_docs_run_the_examples_from_where_they_install() -> None:
+    """The docs install from the directory holding the clone (``./layercode-asgi``): a
+    command there that runs an example names it under the clone (``python examples/x.py``
+    there: "can't open file")."""
+    pages = [
+        EXAMPLES_DIR.parent / "README.md",
+        *sorted((EXAMPLES_DIR.parent / "docs").rglob("*.md")),
+    ]
+    wrong = [
+        f"{page.name}: {command}"
+        for page in pages
+        for command in re.findall(r"python3? \S*examples/\S+\.py", page.read_text())
+        if not command.split()[-1].startswith("layercode-asgi/examples/")
+    ]
+    assert not wrong, "\n".join(wrong)
