@@ -428,6 +428,31 @@ async def test_memory_lock_timeout() -> None:
         pass
 
 
+async def test_memory_a_late_record_by_a_task_of_an_ended_turn_releases_nothing() -> None:
+    """A task a turn started sees the turn's hold; when it records after the turn ended, the
+    conversation's next holder keeps its lock (as with Redis, whose release checks a token)."""
+    store = MemoryConversationStore()
+    go, done = anyio.Event(), anyio.Event()
+
+    async def late(generation: int) -> None:
+        await go.wait()
+        await store.record_turn("c", [msg(U, "late")], generation)
+        done.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            async with store.lock("c"):
+                _, generation = await store.read_turn("c")
+                tg.start_soon(late, generation)
+            async with store.lock("c"):
+                go.set()
+                await done.wait()
+                with pytest.raises(ConversationLockTimeout):
+                    async with store.lock("c", timeout=0):
+                        pytest.fail("took the lock the next turn holds")
+    assert store._locks == {}
+
+
 # -- redis store (real redis-server) ----------------------------------------------------------
 
 

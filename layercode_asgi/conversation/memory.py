@@ -90,6 +90,8 @@ class _MemoryLock:
     ) -> None:
         _HELD.set(self.outer)
         if not self.released:
+            # released for good: a task this turn started may still see it as its hold
+            self.released = True
             self.store._unlock(self.conversation_id)
 
 
