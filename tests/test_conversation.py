@@ -31,6 +31,7 @@ from layercode_asgi.errors import ConfigurationError, LayercodeError
 from layercode_asgi.logs import escape_log_value
 
 from . import redis_fixtures
+from .conftest import BACKENDS
 from .redis_fixtures import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -428,7 +429,10 @@ async def test_memory_lock_timeout() -> None:
         pass
 
 
-async def test_memory_a_late_record_by_a_task_of_an_ended_turn_releases_nothing() -> None:
+@pytest.mark.parametrize("anyio_backend", BACKENDS)
+async def test_memory_a_late_record_by_a_task_of_an_ended_turn_releases_nothing(
+    anyio_backend: str,
+) -> None:
     """A task a turn started sees the turn's hold; when it records after the turn ended, the
     conversation's next holder keeps its lock (as with Redis, whose release checks a token)."""
     store = MemoryConversationStore()
