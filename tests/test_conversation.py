@@ -457,6 +457,18 @@ async def test_memory_a_late_record_by_a_task_of_an_ended_turn_releases_nothing(
     assert store._locks == {}
 
 
+async def test_memory_lock_object_taken_again_is_released_again() -> None:
+    """The object ``lock()`` returns may be entered again once left (as before the lock
+    could be released by ``record_turn``): each hold is released, recorded or not."""
+    store = MemoryConversationStore()
+    hold = store.lock("c")
+    for recorded in (True, False, False):
+        async with hold:
+            if recorded:
+                await store.record_turn("c", [msg(U, "hi")], 0)
+        assert store._locks == {}
+
+
 # -- redis store (real redis-server) ----------------------------------------------------------
 
 
