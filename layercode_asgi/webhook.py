@@ -358,7 +358,7 @@ class LayercodeWebhook:
         only used to notice the client leaving, and the request is logged.
         """
         started = time.perf_counter()
-        response, event = await self._respond(body, compressed(scope))
+        response, event = await self._respond(body, scope)
         unknown = None
         if isinstance(event, UnknownEventError):  # for the log line, not a metrics label
             unknown, event = event, None
@@ -397,16 +397,17 @@ class LayercodeWebhook:
         return response
 
     async def _respond(
-        self, body: bytes | str | Mapping[str, Any], encoding: str | None = None
+        self, body: bytes | str | Mapping[str, Any], scope: Scope | None = None
     ) -> tuple[Response, WebhookPayload | UnknownEventError | None]:
         """The response and what it answered: the event, an unknown event's error, or None.
-        ``encoding``: the request's ``Content-Encoding`` other than identity, if any."""
+        ``scope``: the request's, for its ``Content-Encoding`` (read only for a bad body)."""
         try:
             event = parse_webhook_payload(body)
         except UnknownEventError as exc:
             logger.warning("ignoring webhook of unknown type %s", escape_log_value(exc.event_type))
             return Response(_IGNORED, media_type="application/json"), exc
         except InvalidPayloadError as exc:
+            encoding = None if scope is None else compressed(scope)
             if encoding is not None:  # unreadable because compressed: say so
                 logger.info(
                     "rejected compressed webhook (Content-Encoding: %s): 415",

@@ -31,6 +31,7 @@ from layercode_asgi.errors import ConfigurationError, LayercodeError
 from layercode_asgi.logs import escape_log_value
 
 from . import redis_fixtures
+from .conftest import BACKENDS
 from .redis_fixtures import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -426,6 +427,46 @@ async def test_memory_lock_timeout() -> None:
     assert store._locks == {}
     async with manager.lock("c", timeout=0):  # timeout=0 still takes a free lock
         pass
+
+
+@pytest.mark.parametrize("anyio_backend", BACKENDS)
+async def test_memory_a_late_record_by_a_task_of_an_ended_turn_releases_nothing(
+    anyio_backend: str,
+) -> None:
+    """A task a turn started sees the turn's hold; when it records after the turn ended, the
+    conversation's next holder keeps its lock (as with Redis, whose release checks a token)."""
+    store = MemoryConversationStore()
+    go, done = anyio.Event(), anyio.Event()
+
+    async def late(generation: int) -> None:
+        await go.wait()
+        await store.record_turn("c", [msg(U, "late")], generation)
+        done.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            async with store.lock("c"):
+                _, generation = await store.read_turn("c")
+                tg.start_soon(late, generation)
+            async with store.lock("c"):
+                go.set()
+                await done.wait()
+                with pytest.raises(ConversationLockTimeout):
+                    async with store.lock("c", timeout=0):
+                        pytest.fail("took the lock the next turn holds")
+    assert store._locks == {}
+
+
+async def test_memory_lock_object_taken_again_is_released_again() -> None:
+    """The object ``lock()`` returns may be entered again once left (as before the lock
+    could be released by ``record_turn``): each hold is released, recorded or not."""
+    store = MemoryConversationStore()
+    hold = store.lock("c")
+    for recorded in (True, False, False):
+        async with hold:
+            if recorded:
+                await store.record_turn("c", [msg(U, "hi")], 0)
+        assert store._locks == {}
 
 
 # -- redis store (real redis-server) ----------------------------------------------------------

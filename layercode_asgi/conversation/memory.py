@@ -79,6 +79,7 @@ class _MemoryLock:
         else:
             check_conversation_id(self.conversation_id)  # held or known: checked already
             store._locks[self.conversation_id] = _LockEntry()
+        self.released = False  # held (again: the object may be entered once more)
         self.outer = _HELD.get()
         _HELD.set(self)
 
@@ -90,6 +91,8 @@ class _MemoryLock:
     ) -> None:
         _HELD.set(self.outer)
         if not self.released:
+            # released for good: a task this turn started may still see it as its hold
+            self.released = True
             self.store._unlock(self.conversation_id)
 
 
