@@ -23,7 +23,7 @@ from .jsonwire import decode_json
 from .kitclient import ReplyTooLarge, noted_redirect, open_reply, raised_by_app, speaks_tls
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
 from .redaction import escape_terminal, mask_url
-from .signature import SIGNATURE_HEADER, sign
+from .signature import SIGNATURE_HEADER, check_secret, sign
 from .sse_parser import SSEEvent, SSEParser
 
 __all__ = [
@@ -132,13 +132,6 @@ def signed_headers(body: bytes | str, secret: str, timestamp: int | None = None)
     """Request headers for ``body``: JSON content type and a valid ``layercode-signature``."""
     check_secret(secret)
     return {"content-type": "application/json", SIGNATURE_HEADER: sign(body, secret, timestamp)}
-
-
-def check_secret(secret: object) -> None:
-    """Raise ValueError for an empty or blank ``secret``: anybody could sign with it, no
-    verifier takes it (``verify_signature`` refuses it too)."""
-    if not secret or (isinstance(secret, str | bytes) and not secret.strip()):
-        raise ValueError("secret is required (the webhook secret to sign with)")
 
 
 def check_event(event: object) -> None:

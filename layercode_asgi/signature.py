@@ -111,6 +111,13 @@ def _blank(secret: str | bytes | bytearray | memoryview) -> bool:
     return not (secret.strip() if isinstance(secret, str) else bytes(secret).strip())
 
 
+def check_secret(secret: object) -> None:
+    """Raise ValueError for an empty or blank ``secret``: anybody could sign with it, no
+    verifier takes it (``verify_signature`` refuses it too)."""
+    if not secret or (isinstance(secret, _BYTES_LIKE) and _blank(secret)):
+        raise ValueError("secret is required (the webhook secret to sign with)")
+
+
 def _secret_keys(secrets: Sequence[str | bytes | bytearray | memoryview]) -> list[bytes]:
     return [_to_bytes(s, "secret") for s in secrets]
 
@@ -166,7 +173,8 @@ def sign(payload: bytes | str, secret: str, timestamp: int | None = None) -> str
     """Return a ``layercode-signature`` header value ``t=<timestamp>,v1=<hex>``.
 
     ``payload`` is the exact request body (a ``str`` is encoded as UTF-8); ``timestamp``
-    defaults to the current unix time in seconds.
+    defaults to the current unix time in seconds. An empty or blank ``secret`` raises
+    ``ValueError``, as ``verify_signature`` refuses one.
     """
     if timestamp is None:
         timestamp = int(time.time())
@@ -176,6 +184,7 @@ def sign(payload: bytes | str, secret: str, timestamp: int | None = None) -> str
         raise ValueError(f"timestamp must be a unix time in seconds, 0 or more, got {timestamp}")
     t = str(timestamp)
     key = _to_bytes(secret, "secret")
+    check_secret(secret)  # a blank one: no verifier takes it (ValueError)
     return f"t={t},v1={_digest(key, t.encode(), _to_bytes(payload))}"
 
 

@@ -32,7 +32,6 @@ from .protocol import (
     TurnResult,
     answering,
     check_event,
-    check_secret,
     check_url,
     encode_event,
     http_violation,
@@ -40,7 +39,7 @@ from .protocol import (
     send_turn,
     signed_headers,
 )
-from .signature import SIGNATURE_HEADER
+from .signature import SIGNATURE_HEADER, check_secret
 
 __all__ = [
     *protocol.__all__,
