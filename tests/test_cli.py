@@ -754,6 +754,10 @@ def test_integer_options_take_ascii_digits_within_bounds(
         ["simulate", "--secret", "s", "--url", "http://127.0.0.1:1", "--timeout", "\u0663"],
         # A sign or a space int() skips: taken before, while the error says ASCII digits.
         *(["serve", "--env-file", "", "--port", port] for port in ("+80", " 80", "80\n")),
+        *(
+            ["simulate", "--secret", "s", "--url", "http://127.0.0.1:1", "--timeout", value, "hi"]
+            for value in ("+3", " 3", "3\n", "3.", ".5", "1_0", "3e0")
+        ),
     ):
         assert run(*argv) == 2, argv
         err = capsys.readouterr().err
