@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
+from urllib.parse import unquote
 
 import anyio
 import httpx
@@ -139,6 +140,10 @@ def check_event(event: object) -> None:
     check_type("event", event, Mapping, "a mapping (such as message_event(...))")
 
 
+#: What no URL host holds, once percent-decoded (WHATWG's forbidden domain code points).
+_NOT_IN_HOST: Final = frozenset(map(chr, range(33))) | frozenset("#%/:<>?@[\\]^|\x7f")
+
+
 def check_url(name: str, url: str) -> None:
     """Raise ValueError naming ``name`` unless ``url`` is an http(s) URL httpx can send to."""
     try:
@@ -155,6 +160,9 @@ def check_url(name: str, url: str) -> None:
         raise ValueError(f"{name} must be an http(s) URL, got {shown}")
     if port is not None and not 0 < port < 65536:
         raise ValueError(f"{name} has port {port}, expected 1 to 65535")
+    held = next((c for c in unquote(host) if c in _NOT_IN_HOST), None)  # httpx sends a%20b
+    if held is not None and not parsed.netloc.startswith(b"["):  # IPv6: httpx checked it
+        raise ValueError(f"{name} is not a valid URL: its host holds {held!r}, which no host can")
 
 
 def answering(where: Mapping[str, Any]) -> str:

@@ -30,13 +30,16 @@ def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], names: s
 
 
 @pytest.mark.parametrize(
-    "url", ["", " ", "\t", "http://127.0.0.1/a\nb", "-o/tmp/owned", "localhost:8000/api/agent"]
-)
+    "url",
+    ["", " ", "\t", "http://127.0.0.1/a\nb", "-o/tmp/owned", "localhost:8000/api/agent",
+     "http://a b/api/agent", "http://a%20b/", "https://a<b>:8000/", "http://a^b/", "http://a|b/",
+     "http://u@a%25b/"],
+)  # fmt: skip
 def test_sign_curl_refuses_a_url_it_cannot_print_a_command_for(
     url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Before: `sign --curl ''` printed `curl -sSN -X POST '' …` (and `-o/tmp/owned` became an
-    # option of curl), exit 0.
+    # option of curl), exit 0; so did a host with a space or a character no host holds.
     argv = ["sign", "--secret", "s", "--body", "{}", f"--curl={url}"]
     one_line_error(capsys, argv, "--curl")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import socket
 import threading
 import zlib
@@ -744,6 +745,20 @@ def test_a_path_httpx_cannot_send_is_a_value_error() -> None:
     for where in ({"app": echo_app()}, {"base_url": "http://127.0.0.1:1"}):
         with pytest.raises(ValueError, match=r"^path is not a valid URL: .*non-printable"):
             LayercodeTestClient(**where, secret=SECRET, path="/api\x00agent")
+    # Before: taken, each request then failing as a connection-error (httpx sent 'a%20b').
+    for url, held in (("http://a b:8000", " "), ("http://a%3Cb", "<"), ("http://a\\b", "\\")):
+        with pytest.raises(
+            ValueError,
+            match="^base_url is not a valid URL: its host holds " + re.escape(repr(held)),
+        ):
+            LayercodeTestClient(base_url=url, secret=SECRET)
+    for url in (
+        "http://b\u00fccher.example",
+        "http://a_b-c.d",
+        "http://[::1]:8",
+        "http://[fe80::1%25eth0]",
+    ):
+        LayercodeTestClient(base_url=url, secret=SECRET)  # hosts a URL may hold
 
 
 @pytest.mark.anyio
