@@ -34,7 +34,7 @@ from urllib.parse import SplitResult, urlsplit
 from ._redis import not_a_database
 from .apikeys import sendable_key
 from .envfile import settings_sources
-from .errors import MAX_NUMBER, SettingsError
+from .errors import MAX_NUMBER, SettingsError, held_in_host
 from .redaction import mask_url, port_problem
 
 # Not exported (the CLI's): SETTINGS_FIELDS (see Settings.fields()).
@@ -77,13 +77,13 @@ def _fail_type(expected: str, value: object) -> NoReturn:
 
 
 def _split_url(text: str, expected: str, shown: object) -> SplitResult:
-    """``urlsplit(text)``, failing with ``expected`` (quoting ``shown``) on a bad URL or port."""
+    """``urlsplit(text)``, failing with ``expected`` (quoting ``shown``) on a bad URL/port/host."""
     try:
         parts = urlsplit(text)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         _fail(expected, shown)
-    return parts
+    return parts if held_in_host(parts.hostname or "") is None else _fail(expected, shown)
 
 
 # -- converters: each accepts a string (from the environment) or a native value (kwargs) -----

@@ -12,7 +12,8 @@ import asyncio
 import inspect
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
+from urllib.parse import unquote
 
 from .redaction import escape_terminal
 
@@ -144,6 +145,16 @@ def check_text(name: str, value: object) -> None:
             value.encode()
         except UnicodeEncodeError:
             raise ConfigurationError(f"{name} is not valid text (a lone surrogate)") from None
+
+
+#: What no URL host holds, once percent-decoded (WHATWG's forbidden domain code points).
+_NOT_IN_HOST: Final = frozenset(map(chr, range(33))) | frozenset("#%/:<>?@[\\]^|\x7f")
+
+
+def held_in_host(host: str) -> str | None:
+    """The first character of a URL's ``host`` that no host holds (percent-decoded: httpx
+    sends ``a b`` as ``a%20b``), or ``None``. An IPv6 address (with ``:``) is its parser's."""
+    return None if ":" in host else next((c for c in unquote(host) if c in _NOT_IN_HOST), None)
 
 
 def from_environment(make: Callable[[], _T], what: str) -> _T:

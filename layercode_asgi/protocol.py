@@ -12,14 +12,13 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import unquote
 
 import anyio
 import httpx
 import msgspec
 
 from ._asgi import check_headers
-from .errors import check_callable, check_positive_int, check_seconds, check_type
+from .errors import check_callable, check_positive_int, check_seconds, check_type, held_in_host
 from .jsonwire import decode_json
 from .kitclient import ReplyTooLarge, noted_redirect, open_reply, raised_by_app, speaks_tls
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
@@ -140,10 +139,6 @@ def check_event(event: object) -> None:
     check_type("event", event, Mapping, "a mapping (such as message_event(...))")
 
 
-#: What no URL host holds, once percent-decoded (WHATWG's forbidden domain code points).
-_NOT_IN_HOST: Final = frozenset(map(chr, range(33))) | frozenset("#%/:<>?@[\\]^|\x7f")
-
-
 def check_url(name: str, url: str) -> None:
     """Raise ValueError naming ``name`` unless ``url`` is an http(s) URL httpx can send to."""
     try:
@@ -160,8 +155,7 @@ def check_url(name: str, url: str) -> None:
         raise ValueError(f"{name} must be an http(s) URL, got {shown}")
     if port is not None and not 0 < port < 65536:
         raise ValueError(f"{name} has port {port}, expected 1 to 65535")
-    held = next((c for c in unquote(host) if c in _NOT_IN_HOST), None)  # httpx sends a%20b
-    if held is not None and not parsed.netloc.startswith(b"["):  # IPv6: httpx checked it
+    if (held := held_in_host(host)) is not None:
         raise ValueError(f"{name} is not a valid URL: its host holds {held!r}, which no host can")
 
 

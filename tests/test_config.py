@@ -164,6 +164,11 @@ def test_numbers() -> None:
         ("LAYERCODE_API_URL", "ftp://x.com", "expected an http(s) URL, got 'ftp://x.com'"),
         ("LAYERCODE_API_URL", "https://", "expected an http(s) URL"),
         ("LAYERCODE_API_URL", "https://h:99999", "expected an http(s) URL"),
+        # Before: taken, a host no request can reach (a space, '<', or one percent-encoded)
+        ("LAYERCODE_API_URL", "https://api layercode.com/v1", "expected an http(s) URL, got 'https://api layercode.com/v1'"),
+        ("OPENAI_BASE_URL", "http://a%20b:8000/v1", "expected an http(s) URL"),
+        ("REDIS_URL", "redis://:pw@a<b:6379/0", "expected a redis://, rediss:// or unix:// URL"),
+        ("LAYERCODE_CORS_ORIGINS", "https://a^b.com", "expected '*' or http(s) origins"),
         ("REDIS_URL", "http://localhost", "expected a redis://, rediss:// or unix:// URL"),
         ("REDIS_URL", "localhost:6379", "expected a redis://"),
         ("REDIS_URL", "unix://", "expected a unix:// URL with a socket path"),
