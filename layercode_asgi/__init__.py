@@ -40,7 +40,7 @@ from .agents import (
     openai_agent,
     register_agent,
 )
-from .config import SettingField, Settings, SettingsError
+from .config import Settings, SettingsError
 from .conversation import (
     ConversationBackend,
     ConversationLockTimeout,
@@ -127,7 +127,6 @@ __all__ = [
     "SessionEndPayload",
     "SessionStartPayload",
     "SessionUpdatePayload",
-    "SettingField",
     "Settings",
     "SettingsError",
     "SignatureErrorReason",

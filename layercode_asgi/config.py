@@ -37,8 +37,8 @@ from .envfile import settings_sources
 from .errors import MAX_NUMBER, SettingsError, held_in_host
 from .redaction import mask_url, port_problem
 
-# Not exported (the CLI's): SETTINGS_FIELDS (see Settings.fields()).
-__all__ = ["SettingField", "Settings", "SettingsError", "settings_table_markdown"]
+# Internal, not exported (the CLI's, the logs' and the docs'): SETTINGS_FIELDS, SettingField.
+__all__ = ["Settings", "SettingsError", "settings_table_markdown"]
 
 
 #: The longest quotation of an invalid (non-secret) value in an error message.
@@ -297,8 +297,8 @@ def _log_format(value: object) -> str:
 
 @dataclass(frozen=True)
 class SettingField:
-    """One row of :meth:`Settings.fields`: ``name``, ``env`` (its variable), ``type``, ``default``,
-    ``doc``, ``secret`` (masked in ``repr``); ``convert`` (the library's) parses a value."""
+    """One row of :data:`SETTINGS_FIELDS`: ``name``, ``env`` (its variable), ``type``, ``default``,
+    ``doc``, ``secret`` (masked in ``repr``); ``convert`` parses a value."""
 
     name: str
     env: str
@@ -521,11 +521,6 @@ class Settings:
             object.__setattr__(self, spec.name, value)
         if problems:
             raise SettingsError(problems)
-
-    @classmethod
-    def fields(cls) -> tuple[SettingField, ...]:
-        """The table of every setting, one :class:`SettingField` each, in the docs' order."""
-        return SETTINGS_FIELDS
 
     @property
     def webhook_secrets(self) -> tuple[str, ...]:

@@ -29,7 +29,7 @@ from copy import copy, deepcopy
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from .config import Settings
+from .config import SETTINGS_FIELDS, Settings
 from .errors import check_positive_int, check_type
 from .redaction import MASK, mask_urls, url_secrets
 
@@ -400,7 +400,7 @@ def settings_secrets(settings: Settings) -> Iterable[str]:
     """The secrets of ``settings`` (each of several comma-separated ones, a URL's password),
     and of the environment's ``*API_KEY`` variables (which model SDKs read)."""
     values = settings.as_dict(mask_secrets=False)
-    for spec in Settings.fields():
+    for spec in SETTINGS_FIELDS:
         value = values[spec.name]
         if spec.secret and value:
             yield from value.split(",") if isinstance(value, str) else value

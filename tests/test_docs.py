@@ -666,11 +666,11 @@ def _resolve_walk(section: str) -> tuple[list[object], list[str]]:
     naming nothing. ``module.name`` and ``module.Class.method`` are looked up in
     ``layercode_asgi``; ``Class.method`` and ``name`` in the modules and classes the walk
     names in full; ``LAYERCODE_*`` among the settings."""
-    from layercode_asgi import Settings
+    from layercode_asgi.config import SETTINGS_FIELDS
 
     spans = re.findall(r"`([A-Za-z_][\w.]*)`", section)
     spans = [s for s in spans if s not in WIRE and not keyword.iskeyword(s)]
-    envs = {field.env for field in Settings.fields()}
+    envs = {field.env for field in SETTINGS_FIELDS}
     scopes: list[object] = []  # the modules and classes named in full
     for span in spans:
         found: object = _module(span.split(".")[0])
