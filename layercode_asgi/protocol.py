@@ -329,36 +329,42 @@ def _excerpt(content: bytes, more: bool = False) -> str:
 
 
 def _too_large(max_bytes: int, where: dict[str, Any]) -> ProtocolViolation:
-    kind = where.get("event_type")
-    return ProtocolViolation(
-        "too-large", f"{kind} reply longer than {max_bytes} bytes (max_bytes)", **where
-    )
+    detail = f"{where.get('event_type') or ''} reply longer than {max_bytes} bytes (max_bytes)"
+    return ProtocolViolation("too-large", detail.lstrip(), **where)
 
 
-@asynccontextmanager
-async def _exchange(
+def signed_request(
     client: httpx.AsyncClient,
     url: str,
     event: Mapping[str, Any],
     secret: str,
     headers: Mapping[str, str] | None,
+) -> httpx.Request:
+    """The POST of the signed ``event``; ``headers`` replace the kit's, whatever their case."""
+    check_headers("headers", headers or {}, client=True)
+    body = encode_event(event)
+    request_headers = httpx.Headers(
+        {"accept-encoding": ACCEPT_ENCODING, **signed_headers(body, secret)}
+    )
+    request_headers.update(headers or {})
+    return client.build_request("POST", url, content=body, headers=request_headers)
+
+
+@asynccontextmanager
+async def exchange(
+    client: httpx.AsyncClient,
+    request: httpx.Request,
     timeout: float,  # noqa: ASYNC109 - a protocol bound, reported as a violation
     max_bytes: int,
     where: dict[str, Any],
     ok: range,
     late: str | Callable[[], str],
+    read: bool = False,
 ) -> AsyncIterator[httpx.Response]:
-    """POST the signed ``event``, require a status in ``ok``; any failure is a ProtocolViolation."""
-    check_headers("headers", headers or {}, client=True)
+    """Send ``request``, require a status in ``ok`` (``read``: and read the whole body); any
+    failure is a ProtocolViolation, ``late`` saying what a timeout missed."""
     check_seconds("timeout", timeout, zero=False, none=False)
     check_positive_int(max_bytes, "max_bytes")
-    body = encode_event(event)
-    request_headers = httpx.Headers(
-        {"accept-encoding": ACCEPT_ENCODING, **signed_headers(body, secret)}
-    )
-    request_headers.update(headers or {})  # a name given replaces ours, whatever its case
-    kind = where["event_type"]
-    request = client.build_request("POST", url, content=body, headers=request_headers)
     in_block = False  # the caller's block runs at the yield: its errors (on_event's) are its own
     try:
         with anyio.fail_after(timeout) as deadline:
@@ -367,12 +373,14 @@ async def _exchange(
                 where["status_code"] = status = reply.status_code
                 if status not in ok:
                     prefix, more = await read_prefix(reply, _BODY_EXCERPT)
-                    answered = f"{kind} answered {status}"
+                    answered = f"{where['event_type']} answered {status}"
                     location = reply.headers.get("location")
                     if 300 <= status < 400 and location:  # the signed body goes nowhere else
                         answered += f" (a redirect to {_brief(mask_url(location))}, not followed)"
                     detail = f"{answered}: {_excerpt(prefix, more)}" if prefix else answered
                     raise ProtocolViolation("http-error", detail, **where)
+                if read:
+                    await reply.aread()
                 in_block = True
                 yield reply
                 in_block = False
@@ -381,8 +389,8 @@ async def _exchange(
     except TimeoutError:
         if not deadline.cancelled_caught:  # an in-process app's own, or on_event's: not ours
             raise
-        detail = late if isinstance(late, str) else late()
-        raise ProtocolViolation("timeout", f"{answering(where)} {detail}", **where) from None
+        detail = f"{answering(where)} {late if isinstance(late, str) else late()}"
+        raise ProtocolViolation("timeout", detail.lstrip(), **where) from None
     except ReplyTooLarge:
         raise _too_large(max_bytes, where) from None
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
@@ -489,9 +497,8 @@ async def send_turn(
 
     first_tts: float | None = None
     started = time.perf_counter()
-    async with _exchange(
-        client, url, event, secret, headers, timeout, max_bytes, where, range(200, 201), late
-    ) as reply:
+    request = signed_request(client, url, event, secret, headers)
+    async with exchange(client, request, timeout, max_bytes, where, range(200, 201), late) as reply:
         content_type = reply.headers.get("content-type", "")
         # The essence of the last of several values (Content-Type repeated), as Fetch takes it.
         if content_type.rpartition(",")[2].partition(";")[0].strip().lower() != "text/event-stream":
@@ -539,9 +546,8 @@ async def send_json_event(
     started = time.perf_counter()
     content = bytearray()
     late = f"not answered within {timeout:g} s"
-    async with _exchange(
-        client, url, event, secret, headers, timeout, max_bytes, where, range(200, 300), late
-    ) as reply:
+    request = signed_request(client, url, event, secret, headers)
+    async with exchange(client, request, timeout, max_bytes, where, range(200, 300), late) as reply:
         async for chunk in _decoded(reply, max_bytes, timeout, where):
             content += chunk
     try:  # no body (a 204, an empty 2xx) is an answer too: LayerCode needs only the status

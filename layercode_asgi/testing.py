@@ -19,7 +19,7 @@ from . import protocol
 from ._asgi import check_headers
 from .errors import check_positive_int, check_seconds, check_type, kind_of
 from .jsonwire import check_json_value
-from .kitclient import BoundedApp, new_client, noting_app_errors, noting_reply_start, open_reply
+from .kitclient import BoundedApp, new_client, noting_app_errors, noting_reply_start
 from .protocol import *  # noqa: F403 - the client's vocabulary, re-exported
 from .protocol import (
     MAX_REPLY_BYTES,
@@ -28,13 +28,12 @@ from .protocol import (
     JSONResult,
     OnEvent,
     ProtocolViolation,
-    ReplyTooLarge,
     TurnResult,
     answering,
     check_event,
     check_url,
     encode_event,
-    http_violation,
+    exchange,
     send_json_event,
     send_turn,
     signed_headers,
@@ -411,27 +410,12 @@ class LayercodeTestClient:
             request = client.build_request(
                 "POST", self.url, content=content, headers=request_headers
             )
-            try:  # bounded like the checked methods: httpx's timeout misses an in-process app
-                with anyio.fail_after(self.timeout) as deadline:
-                    reply = await open_reply(client, request)
-                    try:
-                        await reply.aread()
-                    finally:
-                        await reply.aclose()
-                    return reply
-            except TimeoutError:
-                if not deadline.cancelled_caught:  # the in-process app's own
-                    raise
-                detail = f"POST not answered within {self.timeout:g} s"
-                raise ProtocolViolation("timeout", detail) from None
-            except ReplyTooLarge:
-                detail = f"reply longer than {self.max_bytes} bytes (max_bytes)"
-                raise ProtocolViolation("too-large", detail) from None
-            except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-                violation = http_violation(exc, self.timeout, {}, request)
-                if violation is None:
-                    raise
-                raise violation from exc
+            late = f"POST not answered within {self.timeout:g} s"  # any status is an answer
+            answered = range(100, 1000)
+            async with exchange(
+                client, request, self.timeout, self.max_bytes, {}, answered, late, read=True
+            ) as reply:
+                return reply
 
     # -- one helper per event, with the client's conversation and session ids --
 

@@ -356,9 +356,13 @@ async def test_http_to_a_tls_port_is_a_connection_error_that_says_https(tmp_path
             client = LayercodeTestClient(base_url=f"http://127.0.0.1:{port}", secret=SECRET)
             with pytest.raises(ProtocolViolation) as caught:
                 await client.message("hi")
+            # Before: post() alone said "connection-error: ReadError: the connection broke".
+            with pytest.raises(ProtocolViolation) as posted:
+                await client.post(b"{}")
     assert report.violation is not None and report.violation["name"] == "connection-error"
     assert "(the server speaks TLS: use https:// in the URL)" in report.violation["detail"]
-    assert caught.value.name == "connection-error" and "use https://" in caught.value.detail
+    for violation in (caught.value, posted.value):
+        assert violation.name == "connection-error" and "use https://" in violation.detail
 
 
 # -- an environment httpx cannot make a client from ------------------------------------------------
