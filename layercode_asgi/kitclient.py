@@ -11,6 +11,7 @@ import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import anyio
@@ -90,43 +91,35 @@ async def speaks_tls(url: httpx.URL, seconds: float) -> bool:
 
 # -- an app run in-process ------------------------------------------------------------------------
 
-#: While the kit sends to an in-process app: the exceptions the app itself raised (httpx runs
-#: the app in the client's own task and context, and re-raises them as they are).
-_APP_RAISED: ContextVar[list[BaseException] | None] = ContextVar(
-    "layercode_app_raised", default=None
-)
+
+@dataclass
+class _Noted:
+    """What :class:`BoundedApp` notes while the kit sends to an in-process app (httpx runs the
+    app in the client's own task and context, and re-raises its exceptions as they are)."""
+
+    raised: list[BaseException] = field(default_factory=list)  #: what the app raised itself
+    started: list[int] = field(default_factory=list)  #: the status it started its reply with
+
+
+_NOTED: ContextVar[_Noted | None] = ContextVar("layercode_in_process", default=None)
 
 
 @contextmanager
-def noting_app_errors() -> Iterator[None]:
-    """Within it, :class:`BoundedApp` notes what its app raises, for :func:`raised_by_app`."""
-    token = _APP_RAISED.set([])
+def noting_app_errors() -> Iterator[list[int]]:
+    """Within it, :class:`BoundedApp` notes what its app raises, for :func:`raised_by_app`,
+    and the status it started its reply with, in the list it gives."""
+    token = _NOTED.set(noted := _Noted())
     try:
-        yield
+        yield noted.started
     finally:
-        _APP_RAISED.reset(token)
+        _NOTED.reset(token)
 
 
 def raised_by_app(exc: BaseException) -> bool:
     """Whether ``exc`` is an exception an in-process app raised itself (under
     :func:`noting_app_errors`): not a failure of the kit's transport, so no violation."""
-    return any(exc is raised for raised in _APP_RAISED.get() or ())
-
-
-#: While the client sends to an in-process app: where :class:`BoundedApp` notes the status the
-#: app started its reply with.
-_REPLY_STARTED: ContextVar[list[int] | None] = ContextVar("layercode_reply_started", default=None)
-
-
-@contextmanager
-def noting_reply_start() -> Iterator[list[int]]:
-    """Within it, the list it gives gets the status an in-process app started its reply with."""
-    started: list[int] = []
-    token = _REPLY_STARTED.set(started)
-    try:
-        yield started
-    finally:
-        _REPLY_STARTED.reset(token)
+    noted = _NOTED.get()
+    return noted is not None and any(exc is raised for raised in noted.raised)
 
 
 def _misuse(what: str) -> RuntimeError:
@@ -191,9 +184,8 @@ class BoundedApp:
                     raise _misuse(f"headers that are not (name, value) pairs: {headers!r:.80}")
                 message = {**message, "headers": pairs}  # read once, even from a generator
                 started = True
-                noted = _REPLY_STARTED.get()
-                if noted is not None:
-                    noted.append(status)
+                if (noted := _NOTED.get()) is not None:
+                    noted.started.append(status)
             elif kind == "http.response.body":
                 body = message.get("body", b"")
                 if not started:
@@ -217,9 +209,8 @@ class BoundedApp:
             with suppress(_StoppedReading):  # an app may let the send's OSError out
                 await self.app(scope, receive, bounded_send)
         except Exception as exc:
-            raised = _APP_RAISED.get()
-            if raised is not None:
-                raised.append(exc)
+            if (noted := _NOTED.get()) is not None:
+                noted.raised.append(exc)
             raise
         if too_large:
             raise ReplyTooLarge(f"reply longer than {self.max_bytes} bytes")

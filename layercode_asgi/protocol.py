@@ -75,7 +75,6 @@ MAX_REPLY_BYTES: Final = 64 * 1024 * 1024
 MAX_TURN_EVENTS: Final = 100_000
 
 _encode = msgspec.json.Encoder().encode
-_decode = decode_json  # half an emoji (JavaScript's lone surrogate escape) as U+FFFD
 #: What decoding a backend's JSON raises: invalid, or nested deeper than the decoder goes.
 _UNDECODABLE: Final = (msgspec.DecodeError, RecursionError)
 #: How much of an unexpected error body a violation message quotes.
@@ -215,7 +214,7 @@ class TurnChecker:
                 "too-large", f"more than {self.max_events} events in one turn (max_events)"
             )
         try:
-            event = _decode(sse.data)
+            event = decode_json(sse.data)
         except _UNDECODABLE as exc:
             raise self.violation(
                 "bad-json", f"SSE event #{position} is not valid JSON ({exc}): {sse.data[:80]!r}"
@@ -551,7 +550,7 @@ async def send_json_event(
         async for chunk in _decoded(reply, max_bytes, timeout, where):
             content += chunk
     try:  # no body (a 204, an empty 2xx) is an answer too: LayerCode needs only the status
-        answer = _decode(content) if content else None
+        answer = decode_json(content) if content else None
     except _UNDECODABLE:
         raise ProtocolViolation(
             "bad-json", f"{kind} reply is not JSON: {_excerpt(bytes(content))!r}", **where

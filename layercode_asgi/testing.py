@@ -19,7 +19,7 @@ from . import protocol
 from ._asgi import check_headers
 from .errors import check_positive_int, check_seconds, check_type, kind_of
 from .jsonwire import check_json_value
-from .kitclient import BoundedApp, new_client, noting_app_errors, noting_reply_start
+from .kitclient import BoundedApp, new_client, noting_app_errors
 from .protocol import *  # noqa: F403 - the client's vocabulary, re-exported
 from .protocol import (
     MAX_REPLY_BYTES,
@@ -310,7 +310,7 @@ class LayercodeTestClient:
 
     @asynccontextmanager
     async def _http(self) -> AsyncIterator[httpx.AsyncClient]:
-        with noting_app_errors(), noting_reply_start() as started:
+        with noting_app_errors() as started:
             try:
                 if self._client is not None:
                     yield self._client
