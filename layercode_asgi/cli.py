@@ -1,15 +1,7 @@
-"""The ``layercode-asgi`` command line (also ``python -m layercode_asgi``).
-
-Commands:
-
-* ``serve``: run the ready-made backend (:func:`~layercode_asgi.server.create_app`) under
-  uvicorn. Refuses to start without a webhook secret unless ``--dev`` (which generates one
-  and prints it): it never serves an unauthenticated webhook.
-* ``simulate``: play a signed conversation against any LayerCode-style backend, print the
-  spoken reply as it streams, time each turn, and exit 1 naming the first protocol
-  violation (:data:`~layercode_asgi.testing.VIOLATIONS`).
-* ``demo``: serve the echo agent on a free local port and simulate a conversation with it.
-* ``list-agents``: the registered agents. ``sign``: a ``layercode-signature`` header value.
+"""The ``layercode-asgi`` command line (also ``python -m layercode_asgi``): ``serve``,
+``simulate``, ``demo``, ``list-agents`` and ``sign`` (each described by its ``--help``).
+``serve`` refuses to start without a webhook secret unless ``--dev`` (which generates one and
+prints it): it never serves an unauthenticated webhook.
 
 Exit codes: 0 success; 1 a protocol violation, or a turn that ended in ``response.error``
 (``simulate``, ``demo``; ``--allow-errors`` accepts those); 2 a usage or configuration error
@@ -153,10 +145,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         sys.path.insert(0, os.getcwd())
     # Built here even for --workers, so a bad agent or setting fails before any worker starts.
     app = create_app(
-        settings,
-        agent=agent,
-        agent_route=args.agent_route,
-        authorize_route=args.authorize_route,
+        settings, agent=agent, agent_route=args.agent_route, authorize_route=args.authorize_route
     )
     setup_logging(
         verbose=args.verbose,
@@ -200,11 +189,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         # webhooks get 503 meanwhile, then a clean exit. The banner comes once it listens.
         with _start_failure_exits_2():
             run_server(
-                app,
-                host=args.host,
-                port=port,
-                log_level=log_level,
-                callback_notify=when_started,
+                app, host=args.host, port=port, log_level=log_level, callback_notify=when_started
             )
         return EXIT_OK
     from .workers import STARTUP_FAILURE, serve_workers
@@ -413,9 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--agent-route", default="/api/agent", help="webhook path (default %(default)s)"
     )
     serve.add_argument(
-        "--authorize-route",
-        default="/api/authorize",
-        help="authorize path (default %(default)s)",
+        "--authorize-route", default="/api/authorize", help="authorize path (default %(default)s)"
     )
     serve.add_argument(
         "--env-file",
@@ -486,10 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=formatter,
     )
-    sign.add_argument(
-        "--secret",
-        help=SECRET_HELP,
-    )
+    sign.add_argument("--secret", help=SECRET_HELP)
     source = sign.add_mutually_exclusive_group()
     source.add_argument("--body", metavar="TEXT", help="the exact request body")
     source.add_argument("--file", metavar="PATH", help="read the body from PATH ('-' = stdin)")

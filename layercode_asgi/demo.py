@@ -56,7 +56,7 @@ async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
     )
     app = create_app(settings, agent="echo")
     memory: MemoryMetrics | None = None
-    if getattr(args, "metrics", False):
+    if args.metrics:
         memory = MemoryMetrics()
         app.state.webhook.metrics = TurnMetrics(memory)
     sock = _bind_free_port()

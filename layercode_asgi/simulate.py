@@ -61,7 +61,6 @@ ALLOW_ERRORS_HELP: Final = (
     "exit 0 even when turns ended in response.error (for backends that use it on purpose); "
     "they are still counted"
 )
-_VIOLATION_HELP = "\n".join(f"  {name:<18} {meaning}" for name, meaning in VIOLATIONS.items())
 _encode = msgspec.json.encode
 _NO_DATA: Any = object()
 
@@ -267,7 +266,6 @@ async def run_simulation(
             strict=strict,
             on_event=printer.on_event,
         )
-        printer.end_line()
         first = _ms(result.time_to_first_tts)
         total = _ms(result.duration)
         spoken = f"first tts after {first} ms" if first is not None else "nothing spoken"
@@ -340,13 +338,8 @@ async def run_simulation(
                 ),
             )
     except ProtocolViolation as violation:
-        report.violation = {
-            "name": violation.name,
-            "detail": violation.detail,
-            "event_type": violation.event_type,
-            "turn_id": violation.turn_id,
-            "status_code": violation.status_code,
-        }
+        fields = ("name", "detail", "event_type", "turn_id", "status_code")
+        report.violation = {name: getattr(violation, name) for name in fields}
         printer.problem(f"PROTOCOL VIOLATION: {violation.name}: {violation.detail}")
         return report
     turns = f"{len(report.turns)} turn{'s' * (len(report.turns) != 1)}"  # 1 turn, 2 turns
@@ -397,12 +390,10 @@ def stdin_is_piped() -> bool:
 def _simulation_messages(args: argparse.Namespace) -> list[str]:
     messages = list(args.messages)
     try:
-        if args.file == "-":
-            messages.extend(_read_lines(sys.stdin))
-        elif args.file is not None:
+        if args.file is not None and args.file != "-":
             with open(args.file, encoding="utf-8") as file:
                 messages.extend(_read_lines(file))
-        elif not messages and stdin_is_piped():
+        elif args.file == "-" or (not messages and stdin_is_piped()):
             messages.extend(_read_lines(sys.stdin))
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read messages: {exc}") from None
@@ -546,17 +537,14 @@ def add_simulate_command(commands: Any, formatter: type[argparse.HelpFormatter])
             "when any turn ended in response.error (counted: 'N of M turns ended in "
             "response.error'; --allow-errors exits 0), 2 on a usage error."
         ),
-        epilog="violations:\n" + _VIOLATION_HELP,
+        epilog="violations:\n" + "\n".join(f"  {k:<18} {v}" for k, v in VIOLATIONS.items()),
         formatter_class=formatter,
     )
     simulate.add_argument("messages", nargs="*", metavar="MESSAGE", help="what the user says")
     simulate.add_argument(
         "--url", default=DEFAULT_URL, help="the webhook URL (default %(default)s)"
     )
-    simulate.add_argument(
-        "--secret",
-        help=SECRET_HELP,
-    )
+    simulate.add_argument("--secret", help=SECRET_HELP)
     simulate.add_argument(
         "--file", metavar="PATH", help="read messages from PATH, one per line ('-' = stdin)"
     )

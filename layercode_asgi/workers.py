@@ -140,8 +140,6 @@ def serve_workers(
                         prometheus.worker_exited(process.pid, env)
                     processes[index] = start()
             time.sleep(0.1)
-        for process in processes:
-            process.join()
         if len(signals) > 1 and not status:  # stopped at once, not drained: as one process
             status = 128 + signals[-1]  # (130 after Ctrl-C, 143 after SIGTERM)
     finally:
