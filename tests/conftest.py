@@ -243,8 +243,8 @@ def raw_http_server(
     """A bare TCP server on 127.0.0.1 in a thread, for backends no real server would be: it
     reads each request (head, then a Content-Length body, a JSON event), writes what
     ``answer(event)`` returns as it is (status line, headers, body: bytes, or pieces of
-    bytes written one by one, where a ``None`` resets the connection), then closes the
-    connection. Yields its base URL."""
+    bytes written one by one, where a ``None`` resets the connection; a ``connection: close``
+    header is added to a head without one), then closes the connection. Yields its base URL."""
     import msgspec
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -274,7 +274,14 @@ def raw_http_server(
                 return
             body += chunk
         reply = answer(msgspec.json.decode(body) if body else {})
-        for piece in [reply] if isinstance(reply, bytes) else reply:
+        for index, piece in enumerate([reply] if isinstance(reply, bytes) else reply):
+            if index == 0 and piece is not None and b"\r\n" in piece:
+                # It closes after one answer: say so, or a client may send its next request
+                # on this connection before the close reaches it (a ReadError, under load).
+                status_line, _, rest = piece.partition(b"\r\n")
+                head = b"\r\n" + rest.partition(b"\r\n\r\n")[0].lower()
+                if b"\r\nconnection:" not in head:
+                    piece = status_line + b"\r\nconnection: close\r\n" + rest
             if piece is None:  # close with a TCP reset
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 return
