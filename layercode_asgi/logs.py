@@ -429,7 +429,7 @@ _SHORT_ESCAPES: Final = {
 
 def cut_log_value(text: str, max_chars: int = LOG_VALUE_MAX_CHARS) -> str:
     """``text`` cut at ``max_chars``, ending with ``…(+N chars)`` when it was longer: how a
-    request's value (an id) goes into a JSON log field or a span attribute. A longer text
+    request's value (an id) goes into a JSON log field. A longer text
     has its secrets masked (:func:`mask_secrets`) before it is cut."""
     if len(text) <= max_chars:
         return text

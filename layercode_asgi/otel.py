@@ -9,9 +9,11 @@ and when ``LOGFIRE_TOKEN`` is set (Logfire, an OpenTelemetry SDK, set up by ``se
 The span, ``webhook <event type>`` (kind SERVER), starts when the verified request reaches
 the webhook and is the current span while the turn runs (an agent's own spans nest in it).
 Attributes: ``layercode.event_type``, ``layercode.conversation_id``, ``layercode.turn_id``,
-``layercode.outcome`` (turns), ``http.response.status_code``. Events: ``first_tts`` (when
-the first ``response.tts`` went out) and ``end``. Status ERROR on a 5xx or an agent error,
-with ``error.type`` (the status code; the exception's type, never its message).
+``layercode.outcome`` (turns), ``http.response.status_code``; the request's ids escaped and
+cut as the log line has them (:func:`~layercode_asgi.logs.escape_log_value`). Events:
+``first_tts`` (when the first ``response.tts`` went out) and ``end``. Status ERROR on a 5xx
+or an agent error, with ``error.type`` (the status code; the exception's type, never its
+message).
 
 Instruments (meter ``layercode_asgi``), the Prometheus ones under OpenTelemetry names:
 see :data:`INSTRUMENT_NAMES` and docs/metrics.md.
@@ -37,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 
 from ._version import __version__
 from .errors import ConfigurationError, check_type
-from .logs import cut_log_value
+from .logs import escape_log_value
 from .metrics import (
     AGENT_ERROR,
     FIRST_TTS_BUCKETS,
@@ -200,9 +202,9 @@ class OtelMetrics:
         start_ns = time.time_ns() - int((time.perf_counter() - record.arrived) * 1e9)
         attributes: dict[str, str] = {"layercode.event_type": record.event_type or "unknown"}
         if record.conversation_id is not None:
-            attributes["layercode.conversation_id"] = cut_log_value(record.conversation_id)
+            attributes["layercode.conversation_id"] = escape_log_value(record.conversation_id)
         if record.turn_id is not None:
-            attributes["layercode.turn_id"] = cut_log_value(record.turn_id)
+            attributes["layercode.turn_id"] = escape_log_value(record.turn_id)
         span = self._tracer.start_span(
             f"webhook {record.event_type or 'unknown'}",
             kind=trace.SpanKind.SERVER,
