@@ -239,7 +239,7 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record.__dict__.items():
             if key not in _RESERVED and key not in _NOT_JSON and not str(key).startswith("_"):
-                out.setdefault(key, cut_log_value(value) if isinstance(value, str) else value)
+                out.setdefault(key, _cut(value))
         if record.exc_info:
             out["exception"] = cut_traceback(self.formatException(record.exc_info))
         try:
@@ -247,6 +247,10 @@ class JsonFormatter(logging.Formatter):
         except (ValueError, TypeError, RecursionError):  # NaN, a cycle, a tuple key, a huge int
             line = json.dumps(_jsonable(out, 0), ensure_ascii=True, allow_nan=False)
         return mask_secrets(line)
+
+
+def _cut(value: object) -> object:
+    return cut_log_value(value) if isinstance(value, str) else value
 
 
 def _safe_str(value: object) -> str:
@@ -531,17 +535,17 @@ def log_webhook(
     by `` first_tts_ms=4.5`` when ``first_tts_s`` is known (the metrics are on) and
     `` key=value`` for each ``extra``. The same fields (``event_type``,
     ``conversation_id``, ``turn_id``, ``status``, ``duration_ms``, ``first_tts_ms``, extras)
-    are attached to the record for structured handlers (``LOG_FORMAT=json``). INFO below
-    400, WARNING for 4xx, ERROR for 5xx.
+    are attached to the record for structured handlers (``LOG_FORMAT=json``), the ids cut as
+    :func:`cut_log_value` cuts them. INFO below 400, WARNING for 4xx, ERROR for 5xx.
     """
     level = _level_for(status)
     if not _webhook_logger.isEnabledFor(level):
         return
     duration_ms = round(duration_s * 1000, 1)
-    fields: dict[str, Any] = {
-        "event_type": event_type,
-        "conversation_id": conversation_id,
-        "turn_id": turn_id,
+    fields: dict[str, Any] = {  # cut for every handler, not for the JSON format only
+        "event_type": _cut(event_type),
+        "conversation_id": _cut(conversation_id),
+        "turn_id": _cut(turn_id),
         "status": status,
         "duration_ms": duration_ms,
     }
