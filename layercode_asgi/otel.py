@@ -43,6 +43,7 @@ from .logs import escape_log_value
 from .metrics import (
     AGENT_ERROR,
     FIRST_TTS_BUCKETS,
+    HELP,
     LOCK_WAIT_BUCKETS,
     TURN_DURATION_BUCKETS,
     WebhookRecord,
@@ -66,7 +67,8 @@ _SCOPE: Final = "layercode_asgi"
 SDK_CHECK_INTERVAL: Final = 1.0
 
 
-def _histogram(meter: Any, name: str, description: str, buckets: tuple[float, ...]) -> Any:
+def _histogram(meter: Any, figure: str, buckets: tuple[float, ...]) -> Any:
+    name, description = f"layercode.turn.{figure}", HELP[figure]
     try:  # bucket advice: opentelemetry-api >= 1.23
         return meter.create_histogram(
             name, unit="s", description=description, explicit_bucket_boundaries_advisory=buckets
@@ -115,7 +117,7 @@ def _open_streams(meter: Any, provider: object) -> _OpenStreams:
             "layercode.streams.open",
             callbacks=[holder.observe],
             unit="{stream}",
-            description="Turn streams running now.",
+            description=HELP["open_streams"],
         )
     return holder
 
@@ -156,36 +158,17 @@ class OtelMetrics:
         except Exception as exc:
             raise _not_loaded("OTEL_PYTHON_METER_PROVIDER") from exc
         self._requests = meter.create_counter(
-            "layercode.webhook.requests",
-            unit="{request}",
-            description="Webhook requests answered, by event type and HTTP status.",
+            "layercode.webhook.requests", unit="{request}", description=HELP["requests"]
         )
         self._turns = meter.create_counter(
             "layercode.turns", unit="{turn}", description="Turns, by outcome."
         )
-        self._first_tts = _histogram(
-            meter,
-            "layercode.turn.first_tts",
-            "Time from the webhook's arrival to its first response.tts.",
-            FIRST_TTS_BUCKETS,
-        )
-        self._duration = _histogram(
-            meter,
-            "layercode.turn.duration",
-            "Time from a turn's arrival to the end of its stream (turns that ran).",
-            TURN_DURATION_BUCKETS,
-        )
-        self._lock_wait = _histogram(
-            meter,
-            "layercode.turn.lock_wait",
-            "Time from a turn's arrival until it held its conversation's lock.",
-            LOCK_WAIT_BUCKETS,
-        )
+        self._first_tts = _histogram(meter, "first_tts", FIRST_TTS_BUCKETS)
+        self._duration = _histogram(meter, "duration", TURN_DURATION_BUCKETS)
+        self._lock_wait = _histogram(meter, "lock_wait", LOCK_WAIT_BUCKETS)
         self._open = _open_streams(meter, meter_provider)
         self._rejections = meter.create_counter(
-            "layercode.signature.rejections",
-            unit="{request}",
-            description="Webhook requests refused by the signature check, by reason.",
+            "layercode.signature.rejections", unit="{request}", description=HELP["rejections"]
         )
 
     def request_started(self, record: WebhookRecord) -> tuple[Any, object, int] | None:

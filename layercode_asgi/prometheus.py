@@ -52,6 +52,7 @@ from .apikeys import api_key_allowed, encode_keys
 from .errors import ConfigurationError, check_type
 from .metrics import (
     FIRST_TTS_BUCKETS,
+    HELP,
     LOCK_WAIT_BUCKETS,
     OUTCOMES,
     TURN_DURATION_BUCKETS,
@@ -83,28 +84,13 @@ METRIC_NAMES: Final = (
 )
 
 _CONTENT_TYPE: Final = prometheus_client.CONTENT_TYPE_LATEST
-_REQUESTS: Final = (
-    "layercode_webhook_requests",
-    "Webhook requests answered, by event type and HTTP status.",
-)
+_REQUESTS: Final = ("layercode_webhook_requests", HELP["requests"])
 _TURNS: Final = ("layercode_turns", "Turns (session.start and message webhooks), by outcome.")
-_FIRST_TTS: Final = (
-    "layercode_turn_first_tts_seconds",
-    "Time from the webhook's arrival to its first response.tts.",
-)
-_DURATION: Final = (
-    "layercode_turn_duration_seconds",
-    "Time from a turn's arrival to the end of its stream (turns that ran).",
-)
-_LOCK_WAIT: Final = (
-    "layercode_turn_lock_wait_seconds",
-    "Time from a turn's arrival until it held its conversation's lock.",
-)
-_OPEN: Final = ("layercode_open_streams", "Turn streams running now.")
-_REJECTIONS: Final = (
-    "layercode_signature_rejections",
-    "Webhook requests refused by the signature check, by reason.",
-)
+_FIRST_TTS: Final = ("layercode_turn_first_tts_seconds", HELP["first_tts"])
+_DURATION: Final = ("layercode_turn_duration_seconds", HELP["duration"])
+_LOCK_WAIT: Final = ("layercode_turn_lock_wait_seconds", HELP["lock_wait"])
+_OPEN: Final = ("layercode_open_streams", HELP["open_streams"])
+_REJECTIONS: Final = ("layercode_signature_rejections", HELP["rejections"])
 _REASONS: Final = (*(r.name.lower() for r in SignatureErrorReason), "replayed")
 
 
