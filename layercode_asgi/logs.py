@@ -153,6 +153,7 @@ class MaskingFormatter(logging.Formatter):
         self.inner: logging.Formatter = getattr(importlib.import_module(module), name)(**options)
 
     def format(self, record: logging.LogRecord) -> str:
+        record = _args_cut(record)
         if not (record.exc_info or record.stack_info):
             text = self.inner.format(record)
             if text.isprintable():
@@ -216,8 +217,8 @@ def uvicorn_log_config(log_format: str) -> dict[str, Any]:
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
-    ``message``, the record's ``extra=`` fields (a text longer than
-    ``LOG_VALUE_MAX_CHARS`` cut there, as :func:`escape_log_value` cuts it), and
+    ``message``, the record's ``extra=`` fields (a text longer than ``LOG_VALUE_MAX_CHARS``
+    cut there, as :func:`escape_log_value` cuts it, and so is a message argument), and
     ``exception`` (the traceback, as :func:`cut_traceback` cuts it) when there is one.
     Everything beyond ASCII is escaped, so no value can break the line, and every line is
     strict JSON: a float NaN or infinity becomes the string ``"nan"``, ``"inf"`` or
@@ -228,6 +229,8 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         try:
             message = record.getMessage()
+            if len(message) > LOG_VALUE_MAX_CHARS:
+                message = _args_cut(record).getMessage()
         except Exception:  # an argument's __str__ raised: log what can be logged
             args = record.args if isinstance(record.args, tuple) else (record.args,)
             message = " ".join(map(_safe_str, (record.msg, *args)))
@@ -251,6 +254,19 @@ class JsonFormatter(logging.Formatter):
 
 def _cut(value: object) -> object:
     return cut_log_value(value) if isinstance(value, str) else value
+
+
+def _args_cut(record: logging.LogRecord) -> logging.LogRecord:
+    """``record``, or a copy of it with its text arguments cut (:func:`cut_log_value`):
+    uvicorn's access line quotes the request's whole target."""
+    args = record.args
+    if not isinstance(args, tuple) or all(
+        len(a) <= LOG_VALUE_MAX_CHARS for a in args if isinstance(a, str)
+    ):
+        return record
+    record = copy(record)
+    record.args = tuple(map(_cut, args))
+    return record
 
 
 def _safe_str(value: object) -> str:
