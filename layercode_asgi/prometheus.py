@@ -136,8 +136,7 @@ class _Figures:
         yield GaugeMetricFamily(*_OPEN, value=self.open_streams)
         yield _counter(_REJECTIONS, "reason", self.rejections)
 
-    def describe(self) -> Iterator[Metric]:
-        return self.collect()
+    describe = collect  # the names, for the registry's check of duplicates
 
 
 class _Histogram:
@@ -206,23 +205,6 @@ class _Instruments:
         counter.inc()
 
 
-def _finished(recorder: _Figures | _Instruments, record: WebhookRecord) -> None:
-    """Record a finished request in either kind of recorder."""
-    recorder.count_request((record.event_type or "unknown", record.status))
-    outcome = record.outcome
-    if outcome is None:
-        return
-    recorder.count_turn(outcome)
-    if record.lock_wait is not None:
-        recorder.lock_wait.observe(record.lock_wait)
-    if record.first_tts is not None:
-        recorder.first_tts.observe(record.first_tts)
-    if record.streaming:
-        recorder.streams(-1)
-        if record.duration is not None:
-            recorder.duration.observe(record.duration)
-
-
 _BY_REGISTRY: MutableMapping[Any, _Figures | _Instruments] = weakref.WeakKeyDictionary()
 #: Several processes: the registry whose instruments write this process's file, by
 #: (directory, pid). Another registry's would write the same figures, each from its own count.
@@ -289,7 +271,20 @@ class PrometheusMetrics:
         self._recorder.streams(1)
 
     def request_finished(self, record: WebhookRecord, state: Any) -> None:
-        _finished(self._recorder, record)
+        recorder = self._recorder
+        recorder.count_request((record.event_type or "unknown", record.status))
+        outcome = record.outcome
+        if outcome is None:
+            return
+        recorder.count_turn(outcome)
+        if record.lock_wait is not None:
+            recorder.lock_wait.observe(record.lock_wait)
+        if record.first_tts is not None:
+            recorder.first_tts.observe(record.first_tts)
+        if record.streaming:
+            recorder.streams(-1)
+            if record.duration is not None:
+                recorder.duration.observe(record.duration)
 
     def signature_rejected(self, reason: str) -> None:
         self._recorder.rejected(reason)
