@@ -138,10 +138,6 @@ class _LineFormatter(logging.Formatter):
         return cut_traceback(super().formatException(ei))
 
 
-# Record attributes kept out of JSON lines: uvicorn's ANSI-coloured copy of the message.
-_NOT_JSON: Final = frozenset({"color_message"})
-
-
 class MaskingFormatter(logging.Formatter):
     """The lines of another formatter (``formatter``: its dotted name, built with
     ``options``), secrets masked as :func:`mask_secrets` masks them, and each record one
@@ -241,7 +237,8 @@ class JsonFormatter(logging.Formatter):
             "message": message,
         }
         for key, value in record.__dict__.items():
-            if key not in _RESERVED and key not in _NOT_JSON and not str(key).startswith("_"):
+            # color_message: uvicorn's ANSI-coloured copy of the message, kept out
+            if key not in _RESERVED and key != "color_message" and not str(key).startswith("_"):
                 out.setdefault(key, _cut(value))
         if record.exc_info:
             out["exception"] = cut_traceback(self.formatException(record.exc_info))

@@ -392,7 +392,7 @@ def metrics_from_settings(
     * ``LOG_FORMAT=json`` alone: a recorder with no sink (the log line's ``first_tts_ms``).
     """
     sinks: list[MetricsSink] = list(extra_sinks)
-    otel = False
+    otel = bool(settings.metrics or settings.logfire_token) and installed("opentelemetry.trace")
     if registry is not None and installed("prometheus_client"):  # checked with metrics off too
         from .prometheus import check_registry
 
@@ -407,15 +407,12 @@ def metrics_from_settings(
             from .prometheus import PrometheusMetrics
 
             sinks.append(PrometheusMetrics(registry))
-        otel = installed("opentelemetry.trace")
         if not sinks and not otel:
             raise ConfigurationError(
                 "LAYERCODE_METRICS=true needs prometheus-client or opentelemetry-api: "
                 "pip install './layercode-asgi[prometheus]' (a /metrics route) or "
                 "'./layercode-asgi[otel]'"
             )
-    if settings.logfire_token and installed("opentelemetry.trace"):
-        otel = True
     if otel:
         from .otel import OtelMetrics
 
