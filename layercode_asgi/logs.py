@@ -430,8 +430,8 @@ LOG_TRACEBACK_MAX_CHARS: Final = 20 * LOG_VALUE_MAX_CHARS
 
 def cut_log_value(text: str, max_chars: int = LOG_VALUE_MAX_CHARS) -> str:
     """``text`` cut at ``max_chars``, ending with ``…(+N chars)`` when it was longer: how a
-    request's value (an id) goes into a JSON log field. A longer text
-    has its secrets masked (:func:`mask_secrets`) before it is cut."""
+    request's value (an id) goes into a log record's field. A longer text has its secrets
+    masked (:func:`mask_secrets`) before it is cut."""
     if len(text) <= max_chars:
         return text
     text = mask_secrets(text)  # first: a secret across the cut would leave its prefix
