@@ -27,6 +27,7 @@ import threading
 from collections.abc import Iterable
 from copy import copy, deepcopy
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
 from typing import Any, Final
 
 from .config import SETTINGS_FIELDS, Settings
@@ -126,11 +127,8 @@ def setup_logging(
 
 
 class _LineFormatter(logging.Formatter):
-    """``LOG_FORMAT``, keeping every record recognisable as one: each further line (a
-    traceback, whose exception text an application may have built from request data) is
-    indented and its control characters escaped (U+2028, ``\x1c``… too: only ``\n`` ends
-    a line), so no line of it can pass for a record. Tracebacks are cut as
-    :func:`cut_traceback` cuts them."""
+    """``LOG_FORMAT``, each record one (:func:`_one_record`: a traceback's exception text may
+    quote a request), its traceback cut as :func:`cut_traceback` cuts them."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = mask_secrets(super().format(record))
@@ -138,10 +136,6 @@ class _LineFormatter(logging.Formatter):
 
     def formatException(self, ei: Any) -> str:
         return cut_traceback(super().formatException(ei))
-
-
-# Record attributes kept out of JSON lines: uvicorn's ANSI-coloured copy of the message.
-_NOT_JSON: Final = frozenset({"color_message"})
 
 
 class MaskingFormatter(logging.Formatter):
@@ -155,6 +149,7 @@ class MaskingFormatter(logging.Formatter):
         self.inner: logging.Formatter = getattr(importlib.import_module(module), name)(**options)
 
     def format(self, record: logging.LogRecord) -> str:
+        record = _args_cut(record)
         if not (record.exc_info or record.stack_info):
             text = self.inner.format(record)
             if text.isprintable():
@@ -180,11 +175,9 @@ class MaskingFormatter(logging.Formatter):
 
 def _arg_escaped(value: object) -> object:
     """A message argument whose text cannot break the line (a number kept as it is)."""
-    if isinstance(value, str):
-        return value if value.isprintable() else _one_record(value)
     if isinstance(value, int | float):
         return value
-    text = _safe_str(value)
+    text = value if isinstance(value, str) else _safe_str(value)
     return value if text.isprintable() else _one_record(text)
 
 
@@ -220,8 +213,8 @@ def uvicorn_log_config(log_format: str) -> dict[str, Any]:
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
-    ``message``, the record's ``extra=`` fields (a text longer than
-    ``LOG_VALUE_MAX_CHARS`` cut there, as :func:`escape_log_value` cuts it), and
+    ``message``, the record's ``extra=`` fields (a text longer than ``LOG_VALUE_MAX_CHARS``
+    cut there, as :func:`escape_log_value` cuts it, and so is a message argument), and
     ``exception`` (the traceback, as :func:`cut_traceback` cuts it) when there is one.
     Everything beyond ASCII is escaped, so no value can break the line, and every line is
     strict JSON: a float NaN or infinity becomes the string ``"nan"``, ``"inf"`` or
@@ -232,8 +225,11 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         try:
             message = record.getMessage()
+            if len(message) > LOG_VALUE_MAX_CHARS:
+                message = _args_cut(record).getMessage()
         except Exception:  # an argument's __str__ raised: log what can be logged
-            message = " ".join(map(_safe_str, (record.msg, *_as_tuple(record.args))))
+            args = record.args if isinstance(record.args, tuple) else (record.args,)
+            message = " ".join(map(_safe_str, (record.msg, *args)))
         out: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
@@ -241,8 +237,9 @@ class JsonFormatter(logging.Formatter):
             "message": message,
         }
         for key, value in record.__dict__.items():
-            if key not in _RESERVED and key not in _NOT_JSON and not str(key).startswith("_"):
-                out.setdefault(key, cut_log_value(value) if isinstance(value, str) else value)
+            # color_message: uvicorn's ANSI-coloured copy of the message, kept out
+            if key not in _RESERVED and key != "color_message" and not str(key).startswith("_"):
+                out.setdefault(key, _cut(value))
         if record.exc_info:
             out["exception"] = cut_traceback(self.formatException(record.exc_info))
         try:
@@ -252,15 +249,28 @@ class JsonFormatter(logging.Formatter):
         return mask_secrets(line)
 
 
+def _cut(value: object) -> object:
+    return cut_log_value(value) if isinstance(value, str) else value
+
+
+def _args_cut(record: logging.LogRecord) -> logging.LogRecord:
+    """``record``, or a copy of it with its text arguments cut (:func:`cut_log_value`):
+    uvicorn's access line quotes the request's whole target."""
+    args = record.args
+    if not isinstance(args, tuple) or all(
+        len(a) <= LOG_VALUE_MAX_CHARS for a in args if isinstance(a, str)
+    ):
+        return record
+    record = copy(record)
+    record.args = tuple(map(_cut, args))
+    return record
+
+
 def _safe_str(value: object) -> str:
     try:
         return cut_log_value(str(value))
     except Exception:
         return f"<unprintable {type(value).__name__}>"
-
-
-def _as_tuple(args: object) -> tuple[object, ...]:
-    return args if isinstance(args, tuple) else (args,)
 
 
 def _jsonable(value: object, depth: int) -> object:
@@ -291,7 +301,7 @@ def _controls_escaped(line: str) -> str:
     """``line`` with its non-printable characters escaped (tabs and backslashes kept)."""
     if line.isprintable():
         return line
-    return "".join(c if c.isprintable() or c == "\t" else escape_log_value(c, None) for c in line)
+    return "".join(c if c.isprintable() or c == "\t" else _escaped(c) for c in line)
 
 
 def _setup_logfire(target: logging.Logger, token: str) -> None:
@@ -417,20 +427,11 @@ LOG_VALUE_MAX_CHARS: Final = 1000
 #: of its lines is cut at ``LOG_VALUE_MAX_CHARS``.
 LOG_TRACEBACK_MAX_CHARS: Final = 20 * LOG_VALUE_MAX_CHARS
 
-_SHORT_ESCAPES: Final = {
-    "\\": "\\\\",
-    "\n": "\\n",
-    "\r": "\\r",
-    "\t": "\\t",
-    "\b": "\\b",
-    "\f": "\\f",
-}
-
 
 def cut_log_value(text: str, max_chars: int = LOG_VALUE_MAX_CHARS) -> str:
     """``text`` cut at ``max_chars``, ending with ``…(+N chars)`` when it was longer: how a
-    request's value (an id) goes into a JSON log field or a span attribute. A longer text
-    has its secrets masked (:func:`mask_secrets`) before it is cut."""
+    request's value (an id) goes into a log record's field. A longer text has its secrets
+    masked (:func:`mask_secrets`) before it is cut."""
     if len(text) <= max_chars:
         return text
     text = mask_secrets(text)  # first: a secret across the cut would leave its prefix
@@ -474,30 +475,16 @@ def escape_log_value(value: object, max_chars: int | None = LOG_VALUE_MAX_CHARS)
             text = str(value)
         except Exception:  # an exception whose __str__ raises: logging it must not
             text = f"<unprintable {type(value).__name__}>"
-    more = 0
-    if max_chars is not None and len(text) > max_chars:
-        text = mask_secrets(text)  # first: a secret across the cut would leave its prefix
-        more = max(len(text) - max_chars, 0)
-        text = text[:max_chars]
+    if max_chars is not None:
+        text = cut_log_value(text, max_chars)  # its "…(+N chars)" needs no escape
     if text.isprintable() and "\\" not in text:
-        return f"{text}…(+{more} chars)" if more else text
-    out: list[str] = []
-    for char in text:
-        short = _SHORT_ESCAPES.get(char)
-        if short is not None:
-            out.append(short)
-        elif char.isprintable():
-            out.append(char)
-        else:
-            code = ord(char)
-            if code > 0xFFFF:
-                code -= 0x10000
-                out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
-            else:
-                out.append(f"\\u{code:04x}")
-    if more:
-        out.append(f"…(+{more} chars)")
-    return "".join(out)
+        return text
+    return "".join(map(_escaped, text))
+
+
+def _escaped(char: str) -> str:
+    """``char`` as JSON escapes it (never a quote: it is printable) unless it is printable."""
+    return char if char.isprintable() and char != "\\" else encode_basestring_ascii(char)[1:-1]
 
 
 def escape_error(exc: BaseException) -> str:
@@ -543,11 +530,7 @@ def webhook_log_enabled(status: int) -> bool:
 
 
 def _level_for(status: int) -> int:
-    if status >= 500:
-        return logging.ERROR
-    if status >= 400:
-        return logging.WARNING
-    return logging.INFO
+    return logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
 
 
 def log_webhook(
@@ -565,28 +548,22 @@ def log_webhook(
     by `` first_tts_ms=4.5`` when ``first_tts_s`` is known (the metrics are on) and
     `` key=value`` for each ``extra``. The same fields (``event_type``,
     ``conversation_id``, ``turn_id``, ``status``, ``duration_ms``, ``first_tts_ms``, extras)
-    are attached to the record for structured handlers (``LOG_FORMAT=json``). INFO below
-    400, WARNING for 4xx, ERROR for 5xx.
+    are attached to the record for structured handlers (``LOG_FORMAT=json``), the ids cut as
+    :func:`cut_log_value` cuts them. INFO below 400, WARNING for 4xx, ERROR for 5xx.
     """
     level = _level_for(status)
     if not _webhook_logger.isEnabledFor(level):
         return
     duration_ms = round(duration_s * 1000, 1)
-    fields: dict[str, Any] = {
-        "event_type": event_type,
-        "conversation_id": conversation_id,
-        "turn_id": turn_id,
+    fields: dict[str, Any] = {  # cut for every handler, not for the JSON format only
+        "event_type": _cut(event_type),
+        "conversation_id": _cut(conversation_id),
+        "turn_id": _cut(turn_id),
         "status": status,
         "duration_ms": duration_ms,
     }
     fmt = "webhook type=%s conversation=%s turn=%s status=%d duration_ms=%.1f"
-    args: list[object] = [
-        _value(event_type),
-        _value(conversation_id),
-        _value(turn_id),
-        status,
-        duration_ms,
-    ]
+    args: list[object] = [*map(_value, (event_type, conversation_id, turn_id)), status, duration_ms]
     if first_tts_s is not None:
         fields["first_tts_ms"] = round(first_tts_s * 1000, 1)
         fmt += " first_tts_ms=%.1f"

@@ -86,6 +86,15 @@ FIRST_TTS_BUCKETS: Final = (
 TURN_DURATION_BUCKETS: Final = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0)
 #: Waiting for the previous turn of the same conversation (usually none).
 LOCK_WAIT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0)
+#: What a figure measures: Prometheus' help text, OpenTelemetry's description.
+HELP: Final = {
+    "requests": "Webhook requests answered, by event type and HTTP status.",
+    "first_tts": "Time from the webhook's arrival to its first response.tts.",
+    "duration": "Time from a turn's arrival to the end of its stream (turns that ran).",
+    "lock_wait": "Time from a turn's arrival until it held its conversation's lock.",
+    "open_streams": "Turn streams running now.",
+    "rejections": "Webhook requests refused by the signature check, by reason.",
+}
 
 _BY_STATUS: Final = {
     TurnStatus.COMPLETED: COMPLETED,
@@ -222,13 +231,7 @@ class TurnMetrics:
         """Start the record of a request that reached the webhook at ``arrived``
         (``time.perf_counter()``); call :meth:`WebhookRecord.finish` in the same task."""
         record = WebhookRecord(self, arrived, event_type, conversation_id, turn_id)
-        for sink in self.sinks:
-            try:
-                state = sink.request_started(record)
-            except Exception:
-                logger.exception("metrics sink %s failed", type(sink).__name__)
-                state = None
-            record._states.append(state)
+        record._states = self._each_sink("request_started", record)
         record._token = _CURRENT.set(record)
         return record
 
@@ -245,11 +248,7 @@ class TurnMetrics:
             return
         record.turn = turn
         record.streaming = True
-        for sink in self.sinks:
-            try:
-                sink.turn_started(record)
-            except Exception:
-                logger.exception("metrics sink %s failed", type(sink).__name__)
+        self._each_sink("turn_started", record)
 
     def finish(self, record: WebhookRecord, response: Response) -> None:
         """Complete ``record`` from ``response`` and the turn, then hand it to the sinks."""
@@ -287,11 +286,18 @@ class TurnMetrics:
     def signature_rejected(self, reason: str) -> None:
         """Count a request the signature middleware refused (``reason``: e.g.
         ``no_matching_signature``, ``replayed``)."""
+        self._each_sink("signature_rejected", reason)
+
+    def _each_sink(self, method: str, *args: Any) -> list[Any]:
+        """What each sink's ``method(*args)`` returned (None where it raised: logged)."""
+        results = []
         for sink in self.sinks:
             try:
-                sink.signature_rejected(reason)
+                results.append(getattr(sink, method)(*args))
             except Exception:
                 logger.exception("metrics sink %s failed", type(sink).__name__)
+                results.append(None)
+        return results
 
 
 class MemoryMetrics:
@@ -357,12 +363,8 @@ def answered_status(response: Response) -> int:
 
 def _type_name(exc: BaseException) -> str:
     """``exc``'s type with its module (none for a built-in), as OpenTelemetry writes it."""
-    kind = type(exc)
-    return (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else f"{kind.__module__}.{kind.__qualname__}"
-    )
+    module, name = type(exc).__module__, type(exc).__qualname__
+    return name if module == "builtins" else f"{module}.{name}"
 
 
 def _ms(value: float | None) -> str:
@@ -390,7 +392,7 @@ def metrics_from_settings(
     * ``LOG_FORMAT=json`` alone: a recorder with no sink (the log line's ``first_tts_ms``).
     """
     sinks: list[MetricsSink] = list(extra_sinks)
-    otel = False
+    otel = bool(settings.metrics or settings.logfire_token) and installed("opentelemetry.trace")
     if registry is not None and installed("prometheus_client"):  # checked with metrics off too
         from .prometheus import check_registry
 
@@ -405,15 +407,12 @@ def metrics_from_settings(
             from .prometheus import PrometheusMetrics
 
             sinks.append(PrometheusMetrics(registry))
-        otel = installed("opentelemetry.trace")
         if not sinks and not otel:
             raise ConfigurationError(
                 "LAYERCODE_METRICS=true needs prometheus-client or opentelemetry-api: "
                 "pip install './layercode-asgi[prometheus]' (a /metrics route) or "
                 "'./layercode-asgi[otel]'"
             )
-    if settings.logfire_token and installed("opentelemetry.trace"):
-        otel = True
     if otel:
         from .otel import OtelMetrics
 

@@ -9,9 +9,11 @@ and when ``LOGFIRE_TOKEN`` is set (Logfire, an OpenTelemetry SDK, set up by ``se
 The span, ``webhook <event type>`` (kind SERVER), starts when the verified request reaches
 the webhook and is the current span while the turn runs (an agent's own spans nest in it).
 Attributes: ``layercode.event_type``, ``layercode.conversation_id``, ``layercode.turn_id``,
-``layercode.outcome`` (turns), ``http.response.status_code``. Events: ``first_tts`` (when
-the first ``response.tts`` went out) and ``end``. Status ERROR on a 5xx or an agent error,
-with ``error.type`` (the status code; the exception's type, never its message).
+``layercode.outcome`` (turns), ``http.response.status_code``; the request's ids escaped and
+cut as the log line has them (:func:`~layercode_asgi.logs.escape_log_value`). Events:
+``first_tts`` (when the first ``response.tts`` went out) and ``end``. Status ERROR on a 5xx
+or an agent error, with ``error.type`` (the status code; the exception's type, never its
+message).
 
 Instruments (meter ``layercode_asgi``), the Prometheus ones under OpenTelemetry names:
 see :data:`INSTRUMENT_NAMES` and docs/metrics.md.
@@ -37,10 +39,11 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 
 from ._version import __version__
 from .errors import ConfigurationError, check_type
-from .logs import cut_log_value
+from .logs import escape_log_value
 from .metrics import (
     AGENT_ERROR,
     FIRST_TTS_BUCKETS,
+    HELP,
     LOCK_WAIT_BUCKETS,
     TURN_DURATION_BUCKETS,
     WebhookRecord,
@@ -64,7 +67,8 @@ _SCOPE: Final = "layercode_asgi"
 SDK_CHECK_INTERVAL: Final = 1.0
 
 
-def _histogram(meter: Any, name: str, description: str, buckets: tuple[float, ...]) -> Any:
+def _histogram(meter: Any, figure: str, buckets: tuple[float, ...]) -> Any:
+    name, description = f"layercode.turn.{figure}", HELP[figure]
     try:  # bucket advice: opentelemetry-api >= 1.23
         return meter.create_histogram(
             name, unit="s", description=description, explicit_bucket_boundaries_advisory=buckets
@@ -113,7 +117,7 @@ def _open_streams(meter: Any, provider: object) -> _OpenStreams:
             "layercode.streams.open",
             callbacks=[holder.observe],
             unit="{stream}",
-            description="Turn streams running now.",
+            description=HELP["open_streams"],
         )
     return holder
 
@@ -154,36 +158,17 @@ class OtelMetrics:
         except Exception as exc:
             raise _not_loaded("OTEL_PYTHON_METER_PROVIDER") from exc
         self._requests = meter.create_counter(
-            "layercode.webhook.requests",
-            unit="{request}",
-            description="Webhook requests answered, by event type and HTTP status.",
+            "layercode.webhook.requests", unit="{request}", description=HELP["requests"]
         )
         self._turns = meter.create_counter(
             "layercode.turns", unit="{turn}", description="Turns, by outcome."
         )
-        self._first_tts = _histogram(
-            meter,
-            "layercode.turn.first_tts",
-            "Time from the webhook's arrival to its first response.tts.",
-            FIRST_TTS_BUCKETS,
-        )
-        self._duration = _histogram(
-            meter,
-            "layercode.turn.duration",
-            "Time from a turn's arrival to the end of its stream (turns that ran).",
-            TURN_DURATION_BUCKETS,
-        )
-        self._lock_wait = _histogram(
-            meter,
-            "layercode.turn.lock_wait",
-            "Time from a turn's arrival until it held its conversation's lock.",
-            LOCK_WAIT_BUCKETS,
-        )
+        self._first_tts = _histogram(meter, "first_tts", FIRST_TTS_BUCKETS)
+        self._duration = _histogram(meter, "duration", TURN_DURATION_BUCKETS)
+        self._lock_wait = _histogram(meter, "lock_wait", LOCK_WAIT_BUCKETS)
         self._open = _open_streams(meter, meter_provider)
         self._rejections = meter.create_counter(
-            "layercode.signature.rejections",
-            unit="{request}",
-            description="Webhook requests refused by the signature check, by reason.",
+            "layercode.signature.rejections", unit="{request}", description=HELP["rejections"]
         )
 
     def request_started(self, record: WebhookRecord) -> tuple[Any, object, int] | None:
@@ -200,9 +185,9 @@ class OtelMetrics:
         start_ns = time.time_ns() - int((time.perf_counter() - record.arrived) * 1e9)
         attributes: dict[str, str] = {"layercode.event_type": record.event_type or "unknown"}
         if record.conversation_id is not None:
-            attributes["layercode.conversation_id"] = cut_log_value(record.conversation_id)
+            attributes["layercode.conversation_id"] = escape_log_value(record.conversation_id)
         if record.turn_id is not None:
-            attributes["layercode.turn_id"] = cut_log_value(record.turn_id)
+            attributes["layercode.turn_id"] = escape_log_value(record.turn_id)
         span = self._tracer.start_span(
             f"webhook {record.event_type or 'unknown'}",
             kind=trace.SpanKind.SERVER,

@@ -52,6 +52,7 @@ from .apikeys import api_key_allowed, encode_keys
 from .errors import ConfigurationError, check_type
 from .metrics import (
     FIRST_TTS_BUCKETS,
+    HELP,
     LOCK_WAIT_BUCKETS,
     OUTCOMES,
     TURN_DURATION_BUCKETS,
@@ -83,28 +84,13 @@ METRIC_NAMES: Final = (
 )
 
 _CONTENT_TYPE: Final = prometheus_client.CONTENT_TYPE_LATEST
-_REQUESTS: Final = (
-    "layercode_webhook_requests",
-    "Webhook requests answered, by event type and HTTP status.",
-)
+_REQUESTS: Final = ("layercode_webhook_requests", HELP["requests"])
 _TURNS: Final = ("layercode_turns", "Turns (session.start and message webhooks), by outcome.")
-_FIRST_TTS: Final = (
-    "layercode_turn_first_tts_seconds",
-    "Time from the webhook's arrival to its first response.tts.",
-)
-_DURATION: Final = (
-    "layercode_turn_duration_seconds",
-    "Time from a turn's arrival to the end of its stream (turns that ran).",
-)
-_LOCK_WAIT: Final = (
-    "layercode_turn_lock_wait_seconds",
-    "Time from a turn's arrival until it held its conversation's lock.",
-)
-_OPEN: Final = ("layercode_open_streams", "Turn streams running now.")
-_REJECTIONS: Final = (
-    "layercode_signature_rejections",
-    "Webhook requests refused by the signature check, by reason.",
-)
+_FIRST_TTS: Final = ("layercode_turn_first_tts_seconds", HELP["first_tts"])
+_DURATION: Final = ("layercode_turn_duration_seconds", HELP["duration"])
+_LOCK_WAIT: Final = ("layercode_turn_lock_wait_seconds", HELP["lock_wait"])
+_OPEN: Final = ("layercode_open_streams", HELP["open_streams"])
+_REJECTIONS: Final = ("layercode_signature_rejections", HELP["rejections"])
 _REASONS: Final = (*(r.name.lower() for r in SignatureErrorReason), "replayed")
 
 
@@ -150,8 +136,7 @@ class _Figures:
         yield GaugeMetricFamily(*_OPEN, value=self.open_streams)
         yield _counter(_REJECTIONS, "reason", self.rejections)
 
-    def describe(self) -> Iterator[Metric]:
-        return self.collect()
+    describe = collect  # the names, for the registry's check of duplicates
 
 
 class _Histogram:
@@ -220,23 +205,6 @@ class _Instruments:
         counter.inc()
 
 
-def _finished(recorder: _Figures | _Instruments, record: WebhookRecord) -> None:
-    """Record a finished request in either kind of recorder."""
-    recorder.count_request((record.event_type or "unknown", record.status))
-    outcome = record.outcome
-    if outcome is None:
-        return
-    recorder.count_turn(outcome)
-    if record.lock_wait is not None:
-        recorder.lock_wait.observe(record.lock_wait)
-    if record.first_tts is not None:
-        recorder.first_tts.observe(record.first_tts)
-    if record.streaming:
-        recorder.streams(-1)
-        if record.duration is not None:
-            recorder.duration.observe(record.duration)
-
-
 _BY_REGISTRY: MutableMapping[Any, _Figures | _Instruments] = weakref.WeakKeyDictionary()
 #: Several processes: the registry whose instruments write this process's file, by
 #: (directory, pid). Another registry's would write the same figures, each from its own count.
@@ -303,7 +271,20 @@ class PrometheusMetrics:
         self._recorder.streams(1)
 
     def request_finished(self, record: WebhookRecord, state: Any) -> None:
-        _finished(self._recorder, record)
+        recorder = self._recorder
+        recorder.count_request((record.event_type or "unknown", record.status))
+        outcome = record.outcome
+        if outcome is None:
+            return
+        recorder.count_turn(outcome)
+        if record.lock_wait is not None:
+            recorder.lock_wait.observe(record.lock_wait)
+        if record.first_tts is not None:
+            recorder.first_tts.observe(record.first_tts)
+        if record.streaming:
+            recorder.streams(-1)
+            if record.duration is not None:
+                recorder.duration.observe(record.duration)
 
     def signature_rejected(self, reason: str) -> None:
         self._recorder.rejected(reason)

@@ -18,6 +18,8 @@ import pytest
 
 from layercode_asgi import Settings, create_app, setup_logging
 from layercode_asgi.logs import (
+    LOG_VALUE_MAX_CHARS,
+    JsonFormatter,
     MaskingFormatter,
     cut_log_value,
     escape_log_value,
@@ -117,6 +119,8 @@ def test_a_secret_in_arguments_extra_fields_or_a_traceback_is_masked(log_format:
 MY_APP = """
 from layercode_asgi import Settings, create_app, setup_logging
 from layercode_asgi.logs import (
+    LOG_VALUE_MAX_CHARS,
+    JsonFormatter,
     MaskingFormatter,
     cut_log_value,
     escape_log_value,
@@ -215,6 +219,25 @@ def test_uvicorn_lines_under_run_server_cannot_pass_for_another_record(colours: 
     red, green = "\x1b[31mERROR\x1b[0m:", "\x1b[32mINFO\x1b[0m:"
     assert (red in logs and green in logs) is colours
     assert logs.count("\x1b") == (10 if colours else 0), logs  # level, request, status
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_long_request_target_is_cut_in_uvicorns_access_line(log_format: str) -> None:
+    # uvicorn's access line under run_server quoted the whole request target: a signed-or-not
+    # GET with a 60,000-character query string made a 60,000-character line (uvicorn reads
+    # far longer ones), where every value of our own lines is cut at LOG_VALUE_MAX_CHARS.
+    config = uvicorn_log_config(log_format)
+    name = "access" if log_format == "text" else "json"
+    options = {k: v for k, v in config["formatters"][name].items() if k != "()"}
+    formatter = MaskingFormatter(**options) if log_format == "text" else JsonFormatter()
+    target = "/health?x=" + "q" * 60_000
+    args = ("127.0.0.1:5000", "GET", target, "1.1", 200)
+    line = logging.LogRecord("uvicorn.access", 20, "f", 1, '%s - "%s %s HTTP/%s" %d', args, None)
+    text = formatter.format(line)
+    assert len(text) < 2 * LOG_VALUE_MAX_CHARS, len(text)
+    message = text if log_format == "text" else json.loads(text)["message"]
+    assert '"GET /health?x=qqq' in message and "q…(+59010 chars) HTTP/1.1" in message, message
+    assert line.args == args  # the record as logged, for the other handlers
 
 
 class Terminal(io.StringIO):

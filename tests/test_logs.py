@@ -130,6 +130,19 @@ def test_log_webhook_levels_and_escaping(caplog: pytest.LogCaptureFixture) -> No
     assert second.name == "layercode_asgi.webhook"
 
 
+def test_log_webhook_fields_are_cut_for_every_handler(caplog: pytest.LogCaptureFixture) -> None:
+    # The record's fields held a request's ids whole (up to the body limit): only the JSON
+    # format cut them; Logfire's handler and an application's own got 100,000 characters.
+    from layercode_asgi.logs import LOG_VALUE_MAX_CHARS
+
+    with caplog.at_level(logging.INFO, logger="layercode_asgi.webhook"):
+        log_webhook("x" * 100_000, "c" * 100_000, "t" * 5_000, 200, 0.0)
+    fields: Any = caplog.records[0]
+    assert fields.event_type == "x" * LOG_VALUE_MAX_CHARS + "…(+99000 chars)"
+    assert fields.conversation_id == "c" * LOG_VALUE_MAX_CHARS + "…(+99000 chars)"
+    assert fields.turn_id == "t" * LOG_VALUE_MAX_CHARS + "…(+4000 chars)"
+
+
 def test_log_webhook_is_cheap_when_disabled(caplog: pytest.LogCaptureFixture) -> None:
     class Exploding:
         def __str__(self) -> str:

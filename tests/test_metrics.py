@@ -874,16 +874,19 @@ def test_an_sdk_configured_later_is_used_within_a_second() -> None:
 
 
 @pytest.mark.anyio
-async def test_otel_span_attributes_from_the_request_are_cut() -> None:
+async def test_otel_span_attributes_from_the_request_are_cut_and_escaped() -> None:
     # A signed data event with a 100,000-character conversation_id made a span attribute
-    # of that size (the OpenTelemetry SDK sets no length limit by default).
+    # of that size (the OpenTelemetry SDK sets no length limit by default); and its control
+    # characters (ESC, CR/LF, a bidi override) reached the span as they were, for a trace
+    # viewer or a console exporter to render, where the log line has them escaped.
     from layercode_asgi.logs import LOG_VALUE_MAX_CHARS
 
     sinks = Sinks()
     # No store: with one, a conversation_id over 512 characters is a 400 (measured alike).
     webhook = LayercodeWebhook(scripted, metrics=sinks.metrics, conversations=None)
     app = LayercodeSignature(webhook, secret=SECRET)
-    body = event_body("data", conversation_id="c" * 100_000, turn_id="t" * 5_000)
+    hostile = "\x1b[31m\r\n\u202e\x00"  # 9 characters
+    body = event_body("data", conversation_id=hostile + "c" * 99_991, turn_id=f"t{hostile}")
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         response = await client.post("/api/agent", content=body, headers=signed_headers(body))
@@ -892,8 +895,9 @@ async def test_otel_span_attributes_from_the_request_are_cut() -> None:
     assert span.attributes is not None
     cid = span.attributes["layercode.conversation_id"]
     tid = span.attributes["layercode.turn_id"]
-    assert cid == "c" * LOG_VALUE_MAX_CHARS + "…(+99000 chars)"
-    assert tid == "t" * LOG_VALUE_MAX_CHARS + "…(+4000 chars)"
+    escaped = "\\u001b[31m\\r\\n\\u202e\\u0000"
+    assert cid == escaped + "c" * (LOG_VALUE_MAX_CHARS - 9) + "…(+99000 chars)"
+    assert tid == f"t{escaped}"
 
 
 @pytest.mark.anyio
