@@ -27,7 +27,6 @@ import threading
 from collections.abc import Iterable
 from copy import copy, deepcopy
 from datetime import UTC, datetime
-from json.encoder import encode_basestring_ascii
 from typing import Any, Final
 
 from .config import SETTINGS_FIELDS, Settings
@@ -484,7 +483,7 @@ def escape_log_value(value: object, max_chars: int | None = LOG_VALUE_MAX_CHARS)
 
 def _escaped(char: str) -> str:
     """``char`` as JSON escapes it (never a quote: it is printable) unless it is printable."""
-    return char if char.isprintable() and char != "\\" else encode_basestring_ascii(char)[1:-1]
+    return char if char.isprintable() and char != "\\" else json.dumps(char)[1:-1]
 
 
 def escape_error(exc: BaseException) -> str:
