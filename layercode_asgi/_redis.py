@@ -9,11 +9,15 @@ connections".
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import suppress
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+import anyio
 
 from . import loops
 from .errors import ConfigurationError, check_type, require_asyncio
@@ -23,12 +27,14 @@ __all__ = [
     "MAX_EXPIRE_SECONDS",
     "REDIS_CLIENT",
     "PerLoop",
+    "Tasks",
     "check_client",
     "connect",
     "describe_client",
     "import_redis",
     "not_a_database",
     "redis_error_text",
+    "retry",
     "unavailable_errors",
     "write_check_keys",
 ]
@@ -52,6 +58,48 @@ class PerLoop(loops.PerLoop[T]):
 
     def __init__(self, value: T, make: Callable[[], T] | None) -> None:
         super().__init__(value, make, functools.partial(require_asyncio, REDIS_CLIENT))
+
+
+class Tasks:
+    """What a Redis client's owner runs in the background (a retry once Redis answers again):
+    :meth:`cancel` ends those of the running event loop."""
+
+    __slots__ = ("_tasks",)
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def cancel(self) -> None:
+        """Cancel the tasks of this event loop, waiting up to 2 s for each to end."""
+        loop = asyncio.get_running_loop()
+        for task in list(self._tasks):
+            if not task.done() and task.get_loop() is loop:
+                task.cancel()
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(2.0),
+                    suppress(asyncio.CancelledError),
+                ):
+                    await task
+
+
+async def retry(attempt: Callable[[], Awaitable[bool]], seconds: float, most: float) -> bool:
+    """Await ``attempt()`` (which never raises; True when done) with a delay before each, from
+    50 ms doubling up to ``most`` s, until done or ``seconds`` have passed; whether done."""
+    deadline = anyio.current_time() + seconds
+    delay = 0.05
+    while anyio.current_time() + delay < deadline:
+        await anyio.sleep(delay)
+        delay = min(2 * delay, most)
+        if await attempt():
+            return True
+    return False
 
 
 def import_redis(what: str) -> Any:

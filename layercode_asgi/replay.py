@@ -37,10 +37,12 @@ from typing import Any, Protocol
 from ._redis import (
     MAX_EXPIRE_SECONDS,
     PerLoop,
+    Tasks,
     check_client,
     connect,
     import_redis,
     redis_error_text,
+    retry,
     write_check_keys,
 )
 from .conversation import StoreUnavailableError
@@ -174,11 +176,13 @@ class RedisReplayCache:
             check_client(url_or_client)
             self._clients = PerLoop(url_or_client, None)
         self.key_prefix = key_prefix
-        from redis.exceptions import RedisClusterException, RedisError
+        from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
         # Down, timed out, an error reply (OOM, READONLY...), no cluster node reachable
         # (RedisClusterException is not a RedisError): the check cannot run.
         self._errors = (RedisError, RedisClusterException, OSError)
+        self._answered = ResponseError  # an error reply: the command did not run
+        self._tasks = Tasks()
         self._check_writes = True  # by the next ping(): at first, and after a failure
         # The value of the keys this cache sets: ``forget`` deletes only those.
         self._token = secrets.token_hex(8).encode("ascii")
@@ -195,6 +199,9 @@ class RedisReplayCache:
             raise ValueError("replay key is not valid text (a lone surrogate)") from None
         except self._errors as exc:
             self._check_writes = True
+            if not isinstance(exc, self._answered):
+                # No reply: Redis may yet run the SET, and the 503's retry must be taken.
+                self._tasks.start(self._forget_later(key, seconds))
             raise self._unavailable(exc) from exc
         return not created
 
@@ -205,6 +212,19 @@ class RedisReplayCache:
         except self._errors as exc:
             self._check_writes = True
             raise self._unavailable(exc) from exc
+
+    async def _forget_later(self, key: str, seconds: float) -> None:
+        """Forget ``key`` as soon as Redis answers (within ``seconds``, its lifetime): then
+        any ``SET`` of it sent before has run."""
+
+        async def attempt() -> bool:
+            try:
+                await self.forget(key)
+            except StoreUnavailableError as exc:
+                return isinstance(exc.__cause__, self._answered)
+            return True
+
+        await retry(attempt, seconds, 1.0)
 
     async def ping(self) -> None:
         """``PING`` Redis (every primary of a cluster), for ``/ready``; raise
@@ -233,6 +253,7 @@ class RedisReplayCache:
 
     async def aclose(self) -> None:
         """Close the client this cache created on this event loop (not one given to it)."""
+        await self._tasks.cancel()
         client = self._clients.take()
         if client is not None:
             await client.aclose()

@@ -1244,6 +1244,33 @@ async def test_the_redis_replay_cache_refuses_a_lone_surrogate_key(
         await cache.aclose()
 
 
+async def test_a_replay_check_redis_answered_too_late_does_not_refuse_the_retry(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    """Redis too slow to answer the replay check (the delivery got 503: not processed) ran
+    the ``SET`` once it could: LayerCode's retry of the delivery got 409, as a replay. The
+    cache forgets a key whose ``SET`` went unanswered, once Redis answers again."""
+    from layercode_asgi.replay import RedisReplayCache
+
+    cache = RedisReplayCache(redis_server.url, socket_timeout=0.3)
+    try:
+        await cache.ping()
+        redis_server.pause()
+        try:
+            with pytest.raises(StoreUnavailableError, match="TimeoutError"):
+                await cache.seen("late", 60)
+        finally:
+            redis_server.resume()
+        for _ in range(100):  # the forget runs in the background
+            if not await raw.exists("layercode:replay:late"):
+                break
+            await anyio.sleep(0.05)
+        assert not await cache.seen("late", 60)  # the retry is taken
+        assert await cache.seen("late", 60)  # a replay of it still refused
+    finally:
+        await cache.aclose()
+
+
 @pytest.mark.parametrize(
     ("argument", "value"), [("max_connections", 0), ("max_connections", "8"), ("key_prefix", 5)]
 )
