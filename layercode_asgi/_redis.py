@@ -261,14 +261,14 @@ async def write_check_keys(client: Any, key: str) -> list[str]:
 
 def redis_error_text(exc: BaseException) -> str:
     """An error of redis-py for a log line: a MOVED or ASK reply (only a client made without
-    ``cluster`` sees one) says which setting is missing, not just a slot and an address."""
+    ``cluster`` sees one) says which setting is missing, not just a slot and an address. A
+    script's error names where it failed, ``@user_script:24``: without its ``@``, which
+    after the store's URL in a line would hide all before it as the URL's password."""
     from redis.exceptions import AskError  # MovedError is one
 
-    return (
-        f"{exc} (a MOVED reply: the Redis is {CLUSTER_HINT})"
-        if isinstance(exc, AskError)
-        else str(exc)
-    )
+    if isinstance(exc, AskError):
+        return f"{exc} (a MOVED reply: the Redis is {CLUSTER_HINT})"
+    return str(exc).replace("@user_script:", "user_script:")
 
 
 def unavailable_errors() -> tuple[type[BaseException], ...]:

@@ -1009,6 +1009,60 @@ async def test_a_turn_not_recorded_because_redis_is_down_logs_one_line(
     assert bug.levelno == logging.ERROR and bug.exc_info is not None
 
 
+@pytest.mark.parametrize(
+    ("failure", "cause"),
+    [
+        ("oom", "command not allowed when used memory > 'maxmemory'"),
+        ("readonly", "You can't write against a read only replica"),
+    ],
+)
+async def test_a_turn_redis_refused_to_record_logs_why_and_the_next_turn_records(
+    redis_server: RedisServer,
+    raw: Any,
+    caplog: pytest.LogCaptureFixture,
+    failure: str,
+    cause: str,
+) -> None:
+    """Redis refusing writes mid-turn (full, or made a replica): the turn is answered, its
+    record is lost with one warning that says why (Redis's reason was masked as the password
+    of the store's URL: "Redis at redis://127.0.0.1:***@user_script:24."), and once Redis
+    takes writes again the next turn records."""
+    import httpx
+
+    from layercode_asgi import LayercodeWebhook
+
+    from .conftest import event_body, free_port
+
+    async def refuse() -> None:
+        if failure == "oom":
+            await raw.config_set("maxmemory-policy", "noeviction")
+            await raw.config_set("maxmemory", 1)
+        else:
+            await raw.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+
+    async def agent(event: Any, context: Any) -> AsyncIterator[str]:
+        if event.turn_id == "t1":
+            await refuse()
+        yield "said"
+
+    async with ConversationManager(RedisConversationStore(redis_server.url)) as manager:
+        webhook = LayercodeWebhook(agent, conversations=manager)
+        transport = httpx.ASGITransport(app=webhook)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            try:
+                with caplog.at_level(logging.WARNING, "layercode_asgi"), anyio.fail_after(30):
+                    first = await client.post("/", content=event_body(text="hi", turn_id="t1"))
+            finally:
+                await raw.config_set("maxmemory", 0)
+                await raw.execute_command("REPLICAOF", "NO", "ONE")
+            with anyio.fail_after(30):
+                second = await client.post("/", content=event_body(text="hey", turn_id="t2"))
+        assert first.status_code == second.status_code == 200
+        assert [m.text for m in await manager.get_history("conv-1")] == ["hey", "said"]
+    (line,) = [r.getMessage() for r in caplog.records if "could not record turn" in r.getMessage()]
+    assert cause in line, line
+
+
 async def test_redis_lock_release_failures_say_what_happened(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
