@@ -1115,6 +1115,34 @@ async def test_redis_lock_a_turn_could_not_release_is_released_once_redis_takes_
         await other.aclose()
 
 
+async def test_redis_a_lock_taken_after_its_turn_gave_up_is_released(
+    redis_server: RedisServer,
+) -> None:
+    """Redis too slow to answer a turn's lock (the turn gave up: 503) took the lock once it
+    could, and leaving the queue had failed too: the conversation stayed locked for the whole
+    ``lock_ttl`` (here 300 s) with no turn running. Leaving is retried once Redis answers."""
+    store = RedisConversationStore(
+        redis_server.url, socket_timeout=0.3, operation_timeout=0.5, lock_ttl=300
+    )
+    other = RedisConversationStore(redis_server.url, lock_ttl=300)
+    try:
+        async with store.lock("warm"):  # the scripts loaded, a connection open
+            pass
+        redis_server.pause()
+        try:
+            with pytest.raises(StoreUnavailableError):
+                async with store.lock("c", timeout=5):
+                    pytest.fail("locked while Redis is frozen")
+        finally:
+            redis_server.resume()
+        with anyio.fail_after(30):
+            async with other.lock("c", timeout=5):
+                pass
+    finally:
+        await store.aclose()
+        await other.aclose()
+
+
 async def test_redis_a_turn_across_a_restart_that_lost_the_data_is_recorded(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -201,9 +201,10 @@ class RedisConversationStore:
             self._clients = PerLoop(_Client(url_or_client), None)
             self._where = describe_client(url_or_client)
         self._unavailable_errors = unavailable_errors()
-        from redis.exceptions import RedisError
+        from redis import exceptions
 
-        self._redis_error: type[BaseException] = RedisError
+        self._redis_error: type[BaseException] = exceptions.RedisError
+        self._timeouts = (TimeoutError, exceptions.TimeoutError)
         # A waiter checks the lock (and shows it is alive) this often while it waits; its
         # place is skipped once it has not for ``3 * _wait_check`` seconds (its worker died).
         self._wait_check = min(1.0, self.lock_ttl / 3)
@@ -505,15 +506,14 @@ class RedisConversationStore:
                 )
                 return
 
-    async def _release(self, hold: _Hold, *, held: bool = True) -> None:
+    async def _release(self, hold: _Hold, *, held: bool = True, later: bool = True) -> None:
         """Release the lock or leave the queue (handing the lock on), shielded from
         cancellation, bounded in time, never raising.
 
         Never waits longer than ``lock_ttl``: by then the key has expired anyway; a lock
         it could not release is retried in the background (:meth:`_release_later`). A turn
-        that did not get the lock (``held=False``: its caller gets why) tries for 1 s and
-        logs a failure at debug level only: its place in the queue, and a lock taken by a
-        call whose reply was lost, free themselves.
+        that did not get the lock (``held=False``: its caller gets why) tries for 1 s, logs
+        at debug level only, and retries after a timeout only (the lock call may yet run).
         """
         limit = min(self.operation_timeout, self.lock_ttl, math.inf if held else 1.0)
         keys = hold.keys
@@ -535,7 +535,7 @@ class RedisConversationStore:
                     type(exc).__name__,
                     escape_error(exc),
                 )
-                if held:
+                if later and (held or isinstance(exc, self._timeouts)):
                     task = asyncio.get_running_loop().create_task(self._release_later(hold))
                     self._retries.add(task)
                     task.add_done_callback(self._retries.discard)
@@ -549,7 +549,7 @@ class RedisConversationStore:
         while not hold.released and anyio.current_time() + delay < deadline:
             await anyio.sleep(delay)
             delay = min(2 * delay, self._wait_check)
-            await self._release(hold, held=False)  # at most 1 s, never raises
+            await self._release(hold, held=False, later=False)  # at most 1 s, never raises
         if hold.released:
             logger.info(
                 "released the lock of conversation %s", escape_log_value(hold.conversation_id)
