@@ -29,10 +29,12 @@ __all__ = [
     "PerLoop",
     "Tasks",
     "check_client",
+    "clients",
     "connect",
     "describe_client",
     "import_redis",
     "not_a_database",
+    "ping_primaries",
     "redis_error_text",
     "retry",
     "unavailable_errors",
@@ -121,6 +123,26 @@ def check_client(client: Any) -> None:
             "url_or_client must be a Redis URL (str) or a redis.asyncio client, "
             f"got {type(client).__module__}.{type(client).__qualname__}"
         )
+
+
+def clients(url_or_client: Any, wrap: Callable[[Any], T], what: str, **options: Any) -> PerLoop[T]:
+    """``wrap`` of a client per event loop: from a URL, a new one per loop
+    (:func:`connect` with ``what`` and ``options``); a client given (checked), only it."""
+    if not isinstance(url_or_client, str):
+        import_redis(what)
+        check_client(url_or_client)
+        return PerLoop(wrap(url_or_client), None)
+
+    def make() -> T:
+        return wrap(connect(url_or_client, what=what, **options))
+
+    return PerLoop(make(), make)
+
+
+async def ping_primaries(client: Any) -> None:
+    """``PING`` one Redis, or every primary of a cluster."""
+    primaries = getattr(client, "PRIMARIES", None)
+    await (client.ping() if primaries is None else client.ping(target_nodes=primaries))
 
 
 def describe_client(client: Any) -> str:

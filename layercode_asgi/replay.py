@@ -25,7 +25,6 @@ A delivery answered 503 (with ``Retry-After``: not processed, try again) is forg
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import math
@@ -38,9 +37,8 @@ from ._redis import (
     MAX_EXPIRE_SECONDS,
     PerLoop,
     Tasks,
-    check_client,
-    connect,
-    import_redis,
+    clients,
+    ping_primaries,
     redis_error_text,
     retry,
     write_check_keys,
@@ -159,22 +157,16 @@ class RedisReplayCache:
         if not isinstance(key_prefix, str):
             raise ConfigurationError(f"key_prefix must be a string, got {key_prefix!r}")
         check_text("key_prefix", key_prefix)
-        if isinstance(url_or_client, str):
-            make = functools.partial(
-                connect,
-                url_or_client,
-                what="replay protection on Redis",
-                cluster=cluster,
-                max_connections=max_connections,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_connect_timeout,
-                pool_timeout=socket_timeout,
-            )
-            self._clients: PerLoop[Any] = PerLoop(make(), make)
-        else:
-            import_redis("replay protection on Redis")
-            check_client(url_or_client)
-            self._clients = PerLoop(url_or_client, None)
+        self._clients: PerLoop[Any] = clients(
+            url_or_client,
+            lambda client: client,
+            "replay protection on Redis",
+            cluster=cluster,
+            max_connections=max_connections,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            pool_timeout=socket_timeout,
+        )
         self.key_prefix = key_prefix
         from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
@@ -198,7 +190,6 @@ class RedisReplayCache:
         except UnicodeEncodeError:  # the prefix was checked: a lone surrogate in ``key``
             raise ValueError("replay key is not valid text (a lone surrogate)") from None
         except self._errors as exc:
-            self._check_writes = True
             if not isinstance(exc, self._answered):
                 # No reply: Redis may yet run the SET, and the 503's retry must be taken.
                 self._tasks.start(self._forget_later(key, seconds))
@@ -210,7 +201,6 @@ class RedisReplayCache:
         try:
             await self._clients.get().eval(_FORGET_LUA, 1, self.key_prefix + key, self._token)
         except self._errors as exc:
-            self._check_writes = True
             raise self._unavailable(exc) from exc
 
     async def _forget_later(self, key: str, seconds: float) -> None:
@@ -232,22 +222,17 @@ class RedisReplayCache:
         or does not take writes: checked (one short-lived key, ``<prefix>ready``) at the
         first ping and at the first after a failed check."""
         client = self._clients.get()
-        primaries = getattr(client, "PRIMARIES", None)
         try:
-            if primaries is None:
-                await client.ping()
-            else:
-                await client.ping(target_nodes=primaries)
+            await ping_primaries(client)
             if self._check_writes:
                 for key in await write_check_keys(client, self.key_prefix + "ready"):
                     await client.set(key, b"1", px=1000)
                 self._check_writes = False
         except self._errors as exc:
-            self._check_writes = True
             raise self._unavailable(exc) from exc
 
-    @staticmethod
-    def _unavailable(exc: BaseException) -> StoreUnavailableError:
+    def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
+        self._check_writes = True  # checked again by the next ping()
         text = redis_error_text(exc)
         return StoreUnavailableError(f"replay cache unavailable: {type(exc).__name__}: {text}")
 

@@ -10,7 +10,6 @@ queue; see :mod:`.redis_scripts`).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import secrets
@@ -24,12 +23,13 @@ import msgspec
 
 from .._redis import (
     MAX_EXPIRE_SECONDS,
-    PerLoop,
-    check_client,
-    connect,
+    Tasks,
+    clients,
     describe_client,
     import_redis,
+    ping_primaries,
     redis_error_text,
+    retry,
     unavailable_errors,
     write_check_keys,
 )
@@ -183,23 +183,18 @@ class RedisConversationStore:
         self.lock_timeout = lock_timeout
         self.lock_ttl = min(float(lock_ttl), MAX_EXPIRE_SECONDS)  # what Redis can express
         self.operation_timeout = float(operation_timeout)
-        if isinstance(url_or_client, str):
-            connection = functools.partial(
-                connect,
-                url_or_client,
-                what="RedisConversationStore",
-                cluster=cluster,
-                max_connections=max_connections,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_connect_timeout,
-                pool_timeout=self.operation_timeout,
-            )
-            self._clients = PerLoop(_Client(connection()), lambda: _Client(connection()))
-            self._where = mask_url(url_or_client)
-        else:
-            check_client(url_or_client)
-            self._clients = PerLoop(_Client(url_or_client), None)
-            self._where = describe_client(url_or_client)
+        self._clients = clients(
+            url_or_client,
+            _Client,
+            "RedisConversationStore",
+            cluster=cluster,
+            max_connections=max_connections,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            pool_timeout=self.operation_timeout,
+        )
+        is_url = isinstance(url_or_client, str)
+        self._where = mask_url(url_or_client) if is_url else describe_client(url_or_client)
         self._unavailable_errors = unavailable_errors()
         from redis import exceptions
 
@@ -215,7 +210,7 @@ class RedisConversationStore:
         self._channel = f"{key_prefix}wake:{secrets.token_hex(8)}"
         self._wakers: dict[str, anyio.Event] = {}
         self._listener: asyncio.Task[None] | None = None
-        self._retries: set[asyncio.Task[None]] = set()  # of releases (_release_later)
+        self._tasks = Tasks()  # the listener, retried releases (_release_later)
         self._check_writes = True  # by the next ping(): at first, and after a failure
 
     def history_key(self, conversation_id: str) -> str:
@@ -381,26 +376,14 @@ class RedisConversationStore:
             raise
         outer = _HOLD.get()
         _HOLD.set(hold)
-        error: BaseException | None = None
+        keeper = asyncio.get_running_loop().create_task(self._keep_alive(hold))
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._keep_alive, hold)
-                try:
-                    yield
-                finally:
-                    tg.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # The keep-alive task never raises, so this is the holder's own exception,
-            # wrapped by the task group: re-raise it unchanged, as if no group existed.
-            if len(group.exceptions) != 1:
-                raise
-            error = group.exceptions[0]
+            yield
         finally:
+            keeper.cancel()
             _HOLD.set(outer)
             if not hold.released:
                 await self._release(hold)
-        if error is not None:
-            raise error
 
     def _lock_args(self, hold: _Hold) -> dict[str, Any]:
         keys = hold.keys
@@ -443,10 +426,9 @@ class RedisConversationStore:
     def _listen(self) -> None:
         """Start this process's pub/sub listener (once; again if it ended, or for another
         event loop)."""
-        loop = asyncio.get_running_loop()
-        listener = self._listener
+        listener, loop = self._listener, asyncio.get_running_loop()
         if listener is None or listener.done() or listener.get_loop() is not loop:
-            self._listener = loop.create_task(self._receive_wakes())
+            self._listener = self._tasks.start(self._receive_wakes())
 
     async def _receive_wakes(self) -> None:
         """Wake the waiters named on our channel; resubscribe (and wake every waiter, to
@@ -536,21 +518,18 @@ class RedisConversationStore:
                     escape_error(exc),
                 )
                 if later and (held or isinstance(exc, self._timeouts)):
-                    task = asyncio.get_running_loop().create_task(self._release_later(hold))
-                    self._retries.add(task)
-                    task.add_done_callback(self._retries.discard)
+                    self._tasks.start(self._release_later(hold))
 
     async def _release_later(self, hold: _Hold) -> None:
         """Retry releasing a lock whose turn is over (Redis failing over, or back after a
         moment), so that the next turn need not wait for it to expire: safe, our token only.
         Backing off up to ``_wait_check``; until released or ``lock_ttl`` has passed."""
-        deadline = anyio.current_time() + self.lock_ttl
-        delay = 0.05
-        while not hold.released and anyio.current_time() + delay < deadline:
-            await anyio.sleep(delay)
-            delay = min(2 * delay, self._wait_check)
+
+        async def attempt() -> bool:
             await self._release(hold, held=False, later=False)  # at most 1 s, never raises
-        if hold.released:
+            return hold.released
+
+        if await retry(attempt, self.lock_ttl, self._wait_check):
             logger.info(
                 "released the lock of conversation %s", escape_log_value(hold.conversation_id)
             )
@@ -561,7 +540,7 @@ class RedisConversationStore:
         key, ``<prefix>ready``, on every primary) at the first ping and at the first after a
         failed operation."""
         try:
-            await self._call("ping", self._ping())
+            await self._call("ping", ping_primaries(self._clients.get().redis))
             if self._check_writes:
                 await self._call("write check", self._write_check())
                 self._check_writes = False
@@ -575,26 +554,12 @@ class RedisConversationStore:
         for key in await write_check_keys(client.redis, self.key_prefix + "ready"):
             await client.probe(keys=[key], args=[self._channel])
 
-    async def _ping(self) -> Any:
-        client = self._clients.get().redis
-        primaries = getattr(client, "PRIMARIES", None)
-        return await (client.ping() if primaries is None else client.ping(target_nodes=primaries))
-
     async def aclose(self) -> None:
         """Stop the hand-off listener and release retries; close the client if this store
         created it on this event loop (one of an earlier loop is dropped: it cannot be
         closed from this one)."""
-        tasks = [self._listener, *self._retries]
         self._listener = None
-        for task in tasks:
-            if task and not task.done() and task.get_loop() is asyncio.get_running_loop():
-                task.cancel()
-                with (
-                    anyio.CancelScope(shield=True),
-                    anyio.move_on_after(2.0),
-                    suppress(asyncio.CancelledError),
-                ):
-                    await task
+        await self._tasks.cancel()
         client = self._clients.take()
         if client is not None:
             await client.redis.aclose()
