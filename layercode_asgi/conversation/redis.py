@@ -405,11 +405,12 @@ class RedisConversationStore:
         token = hold.token
         waker = self._wakers[token] = anyio.Event()
         try:
-            reply = await self._call("lock", self._clients.get().acquire(**self._lock_args(hold)))
-            if reply[0] == 1:
-                return [reply[1], reply[2]]
-            self._listen()
+            script = self._clients.get().acquire  # then, queued, check
             while True:
+                reply = await self._call("lock", script(**self._lock_args(hold)))
+                if reply[0] == 1:
+                    return [reply[1], reply[2]]
+                self._listen()
                 remaining = deadline - anyio.current_time()
                 if remaining <= 0:
                     raise ConversationLockTimeout(hold.conversation_id, wait or 0.0)
@@ -417,9 +418,7 @@ class RedisConversationStore:
                     await waker.wait()
                 # A fresh event before checking: a hand-off published meanwhile sets it.
                 waker = self._wakers[token] = anyio.Event()
-                reply = await self._call("lock", self._clients.get().check(**self._lock_args(hold)))
-                if reply[0] == 1:
-                    return [reply[1], reply[2]]
+                script = self._clients.get().check
         finally:
             self._wakers.pop(token, None)
 
@@ -461,7 +460,8 @@ class RedisConversationStore:
             delay = min(delay * 2, 1.0)
 
     async def _keep_alive(self, hold: _Hold) -> None:
-        """Extend the lock every ``lock_ttl / 3``; never raises (it would cancel the holder)."""
+        """Extend the lock every ``lock_ttl / 3`` while held; a failure is logged, and tried
+        again at the next interval."""
         interval = self.lock_ttl / 3
         while True:
             await anyio.sleep(interval)
@@ -472,7 +472,7 @@ class RedisConversationStore:
                     extended = await self._clients.get().extend(
                         keys=[hold.keys.lock], args=[hold.token, self._lock_ms]
                     )
-            except Exception as exc:  # the holder must not be interrupted
+            except Exception as exc:
                 logger.warning(
                     "could not extend the lock of conversation %s: %s: %s",
                     escape_log_value(hold.conversation_id),
