@@ -189,11 +189,16 @@ def connect(
             f"invalid Redis URL {mask_url(url)!r}: the scheme must be redis://, rediss:// or "
             "unix://"
         )
-    retry = Retry(
-        ExponentialBackoff(cap=0.05, base=0.01),
-        1,
-        supported_errors=(exceptions.ConnectionError,),
-    )
+    options: dict[str, Any] = {
+        "max_connections": max_connections,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_connect_timeout,
+        "retry": Retry(
+            ExponentialBackoff(cap=0.05, base=0.01),
+            1,
+            supported_errors=(exceptions.ConnectionError,),
+        ),
+    }
     try:
         # redis-py takes a path that is not a number for database 0; not quoted: a password
         # with an unencoded / puts part of itself in the path.
@@ -221,21 +226,8 @@ def connect(
             )
             if problem:
                 raise ConfigurationError(f"Redis URL {mask_url(url)!r} {problem}")
-            return RedisCluster.from_url(
-                url,
-                max_connections=max_connections,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_connect_timeout,
-                retry=retry,
-            )
-        pool = redis_asyncio.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=pool_timeout,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_connect_timeout,
-            retry=retry,
-        )
+            return RedisCluster.from_url(url, **options)
+        pool = redis_asyncio.BlockingConnectionPool.from_url(url, timeout=pool_timeout, **options)
         return redis_asyncio.Redis.from_pool(pool)  # aclose() closes the pool too
     except ConfigurationError:
         raise
