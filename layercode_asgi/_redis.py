@@ -200,8 +200,6 @@ def connect(
         ),
     }
     try:
-        # redis-py takes a path that is not a number for database 0; not quoted: a password
-        # with an unencoded / puts part of itself in the path.
         if not_a_database(url):
             raise ConfigurationError(
                 f"invalid Redis URL {mask_url(url)!r}: the database (its path) is not a "
