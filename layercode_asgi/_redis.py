@@ -9,11 +9,15 @@ connections".
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import suppress
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+import anyio
 
 from . import loops
 from .errors import ConfigurationError, check_type, require_asyncio
@@ -23,12 +27,16 @@ __all__ = [
     "MAX_EXPIRE_SECONDS",
     "REDIS_CLIENT",
     "PerLoop",
+    "Tasks",
     "check_client",
+    "clients",
     "connect",
     "describe_client",
     "import_redis",
     "not_a_database",
+    "ping_primaries",
     "redis_error_text",
+    "retry",
     "unavailable_errors",
     "write_check_keys",
 ]
@@ -54,6 +62,48 @@ class PerLoop(loops.PerLoop[T]):
         super().__init__(value, make, functools.partial(require_asyncio, REDIS_CLIENT))
 
 
+class Tasks:
+    """What a Redis client's owner runs in the background (a retry once Redis answers again):
+    :meth:`cancel` ends those of the running event loop."""
+
+    __slots__ = ("_tasks",)
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def cancel(self) -> None:
+        """Cancel the tasks of this event loop, waiting up to 2 s for each to end."""
+        loop = asyncio.get_running_loop()
+        for task in list(self._tasks):
+            if not task.done() and task.get_loop() is loop:
+                task.cancel()
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(2.0),
+                    suppress(asyncio.CancelledError),
+                ):
+                    await task
+
+
+async def retry(attempt: Callable[[], Awaitable[bool]], seconds: float, most: float) -> bool:
+    """Await ``attempt()`` (which never raises; True when done) with a delay before each, from
+    50 ms doubling up to ``most`` s, until done or ``seconds`` have passed; whether done."""
+    deadline = anyio.current_time() + seconds
+    delay = 0.05
+    while anyio.current_time() + delay < deadline:
+        await anyio.sleep(delay)
+        delay = min(2 * delay, most)
+        if await attempt():
+            return True
+    return False
+
+
 def import_redis(what: str) -> Any:
     """``redis.asyncio``, or a :class:`ConfigurationError` naming the extra to install."""
     try:
@@ -73,6 +123,26 @@ def check_client(client: Any) -> None:
             "url_or_client must be a Redis URL (str) or a redis.asyncio client, "
             f"got {type(client).__module__}.{type(client).__qualname__}"
         )
+
+
+def clients(url_or_client: Any, wrap: Callable[[Any], T], what: str, **options: Any) -> PerLoop[T]:
+    """``wrap`` of a client per event loop: from a URL, a new one per loop
+    (:func:`connect` with ``what`` and ``options``); a client given (checked), only it."""
+    if not isinstance(url_or_client, str):
+        import_redis(what)
+        check_client(url_or_client)
+        return PerLoop(wrap(url_or_client), None)
+
+    def make() -> T:
+        return wrap(connect(url_or_client, what=what, **options))
+
+    return PerLoop(make(), make)
+
+
+async def ping_primaries(client: Any) -> None:
+    """``PING`` one Redis, or every primary of a cluster."""
+    primaries = getattr(client, "PRIMARIES", None)
+    await (client.ping() if primaries is None else client.ping(target_nodes=primaries))
 
 
 def describe_client(client: Any) -> str:
@@ -119,14 +189,17 @@ def connect(
             f"invalid Redis URL {mask_url(url)!r}: the scheme must be redis://, rediss:// or "
             "unix://"
         )
-    retry = Retry(
-        ExponentialBackoff(cap=0.05, base=0.01),
-        1,
-        supported_errors=(exceptions.ConnectionError,),
-    )
+    options: dict[str, Any] = {
+        "max_connections": max_connections,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_connect_timeout,
+        "retry": Retry(
+            ExponentialBackoff(cap=0.05, base=0.01),
+            1,
+            supported_errors=(exceptions.ConnectionError,),
+        ),
+    }
     try:
-        # redis-py takes a path that is not a number for database 0; not quoted: a password
-        # with an unencoded / puts part of itself in the path.
         if not_a_database(url):
             raise ConfigurationError(
                 f"invalid Redis URL {mask_url(url)!r}: the database (its path) is not a "
@@ -151,21 +224,8 @@ def connect(
             )
             if problem:
                 raise ConfigurationError(f"Redis URL {mask_url(url)!r} {problem}")
-            return RedisCluster.from_url(
-                url,
-                max_connections=max_connections,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_connect_timeout,
-                retry=retry,
-            )
-        pool = redis_asyncio.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=pool_timeout,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_connect_timeout,
-            retry=retry,
-        )
+            return RedisCluster.from_url(url, **options)
+        pool = redis_asyncio.BlockingConnectionPool.from_url(url, timeout=pool_timeout, **options)
         return redis_asyncio.Redis.from_pool(pool)  # aclose() closes the pool too
     except ConfigurationError:
         raise
@@ -213,14 +273,14 @@ async def write_check_keys(client: Any, key: str) -> list[str]:
 
 def redis_error_text(exc: BaseException) -> str:
     """An error of redis-py for a log line: a MOVED or ASK reply (only a client made without
-    ``cluster`` sees one) says which setting is missing, not just a slot and an address."""
+    ``cluster`` sees one) says which setting is missing, not just a slot and an address. A
+    script's error names where it failed, ``@user_script:24``: without its ``@``, which
+    after the store's URL in a line would hide all before it as the URL's password."""
     from redis.exceptions import AskError  # MovedError is one
 
-    return (
-        f"{exc} (a MOVED reply: the Redis is {CLUSTER_HINT})"
-        if isinstance(exc, AskError)
-        else str(exc)
-    )
+    if isinstance(exc, AskError):
+        return f"{exc} (a MOVED reply: the Redis is {CLUSTER_HINT})"
+    return str(exc).replace("@user_script:", "user_script:")
 
 
 def unavailable_errors() -> tuple[type[BaseException], ...]:

@@ -25,7 +25,6 @@ A delivery answered 503 (with ``Retry-After``: not processed, try again) is forg
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import math
@@ -37,10 +36,11 @@ from typing import Any, Protocol
 from ._redis import (
     MAX_EXPIRE_SECONDS,
     PerLoop,
-    check_client,
-    connect,
-    import_redis,
+    Tasks,
+    clients,
+    ping_primaries,
     redis_error_text,
+    retry,
     write_check_keys,
 )
 from .conversation import StoreUnavailableError
@@ -157,28 +157,24 @@ class RedisReplayCache:
         if not isinstance(key_prefix, str):
             raise ConfigurationError(f"key_prefix must be a string, got {key_prefix!r}")
         check_text("key_prefix", key_prefix)
-        if isinstance(url_or_client, str):
-            make = functools.partial(
-                connect,
-                url_or_client,
-                what="replay protection on Redis",
-                cluster=cluster,
-                max_connections=max_connections,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_connect_timeout,
-                pool_timeout=socket_timeout,
-            )
-            self._clients: PerLoop[Any] = PerLoop(make(), make)
-        else:
-            import_redis("replay protection on Redis")
-            check_client(url_or_client)
-            self._clients = PerLoop(url_or_client, None)
+        self._clients: PerLoop[Any] = clients(
+            url_or_client,
+            lambda client: client,
+            "replay protection on Redis",
+            cluster=cluster,
+            max_connections=max_connections,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            pool_timeout=socket_timeout,
+        )
         self.key_prefix = key_prefix
-        from redis.exceptions import RedisClusterException, RedisError
+        from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
         # Down, timed out, an error reply (OOM, READONLY...), no cluster node reachable
         # (RedisClusterException is not a RedisError): the check cannot run.
         self._errors = (RedisError, RedisClusterException, OSError)
+        self._answered = ResponseError  # an error reply: the command did not run
+        self._tasks = Tasks()
         self._check_writes = True  # by the next ping(): at first, and after a failure
         # The value of the keys this cache sets: ``forget`` deletes only those.
         self._token = secrets.token_hex(8).encode("ascii")
@@ -194,7 +190,9 @@ class RedisReplayCache:
         except UnicodeEncodeError:  # the prefix was checked: a lone surrogate in ``key``
             raise ValueError("replay key is not valid text (a lone surrogate)") from None
         except self._errors as exc:
-            self._check_writes = True
+            if not isinstance(exc, self._answered):
+                # No reply: Redis may yet run the SET, and the 503's retry must be taken.
+                self._tasks.start(self._forget_later(key, seconds))
             raise self._unavailable(exc) from exc
         return not created
 
@@ -203,8 +201,20 @@ class RedisReplayCache:
         try:
             await self._clients.get().eval(_FORGET_LUA, 1, self.key_prefix + key, self._token)
         except self._errors as exc:
-            self._check_writes = True
             raise self._unavailable(exc) from exc
+
+    async def _forget_later(self, key: str, seconds: float) -> None:
+        """Forget ``key`` as soon as Redis answers (within ``seconds``, its lifetime): then
+        any ``SET`` of it sent before has run."""
+
+        async def attempt() -> bool:
+            try:
+                await self.forget(key)
+            except StoreUnavailableError as exc:
+                return isinstance(exc.__cause__, self._answered)
+            return True
+
+        await retry(attempt, seconds, 1.0)
 
     async def ping(self) -> None:
         """``PING`` Redis (every primary of a cluster), for ``/ready``; raise
@@ -212,27 +222,23 @@ class RedisReplayCache:
         or does not take writes: checked (one short-lived key, ``<prefix>ready``) at the
         first ping and at the first after a failed check."""
         client = self._clients.get()
-        primaries = getattr(client, "PRIMARIES", None)
         try:
-            if primaries is None:
-                await client.ping()
-            else:
-                await client.ping(target_nodes=primaries)
+            await ping_primaries(client)
             if self._check_writes:
                 for key in await write_check_keys(client, self.key_prefix + "ready"):
                     await client.set(key, b"1", px=1000)
                 self._check_writes = False
         except self._errors as exc:
-            self._check_writes = True
             raise self._unavailable(exc) from exc
 
-    @staticmethod
-    def _unavailable(exc: BaseException) -> StoreUnavailableError:
+    def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
+        self._check_writes = True  # checked again by the next ping()
         text = redis_error_text(exc)
         return StoreUnavailableError(f"replay cache unavailable: {type(exc).__name__}: {text}")
 
     async def aclose(self) -> None:
         """Close the client this cache created on this event loop (not one given to it)."""
+        await self._tasks.cancel()
         client = self._clients.take()
         if client is not None:
             await client.aclose()

@@ -1009,6 +1009,60 @@ async def test_a_turn_not_recorded_because_redis_is_down_logs_one_line(
     assert bug.levelno == logging.ERROR and bug.exc_info is not None
 
 
+@pytest.mark.parametrize(
+    ("failure", "cause"),
+    [
+        ("oom", "command not allowed when used memory > 'maxmemory'"),
+        ("readonly", "You can't write against a read only replica"),
+    ],
+)
+async def test_a_turn_redis_refused_to_record_logs_why_and_the_next_turn_records(
+    redis_server: RedisServer,
+    raw: Any,
+    caplog: pytest.LogCaptureFixture,
+    failure: str,
+    cause: str,
+) -> None:
+    """Redis refusing writes mid-turn (full, or made a replica): the turn is answered, its
+    record is lost with one warning that says why (Redis's reason was masked as the password
+    of the store's URL: "Redis at redis://127.0.0.1:***@user_script:24."), and once Redis
+    takes writes again the next turn records."""
+    import httpx
+
+    from layercode_asgi import LayercodeWebhook
+
+    from .conftest import event_body, free_port
+
+    async def refuse() -> None:
+        if failure == "oom":
+            await raw.config_set("maxmemory-policy", "noeviction")
+            await raw.config_set("maxmemory", 1)
+        else:
+            await raw.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+
+    async def agent(event: Any, context: Any) -> AsyncIterator[str]:
+        if event.turn_id == "t1":
+            await refuse()
+        yield "said"
+
+    async with ConversationManager(RedisConversationStore(redis_server.url)) as manager:
+        webhook = LayercodeWebhook(agent, conversations=manager)
+        transport = httpx.ASGITransport(app=webhook)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            try:
+                with caplog.at_level(logging.WARNING, "layercode_asgi"), anyio.fail_after(30):
+                    first = await client.post("/", content=event_body(text="hi", turn_id="t1"))
+            finally:
+                await raw.config_set("maxmemory", 0)
+                await raw.execute_command("REPLICAOF", "NO", "ONE")
+            with anyio.fail_after(30):
+                second = await client.post("/", content=event_body(text="hey", turn_id="t2"))
+        assert first.status_code == second.status_code == 200
+        assert [m.text for m in await manager.get_history("conv-1")] == ["hey", "said"]
+    (line,) = [r.getMessage() for r in caplog.records if "could not record turn" in r.getMessage()]
+    assert cause in line, line
+
+
 async def test_redis_lock_release_failures_say_what_happened(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1057,6 +1111,34 @@ async def test_redis_lock_a_turn_could_not_release_is_released_once_redis_takes_
                 assert await raw.exists("layercode:{c}:lock") == 1  # now the other's
     finally:
         await raw.execute_command("REPLICAOF", "NO", "ONE")
+        await store.aclose()
+        await other.aclose()
+
+
+async def test_redis_a_lock_taken_after_its_turn_gave_up_is_released(
+    redis_server: RedisServer,
+) -> None:
+    """Redis too slow to answer a turn's lock (the turn gave up: 503) took the lock once it
+    could, and leaving the queue had failed too: the conversation stayed locked for the whole
+    ``lock_ttl`` (here 300 s) with no turn running. Leaving is retried once Redis answers."""
+    store = RedisConversationStore(
+        redis_server.url, socket_timeout=0.3, operation_timeout=0.5, lock_ttl=300
+    )
+    other = RedisConversationStore(redis_server.url, lock_ttl=300)
+    try:
+        async with store.lock("warm"):  # the scripts loaded, a connection open
+            pass
+        redis_server.pause()
+        try:
+            with pytest.raises(StoreUnavailableError):
+                async with store.lock("c", timeout=5):
+                    pytest.fail("locked while Redis is frozen")
+        finally:
+            redis_server.resume()
+        with anyio.fail_after(30):
+            async with other.lock("c", timeout=5):
+                pass
+    finally:
         await store.aclose()
         await other.aclose()
 
@@ -1240,6 +1322,33 @@ async def test_the_redis_replay_cache_refuses_a_lone_surrogate_key(
         with pytest.raises(ValueError, match=r"^replay key is not valid text"):
             await cache.seen("k\ud800", 10)
         assert not await cache.seen("k", 10)
+    finally:
+        await cache.aclose()
+
+
+async def test_a_replay_check_redis_answered_too_late_does_not_refuse_the_retry(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    """Redis too slow to answer the replay check (the delivery got 503: not processed) ran
+    the ``SET`` once it could: LayerCode's retry of the delivery got 409, as a replay. The
+    cache forgets a key whose ``SET`` went unanswered, once Redis answers again."""
+    from layercode_asgi.replay import RedisReplayCache
+
+    cache = RedisReplayCache(redis_server.url, socket_timeout=0.3)
+    try:
+        await cache.ping()
+        redis_server.pause()
+        try:
+            with pytest.raises(StoreUnavailableError, match="TimeoutError"):
+                await cache.seen("late", 60)
+        finally:
+            redis_server.resume()
+        for _ in range(100):  # the forget runs in the background
+            if not await raw.exists("layercode:replay:late"):
+                break
+            await anyio.sleep(0.05)
+        assert not await cache.seen("late", 60)  # the retry is taken
+        assert await cache.seen("late", 60)  # a replay of it still refused
     finally:
         await cache.aclose()
 

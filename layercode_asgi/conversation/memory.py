@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from types import TracebackType
@@ -51,9 +51,9 @@ class _History(list[HistoryMessage]):
 
     __slots__ = ("size",)
 
-    def __init__(self, messages: Iterable[HistoryMessage] = ()) -> None:
-        super().__init__(messages)
-        self.size = sum(text_size(m.text) for m in self)
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
 
 
 class _MemoryLock:
@@ -90,8 +90,11 @@ class _MemoryLock:
         tb: TracebackType | None,
     ) -> None:
         _HELD.set(self.outer)
+        self.release()
+
+    def release(self) -> None:
+        """Release for good: a task this turn started may still see it as its hold."""
         if not self.released:
-            # released for good: a task this turn started may still see it as its hold
             self.released = True
             self.store._unlock(self.conversation_id)
 
@@ -167,15 +170,12 @@ class MemoryConversationStore:
         Redis store's does: the lock is released with it (the next turn may start at once;
         leaving the ``async with`` then has nothing left to release).
         """
-        held = _HELD.get()
-        if held is not None and (held.store is not self or held.conversation_id != conversation_id):
-            held = None
         done = self._generation(conversation_id) == generation
         if done:
             self._append(conversation_id, messages)
-        if held is not None and not held.released:
-            held.released = True
-            self._unlock(conversation_id)
+        held = _HELD.get()
+        if held is not None and held.store is self and held.conversation_id == conversation_id:
+            held.release()
         return done
 
     def _generation(self, conversation_id: str) -> int:
@@ -187,33 +187,27 @@ class MemoryConversationStore:
         if not messages:
             return
         messages = fit(messages, self.max_bytes)
-        size = sum(text_size(message.text) for message in messages)
         history = self._histories.get(conversation_id)
         if history is None:
             check_conversation_id(conversation_id)
             # A list, not a bounded deque: a deque takes a 64-slot block (over 500 bytes)
             # even for the two messages of a conversation's first turn.
-            history = self._histories[conversation_id] = _History(messages)
+            history = self._histories[conversation_id] = _History()
             while len(self._histories) > self.max_conversations:
                 self._histories.popitem(last=False)
         else:
             self._histories.move_to_end(conversation_id)
-            history.extend(messages)
-            history.size += size
-        excess = len(history) - self.max_messages
-        if history.size > self.max_bytes:
+        history.extend(messages)
+        history.size += sum(text_size(message.text) for message in messages)
+        drop = max(len(history) - self.max_messages, 0)
+        if drop or history.size > self.max_bytes:
             # Oldest first, keeping at least the newest message (cut to the bound above).
-            total, keep_from = history.size, max(excess, 0)
-            for message in history[:keep_from]:
-                total -= text_size(message.text)
-            while total > self.max_bytes and keep_from < len(history) - 1:
-                total -= text_size(history[keep_from].text)
-                keep_from += 1
-            del history[:keep_from]
-            history.size = total
-        elif excess > 0:
-            history.size -= sum(text_size(m.text) for m in history[:excess])
-            del history[:excess]
+            size = history.size - sum(text_size(m.text) for m in history[:drop])
+            while size > self.max_bytes and drop < len(history) - 1:
+                size -= text_size(history[drop].text)
+                drop += 1
+            del history[:drop]
+            history.size = size
 
     async def clear(self, conversation_id: str) -> None:
         """Forget the conversation; a turn running meanwhile will not record."""
@@ -238,30 +232,22 @@ class MemoryConversationStore:
         Raises :class:`ConversationLockTimeout` when the wait is over (the lock is not
         taken then); cancelled while queueing, it is not taken either.
         """
-        entry = self._locks.get(conversation_id)
-        if entry is None:  # freed meanwhile
-            self._locks[conversation_id] = _LockEntry()
-            return
+        entry = self._locks[conversation_id]  # held: the caller saw it, with no await since
         event = anyio.Event()
-        if entry.waiters is None:
-            entry.waiters = deque()
-        entry.waiters.append(event)
+        waiters = entry.waiters = entry.waiters or deque()
+        waiters.append(event)
+        taken = False
         try:
             with anyio.move_on_after(math.inf if wait is None else wait):
                 await event.wait()
-        except BaseException:
-            self._give_up(conversation_id, entry, event)
-            raise
-        if not event.is_set():  # the deadline passed first
-            self._give_up(conversation_id, entry, event)
+            taken = event.is_set()  # else the deadline passed first
+        finally:
+            if not taken and event.is_set():
+                self._unlock(conversation_id)  # handed over just as we gave up: pass it on
+            elif not taken:
+                waiters.remove(event)
+        if not taken:
             raise ConversationLockTimeout(conversation_id, wait or 0.0)
-
-    def _give_up(self, conversation_id: str, entry: _LockEntry, event: anyio.Event) -> None:
-        if event.is_set():
-            self._unlock(conversation_id)  # handed over just as we gave up: pass it on
-        else:
-            assert entry.waiters is not None
-            entry.waiters.remove(event)
 
     def _unlock(self, conversation_id: str) -> None:
         """Release the conversation's lock: to the first waiter, if any."""

@@ -10,7 +10,6 @@ queue; see :mod:`.redis_scripts`).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import secrets
@@ -24,12 +23,13 @@ import msgspec
 
 from .._redis import (
     MAX_EXPIRE_SECONDS,
-    PerLoop,
-    check_client,
-    connect,
+    Tasks,
+    clients,
     describe_client,
     import_redis,
+    ping_primaries,
     redis_error_text,
+    retry,
     unavailable_errors,
     write_check_keys,
 )
@@ -93,14 +93,13 @@ class _Client:
     """A Redis client and the store's scripts, registered on it."""
 
     __slots__ = (
-        "acquire", "check", "clear", "extend", "probe", "read", "record", "redis", "release"
+        "clear", "extend", "lock", "probe", "read", "record", "redis", "release"
     )  # fmt: skip
 
     def __init__(self, redis: Any) -> None:
         register = redis.register_script
         self.redis = redis
-        self.acquire = register(scripts.ACQUIRE_LUA)
-        self.check = register(scripts.CHECK_LUA)
+        self.lock = register(scripts.LOCK_LUA)
         self.release = register(scripts.RELEASE_LUA)
         self.extend = register(scripts.EXTEND_LUA)
         self.read = register(scripts.READ_LUA)
@@ -183,27 +182,23 @@ class RedisConversationStore:
         self.lock_timeout = lock_timeout
         self.lock_ttl = min(float(lock_ttl), MAX_EXPIRE_SECONDS)  # what Redis can express
         self.operation_timeout = float(operation_timeout)
-        if isinstance(url_or_client, str):
-            connection = functools.partial(
-                connect,
-                url_or_client,
-                what="RedisConversationStore",
-                cluster=cluster,
-                max_connections=max_connections,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_connect_timeout,
-                pool_timeout=self.operation_timeout,
-            )
-            self._clients = PerLoop(_Client(connection()), lambda: _Client(connection()))
-            self._where = mask_url(url_or_client)
-        else:
-            check_client(url_or_client)
-            self._clients = PerLoop(_Client(url_or_client), None)
-            self._where = describe_client(url_or_client)
+        self._clients = clients(
+            url_or_client,
+            _Client,
+            "RedisConversationStore",
+            cluster=cluster,
+            max_connections=max_connections,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            pool_timeout=self.operation_timeout,
+        )
+        is_url = isinstance(url_or_client, str)
+        self._where = mask_url(url_or_client) if is_url else describe_client(url_or_client)
         self._unavailable_errors = unavailable_errors()
-        from redis.exceptions import RedisError
+        from redis import exceptions
 
-        self._redis_error: type[BaseException] = RedisError
+        self._redis_error: type[BaseException] = exceptions.RedisError
+        self._timeouts = (TimeoutError, exceptions.TimeoutError)
         # A waiter checks the lock (and shows it is alive) this often while it waits; its
         # place is skipped once it has not for ``3 * _wait_check`` seconds (its worker died).
         self._wait_check = min(1.0, self.lock_ttl / 3)
@@ -214,7 +209,7 @@ class RedisConversationStore:
         self._channel = f"{key_prefix}wake:{secrets.token_hex(8)}"
         self._wakers: dict[str, anyio.Event] = {}
         self._listener: asyncio.Task[None] | None = None
-        self._retries: set[asyncio.Task[None]] = set()  # of releases (_release_later)
+        self._tasks = Tasks()  # the listener, retried releases (_release_later)
         self._check_writes = True  # by the next ping(): at first, and after a failure
 
     def history_key(self, conversation_id: str) -> str:
@@ -380,52 +375,30 @@ class RedisConversationStore:
             raise
         outer = _HOLD.get()
         _HOLD.set(hold)
-        error: BaseException | None = None
+        keeper = asyncio.get_running_loop().create_task(self._keep_alive(hold))
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._keep_alive, hold)
-                try:
-                    yield
-                finally:
-                    tg.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # The keep-alive task never raises, so this is the holder's own exception,
-            # wrapped by the task group: re-raise it unchanged, as if no group existed.
-            if len(group.exceptions) != 1:
-                raise
-            error = group.exceptions[0]
+            yield
         finally:
+            keeper.cancel()
             _HOLD.set(outer)
             if not hold.released:
                 await self._release(hold)
-        if error is not None:
-            raise error
-
-    def _lock_args(self, hold: _Hold) -> dict[str, Any]:
-        keys = hold.keys
-        return {
-            "keys": [keys.lock, keys.queue, keys.history, keys.generation],
-            "args": [
-                hold.token,
-                hold.entry,
-                self._lock_ms,
-                keys.presence,
-                self._presence_ms,
-                GENERATION_TTL,
-            ],
-        }
 
     async def _acquire(self, hold: _Hold, wait: float | None) -> list[Any]:
         """Take the lock (queueing for it); returns ``[history entries, generation]``."""
         deadline = math.inf if wait is None else anyio.current_time() + wait
-        token = hold.token
+        token, keys = hold.token, hold.keys
+        lock_keys = [keys.lock, keys.queue, keys.history, keys.generation]
+        args = [token, hold.entry, self._lock_ms, keys.presence, self._presence_ms, GENERATION_TTL]
+        push = "rpush"  # a new turn queues at the end; a waiter popped, at the front again
         waker = self._wakers[token] = anyio.Event()
         try:
-            reply = await self._call("lock", self._clients.get().acquire(**self._lock_args(hold)))
-            if reply[0] == 1:
-                return [reply[1], reply[2]]
-            self._listen()
             while True:
+                script = self._clients.get().lock
+                reply = await self._call("lock", script(keys=lock_keys, args=[*args, push]))
+                if reply[0] == 1:
+                    return [reply[1], reply[2]]
+                self._listen()
                 remaining = deadline - anyio.current_time()
                 if remaining <= 0:
                     raise ConversationLockTimeout(hold.conversation_id, wait or 0.0)
@@ -433,19 +406,16 @@ class RedisConversationStore:
                     await waker.wait()
                 # A fresh event before checking: a hand-off published meanwhile sets it.
                 waker = self._wakers[token] = anyio.Event()
-                reply = await self._call("lock", self._clients.get().check(**self._lock_args(hold)))
-                if reply[0] == 1:
-                    return [reply[1], reply[2]]
+                push = "lpush"
         finally:
             self._wakers.pop(token, None)
 
     def _listen(self) -> None:
         """Start this process's pub/sub listener (once; again if it ended, or for another
         event loop)."""
-        loop = asyncio.get_running_loop()
-        listener = self._listener
+        listener, loop = self._listener, asyncio.get_running_loop()
         if listener is None or listener.done() or listener.get_loop() is not loop:
-            self._listener = loop.create_task(self._receive_wakes())
+            self._listener = self._tasks.start(self._receive_wakes())
 
     async def _receive_wakes(self) -> None:
         """Wake the waiters named on our channel; resubscribe (and wake every waiter, to
@@ -478,7 +448,8 @@ class RedisConversationStore:
             delay = min(delay * 2, 1.0)
 
     async def _keep_alive(self, hold: _Hold) -> None:
-        """Extend the lock every ``lock_ttl / 3``; never raises (it would cancel the holder)."""
+        """Extend the lock every ``lock_ttl / 3`` while held; a failure is logged, and tried
+        again at the next interval."""
         interval = self.lock_ttl / 3
         while True:
             await anyio.sleep(interval)
@@ -489,7 +460,7 @@ class RedisConversationStore:
                     extended = await self._clients.get().extend(
                         keys=[hold.keys.lock], args=[hold.token, self._lock_ms]
                     )
-            except Exception as exc:  # the holder must not be interrupted
+            except Exception as exc:
                 logger.warning(
                     "could not extend the lock of conversation %s: %s: %s",
                     escape_log_value(hold.conversation_id),
@@ -505,15 +476,14 @@ class RedisConversationStore:
                 )
                 return
 
-    async def _release(self, hold: _Hold, *, held: bool = True) -> None:
+    async def _release(self, hold: _Hold, *, held: bool = True, later: bool = True) -> None:
         """Release the lock or leave the queue (handing the lock on), shielded from
         cancellation, bounded in time, never raising.
 
         Never waits longer than ``lock_ttl``: by then the key has expired anyway; a lock
         it could not release is retried in the background (:meth:`_release_later`). A turn
-        that did not get the lock (``held=False``: its caller gets why) tries for 1 s and
-        logs a failure at debug level only: its place in the queue, and a lock taken by a
-        call whose reply was lost, free themselves.
+        that did not get the lock (``held=False``: its caller gets why) tries for 1 s, logs
+        at debug level only, and retries after a timeout only (the lock call may yet run).
         """
         limit = min(self.operation_timeout, self.lock_ttl, math.inf if held else 1.0)
         keys = hold.keys
@@ -535,22 +505,19 @@ class RedisConversationStore:
                     type(exc).__name__,
                     escape_error(exc),
                 )
-                if held:
-                    task = asyncio.get_running_loop().create_task(self._release_later(hold))
-                    self._retries.add(task)
-                    task.add_done_callback(self._retries.discard)
+                if later and (held or isinstance(exc, self._timeouts)):
+                    self._tasks.start(self._release_later(hold))
 
     async def _release_later(self, hold: _Hold) -> None:
         """Retry releasing a lock whose turn is over (Redis failing over, or back after a
         moment), so that the next turn need not wait for it to expire: safe, our token only.
         Backing off up to ``_wait_check``; until released or ``lock_ttl`` has passed."""
-        deadline = anyio.current_time() + self.lock_ttl
-        delay = 0.05
-        while not hold.released and anyio.current_time() + delay < deadline:
-            await anyio.sleep(delay)
-            delay = min(2 * delay, self._wait_check)
-            await self._release(hold, held=False)  # at most 1 s, never raises
-        if hold.released:
+
+        async def attempt() -> bool:
+            await self._release(hold, held=False, later=False)  # at most 1 s, never raises
+            return hold.released
+
+        if await retry(attempt, self.lock_ttl, self._wait_check):
             logger.info(
                 "released the lock of conversation %s", escape_log_value(hold.conversation_id)
             )
@@ -561,7 +528,7 @@ class RedisConversationStore:
         key, ``<prefix>ready``, on every primary) at the first ping and at the first after a
         failed operation."""
         try:
-            await self._call("ping", self._ping())
+            await self._call("ping", ping_primaries(self._clients.get().redis))
             if self._check_writes:
                 await self._call("write check", self._write_check())
                 self._check_writes = False
@@ -575,26 +542,12 @@ class RedisConversationStore:
         for key in await write_check_keys(client.redis, self.key_prefix + "ready"):
             await client.probe(keys=[key], args=[self._channel])
 
-    async def _ping(self) -> Any:
-        client = self._clients.get().redis
-        primaries = getattr(client, "PRIMARIES", None)
-        return await (client.ping() if primaries is None else client.ping(target_nodes=primaries))
-
     async def aclose(self) -> None:
         """Stop the hand-off listener and release retries; close the client if this store
         created it on this event loop (one of an earlier loop is dropped: it cannot be
         closed from this one)."""
-        tasks = [self._listener, *self._retries]
         self._listener = None
-        for task in tasks:
-            if task and not task.done() and task.get_loop() is asyncio.get_running_loop():
-                task.cancel()
-                with (
-                    anyio.CancelScope(shield=True),
-                    anyio.move_on_after(2.0),
-                    suppress(asyncio.CancelledError),
-                ):
-                    await task
+        await self._tasks.cancel()
         client = self._clients.take()
         if client is not None:
             await client.redis.aclose()
