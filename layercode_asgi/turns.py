@@ -303,13 +303,14 @@ class Turn:
                     try:
                         await self._produce()
                     except Exception as exc:
-                        await self._failed(exc)
+                        await self._failed(exc, scope.cancel_called)
                     except BaseException as exc:  # a CancelledError of the agent's own, …
                         if must_propagate(exc):
                             raise
-                        await self._failed(exc)
-                    # An agent that caught its cancellation returns: it timed out all the same.
-                    if not scope.cancel_called or self.status is TurnStatus.FAILED:
+                        await self._failed(exc, scope.cancel_called)
+                    # An agent that caught its cancellation returns (or raises in its cleanup):
+                    # it timed out (or was aborted) all the same.
+                    if not scope.cancel_called:
                         await self.end()
             self._scope = None
             if not self.ended and (scope.cancel_called or self._abort is not None):
@@ -438,8 +439,9 @@ class Turn:
             raise RuntimeError(_NOT_RUNNING)
         await emit(chunk)
 
-    async def _failed(self, exc: BaseException) -> None:
-        self.status = TurnStatus.FAILED
+    async def _failed(self, exc: BaseException, stopped: bool) -> None:
+        """``stopped``: the agent raised once its time was up (or the turn aborted): logged,
+        and the turn ends as timed out (or aborted), not as failed."""
         self.error = exc
         logger.error(
             "agent failed %s: %s: %s",
@@ -449,6 +451,9 @@ class Turn:
             exc_info=exc,
             extra=self._extra(),
         )
+        if stopped and not self.ended:
+            return  # run() sends the fallback (or response.error) and the end
+        self.status = TurnStatus.FAILED
         if not self.ended:
             await self._send(_ERROR + _encode(AGENT_ERROR_MESSAGE) + self._suffix)
 
