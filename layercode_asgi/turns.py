@@ -49,7 +49,7 @@ from .events import (
     WebhookPayload,
     parse_webhook_payload,
 )
-from .jsonwire import encode_json
+from .jsonwire import encode_json  # msgspec, with U+2028 & co. escaped: one line per event
 from .logs import escape_log_value
 from .sse import Emit, EventStreamResponse
 
@@ -72,8 +72,8 @@ AGENT_ERROR_MESSAGE = "agent error"
 #: Default ``grace`` of a turn: how long its last events may take once its time is up.
 DEFAULT_TURN_GRACE = 1.0
 TIMEOUT_ERROR_MESSAGE = "turn timed out"
+_NOT_RUNNING = "this turn is not running (Turn.run() was not called or ended)"
 
-_encode = encode_json  # msgspec, with U+2028 & co. escaped: one line per event
 _TTS = b'data: {"type":"response.tts","content":'
 _DATA = b'data: {"type":"response.data","content":'
 _HANGUP = b'data: {"type":"response.hangup"'
@@ -240,7 +240,7 @@ class Turn:
         self.context = TurnContext(event, history, {} if extras is None else extras)
         self.timeout = timeout
         self.timeout_message = timeout_message
-        self._suffix = b',"turn_id":' + _encode(event.turn_id) + b"}\n\n"
+        self._suffix = b',"turn_id":' + encode_json(event.turn_id) + b"}\n\n"
         self._emit: Callable[[bytes], Awaitable[None]] | None = None
         self._ends_body: Emit | None = None
         self.spoken: list[str] = []
@@ -379,10 +379,10 @@ class Turn:
             if emit is None:
                 raise RuntimeError(_NOT_RUNNING)
             try:
-                chunk = _TTS + _encode(text) + self._suffix
+                chunk = _TTS + encode_json(text) + self._suffix
             except UnicodeEncodeError:  # a lone surrogate (half an emoji): spoken as U+FFFD
                 text = valid_text(text)
-                chunk = _TTS + _encode(text) + self._suffix
+                chunk = _TTS + encode_json(text) + self._suffix
             await emit(chunk)
             if not self.spoken:
                 self.first_tts_at = time.perf_counter()  # for the metrics (one call per turn)
@@ -436,7 +436,7 @@ class Turn:
             return  # run() sends the fallback (or response.error) and the end
         self.status = TurnStatus.FAILED
         if not self.ended:
-            await self._send(_ERROR + _encode(AGENT_ERROR_MESSAGE) + self._suffix)
+            await self._send(_ERROR + encode_json(AGENT_ERROR_MESSAGE) + self._suffix)
 
     async def _stopped(self) -> None:
         """Log why the turn was stopped (the timeout or :meth:`abort`) and, unless it ended,
@@ -457,7 +457,7 @@ class Turn:
             await self.deliver(Tts(fallback))
         else:
             error = TIMEOUT_ERROR_MESSAGE if aborted is None else aborted
-            await self._send(_ERROR + _encode(error) + self._suffix)
+            await self._send(_ERROR + encode_json(error) + self._suffix)
 
     def _ids(self) -> str:
         event = self.event
@@ -470,15 +470,12 @@ class Turn:
         return {"conversation_id": self.event.conversation_id, "turn_id": self.event.turn_id}
 
 
-_NOT_RUNNING = "this turn is not running (Turn.run() was not called or ended)"
-
-
 def _encode_content(content: Any) -> bytes:
     try:
         try:
-            return _encode(content)
+            return encode_json(content)
         except UnicodeEncodeError:  # a lone surrogate (half an emoji) in a text: as U+FFFD
-            return _encode(_valid_texts(msgspec.to_builtins(content)))
+            return encode_json(_valid_texts(msgspec.to_builtins(content)))
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise TypeError(f"reply content is not JSON-serialisable: {exc}") from exc
 

@@ -81,7 +81,6 @@ logger = logging.getLogger("layercode_asgi.webhook")
 DEFAULT_MAX_QUEUED_TURNS = 8
 #: What ``abort_turns`` says by default (``run_server`` when its grace period is over).
 SHUTTING_DOWN = "server is shutting down"
-_STORE_UNAVAILABLE = "conversation store unavailable"
 _TOO_MANY_WAITING = "too many turns waiting for this conversation; retry later"
 
 
@@ -496,43 +495,37 @@ class LayercodeWebhook:
     # -- internals ---------------------------------------------------------------------------
 
     async def _answer_json(self, event: WebhookPayload) -> Response:
-        if self.conversations is not None:  # the limit of the turns' store, on every event
+        conversations = self.conversations
+        if conversations is not None:  # the limit of the turns' store, on every event
             try:
                 check_conversation_id(event.conversation_id)
             except ValueError as exc:
                 raise _invalid_id(exc) from exc
         if isinstance(event, DataPayload):
-            if self.on_data is None:
-                return Response(_OK, media_type="application/json")
-            result = await _maybe_await(self.on_data(event))
-            if isinstance(result, Response):
-                return result
-            if result is None:
-                return Response(_OK, media_type="application/json")
-            return JSONResponse(result)
-        if isinstance(event, SessionUpdatePayload):
-            if self.on_session_update is not None:
-                await _maybe_await(self.on_session_update(event))
-            return Response(_OK, media_type="application/json")
-        assert isinstance(event, SessionEndPayload)
-        if self.on_session_end is not None:
-            await _maybe_await(self.on_session_end(event))
-        if self.conversations is not None and not self.keep_history:
+            hook = self.on_data
+        elif isinstance(event, SessionUpdatePayload):
+            hook = self.on_session_update
+        else:
+            hook = self.on_session_end
+        result = None if hook is None else hook(event)
+        if inspect.isawaitable(result):
+            result = await result
+        if (
+            isinstance(event, SessionEndPayload)
+            and not self.keep_history
+            and conversations is not None
+        ):
             # At once, not behind the conversation's lock: a turn still running will not
             # record (the store's generation moved on).
             try:
-                await self.conversations.clear(event.conversation_id)
+                await conversations.clear(event.conversation_id)
             except ValueError as exc:
                 raise _invalid_id(exc) from exc
             except LayercodeError as exc:
                 raise _unavailable(exc, "conversation store failed clearing the history") from exc
-        return Response(_OK, media_type="application/json")
-
-
-async def _maybe_await(value: Any) -> Any:
-    if inspect.isawaitable(value):
-        return await value
-    return value
+        if result is None or not isinstance(event, DataPayload):  # on_data's result answers
+            return Response(_OK, media_type="application/json")
+        return result if isinstance(result, Response) else JSONResponse(result)
 
 
 def _unavailable(exc: LayercodeError, context: str) -> ResponseError:
@@ -545,7 +538,7 @@ def _unavailable(exc: LayercodeError, context: str) -> ResponseError:
             "conversation unavailable: another turn of this conversation is still running",
             retry_after=RETRY_AFTER_SECONDS,
         )
-    return ResponseError(503, _STORE_UNAVAILABLE, retry_after=RETRY_AFTER_SECONDS)
+    return ResponseError(503, "conversation store unavailable", retry_after=RETRY_AFTER_SECONDS)
 
 
 def _aborted(message: str) -> ResponseError:
