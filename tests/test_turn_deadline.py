@@ -125,6 +125,26 @@ async def blocked(event: Any, context: Any) -> AsyncIterator[str]:
         await anyio.Event().wait()
 
 
+async def cleanup_raises(event: Any, context: Any) -> AsyncIterator[str]:
+    """Blocks after its first reply, and its cleanup raises (the next turn: one line)."""
+    yield "first" if event.text == "big" else "small"
+    if event.text == "big":
+        try:
+            await anyio.Event().wait()
+        finally:
+            raise ValueError("cleanup failed")
+
+
+class _LeavesAtTheDeadline(ASGIStub):
+    """A client that leaves at 2 s on the clock: when the turn's timeout (2 s) fires."""
+
+    async def receive(self) -> dict[str, Any]:
+        if self._pending:
+            return self._pending.pop(0)
+        await anyio.sleep(2.0 - anyio.current_time())
+        return {"type": "http.disconnect"}
+
+
 class _SlowReader(ASGIStub):
     """A client that takes each chunk 0.1 s after it was sent."""
 
@@ -160,6 +180,8 @@ STUCK_TURNS = {
     "client reads slowly": (big_talker, {"cls": _SlowReader}, 2.2, "turn timed out"),
     "agent ignores cancel": (stubborn, {}, 2.0, "turn timed out"),
     "agent blocked": (blocked, {}, 2.0, "turn timed out"),
+    "agent's cleanup raises": (cleanup_raises, {}, 2.0, "turn timed out"),
+    "client leaves at the deadline": (blocked, {"cls": _LeavesAtTheDeadline}, 2.0, None),
 }
 
 
