@@ -364,9 +364,7 @@ class EventStreamResponse(Response):
     async def _produce(self) -> None:
         try:
             await self.producer(self.emit)
-        except Exception as exc:
-            self._failure = exc
-        except BaseException as exc:  # a CancelledError of the producer's own, …
+        except BaseException as exc:  # a CancelledError of the producer's own too
             if must_propagate(exc):
                 raise
             self._failure = exc
@@ -401,15 +399,12 @@ class EventStreamResponse(Response):
             self.disconnected = True
 
     async def _watch_disconnect(self, receive: Receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                if self.closed:  # the body is complete: the producer just finishes up
-                    return
-                self.disconnected = True
-                if self._cancel is not None:
-                    self._cancel.cancel()
-                return
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self.closed:  # (else the body is complete: the producer just finishes up)
+            self.disconnected = True
+            if self._cancel is not None:
+                self._cancel.cancel()
 
 
 def _error_answer(failure: BaseException) -> tuple[Message, Message]:

@@ -10,22 +10,12 @@ like LayerCode's Node SDK: the handler calls ``stream.tts(...)``) and emits, for
     data: {"type":"response.error","error":"agent error","turn_id":"t1"}
     data: {"type":"response.end","turn_id":"t1"}
 
-Guarantees:
-
-* ``response.end`` is emitted exactly once, last, whatever the agent does: yields nothing,
-  raises before or after its first reply (then ``response.error`` precedes the end and the
-  exception is logged with the conversation and turn ids; ``KeyboardInterrupt``,
-  ``SystemExit`` and a group holding either go on instead), yields something that is not a
-  reply, or overruns the turn timeout (then the configured spoken fallback, or
-  ``response.error``, precedes the end).
-* Each ``emit`` waits for the server to take the chunk, and the agent is only resumed
-  after that: a slow client slows the agent; nothing is buffered without bound.
-* When the turn is cancelled (the client disconnected), the agent is cancelled at its
-  current ``await`` and closed; nothing keeps running for the turn. Nothing more is
-  emitted: there is nobody to read it. The agent runs in the request's own task, and its
-  cancellation is anyio's on asyncio and trio alike: every ``await`` in the cancelled agent
-  is cancelled too, so cleanup that must await (closing a connection) shields itself, e.g.
-  ``with anyio.move_on_after(1, shield=True): await client.aclose()``.
+Its guarantees are those of docs/agent-contract.md: ``response.end`` exactly once and last,
+whatever the agent does (before it, ``response.error`` when the agent fails, the fallback
+or ``response.error`` when the turn overruns its timeout); each ``emit`` waits for the
+server, and only then is the agent resumed (back-pressure); a disconnect cancels the agent
+at its current ``await`` (anyio's cancellation: it runs in the request's own task) and
+closes it, and nothing more is emitted.
 
 :func:`stream_turn` and :func:`stream_response` wrap a turn in an
 :class:`~layercode_asgi.sse.EventStreamResponse` for any framework's route handler; given
@@ -59,7 +49,7 @@ from .events import (
     WebhookPayload,
     parse_webhook_payload,
 )
-from .jsonwire import encode_json
+from .jsonwire import encode_json  # msgspec, with U+2028 & co. escaped: one line per event
 from .logs import escape_log_value
 from .sse import Emit, EventStreamResponse
 
@@ -82,8 +72,8 @@ AGENT_ERROR_MESSAGE = "agent error"
 #: Default ``grace`` of a turn: how long its last events may take once its time is up.
 DEFAULT_TURN_GRACE = 1.0
 TIMEOUT_ERROR_MESSAGE = "turn timed out"
+_NOT_RUNNING = "this turn is not running (Turn.run() was not called or ended)"
 
-_encode = encode_json  # msgspec, with U+2028 & co. escaped: one line per event
 _TTS = b'data: {"type":"response.tts","content":'
 _DATA = b'data: {"type":"response.data","content":'
 _HANGUP = b'data: {"type":"response.hangup"'
@@ -250,7 +240,7 @@ class Turn:
         self.context = TurnContext(event, history, {} if extras is None else extras)
         self.timeout = timeout
         self.timeout_message = timeout_message
-        self._suffix = b',"turn_id":' + _encode(event.turn_id) + b"}\n\n"
+        self._suffix = b',"turn_id":' + encode_json(event.turn_id) + b"}\n\n"
         self._emit: Callable[[bytes], Awaitable[None]] | None = None
         self._ends_body: Emit | None = None
         self.spoken: list[str] = []
@@ -302,22 +292,17 @@ class Turn:
                 if self._abort is None:
                     try:
                         await self._produce()
-                    except Exception as exc:
-                        await self._failed(exc)
-                    except BaseException as exc:  # a CancelledError of the agent's own, …
+                    except BaseException as exc:  # a CancelledError of the agent's own too
                         if must_propagate(exc):
                             raise
-                        await self._failed(exc)
-                    # An agent that caught its cancellation returns: it timed out all the same.
-                    if not scope.cancel_called or self.status is TurnStatus.FAILED:
+                        await self._failed(exc, scope.cancel_called)
+                    # An agent that caught its cancellation returns (or raises in its cleanup):
+                    # it timed out (or was aborted) all the same.
+                    if not scope.cancel_called:
                         await self.end()
-            self._scope = None
             if not self.ended and (scope.cancel_called or self._abort is not None):
                 with anyio.move_on_after(self.grace) as last:
-                    if self._abort is not None:
-                        await self._aborted(self._abort)
-                    else:
-                        await self._timed_out()
+                    await self._stopped()
                     await self.end()
                 if last.cancelled_caught:
                     if isinstance(owner, EventStreamResponse):
@@ -329,12 +314,9 @@ class Turn:
                         extra=self._extra(),
                     )
             elif scope.cancelled_caught and self.status is TurnStatus.RUNNING:
-                # The deadline (or abort) cut the write of response.end itself: the end
-                # is not resent (its first write may have been partly taken).
-                if self._abort is not None:
-                    await self._aborted(self._abort)  # ended: this only logs and sets status
-                else:
-                    await self._timed_out()
+                # The deadline (or abort) cut the write of response.end itself: the end is
+                # not resent (its first write may have been partly taken); this only logs.
+                await self._stopped()
             elif self.status is TurnStatus.RUNNING:
                 self.status = TurnStatus.COMPLETED
         except anyio.get_cancelled_exc_class():
@@ -397,10 +379,10 @@ class Turn:
             if emit is None:
                 raise RuntimeError(_NOT_RUNNING)
             try:
-                chunk = _TTS + _encode(text) + self._suffix
+                chunk = _TTS + encode_json(text) + self._suffix
             except UnicodeEncodeError:  # a lone surrogate (half an emoji): spoken as U+FFFD
                 text = valid_text(text)
-                chunk = _TTS + _encode(text) + self._suffix
+                chunk = _TTS + encode_json(text) + self._suffix
             await emit(chunk)
             if not self.spoken:
                 self.first_tts_at = time.perf_counter()  # for the metrics (one call per turn)
@@ -438,8 +420,9 @@ class Turn:
             raise RuntimeError(_NOT_RUNNING)
         await emit(chunk)
 
-    async def _failed(self, exc: BaseException) -> None:
-        self.status = TurnStatus.FAILED
+    async def _failed(self, exc: BaseException, stopped: bool) -> None:
+        """``stopped``: the agent raised once its time was up (or the turn aborted): logged,
+        and the turn ends as timed out (or aborted), not as failed."""
         self.error = exc
         logger.error(
             "agent failed %s: %s: %s",
@@ -449,26 +432,32 @@ class Turn:
             exc_info=exc,
             extra=self._extra(),
         )
+        if stopped and not self.ended:
+            return  # run() sends the fallback (or response.error) and the end
+        self.status = TurnStatus.FAILED
         if not self.ended:
-            await self._send(_ERROR + _encode(AGENT_ERROR_MESSAGE) + self._suffix)
+            await self._send(_ERROR + encode_json(AGENT_ERROR_MESSAGE) + self._suffix)
 
-    async def _timed_out(self) -> None:
-        self.status = TurnStatus.TIMED_OUT
-        logger.warning(
-            "turn timed out after %ss %s", self.timeout, self._ids(), extra=self._extra()
-        )
+    async def _stopped(self) -> None:
+        """Log why the turn was stopped (the timeout or :meth:`abort`) and, unless it ended,
+        send the fallback or ``response.error``."""
+        aborted = self._abort
+        if aborted is not None:
+            self.status = TurnStatus.ABORTED
+            logger.warning("turn aborted (%s) %s", aborted, self._ids(), extra=self._extra())
+        else:
+            self.status = TurnStatus.TIMED_OUT
+            logger.warning(
+                "turn timed out after %ss %s", self.timeout, self._ids(), extra=self._extra()
+            )
+        fallback = self.timeout_message if aborted is None else None
         if self.ended:
             return
-        if self.timeout_message and not self.timeout_message.isspace():  # blank: none
-            await self.deliver(Tts(self.timeout_message))
+        if fallback and not fallback.isspace():  # blank: none
+            await self.deliver(Tts(fallback))
         else:
-            await self._send(_ERROR + _encode(TIMEOUT_ERROR_MESSAGE) + self._suffix)
-
-    async def _aborted(self, message: str) -> None:
-        self.status = TurnStatus.ABORTED
-        logger.warning("turn aborted (%s) %s", message, self._ids(), extra=self._extra())
-        if not self.ended:
-            await self._send(_ERROR + _encode(message) + self._suffix)
+            error = TIMEOUT_ERROR_MESSAGE if aborted is None else aborted
+            await self._send(_ERROR + encode_json(error) + self._suffix)
 
     def _ids(self) -> str:
         event = self.event
@@ -481,15 +470,12 @@ class Turn:
         return {"conversation_id": self.event.conversation_id, "turn_id": self.event.turn_id}
 
 
-_NOT_RUNNING = "this turn is not running (Turn.run() was not called or ended)"
-
-
 def _encode_content(content: Any) -> bytes:
     try:
         try:
-            return _encode(content)
+            return encode_json(content)
         except UnicodeEncodeError:  # a lone surrogate (half an emoji) in a text: as U+FFFD
-            return _encode(_valid_texts(msgspec.to_builtins(content)))
+            return encode_json(_valid_texts(msgspec.to_builtins(content)))
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise TypeError(f"reply content is not JSON-serialisable: {exc}") from exc
 

@@ -1,33 +1,4 @@
-"""``LayercodeWebhook``: answer every LayerCode webhook event the way ``create_app`` does.
-
-Use it as an ASGI app (``Route("/api/agent", webhook)``, or behind
-:class:`~layercode_asgi.middleware.LayercodeSignature`), or from your own route handler in
-any framework::
-
-    webhook = LayercodeWebhook(agent)
-
-    @app.post("/api/agent")                       # FastAPI / Starlette
-    async def agent_route(request: Request):
-        return await webhook.respond(await request.body())
-
-What it answers (the body must already be verified — mount the middleware):
-
-* ``session.start`` / ``message``: the agent's SSE reply (:mod:`layercode_asgi.turns`).
-  With a conversation store (by default a bounded in-memory one), the turn holds the
-  conversation's lock from before it reads the history until it has recorded the user's
-  text and the reply, just before its ``response.end`` goes out (a client that saw the end
-  finds the turn in the history) -- unless the conversation ended meanwhile.
-  A turn waits for the previous turn of its conversation at most the turn timeout plus
-  ``lock_wait_grace`` (then 503), and at most ``max_queued_turns`` turns of a conversation
-  wait at a time (more: 503 at once). A waiting turn keeps only its raw body.
-* ``data``: JSON, what ``on_data(event)`` returns, else ``{"status": "ok"}``.
-* ``session.update`` / ``session.end``: ``on_session_update`` / ``on_session_end``, then
-  ``{"status": "ok"}``; ``session.end`` also clears the history unless ``keep_history``
-  (at once, without waiting for a turn still running: that turn will not record).
-* a malformed body: 400 ``{"error": …, "path": "$.field"}``; an event type newer than this
-  library: 200 ``{"status": "ignored"}`` and a warning in the log. With a conversation
-  store, a ``conversation_id`` it refuses (empty, over 512 characters) is a 400 on every event.
-"""
+"""``LayercodeWebhook``: answer every LayerCode webhook event the way ``create_app`` does."""
 
 from __future__ import annotations
 
@@ -35,7 +6,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import anyio
@@ -110,7 +81,6 @@ logger = logging.getLogger("layercode_asgi.webhook")
 DEFAULT_MAX_QUEUED_TURNS = 8
 #: What ``abort_turns`` says by default (``run_server`` when its grace period is over).
 SHUTTING_DOWN = "server is shutting down"
-_STORE_UNAVAILABLE = "conversation store unavailable"
 _TOO_MANY_WAITING = "too many turns waiting for this conversation; retry later"
 
 
@@ -149,7 +119,7 @@ class _TurnRequest:
         assert event is not None
         conversations = webhook.conversations
         if conversations is None:
-            await webhook._run(webhook._turn(event, (), anyio_time=None), emit)
+            await webhook._run(event, (), emit)
             return
         cid = event.conversation_id
         pending = webhook._pending
@@ -164,7 +134,7 @@ class _TurnRequest:
         # before the turn runs: a store's lock may open scopes of its own, so the scope
         # encloses the whole ``async with``).
         waiting = anyio.CancelScope()
-        acquired = ran = False
+        acquired = False
         webhook._waiting.add(waiting)
         try:
             with waiting:
@@ -182,15 +152,9 @@ class _TurnRequest:
                         raise _unavailable(exc, failure) from exc
                     if waiting.cancel_called:  # aborted during a read that did not notice
                         raise _aborted(webhook._abort_message)
-                    webhook._waiting.discard(waiting)
-                    ran = True
-                    turn = webhook._turn(event, history, anyio_time=locked_at)
+                    webhook._waiting.discard(waiting)  # from here on, abort_turns aborts the turn
                     self.unrecorded = (conversations, event, generation)
-                    turn.before_end = self.record
-                    try:
-                        await webhook._run(turn, emit)
-                    finally:
-                        await self.record(turn)
+                    await webhook._run(event, history, emit, locked_at, self.record)
         except LayercodeError as exc:
             if acquired or isinstance(exc, ResponseError):
                 raise
@@ -206,7 +170,7 @@ class _TurnRequest:
                 pending[cid] = left
             else:
                 del pending[cid]
-        if waiting.cancelled_caught and not ran:
+        if waiting.cancelled_caught:
             raise _aborted(webhook._abort_message)
 
     async def record(self, turn: Turn) -> None:
@@ -222,7 +186,35 @@ Hook = Callable[[Any], Any]
 
 
 class LayercodeWebhook:
-    """Answers LayerCode webhooks with an agent. See the module docstring.
+    """Answers LayerCode webhooks with an agent.
+
+    Use it as an ASGI app (``Route("/api/agent", webhook)``, or behind
+    :class:`~layercode_asgi.middleware.LayercodeSignature`), or from your own route handler in
+    any framework::
+
+        webhook = LayercodeWebhook(agent)
+
+        @app.post("/api/agent")                       # FastAPI / Starlette
+        async def agent_route(request: Request):
+            return await webhook.respond(await request.body())
+
+    What it answers (the body must already be verified — mount the middleware):
+
+    * ``session.start`` / ``message``: the agent's SSE reply (:mod:`layercode_asgi.turns`).
+      With a conversation store (by default a bounded in-memory one), the turn holds the
+      conversation's lock from before it reads the history until it has recorded the user's
+      text and the reply, just before its ``response.end`` goes out (a client that saw the end
+      finds the turn in the history) -- unless the conversation ended meanwhile.
+      A turn waits for the previous turn of its conversation at most the turn timeout plus
+      ``lock_wait_grace`` (then 503), and at most ``max_queued_turns`` turns of a conversation
+      wait at a time (more: 503 at once). A waiting turn keeps only its raw body.
+    * ``data``: JSON, what ``on_data(event)`` returns, else ``{"status": "ok"}``.
+    * ``session.update`` / ``session.end``: ``on_session_update`` / ``on_session_end``, then
+      ``{"status": "ok"}``; ``session.end`` also clears the history unless ``keep_history``
+      (at once, without waiting for a turn still running: that turn will not record).
+    * a malformed body: 400 ``{"error": …, "path": "$.field"}``; an event type newer than this
+      library: 200 ``{"status": "ignored"}`` and a warning in the log. With a conversation
+      store, a ``conversation_id`` it refuses (empty, over 512 characters) is a 400 on every event.
 
     Args:
         agent: the agent (a plain async callable, see :mod:`layercode_asgi.agents`).
@@ -427,16 +419,16 @@ class LayercodeWebhook:
         except ResponseError as exc:
             return error_response(exc), event
         except (StoreError, ConversationLockTimeout) as exc:  # a hook's use of a store too
-            return error_response(_unavailable(exc, f"webhook {_kind(event)} failed")), event
+            return error_response(_unavailable(exc, f"webhook {event.type!s} failed")), event
         except BaseException as exc:  # a hook's own kind too, as an agent's in a turn
             if must_propagate(exc):
                 raise
             logger.exception(
                 "webhook hook failed for %s (conversation=%s)",
-                _kind(event),
+                str(event.type),
                 escape_log_value(event.conversation_id),
             )
-            return json_error_response(500, f"{_kind(event)} handler failed"), event
+            return json_error_response(500, f"{event.type!s} handler failed"), event
         finally:
             self._waiting.discard(hook)
         return error_response(_aborted(self._abort_message)), event
@@ -453,15 +445,37 @@ class LayercodeWebhook:
         # A client that stopped reading gets the turn's grace for the final frame too.
         return EventStreamResponse(_TurnRequest(self, event, body), close_timeout=self.turn_grace)
 
-    async def _run(self, turn: Turn, emit: Emit) -> None:
-        running = self._running
-        running.add(turn)
+    async def _run(
+        self,
+        event: TurnEvent,
+        history: Sequence[HistoryMessage],
+        emit: Emit,
+        locked_at: float | None = None,
+        record: Callable[[Turn], Awaitable[None]] | None = None,
+    ) -> None:
+        """Run the turn, abortable by :meth:`abort_turns`; its deadline counts from
+        ``locked_at`` (an ``anyio.current_time()``), and ``record`` runs just before its
+        ``response.end`` or, if it stopped without one, once it stopped."""
+        turn = Turn(
+            event,
+            self._bound,
+            history=history,
+            extras=self.extras,
+            timeout=self.turn_timeout,
+            timeout_message=self.timeout_message,
+            grace=self.turn_grace,
+            started_at=locked_at,
+        )
+        turn.before_end = record
+        self._running.add(turn)
         if self.metrics is not None:
             self.metrics.turn_started(turn)
         try:
             await turn.run(emit)
         finally:
-            running.discard(turn)
+            self._running.discard(turn)
+            if record is not None:
+                await record(turn)  # (once: a second call does nothing)
 
     def abort_turns(self, message: str = SHUTTING_DOWN) -> None:
         """End every open turn now (``run_server`` calls it when its grace period is over).
@@ -480,62 +494,38 @@ class LayercodeWebhook:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _turn(
-        self, event: TurnEvent, history: Sequence[HistoryMessage], *, anyio_time: float | None
-    ) -> Turn:
-        return Turn(
-            event,
-            self._bound,
-            history=history,
-            extras=self.extras,
-            timeout=self.turn_timeout,
-            timeout_message=self.timeout_message,
-            grace=self.turn_grace,
-            started_at=anyio_time,
-        )
-
     async def _answer_json(self, event: WebhookPayload) -> Response:
-        if self.conversations is not None:  # the limit of the turns' store, on every event
+        conversations = self.conversations
+        if conversations is not None:  # the limit of the turns' store, on every event
             try:
                 check_conversation_id(event.conversation_id)
             except ValueError as exc:
                 raise _invalid_id(exc) from exc
         if isinstance(event, DataPayload):
-            if self.on_data is None:
-                return Response(_OK, media_type="application/json")
-            result = await _maybe_await(self.on_data(event))
-            if isinstance(result, Response):
-                return result
-            if result is None:
-                return Response(_OK, media_type="application/json")
-            return JSONResponse(result)
-        if isinstance(event, SessionUpdatePayload):
-            if self.on_session_update is not None:
-                await _maybe_await(self.on_session_update(event))
-            return Response(_OK, media_type="application/json")
-        assert isinstance(event, SessionEndPayload)
-        if self.on_session_end is not None:
-            await _maybe_await(self.on_session_end(event))
-        if self.conversations is not None and not self.keep_history:
+            hook = self.on_data
+        elif isinstance(event, SessionUpdatePayload):
+            hook = self.on_session_update
+        else:
+            hook = self.on_session_end
+        result = None if hook is None else hook(event)
+        if inspect.isawaitable(result):
+            result = await result
+        if (
+            isinstance(event, SessionEndPayload)
+            and not self.keep_history
+            and conversations is not None
+        ):
             # At once, not behind the conversation's lock: a turn still running will not
             # record (the store's generation moved on).
             try:
-                await self.conversations.clear(event.conversation_id)
+                await conversations.clear(event.conversation_id)
             except ValueError as exc:
                 raise _invalid_id(exc) from exc
             except LayercodeError as exc:
                 raise _unavailable(exc, "conversation store failed clearing the history") from exc
-        return Response(_OK, media_type="application/json")
-
-
-async def _maybe_await(value: Any) -> Any:
-    if inspect.isawaitable(value):
-        return await value
-    return value
-
-
-def _kind(event: WebhookPayload) -> str:
-    return str(event.type)
+        if result is None or not isinstance(event, DataPayload):  # on_data's result answers
+            return Response(_OK, media_type="application/json")
+        return result if isinstance(result, Response) else JSONResponse(result)
 
 
 def _unavailable(exc: LayercodeError, context: str) -> ResponseError:
@@ -548,7 +538,7 @@ def _unavailable(exc: LayercodeError, context: str) -> ResponseError:
             "conversation unavailable: another turn of this conversation is still running",
             retry_after=RETRY_AFTER_SECONDS,
         )
-    return ResponseError(503, _STORE_UNAVAILABLE, retry_after=RETRY_AFTER_SECONDS)
+    return ResponseError(503, "conversation store unavailable", retry_after=RETRY_AFTER_SECONDS)
 
 
 def _aborted(message: str) -> ResponseError:

@@ -11,6 +11,7 @@ process on trio's mock clock: exact times, and no real waiting.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -63,11 +64,14 @@ def _wait_until_idle(app: Any) -> None:
 @pytest.mark.parametrize(
     "server", ["uvicorn", "hypercorn", pytest.param("hypercorn-trio", marks=NEEDS_TRIO)]
 )
-def test_a_client_that_never_reads_does_not_keep_its_conversation(server: str) -> None:
+def test_a_client_that_never_reads_does_not_keep_its_conversation(
+    server: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """Before, under Hypercorn's trio worker: the stuck turn kept its conversation until the
     client left (the next turn got 503 after waiting the whole lock wait), and its timeout
     came only then: that worker's write cannot be cancelled (it shields it). Its drain count
     (and its connection) stayed open until then too."""
+    caplog.set_level(logging.WARNING, logger="layercode_asgi.turns")
     settings = Settings(
         env_file=None,
         environ={},
@@ -95,6 +99,12 @@ def test_a_client_that_never_reads_does_not_keep_its_conversation(server: str) -
             # the trio worker, it held on until the client left (a write Hypercorn shields).
             _wait_until_idle(app)
             assert app.state.lifecycle.active == 0
+            # The 4 MB reply really was stuck (not taken whole by the sockets' buffers), and
+            # the turn let go of it when its grace was over: at the timeout plus the grace.
+            cut = [
+                r.getMessage() for r in caplog.records if "not sent within 0.5s" in r.getMessage()
+            ]
+            assert len(cut) == 1 and "turn=t-big" in cut[0], cut
         finally:
             stuck.close()
 
@@ -113,6 +123,26 @@ async def blocked(event: Any, context: Any) -> AsyncIterator[str]:
     yield "first" if event.text == "big" else "small"
     if event.text == "big":
         await anyio.Event().wait()
+
+
+async def cleanup_raises(event: Any, context: Any) -> AsyncIterator[str]:
+    """Blocks after its first reply, and its cleanup raises (the next turn: one line)."""
+    yield "first" if event.text == "big" else "small"
+    if event.text == "big":
+        try:
+            await anyio.Event().wait()
+        finally:
+            raise ValueError("cleanup failed")
+
+
+class _LeavesAtTheDeadline(ASGIStub):
+    """A client that leaves at 2 s on the clock: when the turn's timeout (2 s) fires."""
+
+    async def receive(self) -> dict[str, Any]:
+        if self._pending:
+            return self._pending.pop(0)
+        await anyio.sleep(2.0 - anyio.current_time())
+        return {"type": "http.disconnect"}
 
 
 class _SlowReader(ASGIStub):
@@ -150,6 +180,8 @@ STUCK_TURNS = {
     "client reads slowly": (big_talker, {"cls": _SlowReader}, 2.2, "turn timed out"),
     "agent ignores cancel": (stubborn, {}, 2.0, "turn timed out"),
     "agent blocked": (blocked, {}, 2.0, "turn timed out"),
+    "agent's cleanup raises": (cleanup_raises, {}, 2.0, "turn timed out"),
+    "client leaves at the deadline": (blocked, {"cls": _LeavesAtTheDeadline}, 2.0, None),
 }
 
 

@@ -1156,13 +1156,24 @@ async def _swallows_its_cancellation(event: Any) -> AsyncIterator[str]:
     yield "never"
 
 
+async def _raises_in_its_finally(event: Any) -> AsyncIterator[str]:
+    yield "thinking"
+    try:
+        await anyio.sleep(30)
+    finally:
+        raise ValueError("cleanup failed")  # replaces its cancellation
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", BACKENDS)
+@pytest.mark.parametrize("agent", [_swallows_its_cancellation, _raises_in_its_finally])
 async def test_an_agent_that_swallows_its_cancellation_still_times_out(
-    anyio_backend: str,
+    anyio_backend: str, agent: Any
 ) -> None:
     # Before: the agent returned normally once cancelled at the deadline, and the turn sent
     # a plain response.end: no fallback, no "turn timed out", and status "completed".
+    # And an agent whose cleanup raised once cancelled got "agent error" instead of the
+    # fallback or the abort's message (on asyncio, whose sends here do not suspend).
     chunks: list[bytes] = []
 
     async def emit(chunk: bytes) -> None:
@@ -1170,7 +1181,7 @@ async def test_an_agent_that_swallows_its_cancellation_still_times_out(
 
     event = parse_webhook_payload(event_body())
     assert isinstance(event, MessagePayload)
-    turn = Turn(event, _swallows_its_cancellation, timeout=0.2, timeout_message="One moment.")
+    turn = Turn(event, agent, timeout=0.2, timeout_message="One moment.")
     with anyio.fail_after(10):
         await turn.run(emit)
     assert [msgspec.json.decode(c[6:]) for c in chunks] == [
@@ -1187,7 +1198,7 @@ async def test_an_agent_that_swallows_its_cancellation_still_times_out(
         chunks.append(chunk)
         first.set()
 
-    turn = Turn(event, _swallows_its_cancellation)
+    turn = Turn(event, agent)
     async with anyio.create_task_group() as tg:
         tg.start_soon(turn.run, emit_and_tell)
         with anyio.fail_after(10):
