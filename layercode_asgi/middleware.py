@@ -169,8 +169,9 @@ class LayercodeSignature:
             remembers signatures in this process (``MemoryReplayCache``); pass a
             :class:`~layercode_asgi.replay.ReplayCache` (e.g. ``RedisReplayCache``) to
             share them between workers. If the cache cannot answer (unreachable, or any
-            error from it): 503, fail closed. A delivery the wrapped app answers 503 is
-            forgotten (with a cache that has ``forget``), so its retry is taken.
+            error from it): 503, fail closed. A delivery the wrapped app answers 503, or
+            redirects with 307 or 308 (which resend it), is forgotten (with a cache that has
+            ``forget``), so its retry is taken.
         on_rejected: called with the reason of each refused signature
             (``SignatureErrorReason`` name in lower case, e.g. ``no_matching_signature``,
             or ``replayed``): the metrics' ``TurnMetrics.signature_rejected``. If it raises,
@@ -317,7 +318,7 @@ class LayercodeSignature:
         ``None`` returned; so is a client that left before sending its body (its 400 is
         only for middleware outside: the server drops it). Otherwise nothing has been sent:
         the caller answers the request through the ``send`` returned (with replay
-        protection, one that forgets the delivery when the answer is a 503).
+        protection, one that forgets the delivery when the answer is a 503, 307 or 308).
         ``receive`` is not used again here, so it can be handed on as it is. ``reads``:
         see :func:`read_body` (its :class:`BodyAborted` goes on, nothing sent).
         """
@@ -417,18 +418,25 @@ class LayercodeSignature:
         return False
 
 
+# Answers after which the same signed bytes come again and must be taken: a 503 (not
+# processed: LayerCode retries) and a redirect that keeps the body (Starlette's 307 from
+# ``/api/agent/`` to ``/api/agent``: the client follows it with the same request).
+_NOT_PROCESSED = frozenset({307, 308, 503})
+
+
 def _forgetting(send: Send, forget: Callable[[str], Awaitable[None]], key: str) -> Send:
-    """``send`` that first forgets the delivery ``key`` if the answer is a 503: it was not
-    processed, so LayerCode's retry of the same signed bytes must be taken."""
+    """``send`` that first forgets the delivery ``key`` if the answer is in
+    :data:`_NOT_PROCESSED`: it was not processed, and the same signed bytes come again."""
 
     async def sending(message: Message) -> None:
-        if message["type"] == "http.response.start" and message["status"] == 503:
+        if message["type"] == "http.response.start" and message["status"] in _NOT_PROCESSED:
             try:
                 await forget(key)
             except Exception as exc:
                 logger.error(
-                    "replay cache could not forget a delivery answered 503 (its retry will "
+                    "replay cache could not forget a delivery answered %s (its retry will "
                     "get 409): %s: %s",
+                    message["status"],
                     type(exc).__name__,
                     escape_error(exc),
                 )
