@@ -118,10 +118,6 @@ def check_secret(secret: object) -> None:
         raise ValueError("secret is required (the webhook secret to sign with)")
 
 
-def _secret_keys(secrets: Sequence[str | bytes | bytearray | memoryview]) -> list[bytes]:
-    return [_to_bytes(s, "secret") for s in secrets]
-
-
 def _checked_arguments(
     secret: object, tolerance: object, now: object
 ) -> Sequence[str | bytes | bytearray | memoryview]:
@@ -163,7 +159,7 @@ def _keyed(secret: str | bytes) -> hmac.HMAC:
     return state
 
 
-def _digest(key: bytes, timestamp: bytes, payload: bytes) -> str:
+def _digest(key: str | bytes, timestamp: bytes, payload: bytes) -> str:
     state = _keyed(key).copy()
     state.update(timestamp + b"." + payload)
     return state.hexdigest()
@@ -188,6 +184,10 @@ def sign(payload: bytes | str, secret: str, timestamp: int | None = None) -> str
     return f"t={t},v1={_digest(key, t.encode(), _to_bytes(payload))}"
 
 
+def _malformed(detail: str) -> SignatureVerificationError:
+    return SignatureVerificationError(SignatureErrorReason.MALFORMED_HEADER, detail)
+
+
 def _parse_header(signature: str) -> tuple[str, list[str]]:
     """Split a header into its timestamp text and ``v1`` candidates, or raise."""
     timestamp: str | None = None
@@ -197,30 +197,24 @@ def _parse_header(signature: str) -> tuple[str, list[str]]:
         key = key.strip(_WHITESPACE)
         if not sep:
             if key:
-                raise SignatureVerificationError(
-                    SignatureErrorReason.MALFORMED_HEADER, "item without '=' in header"
-                )
+                raise _malformed("item without '=' in header")
             continue  # empty item, e.g. a trailing comma
         value = value.strip(_WHITESPACE)
         if key == "t":
             if timestamp is not None:
-                raise SignatureVerificationError(
-                    SignatureErrorReason.MALFORMED_HEADER, "more than one 't=' entry"
-                )
+                raise _malformed("more than one 't=' entry")
             timestamp = value
         elif key == "v1":
             candidates.append(value)
         # Unknown keys are ignored on purpose (forward compatibility).
     if timestamp is None:
-        raise SignatureVerificationError(SignatureErrorReason.MALFORMED_HEADER, "no 't=' entry")
+        raise _malformed("no 't=' entry")
     if not (
         0 < len(timestamp) <= _MAX_TIMESTAMP_DIGITS and timestamp.isascii() and timestamp.isdigit()
     ):
-        raise SignatureVerificationError(
-            SignatureErrorReason.MALFORMED_HEADER, "'t=' is not a unix timestamp in seconds"
-        )
+        raise _malformed("'t=' is not a unix timestamp in seconds")
     if not candidates:
-        raise SignatureVerificationError(SignatureErrorReason.MALFORMED_HEADER, "no 'v1=' entry")
+        raise _malformed("no 'v1=' entry")
     return timestamp, candidates
 
 
@@ -231,14 +225,11 @@ def _checked_header(
     and within the tolerance; else raise."""
     if signature is None or signature == "":
         raise SignatureVerificationError(SignatureErrorReason.MISSING_HEADER)
-    if not isinstance(signature, str):
+    if isinstance(signature, bytes | bytearray | memoryview):
         # bytes straight from an ASGI header list: decode like HTTP does (latin-1).
-        if isinstance(signature, bytes | bytearray | memoryview):
-            signature = bytes(signature).decode("latin-1")
-        else:
-            raise SignatureVerificationError(
-                SignatureErrorReason.MALFORMED_HEADER, "signature is not a string"
-            )
+        signature = bytes(signature).decode("latin-1")
+    elif not isinstance(signature, str):
+        raise _malformed("signature is not a string")
     timestamp, candidates = _parse_header(signature)
 
     current = time.time() if now is None else now
@@ -315,15 +306,12 @@ def verify_signature(
         if shape is not None:
             ts, given = shape.groups()
             # a unix time is positive, so int() floors it like the general path does
-            if abs(int(time.time()) - int(ts)) <= tolerance:
-                state = _KEYED.get(secret)
-                if state is None and not _blank(secret):  # a blank one: refused below
-                    state = _keyed(secret)
-                if state is not None:
-                    state = state.copy()
-                    state.update(ts.encode() + b"." + payload)
-                    if hmac.compare_digest(state.hexdigest(), given):
-                        return True
+            if (
+                abs(int(time.time()) - int(ts)) <= tolerance
+                and (secret in _KEYED or not _blank(secret))  # a blank one: refused below
+                and hmac.compare_digest(_digest(secret, ts.encode(), payload), given)
+            ):
+                return True
 
     secrets = [s for s in _checked_arguments(secret, tolerance, now) if not _blank(s)]
     if not secrets:  # the caller's own argument: said whatever the request holds
@@ -332,10 +320,10 @@ def verify_signature(
         )
     timestamp, candidates = _checked_header(signature, tolerance, now)
 
+    keys = [_to_bytes(s, "secret") for s in secrets]
     try:
         body = _to_bytes(payload)
-        keys = _secret_keys(secrets)
-    except (TypeError, ValueError) as exc:  # a payload that is no str or bytes
+    except (TypeError, ValueError) as exc:  # a payload that is no str or bytes (or released)
         raise SignatureVerificationError(
             SignatureErrorReason.NO_MATCHING_SIGNATURE, f"cannot use payload: {exc}"
         ) from None
