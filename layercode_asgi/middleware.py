@@ -308,19 +308,17 @@ class LayercodeSignature:
     async def verified_body(
         self, scope: Scope, receive: Receive, send: Send, reads: set[CancelScope] | None = None
     ) -> tuple[bytes, Send] | None:
-        """Read and verify an HTTP request's body: the body and the ``send`` to answer it
-        with, or ``None`` once it has been answered.
+        """Run every check of the middleware on an HTTP request: the body and the ``send``
+        to answer it with, or ``None`` once it has been answered.
 
-        Everything the middleware checks happens here: the signature header (missing,
-        malformed or stale: refused before the body is read, and the connection closed),
-        the body's size and arrival deadline, the signature and (if on) replay protection.
-        A request that fails a check is answered (400, 401, 408, 409, 413, 503) and
-        ``None`` returned; so is a client that left before sending its body (its 400 is
-        only for middleware outside: the server drops it). Otherwise nothing has been sent:
-        the caller answers the request through the ``send`` returned (with replay
-        protection, one that forgets the delivery when the answer is a 503, 307 or 308).
-        ``receive`` is not used again here, so it can be handed on as it is. ``reads``:
-        see :func:`read_body` (its :class:`BodyAborted` goes on, nothing sent).
+        The signature header (missing, malformed or stale: refused before the body is read,
+        the connection closed), the body's size and deadline, the signature, then replay
+        protection. A request failing one is answered (400, 401, 408, 409, 413, 503), as is
+        a client that left mid-body (400, for middleware outside: the server drops it).
+        Otherwise nothing was sent: the caller answers through the ``send`` returned (with
+        replay protection, one that forgets the delivery when the answer is a 503, 307 or
+        308); ``receive`` is not used again here, so it can be handed on as it is.
+        ``reads``: see :func:`read_body` (its :class:`BodyAborted` goes on, nothing sent).
         """
         parts: list[str] = []
         declared: bytes | None = None
@@ -347,9 +345,7 @@ class LayercodeSignature:
         try:
             timestamp = check_signature_header(signature, self.tolerance)
         except SignatureVerificationError as exc:
-            log_refused(logger, scope, exc)
-            self._rejected(exc.reason.name.lower())
-            await send_json_error(send, _EARLY_REJECTIONS[exc.reason])
+            await self._refuse_signature(scope, send, exc, _EARLY_REJECTIONS)
             return None
 
         try:
@@ -368,18 +364,27 @@ class LayercodeSignature:
         try:
             verify_signature(body, signature, self._secrets, self.tolerance)
         except SignatureVerificationError as exc:
-            log_refused(logger, scope, exc)
-            self._rejected(exc.reason.name.lower())
-            await send_json_error(send, _REJECTIONS[exc.reason])
+            await self._refuse_signature(scope, send, exc, _REJECTIONS)
             return None
 
         if self._replay is not None:
             key = replay_key(timestamp, body)
-            if await self._is_replay(key, timestamp, send):
+            if await self._is_replay(self._replay, key, timestamp, send):
                 return None
             if self._forget is not None:
                 return body, _forgetting(send, self._forget, key)
         return body, send
+
+    async def _refuse_signature(
+        self,
+        scope: Scope,
+        send: Send,
+        exc: SignatureVerificationError,
+        answers: dict[SignatureErrorReason, tuple[Message, Message]],
+    ) -> None:
+        log_refused(logger, scope, exc)
+        self._rejected(exc.reason.name.lower())
+        await send_json_error(send, answers[exc.reason])
 
     async def _refuse_too_large(self, scope: Scope, send: Send) -> None:
         log_refused(logger, scope, f"request body exceeds {self.max_body_size} bytes")
@@ -393,14 +398,13 @@ class LayercodeSignature:
             except Exception:
                 logger.exception("on_rejected failed (reason %s)", reason)
 
-    async def _is_replay(self, key: str, timestamp: str, send: Send) -> bool:
+    async def _is_replay(self, cache: ReplayCache, key: str, timestamp: str, send: Send) -> bool:
         """Remember this delivery; answer 409 (or 503) and return True if it must stop."""
-        assert self._replay is not None
         # verify_signature accepts while floor(now) - t <= tolerance, i.e. until
         # t + tolerance + 1 (exclusive): remember the delivery that long (at least 1 s).
         ttl = max(1.0, int(timestamp) + self.tolerance + 1 - time.time())
         try:
-            seen = await self._replay.seen(key, ttl)
+            seen = await cache.seen(key, ttl)
         except Exception as exc:  # fail closed: a replay check that cannot run does not pass
             logger.error(
                 "replay cache unavailable: %s: %s",
@@ -418,15 +422,14 @@ class LayercodeSignature:
         return False
 
 
-# Answers after which the same signed bytes come again and must be taken: a 503 (not
-# processed: LayerCode retries) and a redirect that keeps the body (Starlette's 307 from
-# ``/api/agent/`` to ``/api/agent``: the client follows it with the same request).
+#: 503 (LayerCode retries) and the redirects that keep the body (Starlette's 307 from
+#: ``/api/agent/`` to ``/api/agent``): the same signed bytes come again, to be taken.
 _NOT_PROCESSED = frozenset({307, 308, 503})
 
 
 def _forgetting(send: Send, forget: Callable[[str], Awaitable[None]], key: str) -> Send:
-    """``send`` that first forgets the delivery ``key`` if the answer is in
-    :data:`_NOT_PROCESSED`: it was not processed, and the same signed bytes come again."""
+    """``send`` that first forgets the delivery ``key`` if the answer is one of
+    :data:`_NOT_PROCESSED`: it was not processed."""
 
     async def sending(message: Message) -> None:
         if message["type"] == "http.response.start" and message["status"] in _NOT_PROCESSED:
