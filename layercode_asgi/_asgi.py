@@ -222,12 +222,10 @@ def route_path(scope: Scope) -> str:
     """
     path: str = scope["path"]
     root_path: str = scope.get("root_path", "")
-    if not root_path or not path.startswith(root_path):
-        return path
-    if len(path) == len(root_path):
-        return ""
-    if path[len(root_path)] == "/":
-        return path[len(root_path) :]
+    if root_path and path.startswith(root_path):
+        below = path[len(root_path) :]
+        if not below or below[0] == "/":
+            return below
     return path
 
 

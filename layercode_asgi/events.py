@@ -292,9 +292,8 @@ class _TypeProbe(msgspec.Struct, frozen=True):
     conversation_id: object = None
 
 
-_JSON_DECODER: Final[msgspec.json.Decoder[WebhookPayload]] = msgspec.json.Decoder(WebhookPayload)
+_decode_json = msgspec.json.Decoder(WebhookPayload).decode
 _PROBE_DECODER: Final[msgspec.json.Decoder[_TypeProbe]] = msgspec.json.Decoder(_TypeProbe)
-_decode_json = _JSON_DECODER.decode
 
 # msgspec's messages look like "Expected `str`, got `int` - at `$.turn_id`", or
 # "... - at `key` in `$.metadata`" for a bad object key, or carry no location at all
@@ -388,11 +387,8 @@ def _is_item_extra(exc: BaseException) -> bool:
 
 
 def _parse_keeping_item_extras(raw: object) -> WebhookPayload:
-    """Second pass, taken only when some transcript item carries fields we do not know.
-
-    The document is read untyped, each transcript item's unknown fields are moved into
-    its ``extra`` mapping, and the result is converted under the same rules as JSON.
-    """
+    """Second pass, taken only when some transcript item carries fields we do not know:
+    they are moved into the item's ``extra`` mapping."""
     document: Any = raw
     if not isinstance(raw, Mapping):
         try:
