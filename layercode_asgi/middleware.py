@@ -334,8 +334,9 @@ class LayercodeSignature:
         if declared is not None:
             length = declared_length(declared)
             if length is None:
-                log_refused(logger, scope, "invalid content-length header")
-                await send_json_error(send, _BAD_CONTENT_LENGTH)
+                await self._refuse(
+                    scope, send, _BAD_CONTENT_LENGTH, "invalid content-length header"
+                )
                 return None
             if length > self.max_body_size:
                 await self._refuse_too_large(scope, send)
@@ -345,7 +346,7 @@ class LayercodeSignature:
         try:
             timestamp = check_signature_header(signature, self.tolerance)
         except SignatureVerificationError as exc:
-            await self._refuse_signature(scope, send, exc, _EARLY_REJECTIONS)
+            await self._refuse(scope, send, _EARLY_REJECTIONS[exc.reason], exc)
             return None
 
         try:
@@ -364,7 +365,7 @@ class LayercodeSignature:
         try:
             verify_signature(body, signature, self._secrets, self.tolerance)
         except SignatureVerificationError as exc:
-            await self._refuse_signature(scope, send, exc, _REJECTIONS)
+            await self._refuse(scope, send, _REJECTIONS[exc.reason], exc)
             return None
 
         if self._replay is not None:
@@ -375,20 +376,18 @@ class LayercodeSignature:
                 return body, _forgetting(send, self._forget, key)
         return body, send
 
-    async def _refuse_signature(
-        self,
-        scope: Scope,
-        send: Send,
-        exc: SignatureVerificationError,
-        answers: dict[SignatureErrorReason, tuple[Message, Message]],
+    async def _refuse(
+        self, scope: Scope, send: Send, answer: tuple[Message, Message], why: object
     ) -> None:
-        log_refused(logger, scope, exc)
-        self._rejected(exc.reason.name.lower())
-        await send_json_error(send, answers[exc.reason])
+        """Log why a request is refused (a bad signature: tell ``on_rejected``), answer it."""
+        log_refused(logger, scope, why)
+        if isinstance(why, SignatureVerificationError):
+            self._rejected(why.reason.name.lower())
+        await send_json_error(send, answer)
 
     async def _refuse_too_large(self, scope: Scope, send: Send) -> None:
-        log_refused(logger, scope, f"request body exceeds {self.max_body_size} bytes")
-        await send_json_error(send, self._too_large)
+        why = f"request body exceeds {self.max_body_size} bytes"
+        await self._refuse(scope, send, self._too_large, why)
 
     def _rejected(self, reason: str) -> None:
         """Tell ``on_rejected``; an error of its own is logged, the answer is still sent."""
