@@ -356,11 +356,7 @@ def _parse_other(raw: object) -> WebhookPayload:
             return _parse_keeping_item_extras(raw)
         return result
     if isinstance(raw, str):  # msgspec takes an exact ``str`` only
-        try:
-            encoded = str.encode(raw)
-        except UnicodeError as exc:  # lone surrogates
-            raise _translate(exc, raw) from exc
-        return parse_webhook_payload(encoded)
+        return parse_webhook_payload(str.__str__(raw))
     raise InvalidPayloadError(f"expected bytes, str or a mapping, got {type(raw).__name__}")
 
 
