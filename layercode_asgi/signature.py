@@ -33,7 +33,7 @@ import math
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from .errors import LayercodeError, check_type, kind_of
 
@@ -93,20 +93,18 @@ class SignatureVerificationError(LayercodeError, ValueError):
         return (type(self), (self.reason, self.detail))
 
 
-def _to_bytes(value: bytes | bytearray | memoryview | str, name: str = "payload") -> bytes:
-    if isinstance(value, bytes):
-        return value
+_BYTES_LIKE: TypeAlias = str | bytes | bytearray | memoryview
+
+
+def _to_bytes(value: _BYTES_LIKE, name: str = "payload") -> bytes:
     if isinstance(value, str):
         return value.encode(_ENCODING, _ERRORS)
-    if isinstance(value, bytearray | memoryview):
-        return bytes(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)  # ``bytes`` itself: the same object, no copy
     raise TypeError(f"{name} must be a str or bytes, got {kind_of(value)}")
 
 
-_BYTES_LIKE = str | bytes | bytearray | memoryview
-
-
-def _blank(secret: str | bytes | bytearray | memoryview) -> bool:
+def _blank(secret: _BYTES_LIKE) -> bool:
     """An empty or all-whitespace secret: anybody can compute an HMAC with it (or guess
     it), so it verifies nothing (a handler reading an unset variable as ``""``)."""
     return not (secret.strip() if isinstance(secret, str) else bytes(secret).strip())
@@ -119,9 +117,7 @@ def check_secret(secret: object) -> None:
         raise ValueError("secret is required (the webhook secret to sign with)")
 
 
-def _checked_arguments(
-    secret: object, tolerance: object, now: object
-) -> Sequence[str | bytes | bytearray | memoryview]:
+def _checked_arguments(secret: object, tolerance: object, now: object) -> Sequence[_BYTES_LIKE]:
     """``secret`` as a sequence; refuse (``TypeError`` naming it) a programmer's argument of
     another type: these come from configuration, never from a request, so no 401 may hide
     them."""
