@@ -26,7 +26,6 @@ Rules, all deliberate:
 from __future__ import annotations
 
 import enum
-import functools
 import hashlib
 import hmac
 import math
@@ -140,11 +139,20 @@ def _checked_arguments(secret: object, tolerance: object, now: object) -> Sequen
 # ``hmac.digest`` on looking "sha256" up and hashing the key block, so each secret's keyed
 # state is computed once and copied per message (about twice as fast for a webhook body;
 # same bytes). Keyed by the secret as given (``str`` or ``bytes``); a few secrets are
-# normal, the 64 used last are kept.
-@functools.lru_cache(maxsize=64)
+# normal, so the cache is simply emptied if it ever grows past ``_KEYED_MAX``.
+_KEYED: dict[str | bytes, hmac.HMAC] = {}
+_KEYED_MAX = 64
+
+
 def _keyed(secret: str | bytes) -> hmac.HMAC:
-    key = secret.encode(_ENCODING, _ERRORS) if isinstance(secret, str) else secret
-    return hmac.new(key, b"", hashlib.sha256)
+    state = _KEYED.get(secret)
+    if state is None:
+        key = secret.encode(_ENCODING, _ERRORS) if isinstance(secret, str) else secret
+        state = hmac.new(key, b"", hashlib.sha256)
+        if len(_KEYED) >= _KEYED_MAX:
+            _KEYED.clear()
+        _KEYED[secret] = state
+    return state
 
 
 def _digest(key: str | bytes, timestamp: bytes, payload: bytes) -> str:
@@ -294,7 +302,7 @@ def verify_signature(
             # a unix time is positive, so int() floors it like the general path does
             if (
                 abs(int(time.time()) - int(ts)) <= tolerance
-                and not _blank(secret)  # a blank one: refused below
+                and (secret in _KEYED or not _blank(secret))  # a blank one: refused below
                 and hmac.compare_digest(_digest(secret, ts.encode(), payload), given)
             ):
                 return True
