@@ -222,12 +222,10 @@ def route_path(scope: Scope) -> str:
     """
     path: str = scope["path"]
     root_path: str = scope.get("root_path", "")
-    if not root_path or not path.startswith(root_path):
-        return path
-    if len(path) == len(root_path):
-        return ""
-    if path[len(root_path)] == "/":
-        return path[len(root_path) :]
+    if root_path and path.startswith(root_path):
+        below = path[len(root_path) :]
+        if not below or below[0] == "/":
+            return below
     return path
 
 
@@ -300,11 +298,9 @@ def not_allowed(allow: str) -> str:
 CLIENT_LEFT = json_error(400, "client disconnected before sending the whole body", close=True)
 
 
-async def send_json_error(
-    send: Send, status: int | tuple[Message, Message], message: str = ""
-) -> None:
-    """Send a JSON error: ``(status, message)``, or messages from :func:`json_error`."""
-    start, body = json_error(status, message) if isinstance(status, int) else status
+async def send_json_error(send: Send, answer: tuple[Message, Message]) -> None:
+    """Send a JSON error, the messages of :func:`json_error`."""
+    start, body = answer
     # Outer middleware may edit the messages in place (CORS adds headers to the list):
     # hand out copies, never shared pre-rendered ones.
     await send({**start, "headers": list(start["headers"])})

@@ -292,9 +292,8 @@ class _TypeProbe(msgspec.Struct, frozen=True):
     conversation_id: object = None
 
 
-_JSON_DECODER: Final[msgspec.json.Decoder[WebhookPayload]] = msgspec.json.Decoder(WebhookPayload)
+_decode_json = msgspec.json.Decoder(WebhookPayload).decode
 _PROBE_DECODER: Final[msgspec.json.Decoder[_TypeProbe]] = msgspec.json.Decoder(_TypeProbe)
-_decode_json = _JSON_DECODER.decode
 
 # msgspec's messages look like "Expected `str`, got `int` - at `$.turn_id`", or
 # "... - at `key` in `$.metadata`" for a bad object key, or carry no location at all
@@ -357,11 +356,7 @@ def _parse_other(raw: object) -> WebhookPayload:
             return _parse_keeping_item_extras(raw)
         return result
     if isinstance(raw, str):  # msgspec takes an exact ``str`` only
-        try:
-            encoded = str.encode(raw)
-        except UnicodeError as exc:  # lone surrogates
-            raise _translate(exc, raw) from exc
-        return parse_webhook_payload(encoded)
+        return parse_webhook_payload(str.__str__(raw))
     raise InvalidPayloadError(f"expected bytes, str or a mapping, got {type(raw).__name__}")
 
 
@@ -388,11 +383,8 @@ def _is_item_extra(exc: BaseException) -> bool:
 
 
 def _parse_keeping_item_extras(raw: object) -> WebhookPayload:
-    """Second pass, taken only when some transcript item carries fields we do not know.
-
-    The document is read untyped, each transcript item's unknown fields are moved into
-    its ``extra`` mapping, and the result is converted under the same rules as JSON.
-    """
+    """Second pass, taken only when some transcript item carries fields we do not know:
+    they are moved into the item's ``extra`` mapping."""
     document: Any = raw
     if not isinstance(raw, Mapping):
         try:

@@ -169,8 +169,9 @@ class LayercodeSignature:
             remembers signatures in this process (``MemoryReplayCache``); pass a
             :class:`~layercode_asgi.replay.ReplayCache` (e.g. ``RedisReplayCache``) to
             share them between workers. If the cache cannot answer (unreachable, or any
-            error from it): 503, fail closed. A delivery the wrapped app answers 503 is
-            forgotten (with a cache that has ``forget``), so its retry is taken.
+            error from it): 503, fail closed. A delivery the wrapped app answers 503, or
+            redirects with 307 or 308 (which resend it), is forgotten (with a cache that has
+            ``forget``), so its retry is taken.
         on_rejected: called with the reason of each refused signature
             (``SignatureErrorReason`` name in lower case, e.g. ``no_matching_signature``,
             or ``replayed``): the metrics' ``TurnMetrics.signature_rejected``. If it raises,
@@ -307,19 +308,17 @@ class LayercodeSignature:
     async def verified_body(
         self, scope: Scope, receive: Receive, send: Send, reads: set[CancelScope] | None = None
     ) -> tuple[bytes, Send] | None:
-        """Read and verify an HTTP request's body: the body and the ``send`` to answer it
-        with, or ``None`` once it has been answered.
+        """Run every check of the middleware on an HTTP request: the body and the ``send``
+        to answer it with, or ``None`` once it has been answered.
 
-        Everything the middleware checks happens here: the signature header (missing,
-        malformed or stale: refused before the body is read, and the connection closed),
-        the body's size and arrival deadline, the signature and (if on) replay protection.
-        A request that fails a check is answered (400, 401, 408, 409, 413, 503) and
-        ``None`` returned; so is a client that left before sending its body (its 400 is
-        only for middleware outside: the server drops it). Otherwise nothing has been sent:
-        the caller answers the request through the ``send`` returned (with replay
-        protection, one that forgets the delivery when the answer is a 503).
-        ``receive`` is not used again here, so it can be handed on as it is. ``reads``:
-        see :func:`read_body` (its :class:`BodyAborted` goes on, nothing sent).
+        The signature header (missing, malformed or stale: refused before the body is read,
+        the connection closed), the body's size and deadline, the signature, then replay
+        protection. A request failing one is answered (400, 401, 408, 409, 413, 503), as is
+        a client that left mid-body (400, for middleware outside: the server drops it).
+        Otherwise nothing was sent: the caller answers through the ``send`` returned (with
+        replay protection, one that forgets the delivery when the answer is a 503, 307 or
+        308); ``receive`` is not used again here, so it can be handed on as it is.
+        ``reads``: see :func:`read_body` (its :class:`BodyAborted` goes on, nothing sent).
         """
         parts: list[str] = []
         declared: bytes | None = None
@@ -335,8 +334,9 @@ class LayercodeSignature:
         if declared is not None:
             length = declared_length(declared)
             if length is None:
-                log_refused(logger, scope, "invalid content-length header")
-                await send_json_error(send, _BAD_CONTENT_LENGTH)
+                await self._refuse(
+                    scope, send, _BAD_CONTENT_LENGTH, "invalid content-length header"
+                )
                 return None
             if length > self.max_body_size:
                 await self._refuse_too_large(scope, send)
@@ -346,9 +346,7 @@ class LayercodeSignature:
         try:
             timestamp = check_signature_header(signature, self.tolerance)
         except SignatureVerificationError as exc:
-            log_refused(logger, scope, exc)
-            self._rejected(exc.reason.name.lower())
-            await send_json_error(send, _EARLY_REJECTIONS[exc.reason])
+            await self._refuse(scope, send, _EARLY_REJECTIONS[exc.reason], exc)
             return None
 
         try:
@@ -367,22 +365,29 @@ class LayercodeSignature:
         try:
             verify_signature(body, signature, self._secrets, self.tolerance)
         except SignatureVerificationError as exc:
-            log_refused(logger, scope, exc)
-            self._rejected(exc.reason.name.lower())
-            await send_json_error(send, _REJECTIONS[exc.reason])
+            await self._refuse(scope, send, _REJECTIONS[exc.reason], exc)
             return None
 
         if self._replay is not None:
             key = replay_key(timestamp, body)
-            if await self._is_replay(key, timestamp, send):
+            if await self._is_replay(self._replay, key, timestamp, send):
                 return None
             if self._forget is not None:
                 return body, _forgetting(send, self._forget, key)
         return body, send
 
+    async def _refuse(
+        self, scope: Scope, send: Send, answer: tuple[Message, Message], why: object
+    ) -> None:
+        """Log why a request is refused (a bad signature: tell ``on_rejected``), answer it."""
+        log_refused(logger, scope, why)
+        if isinstance(why, SignatureVerificationError):
+            self._rejected(why.reason.name.lower())
+        await send_json_error(send, answer)
+
     async def _refuse_too_large(self, scope: Scope, send: Send) -> None:
-        log_refused(logger, scope, f"request body exceeds {self.max_body_size} bytes")
-        await send_json_error(send, self._too_large)
+        why = f"request body exceeds {self.max_body_size} bytes"
+        await self._refuse(scope, send, self._too_large, why)
 
     def _rejected(self, reason: str) -> None:
         """Tell ``on_rejected``; an error of its own is logged, the answer is still sent."""
@@ -392,14 +397,13 @@ class LayercodeSignature:
             except Exception:
                 logger.exception("on_rejected failed (reason %s)", reason)
 
-    async def _is_replay(self, key: str, timestamp: str, send: Send) -> bool:
+    async def _is_replay(self, cache: ReplayCache, key: str, timestamp: str, send: Send) -> bool:
         """Remember this delivery; answer 409 (or 503) and return True if it must stop."""
-        assert self._replay is not None
         # verify_signature accepts while floor(now) - t <= tolerance, i.e. until
         # t + tolerance + 1 (exclusive): remember the delivery that long (at least 1 s).
         ttl = max(1.0, int(timestamp) + self.tolerance + 1 - time.time())
         try:
-            seen = await self._replay.seen(key, ttl)
+            seen = await cache.seen(key, ttl)
         except Exception as exc:  # fail closed: a replay check that cannot run does not pass
             logger.error(
                 "replay cache unavailable: %s: %s",
@@ -417,18 +421,24 @@ class LayercodeSignature:
         return False
 
 
+#: 503 (LayerCode retries) and the redirects that keep the body (Starlette's 307 from
+#: ``/api/agent/`` to ``/api/agent``): the same signed bytes come again, to be taken.
+_NOT_PROCESSED = frozenset({307, 308, 503})
+
+
 def _forgetting(send: Send, forget: Callable[[str], Awaitable[None]], key: str) -> Send:
-    """``send`` that first forgets the delivery ``key`` if the answer is a 503: it was not
-    processed, so LayerCode's retry of the same signed bytes must be taken."""
+    """``send`` that first forgets the delivery ``key`` if the answer is one of
+    :data:`_NOT_PROCESSED`: it was not processed."""
 
     async def sending(message: Message) -> None:
-        if message["type"] == "http.response.start" and message["status"] == 503:
+        if message["type"] == "http.response.start" and message["status"] in _NOT_PROCESSED:
             try:
                 await forget(key)
             except Exception as exc:
                 logger.error(
-                    "replay cache could not forget a delivery answered 503 (its retry will "
+                    "replay cache could not forget a delivery answered %s (its retry will "
                     "get 409): %s: %s",
+                    message["status"],
                     type(exc).__name__,
                     escape_error(exc),
                 )

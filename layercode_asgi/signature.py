@@ -32,7 +32,7 @@ import math
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from .errors import LayercodeError, check_type, kind_of
 
@@ -92,20 +92,18 @@ class SignatureVerificationError(LayercodeError, ValueError):
         return (type(self), (self.reason, self.detail))
 
 
-def _to_bytes(value: bytes | bytearray | memoryview | str, name: str = "payload") -> bytes:
-    if isinstance(value, bytes):
-        return value
+_BYTES_LIKE: TypeAlias = str | bytes | bytearray | memoryview
+
+
+def _to_bytes(value: _BYTES_LIKE, name: str = "payload") -> bytes:
     if isinstance(value, str):
         return value.encode(_ENCODING, _ERRORS)
-    if isinstance(value, bytearray | memoryview):
-        return bytes(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)  # ``bytes`` itself: the same object, no copy
     raise TypeError(f"{name} must be a str or bytes, got {kind_of(value)}")
 
 
-_BYTES_LIKE = str | bytes | bytearray | memoryview
-
-
-def _blank(secret: str | bytes | bytearray | memoryview) -> bool:
+def _blank(secret: _BYTES_LIKE) -> bool:
     """An empty or all-whitespace secret: anybody can compute an HMAC with it (or guess
     it), so it verifies nothing (a handler reading an unset variable as ``""``)."""
     return not (secret.strip() if isinstance(secret, str) else bytes(secret).strip())
@@ -118,13 +116,7 @@ def check_secret(secret: object) -> None:
         raise ValueError("secret is required (the webhook secret to sign with)")
 
 
-def _secret_keys(secrets: Sequence[str | bytes | bytearray | memoryview]) -> list[bytes]:
-    return [_to_bytes(s, "secret") for s in secrets]
-
-
-def _checked_arguments(
-    secret: object, tolerance: object, now: object
-) -> Sequence[str | bytes | bytearray | memoryview]:
+def _checked_arguments(secret: object, tolerance: object, now: object) -> Sequence[_BYTES_LIKE]:
     """``secret`` as a sequence; refuse (``TypeError`` naming it) a programmer's argument of
     another type: these come from configuration, never from a request, so no 401 may hide
     them."""
@@ -163,7 +155,7 @@ def _keyed(secret: str | bytes) -> hmac.HMAC:
     return state
 
 
-def _digest(key: bytes, timestamp: bytes, payload: bytes) -> str:
+def _digest(key: str | bytes, timestamp: bytes, payload: bytes) -> str:
     state = _keyed(key).copy()
     state.update(timestamp + b"." + payload)
     return state.hexdigest()
@@ -188,6 +180,10 @@ def sign(payload: bytes | str, secret: str, timestamp: int | None = None) -> str
     return f"t={t},v1={_digest(key, t.encode(), _to_bytes(payload))}"
 
 
+def _malformed(detail: str) -> SignatureVerificationError:
+    return SignatureVerificationError(SignatureErrorReason.MALFORMED_HEADER, detail)
+
+
 def _parse_header(signature: str) -> tuple[str, list[str]]:
     """Split a header into its timestamp text and ``v1`` candidates, or raise."""
     timestamp: str | None = None
@@ -197,30 +193,24 @@ def _parse_header(signature: str) -> tuple[str, list[str]]:
         key = key.strip(_WHITESPACE)
         if not sep:
             if key:
-                raise SignatureVerificationError(
-                    SignatureErrorReason.MALFORMED_HEADER, "item without '=' in header"
-                )
+                raise _malformed("item without '=' in header")
             continue  # empty item, e.g. a trailing comma
         value = value.strip(_WHITESPACE)
         if key == "t":
             if timestamp is not None:
-                raise SignatureVerificationError(
-                    SignatureErrorReason.MALFORMED_HEADER, "more than one 't=' entry"
-                )
+                raise _malformed("more than one 't=' entry")
             timestamp = value
         elif key == "v1":
             candidates.append(value)
         # Unknown keys are ignored on purpose (forward compatibility).
     if timestamp is None:
-        raise SignatureVerificationError(SignatureErrorReason.MALFORMED_HEADER, "no 't=' entry")
+        raise _malformed("no 't=' entry")
     if not (
         0 < len(timestamp) <= _MAX_TIMESTAMP_DIGITS and timestamp.isascii() and timestamp.isdigit()
     ):
-        raise SignatureVerificationError(
-            SignatureErrorReason.MALFORMED_HEADER, "'t=' is not a unix timestamp in seconds"
-        )
+        raise _malformed("'t=' is not a unix timestamp in seconds")
     if not candidates:
-        raise SignatureVerificationError(SignatureErrorReason.MALFORMED_HEADER, "no 'v1=' entry")
+        raise _malformed("no 'v1=' entry")
     return timestamp, candidates
 
 
@@ -231,14 +221,11 @@ def _checked_header(
     and within the tolerance; else raise."""
     if signature is None or signature == "":
         raise SignatureVerificationError(SignatureErrorReason.MISSING_HEADER)
-    if not isinstance(signature, str):
+    if isinstance(signature, bytes | bytearray | memoryview):
         # bytes straight from an ASGI header list: decode like HTTP does (latin-1).
-        if isinstance(signature, bytes | bytearray | memoryview):
-            signature = bytes(signature).decode("latin-1")
-        else:
-            raise SignatureVerificationError(
-                SignatureErrorReason.MALFORMED_HEADER, "signature is not a string"
-            )
+        signature = bytes(signature).decode("latin-1")
+    elif not isinstance(signature, str):
+        raise _malformed("signature is not a string")
     timestamp, candidates = _parse_header(signature)
 
     current = time.time() if now is None else now
@@ -265,12 +252,10 @@ def check_signature_header(
 
     A header that passes still needs :func:`verify_signature` once the body is there.
     """
-    if type(signature) is str and now is None:
-        shape = _LAYERCODE_SHAPE(signature)
-        if shape is not None:
-            ts = shape.group(1)
-            if abs(int(time.time()) - int(ts)) <= tolerance:
-                return ts
+    # Fast path: the one shape LayerCode sends, the real clock (as in verify_signature).
+    shape = _LAYERCODE_SHAPE(signature) if type(signature) is str and now is None else None
+    if shape is not None and abs(int(time.time()) - int(shape[1])) <= tolerance:
+        return shape[1]
     return _checked_header(signature, tolerance, now)[0]
 
 
@@ -319,7 +304,7 @@ def verify_signature(
                 state = _KEYED.get(secret)
                 if state is None and not _blank(secret):  # a blank one: refused below
                     state = _keyed(secret)
-                if state is not None:
+                if state is not None:  # _digest, inline on the fast path
                     state = state.copy()
                     state.update(ts.encode() + b"." + payload)
                     if hmac.compare_digest(state.hexdigest(), given):
@@ -332,10 +317,10 @@ def verify_signature(
         )
     timestamp, candidates = _checked_header(signature, tolerance, now)
 
+    keys = [_to_bytes(s, "secret") for s in secrets]
     try:
         body = _to_bytes(payload)
-        keys = _secret_keys(secrets)
-    except (TypeError, ValueError) as exc:  # a payload that is no str or bytes
+    except (TypeError, ValueError) as exc:  # a payload that is no str or bytes (or released)
         raise SignatureVerificationError(
             SignatureErrorReason.NO_MATCHING_SIGNATURE, f"cannot use payload: {exc}"
         ) from None

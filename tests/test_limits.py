@@ -285,6 +285,7 @@ class CacheFailingToForget(MemoryReplayCache):
     ("status", "cache", "retry"),
     [
         (503, MemoryReplayCache, 200),  # not processed: the retry is taken
+        (308, MemoryReplayCache, 200),  # redirected: the client sends it again, elsewhere
         (500, MemoryReplayCache, 409),  # only 503 means "not processed, retry"
         (503, CacheWithoutForget, 409),  # a cache without forget: remembered as before
         (503, CacheFailingToForget, 409),  # logged; the 503 is sent all the same

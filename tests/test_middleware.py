@@ -209,6 +209,25 @@ async def test_default_protects_every_http_request(stack: Callable[..., Any]) ->
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("stack_name", ["starlette", "fastapi"])
+async def test_a_delivery_the_app_redirects_is_taken_at_its_new_address(stack_name: str) -> None:
+    """Starlette and FastAPI redirect ``/hook/`` to ``/hook`` (307): the client sends the same
+    signed bytes again there, which replay protection must take, not refuse with 409."""
+    calls = Calls()
+    app = STACKS[stack_name](calls, replay_protection=True)
+    transport = httpx.ASGITransport(app=app)
+    headers = signed_headers(BODY)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", follow_redirects=True
+    ) as client:
+        reply = await client.post("/hook/", content=BODY, headers=headers)
+        assert ([r.status_code for r in reply.history], reply.status_code) == ([307], 200)
+        assert reply.json()["raw"] == BODY.decode()
+        assert (await client.post("/hook", content=BODY, headers=headers)).status_code == 409
+    assert calls.count == 1
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", BACKENDS)
 async def test_is_disconnected_before_body_keeps_the_replayed_body() -> None:
     """Starlette's ``is_disconnected`` probes ``receive()`` in a cancelled scope; the replayed
