@@ -32,6 +32,7 @@ from .redaction import escape_terminal
 __all__ = [
     "CLIENT_LEFT",
     "HEADER_NAME",
+    "MAX_ROUTE_LENGTH",
     "BodyAborted",
     "BodyTimeout",
     "BodyTooLarge",
@@ -48,6 +49,7 @@ __all__ = [
     "json_error",
     "json_error_response",
     "must_propagate",
+    "not_allowed",
     "read_body",
     "route_path",
     "send_json_error",
