@@ -653,3 +653,19 @@ async def test_a_stream_chunk_not_of_the_apis_shape_is_logged_as_the_models_fail
     assert ended_with_error(turn)
     assert "ModelAPIError: the model's answer ended before its finish_reason" in caplog.text
     assert "TypeError" not in caplog.text
+
+
+@pytest.mark.anyio
+async def test_an_emoji_split_across_deltas_is_spoken_whole(fake: FakeOpenAI) -> None:
+    """Before: the ``openai`` agent (and any adapter with ``chunking="delta"``) spoke each
+    half of an emoji whose UTF-16 surrogates came in two deltas (``"\\ud83d"`` escapes,
+    as a JavaScript proxy splitting text writes them) as a ``response.tts`` of its own:
+    the caller got two U+FFFD where the phrase chunking kept the emoji."""
+    pytest.importorskip("openai")
+    high, low = b'"Hi \\ud83d"', b'"\\ude00 there."'
+    start = chat_chunk({"role": "assistant", "content": ""})
+    deltas = [chat_chunk({"content": "X"}).replace(b'"X"', half) for half in (high, low)]
+    fake.push(Script(raw=[start, *deltas, chat_chunk({}, "stop"), b"data: [DONE]\n\n"]))
+    turn = await turn_of("openai")
+    assert turn.errors == []
+    assert turn.text == "Hi \U0001f600 there."

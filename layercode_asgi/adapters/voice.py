@@ -14,8 +14,8 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
   without a boundary (a run-on answer) ends at its last space; CJK text, written without
   spaces, at a full-width mark (a comma, say), else between two wide characters (never
   before a combining mark or inside an emoji sequence). ``chunking="delta"`` passes
-  the model's deltas through as they come (whitespace alone goes out with the next delta,
-  never as a ``response.tts`` of its own).
+  the model's deltas through as they come (whitespace alone, or half an emoji, goes out
+  with the next delta, never as a ``response.tts`` of its own).
 * **Filler.** When the framework calls a tool, the text so far is spoken, then ``filler``
   (default ``"One moment."``) once per turn, so the caller hears something while the tool
   runs. ``filler`` may be a callable ``filler(tool_name) -> str | None`` (``None`` for
@@ -272,12 +272,13 @@ class PhraseChunker:
 
     def feed(self, text: str) -> Iterator[str]:
         """Add ``text``; yield every phrase it completes."""
-        if self._mode == "delta":  # whitespace alone waits for the next delta
-            if text.isspace():
-                self._parts.append(text)
-            elif text:
-                self._parts.append(text)
+        if self._mode == "delta":  # whitespace alone waits for the next delta, and so does
+            # half an emoji (a UTF-16 high surrogate: a JSON escape split across two deltas)
+            whole = len(text) - ("\ud800" <= text[-1:] <= "\udbff")
+            self._parts.append(text[:whole])
+            if text[:whole].strip():
                 yield self._take()
+            self._parts.append(text[whole:])
             return
         start = 0
         while (cut := self._boundary(text, start)) is not None:
