@@ -65,7 +65,7 @@ def openai_agent(
             "the openai agent needs the OpenAI SDK: pip install './layercode-asgi[openai]'"
         ) from None
     from .adapters import PhraseChunker
-    from .adapters.voice import ModelAPIError, mask_key, model_api_error
+    from .adapters.voice import answer_error, mask_key, model_api_error
 
     mask_key(api_key)
 
@@ -111,9 +111,9 @@ def openai_agent(
                 raise
             raise failure from None
         if finish is None:  # a stream cut short (by a proxy, a provider) is not an answer
-            raise ModelAPIError("the model's answer ended before its finish_reason")
+            raise answer_error("ended before its finish_reason", model)
         if not spoke:  # empty, blank, a tool call: the caller would hear nothing
-            raise ModelAPIError(f"the model's answer held no text (finish_reason={finish})")
+            raise answer_error(f"held no text (finish_reason={finish})", model)
 
     async def aclose() -> None:  # create_app's lifespan: this loop's client
         client = clients.take()

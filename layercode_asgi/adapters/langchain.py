@@ -28,9 +28,9 @@ from .voice import (
     DEFAULT_FILLER,
     Chunking,
     Filler,
-    ModelAPIError,
     Piece,
     ToolCall,
+    answer_error,
     model_api_error,
     require_extra,
     require_object,
@@ -277,12 +277,12 @@ def from_langchain(
         except Exception as exc:  # a provider's failure names the model it asked
             failure = model_api_error(exc, watch.model)
             if failure is None and isinstance(exc, ValueError) and str(exc) in _NO_ANSWER:
-                failure = ModelAPIError(f"the model's answer held no text (LangChain: {exc})")
+                failure = answer_error(f"held no text (LangChain: {exc})", watch.model)
             if failure is None:
                 raise
             raise failure from None
         if watch.cut:
-            raise ModelAPIError("the model's answer ended before its finish")
+            raise answer_error("ended before its finish", watch.model)
 
     name = getattr(runnable, "name", None) or type(runnable).__name__
     return voice_agent(run, name=str(name), welcome=welcome, chunking=chunking, filler=filler)

@@ -23,9 +23,9 @@ from .voice import (
     DEFAULT_FILLER,
     Chunking,
     Filler,
-    ModelAPIError,
     Piece,
     ToolCall,
+    answer_error,
     require_extra,
     require_object,
     voice_agent,
@@ -152,7 +152,7 @@ def from_pydantic_ai(
                                 yield refusal  # the answer (pydantic-ai would raise)
                                 return
                         elif details and "finish_reason" not in details:
-                            raise ModelAPIError("the model's answer ended before its finish")
+                            raise answer_error("ended before its finish", response.model_name)
                 elif framework_agent.is_call_tools_node(node):
                     async with node.stream(agent_run.ctx) as events:
                         async for event in events:

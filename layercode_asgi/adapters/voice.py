@@ -62,6 +62,7 @@ __all__ = [
     "ModelAPIError",
     "PhraseChunker",
     "ToolCall",
+    "answer_error",
     "current_turn",
     "hang_up",
     "mask_key",
@@ -197,11 +198,21 @@ def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIErr
     for secret in sorted(_credentials(chain) | keys | _GIVEN_KEYS, key=len, reverse=True):
         message = message.replace(secret, MASK)
     text = escape_log_value(message)
-    asked = f" (model={escape_log_value(model)})" if model else ""
+    asked = _asked(model)
     if answered is None:
         return ModelAPIError(f"the model API failed{asked}: {text}")
     status = getattr(answered, "status_code", 0)
     return ModelAPIError(f"the model API answered HTTP {status}{asked}: {text}")
+
+
+def _asked(model: str | None) -> str:
+    return f" (model={escape_log_value(model)})" if model else ""
+
+
+def answer_error(problem: str, model: str | None = None) -> ModelAPIError:
+    """A :class:`ModelAPIError` for an answer that came but cannot be spoken whole
+    (``problem``: it "held no text", it "ended before its finish"), naming ``model``."""
+    return ModelAPIError(f"the model's answer {problem}{_asked(model)}")
 
 
 @dataclass(frozen=True, slots=True)
