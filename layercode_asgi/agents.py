@@ -191,12 +191,10 @@ def bind_agent(agent: Agent) -> BoundAgent:
         if plain:
             _CONVENTIONS[agent] = convention
     if convention == _POSITIONAL_CONTEXT:
-        call: Callable[[TurnEvent, TurnContext], Any] = agent
-    elif convention == _EVENT_ONLY:
-        call = _event_only(agent)
-    else:
-        call = _by_name(agent, convention)
-    return BoundAgent(agent, call)
+        return BoundAgent(agent, agent)
+    if convention == _EVENT_ONLY:
+        return BoundAgent(agent, lambda event, context: agent(event))
+    return BoundAgent(agent, lambda event, context: agent(event, **{convention: context}))
 
 
 _POSITIONAL_CONTEXT = "*"
@@ -262,14 +260,6 @@ def _convention(agent: Agent) -> str:
                 f"{agent_name(agent)}{signature} cannot be an agent ({exc}); {AGENT_SHAPE}"
             ) from None
     return convention
-
-
-def _by_name(agent: Agent, name: str) -> Callable[[TurnEvent, TurnContext], Any]:
-    return lambda event, context: agent(event, **{name: context})
-
-
-def _event_only(agent: Agent) -> Callable[[TurnEvent, TurnContext], Any]:
-    return lambda event, context: agent(event)
 
 
 # -- built-in agents and the registry ------------------------------------------------------------

@@ -31,9 +31,9 @@ from .voice import (
     Piece,
     ToolCall,
     answer_error,
-    model_api_error,
     require_extra,
     require_object,
+    reraise,
     voice_agent,
 )
 
@@ -251,10 +251,8 @@ def from_langchain(
         watch = FinishWatch()
         run_config = config(context) if callable(config) else config
         run_config = merge_configs(run_config, {"callbacks": [watch]})
-        if graph:
-            stream = runnable.astream(value, run_config, stream_mode="messages")
-        else:
-            stream = runnable.astream(value, run_config)
+        mode = {"stream_mode": "messages"} if graph else {}
+        stream = runnable.astream(value, run_config, **mode)
         # closed with us, at a yield too: its task (the model request) ends with the turn
         try:
             async with aclosing(_in_own_task(stream)) as items:
@@ -275,12 +273,9 @@ def from_langchain(
                         if call.get("name"):
                             yield ToolCall(str(call["name"]))
         except Exception as exc:  # a provider's failure names the model it asked
-            failure = model_api_error(exc, watch.model)
-            if failure is None and isinstance(exc, ValueError) and str(exc) in _NO_ANSWER:
-                failure = answer_error(f"held no text (LangChain: {exc})", watch.model)
-            if failure is None:
-                raise
-            raise failure from None
+            if isinstance(exc, ValueError) and str(exc) in _NO_ANSWER:  # no HTTP error: empty
+                raise answer_error(f"held no text (LangChain: {exc})", watch.model) from None
+            reraise(exc, watch.model)
         if watch.cut:
             raise answer_error("ended before its finish", watch.model)
 

@@ -45,7 +45,7 @@ from contextlib import aclosing, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, NoReturn, TypeAlias
 from unicodedata import category, east_asian_width
 
 from ..agents import Agent, Data, Hangup, Reply, TurnContext, TurnEvent
@@ -69,6 +69,7 @@ __all__ = [
     "model_api_error",
     "require_extra",
     "require_object",
+    "reraise",
     "send_data",
     "speak",
     "voice_agent",
@@ -203,6 +204,15 @@ def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIErr
         return ModelAPIError(f"the model API failed{asked}: {text}")
     status = getattr(answered, "status_code", 0)
     return ModelAPIError(f"the model API answered HTTP {status}{asked}: {text}")
+
+
+def reraise(exc: Exception, model: str | None = None) -> NoReturn:
+    """Raise ``exc`` (being handled) again: as its :class:`ModelAPIError` when it is a
+    provider's failure (see :func:`model_api_error`), else as it is."""
+    failure = model_api_error(exc, model)
+    if failure is None:
+        raise exc
+    raise failure from None
 
 
 def _asked(model: str | None) -> str:
@@ -430,10 +440,7 @@ async def speak(
                     while actions.replies:
                         yield actions.replies.popleft()
         except Exception as exc:
-            failure = model_api_error(exc)
-            if failure is None:
-                raise
-            raise failure from None
+            reraise(exc)
         rest = chunker.flush()
         if rest is not None:
             spoke = True
@@ -443,7 +450,7 @@ async def speak(
         if actions.hangup is not None:
             yield actions.hangup
         elif not spoke:  # empty, blank, a tool call alone: the caller would hear nothing
-            raise ModelAPIError("the model's answer held no text")
+            raise answer_error("held no text")
     finally:
         with suppress(ValueError):  # closed from another context (garbage-collected)
             _ACTIONS.reset(token)
