@@ -112,8 +112,8 @@ def require_extra(module: str, extra: str, adapter: str) -> ModuleType:
 
 
 class ModelAPIError(Exception):
-    """A model provider's answer failed: an HTTP error (see :func:`model_api_error`), or a
-    stream that ended before its finish (the ``openai`` agent)."""
+    """A model provider's answer failed: an HTTP error (see :func:`model_api_error`), or an
+    answer cut short or without text (see :func:`answer_error`)."""
 
 
 #: Request headers that carry a provider's key (``Authorization: Bearer …`` and others).
@@ -442,15 +442,11 @@ async def speak(
         except Exception as exc:
             reraise(exc)
         rest = chunker.flush()
-        if rest is not None:
-            spoke = True
-            yield rest
-        while actions.replies:
-            yield actions.replies.popleft()
-        if actions.hangup is not None:
-            yield actions.hangup
-        elif not spoke:  # empty, blank, a tool call alone: the caller would hear nothing
-            raise answer_error("held no text")
+        for reply in (rest, *actions.replies, actions.hangup):  # the hangup last
+            if reply is not None:
+                yield reply
+        if not spoke and rest is None and actions.hangup is None:
+            raise answer_error("held no text")  # empty, blank, a tool call alone: silence
     finally:
         with suppress(ValueError):  # closed from another context (garbage-collected)
             _ACTIONS.reset(token)
