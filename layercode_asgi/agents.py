@@ -191,12 +191,10 @@ def bind_agent(agent: Agent) -> BoundAgent:
         if plain:
             _CONVENTIONS[agent] = convention
     if convention == _POSITIONAL_CONTEXT:
-        call: Callable[[TurnEvent, TurnContext], Any] = agent
-    elif convention == _EVENT_ONLY:
-        call = _event_only(agent)
-    else:
-        call = _by_name(agent, convention)
-    return BoundAgent(agent, call)
+        return BoundAgent(agent, agent)
+    if convention == _EVENT_ONLY:
+        return BoundAgent(agent, lambda event, context: agent(event))
+    return BoundAgent(agent, lambda event, context: agent(event, **{convention: context}))
 
 
 _POSITIONAL_CONTEXT = "*"
@@ -227,49 +225,29 @@ def _convention(agent: Agent) -> str:
             f"awaitables (an object with an async __call__ is given as an instance); {AGENT_SHAPE}"
         )
     try:
-        signature: inspect.Signature | None = inspect.signature(agent)
+        signature = inspect.signature(agent)
     except (TypeError, ValueError):  # some builtins and C callables have no signature
-        signature = None
-    parameters = signature.parameters.values() if signature is not None else ()
-    positional = named = 0  # named: not counting ``*args``
-    keyword = None
-    optional = False  # the keyword-only context parameter has a default
-    for parameter in parameters:
-        if parameter.kind in _POSITIONAL:
-            positional += 1
-            named += 1
-        elif parameter.kind is inspect.Parameter.VAR_POSITIONAL:
-            positional = 2
-        elif parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.name in _CONTEXT_NAMES:
-            keyword = parameter.name
-            optional = parameter.default is not inspect.Parameter.empty
-            break
-    args: tuple[str, ...] = ("event",)
+        return _EVENT_ONLY
+    parameters = signature.parameters.values()
+    named = sum(p.kind in _POSITIONAL for p in parameters)  # not counting ``*args``
+    keyword = next(
+        (p for p in parameters if p.kind is p.KEYWORD_ONLY and p.name in _CONTEXT_NAMES), None
+    )
     kwargs: dict[str, str] = {}
-    if keyword is not None and not (optional and named >= 2):
-        kwargs = {keyword: "context"}
-        convention = keyword
-    elif positional >= 2:
-        args = ("event", "context")
+    if keyword is not None and (keyword.default is keyword.empty or named < 2):
+        convention, kwargs = keyword.name, {keyword.name: "context"}
+    elif named >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters):
         convention = _POSITIONAL_CONTEXT
     else:
         convention = _EVENT_ONLY
-    if signature is not None:
-        try:
-            signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise InvalidAgentError(
-                f"{agent_name(agent)}{signature} cannot be an agent ({exc}); {AGENT_SHAPE}"
-            ) from None
+    args = ("event", "context") if convention == _POSITIONAL_CONTEXT else ("event",)
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InvalidAgentError(
+            f"{agent_name(agent)}{signature} cannot be an agent ({exc}); {AGENT_SHAPE}"
+        ) from None
     return convention
-
-
-def _by_name(agent: Agent, name: str) -> Callable[[TurnEvent, TurnContext], Any]:
-    return lambda event, context: agent(event, **{name: context})
-
-
-def _event_only(agent: Agent) -> Callable[[TurnEvent, TurnContext], Any]:
-    return lambda event, context: agent(event)
 
 
 # -- built-in agents and the registry ------------------------------------------------------------

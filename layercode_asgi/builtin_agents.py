@@ -65,7 +65,7 @@ def openai_agent(
             "the openai agent needs the OpenAI SDK: pip install './layercode-asgi[openai]'"
         ) from None
     from .adapters import PhraseChunker
-    from .adapters.voice import ModelAPIError, mask_key, model_api_error
+    from .adapters.voice import answer_error, mask_key, reraise
 
     mask_key(api_key)
 
@@ -82,11 +82,9 @@ def openai_agent(
             if not context.is_session_start:
                 return
             text = "(The caller joined. Greet them.)"
-        messages: list[dict[str, str]] = []
-        if system_prompt is not None:
-            messages.append({"role": "system", "content": system_prompt})
-        messages.extend({"role": m.role, "content": m.text} for m in model_history(context.history))
-        messages.append({"role": "user", "content": text})
+        system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+        history = ({"role": m.role, "content": m.text} for m in model_history(context.history))
+        messages = [*system, *history, {"role": "user", "content": text}]
         deltas = PhraseChunker("delta")  # whitespace alone goes out with the next delta
         finish: str | None = None
         spoke = False
@@ -106,14 +104,11 @@ def openai_agent(
                                 yield text
                         finish = choice.finish_reason or finish
         except Exception as exc:  # logged by the turn: the key masked in the provider's answer
-            failure = model_api_error(exc, model)
-            if failure is None:
-                raise
-            raise failure from None
+            reraise(exc, model)
         if finish is None:  # a stream cut short (by a proxy, a provider) is not an answer
-            raise ModelAPIError("the model's answer ended before its finish_reason")
+            raise answer_error("ended before its finish_reason", model)
         if not spoke:  # empty, blank, a tool call: the caller would hear nothing
-            raise ModelAPIError(f"the model's answer held no text (finish_reason={finish})")
+            raise answer_error(f"held no text (finish_reason={finish})", model)
 
     async def aclose() -> None:  # create_app's lifespan: this loop's client
         client = clients.take()
@@ -164,10 +159,12 @@ def openai_factory(settings: Settings | None) -> Agent:
             f"DEFAULT_MODEL {model!r}: the openai agent serves 'openai:<model>' models only"
         )
     prompt = configured_system_prompt(settings)
-    key, base_url = settings.openai_api_key or "", settings.openai_base_url
-    if prompt is None:
-        return openai_agent(api_key=key, model=name, base_url=base_url)
-    return openai_agent(api_key=key, model=name, system_prompt=prompt, base_url=base_url)
+    return openai_agent(
+        api_key=settings.openai_api_key or "",
+        model=name,
+        system_prompt=OPENAI_PROMPT if prompt is None else prompt,
+        base_url=settings.openai_base_url,
+    )
 
 
 def configured_system_prompt(settings: Settings) -> str | None:
@@ -238,13 +235,11 @@ def _pydantic_ai_model(
         return infer_model(f"{provider}:{name}")
     except ConfigurationError:
         raise
-    except ImportError as exc:
-        if provider in _OPENAI_PROVIDERS + _GOOGLE_PROVIDERS:  # in our extra
-            raise ConfigurationError(
+    except Exception as exc:  # pydantic-ai's UserError: unknown provider, a missing key
+        if isinstance(exc, ImportError) and provider in _OPENAI_PROVIDERS + _GOOGLE_PROVIDERS:
+            raise ConfigurationError(  # in our extra
                 f"the starter agent needs pydantic-ai's {provider!r} models: {_PYDANTIC_AI_EXTRA}"
             ) from None
-        raise ConfigurationError(f"DEFAULT_MODEL {spec!r}: {_first_line(exc)}") from None
-    except Exception as exc:  # pydantic-ai's UserError: unknown provider, a missing key
         raise ConfigurationError(f"DEFAULT_MODEL {spec!r}: {_first_line(exc)}") from None
 
 

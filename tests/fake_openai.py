@@ -192,7 +192,7 @@ class FakeOpenAI:
         elif chat:
             events = self._chat_stream(request, script)
         else:
-            events = self._responses_stream(script)
+            events = self._responses_stream(request, script)
         finished = False
         async with anyio.create_task_group() as group:
 
@@ -301,7 +301,9 @@ class FakeOpenAI:
 
     # -- Responses ---------------------------------------------------------------------------
 
-    def _responses_stream(self, script: Script) -> Iterator[tuple[str, bytes]]:
+    def _responses_stream(
+        self, request: dict[str, Any], script: Script
+    ) -> Iterator[tuple[str, bytes]]:
         rid = f"resp_{next(self._ids)}"
         numbers = itertools.count()
         output: list[dict[str, Any]] = []
@@ -311,7 +313,7 @@ class FakeOpenAI:
                 "id": rid,
                 "object": "response",
                 "created_at": int(time.time()),
-                "model": "fake",
+                "model": request.get("model", "fake"),
                 "status": status,
                 "output": output,
                 "parallel_tool_calls": True,

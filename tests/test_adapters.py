@@ -360,6 +360,10 @@ def test_phrase_chunker() -> None:
     out = [d for piece in ["\n", "Hi", " ", "\t", "there", " "] for d in deltas.feed(piece)]
     assert out == ["\nHi", " \tthere"]
     assert deltas.flush() is None
+    # half an emoji (a UTF-16 surrogate: a JSON "\\ud83d" escape) waits for its other half
+    out = [d for piece in ["Hi \ud83d", "\ude00 there", "\ud83d"] for d in deltas.feed(piece)]
+    assert out == ["Hi ", "\ud83d\ude00 there"]
+    assert deltas.flush() == "\ud83d"
     with pytest.raises(ValueError, match="chunking"):
         PhraseChunker("words")  # type: ignore[arg-type]
 

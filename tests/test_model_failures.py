@@ -156,8 +156,11 @@ async def test_a_stream_cut_short_fails_the_turn(
     assert turn.text.startswith("One. Two.")  # spoken as it came
     if name == "openai-agents":  # the SDK's own check
         assert "Model did not produce a final response" in caplog.text
-    else:
-        assert "the model's answer ended before its finish" in caplog.text
+    else:  # the model asked is named (before: not by our own checks)
+        failures = [r.getMessage() for r in caplog.records if "agent failed" in r.getMessage()]
+        assert len(failures) == 1
+        assert "the model's answer ended before its finish" in failures[0]
+        assert "(model=gpt-5-nano)" in failures[0]
 
 
 @pytest.mark.anyio
@@ -535,7 +538,8 @@ async def test_an_answer_without_text_fails_the_turn(
     assert len(fake.requests) <= 4
     if name == "openai":
         finish = "tool_calls" if script.tool_call else "stop"
-        assert f"the model's answer held no text (finish_reason={finish})" in caplog.text
+        said = f"the model's answer held no text (finish_reason={finish}) (model=gpt-5-nano)"
+        assert said in caplog.text
     assert "agent failed" in caplog.text
 
 
@@ -555,6 +559,7 @@ async def test_langchain_logs_an_empty_answer_as_the_models_failure(
     failures = [r.getMessage() for r in caplog.records if r.getMessage().startswith("agent")]
     assert len(failures) == 1
     said = ": ModelAPIError: the model's answer held no text (LangChain: No generation"
+    assert "(model=gpt-5-nano)" in failures[0]
     assert said in failures[0]
     assert "ValueError" not in caplog.text
 
@@ -651,5 +656,22 @@ async def test_a_stream_chunk_not_of_the_apis_shape_is_logged_as_the_models_fail
     with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
         turn = await turn_of("openai")
     assert ended_with_error(turn)
-    assert "ModelAPIError: the model's answer ended before its finish_reason" in caplog.text
+    said = "ModelAPIError: the model's answer ended before its finish_reason (model=gpt-5-nano)"
+    assert said in caplog.text
     assert "TypeError" not in caplog.text
+
+
+@pytest.mark.anyio
+async def test_an_emoji_split_across_deltas_is_spoken_whole(fake: FakeOpenAI) -> None:
+    """Before: the ``openai`` agent (and any adapter with ``chunking="delta"``) spoke each
+    half of an emoji whose UTF-16 surrogates came in two deltas (``"\\ud83d"`` escapes,
+    as a JavaScript proxy splitting text writes them) as a ``response.tts`` of its own:
+    the caller got two U+FFFD where the phrase chunking kept the emoji."""
+    pytest.importorskip("openai")
+    high, low = b'"Hi \\ud83d"', b'"\\ude00 there."'
+    start = chat_chunk({"role": "assistant", "content": ""})
+    deltas = [chat_chunk({"content": "X"}).replace(b'"X"', half) for half in (high, low)]
+    fake.push(Script(raw=[start, *deltas, chat_chunk({}, "stop"), b"data: [DONE]\n\n"]))
+    turn = await turn_of("openai")
+    assert turn.errors == []
+    assert turn.text == "Hi \U0001f600 there."

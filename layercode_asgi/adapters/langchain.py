@@ -28,12 +28,12 @@ from .voice import (
     DEFAULT_FILLER,
     Chunking,
     Filler,
-    ModelAPIError,
     Piece,
     ToolCall,
-    model_api_error,
+    answer_error,
     require_extra,
     require_object,
+    reraise,
     voice_agent,
 )
 
@@ -251,10 +251,8 @@ def from_langchain(
         watch = FinishWatch()
         run_config = config(context) if callable(config) else config
         run_config = merge_configs(run_config, {"callbacks": [watch]})
-        if graph:
-            stream = runnable.astream(value, run_config, stream_mode="messages")
-        else:
-            stream = runnable.astream(value, run_config)
+        mode = {"stream_mode": "messages"} if graph else {}
+        stream = runnable.astream(value, run_config, **mode)
         # closed with us, at a yield too: its task (the model request) ends with the turn
         try:
             async with aclosing(_in_own_task(stream)) as items:
@@ -275,14 +273,11 @@ def from_langchain(
                         if call.get("name"):
                             yield ToolCall(str(call["name"]))
         except Exception as exc:  # a provider's failure names the model it asked
-            failure = model_api_error(exc, watch.model)
-            if failure is None and isinstance(exc, ValueError) and str(exc) in _NO_ANSWER:
-                failure = ModelAPIError(f"the model's answer held no text (LangChain: {exc})")
-            if failure is None:
-                raise
-            raise failure from None
+            if isinstance(exc, ValueError) and str(exc) in _NO_ANSWER:  # no HTTP error: empty
+                raise answer_error(f"held no text (LangChain: {exc})", watch.model) from None
+            reraise(exc, watch.model)
         if watch.cut:
-            raise ModelAPIError("the model's answer ended before its finish")
+            raise answer_error("ended before its finish", watch.model)
 
     name = getattr(runnable, "name", None) or type(runnable).__name__
     return voice_agent(run, name=str(name), welcome=welcome, chunking=chunking, filler=filler)

@@ -25,9 +25,9 @@ from .voice import (
     Filler,
     Piece,
     ToolCall,
-    model_api_error,
     require_extra,
     require_object,
+    reraise,
     voice_agent,
 )
 
@@ -124,10 +124,7 @@ def from_openai_agents(
         except Exception as exc:
             if refused and isinstance(exc, refusal_error):
                 return
-            failure = model_api_error(exc, _model_name(result, config, models))
-            if failure is None:
-                raise
-            raise failure from None
+            reraise(exc, _model_name(result, config, models))
         finally:
             result.cancel()
             if not ended:  # stopped: as the SDK asks, its events are consumed on after

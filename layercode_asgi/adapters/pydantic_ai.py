@@ -23,9 +23,9 @@ from .voice import (
     DEFAULT_FILLER,
     Chunking,
     Filler,
-    ModelAPIError,
     Piece,
     ToolCall,
+    answer_error,
     require_extra,
     require_object,
     voice_agent,
@@ -53,25 +53,22 @@ _OWN_OPTIONS = ("user_prompt", "message_history")
 
 
 def _check_run_options(agent: Any, run_options: dict[str, Any]) -> None:
-    """Refuse (``TypeError``) a run option ``agent.iter`` cannot take, or one the adapter
-    passes itself: taken, it would fail every turn."""
+    """Refuse (``TypeError``) a run option ``agent.iter`` cannot take, one the adapter
+    passes itself, or one of a type it cannot use: taken, it would fail every turn."""
     for name in run_options:
         if name in _OWN_OPTIONS:
             raise TypeError(f"from_pydantic_ai: {name} is passed by the adapter on each turn")
     try:
-        parameters = inspect.signature(agent.iter).parameters.values()
+        parameters = list(inspect.signature(agent.iter).parameters.values())
     except (TypeError, ValueError):  # no signature to check against
-        return
-    if any(p.kind is p.VAR_KEYWORD for p in parameters):
-        return
-    known = {p.name for p in parameters if p.kind is not p.POSITIONAL_ONLY}
-    for name in run_options:
-        if name not in known:
-            raise TypeError(f"from_pydantic_ai: {name} is not an option of {kind_of(agent)}.iter")
-
-
-def _check_option_types(run_options: dict[str, Any]) -> None:
-    """Refuse (``TypeError``) a run option of a type that would fail every turn."""
+        parameters = None
+    if parameters is not None and not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        known = {p.name for p in parameters if p.kind is not p.POSITIONAL_ONLY}
+        for name in run_options:
+            if name not in known:
+                raise TypeError(
+                    f"from_pydantic_ai: {name} is not an option of {kind_of(agent)}.iter"
+                )
     usage: Any = require_extra("pydantic_ai.usage", _EXTRA, "from_pydantic_ai")
     for name in ("capabilities", "toolsets"):
         value = run_options.get(name)
@@ -118,7 +115,6 @@ def from_pydantic_ai(
     require_object("from_pydantic_ai", agent, "a pydantic_ai.Agent", runs)
     check_callable("deps", deps, sync=True)
     _check_run_options(agent, run_options)
-    _check_option_types(run_options)
     try:  # an older pydantic-ai has none: only ``instructions`` reach every request
         reinject: Any = importlib.import_module("pydantic_ai.capabilities").ReinjectSystemPrompt
     except (ImportError, AttributeError):
@@ -152,7 +148,7 @@ def from_pydantic_ai(
                                 yield refusal  # the answer (pydantic-ai would raise)
                                 return
                         elif details and "finish_reason" not in details:
-                            raise ModelAPIError("the model's answer ended before its finish")
+                            raise answer_error("ended before its finish", response.model_name)
                 elif framework_agent.is_call_tools_node(node):
                     async with node.stream(agent_run.ctx) as events:
                         async for event in events:

@@ -14,8 +14,8 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
   without a boundary (a run-on answer) ends at its last space; CJK text, written without
   spaces, at a full-width mark (a comma, say), else between two wide characters (never
   before a combining mark or inside an emoji sequence). ``chunking="delta"`` passes
-  the model's deltas through as they come (whitespace alone goes out with the next delta,
-  never as a ``response.tts`` of its own).
+  the model's deltas through as they come (whitespace alone, or half an emoji, goes out
+  with the next delta, never as a ``response.tts`` of its own).
 * **Filler.** When the framework calls a tool, the text so far is spoken, then ``filler``
   (default ``"One moment."``) once per turn, so the caller hears something while the tool
   runs. ``filler`` may be a callable ``filler(tool_name) -> str | None`` (``None`` for
@@ -45,7 +45,7 @@ from contextlib import aclosing, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, NoReturn, TypeAlias
 from unicodedata import category, east_asian_width
 
 from ..agents import Agent, Data, Hangup, Reply, TurnContext, TurnEvent
@@ -62,12 +62,14 @@ __all__ = [
     "ModelAPIError",
     "PhraseChunker",
     "ToolCall",
+    "answer_error",
     "current_turn",
     "hang_up",
     "mask_key",
     "model_api_error",
     "require_extra",
     "require_object",
+    "reraise",
     "send_data",
     "speak",
     "voice_agent",
@@ -110,8 +112,8 @@ def require_extra(module: str, extra: str, adapter: str) -> ModuleType:
 
 
 class ModelAPIError(Exception):
-    """A model provider's answer failed: an HTTP error (see :func:`model_api_error`), or a
-    stream that ended before its finish (the ``openai`` agent)."""
+    """A model provider's answer failed: an HTTP error (see :func:`model_api_error`), or an
+    answer cut short or without text (see :func:`answer_error`)."""
 
 
 #: Request headers that carry a provider's key (``Authorization: Bearer …`` and others).
@@ -197,11 +199,30 @@ def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIErr
     for secret in sorted(_credentials(chain) | keys | _GIVEN_KEYS, key=len, reverse=True):
         message = message.replace(secret, MASK)
     text = escape_log_value(message)
-    asked = f" (model={escape_log_value(model)})" if model else ""
+    asked = _asked(model)
     if answered is None:
         return ModelAPIError(f"the model API failed{asked}: {text}")
     status = getattr(answered, "status_code", 0)
     return ModelAPIError(f"the model API answered HTTP {status}{asked}: {text}")
+
+
+def reraise(exc: Exception, model: str | None = None) -> NoReturn:
+    """Raise ``exc`` (being handled) again: as its :class:`ModelAPIError` when it is a
+    provider's failure (see :func:`model_api_error`), else as it is."""
+    failure = model_api_error(exc, model)
+    if failure is None:
+        raise exc
+    raise failure from None
+
+
+def _asked(model: str | None) -> str:
+    return f" (model={escape_log_value(model)})" if model else ""
+
+
+def answer_error(problem: str, model: str | None = None) -> ModelAPIError:
+    """A :class:`ModelAPIError` for an answer that came but cannot be spoken whole
+    (``problem``: it "held no text", it "ended before its finish"), naming ``model``."""
+    return ModelAPIError(f"the model's answer {problem}{_asked(model)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,12 +293,13 @@ class PhraseChunker:
 
     def feed(self, text: str) -> Iterator[str]:
         """Add ``text``; yield every phrase it completes."""
-        if self._mode == "delta":  # whitespace alone waits for the next delta
-            if text.isspace():
-                self._parts.append(text)
-            elif text:
-                self._parts.append(text)
+        if self._mode == "delta":  # whitespace alone waits for the next delta, and so does
+            # half an emoji (a UTF-16 high surrogate: a JSON escape split across two deltas)
+            whole = len(text) - ("\ud800" <= text[-1:] <= "\udbff")
+            self._parts.append(text[:whole])
+            if text[:whole].strip():
                 yield self._take()
+            self._parts.append(text[whole:])
             return
         start = 0
         while (cut := self._boundary(text, start)) is not None:
@@ -418,20 +440,13 @@ async def speak(
                     while actions.replies:
                         yield actions.replies.popleft()
         except Exception as exc:
-            failure = model_api_error(exc)
-            if failure is None:
-                raise
-            raise failure from None
+            reraise(exc)
         rest = chunker.flush()
-        if rest is not None:
-            spoke = True
-            yield rest
-        while actions.replies:
-            yield actions.replies.popleft()
-        if actions.hangup is not None:
-            yield actions.hangup
-        elif not spoke:  # empty, blank, a tool call alone: the caller would hear nothing
-            raise ModelAPIError("the model's answer held no text")
+        for reply in (rest, *actions.replies, actions.hangup):  # the hangup last
+            if reply is not None:
+                yield reply
+        if not spoke and rest is None and actions.hangup is None:
+            raise answer_error("held no text")  # empty, blank, a tool call alone: silence
     finally:
         with suppress(ValueError):  # closed from another context (garbage-collected)
             _ACTIONS.reset(token)
