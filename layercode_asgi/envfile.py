@@ -118,7 +118,11 @@ def parse_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
     try:
         content = data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as exc:
-        raise SettingsError([f"{file}: not valid UTF-8 ({exc.reason})"]) from exc
+        # Named by its line and variable: the value (perhaps a secret) is never shown.
+        lines = re.split(rb"\r\n?|\n", exc.object[: exc.start])
+        key = re.match(rb"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=", lines[-1])
+        where = f"line {len(lines)}: " + (f"{key[1].decode()}: " if key else "")
+        raise SettingsError([f"{file}, {where}not valid UTF-8 ({exc.reason})"]) from None
     values: dict[str, str] = {}
     problems: list[str] = []
     # Lines end at line feeds only (reading translated \r\n and \r): str.splitlines also

@@ -462,6 +462,17 @@ def test_unreadable_env_file(tmp_path: Path) -> None:
     binary.write_bytes(b"KEY=\xff\xfe\n")
     with pytest.raises(ConfigurationError, match="not valid UTF-8"):
         parse_env_file(binary)
+    # The line and variable of the first bad byte, never its value (a secret, in latin-1):
+    # before, only the file was named.
+    binary.write_bytes(b"\xef\xbb\xbfGOOD=1\r\n\r\nexport LAYERCODE_API_KEY = caf\xe9-hunter2\n")
+    with pytest.raises(ConfigurationError) as info:
+        parse_env_file(binary)
+    assert str(info.value) == (
+        f"{binary}, line 3: LAYERCODE_API_KEY: not valid UTF-8 (invalid continuation byte)"
+    )
+    binary.write_bytes(b"OK=1\n\xff=2\n")
+    with pytest.raises(ConfigurationError, match=r"^.*, line 2: not valid UTF-8"):
+        parse_env_file(binary)
     with pytest.raises(ConfigurationError, match="cannot read"):
         parse_env_file(tmp_path)  # a directory
 
