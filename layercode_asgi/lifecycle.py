@@ -67,12 +67,7 @@ class Lifecycle:
                 logger.exception("aborting open webhooks failed")
 
 
-SHUTTING_DOWN_ANSWER = json_error(
-    503,
-    "server is shutting down",
-    close=True,
-    headers=[RETRY_AFTER],
-)
+SHUTTING_DOWN_ANSWER = json_error(503, "server is shutting down", close=True, headers=[RETRY_AFTER])
 
 
 class WebhookEndpoint:
@@ -99,17 +94,16 @@ class WebhookEndpoint:
             return
         lifecycle.active += 1
         try:
-            try:
-                verified = await self.signature.verified_body(scope, receive, send, lifecycle.reads)
-            except BodyAborted:  # its body was still arriving when the drain ended
-                verified = None
+            verified = await self.signature.verified_body(scope, receive, send, lifecycle.reads)
+            if verified is None:  # refused: answered
+                return
+            body, send = verified  # with replay protection: a 503 forgets the delivery
+            if lifecycle.aborted:  # nothing would end its turn now
                 await send_json_error(send, SHUTTING_DOWN_ANSWER)
-            if verified is not None:
-                body, send = verified  # with replay protection: a 503 forgets the delivery
-                if lifecycle.aborted:  # nothing would end its turn now
-                    await send_json_error(send, SHUTTING_DOWN_ANSWER)
-                else:
-                    await self.webhook.answer(body, scope, receive, send)
+            else:
+                await self.webhook.answer(body, scope, receive, send)
+        except BodyAborted:  # its body was still arriving when the drain ended
+            await send_json_error(send, SHUTTING_DOWN_ANSWER)
         finally:
             lifecycle.active -= 1
 
