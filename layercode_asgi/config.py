@@ -9,6 +9,7 @@ a line per variable: ``LAYERCODE_TURN_TIMEOUT: expected a number > 0, got 'abc'`
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 import re
@@ -22,6 +23,8 @@ from .apikeys import sendable_key
 from .envfile import settings_sources
 from .errors import MAX_NUMBER, SettingsError, held_in_host
 from .redaction import mask_url, port_problem
+
+logger = logging.getLogger("layercode_asgi.config")
 
 # Internal, not exported (the CLI's, the logs' and the docs'): SETTINGS_FIELDS, SettingField.
 __all__ = ["Settings", "SettingsError", "settings_table_markdown"]
@@ -424,6 +427,17 @@ def _reject_unknown(names: Iterable[str]) -> None:
     raise SettingsError([f"unknown setting{plural}: {', '.join(described)}"])
 
 
+def _warn_unknown(names: Iterable[str], where: str) -> None:
+    """Warn of each ``LAYERCODE_*`` variable no setting reads: a misspelt one is ignored."""
+    ours = [spec.env[10:] for spec in SETTINGS_FIELDS if spec.env.startswith("LAYERCODE_")]
+    ours.append("ENV_FILE")  # the commands' and app_from_env's
+    for name in names:
+        if re.fullmatch("LAYERCODE_[A-Z0-9_]+", name) and name[10:] not in ours:
+            close = difflib.get_close_matches(name[10:], ours, n=1)
+            hint = f" (did you mean LAYERCODE_{close[0]}?)" if close else ""
+            logger.warning("%s (%s) is no setting: ignored%s", name, where, hint)
+
+
 class Settings:
     """Application settings from keyword arguments, the environment and a ``.env`` file,
     in that precedence, then defaults; an empty value (``FOO=``) means the default.
@@ -486,6 +500,8 @@ class Settings:
     ) -> None:
         _reject_unknown(fields)
         env, dotenv = settings_sources(env_file, environ)
+        _warn_unknown(env, "the environment")
+        _warn_unknown(dotenv, str(env_file))
         problems: list[str] = []
         for spec in SETTINGS_FIELDS:
             if spec.name in fields:

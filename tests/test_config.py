@@ -429,6 +429,24 @@ def test_env_file_lines_end_only_at_line_breaks(tmp_path: Path) -> None:
     }
 
 
+def test_a_misspelt_layercode_variable_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: ignored without a word (the turn timeout stayed 30 s, the metrics off).
+    path = tmp_path / ".env"
+    path.write_text("LAYERCODE_METRIC=true\nLAYERCODE_ENV_FILE=x\nOTHER_TOOL=1\n")
+    environ = {"LAYERCODE_TURN_TIMOUT": "hunter2", "LAYERCODE_ZZZ": "1", "HOME": "/"}
+    with caplog.at_level("WARNING", logger="layercode_asgi.config"):
+        settings = Settings(env_file=path, environ=environ)
+    assert (settings.turn_timeout, settings.metrics) == (30.0, False)
+    assert caplog.messages == [
+        "LAYERCODE_TURN_TIMOUT (the environment) is no setting: ignored "
+        "(did you mean LAYERCODE_TURN_TIMEOUT?)",
+        "LAYERCODE_ZZZ (the environment) is no setting: ignored",
+        f"LAYERCODE_METRIC ({path}) is no setting: ignored (did you mean LAYERCODE_METRICS?)",
+    ]
+
+
 def test_missing_env_file_is_fine(tmp_path: Path) -> None:
     assert parse_env_file(tmp_path / "absent.env") == {}
     assert Settings(env_file=tmp_path / "absent.env", environ={}).agent == "echo"
