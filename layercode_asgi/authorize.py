@@ -122,18 +122,15 @@ class AuthorizeRoute:
             raise RuntimeError(f"authorize_guard raised {type(exc).__name__}") from exc
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        request = Request(scope, _BodyOnce(receive, self.body_timeout))
-        response = await self.respond(request)
+        reader = _BodyOnce(receive, self.body_timeout)
+        response = await self.respond(Request(scope, reader), reader)
         if response is None:  # the caller left: answered for middleware outside
             await send_json_error(send, CLIENT_LEFT)
         else:
             await response(scope, receive, send)
 
-    async def respond(self, request: Request) -> Response | None:
+    async def respond(self, request: Request, reader: _BodyOnce) -> Response | None:
         """The answer to ``request``; ``None`` if the caller left before sending its body."""
-        reader = request.receive
-        if not isinstance(reader, _BodyOnce):
-            reader = _BodyOnce(reader, self.body_timeout)
         try:
             return await self._respond(request, reader)
         except BodyTooLarge:  # a guard's read of the body, too
