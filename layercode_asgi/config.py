@@ -90,12 +90,9 @@ def _utf8(text: str) -> str:
 
 
 def _optional_path(value: object) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
+    if not isinstance(value, str | None):
         _fail("a string", value)
-    value = value.strip()
-    return value or None
+    return (value or "").strip() or None
 
 
 def _optional_str(value: object) -> str | None:
