@@ -22,7 +22,7 @@ from ._redis import not_a_database
 from .apikeys import sendable_key
 from .envfile import settings_sources
 from .errors import MAX_NUMBER, SettingsError, held_in_host
-from .redaction import mask_url, port_problem
+from .redaction import escape_terminal, mask_url, port_problem
 
 logger = logging.getLogger("layercode_asgi.config")
 
@@ -498,7 +498,7 @@ class Settings:
         _reject_unknown(fields)
         env, dotenv = settings_sources(env_file, environ)
         _warn_unknown(env, "the environment")
-        _warn_unknown(dotenv, str(env_file))
+        _warn_unknown(dotenv, escape_terminal(str(env_file)))
         problems: list[str] = []
         for spec in SETTINGS_FIELDS:
             if spec.name in fields:

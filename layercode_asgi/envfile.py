@@ -98,9 +98,9 @@ def parse_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
     :class:`SettingsError` naming the file and line of every garbled line, or naming the
     file if it is not a regular file (a device, a pipe) or is over 1 MiB.
     """
-    file = Path(path)
+    file = escape_terminal(str(Path(path)))  # as the errors show it
     try:
-        data = read_settings_file(file)
+        data = read_settings_file(path)
     except FileNotFoundError:
         return {}
     except OSError as exc:

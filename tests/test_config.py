@@ -433,7 +433,7 @@ def test_a_misspelt_layercode_variable_is_reported(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Before: ignored without a word (the turn timeout stayed 30 s, the metrics off).
-    path = tmp_path / ".env"
+    path = tmp_path / "typo\x1b.env"  # a control character in its name: shown escaped
     path.write_text("LAYERCODE_METRIC=true\nLAYERCODE_ENV_FILE=x\nOTHER_TOOL=1\n")
     environ = {"LAYERCODE_TURN_TIMOUT": "hunter2", "LAYERCODE_ZZZ": "1", "HOME": "/"}
     with caplog.at_level("WARNING", logger="layercode_asgi.config"):
@@ -443,7 +443,8 @@ def test_a_misspelt_layercode_variable_is_reported(
         "LAYERCODE_TURN_TIMOUT (the environment) is no setting: ignored "
         "(did you mean LAYERCODE_TURN_TIMEOUT?)",
         "LAYERCODE_ZZZ (the environment) is no setting: ignored",
-        f"LAYERCODE_METRIC ({path}) is no setting: ignored (did you mean LAYERCODE_METRICS?)",
+        f"LAYERCODE_METRIC ({tmp_path}/typo\\x1b.env) is no setting: ignored "
+        "(did you mean LAYERCODE_METRICS?)",
     ]
 
 
@@ -493,6 +494,15 @@ def test_unreadable_env_file(tmp_path: Path) -> None:
         parse_env_file(binary)
     with pytest.raises(ConfigurationError, match="cannot read"):
         parse_env_file(tmp_path)  # a directory
+    # A control character of the file's name is shown escaped (as for a missing file), not
+    # sent to the terminal: before, every other error printed it raw.
+    (tmp_path / "d\x1b[2Jir").mkdir()
+    (tmp_path / "bad\n.env").write_bytes(b"garbled\nKEY=\xff\n")
+    for name in ("d\x1b[2Jir", "bad\n.env"):
+        with pytest.raises(ConfigurationError) as info:
+            parse_env_file(tmp_path / name)
+        assert "\x1b" not in str(info.value) and "\n" not in str(info.value)
+        assert name.encode("unicode_escape").decode() in str(info.value)
 
 
 def test_env_file_over_1_mib_is_refused(tmp_path: Path) -> None:
