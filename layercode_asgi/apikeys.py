@@ -53,20 +53,19 @@ def encode_keys(keys: Iterable[str], name: str = "api_keys") -> tuple[bytes, ...
 def check_keys_apart(settings: Settings) -> None:
     """Refuse a route key (``/metrics``, authorize) that is the webhook secret or LayerCode's
     API key: its callers (a scraper's config, a browser) would hold that secret."""
-    secrets = [(s, "LAYERCODE_WEBHOOK_SECRET") for s in settings.webhook_secrets]
+    secrets = dict.fromkeys(settings.webhook_secrets, "LAYERCODE_WEBHOOK_SECRET")
     if settings.layercode_api_key:
-        secrets.append((settings.layercode_api_key, "LAYERCODE_API_KEY"))
+        secrets.setdefault(settings.layercode_api_key, "LAYERCODE_API_KEY")
     for name, keys in (
         ("LAYERCODE_METRICS_API_KEYS", settings.metrics_api_keys),
         ("LAYERCODE_AUTHORIZE_API_KEYS", settings.authorize_api_keys),
     ):
         for index, key in enumerate(keys):
-            for secret, secret_name in secrets:
-                if key == secret:
-                    raise ConfigurationError(
-                        f"{name}[{index}] is the {secret_name}: a client holding it could do "
-                        "what that secret does; give the route a key of its own"
-                    )
+            if key in secrets:
+                raise ConfigurationError(
+                    f"{name}[{index}] is the {secrets[key]}: a client holding it could do "
+                    "what that secret does; give the route a key of its own"
+                )
 
 
 def api_key_allowed(headers: Headers, keys: tuple[bytes, ...]) -> bool:
@@ -83,11 +82,7 @@ def api_key_allowed(headers: Headers, keys: tuple[bytes, ...]) -> bool:
             sent = [token.strip() if scheme.lower() == "bearer" else ""]
     if len(sent) != 1 or not sent[0]:
         return False
-    presented = sent[0]
     # The keys are ASCII: any other character (a byte the server read as latin-1, a lone
     # surrogate of headers not read from the wire) makes bytes that match none.
-    candidate = presented.encode("utf-8", "surrogatepass")
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(candidate, key)
-    return matched
+    candidate = sent[0].encode("utf-8", "surrogatepass")
+    return any([hmac.compare_digest(candidate, key) for key in keys])  # every key compared

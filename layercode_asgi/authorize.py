@@ -68,6 +68,14 @@ AUTHORIZE_MAX_UPSTREAM_BODY = 1024 * 1024
 #: Longest upstream ``error`` message relayed to the caller, in characters.
 AUTHORIZE_MAX_ERROR_CHARS = 200
 
+_INVALID = "LayerCode API sent an invalid response"
+# The answers refused unread (:class:`_Refused`): the caller's message, the log line.
+_ENCODED = "LayerCode authorize answer refused: content-encoding %s (asked for identity)"
+_TOO_LARGE = (
+    f"LayerCode API response too large (over {AUTHORIZE_MAX_UPSTREAM_BODY} bytes)",
+    "LayerCode authorize answer larger than %d bytes",
+    AUTHORIZE_MAX_UPSTREAM_BODY,
+)
 _decode = decode_json  # half an emoji (JavaScript's lone surrogate escape) as U+FFFD
 _encode = msgspec.json.encode
 
@@ -114,18 +122,15 @@ class AuthorizeRoute:
             raise RuntimeError(f"authorize_guard raised {type(exc).__name__}") from exc
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        request = Request(scope, _BodyOnce(receive, self.body_timeout))
-        response = await self.respond(request)
+        reader = _BodyOnce(receive, self.body_timeout)
+        response = await self.respond(Request(scope, reader), reader)
         if response is None:  # the caller left: answered for middleware outside
             await send_json_error(send, CLIENT_LEFT)
         else:
             await response(scope, receive, send)
 
-    async def respond(self, request: Request) -> Response | None:
+    async def respond(self, request: Request, reader: _BodyOnce) -> Response | None:
         """The answer to ``request``; ``None`` if the caller left before sending its body."""
-        reader = request.receive
-        if not isinstance(reader, _BodyOnce):
-            reader = _BodyOnce(reader, self.body_timeout)
         try:
             return await self._respond(request, reader)
         except BodyTooLarge:  # a guard's read of the body, too
@@ -179,19 +184,9 @@ class AuthorizeRoute:
         except (TimeoutError, httpx.TimeoutException):
             logger.warning("LayerCode authorize timed out after %ss", self.timeout)
             return json_error_response(502, "LayerCode API timed out")
-        except _UpstreamEncoded as exc:
-            logger.warning(
-                "LayerCode authorize answer refused: content-encoding %s (asked for identity)",
-                escape_log_value(exc),
-            )
-            return json_error_response(502, "LayerCode API sent an invalid response")
-        except _UpstreamTooLarge:
-            logger.warning(
-                "LayerCode authorize answer larger than %d bytes", AUTHORIZE_MAX_UPSTREAM_BODY
-            )
-            return json_error_response(
-                502, f"LayerCode API response too large (over {AUTHORIZE_MAX_UPSTREAM_BODY} bytes)"
-            )
+        except _Refused as exc:
+            logger.warning(*exc.log)
+            return json_error_response(502, exc.answer)
         except httpx.HTTPError as exc:
             detail = str(exc)  # may quote the answer's bytes: an echo of our key, say
             assert self.api_key  # checked above
@@ -205,7 +200,7 @@ class AuthorizeRoute:
             return json_error_response(502, "LayerCode API unreachable")
         except (httpx.InvalidURL, ValueError) as exc:  # a redirect's Location httpx cannot read
             logger.warning("LayerCode authorize answer refused: %s", escape_log_value(exc))
-            return json_error_response(502, "LayerCode API sent an invalid response")
+            return json_error_response(502, _INVALID)
 
         try:
             answer = _decode(content) if content else None
@@ -215,10 +210,10 @@ class AuthorizeRoute:
             key = answer.get("client_session_key") if isinstance(answer, dict) else None
             if not isinstance(key, str) or not key:  # the browser could not connect with it
                 logger.warning("LayerCode authorize answer refused: no client_session_key")
-                return json_error_response(502, "LayerCode API sent an invalid response")
+                return json_error_response(502, _INVALID)
             relayed_answer = JSONResponse(answer)
             if self._echoes_key(bytes(relayed_answer.body)):
-                return json_error_response(502, "LayerCode API sent an invalid response")
+                return json_error_response(502, _INVALID)
             return relayed_answer
         if 400 <= status < 500:
             logger.info("LayerCode authorize refused with %s", status)
@@ -261,16 +256,16 @@ class AuthorizeRoute:
             # without bound, before the size check: refused unread.
             encoding = upstream.headers.get("content-encoding", "").strip().lower()
             if encoding not in ("", "identity"):
-                raise _UpstreamEncoded(encoding)
+                raise _Refused(_INVALID, _ENCODED, escape_log_value(encoding))
             declared = declared_length(upstream.headers.get("content-length", ""))
             if declared is not None and declared > AUTHORIZE_MAX_UPSTREAM_BODY:
-                raise _UpstreamTooLarge
+                raise _Refused(*_TOO_LARGE)
             chunks: list[bytes] = []
             size = 0
             async for chunk in upstream.aiter_bytes():
                 size += len(chunk)
                 if size > AUTHORIZE_MAX_UPSTREAM_BODY:
-                    raise _UpstreamTooLarge
+                    raise _Refused(*_TOO_LARGE)
                 chunks.append(chunk)
             status = upstream.status_code
             return status, b"".join(chunks), _retry_after(status, upstream.headers)
@@ -319,12 +314,13 @@ class _BodyOnce:
         return {"type": "http.request", "body": body, "more_body": False}
 
 
-class _UpstreamTooLarge(Exception):
-    """LayerCode's answer passed AUTHORIZE_MAX_UPSTREAM_BODY."""
+class _Refused(Exception):
+    """LayerCode's answer, refused unread: the caller's 502 message and the log line."""
 
-
-class _UpstreamEncoded(Exception):
-    """LayerCode's answer has a ``content-encoding`` other than identity."""
+    def __init__(self, answer: str, *log: object) -> None:
+        super().__init__(answer)
+        self.answer = answer
+        self.log = log
 
 
 def _retry_after(status: int, headers: httpx.Headers) -> dict[str, str] | None:

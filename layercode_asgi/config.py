@@ -1,28 +1,15 @@
 """``Settings``: the application's configuration, read from the environment and a ``.env`` file.
 
-::
-
-    settings = Settings()                                  # environment + ./.env
-    settings = Settings(layercode_webhook_secret="whsec")  # keyword arguments win
-    settings = Settings(env_file=None, environ={...})      # fully explicit (tests)
-
-Precedence, highest first: keyword arguments, real environment variables, the ``.env`` file,
-defaults. An empty value (``FOO=``) in the environment or the ``.env`` file means "use the
-default" (``None`` for optional settings). Every setting is described once, in
-:data:`SETTINGS_FIELDS` (attribute name, environment variable, type, default, description);
-that table drives parsing, masking and :func:`settings_table_markdown`.
-
-All problems are collected and reported together in one :class:`SettingsError` (a
-:class:`~layercode_asgi.errors.ConfigurationError`), each line naming the variable::
-
-    LAYERCODE_TURN_TIMEOUT: expected a number > 0, got 'abc'
-
-A ``Settings`` is immutable (:meth:`Settings.replace` derives a copy); its ``repr`` hides secrets.
+Every setting is described once, in :data:`SETTINGS_FIELDS` (attribute name, environment
+variable, type, default, description, converter); that table drives parsing, masking and
+:func:`settings_table_markdown`. Every problem is collected into one :class:`SettingsError`,
+a line per variable: ``LAYERCODE_TURN_TIMEOUT: expected a number > 0, got 'abc'``.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 import re
@@ -35,7 +22,9 @@ from ._redis import not_a_database
 from .apikeys import sendable_key
 from .envfile import settings_sources
 from .errors import MAX_NUMBER, SettingsError, held_in_host
-from .redaction import mask_url, port_problem
+from .redaction import escape_terminal, mask_url, port_problem
+
+logger = logging.getLogger("layercode_asgi.config")
 
 # Internal, not exported (the CLI's, the logs' and the docs'): SETTINGS_FIELDS, SettingField.
 __all__ = ["Settings", "SettingsError", "settings_table_markdown"]
@@ -43,20 +32,21 @@ __all__ = ["Settings", "SettingsError", "settings_table_markdown"]
 
 #: The longest quotation of an invalid (non-secret) value in an error message.
 _MAX_QUOTED = 80
+#: No value: a setting not given, an error quoting none.
+_UNSET: Any = object()
 
 
 class _Invalid(Exception):
     """Raised by a converter: what was expected, and the offending value (if any)."""
 
-    def __init__(self, message: str, value: object = None, *, has_value: bool = False) -> None:
+    def __init__(self, message: str, value: object = _UNSET) -> None:
         super().__init__(message)
         self.message = message
         self.value = value
-        self.has_value = has_value
 
     def describe(self, *, secret: bool = False) -> str:
         """The problem, quoting the value unless it is secret."""
-        if not self.has_value:
+        if self.value is _UNSET:
             return self.message
         try:  # repr fails on an int of too many digits (or a hostile __repr__)
             shown = "<hidden>" if secret else repr(self.value)
@@ -68,7 +58,7 @@ class _Invalid(Exception):
 
 
 def _fail(expected: str, value: object) -> NoReturn:
-    raise _Invalid(f"expected {expected}", value, has_value=True)
+    raise _Invalid(f"expected {expected}", value)
 
 
 def _fail_type(expected: str, value: object) -> NoReturn:
@@ -100,12 +90,9 @@ def _utf8(text: str) -> str:
 
 
 def _optional_path(value: object) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
+    if not isinstance(value, str | None):
         _fail("a string", value)
-    value = value.strip()
-    return value or None
+    return (value or "").strip() or None
 
 
 def _optional_str(value: object) -> str | None:
@@ -423,8 +410,6 @@ def settings_table_markdown() -> str:
 #: Settings holding a URL, shown with any credentials masked.
 _URL_FIELDS = frozenset({"redis_url", "layercode_api_url", "openai_base_url"})
 
-_UNSET: Any = object()
-
 
 def _reject_unknown(names: Iterable[str]) -> None:
     """Raise naming every unknown setting, with a suggestion for likely typos."""
@@ -439,8 +424,20 @@ def _reject_unknown(names: Iterable[str]) -> None:
     raise SettingsError([f"unknown setting{plural}: {', '.join(described)}"])
 
 
+def _warn_unknown(names: Iterable[str], where: str) -> None:
+    """Warn of each ``LAYERCODE_*`` variable no setting reads: a misspelt one is ignored."""
+    ours = [spec.env[10:] for spec in SETTINGS_FIELDS if spec.env.startswith("LAYERCODE_")]
+    ours.append("ENV_FILE")  # the commands' and app_from_env's
+    for name in names:
+        if re.fullmatch("LAYERCODE_[A-Z0-9_]+", name) and name[10:] not in ours:
+            close = difflib.get_close_matches(name[10:], ours, n=1)
+            hint = f" (did you mean LAYERCODE_{close[0]}?)" if close else ""
+            logger.warning("%s (%s) is no setting: ignored%s", name, where, hint)
+
+
 class Settings:
-    """Application settings from keyword arguments, the environment and a ``.env`` file.
+    """Application settings from keyword arguments, the environment and a ``.env`` file,
+    in that precedence, then defaults; an empty value (``FOO=``) means the default.
 
     Args:
         env_file: ``.env`` file to read (relative to the working directory); ``None`` to
@@ -500,16 +497,14 @@ class Settings:
     ) -> None:
         _reject_unknown(fields)
         env, dotenv = settings_sources(env_file, environ)
+        _warn_unknown(env, "the environment")
+        _warn_unknown(dotenv, escape_terminal(str(env_file)))
         problems: list[str] = []
         for spec in SETTINGS_FIELDS:
             if spec.name in fields:
                 label, raw = spec.name, fields[spec.name]
-            elif spec.env in env:
-                label, raw = spec.env, env[spec.env]
-            elif spec.env in dotenv:
-                label, raw = spec.env, dotenv[spec.env]
             else:
-                label, raw = spec.env, _UNSET
+                label, raw = spec.env, env.get(spec.env, dotenv.get(spec.env, _UNSET))
             if raw is _UNSET or (isinstance(raw, str) and not raw.strip()):
                 value = spec.default
             else:
@@ -536,9 +531,9 @@ class Settings:
         _reject_unknown(names)
         missing = []
         for name in names:
-            value = getattr(self, name)
-            if name == "layercode_webhook_secret":
-                value = self.webhook_secrets
+            value = (
+                self.webhook_secrets if name == "layercode_webhook_secret" else getattr(self, name)
+            )
             if value is None or value == () or value == "":
                 missing.append(f"{_BY_NAME[name].env} is not set")
         if missing:

@@ -30,6 +30,8 @@ class _LineProblem(Exception):
 
 _KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
+#: A quoted value and what follows it: single quotes literal, double quotes with escapes.
+_QUOTED = {"'": re.compile(r"'([^']*)'(.*)"), '"': re.compile(r'"((?:[^"\\]|\\.)*)"(.*)')}
 
 
 def _parse_env_line(line: str) -> tuple[str, str] | None:
@@ -54,25 +56,15 @@ def _parse_env_line(line: str) -> tuple[str, str] | None:
         match = re.search(r"\s#", rest)
         value = rest[: match.start()] if match else rest
         return key, value.strip()
-    chars: list[str] = []
-    i = 1
-    while i < len(rest):
-        char = rest[i]
-        if char == quote:
-            break
-        if char == "\\" and quote == '"' and i + 1 < len(rest):
-            nxt = rest[i + 1]
-            chars.append(_ESCAPES.get(nxt, "\\" + nxt))
-            i += 2
-            continue
-        chars.append(char)
-        i += 1
-    else:
+    quoted = _QUOTED[quote].fullmatch(rest)
+    if quoted is None:
         raise _LineProblem(f"{key}: unterminated {quote} quote (values span one line only)")
-    trailing = rest[i + 1 :].strip()
+    value, trailing = quoted[1], quoted[2].strip()
     if trailing and not trailing.startswith("#"):
         raise _LineProblem(f"{key}: unexpected text after the closing quote")
-    return key, "".join(chars)
+    if quote == '"':
+        value = re.sub(r"\\(.)", lambda escape: _ESCAPES.get(escape[1], escape[0]), value)
+    return key, value
 
 
 #: A settings file (``.env``, a system prompt) is small: a bigger one is refused unread.
@@ -106,9 +98,9 @@ def parse_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
     :class:`SettingsError` naming the file and line of every garbled line, or naming the
     file if it is not a regular file (a device, a pipe) or is over 1 MiB.
     """
-    file = Path(path)
+    file = escape_terminal(str(Path(path)))  # as the errors show it
     try:
-        data = read_settings_file(file)
+        data = read_settings_file(path)
     except FileNotFoundError:
         return {}
     except OSError as exc:
@@ -118,7 +110,11 @@ def parse_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
     try:
         content = data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as exc:
-        raise SettingsError([f"{file}: not valid UTF-8 ({exc.reason})"]) from exc
+        # Named by its line and variable: the value (perhaps a secret) is never shown.
+        lines = re.split(rb"\r\n?|\n", exc.object[: exc.start])
+        key = re.match(rb"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=", lines[-1])
+        where = f"line {len(lines)}: " + (f"{key[1].decode()}: " if key else "")
+        raise SettingsError([f"{file}, {where}not valid UTF-8 ({exc.reason})"]) from None
     values: dict[str, str] = {}
     problems: list[str] = []
     # Lines end at line feeds only (reading translated \r\n and \r): str.splitlines also

@@ -43,12 +43,12 @@ class Lifecycle:
     def __init__(self) -> None:
         self.active = 0
         self.draining = False
-        #: Webhook bodies still arriving (their reads' scopes): :meth:`abort` ends them.
+        #: What :meth:`abort` cancels: the reads of webhook bodies still arriving, and the
+        #: authorize calls still waiting for LayerCode.
         self.reads: set[anyio.CancelScope] = set()
         #: :meth:`abort` was called: a webhook whose body arrives later starts no turn (503).
         self.aborted = False
-        #: Called by :meth:`abort` (``create_app`` adds its webhook's ``abort_turns`` and
-        #: its authorize route's ``abort``).
+        #: Called by :meth:`abort` (``create_app`` adds its webhook's ``abort_turns``).
         self.aborters: list[Callable[[], None]] = []
 
     def begin_drain(self) -> None:
@@ -67,12 +67,7 @@ class Lifecycle:
                 logger.exception("aborting open webhooks failed")
 
 
-SHUTTING_DOWN_ANSWER = json_error(
-    503,
-    "server is shutting down",
-    close=True,
-    headers=[RETRY_AFTER],
-)
+SHUTTING_DOWN_ANSWER = json_error(503, "server is shutting down", close=True, headers=[RETRY_AFTER])
 
 
 class WebhookEndpoint:
@@ -99,17 +94,16 @@ class WebhookEndpoint:
             return
         lifecycle.active += 1
         try:
-            try:
-                verified = await self.signature.verified_body(scope, receive, send, lifecycle.reads)
-            except BodyAborted:  # its body was still arriving when the drain ended
-                verified = None
+            verified = await self.signature.verified_body(scope, receive, send, lifecycle.reads)
+            if verified is None:  # refused: answered
+                return
+            body, send = verified  # with replay protection: a 503 forgets the delivery
+            if lifecycle.aborted:  # nothing would end its turn now
                 await send_json_error(send, SHUTTING_DOWN_ANSWER)
-            if verified is not None:
-                body, send = verified  # with replay protection: a 503 forgets the delivery
-                if lifecycle.aborted:  # nothing would end its turn now
-                    await send_json_error(send, SHUTTING_DOWN_ANSWER)
-                else:
-                    await self.webhook.answer(body, scope, receive, send)
+            else:
+                await self.webhook.answer(body, scope, receive, send)
+        except BodyAborted:  # its body was still arriving when the drain ended
+            await send_json_error(send, SHUTTING_DOWN_ANSWER)
         finally:
             lifecycle.active -= 1
 
@@ -119,17 +113,11 @@ class AuthorizeEndpoint:
     waiting for LayerCode): 503 once draining; a call still open at :meth:`Lifecycle.abort`
     is cancelled and answered 503."""
 
-    __slots__ = ("authorize", "lifecycle", "open")
+    __slots__ = ("authorize", "lifecycle")
 
     def __init__(self, authorize: AuthorizeRoute, lifecycle: Lifecycle) -> None:
         self.authorize = authorize
         self.lifecycle = lifecycle
-        self.open: set[anyio.CancelScope] = set()
-        lifecycle.aborters.append(self.abort)
-
-    def abort(self) -> None:
-        for scope in list(self.open):
-            scope.cancel()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         lifecycle = self.lifecycle
@@ -145,11 +133,11 @@ class AuthorizeEndpoint:
 
         lifecycle.active += 1
         with anyio.CancelScope() as cancel:
-            self.open.add(cancel)
+            lifecycle.reads.add(cancel)
             try:
                 await self.authorize(scope, receive, sending)
             finally:
-                self.open.discard(cancel)
+                lifecycle.reads.discard(cancel)
                 lifecycle.active -= 1
         if cancel.cancelled_caught and not sent:
             await send_json_error(send, SHUTTING_DOWN_ANSWER)

@@ -149,12 +149,10 @@ _ANSWERED = "layercode_asgi.answered_error"
 
 class LayercodeApp(Starlette):
     """The Starlette app :func:`create_app` returns. It takes exception handlers by
-    decorator too, as FastAPI apps do (Starlette 1 dropped its own ``exception_handler``),
-    and keeps from the server an error its own 500 handler has logged (escaped, secrets
-    masked) and answered, which Starlette re-raises: the server logged it a second time, as
-    it was (uvicorn's "Exception in ASGI application": a newline from the request starting
-    a line of its own, a secret in clear). An error a handler of yours answered goes on to
-    the server, as in any Starlette app."""
+    decorator too, as FastAPI apps do (Starlette 1 dropped its own). An error its own 500
+    handler logged (escaped, secrets masked) and answered, which Starlette re-raises, stops
+    here: the server would log it again as it was (a secret in clear). An error a handler
+    of yours answered goes on to the server, as in any Starlette app."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Starlette's own three steps rather than ``await super().__call__(…)``: a coroutine
@@ -291,6 +289,7 @@ def create_app(
             if settings.redis_url
             else MemoryReplayCache()
         )
+    redis_replay = replay if isinstance(replay, RedisReplayCache) else None
     if isinstance(agent, str) or agent is None:
         agent = get_agent(settings.agent if agent is None else agent, settings)
 
@@ -340,40 +339,34 @@ def create_app(
         body: dict[str, Any] = {"ready": True, "agent": name}
         if model is not None:
             body["model"] = model
-        problem: str | None = None
-        if lifecycle.draining:
-            body.update(ready=False, error="server is shutting down")
-            return JSONResponse(body, status_code=503)
-        what = "conversation store"
-        with anyio.move_on_after(READY_TIMEOUT) as scope:
-            try:
-                await conversations.ping()
-                if isinstance(replay, RedisReplayCache):  # history may be elsewhere
-                    what = "replay protection"
-                    await replay.ping()
-            except BaseException as exc:  # a store's own BaseException too
-                if must_propagate(exc):
-                    raise
-                # The details (host, port, driver text) are for the log, not for the caller.
-                logger.warning(
-                    "not ready: %s unavailable: %s: %s",
-                    what,
-                    type(exc).__name__,
-                    escape_error(exc),
-                )
-                problem = f"{what} unavailable"
-        if scope.cancelled_caught:
-            problem = f"{what} did not answer in time"
+        problem = "server is shutting down" if lifecycle.draining else await stores_problem()
         if problem is None:
             return JSONResponse(body)
         body.update(ready=False, error=problem)
         return JSONResponse(body, status_code=503)
 
+    async def stores_problem() -> str | None:
+        what = "conversation store"
+        with anyio.move_on_after(READY_TIMEOUT):
+            try:
+                await conversations.ping()
+                if redis_replay is not None:  # history may be elsewhere
+                    what = "replay protection"
+                    await redis_replay.ping()
+                return None
+            except BaseException as exc:  # a store's own BaseException too
+                if must_propagate(exc):  # the timeout's cancellation too
+                    raise
+                # The details (host, port, driver text) are for the log, not for the caller.
+                logger.warning(
+                    "not ready: %s unavailable: %s: %s", what, type(exc).__name__, escape_error(exc)
+                )
+                return f"{what} unavailable"
+        return f"{what} did not answer in time"
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if isinstance(conversations.store, RedisConversationStore) or isinstance(
-            replay, RedisReplayCache
-        ):
+        if isinstance(conversations.store, RedisConversationStore) or redis_replay is not None:
             require_asyncio(REDIS_CLIENT)
         if getattr(agent, "asyncio_only", False):  # the adapters' (pydantic-ai, LangChain...)
             require_asyncio(f"the agent {name} (its framework)")
@@ -508,17 +501,16 @@ def run_server(
 
     On the first SIGTERM or SIGINT the app starts draining (new webhooks and authorize
     calls: 503 JSON, ``/ready``: 503) while open turns and authorize calls finish; once none
-    is left, or after
-    ``grace_period`` seconds (default ``settings.shutdown_grace_period``), uvicorn shuts
-    down as usual and the process exits with status 0. Turns still open when the grace
-    period is over are ended properly first (:meth:`Lifecycle.abort`: ``response.error``
-    + ``response.end``, or 503 JSON for a turn not yet streaming), given up to
-    ``ABORT_WAIT`` seconds to send that. A second signal stops at once: open turns are
+    is left, or after ``grace_period`` seconds (default ``settings.shutdown_grace_period``),
+    uvicorn shuts down as usual and the process exits with status 0. Turns still open when
+    the grace period is over are ended properly first (:meth:`Lifecycle.abort`:
+    ``response.error`` + ``response.end``, or 503 JSON for a turn not yet streaming), given
+    up to ``ABORT_WAIT`` seconds to send that. A second signal stops at once: open turns are
     ended the same way, without waiting for the grace period. uvicorn's
-    ``limit_max_requests`` (in ``uvicorn_options``) stops the server the way a first
-    SIGTERM does (after that many complete responses, plus up to
-    ``limit_max_requests_jitter``): turns still open then are drained, not cut. Served
-    again, an app drained before serves as usual.
+    ``limit_max_requests`` (in ``uvicorn_options``) stops the server the way a first SIGTERM
+    does (after that many complete responses, plus up to ``limit_max_requests_jitter``):
+    turns still open then are drained, not cut. Served again, an app drained before serves
+    as usual.
     """
     import random
     import signal

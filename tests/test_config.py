@@ -429,6 +429,25 @@ def test_env_file_lines_end_only_at_line_breaks(tmp_path: Path) -> None:
     }
 
 
+def test_a_misspelt_layercode_variable_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: ignored without a word (the turn timeout stayed 30 s, the metrics off).
+    path = tmp_path / "typo\x1b.env"  # a control character in its name: shown escaped
+    path.write_text("LAYERCODE_METRIC=true\nLAYERCODE_ENV_FILE=x\nOTHER_TOOL=1\n")
+    environ = {"LAYERCODE_TURN_TIMOUT": "hunter2", "LAYERCODE_ZZZ": "1", "HOME": "/"}
+    with caplog.at_level("WARNING", logger="layercode_asgi.config"):
+        settings = Settings(env_file=path, environ=environ)
+    assert (settings.turn_timeout, settings.metrics) == (30.0, False)
+    assert caplog.messages == [
+        "LAYERCODE_TURN_TIMOUT (the environment) is no setting: ignored "
+        "(did you mean LAYERCODE_TURN_TIMEOUT?)",
+        "LAYERCODE_ZZZ (the environment) is no setting: ignored",
+        f"LAYERCODE_METRIC ({tmp_path}/typo\\x1b.env) is no setting: ignored "
+        "(did you mean LAYERCODE_METRICS?)",
+    ]
+
+
 def test_missing_env_file_is_fine(tmp_path: Path) -> None:
     assert parse_env_file(tmp_path / "absent.env") == {}
     assert Settings(env_file=tmp_path / "absent.env", environ={}).agent == "echo"
@@ -462,8 +481,28 @@ def test_unreadable_env_file(tmp_path: Path) -> None:
     binary.write_bytes(b"KEY=\xff\xfe\n")
     with pytest.raises(ConfigurationError, match="not valid UTF-8"):
         parse_env_file(binary)
+    # The line and variable of the first bad byte, never its value (a secret, in latin-1):
+    # before, only the file was named.
+    binary.write_bytes(b"\xef\xbb\xbfGOOD=1\r\n\r\nexport LAYERCODE_API_KEY = caf\xe9-hunter2\n")
+    with pytest.raises(ConfigurationError) as info:
+        parse_env_file(binary)
+    assert str(info.value) == (
+        f"{binary}, line 3: LAYERCODE_API_KEY: not valid UTF-8 (invalid continuation byte)"
+    )
+    binary.write_bytes(b"OK=1\n\xff=2\n")
+    with pytest.raises(ConfigurationError, match=r"^.*, line 2: not valid UTF-8"):
+        parse_env_file(binary)
     with pytest.raises(ConfigurationError, match="cannot read"):
         parse_env_file(tmp_path)  # a directory
+    # A control character of the file's name is shown escaped (as for a missing file), not
+    # sent to the terminal: before, every other error printed it raw.
+    (tmp_path / "d\x1b[2Jir").mkdir()
+    (tmp_path / "bad\n.env").write_bytes(b"garbled\nKEY=\xff\n")
+    for name in ("d\x1b[2Jir", "bad\n.env"):
+        with pytest.raises(ConfigurationError) as info:
+            parse_env_file(tmp_path / name)
+        assert "\x1b" not in str(info.value) and "\n" not in str(info.value)
+        assert name.encode("unicode_escape").decode() in str(info.value)
 
 
 def test_env_file_over_1_mib_is_refused(tmp_path: Path) -> None:
