@@ -22,6 +22,7 @@ from .base import (
     DefaultTimeout,
     HistoryMessage,
     LockTimeout,
+    StoreUnavailableError,
     check_conversation_id,
     valid_text,
 )
@@ -134,7 +135,10 @@ async def record_for_turn(
                 )
         except LayercodeError as exc:  # the store down or failing: its words say enough
             _webhook_logger.warning(
-                "could not record turn (conversation=%s turn=%s): %s: %s",
+                # Unavailable: maybe no answer, and the store may yet run the record.
+                "turn may not have been recorded (conversation=%s turn=%s): %s: %s"
+                if isinstance(exc, StoreUnavailableError)
+                else "could not record turn (conversation=%s turn=%s): %s: %s",
                 *_ids(event),
                 type(exc).__name__,
                 escape_error(exc),
