@@ -146,29 +146,54 @@ async def test_turns_keep_arrival_order_on_a_cluster_with_two_workers(
         await turns_in_arrival_order(url, conversations, redis_cluster.url, cluster=True)
 
 
-async def test_a_node_restarted_mid_run(redis_cluster: RedisClusterNodes) -> None:
-    """While the node serving a conversation is down its turns get 503 (and /ready 503);
-    once it is back they work again, with every turn recorded before still there."""
+async def test_a_node_restarted_mid_run(
+    redis_cluster: RedisClusterNodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the node serving a conversation is down its turns get 503 with ``Retry-After``
+    (and /ready 503; the cause logged, no traceback) and the replay cache refuses its keys,
+    while the conversations of the other nodes go on; once it is back they work again, with
+    every turn recorded before still there and no lock left behind."""
     store = RedisConversationStore(redis_cluster.url, cluster=True)
     down = redis_cluster.ports[1]
-    cid = next(
-        f"conv-{n}"
+    by_node = {
+        port: next(
+            f"conv-{n}"
+            for n in range(1000)
+            if redis_cluster.port_of(store.history_key(f"conv-{n}")) == port
+        )
+        for port in redis_cluster.ports
+    }
+    cid, others = by_node[down], [c for p, c in by_node.items() if p != down]
+    replay_key = next(
+        f"key-{n}"
         for n in range(1000)
-        if redis_cluster.port_of(store.history_key(f"conv-{n}")) == down
+        if redis_cluster.port_of(f"layercode:replay:key-{n}") == down
     )
     await store.aclose()
+    cache = RedisReplayCache(redis_cluster.url, cluster=True)
+    caplog.set_level("INFO", logger="layercode_asgi")
     app = create_app(cluster_settings(redis_cluster), worker_agent)
     with serve(app) as url:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             with anyio.fail_after(60):
                 for n in range(3):
                     assert (await post_turn(client, cid, f"before {n}", n)).status_code == 200
+                await cache.ping()
             redis_cluster.stop_node(down)
             with anyio.fail_after(60):
                 response = await post_turn(client, cid, "while down", 9)
                 assert response.status_code == 503, response.text
                 assert "unavailable" in response.json()["error"]
+                assert response.headers["retry-after"].isdigit()
                 assert (await client.get("/ready")).status_code == 503
+                for other in others:  # the other nodes' conversations go on
+                    turn = await post_turn(client, other, "elsewhere", 9)
+                    assert turn.status_code == 200, (other, turn.text)
+                with pytest.raises(StoreUnavailableError):
+                    await cache.seen(replay_key, 60)
+            assert "Traceback" not in caplog.text
+            assert "could not lock the conversation: StoreUnavailableError" in caplog.text
+            assert f"conversation={cid} turn=t9 status=503" in caplog.text
             redis_cluster.start_node(down)
             redis_cluster.wait_ok()
             deadline = time.monotonic() + 60
@@ -181,6 +206,15 @@ async def test_a_node_restarted_mid_run(redis_cluster: RedisClusterNodes) -> Non
                 await anyio.sleep(0.2)
             assert response.status_code == 200, statuses
             assert (await client.get("/ready")).status_code == 200
+            with anyio.fail_after(60):  # the SET refused while down is not a replay
+                for _ in range(300):
+                    try:
+                        assert not await cache.seen(replay_key, 60)
+                        break
+                    except StoreUnavailableError:
+                        await anyio.sleep(0.2)
+                assert await cache.seen(replay_key, 60)
+    await cache.aclose()
     texts = await history(redis_cluster, cid)
     assert [t for t in texts if t.startswith("user:")] == [
         "user:before 0",
@@ -188,6 +222,13 @@ async def test_a_node_restarted_mid_run(redis_cluster: RedisClusterNodes) -> Non
         "user:before 2",
         "user:after",
     ]
+    import redis
+
+    admin = redis.Redis(host="127.0.0.1", port=down)
+    try:
+        assert admin.keys("*lock*") == [] and admin.keys("*queue*") == []
+    finally:
+        admin.close()
 
 
 def test_cluster_clients_on_successive_event_loops(redis_cluster: RedisClusterNodes) -> None:

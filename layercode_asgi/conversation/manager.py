@@ -22,6 +22,7 @@ from .base import (
     DefaultTimeout,
     HistoryMessage,
     LockTimeout,
+    StoreUnavailableError,
     check_conversation_id,
     valid_text,
 )
@@ -112,29 +113,23 @@ async def record_for_turn(
     user_text = event.text or None
     if user_text is None and not reply:
         return
+    cid, said, turn_id = event.conversation_id, reply or None, event.turn_id
+    record = getattr(conversations, "record_turn", None)
     with anyio.move_on_after(RECORD_TIMEOUT, shield=True) as scope:
         try:
-            record = getattr(conversations, "record_turn", None)
-            if generation is not None and record is not None:
-                if not await record(
-                    event.conversation_id,
-                    user_text,
-                    reply or None,
-                    turn_id=event.turn_id,
-                    generation=generation,
-                ):
-                    _webhook_logger.info(
-                        "conversation ended during the turn: not recorded "
-                        "(conversation=%s turn=%s)",
-                        *_ids(event),
-                    )
-            else:
-                await conversations.add_turn(
-                    event.conversation_id, user_text, reply or None, turn_id=event.turn_id
+            if generation is None or record is None:
+                await conversations.add_turn(cid, user_text, said, turn_id=turn_id)
+            elif not await record(cid, user_text, said, turn_id=turn_id, generation=generation):
+                _webhook_logger.info(
+                    "conversation ended during the turn: not recorded (conversation=%s turn=%s)",
+                    *_ids(event),
                 )
         except LayercodeError as exc:  # the store down or failing: its words say enough
             _webhook_logger.warning(
-                "could not record turn (conversation=%s turn=%s): %s: %s",
+                # Unavailable: maybe no answer, and the store may yet run the record.
+                "turn may not have been recorded (conversation=%s turn=%s): %s: %s"
+                if isinstance(exc, StoreUnavailableError)
+                else "could not record turn (conversation=%s turn=%s): %s: %s",
                 *_ids(event),
                 type(exc).__name__,
                 escape_error(exc),
@@ -153,13 +148,10 @@ def _ids(event: TurnEvent) -> tuple[str, str]:
 
 
 def _to_message(message: HistoryMessage | Mapping[str, Any]) -> HistoryMessage:
-    role: object
-    text: object
-    turn_id: object
-    if isinstance(message, HistoryMessage):
+    if isinstance(message, Mapping):
+        role, text, turn_id = (message.get(key) for key in ("role", "text", "turn_id"))
+    elif isinstance(message, HistoryMessage):  # not validated when made: checked here too
         role, text, turn_id = message.role, message.text, message.turn_id
-    elif isinstance(message, Mapping):
-        role, text, turn_id = message.get("role"), message.get("text"), message.get("turn_id")
     else:
         raise TypeError(
             f"message must be a HistoryMessage or a mapping, got {type(message).__name__}"
@@ -172,9 +164,7 @@ def _to_message(message: HistoryMessage | Mapping[str, Any]) -> HistoryMessage:
         raise ValueError(f"message turn_id must be a string or None, got {turn_id!r}")
     if isinstance(message, HistoryMessage):
         return message
-    return HistoryMessage(
-        role="user" if role == "user" else "assistant", text=text, turn_id=turn_id
-    )
+    return HistoryMessage(role=role, text=text, turn_id=turn_id)
 
 
 def turn_messages(
@@ -239,25 +229,19 @@ class ConversationManager:
         The lock wait is :func:`lock_wait_timeout` of ``settings.turn_timeout`` and
         ``settings.lock_wait_grace`` (what ``LayercodeWebhook`` waits too).
         """
-        store: ConversationStore
-        wait = lock_wait_timeout(settings.turn_timeout, settings.lock_wait_grace)
+        bounds: dict[str, Any] = {
+            "max_messages": settings.history_max_messages,
+            "max_bytes": settings.history_max_bytes,
+            "lock_timeout": lock_wait_timeout(settings.turn_timeout, settings.lock_wait_grace),
+        }
         if settings.redis_url:
-            store = RedisConversationStore(
-                settings.redis_url,
-                ttl=settings.history_ttl or None,
-                max_messages=settings.history_max_messages,
-                max_bytes=settings.history_max_bytes,
-                lock_timeout=wait,
-                cluster=settings.redis_cluster,
+            ttl = settings.history_ttl or None
+            cluster = settings.redis_cluster
+            return cls(
+                RedisConversationStore(settings.redis_url, ttl=ttl, cluster=cluster, **bounds)
             )
-        else:
-            store = MemoryConversationStore(
-                max_conversations=settings.history_max_conversations,
-                max_messages=settings.history_max_messages,
-                max_bytes=settings.history_max_bytes,
-                lock_timeout=wait,
-            )
-        return cls(store)
+        limit = settings.history_max_conversations
+        return cls(MemoryConversationStore(max_conversations=limit, **bounds))
 
     async def add_message(
         self, conversation_id: str, message: HistoryMessage | Mapping[str, Any]

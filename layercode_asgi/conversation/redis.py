@@ -476,7 +476,7 @@ class RedisConversationStore:
                 )
                 return
 
-    async def _release(self, hold: _Hold, *, held: bool = True, later: bool = True) -> None:
+    async def _release(self, hold: _Hold, *, held: bool = True, later: bool = True) -> bool:
         """Release the lock or leave the queue (handing the lock on), shielded from
         cancellation, bounded in time, never raising.
 
@@ -484,17 +484,19 @@ class RedisConversationStore:
         it could not release is retried in the background (:meth:`_release_later`). A turn
         that did not get the lock (``held=False``: its caller gets why) tries for 1 s, logs
         at debug level only, and retries after a timeout only (the lock call may yet run).
+        Whether this call released the lock (it was still ours).
         """
         limit = min(self.operation_timeout, self.lock_ttl, math.inf if held else 1.0)
         keys = hold.keys
         with anyio.CancelScope(shield=True):
             try:
                 with anyio.fail_after(limit):
-                    await self._clients.get().release(
+                    freed = await self._clients.get().release(
                         keys=[keys.lock, keys.queue],
                         args=[hold.token, hold.entry, keys.presence, self._presence_ms],
                     )
                 hold.released = True
+                return bool(freed)
             except Exception as exc:  # the lock expires by itself anyway
                 logger.log(
                     logging.WARNING if held else logging.DEBUG,
@@ -507,20 +509,27 @@ class RedisConversationStore:
                 )
                 if later and (held or isinstance(exc, self._timeouts)):
                     self._tasks.start(self._release_later(hold))
+        return False
 
     async def _release_later(self, hold: _Hold) -> None:
         """Retry releasing a lock whose turn is over (Redis failing over, or back after a
         moment), so that the next turn need not wait for it to expire: safe, our token only.
         Backing off up to ``_wait_check``; until released or ``lock_ttl`` has passed."""
 
+        freed = False
+
         async def attempt() -> bool:
-            await self._release(hold, held=False, later=False)  # at most 1 s, never raises
+            nonlocal freed
+            freed = await self._release(hold, held=False, later=False)  # <= 1 s, never raises
             return hold.released
 
-        if await retry(attempt, self.lock_ttl, self._wait_check):
-            logger.info(
-                "released the lock of conversation %s", escape_log_value(hold.conversation_id)
-            )
+        if not await retry(attempt, self.lock_ttl, self._wait_check):
+            return
+        conversation = escape_log_value(hold.conversation_id)
+        if freed:
+            logger.info("released the lock of conversation %s", conversation)
+        else:  # a record Redis ran late released it, or the turn only left the queue
+            logger.debug("the lock of conversation %s was released already", conversation)
 
     async def ping(self) -> None:
         """``PING`` Redis (every primary of a cluster); raise :class:`StoreUnavailableError`
