@@ -79,6 +79,8 @@ class Tasks:
 
     async def cancel(self) -> None:
         """Cancel the tasks of this event loop, waiting up to 2 s for each to end."""
+        if not self._tasks:
+            return  # none started: nor is there an asyncio loop to ask for (trio)
         loop = asyncio.get_running_loop()
         for task in list(self._tasks):
             if not task.done() and task.get_loop() is loop:

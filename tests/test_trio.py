@@ -92,6 +92,21 @@ def test_hypercorn_trio_with_redis_exits_at_start_up(tmp_path: Path) -> None:
     assert status == 1
 
 
+def test_redis_stores_on_trio_close_and_keep_the_refusal() -> None:
+    """Before: ``aclose()`` of the Redis conversation store and replay cache raised
+    ``RuntimeError: no running event loop`` on trio (cancelling their background tasks asked
+    for the asyncio loop first, with none started): leaving ``async with
+    ConversationManager(...)`` replaced the refusal that names trio with that error."""
+
+    async def main() -> None:
+        await RedisReplayCache(NO_REDIS).aclose()
+        with pytest.raises(ConfigurationError, match="asyncio only, not on trio"):
+            async with ConversationManager(RedisConversationStore(NO_REDIS)) as manager:
+                await manager.get_history("c")
+
+    anyio.run(main, backend="trio")
+
+
 def adapted_agent() -> Any:
     pydantic_ai = pytest.importorskip("pydantic_ai")
     from pydantic_ai.models.test import TestModel
