@@ -2,25 +2,35 @@
 
 The public API is re-exported here; each name lives in the module named after its concept.
 
-One webhook request, from ``create_app`` to the last byte:
+One webhook request, from ``create_app`` to the last byte (docs/development.md walks it
+step by step, with every early answer):
 
-1. ``server.create_app`` builds a Starlette app (an error it answered 500 stays in it);
-   the webhook route's endpoint is ``lifecycle.WebhookEndpoint.__call__``: refuses new
-   webhooks while draining (503), counts the request in ``Lifecycle.active`` for the drain.
-2. ``middleware.LayercodeSignature.verified_body``: the signature header, then the body
-   (``_asgi.read_body``, bounded in size and time), the HMAC (``signature.verify_signature``)
-   and replay protection; a failed check is answered with ``_asgi.send_json_error``.
-3. ``webhook.LayercodeWebhook.answer`` → ``_respond``: ``events.parse_webhook_payload``;
-   ``data`` / ``session.update`` / ``session.end`` get JSON (``_answer_json``); a turn gets
-   ``turn_response``, an ``sse.EventStreamResponse`` whose producer (``webhook._TurnRequest``)
-   queues for the conversation's lock (``conversations.lock``), reads the history, runs the
-   turn (``_run``) and records it (``record``, just before ``response.end``).
-4. ``turns.Turn.run``: the deadline (armed when the lock was taken) covers ``_produce`` (the
-   agent's replies, ``deliver`` → ``emit``) and ``end``; past it, the fallback or
-   ``response.error`` and ``response.end`` get the grace.
-5. ``sse.EventStreamResponse.__call__``: runs the producer in the request's own task, a
-   disconnect watcher in another; ``emit`` sends each chunk (back-pressure), ``_finish`` the
-   final frame.
+1. ``server.create_app`` builds a ``LayercodeApp`` (Starlette); its router hands a POST on
+   the webhook route to ``lifecycle.WebhookEndpoint.__call__``: 503 while draining, else the
+   request is counted in ``Lifecycle.active`` (for the drain) until it ends.
+2. ``middleware.LayercodeSignature.verified_body``: what the headers decide (400, 413, 401)
+   before any byte is read, then the body (``_asgi.read_body``: 413, 408), the HMAC
+   (``signature.verify_signature``: 401) and replay protection (409, 503); it answers a
+   refusal itself, else returns the body.
+3. ``webhook.LayercodeWebhook.answer`` -> ``_respond``: ``events.parse_webhook_payload``
+   (400, 415; an unknown type: 200 ignored); ``data`` / ``session.update`` /
+   ``session.end`` get JSON (``_answer_json``); a turn gets ``turn_response``, an
+   ``sse.EventStreamResponse`` whose producer is a ``webhook._TurnRequest``, and ``answer``
+   calls it.
+4. ``sse.EventStreamResponse.__call__`` runs the producer in the request's own task
+   (``_produce``) and a disconnect watcher in another.
+5. ``webhook._TurnRequest.__call__`` queues for the conversation's lock
+   (``conversation.ConversationManager.lock``; 503 when too many wait or the wait is too
+   long), reads the history (``conversation.manager.read_for_turn``) and calls
+   ``LayercodeWebhook._run``, which builds the ``turns.Turn`` and runs it.
+6. ``turns.Turn.run``: the deadline (counted from the lock) covers ``_produce`` (the agent's
+   replies, ``deliver`` -> ``sse.EventStreamResponse.emit``) and ``end``; past it, the
+   fallback or ``response.error`` and ``response.end`` get the grace.
+7. ``turns.Turn.end`` records the turn (``before_end``: ``webhook._TurnRequest.record`` ->
+   ``conversation.manager.record_for_turn``; the built-in stores release the lock in that
+   call), then sends ``response.end`` as the body's last chunk;
+   ``sse.EventStreamResponse._finish`` sends what is left (before any event: a JSON error)
+   and ``answer`` logs the request (``logs.log_webhook``).
 """
 
 from ._version import __version__
