@@ -8,7 +8,8 @@ the env file to read, if any, in ``LAYERCODE_ENV_FILE``) and serves it with
 within the grace period, new webhooks get 503), on a second it stops at once. The parent
 exits once every worker has. A worker that dies on its own is replaced (however soon after it
 started: a SIGKILL is no failure to start), unless it exits with status 3, uvicorn's for "could
-not start" (building the app or its start-up failed): then the others are stopped and the
+not start" (building the app or its start-up failed), or :data:`START_ATTEMPTS` workers in a
+row ended before serving (a crash while starting): then the others are stopped and the
 parent returns 3, as uvicorn's supervisor does.
 
 With ``metrics`` (``LAYERCODE_METRICS=true``) and prometheus-client installed, the workers
@@ -35,10 +36,13 @@ logger = logging.getLogger("layercode_asgi.workers")
 #: Exit status of a worker that could not start (uvicorn's; it also exits so when the app's
 #: start-up fails).
 STARTUP_FAILURE = 3
+#: Workers in a row that may end before serving (one killed while starting is replaced)
+#: before ``serve`` stops: one that dies as it starts, every time, is no endless restart.
+START_ATTEMPTS = 3
 
 
 def _worker(
-    sock: socket.socket, host: str, port: int, log_level: str, environ: dict[str, str]
+    sock: socket.socket, host: str, port: int, log_level: str, environ: dict[str, str], ready: Any
 ) -> None:
     """One worker process: its own process group (a terminal's Ctrl-C reaches the parent
     only, which forwards one SIGTERM), the app from the environment, a draining server;
@@ -60,7 +64,13 @@ def _worker(
     except Exception:
         logger.exception("worker could not build the app")
         raise SystemExit(STARTUP_FAILURE) from None
-    run_server(app, host=host, port=port, log_level=log_level, sockets=[sock])
+
+    async def serving() -> None:  # uvicorn's first tick once it listens (then every 30 s)
+        ready.set()
+
+    run_server(
+        app, host=host, port=port, log_level=log_level, sockets=[sock], callback_notify=serving
+    )
 
 
 def serve_workers(
@@ -93,14 +103,18 @@ def serve_workers(
     signals: list[int] = []
 
     def start() -> Any:
+        ready = context.Event()
         process = context.Process(
-            target=_worker, args=(sock, host, port, log_level, env), daemon=False
+            target=_worker, args=(sock, host, port, log_level, env, ready), daemon=False
         )
         process.start()
+        serving[process] = ready
         return process
 
     previous: dict[int, Any] = {}
     processes: list[Any] = []
+    serving: dict[Any, Any] = {}  # each process's Event, set once it serves
+    early = 0  # workers in a row that ended before serving
     status = 0
     sock = config.bind_socket()
     try:  # what is opened here is closed in ``finally``, also when starting fails
@@ -126,7 +140,8 @@ def serve_workers(
                 for index, process in enumerate(processes):
                     if process.is_alive():
                         continue
-                    if process.exitcode == STARTUP_FAILURE:
+                    early = 0 if serving.pop(process).is_set() else early + 1
+                    if process.exitcode == STARTUP_FAILURE or early >= START_ATTEMPTS:
                         logger.error("worker %s could not start; stopping", process.pid)
                         status = STARTUP_FAILURE
                         signals.append(signal.SIGTERM)

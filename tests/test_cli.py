@@ -468,13 +468,16 @@ async def test_serve_workers_replaces_a_worker_killed_soon_after_it_started(
     assert "could not start" not in server.output()
 
 
-def test_serve_workers_stops_when_a_worker_cannot_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("failure", ["raise RuntimeError('not in a worker')", "os._exit(1)"])
+def test_serve_workers_stops_when_a_worker_cannot_start(tmp_path: Path, failure: str) -> None:
     """A worker that cannot build the app (here: the agent fails to import in a worker
-    only) stops `serve`: the other worker too, exit 2 with one line, no traceback."""
+    only) stops `serve`: the other worker too, exit 2 with one line, no traceback. A worker
+    that exits before serving without uvicorn's status 3 (os._exit, a crash) was replaced
+    again and again, for ever."""
     (tmp_path / "picky.py").write_text(
-        "import multiprocessing\n"
+        "import multiprocessing, os\n"
         "if multiprocessing.parent_process() is not None:\n"
-        "    raise RuntimeError('not in a worker')\n"
+        f"    {failure}\n"
         "async def agent(event):\n    yield 'hi'\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "LOG_LEVEL"))}
