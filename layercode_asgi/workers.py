@@ -48,6 +48,11 @@ def _worker(
     only, which forwards one SIGTERM), the app from the environment, a draining server;
     it drains and exits by itself if the parent dies."""
     os.setpgrp()
+    # A Ctrl-C that reached the parent's group while this process started waited, blocked
+    # (see start()): dropped, not a KeyboardInterrupt traceback (the parent forwards a SIGTERM).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.update(environ)
     parent = os.getppid()
 
@@ -107,7 +112,11 @@ def serve_workers(
         process = context.Process(
             target=_worker, args=(sock, host, port, log_level, env, ready), daemon=False
         )
-        process.start()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # the child's too
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         serving[process] = ready
         return process
 
