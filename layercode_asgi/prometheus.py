@@ -22,8 +22,6 @@ import itertools
 import logging
 import math
 import os
-import shutil
-import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any, Final
@@ -241,8 +239,8 @@ class PrometheusMetrics:
             )
         recorder = _BY_REGISTRY.get(self.registry)
         if recorder is None:
-            if _multiprocess():
-                key = (str(directory), os.getpid())
+            if directory:
+                key = (directory, os.getpid())
                 if key in _WRITER and _WRITER[key]() is not None:
                     raise ConfigurationError(
                         f"PROMETHEUS_MULTIPROC_DIR ({directory}) keeps one set of figures per "
@@ -290,10 +288,6 @@ class PrometheusMetrics:
         self._recorder.rejected(reason)
 
 
-def _multiprocess() -> bool:
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-
-
 def render_metrics(
     registry: prometheus_client.CollectorRegistry | None = None,
 ) -> tuple[bytes, str]:
@@ -304,7 +298,7 @@ def render_metrics(
     mode: from async code, call it in a thread (:class:`MetricsEndpoint` does).
     """
     if registry is None:
-        if _multiprocess():
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = prometheus_client.CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         else:
@@ -366,28 +360,3 @@ class MetricsEndpoint:
         await send(
             {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
         )
-
-
-# -- several workers (serve --workers N) ---------------------------------------------------------
-
-
-def prepare_worker_directory(env: dict[str, str]) -> str | None:
-    """Before the workers start: unless ``env`` or this process names a
-    ``PROMETHEUS_MULTIPROC_DIR``, put a fresh temporary one in ``env`` and return it (for
-    :func:`remove_worker_directory` once the workers are gone); else None."""
-    if env.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        return None
-    path = tempfile.mkdtemp(prefix="layercode-metrics-")
-    env["PROMETHEUS_MULTIPROC_DIR"] = path
-    return path
-
-
-def remove_worker_directory(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def worker_exited(pid: int, env: dict[str, str]) -> None:
-    """A worker died: drop its live gauge (open streams) from the sum; counters stay."""
-    path = env.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if path:
-        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
