@@ -13,6 +13,7 @@ of exiting, for tests.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import secrets
@@ -161,13 +162,9 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     webhook_url = base + args.agent_route
     # /metrics where create_app serves it (LAYERCODE_METRICS, prometheus-client installed)
     metrics = any(getattr(route, "path", None) == "/metrics" for route in app.routes)
-    printed = False
 
+    @functools.cache  # once: uvicorn calls when_started again every 30 s
     def banner() -> None:
-        nonlocal printed
-        if printed:
-            return
-        printed = True
         try:
             print(
                 f"layercode-asgi {__version__}: serving agent {agent!r} (webhook {webhook_url}, "

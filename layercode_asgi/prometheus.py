@@ -181,7 +181,8 @@ class _Instruments:
         self.rejections = pc.Counter(*_REJECTIONS, ["reason"], registry=registry)
         # Every known label value starts at 0, so rate() sees the first one.
         self.outcome = {outcome: self.turns.labels(outcome) for outcome in OUTCOMES}
-        self.reason = {reason: self.rejections.labels(reason) for reason in _REASONS}
+        for reason in _REASONS:
+            self.rejections.labels(reason)
         self.by_request: dict[tuple[str, int], Any] = {}
 
     def count_request(self, key: tuple[str, int]) -> None:
@@ -196,11 +197,8 @@ class _Instruments:
     def streams(self, change: int) -> None:
         self.open_streams.inc(change)
 
-    def rejected(self, reason: str) -> None:
-        counter = self.reason.get(reason)
-        if counter is None:
-            counter = self.reason[reason] = self.rejections.labels(reason)
-        counter.inc()
+    def rejected(self, reason: str) -> None:  # rare: prometheus-client's own lookup
+        self.rejections.labels(reason).inc()
 
 
 _BY_REGISTRY: MutableMapping[Any, _Figures | _Instruments] = weakref.WeakKeyDictionary()
