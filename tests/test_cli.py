@@ -468,7 +468,10 @@ async def test_serve_workers_replaces_a_worker_killed_soon_after_it_started(
     assert "could not start" not in server.output()
 
 
-@pytest.mark.parametrize("failure", ["raise RuntimeError('not in a worker')", "os._exit(1)"])
+@pytest.mark.parametrize(
+    "failure",
+    ["raise RuntimeError('not in a worker')", pytest.param("os._exit(1)", marks=pytest.mark.slow)],
+)
 def test_serve_workers_stops_when_a_worker_cannot_start(tmp_path: Path, failure: str) -> None:
     """A worker that cannot build the app (here: the agent fails to import in a worker
     only) stops `serve`: the other worker too, exit 2 with one line, no traceback. A worker
@@ -501,6 +504,7 @@ def in_group_catching_sigint(pid: int, group: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_serve_workers_ctrl_c_while_the_workers_start_is_no_traceback(tmp_path: Path) -> None:
     """A terminal's Ctrl-C reaches its whole process group: a worker not yet out of it
     (still importing, before its own group) died of KeyboardInterrupt with a traceback."""
