@@ -46,9 +46,8 @@ async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
         authorize_api_keys=secrets.token_urlsafe(24),
     )
     app = create_app(settings, agent="echo")
-    memory: MemoryMetrics | None = None
-    if args.metrics:
-        memory = MemoryMetrics()
+    memory = MemoryMetrics() if args.metrics else None
+    if memory is not None:
         app.state.webhook.metrics = TurnMetrics(memory)
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on accepted sockets whose
     # listening socket says TCP; with proto 0 every keep-alive request waits ~40 ms (Nagle).
