@@ -13,6 +13,7 @@ of exiting, for tests.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import secrets
@@ -83,10 +84,7 @@ def _uvicorn() -> Any:
 
 
 def _display_host(host: str) -> str:
-    if host == "0.0.0.0":
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # every interface: loopback
     return f"[{host}]" if ":" in host else host
 
 
@@ -101,6 +99,8 @@ def _worker_environment(
         if raw is not None:
             values[spec.env] = raw
     values["LAYERCODE_AGENT"] = agent
+    # The workers read the env file chosen here, and no other (not ./.env behind its back).
+    values["LAYERCODE_ENV_FILE"] = args.env_file or ""
     if generated is not None:
         values[SECRET_ENV] = generated
     if args.verbose:
@@ -161,13 +161,9 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     webhook_url = base + args.agent_route
     # /metrics where create_app serves it (LAYERCODE_METRICS, prometheus-client installed)
     metrics = any(getattr(route, "path", None) == "/metrics" for route in app.routes)
-    printed = False
 
+    @functools.cache  # once: uvicorn calls when_started again every 30 s
     def banner() -> None:
-        nonlocal printed
-        if printed:
-            return
-        printed = True
         try:
             print(
                 f"layercode-asgi {__version__}: serving agent {agent!r} (webhook {webhook_url}, "
@@ -204,8 +200,6 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         )
     banner()
     environ = _worker_environment(args, env, agent, generated)
-    # The workers read the env file chosen here, and no other (not ./.env behind its back).
-    environ["LAYERCODE_ENV_FILE"] = args.env_file or ""
     with _start_failure_exits_2():
         status = serve_workers(
             workers=args.workers,

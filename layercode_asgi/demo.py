@@ -31,15 +31,6 @@ class StartError(Exception):
     """The server could not start (a port in use, …); printed, exit code 2."""
 
 
-def _bind_free_port() -> socket.socket:
-    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on accepted sockets whose
-    # listening socket says TCP; with proto 0 every keep-alive request waits ~40 ms (Nagle).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
 async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
     from .logs import setup_logging, uvicorn_log_config
     from .server import create_app
@@ -55,11 +46,14 @@ async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
         authorize_api_keys=secrets.token_urlsafe(24),
     )
     app = create_app(settings, agent="echo")
-    memory: MemoryMetrics | None = None
-    if args.metrics:
-        memory = MemoryMetrics()
+    memory = MemoryMetrics() if args.metrics else None
+    if memory is not None:
         app.state.webhook.metrics = TurnMetrics(memory)
-    sock = _bind_free_port()
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on accepted sockets whose
+    # listening socket says TCP; with proto 0 every keep-alive request waits ~40 ms (Nagle).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     level = "debug" if args.verbose else "warning"
     log_config = uvicorn_log_config(settings.log_format)  # masked and escaped, as `serve`'s

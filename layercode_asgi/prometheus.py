@@ -22,8 +22,6 @@ import itertools
 import logging
 import math
 import os
-import shutil
-import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any, Final
@@ -183,7 +181,8 @@ class _Instruments:
         self.rejections = pc.Counter(*_REJECTIONS, ["reason"], registry=registry)
         # Every known label value starts at 0, so rate() sees the first one.
         self.outcome = {outcome: self.turns.labels(outcome) for outcome in OUTCOMES}
-        self.reason = {reason: self.rejections.labels(reason) for reason in _REASONS}
+        for reason in _REASONS:
+            self.rejections.labels(reason)
         self.by_request: dict[tuple[str, int], Any] = {}
 
     def count_request(self, key: tuple[str, int]) -> None:
@@ -198,11 +197,8 @@ class _Instruments:
     def streams(self, change: int) -> None:
         self.open_streams.inc(change)
 
-    def rejected(self, reason: str) -> None:
-        counter = self.reason.get(reason)
-        if counter is None:
-            counter = self.reason[reason] = self.rejections.labels(reason)
-        counter.inc()
+    def rejected(self, reason: str) -> None:  # rare: prometheus-client's own lookup
+        self.rejections.labels(reason).inc()
 
 
 _BY_REGISTRY: MutableMapping[Any, _Figures | _Instruments] = weakref.WeakKeyDictionary()
@@ -241,8 +237,8 @@ class PrometheusMetrics:
             )
         recorder = _BY_REGISTRY.get(self.registry)
         if recorder is None:
-            if _multiprocess():
-                key = (str(directory), os.getpid())
+            if directory:
+                key = (directory, os.getpid())
                 if key in _WRITER and _WRITER[key]() is not None:
                     raise ConfigurationError(
                         f"PROMETHEUS_MULTIPROC_DIR ({directory}) keeps one set of figures per "
@@ -290,10 +286,6 @@ class PrometheusMetrics:
         self._recorder.rejected(reason)
 
 
-def _multiprocess() -> bool:
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-
-
 def render_metrics(
     registry: prometheus_client.CollectorRegistry | None = None,
 ) -> tuple[bytes, str]:
@@ -304,7 +296,7 @@ def render_metrics(
     mode: from async code, call it in a thread (:class:`MetricsEndpoint` does).
     """
     if registry is None:
-        if _multiprocess():
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = prometheus_client.CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         else:
@@ -366,28 +358,3 @@ class MetricsEndpoint:
         await send(
             {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
         )
-
-
-# -- several workers (serve --workers N) ---------------------------------------------------------
-
-
-def prepare_worker_directory(env: dict[str, str]) -> str | None:
-    """Before the workers start: unless ``env`` or this process names a
-    ``PROMETHEUS_MULTIPROC_DIR``, put a fresh temporary one in ``env`` and return it (for
-    :func:`remove_worker_directory` once the workers are gone); else None."""
-    if env.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        return None
-    path = tempfile.mkdtemp(prefix="layercode-metrics-")
-    env["PROMETHEUS_MULTIPROC_DIR"] = path
-    return path
-
-
-def remove_worker_directory(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def worker_exited(pid: int, env: dict[str, str]) -> None:
-    """A worker died: drop its live gauge (open streams) from the sum; counters stay."""
-    path = env.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if path:
-        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]

@@ -468,13 +468,19 @@ async def test_serve_workers_replaces_a_worker_killed_soon_after_it_started(
     assert "could not start" not in server.output()
 
 
-def test_serve_workers_stops_when_a_worker_cannot_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "failure",
+    ["raise RuntimeError('not in a worker')", pytest.param("os._exit(1)", marks=pytest.mark.slow)],
+)
+def test_serve_workers_stops_when_a_worker_cannot_start(tmp_path: Path, failure: str) -> None:
     """A worker that cannot build the app (here: the agent fails to import in a worker
-    only) stops `serve`: the other worker too, exit 2 with one line, no traceback."""
+    only) stops `serve`: the other worker too, exit 2 with one line, no traceback. A worker
+    that exits before serving without uvicorn's status 3 (os._exit, a crash) was replaced
+    again and again, for ever."""
     (tmp_path / "picky.py").write_text(
-        "import multiprocessing\n"
+        "import multiprocessing, os\n"
         "if multiprocessing.parent_process() is not None:\n"
-        "    raise RuntimeError('not in a worker')\n"
+        f"    {failure}\n"
         "async def agent(event):\n    yield 'hi'\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "LOG_LEVEL"))}
@@ -487,6 +493,38 @@ def test_serve_workers_stops_when_a_worker_cannot_start(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stdout + done.stderr
     assert "could not start; stopping" in done.stderr
     assert done.stderr.splitlines()[-1].startswith("error: the server could not start")
+
+
+def in_group_catching_sigint(pid: int, group: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(re.search(r"SigCgt:\s*(\w+)", status).group(1), 16)  # type: ignore[union-attr]
+        return os.getpgid(pid) == group and bool(caught & 1 << (signal.SIGINT - 1))
+    except (FileNotFoundError, ProcessLookupError):  # it has just exited
+        return False
+
+
+@pytest.mark.slow
+def test_serve_workers_ctrl_c_while_the_workers_start_is_no_traceback(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches its whole process group: a worker not yet out of it
+    (still importing, before its own group) died of KeyboardInterrupt with a traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERCODE_", "LOG_LEVEL"))}
+    command = [PYTHON, "-m", "layercode_asgi", "serve", "--dev", "--env-file", "",
+               "--workers", "2", "--port", "{port}"]  # fmt: skip
+    log = tmp_path / "server.log"
+    with start_server_process(
+        command, env=env, cwd=tmp_path, log=log, wait=False, group=True
+    ) as server:
+        group = server.process.pid
+        for _ in range(3000):  # bounded: until a worker's Python catches SIGINT, in the group
+            starting = [p for p in worker_pids(group) if in_group_catching_sigint(p, group)]
+            if starting or server.process.poll() is not None:
+                break
+            time.sleep(0.005)
+        assert starting, server.output()
+        os.killpg(group, signal.SIGINT)
+        assert server.process.wait(30) == 0, server.output()
+    assert "Traceback" not in log.read_text(), log.read_text()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
