@@ -93,13 +93,14 @@ class _Client:
     """A Redis client and the store's scripts, registered on it."""
 
     __slots__ = (
-        "clear", "extend", "lock", "probe", "read", "record", "redis", "release"
+        "acquire", "check", "clear", "extend", "probe", "read", "record", "redis", "release"
     )  # fmt: skip
 
     def __init__(self, redis: Any) -> None:
         register = redis.register_script
         self.redis = redis
-        self.lock = register(scripts.LOCK_LUA)
+        self.acquire = register(scripts.ACQUIRE_LUA)
+        self.check = register(scripts.CHECK_LUA)
         self.release = register(scripts.RELEASE_LUA)
         self.extend = register(scripts.EXTEND_LUA)
         self.read = register(scripts.READ_LUA)
@@ -384,18 +385,29 @@ class RedisConversationStore:
             if not hold.released:
                 await self._release(hold)
 
+    def _lock_args(self, hold: _Hold) -> dict[str, Any]:
+        keys = hold.keys
+        return {
+            "keys": [keys.lock, keys.queue, keys.history, keys.generation],
+            "args": [
+                hold.token,
+                hold.entry,
+                self._lock_ms,
+                keys.presence,
+                self._presence_ms,
+                GENERATION_TTL,
+            ],
+        }
+
     async def _acquire(self, hold: _Hold, wait: float | None) -> list[Any]:
         """Take the lock (queueing for it); returns ``[history entries, generation]``."""
         deadline = math.inf if wait is None else anyio.current_time() + wait
-        token, keys = hold.token, hold.keys
-        lock_keys = [keys.lock, keys.queue, keys.history, keys.generation]
-        args = [token, hold.entry, self._lock_ms, keys.presence, self._presence_ms, GENERATION_TTL]
-        push = "rpush"  # a new turn queues at the end; a waiter popped, at the front again
+        token = hold.token
         waker = self._wakers[token] = anyio.Event()
         try:
+            script = self._clients.get().acquire  # then, queued, check
             while True:
-                script = self._clients.get().lock
-                reply = await self._call("lock", script(keys=lock_keys, args=[*args, push]))
+                reply = await self._call("lock", script(**self._lock_args(hold)))
                 if reply[0] == 1:
                     return [reply[1], reply[2]]
                 self._listen()
@@ -406,7 +418,7 @@ class RedisConversationStore:
                     await waker.wait()
                 # A fresh event before checking: a hand-off published meanwhile sets it.
                 waker = self._wakers[token] = anyio.Event()
-                push = "lpush"
+                script = self._clients.get().check
         finally:
             self._wakers.pop(token, None)
 

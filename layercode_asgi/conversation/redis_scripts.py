@@ -18,9 +18,10 @@ that waiter's token (TTL: the presence TTL, enough to claim it) and ``PUBLISH``-
 on the waiter's channel, which wakes it. The woken waiter claims the lock (full TTL) and
 reads the history in the same script. Abandoned entries are skipped, never waited for.
 
-The lock script takes ``KEYS = [lock, queue, history, generation]`` and ``ARGV = [token,
-entry, lock_ttl_ms, presence_prefix, presence_ttl_ms, generation_ttl_s, push]``; it returns
-``{1, history entries, generation}`` when the caller holds the lock, else ``{0}``.
+Lock scripts take ``KEYS = [lock, queue, history, generation]`` and
+``ARGV = [token, entry, lock_ttl_ms, presence_prefix, presence_ttl_ms, generation_ttl_s]``;
+they return ``{1, history entries, generation}`` when the caller holds the lock, else
+``{0}``.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from typing import Final
 from .base import check_conversation_id
 
 __all__ = [
+    "ACQUIRE_LUA",
+    "CHECK_LUA",
     "CLEAR_LUA",
     "EXTEND_LUA",
-    "LOCK_LUA",
     "PROBE_LUA",
     "READ_LUA",
     "RECORD_LUA",
@@ -100,11 +102,26 @@ local function queued()
 end
 """
 
-#: Lock + read, for a new turn (``push`` = ``rpush``: it queues at the end) and for a waiter,
-#: woken or checking now and then (``lpush``: queued again at the front if its entry was
-#: popped): claim the lock handed to it, or take it if free (after handing it to any waiter
-#: still queued ahead), else stay queued and present.
-LOCK_LUA: Final = (
+#: Lock + read: take the free lock (handing it first to any waiter still queued), or queue.
+ACQUIRE_LUA: Final = (
+    _HANDOFF
+    + _HOLDING
+    + """
+if redis.call('exists', KEYS[1]) == 0 then
+    if redis.call('llen', KEYS[2]) == 0
+        or not handoff(KEYS[2], KEYS[1], ARGV[4], ARGV[5]) then
+        return holding()
+    end
+end
+redis.call('rpush', KEYS[2], ARGV[2])
+return queued()
+"""
+)
+
+#: A waiter woken (or checking now and then): claim the lock handed to it, take it if free
+#: (after handing it to any waiter ahead), else stay queued (again at the front if its
+#: entry was popped) and present.
+CHECK_LUA: Final = (
     _HANDOFF
     + _HOLDING
     + """
@@ -119,7 +136,7 @@ if not holder then
     end
 end
 if not redis.call('lpos', KEYS[2], ARGV[2]) then
-    redis.call(ARGV[7], KEYS[2], ARGV[2])
+    redis.call('lpush', KEYS[2], ARGV[2])
 end
 return queued()
 """
