@@ -113,13 +113,7 @@ class ProtocolViolation(Exception):
         super().__init__(f"{name}: {detail}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_violation, (self.name, self.detail, self.__dict__.copy()))
-
-
-def _rebuild_violation(name: str, detail: str, state: dict[str, Any]) -> ProtocolViolation:
-    violation = ProtocolViolation(name, detail)
-    violation.__dict__.update(state)
-    return violation
+        return (ProtocolViolation, (self.name, self.detail), self.__dict__.copy())
 
 
 def encode_event(event: Any) -> bytes:

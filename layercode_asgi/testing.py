@@ -249,9 +249,8 @@ class LayercodeTestClient:
             raise TypeError(f"app must be an ASGI app, got {kind_of(app)}")
         check_type("secret", secret, str, "a str")
         check_type("path", path, str, "a str")
-        check_type("conversation_id", conversation_id, str | None, "a str or None")
-        check_type("session_id", session_id, str | None, "a str or None")
         for name, given in (("conversation_id", conversation_id), ("session_id", session_id)):
+            check_type(name, given, str | None, "a str or None")
             if given == "":  # a server answers 400: a random id stands for None only
                 raise ValueError(f"{name} must not be empty (None for a random one)")
         if base_url is not None:
@@ -400,9 +399,8 @@ class LayercodeTestClient:
         content = body.encode() if isinstance(body, str) else body
         if not isinstance(content, bytes):
             content = encode_event(content)
-        request_headers = httpx.Headers({"content-type": "application/json"})
-        if signed:
-            request_headers.update(signed_headers(content, self.secret))
+        kits = signed_headers(content, self.secret) if signed else {}
+        request_headers = httpx.Headers({"content-type": "application/json", **kits})
         request_headers.update(self.headers)  # a name given replaces, whatever its case
         request_headers.update(headers or {})
 
@@ -410,8 +408,8 @@ class LayercodeTestClient:
             request = client.build_request(
                 "POST", self.url, content=content, headers=request_headers
             )
-            late = f"POST not answered within {self.timeout:g} s"  # any status is an answer
-            answered = range(100, 1000)
+            late = f"POST not answered within {self.timeout:g} s"
+            answered = range(100, 1000)  # any status is an answer
             async with exchange(
                 client, request, self.timeout, self.max_bytes, {}, answered, late, read=True
             ) as reply:
