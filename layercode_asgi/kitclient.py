@@ -8,8 +8,8 @@ protocol violations.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -63,10 +63,53 @@ def noted_redirect(request: httpx.Request | None) -> tuple[int, str] | None:
 async def open_reply(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
     """``client.send(request, stream=True)``: a redirect noted by :func:`note_redirect` is
     forgotten once the reply is there (a later failure, reading its body, is not its
-    ``Location``'s)."""
+    ``Location``'s). The request's body is sent by :class:`_Body`."""
+    request.stream = _Body(request.content)
     reply = await client.send(request, stream=True)
     request.extensions.pop(_REDIRECT, None)
     return reply
+
+
+# httpx's streams are async generators, and trio warns of each one the garbage collector
+# finalizes unfinished (a ResourceWarning, an error under ``-W error``): a reply the kit stops
+# reading, or a body refused before it was all sent, would leave some. Hence these two.
+
+
+class _Body(httpx.ByteStream):
+    """A request body, sent in one chunk as httpx's own, by an iterator that is no generator."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__(body)
+        self.body = body
+        self.chunks: list[bytes] = []
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        self.chunks = [self.body]
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self.chunks:
+            raise StopAsyncIteration
+        return self.chunks.pop()
+
+
+#: A bound on the chunks a closed reply's stream still gives: at most one per byte httpcore
+#: had read and not handed on (one read: 64 KiB).
+_CLOSED_CHUNKS: Final = 65_536
+
+
+@asynccontextmanager
+async def drained(reply: httpx.Response) -> AsyncIterator[AsyncIterator[bytes]]:
+    """``reply.aiter_raw()``; on exit ``reply`` is closed and that iterator drained, which
+    ends it at once (its stream is closed) with httpx's async generators under it."""
+    chunks = reply.aiter_raw()
+    try:
+        yield chunks
+    finally:
+        await reply.aclose()
+        with suppress(Exception):  # StopAsyncIteration, or the error of a closed stream
+            for _ in range(_CLOSED_CHUNKS):
+                await anext(chunks)
 
 
 async def speaks_tls(url: httpx.URL, seconds: float) -> bool:

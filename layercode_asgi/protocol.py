@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -20,7 +20,7 @@ import msgspec
 from ._asgi import check_headers
 from .errors import check_callable, check_positive_int, check_seconds, check_type, held_in_host
 from .jsonwire import decode_json
-from .kitclient import ReplyTooLarge, noted_redirect, open_reply, raised_by_app, speaks_tls
+from .kitclient import ReplyTooLarge, drained, noted_redirect, open_reply, raised_by_app, speaks_tls
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
 from .redaction import escape_terminal, mask_url
 from .signature import SIGNATURE_HEADER, check_secret, sign
@@ -430,7 +430,7 @@ def http_violation(
 
 async def _decoded(
     reply: httpx.Response, max_bytes: int, seconds: float, where: dict[str, Any]
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The reply's body, decoded, in chunks; ``too-large`` past ``max_bytes``; the failures of
     reading and decoding it as violations (``seconds``: the timeout they name), not those of
     the caller's loop (on_event's)."""
@@ -440,11 +440,13 @@ async def _decoded(
         raise ProtocolViolation("bad-encoding", str(exc), **where) from None
     received = 0
     try:
-        async for chunk in decoder.decode(reply.aiter_raw()):
-            received += len(chunk)
-            if received > max_bytes:
-                raise _too_large(max_bytes, where)
-            yield chunk
+        async with drained(reply) as raw:
+            async for data in raw:
+                for chunk in decoder.feed(data):
+                    received += len(chunk)
+                    if received > max_bytes:
+                        raise _too_large(max_bytes, where)
+                    yield chunk
     except zlib.error as exc:
         detail = f"the body does not decode: {exc}"
         raise ProtocolViolation("bad-encoding", detail, **where) from None
@@ -501,13 +503,14 @@ async def send_turn(
                 "expected text/event-stream",
                 **where,
             )
-        async for chunk in _decoded(reply, max_bytes, timeout, where):
-            for sse in parser.feed(chunk):
-                checked = checker.check(sse)
-                if first_tts is None and checked["type"] == "response.tts":
-                    first_tts = time.perf_counter() - started
-                if on_event is not None:
-                    on_event(checked)
+        async with aclosing(_decoded(reply, max_bytes, timeout, where)) as chunks:
+            async for chunk in chunks:
+                for sse in parser.feed(chunk):
+                    checked = checker.check(sse)
+                    if first_tts is None and checked["type"] == "response.tts":
+                        first_tts = time.perf_counter() - started
+                    if on_event is not None:
+                        on_event(checked)
         parser.close()
         checker.finish(pending=parser.pending)
     return TurnResult(
@@ -540,8 +543,11 @@ async def send_json_event(
     content = bytearray()
     late = f"not answered within {timeout:g} s"
     request = signed_request(client, url, event, secret, headers)
-    async with exchange(client, request, timeout, max_bytes, where, range(200, 300), late) as reply:
-        async for chunk in _decoded(reply, max_bytes, timeout, where):
+    async with (
+        exchange(client, request, timeout, max_bytes, where, range(200, 300), late) as reply,
+        aclosing(_decoded(reply, max_bytes, timeout, where)) as chunks,
+    ):
+        async for chunk in chunks:
             content += chunk
     try:  # no body (a 204, an empty 2xx) is an answer too: LayerCode needs only the status
         answer = decode_json(content) if content else None
