@@ -73,8 +73,6 @@ async def open_reply(client: httpx.AsyncClient, request: httpx.Request) -> httpx
 # httpx's streams are async generators, and trio warns of each one the garbage collector
 # finalizes unfinished (a ResourceWarning, an error under ``-W error``): a reply the kit stops
 # reading, or a body refused before it was all sent, would leave some. Hence these two.
-
-
 class _Body(httpx.ByteStream):
     """A request body, sent in one chunk as httpx's own, by an iterator that is no generator."""
 
@@ -93,11 +91,6 @@ class _Body(httpx.ByteStream):
         return self.chunks.pop()
 
 
-#: A bound on the chunks a closed reply's stream still gives: at most one per byte httpcore
-#: had read and not handed on (one read: 64 KiB).
-_CLOSED_CHUNKS: Final = 65_536
-
-
 @asynccontextmanager
 async def drained(reply: httpx.Response) -> AsyncIterator[AsyncIterator[bytes]]:
     """``reply.aiter_raw()``; on exit ``reply`` is closed and that iterator drained, which
@@ -108,7 +101,7 @@ async def drained(reply: httpx.Response) -> AsyncIterator[AsyncIterator[bytes]]:
     finally:
         await reply.aclose()
         with suppress(Exception):  # StopAsyncIteration, or the error of a closed stream
-            for _ in range(_CLOSED_CHUNKS):
+            for _ in range(65_536):  # at most one per byte httpcore read (64 KiB a read)
                 await anext(chunks)
 
 
@@ -262,11 +255,5 @@ class BoundedApp:
         if not started:
             headers = [(b"content-type", b"text/plain; charset=utf-8")]
             await send({"type": "http.response.start", "status": 500, "headers": headers})
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": b"the ASGI app returned without starting a response",
-                }
-            )
-        else:
-            await send({"type": "http.response.body", "body": b""})
+        body = b"" if started else b"the ASGI app returned without starting a response"
+        await send({"type": "http.response.body", "body": body})

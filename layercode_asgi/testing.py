@@ -219,8 +219,8 @@ class LayercodeTestClient:
 
     Use it as ``async with LayercodeTestClient(...) as client`` (one HTTP client for all
     requests, also through nested ``async with``; the outermost closes it) or call the
-    methods directly (a client per call). ``send_sync`` is the same
-    as ``send`` for synchronous tests. Every method raises :class:`ProtocolViolation`.
+    methods directly (a client per call). ``send_sync`` is the same as ``send`` for synchronous
+    tests. Every method raises :class:`ProtocolViolation`.
     """
 
     def __init__(
