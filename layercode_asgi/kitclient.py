@@ -70,14 +70,12 @@ async def open_reply(client: httpx.AsyncClient, request: httpx.Request) -> httpx
     return reply
 
 
-# httpx's streams are async generators, and trio warns of each one the garbage collector
-# finalizes unfinished (a ResourceWarning, an error under ``-W error``): a reply the kit stops
-# reading, or a body refused before it was all sent, would leave some. Hence these two.
-class _Body(httpx.ByteStream):
-    """A request body, sent in one chunk as httpx's own, by an iterator that is no generator."""
+class _Body(httpx.AsyncByteStream):
+    """A request body, sent in one chunk as httpx's own, by an iterator that is no async
+    generator: trio warns (ResourceWarning) of each one the garbage collector finalizes
+    unfinished, and a body refused before it was all sent would leave one (httpx's)."""
 
     def __init__(self, body: bytes) -> None:
-        super().__init__(body)
         self.body = body
         self.chunks: list[bytes] = []
 
@@ -183,13 +181,12 @@ class BoundedApp:
     memory before returning it: past ``max_bytes`` the client leaves (each ``send`` raises
     an ``OSError``, as a server's once the client is gone) and, once the app returned, the
     transport gets :class:`ReplyTooLarge`. Each ``send`` is a cancellation point, so the
-    client's timeout can stop an app
-    that streams forever without waiting on anything. An app that returns with its reply
-    unfinished is answered as a server would (a 500, or the end of the body), not left to
-    the transport's bare ``AssertionError``; one that breaks ASGI otherwise (a second start,
-    a body before the start or after the end, a body, status or headers of the wrong type, a
-    message of another type) is told so by ``send``, with a RuntimeError. What the app
-    raises is noted (:func:`raised_by_app`) and goes on unchanged."""
+    client's timeout can stop an app that streams forever without waiting on anything. An
+    app that returns with its reply unfinished is answered as a server would (a 500, or the
+    end of the body), not left to the transport's bare ``AssertionError``; one that breaks
+    ASGI otherwise (a second start, a body before the start or after the end, a body, status
+    or headers of the wrong type, a message of another type) is told so by ``send``, with a
+    RuntimeError. What the app raises is noted (:func:`raised_by_app`) and goes on unchanged."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app = app

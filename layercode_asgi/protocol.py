@@ -207,21 +207,16 @@ class TurnChecker:
             raise self.violation(
                 "too-large", f"more than {self.max_events} events in one turn (max_events)"
             )
+        at, data = f"SSE event #{position}", sse.data[:80]
         try:
             event = decode_json(sse.data)
         except _UNDECODABLE as exc:
-            raise self.violation(
-                "bad-json", f"SSE event #{position} is not valid JSON ({exc}): {sse.data[:80]!r}"
-            ) from None
+            raise self.violation("bad-json", f"{at} is not valid JSON ({exc}): {data!r}") from None
         if not isinstance(event, dict):
-            raise self.violation(
-                "bad-json", f"SSE event #{position} is JSON but not an object: {sse.data[:80]!r}"
-            )
+            raise self.violation("bad-json", f"{at} is JSON but not an object: {data!r}")
         kind = event.get("type")
         if not isinstance(kind, str):
-            raise self.violation(
-                "missing-type", f"SSE event #{position} has no string 'type': {sse.data[:80]!r}"
-            )
+            raise self.violation("missing-type", f"{at} has no string 'type': {data!r}")
         if self.ended:
             if kind == "response.end":
                 raise self.violation("repeated-end", f"a second response.end (event #{position})")
@@ -396,10 +391,8 @@ async def exchange(
             and not isinstance(exc, httpx.ConnectError)
             and await speaks_tls(request.url, deadline.deadline - anyio.current_time())
         ):
-            hint = "the server speaks TLS: use https:// in the URL"
-            violation = ProtocolViolation(
-                "connection-error", f"{violation.detail} ({hint})", **where
-            )
+            detail = f"{violation.detail} (the server speaks TLS: use https:// in the URL)"
+            violation = ProtocolViolation("connection-error", detail, **where)
         raise violation from exc
 
 

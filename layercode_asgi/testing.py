@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
@@ -310,12 +310,10 @@ class LayercodeTestClient:
     @asynccontextmanager
     async def _http(self) -> AsyncIterator[httpx.AsyncClient]:
         with noting_app_errors() as started:
+            client = self._new_client() if self._client is None else nullcontext(self._client)
             try:
-                if self._client is not None:
-                    yield self._client
-                else:
-                    async with self._new_client() as client:
-                        yield client
+                async with client as open_client:
+                    yield open_client
             except ProtocolViolation as exc:
                 if exc.name != "timeout" or exc.status_code is not None or not started:
                     raise
@@ -418,9 +416,7 @@ class LayercodeTestClient:
     # -- one helper per event, with the client's conversation and session ids --
 
     def _ids(self, fields: dict[str, Any]) -> dict[str, Any]:
-        fields.setdefault("conversation_id", self.conversation_id)
-        fields.setdefault("session_id", self.session_id)
-        return fields
+        return {"conversation_id": self.conversation_id, "session_id": self.session_id, **fields}
 
     async def session_start(self, *, on_event: OnEvent | None = None, **fields: Any) -> TurnResult:
         """Send ``session.start`` (the welcome turn); ``on_event`` as for :meth:`send`."""
