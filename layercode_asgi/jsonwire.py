@@ -24,7 +24,6 @@ __all__ = [
     "check_json_value",
     "decode_json",
     "encode_json",
-    "escape_json_line_breaks",
     "escape_json_text_line_breaks",
     "without_lone_surrogates",
 ]
@@ -39,25 +38,16 @@ _BYTE_ESCAPES: Final = tuple(
 )
 
 
-def escape_json_line_breaks(data: bytes) -> bytes:
-    """``data`` (UTF-8 JSON) with raw U+0085, U+2028 and U+2029 written as ``\\u`` escapes.
-
-    Outside strings JSON has no place for these characters, so the result is the same
-    JSON value. ASCII input (the usual case) is returned as it is, at once.
-    """
+def encode_json(value: Any) -> bytes:
+    """``msgspec.json.encode(value)``, with raw U+0085, U+2028 and U+2029 written as ``\\u``
+    escapes: outside strings JSON has no place for them, so it is the same JSON value.
+    ASCII output (the usual case) is returned as it is, at once."""
+    data = _encode(value)
     if data.isascii():
         return data
     for raw, escaped in _BYTE_ESCAPES:
         data = data.replace(raw, escaped)
     return data
-
-
-def encode_json(value: Any) -> bytes:
-    """``msgspec.json.encode(value)``, with :func:`escape_json_line_breaks` applied."""
-    data = _encode(value)
-    if data.isascii():
-        return data
-    return escape_json_line_breaks(data)
 
 
 def escape_json_text_line_breaks(text: str) -> str:
@@ -88,13 +78,10 @@ _SURROGATE_ESCAPE: Final = re.compile(
 def without_lone_surrogates(raw: object) -> bytes | None:
     """JSON text ``raw`` with each ``\\u`` escape of a lone UTF-16 surrogate (half an emoji)
     made ``\\ufffd`` (as long: error offsets stay), or ``None`` when it holds none."""
+    if not isinstance(raw, str | bytes | bytearray | memoryview):
+        return None
     try:
-        if isinstance(raw, str):
-            data = raw.encode()
-        elif isinstance(raw, bytes | bytearray | memoryview):
-            data = bytes(raw)
-        else:
-            return None
+        data = raw.encode() if isinstance(raw, str) else bytes(raw)
     except ValueError:  # a released buffer; a str holding a lone surrogate itself
         return None
     if b"\\u" not in data:
@@ -131,12 +118,9 @@ def check_json_value(name: str, value: object) -> None:
 def _check_json(where: str, value: object, open_ids: set[int]) -> None:
     if isinstance(value, str):
         check_text(where, value)  # a lone surrogate: a ValueError
-        return
-    if value is None or isinstance(value, int):  # bool is an int
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{where} is {value!r}: JSON has no NaN or infinity (sent as null)")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value!r}: JSON has no NaN or infinity (sent as null)")
+    if value is None or isinstance(value, str | int | float):  # bool is an int
         return
     if not isinstance(value, dict | list | tuple):
         raise TypeError(f"{where} is {kind_of(value)}: JSON cannot carry it as it is")

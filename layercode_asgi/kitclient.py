@@ -8,8 +8,8 @@ protocol violations.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -63,10 +63,44 @@ def noted_redirect(request: httpx.Request | None) -> tuple[int, str] | None:
 async def open_reply(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
     """``client.send(request, stream=True)``: a redirect noted by :func:`note_redirect` is
     forgotten once the reply is there (a later failure, reading its body, is not its
-    ``Location``'s)."""
+    ``Location``'s). The request's body is sent by :class:`_Body`."""
+    request.stream = _Body(request.content)
     reply = await client.send(request, stream=True)
     request.extensions.pop(_REDIRECT, None)
     return reply
+
+
+class _Body(httpx.AsyncByteStream):
+    """A request body, sent in one chunk as httpx's own, by an iterator that is no async
+    generator: trio warns (ResourceWarning) of each one the garbage collector finalizes
+    unfinished, and a body refused before it was all sent would leave one (httpx's)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.chunks: list[bytes] = []
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        self.chunks = [self.body]
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self.chunks:
+            raise StopAsyncIteration
+        return self.chunks.pop()
+
+
+@asynccontextmanager
+async def drained(reply: httpx.Response) -> AsyncIterator[AsyncIterator[bytes]]:
+    """``reply.aiter_raw()``; on exit ``reply`` is closed and that iterator drained, which
+    ends it at once (its stream is closed) with httpx's async generators under it."""
+    chunks = reply.aiter_raw()
+    try:
+        yield chunks
+    finally:
+        await reply.aclose()
+        with suppress(Exception):  # StopAsyncIteration, or the error of a closed stream
+            for _ in range(65_536):  # at most one per byte httpcore read (64 KiB a read)
+                await anext(chunks)
 
 
 async def speaks_tls(url: httpx.URL, seconds: float) -> bool:
@@ -147,13 +181,12 @@ class BoundedApp:
     memory before returning it: past ``max_bytes`` the client leaves (each ``send`` raises
     an ``OSError``, as a server's once the client is gone) and, once the app returned, the
     transport gets :class:`ReplyTooLarge`. Each ``send`` is a cancellation point, so the
-    client's timeout can stop an app
-    that streams forever without waiting on anything. An app that returns with its reply
-    unfinished is answered as a server would (a 500, or the end of the body), not left to
-    the transport's bare ``AssertionError``; one that breaks ASGI otherwise (a second start,
-    a body before the start or after the end, a body, status or headers of the wrong type, a
-    message of another type) is told so by ``send``, with a RuntimeError. What the app
-    raises is noted (:func:`raised_by_app`) and goes on unchanged."""
+    client's timeout can stop an app that streams forever without waiting on anything. An
+    app that returns with its reply unfinished is answered as a server would (a 500, or the
+    end of the body), not left to the transport's bare ``AssertionError``; one that breaks
+    ASGI otherwise (a second start, a body before the start or after the end, a body, status
+    or headers of the wrong type, a message of another type) is told so by ``send``, with a
+    RuntimeError. What the app raises is noted (:func:`raised_by_app`) and goes on unchanged."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app = app
@@ -219,11 +252,5 @@ class BoundedApp:
         if not started:
             headers = [(b"content-type", b"text/plain; charset=utf-8")]
             await send({"type": "http.response.start", "status": 500, "headers": headers})
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": b"the ASGI app returned without starting a response",
-                }
-            )
-        else:
-            await send({"type": "http.response.body", "body": b""})
+        body = b"" if started else b"the ASGI app returned without starting a response"
+        await send({"type": "http.response.body", "body": body})

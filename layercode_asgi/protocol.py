@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -20,7 +20,7 @@ import msgspec
 from ._asgi import check_headers
 from .errors import check_callable, check_positive_int, check_seconds, check_type, held_in_host
 from .jsonwire import decode_json
-from .kitclient import ReplyTooLarge, noted_redirect, open_reply, raised_by_app, speaks_tls
+from .kitclient import ReplyTooLarge, drained, noted_redirect, open_reply, raised_by_app, speaks_tls
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
 from .redaction import escape_terminal, mask_url
 from .signature import SIGNATURE_HEADER, check_secret, sign
@@ -113,13 +113,7 @@ class ProtocolViolation(Exception):
         super().__init__(f"{name}: {detail}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_violation, (self.name, self.detail, self.__dict__.copy()))
-
-
-def _rebuild_violation(name: str, detail: str, state: dict[str, Any]) -> ProtocolViolation:
-    violation = ProtocolViolation(name, detail)
-    violation.__dict__.update(state)
-    return violation
+        return (ProtocolViolation, (self.name, self.detail), self.__dict__.copy())
 
 
 def encode_event(event: Any) -> bytes:
@@ -213,21 +207,16 @@ class TurnChecker:
             raise self.violation(
                 "too-large", f"more than {self.max_events} events in one turn (max_events)"
             )
+        at, data = f"SSE event #{position}", sse.data[:80]
         try:
             event = decode_json(sse.data)
         except _UNDECODABLE as exc:
-            raise self.violation(
-                "bad-json", f"SSE event #{position} is not valid JSON ({exc}): {sse.data[:80]!r}"
-            ) from None
+            raise self.violation("bad-json", f"{at} is not valid JSON ({exc}): {data!r}") from None
         if not isinstance(event, dict):
-            raise self.violation(
-                "bad-json", f"SSE event #{position} is JSON but not an object: {sse.data[:80]!r}"
-            )
+            raise self.violation("bad-json", f"{at} is JSON but not an object: {data!r}")
         kind = event.get("type")
         if not isinstance(kind, str):
-            raise self.violation(
-                "missing-type", f"SSE event #{position} has no string 'type': {sse.data[:80]!r}"
-            )
+            raise self.violation("missing-type", f"{at} has no string 'type': {data!r}")
         if self.ended:
             if kind == "response.end":
                 raise self.violation("repeated-end", f"a second response.end (event #{position})")
@@ -402,10 +391,8 @@ async def exchange(
             and not isinstance(exc, httpx.ConnectError)
             and await speaks_tls(request.url, deadline.deadline - anyio.current_time())
         ):
-            hint = "the server speaks TLS: use https:// in the URL"
-            violation = ProtocolViolation(
-                "connection-error", f"{violation.detail} ({hint})", **where
-            )
+            detail = f"{violation.detail} (the server speaks TLS: use https:// in the URL)"
+            violation = ProtocolViolation("connection-error", detail, **where)
         raise violation from exc
 
 
@@ -436,7 +423,7 @@ def http_violation(
 
 async def _decoded(
     reply: httpx.Response, max_bytes: int, seconds: float, where: dict[str, Any]
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The reply's body, decoded, in chunks; ``too-large`` past ``max_bytes``; the failures of
     reading and decoding it as violations (``seconds``: the timeout they name), not those of
     the caller's loop (on_event's)."""
@@ -446,11 +433,13 @@ async def _decoded(
         raise ProtocolViolation("bad-encoding", str(exc), **where) from None
     received = 0
     try:
-        async for chunk in decoder.decode(reply.aiter_raw()):
-            received += len(chunk)
-            if received > max_bytes:
-                raise _too_large(max_bytes, where)
-            yield chunk
+        async with drained(reply) as raw:
+            async for data in raw:
+                for chunk in decoder.feed(data):
+                    received += len(chunk)
+                    if received > max_bytes:
+                        raise _too_large(max_bytes, where)
+                    yield chunk
     except zlib.error as exc:
         detail = f"the body does not decode: {exc}"
         raise ProtocolViolation("bad-encoding", detail, **where) from None
@@ -507,13 +496,14 @@ async def send_turn(
                 "expected text/event-stream",
                 **where,
             )
-        async for chunk in _decoded(reply, max_bytes, timeout, where):
-            for sse in parser.feed(chunk):
-                checked = checker.check(sse)
-                if first_tts is None and checked["type"] == "response.tts":
-                    first_tts = time.perf_counter() - started
-                if on_event is not None:
-                    on_event(checked)
+        async with aclosing(_decoded(reply, max_bytes, timeout, where)) as chunks:
+            async for chunk in chunks:
+                for sse in parser.feed(chunk):
+                    checked = checker.check(sse)
+                    if first_tts is None and checked["type"] == "response.tts":
+                        first_tts = time.perf_counter() - started
+                    if on_event is not None:
+                        on_event(checked)
         parser.close()
         checker.finish(pending=parser.pending)
     return TurnResult(
@@ -546,8 +536,11 @@ async def send_json_event(
     content = bytearray()
     late = f"not answered within {timeout:g} s"
     request = signed_request(client, url, event, secret, headers)
-    async with exchange(client, request, timeout, max_bytes, where, range(200, 300), late) as reply:
-        async for chunk in _decoded(reply, max_bytes, timeout, where):
+    async with (
+        exchange(client, request, timeout, max_bytes, where, range(200, 300), late) as reply,
+        aclosing(_decoded(reply, max_bytes, timeout, where)) as chunks,
+    ):
+        async for chunk in chunks:
             content += chunk
     try:  # no body (a 204, an empty 2xx) is an answer too: LayerCode needs only the status
         answer = decode_json(content) if content else None

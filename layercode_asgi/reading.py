@@ -18,6 +18,8 @@ from typing import Any, Final
 
 import httpx
 
+from .kitclient import drained
+
 __all__ = ["ACCEPT_ENCODING", "PIECE", "BodyDecoder", "UnsupportedEncoding", "read_prefix"]
 
 #: The ``Accept-Encoding`` the test kit sends: what :class:`BodyDecoder` decodes.
@@ -92,7 +94,8 @@ class BodyDecoder:
 
 
 async def read_prefix(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
-    """Up to ``limit`` decoded bytes of a streamed ``response``; and whether there was more.
+    """Up to ``limit`` decoded bytes of a streamed ``response`` (then closed); and whether there
+    was more.
 
     Reads no further than it needs: a large or endless body, or a gzip bomb, costs at most
     ``limit`` plus one raw chunk and one :data:`PIECE`. An undecodable body gives what was
@@ -101,10 +104,12 @@ async def read_prefix(response: httpx.Response, limit: int) -> tuple[bytes, bool
     kept = bytearray()
     try:
         decoder = BodyDecoder(response.headers.get("content-encoding"))
-        async for piece in decoder.decode(response.aiter_raw()):
-            kept += piece
-            if len(kept) > limit:
-                return bytes(kept[:limit]), True
+        async with drained(response) as raw:
+            async for chunk in raw:
+                for piece in decoder.feed(chunk):
+                    kept += piece
+                    if len(kept) > limit:
+                        return bytes(kept[:limit]), True
     except (UnsupportedEncoding, zlib.error):
         return bytes(kept[:limit]), False
     return bytes(kept), False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
@@ -219,8 +219,8 @@ class LayercodeTestClient:
 
     Use it as ``async with LayercodeTestClient(...) as client`` (one HTTP client for all
     requests, also through nested ``async with``; the outermost closes it) or call the
-    methods directly (a client per call). ``send_sync`` is the same
-    as ``send`` for synchronous tests. Every method raises :class:`ProtocolViolation`.
+    methods directly (a client per call). ``send_sync`` is the same as ``send`` for synchronous
+    tests. Every method raises :class:`ProtocolViolation`.
     """
 
     def __init__(
@@ -249,9 +249,8 @@ class LayercodeTestClient:
             raise TypeError(f"app must be an ASGI app, got {kind_of(app)}")
         check_type("secret", secret, str, "a str")
         check_type("path", path, str, "a str")
-        check_type("conversation_id", conversation_id, str | None, "a str or None")
-        check_type("session_id", session_id, str | None, "a str or None")
         for name, given in (("conversation_id", conversation_id), ("session_id", session_id)):
+            check_type(name, given, str | None, "a str or None")
             if given == "":  # a server answers 400: a random id stands for None only
                 raise ValueError(f"{name} must not be empty (None for a random one)")
         if base_url is not None:
@@ -311,12 +310,10 @@ class LayercodeTestClient:
     @asynccontextmanager
     async def _http(self) -> AsyncIterator[httpx.AsyncClient]:
         with noting_app_errors() as started:
+            client = self._new_client() if self._client is None else nullcontext(self._client)
             try:
-                if self._client is not None:
-                    yield self._client
-                else:
-                    async with self._new_client() as client:
-                        yield client
+                async with client as open_client:
+                    yield open_client
             except ProtocolViolation as exc:
                 if exc.name != "timeout" or exc.status_code is not None or not started:
                     raise
@@ -400,9 +397,8 @@ class LayercodeTestClient:
         content = body.encode() if isinstance(body, str) else body
         if not isinstance(content, bytes):
             content = encode_event(content)
-        request_headers = httpx.Headers({"content-type": "application/json"})
-        if signed:
-            request_headers.update(signed_headers(content, self.secret))
+        kits = signed_headers(content, self.secret) if signed else {}
+        request_headers = httpx.Headers({"content-type": "application/json", **kits})
         request_headers.update(self.headers)  # a name given replaces, whatever its case
         request_headers.update(headers or {})
 
@@ -410,8 +406,8 @@ class LayercodeTestClient:
             request = client.build_request(
                 "POST", self.url, content=content, headers=request_headers
             )
-            late = f"POST not answered within {self.timeout:g} s"  # any status is an answer
-            answered = range(100, 1000)
+            late = f"POST not answered within {self.timeout:g} s"
+            answered = range(100, 1000)  # any status is an answer
             async with exchange(
                 client, request, self.timeout, self.max_bytes, {}, answered, late, read=True
             ) as reply:
@@ -420,9 +416,7 @@ class LayercodeTestClient:
     # -- one helper per event, with the client's conversation and session ids --
 
     def _ids(self, fields: dict[str, Any]) -> dict[str, Any]:
-        fields.setdefault("conversation_id", self.conversation_id)
-        fields.setdefault("session_id", self.session_id)
-        return fields
+        return {"conversation_id": self.conversation_id, "session_id": self.session_id, **fields}
 
     async def session_start(self, *, on_event: OnEvent | None = None, **fields: Any) -> TurnResult:
         """Send ``session.start`` (the welcome turn); ``on_event`` as for :meth:`send`."""

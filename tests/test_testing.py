@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import pickle
 import re
 import socket
 import threading
+import warnings
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -51,7 +53,7 @@ from layercode_asgi.testing import (
 )
 
 from .asgi_stub import read_body
-from .conftest import BACKENDS, SECRET, serve
+from .conftest import BACKENDS, NEEDS_TRIO, SECRET, serve
 
 
 def parse_all(*chunks: bytes | str) -> list[SSEEvent]:
@@ -956,3 +958,69 @@ def test_an_empty_id_is_refused_by_the_client_and_kept_by_the_factories(name: st
     # Before: a factory replaced "" with a random id too: a test of the 400 sent a valid event.
     assert message_event("x", **{name: ""})[name] == ""
     assert message_event("x", turn_id="")["turn_id"] == ""
+
+
+async def stopping_app(scope: Any, receive: Any, send: Any) -> None:
+    """Answers a turn's text: ``refused`` 401 with a long body (the request body unread),
+    ``wrong-turn-id`` / ``bad-json`` / ``too-large`` that violation, then more; else a turn."""
+
+    message = await receive()  # one chunk of the body: the rest is left unread
+    event = msgspec.json.decode(message["body"]) if not message["more_body"] else {}
+    text, turn = event.get("text", "refused"), str(event.get("turn_id")).encode()
+    first = {
+        "wrong-turn-id": b'data: {"type":"response.tts","content":"a","turn_id":"other"}\n\n',
+        "bad-json": b"data: {nope\n\n",
+        "too-large": b": " + b"x" * 300 + b"\n\n",
+    }.get(text, b'data: {"type":"response.tts","content":"a","turn_id":"%s"}\n\n' % turn)
+    status, kind = (401, b"text/plain") if text == "refused" else (200, b"text/event-stream")
+    await send(
+        {"type": "http.response.start", "status": status, "headers": [(b"content-type", kind)]}
+    )
+    await send(
+        {
+            "type": "http.response.body",
+            "body": b"no " * 100 if status == 401 else first,
+            "more_body": True,
+        }
+    )
+    end = b'data: {"type":"response.end","turn_id":"%s"}\n\n' % turn
+    await send({"type": "http.response.body", "body": end})
+
+
+@pytest.fixture(scope="module")
+def stopping_server() -> Any:
+    with serve(stopping_app) as url:
+        yield url
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", [pytest.param("trio", marks=NEEDS_TRIO)])
+@pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "server"])
+@pytest.mark.parametrize("text", ["refused", "wrong-turn-id", "bad-json", "too-large", "on_event"])
+async def test_a_reply_left_unread_leaves_no_async_generator_to_the_garbage_collector(
+    text: str, in_process: bool, stopping_server: str
+) -> None:
+    """Before: on trio, each of these left the kit's, httpx's and httpcore's async generators
+    (the reply's stream, the request body) unfinished, and trio warned as the garbage
+    collector took them (``ResourceWarning: Async generator ... was garbage collected``): a
+    test run with ``-W error::ResourceWarning`` failed on an "Exception ignored"."""
+
+    def boom(event: dict[str, Any]) -> None:
+        raise KeyError("on_event's own")
+
+    where: dict[str, Any] = {"base_url": stopping_server} if not in_process else {}
+    if text == "too-large":
+        where["max_bytes"] = 200
+    client = LayercodeTestClient(stopping_app if in_process else None, secret=SECRET, **where)
+    body = "x" * 4_000_000 if text == "refused" and not in_process else text
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with anyio.fail_after(10):
+                await client.message(body, on_event=boom if text == "on_event" else None)
+        except (ProtocolViolation, KeyError) as exc:
+            raised = exc.name if isinstance(exc, ProtocolViolation) else "on_event"
+        gc.collect()
+    assert raised in (text, "http-error", "connection-error")
+    left = [str(w.message)[16:80] for w in caught if "garbage collected" in str(w.message)]
+    assert left == []
