@@ -13,7 +13,7 @@ deflate); any other raises :class:`UnsupportedEncoding`.
 from __future__ import annotations
 
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any, Final
 
 import httpx
@@ -85,12 +85,6 @@ class BodyDecoder:
             return b""
         self._inflate = zlib.decompressobj(zlib.MAX_WBITS | 16)
         return pending
-
-    async def decode(self, raw_chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Decode a raw stream (``response.aiter_raw()``)."""
-        async for raw in raw_chunks:
-            for piece in self.feed(raw):
-                yield piece
 
 
 async def read_prefix(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
