@@ -14,7 +14,7 @@ One webhook request, from ``create_app`` to the last byte:
    ``data`` / ``session.update`` / ``session.end`` get JSON (``_answer_json``); a turn gets
    ``turn_response``, an ``sse.EventStreamResponse`` whose producer (``webhook._TurnRequest``)
    queues for the conversation's lock (``conversations.lock``), reads the history, runs the
-   turn (``_run``) and records it (``record``, just before ``response.end``).
+   turn (``_start_turn``, ``Turn.run``) and records it (``record``, just before ``response.end``).
 4. ``turns.Turn.run``: the deadline (armed when the lock was taken) covers ``_produce`` (the
    agent's replies, ``deliver`` → ``emit``) and ``end``; past it, the fallback or
    ``response.error`` and ``response.end`` get the grace.
