@@ -165,13 +165,11 @@ async def _run(
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    return {
-        "turns": turns,
-        "cpu_us_per_turn": cpu / max(turns, 1) * 1e6,
-        "scopes_per_turn": scopes / max(turns, 1),
-        "bytes_per_open_turn": statistics.median(per_turn) if per_turn else 0,
-        "top": top,
-    }
+    result: dict[str, Any] = {"turns": turns, "cpu_us_per_turn": cpu / max(turns, 1) * 1e6}
+    result["scopes_per_turn"] = scopes / max(turns, 1)
+    if samples:
+        result |= {"bytes_per_open_turn": statistics.median(per_turn), "top": top}
+    return result
 
 
 def _count_scopes() -> list[int]:
