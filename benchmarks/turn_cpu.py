@@ -1,6 +1,7 @@
 """CPU per paced turn, in process: ``create_app`` with a pacing agent against the floor app.
 
     python benchmarks/turn_cpu.py [--n 400] [--rounds 5] [--duration 4] [--count-scopes]
+    python benchmarks/turn_cpu.py --memory [--n 800] [--rounds 1]
 
 No HTTP, no server: N clients in a closed loop call the ASGI app directly (uvloop), each
 with its own conversation and signed ``message`` bodies made up front. The agent thinks
@@ -11,7 +12,10 @@ are reported: CPU µs per turn (this harness's own share included, the same for 
 ours minus floor. ``--base TREE`` also runs ours from another source tree (``base``),
 interleaved: a change measured against the code before it (the paired ratio per round is
 the figure to trust: this shared VM moves every run by 10-15 %). ``--count-scopes`` also
-counts the anyio cancel scopes entered per turn.
+counts the anyio cancel scopes entered per turn. ``--memory`` reports, instead of CPU, the
+bytes ``tracemalloc`` sees allocated per open turn at steady state (the traced total at
+``--samples`` points of the window, each divided by the turns open then; the median), and
+ours' top 15 source lines holding it (allocated after the harness built its bodies).
 
 What it showed (N = 400, asyncio): a turn of ``create_app`` enters 5 cancel scopes (the body
 read's deadline, the lock-wait scope, the response's cancel scope, the turn's deadline, the
@@ -31,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +91,10 @@ async def _start(app: Any) -> None:
     await asyncio.wait_for(started.wait(), 10)
 
 
-async def _client(app: Any, index: int, n: int, turn_s: float, done: list[int]) -> None:
-    bodies = [message_body("cpu01", index, turn) for turn in range(64)]
-    scopes = [_scope(body) for body in bodies]
+async def _client(
+    app: Any, index: int, n: int, turn_s: float, done: list[int], bodies: list[bytes]
+) -> None:
+    scopes = [_scope(body) for body in bodies]  # (made before tracemalloc starts: see _run)
     await asyncio.sleep(turn_s * index / n)  # spread, as paced.py does
     never = asyncio.Event()
     turn = 0
@@ -111,14 +117,22 @@ async def _client(app: Any, index: int, n: int, turn_s: float, done: list[int]) 
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 ended = True
 
+        done[1] += 1  # open
         await app(scopes[turn % 64], receive, send)
+        done[1] -= 1
         assert ended, "a turn did not end its body"
         done[0] += 1
         turn += 1
 
 
 async def _run(
-    which: str, n: int, warmup: float, duration: float, turn_s: float, entered: list[int]
+    which: str,
+    n: int,
+    warmup: float,
+    duration: float,
+    turn_s: float,
+    entered: list[int],
+    samples: int = 0,
 ) -> dict[str, Any]:
     if which == "ours":
         import ours_app
@@ -129,21 +143,33 @@ async def _run(
         import floor_app
 
         app = floor_app.sleepy_app
-    done = [0]
-    tasks = [asyncio.ensure_future(_client(app, i, n, turn_s, done)) for i in range(n)]
+    done = [0, 0]  # turns ended, turns open
+    bodies = [[message_body("cpu01", i, turn) for turn in range(64)] for i in range(n)]
+    tasks = [asyncio.ensure_future(_client(app, i, n, turn_s, done, bodies[i])) for i in range(n)]
+    await asyncio.sleep(0)  # every client made its scopes and waits for its first turn
+    if samples:
+        tracemalloc.start()
     await asyncio.sleep(warmup)
     turns0, scopes0, cpu0 = done[0], entered[0], time.process_time()
-    await asyncio.sleep(duration)
+    per_turn, top = [], []
+    for sample in range(samples):
+        await asyncio.sleep(duration / samples)
+        per_turn.append(tracemalloc.get_traced_memory()[0] / max(done[1], 1))
+        if sample == samples // 2:
+            stats = tracemalloc.take_snapshot().statistics("lineno")[:15]
+            top = [(str(s.traceback[0]), s.size / max(done[1], 1)) for s in stats]
+    if not samples:
+        await asyncio.sleep(duration)
     turns, cpu = done[0] - turns0, time.process_time() - cpu0
     scopes = entered[0] - scopes0
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    return {
-        "turns": turns,
-        "cpu_us_per_turn": cpu / max(turns, 1) * 1e6,
-        "scopes_per_turn": scopes / max(turns, 1),
-    }
+    result: dict[str, Any] = {"turns": turns, "cpu_us_per_turn": cpu / max(turns, 1) * 1e6}
+    result["scopes_per_turn"] = scopes / max(turns, 1)
+    if samples:
+        result |= {"bytes_per_open_turn": statistics.median(per_turn), "top": top}
+    return result
 
 
 def _count_scopes() -> list[int]:
@@ -169,7 +195,8 @@ def _child(args: argparse.Namespace) -> None:
 
     async def main() -> dict[str, Any]:
         entered = _count_scopes() if args.count_scopes else [0]
-        return await _run(args.child, args.n, args.warmup, args.duration, turn_s, entered)
+        samples = args.samples if args.memory else 0
+        return await _run(args.child, args.n, args.warmup, args.duration, turn_s, entered, samples)
 
     result = uvloop.run(main())
     print(json.dumps(result))
@@ -185,13 +212,19 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=10)
     parser.add_argument("--interval", type=float, default=0.05)
     parser.add_argument("--count-scopes", action="store_true")
+    parser.add_argument("--memory", action="store_true", help="tracemalloc bytes per open turn")
+    parser.add_argument("--samples", type=int, default=5)
     parser.add_argument(
         "--base", help="also run ours from this source tree (e.g. another worktree): 'base'"
     )
     parser.add_argument("--child", choices=["ours", "floor"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if min(args.n, args.rounds, args.chunks) < 1 or not args.duration > 0 or args.warmup < 0:
-        parser.error("--n, --rounds and --chunks take 1 or more, --duration more than 0")
+    if (
+        min(args.n, args.rounds, args.chunks, args.samples) < 1
+        or not args.duration > 0
+        or args.warmup < 0
+    ):
+        parser.error("--n, --rounds, --chunks and --samples take 1 or more, --duration more than 0")
     if args.child:
         _child(args)
         return
@@ -203,8 +236,8 @@ def main() -> None:
     }
     common = [f"--{k}={getattr(args, k)}" for k in ("n", "warmup", "duration")]
     common += [f"--think={args.think}", f"--chunks={args.chunks}", f"--interval={args.interval}"]
-    if args.count_scopes:
-        common.append("--count-scopes")
+    common += [f"--samples={args.samples}"]
+    common += [f"--{k.replace('_', '-')}" for k in ("count_scopes", "memory") if getattr(args, k)]
     results: dict[str, list[dict[str, Any]]] = {"ours": [], "floor": []}
     if args.base:
         results["base"] = []
@@ -226,11 +259,14 @@ def main() -> None:
                 text=True,
             ).stdout
             results[which].append(json.loads(out.strip().splitlines()[-1]))
-            print(which, results[which][-1], flush=True)
+            print(which, {k: v for k, v in results[which][-1].items() if k != "top"}, flush=True)
             if not results[which][-1]["turns"]:
                 sys.exit(
                     f"error: no {which} turn ended in --duration {args.duration} s: lengthen it"
                 )
+    if args.memory:
+        _report_memory(results)
+        return
     medians = {w: statistics.median(r["cpu_us_per_turn"] for r in rs) for w, rs in results.items()}
     for which, rs in results.items():
         turns = statistics.median(r["turns"] for r in rs)
@@ -249,6 +285,19 @@ def main() -> None:
         print(f"ours / base, paired by round: {paired:.3f}")
     for which in sorted(medians.keys() - {"floor"}):
         print(f"{which} - floor: {medians[which] - medians['floor']:.1f} µs per turn")
+
+
+def _report_memory(results: dict[str, list[dict[str, Any]]]) -> None:
+    medians = {
+        w: statistics.median(r["bytes_per_open_turn"] for r in rs) for w, rs in results.items()
+    }
+    for which, value in medians.items():
+        print(f"{which:5s} {value:8.0f} B traced per open turn (median of {len(results[which])})")
+    for which in sorted(medians.keys() - {"floor"}):
+        print(f"{which} - floor: {medians[which] - medians['floor']:.0f} B per open turn")
+    print("ours: top 15 lines (B per open turn, one snapshot):")
+    for where, size in results["ours"][0]["top"]:
+        print(f"  {size:8.0f}  {where}")
 
 
 if __name__ == "__main__":

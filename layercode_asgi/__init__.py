@@ -21,8 +21,8 @@ step by step, with every early answer):
    (``_produce``) and a disconnect watcher in another.
 5. ``webhook._TurnRequest.__call__`` queues for the conversation's lock
    (``conversation.ConversationManager.lock``; 503 when too many wait or the wait is too
-   long), reads the history (``conversation.manager.read_for_turn``) and calls
-   ``LayercodeWebhook._run``, which builds the ``turns.Turn`` and runs it.
+   long), reads the history (``conversation.manager.read_for_turn``), has
+   ``LayercodeWebhook._start_turn`` build the ``turns.Turn`` and runs it.
 6. ``turns.Turn.run``: the deadline (counted from the lock) covers ``_produce`` (the agent's
    replies, ``deliver`` -> ``sse.EventStreamResponse.emit``) and ``end``; past it, the
    fallback or ``response.error`` and ``response.end`` get the grace.

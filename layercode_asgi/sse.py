@@ -1,15 +1,10 @@
-"""Server-Sent Events: message formatting and streaming responses.
-
-* :func:`format_sse_message` renders one message exactly as the SSE specification reads it.
-* :func:`create_sse_response` wraps any async iterable in sse-starlette's
-  ``EventSourceResponse`` (keep-alive pings, disconnect detection), with the headers
-  LayerCode and proxies need.
-* :class:`EventStreamResponse` is the small response LayerCode turns use (on anyio: asyncio
-  or trio): a producer coroutine pushes ready-made SSE bytes through ``emit``; each
-  ``emit`` waits for the server's ``send`` (so a slow client slows the producer, nothing
-  piles up), and a client disconnect cancels the producer at once. (sse-starlette's
-  ``EventSourceResponse`` for the same turns, on the paced benchmark: many times our p99
-  first-tts overhead and more CPU per turn; benchmarks/RESULTS.md has the figures.)
+"""Server-Sent Events: :func:`format_sse_message` renders one message as the specification
+reads it; :func:`create_sse_response` streams any async iterable on sse-starlette's
+``EventSourceResponse`` (keep-alive pings, disconnect detection); :class:`EventStreamResponse`
+is the small response of LayerCode turns (a producer pushes ready-made SSE bytes through
+``emit``, which waits for the server; a disconnect cancels the producer at once).
+sse-starlette's response for the same turns had, on the paced benchmark, many times our p99
+first-tts overhead and more CPU per turn (benchmarks/RESULTS.md).
 
 All three responses are Starlette ``Response`` subclasses: return them from Starlette or
 FastAPI handlers, from Litestar handlers annotated ``-> ASGIApp`` (or the class), or call
@@ -287,17 +282,35 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send = self._send_body = send
-        # The producer runs in this task and the disconnect watcher in another: the
-        # producer starts at once, not one trip through the event loop later (under load
-        # each trip waits for everything else the loop has to do; the trip was 30% of
-        # ours' p99 first-tts overhead on the paced benchmark at N = 800).
+        # The producer runs in this task, the disconnect watcher in another: the producer
+        # starts at once, not one trip through the event loop later (under load a trip waits
+        # for all else the loop has to do: it was 30% of ours' p99 first-tts overhead on the
+        # paced benchmark at N = 800). On asyncio the watcher is a plain task, cancelled the
+        # same way (the anyio scope around the producer): a task group cost 33 µs more per
+        # paced turn in-process, and at N = 800 took server CPU per turn from 287 to 330 µs
+        # and the p99 first-tts overhead from 2.3 to 2.9 ms. Either way the watcher is
+        # cancelled once the producer is done (waiting for the server's ``http.disconnect``
+        # cost 5% of CPU per paced turn, in-process). Inline, not in methods of their own:
+        # one coroutine frame fewer held by every open turn.
         try:
-            asyncio.current_task()
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # no asyncio loop: trio
-            stream = self._stream_in_task_group
+            loop = None
+        if loop is None:  # (outside the handler: the agent's errors get no __context__)
+            async with anyio.create_task_group() as task_group:
+                self._cancel = task_group.cancel_scope
+                self._send_body = _DetachedSend(send)
+                task_group.start_soon(self._watch_disconnect, receive)
+                await self._produce()
+                task_group.cancel_scope.cancel()
         else:
-            stream = self._stream_on_asyncio
-        await stream(receive)  # outside the handler: the agent's errors get no __context__
+            cancel = self._cancel = anyio.CancelScope()
+            watcher = loop.create_task(self._watch_disconnect(receive))
+            try:
+                with cancel:
+                    await self._produce()
+            finally:
+                watcher.cancel()
         if not self.disconnected:
             await self._finish(send, self._failure)
         # no cycle through the producer
@@ -333,33 +346,6 @@ class EventStreamResponse(Response):
         if self._unyielded >= _YIELD_EVERY:
             self._unyielded = 0
             await anyio.lowlevel.checkpoint()
-
-    async def _stream_in_task_group(self, receive: Receive) -> None:
-        async with anyio.create_task_group() as task_group:
-            cancel = self._cancel = task_group.cancel_scope
-            if self._send is not None:
-                self._send_body = _DetachedSend(self._send)
-            task_group.start_soon(self._watch_disconnect, receive)
-            try:
-                await self._produce()
-            finally:
-                cancel.cancel()  # the producer is done: so is the watcher
-
-    async def _stream_on_asyncio(self, receive: Receive) -> None:
-        """The same with the watcher in a plain asyncio task, cancelled the same way (the
-        anyio scope around the producer). An anyio task group costs 33 µs more per paced
-        turn (in-process); on the paced benchmark at N = 800 this path took ours' server
-        CPU per turn from 330 to 287 µs (-13%) and its p99 first-tts overhead from 2.9 to
-        2.3 ms. On both paths the watcher is cancelled as soon as the producer is done:
-        waiting for the server's ``http.disconnect`` instead cost 5% of ours' CPU per paced
-        turn (in-process, 182 -> 173 µs)."""
-        cancel = self._cancel = anyio.CancelScope()
-        watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive))
-        try:
-            with cancel:
-                await self._produce()
-        finally:
-            watcher.cancel()
 
     async def _produce(self) -> None:
         try:

@@ -10,17 +10,11 @@ like LayerCode's Node SDK: the handler calls ``stream.tts(...)``) and emits, for
     data: {"type":"response.error","error":"agent error","turn_id":"t1"}
     data: {"type":"response.end","turn_id":"t1"}
 
-Its guarantees are those of docs/agent-contract.md: ``response.end`` exactly once and last,
-whatever the agent does (before it, ``response.error`` when the agent fails, the fallback
-or ``response.error`` when the turn overruns its timeout); each ``emit`` waits for the
-server, and only then is the agent resumed (back-pressure); a disconnect cancels the agent
-at its current ``await`` (anyio's cancellation: it runs in the request's own task) and
-closes it, and nothing more is emitted.
-
+Its guarantees are docs/agent-contract.md's: ``response.end`` exactly once and last;
+back-pressure (the agent resumes once the server took its event); a disconnect cancels the
+agent at its current ``await`` (it runs in the request's own task) and nothing more is sent.
 :func:`stream_turn` and :func:`stream_response` wrap a turn in an
-:class:`~layercode_asgi.sse.EventStreamResponse` for any framework's route handler; given
-an event that opens no turn (``data``, ``session.update``, ``session.end``), they answer it
-as ``create_app`` does without hooks: 200 ``{"status": "ok"}`` (JSON), calling no agent.
+:class:`~layercode_asgi.sse.EventStreamResponse` for any framework's route handler.
 """
 
 from __future__ import annotations
@@ -512,7 +506,9 @@ def stream_turn(
     timeout_message: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    """The SSE response answering ``event`` with ``agent`` (not a turn: JSON, see above)."""
+    """The SSE response answering ``event`` with ``agent``. An event that opens no turn
+    (``data``, ``session.*``) is answered as ``create_app`` does without hooks: 200
+    ``{"status": "ok"}`` (JSON), calling no agent."""
     return _stream(event, agent, None, history, extras, timeout, timeout_message, headers)
 
 
@@ -526,7 +522,8 @@ def stream_response(
     timeout_message: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    """Node-SDK style: ``handler(stream)`` calls ``stream.tts(...)`` (not a turn: JSON)."""
+    """Node-SDK style: ``handler(stream)`` calls ``stream.tts(...)``; an event that opens
+    no turn is answered as by :func:`stream_turn`."""
     return _stream(event, None, handler, history, extras, timeout, timeout_message, headers)
 
 

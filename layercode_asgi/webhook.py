@@ -6,7 +6,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import anyio
@@ -119,7 +119,11 @@ class _TurnRequest:
         assert event is not None
         conversations = webhook.conversations
         if conversations is None:
-            await webhook._run(event, (), emit)
+            turn = webhook._start_turn(event, (), None)
+            try:
+                await turn.run(emit)
+            finally:
+                webhook._running.discard(turn)
             return
         cid = event.conversation_id
         pending = webhook._pending
@@ -154,7 +158,13 @@ class _TurnRequest:
                         raise _aborted(webhook._abort_message)
                     webhook._waiting.discard(waiting)  # from here on, abort_turns aborts the turn
                     self.unrecorded = (conversations, event, generation)
-                    await webhook._run(event, history, emit, locked_at, self.record)
+                    turn = webhook._start_turn(event, history, locked_at)
+                    turn.before_end = self.record
+                    try:  # here, not in a method: one coroutine frame fewer per open turn
+                        await turn.run(emit)
+                    finally:
+                        webhook._running.discard(turn)
+                        await self.record(turn)  # (once: a second call does nothing)
         except LayercodeError as exc:
             if acquired or isinstance(exc, ResponseError):
                 raise
@@ -445,17 +455,12 @@ class LayercodeWebhook:
         # A client that stopped reading gets the turn's grace for the final frame too.
         return EventStreamResponse(_TurnRequest(self, event, body), close_timeout=self.turn_grace)
 
-    async def _run(
-        self,
-        event: TurnEvent,
-        history: Sequence[HistoryMessage],
-        emit: Emit,
-        locked_at: float | None = None,
-        record: Callable[[Turn], Awaitable[None]] | None = None,
-    ) -> None:
-        """Run the turn, abortable by :meth:`abort_turns`; its deadline counts from
-        ``locked_at`` (an ``anyio.current_time()``), and ``record`` runs just before its
-        ``response.end`` or, if it stopped without one, once it stopped."""
+    def _start_turn(
+        self, event: TurnEvent, history: Sequence[HistoryMessage], locked_at: float | None
+    ) -> Turn:
+        """The turn, abortable by :meth:`abort_turns` (the caller runs it, then discards
+        it from ``_running``); its deadline counts from ``locked_at`` (an
+        ``anyio.current_time()``)."""
         turn = Turn(
             event,
             self._bound,
@@ -466,16 +471,10 @@ class LayercodeWebhook:
             grace=self.turn_grace,
             started_at=locked_at,
         )
-        turn.before_end = record
         self._running.add(turn)
         if self.metrics is not None:
             self.metrics.turn_started(turn)
-        try:
-            await turn.run(emit)
-        finally:
-            self._running.discard(turn)
-            if record is not None:
-                await record(turn)  # (once: a second call does nothing)
+        return turn
 
     def abort_turns(self, message: str = SHUTTING_DOWN) -> None:
         """End every open turn now (``run_server`` calls it when its grace period is over).

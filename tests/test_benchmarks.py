@@ -218,7 +218,8 @@ def test_the_report_survives_a_measured_zero(monkeypatch: pytest.MonkeyPatch) ->
 @pytest.mark.timeout(120)
 def test_turn_cpu_measures_turns_and_refuses_an_empty_window() -> None:
     """benchmarks/turn_cpu.py (CPU per paced turn, in process) runs briefly and counts the
-    cancel scopes; a window too short for any turn to end is an error, not a made-up figure."""
+    cancel scopes, and with ``--memory`` the bytes per open turn and the lines holding them; a
+    window too short for any turn to end is an error, not a made-up figure."""
     script = str(ROOT / "benchmarks" / "turn_cpu.py")
     brief = ["--n=8", "--rounds=1", "--warmup=0.2", "--think=0.02", "--chunks=2"]
     pacing = ["--interval=0.01"]
@@ -237,6 +238,20 @@ def test_turn_cpu_measures_turns_and_refuses_an_empty_window() -> None:
     assert ours is not None, done.stdout
     assert float(ours[1]) > 0 and int(ours[2]) > 0 and float(ours[3]) >= 1, done.stdout
     assert re.search(r"^ours - floor: -?[\d.]+ µs per turn$", done.stdout, re.M), done.stdout
+
+    memory = subprocess.run(
+        [sys.executable, script, *brief, *pacing, "--duration=0.6", "--memory", "--samples=2"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert memory.returncode == 0, memory.stdout[-2000:] + memory.stderr[-2000:]
+    for which in ("ours", "floor"):
+        assert re.search(rf"^{which} +\d+ B traced per open turn", memory.stdout, re.M), (
+            memory.stdout
+        )
+    assert re.search(r"^ours - floor: -?\d+ B per open turn$", memory.stdout, re.M), memory.stdout
+    assert "layercode_asgi" in memory.stdout.split("top 15 lines")[1], memory.stdout
 
     slow_turns = ["--think=1.0", "--duration=0.2"]
     empty = subprocess.run(
