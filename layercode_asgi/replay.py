@@ -107,27 +107,23 @@ class MemoryReplayCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _sweep(self, now: float) -> None:
-        entries = self._entries
-        while entries:
-            key, expiry = next(iter(entries.items()))
-            if expiry > now:
-                break
-            del entries[key]
-
     async def seen(self, key: str, ttl: float) -> bool:
         # NaN, infinity, <= 0: would never (or always) expire; True is no number of seconds
         if ttl is True or not 0 < ttl <= MAX_NUMBER:
             check_seconds("ttl", ttl, zero=False, none=False)
-        now = time.monotonic()
-        self._sweep(now)
-        expiry = self._entries.get(key)
+        now, entries = time.monotonic(), self._entries
+        while entries:
+            oldest, oldest_expiry = next(iter(entries.items()))
+            if oldest_expiry > now:
+                break
+            del entries[oldest]
+        expiry = entries.get(key)
         if expiry is not None and expiry > now:
             return True
-        self._entries[key] = now + ttl
-        self._entries.move_to_end(key)
-        if len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        entries[key] = now + ttl
+        entries.move_to_end(key)
+        if len(entries) > self.max_entries:
+            entries.popitem(last=False)
             logger.warning(
                 "replay cache full (%d entries): forgetting the oldest signature early; "
                 "raise max_entries or use Redis",
