@@ -14,7 +14,7 @@ check compares whole seconds (``floor(now) - t <= tolerance``), so until
 
 * :class:`MemoryReplayCache`: one process; bounded (``max_entries``, oldest dropped first
   with a warning — size it above your peak rate * (2 * tolerance + 1)).
-* :class:`RedisReplayCache`: every worker sharing one Redis (``SET key 1 NX EX ttl``).
+* :class:`RedisReplayCache`: every worker sharing one Redis (``SET key value NX EX ttl``).
   When Redis is down or answers with an error (OOM, READONLY, any ``RedisError``) it raises
   :class:`~layercode_asgi.conversation.StoreUnavailableError`; the middleware answers 503
   (fail closed: a replay check that cannot run does not pass).
@@ -25,13 +25,17 @@ A delivery answered 503 (with ``Retry-After``: not processed, try again) is forg
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import itertools
 import logging
 import math
 import secrets
 import time
 from collections import OrderedDict
 from typing import Any, Protocol
+
+import anyio
 
 from ._redis import (
     MAX_EXPIRE_SECONDS,
@@ -40,7 +44,6 @@ from ._redis import (
     clients,
     ping_primaries,
     redis_error_text,
-    retry,
     write_check_keys,
 )
 from .conversation import StoreUnavailableError
@@ -56,10 +59,17 @@ __all__ = ["MemoryReplayCache", "RedisReplayCache", "ReplayCache", "replay_key"]
 
 logger = logging.getLogger("layercode_asgi.replay")
 
+# Delete KEYS[1] if its value starts with ARGV[1]: a check's value (all are as long), or
+# the cache's token (any of its checks).
 _FORGET_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+local value = redis.call('GET', KEYS[1])
+if value and string.sub(value, 1, #ARGV[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+#: The SETs that got no reply a RedisReplayCache keeps per event loop (beyond: the oldest
+#: dropped) to undo once Redis answers.
+_UNANSWERED_KEPT = 10_000
 
 
 def replay_key(timestamp: str, body: bytes) -> str:
@@ -97,27 +107,23 @@ class MemoryReplayCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _sweep(self, now: float) -> None:
-        entries = self._entries
-        while entries:
-            key, expiry = next(iter(entries.items()))
-            if expiry > now:
-                break
-            del entries[key]
-
     async def seen(self, key: str, ttl: float) -> bool:
         # NaN, infinity, <= 0: would never (or always) expire; True is no number of seconds
         if ttl is True or not 0 < ttl <= MAX_NUMBER:
             check_seconds("ttl", ttl, zero=False, none=False)
-        now = time.monotonic()
-        self._sweep(now)
-        expiry = self._entries.get(key)
+        now, entries = time.monotonic(), self._entries
+        while entries:
+            oldest, oldest_expiry = next(iter(entries.items()))
+            if oldest_expiry > now:
+                break
+            del entries[oldest]
+        expiry = entries.get(key)
         if expiry is not None and expiry > now:
             return True
-        self._entries[key] = now + ttl
-        self._entries.move_to_end(key)
-        if len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        entries[key] = now + ttl
+        entries.move_to_end(key)
+        if len(entries) > self.max_entries:
+            entries.popitem(last=False)
             logger.warning(
                 "replay cache full (%d entries): forgetting the oldest signature early; "
                 "raise max_entries or use Redis",
@@ -133,12 +139,27 @@ class MemoryReplayCache:
         self._entries.clear()
 
 
+class _OnLoop:
+    """A cache's client on one event loop, and the SETs it sent there that got no reply."""
+
+    __slots__ = ("client", "unanswered", "undoer")
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.unanswered: dict[str, tuple[str, float]] = {}  # value -> (key, expiry)
+        self.undoer: asyncio.Task[None] | None = None
+
+
 class RedisReplayCache:
     """Replay cache shared by every worker using the same Redis: ``SET NX EX``.
 
     From a URL it makes one client per event loop; a ``redis.asyncio`` client given instead
     stays the application's (not closed by :meth:`aclose`): use it on the loop that created
     it.
+
+    Each check sets a value of its own. One that got no reply (Redis slow or down: 503) may
+    yet run and refuse LayerCode's retry (409): it is undone (its value only) once Redis
+    answers, by one background task per event loop, trying at most once a second.
     """
 
     def __init__(
@@ -157,9 +178,9 @@ class RedisReplayCache:
         if not isinstance(key_prefix, str):
             raise ConfigurationError(f"key_prefix must be a string, got {key_prefix!r}")
         check_text("key_prefix", key_prefix)
-        self._clients: PerLoop[Any] = clients(
+        self._clients: PerLoop[_OnLoop] = clients(
             url_or_client,
-            lambda client: client,
+            _OnLoop,
             "replay protection on Redis",
             cluster=cluster,
             max_connections=max_connections,
@@ -176,52 +197,62 @@ class RedisReplayCache:
         self._answered = ResponseError  # an error reply: the command did not run
         self._tasks = Tasks()
         self._check_writes = True  # by the next ping(): at first, and after a failure
-        # The value of the keys this cache sets: ``forget`` deletes only those.
-        self._token = secrets.token_hex(8).encode("ascii")
+        # A check's value: this cache's token, then the check's number (the same length).
+        self._token = secrets.token_hex(8)
+        self._numbers = itertools.count()
 
     async def seen(self, key: str, ttl: float) -> bool:
         if ttl is True or not 0 < ttl <= MAX_NUMBER:  # as MemoryReplayCache: the same refusal
             check_seconds("ttl", ttl, zero=False, none=False)
         seconds = min(math.ceil(ttl), MAX_EXPIRE_SECONDS)  # Redis refuses longer
+        here = self._clients.get()
+        value = f"{self._token}{next(self._numbers):016x}"
         try:
-            created = await self._clients.get().set(
-                self.key_prefix + key, self._token, nx=True, ex=seconds
-            )
+            created = await here.client.set(self.key_prefix + key, value, nx=True, ex=seconds)
         except UnicodeEncodeError:  # the prefix was checked: a lone surrogate in ``key``
             raise ValueError("replay key is not valid text (a lone surrogate)") from None
         except self._errors as exc:
-            if not isinstance(exc, self._answered):
-                # No reply: Redis may yet run the SET, and the 503's retry must be taken.
-                self._tasks.start(self._forget_later(key, seconds))
+            if not isinstance(exc, self._answered):  # no reply: Redis may yet run the SET
+                unanswered = here.unanswered
+                unanswered[value] = (key, time.monotonic() + seconds)
+                if len(unanswered) > _UNANSWERED_KEPT:
+                    del unanswered[next(iter(unanswered))]
+                if here.undoer is None or here.undoer.done():
+                    here.undoer = self._tasks.start(self._undo(here))
             raise self._unavailable(exc) from exc
         return not created
 
     async def forget(self, key: str) -> None:
         """Delete ``key`` if this cache set it (not a later delivery's, after it expired)."""
+        key = self.key_prefix + key
         try:
-            await self._clients.get().eval(_FORGET_LUA, 1, self.key_prefix + key, self._token)
+            await self._clients.get().client.eval(_FORGET_LUA, 1, key, self._token)
         except self._errors as exc:
             raise self._unavailable(exc) from exc
 
-    async def _forget_later(self, key: str, seconds: float) -> None:
-        """Forget ``key`` as soon as Redis answers (within ``seconds``, its lifetime): then
-        any ``SET`` of it sent before has run."""
-
-        async def attempt() -> bool:
-            try:
-                await self.forget(key)
-            except StoreUnavailableError as exc:
-                return isinstance(exc.__cause__, self._answered)
-            return True
-
-        await retry(attempt, seconds, 1.0)
+    async def _undo(self, here: _OnLoop) -> None:
+        """Delete the values of the SETs that got no reply, as soon as Redis answers (then
+        those sent before have run): a round stops at the first attempt with no reply, and
+        the next waits twice as long (from 50 ms up to 1 s); one gone or expired is dropped."""
+        delay = 0.05
+        while here.unanswered:
+            await anyio.sleep(delay)
+            delay = min(2 * delay, 1.0)
+            for value, (key, expiry) in list(here.unanswered.items()):
+                if expiry > time.monotonic():
+                    try:
+                        await here.client.eval(_FORGET_LUA, 1, self.key_prefix + key, value)
+                    except self._errors as exc:
+                        if not isinstance(exc, self._answered):
+                            break
+                here.unanswered.pop(value, None)
 
     async def ping(self) -> None:
         """``PING`` Redis (every primary of a cluster), for ``/ready``; raise
         :class:`~layercode_asgi.conversation.StoreUnavailableError` if it does not answer,
         or does not take writes: checked (one short-lived key, ``<prefix>ready``) at the
         first ping and at the first after a failed check."""
-        client = self._clients.get()
+        client = self._clients.get().client
         try:
             await ping_primaries(client)
             if self._check_writes:
@@ -239,6 +270,6 @@ class RedisReplayCache:
     async def aclose(self) -> None:
         """Close the client this cache created on this event loop (not one given to it)."""
         await self._tasks.cancel()
-        client = self._clients.take()
-        if client is not None:
-            await client.aclose()
+        here = self._clients.take()
+        if here is not None:
+            await here.client.aclose()
