@@ -273,13 +273,20 @@ async def write_check_keys(client: Any, key: str) -> list[str]:
 
 def redis_error_text(exc: BaseException) -> str:
     """An error of redis-py for a log line: a MOVED or ASK reply (only a client made without
-    ``cluster`` sees one) says which setting is missing, not just a slot and an address. A
-    script's error names where it failed, ``@user_script:24``: without its ``@``, which
-    after the store's URL in a line would hide all before it as the URL's password."""
-    from redis.exceptions import AskError  # MovedError is one
+    ``cluster`` sees one) says which setting is missing, not just a slot and an address;
+    redis-py's "TTL exhausted" (redirected or told TRYAGAIN 16 times: 0.1 to 0.3 s measured)
+    says what Redis meant. A script's error names where it failed, ``@user_script:24``: without
+    its ``@``, which after the store's URL in a line would hide all before it as the URL's
+    password."""
+    from redis.exceptions import AskError, ClusterError, TryAgainError  # MovedError is an Ask
 
     if isinstance(exc, AskError):
         return f"{exc} (a MOVED reply: the Redis is {CLUSTER_HINT})"
+    if type(exc) is ClusterError or isinstance(exc, TryAgainError):
+        return (
+            f"{exc} (the Redis Cluster is moving a slot of these keys to another node, "
+            "or its slots keep changing: this passes once the move ends)"
+        )
     return str(exc).replace("@user_script:", "user_script:")
 
 

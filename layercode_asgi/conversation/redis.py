@@ -231,8 +231,9 @@ class RedisConversationStore:
                 return await awaitable
         except self._unavailable_errors as exc:
             self._check_writes = True
+            text = f"{type(exc).__name__}: {redis_error_text(exc)}"
             raise StoreUnavailableError(
-                f"Redis at {self._where} is unavailable ({operation}): {type(exc).__name__}: {exc}"
+                f"Redis at {self._where} is unavailable ({operation}): {text}"
             ) from exc
         except (self._redis_error, UnicodeDecodeError) as exc:  # the latter: bytes not in
             # UTF-8 (not what the store wrote) read by a client given decode_responses=True
