@@ -17,10 +17,6 @@ handed the lock, or anyone finding it free with waiters queued: the holder crash
 that waiter's token (TTL: the presence TTL, enough to claim it) and ``PUBLISH``-es the token
 on the waiter's channel, which wakes it. The woken waiter claims the lock (full TTL) and
 reads the history in the same script. Abandoned entries are skipped, never waited for.
-
-The lock script takes ``KEYS = [lock, queue, history, generation]`` and ``ARGV = [token,
-entry, lock_ttl_ms, presence_prefix, presence_ttl_ms, generation_ttl_s, push]``; it returns
-``{1, history entries, generation}`` when the caller holds the lock, else ``{0}``.
 """
 
 from __future__ import annotations
@@ -86,42 +82,32 @@ local function handoff(queue, lock, presence, ttl)
 end
 """
 
-_HOLDING: Final = """
-local function holding()
+#: Lock + read, for a new turn (``push`` = ``rpush``: it queues at the end) and for a waiter,
+#: woken or checking now and then (``lpush``: queued again at the front if its entry was
+#: popped): claim the lock handed to it, or take it if free (after handing it to any waiter
+#: still queued ahead), else stay queued and present. KEYS = [lock, queue, history,
+#: generation], ARGV = [token, entry, lock_ttl_ms, presence_prefix, presence_ttl_ms,
+#: generation_ttl_s, push]; returns ``{1, history entries, generation}`` to the holder,
+#: else ``{0}``.
+LOCK_LUA: Final = (
+    _HANDOFF
+    + """
+local holder = redis.call('get', KEYS[1])
+if not holder then
+    holder = handoff(KEYS[2], KEYS[1], ARGV[4], ARGV[5]) or ARGV[1]
+end
+if holder == ARGV[1] then
     redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[3])
     redis.call('del', ARGV[4] .. ARGV[1])
     redis.call('expire', KEYS[4], ARGV[6])  -- outlives the turn that reads it (if it exists)
     return {1, redis.call('lrange', KEYS[3], 0, -1), redis.call('get', KEYS[4]) or '0'}
 end
-local function queued()
-    redis.call('set', ARGV[4] .. ARGV[1], '1', 'px', ARGV[5])
-    redis.call('pexpire', KEYS[2], ARGV[5])
-    return {0}
-end
-"""
-
-#: Lock + read, for a new turn (``push`` = ``rpush``: it queues at the end) and for a waiter,
-#: woken or checking now and then (``lpush``: queued again at the front if its entry was
-#: popped): claim the lock handed to it, or take it if free (after handing it to any waiter
-#: still queued ahead), else stay queued and present.
-LOCK_LUA: Final = (
-    _HANDOFF
-    + _HOLDING
-    + """
-local holder = redis.call('get', KEYS[1])
-if holder == ARGV[1] then
-    return holding()
-end
-if not holder then
-    local given = handoff(KEYS[2], KEYS[1], ARGV[4], ARGV[5])
-    if not given or given == ARGV[1] then
-        return holding()
-    end
-end
 if not redis.call('lpos', KEYS[2], ARGV[2]) then
     redis.call(ARGV[7], KEYS[2], ARGV[2])
 end
-return queued()
+redis.call('set', ARGV[4] .. ARGV[1], '1', 'px', ARGV[5])
+redis.call('pexpire', KEYS[2], ARGV[5])
+return {0}
 """
 )
 
@@ -141,7 +127,7 @@ return 0
 """
 )
 
-#: KEYS[1] = lock key, ARGV[1] = our token, ARGV[2] = new TTL in ms. Extend only if ours.
+#: KEYS[1] = lock key, ARGV[1] = our token, ARGV[2] = new TTL in ms.
 EXTEND_LUA: Final = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
     return redis.call('pexpire', KEYS[1], ARGV[2])
@@ -156,16 +142,13 @@ redis.call('expire', KEYS[2], ARGV[1])
 return {redis.call('lrange', KEYS[1], 0, -1), redis.call('get', KEYS[2]) or '0'}
 """
 
-# KEYS = [history, generation, lock, queue]. ARGV[1] = the generation the turn read ('' =
-# append whatever it is), ARGV[2] = max messages, ARGV[3] = max bytes of text, ARGV[4] =
-# TTL in s (0 = none), ARGV[5] = the lock token to release ('' = none), ARGV[6] = presence
-# prefix, ARGV[7] = presence TTL in ms, ARGV[8..] = the entries. Appends only if the
-# generation is current (or gone: a clear leaves it, so Redis lost it, e.g. restarted
-# without persistence, and no clear came since), drops the oldest entries beyond either
-# bound, then releases the lock if ARGV[5] holds it (handing it off); returns 1 if it
-# appended. An entry's JSON is at least as long as its text, so texts are decoded only when
-# the total is over the bound.
-#: Record a turn and release its lock (one round trip at the end of a turn).
+#: Record a turn and release its lock (one round trip at the end of a turn). KEYS =
+#: [history, generation, lock, queue], ARGV = [the generation read ('' = any), max messages,
+#: max bytes of text, TTL in s (0 = none), the lock token to release ('' = none), presence
+#: prefix, presence TTL in ms, the entries...]. Appends only if the generation is current
+#: (or gone: a clear leaves it, so Redis lost it, e.g. restarted without persistence), drops
+#: the oldest entries beyond either bound; returns 1 if it appended. An entry's JSON is at
+#: least as long as its text: texts are decoded only when the total is over the bound.
 RECORD_LUA: Final = (
     _HANDOFF
     + """
