@@ -292,19 +292,17 @@ def redis_error_text(exc: BaseException) -> str:
 
 def unavailable_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "Redis cannot be used right now" (down, slow, cluster
-    failing over, no cluster node reachable), as opposed to an error reply about the request
-    itself. ``RedisClusterException`` (no node of the cluster reachable, or the URL names a
-    Redis not in cluster mode) is not a ``RedisError``."""
+    failing over or moving a slot, no cluster node reachable), as opposed to an error reply
+    about the request itself. ``RedisClusterException`` (no node of the cluster reachable,
+    or the URL names a Redis not in cluster mode) is not a ``RedisError``; ``ClusterError``
+    includes ``ClusterDownError`` and ``MasterDownError``, ``OSError`` ``TimeoutError``."""
     from redis import exceptions
 
     return (
         exceptions.RedisClusterException,
         exceptions.ConnectionError,
         exceptions.TimeoutError,
-        exceptions.ClusterDownError,
         exceptions.ClusterError,
         exceptions.TryAgainError,
-        exceptions.MasterDownError,
         OSError,
-        TimeoutError,
     )

@@ -44,13 +44,7 @@ from ._redis import (
     write_check_keys,
 )
 from .conversation import StoreUnavailableError
-from .errors import (
-    MAX_NUMBER,
-    ConfigurationError,
-    check_positive_int,
-    check_seconds,
-    check_text,
-)
+from .errors import MAX_NUMBER, ConfigurationError, check_positive_int, check_seconds, check_text
 
 __all__ = ["MemoryReplayCache", "RedisReplayCache", "ReplayCache", "replay_key"]
 
