@@ -26,7 +26,6 @@ from .redaction import mask_url, port_problem
 __all__ = [
     "MAX_EXPIRE_SECONDS",
     "REDIS_CLIENT",
-    "PerLoop",
     "Tasks",
     "check_client",
     "clients",
@@ -50,16 +49,6 @@ T = TypeVar("T")
 
 #: What cannot run on trio, for :func:`~layercode_asgi.errors.require_asyncio`.
 REDIS_CLIENT = "Redis (REDIS_URL; redis-py's asyncio client)"
-
-
-class PerLoop(loops.PerLoop[T]):
-    """:class:`~layercode_asgi.loops.PerLoop` for redis-py's asyncio clients: a
-    :class:`ConfigurationError` on trio, where they cannot run."""
-
-    __slots__ = ()
-
-    def __init__(self, value: T, make: Callable[[], T] | None) -> None:
-        super().__init__(value, make, functools.partial(require_asyncio, REDIS_CLIENT))
 
 
 class Tasks:
@@ -125,18 +114,22 @@ def check_client(client: Any) -> None:
         )
 
 
-def clients(url_or_client: Any, wrap: Callable[[Any], T], what: str, **options: Any) -> PerLoop[T]:
+def clients(
+    url_or_client: Any, wrap: Callable[[Any], T], what: str, **options: Any
+) -> loops.PerLoop[T]:
     """``wrap`` of a client per event loop: from a URL, a new one per loop
-    (:func:`connect` with ``what`` and ``options``); a client given (checked), only it."""
+    (:func:`connect` with ``what`` and ``options``); a client given (checked), only it. On
+    trio, where redis-py's asyncio clients cannot run, a :class:`ConfigurationError`."""
+    check = functools.partial(require_asyncio, REDIS_CLIENT)
     if not isinstance(url_or_client, str):
         import_redis(what)
         check_client(url_or_client)
-        return PerLoop(wrap(url_or_client), None)
+        return loops.PerLoop(wrap(url_or_client), None, check)
 
     def make() -> T:
         return wrap(connect(url_or_client, what=what, **options))
 
-    return PerLoop(make(), make)
+    return loops.PerLoop(make(), make, check)
 
 
 async def ping_primaries(client: Any) -> None:

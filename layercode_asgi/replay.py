@@ -35,7 +35,6 @@ from typing import Any, Protocol
 
 from ._redis import (
     MAX_EXPIRE_SECONDS,
-    PerLoop,
     Tasks,
     clients,
     ping_primaries,
@@ -45,6 +44,7 @@ from ._redis import (
 )
 from .conversation import StoreUnavailableError
 from .errors import MAX_NUMBER, ConfigurationError, check_positive_int, check_seconds, check_text
+from .loops import PerLoop
 
 __all__ = ["MemoryReplayCache", "RedisReplayCache", "ReplayCache", "replay_key"]
 
