@@ -39,7 +39,6 @@ import anyio
 
 from ._redis import (
     MAX_EXPIRE_SECONDS,
-    PerLoop,
     Tasks,
     clients,
     ping_primaries,
@@ -47,13 +46,8 @@ from ._redis import (
     write_check_keys,
 )
 from .conversation import StoreUnavailableError
-from .errors import (
-    MAX_NUMBER,
-    ConfigurationError,
-    check_positive_int,
-    check_seconds,
-    check_text,
-)
+from .errors import MAX_NUMBER, ConfigurationError, check_positive_int, check_seconds, check_text
+from .loops import PerLoop
 
 __all__ = ["MemoryReplayCache", "RedisReplayCache", "ReplayCache", "replay_key"]
 

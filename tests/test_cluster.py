@@ -16,7 +16,7 @@ from layercode_asgi import (
     Settings,
     create_app,
 )
-from layercode_asgi.conversation import StoreUnavailableError
+from layercode_asgi.conversation import HistoryMessage, StoreUnavailableError
 
 from . import redis_fixtures
 from .conftest import SECRET, event_body, serve, signed_headers
@@ -93,6 +93,45 @@ async def test_turns_history_replay_and_ready_on_a_cluster(
     assert len({redis_cluster.port_of(store.history_key(cid)) for cid in IDS}) > 1
     await store.aclose()
     await without_the_cluster_setting(redis_cluster, caplog)
+    await while_a_slot_moves(redis_cluster)
+
+
+async def while_a_slot_moves(cluster: RedisClusterNodes) -> None:
+    """A conversation whose slot is being migrated (``CLUSTER SETSLOT … MIGRATING`` /
+    ``IMPORTING``): Redis answers its multi-key scripts TRYAGAIN until the move ends, and
+    redis-py gave up with "ClusterError: TTL exhausted." (503, right; the words, not). The
+    error now says what happens; once the slot is stable again, the conversation works."""
+    store = RedisConversationStore(cluster.url, cluster=True)
+    key = store.history_key("moving")
+    slot = cluster._cli("-p", str(cluster.ports[0]), "cluster", "keyslot", key).strip()
+    source = cluster.port_of(key)
+    target = next(port for port in cluster.ports if port != source)
+    ids = {port: cluster._cli("-p", str(port), "cluster", "myid").strip() for port in cluster.ports}
+    message = HistoryMessage(role="user", text="hi")
+    try:
+        assert "OK" in cluster._cli(
+            "-p", str(target), "cluster", "setslot", slot, "importing", ids[source]
+        )
+        assert "OK" in cluster._cli(
+            "-p", str(source), "cluster", "setslot", slot, "migrating", ids[target]
+        )
+        with anyio.fail_after(20):
+            for attempt in (
+                store.lock("moving").__aenter__,
+                lambda: store.append("moving", [message]),
+            ):
+                with pytest.raises(StoreUnavailableError) as failed:
+                    await attempt()
+                assert "TTL exhausted. (the Redis Cluster is moving a slot of these keys" in str(
+                    failed.value
+                )
+    finally:
+        for port in (source, target):
+            cluster._cli("-p", str(port), "cluster", "setslot", slot, "stable")
+    async with store.lock("moving"):
+        await store.append("moving", [message])
+    assert [m.text for m in await store.get("moving")] == ["hi"]
+    await store.aclose()
 
 
 async def without_the_cluster_setting(

@@ -766,8 +766,12 @@ async def test_redis_down_fails_fast_then_recovers(redis_server: RedisServer) ->
     await manager.aclose()
 
 
-async def test_redis_unresponsive_times_out_then_recovers(redis_server: RedisServer) -> None:
+async def test_redis_unresponsive_times_out_then_recovers(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
     store = RedisConversationStore(redis_server.url, socket_timeout=0.3, lock_ttl=1)
+    # operation_timeout first: the error said "TimeoutError: " and nothing after it
+    quick = RedisConversationStore(redis_server.url, operation_timeout=0.3, lock_ttl=1)
     try:
         await store.append("c", [msg(U, "hi")])
         redis_server.pause()
@@ -777,11 +781,22 @@ async def test_redis_unresponsive_times_out_then_recovers(redis_server: RedisSer
                 with pytest.raises(StoreUnavailableError, match="Timeout"):
                     await operation()
                 assert time.monotonic() - start < 1.5
+            with pytest.raises(StoreUnavailableError) as failed:
+                await quick.get("c")
+            assert str(failed.value).endswith("(get): TimeoutError: no answer within 0.3 s")
+            with (
+                caplog.at_level(logging.DEBUG, "layercode_asgi"),
+                pytest.raises(StoreUnavailableError),
+            ):
+                async with quick.lock("c"):
+                    pytest.fail("locked while Redis is frozen")
+            assert "within 1 s): TimeoutError: no answer within 0.3 s" in caplog.text
         finally:
             redis_server.resume()
         assert await store.get("c") == [msg(U, "hi")]
     finally:
         await store.aclose()
+        await quick.aclose()
 
 
 async def test_redis_ping_of_a_non_redis_server_is_unavailable() -> None:

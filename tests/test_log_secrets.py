@@ -27,7 +27,15 @@ from layercode_asgi.logs import (
     uvicorn_log_config,
 )
 
-from .conftest import PYTHON, SECRET, event_body, logged, signed_headers, start_server_process
+from .conftest import (
+    PYTHON,
+    SECRET,
+    event_body,
+    logged,
+    serve,
+    signed_headers,
+    start_server_process,
+)
 from .redis_fixtures import RedisServer, redis_server  # noqa: F401 - a fixture
 
 ROTATED = "whsec_rotated_in_4f9a2c"
@@ -333,3 +341,44 @@ def test_records_sent_to_logfire_have_their_secrets_masked(
     assert not any(ROTATED in str(record.__dict__) for record in got)
     # Handlers of your own (the root logger's) get the records as logged.
     assert caplog.records[0].getMessage() == f"calling with {ROTATED}"
+
+
+def test_a_failing_redis_with_a_password_is_named_masked_in_records_and_answers(
+    redis_server: RedisServer,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The records themselves (no setup_logging here to mask them): Redis refusing writes
+    # (a script's error, a SET's), then down; the store, the replay cache, /ready and a turn.
+    import redis
+
+    url = with_password(redis_server)
+    client = redis.Redis.from_url(url)
+    try:
+        client.config_set("maxmemory", "1")
+    finally:
+        client.close()
+    settings = Settings(
+        env_file=None,
+        environ={},
+        layercode_webhook_secret=SECRET,
+        redis_url=url,
+        replay_protection=True,
+    )
+    replies = []
+    with (
+        caplog.at_level(logging.DEBUG),
+        serve(create_app(settings)) as base,
+        httpx.Client(base_url=base, timeout=30) as http,
+    ):
+        for n in range(2):
+            body = event_body("message", text=f"turn {n}")
+            replies.append(http.get("/ready"))
+            replies.append(http.post("/api/agent", content=body, headers=signed_headers(body)))
+            redis_server.stop()
+    assert [reply.status_code for reply in replies] == [503] * 4
+    assert "replay cache unavailable: OutOfMemoryError" in caplog.text
+    assert "ConnectionError: Error 111 connecting to 127.0.0.1" in caplog.text
+    assert f"redis://:***@127.0.0.1:{redis_server.port}/0" in caplog.text
+    assert PASSWORD not in caplog.text
+    for reply in replies:  # the words only: no URL, no address
+        assert reply.json()["error"].endswith(" unavailable") and "127.0.0.1" not in reply.text

@@ -147,23 +147,22 @@ def check_history_bounds(max_messages: int, max_bytes: int) -> None:
     check_positive_int(max_bytes, "max_bytes")
 
 
-def _kept(message: HistoryMessage, max_bytes: int) -> HistoryMessage:
-    text = valid_text(message.text)
-    if text_size(text) > max_bytes:
-        text = cut_text(text, max_bytes)
-    turn_id = message.turn_id
-    if turn_id is not None:  # an id, not text the byte bound counts: kept to an id's limit
-        turn_id = valid_text(turn_id[:MAX_CONVERSATION_ID_LENGTH])
-    if text is message.text and turn_id is message.turn_id:
-        return message
-    return HistoryMessage(role=message.role, text=text, turn_id=turn_id)
-
-
 def fit(messages: Sequence[HistoryMessage], max_bytes: int) -> list[HistoryMessage]:
     """``messages`` as both stores keep them: any single text over ``max_bytes`` cut to
     it, turn ids to their first 512 characters, texts and turn ids made valid UTF-8
     (:func:`valid_text`)."""
-    return [_kept(message, max_bytes) for message in messages]
+    kept = []
+    for message in messages:
+        text = valid_text(message.text)
+        if text_size(text) > max_bytes:
+            text = cut_text(text, max_bytes)
+        turn_id = message.turn_id
+        if turn_id is not None:  # an id, not text the byte bound counts: kept to an id's limit
+            turn_id = valid_text(turn_id[:MAX_CONVERSATION_ID_LENGTH])
+        if text is not message.text or turn_id is not message.turn_id:
+            message = HistoryMessage(role=message.role, text=text, turn_id=turn_id)
+        kept.append(message)
+    return kept
 
 
 def newest(
@@ -201,32 +200,24 @@ class ConversationStore(Protocol):
 
     async def append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
         """Append ``messages`` to the conversation atomically (all of them or none)."""
-        ...
 
     async def get(self, conversation_id: str) -> list[HistoryMessage]:
         """The conversation's messages, oldest first (``[]`` when unknown)."""
-        ...
 
     async def clear(self, conversation_id: str) -> None:
         """Forget the conversation's history."""
-        ...
 
     def lock(
         self, conversation_id: str, *, timeout: float | None = ...
     ) -> AbstractAsyncContextManager[None]:
-        """Hold the conversation exclusively; ``timeout=None`` waits forever.
-
-        Raises :class:`ConversationLockTimeout` when the wait exceeds ``timeout`` seconds.
-        """
-        ...
+        """Hold the conversation exclusively; ``timeout=None`` waits forever. Raises
+        :class:`ConversationLockTimeout` when the wait exceeds ``timeout`` seconds."""
 
     async def ping(self) -> None:
         """Return if the store is usable, else raise :class:`StoreUnavailableError`."""
-        ...
 
     async def aclose(self) -> None:
         """Release the store's resources (connections)."""
-        ...
 
 
 class ConversationBackend(Protocol):

@@ -232,8 +232,10 @@ class RedisConversationStore:
                 return await awaitable
         except self._unavailable_errors as exc:
             self._check_writes = True
+            # operation_timeout's TimeoutError (anyio.fail_after) has no text: its bound has
+            text = redis_error_text(exc) or f"no answer within {self.operation_timeout:g} s"
             raise StoreUnavailableError(
-                f"Redis at {self._where} is unavailable ({operation}): {type(exc).__name__}: {exc}"
+                f"Redis at {self._where} is unavailable ({operation}): {type(exc).__name__}: {text}"
             ) from exc
         except (self._redis_error, UnicodeDecodeError) as exc:  # the latter: bytes not in
             # UTF-8 (not what the store wrote) read by a client given decode_responses=True
@@ -477,7 +479,7 @@ class RedisConversationStore:
                     "could not extend the lock of conversation %s: %s: %s",
                     escape_log_value(hold.conversation_id),
                     type(exc).__name__,
-                    escape_error(exc),
+                    escape_error(exc) or f"no answer within {max(interval, 0.05):g} s",
                 )
                 continue
             if not extended and not hold.released:
@@ -517,7 +519,7 @@ class RedisConversationStore:
                     escape_log_value(hold.conversation_id),
                     self.lock_ttl,
                     type(exc).__name__,
-                    escape_error(exc),
+                    escape_error(exc) or f"no answer within {limit:g} s",
                 )
                 if later and (held or isinstance(exc, self._timeouts)):
                     self._tasks.start(self._release_later(hold))
