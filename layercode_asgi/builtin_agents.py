@@ -32,6 +32,8 @@ __all__ = [
 ]
 
 
+#: The ``finish_reason`` of an answer the model ended early: spoken, and logged.
+_CUT_SHORT = ("length", "content_filter")
 #: The ``openai`` agent's default system prompt.
 OPENAI_PROMPT = "You are a helpful voice assistant. Answer in short spoken sentences."
 
@@ -49,7 +51,8 @@ def openai_agent(
     or ``None``); every text delta is spoken as it arrives (whitespace alone with the next
     one), and so is a refusal. A provider's HTTP error, a stream that ends without its
     ``finish_reason`` or an answer without text fails the turn as a
-    :class:`~layercode_asgi.adapters.voice.ModelAPIError` (logged, the key masked). Raises
+    :class:`~layercode_asgi.adapters.voice.ModelAPIError` (logged, the key masked); one the
+    model ended early (``length``, ``content_filter``) is spoken and logged as a warning. Raises
     :class:`ConfigurationError` (``TypeError`` for an option of another type) at once when
     the SDK is not installed, the key is empty or an option is unusable, so a misconfigured
     server refuses to start instead of failing turns. ``agent.aclose()`` closes its client
@@ -65,7 +68,7 @@ def openai_agent(
             "the openai agent needs the OpenAI SDK: pip install './layercode-asgi[openai]'"
         ) from None
     from .adapters import PhraseChunker
-    from .adapters.voice import answer_error, mask_key, reraise
+    from .adapters.voice import answer_error, mask_key, reraise, warn_cut_short
 
     mask_key(api_key)
 
@@ -109,6 +112,8 @@ def openai_agent(
             raise answer_error("ended before its finish_reason", model)
         if not spoke:  # empty, blank, a tool call: the caller would hear nothing
             raise answer_error(f"held no text (finish_reason={finish})", model)
+        if finish in _CUT_SHORT:
+            warn_cut_short(finish, model, context)
 
     async def aclose() -> None:  # create_app's lifespan: this loop's client
         client = clients.take()

@@ -13,7 +13,7 @@ fails the turn.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -35,6 +35,7 @@ from .voice import (
     require_object,
     reraise,
     voice_agent,
+    warn_cut_short,
 )
 
 __all__ = ["from_langchain", "langchain_messages"]
@@ -90,17 +91,29 @@ _FINISH_KEYS = ("finish_reason", "status", "stop_reason")
 _REPORTING = frozenset({"openai", "anthropic", "google_genai", "google_vertexai"})
 
 
-def _cut_short(result: Any) -> bool:
-    """Whether a model run's ``LLMResult`` holds an answer that ended before its finish (the
-    stream cut short by a proxy or the provider), as far as its provider reports it."""
+#: How chat models report an answer they ended early (max tokens hit, a content filter) in
+#: ``response_metadata``: OpenAI's ``length`` and ``content_filter``, Anthropic's
+#: ``max_tokens``, Google's ``MAX_TOKENS`` and ``SAFETY``.
+_STOPPED_EARLY = frozenset({"length", "content_filter", "max_tokens", "MAX_TOKENS", "SAFETY"})
+
+
+def _ends(result: Any) -> Iterator[tuple[bool, str | None]]:
+    """For each answer of a model run's ``LLMResult``: whether it ended before its finish
+    (the stream cut short by a proxy or the provider, as far as its provider reports it),
+    and why the model ended it early, if it did."""
     for generations in result.generations:
         for generation in generations:
             metadata = getattr(getattr(generation, "message", None), "response_metadata", None)
-            if not isinstance(metadata, dict) or metadata.get("model_provider") not in _REPORTING:
+            if not isinstance(metadata, dict):
                 continue
-            if all(metadata.get(key) is None for key in _FINISH_KEYS):
-                return True
-    return False
+            reported = metadata.get("model_provider") in _REPORTING
+            cut = reported and all(metadata.get(key) is None for key in _FINISH_KEYS)
+            if metadata.get("status") == "incomplete":  # the Responses API, and why
+                details = metadata.get("incomplete_details") or {}
+                yield cut, str(details.get("reason") or "incomplete")
+            else:
+                reason = metadata.get("finish_reason") or metadata.get("stop_reason")
+                yield cut, reason if reason in _STOPPED_EARLY else None
 
 
 #: What LangChain raises (a ``ValueError``) for a chat model's answer without one chunk (an
@@ -229,6 +242,7 @@ def from_langchain(
         def __init__(self) -> None:
             self.cut = False
             self.model: str | None = None
+            self.stopped: tuple[str, str | None] | None = None  # why, and the model
 
         def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
             self.on_llm_start(serialized, messages, **kwargs)
@@ -238,7 +252,10 @@ def from_langchain(
             self.model = model if isinstance(model, str) else None
 
         def on_llm_end(self, response: Any, **kwargs: Any) -> None:
-            self.cut = self.cut or _cut_short(response)
+            for cut, reason in _ends(response):
+                self.cut = self.cut or cut
+                if reason and self.stopped is None:
+                    self.stopped = (reason, self.model)
 
     async def run(prompt: str, context: TurnContext) -> AsyncGenerator[Piece, None]:
         conversation = langchain_messages(context.history, prompt)
@@ -278,6 +295,8 @@ def from_langchain(
             reraise(exc, watch.model)
         if watch.cut:
             raise answer_error("ended before its finish", watch.model)
+        if watch.stopped is not None:
+            warn_cut_short(*watch.stopped)
 
     name = getattr(runnable, "name", None) or type(runnable).__name__
     return voice_agent(run, name=str(name), welcome=welcome, chunking=chunking, filler=filler)

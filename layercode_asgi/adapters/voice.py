@@ -30,12 +30,14 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
   (when the adapter knows it) and what the provider said, with the request's key masked:
   the turn logs it, the caller only hears ``agent error``. So does an answer without text
   (empty, blank, or a tool call alone, unless a tool hung up): the caller would hear
-  nothing.
+  nothing. An answer the model ended early (max tokens hit, its content filter) is spoken
+  as it came and logged as a warning (see :func:`warn_cut_short`).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 import sys
@@ -73,7 +75,10 @@ __all__ = [
     "send_data",
     "speak",
     "voice_agent",
+    "warn_cut_short",
 ]
+
+logger = logging.getLogger("layercode_asgi.adapters")
 
 #: The filler spoken before a tool runs, unless the adapter is given another.
 DEFAULT_FILLER = "One moment."
@@ -223,6 +228,22 @@ def answer_error(problem: str, model: str | None = None) -> ModelAPIError:
     """A :class:`ModelAPIError` for an answer that came but cannot be spoken whole
     (``problem``: it "held no text", it "ended before its finish"), naming ``model``."""
     return ModelAPIError(f"the model's answer {problem}{_asked(model)}")
+
+
+def warn_cut_short(reason: str, model: str | None, context: TurnContext | None = None) -> None:
+    """Log, as one WARNING a turn, ``answer cut short: REASON (model=…)``: the model ended
+    its answer early, for the provider's ``reason`` (``length``, ``max_output_tokens``,
+    ``content_filter``). What came is spoken and the turn is not failed: the caller keeps
+    what was said. ``context``: the turn's, outside an adapter's (which knows its own)."""
+    actions = _ACTIONS.get()
+    if actions is not None:
+        if actions.cut_short:
+            return
+        actions.cut_short, context = True, actions.context
+    ids = (
+        {"conversation_id": context.conversation_id, "turn_id": context.turn_id} if context else {}
+    )
+    logger.warning("answer cut short: %s%s", escape_log_value(reason), _asked(model), extra=ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +397,7 @@ class _Actions:
     context: TurnContext
     replies: deque[Reply] = field(default_factory=deque)
     hangup: Hangup | None = None
+    cut_short: bool = False  # warn_cut_short() has logged the turn's answer
 
 
 _ACTIONS: ContextVar[_Actions | None] = ContextVar("layercode_asgi_tool_actions", default=None)
