@@ -32,8 +32,6 @@ __all__ = [
 ]
 
 
-#: The ``finish_reason`` of an answer the model ended early: spoken, and logged.
-_CUT_SHORT = ("length", "content_filter")
 #: The ``openai`` agent's default system prompt.
 OPENAI_PROMPT = "You are a helpful voice assistant. Answer in short spoken sentences."
 
@@ -112,7 +110,7 @@ def openai_agent(
             raise answer_error("ended before its finish_reason", model)
         if not spoke:  # empty, blank, a tool call: the caller would hear nothing
             raise answer_error(f"held no text (finish_reason={finish})", model)
-        if finish in _CUT_SHORT:
+        if finish in ("length", "content_filter"):  # ended early: spoken, and logged
             warn_cut_short(finish, model, context)
 
     async def aclose() -> None:  # create_app's lifespan: this loop's client
@@ -245,11 +243,8 @@ def _pydantic_ai_model(
             raise ConfigurationError(  # in our extra
                 f"the starter agent needs pydantic-ai's {provider!r} models: {_PYDANTIC_AI_EXTRA}"
             ) from None
-        raise ConfigurationError(f"DEFAULT_MODEL {spec!r}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigurationError(f"DEFAULT_MODEL {spec!r}: {first_line}") from None
 
 
 def starter_agent(

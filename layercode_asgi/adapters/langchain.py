@@ -261,10 +261,9 @@ def from_langchain(
         conversation = langchain_messages(context.history, prompt)
         if system_prompt is not None:
             conversation.insert(0, messages.SystemMessage(content=system_prompt))
+        value = {"messages": conversation} if graph else conversation
         if make_input is not None:
             value = make_input(conversation)
-        else:
-            value = {"messages": conversation} if graph else conversation
         watch = FinishWatch()
         run_config = config(context) if callable(config) else config
         run_config = merge_configs(run_config, {"callbacks": [watch]})

@@ -51,9 +51,7 @@ def openai_agents_input(history: Sequence[HistoryMessage], prompt: str) -> list[
 
 def _tool_name(item: Any) -> str:
     raw = getattr(item, "raw_item", None)
-    name = getattr(raw, "name", None)
-    if name is None and isinstance(raw, dict):
-        name = raw.get("name")
+    name = raw.get("name") if isinstance(raw, dict) else getattr(raw, "name", None)
     return str(name or "tool")
 
 

@@ -25,13 +25,10 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
   :func:`hang_up` (a ``response.hangup``, sent after the rest of the answer has been
   spoken, so the model can still say goodbye). :func:`current_turn` gives the turn's
   :class:`~layercode_asgi.agents.TurnContext` (conversation id, metadata, history).
-* **Provider errors.** A provider's HTTP error answer (an exception with a ``status_code``,
-  or one raised from it) becomes a :class:`ModelAPIError` naming the status, the model
-  (when the adapter knows it) and what the provider said, with the request's key masked:
-  the turn logs it, the caller only hears ``agent error``. So does an answer without text
-  (empty, blank, or a tool call alone, unless a tool hung up): the caller would hear
-  nothing. An answer the model ended early (max tokens hit, its content filter) is spoken
-  as it came and logged as a warning (see :func:`warn_cut_short`).
+* **Provider errors.** A provider's failure (see :func:`model_api_error`) or an answer
+  without text (see :func:`answer_error`) is a :class:`ModelAPIError`: the turn logs it,
+  the caller only hears ``agent error``. An answer the model ended early (max tokens hit,
+  its content filter) is spoken as it came, with a warning (see :func:`warn_cut_short`).
 """
 
 from __future__ import annotations
@@ -168,14 +165,6 @@ def mask_key(key: str | None) -> None:
         _GIVEN_KEYS.add(key.strip())
 
 
-def _provider_failure(exc: BaseException) -> bool:
-    for module, name in _PROVIDER_FAILURES:
-        failure = getattr(sys.modules.get(module), name, None)
-        if isinstance(failure, type) and isinstance(exc, failure):
-            return True
-    return False
-
-
 def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIError | None:
     """``exc`` as a :class:`ModelAPIError` when it, or an exception it was raised from, is a
     provider's HTTP error answer (an ``int`` ``status_code``) or another provider failure
@@ -195,7 +184,9 @@ def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIErr
         chain.append(link)
         link = link.__cause__ or link.__context__
     answered = next((e for e in chain if isinstance(getattr(e, "status_code", None), int)), None)
-    failed = answered or next((e for e in chain if _provider_failure(e)), None)
+    loaded = (getattr(sys.modules.get(module), name, None) for module, name in _PROVIDER_FAILURES)
+    failures = tuple(kind for kind in loaded if isinstance(kind, type))
+    failed = answered or next((e for e in chain if isinstance(e, failures)), None)
     if failed is None:
         return None
     message = f"{type(failed).__name__}: {failed}"
@@ -203,12 +194,9 @@ def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIErr
     keys = {key.strip() for key in environment if len(key.strip()) >= 4}
     for secret in sorted(_credentials(chain) | keys | _GIVEN_KEYS, key=len, reverse=True):
         message = message.replace(secret, MASK)
-    text = escape_log_value(message)
-    asked = _asked(model)
-    if answered is None:
-        return ModelAPIError(f"the model API failed{asked}: {text}")
     status = getattr(answered, "status_code", 0)
-    return ModelAPIError(f"the model API answered HTTP {status}{asked}: {text}")
+    what = "failed" if answered is None else f"answered HTTP {status}"
+    return ModelAPIError(f"the model API {what}{_asked(model)}: {escape_log_value(message)}")
 
 
 def reraise(exc: Exception, model: str | None = None) -> NoReturn:
