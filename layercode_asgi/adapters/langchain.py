@@ -235,14 +235,13 @@ def from_langchain(
 
     class FinishWatch(base.BaseCallbackHandler):  # type: ignore[misc]
         """Notes the turn's last model (for the log) and an answer of the turn that ended
-        before its finish."""
+        before its finish; tells :func:`warn_cut_short` of one the model ended early."""
 
         run_inline = True
 
         def __init__(self) -> None:
             self.cut = False
             self.model: str | None = None
-            self.stopped: tuple[str, str | None] | None = None  # why, and the model
 
         def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
             self.on_llm_start(serialized, messages, **kwargs)
@@ -254,8 +253,8 @@ def from_langchain(
         def on_llm_end(self, response: Any, **kwargs: Any) -> None:
             for cut, reason in _ends(response):
                 self.cut = self.cut or cut
-                if reason and self.stopped is None:
-                    self.stopped = (reason, self.model)
+                if reason:
+                    warn_cut_short(reason, self.model)  # logged once, as the turn ends
 
     async def run(prompt: str, context: TurnContext) -> AsyncGenerator[Piece, None]:
         conversation = langchain_messages(context.history, prompt)
@@ -294,8 +293,6 @@ def from_langchain(
             reraise(exc, watch.model)
         if watch.cut:
             raise answer_error("ended before its finish", watch.model)
-        if watch.stopped is not None:
-            warn_cut_short(*watch.stopped)
 
     name = getattr(runnable, "name", None) or type(runnable).__name__
     return voice_agent(run, name=str(name), welcome=welcome, chunking=chunking, filler=filler)

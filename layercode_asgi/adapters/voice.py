@@ -219,15 +219,19 @@ def answer_error(problem: str, model: str | None = None) -> ModelAPIError:
 
 
 def warn_cut_short(reason: str, model: str | None, context: TurnContext | None = None) -> None:
-    """Log, as one WARNING a turn, ``answer cut short: REASON (model=…)``: the model ended
-    its answer early, for the provider's ``reason`` (``length``, ``max_output_tokens``,
+    """Log the WARNING ``answer cut short: REASON (model=…)``: the model ended its answer
+    early, for the provider's ``reason`` (``length``, ``max_output_tokens``,
     ``content_filter``). What came is spoken and the turn is not failed: the caller keeps
-    what was said. ``context``: the turn's, outside an adapter's (which knows its own)."""
+    what was said. In an adapter's turn, logged once, at its end, if it spoke (else the
+    turn fails as one without text); elsewhere at once, for ``context``'s turn."""
     actions = _ACTIONS.get()
-    if actions is not None:
-        if actions.cut_short:
-            return
-        actions.cut_short, context = True, actions.context
+    if actions is None:
+        _log_cut_short(reason, model, context)
+    else:  # speak() logs it
+        actions.cut_short = actions.cut_short or (reason, model)
+
+
+def _log_cut_short(reason: str, model: str | None, context: TurnContext | None) -> None:
     ids = (
         {"conversation_id": context.conversation_id, "turn_id": context.turn_id} if context else {}
     )
@@ -385,7 +389,7 @@ class _Actions:
     context: TurnContext
     replies: deque[Reply] = field(default_factory=deque)
     hangup: Hangup | None = None
-    cut_short: bool = False  # warn_cut_short() has logged the turn's answer
+    cut_short: tuple[str, str | None] | None = None  # see warn_cut_short(): why, the model
 
 
 _ACTIONS: ContextVar[_Actions | None] = ContextVar("layercode_asgi_tool_actions", default=None)
@@ -457,6 +461,8 @@ async def speak(
                 yield reply
         if not spoke and rest is None and actions.hangup is None:
             raise answer_error("held no text")  # empty, blank, a tool call alone: silence
+        if actions.cut_short is not None:
+            _log_cut_short(*actions.cut_short, context)
     finally:
         with suppress(ValueError):  # closed from another context (garbage-collected)
             _ACTIONS.reset(token)
