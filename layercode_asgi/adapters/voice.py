@@ -168,14 +168,11 @@ def mask_key(key: str | None) -> None:
 def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIError | None:
     """``exc`` as a :class:`ModelAPIError` when it, or an exception it was raised from, is a
     provider's HTTP error answer (an ``int`` ``status_code``) or another provider failure
-    (see :data:`_PROVIDER_FAILURES`); else ``None`` (for a :class:`ModelAPIError` too).
-
-    Its message names the status and the ``model`` asked (when the caller knows it) and
-    keeps what the provider said (for the log), with the request's key, the base URL's
-    password, the keys of the environment (``*API_KEY``) and those given to the built-in
-    agents masked (a provider or proxy may echo them), escaped and cut to one bounded line
-    (it is the traceback's last line too).
-    """
+    (see :data:`_PROVIDER_FAILURES`); else ``None`` (for a :class:`ModelAPIError` too). Its
+    message names the status, the ``model`` asked and what the provider said, on one bounded,
+    escaped line (the traceback's last), with every key a provider or proxy may echo masked:
+    the request's, the base URL's password, the environment's ``*API_KEY``, the built-in
+    agents'."""
     if isinstance(exc, ModelAPIError):
         return None
     chain: list[BaseException] = []
