@@ -49,7 +49,8 @@ def openai_agent(
     or ``None``); every text delta is spoken as it arrives (whitespace alone with the next
     one), and so is a refusal. A provider's HTTP error, a stream that ends without its
     ``finish_reason`` or an answer without text fails the turn as a
-    :class:`~layercode_asgi.adapters.voice.ModelAPIError` (logged, the key masked). Raises
+    :class:`~layercode_asgi.adapters.voice.ModelAPIError` (logged, the key masked); one the
+    model ended early (``length``, ``content_filter``) is spoken and logged as a warning. Raises
     :class:`ConfigurationError` (``TypeError`` for an option of another type) at once when
     the SDK is not installed, the key is empty or an option is unusable, so a misconfigured
     server refuses to start instead of failing turns. ``agent.aclose()`` closes its client
@@ -65,7 +66,7 @@ def openai_agent(
             "the openai agent needs the OpenAI SDK: pip install './layercode-asgi[openai]'"
         ) from None
     from .adapters import PhraseChunker
-    from .adapters.voice import answer_error, mask_key, reraise
+    from .adapters.voice import answer_error, mask_key, reraise, warn_cut_short
 
     mask_key(api_key)
 
@@ -109,6 +110,8 @@ def openai_agent(
             raise answer_error("ended before its finish_reason", model)
         if not spoke:  # empty, blank, a tool call: the caller would hear nothing
             raise answer_error(f"held no text (finish_reason={finish})", model)
+        if finish in ("length", "content_filter"):  # ended early: spoken, and logged
+            warn_cut_short(finish, model, context)
 
     async def aclose() -> None:  # create_app's lifespan: this loop's client
         client = clients.take()
@@ -240,11 +243,8 @@ def _pydantic_ai_model(
             raise ConfigurationError(  # in our extra
                 f"the starter agent needs pydantic-ai's {provider!r} models: {_PYDANTIC_AI_EXTRA}"
             ) from None
-        raise ConfigurationError(f"DEFAULT_MODEL {spec!r}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigurationError(f"DEFAULT_MODEL {spec!r}: {first_line}") from None
 
 
 def starter_agent(

@@ -52,6 +52,9 @@ class Script:
         garbage: sent as it is after the first delta (the stream then goes on): a malformed
             event, bytes that are not UTF-8.
         cut: end the body after the text deltas, without the finish (a stream cut short).
+        stop: the model stops early for this reason (``length``: max tokens hit, or
+            ``content_filter``): chat completions' ``finish_reason``; the Responses API
+            ends with ``response.incomplete`` (``max_output_tokens``, ``content_filter``).
         delay: wait this long (in the fake's thread) before answering at all.
         pause: the pause between two chunks of the stream (a model trickling).
     """
@@ -67,6 +70,7 @@ class Script:
     raw: Sequence[bytes] | None = None
     garbage: bytes | None = None
     cut: bool = False
+    stop: str | None = None
     delay: float = 0.0
     pause: float = PAUSE
 
@@ -272,7 +276,7 @@ class FakeOpenAI:
                 "end",
                 _sse({**annotation, "choices": [{**choice, "content_filter_offsets": offsets}]}),
             )
-        finish = "stop"
+        finish = script.stop or "stop"
         if script.tool_call is not None:
             name, arguments = script.tool_call
             call = {"index": 0, "id": f"call_{next(self._ids)}", "type": "function"}
@@ -332,6 +336,7 @@ class FakeOpenAI:
             return _sse({"type": kind, "sequence_number": next(numbers), **fields}, kind)
 
         yield "start", event("response.created", response=response("in_progress"))
+        status = "incomplete" if script.stop else "completed"
         if script.text:
             item_id = f"msg_{next(self._ids)}"
             index = len(output)
@@ -354,7 +359,7 @@ class FakeOpenAI:
             yield "end", event("response.output_text.done", **where, text=text, logprobs=[])
             done_part = {**part, "text": text}
             yield "end", event("response.content_part.done", **where, part=done_part)
-            done = {**item, "status": "completed", "content": [done_part]}
+            done = {**item, "status": status, "content": [done_part]}
             output.append(done)
             yield "end", event("response.output_item.done", output_index=index, item=done)
         if script.tool_call is not None:
@@ -381,7 +386,12 @@ class FakeOpenAI:
             done = {**call, "arguments": arguments, "status": "completed"}
             output.append(done)
             yield "tool", event("response.output_item.done", output_index=index, item=done)
-        yield "end", event("response.completed", response=response("completed"))
+        if script.stop:
+            reason = {"length": "max_output_tokens"}.get(script.stop, script.stop)
+            ended = {**response(status), "incomplete_details": {"reason": reason}}
+            yield "end", event("response.incomplete", response=ended)
+        else:
+            yield "end", event("response.completed", response=response(status))
 
     # -- non-streaming answers (for frameworks that ask without stream=True) ---------------
 

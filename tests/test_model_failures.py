@@ -163,25 +163,62 @@ async def test_a_stream_cut_short_fails_the_turn(
         assert "(model=gpt-5-nano)" in failures[0]
 
 
+#: Why the fake model stops early (chat completions' ``finish_reason``) -> the Responses
+#: API's ``incomplete_details.reason`` for it.
+STOPS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
 @pytest.mark.anyio
-@pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut-short"])
+@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("stop", list(STOPS))
+async def test_an_answer_the_model_cut_short_is_spoken_and_logged_once(
+    name: str, stop: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: an answer the model stopped early (max tokens hit, its content filter: chat
+    completions' ``finish_reason``, the Responses API's ``response.incomplete``) was spoken
+    and the turn ended as whole with nothing logged; the Agents SDK failed the turn (its own
+    check), the reason in its own words. Now every agent logs one WARNING naming the reason
+    and the model; the Agents SDK's failure names them the same way."""
+    fake.push(*[Script(text=["One.", " Two.", " Thr"], stop=stop)] * 3)
+    with caplog.at_level(logging.WARNING, logger="layercode_asgi"):
+        turn = await turn_of(name)
+    assert len(fake.requests) == 1
+    chat = fake.requests[0]["path"] == "/chat/completions"
+    said = f"cut short: {stop if chat else STOPS[stop]} (model=gpt-5-nano)"
+    lines = [r for r in caplog.records if "cut short" in r.getMessage()]
+    assert len(lines) == 1
+    if name == "openai-agents":  # the SDK's own check fails the turn
+        assert ended_with_error(turn) and turn.text.startswith("One. Two.")
+        assert lines[0].levelno == logging.ERROR and said in lines[0].getMessage()
+    else:  # the caller keeps what was said; the operator is told
+        assert turn.text == "One. Two. Thr" and turn.errors == []
+        assert (lines[0].levelname, lines[0].getMessage()) == ("WARNING", f"answer {said}")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("ending", ["whole", "cut-short", "max-tokens"])
 async def test_langchain_on_the_responses_api_fails_only_a_stream_cut_short(
-    cut: bool, fake: FakeOpenAI
+    ending: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``ChatOpenAI(use_responses_api=True)`` reports how its answer ended in ``status``,
-    not ``finish_reason``: a whole answer is spoken, one cut short fails the turn."""
+    not ``finish_reason``: a whole answer is spoken, one cut short fails the turn, one the
+    model ended early (``incomplete``: max tokens hit) is spoken and logged as a warning."""
     langchain_openai = pytest.importorskip("langchain_openai")
     from layercode_asgi.adapters import from_langchain
 
-    fake.push(Script(text=["One.", " Two.", " Three"], cut=cut))
+    cut, stop = ending == "cut-short", "length" if ending == "max-tokens" else None
+    fake.push(Script(text=["One.", " Two.", " Three"], cut=cut, stop=stop))
     model = langchain_openai.ChatOpenAI(model="gpt-5-nano", use_responses_api=True)
     settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
-    with serve(create_app(settings, from_langchain(model))) as base, anyio.fail_after(20):
+    logs = caplog.at_level(logging.WARNING, logger="layercode_asgi.adapters")
+    with logs, serve(create_app(settings, from_langchain(model))) as base, anyio.fail_after(20):
         async with LayercodeTestClient(base_url=base, secret=SECRET) as client:
             turn = await client.message("hi")
     assert [request["path"] for request in fake.requests] == ["/responses"]
     assert ended_with_error(turn) is cut
     assert turn.text == ("One. Two. " if cut else "One. Two. Three")
+    warned = ["answer cut short: max_output_tokens (model=gpt-5-nano)"] if stop else []
+    assert [r.getMessage() for r in caplog.records if "cut short" in r.getMessage()] == warned
 
 
 #: What chat models of other providers put in ``response_metadata`` (LangChain's own
@@ -191,6 +228,11 @@ REPORTED_ENDS = {
     "anthropic-cut": ({"model_provider": "anthropic"}, True),
     "anthropic-cut-none": ({"model_provider": "anthropic", "stop_reason": None}, True),
     "google-whole": ({"model_provider": "google_genai", "finish_reason": "STOP"}, False),
+    "anthropic-max-tokens-early": (
+        {"model_provider": "anthropic", "stop_reason": "max_tokens"},
+        False,
+    ),
+    "google-safety-early": ({"model_provider": "google_genai", "finish_reason": "SAFETY"}, False),
     "google-cut": ({"model_provider": "google_genai", "model_name": "gemini"}, True),
     "vertex-cut": ({"model_provider": "google_vertexai"}, True),
     "reports-nothing": ({}, False),
@@ -201,12 +243,13 @@ REPORTED_ENDS = {
 @pytest.mark.anyio
 @pytest.mark.parametrize("case", list(REPORTED_ENDS))
 async def test_langchain_fails_a_cut_short_answer_of_any_provider_that_reports_its_end(
-    case: str,
+    case: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Before: only ``ChatOpenAI``'s answer ended before its finish failed the turn: one of
     ``ChatAnthropic`` (no ``stop_reason``) or ``ChatGoogleGenerativeAI`` (no
     ``finish_reason``), cut short by a proxy, was spoken as if whole. A model that reports
-    no end at all still answers."""
+    no end at all still answers. One the model ended early (``-early``) is spoken, with a
+    warning."""
     pytest.importorskip("langchain_core")
     from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
     from langchain_core.messages import AIMessage
@@ -215,9 +258,12 @@ async def test_langchain_fails_a_cut_short_answer_of_any_provider_that_reports_i
 
     metadata, cut = REPORTED_ENDS[case]
     answer = AIMessage(content="One. Two.", response_metadata=metadata)
-    turn = await langchain_turn(FakeMessagesListChatModel(responses=[answer]))
+    with caplog.at_level(logging.WARNING, logger="layercode_asgi.adapters"):
+        turn = await langchain_turn(FakeMessagesListChatModel(responses=[answer]))
     assert ended_with_error(turn) is cut
     assert turn.text == ("One. " if cut else "One. Two.")  # what came before the failure
+    warned = [r.getMessage() for r in caplog.records if "cut short" in r.getMessage()]
+    assert len(warned) == case.endswith("-early")
 
 
 @pytest.mark.anyio
@@ -520,8 +566,13 @@ async def test_langchain_speaks_a_refusal_on_the_responses_api(fake: FakeOpenAI)
 @pytest.mark.parametrize("name", list(BUILDERS))
 @pytest.mark.parametrize(
     "script",
-    [Script(text=[]), Script(text=[" ", "\n"]), Script(text=[], tool_call=("lookup", "{}"))],
-    ids=["empty", "blank", "tool-call-only"],
+    [
+        Script(text=[]),
+        Script(text=[" ", "\n"]),
+        Script(text=[], tool_call=("lookup", "{}")),
+        Script(text=[], stop="content_filter"),
+    ],
+    ids=["empty", "blank", "tool-call-only", "filtered-empty"],
 )
 async def test_an_answer_without_text_fails_the_turn(
     name: str, script: Script, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
@@ -529,15 +580,18 @@ async def test_an_answer_without_text_fails_the_turn(
     """Before: an answer without text (empty, blank, or only a call of a tool the agent
     does not have) ended the turn with ``response.end`` alone: the caller heard nothing,
     and nothing was logged (the ``openai`` agent was fixed first; then the LangChain and
-    Agents SDK adapters)."""
+    Agents SDK adapters). An empty answer its content filter ended is no answer cut short
+    (nothing was spoken): no such warning."""
     fake.push(*[script] * 4)  # pydantic-ai asks again (its output retries), then fails
-    with caplog.at_level(logging.ERROR, logger="layercode_asgi"):
+    with caplog.at_level(logging.WARNING, logger="layercode_asgi"):
         turn = await turn_of(name)
     assert ended_with_error(turn)
     assert [text for text in turn.tts if text != "One moment."] == []  # a filler at most
     assert len(fake.requests) <= 4
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert not any("cut short" in r.getMessage() for r in warned)
     if name == "openai":
-        finish = "tool_calls" if script.tool_call else "stop"
+        finish = script.stop or ("tool_calls" if script.tool_call else "stop")
         said = f"the model's answer held no text (finish_reason={finish}) (model=gpt-5-nano)"
         assert said in caplog.text
     assert "agent failed" in caplog.text

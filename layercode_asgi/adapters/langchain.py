@@ -13,7 +13,7 @@ fails the turn.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -35,6 +35,7 @@ from .voice import (
     require_object,
     reraise,
     voice_agent,
+    warn_cut_short,
 )
 
 __all__ = ["from_langchain", "langchain_messages"]
@@ -90,17 +91,29 @@ _FINISH_KEYS = ("finish_reason", "status", "stop_reason")
 _REPORTING = frozenset({"openai", "anthropic", "google_genai", "google_vertexai"})
 
 
-def _cut_short(result: Any) -> bool:
-    """Whether a model run's ``LLMResult`` holds an answer that ended before its finish (the
-    stream cut short by a proxy or the provider), as far as its provider reports it."""
+#: How chat models report an answer they ended early (max tokens hit, a content filter) in
+#: ``response_metadata``: OpenAI's ``length`` and ``content_filter``, Anthropic's
+#: ``max_tokens``, Google's ``MAX_TOKENS`` and ``SAFETY``.
+_STOPPED_EARLY = frozenset({"length", "content_filter", "max_tokens", "MAX_TOKENS", "SAFETY"})
+
+
+def _ends(result: Any) -> Iterator[tuple[bool, str | None]]:
+    """For each answer of a model run's ``LLMResult``: whether it ended before its finish
+    (the stream cut short by a proxy or the provider, as far as its provider reports it),
+    and why the model ended it early, if it did."""
     for generations in result.generations:
         for generation in generations:
             metadata = getattr(getattr(generation, "message", None), "response_metadata", None)
-            if not isinstance(metadata, dict) or metadata.get("model_provider") not in _REPORTING:
+            if not isinstance(metadata, dict):
                 continue
-            if all(metadata.get(key) is None for key in _FINISH_KEYS):
-                return True
-    return False
+            reported = metadata.get("model_provider") in _REPORTING
+            cut = reported and all(metadata.get(key) is None for key in _FINISH_KEYS)
+            if metadata.get("status") == "incomplete":  # the Responses API, and why
+                details = metadata.get("incomplete_details") or {}
+                yield cut, str(details.get("reason") or "incomplete")
+            else:
+                reason = metadata.get("finish_reason") or metadata.get("stop_reason")
+                yield cut, reason if reason in _STOPPED_EARLY else None
 
 
 #: What LangChain raises (a ``ValueError``) for a chat model's answer without one chunk (an
@@ -222,7 +235,7 @@ def from_langchain(
 
     class FinishWatch(base.BaseCallbackHandler):  # type: ignore[misc]
         """Notes the turn's last model (for the log) and an answer of the turn that ended
-        before its finish."""
+        before its finish; tells :func:`warn_cut_short` of one the model ended early."""
 
         run_inline = True
 
@@ -238,16 +251,18 @@ def from_langchain(
             self.model = model if isinstance(model, str) else None
 
         def on_llm_end(self, response: Any, **kwargs: Any) -> None:
-            self.cut = self.cut or _cut_short(response)
+            for cut, reason in _ends(response):
+                self.cut = self.cut or cut
+                if reason:
+                    warn_cut_short(reason, self.model)  # logged once, as the turn ends
 
     async def run(prompt: str, context: TurnContext) -> AsyncGenerator[Piece, None]:
         conversation = langchain_messages(context.history, prompt)
         if system_prompt is not None:
             conversation.insert(0, messages.SystemMessage(content=system_prompt))
+        value = {"messages": conversation} if graph else conversation
         if make_input is not None:
             value = make_input(conversation)
-        else:
-            value = {"messages": conversation} if graph else conversation
         watch = FinishWatch()
         run_config = config(context) if callable(config) else config
         run_config = merge_configs(run_config, {"callbacks": [watch]})

@@ -1,9 +1,11 @@
 """``from_openai_agents(agent)``: an OpenAI Agents SDK agent as a LayerCode agent.
 
 Extra ``openai-agents``. Each turn is a ``Runner.run_streamed`` run; the raw Responses
-text deltas (and a refusal's) are spoken, a ``tool_called`` item starts the filler. The
-SDK's trace export (to OpenAI, by default) is off unless you turn it on (``tracing=True``)
-or pass your own ``run_config``. A disconnect cancels the run (the SDK runs it in a task of
+text deltas (and a refusal's) are spoken, a ``tool_called`` item starts the filler. An
+answer the model ended early (``response.incomplete``) fails the run (the SDK's own check),
+logged as ``the model's answer was cut short: REASON (model=…)``. The SDK's trace export
+(to OpenAI, by default) is off unless you turn it on (``tracing=True``) or pass your own
+``run_config``. A disconnect cancels the run (the SDK runs it in a task of
 its own), and the turn's end waits up to ``AGENT_CLOSE_TIMEOUT`` seconds for it to end.
 """
 
@@ -25,6 +27,7 @@ from .voice import (
     Filler,
     Piece,
     ToolCall,
+    answer_error,
     require_extra,
     require_object,
     reraise,
@@ -48,9 +51,7 @@ def openai_agents_input(history: Sequence[HistoryMessage], prompt: str) -> list[
 
 def _tool_name(item: Any) -> str:
     raw = getattr(item, "raw_item", None)
-    name = getattr(raw, "name", None)
-    if name is None and isinstance(raw, dict):
-        name = raw.get("name")
+    name = raw.get("name") if isinstance(raw, dict) else getattr(raw, "name", None)
     return str(name or "tool")
 
 
@@ -109,6 +110,7 @@ def from_openai_agents(
         )
         events = result.stream_events()
         refused = ended = False
+        stopped = None  # why the model ended its answer early (the SDK then fails the run)
         try:
             async for event in events:
                 if event.type == "raw_response_event":
@@ -116,6 +118,9 @@ def from_openai_agents(
                     if kind in _SPOKEN:
                         refused = refused or kind == "response.refusal.delta"
                         yield event.data.delta
+                    elif kind == "response.incomplete":
+                        details = getattr(event.data.response, "incomplete_details", None)
+                        stopped = getattr(details, "reason", None) or "incomplete"
                 elif event.type == "run_item_stream_event" and event.name == "tool_called":
                     yield ToolCall(_tool_name(event.item))
                 elif event.type == "run_item_stream_event" and event.name == "tool_output":
@@ -124,7 +129,10 @@ def from_openai_agents(
         except Exception as exc:
             if refused and isinstance(exc, refusal_error):
                 return
-            reraise(exc, _model_name(result, config, models))
+            model = _model_name(result, config, models)
+            if stopped is not None:  # named as the other agents' warning names it
+                raise answer_error(f"was cut short: {stopped}", model) from None
+            reraise(exc, model)
         finally:
             result.cancel()
             if not ended:  # stopped: as the SDK asks, its events are consumed on after

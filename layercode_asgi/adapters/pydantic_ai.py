@@ -6,7 +6,8 @@ The run goes through ``agent.iter`` and streams every node: each model request's
 deltas are spoken as they arrive, and a run that calls tools goes on to the model's next
 answer (``run_stream`` would stop at the first text it could return as the output). A
 model answer whose stream was cut short (the provider's details have no ``finish_reason``)
-fails the turn; a refusal is spoken, as the answer.
+fails the turn; a refusal is spoken, as the answer; one the model ended early (its
+``finish_reason`` is ``length`` or ``content_filter``) is spoken and logged as a warning.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .voice import (
     require_extra,
     require_object,
     voice_agent,
+    warn_cut_short,
 )
 
 __all__ = ["from_pydantic_ai", "pydantic_ai_history"]
@@ -149,6 +151,9 @@ def from_pydantic_ai(
                                 return
                         elif details and "finish_reason" not in details:
                             raise answer_error("ended before its finish", response.model_name)
+                        if response.finish_reason in ("length", "content_filter"):
+                            reason = details.get("finish_reason") or response.finish_reason
+                            warn_cut_short(str(reason), response.model_name)
                 elif framework_agent.is_call_tools_node(node):
                     async with node.stream(agent_run.ctx) as events:
                         async for event in events:

@@ -25,17 +25,16 @@ An adapter turns a framework's run into a stream of :data:`Piece` values (text d
   :func:`hang_up` (a ``response.hangup``, sent after the rest of the answer has been
   spoken, so the model can still say goodbye). :func:`current_turn` gives the turn's
   :class:`~layercode_asgi.agents.TurnContext` (conversation id, metadata, history).
-* **Provider errors.** A provider's HTTP error answer (an exception with a ``status_code``,
-  or one raised from it) becomes a :class:`ModelAPIError` naming the status, the model
-  (when the adapter knows it) and what the provider said, with the request's key masked:
-  the turn logs it, the caller only hears ``agent error``. So does an answer without text
-  (empty, blank, or a tool call alone, unless a tool hung up): the caller would hear
-  nothing.
+* **Provider errors.** A provider's failure (see :func:`model_api_error`) or an answer
+  without text (see :func:`answer_error`) is a :class:`ModelAPIError`: the turn logs it,
+  the caller only hears ``agent error``. An answer the model ended early (max tokens hit,
+  its content filter) is spoken as it came, with a warning (see :func:`warn_cut_short`).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 import sys
@@ -73,7 +72,10 @@ __all__ = [
     "send_data",
     "speak",
     "voice_agent",
+    "warn_cut_short",
 ]
+
+logger = logging.getLogger("layercode_asgi.adapters")
 
 #: The filler spoken before a tool runs, unless the adapter is given another.
 DEFAULT_FILLER = "One moment."
@@ -163,25 +165,14 @@ def mask_key(key: str | None) -> None:
         _GIVEN_KEYS.add(key.strip())
 
 
-def _provider_failure(exc: BaseException) -> bool:
-    for module, name in _PROVIDER_FAILURES:
-        failure = getattr(sys.modules.get(module), name, None)
-        if isinstance(failure, type) and isinstance(exc, failure):
-            return True
-    return False
-
-
 def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIError | None:
     """``exc`` as a :class:`ModelAPIError` when it, or an exception it was raised from, is a
     provider's HTTP error answer (an ``int`` ``status_code``) or another provider failure
-    (see :data:`_PROVIDER_FAILURES`); else ``None`` (for a :class:`ModelAPIError` too).
-
-    Its message names the status and the ``model`` asked (when the caller knows it) and
-    keeps what the provider said (for the log), with the request's key, the base URL's
-    password, the keys of the environment (``*API_KEY``) and those given to the built-in
-    agents masked (a provider or proxy may echo them), escaped and cut to one bounded line
-    (it is the traceback's last line too).
-    """
+    (see :data:`_PROVIDER_FAILURES`); else ``None`` (for a :class:`ModelAPIError` too). Its
+    message names the status, the ``model`` asked and what the provider said, on one bounded,
+    escaped line (the traceback's last), with every key a provider or proxy may echo masked:
+    the request's, the base URL's password, the environment's ``*API_KEY``, the built-in
+    agents'."""
     if isinstance(exc, ModelAPIError):
         return None
     chain: list[BaseException] = []
@@ -190,7 +181,9 @@ def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIErr
         chain.append(link)
         link = link.__cause__ or link.__context__
     answered = next((e for e in chain if isinstance(getattr(e, "status_code", None), int)), None)
-    failed = answered or next((e for e in chain if _provider_failure(e)), None)
+    loaded = (getattr(sys.modules.get(module), name, None) for module, name in _PROVIDER_FAILURES)
+    failures = tuple(kind for kind in loaded if isinstance(kind, type))
+    failed = answered or next((e for e in chain if isinstance(e, failures)), None)
     if failed is None:
         return None
     message = f"{type(failed).__name__}: {failed}"
@@ -198,12 +191,9 @@ def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIErr
     keys = {key.strip() for key in environment if len(key.strip()) >= 4}
     for secret in sorted(_credentials(chain) | keys | _GIVEN_KEYS, key=len, reverse=True):
         message = message.replace(secret, MASK)
-    text = escape_log_value(message)
-    asked = _asked(model)
-    if answered is None:
-        return ModelAPIError(f"the model API failed{asked}: {text}")
     status = getattr(answered, "status_code", 0)
-    return ModelAPIError(f"the model API answered HTTP {status}{asked}: {text}")
+    what = "failed" if answered is None else f"answered HTTP {status}"
+    return ModelAPIError(f"the model API {what}{_asked(model)}: {escape_log_value(message)}")
 
 
 def reraise(exc: Exception, model: str | None = None) -> NoReturn:
@@ -223,6 +213,26 @@ def answer_error(problem: str, model: str | None = None) -> ModelAPIError:
     """A :class:`ModelAPIError` for an answer that came but cannot be spoken whole
     (``problem``: it "held no text", it "ended before its finish"), naming ``model``."""
     return ModelAPIError(f"the model's answer {problem}{_asked(model)}")
+
+
+def warn_cut_short(reason: str, model: str | None, context: TurnContext | None = None) -> None:
+    """Log the WARNING ``answer cut short: REASON (model=…)``: the model ended its answer
+    early, for the provider's ``reason`` (``length``, ``max_output_tokens``,
+    ``content_filter``). What came is spoken and the turn is not failed: the caller keeps
+    what was said. In an adapter's turn, logged once, at its end, if it spoke (else the
+    turn fails as one without text); elsewhere at once, for ``context``'s turn."""
+    actions = _ACTIONS.get()
+    if actions is None:
+        _log_cut_short(reason, model, context)
+    else:  # speak() logs it
+        actions.cut_short = actions.cut_short or (reason, model)
+
+
+def _log_cut_short(reason: str, model: str | None, context: TurnContext | None) -> None:
+    ids = (
+        {"conversation_id": context.conversation_id, "turn_id": context.turn_id} if context else {}
+    )
+    logger.warning("answer cut short: %s%s", escape_log_value(reason), _asked(model), extra=ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +386,7 @@ class _Actions:
     context: TurnContext
     replies: deque[Reply] = field(default_factory=deque)
     hangup: Hangup | None = None
+    cut_short: tuple[str, str | None] | None = None  # see warn_cut_short(): why, the model
 
 
 _ACTIONS: ContextVar[_Actions | None] = ContextVar("layercode_asgi_tool_actions", default=None)
@@ -447,6 +458,8 @@ async def speak(
                 yield reply
         if not spoke and rest is None and actions.hangup is None:
             raise answer_error("held no text")  # empty, blank, a tool call alone: silence
+        if actions.cut_short is not None:
+            _log_cut_short(*actions.cut_short, context)
     finally:
         with suppress(ValueError):  # closed from another context (garbage-collected)
             _ACTIONS.reset(token)
