@@ -93,7 +93,7 @@ from .signature import (
 )
 from .sse import SSE_HEADERS, Emit, EventStreamResponse, create_sse_response, format_sse_message
 from .turns import StreamHandler, Turn, TurnStatus, TurnStream, stream_response, stream_turn
-from .webhook import LayercodeWebhook
+from .webhook import EventHook, LayercodeWebhook
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
@@ -113,6 +113,7 @@ __all__ = [
     "Data",
     "DataPayload",
     "Emit",
+    "EventHook",
     "EventStreamResponse",
     "Hangup",
     "HistoryMessage",

@@ -2,6 +2,11 @@
 
 Errors name the file, the line number and (where it can be read) the variable, never the
 line's text: a garbled line may be part of a secret.
+
+Not ``starlette.config.Config``'s reader (issue 16 asked whether it serves; checked on
+Starlette 1.10): it keeps a BOM and ``export`` in the key (``\ufeffA``, ``export B``) and
+an inline comment in the value (``v # comment``), reads a FIFO or a huge file unbounded,
+and skips a bad line without a word, where a wrong secret would then fail every request.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ from .logs import escape_error, escape_log_value, hide_in_logs, settings_secrets
 from .metrics import installed, metrics_from_settings
 from .middleware import LayercodeSignature
 from .replay import MemoryReplayCache, RedisReplayCache, ReplayCache
-from .webhook import LayercodeWebhook
+from .webhook import EventHook, LayercodeWebhook
 
 __all__ = [
     "AuthorizeGuard",
@@ -221,9 +221,9 @@ def create_app(
     authorize_route: str = "/api/authorize",
     *,
     conversations: ConversationManager | None = None,
-    on_data: Callable[[Any], Any] | None = None,
-    on_session_update: Callable[[Any], Any] | None = None,
-    on_session_end: Callable[[Any], Any] | None = None,
+    on_data: EventHook | None = None,
+    on_session_update: EventHook | None = None,
+    on_session_end: EventHook | None = None,
     authorize_guard: AuthorizeGuard | None = None,
     authorize_timeout: float = 10.0,
     extras: Mapping[str, Any] | None = None,

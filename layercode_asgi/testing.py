@@ -43,6 +43,7 @@ from .signature import SIGNATURE_HEADER, check_secret
 __all__ = [
     *protocol.__all__,
     "LayercodeTestClient",
+    "TranscriptEntry",
     "data_event",
     "message_event",
     "session_end_event",
@@ -131,6 +132,8 @@ def session_update_event(
     )
 
 
+#: One item of ``session_end_event(transcript=...)``: a mapping (its fields as given) or a
+#: ``(role, text)`` pair.
 TranscriptEntry = Mapping[str, Any] | Sequence[str]
 
 

@@ -73,7 +73,7 @@ from .middleware import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_SIZE
 from .sse import Emit, EventStreamResponse
 from .turns import DEFAULT_TURN_GRACE, Turn
 
-__all__ = ["ConversationBackend", "JSONResponse", "LayercodeWebhook"]
+__all__ = ["ConversationBackend", "EventHook", "JSONResponse", "LayercodeWebhook"]
 
 logger = logging.getLogger("layercode_asgi.webhook")
 
@@ -192,7 +192,9 @@ class _TurnRequest:
             await record_for_turn(conversations, event, turn.reply_text, generation)
 
 
-Hook = Callable[[Any], Any]
+#: A hook for the JSON-answered events (``on_data=``, ``on_session_update=``, ``on_session_end=``):
+#: called with the event; sync or async; what ``on_data`` returns is the JSON answer.
+EventHook = Callable[[Any], Any]
 
 
 class LayercodeWebhook:
@@ -264,9 +266,9 @@ class LayercodeWebhook:
         agent: Agent,
         *,
         conversations: ConversationBackend | Literal["memory"] | None = "memory",
-        on_data: Hook | None = None,
-        on_session_update: Hook | None = None,
-        on_session_end: Hook | None = None,
+        on_data: EventHook | None = None,
+        on_session_update: EventHook | None = None,
+        on_session_end: EventHook | None = None,
         turn_timeout: float | None = 30.0,
         timeout_message: str | None = None,
         turn_grace: float = DEFAULT_TURN_GRACE,

@@ -176,13 +176,6 @@ def test_the_walkthrough_in_the_package_docstring_names_what_exists() -> None:
         ), bare
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="acceptance (issue 16, 6): the aliases Hook (LayercodeWebhook's on_data=, "
-    "on_session_update=, on_session_end=) and TranscriptEntry (testing.session_end_event's "
-    "transcript=) are module-level typing aliases, which the check above does not see as ours; "
-    "no public module exports them",
-)
 def test_module_level_type_aliases_in_public_signatures_are_exported() -> None:
     """A type alias assigned in one of our modules (``Hook = Callable[[Any], Any]``) is
     a typing object, not a class of ``layercode_asgi``: find those by their assignment."""
