@@ -138,7 +138,7 @@ def serve_workers(
                 logger.info("forwarding the signal to %d worker(s)", len(processes))
                 for process in processes:
                     process.terminate()  # SIGTERM
-            if signals:
+            if signals or status:
                 if not any(process.is_alive() for process in processes):
                     break
             else:
@@ -149,7 +149,8 @@ def serve_workers(
                     if process.exitcode == STARTUP_FAILURE or early >= START_ATTEMPTS:
                         logger.error("worker %s could not start; stopping", process.pid)
                         status = STARTUP_FAILURE
-                        signals.append(signal.SIGTERM)
+                        for other in processes:
+                            other.terminate()
                         break
                     logger.warning(
                         "worker %s exited (status %s); starting another",

@@ -492,6 +492,7 @@ def test_serve_workers_stops_when_a_worker_cannot_start(tmp_path: Path, failure:
     )  # fmt: skip
     assert done.returncode == 2, done.stdout + done.stderr
     assert "could not start; stopping" in done.stderr
+    assert "forwarding the signal" not in done.stderr  # no signal came from outside
     assert done.stderr.splitlines()[-1].startswith("error: the server could not start")
 
 
