@@ -129,9 +129,7 @@ def serve_workers(
 
     def start() -> Any:
         ready = context.Event()
-        process = context.Process(
-            target=_worker, args=(sock, host, port, log_level, env, ready), daemon=False
-        )
+        process = context.Process(target=_worker, args=(sock, host, port, log_level, env, ready))
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # the child's too
         try:
             process.start()
@@ -148,22 +146,19 @@ def serve_workers(
             metrics_dir = env.get(_METRICS_DIR) or os.environ.get(_METRICS_DIR)
             if not metrics_dir:
                 _remove_stale_metrics_dirs()
-                metrics_dir = own_dir = tempfile.mkdtemp(prefix=f"layercode-metrics-{os.getpid()}-")
-                env[_METRICS_DIR] = own_dir
+                own_dir = tempfile.mkdtemp(prefix=f"layercode-metrics-{os.getpid()}-")
+                metrics_dir = env[_METRICS_DIR] = own_dir
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, lambda number, frame: signals.append(number))
         processes.extend(start() for _ in range(workers))  # each kept as it starts
         forwarded = 0
-        while True:
+        while not (signals or status) or any(process.is_alive() for process in processes):
             if len(signals) > forwarded:
                 forwarded = len(signals)
                 logger.info("forwarding the signal to %d worker(s)", len(processes))
                 for process in processes:
                     process.terminate()  # SIGTERM
-            if signals or status:
-                if not any(process.is_alive() for process in processes):
-                    break
-            else:
+            elif not (signals or status):
                 for index, process in enumerate(processes):
                     if process.is_alive():
                         continue
