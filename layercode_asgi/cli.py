@@ -93,11 +93,8 @@ def _worker_environment(
 ) -> dict[str, str]:
     """The variables a ``--workers`` process needs to build the same app from ``Settings()``."""
     dotenv = parse_env_file(args.env_file) if args.env_file else {}
-    values: dict[str, str] = {}
-    for spec in SETTINGS_FIELDS:
-        raw = env.get(spec.env, dotenv.get(spec.env))
-        if raw is not None:
-            values[spec.env] = raw
+    raws = {spec.env: env.get(spec.env, dotenv.get(spec.env)) for spec in SETTINGS_FIELDS}
+    values = {name: raw for name, raw in raws.items() if raw is not None}
     values["LAYERCODE_AGENT"] = agent
     # The workers read the env file chosen here, and no other (not ./.env behind its back).
     values["LAYERCODE_ENV_FILE"] = args.env_file or ""
@@ -281,18 +278,13 @@ def _demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 # -- list-agents and sign ------------------------------------------------------------------------
 
 
-def _describe_agent(name: str) -> str:
-    if name in _AGENT_DESCRIPTIONS:
-        return _AGENT_DESCRIPTIONS[name]
-    doc = agent_factory(name).__doc__ or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
-
-
 def _list_agents(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     names = list_agents()
     width = max((len(name) for name in names), default=0)
     for name in names:
-        description = _describe_agent(name)
+        # the built-in ones from the table, another by its factory's docstring (first line)
+        text = _AGENT_DESCRIPTIONS.get(name) or agent_factory(name).__doc__ or ""
+        description = (text.strip().splitlines() or [""])[0]
         print(f"{name:<{width}}  {description}".rstrip() if description else name)
     return EXIT_OK
 

@@ -71,7 +71,7 @@ async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
 
     report: SimulationReport | None = None
     broken: BrokenPipeError | ConfigurationError | None = None
-    try:
+    with sock:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(serve)
             try:
@@ -100,8 +100,6 @@ async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
                         broken = exc
             finally:
                 server.should_exit = True
-    finally:
-        sock.close()
     if broken is not None:
         raise broken
     if report is None:

@@ -152,11 +152,8 @@ class _Histogram:
         self.total += value
 
     def family(self, name_and_help: tuple[str, str]) -> HistogramMetricFamily:
-        counts, total = list(self.counts), self.total
-        family = HistogramMetricFamily(*name_and_help)
-        buckets = list(zip(self.labels, itertools.accumulate(counts), strict=True))
-        family.add_metric([], buckets, total)
-        return family
+        buckets = list(zip(self.labels, itertools.accumulate(list(self.counts)), strict=True))
+        return HistogramMetricFamily(*name_and_help, buckets=buckets, sum_value=self.total)
 
 
 def _counter(name_and_help: tuple[str, str], label: str, counts: dict[str, int]) -> Metric:
