@@ -83,11 +83,6 @@ def _uvicorn() -> Any:
     return uvicorn
 
 
-def _display_host(host: str) -> str:
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # every interface: loopback
-    return f"[{host}]" if ":" in host else host
-
-
 def _worker_environment(
     args: argparse.Namespace, env: Mapping[str, str], agent: str, generated: str | None
 ) -> dict[str, str]:
@@ -154,7 +149,8 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     # banner); the remaining race (someone binds it in between) still fails, exit 2.
     # Port 0: a free port is chosen here, so that the banner shows the one served on.
     port = _check_can_listen(args.host, args.port)
-    base = f"http://{_display_host(args.host)}:{port}"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(args.host, args.host)  # all: shown as loopback
+    base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     webhook_url = base + args.agent_route
     # /metrics where create_app serves it (LAYERCODE_METRICS, prometheus-client installed)
     metrics = any(getattr(route, "path", None) == "/metrics" for route in app.routes)
@@ -269,10 +265,6 @@ def _print_dev_banner(webhook_url: str, generated: str | None, env_file: str) ->
         f'"Hello"\n{rule}',
         flush=True,
     )
-
-
-def _demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    return anyio.run(run_demo, args, _uvicorn())
 
 
 # -- list-agents and sign ------------------------------------------------------------------------
@@ -428,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics", action="store_true", help="print each turn's figures (first tts, duration)"
     )
     demo.add_argument("-v", "--verbose", action="store_true", help="server debug logs")
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=lambda args, env: anyio.run(run_demo, args, _uvicorn()))
 
     agents = commands.add_parser(
         "list-agents",
