@@ -178,7 +178,7 @@ class Turn:
             returns (the client is not reading: the stream is closed).
 
     Raises ``ValueError`` when ``timeout`` is not a finite number > 0 (or None) or
-    ``grace`` not a finite number >= 0, and when ``timeout_message`` is not a ``str``
+    ``grace`` not a finite number > 0, and when ``timeout_message`` is not a ``str``
     (``TypeError``) or not valid text.
 
     After :meth:`run`, :attr:`status`, :attr:`spoken` (the ``response.tts`` texts actually
@@ -224,7 +224,7 @@ class Turn:
         if (agent is None) == (handler is None):
             raise TypeError("Turn needs exactly one of agent= or handler=")
         check_seconds("timeout", timeout, zero=False, none=True)
-        check_seconds("grace", grace, zero=True, none=False)
+        check_seconds("grace", grace, zero=False, none=False)
         check_text("timeout_message", timeout_message)
         self.event = event
         self._call = bind_agent(agent).call if agent is not None else None

@@ -243,7 +243,7 @@ class LayercodeWebhook:
         turn_timeout: seconds a turn may take; ``None`` = no limit.
         timeout_message: spoken when a turn times out (if blank or None: ``response.error``).
         turn_grace: once a turn's time is up, how long its fallback (or ``response.error``)
-            and ``response.end`` may take to send; then its stream is closed, its lock
+            and ``response.end`` may take to send (> 0); then its stream is closed, its lock
             released (a client that stops reading does not hold its conversation).
         keep_history: keep a conversation's history after ``session.end``.
         lock_timeout: seconds a turn waits for the previous turn of its conversation
@@ -290,7 +290,7 @@ class LayercodeWebhook:
         check_positive_int(max_body_size, "max_body_size")
         check_seconds("body_timeout", body_timeout, zero=False, none=True)
         check_seconds("turn_timeout", turn_timeout, zero=False, none=True)
-        check_seconds("turn_grace", turn_grace, zero=True, none=False)
+        check_seconds("turn_grace", turn_grace, zero=False, none=False)
         check_seconds("lock_timeout", lock_timeout, zero=True, none=True)
         check_seconds("lock_wait_grace", lock_wait_grace, zero=True, none=False)
         check_text("timeout_message", timeout_message)
