@@ -126,8 +126,16 @@ def _to_sse(item: Any) -> Any:
 
 
 async def _items(source: AsyncIterable[Any]) -> AsyncIterable[Any]:
-    async for item in source:
-        yield _to_sse(item)
+    """The user's items as sent; their iterator is closed on every exit (a refused item
+    too), not left to the garbage collector."""
+    iterator = source.__aiter__()
+    try:
+        async for item in iterator:
+            yield _to_sse(item)
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def create_sse_response(
