@@ -309,7 +309,9 @@ def create_app(
         max_body_size=settings.max_body_size,
         metrics=metrics,
     )
-    protected = LayercodeSignature(
+    # The webhook route's signature check: WebhookEndpoint runs its ``verified_body`` and
+    # hands the body to ``webhook.answer`` itself (its ``app``, the webhook, is not called).
+    signature_check = LayercodeSignature(
         webhook,
         secret=secrets,
         tolerance=settings.signature_tolerance,
@@ -411,7 +413,7 @@ def create_app(
             )
         )
     routes = [
-        Route(agent_route, WebhookEndpoint(protected, webhook, lifecycle), methods=["POST"]),
+        Route(agent_route, WebhookEndpoint(signature_check, webhook, lifecycle), methods=["POST"]),
         Route(authorize_route, AuthorizeEndpoint(authorize, lifecycle), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),

@@ -309,14 +309,14 @@ class EventStreamResponse(Response):
                 self._cancel = task_group.cancel_scope
                 self._send_body = _DetachedSend(send)
                 task_group.start_soon(self._watch_disconnect, receive)
-                await self._produce()
+                await self._run_producer()
                 task_group.cancel_scope.cancel()
         else:
             cancel = self._cancel = anyio.CancelScope()
             watcher = loop.create_task(self._watch_disconnect(receive))
             try:
                 with cancel:
-                    await self._produce()
+                    await self._run_producer()
             finally:
                 watcher.cancel()
         if not self.disconnected:
@@ -355,7 +355,7 @@ class EventStreamResponse(Response):
             self._unyielded = 0
             await anyio.lowlevel.checkpoint()
 
-    async def _produce(self) -> None:
+    async def _run_producer(self) -> None:
         try:
             await self.producer(self.emit)
         except BaseException as exc:  # a CancelledError of the producer's own too

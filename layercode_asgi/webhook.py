@@ -92,7 +92,7 @@ _LEFT: dict[str, Any] = {"outcome": "disconnected"}
 _NO_EXTRA: dict[str, Any] = {}
 
 
-class _TurnRequest:
+class _TurnProducer:
     """The producer of one turn's response: wait for the conversation, run, record.
 
     One small object per request rather than closures: every object a turn keeps alive
@@ -100,7 +100,7 @@ class _TurnRequest:
     tail of the paced benchmark).
     """
 
-    __slots__ = ("body", "event", "unrecorded", "webhook")
+    __slots__ = ("body", "event", "generation", "webhook")
 
     def __init__(
         self,
@@ -111,7 +111,7 @@ class _TurnRequest:
         self.webhook = webhook
         self.event: TurnEvent | None = event
         self.body = body
-        self.unrecorded: tuple[ConversationBackend, TurnEvent, int | None] | None = None
+        self.generation: int | None = None  # the history's, read with it
 
     async def __call__(self, emit: Emit) -> None:
         webhook = self.webhook
@@ -155,16 +155,17 @@ class _TurnRequest:
                         failure = "conversation store failed reading the history"
                         raise _unavailable(exc, failure) from exc
                     if waiting.cancel_called:  # aborted during a read that did not notice
-                        raise _aborted(webhook._abort_message)
+                        raise webhook._aborted()
                     webhook._waiting.discard(waiting)  # from here on, abort_turns aborts the turn
-                    self.unrecorded = (conversations, event, generation)
+                    self.generation = generation
                     turn = webhook._start_turn(event, history, locked_at)
-                    turn.before_end = self.record
+                    turn.before_end = self.record_history  # Turn.end runs it once, then clears it
                     try:  # here, not in a method: one coroutine frame fewer per open turn
                         await turn.run(emit)
                     finally:
                         webhook._running.discard(turn)
-                        await self.record(turn)  # (once: a second call does nothing)
+                        if turn.before_end is not None:  # it stopped without its response.end
+                            await self.record_history(turn)
         except LayercodeError as exc:
             if acquired or isinstance(exc, ResponseError):
                 raise
@@ -181,15 +182,15 @@ class _TurnRequest:
             else:
                 del pending[cid]
         if waiting.cancelled_caught:
-            raise _aborted(webhook._abort_message)
+            raise webhook._aborted()
 
-    async def record(self, turn: Turn) -> None:
-        """Record the turn, once: just before its ``response.end`` goes out (a client that
-        saw the end finds the turn in the history), or when it stopped without one."""
-        unrecorded, self.unrecorded = self.unrecorded, None
-        if unrecorded is not None:
-            conversations, event, generation = unrecorded
-            await record_for_turn(conversations, event, turn.reply_text, generation)
+    async def record_history(self, turn: Turn) -> None:
+        """Record what the user said and what was spoken: just before the turn's
+        ``response.end`` goes out (a client that saw the end finds the turn in the
+        history), or once it stopped without one."""
+        conversations = self.webhook.conversations
+        assert conversations is not None  # a turn without a store is not recorded
+        await record_for_turn(conversations, turn.event, turn.reply_text, self.generation)
 
 
 #: A hook for the JSON-answered events (``on_data=``, ``on_session_update=``, ``on_session_end=``):
@@ -373,14 +374,14 @@ class LayercodeWebhook:
         turn_id = getattr(event, "turn_id", None)
         event = None
         metrics = self.metrics  # metrics: one record per request, only when enabled
-        record = (
+        measured = (
             None if metrics is None else metrics.arrived(started, kind, conversation_id, turn_id)
         )
         try:
             await response(scope, receive, send)
         finally:
-            if record is not None:
-                record.finish(response)
+            if measured is not None:
+                measured.finish(response)
             status = answered_status(response)
             if webhook_log_enabled(status):
                 log_webhook(
@@ -389,7 +390,7 @@ class LayercodeWebhook:
                     turn_id,
                     status,
                     time.perf_counter() - started,
-                    first_tts_s=None if record is None else record.first_tts,
+                    first_tts_s=None if measured is None else measured.first_tts,
                     **(_LEFT if getattr(response, "disconnected", False) else _NO_EXTRA),
                 )
 
@@ -443,7 +444,7 @@ class LayercodeWebhook:
             return json_error_response(500, f"{event.type!s} handler failed"), event
         finally:
             self._waiting.discard(hook)
-        return error_response(_aborted(self._abort_message)), event
+        return error_response(self._aborted()), event
 
     def turn_response(
         self, event: TurnEvent, *, body: bytes | str | Mapping[str, Any] | None = None
@@ -455,7 +456,7 @@ class LayercodeWebhook:
         it holds the lock.
         """
         # A client that stopped reading gets the turn's grace for the final frame too.
-        return EventStreamResponse(_TurnRequest(self, event, body), close_timeout=self.turn_grace)
+        return EventStreamResponse(_TurnProducer(self, event, body), close_timeout=self.turn_grace)
 
     def _start_turn(
         self, event: TurnEvent, history: Sequence[HistoryMessage], locked_at: float | None
@@ -494,6 +495,10 @@ class LayercodeWebhook:
             turn.abort(message)
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _aborted(self) -> ResponseError:
+        """The 503 of a waiting turn (or hook) ended by :meth:`abort_turns`."""
+        return ResponseError(503, self._abort_message, retry_after=RETRY_AFTER_SECONDS)
 
     async def _answer_json(self, event: WebhookPayload) -> Response:
         conversations = self.conversations
@@ -540,11 +545,6 @@ def _unavailable(exc: LayercodeError, context: str) -> ResponseError:
             retry_after=RETRY_AFTER_SECONDS,
         )
     return ResponseError(503, "conversation store unavailable", retry_after=RETRY_AFTER_SECONDS)
-
-
-def _aborted(message: str) -> ResponseError:
-    """The 503 of a waiting turn ended by :meth:`LayercodeWebhook.abort_turns`."""
-    return ResponseError(503, message, retry_after=RETRY_AFTER_SECONDS)
 
 
 def _invalid_id(exc: ValueError) -> ResponseError:
