@@ -73,10 +73,9 @@ SHUTTING_DOWN_ANSWER = json_error(503, "server is shutting down", close=True, he
 class WebhookEndpoint:
     """The webhook route's ASGI app: drain check, signature check, then the webhook.
 
-    Not middleware around the webhook: it runs ``signature_check.verified_body`` and hands
-    the verified body straight to :meth:`LayercodeWebhook.answer` (the body is read once).
-    Counts the webhook requests in flight for :class:`Lifecycle`; answers 503 once the
-    server is draining.
+    It runs ``signature_check.verified_body``, then hands the body to the webhook's ``answer``
+    (not middleware around it: the body is read once). Counts the webhook requests in
+    flight for :class:`Lifecycle`; answers 503 once the server is draining.
     """
 
     __slots__ = ("lifecycle", "signature_check", "webhook")

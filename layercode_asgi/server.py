@@ -309,8 +309,7 @@ def create_app(
         max_body_size=settings.max_body_size,
         metrics=metrics,
     )
-    # The webhook route's signature check: WebhookEndpoint runs its ``verified_body`` and
-    # hands the body to ``webhook.answer`` itself (its ``app``, the webhook, is not called).
+    # Not middleware around the webhook: WebhookEndpoint runs its checks (verified_body).
     signature_check = LayercodeSignature(
         webhook,
         secret=secrets,

@@ -126,13 +126,11 @@ def _to_sse(item: Any) -> Any:
 
 
 async def _items(source: AsyncIterable[Any]) -> AsyncIterable[Any]:
-    """The user's items as sent; their iterator is closed on every exit (a refused item
-    too), not left to the garbage collector."""
     iterator = source.__aiter__()
     try:
         async for item in iterator:
             yield _to_sse(item)
-    finally:
+    finally:  # on every exit (a refused item too), not left to the garbage collector
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -444,10 +444,10 @@ class Turn:
             logger.warning(
                 "turn timed out after %ss %s", self.timeout, self._ids(), extra=self._extra()
             )
-        fallback = self.timeout_message if aborted is None else None
         if self.ended:
             return
-        if fallback and not fallback.isspace():  # blank: none
+        fallback = self.timeout_message  # (an abort has none)
+        if aborted is None and fallback and not fallback.isspace():  # blank: none
             await self.deliver(Tts(fallback))
         else:
             error = TIMEOUT_ERROR_MESSAGE if aborted is None else aborted

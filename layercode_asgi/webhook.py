@@ -147,8 +147,10 @@ class _TurnProducer:
                     locked_at = anyio.current_time()  # the turn's deadline counts from here
                     if webhook.metrics is not None:
                         webhook.metrics.lock_acquired()
-                    if event is None:
-                        event = _decode_turn(body)
+                    if event is None:  # it waited: decode its body again
+                        decoded = parse_webhook_payload(body)  # type: ignore[arg-type]  # valid
+                        assert isinstance(decoded, SessionStartPayload | MessagePayload)
+                        event = decoded
                     try:
                         history, generation = await read_for_turn(conversations, cid)
                     except LayercodeError as exc:
@@ -538,22 +540,14 @@ def _unavailable(exc: LayercodeError, context: str) -> ResponseError:
     """The 503 for a conversation store failure: what is wrong in words for the caller,
     the details (Redis host, port, driver text) only in the log."""
     logger.warning("%s: %s: %s", context, type(exc).__name__, escape_error(exc))
-    if isinstance(exc, ConversationLockTimeout):
-        return ResponseError(
-            503,
-            "conversation unavailable: another turn of this conversation is still running",
-            retry_after=RETRY_AFTER_SECONDS,
-        )
-    return ResponseError(503, "conversation store unavailable", retry_after=RETRY_AFTER_SECONDS)
+    message = (
+        "conversation unavailable: another turn of this conversation is still running"
+        if isinstance(exc, ConversationLockTimeout)
+        else "conversation store unavailable"
+    )
+    return ResponseError(503, message, retry_after=RETRY_AFTER_SECONDS)
 
 
 def _invalid_id(exc: ValueError) -> ResponseError:
     """The 400 of a ``conversation_id`` the conversation store refuses (empty, too long)."""
     return ResponseError(400, f"invalid conversation_id: {exc}")
-
-
-def _decode_turn(body: bytes | str | Mapping[str, Any] | None) -> TurnEvent:
-    """Decode a waiting turn's body again, once it holds its conversation's lock."""
-    event = parse_webhook_payload(body)  # type: ignore[arg-type]  # validated before
-    assert isinstance(event, SessionStartPayload | MessagePayload)
-    return event
