@@ -1,8 +1,5 @@
-"""The open requests of one :func:`~layercode_asgi.server.create_app` app and its drain.
-
-:class:`Lifecycle` is ``app.state.lifecycle``; the webhook and authorize routes' endpoints
-count their requests in it and answer 503 once the server is draining.
-"""
+"""The open requests of one :func:`~layercode_asgi.server.create_app` app and its drain:
+:class:`Lifecycle`, and the webhook and authorize routes' endpoints that count in it."""
 
 from __future__ import annotations
 

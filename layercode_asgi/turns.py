@@ -244,8 +244,7 @@ class Turn:
         self.ended = False
         self._abort: str | None = None
         self._scope: anyio.CancelScope | None = None
-        #: Awaited once, just before ``response.end`` is sent (the webhook records the turn
-        #: then: a client that saw the end can read the turn in the history).
+        #: Awaited once, by :meth:`end`, just before ``response.end`` (the webhook records then).
         self.before_end: Callable[[Turn], Awaitable[None]] | None = None
 
     def abort(self, message: str) -> None:

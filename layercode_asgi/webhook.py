@@ -400,8 +400,7 @@ class LayercodeWebhook:
 
     async def respond(self, body: bytes | str | Mapping[str, Any]) -> Response:
         """Return the response to a webhook whose (verified) body is ``body``."""
-        response, _ = await self._respond(body)
-        return response
+        return (await self._respond(body))[0]
 
     async def _respond(
         self, body: bytes | str | Mapping[str, Any], scope: Scope | None = None
