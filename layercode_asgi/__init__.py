@@ -15,20 +15,21 @@ step by step, with every early answer):
 3. ``webhook.LayercodeWebhook.answer`` -> ``_respond``: ``events.parse_webhook_payload``
    (400, 415; an unknown type: 200 ignored); ``data`` / ``session.update`` /
    ``session.end`` get JSON (``_answer_json``); a turn gets ``turn_response``, an
-   ``sse.EventStreamResponse`` whose producer is a ``webhook._TurnRequest``, and ``answer``
+   ``sse.EventStreamResponse`` whose producer is a ``webhook._TurnProducer``, and ``answer``
    calls it.
 4. ``sse.EventStreamResponse.__call__`` runs the producer in the request's own task
-   (``_produce``) and a disconnect watcher in another.
-5. ``webhook._TurnRequest.__call__`` queues for the conversation's lock
+   (``_run_producer``) and a disconnect watcher in another.
+5. ``webhook._TurnProducer.__call__`` queues for the conversation's lock
    (``conversation.ConversationManager.lock``; 503 when too many wait or the wait is too
    long), reads the history (``conversation.manager.read_for_turn``), has
    ``LayercodeWebhook._start_turn`` build the ``turns.Turn`` and runs it.
-6. ``turns.Turn.run``: the deadline (counted from the lock) covers ``_produce`` (the agent's
+6. ``turns.Turn.run``: the deadline (counted from the lock) covers ``_run_agent`` (the agent's
    replies, ``deliver`` -> ``sse.EventStreamResponse.emit``) and ``end``; past it, the
    fallback or ``response.error`` and ``response.end`` get the grace.
-7. ``turns.Turn.end`` records the turn (``before_end``: ``webhook._TurnRequest.record`` ->
-   ``conversation.manager.record_for_turn``; the built-in stores release the lock in that
-   call), then sends ``response.end`` as the body's last chunk;
+7. ``turns.Turn.end`` records the turn (``before_end``:
+   ``webhook._TurnProducer.record_history`` -> ``conversation.manager.record_for_turn``;
+   the built-in stores release the lock in that call), then sends ``response.end`` as the
+   body's last chunk;
    ``sse.EventStreamResponse._finish`` sends what is left (before any event: a JSON error)
    and ``answer`` logs the request (``logs.log_webhook``).
 """

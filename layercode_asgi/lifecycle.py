@@ -1,8 +1,5 @@
-"""The open requests of one :func:`~layercode_asgi.server.create_app` app and its drain.
-
-:class:`Lifecycle` is ``app.state.lifecycle``; the webhook and authorize routes' endpoints
-count their requests in it and answer 503 once the server is draining.
-"""
+"""The open requests of one :func:`~layercode_asgi.server.create_app` app and its drain:
+:class:`Lifecycle`, and the webhook and authorize routes' endpoints that count in it."""
 
 from __future__ import annotations
 
@@ -73,17 +70,17 @@ SHUTTING_DOWN_ANSWER = json_error(503, "server is shutting down", close=True, he
 class WebhookEndpoint:
     """The webhook route's ASGI app: drain check, signature check, then the webhook.
 
-    The signature middleware hands the verified body straight to the webhook (no second
-    read of the body through a replaying ``receive``). Counts the webhook requests in
+    It runs ``signature_check.verified_body``, then hands the body to the webhook's ``answer``
+    (not middleware around it: the body is read once). Counts the webhook requests in
     flight for :class:`Lifecycle`; answers 503 once the server is draining.
     """
 
-    __slots__ = ("lifecycle", "signature", "webhook")
+    __slots__ = ("lifecycle", "signature_check", "webhook")
 
     def __init__(
-        self, signature: LayercodeSignature, webhook: LayercodeWebhook, lifecycle: Lifecycle
+        self, signature_check: LayercodeSignature, webhook: LayercodeWebhook, lifecycle: Lifecycle
     ) -> None:
-        self.signature = signature
+        self.signature_check = signature_check
         self.webhook = webhook
         self.lifecycle = lifecycle
 
@@ -94,7 +91,9 @@ class WebhookEndpoint:
             return
         lifecycle.active += 1
         try:
-            verified = await self.signature.verified_body(scope, receive, send, lifecycle.reads)
+            verified = await self.signature_check.verified_body(
+                scope, receive, send, lifecycle.reads
+            )
             if verified is None:  # refused: answered
                 return
             body, send = verified  # with replay protection: a 503 forgets the delivery

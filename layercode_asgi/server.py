@@ -309,7 +309,8 @@ def create_app(
         max_body_size=settings.max_body_size,
         metrics=metrics,
     )
-    protected = LayercodeSignature(
+    # Not middleware around the webhook: WebhookEndpoint runs its checks (verified_body).
+    signature_check = LayercodeSignature(
         webhook,
         secret=secrets,
         tolerance=settings.signature_tolerance,
@@ -411,7 +412,7 @@ def create_app(
             )
         )
     routes = [
-        Route(agent_route, WebhookEndpoint(protected, webhook, lifecycle), methods=["POST"]),
+        Route(agent_route, WebhookEndpoint(signature_check, webhook, lifecycle), methods=["POST"]),
         Route(authorize_route, AuthorizeEndpoint(authorize, lifecycle), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),

@@ -126,8 +126,14 @@ def _to_sse(item: Any) -> Any:
 
 
 async def _items(source: AsyncIterable[Any]) -> AsyncIterable[Any]:
-    async for item in source:
-        yield _to_sse(item)
+    iterator = source.__aiter__()
+    try:
+        async for item in iterator:
+            yield _to_sse(item)
+    finally:  # on every exit (a refused item too), not left to the garbage collector
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def create_sse_response(
@@ -301,14 +307,14 @@ class EventStreamResponse(Response):
                 self._cancel = task_group.cancel_scope
                 self._send_body = _DetachedSend(send)
                 task_group.start_soon(self._watch_disconnect, receive)
-                await self._produce()
+                await self._run_producer()
                 task_group.cancel_scope.cancel()
         else:
             cancel = self._cancel = anyio.CancelScope()
             watcher = loop.create_task(self._watch_disconnect(receive))
             try:
                 with cancel:
-                    await self._produce()
+                    await self._run_producer()
             finally:
                 watcher.cancel()
         if not self.disconnected:
@@ -347,7 +353,7 @@ class EventStreamResponse(Response):
             self._unyielded = 0
             await anyio.lowlevel.checkpoint()
 
-    async def _produce(self) -> None:
+    async def _run_producer(self) -> None:
         try:
             await self.producer(self.emit)
         except BaseException as exc:  # a CancelledError of the producer's own too

@@ -45,7 +45,7 @@ from .events import (
 )
 from .jsonwire import encode_json  # msgspec, with U+2028 & co. escaped: one line per event
 from .logs import escape_log_value
-from .sse import Emit, EventStreamResponse
+from .sse import EventStreamResponse
 
 __all__ = [
     "StreamHandler",
@@ -178,7 +178,7 @@ class Turn:
             returns (the client is not reading: the stream is closed).
 
     Raises ``ValueError`` when ``timeout`` is not a finite number > 0 (or None) or
-    ``grace`` not a finite number >= 0, and when ``timeout_message`` is not a ``str``
+    ``grace`` not a finite number > 0, and when ``timeout_message`` is not a ``str``
     (``TypeError``) or not valid text.
 
     After :meth:`run`, :attr:`status`, :attr:`spoken` (the ``response.tts`` texts actually
@@ -190,8 +190,8 @@ class Turn:
         "_abort",
         "_call",
         "_emit",
-        "_ends_body",
         "_handler",
+        "_response",
         "_scope",
         "_suffix",
         "before_end",
@@ -224,7 +224,7 @@ class Turn:
         if (agent is None) == (handler is None):
             raise TypeError("Turn needs exactly one of agent= or handler=")
         check_seconds("timeout", timeout, zero=False, none=True)
-        check_seconds("grace", grace, zero=True, none=False)
+        check_seconds("grace", grace, zero=False, none=False)
         check_text("timeout_message", timeout_message)
         self.event = event
         self._call = bind_agent(agent).call if agent is not None else None
@@ -236,7 +236,7 @@ class Turn:
         self.timeout_message = timeout_message
         self._suffix = b',"turn_id":' + encode_json(event.turn_id) + b"}\n\n"
         self._emit: Callable[[bytes], Awaitable[None]] | None = None
-        self._ends_body: Emit | None = None
+        self._response: EventStreamResponse | None = None  # whose emit ``emit`` is
         self.spoken: list[str] = []
         self.first_tts_at: float | None = None
         self.status = TurnStatus.RUNNING
@@ -244,8 +244,7 @@ class Turn:
         self.ended = False
         self._abort: str | None = None
         self._scope: anyio.CancelScope | None = None
-        #: Awaited once, just before ``response.end`` is sent (the webhook records the turn
-        #: then: a client that saw the end can read the turn in the history).
+        #: Awaited once, by :meth:`end`, just before ``response.end`` (the webhook records then).
         self.before_end: Callable[[Turn], Awaitable[None]] | None = None
 
     def abort(self, message: str) -> None:
@@ -276,8 +275,8 @@ class Turn:
         ``response.end`` get :attr:`grace` seconds to go out; then it returns all the same.
         """
         self._emit = emit
-        owner = getattr(emit, "__self__", None)
-        self._ends_body = owner.emit if isinstance(owner, EventStreamResponse) else None
+        response = getattr(emit, "__self__", None)  # emit: an EventStreamResponse's own?
+        self._response = response if isinstance(response, EventStreamResponse) else None
         started = anyio.current_time() if self.started_at is None else self.started_at
         deadline = math.inf if self.timeout is None else started + self.timeout
         try:
@@ -285,7 +284,7 @@ class Turn:
                 self._scope = scope
                 if self._abort is None:
                     try:
-                        await self._produce()
+                        await self._run_agent()
                     except BaseException as exc:  # a CancelledError of the agent's own too
                         if must_propagate(exc):
                             raise
@@ -299,8 +298,8 @@ class Turn:
                     await self._stopped()
                     await self.end()
                 if last.cancelled_caught:
-                    if isinstance(owner, EventStreamResponse):
-                        owner.close_timeout = 0  # the grace bounded the close: not a second one
+                    if self._response is not None:  # the grace bounded the close: not twice
+                        self._response.close_timeout = 0
                     logger.warning(
                         "turn's last events not sent within %ss (the client is not reading) %s",
                         self.grace,
@@ -319,10 +318,10 @@ class Turn:
         finally:
             # Nothing is emitted after the turn; dropping ``emit`` also breaks the
             # response -> producer -> turn -> emit reference cycle.
-            self._emit = self._ends_body = None
+            self._emit = self._response = None
             self._scope = None
 
-    async def _produce(self) -> None:
+    async def _run_agent(self) -> None:
         if self._handler is not None:
             await self._handler(TurnStream(self))
             return
@@ -403,8 +402,8 @@ class Turn:
             if hook is not None:
                 await hook(self)
             self.ended = True
-            if self._ends_body is not None:
-                await self._ends_body(_END + self._suffix, last=True)
+            if self._response is not None:
+                await self._response.emit(_END + self._suffix, last=True)
             else:
                 await emit(_END + self._suffix)
 
@@ -444,10 +443,10 @@ class Turn:
             logger.warning(
                 "turn timed out after %ss %s", self.timeout, self._ids(), extra=self._extra()
             )
-        fallback = self.timeout_message if aborted is None else None
         if self.ended:
             return
-        if fallback and not fallback.isspace():  # blank: none
+        fallback = self.timeout_message  # (an abort has none)
+        if aborted is None and fallback and not fallback.isspace():  # blank: none
             await self.deliver(Tts(fallback))
         else:
             error = TIMEOUT_ERROR_MESSAGE if aborted is None else aborted

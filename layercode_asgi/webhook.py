@@ -92,7 +92,7 @@ _LEFT: dict[str, Any] = {"outcome": "disconnected"}
 _NO_EXTRA: dict[str, Any] = {}
 
 
-class _TurnRequest:
+class _TurnProducer:
     """The producer of one turn's response: wait for the conversation, run, record.
 
     One small object per request rather than closures: every object a turn keeps alive
@@ -100,7 +100,7 @@ class _TurnRequest:
     tail of the paced benchmark).
     """
 
-    __slots__ = ("body", "event", "unrecorded", "webhook")
+    __slots__ = ("body", "event", "generation", "webhook")
 
     def __init__(
         self,
@@ -111,7 +111,7 @@ class _TurnRequest:
         self.webhook = webhook
         self.event: TurnEvent | None = event
         self.body = body
-        self.unrecorded: tuple[ConversationBackend, TurnEvent, int | None] | None = None
+        self.generation: int | None = None  # the history's, read with it
 
     async def __call__(self, emit: Emit) -> None:
         webhook = self.webhook
@@ -147,24 +147,27 @@ class _TurnRequest:
                     locked_at = anyio.current_time()  # the turn's deadline counts from here
                     if webhook.metrics is not None:
                         webhook.metrics.lock_acquired()
-                    if event is None:
-                        event = _decode_turn(body)
+                    if event is None:  # it waited: decode its body again
+                        decoded = parse_webhook_payload(body)  # type: ignore[arg-type]  # valid
+                        assert isinstance(decoded, SessionStartPayload | MessagePayload)
+                        event = decoded
                     try:
                         history, generation = await read_for_turn(conversations, cid)
                     except LayercodeError as exc:
                         failure = "conversation store failed reading the history"
                         raise _unavailable(exc, failure) from exc
                     if waiting.cancel_called:  # aborted during a read that did not notice
-                        raise _aborted(webhook._abort_message)
+                        raise webhook._aborted()
                     webhook._waiting.discard(waiting)  # from here on, abort_turns aborts the turn
-                    self.unrecorded = (conversations, event, generation)
+                    self.generation = generation
                     turn = webhook._start_turn(event, history, locked_at)
-                    turn.before_end = self.record
+                    turn.before_end = self.record_history  # Turn.end runs it once, then clears it
                     try:  # here, not in a method: one coroutine frame fewer per open turn
                         await turn.run(emit)
                     finally:
                         webhook._running.discard(turn)
-                        await self.record(turn)  # (once: a second call does nothing)
+                        if turn.before_end is not None:  # it stopped without its response.end
+                            await self.record_history(turn)
         except LayercodeError as exc:
             if acquired or isinstance(exc, ResponseError):
                 raise
@@ -181,15 +184,15 @@ class _TurnRequest:
             else:
                 del pending[cid]
         if waiting.cancelled_caught:
-            raise _aborted(webhook._abort_message)
+            raise webhook._aborted()
 
-    async def record(self, turn: Turn) -> None:
-        """Record the turn, once: just before its ``response.end`` goes out (a client that
-        saw the end finds the turn in the history), or when it stopped without one."""
-        unrecorded, self.unrecorded = self.unrecorded, None
-        if unrecorded is not None:
-            conversations, event, generation = unrecorded
-            await record_for_turn(conversations, event, turn.reply_text, generation)
+    async def record_history(self, turn: Turn) -> None:
+        """Record what the user said and what was spoken: just before the turn's
+        ``response.end`` goes out (a client that saw the end finds the turn in the
+        history), or once it stopped without one."""
+        conversations = self.webhook.conversations
+        assert conversations is not None  # a turn without a store is not recorded
+        await record_for_turn(conversations, turn.event, turn.reply_text, self.generation)
 
 
 #: A hook for the JSON-answered events (``on_data=``, ``on_session_update=``, ``on_session_end=``):
@@ -243,7 +246,7 @@ class LayercodeWebhook:
         turn_timeout: seconds a turn may take; ``None`` = no limit.
         timeout_message: spoken when a turn times out (if blank or None: ``response.error``).
         turn_grace: once a turn's time is up, how long its fallback (or ``response.error``)
-            and ``response.end`` may take to send; then its stream is closed, its lock
+            and ``response.end`` may take to send (> 0); then its stream is closed, its lock
             released (a client that stops reading does not hold its conversation).
         keep_history: keep a conversation's history after ``session.end``.
         lock_timeout: seconds a turn waits for the previous turn of its conversation
@@ -290,7 +293,7 @@ class LayercodeWebhook:
         check_positive_int(max_body_size, "max_body_size")
         check_seconds("body_timeout", body_timeout, zero=False, none=True)
         check_seconds("turn_timeout", turn_timeout, zero=False, none=True)
-        check_seconds("turn_grace", turn_grace, zero=True, none=False)
+        check_seconds("turn_grace", turn_grace, zero=False, none=False)
         check_seconds("lock_timeout", lock_timeout, zero=True, none=True)
         check_seconds("lock_wait_grace", lock_wait_grace, zero=True, none=False)
         check_text("timeout_message", timeout_message)
@@ -373,14 +376,14 @@ class LayercodeWebhook:
         turn_id = getattr(event, "turn_id", None)
         event = None
         metrics = self.metrics  # metrics: one record per request, only when enabled
-        record = (
+        measured = (
             None if metrics is None else metrics.arrived(started, kind, conversation_id, turn_id)
         )
         try:
             await response(scope, receive, send)
         finally:
-            if record is not None:
-                record.finish(response)
+            if measured is not None:
+                measured.finish(response)
             status = answered_status(response)
             if webhook_log_enabled(status):
                 log_webhook(
@@ -389,7 +392,7 @@ class LayercodeWebhook:
                     turn_id,
                     status,
                     time.perf_counter() - started,
-                    first_tts_s=None if record is None else record.first_tts,
+                    first_tts_s=None if measured is None else measured.first_tts,
                     **(_LEFT if getattr(response, "disconnected", False) else _NO_EXTRA),
                 )
 
@@ -397,8 +400,7 @@ class LayercodeWebhook:
 
     async def respond(self, body: bytes | str | Mapping[str, Any]) -> Response:
         """Return the response to a webhook whose (verified) body is ``body``."""
-        response, _ = await self._respond(body)
-        return response
+        return (await self._respond(body))[0]
 
     async def _respond(
         self, body: bytes | str | Mapping[str, Any], scope: Scope | None = None
@@ -443,7 +445,7 @@ class LayercodeWebhook:
             return json_error_response(500, f"{event.type!s} handler failed"), event
         finally:
             self._waiting.discard(hook)
-        return error_response(_aborted(self._abort_message)), event
+        return error_response(self._aborted()), event
 
     def turn_response(
         self, event: TurnEvent, *, body: bytes | str | Mapping[str, Any] | None = None
@@ -455,7 +457,7 @@ class LayercodeWebhook:
         it holds the lock.
         """
         # A client that stopped reading gets the turn's grace for the final frame too.
-        return EventStreamResponse(_TurnRequest(self, event, body), close_timeout=self.turn_grace)
+        return EventStreamResponse(_TurnProducer(self, event, body), close_timeout=self.turn_grace)
 
     def _start_turn(
         self, event: TurnEvent, history: Sequence[HistoryMessage], locked_at: float | None
@@ -495,6 +497,10 @@ class LayercodeWebhook:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _aborted(self) -> ResponseError:
+        """The 503 of a waiting turn (or hook) ended by :meth:`abort_turns`."""
+        return ResponseError(503, self._abort_message, retry_after=RETRY_AFTER_SECONDS)
+
     async def _answer_json(self, event: WebhookPayload) -> Response:
         conversations = self.conversations
         if conversations is not None:  # the limit of the turns' store, on every event
@@ -533,27 +539,14 @@ def _unavailable(exc: LayercodeError, context: str) -> ResponseError:
     """The 503 for a conversation store failure: what is wrong in words for the caller,
     the details (Redis host, port, driver text) only in the log."""
     logger.warning("%s: %s: %s", context, type(exc).__name__, escape_error(exc))
-    if isinstance(exc, ConversationLockTimeout):
-        return ResponseError(
-            503,
-            "conversation unavailable: another turn of this conversation is still running",
-            retry_after=RETRY_AFTER_SECONDS,
-        )
-    return ResponseError(503, "conversation store unavailable", retry_after=RETRY_AFTER_SECONDS)
-
-
-def _aborted(message: str) -> ResponseError:
-    """The 503 of a waiting turn ended by :meth:`LayercodeWebhook.abort_turns`."""
+    message = (
+        "conversation unavailable: another turn of this conversation is still running"
+        if isinstance(exc, ConversationLockTimeout)
+        else "conversation store unavailable"
+    )
     return ResponseError(503, message, retry_after=RETRY_AFTER_SECONDS)
 
 
 def _invalid_id(exc: ValueError) -> ResponseError:
     """The 400 of a ``conversation_id`` the conversation store refuses (empty, too long)."""
     return ResponseError(400, f"invalid conversation_id: {exc}")
-
-
-def _decode_turn(body: bytes | str | Mapping[str, Any] | None) -> TurnEvent:
-    """Decode a waiting turn's body again, once it holds its conversation's lock."""
-    event = parse_webhook_payload(body)  # type: ignore[arg-type]  # validated before
-    assert isinstance(event, SessionStartPayload | MessagePayload)
-    return event

@@ -197,13 +197,20 @@ async def test_ping_0_sends_no_keep_alive_comments() -> None:
 
 @pytest.mark.anyio
 async def test_create_sse_response_refuses_unknown_items() -> None:
+    closed = []
+
     async def bad() -> AsyncIterator[Any]:
-        yield 42
+        try:
+            yield 42
+        finally:
+            closed.append(True)
 
     response = create_sse_response(bad(), ping=0)
     with pytest.raises(TypeError, match="create_sse_response items"):
         async for _ in response.body_iterator:
             pass
+    # Closed at once (before: left to the garbage collector; on trio a ResourceWarning).
+    assert closed == [True]
 
 
 @pytest.mark.parametrize(

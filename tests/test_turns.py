@@ -734,6 +734,7 @@ async def test_a_turn_runs_with_an_emit_of_your_own() -> None:
         {"turn_grace": float("nan")},
         {"turn_grace": -0.5},
         {"turn_grace": float("inf")},
+        {"turn_grace": 0},  # as LAYERCODE_TURN_GRACE: on trio no fallback, no response.end
         {"lock_timeout": float("nan")},
         {"lock_timeout": -1},
         {"lock_wait_grace": float("nan")},
@@ -755,6 +756,7 @@ _BAD_TURN_DURATIONS = [
     {"grace": float("nan")},
     {"grace": -0.5},
     {"grace": float("inf")},
+    {"grace": 0},
 ]
 
 
@@ -785,7 +787,7 @@ def test_stream_entry_points_refuse_invalid_timeouts(entry: str, timeout: float)
 def test_turn_accepts_valid_durations() -> None:
     event = parse_webhook_payload(event_body("message", text="hi"))
     assert isinstance(event, MessagePayload)
-    for options in ({"timeout": None}, {"timeout": 2}, {"timeout": 0.5, "grace": 0}):
+    for options in ({"timeout": None}, {"timeout": 2}, {"timeout": 0.5, "grace": 0.01}):
         turn = Turn(event, echo_agent, **options)  # type: ignore[arg-type]
         assert turn.timeout == options["timeout"]
 
