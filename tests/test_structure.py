@@ -76,7 +76,7 @@ def test_no_private_module_or_name_of_another_module_is_used(path: Path) -> None
         "from asyncio import _get_running_loop",
         "import asyncio\nasyncio._get_running_loop()",
         "import sniffio._impl",
-        "from .webhook import _TurnRequest",
+        "from .webhook import _TurnProducer",
         "from . import sse\nsse._DetachedSend",
     ],
 )
