@@ -31,6 +31,7 @@ from .voice import (
     Piece,
     ToolCall,
     answer_error,
+    note_model,
     require_extra,
     require_object,
     reraise,
@@ -249,6 +250,7 @@ def from_langchain(
         def on_llm_start(self, serialized: Any, prompts: Any, **kwargs: Any) -> None:
             model = (kwargs.get("metadata") or {}).get("ls_model_name")
             self.model = model if isinstance(model, str) else None
+            note_model(self.model)
 
         def on_llm_end(self, response: Any, **kwargs: Any) -> None:
             for cut, reason in _ends(response):

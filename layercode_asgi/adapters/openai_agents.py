@@ -28,6 +28,7 @@ from .voice import (
     Piece,
     ToolCall,
     answer_error,
+    note_model,
     require_extra,
     require_object,
     reraise,
@@ -126,6 +127,7 @@ def from_openai_agents(
                 elif event.type == "run_item_stream_event" and event.name == "tool_output":
                     yield ""  # a tool finished: what it sent goes out now
             ended = True
+            note_model(_model_name(result, config, models))  # for speak()'s "held no text"
         except Exception as exc:
             if refused and isinstance(exc, refusal_error):
                 return
