@@ -418,8 +418,11 @@ def hang_up(content: Any = None) -> None:
 
 
 def note_model(model: str | None) -> None:
-    """From an adapter's run: the model its turn asks, named by :func:`speak`'s failures."""
-    _actions("note_model").model = model
+    """From an adapter's run: the model its turn asks, named by :func:`speak`'s failures
+    (outside an adapter's turn: nothing)."""
+    actions = _ACTIONS.get()
+    if actions is not None:
+        actions.model = model
 
 
 async def speak(
