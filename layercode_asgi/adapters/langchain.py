@@ -34,7 +34,6 @@ from .voice import (
     note_model,
     require_extra,
     require_object,
-    reraise,
     voice_agent,
     warn_cut_short,
 )
@@ -289,10 +288,10 @@ def from_langchain(
                     for call in getattr(chunk, "tool_call_chunks", None) or chunk.tool_calls:
                         if call.get("name"):
                             yield ToolCall(str(call["name"]))
-        except Exception as exc:  # a provider's failure names the model it asked
-            if isinstance(exc, ValueError) and str(exc) in _NO_ANSWER:  # no HTTP error: empty
-                raise answer_error(f"held no text (LangChain: {exc})", watch.model) from None
-            reraise(exc, watch.model)
+        except ValueError as exc:  # other failures: speak() names the model noted
+            if str(exc) not in _NO_ANSWER:  # else no HTTP error: an empty answer
+                raise
+            raise answer_error(f"held no text (LangChain: {exc})", watch.model) from None
         if watch.cut:
             raise answer_error("ended before its finish", watch.model)
 

@@ -31,7 +31,6 @@ from .voice import (
     note_model,
     require_extra,
     require_object,
-    reraise,
     voice_agent,
 )
 
@@ -127,15 +126,16 @@ def from_openai_agents(
                 elif event.type == "run_item_stream_event" and event.name == "tool_output":
                     yield ""  # a tool finished: what it sent goes out now
             ended = True
-            note_model(_model_name(result, config, models))  # for speak()'s "held no text"
         except Exception as exc:
             if refused and isinstance(exc, refusal_error):
                 return
-            model = _model_name(result, config, models)
             if stopped is not None:  # named as the other agents' warning names it
-                raise answer_error(f"was cut short: {stopped}", model) from None
-            reraise(exc, model)
+                raise answer_error(
+                    f"was cut short: {stopped}", _model_name(result, config, models)
+                ) from None
+            raise
         finally:
+            note_model(_model_name(result, config, models))  # named by speak()'s failures
             result.cancel()
             if not ended:  # stopped: as the SDK asks, its events are consumed on after
                 # cancel(), so the run (its model stream) ends now, with the turn. What that
