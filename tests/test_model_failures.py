@@ -80,8 +80,7 @@ async def test_a_refused_key_is_logged_with_the_status_and_the_key_masked(
     assert len(failures) == 1
     assert "HTTP 401" in failures[0].getMessage()
     assert "Incorrect API key provided: ***." in failures[0].getMessage()
-    named = "model_name: gpt-5-nano" if "pydantic-ai" in name or "starter" in name else None
-    assert (named or "HTTP 401 (model=gpt-5-nano): ") in failures[0].getMessage()
+    assert "HTTP 401 (model=gpt-5-nano): " in failures[0].getMessage()  # pydantic-ai's too
     assert KEY not in caplog.text  # nor in the traceback
 
 
@@ -581,7 +580,9 @@ async def test_an_answer_without_text_fails_the_turn(
     does not have) ended the turn with ``response.end`` alone: the caller heard nothing,
     and nothing was logged (the ``openai`` agent was fixed first; then the LangChain and
     Agents SDK adapters). An empty answer its content filter ended is no answer cut short
-    (nothing was spoken): no such warning."""
+    (nothing was spoken): no such warning. Every agent's one line names the model (before:
+    not LangChain's or the Agents SDK's "held no text", nor pydantic-ai's own errors, the
+    ``ContentFilterError`` followed by its indented JSON body)."""
     fake.push(*[script] * 4)  # pydantic-ai asks again (its output retries), then fails
     with caplog.at_level(logging.WARNING, logger="layercode_asgi"):
         turn = await turn_of(name)
@@ -594,7 +595,13 @@ async def test_an_answer_without_text_fails_the_turn(
         finish = script.stop or ("tool_calls" if script.tool_call else "stop")
         said = f"the model's answer held no text (finish_reason={finish}) (model=gpt-5-nano)"
         assert said in caplog.text
-    assert "agent failed" in caplog.text
+    failures = [r for r in caplog.records if r.getMessage().startswith("agent failed")]
+    assert len(failures) == 1
+    error = str(failures[0].exc_info[1])  # the traceback's last line
+    assert "(model=gpt-5-nano)" in error and "\\n" not in error and len(error) <= 1100
+    if script.stop and ("pydantic" in name or "starter" in name):  # the cause, then the body
+        said = "failed (model=gpt-5-nano): ContentFilterError: Content filter triggered."
+        assert said in error
 
 
 @pytest.mark.anyio

@@ -31,9 +31,9 @@ from .voice import (
     Piece,
     ToolCall,
     answer_error,
+    note_model,
     require_extra,
     require_object,
-    reraise,
     voice_agent,
     warn_cut_short,
 )
@@ -249,6 +249,7 @@ def from_langchain(
         def on_llm_start(self, serialized: Any, prompts: Any, **kwargs: Any) -> None:
             model = (kwargs.get("metadata") or {}).get("ls_model_name")
             self.model = model if isinstance(model, str) else None
+            note_model(self.model)
 
         def on_llm_end(self, response: Any, **kwargs: Any) -> None:
             for cut, reason in _ends(response):
@@ -287,10 +288,10 @@ def from_langchain(
                     for call in getattr(chunk, "tool_call_chunks", None) or chunk.tool_calls:
                         if call.get("name"):
                             yield ToolCall(str(call["name"]))
-        except Exception as exc:  # a provider's failure names the model it asked
-            if isinstance(exc, ValueError) and str(exc) in _NO_ANSWER:  # no HTTP error: empty
-                raise answer_error(f"held no text (LangChain: {exc})", watch.model) from None
-            reraise(exc, watch.model)
+        except ValueError as exc:  # other failures: speak() names the model noted
+            if str(exc) not in _NO_ANSWER:  # else no HTTP error: an empty answer
+                raise
+            raise answer_error(f"held no text (LangChain: {exc})", watch.model) from None
         if watch.cut:
             raise answer_error("ended before its finish", watch.model)
 

@@ -28,9 +28,9 @@ from .voice import (
     Piece,
     ToolCall,
     answer_error,
+    note_model,
     require_extra,
     require_object,
-    reraise,
     voice_agent,
 )
 
@@ -129,11 +129,13 @@ def from_openai_agents(
         except Exception as exc:
             if refused and isinstance(exc, refusal_error):
                 return
-            model = _model_name(result, config, models)
             if stopped is not None:  # named as the other agents' warning names it
-                raise answer_error(f"was cut short: {stopped}", model) from None
-            reraise(exc, model)
+                raise answer_error(
+                    f"was cut short: {stopped}", _model_name(result, config, models)
+                ) from None
+            raise
         finally:
+            note_model(_model_name(result, config, models))  # named by speak()'s failures
             result.cancel()
             if not ended:  # stopped: as the SDK asks, its events are consumed on after
                 # cancel(), so the run (its model stream) ends now, with the turn. What that

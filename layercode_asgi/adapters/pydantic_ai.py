@@ -27,6 +27,7 @@ from .voice import (
     Piece,
     ToolCall,
     answer_error,
+    note_model,
     require_extra,
     require_object,
     voice_agent,
@@ -121,8 +122,14 @@ def from_pydantic_ai(
         reinject: Any = importlib.import_module("pydantic_ai.capabilities").ReinjectSystemPrompt
     except (ImportError, AttributeError):
         reinject = None
+    model = run_options.get("model") or getattr(agent, "model", None)
+    if isinstance(model, str):  # "openai:gpt-x"
+        model_name: str | None = model.partition(":")[2] or model
+    else:  # a pydantic-ai Model, or None
+        model_name = getattr(model, "model_name", None)
 
     async def run(prompt: str, context: TurnContext) -> AsyncGenerator[Piece, None]:
+        note_model(model_name)
         options = dict(run_options)
         if deps is not None:
             options["deps"] = deps(context)

@@ -66,6 +66,7 @@ __all__ = [
     "hang_up",
     "mask_key",
     "model_api_error",
+    "note_model",
     "require_extra",
     "require_object",
     "reraise",
@@ -186,7 +187,8 @@ def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIErr
     failed = answered or next((e for e in chain if isinstance(e, failures)), None)
     if failed is None:
         return None
-    message = f"{type(failed).__name__}: {failed}"
+    message = " ".join(f"{type(failed).__name__}: {failed}".split())  # pydantic-ai's body:
+    # indented JSON, on one line (cut by escape_log_value, the cause first)
     environment = (v for k, v in os.environ.items() if k.upper().endswith("API_KEY"))
     keys = {key.strip() for key in environment if len(key.strip()) >= 4}
     for secret in sorted(_credentials(chain) | keys | _GIVEN_KEYS, key=len, reverse=True):
@@ -387,6 +389,7 @@ class _Actions:
     replies: deque[Reply] = field(default_factory=deque)
     hangup: Hangup | None = None
     cut_short: tuple[str, str | None] | None = None  # see warn_cut_short(): why, the model
+    model: str | None = None  # see note_model()
 
 
 _ACTIONS: ContextVar[_Actions | None] = ContextVar("layercode_asgi_tool_actions", default=None)
@@ -412,6 +415,14 @@ def send_data(content: Any) -> None:
 def hang_up(content: Any = None) -> None:
     """From a tool: end the call (``response.hangup``) once the answer has been spoken."""
     _actions("hang_up").hangup = Hangup(content)
+
+
+def note_model(model: str | None) -> None:
+    """From an adapter's run: the model its turn asks, named by :func:`speak`'s failures
+    (outside an adapter's turn: nothing)."""
+    actions = _ACTIONS.get()
+    if actions is not None:
+        actions.model = model
 
 
 async def speak(
@@ -451,13 +462,13 @@ async def speak(
                     while actions.replies:
                         yield actions.replies.popleft()
         except Exception as exc:
-            reraise(exc)
+            reraise(exc, actions.model)
         rest = chunker.flush()
         for reply in (rest, *actions.replies, actions.hangup):  # the hangup last
             if reply is not None:
                 yield reply
-        if not spoke and rest is None and actions.hangup is None:
-            raise answer_error("held no text")  # empty, blank, a tool call alone: silence
+        if not spoke and rest is None and actions.hangup is None:  # empty, blank, a tool call
+            raise answer_error("held no text", actions.model)  # alone: silence
         if actions.cut_short is not None:
             _log_cut_short(*actions.cut_short, context)
     finally:
