@@ -164,13 +164,13 @@ class MemoryConversationStore:
         self, conversation_id: str, messages: Sequence[HistoryMessage], generation: int
     ) -> bool:
         """Append ``messages`` if the conversation's generation is still ``generation``
-        (it was not cleared since); True if appended.
+        (it was not cleared since); True if appended (or none given).
 
         Called by the holder of the conversation's :meth:`lock`, it ends the turn, as the
         Redis store's does: the lock is released with it (the next turn may start at once;
         leaving the ``async with`` then has nothing left to release).
         """
-        done = self._generation(conversation_id) == generation
+        done = not messages or self._generation(conversation_id) == generation
         if done:
             self._append(conversation_id, messages)
         held = _HELD.get()

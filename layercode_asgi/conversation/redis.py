@@ -259,14 +259,16 @@ class RedisConversationStore:
         self, conversation_id: str, messages: Sequence[HistoryMessage], generation: int
     ) -> bool:
         """Append ``messages`` if the conversation's generation is still ``generation``,
-        checked and appended atomically (one script); True if appended.
+        checked and appended atomically (one script); True if appended (or none given).
 
         Called by the holder of the conversation's :meth:`lock`, it ends the turn: the same
         script releases the lock (the next turn may start at once; leaving the ``async
-        with`` then has nothing left to release).
+        with`` then has nothing left to release), as does a call with no messages.
         """
         hold = self._held(conversation_id)
         if not messages:
+            if hold is not None:
+                await self._release(hold)
             return True
         keys = hold.keys if hold is not None else Keys(self.key_prefix, conversation_id)
         return await self._record(keys, messages, str(generation), hold)
