@@ -455,7 +455,9 @@ class RedisConversationStore:
                         if woken is not None:
                             woken.set()
             except Exception as exc:  # Redis down: waiters check on their own meanwhile
-                logger.debug("lock hand-off listener: %s: %s", type(exc).__name__, exc)
+                logger.debug(
+                    "lock hand-off listener: %s: %s", type(exc).__name__, escape_error(exc)
+                )
             finally:
                 # Closing a broken connection: whatever it raises does not matter.
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0), suppress(Exception):
