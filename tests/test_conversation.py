@@ -1518,6 +1518,41 @@ async def test_undoing_a_replay_check_that_got_no_reply_spares_the_retrys_key(
         await cache.aclose()
 
 
+async def test_a_late_forget_of_a_delivery_spares_its_retrys_key(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    """A delivery answered 503 is forgotten. A forget Redis runs late (no reply in time),
+    after the retry took the key through another connection, deleted any value of this
+    cache, the retry's too, so a replay of the retry was taken: it deletes its own
+    delivery's value only. Here the first value is lost behind the cache's back (as by a
+    failover to a replica that had not got it) and the retry is another request's task."""
+    from layercode_asgi.replay import RedisReplayCache
+
+    cache = RedisReplayCache(redis_server.url)
+    lost, retried = anyio.Event(), anyio.Event()
+
+    async def first_delivery() -> None:  # a request's task: remembered, answered 503
+        assert not await cache.seen("k", 60)
+        await raw.delete("layercode:replay:k")
+        lost.set()
+        await retried.wait()
+        await cache.forget("k")  # run late: after the retry's SET
+
+    async def retry() -> None:  # another request's task
+        assert not await cache.seen("k", 60)
+        retried.set()
+
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first_delivery)
+                await lost.wait()
+                tg.start_soon(retry)
+        assert await cache.seen("k", 60)  # a replay of the retry is refused
+    finally:
+        await cache.aclose()
+
+
 @pytest.mark.parametrize(
     ("argument", "value"), [("max_connections", 0), ("max_connections", "8"), ("key_prefix", 5)]
 )
