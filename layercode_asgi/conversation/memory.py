@@ -218,10 +218,7 @@ class MemoryConversationStore:
             entry.generation += 1
 
     def lock(
-        self,
-        conversation_id: str,
-        *,
-        timeout: LockTimeout = STORE_DEFAULT,
+        self, conversation_id: str, *, timeout: LockTimeout = STORE_DEFAULT
     ) -> AbstractAsyncContextManager[None]:
         """Hold the conversation exclusively within this process (waiters queue in order)."""
         return _MemoryLock(self, conversation_id, lock_wait(timeout, self.lock_timeout))
