@@ -448,8 +448,7 @@ class RedisConversationStore:
                     if message is not None and message.get("type") == "message":
                         data = message.get("data")
                         token = data.decode() if isinstance(data, bytes) else str(data)
-                        woken = self._wakers.get(token)
-                        if woken is not None:
+                        if (woken := self._wakers.get(token)) is not None:
                             woken.set()
             except Exception as exc:  # Redis down: waiters check on their own meanwhile
                 logger.debug(
