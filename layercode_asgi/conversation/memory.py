@@ -7,7 +7,6 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
-from types import TracebackType
 
 import anyio
 
@@ -83,12 +82,7 @@ class _MemoryLock:
         self.outer = _HELD.get()
         _HELD.set(self)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         _HELD.set(self.outer)
         self.release()
 
