@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -27,7 +27,6 @@ __all__ = [
     "MAX_EXPIRE_SECONDS",
     "REDIS_CLIENT",
     "Tasks",
-    "check_client",
     "clients",
     "connect",
     "describe_client",
@@ -35,8 +34,6 @@ __all__ = [
     "not_a_database",
     "ping_primaries",
     "redis_error_text",
-    "retry",
-    "unavailable_errors",
     "write_check_keys",
 ]
 
@@ -82,19 +79,6 @@ class Tasks:
                     await task
 
 
-async def retry(attempt: Callable[[], Awaitable[bool]], seconds: float, most: float) -> bool:
-    """Await ``attempt()`` (which never raises; True when done) with a delay before each, from
-    50 ms doubling up to ``most`` s, until done or ``seconds`` have passed; whether done."""
-    deadline = anyio.current_time() + seconds
-    delay = 0.05
-    while anyio.current_time() + delay < deadline:
-        await anyio.sleep(delay)
-        delay = min(2 * delay, most)
-        if await attempt():
-            return True
-    return False
-
-
 def import_redis(what: str) -> Any:
     """``redis.asyncio``, or a :class:`ConfigurationError` naming the extra to install."""
     try:
@@ -106,26 +90,21 @@ def import_redis(what: str) -> Any:
     return redis_asyncio
 
 
-def check_client(client: Any) -> None:
-    """Refuse (``TypeError``) a ``url_or_client`` that is neither a URL nor an asyncio Redis
-    client (a synchronous ``redis.Redis`` included: every operation would then fail)."""
-    if not inspect.iscoroutinefunction(getattr(client, "execute_command", None)):
-        raise TypeError(
-            "url_or_client must be a Redis URL (str) or a redis.asyncio client, "
-            f"got {type(client).__module__}.{type(client).__qualname__}"
-        )
-
-
 def clients(
     url_or_client: Any, wrap: Callable[[Any], T], what: str, **options: Any
 ) -> loops.PerLoop[T]:
     """``wrap`` of a client per event loop: from a URL, a new one per loop
-    (:func:`connect` with ``what`` and ``options``); a client given (checked), only it. On
+    (:func:`connect` with ``what`` and ``options``); a client given, only it (neither a URL
+    nor an asyncio client, a synchronous ``redis.Redis`` included, is a ``TypeError``). On
     trio, where redis-py's asyncio clients cannot run, a :class:`ConfigurationError`."""
     check = functools.partial(require_asyncio, REDIS_CLIENT)
     if not isinstance(url_or_client, str):
         import_redis(what)
-        check_client(url_or_client)
+        if not inspect.iscoroutinefunction(getattr(url_or_client, "execute_command", None)):
+            raise TypeError(
+                "url_or_client must be a Redis URL (str) or a redis.asyncio client, "
+                f"got {type(url_or_client).__module__}.{type(url_or_client).__qualname__}"
+            )
         return loops.PerLoop(wrap(url_or_client), None, check)
 
     def make() -> T:
@@ -283,21 +262,3 @@ def redis_error_text(exc: BaseException) -> str:
             "or its slots keep changing: this passes once the move ends)"
         )
     return str(exc).replace("@user_script:", "user_script:")
-
-
-def unavailable_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean "Redis cannot be used right now" (down, slow, cluster
-    failing over or moving a slot, no cluster node reachable), as opposed to an error reply
-    about the request itself. ``RedisClusterException`` (no node of the cluster reachable,
-    or the URL names a Redis not in cluster mode) is not a ``RedisError``; ``ClusterError``
-    includes ``ClusterDownError`` and ``MasterDownError``, ``OSError`` ``TimeoutError``."""
-    from redis import exceptions
-
-    return (
-        exceptions.RedisClusterException,
-        exceptions.ConnectionError,
-        exceptions.TimeoutError,
-        exceptions.ClusterError,
-        exceptions.TryAgainError,
-        OSError,
-    )

@@ -33,6 +33,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 import anyio
@@ -60,6 +61,10 @@ local value = redis.call('GET', KEYS[1])
 if value and string.sub(value, 1, #ARGV[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+#: The key and value of the last delivery a RedisReplayCache remembered in this context (a
+#: request's task, where the middleware forgets it): its ``forget`` deletes that value only.
+_REMEMBERED: ContextVar[tuple[str, str]] = ContextVar("layercode_asgi_replay", default=("", ""))
 
 #: The SETs that got no reply a RedisReplayCache keeps per event loop (beyond: the oldest
 #: dropped) to undo once Redis answers.
@@ -154,6 +159,8 @@ class RedisReplayCache:
     Each check sets a value of its own. One that got no reply (Redis slow or down: 503) may
     yet run and refuse LayerCode's retry (409): it is undone (its value only) once Redis
     answers, by one background task per event loop, trying at most once a second.
+    :meth:`forget` in the task that remembered the delivery deletes its value only too (run
+    late, it spares the retry's), known from the task's context: no per-key table to bound.
     """
 
     def __init__(
@@ -214,13 +221,17 @@ class RedisReplayCache:
                 if here.undoer is None or here.undoer.done():
                     here.undoer = self._tasks.start(self._undo(here))
             raise self._unavailable(exc) from exc
+        if created:
+            _REMEMBERED.set((key, value))
         return not created
 
     async def forget(self, key: str) -> None:
-        """Delete ``key`` if this cache set it (not a later delivery's, after it expired)."""
-        key = self.key_prefix + key
+        """Delete ``key`` if this cache set it (not a later delivery's, after it expired):
+        in the task that remembered it, if it holds that check's value still."""
+        remembered, value = _REMEMBERED.get()
+        mine = value if remembered == key and value.startswith(self._token) else self._token
         try:
-            await self._clients.get().client.eval(_FORGET_LUA, 1, key, self._token)
+            await self._clients.get().client.eval(_FORGET_LUA, 1, self.key_prefix + key, mine)
         except self._errors as exc:
             raise self._unavailable(exc) from exc
 

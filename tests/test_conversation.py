@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
@@ -1105,6 +1106,53 @@ async def test_redis_lock_release_failures_say_what_happened(
     )
 
 
+async def test_redis_lock_hand_off_listener_logs_its_failure_escaped(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pub/sub listener of a waiting turn that cannot connect logs why at debug level,
+    escaped like every other line (here a unix socket path holding an ESC character)."""
+    redis_asyncio = pytest.importorskip("redis.asyncio")
+    with redis_fixtures.running_redis(unix_socket=True) as server:
+        assert server.socket is not None
+        link = tmp_path / "r\x1b.sock"
+        link.symlink_to(server.socket)
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        client = redis_asyncio.Redis(unix_socket_path=str(link), retry=Retry(NoBackoff(), 0))
+        raw = redis_asyncio.Redis.from_url(server.url)
+        store = RedisConversationStore(client, lock_ttl=60)
+
+        async def wait() -> None:  # fails too once its connection is gone: no matter
+            with contextlib.suppress(LayercodeError):
+                async with store.lock("c", timeout=None):
+                    pass
+
+        lines: list[str] = []
+        try:
+            with (
+                caplog.at_level(logging.DEBUG, "layercode_asgi.conversation"),
+                anyio.fail_after(10),
+            ):
+                async with store.lock("c"), anyio.create_task_group() as tg:
+                    tg.start_soon(wait)
+                    while not await raw.execute_command("CLIENT LIST TYPE pubsub"):
+                        await anyio.sleep(0.01)  # until the listener subscribed (bounded)
+                    link.unlink()  # then its connection is cut: it cannot connect again
+                    await raw.execute_command("CLIENT KILL TYPE pubsub")
+                    while not any(".sock" in line for line in lines):
+                        await anyio.sleep(0.01)
+                        lines = [r.getMessage() for r in caplog.records if "hand-off" in r.msg]
+                    tg.cancel_scope.cancel()
+        finally:
+            await store.aclose()
+            await client.aclose()
+            await raw.aclose()
+    line = next(line for line in lines if ".sock" in line)
+    assert line.startswith("lock hand-off listener: ConnectionError: "), line
+    assert "\x1b" not in line and escape_log_value(str(link)) in line
+
+
 async def test_redis_lock_a_turn_could_not_release_is_released_once_redis_takes_writes(
     redis_server: RedisServer, raw: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1465,6 +1513,41 @@ async def test_undoing_a_replay_check_that_got_no_reply_spares_the_retrys_key(
             if len(asyncio.all_tasks()) <= before:
                 break
             await anyio.sleep(0.05)
+        assert await cache.seen("k", 60)  # a replay of the retry is refused
+    finally:
+        await cache.aclose()
+
+
+async def test_a_late_forget_of_a_delivery_spares_its_retrys_key(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    """A delivery answered 503 is forgotten. A forget Redis runs late (no reply in time),
+    after the retry took the key through another connection, deleted any value of this
+    cache, the retry's too, so a replay of the retry was taken: it deletes its own
+    delivery's value only. Here the first value is lost behind the cache's back (as by a
+    failover to a replica that had not got it) and the retry is another request's task."""
+    from layercode_asgi.replay import RedisReplayCache
+
+    cache = RedisReplayCache(redis_server.url)
+    lost, retried = anyio.Event(), anyio.Event()
+
+    async def first_delivery() -> None:  # a request's task: remembered, answered 503
+        assert not await cache.seen("k", 60)
+        await raw.delete("layercode:replay:k")
+        lost.set()
+        await retried.wait()
+        await cache.forget("k")  # run late: after the retry's SET
+
+    async def retry() -> None:  # another request's task
+        assert not await cache.seen("k", 60)
+        retried.set()
+
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first_delivery)
+                await lost.wait()
+                tg.start_soon(retry)
         assert await cache.seen("k", 60)  # a replay of the retry is refused
     finally:
         await cache.aclose()

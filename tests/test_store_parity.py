@@ -331,3 +331,23 @@ async def test_a_client_that_stops_reading_before_the_end_does_not_hold_its_conv
         tg.cancel_scope.cancel()
     assert seen[c] == [[], [("user", "one"), ("assistant", "re: one")]]
     assert [m[1] for m in await stored(app, c)] == ["one", "re: one", "two", "re: two"]
+
+
+async def test_record_turn_with_no_messages_ends_the_turn(
+    store: dict[str, Any], close: list[Any]
+) -> None:
+    """A turn with nothing to say still ends with ``record_turn``: both stores release the
+    lock it holds there (the next turn need not wait), and both answer True."""
+    app = make_app(store, {})
+    close.append(app)
+    backend = app.state.conversations.store
+    c = cid("silent")
+    for clear in (False, True):  # recorded, or the conversation ended meanwhile
+        with anyio.fail_after(10):
+            async with backend.lock(c):
+                _, generation = await backend.read_turn(c)
+                if clear:
+                    await backend.clear(c)
+                assert await backend.record_turn(c, [], generation) is True
+                async with backend.lock(c, timeout=0):  # free: the turn has ended
+                    pass

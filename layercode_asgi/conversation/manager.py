@@ -234,14 +234,11 @@ class ConversationManager:
             "max_bytes": settings.history_max_bytes,
             "lock_timeout": lock_wait_timeout(settings.turn_timeout, settings.lock_wait_grace),
         }
-        if settings.redis_url:
-            ttl = settings.history_ttl or None
-            cluster = settings.redis_cluster
-            return cls(
-                RedisConversationStore(settings.redis_url, ttl=ttl, cluster=cluster, **bounds)
-            )
-        limit = settings.history_max_conversations
-        return cls(MemoryConversationStore(max_conversations=limit, **bounds))
+        if not settings.redis_url:
+            limit = settings.history_max_conversations
+            return cls(MemoryConversationStore(max_conversations=limit, **bounds))
+        ttl, cluster = settings.history_ttl or None, settings.redis_cluster
+        return cls(RedisConversationStore(settings.redis_url, ttl=ttl, cluster=cluster, **bounds))
 
     async def add_message(
         self, conversation_id: str, message: HistoryMessage | Mapping[str, Any]

@@ -7,7 +7,6 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
-from types import TracebackType
 
 import anyio
 
@@ -83,12 +82,7 @@ class _MemoryLock:
         self.outer = _HELD.get()
         _HELD.set(self)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         _HELD.set(self.outer)
         self.release()
 
@@ -164,13 +158,13 @@ class MemoryConversationStore:
         self, conversation_id: str, messages: Sequence[HistoryMessage], generation: int
     ) -> bool:
         """Append ``messages`` if the conversation's generation is still ``generation``
-        (it was not cleared since); True if appended.
+        (it was not cleared since); True if appended (or none given).
 
         Called by the holder of the conversation's :meth:`lock`, it ends the turn, as the
         Redis store's does: the lock is released with it (the next turn may start at once;
         leaving the ``async with`` then has nothing left to release).
         """
-        done = self._generation(conversation_id) == generation
+        done = not messages or self._generation(conversation_id) == generation
         if done:
             self._append(conversation_id, messages)
         held = _HELD.get()
@@ -218,10 +212,7 @@ class MemoryConversationStore:
             entry.generation += 1
 
     def lock(
-        self,
-        conversation_id: str,
-        *,
-        timeout: LockTimeout = STORE_DEFAULT,
+        self, conversation_id: str, *, timeout: LockTimeout = STORE_DEFAULT
     ) -> AbstractAsyncContextManager[None]:
         """Hold the conversation exclusively within this process (waiters queue in order)."""
         return _MemoryLock(self, conversation_id, lock_wait(timeout, self.lock_timeout))

@@ -29,8 +29,6 @@ from .._redis import (
     import_redis,
     ping_primaries,
     redis_error_text,
-    retry,
-    unavailable_errors,
     write_check_keys,
 )
 from ..errors import ConfigurationError, check_positive_int, check_seconds, check_text
@@ -195,9 +193,20 @@ class RedisConversationStore:
         )
         is_url = isinstance(url_or_client, str)
         self._where = mask_url(url_or_client) if is_url else describe_client(url_or_client)
-        self._unavailable_errors = unavailable_errors()
         from redis import exceptions
 
+        # "Redis cannot be used right now" (down, slow, a cluster failing over or moving a
+        # slot, no node reachable), not an error reply about the request: StoreUnavailableError.
+        # RedisClusterException is no RedisError; ClusterError includes ClusterDownError and
+        # MasterDownError; OSError includes TimeoutError (operation_timeout's).
+        self._unavailable_errors = (
+            exceptions.RedisClusterException,
+            exceptions.ConnectionError,
+            exceptions.TimeoutError,
+            exceptions.ClusterError,
+            exceptions.TryAgainError,
+            OSError,
+        )
         self._redis_error: type[BaseException] = exceptions.RedisError
         self._timeouts = (TimeoutError, exceptions.TimeoutError)
         # A waiter checks the lock (and shows it is alive) this often while it waits; its
@@ -259,14 +268,16 @@ class RedisConversationStore:
         self, conversation_id: str, messages: Sequence[HistoryMessage], generation: int
     ) -> bool:
         """Append ``messages`` if the conversation's generation is still ``generation``,
-        checked and appended atomically (one script); True if appended.
+        checked and appended atomically (one script); True if appended (or none given).
 
         Called by the holder of the conversation's :meth:`lock`, it ends the turn: the same
         script releases the lock (the next turn may start at once; leaving the ``async
-        with`` then has nothing left to release).
+        with`` then has nothing left to release), as does a call with no messages.
         """
         hold = self._held(conversation_id)
         if not messages:
+            if hold is not None:
+                await self._release(hold)
             return True
         keys = hold.keys if hold is not None else Keys(self.key_prefix, conversation_id)
         return await self._record(keys, messages, str(generation), hold)
@@ -387,29 +398,17 @@ class RedisConversationStore:
             if not hold.released:
                 await self._release(hold)
 
-    def _lock_args(self, hold: _Hold) -> dict[str, Any]:
-        keys = hold.keys
-        return {
-            "keys": [keys.lock, keys.queue, keys.history, keys.generation],
-            "args": [
-                hold.token,
-                hold.entry,
-                self._lock_ms,
-                keys.presence,
-                self._presence_ms,
-                GENERATION_TTL,
-            ],
-        }
-
     async def _acquire(self, hold: _Hold, wait: float | None) -> list[Any]:
         """Take the lock (queueing for it); returns ``[history entries, generation]``."""
         deadline = math.inf if wait is None else anyio.current_time() + wait
-        token = hold.token
+        token, keys = hold.token, hold.keys
+        lock_keys = [keys.lock, keys.queue, keys.history, keys.generation]
+        args = [token, hold.entry, self._lock_ms, keys.presence, self._presence_ms, GENERATION_TTL]
         waker = self._wakers[token] = anyio.Event()
         try:
             script = self._clients.get().acquire  # then, queued, check
             while True:
-                reply = await self._call("lock", script(**self._lock_args(hold)))
+                reply = await self._call("lock", script(keys=lock_keys, args=args))
                 if reply[0] == 1:
                     return [reply[1], reply[2]]
                 self._listen()
@@ -449,11 +448,12 @@ class RedisConversationStore:
                     if message is not None and message.get("type") == "message":
                         data = message.get("data")
                         token = data.decode() if isinstance(data, bytes) else str(data)
-                        woken = self._wakers.get(token)
-                        if woken is not None:
+                        if (woken := self._wakers.get(token)) is not None:
                             woken.set()
             except Exception as exc:  # Redis down: waiters check on their own meanwhile
-                logger.debug("lock hand-off listener: %s: %s", type(exc).__name__, exc)
+                logger.debug(
+                    "lock hand-off listener: %s: %s", type(exc).__name__, escape_error(exc)
+                )
             finally:
                 # Closing a broken connection: whatever it raises does not matter.
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0), suppress(Exception):
@@ -528,22 +528,20 @@ class RedisConversationStore:
     async def _release_later(self, hold: _Hold) -> None:
         """Retry releasing a lock whose turn is over (Redis failing over, or back after a
         moment), so that the next turn need not wait for it to expire: safe, our token only.
-        Backing off up to ``_wait_check``; until released or ``lock_ttl`` has passed."""
-
-        freed = False
-
-        async def attempt() -> bool:
-            nonlocal freed
+        After a delay from 50 ms doubling up to ``_wait_check``; until released or
+        ``lock_ttl`` has passed."""
+        deadline, delay = anyio.current_time() + self.lock_ttl, 0.05
+        while anyio.current_time() + delay < deadline:
+            await anyio.sleep(delay)
+            delay = min(2 * delay, self._wait_check)
             freed = await self._release(hold, held=False, later=False)  # <= 1 s, never raises
-            return hold.released
-
-        if not await retry(attempt, self.lock_ttl, self._wait_check):
-            return
-        conversation = escape_log_value(hold.conversation_id)
-        if freed:
-            logger.info("released the lock of conversation %s", conversation)
-        else:  # a record Redis ran late released it, or the turn only left the queue
-            logger.debug("the lock of conversation %s was released already", conversation)
+            if hold.released:
+                conversation = escape_log_value(hold.conversation_id)
+                if freed:
+                    logger.info("released the lock of conversation %s", conversation)
+                else:  # a record Redis ran late released it, or the turn only left the queue
+                    logger.debug("the lock of conversation %s was released already", conversation)
+                return
 
     async def ping(self) -> None:
         """``PING`` Redis (every primary of a cluster); raise :class:`StoreUnavailableError`
