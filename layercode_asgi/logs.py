@@ -319,7 +319,7 @@ def _setup_logfire(target: logging.Logger, token: str) -> None:
             setattr(handler, _MARK, "logfire")
             target.addHandler(handler)
     except Exception as exc:  # a telemetry problem must not stop the server
-        target.warning("could not configure Logfire: %s: %s", type(exc).__name__, exc)
+        target.warning("could not configure Logfire: %s: %s", type(exc).__name__, escape_error(exc))
 
 
 class _MaskedRecords(logging.Handler):

@@ -1136,8 +1136,10 @@ async def test_redis_lock_hand_off_listener_logs_its_failure_escaped(
             ):
                 async with store.lock("c"), anyio.create_task_group() as tg:
                     tg.start_soon(wait)
-                    while not await raw.execute_command("CLIENT LIST TYPE pubsub"):
-                        await anyio.sleep(0.01)  # until the listener subscribed (bounded)
+                    for _ in range(1000):  # until the listener subscribed (bounded)
+                        if await raw.execute_command("CLIENT LIST TYPE pubsub"):
+                            break
+                        await anyio.sleep(0.01)
                     link.unlink()  # then its connection is cut: it cannot connect again
                     await raw.execute_command("CLIENT KILL TYPE pubsub")
                     while not any(".sock" in line for line in lines):
