@@ -161,16 +161,6 @@ def _misuse(what: str) -> RuntimeError:
     return RuntimeError(f"the ASGI app sent {what}")
 
 
-def _header_pairs(headers: Any) -> list[tuple[Any, Any]] | None:
-    """The ``headers`` of an ASGI ``http.response.start`` as a list of (name, value) pairs of
-    bytes (or str, which httpx takes too); ``None`` when they are not that."""
-    try:
-        pairs = [(name, value) for name, value in headers]
-    except (TypeError, ValueError):
-        return None
-    return pairs if all(isinstance(x, bytes | str) for pair in pairs for x in pair) else None
-
-
 class _StoppedReading(OSError):
     """What ``send`` raises once a reply passed ``max_bytes``: the ASGI spec's error of a
     send on a connection the client closed (the app ends the turn as on a disconnect)."""
@@ -212,8 +202,12 @@ class BoundedApp:
                     raise _misuse(f"a status that is not an integer: {status!r}")
                 if not 100 <= status <= 999:
                     raise _misuse(f"a status outside 100-999: {status}")
-                pairs = _header_pairs(headers)
-                if pairs is None:
+                try:  # (name, value) pairs of bytes (or str, which httpx takes too)
+                    pairs = [(name, value) for name, value in headers]
+                    valid = all(isinstance(x, bytes | str) for pair in pairs for x in pair)
+                except (TypeError, ValueError):
+                    valid = False
+                if not valid:
                     raise _misuse(f"headers that are not (name, value) pairs: {headers!r:.80}")
                 message = {**message, "headers": pairs}  # read once, even from a generator
                 started = True

@@ -406,12 +406,9 @@ def http_violation(
     noted = noted_redirect(request)
     if noted is not None:
         status, location = noted
-        shown = _brief(mask_url(location))
-        detail = f"answered {status} (a redirect to {shown}, not a valid URL: {exc}; not followed)"
-        where = {**where, "status_code": status}
-        return ProtocolViolation(
-            "http-error", f"{where.get('event_type') or 'POST'} {detail}", **where
-        )
+        detail = f"{where.get('event_type') or 'POST'} answered {status} (a redirect to "
+        detail += f"{_brief(mask_url(location))}, not a valid URL: {exc}; not followed)"
+        return ProtocolViolation("http-error", detail, **{**where, "status_code": status})
     if not isinstance(exc, httpx.HTTPError) or raised_by_app(exc):
         return None
     if isinstance(exc, httpx.TimeoutException):

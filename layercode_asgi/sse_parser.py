@@ -79,10 +79,7 @@ class SSEParser:
             if text.startswith("\ufeff"):
                 text = text[1:]
         if self._after_cr and text.startswith("\n"):
-            text = text[1:]
-            if not text:
-                self._after_cr = False
-                return []
+            text = text[1:]  # (nothing left: the loop below finds nothing, and resets _after_cr)
         events: list[SSEEvent] = []
         start = 0
         # Only the new text is scanned: what is buffered holds no line break.
