@@ -108,9 +108,8 @@ def decode_json(data: bytes | bytearray | str) -> Any:
 
 
 def number_out_of_range(data: bytes | bytearray | str) -> str | None:
-    """The first number of JSON text ``data`` beyond a float's range (``1e400``), as written
-    (cut after 40 characters), when that is why :func:`decode_json` refuses valid JSON (RFC
-    8259 lets a parser limit the range; msgspec says only "Number out of range"); else None."""
+    """The first number of JSON text ``data`` beyond a float's range (``1e400``, as written, cut
+    after 40 characters) when that is why :func:`decode_json` refuses it (RFC 8259 allows it)."""
     found: list[str] = []
 
     def note(text: str) -> float:

@@ -18,11 +18,11 @@ import httpx
 import msgspec
 
 from ._asgi import check_headers
-from .errors import check_callable, check_positive_int, check_seconds, check_type, held_in_host
+from .errors import check_callable, check_positive_int, check_seconds, check_type
 from .jsonwire import decode_json, number_out_of_range
 from .kitclient import ReplyTooLarge, drained, noted_redirect, open_reply, raised_by_app, speaks_tls
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
-from .redaction import escape_terminal, mask_url
+from .redaction import mask_url
 from .signature import SIGNATURE_HEADER, check_secret, sign
 from .sse_parser import SSEEvent, SSEParser
 
@@ -131,26 +131,6 @@ def signed_headers(body: bytes | str, secret: str, timestamp: int | None = None)
 def check_event(event: object) -> None:
     """Raise TypeError unless ``event`` (an event to send) is a mapping."""
     check_type("event", event, Mapping, "a mapping (such as message_event(...))")
-
-
-def check_url(name: str, url: str) -> None:
-    """Raise ValueError naming ``name`` unless ``url`` is an http(s) URL httpx can send to."""
-    try:
-        parsed = httpx.URL(url)
-        host, port = parsed.host, parsed.port  # host: IDNA-decoded, may raise IDNAError
-    except (httpx.InvalidURL, TypeError, ValueError) as exc:  # IDNAError is a ValueError
-        reason = escape_terminal(str(exc))
-        authority = str(url).partition("//")[2].partition("/")[0]
-        if "[" in authority and "]" not in authority:  # httpx: "Invalid port: ':1'"
-            reason = "its IPv6 address has no closing ']'"
-        raise ValueError(f"{name} is not a valid URL: {reason}") from None
-    if parsed.scheme not in ("http", "https") or not host:
-        shown = escape_terminal(repr(mask_url(url)))
-        raise ValueError(f"{name} must be an http(s) URL, got {shown}")
-    if port is not None and not 0 < port < 65536:
-        raise ValueError(f"{name} has port {port}, expected 1 to 65535")
-    if (held := held_in_host(host)) is not None:
-        raise ValueError(f"{name} is not a valid URL: its host holds {held!r}, which no host can")
 
 
 def answering(where: Mapping[str, Any]) -> str:

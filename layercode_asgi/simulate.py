@@ -25,8 +25,7 @@ from ._asgi import check_headers
 from .envfile import chosen_env_file, parse_env_file
 from .errors import ConfigurationError, check_text, kind_of
 from .jsonwire import check_json_value
-from .kitclient import new_client
-from .protocol import check_url
+from .kitclient import check_url, new_client
 from .redaction import escape_terminal, mask_url
 from .testing import (
     VIOLATIONS,
@@ -54,8 +53,7 @@ SECRET_ENV: Final = "LAYERCODE_WEBHOOK_SECRET"
 #: ``--secret``'s help, for ``simulate`` and ``sign``.
 SECRET_HELP: Final = (
     f"the webhook secret (default: ${SECRET_ENV}, else from $LAYERCODE_ENV_FILE or ./.env; "
-    "prefer those: "
-    "arguments are visible to other users in the process list)"
+    "prefer those: arguments are visible to other users in the process list)"
 )
 ALLOW_ERRORS_HELP: Final = (
     "exit 0 even when turns ended in response.error (for backends that use it on purpose); "

@@ -90,8 +90,7 @@ class SSEParser:
                 piece = "".join(self._partial)
                 self._partial.clear()
                 self._merged = 0
-            event = self._line(piece)
-            if event is not None:
+            if (event := self._line(piece)) is not None:
                 events.append(event)
             start = match.end()
         # A CR ending the chunk ended its line; an LF opening the next chunk belongs to it.
@@ -106,8 +105,7 @@ class SSEParser:
 
     def close(self) -> list[SSEEvent]:
         """End of stream: flush the decoder. Returns nothing (unterminated data is dropped)."""
-        tail = self._decoder.decode(b"", final=True)
-        if tail:
+        if tail := self._decoder.decode(b"", final=True):
             self._partial.append(tail)
         return []
 
