@@ -474,7 +474,7 @@ async def send_turn(
         if content_type.rpartition(",")[2].partition(";")[0].strip().lower() != "text/event-stream":
             raise ProtocolViolation(
                 "wrong-content-type",
-                f"{kind} answered Content-Type {_brief(content_type or '(none)')}, "
+                f"{answering(where)} answered Content-Type {_brief(content_type or '(none)')}, "
                 "expected text/event-stream",
                 **where,
             )

@@ -464,8 +464,10 @@ async def test_a_turn_needs_exactly_the_event_stream_media_type(
         assert (await client.message("x")).events[0]["type"] == "response.end"
         return
     with pytest.raises(ProtocolViolation) as caught:
-        await client.message("x")
+        await client.message("x", turn_id="t7")
     assert caught.value.name == name
+    # Before: "message answered Content-Type …", not saying which turn.
+    assert caught.value.detail.startswith("message (turn_id 't7') answered Content-Type")
 
 
 @pytest.mark.anyio
