@@ -25,6 +25,7 @@ __all__ = [
     "decode_json",
     "encode_json",
     "escape_json_text_line_breaks",
+    "number_out_of_range",
     "without_lone_surrogates",
 ]
 
@@ -104,6 +105,23 @@ def decode_json(data: bytes | bytearray | str) -> Any:
         if repaired is None:
             raise
     return _decode(repaired)
+
+
+def number_out_of_range(data: bytes | bytearray | str) -> str | None:
+    """The first number of JSON text ``data`` beyond a float's range (``1e400``, as written, cut
+    after 40 characters) when that is why :func:`decode_json` refuses it (RFC 8259 allows it)."""
+    found: list[str] = []
+
+    def note(text: str) -> float:
+        if math.isinf(value := float(text)) and not found:
+            found.append(text if len(text) <= 40 else text[:40] + "…")
+        return value
+
+    try:
+        msgspec.json.Decoder(float_hook=note).decode(without_lone_surrogates(data) or data)
+    except (ValueError, RecursionError):
+        return None
+    return found[0] if found else None
 
 
 def check_json_value(name: str, value: object) -> None:

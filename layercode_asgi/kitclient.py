@@ -1,8 +1,8 @@
-"""How the test kit and ``layercode-asgi simulate`` reach a backend: their httpx client
-(:func:`new_client`: it follows no redirect, and notes each one), and :class:`BoundedApp`,
-the wrapper of an app run in-process, which bounds its reply and notes the exceptions the
-app raised itself (:func:`raised_by_app`): those are the app's to report, never the kit's
-protocol violations.
+"""How the test kit and ``layercode-asgi simulate`` reach a backend: its URL checked
+(:func:`check_url`), their httpx client (:func:`new_client`: it follows no redirect, and
+notes each one), and :class:`BoundedApp`, the wrapper of an app run in-process, which bounds
+its reply and notes the exceptions the app raised itself (:func:`raised_by_app`): those are
+the app's to report, never the kit's protocol violations.
 """
 
 from __future__ import annotations
@@ -18,11 +18,32 @@ import anyio
 import anyio.lowlevel
 import httpx
 
-from .errors import from_environment
+from .errors import from_environment, held_in_host
+from .redaction import escape_terminal, mask_url
 
 
 class ReplyTooLarge(Exception):
     """Raised inside an in-process app when its reply passes the client's byte limit."""
+
+
+def check_url(name: str, url: str) -> None:
+    """Raise ValueError naming ``name`` unless ``url`` is an http(s) URL httpx can send to."""
+    try:
+        parsed = httpx.URL(url)
+        host, port = parsed.host, parsed.port  # host: IDNA-decoded, may raise IDNAError
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:  # IDNAError is a ValueError
+        reason = escape_terminal(str(exc))
+        authority = str(url).partition("//")[2].partition("/")[0]
+        if "[" in authority and "]" not in authority:  # httpx: "Invalid port: ':1'"
+            reason = "its IPv6 address has no closing ']'"
+        raise ValueError(f"{name} is not a valid URL: {reason}") from None
+    if parsed.scheme not in ("http", "https") or not host:
+        shown = escape_terminal(repr(mask_url(url)))
+        raise ValueError(f"{name} must be an http(s) URL, got {shown}")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"{name} has port {port}, expected 1 to 65535")
+    if (held := held_in_host(host)) is not None:
+        raise ValueError(f"{name} is not a valid URL: its host holds {held!r}, which no host can")
 
 
 def new_client(transport: httpx.AsyncBaseTransport | None, timeout: float) -> httpx.AsyncClient:
@@ -161,16 +182,6 @@ def _misuse(what: str) -> RuntimeError:
     return RuntimeError(f"the ASGI app sent {what}")
 
 
-def _header_pairs(headers: Any) -> list[tuple[Any, Any]] | None:
-    """The ``headers`` of an ASGI ``http.response.start`` as a list of (name, value) pairs of
-    bytes (or str, which httpx takes too); ``None`` when they are not that."""
-    try:
-        pairs = [(name, value) for name, value in headers]
-    except (TypeError, ValueError):
-        return None
-    return pairs if all(isinstance(x, bytes | str) for pair in pairs for x in pair) else None
-
-
 class _StoppedReading(OSError):
     """What ``send`` raises once a reply passed ``max_bytes``: the ASGI spec's error of a
     send on a connection the client closed (the app ends the turn as on a disconnect)."""
@@ -212,8 +223,12 @@ class BoundedApp:
                     raise _misuse(f"a status that is not an integer: {status!r}")
                 if not 100 <= status <= 999:
                     raise _misuse(f"a status outside 100-999: {status}")
-                pairs = _header_pairs(headers)
-                if pairs is None:
+                try:  # (name, value) pairs of bytes (or str, which httpx takes too)
+                    pairs = [(name, value) for name, value in headers]
+                    valid = all(isinstance(x, bytes | str) for pair in pairs for x in pair)
+                except (TypeError, ValueError):
+                    valid = False
+                if not valid:
                     raise _misuse(f"headers that are not (name, value) pairs: {headers!r:.80}")
                 message = {**message, "headers": pairs}  # read once, even from a generator
                 started = True

@@ -18,11 +18,11 @@ import httpx
 import msgspec
 
 from ._asgi import check_headers
-from .errors import check_callable, check_positive_int, check_seconds, check_type, held_in_host
-from .jsonwire import decode_json
+from .errors import check_callable, check_positive_int, check_seconds, check_type
+from .jsonwire import decode_json, number_out_of_range
 from .kitclient import ReplyTooLarge, drained, noted_redirect, open_reply, raised_by_app, speaks_tls
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
-from .redaction import escape_terminal, mask_url
+from .redaction import mask_url
 from .signature import SIGNATURE_HEADER, check_secret, sign
 from .sse_parser import SSEEvent, SSEParser
 
@@ -55,7 +55,8 @@ VIOLATIONS: Final[Mapping[str, str]] = {
     "other events 2xx)",
     "connection-error": "the backend could not be reached, or the connection broke",
     "wrong-content-type": "a turn was not answered with Content-Type text/event-stream",
-    "bad-json": "an SSE event's data is not a JSON object, or a reply's body is not valid JSON",
+    "bad-json": "an SSE event's data is not a JSON object, or a reply's body is not valid JSON "
+    "(or holds a number out of range, such as 1e400)",
     "missing-type": "an SSE event is a JSON object without a string 'type'",
     "invalid-event": "a known event is malformed (e.g. response.tts content is not a string)",
     "missing-end": "the stream closed without a response.end",
@@ -132,26 +133,6 @@ def check_event(event: object) -> None:
     check_type("event", event, Mapping, "a mapping (such as message_event(...))")
 
 
-def check_url(name: str, url: str) -> None:
-    """Raise ValueError naming ``name`` unless ``url`` is an http(s) URL httpx can send to."""
-    try:
-        parsed = httpx.URL(url)
-        host, port = parsed.host, parsed.port  # host: IDNA-decoded, may raise IDNAError
-    except (httpx.InvalidURL, TypeError, ValueError) as exc:  # IDNAError is a ValueError
-        reason = escape_terminal(str(exc))
-        authority = str(url).partition("//")[2].partition("/")[0]
-        if "[" in authority and "]" not in authority:  # httpx: "Invalid port: ':1'"
-            reason = "its IPv6 address has no closing ']'"
-        raise ValueError(f"{name} is not a valid URL: {reason}") from None
-    if parsed.scheme not in ("http", "https") or not host:
-        shown = escape_terminal(repr(mask_url(url)))
-        raise ValueError(f"{name} must be an http(s) URL, got {shown}")
-    if port is not None and not 0 < port < 65536:
-        raise ValueError(f"{name} has port {port}, expected 1 to 65535")
-    if (held := held_in_host(host)) is not None:
-        raise ValueError(f"{name} is not a valid URL: its host holds {held!r}, which no host can")
-
-
 def answering(where: Mapping[str, Any]) -> str:
     """The event a reply answers, for a violation's message: its type, and its turn id when
     it has one (``message (turn_id 't1')``)."""
@@ -196,6 +177,7 @@ class TurnChecker:
         self.events: list[dict[str, Any]] = []
         self.errors: list[dict[str, Any]] = []
         self.ended = False
+        self._of_turn = f" of turn_id {_brief(turn_id)}" if turn_id else ""  # in its messages
 
     def violation(self, name: str, detail: str) -> ProtocolViolation:
         return ProtocolViolation(name, detail, event_type=self.event_type, turn_id=self.turn_id)
@@ -207,25 +189,25 @@ class TurnChecker:
             raise self.violation(
                 "too-large", f"more than {self.max_events} events in one turn (max_events)"
             )
-        at, data = f"SSE event #{position}", sse.data[:80]
+        at, data = f"event #{position}{self._of_turn}", sse.data[:80]
         try:
             event = decode_json(sse.data)
         except _UNDECODABLE as exc:
-            raise self.violation("bad-json", f"{at} is not valid JSON ({exc}): {data!r}") from None
+            why = _out_of_range(sse.data) or f"is not valid JSON ({exc})"
+            raise self.violation("bad-json", f"SSE {at} {why}: {data!r}") from None
         if not isinstance(event, dict):
-            raise self.violation("bad-json", f"{at} is JSON but not an object: {data!r}")
+            raise self.violation("bad-json", f"SSE {at} is JSON but not an object: {data!r}")
         kind = event.get("type")
         if not isinstance(kind, str):
-            raise self.violation("missing-type", f"{at} has no string 'type': {data!r}")
+            raise self.violation("missing-type", f"SSE {at} has no string 'type': {data!r}")
         if self.ended:
             if kind == "response.end":
-                raise self.violation("repeated-end", f"a second response.end (event #{position})")
-            raise self.violation(
-                "event-after-end", f"{_brief(kind)} (event #{position}) after response.end"
-            )
+                raise self.violation("repeated-end", f"a second response.end ({at})")
+            raise self.violation("event-after-end", f"{_brief(kind)} ({at}) after response.end")
         if kind == "response.error" and self.strict:
             self.errors.append(event)
-            raise self.violation("response-error", f"response.error: {_brief(event.get('error'))}")
+            error = _brief(event.get("error"))
+            raise self.violation("response-error", f"response.error ({at}): {error}")
         # The Node SDK's response.error carries no turn_id: accepted (not strict here).
         node_error = kind == "response.error" and "turn_id" not in event
         if event.get("turn_id") != self.turn_id and not node_error:
@@ -235,9 +217,7 @@ class TurnChecker:
                 f"{_brief(event.get('turn_id'))}, expected {self.turn_id!r}",
             )
         if kind == "response.tts" and not isinstance(event.get("content"), str):
-            raise self.violation(
-                "invalid-event", f"response.tts (event #{position}) content is not a string"
-            )
+            raise self.violation("invalid-event", f"response.tts ({at}) content is not a string")
         if kind == "response.end":
             self.ended = True
         elif kind == "response.error":
@@ -248,7 +228,7 @@ class TurnChecker:
     def finish(self, *, pending: bool = False) -> None:
         if self.ended or (self.errors and not self.strict):
             return  # ended, or the Node SDK's error stream (response.error, then close)
-        detail = "the stream closed without a response.end"
+        detail = f"the stream closed without a response.end{self._of_turn}"
         if pending:
             detail += " (the last event was not terminated by a blank line, so it never counted)"
         raise self.violation("missing-end", detail)
@@ -316,8 +296,13 @@ def _excerpt(content: bytes, more: bool = False) -> str:
     return text + ("…" if more or len(content) > _BODY_EXCERPT else "")
 
 
+def _out_of_range(data: bytes | bytearray | str) -> str | None:
+    number = number_out_of_range(data)  # valid JSON all the same: not "not JSON"
+    return None if number is None else f"holds a number out of range ({number})"
+
+
 def _too_large(max_bytes: int, where: dict[str, Any]) -> ProtocolViolation:
-    detail = f"{where.get('event_type') or ''} reply longer than {max_bytes} bytes (max_bytes)"
+    detail = f"{answering(where)} reply longer than {max_bytes} bytes (max_bytes)"
     return ProtocolViolation("too-large", detail.lstrip(), **where)
 
 
@@ -361,7 +346,7 @@ async def exchange(
                 where["status_code"] = status = reply.status_code
                 if status not in ok:
                     prefix, more = await read_prefix(reply, _BODY_EXCERPT)
-                    answered = f"{where['event_type']} answered {status}"
+                    answered = f"{answering(where)} answered {status}"
                     location = reply.headers.get("location")
                     if 300 <= status < 400 and location:  # the signed body goes nowhere else
                         answered += f" (a redirect to {_brief(mask_url(location))}, not followed)"
@@ -406,12 +391,9 @@ def http_violation(
     noted = noted_redirect(request)
     if noted is not None:
         status, location = noted
-        shown = _brief(mask_url(location))
-        detail = f"answered {status} (a redirect to {shown}, not a valid URL: {exc}; not followed)"
-        where = {**where, "status_code": status}
-        return ProtocolViolation(
-            "http-error", f"{where.get('event_type') or 'POST'} {detail}", **where
-        )
+        detail = f"{answering(where) or 'POST'} answered {status} (a redirect to "
+        detail += f"{_brief(mask_url(location))}, not a valid URL: {exc}; not followed)"
+        return ProtocolViolation("http-error", detail, **{**where, "status_code": status})
     if not isinstance(exc, httpx.HTTPError) or raised_by_app(exc):
         return None
     if isinstance(exc, httpx.TimeoutException):
@@ -492,7 +474,7 @@ async def send_turn(
         if content_type.rpartition(",")[2].partition(";")[0].strip().lower() != "text/event-stream":
             raise ProtocolViolation(
                 "wrong-content-type",
-                f"{kind} answered Content-Type {_brief(content_type or '(none)')}, "
+                f"{answering(where)} answered Content-Type {_brief(content_type or '(none)')}, "
                 "expected text/event-stream",
                 **where,
             )
@@ -545,9 +527,9 @@ async def send_json_event(
     try:  # no body (a 204, an empty 2xx) is an answer too: LayerCode needs only the status
         answer = decode_json(content) if content else None
     except _UNDECODABLE:
-        raise ProtocolViolation(
-            "bad-json", f"{kind} reply is not JSON: {_excerpt(bytes(content))!r}", **where
-        ) from None
+        why = _out_of_range(content) or "is not JSON"
+        detail = f"{answering(where)} reply {why}: {_excerpt(bytes(content))!r}"
+        raise ProtocolViolation("bad-json", detail, **where) from None
     return JSONResult(
         body=answer,
         status_code=reply.status_code,

@@ -25,8 +25,7 @@ from ._asgi import check_headers
 from .envfile import chosen_env_file, parse_env_file
 from .errors import ConfigurationError, check_text, kind_of
 from .jsonwire import check_json_value
-from .kitclient import new_client
-from .protocol import check_url
+from .kitclient import check_url, new_client
 from .redaction import escape_terminal, mask_url
 from .testing import (
     VIOLATIONS,
@@ -54,8 +53,7 @@ SECRET_ENV: Final = "LAYERCODE_WEBHOOK_SECRET"
 #: ``--secret``'s help, for ``simulate`` and ``sign``.
 SECRET_HELP: Final = (
     f"the webhook secret (default: ${SECRET_ENV}, else from $LAYERCODE_ENV_FILE or ./.env; "
-    "prefer those: "
-    "arguments are visible to other users in the process list)"
+    "prefer those: arguments are visible to other users in the process list)"
 )
 ALLOW_ERRORS_HELP: Final = (
     "exit 0 even when turns ended in response.error (for backends that use it on purpose); "
@@ -131,10 +129,8 @@ class _Printer:
         self.mid_line = False
 
     def line(self, text: str) -> None:
-        if self.quiet:
-            return
-        self.end_line()
-        print(escape_terminal(text), file=self.out, flush=True)
+        if not self.quiet:
+            self.problem(text, self.out)
 
     def end_line(self) -> None:
         if self.mid_line:
@@ -142,9 +138,9 @@ class _Printer:
             self.out.flush()
             self.mid_line = False
 
-    def problem(self, text: str) -> None:
+    def problem(self, text: str, stream: TextIO | None = None) -> None:
         self.end_line()
-        print(escape_terminal(text), file=self.err, flush=True)
+        print(escape_terminal(text), file=self.err if stream is None else stream, flush=True)
 
     def on_event(self, event: dict[str, Any]) -> None:
         if self.quiet:
@@ -566,18 +562,11 @@ def add_simulate_command(commands: Any, formatter: type[argparse.HelpFormatter])
         metavar="NAME:VALUE",
         help="extra request header, repeatable (LayerCode's custom headers)",
     )
-    simulate.add_argument(
-        "--strict",
-        action="store_true",
-        help="treat a response.error event as a protocol violation that stops the run",
-    )
-    simulate.add_argument("--allow-errors", action="store_true", help=ALLOW_ERRORS_HELP)
-    simulate.add_argument(
-        "--json",
-        action="store_true",
-        help="print a JSON summary on stdout (the running commentary goes to stderr)",
-    )
-    simulate.add_argument(
-        "-q", "--quiet", action="store_true", help="print only violations and warnings"
-    )
+    for flags, text in (
+        (["--strict"], "treat a response.error event as a protocol violation that stops the run"),
+        (["--allow-errors"], ALLOW_ERRORS_HELP),
+        (["--json"], "print a JSON summary on stdout (the running commentary goes to stderr)"),
+        (["-q", "--quiet"], "print only violations and warnings"),
+    ):
+        simulate.add_argument(*flags, action="store_true", help=text)
     simulate.set_defaults(handler=_simulate)

@@ -79,10 +79,7 @@ class SSEParser:
             if text.startswith("\ufeff"):
                 text = text[1:]
         if self._after_cr and text.startswith("\n"):
-            text = text[1:]
-            if not text:
-                self._after_cr = False
-                return []
+            text = text[1:]  # (nothing left: the loop below finds nothing, and resets _after_cr)
         events: list[SSEEvent] = []
         start = 0
         # Only the new text is scanned: what is buffered holds no line break.
@@ -93,8 +90,7 @@ class SSEParser:
                 piece = "".join(self._partial)
                 self._partial.clear()
                 self._merged = 0
-            event = self._line(piece)
-            if event is not None:
+            if (event := self._line(piece)) is not None:
                 events.append(event)
             start = match.end()
         # A CR ending the chunk ended its line; an LF opening the next chunk belongs to it.
@@ -109,8 +105,7 @@ class SSEParser:
 
     def close(self) -> list[SSEEvent]:
         """End of stream: flush the decoder. Returns nothing (unterminated data is dropped)."""
-        tail = self._decoder.decode(b"", final=True)
-        if tail:
+        if tail := self._decoder.decode(b"", final=True):
             self._partial.append(tail)
         return []
 

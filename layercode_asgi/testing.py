@@ -19,7 +19,7 @@ from . import protocol
 from ._asgi import check_headers
 from .errors import check_positive_int, check_seconds, check_type, kind_of
 from .jsonwire import check_json_value
-from .kitclient import BoundedApp, new_client, noting_app_errors
+from .kitclient import BoundedApp, check_url, new_client, noting_app_errors
 from .protocol import *  # noqa: F403 - the client's vocabulary, re-exported
 from .protocol import (
     MAX_REPLY_BYTES,
@@ -31,7 +31,6 @@ from .protocol import (
     TurnResult,
     answering,
     check_event,
-    check_url,
     encode_event,
     exchange,
     send_json_event,

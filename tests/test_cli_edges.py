@@ -3,6 +3,7 @@ must accept (a 204 to an event that is not a turn)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import anyio
@@ -183,13 +184,28 @@ def test_simulate_accepts_a_reply_without_body(
     assert captured.err.count(f"reply {status}: {shown}\n") == 3, captured.err
 
 
-def test_an_error_status_without_body_ends_the_line(capsys: pytest.CaptureFixture[str]) -> None:
-    # Before: "PROTOCOL VIOLATION: http-error: data answered 503: " (a dangling colon, as if
-    # the excerpt of the body had been lost).
-    with serve(no_content_backend(503)) as base:
+@pytest.mark.parametrize(
+    ("status", "body", "said"),
+    [
+        # Before: "… data answered 503: " (a dangling colon, as if the body had been lost).
+        (503, b"", "http-error: data (turn_id 'T') answered 503"),
+        # Before: "reply is not JSON" (msgspec: "Number out of range"), which it is.
+        (
+            200,
+            b'{"\xc2\x9b": 1e400}',
+            "bad-json: data (turn_id 'T') reply holds a number out of range (1e400): "
+            "'{\"\\x9b\": 1e400}'",
+        ),
+    ],
+)
+def test_a_refused_reply_is_one_line(
+    status: int, body: bytes, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with serve(no_content_backend(status, body)) as base:
         argv = ["simulate", "--url", base, "--secret", SECRET, "--data", "{}", "-q", "hi"]
         assert main(argv, environ={}) == 1
-    assert capsys.readouterr().err == "PROTOCOL VIOLATION: http-error: data answered 503\n"
+    err = re.sub(r"'turn_[0-9a-f]{16}'", "'T'", capsys.readouterr().err)  # a random turn id
+    assert err == f"PROTOCOL VIOLATION: {said}\n"
 
 
 def header_recording_backend(seen: list[list[tuple[bytes, bytes]]]) -> Any:

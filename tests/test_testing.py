@@ -228,6 +228,7 @@ END = '{"type":"response.end","turn_id":"t1"}'
         (['{"type":"response.tts","content":"hi"}', END], "wrong-turn-id"),
         (["{nope", END], "bad-json"),
         (["[1, 2]", END], "bad-json"),
+        (['{"type":"response.tts","content":"hi","turn_id":"t1","n":1e400}', END], "bad-json"),
         (['{"content":"hi","turn_id":"t1"}', END], "missing-type"),
         (['{"type":"response.tts","content":3,"turn_id":"t1"}', END], "invalid-event"),
     ],
@@ -238,6 +239,9 @@ def test_checker_names_each_violation(events: list[str], name: str) -> None:
     assert caught.value.name == name
     assert caught.value.turn_id == "t1"
     assert name in VIOLATIONS
+    # Before: "missing-end: the stream closed without a response.end", not saying which of
+    # a test's turns; and 1e400 (valid JSON, beyond a float) was "not valid JSON".
+    assert "'t1'" in str(caught.value) and "not valid JSON (Number" not in str(caught.value)
 
 
 def test_checker_accepts_unknown_types_and_reports_errors() -> None:
@@ -423,6 +427,7 @@ async def test_client_raises_named_violations() -> None:
     with pytest.raises(ProtocolViolation) as caught:
         await LayercodeTestClient(echo_app(), secret="wrong").message("x")
     assert (caught.value.name, caught.value.status_code) == ("http-error", 401)
+    assert caught.value.detail.startswith(f"message (turn_id {caught.value.turn_id!r}) answered")
 
 
 def replying_app(content_type: bytes, body: bytes) -> Any:
@@ -459,8 +464,10 @@ async def test_a_turn_needs_exactly_the_event_stream_media_type(
         assert (await client.message("x")).events[0]["type"] == "response.end"
         return
     with pytest.raises(ProtocolViolation) as caught:
-        await client.message("x")
+        await client.message("x", turn_id="t7")
     assert caught.value.name == name
+    # Before: "message answered Content-Type …", not saying which turn.
+    assert caught.value.detail.startswith("message (turn_id 't7') answered Content-Type")
 
 
 @pytest.mark.anyio

@@ -270,33 +270,45 @@ def test_an_in_process_endless_agent_is_a_violation_not_a_memory_error() -> None
 DEEP = b"[" * 100_000 + b"]" * 100_000  # valid JSON, nested past any decoder's depth
 
 
-def deep_json_app(kind: str) -> Any:
-    """Answers a turn with one SSE event, or a JSON reply, nested 100,000 deep."""
+def deep_json_app(kind: str, json: bytes = DEEP) -> Any:
+    """Answers a turn with one SSE event, or a JSON reply: ``json`` (nested 100,000 deep)."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
         await read_body(receive)
         if kind == "turn":
-            headers, body = [(b"content-type", b"text/event-stream")], b"data: " + DEEP + b"\n\n"
+            headers, body = [(b"content-type", b"text/event-stream")], b"data: " + json + b"\n\n"
         else:
-            headers, body = [(b"content-type", b"application/json")], DEEP
+            headers, body = [(b"content-type", b"application/json")], json
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     return app
 
 
+@pytest.mark.parametrize(
+    ("json", "turn_said", "reply_said"),
+    [
+        (DEEP, "is not valid JSON", "reply is not JSON"),
+        # Before: "not JSON" (msgspec's "Number out of range"): RFC 8259 allows such numbers.
+        (b'{"f": 1e400}', "holds a number out of range (1e400)", "holds a number out of range"),
+        (b"[1, 2.5, -1E+999, 1e999]", "out of range (-1E+999)", "number out of range (-1E+999)"),
+    ],
+)
 @pytest.mark.anyio
-async def test_json_nested_too_deep_is_bad_json_not_a_recursion_error() -> None:
-    turn = LayercodeTestClient(deep_json_app("turn"), secret=SECRET)
+async def test_undecodable_json_is_bad_json_saying_why(
+    json: bytes, turn_said: str, reply_said: str
+) -> None:
+    turn = LayercodeTestClient(deep_json_app("turn", json), secret=SECRET)
     with pytest.raises(ProtocolViolation) as info:
-        await turn.message("hi")
-    assert info.value.name == "bad-json" and "SSE event #1" in info.value.detail
-    reply = LayercodeTestClient(deep_json_app("json"), secret=SECRET)
+        await turn.message("hi", turn_id="t9")
+    assert info.value.name == "bad-json" and "SSE event #1 of turn_id 't9'" in info.value.detail
+    assert turn_said in info.value.detail
+    reply = LayercodeTestClient(deep_json_app("json", json), secret=SECRET)
     with pytest.raises(ProtocolViolation) as info:
         await reply.session_update()
-    assert info.value.name == "bad-json" and "reply is not JSON" in info.value.detail
+    assert info.value.name == "bad-json" and reply_said in info.value.detail
 
 
 def half_emoji_app() -> Any:
