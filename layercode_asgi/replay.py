@@ -208,6 +208,9 @@ class RedisReplayCache:
         seconds = min(math.ceil(ttl), MAX_EXPIRE_SECONDS)  # Redis refuses longer
         here = self._clients.get()
         value = f"{self._token}{next(self._numbers):016x}"
+        # Here, not only once it is set: a SET with no reply may have run, and one task may
+        # check several deliveries (an in-process client): forget() deletes this value only.
+        _REMEMBERED.set((key, value))
         try:
             created = await here.client.set(self.key_prefix + key, value, nx=True, ex=seconds)
         except UnicodeEncodeError:  # the prefix was checked: a lone surrogate in ``key``
@@ -221,8 +224,6 @@ class RedisReplayCache:
                 if here.undoer is None or here.undoer.done():
                     here.undoer = self._tasks.start(self._undo(here))
             raise self._unavailable(exc) from exc
-        if created:
-            _REMEMBERED.set((key, value))
         return not created
 
     async def forget(self, key: str) -> None:

@@ -14,6 +14,7 @@ them as ASGI apps ``await response(scope, receive, send)``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import re
@@ -126,14 +127,18 @@ def _to_sse(item: Any) -> Any:
 
 
 async def _items(source: AsyncIterable[Any]) -> AsyncIterable[Any]:
-    iterator = source.__aiter__()
+    iterator = aiter(source)
     try:
-        async for item in iterator:
+        while True:
+            try:
+                item = await anext(iterator)
+            except StopAsyncIteration:
+                return
             yield _to_sse(item)
-    finally:  # on every exit (a refused item too), not left to the garbage collector
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
+    finally:  # a generator is closed on every exit (a refused item too), not left to the
+        # garbage collector; any other source (a caller's stream) is the caller's to close
+        if inspect.isasyncgen(iterator):
+            await iterator.aclose()
 
 
 def create_sse_response(

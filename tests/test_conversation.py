@@ -1468,6 +1468,31 @@ async def test_a_replay_check_redis_answered_too_late_does_not_refuse_the_retry(
         await cache.aclose()
 
 
+async def test_a_forget_after_an_unanswered_check_in_the_same_task_deletes_that_check(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    """One task checks several deliveries (an in-process client: httpx's ASGITransport). A
+    check Redis answered too late (its SET ran later) is answered 503, whose forget must
+    delete that check's value: it deleted the task's previous delivery's value instead, so
+    the retry got 409 until the background undo ran."""
+    from layercode_asgi.replay import RedisReplayCache
+
+    cache = RedisReplayCache(redis_server.url, socket_timeout=0.3)
+    try:
+        assert not await cache.seen("k", 60)  # an earlier delivery, forgotten after its 503
+        await cache.forget("k")
+        redis_server.pause()
+        try:
+            with pytest.raises(StoreUnavailableError, match="TimeoutError"):
+                await cache.seen("k", 60)  # its retry: no reply in time
+        finally:
+            redis_server.resume()
+        await cache.forget("k")  # that 503's forget, in the same task
+        assert not await raw.exists("layercode:replay:k")
+    finally:
+        await cache.aclose()
+
+
 async def test_replay_checks_failing_while_redis_is_down_start_no_task_each(
     redis_server: RedisServer,
 ) -> None:

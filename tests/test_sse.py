@@ -213,6 +213,39 @@ async def test_create_sse_response_refuses_unknown_items() -> None:
     assert closed == [True]
 
 
+@pytest.mark.anyio
+async def test_create_sse_response_leaves_a_callers_stream_open_and_takes_a_bare_iterator() -> None:
+    # A memory stream the caller goes on using is the caller's to close (a change this
+    # morning closed it under the caller); and an async
+    # iterable whose iterator has __anext__ but no __aiter__ is still read (it raised
+    # "'async for' requires an object with __aiter__ method").
+    send, receive = anyio.create_memory_object_stream[str](2)
+    await send.send("a")
+    await send.aclose()
+    response = create_sse_response(receive, ping=0)
+    assert [item async for item in response.body_iterator] == [b"data: a\n\n"]
+    with pytest.raises(anyio.EndOfStream):  # still open (closed: ClosedResourceError)
+        receive.receive_nowait()
+    await receive.aclose()
+
+    class Counter:
+        def __init__(self) -> None:
+            self.left = 2
+
+        async def __anext__(self) -> str:
+            if not self.left:
+                raise StopAsyncIteration
+            self.left -= 1
+            return f"n{self.left}"
+
+    class Items:
+        def __aiter__(self) -> Counter:
+            return Counter()
+
+    response = create_sse_response(Items(), ping=0)
+    assert [item async for item in response.body_iterator] == [b"data: n1\n\n", b"data: n0\n\n"]
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [
