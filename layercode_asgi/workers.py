@@ -9,8 +9,7 @@ stops at once; the parent exits once every worker has. A worker that dies is rep
 start", or :data:`START_ATTEMPTS` in a row ended before serving: then the others are stopped
 and the parent returns 3, as uvicorn's supervisor does. With ``metrics`` and
 prometheus-client installed, the workers share a ``PROMETHEUS_MULTIPROC_DIR`` (the user's,
-else a temporary one, removed at the end, or at a later start if SIGKILL stopped the parent):
-a scrape of any worker sums them all.
+else a temporary one, removed at the end): a scrape of any worker sums them all.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 import socket
@@ -38,7 +36,6 @@ STARTUP_FAILURE = 3
 #: before ``serve`` stops, rather than restarting for ever one that dies as it starts.
 START_ATTEMPTS = 3
 _METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
-_OWN_METRICS_DIR = re.compile(r"layercode-metrics-([1-9][0-9]{0,6})-[a-z0-9_]+")
 
 
 def _worker(
@@ -75,24 +72,6 @@ def _worker(
     run_server(
         app, host=host, port=port, log_level=log_level, sockets=[sock], callback_notify=serving
     )
-
-
-def _remove_stale_metrics_dirs() -> None:
-    """Remove the metrics directories left by ``serve`` processes killed with no ``finally``
-    (SIGKILL): ours by name (``layercode-metrics-PID-…``) and by owner, PID not running."""
-    with os.scandir(tempfile.gettempdir()) as entries:
-        for entry in entries:
-            match = _OWN_METRICS_DIR.fullmatch(entry.name)
-            try:
-                if not (match and entry.is_dir(follow_symlinks=False)):
-                    continue
-                if entry.stat(follow_symlinks=False).st_uid == os.getuid():
-                    os.kill(int(match[1]), 0)
-            except ProcessLookupError:
-                logger.info("removing %s, left by a serve process that is gone", entry.path)
-                shutil.rmtree(entry.path, ignore_errors=True)
-            except OSError:  # running as another user (PermissionError), or just removed
-                pass
 
 
 def serve_workers(
@@ -145,9 +124,8 @@ def serve_workers(
 
             metrics_dir = env.get(_METRICS_DIR) or os.environ.get(_METRICS_DIR)
             if not metrics_dir:
-                _remove_stale_metrics_dirs()
-                own_dir = tempfile.mkdtemp(prefix=f"layercode-metrics-{os.getpid()}-")
-                metrics_dir = env[_METRICS_DIR] = own_dir
+                metrics_dir = own_dir = tempfile.mkdtemp(prefix="layercode-metrics-")
+                env[_METRICS_DIR] = own_dir
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, lambda number, frame: signals.append(number))
         processes.extend(start() for _ in range(workers))  # each kept as it starts
