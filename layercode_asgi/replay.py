@@ -208,15 +208,15 @@ class RedisReplayCache:
         seconds = min(math.ceil(ttl), MAX_EXPIRE_SECONDS)  # Redis refuses longer
         here = self._clients.get()
         value = f"{self._token}{next(self._numbers):016x}"
-        # Here, not only once it is set: a SET with no reply may have run, and one task may
-        # check several deliveries (an in-process client): forget() deletes this value only.
-        _REMEMBERED.set((key, value))
         try:
             created = await here.client.set(self.key_prefix + key, value, nx=True, ex=seconds)
         except UnicodeEncodeError:  # the prefix was checked: a lone surrogate in ``key``
             raise ValueError("replay key is not valid text (a lone surrogate)") from None
         except self._errors as exc:
             if not isinstance(exc, self._answered):  # no reply: Redis may yet run the SET
+                # (so forget() in this task deletes this value: one task may check several
+                # deliveries, an in-process client's)
+                _REMEMBERED.set((key, value))
                 unanswered = here.unanswered
                 unanswered[value] = (key, time.monotonic() + seconds)
                 if len(unanswered) > _UNANSWERED_KEPT:
@@ -224,6 +224,8 @@ class RedisReplayCache:
                 if here.undoer is None or here.undoer.done():
                     here.undoer = self._tasks.start(self._undo(here))
             raise self._unavailable(exc) from exc
+        if created:
+            _REMEMBERED.set((key, value))
         return not created
 
     async def forget(self, key: str) -> None:
