@@ -13,10 +13,11 @@ import os
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from layercode_asgi import LayercodeSignature, LayercodeWebhook
+from layercode_asgi import LayercodeSignature, LayercodeWebhook, Settings
 
-SECRET = os.environ.get("LAYERCODE_WEBHOOK_SECRET")
-if not SECRET:
+# Stripped, and split on commas during a rotation ("whsec_new,whsec_old"), as create_app does.
+SECRETS = Settings().webhook_secrets
+if not SECRETS:
     raise SystemExit("Set LAYERCODE_WEBHOOK_SECRET to your agent's webhook secret.")
 
 
@@ -26,7 +27,7 @@ async def agent(event):
 
 webhook = LayercodeWebhook(agent)  # answers every LayerCode event type
 app = FastAPI(redirect_slashes=False)  # /api/agent/: a 404, not a 307 to an http:// URL
-app.add_middleware(LayercodeSignature, secret=SECRET, paths=["/api/agent"])
+app.add_middleware(LayercodeSignature, secret=SECRETS, paths=["/api/agent"])
 
 
 @app.post("/api/agent")

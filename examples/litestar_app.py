@@ -15,10 +15,11 @@ from litestar import Litestar, Request, post
 from litestar.middleware import DefineMiddleware
 from litestar.types import ASGIApp
 
-from layercode_asgi import LayercodeSignature, LayercodeWebhook
+from layercode_asgi import LayercodeSignature, LayercodeWebhook, Settings
 
-SECRET = os.environ.get("LAYERCODE_WEBHOOK_SECRET")
-if not SECRET:
+# Stripped, and split on commas during a rotation ("whsec_new,whsec_old"), as create_app does.
+SECRETS = Settings().webhook_secrets
+if not SECRETS:
     raise SystemExit("Set LAYERCODE_WEBHOOK_SECRET to your agent's webhook secret.")
 
 
@@ -34,7 +35,7 @@ async def agent_route(request: Request[Any, Any, Any]) -> ASGIApp:  # passed thr
     return await webhook.respond(await request.body())
 
 
-app = Litestar([agent_route], middleware=[DefineMiddleware(LayercodeSignature, secret=SECRET)])
+app = Litestar([agent_route], middleware=[DefineMiddleware(LayercodeSignature, secret=SECRETS)])
 
 if __name__ == "__main__":
     import uvicorn

@@ -12,10 +12,11 @@ clone (``./layercode-asgi``, as in the README)::
 
 import os
 
-from layercode_asgi import LayercodeSignature, LayercodeWebhook
+from layercode_asgi import LayercodeSignature, LayercodeWebhook, Settings
 
-SECRET = os.environ.get("LAYERCODE_WEBHOOK_SECRET")
-if not SECRET:
+# Stripped, and split on commas during a rotation ("whsec_new,whsec_old"), as create_app does.
+SECRETS = Settings().webhook_secrets
+if not SECRETS:
     raise SystemExit("Set LAYERCODE_WEBHOOK_SECRET to your agent's webhook secret.")
 
 
@@ -23,7 +24,7 @@ async def agent(event):
     yield f"You said: {event.text}" if event.text else "Hello! Say something."
 
 
-app = LayercodeSignature(LayercodeWebhook(agent), secret=SECRET)
+app = LayercodeSignature(LayercodeWebhook(agent), secret=SECRETS)
 
 if __name__ == "__main__":
     import uvicorn

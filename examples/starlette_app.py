@@ -16,10 +16,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from layercode_asgi import LayercodeSignature, LayercodeWebhook
+from layercode_asgi import LayercodeSignature, LayercodeWebhook, Settings
 
-SECRET = os.environ.get("LAYERCODE_WEBHOOK_SECRET")
-if not SECRET:
+# Stripped, and split on commas during a rotation ("whsec_new,whsec_old"), as create_app does.
+SECRETS = Settings().webhook_secrets
+if not SECRETS:
     raise SystemExit("Set LAYERCODE_WEBHOOK_SECRET to your agent's webhook secret.")
 
 
@@ -36,7 +37,7 @@ async def agent_route(request: Request) -> Response:
 
 app = Starlette(
     routes=[Route("/api/agent", agent_route, methods=["POST"])],
-    middleware=[Middleware(LayercodeSignature, secret=SECRET)],
+    middleware=[Middleware(LayercodeSignature, secret=SECRETS)],
 )
 # /api/agent/ gets a 404, not Starlette's 307 to an http:// URL built from the Host header
 # (a webhook client following it would re-send the signed body in clear text).

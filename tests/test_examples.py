@@ -207,13 +207,36 @@ def test_example_answers_bad_requests_as_the_middleware_documents(
         assert reply.text.endswith('"type":"response.end","turn_id":"turn-1"}\n\n'), name
 
 
+@pytest.mark.parametrize("value", [None, " \n"])
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_refuses_to_start_without_a_secret(
-    name: str, monkeypatch: pytest.MonkeyPatch
+    name: str, value: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("LAYERCODE_WEBHOOK_SECRET", raising=False)
+    if value is None:
+        monkeypatch.delenv("LAYERCODE_WEBHOOK_SECRET", raising=False)
+    else:  # blank: before, the Starlette and FastAPI apps started and answered every call 500
+        monkeypatch.setenv("LAYERCODE_WEBHOOK_SECRET", value)
     with pytest.raises(SystemExit, match="Set LAYERCODE_WEBHOOK_SECRET"):
         load_example(name, monkeypatch)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", EXAMPLES)
+async def test_example_reads_the_secret_as_settings_does(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stripped, and split on commas for a rotation, as docs/settings.md says of the variable
+    (before: a newline from a secrets file, or two secrets, raised ConfigurationError)."""
+    monkeypatch.setenv("LAYERCODE_WEBHOOK_SECRET", " whsec_new , whsec_old\n")
+    app = load_example(name, monkeypatch).app
+    body = event_body("session.update")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for secret in ("whsec_new", "whsec_old"):
+            reply = await client.post(
+                "/api/agent", content=body, headers=signed_headers(body, secret)
+            )
+            assert (reply.status_code, reply.json()) == (200, {"status": "ok"}), (name, secret)
 
 
 def example_command(name: str, server: str) -> list[str]:
