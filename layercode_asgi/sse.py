@@ -181,7 +181,7 @@ def create_sse_response(
     if headers is not None:
         check_headers("headers", headers, client=False)  # one line each, else an error
         merged.update({k.lower(): v for k, v in headers.items()})
-    return EventSourceResponse(
+    response = EventSourceResponse(
         _items(generator),
         status_code=status_code,
         headers=merged,
@@ -191,6 +191,9 @@ def create_sse_response(
         background=background,
         send_timeout=send_timeout,
     )
+    # sse-starlette sets X-Accel-Buffering itself, over ours: the one given wins here too.
+    response.headers["x-accel-buffering"] = merged["x-accel-buffering"]
+    return response
 
 
 #: ``emit`` yields to the event loop once per this many chunks.

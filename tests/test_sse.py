@@ -196,6 +196,27 @@ async def test_ping_0_sends_no_keep_alive_comments() -> None:
 
 
 @pytest.mark.anyio
+async def test_create_sse_response_headers_replace_the_default_ones() -> None:
+    # Before: sse-starlette set X-Accel-Buffering: no over the one given (as docs/stacks.md
+    # says, a header given replaces the default of that name).
+    given = {"X-Accel-Buffering": "yes", "Cache-Control": "no-store", "x-extra": "1"}
+
+    async def one() -> AsyncIterator[str]:
+        yield "a"
+
+    app = Starlette(routes=[Route("/", lambda request: create_sse_response(one(), headers=given))])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        reply = await c.get("/")
+    sent = [(name, value) for name, value in reply.headers.raw if name != b"connection"]
+    assert sorted(sent) == [
+        (b"cache-control", b"no-store"),
+        (b"content-type", b"text/event-stream"),
+        (b"x-accel-buffering", b"yes"),
+        (b"x-extra", b"1"),
+    ]
+
+
+@pytest.mark.anyio
 async def test_create_sse_response_refuses_unknown_items() -> None:
     closed = []
 
