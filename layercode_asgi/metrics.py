@@ -157,7 +157,8 @@ class WebhookRecord:
         self.lock_wait: float | None = None
         self.first_tts: float | None = None
         self.outcome: str | None = None
-        #: An agent error's exception type, as OpenTelemetry names it (``error.type``).
+        #: An agent error's exception type, as OpenTelemetry names it (``error.type``): its
+        #: ``error_type`` when it names one (a model provider's failure: the SDK's type).
         self.error_type: str | None = None
         self.streaming = False
         #: The running turn, until the request ends.
@@ -362,8 +363,12 @@ def answered_status(response: Response) -> int:
 
 
 def _type_name(exc: BaseException) -> str:
-    """``exc``'s type with its module (none for a built-in), as OpenTelemetry writes it."""
-    module, name = type(exc).__module__, type(exc).__qualname__
+    """``exc``'s type (its ``error_type`` if that is one) with its module (none for a
+    built-in), as OpenTelemetry writes it."""
+    kind = getattr(exc, "error_type", None)
+    if not isinstance(kind, type):
+        kind = type(exc)
+    module, name = kind.__module__, kind.__qualname__
     return name if module == "builtins" else f"{module}.{name}"
 
 

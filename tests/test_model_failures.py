@@ -736,3 +736,44 @@ async def test_an_emoji_split_across_deltas_is_spoken_whole(fake: FakeOpenAI) ->
     turn = await turn_of("openai")
     assert turn.errors == []
     assert turn.text == "Hi \U0001f600 there."
+
+
+#: The provider's failure each agent sees for a refused key: what a span's ``error.type`` names.
+REFUSED_KEY_ERROR = {
+    "openai": "openai.AuthenticationError",
+    "pydantic-ai-chat": "pydantic_ai.exceptions.ModelAuthenticationError",
+    "langchain-chat-model": "langchain_openai.chat_models.base.OpenAIAuthenticationError",
+    "openai-agents": "openai.AuthenticationError",
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(REFUSED_KEY_ERROR))
+async def test_a_providers_failure_is_named_by_its_type_in_the_span(
+    name: str, fake: FakeOpenAI
+) -> None:
+    """Before: every provider failure of an adapter or a built-in agent set the span's
+    ``error.type`` to ``layercode_asgi.adapters.voice.ModelAPIError`` (our wrapper, whose
+    module is not even public), never the SDK's type docs/metrics.md names
+    (``openai.APITimeoutError``): a 401, a 429 and a timeout were one error to a trace."""
+    sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from layercode_asgi import LayercodeWebhook, TurnMetrics
+    from layercode_asgi.otel import OtelMetrics
+
+    spans = InMemorySpanExporter()
+    provider = sdk_trace.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    metrics = TurnMetrics(OtelMetrics(tracer_provider=provider))
+    fake.push(Script(status=401, body=REFUSAL))
+    webhook = LayercodeWebhook(BUILDERS[name](False), metrics=metrics)
+    with serve(webhook) as base, anyio.fail_after(20):
+        async with LayercodeTestClient(base_url=base, secret=SECRET, path="/") as client:
+            turn = await client.message("hi")
+    assert ended_with_error(turn)
+    (span,) = spans.get_finished_spans()
+    assert span.attributes is not None
+    assert span.attributes["error.type"] == REFUSED_KEY_ERROR[name]
+    assert KEY not in repr(span.attributes)

@@ -116,7 +116,15 @@ def require_extra(module: str, extra: str, adapter: str) -> ModuleType:
 
 class ModelAPIError(Exception):
     """A model provider's answer failed: an HTTP error (see :func:`model_api_error`), or an
-    answer cut short or without text (see :func:`answer_error`)."""
+    answer cut short or without text (see :func:`answer_error`).
+
+    ``error_type``: the type of the provider's failure (the SDK's exception), which a span's
+    ``error.type`` names; this class for an answer that failed without one.
+    """
+
+    def __init__(self, message: str, error_type: type[BaseException] | None = None) -> None:
+        super().__init__(message)
+        self.error_type = type(self) if error_type is None else error_type
 
 
 #: Request headers that carry a provider's key (``Authorization: Bearer …`` and others).
@@ -195,7 +203,8 @@ def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIErr
         message = message.replace(secret, MASK)
     status = getattr(answered, "status_code", 0)
     what = "failed" if answered is None else f"answered HTTP {status}"
-    return ModelAPIError(f"the model API {what}{_asked(model)}: {escape_log_value(message)}")
+    message = f"the model API {what}{_asked(model)}: {escape_log_value(message)}"
+    return ModelAPIError(message, type(failed))
 
 
 def reraise(exc: Exception, model: str | None = None) -> NoReturn:
