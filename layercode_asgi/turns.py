@@ -373,8 +373,8 @@ class Turn:
                 raise RuntimeError(_NOT_RUNNING)
             try:
                 chunk = _TTS + encode_json(text) + self._suffix
-            except UnicodeEncodeError:  # a lone surrogate (half an emoji): spoken as U+FFFD
-                text = valid_text(text)
+            except (UnicodeEncodeError, TypeError):  # half an emoji: as U+FFFD; a str subclass
+                text = valid_text(str.__str__(text))
                 chunk = _TTS + encode_json(text) + self._suffix
             await emit(chunk)
             if not self.spoken:
@@ -467,10 +467,21 @@ def _encode_content(content: Any) -> bytes:
     try:
         try:
             return encode_json(content)
-        except UnicodeEncodeError:  # a lone surrogate (half an emoji) in a text: as U+FFFD
-            return encode_json(_valid_texts(msgspec.to_builtins(content)))
+        except (UnicodeEncodeError, TypeError):  # half an emoji: as U+FFFD; str subclasses
+            return encode_json(_valid_texts(msgspec.to_builtins(content, enc_hook=_plain)))
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise TypeError(f"reply content is not JSON-serialisable: {exc}") from exc
+
+
+def _plain(value: Any) -> Any:
+    """msgspec's ``enc_hook``: a ``str``, ``int`` or ``float`` subclass as its plain value."""
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    raise TypeError(f"Encoding objects of type {type(value).__name__} is unsupported")
 
 
 def _valid_texts(value: Any) -> Any:
