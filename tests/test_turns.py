@@ -1086,6 +1086,31 @@ async def test_str_subclasses_in_replies_are_sent_as_their_text() -> None:
     assert history[-1].text == "sub tts \ufffd" and type(history[-1].text) is str
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("turn_id", "sent_as"),
+    [(_Text("turn-1"), "turn-1"), ("turn-1\ud83d", "turn-1\ufffd")],
+    ids=["str-subclass", "lone-surrogate"],
+)
+async def test_a_mapping_event_with_an_unusual_turn_id_is_answered(
+    turn_id: str, sent_as: str
+) -> None:
+    # Before: an event parsed from a mapping keeps its strings as they are, and a turn_id
+    # msgspec cannot encode (a str subclass; a lone surrogate, which a JSON body gives as
+    # U+FFFD) failed Turn(): respond(mapping) answered 500 "internal error".
+    body = msgspec.json.decode(event_body())
+    body["turn_id"] = turn_id
+    event = parse_webhook_payload(body)
+    sent: list[bytes] = []
+
+    async def emit(chunk: bytes) -> None:
+        sent.append(chunk)
+
+    await Turn(event, hello).run(emit)  # type: ignore[arg-type]
+    expected = [{**tts("Hello"), "turn_id": sent_as}, {**END, "turn_id": sent_as}]
+    assert [msgspec.json.decode(chunk[6:]) for chunk in sent] == expected
+
+
 async def _chunks(*texts: str) -> AsyncIterator[str]:
     for text in texts:
         yield text
