@@ -234,7 +234,9 @@ class Turn:
         self.context = TurnContext(event, history, {} if extras is None else extras)
         self.timeout = timeout
         self.timeout_message = timeout_message
-        self._suffix = b',"turn_id":' + encode_json(event.turn_id) + b"}\n\n"
+        # An event parsed from a mapping may hold a str subclass, or half an emoji (U+FFFD).
+        turn_id = valid_text(str.__str__(event.turn_id))
+        self._suffix = b',"turn_id":' + encode_json(turn_id) + b"}\n\n"
         self._emit: Callable[[bytes], Awaitable[None]] | None = None
         self._response: EventStreamResponse | None = None  # whose emit ``emit`` is
         self.spoken: list[str] = []
@@ -373,8 +375,8 @@ class Turn:
                 raise RuntimeError(_NOT_RUNNING)
             try:
                 chunk = _TTS + encode_json(text) + self._suffix
-            except UnicodeEncodeError:  # a lone surrogate (half an emoji): spoken as U+FFFD
-                text = valid_text(text)
+            except (UnicodeEncodeError, TypeError):  # half an emoji: as U+FFFD; a str subclass
+                text = valid_text(str.__str__(text))
                 chunk = _TTS + encode_json(text) + self._suffix
             await emit(chunk)
             if not self.spoken:
@@ -467,10 +469,21 @@ def _encode_content(content: Any) -> bytes:
     try:
         try:
             return encode_json(content)
-        except UnicodeEncodeError:  # a lone surrogate (half an emoji) in a text: as U+FFFD
-            return encode_json(_valid_texts(msgspec.to_builtins(content)))
+        except (UnicodeEncodeError, TypeError):  # half an emoji: as U+FFFD; str subclasses
+            return encode_json(_valid_texts(msgspec.to_builtins(content, enc_hook=_plain)))
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise TypeError(f"reply content is not JSON-serialisable: {exc}") from exc
+
+
+def _plain(value: Any) -> Any:
+    """msgspec's ``enc_hook``: a ``str``, ``int`` or ``float`` subclass as its plain value."""
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    raise TypeError(f"Encoding objects of type {type(value).__name__} is unsupported")
 
 
 def _valid_texts(value: Any) -> Any:

@@ -1053,6 +1053,64 @@ async def test_lone_surrogates_in_replies_are_sent_as_u_fffd() -> None:
     ]
 
 
+class _Text(str):
+    """A str subclass, as some libraries hand out (a model SDK's, a template engine's)."""
+
+
+class _Count(int):
+    pass
+
+
+@pytest.mark.anyio
+async def test_str_subclasses_in_replies_are_sent_as_their_text() -> None:
+    # Before: msgspec encodes exact str (int, float) only: a str subclass yielded (each str
+    # is spoken, says the contract) or in a Data/Hangup content ended the turn as an
+    # agent error ("Encoding objects of type _Text is unsupported").
+    async def agent(event: Any) -> AsyncIterator[Any]:
+        yield _Text("sub ")
+        yield Tts(_Text("tts \ud83d"))
+        yield Data({_Text("k"): [_Text("v"), _Count(2), 1.5]})
+        yield Hangup(_Text("bye"))
+
+    webhook = LayercodeWebhook(agent)
+    events = await read_events(LayercodeSignature(webhook, secret=SECRET), event_body())
+    assert events == [
+        tts("sub "),
+        tts("tts \ufffd"),
+        {"type": "response.data", "content": {"k": ["v", 2, 1.5]}, "turn_id": "turn-1"},
+        {"type": "response.hangup", "content": "bye", "turn_id": "turn-1"},
+        END,
+    ]
+    assert webhook.conversations is not None
+    history = await webhook.conversations.get_history("conv-1")
+    assert history[-1].text == "sub tts \ufffd" and type(history[-1].text) is str
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("turn_id", "sent_as"),
+    [(_Text("turn-1"), "turn-1"), ("turn-1\ud83d", "turn-1\ufffd")],
+    ids=["str-subclass", "lone-surrogate"],
+)
+async def test_a_mapping_event_with_an_unusual_turn_id_is_answered(
+    turn_id: str, sent_as: str
+) -> None:
+    # Before: an event parsed from a mapping keeps its strings as they are, and a turn_id
+    # msgspec cannot encode (a str subclass; a lone surrogate, which a JSON body gives as
+    # U+FFFD) failed Turn(): respond(mapping) answered 500 "internal error".
+    body = msgspec.json.decode(event_body())
+    body["turn_id"] = turn_id
+    event = parse_webhook_payload(body)
+    sent: list[bytes] = []
+
+    async def emit(chunk: bytes) -> None:
+        sent.append(chunk)
+
+    await Turn(event, hello).run(emit)  # type: ignore[arg-type]
+    expected = [{**tts("Hello"), "turn_id": sent_as}, {**END, "turn_id": sent_as}]
+    assert [msgspec.json.decode(chunk[6:]) for chunk in sent] == expected
+
+
 async def _chunks(*texts: str) -> AsyncIterator[str]:
     for text in texts:
         yield text
