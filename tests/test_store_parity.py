@@ -63,6 +63,9 @@ def make_app(
         seen.setdefault(event.conversation_id, []).append(
             [(m.role, m.text) for m in context.history]
         )
+        if event.text == "":  # a turn with nothing to record: no text, nothing spoken
+            yield Data({"n": 0})
+            return
         text = event.text or ""
         if text == "raise":
             yield "partial"
@@ -306,31 +309,35 @@ async def test_conversation_ids_that_matter_to_redis_keys(
         assert long not in response.text
 
 
+@pytest.mark.parametrize("first", ["one", ""], ids=["recorded", "nothing-to-record"])
 async def test_a_client_that_stops_reading_before_the_end_does_not_hold_its_conversation(
-    store: dict[str, Any], close: list[Any]
+    store: dict[str, Any], close: list[Any], first: str
 ) -> None:
     """The turn is recorded just before its response.end goes out, and the conversation is
-    free from then on: a client that never reads the end does not hold the next turn."""
+    free from then on: a client that never reads the end does not hold the next turn. Also
+    a turn with nothing to record (no text, nothing spoken): it held the conversation until
+    its response.end was sent, so the next turn waited for the stalled client."""
     seen: Seen = {}
     app = make_app(store, seen)  # a turn timeout of 30 s: the test's bounds stop it first
     close.append(app)
     c = cid("stalled")
-    body = event_body(conversation_id=c, text="one", turn_id="t0")
+    body = event_body(conversation_id=c, text=first, turn_id="t0")
     headers = [(k.encode(), v.encode()) for k, v in signed_headers(body, SECRET).items()]
     stalled = ASGIStub(body, path="/api/agent", headers=headers, block_send_after=1)
     async with anyio.create_task_group() as tg:
         tg.start_soon(stalled.run, app, 20)
         with anyio.fail_after(10):
-            for _ in range(1000):  # until recorded (its response.end is still unsent)
-                if await stored(app, c):
+            for _ in range(1000):  # until its first frame is out (its response.end is not)
+                if stalled.bodies:
                     break
                 await anyio.sleep(0.01)
             async with LayercodeTestClient(app, secret=SECRET, conversation_id=c) as client:
                 assert (await client.message("two", turn_id="t1")).text == "re: two"
         assert not stalled.complete
         tg.cancel_scope.cancel()
-    assert seen[c] == [[], [("user", "one"), ("assistant", "re: one")]]
-    assert [m[1] for m in await stored(app, c)] == ["one", "re: one", "two", "re: two"]
+    before = ["one", "re: one"] if first else []
+    assert seen[c] == [[], [("user", "one"), ("assistant", "re: one")] if first else []]
+    assert [m[1] for m in await stored(app, c)] == [*before, "two", "re: two"]
 
 
 async def test_record_turn_with_no_messages_ends_the_turn(

@@ -194,8 +194,9 @@ class ConversationStore(Protocol):
 
     Optional: ``async read_turn(id) -> (messages, generation)`` and ``async
     record_turn(id, messages, generation) -> bool`` (append only if no :meth:`clear` came
-    since the read), as both built-in stores have; without them a turn still running
-    when its conversation is cleared records all the same.
+    since the read; called by every turn, with no messages too), as both built-in stores
+    have; without them a turn still running when its conversation is cleared records all
+    the same.
     """
 
     async def append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:

@@ -111,10 +111,10 @@ async def record_for_turn(
     actually spoken), whatever the outcome, with the generation :func:`read_for_turn` gave.
     A failure or a store slower than :data:`RECORD_TIMEOUT` is logged, never raised."""
     user_text = event.text or None
-    if user_text is None and not reply:
-        return
-    cid, said, turn_id = event.conversation_id, reply or None, event.turn_id
     record = getattr(conversations, "record_turn", None)
+    if user_text is None and not reply and (generation is None or record is None):
+        return  # nothing to record (with record_turn, called all the same: it ends the turn)
+    cid, said, turn_id = event.conversation_id, reply or None, event.turn_id
     with anyio.move_on_after(RECORD_TIMEOUT, shield=True) as scope:
         try:
             if generation is None or record is None:
@@ -312,12 +312,12 @@ class ConversationManager:
         :meth:`read_turn` gave ``generation``; True if recorded (or nothing to record)."""
         check_conversation_id(conversation_id)
         messages = turn_messages(user_text, assistant_text, turn_id)
-        if not messages:
-            return True
         record = getattr(self.store, "record_turn", None)
         if generation is None or record is None:
-            await self.store.append(conversation_id, messages)
+            if messages:
+                await self.store.append(conversation_id, messages)
             return True
+        # With no messages too: the store's record_turn releases the lock its holder has.
         return bool(await record(conversation_id, messages, generation))
 
     def lock(
