@@ -51,6 +51,7 @@ class BodyDecoder:
         # gzip: a gzip header (wbits 16+); deflate: zlib-wrapped, or raw (fixed on error)
         self._inflate = zlib.decompressobj(zlib.MAX_WBITS | (0 if self._deflate else 16))
         self._started = False
+        self._head = b""  # deflate: its first byte, until the 2-byte zlib header is whole
 
     def feed(self, raw: bytes) -> Iterator[bytes]:
         """The decoded bytes of ``raw``, in pieces of at most :data:`PIECE` bytes."""
@@ -59,6 +60,11 @@ class BodyDecoder:
                 yield raw[start : start + PIECE]
             return
         data = raw
+        if self._deflate and not self._started:  # zlib-wrapped or raw: the header tells
+            data = self._head + raw
+            if len(data) < 2:
+                self._head = data
+                return
         while not self._inflate.eof or (data := self._next_member(data)):
             try:
                 piece = self._inflate.decompress(data, PIECE)
@@ -69,7 +75,9 @@ class BodyDecoder:
                 self._deflate = False
                 continue
             self._started = True
-            data = self._inflate.unconsumed_tail
+            # At a member's end what follows is in unused_data (with a limit, in the
+            # unconsumed tail as well): taken from there, once.
+            data = b"" if self._inflate.eof else self._inflate.unconsumed_tail
             if piece:
                 yield piece
             if not data and len(piece) < PIECE and not self._inflate.eof:
