@@ -39,18 +39,18 @@ class BodyDecoder:
         names = [n.strip().lower() for n in (content_encoding or "").split(",") if n.strip()]
         names = [n for n in names if n != "identity"]
         self._inflate: Any = None  # a zlib decompress object
-        self._deflate = False
         if not names:
             return
         if len(names) > 1 or names[0] not in ("gzip", "x-gzip", "deflate"):
             raise UnsupportedEncoding(
                 f"Content-Encoding {content_encoding!r} (the client accepts {ACCEPT_ENCODING})"
             )
-        self._deflate = names[0] == "deflate"
-        self._gzip = not self._deflate
+        self._gzip = names[0] != "deflate"
         # gzip: a gzip header (wbits 16+); deflate: zlib-wrapped, or raw (fixed on error)
-        self._inflate = zlib.decompressobj(zlib.MAX_WBITS | (0 if self._deflate else 16))
-        self._started = False
+        self._inflate = zlib.decompressobj(zlib.MAX_WBITS | (16 if self._gzip else 0))
+        # deflate, until its first 2 bytes (held in _head) told zlib-wrapped from raw
+        self._undecided = not self._gzip
+        self._head = b""
 
     def feed(self, raw: bytes) -> Iterator[bytes]:
         """The decoded bytes of ``raw``, in pieces of at most :data:`PIECE` bytes."""
@@ -59,17 +59,24 @@ class BodyDecoder:
                 yield raw[start : start + PIECE]
             return
         data = raw
+        if self._undecided:
+            data = self._head + raw
+            if len(data) < 2:
+                self._head = data
+                return
         while not self._inflate.eof or (data := self._next_member(data)):
             try:
                 piece = self._inflate.decompress(data, PIECE)
             except zlib.error:
-                if not (self._deflate and not self._started):
+                if not self._undecided:
                     raise
                 self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate
-                self._deflate = False
+                self._undecided = False
                 continue
-            self._started = True
-            data = self._inflate.unconsumed_tail
+            self._undecided = False
+            # At a member's end what follows is in unused_data (with a limit, in the
+            # unconsumed tail as well): taken from there, once.
+            data = b"" if self._inflate.eof else self._inflate.unconsumed_tail
             if piece:
                 yield piece
             if not data and len(piece) < PIECE and not self._inflate.eof:

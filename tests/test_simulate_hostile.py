@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
@@ -542,13 +543,35 @@ def test_simulate_json_with_a_closed_stderr_prints_only_the_json(answer: Any, co
     assert msgspec.json.decode(done.stdout)["ok"] is (code == 0)
 
 
-def test_gzip_members_that_follow_each_other_decode_whole_in_any_pieces() -> None:
-    # Before: decoding stopped after the first member, the rest of the body ignored (a
-    # backend gzipping each flush on its own had "missing-end").
-    text = b"".join(b"data: %d\n\n" % n for n in range(300))
-    body = b"".join(gzip.compress(text[n : n + 700]) for n in range(0, len(text), 700))
+def _raw_deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+@pytest.mark.parametrize(
+    ("coding", "member", "text"),
+    [
+        # Before: decoding stopped after the first member, the rest of the body ignored (a
+        # backend gzipping each flush on its own had "missing-end").
+        ("gzip", 700, b"".join(b"data: %d\n\n" % n for n in range(300))),
+        # Before: a member inflating to more than PIECE left what followed it both in the
+        # decompressor's unused data and in its unconsumed tail: the next member came twice.
+        ("gzip", 100_000, b"".join(b"data: %d\n\n" % n for n in range(30_000))),
+        # Before: raw deflate (no zlib header) whose first piece was under 2 bytes was taken
+        # for zlib-wrapped (no header error yet), then failed on the next piece.
+        ("deflate", 0, b"".join(b"data: %d\n\n" % n for n in range(300))),
+        ("deflate", -1, b"".join(b"data: %d\n\n" % n for n in range(300))),
+    ],
+)
+def test_compressed_bodies_decode_whole_in_any_pieces(
+    coding: str, member: int, text: bytes
+) -> None:
+    if member > 0:  # gzip members that follow each other
+        body = b"".join(gzip.compress(text[n : n + member]) for n in range(0, len(text), member))
+    else:  # deflate: zlib-wrapped (0) or raw (-1)
+        body = zlib.compress(text) if member == 0 else _raw_deflate(text)
     for size in (1, 2, 7, 4096, len(body)):
-        decoder = BodyDecoder("gzip")
+        decoder = BodyDecoder(coding)
         pieces = [body[n : n + size] for n in range(0, len(body), size)]
         assert b"".join(b"".join(decoder.feed(piece)) for piece in pieces) == text, size
     decoder = BodyDecoder("gzip")  # what follows the last member and is none stays ignored
