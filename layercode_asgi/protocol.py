@@ -19,7 +19,7 @@ import msgspec
 
 from ._asgi import check_headers
 from .errors import check_callable, check_positive_int, check_seconds, check_type
-from .jsonwire import decode_json, number_out_of_range
+from .jsonwire import check_json_value, decode_json, number_out_of_range
 from .kitclient import ReplyTooLarge, drained, noted_redirect, open_reply, raised_by_app, speaks_tls
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
 from .redaction import mask_url
@@ -118,7 +118,10 @@ class ProtocolViolation(Exception):
 
 
 def encode_event(event: Any) -> bytes:
-    """The compact JSON body of ``event`` (a dict, or a payload struct)."""
+    """The compact JSON body of ``event`` (a dict, or a payload struct); a value JSON cannot
+    carry as it is (a NaN, bytes, a set) is refused as the event factories refuse it."""
+    if not isinstance(event, msgspec.Struct):
+        check_json_value("event", event)  # not sent changed (a NaN as null, bytes as base64)
     return _encode(event)
 
 

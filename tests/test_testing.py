@@ -920,7 +920,29 @@ async def test_the_client_refuses_data_json_cannot_carry_before_sending() -> Non
         await client.data(float("nan"))  # before: sent as null, answered as if all was well
     with pytest.raises(TypeError, match=r"^data is object: JSON cannot carry it as it is"):
         await client.data(object())
+    # Before: an event made by hand (or a factory's, changed) was sent changed: a NaN as
+    # null, bytes as base64; post() too, and raw bytes in a bytearray became a base64 string.
+    event = {**session_update_event(), "x": float("nan")}
+    with pytest.raises(ValueError, match=r"^event\['x'\] is nan: JSON has no NaN"):
+        await client.send(event)
+    with pytest.raises(TypeError, match=r"^event\['b'\] is bytes: JSON cannot carry it"):
+        await client.post({"b": b"raw"})
     assert sent == []
+
+
+@pytest.mark.anyio
+async def test_post_sends_raw_bytes_of_any_bytes_like_type_as_they_are() -> None:
+    sent: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        sent.append(await read_body(receive))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    client = LayercodeTestClient(app, secret=SECRET)
+    for body in (b'{"a":1}', bytearray(b'{"a":1}'), memoryview(b'{"a":1}'), '{"a":1}'):
+        assert (await client.post(body)).status_code == 204
+    assert sent == [b'{"a":1}'] * 4  # before: a bytearray or memoryview as '"eyJhIjoxfQ=="'
 
 
 def test_signing_with_an_empty_secret_is_refused_as_the_client_refuses_it() -> None:
