@@ -39,7 +39,7 @@ async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
         setup_logging(verbose=True)
     secret = secrets.token_urlsafe(24)
     messages = tuple(args.messages or DEMO_MESSAGES)
-    check_sendable(secret, messages, DEMO_DATA)  # a usage error: before anything is served
+    check_sendable(secret, messages, DEMO_DATA, None, None)  # before anything is served
     settings = Settings(
         env_file=None,
         environ={},
