@@ -188,11 +188,10 @@ class TurnChecker:
     def check(self, sse: SSEEvent) -> dict[str, Any]:
         check_type("sse", sse, SSEEvent, "an SSEEvent (from SSEParser.feed)")
         position = len(self.events) + 1
-        if position > self.max_events:
-            raise self.violation(
-                "too-large", f"more than {self.max_events} events in one turn (max_events)"
-            )
         at, data = f"event #{position}{self._of_turn}", sse.data[:80]
+        if position > self.max_events:
+            detail = f"more than {self.max_events} events in one turn ({at}, max_events)"
+            raise self.violation("too-large", detail)
         try:
             event = decode_json(sse.data)
         except _UNDECODABLE as exc:
@@ -349,7 +348,7 @@ async def exchange(
                 where["status_code"] = status = reply.status_code
                 if status not in ok:
                     prefix, more = await read_prefix(reply, _BODY_EXCERPT)
-                    answered = f"{answering(where)} answered {status}"
+                    answered = f"{answering(where)} answered {status}".lstrip()
                     location = reply.headers.get("location")
                     if 300 <= status < 400 and location:  # the signed body goes nowhere else
                         answered += f" (a redirect to {_brief(mask_url(location))}, not followed)"
@@ -403,6 +402,8 @@ def http_violation(
         detail = f"{answering(where)} no answer within {timeout:g} s ({exc!r})"
         return ProtocolViolation("timeout", detail.lstrip(), **where)
     detail = f"{type(exc).__name__}: {str(exc) or 'the connection broke (no detail given)'}"
+    if answering(where):
+        detail = f"{answering(where)}: {detail}"
     return ProtocolViolation("connection-error", detail, **where)
 
 
@@ -531,7 +532,7 @@ async def send_json_event(
         answer = decode_json(content) if content else None
     except _UNDECODABLE:
         why = _out_of_range(content) or "is not JSON"
-        detail = f"{answering(where)} reply {why}: {_excerpt(bytes(content))!r}"
+        detail = f"{answering(where)} reply {why}: {_excerpt(bytes(content))!r}".lstrip()
         raise ProtocolViolation("bad-json", detail, **where) from None
     return JSONResult(
         body=answer,

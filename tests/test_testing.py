@@ -428,6 +428,9 @@ async def test_client_raises_named_violations() -> None:
         await LayercodeTestClient(echo_app(), secret="wrong").message("x")
     assert (caught.value.name, caught.value.status_code) == ("http-error", 401)
     assert caught.value.detail.startswith(f"message (turn_id {caught.value.turn_id!r}) answered")
+    with pytest.raises(ProtocolViolation) as caught:
+        await LayercodeTestClient(echo_app(), secret=SECRET).send({})  # no type: a 400
+    assert str(caught.value).startswith("http-error: answered 400: ")  # before: "error:  answered"
 
 
 def replying_app(content_type: bytes, body: bytes) -> Any:
@@ -660,10 +663,12 @@ async def test_a_connection_error_without_a_message_still_says_what_broke() -> N
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(reset)) as http:
         with pytest.raises(ProtocolViolation) as caught:
-            await send_turn(http, "http://backend/api/agent", message_event("x"), SECRET)
-    # Before: "ReadError: ", an empty explanation.
+            event = message_event("x", turn_id="t1")
+            await send_turn(http, "http://backend/api/agent", event, SECRET)
+    # Before: "ReadError: ", an empty explanation (and, until the turn was named, no turn id).
     assert caught.value.name == "connection-error"
-    assert caught.value.detail == "ReadError: the connection broke (no detail given)"
+    detail = "message (turn_id 't1'): ReadError: the connection broke (no detail given)"
+    assert caught.value.detail == detail
 
 
 @pytest.mark.anyio
@@ -741,11 +746,17 @@ async def test_connection_error_is_named() -> None:
         port = sock.getsockname()[1]
     client = LayercodeTestClient(base_url=f"http://127.0.0.1:{port}", secret=SECRET, timeout=5)
     # Before: post() let httpx.ConnectError through; the others dropped it as the cause.
-    for request in (lambda: client.message("x"), client.session_update, lambda: client.post("{}")):
+    requests = {
+        "message (turn_id 't1'): ": lambda: client.message("x", turn_id="t1"),
+        "session.update: ": client.session_update,
+        "": lambda: client.post("{}"),
+    }
+    for named, request in requests.items():
         with pytest.raises(ProtocolViolation) as caught:
             await request()
         assert caught.value.name == "connection-error"
-        assert caught.value.detail.startswith("ConnectError: ")
+        # Before: "ConnectError: …" for every event, naming neither the event nor its turn.
+        assert caught.value.detail.startswith(named + "ConnectError: "), caught.value.detail
         assert isinstance(caught.value.__cause__, httpx.ConnectError)
 
 
