@@ -257,6 +257,8 @@ class LayercodeTestClient:
                 raise ValueError(f"{name} must not be empty (None for a random one)")
         if base_url is not None:
             check_url("base_url", base_url)
+            if "?" in base_url or "#" in base_url:  # the path would be appended to it
+                raise ValueError("base_url must not hold a query or fragment (give it in path=)")
         check_headers("headers", headers or {}, client=True)
         check_type("signature_header", signature_header, str, "a str")
         check_headers("signature_header", {signature_header: ""}, client=True)

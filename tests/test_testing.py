@@ -779,6 +779,11 @@ def test_a_path_httpx_cannot_send_is_a_value_error() -> None:
         "http://[fe80::1%25eth0]",
     ):
         LayercodeTestClient(base_url=url, secret=SECRET)  # hosts a URL may hold
+    # Before: taken, the path appended to the query or fragment ('http://h:8000?k=1/api/agent'):
+    # every event went to '/', or to the base path.
+    for url in ("http://127.0.0.1:8000?k=1", "http://127.0.0.1:8000/pre/#f", "http://h/?"):
+        with pytest.raises(ValueError, match=r"^base_url must not hold a query or fragment"):
+            LayercodeTestClient(base_url=url, secret=SECRET)
 
 
 @pytest.mark.anyio
