@@ -17,7 +17,7 @@ import httpx
 from .config import Settings
 from .errors import ConfigurationError
 from .metrics import MemoryMetrics, TurnMetrics
-from .simulate import EXIT_OK, EXIT_VIOLATION, SimulationReport, run_simulation
+from .simulate import EXIT_OK, EXIT_VIOLATION, SimulationReport, check_sendable, run_simulation
 
 __all__ = ["DEMO_DATA", "DEMO_MESSAGES", "StartError", "run_demo"]
 
@@ -38,6 +38,8 @@ async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
     if args.verbose:
         setup_logging(verbose=True)
     secret = secrets.token_urlsafe(24)
+    messages = tuple(args.messages or DEMO_MESSAGES)
+    check_sendable(secret, messages, DEMO_DATA, None, None)  # before anything is served
     settings = Settings(
         env_file=None,
         environ={},
@@ -87,7 +89,7 @@ async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
                         report = await run_simulation(
                             url,
                             secret,
-                            args.messages or DEMO_MESSAGES,
+                            messages,
                             data=DEMO_DATA,
                             allow_errors=args.allow_errors,
                             # Its own server on 127.0.0.1: no proxy from the environment.

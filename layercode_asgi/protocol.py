@@ -19,7 +19,7 @@ import msgspec
 
 from ._asgi import check_headers
 from .errors import check_callable, check_positive_int, check_seconds, check_type
-from .jsonwire import decode_json, number_out_of_range
+from .jsonwire import check_json_value, decode_json, number_out_of_range
 from .kitclient import ReplyTooLarge, drained, noted_redirect, open_reply, raised_by_app, speaks_tls
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
 from .redaction import mask_url
@@ -118,7 +118,10 @@ class ProtocolViolation(Exception):
 
 
 def encode_event(event: Any) -> bytes:
-    """The compact JSON body of ``event`` (a dict, or a payload struct)."""
+    """The compact JSON body of ``event`` (a dict, or a payload struct); a value JSON cannot
+    carry as it is (a NaN, bytes, a set) is refused as the event factories refuse it."""
+    if not isinstance(event, msgspec.Struct):
+        check_json_value("event", event)  # not sent changed (a NaN as null, bytes as base64)
     return _encode(event)
 
 
@@ -185,11 +188,10 @@ class TurnChecker:
     def check(self, sse: SSEEvent) -> dict[str, Any]:
         check_type("sse", sse, SSEEvent, "an SSEEvent (from SSEParser.feed)")
         position = len(self.events) + 1
-        if position > self.max_events:
-            raise self.violation(
-                "too-large", f"more than {self.max_events} events in one turn (max_events)"
-            )
         at, data = f"event #{position}{self._of_turn}", sse.data[:80]
+        if position > self.max_events:
+            detail = f"more than {self.max_events} events in one turn ({at}, max_events)"
+            raise self.violation("too-large", detail)
         try:
             event = decode_json(sse.data)
         except _UNDECODABLE as exc:
@@ -346,7 +348,7 @@ async def exchange(
                 where["status_code"] = status = reply.status_code
                 if status not in ok:
                     prefix, more = await read_prefix(reply, _BODY_EXCERPT)
-                    answered = f"{answering(where)} answered {status}"
+                    answered = f"{answering(where)} answered {status}".lstrip()
                     location = reply.headers.get("location")
                     if 300 <= status < 400 and location:  # the signed body goes nowhere else
                         answered += f" (a redirect to {_brief(mask_url(location))}, not followed)"
@@ -400,6 +402,8 @@ def http_violation(
         detail = f"{answering(where)} no answer within {timeout:g} s ({exc!r})"
         return ProtocolViolation("timeout", detail.lstrip(), **where)
     detail = f"{type(exc).__name__}: {str(exc) or 'the connection broke (no detail given)'}"
+    if answering(where):
+        detail = f"{answering(where)}: {detail}"
     return ProtocolViolation("connection-error", detail, **where)
 
 
@@ -528,7 +532,7 @@ async def send_json_event(
         answer = decode_json(content) if content else None
     except _UNDECODABLE:
         why = _out_of_range(content) or "is not JSON"
-        detail = f"{answering(where)} reply {why}: {_excerpt(bytes(content))!r}"
+        detail = f"{answering(where)} reply {why}: {_excerpt(bytes(content))!r}".lstrip()
         raise ProtocolViolation("bad-json", detail, **where) from None
     return JSONResult(
         body=answer,

@@ -160,7 +160,7 @@ class _Printer:
             self.line(shown)
 
 
-def _check_sendable(secret: str, messages: Sequence[str], data: Any, *ids: str | None) -> None:
+def check_sendable(secret: str, messages: Sequence[str], data: Any, *ids: str | None) -> None:
     """A ConfigurationError naming what cannot be sent: text that is not UTF-8 (bytes of the
     command line, stdin or the environment that were not: a lone surrogate), data not JSON."""
     check_text("the webhook secret", secret)
@@ -233,7 +233,7 @@ async def run_simulation(
     object, is a :class:`~layercode_asgi.errors.ConfigurationError` before anything is sent.
     """
     messages = tuple(messages)  # checked, then sent: an iterator is read once
-    _check_sendable(secret, messages, data, conversation_id, session_id)
+    check_sendable(secret, messages, data, conversation_id, session_id)
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     printer = _Printer(out, err, quiet)

@@ -257,6 +257,8 @@ class LayercodeTestClient:
                 raise ValueError(f"{name} must not be empty (None for a random one)")
         if base_url is not None:
             check_url("base_url", base_url)
+            if "?" in base_url or "#" in base_url:  # the path would be appended to it
+                raise ValueError("base_url must not hold a query or fragment (give it in path=)")
         check_headers("headers", headers or {}, client=True)
         check_type("signature_header", signature_header, str, "a str")
         check_headers("signature_header", {signature_header: ""}, client=True)
@@ -396,9 +398,10 @@ class LayercodeTestClient:
         ``max_bytes``: ``too-large``; no connection: ``connection-error``.
         """
         check_headers("headers", headers or {}, client=True)
-        content = body.encode() if isinstance(body, str) else body
-        if not isinstance(content, bytes):
-            content = encode_event(content)
+        if isinstance(body, bytes | bytearray | memoryview):
+            content = bytes(body)  # raw bytes, as they are (msgspec sends others as base64)
+        else:
+            content = body.encode() if isinstance(body, str) else encode_event(body)
         kits = signed_headers(content, self.secret) if signed else {}
         request_headers = httpx.Headers({"content-type": "application/json", **kits})
         request_headers.update(self.headers)  # a name given replaces, whatever its case

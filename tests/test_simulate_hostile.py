@@ -457,15 +457,21 @@ def test_simulate_refuses_arguments_that_are_not_utf8_in_one_line(kind: str) -> 
     assert "whsec_" not in err
 
 
-def test_demo_refuses_a_message_that_is_not_utf8_in_one_line(
-    capsys: pytest.CaptureFixture[str],
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [(os.fsdecode(b"\xff"), "is not valid text"), ("", "must not be empty"), (" ", "or blank")],
+)
+def test_demo_refuses_a_message_it_cannot_send_before_serving(
+    capsys: pytest.CaptureFixture[str], message: str, error: str
 ) -> None:
     # Before: "cannot start: ExceptionGroup: unhandled errors in a TaskGroup", after uvicorn
     # logged the UnicodeEncodeError's traceback.
-    assert main(["demo", "hi", os.fsdecode(b"\xff")], environ={}) == 2
-    err = capsys.readouterr().err
+    assert main(["demo", "hi", message], environ={}) == 2
+    out, err = capsys.readouterr()
     assert "Traceback" not in err and err.count("\n") == 1
-    assert err.startswith("error: message 2 is not valid text"), err
+    assert err.startswith("error: message 2 ") and error in err, err
+    # Before: refused only once served ("demo: the echo agent is served on ..." on stdout).
+    assert out == ""
 
 
 def test_sign_refuses_a_secret_that_is_not_utf8(capsys: pytest.CaptureFixture[str]) -> None:

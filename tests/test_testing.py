@@ -428,6 +428,9 @@ async def test_client_raises_named_violations() -> None:
         await LayercodeTestClient(echo_app(), secret="wrong").message("x")
     assert (caught.value.name, caught.value.status_code) == ("http-error", 401)
     assert caught.value.detail.startswith(f"message (turn_id {caught.value.turn_id!r}) answered")
+    with pytest.raises(ProtocolViolation) as caught:
+        await LayercodeTestClient(echo_app(), secret=SECRET).send({})  # no type: a 400
+    assert str(caught.value).startswith("http-error: answered 400: ")  # before: "error:  answered"
 
 
 def replying_app(content_type: bytes, body: bytes) -> Any:
@@ -660,10 +663,12 @@ async def test_a_connection_error_without_a_message_still_says_what_broke() -> N
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(reset)) as http:
         with pytest.raises(ProtocolViolation) as caught:
-            await send_turn(http, "http://backend/api/agent", message_event("x"), SECRET)
-    # Before: "ReadError: ", an empty explanation.
+            event = message_event("x", turn_id="t1")
+            await send_turn(http, "http://backend/api/agent", event, SECRET)
+    # Before: "ReadError: ", an empty explanation (and, until the turn was named, no turn id).
     assert caught.value.name == "connection-error"
-    assert caught.value.detail == "ReadError: the connection broke (no detail given)"
+    detail = "message (turn_id 't1'): ReadError: the connection broke (no detail given)"
+    assert caught.value.detail == detail
 
 
 @pytest.mark.anyio
@@ -741,11 +746,17 @@ async def test_connection_error_is_named() -> None:
         port = sock.getsockname()[1]
     client = LayercodeTestClient(base_url=f"http://127.0.0.1:{port}", secret=SECRET, timeout=5)
     # Before: post() let httpx.ConnectError through; the others dropped it as the cause.
-    for request in (lambda: client.message("x"), client.session_update, lambda: client.post("{}")):
+    requests = {
+        "message (turn_id 't1'): ": lambda: client.message("x", turn_id="t1"),
+        "session.update: ": client.session_update,
+        "": lambda: client.post("{}"),
+    }
+    for named, request in requests.items():
         with pytest.raises(ProtocolViolation) as caught:
             await request()
         assert caught.value.name == "connection-error"
-        assert caught.value.detail.startswith("ConnectError: ")
+        # Before: "ConnectError: …" for every event, naming neither the event nor its turn.
+        assert caught.value.detail.startswith(named + "ConnectError: "), caught.value.detail
         assert isinstance(caught.value.__cause__, httpx.ConnectError)
 
 
@@ -768,6 +779,11 @@ def test_a_path_httpx_cannot_send_is_a_value_error() -> None:
         "http://[fe80::1%25eth0]",
     ):
         LayercodeTestClient(base_url=url, secret=SECRET)  # hosts a URL may hold
+    # Before: taken, the path appended to the query or fragment ('http://h:8000?k=1/api/agent'):
+    # every event went to '/', or to the base path.
+    for url in ("http://127.0.0.1:8000?k=1", "http://127.0.0.1:8000/pre/#f", "http://h/?"):
+        with pytest.raises(ValueError, match=r"^base_url must not hold a query or fragment"):
+            LayercodeTestClient(base_url=url, secret=SECRET)
 
 
 @pytest.mark.anyio
@@ -920,7 +936,29 @@ async def test_the_client_refuses_data_json_cannot_carry_before_sending() -> Non
         await client.data(float("nan"))  # before: sent as null, answered as if all was well
     with pytest.raises(TypeError, match=r"^data is object: JSON cannot carry it as it is"):
         await client.data(object())
+    # Before: an event made by hand (or a factory's, changed) was sent changed: a NaN as
+    # null, bytes as base64; post() too, and raw bytes in a bytearray became a base64 string.
+    event = {**session_update_event(), "x": float("nan")}
+    with pytest.raises(ValueError, match=r"^event\['x'\] is nan: JSON has no NaN"):
+        await client.send(event)
+    with pytest.raises(TypeError, match=r"^event\['b'\] is bytes: JSON cannot carry it"):
+        await client.post({"b": b"raw"})
     assert sent == []
+
+
+@pytest.mark.anyio
+async def test_post_sends_raw_bytes_of_any_bytes_like_type_as_they_are() -> None:
+    sent: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        sent.append(await read_body(receive))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    client = LayercodeTestClient(app, secret=SECRET)
+    for body in (b'{"a":1}', bytearray(b'{"a":1}'), memoryview(b'{"a":1}'), '{"a":1}'):
+        assert (await client.post(body)).status_code == 204
+    assert sent == [b'{"a":1}'] * 4  # before: a bytearray or memoryview as '"eyJhIjoxfQ=="'
 
 
 def test_signing_with_an_empty_secret_is_refused_as_the_client_refuses_it() -> None:

@@ -163,8 +163,10 @@ async def test_an_endless_stream_of_tiny_events_stops_at_the_bounds() -> None:
     with serve(endless_events_app()) as base:
         by_count = LayercodeTestClient(base_url=base, secret=SECRET, max_events=1000)
         with pytest.raises(ProtocolViolation) as info:
-            await by_count.message("hi")
+            await by_count.message("hi", turn_id="t1")
         assert info.value.name == "too-large" and "max_events" in info.value.detail
+        # Before: "more than 1000 events in one turn", naming no turn (max_bytes's did).
+        assert "event #1001 of turn_id 't1'" in str(info.value)
         by_size = LayercodeTestClient(base_url=base, secret=SECRET, max_bytes=MiB)
         with pytest.raises(ProtocolViolation) as info:
             await by_size.message("hi")
