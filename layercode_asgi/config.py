@@ -79,13 +79,15 @@ def _split_url(text: str, expected: str, shown: object) -> SplitResult:
 # -- converters: each accepts a string (from the environment) or a native value (kwargs) -----
 
 
-def _utf8(text: str) -> str:
-    """``text``, unless it holds a lone surrogate (environment bytes that are not UTF-8)."""
+def _utf8(text: str, *, url: bool = False) -> str:
+    """``text``, unless it holds a lone surrogate (environment bytes that are not UTF-8);
+    the error quotes a ``url`` masked."""
     if not text.isascii():
         try:
             text.encode()
         except UnicodeEncodeError:
-            _fail("UTF-8 text (the value holds bytes that are not UTF-8)", text)
+            shown = mask_url(text) if url else text
+            _fail("UTF-8 text (the value holds bytes that are not UTF-8)", shown)
     return text
 
 
@@ -192,7 +194,9 @@ def _str_list(value: object) -> tuple[str, ...]:
 
 
 def _http_url(value: object) -> str:
-    text = _non_empty_str(value) if isinstance(value, str) else _fail_type("an http(s) URL", value)
+    if not isinstance(value, str):  # (a blank one is the default, never converted)
+        _fail_type("an http(s) URL", value)
+    text = _utf8(value.strip(), url=True)
     parts = _split_url(text, "an http(s) URL", mask_url(text))
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         _fail("an http(s) URL", mask_url(text))
@@ -202,9 +206,10 @@ def _http_url(value: object) -> str:
 def _redis_url(value: object) -> str | None:
     if value is not None and not isinstance(value, str):
         _fail_type("a string", value)
-    text = _optional_str(value)
+    text = _optional_path(value)
     if text is None:
         return None
+    text = _utf8(text, url=True)
     expected = "a redis://, rediss:// or unix:// URL"
     hint = port_problem(text) or "a password's / ? # percent-encoded: %2F %3F %23"  # masked
     parts = _split_url(text, f"{expected} ({hint})", mask_url(text))
