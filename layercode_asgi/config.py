@@ -3,7 +3,7 @@
 Every setting is described once, in :data:`SETTINGS_FIELDS` (attribute name, environment
 variable, type, default, description, converter); that table drives parsing, masking and
 :func:`settings_table_markdown`. Every problem is collected into one :class:`SettingsError`,
-a line per variable: ``LAYERCODE_TURN_TIMEOUT: expected a number > 0, got 'abc'``.
+one line naming each variable: ``LAYERCODE_TURN_TIMEOUT: expected a number > 0, got 'abc'``.
 """
 
 from __future__ import annotations

@@ -303,7 +303,7 @@ def test_all_problems_reported_together() -> None:
         }
     )
     text = str(err)
-    assert text.startswith("3 invalid settings:")
+    assert text.startswith("3 invalid settings: ") and "\n" not in text  # one line
     assert len(err.problems) == 3
     for var in ("LAYERCODE_TURN_TIMEOUT", "LAYERCODE_MAX_BODY_SIZE", "REDIS_URL"):
         assert f"{var}: " in text
