@@ -123,7 +123,7 @@ def _non_empty_str(value: object) -> str:
 
 def _float_gt0(value: object) -> float:
     try:
-        if isinstance(value, str) and value.isascii():  # ASCII digits, as for integers
+        if isinstance(value, str) and value.strip().isascii():  # ASCII digits, as for integers
             number = float(value.strip())
         elif isinstance(value, int | float) and not isinstance(value, bool):
             number = float(value)

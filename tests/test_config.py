@@ -117,6 +117,11 @@ def test_values_are_stripped() -> None:
     s = make({"LAYERCODE_API_KEY": "  key \n", "LAYERCODE_TURN_TIMEOUT": " 2.5 "})
     assert s.layercode_api_key == "key"
     assert s.turn_timeout == 2.5
+    # Any white space around, as for every other setting (a duration refused it unless ASCII).
+    s = make(
+        {"LAYERCODE_TURN_TIMEOUT": "\u00a02.5\u2028", "LAYERCODE_MAX_BODY_SIZE": "\u00a07\u2028"}
+    )
+    assert (s.turn_timeout, s.max_body_size) == (2.5, 7)
 
 
 # -- conversions ------------------------------------------------------------------------------
