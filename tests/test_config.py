@@ -536,7 +536,11 @@ def test_an_env_file_that_is_not_a_path_is_refused_naming_it(env_file: Any) -> N
     assert str(info.value).startswith("env_file: expected a path (str or os.PathLike) or None, got")
 
 
-@pytest.mark.parametrize("environ", [123, ["LOG_LEVEL"], "LOG_LEVEL=debug"])
+@pytest.mark.parametrize(
+    "environ",
+    [123, ["LOG_LEVEL"], "LOG_LEVEL=debug", {b"LOG_LEVEL": b"debug"}, {1: "x"}],
+    ids=["int", "list", "str", "os.environb", "int key"],  # keys: before, re's TypeError
+)
 def test_an_environ_that_is_not_a_mapping_is_refused_naming_it(environ: Any) -> None:
     # Before: TypeError ("argument of type 'int' is not iterable", "string indices must be
     # integers"), a traceback from inside Settings.
