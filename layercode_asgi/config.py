@@ -430,12 +430,13 @@ def _reject_unknown(names: Iterable[str]) -> None:
 
 
 def _warn_unknown(names: Iterable[str], where: str) -> None:
-    """Warn of each ``LAYERCODE_*`` variable no setting reads: a misspelt one is ignored."""
+    """Warn of each ``LAYERCODE_*`` variable (in any case) no setting reads: a misspelt one
+    is ignored."""
     ours = [spec.env[10:] for spec in SETTINGS_FIELDS if spec.env.startswith("LAYERCODE_")]
     ours.append("ENV_FILE")  # the commands' and app_from_env's
     for name in names:
-        if re.fullmatch("LAYERCODE_[A-Z0-9_]+", name) and name[10:] not in ours:
-            close = difflib.get_close_matches(name[10:], ours, n=1)
+        if re.fullmatch("(?i)LAYERCODE_[A-Z0-9_]+", name) and name[10:] not in ours:
+            close = difflib.get_close_matches(name[10:].upper(), ours, n=1)
             hint = f" (did you mean LAYERCODE_{close[0]}?)" if close else ""
             logger.warning("%s (%s) is no setting: ignored%s", name, where, hint)
 

@@ -439,8 +439,11 @@ def test_a_misspelt_layercode_variable_is_reported(
 ) -> None:
     # Before: ignored without a word (the turn timeout stayed 30 s, the metrics off).
     path = tmp_path / "typo\x1b.env"  # a control character in its name: shown escaped
-    path.write_text("LAYERCODE_METRIC=true\nLAYERCODE_ENV_FILE=x\nOTHER_TOOL=1\n")
+    path.write_text(
+        "LAYERCODE_METRIC=true\nLAYERCODE_ENV_FILE=x\nOTHER_TOOL=1\nLayercode_Agent=x\n"
+    )
     environ = {"LAYERCODE_TURN_TIMOUT": "hunter2", "LAYERCODE_ZZZ": "1", "HOME": "/"}
+    environ["layercode_webhook_secret"] = "hunter2"  # in the wrong case: before, no word
     with caplog.at_level("WARNING", logger="layercode_asgi.config"):
         settings = Settings(env_file=path, environ=environ)
     assert (settings.turn_timeout, settings.metrics) == (30.0, False)
@@ -448,8 +451,12 @@ def test_a_misspelt_layercode_variable_is_reported(
         "LAYERCODE_TURN_TIMOUT (the environment) is no setting: ignored "
         "(did you mean LAYERCODE_TURN_TIMEOUT?)",
         "LAYERCODE_ZZZ (the environment) is no setting: ignored",
+        "layercode_webhook_secret (the environment) is no setting: ignored "
+        "(did you mean LAYERCODE_WEBHOOK_SECRET?)",
         f"LAYERCODE_METRIC ({tmp_path}/typo\\x1b.env) is no setting: ignored "
         "(did you mean LAYERCODE_METRICS?)",
+        f"Layercode_Agent ({tmp_path}/typo\\x1b.env) is no setting: ignored "
+        "(did you mean LAYERCODE_AGENT?)",
     ]
 
 
