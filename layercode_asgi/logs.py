@@ -413,8 +413,8 @@ def settings_secrets(settings: Settings) -> Iterable[str]:
         value = values[spec.name]
         if spec.secret and value:
             yield from value.split(",") if isinstance(value, str) else value
-        elif isinstance(value, str):
-            yield from url_secrets(value) if "://" in value else ()
+        elif isinstance(value, str) and "URL" in spec.type:  # not a text quoting a URL
+            yield from url_secrets(value)
     yield from (value for name, value in os.environ.items() if name.upper().endswith("API_KEY"))
 
 
