@@ -206,10 +206,9 @@ def _http_url(value: object) -> str:
 def _redis_url(value: object) -> str | None:
     if value is not None and not isinstance(value, str):
         _fail_type("a string", value)
-    text = _optional_path(value)
-    if text is None:
+    text = _utf8((value or "").strip(), url=True)
+    if not text:
         return None
-    text = _utf8(text, url=True)
     expected = "a redis://, rediss:// or unix:// URL"
     hint = port_problem(text) or "a password's / ? # percent-encoded: %2F %3F %23"  # masked
     parts = _split_url(text, f"{expected} ({hint})", mask_url(text))
