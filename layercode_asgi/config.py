@@ -3,7 +3,7 @@
 Every setting is described once, in :data:`SETTINGS_FIELDS` (attribute name, environment
 variable, type, default, description, converter); that table drives parsing, masking and
 :func:`settings_table_markdown`. Every problem is collected into one :class:`SettingsError`,
-a line per variable: ``LAYERCODE_TURN_TIMEOUT: expected a number > 0, got 'abc'``.
+one line naming each variable: ``LAYERCODE_TURN_TIMEOUT: expected a number > 0, got 'abc'``.
 """
 
 from __future__ import annotations
@@ -79,13 +79,15 @@ def _split_url(text: str, expected: str, shown: object) -> SplitResult:
 # -- converters: each accepts a string (from the environment) or a native value (kwargs) -----
 
 
-def _utf8(text: str) -> str:
-    """``text``, unless it holds a lone surrogate (environment bytes that are not UTF-8)."""
+def _utf8(text: str, *, url: bool = False) -> str:
+    """``text``, unless it holds a lone surrogate (environment bytes that are not UTF-8);
+    the error quotes a ``url`` masked."""
     if not text.isascii():
         try:
             text.encode()
         except UnicodeEncodeError:
-            _fail("UTF-8 text (the value holds bytes that are not UTF-8)", text)
+            shown = mask_url(text) if url else text
+            _fail("UTF-8 text (the value holds bytes that are not UTF-8)", shown)
     return text
 
 
@@ -121,7 +123,7 @@ def _non_empty_str(value: object) -> str:
 
 def _float_gt0(value: object) -> float:
     try:
-        if isinstance(value, str) and value.isascii():  # ASCII digits, as for integers
+        if isinstance(value, str) and value.strip().isascii():  # ASCII digits, as for integers
             number = float(value.strip())
         elif isinstance(value, int | float) and not isinstance(value, bool):
             number = float(value)
@@ -192,7 +194,9 @@ def _str_list(value: object) -> tuple[str, ...]:
 
 
 def _http_url(value: object) -> str:
-    text = _non_empty_str(value) if isinstance(value, str) else _fail_type("an http(s) URL", value)
+    if not isinstance(value, str):  # (a blank one is the default, never converted)
+        _fail_type("an http(s) URL", value)
+    text = _utf8(value.strip(), url=True)
     parts = _split_url(text, "an http(s) URL", mask_url(text))
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         _fail("an http(s) URL", mask_url(text))
@@ -202,8 +206,8 @@ def _http_url(value: object) -> str:
 def _redis_url(value: object) -> str | None:
     if value is not None and not isinstance(value, str):
         _fail_type("a string", value)
-    text = _optional_str(value)
-    if text is None:
+    text = _utf8((value or "").strip(), url=True)
+    if not text:
         return None
     expected = "a redis://, rediss:// or unix:// URL"
     hint = port_problem(text) or "a password's / ? # percent-encoded: %2F %3F %23"  # masked
@@ -425,12 +429,13 @@ def _reject_unknown(names: Iterable[str]) -> None:
 
 
 def _warn_unknown(names: Iterable[str], where: str) -> None:
-    """Warn of each ``LAYERCODE_*`` variable no setting reads: a misspelt one is ignored."""
+    """Warn of each ``LAYERCODE_*`` variable (in any case) no setting reads: a misspelt one
+    is ignored."""
     ours = [spec.env[10:] for spec in SETTINGS_FIELDS if spec.env.startswith("LAYERCODE_")]
     ours.append("ENV_FILE")  # the commands' and app_from_env's
     for name in names:
-        if re.fullmatch("LAYERCODE_[A-Z0-9_]+", name) and name[10:] not in ours:
-            close = difflib.get_close_matches(name[10:], ours, n=1)
+        if re.fullmatch("(?i)LAYERCODE_[A-Z0-9_]+", name) and name[10:] not in ours:
+            close = difflib.get_close_matches(name[10:].upper(), ours, n=1)
             hint = f" (did you mean LAYERCODE_{close[0]}?)" if close else ""
             logger.warning("%s (%s) is no setting: ignored%s", name, where, hint)
 

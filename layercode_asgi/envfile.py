@@ -145,10 +145,15 @@ def settings_sources(
 ) -> tuple[Mapping[str, str], dict[str, str]]:
     """What ``Settings`` reads: ``environ`` (default ``os.environ``) and the values of
     ``env_file`` (none for ``None``); a :class:`SettingsError` naming either argument when
-    it is not a mapping, a path."""
-    if environ is not None and not isinstance(environ, Mapping):
+    it is not a mapping (with ``str`` keys), a path."""
+    if environ is not None:
         kind = type(environ).__name__
-        raise SettingsError([f"environ: expected a mapping such as os.environ, got {kind}"])
+        if isinstance(environ, Mapping):  # os.environb: its keys are bytes
+            kind = next(
+                (f"a {type(k).__name__} key" for k in environ if not isinstance(k, str)), ""
+            )
+        if kind:
+            raise SettingsError([f"environ: expected a mapping such as os.environ, got {kind}"])
     if env_file is not None and not isinstance(env_file, str | os.PathLike):
         kind = type(env_file).__name__
         raise SettingsError([f"env_file: expected a path (str or os.PathLike) or None, got {kind}"])

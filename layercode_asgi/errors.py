@@ -73,7 +73,8 @@ class ResponseError(LayercodeError):
 
 
 class SettingsError(ConfigurationError):
-    """One or more settings are invalid; ``problems`` lists each one (``"VAR: what"``)."""
+    """One or more settings are invalid; ``problems`` lists each one (``"VAR: what"``), and
+    the message is one line (``"2 invalid settings: VAR: what; VAR2: what"``)."""
 
     def __init__(self, problems: Iterable[str]) -> None:
         self.problems = check_strs("problems", problems, "an iterable of str")
@@ -82,8 +83,7 @@ class SettingsError(ConfigurationError):
         if len(self.problems) == 1:
             message = self.problems[0]
         else:
-            lines = "\n".join(f"  - {problem}" for problem in self.problems)
-            message = f"{len(self.problems)} invalid settings:\n{lines}"
+            message = f"{len(self.problems)} invalid settings: {'; '.join(self.problems)}"
         super().__init__(message)
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -413,8 +413,8 @@ def settings_secrets(settings: Settings) -> Iterable[str]:
         value = values[spec.name]
         if spec.secret and value:
             yield from value.split(",") if isinstance(value, str) else value
-        elif isinstance(value, str):
-            yield from url_secrets(value) if "://" in value else ()
+        elif isinstance(value, str) and "URL" in spec.type:  # not a text quoting a URL
+            yield from url_secrets(value)
     yield from (value for name, value in os.environ.items() if name.upper().endswith("API_KEY"))
 
 
@@ -433,6 +433,7 @@ def cut_log_value(text: str, max_chars: int = LOG_VALUE_MAX_CHARS) -> str:
     masked (:func:`mask_secrets`) before it is cut."""
     if len(text) <= max_chars:
         return text
+    check_positive_int(max_chars, "max_chars", zero=True)
     text = mask_secrets(text)  # first: a secret across the cut would leave its prefix
     if len(text) <= max_chars:
         return text
@@ -463,7 +464,7 @@ def escape_log_value(value: object, max_chars: int | None = LOG_VALUE_MAX_CHARS)
     ``bytes`` are read as UTF-8 (undecodable bytes come out as ``\\udcXX``); any other
     object as ``str(value)`` (``<unprintable TYPE>`` if that raises). Text longer than
     ``max_chars`` has its secrets masked (:func:`mask_secrets`), then is cut there and
-    ends with ``…(+N chars)``; ``None`` keeps everything.
+    ends with ``…(+N chars)``; ``None`` keeps everything, a negative one raises ``ValueError``.
     """
     if isinstance(value, str):
         text = value

@@ -198,6 +198,11 @@ def test_serve_configuration_errors_exit_2_without_traceback(
     (tmp_path / "other.env").write_text("LAYERCODE_TURN_TIMEOUT=soon\n")
     assert run("serve", "--dev", "--env-file", "other.env") == 2
     assert "LAYERCODE_TURN_TIMEOUT: expected a number > 0" in capsys.readouterr().err
+    (tmp_path / "two.env").write_text("LAYERCODE_TURN_TIMEOUT=soon\nLAYERCODE_MAX_BODY_SIZE=-1\n")
+    assert run("serve", "--dev", "--env-file", "two.env") == 2
+    err = capsys.readouterr().err  # one line, naming both
+    assert err.startswith("error: 2 invalid settings: ") and err.count("\n") == 1, err
+    assert "LAYERCODE_TURN_TIMEOUT: " in err and "; LAYERCODE_MAX_BODY_SIZE: " in err
 
     environ = {"LAYERCODE_WEBHOOK_SECRET": SECRET}
     assert run("serve", "--env-file", "", "--agent", "no_such_agent", environ=environ) == 2

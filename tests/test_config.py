@@ -117,6 +117,11 @@ def test_values_are_stripped() -> None:
     s = make({"LAYERCODE_API_KEY": "  key \n", "LAYERCODE_TURN_TIMEOUT": " 2.5 "})
     assert s.layercode_api_key == "key"
     assert s.turn_timeout == 2.5
+    # Any white space around, as for every other setting (a duration refused it unless ASCII).
+    s = make(
+        {"LAYERCODE_TURN_TIMEOUT": "\u00a02.5\u2028", "LAYERCODE_MAX_BODY_SIZE": "\u00a07\u2028"}
+    )
+    assert (s.turn_timeout, s.max_body_size) == (2.5, 7)
 
 
 # -- conversions ------------------------------------------------------------------------------
@@ -303,7 +308,7 @@ def test_all_problems_reported_together() -> None:
         }
     )
     text = str(err)
-    assert text.startswith("3 invalid settings:")
+    assert text.startswith("3 invalid settings: ") and "\n" not in text  # one line
     assert len(err.problems) == 3
     for var in ("LAYERCODE_TURN_TIMEOUT", "LAYERCODE_MAX_BODY_SIZE", "REDIS_URL"):
         assert f"{var}: " in text
@@ -434,8 +439,11 @@ def test_a_misspelt_layercode_variable_is_reported(
 ) -> None:
     # Before: ignored without a word (the turn timeout stayed 30 s, the metrics off).
     path = tmp_path / "typo\x1b.env"  # a control character in its name: shown escaped
-    path.write_text("LAYERCODE_METRIC=true\nLAYERCODE_ENV_FILE=x\nOTHER_TOOL=1\n")
+    path.write_text(
+        "LAYERCODE_METRIC=true\nLAYERCODE_ENV_FILE=x\nOTHER_TOOL=1\nLayercode_Agent=x\n"
+    )
     environ = {"LAYERCODE_TURN_TIMOUT": "hunter2", "LAYERCODE_ZZZ": "1", "HOME": "/"}
+    environ["layercode_webhook_secret"] = "hunter2"  # in the wrong case: before, no word
     with caplog.at_level("WARNING", logger="layercode_asgi.config"):
         settings = Settings(env_file=path, environ=environ)
     assert (settings.turn_timeout, settings.metrics) == (30.0, False)
@@ -443,8 +451,12 @@ def test_a_misspelt_layercode_variable_is_reported(
         "LAYERCODE_TURN_TIMOUT (the environment) is no setting: ignored "
         "(did you mean LAYERCODE_TURN_TIMEOUT?)",
         "LAYERCODE_ZZZ (the environment) is no setting: ignored",
+        "layercode_webhook_secret (the environment) is no setting: ignored "
+        "(did you mean LAYERCODE_WEBHOOK_SECRET?)",
         f"LAYERCODE_METRIC ({tmp_path}/typo\\x1b.env) is no setting: ignored "
         "(did you mean LAYERCODE_METRICS?)",
+        f"Layercode_Agent ({tmp_path}/typo\\x1b.env) is no setting: ignored "
+        "(did you mean LAYERCODE_AGENT?)",
     ]
 
 
@@ -531,7 +543,11 @@ def test_an_env_file_that_is_not_a_path_is_refused_naming_it(env_file: Any) -> N
     assert str(info.value).startswith("env_file: expected a path (str or os.PathLike) or None, got")
 
 
-@pytest.mark.parametrize("environ", [123, ["LOG_LEVEL"], "LOG_LEVEL=debug"])
+@pytest.mark.parametrize(
+    "environ",
+    [123, ["LOG_LEVEL"], "LOG_LEVEL=debug", {b"LOG_LEVEL": b"debug"}, {1: "x"}],
+    ids=["int", "list", "str", "os.environb", "int key"],  # keys: before, re's TypeError
+)
 def test_an_environ_that_is_not_a_mapping_is_refused_naming_it(environ: Any) -> None:
     # Before: TypeError ("argument of type 'int' is not iterable", "string indices must be
     # integers"), a traceback from inside Settings.

@@ -124,6 +124,18 @@ def test_a_secret_in_arguments_extra_fields_or_a_traceback_is_masked(log_format:
         assert (first["token"], first["n"]) == ("***", 1)
 
 
+def test_a_url_quoted_by_a_text_setting_masks_no_word_of_it() -> None:
+    # Before: a system prompt quoting a URL had its query values and its "fragment" (the rest
+    # of the prompt) masked in every line as if they were a password ("?topic=conversation"
+    # made "not ready: conversation store unavailable" read "not ready: *** store ...").
+    prompt = "Be brief. Help: https://example.com/?topic=zebracrossing#penguin-parade etc"
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    create_app(settings.replace(system_prompt=prompt, turn_timeout_message=prompt))
+    with logged("text") as stream:
+        logging.getLogger("layercode_asgi.test").warning("zebracrossing penguin-parade etc")
+    assert "zebracrossing penguin-parade etc" in stream.getvalue()
+
+
 MY_APP = """
 from layercode_asgi import Settings, create_app, setup_logging
 from layercode_asgi.logs import (

@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from layercode_asgi.logs import LOGGER_NAME, JsonFormatter, log_webhook, setup_logging
+from layercode_asgi.logs import (
+    LOGGER_NAME,
+    JsonFormatter,
+    escape_log_value,
+    log_webhook,
+    setup_logging,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -128,6 +134,15 @@ def test_log_webhook_levels_and_escaping(caplog: pytest.LogCaptureFixture) -> No
     renamed: Any = second
     assert renamed.extra_name == "reserved"  # LogRecord attributes are never overwritten
     assert second.name == "layercode_asgi.webhook"
+
+
+def test_escape_log_value_cuts_at_max_chars_and_refuses_a_negative_one() -> None:
+    assert escape_log_value("abcdefgh", 3) == "abc…(+5 chars)"
+    assert escape_log_value("abcdefgh", 0) == "…(+8 chars)"
+    assert escape_log_value("abcdefgh", None) == escape_log_value("abcdefgh", 8) == "abcdefgh"
+    # Before: max_chars=-1 gave "abcdefg…(+9 chars)", counting more characters than there are.
+    with pytest.raises(ValueError, match="max_chars must be an integer >= 0, got -1"):
+        escape_log_value("abcdefgh", -1)
 
 
 def test_log_webhook_fields_are_cut_for_every_handler(caplog: pytest.LogCaptureFixture) -> None:

@@ -96,6 +96,24 @@ def test_settings_repr_and_errors_hide_a_password_with_a_slash() -> None:
     assert "Zq8" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("variable", "url"),
+    [
+        ("REDIS_URL", "redis://default:Zq8Hk2\udce9@h:1/0"),  # a Latin-1 byte in the password
+        ("REDIS_URL", "redis://default:Zq8Hk2@h\udce9:1/0"),
+        ("LAYERCODE_API_URL", "https://u:Zq8Hk2@host/\udce9"),
+        ("OPENAI_BASE_URL", "https://u:Zq8Hk2\udce9@host/v1"),
+    ],
+)
+def test_a_url_holding_bytes_that_are_not_utf8_is_quoted_masked(variable: str, url: str) -> None:
+    """os.environ holds such a byte as a lone surrogate: the error quotes the URL masked."""
+    for source in ({"environ": {variable: url}}, {variable.lower(): url}):
+        with pytest.raises(ConfigurationError) as info:
+            Settings(env_file=None, **{"environ": {}, **source})
+        assert "Zq8" not in str(info.value) and "not UTF-8" in str(info.value)
+        assert ":***@" in str(info.value)
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("password", ["Zq8/Hk2+pW9", "Zq8#Hk2", "Zq8?Hk2", "Zq8Hk2"])
 async def test_redis_store_errors_hide_the_password(password: str) -> None:
