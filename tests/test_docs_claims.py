@@ -38,7 +38,15 @@ from layercode_asgi import (
 from layercode_asgi.cli import main
 from layercode_asgi.testing import LayercodeTestClient
 
-from .conftest import PYTHON, SECRET, event_body, serve, signed_headers, start_server_process
+from .conftest import (
+    PYTHON,
+    ROOT,
+    SECRET,
+    event_body,
+    serve,
+    signed_headers,
+    start_server_process,
+)
 from .redis_fixtures import running_redis
 
 
@@ -382,3 +390,106 @@ async def test_the_test_clients_headers_go_with_every_request() -> None:
             answer = await client.post({"type": "session.update"}, headers={"X-One": "1"})
     assert answer.status_code == 200
     assert seen == [("message", "t1", None), ("data", "t1", None), ("session.update", "t1", "1")]
+
+
+# -- docs/agent-contract.md, docs/history.md: names the pages quote, where they live ----------
+
+
+@pytest.mark.parametrize(
+    ("page", "quoted", "module", "name"),
+    [
+        ("agent-contract.md", "`layercode_asgi.agents.InvalidAgentError`", "agents",
+         "InvalidAgentError"),
+        ("history.md", "`layercode_asgi.conversation.check_conversation_id`", "conversation",
+         "check_conversation_id"),
+    ],
+)  # fmt: skip
+def test_a_name_the_page_quotes_outside_the_package_root_says_its_module(
+    page: str, quoted: str, module: str, name: str
+) -> None:
+    """agent-contract.md named `InvalidAgentError` and history.md `check_conversation_id`
+    bare, while `from layercode_asgi import ...` finds neither: the page names the module."""
+    import importlib
+
+    import layercode_asgi
+
+    assert not hasattr(layercode_asgi, name)
+    text = " ".join((ROOT / "docs" / page).read_text().split())
+    assert quoted in text
+    assert getattr(importlib.import_module(f"layercode_asgi.{module}"), name)
+
+
+def test_an_agent_that_cannot_work_is_an_invalid_agent_error_and_a_plain_function_fails_its_turn() -> (
+    None
+):
+    """agent-contract.md: refused when the app is built (`InvalidAgentError`, a
+    `ConfigurationError`); "a plain function ... returning a `str` fails each turn with
+    `agent error`" (it may return an async iterable: only the call tells)."""
+    from layercode_asgi.agents import InvalidAgentError
+
+    def plain_generator(event: Any) -> Any:
+        yield "Hi"
+
+    with pytest.raises(InvalidAgentError) as refused:
+        create_app(_settings(), plain_generator)
+    assert isinstance(refused.value, ConfigurationError)
+
+    def plain(event: Any) -> str:
+        return "Hi"
+
+    async def turn() -> Any:
+        async with LayercodeTestClient(create_app(_settings(), plain), secret=SECRET) as client:
+            return await client.message("hello")
+
+    result = anyio.run(turn)
+    assert [e["type"] for e in result.events] == ["response.error", "response.end"]
+    assert result.errors[0]["error"] == "agent error"
+    text = " ".join((ROOT / "docs" / "agent-contract.md").read_text().split())
+    assert "a plain function returning a `str` fails each turn with `agent error`" in text
+
+
+# -- docs/events.md, docs/security.md: what a bad body gets ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        (b'{"type":"data","session_id":"s","conversation_id":"c","data":1', "$"),
+        (b'{"type":"data","session_id":"s","conversation_id":"c","data":"\xff"}', "$"),
+        (b'{"type":"data","session_id":"s","conversation_id":"c","data":{},"turn_id":5}',
+         "$.turn_id"),
+    ],
+    ids=["not-json", "not-utf8-in-a-read-field", "mistyped"],
+)  # fmt: skip
+def test_a_bad_body_is_a_400_with_error_and_path(body: bytes, path: str) -> None:
+    """events.md: `InvalidPayloadError`'s `path` names the field, "`$` for bytes that are not
+    JSON, or not UTF-8 in a field it reads"; security.md: errors are JSON `{"error": …}`,
+    "a malformed body's 400 adds its `path`"."""
+    with serve(create_app(_settings())) as url:
+        answer = httpx.post(f"{url}/api/agent", content=body, headers=signed_headers(body))
+    assert answer.status_code == 400
+    assert set(answer.json()) == {"error", "path"} and answer.json()["path"] == path
+    for page, words in (
+        ("events.md", "`$` for bytes that are not JSON, or not UTF-8 in a field it reads"),
+        ("security.md", "a malformed body's 400 adds its `path`"),
+    ):
+        assert words in " ".join((ROOT / "docs" / page).read_text().split()), page
+
+
+def test_the_decoder_leaves_the_conversation_id_bound_to_the_servers_and_stores() -> None:
+    """events.md: `parse_webhook_payload` does not bound `conversation_id`; "the servers and
+    the stores refuse one over 512 characters" (400 on every event of a known type, as
+    security.md says; an unknown type is ignored: 200)."""
+    from layercode_asgi import parse_webhook_payload
+
+    long_id = "c" * 513
+    assert parse_webhook_payload(event_body(conversation_id=long_id)).conversation_id == long_id
+    text = " ".join((ROOT / "docs" / "events.md").read_text().split())
+    assert "the servers and the stores refuse one over 512 characters" in text
+    security = " ".join((ROOT / "docs" / "security.md").read_text().split())
+    assert "(a longer one: 400 on every event of a known type)" in security
+    with serve(create_app(_settings())) as url, httpx.Client(base_url=url, timeout=10) as client:
+        for kind in ("message", "data", "session.end", "call.transferred"):
+            body = event_body(kind, conversation_id=long_id)
+            answer = client.post("/api/agent", content=body, headers=signed_headers(body))
+            assert answer.status_code == (200 if kind == "call.transferred" else 400), kind
