@@ -28,7 +28,9 @@ What runs, and how
   ``export`` lines carry over to the following lines and blocks. A server command
   (``layercode-asgi serve``, ``python layercode-asgi/examples/...``, ``uvicorn``...) is
   started in the background; the runner waits until its port (``--port N``,
-  ``--bind HOST:N``, ``PORT=N``, else 8000) accepts connections, holds the same signed
+  ``--bind HOST:N``, ``PORT=N``, else 8000; a port the command names is served on a free one, and
+  every later command naming it is pointed there, since CI runs sessions side by side)
+  accepts connections, holds the same signed
   conversation with it once the block is done, and stops it when the file is done (later
   blocks may talk to it, as a reader's terminal would). ``pip install`` lines run as
   ``pip install --dry-run --no-deps``: checked against the local checkout, nothing installed. Every command is bounded in time.
@@ -53,7 +55,7 @@ from typing import Any
 
 import anyio
 
-from .conftest import ServerProcess, serve, start_server_process
+from .conftest import ServerProcess, free_port, serve, start_server_process
 
 ROOT = Path(__file__).resolve().parent.parent
 EXEMPT = re.compile(r"\A\*Not run by the tests: (?P<reason>.+?)\.?\*\Z")
@@ -65,6 +67,8 @@ SERVER = re.compile(
     r"|uvicorn |hypercorn |granian )"
 )
 ASSIGNMENT = re.compile(r"\A[A-Za-z_]\w*=", re.DOTALL)
+#: Where a command names a server's port: each documented port is served on a free one.
+PORT_WORDS = re.compile(r"(--port[ =]|--bind[ =]\S*:|\bPORT=|//(?:127\.0\.0\.1|localhost):)(\d+)\b")
 PYTHON_LANGS = {"python", "py", "python3"}
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 LINKED = ("examples", "scripts", "benchmarks")
@@ -176,6 +180,7 @@ class _Runner:
         self.report = Report()
         self.env: dict[str, str] = {}  # carried assignments / exports
         self.servers: list[ServerProcess] = []
+        self.ports: dict[str, str] = {}  # a documented port: the free one that serves it
         self.named_modules: list[str] = []
         workdir.mkdir(parents=True, exist_ok=True)
         for name in LINKED:
@@ -301,6 +306,10 @@ class _Runner:
             if assignment is not None:
                 self.env[assignment[0]] = assignment[1]
                 continue
+            if SERVER.match(command):
+                for documented in PORT_WORDS.finditer(command):
+                    self.ports.setdefault(documented[2], str(free_port()))
+            command = PORT_WORDS.sub(lambda m: m[1] + self.ports.get(m[2], m[2]), command)
             if SERVER.match(command):
                 port, inline = self._start_server(block, command)
                 started.append((port, command, inline))

@@ -310,3 +310,24 @@ def test_the_runner_serves_an_app_block_and_a_server_command(tmp_path: Path) -> 
     assert len(report.ran) == 2
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0  # the server was stopped
+
+
+def test_the_runner_serves_a_documented_port_on_a_free_one(tmp_path: Path) -> None:
+    """A page's server ports are fixed (`--port 8000`), and CI runs three sessions side by
+    side: one page's server found the port of another session's taken ("already in use").
+    Each documented port is now served on a free one, in every command of the page."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        documented = busy.getsockname()[1]  # as if another session served the page now
+        page = tmp_path / "page.md"
+        page.write_text(
+            "```bash\n"
+            "export LAYERCODE_WEBHOOK_SECRET=whsec_page\n"
+            f"layercode-asgi serve --port {documented}\n"
+            f"curl -fsS http://127.0.0.1:{documented}/health\n"
+            "```\n"
+        )
+        report = run_markdown_file(page, tmp_path / "work")
+    assert len(report.ran) == 1
+    assert '"status":"healthy"' in report.outputs[1][0]  # the curl reached the server
