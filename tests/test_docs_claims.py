@@ -493,3 +493,19 @@ def test_the_decoder_leaves_the_conversation_id_bound_to_the_servers_and_stores(
             body = event_body(kind, conversation_id=long_id)
             answer = client.post("/api/agent", content=body, headers=signed_headers(body))
             assert answer.status_code == (200 if kind == "call.transferred" else 400), kind
+
+
+@pytest.mark.anyio
+async def test_an_empty_str_sends_nothing_and_a_keyword_only_ctx_gets_the_context() -> None:
+    """agent-contract.md: "Each `str` it yields is spoken (...; an empty one sends nothing)";
+    a second parameter, "or a keyword-only `context` or `ctx`", receives the `TurnContext`;
+    "any other keyword-only parameter needs a default, and is left to it"."""
+
+    async def agent(event: Any, *, ctx: Any, tone: str = "plain") -> AsyncIterator[str]:
+        yield ""
+        yield f"{tone} {ctx.text}"
+
+    async with LayercodeTestClient(create_app(_settings(), agent), secret=SECRET) as client:
+        turn = await client.message("hello")
+    assert [e["type"] for e in turn.events] == ["response.tts", "response.end"]
+    assert turn.tts == ["plain hello"]
