@@ -66,7 +66,13 @@ def openai_agent(
             "the openai agent needs the OpenAI SDK: pip install './layercode-asgi[openai]'"
         ) from None
     from .adapters import PhraseChunker
-    from .adapters.voice import answer_error, mask_key, reraise, warn_cut_short
+    from .adapters.voice import (
+        answer_error,
+        log_stopped_retry,
+        mask_key,
+        reraise,
+        warn_cut_short,
+    )
 
     mask_key(api_key)
 
@@ -106,6 +112,9 @@ def openai_agent(
                         finish = choice.finish_reason or finish
         except Exception as exc:  # logged by the turn: the key masked in the provider's answer
             reraise(exc, model)
+        except BaseException as exc:  # the turn stopped: waiting to retry a refusal?
+            log_stopped_retry(exc, model, context)
+            raise
         if finish is None:  # a stream cut short (by a proxy, a provider) is not an answer
             raise answer_error("ended before its finish_reason", model)
         if not spoke:  # empty, blank, a tool call: the caller would hear nothing

@@ -106,6 +106,31 @@ async def test_rate_limits_and_server_errors_are_retried_a_bounded_number_of_tim
     assert f"HTTP {status}" in caplog.text
 
 
+#: LangGraph and the Agents SDK wait out the retry in tasks of their own, and tell no one.
+WAITS_IN_OUR_TASK = [name for name in BUILDERS if name not in ("langgraph-agent", "openai-agents")]
+
+
+@pytest.mark.slow  # paced by the turn timeout
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", WAITS_IN_OUR_TASK)
+async def test_a_turn_timing_out_while_the_sdk_waits_out_a_retry_after_names_the_429(
+    name: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a 429 whose ``Retry-After`` outlasts the turn left only ``turn timed out``
+    in our log (the SDK was sleeping before its retry): not the 429, nor the model."""
+    fake.push(Script(status=429, body=REFUSAL, headers=[("retry-after", "20")]))
+    with caplog.at_level(logging.WARNING, logger="layercode_asgi"):
+        turn = await turn_of(name, turn_timeout=1.0)
+    assert turn.errors[0]["error"] == "turn timed out"
+    assert len(fake.requests) == 1  # the retry never came
+    waits = [r for r in caplog.records if "HTTP 429" in r.getMessage()]
+    assert len(waits) == 1
+    assert waits[0].name.startswith("layercode_asgi") and waits[0].levelname == "WARNING"
+    assert "(model=gpt-5-nano)" in waits[0].getMessage()
+    assert "Retry-After: 20" in waits[0].getMessage()
+    assert KEY not in caplog.text
+
+
 @pytest.mark.anyio
 async def test_a_base_url_with_credentials_and_a_slash_is_used_and_masked_in_the_log(
     fake: FakeOpenAI, caplog: pytest.LogCaptureFixture

@@ -31,6 +31,7 @@ from .voice import (
     Piece,
     ToolCall,
     answer_error,
+    log_stopped_retry,
     note_model,
     require_extra,
     require_object,
@@ -250,6 +251,9 @@ def from_langchain(
             model = (kwargs.get("metadata") or {}).get("ls_model_name")
             self.model = model if isinstance(model, str) else None
             note_model(self.model)
+
+        def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
+            log_stopped_retry(error, self.model)  # stopped while waiting to retry a refusal?
 
         def on_llm_end(self, response: Any, **kwargs: Any) -> None:
             for cut, reason in _ends(response):

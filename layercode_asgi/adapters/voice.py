@@ -64,6 +64,7 @@ __all__ = [
     "answer_error",
     "current_turn",
     "hang_up",
+    "log_stopped_retry",
     "mask_key",
     "model_api_error",
     "note_model",
@@ -184,11 +185,7 @@ def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIErr
     agents'."""
     if isinstance(exc, ModelAPIError):
         return None
-    chain: list[BaseException] = []
-    link: BaseException | None = exc
-    while link is not None and len(chain) < 8:
-        chain.append(link)
-        link = link.__cause__ or link.__context__
+    chain = _chain(exc)
     answered = next((e for e in chain if isinstance(getattr(e, "status_code", None), int)), None)
     loaded = (getattr(sys.modules.get(module), name, None) for module, name in _PROVIDER_FAILURES)
     failures = tuple(kind for kind in loaded if isinstance(kind, type))
@@ -205,6 +202,48 @@ def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIErr
     what = "failed" if answered is None else f"answered HTTP {status}"
     message = f"the model API {what}{_asked(model)}: {escape_log_value(message)}"
     return ModelAPIError(message, type(failed))
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from, or while handling (at most 8)."""
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and len(chain) < 8:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    return chain
+
+
+def log_stopped_retry(
+    exc: BaseException, model: str | None = None, context: TurnContext | None = None
+) -> None:
+    """Log the WARNING ``the model API answered HTTP STATUS (model=…), Retry-After: …: the
+    turn stopped while the SDK waited to retry`` when ``exc`` (the turn's cancellation: its
+    timeout, a disconnect) was raised while the SDK waited to retry a provider's HTTP
+    error (a 429 with a long ``Retry-After``, a 5xx); else nothing. In an adapter's turn,
+    ``model`` and ``context`` default to the turn's."""
+    if isinstance(exc, Exception):  # a failure, not the turn stopping
+        return
+    actions = _ACTIONS.get()
+    if actions is not None:
+        model, context = model or actions.model, context or actions.context
+    for link in _chain(exc)[1:]:
+        response = getattr(link, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            after = getattr(response, "headers", {}).get("retry-after")
+            waited = "" if after is None else f", Retry-After: {escape_log_value(after)}"
+            ids = {} if context is None else {"conversation_id": context.conversation_id}
+            ids |= {} if context is None else {"turn_id": context.turn_id}
+            logger.warning(
+                "the model API answered HTTP %s%s%s: the turn stopped while the SDK waited "
+                "to retry",
+                status,
+                _asked(model),
+                waited,
+                extra=ids,
+            )
+            return
 
 
 def reraise(exc: Exception, model: str | None = None) -> NoReturn:
@@ -472,6 +511,9 @@ async def speak(
                         yield actions.replies.popleft()
         except Exception as exc:
             reraise(exc, actions.model)
+        except BaseException as exc:  # the turn stopped: waiting to retry a refusal?
+            log_stopped_retry(exc)
+            raise
         rest = chunker.flush()
         for reply in (rest, *actions.replies, actions.hangup):  # the hangup last
             if reply is not None:
