@@ -1081,18 +1081,24 @@ async def test_a_turn_redis_refused_to_record_logs_why_and_the_next_turn_records
     assert cause in line, line
 
 
+@pytest.mark.parametrize("ended", [False, True], ids=["lock-exit", "record-turn-no-messages"])
 async def test_redis_lock_release_failures_say_what_happened(
-    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture, ended: bool
 ) -> None:
     """A turn that never got the lock (Redis down: the caller gets the error) logs no
     warning of a lock to release; a holder that cannot release says whose lock it is and
-    that it frees itself within ``lock_ttl``."""
+    that it frees itself within ``lock_ttl``, once: also when it ended with ``record_turn``
+    of no messages (a turn with nothing to record), which tried, then leaving the lock
+    tried again (two warnings, two background retries)."""
     store = RedisConversationStore(redis_server.url, lock_ttl=4)
     held = "held\x1b"
     try:
         with caplog.at_level(logging.DEBUG, "layercode_asgi"):
             async with store.lock(held):
+                _, generation = await store.read_turn(held)
                 redis_server.stop()
+                if ended:
+                    assert await store.record_turn(held, [], generation) is True
             with pytest.raises(StoreUnavailableError):
                 async with store.lock("never-held"):
                     pytest.fail("locked while Redis is down")

@@ -358,3 +358,22 @@ async def test_record_turn_with_no_messages_ends_the_turn(
                 assert await backend.record_turn(c, [], generation) is True
                 async with backend.lock(c, timeout=0):  # free: the turn has ended
                     pass
+
+
+class _Text(str):
+    """A str subclass, as some libraries hand out (or a mapping event parsed as it is)."""
+
+
+async def test_str_subclass_texts_are_kept_by_every_store(
+    store: dict[str, Any], close: list[Any]
+) -> None:
+    """A user text that is a ``str`` subclass (``respond(mapping)`` keeps a mapping's str
+    subclasses; ``add_turn`` takes any str): the memory store kept it, the Redis stores
+    failed the write (msgspec encodes exact types only: ``could not record turn``, the
+    turn lost from the history)."""
+    app = make_app(store, {})
+    close.append(app)
+    c = cid("subclass")
+    manager = app.state.conversations
+    await manager.add_turn(c, _Text("hi"), _Text("re: hi"), turn_id=_Text("t1"))
+    assert await stored(app, c) == [("user", "hi", "t1"), ("assistant", "re: hi", "t1")]
