@@ -221,12 +221,21 @@ def test_example_refuses_to_start_without_a_secret(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("noise", [False, True], ids=["alone", "other-settings-invalid"])
 @pytest.mark.parametrize("name", EXAMPLES)
 async def test_example_reads_the_secret_as_settings_does(
-    name: str, monkeypatch: pytest.MonkeyPatch
+    name: str, noise: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
     """Stripped, and split on commas for a rotation, as docs/settings.md says of the variable
-    (before: a newline from a secrets file, or two secrets, raised ConfigurationError)."""
+    (before: a newline from a secrets file, or two secrets, raised ConfigurationError).
+    Settings the example does not use (an invalid LAYERCODE_TURN_TIMEOUT or REDIS_URL in the
+    environment, a garbled .env in the working directory) do not stop it: Settings() read and
+    checked them all, and the import failed with a SettingsError traceback."""
+    if noise:
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / ".env").write_text("not a setting line\n")
+        monkeypatch.setenv("LAYERCODE_TURN_TIMEOUT", "abc")
+        monkeypatch.setenv("REDIS_URL", "http://not-redis")
     monkeypatch.setenv("LAYERCODE_WEBHOOK_SECRET", " whsec_new , whsec_old\n")
     app = load_example(name, monkeypatch).app
     body = event_body("session.update")
