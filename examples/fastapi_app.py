@@ -13,10 +13,12 @@ import os
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from layercode_asgi import LayercodeSignature, LayercodeWebhook, Settings
+from layercode_asgi import LayercodeSignature, LayercodeWebhook
 
-# Stripped, and split on commas during a rotation ("whsec_new,whsec_old"), as create_app does.
-SECRETS = Settings().webhook_secrets
+# Stripped, and split on commas during a rotation ("whsec_new,whsec_old"), as Settings does.
+SECRETS = [
+    s.strip() for s in os.environ.get("LAYERCODE_WEBHOOK_SECRET", "").split(",") if s.strip()
+]
 if not SECRETS:
     raise SystemExit("Set LAYERCODE_WEBHOOK_SECRET to your agent's webhook secret.")
 

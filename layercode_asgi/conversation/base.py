@@ -153,7 +153,7 @@ def fit(messages: Sequence[HistoryMessage], max_bytes: int) -> list[HistoryMessa
     (:func:`valid_text`)."""
     kept = []
     for message in messages:
-        text = valid_text(message.text)
+        text = valid_text(str.__str__(message.text))  # a str subclass: msgspec encodes str only
         if text_size(text) > max_bytes:
             text = cut_text(text, max_bytes)
         turn_id = message.turn_id
