@@ -72,7 +72,7 @@ _HISTORY_DECODER: Final = msgspec.json.Decoder(HistoryMessage)
 class _Hold:
     """This task's hold of a conversation's lock (in :data:`_HOLD` while held)."""
 
-    __slots__ = ("conversation_id", "entry", "keys", "read", "released", "store", "token")
+    __slots__ = ("conversation_id", "ended", "entry", "keys", "read", "released", "store", "token")
 
     def __init__(self, store: RedisConversationStore, conversation_id: str, keys: Keys) -> None:
         self.store = store
@@ -82,6 +82,7 @@ class _Hold:
         self.entry = f"{self.token} {store._channel}"
         self.read: list[Any] | None = None  # [history entries, generation] read with the lock
         self.released = False
+        self.ended = False  # released by record_turn, or retried in the background if it failed
 
 
 _HOLD: ContextVar[_Hold | None] = ContextVar("layercode_asgi_redis_hold", default=None)
@@ -278,6 +279,7 @@ class RedisConversationStore:
         if not messages:
             if hold is not None:
                 await self._release(hold)
+                hold.ended = True
             return True
         keys = hold.keys if hold is not None else Keys(self.key_prefix, conversation_id)
         return await self._record(keys, messages, str(generation), hold)
@@ -395,7 +397,7 @@ class RedisConversationStore:
         finally:
             keeper.cancel()
             _HOLD.set(outer)
-            if not hold.released:
+            if not (hold.released or hold.ended):
                 await self._release(hold)
 
     async def _acquire(self, hold: _Hold, wait: float | None) -> list[Any]:
