@@ -412,7 +412,7 @@ def settings_table_markdown() -> str:
 
 
 #: Settings holding a URL, shown with any credentials masked.
-_URL_FIELDS = frozenset({"redis_url", "layercode_api_url", "openai_base_url"})
+URL_FIELDS = frozenset({"redis_url", "layercode_api_url", "openai_base_url"})
 
 
 def _reject_unknown(names: Iterable[str]) -> None:
@@ -560,7 +560,7 @@ class Settings:
             value = getattr(self, spec.name)
             if mask_secrets and spec.secret and value:
                 value = tuple("***" for _ in value) if isinstance(value, tuple) else "***"
-            elif mask_secrets and spec.name in _URL_FIELDS and value:
+            elif mask_secrets and spec.name in URL_FIELDS and value:
                 value = mask_url(value)
             result[spec.name] = value
         return result

@@ -29,7 +29,7 @@ from copy import copy, deepcopy
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from .config import SETTINGS_FIELDS, Settings
+from .config import SETTINGS_FIELDS, URL_FIELDS, Settings
 from .errors import check_positive_int, check_type
 from .redaction import MASK, mask_urls, url_secrets
 
@@ -413,7 +413,7 @@ def settings_secrets(settings: Settings) -> Iterable[str]:
         value = values[spec.name]
         if spec.secret and value:
             yield from value.split(",") if isinstance(value, str) else value
-        elif isinstance(value, str) and "URL" in spec.type:  # not a text quoting a URL
+        elif isinstance(value, str) and spec.name in URL_FIELDS:  # not a text quoting a URL
             yield from url_secrets(value)
     yield from (value for name, value in os.environ.items() if name.upper().endswith("API_KEY"))
 
