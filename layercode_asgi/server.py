@@ -59,7 +59,7 @@ from .errors import (
     require_asyncio,
 )
 from .gctuning import tune_gc, untune_gc
-from .lifecycle import AuthorizeEndpoint, Lifecycle, WebhookEndpoint
+from .lifecycle import AuthorizeEndpoint, Lifecycle, WebhookEndpoint, logged_settings
 from .logs import escape_error, escape_log_value, hide_in_logs, settings_secrets, uvicorn_log_config
 from .metrics import installed, metrics_from_settings
 from .middleware import LayercodeSignature
@@ -469,17 +469,10 @@ def app_from_env() -> Starlette:
     import sys
 
     from .envfile import chosen_env_file
-    from .logs import setup_logging
     from .workers import STARTUP_FAILURE
 
     try:
-        settings = Settings(env_file=chosen_env_file(None, os.environ) or None)
-        setup_logging(
-            level=settings.log_level,
-            logfire_token=settings.logfire_token,
-            log_format=settings.log_format,
-        )
-        return create_app(settings)
+        return create_app(logged_settings(chosen_env_file(None, os.environ) or None))
     except ConfigurationError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(STARTUP_FAILURE) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import os
 import re
 import shlex
@@ -213,6 +214,29 @@ def test_serve_configuration_errors_exit_2_without_traceback(
     assert run("serve", "--workers", "2", "--agent-route", "/hook", environ=environ) == 2
     assert "--workers > 1" in capsys.readouterr().err
     assert run("serve", "--workers", "0", environ=environ) == 2
+
+
+def test_serve_and_app_from_env_log_the_settings_warnings_as_the_settings_say(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The settings were read before setup_logging: their warning of a misspelt variable
+    # came out as plain text with LOG_FORMAT=json, and whatever LOG_LEVEL said.
+    monkeypatch.chdir(tmp_path)
+    environ = {"LAYERCODE_WEBHOOK_SECRET": SECRET, "LAYERCODE_TURN_TIMOUT": "3"}
+    serve = ("serve", "--env-file", "", "--agent", "no_such_agent")  # stops after the settings
+    command = [PYTHON, "-m", "layercode_asgi", *serve]
+    env = {**os.environ, **environ, "LOG_LEVEL": "ERROR"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith("error: no agent named"), done.stderr
+    assert run(*serve, environ={**environ, "LOG_FORMAT": "json"}) == 2
+    warning, error = capsys.readouterr().err.splitlines()
+    assert json.loads(warning)["message"].startswith("LAYERCODE_TURN_TIMOUT (the environment)")
+    assert error.startswith("error: no agent named")
+    for name, value in {**environ, "LOG_FORMAT": "json", "LAYERCODE_ENV_FILE": ""}.items():
+        monkeypatch.setenv(name, value)
+    app_from_env()
+    err = capsys.readouterr().err
+    assert [json.loads(line)["logger"] for line in err.splitlines()] == ["layercode_asgi.config"], err
 
 
 @pytest.mark.parametrize(
