@@ -66,7 +66,7 @@ _AGENT_DESCRIPTIONS: Final = {
     "openai": "streams OpenAI chat completions (extra [openai]; needs OPENAI_API_KEY)",
 }
 _NO_SECRET: Final = (
-    f"error: no webhook secret. Set {SECRET_ENV} (in the environment or the .env file) "
+    f"no webhook secret. Set {SECRET_ENV} (in the environment or the .env file) "
     "to your agent's webhook secret from the LayerCode dashboard, or run "
     "`layercode-asgi serve --dev` to generate a temporary secret for local testing. "
     "The server never runs with an unauthenticated webhook."
@@ -125,10 +125,11 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     # the file app_from_env and simulate read; one named is meant to be read (./.env optional)
     args.env_file = chosen_env_file(args.env_file, env)
     settings = logged_settings(args.env_file or None, env, verbose=args.verbose)
+    args.log_format = settings.log_format  # for the error line that may end the start-up
     generated: str | None = None
     if not settings.webhook_secrets:
         if not args.dev:
-            print(_NO_SECRET, file=sys.stderr, flush=True)
+            _print_error(args, None, _NO_SECRET)
             return EXIT_USAGE
         generated = secrets.token_urlsafe(24)
         settings = settings.replace(layercode_webhook_secret=generated)
@@ -529,8 +530,17 @@ def _stand_in_for_closed_streams() -> None:
             setattr(sys, name, stream)
 
 
-def _print_error(args: argparse.Namespace, exc: BaseException, text: str | None = None) -> None:
-    """``error: …`` on one line; with ``-v``, the traceback (and its causes) first."""
-    if getattr(args, "verbose", False):
-        traceback.print_exception(exc, file=sys.stderr)
-    print(f"error: {exc if text is None else text}", file=sys.stderr, flush=True)
+def _print_error(
+    args: argparse.Namespace, exc: BaseException | None, text: str | None = None
+) -> None:
+    """``error: …`` on one line; with ``-v``, the traceback (and its causes) first. Once
+    ``serve`` read ``LOG_FORMAT=json``: one JSON record (the traceback in it)."""
+    line = f"error: {exc if text is None else text}"
+    shown = exc if getattr(args, "verbose", False) else None
+    if getattr(args, "log_format", "text") == "json":
+        from .lifecycle import json_error_line
+
+        line = json_error_line(line, shown)
+    elif shown is not None:
+        traceback.print_exception(shown, file=sys.stderr)
+    print(line, file=sys.stderr, flush=True)

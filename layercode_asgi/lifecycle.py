@@ -1,6 +1,7 @@
 """The open requests of one :func:`~layercode_asgi.server.create_app` app and its drain:
 :class:`Lifecycle`, and the webhook and authorize routes' endpoints that count in it; and the
-start-up's first step, :func:`logged_settings`."""
+start-up's first step, :func:`logged_settings`, and the line that ends a failed one
+with ``LOG_FORMAT=json`` (:func:`json_error_line`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ._asgi import BodyAborted, json_error, send_json_error
 from .authorize import AuthorizeRoute
 from .config import Settings
 from .errors import RETRY_AFTER
-from .logs import LOGGER_NAME, setup_logging
+from .logs import LOGGER_NAME, JsonFormatter, setup_logging
 from .middleware import LayercodeSignature
 from .webhook import LayercodeWebhook
 
@@ -25,6 +26,7 @@ __all__ = [
     "AuthorizeEndpoint",
     "Lifecycle",
     "WebhookEndpoint",
+    "json_error_line",
     "logged_settings",
 ]
 
@@ -179,3 +181,13 @@ def logged_settings(
             if source.isEnabledFor(record.levelno):
                 source.handle(record)
     return settings
+
+
+def json_error_line(text: str, exc: BaseException | None = None) -> str:
+    """``text`` (``error: …``, what a start-up that failed prints on stderr) as a record of
+    ``LOG_FORMAT=json`` (logger ``layercode_asgi``, level ERROR), with ``exc``'s traceback."""
+    record = logging.makeLogRecord({"name": LOGGER_NAME, "msg": text})
+    record.levelno, record.levelname = logging.ERROR, "ERROR"
+    if exc is not None:
+        record.exc_info = (type(exc), exc, exc.__traceback__)
+    return JsonFormatter().format(record)

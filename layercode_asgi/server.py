@@ -59,7 +59,13 @@ from .errors import (
     require_asyncio,
 )
 from .gctuning import tune_gc, untune_gc
-from .lifecycle import AuthorizeEndpoint, Lifecycle, WebhookEndpoint, logged_settings
+from .lifecycle import (
+    AuthorizeEndpoint,
+    Lifecycle,
+    WebhookEndpoint,
+    json_error_line,
+    logged_settings,
+)
 from .logs import escape_error, escape_log_value, hide_in_logs, settings_secrets, uvicorn_log_config
 from .metrics import installed, metrics_from_settings
 from .middleware import LayercodeSignature
@@ -471,10 +477,14 @@ def app_from_env() -> Starlette:
     from .envfile import chosen_env_file
     from .workers import STARTUP_FAILURE
 
+    log_format = "text"  # until the settings say
     try:
-        return create_app(logged_settings(chosen_env_file(None, os.environ) or None))
+        settings = logged_settings(chosen_env_file(None, os.environ) or None)
+        log_format = settings.log_format
+        return create_app(settings)
     except ConfigurationError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        line = f"error: {exc}"
+        print(json_error_line(line) if log_format == "json" else line, file=sys.stderr, flush=True)
         raise SystemExit(STARTUP_FAILURE) from None
 
 
