@@ -532,6 +532,7 @@ def run_server(
     lifecycle: Lifecycle = found
     lifecycle.draining = lifecycle.aborted = False  # served again after an earlier drain
     grace = app.state.settings.shutdown_grace_period if grace_period is None else grace_period
+    shown = int(grace) if float(grace).is_integer() else grace  # 30 s, and 0.25 s, not 0 s
 
     class DrainingServer(uvicorn.Server):
         drain_deadline: float | None = None
@@ -541,7 +542,7 @@ def run_server(
             lifecycle.begin_drain()
             self.drain_deadline = time.monotonic() + grace
             logger.info(
-                "%s: draining %d open webhook(s) for up to %.0f s", reason, lifecycle.active, grace
+                "%s: draining %d open webhook(s) for up to %s s", reason, lifecycle.active, shown
             )
 
         def handle_exit(self, sig: int, frame: Any) -> None:
