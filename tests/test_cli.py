@@ -240,10 +240,8 @@ def test_serve_and_app_from_env_log_their_start_up_as_the_settings_say(
     for name, value in {**environ, "LOG_FORMAT": "json", "LAYERCODE_ENV_FILE": ""}.items():
         monkeypatch.setenv(name, value)
     app_from_env()
-    err = capsys.readouterr().err
-    assert [json.loads(line)["logger"] for line in err.splitlines()] == ["layercode_asgi.config"], (
-        err
-    )
+    loggers = [json.loads(line)["logger"] for line in capsys.readouterr().err.splitlines()]
+    assert loggers == ["layercode_asgi.config"]
     monkeypatch.setenv("LAYERCODE_AGENT", "no_such_agent")
     with pytest.raises(SystemExit):
         app_from_env()
