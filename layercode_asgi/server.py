@@ -590,7 +590,6 @@ def run_server(
             check_positive_int(jitter, "limit_max_requests_jitter")
             limit += random.randint(0, jitter)
     uvicorn_options.setdefault("timeout_graceful_shutdown", 5)
-    log_format = getattr(app.state.settings, "log_format", "text")
-    uvicorn_options.setdefault("log_config", uvicorn_log_config(log_format))
+    uvicorn_options.setdefault("log_config", uvicorn_log_config(app.state.settings.log_format))
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, **uvicorn_options)
     DrainingServer(config).run(sockets=sockets)
