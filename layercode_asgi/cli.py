@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import logging
 import os
 import secrets
 import shlex
@@ -29,7 +30,7 @@ import anyio
 
 from ._version import __version__
 from .agents import agent_factory, list_agents
-from .config import SETTINGS_FIELDS, Settings
+from .config import SETTINGS_FIELDS
 from .demo import StartError, run_demo
 from .envfile import chosen_env_file, parse_env_file
 from .errors import ConfigurationError
@@ -65,7 +66,7 @@ _AGENT_DESCRIPTIONS: Final = {
     "openai": "streams OpenAI chat completions (extra [openai]; needs OPENAI_API_KEY)",
 }
 _NO_SECRET: Final = (
-    f"error: no webhook secret. Set {SECRET_ENV} (in the environment or the .env file) "
+    f"no webhook secret. Set {SECRET_ENV} (in the environment or the .env file) "
     "to your agent's webhook secret from the LayerCode dashboard, or run "
     "`layercode-asgi serve --dev` to generate a temporary secret for local testing. "
     "The server never runs with an unauthenticated webhook."
@@ -101,7 +102,7 @@ def _worker_environment(
 
 
 def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from .logs import setup_logging
+    from .lifecycle import logged_settings
     from .server import check_routes, create_app, run_server
 
     _uvicorn()  # a clear message now if uvicorn is missing
@@ -123,11 +124,12 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         )
     # the file app_from_env and simulate read; one named is meant to be read (./.env optional)
     args.env_file = chosen_env_file(args.env_file, env)
-    settings = Settings(env_file=args.env_file or None, environ=env)
+    settings = logged_settings(args.env_file or None, env, verbose=args.verbose)
+    args.log_format = settings.log_format  # for the error line that may end the start-up
     generated: str | None = None
     if not settings.webhook_secrets:
         if not args.dev:
-            print(_NO_SECRET, file=sys.stderr, flush=True)
+            _print_error(args, None, _NO_SECRET)
             return EXIT_USAGE
         generated = secrets.token_urlsafe(24)
         settings = settings.replace(layercode_webhook_secret=generated)
@@ -138,12 +140,6 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     # Built here even for --workers, so a bad agent or setting fails before any worker starts.
     app = create_app(
         settings, agent=agent, agent_route=args.agent_route, authorize_route=args.authorize_route
-    )
-    setup_logging(
-        verbose=args.verbose,
-        level="DEBUG" if args.verbose else settings.log_level,
-        logfire_token=settings.logfire_token,
-        log_format=settings.log_format,
     )
     # Fail on a port in use before printing that we serve (uvicorn would exit after the
     # banner); the remaining race (someone binds it in between) still fails, exit 2.
@@ -184,13 +180,15 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .workers import STARTUP_FAILURE, serve_workers
 
     if not settings.redis_url:
-        print(
-            f"warning: {args.workers} workers without REDIS_URL: conversation history, the "
+        warning = (
+            f"{args.workers} workers without REDIS_URL: conversation history, the "
             "conversation locks and the replay cache are per process (a conversation's "
-            "turns may go to different workers); set REDIS_URL to share them",
-            file=sys.stderr,
-            flush=True,
+            "turns may go to different workers); set REDIS_URL to share them"
         )
+        if settings.log_format == "json":  # every line on stderr a JSON record
+            logging.getLogger("layercode_asgi.cli").warning(warning)
+        else:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     banner()
     environ = _worker_environment(args, env, agent, generated)
     with _start_failure_exits_2():
@@ -532,8 +530,17 @@ def _stand_in_for_closed_streams() -> None:
             setattr(sys, name, stream)
 
 
-def _print_error(args: argparse.Namespace, exc: BaseException, text: str | None = None) -> None:
-    """``error: …`` on one line; with ``-v``, the traceback (and its causes) first."""
-    if getattr(args, "verbose", False):
-        traceback.print_exception(exc, file=sys.stderr)
-    print(f"error: {exc if text is None else text}", file=sys.stderr, flush=True)
+def _print_error(
+    args: argparse.Namespace, exc: BaseException | None, text: str | None = None
+) -> None:
+    """``error: …`` on one line; with ``-v``, the traceback (and its causes) first. Once
+    ``serve`` read ``LOG_FORMAT=json``: one JSON record (the traceback in it)."""
+    line = f"error: {exc if text is None else text}"
+    shown = exc if getattr(args, "verbose", False) else None
+    if getattr(args, "log_format", "text") == "json":
+        from .lifecycle import json_error_line
+
+        line = json_error_line(line, shown)
+    elif shown is not None:
+        traceback.print_exception(shown, file=sys.stderr)
+    print(line, file=sys.stderr, flush=True)

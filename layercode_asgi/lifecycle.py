@@ -1,21 +1,34 @@
 """The open requests of one :func:`~layercode_asgi.server.create_app` app and its drain:
-:class:`Lifecycle`, and the webhook and authorize routes' endpoints that count in it."""
+:class:`Lifecycle`, and the webhook and authorize routes' endpoints that count in it; and the
+start-up's first step, :func:`logged_settings`, and the line that ends a failed one
+with ``LOG_FORMAT=json`` (:func:`json_error_line`)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import logging.handlers
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
 
 from ._asgi import BodyAborted, json_error, send_json_error
 from .authorize import AuthorizeRoute
+from .config import Settings
 from .errors import RETRY_AFTER
+from .logs import LOGGER_NAME, JsonFormatter, setup_logging
 from .middleware import LayercodeSignature
 from .webhook import LayercodeWebhook
 
-__all__ = ["SHUTTING_DOWN_ANSWER", "AuthorizeEndpoint", "Lifecycle", "WebhookEndpoint"]
+__all__ = [
+    "SHUTTING_DOWN_ANSWER",
+    "AuthorizeEndpoint",
+    "Lifecycle",
+    "WebhookEndpoint",
+    "json_error_line",
+    "logged_settings",
+]
 
 logger = logging.getLogger("layercode_asgi.server")  # where it logged before its move here
 
@@ -140,3 +153,41 @@ class AuthorizeEndpoint:
                 lifecycle.active -= 1
         if cancel.cancelled_caught and not sent:
             await send_json_error(send, SHUTTING_DOWN_ANSWER)
+
+
+def logged_settings(
+    env_file: str | None, environ: Mapping[str, str] | None = None, *, verbose: bool = False
+) -> Settings:
+    """``Settings(env_file=env_file, environ=environ)``, then :func:`setup_logging` as they
+    say (``verbose``: at DEBUG). What reading them logged (a misspelt variable's warning)
+    is held back until then: it comes out in their format, if their level lets it."""
+    library = logging.getLogger(LOGGER_NAME)
+    held = logging.handlers.BufferingHandler(capacity=sys.maxsize)
+    configured = library.handlers, library.propagate
+    library.handlers, library.propagate = [held], False
+    try:
+        try:
+            settings = Settings(env_file=env_file, environ=environ)
+        finally:
+            library.handlers, library.propagate = configured
+        setup_logging(
+            level="DEBUG" if verbose else settings.log_level,
+            logfire_token=settings.logfire_token,
+            log_format=settings.log_format,
+        )
+    finally:  # settings that fail to read: their warnings still go out, as before
+        for record in held.buffer:
+            source = logging.getLogger(record.name)
+            if source.isEnabledFor(record.levelno):
+                source.handle(record)
+    return settings
+
+
+def json_error_line(text: str, exc: BaseException | None = None) -> str:
+    """``text`` (``error: …``, what a start-up that failed prints on stderr) as a record of
+    ``LOG_FORMAT=json`` (logger ``layercode_asgi``, level ERROR), with ``exc``'s traceback."""
+    record = logging.makeLogRecord({"name": LOGGER_NAME, "msg": text})
+    record.levelno, record.levelname = logging.ERROR, "ERROR"
+    if exc is not None:
+        record.exc_info = (type(exc), exc, exc.__traceback__)
+    return JsonFormatter().format(record)

@@ -59,7 +59,13 @@ from .errors import (
     require_asyncio,
 )
 from .gctuning import tune_gc, untune_gc
-from .lifecycle import AuthorizeEndpoint, Lifecycle, WebhookEndpoint
+from .lifecycle import (
+    AuthorizeEndpoint,
+    Lifecycle,
+    WebhookEndpoint,
+    json_error_line,
+    logged_settings,
+)
 from .logs import escape_error, escape_log_value, hide_in_logs, settings_secrets, uvicorn_log_config
 from .metrics import installed, metrics_from_settings
 from .middleware import LayercodeSignature
@@ -469,19 +475,16 @@ def app_from_env() -> Starlette:
     import sys
 
     from .envfile import chosen_env_file
-    from .logs import setup_logging
     from .workers import STARTUP_FAILURE
 
+    log_format = "text"  # until the settings say
     try:
-        settings = Settings(env_file=chosen_env_file(None, os.environ) or None)
-        setup_logging(
-            level=settings.log_level,
-            logfire_token=settings.logfire_token,
-            log_format=settings.log_format,
-        )
+        settings = logged_settings(chosen_env_file(None, os.environ) or None)
+        log_format = settings.log_format
         return create_app(settings)
     except ConfigurationError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        line = f"error: {exc}"
+        print(json_error_line(line) if log_format == "json" else line, file=sys.stderr, flush=True)
         raise SystemExit(STARTUP_FAILURE) from None
 
 
@@ -529,6 +532,7 @@ def run_server(
     lifecycle: Lifecycle = found
     lifecycle.draining = lifecycle.aborted = False  # served again after an earlier drain
     grace = app.state.settings.shutdown_grace_period if grace_period is None else grace_period
+    shown = int(grace) if float(grace).is_integer() else grace  # 30 s, and 0.25 s, not 0 s
 
     class DrainingServer(uvicorn.Server):
         drain_deadline: float | None = None
@@ -538,7 +542,7 @@ def run_server(
             lifecycle.begin_drain()
             self.drain_deadline = time.monotonic() + grace
             logger.info(
-                "%s: draining %d open webhook(s) for up to %.0f s", reason, lifecycle.active, grace
+                "%s: draining %d open webhook(s) for up to %s s", reason, lifecycle.active, shown
             )
 
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -586,7 +590,6 @@ def run_server(
             check_positive_int(jitter, "limit_max_requests_jitter")
             limit += random.randint(0, jitter)
     uvicorn_options.setdefault("timeout_graceful_shutdown", 5)
-    log_format = getattr(app.state.settings, "log_format", "text")
-    uvicorn_options.setdefault("log_config", uvicorn_log_config(log_format))
+    uvicorn_options.setdefault("log_config", uvicorn_log_config(app.state.settings.log_format))
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, **uvicorn_options)
     DrainingServer(config).run(sockets=sockets)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import os
 import re
 import shlex
@@ -213,6 +214,39 @@ def test_serve_configuration_errors_exit_2_without_traceback(
     assert run("serve", "--workers", "2", "--agent-route", "/hook", environ=environ) == 2
     assert "--workers > 1" in capsys.readouterr().err
     assert run("serve", "--workers", "0", environ=environ) == 2
+
+
+def test_serve_and_app_from_env_log_their_start_up_as_the_settings_say(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The settings were read before setup_logging: their warning of a misspelt variable
+    # came out as plain text with LOG_FORMAT=json, and whatever LOG_LEVEL said.
+    monkeypatch.chdir(tmp_path)
+    environ = {"LAYERCODE_WEBHOOK_SECRET": SECRET, "LAYERCODE_TURN_TIMOUT": "3"}
+    serve = ("serve", "--env-file", "", "--agent", "no_such_agent")  # stops after the settings
+    command = [PYTHON, "-m", "layercode_asgi", *serve]
+    env = {**os.environ, **environ, "LOG_LEVEL": "ERROR"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith("error: no agent named"), done.stderr
+    # With LOG_FORMAT=json, the error line that ends a start-up is a JSON record too.
+    assert run(*serve, "-v", environ={**environ, "LOG_FORMAT": "json"}) == 2
+    warning, error = map(json.loads, capsys.readouterr().err.splitlines())
+    assert warning["message"].startswith("LAYERCODE_TURN_TIMOUT (the environment)")
+    assert error["message"].startswith("error: no agent named") and error["level"] == "ERROR"
+    assert "AgentNotFoundError" in error["exception"]  # -v: the traceback, in the record
+    assert run("serve", "--env-file", "", environ={"LOG_FORMAT": "json"}) == 2
+    (error,) = map(json.loads, capsys.readouterr().err.splitlines())
+    assert error["message"].startswith("error: no webhook secret")
+    for name, value in {**environ, "LOG_FORMAT": "json", "LAYERCODE_ENV_FILE": ""}.items():
+        monkeypatch.setenv(name, value)
+    app_from_env()
+    loggers = [json.loads(line)["logger"] for line in capsys.readouterr().err.splitlines()]
+    assert loggers == ["layercode_asgi.config"]
+    monkeypatch.setenv("LAYERCODE_AGENT", "no_such_agent")
+    with pytest.raises(SystemExit):
+        app_from_env()
+    *_, error = map(json.loads, capsys.readouterr().err.splitlines())
+    assert error["message"].startswith("error: no agent named")
 
 
 @pytest.mark.parametrize(

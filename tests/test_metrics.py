@@ -571,7 +571,8 @@ def test_logfire_token_turns_opentelemetry_on() -> None:
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_serve_with_json_logs_writes_json_lines_only(workers: str) -> None:
-    # With --workers, the supervisor's uvicorn logged "Uvicorn running on …" as text.
+    # With --workers, the supervisor's uvicorn logged "Uvicorn running on …" as text; the
+    # settings' own warning (a misspelt variable) and serve's about Redis were text too.
     from .conftest import start_server_process
 
     server = start_server_process(
@@ -579,7 +580,12 @@ def test_serve_with_json_logs_writes_json_lines_only(workers: str) -> None:
             *(sys.executable, "-m", "layercode_asgi", "serve", "--env-file", ""),
             *("--port", "{port}", "--workers", workers),
         ],
-        env={**os.environ, "LAYERCODE_WEBHOOK_SECRET": SECRET, "LOG_FORMAT": "json"},
+        env={
+            **os.environ,
+            "LAYERCODE_WEBHOOK_SECRET": SECRET,
+            "LOG_FORMAT": "json",
+            "LAYERCODE_TURN_TIMOUT": "3",
+        },
     )
     try:
         body = event_body("message", text="hello")
@@ -589,9 +595,11 @@ def test_serve_with_json_logs_writes_json_lines_only(workers: str) -> None:
         assert server.stop() == 0
     lines = [line for line in server.output().splitlines() if line.strip()]
     banner = [line for line in lines if line.startswith("layercode-asgi ")]
-    printed = [line for line in lines if line.startswith("warning: 2 workers without REDIS_URL")]
-    records = [json.loads(line) for line in lines if line not in banner + printed]  # all JSON
+    records = [json.loads(line) for line in lines if line not in banner]  # all JSON
     assert len(banner) == 1 and records
+    messages = [r["message"] for r in records if r["level"] == "WARNING"]
+    assert any(m.startswith("LAYERCODE_TURN_TIMOUT (the environment) is no") for m in messages)
+    assert any("2 workers without REDIS_URL" in m for m in messages) is (workers == "2")
     (webhook,) = [r for r in records if r["logger"] == "layercode_asgi.webhook"]
     assert webhook["event_type"] == "message" and webhook["status"] == 200
     assert webhook["first_tts_ms"] <= webhook["duration_ms"]

@@ -773,11 +773,14 @@ def test_run_server_refuses_an_invalid_max_requests(limit: Any) -> None:
         run_server(app, port=0, limit_max_requests=5, limit_max_requests_jitter="3")
 
 
-def test_an_app_served_again_after_a_drain_is_not_draining() -> None:
+def test_an_app_served_again_after_a_drain_is_not_draining(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # Before: the drain's flags outlived the server: the same app served again by run_server
     # answered every webhook 503 "server is shutting down", and /ready 503.
     from layercode_asgi.server import run_server
 
+    caplog.set_level(logging.INFO, logger="layercode_asgi.server")
     app = create_app(settings())
     answered: list[tuple[int, int]] = []
     for _ in range(2):
@@ -799,11 +802,16 @@ def test_an_app_served_again_after_a_drain_is_not_draining() -> None:
         talker = threading.Thread(target=talk)
         talker.start()  # its connection waits in the listening socket's backlog
         try:
-            run_server(app, sockets=[sock], limit_max_requests=2, log_level="warning")
+            run_server(
+                app, sockets=[sock], limit_max_requests=2, grace_period=0.25, log_level="warning"
+            )
         finally:
             talker.join(10)
             sock.close()
     assert answered == [(200, 200), (200, 200)]
+    # Before: "for up to 0 s", a grace period under a second shown rounded to none.
+    drain = "limit_max_requests (2) reached: draining 0 open webhook(s) for up to 0.25 s"
+    assert [r.getMessage() for r in caplog.records if "draining" in r.getMessage()] == [drain] * 2
 
 
 def test_a_webhook_body_still_arriving_when_the_drain_ends_gets_503() -> None:
