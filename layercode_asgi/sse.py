@@ -14,6 +14,7 @@ them as ASGI apps ``await response(scope, receive, send)``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
@@ -196,6 +197,11 @@ def create_sse_response(
     return response
 
 
+#: The answer of a stream whose client left before it began. Nobody reads it (servers drop
+#: it), but Starlette's ``BaseHTTPMiddleware`` raises ``RuntimeError: No response returned.``
+#: without one. 499, as the webhook's log line and metrics count it.
+_LEFT = json_error(499, "client disconnected before the response began", close=True)
+
 #: ``emit`` yields to the event loop once per this many chunks.
 _YIELD_EVERY = 8
 
@@ -255,7 +261,8 @@ class EventStreamResponse(Response):
     it runs, a watcher task waits for ``http.disconnect``, and when the client leaves the
     producer is cancelled at its current ``await`` (an anyio cancellation, on asyncio and
     trio alike). A send that fails because the connection is gone (``OSError``) ends it the
-    same way. :attr:`disconnected` tells afterwards whether the client left early.
+    same way. :attr:`disconnected` tells afterwards whether the client left early; one that
+    left before the first chunk is answered 499 JSON (for middleware outside: nobody reads it).
     ``close_timeout`` bounds the final (empty) frame: a client that stopped reading does not
     hold the response open (None: no bound; otherwise a finite number >= 0, else
     ``ValueError``). ``headers`` replace the defaults of the same name; one that would not
@@ -327,6 +334,9 @@ class EventStreamResponse(Response):
                 watcher.cancel()
         if not self.disconnected:
             await self._finish(send, self._failure)
+        elif not self.started:  # nobody reads it, but middleware outside needs an answer
+            with contextlib.suppress(OSError):
+                await send_json_error(send, _LEFT)
         # no cycle through the producer
         self._send = self._send_body = self._cancel = self._failure = None
         if self.background is not None:

@@ -3,6 +3,7 @@ orders, and HTTP/1.1 connections (pipelining, ``Expect: 100-continue``) on real 
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import threading
@@ -37,6 +38,7 @@ from layercode_asgi import (
     sign,
 )
 
+from .agents_for_tests import scripted_agent
 from .asgi_stub import ASGIStub
 from .conftest import SECRET, event_body, serve, serve_hypercorn, signed_headers
 
@@ -307,6 +309,39 @@ async def test_a_client_leaving_mid_body_is_no_error_under_base_http_middleware(
     stub = ASGIStub(b"{", path=path, headers=headers, leave_mid_body=True)
     await stub.run(app, limit=10)
     assert stub.status == 400
+
+
+class LeavesAfterItsBody(ASGIStub):
+    """A client that sends its whole body, then leaves before the turn's first event."""
+
+    async def receive(self) -> dict[str, Any]:
+        return await super().receive() if self._pending else {"type": "http.disconnect"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("target", ["webhook", "create_app-webhook"])
+async def test_a_client_leaving_before_the_first_event_is_no_error_under_base_http_middleware(
+    target: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stream had not started when its client left, and sent nothing: under
+    ``BaseHTTPMiddleware`` that was ``RuntimeError: No response returned.`` (an ERROR
+    traceback, and create_app's 500), as for a client leaving mid-body."""
+    if target == "create_app-webhook":
+        app = create_app(
+            Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET), scripted_agent
+        )
+    else:
+        app = Starlette(routes=[Route("/api/agent", LayercodeWebhook(scripted_agent))])
+    app.add_middleware(PassesThrough)
+    body = event_body("message", text="hang")  # the agent never sends its first event
+    headers = [(k.encode(), v.encode()) for k, v in signed_headers(body).items()]
+    stub = LeavesAfterItsBody(body, path="/api/agent", headers=headers)
+    await stub.run(app, limit=10)
+    assert (stub.status, stub.body) == (
+        499,
+        b'{"error":"client disconnected before the response began"}',
+    )
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # -- Litestar middleware that reads the body -----------------------------------------------------
