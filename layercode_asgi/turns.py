@@ -234,8 +234,9 @@ class Turn:
         self.context = TurnContext(event, history, {} if extras is None else extras)
         self.timeout = timeout
         self.timeout_message = timeout_message
-        # An event parsed from a mapping may hold a str subclass, or half an emoji (U+FFFD).
-        turn_id = valid_text(str.__str__(event.turn_id))
+        turn_id = event.turn_id
+        if isinstance(turn_id, str):  # from a mapping: maybe a str subclass, or half an emoji
+            turn_id = valid_text(str.__str__(turn_id))
         self._suffix = b',"turn_id":' + encode_json(turn_id) + b"}\n\n"
         self._emit: Callable[[bytes], Awaitable[None]] | None = None
         self._response: EventStreamResponse | None = None  # whose emit ``emit`` is

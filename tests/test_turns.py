@@ -1111,6 +1111,21 @@ async def test_a_mapping_event_with_an_unusual_turn_id_is_answered(
     assert [msgspec.json.decode(chunk[6:]) for chunk in sent] == expected
 
 
+@pytest.mark.anyio
+async def test_a_hand_built_event_without_a_turn_id_streams_a_null_one() -> None:
+    # A struct built in code is not validated: its events carry the null it was given (the
+    # fix above once made this a TypeError from str.__str__).
+    event = MessagePayload(session_id="s", conversation_id="c", turn_id=None, text="x")  # type: ignore[arg-type]
+    sent: list[bytes] = []
+
+    async def emit(chunk: bytes) -> None:
+        sent.append(chunk)
+
+    await Turn(event, hello).run(emit)  # type: ignore[arg-type]
+    expected = [{**tts("Hello"), "turn_id": None}, {**END, "turn_id": None}]
+    assert [msgspec.json.decode(chunk[6:]) for chunk in sent] == expected
+
+
 async def _chunks(*texts: str) -> AsyncIterator[str]:
     for text in texts:
         yield text
