@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+import tracemalloc
 from typing import Any
 
 import anyio
@@ -23,6 +24,7 @@ from layercode_asgi import (
     sign,
 )
 from layercode_asgi.conversation import StoreUnavailableError
+from layercode_asgi.middleware import read_body
 from layercode_asgi.replay import replay_key
 
 from .agents_for_tests import scripted_agent
@@ -102,6 +104,32 @@ async def test_a_webhook_behind_a_middleware_that_took_the_verified_body_still_h
     assert msgspec.json.decode(sent[1]["body"]) == {
         "error": "request body not received within 0.3 s"
     }
+
+
+@pytest.mark.anyio
+async def test_a_body_sent_a_byte_at_a_time_costs_no_more_memory_than_its_size() -> None:
+    # Over chunked encoding, hypercorn hands the app each 1-byte chunk as a message of its
+    # own; a list of them cost ~41 bytes of memory per byte of body.
+    size = 64 * 1024
+    remaining = size
+
+    async def receive() -> dict[str, Any]:
+        nonlocal remaining
+        remaining -= 1
+        return {
+            "type": "http.request",
+            "body": b"%c" % (65 + remaining % 26),
+            "more_body": bool(remaining),
+        }
+
+    tracemalloc.start()
+    try:
+        body = await read_body(receive, size, 10.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert body is not None and len(body) == size and body[-1:] == b"A"
+    assert peak < 4 * size
 
 
 @pytest.mark.parametrize("bad", [0, -1, "10", True, float("nan"), float("inf")])

@@ -265,6 +265,25 @@ def test_comparison_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(calls) == 2
 
 
+def test_a_forged_signature_costs_one_hmac_of_the_body(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What an attacker without the secret sends most: LayerCode's header shape, a wrong v1.
+    # The body (up to 1 MiB) is hashed once, as for a good signature, not a second time.
+    digests: list[str] = []
+    real = hmac.HMAC.hexdigest
+
+    def spy(self: hmac.HMAC) -> str:
+        digests.append(real(self))
+        return digests[-1]
+
+    monkeypatch.setattr(hmac.HMAC, "hexdigest", spy)
+    body = b"x" * 1000
+    forged = f"t={int(time.time())},v1={'0' * 64}"
+    assert reason_of(body, forged, "whsec_forge") is R.NO_MATCHING_SIGNATURE
+    assert len(digests) == 1
+    assert verify_signature(body, sign(body, "whsec_forge"), "whsec_forge")
+    assert len(digests) == 3  # sign's, and the check's
+
+
 def test_error_message_names_reason_without_leaking_secret() -> None:
     with pytest.raises(SignatureVerificationError) as info:
         verify_signature(b"x", f"t={NOW},v1={'0' * 64}", "topsecret", now=NOW)
