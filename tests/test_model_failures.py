@@ -802,3 +802,33 @@ async def test_a_providers_failure_is_named_by_its_type_in_the_span(
     assert span.attributes is not None
     assert span.attributes["error.type"] == REFUSED_KEY_ERROR[name]
     assert KEY not in repr(span.attributes)
+
+
+@pytest.mark.anyio
+async def test_a_turn_timing_out_while_its_own_code_backs_off_an_http_error_blames_no_model(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``speak``'s pieces wait (in their ``except``) after another service's 404 when the
+    turn times out: the cancellation's context is that 404, which no model API answered,
+    and no SDK was waiting to retry. Review: logged as ``the model API answered HTTP 404``."""
+    from layercode_asgi.adapters.voice import speak
+
+    async def pieces() -> Any:
+        request = httpx.Request("GET", "https://crm.invalid/callers/1")
+        try:
+            httpx.Response(404, request=request).raise_for_status()
+        except httpx.HTTPStatusError:
+            await anyio.sleep(20)  # its own back-off: the turn times out meanwhile
+        yield "Hello."
+
+    async def agent(event: Any, context: Any) -> Any:
+        async for reply in speak(pieces(), context):
+            yield reply
+
+    fields: dict[str, Any] = {"layercode_webhook_secret": SECRET, "turn_timeout": 0.2}
+    app = create_app(Settings(env_file=None, environ={}, **fields), agent)
+    with caplog.at_level(logging.WARNING, logger="layercode_asgi"), anyio.fail_after(20):
+        async with LayercodeTestClient(app, secret=SECRET) as client:
+            turn = await client.message("hi")
+    assert turn.errors[0]["error"] == "turn timed out"
+    assert "the model API answered" not in caplog.text
