@@ -249,6 +249,24 @@ def test_serve_and_app_from_env_log_their_start_up_as_the_settings_say(
     assert error["message"].startswith("error: no agent named")
 
 
+def test_start_up_warnings_reach_a_handler_of_the_users_on_their_logger_once() -> None:
+    """A handler the user set on the logger that warns (``layercode_asgi.config``) before
+    ``app_from_env``. Review: it got the misspelt variable's warning twice, when it was
+    logged (held back only at ``layercode_asgi``) and when it was let out."""
+    import logging.handlers
+
+    from layercode_asgi.lifecycle import logged_settings
+
+    users = logging.handlers.BufferingHandler(capacity=100)
+    source = logging.getLogger("layercode_asgi.config")
+    source.addHandler(users)
+    try:
+        logged_settings(None, {"LAYERCODE_WEBHOOK_SECRET": SECRET, "LAYERCODE_TURN_TIMOUT": "3"})
+    finally:
+        source.removeHandler(users)
+    assert [r.getMessage()[:21] for r in users.buffer] == ["LAYERCODE_TURN_TIMOUT"]
+
+
 @pytest.mark.parametrize(
     ("argv", "shown"),
     [
