@@ -868,3 +868,22 @@ def test_integer_options_take_ascii_digits_within_bounds(
         assert f"error: {message}" in capsys.readouterr().err, argv
     assert run("serve", "--help") == 0
     assert "at most 64" in " ".join(capsys.readouterr().out.split())
+
+
+def test_app_from_env_refusing_an_invalid_setting_says_so_in_json_with_log_format_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/deploying.md: with settings it cannot start with, ``app_from_env`` prints one
+    line ``error: …``, "a JSON record with LOG_FORMAT=json". Review: a setting that does
+    not read (the commonest such start-up) left that line bare text."""
+    monkeypatch.chdir(tmp_path)
+    environ = {"LAYERCODE_WEBHOOK_SECRET": SECRET, "LAYERCODE_ENV_FILE": "", "LOG_FORMAT": "json"}
+    for name, value in {**environ, "LAYERCODE_TURN_TIMEOUT": "abc"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit):
+        app_from_env()
+    *_, line = capsys.readouterr().err.splitlines()
+    error = json.loads(line)
+    assert (
+        error["message"].startswith("error: LAYERCODE_TURN_TIMEOUT") and error["level"] == "ERROR"
+    )
