@@ -8,6 +8,7 @@ the provider's answer and the key off the wire, and log the status with the key 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from collections.abc import Iterator
@@ -832,3 +833,25 @@ async def test_a_turn_timing_out_while_its_own_code_backs_off_an_http_error_blam
             turn = await client.message("hi")
     assert turn.errors[0]["error"] == "turn timed out"
     assert "the model API answered" not in caplog.text
+
+
+def test_log_stopped_retry_keeps_the_cancellation_when_a_response_has_no_header_mapping() -> None:
+    """An error whose ``response`` has a ``status_code`` but ``headers`` of None (another
+    HTTP library's, a hand-made one). Review: ``log_stopped_retry`` raised AttributeError
+    from the turn's ``except BaseException``, in place of the cancellation it re-raises."""
+    from layercode_asgi.adapters.voice import log_stopped_retry
+
+    class Answer:
+        status_code = 429
+        headers = None
+
+    class Refused(Exception):
+        response = Answer()
+
+    try:
+        try:
+            raise Refused
+        except Refused:
+            raise asyncio.CancelledError  # noqa: B904 (its context, as the SDK sleeping has)
+    except asyncio.CancelledError as stopped:
+        log_stopped_retry(stopped, "gpt-5-nano")
