@@ -102,7 +102,7 @@ def _worker_environment(
 
 
 def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from .lifecycle import logged_settings
+    from .lifecycle import logged_settings, start_up_log_format
     from .server import check_routes, create_app, run_server
 
     _uvicorn()  # a clear message now if uvicorn is missing
@@ -124,8 +124,9 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         )
     # the file app_from_env and simulate read; one named is meant to be read (./.env optional)
     args.env_file = chosen_env_file(args.env_file, env)
+    # for the error line that may end the start-up (settings that do not read too)
+    args.log_format = start_up_log_format(args.env_file or None, env)
     settings = logged_settings(args.env_file or None, env, verbose=args.verbose)
-    args.log_format = settings.log_format  # for the error line that may end the start-up
     generated: str | None = None
     if not settings.webhook_secrets:
         if not args.dev:

@@ -16,7 +16,8 @@ import anyio
 from ._asgi import BodyAborted, json_error, send_json_error
 from .authorize import AuthorizeRoute
 from .config import Settings
-from .errors import RETRY_AFTER
+from .envfile import settings_sources
+from .errors import RETRY_AFTER, ConfigurationError
 from .logs import LOGGER_NAME, JsonFormatter, setup_logging
 from .middleware import LayercodeSignature
 from .webhook import LayercodeWebhook
@@ -28,6 +29,7 @@ __all__ = [
     "WebhookEndpoint",
     "json_error_line",
     "logged_settings",
+    "start_up_log_format",
 ]
 
 logger = logging.getLogger("layercode_asgi.server")  # where it logged before its move here
@@ -178,9 +180,20 @@ def logged_settings(
     finally:  # settings that fail to read: their warnings still go out, as before
         for record in held.buffer:
             source = logging.getLogger(record.name)
-            if source.isEnabledFor(record.levelno):
-                source.handle(record)
+            if source.isEnabledFor(record.levelno):  # a handler on ``source`` had it already
+                library.handle(record)
     return settings
+
+
+def start_up_log_format(env_file: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """The ``LOG_FORMAT`` these settings give, read alone (``"text"`` unless it reads as
+    ``json``): the format of the line that ends a start-up, whose settings may not read."""
+    try:
+        env, dotenv = settings_sources(env_file, environ)
+    except ConfigurationError:  # the sources themselves do not read
+        return "text"
+    raw = env.get("LOG_FORMAT", dotenv.get("LOG_FORMAT", ""))
+    return "json" if raw.strip().lower() == "json" else "text"
 
 
 def json_error_line(text: str, exc: BaseException | None = None) -> str:

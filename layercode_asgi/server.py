@@ -65,6 +65,7 @@ from .lifecycle import (
     WebhookEndpoint,
     json_error_line,
     logged_settings,
+    start_up_log_format,
 )
 from .logs import escape_error, escape_log_value, hide_in_logs, settings_secrets, uvicorn_log_config
 from .metrics import installed, metrics_from_settings
@@ -477,14 +478,15 @@ def app_from_env() -> Starlette:
     from .envfile import chosen_env_file
     from .workers import STARTUP_FAILURE
 
-    log_format = "text"  # until the settings say
+    env_file = None  # until it is chosen (a file named but missing is an error too)
     try:
-        settings = logged_settings(chosen_env_file(None, os.environ) or None)
-        log_format = settings.log_format
-        return create_app(settings)
+        env_file = chosen_env_file(None, os.environ) or None
+        return create_app(logged_settings(env_file))
     except ConfigurationError as exc:
         line = f"error: {exc}"
-        print(json_error_line(line) if log_format == "json" else line, file=sys.stderr, flush=True)
+        if start_up_log_format(env_file) == "json":  # the settings' own, even when they fail
+            line = json_error_line(line)
+        print(line, file=sys.stderr, flush=True)
         raise SystemExit(STARTUP_FAILURE) from None
 
 

@@ -39,7 +39,7 @@ import os
 import re
 import sys
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -230,8 +230,9 @@ def log_stopped_retry(
     for link in _chain(exc)[1:]:
         response = getattr(link, "response", None)
         status = getattr(response, "status_code", None)
-        if isinstance(status, int):
-            after = getattr(response, "headers", {}).get("retry-after")
+        if status in (408, 409, 429) or (isinstance(status, int) and status >= 500):  # retried
+            headers = getattr(response, "headers", None)
+            after = headers.get("retry-after") if isinstance(headers, Mapping) else None
             waited = "" if after is None else f", Retry-After: {escape_log_value(after)}"
             ids = {} if context is None else {"conversation_id": context.conversation_id}
             ids |= {} if context is None else {"turn_id": context.turn_id}
