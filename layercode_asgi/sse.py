@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import math
@@ -213,7 +214,9 @@ class _DetachedSend:
     reading held the producer, its deadline and its conversation for as long as it stayed
     connected). A write left behind does not hold the response either (nor the drain count
     of the request): the response returns, the server closes the connection, and the write
-    ends with it. The next send waits for it first (in order)."""
+    ends with it. The next send waits for it first (in order). Each write runs in a copy of
+    the producer's context, as the server's ``send`` would in its task (a middleware's
+    ``send`` wrapper sees the request's context variables)."""
 
     __slots__ = ("error", "send", "sent", "spawn")
 
@@ -230,7 +233,7 @@ class _DetachedSend:
             await self.sent.wait()
         if self.error is None:  # (a write left behind may have failed: none after it)
             sent = self.sent = anyio.Event()
-            self.spawn(self._write, message, sent)
+            self.spawn(self._write, message, sent, context=contextvars.copy_context())
             await sent.wait()
         error, self.error = self.error, None
         if error is not None:

@@ -7,6 +7,7 @@ its writes.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -391,6 +392,33 @@ async def test_the_producer_and_a_turns_agent_run_in_the_callers_task() -> None:
     assert seen == [caller]
     assert b'"content":"hi"' in stub.body
     assert stub.complete
+
+
+async def test_the_servers_send_sees_the_requests_context() -> None:
+    # Before: on trio every body write ran in a trio system task, in trio's own context: a
+    # middleware's ``send`` wrapper (a request id, a tracing span) saw its context variables
+    # for the status line but not for the body (on asyncio it saw them for both).
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+    seen: list[tuple[str, str]] = []
+
+    async def producer(emit: Emit) -> None:
+        await emit(b"data: one\n\n")
+        await emit(b"data: two\n\n", last=True)
+
+    stub = ASGIStub()
+    response = EventStreamResponse(producer)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async def sending(message: Any) -> None:
+            seen.append((message["type"], request_id.get()))
+            await send(message)
+
+        request_id.set("r1")
+        await response(scope, receive, sending)
+
+    await stub.run(app)
+    assert seen == [("http.response.start", "r1")] + [("http.response.body", "r1")] * 2
+    assert stub.body == b"data: one\n\ndata: two\n\n" and stub.complete
 
 
 async def test_a_disconnected_agent_finishes_its_shielded_cleanup() -> None:
