@@ -33,6 +33,7 @@ __all__ = [
     "import_redis",
     "not_a_database",
     "ping_primaries",
+    "pubsub_of",
     "redis_error_text",
     "write_check_keys",
 ]
@@ -117,6 +118,16 @@ async def ping_primaries(client: Any) -> None:
     """``PING`` one Redis, or every primary of a cluster."""
     primaries = getattr(client, "PRIMARIES", None)
     await (client.ping() if primaries is None else client.ping(target_nodes=primaries))
+
+
+def pubsub_of(client: Any, attempt: int) -> Any:
+    """A pub/sub of ``client``; on a cluster, on its nodes in turn by ``attempt`` (a
+    ``PUBLISH`` reaches every node), so that retries pass by a node that is down, even one
+    whose replica has taken over (the client's map of the nodes may still name it)."""
+    if getattr(client, "PRIMARIES", None) is None:
+        return client.pubsub()
+    nodes = client.get_nodes()
+    return client.pubsub(node=nodes[attempt % len(nodes)])
 
 
 def describe_client(client: Any) -> str:

@@ -396,3 +396,51 @@ async def test_a_worker_starting_while_its_url_node_is_down(
             pass
         await store.aclose()
         await client.aclose()
+
+
+async def test_the_hand_off_listener_leaves_a_node_that_failed(
+    redis_cluster_replicas: RedisClusterNodes,
+) -> None:
+    """A process's lock hand-offs arrive on one pub/sub channel, subscribed on the node owning
+    its slot. Once that primary had stopped (its replica serving), the listener reconnected to
+    it for ever: every hand-off of the process waited for the waiters' once-a-second check,
+    the conversations of the healthy nodes too. A PUBLISH reaches every node of a cluster:
+    the listener now subscribes on another node."""
+    cluster = redis_cluster_replicas
+    holder = RedisConversationStore(cluster.url, cluster=True)
+    waiter = RedisConversationStore(cluster.url, cluster=True)
+
+    def listening() -> list[int]:
+        return [
+            port
+            for port in cluster.ports
+            if "wake:" in cluster._cli("-p", str(port), "pubsub", "channels")
+        ]
+
+    async def until_listening() -> list[int]:
+        for _ in range(300):
+            if ports := listening():
+                return ports
+            await anyio.sleep(0.1)
+        pytest.fail("the hand-off listener never subscribed")
+
+    async def enter(cid: str) -> None:
+        async with waiter.lock(cid, timeout=30):
+            pass
+
+    async def hand_off(cid: str) -> list[int]:
+        async with anyio.create_task_group() as tasks, holder.lock(cid, timeout=30):
+            tasks.start_soon(enter, cid)
+            return await until_listening()  # the waiter queued: its process listens
+
+    try:
+        with anyio.fail_after(90):
+            [node] = await hand_off("before")
+            replica = cluster.replica_of(node)
+            cluster.stop_node(node)
+            cluster.wait_taken_over(replica)
+            assert await until_listening() != [node]
+            await hand_off("after")
+    finally:
+        await holder.aclose()
+        await waiter.aclose()

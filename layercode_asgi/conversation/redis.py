@@ -28,6 +28,7 @@ from .._redis import (
     describe_client,
     import_redis,
     ping_primaries,
+    pubsub_of,
     redis_error_text,
     write_check_keys,
 )
@@ -435,9 +436,9 @@ class RedisConversationStore:
     async def _receive_wakes(self) -> None:
         """Wake the waiters named on our channel; resubscribe (and wake every waiter, to
         check) after a lost connection."""
-        delay = 0.05
+        delay, attempt = 0.05, 0
         while True:
-            pubsub = self._clients.get().redis.pubsub()
+            pubsub = pubsub_of(self._clients.get().redis, attempt)
             try:
                 await pubsub.subscribe(self._channel)
                 delay = 0.05
@@ -453,6 +454,7 @@ class RedisConversationStore:
                         if (woken := self._wakers.get(token)) is not None:
                             woken.set()
             except Exception as exc:  # Redis down: waiters check on their own meanwhile
+                attempt += 1  # on a cluster, the next node
                 logger.debug(
                     "lock hand-off listener: %s: %s", type(exc).__name__, escape_error(exc)
                 )
