@@ -887,3 +887,33 @@ def test_app_from_env_refusing_an_invalid_setting_says_so_in_json_with_log_forma
     assert (
         error["message"].startswith("error: LAYERCODE_TURN_TIMEOUT") and error["level"] == "ERROR"
     )
+
+
+@pytest.mark.parametrize(
+    ("env_file", "says"),
+    [("garbled.env", "garbled.env, line 1: expected KEY=VALUE"), ("missing.env", "no such file")],
+)
+def test_start_up_error_line_is_json_with_log_format_json_whatever_the_env_file(
+    env_file: str,
+    says: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """docs/cli.md: with ``LOG_FORMAT=json`` in the environment, the ``error:`` line that
+    ends a start-up is a JSON record "from the reading of the settings on, an invalid one
+    included". Review: an env file that does not read (garbled, or named and missing) left
+    it bare text, though the environment's ``LOG_FORMAT`` (which wins over the file's) was
+    json; ``app_from_env`` and ``serve`` disagreed for a missing one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "garbled.env").write_text("LAYERCODE_TURN_TIMEOUT\n")
+    environ = {"LAYERCODE_WEBHOOK_SECRET": SECRET, "LOG_FORMAT": "json"}
+    assert run("serve", "--env-file", env_file, environ=environ) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert says in json.loads(line)["message"], line
+    for name, value in {**environ, "LAYERCODE_ENV_FILE": env_file}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit):
+        app_from_env()
+    *_, line = capsys.readouterr().err.splitlines()
+    assert says in json.loads(line)["message"], line
