@@ -123,6 +123,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             "--authorize-route or use --workers 1"
         )
     # the file app_from_env and simulate read; one named is meant to be read (./.env optional)
+    args.log_format = start_up_log_format(None, env)  # a missing env file's error too
     args.env_file = chosen_env_file(args.env_file, env)
     # for the error line that may end the start-up (settings that do not read too)
     args.log_format = start_up_log_format(args.env_file or None, env)

@@ -189,7 +189,9 @@ def start_up_log_format(env_file: str | None, environ: Mapping[str, str] | None 
     """The ``LOG_FORMAT`` these settings give, read alone (``"text"`` unless it reads as
     ``json``): the format of the line that ends a start-up, whose settings may not read."""
     try:
-        env, dotenv = settings_sources(env_file, environ)
+        env, dotenv = settings_sources(None, environ)
+        if "LOG_FORMAT" not in env and env_file is not None:
+            dotenv = settings_sources(env_file, environ)[1]
     except ConfigurationError:  # the sources themselves do not read
         return "text"
     raw = env.get("LOG_FORMAT", dotenv.get("LOG_FORMAT", ""))
