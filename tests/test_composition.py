@@ -337,10 +337,10 @@ async def test_a_client_leaving_before_the_first_event_is_no_error_under_base_ht
     headers = [(k.encode(), v.encode()) for k, v in signed_headers(body).items()]
     stub = LeavesAfterItsBody(body, path="/api/agent", headers=headers)
     await stub.run(app, limit=10)
-    assert (stub.status, stub.body) == (
-        499,
-        b'{"error":"client disconnected before the response began"}',
-    )
+    assert stub.status == 499
+    # Starlette 0.37's BaseHTTPMiddleware (the lowest supported) sends no body once the
+    # client left; newer ones pass it on.
+    assert stub.body in (b'{"error":"client disconnected before the response began"}', b"")
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
