@@ -92,9 +92,13 @@ ABORT_WAIT = 2.0
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    allow = exc.headers.get("Allow") if exc.status_code == 405 and exc.headers else None
-    message = not_allowed(allow) if allow else str(exc.detail).lower()  # names the method
-    return json_error_response(exc.status_code, message, exc.headers)
+    headers = dict(exc.headers or {})
+    allow = headers.get("Allow") if exc.status_code == 405 else None
+    if not allow:
+        return json_error_response(exc.status_code, str(exc.detail).lower(), exc.headers)
+    # Starlette's Allow is in set order ("HEAD, GET" or "GET, HEAD"): sorted, as the message.
+    message, headers["Allow"] = not_allowed(allow)
+    return json_error_response(405, message, headers)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
