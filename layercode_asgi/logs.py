@@ -122,7 +122,7 @@ def setup_logging(
 
 
 class _LineFormatter(logging.Formatter):
-    """``LOG_FORMAT``, secrets masked, each record one line set (:func:`_one_record`)."""
+    """``LOG_FORMAT``, secrets masked, a record's further lines indented, tracebacks cut."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = mask_secrets(super().format(record))
