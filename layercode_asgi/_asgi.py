@@ -297,10 +297,12 @@ def json_error(
     return start, {"type": "http.response.body", "body": body, "more_body": False}
 
 
-def not_allowed(allow: str) -> str:
-    """The message of a 405 whose ``Allow`` header is ``allow``: it names the method to use."""
-    methods = sorted({method.strip() for method in allow.split(",")} - {"HEAD", "OPTIONS", ""})
-    return f"method not allowed; use {' or '.join(methods)}" if methods else "method not allowed"
+def not_allowed(allow: str) -> tuple[str, str]:
+    """The message and the sorted ``Allow`` header of a 405 whose ``Allow`` is ``allow``: the
+    message names every method the header lists."""
+    methods = sorted({method.strip() for method in allow.split(",")} - {""})
+    message = f"method not allowed; use {' or '.join(methods)}" if methods else "method not allowed"
+    return message, ", ".join(methods)
 
 
 #: The answer to a client that left before sending its whole body. Nobody reads it (servers

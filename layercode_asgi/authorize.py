@@ -76,7 +76,6 @@ _TOO_LARGE = (
     "LayerCode authorize answer larger than %d bytes",
     AUTHORIZE_MAX_UPSTREAM_BODY,
 )
-_decode = decode_json  # half an emoji (JavaScript's lone surrogate escape) as U+FFFD
 _encode = msgspec.json.encode
 
 
@@ -91,9 +90,8 @@ class AuthorizeRoute:
         self.guard = guard
         self.timeout = timeout
         self.body_timeout = settings.body_timeout
-        # One client per event loop (its connections belong to it), made here: an environment
-        # httpx cannot make a client from fails at start-up. Not in the lifespan: a mounted
-        # sub-app gets none.
+        # One client per event loop, the first made here (an environment httpx refuses fails at
+        # start-up), not in the lifespan: a mounted sub-app gets none.
         self._clients: PerLoop[httpx.AsyncClient] | None = None
         if self.api_key:
             self._clients = PerLoop(self._new_client(), self._new_client)
@@ -177,8 +175,7 @@ class AuthorizeRoute:
             return json_error_response(400, "agent_id is required (a non-empty string)")
 
         try:
-            # ``timeout`` bounds the whole call (connect, request, every byte of the answer),
-            # not each socket read: a slowly dripping upstream cannot hold the request.
+            # The whole call, not each read: a slowly dripping upstream cannot hold the request.
             with anyio.fail_after(self.timeout):
                 status, content, retry_after = await self._call_upstream(body)
         except (TimeoutError, httpx.TimeoutException):
@@ -203,7 +200,7 @@ class AuthorizeRoute:
             return json_error_response(502, _INVALID)
 
         try:
-            answer = _decode(content) if content else None
+            answer = decode_json(content) if content else None
         except (msgspec.DecodeError, RecursionError):
             answer = None
         if 200 <= status < 300:
@@ -230,8 +227,7 @@ class AuthorizeRoute:
         return json_error_response(502, f"LayerCode API error ({status})", retry_after)
 
     def _echoes_key(self, relayed: bytes) -> bool:
-        """Whether JSON for the caller holds our API key (a proxy echoing our request, say):
-        such an answer is never relayed."""
+        """Whether JSON for the caller holds our API key (a proxy echoing our request, say)."""
         assert self.api_key  # checked before calling upstream
         if _encode(self.api_key)[1:-1] not in relayed:
             return False
@@ -239,8 +235,7 @@ class AuthorizeRoute:
         return True
 
     async def _call_upstream(self, body: bytes) -> tuple[int, bytes, dict[str, str] | None]:
-        """POST to LayerCode; its status, body (at most AUTHORIZE_MAX_UPSTREAM_BODY) and
-        the ``Retry-After`` to pass on (:func:`_retry_after`)."""
+        """POST to LayerCode: its status, body (bounded) and ``Retry-After`` to pass on."""
         assert self._clients is not None  # with an api_key, checked before calling upstream
         async with self._clients.get().stream(
             "POST",
@@ -252,8 +247,7 @@ class AuthorizeRoute:
                 "accept-encoding": "identity",
             },
         ) as upstream:
-            # A compressed answer anyway (a proxy) would be decompressed chunk by chunk, each
-            # without bound, before the size check: refused unread.
+            # A compressed answer (a proxy's) would be decompressed without bound: refused unread.
             encoding = upstream.headers.get("content-encoding", "").strip().lower()
             if encoding not in ("", "identity"):
                 raise _Refused(_INVALID, _ENCODED, escape_log_value(encoding))
@@ -272,10 +266,8 @@ class AuthorizeRoute:
 
 
 class _BodyOnce:
-    """The ``receive`` of an authorize request: the body is read once, bounded as the route
-    reads it (:data:`AUTHORIZE_MAX_BODY`, the body timeout), whether a guard reads it first
-    (``await request.json()``, to check the ``agent_id`` asked for) or the route; both get
-    the same bytes."""
+    """The ``receive`` of an authorize request: the body read once, bounded (size, timeout),
+    whether a guard reads it first (``await request.json()``) or the route: the same bytes."""
 
     __slots__ = ("body", "done", "failure", "given", "receive", "within")
 
@@ -292,8 +284,8 @@ class _BodyOnce:
         return self.done and self.body is None and self.failure is None
 
     async def read(self) -> bytes | None:
-        """The whole body, ``None`` if the caller left; raises :class:`BodyTooLarge` or
-        :class:`BodyTimeout` (on every call, once the read failed)."""
+        """The whole body, ``None`` if the caller left; raises BodyTooLarge or BodyTimeout
+        (on every call, once the read failed)."""
         if not self.done:
             try:
                 self.body = await read_body(self.receive, AUTHORIZE_MAX_BODY, self.within)
@@ -347,7 +339,7 @@ def _printable(message: object, limit: int) -> str | None:
 def _object(body: bytes | None) -> dict[str, Any] | None:
     """``body`` decoded, if it is a JSON object."""
     try:
-        payload = _decode(body) if body is not None else None
+        payload = decode_json(body) if body is not None else None
     except (msgspec.DecodeError, RecursionError):  # invalid, or nested too deep
         return None
     return payload if isinstance(payload, dict) else None

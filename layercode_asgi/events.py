@@ -147,13 +147,9 @@ class _WebhookPayloadBase(
     omit_defaults=True,
     repr_omit_defaults=True,
 ):
-    """Shared configuration of the five event structs; declares no fields.
-
-    Each subclass declares all its fields itself so that they come out in wire order
-    (``session_id`` first): msgspec puts a keyword-only subclass's fields before its
-    parent's. ``type`` is the tag, which msgspec writes; each subclass also exposes it as a
-    class attribute, which msgspec ignores.
-    """
+    """Shared configuration of the five event structs. No fields: msgspec puts a kw-only
+    subclass's fields before its parent's, so each declares all its own, in wire order.
+    ``type`` is the tag msgspec writes; the ClassVar of each subclass is for readers."""
 
 
 class SessionStartPayload(_WebhookPayloadBase, tag="session.start", frozen=True):
@@ -383,8 +379,7 @@ def _is_item_extra(exc: BaseException) -> bool:
 
 
 def _parse_keeping_item_extras(raw: object) -> WebhookPayload:
-    """Second pass, taken only when some transcript item carries fields we do not know:
-    they are moved into the item's ``extra`` mapping."""
+    """Second pass, when a transcript item has unknown fields: moved into its ``extra``."""
     document: Any = raw
     if not isinstance(raw, Mapping):
         try:
@@ -458,12 +453,11 @@ def _invalid_from_msgspec(exc: msgspec.DecodeError) -> InvalidPayloadError:
 
 
 def _unknown_or_invalid(exc: msgspec.ValidationError, raw: object) -> InvalidPayloadError:
-    """Build the error for a failed typed decode of *raw* (bytes, buffer or mapping).
+    """The error of a failed typed decode of *raw* (bytes, buffer or mapping).
 
-    msgspec reports an unknown ``type`` string as an invalid value at ``$.type`` and may
-    stop before reading the rest. Only then is the document read again in full by a probe
-    of ``type`` alone: a well-formed object with a string ``type`` is an *unknown* event,
-    anything else is invalid for the reason the probe finds.
+    msgspec reports an unknown ``type`` as an invalid value at ``$.type`` and may stop there:
+    then a probe of ``type`` alone reads the whole document. A well-formed object with a
+    string ``type`` is an *unknown* event, anything else invalid for the probe's reason.
     """
     error = _invalid_from_msgspec(exc)
     if error.path != "$.type" or not error.detail.startswith(_BAD_TAG):

@@ -1,7 +1,5 @@
-"""The open requests of one :func:`~layercode_asgi.server.create_app` app and its drain:
-:class:`Lifecycle`, and the webhook and authorize routes' endpoints that count in it; and the
-start-up's first step, :func:`logged_settings`, and the line that ends a failed one
-with ``LOG_FORMAT=json`` (:func:`json_error_line`)."""
+"""One app's open requests and drain (:class:`Lifecycle`, the endpoints that count in it), and
+the start-up's settings and logging (:func:`logged_settings`, :func:`json_error_line`)."""
 
 from __future__ import annotations
 
@@ -32,7 +30,7 @@ __all__ = [
     "start_up_log_format",
 ]
 
-logger = logging.getLogger("layercode_asgi.server")  # where it logged before its move here
+logger = logging.getLogger("layercode_asgi.server")
 
 
 class Lifecycle:
@@ -83,12 +81,8 @@ SHUTTING_DOWN_ANSWER = json_error(503, "server is shutting down", close=True, he
 
 
 class WebhookEndpoint:
-    """The webhook route's ASGI app: drain check, signature check, then the webhook.
-
-    It runs ``signature_check.verified_body``, then hands the body to the webhook's ``answer``
-    (not middleware around it: the body is read once). Counts the webhook requests in
-    flight for :class:`Lifecycle`; answers 503 once the server is draining.
-    """
+    """The webhook route, counted in :class:`Lifecycle`: 503 once draining, else
+    ``signature_check.verified_body`` and the body (read once) to ``webhook.answer``."""
 
     __slots__ = ("lifecycle", "signature_check", "webhook")
 
@@ -177,7 +171,7 @@ def logged_settings(
             logfire_token=settings.logfire_token,
             log_format=settings.log_format,
         )
-    finally:  # settings that fail to read: their warnings still go out, as before
+    finally:  # settings that fail to read: their warnings still go out
         for record in held.buffer:
             source = logging.getLogger(record.name)
             if source.isEnabledFor(record.levelno):  # a handler on ``source`` had it already

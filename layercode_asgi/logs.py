@@ -6,13 +6,9 @@ never configure anything themselves. An application (or the bundled server) call
 
     setup_logging(verbose=settings.log_level == "DEBUG", logfire_token=settings.logfire_token)
 
-It touches only the ``layercode_asgi`` logger (level and one stderr handler), not the root
-logger, so other libraries' logging is left as the application configured it. Records still
-propagate to the root logger's handlers, if any.
-
-Its formats mask every secret :func:`hide_in_logs` was given (``create_app`` gives its
-settings' secrets) in every line, whatever quoted it: the message, an argument, an
-``extra=`` field, a traceback.
+It touches only the ``layercode_asgi`` logger (level, one stderr handler), not the root
+logger; records still propagate to it. Its formats mask every secret :func:`hide_in_logs`
+was given in every line, whatever quoted it (message, argument, ``extra=`` field, traceback).
 """
 
 from __future__ import annotations
@@ -126,8 +122,7 @@ def setup_logging(
 
 
 class _LineFormatter(logging.Formatter):
-    """``LOG_FORMAT``, each record one (:func:`_one_record`: a traceback's exception text may
-    quote a request), its traceback cut as :func:`cut_traceback` cuts them."""
+    """``LOG_FORMAT``, secrets masked, a record's further lines indented, tracebacks cut."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = mask_secrets(super().format(record))
@@ -211,15 +206,11 @@ def uvicorn_log_config(log_format: str) -> dict[str, Any]:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
-    ``message``, the record's ``extra=`` fields (a text longer than ``LOG_VALUE_MAX_CHARS``
-    cut there, as :func:`escape_log_value` cuts it, and so is a message argument), and
-    ``exception`` (the traceback, as :func:`cut_traceback` cuts it) when there is one.
-    Everything beyond ASCII is escaped, so no value can break the line, and every line is
-    strict JSON: a float NaN or infinity becomes the string ``"nan"``, ``"inf"`` or
-    ``"-inf"``; any other value JSON has no type for (bytes, a set, an object, a dict key
-    that is not a string) its ``str()``; a value whose ``str()`` raises (or a message
-    argument's) ``"<unprintable TYPE>"``."""
+    """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``,
+    the record's ``extra=`` fields (texts and message arguments cut at ``LOG_VALUE_MAX_CHARS``)
+    and ``exception`` (:func:`cut_traceback`). All beyond ASCII is escaped, and every line is
+    strict JSON: NaN and infinities become ``"nan"``, ``"inf"``, ``"-inf"``; what JSON has no
+    type for (bytes, a set, a non-str key) its ``str()``, or ``"<unprintable TYPE>"``."""
 
     def format(self, record: logging.LogRecord) -> str:
         try:
@@ -323,10 +314,8 @@ def _setup_logfire(target: logging.Logger, token: str) -> None:
 
 
 class _MaskedRecords(logging.Handler):
-    """Hands ``inner`` (Logfire's handler, which takes records, not formatted lines) a copy
-    of each record with the secrets :func:`hide_in_logs` was given masked: in its message,
-    its ``extra=`` fields and its traceback (then in the message, as text). The original
-    record, which other handlers get, is left as logged."""
+    """Hands ``inner`` (Logfire's, which takes records, not lines) a copy of each record with
+    the secrets masked (message, ``extra=`` fields, traceback); the original is left as is."""
 
     def __init__(self, inner: logging.Handler) -> None:
         super().__init__()
@@ -452,14 +441,11 @@ def cut_traceback(text: str) -> str:
 def escape_log_value(value: object, max_chars: int | None = LOG_VALUE_MAX_CHARS) -> str:
     """Make a value that came from a request safe to put in a log line.
 
-    Every value a client controls (a path, a header, a ``conversation_id``, an exception
-    text quoting them) goes through this before it reaches a logger, so that it cannot
-    start a forged line or drive a terminal. The result is one line of printable
-    characters, with JSON's escapes: ``\\`` becomes ``\\\\`` (so it reads back
-    unambiguously); line feed, carriage return, tab, backspace and form feed become
-    ``\\n``, ``\\r``, ``\\t``, ``\\b``, ``\\f``; every other non-printable character (C0/C1
-    controls, U+2028/U+2029, bidi overrides, lone surrogates) becomes ``\\uXXXX`` (a
-    surrogate pair beyond U+FFFF); the rest, quotes included, is kept as it is.
+    Every value a client controls (a path, a header, an exception text quoting them) goes
+    through this before it reaches a logger, so that it cannot forge a line or drive a
+    terminal: one line of printable characters, with JSON's escapes (``\\`` as ``\\\\``;
+    ``\\n``, ``\\r``, ``\\t``, ``\\b``, ``\\f``; any other non-printable character, bidi
+    overrides and lone surrogates included, ``\\uXXXX``); quotes are kept.
 
     ``bytes`` are read as UTF-8 (undecodable bytes come out as ``\\udcXX``); any other
     object as ``str(value)`` (``<unprintable TYPE>`` if that raises). Text longer than

@@ -18,15 +18,13 @@ LOOPS_KEPT = 8
 
 
 class PerLoop(Generic[T]):
-    """A client this package created (from a URL, a key): one per event loop.
+    """A client this package created (from a URL, a key): one per event loop, as an app may
+    be served on several loops, at once (servers in threads) or in turn (a test each).
 
-    An application may be served on several loops in one process, at once (two servers in
-    threads, a test client beside a server) or one after another (each test on its own
-    loop; a mounted app, whose lifespan never runs to close its clients). :meth:`get` adopts
-    ``value`` on the first loop and makes another with ``make`` on each other loop;
-    :meth:`take` hands this loop's to its shutdown to close. Without ``make``, ``value`` is
-    the application's client, always returned as is (to be used on the loop that created
-    it). ``check`` runs on each loop before its first value (it may refuse the loop).
+    :meth:`get` adopts ``value`` on the first loop and makes another with ``make`` on each
+    other loop; :meth:`take` hands this loop's to its shutdown to close. Without ``make``,
+    ``value`` (the application's client) is always returned as is. ``check`` runs on each
+    loop before its first value (it may refuse the loop).
     """
 
     __slots__ = ("_check", "_fresh", "_make", "_value", "_values")

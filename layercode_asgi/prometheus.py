@@ -305,7 +305,7 @@ _UNAUTHORIZED: Final = json_error(
     401, "missing or invalid API key", headers=[(b"www-authenticate", b"Bearer")]
 )
 _NOT_ALLOWED: Final = json_error(
-    405, "method not allowed; use GET", headers=[(b"allow", b"GET, HEAD")]
+    405, "method not allowed; use GET or HEAD", headers=[(b"allow", b"GET, HEAD")]
 )
 _UNAVAILABLE: Final = json_error(503, "metrics unavailable")
 

@@ -92,9 +92,13 @@ ABORT_WAIT = 2.0
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    allow = exc.headers.get("Allow") if exc.status_code == 405 and exc.headers else None
-    message = not_allowed(allow) if allow else str(exc.detail).lower()  # names the method
-    return json_error_response(exc.status_code, message, exc.headers)
+    headers = dict(exc.headers or {})
+    allow = headers.get("Allow") if exc.status_code == 405 else None
+    if not allow:
+        return json_error_response(exc.status_code, str(exc.detail).lower(), exc.headers)
+    # Starlette's Allow is in set order ("HEAD, GET" or "GET, HEAD"): sorted, as the message.
+    message, headers["Allow"] = not_allowed(allow)
+    return json_error_response(405, message, headers)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -125,17 +129,13 @@ class _CORSMiddleware(CORSMiddleware):
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Any])
 
-#: On a 500 from an exception handler: Starlette re-raises the exception after it (for the
-#: server's log) and the server closes the connection; a keep-alive client told nothing
-#: would send its next request down the closed connection ("connection reset by peer").
-#: Our own handler's error stays in the app, but after an unexpected error the connection
-#: is not reused either.
+#: On a 500: Starlette re-raises the error after it and the server closes the connection; a
+#: keep-alive client not told so would send its next request down it ("connection reset").
 CLOSE = {"connection": "close"}
 
 
 def _closing(handler: Callable[..., Any]) -> Callable[[Request, Exception], Awaitable[Response]]:
-    """``handler`` (async, or sync: run in a thread, as Starlette runs it) with :data:`CLOSE`
-    added to its response."""
+    """``handler`` (sync ones in a thread, as Starlette runs them), its response with CLOSE."""
 
     async def closing(request: Request, exc: Exception) -> Response:
         if inspect.iscoroutinefunction(handler):
@@ -155,16 +155,14 @@ _ANSWERED = "layercode_asgi.answered_error"
 
 
 class LayercodeApp(Starlette):
-    """The Starlette app :func:`create_app` returns. It takes exception handlers by
-    decorator too, as FastAPI apps do (Starlette 1 dropped its own). An error its own 500
-    handler logged (escaped, secrets masked) and answered, which Starlette re-raises, stops
-    here: the server would log it again as it was (a secret in clear). An error a handler
-    of yours answered goes on to the server, as in any Starlette app."""
+    """The Starlette app :func:`create_app` returns; it takes exception handlers by decorator
+    too (Starlette 1 dropped its own). An error its own 500 handler logged (escaped, secrets
+    masked) stops here, not re-raised to the server (which would log a secret in clear); one
+    a handler of yours answered goes on to the server, as in any Starlette app."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Starlette's own three steps rather than ``await super().__call__(…)``: a coroutine
-        # frame fewer per open request, 248 of the 16,105 bytes an open turn held (tracemalloc,
-        # 800 open turns), the 0.25 KiB per stream that took the paced run past its 30 KiB.
+        # Starlette's three steps, not ``super().__call__``: a coroutine frame fewer per open
+        # request, 248 of the 16,105 bytes an open turn held (tracemalloc, 800 open turns).
         scope["app"] = self
         if self.middleware_stack is None:
             self.middleware_stack = self.build_middleware_stack()
@@ -448,8 +446,7 @@ def create_app(
 
 
 async def _close(what: str, close: Callable[[], Awaitable[object]]) -> None:
-    """One close at the end of the lifespan: a failure is logged once, with its traceback,
-    and the shutdown goes on (as :func:`~layercode_asgi.agents.close_agent` does)."""
+    """One close of the lifespan's end: a failure is logged, and the shutdown goes on."""
     try:
         await close()
     except BaseException as exc:  # a backend's own kind too
@@ -459,7 +456,6 @@ async def _close(what: str, close: Callable[[], Awaitable[object]]) -> None:
 
 
 def _warn_unguarded(kind: str, route: str, harm: str, guard: str) -> None:
-    """The start-up warning of a route open to anyone who can reach it."""
     message = "the %s route %s is not guarded: anyone who can reach it can %s (set %s)"
     logger.warning(message, kind, route, harm, guard)
 
@@ -505,18 +501,15 @@ def run_server(
     ``sockets``: already listening sockets to serve on (as ``serve --workers`` does).
     ``grace_period``: a finite number of seconds >= 0 (else ``ConfigurationError``).
 
-    On the first SIGTERM or SIGINT the app starts draining (new webhooks and authorize
-    calls: 503 JSON, ``/ready``: 503) while open turns and authorize calls finish; once none
-    is left, or after ``grace_period`` seconds (default ``settings.shutdown_grace_period``),
-    uvicorn shuts down as usual and the process exits with status 0. Turns still open when
-    the grace period is over are ended properly first (:meth:`Lifecycle.abort`:
-    ``response.error`` + ``response.end``, or 503 JSON for a turn not yet streaming), given
-    up to ``ABORT_WAIT`` seconds to send that. A second signal stops at once: open turns are
-    ended the same way, without waiting for the grace period. uvicorn's
-    ``limit_max_requests`` (in ``uvicorn_options``) stops the server the way a first SIGTERM
-    does (after that many complete responses, plus up to ``limit_max_requests_jitter``):
-    turns still open then are drained, not cut. Served again, an app drained before serves
-    as usual.
+    The first SIGTERM or SIGINT starts the drain (new webhooks and authorize calls: 503
+    JSON, ``/ready``: 503) while open turns and authorize calls finish; once none is left, or
+    after ``grace_period`` seconds (default ``settings.shutdown_grace_period``), uvicorn
+    shuts down and the process exits with status 0. Turns still open then are ended properly
+    (:meth:`Lifecycle.abort`: ``response.error`` + ``response.end``, or 503 JSON for a turn
+    not yet streaming), given up to ``ABORT_WAIT`` seconds. A second signal ends them so at
+    once. uvicorn's ``limit_max_requests`` (in ``uvicorn_options``, plus up to
+    ``limit_max_requests_jitter``) starts the drain as a first SIGTERM does. An app drained
+    before serves as usual when served again.
     """
     import random
     import signal
@@ -549,7 +542,7 @@ def run_server(
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             if self.drain_deadline is None and not self.should_exit:
-                # First signal: drain. Not recorded for re-raising: a drained exit is clean.
+                # First signal: drain (not recorded for re-raising: a drained exit is clean).
                 self.drain(f"received {signal.Signals(sig).name}")
                 return
             super().handle_exit(sig, frame)
@@ -560,9 +553,7 @@ def run_server(
                 self.drain(f"limit_max_requests ({limit}) reached")
             deadline = self.drain_deadline
             if self.should_exit and lifecycle.active and not lifecycle.aborted:
-                # A second signal: end the open turns properly now, rather than uvicorn
-                # cutting them after its own graceful-shutdown timeout.
-                lifecycle.abort()
+                lifecycle.abort()  # a second signal: end the turns now, not cut by uvicorn
             if deadline is not None and not self.should_exit:
                 if lifecycle.active == 0:
                     logger.info("drained: no open webhooks left, shutting down")

@@ -1,15 +1,12 @@
 """``serve --workers N``: N processes on one listening socket, each draining like one process.
 
-The parent binds the socket, starts the workers (``multiprocessing``'s *spawn*) and forwards
-SIGTERM / SIGINT to them. Each builds its app with :func:`~layercode_asgi.server.app_from_env`
-from the environment it is given (``LAYERCODE_ENV_FILE`` names the env file, if any) and
-serves it with :func:`~layercode_asgi.server.run_server`: the first signal drains, a second
-stops at once; the parent exits once every worker has. A worker that dies is replaced
-(however soon after it started), unless it exits with status 3, uvicorn's for "could not
-start", or :data:`START_ATTEMPTS` in a row ended before serving: then the others are stopped
-and the parent returns 3, as uvicorn's supervisor does. With ``metrics`` and
-prometheus-client installed, the workers share a ``PROMETHEUS_MULTIPROC_DIR`` (the user's,
-else a temporary one, removed at the end): a scrape of any worker sums them all.
+The parent binds the socket, starts the workers (*spawn*) and forwards SIGTERM / SIGINT to
+them. Each serves :func:`~layercode_asgi.server.app_from_env` with
+:func:`~layercode_asgi.server.run_server` (first signal: drain; second: stop at once); the
+parent exits once every worker has. A dead worker is replaced, unless it exits with status 3
+(uvicorn's "could not start") or :data:`START_ATTEMPTS` in a row ended before serving: then
+the others are stopped and the parent returns 3. With ``metrics``, the workers share a
+``PROMETHEUS_MULTIPROC_DIR`` (the user's, else a temporary one): a scrape sums them all.
 """
 
 from __future__ import annotations

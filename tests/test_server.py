@@ -188,9 +188,29 @@ def test_every_error_is_json() -> None:
         assert cases[1][0].headers["allow"] == "POST"
         # Every 405 says which method to use, as LayercodeWebhook's own does.
         refused = [response for response, status in cases if status == 405]
-        for response, use in zip(refused, ["POST", "GET", "POST", "GET"], strict=True):
+        for response, use in zip(
+            refused, ["POST", "GET or HEAD", "POST", "GET or HEAD"], strict=True
+        ):
             assert response.json() == {"error": f"method not allowed; use {use}"}
-            assert use in response.headers["allow"].split(", ")
+            assert use.split(" or ") == response.headers["allow"].split(", ")
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/metrics", "/api/agent", "/api/authorize"])
+def test_a_405_names_every_method_its_allow_header_lists_and_each_is_served(path: str) -> None:
+    if path == "/metrics":
+        pytest.importorskip("prometheus_client")
+    app = create_app(settings(metrics=True))
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        refused = client.request("PUT", path)
+        assert refused.status_code == 405
+        allow = refused.headers["allow"].split(", ")
+        assert allow == sorted(allow)
+        assert refused.json() == {"error": f"method not allowed; use {' or '.join(allow)}"}
+        for method in allow:
+            served = client.request(method, path)
+            assert served.status_code != 405, method
+            if method == "HEAD":
+                assert (served.status_code, served.content) == (200, b"")
 
 
 def test_a_route_spelled_with_a_trailing_slash_is_a_json_404_not_a_redirect() -> None:
