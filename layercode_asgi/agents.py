@@ -156,9 +156,8 @@ class InvalidAgentError(ConfigurationError, TypeError):
 
 class BoundAgent:
     """An agent whose calling convention is decided: ``bound(event, context)`` calls it
-    the way it was written (see :func:`bind_agent`). Reading a signature costs more than
-    a turn's own work (7% of the library's calls per paced turn), so a webhook binds its
-    agent once and hands the bound agent to every :class:`~layercode_asgi.turns.Turn`."""
+    the way it was written (:func:`bind_agent`). Reading a signature costs more than a
+    turn's own work (7% of the library's calls per paced turn), so a webhook binds once."""
 
     __slots__ = ("agent", "call")
 
@@ -173,14 +172,12 @@ class BoundAgent:
 def bind_agent(agent: Agent) -> BoundAgent:
     """Return ``bound(event, context)``, which invokes ``agent`` the way it was written.
 
-    Decided once per agent from its signature: a second positional parameter (or
-    ``*args``) receives the context positionally; a keyword-only parameter named
-    ``context`` or ``ctx`` receives it by name (unless it has a default and there is a
-    second positional parameter); otherwise the agent gets the event only. Other
-    keyword-only parameters with defaults are left alone. Raises
-    :class:`InvalidAgentError` when ``agent`` is not callable or its signature cannot
-    accept that call (e.g. three required positional parameters, or a keyword-only
-    parameter without a default that is not the context).
+    From its signature: a second positional parameter (or ``*args``) gets the context
+    positionally; a keyword-only ``context`` or ``ctx`` gets it by name (unless it has a
+    default and there is a second positional parameter); else the agent gets the event
+    only (other keyword-only parameters with defaults are left alone). Raises
+    :class:`InvalidAgentError` when ``agent`` is not callable or cannot take that call
+    (three required positional parameters, a required keyword-only one, …).
     """
     if isinstance(agent, BoundAgent):
         return agent
@@ -199,10 +196,9 @@ def bind_agent(agent: Agent) -> BoundAgent:
 
 _POSITIONAL_CONTEXT = "*"
 _EVENT_ONLY = ""
-#: The convention of each plain function agent, read once: ``stream_turn(event, agent)``
-#: binds on every request, and reading the signature each time cost 15% of the server's
-#: CPU per turn (in-process paced turns through a Starlette route calling
-#: ``stream_turn``: 282 -> 239 µs). Weak keys: a function made per request is not kept.
+#: Each plain function agent's convention, read once: ``stream_turn`` binds per request,
+#: and reading the signature each time cost 15% of the server's CPU per turn (paced turns
+#: through a Starlette route: 282 -> 239 µs). Weak keys: a per-request function goes.
 _CONVENTIONS: weakref.WeakKeyDictionary[Callable[..., Any], str] = weakref.WeakKeyDictionary()
 
 
@@ -272,8 +268,7 @@ def _echo_factory(settings: Settings | None) -> Agent:
 #: Makes a named agent from the settings (:func:`register_agent`, :func:`get_agent`).
 AgentFactory: TypeAlias = Callable[["Settings | None"], Agent]
 
-# Agents known by name: ``name -> factory(settings)``. Private: read it with
-# :func:`agent_factory` / :func:`list_agents`, extend it with :func:`register_agent`.
+# Agents known by name: ``name -> factory(settings)`` (see register_agent).
 _AGENTS: dict[str, AgentFactory] = {
     "echo": _echo_factory,
     "openai": openai_factory,
@@ -346,8 +341,7 @@ def _import_agent(name: str) -> Any:
     module_name, _, attribute = name.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
-    except (Exception, SystemExit) as exc:  # whatever the module raised while being imported
-        # (an example's ``raise SystemExit("Set OPENAI_API_KEY")`` is a failure to start too)
+    except (Exception, SystemExit) as exc:  # an example's SystemExit("Set …") too
         reason = escape_terminal(str(exc).strip())  # on one line, control characters escaped
         raise AgentImportError(
             f"cannot import the agent {name!r}: {type(exc).__name__}: {reason}"
@@ -365,13 +359,13 @@ def _import_agent(name: str) -> Any:
 
 
 def get_agent(name: str, settings: Settings | None = None) -> Agent:
-    """Build the agent called ``name`` (``"echo"``, ``"openai"``, …).
+    """Build the agent called ``name`` (``"echo"``, ``"openai"``, …), or import the agent
+    at ``"package.module:attribute"``.
 
-    ``name`` may also be an import path ``"package.module:attribute"``: the attribute is
-    the agent itself (an async callable). Unknown names raise :class:`AgentNotFoundError`;
-    an import path that cannot be imported raises :class:`AgentImportError` with the
-    cause; an object that cannot be an agent raises :class:`InvalidAgentError`; an agent
-    that cannot run with these settings (a missing key) raises :class:`ConfigurationError`.
+    Raises :class:`AgentNotFoundError` for an unknown name, :class:`AgentImportError` (with
+    the cause) for an import path that fails, :class:`InvalidAgentError` for an object that
+    cannot be an agent, :class:`ConfigurationError` for an agent that cannot run with these
+    settings (a missing key).
     """
     if not isinstance(name, str):
         raise TypeError(f"an agent name must be a str, got {kind_of(name)}")
@@ -405,10 +399,8 @@ def agent_name(agent: Agent) -> str:
 
 
 async def close_agent(agent: Agent) -> None:
-    """Await ``agent.aclose()`` if the agent has one (optional): what ``create_app``'s
-    lifespan does at shutdown. The built-in ``openai`` and ``starter`` agents close their
-    model client of this event loop; an agent object may release what it holds. A failure
-    is logged, with its traceback, and goes no further (the other closes still run)."""
+    """Await ``agent.aclose()`` if it has one (``create_app``'s lifespan, at shutdown); a
+    failure is logged with its traceback and goes no further."""
     aclose = getattr(agent, "aclose", None)
     if not callable(aclose):
         return

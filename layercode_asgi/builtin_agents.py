@@ -1,8 +1,6 @@
 """The built-in agents that call a model: ``openai`` (the OpenAI SDK) and ``starter``
-(pydantic-ai), their registry factories, and the configured system prompt.
-
-Re-exported by :mod:`layercode_asgi.agents`, where the registry names them; this module
-imports the agent contract's types for annotations only (no import cycle).
+(pydantic-ai), their registry factories, and the configured system prompt. Re-exported by
+:mod:`layercode_asgi.agents` (whose types are imported here for annotations only: no cycle).
 """
 
 from __future__ import annotations
@@ -45,16 +43,14 @@ def openai_agent(
 ) -> Agent:
     """An agent that streams OpenAI chat completions (extra ``openai``).
 
-    The conversation's history is sent as context (after ``system_prompt``; none if blank
-    or ``None``); every text delta is spoken as it arrives (whitespace alone with the next
-    one), and so is a refusal. A provider's HTTP error, a stream that ends without its
-    ``finish_reason`` or an answer without text fails the turn as a
-    :class:`~layercode_asgi.adapters.voice.ModelAPIError` (logged, the key masked); one the
-    model ended early (``length``, ``content_filter``) is spoken and logged as a warning. Raises
-    :class:`ConfigurationError` (``TypeError`` for an option of another type) at once when
-    the SDK is not installed, the key is empty or an option is unusable, so a misconfigured
-    server refuses to start instead of failing turns. ``agent.aclose()`` closes its client
-    of the running event loop (``create_app``'s lifespan awaits it at shutdown).
+    The history is sent after ``system_prompt`` (none if blank or ``None``); every text
+    delta is spoken as it arrives (whitespace alone with the next one), and so is a
+    refusal. A provider's HTTP error, a stream without its ``finish_reason`` or an answer
+    without text fails the turn as a :class:`~layercode_asgi.adapters.voice.ModelAPIError`
+    (logged, the key masked); one the model ended early (``length``, ``content_filter``) is
+    spoken and logged as a warning. Raises :class:`ConfigurationError` (``TypeError`` for an
+    option of another type) at once when the SDK is missing, the key empty or an option
+    unusable. ``agent.aclose()`` closes the running event loop's client.
     """
     if api_key is None or (isinstance(api_key, str) and not api_key.strip()):
         raise ConfigurationError("the openai agent needs OPENAI_API_KEY")
@@ -134,8 +130,8 @@ def openai_agent(
 
 
 def _checked_options(model: Any, system_prompt: Any, base_url: Any, **keys: Any) -> str | None:
-    """Refuse, naming it, an option no model call could use; the system prompt, ``None``
-    when blank (no system message). A blank key is left to the caller (a missing key)."""
+    """Refuse an option no model call could use (a blank key is the caller's to refuse);
+    return the system prompt, ``None`` when blank."""
     check_type("model", model, str, "a str")
     if not model.strip():
         raise ConfigurationError("model must not be blank")
@@ -152,8 +148,7 @@ def _checked_options(model: Any, system_prompt: Any, base_url: Any, **keys: Any)
 
 
 def _split_model(spec: str) -> tuple[str, str]:
-    """``provider:model`` -> ``(provider, model)``, blanks around either cut; a bare model
-    name is OpenAI's. :class:`ConfigurationError` for a ``provider:`` without a model."""
+    """``provider:model`` -> ``(provider, model)``, stripped; a bare model name is OpenAI's."""
     provider, colon, name = spec.partition(":")
     if not colon:
         return "openai", spec.strip()
@@ -268,15 +263,13 @@ def starter_agent(
     """A concise voice assistant on pydantic-ai (extra ``pydantic-ai``).
 
     Speaks ``welcome`` on ``session.start``, then answers each message briefly with the
-    conversation's history as context, phrase by phrase as the model streams. ``model`` is
-    pydantic-ai's ``provider:model`` (``openai:``, ``openai-chat:``, ``google-gla:``; other
-    providers through pydantic-ai with their own environment keys). ``base_url`` (else the
-    ``OPENAI_BASE_URL`` environment variable) points ``openai`` models at any
-    OpenAI-compatible API. Raises
-    :class:`ConfigurationError` at once when pydantic-ai or the model's key is missing (a
-    ``TypeError`` for an option of another type); a blank ``system_prompt`` is none.
-    Each event loop gets its own model and HTTP client; ``agent.aclose()`` closes the running
-    loop's (``create_app``'s lifespan awaits it).
+    history as context, phrase by phrase as the model streams. ``model`` is pydantic-ai's
+    ``provider:model`` (``openai:``, ``openai-chat:``, ``google-gla:``; other providers with
+    their own environment keys). ``base_url`` (else ``OPENAI_BASE_URL``) points ``openai``
+    models at any OpenAI-compatible API. Raises :class:`ConfigurationError` at once when
+    pydantic-ai or the model's key is missing (a ``TypeError`` for an option of another
+    type); a blank ``system_prompt`` is none. Each event loop gets its own model and HTTP
+    client; ``agent.aclose()`` closes the running loop's.
     """
     system_prompt = _checked_options(
         model, system_prompt, base_url, openai_api_key=openai_api_key, google_api_key=google_api_key
@@ -305,8 +298,8 @@ def starter_agent(
     def agent(event: TurnEvent, context: TurnContext) -> Any:  # this loop's run, as it is
         return built.get()[1](event, context)
 
-    async def aclose() -> None:  # create_app's lifespan: pydantic-ai closes the client its
-        taken = built.take()  # provider made as a context exits (older: a shared one)
+    async def aclose() -> None:  # pydantic-ai closes its provider's client as a context exits
+        taken = built.take()
         if taken is not None and hasattr(taken[0], "__aexit__"):
             async with taken[0]:
                 pass

@@ -1,8 +1,7 @@
 """Per-turn metrics of the webhook path: what is measured, and the recorder that measures it.
 
-The webhook holds ``metrics: TurnMetrics | None``; with ``None`` (the default) nothing is
-measured. A :class:`TurnMetrics` measures each webhook request it answers
-(``LayercodeWebhook.answer``) and hands the finished :class:`WebhookRecord` to its sinks:
+The webhook's ``metrics: TurnMetrics | None`` (``None``: nothing is measured) measures
+each webhook request and hands the finished :class:`WebhookRecord` to its sinks:
 
 * :class:`~layercode_asgi.prometheus.PrometheusMetrics` (extra ``prometheus``): counters,
   histograms and a gauge, exposed at ``/metrics``;
@@ -11,11 +10,10 @@ measured. A :class:`TurnMetrics` measures each webhook request it answers
 * :class:`MemoryMetrics`: the last records in memory (``layercode-asgi demo --metrics``,
   tests).
 
-A record holds (seconds, ``time.perf_counter`` based) the time from the request's arrival
-at the webhook to its first ``response.tts``, the request's duration, the wait for the
-conversation's lock, the event type, the status, and for turns the outcome
-(:data:`OUTCOMES`). Signature rejections are counted by reason through the signature
-middleware's ``on_rejected`` callback. ``create_app`` uses :func:`metrics_from_settings`.
+A record holds (seconds, from ``time.perf_counter``) the time to the first
+``response.tts``, the request's duration, the lock wait, the event type, the status, and
+for turns the outcome (:data:`OUTCOMES`). Signature rejections are counted by reason
+(the middleware's ``on_rejected``). ``create_app`` uses :func:`metrics_from_settings`.
 """
 
 from __future__ import annotations
@@ -60,8 +58,7 @@ ABORTED: Final = "aborted"
 #: Never ran: answered with an error before its stream began (503 lock timeout, 400, …).
 REJECTED: Final = "rejected"
 OUTCOMES: Final = (COMPLETED, AGENT_ERROR, TIMEOUT, CLIENT_DISCONNECT, ABORTED, REJECTED)
-#: The status of a request whose client left before anything was answered (e.g. while its
-#: turn waited for its conversation's lock): nginx's "client closed request".
+#: The status of a request whose client left before any answer: nginx's "client closed request".
 CLIENT_CLOSED_REQUEST: Final = 499
 
 #: Histogram buckets (seconds). The time to the first ``response.tts``: voice wants it well
@@ -157,8 +154,7 @@ class WebhookRecord:
         self.lock_wait: float | None = None
         self.first_tts: float | None = None
         self.outcome: str | None = None
-        #: An agent error's exception type, as OpenTelemetry names it (``error.type``): its
-        #: ``error_type`` when it names one (a model provider's failure: the SDK's type).
+        #: An agent error's type as OpenTelemetry's ``error.type`` (its ``error_type`` if set).
         self.error_type: str | None = None
         self.streaming = False
         #: The running turn, until the request ends.
@@ -285,8 +281,7 @@ class TurnMetrics:
         record._states = []
 
     def signature_rejected(self, reason: str) -> None:
-        """Count a request the signature middleware refused (``reason``: e.g.
-        ``no_matching_signature``, ``replayed``)."""
+        """Count a request the signature middleware refused (``reason``: ``replayed``, …)."""
         self._each_sink("signature_rejected", reason)
 
     def _each_sink(self, method: str, *args: Any) -> list[Any]:
@@ -363,8 +358,7 @@ def answered_status(response: Response) -> int:
 
 
 def _type_name(exc: BaseException) -> str:
-    """``exc``'s type (its ``error_type`` if that is one) with its module (none for a
-    built-in), as OpenTelemetry writes it."""
+    """``exc``'s type (its ``error_type`` if that is one) as OpenTelemetry writes it."""
     kind = getattr(exc, "error_type", None)
     if not isinstance(kind, type):
         kind = type(exc)
@@ -388,8 +382,7 @@ def metrics_from_settings(
     settings: Settings, extra_sinks: Sequence[MetricsSink] = (), registry: Any = None
 ) -> TurnMetrics | None:
     """The recorder ``create_app`` uses, or ``None`` when nothing asks for one.
-    ``registry``: the Prometheus sink's (default: prometheus-client's own); anything but a
-    ``CollectorRegistry`` or None is a TypeError, metrics on or off.
+    ``registry``: the Prometheus sink's (a TypeError unless a ``CollectorRegistry`` or None).
 
     * ``LAYERCODE_METRICS=true``: Prometheus when prometheus-client is installed, and
       OpenTelemetry when opentelemetry-api is (at least one of them is required);

@@ -1,22 +1,14 @@
 """OpenTelemetry: a span per webhook request and the per-turn figures as OTel instruments.
 
-Needs the extra ``otel`` (``pip install './layercode-asgi[otel]'``: opentelemetry-api only).
-What is recorded goes to the SDK and exporter the application configured (the global
-tracer and meter providers, or the ones passed in); without an SDK nothing is recorded.
+Needs the extra ``otel`` (opentelemetry-api only). What is recorded goes to the SDK the
+application configured (the global providers, or the ones passed in); without one, nothing.
 ``create_app`` uses it when ``LAYERCODE_METRICS=true`` and opentelemetry-api is installed,
-and when ``LOGFIRE_TOKEN`` is set (Logfire, an OpenTelemetry SDK, set up by ``setup_logging``).
+and when ``LOGFIRE_TOKEN`` is set (Logfire, set up by ``setup_logging``).
 
-The span, ``webhook <event type>`` (kind SERVER), starts when the verified request reaches
-the webhook and is the current span while the turn runs (an agent's own spans nest in it).
-Attributes: ``layercode.event_type``, ``layercode.conversation_id``, ``layercode.turn_id``,
-``layercode.outcome`` (turns), ``http.response.status_code``; the request's ids escaped and
-cut as the log line has them (:func:`~layercode_asgi.logs.escape_log_value`). Events:
-``first_tts`` (when the first ``response.tts`` went out) and ``end``. Status ERROR on a 5xx
-or an agent error, with ``error.type`` (the status code; the exception's type, never its
-message).
-
-Instruments (meter ``layercode_asgi``), the Prometheus ones under OpenTelemetry names:
-see :data:`INSTRUMENT_NAMES` and docs/metrics.md.
+The span ``webhook <event type>`` (kind SERVER) starts when the verified request reaches
+the webhook and is current while the turn runs (an agent's spans nest in it); its
+attributes, events (``first_tts``, ``end``) and error status: docs/metrics.md. The
+instruments (meter ``layercode_asgi``): :data:`INSTRUMENT_NAMES`.
 """
 
 from __future__ import annotations
@@ -78,8 +70,7 @@ def _histogram(meter: Any, figure: str, buckets: tuple[float, ...]) -> Any:
 
 
 def _not_loaded(variable: str) -> ConfigurationError:
-    """OpenTelemetry raised loading the provider ``variable`` names (a misspelled name: a
-    bare ``StopIteration``)."""
+    """OpenTelemetry failed to load the provider ``variable`` names (a misspelled one)."""
     return ConfigurationError(
         f"{variable} ({os.environ.get(variable)}): OpenTelemetry could not load this "
         "provider; is the name right and its package installed?"
@@ -174,8 +165,7 @@ class OtelMetrics:
     def request_started(self, record: WebhookRecord) -> tuple[Any, object, int] | None:
         if self._global_tracer and not self._sdk_seen:
             # No SDK (yet): every span would be a no-op, a fifth of the metrics' calls per
-            # turn. Looked up (it reads the environment) at most once per SDK_CHECK_INTERVAL;
-            # once found it stays (OpenTelemetry sets the global provider only once).
+            # turn. Looked up at most once per SDK_CHECK_INTERVAL; found, it stays.
             if record.arrived < self._next_sdk_check:
                 return None
             self._next_sdk_check = record.arrived + SDK_CHECK_INTERVAL

@@ -1,18 +1,15 @@
 """Prometheus: the per-turn metrics as prometheus-client counters, histograms and a gauge.
 
-Needs the extra ``prometheus`` (``pip install './layercode-asgi[prometheus]'``); importing
-this module without it raises ``ImportError`` with that hint. ``create_app`` uses it when
-``LAYERCODE_METRICS=true`` and serves the text format at ``/metrics`` (guarded by
-``LAYERCODE_METRICS_API_KEYS`` when set). Anywhere else:
+Needs the extra ``prometheus``. ``create_app`` uses it when ``LAYERCODE_METRICS=true`` and
+serves ``/metrics`` (guarded by ``LAYERCODE_METRICS_API_KEYS`` when set). Anywhere else:
 
 * :class:`PrometheusMetrics`: the sink (``TurnMetrics(PrometheusMetrics())``);
 * :func:`render_metrics`: ``(body, content_type)`` of a scrape, for any framework's route;
 * :class:`MetricsEndpoint`: the same as a guarded ASGI app (``Route("/metrics", …)``).
 
-Several processes (``serve --workers N``, gunicorn): prometheus-client's multiprocess mode.
-With ``PROMETHEUS_MULTIPROC_DIR`` set before the processes start, every process writes its
-figures there and a scrape of any of them returns the sum; ``serve --workers`` sets it up by
-itself (a fresh temporary directory) when the variable is not set.
+Several processes (``serve --workers N``, gunicorn): with ``PROMETHEUS_MULTIPROC_DIR`` set
+before they start, each writes its figures there and a scrape of any returns the sum
+(prometheus-client's multiprocess mode); ``serve --workers`` sets a fresh one if unset.
 """
 
 from __future__ import annotations
@@ -164,8 +161,7 @@ def _counter(name_and_help: tuple[str, str], label: str, counts: dict[str, int])
 
 
 class _Instruments:
-    """Several processes (``PROMETHEUS_MULTIPROC_DIR``): prometheus-client's instruments,
-    whose values live in the shared files a scrape of any process sums."""
+    """Several processes: prometheus-client's instruments, in the shared files a scrape sums."""
 
     def __init__(self, registry: prometheus_client.CollectorRegistry) -> None:
         pc = prometheus_client
@@ -199,8 +195,7 @@ class _Instruments:
 
 
 _BY_REGISTRY: MutableMapping[Any, _Figures | _Instruments] = weakref.WeakKeyDictionary()
-#: Several processes: the registry whose instruments write this process's file, by
-#: (directory, pid). Another registry's would write the same figures, each from its own count.
+#: Several processes: the one registry writing this process's file, by (directory, pid).
 _WRITER: dict[tuple[str, int], weakref.ref[Any]] = {}
 
 
@@ -217,9 +212,8 @@ class PrometheusMetrics:
         registry: where the instruments live (default ``prometheus_client.REGISTRY``).
             Several sinks on one registry share its instruments.
 
-    The names: :data:`METRIC_NAMES` (labels: ``event_type``, ``status``; ``outcome``;
-    ``reason``). See docs/metrics.md. A ``PROMETHEUS_MULTIPROC_DIR`` that is not a
-    directory, or not writable, or with it a second registry in one process, is a
+    The names: :data:`METRIC_NAMES` (see docs/metrics.md). A ``PROMETHEUS_MULTIPROC_DIR``
+    that is not a writable directory, or with it a second registry in one process, is a
     :class:`~layercode_asgi.errors.ConfigurationError`.
     """
 
@@ -289,8 +283,7 @@ def render_metrics(
     """A scrape: ``(body, content_type)`` in Prometheus' text format.
 
     ``registry`` default: every process's figures when ``PROMETHEUS_MULTIPROC_DIR`` is set
-    (multiprocess mode), else ``prometheus_client.REGISTRY``. Reads files in multiprocess
-    mode: from async code, call it in a thread (:class:`MetricsEndpoint` does).
+    (it reads files: from async code, call it in a thread), else ``prometheus_client.REGISTRY``.
     """
     if registry is None:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

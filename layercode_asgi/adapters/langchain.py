@@ -68,8 +68,8 @@ def _is_graph(runnable: Any) -> bool:
 
 
 def _text(content: Any) -> str:
-    """The text of a message's ``content``: a string, or a list of content blocks (``text``
-    ones, and ``refusal`` ones: a refusal is the answer, spoken rather than silence)."""
+    """The text of a message's ``content``: a string, or its ``text`` and ``refusal`` blocks
+    (a refusal is the answer, spoken rather than silence)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -83,25 +83,19 @@ def _text(content: Any) -> str:
     return ""
 
 
-#: The ``response_metadata`` keys in which chat models report how their answer ended:
-#: ``finish_reason`` (OpenAI's chat completions, Google), ``status`` (OpenAI's Responses
-#: API), ``stop_reason`` (Anthropic).
+#: Where chat models report how their answer ended (``response_metadata``): OpenAI's chat
+#: completions and Google, OpenAI's Responses API, Anthropic.
 _FINISH_KEYS = ("finish_reason", "status", "stop_reason")
-#: The ``model_provider`` (LangChain's name) of the chat models that report it with every
-#: whole answer: one of theirs without it was cut short. Other models may report nothing.
+#: The ``model_provider`` of chat models that report it with every whole answer (so one
+#: without it was cut short).
 _REPORTING = frozenset({"openai", "anthropic", "google_genai", "google_vertexai"})
-
-
-#: How chat models report an answer they ended early (max tokens hit, a content filter) in
-#: ``response_metadata``: OpenAI's ``length`` and ``content_filter``, Anthropic's
-#: ``max_tokens``, Google's ``MAX_TOKENS`` and ``SAFETY``.
+#: The reasons of an answer ended early (OpenAI's, Anthropic's, Google's).
 _STOPPED_EARLY = frozenset({"length", "content_filter", "max_tokens", "MAX_TOKENS", "SAFETY"})
 
 
 def _ends(result: Any) -> Iterator[tuple[bool, str | None]]:
-    """For each answer of a model run's ``LLMResult``: whether it ended before its finish
-    (the stream cut short by a proxy or the provider, as far as its provider reports it),
-    and why the model ended it early, if it did."""
+    """For each answer of an ``LLMResult``: whether its stream was cut short (as far as its
+    provider reports it), and why the model ended it early, if it did."""
     for generations in result.generations:
         for generation in generations:
             metadata = getattr(getattr(generation, "message", None), "response_metadata", None)
@@ -117,8 +111,7 @@ def _ends(result: Any) -> Iterator[tuple[bool, str | None]]:
                 yield cut, reason if reason in _STOPPED_EARLY else None
 
 
-#: What LangChain raises (a ``ValueError``) for a chat model's answer without one chunk (an
-#: empty 200 answer): from a model streamed, and from one a graph invokes.
+#: LangChain's ``ValueError`` for an empty answer (streamed, or invoked by a graph).
 _NO_ANSWER = frozenset({"No generation chunks were returned", "No generations found in stream."})
 
 _DONE = object()
@@ -127,11 +120,9 @@ _DONE = object()
 async def _in_own_task(stream: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
     """The items of ``stream``, iterated in an asyncio task of its own.
 
-    A turn runs its agent under anyio, whose cancellation repeats at every ``await`` of the
-    cancelled code. LangGraph cleans up a cancelled stream by awaiting (it cancels its node
-    tasks and closes the model request), which needs asyncio's cancellation, delivered once.
-    So the stream runs in its own task, cancelled once when the turn is, and given
-    ``AGENT_CLOSE_TIMEOUT`` seconds to finish.
+    anyio's cancellation repeats at every ``await``; LangGraph's clean-up of a cancelled
+    stream awaits (its node tasks, the model request), so it needs asyncio's, delivered
+    once: the task is cancelled once with the turn and given ``AGENT_CLOSE_TIMEOUT`` s.
     """
     queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue(1)
 
@@ -171,7 +162,7 @@ async def _in_own_task(stream: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
                 await asyncio.wait([task])
 
 
-#: RunnableConfig values the adapter merges its own into each turn: another type fails there.
+#: The RunnableConfig values the adapter merges its own into: another type fails each turn.
 _CONFIG_TYPES: dict[str, tuple[Any, str]] = {
     "tags": (list | None, "a list of str"),
     "metadata": (Mapping | None, "a mapping"),
@@ -235,8 +226,7 @@ def from_langchain(
     ).merge_configs
 
     class FinishWatch(base.BaseCallbackHandler):  # type: ignore[misc]
-        """Notes the turn's last model (for the log) and an answer of the turn that ended
-        before its finish; tells :func:`warn_cut_short` of one the model ended early."""
+        """Notes the turn's model and an answer cut short or ended early."""
 
         run_inline = True
 
@@ -273,8 +263,7 @@ def from_langchain(
         run_config = merge_configs(run_config, {"callbacks": [watch]})
         mode = {"stream_mode": "messages"} if graph else {}
         stream = runnable.astream(value, run_config, **mode)
-        # closed with us, at a yield too: its task (the model request) ends with the turn
-        try:
+        try:  # closed with us, at a yield too: the model request ends with the turn
             async with aclosing(_in_own_task(stream)) as items:
                 async for item in items:
                     chunk = item[0] if graph and isinstance(item, tuple) else item

@@ -2,11 +2,10 @@
 
 Extra ``openai-agents``. Each turn is a ``Runner.run_streamed`` run; the raw Responses
 text deltas (and a refusal's) are spoken, a ``tool_called`` item starts the filler. An
-answer the model ended early (``response.incomplete``) fails the run (the SDK's own check),
+answer the model ended early (``response.incomplete``) fails the run (the SDK's check),
 logged as ``the model's answer was cut short: REASON (model=…)``. The SDK's trace export
-(to OpenAI, by default) is off unless you turn it on (``tracing=True``) or pass your own
-``run_config``. A disconnect cancels the run (the SDK runs it in a task of
-its own), and the turn's end waits up to ``AGENT_CLOSE_TIMEOUT`` seconds for it to end.
+is off unless ``tracing=True`` or your own ``run_config``. A disconnect cancels the run
+(in the SDK's own task); the turn's end waits up to ``AGENT_CLOSE_TIMEOUT`` s for it.
 """
 
 from __future__ import annotations
@@ -56,8 +55,7 @@ def _tool_name(item: Any) -> str:
 
 
 def _model_name(result: Any, config: Any, models: Any) -> str | None:
-    """The model the run's current agent asks (the run's, else the agent's, else the SDK's
-    default), as its name."""
+    """The name of the model the run asks: the run's, else the agent's, else the default."""
     model = getattr(config, "model", None) or getattr(result.current_agent, "model", None)
     if model is None:
         return str(models.get_default_model())
@@ -137,9 +135,8 @@ def from_openai_agents(
         finally:
             note_model(_model_name(result, config, models))  # named by speak()'s failures
             result.cancel()
-            if not ended:  # stopped: as the SDK asks, its events are consumed on after
-                # cancel(), so the run (its model stream) ends now, with the turn. What that
-                # raises is no news: why the run stopped goes on.
+            if not ended:  # as the SDK asks, events are consumed after cancel(), so the
+                # model stream ends with the turn; what that raises is no news
                 with anyio.move_on_after(AGENT_CLOSE_TIMEOUT, shield=True), suppress(Exception):
                     await events.aclose()
                     async for _ in result.stream_events():

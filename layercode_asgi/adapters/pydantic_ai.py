@@ -1,13 +1,11 @@
 """``from_pydantic_ai(agent)``: a pydantic-ai ``Agent`` as a LayerCode agent.
 
-Extra ``pydantic-ai``.
-
-The run goes through ``agent.iter`` and streams every node: each model request's text
-deltas are spoken as they arrive, and a run that calls tools goes on to the model's next
-answer (``run_stream`` would stop at the first text it could return as the output). A
-model answer whose stream was cut short (the provider's details have no ``finish_reason``)
-fails the turn; a refusal is spoken, as the answer; one the model ended early (its
-``finish_reason`` is ``length`` or ``content_filter``) is spoken and logged as a warning.
+Extra ``pydantic-ai``. The run goes through ``agent.iter`` and streams every node: each
+model request's text deltas are spoken as they arrive, and a run that calls tools goes on
+to the model's next answer (``run_stream`` would stop at the first text it could return).
+A model answer whose stream was cut short (no ``finish_reason`` in the provider's details)
+fails the turn; a refusal is spoken, as the answer; one the model ended early (``length``
+or ``content_filter``) is spoken and logged as a warning.
 """
 
 from __future__ import annotations
@@ -56,8 +54,8 @@ _OWN_OPTIONS = ("user_prompt", "message_history")
 
 
 def _check_run_options(agent: Any, run_options: dict[str, Any]) -> None:
-    """Refuse (``TypeError``) a run option ``agent.iter`` cannot take, one the adapter
-    passes itself, or one of a type it cannot use: taken, it would fail every turn."""
+    """Refuse (``TypeError``) a run option that would fail every turn: one ``agent.iter``
+    cannot take, one the adapter passes itself, or one of a type it cannot use."""
     for name in run_options:
         if name in _OWN_OPTIONS:
             raise TypeError(f"from_pydantic_ai: {name} is passed by the adapter on each turn")

@@ -1,34 +1,30 @@
 """What every adapter shares: phrase chunking, the tool filler, tool actions, lazy imports.
 
-An adapter turns a framework's run into a stream of :data:`Piece` values (text deltas and
-:class:`ToolCall` markers) and hands it to :func:`speak`, which makes the spoken replies:
+An adapter turns a framework's run into :data:`Piece` values (text deltas and
+:class:`ToolCall` markers); :func:`speak` makes the spoken replies from them:
 
 * **Chunking.** ``chunking="phrase"`` (the default) speaks text at phrase boundaries: a
   sentence end (``.``, ``!``, ``?``, ``…`` or a line break) followed by a space, or a
   comma, semicolon or colon once the phrase has :data:`MIN_CLAUSE` characters. A CJK
-  sentence end (an ideographic full stop, a fullwidth ``!`` or ``?``) needs no space:
-  Chinese and Japanese put none. Each ``response.tts`` is then a phrase a text-to-speech
-  engine can say with natural prosody, and the first one goes out as soon as the model
-  finishes its first phrase, not its whole answer. A decimal point (``3.5``) is not a
-  boundary: no space follows it. A phrase that grows past :data:`MAX_PHRASE` characters
-  without a boundary (a run-on answer) ends at its last space; CJK text, written without
-  spaces, at a full-width mark (a comma, say), else between two wide characters (never
-  before a combining mark or inside an emoji sequence). ``chunking="delta"`` passes
-  the model's deltas through as they come (whitespace alone, or half an emoji, goes out
-  with the next delta, never as a ``response.tts`` of its own).
+  sentence end (an ideographic full stop, a fullwidth ``!`` or ``?``) needs no space.
+  Each ``response.tts`` is a phrase a text-to-speech engine says with natural prosody,
+  and the first goes out as soon as the model finishes its first phrase. A decimal point
+  (``3.5``) is no boundary. A phrase past :data:`MAX_PHRASE` characters without a
+  boundary ends at its last space; CJK text at a full-width mark, else between two wide
+  characters (never before a combining mark or inside an emoji sequence).
+  ``chunking="delta"`` passes the deltas through (whitespace alone, or half an emoji,
+  goes out with the next delta).
 * **Filler.** When the framework calls a tool, the text so far is spoken, then ``filler``
-  (default ``"One moment."``) once per turn, so the caller hears something while the tool
-  runs. ``filler`` may be a callable ``filler(tool_name) -> str | None`` (``None`` for
-  tools that answer at once), or ``None`` for no filler.
-* **Tool actions.** A tool running inside an adapter's turn may call :func:`send_data`
-  (a ``response.data`` to the browser, sent as soon as the tool has finished) or
-  :func:`hang_up` (a ``response.hangup``, sent after the rest of the answer has been
-  spoken, so the model can still say goodbye). :func:`current_turn` gives the turn's
-  :class:`~layercode_asgi.agents.TurnContext` (conversation id, metadata, history).
-* **Provider errors.** A provider's failure (see :func:`model_api_error`) or an answer
-  without text (see :func:`answer_error`) is a :class:`ModelAPIError`: the turn logs it,
-  the caller only hears ``agent error``. An answer the model ended early (max tokens hit,
-  its content filter) is spoken as it came, with a warning (see :func:`warn_cut_short`).
+  (default ``"One moment."``) once per turn. ``filler`` may be a callable
+  ``filler(tool_name) -> str | None`` (``None`` for tools that answer at once), or ``None``.
+* **Tool actions.** A tool in an adapter's turn may call :func:`send_data` (a
+  ``response.data``, sent once the tool has finished) or :func:`hang_up` (a
+  ``response.hangup``, sent after the rest of the answer, so the model can say goodbye).
+  :func:`current_turn` gives the turn's :class:`~layercode_asgi.agents.TurnContext`.
+* **Provider errors.** A provider's failure (:func:`model_api_error`) or an answer without
+  text (:func:`answer_error`) is a :class:`ModelAPIError`: the turn logs it, the caller
+  hears ``agent error``. An answer the model ended early (max tokens, its content filter)
+  is spoken as it came, with a warning (:func:`warn_cut_short`).
 """
 
 from __future__ import annotations
@@ -116,11 +112,10 @@ def require_extra(module: str, extra: str, adapter: str) -> ModuleType:
 
 
 class ModelAPIError(Exception):
-    """A model provider's answer failed: an HTTP error (see :func:`model_api_error`), or an
-    answer cut short or without text (see :func:`answer_error`).
+    """A model provider's answer failed: an HTTP error (:func:`model_api_error`), or an
+    answer cut short or without text (:func:`answer_error`).
 
-    ``error_type``: the type of the provider's failure (the SDK's exception), which a span's
-    ``error.type`` names; this class for an answer that failed without one.
+    ``error_type``: the SDK's exception type (a span's ``error.type``), else this class.
     """
 
     def __init__(self, message: str, error_type: type[BaseException] | None = None) -> None:
@@ -152,10 +147,8 @@ def _credentials(chain: list[BaseException]) -> set[str]:
     return {secret for secret in found if len(secret) >= 4}
 
 
-#: The public exception classes (``module``, ``name``) that a model SDK or framework raises
-#: for a provider's failure without an HTTP status (an ``error`` event in a stream, an
-#: answer it cannot use, the provider unreachable): looked up only in modules already
-#: imported (no exception of a module never imported can be raised), so no extra is needed.
+#: The exception classes (``module``, ``name``) a model SDK raises for a provider's failure
+#: without an HTTP status; looked up only in modules already imported, so no extra is needed.
 _PROVIDER_FAILURES = (
     ("openai", "APIError"),
     ("pydantic_ai.exceptions", "ModelAPIError"),
@@ -177,12 +170,11 @@ def mask_key(key: str | None) -> None:
 
 def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIError | None:
     """``exc`` as a :class:`ModelAPIError` when it, or an exception it was raised from, is a
-    provider's HTTP error answer (an ``int`` ``status_code``) or another provider failure
-    (see :data:`_PROVIDER_FAILURES`); else ``None`` (for a :class:`ModelAPIError` too). Its
-    message names the status, the ``model`` asked and what the provider said, on one bounded,
-    escaped line (the traceback's last), with every key a provider or proxy may echo masked:
-    the request's, the base URL's password, the environment's ``*API_KEY``, the built-in
-    agents'."""
+    provider's HTTP error (an ``int`` ``status_code``) or another provider failure; else
+    ``None`` (for a :class:`ModelAPIError` too). The message, one bounded escaped line,
+    names the status, ``model`` and what the provider said, with every key it may echo
+    masked (the request's, the URL's password, the environment's ``*API_KEY``, the built-in
+    agents')."""
     if isinstance(exc, ModelAPIError):
         return None
     chain = _chain(exc)
@@ -192,8 +184,7 @@ def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIErr
     failed = answered or next((e for e in chain if isinstance(e, failures)), None)
     if failed is None:
         return None
-    message = " ".join(f"{type(failed).__name__}: {failed}".split())  # pydantic-ai's body:
-    # indented JSON, on one line (cut by escape_log_value, the cause first)
+    message = " ".join(f"{type(failed).__name__}: {failed}".split())  # indented JSON: one line
     environment = (v for k, v in os.environ.items() if k.upper().endswith("API_KEY"))
     keys = {key.strip() for key in environment if len(key.strip()) >= 4}
     for secret in sorted(_credentials(chain) | keys | _GIVEN_KEYS, key=len, reverse=True):
@@ -205,7 +196,7 @@ def model_api_error(exc: BaseException, model: str | None = None) -> ModelAPIErr
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and the exceptions it was raised from, or while handling (at most 8)."""
+    """``exc`` and the exceptions it was raised from or while handling (at most 8)."""
     chain: list[BaseException] = []
     link: BaseException | None = exc
     while link is not None and len(chain) < 8:
@@ -217,11 +208,10 @@ def _chain(exc: BaseException) -> list[BaseException]:
 def log_stopped_retry(
     exc: BaseException, model: str | None = None, context: TurnContext | None = None
 ) -> None:
-    """Log the WARNING ``the model API answered HTTP STATUS (model=…), Retry-After: …: the
-    turn stopped while the SDK waited to retry`` when ``exc`` (the turn's cancellation: its
-    timeout, a disconnect) was raised while the SDK waited to retry a provider's HTTP
-    error (a 429 with a long ``Retry-After``, a 5xx); else nothing. In an adapter's turn,
-    ``model`` and ``context`` default to the turn's."""
+    """Log the WARNING ``the model API answered HTTP STATUS …: the turn stopped while the SDK
+    waited to retry`` when ``exc`` (the turn's cancellation) came while the SDK waited to
+    retry a provider's HTTP error (a 429, a 5xx). ``model`` and ``context`` default to the
+    adapter turn's."""
     if isinstance(exc, Exception):  # a failure, not the turn stopping
         return
     actions = _ACTIONS.get()
@@ -234,22 +224,19 @@ def log_stopped_retry(
             headers = getattr(response, "headers", None)
             after = headers.get("retry-after") if isinstance(headers, Mapping) else None
             waited = "" if after is None else f", Retry-After: {escape_log_value(after)}"
-            ids = {} if context is None else {"conversation_id": context.conversation_id}
-            ids |= {} if context is None else {"turn_id": context.turn_id}
             logger.warning(
                 "the model API answered HTTP %s%s%s: the turn stopped while the SDK waited "
                 "to retry",
                 status,
                 _asked(model),
                 waited,
-                extra=ids,
+                extra=_ids(context),
             )
             return
 
 
 def reraise(exc: Exception, model: str | None = None) -> NoReturn:
-    """Raise ``exc`` (being handled) again: as its :class:`ModelAPIError` when it is a
-    provider's failure (see :func:`model_api_error`), else as it is."""
+    """Raise ``exc`` (being handled) again, as its :class:`ModelAPIError` if it has one."""
     failure = model_api_error(exc, model)
     if failure is None:
         raise exc
@@ -260,18 +247,23 @@ def _asked(model: str | None) -> str:
     return f" (model={escape_log_value(model)})" if model else ""
 
 
+def _ids(context: TurnContext | None) -> dict[str, str]:
+    if context is None:
+        return {}
+    return {"conversation_id": context.conversation_id, "turn_id": context.turn_id}
+
+
 def answer_error(problem: str, model: str | None = None) -> ModelAPIError:
-    """A :class:`ModelAPIError` for an answer that came but cannot be spoken whole
-    (``problem``: it "held no text", it "ended before its finish"), naming ``model``."""
+    """A :class:`ModelAPIError` for an answer that cannot be spoken whole (``problem``:
+    "held no text", "ended before its finish"), naming ``model``."""
     return ModelAPIError(f"the model's answer {problem}{_asked(model)}")
 
 
 def warn_cut_short(reason: str, model: str | None, context: TurnContext | None = None) -> None:
     """Log the WARNING ``answer cut short: REASON (model=…)``: the model ended its answer
-    early, for the provider's ``reason`` (``length``, ``max_output_tokens``,
-    ``content_filter``). What came is spoken and the turn is not failed: the caller keeps
-    what was said. In an adapter's turn, logged once, at its end, if it spoke (else the
-    turn fails as one without text); elsewhere at once, for ``context``'s turn."""
+    early (``length``, ``max_output_tokens``, ``content_filter``); what came is spoken. In
+    an adapter's turn, logged once at its end if it spoke (else the turn fails as one
+    without text); elsewhere at once, for ``context``'s turn."""
     actions = _ACTIONS.get()
     if actions is None:
         _log_cut_short(reason, model, context)
@@ -280,10 +272,8 @@ def warn_cut_short(reason: str, model: str | None, context: TurnContext | None =
 
 
 def _log_cut_short(reason: str, model: str | None, context: TurnContext | None) -> None:
-    ids = (
-        {"conversation_id": context.conversation_id, "turn_id": context.turn_id} if context else {}
-    )
-    logger.warning("answer cut short: %s%s", escape_log_value(reason), _asked(model), extra=ids)
+    extra = _ids(context)
+    logger.warning("answer cut short: %s%s", escape_log_value(reason), _asked(model), extra=extra)
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,10 +472,8 @@ async def speak(
     filler: Filler = DEFAULT_FILLER,
 ) -> AsyncGenerator[Reply, None]:
     """The spoken replies of a framework run: chunked text, filler, tool actions, hangup.
-
-    ``pieces`` is closed when the replies stop early (a disconnect cancels the turn); a
-    provider's HTTP error is raised as a :class:`ModelAPIError` (see :func:`model_api_error`).
-    """
+    ``pieces`` is closed when the replies stop early; a provider's failure is raised as a
+    :class:`ModelAPIError`."""
     chunker = PhraseChunker(chunking)
     actions = _Actions(context)
     token = _ACTIONS.set(actions)
@@ -538,10 +526,9 @@ def voice_agent(
 ) -> Agent:
     """Our agent around ``run(prompt, context)``, a framework run as :data:`Piece` values.
 
-    On a silent ``session.start`` it speaks ``welcome`` (nothing if blank) without calling
-    the model (or, when ``welcome`` is ``None``, asks the model to greet with
-    :data:`GREETING_PROMPT`); a ``message`` without text (or only blanks, which the history
-    leaves out) gets no answer.
+    On a silent ``session.start`` it speaks ``welcome`` (nothing if blank), or with
+    ``welcome=None`` asks the model to greet (:data:`GREETING_PROMPT`); a ``message``
+    without text (or only blanks) gets no answer.
     """
     PhraseChunker(chunking)  # a bad option fails here, at start-up
     check_type("welcome", welcome, str | None, "a str or None")
