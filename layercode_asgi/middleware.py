@@ -405,11 +405,11 @@ class LayercodeSignature:
         try:
             seen = await cache.seen(key, ttl)
         except Exception as exc:  # fail closed: a replay check that cannot run does not pass
+            why = f"{type(exc).__name__}: {escape_error(exc)}"
+            # RedisReplayCache's error says "replay cache unavailable" already, then its cause.
+            why = why.removeprefix("StoreUnavailableError: replay cache unavailable: ")
             logger.error(
-                "replay cache unavailable: %s: %s",
-                type(exc).__name__,
-                escape_error(exc),
-                exc_info=not isinstance(exc, LayercodeError),
+                "replay cache unavailable: %s", why, exc_info=not isinstance(exc, LayercodeError)
             )
             await send_json_error(send, _REPLAY_UNAVAILABLE)
             return True
