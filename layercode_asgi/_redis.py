@@ -52,7 +52,6 @@ REDIS_CLIENT = "Redis (REDIS_URL; redis-py's asyncio client)"
 class Tasks:
     """A Redis client owner's background tasks; :meth:`cancel` ends the running loop's."""
 
-
     __slots__ = ("_tasks",)
 
     def __init__(self) -> None:

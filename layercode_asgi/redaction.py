@@ -117,5 +117,4 @@ def escape_terminal(text: str) -> str:
     """``text`` safe to print on a terminal: every control character shown as an escape
     (``\\x1b``, ``\\n``, ``\\u2028``, …), so it can neither move the cursor, set the
     clipboard nor start a line of its own."""
-
     return _CONTROL.sub(_escape, text)

@@ -234,7 +234,6 @@ class RedisReplayCache:
         """Delete the values of the SETs that got no reply once Redis answers (those sent
         before have run then): a round stops at the first attempt with no reply, the next
         waits twice as long (50 ms up to 1 s); one gone or expired is dropped."""
-
         delay = 0.05
         while here.unanswered:
             await anyio.sleep(delay)

@@ -195,7 +195,6 @@ def _parse_header(signature: str) -> tuple[str, list[str]]:
         elif key == "v1":
             candidates.append(value)
         # Unknown keys are ignored (forward compatibility).
-
     if timestamp is None:
         raise _malformed("no 't=' entry")
     if not (
