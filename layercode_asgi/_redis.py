@@ -50,8 +50,7 @@ REDIS_CLIENT = "Redis (REDIS_URL; redis-py's asyncio client)"
 
 
 class Tasks:
-    """What a Redis client's owner runs in the background (a retry once Redis answers again):
-    :meth:`cancel` ends those of the running event loop."""
+    """A Redis client owner's background tasks; :meth:`cancel` ends the running loop's."""
 
     __slots__ = ("_tasks",)
 
@@ -94,10 +93,9 @@ def import_redis(what: str) -> Any:
 def clients(
     url_or_client: Any, wrap: Callable[[Any], T], what: str, **options: Any
 ) -> loops.PerLoop[T]:
-    """``wrap`` of a client per event loop: from a URL, a new one per loop
-    (:func:`connect` with ``what`` and ``options``); a client given, only it (neither a URL
-    nor an asyncio client, a synchronous ``redis.Redis`` included, is a ``TypeError``). On
-    trio, where redis-py's asyncio clients cannot run, a :class:`ConfigurationError`."""
+    """``wrap`` of a client per event loop: from a URL, a new one per loop (:func:`connect`
+    with ``what`` and ``options``); a client given, only it (anything else, a synchronous
+    ``redis.Redis`` included, is a ``TypeError``). On trio, a :class:`ConfigurationError`."""
     check = functools.partial(require_asyncio, REDIS_CLIENT)
     if not isinstance(url_or_client, str):
         import_redis(what)
@@ -227,13 +225,10 @@ CLUSTER_HINT = "a node of a Redis Cluster: set LAYERCODE_REDIS_CLUSTER=true"
 
 async def write_check_keys(client: Any, key: str) -> list[str]:
     """The keys a write check writes: ``key`` on one Redis; on a cluster, one key per
-    primary (``key{<n>}``), so that a primary refusing writes is found wherever it is (one
-    whose slots a bounded search misses is not checked). A ``key`` with a hash tag of its
-    own maps to one node, as do all the keys made with that prefix: that node is checked.
-
-    A client made without ``cluster`` that reaches a node of a cluster of several primaries
-    (the keys of the others answered MOVED) gets a ``RedisClusterException`` saying so.
-    """
+    primary (``key{<n>}``, found by a bounded search), so that a primary refusing writes is
+    found (a ``key`` with a hash tag of its own maps to one node: that one). A client made
+    without ``cluster`` that reaches a cluster of several primaries gets a
+    ``RedisClusterException`` saying so."""
     if getattr(client, "PRIMARIES", None) is None:
         from redis.exceptions import RedisClusterException, ResponseError
 

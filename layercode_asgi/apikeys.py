@@ -1,10 +1,4 @@
-"""The API-key check of the guarded routes (``/api/authorize``, ``/metrics``).
-
-A caller presents a key as ``X-Api-Key: <key>`` or ``Authorization: Bearer <key>``; it is
-compared with every configured key in constant time. With both, a non-empty ``X-Api-Key`` is
-the key checked (``Authorization`` may carry a front end's own token); the header checked
-sent twice is refused.
-"""
+"""The API-key check of the guarded routes (``/api/authorize``, ``/metrics``)."""
 
 from __future__ import annotations
 
@@ -69,9 +63,10 @@ def check_keys_apart(settings: Settings) -> None:
 
 
 def api_key_allowed(headers: Headers, keys: tuple[bytes, ...]) -> bool:
-    """Whether ``headers`` present one of ``keys``; True when there are no keys (the route is
-    not guarded). The header checked must come once: of two, which is meant is anyone's
-    guess (a proxy in front may have checked the other)."""
+    """Whether ``headers`` present one of ``keys`` (compared in constant time); True when there
+    are no keys. The key is a non-empty ``X-Api-Key``, else ``Authorization: Bearer <key>``
+    (which may carry a front end's own token); it must come once: of two, which is meant is
+    anyone's guess (a proxy in front may have checked the other)."""
     if not keys:
         return True
     sent = headers.getlist("x-api-key")

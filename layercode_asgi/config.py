@@ -528,11 +528,8 @@ class Settings:
         return _str_list(self.layercode_webhook_secret or "")
 
     def require(self, *names: str) -> None:
-        """Raise :class:`SettingsError` unless every named setting has a value.
-
-        ``names`` are attribute names (``"layercode_api_key"``); the error names the
-        environment variables: ``"LAYERCODE_API_KEY is not set"``.
-        """
+        """Raise :class:`SettingsError` unless every named setting (``"layercode_api_key"``)
+        has a value; the error names the variables: ``"LAYERCODE_API_KEY is not set"``."""
         _reject_unknown(names)
         missing = []
         for name in names:

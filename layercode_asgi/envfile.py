@@ -3,10 +3,9 @@
 Errors name the file, the line number and (where it can be read) the variable, never the
 line's text: a garbled line may be part of a secret.
 
-Not ``starlette.config.Config``'s reader (issue 16 asked whether it serves; checked on
-Starlette 1.10): it keeps a BOM and ``export`` in the key (``\ufeffA``, ``export B``) and
-an inline comment in the value (``v # comment``), reads a FIFO or a huge file unbounded,
-and skips a bad line without a word, where a wrong secret would then fail every request.
+Not ``starlette.config.Config``'s reader (checked on Starlette 1.10): it keeps a BOM and
+``export`` in the key and an inline comment in the value (``v # comment``), reads a FIFO or
+a huge file unbounded, and skips a bad line without a word.
 """
 
 from __future__ import annotations
@@ -100,8 +99,8 @@ def parse_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
     Supports ``KEY=VALUE``, an optional ``export`` prefix, ``#`` comments and blank lines,
     single quotes (literal) and double quotes (with ``\\n``, ``\\t``, ``\\"``, ``\\\\``
     escapes), and inline `` #`` comments after unquoted values. Later keys win. Raises
-    :class:`SettingsError` naming the file and line of every garbled line, or naming the
-    file if it is not a regular file (a device, a pipe) or is over 1 MiB.
+    :class:`SettingsError` naming the file and line of every garbled line, or the file if
+    :func:`read_settings_file` refuses it.
     """
     file = escape_terminal(str(Path(path)))  # as the errors show it
     try:

@@ -96,8 +96,8 @@ MAX_NUMBER = sys.float_info.max
 
 
 def check_positive_int(value: object, name: str, *, zero: bool = False) -> None:
-    """Refuse (``ConfigurationError``) anything but an ``int`` >= 1 (>= 0 with ``zero``) and
-    <= :data:`MAX_NUMBER` (``True`` is no count)."""
+    """Refuse (``ConfigurationError``) all but an ``int`` (no bool) from 1 (0 with ``zero``)
+    to :data:`MAX_NUMBER`."""
     least = 0 if zero else 1
     if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= MAX_NUMBER:
         bound = ">= 0" if zero else "> 0"
@@ -107,9 +107,8 @@ def check_positive_int(value: object, name: str, *, zero: bool = False) -> None:
 
 
 def check_seconds(name: str, value: object, *, zero: bool, none: bool) -> None:
-    """Refuse a duration that is not a finite number of seconds (NaN, infinity, a bool, a
-    string), a negative one, and 0 or ``None`` unless allowed: a
-    :class:`ConfigurationError` (a ``ValueError``) naming the argument."""
+    """Refuse (:class:`ConfigurationError` naming the argument) all but a finite number of
+    seconds >= 0 (no bool); 0 and ``None`` only if allowed."""
     if value is None and none:
         return
     if (
@@ -133,9 +132,8 @@ def _shown(value: object) -> str:
 
 
 def check_text(name: str, value: object) -> None:
-    """Refuse a text to be spoken that is not a ``str`` (``TypeError``) or cannot be sent
-    as UTF-8 (a lone surrogate: :class:`ConfigurationError`, a ``ValueError``); ``None``
-    passes. Both name the argument."""
+    """Refuse, naming the argument, a text that is not a ``str`` (``TypeError``) or not
+    UTF-8 (a lone surrogate: :class:`ConfigurationError`); ``None`` passes."""
     if value is None:
         return
     if not isinstance(value, str):
@@ -158,9 +156,8 @@ def held_in_host(host: str) -> str | None:
 
 
 def from_environment(make: Callable[[], _T], what: str) -> _T:
-    """``make()``: an HTTP client, which httpx builds from the environment. What fails there (a
-    proxy in ``HTTP_PROXY``, ``HTTPS_PROXY`` or ``ALL_PROXY`` httpx cannot use, an unreadable
-    ``SSL_CERT_FILE``) is a ConfigurationError naming those variables (and ``what``)."""
+    """``make()``, an HTTP client httpx builds from the environment: its failure (a proxy
+    httpx cannot use, an unreadable ``SSL_CERT_FILE``) is a ConfigurationError naming those."""
     try:
         return make()
     except Exception as exc:
@@ -171,9 +168,8 @@ def from_environment(make: Callable[[], _T], what: str) -> _T:
 
 
 def check_callable(name: str, value: object, *, sync: bool = False) -> None:
-    """Refuse (``TypeError`` naming the argument) a ``value`` that is neither ``None`` nor
-    callable, a generator function (what it returns is no answer) and, with ``sync``, a
-    coroutine function (it is called without ``await``: its coroutine would never run)."""
+    """Refuse (``TypeError`` naming the argument) a non-callable other than ``None``, a
+    generator function and, with ``sync``, a coroutine function (it would never run)."""
     if value is None:
         return
     if not callable(value):
@@ -185,15 +181,13 @@ def check_callable(name: str, value: object, *, sync: bool = False) -> None:
 
 
 def check_type(name: str, value: object, kind: Any, expected: str) -> None:
-    """Refuse (``TypeError`` naming the argument) a ``value`` that is not a ``kind`` (a class
-    or a union of them); ``expected`` says what it must be."""
+    """Refuse (``TypeError`` naming the argument) a ``value`` that is not a ``kind``."""
     if not isinstance(value, kind):
         raise TypeError(f"{name} must be {expected}, got {kind_of(value)}")
 
 
 def check_strs(name: str, value: object, expected: str) -> tuple[str, ...]:
-    """``value`` (an iterable of ``str``, not one ``str``) as a tuple; else a ``TypeError``
-    naming the argument, saying it must be ``expected``."""
+    """``value`` (an iterable of ``str``, not one ``str``) as a tuple, else a ``TypeError``."""
     if isinstance(value, Iterable) and not isinstance(value, str | bytes):
         items = tuple(value)
         if all(isinstance(item, str) for item in items):

@@ -7,15 +7,14 @@ It works wherever ASGI middleware does::
     app = LayercodeSignature(app, secret="whsec_…")                   # any ASGI app
 
 For each protected HTTP request it checks the ``layercode-signature`` header (a missing,
-malformed or stale one is refused before any byte of the body is read), reads the body once
-(refusing more than ``max_body_size`` bytes with 413 as soon as it knows), verifies the
-signature against those exact bytes, and then calls the wrapped app with a ``receive`` that
-replays the same bytes, so handlers use ``await request.body()`` / ``request.json()`` as
-usual. A bad signature gets ``401 {"error": "<reason>"}`` and the wrapped app is not called.
+malformed or stale one before any byte of the body is read), reads the body once (413 as
+soon as it passes ``max_body_size``), verifies the signature against those exact bytes, and
+calls the wrapped app with a ``receive`` that replays them (``await request.body()`` works
+as usual). A bad signature gets ``401 {"error": "<reason>"}``; the wrapped app is not called.
 
 The response path is untouched: the wrapped app gets the server's own ``send``, so a
-Server-Sent Events stream reaches the client event by event. (Starlette's
-``BaseHTTPMiddleware``, which the reference implementation uses, cannot promise that.)
+Server-Sent Events stream reaches the client event by event (Starlette's
+``BaseHTTPMiddleware``, which the reference implementation uses, cannot promise that).
 ``lifespan`` and ``websocket`` scopes, and HTTP paths outside ``paths``, pass through.
 """
 
@@ -149,16 +148,14 @@ class LayercodeSignature:
             Required; an empty, blank or missing secret raises :class:`ConfigurationError`
             when the middleware is built (at start-up), never per request.
         tolerance: largest accepted ``|now - t|`` in seconds (default 300, ``>= 0``).
-        paths: request paths to protect, matched against the path below the app's mount
-            point (``root_path`` removed, only where it ends at a ``/``: see
-            :func:`route_path`) and, to fail closed, against the full path (``root_path``
-            + ``path`` where a server leaves it out of ``path``) and the path the client
-            sent (``raw_path``) too; repeated and trailing slashes do not count
-            (``//api/agent/`` is ``/api/agent``); a trailing ``*`` makes a prefix
-            (``/hooks/*`` covers ``/hooks`` too). ``None`` (default) protects every HTTP
-            request; an empty ``paths``, or one no request path can match as written
-            (``{param}``, ``%``, a ``*`` before the end, …: see
-            :func:`~layercode_asgi._asgi.check_route`), raises :class:`ConfigurationError`.
+        paths: request paths to protect; ``None`` (default) protects every HTTP request. A
+            path matches below the app's mount point (see :func:`route_path`) and, to fail
+            closed, as the full path (``root_path`` + ``path``) and as the client sent it
+            (``raw_path``); repeated and trailing slashes do not count (``//api/agent/`` is
+            ``/api/agent``); a trailing ``*`` makes a prefix (``/hooks/*`` covers ``/hooks``
+            too). An empty ``paths``, or one no request path can match as written
+            (``{param}``, ``%``, a ``*`` before the end, …), raises
+            :class:`ConfigurationError`.
         max_body_size: largest accepted body in bytes (default 1 MiB). A larger declared
             ``Content-Length`` is refused with 413 before any byte is read; a chunked body
             is refused as soon as it passes the limit. The 413 closes the connection.
@@ -166,12 +163,11 @@ class LayercodeSignature:
         body_timeout: seconds the whole body may take to arrive (default 10); a slower
             sender gets 408, so a trickling client cannot pin a worker. ``None``: no limit.
         replay_protection: refuse a verified signature seen before with 409. ``True``
-            remembers signatures in this process (``MemoryReplayCache``); pass a
-            :class:`~layercode_asgi.replay.ReplayCache` (e.g. ``RedisReplayCache``) to
-            share them between workers. If the cache cannot answer (unreachable, or any
-            error from it): 503, fail closed. A delivery the wrapped app answers 503, or
-            redirects with 307 or 308 (which resend it), is forgotten (with a cache that has
-            ``forget``), so its retry is taken.
+            remembers signatures in this process (``MemoryReplayCache``); a
+            :class:`~layercode_asgi.replay.ReplayCache` (e.g. ``RedisReplayCache``) shares
+            them between workers. A cache that cannot answer gets 503 (fail closed). A
+            delivery the wrapped app answers 503, 307 or 308 (resent) is forgotten (by a
+            cache with ``forget``), so its retry is taken.
         on_rejected: called with the reason of each refused signature
             (``SignatureErrorReason`` name in lower case, e.g. ``no_matching_signature``,
             or ``replayed``): the metrics' ``TurnMetrics.signature_rejected``. If it raises,
@@ -275,8 +271,7 @@ class LayercodeSignature:
         )
 
     def _protects(self, scope: Scope) -> bool:
-        """Whether an HTTP request needs a signature. When in doubt, it does: a path is
-        protected if its route path or its full path matches."""
+        """Whether an HTTP request needs a signature: when in doubt (any spelling matches)."""
         matches = self._matches
         if matches is None:
             return True
@@ -311,13 +306,12 @@ class LayercodeSignature:
         """Run every check of the middleware on an HTTP request: the body and the ``send``
         to answer it with, or ``None`` once it has been answered.
 
-        The signature header (missing, malformed or stale: refused before the body is read,
-        the connection closed), the body's size and deadline, the signature, then replay
-        protection. A request failing one is answered (400, 401, 408, 409, 413, 503), as is
-        a client that left mid-body (400, for middleware outside: the server drops it).
-        Otherwise nothing was sent: the caller answers through the ``send`` returned (with
-        replay protection, one that forgets the delivery when the answer is a 503, 307 or
-        308); ``receive`` is not used again here, so it can be handed on as it is.
+        The signature header (refused before the body is read, the connection closed), the
+        body's size and deadline, the signature, then replay protection. A request failing
+        one is answered (400, 401, 408, 409, 413, 503), as is a client that left mid-body
+        (400, for middleware outside). Otherwise nothing was sent: the caller answers
+        through the ``send`` returned (with replay protection, one that forgets the delivery
+        answered 503, 307 or 308); ``receive`` is unused here, to be handed on as it is.
         ``reads``: see :func:`read_body` (its :class:`BodyAborted` goes on, nothing sent).
         """
         parts: list[str] = []
@@ -379,7 +373,7 @@ class LayercodeSignature:
     async def _refuse(
         self, scope: Scope, send: Send, answer: tuple[Message, Message], why: object
     ) -> None:
-        """Log why a request is refused (a bad signature: tell ``on_rejected``), answer it."""
+        """Log why, tell ``on_rejected`` of a bad signature, answer."""
         log_refused(logger, scope, why)
         if isinstance(why, SignatureVerificationError):
             self._rejected(why.reason.name.lower())
@@ -405,11 +399,11 @@ class LayercodeSignature:
         try:
             seen = await cache.seen(key, ttl)
         except Exception as exc:  # fail closed: a replay check that cannot run does not pass
+            why = f"{type(exc).__name__}: {escape_error(exc)}"
+            # RedisReplayCache's error says "replay cache unavailable" already, then its cause.
+            why = why.removeprefix("StoreUnavailableError: replay cache unavailable: ")
             logger.error(
-                "replay cache unavailable: %s: %s",
-                type(exc).__name__,
-                escape_error(exc),
-                exc_info=not isinstance(exc, LayercodeError),
+                "replay cache unavailable: %s", why, exc_info=not isinstance(exc, LayercodeError)
             )
             await send_json_error(send, _REPLAY_UNAVAILABLE)
             return True
@@ -427,8 +421,7 @@ _NOT_PROCESSED = frozenset({307, 308, 503})
 
 
 def _forgetting(send: Send, forget: Callable[[str], Awaitable[None]], key: str) -> Send:
-    """``send`` that first forgets the delivery ``key`` if the answer is one of
-    :data:`_NOT_PROCESSED`: it was not processed."""
+    """``send`` that first forgets the delivery ``key`` if it is answered as not processed."""
 
     async def sending(message: Message) -> None:
         if message["type"] == "http.response.start" and message["status"] in _NOT_PROCESSED:

@@ -1,16 +1,4 @@
-"""Keeping secrets and hostile text out of what we print: URL masking, terminal escaping.
-
-:func:`mask_url` hides the credentials of a URL (a ``REDIS_URL`` in an error message, a
-``repr``, a log line) without parsing it as a URL: a password may hold unencoded ``/``,
-``#``, ``?`` or ``@``, which a URL parser reads as the start of the path, the fragment or
-the query, and would then show. Everything between ``scheme://`` and the *last* ``@`` is
-taken as credentials, so a mistake can only hide too much, never show a secret.
-
-:func:`escape_terminal` makes text from a remote party safe to print on a terminal: every
-control character (C0, DEL, C1, which includes ESC and the 8-bit CSI/OSC introducers) and
-the Unicode line and paragraph separators become visible escapes (``\\x1b``, ``\\u2028``), so
-the text can neither move the cursor, set the clipboard nor start a line of its own.
-"""
+"""Keeping secrets and hostile text out of what we print: URL masking, terminal escaping."""
 
 from __future__ import annotations
 
@@ -37,6 +25,9 @@ _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 def mask_url(url: str) -> str:
     """``url`` with its credentials hidden: ``redis://user:***@host:6379/0``.
 
+    Not parsed as a URL: a password may hold unencoded ``/``, ``#``, ``?`` or ``@``, which a
+    parser would read as the start of the path, fragment or query, and show. All between
+    ``scheme://`` and the *last* ``@`` is credentials: a mistake hides too much, never a secret.
     The user name is kept when a ``:`` separates it from a password; credentials without a
     ``:`` are hidden whole (some clients read a lone ``secret@host`` as a password). Query
     parameters other than plain options (``db=``, timeouts, …) have their values hidden
@@ -123,5 +114,7 @@ def _escape(match: re.Match[str]) -> str:
 
 
 def escape_terminal(text: str) -> str:
-    """``text`` with every control character shown as an escape (``\\x1b``, ``\\n``, …)."""
+    """``text`` safe to print on a terminal: every control character shown as an escape
+    (``\\x1b``, ``\\n``, ``\\u2028``, …), so it can neither move the cursor, set the
+    clipboard nor start a line of its own."""
     return _CONTROL.sub(_escape, text)

@@ -1,26 +1,22 @@
 """Replay protection: remember verified webhook signatures for as long as they are valid.
 
-A signed webhook stays valid for ``tolerance`` seconds around its timestamp. Whoever
-captures one (a proxy log, a leaked request dump) could send it again inside that window;
-the signature would verify. With replay protection on, the first delivery is remembered
-and a second delivery of the same signed request is refused with 409 — the webhook
-analogue of an idempotency key.
+A signed webhook stays valid for ``tolerance`` seconds around its timestamp: whoever
+captures one (a proxy log, a leaked request dump) could send it again inside that window.
+With replay protection on, a second delivery of the same signed request is refused with 409.
 
-The key of a delivery is ``sha256(t + "." + body)``: it names the signed content, not the
-header text, so adding junk ``v1=`` entries or reordering the header does not make a
-replay look new. It is remembered for as long as its signature can still verify: the
-check compares whole seconds (``floor(now) - t <= tolerance``), so until
-``t + tolerance + 1``. Memory is bounded by the request rate times the window.
+The key of a delivery is ``sha256(t + "." + body)``: the signed content, not the header
+text, so junk ``v1=`` entries or a reordered header do not make a replay look new. It is
+remembered while its signature can still verify: until ``t + tolerance + 1`` (the check
+compares whole seconds).
 
 * :class:`MemoryReplayCache`: one process; bounded (``max_entries``, oldest dropped first
   with a warning — size it above your peak rate * (2 * tolerance + 1)).
 * :class:`RedisReplayCache`: every worker sharing one Redis (``SET key value NX EX ttl``).
-  When Redis is down or answers with an error (OOM, READONLY, any ``RedisError``) it raises
-  :class:`~layercode_asgi.conversation.StoreUnavailableError`; the middleware answers 503
-  (fail closed: a replay check that cannot run does not pass).
+  Redis down or answering an error (OOM, READONLY, any ``RedisError``) raises
+  :class:`~layercode_asgi.conversation.StoreUnavailableError`: the middleware answers 503.
 
-A delivery answered 503 (with ``Retry-After``: not processed, try again) is forgotten
-(``forget``, when the cache has one: both of these do), so LayerCode's retry of it is taken.
+A delivery answered 503 (not processed, try again) is forgotten (``forget``, which both
+have), so LayerCode's retry of it is taken.
 """
 
 from __future__ import annotations
@@ -79,9 +75,9 @@ def replay_key(timestamp: str, body: bytes) -> str:
 class ReplayCache(Protocol):
     """Remembers deliveries; ``seen`` is an atomic check-and-remember.
 
-    A cache may also have ``async def forget(self, key: str) -> None``: the middleware calls
-    it when the answer to a delivery it remembered is a 503 (not processed), so the retry of
-    the same signed bytes is taken. Without it, that retry gets 409.
+    A cache may also have ``async def forget(self, key: str) -> None``, called when a
+    delivery it remembered is answered 503 (not processed), so its retry is taken (without
+    it, that retry gets 409).
     """
 
     async def seen(self, key: str, ttl: float) -> bool:
@@ -99,8 +95,7 @@ class MemoryReplayCache:
     def __init__(self, max_entries: int = 1_000_000) -> None:
         check_positive_int(max_entries, "max_entries")
         self.max_entries = max_entries
-        # key -> expiry (monotonic seconds). Expiries differ per key, so expired entries are
-        # swept from the oldest end in passing and on insertion.
+        # key -> monotonic expiry, oldest first: expired entries are swept from that end.
         self._entries: OrderedDict[str, float] = OrderedDict()
 
     def __len__(self) -> int:
@@ -153,8 +148,7 @@ class RedisReplayCache:
     """Replay cache shared by every worker using the same Redis: ``SET NX EX``.
 
     From a URL it makes one client per event loop; a ``redis.asyncio`` client given instead
-    stays the application's (not closed by :meth:`aclose`): use it on the loop that created
-    it.
+    stays the application's (not closed by :meth:`aclose`): use it on the loop that made it.
 
     Each check sets a value of its own. One that got no reply (Redis slow or down: 503) may
     yet run and refuse LayerCode's retry (409): it is undone (its value only) once Redis
@@ -214,9 +208,7 @@ class RedisReplayCache:
             raise ValueError("replay key is not valid text (a lone surrogate)") from None
         except self._errors as exc:
             if not isinstance(exc, self._answered):  # no reply: Redis may yet run the SET
-                # (so forget() in this task deletes this value: one task may check several
-                # deliveries, an in-process client's)
-                _REMEMBERED.set((key, value))
+                _REMEMBERED.set((key, value))  # forget() in this task deletes this value
                 unanswered = here.unanswered
                 unanswered[value] = (key, time.monotonic() + seconds)
                 if len(unanswered) > _UNANSWERED_KEPT:
@@ -239,9 +231,9 @@ class RedisReplayCache:
             raise self._unavailable(exc) from exc
 
     async def _undo(self, here: _OnLoop) -> None:
-        """Delete the values of the SETs that got no reply, as soon as Redis answers (then
-        those sent before have run): a round stops at the first attempt with no reply, and
-        the next waits twice as long (from 50 ms up to 1 s); one gone or expired is dropped."""
+        """Delete the values of the SETs that got no reply once Redis answers (those sent
+        before have run then): a round stops at the first attempt with no reply, the next
+        waits twice as long (50 ms up to 1 s); one gone or expired is dropped."""
         delay = 0.05
         while here.unanswered:
             await anyio.sleep(delay)

@@ -1,25 +1,20 @@
 """LayerCode webhook signatures: ``layercode-signature: t=<unix seconds>,v1=<hex>``.
 
 The scheme is Stripe's: ``v1`` is the lowercase hex HMAC-SHA256 of ``f"{t}." + raw_body``
-keyed with the agent's webhook secret (UTF-8). This module signs and verifies it:
-
-* :func:`sign` builds a header value, for tests, tools and users' own test suites.
-* :func:`verify_signature` returns ``True`` or raises :class:`SignatureVerificationError`
-  whose :attr:`~SignatureVerificationError.reason` is one of :class:`SignatureErrorReason`.
+keyed with the agent's webhook secret (UTF-8). :func:`sign` builds a header value;
+:func:`verify_signature` returns ``True`` or raises :class:`SignatureVerificationError`.
 
 Rules, all deliberate:
 
-* Several ``v1=`` entries in one header are accepted; any match wins.
-* Several secrets (rotation) are accepted; any match wins.
-* Unknown keys (``v0=``, a future ``v2=``) are ignored. Empty items (``t=1,,v1=…``) are
-  ignored. An item without ``=`` is malformed.
+* Several ``v1=`` entries, and several secrets (rotation), are accepted; any match wins.
+* Unknown keys (``v0=``, a future ``v2=``) and empty items (``t=1,,v1=…``) are ignored; an
+  item without ``=`` is malformed.
 * Exactly one ``t=`` entry, ASCII digits only (at most 15), is required.
 * Comparison is constant-time (:func:`hmac.compare_digest`) and exact: ``v1`` must be the
   lowercase hex digest, byte for byte.
-* ``tolerance`` is the largest accepted ``|now - t|`` in whole seconds. ``0`` accepts only
-  the current second; a negative tolerance accepts nothing (every timestamp is outside it).
-  Nothing turns the timestamp check off: there is no "0 disables" trap.
-* Any input (any string, any bytes, huge or non-ASCII headers, lone surrogates, empty)
+* ``tolerance`` is the largest accepted ``|now - t|`` in whole seconds: ``0`` accepts only
+  the current second, a negative one nothing. Nothing turns the timestamp check off.
+* Any input (any string or bytes, huge or non-ASCII headers, lone surrogates, empty)
   yields ``True`` or :class:`SignatureVerificationError`, never another exception.
 """
 
@@ -117,9 +112,8 @@ def check_secret(secret: object) -> None:
 
 
 def _checked_arguments(secret: object, tolerance: object, now: object) -> Sequence[_BYTES_LIKE]:
-    """``secret`` as a sequence; refuse (``TypeError`` naming it) a programmer's argument of
-    another type: these come from configuration, never from a request, so no 401 may hide
-    them."""
+    """``secret`` as a sequence; an argument of another type is a ``TypeError`` naming it
+    (configuration, not a request: no 401 may hide it)."""
     if isinstance(tolerance, bool) or not isinstance(tolerance, int):
         raise TypeError(f"tolerance must be an int (seconds), got {kind_of(tolerance)}")
     if now is not None and (isinstance(now, bool) or not isinstance(now, int | float)):
@@ -135,11 +129,9 @@ def _checked_arguments(secret: object, tolerance: object, now: object) -> Sequen
     raise TypeError(f"secret must be a str or bytes, or a list of them; got {kind_of(secret)}")
 
 
-# HMAC-SHA256 with the key already absorbed: OpenSSL 3 spends most of a one-shot
-# ``hmac.digest`` on looking "sha256" up and hashing the key block, so each secret's keyed
-# state is computed once and copied per message (about twice as fast for a webhook body;
-# same bytes). Keyed by the secret as given (``str`` or ``bytes``); a few secrets are
-# normal, so the cache is simply emptied if it ever grows past ``_KEYED_MAX``.
+# Each secret's keyed HMAC-SHA256 state, copied per message: OpenSSL 3 spends most of a
+# one-shot ``hmac.digest`` on looking "sha256" up and hashing the key block (this is about
+# twice as fast for a webhook body). A few secrets are normal: emptied past ``_KEYED_MAX``.
 _KEYED: dict[str | bytes, hmac.HMAC] = {}
 _KEYED_MAX = 64
 
@@ -202,7 +194,7 @@ def _parse_header(signature: str) -> tuple[str, list[str]]:
             timestamp = value
         elif key == "v1":
             candidates.append(value)
-        # Unknown keys are ignored on purpose (forward compatibility).
+        # Unknown keys are ignored (forward compatibility).
     if timestamp is None:
         raise _malformed("no 't=' entry")
     if not (
@@ -242,15 +234,11 @@ def _checked_header(
 def check_signature_header(
     signature: str | None, tolerance: int = DEFAULT_TOLERANCE, *, now: float | None = None
 ) -> str:
-    """Check what can be checked of a ``layercode-signature`` header without the body.
+    """Check what the header alone decides, before the (possibly slow) body is read.
 
     Raises :class:`SignatureVerificationError` exactly when :func:`verify_signature` would
-    for any body because of the header alone: it is missing, malformed, or its timestamp
-    is outside ``tolerance``. A server calls it before reading the body, so a request that
-    cannot pass is refused at once instead of after its (possibly slow) body. Returns the
-    header's ``t=`` value (the digits, as sent).
-
-    A header that passes still needs :func:`verify_signature` once the body is there.
+    for any body: the header is missing, malformed, or its timestamp outside ``tolerance``.
+    Returns its ``t=`` digits as sent; the body still needs :func:`verify_signature`.
     """
     # Fast path: the one shape LayerCode sends, the real clock (as in verify_signature).
     shape = _LAYERCODE_SHAPE(signature) if type(signature) is str and now is None else None
@@ -284,13 +272,11 @@ def verify_signature(
         SignatureVerificationError: with a :class:`SignatureErrorReason` as ``reason``.
         TypeError: ``secret``, ``tolerance`` or ``now`` is of another type (naming it).
     """
-    # Fast path: the one shape LayerCode sends (``t=<digits>,v1=<lowercase hex>``), a
-    # ``bytes`` body, one ``str`` secret, an ``int`` tolerance, the real clock. Once it has
-    # compared the one ``v1`` with the one secret's HMAC it decides, as the general path would
-    # (a forged request, the attacker's usual one, hashes its body once, not twice); anything
-    # else goes through the general path below, which checks the arguments. (Checking them up
-    # front cost 7% of verify_signature's rate: 0.79 -> 0.74 of the bare hmac loop,
-    # benchmarks/micro.py.)
+    # Fast path: LayerCode's shape, a ``bytes`` body, one ``str`` secret, an ``int``
+    # tolerance, the real clock. It decides as the general path would, hashing the body once
+    # (a forged request's too); the rest takes the general path, which checks the arguments
+    # (checking them up front cost 7% of the rate: 0.79 -> 0.74 of the bare hmac loop,
+    # benchmarks/micro.py).
     if (
         type(signature) is str
         and type(payload) is bytes

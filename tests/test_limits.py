@@ -345,6 +345,51 @@ async def test_a_delivery_answered_503_is_forgotten(
     )
 
 
+class CacheFailing(MemoryReplayCache):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    async def seen(self, key: str, ttl: float) -> bool:
+        raise self.error
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        # RedisReplayCache's error already says "replay cache unavailable" and names its cause
+        (
+            StoreUnavailableError("replay cache unavailable: ConnectionError: Error 111\nx"),
+            "replay cache unavailable: ConnectionError: Error 111\\nx",
+        ),
+        (RuntimeError("boom\nx"), "replay cache unavailable: RuntimeError: boom\\nx"),
+        (StoreUnavailableError("down"), "replay cache unavailable: StoreUnavailableError: down"),
+    ],
+)
+async def test_an_unavailable_replay_cache_is_logged_once(
+    error: Exception, line: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    signed = LayercodeSignature(Recorder(), secret=SECRET, replay_protection=CacheFailing(error))
+    assert (await post(signed, BODY, signed_headers(BODY))).status_code == 503
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [line]
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_redis_replay_cache_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cache = RedisReplayCache("redis://127.0.0.1:1/0")
+    try:
+        signed = LayercodeSignature(Recorder(), secret=SECRET, replay_protection=cache)
+        assert (await post(signed, BODY, signed_headers(BODY))).status_code == 503
+    finally:
+        await cache.aclose()
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert line.startswith("replay cache unavailable: ConnectionError: Error ")
+    assert line.count("replay cache unavailable") == 1
+
+
 @pytest.mark.anyio
 async def test_replay_protection_off_by_default() -> None:
     inner = Recorder()
