@@ -39,8 +39,7 @@ MAX_CONVERSATION_ID_LENGTH: Final = 512
 class HistoryMessage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One utterance of a conversation: who said it and what was said.
 
-    ``gc=False``: frozen and holding only strings, it can never be in a reference cycle, so
-    a store of many thousands adds nothing to the garbage collector's work.
+    ``gc=False``: frozen, holding only strings, it is never in a cycle: no collector work.
     """
 
     role: Role
@@ -120,9 +119,8 @@ def valid_text(text: str) -> str:
 
 def check_conversation_id(conversation_id: str) -> None:
     """Refuse what no store keeps as a conversation id: not a ``str`` (``TypeError``),
-    empty, over :data:`MAX_CONVERSATION_ID_LENGTH` characters or not valid text (a lone
-    surrogate, which UTF-8 cannot hold) (``ValueError``). The one check of both stores
-    and :class:`~layercode_asgi.conversation.ConversationManager`."""
+    empty, over :data:`MAX_CONVERSATION_ID_LENGTH` characters or with a lone surrogate
+    (``ValueError``). The one check of both stores and ``ConversationManager``."""
     if not isinstance(conversation_id, str):
         raise TypeError(f"conversation_id must be a str, got {type(conversation_id).__name__}")
     if not conversation_id:
@@ -134,23 +132,20 @@ def check_conversation_id(conversation_id: str) -> None:
 
 
 def check_history_bounds(max_messages: int, max_bytes: int) -> None:
-    """Refuse (``ConfigurationError``) a store's ``max_messages`` that is not an integer >= 1,
-    or ``max_bytes`` below :data:`MIN_HISTORY_MAX_BYTES`: a message whose first character
-    is longer would be kept cut to an empty text."""
+    """Refuse (``ConfigurationError``) ``max_messages`` that is no integer >= 1, or
+    ``max_bytes`` below :data:`MIN_HISTORY_MAX_BYTES` (a message could be cut to nothing)."""
     check_positive_int(max_messages, "max_messages")
-    # 1 to 3 here; what is no count >= 1 at all (0, a bool, a float, a huge int) below.
     if type(max_bytes) is int and 0 < max_bytes < MIN_HISTORY_MAX_BYTES:
         raise ConfigurationError(
             f"max_bytes must be an integer >= {MIN_HISTORY_MAX_BYTES} (a UTF-8 character "
             f"takes up to {MIN_HISTORY_MAX_BYTES} bytes), got {max_bytes}"
         )
-    check_positive_int(max_bytes, "max_bytes")
+    check_positive_int(max_bytes, "max_bytes")  # 0, a bool, a float, a huge int
 
 
 def fit(messages: Sequence[HistoryMessage], max_bytes: int) -> list[HistoryMessage]:
-    """``messages`` as both stores keep them: any single text over ``max_bytes`` cut to
-    it, turn ids to their first 512 characters, texts and turn ids made valid UTF-8
-    (:func:`valid_text`)."""
+    """``messages`` as both stores keep them: a text over ``max_bytes`` cut to it, turn ids
+    to 512 characters, both made valid UTF-8 (:func:`valid_text`)."""
     kept = []
     for message in messages:
         text = valid_text(str.__str__(message.text))  # a str subclass: msgspec encodes str only
@@ -168,9 +163,9 @@ def fit(messages: Sequence[HistoryMessage], max_bytes: int) -> list[HistoryMessa
 def newest(
     messages: Sequence[HistoryMessage], max_messages: int, max_bytes: int
 ) -> list[HistoryMessage]:
-    """What a store with these bounds keeps of ``messages``: the newest ``max_messages``,
-    the oldest of them dropped while their texts are over ``max_bytes`` (the newest kept, cut
-    to it), as :func:`fit` keeps them. For a history kept under larger bounds."""
+    """What a store with these bounds keeps of ``messages`` (a history kept under larger
+    ones): the newest ``max_messages``, the oldest dropped while their texts are over
+    ``max_bytes`` (the newest kept, cut to it), as :func:`fit` keeps them."""
     kept = messages[-max_messages:]
     first, total = len(kept), 0
     while first > 0:
@@ -192,11 +187,10 @@ def lock_wait(timeout: LockTimeout, default: float | None) -> float | None:
 class ConversationStore(Protocol):
     """Where conversation history lives, plus per-conversation mutual exclusion.
 
-    Optional: ``async read_turn(id) -> (messages, generation)`` and ``async
-    record_turn(id, messages, generation) -> bool`` (append only if no :meth:`clear` came
-    since the read; called by every turn, with no messages too), as both built-in stores
-    have; without them a turn still running when its conversation is cleared records all
-    the same.
+    Optional (both built-in stores have them): ``async read_turn(id) -> (messages,
+    generation)`` and ``async record_turn(id, messages, generation) -> bool`` (append only
+    if no :meth:`clear` came since the read; called by every turn, with no messages too);
+    without them a turn running when its conversation is cleared records all the same.
     """
 
     async def append(self, conversation_id: str, messages: Sequence[HistoryMessage]) -> None:
@@ -224,8 +218,8 @@ class ConversationStore(Protocol):
 class ConversationBackend(Protocol):
     """What the webhook needs of a conversation store (``ConversationManager`` has it).
 
-    With ``read_turn`` / ``record_turn`` as well (``ConversationManager`` has them), a turn
-    still running when its conversation ends does not record; without, it does.
+    With ``read_turn`` / ``record_turn`` as well (as the manager), a turn still running when
+    its conversation ends does not record; without, it does.
     """
 
     def lock(

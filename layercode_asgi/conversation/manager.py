@@ -52,11 +52,9 @@ _BACKEND: Final = ("lock", "get_history", "add_turn", "clear")
 def lock_wait_timeout(
     turn_timeout: float | None, grace: float = DEFAULT_LOCK_WAIT_GRACE
 ) -> float | None:
-    """How long a turn may wait for its conversation's lock: the one rule of both stores.
-
-    The turn ahead may hold the lock for its whole ``turn_timeout``, then send its final
-    events and record: ``grace`` covers those. ``None`` (no limit) when ``turn_timeout`` is,
-    or when the sum is beyond any float.
+    """How long a turn may wait for its conversation's lock: ``turn_timeout`` (the turn
+    ahead's) plus ``grace`` (its final events and recording). ``None`` (no limit) when
+    ``turn_timeout`` is, or when the sum is beyond any float.
     """
     if turn_timeout is None:
         return None
@@ -86,8 +84,8 @@ def webhook_conversations(conversations: Any) -> Any:
 async def read_for_turn(
     conversations: ConversationBackend, conversation_id: str
 ) -> tuple[list[HistoryMessage], int | None]:
-    """A conversation's history for a turn of ``LayercodeWebhook``, and the generation to
-    record it with (``None``: a backend without ``read_turn`` records with ``add_turn``)."""
+    """A turn's history and the generation to record it with (``None``: the backend has no
+    ``read_turn``; the turn records with ``add_turn``)."""
     read = getattr(conversations, "read_turn", None)
     if read is not None:
         history, generation = await read(conversation_id)
@@ -97,7 +95,6 @@ async def read_for_turn(
 
 #: How long recording a finished turn may take before it is given up (logged).
 RECORD_TIMEOUT = 5.0
-# Recording is the webhook's: its lines keep the webhook's logger.
 _webhook_logger = logging.getLogger("layercode_asgi.webhook")
 
 
@@ -107,9 +104,9 @@ async def record_for_turn(
     reply: str,
     generation: int | None,
 ) -> None:
-    """Record a turn of ``LayercodeWebhook``: the user's text and ``reply`` (what was
-    actually spoken), whatever the outcome, with the generation :func:`read_for_turn` gave.
-    A failure or a store slower than :data:`RECORD_TIMEOUT` is logged, never raised."""
+    """Record the user's text and ``reply`` (what was spoken), whatever the turn's outcome,
+    with :func:`read_for_turn`'s generation. A failure or a store slower than
+    :data:`RECORD_TIMEOUT` is logged, never raised."""
     user_text = event.text or None
     record = getattr(conversations, "record_turn", None)
     if user_text is None and not reply and (generation is None or record is None):
@@ -125,8 +122,7 @@ async def record_for_turn(
                     *_ids(event),
                 )
         except LayercodeError as exc:  # the store down or failing: its words say enough
-            _webhook_logger.warning(
-                # Unavailable: maybe no answer, and the store may yet run the record.
+            _webhook_logger.warning(  # unavailable: the store may yet run the record
                 "turn may not have been recorded (conversation=%s turn=%s): %s: %s"
                 if isinstance(exc, StoreUnavailableError)
                 else "could not record turn (conversation=%s turn=%s): %s: %s",
@@ -143,7 +139,7 @@ async def record_for_turn(
 
 
 def _ids(event: TurnEvent) -> tuple[str, str]:
-    """A turn's ids for a log line (escaped), made only when a line is logged."""
+    """A turn's ids, escaped for a log line."""
     return escape_log_value(event.conversation_id), escape_log_value(event.turn_id)
 
 
@@ -188,10 +184,8 @@ def turn_messages(
 
 
 def model_history(history: Iterable[HistoryMessage]) -> list[HistoryMessage]:
-    """The messages of ``history`` to send a model: those with text. An empty or blank one
-    (``add_message`` takes it) is left out: some providers refuse an empty message. Text
-    UTF-8 cannot hold (a lone surrogate, from a store of your own) has U+FFFD in its place:
-    the model's client could not send it."""
+    """The messages of ``history`` to send a model: empty or blank ones left out (some
+    providers refuse them), a lone surrogate (UTF-8 cannot hold it) replaced by U+FFFD."""
     return [
         m if valid_text(m.text) is m.text else msgspec.structs.replace(m, text=valid_text(m.text))
         for m in history
@@ -218,16 +212,13 @@ class ConversationManager:
             )
             raise TypeError(f"store must be a ConversationStore, got {kind_of(store)}{hint}")
         self.store: ConversationStore = MemoryConversationStore() if store is None else store
-        # The built-in stores refuse a bad id themselves (the same check): a turn's lock and
-        # read do not check it twice.
+        # The built-in stores check ids themselves: a turn's lock and read skip it here.
         self._checks_ids = type(self.store) not in (MemoryConversationStore, RedisConversationStore)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConversationManager:
-        """Redis when ``settings.redis_url`` is set, else memory; caps and TTL from settings.
-
-        The lock wait is :func:`lock_wait_timeout` of ``settings.turn_timeout`` and
-        ``settings.lock_wait_grace`` (what ``LayercodeWebhook`` waits too).
+        """Redis when ``settings.redis_url`` is set, else memory; caps and TTL from settings,
+        the lock wait :func:`lock_wait_timeout` of its ``turn_timeout`` and ``lock_wait_grace``.
         """
         bounds: dict[str, Any] = {
             "max_messages": settings.history_max_messages,
@@ -286,10 +277,8 @@ class ConversationManager:
         await self.store.clear(conversation_id)
 
     async def read_turn(self, conversation_id: str) -> tuple[list[HistoryMessage], int | None]:
-        """The history and the conversation's generation, for a turn holding its lock.
-
-        Pass the generation to :meth:`record_turn`. ``None`` for a store without
-        generations (then :meth:`record_turn` always records).
+        """The history and the generation to pass :meth:`record_turn`, for a turn holding
+        the lock (``None`` for a store without generations: then it always records).
         """
         if self._checks_ids:
             check_conversation_id(conversation_id)
@@ -323,11 +312,9 @@ class ConversationManager:
     def lock(
         self, conversation_id: str, *, timeout: LockTimeout = STORE_DEFAULT
     ) -> AbstractAsyncContextManager[None]:
-        """Hold the conversation exclusively (one turn at a time).
-
-        ``timeout`` in seconds (``None`` waits forever; default: the store's). Raises
-        :class:`ConversationLockTimeout` when the wait is exceeded.
-        """
+        """Hold the conversation exclusively (one turn at a time). ``timeout`` in seconds
+        (``None``: forever; default: the store's); :class:`ConversationLockTimeout` when the
+        wait is exceeded."""
         if self._checks_ids:
             check_conversation_id(conversation_id)
         if isinstance(timeout, DefaultTimeout):

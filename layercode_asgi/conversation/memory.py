@@ -29,13 +29,10 @@ __all__ = ["MemoryConversationStore"]
 
 
 class _LockEntry:
-    """A held conversation lock and the tasks waiting for it, first come first served.
-
-    An entry exists only while its conversation is held. Releasing hands the lock straight
-    to the first waiter (setting its event), so a newcomer cannot overtake a waiter. Like
-    the Redis lock, it is not re-entrant and not tied to a task: a nested ``lock()`` of the
-    same conversation waits (and times out) instead of raising. ``generation`` counts the
-    clears while the conversation is held (a turn running then must not record).
+    """A held conversation lock and its waiters, first come first served (exists only while
+    held). Releasing hands it straight to the first waiter, so a newcomer cannot overtake.
+    Like the Redis lock, neither re-entrant nor tied to a task: a nested ``lock()`` waits.
+    ``generation`` counts the clears while held (a turn running then must not record).
     """
 
     __slots__ = ("generation", "waiters")
@@ -56,9 +53,8 @@ class _History(list[HistoryMessage]):
 
 
 class _MemoryLock:
-    """``MemoryConversationStore.lock()``: an uncontended acquire never suspends and
-    allocates one small object; only a waiter creates an event and a deadline. While held,
-    it is this task's :data:`_HELD` (for :meth:`MemoryConversationStore.record_turn`)."""
+    """``MemoryConversationStore.lock()``: an uncontended acquire never suspends; only a
+    waiter makes an event and a deadline. While held, it is this task's :data:`_HELD`."""
 
     __slots__ = ("conversation_id", "outer", "released", "store", "wait")
 
@@ -78,7 +74,7 @@ class _MemoryLock:
         else:
             check_conversation_id(self.conversation_id)  # held or known: checked already
             store._locks[self.conversation_id] = _LockEntry()
-        self.released = False  # held (again: the object may be entered once more)
+        self.released = False  # the object may be entered again
         self.outer = _HELD.get()
         _HELD.set(self)
 
@@ -109,10 +105,8 @@ class MemoryConversationStore:
             boundary: never empty, a character taking at most 4 bytes).
         lock_timeout: default wait for :meth:`lock`, in seconds (``None`` = forever).
 
-    Locks exist only while some task holds or waits for them, so the lock table never
-    outgrows the number of concurrent turns. At worst the store holds ``max_conversations
-    * max_bytes`` of text (Python keeps a text in 1, 2 or 4 bytes per character, so a text
-    mixing ASCII with characters beyond U+FFFF can take up to 4 times its UTF-8 size).
+    Locks exist only while held or awaited. At worst the store holds ``max_conversations *
+    max_bytes`` of text (up to 4 times that in memory: Python may keep 4 bytes a character).
     """
 
     def __init__(
@@ -157,12 +151,9 @@ class MemoryConversationStore:
     async def record_turn(
         self, conversation_id: str, messages: Sequence[HistoryMessage], generation: int
     ) -> bool:
-        """Append ``messages`` if the conversation's generation is still ``generation``
-        (it was not cleared since); True if appended (or none given).
-
-        Called by the holder of the conversation's :meth:`lock`, it ends the turn, as the
-        Redis store's does: the lock is released with it (the next turn may start at once;
-        leaving the ``async with`` then has nothing left to release).
+        """Append ``messages`` if the conversation was not cleared since ``generation``;
+        True if appended (or none given). Called by the :meth:`lock`'s holder, it also
+        releases the lock (the next turn may start at once).
         """
         done = not messages or self._generation(conversation_id) == generation
         if done:
@@ -184,8 +175,7 @@ class MemoryConversationStore:
         history = self._histories.get(conversation_id)
         if history is None:
             check_conversation_id(conversation_id)
-            # A list, not a bounded deque: a deque takes a 64-slot block (over 500 bytes)
-            # even for the two messages of a conversation's first turn.
+            # Not a deque: its 64-slot block (over 500 bytes) is too much for a first turn.
             history = self._histories[conversation_id] = _History()
             while len(self._histories) > self.max_conversations:
                 self._histories.popitem(last=False)
@@ -218,11 +208,7 @@ class MemoryConversationStore:
         return _MemoryLock(self, conversation_id, lock_wait(timeout, self.lock_timeout))
 
     async def _wait(self, conversation_id: str, wait: float | None) -> None:
-        """Take the conversation's lock, queueing behind its holder for up to ``wait`` s.
-
-        Raises :class:`ConversationLockTimeout` when the wait is over (the lock is not
-        taken then); cancelled while queueing, it is not taken either.
-        """
+        """Queue for the held lock up to ``wait`` s; else :class:`ConversationLockTimeout`."""
         entry = self._locks[conversation_id]  # held: the caller saw it, with no await since
         event = anyio.Event()
         waiters = entry.waiters = entry.waiters or deque()

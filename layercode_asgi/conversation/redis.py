@@ -58,12 +58,11 @@ logger = logging.getLogger("layercode_asgi.conversation")
 
 T = TypeVar("T")
 
-#: How long a conversation's generation outlives its last clear, or the last turn that read
-#: it, in Redis (longer than any turn can run).
+#: Seconds a generation outlives its last clear or read (longer than any turn runs).
 GENERATION_TTL: Final = 86400
 
-#: More messages than a Redis list holds (2**32 - 1): a larger ``max_messages`` means the
-#: same, and Redis's Lua would pass it to LTRIM as "-1e+17", which Redis refuses.
+#: More than a Redis list holds: a larger ``max_messages`` would reach LTRIM as "-1e+17",
+#: which Redis refuses.
 _MAX_KEPT: Final = 2**32
 
 _HISTORY_ENCODER: Final = msgspec.json.Encoder()
@@ -83,7 +82,7 @@ class _Hold:
         self.entry = f"{self.token} {store._channel}"
         self.read: list[Any] | None = None  # [history entries, generation] read with the lock
         self.released = False
-        self.ended = False  # released by record_turn, or retried in the background if it failed
+        self.ended = False  # by record_turn (released, or retried in the background)
 
 
 _HOLD: ContextVar[_Hold | None] = ContextVar("layercode_asgi_redis_hold", default=None)
@@ -118,8 +117,8 @@ class RedisConversationStore:
             :meth:`aclose`, and to be used on the event loop that created it; give it
             ``socket_timeout`` / ``socket_connect_timeout`` so it fails fast, and no
             ``decode_responses``: with it, a conversation holding bytes that are not UTF-8,
-            which the store never writes, fails until cleared). From a URL,
-            the store makes one client per event loop (an app may be served on a later one).
+            which the store never writes, fails until cleared). From a URL, the store makes
+            one client per event loop (an app may be served on a later one).
         ttl: seconds a conversation's history lives after its last append (``None`` or ``0``:
             forever; more than Redis can express, about 31 million years, is cut to it).
         max_messages: messages kept per conversation (``LTRIM``).
@@ -198,9 +197,8 @@ class RedisConversationStore:
         from redis import exceptions
 
         # "Redis cannot be used right now" (down, slow, a cluster failing over or moving a
-        # slot, no node reachable), not an error reply about the request: StoreUnavailableError.
-        # RedisClusterException is no RedisError; ClusterError includes ClusterDownError and
-        # MasterDownError; OSError includes TimeoutError (operation_timeout's).
+        # slot), not an error reply about the request. RedisClusterException is no RedisError;
+        # OSError includes TimeoutError (operation_timeout's).
         self._unavailable_errors = (
             exceptions.RedisClusterException,
             exceptions.ConnectionError,
@@ -211,13 +209,12 @@ class RedisConversationStore:
         )
         self._redis_error: type[BaseException] = exceptions.RedisError
         self._timeouts = (TimeoutError, exceptions.TimeoutError)
-        # A waiter checks the lock (and shows it is alive) this often while it waits; its
-        # place is skipped once it has not for ``3 * _wait_check`` seconds (its worker died).
+        # A waiter checks the lock (showing it is alive) this often; its place is skipped
+        # once it has not for ``3 * _wait_check`` s (its worker died).
         self._wait_check = min(1.0, self.lock_ttl / 3)
         self._presence_ms = max(1, round(3000 * self._wait_check))
         self._lock_ms = max(1, round(self.lock_ttl * 1000))
-        # Hand-offs to this process's waiters arrive on one pub/sub channel (one connection
-        # for all of them, opened at the first wait), naming the waiter's token.
+        # Hand-offs to this process's waiters arrive on one pub/sub channel, naming a token.
         self._channel = f"{key_prefix}wake:{secrets.token_hex(8)}"
         self._wakers: dict[str, anyio.Event] = {}
         self._listener: asyncio.Task[None] | None = None
@@ -243,13 +240,12 @@ class RedisConversationStore:
                 return await awaitable
         except self._unavailable_errors as exc:
             self._check_writes = True
-            # operation_timeout's TimeoutError (anyio.fail_after) has no text: its bound has
+            # fail_after's TimeoutError has no text
             text = redis_error_text(exc) or f"no answer within {self.operation_timeout:g} s"
             raise StoreUnavailableError(
                 f"Redis at {self._where} is unavailable ({operation}): {type(exc).__name__}: {text}"
             ) from exc
-        except (self._redis_error, UnicodeDecodeError) as exc:  # the latter: bytes not in
-            # UTF-8 (not what the store wrote) read by a client given decode_responses=True
+        except (self._redis_error, UnicodeDecodeError) as exc:  # latter: decode_responses
             self._check_writes = True
             text = redis_error_text(exc)
             raise StoreError(f"Redis at {self._where} failed ({operation}): {text}") from exc
@@ -269,12 +265,9 @@ class RedisConversationStore:
     async def record_turn(
         self, conversation_id: str, messages: Sequence[HistoryMessage], generation: int
     ) -> bool:
-        """Append ``messages`` if the conversation's generation is still ``generation``,
-        checked and appended atomically (one script); True if appended (or none given).
-
-        Called by the holder of the conversation's :meth:`lock`, it ends the turn: the same
-        script releases the lock (the next turn may start at once; leaving the ``async
-        with`` then has nothing left to release), as does a call with no messages.
+        """Append ``messages`` if the conversation was not cleared since ``generation``
+        (one script); True if appended (or none given). Called by the :meth:`lock`'s
+        holder, with messages or not, it releases the lock (the next turn may start at once).
         """
         hold = self._held(conversation_id)
         if not messages:
@@ -315,7 +308,7 @@ class RedisConversationStore:
 
     async def read_turn(self, conversation_id: str) -> tuple[list[HistoryMessage], int]:
         """The history and the generation, read together (one script); for the lock's
-        holder, what :meth:`lock` read when it took the lock (no round trip)."""
+        holder, what :meth:`lock` read (no round trip)."""
         hold = self._held(conversation_id)
         if hold is not None and hold.read is not None:
             raw, generation = hold.read
@@ -374,11 +367,10 @@ class RedisConversationStore:
         """Hold the conversation exclusively across every process using this Redis.
 
         Turns queue in the order they reach Redis; a released lock goes straight to the
-        next waiter still alive (woken by pub/sub, no polling). Taking the lock also reads
-        the history (for :meth:`read_turn`). While held, a background task extends it every
-        ``lock_ttl / 3``; it is released on any exit (shielded from cancellation), or by
-        :meth:`record_turn`. A waiter that times out (:class:`ConversationLockTimeout`) or
-        is cancelled leaves the queue.
+        next live waiter (woken by pub/sub). Taking it also reads the history (for
+        :meth:`read_turn`). While held, it is extended every ``lock_ttl / 3``; it is released
+        on any exit (shielded), or by :meth:`record_turn`. A waiter that times out
+        (:class:`ConversationLockTimeout`) or is cancelled leaves the queue.
         """
         wait = lock_wait(timeout, self.lock_timeout)
         keys = Keys(self.key_prefix, conversation_id)
@@ -386,8 +378,7 @@ class RedisConversationStore:
         try:
             hold.read = await self._acquire(hold, wait)
         except BaseException:
-            # Leave the queue (or undo a lock taken by a call cancelled or timed out in
-            # flight), briefly: Redis is likely down, and the keys expire by themselves.
+            # Leave the queue (or undo a lock taken in flight), briefly: keys expire anyway.
             await self._release(hold, held=False)
             raise
         outer = _HOLD.get()
@@ -427,8 +418,7 @@ class RedisConversationStore:
             self._wakers.pop(token, None)
 
     def _listen(self) -> None:
-        """Start this process's pub/sub listener (once; again if it ended, or for another
-        event loop)."""
+        """Start this process's pub/sub listener (again if it ended, or on another loop)."""
         listener, loop = self._listener, asyncio.get_running_loop()
         if listener is None or listener.done() or listener.get_loop() is not loop:
             self._listener = self._tasks.start(self._receive_wakes())
@@ -466,8 +456,7 @@ class RedisConversationStore:
             delay = min(delay * 2, 1.0)
 
     async def _keep_alive(self, hold: _Hold) -> None:
-        """Extend the lock every ``lock_ttl / 3`` while held; a failure is logged, and tried
-        again at the next interval."""
+        """Extend the lock every ``lock_ttl / 3`` while held (a failure logged, retried)."""
         interval = self.lock_ttl / 3
         while True:
             await anyio.sleep(interval)
@@ -495,14 +484,12 @@ class RedisConversationStore:
                 return
 
     async def _release(self, hold: _Hold, *, held: bool = True, later: bool = True) -> bool:
-        """Release the lock or leave the queue (handing the lock on), shielded from
-        cancellation, bounded in time, never raising.
+        """Release the lock or leave the queue (handing the lock on); shielded, never raising,
+        waiting at most ``lock_ttl`` (the key expires by then); True if it released the lock.
 
-        Never waits longer than ``lock_ttl``: by then the key has expired anyway; a lock
-        it could not release is retried in the background (:meth:`_release_later`). A turn
-        that did not get the lock (``held=False``: its caller gets why) tries for 1 s, logs
-        at debug level only, and retries after a timeout only (the lock call may yet run).
-        Whether this call released the lock (it was still ours).
+        A failed release is retried in the background (:meth:`_release_later`). A turn that
+        did not get the lock (``held=False``: its caller gets why) tries for 1 s, logs at
+        debug level, and retries after a timeout only (the lock call may yet run).
         """
         limit = min(self.operation_timeout, self.lock_ttl, math.inf if held else 1.0)
         keys = hold.keys
@@ -530,10 +517,8 @@ class RedisConversationStore:
         return False
 
     async def _release_later(self, hold: _Hold) -> None:
-        """Retry releasing a lock whose turn is over (Redis failing over, or back after a
-        moment), so that the next turn need not wait for it to expire: safe, our token only.
-        After a delay from 50 ms doubling up to ``_wait_check``; until released or
-        ``lock_ttl`` has passed."""
+        """Retry releasing a finished turn's lock (our token only) so the next turn need not
+        wait for it to expire: 50 ms apart, doubling up to ``_wait_check``, for ``lock_ttl``."""
         deadline, delay = anyio.current_time() + self.lock_ttl, 0.05
         while anyio.current_time() + delay < deadline:
             await anyio.sleep(delay)
@@ -549,9 +534,8 @@ class RedisConversationStore:
 
     async def ping(self) -> None:
         """``PING`` Redis (every primary of a cluster); raise :class:`StoreUnavailableError`
-        if it does not answer, or does not take the store's writes: checked (a short-lived
-        key, ``<prefix>ready``, on every primary) at the first ping and at the first after a
-        failed operation."""
+        if it does not answer, or does not take the store's writes (a short-lived key,
+        ``<prefix>ready``, written on every primary at the first ping and after a failure)."""
         try:
             await self._call("ping", ping_primaries(self._clients.get().redis))
             if self._check_writes:
@@ -569,8 +553,7 @@ class RedisConversationStore:
 
     async def aclose(self) -> None:
         """Stop the hand-off listener and release retries; close the client if this store
-        created it on this event loop (one of an earlier loop is dropped: it cannot be
-        closed from this one)."""
+        created it on this event loop (one of an earlier loop is dropped)."""
         self._listener = None
         await self._tasks.cancel()
         client = self._clients.take()

@@ -47,9 +47,8 @@ __all__ = [
 class Keys:
     """The keys of one conversation; one hash tag, so one Redis Cluster slot.
 
-    The tag is the conversation id itself when it has no brace, else ``#`` and a hash of
-    it (a brace would end or restart the tag); then the id follows the tag in full, so
-    two conversations never share keys.
+    The tag is the id itself, or for an id with a brace (which would end the tag) ``#`` and
+    its hash, the id following in full: two conversations never share keys.
     """
 
     __slots__ = ("generation", "history", "lock", "presence", "queue")
@@ -177,11 +176,9 @@ return {redis.call('lrange', KEYS[1], 0, -1), redis.call('get', KEYS[2]) or '0'}
 # append whatever it is), ARGV[2] = max messages, ARGV[3] = max bytes of text, ARGV[4] =
 # TTL in s (0 = none), ARGV[5] = the lock token to release ('' = none), ARGV[6] = presence
 # prefix, ARGV[7] = presence TTL in ms, ARGV[8..] = the entries. Appends only if the
-# generation is current (or gone: a clear leaves it, so Redis lost it, e.g. restarted
-# without persistence, and no clear came since), drops the oldest entries beyond either
-# bound, then releases the lock if ARGV[5] holds it (handing it off); returns 1 if it
-# appended. An entry's JSON is at least as long as its text, so texts are decoded only when
-# the total is over the bound.
+# generation is current (or gone: Redis lost it, as a clear leaves it), drops the oldest
+# entries beyond either bound, then releases the lock if ARGV[5] holds it; returns 1 if it
+# appended. Texts are decoded only when the entries' total (>= the texts') is over the bound.
 #: Record a turn and release its lock (one round trip at the end of a turn).
 RECORD_LUA: Final = (
     _HANDOFF
@@ -244,10 +241,9 @@ redis.call('expire', KEYS[2], ARGV[1])
 return 1
 """
 
-#: ``/ready``'s check that Redis takes the store's writes, as a turn does: a script that
-#: writes a key and publishes (refused by a read-only replica, a full Redis, MISCONF, or an
-#: ACL user without EVALSHA, the store's keys or its channels). KEYS[1] = a key of the
-#: store's (a second long), ARGV[1] = the store's channel.
+#: ``/ready``'s check that Redis takes the store's writes (refused by a read-only replica,
+#: a full Redis, MISCONF, an ACL user without EVALSHA, the keys or the channels).
+#: KEYS[1] = a key of the store's (a second long), ARGV[1] = the store's channel.
 PROBE_LUA: Final = """
 redis.call('set', KEYS[1], '1', 'px', 1000)
 redis.call('publish', ARGV[1], '')
