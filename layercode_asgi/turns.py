@@ -384,12 +384,12 @@ class Turn:
                 self.first_tts_at = time.perf_counter()  # for the metrics (one call per turn)
             self.spoken.append(text)
         elif isinstance(item, Data):
-            await self._send(_DATA + _encode_content(item.content) + self._suffix)
+            await self._send(_DATA + encode_content(item.content) + self._suffix)
         elif isinstance(item, Hangup):
             if item.content is None:
                 await self._send(_HANGUP + self._suffix)
             else:
-                await self._send(_HANGUP_CONTENT + _encode_content(item.content) + self._suffix)
+                await self._send(_HANGUP_CONTENT + encode_content(item.content) + self._suffix)
         else:
             raise TypeError(
                 f"an agent yielded {type(item).__name__}; expected str, Tts, Data or Hangup"
@@ -466,7 +466,10 @@ class Turn:
         return {"conversation_id": self.event.conversation_id, "turn_id": self.event.turn_id}
 
 
-def _encode_content(content: Any) -> bytes:
+def encode_content(content: Any) -> bytes:
+    """``content`` as ``response.data`` sends it (the webhook's ``on_data`` answer too): text
+    UTF-8 cannot hold with U+FFFD, a ``str``/``int``/``float`` subclass as its plain value,
+    NaN and infinities as null (msgspec's rule); anything JSON cannot carry: ``TypeError``."""
     try:
         try:
             return encode_json(content)

@@ -71,7 +71,7 @@ from .logs import (
 from .metrics import TurnMetrics, answered_status
 from .middleware import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_SIZE
 from .sse import Emit, EventStreamResponse
-from .turns import DEFAULT_TURN_GRACE, Turn
+from .turns import DEFAULT_TURN_GRACE, Turn, encode_content
 
 __all__ = ["ConversationBackend", "EventHook", "JSONResponse", "LayercodeWebhook"]
 
@@ -532,7 +532,17 @@ class LayercodeWebhook:
                 raise _unavailable(exc, "conversation store failed clearing the history") from exc
         if result is None or not isinstance(event, DataPayload):  # on_data's result answers
             return Response(_OK, media_type="application/json")
-        return result if isinstance(result, Response) else JSONResponse(result)
+        if isinstance(result, Response):
+            return result
+        try:  # as a turn's response.data: a hook echoing the client's broken text is no 500
+            return Response(encode_content(result), media_type="application/json")
+        except TypeError as exc:
+            logger.error(
+                "on_data returned a value JSON cannot carry (conversation=%s): %s",
+                escape_log_value(event.conversation_id),
+                escape_error(exc),
+            )
+            return json_error_response(500, "data handler returned a value JSON cannot carry")
 
 
 def _unavailable(exc: LayercodeError, context: str) -> ResponseError:
