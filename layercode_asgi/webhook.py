@@ -82,8 +82,6 @@ DEFAULT_MAX_QUEUED_TURNS = 8
 #: What ``abort_turns`` says by default (``run_server`` when its grace period is over).
 SHUTTING_DOWN = "server is shutting down"
 _TOO_MANY_WAITING = "too many turns waiting for this conversation; retry later"
-
-
 _NOT_POST = json_error(405, "method not allowed; use POST", headers=[(b"allow", b"POST")])
 _OK = b'{"status":"ok"}'
 _IGNORED = b'{"status":"ignored"}'
@@ -93,11 +91,10 @@ _NO_EXTRA: dict[str, Any] = {}
 
 
 class _TurnProducer:
-    """The producer of one turn's response: wait for the conversation, run, record.
+    """One turn's producer: wait for the conversation's lock, run the turn, record it.
 
-    One small object per request rather than closures: every object a turn keeps alive
-    for its seconds of streaming is work for the garbage collector (whose pauses are the
-    tail of the paced benchmark).
+    An object, not closures: every object an open turn keeps alive is work for the garbage
+    collector, whose pauses are the tail of the paced benchmark.
     """
 
     __slots__ = ("body", "event", "generation", "webhook")
@@ -134,9 +131,8 @@ class _TurnProducer:
         body = self.body
         if count and body is not None:
             event = None  # it waits: keep the raw body only
-        # Abortable while it waits and reads its history (the scope leaves ``_waiting`` just
-        # before the turn runs: a store's lock may open scopes of its own, so the scope
-        # encloses the whole ``async with``).
+        # abort_turns() cancels it until the turn runs; it encloses the whole ``async with``
+        # because a store's lock may open cancel scopes of its own.
         waiting = anyio.CancelScope()
         acquired = False
         webhook._waiting.add(waiting)
@@ -147,8 +143,8 @@ class _TurnProducer:
                     locked_at = anyio.current_time()  # the turn's deadline counts from here
                     if webhook.metrics is not None:
                         webhook.metrics.lock_acquired()
-                    if event is None:  # it waited: decode its body again
-                        decoded = parse_webhook_payload(body)  # type: ignore[arg-type]  # valid
+                    if event is None:  # it waited: decode its (valid) body again
+                        decoded = parse_webhook_payload(body)  # type: ignore[arg-type]
                         assert isinstance(decoded, SessionStartPayload | MessagePayload)
                         event = decoded
                     try:
@@ -187,9 +183,8 @@ class _TurnProducer:
             raise webhook._aborted()
 
     async def record_history(self, turn: Turn) -> None:
-        """Record what the user said and what was spoken: just before the turn's
-        ``response.end`` goes out (a client that saw the end finds the turn in the
-        history), or once it stopped without one."""
+        """Record what was said and spoken: just before ``response.end`` (a client that saw
+        the end finds the turn in the history), or once the turn stopped without one."""
         conversations = self.webhook.conversations
         assert conversations is not None  # a turn without a store is not recorded
         await record_for_turn(conversations, turn.event, turn.reply_text, self.generation)
@@ -203,9 +198,9 @@ EventHook = Callable[[Any], Any]
 class LayercodeWebhook:
     """Answers LayerCode webhooks with an agent.
 
-    Use it as an ASGI app (``Route("/api/agent", webhook)``, or behind
-    :class:`~layercode_asgi.middleware.LayercodeSignature`), or from your own route handler in
-    any framework::
+    An ASGI app (``Route("/api/agent", webhook)``, behind
+    :class:`~layercode_asgi.middleware.LayercodeSignature`), or called from your own route
+    handler in any framework::
 
         webhook = LayercodeWebhook(agent)
 
@@ -216,17 +211,16 @@ class LayercodeWebhook:
     What it answers (the body must already be verified — mount the middleware):
 
     * ``session.start`` / ``message``: the agent's SSE reply (:mod:`layercode_asgi.turns`).
-      With a conversation store (by default a bounded in-memory one), the turn holds the
-      conversation's lock from before it reads the history until it has recorded the user's
-      text and the reply, just before its ``response.end`` goes out (a client that saw the end
-      finds the turn in the history) -- unless the conversation ended meanwhile.
-      A turn waits for the previous turn of its conversation at most the turn timeout plus
-      ``lock_wait_grace`` (then 503), and at most ``max_queued_turns`` turns of a conversation
-      wait at a time (more: 503 at once). A waiting turn keeps only its raw body.
+      With a conversation store, the turn holds the conversation's lock from before it reads
+      the history until it has recorded the user's text and the reply, just before its
+      ``response.end`` (a client that saw the end finds the turn in the history) -- unless
+      the conversation ended meanwhile. A turn waits for the previous one at most
+      ``lock_timeout`` (then 503); at most ``max_queued_turns`` turns of a conversation wait
+      at a time (more: 503 at once), each keeping only its raw body.
     * ``data``: JSON, what ``on_data(event)`` returns, else ``{"status": "ok"}``.
     * ``session.update`` / ``session.end``: ``on_session_update`` / ``on_session_end``, then
       ``{"status": "ok"}``; ``session.end`` also clears the history unless ``keep_history``
-      (at once, without waiting for a turn still running: that turn will not record).
+      (at once: a turn still running will not record).
     * a malformed body: 400 ``{"error": …, "path": "$.field"}``; an event type newer than this
       library: 200 ``{"status": "ignored"}`` and a warning in the log. With a conversation
       store, a ``conversation_id`` it refuses (empty, over 512 characters) is a 400 on every event.
@@ -234,26 +228,24 @@ class LayercodeWebhook:
     Args:
         agent: the agent (a plain async callable, see :mod:`layercode_asgi.agents`).
         conversations: where history lives and turns are serialised (e.g. a
-            ``ConversationManager``). Default ``"memory"``: a new in-memory
-            ``ConversationManager`` (bounded, one process), as ``create_app`` without
-            Redis; ``None`` keeps no history and takes no lock.
-        on_data: optional hook (sync or async) called with each ``data`` event; its
-            return value is the JSON reply (else ``{"status": "ok"}``).
-        on_session_update: optional hook (sync or async) called with each
-            ``session.update`` event.
-        on_session_end: optional hook (sync or async) called with each ``session.end``
-            event.
+            ``ConversationManager``). Default ``"memory"``: a new bounded in-memory
+            ``ConversationManager`` (one process), as ``create_app`` without Redis;
+            ``None`` keeps no history and takes no lock.
+        on_data: hook (sync or async) called with each ``data`` event; what it returns is
+            the JSON reply (``None``: ``{"status": "ok"}``).
+        on_session_update: hook (sync or async) called with each ``session.update`` event.
+        on_session_end: hook (sync or async) called with each ``session.end`` event.
         turn_timeout: seconds a turn may take; ``None`` = no limit.
         timeout_message: spoken when a turn times out (if blank or None: ``response.error``).
         turn_grace: once a turn's time is up, how long its fallback (or ``response.error``)
-            and ``response.end`` may take to send (> 0); then its stream is closed, its lock
-            released (a client that stops reading does not hold its conversation).
+            and ``response.end`` may take to send (> 0); then its stream is closed and its
+            lock released (a client that stops reading does not hold its conversation).
         keep_history: keep a conversation's history after ``session.end``.
-        lock_timeout: seconds a turn waits for the previous turn of its conversation
-            before it is answered with 503. Default ``None``: the rule of both stores,
-            ``turn_timeout + lock_wait_grace`` (the turn ahead may take its whole timeout,
-            then send its final events and record; a turn's own timeout starts once it
-            holds the lock); as long as it takes when ``turn_timeout`` is ``None``.
+        lock_timeout: seconds a turn waits for the previous turn of its conversation before
+            it is answered 503. Default ``None``: ``turn_timeout + lock_wait_grace`` (the turn
+            ahead may take its whole timeout, then send its final events and record; a turn's
+            own timeout starts once it holds the lock); no limit when ``turn_timeout`` is
+            ``None``.
         lock_wait_grace: see ``lock_timeout``.
         max_queued_turns: turns of one conversation that may wait behind the running one
             (in this process); one more is answered 503 at once.
@@ -358,19 +350,15 @@ class LayercodeWebhook:
             )
 
     async def answer(self, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer a POST whose whole (verified) body has been read already.
-
-        What the ASGI app does once it has the body, for callers that read it themselves
-        (``create_app``'s webhook route gets it from the signature check): ``receive`` is
-        only used to notice the client leaving, and the request is logged.
-        """
+        """Answer a POST whose whole (verified) body was read already (``create_app``'s route
+        gets it from the signature check); ``receive`` only notices the client leaving. Logs
+        the request."""
         started = time.perf_counter()
         response, event = await self._respond(body, scope)
         unknown = None
         if isinstance(event, UnknownEventError):  # for the log line, not a metrics label
             unknown, event = event, None
-        # What the log line needs, not the event: a turn waiting for its conversation keeps
-        # no decoded copy of its body.
+        # Keep what the log line needs, not the event: a waiting turn keeps no decoded copy.
         kind = None if event is None else str(event.type)
         conversation_id = None if event is None else event.conversation_id
         turn_id = getattr(event, "turn_id", None)
@@ -406,7 +394,7 @@ class LayercodeWebhook:
         self, body: bytes | str | Mapping[str, Any], scope: Scope | None = None
     ) -> tuple[Response, WebhookPayload | UnknownEventError | None]:
         """The response and what it answered: the event, an unknown event's error, or None.
-        ``scope``: the request's, for its ``Content-Encoding`` (read only for a bad body)."""
+        ``scope``: the request's, read for its ``Content-Encoding`` when the body is bad."""
         try:
             event = parse_webhook_payload(body)
         except UnknownEventError as exc:
@@ -452,9 +440,8 @@ class LayercodeWebhook:
     ) -> EventStreamResponse:
         """The SSE response of one turn, with history and the conversation lock if any.
 
-        ``body``: what ``event`` was decoded from. A turn that has to wait for its
-        conversation then keeps only ``body`` while it waits, and decodes it again once
-        it holds the lock.
+        ``body``: what ``event`` was decoded from; a turn that waits for its conversation
+        keeps only ``body``, and decodes it again once it holds the lock.
         """
         # A client that stopped reading gets the turn's grace for the final frame too.
         return EventStreamResponse(_TurnProducer(self, event, body), close_timeout=self.turn_grace)
@@ -462,9 +449,8 @@ class LayercodeWebhook:
     def _start_turn(
         self, event: TurnEvent, history: Sequence[HistoryMessage], locked_at: float | None
     ) -> Turn:
-        """The turn, abortable by :meth:`abort_turns` (the caller runs it, then discards
-        it from ``_running``); its deadline counts from ``locked_at`` (an
-        ``anyio.current_time()``)."""
+        """A turn abort_turns() can reach (the caller discards it from ``_running`` after it
+        ran); its deadline counts from ``locked_at`` (an ``anyio.current_time()``)."""
         turn = Turn(
             event,
             self._bound,
@@ -483,11 +469,11 @@ class LayercodeWebhook:
     def abort_turns(self, message: str = SHUTTING_DOWN) -> None:
         """End every open turn now (``run_server`` calls it when its grace period is over).
 
-        A running turn stops its agent and ends its stream with ``response.error``
-        (``message``: a ``str`` of valid text) and ``response.end``, then records what was
-        spoken; a turn still waiting for its conversation (or reading its history), and a
-        ``data`` / ``session.*`` hook still running, is answered 503 ``{"error": message}``.
-        Call it from the turns' event loop."""
+        A running turn stops its agent, ends its stream with ``response.error`` (``message``:
+        a ``str`` of valid text) and ``response.end``, and records what was spoken; a turn
+        still waiting for its conversation or reading its history, and a running ``data`` /
+        ``session.*`` hook, are answered 503 ``{"error": message}``. Call it from the turns'
+        event loop."""
         check_text("message", message)
         self._abort_message = message
         for scope in list(self._waiting):
@@ -503,7 +489,7 @@ class LayercodeWebhook:
 
     async def _answer_json(self, event: WebhookPayload) -> Response:
         conversations = self.conversations
-        if conversations is not None:  # the limit of the turns' store, on every event
+        if conversations is not None:  # the store's limit, on every event as on turns
             try:
                 check_conversation_id(event.conversation_id)
             except ValueError as exc:
@@ -522,8 +508,7 @@ class LayercodeWebhook:
             and not self.keep_history
             and conversations is not None
         ):
-            # At once, not behind the conversation's lock: a turn still running will not
-            # record (the store's generation moved on).
+            # Not behind the lock: a running turn will not record (the generation moved on).
             try:
                 await conversations.clear(event.conversation_id)
             except ValueError as exc:
