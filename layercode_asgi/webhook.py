@@ -90,106 +90,6 @@ _LEFT: dict[str, Any] = {"outcome": "disconnected"}
 _NO_EXTRA: dict[str, Any] = {}
 
 
-class _TurnProducer:
-    """One turn's producer: wait for the conversation's lock, run the turn, record it.
-
-    An object, not closures: every object an open turn keeps alive is work for the garbage
-    collector, whose pauses are the tail of the paced benchmark.
-    """
-
-    __slots__ = ("body", "event", "generation", "webhook")
-
-    def __init__(
-        self,
-        webhook: LayercodeWebhook,
-        event: TurnEvent,
-        body: bytes | str | Mapping[str, Any] | None,
-    ) -> None:
-        self.webhook = webhook
-        self.event: TurnEvent | None = event
-        self.body = body
-        self.generation: int | None = None  # the history's, read with it
-
-    async def __call__(self, emit: Emit) -> None:
-        webhook = self.webhook
-        event, self.event = self.event, None  # the turn holds it from here on
-        assert event is not None
-        conversations = webhook.conversations
-        if conversations is None:
-            turn = webhook._start_turn(event, (), None)
-            try:
-                await turn.run(emit)
-            finally:
-                webhook._running.discard(turn)
-            return
-        cid = event.conversation_id
-        pending = webhook._pending
-        count = pending.get(cid, 0)
-        if count > webhook.max_queued_turns:  # one holds it, max_queued_turns wait
-            raise ResponseError(503, _TOO_MANY_WAITING, retry_after=RETRY_AFTER_SECONDS)
-        pending[cid] = count + 1
-        body = self.body
-        if count and body is not None:
-            event = None  # it waits: keep the raw body only
-        # abort_turns() cancels it until the turn runs; it encloses the whole ``async with``
-        # because a store's lock may open cancel scopes of its own.
-        waiting = anyio.CancelScope()
-        acquired = False
-        webhook._waiting.add(waiting)
-        try:
-            with waiting:
-                async with conversations.lock(cid, timeout=webhook.lock_timeout):
-                    acquired = True
-                    locked_at = anyio.current_time()  # the turn's deadline counts from here
-                    if webhook.metrics is not None:
-                        webhook.metrics.lock_acquired()
-                    if event is None:  # it waited: decode its (valid) body again
-                        decoded = parse_webhook_payload(body)  # type: ignore[arg-type]
-                        assert isinstance(decoded, SessionStartPayload | MessagePayload)
-                        event = decoded
-                    try:
-                        history, generation = await read_for_turn(conversations, cid)
-                    except LayercodeError as exc:
-                        failure = "conversation store failed reading the history"
-                        raise _unavailable(exc, failure) from exc
-                    if waiting.cancel_called:  # aborted during a read that did not notice
-                        raise webhook._aborted()
-                    webhook._waiting.discard(waiting)  # from here on, abort_turns aborts the turn
-                    self.generation = generation
-                    turn = webhook._start_turn(event, history, locked_at)
-                    turn.before_end = self.record_history  # Turn.end runs it once, then clears it
-                    try:  # here, not in a method: one coroutine frame fewer per open turn
-                        await turn.run(emit)
-                    finally:
-                        webhook._running.discard(turn)
-                        if turn.before_end is not None:  # it stopped without its response.end
-                            await self.record_history(turn)
-        except LayercodeError as exc:
-            if acquired or isinstance(exc, ResponseError):
-                raise
-            raise _unavailable(exc, "could not lock the conversation") from exc
-        except ValueError as exc:
-            if acquired:
-                raise
-            raise _invalid_id(exc) from exc  # refused by the store
-        finally:
-            webhook._waiting.discard(waiting)
-            left = pending[cid] - 1
-            if left:
-                pending[cid] = left
-            else:
-                del pending[cid]
-        if waiting.cancelled_caught:
-            raise webhook._aborted()
-
-    async def record_history(self, turn: Turn) -> None:
-        """Record what was said and spoken: just before ``response.end`` (a client that saw
-        the end finds the turn in the history), or once the turn stopped without one."""
-        conversations = self.webhook.conversations
-        assert conversations is not None  # a turn without a store is not recorded
-        await record_for_turn(conversations, turn.event, turn.reply_text, self.generation)
-
-
 #: A hook for the JSON-answered events (``on_data=``, ``on_session_update=``, ``on_session_end=``):
 #: called with the event; sync or async; what ``on_data`` returns is the JSON answer.
 EventHook = Callable[[Any], Any]
@@ -384,7 +284,7 @@ class LayercodeWebhook:
                     **(_LEFT if getattr(response, "disconnected", False) else _NO_EXTRA),
                 )
 
-    # -- framework-neutral entry point -------------------------------------------------------
+    # -- framework-neutral entry point --------------------------------------------------------
 
     async def respond(self, body: bytes | str | Mapping[str, Any]) -> Response:
         """Return the response to a webhook whose (verified) body is ``body``."""
@@ -435,58 +335,6 @@ class LayercodeWebhook:
             self._waiting.discard(hook)
         return error_response(self._aborted()), event
 
-    def turn_response(
-        self, event: TurnEvent, *, body: bytes | str | Mapping[str, Any] | None = None
-    ) -> EventStreamResponse:
-        """The SSE response of one turn, with history and the conversation lock if any.
-
-        ``body``: what ``event`` was decoded from; a turn that waits for its conversation
-        keeps only ``body``, and decodes it again once it holds the lock.
-        """
-        # A client that stopped reading gets the turn's grace for the final frame too.
-        return EventStreamResponse(_TurnProducer(self, event, body), close_timeout=self.turn_grace)
-
-    def _start_turn(
-        self, event: TurnEvent, history: Sequence[HistoryMessage], locked_at: float | None
-    ) -> Turn:
-        """A turn abort_turns() can reach (the caller discards it from ``_running`` after it
-        ran); its deadline counts from ``locked_at`` (an ``anyio.current_time()``)."""
-        turn = Turn(
-            event,
-            self._bound,
-            history=history,
-            extras=self.extras,
-            timeout=self.turn_timeout,
-            timeout_message=self.timeout_message,
-            grace=self.turn_grace,
-            started_at=locked_at,
-        )
-        self._running.add(turn)
-        if self.metrics is not None:
-            self.metrics.turn_started(turn)
-        return turn
-
-    def abort_turns(self, message: str = SHUTTING_DOWN) -> None:
-        """End every open turn now (``run_server`` calls it when its grace period is over).
-
-        A running turn stops its agent, ends its stream with ``response.error`` (``message``:
-        a ``str`` of valid text) and ``response.end``, and records what was spoken; a turn
-        still waiting for its conversation or reading its history, and a running ``data`` /
-        ``session.*`` hook, are answered 503 ``{"error": message}``. Call it from the turns'
-        event loop."""
-        check_text("message", message)
-        self._abort_message = message
-        for scope in list(self._waiting):
-            scope.cancel()
-        for turn in list(self._running):
-            turn.abort(message)
-
-    # -- internals ---------------------------------------------------------------------------
-
-    def _aborted(self) -> ResponseError:
-        """The 503 of a waiting turn (or hook) ended by :meth:`abort_turns`."""
-        return ResponseError(503, self._abort_message, retry_after=RETRY_AFTER_SECONDS)
-
     async def _answer_json(self, event: WebhookPayload) -> Response:
         conversations = self.conversations
         if conversations is not None:  # the store's limit, on every event as on turns
@@ -528,6 +376,158 @@ class LayercodeWebhook:
                 escape_error(exc),
             )
             return json_error_response(500, "data handler returned a value JSON cannot carry")
+
+    def turn_response(
+        self, event: TurnEvent, *, body: bytes | str | Mapping[str, Any] | None = None
+    ) -> EventStreamResponse:
+        """The SSE response of one turn, with history and the conversation lock if any.
+
+        ``body``: what ``event`` was decoded from; a turn that waits for its conversation
+        keeps only ``body``, and decodes it again once it holds the lock.
+        """
+        # A client that stopped reading gets the turn's grace for the final frame too.
+        return EventStreamResponse(_TurnProducer(self, event, body), close_timeout=self.turn_grace)
+
+    def _start_turn(
+        self, event: TurnEvent, history: Sequence[HistoryMessage], locked_at: float | None
+    ) -> Turn:
+        """A turn abort_turns() can reach (the caller discards it from ``_running`` after it
+        ran); its deadline counts from ``locked_at`` (an ``anyio.current_time()``)."""
+        turn = Turn(
+            event,
+            self._bound,
+            history=history,
+            extras=self.extras,
+            timeout=self.turn_timeout,
+            timeout_message=self.timeout_message,
+            grace=self.turn_grace,
+            started_at=locked_at,
+        )
+        self._running.add(turn)
+        if self.metrics is not None:
+            self.metrics.turn_started(turn)
+        return turn
+
+    # -- shutting down ------------------------------------------------------------------------
+
+    def abort_turns(self, message: str = SHUTTING_DOWN) -> None:
+        """End every open turn now (``run_server`` calls it when its grace period is over).
+
+        A running turn stops its agent, ends its stream with ``response.error`` (``message``:
+        a ``str`` of valid text) and ``response.end``, and records what was spoken; a turn
+        still waiting for its conversation or reading its history, and a running ``data`` /
+        ``session.*`` hook, are answered 503 ``{"error": message}``. Call it from the turns'
+        event loop."""
+        check_text("message", message)
+        self._abort_message = message
+        for scope in list(self._waiting):
+            scope.cancel()
+        for turn in list(self._running):
+            turn.abort(message)
+
+    def _aborted(self) -> ResponseError:
+        """The 503 of a waiting turn (or hook) ended by :meth:`abort_turns`."""
+        return ResponseError(503, self._abort_message, retry_after=RETRY_AFTER_SECONDS)
+
+
+class _TurnProducer:
+    """One turn's producer: wait for the conversation's lock, run the turn, record it.
+
+    An object, not closures: every object an open turn keeps alive is work for the garbage
+    collector, whose pauses are the tail of the paced benchmark.
+    """
+
+    __slots__ = ("body", "event", "generation", "webhook")
+
+    def __init__(
+        self,
+        webhook: LayercodeWebhook,
+        event: TurnEvent,
+        body: bytes | str | Mapping[str, Any] | None,
+    ) -> None:
+        self.webhook = webhook
+        self.event: TurnEvent | None = event
+        self.body = body
+        self.generation: int | None = None  # the history's, read with it
+
+    async def __call__(self, emit: Emit) -> None:
+        webhook = self.webhook
+        event, self.event = self.event, None  # the turn holds it from here on
+        assert event is not None
+        conversations = webhook.conversations
+        if conversations is None:
+            turn = webhook._start_turn(event, (), None)
+            try:
+                await turn.run(emit)
+            finally:
+                webhook._running.discard(turn)
+            return
+        cid = event.conversation_id
+        pending = webhook._pending
+        count = pending.get(cid, 0)
+        if count > webhook.max_queued_turns:  # one holds it, max_queued_turns wait
+            raise ResponseError(503, _TOO_MANY_WAITING, retry_after=RETRY_AFTER_SECONDS)
+        pending[cid] = count + 1
+        body = self.body
+        if count and body is not None:
+            event = None  # it waits: keep the raw body only
+        # abort_turns() cancels it until the turn runs; it encloses the whole ``async with``
+        # because a store's lock may open cancel scopes of its own.
+        waiting = anyio.CancelScope()
+        acquired = False
+        webhook._waiting.add(waiting)
+        try:
+            with waiting:
+                async with conversations.lock(cid, timeout=webhook.lock_timeout):
+                    acquired = True
+                    locked_at = anyio.current_time()  # the turn's deadline counts from here
+                    if webhook.metrics is not None:
+                        webhook.metrics.lock_acquired()
+                    if event is None:  # it waited: decode its (valid) body again
+                        decoded = parse_webhook_payload(body)  # type: ignore[arg-type]
+                        assert isinstance(decoded, SessionStartPayload | MessagePayload)
+                        event = decoded
+                    try:
+                        history, generation = await read_for_turn(conversations, cid)
+                    except LayercodeError as exc:
+                        failure = "conversation store failed reading the history"
+                        raise _unavailable(exc, failure) from exc
+                    if waiting.cancel_called:  # aborted during a read that did not notice
+                        raise webhook._aborted()
+                    webhook._waiting.discard(waiting)  # from here on, abort_turns aborts the turn
+                    self.generation = generation
+                    turn = webhook._start_turn(event, history, locked_at)
+                    turn.before_end = self.record_history  # Turn.end runs it once, then clears it
+                    try:  # here, not in a method: one coroutine frame fewer per open turn
+                        await turn.run(emit)
+                    finally:
+                        webhook._running.discard(turn)
+                        if turn.before_end is not None:  # it stopped without its response.end
+                            await self.record_history(turn)
+        except LayercodeError as exc:
+            if acquired or isinstance(exc, ResponseError):
+                raise
+            raise _unavailable(exc, "could not lock the conversation") from exc
+        except ValueError as exc:
+            if acquired:
+                raise
+            raise _invalid_id(exc) from exc  # refused by the store
+        finally:
+            webhook._waiting.discard(waiting)
+            left = pending[cid] - 1
+            if left:
+                pending[cid] = left
+            else:
+                del pending[cid]
+        if waiting.cancelled_caught:
+            raise webhook._aborted()
+
+    async def record_history(self, turn: Turn) -> None:
+        """Record what was said and spoken: just before ``response.end`` (a client that saw
+        the end finds the turn in the history), or once the turn stopped without one."""
+        conversations = self.webhook.conversations
+        assert conversations is not None  # a turn without a store is not recorded
+        await record_for_turn(conversations, turn.event, turn.reply_text, self.generation)
 
 
 def _unavailable(exc: LayercodeError, context: str) -> ResponseError:
