@@ -12,8 +12,9 @@ like LayerCode's Node SDK: the handler calls ``stream.tts(...)``) and emits, for
 
 Guarantees (docs/agent-contract.md): ``response.end`` exactly once and last; back-pressure
 (the agent resumes once the server took its event); a disconnect cancels the agent at its
-current ``await`` and nothing more is sent. :func:`stream_turn` and :func:`stream_response`
-wrap a turn in an :class:`~layercode_asgi.sse.EventStreamResponse` for any route handler.
+current ``await`` (it runs in the request's own task) and nothing more is sent.
+:func:`stream_turn` and :func:`stream_response` wrap a turn in an
+:class:`~layercode_asgi.sse.EventStreamResponse` for any route handler.
 """
 
 from __future__ import annotations
