@@ -1,15 +1,12 @@
 """ASGI plumbing shared by the middleware, the webhook, the event stream and the server.
 
-* :func:`read_body`: a whole request body, with a size limit and a deadline;
-  :class:`ReplayBody`: a ``receive`` handing on a body read already.
-* :func:`route_path`: the request path below the mount point (``root_path``);
-  :func:`check_route`: a configured route that requests can match as written.
-* :func:`json_error`: the one way an error is written: ``{"error": "..."}`` as JSON with
-  its status, as the two ASGI messages (:func:`send_json_error` sends them) or as a
-  Starlette response (:func:`json_error_response`).
-* :func:`being_cancelled`: whether a ``CancelledError`` is this task's cancellation;
-  :func:`must_propagate`: whether an exception from user code (an agent, a hook, a
-  producer) goes on, or is answered as that code's failure.
+* :func:`read_body` (a whole body, with a size limit and a deadline); :class:`ReplayBody`
+  (a ``receive`` handing on a body read already).
+* :func:`route_path` (the path below ``root_path``); :func:`check_route`.
+* :func:`json_error`: the one way an error is written, ``{"error": "..."}`` with its status,
+  as two ASGI messages (:func:`send_json_error`) or a response (:func:`json_error_response`).
+* :func:`must_propagate`: whether an exception from user code (an agent, a hook, a producer)
+  goes on, or is answered as that code's failure.
 """
 
 from __future__ import annotations
@@ -77,12 +74,11 @@ _FRAMER = {
 def check_headers(
     name: str, headers: Mapping[str, str], *, client: bool
 ) -> list[tuple[bytes, bytes]]:
-    """``headers`` (the argument ``name``) as raw headers (lower-case names), for a response
-    or, with ``client``, a request an HTTP client sends. A name that is not an HTTP token,
-    one of the body's framing (``Content-Length``, ``Transfer-Encoding``), or a value that
-    would not stay one header line (CR, LF, NUL, a character beyond latin-1 / ASCII for a
-    client) is a ``ValueError`` naming it (the value, maybe a credential, is not quoted); a
-    ``headers`` that is no mapping, a name or value that is not a ``str``, a ``TypeError``."""
+    """``headers`` (the argument ``name``) as raw headers with lower-case names, for a response
+    or, with ``client``, for a request. ``ValueError`` naming the header (its value, maybe a
+    credential, is not quoted) for a name that is no HTTP token or frames the body
+    (``Content-Length``, ``Transfer-Encoding``), or a value that would not stay one line (CR,
+    LF, NUL; beyond latin-1, or ASCII for a client); ``TypeError`` for non-``str`` items."""
     check_type(name, headers, Mapping, "a mapping of header names to values")
     value_ok = _HEADER_VALUE[client]
     raw = []
@@ -112,8 +108,7 @@ class BodyTimeout(Exception):
 
 
 class BodyAborted(Exception):
-    """The server ended the request (a drain's end) while its body was still arriving;
-    raised by :func:`read_body` when the read's scope in ``reads`` was cancelled."""
+    """The read's scope in ``reads`` was cancelled (a drain's end); raised by :func:`read_body`."""
 
 
 async def read_body(
@@ -125,10 +120,9 @@ async def read_body(
     """Read a whole request body of at most ``limit`` bytes; ``None`` if the client left.
 
     Raises :class:`BodyTooLarge` as soon as the bytes read pass ``limit`` (the rest is not
-    read), :class:`BodyTimeout` if the body has not all arrived ``within`` seconds.
-    A body that arrives in one message is returned without a copy. With a deadline, the
-    read's cancel scope is in ``reads`` while it lasts: cancelling it ends the read with
-    :class:`BodyAborted`.
+    read), :class:`BodyTimeout` if it has not all arrived ``within`` seconds. With a
+    deadline, the read's cancel scope is in ``reads`` while it lasts: cancelling it ends the
+    read with :class:`BodyAborted`. A body in one message is returned without a copy.
     """
     # No deadline to keep: none given, or the body was read already (by the middleware).
     if within == math.inf or (isinstance(receive, ReplayBody) and receive._body is not None):
@@ -147,8 +141,8 @@ async def read_body(
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    # Later pieces go into one buffer, not a list: a body sent a byte a chunk (hypercorn
-    # passes each chunk on) would cost a bytes object and a list slot, ~41 bytes, per byte.
+    # One buffer, not a list: a body sent a byte a chunk (hypercorn passes each chunk on)
+    # would cost a bytes object and a list slot, ~41 bytes, per byte.
     first = b""
     rest: bytearray | None = None
     size = 0
@@ -184,11 +178,10 @@ class ReplayBody:
 
     async def __call__(self) -> Message:
         body = self._body
-        if body is None:
-            # Later calls wait for http.disconnect, exactly as without the body read.
+        if body is None:  # later calls wait for http.disconnect, as without the body read
             return await self._receive()
         # A probe in a cancelled scope (Starlette's ``is_disconnected``) must not take the
-        # body: it is cancelled here, as it would be waiting on the server's ``receive``.
+        # body: it is cancelled here, as it would be on the server's ``receive``.
         await anyio.lowlevel.checkpoint_if_cancelled()
         self._body = None
         return {"type": "http.request", "body": body, "more_body": False}
@@ -204,9 +197,8 @@ def compressed(scope: Scope) -> str | None:
 
 
 def declared_length(value: bytes | str) -> int | None:
-    """A ``Content-Length`` value as a number; ``None`` unless it is 1 to 18 ASCII digits.
-    (``str.isdigit`` also takes a latin-1 '\u00b2', and thousands of digits: ``int()``
-    refuses both.)"""
+    """A ``Content-Length`` value as a number; ``None`` unless it is 1 to 18 ASCII digits
+    (``str.isdigit`` alone takes a latin-1 '\u00b2', and thousands of digits)."""
     if len(value) <= 18 and value.isascii() and value.isdigit():
         return int(value)
     return None
@@ -226,10 +218,9 @@ async def answer_lifespan(receive: Receive, send: Send) -> None:
 def route_path(scope: Scope) -> str:
     """The request path below the mount point (``root_path``), as Starlette's router sees it.
 
-    ``root_path`` is removed only where it ends at a ``/`` boundary of the path: with
-    ``root_path`` ``/ap``, ``/ap/agent`` gives ``/agent`` and ``/ap`` gives ``""``, but
-    ``/api/agent`` is not below ``/ap`` and is returned whole. A path that does not start
-    with ``root_path`` is returned whole as well (the same object).
+    ``root_path`` is removed only at a ``/`` boundary: below ``/ap``, ``/ap/agent`` gives
+    ``/agent`` and ``/ap`` gives ``""``; ``/api/agent``, not below it, is returned whole (the
+    same object), as is any path not starting with ``root_path``.
     """
     path: str = scope["path"]
     root_path: str = scope.get("root_path", "")
@@ -283,11 +274,8 @@ def json_error(
     close: bool = False,
     headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> tuple[Message, Message]:
-    """The two ASGI messages of ``{"error": message}`` with ``status``.
-
-    ``close``: the rest of the request may still be on the wire, do not reuse the
-    connection.
-    """
+    """The two ASGI messages of ``{"error": message}`` with ``status``. ``close``: the rest
+    of the request may still be on the wire, do not reuse the connection."""
     body = _encode({"error": message})
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw.extend(headers)
@@ -330,8 +318,7 @@ class JSONResponse(Response):
 
 
 def compressed_body_response() -> JSONResponse:
-    """The 415 of a body that could not be read because it was sent compressed (see
-    :func:`compressed`)."""
+    """The 415 of a body unreadable because it was sent compressed (see :func:`compressed`)."""
     message = "the request body is compressed (Content-Encoding): send it uncompressed"
     return json_error_response(415, message, {"accept-encoding": "identity"})
 

@@ -1,14 +1,16 @@
-"""Server-Sent Events: :func:`format_sse_message` renders one message as the specification
-reads it; :func:`create_sse_response` streams any async iterable on sse-starlette's
-``EventSourceResponse`` (keep-alive pings, disconnect detection); :class:`EventStreamResponse`
-is the small response of LayerCode turns (a producer pushes ready-made SSE bytes through
-``emit``, which waits for the server; a disconnect cancels the producer at once).
-sse-starlette's response for the same turns had, on the paced benchmark, many times our p99
-first-tts overhead and more CPU per turn (benchmarks/RESULTS.md).
+"""Server-Sent Events.
 
-All three responses are Starlette ``Response`` subclasses: return them from Starlette or
-FastAPI handlers, from Litestar handlers annotated ``-> ASGIApp`` (or the class), or call
-them as ASGI apps ``await response(scope, receive, send)``.
+* :func:`format_sse_message`: one message, as the specification reads it.
+* :func:`create_sse_response`: any async iterable, on sse-starlette's ``EventSourceResponse``
+  (keep-alive pings, disconnect detection).
+* :class:`EventStreamResponse`: the response of LayerCode turns. A producer pushes ready-made
+  SSE bytes through ``emit``, which waits for the server; a disconnect cancels it at once.
+  sse-starlette's response for the same turns had, on the paced benchmark, many times its
+  p99 first-tts overhead and more CPU per turn (benchmarks/RESULTS.md).
+
+Both responses are Starlette ``Response`` subclasses: return them from Starlette or FastAPI
+handlers, from Litestar handlers annotated ``-> ASGIApp`` (or the class), or call them as
+ASGI apps.
 """
 
 from __future__ import annotations
@@ -154,20 +156,20 @@ def create_sse_response(
 ) -> EventSourceResponse:
     """Stream an async iterable as Server-Sent Events (on sse-starlette).
 
-    Each ``str`` item becomes one ``data:`` message (split over several ``data:`` lines
-    where it has line breaks); ``bytes`` are sent as they are (already formatted, e.g. by
-    :func:`format_sse_message`); ``sse_starlette.ServerSentEvent`` objects and dicts of its
-    fields (``data``, ``event``, ``id``, ``retry``, ``comment``) are formatted by
-    sse-starlette. Headers: ``Content-Type: text/event-stream``,
-    ``Cache-Control: no-cache, no-transform``, ``X-Accel-Buffering: no``. ``ping`` is the
-    keep-alive comment interval in seconds (sse-starlette's default 15 s; 0 disables).
-    ``ping`` and ``send_timeout`` (the bound of each send, None: none; it does not hold
-    under Hypercorn's trio worker, whose writes cannot be cancelled) must be finite
-    numbers, ``ping`` >= 0 and ``send_timeout`` > 0, else ``ValueError`` (so is a
-    ``status_code`` outside 100 to 599; one that is no int, ``TypeError``); a ``generator``
-    that is not an async iterable raises ``TypeError``. ``headers`` replace the defaults of
-    the same name; one that would not stay one header line (CR, LF, NUL, ...) or that
-    frames the body (``Content-Length``, ``Transfer-Encoding``) raises ``ValueError``.
+    Each ``str`` item is one ``data:`` message (several ``data:`` lines where it has line
+    breaks); ``bytes`` go out as they are (formatted already, e.g. by
+    :func:`format_sse_message`); an ``sse_starlette.ServerSentEvent`` or a dict of its fields
+    (``data``, ``event``, ``id``, ``retry``, ``comment``) is formatted by sse-starlette.
+    Headers: :data:`SSE_HEADERS`, those in ``headers`` replacing the defaults of their name.
+    ``ping``: the keep-alive comment interval in seconds (sse-starlette's default 15 s; 0
+    disables). ``send_timeout``: the bound of each send (None: none; it does not hold under
+    Hypercorn's trio worker, whose writes cannot be cancelled).
+
+    Raises ``ValueError`` for a ``ping`` or ``send_timeout`` that is not a finite number
+    (``ping`` >= 0, ``send_timeout`` > 0), a ``status_code`` outside 100 to 599, or a header
+    that would not stay one line (CR, LF, NUL, ...) or frames the body (``Content-Length``,
+    ``Transfer-Encoding``); ``TypeError`` for a ``status_code`` that is no int, or a
+    ``generator`` that is not an async iterable.
     """
     if not hasattr(generator, "__aiter__"):
         raise TypeError(
@@ -208,15 +210,13 @@ _YIELD_EVERY = 8
 
 
 class _DetachedSend:
-    """On trio, the sends of a stream's body, each in a trio system task while the producer
-    waits for it: a deadline or a disconnect stops the wait even when the server's write
-    cannot be cancelled (Hypercorn's trio worker shields it, so a client that stopped
-    reading held the producer, its deadline and its conversation for as long as it stayed
-    connected). A write left behind does not hold the response either (nor the drain count
-    of the request): the response returns, the server closes the connection, and the write
-    ends with it. The next send waits for it first (in order). Each write runs in a copy of
-    the producer's context, as the server's ``send`` would in its task (a middleware's
-    ``send`` wrapper sees the request's context variables)."""
+    """On trio, each send of a stream's body runs in a trio system task while the producer
+    waits for it: a deadline or a disconnect stops the wait even though Hypercorn's trio
+    worker shields its write (a client that stopped reading would hold the producer, its
+    deadline and its conversation). A write left behind holds nothing either: the response
+    returns, the server closes the connection, the write ends with it. Writes stay in order,
+    each in a copy of the producer's context (a middleware's ``send`` wrapper sees the
+    request's context variables, as on asyncio)."""
 
     __slots__ = ("error", "send", "sent", "spawn")
 
@@ -251,25 +251,23 @@ class _DetachedSend:
 class EventStreamResponse(Response):
     """A ``text/event-stream`` response driven by a producer coroutine.
 
-    ``producer(emit)`` pushes ready-made SSE bytes with ``await emit(chunk)``; each
-    ``emit`` returns once the server took the chunk (a slow client slows the producer,
-    nothing piles up). The status line and headers go out with the first chunk; the body
-    closes when the producer returns. If the producer raises
-    :class:`~layercode_asgi.errors.ResponseError` before its first chunk, the client gets
-    that error as JSON instead (e.g. 503 when the conversation store is down); any other
-    exception is logged and answered with a JSON 500 before the stream starts, or ends the
-    stream after it started (never a second status line).
+    ``producer(emit)`` pushes ready-made SSE bytes with ``await emit(chunk)``, which returns
+    once the server took the chunk (a slow client slows the producer; nothing piles up). The
+    status line and headers go out with the first chunk; the body closes when the producer
+    returns. A :class:`~layercode_asgi.errors.ResponseError` raised before the first chunk is
+    the client's answer as JSON (e.g. 503 when the conversation store is down); any other
+    exception is logged and is a JSON 500 before the stream starts, or ends the stream after
+    (never a second status line).
 
-    The producer runs in the task that calls the response (the request's own task); while
-    it runs, a watcher task waits for ``http.disconnect``, and when the client leaves the
-    producer is cancelled at its current ``await`` (an anyio cancellation, on asyncio and
-    trio alike). A send that fails because the connection is gone (``OSError``) ends it the
-    same way. :attr:`disconnected` tells afterwards whether the client left early; one that
-    left before the first chunk is answered 499 JSON (for middleware outside: nobody reads it).
-    ``close_timeout`` bounds the final (empty) frame: a client that stopped reading does not
-    hold the response open (None: no bound; otherwise a finite number >= 0, else
-    ``ValueError``). ``headers`` replace the defaults of the same name; one that would not
-    stay one header line (CR, LF, NUL, ...) or that frames the body (``Content-Length``,
+    The producer runs in the request's own task; a watcher task waits for
+    ``http.disconnect`` meanwhile, and when the client leaves (or a send fails with
+    ``OSError``) the producer is cancelled at its current ``await`` (an anyio cancellation,
+    on asyncio and trio alike). :attr:`disconnected` tells afterwards whether the client left
+    early; one that left before the first chunk is answered 499 JSON (for middleware outside:
+    nobody reads it). ``close_timeout`` bounds the final (empty) frame, so a client that
+    stopped reading does not hold the response open (None: no bound; else a finite number
+    >= 0, or ``ValueError``). ``headers`` replace the defaults of their name; one that would
+    not stay one header line (CR, LF, NUL, ...) or that frames the body (``Content-Length``,
     ``Transfer-Encoding``) raises ``ValueError``.
     """
 
@@ -306,16 +304,13 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send = self._send_body = send
-        # The producer runs in this task, the disconnect watcher in another: the producer
-        # starts at once, not one trip through the event loop later (under load a trip waits
-        # for all else the loop has to do: it was 30% of ours' p99 first-tts overhead on the
-        # paced benchmark at N = 800). On asyncio the watcher is a plain task, cancelled the
-        # same way (the anyio scope around the producer): a task group cost 33 µs more per
-        # paced turn in-process, and at N = 800 took server CPU per turn from 287 to 330 µs
-        # and the p99 first-tts overhead from 2.3 to 2.9 ms. Either way the watcher is
-        # cancelled once the producer is done (waiting for the server's ``http.disconnect``
-        # cost 5% of CPU per paced turn, in-process). Inline, not in methods of their own:
-        # one coroutine frame fewer held by every open turn.
+        # The producer runs in this task, so it starts at once, not one trip through the event
+        # loop later (a trip was 30% of the p99 first-tts overhead, paced benchmark, N = 800).
+        # On asyncio the watcher is a plain task, not a task group: the group cost 33 µs more
+        # per paced turn, and at N = 800 took server CPU per turn from 287 to 330 µs and p99
+        # first-tts overhead from 2.3 to 2.9 ms. The watcher is cancelled once the producer is
+        # done (waiting for ``http.disconnect`` cost 5% of CPU per paced turn). Inline, not in
+        # methods: one coroutine frame fewer held by every open turn.
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no asyncio loop: trio
@@ -363,12 +358,10 @@ class EventStreamResponse(Response):
             if self._cancel is not None:
                 self._cancel.cancel()
             await anyio.lowlevel.checkpoint()  # the cancellation, here in the producer
-        # A server's send often returns without suspending (always, once the client is
-        # gone): yield now and then, so that the disconnect watcher, timeouts and other
-        # requests still run while a producer awaits nothing else. Not after every
-        # chunk: two checkpoints per chunk made a 10-chunk turn cost 280 instead of
-        # 190 µs of the library's CPU (in-process, asyncio); a real agent awaits
-        # between chunks anyway.
+        # A server's send often returns without suspending (always, once the client is gone):
+        # yield now and then, so the watcher, timeouts and other requests run. Not per chunk:
+        # two checkpoints a chunk made a 10-chunk turn cost 280 instead of 190 µs of library
+        # CPU (in-process, asyncio); a real agent awaits between chunks anyway.
         self._unyielded += 1
         if self._unyielded >= _YIELD_EVERY:
             self._unyielded = 0

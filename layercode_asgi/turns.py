@@ -10,11 +10,11 @@ like LayerCode's Node SDK: the handler calls ``stream.tts(...)``) and emits, for
     data: {"type":"response.error","error":"agent error","turn_id":"t1"}
     data: {"type":"response.end","turn_id":"t1"}
 
-Its guarantees are docs/agent-contract.md's: ``response.end`` exactly once and last;
-back-pressure (the agent resumes once the server took its event); a disconnect cancels the
-agent at its current ``await`` (it runs in the request's own task) and nothing more is sent.
+Guarantees (docs/agent-contract.md): ``response.end`` exactly once and last; back-pressure
+(the agent resumes once the server took its event); a disconnect cancels the agent at its
+current ``await`` (it runs in the request's own task) and nothing more is sent.
 :func:`stream_turn` and :func:`stream_response` wrap a turn in an
-:class:`~layercode_asgi.sse.EventStreamResponse` for any framework's route handler.
+:class:`~layercode_asgi.sse.EventStreamResponse` for any route handler.
 """
 
 from __future__ import annotations
@@ -271,11 +271,11 @@ class Turn:
         """Run the turn, emitting its events through ``emit``; ``response.end`` comes last.
 
         ``emit(chunk)`` sends one chunk and returns once it was taken: an
-        :class:`~layercode_asgi.sse.EventStreamResponse`'s own (then ``response.end`` also
-        ends the body, in the same write) or any async callable of yours.
-        The deadline covers the agent and every send. When it passes (or :meth:`abort`),
-        the agent is cancelled, and the fallback or ``response.error`` and
-        ``response.end`` get :attr:`grace` seconds to go out; then it returns all the same.
+        :class:`~layercode_asgi.sse.EventStreamResponse`'s own (``response.end`` then ends
+        the body in the same write) or any async callable of yours. The deadline covers the
+        agent and every send. When it passes (or on :meth:`abort`) the agent is cancelled;
+        the fallback or ``response.error`` and ``response.end`` get :attr:`grace` seconds to
+        go out, then it returns all the same.
         """
         self._emit = emit
         response = getattr(emit, "__self__", None)  # emit: an EventStreamResponse's own?
@@ -347,9 +347,8 @@ class Turn:
             raise
 
     async def _close(self, iterator: Any) -> None:
-        """Run the agent's own cleanup (``aclose``), even while this turn is being
-        cancelled. An exhausted agent needs none: this runs only when it was stopped.
-        What ``aclose`` raises is logged: why the agent stopped goes on."""
+        """Run a stopped agent's own cleanup (``aclose``), shielded from this turn's
+        cancellation; what ``aclose`` raises is logged (why the agent stopped goes on)."""
         aclose = getattr(iterator, "aclose", None)
         if aclose is None:
             return
@@ -381,15 +380,15 @@ class Turn:
                 chunk = _TTS + encode_json(text) + self._suffix
             await emit(chunk)
             if not self.spoken:
-                self.first_tts_at = time.perf_counter()  # for the metrics (one call per turn)
+                self.first_tts_at = time.perf_counter()  # for the metrics
             self.spoken.append(text)
         elif isinstance(item, Data):
-            await self._send(_DATA + _encode_content(item.content) + self._suffix)
+            await self._send(_DATA + encode_content(item.content) + self._suffix)
         elif isinstance(item, Hangup):
             if item.content is None:
                 await self._send(_HANGUP + self._suffix)
             else:
-                await self._send(_HANGUP_CONTENT + _encode_content(item.content) + self._suffix)
+                await self._send(_HANGUP_CONTENT + encode_content(item.content) + self._suffix)
         else:
             raise TypeError(
                 f"an agent yielded {type(item).__name__}; expected str, Tts, Data or Hangup"
@@ -466,7 +465,10 @@ class Turn:
         return {"conversation_id": self.event.conversation_id, "turn_id": self.event.turn_id}
 
 
-def _encode_content(content: Any) -> bytes:
+def encode_content(content: Any) -> bytes:
+    """``content`` as ``response.data`` sends it (the webhook's ``on_data`` answer too): text
+    UTF-8 cannot hold with U+FFFD, a ``str``/``int``/``float`` subclass as its plain value,
+    NaN and infinities as null (msgspec's rule); anything JSON cannot carry: ``TypeError``."""
     try:
         try:
             return encode_json(content)
@@ -550,13 +552,9 @@ def _stream(
     timeout_message: str | None,
     headers: Mapping[str, str] | None,
 ) -> Response:
-    """What both entry points do: one :class:`Turn` in one :class:`EventStreamResponse`.
-
-    ``event`` may be the raw body: then an unknown event type is answered 200
-    ``{"status": "ignored"}`` and a malformed one 400 ``{"error", "path"}``, as
-    ``create_app`` answers them. Anything else that is not a parsed event (a dict, None)
-    raises ``TypeError``.
-    """
+    """One :class:`Turn` in one :class:`EventStreamResponse`. A raw body ``event`` of an
+    unknown type is answered 200 ``{"status": "ignored"}``, a malformed one 400 ``{"error",
+    "path"}``, as ``create_app`` answers them; a dict, None, ...: ``TypeError``."""
     check_seconds("timeout", timeout, zero=False, none=True)  # on every event, turn or not
     check_callable("handler", handler)
     check_type("extras", extras, Mapping | None, "a mapping or None")

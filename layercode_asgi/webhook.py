@@ -71,7 +71,7 @@ from .logs import (
 from .metrics import TurnMetrics, answered_status
 from .middleware import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_SIZE
 from .sse import Emit, EventStreamResponse
-from .turns import DEFAULT_TURN_GRACE, Turn
+from .turns import DEFAULT_TURN_GRACE, Turn, encode_content
 
 __all__ = ["ConversationBackend", "EventHook", "JSONResponse", "LayercodeWebhook"]
 
@@ -82,117 +82,12 @@ DEFAULT_MAX_QUEUED_TURNS = 8
 #: What ``abort_turns`` says by default (``run_server`` when its grace period is over).
 SHUTTING_DOWN = "server is shutting down"
 _TOO_MANY_WAITING = "too many turns waiting for this conversation; retry later"
-
-
 _NOT_POST = json_error(405, "method not allowed; use POST", headers=[(b"allow", b"POST")])
 _OK = b'{"status":"ok"}'
 _IGNORED = b'{"status":"ignored"}'
 #: The log line's extra field of a request whose client left before the answer ended.
 _LEFT: dict[str, Any] = {"outcome": "disconnected"}
 _NO_EXTRA: dict[str, Any] = {}
-
-
-class _TurnProducer:
-    """The producer of one turn's response: wait for the conversation, run, record.
-
-    One small object per request rather than closures: every object a turn keeps alive
-    for its seconds of streaming is work for the garbage collector (whose pauses are the
-    tail of the paced benchmark).
-    """
-
-    __slots__ = ("body", "event", "generation", "webhook")
-
-    def __init__(
-        self,
-        webhook: LayercodeWebhook,
-        event: TurnEvent,
-        body: bytes | str | Mapping[str, Any] | None,
-    ) -> None:
-        self.webhook = webhook
-        self.event: TurnEvent | None = event
-        self.body = body
-        self.generation: int | None = None  # the history's, read with it
-
-    async def __call__(self, emit: Emit) -> None:
-        webhook = self.webhook
-        event, self.event = self.event, None  # the turn holds it from here on
-        assert event is not None
-        conversations = webhook.conversations
-        if conversations is None:
-            turn = webhook._start_turn(event, (), None)
-            try:
-                await turn.run(emit)
-            finally:
-                webhook._running.discard(turn)
-            return
-        cid = event.conversation_id
-        pending = webhook._pending
-        count = pending.get(cid, 0)
-        if count > webhook.max_queued_turns:  # one holds it, max_queued_turns wait
-            raise ResponseError(503, _TOO_MANY_WAITING, retry_after=RETRY_AFTER_SECONDS)
-        pending[cid] = count + 1
-        body = self.body
-        if count and body is not None:
-            event = None  # it waits: keep the raw body only
-        # Abortable while it waits and reads its history (the scope leaves ``_waiting`` just
-        # before the turn runs: a store's lock may open scopes of its own, so the scope
-        # encloses the whole ``async with``).
-        waiting = anyio.CancelScope()
-        acquired = False
-        webhook._waiting.add(waiting)
-        try:
-            with waiting:
-                async with conversations.lock(cid, timeout=webhook.lock_timeout):
-                    acquired = True
-                    locked_at = anyio.current_time()  # the turn's deadline counts from here
-                    if webhook.metrics is not None:
-                        webhook.metrics.lock_acquired()
-                    if event is None:  # it waited: decode its body again
-                        decoded = parse_webhook_payload(body)  # type: ignore[arg-type]  # valid
-                        assert isinstance(decoded, SessionStartPayload | MessagePayload)
-                        event = decoded
-                    try:
-                        history, generation = await read_for_turn(conversations, cid)
-                    except LayercodeError as exc:
-                        failure = "conversation store failed reading the history"
-                        raise _unavailable(exc, failure) from exc
-                    if waiting.cancel_called:  # aborted during a read that did not notice
-                        raise webhook._aborted()
-                    webhook._waiting.discard(waiting)  # from here on, abort_turns aborts the turn
-                    self.generation = generation
-                    turn = webhook._start_turn(event, history, locked_at)
-                    turn.before_end = self.record_history  # Turn.end runs it once, then clears it
-                    try:  # here, not in a method: one coroutine frame fewer per open turn
-                        await turn.run(emit)
-                    finally:
-                        webhook._running.discard(turn)
-                        if turn.before_end is not None:  # it stopped without its response.end
-                            await self.record_history(turn)
-        except LayercodeError as exc:
-            if acquired or isinstance(exc, ResponseError):
-                raise
-            raise _unavailable(exc, "could not lock the conversation") from exc
-        except ValueError as exc:
-            if acquired:
-                raise
-            raise _invalid_id(exc) from exc  # refused by the store
-        finally:
-            webhook._waiting.discard(waiting)
-            left = pending[cid] - 1
-            if left:
-                pending[cid] = left
-            else:
-                del pending[cid]
-        if waiting.cancelled_caught:
-            raise webhook._aborted()
-
-    async def record_history(self, turn: Turn) -> None:
-        """Record what the user said and what was spoken: just before the turn's
-        ``response.end`` goes out (a client that saw the end finds the turn in the
-        history), or once it stopped without one."""
-        conversations = self.webhook.conversations
-        assert conversations is not None  # a turn without a store is not recorded
-        await record_for_turn(conversations, turn.event, turn.reply_text, self.generation)
 
 
 #: A hook for the JSON-answered events (``on_data=``, ``on_session_update=``, ``on_session_end=``):
@@ -203,9 +98,9 @@ EventHook = Callable[[Any], Any]
 class LayercodeWebhook:
     """Answers LayerCode webhooks with an agent.
 
-    Use it as an ASGI app (``Route("/api/agent", webhook)``, or behind
-    :class:`~layercode_asgi.middleware.LayercodeSignature`), or from your own route handler in
-    any framework::
+    An ASGI app (``Route("/api/agent", webhook)``, behind
+    :class:`~layercode_asgi.middleware.LayercodeSignature`), or called from your own route
+    handler in any framework::
 
         webhook = LayercodeWebhook(agent)
 
@@ -216,17 +111,16 @@ class LayercodeWebhook:
     What it answers (the body must already be verified — mount the middleware):
 
     * ``session.start`` / ``message``: the agent's SSE reply (:mod:`layercode_asgi.turns`).
-      With a conversation store (by default a bounded in-memory one), the turn holds the
-      conversation's lock from before it reads the history until it has recorded the user's
-      text and the reply, just before its ``response.end`` goes out (a client that saw the end
-      finds the turn in the history) -- unless the conversation ended meanwhile.
-      A turn waits for the previous turn of its conversation at most the turn timeout plus
-      ``lock_wait_grace`` (then 503), and at most ``max_queued_turns`` turns of a conversation
-      wait at a time (more: 503 at once). A waiting turn keeps only its raw body.
+      With a conversation store, the turn holds the conversation's lock from before it reads
+      the history until it has recorded the user's text and the reply, just before its
+      ``response.end`` (a client that saw the end finds the turn in the history) -- unless
+      the conversation ended meanwhile. A turn waits for the previous one at most
+      ``lock_timeout`` (then 503); at most ``max_queued_turns`` turns of a conversation wait
+      at a time (more: 503 at once), each keeping only its raw body.
     * ``data``: JSON, what ``on_data(event)`` returns, else ``{"status": "ok"}``.
     * ``session.update`` / ``session.end``: ``on_session_update`` / ``on_session_end``, then
       ``{"status": "ok"}``; ``session.end`` also clears the history unless ``keep_history``
-      (at once, without waiting for a turn still running: that turn will not record).
+      (at once: a turn still running will not record).
     * a malformed body: 400 ``{"error": …, "path": "$.field"}``; an event type newer than this
       library: 200 ``{"status": "ignored"}`` and a warning in the log. With a conversation
       store, a ``conversation_id`` it refuses (empty, over 512 characters) is a 400 on every event.
@@ -234,26 +128,24 @@ class LayercodeWebhook:
     Args:
         agent: the agent (a plain async callable, see :mod:`layercode_asgi.agents`).
         conversations: where history lives and turns are serialised (e.g. a
-            ``ConversationManager``). Default ``"memory"``: a new in-memory
-            ``ConversationManager`` (bounded, one process), as ``create_app`` without
-            Redis; ``None`` keeps no history and takes no lock.
-        on_data: optional hook (sync or async) called with each ``data`` event; its
-            return value is the JSON reply (else ``{"status": "ok"}``).
-        on_session_update: optional hook (sync or async) called with each
-            ``session.update`` event.
-        on_session_end: optional hook (sync or async) called with each ``session.end``
-            event.
+            ``ConversationManager``). Default ``"memory"``: a new bounded in-memory
+            ``ConversationManager`` (one process), as ``create_app`` without Redis;
+            ``None`` keeps no history and takes no lock.
+        on_data: hook (sync or async) called with each ``data`` event; what it returns is
+            the JSON reply (``None``: ``{"status": "ok"}``).
+        on_session_update: hook (sync or async) called with each ``session.update`` event.
+        on_session_end: hook (sync or async) called with each ``session.end`` event.
         turn_timeout: seconds a turn may take; ``None`` = no limit.
         timeout_message: spoken when a turn times out (if blank or None: ``response.error``).
         turn_grace: once a turn's time is up, how long its fallback (or ``response.error``)
-            and ``response.end`` may take to send (> 0); then its stream is closed, its lock
-            released (a client that stops reading does not hold its conversation).
+            and ``response.end`` may take to send (> 0); then its stream is closed and its
+            lock released (a client that stops reading does not hold its conversation).
         keep_history: keep a conversation's history after ``session.end``.
-        lock_timeout: seconds a turn waits for the previous turn of its conversation
-            before it is answered with 503. Default ``None``: the rule of both stores,
-            ``turn_timeout + lock_wait_grace`` (the turn ahead may take its whole timeout,
-            then send its final events and record; a turn's own timeout starts once it
-            holds the lock); as long as it takes when ``turn_timeout`` is ``None``.
+        lock_timeout: seconds a turn waits for the previous turn of its conversation before
+            it is answered 503. Default ``None``: ``turn_timeout + lock_wait_grace`` (the turn
+            ahead may take its whole timeout, then send its final events and record; a turn's
+            own timeout starts once it holds the lock); no limit when ``turn_timeout`` is
+            ``None``.
         lock_wait_grace: see ``lock_timeout``.
         max_queued_turns: turns of one conversation that may wait behind the running one
             (in this process); one more is answered 503 at once.
@@ -358,19 +250,15 @@ class LayercodeWebhook:
             )
 
     async def answer(self, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer a POST whose whole (verified) body has been read already.
-
-        What the ASGI app does once it has the body, for callers that read it themselves
-        (``create_app``'s webhook route gets it from the signature check): ``receive`` is
-        only used to notice the client leaving, and the request is logged.
-        """
+        """Answer a POST whose whole (verified) body was read already (``create_app``'s route
+        gets it from the signature check); ``receive`` only notices the client leaving. Logs
+        the request."""
         started = time.perf_counter()
         response, event = await self._respond(body, scope)
         unknown = None
         if isinstance(event, UnknownEventError):  # for the log line, not a metrics label
             unknown, event = event, None
-        # What the log line needs, not the event: a turn waiting for its conversation keeps
-        # no decoded copy of its body.
+        # Keep what the log line needs, not the event: a waiting turn keeps no decoded copy.
         kind = None if event is None else str(event.type)
         conversation_id = None if event is None else event.conversation_id
         turn_id = getattr(event, "turn_id", None)
@@ -396,7 +284,7 @@ class LayercodeWebhook:
                     **(_LEFT if getattr(response, "disconnected", False) else _NO_EXTRA),
                 )
 
-    # -- framework-neutral entry point -------------------------------------------------------
+    # -- framework-neutral entry point --------------------------------------------------------
 
     async def respond(self, body: bytes | str | Mapping[str, Any]) -> Response:
         """Return the response to a webhook whose (verified) body is ``body``."""
@@ -406,7 +294,7 @@ class LayercodeWebhook:
         self, body: bytes | str | Mapping[str, Any], scope: Scope | None = None
     ) -> tuple[Response, WebhookPayload | UnknownEventError | None]:
         """The response and what it answered: the event, an unknown event's error, or None.
-        ``scope``: the request's, for its ``Content-Encoding`` (read only for a bad body)."""
+        ``scope``: the request's, read for its ``Content-Encoding`` when the body is bad."""
         try:
             event = parse_webhook_payload(body)
         except UnknownEventError as exc:
@@ -447,63 +335,9 @@ class LayercodeWebhook:
             self._waiting.discard(hook)
         return error_response(self._aborted()), event
 
-    def turn_response(
-        self, event: TurnEvent, *, body: bytes | str | Mapping[str, Any] | None = None
-    ) -> EventStreamResponse:
-        """The SSE response of one turn, with history and the conversation lock if any.
-
-        ``body``: what ``event`` was decoded from. A turn that has to wait for its
-        conversation then keeps only ``body`` while it waits, and decodes it again once
-        it holds the lock.
-        """
-        # A client that stopped reading gets the turn's grace for the final frame too.
-        return EventStreamResponse(_TurnProducer(self, event, body), close_timeout=self.turn_grace)
-
-    def _start_turn(
-        self, event: TurnEvent, history: Sequence[HistoryMessage], locked_at: float | None
-    ) -> Turn:
-        """The turn, abortable by :meth:`abort_turns` (the caller runs it, then discards
-        it from ``_running``); its deadline counts from ``locked_at`` (an
-        ``anyio.current_time()``)."""
-        turn = Turn(
-            event,
-            self._bound,
-            history=history,
-            extras=self.extras,
-            timeout=self.turn_timeout,
-            timeout_message=self.timeout_message,
-            grace=self.turn_grace,
-            started_at=locked_at,
-        )
-        self._running.add(turn)
-        if self.metrics is not None:
-            self.metrics.turn_started(turn)
-        return turn
-
-    def abort_turns(self, message: str = SHUTTING_DOWN) -> None:
-        """End every open turn now (``run_server`` calls it when its grace period is over).
-
-        A running turn stops its agent and ends its stream with ``response.error``
-        (``message``: a ``str`` of valid text) and ``response.end``, then records what was
-        spoken; a turn still waiting for its conversation (or reading its history), and a
-        ``data`` / ``session.*`` hook still running, is answered 503 ``{"error": message}``.
-        Call it from the turns' event loop."""
-        check_text("message", message)
-        self._abort_message = message
-        for scope in list(self._waiting):
-            scope.cancel()
-        for turn in list(self._running):
-            turn.abort(message)
-
-    # -- internals ---------------------------------------------------------------------------
-
-    def _aborted(self) -> ResponseError:
-        """The 503 of a waiting turn (or hook) ended by :meth:`abort_turns`."""
-        return ResponseError(503, self._abort_message, retry_after=RETRY_AFTER_SECONDS)
-
     async def _answer_json(self, event: WebhookPayload) -> Response:
         conversations = self.conversations
-        if conversations is not None:  # the limit of the turns' store, on every event
+        if conversations is not None:  # the store's limit, on every event as on turns
             try:
                 check_conversation_id(event.conversation_id)
             except ValueError as exc:
@@ -522,8 +356,7 @@ class LayercodeWebhook:
             and not self.keep_history
             and conversations is not None
         ):
-            # At once, not behind the conversation's lock: a turn still running will not
-            # record (the store's generation moved on).
+            # Not behind the lock: a running turn will not record (the generation moved on).
             try:
                 await conversations.clear(event.conversation_id)
             except ValueError as exc:
@@ -532,7 +365,169 @@ class LayercodeWebhook:
                 raise _unavailable(exc, "conversation store failed clearing the history") from exc
         if result is None or not isinstance(event, DataPayload):  # on_data's result answers
             return Response(_OK, media_type="application/json")
-        return result if isinstance(result, Response) else JSONResponse(result)
+        if isinstance(result, Response):
+            return result
+        try:  # as a turn's response.data: a hook echoing the client's broken text is no 500
+            return Response(encode_content(result), media_type="application/json")
+        except TypeError as exc:
+            logger.error(
+                "on_data returned a value JSON cannot carry (conversation=%s): %s",
+                escape_log_value(event.conversation_id),
+                escape_error(exc),
+            )
+            return json_error_response(500, "data handler returned a value JSON cannot carry")
+
+    def turn_response(
+        self, event: TurnEvent, *, body: bytes | str | Mapping[str, Any] | None = None
+    ) -> EventStreamResponse:
+        """The SSE response of one turn, with history and the conversation lock if any.
+
+        ``body``: what ``event`` was decoded from; a turn that waits for its conversation
+        keeps only ``body``, and decodes it again once it holds the lock.
+        """
+        # A client that stopped reading gets the turn's grace for the final frame too.
+        return EventStreamResponse(_TurnProducer(self, event, body), close_timeout=self.turn_grace)
+
+    def _start_turn(
+        self, event: TurnEvent, history: Sequence[HistoryMessage], locked_at: float | None
+    ) -> Turn:
+        """A turn abort_turns() can reach (the caller discards it from ``_running`` after it
+        ran); its deadline counts from ``locked_at`` (an ``anyio.current_time()``)."""
+        turn = Turn(
+            event,
+            self._bound,
+            history=history,
+            extras=self.extras,
+            timeout=self.turn_timeout,
+            timeout_message=self.timeout_message,
+            grace=self.turn_grace,
+            started_at=locked_at,
+        )
+        self._running.add(turn)
+        if self.metrics is not None:
+            self.metrics.turn_started(turn)
+        return turn
+
+    # -- shutting down ------------------------------------------------------------------------
+
+    def abort_turns(self, message: str = SHUTTING_DOWN) -> None:
+        """End every open turn now (``run_server`` calls it when its grace period is over).
+
+        A running turn stops its agent, ends its stream with ``response.error`` (``message``:
+        a ``str`` of valid text) and ``response.end``, and records what was spoken; a turn
+        still waiting for its conversation or reading its history, and a running ``data`` /
+        ``session.*`` hook, are answered 503 ``{"error": message}``. Call it from the turns'
+        event loop."""
+        check_text("message", message)
+        self._abort_message = message
+        for scope in list(self._waiting):
+            scope.cancel()
+        for turn in list(self._running):
+            turn.abort(message)
+
+    def _aborted(self) -> ResponseError:
+        """The 503 of a waiting turn (or hook) ended by :meth:`abort_turns`."""
+        return ResponseError(503, self._abort_message, retry_after=RETRY_AFTER_SECONDS)
+
+
+class _TurnProducer:
+    """One turn's producer: wait for the conversation's lock, run the turn, record it.
+
+    An object, not closures: every object an open turn keeps alive is work for the garbage
+    collector, whose pauses are the tail of the paced benchmark.
+    """
+
+    __slots__ = ("body", "event", "generation", "webhook")
+
+    def __init__(
+        self,
+        webhook: LayercodeWebhook,
+        event: TurnEvent,
+        body: bytes | str | Mapping[str, Any] | None,
+    ) -> None:
+        self.webhook = webhook
+        self.event: TurnEvent | None = event
+        self.body = body
+        self.generation: int | None = None  # the history's, read with it
+
+    async def __call__(self, emit: Emit) -> None:
+        webhook = self.webhook
+        event, self.event = self.event, None  # the turn holds it from here on
+        assert event is not None
+        conversations = webhook.conversations
+        if conversations is None:
+            turn = webhook._start_turn(event, (), None)
+            try:
+                await turn.run(emit)
+            finally:
+                webhook._running.discard(turn)
+            return
+        cid = event.conversation_id
+        pending = webhook._pending
+        count = pending.get(cid, 0)
+        if count > webhook.max_queued_turns:  # one holds it, max_queued_turns wait
+            raise ResponseError(503, _TOO_MANY_WAITING, retry_after=RETRY_AFTER_SECONDS)
+        pending[cid] = count + 1
+        body = self.body
+        if count and body is not None:
+            event = None  # it waits: keep the raw body only
+        # abort_turns() cancels it until the turn runs; it encloses the whole ``async with``
+        # because a store's lock may open cancel scopes of its own.
+        waiting = anyio.CancelScope()
+        acquired = False
+        webhook._waiting.add(waiting)
+        try:
+            with waiting:
+                async with conversations.lock(cid, timeout=webhook.lock_timeout):
+                    acquired = True
+                    locked_at = anyio.current_time()  # the turn's deadline counts from here
+                    if webhook.metrics is not None:
+                        webhook.metrics.lock_acquired()
+                    if event is None:  # it waited: decode its (valid) body again
+                        decoded = parse_webhook_payload(body)  # type: ignore[arg-type]
+                        assert isinstance(decoded, SessionStartPayload | MessagePayload)
+                        event = decoded
+                    try:
+                        history, generation = await read_for_turn(conversations, cid)
+                    except LayercodeError as exc:
+                        failure = "conversation store failed reading the history"
+                        raise _unavailable(exc, failure) from exc
+                    if waiting.cancel_called:  # aborted during a read that did not notice
+                        raise webhook._aborted()
+                    webhook._waiting.discard(waiting)  # from here on, abort_turns aborts the turn
+                    self.generation = generation
+                    turn = webhook._start_turn(event, history, locked_at)
+                    turn.before_end = self.record_history  # Turn.end runs it once, then clears it
+                    try:  # here, not in a method: one coroutine frame fewer per open turn
+                        await turn.run(emit)
+                    finally:
+                        webhook._running.discard(turn)
+                        if turn.before_end is not None:  # it stopped without its response.end
+                            await self.record_history(turn)
+        except LayercodeError as exc:
+            if acquired or isinstance(exc, ResponseError):
+                raise
+            raise _unavailable(exc, "could not lock the conversation") from exc
+        except ValueError as exc:
+            if acquired:
+                raise
+            raise _invalid_id(exc) from exc  # refused by the store
+        finally:
+            webhook._waiting.discard(waiting)
+            left = pending[cid] - 1
+            if left:
+                pending[cid] = left
+            else:
+                del pending[cid]
+        if waiting.cancelled_caught:
+            raise webhook._aborted()
+
+    async def record_history(self, turn: Turn) -> None:
+        """Record what was said and spoken: just before ``response.end`` (a client that saw
+        the end finds the turn in the history), or once the turn stopped without one."""
+        conversations = self.webhook.conversations
+        assert conversations is not None  # a turn without a store is not recorded
+        await record_for_turn(conversations, turn.event, turn.reply_text, self.generation)
 
 
 def _unavailable(exc: LayercodeError, context: str) -> ResponseError:

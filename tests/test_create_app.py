@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -707,3 +708,53 @@ async def test_a_turn_whose_text_holds_half_an_emoji_is_answered() -> None:
     assert response.status_code == 200, response.text
     assert _events(response)[0]["content"] == "You said: cut \ufffd"
     assert (end.status_code, end.json()) == (200, {"status": "ok"})
+
+
+# -- what on_data returns is encoded like a turn's response.data, never a 500 from bad input --
+
+
+class _Text(str):
+    """A str subclass (msgspec refuses to encode one)."""
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("returned", "answer"),
+    [
+        (lambda event: {"echo": event.data["text"]}, {"echo": "a\ufffd"}),  # the client's text
+        (lambda event: "\ud83d", "\ufffd"),
+        (lambda event: _Text("hi"), "hi"),
+        (lambda event: {_Text("k\udc00"): [_Text("v\ud800")]}, {"k\ufffd": ["v\ufffd"]}),
+        (lambda event: {"nan": math.nan, "inf": -math.inf}, {"nan": None, "inf": None}),
+    ],
+)
+async def test_on_data_answers_text_utf8_cannot_hold_and_str_subclasses(
+    returned: Callable[[Any], Any], answer: Any
+) -> None:
+    # A framework that decoded the body itself (json.loads) hands on "\ud800" as it came.
+    event = {**json.loads(event_body("data")), "data": json.loads('{"text": "a\\ud800"}')}
+    response = await LayercodeWebhook(echo_agent, on_data=returned).respond(event)
+    assert (response.status_code, json.loads(response.body)) == (200, answer)
+
+
+@pytest.mark.anyio
+async def test_on_data_returning_what_json_cannot_carry_is_a_clear_500_and_a_logged_cause(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    webhook = LayercodeWebhook(echo_agent, on_data=lambda event: {"when": object()})
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi.webhook"):
+        response = await webhook.respond(event_body("data"))
+    answer = {"error": "data handler returned a value JSON cannot carry"}
+    assert (response.status_code, json.loads(response.body)) == (500, answer)
+    [record] = caplog.records
+    assert "Encoding objects of type object is unsupported" in record.getMessage()
+    assert record.exc_info is None  # the cause is the value, not our code: no stack trace
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["session.update", "session.end"])
+@pytest.mark.parametrize("returned", ["\ud800", _Text("x"), object(), math.nan])
+async def test_what_the_session_hooks_return_is_not_the_answer(kind: str, returned: Any) -> None:
+    hook = {f"on_{kind.replace('.', '_')}": lambda event: returned}
+    response = await LayercodeWebhook(echo_agent, **hook).respond(event_body(kind))
+    assert (response.status_code, response.body) == (200, b'{"status":"ok"}')
