@@ -1,13 +1,11 @@
 """The ``layercode-asgi`` command line (also ``python -m layercode_asgi``): ``serve``,
-``simulate``, ``demo``, ``list-agents`` and ``sign`` (each described by its ``--help``).
-``serve`` refuses to start without a webhook secret unless ``--dev`` (which generates one and
-prints it): it never serves an unauthenticated webhook.
+``simulate``, ``demo``, ``list-agents`` and ``sign``. ``serve`` never runs with an
+unauthenticated webhook: without a secret it refuses to start, unless ``--dev`` generates one.
 
 Exit codes: 0 success; 1 a protocol violation, or a turn that ended in ``response.error``
 (``simulate``, ``demo``; ``--allow-errors`` accepts those); 2 a usage or configuration error
 or any failure to start (one ``error:`` line; the traceback only with ``-v``); 130
-interrupted; 141 stdout's reader left (``… | head``). :func:`main` returns the code instead
-of exiting, for tests.
+interrupted; 141 stdout's reader left (``… | head``).
 """
 
 from __future__ import annotations
@@ -122,10 +120,9 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             "uses the default routes (/api/agent, /api/authorize); drop --agent-route / "
             "--authorize-route or use --workers 1"
         )
-    # the file app_from_env and simulate read; one named is meant to be read (./.env optional)
+    # LOG_FORMAT of a start-up error line: the environment's, then the env file's too
     args.log_format = start_up_log_format(None, env)  # a missing env file's error too
     args.env_file = chosen_env_file(args.env_file, env)
-    # for the error line that may end the start-up (settings that do not read too)
     args.log_format = start_up_log_format(args.env_file or None, env)
     settings = logged_settings(args.env_file or None, env, verbose=args.verbose)
     generated: str | None = None
@@ -143,9 +140,8 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     app = create_app(
         settings, agent=agent, agent_route=args.agent_route, authorize_route=args.authorize_route
     )
-    # Fail on a port in use before printing that we serve (uvicorn would exit after the
-    # banner); the remaining race (someone binds it in between) still fails, exit 2.
-    # Port 0: a free port is chosen here, so that the banner shows the one served on.
+    # A port in use fails before the banner (uvicorn would exit after it); port 0: the banner
+    # shows the free port chosen here.
     port = _check_can_listen(args.host, args.port)
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(args.host, args.host)  # all: shown as loopback
     base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -172,8 +168,6 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     log_level = "debug" if args.verbose else "info"
     if args.workers == 1:
-        # Drains on SIGTERM: open turns finish (LAYERCODE_SHUTDOWN_GRACE_PERIOD), new
-        # webhooks get 503 meanwhile, then a clean exit. The banner comes once it listens.
         with _start_failure_exits_2():
             run_server(
                 app, host=args.host, port=port, log_level=log_level, callback_notify=when_started
@@ -209,8 +203,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _check_can_listen(host: str, port: int) -> int:
-    """Raise :class:`StartError` unless ``host:port`` can be bound now (then release it);
-    return the port, for port 0 the free one the first bind got (used for every address)."""
+    """The port ``host:port`` binds now (port 0: the free one got), else a StartError."""
     shown = escape_terminal(host)  # --host as typed: control characters escaped
     try:
         addresses = socket.getaddrinfo(
@@ -244,8 +237,7 @@ def _start_failure_exits_2() -> Iterator[None]:
 
 
 def _print_dev_banner(webhook_url: str, generated: str | None, env_file: str) -> None:
-    """A simulate line to paste; the secret only if generated (a configured one may be real:
-    simulate reads it from the environment or the env file, never from its arguments)."""
+    """A simulate line to paste; the secret only if generated (a configured one may be real)."""
     rule = "=" * 78
     command = "layercode-asgi simulate"
     if generated is None:
@@ -274,7 +266,6 @@ def _list_agents(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     names = list_agents()
     width = max((len(name) for name in names), default=0)
     for name in names:
-        # the built-in ones from the table, another by its factory's docstring (first line)
         text = _AGENT_DESCRIPTIONS.get(name) or agent_factory(name).__doc__ or ""
         description = (text.strip().splitlines() or [""])[0]
         print(f"{name:<{width}}  {description}".rstrip() if description else name)
@@ -501,14 +492,13 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     except Exception as exc:
         if args.command not in ("serve", "demo"):
             raise
-        # Whatever else stops serve or demo from starting (an agent factory that raises, …):
-        # one line, or the traceback with -v.
+        # whatever else stops serve or demo from starting (an agent factory that raises, …)
         _print_error(args, exc, f"cannot start: {type(exc).__name__}: {exc}")
         return EXIT_USAGE
 
 
 def _null_device_on(fd: int) -> None:
-    """Make the descriptor ``fd`` (open or closed) the null device, for writing."""
+    """Make the descriptor ``fd`` (open or closed) the null device."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     if devnull != fd:
         os.dup2(devnull, fd)
@@ -522,9 +512,8 @@ def _silence_stdout() -> None:
 
 
 def _stand_in_for_closed_streams() -> None:
-    """Started with stdout or stderr closed (``>&-``, some supervisors), Python has it as
-    ``None``: writes failed, ``print(file=None)`` went to stdout, uvicorn could not start. The
-    null device stands in, as with ``>/dev/null``, on that descriptor (no socket takes it)."""
+    """A stdout or stderr started closed (``>&-``) is ``None`` to Python: the null device
+    stands in on its descriptor, as with ``>/dev/null`` (and no socket takes it)."""
     for fd, name in ((1, "stdout"), (2, "stderr")):
         if getattr(sys, name) is None:
             _null_device_on(fd)

@@ -1,8 +1,5 @@
-"""``layercode-asgi demo``: the echo agent on a free local port, and a simulated conversation.
-
-With ``--metrics`` it prints each turn's figures afterwards (:class:`MemoryMetrics`): the
-time to the first ``response.tts``, the duration and the wait for the conversation's lock.
-"""
+"""``layercode-asgi demo``: the echo agent on a free local port, and a simulated conversation
+(with ``--metrics``, then each turn's figures from :class:`MemoryMetrics`)."""
 
 from __future__ import annotations
 
@@ -96,9 +93,8 @@ async def run_demo(args: argparse.Namespace, uvicorn: Any) -> int:
                             transport=httpx.AsyncHTTPTransport(trust_env=False),
                         )
                     except (BrokenPipeError, ConfigurationError) as exc:
-                        # stdout's reader left, or no HTTP client can be made: stop the server
-                        # as usual, then say so (the CLI exits 141, or 2); raised in the task
-                        # group, it would be cancelled.
+                        # raised after the server stopped (in the task group it would be
+                        # cancelled): the CLI exits 141, or 2
                         broken = exc
             finally:
                 server.should_exit = True

@@ -1,8 +1,5 @@
-"""How the test kit and ``layercode-asgi simulate`` reach a backend: its URL checked
-(:func:`check_url`), their httpx client (:func:`new_client`: it follows no redirect, and
-notes each one), and :class:`BoundedApp`, the wrapper of an app run in-process, which bounds
-its reply and notes the exceptions the app raised itself (:func:`raised_by_app`): those are
-the app's to report, never the kit's protocol violations.
+"""How the test kit and ``simulate`` reach a backend: :func:`check_url`, :func:`new_client`
+(follows no redirect, notes each one) and :class:`BoundedApp` for an app run in-process.
 """
 
 from __future__ import annotations
@@ -47,9 +44,8 @@ def check_url(name: str, url: str) -> None:
 
 
 def new_client(transport: httpx.AsyncBaseTransport | None, timeout: float) -> httpx.AsyncClient:
-    """The httpx client of the test kit and ``simulate``: it follows no redirect, and notes
-    each one (:func:`note_redirect`); a ConfigurationError in an environment httpx cannot
-    make it from (:func:`~layercode_asgi.errors.from_environment`)."""
+    """The kit's httpx client: follows no redirect, notes each one (:func:`note_redirect`);
+    a ConfigurationError in an environment httpx cannot make it from."""
     return from_environment(
         lambda: httpx.AsyncClient(
             transport=transport,
@@ -61,30 +57,26 @@ def new_client(transport: httpx.AsyncBaseTransport | None, timeout: float) -> ht
     )
 
 
-#: Where :func:`note_redirect` leaves a redirect's status and ``Location``: on its request.
+#: The request extension :func:`note_redirect` leaves a redirect's status and Location in.
 _REDIRECT: Final = "layercode_asgi.redirect"
 
 
 async def note_redirect(response: httpx.Response) -> None:
-    """A response hook of the test kit's clients (and ``simulate``'s): notes a redirect on its
-    request. httpx reads a redirect's ``Location`` even when it does not follow it, and
-    raises when it cannot (``javascript:…``, a malformed IDNA host): noted, that error is
-    reported as the ``http-error`` it is (:func:`noted_redirect`), not as an error of httpx."""
+    """A response hook: notes a redirect on its request. httpx parses ``Location`` even when
+    not following it, and may raise on it: noted, that is reported as an ``http-error``."""
     if response.is_redirect:
         noted = (response.status_code, response.headers["location"])
         response.request.extensions[_REDIRECT] = noted
 
 
 def noted_redirect(request: httpx.Request | None) -> tuple[int, str] | None:
-    """The status and ``Location`` of the redirect :func:`note_redirect` noted on ``request``
-    while its reply is not there yet (a failure then is that ``Location``'s), else None."""
+    """The status and ``Location`` :func:`note_redirect` noted on ``request``, else None."""
     return None if request is None else request.extensions.get(_REDIRECT)
 
 
 async def open_reply(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
-    """``client.send(request, stream=True)``: a redirect noted by :func:`note_redirect` is
-    forgotten once the reply is there (a later failure, reading its body, is not its
-    ``Location``'s). The request's body is sent by :class:`_Body`."""
+    """``client.send(request, stream=True)``; a noted redirect is forgotten once the reply is
+    there (a later failure, reading its body, is not its ``Location``'s)."""
     request.stream = _Body(request.content)
     reply = await client.send(request, stream=True)
     request.extensions.pop(_REDIRECT, None)
@@ -92,9 +84,8 @@ async def open_reply(client: httpx.AsyncClient, request: httpx.Request) -> httpx
 
 
 class _Body(httpx.AsyncByteStream):
-    """A request body, sent in one chunk as httpx's own, by an iterator that is no async
-    generator: trio warns (ResourceWarning) of each one the garbage collector finalizes
-    unfinished, and a body refused before it was all sent would leave one (httpx's)."""
+    """A request body in one chunk, by no async generator: trio warns (ResourceWarning) of
+    each one finalized unfinished, as httpx's is when the body is refused mid-way."""
 
     def __init__(self, body: bytes) -> None:
         self.body = body
@@ -112,8 +103,8 @@ class _Body(httpx.AsyncByteStream):
 
 @asynccontextmanager
 async def drained(reply: httpx.Response) -> AsyncIterator[AsyncIterator[bytes]]:
-    """``reply.aiter_raw()``; on exit ``reply`` is closed and that iterator drained, which
-    ends it at once (its stream is closed) with httpx's async generators under it."""
+    """``reply.aiter_raw()``; on exit ``reply`` is closed and the iterator drained (which
+    ends httpx's async generators under it at once)."""
     chunks = reply.aiter_raw()
     try:
         yield chunks
@@ -125,9 +116,8 @@ async def drained(reply: httpx.Response) -> AsyncIterator[AsyncIterator[bytes]]:
 
 
 async def speaks_tls(url: httpx.URL, seconds: float) -> bool:
-    """Whether the server of the ``http://`` ``url`` completes a TLS handshake (its
-    certificate unchecked) within ``seconds``: the hint for a connection it broke before
-    any status line, that the URL wants ``https://``."""
+    """Whether the server of the ``http://`` ``url`` completes a TLS handshake (certificate
+    unchecked) within ``seconds``: a hint that the URL wants ``https://``."""
     if url.scheme != "http" or seconds <= 0:
         return False
     context = ssl.create_default_context()
@@ -149,8 +139,7 @@ async def speaks_tls(url: httpx.URL, seconds: float) -> bool:
 
 @dataclass
 class _Noted:
-    """What :class:`BoundedApp` notes while the kit sends to an in-process app (httpx runs the
-    app in the client's own task and context, and re-raises its exceptions as they are)."""
+    """What :class:`BoundedApp` notes (httpx runs the app in the client's task and context)."""
 
     raised: list[BaseException] = field(default_factory=list)  #: what the app raised itself
     started: list[int] = field(default_factory=list)  #: the status it started its reply with
@@ -161,8 +150,8 @@ _NOTED: ContextVar[_Noted | None] = ContextVar("layercode_in_process", default=N
 
 @contextmanager
 def noting_app_errors() -> Iterator[list[int]]:
-    """Within it, :class:`BoundedApp` notes what its app raises, for :func:`raised_by_app`,
-    and the status it started its reply with, in the list it gives."""
+    """Within it, :class:`BoundedApp` notes what its app raises and (in the list it gives)
+    the status it started its reply with."""
     token = _NOTED.set(noted := _Noted())
     try:
         yield noted.started
@@ -171,33 +160,27 @@ def noting_app_errors() -> Iterator[list[int]]:
 
 
 def raised_by_app(exc: BaseException) -> bool:
-    """Whether ``exc`` is an exception an in-process app raised itself (under
-    :func:`noting_app_errors`): not a failure of the kit's transport, so no violation."""
+    """Whether an in-process app raised ``exc`` itself (no transport failure: no violation)."""
     noted = _NOTED.get()
     return noted is not None and any(exc is raised for raised in noted.raised)
 
 
 def _misuse(what: str) -> RuntimeError:
-    """What an in-process app that breaks the ASGI protocol is told (as a server tells it)."""
     return RuntimeError(f"the ASGI app sent {what}")
 
 
 class _StoppedReading(OSError):
-    """What ``send`` raises once a reply passed ``max_bytes``: the ASGI spec's error of a
-    send on a connection the client closed (the app ends the turn as on a disconnect)."""
+    """Raised by ``send`` past ``max_bytes``: ASGI's error of a send to a closed client."""
 
 
 class BoundedApp:
-    """Wraps an in-process ASGI app for ``httpx.ASGITransport``, which keeps a whole reply in
-    memory before returning it: past ``max_bytes`` the client leaves (each ``send`` raises
-    an ``OSError``, as a server's once the client is gone) and, once the app returned, the
-    transport gets :class:`ReplyTooLarge`. Each ``send`` is a cancellation point, so the
-    client's timeout can stop an app that streams forever without waiting on anything. An
-    app that returns with its reply unfinished is answered as a server would (a 500, or the
-    end of the body), not left to the transport's bare ``AssertionError``; one that breaks
-    ASGI otherwise (a second start, a body before the start or after the end, a body, status
-    or headers of the wrong type, a message of another type) is told so by ``send``, with a
-    RuntimeError. What the app raises is noted (:func:`raised_by_app`) and goes on unchanged."""
+    """Wraps an in-process app for ``httpx.ASGITransport`` (which buffers a whole reply).
+
+    Past ``max_bytes`` each ``send`` raises an ``OSError``, as a server's once the client
+    left, and the transport then gets :class:`ReplyTooLarge`. Each ``send`` is a
+    cancellation point (the timeout stops an app that streams forever) and refuses a
+    message that breaks ASGI with a RuntimeError. A reply left unfinished is ended as a
+    server would (a 500, or the body's end). What the app raises is noted, and goes on."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app = app

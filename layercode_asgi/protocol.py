@@ -1,8 +1,6 @@
 """The LayerCode protocol as a client checks it (PROTOCOL.md §4): send a signed event with an
-httpx client (:func:`send_turn`, :func:`send_json_event`, :func:`send_event`) and check the
-reply, raising :class:`ProtocolViolation` with a stable name (:data:`VIOLATIONS`).
-:mod:`layercode_asgi.testing` and ``layercode-asgi simulate`` are built on it.
-"""
+httpx client and check the reply, raising :class:`ProtocolViolation` (the test kit's and
+``simulate``'s base)."""
 
 from __future__ import annotations
 
@@ -137,14 +135,13 @@ def check_event(event: object) -> None:
 
 
 def answering(where: Mapping[str, Any]) -> str:
-    """The event a reply answers, for a violation's message: its type, and its turn id when
-    it has one (``message (turn_id 't1')``)."""
+    """The event a reply answers, for a violation: ``message (turn_id 't1')``, or the type."""
     kind, turn_id = where.get("event_type") or "", where.get("turn_id")
     return f"{kind} (turn_id {_brief(turn_id)})" if turn_id else kind
 
 
 def _brief(value: Any) -> str:
-    """``repr(value)``, at most 80 characters (a backend's value quoted in a violation)."""
+    """``repr(value)``, at most 80 characters."""
     shown = repr(value)
     return shown if len(shown) <= 80 else shown[:79] + "…"
 
@@ -210,7 +207,7 @@ class TurnChecker:
             self.errors.append(event)
             error = _brief(event.get("error"))
             raise self.violation("response-error", f"response.error ({at}): {error}")
-        # The Node SDK's response.error carries no turn_id: accepted (not strict here).
+        # the Node SDK's response.error carries no turn_id
         node_error = kind == "response.error" and "turn_id" not in event
         if event.get("turn_id") != self.turn_id and not node_error:
             raise self.violation(
@@ -386,10 +383,8 @@ async def exchange(
 def http_violation(
     exc: Exception, timeout: float, where: Mapping[str, Any], request: httpx.Request | None = None
 ) -> ProtocolViolation | None:
-    """What the failure ``exc`` of a request is: an ``http-error`` after a redirect noted
-    (:func:`~layercode_asgi.kitclient.noted_redirect`), a ``timeout`` or a ``connection-error``
-    (an httpx error of the kit's own transport), or ``None`` (anything else, such as an
-    in-process app's own exception: not the backend's failure to answer)."""
+    """The violation the failure ``exc`` of a request is (``http-error`` after a noted
+    redirect, ``timeout``, ``connection-error``); None for another error (an app's own)."""
     noted = noted_redirect(request)
     if noted is not None:
         status, location = noted
@@ -410,9 +405,7 @@ def http_violation(
 async def _decoded(
     reply: httpx.Response, max_bytes: int, seconds: float, where: dict[str, Any]
 ) -> AsyncGenerator[bytes, None]:
-    """The reply's body, decoded, in chunks; ``too-large`` past ``max_bytes``; the failures of
-    reading and decoding it as violations (``seconds``: the timeout they name), not those of
-    the caller's loop (on_event's)."""
+    """The reply's body, decoded, in chunks; its failures (not the caller's) as violations."""
     try:
         decoder = BodyDecoder(reply.headers.get("content-encoding"))
     except UnsupportedEncoding as exc:
@@ -474,7 +467,7 @@ async def send_turn(
     request = signed_request(client, url, event, secret, headers)
     async with exchange(client, request, timeout, max_bytes, where, range(200, 201), late) as reply:
         content_type = reply.headers.get("content-type", "")
-        # The essence of the last of several values (Content-Type repeated), as Fetch takes it.
+        # the essence of the last of several values, as Fetch takes it
         if content_type.rpartition(",")[2].partition(";")[0].strip().lower() != "text/event-stream":
             raise ProtocolViolation(
                 "wrong-content-type",

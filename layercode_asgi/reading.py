@@ -1,13 +1,8 @@
-"""Reading an HTTP reply from a party we do not trust, within bounds (for the test kit).
+"""Reading an untrusted HTTP reply within bounds (for the test kit).
 
-httpx decodes a compressed body whole, or one network chunk at a time without a limit on
-what a chunk inflates to: a 1 MB gzip bomb becomes 1 GiB. :class:`BodyDecoder` inflates the
-raw stream (``response.aiter_raw()``) in pieces of at most :data:`PIECE` bytes, so the
-reader can stop at any byte limit having held at most one piece more. :func:`read_prefix`
-reads a bounded prefix of a body (to quote it in an error) and nothing else.
-
-Only the encodings the client asks for are decoded (:data:`ACCEPT_ENCODING`: gzip and
-deflate); any other raises :class:`UnsupportedEncoding`.
+httpx inflates a network chunk without a limit (a 1 MB gzip bomb becomes 1 GiB), so
+:class:`BodyDecoder` inflates the raw stream in pieces of at most :data:`PIECE` bytes: a
+reader can stop at any byte limit having held at most one piece more.
 """
 
 from __future__ import annotations
@@ -46,9 +41,8 @@ class BodyDecoder:
                 f"Content-Encoding {content_encoding!r} (the client accepts {ACCEPT_ENCODING})"
             )
         self._gzip = names[0] != "deflate"
-        # gzip: a gzip header (wbits 16+); deflate: zlib-wrapped, or raw (fixed on error)
+        # deflate: zlib-wrapped, or raw (told by its first 2 bytes, held in _head)
         self._inflate = zlib.decompressobj(zlib.MAX_WBITS | (16 if self._gzip else 0))
-        # deflate, until its first 2 bytes (held in _head) told zlib-wrapped from raw
         self._undecided = not self._gzip
         self._head = b""
 
@@ -74,8 +68,7 @@ class BodyDecoder:
                 self._undecided = False
                 continue
             self._undecided = False
-            # At a member's end what follows is in unused_data (with a limit, in the
-            # unconsumed tail as well): taken from there, once.
+            # after a member's end, what follows is in unused_data (taken from there, once)
             data = b"" if self._inflate.eof else self._inflate.unconsumed_tail
             if piece:
                 yield piece
@@ -83,8 +76,7 @@ class BodyDecoder:
                 break
 
     def _next_member(self, data: bytes) -> bytes:
-        """After a gzip member, the next one's bytes (RFC 1952: members may follow each other),
-        with a decompressor for it; else ``b""``: what follows is ignored, or too short yet."""
+        """The next gzip member's bytes (RFC 1952), with a decompressor for it; else ``b""``."""
         pending: bytes = self._inflate.unused_data + data
         if not self._gzip or pending[:2] != b"\x1f\x8b":
             if self._gzip and len(pending) < 2:  # a finished decompressor keeps it (unused_data)
@@ -95,13 +87,8 @@ class BodyDecoder:
 
 
 async def read_prefix(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
-    """Up to ``limit`` decoded bytes of a streamed ``response`` (then closed); and whether there
-    was more.
-
-    Reads no further than it needs: a large or endless body, or a gzip bomb, costs at most
-    ``limit`` plus one raw chunk and one :data:`PIECE`. An undecodable body gives what was
-    decoded so far.
-    """
+    """Up to ``limit`` decoded bytes of a streamed ``response`` (then closed), and whether
+    there was more; reads no further than it needs. An undecodable body: what was decoded."""
     kept = bytearray()
     try:
         decoder = BodyDecoder(response.headers.get("content-encoding"))

@@ -1,8 +1,5 @@
-"""``simulate``: play a signed LayerCode conversation against a backend and check the protocol.
-
-:func:`run_simulation` is the library form (used by ``demo`` too); :func:`add_simulate_command`
-adds the ``simulate`` command to the ``layercode-asgi`` parser (:mod:`layercode_asgi.cli`).
-"""
+"""``simulate``: play a signed LayerCode conversation against a backend and check the protocol
+(:func:`run_simulation`, also used by ``demo``; :func:`add_simulate_command` for the CLI)."""
 
 from __future__ import annotations
 
@@ -161,11 +158,11 @@ class _Printer:
 
 
 def check_sendable(secret: str, messages: Sequence[str], data: Any, *ids: str | None) -> None:
-    """A ConfigurationError naming what cannot be sent: text that is not UTF-8 (bytes of the
-    command line, stdin or the environment that were not: a lone surrogate), data not JSON."""
+    """A ConfigurationError naming what cannot be sent: text not UTF-8 (a lone surrogate),
+    an empty or blank id or message, ``data`` that is no JSON object."""
     check_text("the webhook secret", secret)
     for number, text in enumerate(messages, start=1):
-        _check_given(f"message {number}", text)  # (blank lines of --file are skipped)
+        _check_given(f"message {number}", text)
     for name, value in zip(("conversation_id", "session_id"), ids, strict=True):
         _check_given(name, value)
     if data is not _NO_DATA:
@@ -178,14 +175,12 @@ def check_sendable(secret: str, messages: Sequence[str], data: Any, *ids: str | 
 
 
 def _check_given(name: str, value: str | None) -> None:
-    """An id or message given is sent as it is: empty or blank, a ConfigurationError (not a
-    random id, not a message without text)."""
+    """An id or message given is sent as it is: empty or blank is a ConfigurationError."""
     check_text(name, value)
     if value is not None and not value.strip():
         raise ConfigurationError(f"{name} must not be empty or blank, got {value!r}")
 
 
-#: What ``data`` that is no JSON object is, for its error.
 _JSON_KINDS: Final[dict[type, str]] = {
     list: "an array",
     str: "a string",
@@ -196,7 +191,6 @@ _JSON_KINDS: Final[dict[type, str]] = {
 
 
 def _check_data(name: str, data: Any) -> None:
-    """A ``data`` event's content is a JSON object (what the browser sent)."""
     if not isinstance(data, dict):
         kind = "null" if data is None else _JSON_KINDS.get(type(data)) or kind_of(data)
         raise ConfigurationError(f"{name} must be a JSON object, got {kind}")
@@ -223,14 +217,11 @@ async def run_simulation(
 
     ``session.start``, one ``message`` per item of ``messages``, a ``data`` event when
     ``data`` is given, then ``session.update`` and ``session.end`` (with the transcript).
-    The spoken reply is written to ``out`` as it streams; problems go to ``err``. The
-    first :class:`~layercode_asgi.testing.ProtocolViolation` stops the conversation and
-    is recorded in the report (``report.ok`` is then false). A turn with a
-    ``response.error`` is counted in ``report.errored_turns`` and makes ``report.ok`` false
-    unless ``allow_errors`` (with ``strict``, it is a violation that stops the run).
-    Everything printed that came from the backend has its control characters escaped.
-    Text that is not UTF-8, an empty or blank id or message, or ``data`` that is not a JSON
-    object, is a :class:`~layercode_asgi.errors.ConfigurationError` before anything is sent.
+    The spoken reply streams to ``out`` (control characters escaped), problems to ``err``.
+    The first ProtocolViolation stops the run and is recorded (``report.ok`` false); a turn
+    with a ``response.error`` counts in ``report.errored_turns`` and makes ``report.ok``
+    false unless ``allow_errors`` (with ``strict`` it is a violation). What
+    :func:`check_sendable` refuses is a ConfigurationError before anything is sent.
     """
     messages = tuple(messages)  # checked, then sent: an iterator is read once
     check_sendable(secret, messages, data, conversation_id, session_id)
@@ -369,8 +360,8 @@ def read_input(stream: IO[AnyStr], what: str) -> AnyStr:
 
 
 def _read_lines(stream: TextIO) -> list[str]:
-    # Lines end at CR, LF or CRLF only (str.splitlines also splits at U+2028, U+0085, ...,
-    # which a message may hold); a leading BOM (some editors write one) is no text.
+    # Lines end at CR, LF or CRLF only (splitlines also splits at U+2028, which a message
+    # may hold); a leading BOM is no text.
     text = read_input(stream, "the list of messages").removeprefix("\ufeff")
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     return [line.strip() for line in lines if line.strip()]
@@ -413,9 +404,8 @@ def _parse_headers(values: Sequence[str]) -> dict[str, str]:
 
 
 def read_secret(args: argparse.Namespace, env: Mapping[str, str], command: str) -> str:
-    # As serve reads it: the environment, else the env file (LAYERCODE_ENV_FILE, as the
-    # workers read it, empty for none; else ./.env, where the README puts it): what the
-    # `serve --dev` banner's simulate line, without --secret, relies on.
+    # As serve reads it (the `serve --dev` banner's simulate line relies on it): the
+    # environment, else the env file (LAYERCODE_ENV_FILE, '' for none; else ./.env).
     if args.secret is not None and not args.secret.replace(",", "").strip():
         # an unset shell variable (--secret "$S"): not replaced by another secret
         raise UsageError(f"--secret is empty (leave it out to read {SECRET_ENV})")
@@ -487,9 +477,8 @@ _NON_ASCII = re.compile("[^\x00-\x7f]")
 
 
 def _json_for_terminal(value: Any, encoding: str | None = None) -> str:
-    """Compact JSON with DEL, C1 controls, U+2028/2029 and bidi controls escaped too (still
-    valid JSON); and every non-ASCII character when ``encoding`` (stdout's: latin-1, cp1252)
-    cannot hold them all."""
+    """Compact JSON with DEL, C1, U+2028/2029 and bidi controls escaped too; all non-ASCII
+    escaped when ``encoding`` (stdout's) cannot hold it."""
     text = _RAW_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", _encode(value).decode())
     try:
         text.encode(encoding or "utf-8")
@@ -499,16 +488,14 @@ def _json_for_terminal(value: Any, encoding: str | None = None) -> str:
 
 
 def ascii_int(text: str) -> int:
-    """An ``argparse`` type: an integer written in ASCII digits (``int()`` reads '٢' as 2,
-    and skips a '+' and spaces)."""
+    """An ``argparse`` type: an integer in ASCII digits (``int()`` reads '٢' as 2, skips '+')."""
     if not re.fullmatch(r"-?[0-9]{1,20}", text):
         raise argparse.ArgumentTypeError(f"not an integer of 1-20 ASCII digits: {text[:40]!r}")
     return int(text)
 
 
 def _timeout(text: str) -> float:
-    """``--timeout``'s seconds: ASCII digits with an optional fraction, in range (float()
-    reads '٣' as 3 and skips a '+' and spaces; 'nan', 'inf' and 1e300 would wait forever)."""
+    """``--timeout``'s seconds in ASCII digits, in range ('nan', 'inf', 1e300 wait forever)."""
     seconds = float(text) if re.fullmatch(r"[0-9]{1,20}(\.[0-9]{1,20})?", text) else -1.0
     if not MIN_TIMEOUT <= seconds <= MAX_TIMEOUT:
         raise UsageError(

@@ -1,6 +1,4 @@
-"""An incremental Server-Sent Events parser for clients (the test kit, ``simulate``),
-re-exported by :mod:`layercode_asgi.testing`. Linear in the stream's size however it is cut
-into chunks, and an unterminated line is held in about its own size."""
+"""An incremental Server-Sent Events parser for clients (re-exported by the test kit)."""
 
 from __future__ import annotations
 
@@ -12,8 +10,8 @@ __all__ = ["SSEEvent", "SSEParser"]
 
 #: The SSE line terminators: CRLF, lone LF, lone CR (and nothing else, unlike splitlines).
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
-#: A line's unjoined pieces are merged into one str at this count: a line sent in tiny
-#: chunks is held in about its own size, not a str object per piece (28 times its size).
+#: A line's unjoined pieces are merged at this count: a line sent in tiny chunks is held in
+#: about its own size, not a str object per piece (28 times its size).
 _MERGE_AT = 256
 
 
@@ -43,8 +41,7 @@ class SSEParser:
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        # The unterminated line so far, as the pieces that arrived: joined once, when its
-        # line break comes, so an event fed in many chunks costs linear time, not quadratic.
+        # the unterminated line's pieces, joined once at its line break: linear, not quadratic
         self._partial: list[str] = []
         self._merged = 0  # how many of its first pieces are merged runs of _MERGE_AT pieces
         self._started = False
@@ -79,10 +76,9 @@ class SSEParser:
             if text.startswith("\ufeff"):
                 text = text[1:]
         if self._after_cr and text.startswith("\n"):
-            text = text[1:]  # (nothing left: the loop below finds nothing, and resets _after_cr)
+            text = text[1:]
         events: list[SSEEvent] = []
         start = 0
-        # Only the new text is scanned: what is buffered holds no line break.
         for match in _LINE_BREAK.finditer(text):
             piece = text[start : match.start()]
             if self._partial:

@@ -65,9 +65,8 @@ def _event(
     conversation_id: str | None,
     **base: Any,
 ) -> dict[str, Any]:
-    """``{"type": kind}``, the ids (fresh random ones for ``None``), ``base`` without its
-    ``None`` values, then ``fields``; a ``turn_id=None`` in ``base`` gets a random id too.
-    A value JSON cannot carry as it is (a NaN, bytes, a set) is refused, naming its field."""
+    """``{"type": kind}``, the ids, ``base`` without its ``None`` values, then ``fields``; a
+    ``None`` id (``turn_id`` too) gets a random one. A value JSON cannot carry is refused."""
     event: dict[str, Any] = {
         "type": kind,
         "session_id": _new_id("sess") if session_id is None else session_id,
@@ -186,9 +185,8 @@ def _transcript_item(entry: TranscriptEntry, now_ms: int) -> dict[str, Any]:
 
 
 def _unfinished(timeout: ProtocolViolation, status: int, seconds: float) -> ProtocolViolation:
-    """The ``timeout`` of an in-process reply the app started and did not end: not the
-    "not answered" of a reply whose status line never came (httpx returns an in-process
-    reply only once the app is done, so the client itself cannot tell the two apart)."""
+    """The ``timeout`` of an in-process reply the app started and did not end (httpx returns
+    it only once the app is done: the client alone would call it "not answered")."""
     where = {"event_type": timeout.event_type, "turn_id": timeout.turn_id}
     detail = (
         f"{answering(where) or 'POST'} reply not complete within {seconds:g} s: the app "
@@ -220,9 +218,8 @@ class LayercodeTestClient:
             ``LayercodeSignature(header_name=...)`` (default ``layercode-signature``).
 
     Use it as ``async with LayercodeTestClient(...) as client`` (one HTTP client for all
-    requests, also through nested ``async with``; the outermost closes it) or call the
-    methods directly (a client per call). ``send_sync`` is the same as ``send`` for synchronous
-    tests. Every method raises :class:`ProtocolViolation`.
+    requests; the outermost ``async with`` closes it) or call the methods directly (a client
+    per call). Every method raises :class:`ProtocolViolation`.
     """
 
     def __init__(
@@ -244,7 +241,7 @@ class LayercodeTestClient:
         if (app is None) == (base_url is None):
             raise ValueError("pass exactly one of app= (an ASGI app) or base_url= (a server URL)")
         check_secret(secret)
-        # A class is no ASGI 3 app (httpx calls app(scope, receive, send)) unless awaitable.
+        # a class is no ASGI 3 app unless awaitable
         if app is not None and (
             not callable(app) or (isinstance(app, type) and not hasattr(app, "__await__"))
         ):
