@@ -128,6 +128,25 @@ def test_an_agent_whose_aclose_fails_is_logged_and_the_store_still_closed(
     assert failed[0].exc_info is not None
 
 
+def test_an_agent_registered_under_two_names_is_logged_under_its_apps(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One agent object behind two names: each app shows the name it was built with, in
+    # /ready and in the shutdown log (before: the name built last, for both apps).
+    from layercode_asgi import register_agent
+
+    agent = ClosingAgent(fails=True)
+    register_agent("closing-first", lambda settings: agent)
+    register_agent("closing-second", lambda settings: agent)
+    first = create_app(settings("closing-first", "http://127.0.0.1:9/v1"))
+    second = create_app(settings("closing-second", "http://127.0.0.1:9/v1"))
+    assert first.state.agent is second.state.agent is agent
+    with caplog.at_level(logging.ERROR):
+        one_turn(first)
+    failed = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert failed == ["closing the agent closing-first failed"]
+
+
 class FailingStore(MemoryConversationStore):
     """A user's conversation backend whose close fails."""
 
