@@ -385,7 +385,8 @@ def get_agent(name: str, settings: Settings | None = None) -> Agent:
     raise AgentNotFoundError(name, list_agents())
 
 
-#: The name :func:`get_agent` built each live agent under (``"echo"``, ``"starter"``...).
+#: The name :func:`get_agent` built each live agent under (``"echo"``, ``"starter"``...; the
+#: last one for an agent built under several: ``create_app`` keeps its own).
 _REGISTERED_AS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
@@ -398,9 +399,10 @@ def agent_name(agent: Agent) -> str:
         return str(getattr(agent, "__name__", None) or type(agent).__name__)
 
 
-async def close_agent(agent: Agent) -> None:
+async def close_agent(agent: Agent, name: str | None = None) -> None:
     """Await ``agent.aclose()`` if it has one (``create_app``'s lifespan, at shutdown); a
-    failure is logged with its traceback and goes no further."""
+    failure is logged with its traceback, under ``name`` (the app's, since one agent can be
+    built under several names; else :func:`agent_name`), and goes no further."""
     aclose = getattr(agent, "aclose", None)
     if not callable(aclose):
         return
@@ -411,4 +413,5 @@ async def close_agent(agent: Agent) -> None:
     except BaseException as exc:  # its own kind too: the agent's failure, as in a turn
         if must_propagate(exc):
             raise
-        logger.error("closing the agent %s failed", agent_name(agent), exc_info=exc)
+        shown = agent_name(agent) if name is None else name
+        logger.error("closing the agent %s failed", shown, exc_info=exc)

@@ -386,11 +386,17 @@ def metrics_from_settings(
 
     * ``LAYERCODE_METRICS=true``: Prometheus when prometheus-client is installed, and
       OpenTelemetry when opentelemetry-api is (at least one of them is required);
-    * ``LOGFIRE_TOKEN`` set (Logfire configures an OpenTelemetry SDK): OpenTelemetry;
+    * ``LOGFIRE_TOKEN`` set (Logfire configures an OpenTelemetry SDK): OpenTelemetry
+      (without opentelemetry-api: a warning, and no OpenTelemetry);
     * ``LOG_FORMAT=json`` alone: a recorder with no sink (the log line's ``first_tts_ms``).
     """
     sinks: list[MetricsSink] = list(extra_sinks)
     otel = bool(settings.metrics or settings.logfire_token) and installed("opentelemetry.trace")
+    if settings.logfire_token and not otel:  # a telemetry gap must not stop the server
+        logger.warning(
+            "LOGFIRE_TOKEN is set but opentelemetry-api is not installed: no spans or metrics "
+            "go to Logfire (pip install './layercode-asgi[otel]' logfire)"
+        )
     if registry is not None and installed("prometheus_client"):  # checked with metrics off too
         from .prometheus import check_registry
 

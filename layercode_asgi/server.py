@@ -401,7 +401,7 @@ def create_app(
                     closes.push_async_callback(_close, "replay cache", replay.aclose)
                 closes.push_async_callback(_close, "conversation store", conversations.aclose)
                 closes.push_async_callback(_close, "authorize client", authorize.aclose)
-                closes.push_async_callback(close_agent, agent)
+                closes.push_async_callback(close_agent, agent, name)
                 if settings.gc_tuning:
                     closes.callback(untune_gc)
 

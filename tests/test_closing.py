@@ -128,6 +128,31 @@ def test_an_agent_whose_aclose_fails_is_logged_and_the_store_still_closed(
     assert failed[0].exc_info is not None
 
 
+def test_an_agent_registered_under_two_names_is_logged_under_its_apps(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One agent object behind two names: each app shows the name it was built with, in
+    # /ready and in the shutdown log (before: the name built last, for both apps).
+    from layercode_asgi import register_agent
+    from layercode_asgi.agents import agent_factory
+
+    agent = ClosingAgent(fails=True)
+    echo, openai = agent_factory("echo"), agent_factory("openai")  # the registry stays as is
+    register_agent("echo", lambda settings: agent)
+    register_agent("openai", lambda settings: agent)
+    try:
+        first = create_app(settings("echo", "http://127.0.0.1:9/v1"))
+        second = create_app(settings("openai", "http://127.0.0.1:9/v1"))
+    finally:
+        register_agent("echo", echo)
+        register_agent("openai", openai)
+    assert first.state.agent is second.state.agent is agent
+    with caplog.at_level(logging.ERROR):
+        one_turn(first)
+    failed = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert failed == ["closing the agent echo failed"]
+
+
 class FailingStore(MemoryConversationStore):
     """A user's conversation backend whose close fails."""
 

@@ -39,6 +39,28 @@ def test_metrics_setting_needs_a_backend(monkeypatch: pytest.MonkeyPatch) -> Non
         metrics_from_settings(_settings(metrics=True))
 
 
+@pytest.mark.parametrize("metrics", [False, True])
+def test_logfire_token_without_opentelemetry_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, metrics: bool
+) -> None:
+    # A token asks for traces: without opentelemetry-api the app starts, and says what to add.
+    import layercode_asgi.metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "installed", lambda module: module == "prometheus_client")
+    with caplog.at_level(logging.WARNING, logger="layercode_asgi.metrics"):
+        recorder = metrics_from_settings(_settings(logfire_token="lf-token", metrics=metrics))
+    if metrics:
+        assert recorder is not None
+        assert [type(s).__name__ for s in recorder.sinks] == ["PrometheusMetrics"]
+    else:
+        assert recorder is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "LOGFIRE_TOKEN is set but opentelemetry-api is not installed: no spans or metrics "
+        "go to Logfire (pip install './layercode-asgi[otel]' logfire)"
+    ]
+
+
 def test_settings_parse_the_new_variables() -> None:
     settings = Settings(
         env_file=None,
