@@ -16,12 +16,12 @@ import httpx
 import msgspec
 
 from ._asgi import check_headers
-from .errors import check_callable, check_positive_int, check_seconds, check_type
+from .errors import check_callable, check_positive_int, check_seconds, check_type, kind_of
 from .jsonwire import check_json_value, decode_json, number_out_of_range
 from .kitclient import ReplyTooLarge, drained, noted_redirect, open_reply, raised_by_app, speaks_tls
 from .reading import ACCEPT_ENCODING, BodyDecoder, UnsupportedEncoding, read_prefix
 from .redaction import mask_url
-from .signature import SIGNATURE_HEADER, check_secret, sign
+from .signature import SIGNATURE_HEADER, sign
 from .sse_parser import SSEEvent, SSEParser
 
 __all__ = [
@@ -56,7 +56,8 @@ VIOLATIONS: Final[Mapping[str, str]] = {
     "bad-json": "an SSE event's data is not a JSON object, or a reply's body is not valid JSON "
     "(or holds a number out of range, such as 1e400)",
     "missing-type": "an SSE event is a JSON object without a string 'type'",
-    "invalid-event": "a known event is malformed (e.g. response.tts content is not a string)",
+    "invalid-event": "an event is malformed (its turn_id, or a response.tts content, is not a "
+    "string)",
     "missing-end": "the stream closed without a response.end",
     "repeated-end": "a second response.end in one turn",
     "event-after-end": "an event after response.end",
@@ -125,7 +126,7 @@ def encode_event(event: Any) -> bytes:
 
 def signed_headers(body: bytes | str, secret: str, timestamp: int | None = None) -> dict[str, str]:
     """Request headers for ``body``: JSON content type and a valid ``layercode-signature``."""
-    check_secret(secret)
+    # sign refuses a secret of another type (TypeError), then an empty one (ValueError)
     return {"content-type": "application/json", SIGNATURE_HEADER: sign(body, secret, timestamp)}
 
 
@@ -138,6 +139,23 @@ def answering(where: Mapping[str, Any]) -> str:
     """The event a reply answers, for a violation: ``message (turn_id 't1')``, or the type."""
     kind, turn_id = where.get("event_type") or "", where.get("turn_id")
     return f"{kind} (turn_id {_brief(turn_id)})" if turn_id else kind
+
+
+#: What a decoded JSON value is, by its Python type, for a message.
+_JSON_KINDS: Final[Mapping[type, str]] = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+    dict: "an object",
+}
+
+
+def json_kind(value: object) -> str:
+    """What ``value`` is as JSON (``a number``, ``null``, ...), else its type's name."""
+    return _JSON_KINDS.get(type(value)) or kind_of(value)
 
 
 def _brief(value: Any) -> str:
@@ -207,14 +225,16 @@ class TurnChecker:
             self.errors.append(event)
             error = _brief(event.get("error"))
             raise self.violation("response-error", f"response.error ({at}): {error}")
+        turn_id = event.get("turn_id")
+        if "turn_id" in event and not isinstance(turn_id, str):  # a string (PROTOCOL.md §4)
+            detail = f"{_brief(kind)} ({at}) turn_id is {json_kind(turn_id)}, not a string"
+            raise self.violation("invalid-event", detail)
         # the Node SDK's response.error carries no turn_id
         node_error = kind == "response.error" and "turn_id" not in event
-        if event.get("turn_id") != self.turn_id and not node_error:
-            raise self.violation(
-                "wrong-turn-id",
-                f"{_brief(kind)} (event #{position}) has turn_id "
-                f"{_brief(event.get('turn_id'))}, expected {self.turn_id!r}",
-            )
+        if turn_id != self.turn_id and not node_error:
+            has = "no turn_id" if turn_id is None else f"turn_id {_brief(turn_id)}"
+            expected = "" if self.turn_id else ", expected ''"  # else ``at`` names it
+            raise self.violation("wrong-turn-id", f"{_brief(kind)} ({at}) has {has}{expected}")
         if kind == "response.tts" and not isinstance(event.get("content"), str):
             raise self.violation("invalid-event", f"response.tts ({at}) content is not a string")
         if kind == "response.end":
@@ -450,7 +470,10 @@ async def send_turn(
     """
     check_event(event)
     check_callable("on_event", on_event, sync=True)
-    turn_id = str(event.get("turn_id", ""))
+    turn_id = event.get("turn_id", "")  # not str(): a 5 or None compared as "5" or "None"
+    check_type(
+        "event['turn_id']", turn_id, str, "a str (to test a backend's answer to another, post() it)"
+    )
     kind = str(event.get("type", ""))
     checker = TurnChecker(turn_id, event_type=kind, strict=strict, max_events=max_events)
     parser = SSEParser()

@@ -20,9 +20,10 @@ import msgspec
 
 from ._asgi import check_headers
 from .envfile import chosen_env_file, parse_env_file
-from .errors import ConfigurationError, check_text, kind_of
+from .errors import ConfigurationError, check_text
 from .jsonwire import check_json_value
 from .kitclient import check_url, new_client
+from .protocol import json_kind
 from .redaction import escape_terminal, mask_url
 from .testing import (
     VIOLATIONS,
@@ -181,19 +182,9 @@ def _check_given(name: str, value: str | None) -> None:
         raise ConfigurationError(f"{name} must not be empty or blank, got {value!r}")
 
 
-_JSON_KINDS: Final[dict[type, str]] = {
-    list: "an array",
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    bool: "a boolean",
-}
-
-
 def _check_data(name: str, data: Any) -> None:
     if not isinstance(data, dict):
-        kind = "null" if data is None else _JSON_KINDS.get(type(data)) or kind_of(data)
-        raise ConfigurationError(f"{name} must be a JSON object, got {kind}")
+        raise ConfigurationError(f"{name} must be a JSON object, got {json_kind(data)}")
 
 
 async def run_simulation(

@@ -240,13 +240,13 @@ class LayercodeTestClient:
     ) -> None:
         if (app is None) == (base_url is None):
             raise ValueError("pass exactly one of app= (an ASGI app) or base_url= (a server URL)")
+        check_type("secret", secret, str, "a str")  # first: 0 or None is no empty secret
         check_secret(secret)
         # a class is no ASGI 3 app unless awaitable
         if app is not None and (
             not callable(app) or (isinstance(app, type) and not hasattr(app, "__await__"))
         ):
             raise TypeError(f"app must be an ASGI app, got {kind_of(app)}")
-        check_type("secret", secret, str, "a str")
         check_type("path", path, str, "a str")
         for name, given in (("conversation_id", conversation_id), ("session_id", session_id)):
             check_type(name, given, str | None, "a str or None")

@@ -1069,3 +1069,79 @@ async def test_a_reply_left_unread_leaves_no_async_generator_to_the_garbage_coll
     assert raised in (text, "http-error", "connection-error")
     left = [str(w.message)[16:80] for w in caught if "garbage collected" in str(w.message)]
     assert left == []
+
+
+# -- turn ids: told briefly, of the right type ------------------------------------------------
+
+
+def test_a_wrong_turn_id_is_told_briefly_and_names_the_turn_as_other_violations() -> None:
+    # Before: the expected id in full (a 10,000-character id, a 10,000-character message),
+    # and "(event #1)" without the "of turn_id …" every other violation of a turn says.
+    huge = "t" * 10_000
+    shown = repr(huge)[:79] + "…"
+    with pytest.raises(ProtocolViolation) as caught:
+        TurnChecker(huge).check(SSEEvent('{"type":"response.tts","content":"a","turn_id":"t2"}'))
+    assert caught.value.name == "wrong-turn-id"
+    assert caught.value.detail == f"'response.tts' (event #1 of turn_id {shown}) has turn_id 't2'"
+    with pytest.raises(ProtocolViolation) as caught:
+        check('{"type":"response.end"}')
+    assert caught.value.detail == "'response.end' (event #1 of turn_id 't1') has no turn_id"
+    with pytest.raises(ProtocolViolation) as caught:  # the request had none: it says so
+        check(END, turn_id="")
+    assert caught.value.detail == "'response.end' (event #1) has turn_id 't1', expected ''"
+
+
+@pytest.mark.parametrize(
+    ("turn_id", "kind"),
+    [("5", "a number"), ("5.0", "a number"), ("null", "null"), ("true", "a boolean"),
+     ('["t1"]', "an array"), ('{"id":"t1"}', "an object")],
+)  # fmt: skip
+def test_a_turn_id_that_is_no_string_is_an_invalid_event_naming_its_type(
+    turn_id: str, kind: str
+) -> None:
+    # Before: "wrong-turn-id: … has turn_id 5, expected '5'" (null too, as None).
+    for start in ('"response.tts","content":"a"', '"response.error","error":"e"'):
+        event = f'{{"type":{start},"turn_id":{turn_id}}}'
+        with pytest.raises(ProtocolViolation) as caught:
+            TurnChecker("5").check(SSEEvent(event))
+        assert caught.value.name == "invalid-event"
+        assert caught.value.detail.endswith(
+            f"(event #1 of turn_id '5') turn_id is {kind}, not a string"
+        )
+
+
+@pytest.mark.anyio
+async def test_a_backend_echoing_the_turn_id_as_a_number_is_an_invalid_event() -> None:
+    body = b'data: {"type":"response.tts","content":"x","turn_id":7}\n\nEND'
+    client = LayercodeTestClient(replying_app(b"text/event-stream", body), secret=SECRET)
+    with pytest.raises(ProtocolViolation) as caught:
+        await client.message("x", turn_id="7")
+    assert caught.value.name == "invalid-event"
+    assert caught.value.detail == (
+        "'response.tts' (event #1 of turn_id '7') turn_id is a number, not a string"
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("turn_id", [7, None, ["t"]])
+async def test_a_turn_whose_own_turn_id_is_no_string_is_a_type_error(turn_id: Any) -> None:
+    # Before: sent, its turn_id compared as str(turn_id): 7 as "7", None as "None".
+    sent: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        sent.append(await read_body(receive))
+
+    client = LayercodeTestClient(app, secret=SECRET)
+    with pytest.raises(TypeError, match=r"^event\['turn_id'\] must be a str \(.*\), got "):
+        await client.send({**message_event("x"), "turn_id": turn_id})
+    assert sent == []
+
+
+@pytest.mark.parametrize("secret", [0, None, False, b"", []])
+def test_a_secret_of_another_type_is_a_type_error_even_when_falsy(secret: Any) -> None:
+    # Before: "secret is required" (ValueError) for these, TypeError for 5 or [SECRET].
+    with pytest.raises(TypeError, match="secret must be a str"):
+        LayercodeTestClient(echo_app(), secret=secret)
+    if secret != b"":  # signing takes bytes too (sign's rule): b"" is an empty one
+        with pytest.raises(TypeError, match="secret must be a str"):
+            signed_headers(b"{}", secret)

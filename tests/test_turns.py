@@ -1285,3 +1285,35 @@ async def test_an_agent_that_swallows_its_cancellation_still_times_out(
         END,
     ]
     assert turn.status == "aborted"
+
+
+@pytest.mark.anyio
+async def test_a_lone_surrogate_escape_in_a_conversation_id_is_answered_as_the_webhook_does() -> (
+    None
+):
+    # A "\ud800" escape decodes as U+FFFD (as JSON.parse takes it): an id every store keeps,
+    # so LayercodeWebhook (create_app's, with its memory store) and a route calling
+    # stream_turn / stream_response all answer a data event 200 {"status": "ok"}.
+    body = event_body("data").replace(b'"conv-1"', b'"conv-\\ud800"')
+    assert parse_webhook_payload(body).conversation_id == "conv-\ufffd"
+
+    async def handler(stream: TurnStream) -> None:
+        await stream.tts("never")
+
+    async def turn_route(request: Request) -> Response:
+        return stream_turn(await request.body(), hello)
+
+    async def response_route(request: Request) -> Response:
+        return stream_response(await request.body(), handler)
+
+    answers: list[tuple[int, Any]] = []
+    for app in (
+        webhook_app(hello),
+        Starlette(routes=[Route("/api/agent", turn_route, methods=["POST"])]),
+        Starlette(routes=[Route("/api/agent", response_route, methods=["POST"])]),
+    ):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            reply = await client.post("/api/agent", content=body, headers=signed_headers(body))
+        answers.append((reply.status_code, reply.json()))
+    assert answers == [(200, {"status": "ok"})] * 3
