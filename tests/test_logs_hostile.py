@@ -4,11 +4,12 @@ a real uvicorn on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -261,6 +262,18 @@ def webhook_lines(caplog: pytest.LogCaptureFixture) -> dict[str, logging.LogReco
     return lines
 
 
+@contextlib.contextmanager
+def holding(webhook: LayercodeWebhook) -> Iterator[tuple[str, Iterator[str]]]:
+    """``webhook`` served, a turn of ``conv-1`` holding its conversation: the URL and the
+    rest of the holder's lines (kept: a discarded iterator closes the connection)."""
+    with serve(webhook) as url, httpx.Client(base_url=url) as client:
+        holder = event_body("message", turn_id="holder", text="linger")
+        with client.stream("POST", "/", content=holder) as running:
+            lines = running.iter_lines()
+            assert "one moment" in next(lines)
+            yield url, lines
+
+
 @pytest.mark.parametrize("bound", ["max_queued_turns", "lock_timeout"])
 def test_a_turn_refused_because_its_conversation_is_busy_is_a_warning(
     bound: str, caplog: pytest.LogCaptureFixture
@@ -271,16 +284,8 @@ def test_a_turn_refused_because_its_conversation_is_busy_is_a_warning(
     options: dict[str, Any] = {bound: 0 if bound == "max_queued_turns" else 0.2}
     webhook = LayercodeWebhook(lingering_agent, **options)
     caplog.set_level(logging.INFO, "layercode_asgi")
-    with (
-        serve(webhook) as url,
-        httpx.Client(base_url=url) as other,
-        httpx.Client(base_url=url) as c,
-    ):
-        holder = event_body("message", turn_id="holder", text="linger")
-        with other.stream("POST", "/", content=holder) as running:
-            lines = running.iter_lines()  # kept: a discarded iterator closes the connection
-            assert "one moment" in next(lines)
-            refused = c.post("/", content=event_body("message", turn_id="refused"))
+    with holding(webhook) as (url, _):
+        refused = httpx.post(url, content=event_body("message", turn_id="refused"))
     assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
     line = webhook_lines(caplog)["refused"]
     assert " status=503 " in line.getMessage() and line.levelno == logging.WARNING
@@ -296,29 +301,21 @@ def test_turns_and_hooks_ended_by_abort_turns_are_warnings(
 
     webhook = LayercodeWebhook(lingering_agent, on_data=aborting)
     caplog.set_level(logging.INFO, "layercode_asgi")
-    with (
-        serve(webhook) as url,
-        httpx.Client(base_url=url) as other,
-        httpx.Client(base_url=url) as c,
-    ):
-        holder = event_body("message", turn_id="holder", text="linger")
-        with other.stream("POST", "/", content=holder) as running:
-            lines = running.iter_lines()  # kept: a discarded iterator closes the connection
-            assert "one moment" in next(lines)
-            replies: list[httpx.Response] = []
-            waiting = threading.Thread(
-                target=lambda: replies.append(
-                    httpx.post(url, content=event_body("message", turn_id="waiting"))
-                )
+    with holding(webhook) as (url, lines):
+        replies: list[httpx.Response] = []
+        waiting = threading.Thread(
+            target=lambda: replies.append(
+                httpx.post(url, content=event_body("message", turn_id="waiting"))
             )
-            waiting.start()
-            for _ in range(500):  # the waiting turn has arrived
-                if webhook._pending.get("conv-1") == 2:
-                    break
-                time.sleep(0.01)
-            aborted = c.post("/", content=event_body("data"))
-            waiting.join(10)
-            assert "maintenance" in "".join(lines)
+        )
+        waiting.start()
+        for _ in range(500):  # the waiting turn has arrived
+            if webhook._pending.get("conv-1") == 2:
+                break
+            time.sleep(0.01)
+        aborted = httpx.post(url, content=event_body("data"))
+        waiting.join(10)
+        assert "maintenance" in "".join(lines)
     assert (aborted.status_code, aborted.json()) == (503, {"error": "maintenance"})
     [waited] = replies
     assert (waited.status_code, waited.json()) == (503, {"error": "maintenance"})
