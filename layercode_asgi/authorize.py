@@ -16,7 +16,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import httpx
@@ -41,7 +41,7 @@ from ._asgi import (
 from .apikeys import api_key_allowed, encode_keys
 from .config import Settings
 from .errors import check_callable, from_environment
-from .jsonwire import decode_json
+from .jsonwire import decode_json, without_lone_surrogates
 from .logs import escape_log_value
 from .loops import PerLoop
 
@@ -167,10 +167,10 @@ class AuthorizeRoute:
         body = await reader.read()
         if body is None:  # the caller left
             return None
-        payload = _object(body)
-        if payload is None:
+        fields = _fields(body)
+        if fields is None:
             return _not_an_object(request)
-        agent_id = payload.get("agent_id")
+        agent_id = _value(fields.get("agent_id"))
         if not isinstance(agent_id, str) or not agent_id.strip():
             return json_error_response(400, "agent_id is required (a non-empty string)")
 
@@ -199,12 +199,17 @@ class AuthorizeRoute:
             logger.warning("LayerCode authorize answer refused: %s", escape_log_value(exc))
             return json_error_response(502, _INVALID)
 
+        unreadable: Exception | None = None
         try:
             answer = decode_json(content) if content else None
-        except (msgspec.DecodeError, RecursionError):
-            answer = None
+        except (msgspec.DecodeError, RecursionError) as exc:  # an integer of 5000 digits, say
+            answer, unreadable = None, exc
         if 200 <= status < 300:
             key = answer.get("client_session_key") if isinstance(answer, dict) else None
+            if unreadable is not None:  # (relayed as read: its key echoed in escapes is found)
+                why = escape_log_value(unreadable)
+                logger.warning("LayerCode authorize answer refused: not JSON it can read: %s", why)
+                return json_error_response(502, _INVALID)
             if not isinstance(key, str) or not key:  # the browser could not connect with it
                 logger.warning("LayerCode authorize answer refused: no client_session_key")
                 return json_error_response(502, _INVALID)
@@ -343,6 +348,27 @@ def _object(body: bytes | None) -> dict[str, Any] | None:
     except (msgspec.DecodeError, RecursionError):  # invalid, or nested too deep
         return None
     return payload if isinstance(payload, dict) else None
+
+
+def _fields(body: bytes) -> dict[str, msgspec.Raw] | None:
+    """The fields of JSON object ``body``, each value's JSON as sent (not read: the body goes
+    upstream as it is, and only ``agent_id`` is read here, whatever numbers the others hold:
+    an integer beyond Python's 4300 digits, ``1e400``); ``None`` if it is no JSON object."""
+    try:
+        return msgspec.json.decode(without_lone_surrogates(body) or body, type=_FIELDS)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
+_FIELDS: Final = dict[str, msgspec.Raw]
+
+
+def _value(raw: msgspec.Raw | None) -> object:
+    """The value of a field's JSON (``None`` for no field, or JSON it cannot read)."""
+    try:
+        return None if raw is None else decode_json(bytes(raw))
+    except (msgspec.DecodeError, RecursionError):
+        return None
 
 
 def _not_an_object(request: Request) -> Response:

@@ -509,14 +509,16 @@ def log_slow_body(log: logging.Logger, scope: Any, timeout: float) -> None:
     log.warning("webhook body too slow (> %s s) %s %s", timeout, method, path)
 
 
-def webhook_log_enabled(status: int) -> bool:
+def webhook_log_enabled(status: int, *, refused: bool = False) -> bool:
     """Whether :func:`log_webhook` would emit a line for a response with ``status``
     (lets a hot path skip gathering the fields when it would not)."""
-    return _webhook_logger.isEnabledFor(_level_for(status))
+    return _webhook_logger.isEnabledFor(_level_for(status, refused))
 
 
-def _level_for(status: int) -> int:
-    return logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
+def _level_for(status: int, refused: bool = False) -> int:
+    if status >= 500 and not refused:
+        return logging.ERROR
+    return logging.WARNING if status >= 400 else logging.INFO
 
 
 def log_webhook(
@@ -526,6 +528,8 @@ def log_webhook(
     status: int,
     duration_s: float,
     first_tts_s: float | None = None,
+    *,
+    refused: bool = False,
     **extra: Any,
 ) -> None:
     """Log one line for a handled webhook on ``layercode_asgi.webhook``.
@@ -535,9 +539,11 @@ def log_webhook(
     `` key=value`` for each ``extra``. The same fields (``event_type``,
     ``conversation_id``, ``turn_id``, ``status``, ``duration_ms``, ``first_tts_ms``, extras)
     are attached to the record for structured handlers (``LOG_FORMAT=json``), the ids cut as
-    :func:`cut_log_value` cuts them. INFO below 400, WARNING for 4xx, ERROR for 5xx.
+    :func:`cut_log_value` cuts them. INFO below 400, WARNING for 4xx, ERROR for 5xx but
+    a ``refused`` one (a 503 the server gives by design: a conversation too busy, shutting
+    down), WARNING as a 4xx.
     """
-    level = _level_for(status)
+    level = _level_for(status, refused)
     if not _webhook_logger.isEnabledFor(level):
         return
     duration_ms = round(duration_s * 1000, 1)

@@ -44,7 +44,7 @@ from .events import (
     parse_webhook_payload,
 )
 from .jsonwire import encode_json  # msgspec, with U+2028 & co. escaped: one line per event
-from .logs import escape_log_value
+from .logs import cut_log_value, escape_log_value
 from .sse import EventStreamResponse
 
 __all__ = [
@@ -77,10 +77,13 @@ _END = b'data: {"type":"response.end"'
 
 
 def _describe_non_reply(value: Any) -> str:
-    """What a turn's log says when an agent returned ``value``, which is not a reply."""
-    shown = repr(value)
-    if len(shown) > 80:
-        shown = shown[:79] + "…"
+    """What a turn's log says when an agent returned ``value``, which is not a reply: its
+    repr, cut at 80 characters as :func:`~layercode_asgi.logs.cut_log_value` cuts (secrets
+    masked first: a secret across the cut would leave its prefix)."""
+    try:
+        shown = cut_log_value(repr(value), 80)
+    except Exception:  # an int beyond 4300 digits, a __repr__ that raises
+        shown = f"<unprintable {type(value).__name__}>"
     return (
         f"the agent returned {type(value).__name__} {shown}; expected an async iterable of "
         "replies (an async generator function), or an awaitable (a coroutine function) giving "

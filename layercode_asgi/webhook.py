@@ -254,7 +254,7 @@ class LayercodeWebhook:
         gets it from the signature check); ``receive`` only notices the client leaving. Logs
         the request."""
         started = time.perf_counter()
-        response, event = await self._respond(body, scope)
+        response, event, refused = await self._respond(body, scope)
         unknown = None
         if isinstance(event, UnknownEventError):  # for the log line, not a metrics label
             unknown, event = event, None
@@ -273,7 +273,10 @@ class LayercodeWebhook:
             if measured is not None:
                 measured.finish(response)
             status = answered_status(response)
-            if webhook_log_enabled(status):
+            if not refused:  # a turn's: known once it ran
+                producer = getattr(response, "producer", None)
+                refused = isinstance(producer, _TurnProducer) and producer.refused
+            if webhook_log_enabled(status, refused=refused):
                 log_webhook(
                     kind if unknown is None else unknown.event_type,
                     conversation_id if unknown is None else unknown.conversation_id,
@@ -281,6 +284,7 @@ class LayercodeWebhook:
                     status,
                     time.perf_counter() - started,
                     first_tts_s=None if measured is None else measured.first_tts,
+                    refused=refused,
                     **(_LEFT if getattr(response, "disconnected", False) else _NO_EXTRA),
                 )
 
@@ -292,14 +296,16 @@ class LayercodeWebhook:
 
     async def _respond(
         self, body: bytes | str | Mapping[str, Any], scope: Scope | None = None
-    ) -> tuple[Response, WebhookPayload | UnknownEventError | None]:
-        """The response and what it answered: the event, an unknown event's error, or None.
+    ) -> tuple[Response, WebhookPayload | UnknownEventError | None, bool]:
+        """The response; what it answered: the event, an unknown event's error, or None; and
+        whether it is a 503 given by design (a busy conversation, shutting down: logged as a
+        refusal, not a failure; a turn's is known once it ran, see ``_TurnProducer``).
         ``scope``: the request's, read for its ``Content-Encoding`` when the body is bad."""
         try:
             event = parse_webhook_payload(body)
         except UnknownEventError as exc:
             logger.warning("ignoring webhook of unknown type %s", escape_log_value(exc.event_type))
-            return Response(_IGNORED, media_type="application/json"), exc
+            return Response(_IGNORED, media_type="application/json"), exc, False
         except InvalidPayloadError as exc:
             encoding = None if scope is None else compressed(scope)
             if encoding is not None:  # unreadable because compressed: say so
@@ -307,21 +313,23 @@ class LayercodeWebhook:
                     "rejected compressed webhook (Content-Encoding: %s): 415",
                     escape_log_value(encoding),
                 )
-                return compressed_body_response(), None
+                return compressed_body_response(), None, False
             logger.info("rejected malformed webhook: %s", escape_log_value(exc))
-            return JSONResponse({"error": str(exc), "path": exc.path}, status_code=400), None
+            invalid = JSONResponse({"error": str(exc), "path": exc.path}, status_code=400)
+            return invalid, None, False
 
         if isinstance(event, SessionStartPayload | MessagePayload):
-            return self.turn_response(event, body=body), event
+            return self.turn_response(event, body=body), event, False
         hook = anyio.CancelScope()  # abort_turns() ends it (503), as a turn waiting for its lock
         self._waiting.add(hook)
         try:
             with hook:
-                return await self._answer_json(event), event
+                return await self._answer_json(event), event, False
         except ResponseError as exc:
-            return error_response(exc), event
+            return error_response(exc), event, False
         except (StoreError, ConversationLockTimeout) as exc:  # a hook's use of a store too
-            return error_response(_unavailable(exc, f"webhook {event.type!s} failed")), event
+            busy = isinstance(exc, ConversationLockTimeout)
+            return error_response(_unavailable(exc, f"webhook {event.type!s} failed")), event, busy
         except BaseException as exc:  # a hook's own kind too, as an agent's in a turn
             if must_propagate(exc):
                 raise
@@ -330,10 +338,10 @@ class LayercodeWebhook:
                 str(event.type),
                 escape_log_value(event.conversation_id),
             )
-            return json_error_response(500, f"{event.type!s} handler failed"), event
+            return json_error_response(500, f"{event.type!s} handler failed"), event, False
         finally:
             self._waiting.discard(hook)
-        return error_response(self._aborted()), event
+        return error_response(self._aborted()), event, True
 
     async def _answer_json(self, event: WebhookPayload) -> Response:
         conversations = self.conversations
@@ -434,10 +442,12 @@ class _TurnProducer:
     """One turn's producer: wait for the conversation's lock, run the turn, record it.
 
     An object, not closures: every object an open turn keeps alive is work for the garbage
-    collector, whose pauses are the tail of the paced benchmark.
+    collector, whose pauses are the tail of the paced benchmark. ``refused``: it was answered
+    503 by design (too many turns waiting, its wait timed out, ``abort_turns``), which its
+    log line says as a refusal (WARNING), not as a failure.
     """
 
-    __slots__ = ("body", "event", "generation", "webhook")
+    __slots__ = ("body", "event", "generation", "refused", "webhook")
 
     def __init__(
         self,
@@ -449,6 +459,7 @@ class _TurnProducer:
         self.event: TurnEvent | None = event
         self.body = body
         self.generation: int | None = None  # the history's, read with it
+        self.refused = False
 
     async def __call__(self, emit: Emit) -> None:
         webhook = self.webhook
@@ -466,6 +477,7 @@ class _TurnProducer:
         pending = webhook._pending
         count = pending.get(cid, 0)
         if count > webhook.max_queued_turns:  # one holds it, max_queued_turns wait
+            self.refused = True
             raise ResponseError(503, _TOO_MANY_WAITING, retry_after=RETRY_AFTER_SECONDS)
         pending[cid] = count + 1
         body = self.body
@@ -493,6 +505,7 @@ class _TurnProducer:
                         failure = "conversation store failed reading the history"
                         raise _unavailable(exc, failure) from exc
                     if waiting.cancel_called:  # aborted during a read that did not notice
+                        self.refused = True
                         raise webhook._aborted()
                     webhook._waiting.discard(waiting)  # from here on, abort_turns aborts the turn
                     self.generation = generation
@@ -507,6 +520,7 @@ class _TurnProducer:
         except LayercodeError as exc:
             if acquired or isinstance(exc, ResponseError):
                 raise
+            self.refused = isinstance(exc, ConversationLockTimeout)  # busy, not failing
             raise _unavailable(exc, "could not lock the conversation") from exc
         except ValueError as exc:
             if acquired:
@@ -520,6 +534,7 @@ class _TurnProducer:
             else:
                 del pending[cid]
         if waiting.cancelled_caught:
+            self.refused = True
             raise webhook._aborted()
 
     async def record_history(self, turn: Turn) -> None:

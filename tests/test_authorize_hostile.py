@@ -376,3 +376,92 @@ async def test_a_guard_may_read_the_body_bounded_as_the_route(
         assert fake.requests[0][2] == chunks[0]  # relayed exactly as sent
     else:
         assert not fake.requests
+
+
+#: An integer beyond Python's int/str conversion limit (4300 digits): valid JSON all the same.
+HUGE_INT = b"9" * 5000
+
+
+@pytest.mark.parametrize("number", [HUGE_INT, b"-" + HUGE_INT, b"1e400"])
+def test_a_body_with_a_number_python_cannot_read_goes_upstream_as_sent(
+    layercode: tuple[FakeLayercode, str], number: bytes
+) -> None:
+    """Before: 400 "body must be a JSON object with agent_id" for a JSON object with an
+    ``agent_id`` whose metadata held an integer of over 4300 digits or a number beyond a
+    float's range (RFC 8259 allows both): only ``agent_id`` is read, the body is relayed."""
+    fake, api = layercode
+    body = b'{"agent_id":"a","metadata":{"n":' + number + b',"list":[' + number + b"]}}"
+    with serve(create_app(settings(layercode_api_url=api))) as url:
+        r = httpx.post(url + "/api/authorize", content=body, timeout=20)
+    assert (r.status_code, r.json()) == (200, fake.answer)
+    assert [sent for _, _, sent in fake.requests] == [body]
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b'{"agent_id":' + HUGE_INT + b"}", "agent_id is required (a non-empty string)"),
+        (b'{"agent_id":"a","n":' + HUGE_INT + b",}", "body must be a JSON object with agent_id"),
+        (b"[" + HUGE_INT + b"]", "body must be a JSON object with agent_id"),
+    ],
+)
+def test_a_huge_integer_where_it_does_not_belong_is_a_400(
+    layercode: tuple[FakeLayercode, str], body: bytes, error: str
+) -> None:
+    fake, api = layercode
+    with serve(create_app(settings(layercode_api_url=api))) as url:
+        r = httpx.post(url + "/api/authorize", content=body, timeout=20)
+    assert (r.status_code, r.json()) == (400, {"error": error})
+    assert not fake.requests
+
+
+def test_a_guard_reading_a_huge_integer_gets_the_route_400(
+    layercode: tuple[FakeLayercode, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Starlette's ``request.json()`` (``json.loads``) refuses an integer of over 4300
+    digits: the guard fails on the body, which is the route's 400, not a 500."""
+    fake, api = layercode
+
+    async def guard(request: Any) -> bool:
+        return bool((await request.json()).get("agent_id") == "a")
+
+    body = b'{"agent_id":"a","n":' + HUGE_INT + b"}"
+    app = create_app(settings(layercode_api_url=api), authorize_guard=guard)
+    with serve(app) as url:
+        r = httpx.post(url + "/api/authorize", content=body, timeout=20)
+    assert r.status_code == 400 and not fake.requests
+    assert not [record for record in caplog.records if record.exc_info]
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (200, (502, "LayerCode API sent an invalid response")),
+        (400, (400, "LayerCode API refused the request (400)")),
+        (429, (429, "LayerCode API refused the request (429)")),
+        (503, (502, "LayerCode API error (503)")),
+    ],
+)
+def test_an_answer_with_a_huge_integer_is_not_relayed_and_the_log_says_why(
+    layercode: tuple[FakeLayercode, str],
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    expected: tuple[int, str],
+) -> None:
+    """An answer whose JSON Python cannot read (an integer of over 4300 digits) cannot be
+    relayed as read: a success is a 502 whose log line gave a wrong reason before ("no
+    client_session_key", though it had one); a refusal's message is not relayed."""
+    fake, api = layercode
+    fake.status = status
+    fake.answer = b'{"client_session_key":"csk","error":"no","n":' + HUGE_INT + b"}"
+    with (
+        caplog.at_level(logging.INFO, logger="layercode_asgi"),
+        serve(create_app(settings(layercode_api_url=api))) as url,
+    ):
+        r = httpx.post(url + "/api/authorize", json={"agent_id": "a"}, timeout=20)
+    assert (r.status_code, r.json()) == (expected[0], {"error": expected[1]})
+    assert not [record for record in caplog.records if record.exc_info]
+    if status == 200:
+        logged = [record.getMessage() for record in caplog.records]
+        why = "LayerCode authorize answer refused: not JSON it can read: Integer value out of"
+        assert [line for line in logged if line.startswith(why)], logged

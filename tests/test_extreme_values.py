@@ -235,3 +235,44 @@ async def test_a_lock_ttl_beyond_what_redis_can_expire_still_locks(lock_ttl: flo
                 assert [m.text for m in await store.get("conv_1")] == ["hi"]
         finally:
             await store.aclose()
+
+
+def huge_in(body: bytes) -> bytes:
+    """``body`` with its ``"HUGE"`` strings made an integer of 5000 digits (valid JSON)."""
+    return body.replace(b'"HUGE"', b"9" * 5000)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "path"),
+    [
+        (event_body("data", data="HUGE"), 400, "$.data"),
+        (event_body("data", data={"n": ["HUGE"]}), 400, "$.data[...][0]"),
+        (event_body("message", metadata={"n": "HUGE"}), 400, "$.metadata[...]"),
+        (event_body("session.start", metadata={"n": "HUGE"}), 400, "$.metadata[...]"),
+        (event_body("message", extra_field="HUGE"), 200, None),  # a field not read: ignored
+        (event_body("session.update", extra_field="HUGE"), 200, None),
+        (event_body("later.type", n="HUGE"), 200, None),  # an unknown type: ignored
+    ],
+)
+def test_a_webhook_with_an_integer_of_5000_digits_is_a_400_or_ignored(
+    body: bytes, status: int, path: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An integer beyond Python's int/str conversion limit (4300 digits) in what the webhook
+    reads is a 400 naming where, never a 500 (the echoing ``on_data`` never sees it)."""
+    from .conftest import serve, signed_headers
+
+    async def agent(event: Any) -> AsyncIterator[str]:
+        yield "heard"
+
+    settings = Settings(env_file=None, environ={}, layercode_webhook_secret=SECRET)
+    app = create_app(settings, agent, on_data=lambda event: event.data)
+    body = huge_in(body)
+    with serve(app) as url:
+        reply = httpx.post(url + "/api/agent", content=body, headers=signed_headers(body))
+    assert reply.status_code == status, reply.text
+    if path is not None:
+        assert reply.json() == {
+            "error": f"invalid webhook payload at `{path}`: Integer value out of range",
+            "path": path,
+        }
+    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]

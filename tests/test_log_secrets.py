@@ -394,3 +394,31 @@ def test_a_failing_redis_with_a_password_is_named_masked_in_records_and_answers(
     assert PASSWORD not in caplog.text
     for reply in replies:  # the words only: no URL, no address
         assert reply.json()["error"].endswith(" unavailable") and "127.0.0.1" not in reply.text
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_secret_across_the_cut_of_what_an_agent_returned_shows_no_prefix(
+    log_format: str,
+) -> None:
+    # An agent returning what is no reply is logged with the value's repr cut at 80
+    # characters, cut before the line was masked: a secret across the cut (here from the
+    # request's text) had its first characters left. And a repr that raises (an int beyond
+    # 4300 digits) was the agent's error instead of what it returned.
+    secret = "whsec_straddling_the_repr_cut_41c7"
+    hide_in_logs(secret)
+    from layercode_asgi import LayercodeWebhook
+
+    async def agent(event: types.SimpleNamespace) -> object:
+        return {"echo": event.text} if event.text != "huge" else 10**5000
+
+    webhook = LayercodeWebhook(agent, conversations=None)
+    text = "x\n\u2028\x1b" + "t" * 45 + secret  # the secret's first characters before the cut
+    with logged(log_format) as stream, serve(webhook) as url:
+        for said in (text, "huge"):
+            reply = httpx.post(url, content=event_body("message", text=said), timeout=10)
+            assert '"error":"agent error"' in reply.text
+    logs = stream.getvalue()
+    assert "whsec_str" not in logs, logs
+    assert "the agent returned dict {'echo': 'x\\\\n\\\\u2028\\\\x1b" in logs, logs
+    assert "\x1b" not in logs and "\u2028" not in logs
+    assert "the agent returned int <unprintable int>; expected" in logs, logs

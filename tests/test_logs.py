@@ -16,6 +16,7 @@ from layercode_asgi.logs import (
     escape_log_value,
     log_webhook,
     setup_logging,
+    webhook_log_enabled,
 )
 
 
@@ -134,6 +135,20 @@ def test_log_webhook_levels_and_escaping(caplog: pytest.LogCaptureFixture) -> No
     renamed: Any = second
     assert renamed.extra_name == "reserved"  # LogRecord attributes are never overwritten
     assert second.name == "layercode_asgi.webhook"
+
+
+def test_log_webhook_a_refused_5xx_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # A 503 given by design (a busy conversation, shutting down) is a refusal, not a failure.
+    with caplog.at_level(logging.WARNING, logger="layercode_asgi.webhook"):
+        assert webhook_log_enabled(503, refused=True) and webhook_log_enabled(503)
+        log_webhook("message", "c", "t", 503, 0.0, refused=True)
+        log_webhook("message", "c", "t", 503, 0.0)
+    refused, failed = caplog.records
+    assert (refused.levelno, failed.levelno) == (logging.WARNING, logging.ERROR)
+    assert refused.getMessage() == failed.getMessage()  # the same line: "refused" is no field
+    assert not hasattr(refused, "refused")
+    with caplog.at_level(logging.ERROR, logger="layercode_asgi.webhook"):
+        assert not webhook_log_enabled(503, refused=True) and webhook_log_enabled(503)
 
 
 def test_escape_log_value_cuts_at_max_chars_and_refuses_a_negative_one() -> None:

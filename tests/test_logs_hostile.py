@@ -4,10 +4,12 @@ a real uvicorn on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -248,3 +250,83 @@ def test_a_store_error_quoting_a_url_reaches_the_log_with_its_password_masked(
     for message in quoting:
         assert URL_PASSWORD not in message
         assert "redis://app:***@cache.internal:6379/0, giving up" in message
+
+
+def webhook_lines(caplog: pytest.LogCaptureFixture) -> dict[str, logging.LogRecord]:
+    """The webhook line of each turn (by turn id) or other event (by type)."""
+    lines = {}
+    for record in caplog.records:
+        if record.getMessage().startswith("webhook type="):
+            fields: Any = record
+            lines[fields.turn_id if fields.event_type == "message" else fields.event_type] = record
+    return lines
+
+
+@contextlib.contextmanager
+def holding(webhook: LayercodeWebhook) -> Iterator[tuple[str, Iterator[str]]]:
+    """``webhook`` served, a turn of ``conv-1`` holding its conversation: the URL and the
+    rest of the holder's lines (kept: a discarded iterator closes the connection)."""
+    with serve(webhook) as url, httpx.Client(base_url=url) as client:
+        holder = event_body("message", turn_id="holder", text="linger")
+        with client.stream("POST", "/", content=holder) as running:
+            lines = running.iter_lines()
+            assert "one moment" in next(lines)
+            yield url, lines
+
+
+@pytest.mark.parametrize("bound", ["max_queued_turns", "lock_timeout"])
+def test_a_turn_refused_because_its_conversation_is_busy_is_a_warning(
+    bound: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: "webhook type=message … status=503" at ERROR, as a server failing, for a
+    # conversation with too many turns waiting or one whose wait timed out: refusals the
+    # server gives by design (with Retry-After), WARNING as the other refusals.
+    options: dict[str, Any] = {bound: 0 if bound == "max_queued_turns" else 0.2}
+    webhook = LayercodeWebhook(lingering_agent, **options)
+    caplog.set_level(logging.INFO, "layercode_asgi")
+    with holding(webhook) as (url, _):
+        refused = httpx.post(url, content=event_body("message", turn_id="refused"))
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+    line = webhook_lines(caplog)["refused"]
+    assert " status=503 " in line.getMessage() and line.levelno == logging.WARNING
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_turns_and_hooks_ended_by_abort_turns_are_warnings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def aborting(event: DataPayload) -> None:
+        webhook.abort_turns("maintenance")  # this hook too: it ends in a 503
+        await anyio.sleep(30)
+
+    webhook = LayercodeWebhook(lingering_agent, on_data=aborting)
+    caplog.set_level(logging.INFO, "layercode_asgi")
+    with holding(webhook) as (url, lines):
+        replies: list[httpx.Response] = []
+        waiting = threading.Thread(
+            target=lambda: replies.append(
+                httpx.post(url, content=event_body("message", turn_id="waiting"))
+            )
+        )
+        waiting.start()
+        for _ in range(500):  # the waiting turn has arrived
+            if webhook._pending.get("conv-1") == 2:
+                break
+            time.sleep(0.01)
+        aborted = httpx.post(url, content=event_body("data"))
+        waiting.join(10)
+        assert "maintenance" in "".join(lines)
+    assert (aborted.status_code, aborted.json()) == (503, {"error": "maintenance"})
+    [waited] = replies
+    assert (waited.status_code, waited.json()) == (503, {"error": "maintenance"})
+    logged_lines = webhook_lines(caplog)
+    assert logged_lines["data"].levelno == logged_lines["waiting"].levelno == logging.WARNING
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_a_hook_meeting_the_store_down_is_still_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    webhook = LayercodeWebhook(lingering_agent, on_data=hook_raising(StoreUnavailableError("x")))
+    caplog.set_level(logging.INFO, "layercode_asgi")
+    with serve(webhook) as url:
+        assert httpx.post(url, content=event_body("data")).status_code == 503
+    assert webhook_lines(caplog)["data"].levelno == logging.ERROR
