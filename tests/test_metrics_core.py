@@ -46,6 +46,8 @@ def test_logfire_token_without_opentelemetry_warns(
     # A token asks for traces: without opentelemetry-api the app starts, and says what to add.
     import layercode_asgi.metrics as metrics_module
 
+    if metrics:  # metrics on build the Prometheus sink: the extra must really be there
+        pytest.importorskip("prometheus_client")
     monkeypatch.setattr(metrics_module, "installed", lambda module: module == "prometheus_client")
     with caplog.at_level(logging.WARNING, logger="layercode_asgi.metrics"):
         recorder = metrics_from_settings(_settings(logfire_token="lf-token", metrics=metrics))
